@@ -1,0 +1,231 @@
+"""
+The ssh-connection service both ends of Access Tunnel run.
+
+It differs from Conch's L{SSHConnection} in three ways, each needed by a relay:
+
+  - channels that manage their own window (L{FlowChannel}) are not given
+    window back on receipt: they give it back as the data is passed on;
+  - a channel open may be answered later: C{getChannel} may return a Deferred,
+    so groundcontrol can open the device's side first and confirm or refuse
+    the operator's channel with the device's real answer;
+  - channel requests reach L{FlowChannel.requestReceivedWithReply} with the
+    want-reply flag, so they can be passed on unchanged.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from twisted.conch import error
+from twisted.conch.ssh import common, connection
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from accesstunnel.channel import packOpenFailure
+
+_unpack_2uint32 = struct.Struct(">2L").unpack
+_unpack_3uint32 = struct.Struct(">3L").unpack
+_unpack_uint32 = struct.Struct(">L").unpack
+
+
+class TunnelConnection(connection.SSHConnection):
+    """ssh-connection with end-to-end flow control and asynchronous opens."""
+
+    _log = Logger()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pendingOpens: set[defer.Deferred[Any]] = set()
+        self.stopped = False
+
+    # -- incoming data -------------------------------------------------------
+
+    def _channelFor(self, localChannel: int) -> Any:
+        channel = self.channels.get(localChannel)
+        if channel is None:
+            # A peer naming a channel that does not exist is broken or hostile;
+            # Conch would raise KeyError from deep in the dispatcher.
+            self._log.warn("packet for unknown channel {channel}", channel=localChannel)
+            self.transport.sendDisconnect(
+                2, b"packet for a channel that does not exist"  # PROTOCOL_ERROR
+            )
+        return channel
+
+    def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
+        localChannel, dataLength = _unpack_2uint32(packet[:8])
+        channel = self._channelFor(localChannel)
+        if channel is None:
+            return
+        if dataLength > channel.localWindowLeft or dataLength > channel.localMaxPacket:
+            self._log.error("peer sent more than the window allows; closing channel")
+            self.sendClose(channel)
+            return
+        data = packet[8 : 8 + dataLength]
+        channel.localWindowLeft -= dataLength
+        if (
+            not getattr(channel, "managesOwnWindow", False)
+            and channel.localWindowLeft < channel.localWindowSize // 2
+        ):
+            self.adjustWindow(channel, channel.localWindowSize - channel.localWindowLeft)
+        channel.dataReceived(data)
+
+    def ssh_CHANNEL_EXTENDED_DATA(self, packet: bytes) -> None:
+        localChannel, typeCode, dataLength = _unpack_3uint32(packet[:12])
+        channel = self._channelFor(localChannel)
+        if channel is None:
+            return
+        if dataLength > channel.localWindowLeft or dataLength > channel.localMaxPacket:
+            self._log.error("peer sent more extended data than the window allows")
+            self.sendClose(channel)
+            return
+        data = packet[12 : 12 + dataLength]
+        channel.localWindowLeft -= dataLength
+        if (
+            not getattr(channel, "managesOwnWindow", False)
+            and channel.localWindowLeft < channel.localWindowSize // 2
+        ):
+            self.adjustWindow(channel, channel.localWindowSize - channel.localWindowLeft)
+        channel.extReceived(typeCode, data)
+
+    def ssh_CHANNEL_WINDOW_ADJUST(self, packet: bytes) -> None:
+        localChannel, bytesToAdd = _unpack_2uint32(packet[:8])
+        channel = self._channelFor(localChannel)
+        if channel is not None:
+            channel.addWindowBytes(bytesToAdd)
+
+    def ssh_CHANNEL_EOF(self, packet: bytes) -> None:
+        channel = self._channelFor(_unpack_uint32(packet[:4])[0])
+        if channel is not None:
+            channel.eofReceived()
+
+    def ssh_CHANNEL_CLOSE(self, packet: bytes) -> None:
+        channel = self._channelFor(_unpack_uint32(packet[:4])[0])
+        if channel is None:
+            return
+        channel.closeReceived()
+        channel.remoteClosed = True
+        if channel.localClosed and channel.remoteClosed:
+            self.channelClosed(channel)
+
+    def ssh_CHANNEL_REQUEST(self, packet: bytes) -> defer.Deferred[Any] | None:
+        localChannel = _unpack_uint32(packet[:4])[0]
+        requestType, rest = common.getNS(packet[4:])
+        wantReply = rest[0:1] not in (b"", b"\x00")
+        channel = self._channelFor(localChannel)
+        if channel is None:
+            return None
+        handler = getattr(channel, "requestReceivedWithReply", None)
+        if handler is not None:
+            d = defer.maybeDeferred(handler, requestType, rest[1:], wantReply)
+        else:
+            d = defer.maybeDeferred(channel.requestReceived, requestType, rest[1:])
+        if wantReply:
+            d.addCallback(self._cbChannelRequest, localChannel)
+            d.addErrback(self._ebChannelRequest, localChannel)
+        else:
+            d.addErrback(lambda f: None)
+        return d
+
+    def _cbChannelRequest(self, result: Any, localChannel: int) -> None:
+        if localChannel in self.localToRemoteChannel:
+            super()._cbChannelRequest(result, localChannel)
+
+    def _ebChannelRequest(self, result: Any, localChannel: int) -> None:
+        if localChannel in self.localToRemoteChannel:
+            super()._ebChannelRequest(result, localChannel)
+
+    def ssh_CHANNEL_OPEN_CONFIRMATION(self, packet: bytes) -> None:
+        if self._channelFor(_unpack_uint32(packet[:4])[0]) is not None:
+            super().ssh_CHANNEL_OPEN_CONFIRMATION(packet)
+
+    def ssh_CHANNEL_OPEN_FAILURE(self, packet: bytes) -> None:
+        if self._channelFor(_unpack_uint32(packet[:4])[0]) is not None:
+            super().ssh_CHANNEL_OPEN_FAILURE(packet)
+
+    # -- channel opens that may be answered later -----------------------------
+
+    def ssh_CHANNEL_OPEN(self, packet: bytes) -> None:
+        channelType, rest = common.getNS(packet)
+        senderChannel, windowSize, maxPacket = _unpack_3uint32(rest[:12])
+        extra = rest[12:]
+        d = defer.maybeDeferred(self.getChannel, channelType, windowSize, maxPacket, extra)
+        if d.called:
+            # The common, synchronous case: answer at once, in order.
+            d.addCallbacks(
+                self._confirmOpen,
+                self._refuseOpen,
+                callbackArgs=(senderChannel, extra),
+                errbackArgs=(senderChannel,),
+            )
+            return
+        self._pendingOpens.add(d)
+
+        def settled(result: Any) -> Any:
+            self._pendingOpens.discard(d)
+            return result
+
+        d.addBoth(settled)
+        d.addCallbacks(
+            self._confirmOpen,
+            self._refuseOpen,
+            callbackArgs=(senderChannel, extra),
+            errbackArgs=(senderChannel,),
+        )
+
+    def _confirmOpen(self, channel: Any, senderChannel: int, extra: bytes) -> None:
+        if self.stopped:
+            # The operator left while the device's side was being opened.
+            closeAbandoned = getattr(channel, "abandoned", None)
+            if closeAbandoned is not None:
+                closeAbandoned()
+            return
+        channel.conn = self
+        localChannel = self.localChannelID
+        self.localChannelID += 1
+        channel.id = localChannel
+        self.channels[localChannel] = channel
+        self.channelsToRemoteChannel[channel] = senderChannel
+        self.localToRemoteChannel[localChannel] = senderChannel
+        self.transport.sendPacket(
+            connection.MSG_CHANNEL_OPEN_CONFIRMATION,
+            struct.pack(
+                ">4L",
+                senderChannel,
+                localChannel,
+                channel.localWindowSize,
+                channel.localMaxPacket,
+            )
+            + channel.specificData,
+        )
+        channel.channelOpen(extra)
+
+    def _refuseOpen(self, reason: Failure, senderChannel: int) -> None:
+        if self.stopped:
+            return
+        if reason.check(error.ConchError):
+            text, code = reason.value.args[0], reason.value.args[1:2]
+            if isinstance(text, int):  # Conch's historical argument order
+                text, code = code[0] if code else "refused", (text,)
+            reasonCode = code[0] if code else connection.OPEN_CONNECT_FAILED
+            if isinstance(text, bytes):
+                text = text.decode("utf-8", "replace")
+        elif reason.check(defer.CancelledError):
+            return
+        else:
+            self._log.failure("channel open failed", reason)
+            reasonCode, text = connection.OPEN_CONNECT_FAILED, "internal error"
+        self.transport.sendPacket(
+            connection.MSG_CHANNEL_OPEN_FAILURE,
+            packOpenFailure(senderChannel, reasonCode, str(text)),
+        )
+
+    def serviceStopped(self) -> None:
+        self.stopped = True
+        for d in list(self._pendingOpens):
+            d.cancel()
+        super().serviceStopped()
+
+
+__all__ = ["TunnelConnection"]

@@ -1,0 +1,97 @@
+"""
+SSH-level keepalives: find a peer that went silent.
+
+TCP keepalive cannot see a frozen process or a path that silently drops
+everything; only a request the peer must answer can. Both ends of the agent
+link, and groundcontrol towards operators, run one L{Keepalive} per
+connection.
+
+The rule: when nothing has been received for C{interval} seconds, send a
+C{keepalive@openssh.com} global request (every SSH implementation answers an
+unknown global request with success or failure, and either is proof of life).
+When nothing has been received for C{interval * count} seconds, the peer is
+dead. At most one timer is pending per connection, and an idle connection
+wakes once per interval, no more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+DEFAULT_INTERVAL = 15.0
+DEFAULT_COUNT = 3
+
+
+class Keepalive:
+    """
+    Watch one connection for silence.
+
+    @ivar lastReceived: when the peer last sent anything (clock seconds).
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        sendPing: Callable[[], None],
+        onDead: Callable[[], None],
+        interval: float = DEFAULT_INTERVAL,
+        count: int = DEFAULT_COUNT,
+    ) -> None:
+        if interval <= 0 or count < 1:
+            raise ValueError("keepalive interval must be positive and count at least 1")
+        self._clock = clock
+        self._sendPing = sendPing
+        self._onDead = onDead
+        self.interval = interval
+        self.count = count
+        self.lastReceived = clock.seconds()
+        self._timer: IDelayedCall | None = None
+
+    @property
+    def deadline(self) -> float:
+        """Seconds of silence after which the peer is declared dead."""
+        return self.interval * self.count
+
+    def start(self) -> None:
+        """Begin watching; silence is counted from now."""
+        self.lastReceived = self._clock.seconds()
+        self._schedule(self.interval)
+
+    def stop(self) -> None:
+        """Stop watching (the connection is gone)."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def received(self) -> None:
+        """The peer sent something. Called for every read: keep it cheap."""
+        self.lastReceived = self._clock.seconds()
+
+    def _schedule(self, delay: float) -> None:
+        self._timer = self._clock.callLater(delay, self._check)
+
+    def _check(self) -> None:
+        self._timer = None
+        now = self._clock.seconds()
+        silence = now - self.lastReceived
+        if silence >= self.deadline:
+            self._log.info(
+                "peer silent for {silence:.0f}s, declaring the connection dead",
+                silence=silence,
+            )
+            self._onDead()
+            return
+        if silence >= self.interval:
+            self._sendPing()
+        # Wake at the next interval, or exactly at the deadline if that is
+        # sooner, so a dead peer is found within interval * count.
+        untilDeadline = self.lastReceived + self.deadline - now
+        self._schedule(min(self.interval, max(untilDeadline, 0.0)))
+
+
+__all__ = ["DEFAULT_COUNT", "DEFAULT_INTERVAL", "Keepalive"]

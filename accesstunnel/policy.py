@@ -1,0 +1,53 @@
+"""
+The SSH algorithm policy of every Access Tunnel endpoint.
+
+One list per algorithm kind, applied to transport subclasses as instance
+attributes (never by mutating Conch's class-level lists, which other code in
+the process may rely on). DESIGN.md lists what is allowed and why: modern key
+exchange only, CTR ciphers with SHA-2 MACs, Ed25519/RSA-SHA2 host keys, no
+compression.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: Key exchange, strongest first. The post-quantum hybrid leads; the
+#: libssh.org alias of curve25519 is the same algorithm under its older name.
+KEY_EXCHANGES = [
+    b"mlkem768x25519-sha256",
+    b"curve25519-sha256",
+    b"curve25519-sha256@libssh.org",
+]
+
+#: Server preference. The client's order decides in SSH, so this only matters
+#: when we are the client (see AGENT_CIPHERS).
+CIPHERS = [b"aes256-ctr", b"aes128-ctr"]
+MACS = [b"hmac-sha2-512", b"hmac-sha2-256"]
+
+#: When the agent is the client its order decides. AES-128 with HMAC-SHA-256
+#: costs half of AES-256 with HMAC-SHA-512 per packet and is still strong, so
+#: the link between agent and server prefers it.
+AGENT_CIPHERS = [b"aes128-ctr", b"aes256-ctr"]
+AGENT_MACS = [b"hmac-sha2-256", b"hmac-sha2-512"]
+
+HOST_KEY_ALGORITHMS = [b"ssh-ed25519", b"rsa-sha2-512", b"rsa-sha2-256"]
+COMPRESSIONS = [b"none"]
+
+
+def applyServerPolicy(transport: Any) -> None:
+    """Restrict a server transport instance to the policy."""
+    transport.supportedKeyExchanges = list(KEY_EXCHANGES)
+    transport.supportedCiphers = list(CIPHERS)
+    transport.supportedMACs = list(MACS)
+    transport.supportedPublicKeys = list(HOST_KEY_ALGORITHMS)
+    transport.supportedCompressions = list(COMPRESSIONS)
+
+
+def applyClientPolicy(transport: Any) -> None:
+    """Restrict a client transport instance to the policy, fastest first."""
+    transport.supportedKeyExchanges = list(KEY_EXCHANGES)
+    transport.supportedCiphers = list(AGENT_CIPHERS)
+    transport.supportedMACs = list(AGENT_MACS)
+    transport.supportedPublicKeys = list(HOST_KEY_ALGORITHMS)
+    transport.supportedCompressions = list(COMPRESSIONS)

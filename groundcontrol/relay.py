@@ -1,0 +1,166 @@
+"""
+Splicing one operator channel to one device channel.
+
+Everything passes through unchanged and in order: data, extended data, EOF,
+channel requests (with want-reply honoured end to end), close. Flow control is
+end to end: a side's receive window is re-opened only as the other side sends
+the bytes on (L{FlowChannel.sent} -> L{FlowChannel.consumed}), so a session
+holds at most about one window of data per direction in groundcontrol,
+whatever the speeds at either end, and a slow session never stalls another on
+the same link.
+
+The relay knows nothing of authentication or the store.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from twisted.conch import error
+from twisted.conch.ssh import connection
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from accesstunnel.channel import FlowChannel
+
+#: Exit status an operator's ssh sees when groundcontrol, not the device,
+#: ended the session (the same value ssh uses for its own failures).
+RELAY_FAILURE_STATUS = 255
+
+_EXIT_REQUESTS = (b"exit-status", b"exit-signal")
+
+
+class RelayChannel(FlowChannel):
+    """
+    One side of a spliced pair. Whatever it receives, its L{peer} sends on.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self, *args: Any, label: str = "", towardsOperator: bool = False, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.towardsOperator = towardsOperator
+        self.peer: RelayChannel | None = None
+        self.label = label
+        self.exitReported = False
+        self.bytesReceived = 0
+        self.opened: defer.Deferred[RelayChannel] = defer.Deferred(self._cancelOpen)
+        self._abandoned = False
+
+    # -- opening (device side) ------------------------------------------------
+
+    def _cancelOpen(self, d: defer.Deferred[Any]) -> None:
+        # The operator went away before the device answered; close the device
+        # channel as soon as it exists rather than leave it running.
+        self._abandoned = True
+
+    def channelOpen(self, specificData: bytes) -> None:
+        super().channelOpen(specificData)
+        if self._abandoned:
+            self.loseConnection()
+            return
+        if not self.opened.called:
+            self.opened.callback(self)
+
+    def openFailed(self, reason: Any) -> None:
+        if not self.opened.called:
+            if not isinstance(reason, error.ConchError):
+                reason = error.ConchError(
+                    "the device's link closed while opening the session",
+                    connection.OPEN_CONNECT_FAILED,
+                )
+            self.opened.errback(reason)
+
+    def abandoned(self) -> None:
+        """The operator's connection ended before its channel was confirmed."""
+        peer, self.peer = self.peer, None
+        if peer is not None:
+            peer.peer = None
+            peer.loseConnection()
+
+    # -- passing things on -------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        self.bytesReceived += len(data)
+        peer = self.peer
+        if peer is None:
+            self.consumed(len(data))  # nobody to give it to: keep the peer unblocked
+        else:
+            peer.write(data)
+
+    def extReceived(self, dataType: int, data: bytes) -> None:
+        self.bytesReceived += len(data)
+        peer = self.peer
+        if peer is None:
+            self.consumed(len(data))
+        else:
+            peer.writeExtended(dataType, data)
+
+    def sent(self, count: int) -> None:
+        peer = self.peer
+        if peer is not None:
+            peer.consumed(count)
+
+    def eofReceived(self) -> None:
+        if self.peer is not None:
+            self.peer.writeEOF()
+
+    def requestReceivedWithReply(self, requestType: bytes, data: bytes, wantReply: bool) -> Any:
+        peer = self.peer
+        if peer is None:
+            return False
+        if requestType in _EXIT_REQUESTS:
+            peer.exitReported = True
+        result = peer.sendRequestInOrder(requestType, data, wantReply)
+        return result if wantReply else True
+
+    def closeReceived(self) -> None:
+        super().closeReceived()
+        peer = self.peer
+        if peer is not None:
+            peer.loseConnection()
+
+    def closed(self) -> None:
+        super().closed()
+        peer, self.peer = self.peer, None
+        if peer is None:
+            return
+        peer.peer = None
+        if (
+            peer.towardsOperator
+            and getattr(self.conn, "stopped", False)
+            and not peer.exitReported
+        ):
+            # The device's link died under us: tell the operator, and end
+            # the session with a status rather than leave ssh hanging.
+            peer.endWithMessage(self.lostMessage())
+        else:
+            peer.loseConnection()
+
+    def lostMessage(self) -> str:
+        return f"groundcontrol: the connection to {self.label or 'the peer'} was lost"
+
+    def endWithMessage(self, message: str) -> None:
+        """Tell the operator why the session ended, give a status, and close."""
+        self.writeExtended(connection.EXTENDED_DATA_STDERR, (message + "\r\n").encode())
+        self.exitReported = True
+        self.sendRequestInOrder(b"exit-status", struct.pack(">L", RELAY_FAILURE_STATUS))
+        self.writeEOF()
+        self.loseConnection()
+
+
+def splice(operatorSide: RelayChannel, deviceSide: RelayChannel) -> None:
+    """Join two channels so that each passes on what the other receives."""
+    operatorSide.peer = deviceSide
+    deviceSide.peer = operatorSide
+
+
+def refusal(text: str, code: int = connection.OPEN_ADMINISTRATIVELY_PROHIBITED) -> error.ConchError:
+    """A channel-open refusal the operator's ssh prints as it is."""
+    return error.ConchError(text, code)
+
+
+__all__ = ["RELAY_FAILURE_STATUS", "RelayChannel", "refusal", "splice"]
