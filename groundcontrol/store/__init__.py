@@ -16,7 +16,7 @@ from ._errors import (
 from ._interface import IStore
 from ._records import Account, AuditEvent, Device, EnrollmentRequest
 from ._runner import Runner, synchronousRunner, threadRunner
-from ._sqlite import SQLiteStore, migrate, openSQLiteStore, schemaUpgraders
+from ._sqlite import SQLiteStore, connect, migrate, openSQLiteStore, schemaUpgraders
 
 __all__ = [
     "Account",
@@ -32,6 +32,7 @@ __all__ = [
     "StoreError",
     "UnknownAccount",
     "UnknownDevice",
+    "connect",
     "migrate",
     "openSQLiteStore",
     "schemaUpgraders",

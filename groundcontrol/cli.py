@@ -1,0 +1,324 @@
+"""The ``groundcontrol`` admin command: set up a data directory and edit the store offline.
+
+It talks to the same SQLite file as the running server (WAL + busy timeout make that safe);
+the server notices approvals and revocations through the audit feed. Errors are one line on
+stderr: exit status 2 for a malformed command line, 1 for a well-formed request that cannot
+be done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import re
+import sqlite3
+import sys
+import time
+import unicodedata
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, NoReturn, TypeVar
+
+from twisted.conch.ssh import keys
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from accesstunnel.keys import fingerprint
+from accesstunnel.names import isValidDeviceName
+from groundcontrol.datadir import DataDir, HostKeyError, NotInitialised
+from groundcontrol.store import (
+    InvalidName,
+    SQLiteStore,
+    StoreError,
+    openSQLiteStore,
+    synchronousRunner,
+)
+
+__all__ = ["main"]
+
+_T = TypeVar("_T")
+_FINGERPRINT_RE = re.compile(r"\ASHA256:[A-Za-z0-9+/]{43}\Z")
+
+
+class _UsageError(Exception):
+    """The command line is malformed (exit status 2)."""
+
+
+class _CommandError(Exception):
+    """The command is well formed but cannot be carried out (exit status 1)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises instead of exiting, so main() owns the exit status."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{message}\n{self.format_usage().strip()}")
+
+
+def _buildParser() -> _Parser:
+    parser = _Parser(prog="groundcontrol", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, metavar="DIR", help="the data directory")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    commands.add_parser("init", help="create the host key and the store (idempotent)")
+    commands.add_parser("server-key", help="print the host public key line agents pin")
+
+    user = commands.add_parser("user", help="operator accounts").add_subparsers(
+        dest="userCommand", required=True, parser_class=_Parser
+    )
+    userAdd = user.add_parser("add", help="add an operator account")
+    userAdd.add_argument("name")
+    userAdd.add_argument(
+        "--key", required=True, action="append", metavar="FILE", help="public key file"
+    )
+    userAdd.add_argument("--admin", action="store_true", help="may reach and manage everything")
+    user.add_parser("list", help="list operator accounts")
+
+    device = commands.add_parser("device", help="devices and enrollment").add_subparsers(
+        dest="deviceCommand", required=True, parser_class=_Parser
+    )
+    deviceList = device.add_parser("list", help="devices and pending requests")
+    deviceList.add_argument("--json", action="store_true", help="machine-readable output")
+    approve = device.add_parser("approve", help="approve a pending request or revoked device")
+    approve.add_argument("name")
+    approve.add_argument(
+        "--key", metavar="FINGERPRINT", help="which request, when several ask for NAME"
+    )
+    device.add_parser("revoke", help="make a device unreachable").add_argument("name")
+
+    grant = commands.add_parser("grant", help="let an operator reach a device")
+    grant.add_argument("user")
+    grant.add_argument("device")
+    grant.add_argument(
+        "--expires-in", type=float, metavar="SECONDS", help="the grant lapses after this long"
+    )
+    ungrant = commands.add_parser("ungrant", help="remove an operator's grant on a device")
+    ungrant.add_argument("user")
+    ungrant.add_argument("device")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, now: Callable[[], float] = time.time) -> int:
+    """
+    Run the command line C{argv} (default: C{sys.argv[1:]}); return the exit status.
+
+    @param now: the clock, injectable so tests get predictable timestamps.
+    """
+    try:
+        args = _buildParser().parse_args(argv)
+        return _dispatch(args, now)
+    except _UsageError as e:
+        print(f"groundcontrol: error: {e}", file=sys.stderr)
+        return 2
+    except _CommandError as e:
+        print(f"groundcontrol: error: {e}", file=sys.stderr)
+        return 1
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else 0
+
+
+def _dispatch(args: argparse.Namespace, now: Callable[[], float]) -> int:
+    dataDir = DataDir(args.data)
+    if args.command == "init":
+        return _init(dataDir)
+    if args.command == "server-key":
+        print(_call(dataDir.hostPublicKeyLine))
+        return 0
+    if args.command == "device":
+        _checkDeviceNameArg(getattr(args, "name", None))
+    if args.command in ("grant", "ungrant"):
+        _checkDeviceNameArg(args.device)
+    approveKey = getattr(args, "key", None) if args.command == "device" else None
+    if approveKey is not None and not _FINGERPRINT_RE.match(approveKey):
+        raise _UsageError(f"--key must be a fingerprint like SHA256:..., not {args.key!r}")
+
+    store = _openStore(dataDir)
+    try:
+        return _storeCommand(store, args, now)
+    finally:
+        _result(store.close())
+
+
+def _storeCommand(store: SQLiteStore, args: argparse.Namespace, now: Callable[[], float]) -> int:
+    actor = _actor()
+    if args.command == "user":
+        if args.userCommand == "add":
+            publicKeys = [_readPublicKey(path) for path in args.key]
+            account = _result(store.addAccount(args.name, publicKeys, args.admin, now()))
+            role = "admin" if account.isAdmin else "operator"
+            print(f"added {role} {account.name} with {len(publicKeys)} key(s)")
+        else:
+            for account in _result(store.listAccounts()):
+                print(f"{account.name}\t{'admin' if account.isAdmin else 'operator'}")
+    elif args.command == "device":
+        if args.deviceCommand == "list":
+            _listDevices(store, args.json)
+        elif args.deviceCommand == "approve":
+            device = _result(store.approveDevice(args.name, actor, now(), fingerprint=args.key))
+            print(f"approved {device.name} ({device.fingerprint})")
+        else:
+            device = _result(store.revokeDevice(args.name, actor, now()))
+            print(f"revoked {device.name}")
+    elif args.command == "grant":
+        t = now()
+        expiresAt = None if args.expires_in is None else t + args.expires_in
+        _result(store.grant(args.user, args.device, actor, t, expiresAt=expiresAt))
+        until = "" if expiresAt is None else f" until {_formatTime(expiresAt)}"
+        print(f"granted {args.user} access to {args.device}{until}")
+    elif args.command == "ungrant":
+        removed = _result(store.ungrant(args.user, args.device, actor, now()))
+        if not removed:
+            raise _CommandError(f"{args.user} has no grant on {args.device}")
+        print(f"removed {args.user}'s grant on {args.device}")
+    return 0
+
+
+def _init(dataDir: DataDir) -> int:
+    result = _call(dataDir.ensureInitialised)
+    if result.createdHostKey:
+        print(f"created host key {dataDir.hostKeyPath}")
+    else:
+        print(f"kept existing host key {dataDir.hostKeyPath} (never overwritten)")
+    print(f"store {dataDir.databasePath} at schema version {result.schemaVersion}")
+    (key,) = _call(dataDir.loadHostKeys).values()
+    print(f"server key fingerprint {fingerprint(key)}")
+    return 0
+
+
+def _listDevices(store: SQLiteStore, asJSON: bool) -> None:
+    rows: list[dict[str, Any]] = []
+    for d in _result(store.listDevices()):
+        rows.append(
+            {
+                "name": d.name,
+                "state": d.state,
+                "fingerprint": d.fingerprint,
+                "serial": d.serial,
+                "lastSeen": d.lastSeen,
+                "source": None,
+                "kind": None,
+                "approvedAt": d.approvedAt,
+                "approvedBy": d.approvedBy,
+                "firstSeen": None,
+            }
+        )
+    for r in _result(store.listEnrollmentRequests()):
+        rows.append(
+            {
+                "name": r.requestedName,
+                "state": "pending",
+                "fingerprint": r.fingerprint,
+                "serial": r.serial,
+                "lastSeen": r.lastSeen,
+                "source": r.source,
+                "kind": r.kind,
+                "approvedAt": None,
+                "approvedBy": None,
+                "firstSeen": r.firstSeen,
+            }
+        )
+    if asJSON:
+        print(json.dumps(rows, indent=2))
+        return
+    header = ("NAME", "STATE", "FINGERPRINT", "SERIAL", "LAST SEEN", "SOURCE")
+    table = [header] + [
+        (
+            _clean(row["name"]),
+            "pending-rekey" if row["kind"] == "rekey" else row["state"],
+            row["fingerprint"],
+            _clean(row["serial"] or "-"),
+            _formatTime(row["lastSeen"]),
+            _clean(row["source"] or "-"),
+        )
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for line in table:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        )
+
+
+# -- helpers -----------------------------------------------------------------------
+
+
+def _openStore(dataDir: DataDir) -> SQLiteStore:
+    if not dataDir.isInitialised():
+        raise _CommandError(
+            f"{dataDir.path} is not initialised; run: groundcontrol --data {dataDir.path} init"
+        )
+    return _result(openSQLiteStore(str(dataDir.databasePath), synchronousRunner))
+
+
+def _result(d: Deferred[_T]) -> _T:
+    """
+    Unwrap a Deferred from the synchronous runner, turning store errors into command errors.
+    """
+    outcome: list[Any] = []
+    d.addBoth(outcome.append)
+    if not outcome:
+        raise RuntimeError("the store answered asynchronously; the CLI needs synchronousRunner")
+    result = outcome[0]
+    if isinstance(result, Failure):
+        if result.check(InvalidName):
+            raise _UsageError(result.getErrorMessage())
+        if result.check(StoreError, OSError, sqlite3.Error, NotInitialised, HostKeyError):
+            raise _CommandError(result.getErrorMessage())
+        result.raiseException()
+    return result  # type: ignore[no-any-return]
+
+
+def _call(f: Callable[[], _T]) -> _T:
+    """Run a blocking data-directory operation with the same error mapping as the store."""
+    return _result(synchronousRunner(f))
+
+
+def _checkDeviceNameArg(name: str | None) -> None:
+    if name is not None and not isValidDeviceName(name):
+        raise _UsageError(
+            f"invalid device name {_clean(name)!r}: use a-z, 0-9 and '-', "
+            "not starting with '-', at most 63 characters"
+        )
+
+
+def _readPublicKey(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(64 * 1024).strip()
+    except OSError as e:
+        raise _CommandError(f"cannot read key file {path}: {e.strerror}") from None
+    try:
+        key = keys.Key.fromString(data)
+    except (keys.BadKeyError, ValueError, IndexError) as e:
+        raise _CommandError(
+            f"{path} is not an SSH public key ({str(e) or 'unrecognised format'})"
+        ) from None
+    except keys.EncryptedKeyError:
+        raise _CommandError(f"{path} is a private key; give the .pub file") from None
+    if not key.isPublic():
+        raise _CommandError(f"{path} is a private key; give the .pub file")
+    return key.toString("OPENSSH").decode("ascii")
+
+
+def _actor() -> str:
+    """Who the audit log says did it: the local login name, prefixed to mark the CLI."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
+def _formatTime(t: float | None) -> str:
+    if t is None:
+        return "never"
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _clean(text: str) -> str:
+    """Replace control and format characters: device-supplied text must not drive the tty."""
+    return "".join("?" if unicodedata.category(c).startswith("C") else c for c in text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

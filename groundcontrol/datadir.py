@@ -1,0 +1,124 @@
+"""The groundcontrol data directory: where each file lives and how the directory is set up.
+
+One place for the layout, so the CLI (which creates and edits it) and the server (which
+runs from it) cannot disagree about paths or permissions.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from attrs import field, frozen
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from twisted.conch.ssh import keys
+
+from groundcontrol.store import connect, migrate
+
+__all__ = ["DataDir", "HostKeyError", "InitResult", "NotInitialised"]
+
+
+class NotInitialised(Exception):  # noqa: N818 - reads as a state, like the store's errors
+    """The data directory has not been set up with C{groundcontrol init}."""
+
+
+class HostKeyError(Exception):
+    """The host key file exists but cannot be read or parsed."""
+
+
+@frozen
+class InitResult:
+    """What L{DataDir.ensureInitialised} had to create (False: it was already there)."""
+
+    createdDirectory: bool
+    createdHostKey: bool
+    schemaVersion: int
+
+
+@frozen
+class DataDir:
+    """
+    A groundcontrol data directory.
+
+    Layout: C{ssh_host_ed25519_key} (+ C{.pub}) is the server's SSH host key, which agents
+    pin; C{groundcontrol.sqlite3} is the store. The directory is private (0700) and the
+    private key 0600, as OpenSSH expects of its own host keys.
+    """
+
+    path: Path = field(converter=Path)
+
+    @property
+    def hostKeyPath(self) -> Path:
+        return self.path / "ssh_host_ed25519_key"
+
+    @property
+    def hostPublicKeyPath(self) -> Path:
+        return self.path / "ssh_host_ed25519_key.pub"
+
+    @property
+    def databasePath(self) -> Path:
+        return self.path / "groundcontrol.sqlite3"
+
+    def isInitialised(self) -> bool:
+        """Whether C{init} has run: the host key and the database both exist."""
+        return self.hostKeyPath.is_file() and self.databasePath.is_file()
+
+    def ensureInitialised(self) -> InitResult:
+        """
+        Create whatever is missing: the directory, the host key, the migrated database.
+
+        Blocking; meant for C{init} and for start-up before the reactor runs. An existing
+        host key is never replaced: agents have pinned it, and a new one would lock out the
+        whole fleet.
+        """
+        createdDirectory = not self.path.exists()
+        if createdDirectory:
+            self.path.mkdir(mode=0o700, parents=True)
+            os.chmod(self.path, 0o700)  # mkdir's mode is filtered by the umask
+        createdHostKey = not self.hostKeyPath.exists()
+        if createdHostKey:
+            self._writeNewHostKey()
+        if not self.hostPublicKeyPath.exists():
+            self.hostPublicKeyPath.write_text(self.hostPublicKeyLine() + "\n")
+        connection = connect(str(self.databasePath))
+        try:
+            version = migrate(connection)
+        finally:
+            connection.close()
+        return InitResult(createdDirectory, createdHostKey, version)
+
+    def _writeNewHostKey(self) -> None:
+        key = keys.Key(ed25519.Ed25519PrivateKey.generate())
+        # O_EXCL: if another init raced us, keep its key rather than overwrite it.
+        fd = os.open(self.hostKeyPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(key.toString("OPENSSH"))
+
+    def loadHostKeys(self) -> dict[bytes, keys.Key]:
+        """
+        Return the private host keys by SSH key type (e.g. C{b"ssh-ed25519"}).
+
+        Suits C{SSHFactory.privateKeys}; C{publicKeys} is C{{t: k.public() for ...}}.
+
+        @raise NotInitialised: there is no host key yet.
+        @raise HostKeyError: the file is unreadable or not a private key.
+        """
+        try:
+            data = self.hostKeyPath.read_bytes()
+        except FileNotFoundError:
+            raise NotInitialised(f"{self.path} is not initialised (no host key)") from None
+        except OSError as e:
+            raise HostKeyError(f"cannot read {self.hostKeyPath}: {e.strerror}") from None
+        try:
+            key = keys.Key.fromString(data)
+        except (keys.BadKeyError, ValueError) as e:
+            raise HostKeyError(f"{self.hostKeyPath} is not an SSH private key: {e}") from None
+        if key.isPublic():
+            raise HostKeyError(f"{self.hostKeyPath} holds a public key, not a private one")
+        return {key.sshType(): key}
+
+    def hostPublicKeyLine(self) -> str:
+        """The host public key as one OpenSSH line: what agents pin with C{--server-key}."""
+        (key,) = self.loadHostKeys().values()
+        return key.public().toString("OPENSSH").decode("ascii")
