@@ -80,6 +80,9 @@ class DataDir:
             self._writeNewHostKey()
         if not self.hostPublicKeyPath.exists():
             self.hostPublicKeyPath.write_text(self.hostPublicKeyLine() + "\n")
+        if not self.databasePath.exists():
+            # Create it private before SQLite does (its -wal/-shm files copy these bits).
+            os.close(os.open(self.databasePath, os.O_WRONLY | os.O_CREAT, 0o600))
         connection = connect(str(self.databasePath))
         try:
             version = migrate(connection)

@@ -1,0 +1,252 @@
+"""End-to-end tests of the groundcontrol admin CLI through main(argv), on temporary dirs."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from twisted.conch.ssh import keys
+
+from accesstunnel.keys import fingerprint
+from groundcontrol.cli import main
+from groundcontrol.datadir import DataDir
+from groundcontrol.store import SQLiteStore, openSQLiteStore, synchronousRunner
+
+T0 = 1_700_000_000.0
+
+
+def clock() -> float:
+    """A fixed clock so printed times are predictable."""
+    return T0
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """Run the CLI; return (exit status, stdout, stderr)."""
+    status = main(list(argv), now=clock)
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def newKey() -> keys.Key:
+    return keys.Key(ed25519.Ed25519PrivateKey.generate())
+
+
+def publicLine(key: keys.Key) -> str:
+    return key.public().toString("OPENSSH").decode("ascii")
+
+
+def result(d: Any) -> Any:
+    """The value of an already-fired Deferred (the synchronous runner's)."""
+    out: list[Any] = []
+    d.addBoth(out.append)
+    return out[0]
+
+
+@pytest.fixture
+def data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    """An initialised data directory."""
+    path = tmp_path / "gc"
+    assert run(capsys, "--data", str(path), "init")[0] == 0
+    return path
+
+
+@pytest.fixture
+def store(data: Path) -> Any:
+    """A second connection to the data dir's store, standing in for the running server."""
+    s: SQLiteStore = result(openSQLiteStore(str(DataDir(data).databasePath), synchronousRunner))
+    yield s
+    s.close()
+
+
+def contact(store: SQLiteStore, name: str, serial: str | None = None) -> str:
+    """Make an agent with a fresh key ask for `name`, as the server would; return the key."""
+    line = publicLine(newKey())
+    result(store.recordContact(name, line, fingerprint(line), serial, "198.51.100.7:40000", T0))
+    return line
+
+
+def test_initCreatesPrivateFilesAndIsIdempotent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """init makes a 0700 dir, a 0600 OpenSSH host key with .pub, a store; a rerun keeps the key."""
+    path = tmp_path / "gc"
+    status, out, _ = run(capsys, "--data", str(path), "init")
+    assert status == 0
+    dataDir = DataDir(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o700
+    assert stat.S_IMODE(dataDir.hostKeyPath.stat().st_mode) == 0o600
+    assert stat.S_IMODE(dataDir.databasePath.stat().st_mode) == 0o600
+    assert dataDir.hostKeyPath.read_bytes().startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
+    assert dataDir.isInitialised()
+    assert "created host key" in out
+    before = dataDir.hostKeyPath.read_bytes()
+
+    status, out, _ = run(capsys, "--data", str(path), "init")
+    assert status == 0
+    assert "kept existing host key" in out
+    assert dataDir.hostKeyPath.read_bytes() == before
+
+
+def test_serverKey(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """server-key prints the one-line public key matching the private host key and the .pub."""
+    status, out, _ = run(capsys, "--data", str(data), "server-key")
+    assert status == 0
+    (hostKey,) = DataDir(data).loadHostKeys().values()
+    assert out == publicLine(hostKey) + "\n"
+    assert DataDir(data).hostPublicKeyPath.read_text().split()[:2] == out.split()
+
+
+def test_uninitialised(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Commands on a data dir without init fail with one line and status 1, creating nothing."""
+    path = tmp_path / "nothing"
+    for argv in (["device", "list"], ["server-key"], ["device", "revoke", "kiln7"]):
+        status, _, err = run(capsys, "--data", str(path), *argv)
+        assert status == 1
+        assert "not initialised" in err
+        assert len(err.strip().splitlines()) == 1
+        assert "Traceback" not in err
+    assert not path.exists()
+
+
+def test_userAdd(data: Path, store: SQLiteStore, capsys: pytest.CaptureFixture[str]) -> None:
+    """user add registers the key file's key; the account is then found by fingerprint."""
+    key = newKey()
+    keyFile = data.parent / "alice.pub"
+    keyFile.write_text(publicLine(key) + " alice@laptop\n")
+    status, _, _ = run(capsys, "--data", str(data), "user", "add", "alice", "--key", str(keyFile))
+    assert status == 0
+    account = result(store.accountForKey(fingerprint(key)))
+    assert (account.name, account.isAdmin) == ("alice", False)
+
+    status, _, err = run(
+        capsys, "--data", str(data), "user", "add", "alice", "--key", str(keyFile), "--admin"
+    )
+    assert status == 1
+    assert "already exists" in err
+
+
+def test_userAddBadKeyFiles(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A missing file, a non-key and a private key are each refused in one line with status 1."""
+    junk = data.parent / "junk.pub"
+    junk.write_text("hello\n")
+    private = data.parent / "id_ed25519"
+    private.write_bytes(newKey().toString("OPENSSH"))
+    for path, message in [
+        (data.parent / "missing.pub", "cannot read key file"),
+        (junk, "not an SSH public key"),
+        (private, "private key"),
+    ]:
+        status, _, err = run(capsys, "--data", str(data), "user", "add", "bob", "--key", str(path))
+        assert (status, len(err.strip().splitlines())) == (1, 1)
+        assert message in err
+
+
+def test_deviceListApproveRevoke(
+    data: Path, store: SQLiteStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pending request shows in device list, approve makes it a device, revoke revokes it."""
+    line = contact(store, "kiln7", serial="SN-1\x1b[31m")
+    status, out, _ = run(capsys, "--data", str(data), "device", "list")
+    assert status == 0
+    assert "pending" in out and "kiln7" in out and fingerprint(line) in out
+    assert "198.51.100.7:40000" in out
+    assert "\x1b" not in out  # device-supplied serial is stripped of control characters
+
+    status, out, _ = run(capsys, "--data", str(data), "device", "approve", "kiln7")
+    assert status == 0
+    assert f"approved kiln7 ({fingerprint(line)})" in out
+    assert result(store.deviceByName("kiln7")).state == "approved"
+
+    status, out, _ = run(capsys, "--data", str(data), "device", "revoke", "kiln7")
+    assert status == 0
+    assert result(store.deviceByName("kiln7")).state == "revoked"
+    events = [e.event for e in result(store.auditSince(0))]
+    assert events == ["device.pending", "device.approved", "device.revoked"]
+    assert result(store.auditSince(0))[-1].actor.startswith("cli")
+
+
+def test_deviceListJSON(data: Path, store: SQLiteStore, capsys: pytest.CaptureFixture[str]) -> None:
+    """--json lists approved, revoked and pending entries with the same keys on each."""
+    for name in ("a", "b"):
+        contact(store, name)
+        assert run(capsys, "--data", str(data), "device", "approve", name)[0] == 0
+    assert run(capsys, "--data", str(data), "device", "revoke", "b")[0] == 0
+    contact(store, "c", serial="S3")
+    contact(store, "a")  # a new key asking for an approved name: a rekey request
+
+    status, out, _ = run(capsys, "--data", str(data), "device", "list", "--json")
+    assert status == 0
+    rows = json.loads(out)
+    assert [(r["name"], r["state"], r["kind"]) for r in rows] == [
+        ("a", "approved", None),
+        ("b", "revoked", None),
+        ("a", "pending", "rekey"),
+        ("c", "pending", "new"),
+    ]
+    assert len({frozenset(r) for r in rows}) == 1
+    assert rows[3]["serial"] == "S3"
+    assert rows[3]["source"] == "198.51.100.7:40000"
+
+
+def test_approveAmbiguousThenByKey(
+    data: Path, store: SQLiteStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two requests for one name: approve alone fails listing both; --key picks one."""
+    first, second = contact(store, "kiln7"), contact(store, "kiln7")
+    status, _, err = run(capsys, "--data", str(data), "device", "approve", "kiln7")
+    assert status == 1
+    assert fingerprint(first) in err and fingerprint(second) in err
+    status, _, _ = run(
+        capsys, "--data", str(data), "device", "approve", "kiln7", "--key", fingerprint(second)
+    )
+    assert status == 0
+    assert result(store.deviceByName("kiln7")).fingerprint == fingerprint(second)
+
+
+def test_deviceErrors(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Unknown device: status 1; malformed name or fingerprint: status 2; never a traceback."""
+    cases = [
+        (["device", "approve", "ghost"], 1, "no device or pending request"),
+        (["device", "revoke", "ghost"], 1, "no device named"),
+        (["device", "approve", "Bad_Name"], 2, "invalid device name"),
+        (["device", "revoke", "-x"], 2, ""),
+        (["device", "approve", "kiln7", "--key", "MD5:aa"], 2, "fingerprint"),
+        (["grant", "alice", "not valid"], 2, "invalid device name"),
+        (["device", "frobnicate"], 2, "invalid choice"),
+    ]
+    for argv, expected, message in cases:
+        status, _, err = run(capsys, "--data", str(data), *argv)
+        assert status == expected, argv
+        assert message in err
+        assert "Traceback" not in err
+
+
+def test_grant(data: Path, store: SQLiteStore, capsys: pytest.CaptureFixture[str]) -> None:
+    """grant lets an operator reach a device (with optional expiry); ungrant takes it back."""
+    keyFile = data.parent / "op.pub"
+    keyFile.write_text(publicLine(newKey()))
+    assert run(capsys, "--data", str(data), "user", "add", "op", "--key", str(keyFile))[0] == 0
+    contact(store, "kiln7")
+    assert run(capsys, "--data", str(data), "device", "approve", "kiln7")[0] == 0
+    (op,) = result(store.listAccounts())
+    assert result(store.mayReach(op, "kiln7", T0)) is False
+
+    status, out, _ = run(
+        capsys, "--data", str(data), "grant", "op", "kiln7", "--expires-in", "3600"
+    )
+    assert status == 0
+    assert "until" in out
+    assert result(store.mayReach(op, "kiln7", T0 + 10)) is True
+    assert result(store.mayReach(op, "kiln7", T0 + 3600)) is False
+
+    assert run(capsys, "--data", str(data), "ungrant", "op", "kiln7")[0] == 0
+    status, _, err = run(capsys, "--data", str(data), "grant", "nobody", "kiln7")
+    assert status == 1
+    assert "no account" in err
+    status, _, err = run(capsys, "--data", str(data), "grant", "op", "ghost")
+    assert status == 1
+    assert "no device" in err
