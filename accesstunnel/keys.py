@@ -21,7 +21,9 @@ def fingerprint(key: str | bytes | keys.Key) -> str:
     @param key: an OpenSSH one-line public key (C{str} or C{bytes}) or a parsed L{keys.Key}.
     @raise keys.BadKeyError: if C{key} is a string that is not a key.
     """
-    if not isinstance(key, keys.Key):
-        key = keys.Key.fromString(key.encode("ascii") if isinstance(key, str) else key)
-    digest = key.fingerprint(keys.FingerprintFormats.SHA256_BASE64)
+    if isinstance(key, keys.Key):
+        parsed = key
+    else:
+        parsed = keys.Key.fromString(key.encode("ascii") if isinstance(key, str) else key)
+    digest = parsed.fingerprint(keys.FingerprintFormats.SHA256_BASE64)
     return "SHA256:" + digest.rstrip("=")
