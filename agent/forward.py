@@ -1,0 +1,202 @@
+"""
+The device side of a "direct-tcpip" channel (ssh -L, ssh -W, ssh -J): a TCP splice.
+
+Like sshd, the agent connects first and answers the channel open only then, so
+the operator's client gets a real "open failed: connect failed" instead of a
+channel that opens and dies; the agent's connection supports opens answered
+later (it takes a Deferred from C{channel_direct_tcpip}). Bytes are spliced
+with the same flow control as sessions: the socket is not read while the
+channel's output is paused, and the window re-opens only as the socket takes
+the bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.conch.error import ConchError
+from twisted.conch.ssh import connection
+from twisted.internet import defer, endpoints
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamClientEndpoint, ITransport
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from accesstunnel.channel import FlowChannel
+from agent._flow import InputCredit
+from agent.session import _Payload
+
+#: Seconds to wait for the device-side TCP connection.
+CONNECT_TIMEOUT = 30.0
+
+
+def parseDirectTCPIP(data: bytes) -> tuple[str, int, str, int]:
+    """
+    The RFC 4254 7.2 open payload: host to connect, port, originator address,
+    originator port. Raises L{ValueError} when it does not parse.
+    """
+    payload = _Payload(data)
+    host = payload.text()
+    port = payload.uint32()
+    originator = payload.text()
+    originatorPort = payload.uint32()
+    if not host or not 0 < port < 65536:
+        raise ValueError(f"bad destination {host!r}:{port}")
+    return host, port, originator, originatorPort
+
+
+def endpointFor(reactor: Any, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
+    """An address literal is connected directly; a name goes through HostnameEndpoint."""
+    if isIPAddress(host):
+        return endpoints.TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    if isIPv6Address(host):
+        return endpoints.TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+    return endpoints.HostnameEndpoint(reactor, host, port, timeout=timeout)
+
+
+@implementer(IHalfCloseableProtocol)
+class _Splice(Protocol):
+    """The TCP side of a L{ForwardChannel}."""
+
+    def __init__(self, channel: ForwardChannel) -> None:
+        self._channel = channel
+
+    def connectionMade(self) -> None:
+        self._channel.tcpConnected(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._channel.write(data)
+
+    def readConnectionLost(self) -> None:
+        self._channel.writeEOF()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._channel.tcpLost()
+
+
+class ForwardChannel(FlowChannel):
+    """
+    A channel spliced to a TCP connection on the device.
+
+    The agent's connection answers C{channel_direct_tcpip} with::
+
+        ForwardChannel.open(reactor, data, remoteWindow=windowSize,
+                            remoteMaxPacket=maxPacket, conn=self)
+
+    which is a Deferred of the channel, or of a L{ConchError} with
+    C{OPEN_CONNECT_FAILED} that the connection turns into an open failure.
+    """
+
+    name = b"direct-tcpip"
+    log = Logger()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._transport: Any = None
+        self._credit = InputCredit(self)
+
+    @classmethod
+    def open(
+        cls, reactor: Any, data: bytes, *, timeout: float = CONNECT_TIMEOUT, **channelArgs: Any
+    ) -> defer.Deferred[ForwardChannel]:
+        """Connect to the payload's destination, then give the channel."""
+        try:
+            host, port, originator, originatorPort = parseDirectTCPIP(data)
+        except ValueError as e:
+            cls.log.warn("malformed direct-tcpip open: {why}", why=str(e))
+            return defer.fail(
+                ConchError("malformed direct-tcpip request", connection.OPEN_CONNECT_FAILED)
+            )
+        channel = cls(**channelArgs)
+        cls.log.info("forward from {originator}:{oport} to {host}:{port}", originator=originator,
+                     oport=originatorPort, host=host, port=port)  # fmt: skip
+        d = endpointFor(reactor, host, port, timeout).connect(_SpliceFactory(channel))
+
+        def refused(reason: Failure) -> Failure:
+            if reason.check(defer.CancelledError):
+                return reason
+            cls.log.info("forward to {host}:{port} failed: {why}", host=host, port=port,
+                         why=reason.getErrorMessage())  # fmt: skip
+            text = f"connect to {host} port {port} failed: {reason.getErrorMessage()}"
+            return Failure(ConchError(text, connection.OPEN_CONNECT_FAILED))
+
+        return d.addCallbacks(lambda _: channel, refused)
+
+    # -- TCP side -------------------------------------------------------------
+
+    def tcpConnected(self, transport: ITransport) -> None:
+        self._transport = transport
+        transport.registerProducer(self._credit, True)  # type: ignore[attr-defined]
+
+    def tcpLost(self) -> None:
+        """The socket closed: EOF and close the channel after queued data."""
+        self._transport = None
+        self._credit.stopProducing()
+        self.writeEOF()
+        self.loseConnection()
+
+    def outputPaused(self) -> None:
+        if self._transport is not None:
+            self._transport.pauseProducing()
+
+    def outputResumed(self) -> None:
+        if self._transport is not None:
+            self._transport.resumeProducing()
+
+    # -- channel side ------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._transport is None:
+            self.consumed(len(data))
+            return
+        self._transport.write(data)
+        self._credit.received(len(data))
+
+    def eofReceived(self) -> None:
+        """Half-close towards the server, like sshd's shutdown(SHUT_WR)."""
+        transport = self._transport
+        if transport is None:
+            return
+        transport.unregisterProducer()  # a paused producer would block the close
+        self._credit.stopProducing()
+        loseWrite = getattr(transport, "loseWriteConnection", None)
+        if loseWrite is not None:
+            loseWrite()
+        else:
+            transport.loseConnection()
+
+    def closed(self) -> None:
+        super().closed()
+        self._close()
+
+    def abandoned(self) -> None:
+        """The link went away before the open could be confirmed."""
+        self._close()
+
+    def _close(self) -> None:
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.unregisterProducer()
+            transport.loseConnection()
+
+
+class _SpliceFactory:
+    """A client factory that builds the one L{_Splice} for a channel."""
+
+    def __init__(self, channel: ForwardChannel) -> None:
+        self._channel = channel
+
+    def buildProtocol(self, addr: Any) -> _Splice:
+        return _Splice(self._channel)
+
+    def doStart(self) -> None: ...
+    def doStop(self) -> None: ...
+    def startedConnecting(self, connector: Any) -> None: ...
+
+
+__all__ = ["CONNECT_TIMEOUT", "ForwardChannel", "endpointFor", "parseDirectTCPIP"]

@@ -1,0 +1,475 @@
+"""
+The device side of an SSH "session" channel: a pty, a login shell, an exec, a subsystem.
+
+groundcontrol passes the operator's channel requests through unchanged, so this
+module is where Access Tunnel must behave like sshd's session handling: the
+same environment, argv, exit-status/exit-signal, EOF and hang-up rules, so
+that ssh, scp, sftp and rsync all work as they do against sshd.
+
+Flow control runs end to end: the receive window re-opens only as the child's
+stdin accepts bytes (L{InputCredit}), and the child is no longer read while the
+channel's output queue is over its high-water mark.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pwd
+import signal
+import struct
+import termios
+from collections.abc import Callable
+from typing import Any
+
+from attrs import field, frozen
+from twisted.conch.ssh import common, connection
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from accesstunnel.channel import FlowChannel
+from agent import _process
+from agent._flow import InputCredit
+
+DEFAULT_SFTP_SERVER_PATHS = (
+    "/usr/lib/openssh/sftp-server",
+    "/usr/libexec/openssh/sftp-server",
+    "/usr/libexec/sftp-server",
+    "/usr/lib/ssh/sftp-server",
+)
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+#: Seconds a child may take to go after its hang-up before it is killed.
+KILL_GRACE = 10.0
+
+
+class BadRequestError(ValueError):
+    """A channel request payload that does not parse."""
+
+
+class _Payload:
+    """
+    Strict reader of SSH wire-format fields. Conch's C{getNS} silently
+    returns a short string when the length prefix lies; we refuse instead.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def string(self) -> bytes:
+        if len(self._data) < 4:
+            raise BadRequestError("truncated string length")
+        (length,) = struct.unpack(">L", self._data[:4])
+        if len(self._data) < 4 + length:
+            raise BadRequestError("truncated string")
+        value, self._data = common.getNS(self._data)
+        return value
+
+    def text(self) -> str:
+        """A string field that must be UTF-8 with no NUL (it goes into execve)."""
+        try:
+            value = self.string().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadRequestError("not UTF-8") from e
+        if "\0" in value:
+            raise BadRequestError("NUL in string")
+        return value
+
+    def uint32(self) -> int:
+        if len(self._data) < 4:
+            raise BadRequestError("truncated uint32")
+        (value,) = struct.unpack(">L", self._data[:4])
+        self._data = self._data[4:]
+        return value
+
+
+def _defaultUser() -> pwd.struct_passwd:
+    return pwd.getpwuid(os.getuid())
+
+
+@frozen
+class SessionEnvironment:
+    """
+    Who a session runs as and where: the login user, an optional C{HOME}
+    override (the benchmark points it at an empty directory so a heavy
+    C{.bashrc} does not skew timings), where sftp-server may live, and the
+    C{PATH} a session starts with.
+    """
+
+    pw: pwd.struct_passwd = field(factory=_defaultUser)
+    home: str | None = None
+    sftpServerPaths: tuple[str, ...] = DEFAULT_SFTP_SERVER_PATHS
+    defaultPath: str = DEFAULT_PATH
+
+    @property
+    def homeDirectory(self) -> str:
+        return self.home or self.pw.pw_dir or "/"
+
+    @property
+    def shell(self) -> str:
+        return self.pw.pw_shell or "/bin/sh"
+
+    def workingDirectory(self) -> str:
+        """Home, or C{/} like sshd when home does not exist."""
+        home = self.homeDirectory
+        return home if os.path.isdir(home) else "/"
+
+    def credentials(self) -> tuple[int | None, int | None]:
+        """The uid/gid to switch to, or C{None}s to stay who the agent is."""
+        if self.pw.pw_uid == os.geteuid():
+            return None, None
+        return self.pw.pw_uid, self.pw.pw_gid
+
+    def variables(self) -> dict[str, str]:
+        """The environment sshd gives every session (no MAIL)."""
+        return {
+            "HOME": self.homeDirectory,
+            "USER": self.pw.pw_name,
+            "LOGNAME": self.pw.pw_name,
+            "SHELL": self.shell,
+            "PATH": self.defaultPath,
+        }
+
+    def sftpServer(self) -> str | None:
+        """The first sftp-server that exists here."""
+        for path in self.sftpServerPaths:
+            if os.access(path, os.X_OK):
+                return path
+        return None
+
+
+def acceptedVariable(name: str) -> bool:
+    """sshd's usual C{AcceptEnv LANG LC_*}."""
+    return (name == "LANG" or name.startswith("LC_")) and "=" not in name
+
+
+class _ChildProtocol(ProcessProtocol):
+    """Passes a child's output and end to its L{SessionChannel}."""
+
+    def __init__(self, channel: SessionChannel) -> None:
+        self._channel = channel
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == 2:
+            self._channel.writeExtended(connection.EXTENDED_DATA_STDERR, data)
+        else:
+            self._channel.write(data)
+
+    def childConnectionLost(self, childFD: int) -> None:
+        if childFD == 0:
+            self._channel.stdinLost()
+
+    def processEnded(self, reason: Failure) -> None:
+        self._channel.childEnded(reason)
+
+
+class SessionChannel(FlowChannel):
+    """
+    An SSH session served by a child process on the device.
+
+    The agent's connection creates one from C{channel_session}::
+
+        SessionChannel(environment, reactor, remoteWindow=windowSize,
+                       remoteMaxPacket=maxPacket, conn=self)
+    """
+
+    name = b"session"
+    log = Logger()
+
+    def __init__(
+        self,
+        environment: SessionEnvironment,
+        reactor: Any,
+        *args: Any,
+        spawn: _process.Spawner = _process.spawn,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.environment = environment
+        self.reactor = reactor
+        self._spawn = spawn
+        self._variables: dict[str, str] = {}
+        self._terminal: _process.Terminal | None = None
+        self.process: IProcessTransport | None = None
+        self._started = False
+        self._stdinOpen = False
+        self._eofPending = False
+        self._stdin = InputCredit(self)
+        self._killTimer: IDelayedCall | None = None
+        self._requests: dict[bytes, Callable[[_Payload], bool]] = {
+            b"pty-req": self._ptyRequest,
+            b"env": self._envRequest,
+            b"shell": self._shellRequest,
+            b"exec": self._execRequest,
+            b"subsystem": self._subsystemRequest,
+            b"window-change": self._windowChangeRequest,
+            b"signal": self._signalRequest,
+            b"break": self._breakRequest,
+        }
+
+    # -- requests ----------------------------------------------------------
+
+    def requestReceivedWithReply(self, requestType: bytes, data: bytes, wantReply: bool) -> bool:
+        """
+        Answer a channel request. A malformed or refused request is a failed
+        request, never an exception: one bad packet must not hurt the link.
+        """
+        handler = self._requests.get(requestType)
+        if handler is None:
+            self.log.info("refused channel request {type!r}", type=requestType)
+            return False
+        try:
+            return handler(_Payload(data))
+        except ValueError as e:
+            self.log.warn("malformed {type!r} request: {why}", type=requestType, why=str(e))
+        except Exception:
+            self.log.failure("{type!r} request failed", type=requestType)
+        return False
+
+    def requestReceived(self, requestType: bytes, data: bytes) -> bool:
+        return self.requestReceivedWithReply(requestType, data, True)
+
+    def _ptyRequest(self, payload: _Payload) -> bool:
+        term = payload.text()
+        cols, rows, xpixel, ypixel = (payload.uint32() for _ in range(4))
+        modes = _process.parseModes(payload.string())
+        if self._started or self._terminal is not None:
+            return False
+        self._terminal = _process.Terminal.open(term, (rows, cols, xpixel, ypixel), modes)
+        self.log.info("pty {tty} {cols}x{rows} {term}", tty=self._terminal.name, cols=cols,
+                      rows=rows, term=term)  # fmt: skip
+        return True
+
+    def _envRequest(self, payload: _Payload) -> bool:
+        name, value = payload.text(), payload.text()
+        if self._started or not acceptedVariable(name):
+            self.log.info("refused environment variable {name!r}", name=name)
+            return False
+        self._variables[name] = value
+        return True
+
+    def _shellRequest(self, payload: _Payload) -> bool:
+        shell = self.environment.shell
+        return self._start(shell, ["-" + os.path.basename(shell)], "shell")
+
+    def _execRequest(self, payload: _Payload) -> bool:
+        command = payload.string()
+        shell = self.environment.shell
+        return self._start(shell, [os.path.basename(shell), "-c", command], "exec")
+
+    def _subsystemRequest(self, payload: _Payload) -> bool:
+        name = payload.string()
+        if name != b"sftp":
+            self.log.info("refused subsystem {name!r}", name=name)
+            return False
+        server = self.environment.sftpServer()
+        if server is None:
+            self.log.warn("no sftp-server in {paths}", paths=self.environment.sftpServerPaths)
+            return False
+        return self._start(server, [server], "sftp")
+
+    def _windowChangeRequest(self, payload: _Payload) -> bool:
+        cols, rows, xpixel, ypixel = (payload.uint32() for _ in range(4))
+        fd = self._terminalFD()
+        if fd is None:
+            return False
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, _process.packWinsize(rows, cols, xpixel, ypixel))
+        return True
+
+    def _signalRequest(self, payload: _Payload) -> bool:
+        name = payload.text()
+        number = _process.SIGNALS.get(name)
+        if number is None or self.process is None:
+            return False
+        self.log.info("signal {name} to session child", name=name)
+        return _process.signalGroup(self.process.pid, number)
+
+    def _breakRequest(self, payload: _Payload) -> bool:
+        """
+        A BREAK on a pty: a Linux pty ignores C{tcsendbreak}, so do what the
+        line discipline does with a break: SIGINT to the foreground process
+        group when BRKINT is set, a NUL byte otherwise, nothing with IGNBRK.
+        """
+        payload.uint32()  # break length in ms: meaningless on a pty
+        fd = self._terminalFD()
+        if fd is None:
+            return False
+        iflag = termios.tcgetattr(fd)[0]
+        if iflag & termios.IGNBRK:
+            return True
+        if iflag & termios.BRKINT:
+            return _process.signalGroup(os.tcgetpgrp(fd), signal.SIGINT)
+        os.write(fd, b"\0")
+        return True
+
+    def _terminalFD(self) -> int | None:
+        """The pty master while it is open, else C{None}."""
+        if self._terminal is None:
+            return None
+        if self.process is None:
+            return None if self._started else self._terminal.master
+        if not getattr(self.process, "connected", True):
+            return None  # Twisted has closed the master; its number may be reused
+        fd: int = self.process.fileno()  # type: ignore[attr-defined]
+        return fd
+
+    # -- the child -----------------------------------------------------------
+
+    def _environmentFor(self) -> dict[str, str]:
+        variables = self.environment.variables()
+        if self._terminal is not None:
+            variables["TERM"] = self._terminal.term
+            variables["SSH_TTY"] = self._terminal.name
+        variables.update(self._variables)
+        return variables
+
+    def _start(self, executable: str, args: list[Any], kind: str) -> bool:
+        """Start the one child this session may have."""
+        if self._started or self.localClosed:
+            return False
+        uid, gid = self.environment.credentials()
+        argv = [os.fsencode(a) if isinstance(a, str) else a for a in args]
+        try:
+            child = self._spawn(
+                self.reactor,
+                _ChildProtocol(self),
+                os.fsencode(executable),
+                argv,
+                self._environmentFor(),
+                self.environment.workingDirectory(),
+                uid,
+                gid,
+                self._terminal,
+            )
+        except Exception:
+            self.log.failure("could not start {kind}", kind=kind)
+            if self._terminal is not None:
+                self._terminal.close()
+                self._terminal = None
+            return False
+        self._started = True
+        self._stdinOpen = True
+        self.process = child
+        self.log.info("started {kind} pid {pid} pty={pty}", kind=kind, pid=child.pid,
+                      pty=self._terminal is not None)  # fmt: skip
+        child.registerProducer(self._stdin, True)
+        if self._eofPending:
+            self._closeStdin()
+        return True
+
+    def dataReceived(self, data: bytes) -> None:
+        """Channel data goes to the child's stdin; credit follows what it takes."""
+        if self.process is None or not self._stdinOpen:
+            self.consumed(len(data))  # nothing will read it: discard, like sshd
+            return
+        self.process.write(data)
+        self._stdin.received(len(data))
+
+    def eofReceived(self) -> None:
+        """Close the child's stdin; with a pty, ignore it like sshd does."""
+        if self._terminal is not None:
+            return
+        if self.process is None:
+            self._eofPending = True
+        else:
+            self._closeStdin()
+
+    def _closeStdin(self) -> None:
+        if not self._stdinOpen or self.process is None:
+            return
+        self._stdinOpen = False
+        # A paused producer on the writer keeps its loseConnection from ever
+        # finishing: unregister first.
+        self.process.unregisterProducer()
+        self.process.closeStdin()
+
+    def stdinLost(self) -> None:
+        """The child closed its stdin: credit whatever still arrives."""
+        self._stdinOpen = False
+        self._stdin.stopProducing()
+
+    def outputPaused(self) -> None:
+        """The operator is not reading: stop reading the child."""
+        if self.process is not None:
+            self.process.pauseProducing()  # type: ignore[attr-defined]
+
+    def outputResumed(self) -> None:
+        if self.process is not None:
+            self.process.resumeProducing()  # type: ignore[attr-defined]
+
+    def childEnded(self, reason: Failure) -> None:
+        """
+        The child exited and all its output has been read: report how it
+        ended after that output, then EOF and close (sshd's order).
+        """
+        self.process = None
+        self._terminal = None
+        if self._killTimer is not None and self._killTimer.active():
+            self._killTimer.cancel()
+        self._killTimer = None
+        status = getattr(reason.value, "status", None)
+        if self.localClosed or self.closing:
+            return
+        if status is None:
+            self.log.warn("child ended without a status: {reason}", reason=reason.value)
+        elif os.WIFSIGNALED(status):
+            number = os.WTERMSIG(status)
+            name = _process.signalName(number)
+            self.log.info("session child killed by {signal}", signal=name)
+            self.sendRequestInOrder(
+                b"exit-signal",
+                common.NS(name.encode("ascii"))
+                + (b"\x01" if os.WCOREDUMP(status) else b"\x00")
+                + common.NS(b"")
+                + common.NS(b""),
+            )
+        else:
+            code = os.WEXITSTATUS(status)
+            self.log.info("session child exited {code}", code=code)
+            self.sendRequestInOrder(b"exit-status", struct.pack(">L", code))
+        self.writeEOF()
+        self.loseConnection()
+
+    # -- the channel goes first ------------------------------------------------
+
+    def closed(self) -> None:
+        """
+        The channel is gone (operator left, link lost) while the child may
+        live on: hang it up like sshd, and kill it if it does not go.
+        """
+        super().closed()
+        child = self.process
+        if child is None:
+            if self._terminal is not None and not self._started:
+                self._terminal.close()
+                self._terminal = None
+            return
+        pid = child.pid
+        self._stdinOpen = False
+        child.unregisterProducer()
+        if self._terminal is not None:
+            _process.signalGroup(pid, signal.SIGHUP)
+            child.loseConnection()
+        else:
+            child.loseConnection()
+            _process.signalGroup(pid, signal.SIGTERM)
+        self.log.info("channel closed; hung up session child {pid}", pid=pid)
+        self._killTimer = self.reactor.callLater(KILL_GRACE, self._kill, pid)
+
+    def _kill(self, pid: int | None) -> None:
+        self._killTimer = None
+        if self.process is not None:
+            self.log.warn("session child {pid} ignored its hang-up; killing it", pid=pid)
+            _process.signalGroup(pid, signal.SIGKILL)
+
+
+__all__ = [
+    "DEFAULT_PATH",
+    "DEFAULT_SFTP_SERVER_PATHS",
+    "KILL_GRACE",
+    "SessionChannel",
+    "SessionEnvironment",
+    "acceptedVariable",
+]
