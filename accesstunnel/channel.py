@@ -199,7 +199,9 @@ class FlowChannel(channel.SSHChannel):
                         if result is None:
                             d.errback(ConnectionError("channel closed"))
                         else:
-                            result.chainDeferred(d)
+                            # Conch fires with b"" on success: make it True,
+                            # which is what a request handler returns.
+                            result.addCallback(lambda _: True).chainDeferred(d)
                 elif kind == _CLOSE:
                     conn.sendClose(self)
         if sentBytes:

@@ -1,0 +1,256 @@
+"""
+The agent's one link to groundcontrol: dial out, prove who we are, serve the
+channels groundcontrol opens, and come back when the link dies.
+
+The agent is the SSH client here. It refuses any server key but the pinned
+one, logs in as ``agent+NAME`` with the device key, and then answers
+``session`` and ``direct-tcpip`` channel opens. Reconnection is Twisted's
+L{ClientService} with jittered exponential backoff; a link counts as made only
+once it is authenticated, so a server that accepts TCP but refuses us is
+retried with backoff too, not hammered.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.application.internet import ClientService
+from twisted.conch.ssh import common, keys, transport, userauth
+from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from accesstunnel import policy
+from accesstunnel.connection import TunnelConnection
+from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL, Keepalive
+from agent.identity import ServerKeyPin
+
+HELLO_REQUEST = b"hello@accesstunnel"
+AGENT_VERSION = "0.1.0"
+
+
+@attrs.frozen
+class LinkSettings:
+    """Who we are and how to keep the link."""
+
+    name: str
+    deviceKey: keys.Key
+    serverKey: ServerKeyPin
+    serial: str | None = None
+    keepaliveInterval: float = DEFAULT_INTERVAL
+    keepaliveCount: int = DEFAULT_COUNT
+    #: Seconds from TCP connect to authenticated link before giving up.
+    handshakeTimeout: float = 30.0
+
+
+def backoffPolicy(
+    initialDelay: float = 1.0,
+    maxDelay: float = 30.0,
+    factor: float = 2.0,
+    random: Callable[[], float] = random.random,
+) -> Callable[[int], float]:
+    """
+    Delay before reconnect attempt C{n}: exponential, capped, with jitter over
+    the upper half of the interval, so a fleet that lost the server at the
+    same moment does not come back at the same moment.
+    """
+
+    def policy(attempt: int) -> float:
+        ceiling = min(initialDelay * factor ** min(attempt, 64), maxDelay)
+        return ceiling * (0.5 + 0.5 * random())
+
+    return policy
+
+
+class AgentConnection(TunnelConnection):
+    """ssh-connection on the agent: answers the channels groundcontrol opens."""
+
+    _log = Logger()
+
+    def __init__(self, factory: AgentLinkFactory) -> None:
+        super().__init__()
+        self.factory = factory
+
+    def serviceStarted(self) -> None:
+        super().serviceStarted()
+        settings = self.factory.settings
+        hello = {"version": AGENT_VERSION, "serial": settings.serial or ""}
+        self.sendGlobalRequest(HELLO_REQUEST, common.NS(json.dumps(hello).encode()))
+        self.transport.startKeepalive(self)
+        self._log.info("link to groundcontrol is up as {name}", name=settings.name)
+        self.transport.linkUp()
+
+    def channel_session(self, windowSize: int, maxPacket: int, data: bytes) -> Any:
+        return self.factory.sessionFactory(self, windowSize, maxPacket, data)
+
+    def channel_direct_tcpip(self, windowSize: int, maxPacket: int, data: bytes) -> Any:
+        return self.factory.forwardFactory(self, windowSize, maxPacket, data)
+
+    def gotGlobalRequest(self, requestType: bytes, data: bytes) -> int:
+        return 0  # keepalives: a failure reply is the answer
+
+
+class AgentUserAuth(userauth.SSHUserAuthClient):
+    """Public-key authentication with the device key, once."""
+
+    def __init__(self, user: bytes, instance: Any, deviceKey: keys.Key) -> None:
+        super().__init__(user, instance)
+        self._deviceKey = deviceKey
+        self._offered = False
+
+    def getPublicKey(self) -> keys.Key | None:
+        if self._offered:
+            return None
+        self._offered = True
+        return self._deviceKey.public()
+
+    def getPrivateKey(self) -> defer.Deferred[keys.Key]:
+        return defer.succeed(self._deviceKey)
+
+    def getPassword(self, prompt: bytes | None = None) -> None:
+        return None
+
+    def getGenericAnswers(self, name: bytes, instruction: bytes, questions: Any) -> Any:
+        return defer.fail(NotImplementedError("the agent only uses its key"))
+
+
+class AgentTransport(transport.SSHClientTransport):
+    """Client transport: policy, pinned host key, keepalives, link readiness."""
+
+    _log = Logger()
+    keepalive: Keepalive | None = None
+
+    def connectionMade(self) -> None:
+        policy.applyClientPolicy(self)
+        tcp = self.transport
+        for option in ("setTcpNoDelay", "setTcpKeepAlive"):
+            setter = getattr(tcp, option, None)
+            if setter is not None:
+                setter(True)
+        self.ready: defer.Deferred[AgentTransport] = defer.Deferred()
+        self._handshakeTimer = self.factory.clock.callLater(
+            self.factory.settings.handshakeTimeout, self._handshakeTimedOut
+        )
+        super().connectionMade()
+
+    def verifyHostKey(self, hostKey: bytes, fingerprint: bytes) -> defer.Deferred[Any]:
+        if self.factory.settings.serverKey.matches(hostKey):
+            return defer.succeed(True)
+        self._log.error(
+            "server presented a host key other than the pinned {pinned}; refusing it",
+            pinned=self.factory.settings.serverKey.fingerprint,
+        )
+        return defer.fail(Failure(ValueError("server host key does not match --server-key")))
+
+    def connectionSecure(self) -> None:
+        settings = self.factory.settings
+        conn = AgentConnection(self.factory)
+        self.requestService(
+            AgentUserAuth(f"agent+{settings.name}".encode(), conn, settings.deviceKey)
+        )
+
+    def linkUp(self) -> None:
+        self.factory.failedLinks = 0
+        if self._handshakeTimer.active():
+            self._handshakeTimer.cancel()
+        if not self.ready.called:
+            self.ready.callback(self)
+
+    def _handshakeTimedOut(self) -> None:
+        self._log.warn("link not authenticated in time; dropping it")
+        self.transport.abortConnection()
+
+    def startKeepalive(self, conn: TunnelConnection) -> None:
+        settings = self.factory.settings
+
+        def ping() -> None:
+            d = conn.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=1)
+            if d is not None:
+                d.addErrback(lambda f: None)
+
+        self.keepalive = Keepalive(
+            self.factory.clock,
+            ping,
+            self._serverDead,
+            settings.keepaliveInterval,
+            settings.keepaliveCount,
+        )
+        self.keepalive.start()
+
+    def _serverDead(self) -> None:
+        self._log.warn("groundcontrol stopped answering; reconnecting")
+        self.transport.abortConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        keepalive = self.keepalive
+        if keepalive is not None:
+            keepalive.received()
+        super().dataReceived(data)
+
+    def receiveError(self, reasonCode: int, description: bytes) -> None:
+        self._log.warn(
+            "groundcontrol closed the link: {reason}",
+            reason=description.decode("utf-8", "replace"),
+        )
+        super().receiveError(reasonCode, description)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self._handshakeTimer.active():
+            self._handshakeTimer.cancel()
+        if self.keepalive is not None:
+            self.keepalive.stop()
+        if not self.ready.called:
+            self.factory.failedLinks += 1
+            self.ready.errback(Failure(ConnectionError("link closed before it was up")))
+            self.ready.addErrback(lambda f: None)
+        super().connectionLost(reason)
+
+
+class AgentLinkFactory(protocol.ClientFactory):
+    """Builds agent transports; holds settings and the channel factories."""
+
+    protocol = AgentTransport
+
+    def __init__(
+        self,
+        settings: LinkSettings,
+        clock: IReactorTime,
+        sessionFactory: Callable[..., Any],
+        forwardFactory: Callable[..., Any],
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.sessionFactory = sessionFactory
+        self.forwardFactory = forwardFactory
+        #: Links in a row that closed before they were authenticated.
+        self.failedLinks = 0
+
+
+def linkService(
+    endpoint: IStreamClientEndpoint,
+    factory: AgentLinkFactory,
+    clock: IReactorTime,
+    retryPolicy: Callable[[int], float] | None = None,
+) -> ClientService:
+    """
+    The service that keeps one link up through every failure.
+
+    L{ClientService} counts an attempt as successful once TCP connects, so a
+    server that accepts TCP and then refuses the login would be retried at
+    the shortest delay forever. The factory counts links that closed before
+    they were up, and the retry delay grows with that count too. (Its
+    C{prepareConnection} hook would fit, but in Twisted 26.10 a connection
+    lost while it is pending raises NoTransition inside ClientService.)
+    """
+    policy = retryPolicy or backoffPolicy()
+    return ClientService(
+        endpoint,
+        factory,
+        retryPolicy=lambda attempt: policy(attempt + factory.failedLinks),
+        clock=clock,
+    )

@@ -1,0 +1,91 @@
+"""
+Who is at the door: public-key authentication of operators and agents.
+
+Operators are known by their key alone (the key identifies the account; the
+username only says where they want to go). Agents may present any key: a key
+the fleet does not know yet makes a pending enrollment request, decided by
+the realm once the peer address is known. Either way the signature is checked
+here before anything else happens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from twisted.conch import error
+from twisted.conch.ssh import keys
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import ISSHPrivateKey
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from accesstunnel.keys import fingerprint
+from groundcontrol.store import Account, IStore
+from groundcontrol.usernames import AgentTarget, Target, parseUsername
+
+
+@attrs.frozen
+class OperatorLogin:
+    """An operator proved they hold a key of C{account}."""
+
+    account: Account
+    target: Target
+    keyFingerprint: str
+
+
+@attrs.frozen
+class AgentLogin:
+    """An agent proved it holds C{publicKey}; the store decides what it is."""
+
+    publicKey: str
+    keyFingerprint: str
+    requestedName: str
+
+
+@implementer(ICredentialsChecker)
+class FleetKeyChecker:
+    """Check SSH public-key credentials against the fleet's store."""
+
+    credentialInterfaces = (ISSHPrivateKey,)
+    _log = Logger()
+
+    def __init__(self, store: IStore) -> None:
+        self._store = store
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred[Any]:
+        return defer.Deferred.fromCoroutine(self._check(credentials))
+
+    async def _check(self, credentials: Any) -> OperatorLogin | AgentLogin:
+        try:
+            key = keys.Key.fromString(credentials.blob)
+        except (keys.BadKeyError, ValueError) as e:
+            raise UnauthorizedLogin("unsupported or malformed key") from e
+        keyFingerprint = fingerprint(key)
+        target = parseUsername(credentials.username)
+
+        account = None
+        if not isinstance(target, AgentTarget):
+            account = await self._store.accountForKey(keyFingerprint)
+            if account is None:
+                raise UnauthorizedLogin("key not registered to any account")
+        if not credentials.signature:
+            # The client asks whether this key would do; say yes so it signs.
+            raise error.ValidPublicKey()
+        try:
+            valid = key.verify(credentials.signature, credentials.sigData)
+        except Exception as e:
+            raise UnauthorizedLogin("signature check failed") from e
+        if not valid:
+            raise UnauthorizedLogin("bad signature")
+
+        if isinstance(target, AgentTarget):
+            return AgentLogin(
+                publicKey=key.public().toString("openssh").decode("ascii"),
+                keyFingerprint=keyFingerprint,
+                requestedName=target.requestedName,
+            )
+        assert account is not None
+        return OperatorLogin(account=account, target=target, keyFingerprint=keyFingerprint)

@@ -1,0 +1,183 @@
+"""
+The two kinds of logged-in peer: operators and device agents.
+
+An operator's channels are routed to devices. An agent's connection is the
+device's link: groundcontrol opens channels on it and the agent opens none.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.conch.avatar import ConchUser
+from twisted.conch.ssh import connection, transport
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from groundcontrol.auth import AgentLogin, OperatorLogin
+from groundcontrol.registry import Registry
+from groundcontrol.relay import refusal
+from groundcontrol.router import SessionRouter
+from groundcontrol.store import IStore
+
+#: Global request an agent sends after logging in, with what it knows of
+#: itself (serial, version) as JSON.
+HELLO_REQUEST = b"hello@accesstunnel"
+
+
+class OperatorAvatar(ConchUser):
+    """An operator: every channel they open is routed to a device."""
+
+    _log = Logger()
+
+    def __init__(self, login: OperatorLogin, router: SessionRouter) -> None:
+        super().__init__()
+        self.login = login
+        self._router = router
+
+    def lookupChannel(
+        self, channelType: bytes, windowSize: int, maxPacket: int, data: bytes
+    ) -> defer.Deferred[Any]:
+        return defer.Deferred.fromCoroutine(
+            self._router.openChannel(
+                self.login.account, self.login.target, channelType, windowSize, maxPacket, data
+            )
+        )
+
+    def gotGlobalRequest(self, requestType: bytes, data: bytes) -> int:
+        # keepalive@openssh.com and anything else we do not offer: a failure
+        # reply is the expected answer.
+        return 0
+
+    def logout(self) -> None:
+        """Nothing to release: channels close with the connection."""
+
+
+class DeviceLink:
+    """A device agent's live connection, as the registry and router see it."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        deviceName: str,
+        fingerprint: str,
+        conn: connection.SSHConnection,
+        clock: IReactorTime,
+    ) -> None:
+        self.deviceName = deviceName
+        self.fingerprint = fingerprint
+        self.conn = conn
+        self._clock = clock
+        self.connectedAt = clock.seconds()
+        self.details: dict[str, Any] = {}
+        self.avatar: Any = None
+
+    def openChannel(self, channel: Any, data: bytes) -> None:
+        """Open C{channel} towards the agent."""
+        channel.conn = self.conn
+        self.conn.openChannel(channel, data)
+
+    def close(self, reason: str) -> None:
+        """
+        Disconnect the agent, telling it why. A link being replaced may be
+        half-open, so the socket is aborted if a polite close has not finished
+        within a second.
+        """
+        sshTransport = self.conn.transport
+        if sshTransport is None or sshTransport.transport is None:
+            return
+        self._log.info("closing link of {device}: {reason}", device=self.deviceName, reason=reason)
+        sshTransport.sendDisconnect(
+            transport.DISCONNECT_BY_APPLICATION, reason.encode("utf-8", "replace")
+        )
+        tcp = sshTransport.transport
+        if hasattr(tcp, "abortConnection"):
+            self._clock.callLater(1.0, _abortIfOpen, tcp)
+
+
+def _abortIfOpen(tcp: Any) -> None:
+    if getattr(tcp, "connected", False) and not getattr(tcp, "disconnected", True):
+        tcp.abortConnection()
+
+
+class AgentAvatar(ConchUser):
+    """
+    A device's agent. It is routable when its key belongs to an approved
+    device (C{deviceName} set), otherwise it waits as pending.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        login: AgentLogin,
+        deviceName: str | None,
+        registry: Registry,
+        store: IStore,
+        clock: IReactorTime,
+    ) -> None:
+        super().__init__()
+        self.login = login
+        self.deviceName = deviceName
+        self._registry = registry
+        self._store = store
+        self._clock = clock
+        self.link: DeviceLink | None = None
+
+    def linkUp(self, conn: connection.SSHConnection) -> None:
+        """The agent's ssh-connection service started: register the link."""
+        self.link = DeviceLink(
+            self.deviceName or self.login.requestedName,
+            self.login.keyFingerprint,
+            conn,
+            self._clock,
+        )
+        self.link.avatar = self
+        if self.deviceName is None:
+            self._log.info(
+                "device asking for name {requested} is pending approval (key {fingerprint})",
+                requested=self.login.requestedName,
+                fingerprint=self.login.keyFingerprint,
+            )
+            self._registry.attachPending(self.link)
+        else:
+            self._log.info("device {device} connected", device=self.deviceName)
+            self._registry.attach(self.link)
+
+    def promote(self, deviceName: str) -> None:
+        """An admin approved this pending device: make it routable now."""
+        self.deviceName = deviceName
+        if self.link is not None:
+            self.link.deviceName = deviceName
+            self._log.info("device {device} approved and routable", device=deviceName)
+            self._registry.attach(self.link)
+
+    def lookupChannel(
+        self, channelType: bytes, windowSize: int, maxPacket: int, data: bytes
+    ) -> Any:
+        raise refusal("devices may not open channels on groundcontrol")
+
+    def gotGlobalRequest(self, requestType: bytes, data: bytes) -> int:
+        if requestType == HELLO_REQUEST and self.link is not None:
+            try:
+                details = json.loads(data[4:].decode("utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                return 0
+            if isinstance(details, dict):
+                self.link.details = {str(k)[:32]: str(v)[:128] for k, v in details.items()}
+                return 1
+        return 0
+
+    def logout(self) -> None:
+        link, self.link = self.link, None
+        if link is None:
+            return
+        self._registry.detach(link)
+        if self.deviceName is not None:
+            self._log.info("device {device} disconnected", device=self.deviceName)
+            self._store.touchDevice(self.deviceName, self._clock.seconds()).addErrback(
+                lambda f: self._log.failure("could not record last seen", f)
+            )

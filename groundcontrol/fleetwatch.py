@@ -1,0 +1,91 @@
+"""
+Apply fleet changes made elsewhere to the live links.
+
+Approvals and revocations are written to the store by whoever makes them (the
+admin CLI in another process, the control shell, another groundcontrol node).
+Every change is an audit event, so the audit table is also the change feed:
+this watcher polls it and acts on the events that concern connected devices.
+A revoked device's link is closed within one poll interval; a pending device
+that was just approved becomes routable without reconnecting.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from groundcontrol.registry import Registry
+from groundcontrol.store import IStore
+
+DEFAULT_POLL_INTERVAL = 0.5
+
+
+class FleetWatcher(Service):
+    """Poll the audit feed and apply approvals and revocations."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        store: IStore,
+        registry: Registry,
+        clock: IReactorTime,
+        interval: float = DEFAULT_POLL_INTERVAL,
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._clock = clock
+        self._interval = interval
+        self._lastId: int | None = None
+        self._loop: LoopingCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self.poll)
+        self._loop.clock = self._clock
+        self._loop.start(self._interval, now=True).addErrback(
+            lambda f: self._log.failure("fleet watcher stopped", f)
+        )
+
+    def stopService(self) -> Any:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        return super().stopService()
+
+    async def _poll(self) -> None:
+        if self._lastId is None:
+            # Start from now: what happened before start-up is already in the
+            # store, and agents connecting now are checked against it.
+            self._lastId = await self._store.lastAuditId()
+            return
+        while True:
+            events = await self._store.auditSince(self._lastId)
+            if not events:
+                return
+            for event in events:
+                self._lastId = event.id
+                await self._apply(event)
+
+    def poll(self) -> Any:
+        """One look at the feed (what the loop calls every interval)."""
+        d = Deferred.fromCoroutine(self._poll())
+        # A store hiccup must not stop the watcher: log it and poll again.
+        d.addErrback(lambda f: self._log.failure("could not read the audit feed", f))
+        return d
+
+    async def _apply(self, event: Any) -> None:
+        if event.event == "device.revoked" and event.device:
+            if self._registry.drop(event.device, "device revoked"):
+                self._log.info("closed the link of revoked device {device}", device=event.device)
+        elif event.event == "device.approved" and event.device:
+            device = await self._store.deviceByName(event.device)
+            if device is None or device.state != "approved":
+                return
+            link = self._registry.pendingFor(device.fingerprint)
+            if link is not None:
+                link.avatar.promote(device.name)

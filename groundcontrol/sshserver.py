@@ -1,0 +1,266 @@
+"""
+groundcontrol's SSH front door: transport policy, authentication service,
+realm and factory.
+
+One listener serves operators and agents alike; the username tells them
+apart (see L{groundcontrol.usernames}).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from twisted.conch.interfaces import IConchUser
+from twisted.conch.ssh import factory, keys, transport, userauth
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet import defer
+from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from accesstunnel import policy
+from accesstunnel.connection import TunnelConnection
+from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL, Keepalive
+from groundcontrol.auth import AgentLogin, FleetKeyChecker, OperatorLogin
+from groundcontrol.avatars import AgentAvatar, OperatorAvatar
+from groundcontrol.registry import Registry
+from groundcontrol.router import SessionRouter
+from groundcontrol.store import Device, IStore
+
+#: What the agent's key may be used for in signatures we accept (RFC 8308).
+USER_KEY_ALGORITHMS = [b"ssh-ed25519", b"rsa-sha2-512", b"rsa-sha2-256"]
+
+
+@attrs.frozen
+class ServerSettings:
+    """The tunables of the SSH front door."""
+
+    loginGraceTime: float = 30.0
+    maxAuthAttempts: int = 6
+    keepaliveInterval: float = DEFAULT_INTERVAL
+    keepaliveCount: int = DEFAULT_COUNT
+
+
+@attrs.frozen
+class PeerMind:
+    """What the realm learns of the connection besides the credentials."""
+
+    peer: IAddress
+
+
+@implementer(IRealm)
+class GroundControlRealm:
+    """Make operator or agent avatars from what the checker established."""
+
+    _log = Logger()
+
+    def __init__(
+        self, store: IStore, registry: Registry, router: SessionRouter, clock: IReactorTime
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._router = router
+        self._clock = clock
+
+    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
+        if IConchUser not in interfaces:
+            raise NotImplementedError("only SSH logins are served")
+        if isinstance(avatarId, OperatorLogin):
+            avatar = OperatorAvatar(avatarId, self._router)
+            return IConchUser, avatar, avatar.logout
+        if isinstance(avatarId, AgentLogin):
+            return defer.Deferred.fromCoroutine(self._agentAvatar(avatarId, mind))
+        raise NotImplementedError(f"unknown login {avatarId!r}")
+
+    async def _agentAvatar(self, login: AgentLogin, mind: Any) -> Any:
+        source = _describePeer(mind.peer) if isinstance(mind, PeerMind) else "unknown"
+        contact = await self._store.recordContact(
+            login.requestedName,
+            login.publicKey,
+            login.keyFingerprint,
+            None,
+            source,
+            self._clock.seconds(),
+        )
+        deviceName = None
+        if isinstance(contact, Device):
+            if contact.state != "approved":
+                self._log.warn(
+                    "refused {state} device {device} from {source}",
+                    state=contact.state,
+                    device=contact.name,
+                    source=source,
+                )
+                raise UnauthorizedLogin(f"device {contact.name} is {contact.state}")
+            deviceName = contact.name
+        avatar = AgentAvatar(login, deviceName, self._registry, self._store, self._clock)
+        return IConchUser, avatar, avatar.logout
+
+
+def _describePeer(peer: IAddress) -> str:
+    peer = getattr(peer, "address", peer)  # Conch wraps it in SSHTransportAddress
+    host, port = getattr(peer, "host", None), getattr(peer, "port", None)
+    return f"{host}:{port}" if host is not None else str(peer)
+
+
+class _PortalWithPeer:
+    """A portal view that hands the realm the peer's address as the mind."""
+
+    def __init__(self, portal: Portal, mind: PeerMind) -> None:
+        self._portal = portal
+        self._mind = mind
+
+    def listCredentialsInterfaces(self) -> list[Any]:
+        return self._portal.listCredentialsInterfaces()
+
+    def login(self, credentials: Any, mind: Any, *interfaces: Any) -> defer.Deferred[Any]:
+        return self._portal.login(credentials, self._mind, *interfaces)
+
+
+class GroundControlUserAuth(userauth.SSHUserAuthServer):
+    """Public keys only; a bounded number of attempts."""
+
+    def serviceStarted(self) -> None:
+        settings: ServerSettings = self.transport.factory.settings
+        # Conch disconnects when attempts exceed this, so N allows N attempts.
+        self.attemptsBeforeDisconnect = settings.maxAuthAttempts - 1
+        # The transport's grace timer covers authentication as a whole.
+        self.loginTimeout = settings.loginGraceTime + 1
+        self.clock = self.transport.factory.clock
+        super().serviceStarted()
+        self.portal = _PortalWithPeer(self.portal, PeerMind(self.transport.getPeer()))
+        self.supportedAuthentications = [b"publickey"]
+
+
+class GroundControlConnection(TunnelConnection):
+    """The ssh-connection service; for agents, the device's link."""
+
+    def serviceStarted(self) -> None:
+        super().serviceStarted()
+        self.transport.startKeepalive(self)
+        linkUp = getattr(self.transport.avatar, "linkUp", None)
+        if linkUp is not None:
+            linkUp(self)
+
+
+class GroundControlTransport(transport.SSHServerTransport):
+    """Server transport with the algorithm policy, a grace time and keepalives."""
+
+    _log = Logger()
+    keepalive: Keepalive | None = None
+    _graceTimer: Any = None
+
+    def connectionMade(self) -> None:
+        hostKeyAlgorithms = self.supportedPublicKeys
+        policy.applyServerPolicy(self)
+        self.supportedPublicKeys = [
+            a for a in hostKeyAlgorithms if a in policy.HOST_KEY_ALGORITHMS
+        ]
+        tcp = self.transport
+        for option in ("setTcpNoDelay", "setTcpKeepAlive"):
+            setter = getattr(tcp, option, None)
+            if setter is not None:
+                setter(True)
+        settings: ServerSettings = self.factory.settings
+        self._graceTimer = self.factory.clock.callLater(
+            settings.loginGraceTime, self._graceExpired
+        )
+        super().connectionMade()
+
+    def sendExtInfo(self, extensions: list[tuple[bytes, bytes]]) -> None:
+        # Advertise the user-key signature algorithms we accept, not our host
+        # key types: clients pick rsa-sha2-* over ssh-rsa from this list.
+        extensions = [
+            (name, b",".join(USER_KEY_ALGORITHMS) if name == b"server-sig-algs" else value)
+            for name, value in extensions
+        ]
+        super().sendExtInfo(extensions)
+
+    def _graceExpired(self) -> None:
+        self._graceTimer = None
+        if not hasattr(self, "avatar"):
+            self._log.info("login grace time over for {peer}", peer=self.transport.getPeer())
+            self.sendDisconnect(
+                transport.DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE, b"login grace time exceeded"
+            )
+
+    def startKeepalive(self, conn: TunnelConnection) -> None:
+        """Authenticated: stop the grace timer and watch the peer for silence."""
+        if self._graceTimer is not None and self._graceTimer.active():
+            self._graceTimer.cancel()
+        self._graceTimer = None
+        settings: ServerSettings = self.factory.settings
+
+        def ping() -> None:
+            d = conn.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=1)
+            if d is not None:
+                d.addErrback(lambda f: None)  # a refusal is an answer too
+
+        self.keepalive = Keepalive(
+            self.factory.clock,
+            ping,
+            self._peerDead,
+            settings.keepaliveInterval,
+            settings.keepaliveCount,
+        )
+        self.keepalive.start()
+
+    def _peerDead(self) -> None:
+        self._log.info("no answer from {peer}; dropping the connection", peer=self.transport.getPeer())
+        self.transport.abortConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        keepalive = self.keepalive
+        if keepalive is not None:
+            keepalive.received()
+        super().dataReceived(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self._graceTimer is not None and self._graceTimer.active():
+            self._graceTimer.cancel()
+        if self.keepalive is not None:
+            self.keepalive.stop()
+        super().connectionLost(reason)
+
+
+class GroundControlFactory(factory.SSHFactory):
+    """Builds front-door transports; holds the host keys and the portal."""
+
+    protocol = GroundControlTransport
+
+    def __init__(
+        self,
+        hostKey: keys.Key,
+        portal: Portal,
+        clock: IReactorTime,
+        settings: ServerSettings | None = None,
+    ) -> None:
+        self.privateKeys = {hostKey.sshType(): hostKey}
+        self.publicKeys = {hostKey.sshType(): hostKey.public()}
+        self.portal = portal
+        self.clock = clock
+        self.settings = settings or ServerSettings()
+        self.services = {
+            b"ssh-userauth": GroundControlUserAuth,
+            b"ssh-connection": GroundControlConnection,
+        }
+
+    def getPrimes(self) -> None:
+        return None  # no group-exchange key exchange is offered
+
+
+def buildFrontDoor(
+    store: IStore,
+    hostKey: keys.Key,
+    clock: IReactorTime,
+    settings: ServerSettings | None = None,
+    registry: Registry | None = None,
+) -> tuple[GroundControlFactory, Registry]:
+    """Assemble checker, realm, portal and factory around a store."""
+    registry = registry if registry is not None else Registry()
+    router = SessionRouter(store, registry, clock)
+    realm = GroundControlRealm(store, registry, router, clock)
+    portal = Portal(realm, [FleetKeyChecker(store)])
+    return GroundControlFactory(hostKey, portal, clock, settings), registry

@@ -1,0 +1,117 @@
+"""
+``twistd groundcontrol``: options and service assembly.
+
+Options are unpacked into a L{ServerConfig} here and never reach domain code;
+L{buildService} is what tests call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from twisted.application import internet, service
+from twisted.internet import endpoints
+from twisted.python import usage
+
+from accesstunnel.addresses import AddressError, serverEndpointString
+from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL
+from groundcontrol.datadir import DataDir, HostKeyError, NotInitialised
+from groundcontrol.fleetwatch import FleetWatcher
+from groundcontrol.sshserver import ServerSettings, buildFrontDoor
+from groundcontrol.store import IStore, SQLiteStore, migrate, threadRunner
+from groundcontrol.store._sqlite import connect
+
+DEFAULT_LISTEN = "tcp:2222:interface=127.0.0.1"
+
+
+@attrs.frozen
+class ServerConfig:
+    """Everything groundcontrol needs to start, independent of the command line."""
+
+    dataDir: DataDir
+    listen: tuple[str, ...]
+    settings: ServerSettings
+
+
+class Options(usage.Options):
+    """Command line of ``twistd groundcontrol``."""
+
+    synopsis = "--data DIR [--listen ADDRESS ...]"
+    optParameters = [
+        ["data", "d", None, "Data directory made by 'groundcontrol --data DIR init'."],
+        ["login-grace-time", None, 30.0, "Seconds a client has to log in.", float],
+        ["max-auth-tries", None, 6, "Authentication attempts per connection.", int],
+        ["keepalive-interval", None, DEFAULT_INTERVAL, "Seconds of silence before a ping.", float],
+        ["keepalive-count", None, DEFAULT_COUNT, "Unanswered intervals before a peer is dead.", int],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, address: str) -> None:
+        """Address to serve operators and agents on (repeatable), e.g.
+        tcp:2222:interface=127.0.0.1 or ssh://0.0.0.0:22"""
+        try:
+            self["listen"].append(serverEndpointString(address))
+        except AddressError as e:
+            raise usage.UsageError(str(e)) from None
+
+    def postOptions(self) -> None:
+        if not self["data"]:
+            raise usage.UsageError("--data DIR is required")
+        if self["keepalive-interval"] <= 0 or self["keepalive-count"] < 1:
+            raise usage.UsageError("keepalive interval must be > 0 and count >= 1")
+        if self["max-auth-tries"] < 1:
+            raise usage.UsageError("--max-auth-tries must be at least 1")
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+
+    def toConfig(self) -> ServerConfig:
+        return ServerConfig(
+            dataDir=DataDir(self["data"]),
+            listen=tuple(self["listen"]),
+            settings=ServerSettings(
+                loginGraceTime=self["login-grace-time"],
+                maxAuthAttempts=self["max-auth-tries"],
+                keepaliveInterval=self["keepalive-interval"],
+                keepaliveCount=self["keepalive-count"],
+            ),
+        )
+
+
+def openStore(dataDir: DataDir, reactor: Any) -> IStore:
+    """Open and migrate the store now (start-up may block), then serve it from a thread."""
+    connection = connect(str(dataDir.databasePath))
+    migrate(connection)
+    return SQLiteStore(connection, threadRunner(reactor))
+
+
+def buildService(config: ServerConfig, reactor: Any, store: IStore | None = None) -> service.MultiService:
+    """Assemble groundcontrol: front door on every listen address, fleet watcher."""
+    if not config.dataDir.isInitialised():
+        raise usage.UsageError(
+            f"{config.dataDir.path} is not initialised: run 'groundcontrol --data "
+            f"{config.dataDir.path} init' first"
+        )
+    try:
+        (hostKey,) = config.dataDir.loadHostKeys().values()
+    except (NotInitialised, HostKeyError) as e:
+        raise usage.UsageError(str(e)) from None
+    if store is None:
+        store = openStore(config.dataDir, reactor)
+    factory, registry = buildFrontDoor(store, hostKey, reactor, config.settings)
+    top = service.MultiService()
+    for address in config.listen:
+        endpoint = endpoints.serverFromString(reactor, address)
+        internet.StreamServerEndpointService(endpoint, factory).setServiceParent(top)
+    FleetWatcher(store, registry, reactor).setServiceParent(top)
+    top.registry = registry  # type: ignore[attr-defined]
+    return top
+
+
+def makeService(options: Options) -> service.MultiService:
+    from twisted.internet import reactor
+
+    return buildService(options.toConfig(), reactor)
