@@ -169,7 +169,7 @@ class FlowChannel(channel.SSHChannel):
         while queue and not self.localClosed:
             item = queue[0]
             kind = item[0]
-            if kind == _DATA or kind == _EXTENDED:
+            if kind in (_DATA, _EXTENDED):
                 data = item[1]
                 room = min(self.remoteWindowLeft, self.remoteMaxPacket)
                 if room <= 0:
@@ -237,9 +237,7 @@ class FlowChannel(channel.SSHChannel):
     def outputResumed(self) -> None:
         """The queue has drained below half of L{highWater}: produce again."""
 
-    def requestReceivedWithReply(
-        self, requestType: bytes, data: bytes, wantReply: bool
-    ) -> Any:
+    def requestReceivedWithReply(self, requestType: bytes, data: bytes, wantReply: bool) -> Any:
         """
         A channel request arrived. Unlike Conch's C{requestReceived}, this is
         told whether the peer wants a reply, which a relay needs in order to

@@ -49,7 +49,8 @@ class TunnelConnection(connection.SSHConnection):
             # Conch would raise KeyError from deep in the dispatcher.
             self._log.warn("packet for unknown channel {channel}", channel=localChannel)
             self.transport.sendDisconnect(
-                2, b"packet for a channel that does not exist"  # PROTOCOL_ERROR
+                2,
+                b"packet for a channel that does not exist",  # PROTOCOL_ERROR
             )
         return channel
 

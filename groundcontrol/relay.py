@@ -129,11 +129,7 @@ class RelayChannel(FlowChannel):
         if peer is None:
             return
         peer.peer = None
-        if (
-            peer.towardsOperator
-            and getattr(self.conn, "stopped", False)
-            and not peer.exitReported
-        ):
+        if peer.towardsOperator and getattr(self.conn, "stopped", False) and not peer.exitReported:
             # The device's link died under us: tell the operator, and end
             # the session with a status rather than leave ssh hanging.
             peer.endWithMessage(self.lostMessage())

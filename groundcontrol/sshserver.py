@@ -155,18 +155,14 @@ class GroundControlTransport(transport.SSHServerTransport):
     def connectionMade(self) -> None:
         hostKeyAlgorithms = self.supportedPublicKeys
         policy.applyServerPolicy(self)
-        self.supportedPublicKeys = [
-            a for a in hostKeyAlgorithms if a in policy.HOST_KEY_ALGORITHMS
-        ]
+        self.supportedPublicKeys = [a for a in hostKeyAlgorithms if a in policy.HOST_KEY_ALGORITHMS]
         tcp = self.transport
         for option in ("setTcpNoDelay", "setTcpKeepAlive"):
             setter = getattr(tcp, option, None)
             if setter is not None:
                 setter(True)
         settings: ServerSettings = self.factory.settings
-        self._graceTimer = self.factory.clock.callLater(
-            settings.loginGraceTime, self._graceExpired
-        )
+        self._graceTimer = self.factory.clock.callLater(settings.loginGraceTime, self._graceExpired)
         super().connectionMade()
 
     def sendExtInfo(self, extensions: list[tuple[bytes, bytes]]) -> None:
@@ -208,7 +204,9 @@ class GroundControlTransport(transport.SSHServerTransport):
         self.keepalive.start()
 
     def _peerDead(self) -> None:
-        self._log.info("no answer from {peer}; dropping the connection", peer=self.transport.getPeer())
+        self._log.info(
+            "no answer from {peer}; dropping the connection", peer=self.transport.getPeer()
+        )
         self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:

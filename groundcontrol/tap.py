@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-from twisted.application import internet, service
+from twisted.application import service
 from twisted.internet import endpoints
 from twisted.python import usage
 
@@ -18,6 +18,7 @@ from accesstunnel.addresses import AddressError, serverEndpointString
 from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL
 from groundcontrol.datadir import DataDir, HostKeyError, NotInitialised
 from groundcontrol.fleetwatch import FleetWatcher
+from groundcontrol.listening import ListenService, listenAll
 from groundcontrol.sshserver import ServerSettings, buildFrontDoor
 from groundcontrol.store import IStore, SQLiteStore, migrate, threadRunner
 from groundcontrol.store._sqlite import connect
@@ -43,7 +44,13 @@ class Options(usage.Options):
         ["login-grace-time", None, 30.0, "Seconds a client has to log in.", float],
         ["max-auth-tries", None, 6, "Authentication attempts per connection.", int],
         ["keepalive-interval", None, DEFAULT_INTERVAL, "Seconds of silence before a ping.", float],
-        ["keepalive-count", None, DEFAULT_COUNT, "Unanswered intervals before a peer is dead.", int],
+        [
+            "keepalive-count",
+            None,
+            DEFAULT_COUNT,
+            "Unanswered intervals before a peer is dead.",
+            int,
+        ],
     ]
 
     def __init__(self) -> None:
@@ -88,7 +95,9 @@ def openStore(dataDir: DataDir, reactor: Any) -> IStore:
     return SQLiteStore(connection, threadRunner(reactor))
 
 
-def buildService(config: ServerConfig, reactor: Any, store: IStore | None = None) -> service.MultiService:
+def buildService(
+    config: ServerConfig, reactor: Any, store: IStore | None = None
+) -> service.MultiService:
     """Assemble groundcontrol: front door on every listen address, fleet watcher."""
     if not config.dataDir.isInitialised():
         raise usage.UsageError(
@@ -103,9 +112,11 @@ def buildService(config: ServerConfig, reactor: Any, store: IStore | None = None
         store = openStore(config.dataDir, reactor)
     factory, registry = buildFrontDoor(store, hostKey, reactor, config.settings)
     top = service.MultiService()
-    for address in config.listen:
-        endpoint = endpoints.serverFromString(reactor, address)
-        internet.StreamServerEndpointService(endpoint, factory).setServiceParent(top)
+    listeners = [
+        ListenService(endpoints.serverFromString(reactor, address), factory, address)
+        for address in config.listen
+    ]
+    listenAll(top, config.dataDir.path / "run", listeners)
     FleetWatcher(store, registry, reactor).setServiceParent(top)
     top.registry = registry  # type: ignore[attr-defined]
     return top

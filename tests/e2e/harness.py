@@ -1,0 +1,354 @@
+"""
+Real processes for end-to-end tests: groundcontrol and tunnel-agent under
+twistd, and the real OpenSSH client, all on 127.0.0.1.
+
+Every process is started in its own session and killed with its whole
+process group at teardown, so a failing test leaves nothing behind. Ports are
+chosen by the kernel (groundcontrol listens on port 0 and writes the bound
+port to its data directory), never guessed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+ROOT = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+TWISTD = str(Path(sys.executable).parent / "twistd")
+LOOPBACK = "127.0.0.1"
+
+
+class HarnessError(AssertionError):
+    """Something the test environment needed did not happen in time."""
+
+
+def waitFor(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll C{condition} until it returns something true, or fail after C{timeout}."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise HarnessError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def _environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("SSH_AUTH_SOCK", None)
+    if extra:
+        env.update(extra)
+    return env
+
+
+class Process:
+    """A child process in its own session, with its output in a log file."""
+
+    def __init__(self, argv: Sequence[str], log: Path, cwd: Path) -> None:
+        self.argv = list(argv)
+        self.log = log
+        self._logFile = log.open("ab")
+        self.popen = subprocess.Popen(
+            self.argv,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._logFile,
+            stderr=subprocess.STDOUT,
+            env=_environment(),
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, number: int) -> None:
+        if self.running():
+            os.killpg(self.popen.pid, number)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM the group, then SIGKILL whatever is left."""
+        if self.running():
+            try:
+                os.killpg(self.popen.pid, signal.SIGTERM)
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+            except ProcessLookupError:
+                pass
+        self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL the whole group at once (a crash, as far as the peers can tell)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait()
+        self._logFile.close()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def rssKiB(self) -> int:
+        """Resident memory of the process now, from /proc."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise HarnessError("no VmRSS")
+
+
+def run(argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    kwargs.setdefault("capture_output", True)
+    kwargs.setdefault("text", True)
+    kwargs.setdefault("timeout", 60)
+    kwargs.setdefault("env", _environment())
+    return subprocess.run(list(argv), **kwargs)
+
+
+class GroundControl:
+    """A groundcontrol data directory and, when started, its server process."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.data = base / "gc"
+        self.process: Process | None = None
+        self.port: int | None = None
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = run([PYTHON, "-m", "groundcontrol.cli", "--data", str(self.data), *args])
+        if check and result.returncode != 0:
+            raise HarnessError(f"groundcontrol {' '.join(args)} failed: {result.stderr}")
+        return result
+
+    def init(self) -> None:
+        self.cli("init")
+
+    @property
+    def serverKeyLine(self) -> str:
+        return (self.data / "ssh_host_ed25519_key.pub").read_text().strip()
+
+    def start(self, *extra: str, port: int = 0) -> None:
+        """Start twistd groundcontrol and wait until it listens."""
+        listening = self.data / "run" / "listening.json"
+        if listening.exists():
+            listening.unlink()
+        self.process = Process(
+            [
+                TWISTD,
+                "-n",
+                "--pidfile=",
+                "-l",
+                "-",
+                "groundcontrol",
+                "--data",
+                str(self.data),
+                "--listen",
+                f"tcp:{port}:interface={LOOPBACK}",
+                *extra,
+            ],
+            _uniqueLog(self.base, "groundcontrol"),
+            ROOT,
+        )
+
+        def bound() -> int | None:
+            if not self.process or not self.process.running():
+                raise HarnessError(
+                    f"groundcontrol exited:\n{self.process and self.process.output()}"
+                )
+            try:
+                return json.loads(listening.read_text())["listening"][0]["port"]
+            except (FileNotFoundError, ValueError, KeyError, IndexError):
+                return None
+
+        self.port = waitFor(bound, 30, "groundcontrol to listen")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+    def devices(self) -> list[dict[str, Any]]:
+        return json.loads(self.cli("device", "list", "--json").stdout)
+
+
+def _uniqueLog(base: Path, stem: str) -> Path:
+    """A log file name not used before in this test (restarts get their own)."""
+    n = 0
+    while (base / f"{stem}.{n}.log").exists():
+        n += 1
+    return base / f"{stem}.{n}.log"
+
+
+class Agent:
+    """A tunnel-agent process for one device name."""
+
+    def __init__(self, base: Path, name: str, stateName: str | None = None) -> None:
+        self.base = base
+        self.name = name
+        self.state = base / f"agent-{stateName or name}"
+        self.home = base / f"home-{stateName or name}"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.process: Process | None = None
+
+    def start(self, server: str, serverKey: str, *extra: str) -> None:
+        self.process = Process(
+            [
+                TWISTD,
+                "-n",
+                "--pidfile=",
+                "-l",
+                "-",
+                "tunnel-agent",
+                "--state",
+                str(self.state),
+                "--server",
+                server,
+                "--name",
+                self.name,
+                "--server-key",
+                serverKey,
+                "--home",
+                str(self.home),
+                *extra,
+            ],
+            _uniqueLog(self.base, f"agent-{self.name}"),
+            ROOT,
+        )
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+
+@attrs.define
+class Operator:
+    """An operator account with its own key and an ssh_config pinned to the server."""
+
+    name: str
+    keyPath: Path
+    configPath: Path
+
+    def argv(
+        self, user: str, *args: str, tty: bool = False, options: Sequence[str] = ()
+    ) -> list[str]:
+        base = ["ssh", "-F", str(self.configPath), *options]
+        if tty:
+            base.append("-tt")
+        return [*base, f"{user}@groundcontrol", *args]
+
+    def ssh(self, user: str, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        return run(self.argv(user, *args), **kwargs)
+
+
+class Fleet:
+    """groundcontrol with operators and agents, torn down as one."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.gc = GroundControl(base)
+        self.agents: list[Agent] = []
+        self.operators: dict[str, Operator] = {}
+        self.gc.init()
+
+    def addOperator(self, name: str, admin: bool = False) -> Operator:
+        key = self.base / f"{name}_ed25519"
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(key)], check=True)
+        self.gc.cli("user", "add", name, "--key", f"{key}.pub", *(["--admin"] if admin else []))
+        operator = Operator(name, key, self.base / f"ssh_config-{name}")
+        self.operators[name] = operator
+        self.writeClientConfig(operator)
+        return operator
+
+    def writeClientConfig(self, operator: Operator) -> None:
+        """Point the operator's ssh at the server's current port, host key pinned."""
+        port = self.gc.port or 1
+        knownHosts = self.base / "known_hosts"
+        knownHosts.write_text(f"[{LOOPBACK}]:{port} {self.gc.serverKeyLine}\n")
+        operator.configPath.write_text(
+            "\n".join(
+                [
+                    "Host groundcontrol",
+                    f"  HostName {LOOPBACK}",
+                    f"  Port {port}",
+                    f"  IdentityFile {operator.keyPath}",
+                    "  IdentitiesOnly yes",
+                    f"  UserKnownHostsFile {knownHosts}",
+                    "  GlobalKnownHostsFile /dev/null",
+                    "  StrictHostKeyChecking yes",
+                    "  BatchMode yes",
+                    "  LogLevel INFO",
+                    "  ControlMaster no",
+                    "  ControlPath none",
+                    "  ConnectTimeout 10",
+                    "",
+                ]
+            )
+        )
+
+    def startServer(self, *extra: str) -> None:
+        self.gc.start(*extra)
+        for operator in self.operators.values():
+            self.writeClientConfig(operator)
+
+    def restartServer(self, *extra: str) -> None:
+        """Stop groundcontrol and start it again on the same port."""
+        port = self.gc.port
+        self.gc.stop()
+        self.gc.start(*extra, port=port or 0)
+
+    @property
+    def serverAddress(self) -> str:
+        return f"tcp:{LOOPBACK}:{self.gc.port}"
+
+    def addAgent(
+        self, name: str, approve: bool = True, stateName: str | None = None, *extra: str
+    ) -> Agent:
+        agent = Agent(self.base, name, stateName)
+        agent.start(self.serverAddress, str(self.gc.data / "ssh_host_ed25519_key.pub"), *extra)
+        self.agents.append(agent)
+        if approve:
+            self.waitPending(name)
+            self.gc.cli("device", "approve", name)
+        return agent
+
+    def waitPending(self, name: str) -> dict[str, Any]:
+        return waitFor(
+            lambda: next(
+                (
+                    d
+                    for d in self.gc.devices()
+                    if d.get("name") == name and "pending" in d.get("state", "")
+                ),
+                None,
+            ),
+            30,
+            f"device {name} to show up pending",
+            interval=0.1,
+        )
+
+    def waitRoutable(self, operator: Operator, name: str, timeout: float = 30) -> None:
+        waitFor(
+            lambda: operator.ssh(f"dev_{name}", "true", timeout=20).returncode == 0,
+            timeout,
+            f"device {name} to be reachable",
+            interval=0.2,
+        )
+
+    def close(self) -> None:
+        for agent in self.agents:
+            agent.stop()
+        self.gc.stop()
