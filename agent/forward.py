@@ -62,6 +62,8 @@ class _Splice(Protocol):
 
     def __init__(self, channel: ForwardChannel) -> None:
         self._channel = channel
+        self._readClosed = False
+        self._writeClosed = False
 
     def connectionMade(self) -> None:
         self._channel.tcpConnected(self.transport)
@@ -70,10 +72,19 @@ class _Splice(Protocol):
         self._channel.write(data)
 
     def readConnectionLost(self) -> None:
+        """The server half-closed: pass the EOF on."""
+        self._readClosed = True
         self._channel.writeEOF()
+        self._closeIfDone()
 
     def writeConnectionLost(self) -> None:
-        pass
+        self._writeClosed = True
+        self._closeIfDone()
+
+    def _closeIfDone(self) -> None:
+        # With half-close, Twisted leaves the full close to the protocol.
+        if self._readClosed and self._writeClosed:
+            self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._channel.tcpLost()
@@ -113,15 +124,24 @@ class ForwardChannel(FlowChannel):
                 ConchError("malformed direct-tcpip request", connection.OPEN_CONNECT_FAILED)
             )
         channel = cls(**channelArgs)
-        cls.log.info("forward from {originator}:{oport} to {host}:{port}", originator=originator,
-                     oport=originatorPort, host=host, port=port)  # fmt: skip
+        cls.log.info(
+            "forward from {originator}:{oport} to {host}:{port}",
+            originator=originator,
+            oport=originatorPort,
+            host=host,
+            port=port,
+        )
         d = endpointFor(reactor, host, port, timeout).connect(_SpliceFactory(channel))
 
         def refused(reason: Failure) -> Failure:
             if reason.check(defer.CancelledError):
                 return reason
-            cls.log.info("forward to {host}:{port} failed: {why}", host=host, port=port,
-                         why=reason.getErrorMessage())  # fmt: skip
+            cls.log.info(
+                "forward to {host}:{port} failed: {why}",
+                host=host,
+                port=port,
+                why=reason.getErrorMessage(),
+            )
             text = f"connect to {host} port {port} failed: {reason.getErrorMessage()}"
             return Failure(ConchError(text, connection.OPEN_CONNECT_FAILED))
 

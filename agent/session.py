@@ -198,6 +198,7 @@ class SessionChannel(FlowChannel):
         self._eofPending = False
         self._stdin = InputCredit(self)
         self._killTimer: IDelayedCall | None = None
+        self._gone = False
         self._requests: dict[bytes, Callable[[_Payload], bool]] = {
             b"pty-req": self._ptyRequest,
             b"env": self._envRequest,
@@ -238,8 +239,13 @@ class SessionChannel(FlowChannel):
         if self._started or self._terminal is not None:
             return False
         self._terminal = _process.Terminal.open(term, (rows, cols, xpixel, ypixel), modes)
-        self.log.info("pty {tty} {cols}x{rows} {term}", tty=self._terminal.name, cols=cols,
-                      rows=rows, term=term)  # fmt: skip
+        self.log.info(
+            "pty {tty} {cols}x{rows} {term}",
+            tty=self._terminal.name,
+            cols=cols,
+            rows=rows,
+            term=term,
+        )
         return True
 
     def _envRequest(self, payload: _Payload) -> bool:
@@ -352,8 +358,12 @@ class SessionChannel(FlowChannel):
         self._started = True
         self._stdinOpen = True
         self.process = child
-        self.log.info("started {kind} pid {pid} pty={pty}", kind=kind, pid=child.pid,
-                      pty=self._terminal is not None)  # fmt: skip
+        self.log.info(
+            "started {kind} pid {pid} pty={pty}",
+            kind=kind,
+            pid=child.pid,
+            pty=self._terminal is not None,
+        )
         child.registerProducer(self._stdin, True)
         if self._eofPending:
             self._closeStdin()
@@ -410,7 +420,7 @@ class SessionChannel(FlowChannel):
             self._killTimer.cancel()
         self._killTimer = None
         status = getattr(reason.value, "status", None)
-        if self.localClosed or self.closing:
+        if self._gone or self.localClosed or self.closing:
             return
         if status is None:
             self.log.warn("child ended without a status: {reason}", reason=reason.value)
@@ -440,6 +450,7 @@ class SessionChannel(FlowChannel):
         live on: hang it up like sshd, and kill it if it does not go.
         """
         super().closed()
+        self._gone = True
         child = self.process
         if child is None:
             if self._terminal is not None and not self._started:
