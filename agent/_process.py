@@ -36,7 +36,6 @@ from typing import Any, Protocol
 from attrs import define
 from twisted.conch import ttymodes
 from twisted.internet import main, process
-from twisted.internet.interfaces import IProcessProtocol, IProcessTransport
 from twisted.internet.posixbase import PosixReactorBase
 
 #: Bytes read from a child's output per system call.
@@ -122,7 +121,7 @@ def applyModes(fd: int, modes: Sequence[tuple[int, int]]) -> None:
     """
     attr = termios.tcgetattr(fd)
     for opcode, value in modes:
-        mode = ttymodes.TTYMODES.get(opcode)
+        mode: Any = ttymodes.TTYMODES.get(opcode)
         if mode is None:
             continue
         if isinstance(mode, tuple):
@@ -214,7 +213,7 @@ class _SessionPTYProcess(process.PTYProcess):
     """A pty child (Twisted already makes it a session leader), read 64 KiB at a time."""
 
     def doRead(self) -> Any:
-        return _readFrom(self.fd, lambda data: self.proto.childDataReceived(1, data))
+        return _readFrom(self.fd, lambda data: self.proto.childDataReceived(1, data))  # type: ignore[union-attr, call-arg, arg-type, misc]
 
 
 class Spawner(Protocol):
@@ -223,7 +222,7 @@ class Spawner(Protocol):
     def __call__(
         self,
         reactor: Any,
-        protocol: IProcessProtocol,
+        protocol: Any,
         executable: bytes,
         args: list[bytes],
         environment: dict[str, str],
@@ -231,12 +230,12 @@ class Spawner(Protocol):
         uid: int | None,
         gid: int | None,
         terminal: Terminal | None,
-    ) -> IProcessTransport: ...
+    ) -> Any: ...
 
 
 def spawn(
     reactor: Any,
-    protocol: IProcessProtocol,
+    protocol: Any,
     executable: bytes,
     args: list[bytes],
     environment: dict[str, str],
@@ -244,7 +243,7 @@ def spawn(
     uid: int | None,
     gid: int | None,
     terminal: Terminal | None,
-) -> IProcessTransport:
+) -> Any:
     """
     Start a session child on C{reactor}: on a pty (which then belongs to the
     child) or on three pipes. Other reactors get plain C{spawnProcess}.

@@ -18,7 +18,7 @@ from twisted.conch.error import ConchError
 from twisted.conch.ssh import connection
 from twisted.internet import defer, endpoints
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.interfaces import IHalfCloseableProtocol, IStreamClientEndpoint, ITransport
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -47,7 +47,7 @@ def parseDirectTCPIP(data: bytes) -> tuple[str, int, str, int]:
     return host, port, originator, originatorPort
 
 
-def endpointFor(reactor: Any, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
+def endpointFor(reactor: Any, host: str, port: int, timeout: float) -> Any:
     """An address literal is connected directly; a name goes through HostnameEndpoint."""
     if isIPAddress(host):
         return endpoints.TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
@@ -84,7 +84,7 @@ class _Splice(Protocol):
     def _closeIfDone(self) -> None:
         # With half-close, Twisted leaves the full close to the protocol.
         if self._readClosed and self._writeClosed:
-            self.transport.loseConnection()
+            self.transport.loseConnection()  # type: ignore[union-attr, misc]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._channel.tcpLost()
@@ -149,7 +149,7 @@ class ForwardChannel(FlowChannel):
 
     # -- TCP side -------------------------------------------------------------
 
-    def tcpConnected(self, transport: ITransport) -> None:
+    def tcpConnected(self, transport: Any) -> None:
         self._transport = transport
         transport.registerProducer(self._credit, True)  # type: ignore[attr-defined]
 

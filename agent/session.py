@@ -24,7 +24,6 @@ from typing import Any
 
 from attrs import field, frozen
 from twisted.conch.ssh import common, connection
-from twisted.internet.interfaces import IDelayedCall, IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -192,12 +191,13 @@ class SessionChannel(FlowChannel):
         self._spawn = spawn
         self._variables: dict[str, str] = {}
         self._terminal: _process.Terminal | None = None
-        self.process: IProcessTransport | None = None
+        #: The child's L{IProcessTransport} while it runs.
+        self.process: Any = None
         self._started = False
         self._stdinOpen = False
         self._eofPending = False
         self._stdin = InputCredit(self)
-        self._killTimer: IDelayedCall | None = None
+        self._killTimer: Any = None  # IDelayedCall
         self._gone = False
         self._requests: dict[bytes, Callable[[_Payload], bool]] = {
             b"pty-req": self._ptyRequest,
