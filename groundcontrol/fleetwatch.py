@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from groundcontrol.registry import Registry
 from groundcontrol.store import IStore
 
-DEFAULT_POLL_INTERVAL = 0.5
+DEFAULT_POLL_INTERVAL = 0.25
 
 
 class FleetWatcher(Service):

@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from accesstunnel.channel import DEFAULT_MAX_PACKET, DEFAULT_WINDOW
+from groundcontrol.control import ControlChannel, ControlContext
 from groundcontrol.registry import Registry
 from groundcontrol.relay import RelayChannel, refusal, splice
 from groundcontrol.store import Account, IStore
@@ -62,7 +63,7 @@ class SessionRouter:
         windowSize: int,
         maxPacket: int,
         data: bytes,
-    ) -> RelayChannel:
+    ) -> RelayChannel | ControlChannel:
         """
         Return the operator's side of a channel spliced to the device's, or
         raise a refusal whose text the operator's ssh prints.
@@ -70,7 +71,13 @@ class SessionRouter:
         if isinstance(target, MalformedTarget):
             raise refusal(target.reason)
         if isinstance(target, ControlTarget):
-            raise refusal("the control shell is not available on this server yet")
+            if channelType != b"session":
+                raise refusal("the control shell serves session channels only")
+            return ControlChannel(
+                ControlContext(account, self._store, self._registry, self._clock),
+                remoteWindow=windowSize,
+                remoteMaxPacket=maxPacket,
+            )
         assert isinstance(target, DeviceTarget)
         if channelType not in RELAYED_CHANNEL_TYPES:
             raise refusal(

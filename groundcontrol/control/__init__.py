@@ -1,0 +1,6 @@
+"""The control shell (``ssh ctl@groundcontrol``): fleet administration over SSH."""
+
+from groundcontrol.control.channel import ControlChannel
+from groundcontrol.control.commands import COMMANDS, CommandResult, ControlContext, runCommand
+
+__all__ = ["COMMANDS", "CommandResult", "ControlChannel", "ControlContext", "runCommand"]

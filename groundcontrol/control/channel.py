@@ -1,0 +1,241 @@
+"""
+The control shell as an SSH session channel: ``ssh ctl@groundcontrol``.
+
+``ssh ctl@gc CMD`` runs one command: its output on stdout, errors on stderr,
+its status as the exit status. ``ssh ctl@gc`` with a terminal gives a prompt
+with line editing and history (Conch's insults/recvline); without a terminal
+it reads commands line by line from stdin, as a script would feed them.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from twisted.conch.insults import insults
+from twisted.conch.recvline import HistoricRecvLine
+from twisted.conch.ssh import common, connection
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from accesstunnel.channel import FlowChannel
+from groundcontrol.control.commands import CommandResult, ControlContext, runCommandLine
+
+PROMPT = b"ctl> "
+_EXIT_WORDS = {"exit", "quit", "logout"}
+
+
+class _ChannelTerminalTransport:
+    """What the terminal protocol writes to: the channel."""
+
+    def __init__(self, channel: ControlChannel) -> None:
+        self._channel = channel
+
+    def write(self, data: bytes) -> None:
+        self._channel.write(data)
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self._channel.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        self._channel.finish(0)
+
+    def getPeer(self) -> Any:
+        return self._channel.getPeer()
+
+    def getHost(self) -> Any:
+        return self._channel.getHost()
+
+
+class ControlPrompt(HistoricRecvLine):
+    """The interactive prompt: edit a line, run it, show the result."""
+
+    ps = (PROMPT, PROMPT)
+
+    def __init__(self, channel: ControlChannel) -> None:
+        super().__init__()
+        self._channel = channel
+        self._busy = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.keyHandlers[b"\x04"] = self._endOfInput  # Ctrl-D
+        self.keyHandlers[b"\x03"] = self._cancelLine  # Ctrl-C
+
+    def initializeScreen(self) -> None:
+        # Keep the operator's screen; just greet and prompt.
+        self.terminal.write(
+            f"groundcontrol control shell for {self._channel.context.account.name}; "
+            "'help' lists the commands\r\n".encode()
+        )
+        self.terminal.write(self.ps[self.pn])
+        self.setInsertMode()
+
+    def _endOfInput(self) -> None:
+        if not self.lineBuffer:
+            self.terminal.write(b"\r\n")
+            self._channel.finish(0)
+
+    def _cancelLine(self) -> None:
+        self.lineBuffer = []
+        self.lineBufferIndex = 0
+        self.terminal.write(b"^C\r\n" + self.ps[self.pn])
+
+    def keystrokeReceived(self, keyID: Any, modifier: Any) -> None:
+        if not self._busy:
+            super().keystrokeReceived(keyID, modifier)
+
+    def lineReceived(self, line: bytes) -> None:
+        text = line.decode("utf-8", "replace").strip()
+        if text in _EXIT_WORDS:
+            self._channel.finish(0)
+            return
+        self._busy = True
+        d = defer.Deferred.fromCoroutine(runCommandLine(self._channel.context, text))
+        d.addCallback(self._show)
+
+    def _show(self, result: CommandResult) -> None:
+        self._busy = False
+        for stream in (result.stdout, result.stderr):
+            if stream:
+                self.terminal.write(stream.replace("\n", "\r\n").encode("utf-8", "replace"))
+        self.terminal.write(self.ps[self.pn])
+
+
+class ControlChannel(FlowChannel):
+    """A session channel served by groundcontrol itself."""
+
+    name = b"session"
+    _log = Logger()
+
+    def __init__(self, context: ControlContext, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.context = context
+        self._terminalSize: tuple[int, int] | None = None
+        self._terminal: insults.ServerProtocol | None = None
+        self._lines = b""
+        self._lastStatus = 0
+        self._started = False
+        self._execMode = False
+        self._finished = False
+        self._scriptLines: defer.Deferred[Any] = defer.succeed(None)
+
+    # -- requests ------------------------------------------------------------
+
+    def request_pty_req(self, data: bytes) -> bool:
+        try:
+            _term, rest = common.getNS(data)
+            cols, rows = struct.unpack(">2L", rest[:8])
+        except (struct.error, ValueError):
+            return False
+        self._terminalSize = (cols or 80, rows or 24)
+        return True
+
+    def request_env(self, data: bytes) -> bool:
+        return False  # nothing here reads the environment
+
+    def request_window_change(self, data: bytes) -> bool:
+        try:
+            cols, rows = struct.unpack(">2L", data[:8])
+        except struct.error:
+            return False
+        if self._terminal is not None and self._terminal.terminalProtocol is not None:
+            self._terminal.terminalProtocol.terminalSize(cols, rows)
+        return True
+
+    def request_shell(self, data: bytes) -> bool:
+        if self._started:
+            return False
+        self._started = True
+        if self._terminalSize is not None:
+            terminal = insults.ServerProtocol(ControlPrompt, self)
+            terminal.makeConnection(_ChannelTerminalTransport(self))
+            terminal.terminalProtocol.terminalSize(*self._terminalSize)
+            self._terminal = terminal
+        return True
+
+    def request_exec(self, data: bytes) -> bool:
+        if self._started:
+            return False
+        self._started = True
+        self._execMode = True
+        try:
+            command = common.getNS(data)[0].decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        d = defer.Deferred.fromCoroutine(runCommandLine(self.context, command))
+        d.addCallback(self._finishWith)
+        d.addErrback(self._failed)
+        return True
+
+    # -- input ---------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        self.consumed(len(data))
+        if self._terminal is not None:
+            self._terminal.dataReceived(data)
+            return
+        if not self._started or self._execMode:
+            return
+        self._lines += data
+        if len(self._lines) > 65536:
+            self.writeExtended(connection.EXTENDED_DATA_STDERR, b"line too long\n")
+            self.finish(2)
+            return
+        while b"\n" in self._lines:
+            line, self._lines = self._lines.split(b"\n", 1)
+            self._runScriptLine(line)
+
+    def eofReceived(self) -> None:
+        if self._terminal is not None or self._execMode:
+            return  # a terminal ignores EOF like sshd; exec ends when its command does
+        if self._lines.strip():
+            self._runScriptLine(self._lines)
+        self._lines = b""
+        # Finish after every queued line has run.
+        self._scriptLines.addCallback(lambda _: self.finish(self._lastStatus))
+
+    def _runScriptLine(self, line: bytes) -> None:
+        text = line.decode("utf-8", "replace").strip()
+
+        async def run(_: Any) -> None:
+            if self._finished:
+                return
+            if text in _EXIT_WORDS:
+                self.finish(self._lastStatus)
+                return
+            result = await runCommandLine(self.context, text)
+            self._emit(result)
+            if text:
+                self._lastStatus = result.status
+
+        self._scriptLines.addCallback(lambda _: defer.Deferred.fromCoroutine(run(_)))
+        self._scriptLines.addErrback(self._failed)
+
+    # -- output --------------------------------------------------------------
+
+    def _emit(self, result: CommandResult) -> None:
+        if result.stdout:
+            self.write(result.stdout.encode("utf-8", "replace"))
+        if result.stderr:
+            self.writeExtended(
+                connection.EXTENDED_DATA_STDERR, result.stderr.encode("utf-8", "replace")
+            )
+
+    def _finishWith(self, result: CommandResult) -> None:
+        self._emit(result)
+        self.finish(result.status)
+
+    def _failed(self, failure: Any) -> None:
+        self._log.failure("control command failed", failure)
+        self.writeExtended(connection.EXTENDED_DATA_STDERR, b"internal error\n")
+        self.finish(1)
+
+    def finish(self, status: int) -> None:
+        """Send the exit status and close, once."""
+        if self._finished:
+            return
+        self._finished = True
+        self.sendRequestInOrder(b"exit-status", struct.pack(">L", status))
+        self.writeEOF()
+        self.loseConnection()

@@ -1,0 +1,88 @@
+"""
+End to end: the control shell, ``ssh ctl@groundcontrol``, as exec, as a
+script on stdin and at an interactive prompt; approval and revocation through
+it take effect on live links.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pexpect
+
+from tests.e2e.harness import Fleet, waitFor
+
+
+def test_ls_json_and_roles(kiln7: Fleet) -> None:
+    """ls --json lists the device online; an operator is refused admin commands."""
+    alice = kiln7.operators["alice"]
+    listing = json.loads(alice.ssh("ctl", "ls", "--json").stdout)
+    assert [(d["name"], d["online"]) for d in listing] == [("kiln7", True)]
+    bob = kiln7.addOperator("bob")
+    assert json.loads(bob.ssh("ctl", "ls", "--json").stdout) == []  # no grant, sees nothing
+    refused = bob.ssh("ctl", "pending")
+    assert refused.returncode == 1
+    assert "only admins" in refused.stderr
+
+
+def test_script_on_stdin(kiln7: Fleet) -> None:
+    """Commands piped on stdin run in order; the exit status is the last command's."""
+    result = kiln7.operators["alice"].ssh("ctl", input="whoami\nusers\nnosuchcommand\n")
+    assert "alice" in result.stdout
+    assert "unknown command 'nosuchcommand'" in result.stderr
+    assert result.returncode == 2
+
+
+def test_interactive_prompt(kiln7: Fleet) -> None:
+    """With a terminal there is a prompt; Ctrl-D on an empty line leaves with status 0."""
+    argv = kiln7.operators["alice"].argv("ctl", tty=True)
+    child = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", timeout=20)
+    child.expect_exact("ctl> ")
+    child.sendline("ls")
+    child.expect_exact("kiln7")
+    child.expect_exact("ctl> ")
+    child.send("\x04")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_approve_over_ctl_makes_waiting_device_routable(fleet: Fleet) -> None:
+    """A connected pending device approved through ctl is reachable without reconnecting."""
+    alice = fleet.operators["alice"]
+    fleet.addAgent("oven2", approve=False)
+    fleet.waitPending("oven2")
+    pending = json.loads(alice.ssh("ctl", "pending", "--json").stdout)
+    assert [(p["name"], p["connected"]) for p in pending] == [("oven2", True)]
+    assert "unknown device" in alice.ssh("dev_oven2", "true").stderr
+    assert alice.ssh("ctl", "approve", "oven2").returncode == 0
+    fleet.waitRoutable(alice, "oven2", timeout=10)
+    assert fleet.agents[0].process.output().count("link to groundcontrol is up") == 1
+
+
+def test_revoke_closes_live_session_within_a_second(kiln7: Fleet) -> None:
+    """Revoking a device (CLI, another process) ends its live session within a second."""
+    alice = kiln7.operators["alice"]
+    session = subprocess.Popen(
+        alice.argv("dev_kiln7", "echo started; sleep 60"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert session.stdout is not None
+    assert session.stdout.readline() == "started\n"
+    kiln7.gc.cli("device", "revoke", "kiln7")
+    started = time.monotonic()  # the revocation is in the store from here on
+    try:
+        session.wait(10)
+    finally:
+        session.kill()
+    elapsed = time.monotonic() - started
+    assert elapsed < 1.0, elapsed
+    assert session.returncode == 255
+    refused = waitFor(
+        lambda: "revoked" in (r := alice.ssh("dev_kiln7", "true")).stderr and r, 10, "refusal"
+    )
+    assert refused.returncode == 255
