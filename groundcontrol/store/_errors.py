@@ -10,8 +10,16 @@ from collections.abc import Sequence
 __all__ = [
     "AlreadyExists",
     "AmbiguousRequest",
+    "ClaimCodeExpired",
+    "ClaimCodeInvalid",
+    "ClaimRefused",
     "InvalidName",
+    "NameTaken",
+    "PendingLimitReached",
     "StoreError",
+    "TokenExhausted",
+    "TokenExpired",
+    "TokenInvalid",
     "UnknownAccount",
     "UnknownDevice",
 ]
@@ -52,3 +60,43 @@ class AmbiguousRequest(StoreError):
             f"{len(self.fingerprints)} pending requests ask for {name!r}; "
             f"choose one by fingerprint: {', '.join(self.fingerprints)}"
         )
+
+
+class NameTaken(StoreError):
+    """
+    The name belongs to a device with another key.
+
+    Tokens and claims only ever create devices: taking over an existing name is a re-key,
+    which needs an admin, so a stolen token or a shoulder-surfed code cannot hijack a device.
+    """
+
+
+class TokenInvalid(StoreError):
+    """No such enrollment token, or this key has already redeemed it (a replay)."""
+
+
+class TokenExpired(StoreError):
+    """The enrollment token is past its expiry."""
+
+
+class TokenExhausted(StoreError):
+    """The enrollment token has no uses left."""
+
+
+class ClaimCodeInvalid(StoreError):
+    """No such claim code: never issued, already used, or replaced by a newer one."""
+
+
+class ClaimCodeExpired(StoreError):
+    """The claim code is past its expiry (they live minutes)."""
+
+
+class ClaimRefused(StoreError):
+    """
+    The code is good but the device cannot be claimed: it is revoked, or it is already
+    approved and not up for claiming (owned by someone else, or approved by an admin).
+    """
+
+
+class PendingLimitReached(StoreError):
+    """Too many pending enrollment requests, in all or from one source host; refuse it."""

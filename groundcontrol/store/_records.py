@@ -6,10 +6,20 @@ from typing import Any, Literal
 
 from attrs import field, frozen
 
-__all__ = ["Account", "AuditEvent", "Device", "EnrollmentRequest"]
+__all__ = [
+    "Account",
+    "AuditEvent",
+    "Certificate",
+    "CertificateState",
+    "Device",
+    "EnrollmentRequest",
+    "PendingLimits",
+    "TokenRecord",
+]
 
 DeviceState = Literal["approved", "revoked"]
-RequestKind = Literal["new", "rekey"]
+RequestKind = Literal["new", "rekey", "reapprove"]
+CertificateState = Literal["valid", "revoked", "expired", "unknown"]
 
 
 @frozen
@@ -39,6 +49,16 @@ class Device:
     approvedBy: str
     lastSeen: float | None
     createdAt: float
+    # Defaults keep records built by older callers valid.
+    owner: str | None = None
+    """The account that claimed the device, while its lease lasts (cleared by endLease)."""
+    leaseUntil: float | None = None
+    """When the owner's claim lapses (epoch seconds); None without an owner."""
+    certificateExpiresAt: float | None = None
+    """
+    The latest C{not_after} of the unrevoked certificates issued for the device's current
+    key; None if it has none. May lie in the past: that is how an expired device shows.
+    """
 
 
 @frozen
@@ -48,6 +68,8 @@ class EnrollmentRequest:
 
     C{kind} is C{"rekey"} when the requested name already belongs to a device (a device
     re-installed with a new key, or an impostor): approving it replaces that device's key.
+    It is C{"reapprove"} for an approved device that came back after its certificate
+    expired: same key, same name, waiting for an admin (or a claim) to confirm it again.
     """
 
     fingerprint: str
@@ -70,3 +92,51 @@ class AuditEvent:
     actor: str | None
     device: str | None
     detail: dict[str, Any] = field(factory=dict, eq=True, hash=False)
+
+
+@frozen
+class Certificate:
+    """
+    A certificate the fleet CA issued: the store keeps its validity, never its bytes.
+
+    C{fingerprint} is the SSH fingerprint (C{SHA256:...}) of the device key it certifies.
+    """
+
+    serialNumber: str
+    deviceName: str
+    fingerprint: str
+    notBefore: float
+    notAfter: float
+    issuedAt: float
+    revokedAt: float | None
+
+
+@frozen
+class TokenRecord:
+    """
+    An enrollment token as the store knows it: its use count and expiry, never the token.
+
+    Only the SHA-256 of the token is stored, so a copy of the database cannot enroll devices.
+    """
+
+    id: int
+    uses: int
+    usesLeft: int
+    expiresAt: float
+    createdAt: float
+    createdBy: str
+
+
+@frozen
+class PendingLimits:
+    """
+    Caps on enrollment requests, checked when an unknown key would add a new one.
+
+    Unknown keys may connect before anyone vouches for them, so without caps anyone could
+    fill the approval queue (and the operators' notifications). C{perHost} counts requests
+    first seen from one source host within the last C{window} seconds.
+    """
+
+    total: int = 100
+    perHost: int = 10
+    window: float = 3600.0

@@ -1,0 +1,1354 @@
+"""The SQL store: every statement groundcontrol runs, shared by SQLite and PostgreSQL.
+
+Statements are written once with ``?`` placeholders in SQL both engines accept; the
+L{Dialect} covers the rest (placeholders, how a write transaction locks, DDL files). Each
+public method is a blocking ``_name`` function handed to the injected runner, so the reactor
+never waits on the database.
+
+Write transactions are serialised store-wide (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: one
+transaction-scoped advisory lock shared by every node). That makes every check-then-write
+below atomic without per-statement reasoning about isolation levels, and keeps audit ids
+appearing in commit order, which the change feed relies on. Writes are small and short, so
+one lock is not a bottleneck at fleet sizes groundcontrol is built for.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from twisted.conch.ssh import keys
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
+import accesstunnel.keys
+from accesstunnel.names import isValidDeviceName
+
+from ._dialect import Cursor, Dialect, Row, splitStatements
+from ._errors import (
+    AlreadyExists,
+    AmbiguousRequest,
+    ClaimCodeExpired,
+    ClaimCodeInvalid,
+    ClaimRefused,
+    InvalidName,
+    NameTaken,
+    PendingLimitReached,
+    StoreError,
+    TokenExhausted,
+    TokenExpired,
+    TokenInvalid,
+    UnknownAccount,
+    UnknownDevice,
+)
+from ._interface import IStore
+from ._records import (
+    Account,
+    AuditEvent,
+    Certificate,
+    CertificateState,
+    Device,
+    EnrollmentRequest,
+    PendingLimits,
+    TokenRecord,
+)
+from ._runner import Runner
+
+__all__ = ["SQLStore", "cleanSerial", "migrateWith", "sourceHost"]
+
+_T = TypeVar("_T")
+_ACCOUNT_NAME_RE = re.compile(r"\A[a-z_][a-z0-9_.-]{0,31}\Z")
+_SHA256_HEX_RE = re.compile(r"\A[0-9a-f]{64}\Z")
+_SERIAL_MAX = 128
+
+
+# -- schema -------------------------------------------------------------------------
+
+
+def migrateWith(
+    raw: Any,
+    dialect: Dialect,
+    isComplete: Callable[[str], bool],
+    upTo: int | None = None,
+) -> int:
+    """
+    Bring the database behind driver cursor C{raw} to the newest schema; return its version.
+
+    Everything runs in one write transaction that also re-reads the version, so two
+    processes (or nodes) opening a fresh database at once cannot both apply an upgrader.
+    Both engines have transactional DDL, so a failing upgrader leaves the old version.
+
+    @param upTo: stop at this version (tests of an upgrade path start from an old one).
+    @raise StoreError: the database is newer than this code.
+    """
+    upgraders = dialect.schemaUpgraders()
+    latest = upgraders[-1][0] if upgraders else 0
+    target = latest if upTo is None else min(upTo, latest)
+    for statement in dialect.beginWrite:
+        raw.execute(statement)
+    try:
+        raw.execute("CREATE TABLE IF NOT EXISTS version (version INTEGER NOT NULL)")
+        raw.execute("SELECT MAX(version) AS v FROM version")
+        row = raw.fetchone()
+        current = int(row["v"]) if row["v"] is not None else 0
+        if current > latest:
+            raise StoreError(
+                f"database schema version {current} is newer than this groundcontrol "
+                f"(knows up to {latest}); upgrade groundcontrol"
+            )
+        for version, script in upgraders:
+            if version <= current or version > target:
+                continue
+            for statement in splitStatements(script, isComplete):
+                raw.execute(statement)
+            raw.execute("DELETE FROM version")
+            raw.execute(dialect.sql(f"INSERT INTO version (version) VALUES ({version})"))
+            current = version
+    except BaseException:
+        raw.execute("ROLLBACK")
+        raise
+    raw.execute("COMMIT")
+    return current
+
+
+# -- row conversion -----------------------------------------------------------------
+
+# The device's owner and certificate expiry are derived, so every device read goes through
+# this one SELECT; callers append a WHERE on d.* columns.
+_DEVICE_SELECT = (
+    "SELECT d.name, d.state, d.fingerprint, d.public_key, d.serial, d.approved_at, "
+    "d.approved_by, d.last_seen, d.created_at, d.lease_until, a.name AS owner, "
+    "(SELECT MAX(c.not_after) FROM certificates c WHERE c.device_name = d.name "
+    "AND c.fingerprint = d.fingerprint AND c.revoked_at IS NULL) AS certificate_expires_at "
+    "FROM devices d LEFT JOIN accounts a ON a.id = d.owner_account_id"
+)
+_DEVICE_INSERT_COLUMNS = (
+    "name, state, fingerprint, public_key, serial, approved_at, approved_by, last_seen, "
+    "created_at, owner_account_id, lease_until"
+)
+_REQUEST_COLUMNS = (
+    "fingerprint, requested_name, public_key, serial, source, first_seen, last_seen, kind"
+)
+_CERTIFICATE_COLUMNS = (
+    "serial_number, device_name, fingerprint, not_before, not_after, issued_at, revoked_at"
+)
+_TOKEN_COLUMNS = "id, uses, uses_left, expires_at, created_at, created_by"
+
+
+def _device(row: Row) -> Device:
+    return Device(
+        name=row["name"],
+        state=row["state"],
+        fingerprint=row["fingerprint"],
+        publicKey=row["public_key"],
+        serial=row["serial"],
+        approvedAt=row["approved_at"],
+        approvedBy=row["approved_by"],
+        lastSeen=row["last_seen"],
+        createdAt=row["created_at"],
+        owner=row["owner"],
+        leaseUntil=row["lease_until"],
+        certificateExpiresAt=row["certificate_expires_at"],
+    )
+
+
+def _request(row: Row) -> EnrollmentRequest:
+    return EnrollmentRequest(
+        fingerprint=row["fingerprint"],
+        requestedName=row["requested_name"],
+        publicKey=row["public_key"],
+        serial=row["serial"],
+        source=row["source"],
+        firstSeen=row["first_seen"],
+        lastSeen=row["last_seen"],
+        kind=row["kind"],
+    )
+
+
+def _account(row: Row) -> Account:
+    return Account(id=int(row["id"]), name=row["name"], isAdmin=bool(row["is_admin"]))
+
+
+def _auditEvent(row: Row) -> AuditEvent:
+    return AuditEvent(
+        id=int(row["id"]),
+        at=row["at"],
+        event=row["event"],
+        actor=row["actor"],
+        device=row["device"],
+        detail=json.loads(row["detail"]),
+    )
+
+
+def _certificate(row: Row) -> Certificate:
+    return Certificate(
+        serialNumber=row["serial_number"],
+        deviceName=row["device_name"],
+        fingerprint=row["fingerprint"],
+        notBefore=row["not_before"],
+        notAfter=row["not_after"],
+        issuedAt=row["issued_at"],
+        revokedAt=row["revoked_at"],
+    )
+
+
+def _token(row: Row) -> TokenRecord:
+    return TokenRecord(
+        id=int(row["id"]),
+        uses=int(row["uses"]),
+        usesLeft=int(row["uses_left"]),
+        expiresAt=row["expires_at"],
+        createdAt=row["created_at"],
+        createdBy=row["created_by"],
+    )
+
+
+# -- validation ---------------------------------------------------------------------
+
+
+def _parseKey(publicKey: str) -> tuple[str, str]:
+    """Return C{(normalised one-line key, fingerprint)}; the comment is dropped."""
+    try:
+        key = keys.Key.fromString(publicKey.strip().encode("ascii"))
+    except (keys.BadKeyError, UnicodeEncodeError, ValueError) as e:
+        raise StoreError(f"not an SSH public key: {e}") from None
+    if not key.isPublic():
+        raise StoreError("expected a public key, got a private key")
+    return key.toString("OPENSSH").decode("ascii"), accesstunnel.keys.fingerprint(key)
+
+
+def _checkKey(publicKey: str, fingerprint: str) -> str:
+    """Return the normalised key line, refusing a fingerprint that is not the key's own."""
+    line, actual = _parseKey(publicKey)
+    if actual != fingerprint:
+        raise StoreError(f"fingerprint {fingerprint} does not match the key ({actual})")
+    return line
+
+
+def _checkDeviceName(name: str) -> None:
+    if not isValidDeviceName(name):
+        raise InvalidName(f"invalid device name {name!r}: must match [a-z0-9][a-z0-9-]{{0,62}}")
+
+
+def _checkHash(value: str, what: str) -> None:
+    """Refuse anything but SHA-256 hex, so a raw token or code is never stored by mistake."""
+    if not isinstance(value, str) or _SHA256_HEX_RE.match(value) is None:
+        raise StoreError(f"{what} must be the SHA-256 of the secret as 64 lower-case hex digits")
+
+
+def cleanSerial(serial: str | None) -> str | None:
+    """
+    A device-reported serial as stored: control and format characters removed, at most
+    128 characters, None if nothing is left.
+
+    The serial comes from the device and is printed by the CLI and the control shell, so it
+    must not be able to drive a terminal, nor be long enough to bloat every listing.
+    """
+    if serial is None:
+        return None
+    cleaned = "".join(c for c in str(serial) if not unicodedata.category(c).startswith("C"))
+    cleaned = cleaned.strip()[:_SERIAL_MAX]
+    return cleaned or None
+
+
+def sourceHost(source: str) -> str:
+    """
+    The host part of a C{host:port} source: C{[v6]:port} and C{v4:port} lose the port;
+    anything else (a bare IPv6 address, a description) is taken whole.
+
+    The per-host pending cap counts by host because one attacker has one host and many ports.
+    """
+    if source.startswith("[") and "]" in source:
+        return source[1 : source.index("]")]
+    if source.count(":") == 1:
+        return source.split(":", 1)[0]
+    return source
+
+
+def _deviceSelector(name: str) -> str:
+    return f"device:{name}"
+
+
+# -- the store ----------------------------------------------------------------------
+
+
+@implementer(IStore)
+class SQLStore:
+    """
+    L{IStore} on one database connection, used only through the runner.
+
+    With L{threadRunner} the runner's single worker is the only thread touching the
+    connection, so calls from one process are serialised; write transactions take the
+    store-wide write lock (see the module docstring) so other processes and nodes wait.
+
+    Subclasses supply the dialect and the driver cursor (L{_rawCursor}).
+    """
+
+    dialect: Dialect
+
+    def __init__(self, connection: Any, runner: Runner) -> None:
+        self._connection = connection
+        self._run = runner
+
+    def _rawCursor(self) -> Any:
+        return self._connection.cursor()
+
+    def _cursor(self) -> Cursor:
+        return Cursor(self._rawCursor(), self.dialect)
+
+    @contextmanager
+    def _write(self) -> Iterator[Cursor]:
+        c = self._cursor()
+        for statement in self.dialect.beginWrite:
+            c.execute(statement)
+        try:
+            yield c
+        except BaseException:
+            self._rollback(c)
+            raise
+        c.execute("COMMIT")
+
+    def _rollback(self, c: Cursor) -> None:
+        c.execute("ROLLBACK")
+
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        return self._cursor().execute(sql, args).fetchall()
+
+    @staticmethod
+    def _insertAudit(
+        c: Cursor,
+        event: str,
+        actor: str | None,
+        device: str | None,
+        detail: dict[str, Any],
+        now: float,
+    ) -> AuditEvent:
+        encoded = json.dumps(detail, sort_keys=True)
+        row = c.execute(
+            "INSERT INTO audit (at, event, actor, device, detail) VALUES (?, ?, ?, ?, ?) "
+            "RETURNING id",
+            (now, event, actor, device, encoded),
+        ).fetchone()
+        return AuditEvent(int(row["id"]), now, event, actor, device, json.loads(encoded))
+
+    @staticmethod
+    def _deviceRow(c: Cursor, where: str, *args: Any) -> Device | None:
+        row = c.execute(f"{_DEVICE_SELECT} WHERE {where}", args).fetchone()
+        return _device(row) if row is not None else None
+
+    def _deviceNamed(self, c: Cursor, name: str) -> Device:
+        device = self._deviceRow(c, "d.name = ?", name)
+        if device is None:
+            raise UnknownDevice(f"no device named {name!r}")
+        return device
+
+    # -- accounts -------------------------------------------------------------------
+
+    def addAccount(
+        self, name: str, publicKeys: Sequence[str], isAdmin: bool, now: float
+    ) -> Deferred[Account]:
+        return self._run(self._addAccount, name, list(publicKeys), isAdmin, now)
+
+    def _addAccount(self, name: str, publicKeys: list[str], isAdmin: bool, now: float) -> Account:
+        if _ACCOUNT_NAME_RE.match(name) is None:
+            raise InvalidName(
+                f"invalid account name {name!r}: must match [a-z_][a-z0-9_.-]{{0,31}}"
+            )
+        parsed = [_parseKey(k) for k in publicKeys]
+        with self._write() as c:
+            if c.execute("SELECT 1 FROM accounts WHERE name = ?", (name,)).fetchone():
+                raise AlreadyExists(f"account {name!r} already exists")
+            row = c.execute(
+                "INSERT INTO accounts (name, is_admin, created_at) VALUES (?, ?, ?) RETURNING id",
+                (name, int(isAdmin), now),
+            ).fetchone()
+            accountId = int(row["id"])
+            for line, fp in parsed:
+                self._insertAccountKey(c, accountId, line, fp, now)
+            self._insertAudit(
+                c,
+                "account.added",
+                None,
+                None,
+                {"account": name, "admin": isAdmin, "keys": [fp for _, fp in parsed]},
+                now,
+            )
+        return Account(accountId, name, isAdmin)
+
+    @staticmethod
+    def _insertAccountKey(c: Cursor, accountId: int, line: str, fp: str, now: float) -> None:
+        if c.execute("SELECT 1 FROM account_keys WHERE fingerprint = ?", (fp,)).fetchone():
+            raise AlreadyExists(f"key {fp} already belongs to an account")
+        if c.execute("SELECT 1 FROM devices WHERE fingerprint = ?", (fp,)).fetchone():
+            raise AlreadyExists(f"key {fp} is a device key")
+        c.execute(
+            "INSERT INTO account_keys (fingerprint, account_id, public_key, added_at) "
+            "VALUES (?, ?, ?, ?)",
+            (fp, accountId, line, now),
+        )
+
+    def addAccountKey(self, name: str, publicKey: str, now: float) -> Deferred[Account]:
+        return self._run(self._addAccountKey, name, publicKey, now)
+
+    def _addAccountKey(self, name: str, publicKey: str, now: float) -> Account:
+        line, fp = _parseKey(publicKey)
+        with self._write() as c:
+            row = c.execute(
+                "SELECT id, name, is_admin FROM accounts WHERE name = ?", (name,)
+            ).fetchone()
+            if row is None:
+                raise UnknownAccount(f"no account named {name!r}")
+            self._insertAccountKey(c, int(row["id"]), line, fp, now)
+            self._insertAudit(c, "account.key_added", None, None, {"account": name, "key": fp}, now)
+        return _account(row)
+
+    def accountForKey(self, fingerprint: str) -> Deferred[Account | None]:
+        return self._run(self._accountForKey, fingerprint)
+
+    def _accountForKey(self, fingerprint: str) -> Account | None:
+        rows = self._read(
+            "SELECT a.id, a.name, a.is_admin FROM accounts a "
+            "JOIN account_keys k ON k.account_id = a.id WHERE k.fingerprint = ?",
+            (fingerprint,),
+        )
+        return _account(rows[0]) if rows else None
+
+    def listAccounts(self) -> Deferred[list[Account]]:
+        return self._run(self._listAccounts)
+
+    def _listAccounts(self) -> list[Account]:
+        rows = self._read("SELECT id, name, is_admin FROM accounts ORDER BY name")
+        return [_account(r) for r in rows]
+
+    # -- devices --------------------------------------------------------------------
+
+    def deviceByName(self, name: str) -> Deferred[Device | None]:
+        return self._run(self._deviceByName, name)
+
+    def _deviceByName(self, name: str) -> Device | None:
+        return self._deviceRow(self._cursor(), "d.name = ?", name)
+
+    def deviceForKey(self, fingerprint: str) -> Deferred[Device | None]:
+        return self._run(self._deviceForKey, fingerprint)
+
+    def _deviceForKey(self, fingerprint: str) -> Device | None:
+        return self._deviceRow(self._cursor(), "d.fingerprint = ?", fingerprint)
+
+    def listDevices(self) -> Deferred[list[Device]]:
+        return self._run(self._listDevices)
+
+    def _listDevices(self) -> list[Device]:
+        return [_device(r) for r in self._read(f"{_DEVICE_SELECT} ORDER BY d.name")]
+
+    def listEnrollmentRequests(self) -> Deferred[list[EnrollmentRequest]]:
+        return self._run(self._listEnrollmentRequests)
+
+    def _listEnrollmentRequests(self) -> list[EnrollmentRequest]:
+        rows = self._read(
+            f"SELECT {_REQUEST_COLUMNS} FROM enrollment_requests "
+            "ORDER BY requested_name, first_seen, fingerprint"
+        )
+        return [_request(r) for r in rows]
+
+    def countPending(self) -> Deferred[int]:
+        return self._run(self._countPending)
+
+    def _countPending(self) -> int:
+        return self._countPendingIn(self._cursor(), None, 0.0)
+
+    def countPendingFrom(self, sourceHost: str, since: float) -> Deferred[int]:
+        return self._run(self._countPendingFrom, sourceHost, since)
+
+    def _countPendingFrom(self, host: str, since: float) -> int:
+        return self._countPendingIn(self._cursor(), host, since)
+
+    @staticmethod
+    def _countPendingIn(c: Cursor, host: str | None, since: float) -> int:
+        if host is None:
+            row = c.execute("SELECT COUNT(*) AS n FROM enrollment_requests").fetchone()
+        else:
+            row = c.execute(
+                "SELECT COUNT(*) AS n FROM enrollment_requests "
+                "WHERE source_host = ? AND first_seen >= ?",
+                (host, since),
+            ).fetchone()
+        return int(row["n"])
+
+    def recordContact(
+        self,
+        requestedName: str,
+        publicKey: str,
+        fingerprint: str,
+        serial: str | None,
+        source: str,
+        now: float,
+        limits: PendingLimits | None = None,
+    ) -> Deferred[Device | EnrollmentRequest]:
+        return self._run(
+            self._recordContact, requestedName, publicKey, fingerprint, serial, source, now, limits
+        )
+
+    def _recordContact(
+        self,
+        requestedName: str,
+        publicKey: str,
+        fingerprint: str,
+        serial: str | None,
+        source: str,
+        now: float,
+        limits: PendingLimits | None,
+    ) -> Device | EnrollmentRequest:
+        serial = cleanSerial(serial)
+        with self._write() as c:
+            device = self._deviceRow(c, "d.fingerprint = ?", fingerprint)
+            if device is not None:
+                # The key decides; requestedName is only a claim and is ignored here.
+                if device.state != "approved":
+                    return device
+                c.execute("UPDATE devices SET last_seen = ? WHERE name = ?", (now, device.name))
+                if self._needsReapproval(device, now):
+                    return self._upsertRequest(
+                        c,
+                        device.name,
+                        device.publicKey,
+                        fingerprint,
+                        serial,
+                        source,
+                        now,
+                        "reapprove",
+                        None,
+                    )
+                return self._deviceNamed(c, device.name)
+
+            # Unknown key: only now is the claimed name worth validating and storing.
+            _checkDeviceName(requestedName)
+            line = _checkKey(publicKey, fingerprint)
+            taken = c.execute("SELECT 1 FROM devices WHERE name = ?", (requestedName,)).fetchone()
+            kind = "rekey" if taken else "new"
+            return self._upsertRequest(
+                c, requestedName, line, fingerprint, serial, source, now, kind, limits
+            )
+
+    @staticmethod
+    def _needsReapproval(device: Device, now: float) -> bool:
+        """
+        An approved device whose certificate ran out and that nobody approved since.
+
+        Comparing with C{approvedAt} is what lets a one-step re-approval (or a claim) end
+        the condition without touching the expired certificate's record.
+        """
+        expiresAt = device.certificateExpiresAt
+        return expiresAt is not None and expiresAt <= now and device.approvedAt < expiresAt
+
+    def _upsertRequest(
+        self,
+        c: Cursor,
+        requestedName: str,
+        line: str,
+        fingerprint: str,
+        serial: str | None,
+        source: str,
+        now: float,
+        kind: str,
+        limits: PendingLimits | None,
+    ) -> EnrollmentRequest:
+        existing = c.execute(
+            "SELECT 1 FROM enrollment_requests WHERE fingerprint = ?", (fingerprint,)
+        ).fetchone()
+        if existing is None:
+            host = sourceHost(source)
+            if limits is not None:
+                self._checkLimits(c, limits, host, now)
+            c.execute(
+                f"INSERT INTO enrollment_requests ({_REQUEST_COLUMNS}, source_host) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (fingerprint, requestedName, line, serial, source, now, now, kind, host),
+            )
+            self._insertAudit(
+                c,
+                "device.rekey-requested" if kind == "rekey" else "device.pending",
+                None,
+                requestedName,
+                {"fingerprint": fingerprint, "kind": kind, "serial": serial, "source": source},
+                now,
+            )
+        else:
+            c.execute(
+                "UPDATE enrollment_requests SET requested_name = ?, serial = COALESCE(?, serial), "
+                "source = ?, last_seen = ?, kind = ? WHERE fingerprint = ?",
+                (requestedName, serial, source, now, kind, fingerprint),
+            )
+        return _request(
+            c.execute(
+                f"SELECT {_REQUEST_COLUMNS} FROM enrollment_requests WHERE fingerprint = ?",
+                (fingerprint,),
+            ).fetchone()
+        )
+
+    def _checkLimits(self, c: Cursor, limits: PendingLimits, host: str, now: float) -> None:
+        if self._countPendingIn(c, None, 0.0) >= limits.total:
+            raise PendingLimitReached(
+                f"too many devices are waiting for approval ({limits.total}); try again later"
+            )
+        if self._countPendingIn(c, host, now - limits.window) >= limits.perHost:
+            raise PendingLimitReached(
+                f"too many new devices from {host} ({limits.perHost} per "
+                f"{limits.window:g} s); try again later"
+            )
+
+    def updateSerial(self, fingerprint: str, serial: str | None) -> Deferred[bool]:
+        return self._run(self._updateSerial, fingerprint, serial)
+
+    def _updateSerial(self, fingerprint: str, serial: str | None) -> bool:
+        serial = cleanSerial(serial)
+        with self._write() as c:
+            row = c.execute(
+                "SELECT name, serial FROM devices WHERE fingerprint = ?", (fingerprint,)
+            ).fetchone()
+            table = "devices"
+            if row is None:
+                row = c.execute(
+                    "SELECT requested_name AS name, serial FROM enrollment_requests "
+                    "WHERE fingerprint = ?",
+                    (fingerprint,),
+                ).fetchone()
+                table = "enrollment_requests"
+            if row is None:
+                return False
+            if row["serial"] != serial:
+                c.execute(
+                    f"UPDATE {table} SET serial = ? WHERE fingerprint = ?", (serial, fingerprint)
+                )
+                # No clock argument in this call's contract: the audit time is the last
+                # contact the server recorded for this key, which is when it came in.
+                if table == "devices":
+                    when = c.execute(
+                        "SELECT COALESCE(last_seen, approved_at) AS t FROM devices "
+                        "WHERE fingerprint = ?",
+                        (fingerprint,),
+                    ).fetchone()["t"]
+                else:
+                    when = c.execute(
+                        "SELECT last_seen AS t FROM enrollment_requests WHERE fingerprint = ?",
+                        (fingerprint,),
+                    ).fetchone()["t"]
+                self._insertAudit(
+                    c,
+                    "device.serial-changed",
+                    None,
+                    row["name"],
+                    {"fingerprint": fingerprint, "serial": serial, "previous": row["serial"]},
+                    when,
+                )
+            return True
+
+    def approveDevice(
+        self, name: str, actor: str, now: float, fingerprint: str | None = None
+    ) -> Deferred[Device]:
+        return self._run(self._approveDevice, name, actor, now, fingerprint)
+
+    def _approveDevice(self, name: str, actor: str, now: float, fingerprint: str | None) -> Device:
+        with self._write() as c:
+            sql = f"SELECT {_REQUEST_COLUMNS} FROM enrollment_requests WHERE requested_name = ?"
+            args: tuple[str, ...] = (name,)
+            if fingerprint is not None:
+                sql += " AND fingerprint = ?"
+                args += (fingerprint,)
+            requests = [_request(r) for r in c.execute(sql + " ORDER BY first_seen", args)]
+            device = self._deviceRow(c, "d.name = ?", name)
+
+            if len(requests) > 1:
+                raise AmbiguousRequest(name, [r.fingerprint for r in requests])
+            if requests:
+                return self._approveRequest(c, requests[0], device, actor, now)
+            if device is None:
+                raise UnknownDevice(f"no device or pending request named {name!r}")
+            if fingerprint is not None and fingerprint != device.fingerprint:
+                raise UnknownDevice(f"no pending request for {name!r} with key {fingerprint}")
+            if device.state == "approved":
+                raise AlreadyExists(f"device {name!r} is already approved; nothing is pending")
+            c.execute(
+                "UPDATE devices SET state = 'approved', approved_at = ?, approved_by = ? "
+                "WHERE name = ?",
+                (now, actor, name),
+            )
+            self._insertAudit(
+                c,
+                "device.approved",
+                actor,
+                name,
+                {"fingerprint": device.fingerprint, "kind": "reinstate"},
+                now,
+            )
+            return self._deviceNamed(c, name)
+
+    def _approveRequest(
+        self,
+        c: Cursor,
+        request: EnrollmentRequest,
+        device: Device | None,
+        actor: str,
+        now: float,
+        owner: tuple[int, float] | None = None,
+    ) -> Device:
+        """
+        Turn one request into the device's binding. Whether it is new, a re-key or a
+        re-approval is decided from the devices table now, not from the request's kind
+        recorded at contact time. Audits C{device.approved} unless C{owner} (a claim, whose
+        caller audits C{device.claimed}) is given.
+        """
+        name = request.requestedName
+        detail: dict[str, Any] = {"fingerprint": request.fingerprint, "serial": request.serial}
+        ownerId, leaseUntil = owner if owner is not None else (None, None)
+        if device is None:
+            self._insertDevice(
+                c,
+                name,
+                request.fingerprint,
+                request.publicKey,
+                request.serial,
+                actor,
+                now,
+                request.lastSeen,
+                ownerId,
+                leaseUntil,
+            )
+            detail["kind"] = "new"
+        elif device.fingerprint == request.fingerprint:
+            c.execute(
+                "UPDATE devices SET state = 'approved', serial = COALESCE(?, serial), "
+                "approved_at = ?, approved_by = ?, last_seen = ? WHERE name = ?",
+                (request.serial, now, actor, request.lastSeen, name),
+            )
+            detail["kind"] = "reapprove"
+        else:
+            c.execute(
+                "UPDATE devices SET state = 'approved', fingerprint = ?, public_key = ?, "
+                "serial = ?, approved_at = ?, approved_by = ?, last_seen = ?, "
+                "owner_account_id = NULL, lease_until = NULL WHERE name = ?",
+                (
+                    request.fingerprint,
+                    request.publicKey,
+                    request.serial,
+                    now,
+                    actor,
+                    request.lastSeen,
+                    name,
+                ),
+            )
+            # The old key's certificates certify a key that is no longer this device's.
+            detail["revokedCertificates"] = self._revokeCertificates(
+                c, name, now, device.fingerprint
+            )
+            detail["kind"] = "rekey"
+            detail["previousFingerprint"] = device.fingerprint
+        if owner is not None:
+            c.execute(
+                "UPDATE devices SET owner_account_id = ?, lease_until = ? WHERE name = ?",
+                (ownerId, leaseUntil, name),
+            )
+        c.execute("DELETE FROM enrollment_requests WHERE fingerprint = ?", (request.fingerprint,))
+        if owner is None:
+            self._insertAudit(c, "device.approved", actor, name, detail, now)
+        return self._deviceNamed(c, name)
+
+    @staticmethod
+    def _insertDevice(
+        c: Cursor,
+        name: str,
+        fingerprint: str,
+        line: str,
+        serial: str | None,
+        actor: str,
+        now: float,
+        lastSeen: float | None,
+        ownerId: int | None = None,
+        leaseUntil: float | None = None,
+    ) -> None:
+        c.execute(
+            f"INSERT INTO devices ({_DEVICE_INSERT_COLUMNS}) "
+            "VALUES (?, 'approved', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (name, fingerprint, line, serial, now, actor, lastSeen, now, ownerId, leaseUntil),
+        )
+        # Other keys still asking for this name now ask for a taken one: they are re-keys.
+        c.execute(
+            "UPDATE enrollment_requests SET kind = 'rekey' "
+            "WHERE requested_name = ? AND kind = 'new'",
+            (name,),
+        )
+
+    def revokeDevice(self, name: str, actor: str, now: float) -> Deferred[Device]:
+        return self._run(self._revokeDevice, name, actor, now)
+
+    def _revokeDevice(self, name: str, actor: str, now: float) -> Device:
+        with self._write() as c:
+            device = self._deviceNamed(c, name)
+            c.execute("UPDATE devices SET state = 'revoked' WHERE name = ?", (name,))
+            revoked = self._revokeCertificates(c, name, now)
+            # A pending re-approval of this key would otherwise undo the revocation.
+            c.execute(
+                "DELETE FROM enrollment_requests WHERE fingerprint = ?", (device.fingerprint,)
+            )
+            c.execute("DELETE FROM claim_codes WHERE fingerprint = ?", (device.fingerprint,))
+            self._insertAudit(
+                c,
+                "device.revoked",
+                actor,
+                name,
+                {"fingerprint": device.fingerprint, "revokedCertificates": revoked},
+                now,
+            )
+            return self._deviceNamed(c, name)
+
+    @staticmethod
+    def _revokeCertificates(
+        c: Cursor, name: str, now: float, fingerprint: str | None = None
+    ) -> list[str]:
+        where = "device_name = ? AND revoked_at IS NULL"
+        args: tuple[Any, ...] = (name,)
+        if fingerprint is not None:
+            where += " AND fingerprint = ?"
+            args += (fingerprint,)
+        rows = c.execute(
+            f"UPDATE certificates SET revoked_at = ? WHERE {where} RETURNING serial_number",
+            (now, *args),
+        ).fetchall()
+        return sorted(r["serial_number"] for r in rows)
+
+    def touchDevice(self, name: str, now: float) -> Deferred[None]:
+        return self._run(self._touchDevice, name, now)
+
+    def _touchDevice(self, name: str, now: float) -> None:
+        with self._write() as c:
+            c.execute("UPDATE devices SET last_seen = ? WHERE name = ?", (now, name))
+            if c.rowcount == 0:
+                raise UnknownDevice(f"no device named {name!r}")
+
+    # -- certificates ---------------------------------------------------------------
+
+    def recordCertificate(
+        self,
+        deviceName: str,
+        serialNumber: str,
+        fingerprint: str,
+        notBefore: float,
+        notAfter: float,
+        now: float,
+    ) -> Deferred[Certificate]:
+        return self._run(
+            self._recordCertificate, deviceName, serialNumber, fingerprint, notBefore, notAfter, now
+        )
+
+    def _recordCertificate(
+        self,
+        deviceName: str,
+        serialNumber: str,
+        fingerprint: str,
+        notBefore: float,
+        notAfter: float,
+        now: float,
+    ) -> Certificate:
+        if not serialNumber or not isinstance(serialNumber, str):
+            raise StoreError("a certificate serial number is a non-empty string")
+        if notAfter <= notBefore:
+            raise StoreError("a certificate must end after it starts")
+        with self._write() as c:
+            device = self._deviceNamed(c, deviceName)
+            if device.state != "approved":
+                raise StoreError(f"device {deviceName!r} is {device.state}; no certificate")
+            if device.fingerprint != fingerprint:
+                raise StoreError(
+                    f"device {deviceName!r} has key {device.fingerprint}, not {fingerprint}"
+                )
+            if c.execute(
+                "SELECT 1 FROM certificates WHERE serial_number = ?", (serialNumber,)
+            ).fetchone():
+                raise AlreadyExists(f"certificate serial {serialNumber} was already issued")
+            c.execute(
+                f"INSERT INTO certificates ({_CERTIFICATE_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, NULL)",
+                (serialNumber, deviceName, fingerprint, notBefore, notAfter, now),
+            )
+            self._insertAudit(
+                c,
+                "certificate.issued",
+                None,
+                deviceName,
+                {"serialNumber": serialNumber, "fingerprint": fingerprint, "notAfter": notAfter},
+                now,
+            )
+        return Certificate(serialNumber, deviceName, fingerprint, notBefore, notAfter, now, None)
+
+    def certificateState(self, serialNumber: str, now: float) -> Deferred[CertificateState]:
+        return self._run(self._certificateState, serialNumber, now)
+
+    def _certificateState(self, serialNumber: str, now: float) -> CertificateState:
+        rows = self._read(
+            "SELECT not_after, revoked_at FROM certificates WHERE serial_number = ?",
+            (serialNumber,),
+        )
+        if not rows:
+            return "unknown"
+        if rows[0]["revoked_at"] is not None:
+            return "revoked"
+        if rows[0]["not_after"] <= now:
+            return "expired"
+        return "valid"
+
+    def listCertificates(self, deviceName: str) -> Deferred[list[Certificate]]:
+        return self._run(self._listCertificates, deviceName)
+
+    def _listCertificates(self, deviceName: str) -> list[Certificate]:
+        rows = self._read(
+            f"SELECT {_CERTIFICATE_COLUMNS} FROM certificates WHERE device_name = ? "
+            "ORDER BY issued_at, serial_number",
+            (deviceName,),
+        )
+        return [_certificate(r) for r in rows]
+
+    # -- enrollment tokens ----------------------------------------------------------
+
+    def createToken(
+        self, tokenHash: str, uses: int, expiresAt: float, actor: str, now: float
+    ) -> Deferred[TokenRecord]:
+        return self._run(self._createToken, tokenHash, uses, expiresAt, actor, now)
+
+    def _createToken(
+        self, tokenHash: str, uses: int, expiresAt: float, actor: str, now: float
+    ) -> TokenRecord:
+        _checkHash(tokenHash, "a token hash")
+        if not isinstance(uses, int) or uses < 1:
+            raise StoreError(f"a token needs at least one use, not {uses!r}")
+        if expiresAt <= now:
+            raise StoreError("a token must expire in the future")
+        with self._write() as c:
+            if c.execute("SELECT 1 FROM tokens WHERE token_hash = ?", (tokenHash,)).fetchone():
+                raise AlreadyExists("that token already exists")
+            row = c.execute(
+                "INSERT INTO tokens (token_hash, uses, uses_left, expires_at, created_at, "
+                f"created_by) VALUES (?, ?, ?, ?, ?, ?) RETURNING {_TOKEN_COLUMNS}",
+                (tokenHash, uses, uses, expiresAt, now, actor),
+            ).fetchone()
+            token = _token(row)
+            self._insertAudit(
+                c,
+                "token.created",
+                actor,
+                None,
+                {"token": token.id, "uses": uses, "expiresAt": expiresAt},
+                now,
+            )
+        return token
+
+    def listTokens(self) -> Deferred[list[TokenRecord]]:
+        return self._run(self._listTokens)
+
+    def _listTokens(self) -> list[TokenRecord]:
+        return [_token(r) for r in self._read(f"SELECT {_TOKEN_COLUMNS} FROM tokens ORDER BY id")]
+
+    def redeemToken(
+        self,
+        tokenHash: str,
+        fingerprint: str,
+        publicKey: str,
+        requestedName: str,
+        serial: str | None,
+        source: str,
+        now: float,
+    ) -> Deferred[Device]:
+        return self._run(
+            self._redeemToken, tokenHash, fingerprint, publicKey, requestedName, serial, source, now
+        )
+
+    def _redeemToken(
+        self,
+        tokenHash: str,
+        fingerprint: str,
+        publicKey: str,
+        requestedName: str,
+        serial: str | None,
+        source: str,
+        now: float,
+    ) -> Device:
+        _checkDeviceName(requestedName)
+        line = _checkKey(publicKey, fingerprint)
+        serial = cleanSerial(serial)
+        with self._write() as c:
+            token = c.execute(
+                f"SELECT id, uses_left, expires_at FROM tokens WHERE token_hash = ?"
+                f"{self.dialect.forUpdate}",
+                (tokenHash,),
+            ).fetchone()
+            if token is None:
+                raise TokenInvalid("no such enrollment token")
+            tokenId = int(token["id"])
+            if token["expires_at"] <= now:
+                raise TokenExpired(f"enrollment token {tokenId} has expired")
+            if c.execute(
+                "SELECT 1 FROM token_redemptions WHERE token_id = ? AND fingerprint = ?",
+                (tokenId, fingerprint),
+            ).fetchone():
+                raise TokenInvalid(f"this key has already redeemed enrollment token {tokenId}")
+            known = self._deviceRow(c, "d.fingerprint = ?", fingerprint)
+            if known is not None:
+                raise AlreadyExists(
+                    f"this key is already device {known.name!r} ({known.state}); "
+                    "tokens only enroll new devices"
+                )
+            if c.execute("SELECT 1 FROM devices WHERE name = ?", (requestedName,)).fetchone():
+                raise NameTaken(
+                    f"device {requestedName!r} exists with another key; "
+                    "a token cannot re-key it (ask an admin)"
+                )
+            # Conditional: even without the row lock, two redeemers cannot both take the last.
+            c.execute(
+                "UPDATE tokens SET uses_left = uses_left - 1 WHERE id = ? AND uses_left > 0",
+                (tokenId,),
+            )
+            if c.rowcount != 1:
+                raise TokenExhausted(f"enrollment token {tokenId} has no uses left")
+            c.execute(
+                "INSERT INTO token_redemptions (token_id, fingerprint, device_name, redeemed_at) "
+                "VALUES (?, ?, ?, ?)",
+                (tokenId, fingerprint, requestedName, now),
+            )
+            actor = f"token:{tokenId}"
+            self._insertDevice(c, requestedName, fingerprint, line, serial, actor, now, now)
+            c.execute("DELETE FROM enrollment_requests WHERE fingerprint = ?", (fingerprint,))
+            self._insertAudit(
+                c,
+                "device.approved",
+                actor,
+                requestedName,
+                {
+                    "fingerprint": fingerprint,
+                    "serial": serial,
+                    "kind": "token",
+                    "token": tokenId,
+                    "source": source,
+                },
+                now,
+            )
+            return self._deviceNamed(c, requestedName)
+
+    # -- claims ---------------------------------------------------------------------
+
+    def registerClaimCode(
+        self,
+        codeHash: str,
+        fingerprint: str,
+        requestedName: str,
+        expiresAt: float,
+        now: float,
+    ) -> Deferred[None]:
+        return self._run(
+            self._registerClaimCode, codeHash, fingerprint, requestedName, expiresAt, now
+        )
+
+    def _registerClaimCode(
+        self,
+        codeHash: str,
+        fingerprint: str,
+        requestedName: str,
+        expiresAt: float,
+        now: float,
+    ) -> None:
+        _checkHash(codeHash, "a claim code hash")
+        _checkDeviceName(requestedName)
+        if expiresAt <= now:
+            raise StoreError("a claim code must expire in the future")
+        with self._write() as c:
+            # The claim takes the key from the request (or the device) the agent's login
+            # recorded: a code is only ever registered for a key that has connected.
+            if not (
+                c.execute(
+                    "SELECT 1 FROM enrollment_requests WHERE fingerprint = ?", (fingerprint,)
+                ).fetchone()
+                or c.execute(
+                    "SELECT 1 FROM devices WHERE fingerprint = ?", (fingerprint,)
+                ).fetchone()
+            ):
+                raise UnknownDevice(f"no device or pending request has key {fingerprint}")
+            c.execute(
+                "DELETE FROM claim_codes WHERE fingerprint = ? OR expires_at <= ?",
+                (fingerprint, now),
+            )
+            if c.execute("SELECT 1 FROM claim_codes WHERE code_hash = ?", (codeHash,)).fetchone():
+                raise AlreadyExists("that claim code is in use; make another")
+            c.execute(
+                "INSERT INTO claim_codes (code_hash, fingerprint, requested_name, expires_at, "
+                "created_at) VALUES (?, ?, ?, ?, ?)",
+                (codeHash, fingerprint, requestedName, expiresAt, now),
+            )
+            # The hash of a short code is easy to invert: it stays out of the audit log.
+            self._insertAudit(
+                c,
+                "claim.code-registered",
+                None,
+                requestedName,
+                {"fingerprint": fingerprint, "expiresAt": expiresAt},
+                now,
+            )
+
+    def claimDevice(
+        self, codeHash: str, account: Account, leaseUntil: float, now: float
+    ) -> Deferred[Device]:
+        return self._run(self._claimDevice, codeHash, account, leaseUntil, now)
+
+    def _claimDevice(
+        self, codeHash: str, account: Account, leaseUntil: float, now: float
+    ) -> Device:
+        if leaseUntil <= now:
+            raise StoreError("a claim's lease must end in the future")
+        with self._write() as c:
+            code = c.execute(
+                "SELECT fingerprint, requested_name, expires_at FROM claim_codes "
+                "WHERE code_hash = ?",
+                (codeHash,),
+            ).fetchone()
+            if code is None:
+                raise ClaimCodeInvalid("no such claim code (it may have been used or replaced)")
+            if code["expires_at"] <= now:
+                raise ClaimCodeExpired("the claim code has expired; show a new one")
+            fingerprint = code["fingerprint"]
+            c.execute("DELETE FROM claim_codes WHERE code_hash = ?", (codeHash,))
+            actor = f"claim:{account.name}"
+            owner = (account.id, leaseUntil)
+            device = self._deviceRow(c, "d.fingerprint = ?", fingerprint)
+            requestRow = c.execute(
+                f"SELECT {_REQUEST_COLUMNS} FROM enrollment_requests WHERE fingerprint = ?",
+                (fingerprint,),
+            ).fetchone()
+            request = _request(requestRow) if requestRow is not None else None
+
+            if device is None:
+                if request is None:
+                    raise ClaimCodeInvalid("the device is no longer waiting to be claimed")
+                name = code["requested_name"]
+                if request.requestedName != name:
+                    request = EnrollmentRequest(
+                        request.fingerprint,
+                        name,
+                        request.publicKey,
+                        request.serial,
+                        request.source,
+                        request.firstSeen,
+                        request.lastSeen,
+                        request.kind,
+                    )
+                if c.execute("SELECT 1 FROM devices WHERE name = ?", (name,)).fetchone():
+                    raise NameTaken(
+                        f"device {name!r} exists with another key; a claim cannot re-key it"
+                    )
+                claimed = self._approveRequest(c, request, None, actor, now, owner)
+                kind = "new"
+            else:
+                kind = self._claimableKind(device, request, account, now)
+                if request is not None:
+                    claimed = self._approveRequest(c, request, device, actor, now, owner)
+                else:
+                    c.execute(
+                        "UPDATE devices SET owner_account_id = ?, lease_until = ? WHERE name = ?",
+                        (account.id, leaseUntil, device.name),
+                    )
+                    claimed = self._deviceNamed(c, device.name)
+            self._insertAudit(
+                c,
+                "device.claimed",
+                account.name,
+                claimed.name,
+                {
+                    "owner": account.name,
+                    "leaseUntil": leaseUntil,
+                    "fingerprint": fingerprint,
+                    "kind": kind,
+                },
+                now,
+            )
+            return claimed
+
+    @staticmethod
+    def _claimableKind(
+        device: Device, request: EnrollmentRequest | None, account: Account, now: float
+    ) -> str:
+        """
+        Decide whether a known device may be claimed, and as what.
+
+        A claim proves someone can read the device's screen or logs; that is enough to take
+        a device nobody vouched for, not one an admin approved or another operator holds.
+        """
+        if device.state != "approved":
+            raise ClaimRefused(f"device {device.name!r} is revoked; only an admin can reinstate it")
+        if request is not None and request.kind == "reapprove":
+            if device.owner not in (None, account.name) and (device.leaseUntil or 0) > now:
+                raise ClaimRefused(f"device {device.name!r} is owned by {device.owner}")
+            return "reapprove"
+        if device.owner == account.name:
+            return "renew"
+        if device.approvedBy.startswith("claim:") and (
+            device.owner is None or (device.leaseUntil or 0) <= now
+        ):
+            return "reclaim"
+        raise ClaimRefused(
+            f"device {device.name!r} is already approved"
+            + (f" and owned by {device.owner}" if device.owner else "")
+            + "; ask an admin for a grant"
+        )
+
+    def lapsedLeases(self, now: float) -> Deferred[list[Device]]:
+        return self._run(self._lapsedLeases, now)
+
+    def _lapsedLeases(self, now: float) -> list[Device]:
+        rows = self._read(
+            f"{_DEVICE_SELECT} WHERE d.owner_account_id IS NOT NULL AND d.lease_until <= ? "
+            "ORDER BY d.lease_until, d.name",
+            (now,),
+        )
+        return [_device(r) for r in rows]
+
+    def endLease(self, name: str, now: float) -> Deferred[Device | None]:
+        return self._run(self._endLease, name, now)
+
+    def _endLease(self, name: str, now: float) -> Device | None:
+        with self._write() as c:
+            device = self._deviceNamed(c, name)
+            if device.owner is None or device.leaseUntil is None or device.leaseUntil > now:
+                return None  # no lease, or renewed since lapsedLeases saw it
+            c.execute(
+                "UPDATE devices SET owner_account_id = NULL, lease_until = NULL WHERE name = ?",
+                (name,),
+            )
+            self._insertAudit(
+                c,
+                "claim.lapsed",
+                None,
+                name,
+                {"owner": device.owner, "leaseUntil": device.leaseUntil},
+                now,
+            )
+            return self._deviceNamed(c, name)
+
+    # -- grants ---------------------------------------------------------------------
+
+    def grant(
+        self,
+        accountName: str,
+        deviceName: str,
+        actor: str,
+        now: float,
+        expiresAt: float | None = None,
+    ) -> Deferred[None]:
+        return self._run(self._grant, accountName, deviceName, actor, now, expiresAt)
+
+    def _grant(
+        self, accountName: str, deviceName: str, actor: str, now: float, expiresAt: float | None
+    ) -> None:
+        with self._write() as c:
+            accountId = self._accountId(c, accountName)
+            if not c.execute("SELECT 1 FROM devices WHERE name = ?", (deviceName,)).fetchone():
+                raise UnknownDevice(f"no device named {deviceName!r}")
+            selector = _deviceSelector(deviceName)
+            c.execute(
+                "DELETE FROM grants WHERE account_id = ? AND selector = ? AND login_user IS NULL",
+                (accountId, selector),
+            )
+            c.execute(
+                "INSERT INTO grants (account_id, selector, login_user, expires_at, created_at, "
+                "created_by) VALUES (?, ?, NULL, ?, ?, ?)",
+                (accountId, selector, expiresAt, now, actor),
+            )
+            self._insertAudit(
+                c,
+                "grant.added",
+                actor,
+                deviceName,
+                {"account": accountName, "expiresAt": expiresAt},
+                now,
+            )
+
+    def ungrant(self, accountName: str, deviceName: str, actor: str, now: float) -> Deferred[bool]:
+        return self._run(self._ungrant, accountName, deviceName, actor, now)
+
+    def _ungrant(self, accountName: str, deviceName: str, actor: str, now: float) -> bool:
+        with self._write() as c:
+            accountId = self._accountId(c, accountName)
+            c.execute(
+                "DELETE FROM grants WHERE account_id = ? AND selector = ?",
+                (accountId, _deviceSelector(deviceName)),
+            )
+            removed = c.rowcount > 0
+            if removed:
+                self._insertAudit(
+                    c, "grant.removed", actor, deviceName, {"account": accountName}, now
+                )
+            return removed
+
+    @staticmethod
+    def _accountId(c: Cursor, name: str) -> int:
+        row = c.execute("SELECT id FROM accounts WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise UnknownAccount(f"no account named {name!r}")
+        return int(row["id"])
+
+    def mayReach(self, account: Account, deviceName: str, now: float) -> Deferred[bool]:
+        return self._run(self._mayReach, account, deviceName, now)
+
+    def _mayReach(self, account: Account, deviceName: str, now: float) -> bool:
+        if account.isAdmin:
+            return True
+        rows = self._read(
+            "SELECT 1 AS ok FROM grants WHERE account_id = ? AND selector = ? "
+            "AND (expires_at IS NULL OR expires_at > ?) "
+            "UNION ALL SELECT 1 AS ok FROM devices WHERE name = ? AND owner_account_id = ? "
+            "AND lease_until > ?",
+            (account.id, _deviceSelector(deviceName), now, deviceName, account.id, now),
+        )
+        return bool(rows)
+
+    # -- audit ----------------------------------------------------------------------
+
+    def audit(
+        self,
+        event: str,
+        actor: str | None,
+        device: str | None,
+        detail: dict[str, Any],
+        now: float,
+    ) -> Deferred[AuditEvent]:
+        return self._run(self._audit, event, actor, device, detail, now)
+
+    def _audit(
+        self,
+        event: str,
+        actor: str | None,
+        device: str | None,
+        detail: dict[str, Any],
+        now: float,
+    ) -> AuditEvent:
+        with self._write() as c:
+            return self._insertAudit(c, event, actor, device, detail, now)
+
+    def auditSince(self, afterId: int, limit: int = 100) -> Deferred[list[AuditEvent]]:
+        return self._run(self._auditSince, afterId, limit)
+
+    def _auditSince(self, afterId: int, limit: int) -> list[AuditEvent]:
+        rows = self._read(
+            "SELECT id, at, event, actor, device, detail FROM audit WHERE id > ? "
+            "ORDER BY id LIMIT ?",
+            (afterId, limit),
+        )
+        return [_auditEvent(r) for r in rows]
+
+    def lastAuditId(self) -> Deferred[int]:
+        return self._run(self._lastAuditId)
+
+    def _lastAuditId(self) -> int:
+        row = self._read("SELECT MAX(id) AS m FROM audit")[0]
+        return int(row["m"]) if row["m"] is not None else 0
+
+    def close(self) -> Deferred[None]:
+        return self._run(self._connection.close)
