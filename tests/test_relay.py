@@ -240,9 +240,13 @@ class RefusalTests(RelayTestCase):
         self.assertEqual(session.openFailureText, "device 'kiln7' is revoked")
 
     def test_controlShell(self) -> None:
-        """ctl is refused with a clear message while the control shell does not exist."""
-        session = self.refusal("ctl")
-        self.assertIn("control shell", session.openFailureText)
+        """ctl opens the control shell, served by groundcontrol itself, not a device."""
+        session = self.openSession(self.operator("ctl"))
+        self.successResultOf(self.runCommand(session, b"whoami"))
+        self.fleet.flush()
+        self.assertIn(b"alice", bytes(session.output))
+        self.assertEqual(session.exitStatus, 0)
+        self.assertEqual(self.sessions, [])
 
 
 class FlowControlTests(RelayTestCase):

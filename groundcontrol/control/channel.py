@@ -163,10 +163,15 @@ class ControlChannel(FlowChannel):
             command = common.getNS(data)[0].decode("utf-8")
         except (ValueError, UnicodeDecodeError):
             return False
+        # Run after this request has been answered: a command that finishes
+        # at once must not send its exit status and close before the reply.
+        self.context.clock.callLater(0, self._runExec, command)
+        return True
+
+    def _runExec(self, command: str) -> None:
         d = defer.Deferred.fromCoroutine(runCommandLine(self.context, command))
         d.addCallback(self._finishWith)
         d.addErrback(self._failed)
-        return True
 
     # -- input ---------------------------------------------------------------
 
