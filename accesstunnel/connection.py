@@ -38,6 +38,7 @@ class TunnelConnection(connection.SSHConnection):
     def __init__(self) -> None:
         super().__init__()
         self._pendingOpens: set[defer.Deferred[Any]] = set()
+        self._globalReplies: defer.Deferred[None] = defer.succeed(None)
         self.stopped = False
 
     # -- incoming data -------------------------------------------------------
@@ -144,6 +145,46 @@ class TunnelConnection(connection.SSHConnection):
     def ssh_CHANNEL_OPEN_FAILURE(self, packet: bytes) -> None:
         if self._channelFor(_unpack_uint32(packet[:4])[0]) is not None:
             super().ssh_CHANNEL_OPEN_FAILURE(packet)
+
+    # -- global requests that may be answered later ----------------------------
+
+    def ssh_GLOBAL_REQUEST(self, packet: bytes) -> None:
+        """
+        Like Conch's, but C{gotGlobalRequest} may return a Deferred. Replies
+        must go out in the order the requests came (RFC 4254 4), so each
+        reply waits for the ones before it.
+        """
+        requestType, rest = common.getNS(packet)
+        wantReply, data = rest[0:1] not in (b"", b"\x00"), rest[1:]
+        result = defer.maybeDeferred(self.gotGlobalRequest, requestType, data)
+        if not wantReply:
+            result.addErrback(lambda f: self._log.failure("global request failed", f))
+            return
+
+        def reply(ret: Any) -> None:
+            if self.stopped:
+                return
+            if ret:
+                payload = ret[1] if isinstance(ret, (tuple, list)) else b""
+                self.transport.sendPacket(connection.MSG_REQUEST_SUCCESS, payload)
+            else:
+                self.transport.sendPacket(connection.MSG_REQUEST_FAILURE, b"")
+
+        def failed(reason: Failure) -> int:
+            self._log.failure("global request {request} failed", reason, request=requestType)
+            return 0
+
+        result.addErrback(failed)
+        previous = self._globalReplies
+        self._globalReplies = defer.Deferred()
+        mine = self._globalReplies
+
+        def inOrder(_: Any) -> Any:
+            result.addCallback(reply)
+            result.addBoth(lambda _: mine.callback(None))
+            return None
+
+        previous.addCallback(inOrder)
 
     # -- channel opens that may be answered later -----------------------------
 
