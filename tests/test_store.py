@@ -5,10 +5,11 @@ from __future__ import annotations
 import shutil
 import sqlite3
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh import keys
 from twisted.internet.defer import Deferred
@@ -25,19 +26,29 @@ from groundcontrol.store import (
     EnrollmentRequest,
     InvalidName,
     IStore,
+    PostgreSQLStore,
     SQLiteStore,
+    SQLStore,
     StoreError,
     UnknownAccount,
     UnknownDevice,
+    connectPostgreSQL,
     migrate,
+    migratePostgreSQL,
     openSQLiteStore,
+    openStore,
     schemaUpgraders,
+    sqlitePath,
+    storeKind,
     synchronousRunner,
     threadRunner,
 )
+from groundcontrol.store._dialect import POSTGRESQL
 from groundcontrol.store._sqlite import connect
+from groundcontrol.store.pgtesting import ThrowawayPostgreSQL
 
 T0 = 1_700_000_000.0
+_C = TypeVar("_C", bound=type)
 
 
 def newPublicKey() -> str:
@@ -47,20 +58,75 @@ def newPublicKey() -> str:
 
 
 class StoreTestCase(SynchronousTestCase):
-    """Opens a migrated store on a temporary SQLite file with the synchronous runner."""
+    """
+    Opens a migrated store with the synchronous runner: on a temporary SQLite file, or (in
+    the C{PostgreSQL...} variants made by L{bothBackends}) in a fresh schema of the
+    session's throwaway PostgreSQL server.
+    """
+
+    backend: ClassVar[str] = "sqlite"
+    postgresql: ClassVar[ThrowawayPostgreSQL | None] = None
 
     def setUp(self) -> None:
-        directory = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
-        self.path = str(Path(directory) / "store.sqlite3")
-        self.store = self.successResultOf(openSQLiteStore(self.path, synchronousRunner))
-        self.addCleanup(self.store.close)
+        if self.backend == "postgresql":
+            assert self.postgresql is not None, "the postgresqlForClass fixture did not run"
+            self.url = self.postgresql.newDatabase()
+        else:
+            directory = tempfile.mkdtemp()
+            self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+            self.path = str(Path(directory) / "store.sqlite3")
+            self.url = self.path
+        self.store: SQLStore = self.openAnother()
 
-    def contact(self, name: str, publicKey: str, now: float = T0, serial: str | None = None) -> Any:
+    def openAnother(self) -> SQLStore:
+        """Open another connection to the same store: another process, or another node."""
+        store = self.successResultOf(openStore(self.url, synchronousRunner))
+        self.addCleanup(store.close)
+        return store
+
+    def rawQuery(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run one statement (C{?} placeholders) on a fresh driver connection; commit."""
+        if self.backend == "postgresql":
+            import psycopg
+
+            with psycopg.connect(self.url, autocommit=True) as connection:
+                cursor = connection.execute(POSTGRESQL.sql(sql), tuple(args))
+                return list(cursor.fetchall()) if cursor.description else []
+        connection = sqlite3.connect(self.path)
+        try:
+            rows = connection.execute(sql, tuple(args)).fetchall()
+            connection.commit()
+            return rows
+        finally:
+            connection.close()
+
+    def rawMigrate(self, upTo: int | None = None) -> int:
+        """Migrate with the driver-level function, as C{groundcontrol init} does."""
+        if self.backend == "postgresql":
+            connection = connectPostgreSQL(self.url)
+            try:
+                return migratePostgreSQL(connection, upTo)
+            finally:
+                connection.close()
+        sqliteConnection = connect(self.path)
+        try:
+            return migrate(sqliteConnection, upTo)
+        finally:
+            sqliteConnection.close()
+
+    def contact(
+        self,
+        name: str,
+        publicKey: str,
+        now: float = T0,
+        serial: str | None = None,
+        source: str = "192.0.2.1:5000",
+        **kwargs: Any,
+    ) -> Any:
         """Record an agent's contact and return the store's answer."""
         return self.successResultOf(
             self.store.recordContact(
-                name, publicKey, fingerprint(publicKey), serial, "192.0.2.1:5000", now
+                name, publicKey, fingerprint(publicKey), serial, source, now, **kwargs
             )
         )
 
@@ -71,9 +137,39 @@ class StoreTestCase(SynchronousTestCase):
         device = self.successResultOf(self.store.approveDevice(name, "admin", now))
         return publicKey, device
 
+    def events(self, after: int = 0) -> list[Any]:
+        """Every audit event after id C{after}."""
+        return self.successResultOf(self.store.auditSince(after, limit=10_000))
+
     def failureOf(self, d: Deferred[Any], *errors: type[BaseException]) -> BaseException:
         """Return the exception a failed Deferred carries, checking its type."""
         return self.failureResultOf(d, *errors).value
+
+
+def bothBackends(cls: _C) -> _C:
+    """
+    Class decorator: also run C{cls} on PostgreSQL, as C{PostgreSQL<cls>} in its module.
+
+    trial test cases cannot be parametrised by pytest, so the variant is a subclass that
+    asks for the session's server through a class-scoped fixture; it is skipped, with the
+    reason, only when the PostgreSQL binaries are not installed.
+    """
+    import sys
+
+    name = f"PostgreSQL{cls.__name__}"
+    variant = type(
+        name,
+        (cls,),
+        {
+            "backend": "postgresql",
+            "__module__": cls.__module__,
+            "__qualname__": name,
+            "__doc__": f"{(cls.__doc__ or '').strip()} (on PostgreSQL)",
+        },
+    )
+    variant = pytest.mark.usefixtures("postgresqlForClass")(variant)
+    setattr(sys.modules[cls.__module__], name, variant)
+    return cls
 
 
 class FingerprintTests(SynchronousTestCase):
@@ -101,24 +197,21 @@ class NameTests(SynchronousTestCase):
             self.assertFalse(isValidDeviceName(bad), bad)
 
 
+@bothBackends
 class MigrationTests(StoreTestCase):
     """The schema is created from the shipped files and re-opening is harmless."""
 
     def test_interface(self) -> None:
-        """SQLiteStore provides every IStore method."""
-        self.assertIsInstance(self.store, SQLiteStore)
+        """The store provides every IStore method."""
+        expected = PostgreSQLStore if self.backend == "postgresql" else SQLiteStore
+        self.assertIsInstance(self.store, expected)
         self.assertTrue(verifyObject(IStore, self.store))
 
     def test_fromEmpty(self) -> None:
-        """A new file ends at the newest version with every table of the schema."""
-        connection = sqlite3.connect(self.path)
-        self.addCleanup(connection.close)
-        version = connection.execute("SELECT version FROM version").fetchall()
-        self.assertEqual(version, [(schemaUpgraders()[-1][0],)])
-        tables = {
-            row[0]
-            for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-        }
+        """A new database ends at the newest version with every table of the schema."""
+        self.assertEqual(
+            self.rawQuery("SELECT version FROM version"), [(schemaUpgraders()[-1][0],)]
+        )
         for table in [
             "accounts",
             "account_keys",
@@ -126,32 +219,98 @@ class MigrationTests(StoreTestCase):
             "enrollment_requests",
             "grants",
             "audit",
+            "certificates",
+            "tokens",
+            "token_redemptions",
+            "claim_codes",
         ]:
-            self.assertIn(table, tables)
-        self.assertEqual(
-            connection.execute("PRAGMA journal_mode").fetchone()[0].lower(),
-            "wal",
-        )
+            self.assertEqual(self.rawQuery(f"SELECT COUNT(*) FROM {table}"), [(0,)], table)
 
     def test_reopenIsIdempotent(self) -> None:
-        """Re-opening keeps data and the single version row; migrate() again is a no-op."""
+        """Re-opening keeps data and the single version row; migrating again is a no-op."""
         self.successResultOf(self.store.addAccount("alice", [newPublicKey()], False, T0))
-        again = self.successResultOf(openSQLiteStore(self.path, synchronousRunner))
-        self.addCleanup(again.close)
+        again = self.openAnother()
         self.assertEqual([a.name for a in self.successResultOf(again.listAccounts())], ["alice"])
-        connection = connect(self.path)
-        self.addCleanup(connection.close)
-        self.assertEqual(migrate(connection), schemaUpgraders()[-1][0])
-        self.assertEqual(len(connection.execute("SELECT * FROM version").fetchall()), 1)
+        self.assertEqual(self.rawMigrate(), schemaUpgraders()[-1][0])
+        self.assertEqual(len(self.rawQuery("SELECT * FROM version")), 1)
 
     def test_newerDatabaseRefused(self) -> None:
         """A database written by a newer groundcontrol is refused rather than misread."""
-        connection = sqlite3.connect(self.path)
-        connection.execute("UPDATE version SET version = 999")
-        connection.commit()
-        connection.close()
-        error = self.failureOf(openSQLiteStore(self.path, synchronousRunner), StoreError)
+        self.rawQuery("UPDATE version SET version = 999")
+        error = self.failureOf(openStore(self.url, synchronousRunner), StoreError)
         self.assertIn("newer", str(error))
+
+    def test_sameVersionsInEveryDialect(self) -> None:
+        """Version N exists for SQLite and PostgreSQL alike: one version, one schema."""
+        self.assertEqual(
+            [v for v, _ in schemaUpgraders()], [v for v, _ in POSTGRESQL.schemaUpgraders()]
+        )
+
+    def test_upgradeFrom001(self) -> None:
+        """
+        A version 1 database with pending requests upgrades to 2: the requests keep their
+        data and get the host of their source (IPv4, bracketed IPv6, or whole).
+        """
+        self.rawQuery("DROP TABLE version")
+        for table in [
+            "audit",
+            "grants",
+            "enrollment_requests",
+            "devices",
+            "account_keys",
+            "accounts",
+            "certificates",
+            "token_redemptions",
+            "tokens",
+            "claim_codes",
+        ]:
+            self.rawQuery(f"DROP TABLE {table}")
+        self.assertEqual(self.rawMigrate(upTo=1), 1)
+        for i, source in enumerate(["192.0.2.1:5000", "[2001:db8::1]:22", "test"]):
+            self.rawQuery(
+                "INSERT INTO enrollment_requests (fingerprint, requested_name, public_key, "
+                "serial, source, first_seen, last_seen, kind) VALUES (?, ?, 'k', NULL, ?, ?, ?, "
+                "'new')",
+                (f"fp{i}", f"dev{i}", source, T0, T0),
+            )
+        self.assertEqual(self.rawMigrate(), schemaUpgraders()[-1][0])
+        store = self.openAnother()
+        for host in ["192.0.2.1", "2001:db8::1", "test"]:
+            self.assertEqual(self.successResultOf(store.countPendingFrom(host, T0)), 1, host)
+        requests = self.successResultOf(store.listEnrollmentRequests())
+        self.assertEqual(requests[0].source, "192.0.2.1:5000")
+
+
+class SQLiteFileTests(StoreTestCase):
+    """What only the SQLite file needs: WAL for sharing with the CLI, store URLs."""
+
+    def test_wal(self) -> None:
+        """The file is in WAL mode, so the CLI can write while the server reads."""
+        connection = sqlite3.connect(self.path)
+        self.addCleanup(connection.close)
+        self.assertEqual(connection.execute("PRAGMA journal_mode").fetchone()[0].lower(), "wal")
+
+    def test_openSQLiteStore(self) -> None:
+        """openSQLiteStore(path) and openStore('sqlite://' + path) open the same file."""
+        self.successResultOf(self.store.addAccount("alice", [newPublicKey()], False, T0))
+        for opened in [
+            openSQLiteStore(self.path, synchronousRunner),
+            openStore("sqlite://" + self.path, synchronousRunner),
+        ]:
+            store = self.successResultOf(opened)
+            self.addCleanup(store.close)
+            self.assertEqual(len(self.successResultOf(store.listAccounts())), 1)
+
+    def test_urls(self) -> None:
+        """Store URLs: sqlite:// and paths are SQLite, postgres(ql):// is PostgreSQL."""
+        self.assertEqual(storeKind("/var/lib/gc.sqlite3"), "sqlite")
+        self.assertEqual(storeKind("sqlite:///var/lib/gc.sqlite3"), "sqlite")
+        self.assertEqual(sqlitePath("sqlite:///var/lib/gc.sqlite3"), "/var/lib/gc.sqlite3")
+        self.assertEqual(sqlitePath("relative/gc.db"), "relative/gc.db")
+        self.assertEqual(storeKind("postgresql://gc@db.example/gc"), "postgresql")
+        self.assertEqual(storeKind("postgres://gc@db.example/gc"), "postgresql")
+        self.assertRaises(StoreError, storeKind, "mysql://x/y")
+        self.failureResultOf(openStore("mysql://x/y", synchronousRunner), StoreError)
 
 
 class RunnerTests(SynchronousTestCase):
@@ -210,6 +369,7 @@ class RunnerTests(SynchronousTestCase):
         )
 
 
+@bothBackends
 class ContactTests(StoreTestCase):
     """recordContact: the key decides the device; names are only requests."""
 
@@ -285,6 +445,7 @@ class ContactTests(StoreTestCase):
         self.failureResultOf(self.store.touchDevice("nope", T0), UnknownDevice)
 
 
+@bothBackends
 class ApprovalTests(StoreTestCase):
     """approveDevice and revokeDevice."""
 
@@ -380,6 +541,7 @@ class ApprovalTests(StoreTestCase):
         self.failureResultOf(self.store.revokeDevice("ghost", "root", T0), UnknownDevice)
 
 
+@bothBackends
 class AccountTests(StoreTestCase):
     """Accounts and their keys."""
 
@@ -416,6 +578,7 @@ class AccountTests(StoreTestCase):
         self.failureResultOf(self.store.addAccountKey("nobody", newPublicKey(), T0), UnknownAccount)
 
 
+@bothBackends
 class GrantTests(StoreTestCase):
     """mayReach: admins reach all, operators what is granted and unexpired."""
 
@@ -460,6 +623,7 @@ class GrantTests(StoreTestCase):
         self.failureResultOf(self.store.grant("alice", "ghost", "root", T0), UnknownDevice)
 
 
+@bothBackends
 class AuditTests(StoreTestCase):
     """The audit log as an ordered, resumable change feed."""
 
@@ -478,10 +642,9 @@ class AuditTests(StoreTestCase):
         self.assertEqual(self.successResultOf(self.store.auditSince(written[-1].id)), [])
 
     def test_otherConnectionSeesChanges(self) -> None:
-        """A change made through a second connection (the CLI) shows up in this store's feed."""
+        """A change made through a second connection (the CLI, a node) shows in this feed."""
         start = self.successResultOf(self.store.lastAuditId())
-        other = self.successResultOf(openSQLiteStore(self.path, synchronousRunner))
-        self.addCleanup(other.close)
+        other = self.openAnother()
         self.enroll("kiln7", T0)
         self.successResultOf(other.revokeDevice("kiln7", "cli", T0 + 1))
         events = self.successResultOf(self.store.auditSince(start))

@@ -1,21 +1,47 @@
 """The store: groundcontrol's durable state (devices, accounts, grants, enrollment, audit).
 
-Everything goes through L{IStore}, whose methods return Deferreds; the SQLite implementation
-runs its blocking calls through an injected runner (L{threadRunner} in the server,
-L{synchronousRunner} in tests and the CLI).
+Everything goes through L{IStore}, whose methods return Deferreds; the SQL implementations
+(SQLite by default, PostgreSQL when several nodes share a fleet) run their blocking calls
+through an injected runner (L{threadRunner} in the server, L{synchronousRunner} in tests and
+the CLI). L{openStore} picks the implementation from a URL.
 """
 
 from ._errors import (
     AlreadyExists,
     AmbiguousRequest,
+    ClaimCodeExpired,
+    ClaimCodeInvalid,
+    ClaimRefused,
     InvalidName,
+    NameTaken,
+    PendingLimitReached,
     StoreError,
+    TokenExhausted,
+    TokenExpired,
+    TokenInvalid,
     UnknownAccount,
     UnknownDevice,
 )
 from ._interface import IStore
-from ._records import Account, AuditEvent, Device, EnrollmentRequest
+from ._open import databaseErrors, openStore, sqlitePath, storeKind
+from ._postgresql import (
+    PostgreSQLStore,
+    connectPostgreSQL,
+    migratePostgreSQL,
+    openPostgreSQLStore,
+)
+from ._records import (
+    Account,
+    AuditEvent,
+    Certificate,
+    CertificateState,
+    Device,
+    EnrollmentRequest,
+    PendingLimits,
+    TokenRecord,
+)
 from ._runner import Runner, synchronousRunner, threadRunner
+from ._sql import SQLStore, cleanSerial, sourceHost
 from ._sqlite import SQLiteStore, connect, migrate, openSQLiteStore, schemaUpgraders
 
 __all__ = [
@@ -23,19 +49,42 @@ __all__ = [
     "AlreadyExists",
     "AmbiguousRequest",
     "AuditEvent",
+    "Certificate",
+    "CertificateState",
+    "ClaimCodeExpired",
+    "ClaimCodeInvalid",
+    "ClaimRefused",
     "Device",
     "EnrollmentRequest",
     "IStore",
     "InvalidName",
+    "NameTaken",
+    "PendingLimitReached",
+    "PendingLimits",
+    "PostgreSQLStore",
     "Runner",
+    "SQLStore",
     "SQLiteStore",
     "StoreError",
+    "TokenExhausted",
+    "TokenExpired",
+    "TokenInvalid",
+    "TokenRecord",
     "UnknownAccount",
     "UnknownDevice",
+    "cleanSerial",
     "connect",
+    "connectPostgreSQL",
+    "databaseErrors",
     "migrate",
+    "migratePostgreSQL",
+    "openPostgreSQLStore",
     "openSQLiteStore",
+    "openStore",
     "schemaUpgraders",
+    "sourceHost",
+    "sqlitePath",
+    "storeKind",
     "synchronousRunner",
     "threadRunner",
 ]

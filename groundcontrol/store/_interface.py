@@ -60,20 +60,47 @@ class IStore(Interface):
     def listEnrollmentRequests():
         """@return: Deferred firing with all pending L{EnrollmentRequest}s, by name, first seen."""
 
-    def recordContact(requestedName, publicKey, fingerprint, serial, source, now):
+    def recordContact(requestedName, publicKey, fingerprint, serial, source, now, limits=None):
         """
         Record that an agent authenticated with C{publicKey} and asked to be C{requestedName}.
 
         The key decides, never the name: a key bound to an approved device yields that
         L{Device} (its C{lastSeen} set to C{now}) whatever name was asked for; a key bound
         to a revoked device yields that revoked L{Device}, which the caller must refuse.
+        An approved device whose latest certificate has expired, and that nobody approved
+        since, yields an L{EnrollmentRequest} of kind C{"reapprove"} (same key, its own
+        name): it is pending, not routable, until C{approveDevice(name)} or a claim.
         Any other key becomes (or refreshes) an L{EnrollmentRequest}: C{kind="rekey"} if
         the name belongs to an existing device, else C{"new"}. A request never takes or
         shadows a device's name. The first appearance of a request is audited as
-        C{device.pending}.
+        C{device.rekey-requested} (kind rekey) or C{device.pending} (new, reapprove).
+        A C{serial} of None keeps the one already known (see L{updateSerial}).
 
+        @param source: C{host:port} of the peer; the host is kept apart for the per-host cap.
+        @param limits: a L{PendingLimits}: refuse a contact that would add a new (or
+            rekey) request beyond them, atomically with the insert. Refreshing a request or
+            a re-approval is never refused.
         @return: Deferred firing with a L{Device} or an L{EnrollmentRequest}; fails with
-            L{InvalidName} for a malformed name.
+            L{InvalidName} for a malformed name, L{PendingLimitReached} past C{limits}.
+        """
+
+    def countPending():
+        """@return: Deferred firing with the number of pending enrollment requests."""
+
+    def countPendingFrom(sourceHost, since):
+        """
+        @return: Deferred firing with the number of pending requests first seen from host
+            C{sourceHost} (no port) at or after C{since}.
+        """
+
+    def updateSerial(fingerprint, serial, now=None):
+        """
+        Store the board serial the agent reported after login, on the device or pending
+        request with that key. Control characters are stripped, at most 128 characters kept.
+        A change is audited as C{device.serial-changed} (at C{now}, else at the key's last
+        contact).
+
+        @return: Deferred firing with True, or False if no device or request has that key.
         """
 
     def approveDevice(name, actor, now, fingerprint=None):
@@ -81,8 +108,10 @@ class IStore(Interface):
         Approve the pending request for C{name} (only the one with C{fingerprint}, if given).
 
         A request for a new name creates the device; a request for an existing device's
-        name replaces that device's key (and re-approves it). With no pending request, a
-        revoked device is re-approved with its known key. Audited as C{device.approved}.
+        name replaces that device's key (and re-approves it; the old key's certificates are
+        revoked); a C{"reapprove"} request re-approves the device with its own key in one
+        step. With no pending request, a revoked device is re-approved with its known key.
+        Audited as C{device.approved} (detail C{kind}: new, rekey, reapprove, reinstate).
 
         @return: Deferred firing with the approved L{Device}; fails with
             L{AmbiguousRequest} (several requests, no fingerprint), L{UnknownDevice} (no
@@ -92,12 +121,97 @@ class IStore(Interface):
     def revokeDevice(name, actor, now):
         """
         Make a device unroutable; its key stays recognised so it cannot re-enroll silently.
+        Its certificates are marked revoked (listed in the C{device.revoked} audit detail);
+        a pending re-approval and a claim code of its key are dropped.
 
         @return: Deferred firing with the revoked L{Device}; L{UnknownDevice}.
         """
 
     def touchDevice(name, now):
         """Set a device's C{lastSeen}. @return: Deferred firing with None; L{UnknownDevice}."""
+
+    # -- certificates -----------------------------------------------------------
+
+    def recordCertificate(deviceName, serialNumber, fingerprint, notBefore, notAfter, now):
+        """
+        Record a certificate the fleet CA issued to an approved device, for its current key
+        (C{fingerprint} is the SSH C{SHA256:...} fingerprint the certificate binds). Audited
+        as C{certificate.issued}; the device's C{certificateExpiresAt} follows.
+
+        @return: Deferred firing with the L{Certificate}; L{UnknownDevice}, L{AlreadyExists}
+            (serial reused), L{StoreError} (device not approved, or key mismatch).
+        """
+
+    def certificateState(serialNumber, now):
+        """
+        @return: Deferred firing with C{"valid"}, C{"revoked"}, C{"expired"} (C{not_after}
+            <= C{now}) or C{"unknown"} (never recorded).
+        """
+
+    def listCertificates(deviceName):
+        """@return: Deferred firing with the device's L{Certificate}s, oldest first."""
+
+    # -- enrollment tokens ------------------------------------------------------
+
+    def createToken(tokenHash, uses, expiresAt, actor, now):
+        """
+        Create an enrollment token from its SHA-256 (64 lower-case hex digits; the token
+        itself is never stored). Audited as C{token.created}.
+
+        @return: Deferred firing with the L{TokenRecord}; L{AlreadyExists}, L{StoreError}.
+        """
+
+    def listTokens():
+        """@return: Deferred firing with every L{TokenRecord}, oldest first."""
+
+    def redeemToken(tokenHash, fingerprint, publicKey, requestedName, serial, source, now):
+        """
+        Enroll a new device with a token, atomically: the token must exist, be unexpired,
+        have a use left and not have been redeemed by this key before; the name must be
+        free and the key unknown (tokens never re-key nor revive a device). Uses one use,
+        creates the approved device (approved by C{token:ID}), drops the key's pending
+        request. Audited as C{device.approved} with actor C{token:ID}.
+
+        @return: Deferred firing with the new L{Device}; L{TokenInvalid} (unknown, or
+            replayed by this key), L{TokenExpired}, L{TokenExhausted}, L{NameTaken},
+            L{AlreadyExists} (key is already a device), L{InvalidName}, L{StoreError}.
+        """
+
+    # -- claims -----------------------------------------------------------------
+
+    def registerClaimCode(codeHash, fingerprint, requestedName, expiresAt, now):
+        """
+        Register the pairing code (its SHA-256 hex) an agent shows, replacing any older code
+        of that key. The key must have connected (a pending request or a device), since the
+        claim takes the public key from there. Audited as C{claim.code-registered}.
+
+        @return: Deferred firing with None; L{UnknownDevice}, L{AlreadyExists} (code in
+            use: make another), L{InvalidName}, L{StoreError}.
+        """
+
+    def claimDevice(codeHash, account, leaseUntil, now):
+        """
+        Approve the device showing that code and make C{account} its owner until
+        C{leaseUntil}, atomically; the code is used up. Works for a new device, a
+        C{"reapprove"} of the same key, a renewal by the owner, or re-claiming a device
+        that an earlier claim approved and whose lease lapsed. Audited as
+        C{device.claimed} (detail: owner, leaseUntil, kind); this is also an approval.
+
+        @return: Deferred firing with the L{Device}; L{ClaimCodeInvalid},
+            L{ClaimCodeExpired}, L{NameTaken}, L{ClaimRefused} (revoked, admin-approved or
+            owned by another account).
+        """
+
+    def lapsedLeases(now):
+        """@return: Deferred firing with the owned L{Device}s whose lease ended by C{now}."""
+
+    def endLease(name, now):
+        """
+        Clear a lapsed lease's owner, audited as C{claim.lapsed} (detail: owner).
+
+        @return: Deferred firing with the L{Device}, or None if it has no lapsed lease
+            (renewed since L{lapsedLeases} saw it); L{UnknownDevice}.
+        """
 
     # -- grants -----------------------------------------------------------------
 
@@ -120,7 +234,8 @@ class IStore(Interface):
         """
         Decide whether C{account} may open sessions to C{deviceName} at time C{now}.
 
-        Admins reach every device; operators reach devices they hold an unexpired grant for.
+        Admins reach every device; operators reach devices they hold an unexpired grant for,
+        and devices they own by a claim while its lease lasts (C{leaseUntil > now}).
         This is authorisation only: the caller still checks that the device is approved.
 
         @return: Deferred firing with a bool.

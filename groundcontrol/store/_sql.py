@@ -600,10 +600,12 @@ class SQLStore:
                 f"{limits.window:g} s); try again later"
             )
 
-    def updateSerial(self, fingerprint: str, serial: str | None) -> Deferred[bool]:
-        return self._run(self._updateSerial, fingerprint, serial)
+    def updateSerial(
+        self, fingerprint: str, serial: str | None, now: float | None = None
+    ) -> Deferred[bool]:
+        return self._run(self._updateSerial, fingerprint, serial, now)
 
-    def _updateSerial(self, fingerprint: str, serial: str | None) -> bool:
+    def _updateSerial(self, fingerprint: str, serial: str | None, now: float | None) -> bool:
         serial = cleanSerial(serial)
         with self._write() as c:
             row = c.execute(
@@ -623,9 +625,11 @@ class SQLStore:
                 c.execute(
                     f"UPDATE {table} SET serial = ? WHERE fingerprint = ?", (serial, fingerprint)
                 )
-                # No clock argument in this call's contract: the audit time is the last
-                # contact the server recorded for this key, which is when it came in.
-                if table == "devices":
+                # Without a clock argument the audit time is the key's last recorded
+                # contact: the serial is reported right after that login.
+                if now is not None:
+                    when = now
+                elif table == "devices":
                     when = c.execute(
                         "SELECT COALESCE(last_seen, approved_at) AS t FROM devices "
                         "WHERE fingerprint = ?",

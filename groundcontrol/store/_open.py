@@ -1,0 +1,67 @@
+"""Open whichever store a URL names: the one switch between SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred, fail
+
+from ._errors import StoreError
+from ._postgresql import openPostgreSQLStore
+from ._runner import Runner
+from ._sql import SQLStore
+from ._sqlite import openSQLiteStore
+
+__all__ = ["databaseErrors", "openStore", "storeKind"]
+
+
+def storeKind(url: str) -> str:
+    """
+    C{"postgresql"} for C{postgresql://} or C{postgres://} URLs, C{"sqlite"} for
+    C{sqlite:///path} or a plain path.
+
+    @raise StoreError: another URL scheme (a typo must not become a file of that name).
+    """
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql"
+    if url.startswith("sqlite://") or "://" not in url:
+        return "sqlite"
+    scheme = url.split("://", 1)[0]
+    raise StoreError(f"unsupported store URL {scheme}://...: use sqlite:// or postgresql://")
+
+
+def sqlitePath(url: str) -> str:
+    """The file path of a SQLite store URL: C{sqlite:///var/lib/gc.db} is C{/var/lib/gc.db}."""
+    return url[len("sqlite://") :] if url.startswith("sqlite://") else url
+
+
+def openStore(url: str, runner: Runner) -> Deferred[SQLStore]:
+    """
+    Open (creating and migrating as needed) the store at C{url} through C{runner}.
+
+    C{sqlite:///ABSOLUTE/PATH}, C{sqlite://RELATIVE/PATH} or a bare path open a SQLite file;
+    C{postgresql://user@host:port/db} (any libpq URL, C{?options=-csearch_path=...} included)
+    opens a PostgreSQL database that several groundcontrol nodes may share.
+    """
+    try:
+        kind = storeKind(url)
+    except StoreError:
+        return fail()
+    if kind == "postgresql":
+        return openPostgreSQLStore(url, runner)  # type: ignore[return-value]
+    return openSQLiteStore(sqlitePath(url), runner)  # type: ignore[return-value]
+
+
+def databaseErrors() -> tuple[type[BaseException], ...]:
+    """
+    The drivers' own error classes: the database failed (unreachable, locked too long,
+    disk full) rather than the store refusing a request. The CLI reports them in one line.
+    """
+    import sqlite3
+
+    errors: list[type[BaseException]] = [sqlite3.Error]
+    try:
+        import psycopg
+    except ImportError:
+        pass
+    else:
+        errors.append(psycopg.Error)
+    return tuple(errors)

@@ -1,0 +1,99 @@
+"""The PostgreSQL store: one database shared by several groundcontrol nodes.
+
+The statements are shared with SQLite in L{groundcontrol.store._sql}. What is particular
+here: the driver (psycopg 3, imported only when a PostgreSQL URL is opened, so a SQLite-only
+install does not need it), the PostgreSQL DDL files, reconnecting after the server went
+away, and the write lock: every write transaction first takes one transaction-scoped
+advisory lock, shared by all nodes, which gives the same serialised writers as SQLite's
+C{BEGIN IMMEDIATE} and keeps audit ids visible in commit order (the change feed each node
+polls must never skip an id that commits late).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from twisted.internet.defer import Deferred
+
+from ._dialect import POSTGRESQL, Cursor
+from ._runner import Runner
+from ._sql import SQLStore, migrateWith
+
+__all__ = ["PostgreSQLStore", "connectPostgreSQL", "migratePostgreSQL", "openPostgreSQLStore"]
+
+# How long a writer waits for the store's write lock (or any row lock) before failing, like
+# SQLite's busy timeout: a node stuck holding it must not hang every other node for good.
+_LOCK_TIMEOUT = "5s"
+
+
+def connectPostgreSQL(url: str) -> Any:
+    """
+    Connect to C{url} (a libpq URL: C{postgresql://user@host:port/db?options=...}).
+
+    Autocommit, because the store issues its own C{BEGIN}/C{COMMIT}: reads then never hold
+    a transaction (and its snapshot) open between calls. Rows come back as dicts, which the
+    store reads by column name exactly like C{sqlite3.Row}.
+    """
+    import psycopg
+    from psycopg.rows import dict_row
+
+    connection = psycopg.connect(
+        url, autocommit=True, row_factory=dict_row, application_name="groundcontrol"
+    )
+    try:
+        connection.execute(f"SET lock_timeout = '{_LOCK_TIMEOUT}'")
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def migratePostgreSQL(connection: Any, upTo: int | None = None) -> int:
+    """
+    Bring the database to the newest PostgreSQL schema (or C{upTo}); return its version.
+
+    The migration holds the advisory write lock, so nodes starting together apply each
+    upgrader once; DDL is transactional, so a failed upgrade leaves the previous version.
+    """
+    return migrateWith(connection.cursor(), POSTGRESQL, sqlite3.complete_statement, upTo)
+
+
+class PostgreSQLStore(SQLStore):
+    """
+    L{IStore} on one PostgreSQL connection, reconnecting if the server dropped it.
+
+    A dropped connection fails the call that finds it (the caller sees the driver's
+    C{OperationalError}); the next call opens a new one, so a server restart costs one
+    failed request, not a groundcontrol restart.
+    """
+
+    dialect = POSTGRESQL
+
+    def __init__(self, connection: Any, runner: Runner, url: str) -> None:
+        super().__init__(connection, runner)
+        self._url = url
+
+    def _rawCursor(self) -> Any:
+        if self._connection.closed or self._connection.broken:
+            self._connection = connectPostgreSQL(self._url)
+        return self._connection.cursor()
+
+    def _rollback(self, c: Cursor) -> None:
+        if not self._connection.broken:
+            c.execute("ROLLBACK")
+
+
+def openPostgreSQLStore(url: str, runner: Runner) -> Deferred[PostgreSQLStore]:
+    """Connect to the PostgreSQL store at C{url}, migrating it if needed, through C{runner}."""
+
+    def _open() -> Any:
+        connection = connectPostgreSQL(url)
+        try:
+            migratePostgreSQL(connection)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    return runner(_open).addCallback(lambda connection: PostgreSQLStore(connection, runner, url))
