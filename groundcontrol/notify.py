@@ -1,0 +1,465 @@
+"""Telling people about fleet events: a structured log line always, a webhook when configured.
+
+New pending devices, approvals, re-key requests, revocations and lapsed leases are decisions
+a human may need to take or audit, so they are pushed out as they happen. Notification is a
+side effect of those actions and must never undo or delay them: L{INotifier.notify} returns
+at once and never raises, and a slow or dead webhook costs bounded memory and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import random as _random
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any
+from typing import Protocol as TypingProtocol
+from urllib.parse import urlsplit
+
+from attrs import field, frozen
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
+from zope.interface import Interface, implementer
+
+__all__ = [
+    "DEVICE_APPROVED",
+    "DEVICE_LEASE_ENDED",
+    "DEVICE_PENDING",
+    "DEVICE_REKEY_REQUESTED",
+    "DEVICE_REVOKED",
+    "USER_AGENT",
+    "FleetEvent",
+    "HTTPPoster",
+    "INotifier",
+    "LogNotifier",
+    "MultiNotifier",
+    "Notifier",
+    "WebhookNotifier",
+    "makeNotifier",
+]
+
+#: Event names. A webhook receiver switches on these, so once shipped they do not change.
+DEVICE_PENDING = "device.pending"
+DEVICE_REKEY_REQUESTED = "device.rekey-requested"
+DEVICE_APPROVED = "device.approved"
+DEVICE_REVOKED = "device.revoked"
+DEVICE_LEASE_ENDED = "device.lease-ended"
+
+USER_AGENT = "access-tunnel-groundcontrol"
+
+
+def _frozenDetail(detail: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """A read-only copy, so an event cannot change while it waits in a retry queue."""
+    return MappingProxyType(dict(detail or {}))
+
+
+@frozen
+class FleetEvent:
+    """
+    Something happened to a device that someone should hear about.
+
+    @ivar event: what happened, one of the C{DEVICE_*} names (or a newer one).
+    @ivar device: the device name (for a pending device, the name it asked for).
+    @ivar actor: who did it: an account name, C{"token"}, C{"claim"}, C{"system"} for
+        automatic actions such as a lease ending, or C{None} when the device itself did.
+    @ivar at: when, in seconds since the epoch (from the injected clock).
+    @ivar detail: event-specific facts (key fingerprint, serial, source address, ...); values
+        should be JSON-serialisable, anything else is sent as its C{str}.
+    """
+
+    event: str
+    device: str
+    actor: str | None
+    at: float
+    detail: Mapping[str, Any] = field(factory=dict, converter=_frozenDetail, hash=False)
+
+    def toJSON(self) -> dict[str, Any]:
+        """The webhook payload: the fields, plus C{time} as ISO 8601 for human readers."""
+        return {
+            "event": self.event,
+            "device": self.device,
+            "actor": self.actor,
+            "at": self.at,
+            "time": datetime.fromtimestamp(self.at, UTC).isoformat().replace("+00:00", "Z"),
+            "detail": dict(self.detail),
+        }
+
+
+class INotifier(Interface):
+    """Somewhere fleet events go."""
+
+    def notify(event: FleetEvent) -> None:  # noqa: N805 - zope.interface style
+        """
+        Pass C{event} on, eventually. Returns at once; never raises, whatever goes wrong,
+        because the caller is in the middle of approving or revoking a device.
+        """
+
+
+class Notifier(TypingProtocol):
+    """L{INotifier} for type checkers, which do not read zope.interface declarations."""
+
+    def notify(self, event: FleetEvent) -> None: ...
+
+
+def _printable(text: str | None) -> str | None:
+    """Device-controlled text for a log line, with control characters replaced."""
+    if text is None:
+        return None
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+@implementer(INotifier)
+class LogNotifier:
+    """Every fleet event as a structured log event, so it is recorded even with no webhook."""
+
+    log = Logger()
+
+    def notify(self, event: FleetEvent) -> None:
+        try:
+            self.log.info(
+                "fleet event {event} for {device}",
+                event=_printable(event.event),
+                device=_printable(event.device),
+                actor=_printable(event.actor),
+                at=event.at,
+                detail=dict(event.detail),
+            )
+        except Exception:
+            # A broken log observer must not break an approval; there is nowhere left to
+            # report this but the log itself, which may work for other observers.
+            self.log.failure("could not log a fleet event")
+
+
+@implementer(INotifier)
+class MultiNotifier:
+    """Tells several notifiers; one that fails does not stop the others."""
+
+    log = Logger()
+
+    def __init__(self, notifiers: Iterable[Notifier]) -> None:
+        self.notifiers = tuple(notifiers)
+
+    def notify(self, event: FleetEvent) -> None:
+        for notifier in self.notifiers:
+            try:
+                notifier.notify(event)
+            except Exception:
+                self.log.failure("notifier {notifier!r} failed", notifier=notifier)
+
+
+class HTTPPoster(TypingProtocol):
+    """The part of L{treq.client.HTTPClient} (and L{treq.testing.StubTreq}) used here."""
+
+    def post(
+        self,
+        url: str,
+        /,
+        *,
+        data: bytes,
+        headers: Headers,
+        allow_redirects: bool,
+        unbuffered: bool,
+    ) -> Deferred[Any]: ...
+
+
+class _Discard(Protocol):
+    """
+    Reads a response body and throws it away: a webhook's answer is never buffered, however
+    long. Cancelling L{done} (the attempt timed out) aborts the connection.
+    """
+
+    def __init__(self) -> None:
+        self.done: Deferred[None] = Deferred(lambda _: self._abort())
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        # Whatever ended the body (done, truncated, aborted), the status line was the answer.
+        if not self.done.called:
+            self.done.callback(None)
+
+
+def _origin(url: str) -> str:
+    """The URL without path, query or credentials: webhook URLs often embed a secret."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+
+
+@implementer(INotifier)
+class WebhookNotifier:
+    """
+    POSTs each fleet event as JSON to a URL, retrying with jittered exponential backoff.
+
+    A webhook receiver (chat bridge, ticketing, on-call tool) may be briefly down, so
+    connection errors, timeouts and non-2xx answers are retried, up to C{maxAttempts} in all
+    for an event, then the event is given up with an error log (the log notifier still has
+    it). Redirects are not followed: a 3xx is a misconfigured URL, reported like any failure.
+
+    Memory is bounded: at most C{concurrency} events are in delivery and at most
+    C{maxPending} wait; when the queue is full the oldest waiting event is dropped with a
+    warning, since under a flood the newest events are the most useful. Order is not kept.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        url: str,
+        clock: IReactorTime,
+        httpClient: HTTPPoster,
+        maxAttempts: int = 8,
+        initialDelay: float = 1.0,
+        maxDelay: float = 300.0,
+        timeout: float = 10.0,
+        maxPending: int = 1000,
+        concurrency: int = 4,
+        random: Callable[[], float] = _random.random,
+    ) -> None:
+        """
+        @param url: an C{http://} or C{https://} URL; anything else is a configuration error
+            raised here, at start-up, rather than on the first event.
+        @param httpClient: a L{treq.client.HTTPClient} (see L{makeNotifier}) or a test double.
+        @param timeout: seconds for one attempt, from sending the request to the end of the
+            response; measured on C{clock}.
+        @param random: returns a float in [0, 1); the jitter source, injectable for tests.
+        @raise ValueError: for a bad URL or a non-positive limit.
+        """
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"webhook URL must be http:// or https://, got {_origin(url)!r}")
+        if maxAttempts < 1 or maxPending < 1 or concurrency < 1:
+            raise ValueError("maxAttempts, maxPending and concurrency must be at least 1")
+        self.url = url
+        self.clock = clock
+        self.httpClient = httpClient
+        self.maxAttempts = maxAttempts
+        self.initialDelay = initialDelay
+        self.maxDelay = maxDelay
+        self.timeout = timeout
+        self.maxPending = maxPending
+        self.concurrency = concurrency
+        self.random = random
+        self._origin = _origin(url)
+        self._pending: deque[FleetEvent] = deque()
+        self._active = 0
+        self._inFlight: set[Deferred[Any]] = set()
+        self._idleWaiters: list[Deferred[None]] = []
+        self._stopped = False
+
+    # -- INotifier --------------------------------------------------------------------------
+
+    def notify(self, event: FleetEvent) -> None:
+        try:
+            if self._stopped:
+                self.log.warn(
+                    "webhook stopped; not sending fleet event {event} for {device}",
+                    event=event.event,
+                    device=_printable(event.device),
+                )
+                return
+            if len(self._pending) >= self.maxPending:
+                dropped = self._pending.popleft()
+                self.log.warn(
+                    "webhook queue full ({limit} events waiting); dropped fleet event "
+                    "{event} for {device} at {at}",
+                    limit=self.maxPending,
+                    event=dropped.event,
+                    device=_printable(dropped.device),
+                    at=dropped.at,
+                )
+            self._pending.append(event)
+            while self._active < self.concurrency and self._pending:
+                self._active += 1
+                Deferred.fromCoroutine(self._work()).addErrback(
+                    lambda f: self.log.failure("webhook worker failed", f)
+                )
+        except Exception:
+            self.log.failure("could not queue a fleet event for the webhook")
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Events waiting for a worker (not counting those being delivered)."""
+        return len(self._pending)
+
+    def whenIdle(self) -> Deferred[None]:
+        """Fires once every queued event has been delivered or given up."""
+        if not self._active and not self._pending:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._idleWaiters.append(waiter)
+        return waiter
+
+    def stop(self) -> Deferred[None]:
+        """
+        Stop sending (at service shutdown): drop what waits, cancel requests and retry timers,
+        so no timer outlives the service. Fires when the workers have finished.
+        """
+        self._stopped = True
+        if self._pending:
+            self.log.warn(
+                "webhook stopping with {count} fleet events unsent", count=len(self._pending)
+            )
+            self._pending.clear()
+        for d in list(self._inFlight):
+            d.cancel()
+        return self.whenIdle()
+
+    # -- delivery ---------------------------------------------------------------------------
+
+    def retryDelay(self, attempt: int) -> float:
+        """
+        Seconds to wait after failed attempt number C{attempt} (1-based): doubling from
+        C{initialDelay}, capped at C{maxDelay}, randomised over the upper half of the interval
+        so that retries after a receiver outage do not arrive in lockstep.
+        """
+        ceiling = min(self.initialDelay * 2 ** min(attempt - 1, 64), self.maxDelay)
+        return ceiling * (0.5 + 0.5 * self.random())
+
+    async def _work(self) -> None:
+        try:
+            while self._pending and not self._stopped:
+                await self._deliver(self._pending.popleft())
+        finally:
+            self._active -= 1
+            if not self._active and not self._pending:
+                waiters, self._idleWaiters = self._idleWaiters, []
+                for waiter in waiters:
+                    waiter.callback(None)
+
+    async def _deliver(self, event: FleetEvent) -> None:
+        body = json.dumps(event.toJSON(), default=str, sort_keys=True).encode("utf-8")
+        fields = {
+            "event": event.event,
+            "device": _printable(event.device),
+            "webhook": self._origin,
+            "maxAttempts": self.maxAttempts,
+        }
+        for attempt in range(1, self.maxAttempts + 1):
+            failure = await self._attempt(body)
+            if failure is None:
+                self.log.debug(
+                    "webhook delivered fleet event {event} for {device} to {webhook} "
+                    "(attempt {attempt})",
+                    attempt=attempt,
+                    **fields,
+                )
+                return
+            if self._stopped:
+                return
+            if attempt == self.maxAttempts:
+                self.log.error(
+                    "webhook gave up on fleet event {event} for {device} after {maxAttempts} "
+                    "attempts to {webhook}: {reason}",
+                    reason=failure,
+                    **fields,
+                )
+                return
+            delay = self.retryDelay(attempt)
+            self.log.warn(
+                "webhook attempt {attempt}/{maxAttempts} for fleet event {event} for "
+                "{device} to {webhook} failed ({reason}); retrying in {delay:.1f}s",
+                attempt=attempt,
+                reason=failure,
+                delay=delay,
+                **fields,
+            )
+            if not await self._sleep(delay):
+                return
+
+    async def _sleep(self, delay: float) -> bool:
+        """Wait C{delay} on the clock; False if L{stop} interrupted the wait."""
+        timer: Deferred[None] = deferLater(self.clock, delay)
+        self._inFlight.add(timer)
+        try:
+            await timer
+        except CancelledError:
+            return False
+        finally:
+            self._inFlight.discard(timer)
+        return True
+
+    async def _attempt(self, body: bytes) -> str | None:
+        """One POST; C{None} on a 2xx answer, otherwise why it failed, for the log."""
+        try:
+            exchange = Deferred.fromCoroutine(self._exchange(body))
+        except Exception as e:
+            return _describe(e)
+        exchange.addTimeout(self.timeout, self.clock)
+        self._inFlight.add(exchange)
+        try:
+            code = await exchange
+        except TimeoutError:
+            return f"no complete answer within {self.timeout}s"
+        except CancelledError:
+            return "cancelled"
+        except Exception as e:
+            return _describe(e)
+        finally:
+            self._inFlight.discard(exchange)
+        if 200 <= code < 300:
+            return None
+        return f"HTTP {code}"
+
+    async def _exchange(self, body: bytes) -> int:
+        """Send the request, read the answer to its end (so the connection can be reused)."""
+        response = await self.httpClient.post(
+            self.url,
+            data=body,
+            headers=Headers(
+                {
+                    b"Content-Type": [b"application/json"],
+                    b"User-Agent": [USER_AGENT.encode("ascii")],
+                }
+            ),
+            allow_redirects=False,
+            unbuffered=True,
+        )
+        discard = _Discard()
+        response.deliverBody(discard)
+        await discard.done
+        return int(response.code)
+
+
+def _describe(error: BaseException) -> str:
+    """A one-line reason for a failed request; treq wraps the interesting part."""
+    reasons = getattr(error, "reasons", None)
+    if reasons:
+        return "; ".join(_describe(r.value) for r in reasons)
+    text = str(error)
+    return type(error).__name__ + (f": {text}" if text else "")
+
+
+def makeNotifier(reactor: Any, webhookURL: str | None = None, **webhookOptions: Any) -> Notifier:
+    """
+    The notifier groundcontrol runs with: the log always, plus a webhook if a URL is given.
+
+    @param reactor: provides C{IReactorTime} and C{IReactorTCP}/C{IReactorSSL}; used as the
+        webhook's clock and by its HTTP agent (which verifies https certificates against the
+        system trust roots).
+    @param webhookOptions: passed to L{WebhookNotifier}.
+    """
+    notifiers: list[Notifier] = [LogNotifier()]
+    if webhookURL:
+        from treq.client import HTTPClient
+        from twisted.web.client import Agent, HTTPConnectionPool
+
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = webhookOptions.get("concurrency", 4)
+        agent: Any = Agent(reactor, pool=pool)  # an IAgent; mypy cannot see zope declarations
+        client = HTTPClient(agent)
+        notifiers.append(WebhookNotifier(webhookURL, reactor, client, **webhookOptions))
+    return MultiNotifier(notifiers)
