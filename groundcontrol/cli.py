@@ -1,9 +1,10 @@
 """The ``groundcontrol`` admin command: set up a data directory and edit the store offline.
 
-It talks to the same SQLite file as the running server (WAL + busy timeout make that safe);
-the server notices approvals and revocations through the audit feed. Errors are one line on
-stderr: exit status 2 for a malformed command line, 1 for a well-formed request that cannot
-be done.
+It talks to the same store as the running server: the data directory's SQLite file (WAL +
+busy timeout make that safe) or, with C{--store postgresql://...}, the PostgreSQL database
+the nodes share; the servers notice approvals and revocations through the audit feed.
+Errors are one line on stderr: exit status 2 for a malformed command line, 1 for a
+well-formed request that cannot be done.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import getpass
 import json
 import re
-import sqlite3
+import secrets
 import sys
 import time
 import unicodedata
@@ -24,14 +25,18 @@ from twisted.conch.ssh import keys
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from accesstunnel.durations import parseDuration
 from accesstunnel.keys import fingerprint
 from accesstunnel.names import isValidDeviceName
 from groundcontrol.datadir import DataDir, HostKeyError, NotInitialised
 from groundcontrol.store import (
     InvalidName,
-    SQLiteStore,
+    SQLStore,
     StoreError,
-    openSQLiteStore,
+    databaseErrors,
+    hashSecret,
+    openStore,
+    storeKind,
     synchronousRunner,
 )
 
@@ -59,6 +64,12 @@ class _Parser(argparse.ArgumentParser):
 def _buildParser() -> _Parser:
     parser = _Parser(prog="groundcontrol", description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, metavar="DIR", help="the data directory")
+    parser.add_argument(
+        "--store",
+        metavar="URL",
+        help="the store, if not the data directory's SQLite file: postgresql://... "
+        "(shared by several nodes) or sqlite:///PATH",
+    )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     commands.add_parser("init", help="create the host key and the store (idempotent)")
@@ -96,7 +107,43 @@ def _buildParser() -> _Parser:
     ungrant = commands.add_parser("ungrant", help="remove an operator's grant on a device")
     ungrant.add_argument("user")
     ungrant.add_argument("device")
+
+    token = commands.add_parser("token", help="enrollment tokens").add_subparsers(
+        dest="tokenCommand", required=True, parser_class=_Parser
+    )
+    tokenCreate = token.add_parser(
+        "create", help="make a token agents enroll with (--token); printed once"
+    )
+    tokenCreate.add_argument(
+        "--uses", type=_positiveInt, default=1, metavar="N", help="devices it may enroll"
+    )
+    tokenCreate.add_argument(
+        "--expires",
+        type=_duration,
+        default="1d",
+        metavar="DURATION",
+        help="lifetime, e.g. 30m, 8h, 1d, 7d (default 1d)",
+    )
+    tokenList = token.add_parser("list", help="tokens with their uses left and expiry")
+    tokenList.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
+
+
+def _positiveInt(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _duration(text: str) -> int:
+    try:
+        return parseDuration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: Sequence[str] | None = None, *, now: Callable[[], float] = time.time) -> int:
@@ -120,8 +167,13 @@ def main(argv: Sequence[str] | None = None, *, now: Callable[[], float] = time.t
 
 def _dispatch(args: argparse.Namespace, now: Callable[[], float]) -> int:
     dataDir = DataDir(args.data)
+    if args.store is not None:
+        try:
+            storeKind(args.store)
+        except StoreError as e:
+            raise _UsageError(str(e)) from None
     if args.command == "init":
-        return _init(dataDir)
+        return _init(dataDir, args.store)
     if args.command == "server-key":
         print(_call(dataDir.hostPublicKeyLine))
         return 0
@@ -133,14 +185,14 @@ def _dispatch(args: argparse.Namespace, now: Callable[[], float]) -> int:
     if approveKey is not None and not _FINGERPRINT_RE.match(approveKey):
         raise _UsageError(f"--key must be a fingerprint like SHA256:..., not {args.key!r}")
 
-    store = _openStore(dataDir)
+    store = _openStore(dataDir, args.store)
     try:
         return _storeCommand(store, args, now)
     finally:
         _result(store.close())
 
 
-def _storeCommand(store: SQLiteStore, args: argparse.Namespace, now: Callable[[], float]) -> int:
+def _storeCommand(store: SQLStore, args: argparse.Namespace, now: Callable[[], float]) -> int:
     actor = _actor()
     if args.command == "user":
         if args.userCommand == "add":
@@ -171,22 +223,78 @@ def _storeCommand(store: SQLiteStore, args: argparse.Namespace, now: Callable[[]
         if not removed:
             raise _CommandError(f"{args.user} has no grant on {args.device}")
         print(f"removed {args.user}'s grant on {args.device}")
+    elif args.command == "token":
+        if args.tokenCommand == "create":
+            _createToken(store, args.uses, args.expires, actor, now())
+        else:
+            _listTokens(store, args.json, now())
     return 0
 
 
-def _init(dataDir: DataDir) -> int:
+def _createToken(store: SQLStore, uses: int, lifetime: int, actor: str, t: float) -> None:
+    """
+    Make a token: 32 random bytes, URL-safe base64. Only its hash is stored, so this is the
+    one time it is shown: the token alone goes to stdout (for scripts), the rest to stderr.
+    """
+    token = secrets.token_urlsafe(32)
+    record = _result(store.createToken(hashSecret(token), uses, t + lifetime, actor, t))
+    print(token)
+    print(
+        f"enrollment token {record.id}: {record.uses} use(s), expires "
+        f"{_formatTime(record.expiresAt)}; shown only now, agents take it with --token",
+        file=sys.stderr,
+    )
+
+
+def _listTokens(store: SQLStore, asJSON: bool, t: float) -> None:
+    rows = [
+        {
+            "id": r.id,
+            "uses": r.uses,
+            "usesLeft": r.usesLeft,
+            "expiresAt": r.expiresAt,
+            "createdAt": r.createdAt,
+            "createdBy": r.createdBy,
+            "state": "expired" if r.expiresAt <= t else "used up" if r.usesLeft == 0 else "active",
+        }
+        for r in _result(store.listTokens())
+    ]
+    if asJSON:
+        print(json.dumps(rows, indent=2))
+        return
+    _printTable(
+        ("ID", "STATE", "USES LEFT", "EXPIRES", "CREATED", "BY"),
+        [
+            (
+                str(r["id"]),
+                r["state"],
+                f"{r['usesLeft']}/{r['uses']}",
+                _formatTime(r["expiresAt"]),
+                _formatTime(r["createdAt"]),
+                _clean(r["createdBy"]),
+            )
+            for r in rows
+        ],
+    )
+
+
+def _init(dataDir: DataDir, storeURL: str | None) -> int:
     result = _call(dataDir.ensureInitialised)
     if result.createdHostKey:
         print(f"created host key {dataDir.hostKeyPath}")
     else:
         print(f"kept existing host key {dataDir.hostKeyPath} (never overwritten)")
     print(f"store {dataDir.databasePath} at schema version {result.schemaVersion}")
+    if storeURL is not None:
+        # Opening migrates it; the schema version is the same in every dialect.
+        _result(_result(openStore(storeURL, synchronousRunner)).close())
+        print(f"store {_redact(storeURL)} at schema version {result.schemaVersion}")
     (key,) = _call(dataDir.loadHostKeys).values()
     print(f"server key fingerprint {fingerprint(key)}")
     return 0
 
 
-def _listDevices(store: SQLiteStore, asJSON: bool) -> None:
+def _listDevices(store: SQLStore, asJSON: bool) -> None:
     rows: list[dict[str, Any]] = []
     for d in _result(store.listDevices()):
         rows.append(
@@ -201,6 +309,9 @@ def _listDevices(store: SQLiteStore, asJSON: bool) -> None:
                 "approvedAt": d.approvedAt,
                 "approvedBy": d.approvedBy,
                 "firstSeen": None,
+                "owner": d.owner,
+                "leaseUntil": d.leaseUntil,
+                "certificateExpiresAt": d.certificateExpiresAt,
             }
         )
     for r in _result(store.listEnrollmentRequests()):
@@ -216,23 +327,38 @@ def _listDevices(store: SQLiteStore, asJSON: bool) -> None:
                 "approvedAt": None,
                 "approvedBy": None,
                 "firstSeen": r.firstSeen,
+                "owner": None,
+                "leaseUntil": None,
+                "certificateExpiresAt": None,
             }
         )
     if asJSON:
         print(json.dumps(rows, indent=2))
         return
-    header = ("NAME", "STATE", "FINGERPRINT", "SERIAL", "LAST SEEN", "SOURCE")
-    table = [header] + [
-        (
-            _clean(row["name"]),
-            "pending-rekey" if row["kind"] == "rekey" else row["state"],
-            row["fingerprint"],
-            _clean(row["serial"] or "-"),
-            _formatTime(row["lastSeen"]),
-            _clean(row["source"] or "-"),
-        )
-        for row in rows
-    ]
+    _printTable(
+        ("NAME", "STATE", "FINGERPRINT", "SERIAL", "LAST SEEN", "SOURCE", "OWNER", "CERT EXPIRES"),
+        [
+            (
+                _clean(row["name"]),
+                f"pending-{row['kind']}" if row["kind"] in ("rekey", "reapprove") else row["state"],
+                row["fingerprint"],
+                _clean(row["serial"] or "-"),
+                _formatTime(row["lastSeen"]),
+                _clean(row["source"] or "-"),
+                "-"
+                if row["owner"] is None
+                else f"{_clean(row['owner'])} until {_formatTime(row['leaseUntil'])}",
+                "-"
+                if row["certificateExpiresAt"] is None
+                else _formatTime(row["certificateExpiresAt"]),
+            )
+            for row in rows
+        ],
+    )
+
+
+def _printTable(header: tuple[str, ...], body: list[tuple[str, ...]]) -> None:
+    table = [header, *body]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     for line in table:
         print(
@@ -243,12 +369,20 @@ def _listDevices(store: SQLiteStore, asJSON: bool) -> None:
 # -- helpers -----------------------------------------------------------------------
 
 
-def _openStore(dataDir: DataDir) -> SQLiteStore:
+def _openStore(dataDir: DataDir, storeURL: str | None) -> SQLStore:
+    """The data directory's SQLite store, or the one C{--store} names (migrated on open)."""
+    if storeURL is not None:
+        return _result(openStore(storeURL, synchronousRunner))
     if not dataDir.isInitialised():
         raise _CommandError(
             f"{dataDir.path} is not initialised; run: groundcontrol --data {dataDir.path} init"
         )
-    return _result(openSQLiteStore(str(dataDir.databasePath), synchronousRunner))
+    return _result(openStore(str(dataDir.databasePath), synchronousRunner))
+
+
+def _redact(url: str) -> str:
+    """A store URL fit to print: any password in it replaced."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 
 def _result(d: Deferred[_T]) -> _T:
@@ -263,8 +397,10 @@ def _result(d: Deferred[_T]) -> _T:
     if isinstance(result, Failure):
         if result.check(InvalidName):
             raise _UsageError(result.getErrorMessage())
-        if result.check(StoreError, OSError, sqlite3.Error, NotInitialised, HostKeyError):
-            raise _CommandError(result.getErrorMessage())
+        if result.check(StoreError, OSError, NotInitialised, HostKeyError, *databaseErrors()):
+            # One line, even for a driver's multi-line message (libpq's hints).
+            lines = [line.strip() for line in result.getErrorMessage().splitlines()]
+            raise _CommandError("; ".join(line for line in lines if line))
         result.raiseException()
     return result  # type: ignore[no-any-return]
 

@@ -14,7 +14,15 @@ from twisted.conch.ssh import keys
 from accesstunnel.keys import fingerprint
 from groundcontrol.cli import main
 from groundcontrol.datadir import DataDir
-from groundcontrol.store import SQLiteStore, openSQLiteStore, synchronousRunner
+from groundcontrol.store import (
+    SQLiteStore,
+    SQLStore,
+    hashSecret,
+    openSQLiteStore,
+    openStore,
+    synchronousRunner,
+)
+from groundcontrol.store.pgtesting import ThrowawayPostgreSQL
 
 T0 = 1_700_000_000.0
 
@@ -250,3 +258,120 @@ def test_grant(data: Path, store: SQLiteStore, capsys: pytest.CaptureFixture[str
     status, _, err = run(capsys, "--data", str(data), "grant", "op", "ghost")
     assert status == 1
     assert "no device" in err
+
+
+def test_tokenCreateAndList(
+    data: Path, store: SQLiteStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """
+    token create prints the token alone on stdout, once; the store keeps only its hash, and
+    the token enrolls a device; token list shows uses left and state.
+    """
+    status, out, err = run(
+        capsys, "--data", str(data), "token", "create", "--uses", "2", "--expires", "7d"
+    )
+    assert status == 0
+    token = out.strip()
+    assert out == token + "\n" and len(token) == 43  # 32 bytes, URL-safe base64 unpadded
+    assert "shown only now" in err
+    (record,) = result(store.listTokens())
+    assert (record.uses, record.usesLeft, record.expiresAt) == (2, 2, T0 + 7 * 86400)
+    database = DataDir(data).databasePath
+    for path in (database, database.with_name(database.name + "-wal")):
+        if path.exists():
+            assert token.encode() not in path.read_bytes()
+
+    line = publicLine(newKey())
+    device = result(
+        store.redeemToken(hashSecret(token), fingerprint(line), line, "kiln7", None, "x", T0)
+    )
+    assert device.approvedBy == f"token:{record.id}"
+
+    status, out, _ = run(capsys, "--data", str(data), "token", "list")
+    assert status == 0
+    assert "active" in out and "1/2" in out and token not in out
+    status, out, _ = run(capsys, "--data", str(data), "token", "list", "--json")
+    (row,) = json.loads(out)
+    assert (row["id"], row["usesLeft"], row["state"]) == (record.id, 1, "active")
+
+
+def test_tokenBadArguments(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A malformed duration or use count is a usage error (status 2), never a traceback."""
+    for argv, message in [
+        (["token", "create", "--expires", "1x"], "bad duration"),
+        (["token", "create", "--expires", "0d"], "longer than zero"),
+        (["token", "create", "--uses", "0"], "at least 1"),
+    ]:
+        status, out, err = run(capsys, "--data", str(data), *argv)
+        assert (status, out) == (2, "")
+        assert message in err and "Traceback" not in err
+
+
+def test_deviceListOwnerLeaseAndCertificate(
+    data: Path, store: SQLiteStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """device list shows a claimed device's owner and lease, and its certificate expiry."""
+    keyFile = data.parent / "alice.pub"
+    keyFile.write_text(publicLine(newKey()))
+    assert run(capsys, "--data", str(data), "user", "add", "alice", "--key", str(keyFile))[0] == 0
+    (alice,) = result(store.listAccounts())
+    line = contact(store, "kiln7")
+    code = hashSecret("ABCD-EFGH")
+    result(store.registerClaimCode(code, fingerprint(line), "kiln7", T0 + 300, T0))
+    result(store.claimDevice(code, alice, T0 + 86400, T0))
+    result(store.recordCertificate("kiln7", "7", fingerprint(line), T0, T0 + 3600, T0))
+
+    status, out, _ = run(capsys, "--data", str(data), "device", "list")
+    assert status == 0
+    assert "alice until 2023-11-15T22:13:20Z" in out
+    assert "2023-11-14T23:13:20Z" in out
+    status, out, _ = run(capsys, "--data", str(data), "device", "list", "--json")
+    (row,) = json.loads(out)
+    assert (row["owner"], row["leaseUntil"], row["certificateExpiresAt"]) == (
+        "alice",
+        T0 + 86400,
+        T0 + 3600,
+    )
+
+
+def test_storeURL(
+    tmp_path: Path, postgresql: ThrowawayPostgreSQL, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """
+    --store points every command at a shared PostgreSQL store: init migrates it, and what
+    one command writes, the next (and a server node) sees.
+    """
+    url = postgresql.newDatabase()
+    data = tmp_path / "gc"
+    status, out, _ = run(capsys, "--data", str(data), "--store", url, "init")
+    assert status == 0
+    node: SQLStore = result(openStore(url, synchronousRunner))
+    try:
+        line = contact(node, "kiln7")  # type: ignore[arg-type]
+        status, out, _ = run(capsys, "--data", str(data), "--store", url, "device", "list")
+        assert status == 0 and fingerprint(line) in out
+        assert (
+            run(capsys, "--data", str(data), "--store", url, "device", "approve", "kiln7")[0] == 0
+        )
+        assert result(node.deviceByName("kiln7")).state == "approved"
+        status, out, _ = run(capsys, "--data", str(data), "--store", url, "token", "create")
+        assert status == 0
+        assert result(node.listTokens())[0].usesLeft == 1
+    finally:
+        node.close()
+
+
+def test_badStoreURL(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An unsupported --store scheme is a usage error; an unreachable server, one line."""
+    status, _, err = run(capsys, "--data", str(data), "--store", "mysql://x/y", "device", "list")
+    assert status == 2 and "unsupported store URL" in err
+    status, _, err = run(
+        capsys,
+        "--data",
+        str(data),
+        "--store",
+        "postgresql://nobody@127.0.0.1:1/none?connect_timeout=2",
+        "device",
+        "list",
+    )
+    assert status == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err

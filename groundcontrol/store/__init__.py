@@ -41,7 +41,7 @@ from ._records import (
     TokenRecord,
 )
 from ._runner import Runner, synchronousRunner, threadRunner
-from ._sql import SQLStore, cleanSerial, sourceHost
+from ._sql import SQLStore, cleanSerial, hashSecret, sourceHost
 from ._sqlite import SQLiteStore, connect, migrate, openSQLiteStore, schemaUpgraders
 
 __all__ = [
@@ -76,6 +76,7 @@ __all__ = [
     "connect",
     "connectPostgreSQL",
     "databaseErrors",
+    "hashSecret",
     "migrate",
     "migratePostgreSQL",
     "openPostgreSQLStore",

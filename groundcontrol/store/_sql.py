@@ -14,6 +14,7 @@ one lock is not a bottleneck at fleet sizes groundcontrol is built for.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import unicodedata
@@ -58,7 +59,7 @@ from ._records import (
 )
 from ._runner import Runner
 
-__all__ = ["SQLStore", "cleanSerial", "migrateWith", "sourceHost"]
+__all__ = ["SQLStore", "cleanSerial", "hashSecret", "migrateWith", "sourceHost"]
 
 _T = TypeVar("_T")
 _ACCOUNT_NAME_RE = re.compile(r"\A[a-z_][a-z0-9_.-]{0,31}\Z")
@@ -232,6 +233,17 @@ def _checkKey(publicKey: str, fingerprint: str) -> str:
 def _checkDeviceName(name: str) -> None:
     if not isValidDeviceName(name):
         raise InvalidName(f"invalid device name {name!r}: must match [a-z0-9][a-z0-9-]{{0,62}}")
+
+
+def hashSecret(secret: str) -> str:
+    """
+    What the store keeps of an enrollment token or a pairing code: SHA-256 of its UTF-8, hex.
+
+    The CLI (which makes tokens) and the server (which checks them) must hash alike; both
+    call this. A plain hash suffices for tokens (32 random bytes); short pairing codes are
+    protected by living minutes and being single use, not by the hash.
+    """
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
 
 def _checkHash(value: str, what: str) -> None:
