@@ -247,7 +247,7 @@ def _createToken(store: SQLStore, uses: int, lifetime: int, actor: str, t: float
 
 
 def _listTokens(store: SQLStore, asJSON: bool, t: float) -> None:
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "id": r.id,
             "uses": r.uses,

@@ -89,8 +89,8 @@ class StoreTestCase(SynchronousTestCase):
         if self.backend == "postgresql":
             import psycopg
 
-            with psycopg.connect(self.url, autocommit=True) as connection:
-                cursor = connection.execute(POSTGRESQL.sql(sql), tuple(args))
+            with psycopg.connect(self.url, autocommit=True) as pg:
+                cursor = pg.execute(POSTGRESQL.sql(sql), tuple(args))
                 return list(cursor.fetchall()) if cursor.description else []
         connection = sqlite3.connect(self.path)
         try:
@@ -293,11 +293,12 @@ class SQLiteFileTests(StoreTestCase):
     def test_openSQLiteStore(self) -> None:
         """openSQLiteStore(path) and openStore('sqlite://' + path) open the same file."""
         self.successResultOf(self.store.addAccount("alice", [newPublicKey()], False, T0))
-        for opened in [
+        opened: list[Deferred[Any]] = [
             openSQLiteStore(self.path, synchronousRunner),
             openStore("sqlite://" + self.path, synchronousRunner),
-        ]:
-            store = self.successResultOf(opened)
+        ]
+        for d in opened:
+            store = self.successResultOf(d)
             self.addCleanup(store.close)
             self.assertEqual(len(self.successResultOf(store.listAccounts())), 1)
 

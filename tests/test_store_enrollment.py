@@ -262,8 +262,8 @@ class SerialTests(StoreTestCase):
         self.assertTrue(
             self.successResultOf(self.store.updateSerial(fingerprint(key), "X" * 500, T0 + 4))
         )
-        device = self.successResultOf(self.store.deviceByName("kiln7"))
-        self.assertEqual(device and device.serial, "X" * 128)
+        stored = self.successResultOf(self.store.deviceByName("kiln7"))
+        self.assertEqual(stored and stored.serial, "X" * 128)
         (event,) = self.events(start)
         self.assertEqual(
             (event.event, event.at, event.device), ("device.serial-changed", T0 + 3, "kiln7")

@@ -151,7 +151,8 @@ class Cursor:
         self._raw.execute(self._dialect.sql(statement), tuple(args))
         return self
 
-    def fetchone(self) -> Row | None:
+    def fetchone(self) -> Row:
+        """The next row, or None (typed as Any, like the drivers', to keep call sites short)."""
         return self._raw.fetchone()
 
     def fetchall(self) -> list[Row]:
