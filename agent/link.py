@@ -12,14 +12,13 @@ retried with backoff too, not hammered.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable
 from typing import Any
 
 import attrs
 from twisted.application.internet import ClientService
-from twisted.conch.ssh import common, keys, transport, userauth
+from twisted.conch.ssh import keys, transport, userauth
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
@@ -28,9 +27,9 @@ from twisted.python.failure import Failure
 from accesstunnel import policy
 from accesstunnel.connection import TunnelConnection
 from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL, Keepalive
+from agent.enrollment import APPROVED, Enrollment
 from agent.identity import ServerKeyPin
 
-HELLO_REQUEST = b"hello@accesstunnel"
 AGENT_VERSION = "0.1.0"
 
 
@@ -79,11 +78,19 @@ class AgentConnection(TunnelConnection):
     def serviceStarted(self) -> None:
         super().serviceStarted()
         settings = self.factory.settings
-        hello = {"version": AGENT_VERSION, "serial": settings.serial or ""}
-        self.sendGlobalRequest(HELLO_REQUEST, common.NS(json.dumps(hello).encode()))
         self.transport.startKeepalive(self)
         self._log.info("link to groundcontrol is up as {name}", name=settings.name)
         self.transport.linkUp()
+        enrollment = self.factory.enrollment
+        if enrollment is not None:
+            enrollment.linkUp(self).addErrback(
+                lambda f: self._log.failure("enrollment step failed", f)
+            )
+
+    def serviceStopped(self) -> None:
+        super().serviceStopped()
+        if self.factory.enrollment is not None:
+            self.factory.enrollment.linkDown()
 
     def channel_session(self, windowSize: int, maxPacket: int, data: bytes) -> Any:
         return self.factory.sessionFactory(self, windowSize, maxPacket, data)
@@ -92,6 +99,8 @@ class AgentConnection(TunnelConnection):
         return self.factory.forwardFactory(self, windowSize, maxPacket, data)
 
     def gotGlobalRequest(self, requestType: bytes, data: bytes) -> int:
+        if requestType == APPROVED and self.factory.enrollment is not None:
+            return self.factory.enrollment.approved(data)
         return 0  # keepalives: a failure reply is the answer
 
 
@@ -222,8 +231,10 @@ class AgentLinkFactory(protocol.ClientFactory):
         clock: IReactorTime,
         sessionFactory: Callable[..., Any],
         forwardFactory: Callable[..., Any],
+        enrollment: Enrollment | None = None,
     ) -> None:
         self.settings = settings
+        self.enrollment = enrollment
         self.clock = clock
         self.sessionFactory = sessionFactory
         self.forwardFactory = forwardFactory

@@ -17,8 +17,10 @@ from twisted.python import usage
 from accesstunnel.addresses import AddressError, clientEndpointString
 from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL
 from accesstunnel.names import isValidDeviceName
+from agent.enrollment import Enrollment
 from agent.identity import IdentityError, ServerKeyPin, loadOrCreateDeviceKey
-from agent.link import AgentLinkFactory, LinkSettings, linkService
+from agent.link import AGENT_VERSION, AgentLinkFactory, LinkSettings, linkService
+from agent.serial import readSerial
 
 
 @attrs.frozen
@@ -30,6 +32,7 @@ class AgentConfig:
     name: str
     serverKey: ServerKeyPin
     serial: str | None = None
+    token: str | None = None
     home: str | None = None
     keepaliveInterval: float = DEFAULT_INTERVAL
     keepaliveCount: int = DEFAULT_COUNT
@@ -49,6 +52,7 @@ class Options(usage.Options):
             "groundcontrol's host key: a key line, a .pub file or SHA256:...",
         ],
         ["serial", None, None, "Override the serial number reported to groundcontrol."],
+        ["token", None, None, "Enrollment token from 'groundcontrol token create'."],
         ["home", None, None, "HOME for sessions (default: the login user's home)."],
         ["keepalive-interval", None, DEFAULT_INTERVAL, "Seconds of silence before a ping.", float],
         [
@@ -94,6 +98,7 @@ class Options(usage.Options):
             name=self["name"],
             serverKey=self["server-key"],
             serial=self["serial"],
+            token=self["token"],
             home=self["home"],
             keepaliveInterval=self["keepalive-interval"],
             keepaliveCount=self["keepalive-count"],
@@ -122,15 +127,24 @@ def buildService(config: AgentConfig, reactor: Any) -> service.Service:
             reactor, data, remoteWindow=windowSize, remoteMaxPacket=maxPacket, conn=conn
         )
 
+    serial = config.serial or readSerial()
+    enrollment = Enrollment(
+        config.stateDir,
+        reactor,
+        requestedName=config.name,
+        serial=serial,
+        version=AGENT_VERSION,
+        token=config.token,
+    )
     settings = LinkSettings(
         name=config.name,
         deviceKey=deviceKey,
         serverKey=config.serverKey,
-        serial=config.serial,
+        serial=serial,
         keepaliveInterval=config.keepaliveInterval,
         keepaliveCount=config.keepaliveCount,
     )
-    factory = AgentLinkFactory(settings, reactor, sessionFactory, forwardFactory)
+    factory = AgentLinkFactory(settings, reactor, sessionFactory, forwardFactory, enrollment)
     # Several --server addresses are tried in order by the failover issue's
     # work; until then the first one is used.
     endpoint = endpoints.clientFromString(reactor, config.servers[0])
@@ -140,4 +154,7 @@ def buildService(config: AgentConfig, reactor: Any) -> service.Service:
 def makeService(options: Options) -> service.Service:
     from twisted.internet import reactor
 
-    return buildService(options.toConfig(), reactor)
+    try:
+        return buildService(options.toConfig(), reactor)
+    except usage.UsageError as e:
+        raise SystemExit(f"tunnel-agent: {e}") from None

@@ -7,7 +7,6 @@ device's link: groundcontrol opens channels on it and the agent opens none.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from twisted.conch.avatar import ConchUser
@@ -17,14 +16,11 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from groundcontrol.auth import AgentLogin, OperatorLogin
+from groundcontrol.enrollment import APPROVED, AgentRequests, encodeReply
 from groundcontrol.registry import Registry
 from groundcontrol.relay import refusal
 from groundcontrol.router import SessionRouter
 from groundcontrol.store import IStore
-
-#: Global request an agent sends after logging in, with what it knows of
-#: itself (serial, version) as JSON.
-HELLO_REQUEST = b"hello@accesstunnel"
 
 
 class OperatorAvatar(ConchUser):
@@ -118,6 +114,9 @@ class AgentAvatar(ConchUser):
         registry: Registry,
         store: IStore,
         clock: IReactorTime,
+        requests: AgentRequests,
+        source: str = "unknown",
+        pendingKind: str | None = None,
     ) -> None:
         super().__init__()
         self.login = login
@@ -125,6 +124,9 @@ class AgentAvatar(ConchUser):
         self._registry = registry
         self._store = store
         self._clock = clock
+        self._requests = requests
+        self.source = source
+        self.pendingKind = pendingKind
         self.link: DeviceLink | None = None
 
     def linkUp(self, conn: connection.SSHConnection) -> None:
@@ -147,29 +149,30 @@ class AgentAvatar(ConchUser):
             self._log.info("device {device} connected", device=self.deviceName)
             self._registry.attach(self.link)
 
-    def promote(self, deviceName: str) -> None:
-        """An admin approved this pending device: make it routable now."""
+    def promote(self, deviceName: str, notify: bool = True) -> None:
+        """
+        This pending device was approved (by an admin, a token or a claim):
+        make it routable now, and tell the agent so it fetches a certificate.
+        """
         self.deviceName = deviceName
-        if self.link is not None:
-            self.link.deviceName = deviceName
-            self._log.info("device {device} approved and routable", device=deviceName)
-            self._registry.attach(self.link)
+        self.pendingKind = None
+        link = self.link
+        if link is None:
+            return
+        link.deviceName = deviceName
+        self._log.info("device {device} approved and routable", device=deviceName)
+        self._registry.attach(link)
+        if notify:
+            link.conn.sendGlobalRequest(APPROVED, encodeReply({"name": deviceName})[1])
 
     def lookupChannel(
         self, channelType: bytes, windowSize: int, maxPacket: int, data: bytes
     ) -> Any:
         raise refusal("devices may not open channels on groundcontrol")
 
-    def gotGlobalRequest(self, requestType: bytes, data: bytes) -> int:
-        if requestType == HELLO_REQUEST and self.link is not None:
-            try:
-                details = json.loads(data[4:].decode("utf-8"))
-            except (ValueError, UnicodeDecodeError):
-                return 0
-            if isinstance(details, dict):
-                self.link.details = {str(k)[:32]: str(v)[:128] for k, v in details.items()}
-                return 1
-        return 0
+    def gotGlobalRequest(self, requestType: bytes, data: bytes) -> Any:
+        """Enrollment requests are answered (later, in order); the rest refused."""
+        return defer.Deferred.fromCoroutine(self._requests.handle(self, requestType, data))
 
     def logout(self) -> None:
         link, self.link = self.link, None

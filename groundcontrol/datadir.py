@@ -7,12 +7,14 @@ runs from it) cannot disagree about paths or permissions.
 from __future__ import annotations
 
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 from attrs import field, frozen
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh import keys
 
+from groundcontrol.pki import CAExists, FleetCA
 from groundcontrol.store import connect, migrate
 
 __all__ = ["DataDir", "HostKeyError", "InitResult", "NotInitialised"]
@@ -83,6 +85,7 @@ class DataDir:
         if not self.databasePath.exists():
             # Create it private before SQLite does (its -wal/-shm files copy these bits).
             os.close(os.open(self.databasePath, os.O_WRONLY | os.O_CREAT, 0o600))
+        self._ensureFleetCA()
         connection = connect(str(self.databasePath))
         try:
             version = migrate(connection)
@@ -97,6 +100,21 @@ class DataDir:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o600)
             f.write(key.toString("OPENSSH"))
+
+    @property
+    def caDirectory(self) -> Path:
+        """The fleet CA: C{ca.key} (0600) and C{ca.crt}, which devices and TLS peers trust."""
+        return self.path / "ca"
+
+    def _ensureFleetCA(self) -> None:
+        try:
+            FleetCA.create(self.caDirectory, datetime.now(UTC))
+        except CAExists:
+            FleetCA.load(self.caDirectory)  # an existing CA is kept; just check it is usable
+
+    def loadFleetCA(self) -> FleetCA:
+        """The fleet CA; L{pki.CANotFound} before C{init}, L{pki.CorruptCA} if damaged."""
+        return FleetCA.load(self.caDirectory)
 
     def loadHostKeys(self) -> dict[bytes, keys.Key]:
         """

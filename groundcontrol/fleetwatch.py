@@ -19,10 +19,26 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from groundcontrol.notify import FleetEvent, LogNotifier, Notifier
 from groundcontrol.registry import Registry
 from groundcontrol.store import IStore
 
 DEFAULT_POLL_INTERVAL = 0.25
+
+#: How often owned devices are checked for leases that have ended.
+DEFAULT_LEASE_CHECK_INTERVAL = 30.0
+
+#: Audit events someone is told about (log always, webhook when configured).
+NOTIFIED_EVENTS = frozenset(
+    {
+        "device.pending",
+        "device.rekey-requested",
+        "device.approved",
+        "device.claimed",
+        "device.revoked",
+        "claim.lapsed",
+    }
+)
 
 
 class FleetWatcher(Service):
@@ -36,11 +52,16 @@ class FleetWatcher(Service):
         registry: Registry,
         clock: IReactorTime,
         interval: float = DEFAULT_POLL_INTERVAL,
+        notifier: Notifier | None = None,
+        leaseCheckInterval: float = DEFAULT_LEASE_CHECK_INTERVAL,
     ) -> None:
         self._store = store
         self._registry = registry
         self._clock = clock
         self._interval = interval
+        self._notifier = notifier or LogNotifier()
+        self._leaseCheckInterval = leaseCheckInterval
+        self._nextLeaseCheck = 0.0
         self._lastId: int | None = None
         self._loop: LoopingCall | None = None
 
@@ -63,12 +84,28 @@ class FleetWatcher(Service):
             # store, and agents connecting now are checked against it.
             self._lastId = await self._store.lastAuditId()
             return
+        now = self._clock.seconds()
+        if now >= self._nextLeaseCheck:
+            self._nextLeaseCheck = now + self._leaseCheckInterval
+            for device in await self._store.lapsedLeases(now):
+                # Its audit event comes back through the feed and is notified.
+                await self._store.endLease(device.name, now)
         while True:
             events = await self._store.auditSince(self._lastId)
             if not events:
                 return
             for event in events:
                 self._lastId = event.id
+                if event.event in NOTIFIED_EVENTS:
+                    self._notifier.notify(
+                        FleetEvent(
+                            event=event.event,
+                            device=event.device or "",
+                            actor=event.actor,
+                            at=event.at,
+                            detail=event.detail,
+                        )
+                    )
                 await self._apply(event)
 
     def poll(self) -> Any:
@@ -82,7 +119,7 @@ class FleetWatcher(Service):
         if event.event == "device.revoked" and event.device:
             if self._registry.drop(event.device, "device revoked"):
                 self._log.info("closed the link of revoked device {device}", device=event.device)
-        elif event.event == "device.approved" and event.device:
+        elif event.event in ("device.approved", "device.claimed") and event.device:
             device = await self._store.deviceByName(event.device)
             if device is None or device.state != "approved":
                 return

@@ -25,9 +25,10 @@ from accesstunnel.connection import TunnelConnection
 from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL, Keepalive
 from groundcontrol.auth import AgentLogin, FleetKeyChecker, OperatorLogin
 from groundcontrol.avatars import AgentAvatar, OperatorAvatar
+from groundcontrol.enrollment import AgentRequests, CertificatePolicy
 from groundcontrol.registry import Registry
 from groundcontrol.router import SessionRouter
-from groundcontrol.store import Device, IStore
+from groundcontrol.store import Device, IStore, PendingLimitReached, PendingLimits
 
 #: What the agent's key may be used for in signatures we accept (RFC 8308).
 USER_KEY_ALGORITHMS = [b"ssh-ed25519", b"rsa-sha2-512", b"rsa-sha2-256"]
@@ -41,6 +42,11 @@ class ServerSettings:
     maxAuthAttempts: int = 6
     keepaliveInterval: float = DEFAULT_INTERVAL
     keepaliveCount: int = DEFAULT_COUNT
+    pendingLimits: PendingLimits = attrs.field(factory=PendingLimits)
+
+
+class PendingRefused(UnauthorizedLogin):
+    """An unknown device was turned away (pending caps); the text says why."""
 
 
 @attrs.frozen
@@ -57,12 +63,20 @@ class GroundControlRealm:
     _log = Logger()
 
     def __init__(
-        self, store: IStore, registry: Registry, router: SessionRouter, clock: IReactorTime
+        self,
+        store: IStore,
+        registry: Registry,
+        router: SessionRouter,
+        clock: IReactorTime,
+        agentRequests: AgentRequests,
+        pendingLimits: PendingLimits | None = None,
     ) -> None:
         self._store = store
         self._registry = registry
         self._router = router
         self._clock = clock
+        self._agentRequests = agentRequests
+        self._pendingLimits = pendingLimits or PendingLimits()
 
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
         if IConchUser not in interfaces:
@@ -76,15 +90,26 @@ class GroundControlRealm:
 
     async def _agentAvatar(self, login: AgentLogin, mind: Any) -> Any:
         source = _describePeer(mind.peer) if isinstance(mind, PeerMind) else "unknown"
-        contact = await self._store.recordContact(
-            login.requestedName,
-            login.publicKey,
-            login.keyFingerprint,
-            None,
-            source,
-            self._clock.seconds(),
-        )
+        try:
+            contact = await self._store.recordContact(
+                login.requestedName,
+                login.publicKey,
+                login.keyFingerprint,
+                None,
+                source,
+                self._clock.seconds(),
+                limits=self._pendingLimits,
+            )
+        except PendingLimitReached as e:
+            self._log.warn(
+                "refused new device {requested} from {source}: {reason}",
+                requested=login.requestedName,
+                source=source,
+                reason=str(e),
+            )
+            raise PendingRefused(str(e)) from None
         deviceName = None
+        pendingKind = None
         if isinstance(contact, Device):
             if contact.state != "approved":
                 self._log.warn(
@@ -95,7 +120,18 @@ class GroundControlRealm:
                 )
                 raise UnauthorizedLogin(f"device {contact.name} is {contact.state}")
             deviceName = contact.name
-        avatar = AgentAvatar(login, deviceName, self._registry, self._store, self._clock)
+        else:
+            pendingKind = contact.kind
+        avatar = AgentAvatar(
+            login,
+            deviceName,
+            self._registry,
+            self._store,
+            self._clock,
+            self._agentRequests,
+            source=source,
+            pendingKind=pendingKind,
+        )
         return IConchUser, avatar, avatar.logout
 
 
@@ -132,6 +168,16 @@ class GroundControlUserAuth(userauth.SSHUserAuthServer):
         super().serviceStarted()
         self.portal = _PortalWithPeer(self.portal, PeerMind(self.transport.getPeer()))
         self.supportedAuthentications = [b"publickey"]
+
+    def _ebBadAuth(self, reason: Any) -> None:
+        if reason.check(PendingRefused):
+            # Say why, so the device's log shows it, instead of a bare failure.
+            self.transport.sendDisconnect(
+                transport.DISCONNECT_TOO_MANY_CONNECTIONS,
+                str(reason.value).encode("utf-8", "replace"),
+            )
+            return
+        super()._ebBadAuth(reason)
 
 
 class GroundControlConnection(TunnelConnection):
@@ -255,10 +301,14 @@ def buildFrontDoor(
     clock: IReactorTime,
     settings: ServerSettings | None = None,
     registry: Registry | None = None,
+    certificates: CertificatePolicy | None = None,
 ) -> tuple[GroundControlFactory, Registry]:
     """Assemble checker, realm, portal and factory around a store."""
     registry = registry if registry is not None else Registry()
     router = SessionRouter(store, registry, clock)
-    realm = GroundControlRealm(store, registry, router, clock)
+    agentRequests = AgentRequests(store, clock, certificates)
+    realm = GroundControlRealm(
+        store, registry, router, clock, agentRequests, settings.pendingLimits if settings else None
+    )
     portal = Portal(realm, [FleetKeyChecker(store)])
     return GroundControlFactory(hostKey, portal, clock, settings), registry

@@ -7,6 +7,7 @@ L{buildService} is what tests call.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import attrs
@@ -15,12 +16,16 @@ from twisted.internet import endpoints
 from twisted.python import usage
 
 from accesstunnel.addresses import AddressError, serverEndpointString
+from accesstunnel.durations import parseDuration
 from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL
 from groundcontrol.datadir import DataDir, HostKeyError, NotInitialised
+from groundcontrol.enrollment import CertificatePolicy
 from groundcontrol.fleetwatch import FleetWatcher
 from groundcontrol.listening import ListenService, listenAll
+from groundcontrol.notify import makeNotifier
+from groundcontrol.pki import CAError
 from groundcontrol.sshserver import ServerSettings, buildFrontDoor
-from groundcontrol.store import IStore, SQLiteStore, migrate, threadRunner
+from groundcontrol.store import IStore, PendingLimits, SQLiteStore, migrate, threadRunner
 from groundcontrol.store._sqlite import connect
 
 DEFAULT_LISTEN = "tcp:2222:interface=127.0.0.1"
@@ -33,6 +38,8 @@ class ServerConfig:
     dataDir: DataDir
     listen: tuple[str, ...]
     settings: ServerSettings
+    certificateLifetime: float = 30 * 86400.0
+    webhook: str | None = None
 
 
 class Options(usage.Options):
@@ -51,6 +58,10 @@ class Options(usage.Options):
             "Unanswered intervals before a peer is dead.",
             int,
         ],
+        ["certificate-lifetime", None, "30d", "Lifetime of device certificates (e.g. 30d)."],
+        ["max-pending", None, 100, "Devices that may wait for approval at once.", int],
+        ["max-pending-per-host", None, 10, "New pending devices per source host per hour.", int],
+        ["webhook", None, None, "URL to POST fleet events to (JSON), retried with backoff."],
     ]
 
     def __init__(self) -> None:
@@ -74,6 +85,12 @@ class Options(usage.Options):
             raise usage.UsageError("--max-auth-tries must be at least 1")
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        try:
+            self["certificate-lifetime"] = float(parseDuration(self["certificate-lifetime"]))
+        except ValueError as e:
+            raise usage.UsageError(f"--certificate-lifetime: {e}") from None
+        if self["max-pending"] < 0 or self["max-pending-per-host"] < 0:
+            raise usage.UsageError("pending caps cannot be negative")
 
     def toConfig(self) -> ServerConfig:
         return ServerConfig(
@@ -84,7 +101,12 @@ class Options(usage.Options):
                 maxAuthAttempts=self["max-auth-tries"],
                 keepaliveInterval=self["keepalive-interval"],
                 keepaliveCount=self["keepalive-count"],
+                pendingLimits=PendingLimits(
+                    total=self["max-pending"], perHost=self["max-pending-per-host"]
+                ),
             ),
+            certificateLifetime=self["certificate-lifetime"],
+            webhook=self["webhook"],
         )
 
 
@@ -108,16 +130,25 @@ def buildService(
         (hostKey,) = config.dataDir.loadHostKeys().values()
     except (NotInitialised, HostKeyError) as e:
         raise usage.UsageError(str(e)) from None
+    try:
+        certificates = CertificatePolicy(
+            config.dataDir.loadFleetCA(), timedelta(seconds=config.certificateLifetime)
+        )
+    except CAError as e:
+        raise usage.UsageError(f"fleet CA: {e}") from None
     if store is None:
         store = openStore(config.dataDir, reactor)
-    factory, registry = buildFrontDoor(store, hostKey, reactor, config.settings)
+    factory, registry = buildFrontDoor(
+        store, hostKey, reactor, config.settings, certificates=certificates
+    )
+    notifier = makeNotifier(reactor, config.webhook)
     top = service.MultiService()
     listeners = [
         ListenService(endpoints.serverFromString(reactor, address), factory, address)
         for address in config.listen
     ]
     listenAll(top, config.dataDir.path / "run", listeners)
-    FleetWatcher(store, registry, reactor).setServiceParent(top)
+    FleetWatcher(store, registry, reactor, notifier=notifier).setServiceParent(top)
     top.registry = registry  # type: ignore[attr-defined]
     return top
 
@@ -125,4 +156,8 @@ def buildService(
 def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
-    return buildService(options.toConfig(), reactor)
+    try:
+        return buildService(options.toConfig(), reactor)
+    except usage.UsageError as e:
+        # A setup problem, not a bug: one clear line, no traceback.
+        raise SystemExit(f"groundcontrol: {e}") from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import secrets
 import shlex
 import time
 from collections.abc import Awaitable, Callable
@@ -22,6 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from accesstunnel.durations import parseDuration
 from accesstunnel.names import isValidDeviceName
+from groundcontrol.enrollment import hashSecret, normaliseCode
 from groundcontrol.registry import Registry
 from groundcontrol.store import Account, IStore, StoreError
 
@@ -322,5 +324,77 @@ def _users(parser: _Parser) -> Handler:
             for a in await context.store.listAccounts()
         ]
         return _output(options, rows, ["name", "role"])
+
+    return run
+
+
+@command("claim", "claim a device by the pairing code it shows, for a period")
+def _claim(parser: _Parser) -> Handler:
+    parser.add_argument("code", help="the code 'tunnel-agent pair' prints on the device")
+    parser.add_argument("--for", dest="duration", default="7d", help="lease, e.g. 8h, 7d (7d)")
+
+    async def run(context: ControlContext, options: argparse.Namespace) -> CommandResult:
+        try:
+            lease = parseDuration(options.duration)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        now = context.clock.seconds()
+        device = await context.store.claimDevice(
+            hashSecret(normaliseCode(options.code)), context.account, now + lease, now
+        )
+        return CommandResult(
+            stdout=f"claimed {device.name}: yours until {_when(now + lease)} UTC; "
+            f"ssh dev_{device.name}@ to reach it\n"
+        )
+
+    return run
+
+
+@command("tokens", "enrollment tokens; 'tokens create --uses N --expires 1d' makes one", True)
+def _tokens(parser: _Parser) -> Handler:
+    parser.add_argument("action", nargs="?", choices=["list", "create"], default="list")
+    parser.add_argument("--uses", type=int, default=1, help="devices that may use it (1)")
+    parser.add_argument("--expires", default="1d", help="lifetime, e.g. 1h, 1d (1d)")
+
+    async def run(context: ControlContext, options: argparse.Namespace) -> CommandResult:
+        now = context.clock.seconds()
+        if options.action == "create":
+            if options.uses < 1:
+                raise UsageError("--uses must be at least 1")
+            try:
+                lifetime = parseDuration(options.expires)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            token = secrets.token_urlsafe(32)
+            record = await context.store.createToken(
+                hashSecret(token), options.uses, now + lifetime, context.actor, now
+            )
+            if options.json:
+                row = {
+                    "id": record.id,
+                    "token": token,
+                    "uses": record.uses,
+                    "expires": _when(record.expiresAt),
+                }
+                return CommandResult(stdout=json.dumps(row, sort_keys=True) + "\n")
+            return CommandResult(
+                stdout=f"{token}\n",
+                stderr=f"token {record.id}: {record.uses} use(s), expires "
+                f"{_when(record.expiresAt)} UTC; shown once, pass it to agents with --token\n",
+            )
+        rows = [
+            {
+                "id": t.id,
+                "uses": t.uses,
+                "uses_left": t.usesLeft,
+                "expires": _when(t.expiresAt),
+                "expired": t.expiresAt <= now,
+                "created_by": t.createdBy,
+            }
+            for t in await context.store.listTokens()
+        ]
+        return _output(
+            options, rows, ["id", "uses", "uses_left", "expires", "expired", "created_by"]
+        )
 
     return run

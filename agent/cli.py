@@ -1,0 +1,62 @@
+"""
+``tunnel-agent``: commands for people on the device, next to the daemon.
+
+``tunnel-agent pair --state DIR`` prints the pairing code the running agent
+shows while it waits for approval; an operator claims the device with
+``ssh ctl@groundcontrol claim CODE --for 7d``. ``tunnel-agent status``
+prints what the agent knows of its standing. The daemon itself runs under
+twistd: ``twistd -n tunnel-agent --state DIR ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from agent.enrollment import StatusFile
+
+
+def _pair(stateDir: Path) -> int:
+    status = StatusFile.read(stateDir)
+    if not status:
+        print(f"no agent status in {stateDir}: is the agent running?", file=sys.stderr)
+        return 1
+    if status.get("state") == "approved":
+        print(f"this device is approved as {status.get('name')}; nothing to pair")
+        return 0
+    code = status.get("pairingCode")
+    expires = status.get("pairingCodeExpires")
+    if not code or not isinstance(expires, (int, float)) or expires < time.time():
+        print("no pairing code yet (the agent shows one once it reaches groundcontrol)")
+        return 1
+    left = int(expires - time.time())
+    print(code)
+    print(
+        f"valid for {left // 60} min {left % 60} s; claim it with: "
+        f"ssh ctl@groundcontrol claim {code} --for 7d",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tunnel-agent", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, summary in (
+        ("pair", "print the pairing code to claim this device"),
+        ("status", "print the agent's status as JSON"),
+    ):
+        sub = commands.add_parser(name, help=summary)
+        sub.add_argument("--state", required=True, type=Path, help="the agent's state directory")
+    options = parser.parse_args(argv)
+    if options.command == "pair":
+        return _pair(options.state)
+    print(json.dumps(StatusFile.read(options.state), indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

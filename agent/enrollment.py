@@ -1,0 +1,296 @@
+"""
+The agent's side of enrollment: getting approved, and keeping a certificate.
+
+Once the link is up the agent says hello (version, board serial) and learns
+whether groundcontrol knows it as approved or pending.
+
+  - Approved: it makes sure it holds a fleet certificate with more than a
+    third of its life left, asking for a new one over the link if not, and
+    schedules the next renewal. The private key never leaves the device: the
+    certificate is issued over the public key groundcontrol already has.
+  - Pending: with an enrollment token it redeems that; otherwise it shows a
+    short pairing code (log, status file, ``tunnel-agent pair``) that an
+    operator claims with ``ssh ctl@groundcontrol claim CODE``. Codes expire
+    within minutes and are replaced while the device still waits.
+
+Everything it learns goes to ``STATE/status.json`` so that people on the
+device (and ``tunnel-agent pair``) can see it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import struct
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from twisted.conch.ssh import common
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+HELLO = b"hello@accesstunnel"
+CERTIFICATE = b"certificate@accesstunnel"
+ENROLL = b"enroll@accesstunnel"
+CLAIM_CODE = b"claim-code@accesstunnel"
+APPROVED = b"approved@accesstunnel"
+
+CERTIFICATE_FILE = "device.crt"
+CA_FILE = "fleet-ca.crt"
+STATUS_FILE = "status.json"
+
+#: How long a pairing code is good for; groundcontrol enforces its own limit.
+PAIRING_CODE_LIFETIME = 600.0
+
+#: Unambiguous letters and digits (no 0/O, 1/I/L).
+_CODE_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"
+
+
+def newPairingCode(randbelow: Any = secrets.randbelow) -> str:
+    """Eight characters in two groups, e.g. ``K7QP-M2XD`` (~40 bits)."""
+    chars = "".join(_CODE_ALPHABET[randbelow(len(_CODE_ALPHABET))] for _ in range(8))
+    return f"{chars[:4]}-{chars[4:]}"
+
+
+def encodeRequest(payload: dict[str, Any]) -> bytes:
+    """A request body: one SSH string holding JSON."""
+    return common.NS(json.dumps(payload, sort_keys=True).encode())
+
+
+def decodeReply(data: bytes) -> dict[str, Any]:
+    """A reply body: one SSH string holding a JSON object, or an error."""
+    try:
+        text = common.getNS(data)[0]
+        value = json.loads(text.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, IndexError, struct.error) as e:
+        raise ValueError(f"malformed reply: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError("malformed reply: not an object")
+    return value
+
+
+def certificateLifetime(pem: bytes) -> tuple[float, float]:
+    """(notBefore, notAfter) of a PEM certificate, as epoch seconds."""
+    certificate = x509.load_pem_x509_certificate(pem)
+    return (
+        certificate.not_valid_before_utc.timestamp(),
+        certificate.not_valid_after_utc.timestamp(),
+    )
+
+
+def renewalDue(notBefore: float, notAfter: float) -> float:
+    """When a third of the certificate's life is left."""
+    return notAfter - (notAfter - notBefore) / 3
+
+
+def _writeAtomically(path: Path, data: bytes, mode: int = 0o644) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    temporary.replace(path)
+
+
+class StatusFile:
+    """``STATE/status.json``: what the agent knows about its standing."""
+
+    def __init__(self, stateDir: Path) -> None:
+        self.path = stateDir / STATUS_FILE
+        self._status: dict[str, Any] = {}
+
+    def update(self, **fields: Any) -> None:
+        self._status.update(fields)
+        self._status["updatedAt"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        _writeAtomically(self.path, json.dumps(self._status, indent=2, sort_keys=True).encode())
+
+    @staticmethod
+    def read(stateDir: Path) -> dict[str, Any]:
+        try:
+            value = json.loads((stateDir / STATUS_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        return value if isinstance(value, dict) else {}
+
+
+class Enrollment:
+    """Drive hello, token redemption, pairing codes and certificate renewal."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        stateDir: Path,
+        clock: IReactorTime,
+        requestedName: str,
+        serial: str | None,
+        version: str,
+        token: str | None = None,
+        newCode: Any = newPairingCode,
+    ) -> None:
+        self.stateDir = stateDir
+        self._clock = clock
+        self._requestedName = requestedName
+        self._serial = serial
+        self._version = version
+        self._token = token
+        self._newCode = newCode
+        self.status = StatusFile(stateDir)
+        self._conn: Any = None
+        self._timer: IDelayedCall | None = None
+        self.state = "unknown"
+        self.name: str | None = None
+
+    # -- link lifecycle ------------------------------------------------------
+
+    def linkUp(self, conn: Any) -> defer.Deferred[None]:
+        """The link is authenticated: find out where we stand and act on it."""
+        self._conn = conn
+        return defer.Deferred.fromCoroutine(self._start())
+
+    def linkDown(self) -> None:
+        self._conn = None
+        self._cancelTimer()
+
+    def approved(self, data: bytes) -> int:
+        """groundcontrol says we were just approved (a global request)."""
+        try:
+            reply = decodeReply(data)
+        except ValueError:
+            return 0
+        self._becameApproved(str(reply.get("name") or self._requestedName))
+        return 1
+
+    # -- steps -----------------------------------------------------------------
+
+    async def _request(self, name: bytes, payload: dict[str, Any]) -> dict[str, Any]:
+        conn = self._conn
+        if conn is None:
+            raise ConnectionError("link is down")
+        data = await conn.sendGlobalRequest(name, encodeRequest(payload), wantReply=1)
+        return decodeReply(data)
+
+    async def _start(self) -> None:
+        try:
+            reply = await self._request(
+                HELLO, {"version": self._version, "serial": self._serial or ""}
+            )
+        except Exception as e:
+            self._log.warn("groundcontrol did not answer hello: {error}", error=str(e))
+            return
+        state = str(reply.get("state", "unknown"))
+        if state == "approved":
+            self._becameApproved(str(reply.get("name") or self._requestedName))
+            return
+        self.state = "pending"
+        self.status.update(state="pending", name=self._requestedName)
+        self._log.info(
+            "waiting for approval as {name} ({kind})", name=self._requestedName, kind=state
+        )
+        if self._token and await self._redeemToken():
+            return
+        await self._offerPairingCode()
+
+    def _becameApproved(self, name: str) -> None:
+        self.state = "approved"
+        self.name = name
+        self.status.update(state="approved", name=name, pairingCode=None, pairingCodeExpires=None)
+        self._cancelTimer()
+        defer.Deferred.fromCoroutine(self._ensureCertificate())
+
+    async def _redeemToken(self) -> bool:
+        try:
+            reply = await self._request(ENROLL, {"token": self._token})
+        except Exception as e:
+            self._log.warn("enrollment token not answered: {error}", error=str(e))
+            return False
+        if not reply.get("ok"):
+            self._log.warn(
+                "enrollment token refused: {reason}", reason=str(reply.get("error", "refused"))
+            )
+            return False
+        self._log.info("enrolled with a token as {name}", name=reply.get("name"))
+        self._becameApproved(str(reply.get("name") or self._requestedName))
+        return True
+
+    async def _offerPairingCode(self) -> None:
+        if self.state != "pending" or self._conn is None:
+            return
+        code = self._newCode()
+        expires = self._clock.seconds() + PAIRING_CODE_LIFETIME
+        try:
+            reply = await self._request(CLAIM_CODE, {"code": code})
+        except Exception as e:
+            self._log.warn("could not register a pairing code: {error}", error=str(e))
+            return
+        if not reply.get("ok"):
+            self._log.warn("pairing code refused: {reason}", reason=str(reply.get("error")))
+            return
+        expiresText = time.strftime("%H:%M:%S UTC", time.gmtime(expires))
+        self._log.info(
+            "pairing code {code} (valid until {expires}): an operator claims this device "
+            "with: ssh ctl@groundcontrol claim {code}",
+            code=code,
+            expires=expiresText,
+        )
+        self.status.update(pairingCode=code, pairingCodeExpires=expires)
+        self._schedule(PAIRING_CODE_LIFETIME, self._offerPairingCode)
+
+    async def _ensureCertificate(self) -> None:
+        certificatePath = self.stateDir / CERTIFICATE_FILE
+        try:
+            notBefore, notAfter = certificateLifetime(certificatePath.read_bytes())
+        except (OSError, ValueError):
+            notBefore = notAfter = 0.0
+        now = self._clock.seconds()
+        if notAfter and now < renewalDue(notBefore, notAfter):
+            self._scheduleRenewal(notBefore, notAfter)
+            return
+        try:
+            reply = await self._request(CERTIFICATE, {})
+        except Exception as e:
+            self._log.warn("certificate request failed: {error}", error=str(e))
+            return
+        pem = reply.get("certificate")
+        if not reply.get("ok") or not isinstance(pem, str):
+            self._log.warn("certificate refused: {reason}", reason=str(reply.get("error")))
+            return
+        try:
+            notBefore, notAfter = certificateLifetime(pem.encode())
+        except ValueError:
+            self._log.error("groundcontrol sent a malformed certificate")
+            return
+        _writeAtomically(certificatePath, pem.encode())
+        if isinstance(reply.get("ca"), str):
+            _writeAtomically(self.stateDir / CA_FILE, reply["ca"].encode())
+        expires = datetime.fromtimestamp(notAfter, UTC).strftime("%Y-%m-%d %H:%M UTC")
+        self._log.info("fleet certificate stored, valid until {expires}", expires=expires)
+        self.status.update(certificateExpires=notAfter)
+        self._scheduleRenewal(notBefore, notAfter)
+
+    def _scheduleRenewal(self, notBefore: float, notAfter: float) -> None:
+        delay = max(renewalDue(notBefore, notAfter) - self._clock.seconds(), 1.0)
+        self._schedule(delay, self._ensureCertificate)
+
+    # -- the one timer -----------------------------------------------------------
+
+    def _schedule(self, delay: float, step: Any) -> None:
+        self._cancelTimer()
+
+        def fire() -> None:
+            self._timer = None
+            if self._conn is not None:
+                defer.Deferred.fromCoroutine(step())
+
+        self._timer = self._clock.callLater(delay, fire)
+
+    def _cancelTimer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None

@@ -1,0 +1,195 @@
+"""
+groundcontrol's side of the agent's enrollment requests, on the device link.
+
+An agent sends, as SSH global requests carrying JSON:
+
+  - ``hello``: its version and board serial; the answer says whether it is
+    approved (and under which name) or pending;
+  - ``enroll``: an enrollment token, redeemed atomically in the store;
+  - ``claim-code``: the pairing code it shows, so an operator can claim it;
+  - ``certificate``: a new fleet certificate for its key (approved only).
+
+Every answer is a JSON object with ``ok``; refusals carry an ``error`` text
+the agent logs. The routing name always comes from the store's record of
+the key, never from what the agent asks for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import attrs
+from twisted.conch.ssh import common
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from groundcontrol.pki import FleetCA, issueDeviceCertificate
+from groundcontrol.store import IStore, StoreError
+
+HELLO = b"hello@accesstunnel"
+CERTIFICATE = b"certificate@accesstunnel"
+ENROLL = b"enroll@accesstunnel"
+CLAIM_CODE = b"claim-code@accesstunnel"
+APPROVED = b"approved@accesstunnel"
+
+#: How long a pairing code registered by an agent stays claimable.
+CLAIM_CODE_LIFETIME = 600.0
+
+
+def normaliseCode(code: str) -> str:
+    """Pairing codes compare case- and separator-insensitively (K7QP-M2XD = k7qpm2xd)."""
+    return "".join(c for c in code.upper() if c.isalnum())
+
+
+def hashSecret(secret: str) -> str:
+    """The store keeps only hashes of tokens and pairing codes."""
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def encodeReply(payload: dict[str, Any]) -> tuple[int, bytes]:
+    """A successful global-request answer carrying C{payload}."""
+    return 1, common.NS(json.dumps(payload, sort_keys=True).encode())
+
+
+def decodeRequest(data: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(common.getNS(data)[0].decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, IndexError, struct.error):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+@attrs.frozen
+class CertificatePolicy:
+    """Which CA signs device certificates, and for how long."""
+
+    ca: FleetCA
+    lifetime: timedelta = timedelta(days=30)
+
+
+class AgentRequests:
+    """Answer one agent's enrollment requests."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        store: IStore,
+        clock: IReactorTime,
+        certificates: CertificatePolicy | None,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._certificates = certificates
+
+    async def handle(self, avatar: Any, requestType: bytes, data: bytes) -> Any:
+        """Dispatch one request from C{avatar}'s agent; 0 for unknown ones."""
+        if requestType not in (HELLO, ENROLL, CLAIM_CODE, CERTIFICATE):
+            return 0  # keepalive@openssh.com and the like: a refusal is the answer
+        request = decodeRequest(data)
+        try:
+            if requestType == HELLO:
+                return await self._hello(avatar, request)
+            if requestType == ENROLL:
+                return await self._enroll(avatar, request)
+            if requestType == CLAIM_CODE:
+                return await self._claimCode(avatar, request)
+            if requestType == CERTIFICATE:
+                return await self._certificate(avatar)
+        except StoreError as e:
+            return encodeReply({"ok": False, "error": str(e)})
+        return 0
+
+    async def _hello(self, avatar: Any, request: dict[str, Any]) -> Any:
+        login = avatar.login
+        serial = str(request.get("serial") or "")[:128] or None
+        if serial is not None:
+            await self._store.updateSerial(login.keyFingerprint, serial, self._clock.seconds())
+        if avatar.link is not None:
+            avatar.link.details = {
+                "version": str(request.get("version", ""))[:32],
+                "serial": serial or "",
+            }
+        if avatar.deviceName is not None:
+            return encodeReply({"ok": True, "state": "approved", "name": avatar.deviceName})
+        return encodeReply({"ok": True, "state": avatar.pendingKind or "pending"})
+
+    async def _enroll(self, avatar: Any, request: dict[str, Any]) -> Any:
+        if avatar.deviceName is not None:
+            return encodeReply({"ok": True, "name": avatar.deviceName})
+        token = request.get("token")
+        if not isinstance(token, str) or not token:
+            return encodeReply({"ok": False, "error": "no token given"})
+        login = avatar.login
+        device = await self._store.redeemToken(
+            hashSecret(token),
+            login.keyFingerprint,
+            login.publicKey,
+            login.requestedName,
+            None,
+            avatar.source,
+            self._clock.seconds(),
+        )
+        self._log.info("device {device} enrolled with a token", device=device.name)
+        avatar.promote(device.name, notify=False)
+        return encodeReply({"ok": True, "name": device.name})
+
+    async def _claimCode(self, avatar: Any, request: dict[str, Any]) -> Any:
+        if avatar.deviceName is not None:
+            return encodeReply({"ok": False, "error": "already approved"})
+        code = normaliseCode(str(request.get("code", "")))
+        if not 8 <= len(code) <= 32:
+            return encodeReply({"ok": False, "error": "a pairing code has 8 to 32 characters"})
+        now = self._clock.seconds()
+        login = avatar.login
+        await self._store.registerClaimCode(
+            hashSecret(code),
+            login.keyFingerprint,
+            login.requestedName,
+            now + CLAIM_CODE_LIFETIME,
+            now,
+        )
+        return encodeReply({"ok": True, "expires": now + CLAIM_CODE_LIFETIME})
+
+    async def _certificate(self, avatar: Any) -> Any:
+        if avatar.deviceName is None:
+            return encodeReply({"ok": False, "error": "not approved"})
+        if self._certificates is None:
+            return encodeReply({"ok": False, "error": "this server has no fleet CA"})
+        device = await self._store.deviceByName(avatar.deviceName)
+        if device is None or device.state != "approved":
+            return encodeReply({"ok": False, "error": "not approved"})
+        now = self._clock.seconds()
+        issued = issueDeviceCertificate(
+            self._certificates.ca,
+            device.name,
+            device.serial,
+            device.publicKey,
+            datetime.fromtimestamp(now, UTC),
+            self._certificates.lifetime,
+        )
+        await self._store.recordCertificate(
+            device.name,
+            issued.serialNumber,
+            issued.fingerprint,
+            issued.notBefore.timestamp(),
+            issued.notAfter.timestamp(),
+            now,
+        )
+        self._log.info(
+            "issued certificate {serial} to {device} until {notAfter}",
+            serial=issued.serialNumber,
+            device=device.name,
+            notAfter=issued.notAfter.isoformat(),
+        )
+        return encodeReply(
+            {
+                "ok": True,
+                "certificate": issued.pem.decode("ascii"),
+                "ca": self._certificates.ca.certificatePEM.decode("ascii"),
+            }
+        )
