@@ -19,20 +19,23 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.access-tunnel-installed
 PYTEST_ARGS ?=
 
-# "command=Debian package" for the programs each goal runs.
+# "command=Debian package" for the programs each goal runs. A command counts as present when
+# it is on PATH, in /usr/sbin or (initdb, pg_ctl: Debian keeps them off PATH) in
+# /usr/lib/postgresql/*/bin; the PostgreSQL store tests skip without the server binaries.
 DEMO_SYSDEPS := ssh=openssh-client ssh-keygen=openssh-client
 TEST_SYSDEPS := $(DEMO_SYSDEPS) scp=openssh-client sftp=openssh-client sshd=openssh-server \
-	rsync=rsync tmux=tmux
+	rsync=rsync tmux=tmux initdb=postgresql pg_ctl=postgresql
 
 # $(call sysdeps,PAIRS): install the Debian packages for missing commands (and python3-venv if
 # the venv cannot be made yet) with one apt-get update; without root, name them and fail.
-# policy-rc.d keeps openssh-server's post-install from starting a system sshd on port 22:
-# the tests start their own sshd on loopback.
+# policy-rc.d keeps the post-install scripts from starting a system sshd on port 22 and a
+# PostgreSQL cluster: the tests start their own, on loopback.
 define sysdeps
 missing=""; \
 for pair in $(1); do \
 	cmd=$${pair%%=*}; pkg=$${pair#*=}; \
-	command -v "$$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$$cmd" ] || missing="$$missing $$pkg"; \
+	command -v "$$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$$cmd" ] \
+		|| compgen -G "/usr/lib/postgresql/*/bin/$$cmd" >/dev/null || missing="$$missing $$pkg"; \
 done; \
 if [ ! -x $(VENV)/bin/pip ] && ! $(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1; then \
 	missing="$$missing python3-venv"; \
