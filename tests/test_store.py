@@ -650,3 +650,26 @@ class AuditTests(StoreTestCase):
         self.successResultOf(other.revokeDevice("kiln7", "cli", T0 + 1))
         events = self.successResultOf(self.store.auditSince(start))
         self.assertEqual(events[-1].event, "device.revoked")
+
+
+@pytest.mark.usefixtures("postgresqlForClass")
+class PostgreSQLConnectionTests(StoreTestCase):
+    """What only the PostgreSQL store needs: surviving a dropped server connection."""
+
+    backend = "postgresql"
+
+    def test_reconnectsAfterTheServerDroppedIt(self) -> None:
+        """
+        A connection the server dropped fails the one call that finds it, with the driver's
+        error (never a half-done write); the next call reconnects and sees everything.
+        """
+        import psycopg
+
+        assert isinstance(self.store, PostgreSQLStore)
+        self.successResultOf(self.store.addAccount("alice", [newPublicKey()], False, T0))
+        pid = self.store._connection.info.backend_pid
+        self.rawQuery("SELECT pg_terminate_backend(?)", (pid,))
+        self.failureResultOf(self.store.listAccounts(), psycopg.OperationalError)
+        accounts = self.successResultOf(self.store.listAccounts())
+        self.assertEqual([a.name for a in accounts], ["alice"])
+        self.successResultOf(self.store.addAccount("bob", [newPublicKey()], False, T0))
