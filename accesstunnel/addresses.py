@@ -1,36 +1,136 @@
 """
-Addresses are URLs for people and Twisted endpoint strings underneath.
+Addresses are URLs for people and Twisted endpoints underneath (DESIGN.md decision 2).
 
-``ssh://HOST[:PORT]`` is plain SSH over TCP. Anything without a URL scheme is
-taken as a Twisted endpoint string (``tcp:HOST:PORT`` for clients,
-``tcp:PORT:interface=HOST`` for servers), so every transport Twisted knows is
-reachable without new code here. (TLS, WebSocket and Tor URLs come with the
-transports that serve them.)
+| address | what travels | default port |
+|---|---|---|
+| C{ssh://HOST[:PORT]} | SSH over TCP | 22 |
+| C{tls://HOST[:PORT]} | SSH inside TLS (mutual fleet certificates) | 443 |
+| C{wss://HOST[:PORT]/PATH} | SSH in binary WebSocket messages inside TLS | 443 |
+| C{ws://HOST[:PORT]/PATH} | the same without TLS (behind a TLS-terminating balancer) | 80 |
+| C{tor://ONION[:PORT]} | SSH through tor to an onion service | 22 |
+
+Anything without C{://} is a Twisted endpoint string (C{tcp:HOST:PORT} for clients,
+C{tcp:PORT:interface=HOST} for servers). The agent side builds a L{Connector}, the server
+side a L{Listener}: an endpoint plus the factory wrapper (TLS, WebSocket) the URL implies, so
+the SSH code never knows how its bytes travel.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlsplit
+
+import attrs
+from twisted.internet import defer, endpoints
+from twisted.internet.interfaces import (
+    IProtocolFactory,
+    IStreamClientEndpoint,
+    IStreamServerEndpoint,
+)
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
+
+from accesstunnel.transports import tls as _tls
+from accesstunnel.transports.proxy import HTTPConnectEndpoint, ProxySettings
+from accesstunnel.transports.tls import ClientTLS, ServerTLS
+from accesstunnel.transports.tor import OnionServerEndpoint, TorSettings, onionClientEndpoint
+from accesstunnel.transports.websocket import WebSocketClientFactory, WebSocketServerFactory
+
+__all__ = [
+    "DEFAULT_SERVERS",
+    "Address",
+    "AddressError",
+    "ClientTLS",
+    "Connector",
+    "Listener",
+    "ProxySettings",
+    "ServerTLS",
+    "TorSettings",
+    "clientConnector",
+    "clientEndpointString",
+    "parseAddress",
+    "serverEndpointString",
+    "serverListener",
+]
 
 DEFAULT_SSH_PORT = 22
 
+DEFAULT_PORTS = {"ssh": 22, "tls": 443, "wss": 443, "ws": 80, "tor": 22}
+
 #: Schemes understood here; anything else containing "://" is an error.
-URL_SCHEMES = ("ssh",)
+URL_SCHEMES = tuple(DEFAULT_PORTS)
+
+#: Where an agent looks when it is given no server at all: every transport, most direct
+#: first, so a device on a locked-down network still gets out.
+DEFAULT_SERVER_HOST = "groundcontrol.osoximeter.com"
+DEFAULT_SERVERS = (
+    f"ssh://{DEFAULT_SERVER_HOST}",
+    f"tls://{DEFAULT_SERVER_HOST}",
+    f"wss://{DEFAULT_SERVER_HOST}/tunnel",
+)
+
+FactoryWrapper = Callable[[IProtocolFactory], IProtocolFactory]
 
 
 class AddressError(ValueError):
     """An address that is neither a known URL nor an endpoint string."""
 
 
-def _hostPort(address: str, defaultPort: int) -> tuple[str, int]:
+@attrs.frozen
+class Address:
+    """
+    A parsed address.
+
+    @ivar scheme: a URL scheme from L{URL_SCHEMES}, or C{"endpoint"} for an endpoint string.
+    @ivar host: the host (C{None} for endpoint strings; C{""} for a server on all interfaces).
+    @ivar path: the WebSocket path (C{"/"} if none was given); C{""} for other schemes.
+    """
+
+    text: str
+    scheme: str
+    host: str | None = None
+    port: int | None = None
+    path: str = ""
+
+    @property
+    def isURL(self) -> bool:
+        return self.scheme != "endpoint"
+
+
+def parseAddress(address: str) -> Address:
+    """
+    Parse an address as people write it.
+
+    @raise AddressError: an unknown scheme, a URL without a host, a bad port, or a path on
+        a scheme that has none.
+    """
+    address = address.strip()
+    if not address:
+        raise AddressError("empty address")
+    if "://" not in address:
+        return Address(address, "endpoint")
+    scheme = address.split("://", 1)[0].lower()
+    if scheme not in DEFAULT_PORTS:
+        raise AddressError(f"unsupported address scheme {scheme!r} in {address!r}")
     parts = urlsplit(address)
-    if not parts.hostname:
-        raise AddressError(f"{address!r} has no host")
+    if parts.username is not None or parts.password is not None:
+        raise AddressError(f"{address!r}: credentials do not belong in a server address")
+    if parts.query or parts.fragment:
+        raise AddressError(f"{address!r}: no query or fragment is understood")
     try:
-        port = parts.port or defaultPort
-    except ValueError as e:
-        raise AddressError(f"{address!r} has a bad port") from e
-    return parts.hostname, port
+        port = parts.port or DEFAULT_PORTS[scheme]
+    except ValueError:
+        raise AddressError(f"{address!r} has a bad port") from None
+    host = parts.hostname or ""
+    if not host and not parts.netloc.startswith(":"):
+        raise AddressError(f"{address!r} has no host")
+    path = ""
+    if scheme in ("ws", "wss"):
+        path = parts.path or "/"
+    elif parts.path not in ("", "/"):
+        raise AddressError(f"{address!r}: {scheme}:// addresses have no path")
+    return Address(address, scheme, host, port, path)
 
 
 def _escape(host: str) -> str:
@@ -38,23 +138,194 @@ def _escape(host: str) -> str:
     return host.replace(":", "\\:")
 
 
+def _urlHost(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 def clientEndpointString(address: str) -> str:
-    """The Twisted client endpoint string for an agent's C{--server} address."""
-    if "://" not in address:
+    """
+    The Twisted client endpoint string of a plain-TCP address (C{ssh://} or an endpoint
+    string); other schemes need L{clientConnector}.
+    """
+    parsed = parseAddress(address)
+    if parsed.scheme == "endpoint":
         return address
-    scheme = address.split("://", 1)[0].lower()
-    if scheme == "ssh":
-        host, port = _hostPort(address, DEFAULT_SSH_PORT)
-        return f"tcp:{_escape(host)}:{port}"
-    raise AddressError(f"unsupported address scheme {scheme!r} in {address!r}")
+    if parsed.scheme == "ssh" and parsed.host:
+        return f"tcp:{_escape(parsed.host)}:{parsed.port}"
+    raise AddressError(f"{address!r} needs a connector, not an endpoint string")
 
 
 def serverEndpointString(address: str) -> str:
-    """The Twisted server endpoint string for groundcontrol's C{--listen}."""
-    if "://" not in address:
+    """The Twisted server endpoint string of C{ssh://} or an endpoint string."""
+    parsed = parseAddress(address)
+    if parsed.scheme == "endpoint":
         return address
-    scheme = address.split("://", 1)[0].lower()
+    if parsed.scheme == "ssh":
+        return _tcpServerString(parsed)
+    raise AddressError(f"{address!r} needs a listener, not an endpoint string")
+
+
+def _tcpServerString(parsed: Address) -> str:
+    interface = f":interface={_escape(parsed.host)}" if parsed.host else ""
+    return f"tcp:{parsed.port}{interface}"
+
+
+def _identity(factory: IProtocolFactory) -> IProtocolFactory:
+    return factory
+
+
+@attrs.frozen
+class Listener:
+    """
+    Where groundcontrol listens, and how: listen on C{endpoint} with
+    C{wrapFactory(sshFactory)}.
+
+    @ivar transport: the scheme (C{"ssh"}, C{"tls"}, ...), for logs and C{ctl ls}.
+    """
+
+    endpoint: IStreamServerEndpoint
+    wrapFactory: FactoryWrapper
+    description: str
+    transport: str
+
+
+@attrs.frozen
+class Connector:
+    """
+    One way for the agent to reach groundcontrol: connect C{endpoint} with
+    C{wrapFactory(linkFactory)}.
+
+    @ivar description: the address as given (no credentials: a proxy is named by host only).
+    @ivar transport: the scheme, shown by the server's C{ctl ls} and the agent's status.
+    """
+
+    endpoint: IStreamClientEndpoint
+    wrapFactory: FactoryWrapper
+    description: str
+    transport: str
+
+
+def serverListener(
+    reactor: Any,
+    address: str,
+    tls: ServerTLS | None = None,
+    tor: TorSettings | None = None,
+) -> Listener:
+    """
+    Build groundcontrol's listener for C{address}.
+
+    C{tls://} and C{wss://} need C{tls} (certificate, key, fleet CA); C{tor://[:PORT]}
+    publishes an onion service through C{tor}'s control port (its host part is ignored: the
+    onion address comes from the key).
+
+    @raise AddressError: the address is malformed or needs settings that were not given.
+    @raise accesstunnel.transports.tls.TLSConfigError: a certificate or key is unusable.
+    """
+    parsed = parseAddress(address)
+    scheme = parsed.scheme
+    if scheme == "endpoint":
+        try:
+            endpoint = endpoints.serverFromString(reactor, address)
+        except (ValueError, TypeError, KeyError) as e:
+            raise AddressError(f"bad endpoint string {address!r}: {e}") from None
+        return Listener(endpoint, _identity, address, "tcp")
+    if scheme == "tor":
+        assert parsed.port is not None
+        return Listener(
+            OnionServerEndpoint(reactor, parsed.port, tor or TorSettings()),
+            _identity,
+            address,
+            "tor",
+        )
+    tcp = endpoints.serverFromString(reactor, _tcpServerString(parsed))
     if scheme == "ssh":
-        host, port = _hostPort(address, DEFAULT_SSH_PORT)
-        return f"tcp:{port}:interface={_escape(host)}"
-    raise AddressError(f"unsupported address scheme {scheme!r} in {address!r}")
+        return Listener(tcp, _identity, address, scheme)
+    wrappers: list[FactoryWrapper] = []
+    if scheme in ("tls", "wss"):
+        if tls is None:
+            raise AddressError(f"{address!r} needs a TLS certificate and key")
+        context = _tls.serverContextFactory(tls)
+        wrappers.append(lambda f: TLSMemoryBIOFactory(context, False, f))
+    if scheme in ("ws", "wss"):
+        url = f"{scheme}://{_urlHost(parsed.host or 'localhost')}:{parsed.port}{parsed.path}"
+        path = parsed.path
+        wrappers.append(lambda f: WebSocketServerFactory(f, url, path, reactor=reactor))
+
+    def wrap(factory: IProtocolFactory) -> IProtocolFactory:
+        # Innermost first: WebSocket around SSH, TLS around WebSocket.
+        for wrapper in reversed(wrappers):
+            factory = wrapper(factory)
+        return factory
+
+    return Listener(tcp, wrap, address, scheme)
+
+
+def clientConnector(
+    reactor: Any,
+    address: str,
+    tls: ClientTLS | None = None,
+    proxy: ProxySettings | None = None,
+    tor: TorSettings | None = None,
+) -> Connector:
+    """
+    Build the agent's connector for C{address}.
+
+    C{ws://} and C{wss://} go through the HTTP CONNECT proxy that C{proxy} names for the
+    host (C{NO_PROXY} honoured); C{tls://} and C{wss://} verify the server by host name
+    against C{tls.caFile} or the system roots and present the device certificate if there is
+    one; C{tor://} dials through C{tor}'s SOCKS port.
+
+    @raise AddressError: the address is malformed.
+    """
+    parsed = parseAddress(address)
+    scheme = parsed.scheme
+    if scheme == "endpoint":
+        try:
+            endpoint = endpoints.clientFromString(reactor, address)
+        except (ValueError, TypeError, KeyError) as e:
+            raise AddressError(f"bad endpoint string {address!r}: {e}") from None
+        return Connector(endpoint, _identity, address, "tcp")
+    host, port = parsed.host, parsed.port
+    if not host:
+        raise AddressError(f"{address!r} has no host")
+    assert port is not None
+    if scheme == "tor":
+        endpoint = onionClientEndpoint(reactor, host, port, tor or TorSettings())
+        return Connector(endpoint, _identity, address, "tor")
+    description = address
+    proxyURL = proxy.proxyFor(scheme, host, port) if proxy and scheme in ("ws", "wss") else None
+    if proxyURL is not None:
+        endpoint = HTTPConnectEndpoint.create(reactor, proxyURL, host, port)
+        description = f"{address} via proxy {proxyURL.host}:{proxyURL.port}"
+    else:
+        endpoint = endpoints.HostnameEndpoint(reactor, host, port)
+    if scheme in ("tls", "wss"):
+        endpoint = _LazyTLSEndpoint(host, tls, endpoint)
+    wrap: FactoryWrapper = _identity
+    if scheme in ("ws", "wss"):
+        url = f"{scheme}://{_urlHost(host)}:{port}{parsed.path}"
+
+        def wrap(factory: IProtocolFactory) -> IProtocolFactory:
+            return WebSocketClientFactory(factory, url, reactor=reactor)
+
+    return Connector(endpoint, wrap, description, scheme)
+
+
+@implementer(IStreamClientEndpoint)
+class _LazyTLSEndpoint:
+    """
+    TLS over C{inner}, with the options built at each connect: the device certificate may
+    appear or be renewed on disk while the agent runs.
+    """
+
+    def __init__(self, hostname: str, settings: ClientTLS | None, inner: IStreamClientEndpoint):
+        self.hostname = hostname
+        self.settings = settings
+        self.inner = inner
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Any:
+        try:
+            creator = _tls.clientCreator(self.hostname, self.settings)
+        except _tls.TLSConfigError:
+            return defer.fail()
+        return endpoints.wrapClientTLS(creator, self.inner).connect(protocolFactory)

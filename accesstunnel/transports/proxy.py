@@ -1,0 +1,281 @@
+"""
+Getting out through an HTTP CONNECT proxy: which proxy applies (C{HTTPS_PROXY},
+C{NO_PROXY}), and an endpoint that opens a tunnel through it.
+
+Devices on corporate networks often reach the outside only through such a proxy; the
+tunnel it opens is a plain byte stream, so TLS and WebSocket run inside it unchanged and
+the proxy sees only the host name and port.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import os
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import attrs
+from twisted.internet import defer, endpoints, error
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+__all__ = [
+    "HTTPConnectEndpoint",
+    "ProxyError",
+    "ProxySettings",
+    "matchesNoProxy",
+]
+
+#: The proxy's response head may not be larger than this (bounded memory before the tunnel).
+MAX_RESPONSE_HEAD = 16 * 1024
+
+
+class ProxyError(ConnectionError):
+    """The proxy refused or garbled the CONNECT."""
+
+
+@attrs.frozen
+class ProxyURL:
+    """A parsed C{http://[user:password@]host[:port]} proxy address."""
+
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+
+    @classmethod
+    def parse(cls, url: str) -> ProxyURL:
+        if "://" not in url:
+            url = "http://" + url  # curl's habit; people write HTTPS_PROXY=host:3128
+        parts = urlsplit(url)
+        if parts.scheme.lower() != "http":
+            raise ValueError(f"proxy {url!r}: only http:// proxies are supported")
+        if not parts.hostname:
+            raise ValueError(f"proxy {url!r} has no host")
+        try:
+            port = parts.port or 80
+        except ValueError:
+            raise ValueError(f"proxy {url!r} has a bad port") from None
+        username = unquote(parts.username) if parts.username is not None else None
+        password = unquote(parts.password) if parts.password is not None else None
+        return cls(parts.hostname, port, username, password)
+
+    def authorization(self) -> bytes | None:
+        """The C{Proxy-Authorization} value for Basic auth, if the URL carries credentials."""
+        if self.username is None:
+            return None
+        raw = f"{self.username}:{self.password or ''}".encode()
+        return b"Basic " + base64.b64encode(raw)
+
+
+@attrs.frozen
+class ProxySettings:
+    """
+    Which proxy to use, and for which hosts not to.
+
+    @ivar httpsProxy: proxy for C{wss://} (C{HTTPS_PROXY}).
+    @ivar httpProxy: proxy for C{ws://} (C{HTTP_PROXY}).
+    @ivar noProxy: C{NO_PROXY} as written.
+    """
+
+    httpsProxy: str | None = None
+    httpProxy: str | None = None
+    noProxy: str = ""
+
+    @classmethod
+    def fromEnvironment(
+        cls, environ: Mapping[str, str] | None = None, override: str | None = None
+    ) -> ProxySettings:
+        """
+        The settings from C{environ} (default C{os.environ}); C{override} (C{--proxy}) wins
+        for both schemes. Lower-case names win over upper-case, as in curl.
+        """
+        env = os.environ if environ is None else environ
+
+        def pick(name: str) -> str | None:
+            return env.get(name.lower()) or env.get(name.upper()) or None
+
+        return cls(
+            httpsProxy=override or pick("https_proxy"),
+            httpProxy=override or pick("http_proxy"),
+            noProxy=pick("no_proxy") or "",
+        )
+
+    def proxyFor(self, scheme: str, host: str, port: int) -> ProxyURL | None:
+        """The proxy to reach C{host:port} with C{scheme} (C{ws}/C{wss}), or C{None}."""
+        url = self.httpsProxy if scheme in ("wss", "https", "tls") else self.httpProxy
+        if not url or matchesNoProxy(self.noProxy, host, port):
+            return None
+        return ProxyURL.parse(url)
+
+
+def matchesNoProxy(noProxy: str, host: str, port: int) -> bool:
+    """
+    Whether C{NO_PROXY} says to connect to C{host:port} directly.
+
+    Entries are separated by commas or spaces: C{*} (everything), a host name (itself and
+    its subdomains; a leading dot or C{*.} means the same), an IP address or CIDR block, each
+    optionally with C{:PORT} to apply to that port only. Case does not matter.
+    """
+    host = host.strip("[]").lower().rstrip(".")
+    try:
+        hostIP: Any = ipaddress.ip_address(host)
+    except ValueError:
+        hostIP = None
+    for raw in noProxy.replace(",", " ").split():
+        entry = raw.lower()
+        if entry == "*":
+            return True
+        entryPort: int | None = None
+        if entry.startswith("["):  # [::1]:8080
+            close = entry.find("]")
+            rest = entry[close + 1 :]
+            entry, entryPort = entry[1:close], int(rest[1:]) if rest.startswith(":") else None
+        elif entry.count(":") == 1:
+            name, _, portText = entry.partition(":")
+            if portText.isdigit():
+                entry, entryPort = name, int(portText)
+        if entryPort is not None and entryPort != port:
+            continue
+        if hostIP is not None:
+            try:
+                if hostIP in ipaddress.ip_network(entry, strict=False):
+                    return True
+            except ValueError:
+                pass
+            continue
+        entry = entry.removeprefix("*").lstrip(".").rstrip(".")
+        if entry and (host == entry or host.endswith("." + entry)):
+            return True
+    return False
+
+
+class _ConnectProtocol(Protocol):
+    """
+    Speaks the CONNECT request, then steps aside: once the proxy answers 200 every byte
+    and event goes to the protocol the caller's factory built.
+    """
+
+    _log = Logger()
+
+    def __init__(self, endpoint: HTTPConnectEndpoint, factory: IProtocolFactory) -> None:
+        self._endpoint = endpoint
+        self._factory = factory
+        self._buffer = b""
+        self._inner: IProtocol | None = None
+        self.ready: defer.Deferred[IProtocol] = defer.Deferred(self._cancel)
+
+    def _cancel(self, d: defer.Deferred[IProtocol]) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def connectionMade(self) -> None:
+        target = f"{self._endpoint.host}:{self._endpoint.port}".encode("idna")
+        if ":" in self._endpoint.host:
+            target = f"[{self._endpoint.host}]:{self._endpoint.port}".encode()
+        lines = [b"CONNECT " + target + b" HTTP/1.1", b"Host: " + target]
+        authorization = self._endpoint.proxy.authorization()
+        if authorization is not None:
+            lines.append(b"Proxy-Authorization: " + authorization)
+        self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n")  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._inner is not None:
+            self._inner.dataReceived(data)
+            return
+        self._buffer += data
+        head, separator, rest = self._buffer.partition(b"\r\n\r\n")
+        if not separator:
+            if len(self._buffer) > MAX_RESPONSE_HEAD:
+                self._fail(ProxyError("the proxy's response head is too long"))
+            return
+        statusLine = head.split(b"\r\n", 1)[0]
+        parts = statusLine.split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
+            self._fail(ProxyError(f"not an HTTP response from the proxy: {statusLine[:80]!r}"))
+            return
+        if not (parts[1].isdigit() and 200 <= int(parts[1]) < 300):
+            reason = statusLine.decode("latin-1", "replace")[:120]
+            self._fail(ProxyError(f"the proxy refused CONNECT: {reason}"))
+            return
+        self._log.debug(
+            "proxy {proxy} opened a tunnel to {host}:{port}",
+            proxy=f"{self._endpoint.proxy.host}:{self._endpoint.proxy.port}",
+            host=self._endpoint.host,
+            port=self._endpoint.port,
+        )
+        self._buffer = b""
+        inner = self._factory.buildProtocol(self.transport.getPeer())  # type: ignore[union-attr]
+        if inner is None:
+            self._fail(error.ConnectError("the factory refused the connection"))
+            return
+        self._inner = inner
+        inner.makeConnection(self.transport)
+        self.ready.callback(inner)
+        if rest and self._inner is inner:
+            inner.dataReceived(rest)
+
+    def _fail(self, reason: Exception) -> None:
+        if not self.ready.called:
+            self.ready.errback(Failure(reason))
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._inner is not None:
+            self._inner.connectionLost(reason)
+        elif not self.ready.called:
+            self.ready.errback(
+                Failure(ProxyError(f"the proxy closed the connection: {reason.value}"))
+            )
+
+
+@implementer(IStreamClientEndpoint)
+class HTTPConnectEndpoint:
+    """
+    Connect to C{host:port} through an HTTP proxy's CONNECT tunnel.
+
+    The protocol the caller's factory builds gets the proxy connection's own transport, so
+    C{abortConnection}, TCP options and TLS wrapping above all work as on a direct link.
+    """
+
+    def __init__(self, proxyEndpoint: IStreamClientEndpoint, proxy: ProxyURL, host: str, port: int):
+        self.proxyEndpoint = proxyEndpoint
+        self.proxy = proxy
+        self.host = host
+        self.port = port
+
+    @classmethod
+    def create(cls, reactor: Any, proxy: ProxyURL, host: str, port: int) -> HTTPConnectEndpoint:
+        return cls(endpoints.HostnameEndpoint(reactor, proxy.host, proxy.port), proxy, host, port)
+
+    def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[IProtocol]:
+        made: list[_ConnectProtocol] = []
+
+        def build() -> _ConnectProtocol:
+            protocol = _ConnectProtocol(self, protocolFactory)
+            made.append(protocol)
+            return protocol
+
+        connecting = self.proxyEndpoint.connect(Factory.forProtocol(build))  # type: ignore[arg-type]
+
+        def cancel(d: defer.Deferred[IProtocol]) -> None:
+            connecting.cancel()
+            for protocol in made:
+                protocol.ready.cancel()
+
+        result: defer.Deferred[IProtocol] = defer.Deferred(cancel)
+
+        def connected(protocol: _ConnectProtocol) -> defer.Deferred[IProtocol]:
+            return protocol.ready
+
+        connecting.addCallback(connected).chainDeferred(result)
+        return result
+
+    def __repr__(self) -> str:
+        via = f"{self.proxy.host}:{self.proxy.port}"
+        return f"<HTTPConnectEndpoint {self.host}:{self.port} via {via}>"

@@ -1,0 +1,139 @@
+"""
+SSH in binary WebSocket frames (autobahn), so the link passes HTTP load balancers and
+proxies that only speak HTTP(S).
+
+autobahn's wrapping factories do the framing; the subclasses here only fix what a wrapped
+SSH transport needs from its transport: C{makeConnection} (so protocol wrappers in between see
+the connection), C{abortConnection} (keepalive and grace timers use it),
+C{getPeerCertificate} (the TLS below), and a connection lost before the WebSocket opened,
+which the wrapped protocol never saw begin and must not see end.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autobahn.twisted.websocket import (
+    WrappingWebSocketClientFactory,
+    WrappingWebSocketClientProtocol,
+    WrappingWebSocketServerFactory,
+    WrappingWebSocketServerProtocol,
+)
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+__all__ = ["SUBPROTOCOL", "WebSocketClientFactory", "WebSocketServerFactory"]
+
+#: Offered and required: SSH bytes ride as binary messages, never base64 text.
+SUBPROTOCOL = "binary"
+
+#: Largest WebSocket frame we send; SSH packets are at most 35000 bytes in practice.
+FRAGMENT_SIZE = 32 * 1024
+
+#: Largest message accepted from the peer before the WebSocket is failed (bounded memory).
+MAX_MESSAGE = 256 * 1024
+
+
+class _AdapterFixes:
+    """What both ends' protocols add to autobahn's wrapping adapter."""
+
+    _proto: Any
+    transport: Any
+    _opened = False
+
+    def onOpen(self) -> None:
+        self._opened = True
+        self._proto.makeConnection(self)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self._opened:
+            self._opened = False
+            self._proto.connectionLost(Failure(ConnectionError(f"WebSocket closed: {reason}")))
+            return
+        # The wrapped protocol never started; tell its factory, if it wants to know (the
+        # agent's failover moves on to the next address at once instead of timing out).
+        failed = getattr(self.factory._factory, "transportFailed", None)  # type: ignore[attr-defined]
+        if failed is not None:
+            failed(Failure(ConnectionError(f"WebSocket did not open: {reason or code}")))
+
+    def abortConnection(self) -> None:
+        self.transport.abortConnection()
+
+    def getPeerCertificate(self) -> Any:
+        getter = getattr(self.transport, "getPeerCertificate", None)
+        return getter() if getter is not None else None
+
+
+class _ServerProtocol(_AdapterFixes, WrappingWebSocketServerProtocol):
+    _log = Logger()
+
+    def onConnect(self, request: Any) -> Any:
+        expected = self.factory.path  # type: ignore[attr-defined]
+        if isinstance(request, ConnectionRequest) and request.path != expected:
+            self._log.info(
+                "refused WebSocket on {path} from {peer}", path=request.path, peer=request.peer
+            )
+            raise ConnectionDeny(ConnectionDeny.NOT_FOUND, "no such path")
+        return super().onConnect(request)
+
+
+class _ClientProtocol(_AdapterFixes, WrappingWebSocketClientProtocol):
+    pass
+
+
+def _commonOptions(factory: Any) -> None:
+    factory.setProtocolOptions(
+        autoFragmentSize=FRAGMENT_SIZE,
+        maxMessagePayloadSize=MAX_MESSAGE,
+        maxFramePayloadSize=MAX_MESSAGE,
+        # SSH has its own keepalives; WebSocket pings would only add a second opinion.
+        autoPingInterval=0,
+        openHandshakeTimeout=30,
+        closeHandshakeTimeout=5,
+    )
+
+
+class WebSocketServerFactory(WrappingWebSocketServerFactory):  # type: ignore[misc]
+    """Serve the wrapped factory's protocol in binary WebSocket messages on one path."""
+
+    protocol = _ServerProtocol
+
+    def __init__(self, factory: IProtocolFactory, url: str, path: str, reactor: Any = None):
+        # No permessage-deflate: SSH is encrypted, so compression costs CPU and saves nothing.
+        super().__init__(factory, url, reactor=reactor, enableCompression=False)
+        self._subprotocols = [SUBPROTOCOL]
+        self.protocols = [SUBPROTOCOL]
+        self.path = path
+        _commonOptions(self)
+
+    def buildProtocol(self, addr: Any) -> Any:
+        proto = self.protocol()
+        proto.factory = self
+        proto._proto = self._factory.buildProtocol(addr)
+        return proto
+
+
+class WebSocketClientFactory(WrappingWebSocketClientFactory):  # type: ignore[misc]
+    """Carry the wrapped factory's protocol in binary WebSocket messages to C{url}."""
+
+    protocol = _ClientProtocol
+
+    def __init__(self, factory: IProtocolFactory, url: str, reactor: Any = None):
+        super().__init__(factory, url, reactor=reactor, enableCompression=False)
+        self._subprotocols = [SUBPROTOCOL]
+        self.protocols = [SUBPROTOCOL]
+        _commonOptions(self)
+
+    def buildProtocol(self, addr: Any) -> Any:
+        proto = self.protocol()
+        proto.factory = self
+        proto._proto = self._factory.buildProtocol(addr)
+        return proto
+
+
+def identity(factory: Factory) -> Factory:
+    """The wrapper of transports that need none."""
+    return factory

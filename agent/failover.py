@@ -1,0 +1,255 @@
+"""
+Finding the server: try an ordered list of addresses, each attempt bounded in time, and
+start next time with the one that last worked.
+
+Why: a device may sit on a network where the direct route is closed, port 443 leads only to
+a proxy, or a captive portal answers everything; trying the list in order finds whatever gets
+out, and remembering the winner (in the state directory, so across restarts) makes the next
+reconnect fast instead of re-walking addresses that time out.
+
+An address counts as working only once the link on it is up (the link protocol's C{ready}
+Deferred fires, i.e. the agent authenticated), not merely when TCP connected: a TLS-intercepting
+middlebox accepts every connection. A link that closes before it was up sends the next
+connect to the next address.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import (
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from accesstunnel.addresses import Connector
+
+__all__ = ["AllAddressesFailed", "FailoverEndpoint"]
+
+DEFAULT_ATTEMPT_TIMEOUT = 15.0
+
+
+class AllAddressesFailed(ConnectionError):  # noqa: N818 - reads as a state
+    """Every address in the list failed this round; ClientService backs off and retries."""
+
+
+class _Watch(ProtocolWrapper):
+    """Tells the endpoint when the link's protocol really started, came up, or ended."""
+
+    factory: _WatchFactory
+    _made = False
+
+    def makeConnection(self, transport: Any) -> None:
+        self._made = True
+        super().makeConnection(transport)
+        self.factory.made(self)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._made:
+            super().connectionLost(reason)
+        self.factory.lost(reason)
+
+
+class _WatchFactory(WrappingFactory):
+    protocol = _Watch
+
+    def __init__(self, wrappedFactory: IProtocolFactory) -> None:
+        super().__init__(wrappedFactory)
+        self.started: defer.Deferred[_Watch] = defer.Deferred()
+        self.up: defer.Deferred[None] = defer.Deferred()
+        self.up.addErrback(lambda f: None)
+
+    def made(self, watch: _Watch) -> None:
+        if not self.started.called:
+            self.started.callback(watch)
+        ready = getattr(watch.wrappedProtocol, "ready", None)
+        if isinstance(ready, defer.Deferred):
+            ready.addCallbacks(self._up, self._notUp)
+        else:
+            self._up(None)  # a protocol with no notion of "up": connected is up
+
+    def _up(self, result: Any) -> Any:
+        if not self.up.called:
+            self.up.callback(None)
+        return result
+
+    def _notUp(self, reason: Failure) -> Failure:
+        if not self.up.called:
+            self.up.errback(reason)
+        return reason
+
+    def lost(self, reason: Failure) -> None:
+        self.transportFailed(reason)
+        if not self.up.called:
+            self.up.errback(reason)
+
+    def transportFailed(self, reason: Failure) -> None:
+        """The transport ended before the link protocol started (WebSocket refused...)."""
+        if not self.started.called:
+            self.started.errback(reason)
+
+
+@implementer(IStreamClientEndpoint)
+class FailoverEndpoint:
+    """
+    An endpoint for L{ClientService} that walks C{connectors} in order.
+
+    @ivar current: the connector of the link now being made or up (C{None} before the first).
+    @ivar preferred: index in the list tried first (the last that worked).
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        connectors: Sequence[Connector],
+        stateFile: Path,
+        attemptTimeout: float = DEFAULT_ATTEMPT_TIMEOUT,
+    ) -> None:
+        if not connectors:
+            raise ValueError("at least one server address is needed")
+        self._clock = clock
+        self._stateFile = Path(stateFile)
+        self.attemptTimeout = attemptTimeout
+        self.current: Connector | None = None
+        self._connectors: list[Connector] = []
+        self.preferred = 0
+        self.replace(connectors)
+
+    @property
+    def connectors(self) -> tuple[Connector, ...]:
+        return tuple(self._connectors)
+
+    @property
+    def transport(self) -> str | None:
+        """The transport of the link in use (C{"tls"}, C{"wss"}, ...), for status and C{ls}."""
+        return self.current.transport if self.current is not None else None
+
+    def replace(self, connectors: Sequence[Connector]) -> None:
+        """
+        Take a new address list (the config file changed). The link that is up stays up;
+        the next connect uses the new list, starting with the remembered address if it is
+        still in it.
+        """
+        if not connectors:
+            raise ValueError("at least one server address is needed")
+        self._connectors = list(connectors)
+        remembered = self._readRemembered()
+        descriptions = [c.description for c in self._connectors]
+        self.preferred = descriptions.index(remembered) if remembered in descriptions else 0
+        self._log.info(
+            "server addresses: {addresses}, trying {first} first",
+            addresses=descriptions,
+            first=descriptions[self.preferred],
+        )
+
+    def _order(self) -> list[Connector]:
+        n = len(self._connectors)
+        return [self._connectors[(self.preferred + i) % n] for i in range(n)]
+
+    def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[IProtocol]:
+        return defer.Deferred.fromCoroutine(self._connect(protocolFactory))
+
+    async def _connect(self, protocolFactory: IProtocolFactory) -> IProtocol:
+        failures: list[str] = []
+        for connector in self._order():
+            try:
+                return await self._attempt(connector, protocolFactory)
+            except (defer.CancelledError, defer.TimeoutError):
+                failures.append(f"{connector.description}: no connection in time")
+            except Exception as e:  # every failure is a reason to try the next one
+                failures.append(f"{connector.description}: {e}")
+            self._log.info(
+                "could not reach {address}: {reason}",
+                address=connector.description,
+                reason=failures[-1],
+            )
+        raise AllAddressesFailed("; ".join(failures))
+
+    async def _attempt(self, connector: Connector, protocolFactory: IProtocolFactory) -> IProtocol:
+        watch = _WatchFactory(protocolFactory)
+        self._log.debug("trying {address}", address=connector.description)
+        connecting = connector.endpoint.connect(connector.wrapFactory(watch))
+        outer: list[Any] = []
+
+        def abort(d: defer.Deferred[Any]) -> None:
+            for protocol in outer:
+                transport = getattr(protocol, "transport", None)
+                if transport is not None:
+                    transport.abortConnection()
+
+        started: defer.Deferred[_Watch] = defer.Deferred(abort)
+        watch.started.chainDeferred(started)
+
+        def connected(protocol: Any) -> defer.Deferred[_Watch]:
+            outer.append(protocol)
+            return started
+
+        attempt = connecting.addCallback(connected)
+        attempt.addTimeout(self.attemptTimeout, self._clock)
+        watched = await attempt
+        self.current = connector
+        watch.up.addCallbacks(
+            lambda _: self._worked(connector), lambda f: self._failedEarly(connector, f)
+        )
+        return watched.wrappedProtocol  # type: ignore[no-any-return]
+
+    def _worked(self, connector: Connector) -> None:
+        self._log.info(
+            "link up over {transport} via {address}",
+            transport=connector.transport,
+            address=connector.description,
+        )
+        if connector in self._connectors:
+            self.preferred = self._connectors.index(connector)
+        self._remember(connector.description)
+
+    def _failedEarly(self, connector: Connector, reason: Failure) -> None:
+        # Reached, but no link came of it: start with the next address next time, so an
+        # address that accepts and then fails cannot keep the list from being walked.
+        if connector not in self._connectors:
+            return
+        self.preferred = (self._connectors.index(connector) + 1) % len(self._connectors)
+        self._log.info(
+            "{address} connected but the link did not come up ({reason}); "
+            "trying {next} first next time",
+            address=connector.description,
+            reason=str(reason.value),
+            next=self._connectors[self.preferred].description,
+        )
+
+    def _readRemembered(self) -> str | None:
+        try:
+            return json.loads(self._stateFile.read_text()).get("address")  # type: ignore[no-any-return]
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    def _remember(self, description: str) -> None:
+        """Write the winner atomically: a power cut leaves the old file or the new one."""
+        try:
+            self._stateFile.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            temporary = self._stateFile.with_name(self._stateFile.name + ".tmp")
+            with temporary.open("w") as f:
+                json.dump({"address": description}, f)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            temporary.replace(self._stateFile)
+        except OSError as e:
+            self._log.warn(
+                "cannot record the working address in {path}: {error}",
+                path=str(self._stateFile),
+                error=str(e),
+            )
