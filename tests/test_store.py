@@ -37,6 +37,7 @@ from groundcontrol.store import (
     migratePostgreSQL,
     openSQLiteStore,
     openStore,
+    openStoreBlocking,
     schemaUpgraders,
     sqlitePath,
     storeKind,
@@ -233,6 +234,14 @@ class MigrationTests(StoreTestCase):
         self.assertEqual([a.name for a in self.successResultOf(again.listAccounts())], ["alice"])
         self.assertEqual(self.rawMigrate(), schemaUpgraders()[-1][0])
         self.assertEqual(len(self.rawQuery("SELECT * FROM version")), 1)
+
+    def test_openStoreBlocking(self) -> None:
+        """openStoreBlocking opens the same store at once, for start-up before the reactor."""
+        self.successResultOf(self.store.addAccount("alice", [newPublicKey()], False, T0))
+        store = openStoreBlocking(self.url, synchronousRunner)
+        self.addCleanup(store.close)
+        self.assertIsInstance(store, type(self.store))
+        self.assertEqual([a.name for a in self.successResultOf(store.listAccounts())], ["alice"])
 
     def test_newerDatabaseRefused(self) -> None:
         """A database written by a newer groundcontrol is refused rather than misread."""

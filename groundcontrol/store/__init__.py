@@ -23,7 +23,7 @@ from ._errors import (
     UnknownDevice,
 )
 from ._interface import IStore
-from ._open import databaseErrors, openStore, sqlitePath, storeKind
+from ._open import databaseErrors, openStore, openStoreBlocking, sqlitePath, storeKind
 from ._postgresql import (
     PostgreSQLStore,
     connectPostgreSQL,
@@ -82,6 +82,7 @@ __all__ = [
     "openPostgreSQLStore",
     "openSQLiteStore",
     "openStore",
+    "openStoreBlocking",
     "schemaUpgraders",
     "sourceHost",
     "sqlitePath",

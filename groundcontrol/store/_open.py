@@ -5,12 +5,17 @@ from __future__ import annotations
 from twisted.internet.defer import Deferred, fail
 
 from ._errors import StoreError
-from ._postgresql import openPostgreSQLStore
+from ._postgresql import (
+    PostgreSQLStore,
+    connectPostgreSQL,
+    migratePostgreSQL,
+    openPostgreSQLStore,
+)
 from ._runner import Runner
 from ._sql import SQLStore
-from ._sqlite import openSQLiteStore
+from ._sqlite import SQLiteStore, connect, migrate, openSQLiteStore
 
-__all__ = ["databaseErrors", "openStore", "storeKind"]
+__all__ = ["databaseErrors", "openStore", "openStoreBlocking", "sqlitePath", "storeKind"]
 
 
 def storeKind(url: str) -> str:
@@ -48,6 +53,30 @@ def openStore(url: str, runner: Runner) -> Deferred[SQLStore]:
     if kind == "postgresql":
         return openPostgreSQLStore(url, runner)  # type: ignore[return-value]
     return openSQLiteStore(sqlitePath(url), runner)  # type: ignore[return-value]
+
+
+def openStoreBlocking(url: str, runner: Runner) -> SQLStore:
+    """
+    Open and migrate the store at C{url} now, blocking; later calls go through C{runner}.
+
+    For start-up before the reactor runs (C{makeService}), where a Deferred would have
+    nothing to fire it and failing fast with the real error is what an operator wants.
+    """
+    if storeKind(url) == "postgresql":
+        pg = connectPostgreSQL(url)
+        try:
+            migratePostgreSQL(pg)
+        except BaseException:
+            pg.close()
+            raise
+        return PostgreSQLStore(pg, runner, url)
+    connection = connect(sqlitePath(url))
+    try:
+        migrate(connection)
+    except BaseException:
+        connection.close()
+        raise
+    return SQLiteStore(connection, runner)
 
 
 def databaseErrors() -> tuple[type[BaseException], ...]:
