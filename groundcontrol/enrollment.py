@@ -16,7 +16,6 @@ the key, never from what the agent asks for.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from datetime import UTC, datetime, timedelta
@@ -28,7 +27,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from groundcontrol.pki import FleetCA, issueDeviceCertificate
-from groundcontrol.store import IStore, StoreError
+from groundcontrol.store import IStore, StoreError, hashSecret
 
 HELLO = b"hello@accesstunnel"
 CERTIFICATE = b"certificate@accesstunnel"
@@ -43,11 +42,6 @@ CLAIM_CODE_LIFETIME = 600.0
 def normaliseCode(code: str) -> str:
     """Pairing codes compare case- and separator-insensitively (K7QP-M2XD = k7qpm2xd)."""
     return "".join(c for c in code.upper() if c.isalnum())
-
-
-def hashSecret(secret: str) -> str:
-    """The store keeps only hashes of tokens and pairing codes."""
-    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
 
 def encodeReply(payload: dict[str, Any]) -> tuple[int, bytes]:

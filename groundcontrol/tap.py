@@ -25,8 +25,7 @@ from groundcontrol.listening import ListenService, listenAll
 from groundcontrol.notify import makeNotifier
 from groundcontrol.pki import CAError
 from groundcontrol.sshserver import ServerSettings, buildFrontDoor
-from groundcontrol.store import IStore, PendingLimits, SQLiteStore, migrate, threadRunner
-from groundcontrol.store._sqlite import connect
+from groundcontrol.store import IStore, PendingLimits, openStoreBlocking, threadRunner
 
 DEFAULT_LISTEN = "tcp:2222:interface=127.0.0.1"
 
@@ -40,6 +39,7 @@ class ServerConfig:
     settings: ServerSettings
     certificateLifetime: float = 30 * 86400.0
     webhook: str | None = None
+    store: str | None = None
 
 
 class Options(usage.Options):
@@ -62,6 +62,7 @@ class Options(usage.Options):
         ["max-pending", None, 100, "Devices that may wait for approval at once.", int],
         ["max-pending-per-host", None, 10, "New pending devices per source host per hour.", int],
         ["webhook", None, None, "URL to POST fleet events to (JSON), retried with backoff."],
+        ["store", None, None, "Store URL: postgresql://... for several nodes (default: SQLite)."],
     ]
 
     def __init__(self) -> None:
@@ -107,14 +108,28 @@ class Options(usage.Options):
             ),
             certificateLifetime=self["certificate-lifetime"],
             webhook=self["webhook"],
+            store=self["store"],
         )
 
 
-def openStore(dataDir: DataDir, reactor: Any) -> IStore:
-    """Open and migrate the store now (start-up may block), then serve it from a thread."""
-    connection = connect(str(dataDir.databasePath))
-    migrate(connection)
-    return SQLiteStore(connection, threadRunner(reactor))
+def openStore(config: ServerConfig, reactor: Any) -> IStore:
+    """
+    Open and migrate the store now (start-up may block, and should fail fast
+    with the real error), then serve every call from a thread.
+    """
+    url = config.store or str(config.dataDir.databasePath)
+    try:
+        return openStoreBlocking(url, threadRunner(reactor))
+    except Exception as e:
+        raise usage.UsageError(f"cannot open the store {_redacted(url)}: {e}") from None
+
+
+def _redacted(url: str) -> str:
+    """A store URL fit for a log line: no password."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url
 
 
 def buildService(
@@ -137,7 +152,7 @@ def buildService(
     except CAError as e:
         raise usage.UsageError(f"fleet CA: {e}") from None
     if store is None:
-        store = openStore(config.dataDir, reactor)
+        store = openStore(config, reactor)
     factory, registry = buildFrontDoor(
         store, hostKey, reactor, config.settings, certificates=certificates
     )
