@@ -119,7 +119,7 @@ def parseAddress(address: str) -> Address:
     if parts.query or parts.fragment:
         raise AddressError(f"{address!r}: no query or fragment is understood")
     try:
-        port = parts.port or DEFAULT_PORTS[scheme]
+        port = parts.port if parts.port is not None else DEFAULT_PORTS[scheme]
     except ValueError:
         raise AddressError(f"{address!r} has a bad port") from None
     host = parts.hostname or ""
@@ -245,9 +245,11 @@ def serverListener(
         if tls is None:
             raise AddressError(f"{address!r} needs a TLS certificate and key")
         context = _tls.serverContextFactory(tls)
-        wrappers.append(lambda f: TLSMemoryBIOFactory(context, False, f))
+        wrappers.append(lambda f: TLSMemoryBIOFactory(context, False, f, clock=reactor))
     if scheme in ("ws", "wss"):
-        url = f"{scheme}://{_urlHost(parsed.host or 'localhost')}:{parsed.port}{parsed.path}"
+        # No port in the URL: autobahn refuses port 0, and behind a balancer the public port
+        # differs anyway (autobahn checks the Host header's port only if told one).
+        url = f"{scheme}://{_urlHost(parsed.host or 'localhost')}{parsed.path}"
         path = parsed.path
         wrappers.append(lambda f: WebSocketServerFactory(f, url, path, reactor=reactor))
 

@@ -68,7 +68,6 @@ class _WatchFactory(WrappingFactory):
         super().__init__(wrappedFactory)
         self.started: defer.Deferred[_Watch] = defer.Deferred()
         self.up: defer.Deferred[None] = defer.Deferred()
-        self.up.addErrback(lambda f: None)
 
     def made(self, watch: _Watch) -> None:
         if not self.started.called:
@@ -199,7 +198,11 @@ class FailoverEndpoint:
 
         attempt = connecting.addCallback(connected)
         attempt.addTimeout(self.attemptTimeout, self._clock)
-        watched = await attempt
+        try:
+            watched = await attempt
+        except BaseException:
+            watch.up.addErrback(lambda f: None)  # nobody waits for "up" of a failed attempt
+            raise
         self.current = connector
         watch.up.addCallbacks(
             lambda _: self._worked(connector), lambda f: self._failedEarly(connector, f)

@@ -1,0 +1,206 @@
+"""Tests for agent.failover: the ordered server list, per-attempt timeouts, memory, replace."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, error, protocol
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from accesstunnel.addresses import Connector
+from agent.failover import AllAddressesFailed, FailoverEndpoint
+
+
+@implementer(IStreamClientEndpoint)
+class ScriptedEndpoint:
+    """An endpoint whose connects succeed, fail or hang as the test says."""
+
+    def __init__(self, behaviour: str) -> None:
+        self.behaviour = behaviour
+        self.attempts = 0
+        self.cancelled = 0
+        self.transports: list[StringTransport] = []
+
+    def connect(self, factory: protocol.Factory) -> defer.Deferred[Any]:
+        self.attempts += 1
+        if self.behaviour == "refuse":
+            return defer.fail(error.ConnectionRefusedError())
+        if self.behaviour == "hang":
+
+            def cancel(d: defer.Deferred[Any]) -> None:
+                self.cancelled += 1
+
+            return defer.Deferred(cancel)
+        p = factory.buildProtocol(None)
+        transport = StringTransport()
+        p.makeConnection(transport)
+        self.transports.append(transport)
+        return defer.succeed(p)
+
+
+class Link(protocol.Protocol):
+    """Stands in for the agent's SSH transport: C{ready} fires when the test says."""
+
+    def connectionMade(self) -> None:
+        self.ready: defer.Deferred[Any] = defer.Deferred()
+        self.factory.links.append(self)  # type: ignore[attr-defined]
+
+
+class LinkFactory(protocol.Factory):
+    protocol = Link
+
+    def __init__(self) -> None:
+        self.links: list[Link] = []
+
+
+def connector(name: str, behaviour: str) -> Connector:
+    return Connector(ScriptedEndpoint(behaviour), lambda f: f, name, name.split(":")[0])
+
+
+class FailoverTests(SynchronousTestCase):
+    """Trying each address in order and remembering the one that worked."""
+
+    def setUp(self) -> None:
+        self.directory = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, self.directory)
+        self.stateFile = self.directory / "state" / "last-server.json"
+        self.clock = Clock()
+        self.factory = LinkFactory()
+
+    def endpoint(self, *connectors: Connector, timeout: float = 15) -> FailoverEndpoint:
+        return FailoverEndpoint(self.clock, list(connectors), self.stateFile, timeout)
+
+    def test_inOrder(self) -> None:
+        """Refused addresses are skipped at once; the first that connects is used."""
+        a, b, c = connector("ssh:a", "refuse"), connector("tls:b", "ok"), connector("wss:c", "ok")
+        endpoint = self.endpoint(a, b, c)
+        link = self.successResultOf(endpoint.connect(self.factory))
+        self.assertIsInstance(link, Link)
+        self.assertEqual([x.endpoint.attempts for x in (a, b, c)], [1, 1, 0])  # type: ignore[attr-defined]
+        self.assertEqual(endpoint.transport, "tls")
+
+    def test_hangingAttemptIsBounded(self) -> None:
+        """A connect that hangs is cancelled after the attempt timeout; the next one is tried."""
+        a, b = connector("ssh:a", "hang"), connector("tls:b", "ok")
+        endpoint = self.endpoint(a, b, timeout=15)
+        d = endpoint.connect(self.factory)
+        self.assertNoResult(d)
+        self.clock.advance(14.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.2)
+        self.successResultOf(d)
+        self.assertEqual(a.endpoint.cancelled, 1)  # type: ignore[attr-defined]
+
+    def test_allFail(self) -> None:
+        """When every address fails the connect fails (ClientService backs off), naming each."""
+        endpoint = self.endpoint(connector("ssh:a", "refuse"), connector("tls:b", "hang"))
+        d = endpoint.connect(self.factory)
+        self.clock.advance(16)
+        failure = self.failureResultOf(d, AllAddressesFailed)
+        self.assertIn("ssh:a", str(failure.value))
+        self.assertIn("tls:b", str(failure.value))
+
+    def test_remembersTheLastGood(self) -> None:
+        """
+        The address whose link came up is written to the state file and tried first by the
+        next connect and by a new agent process (a new endpoint on the same file).
+        """
+        a, b = connector("ssh:a", "refuse"), connector("tls:b", "ok")
+        endpoint = self.endpoint(a, b)
+        self.successResultOf(endpoint.connect(self.factory))
+        self.assertFalse(self.stateFile.exists(), "remembered only once the link is up")
+        self.factory.links[-1].ready.callback(None)
+        self.assertEqual(json.loads(self.stateFile.read_text()), {"address": "tls:b"})
+        self.successResultOf(endpoint.connect(self.factory))
+        self.assertEqual(a.endpoint.attempts, 1)  # type: ignore[attr-defined]
+
+        a2, b2 = connector("ssh:a", "refuse"), connector("tls:b", "ok")
+        restarted = self.endpoint(a2, b2)
+        self.successResultOf(restarted.connect(self.factory))
+        self.assertEqual(a2.endpoint.attempts, 0)  # type: ignore[attr-defined]
+
+    def test_connectedButNeverUp(self) -> None:
+        """
+        An address that accepts connections but whose link never comes up (a middlebox)
+        sends the next connect to the next address, so the list is still walked.
+        """
+        a, b = connector("tls:a", "ok"), connector("wss:b", "ok")
+        endpoint = self.endpoint(a, b)
+        self.successResultOf(endpoint.connect(self.factory))
+        ready = self.factory.links[-1].ready
+        ready.errback(Failure(ConnectionError("closed before up")))
+        self.failureResultOf(ready, ConnectionError)  # the link's own chain is left intact
+        self.assertFalse(self.stateFile.exists(), "an address whose link failed is not remembered")
+        self.successResultOf(endpoint.connect(self.factory))
+        self.assertEqual(b.endpoint.attempts, 1)  # type: ignore[attr-defined]
+        self.assertEqual(endpoint.current, b)
+
+    def test_lossBeforeStartTriesNext(self) -> None:
+        """A transport that ends before the link protocol starts counts as a failed attempt."""
+
+        @implementer(IStreamClientEndpoint)
+        class Refusing:
+            attempts = 0
+
+            def connect(self, factory: Any) -> defer.Deferred[Any]:
+                self.attempts += 1
+                d: defer.Deferred[Any] = defer.Deferred()
+                # e.g. the WebSocket was refused: the adapter tells the factory.
+                self.reactorLater = lambda: factory.transportFailed(Failure(ConnectionError("404")))
+                d.callback(protocol.Protocol())
+                self.reactorLater()
+                return d
+
+        ws = Connector(Refusing(), lambda f: f, "wss:a", "wss")
+        endpoint = self.endpoint(ws, connector("tls:b", "ok"))
+        self.successResultOf(endpoint.connect(self.factory))
+        self.assertEqual(endpoint.transport, "tls")
+
+    def test_replace(self) -> None:
+        """
+        A new list (SIGHUP) is used by the next connect; the remembered address keeps its
+        priority if it is still in the list.
+        """
+        endpoint = self.endpoint(connector("ssh:a", "ok"))
+        self.successResultOf(endpoint.connect(self.factory))
+        self.factory.links[-1].ready.callback(None)
+        c, a = connector("tls:c", "ok"), connector("ssh:a", "ok")
+        endpoint.replace([c, a])
+        self.successResultOf(endpoint.connect(self.factory))
+        self.assertEqual(endpoint.current, a)
+        d, e = connector("wss:d", "ok"), connector("tls:e", "ok")
+        endpoint.replace([d, e])
+        self.successResultOf(endpoint.connect(self.factory))
+        self.assertEqual(endpoint.current, d)
+
+    def test_emptyListRefused(self) -> None:
+        """An empty list is a configuration error, not an agent that silently never dials."""
+        self.assertRaises(ValueError, self.endpoint)
+
+    def test_corruptStateFileIgnored(self) -> None:
+        """A damaged state file means "no memory", not a crash."""
+        self.stateFile.parent.mkdir(parents=True)
+        self.stateFile.write_text("{not json")
+        endpoint = self.endpoint(connector("ssh:a", "ok"))
+        self.assertEqual(endpoint.preferred, 0)
+
+    def test_connectionLossReachesTheLink(self) -> None:
+        """Once made, the link's protocol sees the connection end (ClientService relies on it)."""
+        endpoint = self.endpoint(connector("ssh:a", "ok"))
+        lost: list[Failure] = []
+        self.successResultOf(endpoint.connect(self.factory))
+        link = self.factory.links[-1]
+        link.connectionLost = lost.append  # type: ignore[method-assign]
+        link.transport.loseConnection()  # type: ignore[union-attr]
+        link.transport.transport.protocol = None  # type: ignore[union-attr]
+        link.transport.connectionLost(Failure(ConnectionError("bye")))  # type: ignore[union-attr]
+        self.assertEqual(len(lost), 1)
