@@ -17,6 +17,7 @@ from twisted.logger import Logger
 
 from groundcontrol.auth import AgentLogin, OperatorLogin
 from groundcontrol.enrollment import APPROVED, AgentRequests, encodeReply
+from groundcontrol.forwarding import RemoteForwards, relayFromDevice
 from groundcontrol.registry import Registry
 from groundcontrol.relay import refusal
 from groundcontrol.router import SessionRouter
@@ -38,17 +39,33 @@ class OperatorAvatar(ConchUser):
     ) -> defer.Deferred[Any]:
         return defer.Deferred.fromCoroutine(
             self._router.openChannel(
-                self.login.account, self.login.target, channelType, windowSize, maxPacket, data
+                self.login.account,
+                self.login.target,
+                channelType,
+                windowSize,
+                maxPacket,
+                data,
+                operatorConn=getattr(self, "conn", None),
             )
         )
 
-    def gotGlobalRequest(self, requestType: bytes, data: bytes) -> int:
-        # keepalive@openssh.com and anything else we do not offer: a failure
-        # reply is the expected answer.
-        return 0
+    def gotGlobalRequest(self, requestType: bytes, data: bytes) -> Any:
+        """Remote forwards go to the device; anything else (keepalives) is refused."""
+        return defer.Deferred.fromCoroutine(
+            self._router.forwardRequest(
+                self.login.account,
+                self.login.target,
+                getattr(self, "conn", None),
+                requestType,
+                data,
+            )
+        )
 
     def logout(self) -> None:
-        """Nothing to release: channels close with the connection."""
+        """Channels close with the connection; remote forwards are taken down."""
+        conn = getattr(self, "conn", None)
+        if conn is not None:
+            self._router.operatorGone(self.login.target, conn)
 
 
 class DeviceLink:
@@ -70,6 +87,7 @@ class DeviceLink:
         self.connectedAt = clock.seconds()
         self.details: dict[str, Any] = {}
         self.avatar: Any = None
+        self.remoteForwards = RemoteForwards()
 
     def openChannel(self, channel: Any, data: bytes) -> None:
         """Open C{channel} towards the agent."""
@@ -168,7 +186,12 @@ class AgentAvatar(ConchUser):
     def lookupChannel(
         self, channelType: bytes, windowSize: int, maxPacket: int, data: bytes
     ) -> Any:
-        raise refusal("devices may not open channels on groundcontrol")
+        """Channels back to an operator: remote forwards, agent and X11 forwarding."""
+        if self.link is None or self.deviceName is None:
+            raise refusal("devices waiting for approval may not open channels")
+        return defer.Deferred.fromCoroutine(
+            relayFromDevice(self.link, channelType, windowSize, maxPacket, data)
+        )
 
     def gotGlobalRequest(self, requestType: bytes, data: bytes) -> Any:
         """Enrollment requests are answered (later, in order); the rest refused."""

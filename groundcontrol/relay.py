@@ -30,6 +30,10 @@ RELAY_FAILURE_STATUS = 255
 
 _EXIT_REQUESTS = (b"exit-status", b"exit-signal")
 
+#: Session requests after which the device may open channels back to the
+#: operator, and the channel type each allows.
+_OPENS_BACK = {b"auth-agent-req@openssh.com": b"auth-agent@openssh.com", b"x11-req": b"x11"}
+
 
 class RelayChannel(FlowChannel):
     """
@@ -43,6 +47,10 @@ class RelayChannel(FlowChannel):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.towardsOperator = towardsOperator
+        #: Requests groundcontrol's policy refuses instead of passing on.
+        self.refusedRequests: frozenset[bytes] = frozenset()
+        #: Channel types the device may open back for this (operator) session.
+        self.permittedBack: set[bytes] = set()
         self.peer: RelayChannel | None = None
         self.label = label
         self.exitReported = False
@@ -112,6 +120,11 @@ class RelayChannel(FlowChannel):
         peer = self.peer
         if peer is None:
             return False
+        if requestType in self.refusedRequests:
+            return False
+        back = _OPENS_BACK.get(requestType)
+        if back is not None:
+            self.permittedBack.add(back)
         if requestType in _EXIT_REQUESTS:
             peer.exitReported = True
         result = peer.sendRequestInOrder(requestType, data, wantReply)

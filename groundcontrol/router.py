@@ -1,31 +1,70 @@
 """
-Routing an operator's channel to a device: the checks, in order, and the
-words an operator sees when one fails.
+Routing an operator's channels and forwarding requests to a device: the
+checks, in order, and the words an operator sees when one fails.
 
 A malformed name is refused before any lookup. Then the device must exist,
 not be revoked, be reachable by this account, and be connected now; only then
 is a channel opened on its link, and the operator's channel is confirmed with
 the device's own answer.
+
+``ctl`` is groundcontrol's own control shell; a ``direct-tcpip`` channel
+through ``ctl`` to host ``dev_NAME`` is ProxyJump (``ssh -J ctl@gc
+root@dev_NAME``): groundcontrol relays bytes to the device's own sshd and
+never sees inside the end-to-end session.
 """
 
 from __future__ import annotations
 
+import struct
 import time
 from typing import Any
 
-from twisted.conch.ssh import connection
+import attrs
+from twisted.conch.ssh import common, connection
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from accesstunnel.channel import DEFAULT_MAX_PACKET, DEFAULT_WINDOW
 from groundcontrol.control import ControlChannel, ControlContext
+from groundcontrol.forwarding import MalformedPayload, parseForwardRequest
 from groundcontrol.registry import Registry
 from groundcontrol.relay import RelayChannel, refusal, splice
 from groundcontrol.store import Account, IStore
-from groundcontrol.usernames import ControlTarget, DeviceTarget, MalformedTarget, Target
+from groundcontrol.usernames import (
+    DEVICE_PREFIX,
+    ControlTarget,
+    DeviceTarget,
+    MalformedTarget,
+    Target,
+    parseUsername,
+)
 
 #: Channel types an operator may open on a device.
 RELAYED_CHANNEL_TYPES = frozenset({b"session", b"direct-tcpip"})
+
+_FORWARD_REQUESTS = (b"tcpip-forward", b"cancel-tcpip-forward")
+
+
+@attrs.frozen
+class SessionPolicy:
+    """What operators may do beyond a session, and how many channels they get."""
+
+    #: Channels one operator connection may have open (sshd's MaxSessions).
+    maxSessionsPerConnection: int = 10
+    #: Channels one device link may carry at once, all operators together.
+    maxChannelsPerLink: int = 1000
+    permitLocalForwarding: bool = True
+    permitRemoteForwarding: bool = True
+    permitAgentForwarding: bool = False
+    permitX11Forwarding: bool = True
+
+    def refusedRequests(self) -> frozenset[bytes]:
+        refused = set()
+        if not self.permitAgentForwarding:
+            refused.add(b"auth-agent-req@openssh.com")
+        if not self.permitX11Forwarding:
+            refused.add(b"x11-req")
+        return frozenset(refused)
 
 
 def describeLastSeen(lastSeen: float | None, now: float) -> str:
@@ -45,15 +84,44 @@ def describeLastSeen(lastSeen: float | None, now: float) -> str:
     return f"last seen {stamp}, {span}"
 
 
+def _openChannelCount(conn: Any) -> int:
+    return len(getattr(conn, "channels", ())) + len(getattr(conn, "_pendingOpens", ()))
+
+
 class SessionRouter:
-    """Open the device side of an operator's channel."""
+    """Open the device side of an operator's channels and forwards."""
 
     _log = Logger()
 
-    def __init__(self, store: IStore, registry: Registry, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        store: IStore,
+        registry: Registry,
+        clock: IReactorTime,
+        policy: SessionPolicy | None = None,
+    ) -> None:
         self._store = store
         self._registry = registry
         self._clock = clock
+        self.policy = policy or SessionPolicy()
+
+    async def reachableLink(self, account: Account, name: str) -> Any:
+        """The live link of device C{name} if C{account} may reach it, else a refusal."""
+        now = self._clock.seconds()
+        device = await self._store.deviceByName(name)
+        if device is None:
+            raise refusal(f"unknown device {name!r}")
+        if device.state != "approved":
+            raise refusal(f"device {name!r} is {device.state}")
+        if not await self._store.mayReach(account, name, now):
+            raise refusal(f"account {account.name!r} has no grant for device {name!r}")
+        link = self._registry.lookup(name)
+        if link is None:
+            raise refusal(
+                f"device {name!r} is offline ({describeLastSeen(device.lastSeen, now)})",
+                connection.OPEN_CONNECT_FAILED,
+            )
+        return link
 
     async def openChannel(
         self,
@@ -63,6 +131,7 @@ class SessionRouter:
         windowSize: int,
         maxPacket: int,
         data: bytes,
+        operatorConn: Any = None,
     ) -> RelayChannel | ControlChannel:
         """
         Return the operator's side of a channel spliced to the device's, or
@@ -70,7 +139,15 @@ class SessionRouter:
         """
         if isinstance(target, MalformedTarget):
             raise refusal(target.reason)
+        limit = self.policy.maxSessionsPerConnection
+        if operatorConn is not None and _openChannelCount(operatorConn) >= limit:
+            raise refusal(
+                f"too many channels on this connection (at most {limit})",
+                connection.OPEN_RESOURCE_SHORTAGE,
+            )
         if isinstance(target, ControlTarget):
+            if channelType == b"direct-tcpip":
+                return await self._proxyJump(account, windowSize, maxPacket, data)
             if channelType != b"session":
                 raise refusal("the control shell serves session channels only")
             return ControlChannel(
@@ -84,26 +161,30 @@ class SessionRouter:
                 f"channel type {channelType.decode('ascii', 'replace')!r} is not relayed",
                 connection.OPEN_UNKNOWN_CHANNEL_TYPE,
             )
-        name = target.name
-        now = self._clock.seconds()
-        device = await self._store.deviceByName(name)
-        if device is None:
-            raise refusal(f"unknown device {name!r}")
-        if device.state != "approved":
-            raise refusal(f"device {name!r} is {device.state}")
-        if not await self._store.mayReach(account, name, now):
-            raise refusal(f"account {account.name!r} has no grant for device {name!r}")
-        link: Any = self._registry.lookup(name)
-        if link is None:
-            raise refusal(
-                f"device {name!r} is offline ({describeLastSeen(device.lastSeen, now)})",
-                connection.OPEN_CONNECT_FAILED,
-            )
+        if channelType == b"direct-tcpip" and not self.policy.permitLocalForwarding:
+            raise refusal("port forwarding is not permitted on this server")
+        link = await self.reachableLink(account, target.name)
+        return await self._relay(account, link, channelType, windowSize, maxPacket, data)
 
+    async def _relay(
+        self,
+        account: Account,
+        link: Any,
+        channelType: bytes,
+        windowSize: int,
+        maxPacket: int,
+        data: bytes,
+    ) -> RelayChannel:
+        limit = self.policy.maxChannelsPerLink
+        if _openChannelCount(link.conn) >= limit:
+            raise refusal(
+                f"device {link.deviceName!r} is busy: {limit} channels open",
+                connection.OPEN_RESOURCE_SHORTAGE,
+            )
         deviceSide = RelayChannel(
             localWindow=DEFAULT_WINDOW,
             localMaxPacket=DEFAULT_MAX_PACKET,
-            label=f"device {name}",
+            label=f"device {link.deviceName}",
         )
         deviceSide.name = channelType
         link.openChannel(deviceSide, data)
@@ -116,11 +197,88 @@ class SessionRouter:
             label=f"operator {account.name}",
             towardsOperator=True,
         )
+        operatorSide.refusedRequests = self.policy.refusedRequests()
         splice(operatorSide, deviceSide)
         self._log.info(
             "{account} opened {channelType} on device {device}",
             account=account.name,
             channelType=channelType.decode("ascii", "replace"),
-            device=name,
+            device=link.deviceName,
         )
         return operatorSide
+
+    async def _proxyJump(
+        self, account: Account, windowSize: int, maxPacket: int, data: bytes
+    ) -> RelayChannel:
+        """``ssh -J ctl@gc -p PORT user@dev_NAME``: bytes to the device's own sshd."""
+        try:
+            host, rest = common.getNS(data)
+            (port,) = struct.unpack(">L", rest[:4])
+        except (struct.error, ValueError):
+            raise refusal("malformed direct-tcpip request") from None
+        target = parseUsername(host)
+        if not host.startswith(DEVICE_PREFIX.encode()) or not isinstance(target, DeviceTarget):
+            reason = target.reason if isinstance(target, MalformedTarget) else "not a device"
+            raise refusal(
+                f"ProxyJump through ctl reaches devices as dev_NAME ({reason})",
+                connection.OPEN_CONNECT_FAILED,
+            )
+        if not self.policy.permitLocalForwarding:
+            raise refusal("port forwarding is not permitted on this server")
+        link = await self.reachableLink(account, target.name)
+        # The device's own sshd, on the device's loopback.
+        payload = common.NS(b"127.0.0.1") + struct.pack(">L", port) + rest[4:]
+        return await self._relay(account, link, b"direct-tcpip", windowSize, maxPacket, payload)
+
+    async def forwardRequest(
+        self, account: Account, target: Target, operatorConn: Any, requestType: bytes, data: bytes
+    ) -> Any:
+        """
+        ``ssh -R``: pass ``tcpip-forward`` / ``cancel-tcpip-forward`` on to the
+        device, and remember which operator owns the forward.
+        """
+        if requestType not in _FORWARD_REQUESTS or not isinstance(target, DeviceTarget):
+            return 0
+        if not self.policy.permitRemoteForwarding:
+            return 0
+        try:
+            address, port = parseForwardRequest(data)
+        except MalformedPayload:
+            return 0
+        try:
+            link = await self.reachableLink(account, target.name)
+        except Exception:
+            return 0
+        try:
+            reply = await link.conn.sendGlobalRequest(requestType, data, wantReply=1)
+        except Exception:
+            return 0
+        if requestType == b"cancel-tcpip-forward":
+            link.remoteForwards.remove(address, port)
+            return 1
+        if port == 0 and len(reply) >= 4:
+            (port,) = struct.unpack(">L", reply[:4])
+        link.remoteForwards.add(address, port, operatorConn)
+        self._log.info(
+            "{account} forwards {address}:{port} on device {device}",
+            account=account.name,
+            address=address.decode("ascii", "replace"),
+            port=port,
+            device=link.deviceName,
+        )
+        return (1, reply) if reply else 1
+
+    def operatorGone(self, target: Target, operatorConn: Any) -> None:
+        """An operator's connection ended: take down the remote forwards it owned."""
+        if not isinstance(target, DeviceTarget):
+            return
+        link = self._registry.lookup(target.name)
+        if link is None:
+            return
+        for address, port in link.remoteForwards.ownedBy(operatorConn):
+            link.remoteForwards.remove(address, port)
+            d = link.conn.sendGlobalRequest(
+                b"cancel-tcpip-forward", common.NS(address) + struct.pack(">L", port), wantReply=1
+            )
+            if d is not None:
+                d.addErrback(lambda f: None)

@@ -27,7 +27,7 @@ from groundcontrol.auth import AgentLogin, FleetKeyChecker, OperatorLogin
 from groundcontrol.avatars import AgentAvatar, OperatorAvatar
 from groundcontrol.enrollment import AgentRequests, CertificatePolicy
 from groundcontrol.registry import Registry
-from groundcontrol.router import SessionRouter
+from groundcontrol.router import SessionPolicy, SessionRouter
 from groundcontrol.store import Device, IStore, PendingLimitReached, PendingLimits
 
 #: What the agent's key may be used for in signatures we accept (RFC 8308).
@@ -43,6 +43,7 @@ class ServerSettings:
     keepaliveInterval: float = DEFAULT_INTERVAL
     keepaliveCount: int = DEFAULT_COUNT
     pendingLimits: PendingLimits = attrs.field(factory=PendingLimits)
+    sessions: SessionPolicy = attrs.field(factory=SessionPolicy)
 
 
 class PendingRefused(UnauthorizedLogin):
@@ -305,7 +306,7 @@ def buildFrontDoor(
 ) -> tuple[GroundControlFactory, Registry]:
     """Assemble checker, realm, portal and factory around a store."""
     registry = registry if registry is not None else Registry()
-    router = SessionRouter(store, registry, clock)
+    router = SessionRouter(store, registry, clock, settings.sessions if settings else None)
     agentRequests = AgentRequests(store, clock, certificates)
     realm = GroundControlRealm(
         store, registry, router, clock, agentRequests, settings.pendingLimits if settings else None

@@ -24,6 +24,7 @@ from groundcontrol.fleetwatch import FleetWatcher
 from groundcontrol.listening import ListenService, listenAll
 from groundcontrol.notify import makeNotifier
 from groundcontrol.pki import CAError
+from groundcontrol.router import SessionPolicy
 from groundcontrol.sshserver import ServerSettings, buildFrontDoor
 from groundcontrol.store import IStore, PendingLimits, openStoreBlocking, threadRunner
 
@@ -62,7 +63,16 @@ class Options(usage.Options):
         ["max-pending", None, 100, "Devices that may wait for approval at once.", int],
         ["max-pending-per-host", None, 10, "New pending devices per source host per hour.", int],
         ["webhook", None, None, "URL to POST fleet events to (JSON), retried with backoff."],
+        ["max-sessions", None, 10, "Channels per operator connection (like MaxSessions).", int],
+        ["max-channels-per-device", None, 1000, "Channels one device link may carry.", int],
         ["store", None, None, "Store URL: postgresql://... for several nodes (default: SQLite)."],
+    ]
+
+    optFlags = [
+        ["permit-agent-forwarding", None, "Let operators forward their ssh-agent (-A)."],
+        ["no-remote-forwarding", None, "Refuse ssh -R."],
+        ["no-port-forwarding", None, "Refuse ssh -L, -D and ProxyJump."],
+        ["no-x11-forwarding", None, "Refuse ssh -X."],
     ]
 
     def __init__(self) -> None:
@@ -90,6 +100,8 @@ class Options(usage.Options):
             self["certificate-lifetime"] = float(parseDuration(self["certificate-lifetime"]))
         except ValueError as e:
             raise usage.UsageError(f"--certificate-lifetime: {e}") from None
+        if self["max-sessions"] < 1 or self["max-channels-per-device"] < 1:
+            raise usage.UsageError("session caps must be at least 1")
         if self["max-pending"] < 0 or self["max-pending-per-host"] < 0:
             raise usage.UsageError("pending caps cannot be negative")
 
@@ -104,6 +116,14 @@ class Options(usage.Options):
                 keepaliveCount=self["keepalive-count"],
                 pendingLimits=PendingLimits(
                     total=self["max-pending"], perHost=self["max-pending-per-host"]
+                ),
+                sessions=SessionPolicy(
+                    maxSessionsPerConnection=self["max-sessions"],
+                    maxChannelsPerLink=self["max-channels-per-device"],
+                    permitLocalForwarding=not self["no-port-forwarding"],
+                    permitRemoteForwarding=not self["no-remote-forwarding"],
+                    permitAgentForwarding=bool(self["permit-agent-forwarding"]),
+                    permitX11Forwarding=not self["no-x11-forwarding"],
                 ),
             ),
             certificateLifetime=self["certificate-lifetime"],
