@@ -204,3 +204,76 @@ class FailoverTests(SynchronousTestCase):
         link.transport.transport.protocol = None  # type: ignore[union-attr]
         link.transport.connectionLost(Failure(ConnectionError("bye")))  # type: ignore[union-attr]
         self.assertEqual(len(lost), 1)
+
+
+class ConfigTests(SynchronousTestCase):
+    """The agent config file and its reload on SIGHUP."""
+
+    def setUp(self) -> None:
+        self.directory = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, self.directory)
+        self.path = self.directory / "agent.toml"
+
+    def test_load(self) -> None:
+        """Servers, proxy, pinned CA and tor SOCKS port are read; absent ones are empty."""
+        from agent.config import AgentFileConfig, loadConfig
+
+        self.path.write_text(
+            'servers = ["tls://gc.example", "wss://gc.example/tunnel"]\n'
+            'proxy = "http://u:p@proxy:3128"\ntls-ca = "/etc/ca.crt"\n'
+        )
+        config = loadConfig(self.path)
+        self.assertEqual(config.servers, ("tls://gc.example", "wss://gc.example/tunnel"))
+        self.assertEqual(config.proxy, "http://u:p@proxy:3128")
+        self.assertEqual(config.tlsCA, Path("/etc/ca.crt"))
+        self.path.write_text("")
+        self.assertEqual(loadConfig(self.path), AgentFileConfig())
+
+    def test_errors(self) -> None:
+        """Unknown keys, bad addresses, bad TOML and a missing file are reported."""
+        from agent.config import ConfigError, loadConfig
+
+        for text in ('server = ["x"]', 'servers = ["http://x"]', "servers = [", "servers = 3"):
+            self.path.write_text(text)
+            self.assertRaises(ConfigError, loadConfig, self.path)
+        self.assertRaises(ConfigError, loadConfig, self.directory / "missing.toml")
+
+    def test_reloadOnSIGHUP(self) -> None:
+        """
+        SIGHUP schedules a re-read in the reactor thread; a change reaches C{onChange}, an
+        unchanged or broken file does not (the agent keeps its working addresses).
+        """
+        import signal
+
+        from agent.config import installReloadOnSIGHUP, loadConfig
+
+        class FakeReactor:
+            def __init__(self) -> None:
+                self.calls: list[Any] = []
+
+            def callFromThread(self, f: Any, *args: Any) -> None:
+                self.calls.append((f, args))
+
+        self.path.write_text('servers = ["ssh://a"]\n')
+        reactor = FakeReactor()
+        changes: list[Any] = []
+        uninstall = installReloadOnSIGHUP(reactor, self.path, changes.append, loadConfig(self.path))
+        self.addCleanup(uninstall)
+        self.assertIs(signal.getsignal(signal.SIGHUP), uninstall.handler)  # type: ignore[attr-defined]
+
+        def hup() -> None:
+            uninstall.handler(signal.SIGHUP, None)  # type: ignore[attr-defined]
+            for f, args in reactor.calls:
+                f(*args)
+            reactor.calls.clear()
+
+        hup()
+        self.assertEqual(changes, [])
+        self.path.write_text('servers = ["tls://b"]\n')
+        hup()
+        self.assertEqual([c.servers for c in changes], [("tls://b",)])
+        self.path.write_text("servers = [")
+        hup()
+        self.assertEqual(len(changes), 1)
+        uninstall()
+        self.assertIsNot(signal.getsignal(signal.SIGHUP), uninstall.handler)  # type: ignore[attr-defined]
