@@ -63,6 +63,7 @@ class _Watch(ProtocolWrapper):
 
 class _WatchFactory(WrappingFactory):
     protocol = _Watch
+    noisy = False  # one per attempt: "Starting factory" lines would drown the useful ones
 
     def __init__(self, wrappedFactory: IProtocolFactory) -> None:
         super().__init__(wrappedFactory)
@@ -167,13 +168,12 @@ class FailoverEndpoint:
             try:
                 return await self._attempt(connector, protocolFactory)
             except (defer.CancelledError, defer.TimeoutError):
-                failures.append(f"{connector.description}: no connection in time")
+                reason = f"no connection in {self.attemptTimeout:g} s"
             except Exception as e:  # every failure is a reason to try the next one
-                failures.append(f"{connector.description}: {e}")
+                reason = str(e) or type(e).__name__
+            failures.append(f"{connector.description}: {reason}")
             self._log.info(
-                "could not reach {address}: {reason}",
-                address=connector.description,
-                reason=failures[-1],
+                "could not reach {address}: {reason}", address=connector.description, reason=reason
             )
         raise AllAddressesFailed("; ".join(failures))
 

@@ -93,6 +93,7 @@ class HandshakeLimiter(WrappingFactory):
     """
 
     protocol = _Limited
+    noisy = False
     _log = Logger()
 
     def __init__(
