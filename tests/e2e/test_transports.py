@@ -1,0 +1,289 @@
+"""
+End to end over each transport: real twistd groundcontrol and tunnel-agent, the real OpenSSH
+client on the operator side (over the plain listener), a real HTTP proxy (tinyproxy), all on
+127.0.0.1 with kernel-chosen ports.
+
+These run against the command line as the tap wiring defines it (``--listen tls://...
+--tls-cert F --tls-key F``, agent ``--server tls://... --tls-ca F``, ``--proxy``,
+``--config``); until that wiring is in, they skip.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from groundcontrol import pki
+from tests.e2e.harness import LOOPBACK, Agent, Fleet, HarnessError, Process, waitFor
+
+
+def _wired() -> bool:
+    import agent.tap
+    import groundcontrol.tap
+
+    def names(options: type) -> set[str]:
+        return {p[0] for p in getattr(options, "optParameters", [])} | {
+            m[4:].replace("_", "-") for m in dir(options) if m.startswith("opt_")
+        }
+
+    return {"tls-cert", "tls-key"} <= names(groundcontrol.tap.Options) and {
+        "tls-ca",
+        "proxy",
+        "config",
+    } <= names(agent.tap.Options)
+
+
+pytestmark = pytest.mark.skipif(not _wired(), reason="waiting for tap wiring")
+
+
+def serverCertificate(fleet: Fleet) -> tuple[Path, Path]:
+    """A TLS server certificate for 127.0.0.1 from the fleet CA made by init."""
+    ca = pki.FleetCA.load(fleet.gc.data / "ca")
+    key = ed25519.Ed25519PrivateKey.generate()
+    issued = pki.issueServerCertificate(ca, [LOOPBACK, "localhost"], key, datetime.now(UTC))
+    certFile, keyFile = fleet.base / "server.crt", fleet.base / "server.key"
+    certFile.write_bytes(issued.pem)
+    keyFile.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    keyFile.chmod(0o600)
+    return certFile, keyFile
+
+
+def listening(fleet: Fleet) -> dict[str, int]:
+    """Bound port of each listener, by the scheme of its address."""
+    data = json.loads((fleet.gc.data / "run" / "listening.json").read_text())
+    return {entry["spec"].split(":")[0]: entry["port"] for entry in data["listening"]}
+
+
+def startServer(fleet: Fleet, *listen: str) -> dict[str, int]:
+    certFile, keyFile = serverCertificate(fleet)
+    fleet.gc.stop()
+    extra: list[str] = ["--tls-cert", str(certFile), "--tls-key", str(keyFile)]
+    for address in listen:
+        extra += ["--listen", address]
+    fleet.startServer(*extra)
+    return listening(fleet)
+
+
+def startAgent(fleet: Fleet, name: str, servers: list[str], *extra: str) -> Agent:
+    """An agent with several --server addresses (the harness's own takes one)."""
+    agent = Agent(fleet.base, name)
+    argv: list[str] = []
+    for server in servers[1:]:
+        argv += ["--server", server]
+    agent.start(
+        servers[0],
+        str(fleet.gc.data / "ssh_host_ed25519_key.pub"),
+        "--tls-ca",
+        str(fleet.gc.data / "ca" / "ca.crt"),
+        *argv,
+        *extra,
+    )
+    fleet.agents.append(agent)
+    return agent
+
+
+def issueDeviceCertificate(
+    fleet: Fleet, agent: Agent, ca: pki.FleetCA | None = None, expired: bool = False
+) -> pki.IssuedCertificate:
+    """Write a certificate for the agent's key where the agent looks for it (STATE/device.crt)."""
+    publicKey = waitFor(
+        lambda: (
+            (agent.state / "device_ed25519_key.pub").exists()
+            and (agent.state / "device_ed25519_key.pub").read_text()
+        ),
+        30,
+        "the agent's key",
+    )
+    now = datetime.now(UTC)
+    issued = pki.issueDeviceCertificate(
+        ca or pki.FleetCA.load(fleet.gc.data / "ca"),
+        agent.name,
+        None,
+        publicKey.strip(),
+        now - timedelta(days=10) if expired else now,
+        timedelta(days=1) if expired else pki.DEFAULT_DEVICE_LIFETIME,
+    )
+    (agent.state / "device.crt").write_bytes(issued.pem)
+    return issued
+
+
+def closedPort() -> int:
+    """A loopback port with nothing listening (the "direct route is closed")."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+class TinyProxy:
+    """tinyproxy on 127.0.0.1 with Basic auth, its own config, no daemonising."""
+
+    def __init__(self, base: Path, user: str = "agent", password: str = "s3cret") -> None:
+        binary = shutil.which("tinyproxy")
+        if binary is None:
+            pytest.fail("tinyproxy is required (apt-get install tinyproxy)")
+        self.port = closedPort()
+        self.log = base / "tinyproxy.log"
+        config = base / "tinyproxy.conf"
+        config.write_text(
+            f"Port {self.port}\nListen {LOOPBACK}\nTimeout 120\nMaxClients 50\n"
+            f"Allow 127.0.0.1\nBasicAuth {user} {password}\nLogLevel Connect\n"
+            f'LogFile "{self.log}"\n'
+        )
+        self.url = f"http://{user}:{password}@{LOOPBACK}:{self.port}"
+        self.process = Process([binary, "-d", "-c", str(config)], base / "tinyproxy.out", base)
+
+        def up() -> bool:
+            with socket.socket() as s:
+                return s.connect_ex((LOOPBACK, self.port)) == 0
+
+        waitFor(up, 10, "tinyproxy to listen")
+
+    def connects(self) -> list[str]:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return [line for line in text.splitlines() if "CONNECT" in line and "Request" in line]
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def approveAndReach(fleet: Fleet, name: str) -> None:
+    fleet.waitPending(name)
+    fleet.gc.cli("device", "approve", name)
+    fleet.waitRoutable(fleet.operators["alice"], name)
+
+
+def test_tlsLink(fleet: Fleet) -> None:
+    """
+    An agent with a fleet certificate links over tls:// (server verified against the pinned
+    fleet CA); an operator's real ssh reaches it through groundcontrol.
+    """
+    ports = startServer(fleet, f"tls://{LOOPBACK}:0")
+    agent = startAgent(fleet, "kiln7", [f"tls://{LOOPBACK}:{ports['tls']}"])
+    issueDeviceCertificate(fleet, agent)
+    approveAndReach(fleet, "kiln7")
+    result = fleet.operators["alice"].ssh("dev_kiln7", "echo", "over-tls")
+    assert result.stdout.strip() == "over-tls"
+
+
+def test_tlsWithoutCertificateQueuesAsPending(fleet: Fleet) -> None:
+    """A device with no certificate yet still connects over TLS and waits as pending."""
+    ports = startServer(fleet, f"tls://{LOOPBACK}:0")
+    startAgent(fleet, "fresh1", [f"tls://{LOOPBACK}:{ports['tls']}"])
+    fleet.waitPending("fresh1")
+
+
+@pytest.mark.parametrize("problem", ["wrong-ca", "expired", "revoked"])
+def test_tlsBadCertificateRefused(fleet: Fleet, problem: str) -> None:
+    """
+    A certificate from another CA, an expired one, or a revoked one is refused: the device
+    never becomes reachable (and a revoked one does not come back as pending either).
+    """
+    ports = startServer(fleet, f"tls://{LOOPBACK}:0")
+    name = "bad1"
+    agent = Agent(fleet.base, name)
+    agent.state.mkdir(parents=True, exist_ok=True)
+    if problem == "revoked":
+        agent = startAgent(fleet, name, [f"tls://{LOOPBACK}:{ports['tls']}"])
+        issueDeviceCertificate(fleet, agent)
+        approveAndReach(fleet, name)
+        # Revoking closes the live link at once; the certificate is refused from then on.
+        fleet.gc.cli("device", "revoke", name)
+    else:
+        from cryptography.hazmat.primitives.asymmetric import ed25519 as _ed
+        from twisted.conch.ssh import keys
+
+        key = keys.Key(_ed.Ed25519PrivateKey.generate())
+        (agent.state / "device_ed25519_key").write_bytes(key.toString("OPENSSH"))
+        (agent.state / "device_ed25519_key").chmod(0o600)
+        (agent.state / "device_ed25519_key.pub").write_text(
+            key.public().toString("OPENSSH").decode() + "\n"
+        )
+        ca = (
+            pki.FleetCA.create(fleet.base / "other-ca", datetime.now(UTC), "Other CA")
+            if problem == "wrong-ca"
+            else None
+        )
+        issueDeviceCertificate(fleet, agent, ca=ca, expired=problem == "expired")
+        agent = startAgent(fleet, name, [f"tls://{LOOPBACK}:{ports['tls']}"])
+    operator = fleet.operators["alice"]
+    with pytest.raises(HarnessError):
+        fleet.waitRoutable(operator, name, timeout=8)
+    assert not [
+        d for d in fleet.gc.devices() if d.get("name") == name and "pending" in d.get("state", "")
+    ]
+    assert agent.process is not None and agent.process.running()
+
+
+def test_wssThroughProxyWhileDirectIsClosed(fleet: Fleet) -> None:
+    """
+    The direct ssh:// route is closed; the agent falls back to wss:// through a real HTTP
+    proxy with Basic auth, and the operator reaches the device over it.
+    """
+    ports = startServer(fleet, f"wss://{LOOPBACK}:0/tunnel")
+    proxy = TinyProxy(fleet.base)
+    try:
+        agent = startAgent(
+            fleet,
+            "kiln7",
+            [f"ssh://{LOOPBACK}:{closedPort()}", f"wss://{LOOPBACK}:{ports['wss']}/tunnel"],
+            "--proxy",
+            proxy.url,
+        )
+        issueDeviceCertificate(fleet, agent)
+        approveAndReach(fleet, "kiln7")
+        assert proxy.connects(), "the link should have gone through the proxy"
+        result = fleet.operators["alice"].ssh("dev_kiln7", "echo", "over-wss")
+        assert result.stdout.strip() == "over-wss"
+    finally:
+        proxy.stop()
+
+
+def test_fallbackOrderAndMemory(fleet: Fleet) -> None:
+    """
+    With a closed address first, the agent links over the next one, remembers it in its
+    state directory, and after a restart it is the first address tried.
+    """
+    ports = startServer(fleet, f"tls://{LOOPBACK}:0")
+    servers = [f"ssh://{LOOPBACK}:{closedPort()}", f"tls://{LOOPBACK}:{ports['tls']}"]
+    agent = startAgent(fleet, "kiln7", servers)
+    issueDeviceCertificate(fleet, agent)
+    approveAndReach(fleet, "kiln7")
+    remembered = list(agent.state.glob("*server*.json"))
+    assert remembered and "tls://" in remembered[0].read_text()
+    agent.stop()
+    fleet.agents.remove(agent)
+    again = startAgent(fleet, "kiln7", servers)
+    fleet.waitRoutable(fleet.operators["alice"], "kiln7")
+    assert again.process is not None
+    assert f"ssh://{LOOPBACK}" not in again.process.output().split("link up")[0].split("trying")[-1]
+
+
+def test_configReloadOnSIGHUP(fleet: Fleet) -> None:
+    """A server list changed in the config file takes effect on SIGHUP, without a restart."""
+    ports = startServer(fleet, f"tls://{LOOPBACK}:0")
+    config = fleet.base / "agent.toml"
+    config.write_text(f'servers = ["ssh://{LOOPBACK}:{closedPort()}"]\n')
+    agent = startAgent(
+        fleet, "kiln7", [f"ssh://{LOOPBACK}:{closedPort()}"], "--config", str(config)
+    )
+    config.write_text(f'servers = ["tls://{LOOPBACK}:{ports["tls"]}"]\n')
+    assert agent.process is not None
+    pid = agent.process.pid
+    agent.process.signal(signal.SIGHUP)
+    issueDeviceCertificate(fleet, agent)
+    approveAndReach(fleet, "kiln7")
+    assert agent.process.pid == pid and agent.process.running()
