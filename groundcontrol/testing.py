@@ -47,7 +47,9 @@ from accesstunnel import policy
 from accesstunnel.channel import FlowChannel
 from accesstunnel.connection import TunnelConnection
 from accesstunnel.keys import fingerprint
+from groundcontrol.enrollment import CertificatePolicy
 from groundcontrol.fleetwatch import FleetWatcher
+from groundcontrol.notify import Notifier
 from groundcontrol.relay import RelayChannel
 from groundcontrol.sshserver import ServerSettings, buildFrontDoor
 from groundcontrol.store import IStore, SQLiteStore, connect, migrate, synchronousRunner
@@ -602,6 +604,9 @@ class InMemoryFleet:
     """
     A real groundcontrol (front door, registry, router, relay, fleet watcher) over an
     in-memory store, reached through an in-memory L{Network}.
+
+    With C{certificates} approved agents are issued fleet certificates over their link;
+    C{notifier} receives the fleet events the watcher sees (a log notifier by default).
     """
 
     def __init__(
@@ -610,12 +615,16 @@ class InMemoryFleet:
         clock: Clock | None = None,
         hostKey: keys.Key | None = None,
         settings: ServerSettings | None = None,
+        certificates: CertificatePolicy | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.clock: Any = clock if clock is not None else Clock()
         self.store: Any = store if store is not None else openMemoryStore()
         self.hostKey = hostKey if hostKey is not None else newKey()
-        self.factory, self.registry = buildFrontDoor(self.store, self.hostKey, self.clock, settings)
-        self.watcher = FleetWatcher(self.store, self.registry, self.clock)
+        self.factory, self.registry = buildFrontDoor(
+            self.store, self.hostKey, self.clock, settings, certificates=certificates
+        )
+        self.watcher = FleetWatcher(self.store, self.registry, self.clock, notifier=notifier)
         resultNow(self.watcher.poll())  # start the audit feed at "now"
         self.network = Network(self.clock)
 
