@@ -6,7 +6,8 @@ admin CLI in another process, the control shell, another groundcontrol node).
 Every change is an audit event, so the audit table is also the change feed:
 this watcher polls it and acts on the events that concern connected devices.
 A revoked device's link is closed within one poll interval; a pending device
-that was just approved becomes routable without reconnecting.
+that was just approved becomes routable without reconnecting, and the link of a
+key that an approved re-key replaced is closed.
 """
 
 from __future__ import annotations
@@ -123,6 +124,11 @@ class FleetWatcher(Service):
             device = await self._store.deviceByName(event.device)
             if device is None or device.state != "approved":
                 return
+            current = self._registry.lookup(device.name)
+            if current is not None and current.fingerprint != device.fingerprint:
+                # A re-key: the old key is no longer this device's, even if the agent
+                # with the new key is not connected to take its place.
+                self._registry.drop(device.name, "device re-keyed: this key was replaced")
             link = self._registry.pendingFor(device.fingerprint)
             if link is not None:
                 link.avatar.promote(device.name)
