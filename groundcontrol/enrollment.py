@@ -119,12 +119,15 @@ class AgentRequests:
         if not isinstance(token, str) or not token:
             return encodeReply({"ok": False, "error": "no token given"})
         login = avatar.login
+        # The serial the agent reported in its hello: the new device record (and so its
+        # certificate) binds it, as an approval of a pending request does.
+        details = avatar.link.details if avatar.link is not None else {}
         device = await self._store.redeemToken(
             hashSecret(token),
             login.keyFingerprint,
             login.publicKey,
             login.requestedName,
-            None,
+            details.get("serial") or None,
             avatar.source,
             self._clock.seconds(),
         )
