@@ -47,6 +47,9 @@ STATUS_FILE = "status.json"
 #: How long a pairing code is good for; groundcontrol enforces its own limit.
 PAIRING_CODE_LIFETIME = 600.0
 
+#: After a failed certificate request, when to ask again (on the same link).
+CERTIFICATE_RETRY_DELAY = 3600.0
+
 #: Unambiguous letters and digits (no 0/O, 1/I/L).
 _CODE_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"
 
@@ -256,15 +259,18 @@ class Enrollment:
             reply = await self._request(CERTIFICATE, {})
         except Exception as e:
             self._log.warn("certificate request failed: {error}", error=str(e))
+            self._retryCertificate()
             return
         pem = reply.get("certificate")
         if not reply.get("ok") or not isinstance(pem, str):
             self._log.warn("certificate refused: {reason}", reason=str(reply.get("error")))
+            self._retryCertificate()
             return
         try:
             notBefore, notAfter = certificateLifetime(pem.encode())
         except ValueError:
             self._log.error("groundcontrol sent a malformed certificate")
+            self._retryCertificate()
             return
         _writeAtomically(certificatePath, pem.encode())
         if isinstance(reply.get("ca"), str):
@@ -273,6 +279,13 @@ class Enrollment:
         self._log.info("fleet certificate stored, valid until {expires}", expires=expires)
         self.status.update(certificateExpires=notAfter)
         self._scheduleRenewal(notBefore, notAfter)
+
+    def _retryCertificate(self) -> None:
+        # Without this a renewal that fails once (a store hiccup) is not tried again
+        # until the link is re-made, and a device that stays connected lets its
+        # certificate run out and comes back pending.
+        if self._conn is not None and self.state == "approved":
+            self._schedule(CERTIFICATE_RETRY_DELAY, self._ensureCertificate)
 
     def _scheduleRenewal(self, notBefore: float, notAfter: float) -> None:
         delay = max(renewalDue(notBefore, notAfter) - self._clock.seconds(), 1.0)
