@@ -34,6 +34,7 @@ class AgentConfig:
     serial: str | None = None
     token: str | None = None
     home: str | None = None
+    sftpServer: str | None = None
     keepaliveInterval: float = DEFAULT_INTERVAL
     keepaliveCount: int = DEFAULT_COUNT
 
@@ -54,6 +55,13 @@ class Options(usage.Options):
         ["serial", None, None, "Override the serial number reported to groundcontrol."],
         ["token", None, None, "Enrollment token from 'groundcontrol token create'."],
         ["home", None, None, "HOME for sessions (default: the login user's home)."],
+        [
+            "sftp-server",
+            None,
+            None,
+            "sftp-server to run for the sftp subsystem, or 'none' to serve SFTP from the agent "
+            "(default: the first of the usual OpenSSH paths that exists).",
+        ],
         ["keepalive-interval", None, DEFAULT_INTERVAL, "Seconds of silence before a ping.", float],
         [
             "keepalive-count",
@@ -100,6 +108,7 @@ class Options(usage.Options):
             serial=self["serial"],
             token=self["token"],
             home=self["home"],
+            sftpServer=self["sftp-server"],
             keepaliveInterval=self["keepalive-interval"],
             keepaliveCount=self["keepalive-count"],
         )
@@ -114,6 +123,9 @@ def buildService(config: AgentConfig, reactor: Any) -> service.Service:
     except IdentityError as e:
         raise usage.UsageError(str(e)) from None
     environment = SessionEnvironment(home=config.home)
+    if config.sftpServer is not None:
+        paths = () if config.sftpServer == "none" else (config.sftpServer,)
+        environment = attrs.evolve(environment, sftpServerPaths=paths)
 
     def sessionFactory(conn: Any, windowSize: int, maxPacket: int, data: bytes) -> Any:
         return SessionChannel(

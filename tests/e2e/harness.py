@@ -315,8 +315,13 @@ class Fleet:
         return f"tcp:{LOOPBACK}:{self.gc.port}"
 
     def addAgent(
-        self, name: str, approve: bool = True, stateName: str | None = None, *extra: str
+        self,
+        name: str,
+        approve: bool = True,
+        stateName: str | None = None,
+        extraArgs: Sequence[str] = (),
     ) -> Agent:
+        extra = tuple(extraArgs)
         agent = Agent(self.base, name, stateName)
         agent.start(self.serverAddress, str(self.gc.data / "ssh_host_ed25519_key.pub"), *extra)
         self.agents.append(agent)
