@@ -50,6 +50,9 @@ PAIRING_CODE_LIFETIME = 600.0
 #: After a failed certificate request, when to ask again (on the same link).
 CERTIFICATE_RETRY_DELAY = 3600.0
 
+#: After a pairing code could not be registered, when to offer another.
+PAIRING_CODE_RETRY_DELAY = 60.0
+
 #: Unambiguous letters and digits (no 0/O, 1/I/L).
 _CODE_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"
 
@@ -231,9 +234,11 @@ class Enrollment:
             reply = await self._request(CLAIM_CODE, {"code": code})
         except Exception as e:
             self._log.warn("could not register a pairing code: {error}", error=str(e))
+            self._retryPairingCode()
             return
         if not reply.get("ok"):
             self._log.warn("pairing code refused: {reason}", reason=str(reply.get("error")))
+            self._retryPairingCode()
             return
         expiresText = time.strftime("%H:%M:%S UTC", time.gmtime(expires))
         self._log.info(
@@ -244,6 +249,12 @@ class Enrollment:
         )
         self.status.update(pairingCode=code, pairingCodeExpires=expires)
         self._schedule(PAIRING_CODE_LIFETIME, self._offerPairingCode)
+
+    def _retryPairingCode(self) -> None:
+        # Without this a device whose code was not registered (a store hiccup, a code
+        # already in use) shows no claimable code until its link is re-made.
+        if self._conn is not None and self.state == "pending":
+            self._schedule(PAIRING_CODE_RETRY_DELAY, self._offerPairingCode)
 
     async def _ensureCertificate(self) -> None:
         certificatePath = self.stateDir / CERTIFICATE_FILE
