@@ -333,7 +333,9 @@ class HelloTests(EnrollmentTestCase):
         self.assertEqual(agent.status["name"], "kiln7")
         self.assertEqual(self.world.device("kiln7").serial, "00000000b1c2d3e4")
         link: Any = self.fleet.registry.lookup("kiln7")
-        self.assertEqual(link.details, {"version": "0.1.0", "serial": "00000000b1c2d3e4"})
+        self.assertEqual(
+            (link.details["version"], link.details["serial"]), ("0.1.0", "00000000b1c2d3e4")
+        )
 
     def test_helloPending(self) -> None:
         """
@@ -787,6 +789,23 @@ class ClaimTests(EnrollmentTestCase):
         self.assertEqual(status, 1)
         self.assertIn("claim code", err)
         self.assertEqual(self.world.ctl(self.bob, f"claim {new}")[0], 0)
+
+    def test_codeRetriedAfterFailure(self) -> None:
+        """
+        A pending agent whose pairing code could not be registered (groundcontrol's store
+        failed) tries again a minute later on the same link, so the device does not stay
+        without a claimable code until it happens to reconnect.
+        """
+        store = self.fleet.store
+        realRegister = store.registerClaimCode
+        store.registerClaimCode = lambda *args: defer.fail(RuntimeError("database is locked"))
+        agent = self.world.start("oven2")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertNotIn("pairingCode", agent.status)
+        store.registerClaimCode = realRegister
+        self.world.advance(60)
+        code = agent.status["pairingCode"]
+        self.assertEqual(self.world.ctl(self.bob, f"claim {code}")[0], 0)
 
     def test_codeExpiresWhileAgentAway(self) -> None:
         """A code whose agent went away is refused as expired after ten minutes."""
