@@ -152,6 +152,8 @@ class Enrollment:
         self._timer: IDelayedCall | None = None
         self.state = "unknown"
         self.name: str | None = None
+        #: Which transport the link runs over (set by the assembly), for hello.
+        self.transportName: Any = lambda: None
 
     # -- link lifecycle ------------------------------------------------------
 
@@ -185,7 +187,12 @@ class Enrollment:
     async def _start(self) -> None:
         try:
             reply = await self._request(
-                HELLO, {"version": self._version, "serial": self._serial or ""}
+                HELLO,
+                {
+                    "version": self._version,
+                    "serial": self._serial or "",
+                    "transport": self.transportName() or "",
+                },
             )
         except Exception as e:
             self._log.warn("groundcontrol did not answer hello: {error}", error=str(e))

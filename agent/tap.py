@@ -11,14 +11,25 @@ from typing import Any
 
 import attrs
 from twisted.application import service
-from twisted.internet import endpoints
+from twisted.logger import Logger
 from twisted.python import usage
 
-from accesstunnel.addresses import AddressError, clientEndpointString
+from accesstunnel.addresses import (
+    DEFAULT_SERVERS,
+    AddressError,
+    Connector,
+    clientConnector,
+    parseAddress,
+)
 from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL
 from accesstunnel.names import isValidDeviceName
-from agent.enrollment import Enrollment
-from agent.identity import IdentityError, ServerKeyPin, loadOrCreateDeviceKey
+from accesstunnel.transports.proxy import ProxySettings
+from accesstunnel.transports.tls import ClientTLS
+from accesstunnel.transports.tor import TorSettings
+from agent.config import AgentFileConfig, ConfigError, installReloadOnSIGHUP, loadConfig
+from agent.enrollment import CERTIFICATE_FILE, Enrollment
+from agent.failover import FailoverEndpoint
+from agent.identity import DEVICE_KEY_FILE, IdentityError, ServerKeyPin, loadOrCreateDeviceKey
 from agent.link import AGENT_VERSION, AgentLinkFactory, LinkSettings, linkService
 from agent.serial import readSerial
 
@@ -37,12 +48,16 @@ class AgentConfig:
     sftpServer: str | None = None
     keepaliveInterval: float = DEFAULT_INTERVAL
     keepaliveCount: int = DEFAULT_COUNT
+    tlsCA: Path | None = None
+    proxy: str | None = None
+    configFile: Path | None = None
+    torSocks: str | None = None
 
 
 class Options(usage.Options):
     """Command line of ``twistd tunnel-agent``."""
 
-    synopsis = "--state DIR --server ADDRESS --name NAME --server-key KEY"
+    synopsis = "--state DIR --name NAME --server-key KEY [--server ADDRESS ...]"
     optParameters = [
         ["state", "s", None, "State directory (device key, status)."],
         ["name", "n", None, "The name this device asks for."],
@@ -70,6 +85,10 @@ class Options(usage.Options):
             "Unanswered intervals before the link is dead.",
             int,
         ],
+        ["tls-ca", None, None, "CA file to verify tls:// and wss:// servers (default: system)."],
+        ["proxy", None, None, "HTTP CONNECT proxy for ws(s):// (default: HTTPS_PROXY)."],
+        ["config", "c", None, "TOML file with servers/proxy; re-read on SIGHUP."],
+        ["tor-socks", None, "tcp:127.0.0.1:9050", "tor's SOCKS port, for tor:// servers."],
     ]
 
     def __init__(self) -> None:
@@ -77,18 +96,25 @@ class Options(usage.Options):
         self["server"] = []
 
     def opt_server(self, address: str) -> None:
-        """groundcontrol address (repeatable), e.g. ssh://gc.example.com or tcp:HOST:PORT"""
+        """groundcontrol address, tried in order (repeatable): ssh://HOST:PORT,
+        tls://HOST:PORT, wss://HOST:PORT/PATH, ws://..., tor://ONION:PORT or an endpoint
+        string such as tcp:HOST:PORT. Default: the ssh, tls and wss forms of
+        groundcontrol.osoximeter.com"""
         try:
-            self["server"].append(clientEndpointString(address))
+            parseAddress(address)
         except AddressError as e:
             raise usage.UsageError(str(e)) from None
+        self["server"].append(address)
 
     def postOptions(self) -> None:
         for required in ("state", "name", "server-key"):
             if not self[required]:
                 raise usage.UsageError(f"--{required} is required")
-        if not self["server"]:
-            raise usage.UsageError("at least one --server is required")
+        if self["config"]:
+            try:
+                self["file-config"] = loadConfig(Path(self["config"]))
+            except ConfigError as e:
+                raise usage.UsageError(str(e)) from None
         if not isValidDeviceName(self["name"]):
             raise usage.UsageError(
                 f"bad --name {self['name']!r}: 1-63 characters of a-z, 0-9 and '-', "
@@ -111,6 +137,10 @@ class Options(usage.Options):
             sftpServer=self["sftp-server"],
             keepaliveInterval=self["keepalive-interval"],
             keepaliveCount=self["keepalive-count"],
+            tlsCA=Path(self["tls-ca"]) if self["tls-ca"] else None,
+            proxy=self["proxy"],
+            configFile=Path(self["config"]) if self["config"] else None,
+            torSocks=self["tor-socks"],
         )
 
 
@@ -157,10 +187,80 @@ def buildService(config: AgentConfig, reactor: Any) -> service.Service:
         keepaliveCount=config.keepaliveCount,
     )
     factory = AgentLinkFactory(settings, reactor, sessionFactory, forwardFactory, enrollment)
-    # Several --server addresses are tried in order by the failover issue's
-    # work; until then the first one is used.
-    endpoint = endpoints.clientFromString(reactor, config.servers[0])
-    return linkService(endpoint, factory, reactor)
+    fileConfig = loadConfig(config.configFile) if config.configFile else None
+    endpoint = FailoverEndpoint(
+        reactor,
+        _connectors(reactor, config, fileConfig),
+        config.stateDir / LAST_SERVER_FILE,
+    )
+    enrollment.transportName = lambda: endpoint.transport
+    top = service.MultiService()
+    linkService(endpoint, factory, reactor).setServiceParent(top)
+    if config.configFile is not None:
+        _ReloadOnSIGHUP(reactor, config, endpoint, fileConfig).setServiceParent(top)
+    return top
+
+
+#: Where the agent remembers the address that last worked.
+LAST_SERVER_FILE = "last-server.json"
+
+
+def _connectors(
+    reactor: Any, config: AgentConfig, fileConfig: AgentFileConfig | None
+) -> list[Connector]:
+    """The addresses to try, in order: the config file's, else --server's, else the default."""
+    servers: tuple[str, ...] = (
+        (fileConfig.servers if fileConfig else ()) or config.servers or tuple(DEFAULT_SERVERS)
+    )
+    tlsCA = (fileConfig.tlsCA if fileConfig else None) or config.tlsCA
+    proxyOverride = (fileConfig.proxy if fileConfig else None) or config.proxy
+    tls = ClientTLS(
+        caFile=tlsCA,
+        clientCertificateFile=config.stateDir / CERTIFICATE_FILE,
+        clientKeyFile=config.stateDir / DEVICE_KEY_FILE,
+    )
+    proxy = ProxySettings.fromEnvironment(override=proxyOverride)
+    tor = TorSettings(socks=(fileConfig.torSocks if fileConfig else None) or config.torSocks)
+    try:
+        return [clientConnector(reactor, s, tls=tls, proxy=proxy, tor=tor) for s in servers]
+    except AddressError as e:
+        raise usage.UsageError(str(e)) from None
+
+
+class _ReloadOnSIGHUP(service.Service):
+    """Re-read the config file on SIGHUP; new addresses apply to the next connect."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        config: AgentConfig,
+        endpoint: FailoverEndpoint,
+        initial: AgentFileConfig | None,
+    ) -> None:
+        self._reactor = reactor
+        self._config = config
+        self._endpoint = endpoint
+        self._initial = initial
+        self._uninstall: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        assert self._config.configFile is not None
+
+        def changed(fileConfig: AgentFileConfig) -> None:
+            self._endpoint.replace(_connectors(self._reactor, self._config, fileConfig))
+
+        self._uninstall = installReloadOnSIGHUP(
+            self._reactor, self._config.configFile, changed, initial=self._initial
+        )
+        self._log.info("SIGHUP re-reads {path}", path=str(self._config.configFile))
+
+    def stopService(self) -> Any:
+        if self._uninstall is not None:
+            self._uninstall()
+        return super().stopService()
 
 
 def makeService(options: Options) -> service.Service:

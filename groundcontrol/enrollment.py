@@ -107,6 +107,7 @@ class AgentRequests:
             avatar.link.details = {
                 "version": str(request.get("version", ""))[:32],
                 "serial": serial or "",
+                "transport": str(request.get("transport", ""))[:16],
             }
         if avatar.deviceName is not None:
             return encodeReply({"ok": True, "state": "approved", "name": avatar.deviceName})

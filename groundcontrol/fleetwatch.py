@@ -22,6 +22,7 @@ from twisted.logger import Logger
 
 from groundcontrol.notify import FleetEvent, LogNotifier, Notifier
 from groundcontrol.registry import Registry
+from groundcontrol.revocations import RevokedCertificates
 from groundcontrol.store import IStore
 
 DEFAULT_POLL_INTERVAL = 0.25
@@ -55,7 +56,9 @@ class FleetWatcher(Service):
         interval: float = DEFAULT_POLL_INTERVAL,
         notifier: Notifier | None = None,
         leaseCheckInterval: float = DEFAULT_LEASE_CHECK_INTERVAL,
+        revocations: RevokedCertificates | None = None,
     ) -> None:
+        self._revocations = revocations
         self._store = store
         self._registry = registry
         self._clock = clock
@@ -84,6 +87,8 @@ class FleetWatcher(Service):
             # Start from now: what happened before start-up is already in the
             # store, and agents connecting now are checked against it.
             self._lastId = await self._store.lastAuditId()
+            if self._revocations is not None:
+                await self._revocations.load()
             return
         now = self._clock.seconds()
         if now >= self._nextLeaseCheck:
@@ -117,6 +122,10 @@ class FleetWatcher(Service):
         return d
 
     async def _apply(self, event: Any) -> None:
+        revokesCertificates = event.event in ("device.revoked", "device.approved")
+        if revokesCertificates and event.device and self._revocations is not None:
+            # A revocation, or a re-key approval, revokes certificates.
+            await self._revocations.refresh(event.device)
         if event.event == "device.revoked" and event.device:
             if self._registry.drop(event.device, "device revoked"):
                 self._log.info("closed the link of revoked device {device}", device=event.device)

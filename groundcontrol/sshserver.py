@@ -8,9 +8,12 @@ apart (see L{groundcontrol.usernames}).
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from twisted.conch.interfaces import IConchUser
 from twisted.conch.ssh import factory, keys, transport, userauth
 from twisted.cred.error import UnauthorizedLogin
@@ -23,9 +26,11 @@ from zope.interface import implementer
 from accesstunnel import policy
 from accesstunnel.connection import TunnelConnection
 from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL, Keepalive
+from accesstunnel.transports.tls import peerCertificate
 from groundcontrol.auth import AgentLogin, FleetKeyChecker, OperatorLogin
 from groundcontrol.avatars import AgentAvatar, OperatorAvatar
 from groundcontrol.enrollment import AgentRequests, CertificatePolicy
+from groundcontrol.pki import CertificateError, FleetCA, verifyDeviceCertificate
 from groundcontrol.registry import Registry
 from groundcontrol.router import SessionPolicy, SessionRouter
 from groundcontrol.store import Device, IStore, PendingLimitReached, PendingLimits
@@ -55,6 +60,8 @@ class PeerMind:
     """What the realm learns of the connection besides the credentials."""
 
     peer: IAddress
+    #: The TLS client certificate the connection presented, if any.
+    certificate: x509.Certificate | None = None
 
 
 @implementer(IRealm)
@@ -71,7 +78,9 @@ class GroundControlRealm:
         clock: IReactorTime,
         agentRequests: AgentRequests,
         pendingLimits: PendingLimits | None = None,
+        ca: FleetCA | None = None,
     ) -> None:
+        self._ca = ca
         self._store = store
         self._registry = registry
         self._router = router
@@ -111,6 +120,7 @@ class GroundControlRealm:
             raise PendingRefused(str(e)) from None
         deviceName = None
         pendingKind = None
+        certificate = mind.certificate if isinstance(mind, PeerMind) else None
         if isinstance(contact, Device):
             if contact.state != "approved":
                 self._log.warn(
@@ -121,6 +131,8 @@ class GroundControlRealm:
                 )
                 raise UnauthorizedLogin(f"device {contact.name} is {contact.state}")
             deviceName = contact.name
+            if certificate is not None:
+                self._checkCertificate(certificate, login, contact.name)
         else:
             pendingKind = contact.kind
         avatar = AgentAvatar(
@@ -134,6 +146,29 @@ class GroundControlRealm:
             pendingKind=pendingKind,
         )
         return IConchUser, avatar, avatar.logout
+
+    def _checkCertificate(
+        self, certificate: x509.Certificate, login: AgentLogin, name: str
+    ) -> None:
+        """
+        A TLS client certificate must be the fleet's, for this very key and
+        device: one device's certificate never vouches for another's SSH key.
+        """
+        if self._ca is None:
+            return
+        pem = certificate.public_bytes(serialization.Encoding.PEM)
+        now = datetime.fromtimestamp(self._clock.seconds(), UTC)
+        try:
+            verified = verifyDeviceCertificate(self._ca, pem, now)
+        except CertificateError as e:
+            raise UnauthorizedLogin(f"bad device certificate: {e}") from None
+        if verified.publicKeyFingerprint != login.keyFingerprint or verified.deviceName != name:
+            self._log.warn(
+                "device {device} presented the certificate of {other}; refused",
+                device=name,
+                other=verified.deviceName,
+            )
+            raise UnauthorizedLogin("the TLS certificate is not this device's")
 
 
 def _describePeer(peer: IAddress) -> str:
@@ -167,7 +202,10 @@ class GroundControlUserAuth(userauth.SSHUserAuthServer):
         self.loginTimeout = settings.loginGraceTime + 1
         self.clock = self.transport.factory.clock
         super().serviceStarted()
-        self.portal = _PortalWithPeer(self.portal, PeerMind(self.transport.getPeer()))
+        self.portal = _PortalWithPeer(
+            self.portal,
+            PeerMind(self.transport.getPeer(), peerCertificate(self.transport.transport)),
+        )
         self.supportedAuthentications = [b"publickey"]
 
     def _ebBadAuth(self, reason: Any) -> None:
@@ -309,7 +347,13 @@ def buildFrontDoor(
     router = SessionRouter(store, registry, clock, settings.sessions if settings else None)
     agentRequests = AgentRequests(store, clock, certificates)
     realm = GroundControlRealm(
-        store, registry, router, clock, agentRequests, settings.pendingLimits if settings else None
+        store,
+        registry,
+        router,
+        clock,
+        agentRequests,
+        settings.pendingLimits if settings else None,
+        ca=certificates.ca if certificates else None,
     )
     portal = Portal(realm, [FleetKeyChecker(store)])
     return GroundControlFactory(hostKey, portal, clock, settings), registry

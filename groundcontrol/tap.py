@@ -8,22 +8,26 @@ L{buildService} is what tests call.
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import attrs
 from twisted.application import service
-from twisted.internet import endpoints
 from twisted.python import usage
 
-from accesstunnel.addresses import AddressError, serverEndpointString
+from accesstunnel.addresses import AddressError, parseAddress, serverListener
 from accesstunnel.durations import parseDuration
 from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL
+from accesstunnel.transports.limiter import HandshakeLimiter
+from accesstunnel.transports.tls import ServerTLS, TLSConfigError
+from accesstunnel.transports.tor import TorSettings
 from groundcontrol.datadir import DataDir, HostKeyError, NotInitialised
 from groundcontrol.enrollment import CertificatePolicy
 from groundcontrol.fleetwatch import FleetWatcher
 from groundcontrol.listening import ListenService, listenAll
 from groundcontrol.notify import makeNotifier
-from groundcontrol.pki import CAError
+from groundcontrol.pki import CA_CERTIFICATE_FILE, CAError
+from groundcontrol.revocations import RevokedCertificates
 from groundcontrol.router import SessionPolicy
 from groundcontrol.sshserver import ServerSettings, buildFrontDoor
 from groundcontrol.store import IStore, PendingLimits, openStoreBlocking, threadRunner
@@ -41,6 +45,12 @@ class ServerConfig:
     certificateLifetime: float = 30 * 86400.0
     webhook: str | None = None
     store: str | None = None
+    tlsCertificate: str | None = None
+    tlsKey: str | None = None
+    torControl: str = "tcp:127.0.0.1:9051"
+    onionKey: str | None = None
+    maxHandshakes: int = 64
+    maxHandshakesPerSource: int = 16
 
 
 class Options(usage.Options):
@@ -66,6 +76,12 @@ class Options(usage.Options):
         ["max-sessions", None, 10, "Channels per operator connection (like MaxSessions).", int],
         ["max-channels-per-device", None, 1000, "Channels one device link may carry.", int],
         ["store", None, None, "Store URL: postgresql://... for several nodes (default: SQLite)."],
+        ["tls-cert", None, None, "PEM certificate (and chain) for tls:// and wss:// listeners."],
+        ["tls-key", None, None, "PEM private key of --tls-cert."],
+        ["tor-control", None, "tcp:127.0.0.1:9051", "tor's control port, for tor:// listeners."],
+        ["onion-key", None, None, "Onion service key file (default DATA/onion_key)."],
+        ["max-handshakes", None, 64, "Connections that may be logging in at once.", int],
+        ["max-handshakes-per-source", None, 16, "Of those, from one source address.", int],
     ]
 
     optFlags = [
@@ -80,12 +96,14 @@ class Options(usage.Options):
         self["listen"] = []
 
     def opt_listen(self, address: str) -> None:
-        """Address to serve operators and agents on (repeatable), e.g.
-        tcp:2222:interface=127.0.0.1 or ssh://0.0.0.0:22"""
+        """Address to serve operators and agents on (repeatable): ssh://HOST:PORT,
+        tls://HOST:PORT, wss://HOST:PORT/PATH, ws://HOST:PORT/PATH, tor://:PORT, or an
+        endpoint string such as tcp:2222:interface=127.0.0.1"""
         try:
-            self["listen"].append(serverEndpointString(address))
+            parseAddress(address)
         except AddressError as e:
             raise usage.UsageError(str(e)) from None
+        self["listen"].append(address)
 
     def postOptions(self) -> None:
         if not self["data"]:
@@ -100,6 +118,11 @@ class Options(usage.Options):
             self["certificate-lifetime"] = float(parseDuration(self["certificate-lifetime"]))
         except ValueError as e:
             raise usage.UsageError(f"--certificate-lifetime: {e}") from None
+        needsTLS = any(a.split("://", 1)[0].lower() in ("tls", "wss") for a in self["listen"])
+        if needsTLS and not (self["tls-cert"] and self["tls-key"]):
+            raise usage.UsageError("tls:// and wss:// listeners need --tls-cert and --tls-key")
+        if self["max-handshakes"] < 1 or self["max-handshakes-per-source"] < 1:
+            raise usage.UsageError("handshake limits must be at least 1")
         if self["max-sessions"] < 1 or self["max-channels-per-device"] < 1:
             raise usage.UsageError("session caps must be at least 1")
         if self["max-pending"] < 0 or self["max-pending-per-host"] < 0:
@@ -129,6 +152,12 @@ class Options(usage.Options):
             certificateLifetime=self["certificate-lifetime"],
             webhook=self["webhook"],
             store=self["store"],
+            tlsCertificate=self["tls-cert"],
+            tlsKey=self["tls-key"],
+            torControl=self["tor-control"],
+            onionKey=self["onion-key"],
+            maxHandshakes=self["max-handshakes"],
+            maxHandshakesPerSource=self["max-handshakes-per-source"],
         )
 
 
@@ -173,17 +202,40 @@ def buildService(
         raise usage.UsageError(f"fleet CA: {e}") from None
     if store is None:
         store = openStore(config, reactor)
+    revoked = RevokedCertificates(store)
     factory, registry = buildFrontDoor(
         store, hostKey, reactor, config.settings, certificates=certificates
     )
     notifier = makeNotifier(reactor, config.webhook)
     top = service.MultiService()
-    listeners = [
-        ListenService(endpoints.serverFromString(reactor, address), factory, address)
-        for address in config.listen
-    ]
+    # One limiter for every listener, innermost: it counts SSH handshakes,
+    # whatever transport carries them.
+    limited = HandshakeLimiter(
+        factory, maxPending=config.maxHandshakes, maxPerSource=config.maxHandshakesPerSource
+    )
+    tls = None
+    if config.tlsCertificate and config.tlsKey:
+        tls = ServerTLS(
+            config.tlsCertificate,
+            config.tlsKey,
+            config.dataDir.caDirectory / CA_CERTIFICATE_FILE,
+            isRevoked=revoked.isRevoked,
+        )
+    tor = TorSettings(
+        control=config.torControl,
+        onionKeyFile=Path(config.onionKey or config.dataDir.path / "onion_key"),
+    )
+    listeners = []
+    for address in config.listen:
+        try:
+            listener = serverListener(reactor, address, tls=tls, tor=tor)
+        except (AddressError, TLSConfigError) as e:
+            raise usage.UsageError(str(e)) from None
+        listeners.append(ListenService(listener.endpoint, listener.wrapFactory(limited), address))
     listenAll(top, config.dataDir.path / "run", listeners)
-    FleetWatcher(store, registry, reactor, notifier=notifier).setServiceParent(top)
+    FleetWatcher(store, registry, reactor, notifier=notifier, revocations=revoked).setServiceParent(
+        top
+    )
     top.registry = registry  # type: ignore[attr-defined]
     return top
 

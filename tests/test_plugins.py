@@ -33,4 +33,4 @@ class PluginDiscoveryTests(SynchronousTestCase):
                 "SHA256:" + "A" * 43,
             ]
         )
-        self.assertEqual(agent["server"], ["tcp:127.0.0.1:2222"])
+        self.assertEqual(agent["server"], ["ssh://127.0.0.1:2222"])

@@ -213,7 +213,7 @@ def _ls(parser: _Parser) -> Handler:
                     "online": link is not None,
                     "last_seen": "now" if link is not None else _when(device.lastSeen),
                     "owner": getattr(device, "owner", None),
-                    "transport": getattr(link, "transportName", None) if link else None,
+                    "transport": details.get("transport") or None,
                     "version": details.get("version"),
                 }
             )

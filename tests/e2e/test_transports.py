@@ -280,8 +280,10 @@ def test_configReloadOnSIGHUP(fleet: Fleet) -> None:
     agent = startAgent(
         fleet, "kiln7", [f"ssh://{LOOPBACK}:{closedPort()}"], "--config", str(config)
     )
-    config.write_text(f'servers = ["tls://{LOOPBACK}:{ports["tls"]}"]\n')
     assert agent.process is not None
+    # The handler is installed once the agent runs; a SIGHUP before that would kill it.
+    waitFor(lambda: "SIGHUP re-reads" in agent.process.output(), 30, "the SIGHUP handler")
+    config.write_text(f'servers = ["tls://{LOOPBACK}:{ports["tls"]}"]\n')
     pid = agent.process.pid
     agent.process.signal(signal.SIGHUP)
     issueDeviceCertificate(fleet, agent)
