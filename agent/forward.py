@@ -1,6 +1,7 @@
 """
-The device side of a "direct-tcpip" channel (ssh -L, ssh -W, ssh -J): a TCP splice.
+TCP (and UNIX socket) splices: "direct-tcpip" channels and channels the agent opens itself.
 
+A "direct-tcpip" channel (ssh -L, ssh -W, ssh -J) is opened by groundcontrol.
 Like sshd, the agent connects first and answers the channel open only then, so
 the operator's client gets a real "open failed: connect failed" instead of a
 channel that opens and dies; the agent's connection supports opens answered
@@ -8,18 +9,25 @@ later (it takes a Deferred from C{channel_direct_tcpip}). Bytes are spliced
 with the same flow control as sessions: the socket is not read while the
 channel's output is paused, and the window re-opens only as the socket takes
 the bytes.
+
+The agent opens channels too, one per connection accepted on a listener it
+made for the operator (C{forwarded-tcpip} for ssh -R, C{auth-agent@openssh.com}
+for ssh -A, C{x11} for ssh -X): L{AcceptingFactory} builds an L{AcceptedChannel}
+per connection, which does not read the socket until groundcontrol confirms
+the channel, and closes it if the open is refused or the link goes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.conch.error import ConchError
 from twisted.conch.ssh import connection
 from twisted.internet import defer, endpoints
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.interfaces import IAddress, IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -58,9 +66,9 @@ def endpointFor(reactor: Any, host: str, port: int, timeout: float) -> Any:
 
 @implementer(IHalfCloseableProtocol)
 class _Splice(Protocol):
-    """The TCP side of a L{ForwardChannel}."""
+    """The socket side of a L{SpliceChannel}."""
 
-    def __init__(self, channel: ForwardChannel) -> None:
+    def __init__(self, channel: SpliceChannel) -> None:
         self._channel = channel
         self._readClosed = False
         self._writeClosed = False
@@ -90,9 +98,82 @@ class _Splice(Protocol):
         self._channel.tcpLost()
 
 
-class ForwardChannel(FlowChannel):
+class SpliceChannel(FlowChannel):
     """
-    A channel spliced to a TCP connection on the device.
+    A channel spliced to a socket on the device, with end-to-end flow
+    control: the socket is not read while the channel's output is paused,
+    and the window re-opens only as the socket takes the bytes. EOF becomes
+    a half-close each way; the socket's close closes the channel.
+    """
+
+    log = Logger()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._transport: Any = None
+        self._credit = InputCredit(self)
+
+    # -- socket side ------------------------------------------------------------
+
+    def tcpConnected(self, transport: Any) -> None:
+        self._transport = transport
+        transport.registerProducer(self._credit, True)  # type: ignore[attr-defined]
+
+    def tcpLost(self) -> None:
+        """The socket closed: EOF and close the channel after queued data."""
+        self._transport = None
+        self._credit.stopProducing()
+        self.writeEOF()
+        self.loseConnection()
+
+    def outputPaused(self) -> None:
+        if self._transport is not None:
+            self._transport.pauseProducing()
+
+    def outputResumed(self) -> None:
+        if self._transport is not None:
+            self._transport.resumeProducing()
+
+    # -- channel side ------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._transport is None:
+            self.consumed(len(data))
+            return
+        self._transport.write(data)
+        self._credit.received(len(data))
+
+    def eofReceived(self) -> None:
+        """Half-close towards the socket's peer, like sshd's shutdown(SHUT_WR)."""
+        transport = self._transport
+        if transport is None:
+            return
+        transport.unregisterProducer()  # a paused producer would block the close
+        self._credit.stopProducing()
+        loseWrite = getattr(transport, "loseWriteConnection", None)
+        if loseWrite is not None:
+            loseWrite()
+        else:
+            transport.loseConnection()
+
+    def closed(self) -> None:
+        super().closed()
+        self._close()
+
+    def abandoned(self) -> None:
+        """The link went away before the open could be confirmed."""
+        self._close()
+
+    def _close(self) -> None:
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.unregisterProducer()
+            transport.loseConnection()
+
+
+class ForwardChannel(SpliceChannel):
+    """
+    A "direct-tcpip" channel spliced to a TCP connection on the device.
 
     The agent's connection answers C{channel_direct_tcpip} with::
 
@@ -104,12 +185,6 @@ class ForwardChannel(FlowChannel):
     """
 
     name = b"direct-tcpip"
-    log = Logger()
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._transport: Any = None
-        self._credit = InputCredit(self)
 
     @classmethod
     def open(
@@ -147,68 +222,76 @@ class ForwardChannel(FlowChannel):
 
         return d.addCallbacks(lambda _: channel, refused)
 
-    # -- TCP side -------------------------------------------------------------
+
+class AcceptedChannel(SpliceChannel):
+    """
+    A channel the agent opens for a connection it accepted on the device.
+
+    The socket is paused until groundcontrol confirms the channel, so nothing
+    is read (or buffered) for a channel that may yet be refused; a refused
+    open, or a link lost before the answer, closes the socket.
+    """
+
+    def __init__(self, channelType: bytes, payload: bytes, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.name = channelType
+        self.payload = payload
 
     def tcpConnected(self, transport: Any) -> None:
-        self._transport = transport
-        transport.registerProducer(self._credit, True)  # type: ignore[attr-defined]
+        super().tcpConnected(transport)
+        transport.pauseProducing()
+        conn = self.conn
+        if conn is None or getattr(conn, "stopped", False) or conn.transport is None:
+            self._close()
+            return
+        conn.openChannel(self, self.payload)
 
-    def tcpLost(self) -> None:
-        """The socket closed: EOF and close the channel after queued data."""
-        self._transport = None
-        self._credit.stopProducing()
-        self.writeEOF()
-        self.loseConnection()
-
-    def outputPaused(self) -> None:
-        if self._transport is not None:
-            self._transport.pauseProducing()
-
-    def outputResumed(self) -> None:
+    def channelOpen(self, specificData: bytes) -> None:
+        super().channelOpen(specificData)
         if self._transport is not None:
             self._transport.resumeProducing()
 
-    # -- channel side ------------------------------------------------------------
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._transport is None:
-            self.consumed(len(data))
-            return
-        self._transport.write(data)
-        self._credit.received(len(data))
-
-    def eofReceived(self) -> None:
-        """Half-close towards the server, like sshd's shutdown(SHUT_WR)."""
-        transport = self._transport
-        if transport is None:
-            return
-        transport.unregisterProducer()  # a paused producer would block the close
-        self._credit.stopProducing()
-        loseWrite = getattr(transport, "loseWriteConnection", None)
-        if loseWrite is not None:
-            loseWrite()
-        else:
-            transport.loseConnection()
-
-    def closed(self) -> None:
-        super().closed()
+    def openFailed(self, reason: Any) -> None:
+        self.log.info(
+            "{type} channel refused: {why}",
+            type=self.name.decode("ascii", "replace"),
+            why=str(getattr(reason, "value", reason)),
+        )
         self._close()
 
-    def abandoned(self) -> None:
-        """The link went away before the open could be confirmed."""
-        self._close()
 
-    def _close(self) -> None:
-        transport, self._transport = self._transport, None
-        if transport is not None:
-            transport.unregisterProducer()
-            transport.loseConnection()
+class AcceptingFactory(Factory):
+    """
+    Listens for the operator: every accepted connection opens a channel of
+    C{channelType} on C{conn}, with the open payload C{payloadFor(peer)}.
+    C{accepted}, if given, is called after each connection is set up.
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        conn: Any,
+        channelType: bytes,
+        payloadFor: Callable[[IAddress], bytes],
+        accepted: Callable[[], None] | None = None,
+    ) -> None:
+        self.conn = conn
+        self.channelType = channelType
+        self.payloadFor = payloadFor
+        self.accepted = accepted
+
+    def buildProtocol(self, addr: IAddress) -> _Splice:
+        channel = AcceptedChannel(self.channelType, self.payloadFor(addr), conn=self.conn)
+        if self.accepted is not None:
+            self.accepted()
+        return _Splice(channel)
 
 
 class _SpliceFactory:
     """A client factory that builds the one L{_Splice} for a channel."""
 
-    def __init__(self, channel: ForwardChannel) -> None:
+    def __init__(self, channel: SpliceChannel) -> None:
         self._channel = channel
 
     def buildProtocol(self, addr: Any) -> _Splice:
@@ -219,4 +302,12 @@ class _SpliceFactory:
     def startedConnecting(self, connector: Any) -> None: ...
 
 
-__all__ = ["CONNECT_TIMEOUT", "ForwardChannel", "endpointFor", "parseDirectTCPIP"]
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "AcceptedChannel",
+    "AcceptingFactory",
+    "ForwardChannel",
+    "SpliceChannel",
+    "endpointFor",
+    "parseDirectTCPIP",
+]

@@ -12,6 +12,7 @@ retried with backoff too, not hammered.
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,7 @@ from accesstunnel.connection import TunnelConnection
 from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL, Keepalive
 from agent.enrollment import APPROVED, Enrollment
 from agent.identity import ServerKeyPin
+from agent.remoteforward import CANCEL_TCPIP_FORWARD, TCPIP_FORWARD, RemoteForwarder
 
 AGENT_VERSION = "0.1.0"
 
@@ -70,10 +72,24 @@ class AgentConnection(TunnelConnection):
     """ssh-connection on the agent: answers the channels groundcontrol opens."""
 
     _log = Logger()
+    _remoteForwards: RemoteForwarder | None = None
 
     def __init__(self, factory: AgentLinkFactory) -> None:
         super().__init__()
         self.factory = factory
+
+    @property
+    def remoteForwards(self) -> RemoteForwarder:
+        """
+        This link's ssh -R listeners, made on first use. The factory's clock
+        is the reactor in the running agent; like sshd, ports below 1024
+        only when sessions run as root (as the agent's own user, by default).
+        """
+        if self._remoteForwards is None:
+            self._remoteForwards = RemoteForwarder(
+                self.factory.clock, self, allowPrivilegedPorts=os.geteuid() == 0
+            )
+        return self._remoteForwards
 
     def serviceStarted(self) -> None:
         super().serviceStarted()
@@ -89,6 +105,8 @@ class AgentConnection(TunnelConnection):
 
     def serviceStopped(self) -> None:
         super().serviceStopped()
+        if self._remoteForwards is not None:
+            self._remoteForwards.stopAll()
         if self.factory.enrollment is not None:
             self.factory.enrollment.linkDown()
 
@@ -98,9 +116,13 @@ class AgentConnection(TunnelConnection):
     def channel_direct_tcpip(self, windowSize: int, maxPacket: int, data: bytes) -> Any:
         return self.factory.forwardFactory(self, windowSize, maxPacket, data)
 
-    def gotGlobalRequest(self, requestType: bytes, data: bytes) -> int:
+    def gotGlobalRequest(self, requestType: bytes, data: bytes) -> Any:
         if requestType == APPROVED and self.factory.enrollment is not None:
             return self.factory.enrollment.approved(data)
+        if requestType == TCPIP_FORWARD:
+            return self.remoteForwards.forward(data)
+        if requestType == CANCEL_TCPIP_FORWARD:
+            return self.remoteForwards.cancel(data)
         return 0  # keepalives: a failure reply is the answer
 
 

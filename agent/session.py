@@ -9,6 +9,16 @@ that ssh, scp, sftp and rsync all work as they do against sshd.
 Flow control runs end to end: the receive window re-opens only as the child's
 stdin accepts bytes (L{InputCredit}), and the child is no longer read while the
 channel's output queue is over its high-water mark.
+
+Agent forwarding (C{auth-agent-req@openssh.com}, L{agent.agentforward}) and
+X11 forwarding (C{x11-req}, L{agent.x11}) are set up here too, before the
+child starts. Requests are answered strictly in order: one that takes time
+(installing the X11 cookie runs xauth) holds the requests and channel data
+that come after it until it is answered.
+
+The sftp subsystem runs the device's sftp-server; a device without one gets
+the agent's own (L{agent.sftpserver}), started through the same spawn path so
+that it has the session user's file access.
 """
 
 from __future__ import annotations
@@ -18,12 +28,16 @@ import os
 import pwd
 import signal
 import struct
+import sys
 import termios
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from attrs import field, frozen
 from twisted.conch.ssh import common, connection
+from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -38,6 +52,7 @@ DEFAULT_SFTP_SERVER_PATHS = (
     "/usr/libexec/sftp-server",
     "/usr/lib/ssh/sftp-server",
 )
+DEFAULT_XAUTH_PATHS = ("/usr/bin/xauth", "/usr/X11R6/bin/xauth", "/usr/local/bin/xauth")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 #: Seconds a child may take to go after its hang-up before it is killed.
@@ -83,6 +98,16 @@ class _Payload:
         self._data = self._data[4:]
         return value
 
+    def rest(self) -> bytes:
+        """Everything not read yet."""
+        data, self._data = self._data, b""
+        return data
+
+    def end(self) -> None:
+        """Refuse trailing bytes."""
+        if self._data:
+            raise BadRequestError("trailing bytes")
+
 
 def _defaultUser() -> pwd.struct_passwd:
     return pwd.getpwuid(os.getuid())
@@ -93,14 +118,17 @@ class SessionEnvironment:
     """
     Who a session runs as and where: the login user, an optional C{HOME}
     override (the benchmark points it at an empty directory so a heavy
-    C{.bashrc} does not skew timings), where sftp-server may live, and the
-    C{PATH} a session starts with.
+    C{.bashrc} does not skew timings), where sftp-server and xauth may live,
+    the C{PATH} a session starts with, and where the forwarded-agent socket's
+    directory is made (C{None}: the temporary directory, C{/tmp}).
     """
 
     pw: pwd.struct_passwd = field(factory=_defaultUser)
     home: str | None = None
     sftpServerPaths: tuple[str, ...] = DEFAULT_SFTP_SERVER_PATHS
     defaultPath: str = DEFAULT_PATH
+    xauthPaths: tuple[str, ...] = DEFAULT_XAUTH_PATHS
+    agentSocketRoot: str | None = None
 
     @property
     def homeDirectory(self) -> str:
@@ -133,10 +161,35 @@ class SessionEnvironment:
 
     def sftpServer(self) -> str | None:
         """The first sftp-server that exists here."""
-        for path in self.sftpServerPaths:
-            if os.access(path, os.X_OK):
-                return path
-        return None
+        return _firstExecutable(self.sftpServerPaths)
+
+    def xauth(self) -> str | None:
+        """The first xauth that exists here."""
+        return _firstExecutable(self.xauthPaths)
+
+
+def _firstExecutable(paths: tuple[str, ...]) -> str | None:
+    for path in paths:
+        if os.access(path, os.X_OK) and not os.path.isdir(path):
+            return path
+    return None
+
+
+def builtinSftpServer() -> tuple[str, list[str], dict[str, str]]:
+    """
+    How to start the agent's own SFTP server: executable, argv and the
+    environment it needs on top of the session's. This Python runs it;
+    C{PYTHONPATH} finds this copy of the agent, and C{-P} keeps the session
+    user's working directory off C{sys.path}.
+    """
+    import agent
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(agent.__file__)))
+    return (
+        sys.executable,
+        [sys.executable, "-P", "-m", "agent.sftpserver"],
+        {"PYTHONPATH": root},
+    )
 
 
 def acceptedVariable(name: str) -> bool:
@@ -199,7 +252,14 @@ class SessionChannel(FlowChannel):
         self._stdin = InputCredit(self)
         self._killTimer: Any = None  # IDelayedCall
         self._gone = False
-        self._requests: dict[bytes, Callable[[_Payload], bool]] = {
+        #: Variables the forwardings add to the child's environment.
+        self._forwardVariables: dict[str, str] = {}
+        self._agentForwarding: Any = None  # agentforward.AgentForwarding
+        self._x11: Any = None  # x11.X11Forwarding
+        #: An earlier request is still being answered; what came after waits here.
+        self._answering = False
+        self._waiting: deque[tuple[Any, ...]] = deque()
+        self._requests: dict[bytes, Callable[[_Payload], Any]] = {
             b"pty-req": self._ptyRequest,
             b"env": self._envRequest,
             b"shell": self._shellRequest,
@@ -208,26 +268,79 @@ class SessionChannel(FlowChannel):
             b"window-change": self._windowChangeRequest,
             b"signal": self._signalRequest,
             b"break": self._breakRequest,
+            b"auth-agent-req@openssh.com": self._agentRequest,
+            b"x11-req": self._x11Request,
         }
 
     # -- requests ----------------------------------------------------------
 
-    def requestReceivedWithReply(self, requestType: bytes, data: bytes, wantReply: bool) -> bool:
+    def requestReceivedWithReply(
+        self, requestType: bytes, data: bytes, wantReply: bool
+    ) -> bool | defer.Deferred[bool]:
         """
         Answer a channel request. A malformed or refused request is a failed
         request, never an exception: one bad packet must not hurt the link.
+
+        While an earlier request is still being answered, this one waits
+        (and its answer is a Deferred), so that requests take effect and are
+        answered in the order they came.
         """
+        if self._answering:
+            waiting: defer.Deferred[bool] = defer.Deferred()
+            self._waiting.append(("request", requestType, data, waiting))
+            return waiting
+        return self._answer(requestType, data)
+
+    def _answer(self, requestType: bytes, data: bytes) -> bool | defer.Deferred[bool]:
         handler = self._requests.get(requestType)
         if handler is None:
             self.log.info("refused channel request {type!r}", type=requestType)
             return False
         try:
-            return handler(_Payload(data))
+            result = handler(_Payload(data))
         except ValueError as e:
             self.log.warn("malformed {type!r} request: {why}", type=requestType, why=str(e))
+            return False
         except Exception:
             self.log.failure("{type!r} request failed", type=requestType)
-        return False
+            return False
+        if not isinstance(result, defer.Deferred):
+            return bool(result)
+        self._answering = True
+        answer: defer.Deferred[bool] = defer.Deferred()
+
+        def failed(reason: Failure) -> bool:
+            self.log.failure("{type!r} request failed", reason, type=requestType)
+            return False
+
+        def answered(ok: bool) -> None:
+            # The connection sends this reply now, before anything that
+            # waited behind this request is looked at.
+            answer.callback(bool(ok))
+            self._answering = False
+            self._takeWaiting()
+
+        result.addErrback(failed).addCallback(answered)
+        return answer
+
+    def _takeWaiting(self) -> None:
+        """Handle, in order, what arrived while a request was being answered."""
+        while self._waiting and not self._answering:
+            item = self._waiting.popleft()
+            if item[0] == "request":
+                _, requestType, data, waiting = item
+                if self._gone:
+                    waiting.callback(False)
+                    continue
+                result = self._answer(requestType, data)
+                if isinstance(result, defer.Deferred):
+                    result.chainDeferred(waiting)
+                else:
+                    waiting.callback(result)
+            elif item[0] == "data":
+                self._deliver(item[1])
+            else:
+                self._eof()
 
     def requestReceived(self, requestType: bytes, data: bytes) -> bool:
         return self.requestReceivedWithReply(requestType, data, True)
@@ -272,9 +385,83 @@ class SessionChannel(FlowChannel):
             return False
         server = self.environment.sftpServer()
         if server is None:
-            self.log.warn("no sftp-server in {paths}", paths=self.environment.sftpServerPaths)
-            return False
+            executable, argv, variables = builtinSftpServer()
+            return self._start(executable, argv, "sftp (built in)", variables)
         return self._start(server, [server], "sftp")
+
+    def _agentRequest(self, payload: _Payload) -> bool:
+        """
+        ssh -A: a private socket for C{SSH_AUTH_SOCK}; its connections become
+        C{auth-agent@openssh.com} channels (L{agent.agentforward}).
+        """
+        from agent.agentforward import AgentForwarding
+
+        payload.end()
+        if self._started or self._agentForwarding is not None or self.localClosed:
+            return False
+        uid, gid = self.environment.credentials()
+        forwarding = AgentForwarding(
+            self.reactor,
+            self.conn,
+            self.id,
+            uid,
+            gid,
+            tempRoot=self.environment.agentSocketRoot,
+        )
+        try:
+            path = forwarding.start()
+        except (OSError, CannotListenError) as e:
+            self.log.warn("agent forwarding failed: {why}", why=e)
+            return False
+        self._agentForwarding = forwarding
+        self._forwardVariables["SSH_AUTH_SOCK"] = path
+        return True
+
+    def _x11Request(self, payload: _Payload) -> bool | defer.Deferred[bool]:
+        """
+        ssh -X: a display on loopback whose connections become C{x11}
+        channels, and the cookie installed with xauth (L{agent.x11}). The
+        answer waits for xauth.
+        """
+        from agent import x11
+
+        request = x11.X11Request.parse(payload.rest())
+        if self._started or self._x11 is not None or self.localClosed:
+            return False
+        xauth = self.environment.xauth()
+        if xauth is None:
+            self.log.warn(
+                "refused X11 forwarding: no xauth in {paths}", paths=self.environment.xauthPaths
+            )
+            return False
+        forwarding = x11.X11Forwarding(self.reactor, self.conn, self.id, request)
+        try:
+            forwarding.listen()
+        except CannotListenError as e:
+            self.log.warn("refused X11 forwarding: no free display ({why})", why=e)
+            return False
+        self._x11 = forwarding
+        uid, gid = self.environment.credentials()
+        installed = x11.installCookie(
+            self._spawn,
+            self.reactor,
+            xauth,
+            forwarding.xauthInput(),
+            self._environmentFor(),
+            self.environment.workingDirectory(),
+            uid,
+            gid,
+        )
+
+        def done(ok: bool) -> bool:
+            if ok and not self._gone:
+                self._forwardVariables["DISPLAY"] = forwarding.display
+                return True
+            forwarding.stop()
+            self._x11 = None
+            return False
+
+        return installed.addCallback(done)
 
     def _windowChangeRequest(self, payload: _Payload) -> bool:
         cols, rows, xpixel, ypixel = (payload.uint32() for _ in range(4))
@@ -328,22 +515,31 @@ class SessionChannel(FlowChannel):
         if self._terminal is not None:
             variables["TERM"] = self._terminal.term
             variables["SSH_TTY"] = self._terminal.name
+        variables.update(self._forwardVariables)
         variables.update(self._variables)
         return variables
 
-    def _start(self, executable: str, args: list[Any], kind: str) -> bool:
+    def _start(
+        self,
+        executable: str,
+        args: list[Any],
+        kind: str,
+        extraVariables: dict[str, str] | None = None,
+    ) -> bool:
         """Start the one child this session may have."""
         if self._started or self.localClosed:
             return False
         uid, gid = self.environment.credentials()
         argv = [os.fsencode(a) if isinstance(a, str) else a for a in args]
+        environment = self._environmentFor()
+        environment.update(extraVariables or {})
         try:
             child = self._spawn(
                 self.reactor,
                 _ChildProtocol(self),
                 os.fsencode(executable),
                 argv,
-                self._environmentFor(),
+                environment,
                 self.environment.workingDirectory(),
                 uid,
                 gid,
@@ -371,6 +567,14 @@ class SessionChannel(FlowChannel):
 
     def dataReceived(self, data: bytes) -> None:
         """Channel data goes to the child's stdin; credit follows what it takes."""
+        if self._answering:
+            # A request before this data is still being answered: it may be
+            # the one that starts the child. (Uncredited, so bounded by the window.)
+            self._waiting.append(("data", data))
+            return
+        self._deliver(data)
+
+    def _deliver(self, data: bytes) -> None:
         if self.process is None or not self._stdinOpen:
             self.consumed(len(data))  # nothing will read it: discard, like sshd
             return
@@ -379,6 +583,12 @@ class SessionChannel(FlowChannel):
 
     def eofReceived(self) -> None:
         """Close the child's stdin; with a pty, ignore it like sshd does."""
+        if self._answering:
+            self._waiting.append(("eof",))
+            return
+        self._eof()
+
+    def _eof(self) -> None:
         if self._terminal is not None:
             return
         if self.process is None:
@@ -451,6 +661,7 @@ class SessionChannel(FlowChannel):
         """
         super().closed()
         self._gone = True
+        self._stopForwarding()
         child = self.process
         if child is None:
             if self._terminal is not None and not self._started:
@@ -469,6 +680,19 @@ class SessionChannel(FlowChannel):
         self.log.info("channel closed; hung up session child {pid}", pid=pid)
         self._killTimer = self.reactor.callLater(KILL_GRACE, self._kill, pid)
 
+    def _stopForwarding(self) -> None:
+        """The session is over: its agent socket and X11 display go with it."""
+        agentForwarding, self._agentForwarding = self._agentForwarding, None
+        if agentForwarding is not None:
+            agentForwarding.stop()
+        x11, self._x11 = self._x11, None
+        if x11 is not None:
+            x11.stop()
+        while self._waiting:
+            item = self._waiting.popleft()
+            if item[0] == "request":
+                item[3].callback(False)
+
     def _kill(self, pid: int | None) -> None:
         self._killTimer = None
         if self.process is not None:
@@ -479,8 +703,10 @@ class SessionChannel(FlowChannel):
 __all__ = [
     "DEFAULT_PATH",
     "DEFAULT_SFTP_SERVER_PATHS",
+    "DEFAULT_XAUTH_PATHS",
     "KILL_GRACE",
     "SessionChannel",
     "SessionEnvironment",
     "acceptedVariable",
+    "builtinSftpServer",
 ]

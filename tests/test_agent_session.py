@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import struct
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -274,7 +275,8 @@ class SessionInMemoryTests(SynchronousTestCase):
             (b"signal", b""),
             (b"break", uint32(0)),  # no pty
             (b"x11-req", b"whatever"),
-            (b"auth-agent-req@openssh.com", b""),
+            (b"x11-req", b"\x00" + NS(b"MIT-MAGIC-COOKIE-1") + NS(b"abc\nrm -rf") + uint32(0)),
+            (b"auth-agent-req@openssh.com", b"junk"),
         ]
         for name, data in garbage:
             self.assertFalse(self.request(name, data), name)
@@ -394,10 +396,17 @@ class SessionInMemoryTests(SynchronousTestCase):
         self.assertEqual(self.conn.events, sent)
 
     def test_subsystem(self) -> None:
-        """sftp runs the first sftp-server that exists; when none exists it is refused."""
+        """
+        sftp runs the first sftp-server that exists; when none exists, the
+        agent's own (python -m agent.sftpserver) through the same spawn path.
+        """
         missing = SessionEnvironment(sftpServerPaths=("/nonexistent/sftp-server",))
         channel = self.conn.attach(SessionChannel(missing, self.clock, spawn=self.spawner))
-        self.assertFalse(channel.requestReceivedWithReply(b"subsystem", NS(b"sftp"), True))
+        self.assertTrue(channel.requestReceivedWithReply(b"subsystem", NS(b"sftp"), True))
+        call = self.spawner.calls[-1]
+        self.assertEqual(call["args"][-2:], [b"-m", b"agent.sftpserver"])
+        self.assertEqual(call["executable"], os.fsencode(sys.executable))
+        self.assertIn("PYTHONPATH", call["environment"])
         present = SessionEnvironment(sftpServerPaths=("/nonexistent/sftp-server", "/bin/true"))
         channel = self.conn.attach(SessionChannel(present, self.clock, spawn=self.spawner))
         self.assertTrue(channel.requestReceivedWithReply(b"subsystem", NS(b"sftp"), True))
