@@ -171,7 +171,7 @@ class LocalDirectory:
 
     def __init__(self, path: bytes) -> None:
         self.path = path
-        self.names = os.listdir(path)
+        self.names = [b".", b"..", *os.listdir(path)]  # readdir(3) gives both; so does sftp-server
         self.names.reverse()
 
     def __iter__(self) -> LocalDirectory:
