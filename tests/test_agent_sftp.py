@@ -96,7 +96,7 @@ class InMemorySFTPTests(SynchronousTestCase):
         self.assertEqual(self.client.serverVersion, (3, EXTENSIONS))
 
     def test_putGetAndList(self) -> None:
-        """put writes the bytes; get reads them back; ls lists them with ls -l lines and attributes."""
+        """put writes bytes; get reads them back; ls lists them with ls -l lines and attributes."""
         data = os.urandom(200_000)
         self.put(b"up.bin", data)
         with open(self.path(b"up.bin"), "rb") as f:
