@@ -256,6 +256,7 @@ class SessionChannel(FlowChannel):
         self._forwardVariables: dict[str, str] = {}
         self._agentForwarding: Any = None  # agentforward.AgentForwarding
         self._x11: Any = None  # x11.X11Forwarding
+        self.forwardingStopped: defer.Deferred[Any] = defer.succeed(None)
         #: An earlier request is still being answered; what came after waits here.
         self._answering = False
         self._waiting: deque[tuple[Any, ...]] = deque()
@@ -457,8 +458,9 @@ class SessionChannel(FlowChannel):
             if ok and not self._gone:
                 self._forwardVariables["DISPLAY"] = forwarding.display
                 return True
-            forwarding.stop()
-            self._x11 = None
+            if self._x11 is forwarding:
+                forwarding.stop()
+                self._x11 = None
             return False
 
         return installed.addCallback(done)
@@ -682,12 +684,15 @@ class SessionChannel(FlowChannel):
 
     def _stopForwarding(self) -> None:
         """The session is over: its agent socket and X11 display go with it."""
+        stopping = []
         agentForwarding, self._agentForwarding = self._agentForwarding, None
         if agentForwarding is not None:
-            agentForwarding.stop()
+            stopping.append(agentForwarding.stop())
         x11, self._x11 = self._x11, None
         if x11 is not None:
-            x11.stop()
+            stopping.append(x11.stop())
+        #: Fires once the listeners are closed and the agent socket removed.
+        self.forwardingStopped = defer.gatherResults(stopping)
         while self._waiting:
             item = self._waiting.popleft()
             if item[0] == "request":

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import re
+import signal
 import struct
 from typing import Any
 
@@ -186,11 +187,12 @@ class X11Forwarding:
         if self.request.singleConnection:
             self.stop()
 
-    def stop(self) -> None:
+    def stop(self) -> defer.Deferred[Any]:
         """Stop listening (connections already made live on)."""
         ports, self._ports = self._ports, []
-        for port in ports:
-            defer.maybeDeferred(port.stopListening).addErrback(lambda f: None)
+        return defer.gatherResults(
+            [defer.maybeDeferred(port.stopListening) for port in ports], consumeErrors=True
+        ).addErrback(lambda f: None)
 
 
 class _Xauth(ProcessProtocol):
@@ -259,7 +261,7 @@ def installCookie(
 
     def hung() -> None:
         Logger().warn("xauth took more than {timeout}s; killing it", timeout=timeout)
-        _process.signalGroup(child.pid, 9)
+        _process.signalGroup(child.pid, signal.SIGKILL)
         if not done.called:
             done.callback(False)
 
