@@ -361,7 +361,7 @@ class RemoteForwardLoopbackTests(TestCase):
         link = FakeLink()
         forwarder = RemoteForwarder(reactor, link)
         self.addCleanup(forwarder.stopAll)
-        ok, reply = forwarder.forward(forwardRequest(b"0.0.0.0", 0))  # type: ignore[misc]
+        _, reply = forwarder.forward(forwardRequest(b"0.0.0.0", 0))  # type: ignore[misc]
         (port,) = struct.unpack(">L", reply)
         [(key, listening)] = forwarder.listeners.items()
         self.assertEqual(key, (b"0.0.0.0", port))
@@ -467,11 +467,11 @@ class AgentForwardingTests(_Session):
         self.assertFalse(os.path.exists(directory))
 
     def test_connectionOpensAuthAgentChannel(self) -> None:
-        """Each connection opens auth-agent@openssh.com whose payload is the session's channel id."""
+        """Each connection opens auth-agent@openssh.com with the session's channel id as payload."""
         self.request(b"auth-agent-req@openssh.com")
         self.addCleanup(peerClosed, self.session)
         factory = self.reactor.unixServers[0][1]
-        proto, transport = accept(factory, UNIXAddress(None))
+        proto, _ = accept(factory, UNIXAddress(None))
         [(channel, payload)] = self.link.opened
         self.assertEqual(channel.name, b"auth-agent@openssh.com")
         self.assertEqual(payload, uint32(self.session.id))
@@ -560,7 +560,7 @@ class X11ForwardingTests(_Session):
         self.assertTrue(child.stdinClosed)
 
     def test_xauthMissingOrFailing(self) -> None:
-        """No xauth on the device refuses x11-req; xauth failing refuses it and frees the display."""
+        """No xauth on the device refuses x11-req; xauth failing refuses it, freeing the display."""
         missing = self.newSession(SessionEnvironment(xauthPaths=("/nonexistent/xauth",)))
         self.assertFalse(self.request(b"x11-req", x11Request(), session=missing))
         self.assertEqual(self.reactor.tcpServers, [])
@@ -595,7 +595,7 @@ class X11ForwardingTests(_Session):
         self.assertTrue(all(port.stopped for port in self.reactor.ports))
 
     def test_unsafeRequestsRefused(self) -> None:
-        """A cookie or protocol that could inject xauth commands, or x11-req after the child: refused."""
+        """Refused: a cookie or protocol that could inject xauth lines; x11-req after the child."""
         for data in (
             x11Request(cookie=b"00\nremove *"),
             x11Request(cookie=b"abc"),  # odd length
