@@ -281,7 +281,7 @@ class AcceptingFactory(Factory):
         self.payloadFor = payloadFor
         self.accepted = accepted
 
-    def buildProtocol(self, addr: IAddress) -> _Splice:
+    def buildProtocol(self, addr: Any) -> _Splice:
         channel = AcceptedChannel(self.channelType, self.payloadFor(addr), conn=self.conn)
         if self.accepted is not None:
             self.accepted()

@@ -343,7 +343,7 @@ class SessionChannel(FlowChannel):
             else:
                 self._eof()
 
-    def requestReceived(self, requestType: bytes, data: bytes) -> bool:
+    def requestReceived(self, requestType: bytes, data: bytes) -> Any:
         return self.requestReceivedWithReply(requestType, data, True)
 
     def _ptyRequest(self, payload: _Payload) -> bool:
@@ -398,7 +398,12 @@ class SessionChannel(FlowChannel):
         from agent.agentforward import AgentForwarding
 
         payload.end()
-        if self._started or self._agentForwarding is not None or self.localClosed:
+        if (
+            self._started
+            or self._agentForwarding is not None
+            or self.localClosed
+            or self.id is None
+        ):
             return False
         uid, gid = self.environment.credentials()
         forwarding = AgentForwarding(
@@ -427,7 +432,7 @@ class SessionChannel(FlowChannel):
         from agent import x11
 
         request = x11.X11Request.parse(payload.rest())
-        if self._started or self._x11 is not None or self.localClosed:
+        if self._started or self._x11 is not None or self.localClosed or self.id is None:
             return False
         xauth = self.environment.xauth()
         if xauth is None:

@@ -344,7 +344,7 @@ class SFTPServer(filetransfer.FileTransferServer):
             length, kind, requestId = struct.unpack_from("!LBL", buf, offset)
             if not 5 <= length <= MAX_MESSAGE:
                 self._log.warn("bad SFTP message length {length}", length=length)
-                self.transport.loseConnection()  # type: ignore[union-attr]
+                self.transport.loseConnection()  # type: ignore[union-attr, misc]
                 return
             end = offset + 4 + length
             if len(buf) < end:
@@ -367,7 +367,7 @@ class SFTPServer(filetransfer.FileTransferServer):
             # Conch asserts on trailing bytes and lets struct errors out;
             # the client must still get an answer, or it waits forever.
             if kind == filetransfer.FXP_INIT:
-                self.transport.loseConnection()  # type: ignore[union-attr]
+                self.transport.loseConnection()  # type: ignore[union-attr, misc]
             else:
                 self._sendStatus(reply, filetransfer.FX_BAD_MESSAGE, b"bad message")
 
@@ -435,10 +435,10 @@ class SFTPServer(filetransfer.FileTransferServer):
 
     def readConnectionLost(self) -> None:
         """The client is done: send what is left, then go."""
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr, misc]
 
     def writeConnectionLost(self) -> None:
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr, misc]
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
@@ -448,10 +448,12 @@ class SFTPServer(filetransfer.FileTransferServer):
 
 def main() -> None:
     """Serve SFTP on stdin/stdout until the client goes."""
-    from twisted.internet import reactor, stdio
+    from twisted.internet import reactor as _reactor
+    from twisted.internet import stdio
 
-    stdio.StandardIO(SFTPServer(LocalFiles(), lost=reactor.stop))  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
+    reactor: Any = _reactor
+    stdio.StandardIO(SFTPServer(LocalFiles(), lost=reactor.stop))
+    reactor.run()
 
 
 __all__ = [

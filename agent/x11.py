@@ -206,8 +206,9 @@ class _Xauth(ProcessProtocol):
         self._output: list[bytes] = []
 
     def connectionMade(self) -> None:
-        self.transport.write(self._commands)  # type: ignore[union-attr]
-        self.transport.closeStdin()  # type: ignore[union-attr]
+        transport: Any = self.transport
+        transport.write(self._commands)
+        transport.closeStdin()
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if sum(map(len, self._output)) < 4096:
