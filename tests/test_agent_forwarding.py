@@ -348,6 +348,35 @@ class LinkDispatchTests(SynchronousTestCase):
         self.assertTrue(memory.ports[0].stopped)
         self.assertTrue(pending.disconnecting, "a channel still opening closes its socket")
 
+    def test_channelOnTheWire(self) -> None:
+        """
+        Through the real connection code: the accepted connection's
+        CHANNEL_OPEN carries the forwarded-tcpip payload; after the
+        confirmation its bytes go out as CHANNEL_DATA on the peer's channel.
+        """
+        memory = ListeningReactor()
+        conn = AgentConnection(_Factory(memory))  # type: ignore[arg-type]
+        conn.transport = _Transport()  # type: ignore[assignment]
+        conn.ssh_GLOBAL_REQUEST(NS(b"tcpip-forward") + b"\x00" + forwardRequest(b"localhost", 0))
+        proto, transport = accept(memory.tcpServers[0][1], IPv4Address("TCP", "127.0.0.1", 777))
+        kind, body = conn.transport.packets[-1]
+        self.assertEqual(kind, connection.MSG_CHANNEL_OPEN)
+        name, rest = common.getNS(body)
+        localID, window, _ = struct.unpack(">3L", rest[:12])
+        self.assertEqual(window, 2 * 1024 * 1024)
+        self.assertEqual(name, b"forwarded-tcpip")
+        self.assertEqual(
+            rest[12:], NS(b"localhost") + uint32(40000) + NS(b"127.0.0.1") + uint32(777)
+        )
+        conn.ssh_CHANNEL_OPEN_CONFIRMATION(struct.pack(">4L", localID, 55, 1 << 20, 32768))
+        self.assertEqual(transport.producerState, "producing")
+        proto.dataReceived(b"hi")
+        self.assertEqual(
+            conn.transport.packets[-1], (connection.MSG_CHANNEL_DATA, uint32(55) + NS(b"hi"))
+        )
+        conn.serviceStopped()
+        self.assertTrue(transport.disconnecting)
+
 
 class RemoteForwardLoopbackTests(TestCase):
     """A real listener on 127.0.0.1."""
