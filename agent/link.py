@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from accesstunnel import policy
 from accesstunnel.connection import TunnelConnection
 from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL, Keepalive
+from accesstunnel.rekey import RekeyingTransportMixin, RekeyLimit
 from agent.enrollment import APPROVED, Enrollment
 from agent.identity import ServerKeyPin
 from agent.remoteforward import CANCEL_TCPIP_FORWARD, TCPIP_FORWARD, RemoteForwarder
@@ -47,6 +48,7 @@ class LinkSettings:
     keepaliveCount: int = DEFAULT_COUNT
     #: Seconds from TCP connect to authenticated link before giving up.
     handshakeTimeout: float = 30.0
+    rekeyLimit: RekeyLimit = attrs.field(factory=RekeyLimit)
 
 
 def backoffPolicy(
@@ -150,8 +152,8 @@ class AgentUserAuth(userauth.SSHUserAuthClient):
         return defer.fail(NotImplementedError("the agent only uses its key"))
 
 
-class AgentTransport(transport.SSHClientTransport):
-    """Client transport: policy, pinned host key, keepalives, link readiness."""
+class AgentTransport(RekeyingTransportMixin, transport.SSHClientTransport):
+    """Client transport: policy, pinned host key, keepalives, rekeying, link readiness."""
 
     _log = Logger()
     keepalive: Keepalive | None = None

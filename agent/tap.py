@@ -23,6 +23,7 @@ from accesstunnel.addresses import (
 )
 from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL
 from accesstunnel.names import isValidDeviceName
+from accesstunnel.rekey import RekeyLimit, parseRekeyLimit
 from accesstunnel.transports.proxy import ProxySettings
 from accesstunnel.transports.tls import ClientTLS
 from accesstunnel.transports.tor import TorSettings
@@ -52,6 +53,7 @@ class AgentConfig:
     proxy: str | None = None
     configFile: Path | None = None
     torSocks: str | None = None
+    rekeyLimit: RekeyLimit = attrs.field(factory=RekeyLimit)
 
 
 class Options(usage.Options):
@@ -89,6 +91,12 @@ class Options(usage.Options):
         ["proxy", None, None, "HTTP CONNECT proxy for ws(s):// (default: HTTPS_PROXY)."],
         ["config", "c", None, "TOML file with servers/proxy; re-read on SIGHUP."],
         ["tor-socks", None, "tcp:127.0.0.1:9050", "tor's SOCKS port, for tor:// servers."],
+        [
+            "rekey-limit",
+            None,
+            "1G 1h",
+            "Renew the session keys after SIZE bytes [and TIME] (like RekeyLimit; 'none').",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -124,6 +132,10 @@ class Options(usage.Options):
             self["server-key"] = ServerKeyPin.parse(self["server-key"])
         except IdentityError as e:
             raise usage.UsageError(str(e)) from None
+        try:
+            self["rekey-limit"] = parseRekeyLimit(self["rekey-limit"])
+        except ValueError as e:
+            raise usage.UsageError(f"--rekey-limit: {e}") from None
 
     def toConfig(self) -> AgentConfig:
         return AgentConfig(
@@ -141,6 +153,7 @@ class Options(usage.Options):
             proxy=self["proxy"],
             configFile=Path(self["config"]) if self["config"] else None,
             torSocks=self["tor-socks"],
+            rekeyLimit=self["rekey-limit"],
         )
 
 
@@ -185,6 +198,7 @@ def buildService(config: AgentConfig, reactor: Any) -> service.Service:
         serial=serial,
         keepaliveInterval=config.keepaliveInterval,
         keepaliveCount=config.keepaliveCount,
+        rekeyLimit=config.rekeyLimit,
     )
     factory = AgentLinkFactory(settings, reactor, sessionFactory, forwardFactory, enrollment)
     fileConfig = loadConfig(config.configFile) if config.configFile else None

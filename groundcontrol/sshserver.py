@@ -26,6 +26,7 @@ from zope.interface import implementer
 from accesstunnel import policy
 from accesstunnel.connection import TunnelConnection
 from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL, Keepalive
+from accesstunnel.rekey import RekeyingTransportMixin, RekeyLimit
 from accesstunnel.transports.tls import peerCertificate
 from groundcontrol.auth import AgentLogin, FleetKeyChecker, OperatorLogin
 from groundcontrol.avatars import AgentAvatar, OperatorAvatar
@@ -49,6 +50,7 @@ class ServerSettings:
     keepaliveCount: int = DEFAULT_COUNT
     pendingLimits: PendingLimits = attrs.field(factory=PendingLimits)
     sessions: SessionPolicy = attrs.field(factory=SessionPolicy)
+    rekeyLimit: RekeyLimit = attrs.field(factory=RekeyLimit)
 
 
 class PendingRefused(UnauthorizedLogin):
@@ -230,8 +232,8 @@ class GroundControlConnection(TunnelConnection):
             linkUp(self)
 
 
-class GroundControlTransport(transport.SSHServerTransport):
-    """Server transport with the algorithm policy, a grace time and keepalives."""
+class GroundControlTransport(RekeyingTransportMixin, transport.SSHServerTransport):
+    """Server transport with the algorithm policy, a grace time, keepalives and rekeying."""
 
     _log = Logger()
     keepalive: Keepalive | None = None

@@ -18,6 +18,7 @@ from twisted.python import usage
 from accesstunnel.addresses import AddressError, parseAddress, serverListener
 from accesstunnel.durations import parseDuration
 from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL
+from accesstunnel.rekey import parseRekeyLimit
 from accesstunnel.transports.limiter import HandshakeLimiter
 from accesstunnel.transports.tls import ServerTLS, TLSConfigError
 from accesstunnel.transports.tor import TorSettings
@@ -82,6 +83,12 @@ class Options(usage.Options):
         ["onion-key", None, None, "Onion service key file (default DATA/onion_key)."],
         ["max-handshakes", None, 64, "Connections that may be logging in at once.", int],
         ["max-handshakes-per-source", None, 16, "Of those, from one source address.", int],
+        [
+            "rekey-limit",
+            None,
+            "1G 1h",
+            "Renew the session keys after SIZE bytes [and TIME] (like RekeyLimit; 'none').",
+        ],
     ]
 
     optFlags = [
@@ -127,6 +134,10 @@ class Options(usage.Options):
             raise usage.UsageError("session caps must be at least 1")
         if self["max-pending"] < 0 or self["max-pending-per-host"] < 0:
             raise usage.UsageError("pending caps cannot be negative")
+        try:
+            self["rekey-limit"] = parseRekeyLimit(self["rekey-limit"])
+        except ValueError as e:
+            raise usage.UsageError(f"--rekey-limit: {e}") from None
 
     def toConfig(self) -> ServerConfig:
         return ServerConfig(
@@ -137,6 +148,7 @@ class Options(usage.Options):
                 maxAuthAttempts=self["max-auth-tries"],
                 keepaliveInterval=self["keepalive-interval"],
                 keepaliveCount=self["keepalive-count"],
+                rekeyLimit=self["rekey-limit"],
                 pendingLimits=PendingLimits(
                     total=self["max-pending"], perHost=self["max-pending-per-host"]
                 ),
