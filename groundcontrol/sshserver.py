@@ -32,6 +32,7 @@ from groundcontrol.auth import AgentLogin, FleetKeyChecker, OperatorLogin
 from groundcontrol.avatars import AgentAvatar, OperatorAvatar
 from groundcontrol.enrollment import AgentRequests, CertificatePolicy
 from groundcontrol.pki import CertificateError, FleetCA, verifyDeviceCertificate
+from groundcontrol.preauth import PreauthMixin
 from groundcontrol.registry import Registry
 from groundcontrol.router import SessionPolicy, SessionRouter
 from groundcontrol.store import Device, IStore, PendingLimitReached, PendingLimits
@@ -232,7 +233,7 @@ class GroundControlConnection(TunnelConnection):
             linkUp(self)
 
 
-class GroundControlTransport(RekeyingTransportMixin, transport.SSHServerTransport):
+class GroundControlTransport(RekeyingTransportMixin, PreauthMixin, transport.SSHServerTransport):
     """Server transport with the algorithm policy, a grace time, keepalives and rekeying."""
 
     _log = Logger()

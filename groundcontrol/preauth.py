@@ -1,0 +1,387 @@
+"""
+What a connection may cost groundcontrol before it has authenticated.
+
+groundcontrol faces the internet: anyone may connect and start a handshake. Until a
+connection has logged in, L{PreauthGuard} (mixed into the server transport) holds it to:
+
+  - a version line of at most 255 bytes that is the first thing the client sends
+    (RFC 4253 section 4.2; Conch alone accepts 4 KiB of anything first);
+  - packets of at most L{PreauthLimits.maxPacketLength} bytes (RFC 4253's 35000;
+    Conch alone buffers up to 1 MiB for a packet that may never complete);
+  - at most L{PreauthLimits.maxPackets} packets and L{PreauthLimits.maxBytes} bytes in
+    all, so a client that never finishes cannot keep the server busy (or make it queue
+    answers it never reads) for the whole grace time;
+  - KEXINIT name-lists of bounded size and shape, and at most
+    L{PreauthLimits.maxKexInits} key exchanges;
+  - well-formed messages: a message Conch cannot parse drops the connection with a
+    protocol error and one log line, never an exception.
+
+Each connection that ends without logging in after failing authentication, running out
+the login grace time or breaking one of these rules counts against its source address
+(IPv4 address, IPv6 /64). Past L{PenaltyPolicy.freeFailures} such connections the source
+is refused at once, before any key exchange, for a time that doubles with each further
+failure up to L{PenaltyPolicy.maxPenalty} (OpenSSH's C{PerSourcePenalties}, exponential).
+Sources are remembered in a bounded LRU, so the memory spent is bounded whatever the
+number of attackers.
+
+The caps on concurrent handshakes, in total and per source, are
+L{accesstunnel.transports.limiter.HandshakeLimiter}'s; the grace time is the transport's.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections import OrderedDict
+from typing import Any
+
+import attrs
+from twisted.conch.ssh import transport
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+__all__ = [
+    "PenaltyPolicy",
+    "PreauthGuard",
+    "PreauthLimits",
+    "PreauthMixin",
+    "SourcePenalties",
+    "guardOf",
+    "sourceKey",
+]
+
+
+@attrs.frozen
+class PreauthLimits:
+    """Bounds on everything a client may send before it has logged in."""
+
+    #: RFC 4253 4.2: the version line is at most 255 characters including CR LF.
+    maxVersionLine: int = 255
+    #: RFC 4253 6.1: every implementation handles packets of 35000 bytes; a handshake
+    #: needs far less (the largest, an RSA-8192 user-auth request, is about 2.5 KB).
+    maxPacketLength: int = 35000
+    #: Packets before authentication: a login takes about 15 even with six keys tried.
+    maxPackets: int = 200
+    #: Bytes before authentication, all packets together.
+    maxBytes: int = 256 * 1024
+    #: Key exchanges (KEXINITs received) before authentication.
+    maxKexInits: int = 2
+    #: One KEXINIT name-list, in bytes, and one algorithm name in it (RFC 4251 6: 64).
+    maxNameList: int = 4096
+    maxName: int = 64
+
+
+@attrs.frozen
+class PenaltyPolicy:
+    """When a source that keeps failing to log in is refused, and for how long."""
+
+    #: Failed connections a source may have before it is refused at all.
+    freeFailures: int = 5
+    #: Seconds refused after the first failure past the free ones; doubles each time.
+    firstPenalty: float = 2.0
+    maxPenalty: float = 600.0
+    #: A source with no failure for this long starts afresh.
+    forgetAfter: float = 3600.0
+    #: Sources remembered at once (least recently failed forgotten first).
+    maxSources: int = 65536
+
+    def penalty(self, failures: int) -> float:
+        """Seconds a source with C{failures} failed connections is refused."""
+        beyond = failures - self.freeFailures
+        if beyond <= 0:
+            return 0.0
+        return min(self.firstPenalty * 2.0 ** min(beyond - 1, 62), self.maxPenalty)
+
+
+def sourceKey(peer: Any) -> str:
+    """
+    The source a penalty is kept for: the IPv4 address, or the /64 of an IPv6 address
+    (one host typically holds a whole /64). Anything else is taken as it prints.
+    """
+    peer = getattr(peer, "address", peer)  # Conch's SSHTransportAddress
+    host = getattr(peer, "host", None)
+    if host is None:
+        return str(peer)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return str(host)
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
+@attrs.define
+class _Record:
+    failures: int
+    lastFailure: float
+    refusedUntil: float
+
+
+class SourcePenalties:
+    """Failed connections per source, in a bounded LRU; who is refused until when."""
+
+    _log = Logger()
+
+    def __init__(self, clock: IReactorTime, policy: PenaltyPolicy | None = None) -> None:
+        self._clock = clock
+        self.policy = policy or PenaltyPolicy()
+        self._sources: OrderedDict[str, _Record] = OrderedDict()
+        #: Connections refused since the server started, for logs and tests.
+        self.refusedConnections = 0
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def _current(self, source: str, now: float) -> _Record | None:
+        record = self._sources.get(source)
+        if record is None:
+            return None
+        policy = self.policy
+        # The clock went back: never refuse (or remember) longer than the policy says.
+        record.refusedUntil = min(record.refusedUntil, now + policy.maxPenalty)
+        record.lastFailure = min(record.lastFailure, now)
+        if now - record.lastFailure >= policy.forgetAfter:
+            del self._sources[source]
+            return None
+        return record
+
+    def refusedFor(self, source: str) -> float:
+        """Seconds C{source} is still refused for (0: it may connect)."""
+        now = self._clock.seconds()
+        record = self._current(source, now)
+        if record is None:
+            return 0.0
+        return max(0.0, record.refusedUntil - now)
+
+    def failed(self, source: str, why: str) -> float:
+        """
+        Count a failed connection from C{source}; return the seconds it is now refused.
+        """
+        now = self._clock.seconds()
+        record = self._current(source, now)
+        if record is None:
+            record = _Record(0, now, now)
+            self._sources[source] = record
+        self._sources.move_to_end(source)
+        record.failures += 1
+        record.lastFailure = now
+        penalty = self.policy.penalty(record.failures)
+        if penalty:
+            record.refusedUntil = max(record.refusedUntil, now + penalty)
+            self._log.info(
+                "refusing {source} for {penalty:.0f}s after {failures} failed connections "
+                "(last: {why})",
+                source=source,
+                penalty=penalty,
+                failures=record.failures,
+                why=why,
+            )
+        while len(self._sources) > self.policy.maxSources:
+            self._sources.popitem(last=False)
+        return penalty
+
+    def refused(self) -> None:
+        """A connection was refused because its source is penalised."""
+        self.refusedConnections += 1
+
+
+class PreauthGuard:
+    """The limits and the shared penalty box of one server (one SSH factory)."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        limits: PreauthLimits | None = None,
+        penalties: PenaltyPolicy | None = None,
+    ) -> None:
+        self.limits = limits or PreauthLimits()
+        self.penalties = SourcePenalties(clock, penalties)
+
+
+def guardOf(factory: Any) -> PreauthGuard:
+    """
+    The factory's L{PreauthGuard}: C{factory.preauthGuard} if set, else one made on first
+    use with the defaults and the factory's clock, shared by all its connections.
+    """
+    guard = getattr(factory, "preauthGuard", None)
+    if guard is None:
+        guard = PreauthGuard(factory.clock)
+        factory.preauthGuard = guard
+    return guard
+
+
+class PreauthViolation(Exception):  # noqa: N818 - a reason to drop, not a bug
+    """The client broke a pre-authentication rule; the text says which."""
+
+
+def _checkNameLists(packet: bytes, limits: PreauthLimits) -> None:
+    """A KEXINIT payload (after the message number): cookie, ten name-lists, flag, uint32."""
+    offset = 16
+    if len(packet) < offset:
+        raise PreauthViolation("truncated KEXINIT")
+    for _ in range(10):
+        if len(packet) < offset + 4:
+            raise PreauthViolation("truncated KEXINIT")
+        (length,) = struct.unpack(">L", packet[offset : offset + 4])
+        offset += 4
+        if length > limits.maxNameList:
+            raise PreauthViolation(f"KEXINIT name-list of {length} bytes")
+        if len(packet) < offset + length:
+            raise PreauthViolation("truncated KEXINIT")
+        names = packet[offset : offset + length]
+        offset += length
+        if names and any(
+            not 0 < len(name) <= limits.maxName or not all(0x21 <= c <= 0x7E for c in name)
+            for name in names.split(b",")
+        ):
+            raise PreauthViolation("malformed KEXINIT algorithm name")
+    if len(packet) < offset + 5:
+        raise PreauthViolation("truncated KEXINIT")
+
+
+class PreauthMixin:
+    """
+    Mix into an L{transport.SSHServerTransport} subclass (before it in the bases) to bound
+    what an unauthenticated client may send and to keep score of failing sources.
+
+    The factory supplies C{clock} and, optionally, C{preauthGuard} (see L{guardOf}) and
+    C{settings.loginGraceTime}.
+    """
+
+    _preauthLog = Logger()
+    _preauthSource = ""
+    _preauthRefused = False
+    _preauthViolation: str | None = None
+    _preauthStarted = 0.0
+    _preauthPackets = 0
+    _preauthBytes = 0
+    _preauthKexInits = 0
+
+    # The attributes of the transport this is mixed into.
+    factory: Any
+    transport: Any
+    buf: bytes
+    gotVersion: bool
+    currentEncryptions: Any
+
+    def _preauthDone(self) -> bool:
+        return getattr(self, "avatar", None) is not None
+
+    def connectionMade(self) -> None:
+        guard = guardOf(self.factory)
+        self._preauthSource = sourceKey(self.transport.getPeer())
+        self._preauthStarted = self.factory.clock.seconds()
+        if guard.penalties.refusedFor(self._preauthSource) > 0:
+            # Before our version line and any key exchange: a refused source costs an
+            # accept and a close, nothing more. Not logged per connection (a flood
+            # would flood the log); the penalty was logged when it started.
+            self._preauthRefused = True
+            guard.penalties.refused()
+            self.transport.loseConnection()
+            return
+        super().connectionMade()  # type: ignore[misc]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._preauthRefused or self._preauthViolation is not None:
+            return
+        if self._preauthDone():
+            super().dataReceived(data)  # type: ignore[misc]
+            return
+        limits = guardOf(self.factory).limits
+        self._preauthBytes += len(data)
+        try:
+            if self._preauthBytes > limits.maxBytes:
+                raise PreauthViolation(f"more than {limits.maxBytes} bytes before logging in")
+            if not self.gotVersion:
+                buffered = self.buf + data
+                self._checkVersion(buffered, limits)
+                end = buffered.find(b"\n")
+                if end != -1:
+                    # Conch looks for "SSH-" on every line it is given, binary packets
+                    # included: hand it the version line alone, then the rest.
+                    cut = end + 1 - len(self.buf)
+                    super().dataReceived(data[:cut])  # type: ignore[misc]
+                    data = data[cut:]
+                    if not data or self.transport.disconnecting:
+                        return
+            super().dataReceived(data)  # type: ignore[misc]
+        except PreauthViolation as e:
+            self._preauthDrop(str(e))
+        except Exception as e:
+            # Conch could not parse what a client sent before logging in. That is the
+            # client's problem: drop it with one line, not a traceback per attempt.
+            self._preauthLog.debug("unparsable message from {source}", source=self._preauthSource)
+            self._preauthDrop(f"malformed message ({type(e).__name__})")
+
+    def _checkVersion(self, buffered: bytes, limits: PreauthLimits) -> None:
+        end = buffered.find(b"\n")
+        line = buffered if end == -1 else buffered[: end + 1]
+        if len(line) > limits.maxVersionLine:
+            raise PreauthViolation("version line too long")
+        if not (b"SSH-"[: len(line)] == line[:4]):
+            raise PreauthViolation("the first line is not an SSH version line")
+
+    def getPacket(self) -> bytes | None:
+        if not self._preauthDone() and self._preauthViolation is None:
+            encryptions = self.currentEncryptions
+            blockSize = encryptions.decBlockSize
+            if len(self.buf) >= blockSize:
+                if not hasattr(self, "first"):
+                    # Decrypt the first block once, as Conch would; Conch takes it from here.
+                    self.first = encryptions.decrypt(self.buf[:blockSize])
+                (length,) = struct.unpack(">L", self.first[:4])
+                limit = guardOf(self.factory).limits.maxPacketLength
+                if length > limit:
+                    raise PreauthViolation(f"packet of {length} bytes before logging in")
+        if self._preauthViolation is not None:
+            return None
+        return super().getPacket()  # type: ignore[misc, no-any-return]
+
+    def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
+        if self._preauthViolation is not None:
+            return
+        if not self._preauthDone():
+            limits = guardOf(self.factory).limits
+            self._preauthPackets += 1
+            if self._preauthPackets > limits.maxPackets:
+                raise PreauthViolation(f"more than {limits.maxPackets} packets before logging in")
+            if messageNum == transport.MSG_KEXINIT:
+                self._preauthKexInits += 1
+                if self._preauthKexInits > limits.maxKexInits:
+                    raise PreauthViolation("too many key exchanges before logging in")
+                _checkNameLists(payload, limits)
+        super().dispatchMessage(messageNum, payload)  # type: ignore[misc]
+
+    def _preauthDrop(self, why: str) -> None:
+        if self._preauthViolation is not None:
+            return
+        self._preauthViolation = why
+        self._preauthLog.info(
+            "dropping {source} before login: {why}", source=self._preauthSource, why=why
+        )
+        self.buf = b""
+        self.sendDisconnect(  # type: ignore[attr-defined]
+            transport.DISCONNECT_PROTOCOL_ERROR, why.encode("ascii", "replace")
+        )
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if not self._preauthRefused and not self._preauthDone():
+            why = self._failure()
+            if why is not None:
+                guardOf(self.factory).penalties.failed(self._preauthSource, why)
+        super().connectionLost(reason)  # type: ignore[misc]
+
+    def _failure(self) -> str | None:
+        """Why this connection, ending without a login, counts against its source."""
+        if self._preauthViolation is not None:
+            return self._preauthViolation
+        attempts = getattr(getattr(self, "service", None), "loginAttempts", 0)
+        if attempts:
+            return f"{attempts} failed authentication attempts"
+        grace = getattr(getattr(self.factory, "settings", None), "loginGraceTime", None)
+        if grace is not None and self.factory.clock.seconds() - self._preauthStarted >= grace:
+            return "login grace time exceeded"
+        return None
