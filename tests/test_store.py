@@ -224,6 +224,8 @@ class MigrationTests(StoreTestCase):
             "tokens",
             "token_redemptions",
             "claim_codes",
+            "device_tags",
+            "group_members",
         ]:
             self.assertEqual(self.rawQuery(f"SELECT COUNT(*) FROM {table}"), [(0,)], table)
 
@@ -272,6 +274,8 @@ class MigrationTests(StoreTestCase):
             "token_redemptions",
             "tokens",
             "claim_codes",
+            "device_tags",
+            "group_members",
         ]:
             self.rawQuery(f"DROP TABLE {table}")
         self.assertEqual(self.rawMigrate(upTo=1), 1)

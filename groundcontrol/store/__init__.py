@@ -37,11 +37,20 @@ from ._records import (
     CertificateState,
     Device,
     EnrollmentRequest,
+    Grant,
     PendingLimits,
     TokenRecord,
 )
 from ._runner import Runner, synchronousRunner, threadRunner
-from ._sql import SQLStore, cleanSerial, hashSecret, sourceHost
+from ._sql import (
+    SQLStore,
+    cleanSerial,
+    hashSecret,
+    isValidLoginUser,
+    isValidTag,
+    parseSelector,
+    sourceHost,
+)
 from ._sqlite import SQLiteStore, connect, migrate, openSQLiteStore, schemaUpgraders
 
 __all__ = [
@@ -56,6 +65,7 @@ __all__ = [
     "ClaimRefused",
     "Device",
     "EnrollmentRequest",
+    "Grant",
     "IStore",
     "InvalidName",
     "NameTaken",
@@ -77,12 +87,15 @@ __all__ = [
     "connectPostgreSQL",
     "databaseErrors",
     "hashSecret",
+    "isValidLoginUser",
+    "isValidTag",
     "migrate",
     "migratePostgreSQL",
     "openPostgreSQLStore",
     "openSQLiteStore",
     "openStore",
     "openStoreBlocking",
+    "parseSelector",
     "schemaUpgraders",
     "sourceHost",
     "sqlitePath",

@@ -213,33 +213,93 @@ class IStore(Interface):
             (renewed since L{lapsedLeases} saw it); L{UnknownDevice}.
         """
 
-    # -- grants -----------------------------------------------------------------
+    # -- grants ---------------------------------------------------------------------
 
-    def grant(accountName, deviceName, actor, now, expiresAt=None):
+    def grant(accountName, selector, actor, now, expiresAt=None, loginUser=None):
         """
-        Let an operator reach a device, until C{expiresAt} (epoch seconds) if given.
-        Granting again replaces the expiry.
+        Let an operator reach the devices C{selector} names: C{device:NAME} (or a bare
+        C{NAME}), C{group:NAME} or C{tag:NAME}, until C{expiresAt} (epoch seconds) if
+        given, with device sessions running as C{loginUser} if given (see L{loginUserFor}).
+        Granting the same selector again replaces the expiry and login user. A device
+        selector needs the device to exist; a group or tag may be granted before any
+        device has it. Audited as C{grant.added}.
 
-        @return: Deferred firing with None; L{UnknownAccount}, L{UnknownDevice}.
+        @return: Deferred firing with the L{Grant}; L{UnknownAccount}, L{UnknownDevice},
+            L{InvalidName} (selector or login user), L{StoreError} (expiry not in the future).
         """
 
-    def ungrant(accountName, deviceName, actor, now):
+    def ungrant(accountName, selector, actor, now):
         """
-        Remove an operator's grant on a device.
+        Remove an operator's grant on a selector (a bare name is a device). Audited as
+        C{grant.removed}.
 
         @return: Deferred firing with True if a grant was removed, False if there was none.
         """
+
+    def listGrants(accountName=None):
+        """@return: Deferred firing with the L{Grant}s (of one account), by account, selector."""
 
     def mayReach(account, deviceName, now):
         """
         Decide whether C{account} may open sessions to C{deviceName} at time C{now}.
 
-        Admins reach every device; operators reach devices they hold an unexpired grant for,
-        and devices they own by a claim while its lease lasts (C{leaseUntil > now}).
-        This is authorisation only: the caller still checks that the device is approved.
+        Admins reach every device; operators reach devices that an unexpired grant names
+        (by the device, a group it is in, or a tag it has, set by an admin or reported by
+        its agent), and devices they own by a claim while its lease lasts
+        (C{leaseUntil > now}). This is authorisation only: the caller still checks that
+        the device is approved.
 
         @return: Deferred firing with a bool.
         """
+
+    def loginUserFor(account, deviceName, now):
+        """
+        The user C{account}'s sessions on C{deviceName} run as: the login user of the most
+        specific unexpired grant that reaches the device (device, then group, then tag);
+        among equally specific grants one naming a user wins, then the first by name.
+        None when that grant names no user, or no grant reaches the device (an admin's
+        reach, or a claim's): the session runs as the agent's own user.
+
+        @return: Deferred firing with a user name or None.
+        """
+
+    # -- tags and groups ------------------------------------------------------------
+
+    def tagDevice(deviceName, add, remove, actor, now):
+        """
+        Add and remove admin tags on a device (the agent's reported tags are left alone).
+        A change is audited as C{device.tagged} (detail: added, removed, tags).
+
+        @return: Deferred firing with the L{Device}; L{UnknownDevice}, L{InvalidName}.
+        """
+
+    def reportTags(deviceName, tags, now):
+        """
+        Replace the tags the device's agent reported (from its hello). Malformed tags are
+        dropped, at most 32 kept. A change is audited as C{device.tags-reported}.
+
+        @return: Deferred firing with True if they changed; L{UnknownDevice}.
+        """
+
+    def addToGroup(groupName, deviceNames, actor, now):
+        """
+        Put devices into a group (created by its first member). Audited as C{group.added}
+        (detail: group, devices newly added).
+
+        @return: Deferred firing with the group's members, sorted; L{UnknownDevice},
+            L{InvalidName}.
+        """
+
+    def removeFromGroup(groupName, deviceNames, actor, now):
+        """
+        Take devices out of a group; with no devices, empty (remove) the whole group.
+        Audited as C{group.removed}.
+
+        @return: Deferred firing with the names removed (empty: nothing was a member).
+        """
+
+    def listGroups():
+        """@return: Deferred firing with C{{group: [device, ...]}}, sorted."""
 
     # -- audit ------------------------------------------------------------------
 

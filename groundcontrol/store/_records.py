@@ -13,6 +13,7 @@ __all__ = [
     "CertificateState",
     "Device",
     "EnrollmentRequest",
+    "Grant",
     "PendingLimits",
     "TokenRecord",
 ]
@@ -59,6 +60,17 @@ class Device:
     The latest C{not_after} of the unrevoked certificates issued for the device's current
     key; None if it has none. May lie in the past: that is how an expired device shows.
     """
+    tags: tuple[str, ...] = ()
+    """Tags an admin set (C{tag DEVICE +t}), sorted."""
+    reportedTags: tuple[str, ...] = ()
+    """Tags the agent reported from its own config in its hello, sorted."""
+    groups: tuple[str, ...] = ()
+    """The groups the device is a member of, sorted."""
+
+    @property
+    def allTags(self) -> tuple[str, ...]:
+        """Admin and reported tags together (both match a C{tag:} grant), sorted."""
+        return tuple(sorted(set(self.tags) | set(self.reportedTags)))
 
 
 @frozen
@@ -140,3 +152,20 @@ class PendingLimits:
     total: int = 100
     perHost: int = 10
     window: float = 3600.0
+
+
+@frozen
+class Grant:
+    """
+    An operator's access to the devices a selector names, perhaps until C{expiresAt}.
+
+    C{selector} is C{device:NAME}, C{group:NAME} or C{tag:NAME}; C{loginUser}, if set, is
+    the user the device session runs as (when the agent runs as root).
+    """
+
+    account: str
+    selector: str
+    loginUser: str | None
+    expiresAt: float | None
+    createdAt: float
+    createdBy: str

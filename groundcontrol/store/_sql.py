@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+import attrs
 from twisted.conch.ssh import keys
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
@@ -54,17 +55,35 @@ from ._records import (
     CertificateState,
     Device,
     EnrollmentRequest,
+    Grant,
     PendingLimits,
     TokenRecord,
 )
 from ._runner import Runner
 
-__all__ = ["SQLStore", "cleanSerial", "hashSecret", "migrateWith", "sourceHost"]
+__all__ = [
+    "SQLStore",
+    "cleanSerial",
+    "hashSecret",
+    "isValidLoginUser",
+    "isValidTag",
+    "migrateWith",
+    "parseSelector",
+    "sourceHost",
+]
 
 _T = TypeVar("_T")
 _ACCOUNT_NAME_RE = re.compile(r"\A[a-z_][a-z0-9_.-]{0,31}\Z")
 _SHA256_HEX_RE = re.compile(r"\A[0-9a-f]{64}\Z")
 _SERIAL_MAX = 128
+# Tags and group names: what an admin types and a config file holds, safe to print.
+_TAG_RE = re.compile(r"\A[a-z0-9][a-z0-9._-]{0,62}\Z")
+# A POSIX-portable user name (what useradd accepts by default, upper case allowed).
+_LOGIN_USER_RE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_.-]{0,31}\Z")
+#: Tags an agent may report; more are dropped (a device must not bloat every listing).
+MAX_REPORTED_TAGS = 32
+#: How specific a selector is: a device grant beats a group grant beats a tag grant.
+_SPECIFICITY = {"device": 0, "group": 1, "tag": 2}
 
 
 # -- schema -------------------------------------------------------------------------
@@ -281,8 +300,49 @@ def sourceHost(source: str) -> str:
     return source
 
 
-def _deviceSelector(name: str) -> str:
-    return f"device:{name}"
+def isValidTag(tag: object) -> bool:
+    """A tag or group name: C{[a-z0-9][a-z0-9._-]{0,62}}."""
+    return isinstance(tag, str) and _TAG_RE.match(tag) is not None
+
+
+def isValidLoginUser(user: object) -> bool:
+    """A user name a grant may name for the device session (portable POSIX spelling)."""
+    return isinstance(user, str) and _LOGIN_USER_RE.match(user) is not None
+
+
+def _checkTag(tag: str, what: str = "tag") -> None:
+    if not isValidTag(tag):
+        raise InvalidName(f"invalid {what} {tag!r}: must match [a-z0-9][a-z0-9._-]{{0,62}}")
+
+
+def parseSelector(text: str) -> str:
+    """
+    The canonical spelling of what a grant names: C{device:NAME}, C{group:NAME} or
+    C{tag:NAME}. A bare C{NAME} or C{dev_NAME} is a device, as grants always took.
+
+    @raise InvalidName: anything else, or a malformed name.
+    """
+    kind, sep, name = text.partition(":")
+    if not sep:
+        kind, name = "device", text.removeprefix("dev_")
+    if kind == "device":
+        _checkDeviceName(name)
+    elif kind in ("group", "tag"):
+        _checkTag(name, f"{kind} name")
+    else:
+        raise InvalidName(f"invalid selector {text!r}: use device:NAME, group:NAME or tag:NAME")
+    return f"{kind}:{name}"
+
+
+def _grant(row: Row) -> Grant:
+    return Grant(
+        account=row["account"],
+        selector=row["selector"],
+        loginUser=row["login_user"],
+        expiresAt=row["expires_at"],
+        createdAt=row["created_at"],
+        createdBy=row["created_by"],
+    )
 
 
 # -- the store ----------------------------------------------------------------------
@@ -350,7 +410,37 @@ class SQLStore:
     @staticmethod
     def _deviceRow(c: Cursor, where: str, *args: Any) -> Device | None:
         row = c.execute(f"{_DEVICE_SELECT} WHERE {where}", args).fetchone()
-        return _device(row) if row is not None else None
+        if row is None:
+            return None
+        return SQLStore._withMemberships(c, [_device(row)])[0]
+
+    @staticmethod
+    def _withMemberships(c: Cursor, devices: list[Device]) -> list[Device]:
+        """Fill in the devices' tags (admin, reported) and groups: two reads for any number."""
+        if not devices:
+            return devices
+        where, args = "", ()
+        if len(devices) == 1:
+            where, args = " WHERE device_name = ?", (devices[0].name,)
+        tags: dict[tuple[str, str], list[str]] = {}
+        for row in c.execute(
+            f"SELECT device_name, tag, source FROM device_tags{where} ORDER BY tag", args
+        ):
+            tags.setdefault((row["device_name"], row["source"]), []).append(row["tag"])
+        groups: dict[str, list[str]] = {}
+        for row in c.execute(
+            f"SELECT device_name, group_name FROM group_members{where} ORDER BY group_name", args
+        ):
+            groups.setdefault(row["device_name"], []).append(row["group_name"])
+        return [
+            attrs.evolve(
+                d,
+                tags=tuple(tags.get((d.name, "admin"), ())),
+                reportedTags=tuple(tags.get((d.name, "agent"), ())),
+                groups=tuple(groups.get(d.name, ())),
+            )
+            for d in devices
+        ]
 
     def _deviceNamed(self, c: Cursor, name: str) -> Device:
         device = self._deviceRow(c, "d.name = ?", name)
@@ -454,7 +544,9 @@ class SQLStore:
         return self._run(self._listDevices)
 
     def _listDevices(self) -> list[Device]:
-        return [_device(r) for r in self._read(f"{_DEVICE_SELECT} ORDER BY d.name")]
+        c = self._cursor()
+        rows = c.execute(f"{_DEVICE_SELECT} ORDER BY d.name").fetchall()
+        return self._withMemberships(c, [_device(r) for r in rows])
 
     def listEnrollmentRequests(self) -> Deferred[list[EnrollmentRequest]]:
         return self._run(self._listEnrollmentRequests)
@@ -1253,55 +1345,96 @@ class SQLStore:
     def grant(
         self,
         accountName: str,
-        deviceName: str,
+        selector: str,
         actor: str,
         now: float,
         expiresAt: float | None = None,
-    ) -> Deferred[None]:
-        return self._run(self._grant, accountName, deviceName, actor, now, expiresAt)
+        loginUser: str | None = None,
+    ) -> Deferred[Grant]:
+        return self._run(self._grant, accountName, selector, actor, now, expiresAt, loginUser)
 
     def _grant(
-        self, accountName: str, deviceName: str, actor: str, now: float, expiresAt: float | None
-    ) -> None:
+        self,
+        accountName: str,
+        selector: str,
+        actor: str,
+        now: float,
+        expiresAt: float | None,
+        loginUser: str | None,
+    ) -> Grant:
+        selector = parseSelector(selector)
+        kind, name = selector.split(":", 1)
+        if loginUser is not None and not isValidLoginUser(loginUser):
+            raise InvalidName(f"invalid login user {loginUser!r}")
+        if expiresAt is not None and expiresAt <= now:
+            raise StoreError("a grant must expire in the future")
         with self._write() as c:
             accountId = self._accountId(c, accountName)
-            if not c.execute("SELECT 1 FROM devices WHERE name = ?", (deviceName,)).fetchone():
-                raise UnknownDevice(f"no device named {deviceName!r}")
-            selector = _deviceSelector(deviceName)
+            if (
+                kind == "device"
+                and not c.execute("SELECT 1 FROM devices WHERE name = ?", (name,)).fetchone()
+            ):
+                raise UnknownDevice(f"no device named {name!r}")
+            # Granting again replaces the grant: its expiry and its login user.
             c.execute(
-                "DELETE FROM grants WHERE account_id = ? AND selector = ? AND login_user IS NULL",
-                (accountId, selector),
+                "DELETE FROM grants WHERE account_id = ? AND selector = ?", (accountId, selector)
             )
             c.execute(
                 "INSERT INTO grants (account_id, selector, login_user, expires_at, created_at, "
-                "created_by) VALUES (?, ?, NULL, ?, ?, ?)",
-                (accountId, selector, expiresAt, now, actor),
+                "created_by) VALUES (?, ?, ?, ?, ?, ?)",
+                (accountId, selector, loginUser, expiresAt, now, actor),
             )
             self._insertAudit(
                 c,
                 "grant.added",
                 actor,
-                deviceName,
-                {"account": accountName, "expiresAt": expiresAt},
+                name if kind == "device" else None,
+                {
+                    "account": accountName,
+                    "selector": selector,
+                    "expiresAt": expiresAt,
+                    "loginUser": loginUser,
+                },
                 now,
             )
+        return Grant(accountName, selector, loginUser, expiresAt, now, actor)
 
-    def ungrant(self, accountName: str, deviceName: str, actor: str, now: float) -> Deferred[bool]:
-        return self._run(self._ungrant, accountName, deviceName, actor, now)
+    def ungrant(self, accountName: str, selector: str, actor: str, now: float) -> Deferred[bool]:
+        return self._run(self._ungrant, accountName, selector, actor, now)
 
-    def _ungrant(self, accountName: str, deviceName: str, actor: str, now: float) -> bool:
+    def _ungrant(self, accountName: str, selector: str, actor: str, now: float) -> bool:
+        selector = parseSelector(selector)
+        kind, name = selector.split(":", 1)
         with self._write() as c:
             accountId = self._accountId(c, accountName)
             c.execute(
-                "DELETE FROM grants WHERE account_id = ? AND selector = ?",
-                (accountId, _deviceSelector(deviceName)),
+                "DELETE FROM grants WHERE account_id = ? AND selector = ?", (accountId, selector)
             )
             removed = c.rowcount > 0
             if removed:
                 self._insertAudit(
-                    c, "grant.removed", actor, deviceName, {"account": accountName}, now
+                    c,
+                    "grant.removed",
+                    actor,
+                    name if kind == "device" else None,
+                    {"account": accountName, "selector": selector},
+                    now,
                 )
             return removed
+
+    def listGrants(self, accountName: str | None = None) -> Deferred[list[Grant]]:
+        return self._run(self._listGrants, accountName)
+
+    def _listGrants(self, accountName: str | None) -> list[Grant]:
+        sql = (
+            "SELECT a.name AS account, g.selector, g.login_user, g.expires_at, g.created_at, "
+            "g.created_by FROM grants g JOIN accounts a ON a.id = g.account_id"
+        )
+        args: tuple[Any, ...] = ()
+        if accountName is not None:
+            sql += " WHERE a.name = ?"
+            args = (accountName,)
+        return [_grant(r) for r in self._read(sql + " ORDER BY a.name, g.selector", args)]
 
     @staticmethod
     def _accountId(c: Cursor, name: str) -> int:
@@ -1310,20 +1443,201 @@ class SQLStore:
             raise UnknownAccount(f"no account named {name!r}")
         return int(row["id"])
 
+    @staticmethod
+    def _matchingGrants(c: Cursor, account: Account, deviceName: str, now: float) -> list[Row]:
+        """The account's unexpired grants whose selector names the device, its groups or tags."""
+        return c.execute(
+            "SELECT g.id, g.selector, g.login_user FROM grants g WHERE g.account_id = ? "
+            "AND (g.expires_at IS NULL OR g.expires_at > ?) AND (g.selector = ? "
+            "OR g.selector IN (SELECT 'group:' || m.group_name FROM group_members m "
+            "WHERE m.device_name = ?) "
+            "OR g.selector IN (SELECT 'tag:' || t.tag FROM device_tags t WHERE t.device_name = ?))",
+            (account.id, now, f"device:{deviceName}", deviceName, deviceName),
+        ).fetchall()
+
     def mayReach(self, account: Account, deviceName: str, now: float) -> Deferred[bool]:
         return self._run(self._mayReach, account, deviceName, now)
 
     def _mayReach(self, account: Account, deviceName: str, now: float) -> bool:
         if account.isAdmin:
             return True
-        rows = self._read(
-            "SELECT 1 AS ok FROM grants WHERE account_id = ? AND selector = ? "
-            "AND (expires_at IS NULL OR expires_at > ?) "
-            "UNION ALL SELECT 1 AS ok FROM devices WHERE name = ? AND owner_account_id = ? "
-            "AND lease_until > ?",
-            (account.id, _deviceSelector(deviceName), now, deviceName, account.id, now),
+        c = self._cursor()
+        if self._matchingGrants(c, account, deviceName, now):
+            return True
+        return bool(
+            c.execute(
+                "SELECT 1 FROM devices WHERE name = ? AND owner_account_id = ? AND lease_until > ?",
+                (deviceName, account.id, now),
+            ).fetchone()
         )
-        return bool(rows)
+
+    def loginUserFor(self, account: Account, deviceName: str, now: float) -> Deferred[str | None]:
+        return self._run(self._loginUserFor, account, deviceName, now)
+
+    def _loginUserFor(self, account: Account, deviceName: str, now: float) -> str | None:
+        rows = self._matchingGrants(self._cursor(), account, deviceName, now)
+        if not rows:
+            return None
+
+        def rank(row: Row) -> tuple[int, bool, str]:
+            # Most specific first; among equals, one naming a user, then by name.
+            user = row["login_user"]
+            return (_SPECIFICITY[row["selector"].split(":", 1)[0]], user is None, user or "")
+
+        return min(rows, key=rank)["login_user"]  # type: ignore[no-any-return]
+
+    # -- tags and groups ------------------------------------------------------------
+
+    def tagDevice(
+        self,
+        deviceName: str,
+        add: Sequence[str],
+        remove: Sequence[str],
+        actor: str,
+        now: float,
+    ) -> Deferred[Device]:
+        return self._run(self._tagDevice, deviceName, list(add), list(remove), actor, now)
+
+    def _tagDevice(
+        self, deviceName: str, add: list[str], remove: list[str], actor: str, now: float
+    ) -> Device:
+        for tag in add + remove:
+            _checkTag(tag)
+        with self._write() as c:
+            before = set(self._deviceNamed(c, deviceName).tags)
+            for tag in remove:
+                c.execute(
+                    "DELETE FROM device_tags WHERE device_name = ? AND tag = ? "
+                    "AND source = 'admin'",
+                    (deviceName, tag),
+                )
+            for tag in add:
+                c.execute(
+                    "INSERT INTO device_tags (device_name, tag, source, added_at) "
+                    "VALUES (?, ?, 'admin', ?) ON CONFLICT DO NOTHING",
+                    (deviceName, tag, now),
+                )
+            device = self._deviceNamed(c, deviceName)
+            after = set(device.tags)
+            if after != before:
+                self._insertAudit(
+                    c,
+                    "device.tagged",
+                    actor,
+                    deviceName,
+                    {
+                        "added": sorted(after - before),
+                        "removed": sorted(before - after),
+                        "tags": sorted(after),
+                    },
+                    now,
+                )
+            return device
+
+    def reportTags(self, deviceName: str, tags: Sequence[str], now: float) -> Deferred[bool]:
+        return self._run(self._reportTags, deviceName, list(tags), now)
+
+    def _reportTags(self, deviceName: str, tags: list[str], now: float) -> bool:
+        # The device is not trusted to spell them well: malformed tags are dropped.
+        wanted = sorted({t for t in tags if isValidTag(t)})[:MAX_REPORTED_TAGS]
+        with self._write() as c:
+            device = self._deviceNamed(c, deviceName)
+            if list(device.reportedTags) == wanted:
+                return False
+            c.execute(
+                "DELETE FROM device_tags WHERE device_name = ? AND source = 'agent'",
+                (deviceName,),
+            )
+            for tag in wanted:
+                c.execute(
+                    "INSERT INTO device_tags (device_name, tag, source, added_at) "
+                    "VALUES (?, ?, 'agent', ?)",
+                    (deviceName, tag, now),
+                )
+            self._insertAudit(
+                c,
+                "device.tags-reported",
+                None,
+                deviceName,
+                {"tags": wanted, "previous": list(device.reportedTags)},
+                now,
+            )
+            return True
+
+    def addToGroup(
+        self, groupName: str, deviceNames: Sequence[str], actor: str, now: float
+    ) -> Deferred[list[str]]:
+        return self._run(self._addToGroup, groupName, list(deviceNames), actor, now)
+
+    def _addToGroup(
+        self, groupName: str, deviceNames: list[str], actor: str, now: float
+    ) -> list[str]:
+        _checkTag(groupName, "group name")
+        if not deviceNames:
+            raise StoreError("name at least one device to add to the group")
+        with self._write() as c:
+            added = []
+            for name in dict.fromkeys(deviceNames):
+                self._deviceNamed(c, name)
+                c.execute(
+                    "INSERT INTO group_members (group_name, device_name, added_at, added_by) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    (groupName, name, now, actor),
+                )
+                if c.rowcount > 0:
+                    added.append(name)
+            if added:
+                self._insertAudit(
+                    c, "group.added", actor, None, {"group": groupName, "devices": added}, now
+                )
+            return self._groupMembers(c, groupName)
+
+    def removeFromGroup(
+        self, groupName: str, deviceNames: Sequence[str], actor: str, now: float
+    ) -> Deferred[list[str]]:
+        return self._run(self._removeFromGroup, groupName, list(deviceNames), actor, now)
+
+    def _removeFromGroup(
+        self, groupName: str, deviceNames: list[str], actor: str, now: float
+    ) -> list[str]:
+        _checkTag(groupName, "group name")
+        with self._write() as c:
+            members = self._groupMembers(c, groupName)
+            removed = [n for n in members if not deviceNames or n in deviceNames]
+            for name in removed:
+                c.execute(
+                    "DELETE FROM group_members WHERE group_name = ? AND device_name = ?",
+                    (groupName, name),
+                )
+            if removed:
+                self._insertAudit(
+                    c,
+                    "group.removed",
+                    actor,
+                    None,
+                    {"group": groupName, "devices": removed, "whole": not deviceNames},
+                    now,
+                )
+            return removed
+
+    @staticmethod
+    def _groupMembers(c: Cursor, groupName: str) -> list[str]:
+        rows = c.execute(
+            "SELECT device_name FROM group_members WHERE group_name = ? ORDER BY device_name",
+            (groupName,),
+        )
+        return [r["device_name"] for r in rows]
+
+    def listGroups(self) -> Deferred[dict[str, list[str]]]:
+        return self._run(self._listGroups)
+
+    def _listGroups(self) -> dict[str, list[str]]:
+        groups: dict[str, list[str]] = {}
+        for row in self._read(
+            "SELECT group_name, device_name FROM group_members ORDER BY group_name, device_name"
+        ):
+            groups.setdefault(row["group_name"], []).append(row["device_name"])
+        return groups
 
     # -- audit ----------------------------------------------------------------------
 
