@@ -1,0 +1,339 @@
+"""
+Tests for groundcontrol.preauth: bounded pre-authentication input and per-source
+penalties, on the real front door in memory (StringTransport and iosim, task.Clock).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from twisted.conch.ssh import common, transport
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from groundcontrol.preauth import (
+    PenaltyPolicy,
+    PreauthLimits,
+    SourcePenalties,
+    guardOf,
+    sourceKey,
+)
+from groundcontrol.testing import FakeOperator, InMemoryFleet, newKey
+
+ATTACKER = "127.0.0.2"
+CLIENT_VERSION = b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n"
+
+
+def plainPacket(messageType: int, payload: bytes) -> bytes:
+    """An SSH binary packet before key exchange (no cipher, no MAC)."""
+    body = bytes((messageType,)) + payload
+    padding = 8 - (5 + len(body)) % 8
+    if padding < 4:
+        padding += 8
+    return struct.pack(">LB", 1 + len(body) + padding, padding) + body + b"\0" * padding
+
+
+def kexInit(lists: list[bytes] | None = None) -> bytes:
+    """A KEXINIT payload a modern client could send, or with C{lists} instead."""
+    if lists is None:
+        lists = [
+            b"curve25519-sha256",
+            b"ssh-ed25519",
+            b"aes128-ctr",
+            b"aes128-ctr",
+            b"hmac-sha2-256",
+            b"hmac-sha2-256",
+            b"none",
+            b"none",
+            b"",
+            b"",
+        ]
+    return os.urandom(16) + b"".join(common.NS(x) for x in lists) + b"\0" + b"\0\0\0\0"
+
+
+class RawClient:
+    """A server transport of the real front door fed bytes by hand."""
+
+    def __init__(self, fleet: InMemoryFleet, host: str = ATTACKER) -> None:
+        factory = fleet.factory
+        if not factory.numPorts:
+            factory.doStart()
+        peer = IPv4Address("TCP", host, 50000)
+        self.proto = factory.buildProtocol(peer)
+        self.io = StringTransport(peerAddress=peer, hostAddress=IPv4Address("TCP", host, 22))
+        self.proto.makeConnection(self.io)
+
+    def send(self, data: bytes) -> None:
+        self.proto.dataReceived(data)
+
+    @property
+    def dropped(self) -> bool:
+        return bool(self.io.disconnecting)
+
+    def lose(self) -> None:
+        """The peer (or the server) closed: deliver connectionLost like a reactor."""
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        self.proto.connectionLost(Failure(ConnectionDone()))
+
+    def disconnectReason(self) -> bytes:
+        """The description of the DISCONNECT the server sent (unencrypted only)."""
+        written = self.io.value()
+        marker = bytes((transport.MSG_DISCONNECT,))
+        i = written.rfind(marker + b"\0\0\0")
+        assert i != -1, written
+        return common.getNS(written[i + 5 :])[0]
+
+
+class BoundedInputTests(SynchronousTestCase):
+    """Every pre-auth buffer is bounded; breaking a bound drops the client, no exception."""
+
+    def setUp(self) -> None:
+        self.fleet = InMemoryFleet()
+
+    def test_longVersionLineDropped(self) -> None:
+        """A version line longer than 255 bytes is refused before Conch's 4 KiB bound."""
+        client = RawClient(self.fleet)
+        client.send(b"SSH-2.0-" + b"x" * 300)
+        self.assertTrue(client.dropped)
+        self.assertIn(b"version line too long", client.disconnectReason())
+
+    def test_otherFirstLineDropped(self) -> None:
+        """Anything but an SSH version line first (an HTTP request, a banner) is refused."""
+        client = RawClient(self.fleet)
+        client.send(b"GET / HTTP/1.1\r\n")
+        self.assertTrue(client.dropped)
+        self.assertIn(b"not an SSH version line", client.disconnectReason())
+
+    def test_partialVersionLineWaits(self) -> None:
+        """A short, unfinished version line is not an error: the client may be slow."""
+        client = RawClient(self.fleet)
+        client.send(b"SSH-2.0-Open")
+        self.assertFalse(client.dropped)
+
+    def test_versionAndKexInitInOneRead(self) -> None:
+        """
+        The version line and the first packet arriving together are parsed apart: a
+        packet that happens to contain a line starting with SSH- is not a version line.
+        """
+        client = RawClient(self.fleet)
+        client.send(CLIENT_VERSION + plainPacket(transport.MSG_IGNORE, b"\nSSH-1.0-evil\n"))
+        self.assertFalse(client.dropped)
+        self.assertEqual(client.proto.otherVersionString, CLIENT_VERSION.rstrip(b"\r\n"))
+
+    def test_oversizedPacketLengthDropped(self) -> None:
+        """A packet announcing more than 35000 bytes is refused as soon as its length is read."""
+        client = RawClient(self.fleet)
+        client.send(CLIENT_VERSION + struct.pack(">LB", 1_000_000, 4) + b"\x14" * 3)
+        self.assertTrue(client.dropped)
+        self.assertIn(b"packet of 1000000 bytes", client.disconnectReason())
+        self.assertEqual(client.proto.buf, b"")
+
+    def test_hugeNameListDropped(self) -> None:
+        """A KEXINIT name-list of more than 4096 bytes is refused."""
+        client = RawClient(self.fleet)
+        lists = [b"curve25519-sha256," + b"a" * 5000] + [b"none"] * 9
+        client.send(CLIENT_VERSION + plainPacket(transport.MSG_KEXINIT, kexInit(lists)))
+        self.assertTrue(client.dropped)
+        self.assertIn(b"name-list of", client.disconnectReason())
+
+    def test_badAlgorithmNameDropped(self) -> None:
+        """Algorithm names longer than 64 bytes or holding control bytes are refused."""
+        for bad in (b"x" * 65, b"curve25519-sha256\x1b[2J", b"a,,b"):
+            client = RawClient(self.fleet)
+            lists = [bad] + [b"none"] * 9
+            client.send(CLIENT_VERSION + plainPacket(transport.MSG_KEXINIT, kexInit(lists)))
+            self.assertTrue(client.dropped, bad)
+            self.assertIn(b"malformed KEXINIT", client.disconnectReason())
+
+    def test_truncatedKexInitDropped(self) -> None:
+        """A truncated KEXINIT is a protocol error, not an exception out of dataReceived."""
+        client = RawClient(self.fleet)
+        client.send(CLIENT_VERSION + plainPacket(transport.MSG_KEXINIT, b"\0" * 20))
+        self.assertTrue(client.dropped)
+        self.assertIn(b"truncated KEXINIT", client.disconnectReason())
+
+    def test_unparsableMessageDropped(self) -> None:
+        """A message Conch cannot parse (a truncated DISCONNECT) drops the client cleanly."""
+        client = RawClient(self.fleet)
+        client.send(CLIENT_VERSION + plainPacket(transport.MSG_DEBUG, b"\x01\xff\xff"))
+        self.assertTrue(client.dropped)
+        self.assertIn(b"malformed message", client.disconnectReason())
+
+    def test_tooManyPacketsDropped(self) -> None:
+        """A client that sends packet after packet without logging in is dropped."""
+        limits = guardOf(self.fleet.factory).limits
+        client = RawClient(self.fleet)
+        client.send(CLIENT_VERSION)
+        ignore = plainPacket(transport.MSG_IGNORE, common.NS(b"x"))
+        client.send(ignore * limits.maxPackets)
+        self.assertFalse(client.dropped)
+        client.send(ignore)
+        self.assertTrue(client.dropped)
+        self.assertIn(b"packets before logging in", client.disconnectReason())
+
+    def test_tooManyBytesDropped(self) -> None:
+        """Bytes before logging in are bounded in total, whatever the packets."""
+        limits = guardOf(self.fleet.factory).limits
+        client = RawClient(self.fleet)
+        client.send(CLIENT_VERSION)
+        big = plainPacket(transport.MSG_IGNORE, common.NS(b"x" * 30000))
+        for _ in range(limits.maxBytes // len(big) + 1):
+            client.send(big)
+        self.assertTrue(client.dropped)
+        self.assertIn(b"bytes before logging in", client.disconnectReason())
+
+    def test_secondKexInitAllowedThirdNot(self) -> None:
+        """At most two key exchanges may start before authentication."""
+        limits = PreauthLimits()
+        self.assertEqual(limits.maxKexInits, 2)
+        client = RawClient(self.fleet)
+        client.send(CLIENT_VERSION + plainPacket(transport.MSG_KEXINIT, kexInit()))
+        self.assertFalse(client.dropped)
+        client.proto._preauthKexInits = limits.maxKexInits  # as if a re-exchange happened
+        client.send(plainPacket(transport.MSG_KEXINIT, kexInit()))
+        self.assertTrue(client.dropped)
+
+    def test_droppedClientIgnoresMore(self) -> None:
+        """After a drop, further bytes are ignored (nothing parsed, nothing buffered)."""
+        client = RawClient(self.fleet)
+        client.send(b"HELLO\n")
+        client.send(b"x" * 100_000)
+        self.assertEqual(client.proto.buf, b"")
+
+    def test_loginStillWorks(self) -> None:
+        """A real client logs in through the guard and its limits."""
+        key = self.fleet.addOperator("alice")
+        operator = self.fleet.operator("ctl", key)
+        self.assertIsNotNone(operator.connection)
+
+
+class PenaltyTests(SynchronousTestCase):
+    """A source that keeps failing is refused for a while, exponentially, and forgotten."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.policy = PenaltyPolicy(
+            freeFailures=3, firstPenalty=2, maxPenalty=60, forgetAfter=600, maxSources=4
+        )
+        self.penalties = SourcePenalties(self.clock, self.policy)
+
+    def test_freeFailuresThenDoubling(self) -> None:
+        """Three failures are free; then 2, 4, 8, ... seconds, capped at the maximum."""
+        seen = [self.penalties.failed("10.0.0.1", "test") for _ in range(10)]
+        self.assertEqual(seen, [0, 0, 0, 2, 4, 8, 16, 32, 60, 60])
+
+    def test_refusedUntilPenaltyEnds(self) -> None:
+        """A penalised source is refused until its penalty has run out, others are not."""
+        for _ in range(4):
+            self.penalties.failed("10.0.0.1", "test")
+        self.assertEqual(self.penalties.refusedFor("10.0.0.1"), 2)
+        self.assertEqual(self.penalties.refusedFor("10.0.0.2"), 0)
+        self.clock.advance(1.9)
+        self.assertGreater(self.penalties.refusedFor("10.0.0.1"), 0)
+        self.clock.advance(0.1)
+        self.assertEqual(self.penalties.refusedFor("10.0.0.1"), 0)
+
+    def test_forgottenAfterQuietTime(self) -> None:
+        """A source with no failure for forgetAfter seconds starts afresh."""
+        for _ in range(5):
+            self.penalties.failed("10.0.0.1", "test")
+        self.clock.advance(600)
+        self.assertEqual(self.penalties.refusedFor("10.0.0.1"), 0)
+        self.assertEqual(self.penalties.failed("10.0.0.1", "test"), 0)
+
+    def test_boundedMemory(self) -> None:
+        """At most maxSources are remembered; the least recently failing go first."""
+        for n in range(100):
+            self.penalties.failed(f"10.0.0.{n}", "test")
+        self.assertEqual(len(self.penalties), 4)
+
+    def test_clockJumpsBack(self) -> None:
+        """After the clock jumps back a day, a penalty still ends within maxPenalty."""
+        for _ in range(20):
+            self.penalties.failed("10.0.0.1", "test")
+        self.clock.rightNow -= 86400
+        self.assertLessEqual(self.penalties.refusedFor("10.0.0.1"), 60)
+        self.clock.advance(60)
+        self.assertEqual(self.penalties.refusedFor("10.0.0.1"), 0)
+
+    def test_clockJumpsForward(self) -> None:
+        """After the clock jumps forward past forgetAfter, the source is forgotten."""
+        for _ in range(20):
+            self.penalties.failed("10.0.0.1", "test")
+        self.clock.advance(7 * 86400)
+        self.assertEqual(self.penalties.refusedFor("10.0.0.1"), 0)
+        self.assertEqual(len(self.penalties), 0)
+
+    def test_sourceKeys(self) -> None:
+        """IPv4 addresses count alone; IPv6 by /64; v4-mapped IPv6 as the IPv4 address."""
+        self.assertEqual(sourceKey(IPv4Address("TCP", "192.0.2.7", 1)), "192.0.2.7")
+        self.assertEqual(
+            sourceKey(IPv6Address("TCP", "2001:db8:1:2:3:4:5:6", 1)), "2001:db8:1:2::/64"
+        )
+        self.assertEqual(sourceKey(IPv6Address("TCP", "::ffff:192.0.2.7", 1)), "192.0.2.7")
+
+
+class PenaltyWiringTests(SynchronousTestCase):
+    """The front door records failures per source and refuses penalised sources at once."""
+
+    def setUp(self) -> None:
+        self.fleet = InMemoryFleet()
+        self.guard = guardOf(self.fleet.factory)
+        self.key = self.fleet.addOperator("alice")
+
+    def failLogin(self, host: str) -> FakeOperator:
+        operator = FakeOperator("ctl", newKey(), hostKey=self.fleet.hostKey)
+        self.fleet.network.connect(self.fleet.factory, operator, clientHost=host)
+        self.fleet.flush()
+        return operator
+
+    def test_failedLoginsPenaliseTheSource(self) -> None:
+        """
+        After the free failed logins, the next connection from that source is closed
+        before the server says anything; another source still logs in.
+        """
+        free = self.guard.penalties.policy.freeFailures
+        for _ in range(free + 1):
+            operator = self.failLogin(ATTACKER)
+            self.assertIsNone(operator.connection)
+        self.assertGreater(self.guard.penalties.refusedFor(ATTACKER), 0)
+        refused = RawClient(self.fleet, ATTACKER)
+        self.assertTrue(refused.dropped)
+        self.assertEqual(refused.io.value(), b"")  # not even a version line
+        refused.lose()
+        self.assertEqual(self.guard.penalties.refusedConnections, 1)
+        good = FakeOperator("ctl", self.key, hostKey=self.fleet.hostKey)
+        self.fleet.network.connect(self.fleet.factory, good, clientHost="127.0.0.1")
+        self.assertIsNotNone(good.connection)
+
+    def test_successIsNoFailure(self) -> None:
+        """Logging in (after a failed attempt or not) never counts against the source."""
+        for _ in range(10):
+            self.fleet.operator("ctl", self.key)
+        self.assertEqual(len(self.guard.penalties), 0)
+
+    def test_violationAndGraceCount(self) -> None:
+        """A dropped rule-breaker and a client that ran out the grace time both count."""
+        client = RawClient(self.fleet, "127.0.0.9")
+        client.send(b"nonsense\n")
+        client.lose()
+        self.assertEqual(self.guard.penalties._sources["127.0.0.9"].failures, 1)
+        slow = RawClient(self.fleet, "127.0.0.9")
+        slow.send(CLIENT_VERSION)
+        self.fleet.clock.advance(self.fleet.factory.settings.loginGraceTime)
+        self.assertTrue(slow.dropped)
+        slow.lose()
+        self.assertEqual(self.guard.penalties._sources["127.0.0.9"].failures, 2)
+
+    def test_quietCloseIsNoFailure(self) -> None:
+        """A client that closes without trying to log in (ssh-keyscan) is not penalised."""
+        client = RawClient(self.fleet, "127.0.0.9")
+        client.send(CLIENT_VERSION)
+        client.lose()
+        self.assertEqual(len(self.guard.penalties), 0)
