@@ -5,6 +5,10 @@ The control shell as an SSH session channel: ``ssh ctl@groundcontrol``.
 its status as the exit status. ``ssh ctl@gc`` with a terminal gives a prompt
 with line editing and history (Conch's insults/recvline); without a terminal
 it reads commands line by line from stdin, as a script would feed them.
+
+A command may stream (``watch``, ``replay``): its result then has a
+C{stream} callable, given this channel to write to, whose Deferred fires with
+the exit status. Ctrl-C (a 0x03 byte) or the channel closing cancels it.
 """
 
 from __future__ import annotations
@@ -95,10 +99,16 @@ class ControlPrompt(HistoricRecvLine):
         d.addCallback(self._show)
 
     def _show(self, result: CommandResult) -> None:
-        self._busy = False
         for stream in (result.stdout, result.stderr):
             if stream:
                 self.terminal.write(stream.replace("\n", "\r\n").encode("utf-8", "replace"))
+        if getattr(result, "stream", None) is not None:
+            self._channel.runStream(result).addCallback(lambda _: self._prompt())
+            return
+        self._prompt()
+
+    def _prompt(self) -> None:
+        self._busy = False
         self.terminal.write(self.ps[self.pn])
 
 
@@ -119,6 +129,8 @@ class ControlChannel(FlowChannel):
         self._execMode = False
         self._finished = False
         self._scriptLines: defer.Deferred[Any] = defer.succeed(None)
+        self._streaming: defer.Deferred[int] | None = None
+        self._writable: list[defer.Deferred[None]] = []
 
     # -- requests ------------------------------------------------------------
 
@@ -177,6 +189,10 @@ class ControlChannel(FlowChannel):
 
     def dataReceived(self, data: bytes) -> None:
         self.consumed(len(data))
+        if self._streaming is not None and (self._terminal is not None or self._execMode):
+            if b"\x03" in data:
+                self._streaming.cancel()
+            return
         if self._terminal is not None:
             self._terminal.dataReceived(data)
             return
@@ -211,8 +227,11 @@ class ControlChannel(FlowChannel):
                 return
             result = await runCommandLine(self.context, text)
             self._emit(result)
+            status = result.status
+            if getattr(result, "stream", None) is not None:
+                status = await self.runStream(result)
             if text:
-                self._lastStatus = result.status
+                self._lastStatus = status
 
         self._scriptLines.addCallback(lambda _: defer.Deferred.fromCoroutine(run(_)))
         self._scriptLines.addErrback(self._failed)
@@ -229,7 +248,54 @@ class ControlChannel(FlowChannel):
 
     def _finishWith(self, result: CommandResult) -> None:
         self._emit(result)
+        if getattr(result, "stream", None) is not None:
+            self.runStream(result).addCallback(self.finish)
+            return
         self.finish(result.status)
+
+    # -- streaming commands ----------------------------------------------------
+
+    def runStream(self, result: CommandResult) -> defer.Deferred[int]:
+        """
+        Run a streaming result: C{result.stream(self)} writes to this channel
+        and fires with the exit status; cancelled, the status is 130.
+        """
+        try:
+            d: defer.Deferred[int] = result.stream(self)  # type: ignore[attr-defined]
+        except Exception:
+            d = defer.fail()
+        self._streaming = d
+
+        def done(outcome: Any) -> int:
+            self._streaming = None
+            if isinstance(outcome, int):
+                return outcome
+            if outcome.check(defer.CancelledError):
+                self.write(b"\r\n")
+                return 130
+            self._log.failure("streaming command failed", outcome)
+            self.writeExtended(connection.EXTENDED_DATA_STDERR, b"internal error\n")
+            return 1
+
+        return d.addBoth(done)
+
+    def whenWritable(self) -> defer.Deferred[None]:
+        """Fires once queued output is below the high-water mark (at once if it is)."""
+        if self.queuedBytes <= self.highWater:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._writable.append(d)
+        return d
+
+    def outputResumed(self) -> None:
+        waiting, self._writable = self._writable, []
+        for d in waiting:
+            d.callback(None)
+
+    def closed(self) -> None:
+        super().closed()
+        if self._streaming is not None:
+            self._streaming.cancel()
 
     def _failed(self, failure: Any) -> None:
         self._log.failure("control command failed", failure)
