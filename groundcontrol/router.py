@@ -175,6 +175,8 @@ class SessionRouter:
         maxPacket: int,
         data: bytes,
     ) -> RelayChannel:
+        from groundcontrol.sessions import sessionsFor
+
         limit = self.policy.maxChannelsPerLink
         if _openChannelCount(link.conn) >= limit:
             raise refusal(
@@ -199,6 +201,10 @@ class SessionRouter:
         )
         operatorSide.refusedRequests = self.policy.refusedRequests()
         splice(operatorSide, deviceSide)
+        # Record, audit and let it be watched or killed: groundcontrol.sessions.
+        sessionsFor(self._registry, self._store, self._clock).track(
+            account.name, link.deviceName, channelType, operatorSide, deviceSide
+        )
         self._log.info(
             "{account} opened {channelType} on device {device}",
             account=account.name,

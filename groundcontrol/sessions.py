@@ -1,0 +1,497 @@
+"""
+Live relayed sessions: who opened what on which device, recorded and audited.
+
+Every channel the router splices to a device becomes a L{LiveSession}, the
+L{RelayChannel.observer} of both sides. It fills a L{SessionRecord} (short id,
+operator account, device, channel type, client address, key fingerprint,
+start and end, bytes each way, pty or exec and the command, exit status or
+signal), records pty sessions as asciicast (L{groundcontrol.recording}),
+lets admins or the session's own operator L{watch <LiveSession.addWatcher>}
+or L{kill <LiveSession.kill>} it, and writes C{session.started} and
+C{session.ended} to the store's audit log.
+
+Bytes are counted by the relay channels themselves and read once, at the end;
+nothing here runs per packet unless the session is recorded or watched.
+
+The L{SessionRegistry} of a groundcontrol is found from its device
+L{Registry} (L{sessionsFor}), which the router and the control shell both
+hold already.
+"""
+
+from __future__ import annotations
+
+import secrets
+import struct
+import weakref
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+import attrs
+from twisted.conch.ssh import common, connection
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from groundcontrol.recording import Recorder, Recording, RecordingError, RecordingPolicy
+from groundcontrol.registry import Registry
+from groundcontrol.store import IStore
+
+#: Session ids: this many characters of a 32-letter alphabet (50 bits).
+ID_LENGTH = 10
+_ID_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"
+
+SESSION_STARTED = "session.started"
+SESSION_ENDED = "session.ended"
+RECORDING_FAILED = "session.recording-failed"
+SESSION_KILLED = "session.killed"
+
+
+def newSessionId() -> str:
+    """A short random session id, easy to type: no 0/o, 1/l."""
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(ID_LENGTH))
+
+
+def isSessionId(text: str) -> bool:
+    return len(text) == ID_LENGTH and all(c in _ID_ALPHABET for c in text)
+
+
+@attrs.define
+class SessionRecord:
+    """Everything the audit log keeps about one relayed channel."""
+
+    id: str
+    account: str
+    device: str
+    channelType: str
+    startedAt: float
+    client: str | None = None
+    keyFingerprint: str | None = None
+    pty: bool = False
+    term: str | None = None
+    cols: int | None = None
+    rows: int | None = None
+    #: shell, exec or subsystem, once the operator asked for one.
+    mode: str | None = None
+    #: The exec command, or the subsystem name.
+    command: str | None = None
+    endedAt: float | None = None
+    #: Operator to device (stdin), and device to operator (stdout and stderr).
+    bytesIn: int = 0
+    bytesOut: int = 0
+    exitStatus: int | None = None
+    exitSignal: str | None = None
+    #: Who killed the session, if someone did.
+    killedBy: str | None = None
+    #: The recording, relative to the recordings directory.
+    recording: str | None = None
+    recordingError: str | None = None
+
+    def toJSON(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "account": self.account,
+            "device": self.device,
+            "channel_type": self.channelType,
+            "client": self.client,
+            "key_fingerprint": self.keyFingerprint,
+            "started_at": self.startedAt,
+            "ended_at": self.endedAt,
+            "pty": self.pty,
+            "term": self.term,
+            "cols": self.cols,
+            "rows": self.rows,
+            "mode": self.mode,
+            "command": self.command,
+            "bytes_in": self.bytesIn,
+            "bytes_out": self.bytesOut,
+            "exit_status": self.exitStatus,
+            "exit_signal": self.exitSignal,
+            "killed_by": self.killedBy,
+            "recording": self.recording,
+            "recording_error": self.recordingError,
+        }
+
+
+class Watcher(Protocol):
+    """Someone following a live session's output."""
+
+    def output(self, data: bytes) -> None: ...
+
+    def sessionEnded(self, message: str) -> None: ...
+
+
+class SessionMetrics(Protocol):
+    """What the metrics module is told."""
+
+    def sessionStarted(self, record: SessionRecord) -> None: ...
+
+    def sessionEnded(self, record: SessionRecord) -> None: ...
+
+
+def _describePeer(peer: Any) -> str:
+    peer = getattr(peer, "address", peer)  # Conch wraps it in SSHTransportAddress
+    host, port = getattr(peer, "host", None), getattr(peer, "port", None)
+    return f"{host}:{port}" if host is not None else str(peer)
+
+
+class LiveSession:
+    """One relayed channel while it is open: the observer of both relay sides."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        sessions: SessionRegistry,
+        record: SessionRecord,
+        operatorSide: Any,
+        deviceSide: Any,
+    ) -> None:
+        self.record = record
+        self.operatorSide = operatorSide
+        self.deviceSide = deviceSide
+        self._sessions = sessions
+        self.recording: Recording | None = None
+        self.watchers: list[Watcher] = []
+        self.started = False
+        self.ended = False
+        self._audited: defer.Deferred[Any] = defer.succeed(None)
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    # -- relay observer ---------------------------------------------------------
+
+    def relayOpened(self, side: Any) -> None:
+        if side is not self.operatorSide or self.started:
+            return
+        transport = getattr(side.conn, "transport", None)
+        if transport is not None:
+            self.record.client = _describePeer(transport.getPeer())
+            login = getattr(getattr(transport, "avatar", None), "login", None)
+            self.record.keyFingerprint = getattr(login, "keyFingerprint", None)
+        self.started = True
+        self._sessions._started(self)
+
+    def relayData(self, side: Any, data: bytes) -> None:
+        if side is not self.deviceSide:
+            return
+        if self.recording is not None:
+            self.recording.output(data)
+        for watcher in list(self.watchers):
+            watcher.output(data)
+
+    def relayRequest(self, side: Any, requestType: bytes, data: bytes) -> bool:
+        record = self.record
+        if side is self.deviceSide:
+            if requestType == b"exit-status" and len(data) >= 4:
+                (record.exitStatus,) = struct.unpack(">L", data[:4])
+            elif requestType == b"exit-signal":
+                try:
+                    record.exitSignal = common.getNS(data)[0].decode("ascii", "replace")
+                except ValueError:
+                    record.exitSignal = "?"
+            return True
+        try:
+            if requestType == b"pty-req":
+                term, rest = common.getNS(data)
+                record.cols, record.rows = struct.unpack(">2L", rest[:8])
+                record.term = term.decode("ascii", "replace")
+                record.pty = True
+            elif requestType == b"window-change":
+                cols, rows = struct.unpack(">2L", data[:8])
+                record.cols, record.rows = cols, rows
+                if self.recording is not None:
+                    self.recording.resize(cols, rows)
+            elif requestType in (b"shell", b"exec", b"subsystem"):
+                if record.mode is not None:
+                    return True  # the device refuses a second one
+                record.mode = requestType.decode()
+                if requestType != b"shell":
+                    record.command = common.getNS(data)[0].decode("utf-8", "replace")
+                if record.pty and requestType != b"subsystem":
+                    return self._startRecording()
+        except (struct.error, ValueError):
+            return True  # malformed: the device answers it
+        return True
+
+    def relayClosed(self, side: Any) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        record = self.record
+        record.endedAt = self._sessions.clock.seconds()
+        record.bytesIn = self.operatorSide.bytesReceived
+        record.bytesOut = self.deviceSide.bytesReceived
+        if self.recording is not None:
+            self.recording.close()
+        message = f"groundcontrol: session {record.id} ended"
+        for watcher in list(self.watchers):
+            watcher.sessionEnded(message)
+        self.watchers.clear()
+        self._sessions._ended(self)
+
+    # -- recording --------------------------------------------------------------
+
+    def _startRecording(self) -> bool:
+        recorder = self._sessions.recorder
+        if recorder is None or not recorder.enabled:
+            return True
+        record = self.record
+        try:
+            self.recording = recorder.begin(
+                record.id,
+                record.cols or 80,
+                record.rows or 24,
+                record.term or "xterm",
+                title=f"{record.account} on {record.device}",
+                onFailure=self._recordingFailed,
+            )
+        except RecordingError as e:
+            record.recordingError = str(e)
+            self._sessions._audit(self, RECORDING_FAILED, {"reason": str(e)})
+            if recorder.policy.failOpen:
+                self._log.warn(
+                    "session {id} goes on unrecorded: {reason}", id=record.id, reason=str(e)
+                )
+                return True
+            self._log.warn("session {id} refused: {reason}", id=record.id, reason=str(e))
+            self.operatorSide.writeExtended(
+                connection.EXTENDED_DATA_STDERR,
+                f"groundcontrol: session refused: it must be recorded and {e}\r\n".encode(),
+            )
+            return False
+        directory = recorder.policy.directory
+        path = self.recording.path
+        record.recording = str(path.relative_to(directory)) if directory else str(path)
+        return True
+
+    def _recordingFailed(self, reason: str) -> None:
+        record = self.record
+        record.recordingError = reason
+        self._sessions._audit(self, RECORDING_FAILED, {"reason": reason})
+        recorder = self._sessions.recorder
+        if recorder is not None and recorder.policy.failOpen:
+            self._log.warn(
+                "recording of session {id} failed, session goes on: {reason}",
+                id=record.id,
+                reason=reason,
+            )
+            return
+        self._log.warn(
+            "recording of session {id} failed, ending it: {reason}", id=record.id, reason=reason
+        )
+        self.endWithMessage(
+            f"groundcontrol: the session recording failed ({reason}); the session is ended"
+        )
+
+    # -- control ----------------------------------------------------------------
+
+    def endWithMessage(self, message: str) -> None:
+        """Tell the operator why, give status 255, and close both sides."""
+        operator = self.operatorSide
+        if not operator.exitReported:
+            operator.endWithMessage(message)
+        else:
+            operator.loseConnection()
+        self.deviceSide.loseConnection()
+
+    def kill(self, actor: str) -> None:
+        """End the session now, on C{actor}'s word."""
+        self.record.killedBy = actor
+        self._sessions._audit(self, SESSION_KILLED, {"by": actor})
+        self.endWithMessage(f"groundcontrol: session {self.id} was ended by {actor}")
+
+    def addWatcher(self, watcher: Watcher) -> None:
+        self.watchers.append(watcher)
+
+    def removeWatcher(self, watcher: Watcher) -> None:
+        if watcher in self.watchers:
+            self.watchers.remove(watcher)
+
+
+class SessionRegistry:
+    """The live sessions of one groundcontrol, and where their records go."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        store: IStore,
+        clock: IReactorTime,
+        recorder: Recorder | None = None,
+        metrics: SessionMetrics | None = None,
+        newId: Callable[[], str] = newSessionId,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.recorder = recorder
+        self.metrics = metrics
+        self._newId = newId
+        self.live: dict[str, LiveSession] = {}
+        #: Sessions begun (channel opened on the device), since start.
+        self.total = 0
+
+    def track(
+        self,
+        account: str,
+        device: str,
+        channelType: bytes,
+        operatorSide: Any,
+        deviceSide: Any,
+    ) -> LiveSession:
+        """Observe a freshly spliced pair of relay channels."""
+        sessionId = self._newId()
+        while sessionId in self.live:
+            sessionId = self._newId()
+        record = SessionRecord(
+            id=sessionId,
+            account=account,
+            device=device,
+            channelType=channelType.decode("ascii", "replace"),
+            startedAt=self.clock.seconds(),
+        )
+        session = LiveSession(self, record, operatorSide, deviceSide)
+        operatorSide.observer = session
+        deviceSide.observer = session
+        self.live[sessionId] = session
+        return session
+
+    def get(self, sessionId: str) -> LiveSession | None:
+        return self.live.get(sessionId)
+
+    def sessions(self) -> list[LiveSession]:
+        """Live sessions, oldest first."""
+        return sorted(self.live.values(), key=lambda s: (s.record.startedAt, s.id))
+
+    def recordingPaths(self) -> Iterable[Path]:
+        """Recordings being written now (retention spares them)."""
+        return [s.recording.path for s in self.live.values() if s.recording is not None]
+
+    def _started(self, session: LiveSession) -> None:
+        self.total += 1
+        record = session.record
+        self._log.info(
+            "session {id}: {account} opened {type} on {device} from {client}",
+            id=record.id,
+            account=record.account,
+            type=record.channelType,
+            device=record.device,
+            client=record.client,
+        )
+        self._audit(session, SESSION_STARTED, record.toJSON())
+        if self.metrics is not None:
+            self.metrics.sessionStarted(record)
+
+    def _ended(self, session: LiveSession) -> None:
+        self.live.pop(session.id, None)
+        if not session.started:
+            return  # the operator went away before the channel was confirmed
+        record = session.record
+        self._log.info(
+            "session {id} ended: {bytesIn} bytes in, {bytesOut} out, status {status}",
+            id=record.id,
+            bytesIn=record.bytesIn,
+            bytesOut=record.bytesOut,
+            status=record.exitStatus if record.exitSignal is None else record.exitSignal,
+        )
+        self._audit(session, SESSION_ENDED, record.toJSON())
+        if self.metrics is not None:
+            self.metrics.sessionEnded(record)
+
+    def _audit(self, session: LiveSession, event: str, detail: dict[str, Any]) -> None:
+        """Write an audit event after the session's earlier ones, in order."""
+        record = session.record
+        now = self.clock.seconds()
+        detail = {"session": record.id, **detail}
+
+        def write(_: Any) -> defer.Deferred[Any]:
+            return self.store.audit(event, record.account, record.device, detail, now)
+
+        def failed(failure: Any) -> None:
+            self._log.failure("could not audit {event} of {id}", failure, event=event, id=record.id)
+
+        session._audited = session._audited.addCallback(write).addErrback(failed)
+
+    def whenAudited(self, session: LiveSession) -> defer.Deferred[None]:
+        """Fires once the session's audit events so far are in the store."""
+        d: defer.Deferred[None] = defer.Deferred()
+        session._audited.addBoth(lambda r: (d.callback(None), r)[1])
+        return d
+
+
+_BY_REGISTRY: weakref.WeakKeyDictionary[Registry, SessionRegistry] = weakref.WeakKeyDictionary()
+
+
+def attachSessions(registry: Registry, sessions: SessionRegistry) -> SessionRegistry:
+    """Make C{sessions} the session registry of the groundcontrol owning C{registry}."""
+    _BY_REGISTRY[registry] = sessions
+    return sessions
+
+
+def sessionsFor(registry: Registry, store: IStore, clock: IReactorTime) -> SessionRegistry:
+    """
+    The session registry of the groundcontrol owning C{registry}; one that
+    records nothing is made on first use if none was attached.
+    """
+    sessions = _BY_REGISTRY.get(registry)
+    if sessions is None:
+        sessions = attachSessions(registry, SessionRegistry(store, clock))
+    return sessions
+
+
+# -- past sessions ---------------------------------------------------------------------
+
+
+async def pastSessions(store: IStore, limit: int = 100, page: int = 1000) -> list[dict[str, Any]]:
+    """
+    The most recent C{limit} sessions in the audit log, newest last, as
+    L{SessionRecord.toJSON} dicts with a C{state}: C{ended}, or C{open} (started,
+    and no end recorded: live, or cut off by a server crash).
+    """
+    found: dict[str, dict[str, Any]] = {}
+    after = 0
+    while True:
+        events = await store.auditSince(after, page)
+        for event in events:
+            if event.event not in (SESSION_STARTED, SESSION_ENDED):
+                continue
+            detail = dict(event.detail or {})
+            sessionId = detail.get("session") or detail.get("id")
+            if not isinstance(sessionId, str):
+                continue
+            row = found.setdefault(sessionId, {})
+            row.update(detail)
+            row["state"] = "ended" if event.event == SESSION_ENDED else row.get("state", "open")
+        if len(events) < page:
+            break
+        after = events[-1].id
+    rows = list(found.values())
+    rows.sort(key=lambda r: (r.get("started_at") or 0, r.get("id") or ""))
+    return rows[-limit:] if limit else rows
+
+
+def recordingFile(policy: RecordingPolicy | None, relative: str | None) -> Path | None:
+    """The recording's path from its audit entry, kept inside the recordings directory."""
+    if policy is None or policy.directory is None or not relative:
+        return None
+    path = (policy.directory / relative).resolve()
+    base = policy.directory.resolve()
+    if not path.is_relative_to(base):
+        return None
+    return path
+
+
+__all__ = [
+    "ID_LENGTH",
+    "LiveSession",
+    "SessionRecord",
+    "SessionRegistry",
+    "attachSessions",
+    "isSessionId",
+    "newSessionId",
+    "pastSessions",
+    "recordingFile",
+    "sessionsFor",
+]
