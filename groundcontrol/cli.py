@@ -36,6 +36,7 @@ from groundcontrol.store import (
     databaseErrors,
     hashSecret,
     openStore,
+    parseSelector,
     storeKind,
     synchronousRunner,
 )
@@ -98,15 +99,48 @@ def _buildParser() -> _Parser:
     )
     device.add_parser("revoke", help="make a device unreachable").add_argument("name")
 
-    grant = commands.add_parser("grant", help="let an operator reach a device")
+    grant = commands.add_parser(
+        "grant", help="let an operator reach a device, a group:NAME or a tag:NAME"
+    )
     grant.add_argument("user")
-    grant.add_argument("device")
-    grant.add_argument(
+    grant.add_argument("selector", help="NAME (a device), device:NAME, group:NAME or tag:NAME")
+    expiry = grant.add_mutually_exclusive_group()
+    expiry.add_argument(
         "--expires-in", type=float, metavar="SECONDS", help="the grant lapses after this long"
     )
-    ungrant = commands.add_parser("ungrant", help="remove an operator's grant on a device")
+    expiry.add_argument(
+        "--for", dest="duration", type=_duration, metavar="DURATION", help="e.g. 8h, 7d"
+    )
+    grant.add_argument(
+        "--as",
+        dest="loginUser",
+        metavar="LOGIN",
+        help="the user sessions run as on the device (when the agent runs as root)",
+    )
+    ungrant = commands.add_parser("ungrant", help="remove an operator's grant")
     ungrant.add_argument("user")
-    ungrant.add_argument("device")
+    ungrant.add_argument("selector", help="NAME (a device), device:NAME, group:NAME or tag:NAME")
+    grants = commands.add_parser("grants", help="list grants")
+    grants.add_argument("user", nargs="?", help="only this operator's")
+    grants.add_argument("--json", action="store_true", help="machine-readable output")
+
+    tag = commands.add_parser("tag", help="show or change a device's tags: tag DEVICE +lab -old")
+    tag.add_argument("device")
+    tag.add_argument("changes", nargs=argparse.REMAINDER, help="+TAG to add, -TAG to remove")
+
+    group = commands.add_parser("group", help="device groups").add_subparsers(
+        dest="groupCommand", required=True, parser_class=_Parser
+    )
+    groupAdd = group.add_parser("add", help="put devices into a group (creating it)")
+    groupAdd.add_argument("group")
+    groupAdd.add_argument("devices", nargs="+", metavar="DEVICE")
+    groupRemove = group.add_parser(
+        "remove", help="take devices out of a group; with no devices, remove the group"
+    )
+    groupRemove.add_argument("group")
+    groupRemove.add_argument("devices", nargs="*", metavar="DEVICE")
+    groupList = group.add_parser("list", help="groups and their devices")
+    groupList.add_argument("--json", action="store_true", help="machine-readable output")
 
     token = commands.add_parser("token", help="enrollment tokens").add_subparsers(
         dest="tokenCommand", required=True, parser_class=_Parser
@@ -180,7 +214,16 @@ def _dispatch(args: argparse.Namespace, now: Callable[[], float]) -> int:
     if args.command == "device":
         _checkDeviceNameArg(getattr(args, "name", None))
     if args.command in ("grant", "ungrant"):
+        try:
+            args.selector = parseSelector(args.selector)
+        except InvalidName as e:
+            raise _UsageError(str(e)) from None
+    if args.command == "tag":
         _checkDeviceNameArg(args.device)
+        args.add, args.remove = _tagChanges(args.changes)
+    if args.command == "group":
+        for name in args.devices if args.groupCommand != "list" else ():
+            _checkDeviceNameArg(name)
     approveKey = getattr(args, "key", None) if args.command == "device" else None
     if approveKey is not None and not _FINGERPRINT_RE.match(approveKey):
         raise _UsageError(f"--key must be a fingerprint like SHA256:..., not {args.key!r}")
@@ -214,21 +257,103 @@ def _storeCommand(store: SQLStore, args: argparse.Namespace, now: Callable[[], f
             print(f"revoked {device.name}")
     elif args.command == "grant":
         t = now()
-        expiresAt = None if args.expires_in is None else t + args.expires_in
-        _result(store.grant(args.user, args.device, actor, t, expiresAt=expiresAt))
+        lifetime = args.expires_in if args.expires_in is not None else args.duration
+        expiresAt = None if lifetime is None else t + lifetime
+        grant = _result(
+            store.grant(
+                args.user, args.selector, actor, t, expiresAt=expiresAt, loginUser=args.loginUser
+            )
+        )
         until = "" if expiresAt is None else f" until {_formatTime(expiresAt)}"
-        print(f"granted {args.user} access to {args.device}{until}")
+        login = "" if grant.loginUser is None else f" as {grant.loginUser}"
+        print(f"granted {args.user} access to {args.selector}{login}{until}")
     elif args.command == "ungrant":
-        removed = _result(store.ungrant(args.user, args.device, actor, now()))
+        removed = _result(store.ungrant(args.user, args.selector, actor, now()))
         if not removed:
-            raise _CommandError(f"{args.user} has no grant on {args.device}")
-        print(f"removed {args.user}'s grant on {args.device}")
+            raise _CommandError(f"{args.user} has no grant on {args.selector}")
+        print(f"removed {args.user}'s grant on {args.selector}")
+    elif args.command == "grants":
+        _listGrants(store, args.user, args.json, now())
+    elif args.command == "tag":
+        if args.add or args.remove:
+            device = _result(store.tagDevice(args.device, args.add, args.remove, actor, now()))
+        else:
+            found = _result(store.deviceByName(args.device))
+            if found is None:
+                raise _CommandError(f"no device named {args.device!r}")
+            device = found
+        print(
+            f"{device.name}: tags {' '.join(device.tags) or '-'}; "
+            f"reported by the agent {_clean(' '.join(device.reportedTags)) or '-'}"
+        )
+    elif args.command == "group":
+        _groupCommand(store, args, actor, now())
     elif args.command == "token":
         if args.tokenCommand == "create":
             _createToken(store, args.uses, args.expires, actor, now())
         else:
             _listTokens(store, args.json, now())
     return 0
+
+
+def _tagChanges(changes: list[str]) -> tuple[list[str], list[str]]:
+    add, remove = [], []
+    for change in changes:
+        if change[:1] == "+" and len(change) > 1:
+            add.append(change[1:])
+        elif change[:1] == "-" and len(change) > 1:
+            remove.append(change[1:])
+        else:
+            raise _UsageError(f"expected +TAG or -TAG, not {_clean(change)!r}")
+    return add, remove
+
+
+def _listGrants(store: SQLStore, user: str | None, asJSON: bool, t: float) -> None:
+    rows: list[dict[str, Any]] = [
+        {
+            "user": g.account,
+            "selector": g.selector,
+            "loginUser": g.loginUser,
+            "expiresAt": g.expiresAt,
+            "expired": g.expiresAt is not None and g.expiresAt <= t,
+            "createdAt": g.createdAt,
+            "createdBy": g.createdBy,
+        }
+        for g in _result(store.listGrants(user))
+    ]
+    if asJSON:
+        print(json.dumps(rows, indent=2))
+        return
+    _printTable(
+        ("USER", "SELECTOR", "LOGIN", "EXPIRES", "BY"),
+        [
+            (
+                r["user"],
+                r["selector"],
+                r["loginUser"] or "-",
+                ("expired " if r["expired"] else "") + _formatTime(r["expiresAt"]),
+                _clean(r["createdBy"]),
+            )
+            for r in rows
+        ],
+    )
+
+
+def _groupCommand(store: SQLStore, args: argparse.Namespace, actor: str, t: float) -> None:
+    if args.groupCommand == "add":
+        members = _result(store.addToGroup(args.group, args.devices, actor, t))
+        print(f"group {args.group}: {' '.join(members)}")
+    elif args.groupCommand == "remove":
+        removed = _result(store.removeFromGroup(args.group, args.devices, actor, t))
+        if not removed:
+            raise _CommandError(f"group {args.group} has none of those devices; nothing removed")
+        print(f"removed {' '.join(removed)} from group {args.group}")
+    else:
+        groups = _result(store.listGroups())
+        if args.json:
+            print(json.dumps(groups, indent=2))
+            return
+        _printTable(("GROUP", "DEVICES"), [(g, " ".join(m)) for g, m in groups.items()])
 
 
 def _createToken(store: SQLStore, uses: int, lifetime: int, actor: str, t: float) -> None:
@@ -312,6 +437,9 @@ def _listDevices(store: SQLStore, asJSON: bool) -> None:
                 "owner": d.owner,
                 "leaseUntil": d.leaseUntil,
                 "certificateExpiresAt": d.certificateExpiresAt,
+                "tags": list(d.tags),
+                "reportedTags": list(d.reportedTags),
+                "groups": list(d.groups),
             }
         )
     for r in _result(store.listEnrollmentRequests()):
@@ -330,6 +458,9 @@ def _listDevices(store: SQLStore, asJSON: bool) -> None:
                 "owner": None,
                 "leaseUntil": None,
                 "certificateExpiresAt": None,
+                "tags": [],
+                "reportedTags": [],
+                "groups": [],
             }
         )
     if asJSON:

@@ -375,3 +375,67 @@ def test_badStoreURL(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
         "list",
     )
     assert status == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_grantSelectorsTagsAndGroups(
+    data: Path, store: SQLiteStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """
+    The CLI grants on tag: and group: selectors with --for and --as, sets admin tags with
+    +t/-t (including a leading -t), manages groups, and lists grants; each reaches the store.
+    """
+    keyFile = data.parent / "op.pub"
+    keyFile.write_text(publicLine(newKey()))
+    assert run(capsys, "--data", str(data), "user", "add", "op", "--key", str(keyFile))[0] == 0
+    for name in ("kiln7", "oven2"):
+        contact(store, name)
+        assert run(capsys, "--data", str(data), "device", "approve", name)[0] == 0
+    (op,) = result(store.listAccounts())
+
+    status, out, _ = run(
+        capsys, "--data", str(data), "grant", "op", "tag:lab", "--for", "8h", "--as", "pi"
+    )
+    assert status == 0 and "as pi" in out and "until" in out
+    assert result(store.mayReach(op, "kiln7", T0)) is False
+    status, out, _ = run(capsys, "--data", str(data), "tag", "kiln7", "+lab", "+old")
+    assert status == 0 and "lab old" in out
+    assert run(capsys, "--data", str(data), "tag", "kiln7", "-old")[0] == 0
+    assert result(store.deviceByName("kiln7")).tags == ("lab",)
+    assert result(store.mayReach(op, "kiln7", T0 + 8 * 3600 - 1)) is True
+    assert result(store.mayReach(op, "kiln7", T0 + 8 * 3600)) is False
+    assert result(store.loginUserFor(op, "kiln7", T0)) == "pi"
+
+    assert run(capsys, "--data", str(data), "group", "add", "ovens", "oven2")[0] == 0
+    assert run(capsys, "--data", str(data), "grant", "op", "group:ovens")[0] == 0
+    assert result(store.mayReach(op, "oven2", T0)) is True
+    status, out, _ = run(capsys, "--data", str(data), "group", "list", "--json")
+    assert json.loads(out) == {"ovens": ["oven2"]}
+
+    status, out, _ = run(capsys, "--data", str(data), "grants", "--json")
+    assert [(g["selector"], g["loginUser"]) for g in json.loads(out)] == [
+        ("group:ovens", None),
+        ("tag:lab", "pi"),
+    ]
+    assert run(capsys, "--data", str(data), "group", "remove", "ovens")[0] == 0
+    assert result(store.mayReach(op, "oven2", T0)) is False
+    assert run(capsys, "--data", str(data), "ungrant", "op", "tag:lab")[0] == 0
+    assert result(store.mayReach(op, "kiln7", T0)) is False
+    status, out, _ = run(capsys, "--data", str(data), "device", "list", "--json")
+    assert [r["tags"] for r in json.loads(out)] == [["lab"], []]
+
+
+def test_accessArgumentErrors(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Malformed selectors, tags, login users and removals fail with a status, no traceback."""
+    cases = [
+        (["grant", "op", "host:x"], 2, "invalid selector"),
+        (["grant", "op", "tag:Bad"], 2, "invalid tag name"),
+        (["tag", "kiln7", "lab"], 2, "expected +TAG or -TAG"),
+        (["tag", "ghost", "+lab"], 1, "no device named"),
+        (["group", "add", "g"], 2, "required"),
+        (["group", "remove", "nothing"], 1, "nothing removed"),
+    ]
+    for argv, expected, message in cases:
+        status, _, err = run(capsys, "--data", str(data), *argv)
+        assert status == expected, argv
+        assert message in err, (argv, err)
+        assert "Traceback" not in err

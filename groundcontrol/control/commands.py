@@ -25,7 +25,7 @@ from accesstunnel.durations import parseDuration
 from accesstunnel.names import isValidDeviceName
 from groundcontrol.enrollment import hashSecret, normaliseCode
 from groundcontrol.registry import Registry
-from groundcontrol.store import Account, IStore, StoreError
+from groundcontrol.store import Account, Device, IStore, StoreError, parseSelector
 
 
 @attrs.frozen
@@ -167,6 +167,39 @@ def _deviceName(name: str) -> str:
     return name
 
 
+def _selector(text: str) -> str:
+    """A grant's selector in its canonical spelling (device:, group:, tag:)."""
+    try:
+        return parseSelector(text)
+    except StoreError as e:
+        raise UsageError(str(e)) from None
+
+
+def _done(options: argparse.Namespace, text: str, row: dict[str, Any]) -> CommandResult:
+    """What a command that changed something prints: a line, or C{row} as JSON."""
+    if options.json:
+        return CommandResult(stdout=json.dumps(row, sort_keys=True) + "\n")
+    return CommandResult(stdout=text + "\n")
+
+
+def _deviceRow(context: ControlContext, device: Device) -> dict[str, Any]:
+    """One device as C{ls} shows it: store record plus what its live link reported."""
+    link: Any = context.registry.lookup(device.name)
+    details = getattr(link, "details", {}) if link is not None else {}
+    return {
+        "name": device.name,
+        "online": link is not None,
+        "last_seen": "now" if link is not None else _when(device.lastSeen),
+        "owner": device.owner,
+        "tags": ",".join(device.allTags) or None,
+        "admin_tags": list(device.tags),
+        "reported_tags": list(device.reportedTags),
+        "groups": list(device.groups),
+        "transport": details.get("transport") or None,
+        "version": details.get("version") or None,
+    }
+
+
 # -- commands -------------------------------------------------------------------
 
 
@@ -195,7 +228,7 @@ def _whoami(parser: _Parser) -> Handler:
     return run
 
 
-@command("ls", "devices you may reach: online, last seen, owner, agent version")
+@command("ls", "devices you may reach: online, last seen, owner, tags, transport, version")
 def _ls(parser: _Parser) -> Handler:
     async def run(context: ControlContext, options: argparse.Namespace) -> CommandResult:
         now = context.clock.seconds()
@@ -205,20 +238,11 @@ def _ls(parser: _Parser) -> Handler:
                 continue
             if not await context.store.mayReach(context.account, device.name, now):
                 continue
-            link: Any = context.registry.lookup(device.name)
-            details = getattr(link, "details", {}) if link is not None else {}
-            rows.append(
-                {
-                    "name": device.name,
-                    "online": link is not None,
-                    "last_seen": "now" if link is not None else _when(device.lastSeen),
-                    "owner": getattr(device, "owner", None),
-                    "transport": details.get("transport") or None,
-                    "version": details.get("version"),
-                }
-            )
+            rows.append(_deviceRow(context, device))
         return _output(
-            options, rows, ["name", "online", "last_seen", "owner", "transport", "version"]
+            options,
+            rows,
+            ["name", "online", "last_seen", "owner", "tags", "transport", "version"],
         )
 
     return run
@@ -259,7 +283,11 @@ def _approve(parser: _Parser) -> Handler:
         device = await context.store.approveDevice(
             name, context.actor, context.clock.seconds(), fingerprint=options.key
         )
-        return CommandResult(stdout=f"approved {device.name} ({device.fingerprint})\n")
+        return _done(
+            options,
+            f"approved {device.name} ({device.fingerprint})",
+            {"approved": device.name, "fingerprint": device.fingerprint},
+        )
 
     return run
 
@@ -272,16 +300,23 @@ def _revoke(parser: _Parser) -> Handler:
         name = _deviceName(options.name)
         await context.store.revokeDevice(name, context.actor, context.clock.seconds())
         context.registry.drop(name, "device revoked")
-        return CommandResult(stdout=f"revoked {name}\n")
+        return _done(options, f"revoked {name}", {"revoked": name})
 
     return run
 
 
-@command("grant", "let an account reach a device", adminOnly=True)
+@command(
+    "grant",
+    "let an account reach a device, group:NAME or tag:NAME [--for 8h] [--as LOGIN]",
+    adminOnly=True,
+)
 def _grant(parser: _Parser) -> Handler:
     parser.add_argument("user")
-    parser.add_argument("device")
+    parser.add_argument("selector", help="NAME (a device), device:NAME, group:NAME or tag:NAME")
     parser.add_argument("--for", dest="duration", help="expire after e.g. 8h, 7d")
+    parser.add_argument(
+        "--as", dest="loginUser", help="the user sessions run as on the device (agent as root)"
+    )
 
     async def run(context: ControlContext, options: argparse.Namespace) -> CommandResult:
         now = context.clock.seconds()
@@ -291,27 +326,167 @@ def _grant(parser: _Parser) -> Handler:
                 expiresAt = now + parseDuration(options.duration)
             except ValueError as e:
                 raise UsageError(str(e)) from None
-        name = _deviceName(options.device)
-        await context.store.grant(options.user, name, context.actor, now, expiresAt=expiresAt)
+        selector = _selector(options.selector)
+        grant = await context.store.grant(
+            options.user,
+            selector,
+            context.actor,
+            now,
+            expiresAt=expiresAt,
+            loginUser=options.loginUser,
+        )
         until = f" until {_when(expiresAt)} UTC" if expiresAt else ""
-        return CommandResult(stdout=f"granted {options.user} access to {name}{until}\n")
+        login = f" as {grant.loginUser}" if grant.loginUser else ""
+        return _done(
+            options,
+            f"granted {options.user} access to {selector}{login}{until}",
+            _grantRow(grant),
+        )
 
     return run
 
 
-@command("ungrant", "take a grant away", adminOnly=True)
+def _grantRow(grant: Any) -> dict[str, Any]:
+    return {
+        "user": grant.account,
+        "selector": grant.selector,
+        "login_user": grant.loginUser,
+        "expires": _when(grant.expiresAt) if grant.expiresAt is not None else None,
+        "expires_at": grant.expiresAt,
+        "created_by": grant.createdBy,
+    }
+
+
+@command("ungrant", "take a grant away: ungrant USER SELECTOR", adminOnly=True)
 def _ungrant(parser: _Parser) -> Handler:
     parser.add_argument("user")
+    parser.add_argument("selector", help="NAME (a device), device:NAME, group:NAME or tag:NAME")
+
+    async def run(context: ControlContext, options: argparse.Namespace) -> CommandResult:
+        selector = _selector(options.selector)
+        removed = await context.store.ungrant(
+            options.user, selector, context.actor, context.clock.seconds()
+        )
+        if not removed:
+            return CommandResult(stderr=f"{options.user} had no grant for {selector}\n", status=1)
+        return _done(
+            options,
+            f"removed {options.user}'s grant for {selector}",
+            {"user": options.user, "selector": selector, "removed": True},
+        )
+
+    return run
+
+
+@command("grants", "grants: all of them (admins, optionally of one USER) or your own")
+def _grants(parser: _Parser) -> Handler:
+    parser.add_argument("user", nargs="?")
+
+    async def run(context: ControlContext, options: argparse.Namespace) -> CommandResult:
+        if context.account.isAdmin:
+            account = options.user
+        elif options.user not in (None, context.account.name):
+            return CommandResult(stderr="grants: operators see only their own grants\n", status=1)
+        else:
+            account = context.account.name
+        now = context.clock.seconds()
+        rows = [
+            {**_grantRow(g), "expired": g.expiresAt is not None and g.expiresAt <= now}
+            for g in await context.store.listGrants(account)
+        ]
+        return _output(options, rows, ["user", "selector", "login_user", "expires", "expired"])
+
+    return run
+
+
+@command("tag", "show or change a device's tags: tag DEVICE +lab -old", adminOnly=True)
+def _tag(parser: _Parser) -> Handler:
     parser.add_argument("device")
+    # REMAINDER: "-old" is a change, not an option.
+    parser.add_argument("changes", nargs=argparse.REMAINDER, help="+TAG to add, -TAG to remove")
 
     async def run(context: ControlContext, options: argparse.Namespace) -> CommandResult:
         name = _deviceName(options.device)
-        removed = await context.store.ungrant(
-            options.user, name, context.actor, context.clock.seconds()
+        add, remove = [], []
+        for change in options.changes:
+            if change == "--json":
+                options.json = True
+            elif change[:1] == "+" and len(change) > 1:
+                add.append(change[1:])
+            elif change[:1] == "-" and len(change) > 1:
+                remove.append(change[1:])
+            else:
+                raise UsageError(f"expected +TAG or -TAG, not {_clean(change)!r}")
+        if add or remove:
+            device = await context.store.tagDevice(
+                name, add, remove, context.actor, context.clock.seconds()
+            )
+        else:
+            found = await context.store.deviceByName(name)
+            if found is None:
+                return CommandResult(stderr=f"tag: no device named {name!r}\n", status=1)
+            device = found
+        row = {
+            "name": device.name,
+            "admin_tags": list(device.tags),
+            "reported_tags": list(device.reportedTags),
+        }
+        if options.json:
+            return CommandResult(stdout=json.dumps(row, sort_keys=True) + "\n")
+        return CommandResult(
+            stdout=f"{device.name}: tags {' '.join(device.tags) or '-'}; "
+            f"reported by the agent {' '.join(device.reportedTags) or '-'}\n"
         )
+
+    return run
+
+
+@command(
+    "group",
+    "device groups: group list | group add NAME DEVICE... | group remove NAME [DEVICE...]",
+    adminOnly=True,
+)
+def _group(parser: _Parser) -> Handler:
+    parser.add_argument("action", nargs="?", choices=["list", "add", "remove"], default="list")
+    parser.add_argument("group", nargs="?")
+    parser.add_argument("devices", nargs="*")
+
+    async def run(context: ControlContext, options: argparse.Namespace) -> CommandResult:
+        now = context.clock.seconds()
+        if options.action == "list":
+            groups = await context.store.listGroups()
+            if options.group is not None:
+                groups = {options.group: groups.get(options.group, [])}
+            rows = [
+                {"group": name, "devices": members, "members": " ".join(members)}
+                for name, members in groups.items()
+            ]
+            if options.json:
+                rows = [{"group": r["group"], "devices": r["devices"]} for r in rows]
+            return _output(options, rows, ["group", "members"])
+        if options.group is None:
+            raise UsageError(f"group {options.action} needs a group name")
+        devices = [_deviceName(d) for d in options.devices]
+        if options.action == "add":
+            if not devices:
+                raise UsageError("group add NAME DEVICE...: name at least one device")
+            members = await context.store.addToGroup(options.group, devices, context.actor, now)
+            return _done(
+                options,
+                f"group {options.group}: {' '.join(members)}",
+                {"group": options.group, "devices": members},
+            )
+        removed = await context.store.removeFromGroup(options.group, devices, context.actor, now)
         if not removed:
-            return CommandResult(stderr=f"{options.user} had no grant for {name}\n", status=1)
-        return CommandResult(stdout=f"removed {options.user}'s grant for {name}\n")
+            what = " ".join(devices) if devices else "no devices"
+            return CommandResult(
+                stderr=f"group: {options.group} has {what}; nothing removed\n", status=1
+            )
+        return _done(
+            options,
+            f"removed {' '.join(removed)} from group {options.group}",
+            {"group": options.group, "removed": removed},
+        )
 
     return run
 
@@ -342,9 +517,11 @@ def _claim(parser: _Parser) -> Handler:
         device = await context.store.claimDevice(
             hashSecret(normaliseCode(options.code)), context.account, now + lease, now
         )
-        return CommandResult(
-            stdout=f"claimed {device.name}: yours until {_when(now + lease)} UTC; "
-            f"ssh dev_{device.name}@ to reach it\n"
+        return _done(
+            options,
+            f"claimed {device.name}: yours until {_when(now + lease)} UTC; "
+            f"ssh dev_{device.name}@ to reach it",
+            {"claimed": device.name, "lease_until": now + lease, "until": _when(now + lease)},
         )
 
     return run
