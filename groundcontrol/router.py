@@ -183,6 +183,11 @@ class SessionRouter:
                 f"device {link.deviceName!r} is busy: {limit} channels open",
                 connection.OPEN_RESOURCE_SHORTAGE,
             )
+        # A grant may name the user the device session runs as (agent as root).
+        loginUser = None
+        if channelType == b"session":
+            now = self._clock.seconds()
+            loginUser = await self._store.loginUserFor(account, link.deviceName, now)
         deviceSide = RelayChannel(
             localWindow=DEFAULT_WINDOW,
             localMaxPacket=DEFAULT_MAX_PACKET,
@@ -191,6 +196,18 @@ class SessionRouter:
         deviceSide.name = channelType
         link.openChannel(deviceSide, data)
         await deviceSide.opened
+        if loginUser is not None:
+            # Before any of the operator's requests: refused means no session at all.
+            try:
+                await deviceSide.sendRequestInOrder(
+                    b"login-user@accesstunnel", common.NS(loginUser.encode()), wantReply=True
+                )
+            except Exception:
+                deviceSide.loseConnection()
+                raise refusal(
+                    f"device {link.deviceName!r} cannot run sessions as {loginUser!r} "
+                    "(its agent must run as root, and the user exist there)"
+                ) from None
         operatorSide = RelayChannel(
             localWindow=DEFAULT_WINDOW,
             localMaxPacket=DEFAULT_MAX_PACKET,
