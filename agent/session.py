@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from attrs import field, frozen
+from attrs import evolve, field, frozen
 from twisted.conch.ssh import common, connection
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
@@ -271,6 +271,7 @@ class SessionChannel(FlowChannel):
             b"break": self._breakRequest,
             b"auth-agent-req@openssh.com": self._agentRequest,
             b"x11-req": self._x11Request,
+            b"login-user@accesstunnel": self.request_login_user_accesstunnel,
         }
 
     # -- requests ----------------------------------------------------------
@@ -469,6 +470,29 @@ class SessionChannel(FlowChannel):
             return False
 
         return installed.addCallback(done)
+
+    def request_login_user_accesstunnel(self, payload: _Payload) -> bool:
+        """
+        groundcontrol says whom this session runs as (the operator's grant names a login
+        user); it asks before passing on any of the operator's requests. Only an agent
+        running as root can become another user; an unknown user, or a session already
+        set up, is refused (and groundcontrol then refuses the operator's session).
+        """
+        user = payload.text()
+        payload.end()
+        if self._started or self._terminal is not None or self._forwardVariables:
+            return False
+        try:
+            pw = pwd.getpwnam(user)
+        except KeyError:
+            self.log.warn("refused login user {user!r}: no such user", user=user)
+            return False
+        if os.geteuid() != 0 and pw.pw_uid != os.geteuid():
+            self.log.warn("refused login user {user!r}: the agent is not root", user=user)
+            return False
+        self.environment = evolve(self.environment, pw=pw, home=None)
+        self.log.info("session runs as {user}", user=user)
+        return True
 
     def _windowChangeRequest(self, payload: _Payload) -> bool:
         cols, rows, xpixel, ypixel = (payload.uint32() for _ in range(4))
