@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from accesstunnel import policy
+from accesstunnel import fastpath, policy
 from accesstunnel.connection import TunnelConnection
 from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL, Keepalive
 from accesstunnel.rekey import RekeyingTransportMixin, RekeyLimit
@@ -97,7 +97,11 @@ class AgentConnection(TunnelConnection):
         super().serviceStarted()
         settings = self.factory.settings
         self.transport.startKeepalive(self)
-        self._log.info("link to groundcontrol is up as {name}", name=settings.name)
+        self._log.info(
+            "link to groundcontrol is up (this device asks to be called {name}; "
+            "groundcontrol routes it by its key)",
+            name=settings.name,
+        )
         self.transport.linkUp()
         enrollment = self.factory.enrollment
         if enrollment is not None:
@@ -152,7 +156,7 @@ class AgentUserAuth(userauth.SSHUserAuthClient):
         return defer.fail(NotImplementedError("the agent only uses its key"))
 
 
-class AgentTransport(RekeyingTransportMixin, transport.SSHClientTransport):
+class AgentTransport(RekeyingTransportMixin, fastpath.FastPathMixin, transport.SSHClientTransport):
     """Client transport: policy, pinned host key, keepalives, rekeying, link readiness."""
 
     _log = Logger()

@@ -250,8 +250,10 @@ class Operator:
             base.append("-tt")
         return [*base, f"{user}@groundcontrol", *args]
 
-    def ssh(self, user: str, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-        return run(self.argv(user, *args), **kwargs)
+    def ssh(
+        self, user: str, *args: str, options: Sequence[str] = (), **kwargs: Any
+    ) -> subprocess.CompletedProcess[str]:
+        return run(self.argv(user, *args, options=options), **kwargs)
 
 
 class Fleet:
