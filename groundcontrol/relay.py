@@ -62,6 +62,8 @@ class RelayChannel(FlowChannel):
         self.bytesReceived = 0
         self.opened: defer.Deferred[RelayChannel] = defer.Deferred(self._cancelOpen)
         self._abandoned = False
+        #: The answer to the latest request passed on, until it comes.
+        self._lastReply: defer.Deferred[Any] | None = None
 
     # -- opening (device side) ------------------------------------------------
 
@@ -132,16 +134,31 @@ class RelayChannel(FlowChannel):
         if peer is None:
             return False
         if requestType in self.refusedRequests:
-            return False
+            return self._refuseInOrder()
         if self.observer is not None and not self.observer.relayRequest(self, requestType, data):
-            return False
+            return self._refuseInOrder()
         back = _OPENS_BACK.get(requestType)
         if back is not None:
             self.permittedBack.add(back)
         if requestType in _EXIT_REQUESTS:
             peer.exitReported = True
         result = peer.sendRequestInOrder(requestType, data, wantReply)
+        if wantReply:
+            self._lastReply = result
         return result if wantReply else True
+
+    def _refuseInOrder(self) -> Any:
+        """
+        Refuse a request here, but answer only after the requests before it:
+        clients match channel-request replies to requests in order.
+        """
+        last = self._lastReply
+        if last is None or last.called:
+            return False
+        refused: defer.Deferred[bool] = defer.Deferred()
+        self._lastReply = refused
+        last.addBoth(lambda result: (refused.callback(False), result)[1])
+        return refused
 
     def closeReceived(self) -> None:
         super().closeReceived()
