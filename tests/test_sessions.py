@@ -1,0 +1,405 @@
+"""
+Session records, recording policy and the session control commands, in memory: the real
+groundcontrol front door (InMemoryFleet) and a fake agent acting out scripted sessions,
+on a Clock. Recordings go to a temporary directory through a synchronous runner, or
+through injected openers that fail like a full disk.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import struct
+import tempfile
+from pathlib import Path
+from typing import IO, Any
+
+from twisted.conch.ssh import common
+from twisted.trial.unittest import SynchronousTestCase
+
+from accesstunnel.keys import fingerprint
+from groundcontrol.control import ControlContext, runCommand
+from groundcontrol.recording import Recorder, RecordingPolicy, parseCast
+from groundcontrol.relay import RELAY_FAILURE_STATUS
+from groundcontrol.sessions import (
+    SessionRegistry,
+    attachSessions,
+    isSessionId,
+    newSessionId,
+    pastSessions,
+)
+from groundcontrol.testing import (
+    InMemoryFleet,
+    OperatorSession,
+    Script,
+    echoScript,
+    publicLine,
+    resultNow,
+    scriptedSessions,
+)
+
+
+def script(command: bytes | None) -> Script | None:
+    """A shell that prints a prompt and echoes; 'die' exits 7; the rest as echoScript."""
+    if command is None:
+        return Script(stdout=b"$ ", echo=True)
+    if command == b"die":
+        return Script(stdout=b"dying\n", status=7)
+    return echoScript(command)
+
+
+def ptyRequest(cols: int = 80, rows: int = 24, term: bytes = b"xterm-256color") -> bytes:
+    return common.NS(term) + struct.pack(">4L", cols, rows, 0, 0) + common.NS(b"")
+
+
+class FullDiskFile:
+    """A file that takes C{room} bytes and then fails with ENOSPC."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.data = bytearray()
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        self.data += bytes(data)
+        return len(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class SessionTestCase(SynchronousTestCase):
+    """Device kiln7 with a scripted agent; alice (operator, granted), root (admin), bob."""
+
+    failOpen = False
+
+    def setUp(self) -> None:
+        self.fleet = InMemoryFleet()
+        self.directory = Path(tempfile.mkdtemp())
+        self.addCleanup(_rmtree, self.directory)
+        self.opener: Any = None
+        self.recorder = self.makeRecorder()
+        self.sessions = attachSessions(
+            self.fleet.registry,
+            SessionRegistry(self.fleet.store, self.fleet.clock, recorder=self.recorder),
+        )
+        deviceKey = self.fleet.enrollDevice("kiln7")
+        self.aliceKey = self.fleet.addOperator("alice")
+        self.bobKey = self.fleet.addOperator("bob")
+        self.rootKey = self.fleet.addOperator("root", admin=True)
+        self.fleet.grant("alice", "kiln7")
+        self.fleet.grant("bob", "kiln7")
+        self.device = []
+        self.fleet.agent("kiln7", deviceKey, scriptedSessions(script, record=self.device))
+        self.alice = self.fleet.operator("dev_kiln7", self.aliceKey)
+
+    def makeRecorder(self) -> Recorder:
+        policy = RecordingPolicy(directory=self.directory, failOpen=self.failOpen)
+        kwargs = {"opener": lambda path: self.opener(path)} if self.opener else {}
+        recorder = Recorder(policy, self.fleet.clock, **kwargs)
+        return recorder
+
+    def useOpener(self, opener: Any) -> None:
+        """Open recordings with C{opener} from now on."""
+        self.recorder._opener = opener
+
+    def shell(self, cols: int = 80, rows: int = 24) -> OperatorSession:
+        session = self.fleet.session(self.alice)
+        session.request(b"pty-req", ptyRequest(cols, rows))
+        self.shellReply = session.request(b"shell", b"")
+        self.fleet.flush()
+        self.fleet.clock.advance(0)
+        self.fleet.flush()
+        return session
+
+    def send(self, session: OperatorSession, data: bytes) -> None:
+        session.conn.sendData(session, data)
+        self.fleet.flush()
+
+    def audit(self, event: str) -> list[Any]:
+        return [e for e in resultNow(self.fleet.store.auditSince(0, 1000)) if e.event == event]
+
+    def ctl(self, key: Any, name: str, *argv: str) -> Any:
+        account = resultNow(self.fleet.store.accountForKey(fingerprint(publicLine(key))))
+        context = ControlContext(account, self.fleet.store, self.fleet.registry, self.fleet.clock)
+        d = runCommand(context, list(argv))
+        from twisted.internet import defer
+
+        return resultNow(defer.Deferred.fromCoroutine(d))
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class SessionRecordTests(SessionTestCase):
+    def test_execAudited(self) -> None:
+        """An exec session is audited at start and end with every field of its record."""
+        session = self.fleet.session(self.alice)
+        session.exec(b"die")
+        self.fleet.flush()
+        self.fleet.clock.advance(0)
+        self.fleet.flush()
+        self.assertTrue(session.isClosed)
+        (started,) = self.audit("session.started")
+        (ended,) = self.audit("session.ended")
+        self.assertEqual(started.actor, "alice")
+        self.assertEqual(started.device, "kiln7")
+        detail = ended.detail
+        self.assertTrue(isSessionId(detail["id"]))
+        self.assertEqual(detail["session"], detail["id"])
+        self.assertEqual(detail["channel_type"], "session")
+        self.assertEqual(detail["mode"], "exec")
+        self.assertEqual(detail["command"], "die")
+        self.assertEqual(detail["exit_status"], 7)
+        self.assertEqual(detail["bytes_out"], len(b"dying\n"))
+        self.assertEqual(detail["bytes_in"], 0)
+        self.assertFalse(detail["pty"])
+        self.assertIsNone(detail["recording"])  # exec output is not recorded
+        self.assertTrue(detail["client"].startswith("127.0.0.1:"))
+        self.assertEqual(detail["key_fingerprint"], fingerprint(publicLine(self.aliceKey)))
+        self.assertEqual(self.sessions.live, {})
+
+    def test_bytesBothWays(self) -> None:
+        """Bytes each way are counted by the relay and land in the record at close."""
+        session = self.fleet.session(self.alice)
+        session.exec(b"cat")
+        self.fleet.flush()
+        self.fleet.clock.advance(0)
+        self.send(session, b"hello world")
+        session.sendEOF()
+        self.fleet.flush()
+        (ended,) = self.audit("session.ended")
+        self.assertEqual(ended.detail["bytes_in"], 11)
+        self.assertEqual(ended.detail["bytes_out"], 11)
+        self.assertEqual(ended.detail["exit_status"], 0)
+
+    def test_sessionIdsShortAndUnique(self) -> None:
+        """Session ids are 10 characters of an unambiguous alphabet and do not repeat."""
+        ids = {newSessionId() for _ in range(2000)}
+        self.assertEqual(len(ids), 2000)
+        self.assertTrue(all(isSessionId(i) for i in ids))
+        self.assertFalse(isSessionId("../../etc"))
+
+    def test_abandonedBeforeConfirmNotAudited(self) -> None:
+        """A channel whose operator left before it was confirmed leaves no audit trail."""
+        operator = self.fleet.operator("dev_kiln7", self.bobKey)
+        operator.openSession()
+        # Drop the operator before groundcontrol answers.
+        self.fleet.network.cut(self.fleet.network.pumps[-1])
+        self.fleet.flush()
+        self.assertEqual(self.audit("session.started"), [])
+        self.assertEqual(self.sessions.live, {})
+
+    def test_pastSessionsFromAudit(self) -> None:
+        """pastSessions rebuilds ended sessions from the audit log, newest last."""
+        for command in (b"true", b"die"):
+            session = self.fleet.session(self.alice)
+            session.exec(command)
+            self.fleet.flush()
+            self.fleet.clock.advance(1)
+            self.fleet.flush()
+        rows = resultNow(
+            __import__("twisted.internet.defer", fromlist=["Deferred"]).Deferred.fromCoroutine(
+                pastSessions(self.fleet.store, limit=10, page=3)
+            )
+        )
+        self.assertEqual([r["command"] for r in rows], ["true", "die"])
+        self.assertEqual([r["state"] for r in rows], ["ended", "ended"])
+
+
+class RecordingTests(SessionTestCase):
+    def test_ptyShellRecorded(self) -> None:
+        """A pty shell is recorded as asciicast v2: size, TERM, output events, resizes."""
+        session = self.shell(cols=100, rows=30)
+        self.send(session, b"ls\r\n")
+        self.fleet.clock.advance(0.5)
+        session.request(b"window-change", struct.pack(">4L", 120, 40, 0, 0))
+        self.fleet.flush()
+        self.send(session, b"\xc3")  # half a UTF-8 character ...
+        self.send(session, b"\xa9\r\n")  # ... and the rest
+        session.sendEOF()
+        self.fleet.flush()
+        (ended,) = self.audit("session.ended")
+        self.assertTrue(ended.detail["pty"])
+        path = self.directory / ended.detail["recording"]
+        self.assertEqual(path.name, f"{ended.detail['id']}.cast")
+        cast = parseCast(path.read_bytes())
+        self.assertEqual(cast.header["width"], 100)
+        self.assertEqual(cast.header["height"], 30)
+        self.assertEqual(cast.header["env"], {"TERM": "xterm-256color"})
+        output = "".join(text for _, code, text in cast.events if code == "o")
+        self.assertEqual(output, "$ ls\r\n\u00e9\r\n")
+        self.assertIn((0.5, "r", "120x40"), cast.events)
+        self.assertEqual(ended.detail["bytes_out"], len("$ ls\r\n\u00e9\r\n".encode()))
+
+    def test_execNotRecorded(self) -> None:
+        """Exec without a pty is not recorded (its command and status are audited)."""
+        session = self.fleet.session(self.alice)
+        session.exec(b"die")
+        self.fleet.flush()
+        self.fleet.clock.advance(0)
+        self.fleet.flush()
+        self.assertEqual(list(self.directory.rglob("*.cast")), [])
+
+    def test_failClosedRefusesUnopenableRecording(self) -> None:
+        """Fail-closed: a recording that cannot be opened refuses the shell, saying why."""
+
+        def full(path: Path) -> IO[bytes]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.useOpener(full)
+        session = self.shell()
+        self.assertIn(b"No space left on device", bytes(session.stderr))
+        self.assertIsNotNone(self.failureResultOf(self.shellReply))
+        self.assertNotIn(b"shell", [r[0] for r in self.device[0].requests])
+        (failed,) = self.audit("session.recording-failed")
+        self.assertIn("No space left", failed.detail["reason"])
+
+    def test_failClosedEndsSessionOnWriteFailure(self) -> None:
+        """Fail-closed: a write failure mid-session ends it with a message and status 255."""
+        disk = FullDiskFile(room=300)
+        self.useOpener(lambda path: disk)
+        session = self.shell()
+        self.assertFalse(session.isClosed)
+        self.send(session, b"x" * 1000)
+        self.fleet.clock.advance(1.0)  # the flush interval: the write hits the full disk
+        self.fleet.flush()
+        self.assertTrue(session.isClosed)
+        self.assertIn(b"recording failed (No space left on device)", bytes(session.stderr))
+        self.assertEqual(session.exitStatus, RELAY_FAILURE_STATUS)
+        self.assertTrue(self.device[0].isClosed)
+        self.assertTrue(disk.closed)
+        (ended,) = self.audit("session.ended")
+        self.assertEqual(ended.detail["recording_error"], "No space left on device")
+
+
+class FailOpenTests(SessionTestCase):
+    failOpen = True
+
+    def test_failOpenGoesOnUnrecorded(self) -> None:
+        """Fail-open: an unopenable recording is audited and logged; the session runs."""
+
+        def full(path: Path) -> IO[bytes]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.useOpener(full)
+        session = self.shell()
+        self.successResultOf(self.shellReply)  # accepted
+        self.send(session, b"hi")
+        self.assertEqual(bytes(session.output), b"$ hi")
+        (failed,) = self.audit("session.recording-failed")
+        self.assertIn("No space left", failed.detail["reason"])
+
+    def test_failOpenSurvivesWriteFailure(self) -> None:
+        """Fail-open: a write failure mid-session stops the recording, not the session."""
+        disk = FullDiskFile(room=300)
+        self.useOpener(lambda path: disk)
+        session = self.shell()
+        self.send(session, b"x" * 1000)
+        self.fleet.clock.advance(1.0)
+        self.fleet.flush()
+        self.assertFalse(session.isClosed)
+        self.send(session, b"more")
+        self.assertTrue(bytes(session.output).endswith(b"more"))
+        self.assertEqual(len(self.audit("session.recording-failed")), 1)
+
+
+class ControlCommandTests(SessionTestCase):
+    def test_sessionsListsLiveAndPast(self) -> None:
+        """sessions --json shows live sessions; --all adds ended ones with bytes and status."""
+        session = self.fleet.session(self.alice)
+        session.exec(b"die")
+        self.fleet.flush()
+        self.fleet.clock.advance(0)
+        self.fleet.flush()
+        live = self.shell()
+        result = self.ctl(self.aliceKey, "alice", "sessions", "--json")
+        rows = json.loads(result.stdout)
+        self.assertEqual([r["state"] for r in rows], ["live"])
+        self.assertTrue(rows[0]["pty"])
+        result = self.ctl(self.aliceKey, "alice", "sessions", "--all", "--json")
+        rows = json.loads(result.stdout)
+        self.assertEqual([r["state"] for r in rows], ["ended", "live"])
+        self.assertEqual(rows[0]["exit_status"], 7)
+        self.assertEqual(rows[0]["bytes_out"], 6)
+        self.assertFalse(live.isClosed)
+
+    def test_operatorsSeeOnlyTheirOwn(self) -> None:
+        """bob sees none of alice's sessions and cannot kill them; an admin can."""
+        session = self.shell()
+        sessionId = next(iter(self.sessions.live))
+        self.assertEqual(json.loads(self.ctl(self.bobKey, "bob", "sessions", "--json").stdout), [])
+        refused = self.ctl(self.bobKey, "bob", "kill", sessionId)
+        self.assertEqual(refused.status, 1)
+        self.assertFalse(session.isClosed)
+        rows = json.loads(self.ctl(self.rootKey, "root", "sessions", "--json").stdout)
+        self.assertEqual([r["id"] for r in rows], [sessionId])
+
+    def test_killEndsSessionWithMessage(self) -> None:
+        """kill ends a live session: the operator is told who did it and gets status 255."""
+        session = self.shell()
+        sessionId = next(iter(self.sessions.live))
+        result = self.ctl(self.rootKey, "root", "kill", sessionId)
+        self.assertEqual(result.status, 0)
+        self.fleet.flush()
+        self.assertTrue(session.isClosed)
+        self.assertIn(f"session {sessionId} was ended by root".encode(), bytes(session.stderr))
+        self.assertEqual(session.exitStatus, RELAY_FAILURE_STATUS)
+        self.assertTrue(self.device[0].isClosed)
+        (ended,) = self.audit("session.ended")
+        self.assertEqual(ended.detail["killed_by"], "root")
+        self.assertEqual(len(self.audit("session.killed")), 1)
+
+    def test_ownSessionKillable(self) -> None:
+        """An operator may kill their own session."""
+        session = self.shell()
+        sessionId = next(iter(self.sessions.live))
+        self.assertEqual(self.ctl(self.aliceKey, "alice", "kill", sessionId).status, 0)
+        self.fleet.flush()
+        self.assertTrue(session.isClosed)
+
+    def test_watchStreamsSanitisedOutput(self) -> None:
+        """watch follows a live pty session's output, with clipboard escapes removed."""
+        session = self.shell()
+        sessionId = next(iter(self.sessions.live))
+        result = self.ctl(self.rootKey, "root", "watch", sessionId)
+        sink = FakeChannel()
+        done = result.stream(sink)
+        self.send(session, b"echo \x1b]52;c;cHduZWQ=\x07hi\r\n")
+        self.assertEqual(bytes(sink.out), b"echo hi\r\n")
+        session.sendEOF()
+        self.fleet.flush()
+        self.assertEqual(self.successResultOf(done), 0)
+        self.assertIn(b"ended", bytes(sink.err))
+
+    def test_watchRefusedForOthers(self) -> None:
+        """bob cannot watch alice's session; exec sessions without a pty cannot be watched."""
+        self.shell()
+        sessionId = next(iter(self.sessions.live))
+        self.assertEqual(self.ctl(self.bobKey, "bob", "watch", sessionId).status, 1)
+
+
+class FakeChannel:
+    """What a streaming command writes to."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.err = bytearray()
+        self.queuedBytes = 0
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+
+    def writeExtended(self, dataType: int, data: bytes) -> None:
+        self.err += data
+
+    def whenWritable(self) -> Any:
+        from twisted.internet import defer
+
+        return defer.succeed(None)
