@@ -62,6 +62,18 @@ class _AdapterFixes:
     def abortConnection(self) -> None:
         self.transport.abortConnection()
 
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        # The SSH transports turn TCP keepalive on through their transport; over WebSocket
+        # that is this adapter, so pass it down to the socket (through TLS, if any).
+        setter = getattr(self.transport, "setTcpKeepAlive", None)
+        if setter is not None:
+            setter(enabled)
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        setter = getattr(self.transport, "setTcpNoDelay", None)
+        if setter is not None:
+            setter(enabled)
+
     def getPeerCertificate(self) -> Any:
         getter = getattr(self.transport, "getPeerCertificate", None)
         return getter() if getter is not None else None
