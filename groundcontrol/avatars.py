@@ -17,6 +17,7 @@ from twisted.logger import Logger
 
 from groundcontrol.auth import AgentLogin, OperatorLogin
 from groundcontrol.enrollment import APPROVED, AgentRequests, encodeReply
+from groundcontrol.flapping import limiterFor
 from groundcontrol.forwarding import RemoteForwards, relayFromDevice
 from groundcontrol.registry import Registry
 from groundcontrol.relay import refusal
@@ -165,7 +166,13 @@ class AgentAvatar(ConchUser):
             self._registry.attachPending(self.link)
         else:
             self._log.info("device {device} connected", device=self.deviceName)
+            replacing = self._registry.lookup(self.deviceName) is not None
             self._registry.attach(self.link)
+            if not replacing:  # a newer link of a connected device is no transition
+                limiterFor(self._registry, self._store, self._clock).online(
+                    self.deviceName,
+                    {"source": self.source, "fingerprint": self.login.keyFingerprint},
+                )
 
     def promote(self, deviceName: str, notify: bool = True) -> None:
         """
@@ -201,9 +208,14 @@ class AgentAvatar(ConchUser):
         link, self.link = self.link, None
         if link is None:
             return
+        wasRoute = self.deviceName is not None and self._registry.lookup(self.deviceName) is link
         self._registry.detach(link)
         if self.deviceName is not None:
             self._log.info("device {device} disconnected", device=self.deviceName)
+            if wasRoute:  # not replaced by a newer link of the same device
+                limiterFor(self._registry, self._store, self._clock).offline(
+                    self.deviceName, {"connectedFor": self._clock.seconds() - link.connectedAt}
+                )
             self._store.touchDevice(self.deviceName, self._clock.seconds()).addErrback(
                 lambda f: self._log.failure("could not record last seen", f)
             )

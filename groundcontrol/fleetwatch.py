@@ -39,6 +39,10 @@ NOTIFIED_EVENTS = frozenset(
         "device.claimed",
         "device.revoked",
         "claim.lapsed",
+        # Rate limited per device by groundcontrol.flapping before they reach the feed.
+        "device.online",
+        "device.offline",
+        "device.flapping",
     }
 )
 
