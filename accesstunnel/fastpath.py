@@ -413,14 +413,13 @@ class FastPathMixin:
     _fpBuf: bytearray
     _fpClosed = False
     _fpProcessing = False
-    _fpInVersion = False
+    _fpNewKeysRead = False
     _fpAwaitingKeys = False
     _fpOfferedStrict = False
     _fpKexinitReceived = False
     #: Strict key exchange negotiated (both sides offered it in their first KEXINIT).
     strictKex = False
-    #: Until the first NEWKEYS received / sent.
-    _fpInitialIn = True
+    #: Until our first NEWKEYS is sent.
     _fpInitialOut = True
 
     # Conch's attributes this mixin uses (declared for type checkers).
@@ -507,7 +506,11 @@ class FastPathMixin:
         self._fpIn = codec
         if self.strictKex:
             self.incomingPacketSequence = 0
-        self._fpInitialIn = False
+        self._fpNewKeysRead = False
+        if self.buf:
+            # What followed NEWKEYS in Conch's buffer is ours to parse now.
+            self._fpBuf += self.buf
+            self.buf = b""
         resume = self._fpAwaitingKeys
         self._fpAwaitingKeys = False
         super()._newKeys()  # type: ignore[misc]
@@ -552,28 +555,44 @@ class FastPathMixin:
     # -- receiving --------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        if self.gotVersion:
-            self._fpBuf += data
-        else:
-            # Conch reads the version line; what follows it stays in self.buf.
-            self._fpInVersion = True
-            try:
-                super().dataReceived(data)  # type: ignore[misc]
-            finally:
-                self._fpInVersion = False
-            if not self.gotVersion or self._fpClosed:
-                return
-            self._fpBuf += self.buf
-            self.buf = b""
+        if self._fpIn is PLAIN:
+            # Until the peer's first NEWKEYS: Conch's own loop (the version
+            # line, the first key exchange) over self.buf, through getPacket
+            # below, so that wrappers of getPacket see what they expect.
+            super().dataReceived(data)  # type: ignore[misc]
+            return
+        self._fpBuf += data
         if not self._fpProcessing:
             self._fpProcess()
 
     def getPacket(self) -> bytes | None:
-        """Conch's API: the next packet (message number and payload) from the buffer, if whole."""
+        """Conch's API: the next packet (message number and payload), if it is whole."""
+        if self._fpIn is PLAIN:
+            if self._fpClosed or self._fpAwaitingKeys:
+                return None
+            if self._fpNewKeysRead:
+                # The peer's NEWKEYS was read but our keys are not ready yet
+                # (the client is still checking the host key): read nothing
+                # more until they are.
+                self._fpAwaitingKeys = True
+                return None
+            packet: bytes | None = super().getPacket()  # type: ignore[misc]
+            if not packet:
+                return packet
+            messageNum = packet[0]
+            if self.strictKex and messageNum not in _STRICT_ALLOWED:
+                self.sendDisconnect(
+                    transport.DISCONNECT_PROTOCOL_ERROR,
+                    b"strict KEX violation: unexpected packet type %d" % messageNum,
+                )
+                return None
+            if messageNum == transport.MSG_NEWKEYS:
+                self._fpNewKeysRead = True
+            return packet
         if self.buf:
             self._fpBuf += self.buf
             self.buf = b""
-        if self._fpInVersion or self._fpClosed:
+        if self._fpClosed or self._fpAwaitingKeys:
             return None
         try:
             result = self._fpIn.open(self._fpBuf, 0, self.incomingPacketSequence)
@@ -603,20 +622,14 @@ class FastPathMixin:
                     return
                 messageNum, payload, pos = result
                 self.incomingPacketSequence = (self.incomingPacketSequence + 1) & _SEQ_MASK
-                if self.strictKex and self._fpInitialIn and messageNum not in _STRICT_ALLOWED:
-                    self.sendDisconnect(
-                        transport.DISCONNECT_PROTOCOL_ERROR,
-                        b"strict KEX violation: unexpected packet type %d" % messageNum,
-                    )
-                    return
                 self.dispatchMessage(messageNum, payload)
                 if (
                     messageNum == transport.MSG_NEWKEYS
                     and self._fpIn is codec
                     and not self._fpClosed
                 ):
-                    # Our keys are not ready yet (the client is still checking
-                    # the host key): read nothing more until they are.
+                    # A re-exchange whose keys are not ready on our side yet:
+                    # read nothing more until they are.
                     self._fpAwaitingKeys = True
         finally:
             self._fpProcessing = False

@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from accesstunnel import policy
+from accesstunnel import fastpath, policy
 from accesstunnel.connection import TunnelConnection
 from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL, Keepalive
 from accesstunnel.rekey import RekeyingTransportMixin, RekeyLimit
@@ -233,7 +233,9 @@ class GroundControlConnection(TunnelConnection):
             linkUp(self)
 
 
-class GroundControlTransport(RekeyingTransportMixin, PreauthMixin, transport.SSHServerTransport):
+class GroundControlTransport(
+    RekeyingTransportMixin, PreauthMixin, fastpath.FastPathMixin, transport.SSHServerTransport
+):
     """Server transport with the algorithm policy, a grace time, keepalives and rekeying."""
 
     _log = Logger()

@@ -34,12 +34,14 @@ def test_exact_algorithm_offer(fleet: Fleet) -> None:
     """Only the modern algorithms of DESIGN.md are offered, in this order."""
     assert kexinitOffer(fleet) == {
         "KEX algorithms": "mlkem768x25519-sha256,curve25519-sha256,"
-        "curve25519-sha256@libssh.org,ext-info-s",
+        "curve25519-sha256@libssh.org,kex-strict-s-v00@openssh.com,ext-info-s",
         "host key algorithms": "ssh-ed25519",
-        "ciphers ctos": "aes256-ctr,aes128-ctr",
-        "ciphers stoc": "aes256-ctr,aes128-ctr",
-        "MACs ctos": "hmac-sha2-512,hmac-sha2-256",
-        "MACs stoc": "hmac-sha2-512,hmac-sha2-256",
+        "ciphers ctos": "aes256-gcm@openssh.com,aes128-gcm@openssh.com,aes256-ctr,aes128-ctr",
+        "ciphers stoc": "aes256-gcm@openssh.com,aes128-gcm@openssh.com,aes256-ctr,aes128-ctr",
+        "MACs ctos": "hmac-sha2-512-etm@openssh.com,hmac-sha2-256-etm@openssh.com,"
+        "hmac-sha2-512,hmac-sha2-256",
+        "MACs stoc": "hmac-sha2-512-etm@openssh.com,hmac-sha2-256-etm@openssh.com,"
+        "hmac-sha2-512,hmac-sha2-256",
         "compression ctos": "none",
         "compression stoc": "none",
     }
