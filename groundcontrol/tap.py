@@ -26,10 +26,19 @@ from groundcontrol.datadir import DataDir, HostKeyError, NotInitialised
 from groundcontrol.enrollment import CertificatePolicy
 from groundcontrol.fleetwatch import FleetWatcher
 from groundcontrol.listening import ListenService, listenAll
+from groundcontrol.metrics import Metrics, metricsService
 from groundcontrol.notify import makeNotifier
 from groundcontrol.pki import CA_CERTIFICATE_FILE, CAError
+from groundcontrol.recording import (
+    RECORDINGS_DIRECTORY,
+    Recorder,
+    RecordingPolicy,
+    parseSize,
+    writerThread,
+)
 from groundcontrol.revocations import RevokedCertificates
 from groundcontrol.router import SessionPolicy
+from groundcontrol.sessions import SessionRegistry, SessionService, attachSessions
 from groundcontrol.sshserver import ServerSettings, buildFrontDoor
 from groundcontrol.store import IStore, PendingLimits, openStoreBlocking, threadRunner
 
@@ -52,6 +61,12 @@ class ServerConfig:
     onionKey: str | None = None
     maxHandshakes: int = 64
     maxHandshakesPerSource: int = 16
+    #: Session recording under DATA/recordings (see groundcontrol.recording).
+    recordingFailOpen: bool = False
+    recordingMaxAge: float | None = None
+    recordingMaxBytes: int | None = None
+    #: Endpoint of the Prometheus metrics listener, if any.
+    metrics: str | None = None
 
 
 class Options(usage.Options):
@@ -83,6 +98,16 @@ class Options(usage.Options):
         ["onion-key", None, None, "Onion service key file (default DATA/onion_key)."],
         ["max-handshakes", None, 64, "Connections that may be logging in at once.", int],
         ["max-handshakes-per-source", None, 16, "Of those, from one source address.", int],
+        [
+            "recording-failure",
+            None,
+            "closed",
+            "closed: refuse or end a session whose "
+            "recording fails; open: let it go on unrecorded (audited).",
+        ],
+        ["recording-max-age", None, None, "Delete recordings older than this (e.g. 90d)."],
+        ["recording-max-bytes", None, None, "Keep all recordings under this size (e.g. 10G)."],
+        ["metrics", None, None, "Serve Prometheus metrics: tcp:9100:interface=127.0.0.1."],
         [
             "rekey-limit",
             None,
@@ -134,6 +159,15 @@ class Options(usage.Options):
             raise usage.UsageError("session caps must be at least 1")
         if self["max-pending"] < 0 or self["max-pending-per-host"] < 0:
             raise usage.UsageError("pending caps cannot be negative")
+        if self["recording-failure"] not in ("closed", "open"):
+            raise usage.UsageError("--recording-failure is 'closed' or 'open'")
+        try:
+            if self["recording-max-age"]:
+                self["recording-max-age"] = float(parseDuration(self["recording-max-age"]))
+            if self["recording-max-bytes"]:
+                self["recording-max-bytes"] = parseSize(self["recording-max-bytes"])
+        except ValueError as e:
+            raise usage.UsageError(f"recording retention: {e}") from None
         try:
             self["rekey-limit"] = parseRekeyLimit(self["rekey-limit"])
         except ValueError as e:
@@ -170,6 +204,10 @@ class Options(usage.Options):
             onionKey=self["onion-key"],
             maxHandshakes=self["max-handshakes"],
             maxHandshakesPerSource=self["max-handshakes-per-source"],
+            recordingFailOpen=self["recording-failure"] == "open",
+            recordingMaxAge=self["recording-max-age"] or None,
+            recordingMaxBytes=self["recording-max-bytes"] or None,
+            metrics=self["metrics"],
         )
 
 
@@ -248,6 +286,25 @@ def buildService(
     FleetWatcher(store, registry, reactor, notifier=notifier, revocations=revoked).setServiceParent(
         top
     )
+    recordings = RecordingPolicy(
+        config.dataDir.path / RECORDINGS_DIRECTORY,
+        failOpen=config.recordingFailOpen,
+        maxAge=config.recordingMaxAge,
+        maxBytes=config.recordingMaxBytes,
+    )
+    recorder = Recorder(recordings, reactor, writerThread(reactor))
+    sessions = attachSessions(registry, SessionRegistry(store, reactor, recorder=recorder))
+    SessionService(sessions).setServiceParent(top)
+    if config.metrics:
+        metricsService(
+            reactor,
+            config.metrics,
+            Metrics(),
+            registry,
+            sessions,
+            factory,
+            config.dataDir.path / "run",
+        ).setServiceParent(top)
     top.registry = registry  # type: ignore[attr-defined]
     return top
 
