@@ -133,6 +133,20 @@ class RecordingPolicy:
         return self.directory is not None
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parseSize(text: str) -> int:
+    """Bytes in C{10G}, C{512M}, C{64k}, C{1000} (binary units); ValueError otherwise."""
+    cleaned = text.strip().lower().removesuffix("ib").removesuffix("b")
+    number, unit = cleaned, ""
+    if cleaned and cleaned[-1] in _SIZE_UNITS:
+        number, unit = cleaned[:-1], cleaned[-1]
+    if not number.isdigit() or int(number) <= 0:
+        raise ValueError(f"bad size {text!r}: use a whole number and a unit, e.g. 500M, 10G")
+    return int(number) * _SIZE_UNITS[unit]
+
+
 def recordingPath(directory: Path, sessionId: str, startedAt: float) -> Path:
     """DIRECTORY/YYYY/MM/DD/SESSIONID.cast for a session started at C{startedAt} (UTC)."""
     day = time.strftime("%Y/%m/%d", time.gmtime(startedAt))
@@ -614,7 +628,7 @@ class TerminalSanitizer:
                     pending.clear()
                 elif ch == "\x1b":
                     pending[:] = [ch]
-                elif ch == "Z":  # DECID: asks the terminal to identify itself
+                elif ch == "Z" or ch == "\\":  # DECID (identify yourself); a stray ST
                     state = _GROUND
                     pending.clear()
                 elif " " <= ch <= "/":
@@ -712,6 +726,7 @@ __all__ = [
     "neutralise",
     "openRecordingFile",
     "parseCast",
+    "parseSize",
     "pruneRecordings",
     "recordingPath",
     "synchronousRunner",
