@@ -24,13 +24,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cryptography.hazmat.primitives import hashes  # noqa: E402
-from cryptography.hazmat.primitives import hmac as chmac  # noqa: E402
-from twisted.conch.ssh import transport  # noqa: E402
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hmac as chmac
+from twisted.conch.ssh import transport
 
-from accesstunnel import fastpath  # noqa: E402
-
-KEYS = {name: os.urandom(64) for name in "AB CD EF".split()}
+from accesstunnel import fastpath
 
 
 class _Sink:
@@ -99,7 +97,9 @@ def main() -> None:
             enc, dec = fastPair(cipher, mac)
             buf = bytearray()
 
-            def fast(enc: Any = enc, dec: Any = dec, payload: bytes = payload) -> None:
+            def fast(
+                enc: Any = enc, dec: Any = dec, payload: bytes = payload, buf: bytearray = buf
+            ) -> None:
                 buf[:] = b"".join(enc.seal(0, 94, payload))
                 assert dec.open(buf, 0, 0)
 
