@@ -213,6 +213,10 @@ def guardOf(factory: Any) -> PreauthGuard:
     return guard
 
 
+#: Bytes a MAC (or an AEAD tag) adds to a packet, at most (hmac-sha2-512).
+_MAX_MAC = 64
+
+
 class PreauthViolation(Exception):  # noqa: N818 - a reason to drop, not a bug
     """The client broke a pre-authentication rule; the text says which."""
 
@@ -308,6 +312,13 @@ class PreauthMixin:
                     if not data or self.transport.disconnecting:
                         return
             super().dataReceived(data)  # type: ignore[misc]
+            if not self._preauthDone() and self._preauthViolation is None:
+                # What is left unparsed is at most one unfinished packet.
+                unparsed = len(self.buf) + len(getattr(self, "_fpBuf", b""))
+                if unparsed > limits.maxPacketLength + _MAX_MAC:
+                    raise PreauthViolation(
+                        f"packet of more than {limits.maxPacketLength} bytes before logging in"
+                    )
         except PreauthViolation as e:
             self._preauthDrop(str(e))
         except Exception as e:
@@ -325,8 +336,15 @@ class PreauthMixin:
             raise PreauthViolation("the first line is not an SSH version line")
 
     def getPacket(self) -> bytes | None:
-        if not self._preauthDone() and self._preauthViolation is None:
-            encryptions = self.currentEncryptions
+        encryptions = self.currentEncryptions
+        if (
+            not self._preauthDone()
+            and self._preauthViolation is None
+            and getattr(encryptions, "inCipType", None) == b"none"
+        ):
+            # Before the first NEWKEYS the length is in clear: refuse an oversized
+            # packet as soon as its length is read. (Encrypted packets are bounded by
+            # the buffer check in dataReceived, whichever packet layer reads them.)
             blockSize = encryptions.decBlockSize
             if len(self.buf) >= blockSize:
                 if not hasattr(self, "first"):
@@ -346,6 +364,10 @@ class PreauthMixin:
         if not self._preauthDone():
             limits = guardOf(self.factory).limits
             self._preauthPackets += 1
+            if len(payload) >= limits.maxPacketLength:
+                raise PreauthViolation(
+                    f"packet of more than {limits.maxPacketLength} bytes before logging in"
+                )
             if self._preauthPackets > limits.maxPackets:
                 raise PreauthViolation(f"more than {limits.maxPackets} packets before logging in")
             if messageNum == transport.MSG_KEXINIT:
