@@ -198,10 +198,12 @@ class SessionRouter:
         await deviceSide.opened
         if loginUser is not None:
             # Before any of the operator's requests: refused means no session at all.
+            asked = deviceSide.sendRequestInOrder(
+                b"login-user@accesstunnel", common.NS(loginUser.encode()), wantReply=True
+            )
             try:
-                await deviceSide.sendRequestInOrder(
-                    b"login-user@accesstunnel", common.NS(loginUser.encode()), wantReply=True
-                )
+                assert asked is not None
+                await asked
             except Exception:
                 deviceSide.loseConnection()
                 raise refusal(

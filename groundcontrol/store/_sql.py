@@ -419,7 +419,7 @@ class SQLStore:
         """Fill in the devices' tags (admin, reported) and groups: two reads for any number."""
         if not devices:
             return devices
-        where, args = "", ()
+        where, args = "", tuple[str, ...]()
         if len(devices) == 1:
             where, args = " WHERE device_name = ?", (devices[0].name,)
         tags: dict[tuple[str, str], list[str]] = {}
