@@ -50,9 +50,14 @@ def encodeReply(payload: dict[str, Any]) -> tuple[int, bytes]:
 
 
 def decodeRequest(data: bytes) -> dict[str, Any]:
+    """
+    A request body as a dict; anything else (not JSON, nested too deep, strings that are
+    not valid Unicode such as lone surrogates) as an empty one.
+    """
     try:
         value = json.loads(common.getNS(data)[0].decode("utf-8"))
-    except (ValueError, UnicodeDecodeError, IndexError, struct.error):
+        json.dumps(value, ensure_ascii=False).encode("utf-8")  # no lone surrogates anywhere
+    except (ValueError, UnicodeError, IndexError, struct.error, RecursionError):
         return {}
     return value if isinstance(value, dict) else {}
 
