@@ -73,7 +73,8 @@ def decodeReply(data: bytes) -> dict[str, Any]:
     try:
         text = common.getNS(data)[0]
         value = json.loads(text.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError, IndexError, struct.error) as e:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")  # no lone surrogates anywhere
+    except (ValueError, UnicodeError, IndexError, struct.error, RecursionError) as e:
         raise ValueError(f"malformed reply: {e}") from None
     if not isinstance(value, dict):
         raise ValueError("malformed reply: not an object")
