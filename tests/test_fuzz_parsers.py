@@ -8,9 +8,10 @@ documented way; never raise anything else, never log a failure.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from typing import Any
 
 from hypothesis import HealthCheck, example, given, settings
@@ -189,7 +190,7 @@ class EnrollmentFuzz(SynchronousTestCase):
     @example(common.NS(b"[" * 100_000))
     def test_decodeReply(self, body: bytes) -> None:
         """The agent reads any reply as a dict, or refuses it with ValueError."""
-        with suppress(ValueError):
+        with contextlib.suppress(ValueError):
             self.assertIsInstance(decodeReply(body), dict)
 
     @FUZZ
@@ -244,7 +245,7 @@ class ForwardingFuzz(SynchronousTestCase):
             forwarding.parseForwardedChannel,
             forwarding.splitSessionId,
         ):
-            with suppress(forwarding.MalformedPayload):
+            with contextlib.suppress(forwarding.MalformedPayload):
                 parse(data)
 
     @FUZZ
