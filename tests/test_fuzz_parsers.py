@@ -276,3 +276,82 @@ class ForwardingFuzz(SynchronousTestCase):
         failure = self.failureResultOf(d, ConchError)
         text = failure.value.args[0]
         self.assertTrue(_noControl(text if isinstance(text, str) else text.decode()), text)
+
+
+# -- the agent's channel requests ------------------------------------------------------
+
+
+def _fakeSpawn(*args: Any, **kwargs: Any) -> Any:
+    raise OSError("no children in the fuzzer")
+
+
+_SESSION_REQUESTS = [
+    b"pty-req",
+    b"env",
+    b"window-change",
+    b"signal",
+    b"break",
+    b"auth-agent-req@openssh.com",
+    b"x11-req",
+    b"exec",
+    b"subsystem",
+    b"no-such-request",
+]
+
+
+class AgentSessionFuzz(SynchronousTestCase):
+    @FUZZ
+    @given(
+        st.lists(
+            st.tuples(
+                st.sampled_from(_SESSION_REQUESTS),
+                st.one_of(
+                    st.binary(max_size=120),
+                    st.tuples(st.binary(max_size=20), st.binary(max_size=20)).map(
+                        lambda t: common.NS(t[0]) + common.NS(t[1])
+                    ),
+                    st.tuples(
+                        st.binary(max_size=12),
+                        st.lists(st.integers(0, 2**32 - 1), min_size=4, max_size=4),
+                        st.binary(max_size=40),
+                    ).map(
+                        lambda t: (
+                            common.NS(t[0])
+                            + b"".join(n.to_bytes(4, "big") for n in t[1])
+                            + common.NS(t[2])
+                        )
+                    ),
+                ),
+            ),
+            min_size=1,
+            max_size=6,
+        )
+    )
+    @example([(b"pty-req", common.NS(b"xterm") + b"\xff" * 16 + common.NS(b"\x01\0\0"))])
+    @example([(b"window-change", b"\xff" * 16)])
+    def test_requests(self, requests: list[tuple[bytes, bytes]]) -> None:
+        """
+        Any channel request with any payload is answered True or False (a malformed one
+        refused), never an exception and never a logged failure; ptys it opened are
+        closed with the channel.
+        """
+        from agent.session import SessionChannel, SessionEnvironment
+
+        channel = SessionChannel(
+            SessionEnvironment(),
+            Clock(),
+            spawn=_fakeSpawn,
+            remoteWindow=65536,
+            remoteMaxPacket=32768,
+        )
+        try:
+            with noFailuresLogged():
+                for requestType, data in requests:
+                    if requestType in (b"exec", b"subsystem"):
+                        continue  # they start a child: covered by the session tests
+                    answer = channel.requestReceivedWithReply(requestType, data, True)
+                    self.assertIn(answer, (True, False))
+        finally:
+            terminal = channel._terminal
+            if terminal is not None:
+                terminal.close()
