@@ -14,20 +14,20 @@ from __future__ import annotations
 import sys
 from typing import IO
 
-from twisted.logger import ILogObserver, jsonFileLogObserver
+from twisted.logger import FileLogObserver, jsonFileLogObserver
 
 
-def jsonObserver(out: IO[str], recordSeparator: str = "") -> ILogObserver:
+def jsonObserver(out: IO[str], recordSeparator: str = "") -> FileLogObserver:
     """A JSON observer writing to C{out}; JSON Lines unless a separator is given."""
     return jsonFileLogObserver(out, recordSeparator=recordSeparator)
 
 
-def jsonLogger() -> ILogObserver:
+def jsonLogger() -> FileLogObserver:
     """The factory for ``twistd --logger``: JSON Lines to standard output."""
     return jsonObserver(sys.stdout)
 
 
-def jsonSeqLogger() -> ILogObserver:
+def jsonSeqLogger() -> FileLogObserver:
     """JSON text sequences (RFC 7464: each record starts with 0x1E), for readers of that form."""
     return jsonObserver(sys.stdout, recordSeparator="\x1e")
 

@@ -105,7 +105,7 @@ class Metrics:
 
     def site(self) -> Site:
         """A web site serving the metrics at C{/metrics} (and at C{/})."""
-        resource = MetricsResource(registry=self.registry)
+        resource: Any = MetricsResource(registry=self.registry)
         root = Resource()
         root.putChild(b"metrics", resource)
         root.putChild(b"", resource)
@@ -136,7 +136,7 @@ class MeteredUserAuth(GroundControlUserAuth):
     """Counts refused public keys (not the client's 'none' probe or key queries)."""
 
     def _ebBadAuth(self, reason: Any) -> None:
-        metrics: Metrics | None = getattr(self.transport.factory, "metrics", None)
+        metrics: Metrics | None = getattr(getattr(self.transport, "factory", None), "metrics", None)
         refused = reason.check(UnauthorizedLogin) and not reason.check(error.ValidPublicKey)
         if metrics is not None and self.method != b"none" and refused:
             metrics.authFailed()
@@ -160,7 +160,8 @@ def metricsService(
     metrics.watch(registry, sessions)
     sessions.metrics = metrics
     instrumentFactory(factory, metrics)
-    listener = ListenService(serverFromString(reactor, endpoint), metrics.site(), "metrics")
+    site: Any = metrics.site()
+    listener = ListenService(serverFromString(reactor, endpoint), site, "metrics")
     listener.listening.addCallback(
         lambda _: writeListeningFile(runDir / "metrics.json", [listener])(None)
     )

@@ -478,7 +478,7 @@ class RetentionService(Service):
             lambda f: self._log.failure("recording retention stopped", f)
         )
 
-    def pruneNow(self) -> defer.Deferred[None]:
+    def pruneNow(self) -> defer.Deferred[Any]:
         def done(removed: list[Path]) -> None:
             self.passes += 1
             if removed:

@@ -28,12 +28,19 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import attrs
+from twisted.application.service import MultiService
 from twisted.conch.ssh import common, connection
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from groundcontrol.recording import Recorder, Recording, RecordingError, RecordingPolicy
+from groundcontrol.recording import (
+    Recorder,
+    Recording,
+    RecordingError,
+    RecordingPolicy,
+    RetentionService,
+)
 from groundcontrol.registry import Registry
 from groundcontrol.store import IStore
 
@@ -417,7 +424,12 @@ class SessionRegistry:
     def whenAudited(self, session: LiveSession) -> defer.Deferred[None]:
         """Fires once the session's audit events so far are in the store."""
         d: defer.Deferred[None] = defer.Deferred()
-        session._audited.addBoth(lambda r: (d.callback(None), r)[1])
+
+        def fire(result: Any) -> Any:
+            d.callback(None)
+            return result
+
+        session._audited.addBoth(fire)
         return d
 
 
@@ -439,6 +451,25 @@ def sessionsFor(registry: Registry, store: IStore, clock: IReactorTime) -> Sessi
     if sessions is None:
         sessions = attachSessions(registry, SessionRegistry(store, clock))
     return sessions
+
+
+class SessionService(MultiService):
+    """Recording retention while running; live recordings flushed at shutdown."""
+
+    def __init__(self, sessions: SessionRegistry) -> None:
+        super().__init__()
+        self.sessions = sessions
+        recorder = sessions.recorder
+        if recorder is not None and recorder.enabled:
+            RetentionService(recorder, sessions.clock, sessions.recordingPaths).setServiceParent(
+                self
+            )
+
+    def stopService(self) -> Any:
+        for session in self.sessions.live.values():
+            if session.recording is not None:
+                session.recording.flush()
+        return super().stopService()
 
 
 # -- past sessions ---------------------------------------------------------------------
@@ -488,6 +519,7 @@ __all__ = [
     "LiveSession",
     "SessionRecord",
     "SessionRegistry",
+    "SessionService",
     "attachSessions",
     "isSessionId",
     "newSessionId",
