@@ -140,7 +140,9 @@ class Enrollment:
         version: str,
         token: str | None = None,
         newCode: Any = newPairingCode,
+        tags: tuple[str, ...] = (),
     ) -> None:
+        self._tags = tags
         self.stateDir = stateDir
         self._clock = clock
         self._requestedName = requestedName
@@ -193,6 +195,7 @@ class Enrollment:
                     "version": self._version,
                     "serial": self._serial or "",
                     "transport": self.transportName() or "",
+                    "tags": list(self._tags),
                 },
             )
         except Exception as e:

@@ -53,6 +53,7 @@ class AgentConfig:
     proxy: str | None = None
     configFile: Path | None = None
     torSocks: str | None = None
+    tags: tuple[str, ...] = ()
     rekeyLimit: RekeyLimit = attrs.field(factory=RekeyLimit)
 
 
@@ -102,6 +103,11 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["server"] = []
+        self["tags"] = []
+
+    def opt_tag(self, tag: str) -> None:
+        """A tag this device reports (repeatable), e.g. site-berlin; grants may name tag:TAG"""
+        self["tags"].append(tag)
 
     def opt_server(self, address: str) -> None:
         """groundcontrol address, tried in order (repeatable): ssh://HOST:PORT,
@@ -153,6 +159,7 @@ class Options(usage.Options):
             proxy=self["proxy"],
             configFile=Path(self["config"]) if self["config"] else None,
             torSocks=self["tor-socks"],
+            tags=tuple(self["tags"]),
             rekeyLimit=self["rekey-limit"],
         )
 
@@ -190,6 +197,7 @@ def buildService(config: AgentConfig, reactor: Any) -> service.Service:
         serial=serial,
         version=AGENT_VERSION,
         token=config.token,
+        tags=config.tags,
     )
     settings = LinkSettings(
         name=config.name,

@@ -146,6 +146,8 @@ class AgentAvatar(ConchUser):
         self._requests = requests
         self.source = source
         self.pendingKind = pendingKind
+        #: Tags the agent reported in its hello (stored once it is approved).
+        self.reportedTags: list[str] | None = None
         self.link: DeviceLink | None = None
 
     def linkUp(self, conn: connection.SSHConnection) -> None:
@@ -187,6 +189,9 @@ class AgentAvatar(ConchUser):
         link.deviceName = deviceName
         self._log.info("device {device} approved and routable", device=deviceName)
         self._registry.attach(link)
+        defer.Deferred.fromCoroutine(self._requests.reportTags(self)).addErrback(
+            lambda f: self._log.failure("could not store the reported tags", f)
+        )
         if notify:
             link.conn.sendGlobalRequest(APPROVED, encodeReply({"name": deviceName})[1])
 

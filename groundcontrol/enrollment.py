@@ -114,9 +114,21 @@ class AgentRequests:
                 "serial": serial or "",
                 "transport": str(request.get("transport", ""))[:16],
             }
+        tags = request.get("tags")
+        if isinstance(tags, list):
+            # Kept for a pending device too: reported once it is approved.
+            avatar.reportedTags = [str(t) for t in tags[:64]]
         if avatar.deviceName is not None:
+            await self.reportTags(avatar)
             return encodeReply({"ok": True, "state": "approved", "name": avatar.deviceName})
         return encodeReply({"ok": True, "state": avatar.pendingKind or "pending"})
+
+    async def reportTags(self, avatar: Any) -> None:
+        """Store the tags the agent reported in its hello, for an approved device."""
+        if avatar.deviceName is not None and avatar.reportedTags is not None:
+            await self._store.reportTags(
+                avatar.deviceName, avatar.reportedTags, self._clock.seconds()
+            )
 
     async def _enroll(self, avatar: Any, request: dict[str, Any]) -> Any:
         if avatar.deviceName is not None:

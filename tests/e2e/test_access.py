@@ -100,3 +100,15 @@ def test_grant_as_login_user(lab: Fleet, loginUser: str) -> None:
     assert refused.returncode != 0
     assert "cannot run sessions as 'no-such-user-x'" in refused.stderr
     assert "root" not in refused.stdout
+
+
+def test_agent_reported_tag_matches_a_tag_grant(fleet: Fleet) -> None:
+    """A tag the agent reports (--tag) makes the device match a tag: grant."""
+    alice = fleet.operators["alice"]
+    fleet.addAgent("oven5", extraArgs=["--tag", "bakery"])
+    fleet.waitRoutable(alice, "oven5")
+    bob = fleet.addOperator("bob")
+    assert "no grant" in bob.ssh("dev_oven5", "true").stderr
+    assert alice.ssh("ctl", "grant", "bob", "tag:bakery").returncode == 0
+    result = bob.ssh("dev_oven5", "echo tagged")
+    assert result.stdout == "tagged\n", result.stderr
