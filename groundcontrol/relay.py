@@ -89,6 +89,9 @@ class RelayChannel(FlowChannel):
                     "the device's link closed while opening the session",
                     connection.OPEN_CONNECT_FAILED,
                 )
+            else:
+                # The peer's refusal text reaches the operator's terminal: make it inert.
+                reason = error.ConchError(inertText(reason.value), reason.data)
             self.opened.errback(reason)
 
     def abandoned(self) -> None:
@@ -191,6 +194,13 @@ class RelayChannel(FlowChannel):
         self.sendRequestInOrder(b"exit-status", struct.pack(">L", RELAY_FAILURE_STATUS))
         self.writeEOF()
         self.loseConnection()
+
+
+def inertText(text: Any, limit: int = 512) -> str:
+    """Peer-supplied text fit for a terminal: control characters as '?', bounded length."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return "".join(c if c.isprintable() else "?" for c in str(text)[:limit])
 
 
 def splice(operatorSide: RelayChannel, deviceSide: RelayChannel) -> None:
