@@ -6,7 +6,7 @@ bench/packet_micro.py: CPU per SSH packet, Conch's packet layer against accesstu
 
 One thread, no sockets: for 48-byte and 32 KiB payloads, the microseconds to
 seal one packet (build, pad, encrypt, MAC) and to open it (parse, decrypt,
-verify), and the MAC constructions on their own. Best of 5 repeats, so
+verify), and the MAC constructions on their own. Best of 40 short repeats, so
 background load inflates it less than the end-to-end figures. The ratios are
 what bench/RESULTS.md ("Performance work") quotes per lever.
 """
@@ -68,7 +68,8 @@ def fastPair(cipher: bytes, mac: bytes) -> tuple[Any, Any]:
 
 
 def timeIt(f: Any, n: int) -> float:
-    return min(timeit.repeat(f, number=n, repeat=5)) / n * 1e6
+    n = max(n // 10, 50)
+    return min(timeit.repeat(f, number=n, repeat=40)) / n * 1e6
 
 
 def main() -> None:
