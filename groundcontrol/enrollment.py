@@ -125,10 +125,9 @@ class AgentRequests:
 
     async def reportTags(self, avatar: Any) -> None:
         """Store the tags the agent reported in its hello, for an approved device."""
-        if avatar.deviceName is not None and avatar.reportedTags is not None:
-            await self._store.reportTags(
-                avatar.deviceName, avatar.reportedTags, self._clock.seconds()
-            )
+        tags = getattr(avatar, "reportedTags", None)
+        if avatar.deviceName is not None and tags is not None:
+            await self._store.reportTags(avatar.deviceName, tags, self._clock.seconds())
 
     async def _enroll(self, avatar: Any, request: dict[str, Any]) -> Any:
         if avatar.deviceName is not None:
