@@ -80,7 +80,7 @@ class Metrics:
     def watch(self, registry: Registry, sessions: SessionRegistry) -> None:
         """Read the live gauges from C{registry} and C{sessions} at scrape time."""
         self.agentsConnected.set_function(lambda: len(registry))
-        self.agentsPending.set_function(lambda: len(getattr(registry, "_pending", ())))
+        self.agentsPending.set_function(registry.pendingCount)
         self.sessionsLive.set_function(lambda: len(sessions.live))
 
     # -- SessionMetrics -------------------------------------------------------------

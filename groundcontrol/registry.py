@@ -76,6 +76,10 @@ class Registry:
         link.close(reason)
         return True
 
+    def pendingCount(self) -> int:
+        """How many devices waiting for approval are connected now."""
+        return len(self._pending)
+
     def connectedNames(self) -> list[str]:
         """Names of the devices routable now."""
         return sorted(self._routable)
