@@ -31,7 +31,7 @@ from pathlib import Path
 import attrs
 
 #: Subnets are carved from here (/30 each), avoiding any the host already has.
-POOL = ipaddress.ip_network("10.200.0.0/16")
+POOL = ipaddress.IPv4Network("10.200.0.0/16")
 
 
 class NamespaceUnavailableError(Exception):
@@ -44,22 +44,22 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 def _hostSubnets() -> list[ipaddress.IPv4Network]:
     out = _ip("-4", "-o", "addr", "show").stdout
-    networks = []
+    networks: list[ipaddress.IPv4Network] = []
     for line in out.splitlines():
         fields = line.split()
         if "inet" in fields:
-            networks.append(ipaddress.ip_interface(fields[fields.index("inet") + 1]).network)
+            networks.append(ipaddress.IPv4Interface(fields[fields.index("inet") + 1]).network)
     return networks
 
 
 def _freeSubnet() -> ipaddress.IPv4Network:
     used = _hostSubnets()
     for _ in range(100):
-        subnet = ipaddress.ip_network(
+        subnet = ipaddress.IPv4Network(
             f"{POOL.network_address + 4 * random.randrange(POOL.num_addresses // 4)}/30"
         )
         if not any(subnet.overlaps(n) for n in used):
-            return subnet  # type: ignore[return-value]
+            return subnet
     raise NamespaceUnavailableError("no free /30 in 10.200.0.0/16")
 
 

@@ -151,7 +151,8 @@ def blackholeAndWatch(fleet: Fleet, agent: Agent, link: VethLink) -> None:
     Blackhole C{link}; both ends must notice within the dead-link deadline: groundcontrol
     shows the device offline, the agent logs that the server stopped answering.
     """
-    assert agent.process is not None
+    process = agent.process
+    assert process is not None
     assert devices(fleet)["kiln7"]["online"] is True
     link.blackhole()
     start = time.monotonic()
@@ -165,7 +166,7 @@ def blackholeAndWatch(fleet: Fleet, agent: Agent, link: VethLink) -> None:
     assert fleet.gc.process is not None
     assert "no answer from" in fleet.gc.process.output(), "found by its keepalive"
     waitFor(
-        lambda: "groundcontrol stopped answering" in agent.process.output(),
+        lambda: "groundcontrol stopped answering" in process.output(),
         max(0.0, start + DEAD_LINK_DEADLINE + SLACK - time.monotonic()) + 0.1,
         "the agent to notice the blackholed link",
         interval=0.1,

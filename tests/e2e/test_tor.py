@@ -113,9 +113,11 @@ def test_agentLinksOverTor(fleet: Fleet, tornet: TorNetwork) -> None:
         tornet.socksEndpoint,
     )
     fleet.agents.append(agent)
+    process = agent.process
+    assert process is not None
 
     def pending() -> bool:
-        assert agent.process is not None and agent.process.running(), agent.process.output()
+        assert process.running(), process.output()
         return any(
             d.get("name") == "kiln7" and "pending" in d.get("state", "") for d in fleet.gc.devices()
         )
@@ -123,7 +125,7 @@ def test_agentLinksOverTor(fleet: Fleet, tornet: TorNetwork) -> None:
     try:
         waitFor(pending, LINK_TIMEOUT, "the agent to link over tor", interval=0.5)
     except HarnessError as e:
-        raise HarnessError(f"{e}\n{agent.process and agent.process.output()[-3000:]}") from None
+        raise HarnessError(f"{e}\n{process.output()[-3000:]}") from None
     fleet.gc.cli("device", "approve", "kiln7")
     operator = fleet.operators["alice"]
     fleet.waitRoutable(operator, "kiln7", timeout=LINK_TIMEOUT)
@@ -131,6 +133,6 @@ def test_agentLinksOverTor(fleet: Fleet, tornet: TorNetwork) -> None:
     result = operator.ssh("dev_kiln7", "echo", "over-tor", timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "over-tor"
-    assert agent.process is not None and "link up over tor" in agent.process.output()
+    assert "link up over tor" in process.output()
     (row,) = [r for r in ctlList(fleet) if r["name"] == "kiln7"]
     assert row["online"] is True and row["transport"] == "tor"
