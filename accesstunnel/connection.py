@@ -55,41 +55,45 @@ class TunnelConnection(connection.SSHConnection):
             )
         return channel
 
-    def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
-        localChannel, dataLength = _unpack_2uint32(packet[:8])
-        channel = self._channelFor(localChannel)
-        if channel is None:
-            return
-        if dataLength > channel.localWindowLeft or dataLength > channel.localMaxPacket:
+    def _accept(self, channel: Any, data: bytes, claimedLength: int) -> bool:
+        """
+        Window and size checks for incoming (extended) data, and the window
+        bookkeeping. A peer that overruns the window or lies about the
+        length gets the channel closed.
+        """
+        if len(data) != claimedLength:
+            self._log.error("peer's data packet is shorter than it claims; closing channel")
+            self.sendClose(channel)
+            return False
+        if claimedLength > channel.localWindowLeft or claimedLength > channel.localMaxPacket:
             self._log.error("peer sent more than the window allows; closing channel")
             self.sendClose(channel)
-            return
-        data = packet[8 : 8 + dataLength]
-        channel.localWindowLeft -= dataLength
+            return False
+        channel.localWindowLeft -= claimedLength
         if (
             not getattr(channel, "managesOwnWindow", False)
             and channel.localWindowLeft < channel.localWindowSize // 2
         ):
             self.adjustWindow(channel, channel.localWindowSize - channel.localWindowLeft)
-        channel.dataReceived(data)
+        return True
+
+    def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
+        localChannel, dataLength = _unpack_2uint32(packet[:8])
+        channel = self._channelFor(localChannel)
+        if channel is None:
+            return
+        data = packet[8 : 8 + dataLength]
+        if self._accept(channel, data, dataLength):
+            channel.dataReceived(data)
 
     def ssh_CHANNEL_EXTENDED_DATA(self, packet: bytes) -> None:
         localChannel, typeCode, dataLength = _unpack_3uint32(packet[:12])
         channel = self._channelFor(localChannel)
         if channel is None:
             return
-        if dataLength > channel.localWindowLeft or dataLength > channel.localMaxPacket:
-            self._log.error("peer sent more extended data than the window allows")
-            self.sendClose(channel)
-            return
         data = packet[12 : 12 + dataLength]
-        channel.localWindowLeft -= dataLength
-        if (
-            not getattr(channel, "managesOwnWindow", False)
-            and channel.localWindowLeft < channel.localWindowSize // 2
-        ):
-            self.adjustWindow(channel, channel.localWindowSize - channel.localWindowLeft)
-        channel.extReceived(typeCode, data)
+        if self._accept(channel, data, dataLength):
+            channel.extReceived(typeCode, data)
 
     def ssh_CHANNEL_WINDOW_ADJUST(self, packet: bytes) -> None:
         localChannel, bytesToAdd = _unpack_2uint32(packet[:8])

@@ -296,6 +296,14 @@ class ReceivingTests(FlowChannelTestCase):
         self.assertEqual(self.transport.take(), [("close",)])
         self.assertEqual(channel.received, b"")
 
+    def test_shortPacketClosesChannel(self) -> None:
+        """A peer claiming more data than its packet holds gets the channel closed."""
+        channel = self.openChannel()
+        self.conn.ssh_CHANNEL_DATA(struct.pack(">2L", 0, 100) + b"r" * 10)
+        self.assertEqual(self.transport.take(), [("close",)])
+        self.assertEqual(channel.received, b"")
+        self.assertEqual(channel.localWindowLeft, channel.localWindowSize)
+
     def test_ordinaryChannelsStillAutoAdjust(self) -> None:
         """Channels that do not manage their window get Conch's automatic adjustment."""
         from twisted.conch.ssh.channel import SSHChannel
