@@ -6,12 +6,16 @@ opens the file the way concurrent processes need it and applies the SQLite DDL f
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from twisted.internet.defer import Deferred
 
-from ._dialect import SQLITE
+from ._dialect import SQLITE, Cursor
 from ._dialect import schemaUpgraders as _schemaUpgraders
+from ._errors import StoreError
 from ._runner import Runner
 from ._sql import SQLStore, migrateWith
 
@@ -64,6 +68,22 @@ class SQLiteStore(SQLStore):
     """L{IStore} on one SQLite connection (see L{SQLStore} for the locking story)."""
 
     dialect = SQLITE
+
+    @contextmanager
+    def _write(self) -> Iterator[Cursor]:
+        """
+        A write transaction; when SQLite cannot write (locked past the busy timeout by
+        another process, disk full) it is rolled back whole and the caller gets a
+        L{StoreError} that says so, instead of a driver error (or a transaction left
+        open by a failed COMMIT).
+        """
+        try:
+            with super()._write() as c:
+                yield c
+        except sqlite3.OperationalError as e:
+            with contextlib.suppress(sqlite3.Error):
+                self._connection.execute("ROLLBACK")
+            raise StoreError(f"the database cannot be written ({e}); nothing was changed") from None
 
 
 def openSQLiteStore(path: str, runner: Runner) -> Deferred[SQLiteStore]:
