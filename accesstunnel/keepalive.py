@@ -51,6 +51,7 @@ class Keepalive:
         self.count = count
         self.lastReceived = clock.seconds()
         self._timer: IDelayedCall | None = None
+        self._due = self.lastReceived
 
     @property
     def deadline(self) -> float:
@@ -73,11 +74,20 @@ class Keepalive:
         self.lastReceived = self._clock.seconds()
 
     def _schedule(self, delay: float) -> None:
+        self._due = self._clock.seconds() + delay
         self._timer = self._clock.callLater(delay, self._check)
 
     def _check(self) -> None:
         self._timer = None
         now = self._clock.seconds()
+        if now < self.lastReceived:
+            # The clock went back: count silence from now, not from the future.
+            self.lastReceived = now
+        if now - self._due >= self.deadline:
+            # The check ran a whole deadline late: the clock jumped forward or the process
+            # was stopped. Silence we did not watch is no verdict: ask now, and judge from
+            # the answer (dead after count - 1 more intervals without one).
+            self.lastReceived = max(self.lastReceived, now - self.interval)
         silence = now - self.lastReceived
         if silence >= self.deadline:
             self._log.info(
