@@ -17,6 +17,7 @@ wakes once per interval, no more.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -104,4 +105,45 @@ class Keepalive:
         self._schedule(min(self.interval, max(untilDeadline, 0.0)))
 
 
-__all__ = ["DEFAULT_COUNT", "DEFAULT_INTERVAL", "Keepalive"]
+class KeepaliveTransportMixin:
+    """
+    For an SSH transport: watch the peer once the connection service runs.
+
+    The transport calls L{watchPeer} when ssh-connection starts; every read
+    counts as a sign of life; L{peerSilent} runs when the peer is dead (by
+    default: abort the socket, since a dead peer will never read a polite
+    close).
+    """
+
+    keepalive: Keepalive | None = None
+    _keepaliveLog = Logger()
+
+    def watchPeer(self, conn: Any, clock: IReactorTime, interval: float, count: int) -> None:
+        """Start pinging C{conn}'s peer with C{keepalive@openssh.com} when it is silent."""
+
+        def ping() -> None:
+            d = conn.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=1)
+            if d is not None:
+                d.addErrback(lambda f: None)  # a refusal is an answer too
+
+        self.keepalive = Keepalive(clock, ping, self.peerSilent, interval, count)
+        self.keepalive.start()
+
+    def peerSilent(self) -> None:
+        """The peer is dead: drop the connection without waiting for it."""
+        self._keepaliveLog.info("no answer from the peer; dropping the connection")
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def dataReceived(self, data: bytes) -> None:
+        keepalive = self.keepalive
+        if keepalive is not None:
+            keepalive.received()
+        super().dataReceived(data)  # type: ignore[misc]
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.keepalive is not None:
+            self.keepalive.stop()
+        super().connectionLost(reason)  # type: ignore[misc]
+
+
+__all__ = ["DEFAULT_COUNT", "DEFAULT_INTERVAL", "Keepalive", "KeepaliveTransportMixin"]

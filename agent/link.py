@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 
 from accesstunnel import fastpath, policy
 from accesstunnel.connection import TunnelConnection
-from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL, Keepalive
+from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL, KeepaliveTransportMixin
 from accesstunnel.rekey import RekeyingTransportMixin, RekeyLimit
 from agent.enrollment import APPROVED, Enrollment
 from agent.identity import ServerKeyPin
@@ -156,11 +156,15 @@ class AgentUserAuth(userauth.SSHUserAuthClient):
         return defer.fail(NotImplementedError("the agent only uses its key"))
 
 
-class AgentTransport(RekeyingTransportMixin, fastpath.FastPathMixin, transport.SSHClientTransport):
+class AgentTransport(
+    KeepaliveTransportMixin,
+    RekeyingTransportMixin,
+    fastpath.FastPathMixin,
+    transport.SSHClientTransport,
+):
     """Client transport: policy, pinned host key, keepalives, rekeying, link readiness."""
 
     _log = Logger()
-    keepalive: Keepalive | None = None
 
     def connectionMade(self) -> None:
         policy.applyClientPolicy(self)
@@ -204,30 +208,13 @@ class AgentTransport(RekeyingTransportMixin, fastpath.FastPathMixin, transport.S
 
     def startKeepalive(self, conn: TunnelConnection) -> None:
         settings = self.factory.settings
-
-        def ping() -> None:
-            d = conn.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=1)
-            if d is not None:
-                d.addErrback(lambda f: None)
-
-        self.keepalive = Keepalive(
-            self.factory.clock,
-            ping,
-            self._serverDead,
-            settings.keepaliveInterval,
-            settings.keepaliveCount,
+        self.watchPeer(
+            conn, self.factory.clock, settings.keepaliveInterval, settings.keepaliveCount
         )
-        self.keepalive.start()
 
-    def _serverDead(self) -> None:
+    def peerSilent(self) -> None:
         self._log.warn("groundcontrol stopped answering; reconnecting")
         self.transport.abortConnection()
-
-    def dataReceived(self, data: bytes) -> None:
-        keepalive = self.keepalive
-        if keepalive is not None:
-            keepalive.received()
-        super().dataReceived(data)
 
     def receiveError(self, reasonCode: int, description: bytes) -> None:
         self._log.warn(
@@ -239,8 +226,6 @@ class AgentTransport(RekeyingTransportMixin, fastpath.FastPathMixin, transport.S
     def connectionLost(self, reason: Any = None) -> None:
         if self._handshakeTimer.active():
             self._handshakeTimer.cancel()
-        if self.keepalive is not None:
-            self.keepalive.stop()
         if not self.ready.called:
             self.factory.failedLinks += 1
             self.ready.errback(Failure(ConnectionError("link closed before it was up")))

@@ -25,7 +25,7 @@ from zope.interface import implementer
 
 from accesstunnel import fastpath, policy
 from accesstunnel.connection import TunnelConnection
-from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL, Keepalive
+from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL, KeepaliveTransportMixin
 from accesstunnel.rekey import RekeyingTransportMixin, RekeyLimit
 from accesstunnel.transports.tls import peerCertificate
 from groundcontrol.auth import AgentLogin, FleetKeyChecker, OperatorLogin
@@ -234,12 +234,15 @@ class GroundControlConnection(TunnelConnection):
 
 
 class GroundControlTransport(
-    RekeyingTransportMixin, PreauthMixin, fastpath.FastPathMixin, transport.SSHServerTransport
+    KeepaliveTransportMixin,
+    RekeyingTransportMixin,
+    PreauthMixin,
+    fastpath.FastPathMixin,
+    transport.SSHServerTransport,
 ):
     """Server transport with the algorithm policy, a grace time, keepalives and rekeying."""
 
     _log = Logger()
-    keepalive: Keepalive | None = None
     _graceTimer: Any = None
 
     def connectionMade(self) -> None:
@@ -278,38 +281,13 @@ class GroundControlTransport(
             self._graceTimer.cancel()
         self._graceTimer = None
         settings: ServerSettings = self.factory.settings
-
-        def ping() -> None:
-            d = conn.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=1)
-            if d is not None:
-                d.addErrback(lambda f: None)  # a refusal is an answer too
-
-        self.keepalive = Keepalive(
-            self.factory.clock,
-            ping,
-            self._peerDead,
-            settings.keepaliveInterval,
-            settings.keepaliveCount,
+        self.watchPeer(
+            conn, self.factory.clock, settings.keepaliveInterval, settings.keepaliveCount
         )
-        self.keepalive.start()
-
-    def _peerDead(self) -> None:
-        self._log.info(
-            "no answer from {peer}; dropping the connection", peer=self.transport.getPeer()
-        )
-        self.transport.abortConnection()
-
-    def dataReceived(self, data: bytes) -> None:
-        keepalive = self.keepalive
-        if keepalive is not None:
-            keepalive.received()
-        super().dataReceived(data)
 
     def connectionLost(self, reason: Any = None) -> None:
         if self._graceTimer is not None and self._graceTimer.active():
             self._graceTimer.cancel()
-        if self.keepalive is not None:
-            self.keepalive.stop()
         super().connectionLost(reason)
 
 
