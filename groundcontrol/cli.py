@@ -117,6 +117,11 @@ def _buildParser() -> _Parser:
         metavar="LOGIN",
         help="the user sessions run as on the device (when the agent runs as root)",
     )
+    grant.add_argument(
+        "--agent-forwarding",
+        action="store_true",
+        help="let the user forward their ssh-agent (ssh -A; the server must permit it too)",
+    )
     ungrant = commands.add_parser("ungrant", help="remove an operator's grant")
     ungrant.add_argument("user")
     ungrant.add_argument("selector", help="NAME (a device), device:NAME, group:NAME or tag:NAME")
@@ -261,7 +266,13 @@ def _storeCommand(store: SQLStore, args: argparse.Namespace, now: Callable[[], f
         expiresAt = None if lifetime is None else t + lifetime
         grant = _result(
             store.grant(
-                args.user, args.selector, actor, t, expiresAt=expiresAt, loginUser=args.loginUser
+                args.user,
+                args.selector,
+                actor,
+                t,
+                expiresAt=expiresAt,
+                loginUser=args.loginUser,
+                agentForwarding=args.agent_forwarding,
             )
         )
         until = "" if expiresAt is None else f" until {_formatTime(expiresAt)}"

@@ -185,9 +185,15 @@ class SessionRouter:
             )
         # A grant may name the user the device session runs as (agent as root).
         loginUser = None
+        refused = self.policy.refusedRequests()
         if channelType == b"session":
             now = self._clock.seconds()
             loginUser = await self._store.loginUserFor(account, link.deviceName, now)
+            if self.policy.permitAgentForwarding and not (
+                await self._store.agentForwardingAllowed(account, link.deviceName, now)
+            ):
+                # The server allows ssh -A, but this operator's grant does not.
+                refused = refused | {b"auth-agent-req@openssh.com"}
         deviceSide = RelayChannel(
             localWindow=DEFAULT_WINDOW,
             localMaxPacket=DEFAULT_MAX_PACKET,
@@ -218,7 +224,7 @@ class SessionRouter:
             label=f"operator {account.name}",
             towardsOperator=True,
         )
-        operatorSide.refusedRequests = self.policy.refusedRequests()
+        operatorSide.refusedRequests = refused
         splice(operatorSide, deviceSide)
         # Record, audit and let it be watched or killed: groundcontrol.sessions.
         sessionsFor(self._registry, self._store, self._clock).track(

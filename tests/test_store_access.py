@@ -151,7 +151,13 @@ class SelectorGrantTests(AccessTestCase):
         )
         self.assertEqual(
             events[0].detail,
-            {"account": "alice", "selector": "tag:lab", "loginUser": "pi", "expiresAt": T0 + 5},
+            {
+                "account": "alice",
+                "selector": "tag:lab",
+                "loginUser": "pi",
+                "expiresAt": T0 + 5,
+                "agentForwarding": False,
+            },
         )
         self.assertEqual(events[1].detail["added"], ["berlin", "lab"])
         self.assertEqual(events[2].detail["devices"], ["oven2", "kiln7"])
@@ -197,6 +203,48 @@ class LoginUserTests(AccessTestCase):
         self.grant("tag:b", loginUser="zed")
         self.grant("tag:c", loginUser="pi")
         self.assertEqual(self.loginUser("kiln7"), "pi")
+
+
+@bothBackends
+class AgentForwardingTests(AccessTestCase):
+    """agentForwardingAllowed: admins always; operators only through a grant that says so."""
+
+    def allowed(self, name: str, now: float = T0, account: Account | None = None) -> bool:
+        return self.successResultOf(
+            self.store.agentForwardingAllowed(account or self.alice, name, now)
+        )
+
+    def test_offUnlessAGrantSaysSo(self) -> None:
+        """A plain grant reaches the device but does not allow ssh -A; one that says so does."""
+        self.assertFalse(self.allowed("kiln7"))
+        self.grant("kiln7")
+        self.assertTrue(self.reach("kiln7"))
+        self.assertFalse(self.allowed("kiln7"))
+        grant = self.grant("kiln7", agentForwarding=True)
+        self.assertTrue(grant.agentForwarding)
+        self.assertTrue(self.allowed("kiln7"))
+        self.assertFalse(self.allowed("oven2"))
+
+    def test_byTagAndExpiry(self) -> None:
+        """A tag grant allowing it covers tagged devices, until it expires."""
+        self.tag("oven2", ["lab"])
+        self.grant("tag:lab", agentForwarding=True, expiresAt=T0 + 60)
+        self.assertTrue(self.allowed("oven2", T0 + 59))
+        self.assertFalse(self.allowed("oven2", T0 + 60))
+
+    def test_adminsAlways(self) -> None:
+        """Admins reach everything, and may forward their agent everywhere."""
+        self.assertTrue(self.allowed("kiln7", account=self.admin))
+
+    def test_listedInGrants(self) -> None:
+        """listGrants shows which grants allow agent forwarding."""
+        self.grant("kiln7", agentForwarding=True)
+        self.grant("oven2")
+        grants = {
+            g.selector: g.agentForwarding
+            for g in self.successResultOf(self.store.listGrants("alice"))
+        }
+        self.assertEqual(grants, {"device:kiln7": True, "device:oven2": False})
 
 
 @bothBackends

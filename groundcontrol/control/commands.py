@@ -317,6 +317,11 @@ def _grant(parser: _Parser) -> Handler:
     parser.add_argument(
         "--as", dest="loginUser", help="the user sessions run as on the device (agent as root)"
     )
+    parser.add_argument(
+        "--agent-forwarding",
+        action="store_true",
+        help="let the user forward their ssh-agent (ssh -A; the server must permit it too)",
+    )
 
     async def run(context: ControlContext, options: argparse.Namespace) -> CommandResult:
         now = context.clock.seconds()
@@ -334,9 +339,11 @@ def _grant(parser: _Parser) -> Handler:
             now,
             expiresAt=expiresAt,
             loginUser=options.loginUser,
+            agentForwarding=options.agent_forwarding,
         )
         until = f" until {_when(expiresAt)} UTC" if expiresAt else ""
         login = f" as {grant.loginUser}" if grant.loginUser else ""
+        login += " with agent forwarding" if grant.agentForwarding else ""
         return _done(
             options,
             f"granted {options.user} access to {selector}{login}{until}",
@@ -351,6 +358,7 @@ def _grantRow(grant: Any) -> dict[str, Any]:
         "user": grant.account,
         "selector": grant.selector,
         "login_user": grant.loginUser,
+        "agent_forwarding": grant.agentForwarding,
         "expires": _when(grant.expiresAt) if grant.expiresAt is not None else None,
         "expires_at": grant.expiresAt,
         "created_by": grant.createdBy,

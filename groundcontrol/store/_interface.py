@@ -215,11 +215,14 @@ class IStore(Interface):
 
     # -- grants ---------------------------------------------------------------------
 
-    def grant(accountName, selector, actor, now, expiresAt=None, loginUser=None):
+    def grant(
+        accountName, selector, actor, now, expiresAt=None, loginUser=None, agentForwarding=False
+    ):
         """
         Let an operator reach the devices C{selector} names: C{device:NAME} (or a bare
         C{NAME}), C{group:NAME} or C{tag:NAME}, until C{expiresAt} (epoch seconds) if
-        given, with device sessions running as C{loginUser} if given (see L{loginUserFor}).
+        given, with device sessions running as C{loginUser} if given (see L{loginUserFor}),
+        and with ssh-agent forwarding if C{agentForwarding} (see L{agentForwardingAllowed}).
         Granting the same selector again replaces the expiry and login user. A device
         selector needs the device to exist; a group or tag may be granted before any
         device has it. Audited as C{grant.added}.
@@ -250,6 +253,13 @@ class IStore(Interface):
         the device is approved.
 
         @return: Deferred firing with a bool.
+        """
+
+    def agentForwardingAllowed(account, deviceName, now):
+        """
+        @return: Deferred firing with whether C{account} may forward its ssh-agent to the
+            device: admins always; operators when an unexpired grant naming the device (or
+            its group or tag) allows it.
         """
 
     def loginUserFor(account, deviceName, now):

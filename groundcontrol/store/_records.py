@@ -169,3 +169,5 @@ class Grant:
     expiresAt: float | None
     createdAt: float
     createdBy: str
+    #: Whether the grant lets the operator forward their ssh-agent (ssh -A).
+    agentForwarding: bool = False

@@ -342,6 +342,7 @@ def _grant(row: Row) -> Grant:
         expiresAt=row["expires_at"],
         createdAt=row["created_at"],
         createdBy=row["created_by"],
+        agentForwarding=bool(row["agent_forwarding"]),
     )
 
 
@@ -1350,8 +1351,11 @@ class SQLStore:
         now: float,
         expiresAt: float | None = None,
         loginUser: str | None = None,
+        agentForwarding: bool = False,
     ) -> Deferred[Grant]:
-        return self._run(self._grant, accountName, selector, actor, now, expiresAt, loginUser)
+        return self._run(
+            self._grant, accountName, selector, actor, now, expiresAt, loginUser, agentForwarding
+        )
 
     def _grant(
         self,
@@ -1361,6 +1365,7 @@ class SQLStore:
         now: float,
         expiresAt: float | None,
         loginUser: str | None,
+        agentForwarding: bool = False,
     ) -> Grant:
         selector = parseSelector(selector)
         kind, name = selector.split(":", 1)
@@ -1381,8 +1386,8 @@ class SQLStore:
             )
             c.execute(
                 "INSERT INTO grants (account_id, selector, login_user, expires_at, created_at, "
-                "created_by) VALUES (?, ?, ?, ?, ?, ?)",
-                (accountId, selector, loginUser, expiresAt, now, actor),
+                "created_by, agent_forwarding) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (accountId, selector, loginUser, expiresAt, now, actor, bool(agentForwarding)),
             )
             self._insertAudit(
                 c,
@@ -1394,10 +1399,11 @@ class SQLStore:
                     "selector": selector,
                     "expiresAt": expiresAt,
                     "loginUser": loginUser,
+                    "agentForwarding": bool(agentForwarding),
                 },
                 now,
             )
-        return Grant(accountName, selector, loginUser, expiresAt, now, actor)
+        return Grant(accountName, selector, loginUser, expiresAt, now, actor, bool(agentForwarding))
 
     def ungrant(self, accountName: str, selector: str, actor: str, now: float) -> Deferred[bool]:
         return self._run(self._ungrant, accountName, selector, actor, now)
@@ -1428,7 +1434,7 @@ class SQLStore:
     def _listGrants(self, accountName: str | None) -> list[Grant]:
         sql = (
             "SELECT a.name AS account, g.selector, g.login_user, g.expires_at, g.created_at, "
-            "g.created_by FROM grants g JOIN accounts a ON a.id = g.account_id"
+            "g.created_by, g.agent_forwarding FROM grants g JOIN accounts a ON a.id = g.account_id"
         )
         args: tuple[Any, ...] = ()
         if accountName is not None:
@@ -1447,7 +1453,8 @@ class SQLStore:
     def _matchingGrants(c: Cursor, account: Account, deviceName: str, now: float) -> list[Row]:
         """The account's unexpired grants whose selector names the device, its groups or tags."""
         return c.execute(
-            "SELECT g.id, g.selector, g.login_user FROM grants g WHERE g.account_id = ? "
+            "SELECT g.id, g.selector, g.login_user, g.agent_forwarding FROM grants g "
+            "WHERE g.account_id = ? "
             "AND (g.expires_at IS NULL OR g.expires_at > ?) AND (g.selector = ? "
             "OR g.selector IN (SELECT 'group:' || m.group_name FROM group_members m "
             "WHERE m.device_name = ?) "
@@ -1485,6 +1492,17 @@ class SQLStore:
             return (_SPECIFICITY[row["selector"].split(":", 1)[0]], user is None, user or "")
 
         return min(rows, key=rank)["login_user"]  # type: ignore[no-any-return]
+
+    def agentForwardingAllowed(
+        self, account: Account, deviceName: str, now: float
+    ) -> Deferred[bool]:
+        return self._run(self._agentForwardingAllowed, account, deviceName, now)
+
+    def _agentForwardingAllowed(self, account: Account, deviceName: str, now: float) -> bool:
+        if account.isAdmin:
+            return True
+        rows = self._matchingGrants(self._cursor(), account, deviceName, now)
+        return any(bool(row["agent_forwarding"]) for row in rows)
 
     # -- tags and groups ------------------------------------------------------------
 

@@ -80,6 +80,27 @@ def test_agent_forwarding_refused_by_default(kiln7: Fleet, sshAgent: dict[str, s
     assert result.returncode == 2
 
 
+def test_agent_forwarding_needs_a_grant_that_allows_it(
+    kiln7: Fleet, sshAgent: dict[str, str]
+) -> None:
+    """
+    With the server permitting -A, an operator still needs a grant saying
+    --agent-forwarding: a plain grant reaches the device without the agent.
+    """
+    kiln7.restartServer("--permit-agent-forwarding")
+    alice = kiln7.operators["alice"]
+    kiln7.waitRoutable(alice, "kiln7")
+    bob = kiln7.addOperator("bob")
+    assert alice.ssh("ctl", "grant", "bob", "kiln7").returncode == 0
+    probe = "echo sock=${SSH_AUTH_SOCK:-none}; ssh-add -l"
+    plain = run(bob.argv("dev_kiln7", probe, options=["-A"]), env=sshAgent)
+    assert "sock=none" in plain.stdout, plain.stderr
+    assert alice.ssh("ctl", "grant", "bob", "kiln7", "--agent-forwarding").returncode == 0
+    allowed = run(bob.argv("dev_kiln7", probe, options=["-A"]), env=sshAgent)
+    assert allowed.returncode == 0, allowed.stderr
+    assert "forwarded-key (ED25519)" in allowed.stdout
+
+
 # -- X11 ---------------------------------------------------------------------------------
 
 
