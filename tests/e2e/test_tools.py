@@ -155,3 +155,36 @@ def test_sftp_fallback_when_device_has_no_sftp_server(fleet: Fleet, tmp_path: Pa
     )
     assert result.returncode == 0, result.stderr
     assert sha256(remote) == sha256(local)
+
+
+def test_sftp_interactive(kiln7: Fleet, tmp_path: Path) -> None:
+    """sftp at its prompt: cd, put, ls and get work as typed by a person."""
+    import pexpect
+
+    local = tmp_path / "typed.bin"
+    local.write_bytes(os.urandom(50_000))
+    remoteDir = kiln7.base / "interactive"
+    remoteDir.mkdir()
+    child = pexpect.spawn(
+        "sftp",
+        ["-F", str(kiln7.operators["alice"].configPath), "dev_kiln7@groundcontrol"],
+        encoding="utf-8",
+        timeout=30,
+    )
+    try:
+        child.expect_exact("sftp> ")
+        child.sendline(f"cd {remoteDir}")
+        child.expect_exact("sftp> ")
+        child.sendline(f"put {local}")
+        child.expect_exact("sftp> ")
+        child.sendline("ls")
+        child.expect_exact("typed.bin")
+        child.expect_exact("sftp> ")
+        child.sendline(f"get typed.bin {tmp_path}/back.bin")
+        child.expect_exact("sftp> ")
+        child.sendline("bye")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+    assert sha256(tmp_path / "back.bin") == sha256(local)
