@@ -1,0 +1,476 @@
+"""
+bench/scale_lib.py: what bench/scale and bench/footprint share.
+
+Process control (subreaper, sweep of every descendant by PID), /proc readings
+(RSS, CPU seconds, context switches, machine busy), a groundcontrol data directory
+with an operator key and pre-approved devices, and starting groundcontrol and a real
+``twistd tunnel-agent`` on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+VENV_BIN = Path(os.environ.get("BENCH_VENV", str(ROOT / ".venv"))) / "bin"
+HOST = "127.0.0.1"
+CLK = os.sysconf("SC_CLK_TCK")
+
+_logFile: Any = None
+
+
+def reexecInVenv() -> None:
+    """Run under the repo venv's python (the product's modules are imported here)."""
+    venvPython = VENV_BIN / "python"
+    if Path(sys.prefix).resolve() != venvPython.parent.parent.resolve() and venvPython.exists():
+        os.execv(str(venvPython), [str(venvPython), *sys.argv])
+
+
+def setLog(path: Path) -> None:
+    global _logFile
+    _logFile = path.open("a")
+
+
+def log(msg: str) -> None:
+    line = "[{}] {}".format(time.strftime("%H:%M:%S"), msg)
+    print(line, file=sys.stderr, flush=True)
+    if _logFile is not None:
+        _logFile.write(line + "\n")
+        _logFile.flush()
+
+
+class BenchError(Exception):
+    pass
+
+
+# ------------------------------------------------------------------ processes
+def becomeSubreaper() -> None:
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+
+def descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    out: list[int] = []
+    todo = [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def sweep(grace: float = 5.0) -> None:
+    """SIGTERM every descendant of this process by PID, then SIGKILL survivors."""
+    me = os.getpid()
+    for p in descendants(me):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        reap()
+        if not [p for p in descendants(me) if not _zombie(p)]:
+            return
+        time.sleep(0.1)
+    for p in descendants(me):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    time.sleep(0.2)
+    reap()
+
+
+def installCleanup() -> None:
+    """Sweep descendants on SIGTERM/SIGHUP/Ctrl-C too (main() sweeps on normal exit)."""
+
+    def onSignal(signum: int, frame: Any) -> None:
+        log(f"signal {signum}: stopping everything")
+        sweep()
+        os._exit(130)
+
+    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(s, onSignal)
+
+
+def raiseFileLimit(need: int) -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if need > hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, need))
+            return need
+        except (ValueError, OSError):
+            need = hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need), hard))
+    return max(soft, need)
+
+
+# ------------------------------------------------------------------ /proc
+_STATUS_KEYS = (
+    "VmRSS",
+    "VmHWM",
+    "RssAnon",
+    "RssFile",
+    "voluntary_ctxt_switches",
+    "nonvoluntary_ctxt_switches",
+)
+
+
+def procStatus(pid: int) -> dict[str, int]:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in _STATUS_KEYS:
+                    out[key] = int(rest.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+def rssKiB(pid: int) -> int:
+    return procStatus(pid).get("VmRSS", 0)
+
+
+def cpuSeconds(pid: int) -> float:
+    """utime + stime of one process (all its threads, not its children)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            v = f.read().rsplit(")", 1)[1].split()
+        return (int(v[11]) + int(v[12])) / CLK
+    except OSError:
+        return float("nan")
+
+
+def machineBusy() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + v[4]
+    return sum(v[:8]) - idle, sum(v[:8])
+
+
+def busyPct(a: tuple[int, int], b: tuple[int, int]) -> float:
+    """Machine busy between two machineBusy() samples; 200% = both cores of 2."""
+    return 100.0 * (os.cpu_count() or 1) * (b[0] - a[0]) / max(b[1] - a[1], 1)
+
+
+def backgroundBusy(seconds: float = 1.0) -> float:
+    a = machineBusy()
+    time.sleep(seconds)
+    return busyPct(a, machineBusy())
+
+
+def settledRss(pid: int, window: float = 3.0, tolKiB: int = 256, timeout: float = 40.0) -> int:
+    """VmRSS once it moved by less than tolKiB over `window` seconds (or at the timeout)."""
+    samples: list[tuple[float, int]] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        now = time.monotonic()
+        samples.append((now, rssKiB(pid)))
+        recent = [r for t, r in samples if t >= now - window]
+        if samples[0][0] <= now - window and max(recent) - min(recent) <= tolKiB:
+            return samples[-1][1]
+        if now > deadline:
+            return samples[-1][1]
+        time.sleep(0.25)
+
+
+def quietCpu(pid: int, window: float = 2.0, maxPct: float = 10.0, timeout: float = 60.0) -> None:
+    """Wait until pid used less than maxPct of a core over `window` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        c0 = cpuSeconds(pid)
+        time.sleep(window)
+        if 100.0 * (cpuSeconds(pid) - c0) / window < maxPct:
+            return
+
+
+def freePort() -> int:
+    s = socket.socket()
+    s.bind((HOST, 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+# ------------------------------------------------------------------ the fleet
+class Fleet:
+    """A groundcontrol data dir, an operator key, approved devices, the processes."""
+
+    def __init__(self, out: Path, fileLimit: int = 1024) -> None:
+        self.out = out
+        self.data = out / "gc"
+        self.keys = out / "agents.keys"
+        self.fileLimit = fileLimit
+        self.env = dict(os.environ)
+        self.env.pop("SSH_AUTH_SOCK", None)
+        self.gc: subprocess.Popen[bytes] | None = None
+        self.agent: subprocess.Popen[bytes] | None = None
+        self.port = freePort()
+        self.gcStarts = 0
+        self.extraGcArgs: list[str] = []
+
+    def cli(self, *args: str) -> str:
+        p = subprocess.run(
+            [str(VENV_BIN / "groundcontrol"), "--data", str(self.data), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=self.env,
+        )
+        if p.returncode != 0:
+            raise BenchError("groundcontrol {} failed: {}".format(" ".join(args), p.stderr))
+        return p.stdout
+
+    def prepare(self, devices: int) -> None:
+        """init, operator 'bench' (admin), `devices` approved devices with keys."""
+        for d in (self.data, self.keys):
+            if d.exists():
+                shutil.rmtree(d) if d.is_dir() else d.unlink()
+        self.out.mkdir(parents=True, exist_ok=True)
+        key = self.out / "id_ed25519"
+        if not key.exists():
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True
+            )
+        self.cli("init")
+        self.cli("user", "add", "bench", "--key", str(key) + ".pub", "--admin")
+        t0 = time.monotonic()
+        p = subprocess.run(
+            [
+                str(VENV_BIN / "python"),
+                str(BENCH / "scale_fleet.py"),
+                str(self.data),
+                str(self.keys),
+                str(devices),
+            ],
+            capture_output=True,
+            text=True,
+            env=self.env,
+        )
+        if p.returncode != 0:
+            raise BenchError(f"scale_fleet failed: {p.stderr}")
+        log(f"{devices} devices approved in the store in {time.monotonic() - t0:.1f} s")
+        self.writeClientConfig()
+
+    def deviceNames(self) -> list[str]:
+        return [line.split()[0] for line in self.keys.read_text().splitlines()]
+
+    def writeClientConfig(self) -> None:
+        known = self.out / "known_hosts"
+        key = (self.data / "ssh_host_ed25519_key.pub").read_text().split()
+        known.write_text(f"[{HOST}]:{self.port} {key[0]} {key[1]}\n")
+        self.sshConfig = self.out / "ssh_config"
+        self.sshConfig.write_text(
+            "Host *\n"
+            f"  IdentityFile {self.out / 'id_ed25519'}\n"
+            "  IdentitiesOnly yes\n"
+            f"  UserKnownHostsFile {known}\n"
+            "  StrictHostKeyChecking yes\n"
+            "  BatchMode yes\n"
+            "  LogLevel ERROR\n"
+            "  ConnectTimeout 20\n"
+            "  ControlMaster no\n"
+            "  ControlPath none\n"
+            "  ForwardAgent no\n"
+            "  ForwardX11 no\n"
+            "  RequestTTY no\n"
+        )
+
+    def ssh(self, device: str, *extra: str) -> list[str]:
+        return [
+            "ssh",
+            "-F",
+            str(self.sshConfig),
+            "-p",
+            str(self.port),
+            *extra,
+            f"dev_{device}@{HOST}",
+        ]
+
+    def _limits(self) -> None:
+        os.setsid()
+        raiseFileLimit(self.fileLimit)
+
+    def startGc(self) -> subprocess.Popen[bytes]:
+        listening = self.data / "run" / "listening.json"
+        with contextlib.suppress(FileNotFoundError):
+            listening.unlink()
+        self.gcStarts += 1
+        self.gcLog = self.out / f"gc-{self.gcStarts}.log"
+        self.gc = subprocess.Popen(
+            [
+                str(VENV_BIN / "twistd"),
+                "-n",
+                "--pidfile=",
+                "-l",
+                str(self.gcLog),
+                "groundcontrol",
+                "--data",
+                str(self.data),
+                "--listen",
+                f"tcp:{self.port}:interface={HOST}",
+                *self.extraGcArgs,
+            ],
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=open(self.out / "gc.stdout", "ab"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+            preexec_fn=self._limits,
+        )
+        return self.gc
+
+    def waitListening(self, timeout: float = 60.0) -> None:
+        listening = self.data / "run" / "listening.json"
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.gc is not None
+            if self.gc.poll() is not None:
+                raise BenchError(f"groundcontrol exited; see {self.gcLog}")
+            with contextlib.suppress(FileNotFoundError, ValueError, KeyError, IndexError):
+                if json.loads(listening.read_text())["listening"][0]["port"] == self.port:
+                    return
+            if time.monotonic() > deadline:
+                raise BenchError("groundcontrol did not listen in time")
+            time.sleep(0.02)
+
+    def startAgent(self, name: str, seedHex: str, *extra: str) -> subprocess.Popen[bytes]:
+        """A real `twistd tunnel-agent` for device `name`, its key put in its state dir."""
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+        from twisted.conch.ssh import keys
+
+        state = self.out / "agent-state"
+        home = self.out / "agent-home"
+        state.mkdir(mode=0o700, exist_ok=True)
+        home.mkdir(exist_ok=True)
+        keyFile = state / "device_ed25519_key"
+        if not keyFile.exists():
+            key = keys.Key(ed25519.Ed25519PrivateKey.from_private_bytes(bytes.fromhex(seedHex)))
+            fd = os.open(keyFile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(key.toString("OPENSSH"))
+        self.agent = subprocess.Popen(
+            [
+                str(VENV_BIN / "twistd"),
+                "-n",
+                "--pidfile=",
+                "-l",
+                str(self.out / "agent.log"),
+                "tunnel-agent",
+                "--state",
+                str(state),
+                "--server",
+                f"tcp:{HOST}:{self.port}",
+                "--name",
+                name,
+                "--server-key",
+                str(self.data / "ssh_host_ed25519_key.pub"),
+                "--home",
+                str(home),
+                *extra,
+            ],
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=open(self.out / "agent.stdout", "ab"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self.agent
+
+    def gcLogText(self) -> str:
+        """The current groundcontrol's whole log (twistd rotates it every 1 MB)."""
+        parts = sorted(
+            self.gcLog.parent.glob(self.gcLog.name + ".*"),
+            key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0,
+        )
+        return "".join(p.read_text(errors="replace") for p in [*parts, self.gcLog] if p.exists())
+
+    def sshTrue(self, device: str, timeout: float = 30.0) -> tuple[bool, float, str]:
+        t0 = time.perf_counter()
+        try:
+            p = subprocess.run(
+                [*self.ssh(device), "true"],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            return False, time.perf_counter() - t0, "timeout"
+        return p.returncode == 0, time.perf_counter() - t0, p.stderr.strip()[-200:]
+
+    def waitRoutable(self, device: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            ok, _, err = self.sshTrue(device)
+            if ok:
+                return
+            if time.monotonic() > deadline:
+                raise BenchError(f"{device} not routable: {err}")
+            time.sleep(0.2)
+
+    def setupTimes(self, device: str, n: int) -> list[float]:
+        """n sequential `ssh dev_x@gc true`, seconds each (failures raise)."""
+        out = []
+        for _ in range(n):
+            ok, took, err = self.sshTrue(device)
+            if not ok:
+                raise BenchError(f"ssh true failed: {err}")
+            out.append(took)
+        return out
+
+    def stop(self) -> None:
+        for p in (self.agent, self.gc):
+            if p is not None and p.poll() is None:
+                p.terminate()
+        for p in (self.agent, self.gc):
+            if p is not None:
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
