@@ -26,7 +26,6 @@ from accesstunnel.names import isValidDeviceName
 from accesstunnel.rekey import RekeyLimit, parseRekeyLimit
 from accesstunnel.transports.proxy import ProxySettings
 from accesstunnel.transports.tls import ClientTLS
-from accesstunnel.transports.tor import TorSettings
 from agent.config import AgentFileConfig, ConfigError, installReloadOnSIGHUP, loadConfig
 from agent.enrollment import CERTIFICATE_FILE, Enrollment
 from agent.failover import FailoverEndpoint
@@ -242,7 +241,12 @@ def _connectors(
         clientKeyFile=config.stateDir / DEVICE_KEY_FILE,
     )
     proxy = ProxySettings.fromEnvironment(override=proxyOverride)
-    tor = TorSettings(socks=(fileConfig.torSocks if fileConfig else None) or config.torSocks)
+    tor = None
+    if any(s.strip().lower().startswith("tor://") for s in servers):
+        # txtorcon is imported only by agents that dial tor:// (a few MB of RSS).
+        from accesstunnel.transports.tor import TorSettings
+
+        tor = TorSettings(socks=(fileConfig.torSocks if fileConfig else None) or config.torSocks)
     try:
         return [clientConnector(reactor, s, tls=tls, proxy=proxy, tor=tor) for s in servers]
     except AddressError as e:
