@@ -168,13 +168,18 @@ class AgentAvatar(ConchUser):
             self._registry.attachPending(self.link)
         else:
             self._log.info("device {device} connected", device=self.deviceName)
-            replacing = self._registry.lookup(self.deviceName) is not None
-            self._registry.attach(self.link)
-            if not replacing:  # a newer link of a connected device is no transition
-                limiterFor(self._registry, self._store, self._clock).online(
-                    self.deviceName,
-                    {"source": self.source, "fingerprint": self.login.keyFingerprint},
-                )
+            self._attachRoutable(self.link)
+
+    def _attachRoutable(self, link: DeviceLink) -> None:
+        """Route the device over C{link}; an online event unless it replaces a live link."""
+        assert self.deviceName is not None
+        replacing = self._registry.lookup(self.deviceName) is not None
+        self._registry.attach(link)
+        if not replacing:  # a newer link of a connected device is no transition
+            limiterFor(self._registry, self._store, self._clock).online(
+                self.deviceName,
+                {"source": self.source, "fingerprint": self.login.keyFingerprint},
+            )
 
     def promote(self, deviceName: str, notify: bool = True) -> None:
         """
@@ -188,7 +193,7 @@ class AgentAvatar(ConchUser):
             return
         link.deviceName = deviceName
         self._log.info("device {device} approved and routable", device=deviceName)
-        self._registry.attach(link)
+        self._attachRoutable(link)
         defer.Deferred.fromCoroutine(self._requests.reportTags(self)).addErrback(
             lambda f: self._log.failure("could not store the reported tags", f)
         )

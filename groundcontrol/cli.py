@@ -14,6 +14,7 @@ import getpass
 import json
 import re
 import secrets
+import signal
 import sys
 import time
 import unicodedata
@@ -598,5 +599,12 @@ def _clean(text: str) -> str:
     return "".join("?" if unicodedata.category(c).startswith("C") else c for c in text)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console script: like a Unix tool, end quietly when the reader goes away
+    (``groundcontrol ... device list --json | head``)."""
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

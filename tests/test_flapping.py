@@ -9,7 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from groundcontrol.flapping import FlapLimiter
 from groundcontrol.notify import FleetEvent
-from groundcontrol.testing import InMemoryFleet, openMemoryStore, resultNow
+from groundcontrol.testing import InMemoryFleet, newKey, openMemoryStore, resultNow
 
 T0 = 1_700_000_000.0
 
@@ -157,6 +157,27 @@ class FleetOnlineOfflineTests(SynchronousTestCase):
         self.assertEqual([e.device for e in online + offline], ["kiln7", "kiln7"])
         self.assertEqual(online[0].detail["fingerprint"].split(":")[0], "SHA256")
         self.assertEqual(offline[0].detail["connectedFor"], 5)
+
+    def test_deviceApprovedWhileConnectedGoesOnline(self) -> None:
+        """
+        A pending device approved while its link is up is online from that
+        moment: device.online then, and device.offline when it drops.
+        """
+        key = newKey()
+        _, pump = self.fleet.agent("oven2", key)
+        self.fleet.pollFleet()
+        self.assertEqual([e for e in self.notifier.events if e.event == "device.online"], [])
+        resultNow(self.fleet.store.approveDevice("oven2", "admin", self.fleet.now))
+        self.fleet.pollFleet()
+        self.clock.advance(3)
+        self.fleet.network.cut(pump)
+        self.fleet.pollFleet()
+        kinds = [(e.event, e.device) for e in self.notifier.events if e.device == "oven2"]
+        self.assertIn(("device.online", "oven2"), kinds)
+        self.assertIn(("device.offline", "oven2"), kinds)
+        self.assertLess(
+            kinds.index(("device.online", "oven2")), kinds.index(("device.offline", "oven2"))
+        )
 
     def test_flappingLinkNotifiedOncePlusSummary(self) -> None:
         """
