@@ -28,6 +28,7 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
     IStreamServerEndpoint,
 )
+from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
@@ -338,16 +339,60 @@ class _LazyTLSEndpoint:
     """
     TLS over C{inner}, with the options built at each connect: the device certificate may
     appear or be renewed on disk while the agent runs.
+
+    A certificate the server refuses in the handshake (revoked, say, before an admin
+    approved the device again) would lock the device out for good if it were presented
+    at every attempt. So after a connection that presented the certificate ends without
+    ever carrying data, the next attempt goes without it: the device then logs in by its
+    key alone, and is refused, queued as pending, or given a fresh certificate, as its
+    record says.
     """
 
     def __init__(self, hostname: str, settings: ClientTLS | None, inner: IStreamClientEndpoint):
         self.hostname = hostname
         self.settings = settings
         self.inner = inner
+        self.withoutCertificateNext = False
 
     def connect(self, protocolFactory: IProtocolFactory) -> Any:
+        presentCertificate = not self.withoutCertificateNext
+        self.withoutCertificateNext = False
         try:
-            creator = _tls.clientCreator(self.hostname, self.settings)
+            creator = _tls.clientCreator(
+                self.hostname, self.settings, presentCertificate=presentCertificate
+            )
         except _tls.TLSConfigError:
             return defer.fail()
-        return endpoints.wrapClientTLS(creator, self.inner).connect(protocolFactory)
+        factory: IProtocolFactory = protocolFactory
+        if presentCertificate and _tls.wouldPresentCertificate(self.settings):
+            factory = _WatchHandshake(protocolFactory, self)
+        return endpoints.wrapClientTLS(creator, self.inner).connect(factory)
+
+
+class _WatchHandshake(WrappingFactory):
+    """Notice a TLS connection that closed before any data reached the link protocol."""
+
+    def __init__(self, wrappedFactory: IProtocolFactory, endpoint: _LazyTLSEndpoint) -> None:
+        super().__init__(wrappedFactory)
+        self._endpoint = endpoint
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        if protocol is not None:
+            protocol.gotData = False  # type: ignore[attr-defined]
+            received = protocol.dataReceived
+
+            def dataReceived(data: bytes) -> None:
+                protocol.gotData = True  # type: ignore[attr-defined]
+                received(data)
+
+            lost = protocol.connectionLost
+
+            def connectionLost(reason: Any) -> None:
+                if not protocol.gotData:  # type: ignore[attr-defined]
+                    self._endpoint.withoutCertificateNext = True
+                lost(reason)
+
+            protocol.dataReceived = dataReceived  # type: ignore[method-assign]
+            protocol.connectionLost = connectionLost  # type: ignore[method-assign]
+        return protocol

@@ -203,7 +203,10 @@ class Enrollment:
             return
         state = str(reply.get("state", "unknown"))
         if state == "approved":
-            self._becameApproved(str(reply.get("name") or self._requestedName))
+            self._becameApproved(
+                str(reply.get("name") or self._requestedName),
+                forceCertificate=reply.get("needsCertificate") is True,
+            )
             return
         self.state = "pending"
         self.status.update(state="pending", name=self._requestedName)
@@ -214,12 +217,12 @@ class Enrollment:
             return
         await self._offerPairingCode()
 
-    def _becameApproved(self, name: str) -> None:
+    def _becameApproved(self, name: str, forceCertificate: bool = False) -> None:
         self.state = "approved"
         self.name = name
         self.status.update(state="approved", name=name, pairingCode=None, pairingCodeExpires=None)
         self._cancelTimer()
-        defer.Deferred.fromCoroutine(self._ensureCertificate())
+        defer.Deferred.fromCoroutine(self._ensureCertificate(force=forceCertificate))
 
     async def _redeemToken(self) -> bool:
         try:
@@ -267,14 +270,18 @@ class Enrollment:
         if self._conn is not None and self.state == "pending":
             self._schedule(PAIRING_CODE_RETRY_DELAY, self._offerPairingCode)
 
-    async def _ensureCertificate(self) -> None:
+    async def _ensureCertificate(self, force: bool = False) -> None:
+        """
+        Hold a certificate with more than a third of its life left; with C{force}
+        (groundcontrol has none on record for our key: ours was revoked) get a new one.
+        """
         certificatePath = self.stateDir / CERTIFICATE_FILE
         try:
             notBefore, notAfter = certificateLifetime(certificatePath.read_bytes())
         except (OSError, ValueError):
             notBefore = notAfter = 0.0
         now = self._clock.seconds()
-        if notAfter and now < renewalDue(notBefore, notAfter):
+        if not force and notAfter and now < renewalDue(notBefore, notAfter):
             self._scheduleRenewal(notBefore, notAfter)
             return
         try:

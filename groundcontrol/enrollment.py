@@ -120,7 +120,18 @@ class AgentRequests:
             avatar.reportedTags = [str(t) for t in tags[:64]]
         if avatar.deviceName is not None:
             await self.reportTags(avatar)
-            return encodeReply({"ok": True, "state": "approved", "name": avatar.deviceName})
+            device = await self._store.deviceByName(avatar.deviceName)
+            # No unrevoked, unexpired certificate on record for its key: whatever the
+            # agent holds (a revoked one, say) it should ask for a new one now.
+            needsCertificate = device is None or device.certificateExpiresAt is None
+            return encodeReply(
+                {
+                    "ok": True,
+                    "state": "approved",
+                    "name": avatar.deviceName,
+                    "needsCertificate": needsCertificate,
+                }
+            )
         return encodeReply({"ok": True, "state": avatar.pendingKind or "pending"})
 
     async def reportTags(self, avatar: Any) -> None:

@@ -110,7 +110,9 @@ class Sender(protocol.Protocol):
         Sender.lost.append(reason)
 
 
-def handshake(serverSettings: ServerTLS, hostname: str, client: ClientTLS | None) -> Any:
+def handshake(
+    serverSettings: ServerTLS, hostname: str, client: ClientTLS | None, **creatorOptions: Any
+) -> Any:
     """Run the handshake in memory; return (client TLS protocol, server TLS protocol)."""
     Receiver.instances = []
     clock = Clock()
@@ -121,7 +123,10 @@ def handshake(serverSettings: ServerTLS, hostname: str, client: ClientTLS | None
         clock=clock,
     )
     clientFactory = TLSMemoryBIOFactory(
-        clientCreator(hostname, client), True, protocol.Factory.forProtocol(Sender), clock=clock
+        clientCreator(hostname, client, **creatorOptions),
+        True,
+        protocol.Factory.forProtocol(Sender),
+        clock=clock,
     )
     clientProtocol = clientFactory.buildProtocol(iosim.FakeAddress())
     serverProtocol = serverFactory.buildProtocol(iosim.FakeAddress())
@@ -191,12 +196,25 @@ class MutualTLSTests(SynchronousTestCase):
         self.assertRefused()
 
     def test_expiredRefused(self) -> None:
-        """An expired fleet certificate fails the handshake (not a silent downgrade)."""
+        """An expired fleet certificate, if presented, fails the handshake."""
+        client, _ = self.fixture.device(
+            now=self.fixture.now - timedelta(days=10), lifetime=timedelta(days=1)
+        )
+        handshake(self.server, "127.0.0.1", client, presentExpired=True)
+        self.assertRefused()
+
+    def test_expiredNotPresented(self) -> None:
+        """
+        The agent does not present its own expired certificate: the handshake goes on
+        without one, so a device offline past expiry can come back (as pending, by key).
+        """
         client, _ = self.fixture.device(
             now=self.fixture.now - timedelta(days=10), lifetime=timedelta(days=1)
         )
         handshake(self.server, "127.0.0.1", client)
-        self.assertRefused()
+        self.assertEqual(
+            [r.received for r in Receiver.instances if r.received], [b"SSH-2.0-agent\r\n"]
+        )
 
     def test_revokedRefused(self) -> None:
         """A certificate whose serial the server holds as revoked fails the handshake."""

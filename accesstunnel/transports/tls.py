@@ -12,6 +12,7 @@ transport's C{getPeerCertificate()} (see L{peerCertificate}).
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +183,34 @@ def serverContextFactory(settings: ServerTLS) -> ssl.CertificateOptions:
     )
 
 
-def clientCreator(hostname: str, settings: ClientTLS | None) -> IOpenSSLClientConnectionCreator:
+def wouldPresentCertificate(settings: ClientTLS | None) -> bool:
+    """Whether a connection with C{settings} would offer a client certificate now."""
+    return settings is not None and _usableCertificate(settings) is not None
+
+
+def _usableCertificate(settings: ClientTLS, checkExpiry: bool = True) -> x509.Certificate | None:
+    """
+    The device certificate to present, if there is one and it has not expired: an
+    expired certificate is refused by the server, and a device offline past expiry must
+    still be able to come back (as pending, by its key).
+    """
+    certFile, keyFile = settings.clientCertificateFile, settings.clientKeyFile
+    if certFile is None or keyFile is None or not certFile.exists():
+        return None
+    certificates = _certificates(certFile, "client certificate")
+    if not certificates:
+        return None
+    if checkExpiry and certificates[0].not_valid_after_utc <= datetime.now(UTC):
+        return None
+    return certificates[0]
+
+
+def clientCreator(
+    hostname: str,
+    settings: ClientTLS | None,
+    presentCertificate: bool = True,
+    presentExpired: bool = False,
+) -> IOpenSSLClientConnectionCreator:
     """
     The agent's TLS options for C{hostname}: the server is verified by name with
     service-identity (an IP literal by address) against the pinned CA or the system roots.
@@ -193,13 +221,14 @@ def clientCreator(hostname: str, settings: ClientTLS | None) -> IOpenSSLClientCo
     settings = settings or ClientTLS()
     trustRoot = _trustRoot(settings.caFile) if settings.caFile is not None else None
     clientCertificate = None
-    certFile, keyFile = settings.clientCertificateFile, settings.clientKeyFile
-    if certFile is not None and keyFile is not None and certFile.exists():
-        certificate = _certificates(certFile, "client certificate")
-        if certificate:
-            clientCertificate = ssl.PrivateCertificate.fromCertificateAndKeyPair(
-                _openSSLCertificate(certificate[0]), ssl.KeyPair(loadPrivateKey(keyFile))
-            )
+    certificate = (
+        _usableCertificate(settings, checkExpiry=not presentExpired) if presentCertificate else None
+    )
+    if certificate is not None:
+        assert settings.clientKeyFile is not None
+        clientCertificate = ssl.PrivateCertificate.fromCertificateAndKeyPair(
+            _openSSLCertificate(certificate), ssl.KeyPair(loadPrivateKey(settings.clientKeyFile))
+        )
     return ssl.optionsForClientTLS(
         hostname,
         trustRoot=trustRoot,

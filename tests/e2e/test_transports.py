@@ -190,7 +190,9 @@ def test_tlsWithoutCertificateQueuesAsPending(fleet: Fleet) -> None:
 def test_tlsBadCertificateRefused(fleet: Fleet, problem: str) -> None:
     """
     A certificate from another CA, an expired one, or a revoked one is refused: the device
-    never becomes reachable (and a revoked one does not come back as pending either).
+    never becomes reachable. The agent then tries once without its certificate, by its key
+    alone: a revoked device is refused there too (never pending); an unknown key may only
+    wait as pending; an expired certificate is not even presented.
     """
     ports = startServer(fleet, f"tls://{LOOPBACK}:0")
     name = "bad1"
@@ -222,10 +224,29 @@ def test_tlsBadCertificateRefused(fleet: Fleet, problem: str) -> None:
     operator = fleet.operators["alice"]
     with pytest.raises(HarnessError):
         fleet.waitRoutable(operator, name, timeout=8)
-    assert not [
-        d for d in fleet.gc.devices() if d.get("name") == name and "pending" in d.get("state", "")
-    ]
+    states = [d.get("state", "") for d in fleet.gc.devices() if d.get("name") == name]
+    if problem == "revoked":
+        assert states == ["revoked"], states
+    else:
+        assert all("pending" in state for state in states), states
     assert agent.process is not None and agent.process.running()
+
+
+def test_reapprovedDeviceComesBackOverTLS(fleet: Fleet) -> None:
+    """
+    Revoked, then approved again by an admin: the agent, whose certificate stays
+    revoked, is not locked out; it returns by its key and gets a fresh certificate.
+    """
+    ports = startServer(fleet, f"tls://{LOOPBACK}:0")
+    agent = startAgent(fleet, "back1", [f"tls://{LOOPBACK}:{ports['tls']}"])
+    approveAndReach(fleet, "back1")  # it then fetches its certificate over the link
+    certificate = agent.state / "device.crt"
+    waitFor(certificate.exists, 30, "the first certificate")
+    first = certificate.read_bytes()
+    fleet.gc.cli("device", "revoke", "back1")
+    fleet.gc.cli("device", "approve", "back1")
+    fleet.waitRoutable(fleet.operators["alice"], "back1", timeout=60)
+    waitFor(lambda: certificate.read_bytes() != first, 30, "a fresh certificate")
 
 
 def test_wssThroughProxyWhileDirectIsClosed(fleet: Fleet) -> None:
