@@ -65,6 +65,49 @@ def test_groundcontrol_kill9_and_restart(kiln7: Fleet) -> None:
     assert bob.ssh("dev_kiln7", "true").returncode == 0
 
 
+def test_recording_readable_after_groundcontrol_kill9(kiln7: Fleet) -> None:
+    """
+    groundcontrol killed -9 in the middle of a recorded pty session: the recording
+    already on disk is valid asciicast v2 up to its last whole line (a line torn by the
+    kill is the only loss), and holds the output flushed before the kill.
+    """
+    import json
+
+    import pexpect
+
+    from groundcontrol.recording import parseCast
+
+    alice = kiln7.operators["alice"]
+    argv = alice.argv("dev_kiln7", tty=True)
+    child = pexpect.spawn(argv[0], argv[1:], encoding="utf-8", timeout=20)
+    try:
+        child.sendline("echo MARK-$((6*7))")
+        child.expect_exact("MARK-42")
+        recordings = kiln7.gc.data / "recordings"
+
+        def flushed() -> Path | None:
+            for cast in recordings.rglob("*.cast"):
+                if "MARK-42" in cast.read_text(errors="replace"):
+                    return cast
+            return None
+
+        cast = waitFor(flushed, 10, "the recording to reach the disk")
+        child.sendline("yes | head -c 3000000 | tail -c 100")  # output in flight at the kill
+        assert kiln7.gc.process is not None
+        kiln7.gc.process.kill()
+    finally:
+        child.close(force=True)
+    lines = cast.read_text(errors="replace").split("\n")
+    whole = [line for line in lines if line]
+    try:
+        json.loads(whole[-1])
+    except ValueError:
+        whole = whole[:-1]  # torn by the kill
+    recording = parseCast("\n".join(whole) + "\n")
+    assert recording.header["width"] > 0
+    assert any("MARK-42" in text for _, code, text in recording.events if code == "o")
+
+
 def test_agent_kill9(kiln7: Fleet) -> None:
     """A killed agent's device is offline at once; routable again when it is back."""
     alice = kiln7.operators["alice"]
