@@ -126,6 +126,7 @@ def installCleanup() -> None:
     def onSignal(signum: int, frame: Any) -> None:
         log(f"signal {signum}: stopping everything")
         sweep()
+        shutil.rmtree(f"/dev/shm/scale-agents-{os.getpid()}", ignore_errors=True)
         os._exit(130)
 
     for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
@@ -253,6 +254,8 @@ class Fleet:
         self.port = freePort()
         self.gcStarts = 0
         self.extraGcArgs: list[str] = []
+        #: Run groundcontrol with infoLogger (debug events dropped) instead of twistd's -l.
+        self.infoLog = False
 
     def cli(self, *args: str) -> str:
         p = subprocess.run(
@@ -342,6 +345,13 @@ class Fleet:
             listening.unlink()
         self.gcStarts += 1
         self.gcLog = self.out / f"gc-{self.gcStarts}.log"
+        env = dict(self.env)
+        loggerArgs: list[str] = []
+        if self.infoLog:
+            # What-if for the report: twistd --logger with a level filter (not the default).
+            loggerArgs = ["--logger", "scale_lib.infoLogger"]
+            env["PYTHONPATH"] = str(BENCH) + os.pathsep + env.get("PYTHONPATH", "")
+            env["SCALE_GC_LOG"] = str(self.gcLog)
         self.gc = subprocess.Popen(
             [
                 str(VENV_BIN / "twistd"),
@@ -349,6 +359,7 @@ class Fleet:
                 "--pidfile=",
                 "-l",
                 str(self.gcLog),
+                *loggerArgs,
                 "groundcontrol",
                 "--data",
                 str(self.data),
@@ -356,7 +367,7 @@ class Fleet:
                 f"tcp:{self.port}:interface={HOST}",
                 *self.extraGcArgs,
             ],
-            env=self.env,
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=open(self.out / "gc.stdout", "ab"),  # noqa: SIM115
             stderr=subprocess.STDOUT,
@@ -474,3 +485,21 @@ class Fleet:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+
+
+def infoLogger() -> Any:
+    """
+    A ``twistd --logger`` factory: text to $SCALE_GC_LOG like ``-l``, without debug events
+    (Conch logs several per packet it handles: keepalives, key exchange, auth).
+    """
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        textFileLogObserver,
+    )
+
+    out = open(os.environ["SCALE_GC_LOG"], "a")  # noqa: SIM115 (lives with the process)
+    return FilteringLogObserver(
+        textFileLogObserver(out), [LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)]
+    )
