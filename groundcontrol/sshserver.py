@@ -18,7 +18,7 @@ from twisted.conch.interfaces import IConchUser
 from twisted.conch.ssh import factory, keys, transport, userauth
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet import defer
+from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -315,6 +315,21 @@ class GroundControlFactory(factory.SSHFactory):
 
     def getPrimes(self) -> None:
         return None  # no group-exchange key exchange is offered
+
+    def buildProtocol(self, addr: Any) -> Any:
+        """
+        Conch's, without its per-connection log line about the missing moduli file:
+        group-exchange is never offered here, and under a reconnect storm or a flood
+        that line was written for every connection.
+        """
+        t = protocol.Factory.buildProtocol(self, addr)
+        if t is not None:
+            t.supportedPublicKeys = [
+                algorithm
+                for key in self.privateKeys.values()
+                for algorithm in key.supportedSignatureAlgorithms()
+            ]
+        return t
 
 
 def buildFrontDoor(
