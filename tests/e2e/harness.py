@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -204,27 +205,31 @@ class Agent:
         self.home.mkdir(parents=True, exist_ok=True)
         self.process: Process | None = None
 
+    def argv(self, server: str, serverKey: str, *extra: str) -> list[str]:
+        """The twistd command line of this agent."""
+        return [
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            "-l",
+            "-",
+            "tunnel-agent",
+            "--state",
+            str(self.state),
+            "--server",
+            server,
+            "--name",
+            self.name,
+            "--server-key",
+            serverKey,
+            "--home",
+            str(self.home),
+            *extra,
+        ]
+
     def start(self, server: str, serverKey: str, *extra: str) -> None:
         self.process = Process(
-            [
-                TWISTD,
-                "-n",
-                "--pidfile=",
-                "-l",
-                "-",
-                "tunnel-agent",
-                "--state",
-                str(self.state),
-                "--server",
-                server,
-                "--name",
-                self.name,
-                "--server-key",
-                serverKey,
-                "--home",
-                str(self.home),
-                *extra,
-            ],
+            self.argv(server, serverKey, *extra),
             _uniqueLog(self.base, f"agent-{self.name}"),
             ROOT,
         )
@@ -354,6 +359,28 @@ class Fleet:
             f"device {name} to be reachable",
             interval=0.2,
         )
+
+    def serverCertificate(self, hostnames: Sequence[str]) -> tuple[Path, Path]:
+        """A TLS server certificate for C{hostnames} from the fleet CA made by init."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+
+        from groundcontrol import pki
+
+        ca = pki.FleetCA.load(self.gc.data / "ca")
+        key = ed25519.Ed25519PrivateKey.generate()
+        issued = pki.issueServerCertificate(ca, list(hostnames), key, datetime.now(UTC))
+        certFile, keyFile = self.base / "server.crt", self.base / "server.key"
+        certFile.write_bytes(issued.pem)
+        keyFile.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        keyFile.chmod(0o600)
+        return certFile, keyFile
 
     def close(self) -> None:
         for agent in self.agents:

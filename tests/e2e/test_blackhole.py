@@ -20,16 +20,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from groundcontrol import pki
-from tests.e2e.harness import TWISTD, Agent, Fleet, Process, _uniqueLog, waitFor
+from tests.e2e.harness import Agent, Fleet, Process, _uniqueLog, waitFor
 from tests.e2e.netns import Namespace, NamespaceUnavailableError, VethLink
 
 pytestmark = pytest.mark.slow
@@ -59,25 +55,7 @@ class NamespacedAgent(Agent):
         self.namespace = namespace
 
     def start(self, server: str, serverKey: str, *extra: str) -> None:
-        argv = [
-            TWISTD,
-            "-n",
-            "--pidfile=",
-            "-l",
-            "-",
-            "tunnel-agent",
-            "--state",
-            str(self.state),
-            "--server",
-            server,
-            "--name",
-            self.name,
-            "--server-key",
-            serverKey,
-            "--home",
-            str(self.home),
-            *extra,
-        ]
+        argv = self.argv(server, serverKey, *extra)
         self.process = Process(
             self.namespace.argv(argv), _uniqueLog(self.base, f"agent-{self.name}"), self.base
         )
@@ -101,24 +79,6 @@ def listeningPorts(fleet: Fleet) -> dict[str, int]:
     """Bound port of each listener by its spec, from DATA/run/listening.json."""
     data = json.loads((fleet.gc.data / "run" / "listening.json").read_text())
     return {e["spec"]: e["port"] for e in data["listening"]}
-
-
-def serverCertificate(fleet: Fleet, address: str) -> tuple[Path, Path]:
-    """A TLS server certificate for C{address} from the fleet CA made by init."""
-    ca = pki.FleetCA.load(fleet.gc.data / "ca")
-    key = ed25519.Ed25519PrivateKey.generate()
-    issued = pki.issueServerCertificate(ca, [address], key, datetime.now(UTC))
-    certFile, keyFile = fleet.base / "server.crt", fleet.base / "server.key"
-    certFile.write_bytes(issued.pem)
-    keyFile.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    keyFile.chmod(0o600)
-    return certFile, keyFile
 
 
 def devices(fleet: Fleet) -> dict[str, dict[str, Any]]:
@@ -213,7 +173,7 @@ def test_blackholedLinkFailsOverToAnotherTransport(fleet: Fleet, namespace: Name
     the first path is still dead.
     """
     first, second = namespace.addLink(), namespace.addLink()
-    certFile, keyFile = serverCertificate(fleet, second.hostAddress)
+    certFile, keyFile = fleet.serverCertificate([second.hostAddress])
     sshSpec, wssSpec = f"ssh://{first.hostAddress}:0", f"wss://{second.hostAddress}:0/tunnel"
     fleet.gc.stop()
     fleet.startServer(

@@ -18,8 +18,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from groundcontrol import pki
 from tests.e2e.harness import LOOPBACK, Agent, Fleet, HarnessError, Process, waitFor
@@ -44,24 +42,6 @@ def _wired() -> bool:
 pytestmark = pytest.mark.skipif(not _wired(), reason="waiting for tap wiring")
 
 
-def serverCertificate(fleet: Fleet) -> tuple[Path, Path]:
-    """A TLS server certificate for 127.0.0.1 from the fleet CA made by init."""
-    ca = pki.FleetCA.load(fleet.gc.data / "ca")
-    key = ed25519.Ed25519PrivateKey.generate()
-    issued = pki.issueServerCertificate(ca, [LOOPBACK, "localhost"], key, datetime.now(UTC))
-    certFile, keyFile = fleet.base / "server.crt", fleet.base / "server.key"
-    certFile.write_bytes(issued.pem)
-    keyFile.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    keyFile.chmod(0o600)
-    return certFile, keyFile
-
-
 def listening(fleet: Fleet) -> dict[str, int]:
     """Bound port of each listener, by the scheme of its address."""
     data = json.loads((fleet.gc.data / "run" / "listening.json").read_text())
@@ -69,7 +49,7 @@ def listening(fleet: Fleet) -> dict[str, int]:
 
 
 def startServer(fleet: Fleet, *listen: str) -> dict[str, int]:
-    certFile, keyFile = serverCertificate(fleet)
+    certFile, keyFile = fleet.serverCertificate([LOOPBACK, "localhost"])
     fleet.gc.stop()
     extra: list[str] = ["--tls-cert", str(certFile), "--tls-key", str(keyFile)]
     for address in listen:
