@@ -22,23 +22,24 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import struct
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from twisted.conch.ssh import common
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-HELLO = b"hello@accesstunnel"
-CERTIFICATE = b"certificate@accesstunnel"
-ENROLL = b"enroll@accesstunnel"
-CLAIM_CODE = b"claim-code@accesstunnel"
-APPROVED = b"approved@accesstunnel"
+from accesstunnel.enrollmessages import (
+    CERTIFICATE,
+    CLAIM_CODE,
+    ENROLL,
+    HELLO,
+    decodeMessage,
+    encodeMessage,
+)
 
 CERTIFICATE_FILE = "device.crt"
 CA_FILE = "fleet-ca.crt"
@@ -64,21 +65,13 @@ def newPairingCode(randbelow: Any = secrets.randbelow) -> str:
 
 
 def encodeRequest(payload: dict[str, Any]) -> bytes:
-    """A request body: one SSH string holding JSON."""
-    return common.NS(json.dumps(payload, sort_keys=True).encode())
+    """A request body (see L{accesstunnel.enrollmessages})."""
+    return encodeMessage(payload)
 
 
 def decodeReply(data: bytes) -> dict[str, Any]:
-    """A reply body: one SSH string holding a JSON object, or an error."""
-    try:
-        text = common.getNS(data)[0]
-        value = json.loads(text.decode("utf-8"))
-        json.dumps(value, ensure_ascii=False).encode("utf-8")  # no lone surrogates anywhere
-    except (ValueError, UnicodeError, IndexError, struct.error, RecursionError) as e:
-        raise ValueError(f"malformed reply: {e}") from None
-    if not isinstance(value, dict):
-        raise ValueError("malformed reply: not an object")
-    return value
+    """A reply body as a dict; ValueError if malformed."""
+    return decodeMessage(data)
 
 
 def certificateLifetime(pem: bytes) -> tuple[float, float]:

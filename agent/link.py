@@ -27,9 +27,10 @@ from twisted.python.failure import Failure
 
 from accesstunnel import fastpath, policy
 from accesstunnel.connection import TunnelConnection
+from accesstunnel.enrollmessages import APPROVED
 from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL, KeepaliveTransportMixin
 from accesstunnel.rekey import RekeyingTransportMixin, RekeyLimit
-from agent.enrollment import APPROVED, Enrollment
+from agent.enrollment import Enrollment
 from agent.identity import ServerKeyPin
 from agent.remoteforward import CANCEL_TCPIP_FORWARD, TCPIP_FORWARD, RemoteForwarder
 

@@ -15,8 +15,9 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from accesstunnel.enrollmessages import APPROVED, encodeMessage
 from groundcontrol.auth import AgentLogin, OperatorLogin
-from groundcontrol.enrollment import APPROVED, AgentRequests, encodeReply
+from groundcontrol.enrollment import AgentRequests
 from groundcontrol.flapping import limiterFor
 from groundcontrol.forwarding import RemoteForwards, relayFromDevice
 from groundcontrol.registry import Registry
@@ -198,7 +199,7 @@ class AgentAvatar(ConchUser):
             lambda f: self._log.failure("could not store the reported tags", f)
         )
         if notify:
-            link.conn.sendGlobalRequest(APPROVED, encodeReply({"name": deviceName})[1])
+            link.conn.sendGlobalRequest(APPROVED, encodeMessage({"name": deviceName}))
 
     def lookupChannel(
         self, channelType: bytes, windowSize: int, maxPacket: int, data: bytes

@@ -16,24 +16,23 @@ the key, never from what the agent asks for.
 
 from __future__ import annotations
 
-import json
-import struct
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import attrs
-from twisted.conch.ssh import common
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from accesstunnel.enrollmessages import (
+    CERTIFICATE,
+    CLAIM_CODE,
+    ENROLL,
+    HELLO,
+    decodeMessage,
+    encodeMessage,
+)
 from groundcontrol.pki import FleetCA, issueDeviceCertificate
 from groundcontrol.store import IStore, StoreError, hashSecret
-
-HELLO = b"hello@accesstunnel"
-CERTIFICATE = b"certificate@accesstunnel"
-ENROLL = b"enroll@accesstunnel"
-CLAIM_CODE = b"claim-code@accesstunnel"
-APPROVED = b"approved@accesstunnel"
 
 #: How long a pairing code registered by an agent stays claimable.
 CLAIM_CODE_LIFETIME = 600.0
@@ -46,20 +45,15 @@ def normaliseCode(code: str) -> str:
 
 def encodeReply(payload: dict[str, Any]) -> tuple[int, bytes]:
     """A successful global-request answer carrying C{payload}."""
-    return 1, common.NS(json.dumps(payload, sort_keys=True).encode())
+    return 1, encodeMessage(payload)
 
 
 def decodeRequest(data: bytes) -> dict[str, Any]:
-    """
-    A request body as a dict; anything else (not JSON, nested too deep, strings that are
-    not valid Unicode such as lone surrogates) as an empty one.
-    """
+    """A request body as a dict; anything malformed as an empty one."""
     try:
-        value = json.loads(common.getNS(data)[0].decode("utf-8"))
-        json.dumps(value, ensure_ascii=False).encode("utf-8")  # no lone surrogates anywhere
-    except (ValueError, UnicodeError, IndexError, struct.error, RecursionError):
+        return decodeMessage(data)
+    except ValueError:
         return {}
-    return value if isinstance(value, dict) else {}
 
 
 @attrs.frozen
