@@ -12,6 +12,13 @@ unknown global request with success or failure, and either is proof of life).
 When nothing has been received for C{interval * count} seconds, the peer is
 dead. At most one timer is pending per connection, and an idle connection
 wakes once per interval, no more.
+
+A keepalive may also wait longer before it asks (C{probeAfter}, like OpenSSH's
+ClientAliveInterval: a probe only after that much silence). groundcontrol
+uses that on agent links: the agent pings on its own every 15-30 s, so its
+pings, answered, are the proof of life, and groundcontrol sends nothing and
+wakes only about once per ping it receives; it still asks a link that goes
+quiet, and still declares it dead after C{interval * count} seconds.
 """
 
 from __future__ import annotations
@@ -42,14 +49,26 @@ class Keepalive:
         onDead: Callable[[], None],
         interval: float = DEFAULT_INTERVAL,
         count: int = DEFAULT_COUNT,
+        probeAfter: float | None = None,
     ) -> None:
+        """
+        @param probeAfter: seconds of silence before the first ping (default:
+            C{interval}, checked every interval). Longer makes the keepalive
+            passive: it wakes when the silence would reach C{probeAfter}, not
+            every interval, and pings only then (and every interval after
+            that, until the deadline).
+        """
         if interval <= 0 or count < 1:
             raise ValueError("keepalive interval must be positive and count at least 1")
+        if probeAfter is not None and not interval <= probeAfter <= interval * count:
+            raise ValueError("keepalive probeAfter must be between interval and interval * count")
         self._clock = clock
         self._sendPing = sendPing
         self._onDead = onDead
         self.interval = interval
         self.count = count
+        self.probeAfter = interval if probeAfter is None else probeAfter
+        self._passive = self.probeAfter > interval
         self.lastReceived = clock.seconds()
         self._timer: IDelayedCall | None = None
         self._due = self.lastReceived
@@ -62,7 +81,7 @@ class Keepalive:
     def start(self) -> None:
         """Begin watching; silence is counted from now."""
         self.lastReceived = self._clock.seconds()
-        self._schedule(self.interval)
+        self._schedule(self.probeAfter if self._passive else self.interval)
 
     def stop(self) -> None:
         """Stop watching (the connection is gone)."""
@@ -97,7 +116,14 @@ class Keepalive:
             )
             self._onDead()
             return
-        if silence >= self.interval:
+        if silence < self.probeAfter and self._passive:
+            # Heard from lately: nothing to ask. Wake when the silence would reach
+            # probeAfter (traffic meanwhile only moves lastReceived, no timer).
+            # At least a millisecond: a float remainder too small to move the
+            # clock must not make a busy loop.
+            self._schedule(max(self.probeAfter - silence, 0.001))
+            return
+        if silence >= self.probeAfter:
             self._sendPing()
         # Wake at the next interval, or exactly at the deadline if that is
         # sooner, so a dead peer is found within interval * count.
@@ -118,15 +144,25 @@ class KeepaliveTransportMixin:
     keepalive: Keepalive | None = None
     _keepaliveLog = Logger()
 
-    def watchPeer(self, conn: Any, clock: IReactorTime, interval: float, count: int) -> None:
-        """Start pinging C{conn}'s peer with C{keepalive@openssh.com} when it is silent."""
+    def watchPeer(
+        self,
+        conn: Any,
+        clock: IReactorTime,
+        interval: float,
+        count: int,
+        probeAfter: float | None = None,
+    ) -> None:
+        """
+        Start pinging C{conn}'s peer with C{keepalive@openssh.com} when it is
+        silent (for C{probeAfter} seconds: see L{Keepalive}).
+        """
 
         def ping() -> None:
             d = conn.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=1)
             if d is not None:
                 d.addErrback(lambda f: None)  # a refusal is an answer too
 
-        self.keepalive = Keepalive(clock, ping, self.peerSilent, interval, count)
+        self.keepalive = Keepalive(clock, ping, self.peerSilent, interval, count, probeAfter)
         self.keepalive.start()
 
     def peerSilent(self) -> None:

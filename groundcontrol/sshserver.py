@@ -233,6 +233,16 @@ class GroundControlConnection(TunnelConnection):
             linkUp(self)
 
 
+def agentProbeAfter(interval: float, count: int) -> float:
+    """
+    Seconds of silence before groundcontrol pings an agent: half an interval before
+    the deadline (37.5 s with 15 s x 3). An agent with the default keepalive is
+    heard from every 30 s at most (it pings after 15 s of silence, checked every
+    15 s), so it is never pinged; a quiet one has half an interval to answer.
+    """
+    return max(interval, interval * count - interval / 2)
+
+
 class GroundControlTransport(
     KeepaliveTransportMixin,
     RekeyingTransportMixin,
@@ -276,14 +286,25 @@ class GroundControlTransport(
             )
 
     def startKeepalive(self, conn: TunnelConnection) -> None:
-        """Authenticated: stop the grace timer and watch the peer for silence."""
+        """
+        Authenticated: stop the grace timer and watch the peer for silence.
+
+        Operators (OpenSSH sends no keepalives by default) are pinged after one
+        interval of silence. Agents ping us every 15-30 s on their own (their
+        keepalive, answered, is proof of life both ways), so on an agent link we
+        only probe after L{agentProbeAfter} seconds of silence: nothing is sent
+        while the agent's pings arrive, and a link that goes quiet is still
+        dropped after interval * count seconds.
+        """
         if self._graceTimer is not None and self._graceTimer.active():
             self._graceTimer.cancel()
         self._graceTimer = None
         settings: ServerSettings = self.factory.settings
-        self.watchPeer(
-            conn, self.factory.clock, settings.keepaliveInterval, settings.keepaliveCount
+        interval, count = settings.keepaliveInterval, settings.keepaliveCount
+        probeAfter = (
+            agentProbeAfter(interval, count) if isinstance(self.avatar, AgentAvatar) else None
         )
+        self.watchPeer(conn, self.factory.clock, interval, count, probeAfter)
 
     def connectionLost(self, reason: Any = None) -> None:
         if self._graceTimer is not None and self._graceTimer.active():

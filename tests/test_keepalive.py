@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
+from typing import Any
+
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from accesstunnel.keepalive import Keepalive
+from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL, Keepalive
+from accesstunnel.keys import fingerprint
+from agent.identity import ServerKeyPin
+from agent.link import AgentLinkFactory, LinkSettings
+from groundcontrol.sshserver import agentProbeAfter
+from groundcontrol.testing import (
+    InMemoryFleet,
+    publicLine,
+    refuseForwards,
+    scriptedSessions,
+)
 
 INTERVAL = 10.0
 COUNT = 3
@@ -108,3 +121,258 @@ class KeepaliveTests(SynchronousTestCase):
     def test_deadline(self) -> None:
         """The deadline is interval times count."""
         self.assertEqual(self.keepalive.deadline, INTERVAL * COUNT)
+
+
+#: Passive keepalives in these tests: probe after 25 s of silence, dead after 30.
+PROBE_AFTER = 25.0
+
+
+class PassiveKeepaliveTests(SynchronousTestCase):
+    """
+    A keepalive with C{probeAfter} (groundcontrol's on agent links): no ping while the
+    peer is heard from, few wake-ups, and a silent peer still dead at interval * count.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.pings: list[float] = []
+        self.deaths: list[float] = []
+        self.checks: list[float] = []
+        self.keepalive = Keepalive(
+            self.clock,
+            lambda: self.pings.append(self.clock.seconds()),
+            lambda: self.deaths.append(self.clock.seconds()),
+            INTERVAL,
+            COUNT,
+            probeAfter=PROBE_AFTER,
+        )
+        check = self.keepalive._check
+
+        def countingCheck() -> None:
+            self.checks.append(self.clock.seconds())
+            check()
+
+        self.keepalive._check = countingCheck  # type: ignore[method-assign]
+        self.start = self.clock.seconds()
+        self.keepalive.start()
+
+    def test_noPingWhilePeerPings(self) -> None:
+        """
+        A peer whose own keepalive is heard every 2 intervals (what an agent's 15 s
+        keepalive does) is never pinged, for hours, and never declared dead.
+        """
+        for _ in range(1000):
+            self.clock.advance(2 * INTERVAL)
+            self.keepalive.received()
+        self.assertEqual((self.pings, self.deaths), ([], []))
+
+    def test_wakesAtMostOncePerPeerPing(self) -> None:
+        """
+        While the peer pings every 2 intervals, the keepalive wakes at most once per
+        peer ping (an active one wakes every interval), and never more than one timer.
+        """
+        for _ in range(100):
+            self.clock.advance(2 * INTERVAL)
+            self.keepalive.received()
+            self.assertLessEqual(len(self.clock.getDelayedCalls()), 1)
+        self.assertLessEqual(len(self.checks), 100)
+        self.assertGreater(len(self.checks), 0)
+
+    def test_noPingWhileTrafficFlows(self) -> None:
+        """
+        Traffic more often than the interval: no ping, and a wake-up only when the
+        silence could have reached probeAfter (every ~probeAfter seconds), not every interval.
+        """
+        for _ in range(200):
+            self.clock.advance(INTERVAL / 2)
+            self.keepalive.received()
+        self.assertEqual(self.pings, [])
+        self.assertLessEqual(len(self.checks), 200 * (INTERVAL / 2) / (PROBE_AFTER - INTERVAL / 2))
+        self.assertGreater(min(b - a for a, b in itertools.pairwise(self.checks)), INTERVAL)
+
+    def test_silentPeerProbedThenDead(self) -> None:
+        """
+        A peer silent from the start is probed once, at probeAfter seconds, and declared
+        dead at exactly interval * count seconds, not a moment sooner.
+        """
+        self.clock.advance(PROBE_AFTER - 0.5)
+        self.assertEqual(self.pings, [])
+        self.clock.advance(0.5)
+        self.assertEqual(self.pings, [self.start + PROBE_AFTER])
+        self.clock.advance(INTERVAL * COUNT - PROBE_AFTER - 0.5)
+        self.assertEqual(self.deaths, [])
+        self.clock.advance(0.5)
+        self.assertEqual(self.deaths, [self.start + INTERVAL * COUNT])
+        self.assertEqual(len(self.pings), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_peerGoesQuietDeadlineFromLastReceipt(self) -> None:
+        """
+        A peer that pinged and then went silent (at an odd moment) is probed probeAfter
+        after its last packet and dropped exactly interval * count after it.
+        """
+        for _ in range(10):
+            self.clock.advance(2 * INTERVAL)
+            self.keepalive.received()
+        self.clock.advance(7.25)
+        self.keepalive.received()
+        last = self.clock.seconds()
+        for _ in range(int(INTERVAL * COUNT / 0.25) - 1):
+            self.clock.advance(0.25)
+        self.assertEqual(self.pings, [last + PROBE_AFTER])
+        self.assertEqual(self.deaths, [])
+        self.clock.advance(0.25)
+        self.assertEqual(self.deaths, [last + INTERVAL * COUNT])
+
+    def test_answeredProbeKeepsPeer(self) -> None:
+        """A peer that only answers probes (sends nothing itself) stays up for hours."""
+        for _ in range(500):
+            self.clock.advance(PROBE_AFTER)
+            self.assertEqual(len(self.pings), 1)
+            self.pings.clear()
+            self.clock.advance(1)
+            self.keepalive.received()  # the answer, a second later
+        self.assertEqual(self.deaths, [])
+
+    def test_forwardJumpIsNoVerdict(self) -> None:
+        """
+        After a jump forward by a day, a live peer is not declared dead on the spot, and
+        a dead one is found (count - 1) intervals after the jump, as for an active one.
+        """
+        self.clock.advance(86400)
+        self.assertEqual((self.pings, self.deaths), ([], []))
+        self.clock.advance(INTERVAL * (COUNT - 1) - 0.5)
+        self.assertEqual(len(self.pings), 1)
+        self.assertEqual(self.deaths, [])
+        self.clock.advance(0.5)
+        self.assertEqual(len(self.deaths), 1)
+
+    def test_floatRemainderIsNoBusyLoop(self) -> None:
+        """
+        A receipt at a time whose float sum with probeAfter rounds below it does not
+        make the keepalive reschedule itself for no time at all.
+        """
+        self.clock.advance(0.1)
+        self.keepalive.received()
+        for _ in range(30):
+            self.clock.advance(PROBE_AFTER / 3 + 1e-9)
+        self.assertLess(len(self.checks), 10)
+
+    def test_probeAfterOutOfRangeRefused(self) -> None:
+        """probeAfter below the interval or beyond the deadline is a ValueError."""
+        for probeAfter in (INTERVAL - 1, INTERVAL * COUNT + 1):
+            self.assertRaises(
+                ValueError,
+                Keepalive,
+                self.clock,
+                lambda: None,
+                lambda: None,
+                INTERVAL,
+                COUNT,
+                probeAfter,
+            )
+
+
+class GroundControlKeepaliveTests(SynchronousTestCase):
+    """
+    groundcontrol's keepalive on a real agent link (in memory, default settings on
+    both ends): it sends nothing while the agent pings, and still drops a silent link.
+    """
+
+    def setUp(self) -> None:
+        self.fleet = InMemoryFleet()
+        self.deviceKey = self.fleet.enrollDevice("kiln7")
+
+    def connectAgent(self, keepaliveInterval: float = DEFAULT_INTERVAL) -> Any:
+        settings = LinkSettings(
+            name="kiln7",
+            deviceKey=self.deviceKey,
+            serverKey=ServerKeyPin(fingerprint(publicLine(self.fleet.hostKey))),
+            keepaliveInterval=keepaliveInterval,
+        )
+        factory = AgentLinkFactory(
+            settings,
+            self.fleet.clock,  # type: ignore[arg-type]
+            scriptedSessions(),
+            refuseForwards,
+        )
+        pump = self.fleet.connect(factory)
+        self.assertIsNotNone(self.fleet.registry.lookup("kiln7"))
+        return pump
+
+    def countKeepalives(self, conn: Any) -> list[float]:
+        """Record when C{conn} sends a keepalive@openssh.com request."""
+        sent: list[float] = []
+        send = conn.sendGlobalRequest
+
+        def counting(request: bytes, data: bytes, wantReply: int = 0) -> Any:
+            if request == b"keepalive@openssh.com":
+                sent.append(self.fleet.clock.seconds())
+            return send(request, data, wantReply)
+
+        conn.sendGlobalRequest = counting
+        return sent
+
+    def advance(self, seconds: int, step: float = 1.0) -> None:
+        for _ in range(int(seconds / step)):
+            self.fleet.clock.advance(step)
+            self.fleet.flush()
+
+    def test_noPingWhileAgentPings(self) -> None:
+        """
+        Over two hours of an idle link, groundcontrol sends no keepalive (the agent's
+        own, every 30 s, are answered), the agent's are all answered, and the link stays.
+        """
+        pump = self.connectAgent()
+        fromServer = self.countKeepalives(pump.server.service)
+        fromAgent = self.countKeepalives(pump.client.service)
+        self.advance(2 * 3600)
+        self.assertEqual(fromServer, [])
+        # Every 15 s here (in memory the answer comes back at the very same clock
+        # time); every 30 s over a real network, where it comes back a little later.
+        self.assertEqual(len(fromAgent), 2 * 3600 // DEFAULT_INTERVAL)
+        self.assertIsNotNone(self.fleet.registry.lookup("kiln7"))
+        self.assertFalse(pump.serverIO.disconnecting or pump.clientIO.disconnecting)
+
+    def test_quietAgentProbedAndKept(self) -> None:
+        """
+        An agent that sends no keepalives of its own is probed after agentProbeAfter
+        seconds of silence (37.5 s by default), answers, and stays connected.
+        """
+        pump = self.connectAgent(keepaliveInterval=1e9)
+        fromServer = self.countKeepalives(pump.server.service)
+        self.advance(3600, step=0.5)
+        probeAfter = agentProbeAfter(DEFAULT_INTERVAL, DEFAULT_COUNT)
+        self.assertEqual(probeAfter, 37.5)
+        self.assertEqual(len(fromServer), int(3600 // probeAfter))
+        self.assertIsNotNone(self.fleet.registry.lookup("kiln7"))
+
+    def test_silentLinkDroppedInTime(self) -> None:
+        """
+        A link on which nothing arrives any more (frozen agent, blackhole) is dropped
+        by groundcontrol exactly interval * count seconds after the last packet.
+        """
+        pump = self.connectAgent()
+        self.advance(100)
+        self.fleet.network.pumps.remove(pump)  # nothing moves any more
+        last = pump.server.keepalive.lastReceived
+        deadline = DEFAULT_INTERVAL * DEFAULT_COUNT
+        self.fleet.clock.advance(last + deadline - 0.5 - self.fleet.clock.seconds())
+        self.assertFalse(pump.serverIO.disconnecting)
+        self.fleet.clock.advance(0.5)
+        self.assertTrue(pump.serverIO.disconnecting)
+
+    def test_operatorsStillPinged(self) -> None:
+        """
+        An operator connection (OpenSSH sends no keepalives by default) is still pinged
+        after one interval of silence.
+        """
+        key = self.fleet.addOperator("alice")
+        self.fleet.grant("alice", "kiln7")
+        operator = self.fleet.operator("dev_kiln7", key)
+        assert operator.connection is not None
+        (pump,) = [p for p in self.fleet.network.pumps if p.client is operator.connection.transport]
+        fromServer = self.countKeepalives(pump.server.service)
+        self.advance(int(DEFAULT_INTERVAL) + 1)
+        self.assertEqual(len(fromServer), 1)
