@@ -13,7 +13,9 @@ from typing import Any
 
 import attrs
 from twisted.application import service
+from twisted.logger import ILogObserver
 from twisted.python import usage
+from twisted.python.components import Componentized
 
 from accesstunnel.addresses import AddressError, parseAddress, serverListener
 from accesstunnel.durations import parseDuration
@@ -26,6 +28,14 @@ from groundcontrol.datadir import DataDir, HostKeyError, NotInitialised
 from groundcontrol.enrollment import CertificatePolicy
 from groundcontrol.fleetwatch import FleetWatcher
 from groundcontrol.listening import ListenService, listenAll
+from groundcontrol.logging import (
+    DEFAULT_LEVEL,
+    LEVELS,
+    filtered,
+    parseLevel,
+    setLevel,
+    twistdObserver,
+)
 from groundcontrol.metrics import Metrics, metricsService
 from groundcontrol.notify import makeNotifier
 from groundcontrol.pki import CA_CERTIFICATE_FILE, CAError
@@ -114,6 +124,13 @@ class Options(usage.Options):
             "1G 1h",
             "Renew the session keys after SIZE bytes [and TIME] (like RekeyLimit; 'none').",
         ],
+        [
+            "log-level",
+            None,
+            DEFAULT_LEVEL,
+            f"Lowest level of log events written ({', '.join(LEVELS)}); debug adds Conch's "
+            "per-packet events.",
+        ],
     ]
 
     optFlags = [
@@ -172,6 +189,10 @@ class Options(usage.Options):
             self["rekey-limit"] = parseRekeyLimit(self["rekey-limit"])
         except ValueError as e:
             raise usage.UsageError(f"--rekey-limit: {e}") from None
+        try:
+            parseLevel(self["log-level"])
+        except ValueError as e:
+            raise usage.UsageError(f"--log-level: {e}") from None
 
     def toConfig(self) -> ServerConfig:
         return ServerConfig(
@@ -231,9 +252,41 @@ def _redacted(url: str) -> str:
     return url
 
 
+class GroundControlService(service.MultiService):
+    """
+    groundcontrol's top service. When twistd attaches it to its application it
+    gives the application L{logObserver} (if set) as its log observer, which
+    twistd uses when no ``--logger`` is given (see L{groundcontrol.logging}).
+    """
+
+    logObserver: Any = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        if (
+            self.logObserver is not None
+            and isinstance(parent, Componentized)
+            and parent.getComponent(ILogObserver, None) is None
+        ):
+            parent.setComponent(ILogObserver, self.logObserver)
+        super().setServiceParent(parent)
+
+
+def configureLogging(top: GroundControlService, options: Options) -> None:
+    """
+    Write only events of C{--log-level} and above: through twistd's own observer
+    (C{-l}, C{--syslog}, standard output), and through this package's ``--logger``
+    factories. C{options.parent} is twistd's ServerOptions (absent outside twistd).
+    """
+    level = parseLevel(options["log-level"])
+    setLevel(level)
+    twistd = getattr(options, "parent", None)
+    if twistd is not None and not twistd.get("logger"):
+        top.logObserver = filtered(twistdObserver(twistd), level)
+
+
 def buildService(
     config: ServerConfig, reactor: Any, store: IStore | None = None
-) -> service.MultiService:
+) -> GroundControlService:
     """Assemble groundcontrol: front door on every listen address, fleet watcher."""
     if not config.dataDir.isInitialised():
         raise usage.UsageError(
@@ -257,7 +310,7 @@ def buildService(
         store, hostKey, reactor, config.settings, certificates=certificates
     )
     notifier = makeNotifier(reactor, config.webhook)
-    top = service.MultiService()
+    top = GroundControlService()
     # One limiter for every listener, innermost: it counts SSH handshakes,
     # whatever transport carries them.
     limited = HandshakeLimiter(
@@ -313,7 +366,9 @@ def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
     try:
-        return buildService(options.toConfig(), reactor)
+        top = buildService(options.toConfig(), reactor)
     except usage.UsageError as e:
         # A setup problem, not a bug: one clear line, no traceback.
         raise SystemExit(f"groundcontrol: {e}") from None
+    configureLogging(top, options)
+    return top
