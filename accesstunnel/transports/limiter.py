@@ -3,26 +3,71 @@ A bound on concurrent unauthenticated SSH handshakes, so a reconnect storm (a wh
 coming back after a server restart) cannot starve agents and operators already logged in.
 
 Key exchange and signature checks cost CPU; thousands at once would delay every packet of
-the live sessions on the same reactor. Like OpenSSH's C{MaxStartups}, connections beyond the
-bound are closed at once; agents retry with jittered backoff (L{agent.link.backoffPolicy}),
-which spreads them out. Authenticated connections do not count.
+the live sessions on the same reactor. So at most C{maxPending} connections are in their
+handshake at once (at most C{maxPerSource} from one source address). Authenticated
+connections do not count.
+
+Connections beyond the bound B{wait}; they are not refused (OpenSSH's C{MaxStartups} closes
+them, and a refused agent sits in its backoff while the server has CPU to spare):
+
+  - an accepted connection that cannot start its handshake is held, read paused and its
+    SSH protocol not even built, in a waiting room;
+  - when the waiting room holds C{maxWaiting} connections and every handshake slot is
+    taken, the listening ports stop accepting (C{stopReading}), so further connections
+    wait in the kernel's listen backlog; they accept again as soon as a slot frees
+    (with C{maxWaiting=0} the ports pause the moment the slots are full);
+  - a freed slot goes first to a connection whose source had nothing in progress and
+    nothing waiting when it arrived (an operator amid a storm of agents), then to sources
+    with no handshake in progress, then round robin over the other sources: so a source
+    that brings hundreds of connections at once cannot make a quiet one wait behind all
+    of them. Within a source, first come first served.
+
+One source may have C{maxPerSource} handshakes in progress and C{maxWaitingPerSource}
+connections waiting; beyond that its connections are closed at once (cheaply: no key
+exchange). Holding them would let one address pin file descriptors and memory without
+limit; the agent's jittered backoff brings a refused one back later.
+
+Every handshake is also bounded in time: a connection still not logged in
+C{handshakeTimeout} seconds after its slot was granted is aborted (the SSH transport's login
+grace time normally ends it first; this catches a connection whose polite close never
+completes, e.g. one stalled inside a TLS handshake).
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import ipaddress
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
+from zope.interface import directlyProvides, providedBy
 
 __all__ = ["HandshakeLimiter"]
 
 DEFAULT_MAX_PENDING = 64
 DEFAULT_MAX_PER_SOURCE = 16
+#: Accepted connections held before the listening ports pause: enough for a whole fleet's
+#: reconnect storm, so the kernel does not drop SYNs (and with them an operator's connect).
+#: A waiting connection costs a file descriptor and about 1 KiB: no SSH state yet.
+DEFAULT_MAX_WAITING = 16384
+DEFAULT_MAX_WAITING_PER_SOURCE = 256
+#: Seconds past the SSH factory's login grace time before the limiter aborts a handshake.
+HANDSHAKE_TIMEOUT_MARGIN = 10.0
+#: The handshake timeout when the SSH factory has no login grace time to go by.
+DEFAULT_HANDSHAKE_TIMEOUT = 60.0
+#: Bytes a waiting connection may send before its turn (a version line and a KEXINIT are
+#: about 2 KB; a client waits for the server's before it sends more).
+MAX_WAITING_BYTES = 64 * 1024
+
+_CONNECTION_DONE = Failure(ConnectionDone())
+
+_NEW, _WAITING, _PENDING, _DONE, _REFUSED, _LOST = range(6)
 
 
 def _hasAvatar(protocol: Any) -> bool:
@@ -31,33 +76,141 @@ def _hasAvatar(protocol: Any) -> bool:
 
 
 def _source(transport: Any) -> str:
+    """The source whose handshakes are counted together: an IPv4 address or an IPv6 /64."""
     peer = transport.getPeer()
     peer = getattr(peer, "address", peer)
-    return str(getattr(peer, "host", peer))
+    host = str(getattr(peer, "host", peer))
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return host
+
+
+def _listeningPort(transport: Any) -> Any:
+    """
+    The listening port a connection came in on (a TCP server transport's C{server}),
+    looking through TLS and other wrappers; C{None} if there is none to pause.
+    """
+    for _ in range(8):
+        if transport is None:
+            return None
+        port = getattr(transport, "server", None)
+        if callable(getattr(port, "stopReading", None)) and callable(
+            getattr(port, "startReading", None)
+        ):
+            return port
+        transport = getattr(transport, "transport", None)
+    return None
+
+
+def _call(obj: Any, name: str) -> None:
+    method = getattr(obj, name, None)
+    if method is not None:
+        method()
 
 
 class _Limited(ProtocolWrapper):
-    """Counts its connection as pending until the wrapped protocol has authenticated."""
+    """
+    One connection: waits for a handshake slot, then counts as pending until the SSH
+    protocol (built only then) has authenticated.
+    """
 
     factory: HandshakeLimiter
-    _pending = False
-    _refused = False
+    wrappedProtocol: Any
+    transport: Any
+    state = _NEW
+    source = ""
+    waitingSince = 0.0
+    _timer: Any = None
+
+    def __init__(self, factory: HandshakeLimiter, addr: Any) -> None:
+        # The SSH protocol is built when the connection gets its slot, not before.
+        self.factory = factory
+        self.wrappedProtocol = None
+        self._addr = addr
+        self._buffered: list[bytes] = []
+        self._bufferedBytes = 0
+
+    def logPrefix(self) -> str:
+        wrapped = self.wrappedProtocol
+        if wrapped is not None:
+            return super().logPrefix()  # type: ignore[no-any-return]
+        name = getattr(getattr(self.factory.wrappedFactory, "protocol", None), "__name__", None)
+        return f"{name or 'SSH'} ({self.__class__.__name__})"
 
     def makeConnection(self, transport: Any) -> None:
-        source = _source(transport)
-        if not self.factory._admit(source):
-            self._refused = True
-            self.transport = transport
-            transport.loseConnection()
+        directlyProvides(self, providedBy(transport))
+        Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
+        self.source = _source(transport)
+        self.factory._arrived(self)
+
+    # -- called by the factory
+
+    def _wait(self) -> None:
+        self.state = _WAITING
+        self.waitingSince = self.factory._now()
+        _call(self.transport, "pauseProducing")
+
+    def _refuse(self) -> None:
+        self.state = _REFUSED
+        self.transport.loseConnection()
+
+    def _begin(self) -> None:
+        """This connection has a slot: build the SSH protocol and let it run."""
+        waited = self.state == _WAITING
+        self.state = _PENDING
+        self._timer = self.factory._clock().callLater(self.factory.handshakeTimeout, self._timedOut)
+        protocol = self.factory.wrappedFactory.buildProtocol(self._addr)
+        if protocol is None:
+            self.transport.loseConnection()
             return
-        self._pending = True
-        self._sourceKey = source
-        super().makeConnection(transport)
+        self.wrappedProtocol = protocol
+        protocol.makeConnection(self)
+        if waited and self.state == _PENDING:
+            _call(self.transport, "resumeProducing")
+        buffered, self._buffered = self._buffered, []
+        self._bufferedBytes = 0
+        for data in buffered:
+            if self.wrappedProtocol is None:
+                break
+            self.dataReceived(data)
+
+    def _timedOut(self) -> None:
+        self._timer = None
+        if self.state != _PENDING:
+            return
+        self.factory._log.info(
+            "handshake from {source} not finished in {timeout} s; aborting it",
+            source=self.source,
+            timeout=self.factory.handshakeTimeout,
+        )
+        self._abort()
+
+    def _abort(self) -> None:
+        abort = getattr(self.transport, "abortConnection", None)
+        if abort is not None:
+            abort()
+        else:
+            self.transport.loseConnection()
 
     def _check(self) -> None:
-        if self._pending and self.factory._isAuthenticated(self.wrappedProtocol):
-            self._pending = False
-            self.factory._release(self._sourceKey)
+        if self.state == _PENDING and self.factory._isAuthenticated(self.wrappedProtocol):
+            self.state = _DONE
+            self._cancelTimer()
+            self.factory._release(self)
+
+    def _cancelTimer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    # -- the wrapped protocol's transport
 
     def write(self, data: bytes) -> None:
         # The success message is written right after Conch records the avatar.
@@ -68,31 +221,57 @@ class _Limited(ProtocolWrapper):
         self._check()
         super().writeSequence(data)
 
-    def dataReceived(self, data: bytes) -> None:
-        if self._refused:
-            return
-        super().dataReceived(data)
-        self._check()
+    # -- the wrapped protocol
 
-    def connectionLost(self, reason: Failure) -> None:
-        if self._refused:
+    def dataReceived(self, data: bytes) -> None:
+        state = self.state
+        if state == _WAITING:
+            # Read should be paused; a transport that cannot pause has its data kept.
+            self._buffered.append(data)
+            self._bufferedBytes += len(data)
+            if self._bufferedBytes > MAX_WAITING_BYTES:
+                self._buffered = []
+                self._abort()
             return
-        if self._pending:
-            self._pending = False
-            self.factory._release(self._sourceKey)
-        super().connectionLost(reason)
+        if state in (_PENDING, _DONE):
+            self.wrappedProtocol.dataReceived(data)
+            self._check()
+
+    def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
+        state = self.state
+        if state == _LOST:
+            return
+        self.state = _LOST
+        self._cancelTimer()
+        self._buffered = []
+        self.factory.unregisterProtocol(self)
+        if state == _WAITING:
+            self.factory._forget(self)
+        elif state == _PENDING:
+            self.factory._release(self)
+        wrapped, self.wrappedProtocol = self.wrappedProtocol, None
+        if wrapped is not None:
+            wrapped.connectionLost(reason)
 
 
 class HandshakeLimiter(WrappingFactory):
     """
-    Wrap an SSH server factory; admit at most C{maxPending} connections that have not yet
-    authenticated, and at most C{maxPerSource} of them from one address.
+    Wrap an SSH server factory; let at most C{maxPending} connections that have not yet
+    authenticated run their handshake at once, at most C{maxPerSource} of them from one
+    address; hold the others until a slot frees (see the module docstring).
 
     Apply it innermost (around the SSH factory, inside TLS and WebSocket), and share one
-    instance between all listeners so the bound is for the whole server.
+    instance between all listeners so the bound is for the whole server. It finds the
+    listening ports to pause from the connections they deliver.
+
+    @ivar pending: handshakes in progress.
+    @ivar waiting: accepted connections waiting for a slot.
+    @ivar refused: connections closed since the limiter last had room (one log line per
+        episode).
+    @ivar queued: connections that had to wait, in the same episode.
     """
 
-    protocol = _Limited
+    protocol = _Limited  # type: ignore[assignment]
     noisy = False
     _log = Logger()
 
@@ -102,43 +281,223 @@ class HandshakeLimiter(WrappingFactory):
         maxPending: int = DEFAULT_MAX_PENDING,
         maxPerSource: int = DEFAULT_MAX_PER_SOURCE,
         isAuthenticated: Callable[[Any], bool] = _hasAvatar,
+        maxWaiting: int = DEFAULT_MAX_WAITING,
+        maxWaitingPerSource: int = DEFAULT_MAX_WAITING_PER_SOURCE,
+        handshakeTimeout: float | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         super().__init__(wrappedFactory)
         if maxPending < 1 or maxPerSource < 1:
             raise ValueError("limits must be at least 1")
+        if maxWaiting < 0 or maxWaitingPerSource < 0:
+            raise ValueError("waiting limits must not be negative")
         self.maxPending = maxPending
         self.maxPerSource = maxPerSource
+        self.maxWaiting = maxWaiting
+        self.maxWaitingPerSource = maxWaitingPerSource
+        if handshakeTimeout is None:
+            grace = getattr(getattr(wrappedFactory, "settings", None), "loginGraceTime", None)
+            handshakeTimeout = (
+                DEFAULT_HANDSHAKE_TIMEOUT
+                if not isinstance(grace, (int, float))
+                else grace + HANDSHAKE_TIMEOUT_MARGIN
+            )
+        self.handshakeTimeout = handshakeTimeout
+        self._clockGiven = clock
         self._isAuthenticated = isAuthenticated
         self.pending = 0
+        self.waiting = 0
         self._perSource: Counter[str] = Counter()
-        #: Connections refused since the limiter last had room (logged once per episode).
+        #: Waiting connections by source, oldest first; the order of sources is the round.
+        self._queues: OrderedDict[str, deque[_Limited]] = OrderedDict()
+        #: Connections that were alone from their source when they arrived.
+        self._fresh: deque[_Limited] = deque()
+        #: Sources with connections waiting and (when noted) no handshake in progress.
+        self._quiet: deque[str] = deque()
+        self._ports: set[Any] = set()
+        self.paused = False
+        #: Times the listening ports were paused (for tests and logs).
+        self.pauses = 0
+        self._pumping = False
+        self._pumpAgain = False
+        # One log line when an episode of waiting or refusing starts, one when it ends.
+        self._episode = False
         self.refused = 0
+        self.queued = 0
+        self._mostWaiting = 0
+        self._longestWait = 0.0
 
-    def _admit(self, source: str) -> bool:
-        if self.pending >= self.maxPending or self._perSource[source] >= self.maxPerSource:
-            if self.refused == 0:
-                self._log.warn(
-                    "too many handshakes in progress ({pending}); refusing new connections",
-                    pending=self.pending,
-                    source=source,
-                )
-            self.refused += 1
-            return False
+    # -- time
+
+    def _clock(self) -> Any:
+        clock = self._clockGiven or getattr(self.wrappedFactory, "clock", None)
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = reactor
+        self._clockGiven = clock
+        return clock
+
+    def _now(self) -> float:
+        return self._clock().seconds()
+
+    # -- protocol building
+
+    def buildProtocol(self, addr: Any) -> _Limited:
+        return _Limited(self, addr)
+
+    # -- admission
+
+    def _arrived(self, conn: _Limited) -> None:
+        port = _listeningPort(conn.transport)
+        if port is not None and port not in self._ports:
+            self._ports.add(port)
+            if self.paused:
+                port.stopReading()
+        source = conn.source
+        if self.pending < self.maxPending and self._perSource[source] < self.maxPerSource:
+            # Nothing that could start is waiting (a freed slot always goes to a waiter),
+            # so this one jumps no queue.
+            self._start(conn)
+        else:
+            queue = self._queues.get(source)
+            waitingHere = len(queue) if queue is not None else 0
+            self._startEpisode()
+            if waitingHere >= self.maxWaitingPerSource:
+                self.refused += 1
+                conn._refuse()
+            else:
+                if queue is None:
+                    queue = self._queues[source] = deque()
+                if not queue and self._perSource[source] == 0:
+                    self._fresh.append(conn)
+                queue.append(conn)
+                self.waiting += 1
+                self.queued += 1
+                self._mostWaiting = max(self._mostWaiting, self.waiting)
+                conn._wait()
+        self._updatePorts()
+
+    def _start(self, conn: _Limited) -> None:
         self.pending += 1
-        self._perSource[source] += 1
-        return True
+        self._perSource[conn.source] += 1
+        conn._begin()
 
-    def _release(self, source: str) -> None:
+    def _startEpisode(self) -> None:
+        if not self._episode:
+            self._episode = True
+            self._log.warn(
+                "handshake limit reached ({pending} in progress); new connections wait their turn",
+                pending=self.pending,
+            )
+
+    def _release(self, conn: _Limited) -> None:
+        """A handshake ended: authenticated, or the connection went away."""
+        source = conn.source
         self.pending -= 1
         self._perSource[source] -= 1
         if self._perSource[source] <= 0:
             del self._perSource[source]
-        if self.refused and self.pending < self.maxPending:
+            if source in self._queues:
+                self._quiet.append(source)
+        self._pump()
+
+    def _forget(self, conn: _Limited) -> None:
+        """A waiting connection went away before its turn."""
+        self._unqueue(conn)
+        if conn.source in self._queues and self._perSource[conn.source] == 0:
+            self._quiet.append(conn.source)
+        self._pump()
+
+    def _unqueue(self, conn: _Limited) -> None:
+        queue = self._queues[conn.source]
+        queue.remove(conn)
+        if not queue:
+            del self._queues[conn.source]
+        self.waiting -= 1
+
+    def _takeFirst(self, source: str) -> _Limited:
+        queue = self._queues[source]
+        conn = queue.popleft()
+        if not queue:
+            del self._queues[source]
+        self.waiting -= 1
+        return conn
+
+    def _next(self) -> _Limited | None:
+        """The waiting connection that gets the next free slot, taken out of the room."""
+        while self._fresh:
+            conn = self._fresh.popleft()
+            if conn.state == _WAITING and self._perSource[conn.source] < self.maxPerSource:
+                self._unqueue(conn)
+                return conn
+        while self._quiet:
+            source = self._quiet.popleft()
+            if source in self._queues and self._perSource[source] == 0:
+                return self._takeFirst(source)
+        # Round robin over sources with handshakes in progress but below their bound.
+        # Sources at their bound are skipped; there are at most maxPending/maxPerSource.
+        for _ in range(len(self._queues)):
+            source = next(iter(self._queues))
+            self._queues.move_to_end(source)
+            if self._perSource[source] < self.maxPerSource:
+                return self._takeFirst(source)
+        return None
+
+    def _pump(self) -> None:
+        """Give free slots to waiting connections; pause or resume the ports to match."""
+        if self._pumping:
+            self._pumpAgain = True
+            return
+        self._pumping = True
+        try:
+            again = True
+            while again:
+                self._pumpAgain = False
+                while self.pending < self.maxPending:
+                    conn = self._next()
+                    if conn is None:
+                        break
+                    self._longestWait = max(self._longestWait, self._now() - conn.waitingSince)
+                    self._start(conn)
+                again = self._pumpAgain
+        finally:
+            self._pumping = False
+        self._updatePorts()
+        if self._episode and not self.waiting and self.pending < self.maxPending:
             self._log.info(
-                "handshakes below the limit again; {refused} connections were refused",
+                "handshakes below the limit again; {refused} connections were refused, "
+                "{queued} waited (at most {most} at once, the longest {longest:.1f} s)",
                 refused=self.refused,
+                queued=self.queued,
+                most=self._mostWaiting,
+                longest=self._longestWait,
             )
-            self.refused = 0
+            self._episode = False
+            self.refused = self.queued = self._mostWaiting = 0
+            self._longestWait = 0.0
+
+    # -- the listening ports
+
+    def _updatePorts(self) -> None:
+        full = self.pending >= self.maxPending and self.waiting >= self.maxWaiting
+        if full and not self.paused:
+            self.paused = True
+            self.pauses += 1
+            for port in list(self._ports):
+                if self._listening(port):
+                    port.stopReading()
+        elif not full and self.paused:
+            self.paused = False
+            for port in list(self._ports):
+                if self._listening(port):
+                    port.startReading()
+
+    def _listening(self, port: Any) -> bool:
+        if getattr(port, "disconnecting", False) or not getattr(port, "connected", True):
+            self._ports.discard(port)
+            return False
+        return True
 
     def __getattr__(self, name: str) -> Any:
         # Settings, clock, portal...: whoever holds this factory may ask the SSH factory.
