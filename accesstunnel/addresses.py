@@ -77,6 +77,12 @@ DEFAULT_SERVERS = (
 
 FactoryWrapper = Callable[[IProtocolFactory], IProtocolFactory]
 
+#: The listen backlog of groundcontrol's TCP ports (Twisted's default is 50; Linux caps
+#: it at net.core.somaxconn, 4096 by default). In a reconnect storm connections the
+#: server is not accepting yet wait here; past it the kernel drops SYNs and clients retry
+#: after 1, 3, 7... s. An endpoint string that names its own backlog keeps it.
+LISTEN_BACKLOG = 1024
+
 
 def __getattr__(name: str) -> Any:
     """C{TorSettings} is re-exported here, imported (with txtorcon) on first use."""
@@ -184,6 +190,14 @@ def _tcpServerString(parsed: Address) -> str:
     return f"tcp:{parsed.port}{interface}"
 
 
+def _withBacklog(endpoint: str) -> str:
+    """A TCP server endpoint string with L{LISTEN_BACKLOG} unless it names a backlog."""
+    kind = endpoint.split(":", 1)[0].strip().lower()
+    if kind in ("tcp", "tcp6") and "backlog=" not in endpoint:
+        return f"{endpoint}:backlog={LISTEN_BACKLOG}"
+    return endpoint
+
+
 def _identity(factory: IProtocolFactory) -> IProtocolFactory:
     return factory
 
@@ -239,7 +253,7 @@ def serverListener(
     scheme = parsed.scheme
     if scheme == "endpoint":
         try:
-            endpoint = endpoints.serverFromString(reactor, address)
+            endpoint = endpoints.serverFromString(reactor, _withBacklog(address))
         except (ValueError, TypeError, KeyError) as e:
             raise AddressError(f"bad endpoint string {address!r}: {e}") from None
         return Listener(endpoint, _identity, address, "tcp")
@@ -253,7 +267,7 @@ def serverListener(
             address,
             "tor",
         )
-    tcp = endpoints.serverFromString(reactor, _tcpServerString(parsed))
+    tcp = endpoints.serverFromString(reactor, _withBacklog(_tcpServerString(parsed)))
     if scheme == "ssh":
         return Listener(tcp, _identity, address, scheme)
     wrappers: list[FactoryWrapper] = []

@@ -499,3 +499,24 @@ class RealSSHTests(SynchronousTestCase):
         fleet.flush()
         self.assertIsNotNone(operator.connection)
         self.assertEqual(limiter.pending, 0)
+
+
+class ListenBacklogTests(SynchronousTestCase):
+    """The front door's listen backlog: where a storm waits that the server is not accepting."""
+
+    def test_tcpListenersGetALargeBacklog(self) -> None:
+        """
+        ssh://, tls:// and tcp: endpoint strings listen with LISTEN_BACKLOG (Twisted's
+        default of 50 overflows at once in a reconnect storm); a backlog given in the
+        endpoint string is kept.
+        """
+        from twisted.internet.testing import MemoryReactor
+
+        from accesstunnel.addresses import LISTEN_BACKLOG, serverListener
+
+        reactor = MemoryReactor()
+        for address in ("ssh://127.0.0.1:0", "tcp:0:interface=127.0.0.1", "tcp6:0"):
+            endpoint = serverListener(reactor, address).endpoint
+            self.assertEqual(endpoint._backlog, LISTEN_BACKLOG, address)  # type: ignore[attr-defined]
+        endpoint = serverListener(reactor, "tcp:0:backlog=7").endpoint
+        self.assertEqual(endpoint._backlog, 7)  # type: ignore[attr-defined]
