@@ -23,6 +23,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from accesstunnel import writethrough
 from accesstunnel.channel import packOpenFailure
 
 _unpack_2uint32 = struct.Struct(">2L").unpack
@@ -40,6 +41,15 @@ class TunnelConnection(connection.SSHConnection):
         self._pendingOpens: set[defer.Deferred[Any]] = set()
         self._globalReplies: defer.Deferred[None] = defer.succeed(None)
         self.stopped = False
+
+    def serviceStarted(self) -> None:
+        """
+        Authenticated: from now on the link carries sessions, so let the TCP
+        connection under it send small writes at once (see
+        L{accesstunnel.writethrough}) instead of one reactor turn later.
+        """
+        super().serviceStarted()
+        writethrough.enable(getattr(self.transport, "transport", None))
 
     # -- incoming data -------------------------------------------------------
 

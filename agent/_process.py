@@ -38,6 +38,8 @@ from twisted.conch import ttymodes
 from twisted.internet import main, process
 from twisted.internet.posixbase import PosixReactorBase
 
+from accesstunnel.writethrough import WriteThroughMixin
+
 #: Bytes read from a child's output per system call.
 READ_SIZE = 64 * 1024
 
@@ -196,10 +198,15 @@ class _LargeReader(process.ProcessReader):
         return _readFrom(self.fd, self.dataReceived)
 
 
+class _WriteThroughWriter(WriteThroughMixin, process.ProcessWriter):
+    """A child's stdin pipe: small writes go to the pipe at once."""
+
+
 class _SessionProcess(process.Process):
-    """A pipe child in its own session, read 64 KiB at a time."""
+    """A pipe child in its own session, read 64 KiB at a time, stdin written through."""
 
     processReaderFactory = _LargeReader
+    processWriterFactory = _WriteThroughWriter
 
     def _trySpawnInsteadOfFork(self, *args: Any, **kwargs: Any) -> bool:
         return False  # posix_spawn here cannot setsid
@@ -209,8 +216,11 @@ class _SessionProcess(process.Process):
         super()._setupChild(*args, **kwargs)
 
 
-class _SessionPTYProcess(process.PTYProcess):
-    """A pty child (Twisted already makes it a session leader), read 64 KiB at a time."""
+class _SessionPTYProcess(WriteThroughMixin, process.PTYProcess):
+    """
+    A pty child (Twisted already makes it a session leader), read 64 KiB at a
+    time; a keystroke is written to the pty at once, not a reactor turn later.
+    """
 
     def doRead(self) -> Any:
         return _readFrom(self.fd, lambda data: self.proto.childDataReceived(1, data))  # type: ignore[union-attr, call-arg, arg-type, misc]
