@@ -29,18 +29,17 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.protocols.policies import WrappingFactory
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
-from accesstunnel.transports import tls as _tls
-from accesstunnel.transports.proxy import HTTPConnectEndpoint, ProxySettings
-from accesstunnel.transports.tls import ClientTLS, ServerTLS
-
 if TYPE_CHECKING:
+    from accesstunnel.transports.proxy import ProxySettings
+    from accesstunnel.transports.tls import ClientTLS, ServerTLS
     from accesstunnel.transports.tor import TorSettings
 
-# The tor (txtorcon) and WebSocket (autobahn, cffi) transports are imported only when an
-# address needs them: together they are about 10 MB of an agent's RSS that dials ssh://.
+# Each transport module is imported only when an address needs it: tor (txtorcon) and
+# WebSocket (autobahn, cffi) are about 10 MB of an agent's RSS that dials ssh://; TLS and
+# the HTTP CONNECT proxy are imported at the first tls://, ws:// or wss:// connect or listen.
+# (Twisted's reactor imports pyOpenSSL by itself, so TLS costs our modules only.)
 
 __all__ = [
     "DEFAULT_SERVERS",
@@ -84,12 +83,21 @@ FactoryWrapper = Callable[[IProtocolFactory], IProtocolFactory]
 LISTEN_BACKLOG = 1024
 
 
-def __getattr__(name: str) -> Any:
-    """C{TorSettings} is re-exported here, imported (with txtorcon) on first use."""
-    if name == "TorSettings":
-        from accesstunnel.transports.tor import TorSettings
+#: Settings classes re-exported here, each imported (with its transport) on first use.
+_LAZY = {
+    "ClientTLS": "accesstunnel.transports.tls",
+    "ServerTLS": "accesstunnel.transports.tls",
+    "ProxySettings": "accesstunnel.transports.proxy",
+    "TorSettings": "accesstunnel.transports.tor",
+}
 
-        return TorSettings
+
+def __getattr__(name: str) -> Any:
+    """The settings classes in L{_LAZY}, imported when first asked for."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -274,7 +282,11 @@ def serverListener(
     if scheme in ("tls", "wss"):
         if tls is None:
             raise AddressError(f"{address!r} needs a TLS certificate and key")
-        context = _tls.serverContextFactory(tls)
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        from accesstunnel.transports.tls import serverContextFactory
+
+        context = serverContextFactory(tls)
         wrappers.append(lambda f: TLSMemoryBIOFactory(context, False, f, clock=reactor))
     if scheme in ("ws", "wss"):
         # No port in the URL: autobahn refuses port 0, and behind a balancer the public port
@@ -331,6 +343,8 @@ def clientConnector(
     description = address
     proxyURL = proxy.proxyFor(scheme, host, port) if proxy and scheme in ("ws", "wss") else None
     if proxyURL is not None:
+        from accesstunnel.transports.proxy import HTTPConnectEndpoint
+
         endpoint = HTTPConnectEndpoint.create(reactor, proxyURL, host, port)
         description = f"{address} via proxy {proxyURL.host}:{proxyURL.port}"
     else:
@@ -369,6 +383,8 @@ class _LazyTLSEndpoint:
         self.withoutCertificateNext = False
 
     def connect(self, protocolFactory: IProtocolFactory) -> Any:
+        from accesstunnel.transports import tls as _tls
+
         presentCertificate = not self.withoutCertificateNext
         self.withoutCertificateNext = False
         try:

@@ -17,7 +17,6 @@ The file is TOML::
 from __future__ import annotations
 
 import signal
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,6 +54,8 @@ def loadConfig(path: Path) -> AgentFileConfig:
     @raise ConfigError: unreadable, not TOML, unknown keys, or a bad address (so a typo is
         reported instead of silently dialling nothing).
     """
+    import tomllib  # only agents with a config file need the parser
+
     try:
         data = tomllib.loads(Path(path).read_text())
     except OSError as e:
