@@ -7,7 +7,7 @@ Options become a L{AgentConfig}; L{buildService} is what tests call.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application import service
@@ -24,14 +24,16 @@ from accesstunnel.addresses import (
 from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL
 from accesstunnel.names import isValidDeviceName
 from accesstunnel.rekey import RekeyLimit, parseRekeyLimit
-from accesstunnel.transports.proxy import ProxySettings
-from accesstunnel.transports.tls import ClientTLS
 from agent.config import AgentFileConfig, ConfigError, installReloadOnSIGHUP, loadConfig
 from agent.enrollment import CERTIFICATE_FILE, Enrollment
 from agent.failover import FailoverEndpoint
 from agent.identity import DEVICE_KEY_FILE, IdentityError, ServerKeyPin, loadOrCreateDeviceKey
 from agent.link import AGENT_VERSION, AgentLinkFactory, LinkSettings, linkService
 from agent.serial import readSerial
+
+if TYPE_CHECKING:
+    from accesstunnel.transports.proxy import ProxySettings
+    from accesstunnel.transports.tls import ClientTLS
 
 
 @attrs.frozen
@@ -235,14 +237,24 @@ def _connectors(
     )
     tlsCA = (fileConfig.tlsCA if fileConfig else None) or config.tlsCA
     proxyOverride = (fileConfig.proxy if fileConfig else None) or config.proxy
-    tls = ClientTLS(
-        caFile=tlsCA,
-        clientCertificateFile=config.stateDir / CERTIFICATE_FILE,
-        clientKeyFile=config.stateDir / DEVICE_KEY_FILE,
-    )
-    proxy = ProxySettings.fromEnvironment(override=proxyOverride)
+    # Each transport's module is imported only if an address uses it (see addresses.py).
+    schemes = {s.strip().lower().split("://", 1)[0] for s in servers if "://" in s}
+    tls: ClientTLS | None = None
+    proxy: ProxySettings | None = None
+    if schemes & {"tls", "wss"}:
+        from accesstunnel.transports.tls import ClientTLS
+
+        tls = ClientTLS(
+            caFile=tlsCA,
+            clientCertificateFile=config.stateDir / CERTIFICATE_FILE,
+            clientKeyFile=config.stateDir / DEVICE_KEY_FILE,
+        )
+    if schemes & {"ws", "wss"}:
+        from accesstunnel.transports.proxy import ProxySettings
+
+        proxy = ProxySettings.fromEnvironment(override=proxyOverride)
     tor = None
-    if any(s.strip().lower().startswith("tor://") for s in servers):
+    if "tor" in schemes:
         # txtorcon is imported only by agents that dial tor:// (a few MB of RSS).
         from accesstunnel.transports.tor import TorSettings
 
