@@ -17,7 +17,10 @@ a figure in bench/RESULTS.md ("Performance work"):
     per packet, not one C{getrandom} syscall per packet;
   - aes128-gcm@openssh.com and aes256-gcm@openssh.com (RFC 5647 as amended by
     OpenSSH's PROTOCOL: the packet length is clear and authenticated as
-    associated data, the MAC is implied) through C{cryptography}'s AESGCM, and
+    associated data, the MAC is implied) through C{cryptography}'s AESGCM,
+    chacha20-poly1305@openssh.com (OpenSSH's PROTOCOL.chacha20poly1305: the
+    packet length encrypted under its own key, Poly1305 over the encrypted
+    length and payload) through C{cryptography}'s ChaCha20 and Poly1305, and
     the encrypt-then-MAC forms hmac-sha2-256-etm@openssh.com and
     hmac-sha2-512-etm@openssh.com;
   - strict key exchange (kex-strict-s-v00@openssh.com /
@@ -29,6 +32,9 @@ a figure in bench/RESULTS.md ("Performance work"):
     IGNORE, DEBUG, UNIMPLEMENTED) disconnects; the sequence numbers restart at
     zero after every NEWKEYS sent or received. We never send IGNORE, DEBUG or
     UNIMPLEMENTED during the initial key exchange.
+  - a key exchange is started after 2^31 packets sent under one set of keys
+    (OpenSSH's limit), so that chacha20-poly1305's nonce, the 32-bit sequence
+    number, never repeats under one key whatever the rekey settings.
 
 Keys switch per direction at the protocol's points: outgoing right after our
 NEWKEYS is written, incoming right after the peer's NEWKEYS is read (Conch
@@ -46,14 +52,17 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.poly1305 import Poly1305
 from twisted.conch.ssh import transport
 from twisted.conch.ssh.common import getNS
+from twisted.logger import Logger
 
 __all__ = [
     "AEAD_CIPHERS",
+    "CHACHA20_POLY1305",
     "ETM_MACS",
     "STRICT_KEX_CLIENT",
     "STRICT_KEX_SERVER",
@@ -64,9 +73,11 @@ __all__ = [
 STRICT_KEX_SERVER = b"kex-strict-s-v00@openssh.com"
 STRICT_KEX_CLIENT = b"kex-strict-c-v00@openssh.com"
 
+CHACHA20_POLY1305 = b"chacha20-poly1305@openssh.com"
+_GCM_CIPHERS = {b"aes128-gcm@openssh.com": 16, b"aes256-gcm@openssh.com": 32}
 #: AEAD ciphers: name -> key size. Their MAC is implied (the negotiated MAC
 #: name is ignored, RFC 5647 section 7.3 as OpenSSH implements it).
-AEAD_CIPHERS = {b"aes128-gcm@openssh.com": 16, b"aes256-gcm@openssh.com": 32}
+AEAD_CIPHERS = {CHACHA20_POLY1305: 64, **_GCM_CIPHERS}
 _CTR_CIPHERS = {b"aes128-ctr": 16, b"aes192-ctr": 24, b"aes256-ctr": 32}
 #: MAC name -> (hash constructor, encrypt-then-MAC?)
 _MACS: dict[bytes, tuple[Callable[..., Any], bool]] = {
@@ -85,6 +96,11 @@ _lenPad = struct.Struct(">LB")
 _lenPadType = struct.Struct(">LBB")
 _padType = struct.Struct(">BB")
 _SEQ_MASK = 0xFFFFFFFF
+#: A key exchange starts when our outgoing sequence number reaches a multiple
+#: of 2^31: under strict kex after 2^31 packets under one set of keys
+#: (OpenSSH's MAX_PACKETS), without it at least every 2^31 packets, so no key
+#: ever sees its sequence number wrap.
+_REKEY_SEQ_MASK = 0x7FFFFFFF
 _STRICT_ALLOWED = frozenset([transport.MSG_NEWKEYS, *range(30, 50)])
 _HELD_DURING_INITIAL_KEX = frozenset(
     [transport.MSG_IGNORE, transport.MSG_DEBUG, transport.MSG_UNIMPLEMENTED]
@@ -350,12 +366,85 @@ class _AesGcm(_Codec):
         return plain[1], plain[2 : packetLen - padLen], end
 
 
+class _ChaChaPoly(_Codec):
+    """chacha20-poly1305@openssh.com (OpenSSH's PROTOCOL.chacha20poly1305).
+
+    The 64-byte key is K_2 (its first 32 bytes: payload and Poly1305 key) and
+    K_1 (its last 32: the packet length). The nonce is the 32-bit sequence
+    number as a big-endian uint64; cryptography's ChaCha20 takes it after an
+    8-byte little-endian block counter (zero here). Block 0 of the K_2
+    keystream gives the Poly1305 key, the payload is encrypted from block 1
+    on; the tag covers the encrypted length and payload. One ChaCha20 context
+    per key, re-nonced per packet (C{reset_nonce}), not built per packet.
+    """
+
+    blockSize = 8
+
+    def __init__(self, key: bytes) -> None:
+        zero = bytes(16)
+        self._main = Cipher(algorithms.ChaCha20(key[:32], zero), None).encryptor()
+        self._header = Cipher(algorithms.ChaCha20(key[32:64], zero), None).encryptor()
+        #: The decrypted length of the packet being received, until it is whole.
+        self._pendingLen = -1
+
+    def seal(self, seq: int, messageType: int, payload: bytes) -> tuple[bytes, ...]:
+        n = len(payload) + 2
+        pad = _padLength(n, 8)
+        nonce = _chachaNonce(seq)
+        header = self._header
+        header.reset_nonce(nonce)
+        length = header.update(_uint32.pack(n + pad))
+        main = self._main
+        main.reset_nonce(nonce)
+        polyKey = main.update(_ZERO_BLOCK)[:32]
+        encrypted = main.update(
+            b"".join((_padType.pack(pad, messageType), payload, _padding.take(pad)))
+        )
+        return length, encrypted, Poly1305.generate_tag(polyKey, length + encrypted)
+
+    def open(self, buf: bytearray, pos: int, seq: int) -> tuple[int, bytes, int] | None:
+        packetLen = self._pendingLen
+        if packetLen < 0:
+            if len(buf) - pos < 4:
+                return None
+            header = self._header
+            header.reset_nonce(_chachaNonce(seq))
+            (packetLen,) = _uint32.unpack(header.update(buf[pos : pos + 4]))
+            _checkLength(packetLen, packetLen, 8)
+            self._pendingLen = packetLen
+        macStart = pos + 4 + packetLen
+        end = macStart + 16
+        if len(buf) < end:
+            return None
+        self._pendingLen = -1
+        main = self._main
+        main.reset_nonce(_chachaNonce(seq))
+        polyKey = main.update(_ZERO_BLOCK)[:32]
+        with memoryview(buf) as view:
+            try:
+                Poly1305.verify_tag(polyKey, view[pos:macStart], bytes(view[macStart:end]))
+            except InvalidSignature:
+                raise _badMAC() from None
+            # Authenticated: decrypt the padding length and message number,
+            # then the payload alone (the padding is never decrypted).
+            padLen, messageNum = main.update(view[pos + 4 : pos + 6])
+            _checkPadding(packetLen, padLen)
+            payload = main.update(view[pos + 6 : macStart - padLen])
+        return messageNum, payload, end
+
+
+_ZERO_BLOCK = bytes(64)
+_chachaNonce = struct.Struct(">8xQ").pack
+
+
 def makeCodec(
     cipher: bytes, mac: bytes, iv: bytes, key: bytes, integrity: bytes, encrypt: bool
 ) -> _Codec:
     """The codec for one direction of a negotiated cipher and MAC with derived keys."""
-    if cipher in AEAD_CIPHERS:
-        return _AesGcm(key[: AEAD_CIPHERS[cipher]], iv[:12])
+    if cipher == CHACHA20_POLY1305:
+        return _ChaChaPoly(key[:64])
+    if cipher in _GCM_CIPHERS:
+        return _AesGcm(key[: _GCM_CIPHERS[cipher]], iv[:12])
     if cipher not in _CTR_CIPHERS or mac not in _MACS:
         raise ValueError(f"the fast path does not implement {cipher!r} with {mac!r}")
     ctr = Cipher(algorithms.AES(key[: _CTR_CIPHERS[cipher]]), modes.CTR(iv[:16]))
@@ -401,6 +490,8 @@ class FastCiphers(transport.SSHCiphers):
 
 class FastPathMixin:
     """The fast packet layer; put it before Conch's server or client transport in the bases."""
+
+    _fpLog = Logger()
 
     #: What this layer implements; the policy picks from these
     #: (accesstunnel.policy), so a plain Conch transport is never offered them.
@@ -485,7 +576,32 @@ class FastPathMixin:
                         b"strict KEX violation: KEXINIT was not the first packet",
                     )
                     return None
+            result = super().ssh_KEXINIT(packet)  # type: ignore[misc]
+            if not self.strictKex:
+                self._fpWarnTerrapin()
+            return result
         return super().ssh_KEXINIT(packet)  # type: ignore[misc]
+
+    def _fpWarnTerrapin(self) -> None:
+        """
+        chacha20-poly1305 was negotiated with a peer that did not offer strict
+        kex (e.g. an OpenSSH older than 9.6 without the backported fix). We
+        offered it, so the peer could have had it; refusing would lock such
+        clients out, so, as OpenSSH's sshd does, the connection goes on, and
+        the log says it is exposed to Terrapin (CVE-2023-48795) prefix
+        truncation.
+        """
+        negotiated = self.nextEncryptions
+        if CHACHA20_POLY1305 in (
+            getattr(negotiated, "outCipType", None),
+            getattr(negotiated, "inCipType", None),
+        ):
+            peer = getattr(self.transport, "getPeer", lambda: None)()
+            self._fpLog.warn(
+                "{peer} negotiated chacha20-poly1305@openssh.com without strict key exchange: "
+                "exposed to the Terrapin attack (CVE-2023-48795); its SSH software needs an update",
+                peer=peer,
+            )
 
     def _keySetup(self, sharedSecret: bytes, exchangeHash: bytes) -> None:
         negotiated = self.nextEncryptions
@@ -548,9 +664,21 @@ class FastPathMixin:
             self.transport.write(parts[0])
         else:
             self.transport.writeSequence(parts)
-        self.outgoingPacketSequence = (seq + 1) & _SEQ_MASK
+        seq = self.outgoingPacketSequence = (seq + 1) & _SEQ_MASK
         if messageType == transport.MSG_NEWKEYS:
             self._sentNewKeys()
+        elif not seq & _REKEY_SEQ_MASK:
+            self._fpRekeyForSequence()
+
+    def _fpRekeyForSequence(self) -> None:
+        """2^31 packets sent under these keys: renew them before the sequence number wraps."""
+        if self._keyExchangeState != self._KEY_EXCHANGE_NONE or self._fpClosed:
+            return
+        startRekey = getattr(self, "_startRekey", None)  # accesstunnel.rekey, when mixed in
+        if startRekey is not None:
+            startRekey("packets")
+        else:
+            self.sendKexInit()
 
     # -- receiving --------------------------------------------------------
 

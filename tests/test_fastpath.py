@@ -3,12 +3,14 @@ The fast SSH packet layer (accesstunnel.fastpath) in memory: whole handshakes
 between our server and client transports over iosim with every offered cipher
 and MAC, rekeys, large and small packets interleaved and split at every size,
 interoperation with Conch's own transports, MAC failures, and the strict key
-exchange rules (Terrapin fix).
+exchange rules (Terrapin fix); chacha20-poly1305@openssh.com against a
+reference written here from OpenSSH's PROTOCOL.chacha20poly1305.
 """
 
 from __future__ import annotations
 
 import random
+import struct
 from typing import Any
 
 import pytest
@@ -16,6 +18,7 @@ from twisted.conch.ssh import factory, service, transport
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
+from twisted.logger import Logger
 from twisted.test import iosim
 
 from accesstunnel import fastpath, policy
@@ -23,6 +26,16 @@ from groundcontrol.testing import newKey
 
 MSG_ECHO = 200  # a service message: the server's service sends the payload back
 HOST_KEY = newKey()
+CHACHA = fastpath.CHACHA20_POLY1305
+#: The stock OpenSSH client's cipher order (ssh_config(5), OpenSSH 9.x).
+OPENSSH_CLIENT_CIPHERS = [
+    CHACHA,
+    b"aes128-ctr",
+    b"aes192-ctr",
+    b"aes256-ctr",
+    b"aes128-gcm@openssh.com",
+    b"aes256-gcm@openssh.com",
+]
 
 
 class EchoServerService(service.SSHService):
@@ -181,9 +194,11 @@ def test_every_offered_combination_round_trips(cipher: bytes, mac: bytes) -> Non
     assert not pump.serverIO.disconnecting and not pump.clientIO.disconnecting
 
 
-def test_sequence_numbers_restart_at_newkeys_under_strict_kex() -> None:
+@pytest.mark.parametrize("cipher", [CHACHA, b"aes128-gcm@openssh.com", b"aes128-ctr"])
+def test_sequence_numbers_restart_at_newkeys_under_strict_kex(cipher: bytes) -> None:
     """With strict kex, both directions count packets from zero after every NEWKEYS."""
-    server, client, pump = connect()
+    server, client, pump = connect(ciphers=[cipher])
+    assert server.currentEncryptions.inCipType == cipher
     # After NEWKEYS: the client sent SERVICE_REQUEST; the server EXT_INFO and SERVICE_ACCEPT.
     assert client.outgoingPacketSequence == server.incomingPacketSequence == 1
     assert server.outgoingPacketSequence == client.incomingPacketSequence == 2
@@ -194,9 +209,10 @@ def test_sequence_numbers_restart_at_newkeys_under_strict_kex() -> None:
     assert client.outgoingPacketSequence == 1
 
 
-def test_split_reads_at_every_size() -> None:
+@pytest.mark.parametrize("cipher", [b"aes128-ctr", CHACHA])
+def test_split_reads_at_every_size(cipher: bytes) -> None:
     """Packets arriving in arbitrary fragments (1 byte up to several packets) parse the same."""
-    server, client, pump = connect(ciphers=[b"aes128-ctr"], macs=[b"hmac-sha2-256"])
+    server, client, pump = connect(ciphers=[cipher], macs=[b"hmac-sha2-256"])
     rng = random.Random(7)
     payloads = mixedPayloads(rng) * 2
     for p in payloads:
@@ -212,7 +228,7 @@ def test_split_reads_at_every_size() -> None:
     assert client.echo.received == payloads
 
 
-@pytest.mark.parametrize("cipher", [b"aes128-gcm@openssh.com", b"aes128-ctr"])
+@pytest.mark.parametrize("cipher", [b"aes128-gcm@openssh.com", b"aes128-ctr", CHACHA])
 @pytest.mark.parametrize("mac", [b"hmac-sha2-256", b"hmac-sha2-256-etm@openssh.com"])
 def test_tampered_packet_is_a_mac_error(cipher: bytes, mac: bytes) -> None:
     """One flipped bit in a packet on the wire ends the connection with a MAC error."""
@@ -357,3 +373,261 @@ def test_prekeyed_hmac_matches_the_standard_library() -> None:
             data = bytes(n)
             expected = hmac.new(key[:size], struct.pack(">L", 9) + data, constructor).digest()
             assert mac.digest(9, data[: n // 2], data[n // 2 :]) == expected
+
+
+# -- chacha20-poly1305@openssh.com ------------------------------------------
+#
+# A reference written from OpenSSH's PROTOCOL.chacha20poly1305 and the
+# primitives' definitions (RFC 8439 sections 2.3 and 2.5), in plain Python, so
+# the codec is checked against the spec and not against itself.
+
+
+def _chachaBlock(key: bytes, counterAndNonce: bytes) -> bytes:
+    """One 64-byte ChaCha20 block: state words 12-15 are the 16 bytes given."""
+    state = [
+        *struct.unpack("<4L", b"expand 32-byte k"),
+        *struct.unpack("<8L", key),
+        *struct.unpack("<4L", counterAndNonce),
+    ]
+    x = list(state)
+
+    def quarterRound(a: int, b: int, c: int, d: int) -> None:
+        for p, q, r, bits in ((a, b, d, 16), (c, d, b, 12), (a, b, d, 8), (c, d, b, 7)):
+            x[p] = (x[p] + x[q]) & 0xFFFFFFFF
+            v = x[r] ^ x[p]
+            x[r] = ((v << bits) | (v >> (32 - bits))) & 0xFFFFFFFF
+
+    for _ in range(10):
+        for a, b, c, d in (
+            (0, 4, 8, 12),
+            (1, 5, 9, 13),
+            (2, 6, 10, 14),
+            (3, 7, 11, 15),
+            (0, 5, 10, 15),
+            (1, 6, 11, 12),
+            (2, 7, 8, 13),
+            (3, 4, 9, 14),
+        ):
+            quarterRound(a, b, c, d)
+    return struct.pack("<16L", *((i + j) & 0xFFFFFFFF for i, j in zip(x, state, strict=True)))
+
+
+def _chachaStream(key: bytes, nonce: bytes, counter: int, n: int) -> bytes:
+    """Keystream in the original (and OpenSSH's) layout: 64-bit LE block counter, 64-bit nonce."""
+    out = b""
+    while len(out) < n:
+        out += _chachaBlock(key, counter.to_bytes(8, "little") + nonce)
+        counter += 1
+    return out[:n]
+
+
+def _poly1305(key: bytes, message: bytes) -> bytes:
+    r = int.from_bytes(key[:16], "little") & 0x0FFFFFFC0FFFFFFC0FFFFFFC0FFFFFFF
+    s = int.from_bytes(key[16:], "little")
+    p = (1 << 130) - 5
+    acc = 0
+    for i in range(0, len(message), 16):
+        acc = (acc + int.from_bytes(message[i : i + 16] + b"\x01", "little")) * r % p
+    return ((acc + s) % (1 << 128)).to_bytes(16, "little")
+
+
+def _xor(a: bytes, b: bytes) -> bytes:
+    return bytes(i ^ j for i, j in zip(a, b, strict=True))
+
+
+def referenceChaChaPacket(key: bytes, seq: int, plainPacket: bytes) -> bytes:
+    """The wire form of one packet (length field included, MAC appended) per the spec."""
+    k2, k1 = key[:32], key[32:64]  # "The first 256 bits constitute K_2 and the second K_1"
+    nonce = seq.to_bytes(8, "big")  # the sequence number as a uint64
+    length = _xor(plainPacket[:4], _chachaStream(k1, nonce, 0, 4))
+    polyKey = _chachaStream(k2, nonce, 0, 32)  # block counter 0
+    body = _xor(plainPacket[4:], _chachaStream(k2, nonce, 1, len(plainPacket) - 4))
+    return length + body + _poly1305(polyKey, length + body)
+
+
+def test_reference_primitives_match_rfc8439() -> None:
+    """The test's ChaCha20 and Poly1305 give RFC 8439's published test vectors."""
+    # Appendix A.1, test vector 1: all-zero key, nonce and counter.
+    assert _chachaBlock(bytes(32), bytes(16)) == bytes.fromhex(
+        "76b8e0ada0f13d90405d6ae55386bd28bdd219b8a08ded1aa836efcc8b770dc7"
+        "da41597c5157488d7724e03fb8d84a376a43b8f41518a11cc387b669b2ee6586"
+    )
+    # Section 2.4.2: key 00..1f, counter 1, nonce 00000000 0000004a 00000000.
+    block = _chachaBlock(
+        bytes(range(32)), struct.pack("<L", 1) + bytes.fromhex("0" * 14 + "4a" + "0" * 8)
+    )
+    assert _xor(block[:16], b"Ladies and Gentl") == bytes.fromhex(
+        "6e2e359a2568f98041ba0728dd0d6981"
+    )
+    # Section 2.5.2.
+    assert _poly1305(
+        bytes.fromhex("85d6be7857556d337f4452fe42d506a80103808afb0db2fd4abff6af4149f51b"),
+        b"Cryptographic Forum Research Group",
+    ) == bytes.fromhex("a8061dc1305136c6c22b8baf0c0127a9")
+
+
+class _FixedPadding:
+    """Deterministic padding for known-answer tests (the real pool is random)."""
+
+    def take(self, n: int) -> bytes:
+        return bytes(range(0xA0, 0xA0 + n))
+
+
+KAT_KEY = bytes(range(64))
+#: From referenceChaChaPacket (the spec, above) for KAT_KEY, sequence number
+#: 7, message 94 with payload b"known answer" and padding a0 a1 ...: pinned
+#: so that the codec and the reference cannot drift together.
+KAT_WIRE = bytes.fromhex(
+    "a39afcb2"  # the length (24), encrypted with K_1
+    "22187e2d21f4447e0d03c887b2fd738d96119493d844952a"  # padding length, type, payload, padding
+    "a3dbf440701b88adc1023770f4615130"  # Poly1305 tag
+)
+
+
+@pytest.mark.parametrize("seq", [0, 7, 0x7FFFFFFF, 0xFFFFFFFF])
+@pytest.mark.parametrize("size", [0, 1, 12, 63, 64, 1000, 32768])
+def test_chacha20_poly1305_known_answer(
+    monkeypatch: pytest.MonkeyPatch, seq: int, size: int
+) -> None:
+    """Sealing gives byte for byte what PROTOCOL.chacha20poly1305 prescribes (K_2 the first
+    half of the key, K_1 the second; nonce the sequence number; Poly1305 key from block 0,
+    payload from block 1; tag over encrypted length and payload), and opening it gives the
+    payload back; the key is cut to 64 bytes from the longer derived key Conch provides."""
+    monkeypatch.setattr(fastpath, "_padding", _FixedPadding())
+    payload = random.Random(size).randbytes(size)
+    derived = KAT_KEY + b"\xff" * 64
+    sealer = fastpath.makeCodec(CHACHA, b"hmac-sha2-256", b"iv" * 32, derived, b"i" * 64, True)
+    opener = fastpath.makeCodec(CHACHA, b"hmac-sha2-256", b"iv" * 32, derived, b"i" * 64, False)
+    pad = 8 - (size + 2) % 8
+    pad += 8 if pad < 4 else 0
+    plain = struct.pack(">LBB", size + 2 + pad, pad, 94) + payload + _FixedPadding().take(pad)
+    expected = referenceChaChaPacket(KAT_KEY, seq, plain)
+    assert b"".join(sealer.seal(seq, 94, payload)) == expected
+    assert opener.open(bytearray(b"xyz" + expected + b"next"), 3, seq) == (
+        94,
+        payload,
+        3 + len(expected),
+    )
+
+
+def test_chacha20_poly1305_pinned_vector(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One packet's wire bytes are pinned (computed once from the reference above)."""
+    monkeypatch.setattr(fastpath, "_padding", _FixedPadding())
+    sealer = fastpath.makeCodec(CHACHA, b"", b"", KAT_KEY, b"", True)
+    assert b"".join(sealer.seal(7, 94, b"known answer")) == KAT_WIRE
+    plain = struct.pack(">LBB", 24, 10, 94) + b"known answer" + _FixedPadding().take(10)
+    assert referenceChaChaPacket(KAT_KEY, 7, plain) == KAT_WIRE
+
+
+LENGTH_112 = 100  # a payload of 100 bytes makes a chacha20-poly1305 packet length of 112 (0x70)
+
+
+@pytest.mark.parametrize(
+    ("offset", "bit", "expected"),
+    [
+        # The length's top bit: 112 + 2^31, more than any packet may be.
+        (0, 0x80, (transport.DISCONNECT_PROTOCOL_ERROR, b"bad packet length %d" % (112 | 1 << 31))),
+        # 113: not a multiple of the 8-byte block.
+        (3, 0x01, (transport.DISCONNECT_PROTOCOL_ERROR, b"bad packet mod (113%8 == 1)")),
+        # 96: plausible, so the MAC is computed over the wrong bytes and fails.
+        (3, 0x10, (transport.DISCONNECT_MAC_ERROR, b"bad MAC")),
+        # The tag's last byte.
+        (-1, 0x01, (transport.DISCONNECT_MAC_ERROR, b"bad MAC")),
+    ],
+)
+def test_chacha20_poly1305_tampered_length_or_tag_disconnects(
+    offset: int, bit: int, expected: tuple[int, bytes]
+) -> None:
+    """A flipped bit in the encrypted length or in the tag ends the connection with a
+    disconnect that says why, and nothing of the packet is delivered."""
+    server, client, pump = connect(ciphers=[CHACHA])
+    client.sendPacket(MSG_ECHO, b"a" * LENGTH_112)
+    client.sendPacket(MSG_ECHO, b"b" * LENGTH_112)  # bytes enough for a lengthened packet
+    wire = bytearray(b"".join(pump.clientIO.stream))
+    wire[offset if offset >= 0 else len(wire) // 2 + offset] ^= bit
+    pump.clientIO.stream = [bytes(wire)]
+    pump.flush()
+    assert server.disconnects == [expected]
+    assert client.peerDisconnects == [expected]
+    assert client.echo.received == []
+    assert pump.serverIO.disconnected
+
+
+def test_chacha20_poly1305_sequence_number_wraps() -> None:
+    """At 2^32 packets the sequence number (the nonce) wraps to 0 as OpenSSH's 32-bit one
+    does, both ends agree, and the wrap starts a key exchange on each side, after which
+    strict kex restarts the numbers."""
+    server, client, pump = connect(ciphers=[CHACHA])
+    for side in (server, client):
+        side.outgoingPacketSequence = side.incomingPacketSequence = 0xFFFFFFFE
+    keys = server.currentEncryptions
+    payloads = [b"one", b"two", b"three", b"four"]
+    echo(client, pump, payloads)
+    assert server.currentEncryptions is not keys
+    assert server.disconnects == client.disconnects == []
+    assert client.outgoingPacketSequence == server.incomingPacketSequence < 10
+    echo(client, pump, [b"after"])
+
+
+def test_key_exchange_after_2_31_packets_under_one_key() -> None:
+    """Whatever the rekey settings, 2^31 packets sent under one set of keys start a key
+    exchange (OpenSSH's limit), so the nonce never repeats under a key."""
+    server, client, pump = connect(ciphers=[CHACHA])
+    client.outgoingPacketSequence = server.incomingPacketSequence = (1 << 31) - 1
+    client.sendPacket(MSG_ECHO, b"the 2^31st")
+    assert client._keyExchangeState != client._KEY_EXCHANGE_NONE
+    keys = client.currentEncryptions
+    pump.flush()
+    assert client.currentEncryptions is not keys
+    assert client.echo.received == [b"the 2^31st"]
+    assert client.outgoingPacketSequence == server.incomingPacketSequence < 10
+    assert server.disconnects == client.disconnects == []
+
+
+class NonStrictClient(FastClient):
+    """An SSH client that does not offer strict kex (OpenSSH before 9.6 without the fix)."""
+
+    def sendKexInit(self) -> None:
+        transport.SSHClientTransport.sendKexInit(self)
+
+
+class LoggedServer(FastServer):
+    events: list[dict[str, Any]] = []
+    _fpLog = Logger(observer=events.append)
+
+
+def test_chacha20_poly1305_without_strict_kex_works_and_is_logged() -> None:
+    """A client that picks chacha20-poly1305 but offers no strict kex still connects, as
+    with OpenSSH's sshd (refusing would lock out un-updated clients), and groundcontrol
+    logs that the connection is exposed to Terrapin."""
+    LoggedServer.events.clear()
+    server, client, pump = connect(LoggedServer, NonStrictClient, ciphers=[CHACHA])
+    assert server.currentEncryptions.inCipType == CHACHA
+    assert not server.strictKex and not client.strictKex
+    echo(client, pump, [b"still works"])
+    [event] = LoggedServer.events
+    assert "Terrapin" in event["log_format"]
+
+
+def test_strict_client_with_chacha_is_not_warned() -> None:
+    """No Terrapin warning when strict kex was negotiated."""
+    LoggedServer.events.clear()
+    server, _client, _pump = connect(LoggedServer, FastClient, ciphers=[CHACHA])
+    assert server.strictKex
+    assert LoggedServer.events == []
+
+
+def test_openssh_client_order_picks_chacha20_poly1305() -> None:
+    """groundcontrol offers chacha20-poly1305 first, and a client with the stock OpenSSH
+    order (chacha20-poly1305, CTR, then GCM) now negotiates it rather than aes128-ctr."""
+    server, _client, _pump = connect(ciphers=OPENSSH_CLIENT_CIPHERS)
+    assert server.supportedCiphers[0] == CHACHA
+    assert server.currentEncryptions.inCipType == CHACHA
+    assert server.currentEncryptions.outCipType == CHACHA
+    assert server.strictKex
+
+
+def test_agent_order_still_picks_aes128_gcm() -> None:
+    """The agent's own order (its figures: cheaper per packet) keeps AES-128-GCM on the link."""
+    server, _client, _pump = connect()
+    assert server.currentEncryptions.inCipType == b"aes128-gcm@openssh.com"
