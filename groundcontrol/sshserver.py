@@ -26,6 +26,7 @@ from zope.interface import implementer
 from accesstunnel import fastpath, policy
 from accesstunnel.connection import TunnelConnection
 from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL, KeepaliveTransportMixin
+from accesstunnel.quickack import QuickAckMixin
 from accesstunnel.rekey import RekeyingTransportMixin, RekeyLimit
 from accesstunnel.transports.tls import peerCertificate
 from groundcontrol.auth import AgentLogin, FleetKeyChecker, OperatorLogin
@@ -244,6 +245,7 @@ def agentProbeAfter(interval: float, count: int) -> float:
 
 
 class GroundControlTransport(
+    QuickAckMixin,
     KeepaliveTransportMixin,
     RekeyingTransportMixin,
     PreauthMixin,
