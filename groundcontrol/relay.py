@@ -103,25 +103,28 @@ class RelayChannel(FlowChannel):
 
     # -- passing things on -------------------------------------------------------
 
+    # The observer (recording, watchers) is told after the bytes were passed
+    # on, so that its work is not on the path of an interactive echo.
+
     def dataReceived(self, data: bytes) -> None:
         self.bytesReceived += len(data)
-        if self.observer is not None:
-            self.observer.relayData(self, data)
         peer = self.peer
         if peer is None:
             self.consumed(len(data))  # nobody to give it to: keep the peer unblocked
         else:
             peer.write(data)
+        if self.observer is not None:
+            self.observer.relayData(self, data)
 
     def extReceived(self, dataType: int, data: bytes) -> None:
         self.bytesReceived += len(data)
-        if self.observer is not None:
-            self.observer.relayData(self, data)
         peer = self.peer
         if peer is None:
             self.consumed(len(data))
         else:
             peer.writeExtended(dataType, data)
+        if self.observer is not None:
+            self.observer.relayData(self, data)
 
     def sent(self, count: int) -> None:
         peer = self.peer

@@ -526,3 +526,38 @@ class EdgeTests(RelayTestCase):
         session = self.openSession()
         self.runCommand(session, b"still here")
         self.assertEqual(session.exitStatus, 0)
+
+
+class ObserverOrderTests(SynchronousTestCase):
+    """The observer (recording, live watchers) is not on the path of the bytes."""
+
+    def test_observerToldAfterThePeerHasTheBytes(self) -> None:
+        """
+        Data and extended data are handed to the other side first and only then to
+        the observer, so that recording an interactive session's output does not
+        delay its echo; the observer still sees every byte, in order.
+        """
+        events: list[tuple[str, bytes]] = []
+
+        class Peer:
+            def write(self, data: bytes) -> None:
+                events.append(("peer", data))
+
+            def writeExtended(self, dataType: int, data: bytes) -> None:
+                events.append(("peer-ext", data))
+
+        class Observer:
+            def relayData(self, side: Any, data: bytes) -> None:
+                events.append(("observer", data))
+
+        from groundcontrol.relay import RelayChannel
+
+        side = RelayChannel()
+        side.peer = Peer()  # type: ignore[assignment]
+        side.observer = Observer()
+        side.dataReceived(b"k")
+        side.extReceived(connection.EXTENDED_DATA_STDERR, b"e")
+        self.assertEqual(
+            events, [("peer", b"k"), ("observer", b"k"), ("peer-ext", b"e"), ("observer", b"e")]
+        )
+        self.assertEqual(side.bytesReceived, 2)
