@@ -1,8 +1,8 @@
 """
 End to end: every cipher and MAC groundcontrol offers works with the real
 OpenSSH client (10 MB each way, sha256 compared), with strict key exchange
-negotiated (the Terrapin fix), and the agent link runs AES-128-GCM
-(accesstunnel.fastpath, issue 7).
+negotiated (the Terrapin fix); the stock client picks chacha20-poly1305 by
+default; the agent link runs AES-128-GCM (accesstunnel.fastpath, issue 7).
 """
 
 from __future__ import annotations
@@ -90,3 +90,25 @@ def test_agent_link_uses_gcm(kiln: Fleet) -> None:
     agent = kiln.agents[0]
     assert agent.process is not None
     assert "b'aes128-gcm@openssh.com'" in agent.process.output()
+
+
+def test_openssh_client_picks_chacha20_poly1305_by_default(kiln: Fleet) -> None:
+    """With no cipher option, the stock OpenSSH client negotiates chacha20-poly1305 in both
+    directions, with strict kex, and 1 MB comes back byte-exact."""
+    alice = kiln.operators["alice"]
+    data = hashlib.sha256(b"chacha").digest() * (1 << 15)
+    result = subprocess.run(
+        alice.argv("dev_kiln7", "cat", options=["-vvv"]),
+        input=data,
+        capture_output=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == data
+    log = result.stderr.decode(errors="replace")
+    assert "will use strict KEX ordering" in log
+    for direction in ("client->server", "server->client"):
+        assert (
+            f"kex: {direction} cipher: chacha20-poly1305@openssh.com MAC: <implicit> "
+            "compression: none" in log
+        )
