@@ -93,8 +93,20 @@ class FlowChannel(channel.SSHChannel):
 
     @property
     def queuedBytes(self) -> int:
-        """Payload bytes written but not yet sent for lack of window."""
+        """Payload bytes written but not yet sent for lack of window or link."""
         return self._queuedBytes
+
+    @property
+    def hasQueuedOutput(self) -> bool:
+        """Anything (data, EOF, a request, the close) waits to be sent."""
+        return bool(self._queue)
+
+    def drainQueue(self) -> None:
+        """
+        Send what the window allows now: called by the connection's
+        L{accesstunnel.linkflow.LinkFlow} when the link's socket has room again.
+        """
+        self._drain()
 
     def write(self, data: bytes) -> None:
         """Send C{data} as channel data, after anything already queued."""
@@ -160,13 +172,20 @@ class FlowChannel(channel.SSHChannel):
             self.outputPaused()
 
     def _drain(self) -> None:
-        """Send from the head of the queue as far as the remote window allows."""
+        """
+        Send from the head of the queue as far as the remote window allows,
+        and only while the link's socket takes more (see L{accesstunnel.linkflow}).
+        """
         conn = self.conn
         if conn is None or self.id is None or self not in conn.channelsToRemoteChannel:
             return  # not open yet; channelOpen drains
+        link = getattr(conn, "linkFlow", None)
         queue = self._queue
         sentBytes = 0
         while queue and not self.localClosed:
+            if link is not None and link.paused:
+                link.waitForRoom(self)  # drained again when the socket has room
+                break
             item = queue[0]
             kind = item[0]
             if kind in (_DATA, _EXTENDED):

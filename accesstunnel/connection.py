@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 
 from accesstunnel import writethrough
 from accesstunnel.channel import packOpenFailure
+from accesstunnel.linkflow import LinkFlow
 
 _unpack_2uint32 = struct.Struct(">2L").unpack
 _unpack_3uint32 = struct.Struct(">3L").unpack
@@ -41,6 +42,8 @@ class TunnelConnection(connection.SSHConnection):
         self._pendingOpens: set[defer.Deferred[Any]] = set()
         self._globalReplies: defer.Deferred[None] = defer.succeed(None)
         self.stopped = False
+        #: Back-pressure from the socket under the link, once the service runs.
+        self.linkFlow: LinkFlow | None = None
 
     def serviceStarted(self) -> None:
         """
@@ -50,6 +53,7 @@ class TunnelConnection(connection.SSHConnection):
         """
         super().serviceStarted()
         writethrough.enable(getattr(self.transport, "transport", None))
+        self.linkFlow = LinkFlow.attach(self)
 
     # -- incoming data -------------------------------------------------------
 

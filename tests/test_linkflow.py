@@ -1,0 +1,312 @@
+"""
+Tests for accesstunnel.linkflow.LinkFlow: a link whose socket is backed up holds
+channel output in the channels' own queues (bounded, pausing their sources), and
+serves the waiting channels in turn when the socket drains.
+
+A real TunnelConnection and real FlowChannels; the SSH transport is a packet
+recorder over a byte transport that behaves like Twisted's FileDescriptor towards
+its producer (pause above bufferSize, resume once drained).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from twisted.conch.ssh import common, connection
+from twisted.internet import abstract
+from twisted.internet.testing import MemoryReactor
+from twisted.trial.unittest import SynchronousTestCase
+
+from accesstunnel.channel import FlowChannel
+from accesstunnel.connection import TunnelConnection
+from accesstunnel.linkflow import LinkFlow
+
+
+class BufferingByteTransport:
+    """Pauses its streaming producer above C{bufferSize}, like a socket transport."""
+
+    bufferSize = 64 * 1024
+
+    def __init__(self) -> None:
+        self.producer: Any = None
+        self.buffered = 0
+        self.peak = 0
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        if self.producer is not None:
+            raise RuntimeError("already registered")
+        self.producer = producer
+
+    def write(self, size: int) -> None:
+        self.buffered += size
+        self.peak = max(self.peak, self.buffered)
+        if self.producer is not None and self.buffered > self.bufferSize:
+            self.producer.pauseProducing()
+
+    def drain(self) -> None:
+        """The kernel took everything: resume the producer, as doWrite does."""
+        self.buffered = 0
+        if self.producer is not None:
+            self.producer.resumeProducing()
+
+
+class PacketTransport:
+    """An SSH transport: records (type, channel, size) and writes the bytes below."""
+
+    def __init__(self, below: Any) -> None:
+        self.transport = below
+        self.packets: list[tuple[str, int, int]] = []
+
+    def sendPacket(self, messageType: int, payload: bytes) -> None:
+        remote = struct.unpack(">L", payload[:4])[0]
+        if messageType == connection.MSG_CHANNEL_DATA:
+            size = len(common.getNS(payload[4:])[0])
+            self.packets.append(("data", remote, size))
+        elif messageType == connection.MSG_CHANNEL_EOF:
+            self.packets.append(("eof", remote, 0))
+        elif messageType == connection.MSG_CHANNEL_CLOSE:
+            self.packets.append(("close", remote, 0))
+        else:
+            self.packets.append((str(messageType), remote, 0))
+        if self.transport is not None:
+            self.transport.write(len(payload) + 20)
+
+    def take(self) -> list[tuple[str, int, int]]:
+        taken, self.packets = self.packets, []
+        return taken
+
+
+class HookChannel(FlowChannel):
+    """Records the pause/resume hooks and what was reported sent."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hooks: list[str] = []
+        self.sentTotal = 0
+
+    def sent(self, count: int) -> None:
+        self.sentTotal += count
+
+    def outputPaused(self) -> None:
+        self.hooks.append("paused")
+
+    def outputResumed(self) -> None:
+        self.hooks.append("resumed")
+
+
+class LinkFlowTests(SynchronousTestCase):
+    """Output beyond what the socket takes waits in the channels, not in the buffer."""
+
+    def setUp(self) -> None:
+        self.socket = BufferingByteTransport()
+        self.ssh = PacketTransport(self.socket)
+        self.conn = TunnelConnection()
+        self.conn.transport = self.ssh
+        self.conn.linkFlow = LinkFlow.attach(self.conn)
+
+    def openChannels(self, count: int, window: int = 2 * 1024 * 1024) -> list[HookChannel]:
+        channels = []
+        for number in range(count):
+            channel = HookChannel(remoteWindow=window, remoteMaxPacket=32 * 1024, conn=self.conn)
+            channel.id = number
+            self.conn.channels[number] = channel
+            self.conn.channelsToRemoteChannel[channel] = 100 + number
+            self.conn.localToRemoteChannel[number] = 100 + number
+            channel.channelOpen(b"")
+            channels.append(channel)
+        return channels
+
+    def test_attachRegistersAsStreamingProducer(self) -> None:
+        """The connection's LinkFlow is the producer of the byte transport under SSH."""
+        self.assertIsInstance(self.conn.linkFlow, LinkFlow)
+        self.assertIs(self.socket.producer, self.conn.linkFlow)
+
+    def test_noBackPressureWithoutAProducerCapableTransport(self) -> None:
+        """Below SSH with no registerProducer (or one taken), attach gives None."""
+        conn = TunnelConnection()
+        conn.transport = PacketTransport(object())
+        self.assertIsNone(LinkFlow.attach(conn))
+        conn.transport = PacketTransport(self.socket)  # already has our producer
+        self.assertIsNone(LinkFlow.attach(conn))
+
+    def test_backedUpSocketHoldsOutputInTheChannel(self) -> None:
+        """
+        Once the socket is over its buffer size nothing more is sent: the rest
+        stays queued, sent() is not reported for it (a relay keeps the feeding
+        hop's window closed), and the channel's source is paused at high water.
+        """
+        (channel,) = self.openChannels(1)
+        channel.write(b"x" * (3 * 1024 * 1024))
+        packets = self.ssh.take()
+        self.assertEqual(len(packets), 2)  # 2 x (32 KiB + framing) cross 64 KiB
+        self.assertTrue(self.conn.linkFlow.paused)
+        self.assertEqual(channel.sentTotal, 2 * 32 * 1024)
+        self.assertEqual(channel.queuedBytes, 3 * 1024 * 1024 - 2 * 32 * 1024)
+        self.assertEqual(channel.hooks, ["paused"])
+        self.assertLessEqual(self.socket.peak, self.socket.bufferSize + 33 * 1024)
+
+    def test_drainedSocketResumesTheChannel(self) -> None:
+        """Each time the socket drains, about a buffer's worth more goes out, until done."""
+        (channel,) = self.openChannels(1, window=8 * 1024 * 1024)
+        channel.write(b"x" * (3 * 1024 * 1024))
+        channel.writeEOF()
+        channel.loseConnection()
+        rounds = 0
+        while channel.hasQueuedOutput:
+            self.socket.drain()
+            rounds += 1
+            self.assertLess(rounds, 100)
+        packets = self.ssh.take()
+        self.assertEqual(sum(size for kind, _, size in packets if kind == "data"), 3 * 1024 * 1024)
+        self.assertEqual([kind for kind, _, _ in packets[-2:]], ["eof", "close"])
+        self.assertEqual(channel.sentTotal, 3 * 1024 * 1024)
+        self.assertEqual(channel.hooks, ["paused", "resumed"])
+        self.assertLessEqual(self.socket.peak, self.socket.bufferSize + 33 * 1024)
+
+    def test_controlMessagesWaitBehindAPausedLink(self) -> None:
+        """An EOF queued while the link is paused keeps its place and goes out on resume."""
+        first, second = self.openChannels(2)
+        first.write(b"x" * (96 * 1024 + 1))
+        self.assertTrue(self.conn.linkFlow.paused)
+        second.writeEOF()
+        self.assertEqual([p for p in self.ssh.take() if p[0] == "eof"], [])
+        self.socket.drain()
+        self.assertIn(("eof", 101, 0), self.ssh.take())
+
+    def test_waitingChannelsAreServedInTurn(self) -> None:
+        """
+        With several channels waiting, they are served in the order they
+        stopped for the link, and one stopped again goes to the back: every
+        channel gets the link in turn.
+        """
+        channels = self.openChannels(4)
+        for channel in channels:
+            channel.write(b"x" * (1024 * 1024))
+        self.ssh.take()
+        firsts = []
+        for _ in range(8):
+            self.socket.drain()
+            firsts.append(self.ssh.take()[0][1] - 100)
+        self.assertEqual(firsts, [0, 1, 2, 3, 0, 1, 2, 3])
+
+    def test_manyChannelsBoundedBuffer(self) -> None:
+        """
+        A hundred channels with 2 MiB windows writing 1 MiB each never put more
+        than a buffer and a packet into the socket at once, and all of it is
+        delivered, fairly (when the first channel finishes, every other one has
+        sent at least 85% of its megabyte).
+        """
+        channels = self.openChannels(100)
+        for channel in channels:
+            channel.write(b"x" * (1024 * 1024))
+        sentAtFirstFinish = None
+        while any(channel.hasQueuedOutput for channel in channels):
+            self.socket.drain()
+            if sentAtFirstFinish is None and any(not c.hasQueuedOutput for c in channels):
+                sentAtFirstFinish = [c.sentTotal for c in channels]
+        self.assertLessEqual(self.socket.peak, self.socket.bufferSize + 33 * 1024)
+        self.assertEqual([c.sentTotal for c in channels], [1024 * 1024] * 100)
+        assert sentAtFirstFinish is not None
+        self.assertGreaterEqual(min(sentAtFirstFinish), 0.85 * 1024 * 1024)
+
+    def test_stopProducingHoldsOutput(self) -> None:
+        """A transport that stops its producer (connection lost) gets nothing more."""
+        (channel,) = self.openChannels(1)
+        self.conn.linkFlow.stopProducing()
+        channel.write(b"x" * 100)
+        self.assertEqual(self.ssh.take(), [])
+        self.assertEqual(channel.queuedBytes, 100)
+
+
+class SlowSocket(abstract.FileDescriptor):
+    """
+    Twisted's own write buffering over a fake socket that takes C{perCall}
+    bytes per write: the real producer protocol (pause above bufferSize,
+    resume when drained, closing only once the buffer is empty).
+    """
+
+    def __init__(self, perCall: int) -> None:
+        super().__init__(reactor=MemoryReactor())
+        self.connected = 1
+        self.perCall = perCall
+        self.written = 0
+        self.closed = False
+
+    def writeSomeData(self, data: bytes) -> int:
+        taken = min(len(data), self.perCall)
+        self.written += taken
+        return taken
+
+    def _postLoseConnection(self) -> None:
+        self.closed = True
+
+    def connectionLost(self, reason: Any) -> None:
+        self.closed = True
+
+
+class RealBufferTests(SynchronousTestCase):
+    """LinkFlow against twisted.internet.abstract.FileDescriptor itself."""
+
+    def setUp(self) -> None:
+        self.socket = SlowSocket(perCall=16 * 1024)
+        self.ssh = RealSSH(self.socket)
+        self.conn = TunnelConnection()
+        self.conn.transport = self.ssh
+        self.conn.linkFlow = LinkFlow.attach(self.conn)
+        self.channel = HookChannel(remoteWindow=8 << 20, remoteMaxPacket=32 * 1024, conn=self.conn)
+        self.channel.id = 0
+        self.conn.channels[0] = self.channel
+        self.conn.channelsToRemoteChannel[self.channel] = 5
+        self.conn.localToRemoteChannel[0] = 5
+        self.channel.channelOpen(b"")
+
+    def pump(self) -> None:
+        """Run the socket's writes as the reactor would, while it wants to write."""
+        for _ in range(10_000):
+            if self.socket not in self.socket.reactor.getWriters() or self.socket.closed:
+                break
+            self.socket.doWrite()
+
+    def test_bufferStaysBoundedAndEverythingArrives(self) -> None:
+        """
+        4 MiB written at once: Twisted's buffer never holds more than its
+        bufferSize and a packet, and all 4 MiB reach the socket in the end.
+        """
+        self.channel.write(b"x" * (4 << 20))
+        peak = 0
+        for _ in range(10_000):
+            pending = len(self.socket.dataBuffer) - self.socket.offset + self.socket._tempDataLen
+            peak = max(peak, pending)
+            if not pending:
+                break
+            self.socket.doWrite()
+        self.assertFalse(self.channel.hasQueuedOutput)
+        self.assertLessEqual(peak, self.socket.bufferSize + 33 * 1024)
+        self.assertEqual(self.ssh.payloadBytes, 4 << 20)
+
+    def test_closeWhilePausedCompletes(self) -> None:
+        """
+        The transport is closed while the link is paused: once the buffer has
+        drained the close completes (Twisted would otherwise resume the
+        producer and wait for it forever).
+        """
+        self.channel.write(b"x" * (1 << 20))
+        self.assertTrue(self.conn.linkFlow.paused)
+        self.socket.loseConnection()
+        self.pump()
+        self.assertTrue(self.socket.closed)
+        self.assertIsNone(self.socket.producer)
+
+
+class RealSSH:
+    """An SSH transport writing each packet's payload (plus framing) to C{socket}."""
+
+    def __init__(self, socket: Any) -> None:
+        self.transport = socket
+        self.payloadBytes = 0
+
+    def sendPacket(self, messageType: int, payload: bytes) -> None:
+        if messageType == connection.MSG_CHANNEL_DATA:
+            self.payloadBytes += len(common.getNS(payload[4:])[0])
+        self.transport.write(b"\0" * (len(payload) + 20))
