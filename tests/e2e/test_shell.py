@@ -60,8 +60,12 @@ def test_window_resize_reaches_program(kiln7: Fleet) -> None:
 def test_ctrl_c_interrupts_foreground_program(kiln7: Fleet) -> None:
     """Ctrl-C interrupts a running program and returns to the shell."""
     child = spawnShell(kiln7)
-    child.sendline("sleep 100")
-    child.expect_exact("sleep 100")
+    # Wait for output of the program itself, not the pty's echo of the typed line:
+    # a Ctrl-C that arrives before bash has made the job the terminal's foreground
+    # process group goes to bash, and the sleep then runs on. (bash's child takes
+    # the terminal before it execs, so "sleeping" means sh is in the foreground.)
+    child.sendline("sh -c 'echo sl\"\"eeping; exec sleep 100'")
+    child.expect_exact("sleeping")
     child.sendcontrol("c")
     child.expect_exact(PROMPT, timeout=5)  # long before the 100 s are up
     child.sendline("echo status=$?")
