@@ -27,6 +27,9 @@ from accesstunnel import writethrough
 from accesstunnel.channel import packOpenFailure
 from accesstunnel.linkflow import LinkFlow
 
+#: The keepalive request OpenSSH and our L{accesstunnel.keepalive} send.
+KEEPALIVE = b"keepalive@openssh.com"
+
 _unpack_2uint32 = struct.Struct(">2L").unpack
 _unpack_3uint32 = struct.Struct(">3L").unpack
 _unpack_uint32 = struct.Struct(">L").unpack
@@ -174,6 +177,14 @@ class TunnelConnection(connection.SSHConnection):
         """
         requestType, rest = common.getNS(packet)
         wantReply, data = rest[0:1] not in (b"", b"\x00"), rest[1:]
+        if requestType == KEEPALIVE and self._globalReplies.called:
+            # The peer's keepalive, the most frequent request by far, with no
+            # reply pending before it: refuse it now (as OpenSSH does; either
+            # answer is proof of life) without the Deferred path below. Behind
+            # a pending reply it takes that path, to keep its place in line.
+            if wantReply and not self.stopped:
+                self.transport.sendPacket(connection.MSG_REQUEST_FAILURE, b"")
+            return
         result = defer.maybeDeferred(self.gotGlobalRequest, requestType, data)
         if not wantReply:
             result.addErrback(lambda f: self._log.failure("global request failed", f))

@@ -6,7 +6,8 @@ everything; only a request the peer must answer can. Both ends of the agent
 link, and groundcontrol towards operators, run one L{Keepalive} per
 connection.
 
-The rule: when nothing has been received for C{interval} seconds, send a
+The rule: when nothing has been received since the previous check (one
+interval ago; like OpenSSH's ClientAliveInterval), send a
 C{keepalive@openssh.com} global request (every SSH implementation answers an
 unknown global request with success or failure, and either is proof of life).
 When nothing has been received for C{interval * count} seconds, the peer is
@@ -15,9 +16,9 @@ wakes once per interval, no more.
 
 A keepalive may also wait longer before it asks (C{probeAfter}, like OpenSSH's
 ClientAliveInterval: a probe only after that much silence). groundcontrol
-uses that on agent links: the agent pings on its own every 15-30 s, so its
-pings, answered, are the proof of life, and groundcontrol sends nothing and
-wakes only about once per ping it receives; it still asks a link that goes
+uses that on agent links: the agent pings on its own every other interval
+(30 s), so its pings, answered, are the proof of life, and groundcontrol sends
+nothing and wakes only about once per ping it receives; it still asks a link that goes
 quiet, and still declares it dead after C{interval * count} seconds.
 """
 
@@ -72,6 +73,7 @@ class Keepalive:
         self.lastReceived = clock.seconds()
         self._timer: IDelayedCall | None = None
         self._due = self.lastReceived
+        self._lastCheck = self.lastReceived
 
     @property
     def deadline(self) -> float:
@@ -80,7 +82,7 @@ class Keepalive:
 
     def start(self) -> None:
         """Begin watching; silence is counted from now."""
-        self.lastReceived = self._clock.seconds()
+        self.lastReceived = self._lastCheck = self._clock.seconds()
         self._schedule(self.probeAfter if self._passive else self.interval)
 
     def stop(self) -> None:
@@ -100,6 +102,7 @@ class Keepalive:
     def _check(self) -> None:
         self._timer = None
         now = self._clock.seconds()
+        previousCheck, self._lastCheck = self._lastCheck, now
         if now < self.lastReceived:
             # The clock went back: count silence from now, not from the future.
             self.lastReceived = now
@@ -108,6 +111,7 @@ class Keepalive:
             # was stopped. Silence we did not watch is no verdict: ask now, and judge from
             # the answer (dead after count - 1 more intervals without one).
             self.lastReceived = max(self.lastReceived, now - self.interval)
+            previousCheck = self.lastReceived
         silence = now - self.lastReceived
         if silence >= self.deadline:
             self._log.info(
@@ -123,7 +127,12 @@ class Keepalive:
             # clock must not make a busy loop.
             self._schedule(max(self.probeAfter - silence, 0.001))
             return
-        if silence >= self.probeAfter:
+        # Passive: silent for probeAfter (we are here only then). Active: nothing at
+        # all since the last check (OpenSSH's ClientAliveInterval rule). The answer
+        # to our own ping arrives after the check that sent it and spares the next
+        # one: a peer that only answers is pinged every other interval, however
+        # late the timer runs or slow the answer is.
+        if self._passive or self.lastReceived <= previousCheck:
             self._sendPing()
         # Wake at the next interval, or exactly at the deadline if that is
         # sooner, so a dead peer is found within interval * count.

@@ -238,8 +238,9 @@ def agentProbeAfter(interval: float, count: int) -> float:
     """
     Seconds of silence before groundcontrol pings an agent: half an interval before
     the deadline (37.5 s with 15 s x 3). An agent with the default keepalive is
-    heard from every 30 s at most (it pings after 15 s of silence, checked every
-    15 s), so it is never pinged; a quiet one has half an interval to answer.
+    heard from every 30 s (it checks every 15 s and pings when nothing came since
+    its last check, so every other check), so it is never pinged; a quiet one has
+    half an interval to answer.
     """
     return max(interval, interval * count - interval / 2)
 
@@ -292,7 +293,7 @@ class GroundControlTransport(
         Authenticated: stop the grace timer and watch the peer for silence.
 
         Operators (OpenSSH sends no keepalives by default) are pinged after one
-        interval of silence. Agents ping us every 15-30 s on their own (their
+        interval of silence. Agents ping us every 30 s on their own (their
         keepalive, answered, is proof of life both ways), so on an agent link we
         only probe after L{agentProbeAfter} seconds of silence: nothing is sent
         while the agent's pings arrive, and a link that goes quiet is still

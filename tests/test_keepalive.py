@@ -5,9 +5,12 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+from twisted.conch.ssh import common, connection
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from accesstunnel.connection import TunnelConnection
 from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL, Keepalive
 from accesstunnel.keys import fingerprint
 from agent.identity import ServerKeyPin
@@ -55,6 +58,22 @@ class KeepaliveTests(SynchronousTestCase):
             self.clock.advance(INTERVAL / 2)
             self.keepalive.received()
         self.assertEqual((self.pings, self.deaths), (0, 0))
+
+    def test_answeredPingSparesNextCheck(self) -> None:
+        """
+        A peer that only answers our pings is pinged every other interval: the answer
+        (10 ms after the ping) counts as "heard since the last check" at the next
+        check, even when every check runs 50 ms late (later than the answer took).
+        """
+        self.keepalive.start()
+        for _ in range(40):
+            (check,) = self.clock.getDelayedCalls()
+            before = self.pings
+            self.clock.advance(check.getTime() + 0.05 - self.clock.seconds())
+            if self.pings > before:
+                self.clock.advance(0.01)
+                self.keepalive.received()
+        self.assertEqual((self.pings, self.deaths), (20, 0))
 
     def test_deadAtExactlyIntervalTimesCount(self) -> None:
         """The peer is declared dead at interval*count seconds of silence, not a moment sooner."""
@@ -329,8 +348,9 @@ class GroundControlKeepaliveTests(SynchronousTestCase):
         fromAgent = self.countKeepalives(pump.client.service)
         self.advance(2 * 3600)
         self.assertEqual(fromServer, [])
-        # Every 15 s here (in memory the answer comes back at the very same clock
-        # time); every 30 s over a real network, where it comes back a little later.
+        # Every 15 s here: in memory the answer comes back at the very same clock
+        # time as the check that pinged. Over a real network it comes back after
+        # it and spares the next check: every 30 s.
         self.assertEqual(len(fromAgent), 2 * 3600 // DEFAULT_INTERVAL)
         self.assertIsNotNone(self.fleet.registry.lookup("kiln7"))
         self.assertFalse(pump.serverIO.disconnecting or pump.clientIO.disconnecting)
@@ -376,3 +396,100 @@ class GroundControlKeepaliveTests(SynchronousTestCase):
         fromServer = self.countKeepalives(pump.server.service)
         self.advance(int(DEFAULT_INTERVAL) + 1)
         self.assertEqual(len(fromServer), 1)
+
+
+class _Recorder:
+    """A transport that records the packets it is asked to send."""
+
+    def __init__(self) -> None:
+        self.packets: list[tuple[int, bytes]] = []
+
+    def sendPacket(self, messageType: int, payload: bytes) -> None:
+        self.packets.append((messageType, payload))
+
+
+class _Connection(TunnelConnection):
+    """A connection whose global requests are recorded; b'slow' ones are answered later."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[bytes] = []
+        self.slow: list[defer.Deferred[Any]] = []
+
+    def gotGlobalRequest(self, requestType: bytes, data: bytes) -> Any:
+        self.asked.append(requestType)
+        if requestType == b"slow":
+            self.slow.append(defer.Deferred())
+            return self.slow[-1]
+        return 0
+
+
+def globalRequest(name: bytes, wantReply: bool = True) -> bytes:
+    return common.NS(name) + (b"\x01" if wantReply else b"\x00")
+
+
+KEEPALIVE_REQUEST = globalRequest(b"keepalive@openssh.com")
+
+
+class KeepaliveReplyTests(SynchronousTestCase):
+    """
+    The peer's keepalive@openssh.com is refused at once, without the generic (Deferred)
+    global-request path, and still in order behind a reply that is pending.
+    """
+
+    def setUp(self) -> None:
+        self.conn = _Connection()
+        self.transport = _Recorder()
+        self.conn.transport = self.transport  # type: ignore[assignment]
+
+    def test_answeredAtOnce(self) -> None:
+        """A keepalive with want-reply gets REQUEST_FAILURE at once; no handler is asked."""
+        self.conn.ssh_GLOBAL_REQUEST(KEEPALIVE_REQUEST)
+        self.assertEqual(self.transport.packets, [(connection.MSG_REQUEST_FAILURE, b"")])
+        self.assertEqual(self.conn.asked, [])
+
+    def test_noReplyWanted(self) -> None:
+        """A keepalive without want-reply is answered with nothing."""
+        self.conn.ssh_GLOBAL_REQUEST(globalRequest(b"keepalive@openssh.com", wantReply=False))
+        self.assertEqual(self.transport.packets, [])
+
+    def test_keepsItsPlaceBehindPendingReply(self) -> None:
+        """
+        A keepalive behind a request answered later is answered after it (RFC 4254 4:
+        replies in request order), and the next keepalive, with nothing pending, at once.
+        """
+        self.conn.ssh_GLOBAL_REQUEST(globalRequest(b"slow"))
+        self.conn.ssh_GLOBAL_REQUEST(KEEPALIVE_REQUEST)
+        self.assertEqual(self.transport.packets, [])
+        self.conn.slow[0].callback((1, b"late"))
+        self.assertEqual(
+            self.transport.packets,
+            [(connection.MSG_REQUEST_SUCCESS, b"late"), (connection.MSG_REQUEST_FAILURE, b"")],
+        )
+        self.conn.ssh_GLOBAL_REQUEST(KEEPALIVE_REQUEST)
+        self.assertEqual(len(self.transport.packets), 3)
+
+    def test_orderAmongSeveral(self) -> None:
+        """slow, keepalive, slow, keepalive: answered in exactly that order as they settle."""
+        self.conn.ssh_GLOBAL_REQUEST(globalRequest(b"slow"))
+        self.conn.ssh_GLOBAL_REQUEST(KEEPALIVE_REQUEST)
+        self.conn.ssh_GLOBAL_REQUEST(globalRequest(b"slow"))
+        self.conn.ssh_GLOBAL_REQUEST(KEEPALIVE_REQUEST)
+        self.conn.slow[1].callback((1, b"second"))
+        self.assertEqual(self.transport.packets, [])
+        self.conn.slow[0].callback((1, b"first"))
+        self.assertEqual(
+            self.transport.packets,
+            [
+                (connection.MSG_REQUEST_SUCCESS, b"first"),
+                (connection.MSG_REQUEST_FAILURE, b""),
+                (connection.MSG_REQUEST_SUCCESS, b"second"),
+                (connection.MSG_REQUEST_FAILURE, b""),
+            ],
+        )
+
+    def test_stoppedConnectionSilent(self) -> None:
+        """After the service stopped, a keepalive is not answered."""
+        self.conn.stopped = True
+        self.conn.ssh_GLOBAL_REQUEST(KEEPALIVE_REQUEST)
+        self.assertEqual(self.transport.packets, [])
