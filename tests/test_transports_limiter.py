@@ -520,3 +520,50 @@ class ListenBacklogTests(SynchronousTestCase):
             self.assertEqual(endpoint._backlog, LISTEN_BACKLOG, address)  # type: ignore[attr-defined]
         endpoint = serverListener(reactor, "tcp:0:backlog=7").endpoint
         self.assertEqual(endpoint._backlog, 7)  # type: ignore[attr-defined]
+
+
+class WebSocketTests(SynchronousTestCase):
+    """Under the WebSocket transport (wss://, ws://) connections wait and start the same way."""
+
+    def test_waitsAndStartsUnderWebSocket(self) -> None:
+        """
+        The second WebSocket connection gets no SSH protocol while the only slot is held;
+        what its client sent meanwhile reaches the SSH protocol once the first goes.
+        """
+        from twisted.test import iosim
+
+        from accesstunnel.transports.websocket import (
+            WebSocketClientFactory,
+            WebSocketServerFactory,
+        )
+
+        ssh = FakeSSHFactory()
+        limiter = HandshakeLimiter(ssh, maxPending=1, clock=Clock())
+        server = WebSocketServerFactory(limiter, "ws://127.0.0.1:80/tunnel", "/tunnel")
+        pumps = []
+        clients = []
+        for _ in range(2):
+            client = protocol.Factory.forProtocol(_Hello)
+            ws = WebSocketClientFactory(client, "ws://127.0.0.1:80/tunnel")
+            s, c = server.buildProtocol(iosim.FakeAddress()), ws.buildProtocol(iosim.FakeAddress())
+            pump = iosim.connect(
+                s, iosim.makeFakeServer(s), c, iosim.makeFakeClient(c), greet=False, clock=Clock()
+            )
+            pump.flush()
+            pumps.append(pump)
+            clients.append(client)
+        self.assertEqual((ssh.made, limiter.pending, limiter.waiting), (1, 1, 1))
+        second = [p for p in limiter.protocols if p.wrappedProtocol is None]
+        self.assertEqual(len(second), 1)
+        pumps[0].clientIO.loseConnection()
+        for pump in pumps:
+            pump.flush()
+        self.assertEqual(ssh.made, 2)
+        self.assertEqual(second[0].wrappedProtocol.received, b"SSH-2.0-client\r\n")
+
+
+class _Hello(protocol.Protocol):
+    """A client that sends its version line at once, as SSH clients do."""
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"SSH-2.0-client\r\n")  # type: ignore[union-attr]
