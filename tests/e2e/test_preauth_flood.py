@@ -5,8 +5,10 @@ End to end: a flood of stalled handshakes from one source does not lock operator
 500 connections from 127.0.0.2 open and stall before or during the handshake (a third
 send nothing, a third a partial version line, a third a version line and a partial
 KEXINIT) and stay open, while the real OpenSSH client logs in from 127.0.0.1 and runs
-`true` on a device, within 2 s, several times. groundcontrol holds at most
---max-handshakes-per-source of them (HandshakeLimiter) and closes the rest at once.
+`true` on a device, within 2 s, several times. groundcontrol lets at most
+--max-handshakes-per-source of them into their handshake (HandshakeLimiter), holds the next
+256 unread in its waiting room and closes the rest at accept; the operator's source had
+nothing in progress, so it is served ahead of all of them.
 
 OpenSSH 9.2's sshd with its defaults fails exactly this: MaxStartups 10:30:100 drops new
 unauthenticated connections at random from the 10th on and all of them from the 100th,
