@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import random
 import struct
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from twisted.conch.ssh import factory, service, transport
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.test import iosim
 
 from accesstunnel import fastpath, policy
@@ -592,8 +592,10 @@ class NonStrictClient(FastClient):
 
 
 class LoggedServer(FastServer):
+    """Our server transport with the fast path's log events kept in a list."""
+
     events: list[dict[str, Any]] = []
-    _fpLog = Logger(observer=events.append)
+    _fpLog = Logger(observer=cast(ILogObserver, events.append))
 
 
 def test_chacha20_poly1305_without_strict_kex_works_and_is_logged() -> None:
