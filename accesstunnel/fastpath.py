@@ -57,7 +57,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 from twisted.conch.ssh import transport
-from twisted.conch.ssh.common import getNS
+from twisted.conch.ssh.common import NS, ffs, getNS
 from twisted.logger import Logger
 
 __all__ = [
@@ -526,6 +526,7 @@ class FastPathMixin:
     outgoingCompression: Any
     _keyExchangeState: str
     _KEY_EXCHANGE_NONE: str
+    otherKexInitPayload: bytes
     _blockedByKeyExchange: list[tuple[int, bytes]] | None
     dispatchMessage: Callable[[int, bytes], None]
 
@@ -561,6 +562,46 @@ class FastPathMixin:
         self._fpOfferedStrict = True
 
     def ssh_KEXINIT(self, packet: bytes) -> Any:
+        negotiable = self._fpImplicitMACs(packet)
+        if negotiable is packet:
+            return self._fpKexinit(packet)
+        try:
+            return self._fpKexinit(negotiable)
+        finally:
+            # The exchange hash covers the peer's KEXINIT as it was sent.
+            self.otherKexInitPayload = bytes((transport.MSG_KEXINIT,)) + packet
+
+    def _fpImplicitMACs(self, packet: bytes) -> bytes:
+        """
+        The peer's KEXINIT, with its MAC list for a direction replaced by our
+        first MAC where that direction negotiates an AEAD cipher and no MAC is
+        in common: an AEAD cipher's MAC is implied, so, as OpenSSH does, no
+        MAC needs to be negotiated for it (Conch's negotiation would otherwise
+        fail the key exchange). Unchanged (the same object) in every other case.
+        """
+        ourMACs = self.supportedMACs
+        try:
+            *lists, rest = getNS(packet[16:], 10)
+        except Exception:
+            return packet  # Conch's own parsing reports it
+        changed = False
+        for cipherIndex, macIndex in ((2, 4), (3, 5)):
+            peerCiphers = lists[cipherIndex].split(b",")
+            peerMACs = lists[macIndex].split(b",")
+            if self.isClient:
+                cipher = ffs(self.supportedCiphers, peerCiphers)
+                mac = ffs(ourMACs, peerMACs)
+            else:
+                cipher = ffs(peerCiphers, self.supportedCiphers)
+                mac = ffs(peerMACs, ourMACs)
+            if cipher in AEAD_CIPHERS and mac is None and ourMACs:
+                lists[macIndex] = ourMACs[0]
+                changed = True
+        if not changed:
+            return packet
+        return packet[:16] + b"".join(NS(names) for names in lists) + rest
+
+    def _fpKexinit(self, packet: bytes) -> Any:
         if not self._fpKexinitReceived:
             self._fpKexinitReceived = True
             try:

@@ -633,3 +633,27 @@ def test_agent_order_still_picks_aes128_gcm() -> None:
     """The agent's own order (its figures: cheaper per packet) keeps AES-128-GCM on the link."""
     server, _client, _pump = connect()
     assert server.currentEncryptions.inCipType == b"aes128-gcm@openssh.com"
+
+
+@pytest.mark.parametrize("cipher", [CHACHA, b"aes128-gcm@openssh.com"])
+def test_aead_needs_no_mac_in_common(cipher: bytes) -> None:
+    """With an AEAD cipher the MAC lists are ignored (PROTOCOL.chacha20poly1305, "no MAC is
+    required to be negotiated"): a client whose MACs we do not offer still connects, and the
+    exchange hash still covers its KEXINIT as sent (else the host key signature would fail)."""
+    server, client, pump = connect(ciphers=[cipher], macs=[b"umac-128-etm@openssh.com"])
+    assert server.disconnects == client.disconnects == []
+    assert server.currentEncryptions.inCipType == cipher
+    assert server.otherKexInitPayload == client.ourKexInitPayload
+    echo(client, pump, [b"implicit MAC"])
+    client.sendKexInit()  # and again on a rekey
+    pump.flush()
+    echo(client, pump, [b"after rekey"])
+    assert server.disconnects == client.disconnects == []
+
+
+def test_ctr_still_needs_a_mac_in_common() -> None:
+    """Without an AEAD cipher a MAC must still be agreed: no common MAC, no connection."""
+    server, client, _pump = connect(ciphers=[b"aes128-ctr"], macs=[b"umac-128-etm@openssh.com"])
+    failed = (transport.DISCONNECT_KEY_EXCHANGE_FAILED, b"couldn't match all kex parts")
+    assert failed in server.disconnects + client.disconnects
+    assert client.secured == 0

@@ -112,3 +112,26 @@ def test_openssh_client_picks_chacha20_poly1305_by_default(kiln: Fleet) -> None:
             f"kex: {direction} cipher: chacha20-poly1305@openssh.com MAC: <implicit> "
             "compression: none" in log
         )
+
+
+def test_aead_needs_no_common_mac(kiln: Fleet) -> None:
+    """A client whose MACs groundcontrol does not offer (umac-128-etm only) connects with
+    chacha20-poly1305, whose MAC is implied, as it would to OpenSSH's sshd; with a CTR cipher,
+    which needs a MAC, it is still refused."""
+    alice = kiln.operators["alice"]
+    umac = ["-o", "MACs=umac-128-etm@openssh.com", "-v"]
+    ok = subprocess.run(
+        alice.argv("dev_kiln7", "echo", "hello", options=umac),
+        capture_output=True,
+        timeout=60,
+    )
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert ok.stdout == b"hello\n"
+    assert b"cipher: chacha20-poly1305@openssh.com MAC: <implicit>" in ok.stderr
+    refused = subprocess.run(
+        alice.argv("dev_kiln7", "true", options=["-o", "Ciphers=aes128-ctr", *umac]),
+        capture_output=True,
+        timeout=60,
+    )
+    assert refused.returncode == 255
+    assert b"no matching MAC found" in refused.stderr
