@@ -21,7 +21,11 @@ from accesstunnel.addresses import AddressError, parseAddress, serverListener
 from accesstunnel.durations import parseDuration
 from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL
 from accesstunnel.rekey import parseRekeyLimit
-from accesstunnel.transports.limiter import HandshakeLimiter
+from accesstunnel.transports.limiter import (
+    DEFAULT_MAX_WAITING,
+    DEFAULT_MAX_WAITING_PER_SOURCE,
+    HandshakeLimiter,
+)
 from accesstunnel.transports.tls import ServerTLS, TLSConfigError
 from accesstunnel.transports.tor import TorSettings
 from groundcontrol.datadir import DataDir, HostKeyError, NotInitialised
@@ -71,6 +75,8 @@ class ServerConfig:
     onionKey: str | None = None
     maxHandshakes: int = 64
     maxHandshakesPerSource: int = 16
+    maxHandshakesWaiting: int = DEFAULT_MAX_WAITING
+    maxHandshakesWaitingPerSource: int = DEFAULT_MAX_WAITING_PER_SOURCE
     #: Session recording under DATA/recordings (see groundcontrol.recording).
     recordingFailOpen: bool = False
     recordingMaxAge: float | None = None
@@ -108,6 +114,20 @@ class Options(usage.Options):
         ["onion-key", None, None, "Onion service key file (default DATA/onion_key)."],
         ["max-handshakes", None, 64, "Connections that may be logging in at once.", int],
         ["max-handshakes-per-source", None, 16, "Of those, from one source address.", int],
+        [
+            "max-handshakes-waiting",
+            None,
+            DEFAULT_MAX_WAITING,
+            "Connections held, unread, until a handshake slot frees (then the listeners pause).",
+            int,
+        ],
+        [
+            "max-handshakes-waiting-per-source",
+            None,
+            DEFAULT_MAX_WAITING_PER_SOURCE,
+            "Of those, from one source address; beyond it they are closed at accept.",
+            int,
+        ],
         [
             "recording-failure",
             None,
@@ -172,6 +192,8 @@ class Options(usage.Options):
             raise usage.UsageError("tls:// and wss:// listeners need --tls-cert and --tls-key")
         if self["max-handshakes"] < 1 or self["max-handshakes-per-source"] < 1:
             raise usage.UsageError("handshake limits must be at least 1")
+        if self["max-handshakes-waiting"] < 0 or self["max-handshakes-waiting-per-source"] < 0:
+            raise usage.UsageError("handshake waiting limits cannot be negative")
         if self["max-sessions"] < 1 or self["max-channels-per-device"] < 1:
             raise usage.UsageError("session caps must be at least 1")
         if self["max-pending"] < 0 or self["max-pending-per-host"] < 0:
@@ -225,6 +247,8 @@ class Options(usage.Options):
             onionKey=self["onion-key"],
             maxHandshakes=self["max-handshakes"],
             maxHandshakesPerSource=self["max-handshakes-per-source"],
+            maxHandshakesWaiting=self["max-handshakes-waiting"],
+            maxHandshakesWaitingPerSource=self["max-handshakes-waiting-per-source"],
             recordingFailOpen=self["recording-failure"] == "open",
             recordingMaxAge=self["recording-max-age"] or None,
             recordingMaxBytes=self["recording-max-bytes"] or None,
@@ -314,7 +338,11 @@ def buildService(
     # One limiter for every listener, innermost: it counts SSH handshakes,
     # whatever transport carries them.
     limited = HandshakeLimiter(
-        factory, maxPending=config.maxHandshakes, maxPerSource=config.maxHandshakesPerSource
+        factory,
+        maxPending=config.maxHandshakes,
+        maxPerSource=config.maxHandshakesPerSource,
+        maxWaiting=config.maxHandshakesWaiting,
+        maxWaitingPerSource=config.maxHandshakesWaitingPerSource,
     )
     tls = None
     if config.tlsCertificate and config.tlsKey:
@@ -359,6 +387,7 @@ def buildService(
             config.dataDir.path / "run",
         ).setServiceParent(top)
     top.registry = registry  # type: ignore[attr-defined]
+    top.limiter = limited  # type: ignore[attr-defined]
     return top
 
 
