@@ -28,6 +28,8 @@ from typing import Any
 
 from twisted.internet import tcp
 
+from accesstunnel.layers import transportLayers
+
 #: Writes above this many bytes always go through Twisted's buffer.
 WRITE_THROUGH_LIMIT = 16 * 1024
 
@@ -125,16 +127,13 @@ def enable(transport: Any, depth: int = 4) -> bool:
     methods); anything else is left alone. Returns whether the connection
     now writes through.
     """
-    for _ in range(depth):
-        if transport is None:
-            return False
-        if isinstance(transport, WriteThroughMixin):
+    for layer in transportLayers(transport, depth):
+        if isinstance(layer, WriteThroughMixin):
             return True
-        upgrade = _UPGRADES.get(type(transport))
+        upgrade = _UPGRADES.get(type(layer))
         if upgrade is not None:
-            transport.__class__ = upgrade
+            layer.__class__ = upgrade
             return True
-        transport = getattr(transport, "transport", None)
     return False
 
 

@@ -48,6 +48,8 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
+from accesstunnel.layers import transportLayers
+
 __all__ = ["HandshakeLimiter"]
 
 DEFAULT_MAX_PENDING = 64
@@ -96,15 +98,12 @@ def _listeningPort(transport: Any) -> Any:
     The listening port a connection came in on (a TCP server transport's C{server}),
     looking through TLS and other wrappers; C{None} if there is none to pause.
     """
-    for _ in range(8):
-        if transport is None:
-            return None
-        port = getattr(transport, "server", None)
+    for layer in transportLayers(transport):
+        port = getattr(layer, "server", None)
         if callable(getattr(port, "stopReading", None)) and callable(
             getattr(port, "startReading", None)
         ):
             return port
-        transport = getattr(transport, "transport", None)
     return None
 
 

@@ -24,6 +24,8 @@ from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
 
+from accesstunnel.layers import transportLayers
+
 __all__ = [
     "ClientTLS",
     "ServerTLS",
@@ -245,9 +247,8 @@ def peerCertificate(transport: Any) -> x509.Certificate | None:
     the SSH layer can ask without knowing which transport it runs on. C{None} when the link
     has no TLS or the peer sent no certificate.
     """
-    seen = 0
-    while transport is not None and seen < 8:
-        getter = getattr(transport, "getPeerCertificate", None)
+    for layer in transportLayers(transport):
+        getter = getattr(layer, "getPeerCertificate", None)
         if getter is not None:
             try:
                 certificate = getter()
@@ -258,6 +259,4 @@ def peerCertificate(transport: Any) -> x509.Certificate | None:
             if isinstance(certificate, crypto.X509):
                 return certificate.to_cryptography()
             return certificate  # type: ignore[no-any-return]
-        transport = getattr(transport, "transport", None)
-        seen += 1
     return None
