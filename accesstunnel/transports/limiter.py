@@ -416,11 +416,8 @@ class HandshakeLimiter(WrappingFactory):
         self.waiting -= 1
 
     def _takeFirst(self, source: str) -> _Limited:
-        queue = self._queues[source]
-        conn = queue.popleft()
-        if not queue:
-            del self._queues[source]
-        self.waiting -= 1
+        conn = self._queues[source][0]
+        self._unqueue(conn)  # found at once: it is first in its queue
         return conn
 
     def _next(self) -> _Limited | None:
