@@ -557,6 +557,13 @@ def _keyUsage(
     )
 
 
+def _strongEnough(key: rsa.RSAPublicKey) -> rsa.RSAPublicKey:
+    """The RSA key itself, or L{ValueError} when it is shorter than L{MIN_RSA_BITS}."""
+    if key.key_size < MIN_RSA_BITS:
+        raise ValueError(f"RSA key of {key.key_size} bits; at least {MIN_RSA_BITS}")
+    return key
+
+
 def _devicePublicKey(publicKey: PublicKey | keys.Key | str | bytes) -> PublicKey:
     """Accept the device key in the forms callers hold it and reject what TLS cannot use."""
     if isinstance(publicKey, str | bytes):
@@ -572,9 +579,7 @@ def _devicePublicKey(publicKey: PublicKey | keys.Key | str | bytes) -> PublicKey
     if isinstance(publicKey, ed25519.Ed25519PublicKey):
         return publicKey
     if isinstance(publicKey, rsa.RSAPublicKey):
-        if publicKey.key_size < MIN_RSA_BITS:
-            raise ValueError(f"RSA key of {publicKey.key_size} bits; at least {MIN_RSA_BITS}")
-        return publicKey
+        return _strongEnough(publicKey)
     raise ValueError(f"device keys must be Ed25519 or RSA, not {type(publicKey).__name__}")
 
 
@@ -589,9 +594,7 @@ def _serverPublicKey(
     if isinstance(key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey):
         return key
     if isinstance(key, rsa.RSAPublicKey):
-        if key.key_size < MIN_RSA_BITS:
-            raise ValueError(f"RSA key of {key.key_size} bits; at least {MIN_RSA_BITS}")
-        return key
+        return _strongEnough(key)
     raise ValueError(f"unsupported server key type {type(key).__name__}")
 
 
