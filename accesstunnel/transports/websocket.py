@@ -108,6 +108,14 @@ def _commonOptions(factory: Any) -> None:
     )
 
 
+def _buildWrapping(factory: Any, addr: Any) -> Any:
+    """C{buildProtocol} of both factories: a WebSocket protocol around the wrapped one."""
+    proto = factory.protocol()
+    proto.factory = factory
+    proto._proto = factory._factory.buildProtocol(addr)
+    return proto
+
+
 class WebSocketServerFactory(WrappingWebSocketServerFactory):  # type: ignore[misc]
     """Serve the wrapped factory's protocol in binary WebSocket messages on one path."""
 
@@ -121,11 +129,7 @@ class WebSocketServerFactory(WrappingWebSocketServerFactory):  # type: ignore[mi
         self.path = path
         _commonOptions(self)
 
-    def buildProtocol(self, addr: Any) -> Any:
-        proto = self.protocol()
-        proto.factory = self
-        proto._proto = self._factory.buildProtocol(addr)
-        return proto
+    buildProtocol = _buildWrapping
 
 
 class WebSocketClientFactory(WrappingWebSocketClientFactory):  # type: ignore[misc]
@@ -139,11 +143,7 @@ class WebSocketClientFactory(WrappingWebSocketClientFactory):  # type: ignore[mi
         self.protocols = [SUBPROTOCOL]
         _commonOptions(self)
 
-    def buildProtocol(self, addr: Any) -> Any:
-        proto = self.protocol()
-        proto.factory = self
-        proto._proto = self._factory.buildProtocol(addr)
-        return proto
+    buildProtocol = _buildWrapping
 
 
 def identity(factory: Factory) -> Factory:
