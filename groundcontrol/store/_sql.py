@@ -687,12 +687,17 @@ class SQLStore:
                 "source = ?, last_seen = ?, kind = ? WHERE fingerprint = ?",
                 (requestedName, serial, source, now, kind, fingerprint),
             )
-        return _request(
-            c.execute(
-                f"SELECT {_REQUEST_COLUMNS} FROM enrollment_requests WHERE fingerprint = ?",
-                (fingerprint,),
-            ).fetchone()
-        )
+        request = self._requestFor(c, fingerprint)
+        assert request is not None
+        return request
+
+    @staticmethod
+    def _requestFor(c: Cursor, fingerprint: str) -> EnrollmentRequest | None:
+        row = c.execute(
+            f"SELECT {_REQUEST_COLUMNS} FROM enrollment_requests WHERE fingerprint = ?",
+            (fingerprint,),
+        ).fetchone()
+        return _request(row) if row is not None else None
 
     def _checkLimits(self, c: Cursor, limits: PendingLimits, host: str, now: float) -> None:
         if self._countPendingIn(c, None, 0.0) >= limits.total:
@@ -1228,27 +1233,13 @@ class SQLStore:
             actor = f"claim:{account.name}"
             owner = (account.id, leaseUntil)
             device = self._deviceRow(c, "d.fingerprint = ?", fingerprint)
-            requestRow = c.execute(
-                f"SELECT {_REQUEST_COLUMNS} FROM enrollment_requests WHERE fingerprint = ?",
-                (fingerprint,),
-            ).fetchone()
-            request = _request(requestRow) if requestRow is not None else None
+            request = self._requestFor(c, fingerprint)
 
             if device is None:
                 if request is None:
                     raise ClaimCodeInvalid("the device is no longer waiting to be claimed")
                 name = code["requested_name"]
-                if request.requestedName != name:
-                    request = EnrollmentRequest(
-                        request.fingerprint,
-                        name,
-                        request.publicKey,
-                        request.serial,
-                        request.source,
-                        request.firstSeen,
-                        request.lastSeen,
-                        request.kind,
-                    )
+                request = attrs.evolve(request, requestedName=name)
                 if c.execute("SELECT 1 FROM devices WHERE name = ?", (name,)).fetchone():
                     raise NameTaken(
                         f"device {name!r} exists with another key; a claim cannot re-key it"
