@@ -12,7 +12,7 @@ fingerprint, and are never routable.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.logger import Logger
 
@@ -34,6 +34,9 @@ class Registry:
     def __init__(self) -> None:
         self._routable: dict[str, Link] = {}
         self._pending: dict[str, Link] = {}
+        #: The sessions over these links (a L{groundcontrol.sessions.SessionRegistry}),
+        #: set by L{groundcontrol.sessions.attachSessions}.
+        self.sessions: Any = None
 
     def attach(self, link: Link) -> None:
         """Make C{link} the route to its device, replacing any older link."""

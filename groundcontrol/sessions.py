@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import secrets
 import struct
-import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -433,12 +432,9 @@ class SessionRegistry:
         return d
 
 
-_BY_REGISTRY: weakref.WeakKeyDictionary[Registry, SessionRegistry] = weakref.WeakKeyDictionary()
-
-
 def attachSessions(registry: Registry, sessions: SessionRegistry) -> SessionRegistry:
     """Make C{sessions} the session registry of the groundcontrol owning C{registry}."""
-    _BY_REGISTRY[registry] = sessions
+    registry.sessions = sessions
     return sessions
 
 
@@ -447,7 +443,7 @@ def sessionsFor(registry: Registry, store: IStore, clock: IReactorTime) -> Sessi
     The session registry of the groundcontrol owning C{registry}; one that
     records nothing is made on first use if none was attached.
     """
-    sessions = _BY_REGISTRY.get(registry)
+    sessions: SessionRegistry | None = registry.sessions
     if sessions is None:
         sessions = attachSessions(registry, SessionRegistry(store, clock))
     return sessions
