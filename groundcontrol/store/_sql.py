@@ -443,6 +443,11 @@ class SQLStore:
             for d in devices
         ]
 
+    @staticmethod
+    def _deviceExists(c: Cursor, name: str) -> bool:
+        """Whether a device (in any state) has this name; cheaper than L{_deviceRow}."""
+        return c.execute("SELECT 1 FROM devices WHERE name = ?", (name,)).fetchone() is not None
+
     def _deviceNamed(self, c: Cursor, name: str) -> Device:
         device = self._deviceRow(c, "d.name = ?", name)
         if device is None:
@@ -632,8 +637,7 @@ class SQLStore:
             # Unknown key: only now is the claimed name worth validating and storing.
             _checkDeviceName(requestedName)
             line = _checkKey(publicKey, fingerprint)
-            taken = c.execute("SELECT 1 FROM devices WHERE name = ?", (requestedName,)).fetchone()
-            kind = "rekey" if taken else "new"
+            kind = "rekey" if self._deviceExists(c, requestedName) else "new"
             return self._upsertRequest(
                 c, requestedName, line, fingerprint, serial, source, now, kind, limits
             )
@@ -1113,7 +1117,7 @@ class SQLStore:
                     f"this key is already device {known.name!r} ({known.state}); "
                     "tokens only enroll new devices"
                 )
-            if c.execute("SELECT 1 FROM devices WHERE name = ?", (requestedName,)).fetchone():
+            if self._deviceExists(c, requestedName):
                 raise NameTaken(
                     f"device {requestedName!r} exists with another key; "
                     "a token cannot re-key it (ask an admin)"
@@ -1240,7 +1244,7 @@ class SQLStore:
                     raise ClaimCodeInvalid("the device is no longer waiting to be claimed")
                 name = code["requested_name"]
                 request = attrs.evolve(request, requestedName=name)
-                if c.execute("SELECT 1 FROM devices WHERE name = ?", (name,)).fetchone():
+                if self._deviceExists(c, name):
                     raise NameTaken(
                         f"device {name!r} exists with another key; a claim cannot re-key it"
                     )
@@ -1366,10 +1370,7 @@ class SQLStore:
             raise StoreError("a grant must expire in the future")
         with self._write() as c:
             accountId = self._accountId(c, accountName)
-            if (
-                kind == "device"
-                and not c.execute("SELECT 1 FROM devices WHERE name = ?", (name,)).fetchone()
-            ):
+            if kind == "device" and not self._deviceExists(c, name):
                 raise UnknownDevice(f"no device named {name!r}")
             # Granting again replaces the grant: its expiry and its login user.
             c.execute(
