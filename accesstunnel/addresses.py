@@ -396,7 +396,13 @@ class _LazyTLSEndpoint:
         factory: IProtocolFactory = protocolFactory
         if presentCertificate and _tls.wouldPresentCertificate(self.settings):
             factory = _WatchHandshake(protocolFactory, self)
-        return endpoints.wrapClientTLS(creator, self.inner).connect(factory)
+        # What endpoints.wrapClientTLS does, but with TLSMemoryBIOFactory imported now: the
+        # endpoints module decided at import whether it has TLS, and agent/launcher.py
+        # imports it before pyOpenSSL so that an agent dialling no TLS never loads it.
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        connecting = self.inner.connect(TLSMemoryBIOFactory(creator, True, factory))
+        return connecting.addCallback(lambda protocol: protocol.wrappedProtocol)
 
 
 class _WatchHandshake(WrappingFactory):
