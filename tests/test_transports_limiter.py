@@ -16,7 +16,12 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from accesstunnel.transports.limiter import MAX_WAITING_BYTES, HandshakeLimiter
+from accesstunnel.transports.limiter import (
+    MAX_VERSION_LINE,
+    MAX_WAITING_BYTES,
+    HandshakeLimiter,
+    isAgentVersion,
+)
 from groundcontrol.testing import FakeOperator, InMemoryFleet
 
 
@@ -102,6 +107,9 @@ class LimiterTestCase(SynchronousTestCase):
         kwargs.setdefault("maxPending", 2)
         kwargs.setdefault("maxPerSource", 2)
         kwargs.setdefault("clock", self.clock)
+        # One pool, no version line awaited: what these tests pin; the split between
+        # agents and operators is tested in ClassTestCase and below.
+        kwargs.setdefault("operatorReserve", 0)
         return HandshakeLimiter(self.ssh, **kwargs)
 
     def connect(self, limiter: HandshakeLimiter, host: str = "192.0.2.1") -> Conn:
@@ -198,8 +206,8 @@ class BoundTests(LimiterTestCase):
         second.login()
         self.assertFalse(third.started)
         self.assertEqual((limiter.pending, limiter.waiting), (0, 0))
-        self.assertEqual(limiter._perSource, {})
-        self.assertEqual(limiter._queues, {})
+        self.assertEqual(limiter.agents._perSource, {})
+        self.assertEqual(limiter.agents._queues, {})
         self.assertTrue(self.port.reading)
 
     def test_startedLossLeaksNoSlot(self) -> None:
@@ -210,7 +218,7 @@ class BoundTests(LimiterTestCase):
             c.lose()
             c.lose()  # a second report changes nothing
         self.assertEqual((limiter.pending, limiter.waiting), (0, 0))
-        self.assertEqual(limiter._perSource, {})
+        self.assertEqual(limiter.agents._perSource, {})
 
     def test_authenticatedConnectionsDoNotCount(self) -> None:
         """
@@ -452,6 +460,293 @@ class TimeoutTests(LimiterTestCase):
         self.assertIs(limiter._clock(), fleet.clock)
 
 
+#: What our agent sends first (Conch's client).
+AGENT = b"SSH-2.0-Twisted_26.10.0\r\n"
+#: What the OpenSSH client sends first.
+OPERATOR = b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n"
+
+
+class ClassTestCase(LimiterTestCase):
+    """
+    The limiter as groundcontrol runs it: slots split between agents and operators, each
+    connection put in a pool by its version line. With maxPending=4 and operatorReserve=1,
+    agents have 3 slots and operators 1.
+    """
+
+    def limiter(self, **kwargs: Any) -> HandshakeLimiter:
+        kwargs.setdefault("maxPending", 4)
+        kwargs.setdefault("maxPerSource", 4)
+        kwargs.setdefault("operatorReserve", 1)
+        kwargs.setdefault("clock", self.clock)
+        return HandshakeLimiter(self.ssh, **kwargs)
+
+    def connect(  # type: ignore[override]
+        self, limiter: HandshakeLimiter, host: str = "192.0.2.1", hello: bytes = AGENT
+    ) -> Conn:
+        conn = Conn(limiter, host, self.port)
+        if hello:
+            conn.protocol.dataReceived(hello)
+        return conn
+
+    def agents(self, limiter: HandshakeLimiter, count: int, host: str | None = None) -> list[Conn]:
+        """C{count} agents, from C{host} or each from its own address (its own NAT)."""
+        return [
+            self.connect(limiter, host or f"10.{n // 250}.{n % 250}.1", AGENT) for n in range(count)
+        ]
+
+
+class VersionLineTests(ClassTestCase):
+    """A connection takes a slot only once its version line says which pool it belongs to."""
+
+    def test_noSlotBeforeTheVersionLine(self) -> None:
+        """
+        A connection that has sent nothing yet holds no slot and has no SSH protocol, but
+        is read (not paused); its version line starts it at once.
+        """
+        limiter = self.limiter()
+        conn = self.connect(limiter, hello=b"")
+        self.assertFalse(conn.started)
+        self.assertFalse(conn.paused)
+        self.assertEqual((limiter.pending, limiter.waiting), (0, 1))
+        conn.protocol.dataReceived(AGENT)
+        self.assertTrue(conn.started)
+        self.assertEqual((limiter.agents.pending, limiter.waiting), (1, 0))
+
+    def test_lineInPiecesDeliveredWhole(self) -> None:
+        """
+        A version line that comes in pieces, and what follows it in the same read, reach
+        the SSH protocol whole and in order once it starts.
+        """
+        limiter = self.limiter()
+        conn = self.connect(limiter, hello=b"SSH-2.0-Open")
+        self.assertFalse(conn.started)
+        conn.protocol.dataReceived(b"SSH_9.2p1\r")
+        self.assertFalse(conn.started)
+        conn.protocol.dataReceived(b"\nkexinit")
+        assert conn.ssh is not None
+        self.assertEqual(conn.ssh.received, b"SSH-2.0-OpenSSH_9.2p1\r\nkexinit")
+        self.assertEqual(limiter.operators.pending, 1)
+
+    def test_agentAndOperatorLines(self) -> None:
+        """Conch's version line counts in the agents' pool; OpenSSH's in the operators'."""
+        limiter = self.limiter()
+        self.connect(limiter, hello=AGENT)
+        self.connect(limiter, hello=OPERATOR)
+        self.assertEqual((limiter.agents.pending, limiter.operators.pending), (1, 1))
+        self.assertTrue(isAgentVersion(b"SSH-2.0-Twisted_22.4.0"))
+        self.assertFalse(isAgentVersion(b"SSH-2.0-OpenSSH_9.2p1 Twisted_26.10.0"))
+        self.assertFalse(isAgentVersion(b"SSH-2.0-PuTTY_Release_0.81"))
+
+    def test_silentConnectionCountsAsAnAgentAfterTheDeadline(self) -> None:
+        """
+        A connection that sends no version line within versionTimeout (2 s) is put in the
+        agents' pool: staying silent never reaches the operators' reserve.
+        """
+        limiter = self.limiter()
+        conn = self.connect(limiter, hello=b"")
+        self.clock.advance(1.9)
+        self.assertFalse(conn.started)
+        self.clock.advance(0.1)
+        self.assertTrue(conn.started)
+        self.assertEqual((limiter.agents.pending, limiter.operators.pending), (1, 0))
+
+    def test_overlongLineCountsAsAnAgent(self) -> None:
+        """255 bytes without a line end is no SSH version line: the agents' pool, at once."""
+        limiter = self.limiter()
+        conn = self.connect(limiter, hello=b"SSH-2.0-" + b"x" * (MAX_VERSION_LINE - 8))
+        self.assertTrue(conn.started)
+        self.assertEqual((limiter.agents.pending, limiter.operators.pending), (1, 0))
+
+    def test_lostBeforeTheLineLeaksNothing(self) -> None:
+        """A connection gone before its version line leaves no count and no timer behind."""
+        limiter = self.limiter()
+        conn = self.connect(limiter, hello=b"SSH-2.0-")
+        conn.lose()
+        self.assertEqual((limiter.pending, limiter.waiting), (0, 0))
+        self.assertEqual(limiter._hello, {})
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_sourceMayNotHoldUnboundedSilentConnections(self) -> None:
+        """
+        One source may have maxPerSource + maxWaitingPerSource connections awaiting their
+        version line; further ones are closed at accept. Other sources are not affected.
+        """
+        limiter = self.limiter(maxPerSource=2, maxWaitingPerSource=3)
+        held = [self.connect(limiter, hello=b"") for _ in range(5)]
+        refused = self.connect(limiter, hello=b"")
+        self.assertTrue(refused.closed)
+        self.assertFalse(any(c.closed for c in held))
+        self.assertFalse(self.connect(limiter, "192.0.2.2", hello=b"").closed)
+
+    def test_dataBeyondALineAndAKexinitWhileWaiting(self) -> None:
+        """A waiting connection that sends more than a handshake's worth is aborted."""
+        limiter = self.limiter()
+        self.agents(limiter, 3)
+        conn = self.connect(limiter, hello=AGENT + b"x" * MAX_WAITING_BYTES)
+        self.assertTrue(conn.transport.disconnected)
+        conn.lose()
+        self.assertEqual(limiter.waiting, 0)
+
+
+class OperatorReserveTests(ClassTestCase):
+    """Operators have slots of their own that no crowd of agents can take."""
+
+    def test_operatorFromTheCrowdsAddressStartsAtOnce(self) -> None:
+        """
+        An agent crowd from one address holds every agents' slot and ten more wait; an
+        operator from that SAME address starts at once, ahead of all ten (the source
+        address alone would put it behind them).
+        """
+        limiter = self.limiter()
+        crowd = self.agents(limiter, 13, host="192.0.2.1")
+        operator = self.connect(limiter, "192.0.2.1", OPERATOR)
+        self.assertTrue(operator.started)
+        self.assertEqual([c.started for c in crowd], [True] * 3 + [False] * 10)
+
+    def test_operatorAheadOfAFleetOfOneDevicePerAddress(self) -> None:
+        """
+        Every device behind its own NAT: each agent is a quiet source, so quiet-first
+        ordering alone would serve the operator after all of them. It starts at once.
+        """
+        limiter = self.limiter()
+        fleet = self.agents(limiter, 50)
+        operator = self.connect(limiter, "198.51.100.7", OPERATOR)
+        self.assertTrue(operator.started)
+        self.assertEqual(sum(c.started for c in fleet), 3)
+
+    def test_agentsNeverTakeTheReserve(self) -> None:
+        """
+        With no operator about, agents still hold at most maxPending - operatorReserve
+        slots; the reserved one stays free, and a freed agents' slot goes to the next agent.
+        """
+        limiter = self.limiter()
+        fleet = self.agents(limiter, 5)
+        self.assertEqual((limiter.agents.pending, limiter.operators.pending), (3, 0))
+        fleet[0].login()
+        self.assertEqual([c.started for c in fleet], [True] * 4 + [False])
+        self.assertEqual(limiter.pending, 3)
+
+    def test_liarsBoundedByTheReserveAndTheirShare(self) -> None:
+        """
+        Agents (or anyone) claiming to be OpenSSH from one address get at most half the
+        reserve (operatorShare), from many addresses at most the reserve; the agents' pool
+        is untouched by them, so agents keep starting at the same rate.
+        """
+        limiter = self.limiter(maxPending=8, operatorReserve=4)
+        liars = [self.connect(limiter, "203.0.113.1", OPERATOR) for _ in range(5)]
+        self.assertEqual(sum(c.started for c in liars), 2)
+        more = [self.connect(limiter, f"203.0.113.{n}", OPERATOR) for n in range(2, 6)]
+        self.assertEqual(limiter.operators.pending, 4)
+        self.assertEqual(sum(c.started for c in more), 2)
+        fleet = self.agents(limiter, 6)
+        self.assertEqual(sum(c.started for c in fleet), 4)
+
+    def test_quietOperatorAheadOfLiarsInTheReserve(self) -> None:
+        """
+        With the reserve held by connections that only claim to be operators, a real
+        operator from another address waits, and gets the next freed reserved slot ahead
+        of the claimants that waited before it (quiet sources first, as in the agents' pool).
+        """
+        limiter = self.limiter(maxPending=8, operatorReserve=2)
+        first = [self.connect(limiter, f"203.0.113.{n}", OPERATOR) for n in (1, 2)]
+        waiting = [self.connect(limiter, "203.0.113.1", OPERATOR) for _ in range(3)]
+        operator = self.connect(limiter, "198.51.100.7", OPERATOR)
+        self.assertFalse(operator.started)
+        first[1].lose()
+        self.assertTrue(operator.started)
+        self.assertFalse(any(c.started for c in waiting))
+
+    def test_waitingShareIsPerPool(self) -> None:
+        """
+        A source whose agents fill their waiting share (maxWaitingPerSource) can still
+        bring an operator: each pool counts its own share.
+        """
+        limiter = self.limiter(maxWaitingPerSource=2)
+        crowd = self.agents(limiter, 6, host="192.0.2.1")
+        self.assertEqual([c.closed for c in crowd], [False] * 5 + [True])
+        operator = self.connect(limiter, "192.0.2.1", OPERATOR)
+        self.assertTrue(operator.started)
+
+    def test_fullRoomRefusesAgentsWhileTheReserveIsFree(self) -> None:
+        """
+        The waiting room full and the agents' pool full, but the reserve free: the ports
+        keep accepting so that an operator still gets in; an agent that would have to
+        wait in the full room is closed (after its version line, before any key exchange).
+        """
+        limiter = self.limiter(maxWaiting=2)
+        self.agents(limiter, 5)
+        self.assertEqual(limiter.waiting, 2)
+        self.assertTrue(self.port.reading)
+        late = self.agents(limiter, 1, host="192.0.2.99")[0]
+        self.assertTrue(late.closed)
+        self.assertFalse(late.started)
+        self.assertTrue(self.connect(limiter, "198.51.100.7", OPERATOR).started)
+
+    def test_portsPauseWhenEveryPoolAndTheRoomAreFull(self) -> None:
+        """
+        Only when both pools are full and maxWaiting connections wait do the ports stop
+        accepting; a login frees a slot and they accept again.
+        """
+        limiter = self.limiter(maxWaiting=1)
+        self.agents(limiter, 4)
+        self.assertTrue(self.port.reading)
+        operator = self.connect(limiter, "198.51.100.7", OPERATOR)
+        self.assertFalse(self.port.reading)
+        operator.login()
+        self.assertTrue(self.port.reading)
+
+    def test_handshakeTimeoutFromTheSlot(self) -> None:
+        """
+        The handshake timeout runs from the slot grant, so the time spent awaiting the
+        version line does not count; a stalled operator is aborted and its slot freed.
+        """
+        limiter = self.limiter(handshakeTimeout=40)
+        operator = self.connect(limiter, "198.51.100.7", hello=b"")
+        self.clock.advance(1)
+        operator.protocol.dataReceived(OPERATOR)
+        self.clock.advance(39.9)
+        self.assertFalse(operator.transport.disconnected)
+        self.clock.advance(0.1)
+        self.assertTrue(operator.transport.disconnected)
+        operator.lose()
+        self.assertEqual(limiter.pending, 0)
+
+    def test_noLeakWhateverTheOrder(self) -> None:
+        """
+        Connections of both kinds lost in every state (awaiting their line, waiting,
+        in their handshake, logged in) leave every count at zero.
+        """
+        limiter = self.limiter()
+        conns = self.agents(limiter, 6, host="192.0.2.1")
+        conns += [self.connect(limiter, "192.0.2.1", OPERATOR) for _ in range(3)]
+        conns += [self.connect(limiter, "192.0.2.1", hello=b"") for _ in range(2)]
+        conns[0].login()
+        for c in conns:
+            c.lose()
+        self.assertEqual((limiter.pending, limiter.waiting), (0, 0))
+        for pool in limiter.pools.values():
+            self.assertEqual((pool.pending, pool.waiting), (0, 0))
+            self.assertEqual((pool._perSource, pool._queues), ({}, {}))
+        self.assertEqual(limiter._hello, {})
+
+    def test_defaultsAndBadReserve(self) -> None:
+        """
+        By default a quarter of the slots are reserved (16 of 64), one operator source may
+        hold half of them; a reserve leaving agents no slot is a configuration error, and
+        0 turns the split off (one pool, no version line awaited).
+        """
+        limiter = HandshakeLimiter(self.ssh)
+        self.assertEqual(
+            (limiter.operatorReserve, limiter.agents.size, limiter.operators.perSource),
+            (16, 48, 8),
+        )
+        self.assertRaises(ValueError, HandshakeLimiter, self.ssh, 4, operatorReserve=4)
+        self.assertRaises(ValueError, HandshakeLimiter, self.ssh, 4, operatorReserve=-1)
+        self.assertEqual(HandshakeLimiter(self.ssh, 1).operatorReserve, 0)
+        off = HandshakeLimiter(self.ssh, 4, operatorReserve=0, clock=self.clock)
+        self.assertTrue(Conn(off, "192.0.2.1", None).started)
+
+
 class _Mute(protocol.Protocol):
     """A client that connects and never says a word."""
 
@@ -499,6 +794,45 @@ class RealSSHTests(SynchronousTestCase):
         fleet.flush()
         self.assertIsNotNone(operator.connection)
         self.assertEqual(limiter.pending, 0)
+
+
+class _StalledAgent(protocol.Protocol):
+    """A client that sends our agent's version line and then nothing more."""
+
+    def connectionMade(self) -> None:
+        self.transport.write(AGENT)  # type: ignore[union-attr]
+
+
+class _OpenSSHOperator(FakeOperator):
+    """L{FakeOperator} sending the OpenSSH client's version line, as a real operator does."""
+
+    def buildProtocol(self, addr: Any) -> Any:
+        transport = super().buildProtocol(addr)
+        transport.ourVersionString = OPERATOR.rstrip(b"\r\n")
+        return transport
+
+
+class RealSSHReserveTests(SynchronousTestCase):
+    """The operators' reserve around groundcontrol's real front door, in memory."""
+
+    def test_operatorLogsInAheadOfAgentsFromItsAddress(self) -> None:
+        """
+        Stalled agents from 192.0.2.9 hold both agents' slots and six more wait; a real
+        SSH operator from the same address logs in at once, through the reserved slot,
+        while the six still wait.
+        """
+        fleet = InMemoryFleet()
+        limiter = HandshakeLimiter(fleet.factory, maxPending=3, operatorReserve=1)
+        key = fleet.addOperator("alice")
+        agents = protocol.ClientFactory.forProtocol(_StalledAgent)
+        for _ in range(8):
+            fleet.network.connect(limiter, agents, clientHost="192.0.2.9")
+        self.assertEqual((limiter.agents.pending, limiter.agents.waiting), (2, 6))
+        operator = _OpenSSHOperator("alice", key, hostKey=fleet.hostKey)
+        fleet.network.connect(limiter, operator, clientHost="192.0.2.9")
+        self.assertIsNotNone(operator.connection)
+        self.assertEqual((limiter.agents.pending, limiter.agents.waiting), (2, 6))
+        self.assertEqual(limiter.operators.pending, 0)
 
 
 class ListenBacklogTests(SynchronousTestCase):

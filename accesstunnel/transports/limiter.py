@@ -7,25 +7,45 @@ the live sessions on the same reactor. So at most C{maxPending} connections are 
 handshake at once (at most C{maxPerSource} from one source address). Authenticated
 connections do not count.
 
-Connections beyond the bound B{wait}; they are not refused (OpenSSH's C{MaxStartups} closes
-them, and a refused agent sits in its backoff while the server has CPU to spare):
+B{Agents and operators.} The slots are split in two pools: C{operatorReserve} of them are
+for operators, the rest for agents. A connection is put in a pool by the first line it
+sends, its SSH version line, which every SSH client sends at once, before any key exchange
+work: our agent's (Conch's C{SSH-2.0-Twisted_...}, see L{isAgentVersion}) goes to the
+agents' pool, any other (C{SSH-2.0-OpenSSH_9.2p1 ...}) to the operators'. A connection
+that sends no complete version line within C{versionTimeout} seconds (a client waiting for
+the server's line first, a stalled one) or a line longer than SSH allows goes to the
+agents' pool: only a connection that says it is not our agent is served from the reserve.
+The source address cannot tell them apart when every device sits behind its own NAT, and
+an operator may share an address with a crowd of agents; the version line can. Nothing is
+gained by lying: a connection that claims to be an operator is counted in the operators'
+pool, which is small (C{operatorReserve}) and where one source holds at most half of it
+(L{operatorShare}); the agents' pool is never touched by it. With C{operatorReserve=0}
+there is one pool and no version line is awaited (the limiter before the split).
 
-  - an accepted connection that cannot start its handshake is held, read paused and its
-    SSH protocol not even built, in a waiting room;
-  - when the waiting room holds C{maxWaiting} connections and every handshake slot is
-    taken, the listening ports stop accepting (C{stopReading}), so further connections
-    wait in the kernel's listen backlog; they accept again as soon as a slot frees
-    (with C{maxWaiting=0} the ports pause the moment the slots are full);
-  - a freed slot goes first to a connection whose source had nothing in progress and
-    nothing waiting when it arrived (an operator amid a storm of agents), then to sources
-    with no handshake in progress, then round robin over the other sources: so a source
-    that brings hundreds of connections at once cannot make a quiet one wait behind all
-    of them. Within a source, first come first served.
+Connections beyond the bound of their pool B{wait}; they are not refused (OpenSSH's
+C{MaxStartups} closes them, and a refused agent sits in its backoff while the server has
+CPU to spare):
+
+  - a connection whose pool is full is held, read paused and its SSH protocol not even
+    built, in a waiting room (connections still awaiting their version line count in the
+    room too);
+  - when the waiting room holds C{maxWaiting} connections and every pool is full, the
+    listening ports stop accepting (C{stopReading}), so further connections wait in the
+    kernel's listen backlog; they accept again as soon as a slot frees (with
+    C{maxWaiting=0} the ports pause the moment the slots are full). While the operators'
+    pool has a free slot the ports keep accepting, so that an operator can still get in;
+    a connection that would then have to wait in a full room is closed instead;
+  - within a pool, a freed slot goes first to a connection whose source had nothing in
+    progress and nothing waiting when it arrived, then to sources with no handshake in
+    progress, then round robin over the other sources: so a source that brings hundreds
+    of connections at once cannot make a quiet one wait behind all of them. Within a
+    source, first come first served.
 
 One source may have C{maxPerSource} handshakes in progress and C{maxWaitingPerSource}
-connections waiting; beyond that its connections are closed at once (cheaply: no key
-exchange). Holding them would let one address pin file descriptors and memory without
-limit; the agent's jittered backoff brings a refused one back later.
+connections waiting in each pool (and as many awaiting their version line); beyond that
+its connections are closed at once (cheaply: no key exchange). Holding them would let one
+address pin file descriptors and memory without limit; the agent's jittered backoff
+brings a refused one back later.
 
 Every handshake is also bounded in time: a connection still not logged in
 C{handshakeTimeout} seconds after its slot was granted is aborted (the SSH transport's login
@@ -50,7 +70,7 @@ from zope.interface import directlyProvides, providedBy
 
 from accesstunnel.layers import transportLayers
 
-__all__ = ["HandshakeLimiter"]
+__all__ = ["AGENTS", "OPERATORS", "HandshakeLimiter", "isAgentVersion"]
 
 DEFAULT_MAX_PENDING = 64
 DEFAULT_MAX_PER_SOURCE = 16
@@ -63,13 +83,38 @@ DEFAULT_MAX_WAITING_PER_SOURCE = 256
 HANDSHAKE_TIMEOUT_MARGIN = 10.0
 #: The handshake timeout when the SSH factory has no login grace time to go by.
 DEFAULT_HANDSHAKE_TIMEOUT = 60.0
+#: Seconds a new connection has to send its version line before it is put in the agents'
+#: pool unread. SSH clients send theirs at once (one round trip at most).
+DEFAULT_VERSION_TIMEOUT = 2.0
 #: Bytes a waiting connection may send before its turn (a version line and a KEXINIT are
 #: about 2 KB; a client waits for the server's before it sends more).
 MAX_WAITING_BYTES = 64 * 1024
+#: The longest version line SSH allows, CR LF included (RFC 4253, 4.2).
+MAX_VERSION_LINE = 255
+#: How our agent's version line starts: Conch's client, whatever its Twisted version.
+AGENT_VERSION_PREFIX = b"SSH-2.0-Twisted_"
+
+AGENTS = "agents"
+OPERATORS = "operators"
 
 _CONNECTION_DONE = Failure(ConnectionDone())
 
-_NEW, _WAITING, _PENDING, _DONE, _REFUSED, _LOST = range(6)
+_NEW, _HELLO, _WAITING, _PENDING, _DONE, _REFUSED, _LOST = range(7)
+
+
+def isAgentVersion(line: bytes) -> bool:
+    """Whether C{line} (a version line without its CR LF) is the one our agent sends."""
+    return line.startswith(AGENT_VERSION_PREFIX)
+
+
+def defaultOperatorReserve(maxPending: int) -> int:
+    """A quarter of the slots for operators (at least one), leaving at least one for agents."""
+    return min(maxPending - 1, max(1, maxPending // 4))
+
+
+def operatorShare(maxPerSource: int, operatorReserve: int) -> int:
+    """Operator handshakes one source may have in progress: at most half the reserve."""
+    return min(maxPerSource, max(1, operatorReserve // 2))
 
 
 def _hasAvatar(protocol: Any) -> bool:
@@ -115,8 +160,8 @@ def _call(obj: Any, name: str) -> None:
 
 class _Limited(ProtocolWrapper):
     """
-    One connection: waits for a handshake slot, then counts as pending until the SSH
-    protocol (built only then) has authenticated.
+    One connection: sends its version line, waits for a handshake slot in its pool, then
+    counts as pending until the SSH protocol (built only then) has authenticated.
     """
 
     factory: HandshakeLimiter
@@ -124,6 +169,7 @@ class _Limited(ProtocolWrapper):
     transport: Any
     state = _NEW
     source = ""
+    pool: _Pool | None = None
     waitingSince = 0.0
     _timer: Any = None
 
@@ -151,6 +197,13 @@ class _Limited(ProtocolWrapper):
 
     # -- called by the factory
 
+    def _hello(self) -> None:
+        """Read until the version line (or the deadline) says which pool this belongs to."""
+        self.state = _HELLO
+        self._timer = self.factory._clock().callLater(
+            self.factory.versionTimeout, self._versionTimedOut
+        )
+
     def _wait(self) -> None:
         self.state = _WAITING
         self.waitingSince = self.factory._now()
@@ -158,6 +211,7 @@ class _Limited(ProtocolWrapper):
 
     def _refuse(self) -> None:
         self.state = _REFUSED
+        self._buffered = []
         self.transport.loseConnection()
 
     def _begin(self) -> None:
@@ -179,6 +233,11 @@ class _Limited(ProtocolWrapper):
             if self.wrappedProtocol is None:
                 break
             self.dataReceived(data)
+
+    def _versionTimedOut(self) -> None:
+        self._timer = None
+        if self.state == _HELLO:
+            self.factory._classified(self, AGENTS)
 
     def _timedOut(self) -> None:
         self._timer = None
@@ -209,6 +268,20 @@ class _Limited(ProtocolWrapper):
             self._timer.cancel()
         self._timer = None
 
+    def _keep(self, data: bytes) -> bool:
+        """Keep bytes that came before the SSH protocol exists; C{False} if too many."""
+        self._buffered.append(data)
+        self._bufferedBytes += len(data)
+        return self._bufferedBytes <= MAX_WAITING_BYTES
+
+    def _versionLine(self) -> bytes | None:
+        """The version line received so far, if whole; C{b""} if there cannot be one."""
+        head = b"".join(self._buffered)[:MAX_VERSION_LINE]
+        end = head.find(b"\n")
+        if end >= 0:
+            return head[:end].rstrip(b"\r")
+        return b"" if len(head) >= MAX_VERSION_LINE else None
+
     # -- the wrapped protocol's transport
 
     def write(self, data: bytes) -> None:
@@ -224,11 +297,23 @@ class _Limited(ProtocolWrapper):
 
     def dataReceived(self, data: bytes) -> None:
         state = self.state
+        if state == _HELLO:
+            # At most a version line's worth is kept before the connection is classified;
+            # the bound on waiting connections applies from then on.
+            self._keep(data)
+            line = self._versionLine()
+            if line is not None:
+                self._cancelTimer()
+                self.factory._classified(
+                    self, AGENTS if not line or self.factory.isAgentVersion(line) else OPERATORS
+                )
+                if self.state == _WAITING and self._bufferedBytes > MAX_WAITING_BYTES:
+                    self._buffered = []
+                    self._abort()
+            return
         if state == _WAITING:
             # Read should be paused; a transport that cannot pause has its data kept.
-            self._buffered.append(data)
-            self._bufferedBytes += len(data)
-            if self._bufferedBytes > MAX_WAITING_BYTES:
+            if not self._keep(data):
                 self._buffered = []
                 self._abort()
             return
@@ -244,7 +329,10 @@ class _Limited(ProtocolWrapper):
         self._cancelTimer()
         self._buffered = []
         self.factory.unregisterProtocol(self)
-        if state == _WAITING:
+        if state == _HELLO:
+            self.factory._unhello(self)
+            self.factory._pump()
+        elif state == _WAITING:
             self.factory._forget(self)
         elif state == _PENDING:
             self.factory._release(self)
@@ -253,18 +341,117 @@ class _Limited(ProtocolWrapper):
             wrapped.connectionLost(reason)
 
 
+class _Pool:
+    """
+    The handshake slots of one kind of connection (agents or operators) and the queues of
+    those waiting for one.
+    """
+
+    def __init__(self, name: str, size: int, perSource: int) -> None:
+        self.name = name
+        self.size = size
+        self.perSource = perSource
+        self.pending = 0
+        self.waiting = 0
+        self._perSource: Counter[str] = Counter()
+        #: Waiting connections by source, oldest first; the order of sources is the round.
+        self._queues: OrderedDict[str, deque[_Limited]] = OrderedDict()
+        #: Connections that were alone from their source when they arrived.
+        self._fresh: deque[_Limited] = deque()
+        #: Sources with connections waiting and (when noted) no handshake in progress.
+        self._quiet: deque[str] = deque()
+
+    @property
+    def full(self) -> bool:
+        return self.pending >= self.size
+
+    def canStart(self, source: str) -> bool:
+        return self.pending < self.size and self._perSource[source] < self.perSource
+
+    def waitingFrom(self, source: str) -> int:
+        queue = self._queues.get(source)
+        return len(queue) if queue is not None else 0
+
+    def start(self, conn: _Limited) -> None:
+        self.pending += 1
+        self._perSource[conn.source] += 1
+
+    def enqueue(self, conn: _Limited) -> None:
+        source = conn.source
+        queue = self._queues.get(source)
+        if queue is None:
+            queue = self._queues[source] = deque()
+        if not queue and self._perSource[source] == 0:
+            self._fresh.append(conn)
+        queue.append(conn)
+        self.waiting += 1
+
+    def release(self, conn: _Limited) -> None:
+        """A handshake ended: authenticated, or the connection went away."""
+        source = conn.source
+        self.pending -= 1
+        self._perSource[source] -= 1
+        if self._perSource[source] <= 0:
+            del self._perSource[source]
+            if source in self._queues:
+                self._quiet.append(source)
+
+    def forget(self, conn: _Limited) -> None:
+        """A waiting connection went away before its turn."""
+        self._unqueue(conn)
+        if conn.source in self._queues and self._perSource[conn.source] == 0:
+            self._quiet.append(conn.source)
+
+    def _unqueue(self, conn: _Limited) -> None:
+        queue = self._queues[conn.source]
+        queue.remove(conn)
+        if not queue:
+            del self._queues[conn.source]
+        self.waiting -= 1
+
+    def _takeFirst(self, source: str) -> _Limited:
+        conn = self._queues[source][0]
+        self._unqueue(conn)  # found at once: it is first in its queue
+        return conn
+
+    def next(self) -> _Limited | None:
+        """The waiting connection that gets the next free slot, taken out of the queues."""
+        if self.full:
+            return None
+        while self._fresh:
+            conn = self._fresh.popleft()
+            if conn.state == _WAITING and self._perSource[conn.source] < self.perSource:
+                self._unqueue(conn)
+                return conn
+        while self._quiet:
+            source = self._quiet.popleft()
+            if source in self._queues and self._perSource[source] == 0:
+                return self._takeFirst(source)
+        # Round robin over sources with handshakes in progress but below their bound.
+        # Sources at their bound are skipped; there are at most size/perSource.
+        for _ in range(len(self._queues)):
+            source = next(iter(self._queues))
+            self._queues.move_to_end(source)
+            if self._perSource[source] < self.perSource:
+                return self._takeFirst(source)
+        return None
+
+
 class HandshakeLimiter(WrappingFactory):
     """
     Wrap an SSH server factory; let at most C{maxPending} connections that have not yet
-    authenticated run their handshake at once, at most C{maxPerSource} of them from one
-    address; hold the others until a slot frees (see the module docstring).
+    authenticated run their handshake at once, C{operatorReserve} of those slots for
+    operators only, at most C{maxPerSource} from one address; hold the others until a
+    slot frees (see the module docstring).
 
     Apply it innermost (around the SSH factory, inside TLS and WebSocket), and share one
     instance between all listeners so the bound is for the whole server. It finds the
     listening ports to pause from the connections they deliver.
 
     @ivar pending: handshakes in progress.
-    @ivar waiting: accepted connections waiting for a slot.
+    @ivar waiting: accepted connections not yet started: awaiting their version line or
+        waiting for a slot.
+    @ivar pools: the agents' and operators' L{_Pool}s by name.
     @ivar refused: connections closed since the limiter last had room (one log line per
         episode).
     @ivar queued: connections that had to wait, in the same episode.
@@ -284,16 +471,26 @@ class HandshakeLimiter(WrappingFactory):
         maxWaitingPerSource: int = DEFAULT_MAX_WAITING_PER_SOURCE,
         handshakeTimeout: float | None = None,
         clock: IReactorTime | None = None,
+        operatorReserve: int | None = None,
+        versionTimeout: float = DEFAULT_VERSION_TIMEOUT,
+        isAgentVersion: Callable[[bytes], bool] = isAgentVersion,
     ) -> None:
         super().__init__(wrappedFactory)
         if maxPending < 1 or maxPerSource < 1:
             raise ValueError("limits must be at least 1")
         if maxWaiting < 0 or maxWaitingPerSource < 0:
             raise ValueError("waiting limits must not be negative")
+        if operatorReserve is None:
+            operatorReserve = defaultOperatorReserve(maxPending)
+        if not 0 <= operatorReserve < maxPending:
+            raise ValueError("the operator reserve must leave at least one slot for agents")
         self.maxPending = maxPending
         self.maxPerSource = maxPerSource
         self.maxWaiting = maxWaiting
         self.maxWaitingPerSource = maxWaitingPerSource
+        self.operatorReserve = operatorReserve
+        self.versionTimeout = versionTimeout
+        self.isAgentVersion = isAgentVersion
         if handshakeTimeout is None:
             grace = getattr(getattr(wrappedFactory, "settings", None), "loginGraceTime", None)
             handshakeTimeout = (
@@ -304,15 +501,14 @@ class HandshakeLimiter(WrappingFactory):
         self.handshakeTimeout = handshakeTimeout
         self._clockGiven = clock
         self._isAuthenticated = isAuthenticated
-        self.pending = 0
+        self.agents = _Pool(AGENTS, maxPending - operatorReserve, maxPerSource)
+        self.operators = _Pool(
+            OPERATORS, operatorReserve, operatorShare(maxPerSource, operatorReserve)
+        )
+        self.pools = {AGENTS: self.agents, OPERATORS: self.operators}
         self.waiting = 0
-        self._perSource: Counter[str] = Counter()
-        #: Waiting connections by source, oldest first; the order of sources is the round.
-        self._queues: OrderedDict[str, deque[_Limited]] = OrderedDict()
-        #: Connections that were alone from their source when they arrived.
-        self._fresh: deque[_Limited] = deque()
-        #: Sources with connections waiting and (when noted) no handshake in progress.
-        self._quiet: deque[str] = deque()
+        #: Connections awaiting their version line, by source.
+        self._hello: Counter[str] = Counter()
         self._ports: set[Any] = set()
         self.paused = False
         #: Times the listening ports were paused (for tests and logs).
@@ -325,6 +521,10 @@ class HandshakeLimiter(WrappingFactory):
         self.queued = 0
         self._mostWaiting = 0
         self._longestWait = 0.0
+
+    @property
+    def pending(self) -> int:
+        return self.agents.pending + self.operators.pending
 
     # -- time
 
@@ -353,33 +553,61 @@ class HandshakeLimiter(WrappingFactory):
             self._ports.add(port)
             if self.paused:
                 port.stopReading()
-        source = conn.source
-        if self.pending < self.maxPending and self._perSource[source] < self.maxPerSource:
-            # Nothing that could start is waiting (a freed slot always goes to a waiter),
-            # so this one jumps no queue.
-            self._start(conn)
+        if not self.operatorReserve:
+            self._admit(conn, self.agents)
+        elif self._hello[conn.source] >= self.maxPerSource + self.maxWaitingPerSource:
+            self._refuse(conn)
         else:
-            queue = self._queues.get(source)
-            waitingHere = len(queue) if queue is not None else 0
-            self._startEpisode()
-            if waitingHere >= self.maxWaitingPerSource:
-                self.refused += 1
-                conn._refuse()
-            else:
-                if queue is None:
-                    queue = self._queues[source] = deque()
-                if not queue and self._perSource[source] == 0:
-                    self._fresh.append(conn)
-                queue.append(conn)
-                self.waiting += 1
-                self.queued += 1
-                self._mostWaiting = max(self._mostWaiting, self.waiting)
-                conn._wait()
+            self._hello[conn.source] += 1
+            self._held(+1)
+            conn._hello()
         self._updatePorts()
 
+    def _classified(self, conn: _Limited, pool: str) -> None:
+        """C{conn}'s version line (or its deadline) came: it may start, or wait, in C{pool}."""
+        self._unhello(conn)
+        self._admit(conn, self.pools[pool])
+        self._pump()
+
+    def _unhello(self, conn: _Limited) -> None:
+        source = conn.source
+        self._hello[source] -= 1
+        if self._hello[source] <= 0:
+            del self._hello[source]
+        self._held(-1)
+
+    def _admit(self, conn: _Limited, pool: _Pool) -> None:
+        conn.pool = pool
+        source = conn.source
+        if pool.canStart(source):
+            # Nothing that could start is waiting in this pool (a freed slot always goes to
+            # a waiter), so this one jumps no queue.
+            self._start(conn)
+            return
+        self._startEpisode()
+        roomFull = pool.full and self.waiting >= self.maxWaiting and not self.paused
+        if pool.waitingFrom(source) >= self.maxWaitingPerSource or roomFull:
+            # (With the ports paused, only connections accepted together with the one that
+            # filled the room arrive: those few wait.)
+            self._refuse(conn)
+            return
+        pool.enqueue(conn)
+        self._held(+1)
+        self.queued += 1
+        conn._wait()
+
+    def _held(self, delta: int) -> None:
+        self.waiting += delta
+        self._mostWaiting = max(self._mostWaiting, self.waiting)
+
+    def _refuse(self, conn: _Limited) -> None:
+        self._startEpisode()
+        self.refused += 1
+        conn._refuse()
+
     def _start(self, conn: _Limited) -> None:
-        self.pending += 1
-        self._perSource[conn.source] += 1
+        assert conn.pool is not None
+        conn.pool.start(conn)
         conn._begin()
 
     def _startEpisode(self) -> None:
@@ -392,53 +620,16 @@ class HandshakeLimiter(WrappingFactory):
 
     def _release(self, conn: _Limited) -> None:
         """A handshake ended: authenticated, or the connection went away."""
-        source = conn.source
-        self.pending -= 1
-        self._perSource[source] -= 1
-        if self._perSource[source] <= 0:
-            del self._perSource[source]
-            if source in self._queues:
-                self._quiet.append(source)
+        assert conn.pool is not None
+        conn.pool.release(conn)
         self._pump()
 
     def _forget(self, conn: _Limited) -> None:
         """A waiting connection went away before its turn."""
-        self._unqueue(conn)
-        if conn.source in self._queues and self._perSource[conn.source] == 0:
-            self._quiet.append(conn.source)
+        assert conn.pool is not None
+        conn.pool.forget(conn)
+        self._held(-1)
         self._pump()
-
-    def _unqueue(self, conn: _Limited) -> None:
-        queue = self._queues[conn.source]
-        queue.remove(conn)
-        if not queue:
-            del self._queues[conn.source]
-        self.waiting -= 1
-
-    def _takeFirst(self, source: str) -> _Limited:
-        conn = self._queues[source][0]
-        self._unqueue(conn)  # found at once: it is first in its queue
-        return conn
-
-    def _next(self) -> _Limited | None:
-        """The waiting connection that gets the next free slot, taken out of the room."""
-        while self._fresh:
-            conn = self._fresh.popleft()
-            if conn.state == _WAITING and self._perSource[conn.source] < self.maxPerSource:
-                self._unqueue(conn)
-                return conn
-        while self._quiet:
-            source = self._quiet.popleft()
-            if source in self._queues and self._perSource[source] == 0:
-                return self._takeFirst(source)
-        # Round robin over sources with handshakes in progress but below their bound.
-        # Sources at their bound are skipped; there are at most maxPending/maxPerSource.
-        for _ in range(len(self._queues)):
-            source = next(iter(self._queues))
-            self._queues.move_to_end(source)
-            if self._perSource[source] < self.maxPerSource:
-                return self._takeFirst(source)
-        return None
 
     def _pump(self) -> None:
         """Give free slots to waiting connections; pause or resume the ports to match."""
@@ -450,17 +641,16 @@ class HandshakeLimiter(WrappingFactory):
             again = True
             while again:
                 self._pumpAgain = False
-                while self.pending < self.maxPending:
-                    conn = self._next()
-                    if conn is None:
-                        break
-                    self._longestWait = max(self._longestWait, self._now() - conn.waitingSince)
-                    self._start(conn)
+                for pool in (self.operators, self.agents):
+                    while (conn := pool.next()) is not None:
+                        self._held(-1)
+                        self._longestWait = max(self._longestWait, self._now() - conn.waitingSince)
+                        self._start(conn)
                 again = self._pumpAgain
         finally:
             self._pumping = False
         self._updatePorts()
-        if self._episode and not self.waiting and self.pending < self.maxPending:
+        if self._episode and not self.waiting and not self._full():
             self._log.info(
                 "handshakes below the limit again; {refused} connections were refused, "
                 "{queued} waited (at most {most} at once, the longest {longest:.1f} s)",
@@ -473,10 +663,14 @@ class HandshakeLimiter(WrappingFactory):
             self.refused = self.queued = self._mostWaiting = 0
             self._longestWait = 0.0
 
+    def _full(self) -> bool:
+        """No new connection could start: every pool is at its bound."""
+        return self.agents.full and self.operators.full
+
     # -- the listening ports
 
     def _updatePorts(self) -> None:
-        full = self.pending >= self.maxPending and self.waiting >= self.maxWaiting
+        full = self._full() and self.waiting >= self.maxWaiting
         if full and not self.paused:
             self.paused = True
             self.pauses += 1
