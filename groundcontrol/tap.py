@@ -77,6 +77,8 @@ class ServerConfig:
     maxHandshakesPerSource: int = 16
     maxHandshakesWaiting: int = DEFAULT_MAX_WAITING
     maxHandshakesWaitingPerSource: int = DEFAULT_MAX_WAITING_PER_SOURCE
+    #: Handshake slots for operators only (None: a quarter of maxHandshakes; 0: no split).
+    maxHandshakesOperators: int | None = None
     #: Session recording under DATA/recordings (see groundcontrol.recording).
     recordingFailOpen: bool = False
     recordingMaxAge: float | None = None
@@ -126,6 +128,14 @@ class Options(usage.Options):
             None,
             DEFAULT_MAX_WAITING_PER_SOURCE,
             "Of those, from one source address; beyond it they are closed at accept.",
+            int,
+        ],
+        [
+            "max-handshakes-operators",
+            None,
+            None,
+            "Of --max-handshakes, slots only operators (clients that are not our agent, "
+            "by their SSH version line) may use (default a quarter; 0: no reserve).",
             int,
         ],
         [
@@ -194,6 +204,11 @@ class Options(usage.Options):
             raise usage.UsageError("handshake limits must be at least 1")
         if self["max-handshakes-waiting"] < 0 or self["max-handshakes-waiting-per-source"] < 0:
             raise usage.UsageError("handshake waiting limits cannot be negative")
+        operators = self["max-handshakes-operators"]
+        if operators is not None and not 0 <= operators < self["max-handshakes"]:
+            raise usage.UsageError(
+                "--max-handshakes-operators must be at least 0 and below --max-handshakes"
+            )
         if self["max-sessions"] < 1 or self["max-channels-per-device"] < 1:
             raise usage.UsageError("session caps must be at least 1")
         if self["max-pending"] < 0 or self["max-pending-per-host"] < 0:
@@ -249,6 +264,7 @@ class Options(usage.Options):
             maxHandshakesPerSource=self["max-handshakes-per-source"],
             maxHandshakesWaiting=self["max-handshakes-waiting"],
             maxHandshakesWaitingPerSource=self["max-handshakes-waiting-per-source"],
+            maxHandshakesOperators=self["max-handshakes-operators"],
             recordingFailOpen=self["recording-failure"] == "open",
             recordingMaxAge=self["recording-max-age"] or None,
             recordingMaxBytes=self["recording-max-bytes"] or None,
@@ -343,6 +359,7 @@ def buildService(
         maxPerSource=config.maxHandshakesPerSource,
         maxWaiting=config.maxHandshakesWaiting,
         maxWaitingPerSource=config.maxHandshakesWaitingPerSource,
+        operatorReserve=config.maxHandshakesOperators,
     )
     tls = None
     if config.tlsCertificate and config.tlsKey:

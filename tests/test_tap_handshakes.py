@@ -75,3 +75,30 @@ class HandshakeOptionsTests(SynchronousTestCase):
         options = Options()
         with self.assertRaises(usage.UsageError):
             options.parseOptions(["--data", str(self.data), "--max-handshakes-waiting", "-1"])
+
+    def test_operatorReserve(self) -> None:
+        """
+        By default a quarter of the handshake slots are reserved for operators (16 of 64,
+        2 of 8); --max-handshakes-operators sets it, 0 turns the split off.
+        """
+        self.assertEqual(self.limiterFor().operatorReserve, 16)
+        self.assertEqual(self.limiterFor("--max-handshakes", "8").operatorReserve, 2)
+        limiter = self.limiterFor("--max-handshakes-operators", "5")
+        self.assertEqual((limiter.operatorReserve, limiter.agents.size), (5, 59))
+        self.assertEqual(self.limiterFor("--max-handshakes-operators", "0").operatorReserve, 0)
+
+    def test_reserveMustLeaveAgentsASlot(self) -> None:
+        """A reserve of every slot (or a negative one) is a usage error."""
+        for bad in ("4", "-1"):
+            options = Options()
+            with self.assertRaises(usage.UsageError):
+                options.parseOptions(
+                    [
+                        "--data",
+                        str(self.data),
+                        "--max-handshakes",
+                        "4",
+                        "--max-handshakes-operators",
+                        bad,
+                    ]
+                )
