@@ -4,12 +4,24 @@ closed, and an operator who connects meanwhile is served before the connections 
 were already waiting (issue 7, reconnect storm: handshake concurrency bounded so operators
 are served meanwhile).
 
-groundcontrol runs with ``--max-handshakes 4 --max-handshakes-per-source 2`` and a login
-grace time of 5 s. Four silent TCP connections (two each from 127.0.0.2 and 127.0.0.3) take
-every slot; eight more from the same sources wait. The operator's OpenSSH client, from
-127.0.0.1, then runs `true` on a device: it waits too, and is served when the grace time
-ends the silent handshakes, ahead of the eight that waited before it (first come first
-served, it would wait two more grace times, past its ConnectTimeout of 10 s).
+L{test_operator_served_ahead_of_a_crowd_of_agents}: groundcontrol runs with
+``--max-handshakes 4 --max-handshakes-per-source 4`` (so one slot is reserved for
+operators, three for agents) and a login grace time of 20 s. Twelve TCP connections send
+our agent's SSH version line and stall: three take the agents' slots, nine wait. The
+operator's OpenSSH client, from the SAME address as that crowd (or, in the second case,
+with every agent from its own address, as devices behind their own NATs are), runs `true`
+on a device: its version line puts it in the operators' reserve, so it logs in at once,
+while the nine still wait and the three still hold their slots. The source address alone
+could not tell it from the crowd: first come first served within the source (or among
+quiet sources) would keep it waiting three grace times, past its ConnectTimeout of 10 s.
+
+L{test_operator_served_while_the_bound_is_full} pins the limiter without the operators'
+reserve (``--max-handshakes-operators 0``): four silent TCP connections (two each from
+127.0.0.2 and 127.0.0.3) take every slot; eight more from the same sources wait. The
+operator's OpenSSH client, from 127.0.0.1, then runs `true` on a device: it waits too, and
+is served when the grace time ends the silent handshakes, ahead of the eight that waited
+before it (first come first served, it would wait two more grace times, past its
+ConnectTimeout of 10 s).
 """
 
 from __future__ import annotations
@@ -17,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -31,13 +43,22 @@ GRACE = 5
 SOURCES = ("127.0.0.2", "127.0.0.3")
 
 
-class Silent:
-    """A TCP connection from C{source} that never sends a byte; notes what it receives."""
+#: Our agent's version line (Conch's client); what the crowd sends before it stalls.
+AGENT_VERSION = b"SSH-2.0-Twisted_26.10.0\r\n"
 
-    def __init__(self, port: int, source: str) -> None:
+
+class Silent:
+    """
+    A TCP connection from C{source} that sends C{hello} (by default nothing) and then never
+    another byte; notes what it receives.
+    """
+
+    def __init__(self, port: int, source: str, hello: bytes = b"") -> None:
         self.sock = socket.create_connection(
             (LOOPBACK, port), timeout=10, source_address=(source, 0)
         )
+        if hello:
+            self.sock.sendall(hello)
         self.sock.setblocking(False)
         self.received = b""
         self.closed = False
@@ -73,18 +94,80 @@ def silentConnections(port: int, count: int) -> Iterator[list[Silent]]:
             c.close()
 
 
+CROWD = 12
+CROWD_GRACE = 20
+
+
+@pytest.mark.parametrize(
+    ("crowdSource", "operatorSource"),
+    [
+        (lambda n: "127.0.0.2", "127.0.0.2"),
+        (lambda n: f"127.0.1.{n + 1}", "127.0.0.1"),
+    ],
+    ids=["same-address", "one-device-per-address"],
+)
+def test_operator_served_ahead_of_a_crowd_of_agents(
+    fleet: Fleet, crowdSource: Callable[[int], str], operatorSource: str
+) -> None:
+    """
+    Three stalled agents hold every agents' slot and nine more wait, all from the
+    operator's own address (or each from its own): the operator's `ssh dev_kiln7 true`
+    succeeds through the operators' reserved slot while the nine still wait, the three
+    still hold their slots, and none of the crowd was closed.
+    """
+    fleet.restartServer(
+        "--max-handshakes",
+        str(MAX_HANDSHAKES),
+        "--max-handshakes-per-source",
+        str(MAX_HANDSHAKES),
+        "--login-grace-time",
+        str(CROWD_GRACE),
+    )
+    agentSlots = MAX_HANDSHAKES - 1  # a quarter of 4 is reserved for operators
+    alice = fleet.operators["alice"]
+    fleet.addAgent("kiln7")
+    fleet.waitRoutable(alice, "kiln7")
+    assert fleet.gc.port is not None
+    port = fleet.gc.port
+    crowd: list[Silent] = []
+    try:
+        for n in range(CROWD):
+            crowd.append(Silent(port, crowdSource(n), hello=AGENT_VERSION))
+        waitFor(
+            lambda: sum(c.started for c in crowd) == agentSlots,
+            10,
+            "the crowd to take the agents' slots",
+        )
+        # The first three of each source's queue started: the rest of the crowd waits.
+        result = run(alice.argv("dev_kiln7", "true", options=["-b", operatorSource]), timeout=30)
+        assert result.returncode == 0, result.stderr
+        assert sum(c.started for c in crowd) == agentSlots, "the crowd went first"
+        for c in crowd:
+            c.poll()
+            assert not c.closed, "a crowd connection was closed"
+    finally:
+        for c in crowd:
+            c.close()
+    # Once they are gone, nothing is left waiting: a login goes straight through.
+    result = run(alice.argv("dev_kiln7", "true", options=["-b", LOOPBACK]), timeout=30)
+    assert result.returncode == 0, result.stderr
+
+
 def test_operator_served_while_the_bound_is_full(fleet: Fleet) -> None:
     """
-    Every handshake slot held by a silent connection: the operator's `ssh dev_kiln7 true`
-    is not refused; it waits and succeeds once the grace time frees the slots, before the
-    eight connections that were waiting already. No silent connection is ever closed unstarted
-    (the old limiter closed every connection past the bound before a single byte).
+    Without the operators' reserve, every handshake slot held by a silent connection: the
+    operator's `ssh dev_kiln7 true` is not refused; it waits and succeeds once the grace
+    time frees the slots, before the eight connections that were waiting already. No
+    silent connection is ever closed unstarted (the old limiter closed every connection
+    past the bound before a single byte).
     """
     fleet.restartServer(
         "--max-handshakes",
         str(MAX_HANDSHAKES),
         "--max-handshakes-per-source",
         str(PER_SOURCE),
+        "--max-handshakes-operators",
+        "0",
         "--login-grace-time",
         str(GRACE),
     )
