@@ -1,0 +1,120 @@
+"""
+``python -m agent`` / ``tunnel-agentd``: the agent daemon without twistd, in less memory.
+
+It takes the command line of ``twistd -n tunnel-agent`` (the same L{agent.tap.Options},
+plus twistd's C{-l/--logfile}) and runs the same L{agent.tap.makeService} on the same
+default reactor, the way ``twistd --nodaemon`` does: log lines in twistd's format on
+standard output or in a file (rotated at 1 MB and on SIGUSR1, as twistd does), standard
+output and error redirected into the log, SIGTERM and SIGINT stop the services and the
+reactor, SIGHUP re-reads C{--config} (the agent's own handler). ``twistd -n tunnel-agent``
+keeps working as before; this is an addition for devices where memory counts.
+
+What it saves (bench/RESULTS.md, "Agent footprint"):
+
+  - twistd itself and its plugin scan (unpickling C{dropin.cache} imports every installed
+    plugin's interfaces: trial, unittest, words, cred's strcred);
+  - pyOpenSSL, service_identity, idna and cryptography's X.509 bindings for an agent that
+    dials no C{tls://} or C{wss://} address. Twisted's C{tcp} and C{endpoints} modules try
+    to import pyOpenSSL once, at import, to offer C{startTLS} and C{wrapClientTLS}; this
+    launcher imports them while pyOpenSSL is refused, then lets it be imported again, so
+    it is loaded only when a TLS address is first dialled (L{accesstunnel.addresses} wraps
+    TLS with C{TLSMemoryBIOFactory} imported at that moment). In this process Twisted's
+    own C{startTLS}, C{connectSSL} and C{ssl:}/C{tls:} endpoint strings are unavailable:
+    use C{tls://} and C{wss://} addresses.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+
+class _RefuseOpenSSL:
+    """A meta path finder that makes C{import OpenSSL} fail, while it is installed."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name == "OpenSSL" or name.startswith("OpenSSL."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+def importReactorWithoutOpenSSL() -> Any:
+    """
+    Install the default reactor and import C{twisted.internet.endpoints} with pyOpenSSL
+    refused, then allow it again; return the reactor.
+
+    Changes nothing in a process that imported the reactor or pyOpenSSL before (a test
+    process): Twisted keeps the TLS helpers it found then.
+    """
+    refuse = _RefuseOpenSSL()
+    alreadyLoaded = "OpenSSL" in sys.modules
+    if not alreadyLoaded:
+        sys.meta_path.insert(0, refuse)
+    try:
+        from twisted.internet import endpoints, reactor  # noqa: F401
+    finally:
+        if not alreadyLoaded:
+            sys.meta_path.remove(refuse)
+    return reactor
+
+
+def _startLogging(logfile: str, reactor: Any) -> Any:
+    """Log as C{twistd --nodaemon} does: text lines to standard output or a rotated file."""
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    output: Any = sys.stdout
+    if logfile != "-":
+        import signal
+
+        from twisted.python.logfile import LogFile
+
+        output = LogFile.fromFullPath(logfile)
+        signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(output.rotate))
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(output)])
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the agent's options, start logging and the agent's services, run the reactor."""
+    reactor = importReactorWithoutOpenSSL()
+
+    import platform
+
+    from twisted.logger import Logger
+    from twisted.python import usage
+
+    import twisted
+    from agent.link import AGENT_VERSION
+    from agent.tap import Options, makeService
+
+    class LauncherOptions(Options):
+        synopsis = "[-l LOGFILE] " + Options.synopsis
+        optParameters = [
+            ["logfile", "l", "-", "Log to this file (rotated at 1 MB), - for standard output."],
+            *Options.optParameters,
+        ]
+
+    options = LauncherOptions()
+    try:
+        options.parseOptions(sys.argv[1:] if argv is None else argv)
+    except usage.UsageError as e:
+        print(f"{options}\ntunnel-agent: {e}", file=sys.stderr)
+        return 1
+    output = _startLogging(options["logfile"], reactor)
+    log = Logger(namespace="agent.launcher")
+    log.info(
+        "tunnel-agent {version} (Twisted {twisted}, {python} {pythonVersion}) starting up.",
+        version=AGENT_VERSION,
+        twisted=twisted.version.short(),
+        python=sys.executable,
+        pythonVersion=platform.python_version(),
+    )
+    log.info("reactor class: {reactorClass}.", reactorClass=type(reactor).__qualname__)
+    top = makeService(options)
+    top.privilegedStartService()
+    reactor.callWhenRunning(top.startService)
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    reactor.run()
+    log.info("Server Shut Down.")
+    if output is not sys.stdout:
+        output.close()
+    return 0

@@ -1,0 +1,97 @@
+"""
+End to end: the agent started by its own launcher (``python -m agent``, the ``tunnel-agentd``
+console script) instead of ``twistd -n tunnel-agent``, the way docs/systemd/tunnel-agent.service
+starts it: under PYTHONOPTIMIZE=2 and PYTHONNODEBUGRANGES=1. Real groundcontrol, the real
+OpenSSH client, over ssh://, tls:// and wss://; config reload on SIGHUP and a clean stop on
+SIGTERM as under twistd.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+
+from tests.e2e.harness import LOOPBACK, PYTHON, Agent, Fleet, waitFor
+from tests.e2e.test_transports import (
+    approveAndReach,
+    closedPort,
+    issueDeviceCertificate,
+    startServer,
+)
+
+#: The interpreter settings of docs/systemd/tunnel-agent.service.
+UNIT_ENVIRONMENT = ("PYTHONOPTIMIZE=2", "PYTHONNODEBUGRANGES=1")
+
+#: A twistd log line: "2026-11-25T18:04:21+0000 [agent.launcher#info] ...".
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[[^]]+\] ")
+
+
+class LauncherAgent(Agent):
+    """An agent started as the systemd unit starts it, through the launcher."""
+
+    def argv(self, server: str, serverKey: str, *extra: str) -> list[str]:
+        twistd = super().argv(server, serverKey, *extra)
+        agentOptions = twistd[twistd.index("tunnel-agent") + 1 :]
+        return ["env", *UNIT_ENVIRONMENT, PYTHON, "-m", "agent", "-l", "-", *agentOptions]
+
+
+def startLauncherAgent(fleet: Fleet, name: str, server: str, *extra: str) -> LauncherAgent:
+    agent = LauncherAgent(fleet.base, name)
+    agent.start(
+        server,
+        str(fleet.gc.data / "ssh_host_ed25519_key.pub"),
+        "--tls-ca",
+        str(fleet.gc.data / "ca" / "ca.crt"),
+        *extra,
+    )
+    fleet.agents.append(agent)
+    return agent
+
+
+def test_sshLinkReloadAndStop(fleet: Fleet) -> None:
+    """
+    Started by the launcher with a config file naming a closed address, the agent takes the
+    real ssh:// address from the file on SIGHUP and links; an operator reaches it; SIGTERM
+    stops it cleanly (exit status 0, "Server Shut Down."), every line in twistd's log format.
+    """
+    config = fleet.base / "agent.toml"
+    config.write_text(f'servers = ["ssh://{LOOPBACK}:{closedPort()}"]\n')
+    agent = startLauncherAgent(
+        fleet, "kiln7", f"ssh://{LOOPBACK}:{closedPort()}", "--config", str(config)
+    )
+    process = agent.process
+    assert process is not None
+    waitFor(lambda: "SIGHUP re-reads" in process.output(), 30, "the SIGHUP handler")
+    config.write_text(f'servers = ["ssh://{LOOPBACK}:{fleet.gc.port}"]\n')
+    process.signal(signal.SIGHUP)
+    approveAndReach(fleet, "kiln7")
+    result = fleet.operators["alice"].ssh("dev_kiln7", "echo", "via-launcher")
+    assert result.stdout.strip() == "via-launcher"
+    assert process.running()
+
+    process.signal(signal.SIGTERM)
+    assert process.popen.wait(10) == 0
+    output = process.output()
+    assert "Server Shut Down." in output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert [line for line in lines if not LOG_LINE.match(line)] == []
+
+
+def test_tlsLink(fleet: Fleet) -> None:
+    """The launcher's agent links over tls:// (pyOpenSSL imported only then) and is reached."""
+    ports = startServer(fleet, f"tls://{LOOPBACK}:0")
+    agent = startLauncherAgent(fleet, "kiln7", f"tls://{LOOPBACK}:{ports['tls']}")
+    issueDeviceCertificate(fleet, agent)
+    approveAndReach(fleet, "kiln7")
+    result = fleet.operators["alice"].ssh("dev_kiln7", "echo", "over-tls")
+    assert result.stdout.strip() == "over-tls"
+
+
+def test_wssLink(fleet: Fleet) -> None:
+    """The launcher's agent links over wss:// (TLS and WebSocket loaded late) and is reached."""
+    ports = startServer(fleet, f"wss://{LOOPBACK}:0/tunnel")
+    agent = startLauncherAgent(fleet, "kiln7", f"wss://{LOOPBACK}:{ports['wss']}/tunnel")
+    issueDeviceCertificate(fleet, agent)
+    approveAndReach(fleet, "kiln7")
+    result = fleet.operators["alice"].ssh("dev_kiln7", "echo", "over-wss")
+    assert result.stdout.strip() == "over-wss"
