@@ -537,6 +537,16 @@ class VersionLineTests(ClassTestCase):
         self.assertFalse(isAgentVersion(b"SSH-2.0-OpenSSH_9.2p1 Twisted_26.10.0"))
         self.assertFalse(isAgentVersion(b"SSH-2.0-PuTTY_Release_0.81"))
 
+    def test_ourAgentIsRecognised(self) -> None:
+        """
+        The version line our agent's transport really sends counts as an agent's (were it
+        not, a whole fleet would crowd into the operators' few slots); OpenSSH's does not.
+        """
+        from agent.link import AgentTransport
+
+        self.assertTrue(isAgentVersion(AgentTransport.ourVersionString))
+        self.assertFalse(isAgentVersion(OPERATOR.rstrip(b"\r\n")))
+
     def test_silentConnectionCountsAsAnAgentAfterTheDeadline(self) -> None:
         """
         A connection that sends no version line within versionTimeout (2 s) is put in the

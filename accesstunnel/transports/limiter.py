@@ -32,9 +32,10 @@ CPU to spare):
   - when the waiting room holds C{maxWaiting} connections and every pool is full, the
     listening ports stop accepting (C{stopReading}), so further connections wait in the
     kernel's listen backlog; they accept again as soon as a slot frees (with
-    C{maxWaiting=0} the ports pause the moment the slots are full). While the operators'
-    pool has a free slot the ports keep accepting, so that an operator can still get in;
-    a connection that would then have to wait in a full room is closed instead;
+    C{maxWaiting=0} the ports pause the moment the slots are full). While the other pool
+    has a free slot (in a storm of agents: the operators' reserve) the ports keep
+    accepting, so that an operator can still get in; a connection that would then have
+    to wait in a full room is closed instead, after its version line;
   - within a pool, a freed slot goes first to a connection whose source had nothing in
     progress and nothing waiting when it arrived, then to sources with no handshake in
     progress, then round robin over the other sources: so a source that brings hundreds
@@ -42,10 +43,10 @@ CPU to spare):
     source, first come first served.
 
 One source may have C{maxPerSource} handshakes in progress and C{maxWaitingPerSource}
-connections waiting in each pool (and as many awaiting their version line); beyond that
-its connections are closed at once (cheaply: no key exchange). Holding them would let one
-address pin file descriptors and memory without limit; the agent's jittered backoff
-brings a refused one back later.
+connections waiting in each pool, and C{maxPerSource + maxWaitingPerSource} awaiting their
+version line; beyond that its connections are closed at once (cheaply: no key exchange).
+Holding them would let one address pin file descriptors and memory without limit; the
+agent's jittered backoff brings a refused one back later.
 
 Every handshake is also bounded in time: a connection still not logged in
 C{handshakeTimeout} seconds after its slot was granted is aborted (the SSH transport's login
