@@ -15,6 +15,7 @@ It differs from Conch's L{SSHConnection} in three ways, each needed by a relay:
 from __future__ import annotations
 
 import struct
+from collections import deque
 from typing import Any
 
 from twisted.conch import error
@@ -27,12 +28,19 @@ from accesstunnel import writethrough
 from accesstunnel.channel import packOpenFailure
 from accesstunnel.linkflow import LinkFlow
 
-#: The keepalive request OpenSSH and our L{accesstunnel.keepalive} send.
-KEEPALIVE = b"keepalive@openssh.com"
-
 _unpack_2uint32 = struct.Struct(">2L").unpack
 _unpack_3uint32 = struct.Struct(">3L").unpack
 _unpack_uint32 = struct.Struct(">L").unpack
+
+
+class _Reply:
+    """A global request's place in the line of replies."""
+
+    __slots__ = ("ready", "result")
+
+    def __init__(self, ready: bool = False, result: Any = None) -> None:
+        self.ready = ready
+        self.result = result
 
 
 class TunnelConnection(connection.SSHConnection):
@@ -43,7 +51,8 @@ class TunnelConnection(connection.SSHConnection):
     def __init__(self) -> None:
         super().__init__()
         self._pendingOpens: set[defer.Deferred[Any]] = set()
-        self._globalReplies: defer.Deferred[None] = defer.succeed(None)
+        #: Replies to global requests not yet sent, oldest first.
+        self._pendingReplies: deque[_Reply] = deque()
         self.stopped = False
         #: Back-pressure from the socket under the link, once the service runs.
         self.linkFlow: LinkFlow | None = None
@@ -169,51 +178,69 @@ class TunnelConnection(connection.SSHConnection):
 
     # -- global requests that may be answered later ----------------------------
 
+    def gotGlobalRequest(self, requestType: bytes, data: bytes) -> Any:
+        """
+        Conch's dispatch (to the avatar on a server, else to a C{global_*}
+        method), without its debug event per request: the most frequent by far
+        is a keepalive, one every 30 s on each of thousands of agent links.
+        """
+        avatar = getattr(self.transport, "avatar", None)
+        if avatar is not None:
+            return avatar.gotGlobalRequest(requestType, data)
+        name = requestType.replace(b"-", b"_").decode("ascii", "replace")
+        handler = getattr(self, "global_" + name, None)
+        return 0 if handler is None else handler(data)
+
     def ssh_GLOBAL_REQUEST(self, packet: bytes) -> None:
         """
         Like Conch's, but C{gotGlobalRequest} may return a Deferred. Replies
-        must go out in the order the requests came (RFC 4254 4), so each
-        reply waits for the ones before it.
+        must go out in the order the requests came (RFC 4254 4): each request
+        that wants one takes a place in line, and a reply leaves only once
+        every reply before it has. So an answer that is ready at once (a
+        plain value, or a Deferred that has already fired: a keepalive, any
+        unknown request) goes out at once when nothing is pending before it,
+        with no Deferred of ours; behind a pending reply it waits its turn.
         """
         requestType, rest = common.getNS(packet)
         wantReply, data = rest[0:1] not in (b"", b"\x00"), rest[1:]
-        if requestType == KEEPALIVE and self._globalReplies.called:
-            # The peer's keepalive, the most frequent request by far, with no
-            # reply pending before it: refuse it now (as OpenSSH does; either
-            # answer is proof of life) without the Deferred path below. Behind
-            # a pending reply it takes that path, to keep its place in line.
-            if wantReply and not self.stopped:
-                self.transport.sendPacket(connection.MSG_REQUEST_FAILURE, b"")
-            return
-        result = defer.maybeDeferred(self.gotGlobalRequest, requestType, data)
+        try:
+            result = self.gotGlobalRequest(requestType, data)
+        except Exception:
+            self._log.failure("global request {request} failed", request=requestType)
+            result = 0
         if not wantReply:
-            result.addErrback(lambda f: self._log.failure("global request failed", f))
+            if isinstance(result, defer.Deferred):
+                result.addErrback(self._globalRequestFailed, requestType)
             return
-
-        def reply(ret: Any) -> None:
-            if self.stopped:
-                return
-            if ret:
-                payload = ret[1] if isinstance(ret, (tuple, list)) else b""
-                self.transport.sendPacket(connection.MSG_REQUEST_SUCCESS, payload)
+        if not isinstance(result, defer.Deferred):
+            if self._pendingReplies:
+                self._pendingReplies.append(_Reply(True, result))
             else:
-                self.transport.sendPacket(connection.MSG_REQUEST_FAILURE, b"")
+                self._sendGlobalReply(result)
+            return
+        reply = _Reply()
+        self._pendingReplies.append(reply)
+        result.addErrback(self._globalRequestFailed, requestType)
+        result.addCallback(self._settleGlobalReply, reply)
 
-        def failed(reason: Failure) -> int:
-            self._log.failure("global request {request} failed", reason, request=requestType)
-            return 0
+    def _globalRequestFailed(self, reason: Failure, requestType: bytes) -> int:
+        self._log.failure("global request {request} failed", reason, request=requestType)
+        return 0
 
-        result.addErrback(failed)
-        previous = self._globalReplies
-        self._globalReplies = defer.Deferred()
-        mine = self._globalReplies
+    def _settleGlobalReply(self, result: Any, reply: _Reply) -> None:
+        reply.result, reply.ready = result, True
+        pending = self._pendingReplies
+        while pending and pending[0].ready:
+            self._sendGlobalReply(pending.popleft().result)
 
-        def inOrder(_: Any) -> Any:
-            result.addCallback(reply)
-            result.addBoth(lambda _: mine.callback(None))
-            return None
-
-        previous.addCallback(inOrder)
+    def _sendGlobalReply(self, result: Any) -> None:
+        if self.stopped:
+            return
+        if result:
+            payload = result[1] if isinstance(result, (tuple, list)) else b""
+            self.transport.sendPacket(connection.MSG_REQUEST_SUCCESS, payload)
+        else:
+            self.transport.sendPacket(connection.MSG_REQUEST_FAILURE, b"")
 
     # -- channel opens that may be answered later -----------------------------
 

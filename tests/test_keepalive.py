@@ -8,6 +8,7 @@ from typing import Any
 from twisted.conch.ssh import common, connection
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from accesstunnel.connection import TunnelConnection
@@ -409,7 +410,11 @@ class _Recorder:
 
 
 class _Connection(TunnelConnection):
-    """A connection whose global requests are recorded; b'slow' ones are answered later."""
+    """
+    A connection whose global requests are recorded: b'slow' ones are answered later,
+    b'fired' ones with a Deferred that has already fired (as an avatar's coroutine does),
+    b'boom' ones raise; the rest are refused at once.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -421,6 +426,10 @@ class _Connection(TunnelConnection):
         if requestType == b"slow":
             self.slow.append(defer.Deferred())
             return self.slow[-1]
+        if requestType == b"fired":
+            return defer.succeed((1, b"ready"))
+        if requestType == b"boom":
+            raise RuntimeError("handler bug")
         return 0
 
 
@@ -429,12 +438,14 @@ def globalRequest(name: bytes, wantReply: bool = True) -> bytes:
 
 
 KEEPALIVE_REQUEST = globalRequest(b"keepalive@openssh.com")
+FAILURE = (connection.MSG_REQUEST_FAILURE, b"")
 
 
 class KeepaliveReplyTests(SynchronousTestCase):
     """
-    The peer's keepalive@openssh.com is refused at once, without the generic (Deferred)
-    global-request path, and still in order behind a reply that is pending.
+    Global requests whose answer is ready at once (the peer's keepalive@openssh.com,
+    any request a handler answers synchronously) are answered at once, with no
+    Deferred of ours; behind a reply that is pending they keep their place in line.
     """
 
     def setUp(self) -> None:
@@ -443,15 +454,33 @@ class KeepaliveReplyTests(SynchronousTestCase):
         self.conn.transport = self.transport  # type: ignore[assignment]
 
     def test_answeredAtOnce(self) -> None:
-        """A keepalive with want-reply gets REQUEST_FAILURE at once; no handler is asked."""
+        """A keepalive with want-reply is put to the handler and refused at once."""
         self.conn.ssh_GLOBAL_REQUEST(KEEPALIVE_REQUEST)
-        self.assertEqual(self.transport.packets, [(connection.MSG_REQUEST_FAILURE, b"")])
-        self.assertEqual(self.conn.asked, [])
+        self.assertEqual(self.transport.packets, [FAILURE])
+        self.assertEqual(self.conn.asked, [b"keepalive@openssh.com"])
+        self.assertEqual(len(self.conn._pendingReplies), 0)
+
+    def test_firedDeferredAnsweredAtOnce(self) -> None:
+        """
+        A handler that returns a Deferred which has already fired (an avatar's
+        coroutine that did not wait) is answered at once, with its data.
+        """
+        self.conn.ssh_GLOBAL_REQUEST(globalRequest(b"fired"))
+        self.assertEqual(self.transport.packets, [(connection.MSG_REQUEST_SUCCESS, b"ready")])
+        self.assertEqual(len(self.conn._pendingReplies), 0)
 
     def test_noReplyWanted(self) -> None:
         """A keepalive without want-reply is answered with nothing."""
         self.conn.ssh_GLOBAL_REQUEST(globalRequest(b"keepalive@openssh.com", wantReply=False))
         self.assertEqual(self.transport.packets, [])
+
+    def test_handlerErrorIsRefusal(self) -> None:
+        """A handler that raises gets the peer a refusal (and a logged failure), in order."""
+        self.conn.ssh_GLOBAL_REQUEST(globalRequest(b"slow"))
+        self.conn.ssh_GLOBAL_REQUEST(globalRequest(b"boom"))
+        self.conn.slow[0].callback(1)
+        self.assertEqual(self.transport.packets, [(connection.MSG_REQUEST_SUCCESS, b""), FAILURE])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_keepsItsPlaceBehindPendingReply(self) -> None:
         """
@@ -460,14 +489,20 @@ class KeepaliveReplyTests(SynchronousTestCase):
         """
         self.conn.ssh_GLOBAL_REQUEST(globalRequest(b"slow"))
         self.conn.ssh_GLOBAL_REQUEST(KEEPALIVE_REQUEST)
+        self.conn.ssh_GLOBAL_REQUEST(globalRequest(b"fired"))
         self.assertEqual(self.transport.packets, [])
         self.conn.slow[0].callback((1, b"late"))
         self.assertEqual(
             self.transport.packets,
-            [(connection.MSG_REQUEST_SUCCESS, b"late"), (connection.MSG_REQUEST_FAILURE, b"")],
+            [
+                (connection.MSG_REQUEST_SUCCESS, b"late"),
+                FAILURE,
+                (connection.MSG_REQUEST_SUCCESS, b"ready"),
+            ],
         )
         self.conn.ssh_GLOBAL_REQUEST(KEEPALIVE_REQUEST)
-        self.assertEqual(len(self.transport.packets), 3)
+        self.assertEqual(len(self.transport.packets), 4)
+        self.assertEqual(len(self.conn._pendingReplies), 0)
 
     def test_orderAmongSeveral(self) -> None:
         """slow, keepalive, slow, keepalive: answered in exactly that order as they settle."""
@@ -482,9 +517,9 @@ class KeepaliveReplyTests(SynchronousTestCase):
             self.transport.packets,
             [
                 (connection.MSG_REQUEST_SUCCESS, b"first"),
-                (connection.MSG_REQUEST_FAILURE, b""),
+                FAILURE,
                 (connection.MSG_REQUEST_SUCCESS, b"second"),
-                (connection.MSG_REQUEST_FAILURE, b""),
+                FAILURE,
             ],
         )
 
@@ -493,3 +528,59 @@ class KeepaliveReplyTests(SynchronousTestCase):
         self.conn.stopped = True
         self.conn.ssh_GLOBAL_REQUEST(KEEPALIVE_REQUEST)
         self.assertEqual(self.transport.packets, [])
+
+    def test_pendingAnswerAfterStopIsDropped(self) -> None:
+        """A reply that settles after the service stopped is not sent, nor what queued behind it."""
+        self.conn.ssh_GLOBAL_REQUEST(globalRequest(b"slow"))
+        self.conn.ssh_GLOBAL_REQUEST(KEEPALIVE_REQUEST)
+        self.conn.stopped = True
+        self.conn.slow[0].callback(1)
+        self.assertEqual(self.transport.packets, [])
+
+
+class _Avatar:
+    """An avatar that records the global requests put to it."""
+
+    def __init__(self) -> None:
+        self.asked: list[bytes] = []
+
+    def gotGlobalRequest(self, requestType: bytes, data: bytes) -> Any:
+        self.asked.append(requestType)
+        return defer.succeed(0)
+
+
+class ServerDispatchTests(SynchronousTestCase):
+    """On a server, TunnelConnection puts global requests to the avatar, as Conch does."""
+
+    def test_keepaliveToAvatarWithoutLogEvent(self) -> None:
+        """
+        A keepalive reaches the avatar and is refused at once, and no log event is
+        emitted for it (Conch's dispatch emits a debug event per request).
+        """
+        conn = TunnelConnection()
+        recorder = _Recorder()
+        recorder.avatar = _Avatar()  # type: ignore[attr-defined]
+        conn.transport = recorder  # type: ignore[assignment]
+        events: list[Any] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        conn.ssh_GLOBAL_REQUEST(KEEPALIVE_REQUEST)
+        self.assertEqual(recorder.avatar.asked, [b"keepalive@openssh.com"])  # type: ignore[attr-defined]
+        self.assertEqual(recorder.packets, [FAILURE])
+        self.assertEqual(events, [])
+
+    def test_clientDispatchToGlobalMethods(self) -> None:
+        """Without an avatar (the client end), global_NAME methods answer, '-' read as '_'."""
+
+        class Client(TunnelConnection):
+            def global_x_y(self, data: bytes) -> Any:
+                return 1, data
+
+        conn = Client()
+        conn.transport = _Recorder()  # type: ignore[assignment]
+        conn.ssh_GLOBAL_REQUEST(globalRequest(b"x-y") + b"payload")
+        conn.ssh_GLOBAL_REQUEST(globalRequest(b"unknown"))
+        self.assertEqual(
+            conn.transport.packets,  # type: ignore[attr-defined]
+            [(connection.MSG_REQUEST_SUCCESS, b"payload"), FAILURE],
+        )
