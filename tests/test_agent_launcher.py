@@ -1,0 +1,132 @@
+"""
+The agent's own launcher (``python -m agent``, console script ``tunnel-agentd``): the
+command line of ``twistd tunnel-agent`` without twistd, and pyOpenSSL loaded only by an agent
+that dials a TLS address.
+
+Each test runs the real launcher in a child process (it installs the global reactor),
+dialling a closed loopback port, and inspects it once its first connection attempt failed.
+"""
+
+from __future__ import annotations
+
+import configparser
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: The launcher with an observer that, at the first failed connection attempt, writes what
+#: the process has loaded to argv[1] and stops the reactor.
+_PROBE = """
+import importlib.util, json, sys
+from agent import launcher
+reactor = launcher.importReactorWithoutOpenSSL()
+from twisted.logger import formatEvent, globalLogPublisher
+out = sys.argv.pop(1)
+def watch(event):
+    if "could not reach" in (event.get("log_format") or "") and not reactor._stopped:
+        with open(out, "w") as f:
+            json.dump({
+                "modules": sorted(sys.modules),
+                "reason": formatEvent(event),
+                "refusing": [type(f).__name__ for f in sys.meta_path
+                             if type(f).__name__ == "_RefuseOpenSSL"],
+                "openSSLFound": importlib.util.find_spec("OpenSSL") is not None,
+            }, f)
+        reactor.stop()
+globalLogPublisher.addObserver(watch)
+sys.exit(launcher.main(sys.argv[1:]))
+"""
+
+#: What an agent that dials no TLS must not load: pyOpenSSL and what it brings, Twisted's
+#: TLS layer, and twistd.
+NOT_WITHOUT_TLS = (
+    "OpenSSL",
+    "service_identity",
+    "twisted.internet.ssl",
+    "twisted.internet._sslverify",
+    "twisted.protocols.tls",
+    "accesstunnel.transports.tls",
+    "twisted.scripts.twistd",
+    "twisted.application.app",
+)
+
+
+def _closedPort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _loaded(modules: list[str], name: str) -> bool:
+    return any(m == name or m.startswith(name + ".") for m in modules)
+
+
+class LauncherTests(SynchronousTestCase):
+    def launch(self, server: str) -> tuple[dict, str]:
+        """Run the launcher until its first attempt at C{server} failed; (probe, log file)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            probe, logFile = Path(tmp) / "probe.json", Path(tmp) / "agent.log"
+            subprocess.run(
+                [
+                    *(sys.executable, "-c", _PROBE, str(probe), "-l", str(logFile)),
+                    *("--state", str(Path(tmp) / "state"), "--name", "kiln7"),
+                    *("--server-key", "SHA256:" + "A" * 43, "--server", server),
+                ],
+                cwd=ROOT,
+                capture_output=True,
+                check=True,
+                timeout=60,
+            )
+            return json.loads(probe.read_text()), logFile.read_text()
+
+    def test_sshAgentLoadsNoOpenSSL(self) -> None:
+        """
+        Started by the launcher, an ssh:// agent dials and logs to the -l file in twistd's
+        format, without twistd, pyOpenSSL or Twisted's TLS modules loaded; pyOpenSSL is
+        importable again afterwards (the refusal was lifted once the reactor was in).
+        """
+        probe, log = self.launch(f"ssh://127.0.0.1:{_closedPort()}")
+        self.assertIn("agent.link", probe["modules"])
+        self.assertIn("refused", probe["reason"])
+        self.assertEqual([m for m in NOT_WITHOUT_TLS if _loaded(probe["modules"], m)], [])
+        self.assertEqual(probe["refusing"], [])
+        self.assertTrue(probe["openSSLFound"])
+        self.assertRegex(log, r"\d{4}-\d\d-\d\dT\S+ \[agent\.launcher#info\] tunnel-agent ")
+
+    def test_tlsAgentLoadsOpenSSLWhenDialling(self) -> None:
+        """
+        A tls:// agent started by the launcher imports pyOpenSSL at its first attempt and
+        wraps the connection in TLS itself: the attempt reaches TCP (connection refused),
+        not Twisted's "no TLS support" error.
+        """
+        probe, _ = self.launch(f"tls://127.0.0.1:{_closedPort()}")
+        self.assertTrue(_loaded(probe["modules"], "OpenSSL"))
+        self.assertIn("twisted.protocols.tls", probe["modules"])
+        self.assertIn("refused", probe["reason"])
+
+    def test_usageError(self) -> None:
+        """Bad options: the usage and the error on stderr, exit status 1, as twistd does."""
+        result = subprocess.run(
+            [sys.executable, "-m", "agent", "--name", "kiln7"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("--state is required", result.stderr)
+        self.assertIn("--logfile", result.stderr)
+
+    def test_consoleScript(self) -> None:
+        """setup.cfg installs the launcher as the tunnel-agentd console script."""
+        setup = configparser.ConfigParser()
+        setup.read(ROOT / "setup.cfg")
+        scripts = setup["options.entry_points"]["console_scripts"].split("\n")
+        self.assertIn("tunnel-agentd = agent.launcher:main", [s.strip() for s in scripts])
