@@ -304,9 +304,12 @@ class GroundControlTransport(
         self._graceTimer = None
         settings: ServerSettings = self.factory.settings
         interval, count = settings.keepaliveInterval, settings.keepaliveCount
-        probeAfter = (
-            agentProbeAfter(interval, count) if isinstance(self.avatar, AgentAvatar) else None
-        )
+        isAgent = isinstance(self.avatar, AgentAvatar)
+        if isAgent:
+            # Our agent turns Nagle off from its first byte: quick ACKs (a setsockopt
+            # and a bare ACK segment per read) buy an agent link nothing after login.
+            self._quickAcksLeft = 0
+        probeAfter = agentProbeAfter(interval, count) if isAgent else None
         self.watchPeer(conn, self.factory.clock, interval, count, probeAfter)
 
     def connectionLost(self, reason: Any = None) -> None:

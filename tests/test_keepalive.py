@@ -9,8 +9,9 @@ from twisted.conch.ssh import common, connection
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from accesstunnel import quickack
 from accesstunnel.connection import TunnelConnection
 from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL, Keepalive
 from accesstunnel.keys import fingerprint
@@ -397,6 +398,71 @@ class GroundControlKeepaliveTests(SynchronousTestCase):
         fromServer = self.countKeepalives(pump.server.service)
         self.advance(int(DEFAULT_INTERVAL) + 1)
         self.assertEqual(len(fromServer), 1)
+
+
+class _OptionsSocket:
+    """Stands in for a server connection's TCP socket: records the options set on it."""
+
+    def __init__(self) -> None:
+        self.options: list[tuple[int, int, int]] = []
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        self.options.append((level, option, value))
+
+
+class QuickAckAfterLoginTests(SynchronousTestCase):
+    """
+    groundcontrol asks for quick ACKs during a connection's first reads (for the OpenSSH
+    client's key exchange, accesstunnel.quickack); on an agent link it stops at login,
+    so an idle agent's keepalive costs no setsockopt and no bare ACK segment.
+    """
+
+    def setUp(self) -> None:
+        if quickack.TCP_QUICKACK is None:
+            raise SkipTest("no TCP_QUICKACK on this platform")
+        self.sockets: list[_OptionsSocket] = []
+
+        def recordingSocket(transport: Any) -> Any:
+            self.sockets.append(_OptionsSocket())
+            return self.sockets[-1]
+
+        self.patch(quickack, "tcpSocketOf", recordingSocket)
+        self.fleet = InMemoryFleet()
+
+    def test_agentLinkStopsAtLogin(self) -> None:
+        """Reads on an agent link after login (its keepalives) set no socket option."""
+        deviceKey = self.fleet.enrollDevice("kiln7")
+        factory = AgentLinkFactory(
+            LinkSettings(
+                name="kiln7",
+                deviceKey=deviceKey,
+                serverKey=ServerKeyPin(fingerprint(publicLine(self.fleet.hostKey))),
+            ),
+            self.fleet.clock,  # type: ignore[arg-type]
+            scriptedSessions(),
+            refuseForwards,
+        )
+        pump = self.fleet.connect(factory)
+        (sock,) = self.sockets
+        self.assertTrue(sock.options, "quick ACKs during the handshake")
+        self.assertEqual(pump.server._quickAcksLeft, 0)
+        atLogin = len(sock.options)
+        for _ in range(10 * int(DEFAULT_INTERVAL)):
+            self.fleet.clock.advance(1)
+            self.fleet.flush()
+        self.assertGreater(pump.server.keepalive.lastReceived, 9 * DEFAULT_INTERVAL)
+        self.assertEqual(len(sock.options), atLogin)
+
+    def test_operatorKeepsQuickAcks(self) -> None:
+        """An operator connection still quick-ACKs its first reads after login."""
+        self.fleet.enrollDevice("kiln7")
+        key = self.fleet.addOperator("alice")
+        self.fleet.grant("alice", "kiln7")
+        self.fleet.operator("dev_kiln7", key)
+        (sock,) = self.sockets
+        self.assertGreater(len(sock.options), 0)
+        (pump,) = self.fleet.network.pumps
+        self.assertGreater(pump.server._quickAcksLeft, 0)
 
 
 class _Recorder:
