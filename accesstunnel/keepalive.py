@@ -20,10 +20,19 @@ uses that on agent links: the agent pings on its own every other interval
 (30 s), so its pings, answered, are the proof of life, and groundcontrol sends
 nothing and wakes only about once per ping it receives; it still asks a link that goes
 quiet, and still declares it dead after C{interval * count} seconds.
+
+Passive keepalives of many connections may share one L{KeepaliveSweep}: the
+look a passive keepalive takes when its peer was heard from lately (nothing to
+do but look again later) then waits in a one-second bucket instead of a timer
+of its own. On groundcontrol with 10,000 agent links that is ~333 looks a
+second without a DelayedCall each (one heap push and pop in the reactor,
+~14 Python comparisons each), and at most one wake-up a second for all of them.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +41,67 @@ from twisted.logger import Logger
 
 DEFAULT_INTERVAL = 15.0
 DEFAULT_COUNT = 3
+
+
+class KeepaliveSweep:
+    """
+    One timer for the quiet-link looks of many passive keepalives on one clock.
+
+    A look filed for time T runs in the bucket of the first multiple of
+    C{granularity} at or after T: never early, at most C{granularity} late. Only
+    the looks that find the peer heard from lately go through the sweep; a
+    probe's follow-up and the verdict are timed exactly by the keepalive itself,
+    so a dead peer is still found at exactly C{interval * count} seconds.
+
+    A stopped keepalive is not taken out of its bucket (that would cost a search
+    per closed connection); its look is skipped when the bucket runs, at most
+    C{probeAfter + granularity} seconds later.
+    """
+
+    def __init__(self, clock: IReactorTime, granularity: float = 1.0) -> None:
+        if granularity <= 0:
+            raise ValueError("sweep granularity must be positive")
+        self._clock = clock
+        self.granularity = granularity
+        self._buckets: dict[int, list[Keepalive]] = {}
+        self._slots: list[int] = []  # heap of the buckets' slot numbers
+        self._timer: IDelayedCall | None = None
+        self._timerSlot: int | None = None
+
+    def file(self, keepalive: Keepalive, when: float) -> int:
+        """Run C{keepalive}'s look at C{when} or at most a granule later; return its slot."""
+        slot = math.ceil(when / self.granularity)
+        bucket = self._buckets.get(slot)
+        if bucket is None:
+            self._buckets[slot] = bucket = []
+            heapq.heappush(self._slots, slot)
+            if self._timerSlot is None or slot < self._timerSlot:
+                self._arm(slot)
+        bucket.append(keepalive)
+        return slot
+
+    def __len__(self) -> int:
+        """Looks filed and not yet run (stopped keepalives' included)."""
+        return sum(len(b) for b in self._buckets.values())
+
+    def _arm(self, slot: int) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timerSlot = slot
+        delay = max(slot * self.granularity - self._clock.seconds(), 0.0)
+        self._timer = self._clock.callLater(delay, self._run)
+
+    def _run(self) -> None:
+        self._timer = self._timerSlot = None
+        now = self._clock.seconds()
+        slots = self._slots
+        # Everything due by now (a timer that ran late runs the buckets it passed).
+        while slots and slots[0] * self.granularity <= now:
+            slot = heapq.heappop(slots)
+            for keepalive in self._buckets.pop(slot):
+                keepalive._sweepLook(slot)
+        if slots:
+            self._arm(slots[0])
 
 
 class Keepalive:
@@ -51,6 +121,7 @@ class Keepalive:
         interval: float = DEFAULT_INTERVAL,
         count: int = DEFAULT_COUNT,
         probeAfter: float | None = None,
+        sweep: KeepaliveSweep | None = None,
     ) -> None:
         """
         @param probeAfter: seconds of silence before the first ping (default:
@@ -58,6 +129,10 @@ class Keepalive:
             passive: it wakes when the silence would reach C{probeAfter}, not
             every interval, and pings only then (and every interval after
             that, until the deadline).
+        @param sweep: where a passive keepalive files its quiet-link looks
+            (shared by many connections); without one, or if C{probeAfter}
+            plus the sweep's granularity passes the deadline, it sets a
+            timer for each.
         """
         if interval <= 0 or count < 1:
             raise ValueError("keepalive interval must be positive and count at least 1")
@@ -70,6 +145,12 @@ class Keepalive:
         self.count = count
         self.probeAfter = interval if probeAfter is None else probeAfter
         self._passive = self.probeAfter > interval
+        # A sweep whose granule would push a look past the deadline (a keepalive of a
+        # second or two) is not used: such a keepalive sets its own timers.
+        fits = sweep is not None and self.probeAfter + sweep.granularity <= self.deadline
+        self._sweep = sweep if self._passive and fits else None
+        #: The sweep slot this keepalive's next look is filed in, if any.
+        self._filed: int | None = None
         self.lastReceived = clock.seconds()
         self._timer: IDelayedCall | None = None
         self._due = self.lastReceived
@@ -83,13 +164,17 @@ class Keepalive:
     def start(self) -> None:
         """Begin watching; silence is counted from now."""
         self.lastReceived = self._lastCheck = self._clock.seconds()
-        self._schedule(self.probeAfter if self._passive else self.interval)
+        if self._passive:
+            self._look(self.probeAfter)
+        else:
+            self._schedule(self.interval)
 
     def stop(self) -> None:
         """Stop watching (the connection is gone)."""
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self._filed = None
 
     def received(self) -> None:
         """The peer sent something. Called for every read: keep it cheap."""
@@ -98,6 +183,21 @@ class Keepalive:
     def _schedule(self, delay: float) -> None:
         self._due = self._clock.seconds() + delay
         self._timer = self._clock.callLater(delay, self._check)
+
+    def _look(self, delay: float) -> None:
+        """Look again in C{delay} seconds: through the sweep if any (perhaps a little later)."""
+        if self._sweep is None:
+            self._schedule(delay)
+            return
+        self._due = self._clock.seconds() + delay
+        self._filed = self._sweep.file(self, self._due)
+
+    def _sweepLook(self, slot: int) -> None:
+        """The sweep runs the look filed in C{slot} (unless stopped or refiled since)."""
+        if self._filed != slot:
+            return
+        self._filed = None
+        self._check()
 
     def _check(self) -> None:
         self._timer = None
@@ -125,7 +225,7 @@ class Keepalive:
             # probeAfter (traffic meanwhile only moves lastReceived, no timer).
             # At least a millisecond: a float remainder too small to move the
             # clock must not make a busy loop.
-            self._schedule(max(self.probeAfter - silence, 0.001))
+            self._look(max(self.probeAfter - silence, 0.001))
             return
         # Passive: silent for probeAfter (we are here only then). Active: nothing at
         # all since the last check (OpenSSH's ClientAliveInterval rule). The answer
@@ -160,10 +260,12 @@ class KeepaliveTransportMixin:
         interval: float,
         count: int,
         probeAfter: float | None = None,
+        sweep: KeepaliveSweep | None = None,
     ) -> None:
         """
         Start pinging C{conn}'s peer with C{keepalive@openssh.com} when it is
-        silent (for C{probeAfter} seconds: see L{Keepalive}).
+        silent (for C{probeAfter} seconds, looking through C{sweep} while it
+        is heard from: see L{Keepalive}).
         """
 
         def ping() -> None:
@@ -171,7 +273,7 @@ class KeepaliveTransportMixin:
             if d is not None:
                 d.addErrback(lambda f: None)  # a refusal is an answer too
 
-        self.keepalive = Keepalive(clock, ping, self.peerSilent, interval, count, probeAfter)
+        self.keepalive = Keepalive(clock, ping, self.peerSilent, interval, count, probeAfter, sweep)
         self.keepalive.start()
 
     def peerSilent(self) -> None:
@@ -191,4 +293,10 @@ class KeepaliveTransportMixin:
         super().connectionLost(reason)  # type: ignore[misc]
 
 
-__all__ = ["DEFAULT_COUNT", "DEFAULT_INTERVAL", "Keepalive", "KeepaliveTransportMixin"]
+__all__ = [
+    "DEFAULT_COUNT",
+    "DEFAULT_INTERVAL",
+    "Keepalive",
+    "KeepaliveSweep",
+    "KeepaliveTransportMixin",
+]

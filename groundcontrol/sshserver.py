@@ -25,7 +25,12 @@ from zope.interface import implementer
 
 from accesstunnel import fastpath, policy
 from accesstunnel.connection import TunnelConnection
-from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL, KeepaliveTransportMixin
+from accesstunnel.keepalive import (
+    DEFAULT_COUNT,
+    DEFAULT_INTERVAL,
+    KeepaliveSweep,
+    KeepaliveTransportMixin,
+)
 from accesstunnel.quickack import QuickAckMixin
 from accesstunnel.rekey import RekeyingTransportMixin, RekeyLimit
 from accesstunnel.transports.tls import peerCertificate
@@ -309,8 +314,12 @@ class GroundControlTransport(
             # Our agent turns Nagle off from its first byte: quick ACKs (a setsockopt
             # and a bare ACK segment per read) buy an agent link nothing after login.
             self._quickAcksLeft = 0
-        probeAfter = agentProbeAfter(interval, count) if isAgent else None
-        self.watchPeer(conn, self.factory.clock, interval, count, probeAfter)
+            probeAfter = agentProbeAfter(interval, count)
+            self.watchPeer(
+                conn, self.factory.clock, interval, count, probeAfter, self.factory.sweep
+            )
+        else:
+            self.watchPeer(conn, self.factory.clock, interval, count)
 
     def connectionLost(self, reason: Any = None) -> None:
         if self._graceTimer is not None and self._graceTimer.active():
@@ -335,6 +344,8 @@ class GroundControlFactory(factory.SSHFactory):
         self.portal = portal
         self.clock = clock
         self.settings = settings or ServerSettings()
+        #: One timer for the agent links' keepalive looks (accesstunnel.keepalive).
+        self.sweep = KeepaliveSweep(clock)
         self.services = {
             b"ssh-userauth": GroundControlUserAuth,
             b"ssh-connection": GroundControlConnection,

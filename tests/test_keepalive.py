@@ -13,7 +13,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from accesstunnel import quickack
 from accesstunnel.connection import TunnelConnection
-from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL, Keepalive
+from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL, Keepalive, KeepaliveSweep
 from accesstunnel.keys import fingerprint
 from agent.identity import ServerKeyPin
 from agent.link import AgentLinkFactory, LinkSettings
@@ -295,6 +295,133 @@ class PassiveKeepaliveTests(SynchronousTestCase):
             )
 
 
+class SweepTests(SynchronousTestCase):
+    """
+    Passive keepalives sharing one KeepaliveSweep (groundcontrol's agent links): one
+    timer for all their quiet-link looks, a look never early and at most a granule
+    late, and a silent peer still dead at exactly interval * count.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_000_000.3)
+        self.sweep = KeepaliveSweep(self.clock)
+        self.pings: dict[int, list[float]] = {}
+        self.deaths: dict[int, list[float]] = {}
+
+    def keepalive(self, n: int) -> Keepalive:
+        self.pings[n], self.deaths[n] = [], []
+        k = Keepalive(
+            self.clock,
+            lambda: self.pings[n].append(self.clock.seconds()),
+            lambda: self.deaths[n].append(self.clock.seconds()),
+            INTERVAL,
+            COUNT,
+            probeAfter=PROBE_AFTER,
+            sweep=self.sweep,
+        )
+        k.start()
+        return k
+
+    def test_oneTimerForManyLinks(self) -> None:
+        """
+        1,000 links whose peers ping every 2 intervals, at times spread over the
+        interval: never more than one timer pending, no ping, no verdict, for an hour.
+        """
+        links = [self.keepalive(n) for n in range(1000)]
+        for step in range(int(3600 / 0.1)):
+            self.clock.advance(0.1)
+            for n in range(step % 200, 1000, 200):  # each link heard every 20 s
+                links[n].received()
+            self.assertLessEqual(len(self.clock.getDelayedCalls()), 1)
+        self.assertEqual(sum(map(len, self.pings.values())), 0)
+        self.assertEqual(sum(map(len, self.deaths.values())), 0)
+
+    def test_silentPeerProbedLateNeverEarlyDeadExactly(self) -> None:
+        """
+        A peer that goes silent at an odd moment is probed at probeAfter seconds of
+        silence or less than a granule later, never sooner, and declared dead at
+        exactly interval * count seconds after its last packet.
+        """
+        k = self.keepalive(0)
+        for _ in range(5):
+            self.clock.advance(2 * INTERVAL)
+            k.received()
+        self.clock.advance(3.7)
+        k.received()
+        last = self.clock.seconds()
+        step = 0.05
+        while not self.deaths[0]:
+            self.clock.advance(step)
+        (ping,) = self.pings[0]
+        self.assertGreaterEqual(ping - last, PROBE_AFTER)
+        self.assertLess(ping - last, PROBE_AFTER + self.sweep.granularity + step)
+        self.assertAlmostEqual(self.deaths[0][0], last + INTERVAL * COUNT, delta=1e-6)
+
+    def test_deadlineExactWithoutStepping(self) -> None:
+        """The verdict is timed by the keepalive itself: at deadline - 1 ms, none yet."""
+        k = self.keepalive(0)
+        self.clock.advance(7.25)
+        k.received()
+        last = self.clock.seconds()
+        self.clock.advance(PROBE_AFTER + 0.999)  # the look ran (late), the probe went out
+        self.assertEqual(len(self.pings[0]), 1)
+        self.clock.advance(last + INTERVAL * COUNT - 0.001 - self.clock.seconds())
+        self.assertEqual(self.deaths[0], [])
+        self.clock.advance(0.001)
+        self.assertEqual(len(self.deaths[0]), 1)
+
+    def test_stoppedLinkSkipped(self) -> None:
+        """A link stopped while its look waits in a bucket is neither pinged nor judged."""
+        k = self.keepalive(0)
+        other = self.keepalive(1)
+        self.assertEqual(len(self.sweep), 2)
+        k.stop()
+        self.clock.pump([1.0] * int(INTERVAL * COUNT * 3))
+        self.assertEqual((self.pings[0], self.deaths[0]), ([], []))
+        self.assertEqual(len(self.deaths[1]), 1)  # the other, silent, was judged
+        other.stop()
+        self.assertEqual(len(self.sweep), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_lateTimerRunsPassedBuckets(self) -> None:
+        """A sweep timer that runs late (a busy reactor) runs every bucket it passed."""
+        links = [self.keepalive(n) for n in range(3)]
+        for k in links:
+            self.clock.advance(1.0)
+            k.received()
+        self.clock.pump([0.0])  # nothing due
+        # Jump past all three looks at once (Clock.advance runs what is due).
+        self.clock.advance(PROBE_AFTER + 1)
+        self.assertEqual([len(self.pings[n]) for n in range(3)], [1, 1, 1])
+
+    def test_tooCoarseForDeadlineFallsBackToTimers(self) -> None:
+        """
+        When probeAfter plus the granule would pass the deadline (a keepalive of a few
+        seconds), the keepalive ignores the sweep and probes at exactly probeAfter.
+        """
+        coarse = KeepaliveSweep(self.clock, granularity=10.0)
+        pings: list[float] = []
+        k = Keepalive(
+            self.clock,
+            lambda: pings.append(self.clock.seconds()),
+            lambda: None,
+            2.0,
+            3,
+            5.0,
+            coarse,
+        )
+        start = self.clock.seconds()
+        k.start()
+        self.clock.advance(5.0)
+        self.assertEqual(pings, [start + 5.0])
+        self.assertEqual(len(coarse), 0)
+
+    def test_badGranularityRefused(self) -> None:
+        """A non-positive granularity is a ValueError."""
+        self.assertRaises(ValueError, KeepaliveSweep, self.clock, 0)
+
+
 class GroundControlKeepaliveTests(SynchronousTestCase):
     """
     groundcontrol's keepalive on a real agent link (in memory, default settings on
@@ -346,6 +473,7 @@ class GroundControlKeepaliveTests(SynchronousTestCase):
         own, every 30 s, are answered), the agent's are all answered, and the link stays.
         """
         pump = self.connectAgent()
+        self.assertEqual(len(self.fleet.factory.sweep), 1)  # the link's look, no timer of its own
         fromServer = self.countKeepalives(pump.server.service)
         fromAgent = self.countKeepalives(pump.client.service)
         self.advance(2 * 3600)
@@ -360,14 +488,18 @@ class GroundControlKeepaliveTests(SynchronousTestCase):
     def test_quietAgentProbedAndKept(self) -> None:
         """
         An agent that sends no keepalives of its own is probed after agentProbeAfter
-        seconds of silence (37.5 s by default), answers, and stays connected.
+        seconds of silence (37.5 s by default; at most the sweep's one-second granule
+        later), answers at once, and stays connected.
         """
         pump = self.connectAgent(keepaliveInterval=1e9)
         fromServer = self.countKeepalives(pump.server.service)
         self.advance(3600, step=0.5)
         probeAfter = agentProbeAfter(DEFAULT_INTERVAL, DEFAULT_COUNT)
         self.assertEqual(probeAfter, 37.5)
-        self.assertEqual(len(fromServer), int(3600 // probeAfter))
+        gaps = [b - a for a, b in itertools.pairwise(fromServer)]
+        self.assertGreater(len(gaps), 3600 // (probeAfter + 1) - 2)
+        self.assertGreaterEqual(min(gaps), probeAfter)
+        self.assertLessEqual(max(gaps), probeAfter + 1)
         self.assertIsNotNone(self.fleet.registry.lookup("kiln7"))
 
     def test_silentLinkDroppedInTime(self) -> None:
@@ -395,6 +527,7 @@ class GroundControlKeepaliveTests(SynchronousTestCase):
         operator = self.fleet.operator("dev_kiln7", key)
         assert operator.connection is not None
         (pump,) = [p for p in self.fleet.network.pumps if p.client is operator.connection.transport]
+        self.assertEqual(len(self.fleet.factory.sweep), 0)  # operators: the keepalive's own timer
         fromServer = self.countKeepalives(pump.server.service)
         self.advance(int(DEFAULT_INTERVAL) + 1)
         self.assertEqual(len(fromServer), 1)
