@@ -488,29 +488,51 @@ class ClassTestCase(LimiterTestCase):
             conn.protocol.dataReceived(hello)
         return conn
 
-    def agents(self, limiter: HandshakeLimiter, count: int, host: str | None = None) -> list[Conn]:
+    def busy(self, limiter: HandshakeLimiter) -> list[Conn]:
+        """Agents, each from its own address, on every agents' slot, and one more waiting."""
+        return self.agents(limiter, limiter.agents.size + 1, first=200)
+
+    def agents(
+        self, limiter: HandshakeLimiter, count: int, host: str | None = None, first: int = 0
+    ) -> list[Conn]:
         """C{count} agents, from C{host} or each from its own address (its own NAT)."""
         return [
-            self.connect(limiter, host or f"10.{n // 250}.{n % 250}.1", AGENT) for n in range(count)
+            self.connect(limiter, host or f"10.{n // 250}.{n % 250}.1", AGENT)
+            for n in range(first, first + count)
         ]
 
 
 class VersionLineTests(ClassTestCase):
-    """A connection takes a slot only once its version line says which pool it belongs to."""
+    """
+    While agents wait, a connection takes a slot only once its version line says which
+    pool it belongs to.
+    """
 
-    def test_noSlotBeforeTheVersionLine(self) -> None:
+    def test_startsAtOnceWhileNoAgentWaits(self) -> None:
         """
-        A connection that has sent nothing yet holds no slot and has no SSH protocol, but
-        is read (not paused); its version line starts it at once.
+        With an agents' slot free and no agent waiting, a connection starts at once,
+        before its version line, as an agent: a client that waits for the server's line
+        first (ssh-keyscan) is not held, and no one waits because of it.
         """
         limiter = self.limiter()
         conn = self.connect(limiter, hello=b"")
-        self.assertFalse(conn.started)
-        self.assertFalse(conn.paused)
-        self.assertEqual((limiter.pending, limiter.waiting), (0, 1))
-        conn.protocol.dataReceived(AGENT)
         self.assertTrue(conn.started)
         self.assertEqual((limiter.agents.pending, limiter.waiting), (1, 0))
+
+    def test_noSlotBeforeTheVersionLine(self) -> None:
+        """
+        With agents waiting, a connection that has sent nothing yet holds no slot and has
+        no SSH protocol, but is read (not paused); its version line starts it at once.
+        """
+        limiter = self.limiter()
+        self.busy(limiter)
+        conn = self.connect(limiter, hello=b"")
+        self.assertFalse(conn.started)
+        self.assertFalse(conn.paused)
+        self.assertEqual((limiter.pending, limiter.waiting), (3, 2))
+        conn.protocol.dataReceived(OPERATOR)
+        self.assertTrue(conn.started)
+        self.assertEqual((limiter.operators.pending, limiter.waiting), (1, 1))
 
     def test_lineInPiecesDeliveredWhole(self) -> None:
         """
@@ -518,6 +540,7 @@ class VersionLineTests(ClassTestCase):
         the SSH protocol whole and in order once it starts.
         """
         limiter = self.limiter()
+        self.busy(limiter)
         conn = self.connect(limiter, hello=b"SSH-2.0-Open")
         self.assertFalse(conn.started)
         conn.protocol.dataReceived(b"SSH_9.2p1\r")
@@ -530,9 +553,11 @@ class VersionLineTests(ClassTestCase):
     def test_agentAndOperatorLines(self) -> None:
         """Conch's version line counts in the agents' pool; OpenSSH's in the operators'."""
         limiter = self.limiter()
-        self.connect(limiter, hello=AGENT)
-        self.connect(limiter, hello=OPERATOR)
-        self.assertEqual((limiter.agents.pending, limiter.operators.pending), (1, 1))
+        self.busy(limiter)
+        agent = self.connect(limiter, hello=AGENT)
+        operator = self.connect(limiter, hello=OPERATOR)
+        self.assertEqual((agent.started, agent.paused, operator.started), (False, True, True))
+        self.assertEqual((limiter.agents.waiting, limiter.operators.pending), (2, 1))
         self.assertTrue(isAgentVersion(b"SSH-2.0-Twisted_22.4.0"))
         self.assertFalse(isAgentVersion(b"SSH-2.0-OpenSSH_9.2p1 Twisted_26.10.0"))
         self.assertFalse(isAgentVersion(b"SSH-2.0-PuTTY_Release_0.81"))
@@ -550,31 +575,37 @@ class VersionLineTests(ClassTestCase):
     def test_silentConnectionCountsAsAnAgentAfterTheDeadline(self) -> None:
         """
         A connection that sends no version line within versionTimeout (2 s) is put in the
-        agents' pool: staying silent never reaches the operators' reserve.
+        agents' pool, here behind the agent already waiting: staying silent never reaches
+        the operators' reserve.
         """
         limiter = self.limiter()
+        self.busy(limiter)
         conn = self.connect(limiter, hello=b"")
         self.clock.advance(1.9)
-        self.assertFalse(conn.started)
+        self.assertFalse(conn.paused)
         self.clock.advance(0.1)
-        self.assertTrue(conn.started)
-        self.assertEqual((limiter.agents.pending, limiter.operators.pending), (1, 0))
+        self.assertTrue(conn.paused)
+        self.assertFalse(conn.started)
+        self.assertEqual((limiter.agents.waiting, limiter.operators.pending), (2, 0))
 
     def test_overlongLineCountsAsAnAgent(self) -> None:
         """255 bytes without a line end is no SSH version line: the agents' pool, at once."""
         limiter = self.limiter()
+        self.busy(limiter)
         conn = self.connect(limiter, hello=b"SSH-2.0-" + b"x" * (MAX_VERSION_LINE - 8))
-        self.assertTrue(conn.started)
-        self.assertEqual((limiter.agents.pending, limiter.operators.pending), (1, 0))
+        self.assertTrue(conn.paused)
+        self.assertEqual((limiter.agents.waiting, limiter.operators.pending), (2, 0))
 
     def test_lostBeforeTheLineLeaksNothing(self) -> None:
         """A connection gone before its version line leaves no count and no timer behind."""
         limiter = self.limiter()
+        self.busy(limiter)
+        timers = len(self.clock.getDelayedCalls())
         conn = self.connect(limiter, hello=b"SSH-2.0-")
         conn.lose()
-        self.assertEqual((limiter.pending, limiter.waiting), (0, 0))
+        self.assertEqual((limiter.pending, limiter.waiting), (3, 1))
         self.assertEqual(limiter._hello, {})
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(len(self.clock.getDelayedCalls()), timers)
 
     def test_sourceMayNotHoldUnboundedSilentConnections(self) -> None:
         """
@@ -582,6 +613,7 @@ class VersionLineTests(ClassTestCase):
         version line; further ones are closed at accept. Other sources are not affected.
         """
         limiter = self.limiter(maxPerSource=2, maxWaitingPerSource=3)
+        self.busy(limiter)
         held = [self.connect(limiter, hello=b"") for _ in range(5)]
         refused = self.connect(limiter, hello=b"")
         self.assertTrue(refused.closed)
@@ -643,13 +675,16 @@ class OperatorReserveTests(ClassTestCase):
         is untouched by them, so agents keep starting at the same rate.
         """
         limiter = self.limiter(maxPending=8, operatorReserve=4)
+        fleet = self.agents(limiter, 6)
         liars = [self.connect(limiter, "203.0.113.1", OPERATOR) for _ in range(5)]
         self.assertEqual(sum(c.started for c in liars), 2)
         more = [self.connect(limiter, f"203.0.113.{n}", OPERATOR) for n in range(2, 6)]
-        self.assertEqual(limiter.operators.pending, 4)
         self.assertEqual(sum(c.started for c in more), 2)
-        fleet = self.agents(limiter, 6)
-        self.assertEqual(sum(c.started for c in fleet), 4)
+        self.assertEqual((limiter.operators.pending, limiter.agents.pending), (4, 4))
+        fleet[0].login()
+        self.assertTrue(fleet[4].started)
+        liars[0].login()
+        self.assertEqual(sum(c.started for c in fleet), 5)
 
     def test_quietOperatorAheadOfLiarsInTheReserve(self) -> None:
         """
@@ -658,6 +693,7 @@ class OperatorReserveTests(ClassTestCase):
         of the claimants that waited before it (quiet sources first, as in the agents' pool).
         """
         limiter = self.limiter(maxPending=8, operatorReserve=2)
+        self.busy(limiter)
         first = [self.connect(limiter, f"203.0.113.{n}", OPERATOR) for n in (1, 2)]
         waiting = [self.connect(limiter, "203.0.113.1", OPERATOR) for _ in range(3)]
         operator = self.connect(limiter, "198.51.100.7", OPERATOR)
@@ -711,6 +747,7 @@ class OperatorReserveTests(ClassTestCase):
         version line does not count; a stalled operator is aborted and its slot freed.
         """
         limiter = self.limiter(handshakeTimeout=40)
+        self.busy(limiter)
         operator = self.connect(limiter, "198.51.100.7", hello=b"")
         self.clock.advance(1)
         operator.protocol.dataReceived(OPERATOR)
@@ -719,7 +756,7 @@ class OperatorReserveTests(ClassTestCase):
         self.clock.advance(0.1)
         self.assertTrue(operator.transport.disconnected)
         operator.lose()
-        self.assertEqual(limiter.pending, 0)
+        self.assertEqual(limiter.operators.pending, 0)
 
     def test_noLeakWhateverTheOrder(self) -> None:
         """

@@ -8,13 +8,15 @@ handshake at once (at most C{maxPerSource} from one source address). Authenticat
 connections do not count.
 
 B{Agents and operators.} The slots are split in two pools: C{operatorReserve} of them are
-for operators, the rest for agents. A connection is put in a pool by the first line it
-sends, its SSH version line, which every SSH client sends at once, before any key exchange
-work: our agent's (Conch's C{SSH-2.0-Twisted_...}, see L{isAgentVersion}) goes to the
-agents' pool, any other (C{SSH-2.0-OpenSSH_9.2p1 ...}) to the operators'. A connection
-that sends no complete version line within C{versionTimeout} seconds (a client waiting for
-the server's line first, a stalled one) or a line longer than SSH allows goes to the
-agents' pool: only a connection that says it is not our agent is served from the reserve.
+for operators, the rest for agents. While agents wait for a slot, a new connection is put
+in a pool by the first line it sends, its SSH version line, which SSH clients send at once,
+before any key exchange work: our agent's (Conch's C{SSH-2.0-Twisted_...}, see
+L{isAgentVersion}) goes to the agents' pool, any other (C{SSH-2.0-OpenSSH_9.2p1 ...}) to the
+operators'. A connection that sends no complete version line within C{versionTimeout}
+seconds (a client waiting for the server's line first, a stalled one) or a line longer than
+SSH allows goes to the agents' pool: only a connection that says it is not our agent is
+served from the reserve. While no agent waits, a new connection that could start in the
+agents' pool starts there at once, unread: its pool would make no one wait.
 The source address cannot tell them apart when every device sits behind its own NAT, and
 an operator may share an address with a crowd of agents; the version line can. Nothing is
 gained by lying: a connection that claims to be an operator is counted in the operators'
@@ -554,7 +556,12 @@ class HandshakeLimiter(WrappingFactory):
             self._ports.add(port)
             if self.paused:
                 port.stopReading()
-        if not self.operatorReserve:
+        if not self.operatorReserve or (
+            self.agents.canStart(conn.source) and not self.agents.waiting
+        ):
+            # No agent waits for a slot: which pool this one belongs to makes no one wait,
+            # so it starts at once, as an agent (a client that waits for the server's
+            # version line before it sends its own, as ssh-keyscan does, is not held).
             self._admit(conn, self.agents)
         elif self._hello[conn.source] >= self.maxPerSource + self.maxWaitingPerSource:
             self._refuse(conn)
