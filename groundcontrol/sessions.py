@@ -41,14 +41,12 @@ from groundcontrol.recording import (
     RetentionService,
 )
 from groundcontrol.registry import Registry
-from groundcontrol.store import IStore
+from groundcontrol.store import SESSION_ENDED, SESSION_STARTED, IStore, SessionEvents
 
 #: Session ids: this many characters of a 32-letter alphabet (50 bits).
 ID_LENGTH = 10
 _ID_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"
 
-SESSION_STARTED = "session.started"
-SESSION_ENDED = "session.ended"
 RECORDING_FAILED = "session.recording-failed"
 SESSION_KILLED = "session.killed"
 
@@ -471,32 +469,29 @@ class SessionService(MultiService):
 # -- past sessions ---------------------------------------------------------------------
 
 
-async def pastSessions(store: IStore, limit: int = 100, page: int = 1000) -> list[dict[str, Any]]:
+async def pastSessions(store: IStore, limit: int = 100) -> list[dict[str, Any]]:
     """
-    The most recent C{limit} sessions in the audit log, newest last, as
-    L{SessionRecord.toJSON} dicts with a C{state}: C{ended}, or C{open} (started,
-    and no end recorded: live, or cut off by a server crash).
+    The most recent C{limit} sessions in the audit log (all with C{limit} 0), newest
+    last, as L{SessionRecord.toJSON} dicts with a C{state}: C{ended}, or C{open}
+    (started, and no end recorded: live, or cut off by a server crash). Read through the
+    store's session index: C{limit} rows, however long the log.
     """
-    found: dict[str, dict[str, Any]] = {}
-    after = 0
-    while True:
-        events = await store.auditSince(after, page)
-        for event in events:
-            if event.event not in (SESSION_STARTED, SESSION_ENDED):
-                continue
-            detail = dict(event.detail or {})
-            sessionId = detail.get("session") or detail.get("id")
-            if not isinstance(sessionId, str):
-                continue
-            row = found.setdefault(sessionId, {})
-            row.update(detail)
-            row["state"] = "ended" if event.event == SESSION_ENDED else row.get("state", "open")
-        if len(events) < page:
-            break
-        after = events[-1].id
-    rows = list(found.values())
-    rows.sort(key=lambda r: (r.get("started_at") or 0, r.get("id") or ""))
-    return rows[-limit:] if limit else rows
+    return [_pastSession(events) for events in await store.recentSessions(limit)]
+
+
+async def pastSession(store: IStore, sessionId: str) -> dict[str, Any] | None:
+    """One past session by id, as L{pastSessions} gives it; C{None} if the log has none."""
+    events = await store.sessionEvents(sessionId)
+    return None if events is None else _pastSession(events)
+
+
+def _pastSession(events: SessionEvents) -> dict[str, Any]:
+    row: dict[str, Any] = {"id": events.id}
+    for event in (events.started, events.ended):
+        if event is not None:
+            row.update(event.detail)
+    row["state"] = "ended" if events.ended is not None else "open"
+    return row
 
 
 def recordingFile(policy: RecordingPolicy | None, relative: str | None) -> Path | None:
@@ -519,6 +514,7 @@ __all__ = [
     "attachSessions",
     "isSessionId",
     "newSessionId",
+    "pastSession",
     "pastSessions",
     "recordingFile",
     "sessionsFor",

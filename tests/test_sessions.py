@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from twisted.conch.ssh import common
+from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from accesstunnel.keys import fingerprint
@@ -26,6 +27,7 @@ from groundcontrol.sessions import (
     attachSessions,
     isSessionId,
     newSessionId,
+    pastSession,
     pastSessions,
 )
 from groundcontrol.testing import (
@@ -197,20 +199,24 @@ class SessionRecordTests(SessionTestCase):
         self.assertEqual(self.sessions.live, {})
 
     def test_pastSessionsFromAudit(self) -> None:
-        """pastSessions rebuilds ended sessions from the audit log, newest last."""
-        for command in (b"true", b"die"):
+        """
+        pastSessions rebuilds ended sessions from the audit log (through the store's session
+        index), newest last, the latest `limit` of them; pastSession finds one by id.
+        """
+        for command in (b"true", b"die", b"echo"):
             session = self.fleet.session(self.alice)
             session.exec(command)
             self.fleet.flush()
             self.fleet.clock.advance(1)
             self.fleet.flush()
-        rows = resultNow(
-            __import__("twisted.internet.defer", fromlist=["Deferred"]).Deferred.fromCoroutine(
-                pastSessions(self.fleet.store, limit=10, page=3)
-            )
-        )
-        self.assertEqual([r["command"] for r in rows], ["true", "die"])
+        rows = resultNow(defer.Deferred.fromCoroutine(pastSessions(self.fleet.store, limit=2)))
+        self.assertEqual([r["command"] for r in rows], ["die", "echo"])
         self.assertEqual([r["state"] for r in rows], ["ended", "ended"])
+        one = resultNow(defer.Deferred.fromCoroutine(pastSession(self.fleet.store, rows[0]["id"])))
+        self.assertEqual(one, rows[0])
+        self.assertIsNone(
+            resultNow(defer.Deferred.fromCoroutine(pastSession(self.fleet.store, "nosuchsess")))
+        )
 
 
 class RecordingTests(SessionTestCase):

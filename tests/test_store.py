@@ -264,6 +264,7 @@ class MigrationTests(StoreTestCase):
         """
         self.rawQuery("DROP TABLE version")
         for table in [
+            "session_index",
             "audit",
             "grants",
             "enrollment_requests",

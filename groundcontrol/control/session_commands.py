@@ -30,6 +30,7 @@ from groundcontrol.sessions import (
     LiveSession,
     SessionRegistry,
     isSessionId,
+    pastSession,
     pastSessions,
     recordingFile,
     sessionsFor,
@@ -231,10 +232,7 @@ async def _findPast(context: ControlContext, sessionId: str) -> dict[str, Any] |
     live = _sessions(context).get(sessionId)
     if live is not None:
         return live.record.toJSON()
-    for row in await pastSessions(context.store, limit=0):
-        if row.get("id") == sessionId:
-            return row
-    return None
+    return await pastSession(context.store, sessionId)
 
 
 async def _play(

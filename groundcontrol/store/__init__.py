@@ -31,6 +31,8 @@ from ._postgresql import (
     openPostgreSQLStore,
 )
 from ._records import (
+    SESSION_ENDED,
+    SESSION_STARTED,
     Account,
     AuditEvent,
     Certificate,
@@ -39,6 +41,7 @@ from ._records import (
     EnrollmentRequest,
     Grant,
     PendingLimits,
+    SessionEvents,
     TokenRecord,
 )
 from ._runner import Runner, synchronousRunner, threadRunner
@@ -54,6 +57,8 @@ from ._sql import (
 from ._sqlite import SQLiteStore, connect, migrate, openSQLiteStore, schemaUpgraders
 
 __all__ = [
+    "SESSION_ENDED",
+    "SESSION_STARTED",
     "Account",
     "AlreadyExists",
     "AmbiguousRequest",
@@ -75,6 +80,7 @@ __all__ = [
     "Runner",
     "SQLStore",
     "SQLiteStore",
+    "SessionEvents",
     "StoreError",
     "TokenExhausted",
     "TokenExpired",

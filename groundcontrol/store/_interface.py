@@ -329,6 +329,21 @@ class IStore(Interface):
         @return: Deferred firing with a list of at most C{limit} L{AuditEvent}s.
         """
 
+    def recentSessions(limit):
+        """
+        The latest C{limit} relayed sessions (all with C{limit} 0) by their start, newest
+        last, from the session index over the audit log (schema 005): a read of C{limit}
+        rows, however long the log.
+
+        @return: Deferred firing with a list of L{SessionEvents}.
+        """
+
+    def sessionEvents(sessionId):
+        """
+        @return: Deferred firing with the L{SessionEvents} of one session, or C{None} if
+            the audit log has none.
+        """
+
     def lastAuditId():
         """
         @return: Deferred firing with the id of the newest audit event (0 if none), so a

@@ -7,6 +7,8 @@ from typing import Any, Literal
 from attrs import field, frozen
 
 __all__ = [
+    "SESSION_ENDED",
+    "SESSION_STARTED",
     "Account",
     "AuditEvent",
     "Certificate",
@@ -15,8 +17,14 @@ __all__ = [
     "EnrollmentRequest",
     "Grant",
     "PendingLimits",
+    "SessionEvents",
     "TokenRecord",
 ]
+
+#: The audit events of a relayed session; their detail carries the session id under
+#: "session". The store keeps its session index (schema 005) from them.
+SESSION_STARTED = "session.started"
+SESSION_ENDED = "session.ended"
 
 DeviceState = Literal["approved", "revoked"]
 RequestKind = Literal["new", "rekey", "reapprove"]
@@ -104,6 +112,19 @@ class AuditEvent:
     actor: str | None
     device: str | None
     detail: dict[str, Any] = field(factory=dict, eq=True, hash=False)
+
+
+@frozen
+class SessionEvents:
+    """
+    One relayed session as the audit log has it: its C{session.started} and
+    C{session.ended} events (either may be missing: a session still open, or an event
+    whose write failed).
+    """
+
+    id: str
+    started: AuditEvent | None
+    ended: AuditEvent | None
 
 
 @frozen

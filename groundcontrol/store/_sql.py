@@ -49,6 +49,8 @@ from ._errors import (
 )
 from ._interface import IStore
 from ._records import (
+    SESSION_ENDED,
+    SESSION_STARTED,
     Account,
     AuditEvent,
     Certificate,
@@ -57,6 +59,7 @@ from ._records import (
     EnrollmentRequest,
     Grant,
     PendingLimits,
+    SessionEvents,
     TokenRecord,
 )
 from ._runner import Runner
@@ -191,6 +194,47 @@ def _request(row: Row) -> EnrollmentRequest:
 
 def _account(row: Row) -> Account:
     return Account(id=int(row["id"]), name=row["name"], isAdmin=bool(row["is_admin"]))
+
+
+#: The session index's column for each of a session's audit events.
+_SESSION_EVENT_COLUMNS = {SESSION_STARTED: "started_event", SESSION_ENDED: "ended_event"}
+
+_SESSION_SELECT = (
+    "SELECT s.id AS id, "
+    "st.id AS st_id, st.at AS st_at, st.event AS st_event, st.actor AS st_actor, "
+    "st.device AS st_device, st.detail AS st_detail, "
+    "en.id AS en_id, en.at AS en_at, en.event AS en_event, en.actor AS en_actor, "
+    "en.device AS en_device, en.detail AS en_detail "
+    "FROM session_index s "
+    "LEFT JOIN audit st ON st.id = s.started_event "
+    "LEFT JOIN audit en ON en.id = s.ended_event"
+)
+
+
+def _sessionId(detail: dict[str, Any]) -> str | None:
+    """The session id a session event's detail carries (C{session}, or the record's C{id})."""
+    for key in ("session", "id"):
+        value = detail.get(key)
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def _joinedEvent(row: Row, prefix: str) -> AuditEvent | None:
+    if row[f"{prefix}_id"] is None:
+        return None
+    return AuditEvent(
+        id=int(row[f"{prefix}_id"]),
+        at=row[f"{prefix}_at"],
+        event=row[f"{prefix}_event"],
+        actor=row[f"{prefix}_actor"],
+        device=row[f"{prefix}_device"],
+        detail=json.loads(row[f"{prefix}_detail"]),
+    )
+
+
+def _sessionEvents(row: Row) -> SessionEvents:
+    return SessionEvents(row["id"], _joinedEvent(row, "st"), _joinedEvent(row, "en"))
 
 
 def _auditEvent(row: Row) -> AuditEvent:
@@ -406,7 +450,28 @@ class SQLStore:
             "RETURNING id",
             (now, event, actor, device, encoded),
         ).fetchone()
-        return AuditEvent(int(row["id"]), now, event, actor, device, json.loads(encoded))
+        stored = AuditEvent(int(row["id"]), now, event, actor, device, json.loads(encoded))
+        if event in _SESSION_EVENT_COLUMNS:
+            SQLStore._indexSession(c, stored)
+        return stored
+
+    @staticmethod
+    def _indexSession(c: Cursor, event: AuditEvent) -> None:
+        """Point the session index (schema 005) at a session's newest event of this kind."""
+        sessionId = _sessionId(event.detail)
+        if sessionId is None:
+            return
+        startedAt = event.detail.get("started_at")
+        if not isinstance(startedAt, (int, float)) or isinstance(startedAt, bool):
+            startedAt = 0
+        column = _SESSION_EVENT_COLUMNS[event.event]
+        c.execute(
+            f"INSERT INTO session_index (id, started_at, {column}) VALUES (?, ?, ?) "
+            f"ON CONFLICT (id) DO UPDATE SET {column} = excluded.{column}, "
+            "started_at = CASE WHEN excluded.started_at <> 0 THEN excluded.started_at "
+            "ELSE session_index.started_at END",
+            (sessionId, startedAt, event.id),
+        )
 
     @staticmethod
     def _deviceRow(c: Cursor, where: str, *args: Any) -> Device | None:
@@ -1682,6 +1747,24 @@ class SQLStore:
             (afterId, limit),
         )
         return [_auditEvent(r) for r in rows]
+
+    def recentSessions(self, limit: int) -> Deferred[list[SessionEvents]]:
+        return self._run(self._recentSessions, limit)
+
+    def _recentSessions(self, limit: int) -> list[SessionEvents]:
+        order = " ORDER BY s.started_at DESC, s.id DESC"
+        if limit > 0:
+            rows = self._read(_SESSION_SELECT + order + " LIMIT ?", (limit,))
+        else:
+            rows = self._read(_SESSION_SELECT + order)
+        return [_sessionEvents(r) for r in reversed(rows)]
+
+    def sessionEvents(self, sessionId: str) -> Deferred[SessionEvents | None]:
+        return self._run(self._sessionEvents, sessionId)
+
+    def _sessionEvents(self, sessionId: str) -> SessionEvents | None:
+        rows = self._read(_SESSION_SELECT + " WHERE s.id = ?", (sessionId,))
+        return _sessionEvents(rows[0]) if rows else None
 
     def lastAuditId(self) -> Deferred[int]:
         return self._run(self._lastAuditId)
