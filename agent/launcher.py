@@ -20,7 +20,12 @@ What it saves (bench/RESULTS.md, "Agent footprint"):
     it is loaded only when a TLS address is first dialled (L{accesstunnel.addresses} wraps
     TLS with C{TLSMemoryBIOFactory} imported at that moment). In this process Twisted's
     own C{startTLS}, C{connectSSL} and C{ssl:}/C{tls:} endpoint strings are unavailable:
-    use C{tls://} and C{wss://} addresses.
+    use C{tls://} and C{wss://} addresses;
+  - the standard library's C{ssl} module (and with it libssl): C{asyncio} (which
+    C{twisted.internet.defer} imports), C{http.client} and C{urllib.request} (which
+    C{twisted.python.compat} imports) try it once, at import, for TLS features the agent
+    never uses (asyncio's TLS, HTTPS connections). It is refused while the reactor is
+    imported, like pyOpenSSL, and importable again afterwards.
 """
 
 from __future__ import annotations
@@ -28,32 +33,35 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+#: Optional imports refused while the reactor is imported: pyOpenSSL and the stdlib's ssl.
+REFUSED_WITH_THE_REACTOR = ("OpenSSL", "ssl")
 
-class _RefuseOpenSSL:
-    """A meta path finder that makes C{import OpenSSL} fail, while it is installed."""
+
+class _RefuseTLS:
+    """A meta path finder that makes importing these packages (and their modules) fail."""
+
+    def __init__(self, packages: tuple[str, ...]) -> None:
+        self.packages = packages
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
-        if name == "OpenSSL" or name.startswith("OpenSSL."):
+        if name.split(".", 1)[0] in self.packages:
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
 
-def importReactorWithoutOpenSSL() -> Any:
+def importReactorWithoutTLS() -> Any:
     """
     Install the default reactor and import C{twisted.internet.endpoints} with pyOpenSSL
-    refused, then allow it again; return the reactor.
+    and the stdlib's C{ssl} refused, then allow them again; return the reactor.
 
-    Changes nothing in a process that imported the reactor or pyOpenSSL before (a test
-    process): Twisted keeps the TLS helpers it found then.
+    Changes nothing in a process that imported the reactor or them before (a test
+    process): the modules keep what they found then.
     """
-    refuse = _RefuseOpenSSL()
-    alreadyLoaded = "OpenSSL" in sys.modules
-    if not alreadyLoaded:
-        sys.meta_path.insert(0, refuse)
+    refuse = _RefuseTLS(tuple(p for p in REFUSED_WITH_THE_REACTOR if p not in sys.modules))
+    sys.meta_path.insert(0, refuse)
     try:
         from twisted.internet import endpoints, reactor  # noqa: F401
     finally:
-        if not alreadyLoaded:
-            sys.meta_path.remove(refuse)
+        sys.meta_path.remove(refuse)
     return reactor
 
 
@@ -75,7 +83,7 @@ def _startLogging(logfile: str, reactor: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the agent's options, start logging and the agent's services, run the reactor."""
-    reactor = importReactorWithoutOpenSSL()
+    reactor = importReactorWithoutTLS()
 
     import platform
 

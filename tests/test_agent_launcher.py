@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 _PROBE = """
 import importlib.util, json, sys
 from agent import launcher
-reactor = launcher.importReactorWithoutOpenSSL()
+reactor = launcher.importReactorWithoutTLS()
 from twisted.logger import formatEvent, globalLogPublisher
 out = sys.argv.pop(1)
 def watch(event):
@@ -36,8 +36,9 @@ def watch(event):
                 "modules": sorted(sys.modules),
                 "reason": formatEvent(event),
                 "refusing": [type(f).__name__ for f in sys.meta_path
-                             if type(f).__name__ == "_RefuseOpenSSL"],
-                "openSSLFound": importlib.util.find_spec("OpenSSL") is not None,
+                             if type(f).__name__ == "_RefuseTLS"],
+                "found": [name for name in ("OpenSSL", "ssl")
+                          if importlib.util.find_spec(name) is not None],
             }, f)
         reactor.stop()
 globalLogPublisher.addObserver(watch)
@@ -45,9 +46,11 @@ sys.exit(launcher.main(sys.argv[1:]))
 """
 
 #: What an agent that dials no TLS must not load: pyOpenSSL and what it brings, Twisted's
-#: TLS layer, and twistd.
+#: TLS layer, the stdlib's ssl, and twistd.
 NOT_WITHOUT_TLS = (
     "OpenSSL",
+    "ssl",
+    "_ssl",
     "service_identity",
     "twisted.internet.ssl",
     "twisted.internet._sslverify",
@@ -89,15 +92,15 @@ class LauncherTests(SynchronousTestCase):
     def test_sshAgentLoadsNoOpenSSL(self) -> None:
         """
         Started by the launcher, an ssh:// agent dials and logs to the -l file in twistd's
-        format, without twistd, pyOpenSSL or Twisted's TLS modules loaded; pyOpenSSL is
-        importable again afterwards (the refusal was lifted once the reactor was in).
+        format, without twistd, pyOpenSSL, Twisted's TLS modules or the stdlib's ssl loaded;
+        both are importable again afterwards (the refusal was lifted once the reactor was in).
         """
         probe, log = self.launch(f"ssh://127.0.0.1:{_closedPort()}")
         self.assertIn("agent.link", probe["modules"])
         self.assertIn("refused", probe["reason"])
         self.assertEqual([m for m in NOT_WITHOUT_TLS if _loaded(probe["modules"], m)], [])
         self.assertEqual(probe["refusing"], [])
-        self.assertTrue(probe["openSSLFound"])
+        self.assertEqual(probe["found"], ["OpenSSL", "ssl"])
         self.assertRegex(log, r"\d{4}-\d\d-\d\dT\S+ \[agent\.launcher#info\] tunnel-agent ")
 
     def test_tlsAgentLoadsOpenSSLWhenDialling(self) -> None:

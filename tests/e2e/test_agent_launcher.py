@@ -1,7 +1,8 @@
 """
-End to end: the agent started by its own launcher (``python -m agent``, the ``tunnel-agentd``
-console script) instead of ``twistd -n tunnel-agent``, the way docs/systemd/tunnel-agent.service
-starts it: under PYTHONOPTIMIZE=2 and PYTHONNODEBUGRANGES=1. Real groundcontrol, the real
+End to end: the agent started by its own launcher (the ``tunnel-agentd`` console script, also
+``python -m agent``) instead of ``twistd -n tunnel-agent``, the way
+docs/systemd/tunnel-agent.service starts it: under PYTHONOPTIMIZE=2 and PYTHONNODEBUGRANGES=1,
+logging to standard output (the journal). Real groundcontrol, the real
 OpenSSH client, over ssh://, tls:// and wss://; config reload on SIGHUP and a clean stop on
 SIGTERM as under twistd.
 """
@@ -26,13 +27,17 @@ UNIT_ENVIRONMENT = ("PYTHONOPTIMIZE=2", "PYTHONNODEBUGRANGES=1")
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[[^]]+\] ")
 
 
+#: What the tunnel-agentd console script runs (pip writes it at install).
+TUNNEL_AGENTD = (PYTHON, "-c", "import sys; from agent.launcher import main; sys.exit(main())")
+
+
 class LauncherAgent(Agent):
-    """An agent started as the systemd unit starts it, through the launcher."""
+    """An agent started as the systemd unit starts it: tunnel-agentd, the unit's environment."""
 
     def argv(self, server: str, serverKey: str, *extra: str) -> list[str]:
         twistd = super().argv(server, serverKey, *extra)
         agentOptions = twistd[twistd.index("tunnel-agent") + 1 :]
-        return ["env", *UNIT_ENVIRONMENT, PYTHON, "-m", "agent", "-l", "-", *agentOptions]
+        return ["env", *UNIT_ENVIRONMENT, *TUNNEL_AGENTD, *agentOptions]
 
 
 def startLauncherAgent(fleet: Fleet, name: str, server: str, *extra: str) -> LauncherAgent:
