@@ -553,6 +553,75 @@ def test_chacha20_poly1305_tampered_length_or_tag_disconnects(
     assert pump.serverIO.disconnected
 
 
+#: RFC 8439 Poly1305 vectors: section 2.5.2 and appendix A.3 #2, #5, #6, #7, #8 and #9
+#: (the edge cases of the modular reduction: accumulator at or just above 2^130 - 5).
+POLY1305_VECTORS = [
+    (
+        "85d6be7857556d337f4452fe42d506a80103808afb0db2fd4abff6af4149f51b",
+        b"Cryptographic Forum Research Group".hex(),
+        "a8061dc1305136c6c22b8baf0c0127a9",
+    ),
+    (
+        "0000000000000000000000000000000036e5f6b5c5e06070f0efca96227a863e",
+        b"Any submission to the IETF intended by the Contributor for publication as all or "
+        b"part of an IETF Internet-Draft or RFC and any statement made within the context of "
+        b'an IETF activity is considered an "IETF Contribution". Such statements include '
+        b"oral statements in IETF sessions, as well as written and electronic communications "
+        b"made at any time or place, which are addressed to".hex(),
+        "36e5f6b5c5e06070f0efca96227a863e",
+    ),
+    ("02" + "00" * 31, "ff" * 16, "03" + "00" * 15),
+    ("02" + "00" * 15 + "ff" * 16, "02" + "00" * 15, "03" + "00" * 15),
+    ("01" + "00" * 31, "ff" * 16 + "f0" + "ff" * 15 + "11" + "00" * 15, "05" + "00" * 15),
+    ("01" + "00" * 31, "ff" * 16 + "fb" + "fe" * 15 + "01" * 16, "00" * 16),
+    ("02" + "00" * 31, "fd" + "ff" * 15, "fa" + "ff" * 15),
+]
+
+
+@pytest.mark.parametrize(("key", "message", "tag"), POLY1305_VECTORS)
+def test_small_packet_poly1305_gives_rfc8439_vectors(key: str, message: str, tag: str) -> None:
+    """The in-Python Poly1305 used for small chacha20-poly1305 packets gives RFC 8439's
+    published tags, including the vectors that exercise the final reduction."""
+    assert fastpath.poly1305(bytes.fromhex(key), bytes.fromhex(message)) == bytes.fromhex(tag)
+
+
+def test_small_packet_poly1305_matches_cryptography() -> None:
+    """For every length up to twice the small-packet limit, with random keys, all-ones keys
+    and all-ones messages (the largest accumulator), from bytes and from a memoryview, the
+    in-Python Poly1305 equals cryptography's."""
+    from cryptography.hazmat.primitives.poly1305 import Poly1305
+
+    rng = random.Random(1305)
+    for n in range(2 * fastpath.SMALL_TAG_LIMIT + 17):
+        for key, message in [
+            (rng.randbytes(32), rng.randbytes(n)),
+            (b"\xff" * 32, b"\xff" * n),
+            (b"\xff" * 16 + rng.randbytes(16), rng.randbytes(n)),
+        ]:
+            expected = Poly1305.generate_tag(key, message)
+            assert fastpath.poly1305(key, message) == expected
+            assert fastpath.poly1305(key, memoryview(bytearray(message))) == expected
+
+
+@pytest.mark.parametrize("size", [100, 118, 122, 123, 130, 1000])
+def test_chacha20_poly1305_tag_checked_on_both_sides_of_the_small_packet_limit(
+    size: int,
+) -> None:
+    """Packets under, at (payloads 118 and 122 make a packet length of 128) and over
+    SMALL_TAG_LIMIT (Python tag up to it, OpenSSL's above) round-trip, and a flipped bit in
+    the tag of the next one ends the connection with a MAC error and delivers nothing of it."""
+    server, client, pump = connect(ciphers=[CHACHA])
+    payload = b"s" * size
+    echo(client, pump, [payload])
+    client.sendPacket(MSG_ECHO, payload)
+    wire = bytearray(b"".join(pump.clientIO.stream))
+    wire[-1] ^= 0x01
+    pump.clientIO.stream = [bytes(wire)]
+    pump.flush()
+    assert server.disconnects == [(transport.DISCONNECT_MAC_ERROR, b"bad MAC")]
+    assert client.echo.received == [payload]
+
+
 def test_chacha20_poly1305_sequence_number_wraps() -> None:
     """At 2^32 packets the sequence number (the nonce) wraps to 0 as OpenSSH's 32-bit one
     does, both ends agree, and the wrap starts a key exchange on each side, after which
