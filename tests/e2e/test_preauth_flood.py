@@ -158,9 +158,9 @@ def test_operator_logs_in_during_a_flood(kiln7: Fleet) -> None:
             assert elapsed < LOGIN_LIMIT, f"login took {elapsed:.2f}s during the flood"
         # The flood really stalls: the server holds its per-source shares of it open
         # (connections that are still logging in) and closed the rest at once: 16
-        # (--max-handshakes-per-source) in the agents' pool, the silent and partial ones
-        # once their 2 s for a version line ran out, and 8 (half the operators' reserve)
-        # of those that sent OpenSSH's version line.
+        # (--max-handshakes-per-source) in the agents' pool (the first to arrive, started
+        # unread while no agent waited) and 8 (half the operators' reserve) of those that
+        # sent OpenSSH's version line once the source's agents' share was taken.
         waitFor(lambda: flood.held() == 16 + 8, 10, "the flood to hold its two shares")
         assert flood.held() == 16 + 8
     assert kiln7.gc.process is not None and kiln7.gc.process.running()
