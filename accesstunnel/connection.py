@@ -220,12 +220,19 @@ class TunnelConnection(connection.SSHConnection):
             return
         reply = _Reply()
         self._pendingReplies.append(reply)
-        result.addErrback(self._globalRequestFailed, requestType)
-        result.addCallback(self._settleGlobalReply, reply)
+        result.addCallbacks(
+            self._settleGlobalReply,
+            self._failGlobalReply,
+            callbackArgs=(reply,),
+            errbackArgs=(reply, requestType),
+        )
 
     def _globalRequestFailed(self, reason: Failure, requestType: bytes) -> int:
         self._log.failure("global request {request} failed", reason, request=requestType)
         return 0
+
+    def _failGlobalReply(self, reason: Failure, reply: _Reply, requestType: bytes) -> None:
+        self._settleGlobalReply(self._globalRequestFailed(reason, requestType), reply)
 
     def _settleGlobalReply(self, result: Any, reply: _Reply) -> None:
         reply.result, reply.ready = result, True
