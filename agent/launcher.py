@@ -21,11 +21,19 @@ What it saves (bench/RESULTS.md, "Agent footprint"):
     TLS with C{TLSMemoryBIOFactory} imported at that moment). In this process Twisted's
     own C{startTLS}, C{connectSSL} and C{ssl:}/C{tls:} endpoint strings are unavailable:
     use C{tls://} and C{wss://} addresses;
-  - the standard library's C{ssl} module (and with it libssl): C{asyncio} (which
-    C{twisted.internet.defer} imports), C{http.client} and C{urllib.request} (which
-    C{twisted.python.compat} imports) try it once, at import, for TLS features the agent
-    never uses (asyncio's TLS, HTTPS connections). It is refused while the reactor is
-    imported, like pyOpenSSL, and importable again afterwards.
+  - other optional imports that modules imported with the reactor try once, for features
+    the agent never uses; refused while the reactor is imported, like pyOpenSSL, and
+    importable again afterwards: the standard library's C{ssl} (libssl; C{asyncio}, which
+    C{twisted.internet.defer} imports, C{http.client} and C{urllib.request}, which
+    C{twisted.python.compat} imports, want it for TLS), C{bz2} and C{lzma} (C{zipfile} and
+    C{shutil}, under C{twisted.plugin}, for compressed archives) and C{ctypes}
+    (C{twisted.python.win32}, for Windows error messages);
+  - the system's libcrypto, which C{_hashlib} loads for C{hashlib} and C{hmac}: the agent
+    already carries OpenSSL inside cryptography, which does its ciphers and signatures.
+    C{_hashlib} is refused for good, so C{hashlib} and C{hmac} use Python's builtin
+    MD5/SHA-1/SHA-2/SHA-3/BLAKE2 (the key exchange's hashes; the link's integrity is
+    AES-GCM's tag, in cryptography). Not available then: C{hashlib.pbkdf2_hmac},
+    C{hashlib.scrypt} and the hashes only OpenSSL has; nothing the agent uses.
 """
 
 from __future__ import annotations
@@ -33,31 +41,44 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-#: Optional imports refused while the reactor is imported: pyOpenSSL and the stdlib's ssl.
-REFUSED_WITH_THE_REACTOR = ("OpenSSL", "ssl")
+#: Optional imports refused while the reactor is imported (see the module docstring).
+REFUSED_WITH_THE_REACTOR = ("OpenSSL", "ssl", "bz2", "lzma", "ctypes")
+
+#: Refused for the life of the process: hashlib's and hmac's OpenSSL backend.
+REFUSED_FOR_GOOD = ("_hashlib",)
 
 
-class _RefuseTLS:
+class _Refuse:
     """A meta path finder that makes importing these packages (and their modules) fail."""
 
     def __init__(self, packages: tuple[str, ...]) -> None:
         self.packages = packages
+        self.forGood = False
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
         if name.split(".", 1)[0] in self.packages:
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
 
-def importReactorWithoutTLS() -> Any:
-    """
-    Install the default reactor and import C{twisted.internet.endpoints} with pyOpenSSL
-    and the stdlib's C{ssl} refused, then allow them again; return the reactor.
-
-    Changes nothing in a process that imported the reactor or them before (a test
-    process): the modules keep what they found then.
-    """
-    refuse = _RefuseTLS(tuple(p for p in REFUSED_WITH_THE_REACTOR if p not in sys.modules))
+def _refusing(packages: tuple[str, ...]) -> _Refuse:
+    """A L{_Refuse} of those C{packages} not imported yet, first on C{sys.meta_path}."""
+    refuse = _Refuse(tuple(p for p in packages if p not in sys.modules))
     sys.meta_path.insert(0, refuse)
+    return refuse
+
+
+def importReactor() -> Any:
+    """
+    Install the default reactor and import C{twisted.internet.endpoints} with
+    L{REFUSED_WITH_THE_REACTOR} refused, then allow them again; refuse L{REFUSED_FOR_GOOD}
+    from now on. Return the reactor.
+
+    Changes nothing for a module a process imported before (a test process): the modules
+    keep what they found then.
+    """
+    if not any(isinstance(f, _Refuse) and f.forGood for f in sys.meta_path):
+        _refusing(REFUSED_FOR_GOOD).forGood = True
+    refuse = _refusing(REFUSED_WITH_THE_REACTOR)
     try:
         from twisted.internet import endpoints, reactor  # noqa: F401
     finally:
@@ -83,7 +104,7 @@ def _startLogging(logfile: str, reactor: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the agent's options, start logging and the agent's services, run the reactor."""
-    reactor = importReactorWithoutTLS()
+    reactor = importReactor()
 
     import platform
 

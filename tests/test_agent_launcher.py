@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 _PROBE = """
 import importlib.util, json, sys
 from agent import launcher
-reactor = launcher.importReactorWithoutTLS()
+reactor = launcher.importReactor()
 from twisted.logger import formatEvent, globalLogPublisher
 out = sys.argv.pop(1)
 def watch(event):
@@ -35,10 +35,13 @@ def watch(event):
             json.dump({
                 "modules": sorted(sys.modules),
                 "reason": formatEvent(event),
-                "refusing": [type(f).__name__ for f in sys.meta_path
-                             if type(f).__name__ == "_RefuseTLS"],
-                "found": [name for name in ("OpenSSL", "ssl")
+                "refusing": [f.packages for f in sys.meta_path
+                             if type(f).__name__ == "_Refuse"],
+                "found": [name for name in launcher.REFUSED_WITH_THE_REACTOR
                           if importlib.util.find_spec(name) is not None],
+                "libraries": sorted({line.split("/")[-1].split(".so")[0]
+                                     for line in open("/proc/self/maps") if ".so" in line}),
+                "sha256": __import__("hashlib").sha256(b"").hexdigest(),
             }, f)
         reactor.stop()
 globalLogPublisher.addObserver(watch)
@@ -46,11 +49,15 @@ sys.exit(launcher.main(sys.argv[1:]))
 """
 
 #: What an agent that dials no TLS must not load: pyOpenSSL and what it brings, Twisted's
-#: TLS layer, the stdlib's ssl, and twistd.
+#: TLS layer, the stdlib's ssl, hashlib's OpenSSL backend, and twistd.
 NOT_WITHOUT_TLS = (
     "OpenSSL",
     "ssl",
     "_ssl",
+    "_hashlib",
+    "ctypes",
+    "bz2",
+    "lzma",
     "service_identity",
     "twisted.internet.ssl",
     "twisted.internet._sslverify",
@@ -92,25 +99,31 @@ class LauncherTests(SynchronousTestCase):
     def test_sshAgentLoadsNoOpenSSL(self) -> None:
         """
         Started by the launcher, an ssh:// agent dials and logs to the -l file in twistd's
-        format, without twistd, pyOpenSSL, Twisted's TLS modules or the stdlib's ssl loaded;
-        both are importable again afterwards (the refusal was lifted once the reactor was in).
+        format, without twistd, pyOpenSSL, Twisted's TLS modules, the stdlib's ssl or the
+        system's libcrypto and libssl loaded; the optional imports refused while the reactor
+        was imported are importable again; only _hashlib stays refused, and hashlib works.
         """
         probe, log = self.launch(f"ssh://127.0.0.1:{_closedPort()}")
         self.assertIn("agent.link", probe["modules"])
         self.assertIn("refused", probe["reason"])
         self.assertEqual([m for m in NOT_WITHOUT_TLS if _loaded(probe["modules"], m)], [])
-        self.assertEqual(probe["refusing"], [])
-        self.assertEqual(probe["found"], ["OpenSSL", "ssl"])
+        self.assertEqual(probe["refusing"], [["_hashlib"]])
+        self.assertEqual(probe["found"], ["OpenSSL", "ssl", "bz2", "lzma", "ctypes"])
+        self.assertNotIn("libcrypto", probe["libraries"])
+        self.assertNotIn("libssl", probe["libraries"])
+        self.assertEqual(probe["sha256"][:8], "e3b0c442")
         self.assertRegex(log, r"\d{4}-\d\d-\d\dT\S+ \[agent\.launcher#info\] tunnel-agent ")
 
     def test_tlsAgentLoadsOpenSSLWhenDialling(self) -> None:
         """
         A tls:// agent started by the launcher imports pyOpenSSL at its first attempt and
         wraps the connection in TLS itself: the attempt reaches TCP (connection refused),
-        not Twisted's "no TLS support" error.
+        not Twisted's "no TLS support" error. TLS comes from cryptography's OpenSSL: the
+        system's libcrypto is still not loaded.
         """
         probe, _ = self.launch(f"tls://127.0.0.1:{_closedPort()}")
         self.assertTrue(_loaded(probe["modules"], "OpenSSL"))
+        self.assertNotIn("libcrypto", probe["libraries"])  # cryptography has its own
         self.assertIn("twisted.protocols.tls", probe["modules"])
         self.assertIn("refused", probe["reason"])
 
