@@ -30,6 +30,15 @@ from twisted.logger import Logger
 #: session near 2.6 MB/s on a 50 ms path; 2 MiB keeps a LAN-to-WAN path busy.
 DEFAULT_WINDOW = 2 * 1024 * 1024
 
+#: Receive window of a channel that ends here, at a consumer on this host (a
+#: device's session feeding a child's stdin, a forward feeding a socket). Its
+#: credit waits for the consumer, which can stall for a scheduling slice or
+#: more while the sender still has bytes in flight; with only 2 MiB a stalled
+#: consumer stops the whole path (bench/RESULTS.md, "Bulk up and 100
+#: sessions"). What such a channel holds is bounded by this window plus the
+#: consumer's buffer; a relay hop (groundcontrol) keeps L{DEFAULT_WINDOW}.
+ENDPOINT_WINDOW = 8 * 1024 * 1024
+
 #: Largest packet payload we accept (OpenSSH uses 32 KiB for sessions).
 DEFAULT_MAX_PACKET = 32 * 1024
 
@@ -54,11 +63,14 @@ class FlowChannel(channel.SSHChannel):
     #: Tells L{TunnelConnection} not to re-open the window on receipt.
     managesOwnWindow = True
 
+    #: Receive window offered when the code opening the channel names none.
+    receiveWindow = DEFAULT_WINDOW
+
     #: Queued output above which L{outputPaused} is called.
     highWater = DEFAULT_WINDOW
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("localWindow", DEFAULT_WINDOW)
+        kwargs.setdefault("localWindow", self.receiveWindow)
         kwargs.setdefault("localMaxPacket", DEFAULT_MAX_PACKET)
         super().__init__(*args, **kwargs)
         self._queue: deque[tuple[Any, ...]] = deque()
@@ -277,6 +289,7 @@ def packOpenFailure(senderChannel: int, reason: int, text: str) -> bytes:
 __all__ = [
     "DEFAULT_MAX_PACKET",
     "DEFAULT_WINDOW",
+    "ENDPOINT_WINDOW",
     "FlowChannel",
     "packOpenFailure",
 ]

@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from accesstunnel.channel import FlowChannel
+from accesstunnel.channel import ENDPOINT_WINDOW, FlowChannel
 from agent._flow import InputCredit
 from agent.session import _Payload
 
@@ -105,6 +105,8 @@ class SpliceChannel(FlowChannel):
     and the window re-opens only as the socket takes the bytes. EOF becomes
     a half-close each way; the socket's close closes the channel.
     """
+
+    receiveWindow = ENDPOINT_WINDOW  # the bytes end here (accesstunnel.channel)
 
     log = Logger()
 

@@ -42,7 +42,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from accesstunnel.channel import FlowChannel
+from accesstunnel.channel import ENDPOINT_WINDOW, FlowChannel
 from agent import _process
 from agent._flow import InputCredit
 
@@ -226,6 +226,8 @@ class SessionChannel(FlowChannel):
         SessionChannel(environment, reactor, remoteWindow=windowSize,
                        remoteMaxPacket=maxPacket, conn=self)
     """
+
+    receiveWindow = ENDPOINT_WINDOW  # the bytes end here (accesstunnel.channel)
 
     name = b"session"
     log = Logger()

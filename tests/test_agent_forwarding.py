@@ -31,6 +31,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from accesstunnel.channel import ENDPOINT_WINDOW
 from agent import x11
 from agent.link import AgentConnection
 from agent.remoteforward import RemoteForwarder, loopbackFor
@@ -363,7 +364,7 @@ class LinkDispatchTests(SynchronousTestCase):
         self.assertEqual(kind, connection.MSG_CHANNEL_OPEN)
         name, rest = common.getNS(body)
         localID, window, _ = struct.unpack(">3L", rest[:12])
-        self.assertEqual(window, 2 * 1024 * 1024)
+        self.assertEqual(window, ENDPOINT_WINDOW)
         self.assertEqual(name, b"forwarded-tcpip")
         self.assertEqual(
             rest[12:], NS(b"localhost") + uint32(40000) + NS(b"127.0.0.1") + uint32(777)

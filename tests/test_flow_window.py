@@ -1,0 +1,81 @@
+"""
+Tests for the receive windows channels offer: a relay hop (groundcontrol) offers
+DEFAULT_WINDOW, a channel whose bytes end on the device (a session's child, a
+forward's socket) offers the larger ENDPOINT_WINDOW, and what such a channel
+holds for a consumer that never reads stays within that one window.
+"""
+
+from __future__ import annotations
+
+from twisted.conch.ssh.common import NS
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from accesstunnel.channel import DEFAULT_MAX_PACKET, DEFAULT_WINDOW, ENDPOINT_WINDOW, FlowChannel
+from agent.forward import ForwardChannel, SpliceChannel
+from agent.session import SessionChannel, SessionEnvironment
+from groundcontrol.relay import RelayChannel
+from tests.test_agent_session import FakeSpawner, RecordingConnection, deliver
+
+
+class WindowChoiceTests(SynchronousTestCase):
+    """Which receive window each kind of channel offers."""
+
+    def test_relayHopKeepsDefaultWindow(self) -> None:
+        """A plain FlowChannel and groundcontrol's relay channels offer DEFAULT_WINDOW."""
+        self.assertEqual(FlowChannel().localWindowSize, DEFAULT_WINDOW)
+        self.assertEqual(RelayChannel().localWindowSize, DEFAULT_WINDOW)
+
+    def test_receiveWindowAttribute(self) -> None:
+        """A subclass's receiveWindow is its default; a window the opener names wins."""
+
+        class Wide(FlowChannel):
+            receiveWindow = 3 * DEFAULT_WINDOW
+
+        self.assertEqual(Wide().localWindowSize, 3 * DEFAULT_WINDOW)
+        self.assertEqual(Wide().localWindowLeft, 3 * DEFAULT_WINDOW)
+        self.assertEqual(Wide(localWindow=1000).localWindowSize, 1000)
+
+    def test_deviceEndpointsOfferEndpointWindow(self) -> None:
+        """The agent's session and forward channels offer the larger ENDPOINT_WINDOW."""
+        self.assertGreater(ENDPOINT_WINDOW, DEFAULT_WINDOW)
+        session = SessionChannel(
+            SessionEnvironment(home="/nonexistent", defaultPath="/bin"), Clock()
+        )
+        self.assertEqual(session.localWindowSize, ENDPOINT_WINDOW)
+        self.assertEqual(SpliceChannel().localWindowSize, ENDPOINT_WINDOW)
+        self.assertEqual(ForwardChannel().localWindowSize, ENDPOINT_WINDOW)
+
+
+class EndpointBoundTests(SynchronousTestCase):
+    """The larger window still bounds what the device holds for a consumer."""
+
+    def test_neverReadingChildHoldsOneWindow(self) -> None:
+        """
+        A child that never reads its stdin: the session passes on one
+        ENDPOINT_WINDOW, gives no credit back, and the peer's window is then
+        closed, so the agent holds at most that one window for it.
+        """
+        conn = RecordingConnection()
+        spawner = FakeSpawner()
+        channel = conn.attach(
+            SessionChannel(
+                SessionEnvironment(home="/nonexistent", defaultPath="/bin"),
+                Clock(),
+                spawn=spawner,
+                remoteWindow=1 << 20,
+                remoteMaxPacket=DEFAULT_MAX_PACKET,
+            )
+        )
+        channel.requestReceivedWithReply(b"exec", NS(b"cat > /dev/null"), True)
+        child = spawner.child
+        child.producer.pauseProducing()  # its pipe is full and stays full
+        packet = b"u" * DEFAULT_MAX_PACKET
+        while channel.localWindowLeft >= len(packet):
+            deliver(channel, packet)
+        self.assertEqual(channel.localWindowLeft, 0)
+        self.assertEqual(conn.adjusted, 0)
+        self.assertEqual(sum(map(len, child.stdin)), ENDPOINT_WINDOW)
+        child.producer.resumeProducing()  # the child read it all after all
+        self.assertEqual(conn.adjusted, ENDPOINT_WINDOW)
+        self.assertEqual(channel.localWindowLeft, ENDPOINT_WINDOW)
