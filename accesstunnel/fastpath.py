@@ -12,7 +12,10 @@ a figure in bench/RESULTS.md ("Performance work"):
     C{hmac.new} (and its key setup) for every packet;
   - the receive buffer is one C{bytearray}, parsed at an offset and trimmed
     once per read, with the ciphertext handed to OpenSSL through memoryviews;
-  - an outgoing packet is built once and written as its parts;
+  - an outgoing packet is built once and written as its parts, a small one
+    (a keystroke) as one string;
+  - channel data goes from the packet loop straight to the connection
+    service's handler (L{FastPathMixin});
   - random padding comes from C{os.urandom} in bulk (8 KiB at a time) sliced
     per packet, not one C{getrandom} syscall per packet;
   - aes128-gcm@openssh.com and aes256-gcm@openssh.com (RFC 5647 as amended by
@@ -56,6 +59,7 @@ from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.poly1305 import Poly1305
+from twisted.conch.ssh import service as _service
 from twisted.conch.ssh import transport
 from twisted.conch.ssh.common import NS, ffs, getNS
 from twisted.logger import Logger
@@ -65,10 +69,12 @@ __all__ = [
     "CHACHA20_POLY1305",
     "ETM_MACS",
     "SMALL_TAG_LIMIT",
+    "SMALL_WRITE_LIMIT",
     "STRICT_KEX_CLIENT",
     "STRICT_KEX_SERVER",
     "FastCiphers",
     "FastPathMixin",
+    "channelDataHandler",
     "poly1305",
 ]
 
@@ -103,6 +109,11 @@ _SEQ_MASK = 0xFFFFFFFF
 #: (OpenSSH's MAX_PACKETS), without it at least every 2^31 packets, so no key
 #: ever sees its sequence number wrap.
 _REKEY_SEQ_MASK = 0x7FFFFFFF
+_MSG_CHANNEL_DATA = 94
+#: A packet whose parts add up to at most this many bytes is written as one
+#: string: one C{write} down the transport layers instead of a
+#: C{writeSequence} (an interactive keystroke or echo; bulk keeps its parts).
+SMALL_WRITE_LIMIT = 1024
 _STRICT_ALLOWED = frozenset([transport.MSG_NEWKEYS, *range(30, 50)])
 _HELD_DURING_INITIAL_KEX = frozenset(
     [transport.MSG_IGNORE, transport.MSG_DEBUG, transport.MSG_UNIMPLEMENTED]
@@ -537,8 +548,32 @@ class FastCiphers(transport.SSHCiphers):
         raise NotImplementedError("the fast path decrypts whole packets")
 
 
+def channelDataHandler(service: Any) -> Callable[[bytes], None] | None:
+    """
+    The method Conch's dispatch would give an SSH_MSG_CHANNEL_DATA payload to
+    under C{service}, when that dispatch is the stock one: the service's
+    C{ssh_CHANNEL_DATA}, if it runs L{SSHService.packetReceived} unchanged and
+    names message 94 C{MSG_CHANNEL_DATA} (an C{SSHConnection}); else None.
+    """
+    if service is None or type(service).packetReceived is not _service.SSHService.packetReceived:
+        return None
+    if getattr(service, "protocolMessages", {}).get(_MSG_CHANNEL_DATA) != "MSG_CHANNEL_DATA":
+        return None
+    return getattr(service, "ssh_CHANNEL_DATA", None)
+
+
 class FastPathMixin:
-    """The fast packet layer; put it before Conch's server or client transport in the bases."""
+    """
+    The fast packet layer; put it before Conch's server or client transport in the bases.
+
+    Once the connection service runs, SSH_MSG_CHANNEL_DATA goes from the
+    packet loop straight to its C{ssh_CHANNEL_DATA} (L{channelDataHandler}),
+    in order with every other message, which still goes through
+    C{dispatchMessage}: the same call Conch's dispatch ends in, without its
+    three method lookups per packet. A transport class whose own
+    C{dispatchMessage} must see channel data after login sets
+    L{directChannelData} to False.
+    """
 
     _fpLog = Logger()
 
@@ -561,6 +596,9 @@ class FastPathMixin:
     strictKex = False
     #: Until our first NEWKEYS is sent.
     _fpInitialOut = True
+    #: Give channel data straight to the connection service (see the class docstring).
+    directChannelData = True
+    _fpChannelData: Callable[[bytes], None] | None = None
 
     # Conch's attributes this mixin uses (declared for type checkers).
     transport: Any
@@ -585,7 +623,14 @@ class FastPathMixin:
 
     def connectionLost(self, reason: Any = None) -> None:
         self._fpClosed = True
+        self._fpChannelData = None
         super().connectionLost(reason)  # type: ignore[misc]
+
+    def setService(self, service: Any) -> None:
+        super().setService(service)  # type: ignore[misc]
+        self._fpChannelData = (
+            channelDataHandler(getattr(self, "service", None)) if self.directChannelData else None
+        )
 
     def sendDisconnect(self, reason: int, desc: bytes) -> None:
         super().sendDisconnect(reason, desc)  # type: ignore[misc]
@@ -752,6 +797,8 @@ class FastPathMixin:
         parts = self._fpOut.seal(seq, messageType, payload)
         if len(parts) == 1:
             self.transport.write(parts[0])
+        elif len(payload) <= SMALL_WRITE_LIMIT:
+            self.transport.write(b"".join(parts))
         else:
             self.transport.writeSequence(parts)
         seq = self.outgoingPacketSequence = (seq + 1) & _SEQ_MASK
@@ -840,6 +887,11 @@ class FastPathMixin:
                     return
                 messageNum, payload, pos = result
                 self.incomingPacketSequence = (self.incomingPacketSequence + 1) & _SEQ_MASK
+                if messageNum == _MSG_CHANNEL_DATA:
+                    channelData = self._fpChannelData
+                    if channelData is not None:
+                        channelData(payload)
+                        continue
                 self.dispatchMessage(messageNum, payload)
                 if (
                     messageNum == transport.MSG_NEWKEYS

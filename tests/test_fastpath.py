@@ -14,7 +14,7 @@ import struct
 from typing import Any, cast
 
 import pytest
-from twisted.conch.ssh import factory, service, transport
+from twisted.conch.ssh import connection, factory, service, transport
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -726,3 +726,104 @@ def test_ctr_still_needs_a_mac_in_common() -> None:
     failed = (transport.DISCONNECT_KEY_EXCHANGE_FAILED, b"couldn't match all kex parts")
     assert failed in server.disconnects + client.disconnects
     assert client.secured == 0
+
+
+class RecordingConnection(connection.SSHConnection):
+    """A connection service that records the channel messages it is given, in order."""
+
+    def serviceStarted(self) -> None:
+        self.got: list[tuple[str, Any]] = []
+
+    def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
+        self.got.append(("data", packet))
+
+    def ssh_CHANNEL_EOF(self, packet: bytes) -> None:
+        self.got.append(("eof", packet))
+
+
+class OwnDispatchConnection(RecordingConnection):
+    """A connection service with its own packetReceived: it must see every message."""
+
+    def packetReceived(self, messageNum: int, packet: bytes) -> None:
+        self.got.append(("packetReceived", messageNum))
+        super().packetReceived(messageNum, packet)
+
+
+def _serverWithService(svc: Any, direct: bool = True) -> tuple[Any, Any, iosim.IOPump, list[int]]:
+    server, client, pump = connect()
+    server.directChannelData = direct
+    server.setService(svc)
+    dispatched: list[int] = []
+    original = server.dispatchMessage
+
+    def spy(messageNum: int, payload: bytes) -> None:
+        dispatched.append(messageNum)
+        original(messageNum, payload)
+
+    server.dispatchMessage = spy
+    return server, client, pump, dispatched
+
+
+def _sendDataEofData(client: Any, pump: iosim.IOPump) -> None:
+    client.sendPacket(connection.MSG_CHANNEL_DATA, b"first")
+    client.sendPacket(connection.MSG_CHANNEL_EOF, b"eof")
+    client.sendPacket(connection.MSG_CHANNEL_DATA, b"second")
+    pump.flush()
+
+
+def test_channel_data_goes_straight_to_the_connection_service_in_order() -> None:
+    """Under a connection service, CHANNEL_DATA reaches its ssh_CHANNEL_DATA without going
+    through dispatchMessage, while other messages still do, and all arrive in the order
+    they were sent (data, EOF, data read in one go)."""
+    server, client, pump, dispatched = _serverWithService(RecordingConnection())
+    _sendDataEofData(client, pump)
+    assert server.service.got == [("data", b"first"), ("eof", b"eof"), ("data", b"second")]
+    assert dispatched == [connection.MSG_CHANNEL_EOF]
+    assert server.disconnects == []
+
+
+def test_channel_data_keeps_the_generic_dispatch_when_it_is_not_stock() -> None:
+    """A service with its own packetReceived, or a transport with directChannelData off,
+    gets CHANNEL_DATA through dispatchMessage as Conch would deliver it; a service that is
+    not a connection gets no direct handler at all."""
+    server, client, pump, dispatched = _serverWithService(OwnDispatchConnection())
+    _sendDataEofData(client, pump)
+    assert dispatched == [94, 96, 94]
+    assert server.service.got == [
+        ("packetReceived", 94),
+        ("data", b"first"),
+        ("packetReceived", 96),
+        ("eof", b"eof"),
+        ("packetReceived", 94),
+        ("data", b"second"),
+    ]
+    server, client, pump, dispatched = _serverWithService(RecordingConnection(), direct=False)
+    _sendDataEofData(client, pump)
+    assert dispatched == [94, 96, 94]
+    assert server.service.got == [("data", b"first"), ("eof", b"eof"), ("data", b"second")]
+    assert fastpath.channelDataHandler(EchoServerService()) is None
+    assert fastpath.channelDataHandler(None) is None
+
+
+def test_a_small_packet_is_one_write_a_large_one_its_parts() -> None:
+    """A keystroke-sized packet goes down to the transport as one write of the whole
+    packet; one above SMALL_WRITE_LIMIT as a writeSequence of its parts; both arrive."""
+    _, client, pump = connect()
+    calls: list[tuple[str, int]] = []
+    serverIO = pump.serverIO
+    write, writeSequence = serverIO.write, serverIO.writeSequence
+
+    def recordWrite(data: bytes) -> None:
+        calls.append(("write", 1))
+        write(data)
+
+    def recordWriteSequence(parts: list[bytes]) -> None:
+        calls.append(("writeSequence", len(parts)))
+        serverIO.write = write  # iosim's writeSequence writes through write()
+        writeSequence(parts)
+        serverIO.write = recordWrite
+
+    serverIO.write, serverIO.writeSequence = recordWrite, recordWriteSequence
+    small, large = b"k", b"L" * (fastpath.SMALL_WRITE_LIMIT + 1)
+    echo(client, pump, [small, large])
+    assert calls == [("write", 1), ("writeSequence", 2)]
