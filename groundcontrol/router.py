@@ -21,6 +21,7 @@ from typing import Any
 
 import attrs
 from twisted.conch.ssh import common, connection
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -147,7 +148,7 @@ class SessionRouter:
             )
         if isinstance(target, ControlTarget):
             if channelType == b"direct-tcpip":
-                return await self._proxyJump(account, windowSize, maxPacket, data)
+                return await self._proxyJump(account, windowSize, maxPacket, data, operatorConn)
             if channelType != b"session":
                 raise refusal("the control shell serves session channels only")
             return ControlChannel(
@@ -164,7 +165,9 @@ class SessionRouter:
         if channelType == b"direct-tcpip" and not self.policy.permitLocalForwarding:
             raise refusal("port forwarding is not permitted on this server")
         link = await self.reachableLink(account, target.name)
-        return await self._relay(account, link, channelType, windowSize, maxPacket, data)
+        return await self._relay(
+            account, link, channelType, windowSize, maxPacket, data, operatorConn
+        )
 
     async def _relay(
         self,
@@ -174,8 +177,9 @@ class SessionRouter:
         windowSize: int,
         maxPacket: int,
         data: bytes,
+        operatorConn: Any = None,
     ) -> RelayChannel:
-        from groundcontrol.sessions import sessionsFor
+        from groundcontrol.sessions import AuditRefusedError, sessionsFor
 
         limit = self.policy.maxChannelsPerLink
         if _openChannelCount(link.conn) >= limit:
@@ -225,11 +229,23 @@ class SessionRouter:
             towardsOperator=True,
         )
         operatorSide.refusedRequests = refused
-        splice(operatorSide, deviceSide)
         # Record, audit and let it be watched or killed: groundcontrol.sessions.
-        sessionsFor(self._registry, self._store, self._clock).track(
+        sessions = sessionsFor(self._registry, self._store, self._clock)
+        session = sessions.track(
             account.name, link.deviceName, channelType, operatorSide, deviceSide
         )
+        # session.started is in the store before the operator's channel is confirmed.
+        try:
+            await sessions.announce(session, operatorConn)
+        except AuditRefusedError as e:
+            deviceSide.loseConnection()
+            raise refusal(f"session refused: {e}") from None
+        except defer.CancelledError:
+            deviceSide.loseConnection()  # the operator left meanwhile
+            raise
+        if session.ended:  # the device closed its side while the store wrote
+            raise refusal(f"device {link.deviceName!r} closed the channel")
+        splice(operatorSide, deviceSide)
         self._log.info(
             "{account} opened {channelType} on device {device}",
             account=account.name,
@@ -239,7 +255,12 @@ class SessionRouter:
         return operatorSide
 
     async def _proxyJump(
-        self, account: Account, windowSize: int, maxPacket: int, data: bytes
+        self,
+        account: Account,
+        windowSize: int,
+        maxPacket: int,
+        data: bytes,
+        operatorConn: Any = None,
     ) -> RelayChannel:
         """``ssh -J ctl@gc -p PORT user@dev_NAME``: bytes to the device's own sshd."""
         try:
@@ -259,7 +280,9 @@ class SessionRouter:
         link = await self.reachableLink(account, target.name)
         # The device's own sshd, on the device's loopback.
         payload = common.NS(b"127.0.0.1") + struct.pack(">L", port) + rest[4:]
-        return await self._relay(account, link, b"direct-tcpip", windowSize, maxPacket, payload)
+        return await self._relay(
+            account, link, b"direct-tcpip", windowSize, maxPacket, payload, operatorConn
+        )
 
     async def forwardRequest(
         self, account: Account, target: Target, operatorConn: Any, requestType: bytes, data: bytes

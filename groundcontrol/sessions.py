@@ -32,6 +32,7 @@ from twisted.conch.ssh import common, connection
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from groundcontrol.recording import (
     Recorder,
@@ -90,6 +91,8 @@ class SessionRecord:
     #: The recording, relative to the recordings directory.
     recording: str | None = None
     recordingError: str | None = None
+    #: Why C{session.started} could not be written (a session let go on, failing open).
+    auditError: str | None = None
 
     def toJSON(self) -> dict[str, Any]:
         return {
@@ -114,7 +117,12 @@ class SessionRecord:
             "killed_by": self.killedBy,
             "recording": self.recording,
             "recording_error": self.recordingError,
+            "audit_error": self.auditError,
         }
+
+
+class AuditRefusedError(Exception):
+    """A session refused because its C{session.started} could not be written."""
 
 
 class Watcher(Protocol):
@@ -157,7 +165,10 @@ class LiveSession:
         self._sessions = sessions
         self.recording: Recording | None = None
         self.watchers: list[Watcher] = []
+        #: The operator's channel was confirmed.
         self.started = False
+        #: C{session.started} was written (or, failing open, attempted): C{ended} follows.
+        self.announced = False
         self.ended = False
         self._audited: defer.Deferred[Any] = defer.succeed(None)
 
@@ -167,14 +178,19 @@ class LiveSession:
 
     # -- relay observer ---------------------------------------------------------
 
+    def describeOperator(self, conn: Any) -> None:
+        """Fill in the client address and key fingerprint from the operator's connection."""
+        transport = getattr(conn, "transport", None)
+        if transport is None or self.record.client is not None:
+            return
+        self.record.client = _describePeer(transport.getPeer())
+        login = getattr(getattr(transport, "avatar", None), "login", None)
+        self.record.keyFingerprint = getattr(login, "keyFingerprint", None)
+
     def relayOpened(self, side: Any) -> None:
         if side is not self.operatorSide or self.started:
             return
-        transport = getattr(side.conn, "transport", None)
-        if transport is not None:
-            self.record.client = _describePeer(transport.getPeer())
-            login = getattr(getattr(transport, "avatar", None), "login", None)
-            self.record.keyFingerprint = getattr(login, "keyFingerprint", None)
+        self.describeOperator(side.conn)
         self.started = True
         self._sessions._started(self)
 
@@ -327,8 +343,10 @@ class SessionRegistry:
         recorder: Recorder | None = None,
         metrics: SessionMetrics | None = None,
         newId: Callable[[], str] = newSessionId,
+        auditFailOpen: bool | None = None,
     ) -> None:
         self.store = store
+        self._auditFailOpen = auditFailOpen
         self.clock = clock
         self.recorder = recorder
         self.metrics = metrics
@@ -373,6 +391,74 @@ class SessionRegistry:
         """Recordings being written now (retention spares them)."""
         return [s.recording.path for s in self.live.values() if s.recording is not None]
 
+    @property
+    def auditFailOpen(self) -> bool:
+        """
+        What a session whose C{session.started} cannot be written does: refused (closed),
+        or let go on with a logged warning (open). Unless set, it follows the
+        recording policy (C{--recording-failure}); closed without a recorder.
+        """
+        if self._auditFailOpen is not None:
+            return self._auditFailOpen
+        return self.recorder is not None and self.recorder.policy.failOpen
+
+    async def announce(self, session: LiveSession, operatorConn: Any = None) -> None:
+        """
+        Write C{session.started} and wait until the store has committed it: the router
+        calls this before it confirms the operator's channel, so no byte flows in a
+        session the audit log does not hold. Raises L{AuditRefusedError} if the write failed
+        and the policy is fail-closed (the caller refuses the session); failing open, the
+        session goes on with a logged warning and its C{session.ended} says so.
+        """
+        if operatorConn is not None:
+            session.describeOperator(operatorConn)
+        record = session.record
+        session.announced = True
+        written: defer.Deferred[None] = defer.Deferred()
+
+        def write(_: Any) -> defer.Deferred[Any]:
+            return self.store.audit(
+                SESSION_STARTED,
+                record.account,
+                record.device,
+                {"session": record.id, **record.toJSON()},
+                self.clock.seconds(),
+            )
+
+        def failed(failure: Failure) -> None:
+            written.errback(failure)
+
+        session._audited = (
+            session._audited.addCallback(write)
+            .addCallback(lambda _: written.callback(None))
+            .addErrback(failed)
+        )
+        try:
+            await written
+        except defer.CancelledError:
+            raise  # the operator left while the store wrote: session.ended follows
+        except Exception as e:
+            reason = str(e) or e.__class__.__name__
+            record.auditError = reason
+            if not self.auditFailOpen:
+                session.announced = False
+                self.live.pop(session.id, None)
+                self._log.warn(
+                    "session {id} of {account} on {device} refused: cannot audit it: {reason}",
+                    id=record.id,
+                    account=record.account,
+                    device=record.device,
+                    reason=reason,
+                )
+                raise AuditRefusedError(f"it cannot be audited: {reason}") from None
+            self._log.warn(
+                "session {id} of {account} on {device} goes on unaudited: {reason}",
+                id=record.id,
+                account=record.account,
+                device=record.device,
+                reason=reason,
+            )
+
     def _started(self, session: LiveSession) -> None:
         self.total += 1
         record = session.record
@@ -384,14 +470,16 @@ class SessionRegistry:
             device=record.device,
             client=record.client,
         )
-        self._audit(session, SESSION_STARTED, record.toJSON())
+        if not session.announced:  # spliced without the router (tests, older callers)
+            session.announced = True
+            self._audit(session, SESSION_STARTED, record.toJSON())
         if self.metrics is not None:
             self.metrics.sessionStarted(record)
 
     def _ended(self, session: LiveSession) -> None:
         self.live.pop(session.id, None)
-        if not session.started:
-            return  # the operator went away before the channel was confirmed
+        if not session.announced:
+            return  # refused, or the operator went away before anything was written
         record = session.record
         self._log.info(
             "session {id} ended: {bytesIn} bytes in, {bytesOut} out, status {status}",
@@ -401,7 +489,7 @@ class SessionRegistry:
             status=record.exitStatus if record.exitSignal is None else record.exitSignal,
         )
         self._audit(session, SESSION_ENDED, record.toJSON())
-        if self.metrics is not None:
+        if self.metrics is not None and session.started:
             self.metrics.sessionEnded(record)
 
     def _audit(self, session: LiveSession, event: str, detail: dict[str, Any]) -> None:
@@ -507,6 +595,7 @@ def recordingFile(policy: RecordingPolicy | None, relative: str | None) -> Path 
 
 __all__ = [
     "ID_LENGTH",
+    "AuditRefusedError",
     "LiveSession",
     "SessionRecord",
     "SessionRegistry",

@@ -92,6 +92,45 @@ def openMemoryStore() -> SQLiteStore:
     return SQLiteStore(conn, synchronousRunner)
 
 
+class HeldAuditStore:
+    """
+    A store whose C{audit} writes of the events in C{hold} wait for the test: each one is
+    queued in L{held} as C{(event, detail, Deferred)} and reaches the wrapped store only
+    on L{release}, or fails on L{fail} (a locked database, a full disk). Everything else
+    is the wrapped store's.
+    """
+
+    def __init__(self, store: IStore, hold: frozenset[str]) -> None:
+        self._store = store
+        self.hold = hold
+        self.held: list[tuple[str, dict[str, Any], defer.Deferred[Any]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def audit(
+        self, event: str, actor: str | None, device: str | None, detail: Any, now: float
+    ) -> defer.Deferred[Any]:
+        if event not in self.hold:
+            return self._store.audit(event, actor, device, detail, now)
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.held.append((event, detail, d))
+
+        def write(_: Any) -> defer.Deferred[Any]:
+            return self._store.audit(event, actor, device, detail, now)
+
+        d.addCallback(write)
+        return d
+
+    def release(self) -> None:
+        """Let the oldest held write reach the store."""
+        self.held.pop(0)[2].callback(None)
+
+    def fail(self, error: Exception) -> None:
+        """Fail the oldest held write with C{error}."""
+        self.held.pop(0)[2].errback(error)
+
+
 # -- the network -----------------------------------------------------------------------
 
 
@@ -712,6 +751,7 @@ __all__ = [
     "FakeAgentConnection",
     "FakeAgentFactory",
     "FakeOperator",
+    "HeldAuditStore",
     "InMemoryFleet",
     "Network",
     "OperatorConnection",
