@@ -21,7 +21,7 @@ from tests.e2e.test_transports import (
 )
 
 #: The interpreter settings of docs/systemd/tunnel-agent.service.
-UNIT_ENVIRONMENT = ("PYTHONOPTIMIZE=2", "PYTHONNODEBUGRANGES=1")
+UNIT_ENVIRONMENT = ("MALLOC_ARENA_MAX=1", "PYTHONOPTIMIZE=2", "PYTHONNODEBUGRANGES=1")
 
 #: A twistd log line: "2026-11-25T18:04:21+0000 [agent.launcher#info] ...".
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[[^]]+\] ")
