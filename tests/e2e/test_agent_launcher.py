@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 import signal
 
+import pytest
+
 from tests.e2e.harness import LOOPBACK, PYTHON, Agent, Fleet, waitFor
 from tests.e2e.test_transports import (
     approveAndReach,
@@ -82,21 +84,15 @@ def test_sshLinkReloadAndStop(fleet: Fleet) -> None:
     assert [line for line in lines if not LOG_LINE.match(line)] == []
 
 
-def test_tlsLink(fleet: Fleet) -> None:
-    """The launcher's agent links over tls:// (pyOpenSSL imported only then) and is reached."""
-    ports = startServer(fleet, f"tls://{LOOPBACK}:0")
-    agent = startLauncherAgent(fleet, "kiln7", f"tls://{LOOPBACK}:{ports['tls']}")
+@pytest.mark.parametrize("scheme, path", [("tls", ""), ("wss", "/tunnel")])
+def test_tlsTransports(fleet: Fleet, scheme: str, path: str) -> None:
+    """
+    The launcher's agent links over tls:// and over wss:// (pyOpenSSL, and for wss the
+    WebSocket transport, imported only at the dial) and an operator reaches it.
+    """
+    ports = startServer(fleet, f"{scheme}://{LOOPBACK}:0{path}")
+    agent = startLauncherAgent(fleet, "kiln7", f"{scheme}://{LOOPBACK}:{ports[scheme]}{path}")
     issueDeviceCertificate(fleet, agent)
     approveAndReach(fleet, "kiln7")
-    result = fleet.operators["alice"].ssh("dev_kiln7", "echo", "over-tls")
-    assert result.stdout.strip() == "over-tls"
-
-
-def test_wssLink(fleet: Fleet) -> None:
-    """The launcher's agent links over wss:// (TLS and WebSocket loaded late) and is reached."""
-    ports = startServer(fleet, f"wss://{LOOPBACK}:0/tunnel")
-    agent = startLauncherAgent(fleet, "kiln7", f"wss://{LOOPBACK}:{ports['wss']}/tunnel")
-    issueDeviceCertificate(fleet, agent)
-    approveAndReach(fleet, "kiln7")
-    result = fleet.operators["alice"].ssh("dev_kiln7", "echo", "over-wss")
-    assert result.stdout.strip() == "over-wss"
+    result = fleet.operators["alice"].ssh("dev_kiln7", "echo", f"over-{scheme}")
+    assert result.stdout.strip() == f"over-{scheme}"
