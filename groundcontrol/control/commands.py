@@ -511,28 +511,72 @@ def _users(parser: _Parser) -> Handler:
     return run
 
 
-@command("claim", "claim a device by the pairing code it shows, for a period")
+@command(
+    "claim",
+    "claim a device by the pairing code it shows, for a period; "
+    "claim renew DEVICE [--for 7d] | claim release DEVICE (its owner, or an admin)",
+)
 def _claim(parser: _Parser) -> Handler:
-    parser.add_argument("code", help="the code 'tunnel-agent pair' prints on the device")
-    parser.add_argument("--for", dest="duration", default="7d", help="lease, e.g. 8h, 7d (7d)")
+    parser.add_argument(
+        "code", help="the code 'tunnel-agent pair' prints on the device, or renew or release"
+    )
+    parser.add_argument("device", nargs="?", help="with renew or release: the claimed device")
+    parser.add_argument(
+        "--for", dest="duration", default="7d", help="lease from now, e.g. 8h, 7d (7d)"
+    )
 
     async def run(context: ControlContext, options: argparse.Namespace) -> CommandResult:
-        try:
-            lease = parseDuration(options.duration)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
         now = context.clock.seconds()
+        action = options.code
+        if action in _LEASE_ACTIONS:
+            if options.device is None:
+                raise UsageError(f"claim {action} DEVICE: name the claimed device")
+            name = _deviceName(options.device)
+            if action == "release":
+                await context.store.releaseLease(name, context.account, now)
+                return _done(
+                    options,
+                    f"released {name}: its lease ended now; only grants reach it from now on",
+                    {"released": name},
+                )
+            until = now + _lease(options.duration)
+            device = await context.store.renewLease(name, context.account, until, now)
+            return _done(
+                options,
+                f"renewed {name}: {device.owner}'s until {_when(until)} UTC",
+                {
+                    "renewed": name,
+                    "owner": device.owner,
+                    "lease_until": until,
+                    "until": _when(until),
+                },
+            )
+        if options.device is not None:
+            raise UsageError("claim CODE takes no device name (claim renew|release DEVICE does)")
+        until = now + _lease(options.duration)
         device = await context.store.claimDevice(
-            hashSecret(normaliseCode(options.code)), context.account, now + lease, now
+            hashSecret(normaliseCode(options.code)), context.account, until, now
         )
         return _done(
             options,
-            f"claimed {device.name}: yours until {_when(now + lease)} UTC; "
+            f"claimed {device.name}: yours until {_when(until)} UTC; "
             f"ssh dev_{device.name}@ to reach it",
-            {"claimed": device.name, "lease_until": now + lease, "until": _when(now + lease)},
+            {"claimed": device.name, "lease_until": until, "until": _when(until)},
         )
 
     return run
+
+
+#: Words after C{claim} that act on a claimed device's lease (never a code: those are 8
+#: letters and digits).
+_LEASE_ACTIONS = ("renew", "release")
+
+
+def _lease(duration: str) -> float:
+    try:
+        return parseDuration(duration)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 @command("tokens", "enrollment tokens; 'tokens create --uses N --expires 1d' makes one", True)

@@ -213,6 +213,27 @@ class IStore(Interface):
             (renewed since L{lapsedLeases} saw it); L{UnknownDevice}.
         """
 
+    def renewLease(name, account, leaseUntil, now):
+        """
+        Move the end of device C{name}'s lease to C{leaseUntil}, for its owner or an admin
+        (C{account}), while the lease lasts. Audited as C{claim.renewed} (detail: owner,
+        leaseUntil, was).
+
+        @return: Deferred firing with the L{Device}; L{UnknownDevice}, L{ClaimRefused} (not
+            claimed, claimed by another account, lease already ended, revoked),
+            L{StoreError} (C{leaseUntil} not in the future).
+        """
+
+    def releaseLease(name, account, now):
+        """
+        End device C{name}'s lease now, for its owner or an admin (C{account}): the owner
+        loses access as at a lapse; the device stays approved and can be claimed again.
+        Audited as C{claim.released} (detail: owner, leaseUntil).
+
+        @return: Deferred firing with the L{Device}; L{UnknownDevice}, L{ClaimRefused} (as
+            L{renewLease}).
+        """
+
     # -- grants ---------------------------------------------------------------------
 
     def grant(

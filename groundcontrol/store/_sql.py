@@ -1401,6 +1401,63 @@ class SQLStore:
             )
             return self._deviceNamed(c, name)
 
+    def renewLease(
+        self, name: str, account: Account, leaseUntil: float, now: float
+    ) -> Deferred[Device]:
+        return self._run(self._renewLease, name, account, leaseUntil, now)
+
+    def _renewLease(self, name: str, account: Account, leaseUntil: float, now: float) -> Device:
+        if leaseUntil <= now:
+            raise StoreError("a claim's lease must end in the future")
+        with self._write() as c:
+            device = self._leaseHeldBy(c, name, account, now)
+            c.execute("UPDATE devices SET lease_until = ? WHERE name = ?", (leaseUntil, name))
+            self._insertAudit(
+                c,
+                "claim.renewed",
+                account.name,
+                name,
+                {"owner": device.owner, "leaseUntil": leaseUntil, "was": device.leaseUntil},
+                now,
+            )
+            return self._deviceNamed(c, name)
+
+    def releaseLease(self, name: str, account: Account, now: float) -> Deferred[Device]:
+        return self._run(self._releaseLease, name, account, now)
+
+    def _releaseLease(self, name: str, account: Account, now: float) -> Device:
+        with self._write() as c:
+            device = self._leaseHeldBy(c, name, account, now)
+            c.execute(
+                "UPDATE devices SET owner_account_id = NULL, lease_until = NULL WHERE name = ?",
+                (name,),
+            )
+            self._insertAudit(
+                c,
+                "claim.released",
+                account.name,
+                name,
+                {"owner": device.owner, "leaseUntil": device.leaseUntil},
+                now,
+            )
+            return self._deviceNamed(c, name)
+
+    def _leaseHeldBy(self, c: Cursor, name: str, account: Account, now: float) -> Device:
+        """The device C{name} if it has a live lease C{account} may change, else why not."""
+        device = self._deviceNamed(c, name)
+        if device.state != "approved":
+            raise ClaimRefused(f"device {name!r} is {device.state}")
+        if device.owner is None or device.leaseUntil is None:
+            raise ClaimRefused(f"device {name!r} is not claimed by anyone")
+        if device.owner != account.name and not account.isAdmin:
+            raise ClaimRefused(f"device {name!r} is claimed by {device.owner}, not by you")
+        if device.leaseUntil <= now:
+            raise ClaimRefused(
+                f"the lease of {device.owner} on {name!r} has ended; "
+                "claim it again with the code the device shows"
+            )
+        return device
+
     # -- grants ---------------------------------------------------------------------
 
     def grant(
