@@ -39,7 +39,7 @@ What it saves (bench/RESULTS.md, "Agent footprint"):
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, cast
 
 #: Optional imports refused while the reactor is imported (see the module docstring).
 REFUSED_WITH_THE_REACTOR = ("OpenSSL", "ssl", "bz2", "lzma", "ctypes")
@@ -88,7 +88,7 @@ def importReactor() -> Any:
 
 def _startLogging(logfile: str, reactor: Any) -> Any:
     """Log as C{twistd --nodaemon} does: text lines to standard output or a rotated file."""
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.logger import ILogObserver, globalLogBeginner, textFileLogObserver
 
     output: Any = sys.stdout
     if logfile != "-":
@@ -98,7 +98,8 @@ def _startLogging(logfile: str, reactor: Any) -> Any:
 
         output = LogFile.fromFullPath(logfile)
         signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(output.rotate))
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(output)])
+    observer = cast(ILogObserver, textFileLogObserver(output))
+    globalLogBeginner.beginLoggingTo([observer])
     return output
 
 
