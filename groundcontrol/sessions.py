@@ -48,6 +48,14 @@ from groundcontrol.store import SESSION_ENDED, SESSION_STARTED, IStore, SessionE
 ID_LENGTH = 10
 _ID_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"
 
+#: A terminal session keeps at most this much of its latest output (since the last
+#: full-screen clear) to show a new watcher the screen before following live.
+SCREEN_MEMORY = 64 * 1024
+#: Where a program starts a fresh screen: erase display, reset, the alternate screen.
+_SCREEN_STARTS = (b"\x1b[2J", b"\x1bc", b"\x1b[?1049h", b"\x1b[?47h")
+#: Sent to a new watcher before the remembered output: cursor home, erase display.
+_CLEAR = b"\x1b[H\x1b[2J"
+
 RECORDING_FAILED = "session.recording-failed"
 SESSION_KILLED = "session.killed"
 
@@ -165,6 +173,8 @@ class LiveSession:
         self._sessions = sessions
         self.recording: Recording | None = None
         self.watchers: list[Watcher] = []
+        #: A terminal session's latest output from its last fresh screen (bounded).
+        self.screen: bytearray | None = None
         #: The operator's channel was confirmed.
         self.started = False
         #: C{session.started} was written (or, failing open, attempted): C{ended} follows.
@@ -199,8 +209,28 @@ class LiveSession:
             return
         if self.recording is not None:
             self.recording.output(data)
+        if self.screen is not None:
+            self._remember(data)
         for watcher in list(self.watchers):
             watcher.output(data)
+
+    def _remember(self, data: bytes) -> None:
+        """
+        Keep the output since the last fresh screen, at most about L{SCREEN_MEMORY}:
+        a search for a few sequences and a copy per packet, no terminal emulation. A
+        sequence split across two packets is missed (the screen then starts earlier).
+        """
+        start = max(data.rfind(marker) for marker in _SCREEN_STARTS)
+        screen = self.screen
+        assert screen is not None
+        if start >= 0:
+            screen[:] = data[start:]
+        else:
+            screen += data
+        if len(screen) > 2 * SCREEN_MEMORY:
+            cut = len(screen) - SCREEN_MEMORY
+            newline = screen.find(b"\n", cut)
+            del screen[: newline + 1 if 0 <= newline < cut + 4096 else cut]
 
     def relayRequest(self, side: Any, requestType: bytes, data: bytes) -> bool:
         record = self.record
@@ -219,6 +249,8 @@ class LiveSession:
                 record.cols, record.rows = struct.unpack(">2L", rest[:8])
                 record.term = term.decode("ascii", "replace")
                 record.pty = True
+                if self.screen is None:
+                    self.screen = bytearray()
             elif requestType == b"window-change":
                 cols, rows = struct.unpack(">2L", data[:8])
                 record.cols, record.rows = cols, rows
@@ -324,6 +356,9 @@ class LiveSession:
         self.endWithMessage(f"groundcontrol: session {self.id} was ended by {actor}")
 
     def addWatcher(self, watcher: Watcher) -> None:
+        """Show C{watcher} the screen as the session's latest output draws it, then follow."""
+        if self.screen:
+            watcher.output(_CLEAR + bytes(self.screen))
         self.watchers.append(watcher)
 
     def removeWatcher(self, watcher: Watcher) -> None:
@@ -595,6 +630,7 @@ def recordingFile(policy: RecordingPolicy | None, relative: str | None) -> Path 
 
 __all__ = [
     "ID_LENGTH",
+    "SCREEN_MEMORY",
     "AuditRefusedError",
     "LiveSession",
     "SessionRecord",

@@ -23,6 +23,7 @@ from groundcontrol.control import ControlContext, runCommand
 from groundcontrol.recording import Recorder, RecordingPolicy, parseCast
 from groundcontrol.relay import RELAY_FAILURE_STATUS
 from groundcontrol.sessions import (
+    SCREEN_MEMORY,
     SessionRegistry,
     attachSessions,
     isSessionId,
@@ -371,18 +372,63 @@ class ControlCommandTests(SessionTestCase):
         self.assertTrue(session.isClosed)
 
     def test_watchStreamsSanitisedOutput(self) -> None:
-        """watch follows a live pty session's output, with clipboard escapes removed."""
+        """
+        watch first draws the screen so far (the prompt, after a clear), then follows a
+        live pty session's output, with clipboard escapes removed.
+        """
         session = self.shell()
         sessionId = next(iter(self.sessions.live))
         result = self.ctl(self.rootKey, "root", "watch", sessionId)
         sink = FakeChannel()
         done = result.stream(sink)
+        self.assertEqual(bytes(sink.out), b"\x1b[H\x1b[2J$ ")
         self.send(session, b"echo \x1b]52;c;cHduZWQ=\x07hi\r\n")
-        self.assertEqual(bytes(sink.out), b"echo hi\r\n")
+        self.assertEqual(bytes(sink.out), b"\x1b[H\x1b[2J$ echo hi\r\n")
         session.sendEOF()
         self.fleet.flush()
         self.assertEqual(self.successResultOf(done), 0)
         self.assertIn(b"ended", bytes(sink.err))
+
+    def test_watchStartsFromTheLastFreshScreen(self) -> None:
+        """
+        A watcher first sees the output since the program's last full-screen clear (or
+        switch to the alternate screen), not what that clear wiped, then live output.
+        """
+        session = self.shell()
+        self.send(session, b"old text\r\n")
+        self.send(session, b"\x1b[H\x1b[2Jtop - 12:00\r\n")
+        self.send(session, b"load 0.1\r\n")
+        sink = FakeChannel()
+        self.ctl(self.rootKey, "root", "watch", next(iter(self.sessions.live))).stream(sink)
+        self.assertEqual(bytes(sink.out), b"\x1b[H\x1b[2J\x1b[2Jtop - 12:00\r\nload 0.1\r\n")
+        self.send(session, b"\x1b[?1049hvim\r\n")
+        sink2 = FakeChannel()
+        self.ctl(self.rootKey, "root", "watch", next(iter(self.sessions.live))).stream(sink2)
+        self.assertEqual(bytes(sink2.out), b"\x1b[H\x1b[2J\x1b[?1049hvim\r\n")
+        self.assertTrue(bytes(sink.out).endswith(b"\x1b[?1049hvim\r\n"))  # live
+
+    def test_screenMemoryBounded(self) -> None:
+        """
+        Without a clear, the remembered screen stays under twice SCREEN_MEMORY, is cut at
+        a line start, and a watcher still sees the latest lines; exec sessions keep none.
+        """
+        session = self.shell()
+        live = next(iter(self.sessions.live.values()))
+        line = b"x" * 99 + b"\n"
+        for i in range(3 * SCREEN_MEMORY // 4096):
+            self.send(session, line * 40 + b"end %d\n" % i)
+            self.assertLessEqual(len(live.screen), 2 * SCREEN_MEMORY)
+        self.assertGreaterEqual(len(live.screen), SCREEN_MEMORY)
+        self.assertTrue(live.screen.startswith(b"x") or live.screen.startswith(b"end"))
+        sink = FakeChannel()
+        self.ctl(self.rootKey, "root", "watch", live.id).stream(sink)
+        self.assertTrue(bytes(sink.out).endswith(b"end %d\n" % i))
+        other = self.fleet.session(self.alice)
+        other.exec(b"cat")
+        self.fleet.flush()
+        exec_ = next(s for s in self.sessions.live.values() if s is not live)
+        self.send(other, b"data")
+        self.assertIsNone(exec_.screen)
 
     def test_watchRefusedForOthers(self) -> None:
         """bob cannot watch alice's session; exec sessions without a pty cannot be watched."""
