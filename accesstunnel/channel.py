@@ -39,6 +39,13 @@ DEFAULT_WINDOW = 2 * 1024 * 1024
 #: consumer's buffer; a relay hop (groundcontrol) keeps L{DEFAULT_WINDOW}.
 ENDPOINT_WINDOW = 8 * 1024 * 1024
 
+#: Output such a channel queues before it stops reading its source (the
+#: child's stdout, the socket). The queue only bridges the moments the window
+#: or the link's socket is closed; the source keeps the rest (a pipe, a socket
+#: buffer). At 2 MiB a device with 100 busy sessions held 450-540 MiB of queued
+#: output (bench/RESULTS.md, "Bulk up and 100 sessions").
+ENDPOINT_HIGH_WATER = 256 * 1024
+
 #: Largest packet payload we accept (OpenSSH uses 32 KiB for sessions).
 DEFAULT_MAX_PACKET = 32 * 1024
 
@@ -289,6 +296,7 @@ def packOpenFailure(senderChannel: int, reason: int, text: str) -> bytes:
 __all__ = [
     "DEFAULT_MAX_PACKET",
     "DEFAULT_WINDOW",
+    "ENDPOINT_HIGH_WATER",
     "ENDPOINT_WINDOW",
     "FlowChannel",
     "packOpenFailure",

@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from accesstunnel.channel import ENDPOINT_WINDOW, FlowChannel
+from accesstunnel.channel import ENDPOINT_HIGH_WATER, ENDPOINT_WINDOW, FlowChannel
 from agent._flow import InputCredit
 from agent.session import _Payload
 
@@ -107,6 +107,7 @@ class SpliceChannel(FlowChannel):
     """
 
     receiveWindow = ENDPOINT_WINDOW  # the bytes end here (accesstunnel.channel)
+    highWater = ENDPOINT_HIGH_WATER
 
     log = Logger()
 

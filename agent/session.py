@@ -42,7 +42,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from accesstunnel.channel import ENDPOINT_WINDOW, FlowChannel
+from accesstunnel.channel import ENDPOINT_HIGH_WATER, ENDPOINT_WINDOW, FlowChannel
 from agent import _process
 from agent._flow import InputCredit
 
@@ -228,6 +228,7 @@ class SessionChannel(FlowChannel):
     """
 
     receiveWindow = ENDPOINT_WINDOW  # the bytes end here (accesstunnel.channel)
+    highWater = ENDPOINT_HIGH_WATER
 
     name = b"session"
     log = Logger()

@@ -2,7 +2,9 @@
 Tests for the receive windows channels offer: a relay hop (groundcontrol) offers
 DEFAULT_WINDOW, a channel whose bytes end on the device (a session's child, a
 forward's socket) offers the larger ENDPOINT_WINDOW, and what such a channel
-holds for a consumer that never reads stays within that one window.
+holds for a consumer that never reads stays within that one window. And for the
+output such a channel queues (ENDPOINT_HIGH_WATER) before it stops reading its
+source.
 """
 
 from __future__ import annotations
@@ -11,7 +13,13 @@ from twisted.conch.ssh.common import NS
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from accesstunnel.channel import DEFAULT_MAX_PACKET, DEFAULT_WINDOW, ENDPOINT_WINDOW, FlowChannel
+from accesstunnel.channel import (
+    DEFAULT_MAX_PACKET,
+    DEFAULT_WINDOW,
+    ENDPOINT_HIGH_WATER,
+    ENDPOINT_WINDOW,
+    FlowChannel,
+)
 from agent.forward import ForwardChannel, SpliceChannel
 from agent.session import SessionChannel, SessionEnvironment
 from groundcontrol.relay import RelayChannel
@@ -79,3 +87,41 @@ class EndpointBoundTests(SynchronousTestCase):
         child.producer.resumeProducing()  # the child read it all after all
         self.assertEqual(conn.adjusted, ENDPOINT_WINDOW)
         self.assertEqual(channel.localWindowLeft, ENDPOINT_WINDOW)
+
+
+class EndpointOutputTests(SynchronousTestCase):
+    """A device endpoint stops reading its source after ENDPOINT_HIGH_WATER of queued output."""
+
+    def test_endpointsUseEndpointHighWater(self) -> None:
+        """Session and forward channels queue less than a relay hop's window before pausing."""
+        self.assertLess(ENDPOINT_HIGH_WATER, DEFAULT_WINDOW)
+        self.assertEqual(SessionChannel.highWater, ENDPOINT_HIGH_WATER)
+        self.assertEqual(SpliceChannel.highWater, ENDPOINT_HIGH_WATER)
+        self.assertEqual(ForwardChannel.highWater, ENDPOINT_HIGH_WATER)
+        self.assertEqual(RelayChannel.highWater, DEFAULT_WINDOW)
+
+    def test_stalledLinkPausesChildAtHighWater(self) -> None:
+        """
+        With nothing able to leave (window closed, as when the link is
+        paused), the child is read until just over ENDPOINT_HIGH_WATER is
+        queued, then no more: the device holds one read beyond the mark.
+        """
+        conn = RecordingConnection()
+        spawner = FakeSpawner()
+        channel = conn.attach(
+            SessionChannel(
+                SessionEnvironment(home="/nonexistent", defaultPath="/bin"),
+                Clock(),
+                spawn=spawner,
+                remoteWindow=0,
+                remoteMaxPacket=DEFAULT_MAX_PACKET,
+            )
+        )
+        channel.requestReceivedWithReply(b"exec", NS(b"head -c 1G /dev/zero"), True)
+        read = 64 * 1024
+        while not spawner.child.paused:
+            spawner.protocol.childDataReceived(1, b"d" * read)
+        self.assertGreater(channel.queuedBytes, ENDPOINT_HIGH_WATER)
+        self.assertLessEqual(channel.queuedBytes, ENDPOINT_HIGH_WATER + read)
+        channel.addWindowBytes(ENDPOINT_HIGH_WATER)  # room again: it drains and reads on
+        self.assertFalse(spawner.child.paused)
