@@ -122,6 +122,7 @@ class Keepalive:
         count: int = DEFAULT_COUNT,
         probeAfter: float | None = None,
         sweep: KeepaliveSweep | None = None,
+        align: float | None = None,
     ) -> None:
         """
         @param probeAfter: seconds of silence before the first ping (default:
@@ -133,9 +134,16 @@ class Keepalive:
             (shared by many connections); without one, or if C{probeAfter}
             plus the sweep's granularity passes the deadline, it sets a
             timer for each.
+        @param align: an active keepalive's checks run at the first multiple of
+            C{align} seconds of the clock at or after each interval (so the
+            pings of a whole fleet on synchronised clocks arrive together and
+            the server answers many in one wake-up); the deadline stays exact.
         """
         if interval <= 0 or count < 1:
             raise ValueError("keepalive interval must be positive and count at least 1")
+        if align is not None and not 0 < align <= interval:
+            raise ValueError("keepalive align must be positive and at most the interval")
+        self._align = align
         if probeAfter is not None and not interval <= probeAfter <= interval * count:
             raise ValueError("keepalive probeAfter must be between interval and interval * count")
         self._clock = clock
@@ -167,7 +175,7 @@ class Keepalive:
         if self._passive:
             self._look(self.probeAfter)
         else:
-            self._schedule(self.interval)
+            self._schedule(self._nextInterval())
 
     def stop(self) -> None:
         """Stop watching (the connection is gone)."""
@@ -183,6 +191,13 @@ class Keepalive:
     def _schedule(self, delay: float) -> None:
         self._due = self._clock.seconds() + delay
         self._timer = self._clock.callLater(delay, self._check)
+
+    def _nextInterval(self) -> float:
+        """Seconds to the next interval check: one interval, or to the aligned time after it."""
+        if self._align is None:
+            return self.interval
+        now = self._clock.seconds()
+        return math.ceil((now + self.interval) / self._align) * self._align - now
 
     def _look(self, delay: float) -> None:
         """Look again in C{delay} seconds: through the sweep if any (perhaps a little later)."""
@@ -237,7 +252,7 @@ class Keepalive:
         # Wake at the next interval, or exactly at the deadline if that is
         # sooner, so a dead peer is found within interval * count.
         untilDeadline = self.lastReceived + self.deadline - now
-        self._schedule(min(self.interval, max(untilDeadline, 0.0)))
+        self._schedule(min(self._nextInterval(), max(untilDeadline, 0.0)))
 
 
 class KeepaliveTransportMixin:
@@ -261,6 +276,7 @@ class KeepaliveTransportMixin:
         count: int,
         probeAfter: float | None = None,
         sweep: KeepaliveSweep | None = None,
+        align: float | None = None,
     ) -> None:
         """
         Start pinging C{conn}'s peer with C{keepalive@openssh.com} when it is
@@ -273,7 +289,9 @@ class KeepaliveTransportMixin:
             if d is not None:
                 d.addErrback(lambda f: None)  # a refusal is an answer too
 
-        self.keepalive = Keepalive(clock, ping, self.peerSilent, interval, count, probeAfter, sweep)
+        self.keepalive = Keepalive(
+            clock, ping, self.peerSilent, interval, count, probeAfter, sweep, align
+        )
         self.keepalive.start()
 
     def peerSilent(self) -> None:

@@ -209,8 +209,14 @@ class AgentTransport(
 
     def startKeepalive(self, conn: TunnelConnection) -> None:
         settings = self.factory.settings
+        # Checks on whole seconds of the (synchronised) clock: a fleet's pings reach
+        # groundcontrol together and are answered in few wake-ups.
         self.watchPeer(
-            conn, self.factory.clock, settings.keepaliveInterval, settings.keepaliveCount
+            conn,
+            self.factory.clock,
+            settings.keepaliveInterval,
+            settings.keepaliveCount,
+            align=min(1.0, settings.keepaliveInterval),
         )
 
     def peerSilent(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 from twisted.conch.ssh import common, connection
@@ -142,6 +143,86 @@ class KeepaliveTests(SynchronousTestCase):
     def test_deadline(self) -> None:
         """The deadline is interval times count."""
         self.assertEqual(self.keepalive.deadline, INTERVAL * COUNT)
+
+
+class AlignedKeepaliveTests(SynchronousTestCase):
+    """
+    An active keepalive with C{align} (the agent's, align=1 s): its checks, and so its
+    pings, fall on whole seconds of the clock, so a fleet's pings arrive together;
+    the verdict is still exact.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.pings: dict[int, list[float]] = {}
+        self.deaths: dict[int, list[float]] = {}
+
+    def keepalive(self, n: int) -> Keepalive:
+        self.pings[n], self.deaths[n] = [], []
+        k = Keepalive(
+            self.clock,
+            lambda: self.pings[n].append(self.clock.seconds()),
+            lambda: self.deaths[n].append(self.clock.seconds()),
+            INTERVAL,
+            COUNT,
+            align=1.0,
+        )
+        k.start()
+        return k
+
+    def test_fleetPingsTogether(self) -> None:
+        """
+        Ten keepalives started at different fractions of a second, their peers only
+        answering (10 ms later): every ping goes out on a whole second (within the
+        test's 10 ms step), all ten at the same instants.
+        """
+        links = []
+        for n in range(10):
+            self.clock.advance(0.09)
+            links.append(self.keepalive(n))
+        answered = [0] * 10
+        for _ in range(int(600 / 0.01)):
+            self.clock.advance(0.01)
+            for n, k in enumerate(links):
+                if len(self.pings[n]) > answered[n]:
+                    answered[n] = len(self.pings[n])
+                    k.received()
+        allPings = [t for n in range(10) for t in self.pings[n]]
+        self.assertTrue(all(0 <= t - math.floor(t) < 0.011 for t in allPings))
+        seconds = {math.floor(t) for t in allPings}
+        self.assertEqual(len(seconds), len(self.pings[0]))  # all ten ping together
+        self.assertGreater(len(seconds), 600 / (2 * INTERVAL + 1) - 2)
+        self.assertEqual(sum(map(len, self.deaths.values())), 0)
+
+    def test_deadlineStillExact(self) -> None:
+        """A peer silent since an odd moment is dead at exactly interval * count after it."""
+        self.clock.advance(0.37)
+        k = self.keepalive(0)
+        self.clock.advance(3.21)
+        k.received()
+        last = self.clock.seconds()
+        while self.clock.seconds() < last + INTERVAL * COUNT - 0.01:
+            self.clock.advance(0.01)
+        self.assertEqual(self.deaths[0], [])
+        self.clock.advance(last + INTERVAL * COUNT - self.clock.seconds())
+        self.assertEqual(len(self.deaths[0]), 1)
+        self.assertAlmostEqual(self.deaths[0][0], last + INTERVAL * COUNT, delta=1e-6)
+        self.assertEqual(len(self.pings[0]), COUNT - 1)
+
+    def test_badAlignRefused(self) -> None:
+        """align must be positive and at most the interval."""
+        for align in (0.0, -1.0, INTERVAL + 1):
+            self.assertRaises(
+                ValueError,
+                Keepalive,
+                self.clock,
+                lambda: None,
+                lambda: None,
+                INTERVAL,
+                COUNT,
+                align=align,
+            )
 
 
 #: Passive keepalives in these tests: probe after 25 s of silence, dead after 30.
