@@ -12,7 +12,7 @@ import time
 
 import pexpect
 
-from tests.e2e.harness import Fleet, waitFor
+from tests.e2e.harness import Fleet, run, waitFor
 
 
 def test_ls_json_and_roles(kiln7: Fleet) -> None:
@@ -86,3 +86,39 @@ def test_revoke_closes_live_session_within_a_second(kiln7: Fleet) -> None:
         lambda: "revoked" in (r := alice.ssh("dev_kiln7", "true")).stderr and r, 10, "refusal"
     )
     assert refused.returncode == 255
+
+
+def test_claim_renew_and_release(fleet: Fleet) -> None:
+    """
+    The owner of a claimed device renews its lease over ctl while the device stays
+    approved (the agent shows no code then), and releases it: access ends at once.
+    """
+    from tests.e2e.test_enrollment import TUNNEL_AGENT, _startAgent
+
+    bob = fleet.addOperator("bob")
+    agent = _startAgent(fleet, "lse1")
+    fleet.waitPending("lse1")
+
+    def pairingCode() -> str | None:
+        result = run([TUNNEL_AGENT, "pair", "--state", str(agent.state)])
+        return result.stdout.strip() if result.returncode == 0 else None
+
+    code = waitFor(pairingCode, 20, "a pairing code", interval=0.2)
+    assert bob.ssh("ctl", "claim", code, "--for", "1h").returncode == 0
+    fleet.waitRoutable(bob, "lse1", timeout=10)
+    before = time.time()
+    renewed = bob.ssh("ctl", "claim", "renew", "lse1", "--for", "2d", "--json")
+    assert renewed.returncode == 0, renewed.stderr
+    row = json.loads(renewed.stdout)
+    assert (row["renewed"], row["owner"]) == ("lse1", "bob")
+    assert before + 2 * 86400 - 5 < row["lease_until"] < time.time() + 2 * 86400 + 5
+    assert bob.ssh("dev_lse1", "true").returncode == 0
+    released = bob.ssh("ctl", "claim", "release", "lse1")
+    assert released.returncode == 0, released.stderr
+    assert "released lse1" in released.stdout
+    refused = bob.ssh("dev_lse1", "true")
+    assert refused.returncode == 255
+    assert "no grant" in refused.stderr
+    again = bob.ssh("ctl", "claim", "renew", "lse1")
+    assert again.returncode == 1
+    assert "not claimed by anyone" in again.stderr

@@ -191,7 +191,9 @@ def smallDisk(where: Path, size: str = "4m") -> Iterator[Path]:
 def test_disk_full(tmp_path: Path) -> None:
     """
     With the data directory's disk full, a change fails with a clear message and
-    groundcontrol keeps serving logins; with room again, the change succeeds.
+    groundcontrol keeps serving logins; a device session is refused because its
+    session.started cannot be written (audit before access, fail-closed); with room
+    again, the change succeeds and sessions run.
     """
     if shutil.which("ssh") is None:
         pytest.fail("the OpenSSH client is required")
@@ -203,6 +205,8 @@ def test_disk_full(tmp_path: Path) -> None:
             alice = fleet.addOperator("alice", admin=True)
             fleet.addOperator("bob")
             fleet.startServer()
+            fleet.addAgent("kiln7")
+            fleet.waitRoutable(alice, "kiln7")
             filler = disk / "filler"
             with filler.open("wb") as f, contextlib.suppress(OSError):
                 while True:
@@ -214,9 +218,14 @@ def test_disk_full(tmp_path: Path) -> None:
             failed = alice.ssh("ctl", "tokens", "create", timeout=30)
             assert failed.returncode != 0
             assert "full" in failed.stderr, failed.stderr
+            refused = alice.ssh("dev_kiln7", "true", timeout=30)
+            assert refused.returncode == 255
+            assert "session refused: it cannot be audited" in refused.stderr, refused.stderr
+            assert "full" in refused.stderr, refused.stderr
             assert auditIds(fleet) == before
             filler.unlink()
             done = alice.ssh("ctl", "tokens", "create", timeout=30)
             assert done.returncode == 0, done.stderr
+            assert alice.ssh("dev_kiln7", "true", timeout=30).returncode == 0
         finally:
             fleet.close()
