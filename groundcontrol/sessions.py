@@ -475,24 +475,19 @@ class SessionRegistry:
         except Exception as e:
             reason = str(e) or e.__class__.__name__
             record.auditError = reason
-            if not self.auditFailOpen:
-                session.announced = False
-                self.live.pop(session.id, None)
-                self._log.warn(
-                    "session {id} of {account} on {device} refused: cannot audit it: {reason}",
-                    id=record.id,
-                    account=record.account,
-                    device=record.device,
-                    reason=reason,
-                )
-                raise AuditRefusedError(f"it cannot be audited: {reason}") from None
+            failOpen = self.auditFailOpen
             self._log.warn(
-                "session {id} of {account} on {device} goes on unaudited: {reason}",
+                "session {id} of {account} on {device} {outcome}: cannot audit it: {reason}",
                 id=record.id,
                 account=record.account,
                 device=record.device,
+                outcome="goes on unaudited" if failOpen else "refused",
                 reason=reason,
             )
+            if not failOpen:
+                session.announced = False
+                self.live.pop(session.id, None)
+                raise AuditRefusedError(f"it cannot be audited: {reason}") from None
 
     def _started(self, session: LiveSession) -> None:
         self.total += 1
