@@ -101,7 +101,7 @@ class HeldAuditStore:
     """
 
     def __init__(self, store: IStore, hold: frozenset[str]) -> None:
-        self._store = store
+        self._store: Any = store
         self.hold = hold
         self.held: list[tuple[str, dict[str, Any], defer.Deferred[Any]]] = []
 
