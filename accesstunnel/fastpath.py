@@ -23,7 +23,8 @@ a figure in bench/RESULTS.md ("Performance work"):
     associated data, the MAC is implied) through C{cryptography}'s AESGCM,
     chacha20-poly1305@openssh.com (OpenSSH's PROTOCOL.chacha20poly1305: the
     packet length encrypted under its own key, Poly1305 over the encrypted
-    length and payload) through C{cryptography}'s ChaCha20 and Poly1305, and
+    length and payload) through C{cryptography}'s ChaCha20 and Poly1305
+    (small packets' tags in Python: L{poly1305}), and
     the encrypt-then-MAC forms hmac-sha2-256-etm@openssh.com and
     hmac-sha2-512-etm@openssh.com;
   - strict key exchange (kex-strict-s-v00@openssh.com /
