@@ -43,6 +43,15 @@ from accesstunnel.writethrough import WriteThroughMixin
 #: Bytes read from a child's output per system call.
 READ_SIZE = 64 * 1024
 
+#: A pipe child's stdin: the pipe's size (when the agent runs as root) and
+#: what the agent buffers before it holds back window credit. At Linux's
+#: 64 KiB the agent and the child take turns every 64 KiB on a bulk upload
+#: (bench/RESULTS.md, "Bulk up and 100 sessions"). Unprivileged users share a
+#: soft limit on pipe memory past which new pipes shrink, so they keep 64 KiB.
+STDIN_PIPE_SIZE = 1024 * 1024
+
+_F_SETPIPE_SZ = 1031
+
 #: Signals an SSH peer may name (RFC 4254 section 6.10), without "SIG".
 SIGNALS: dict[str, int] = {
     name: getattr(signal, "SIG" + name)
@@ -208,6 +217,15 @@ class _SessionProcess(process.Process):
     processReaderFactory = _LargeReader
     processWriterFactory = _WriteThroughWriter
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        stdin = self.pipes.get(0)
+        if stdin is not None:
+            stdin.bufferSize = STDIN_PIPE_SIZE
+            if os.geteuid() == 0:
+                with contextlib.suppress(OSError):
+                    fcntl.fcntl(stdin.fileno(), _F_SETPIPE_SZ, STDIN_PIPE_SIZE)
+
     def _trySpawnInsteadOfFork(self, *args: Any, **kwargs: Any) -> bool:
         return False  # posix_spawn here cannot setsid
 
@@ -281,6 +299,7 @@ def spawn(
 __all__ = [
     "READ_SIZE",
     "SIGNALS",
+    "STDIN_PIPE_SIZE",
     "Spawner",
     "Terminal",
     "applyModes",

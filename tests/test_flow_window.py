@@ -4,14 +4,20 @@ DEFAULT_WINDOW, a channel whose bytes end on the device (a session's child, a
 forward's socket) offers the larger ENDPOINT_WINDOW, and what such a channel
 holds for a consumer that never reads stays within that one window. And for the
 output such a channel queues (ENDPOINT_HIGH_WATER) before it stops reading its
-source.
+source, and the larger stdin a pipe child gets (STDIN_PIPE_SIZE).
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
+
 from twisted.conch.ssh.common import NS
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from accesstunnel.channel import (
     DEFAULT_MAX_PACKET,
@@ -20,6 +26,8 @@ from accesstunnel.channel import (
     ENDPOINT_WINDOW,
     FlowChannel,
 )
+from agent import _process
+from agent._process import STDIN_PIPE_SIZE
 from agent.forward import ForwardChannel, SpliceChannel
 from agent.session import SessionChannel, SessionEnvironment
 from groundcontrol.relay import RelayChannel
@@ -125,3 +133,30 @@ class EndpointOutputTests(SynchronousTestCase):
         self.assertLessEqual(channel.queuedBytes, ENDPOINT_HIGH_WATER + read)
         channel.addWindowBytes(ENDPOINT_HIGH_WATER)  # room again: it drains and reads on
         self.assertFalse(spawner.child.paused)
+
+
+class StdinPipeTests(TestCase):
+    """A real pipe child on the real reactor: its stdin takes more before credit is held."""
+
+    async def test_stdinPipeEnlarged(self) -> None:
+        """
+        The agent buffers up to STDIN_PIPE_SIZE for a pipe child before it
+        holds back credit, and as root the kernel pipe itself is that large.
+        """
+        ended: defer.Deferred[None] = defer.Deferred()
+
+        class Child(ProcessProtocol):
+            def processEnded(self, reason: Failure) -> None:
+                ended.callback(None)
+
+        child = _process.spawn(
+            reactor, Child(), b"/bin/sleep", [b"sleep", b"30"], {}, "/", None, None, None
+        )
+        try:
+            stdin = child.pipes[0]
+            self.assertEqual(stdin.bufferSize, STDIN_PIPE_SIZE)
+            if os.geteuid() == 0:
+                self.assertEqual(fcntl.fcntl(stdin.fileno(), 1032), STDIN_PIPE_SIZE)  # GETPIPE_SZ
+        finally:
+            child.signalProcess("KILL")
+            await ended
