@@ -23,8 +23,7 @@ a figure in bench/RESULTS.md ("Performance work"):
     associated data, the MAC is implied) through C{cryptography}'s AESGCM,
     chacha20-poly1305@openssh.com (OpenSSH's PROTOCOL.chacha20poly1305: the
     packet length encrypted under its own key, Poly1305 over the encrypted
-    length and payload) through C{cryptography}'s ChaCha20 and Poly1305
-    (small packets' tags in Python: L{poly1305}), and
+    length and payload) through C{cryptography}'s ChaCha20 and Poly1305, and
     the encrypt-then-MAC forms hmac-sha2-256-etm@openssh.com and
     hmac-sha2-512-etm@openssh.com;
   - strict key exchange (kex-strict-s-v00@openssh.com /
@@ -69,14 +68,12 @@ __all__ = [
     "AEAD_CIPHERS",
     "CHACHA20_POLY1305",
     "ETM_MACS",
-    "SMALL_TAG_LIMIT",
     "SMALL_WRITE_LIMIT",
     "STRICT_KEX_CLIENT",
     "STRICT_KEX_SERVER",
     "FastCiphers",
     "FastPathMixin",
     "channelDataHandler",
-    "poly1305",
 ]
 
 STRICT_KEX_SERVER = b"kex-strict-s-v00@openssh.com"
@@ -414,8 +411,6 @@ class _ChaChaPoly(_Codec):
         encrypted = main.update(
             b"".join((_padType.pack(pad, messageType), payload, _padding.take(pad)))
         )
-        if len(encrypted) <= SMALL_TAG_LIMIT:
-            return length, encrypted, poly1305(polyKey, length + encrypted)
         return length, encrypted, Poly1305.generate_tag(polyKey, length + encrypted)
 
     def open(self, buf: bytearray, pos: int, seq: int) -> tuple[int, bytes, int] | None:
@@ -437,16 +432,10 @@ class _ChaChaPoly(_Codec):
         main.reset_nonce(_chachaNonce(seq))
         polyKey = main.update(_ZERO_BLOCK)[:32]
         with memoryview(buf) as view:
-            if packetLen <= SMALL_TAG_LIMIT:
-                if not hmac.compare_digest(
-                    poly1305(polyKey, view[pos:macStart]), view[macStart:end]
-                ):
-                    raise _badMAC()
-            else:
-                try:
-                    Poly1305.verify_tag(polyKey, view[pos:macStart], bytes(view[macStart:end]))
-                except InvalidSignature:
-                    raise _badMAC() from None
+            try:
+                Poly1305.verify_tag(polyKey, view[pos:macStart], bytes(view[macStart:end]))
+            except InvalidSignature:
+                raise _badMAC() from None
             # Authenticated: decrypt the padding length and message number,
             # then the payload alone (the padding is never decrypted).
             padLen, messageNum = main.update(view[pos + 4 : pos + 6])
@@ -457,45 +446,6 @@ class _ChaChaPoly(_Codec):
 
 _ZERO_BLOCK = bytes(64)
 _chachaNonce = struct.Struct(">8xQ").pack
-
-#: Packets whose encrypted length and payload are at most this many bytes
-#: have their Poly1305 tag computed by L{poly1305} below rather than by
-#: C{cryptography}: an interactive keystroke or echo, not bulk data.
-SMALL_TAG_LIMIT = 128
-
-_P1305 = (1 << 130) - 5
-_LOW130 = (1 << 130) - 1
-_LOW128 = (1 << 128) - 1
-_R_CLAMP = 0x0FFFFFFC0FFFFFFC0FFFFFFC0FFFFFFF
-
-
-def poly1305(key: bytes, message: Any) -> bytes:
-    """
-    The Poly1305 tag (RFC 8439 section 2.5) of a short C{message} under a
-    one-time 32-byte C{key}, with Python integers.
-
-    Why not C{cryptography}'s C{Poly1305} for these: each of its calls keys a
-    new OpenSSL MAC object, 5 us warm for a keystroke's tag and ~100 us on the
-    first packet after an idle pause, which is what an interactive keystroke
-    is (bench/RESULTS.md, "Echo latency (session 3)"); groundcontrol makes two
-    per keystroke. This takes 2.4 us warm and about half as long as OpenSSL's
-    cold: it runs only the interpreter's integer code. It is not constant-time, which
-    matters little here: every key is used for one packet only (derived from
-    the packet's sequence number), and a tag that does not verify ends the
-    connection, so no key is ever measured twice. Tags are compared with
-    L{hmac.compare_digest}. L{SMALL_TAG_LIMIT} bounds its use.
-    """
-    r = int.from_bytes(key[:16], "little") & _R_CLAMP
-    acc = 0
-    n = len(message)
-    for start in range(0, n, 16):
-        block = message[start : start + 16]
-        # acc < 2**131 before each block, so the product stays below 2**256;
-        # folding the bits above 130 (2**130 = 5 mod p) keeps acc < 2**131.
-        acc = (acc + int.from_bytes(block, "little") + (1 << (8 * len(block)))) * r
-        acc = (acc & _LOW130) + 5 * (acc >> 130)
-    acc %= _P1305
-    return ((acc + int.from_bytes(key[16:32], "little")) & _LOW128).to_bytes(16, "little")
 
 
 def makeCodec(
