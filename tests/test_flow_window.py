@@ -34,6 +34,21 @@ from groundcontrol.relay import RelayChannel
 from tests.test_agent_session import FakeSpawner, RecordingConnection, deliver
 
 
+def fakeSession(remoteWindow: int) -> tuple[RecordingConnection, FakeSpawner, SessionChannel]:
+    """An agent session channel with its default windows, over a recording connection."""
+    conn = RecordingConnection()
+    spawner = FakeSpawner()
+    channel = SessionChannel(
+        SessionEnvironment(home="/nonexistent", defaultPath="/bin"),
+        Clock(),
+        spawn=spawner,
+        remoteWindow=remoteWindow,
+        remoteMaxPacket=DEFAULT_MAX_PACKET,
+    )
+    conn.attach(channel)
+    return conn, spawner, channel
+
+
 class WindowChoiceTests(SynchronousTestCase):
     """Which receive window each kind of channel offers."""
 
@@ -72,17 +87,7 @@ class EndpointBoundTests(SynchronousTestCase):
         ENDPOINT_WINDOW, gives no credit back, and the peer's window is then
         closed, so the agent holds at most that one window for it.
         """
-        conn = RecordingConnection()
-        spawner = FakeSpawner()
-        channel = conn.attach(
-            SessionChannel(
-                SessionEnvironment(home="/nonexistent", defaultPath="/bin"),
-                Clock(),
-                spawn=spawner,
-                remoteWindow=1 << 20,
-                remoteMaxPacket=DEFAULT_MAX_PACKET,
-            )
-        )
+        conn, spawner, channel = fakeSession(remoteWindow=1 << 20)
         channel.requestReceivedWithReply(b"exec", NS(b"cat > /dev/null"), True)
         child = spawner.child
         child.producer.pauseProducing()  # its pipe is full and stays full
@@ -114,17 +119,7 @@ class EndpointOutputTests(SynchronousTestCase):
         paused), the child is read until just over ENDPOINT_HIGH_WATER is
         queued, then no more: the device holds one read beyond the mark.
         """
-        conn = RecordingConnection()
-        spawner = FakeSpawner()
-        channel = conn.attach(
-            SessionChannel(
-                SessionEnvironment(home="/nonexistent", defaultPath="/bin"),
-                Clock(),
-                spawn=spawner,
-                remoteWindow=0,
-                remoteMaxPacket=DEFAULT_MAX_PACKET,
-            )
-        )
+        _, spawner, channel = fakeSession(remoteWindow=0)
         channel.requestReceivedWithReply(b"exec", NS(b"head -c 1G /dev/zero"), True)
         read = 64 * 1024
         while not spawner.child.paused:
