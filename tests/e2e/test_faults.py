@@ -151,8 +151,9 @@ def exclusiveLock(path: Path) -> Iterator[subprocess.Popen[str]]:
 def test_database_locked(kiln7: Fleet) -> None:
     """
     While another process holds an exclusive lock, a change fails with a clear message
-    (and leaves no audit event); an operator still logs in and reaches the device; once
-    the lock is gone the same change succeeds.
+    (and leaves no audit event); an operator still logs in and reads (ctl ls), but a
+    device session is refused, saying why, since its session.started cannot be written
+    (audit before access, fail-closed); once the lock is gone the same change succeeds.
     """
     alice = kiln7.operators["alice"]
     kiln7.addOperator("bob")
@@ -161,8 +162,13 @@ def test_database_locked(kiln7: Fleet) -> None:
         result = alice.ssh("ctl", "grant", "bob", "kiln7", timeout=60)
         assert result.returncode != 0
         assert "locked" in result.stderr, result.stderr
-        assert alice.ssh("dev_kiln7", "true", timeout=30).returncode == 0
+        assert alice.ssh("ctl", "ls", timeout=30).returncode == 0
+        refused = alice.ssh("dev_kiln7", "true", timeout=30)
+        assert refused.returncode == 255
+        assert "session refused: it cannot be audited" in refused.stderr, refused.stderr
+        assert "locked" in refused.stderr, refused.stderr
     assert auditIds(kiln7) == before
+    assert alice.ssh("dev_kiln7", "true", timeout=30).returncode == 0
     result = alice.ssh("ctl", "grant", "bob", "kiln7", timeout=60)
     assert result.returncode == 0, result.stderr
     assert kiln7.operators["bob"].ssh("dev_kiln7", "true").returncode == 0
