@@ -145,6 +145,30 @@ class KeepaliveTests(SynchronousTestCase):
         self.assertEqual(self.keepalive.deadline, INTERVAL * COUNT)
 
 
+class _KeepaliveFleet:
+    """Numbered keepalives on one clock (INTERVAL x COUNT), recording when each pings and dies."""
+
+    def __init__(self, clock: Clock, **options: Any) -> None:
+        self.clock = clock
+        self.options = options
+        self.pings: dict[int, list[float]] = {}
+        self.deaths: dict[int, list[float]] = {}
+
+    def keepalive(self, n: int) -> Keepalive:
+        """Start keepalive number C{n}."""
+        pings, deaths = self.pings[n], self.deaths[n] = [], []
+        k = Keepalive(
+            self.clock,
+            lambda: pings.append(self.clock.seconds()),
+            lambda: deaths.append(self.clock.seconds()),
+            INTERVAL,
+            COUNT,
+            **self.options,
+        )
+        k.start()
+        return k
+
+
 class AlignedKeepaliveTests(SynchronousTestCase):
     """
     An active keepalive with C{align} (the agent's, align=1 s): its checks, and so its
@@ -155,21 +179,9 @@ class AlignedKeepaliveTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(1_000_000)
-        self.pings: dict[int, list[float]] = {}
-        self.deaths: dict[int, list[float]] = {}
-
-    def keepalive(self, n: int) -> Keepalive:
-        self.pings[n], self.deaths[n] = [], []
-        k = Keepalive(
-            self.clock,
-            lambda: self.pings[n].append(self.clock.seconds()),
-            lambda: self.deaths[n].append(self.clock.seconds()),
-            INTERVAL,
-            COUNT,
-            align=1.0,
-        )
-        k.start()
-        return k
+        self.fleet = _KeepaliveFleet(self.clock, align=1.0)
+        self.pings, self.deaths = self.fleet.pings, self.fleet.deaths
+        self.keepalive = self.fleet.keepalive
 
     def test_fleetPingsTogether(self) -> None:
         """
@@ -213,16 +225,8 @@ class AlignedKeepaliveTests(SynchronousTestCase):
     def test_badAlignRefused(self) -> None:
         """align must be positive and at most the interval."""
         for align in (0.0, -1.0, INTERVAL + 1):
-            self.assertRaises(
-                ValueError,
-                Keepalive,
-                self.clock,
-                lambda: None,
-                lambda: None,
-                INTERVAL,
-                COUNT,
-                align=align,
-            )
+            with self.assertRaises(ValueError):
+                Keepalive(self.clock, print, print, INTERVAL, COUNT, align=align)
 
 
 #: Passive keepalives in these tests: probe after 25 s of silence, dead after 30.
@@ -387,22 +391,9 @@ class SweepTests(SynchronousTestCase):
         self.clock = Clock()
         self.clock.advance(1_000_000.3)
         self.sweep = KeepaliveSweep(self.clock)
-        self.pings: dict[int, list[float]] = {}
-        self.deaths: dict[int, list[float]] = {}
-
-    def keepalive(self, n: int) -> Keepalive:
-        self.pings[n], self.deaths[n] = [], []
-        k = Keepalive(
-            self.clock,
-            lambda: self.pings[n].append(self.clock.seconds()),
-            lambda: self.deaths[n].append(self.clock.seconds()),
-            INTERVAL,
-            COUNT,
-            probeAfter=PROBE_AFTER,
-            sweep=self.sweep,
-        )
-        k.start()
-        return k
+        self.fleet = _KeepaliveFleet(self.clock, probeAfter=PROBE_AFTER, sweep=self.sweep)
+        self.pings, self.deaths = self.fleet.pings, self.fleet.deaths
+        self.keepalive = self.fleet.keepalive
 
     def test_oneTimerForManyLinks(self) -> None:
         """
