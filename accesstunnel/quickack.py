@@ -68,6 +68,11 @@ class QuickAckMixin:
             self._quickAck()
         super().dataReceived(data)  # type: ignore[misc]
 
+    def stopQuickAcks(self) -> None:
+        """No more quick ACKs on this connection (a peer that never waits on them)."""
+        self._quickAcksLeft = 0
+        self._quickAckSocket = None
+
     def _quickAck(self) -> None:
         self._quickAcksLeft -= 1
         sock = self._quickAckSocket

@@ -212,7 +212,15 @@ class AgentAvatar(ConchUser):
         )
 
     def gotGlobalRequest(self, requestType: bytes, data: bytes) -> Any:
-        """Enrollment requests are answered (later, in order); the rest refused."""
+        """
+        Enrollment requests are answered (later, in order); the rest refused.
+
+        The refusal is returned at once, not through a coroutine: an idle fleet's
+        keepalives are most of what reaches here, and an answer that is ready at once
+        goes out at once (L{accesstunnel.connection}).
+        """
+        if requestType not in self._requests.handled:
+            return 0
         return defer.Deferred.fromCoroutine(self._requests.handle(self, requestType, data))
 
     def logout(self) -> None:

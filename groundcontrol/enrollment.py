@@ -79,9 +79,12 @@ class AgentRequests:
         self._clock = clock
         self._certificates = certificates
 
+    #: The global requests L{handle} answers; any other is refused.
+    handled = frozenset((HELLO, ENROLL, CLAIM_CODE, CERTIFICATE))
+
     async def handle(self, avatar: Any, requestType: bytes, data: bytes) -> Any:
         """Dispatch one request from C{avatar}'s agent; 0 for unknown ones."""
-        if requestType not in (HELLO, ENROLL, CLAIM_CODE, CERTIFICATE):
+        if requestType not in self.handled:
             return 0  # keepalive@openssh.com and the like: a refusal is the answer
         request = decodeRequest(data)
         try:

@@ -313,7 +313,7 @@ class GroundControlTransport(
         if isAgent:
             # Our agent turns Nagle off from its first byte: quick ACKs (a setsockopt
             # and a bare ACK segment per read) buy an agent link nothing after login.
-            self._quickAcksLeft = 0
+            self.stopQuickAcks()
             probeAfter = agentProbeAfter(interval, count)
             self.watchPeer(
                 conn, self.factory.clock, interval, count, probeAfter, self.factory.sweep

@@ -115,3 +115,14 @@ class QuickAckTests(SynchronousTestCase):
         mro = GroundControlTransport.__mro__
         self.assertLess(mro.index(QuickAckMixin), mro.index(GroundControlTransport.__bases__[1]))
         self.assertEqual(quickack.QUICK_ACK_READS, QuickAckMixin.quickAckReads)
+
+    def test_stopQuickAcks(self) -> None:
+        """After stopQuickAcks no read sets the option again, though reads were left."""
+        sock = RecordingSocket()
+        receiver = self.connect(sock)
+        receiver.dataReceived(b"a")
+        receiver.stopQuickAcks()
+        receiver.dataReceived(b"b")
+        receiver.dataReceived(b"c")
+        self.assertEqual(sock.options, [(socket.IPPROTO_TCP, TCP_QUICKACK, 1)])
+        self.assertEqual(receiver.received, [b"a", b"b", b"c"])
