@@ -39,6 +39,8 @@ NOTIFIED_EVENTS = frozenset(
         "device.claimed",
         "device.revoked",
         "claim.lapsed",
+        "claim.renewed",
+        "claim.released",
         # Rate limited per device by groundcontrol.flapping before they reach the feed.
         "device.online",
         "device.offline",

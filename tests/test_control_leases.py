@@ -116,3 +116,22 @@ class LeaseCommandTests(EnrollmentTestCase):
         status, _, err = self.world.ctl(self.bob, "claim renew nosuch")
         self.assertEqual(status, 1)
         self.assertIn("no device named 'nosuch'", err)
+
+    def test_renewAndReleaseNotified(self) -> None:
+        """
+        Who owns a device is fleet news: claim.renewed and claim.released reach the
+        notifier (log, webhook) naming device and actor.
+        """
+        notifier = self.world.notifier
+        self.world.ctl(self.bob, "claim renew oven2 --for 1d")
+        self.world.poll()
+        renewed = notifier.events[-1]
+        self.assertEqual(
+            (renewed.event, renewed.device, renewed.actor), ("claim.renewed", "oven2", "bob")
+        )
+        self.world.ctl(self.bob, "claim release oven2")
+        self.world.poll()
+        released = notifier.events[-1]
+        self.assertEqual(
+            (released.event, released.device, released.actor), ("claim.released", "oven2", "bob")
+        )
