@@ -27,6 +27,7 @@ import attrs
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 TWISTD = str(Path(sys.executable).parent / "twistd")
+TUNNEL_AGENT = str(Path(sys.executable).parent / "tunnel-agent")
 LOOPBACK = "127.0.0.1"
 
 
@@ -237,6 +238,15 @@ class Agent:
     def stop(self) -> None:
         if self.process is not None:
             self.process.stop()
+
+    def waitPairingCode(self, timeout: float = 20) -> str:
+        """The pairing code the agent shows while pending (C{tunnel-agent pair})."""
+
+        def pairingCode() -> str | None:
+            result = run([TUNNEL_AGENT, "pair", "--state", str(self.state)])
+            return result.stdout.strip() if result.returncode == 0 else None
+
+        return waitFor(pairingCode, timeout, "a pairing code", interval=0.2)
 
 
 @attrs.define

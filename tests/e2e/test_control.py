@@ -12,7 +12,7 @@ import time
 
 import pexpect
 
-from tests.e2e.harness import Fleet, run, waitFor
+from tests.e2e.harness import Fleet, waitFor
 
 
 def test_ls_json_and_roles(kiln7: Fleet) -> None:
@@ -93,17 +93,13 @@ def test_claim_renew_and_release(fleet: Fleet) -> None:
     The owner of a claimed device renews its lease over ctl while the device stays
     approved (the agent shows no code then), and releases it: access ends at once.
     """
-    from tests.e2e.test_enrollment import TUNNEL_AGENT, _startAgent
+    from tests.e2e.test_enrollment import _startAgent
 
     bob = fleet.addOperator("bob")
     agent = _startAgent(fleet, "lse1")
     fleet.waitPending("lse1")
 
-    def pairingCode() -> str | None:
-        result = run([TUNNEL_AGENT, "pair", "--state", str(agent.state)])
-        return result.stdout.strip() if result.returncode == 0 else None
-
-    code = waitFor(pairingCode, 20, "a pairing code", interval=0.2)
+    code = agent.waitPairingCode()
     assert bob.ssh("ctl", "claim", code, "--for", "1h").returncode == 0
     fleet.waitRoutable(bob, "lse1", timeout=10)
     before = time.time()

@@ -21,9 +21,15 @@ from cryptography.x509.oid import NameOID
 
 from accesstunnel.keys import fingerprint
 from groundcontrol.pki import FleetCA, verifyDeviceCertificate
-from tests.e2e.harness import LOOPBACK, TWISTD, Agent, Fleet, GroundControl, run, waitFor
-
-TUNNEL_AGENT = str(Path(TWISTD).parent / "tunnel-agent")
+from tests.e2e.harness import (
+    LOOPBACK,
+    TUNNEL_AGENT,
+    Agent,
+    Fleet,
+    GroundControl,
+    run,
+    waitFor,
+)
 
 
 def _startAgent(fleet: Fleet, name: str, *extra: str) -> Agent:
@@ -82,11 +88,7 @@ def test_claim_with_pairing_code(fleet: Fleet) -> None:
     agent = _startAgent(fleet, "clm1")
     fleet.waitPending("clm1")
 
-    def pairingCode() -> str | None:
-        result = run([TUNNEL_AGENT, "pair", "--state", str(agent.state)])
-        return result.stdout.strip() if result.returncode == 0 else None
-
-    code = waitFor(pairingCode, 20, "a pairing code", interval=0.2)
+    code = agent.waitPairingCode()
     assert len(code) == 9 and code[4] == "-", code
     assert code in _agentLog(agent)
 
