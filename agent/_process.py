@@ -221,9 +221,9 @@ def _readPty(fd: int, callback: Any) -> Any:
     fails with C{EAGAIN}) and goes out at once: nothing here waits. On hang-up
     or end of file, what was read before it is passed on first.
     """
-    chunks = []
+    chunks: list[bytes] = []
     size = 0
-    result = None
+    result: Any = None
     while size < PTY_BATCH:
         try:
             output = os.read(fd, PTY_BATCH - size)
