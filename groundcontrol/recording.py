@@ -14,9 +14,18 @@ bytes into the page cache, no fsync, and the only way to refuse a session
 before it runs when the disk is full. After that, events are buffered in
 memory and handed to one writer thread (a single-worker pool, so writes stay
 in order) at least every L{RecordingPolicy.flushInterval} seconds, or as soon
-as L{RecordingPolicy.flushBytes} are buffered. If the disk cannot keep up,
-the data waiting for the thread is bounded (L{RecordingPolicy.maxBacklog});
-beyond it the recording has failed.
+as L{RecordingPolicy.flushBytes} are buffered. A recording has at most one
+write in flight: what is flushed meanwhile waits and goes as one joined write
+when the previous one completes, so writes grow with the load instead of
+queueing up behind the thread (each small write used to wait for the GIL
+while the reactor was busy relaying, and fast output outran them).
+
+If the data waiting for the disk still grows past
+L{RecordingPolicy.maxBacklog}, the recording holds back the session's output
+(C{onThrottle(True)}: the relay stops crediting the device's channel) until
+it is written down to half of that (C{onThrottle(False)}). Fast output is
+slowed, never a reason to end the session; only a write that fails (a full
+disk, an I/O error) fails the recording.
 
 A recording that fails is handled by policy: fail-closed (the default) refuses
 a session whose recording cannot be opened and ends a session whose recording
@@ -123,7 +132,8 @@ class RecordingPolicy:
     maxBytes: int | None = None
     flushInterval: float = 1.0
     flushBytes: int = 64 * 1024
-    #: Bytes handed to the writer thread and not yet written, before giving up.
+    #: Bytes flushed and not yet written above which the session's output is
+    #: held back (it resumes below half of this).
     maxBacklog: int = 8 * 1024 * 1024
     #: Seconds between retention passes.
     pruneInterval: float = 3600.0
@@ -158,8 +168,11 @@ class Recording:
     One session's asciicast file, open for appending events.
 
     Events are buffered and flushed by the clock (C{flushInterval}) or by size
-    (C{flushBytes}); L{failed} holds the reason once the recording broke, and
-    C{onFailure} is called once with it.
+    (C{flushBytes}); one write is in flight at a time and what is flushed
+    meanwhile goes as one joined write after it. C{onThrottle(True)} asks the
+    session to hold its output back while more than C{maxBacklog} bytes wait
+    for the disk, C{onThrottle(False)} lets it go again. L{failed} holds the
+    reason once the recording broke, and C{onFailure} is called once with it.
     """
 
     _log = Logger()
@@ -173,6 +186,7 @@ class Recording:
         runner: Runner,
         policy: RecordingPolicy,
         onFailure: Callable[[str], None] | None = None,
+        onThrottle: Callable[[bool], None] | None = None,
     ) -> None:
         self.path = path
         self._handle: IO[bytes] | None = handle
@@ -181,16 +195,25 @@ class Recording:
         self._runner = runner
         self._policy = policy
         self._onFailure = onFailure
+        self._onThrottle = onThrottle
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._buffer: list[bytes] = []
         self._buffered = 0
+        #: Flushed, waiting for the write in flight to complete.
+        self._pending: list[bytes] = []
+        #: Bytes flushed and not yet written (pending and in flight).
         self._backlog = 0
+        self._writing = False
+        #: The session's output is held back (C{onThrottle(True)} was called).
+        self.throttled = False
         self._timer: IDelayedCall | None = None
         self._last = 0.0
         self._closing: defer.Deferred[None] | None = None
         self.failed: str | None = None
         #: Bytes of the file written so far (header included).
         self.written = 0
+        #: Writes handed to the runner (each joins everything flushed meanwhile).
+        self.writes = 0
 
     @classmethod
     def start(
@@ -205,6 +228,7 @@ class Recording:
         opener: Opener = openRecordingFile,
         title: str | None = None,
         onFailure: Callable[[str], None] | None = None,
+        onThrottle: Callable[[bool], None] | None = None,
     ) -> Recording:
         """
         Open the file and write the header now, so that a full disk refuses the
@@ -230,7 +254,7 @@ class Recording:
                 with contextlib.suppress(OSError):
                     handle.close()
             raise RecordingError(f"cannot start the recording {path.name}: {_why(e)}") from None
-        recording = cls(path, handle, startedAt, clock, runner, policy, onFailure)
+        recording = cls(path, handle, startedAt, clock, runner, policy, onFailure, onThrottle)
         recording.written = len(line)
         return recording
 
@@ -263,29 +287,53 @@ class Recording:
     # -- writing -----------------------------------------------------------------
 
     def flush(self) -> None:
-        """Hand everything buffered to the writer."""
+        """Hand everything buffered to the writer (after the write in flight, if any)."""
         if self._timer is not None:
             if self._timer.active():
                 self._timer.cancel()
             self._timer = None
         if not self._buffer or self.failed is not None or self._handle is None:
             return
-        data = b"".join(self._buffer)
+        self._pending.extend(self._buffer)
+        self._backlog += self._buffered
         self._buffer.clear()
         self._buffered = 0
-        self._backlog += len(data)
         if self._backlog > self._policy.maxBacklog:
-            self._fail("the disk is not keeping up with the session's output")
+            self._throttle(True)
+        self._writeNext()
+
+    def _writeNext(self) -> None:
+        """Start one write of everything pending, unless one is in flight."""
+        if self._writing or not self._pending or self._handle is None:
             return
+        data = b"".join(self._pending)
+        self._pending.clear()
+        self._writing = True
+        self.writes += 1
         d = self._runner(_writeAll, self._handle, data)
         d.addCallbacks(self._wrote, self._writeFailed, callbackArgs=(len(data),))
 
     def _wrote(self, _: Any, n: int) -> None:
+        self._writing = False
         self._backlog -= n
         self.written += n
+        if self.throttled and self._backlog <= self._policy.maxBacklog // 2:
+            self._throttle(False)
+        if self._pending:
+            self._writeNext()
+        elif self._closing is not None:
+            self._closeFile()
 
     def _writeFailed(self, failure: Any) -> None:
+        self._writing = False
         self._fail(_why(failure.value))
+
+    def _throttle(self, hold: bool) -> None:
+        if self.throttled == hold:
+            return
+        self.throttled = hold
+        if self._onThrottle is not None:
+            self._onThrottle(hold)
 
     def _fail(self, reason: str) -> None:
         if self.failed is not None:
@@ -293,18 +341,22 @@ class Recording:
         self.failed = reason
         self._buffer.clear()
         self._buffered = 0
+        self._pending.clear()
+        self._backlog = 0
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
         self._log.error("recording {path} failed: {reason}", path=str(self.path), reason=reason)
-        handle, self._handle = self._handle, None
-        if handle is not None:
-            self._runner(_close, handle).addErrback(lambda f: None)
+        self._throttle(False)
         if self._onFailure is not None and self._closing is None:
             self._onFailure(reason)
+        self._closeFile()
 
     def close(self) -> defer.Deferred[None]:
-        """Write what is left and close the file; fires once it is on its way to disk."""
+        """
+        Write what is left and close the file; fires once the last write is done
+        and the file is on its way to disk.
+        """
         if self._closing is not None:
             return self._closing
         tail = self._decoder.decode(b"", final=True)
@@ -312,15 +364,23 @@ class Recording:
             self._event("o", tail)
         self.flush()
         self._closing = defer.Deferred()
-        handle, self._handle = self._handle, None
-        if handle is None:
-            self._closing.callback(None)
-            return self._closing
         closing = self._closing
+        if not self._writing:
+            self._closeFile()
+        return closing
+
+    def _closeFile(self) -> None:
+        """Close the file (no write is in flight); then fire L{close}'s Deferred."""
+        handle, self._handle = self._handle, None
+        closing = self._closing
+        if handle is None:
+            if closing is not None and not closing.called:
+                closing.callback(None)
+            return
         d = self._runner(_close, handle)
         d.addErrback(self._writeFailed)
-        d.addBoth(lambda _: closing.callback(None))
-        return closing
+        if closing is not None:
+            d.addBoth(lambda _: None if closing.called else closing.callback(None))
 
 
 def _why(error: BaseException) -> str:
@@ -356,6 +416,7 @@ class Recorder:
         term: str,
         title: str | None = None,
         onFailure: Callable[[str], None] | None = None,
+        onThrottle: Callable[[bool], None] | None = None,
     ) -> Recording:
         """Start a session's recording; raises L{RecordingError}."""
         assert self.policy.directory is not None
@@ -371,6 +432,7 @@ class Recorder:
             opener=self._opener,
             title=title,
             onFailure=onFailure,
+            onThrottle=onThrottle,
         )
 
     def read(self, path: Path) -> defer.Deferred[bytes]:

@@ -64,6 +64,8 @@ class RelayChannel(FlowChannel):
         self._abandoned = False
         #: The answer to the latest request passed on, until it comes.
         self._lastReply: defer.Deferred[Any] | None = None
+        #: Credit withheld by L{holdCredit} (None: credit flows).
+        self._heldCredit: int | None = None
 
     # -- opening (device side) ------------------------------------------------
 
@@ -100,6 +102,30 @@ class RelayChannel(FlowChannel):
         if peer is not None:
             peer.peer = None
             peer.loseConnection()
+
+    # -- holding the sender back -------------------------------------------------
+
+    def holdCredit(self) -> None:
+        """
+        Stop re-opening this side's receive window: its sender stops once the
+        window in flight is used up. A session's recording does this while the
+        disk is behind, so fast output is slowed rather than the session ended.
+        """
+        if self._heldCredit is None:
+            self._heldCredit = 0
+
+    def releaseCredit(self) -> None:
+        """Give back the credit held since L{holdCredit}, and let it flow again."""
+        held, self._heldCredit = self._heldCredit, None
+        if held:
+            super().consumed(held)
+            self.flushWindow()
+
+    def consumed(self, count: int) -> None:
+        if self._heldCredit is not None:
+            self._heldCredit += count
+            return
+        super().consumed(count)
 
     # -- passing things on -------------------------------------------------------
 

@@ -299,6 +299,7 @@ class LiveSession:
                 record.term or "xterm",
                 title=f"{record.account} on {record.device}",
                 onFailure=self._recordingFailed,
+                onThrottle=self._recordingThrottled,
             )
         except RecordingError as e:
             record.recordingError = str(e)
@@ -318,6 +319,14 @@ class LiveSession:
         path = self.recording.path
         record.recording = str(path.relative_to(directory)) if directory else str(path)
         return True
+
+    def _recordingThrottled(self, hold: bool) -> None:
+        """The recording is behind (or caught up): hold (or release) the device's output."""
+        side = self.deviceSide
+        if hold:
+            side.holdCredit()
+        else:
+            side.releaseCredit()
 
     def _recordingFailed(self, reason: str) -> None:
         record = self.record

@@ -47,12 +47,28 @@ class HeldRunner:
         return d
 
     def runAll(self) -> None:
-        jobs, self.jobs = self.jobs, []
-        for f, args, d in jobs:
-            try:
-                d.callback(f(*args))
-            except Exception:
-                d.errback()
+        """Run every job, including those queued by the completion of earlier ones."""
+        while self.jobs:
+            self.runNext()
+
+    def runNext(self) -> None:
+        """Complete the oldest job (the writer thread finishing one write)."""
+        f, args, d = self.jobs.pop(0)
+        try:
+            result = f(*args)
+        except Exception:
+            d.errback()
+        else:
+            d.callback(result)
+
+    def failNext(self, error: Exception) -> None:
+        """Fail the oldest job with C{error} instead of running it."""
+        _f, _args, d = self.jobs.pop(0)
+        d.errback(error)
+
+    def writes(self) -> list[bytes]:
+        """The data of the write jobs queued now."""
+        return [args[1] for f, args, _ in self.jobs if f.__name__ == "_writeAll"]
 
 
 class RecordingTestCase(SynchronousTestCase):
@@ -109,22 +125,6 @@ class BufferingTests(RecordingTestCase):
         self.assertEqual("".join(t for _, _, t in cast.events), "ab\ufffd")
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
-    def test_backlogBounded(self) -> None:
-        """A writer that does not keep up fails the recording past maxBacklog bytes."""
-        runner = HeldRunner()
-        failures: list[str] = []
-        path = recordingPath(self.directory, "abcdefghij", self.clock.seconds())
-        policy = RecordingPolicy(directory=self.directory, flushBytes=1000, maxBacklog=5200)
-        recording = Recording.start(
-            path, 80, 24, "xterm", self.clock, runner, policy, onFailure=failures.append
-        )
-        for _ in range(5):
-            recording.output(b"y" * 1000)
-        self.assertEqual(failures, [])
-        recording.output(b"y" * 1000)
-        self.assertEqual(failures, ["the disk is not keeping up with the session's output"])
-        runner.runAll()
-
     def test_writesInOrderThroughRunner(self) -> None:
         """Writes go through the runner (the writer thread) in order."""
         runner = HeldRunner()
@@ -136,6 +136,134 @@ class BufferingTests(RecordingTestCase):
         self.assertEqual(
             [t for _, _, t in parseCast(recording.path.read_bytes()).events], ["1", "2"]
         )
+
+
+class WriteInFlightTests(RecordingTestCase):
+    """One write in flight per recording; flushes meanwhile are joined; back-pressure."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.runner = HeldRunner()
+        self.throttle: list[bool] = []
+        self.failures: list[str] = []
+
+    def begin(self, **policy: Any) -> Recording:
+        path = recordingPath(self.directory, "abcdefghij", self.clock.seconds())
+        chosen = RecordingPolicy(directory=self.directory, **policy)
+        return Recording.start(
+            path,
+            80,
+            24,
+            "xterm",
+            self.clock,
+            self.runner,
+            chosen,
+            onFailure=self.failures.append,
+            onThrottle=self.throttle.append,
+        )
+
+    def texts(self, recording: Recording) -> list[str]:
+        return [t for _, _, t in parseCast(recording.path.read_bytes()).events]
+
+    def test_oneWriteInFlightThenOneJoinedWrite(self) -> None:
+        """Flushes during a write wait and go, in order, as one joined write after it."""
+        recording = self.begin(flushBytes=1)
+        recording.output(b"a")
+        recording.output(b"b")
+        recording.output(b"c")
+        recording.output(b"d")
+        self.assertEqual(len(self.runner.writes()), 1)  # only "a" is being written
+        self.runner.runNext()
+        (joined,) = self.runner.writes()
+        self.assertEqual(joined.count(b"\n"), 3)  # b, c and d in one write
+        self.runner.runNext()
+        self.assertEqual(self.runner.jobs, [])
+        self.assertEqual(self.texts(recording), ["a", "b", "c", "d"])
+        self.assertEqual(recording.writes, 2)
+        self.assertEqual(recording.written, recording.path.stat().st_size)
+
+    def test_flushByTimeStillOneInFlight(self) -> None:
+        """The flush interval still hands data over; it waits for the write in flight."""
+        recording = self.begin()
+        recording.output(b"first")
+        self.clock.advance(1.0)
+        recording.output(b"second")
+        self.clock.advance(1.0)
+        self.assertEqual(len(self.runner.writes()), 1)
+        self.runner.runAll()
+        self.assertEqual(self.texts(recording), ["first", "second"])
+
+    def test_closeFiresAfterPendingWrites(self) -> None:
+        """close() writes everything, closes the file after the last write, then fires."""
+        recording = self.begin(flushBytes=1)
+        recording.output(b"a")
+        recording.output(b"b")
+        recording.output(b"tail\xc3")
+        closed = recording.close()
+        self.assertNoResult(closed)
+        self.runner.runNext()  # "a"
+        self.assertNoResult(closed)
+        self.assertEqual(len(self.runner.writes()), 1)  # b and the tail, joined
+        self.runner.runNext()
+        self.assertNoResult(closed)  # the close is queued after the last write
+        self.runner.runAll()
+        self.successResultOf(closed)
+        self.assertEqual(self.texts(recording), ["a", "b", "tail", "\ufffd"])
+        self.assertEqual(self.failures, [])
+
+    def test_writeErrorFailsTheRecording(self) -> None:
+        """A failed write (EIO) fails the recording once; pending data is dropped; close fires."""
+        recording = self.begin(flushBytes=1)
+        recording.output(b"a")
+        recording.output(b"b")
+        self.runner.failNext(OSError(errno.EIO, "Input/output error"))
+        self.assertEqual(self.failures, ["Input/output error"])
+        self.assertEqual(recording.failed, "Input/output error")
+        self.assertEqual(self.runner.writes(), [])  # "b" is not written after the failure
+        self.runner.runAll()  # the file is closed
+        recording.output(b"c")
+        self.assertEqual(self.runner.jobs, [])
+        self.successResultOf(recording.close())
+
+    def test_writeErrorWhileClosing(self) -> None:
+        """A write failing after close() still fires close() (without onFailure)."""
+        recording = self.begin(flushBytes=1)
+        recording.output(b"a")
+        closed = recording.close()
+        self.runner.failNext(OSError(errno.ENOSPC, "No space left on device"))
+        self.runner.runAll()
+        self.successResultOf(closed)
+        self.assertEqual(self.failures, [])
+        self.assertEqual(recording.failed, "No space left on device")
+
+    def test_backlogHoldsOutputBackInsteadOfFailing(self) -> None:
+        """Past maxBacklog the session is held back, not failed; below half it resumes."""
+        recording = self.begin(flushBytes=1000, maxBacklog=5200)
+        for _ in range(5):
+            recording.output(b"y" * 1000)
+        self.assertEqual(self.throttle, [])
+        recording.output(b"y" * 1000)  # about 6 KB waits for the disk
+        self.assertEqual(self.throttle, [True])
+        self.assertTrue(recording.throttled)
+        recording.output(b"y" * 1000)  # what still arrives is kept
+        self.assertEqual(self.throttle, [True])
+        self.runner.runNext()  # the first 1 KB: still above half
+        self.assertEqual(self.throttle, [True])
+        self.runner.runNext()  # the joined rest: caught up
+        self.assertEqual(self.throttle, [True, False])
+        self.runner.runAll()
+        self.assertEqual(self.failures, [])
+        self.assertIsNone(recording.failed)
+        self.assertEqual("".join(self.texts(recording)), "y" * 7000)
+
+    def test_failureReleasesTheHold(self) -> None:
+        """A recording that fails while holding the session back lets it go (fail-open)."""
+        recording = self.begin(flushBytes=1000, maxBacklog=1500)
+        recording.output(b"y" * 1000)
+        recording.output(b"y" * 1000)
+        self.assertEqual(self.throttle, [True])
+        self.runner.failNext(OSError(errno.ENOSPC, "No space left on device"))
+        self.assertEqual(self.throttle, [True, False])
 
     def test_writeFailureReported(self) -> None:
         """A write error (ENOSPC) is reported once through onFailure, and writing stops."""
