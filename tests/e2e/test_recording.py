@@ -225,3 +225,61 @@ def test_full_disk_fail_closed_then_open(kiln7: Fleet) -> None:
         )
         assert goes.returncode == 0, goes.stderr
         assert "unrecorded" in goes.stdout
+
+
+BULK = 100 * 1024 * 1024
+
+
+def test_fast_output_is_recorded_not_ended(kiln7: Fleet) -> None:
+    """
+    100 MiB of NULs on a pty as fast as the device makes them (each becomes six bytes
+    of JSON in the cast, about 600 MB): fail-closed (the default), the session completes
+    with status 0 and the recording holds every byte. The recorder used to end such
+    sessions ("the disk is not keeping up") after 8-56 MB; now it slows them if need be.
+    """
+    alice = kiln7.operators["alice"]
+    argv = alice.argv("dev_kiln7", f"head -c {BULK} /dev/zero", tty=True, options=QUIET)
+    ssh = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(kiln7.base)},
+    )
+    assert ssh.stdout is not None and ssh.stderr is not None
+    received = 0
+    while chunk := ssh.stdout.read(1 << 20):
+        received += len(chunk)
+    stderr = ssh.stderr.read().decode("utf-8", "replace")
+    assert ssh.wait(timeout=30) == 0, stderr
+    assert received == BULK, stderr
+
+    ended = waitFor(
+        lambda: next(
+            (
+                s
+                for s in sessions(kiln7, "--all")
+                if s["pty"] and s["mode"] == "exec" and s["state"] == "ended"
+            ),
+            None,
+        ),
+        20,
+        "the bulk session to be audited as ended",
+    )
+    assert not ended.get("recording_error"), ended
+    assert ended["exit_status"] == 0
+    cast = kiln7.gc.data / "recordings" / ended["recording"]
+
+    def recorded() -> int:
+        with cast.open("rb") as f:
+            f.readline()  # the header
+            total = 0
+            for line in f:
+                if not line.endswith(b"\n"):
+                    return 0  # still being written
+                _at, code, text = json.loads(line)
+                if code == "o":
+                    total += len(text)
+            return total
+
+    assert waitFor(lambda: recorded() == BULK, 20, "the whole output in the recording")
