@@ -7,19 +7,11 @@ bytes to a Twisted write buffer; this producer, registered on that buffer,
 learns when the buffer is full (C{pauseProducing}) and when it has drained
 (C{resumeProducing}), and gives the window back only then. Memory held per
 channel is thus bounded by the consumer's buffer plus one window.
-
-Twisted resumes a producer only once the buffer is completely empty; a
-consumer that is slow for a moment (a C{cat} not scheduled for a few ms) would
-then hold the whole window and stop the sender. A writer with
-L{ProgressMixin} also reports each partial drain (L{InputCredit.written}), and
-the credit for held bytes that have left the buffer goes back at once. The
-bound stays the same: nothing is credited that is still in the buffer beyond
-what was there when it paused.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
@@ -55,17 +47,6 @@ class InputCredit:
         """The consumer's buffer is full: hold credit back."""
         self.paused = True
 
-    def written(self, buffered: int) -> None:
-        """
-        The paused consumer sent part of its buffer; C{buffered} bytes are
-        still in it. Held bytes are the newest in that buffer, so those beyond
-        C{buffered} have left it: give their credit back now.
-        """
-        gone = self._held - buffered
-        if gone > 0 and not self.stopped:
-            self._held = buffered
-            self._channel.consumed(gone)
-
     def resumeProducing(self) -> None:
         """The consumer's buffer drained: give back what was held."""
         self.paused = False
@@ -87,26 +68,4 @@ class InputCredit:
             self._channel.consumed(count)
 
 
-class ProgressMixin:
-    """
-    For a subclass of L{twisted.internet.abstract.FileDescriptor}: after each
-    send while its streaming producer is paused, tell the producer (if it has
-    a C{written} method, as L{InputCredit} does) how much is still buffered.
-    """
-
-    dataBuffer: bytes
-    offset: int
-    _tempDataLen: int
-    producer: Any
-    producerPaused: bool
-
-    def doWrite(self) -> Any:
-        result = super().doWrite()  # type: ignore[misc]
-        if self.producerPaused and self.producer is not None:
-            written = getattr(self.producer, "written", None)
-            if written is not None:
-                written(len(self.dataBuffer) - self.offset + self._tempDataLen)
-        return result
-
-
-__all__ = ["InputCredit", "ProgressMixin"]
+__all__ = ["InputCredit"]
