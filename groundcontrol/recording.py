@@ -214,6 +214,8 @@ class Recording:
         self.written = 0
         #: Writes handed to the runner (each joins everything flushed meanwhile).
         self.writes = 0
+        #: Times the session's output was held back for the disk.
+        self.holds = 0
 
     @classmethod
     def start(
@@ -332,6 +334,7 @@ class Recording:
         if self.throttled == hold:
             return
         self.throttled = hold
+        self.holds += hold
         if self._onThrottle is not None:
             self._onThrottle(hold)
 
@@ -373,6 +376,15 @@ class Recording:
         """Close the file (no write is in flight); then fire L{close}'s Deferred."""
         handle, self._handle = self._handle, None
         closing = self._closing
+        if handle is not None:
+            self._log.info(
+                "recording {path} closed: {written} bytes in {writes} writes,"
+                " output held back {holds} times",
+                path=self.path.name,
+                written=self.written,
+                writes=self.writes,
+                holds=self.holds,
+            )
         if handle is None:
             if closing is not None and not closing.called:
                 closing.callback(None)

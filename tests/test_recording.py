@@ -251,6 +251,7 @@ class WriteInFlightTests(RecordingTestCase):
         self.assertEqual(self.throttle, [True])
         self.runner.runNext()  # the joined rest: caught up
         self.assertEqual(self.throttle, [True, False])
+        self.assertEqual(recording.holds, 1)
         self.runner.runAll()
         self.assertEqual(self.failures, [])
         self.assertIsNone(recording.failed)
