@@ -459,24 +459,7 @@ class SessionRegistry:
         record = session.record
         session.announced = True
         written: defer.Deferred[None] = defer.Deferred()
-
-        def write(_: Any) -> defer.Deferred[Any]:
-            return self.store.audit(
-                SESSION_STARTED,
-                record.account,
-                record.device,
-                {"session": record.id, **record.toJSON()},
-                self.clock.seconds(),
-            )
-
-        def failed(failure: Failure) -> None:
-            written.errback(failure)
-
-        session._audited = (
-            session._audited.addCallback(write)
-            .addCallback(lambda _: written.callback(None))
-            .addErrback(failed)
-        )
+        self._audit(session, SESSION_STARTED, record.toJSON(), written)
         try:
             await written
         except defer.CancelledError:
@@ -531,8 +514,18 @@ class SessionRegistry:
         if self.metrics is not None and session.started:
             self.metrics.sessionEnded(record)
 
-    def _audit(self, session: LiveSession, event: str, detail: dict[str, Any]) -> None:
-        """Write an audit event after the session's earlier ones, in order."""
+    def _audit(
+        self,
+        session: LiveSession,
+        event: str,
+        detail: dict[str, Any],
+        written: defer.Deferred[None] | None = None,
+    ) -> None:
+        """
+        Write an audit event after the session's earlier ones, in order. C{written},
+        if given, fires once the store has it, or fails with the store's error
+        (which is then the caller's to report); otherwise a failure is logged.
+        """
         record = session.record
         now = self.clock.seconds()
         detail = {"session": record.id, **detail}
@@ -540,10 +533,17 @@ class SessionRegistry:
         def write(_: Any) -> defer.Deferred[Any]:
             return self.store.audit(event, record.account, record.device, detail, now)
 
-        def failed(failure: Any) -> None:
+        def done(_: Any) -> None:
+            if written is not None:
+                written.callback(None)
+
+        def failed(failure: Failure) -> None:
+            if written is not None:
+                written.errback(failure)
+                return
             self._log.failure("could not audit {event} of {id}", failure, event=event, id=record.id)
 
-        session._audited = session._audited.addCallback(write).addErrback(failed)
+        session._audited = session._audited.addCallback(write).addCallbacks(done, failed)
 
     def whenAudited(self, session: LiveSession) -> defer.Deferred[None]:
         """Fires once the session's audit events so far are in the store."""
