@@ -32,7 +32,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from accesstunnel.channel import ENDPOINT_HIGH_WATER, ENDPOINT_WINDOW, FlowChannel
+from accesstunnel.channel import (
+    ENDPOINT_HIGH_WATER,
+    ENDPOINT_WINDOW,
+    LINK_MAX_PACKET,
+    FlowChannel,
+)
 from agent._flow import InputCredit
 from agent.session import _Payload
 
@@ -107,6 +112,7 @@ class SpliceChannel(FlowChannel):
     """
 
     receiveWindow = ENDPOINT_WINDOW  # the bytes end here (accesstunnel.channel)
+    receiveMaxPacket = LINK_MAX_PACKET  # a channel on the link to groundcontrol
     highWater = ENDPOINT_HIGH_WATER
 
     log = Logger()

@@ -42,7 +42,12 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from accesstunnel.channel import ENDPOINT_HIGH_WATER, ENDPOINT_WINDOW, FlowChannel
+from accesstunnel.channel import (
+    ENDPOINT_HIGH_WATER,
+    ENDPOINT_WINDOW,
+    LINK_MAX_PACKET,
+    FlowChannel,
+)
 from agent import _process
 from agent._flow import InputCredit
 
@@ -228,6 +233,7 @@ class SessionChannel(FlowChannel):
     """
 
     receiveWindow = ENDPOINT_WINDOW  # the bytes end here (accesstunnel.channel)
+    receiveMaxPacket = LINK_MAX_PACKET  # a channel on the link to groundcontrol
     highWater = ENDPOINT_HIGH_WATER
 
     name = b"session"

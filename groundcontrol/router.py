@@ -25,7 +25,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from accesstunnel.channel import DEFAULT_MAX_PACKET, DEFAULT_WINDOW
+from accesstunnel.channel import DEFAULT_MAX_PACKET, DEFAULT_WINDOW, LINK_MAX_PACKET
 from groundcontrol.control import ControlChannel, ControlContext
 from groundcontrol.forwarding import MalformedPayload, parseForwardRequest
 from groundcontrol.registry import Registry
@@ -200,7 +200,7 @@ class SessionRouter:
                 refused = refused | {b"auth-agent-req@openssh.com"}
         deviceSide = RelayChannel(
             localWindow=DEFAULT_WINDOW,
-            localMaxPacket=DEFAULT_MAX_PACKET,
+            localMaxPacket=LINK_MAX_PACKET,  # the agent is ours: larger packets
             label=f"device {link.deviceName}",
         )
         deviceSide.name = channelType
