@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from collections.abc import Callable
 from typing import Any
 
 import attrs
 from twisted.application.internet import ClientService
 from twisted.conch.ssh import keys, transport, userauth
+from twisted.copyright import version as twisted_version
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
@@ -35,6 +37,17 @@ from agent.identity import ServerKeyPin
 from agent.remoteforward import CANCEL_TCPIP_FORWARD, TCPIP_FORWARD, RemoteForwarder
 
 AGENT_VERSION = "0.1.0"
+
+
+def versionLine(agentVersion: str = AGENT_VERSION, twistedVersion: str = twisted_version) -> bytes:
+    """
+    The SSH version line the agent sends (without CR LF): C{SSH-2.0-AccessTunnelAgent_0.1.0
+    Twisted_26.10.0}. groundcontrol's handshake limiter counts a connection that sends it
+    among the agents, any other client (OpenSSH: an operator) in the operators' reserve.
+    RFC 4253 allows no C{-} or space in the software version, hence the C{_}s.
+    """
+    agent, conch = (re.sub(r"[^A-Za-z0-9._]", "_", v) for v in (agentVersion, twistedVersion))
+    return f"SSH-2.0-AccessTunnelAgent_{agent} Twisted_{conch}".encode("ascii")
 
 
 @attrs.frozen
@@ -166,6 +179,7 @@ class AgentTransport(
     """Client transport: policy, pinned host key, keepalives, rekeying, link readiness."""
 
     _log = Logger()
+    ourVersionString = versionLine()
 
     def connectionMade(self) -> None:
         policy.applyClientPolicy(self)

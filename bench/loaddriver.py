@@ -10,9 +10,18 @@ certificate) unless ``--no-enrollment``. The only thing added is a count: a tran
 subclass that notes when its link is up (authenticated, the connection service
 started: the moment groundcontrol makes the device routable) and when it goes down.
 
-Each connection binds a source address of its own from 127.0.0.2.. (``--per-source``
-agents per address), so 10,000 links do not exhaust one address's ephemeral ports
-and the per-source handshake cap sees a fleet of hosts, not one.
+Each connection binds a source address in 127.0.0.0/8, ``--per-source`` agents per
+address counting up from ``--first-source`` (default 127.0.0.1, the address the
+operators' ``ssh`` and the real agent of bench/scale use: during the reconnect storm
+the operator probes come from an agent address, so the limiter must tell them apart by
+their SSH version line, not their source), so 10,000 links do not exhaust one address's
+ephemeral ports and the per-source handshake cap sees a fleet of hosts, not one. With
+``--per-source 1`` every agent has an address of its own (127.0.0.1 .. 127.0.39.16 for
+10,000), as devices each behind its own NAT; a fleet that would run past 127.255.255.254
+is refused at start.
+
+Every link sends the agent's own SSH version line (L{agent.link.AgentTransport}'s
+C{ourVersionString}: the driver's transport is the agent's, subclassed only to count).
 
 Reports one JSON line per ``--every`` seconds on stdout::
 
@@ -29,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import ipaddress
 import json
 import resource
 import sys
@@ -100,6 +110,22 @@ class CountingFactory(AgentLinkFactory):
     protocol = CountingTransport
 
 
+LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
+
+
+def sourceAddress(first: str, index: int, perSource: int) -> str:
+    """
+    The source address of agent C{index}: C{perSource} agents per address, counting up
+    from C{first} (an address, or N for 127.0.0.N) within 127.0.0.0/8; never outside it
+    (nor its network or broadcast address).
+    """
+    start = ipaddress.IPv4Address(f"127.0.0.{first}" if first.isdigit() else first)
+    address = start + index // perSource
+    if not (start in LOOPBACK and LOOPBACK.network_address < address < LOOPBACK.broadcast_address):
+        raise ValueError(f"source address {address} (agent {index}) is outside 127.0.0.0/8")
+    return str(address)
+
+
 class _NullStatus:
     """Stands in for STATE/status.json when --no-state: nothing written."""
 
@@ -130,8 +156,12 @@ def main() -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--server-key", required=True, help="groundcontrol's host key (.pub file)")
-    ap.add_argument("--per-source", type=int, default=100, help="agents per 127.0.0.N")
-    ap.add_argument("--first-source", type=int, default=2, help="N of the first 127.0.0.N")
+    ap.add_argument("--per-source", type=int, default=100, help="agents per source address")
+    ap.add_argument(
+        "--first-source",
+        default="127.0.0.1",
+        help="the first source address (or N for 127.0.0.N); they count up in 127.0.0.0/8",
+    )
     ap.add_argument("--rate", type=float, default=2000.0, help="agents started per second")
     ap.add_argument("--every", type=float, default=0.5, help="report interval, seconds")
     ap.add_argument(
@@ -150,6 +180,12 @@ def main() -> int:
     agents = loadKeys(a.keys)[a.skip :]
     if a.count is not None:
         agents = agents[: a.count]
+    if a.per_source < 1:
+        ap.error("--per-source must be at least 1")
+    try:
+        sources = [sourceAddress(a.first_source, i, a.per_source) for i in range(len(agents))]
+    except ValueError as e:
+        ap.error(str(e))
     limit = raiseFileLimit(len(agents) + 256)
     logFile = a.log.open("a")
     globalLogBeginner.beginLoggingTo(
@@ -198,9 +234,8 @@ def main() -> int:
             if not a.state:
                 enrollment.status = _NullStatus()  # type: ignore[assignment]
         factory = CountingFactory(settings, reactor, sessionFactory, forwardFactory, enrollment)
-        source = f"127.0.0.{a.first_source + i // a.per_source}"
         endpoint = endpoints.TCP4ClientEndpoint(
-            reactor, a.host, a.port, timeout=30, bindAddress=(source, 0)
+            reactor, a.host, a.port, timeout=30, bindAddress=(sources[i], 0)
         )
         services.append(linkService(endpoint, factory, reactor))
 

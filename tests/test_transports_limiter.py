@@ -460,8 +460,10 @@ class TimeoutTests(LimiterTestCase):
         self.assertIs(limiter._clock(), fleet.clock)
 
 
-#: What our agent sends first (Conch's client).
-AGENT = b"SSH-2.0-Twisted_26.10.0\r\n"
+#: What our agent sends first (its own version line).
+AGENT = b"SSH-2.0-AccessTunnelAgent_0.1.0 Twisted_26.10.0\r\n"
+#: What agents deployed before it had a line of its own send (Conch's client as it is).
+LEGACY_AGENT = b"SSH-2.0-Twisted_26.10.0\r\n"
 #: What the OpenSSH client sends first.
 OPERATOR = b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n"
 
@@ -551,26 +553,42 @@ class VersionLineTests(ClassTestCase):
         self.assertEqual(limiter.operators.pending, 1)
 
     def test_agentAndOperatorLines(self) -> None:
-        """Conch's version line counts in the agents' pool; OpenSSH's in the operators'."""
+        """
+        Our agent's version line and Conch's (agents deployed before the agent had a line
+        of its own) count in the agents' pool; OpenSSH's and other clients' in the
+        operators', even when they mention Twisted or our agent after the software name.
+        """
         limiter = self.limiter()
         self.busy(limiter)
         agent = self.connect(limiter, hello=AGENT)
+        legacy = self.connect(limiter, "192.0.2.2", hello=LEGACY_AGENT)
         operator = self.connect(limiter, hello=OPERATOR)
         self.assertEqual((agent.started, agent.paused, operator.started), (False, True, True))
-        self.assertEqual((limiter.agents.waiting, limiter.operators.pending), (2, 1))
+        self.assertEqual((legacy.started, legacy.paused), (False, True))
+        self.assertEqual((limiter.agents.waiting, limiter.operators.pending), (3, 1))
+        self.assertTrue(isAgentVersion(b"SSH-2.0-AccessTunnelAgent_0.2.0 Twisted_27.1.0"))
         self.assertTrue(isAgentVersion(b"SSH-2.0-Twisted_22.4.0"))
         self.assertFalse(isAgentVersion(b"SSH-2.0-OpenSSH_9.2p1 Twisted_26.10.0"))
+        self.assertFalse(isAgentVersion(b"SSH-2.0-OpenSSH_9.2p1 AccessTunnelAgent_0.1.0"))
         self.assertFalse(isAgentVersion(b"SSH-2.0-PuTTY_Release_0.81"))
 
     def test_ourAgentIsRecognised(self) -> None:
         """
-        The version line our agent's transport really sends counts as an agent's (were it
-        not, a whole fleet would crowd into the operators' few slots); OpenSSH's does not.
+        The version line our agent's transport really sends is its own (not Conch's, which
+        any Conch client sends) and counts as an agent's (were it not, a whole fleet would
+        crowd into the operators' few slots); OpenSSH's does not. It is a valid SSH line:
+        no space or dash in the software version, at most 255 bytes with CR LF.
         """
-        from agent.link import AgentTransport
+        from agent.link import AgentTransport, versionLine
 
-        self.assertTrue(isAgentVersion(AgentTransport.ourVersionString))
+        line = AgentTransport.ourVersionString
+        self.assertTrue(line.startswith(b"SSH-2.0-AccessTunnelAgent_"), line)
+        self.assertTrue(isAgentVersion(line))
+        self.assertEqual(AGENT.split(b" ")[0], line.split(b" ")[0])
         self.assertFalse(isAgentVersion(OPERATOR.rstrip(b"\r\n")))
+        odd = versionLine("1.0-rc1 +local", "27.0.0rc1")
+        self.assertEqual(odd, b"SSH-2.0-AccessTunnelAgent_1.0_rc1__local Twisted_27.0.0rc1")
+        self.assertLessEqual(len(line) + 2, MAX_VERSION_LINE)
 
     def test_silentConnectionCountsAsAnAgentAfterTheDeadline(self) -> None:
         """
@@ -672,9 +690,10 @@ class OperatorReserveTests(ClassTestCase):
         """
         Agents (or anyone) claiming to be OpenSSH from one address get at most half the
         reserve (operatorShare), from many addresses at most the reserve; the agents' pool
-        is untouched by them, so agents keep starting at the same rate.
+        is untouched by them, so agents keep starting at the same rate. (No lending here,
+        operatorFloor = the reserve: LendingTests has the liars with lending.)
         """
-        limiter = self.limiter(maxPending=8, operatorReserve=4)
+        limiter = self.limiter(maxPending=8, operatorReserve=4, operatorFloor=4)
         fleet = self.agents(limiter, 6)
         liars = [self.connect(limiter, "203.0.113.1", OPERATOR) for _ in range(5)]
         self.assertEqual(sum(c.started for c in liars), 2)
@@ -794,6 +813,232 @@ class OperatorReserveTests(ClassTestCase):
         self.assertTrue(Conn(off, "192.0.2.1", None).started)
 
 
+class LendingTests(ClassTestCase):
+    """
+    Reserved slots no operator uses are lent to agents, all but operatorFloor of them; a
+    lent slot goes back to the reserve when its handshake ends. With maxPending=8 and
+    operatorReserve=4 (floor 2 by default), agents have 4 slots of their own and may borrow 2.
+    """
+
+    def limiter(self, **kwargs: Any) -> HandshakeLimiter:
+        kwargs.setdefault("maxPending", 8)
+        kwargs.setdefault("operatorReserve", 4)
+        return super().limiter(**kwargs)
+
+    def storm(self, limiter: HandshakeLimiter, count: int = 10) -> list[Conn]:
+        """C{count} agents, each from its own address: own slots, then borrowed, then wait."""
+        return self.agents(limiter, count, first=100)
+
+    def assertSlots(
+        self, limiter: HandshakeLimiter, agents: int, borrowed: int, operators: int
+    ) -> None:
+        """Agents' handshakes (borrowed ones included), borrowed ones, operators' ones."""
+        self.assertEqual(
+            (
+                limiter.agents.pending,
+                limiter.agents.borrowed,
+                limiter.operators.lent,
+                limiter.operators.pending,
+            ),
+            (agents, borrowed, borrowed, operators),
+        )
+
+    def test_agentsBorrowIdleReserveSlots(self) -> None:
+        """
+        In a storm with no operator about, agents run on all but the floor: their own 4
+        slots and 2 of the reserve's 4; the other 2 stay free, the rest of the storm waits.
+        """
+        limiter = self.limiter()
+        self.assertEqual(limiter.operatorFloor, 2)
+        fleet = self.storm(limiter)
+        self.assertEqual([c.started for c in fleet], [True] * 6 + [False] * 4)
+        self.assertSlots(limiter, agents=6, borrowed=2, operators=0)
+        self.assertEqual(limiter.waiting, 4)
+        self.assertFalse(limiter.operators.full)
+
+    def test_operatorDuringAStormServedFromTheFloor(self) -> None:
+        """
+        Agents hold every slot they may (own and borrowed) and four more wait; operators,
+        even from a storming agent's own address, start at once on the kept floor, ahead
+        of the waiting agents, until the floor is used up.
+        """
+        limiter = self.limiter()
+        fleet = self.storm(limiter)
+        first = self.connect(limiter, "10.0.100.1", OPERATOR)
+        second = self.connect(limiter, "198.51.100.7", OPERATOR)
+        self.assertTrue(first.started)
+        self.assertTrue(second.started)
+        self.assertSlots(limiter, agents=6, borrowed=2, operators=2)
+        self.assertEqual(sum(c.started for c in fleet), 6)
+
+    def test_lentSlotGoesBackToTheReserveFirst(self) -> None:
+        """
+        With the floor used by two operators, a third waits. An agent on one of its own
+        slots logs in: its slot goes to the next agent, the operator still waits. An agent
+        on a borrowed slot logs in: that slot goes back to the reserve, and to the
+        operator, not to an agent; agents keep borrowing nothing while the reserve has
+        fewer than the floor free.
+        """
+        limiter = self.limiter()
+        fleet = self.storm(limiter)
+        self.connect(limiter, "198.51.100.7", OPERATOR)
+        self.connect(limiter, "198.51.100.8", OPERATOR)
+        third = self.connect(limiter, "198.51.100.9", OPERATOR)
+        self.assertFalse(third.started)
+        fleet[0].login()
+        self.assertTrue(fleet[6].started)
+        self.assertFalse(third.started)
+        self.assertSlots(limiter, agents=6, borrowed=2, operators=2)
+        borrower = fleet[4]
+        self.assertTrue(borrower.protocol.borrowed)
+        borrower.login()
+        self.assertTrue(third.started)
+        self.assertSlots(limiter, agents=5, borrowed=1, operators=3)
+        self.assertEqual(sum(c.started for c in fleet), 7)
+
+    def test_borrowedSlotReturnsHoweverItsHandshakeEnds(self) -> None:
+        """
+        A borrowed slot goes back to the reserve whether its agent logs in, goes away, or
+        is aborted by the handshake timeout; with no operator about, a waiting agent
+        borrows it again at once. When the storm is over nothing is left lent.
+        """
+        limiter = self.limiter(handshakeTimeout=40)
+        fleet = self.storm(limiter, 9)
+        fleet[4].login()
+        self.assertSlots(limiter, agents=6, borrowed=2, operators=0)
+        self.assertTrue(fleet[6].started)
+        fleet[5].lose()
+        self.assertTrue(fleet[7].started)
+        self.assertSlots(limiter, agents=6, borrowed=2, operators=0)
+        self.clock.advance(40)
+        for conn in fleet:
+            if conn.transport.disconnected:
+                conn.lose()
+        self.assertTrue(fleet[8].started)
+        self.assertSlots(limiter, agents=1, borrowed=0, operators=0)
+        fleet[8].login()
+        self.assertSlots(limiter, agents=0, borrowed=0, operators=0)
+        self.assertEqual((limiter.waiting, limiter.operators.inUse), (0, 0))
+
+    def test_noLendingBeyondTheFloorWhileOperatorsLogIn(self) -> None:
+        """
+        Two operators in their handshakes use the floor's worth of the reserve: the
+        borrowed slots that return meanwhile are not lent again (that would leave fewer
+        than two reserved slots free), and agents borrow again as the operators log in.
+        """
+        limiter = self.limiter()
+        fleet = self.storm(limiter)
+        operators = [self.connect(limiter, f"198.51.100.{n}", OPERATOR) for n in (1, 2)]
+        fleet[4].login()
+        fleet[5].login()
+        self.assertSlots(limiter, agents=4, borrowed=0, operators=2)
+        self.assertFalse(fleet[6].started)
+        operators[0].login()
+        self.assertSlots(limiter, agents=5, borrowed=1, operators=1)
+        operators[1].login()
+        self.assertSlots(limiter, agents=6, borrowed=2, operators=0)
+        self.assertEqual(sum(c.started for c in fleet), 8)
+
+    def test_perSourceBoundCountsBorrowedSlots(self) -> None:
+        """
+        One source's handshakes, on own and borrowed slots together, stay within
+        maxPerSource, and its waiting share (maxWaitingPerSource) still closes the rest;
+        another source borrows what it left.
+        """
+        limiter = self.limiter(maxPerSource=5, maxWaitingPerSource=3)
+        crowd = self.agents(limiter, 9, host="192.0.2.1")
+        self.assertEqual([c.started for c in crowd], [True] * 5 + [False] * 4)
+        self.assertEqual([c.closed for c in crowd], [False] * 8 + [True])
+        self.assertSlots(limiter, agents=5, borrowed=1, operators=0)
+        other = self.connect(limiter, "192.0.2.2")
+        self.assertTrue(other.started)
+        self.assertSlots(limiter, agents=6, borrowed=2, operators=0)
+
+    def test_quietSourceFirstAmongBorrowers(self) -> None:
+        """
+        A slot that frees goes first to a source with nothing in progress, whether the
+        next slot is the agents' own or borrowed: lending keeps the waiting room's order.
+        """
+        limiter = self.limiter(maxPerSource=6)
+        crowd = self.agents(limiter, 12, host="192.0.2.1")
+        quiet = self.connect(limiter, "192.0.2.2")
+        self.assertFalse(quiet.started)
+        crowd[5].login()
+        self.assertTrue(quiet.started)
+        self.assertTrue(quiet.protocol.borrowed)
+        self.assertEqual(sum(c.started for c in crowd), 6)
+
+    def test_liarsTakeOnlyWhatAgentsWouldBorrow(self) -> None:
+        """
+        Agents claiming to be OpenSSH from many addresses fill the reserve; the agents lose
+        their borrowed slots as those return (a freed reserved slot goes to the waiting
+        claimants), never their own: they keep at least their own 4.
+        """
+        limiter = self.limiter()
+        fleet = self.storm(limiter)
+        liars = [self.connect(limiter, f"203.0.113.{n}", OPERATOR) for n in range(1, 6)]
+        self.assertEqual(sum(c.started for c in liars), 2)
+        for conn in fleet[4:6]:
+            conn.login()
+        self.assertEqual(sum(c.started for c in liars), 4)
+        self.assertSlots(limiter, agents=4, borrowed=0, operators=4)
+        fleet[0].login()
+        self.assertSlots(limiter, agents=4, borrowed=0, operators=4)
+
+    def test_portsAcceptWhileTheFloorIsFree(self) -> None:
+        """
+        With the waiting room full, the ports keep accepting while the floor is free (an
+        operator can still get in; agents that would overfill the room are closed), and
+        pause once the operators use the floor too; a login resumes them.
+        """
+        limiter = self.limiter(maxWaiting=2)
+        self.storm(limiter, 8)
+        self.assertEqual(limiter.waiting, 2)
+        self.assertTrue(self.port.reading)
+        late = self.agents(limiter, 1, host="192.0.2.99")[0]
+        self.assertTrue(late.closed)
+        operators = [self.connect(limiter, f"198.51.100.{n}", OPERATOR) for n in (1, 2)]
+        self.assertTrue(all(c.started for c in operators))
+        self.assertFalse(self.port.reading)
+        operators[0].login()
+        self.assertTrue(self.port.reading)
+
+    def test_noLeakWithLending(self) -> None:
+        """
+        Agents on own and borrowed slots, operators on the floor, waiting agents and
+        operators, lost in any order, leave every count (lent and borrowed included) at 0.
+        """
+        limiter = self.limiter()
+        conns = self.storm(limiter)
+        conns += [self.connect(limiter, f"198.51.100.{n}", OPERATOR) for n in range(1, 5)]
+        conns += [self.connect(limiter, "192.0.2.1", hello=b"")]
+        conns[5].login()
+        conns[-2].login()
+        for c in reversed(conns):
+            c.lose()
+        self.assertSlots(limiter, agents=0, borrowed=0, operators=0)
+        self.assertEqual((limiter.pending, limiter.waiting), (0, 0))
+        for pool in limiter.pools.values():
+            self.assertEqual((pool.waiting, pool._perSource, pool._queues), (0, {}, {}))
+
+    def test_floorDefaultsAndBounds(self) -> None:
+        """
+        The floor is a quarter of the reserve, at least two, never more than the reserve
+        (4 of 16 by default: agents run on 60 of 64 in a storm); a reserve of one or two
+        is not lent at all; a floor of 0 lends the whole reserve; a floor outside the
+        reserve is a configuration error.
+        """
+        self.assertEqual(HandshakeLimiter(self.ssh).operatorFloor, 4)
+        for reserve, floor in ((1, 1), (2, 2), (3, 2), (8, 2), (16, 4), (40, 10)):
+            limiter = HandshakeLimiter(self.ssh, 64, operatorReserve=reserve)
+            self.assertEqual(limiter.operatorFloor, floor, reserve)
+        limiter = self.limiter(operatorFloor=0)
+        self.storm(limiter)
+        self.assertSlots(limiter, agents=8, borrowed=4, operators=0)
+        self.assertRaises(ValueError, self.limiter, operatorFloor=5)
+        self.assertRaises(ValueError, self.limiter, operatorFloor=-1)
+
+
 class _Mute(protocol.Protocol):
     """A client that connects and never says a word."""
 
@@ -880,6 +1125,44 @@ class RealSSHReserveTests(SynchronousTestCase):
         self.assertIsNotNone(operator.connection)
         self.assertEqual((limiter.agents.pending, limiter.agents.waiting), (2, 6))
         self.assertEqual(limiter.operators.pending, 0)
+
+    def test_realAgentWaitsWhileTheOperatorTakesTheFloor(self) -> None:
+        """
+        With lending (8 slots, 4 reserved, floor 2): ten stalled agents from 192.0.2.9
+        hold the agents' 4 slots and 2 borrowed ones. The real agent's link
+        (L{agent.link.AgentTransport}, its own version line) from the same address is
+        counted as an agent and waits, though the floor is free; an OpenSSH operator from
+        there logs in at once on the floor. When the stalled agents go, the real agent's
+        link comes up and nothing is left lent or in progress.
+        """
+        from accesstunnel.keys import fingerprint
+        from agent.identity import ServerKeyPin
+        from agent.link import AgentLinkFactory, LinkSettings
+        from groundcontrol.testing import publicLine, refuseForwards
+
+        fleet = InMemoryFleet()
+        limiter = HandshakeLimiter(fleet.factory, maxPending=8, operatorReserve=4)
+        key = fleet.addOperator("alice")
+        deviceKey = fleet.enrollDevice("kiln7")
+        stalled = protocol.ClientFactory.forProtocol(_StalledAgent)
+        crowd = [fleet.network.connect(limiter, stalled, clientHost="192.0.2.9") for _ in range(10)]
+        self.assertEqual((limiter.agents.pending, limiter.agents.borrowed), (6, 2))
+        settings = LinkSettings(
+            name="kiln7",
+            deviceKey=deviceKey,
+            serverKey=ServerKeyPin(fingerprint(publicLine(fleet.hostKey))),
+        )
+        agentFactory = AgentLinkFactory(settings, fleet.clock, lambda *a: None, refuseForwards)
+        link = fleet.network.connect(limiter, agentFactory, clientHost="192.0.2.9")
+        self.assertEqual((limiter.agents.waiting, limiter.operators.pending), (5, 0))
+        operator = _OpenSSHOperator("alice", key, hostKey=fleet.hostKey)
+        fleet.network.connect(limiter, operator, clientHost="192.0.2.9")
+        self.assertIsNotNone(operator.connection)
+        self.assertFalse(link.client.ready.called)
+        for pump in crowd:
+            fleet.network.cut(pump)
+        self.assertTrue(link.client.ready.called)
+        self.assertEqual((limiter.pending, limiter.waiting, limiter.operators.lent), (0, 0, 0))
 
 
 class ListenBacklogTests(SynchronousTestCase):

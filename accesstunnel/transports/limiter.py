@@ -10,9 +10,11 @@ connections do not count.
 B{Agents and operators.} The slots are split in two pools: C{operatorReserve} of them are
 for operators, the rest for agents. While agents wait for a slot, a new connection is put
 in a pool by the first line it sends, its SSH version line, which SSH clients send at once,
-before any key exchange work: our agent's (Conch's C{SSH-2.0-Twisted_...}, see
-L{isAgentVersion}) goes to the agents' pool, any other (C{SSH-2.0-OpenSSH_9.2p1 ...}) to the
-operators'. A connection that sends no complete version line within C{versionTimeout}
+before any key exchange work: our agent's (C{SSH-2.0-AccessTunnelAgent_0.1.0
+Twisted_26.10.0}; agents deployed before it had a line of its own send Conch's
+C{SSH-2.0-Twisted_...} and count as agents too, see L{isAgentVersion}) goes to the agents'
+pool, any other (C{SSH-2.0-OpenSSH_9.2p1 ...}) to the operators'. A connection that sends
+no complete version line within C{versionTimeout}
 seconds (a client waiting for the server's line first, a stalled one) or a line longer than
 SSH allows goes to the agents' pool: only a connection that says it is not our agent is
 served from the reserve. While no agent waits, a new connection that could start in the
@@ -21,8 +23,22 @@ The source address cannot tell them apart when every device sits behind its own 
 an operator may share an address with a crowd of agents; the version line can. Nothing is
 gained by lying: a connection that claims to be an operator is counted in the operators'
 pool, which is small (C{operatorReserve}) and where one source holds at most half of it
-(L{operatorShare}); the agents' pool is never touched by it. With C{operatorReserve=0}
-there is one pool and no version line is awaited (the limiter before the split).
+(L{operatorShare}); the agents' own slots are never touched by it (it can only take
+reserved slots the agents would otherwise borrow, below). With C{operatorReserve=0} there
+is one pool and no version line is awaited (the limiter before the split).
+
+B{Lending.} Reserved slots that no operator uses are lent to agents, all but
+C{operatorFloor} of them (L{defaultOperatorFloor}: a quarter of the reserve, at least two;
+4 of 16), so a reconnect storm runs on C{maxPending - operatorFloor} slots (60 of 64), not
+on the agents' own C{maxPending - operatorReserve} (48). The invariant, kept by
+L{_Pool.start} and L{_Pool.release}: an agent takes a reserved slot only when its own pool
+is full and, with that slot lent, at least C{operatorFloor} reserved slots are still free
+(slots in use = the operators' handshakes + the slots lent); a borrowed slot goes back to
+the reserve when that agent's handshake ends (logged in, failed, timed out), and a freed
+reserved slot goes to a waiting operator before any agent may borrow it again. So an
+operator arriving in a storm starts at once unless C{operatorFloor} operator handshakes
+are in progress already, and then gets the next reserved slot that frees (a lent one frees
+within one agent handshake); agents never have fewer than their own slots.
 
 Connections beyond the bound of their pool B{wait}; they are not refused (OpenSSH's
 C{MaxStartups} closes them, and a refused agent sits in its backoff while the server has
@@ -94,8 +110,11 @@ DEFAULT_VERSION_TIMEOUT = 2.0
 MAX_WAITING_BYTES = 64 * 1024
 #: The longest version line SSH allows, CR LF included (RFC 4253, 4.2).
 MAX_VERSION_LINE = 255
-#: How our agent's version line starts: Conch's client, whatever its Twisted version.
-AGENT_VERSION_PREFIX = b"SSH-2.0-Twisted_"
+#: How our agent's version line starts (agent/link.py: C{SSH-2.0-AccessTunnelAgent_0.1.0
+#: Twisted_26.10.0}), whatever the agent's and Twisted's versions.
+AGENT_VERSION_PREFIX = b"SSH-2.0-AccessTunnelAgent_"
+#: How the line of agents from before it had its own starts: Conch's client as it is.
+LEGACY_AGENT_VERSION_PREFIX = b"SSH-2.0-Twisted_"
 
 AGENTS = "agents"
 OPERATORS = "operators"
@@ -106,13 +125,25 @@ _NEW, _HELLO, _WAITING, _PENDING, _DONE, _REFUSED, _LOST = range(7)
 
 
 def isAgentVersion(line: bytes) -> bool:
-    """Whether C{line} (a version line without its CR LF) is the one our agent sends."""
-    return line.startswith(AGENT_VERSION_PREFIX)
+    """
+    Whether C{line} (a version line without its CR LF) is one our agent sends: its own
+    (C{SSH-2.0-AccessTunnelAgent_...}), or Conch's (C{SSH-2.0-Twisted_...}), which agents
+    deployed before it send, so that they keep landing in the agents' pool.
+    """
+    return line.startswith((AGENT_VERSION_PREFIX, LEGACY_AGENT_VERSION_PREFIX))
 
 
 def defaultOperatorReserve(maxPending: int) -> int:
     """A quarter of the slots for operators (at least one), leaving at least one for agents."""
     return min(maxPending - 1, max(1, maxPending // 4))
+
+
+def defaultOperatorFloor(operatorReserve: int) -> int:
+    """
+    Reserved slots never lent to agents: a quarter of the reserve, at least two (4 of 16),
+    never more than the reserve (a reserve of one or two is not lent at all).
+    """
+    return min(operatorReserve, max(2, operatorReserve // 4))
 
 
 def operatorShare(maxPerSource: int, operatorReserve: int) -> int:
@@ -173,6 +204,8 @@ class _Limited(ProtocolWrapper):
     state = _NEW
     source = ""
     pool: _Pool | None = None
+    #: Its handshake runs on a slot borrowed from another pool (an operators' slot).
+    borrowed = False
     waitingSince = 0.0
     _timer: Any = None
 
@@ -350,11 +383,20 @@ class _Pool:
     those waiting for one.
     """
 
-    def __init__(self, name: str, size: int, perSource: int) -> None:
+    def __init__(self, name: str, size: int, perSource: int, lender: _Pool | None = None) -> None:
         self.name = name
         self.size = size
         self.perSource = perSource
+        #: The pool whose idle slots this one may borrow (the agents': the operators').
+        self.lender = lender
+        #: Slots this pool keeps free of borrowers (by default all: it lends none).
+        self.floor = size
+        #: Handshakes of this kind in progress, on this pool's slots or borrowed ones.
         self.pending = 0
+        #: Of those, on slots borrowed from the lender.
+        self.borrowed = 0
+        #: This pool's slots lent to a borrower's handshakes now.
+        self.lent = 0
         self.waiting = 0
         self._perSource: Counter[str] = Counter()
         #: Waiting connections by source, oldest first; the order of sources is the round.
@@ -365,17 +407,39 @@ class _Pool:
         self._quiet: deque[str] = deque()
 
     @property
+    def inUse(self) -> int:
+        """This pool's slots taken: by its own handshakes and by those it lent them to."""
+        return self.pending - self.borrowed + self.lent
+
+    @property
     def full(self) -> bool:
-        return self.pending >= self.size
+        """Every slot of this pool is taken (whether more could be borrowed or not)."""
+        return self.inUse >= self.size
+
+    @property
+    def canLend(self) -> bool:
+        """Lending one more slot would still leave C{floor} of them free."""
+        return self.inUse + self.floor < self.size
+
+    @property
+    def hasRoom(self) -> bool:
+        """A handshake of this kind could start now, on a slot of its own or a borrowed one."""
+        return not self.full or (self.lender is not None and self.lender.canLend)
 
     def canStart(self, source: str) -> bool:
-        return self.pending < self.size and self._perSource[source] < self.perSource
+        return self.hasRoom and self._perSource[source] < self.perSource
 
     def waitingFrom(self, source: str) -> int:
         queue = self._queues.get(source)
         return len(queue) if queue is not None else 0
 
     def start(self, conn: _Limited) -> None:
+        """C{conn} takes a slot: one of this pool's if any is free, else a borrowed one."""
+        if self.full:
+            assert self.lender is not None and self.lender.canLend
+            conn.borrowed = True
+            self.borrowed += 1
+            self.lender.lent += 1
         self.pending += 1
         self._perSource[conn.source] += 1
 
@@ -393,6 +457,12 @@ class _Pool:
         """A handshake ended: authenticated, or the connection went away."""
         source = conn.source
         self.pending -= 1
+        if conn.borrowed:
+            # The slot goes back to the pool it came from.
+            assert self.lender is not None
+            conn.borrowed = False
+            self.borrowed -= 1
+            self.lender.lent -= 1
         self._perSource[source] -= 1
         if self._perSource[source] <= 0:
             del self._perSource[source]
@@ -419,7 +489,7 @@ class _Pool:
 
     def next(self) -> _Limited | None:
         """The waiting connection that gets the next free slot, taken out of the queues."""
-        if self.full:
+        if not self.hasRoom:
             return None
         while self._fresh:
             conn = self._fresh.popleft()
@@ -444,8 +514,9 @@ class HandshakeLimiter(WrappingFactory):
     """
     Wrap an SSH server factory; let at most C{maxPending} connections that have not yet
     authenticated run their handshake at once, C{operatorReserve} of those slots for
-    operators only, at most C{maxPerSource} from one address; hold the others until a
-    slot frees (see the module docstring).
+    operators (agents borrow idle ones, all but C{operatorFloor}), at most
+    C{maxPerSource} from one address; hold the others until a slot frees (see the module
+    docstring).
 
     Apply it innermost (around the SSH factory, inside TLS and WebSocket), and share one
     instance between all listeners so the bound is for the whole server. It finds the
@@ -477,6 +548,7 @@ class HandshakeLimiter(WrappingFactory):
         operatorReserve: int | None = None,
         versionTimeout: float = DEFAULT_VERSION_TIMEOUT,
         isAgentVersion: Callable[[bytes], bool] = isAgentVersion,
+        operatorFloor: int | None = None,
     ) -> None:
         super().__init__(wrappedFactory)
         if maxPending < 1 or maxPerSource < 1:
@@ -487,11 +559,16 @@ class HandshakeLimiter(WrappingFactory):
             operatorReserve = defaultOperatorReserve(maxPending)
         if not 0 <= operatorReserve < maxPending:
             raise ValueError("the operator reserve must leave at least one slot for agents")
+        if operatorFloor is None:
+            operatorFloor = defaultOperatorFloor(operatorReserve)
+        if not 0 <= operatorFloor <= operatorReserve:
+            raise ValueError("the operators' floor must be within their reserve")
         self.maxPending = maxPending
         self.maxPerSource = maxPerSource
         self.maxWaiting = maxWaiting
         self.maxWaitingPerSource = maxWaitingPerSource
         self.operatorReserve = operatorReserve
+        self.operatorFloor = operatorFloor
         self.versionTimeout = versionTimeout
         self.isAgentVersion = isAgentVersion
         if handshakeTimeout is None:
@@ -504,9 +581,12 @@ class HandshakeLimiter(WrappingFactory):
         self.handshakeTimeout = handshakeTimeout
         self._clockGiven = clock
         self._isAuthenticated = isAuthenticated
-        self.agents = _Pool(AGENTS, maxPending - operatorReserve, maxPerSource)
         self.operators = _Pool(
             OPERATORS, operatorReserve, operatorShare(maxPerSource, operatorReserve)
+        )
+        self.operators.floor = operatorFloor
+        self.agents = _Pool(
+            AGENTS, maxPending - operatorReserve, maxPerSource, lender=self.operators
         )
         self.pools = {AGENTS: self.agents, OPERATORS: self.operators}
         self.waiting = 0
@@ -593,7 +673,7 @@ class HandshakeLimiter(WrappingFactory):
             self._start(conn)
             return
         self._startEpisode()
-        roomFull = pool.full and self.waiting >= self.maxWaiting and not self.paused
+        roomFull = not pool.hasRoom and self.waiting >= self.maxWaiting and not self.paused
         if pool.waitingFrom(source) >= self.maxWaitingPerSource or roomFull:
             # (With the ports paused, only connections accepted together with the one that
             # filled the room arrive: those few wait.)
@@ -673,7 +753,7 @@ class HandshakeLimiter(WrappingFactory):
 
     def _full(self) -> bool:
         """No new connection could start: every pool is at its bound."""
-        return self.agents.full and self.operators.full
+        return not self.agents.hasRoom and self.operators.full
 
     # -- the listening ports
 
