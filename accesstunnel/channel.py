@@ -51,13 +51,15 @@ DEFAULT_MAX_PACKET = 32 * 1024
 
 #: Largest packet payload a channel on a device link accepts. Both ends of
 #: that hop are ours, so its channels advertise more than OpenSSH's 32 KiB:
-#: fewer, larger packets cost less CPU per byte at both ends (framing,
-#: dispatch, a cipher call and a syscall per packet). A peer still sends at
-#: most what the receiving side advertised when the channel opened, so an
-#: older agent or groundcontrol that offers 32 KiB keeps getting 32 KiB
-#: packets. Well under the 1 MiB packet limit of the transports
-#: (L{accesstunnel.fastpath.MAX_PACKET}, Conch's own check).
-LINK_MAX_PACKET = 256 * 1024
+#: the agent reads its child 64 KiB at a time and so sends half as many
+#: packets (framing, dispatch, a cipher call per packet at both ends). A peer
+#: still sends at most what the receiving side advertised when the channel
+#: opened, so an older agent or groundcontrol that offers 32 KiB keeps getting
+#: 32 KiB packets. Not larger: from 128 KiB on, each packet's buffers are big
+#: enough that glibc's malloc returns them to the kernel and faults them in
+#: again for the next packet (bench/RESULTS.md, "Bulk and 100 sessions
+#: (session 4)": sealing a 256 KiB packet cost 2.3 s/GB against 0.2).
+LINK_MAX_PACKET = 64 * 1024
 
 _DATA, _EXTENDED, _EOF, _REQUEST, _CLOSE = range(5)
 

@@ -150,14 +150,16 @@ class GatherTests(SynchronousTestCase):
         return conn, channel
 
     def test_queuedWritesLeaveAsOnePacket(self) -> None:
-        """Eight 32 KiB writes queued behind a closed window leave as one 256 KiB packet."""
+        """4 KiB writes queued behind a closed window leave as LINK_MAX_PACKET packets."""
         conn, channel = self._channel()
-        for i in range(8):
-            channel.write(bytes([i]) * DEFAULT_MAX_PACKET)
+        pieces = 3 * LINK_MAX_PACKET // 4096
+        for i in range(pieces):
+            channel.write(bytes([i % 256]) * 4096)
         channel.addWindowBytes(ENOUGH)
-        self.assertEqual(sentPackets(conn), [("data", 8 * DEFAULT_MAX_PACKET)])
+        self.assertEqual(sentPackets(conn), [("data", LINK_MAX_PACKET)] * 3)
         self.assertEqual(
-            conn.events[0][1], b"".join(bytes([i]) * DEFAULT_MAX_PACKET for i in range(8))
+            b"".join(e[1] for e in conn.events),
+            b"".join(bytes([i % 256]) * 4096 for i in range(pieces)),
         )
         self.assertEqual(channel.queuedBytes, 0)
 
@@ -178,11 +180,15 @@ class GatherTests(SynchronousTestCase):
         conn, channel = self._channel()
         for _ in range(4):
             channel.write(b"w" * 30000)
-        channel.addWindowBytes(70000)
-        self.assertEqual(sentPackets(conn), [("data", 70000)])
-        self.assertEqual(channel.queuedBytes, 50000)
+        channel.addWindowBytes(50000)
+        self.assertEqual(sentPackets(conn), [("data", 50000)])
+        self.assertEqual(channel.queuedBytes, 70000)
         channel.addWindowBytes(ENOUGH)
-        self.assertEqual(sentPackets(conn), [("data", 70000), ("data", 50000)])
+        self.assertEqual(
+            sentPackets(conn),
+            [("data", 50000), ("data", LINK_MAX_PACKET), ("data", 70000 - LINK_MAX_PACKET)],
+        )
+        self.assertEqual(b"".join(e[1] for e in conn.events), b"w" * 120000)
 
     def test_orderKeptAcrossKinds(self) -> None:
         """Data, stderr of another kind, a request and EOF are never joined across or reordered."""
