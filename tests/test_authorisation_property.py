@@ -1,7 +1,9 @@
 """
 Authorisation as a property (hypothesis stateful; issue 8): no sequence of grant,
-ungrant, revoke, approve, claim, lease expiry (the clock moving, the lease sweep) and token
-redemption lets an operator reach a device they may not.
+ungrant, revoke, approve, claim, renewal and release of a claim's lease (C{ctl claim renew
+DEVICE --for D}, C{claim release DEVICE}), lease expiry (the clock moving, the lease sweep)
+and token redemption lets an operator reach a device they may not, nor change a lease they
+may not.
 
 The model is deliberately simple and kept apart from the store: a device is reachable by
 an account exactly when it is approved and the account is an admin, holds an unexpired
@@ -9,6 +11,11 @@ grant for it, or owns it by a claim whose lease has not ended. After every step 
 router (L{SessionRouter.reachableLink}: the store's device state and C{mayReach}, then the
 registry) must agree with the model for every account and device. Every device has a live
 link registered throughout, so "offline" never hides a wrong answer.
+
+Renewing or releasing a lease is the model's own prediction, not read back from the store:
+only the owner or an admin may, and only while the device is approved and the lease lasts;
+everyone else is refused and the lease stays as it was. Renewal moves the lease's end and
+keeps its owner; release ends it now (the owner then reaches the device only by a grant).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from twisted.python.failure import Failure
 from accesstunnel.keys import fingerprint
 from groundcontrol.registry import Registry
 from groundcontrol.router import SessionRouter
-from groundcontrol.store import Account, StoreError, hashSecret
+from groundcontrol.store import Account, ClaimRefused, StoreError, UnknownDevice, hashSecret
 from groundcontrol.testing import newKey, openMemoryStore, publicLine
 
 ACCOUNTS = ("alice", "bob", "root")
@@ -102,6 +109,16 @@ class Authorisation(RuleBasedStateMachine):
             return True
         return device.owner == account and (device.leaseUntil or 0) > self.now
 
+    def mayChangeLease(self, account: str, name: str) -> bool:
+        """Whether C{account} may renew or release C{name}'s lease now."""
+        device = self.devices[name]
+        return (
+            device.approved
+            and device.owner is not None
+            and (device.owner == account or self.accounts[account].isAdmin)
+            and (device.leaseUntil or 0) > self.now
+        )
+
     def observe(self, name: str, result: Any) -> None:
         """A device record the store returned: its owner and lease (the model's input)."""
         device = self.devices[name]
@@ -167,6 +184,47 @@ class Authorisation(RuleBasedStateMachine):
         self.observe(name, result)
         assert result.owner == account
 
+    def changeLease(self, account: str, name: str, result: Any) -> bool:
+        """
+        Check the store's answer to C{account} renewing or releasing C{name}'s lease
+        against the model: refused (and nothing changed) unless the model allows it.
+        Returns whether it was allowed.
+        """
+        allowed = self.mayChangeLease(account, name)
+        if not allowed:
+            # A device not yet approved is still pending: not a device at all to the store.
+            assert isinstance(result, Failure) and result.check(ClaimRefused, UnknownDevice), (
+                f"{account} changed the lease on {name} at {self.now}: {result!r}; "
+                f"model: {self.devices[name]}"
+            )
+        else:
+            assert not isinstance(result, Failure), (
+                f"{account} was refused the lease on {name} at {self.now}: {result!r}; "
+                f"model: {self.devices[name]}"
+            )
+        return allowed
+
+    @rule(
+        account=st.sampled_from(ACCOUNTS),
+        name=st.sampled_from(NAMES),
+        duration=st.sampled_from(DURATIONS),
+    )
+    def renew(self, account: str, name: str, duration: float) -> None:
+        until = self.now + duration
+        result = outcome(self.store.renewLease(name, self.accounts[account], until, self.now))
+        if self.changeLease(account, name, result):
+            device = self.devices[name]
+            assert (result.owner, result.leaseUntil) == (device.owner, until), result
+            device.leaseUntil = until
+
+    @rule(account=st.sampled_from(ACCOUNTS), name=st.sampled_from(NAMES))
+    def release(self, account: str, name: str) -> None:
+        result = outcome(self.store.releaseLease(name, self.accounts[account], self.now))
+        if self.changeLease(account, name, result):
+            assert (result.owner, result.leaseUntil) == (None, None), result
+            device = self.devices[name]
+            device.owner = device.leaseUntil = None
+
     @rule(seconds=st.sampled_from(DURATIONS))
     def time_passes(self, seconds: float) -> None:
         self.clock.advance(seconds)
@@ -198,6 +256,18 @@ class Authorisation(RuleBasedStateMachine):
         self.registry.attach(FakeLink(name, fingerprint(line)))  # type: ignore[arg-type]
 
     # -- the property -----------------------------------------------------------------
+
+    @invariant()
+    def leases_agree_with_model(self) -> None:
+        """The store holds the owner and lease end the model predicts (renew, release)."""
+        for name in NAMES:
+            record = outcome(self.store.deviceByName(name))
+            if record is not None:
+                model = self.devices[name]
+                assert (record.owner, record.leaseUntil) == (model.owner, model.leaseUntil), (
+                    f"{name} at {self.now}: store {record.owner} until {record.leaseUntil}; "
+                    f"model: {model}"
+                )
 
     @invariant()
     def router_agrees_with_model(self) -> None:
