@@ -7,13 +7,17 @@ are served meanwhile).
 L{test_operator_served_ahead_of_a_crowd_of_agents}: groundcontrol runs with
 ``--max-handshakes 4 --max-handshakes-per-source 4`` (so one slot is reserved for
 operators, three for agents) and a login grace time of 20 s. Twelve TCP connections send
-our agent's SSH version line and stall: three take the agents' slots, nine wait. The
-operator's OpenSSH client, from the SAME address as that crowd (or, in the second case,
-with every agent from its own address, as devices behind their own NATs are), runs `true`
-on a device: its version line puts it in the operators' reserve, so it logs in at once,
-while the nine still wait and the three still hold their slots. The source address alone
-could not tell it from the crowd: first come first served within the source (or among
-quiet sources) would keep it waiting three grace times, past its ConnectTimeout of 10 s.
+an agent's SSH version line (ours, or Conch's as agents deployed before ours had its own
+send it) and stall: three take the agents' slots, nine wait. The operator's OpenSSH
+client, from the SAME address as that crowd (or, in the second case, with every agent from
+its own address, as devices behind their own NATs are), runs `true` on a device: its
+version line puts it in the operators' reserve, so it logs in at once, while the nine still
+wait and the three still hold their slots. The source address alone could not tell it
+from the crowd: first come first served within the source (or among quiet sources) would
+keep it waiting three grace times, past its ConnectTimeout of 10 s. The third case,
+``--max-handshakes 8 --max-handshakes-operators 4``, shows lending: the crowd takes its own
+four slots and two of the idle reserve's four (all but the floor of two), six wait, and
+the operator from the crowd's address logs in at once on the floor.
 
 L{test_operator_served_while_the_bound_is_full} pins the limiter without the operators'
 reserve (``--max-handshakes-operators 0``): four silent TCP connections (two each from
@@ -43,8 +47,10 @@ GRACE = 5
 SOURCES = ("127.0.0.2", "127.0.0.3")
 
 
-#: Our agent's version line (Conch's client); what the crowd sends before it stalls.
-AGENT_VERSION = b"SSH-2.0-Twisted_26.10.0\r\n"
+#: Our agent's version line (agent/link.py); what the crowd sends before it stalls.
+AGENT_VERSION = b"SSH-2.0-AccessTunnelAgent_0.1.0 Twisted_26.10.0\r\n"
+#: What agents deployed before it had a line of their own send (Conch's client).
+LEGACY_AGENT_VERSION = b"SSH-2.0-Twisted_26.10.0\r\n"
 
 
 class Silent:
@@ -98,32 +104,47 @@ CROWD = 12
 CROWD_GRACE = 20
 
 
+#: The crowd's version lines: ours, and Conch's (agents deployed before ours had its own).
+BOTH_AGENT_VERSIONS = (AGENT_VERSION, LEGACY_AGENT_VERSION)
+
+
 @pytest.mark.parametrize(
-    ("crowdSource", "operatorSource"),
+    ("crowdSource", "operatorSource", "slots", "reserve", "started"),
     [
-        (lambda n: "127.0.0.2", "127.0.0.2"),
-        (lambda n: f"127.0.1.{n + 1}", "127.0.0.1"),
+        # 4 slots, 1 reserved (a quarter): nothing to lend, the crowd holds 3.
+        (lambda n: "127.0.0.2", "127.0.0.2", MAX_HANDSHAKES, None, MAX_HANDSHAKES - 1),
+        (lambda n: f"127.0.1.{n + 1}", "127.0.0.1", MAX_HANDSHAKES, None, MAX_HANDSHAKES - 1),
+        # 8 slots, 4 reserved, floor max(2, 4 // 4) = 2: the crowd holds its own 4 and 2
+        # borrowed from the idle reserve; 2 stay free.
+        (lambda n: "127.0.0.2", "127.0.0.2", 8, 4, 8 - 2),
     ],
-    ids=["same-address", "one-device-per-address"],
+    ids=["same-address", "one-device-per-address", "lending"],
 )
 def test_operator_served_ahead_of_a_crowd_of_agents(
-    fleet: Fleet, crowdSource: Callable[[int], str], operatorSource: str
+    fleet: Fleet,
+    crowdSource: Callable[[int], str],
+    operatorSource: str,
+    slots: int,
+    reserve: int | None,
+    started: int,
 ) -> None:
     """
-    Three stalled agents hold every agents' slot and nine more wait, all from the
-    operator's own address (or each from its own): the operator's `ssh dev_kiln7 true`
-    succeeds through the operators' reserved slot while the nine still wait, the three
-    still hold their slots, and none of the crowd was closed.
+    Stalled agents (sending our agent's version line or Conch's) hold every slot agents may
+    have, their own and (lending case) the reserve's all but its floor, and the rest of the
+    twelve wait, all from the operator's own address (or each from its own): the operator's
+    `ssh dev_kiln7 true` succeeds through a reserved slot while the rest still wait, the
+    started ones still hold their slots, and none of the crowd was closed.
     """
+    reserveArgs = [] if reserve is None else ["--max-handshakes-operators", str(reserve)]
     fleet.restartServer(
         "--max-handshakes",
-        str(MAX_HANDSHAKES),
+        str(slots),
         "--max-handshakes-per-source",
-        str(MAX_HANDSHAKES),
+        str(slots),
+        *reserveArgs,
         "--login-grace-time",
         str(CROWD_GRACE),
     )
-    agentSlots = MAX_HANDSHAKES - 1  # a quarter of 4 is reserved for operators
     alice = fleet.operators["alice"]
     fleet.addAgent("kiln7")
     fleet.waitRoutable(alice, "kiln7")
@@ -132,16 +153,17 @@ def test_operator_served_ahead_of_a_crowd_of_agents(
     crowd: list[Silent] = []
     try:
         for n in range(CROWD):
-            crowd.append(Silent(port, crowdSource(n), hello=AGENT_VERSION))
+            hello = BOTH_AGENT_VERSIONS[n % 2]
+            crowd.append(Silent(port, crowdSource(n), hello=hello))
         waitFor(
-            lambda: sum(c.started for c in crowd) == agentSlots,
+            lambda: sum(c.started for c in crowd) == started,
             10,
-            "the crowd to take the agents' slots",
+            "the crowd to take the slots agents may have",
         )
-        # The first three of each source's queue started: the rest of the crowd waits.
+        # The first of each source's queue started: the rest of the crowd waits.
         result = run(alice.argv("dev_kiln7", "true", options=["-b", operatorSource]), timeout=30)
         assert result.returncode == 0, result.stderr
-        assert sum(c.started for c in crowd) == agentSlots, "the crowd went first"
+        assert sum(c.started for c in crowd) == started, "the crowd went first"
         for c in crowd:
             c.poll()
             assert not c.closed, "a crowd connection was closed"
