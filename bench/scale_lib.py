@@ -183,6 +183,15 @@ def cpuSeconds(pid: int) -> float:
         return float("nan")
 
 
+def minorFaults(pid: int) -> int:
+    """Minor page faults of one process (all its threads, not its children)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[7])
+    except OSError:
+        return 0
+
+
 def machineBusy() -> tuple[int, int]:
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
