@@ -38,7 +38,10 @@ What it saves (bench/RESULTS.md, "Agent footprint"):
 
 from __future__ import annotations
 
+import importlib.util
 import sys
+import types
+from collections.abc import Coroutine
 from typing import Any, cast
 
 #: Optional imports refused while the reactor is imported (see the module docstring).
@@ -46,6 +49,14 @@ REFUSED_WITH_THE_REACTOR = ("OpenSSL", "ssl", "bz2", "lzma", "ctypes")
 
 #: Refused for the life of the process: hashlib's and hmac's OpenSSL backend.
 REFUSED_FOR_GOOD = ("_hashlib",)
+
+#: Modules that modules imported with the reactor import as a whole (``from http import
+#: cookiejar``, for C{twisted.python.compat}'s deprecated C{cookielib}: it brings
+#: C{urllib.request}, C{http.client}, C{email}, C{tempfile}) but the agent never uses: found as
+#: usual while the reactor is imported, but loaded lazily (L{importlib.util.LazyLoader}: run
+#: at the first access to one of their attributes). Only for modules nothing else imports
+#: again: importing a lazy module a second time loads it.
+LAZY_WITH_THE_REACTOR = ("http.cookiejar",)
 
 
 class _Refuse:
@@ -60,6 +71,76 @@ class _Refuse:
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
 
+class _Lazy:
+    """A meta path finder that has the other finders find these modules, loaded lazily."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name not in self.names:
+            return None
+        for finder in sys.meta_path[sys.meta_path.index(self) + 1 :]:
+            find = getattr(finder, "find_spec", None)
+            spec = find and find(name, path, target)
+            if spec is not None:
+                if hasattr(spec.loader, "exec_module"):
+                    spec.loader = importlib.util.LazyLoader(spec.loader)
+                return spec
+        return None
+
+
+def _asyncio() -> types.ModuleType:
+    """
+    Stands in for C{asyncio} (29 modules, with C{concurrent.futures}, C{logging} and
+    C{subprocess}), of which C{twisted.internet.defer} takes C{AbstractEventLoop} and
+    C{Future}, named only in annotations (C{asFuture} and C{fromFuture} use the loop and the
+    future they are given), and C{iscoroutine}, which C{Deferred.fromCoroutine},
+    C{ensureDeferred} and C{inlineCallbacks} call.
+    """
+    module = types.ModuleType("asyncio", "Stand-in for asyncio while the reactor is imported.")
+
+    class AbstractEventLoop:
+        """Stands in for C{asyncio.AbstractEventLoop} in annotations."""
+
+    class Future:
+        """Stands in for C{asyncio.Future} in annotations."""
+
+    coroutineTypes = (types.CoroutineType, types.GeneratorType, Coroutine)
+
+    def iscoroutine(obj: object) -> bool:
+        """C{asyncio.iscoroutine} as Python 3.11 has it (Twisted also tests for generators)."""
+        return isinstance(obj, coroutineTypes)
+
+    module.__dict__.update(AbstractEventLoop=AbstractEventLoop, Future=Future)
+    module.__dict__.update(iscoroutine=iscoroutine)
+    return module
+
+
+def _html() -> types.ModuleType:
+    """
+    Stands in for C{html}, which loads C{html.entities} (a 2,231-entry table) at import, of
+    which C{twisted.python.compat} takes C{escape}: the real one, imported at the first call.
+    """
+    module = types.ModuleType("html", "Stand-in for html while the reactor is imported.")
+
+    def escape(s: str, quote: bool = True) -> str:
+        """C{html.escape}, imported at the first call."""
+        from html import escape
+
+        return escape(s, quote)
+
+    module.__dict__.update(escape=escape)
+    return module
+
+
+#: Modules that modules imported with the reactor import unconditionally, for features the
+#: agent never uses, and a stand-in for each with only what those modules take from it at
+#: import. Each stand-in is in C{sys.modules} only while the reactor is imported: a later
+#: C{import} imports the real module.
+STAND_INS_WITH_THE_REACTOR = {"asyncio": _asyncio, "html": _html}
+
+
 def _refusing(packages: tuple[str, ...]) -> _Refuse:
     """A L{_Refuse} of those C{packages} not imported yet, first on C{sys.meta_path}."""
     refuse = _Refuse(tuple(p for p in packages if p not in sys.modules))
@@ -70,8 +151,9 @@ def _refusing(packages: tuple[str, ...]) -> _Refuse:
 def importReactor() -> Any:
     """
     Install the default reactor and import C{twisted.internet.endpoints} with
-    L{REFUSED_WITH_THE_REACTOR} refused, then allow them again; refuse L{REFUSED_FOR_GOOD}
-    from now on. Return the reactor.
+    L{REFUSED_WITH_THE_REACTOR} refused, L{LAZY_WITH_THE_REACTOR} loaded lazily and
+    L{STAND_INS_WITH_THE_REACTOR} stood in for, then allow and import them as usual again;
+    refuse L{REFUSED_FOR_GOOD} from now on. Return the reactor.
 
     Changes nothing for a module a process imported before (a test process): the modules
     keep what they found then.
@@ -79,10 +161,20 @@ def importReactor() -> Any:
     if not any(isinstance(f, _Refuse) and f.forGood for f in sys.meta_path):
         _refusing(REFUSED_FOR_GOOD).forGood = True
     refuse = _refusing(REFUSED_WITH_THE_REACTOR)
+    lazy = _Lazy(tuple(m for m in LAZY_WITH_THE_REACTOR if m not in sys.modules))
+    sys.meta_path.insert(1, lazy)
+    standIns = {
+        name: make() for name, make in STAND_INS_WITH_THE_REACTOR.items() if name not in sys.modules
+    }
+    sys.modules.update(standIns)
     try:
         from twisted.internet import endpoints, reactor  # noqa: F401
     finally:
         sys.meta_path.remove(refuse)
+        sys.meta_path.remove(lazy)
+        for name, standIn in standIns.items():
+            if sys.modules.get(name) is standIn:
+                del sys.modules[name]
     return reactor
 
 

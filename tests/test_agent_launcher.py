@@ -42,8 +42,29 @@ def watch(event):
                 "libraries": sorted({line.split("/")[-1].split(".so")[0]
                                      for line in open("/proc/self/maps") if ".so" in line}),
                 "sha256": __import__("hashlib").sha256(b"").hexdigest(),
+                "later": later(),
             }, f)
         reactor.stop()
+def later():
+    # What the modules the launcher stood in for or loaded lazily give, used after start-up.
+    import asyncio
+    from twisted.internet.defer import Deferred
+    from twisted.python import compat
+    loop = asyncio.new_event_loop()
+    future = loop.create_future()
+    got = []
+    Deferred.fromFuture(future).addCallback(got.append)
+    future.set_result("from a future")
+    loop.run_until_complete(asyncio.sleep(0))
+    asFuture = Deferred.fromCoroutine(asyncio.sleep(0, "to a future")).asFuture(loop)
+    got.append(loop.run_until_complete(asFuture))
+    loop.close()
+    return {
+        "asyncio": asyncio.__file__ is not None and hasattr(asyncio, "run"),
+        "deferred": got,
+        "escape": compat.escape("<a href='x'>"),
+        "cookielib": compat.cookielib.CookieJar.__module__,
+    }
 globalLogPublisher.addObserver(watch)
 sys.exit(launcher.main(sys.argv[1:]))
 """
@@ -65,6 +86,18 @@ NOT_WITHOUT_TLS = (
     "accesstunnel.transports.tls",
     "twisted.scripts.twistd",
     "twisted.application.app",
+)
+
+#: What no agent loads until something uses it: modules that Twisted imports with the
+#: reactor for features the agent never uses (asyncio, html.entities, and urllib.request,
+#: http.client and email.parser, which http.cookiejar would bring).
+NOT_UNTIL_USED = (
+    "asyncio",
+    "concurrent.futures",
+    "html.entities",
+    "urllib.request",
+    "http.client",
+    "email.parser",
 )
 
 
@@ -107,12 +140,27 @@ class LauncherTests(SynchronousTestCase):
         self.assertIn("agent.link", probe["modules"])
         self.assertIn("refused", probe["reason"])
         self.assertEqual([m for m in NOT_WITHOUT_TLS if _loaded(probe["modules"], m)], [])
+        self.assertEqual([m for m in NOT_UNTIL_USED if _loaded(probe["modules"], m)], [])
         self.assertEqual(probe["refusing"], [["_hashlib"]])
         self.assertEqual(probe["found"], ["OpenSSL", "ssl", "bz2", "lzma", "ctypes"])
         self.assertNotIn("libcrypto", probe["libraries"])
         self.assertNotIn("libssl", probe["libraries"])
         self.assertEqual(probe["sha256"][:8], "e3b0c442")
         self.assertRegex(log, r"\d{4}-\d\d-\d\dT\S+ \[agent\.launcher#info\] tunnel-agent ")
+
+    def test_standInsAndLazyModulesWorkWhenUsed(self) -> None:
+        """
+        In an agent started by the launcher, what it did not load at start works when used:
+        C{import asyncio} imports asyncio (not the stand-in), and Deferred.fromFuture and
+        asFuture work with its loop; Twisted's compat.escape is html.escape; compat.cookielib
+        is http.cookiejar, loaded at its first use.
+        """
+        probe, _ = self.launch(f"ssh://127.0.0.1:{_closedPort()}")
+        later = probe["later"]
+        self.assertTrue(later["asyncio"])
+        self.assertEqual(later["deferred"], ["from a future", "to a future"])
+        self.assertEqual(later["escape"], "&lt;a href=&#x27;x&#x27;&gt;")
+        self.assertEqual(later["cookielib"], "http.cookiejar")
 
     def test_tlsAgentLoadsOpenSSLWhenDialling(self) -> None:
         """
@@ -139,6 +187,35 @@ class LauncherTests(SynchronousTestCase):
         self.assertEqual(result.returncode, 1)
         self.assertIn("--state is required", result.stderr)
         self.assertIn("--logfile", result.stderr)
+
+    def test_asyncioStandInTellsCoroutines(self) -> None:
+        """
+        The asyncio stand-in's iscoroutine, which Twisted's Deferred.fromCoroutine calls for
+        every coroutine the agent starts, answers as asyncio.iscoroutine does on Python 3.11:
+        coroutines, generators and other Coroutine implementations, nothing else.
+        """
+        from collections.abc import Coroutine
+
+        from agent.launcher import STAND_INS_WITH_THE_REACTOR
+
+        iscoroutine = STAND_INS_WITH_THE_REACTOR["asyncio"]().iscoroutine
+
+        async def native() -> None:
+            pass
+
+        def generator():  # type: ignore[no-untyped-def]
+            yield
+
+        class Custom(Coroutine):  # type: ignore[type-arg]
+            send = throw = close = __await__ = lambda *_: None  # type: ignore[assignment]
+
+        coroutine = native()
+        self.addCleanup(coroutine.close)
+        self.assertTrue(iscoroutine(coroutine))
+        self.assertTrue(iscoroutine(generator()))
+        self.assertTrue(iscoroutine(Custom()))
+        self.assertFalse(iscoroutine(native))
+        self.assertFalse(iscoroutine(None))
 
     def test_consoleScript(self) -> None:
         """setup.cfg installs the launcher as the tunnel-agentd console script."""
