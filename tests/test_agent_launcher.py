@@ -70,7 +70,8 @@ sys.exit(launcher.main(sys.argv[1:]))
 """
 
 #: What an agent that dials no TLS must not load: pyOpenSSL and what it brings, Twisted's
-#: TLS layer, the stdlib's ssl, hashlib's OpenSSL backend, and twistd.
+#: TLS layer, the stdlib's ssl, hashlib's OpenSSL backend, twistd, and cryptography's X.509
+#: modules (the agent reads its certificate's lifetime itself).
 NOT_WITHOUT_TLS = (
     "OpenSSL",
     "ssl",
@@ -86,6 +87,7 @@ NOT_WITHOUT_TLS = (
     "accesstunnel.transports.tls",
     "twisted.scripts.twistd",
     "twisted.application.app",
+    "cryptography.x509",
 )
 
 #: What no agent loads until something uses it: modules that Twisted imports with the
