@@ -13,7 +13,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from twisted.conch.ssh import connection
+from twisted.conch.ssh import common, connection
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -23,7 +23,7 @@ from agent.forward import ForwardChannel, SpliceChannel
 from agent.session import SessionChannel, SessionEnvironment
 from groundcontrol.relay import RelayChannel
 from groundcontrol.testing import Script, ScriptedSession, echoScript
-from tests.test_agent_session import RecordingConnection
+from tests.test_agent_session import FakeSpawner, RecordingConnection
 from tests.test_relay import ONE_WINDOW, RelayTestCase
 
 MiB = 1024 * 1024
@@ -225,6 +225,36 @@ class GatherTests(SynchronousTestCase):
             channel.write(b"s" * 10000)
         channel.addWindowBytes(ENOUGH)
         self.assertEqual(sum(counted), 100000)
+
+
+class AgentSendTests(SynchronousTestCase):
+    """What the agent's session sends for a child's 64 KiB reads, by what groundcontrol offered."""
+
+    def _session(self, remoteMaxPacket: int) -> tuple[RecordingConnection, FakeSpawner]:
+        conn = RecordingConnection()
+        spawner = FakeSpawner()
+        channel = SessionChannel(
+            SessionEnvironment(home="/nonexistent", defaultPath="/bin"),
+            Clock(),
+            spawn=spawner,
+            remoteWindow=ENOUGH,
+            remoteMaxPacket=remoteMaxPacket,
+        )
+        conn.attach(channel)
+        channel.requestReceivedWithReply(b"exec", common.NS(b"head -c 1M /dev/zero"), True)
+        for _ in range(4):
+            spawner.protocol.childDataReceived(1, b"d" * (64 * 1024))
+        return conn, spawner
+
+    def test_newGroundcontrolGetsOnePacketPerRead(self) -> None:
+        """groundcontrol offered LINK_MAX_PACKET: each 64 KiB read leaves as one packet."""
+        conn, _ = self._session(LINK_MAX_PACKET)
+        self.assertEqual(sentPackets(conn), [("data", 64 * 1024)] * 4)
+
+    def test_oldGroundcontrolGetsItsMaxPacket(self) -> None:
+        """groundcontrol offered 32 KiB (before LINK_MAX_PACKET): 32 KiB packets, every byte."""
+        conn, _ = self._session(DEFAULT_MAX_PACKET)
+        self.assertEqual(sentPackets(conn), [("data", DEFAULT_MAX_PACKET)] * 8)
 
 
 class RelayPacketTests(RelayTestCase):
