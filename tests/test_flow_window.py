@@ -34,7 +34,9 @@ from groundcontrol.relay import RelayChannel
 from tests.test_agent_session import FakeSpawner, RecordingConnection, deliver
 
 
-def fakeSession(remoteWindow: int) -> tuple[RecordingConnection, FakeSpawner, SessionChannel]:
+def fakeSession(
+    remoteWindow: int, remoteMaxPacket: int = DEFAULT_MAX_PACKET
+) -> tuple[RecordingConnection, FakeSpawner, SessionChannel]:
     """An agent session channel with its default windows, over a recording connection."""
     conn = RecordingConnection()
     spawner = FakeSpawner()
@@ -43,7 +45,7 @@ def fakeSession(remoteWindow: int) -> tuple[RecordingConnection, FakeSpawner, Se
         Clock(),
         spawn=spawner,
         remoteWindow=remoteWindow,
-        remoteMaxPacket=DEFAULT_MAX_PACKET,
+        remoteMaxPacket=remoteMaxPacket,
     )
     conn.attach(channel)
     return conn, spawner, channel

@@ -24,6 +24,7 @@ from agent.session import SessionChannel, SessionEnvironment
 from groundcontrol.relay import RelayChannel
 from groundcontrol.testing import Script, ScriptedSession, echoScript
 from tests.test_agent_session import FakeSpawner, RecordingConnection
+from tests.test_flow_window import fakeSession
 from tests.test_relay import ONE_WINDOW, RelayTestCase
 
 MiB = 1024 * 1024
@@ -231,16 +232,7 @@ class AgentSendTests(SynchronousTestCase):
     """What the agent's session sends for a child's 64 KiB reads, by what groundcontrol offered."""
 
     def _session(self, remoteMaxPacket: int) -> tuple[RecordingConnection, FakeSpawner]:
-        conn = RecordingConnection()
-        spawner = FakeSpawner()
-        channel = SessionChannel(
-            SessionEnvironment(home="/nonexistent", defaultPath="/bin"),
-            Clock(),
-            spawn=spawner,
-            remoteWindow=ENOUGH,
-            remoteMaxPacket=remoteMaxPacket,
-        )
-        conn.attach(channel)
+        conn, spawner, channel = fakeSession(ENOUGH, remoteMaxPacket)
         channel.requestReceivedWithReply(b"exec", common.NS(b"head -c 1M /dev/zero"), True)
         for _ in range(4):
             spawner.protocol.childDataReceived(1, b"d" * (64 * 1024))
