@@ -58,7 +58,7 @@ DEFAULT_MAX_PACKET = 32 * 1024
 #: 32 KiB packets. Not larger: from 128 KiB on, each packet's buffers are big
 #: enough that glibc's malloc returns them to the kernel and faults them in
 #: again for the next packet (bench/RESULTS.md, "Bulk and 100 sessions
-#: (session 4)": sealing a 256 KiB packet cost 2.3 s/GB against 0.2).
+#: (session 4)": sealing a 256 KiB packet cost 2.0 CPU-s/GB against 0.19).
 LINK_MAX_PACKET = 64 * 1024
 
 _DATA, _EXTENDED, _EOF, _REQUEST, _CLOSE = range(5)
