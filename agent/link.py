@@ -60,8 +60,13 @@ class LinkSettings:
     serial: str | None = None
     keepaliveInterval: float = DEFAULT_INTERVAL
     keepaliveCount: int = DEFAULT_COUNT
-    #: Seconds from TCP connect to authenticated link before giving up.
+    #: Seconds from groundcontrol's first key-exchange message to an authenticated link.
     handshakeTimeout: float = 30.0
+    #: Seconds from TCP connect to groundcontrol's first key-exchange message. Longer than
+    #: C{handshakeTimeout}: during a reconnect storm groundcontrol's handshake limiter keeps
+    #: a new connection waiting, silent, until a handshake slot is free, and an agent that
+    #: gave up there would only rejoin the queue at its end.
+    answerTimeout: float = 120.0
     rekeyLimit: RekeyLimit = attrs.field(factory=RekeyLimit)
 
 
@@ -189,10 +194,23 @@ class AgentTransport(
             if setter is not None:
                 setter(True)
         self.ready: defer.Deferred[AgentTransport] = defer.Deferred()
+        self._answered = False
         self._handshakeTimer = self.factory.clock.callLater(
-            self.factory.settings.handshakeTimeout, self._handshakeTimedOut
+            self.factory.settings.answerTimeout, self._unansweredTimedOut
         )
         super().connectionMade()
+
+    def ssh_KEXINIT(self, packet: bytes) -> None:
+        # groundcontrol's first KEXINIT ends the wait in its queue: from here the
+        # handshake has its own, shorter, deadline.
+        if not self._answered:
+            self._answered = True
+            if self._handshakeTimer.active():
+                self._handshakeTimer.cancel()
+                self._handshakeTimer = self.factory.clock.callLater(
+                    self.factory.settings.handshakeTimeout, self._handshakeTimedOut
+                )
+        super().ssh_KEXINIT(packet)
 
     def verifyHostKey(self, hostKey: bytes, fingerprint: bytes) -> defer.Deferred[Any]:
         if self.factory.settings.serverKey.matches(hostKey):
@@ -216,6 +234,10 @@ class AgentTransport(
             self._handshakeTimer.cancel()
         if not self.ready.called:
             self.ready.callback(self)
+
+    def _unansweredTimedOut(self) -> None:
+        self._log.warn("groundcontrol did not start the key exchange in time; dropping the link")
+        self.transport.abortConnection()
 
     def _handshakeTimedOut(self) -> None:
         self._log.warn("link not authenticated in time; dropping it")
