@@ -134,8 +134,9 @@ class Options(usage.Options):
             "max-handshakes-operators",
             None,
             None,
-            "Of --max-handshakes, slots only operators (clients that are not our agent, "
-            "by their SSH version line) may use (default a quarter; 0: no reserve).",
+            "Of --max-handshakes, slots kept for operators (clients that are not our agent, "
+            "by their SSH version line); agents borrow idle ones, all but a quarter of them "
+            "(at least 2) (default a quarter of --max-handshakes; 0: no reserve).",
             int,
         ],
         [
