@@ -33,7 +33,15 @@ What it saves (bench/RESULTS.md, "Agent footprint"):
     C{_hashlib} is refused for good, so C{hashlib} and C{hmac} use Python's builtin
     MD5/SHA-1/SHA-2/SHA-3/BLAKE2 (the key exchange's hashes; the link's integrity is
     AES-GCM's tag, in cryptography). Not available then: C{hashlib.pbkdf2_hmac},
-    C{hashlib.scrypt} and the hashes only OpenSSL has; nothing the agent uses.
+    C{hashlib.scrypt} and the hashes only OpenSSL has; nothing the agent uses;
+  - modules that Twisted imports unconditionally with the reactor for features the agent
+    never uses: C{asyncio} (from C{twisted.internet.defer}) and C{html} with its entity
+    table (from C{twisted.python.compat}) are stood in for while the reactor is imported
+    by modules holding only the few names those take (L{STAND_INS_WITH_THE_REACTOR}), and
+    C{http.cookiejar} (C{twisted.python.compat}'s deprecated C{cookielib}, which brings
+    C{urllib.request}, C{http.client} and C{email}) is loaded lazily
+    (L{LAZY_WITH_THE_REACTOR}). A later C{import asyncio} or C{import html} imports the
+    real module, C{Deferred.asFuture} and C{fromFuture} work as before.
 """
 
 from __future__ import annotations
