@@ -43,8 +43,15 @@ from twisted.internet.posixbase import PosixReactorBase
 
 from accesstunnel.writethrough import WriteThroughMixin
 
-#: Bytes read from a child's output per system call.
-READ_SIZE = 64 * 1024
+#: Bytes read from a child's output per system call (four packets on the link
+#: to groundcontrol, L{accesstunnel.channel.LINK_MAX_PACKET}).
+READ_SIZE = 256 * 1024
+
+#: A pipe child's stdout pipe, when the agent runs as root: room for one
+#: L{READ_SIZE} read. At Linux's 64 KiB every read returns at most 64 KiB, and
+#: the agent and a fast child wake each other every 64 KiB (bench/RESULTS.md,
+#: "Bulk and 100 sessions (session 4)").
+OUTPUT_PIPE_SIZE = READ_SIZE
 
 #: Most bytes of a pty child's output gathered in one reactor event: one SSH
 #: packet's payload (L{accesstunnel.channel.DEFAULT_MAX_PACKET}, what our
@@ -251,7 +258,7 @@ class _WriteThroughWriter(WriteThroughMixin, process.ProcessWriter):
 
 
 class _SessionProcess(process.Process):
-    """A pipe child in its own session, read 64 KiB at a time, stdin written through."""
+    """A pipe child in its own session, read L{READ_SIZE} at a time, stdin written through."""
 
     processReaderFactory = _LargeReader
     processWriterFactory = _WriteThroughWriter
@@ -261,9 +268,12 @@ class _SessionProcess(process.Process):
         stdin = self.pipes.get(0)
         if stdin is not None:
             stdin.bufferSize = STDIN_PIPE_SIZE
-            if os.geteuid() == 0:
-                with contextlib.suppress(OSError):
-                    fcntl.fcntl(stdin.fileno(), _F_SETPIPE_SZ, STDIN_PIPE_SIZE)
+        if os.geteuid() == 0:
+            for childFD, size in ((0, STDIN_PIPE_SIZE), (1, OUTPUT_PIPE_SIZE)):
+                pipe = self.pipes.get(childFD)
+                if pipe is not None:
+                    with contextlib.suppress(OSError):
+                        fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, size)
 
     def _trySpawnInsteadOfFork(self, *args: Any, **kwargs: Any) -> bool:
         return False  # posix_spawn here cannot setsid

@@ -17,7 +17,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from accesstunnel.channel import (
     DEFAULT_MAX_PACKET,
@@ -27,7 +27,7 @@ from accesstunnel.channel import (
     FlowChannel,
 )
 from agent import _process
-from agent._process import STDIN_PIPE_SIZE
+from agent._process import OUTPUT_PIPE_SIZE, READ_SIZE, STDIN_PIPE_SIZE
 from agent.forward import ForwardChannel, SpliceChannel
 from agent.session import SessionChannel, SessionEnvironment
 from groundcontrol.relay import RelayChannel
@@ -154,6 +154,31 @@ class StdinPipeTests(TestCase):
             self.assertEqual(stdin.bufferSize, STDIN_PIPE_SIZE)
             if os.geteuid() == 0:
                 self.assertEqual(fcntl.fcntl(stdin.fileno(), 1032), STDIN_PIPE_SIZE)  # GETPIPE_SZ
+        finally:
+            child.signalProcess("KILL")
+            await ended
+
+    async def test_stdoutPipeHoldsOneRead(self) -> None:
+        """
+        As root, a pipe child's stdout pipe holds OUTPUT_PIPE_SIZE, at least one
+        READ_SIZE read, so that a fast child is not woken every 64 KiB; stderr
+        keeps the kernel's size.
+        """
+        if os.geteuid() != 0:
+            raise SkipTest("the agent enlarges pipes only as root")
+        self.assertGreaterEqual(OUTPUT_PIPE_SIZE, READ_SIZE)
+        ended: defer.Deferred[None] = defer.Deferred()
+
+        class Child(ProcessProtocol):
+            def processEnded(self, reason: Failure) -> None:
+                ended.callback(None)
+
+        child = _process.spawn(
+            reactor, Child(), b"/bin/sleep", [b"sleep", b"30"], {}, "/", None, None, None
+        )
+        try:
+            self.assertEqual(fcntl.fcntl(child.pipes[1].fileno(), 1032), OUTPUT_PIPE_SIZE)
+            self.assertEqual(fcntl.fcntl(child.pipes[2].fileno(), 1032), 64 * 1024)
         finally:
             child.signalProcess("KILL")
             await ended
