@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Callable
+from typing import Any
 
 from twisted.conch.ssh.common import NS
 from twisted.internet import defer, reactor
@@ -132,6 +134,27 @@ class EndpointOutputTests(SynchronousTestCase):
         self.assertFalse(spawner.child.paused)
 
 
+_F_GETPIPE_SZ = 1032
+
+
+async def withSleepingChild(check: Callable[[Any], None]) -> None:
+    """Spawn a real pipe child (C{sleep 30}) the agent's way, run C{check} on it, kill it."""
+    ended: defer.Deferred[None] = defer.Deferred()
+
+    class Child(ProcessProtocol):
+        def processEnded(self, reason: Failure) -> None:
+            ended.callback(None)
+
+    child = _process.spawn(
+        reactor, Child(), b"/bin/sleep", [b"sleep", b"30"], {}, "/", None, None, None
+    )
+    try:
+        check(child)
+    finally:
+        child.signalProcess("KILL")
+        await ended
+
+
 class StdinPipeTests(TestCase):
     """A real pipe child on the real reactor: its stdin takes more before credit is held."""
 
@@ -140,23 +163,14 @@ class StdinPipeTests(TestCase):
         The agent buffers up to STDIN_PIPE_SIZE for a pipe child before it
         holds back credit, and as root the kernel pipe itself is that large.
         """
-        ended: defer.Deferred[None] = defer.Deferred()
 
-        class Child(ProcessProtocol):
-            def processEnded(self, reason: Failure) -> None:
-                ended.callback(None)
-
-        child = _process.spawn(
-            reactor, Child(), b"/bin/sleep", [b"sleep", b"30"], {}, "/", None, None, None
-        )
-        try:
+        def check(child: Any) -> None:
             stdin = child.pipes[0]
             self.assertEqual(stdin.bufferSize, STDIN_PIPE_SIZE)
             if os.geteuid() == 0:
-                self.assertEqual(fcntl.fcntl(stdin.fileno(), 1032), STDIN_PIPE_SIZE)  # GETPIPE_SZ
-        finally:
-            child.signalProcess("KILL")
-            await ended
+                self.assertEqual(fcntl.fcntl(stdin.fileno(), _F_GETPIPE_SZ), STDIN_PIPE_SIZE)
+
+        await withSleepingChild(check)
 
     async def test_stdoutPipeHoldsOneRead(self) -> None:
         """
@@ -167,18 +181,9 @@ class StdinPipeTests(TestCase):
         if os.geteuid() != 0:
             raise SkipTest("the agent enlarges pipes only as root")
         self.assertGreaterEqual(OUTPUT_PIPE_SIZE, READ_SIZE)
-        ended: defer.Deferred[None] = defer.Deferred()
 
-        class Child(ProcessProtocol):
-            def processEnded(self, reason: Failure) -> None:
-                ended.callback(None)
+        def check(child: Any) -> None:
+            self.assertEqual(fcntl.fcntl(child.pipes[1].fileno(), _F_GETPIPE_SZ), OUTPUT_PIPE_SIZE)
+            self.assertEqual(fcntl.fcntl(child.pipes[2].fileno(), _F_GETPIPE_SZ), 64 * 1024)
 
-        child = _process.spawn(
-            reactor, Child(), b"/bin/sleep", [b"sleep", b"30"], {}, "/", None, None, None
-        )
-        try:
-            self.assertEqual(fcntl.fcntl(child.pipes[1].fileno(), 1032), OUTPUT_PIPE_SIZE)
-            self.assertEqual(fcntl.fcntl(child.pipes[2].fileno(), 1032), 64 * 1024)
-        finally:
-            child.signalProcess("KILL")
-            await ended
+        await withSleepingChild(check)
