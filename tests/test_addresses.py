@@ -8,7 +8,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import txaio
 from twisted.internet import endpoints, tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IHostnameResolver, IHostResolution
@@ -236,9 +235,6 @@ class WriteThroughTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = privateReactor(self)
         self.reactor.installNameResolver(LiteralResolver())
-        # autobahn schedules its WebSocket timers through txaio's loop: this reactor's for
-        # the length of the test, so none is left behind on the global reactor.
-        self.patch(txaio.config, "loop", self.reactor)
         self.directory = Path(tempfile.mkdtemp())
         self.addCleanup(shutil.rmtree, self.directory)
         fixture = Fixture(self.directory)
