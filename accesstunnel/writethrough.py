@@ -130,10 +130,10 @@ class WriteThroughConnector(tcp.Connector):
 class _WriteThroughTCPReactor:
     """
     The reactor C{reactor} in every respect but C{listenTCP} and
-    C{connectTCP} (and the C{listenSSL} and C{connectSSL} over them), which
-    build L{WriteThroughPort} and L{WriteThroughConnector} where C{reactor}
-    builds Twisted's own port and connector (what L{PosixReactorBase.listenTCP}
-    and L{PosixReactorBase.connectTCP} do, with the subclasses).
+    C{connectTCP}, which build L{WriteThroughPort} and
+    L{WriteThroughConnector} where C{reactor} builds Twisted's own port and
+    connector (what L{PosixReactorBase.listenTCP} and
+    L{PosixReactorBase.connectTCP} do, with the subclasses).
     """
 
     def __init__(self, reactor: PosixReactorBase) -> None:
@@ -163,11 +163,6 @@ class _WriteThroughTCPReactor:
         connector = WriteThroughConnector(host, port, factory, timeout, bindAddress, self._reactor)
         connector.connect()
         return connector
-
-    # Twisted's own TLS over TCP (C{ssl:} endpoint strings): its methods call
-    # C{self.listenTCP} and C{self.connectTCP}, i.e. the two above.
-    listenSSL = PosixReactorBase.listenSSL
-    connectSSL = PosixReactorBase.connectSSL
 
 
 def writeThroughTCP(reactor: Any) -> Any:

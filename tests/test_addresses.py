@@ -238,21 +238,19 @@ class WriteThroughTests(SynchronousTestCase):
         self.directory = Path(tempfile.mkdtemp())
         self.addCleanup(shutil.rmtree, self.directory)
         fixture = Fixture(self.directory)
-        self.serverCert, self.serverKey = fixture.serverCert, fixture.serverKey
         self.serverTLS = ServerTLS(fixture.serverCert, fixture.serverKey, fixture.caFile)
         self.clientTLS = ClientTLS(caFile=fixture.caFile)
         self.factory = Factory.forProtocol(Protocol)
 
     def test_listeners(self) -> None:
-        """ssh://, tls://, wss://, ws:// and tcp: and ssl: endpoint strings listen on a
-        port whose accepted connections are WriteThroughServers."""
+        """ssh://, tls://, wss://, ws:// and tcp: endpoint strings listen on a port whose
+        accepted connections are WriteThroughServers."""
         for address in (
             "ssh://127.0.0.1:0",
             "tls://127.0.0.1:0",
             "wss://127.0.0.1:0/tunnel",
             "ws://127.0.0.1:0/tunnel",
             "tcp:0:interface=127.0.0.1",
-            f"ssl:0:interface=127.0.0.1:privateKey={self.serverKey}:certKey={self.serverCert}",
         ):
             listener = serverListener(self.reactor, address, self.serverTLS)
             port = self.successResultOf(
@@ -270,8 +268,8 @@ class WriteThroughTests(SynchronousTestCase):
                 selectable.socket.close()  # type: ignore[attr-defined]
 
     def test_connectors(self) -> None:
-        """ssh://, tls://, ws:// and wss:// (direct and through an HTTP proxy) and tcp: and
-        ssl: endpoint strings connect a WriteThroughClient, and nothing else, over TCP."""
+        """ssh://, tls://, ws:// and wss:// (direct and through an HTTP proxy) and tcp:
+        endpoint strings connect a WriteThroughClient, and nothing else, over TCP."""
         listening = socket.create_server(("127.0.0.1", 0))
         self.addCleanup(listening.close)
         port = listening.getsockname()[1]
@@ -283,7 +281,6 @@ class WriteThroughTests(SynchronousTestCase):
             (f"wss://127.0.0.1:{port}/tunnel", None),
             ("wss://gc.example/tunnel", proxy),
             (f"tcp:127.0.0.1:{port}", None),
-            (f"ssl:host=127.0.0.1:port={port}", None),
         ):
             connector = clientConnector(self.reactor, address, self.clientTLS, settings)
             connecting = connector.endpoint.connect(connector.wrapFactory(self.factory))
