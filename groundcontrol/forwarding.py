@@ -26,7 +26,7 @@ from typing import Any
 from twisted.conch.ssh import connection
 from twisted.logger import Logger
 
-from accesstunnel.channel import DEFAULT_MAX_PACKET, DEFAULT_WINDOW
+from accesstunnel.channel import DEFAULT_MAX_PACKET, DEFAULT_WINDOW, LINK_MAX_PACKET
 from groundcontrol.relay import RelayChannel, refusal, splice
 
 FORWARDED_TCPIP = b"forwarded-tcpip"
@@ -146,7 +146,7 @@ async def relayFromDevice(
     await operatorSide.opened
     deviceSide = RelayChannel(
         localWindow=DEFAULT_WINDOW,
-        localMaxPacket=DEFAULT_MAX_PACKET,
+        localMaxPacket=LINK_MAX_PACKET,  # the agent is ours: larger packets, as router.py
         remoteWindow=windowSize,
         remoteMaxPacket=maxPacket,
         label=f"device {link.deviceName}",

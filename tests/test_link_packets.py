@@ -14,6 +14,7 @@ import struct
 from typing import Any
 
 from twisted.conch.ssh import common, connection
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -75,6 +76,40 @@ class AdvertisedTests(SynchronousTestCase):
         self.assertEqual(FlowChannel().localMaxPacket, DEFAULT_MAX_PACKET)
         self.assertEqual(RelayChannel().localMaxPacket, DEFAULT_MAX_PACKET)
         self.assertEqual(FlowChannel(localMaxPacket=1000).localMaxPacket, 1000)
+
+    def test_channelsOpenedByTheDeviceOfferLinkMaxPacket(self) -> None:
+        """
+        A channel the agent opens (here a remote forward's forwarded-tcpip) gets a device
+        side that offers LINK_MAX_PACKET, like the channels groundcontrol opens to the
+        agent; its operator side keeps 32 KiB.
+        """
+        from groundcontrol import forwarding
+
+        opened: list[RelayChannel] = []
+
+        class OperatorConn:
+            stopped = False
+
+            def openChannel(self, channel: RelayChannel, data: bytes) -> None:
+                opened.append(channel)
+                channel.channelOpen(b"")
+
+        class Link:
+            deviceName = "kiln7"
+            remoteForwards = forwarding.RemoteForwards()
+
+        Link.remoteForwards.add(b"127.0.0.1", 8080, OperatorConn())
+        payload = (
+            common.NS(b"127.0.0.1") + struct.pack(">L", 8080) + common.NS(b"10.0.0.9")
+        ) + struct.pack(">L", 5555)
+        d = defer.Deferred.fromCoroutine(
+            forwarding.relayFromDevice(
+                Link(), forwarding.FORWARDED_TCPIP, 2 * MiB, LINK_MAX_PACKET, payload
+            )
+        )
+        deviceSide = self.successResultOf(d)
+        self.assertEqual(deviceSide.localMaxPacket, LINK_MAX_PACKET)
+        self.assertEqual([c.localMaxPacket for c in opened], [DEFAULT_MAX_PACKET])
 
     def test_linkPacketFitsTransports(self) -> None:
         """A full link packet plus its headers stays under the transports' 1 MiB packet limit."""
