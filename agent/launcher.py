@@ -2,12 +2,14 @@
 ``python -m agent`` / ``tunnel-agentd``: the agent daemon without twistd, in less memory.
 
 It takes the command line of ``twistd -n tunnel-agent`` (the same L{agent.tap.Options},
-plus twistd's C{-l/--logfile}) and runs the same L{agent.tap.makeService} on the same
-default reactor, the way ``twistd --nodaemon`` does: log lines in twistd's format on
-standard output or in a file (rotated at 1 MB and on SIGUSR1, as twistd does), standard
-output and error redirected into the log, SIGTERM and SIGINT stop the services and the
-reactor, SIGHUP re-reads C{--config} (the agent's own handler). ``twistd -n tunnel-agent``
-keeps working as before; this is an addition for devices where memory counts.
+plus twistd's C{-l/--logfile}) and runs the same L{agent.tap.makeService} on the reactor of
+``twistd --reactor accesstunnel-epoll`` (L{accesstunnel.reactor}: epoll, each event
+dispatched without the legacy log context), the way ``twistd --nodaemon`` does: log lines in
+twistd's format on standard output or in a file (rotated at 1 MB and on SIGUSR1, as twistd
+does), standard output and error redirected into the log, SIGTERM and SIGINT stop the
+services and the reactor, SIGHUP re-reads C{--config} (the agent's own handler).
+``twistd -n tunnel-agent`` keeps working as before; this is an addition for devices where
+memory counts.
 
 What it saves (bench/RESULTS.md, "Agent footprint"):
 
@@ -158,7 +160,8 @@ def _refusing(packages: tuple[str, ...]) -> _Refuse:
 
 def importReactor() -> Any:
     """
-    Install the default reactor and import C{twisted.internet.endpoints} with
+    Install L{accesstunnel.reactor}'s reactor (unless a reactor is installed already: a test
+    process) and import it and C{twisted.internet.endpoints} with
     L{REFUSED_WITH_THE_REACTOR} refused, L{LAZY_WITH_THE_REACTOR} loaded lazily and
     L{STAND_INS_WITH_THE_REACTOR} stood in for, then allow and import them as usual again;
     refuse L{REFUSED_FOR_GOOD} from now on. Return the reactor.
@@ -176,6 +179,10 @@ def importReactor() -> Any:
     }
     sys.modules.update(standIns)
     try:
+        if "twisted.internet.reactor" not in sys.modules:
+            from accesstunnel.reactor import install
+
+            install()
         from twisted.internet import endpoints, reactor  # noqa: F401
     finally:
         sys.meta_path.remove(refuse)

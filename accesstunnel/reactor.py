@@ -1,0 +1,111 @@
+"""
+The epoll reactor without Twisted's per-event legacy log context: ``--reactor accesstunnel-epoll``.
+
+Twisted's C{EPollReactor.doPoll} runs every readiness event inside
+C{twisted.python.log.callWithLogger(selectable, ...)}: it calls the selectable's C{logPrefix()}
+and pushes a legacy log context (C{{"system": prefix}}) for the event, which only legacy
+C{log.msg}/C{log.err} calls read. Nothing in this project logs that way (C{twisted.logger}
+events do not read that context), and on a keystroke's path the wrapping costs a few percent
+of the echo time (bench/RESULTS.md, "Echo latency (session 5)"). L{TunnelEPollReactor}
+dispatches each event directly and enters the legacy context only where stock Twisted logs in
+it: when C{doRead}/C{doWrite} raises (the failure is logged with the selectable's prefix as its
+system, as stock) and when a selectable is disconnected (C{connectionLost} runs in the context,
+and an exception from it is logged there and swallowed, as stock). What it does not keep: a
+legacy C{log.msg} inside a successful C{doRead}/C{doWrite} is logged with system C{-} instead
+of the selectable's prefix, and a C{logPrefix()} that raises is only reported when that
+selectable fails.
+
+Installed by C{twistd --reactor accesstunnel-epoll} (the plugin in
+C{twisted/plugins/accesstunnel_reactor.py}) and by the agent's own launcher
+(L{agent.launcher}); plain C{twistd} keeps Twisted's default reactor.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+from typing import Any
+
+from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
+from twisted.internet.posixbase import _NO_FILEDESC
+from twisted.python import log
+from twisted.python.failure import Failure
+
+#: The short name twistd's C{--reactor} takes (the plugin's).
+REACTOR_NAME = "accesstunnel-epoll"
+
+
+class TunnelEPollReactor(EPollReactor):
+    """
+    L{EPollReactor} whose C{doPoll} dispatches each event without C{log.callWithLogger}; the
+    legacy log context is entered only on the failure and disconnect paths (module docstring).
+    """
+
+    def doPoll(self, timeout: float | None) -> None:
+        """Poll for events and dispatch each one to its selectable (C{EPollReactor.doPoll})."""
+        if timeout is None:
+            timeout = -1  # wait indefinitely
+        try:
+            events = self._poller.poll(timeout, len(self._selectables))
+        except OSError as e:
+            if e.errno == errno.EINTR:
+                return
+            raise
+        selectables = self._selectables
+        dispatch = self._doReadOrWrite
+        for fd, event in events:
+            selectable = selectables.get(fd)
+            if selectable is not None:
+                dispatch(selectable, fd, event)
+
+    doIteration = doPoll
+
+    def _doReadOrWrite(self, selectable: Any, fd: int, event: int) -> None:
+        """
+        C{_PollLikeMixin._doReadOrWrite}: read or write, or disconnect the selectable. An
+        exception from C{doRead}/C{doWrite} is logged and disconnects it, and C{connectionLost}
+        runs, in the selectable's legacy log context, as under stock C{doPoll}.
+        """
+        why: Any = None
+        inRead = False
+        if event & self._POLL_DISCONNECTED and not (event & self._POLL_IN):
+            # Handle disconnection only once all pending input was read; while reading this
+            # is a clean (possibly half-) close, else an error.
+            if fd in self._reads:
+                inRead = True
+                why = CONNECTION_DONE
+            else:
+                why = CONNECTION_LOST
+        else:
+            try:
+                if selectable.fileno() == -1:
+                    why = _NO_FILEDESC
+                else:
+                    if event & self._POLL_IN:
+                        why = selectable.doRead()
+                        inRead = True
+                    if not why and event & self._POLL_OUT:
+                        why = selectable.doWrite()
+                        inRead = False
+            except BaseException:
+                why = sys.exc_info()[1]
+                log.callWithLogger(selectable, self._failed, selectable, Failure(), why, inRead)
+                return
+        if why:
+            log.callWithLogger(selectable, self._disconnectSelectable, selectable, why, inRead)
+
+    def _failed(self, selectable: Any, failure: Failure, why: BaseException, inRead: bool) -> None:
+        """Log C{doRead}/C{doWrite}'s C{failure} (as stock, C{log.err}) and disconnect."""
+        log.err(failure)
+        self._disconnectSelectable(selectable, why, inRead)
+
+
+def install() -> None:
+    """Install L{TunnelEPollReactor} as the global reactor (twistd's C{--reactor} calls this)."""
+    from twisted.internet.main import installReactor
+
+    installReactor(TunnelEPollReactor())
+
+
+__all__ = ["REACTOR_NAME", "TunnelEPollReactor", "install"]
