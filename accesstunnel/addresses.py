@@ -76,6 +76,13 @@ DEFAULT_SERVERS = (
 
 FactoryWrapper = Callable[[IProtocolFactory], IProtocolFactory]
 
+#: How long one connect to an onion service may take. Tor fetches the service's descriptor
+#: and builds an introduction and a rendezvous circuit before it answers the SOCKS request,
+#: and a first connect on a slow network takes well over the 15 s other addresses get;
+#: cutting it short would throw that work away on every attempt. Tor reports its own
+#: failures at once (SOCKS reply codes), and gives up by itself after 120 s (SocksTimeout).
+TOR_ATTEMPT_TIMEOUT = 60.0
+
 #: The listen backlog of groundcontrol's TCP ports (Twisted's default is 50; Linux caps
 #: it at net.core.somaxconn, 4096 by default). In a reconnect storm connections the
 #: server is not accepting yet wait here; past it the kernel drops SYNs and clients retry
@@ -233,12 +240,15 @@ class Connector:
 
     @ivar description: the address as given (no credentials: a proxy is named by host only).
     @ivar transport: the scheme, shown by the server's C{ctl ls} and the agent's status.
+    @ivar attemptTimeout: seconds one connect on this address may take before the next
+        address is tried; C{None}: the failover endpoint's own (15 s).
     """
 
     endpoint: IStreamClientEndpoint
     wrapFactory: FactoryWrapper
     description: str
     transport: str
+    attemptTimeout: float | None = None
 
 
 def serverListener(
@@ -339,7 +349,7 @@ def clientConnector(
         from accesstunnel.transports.tor import TorSettings, onionClientEndpoint
 
         endpoint = onionClientEndpoint(reactor, host, port, tor or TorSettings())
-        return Connector(endpoint, _identity, address, "tor")
+        return Connector(endpoint, _identity, address, "tor", TOR_ATTEMPT_TIMEOUT)
     description = address
     proxyURL = proxy.proxyFor(scheme, host, port) if proxy and scheme in ("ws", "wss") else None
     if proxyURL is not None:

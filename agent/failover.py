@@ -168,7 +168,7 @@ class FailoverEndpoint:
             try:
                 return await self._attempt(connector, protocolFactory)
             except (defer.CancelledError, defer.TimeoutError):
-                reason = f"no connection in {self.attemptTimeout:g} s"
+                reason = f"no connection in {self._timeoutFor(connector):g} s"
             except Exception as e:  # every failure is a reason to try the next one
                 reason = str(e) or type(e).__name__
             failures.append(f"{connector.description}: {reason}")
@@ -197,7 +197,7 @@ class FailoverEndpoint:
             return started
 
         attempt = connecting.addCallback(connected)
-        attempt.addTimeout(self.attemptTimeout, self._clock)
+        attempt.addTimeout(self._timeoutFor(connector), self._clock)
         try:
             watched = await attempt
         except BaseException:
@@ -208,6 +208,10 @@ class FailoverEndpoint:
             lambda _: self._worked(connector), lambda f: self._failedEarly(connector, f)
         )
         return watched.wrappedProtocol  # type: ignore[no-any-return]
+
+    def _timeoutFor(self, connector: Connector) -> float:
+        """The address's own bound (tor's is longer), else the endpoint's."""
+        return connector.attemptTimeout or self.attemptTimeout
 
     def _worked(self, connector: Connector) -> None:
         self._log.info(

@@ -180,9 +180,10 @@ class ConnectorTests(SynchronousTestCase):
         self.assertIsInstance(connector.endpoint.inner, endpoints.HostnameEndpoint)  # type: ignore[attr-defined]
 
     def test_tor(self) -> None:
-        """tor:// dials through tor's SOCKS port."""
-        import txtorcon
+        """tor:// dials through tor's SOCKS port with our SOCKS5 client, the name unresolved."""
+        from accesstunnel.transports.socks import SOCKS5Endpoint
 
         connector = clientConnector(self.reactor, "tor://abcdef.onion:2222", tor=TorSettings())
-        self.assertIsInstance(connector.endpoint, txtorcon.TorClientEndpoint)
+        self.assertIsInstance(connector.endpoint, SOCKS5Endpoint)
+        self.assertEqual((connector.endpoint.host, connector.endpoint.port), ("abcdef.onion", 2222))  # type: ignore[attr-defined]
         self.assertEqual(connector.transport, "tor")

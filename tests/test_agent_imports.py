@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LAZY = (
     "accesstunnel.transports.tls",
     "accesstunnel.transports.proxy",
+    "accesstunnel.transports.socks",
+    "accesstunnel.transports.tunnel",
     "accesstunnel.transports.tor",
     "accesstunnel.transports.websocket",
     "txtorcon",
@@ -81,6 +83,15 @@ class ImportSetTests(SynchronousTestCase):
         self.assertIn("accesstunnel.transports.tls", modules)
         self.assertNotIn("accesstunnel.transports.proxy", modules)
         self.assertFalse(_loaded(modules, "autobahn"))
+
+    def test_torAgentLoadsSOCKSNotTxtorcon(self) -> None:
+        """
+        An agent given a tor:// server dials through our SOCKS5 client; txtorcon, which only
+        groundcontrol needs (to publish its onion service), stays out of the agent.
+        """
+        modules = _modulesOfAgent("tor://" + "a" * 56 + ".onion:2222")
+        self.assertIn("accesstunnel.transports.socks", modules)
+        self.assertFalse(_loaded(modules, "txtorcon"))
 
 
 def _tlv(tag: int, content: bytes) -> bytes:

@@ -100,6 +100,33 @@ class FailoverTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual(a.endpoint.cancelled, 1)  # type: ignore[attr-defined]
 
+    def test_addressWithItsOwnTimeout(self) -> None:
+        """
+        An address with its own attempt timeout (tor://: 60 s, as an onion connect builds
+        circuits first) gets that long; the others keep the endpoint's.
+        """
+        slow = Connector(ScriptedEndpoint("hang"), lambda f: f, "tor:a", "tor", 60.0)
+        b = connector("tls:b", "ok")
+        endpoint = self.endpoint(slow, b, timeout=15)
+        d = endpoint.connect(self.factory)
+        self.clock.advance(59.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.2)
+        self.successResultOf(d)
+        self.assertEqual(slow.endpoint.cancelled, 1)  # type: ignore[attr-defined]
+
+    def test_torAddressesWaitForTor(self) -> None:
+        """clientConnector gives tor:// addresses TOR_ATTEMPT_TIMEOUT, other schemes none."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        from accesstunnel.addresses import TOR_ATTEMPT_TIMEOUT, clientConnector
+
+        reactor = MemoryReactorClock()
+        tor = clientConnector(reactor, "tor://" + "a" * 56 + ".onion:2222")
+        self.assertEqual(tor.attemptTimeout, TOR_ATTEMPT_TIMEOUT)
+        self.assertGreater(TOR_ATTEMPT_TIMEOUT, 15)
+        self.assertIsNone(clientConnector(reactor, "ssh://gc.example").attemptTimeout)
+
     def test_allFail(self) -> None:
         """When every address fails the connect fails (ClientService backs off), naming each."""
         endpoint = self.endpoint(connector("ssh:a", "refuse"), connector("tls:b", "hang"))

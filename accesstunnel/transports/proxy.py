@@ -17,12 +17,11 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import attrs
-from twisted.internet import defer, endpoints, error
-from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet import endpoints
+from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from zope.interface import implementer
+
+from accesstunnel.transports.tunnel import ProxyError, TunnelEndpoint, TunnelProtocol
 
 __all__ = [
     "HTTPConnectEndpoint",
@@ -33,10 +32,6 @@ __all__ = [
 
 #: The proxy's response head may not be larger than this (bounded memory before the tunnel).
 MAX_RESPONSE_HEAD = 16 * 1024
-
-
-class ProxyError(ConnectionError):
-    """The proxy refused or garbled the CONNECT."""
 
 
 @attrs.frozen
@@ -155,26 +150,17 @@ def matchesNoProxy(noProxy: str, host: str, port: int) -> bool:
     return False
 
 
-class _ConnectProtocol(Protocol):
-    """
-    Speaks the CONNECT request, then steps aside: once the proxy answers 200 every byte
-    and event goes to the protocol the caller's factory built.
-    """
+class _ConnectProtocol(TunnelProtocol):
+    """Speaks the CONNECT request; the proxy's 2xx response head opens the tunnel."""
 
     _log = Logger()
+    maxHandshakeBytes = MAX_RESPONSE_HEAD
 
     def __init__(self, endpoint: HTTPConnectEndpoint, factory: IProtocolFactory) -> None:
+        super().__init__(factory)
         self._endpoint = endpoint
-        self._factory = factory
-        self._buffer = b""
-        self._inner: IProtocol | None = None
-        self.ready: defer.Deferred[IProtocol] = defer.Deferred(self._cancel)
 
-    def _cancel(self, d: defer.Deferred[IProtocol]) -> None:
-        if self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
-
-    def connectionMade(self) -> None:
+    def opening(self) -> bytes:
         target = f"{self._endpoint.host}:{self._endpoint.port}".encode("idna")
         if ":" in self._endpoint.host:
             target = f"[{self._endpoint.host}]:{self._endpoint.port}".encode()
@@ -182,69 +168,35 @@ class _ConnectProtocol(Protocol):
         authorization = self._endpoint.proxy.authorization()
         if authorization is not None:
             lines.append(b"Proxy-Authorization: " + authorization)
-        self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n")  # type: ignore[union-attr]
+        return b"\r\n".join(lines) + b"\r\n\r\n"
 
-    def dataReceived(self, data: bytes) -> None:
-        if self._inner is not None:
-            self._inner.dataReceived(data)
-            return
-        self._buffer += data
-        head, separator, rest = self._buffer.partition(b"\r\n\r\n")
+    def step(self, buffer: bytes) -> tuple[int, bool]:
+        head, separator, _ = buffer.partition(b"\r\n\r\n")
         if not separator:
-            if len(self._buffer) > MAX_RESPONSE_HEAD:
-                self._fail(ProxyError("the proxy's response head is too long"))
-            return
+            if len(buffer) > MAX_RESPONSE_HEAD:
+                raise ProxyError("the proxy's response head is too long")
+            return 0, False
         statusLine = head.split(b"\r\n", 1)[0]
         parts = statusLine.split(None, 2)
         if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-            self._fail(ProxyError(f"not an HTTP response from the proxy: {statusLine[:80]!r}"))
-            return
+            raise ProxyError(f"not an HTTP response from the proxy: {statusLine[:80]!r}")
         if not (parts[1].isdigit() and 200 <= int(parts[1]) < 300):
             reason = statusLine.decode("latin-1", "replace")[:120]
-            self._fail(ProxyError(f"the proxy refused CONNECT: {reason}"))
-            return
+            raise ProxyError(f"the proxy refused CONNECT: {reason}")
         self._log.debug(
             "proxy {proxy} opened a tunnel to {host}:{port}",
             proxy=f"{self._endpoint.proxy.host}:{self._endpoint.proxy.port}",
             host=self._endpoint.host,
             port=self._endpoint.port,
         )
-        self._buffer = b""
-        inner = self._factory.buildProtocol(self.transport.getPeer())  # type: ignore[union-attr]
-        if inner is None:
-            self._fail(error.ConnectError("the factory refused the connection"))
-            return
-        self._inner = inner
-        inner.makeConnection(self.transport)
-        self.ready.callback(inner)
-        if rest and self._inner is inner:
-            inner.dataReceived(rest)
-
-    def _fail(self, reason: Exception) -> None:
-        if not self.ready.called:
-            self.ready.errback(Failure(reason))
-        self.transport.abortConnection()  # type: ignore[union-attr]
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._inner is not None:
-            self._inner.connectionLost(reason)
-        elif not self.ready.called:
-            self.ready.errback(
-                Failure(ProxyError(f"the proxy closed the connection: {reason.value}"))
-            )
+        return len(head) + len(separator), True
 
 
-@implementer(IStreamClientEndpoint)
-class HTTPConnectEndpoint:
-    """
-    Connect to C{host:port} through an HTTP proxy's CONNECT tunnel.
-
-    The protocol the caller's factory builds gets the proxy connection's own transport, so
-    C{abortConnection}, TCP options and TLS wrapping above all work as on a direct link.
-    """
+class HTTPConnectEndpoint(TunnelEndpoint):
+    """Connect to C{host:port} through an HTTP proxy's CONNECT tunnel."""
 
     def __init__(self, proxyEndpoint: IStreamClientEndpoint, proxy: ProxyURL, host: str, port: int):
-        self.proxyEndpoint = proxyEndpoint
+        super().__init__(proxyEndpoint)
         self.proxy = proxy
         self.host = host
         self.port = port
@@ -253,28 +205,8 @@ class HTTPConnectEndpoint:
     def create(cls, reactor: Any, proxy: ProxyURL, host: str, port: int) -> HTTPConnectEndpoint:
         return cls(endpoints.HostnameEndpoint(reactor, proxy.host, proxy.port), proxy, host, port)
 
-    def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[IProtocol]:
-        made: list[_ConnectProtocol] = []
-
-        def build() -> _ConnectProtocol:
-            protocol = _ConnectProtocol(self, protocolFactory)
-            made.append(protocol)
-            return protocol
-
-        connecting = self.proxyEndpoint.connect(Factory.forProtocol(build))  # type: ignore[arg-type]
-
-        def cancel(d: defer.Deferred[IProtocol]) -> None:
-            connecting.cancel()
-            for protocol in made:
-                protocol.ready.cancel()
-
-        result: defer.Deferred[IProtocol] = defer.Deferred(cancel)
-
-        def connected(protocol: _ConnectProtocol) -> defer.Deferred[IProtocol]:
-            return protocol.ready
-
-        connecting.addCallback(connected).chainDeferred(result)
-        return result
+    def buildTunnel(self, factory: IProtocolFactory) -> TunnelProtocol:
+        return _ConnectProtocol(self, factory)
 
     def __repr__(self) -> str:
         via = f"{self.proxy.host}:{self.proxy.port}"

@@ -1,6 +1,6 @@
 """
 Tor: groundcontrol publishes an onion service through a running tor's control port, and
-the agent dials C{.onion} addresses through a tor SOCKS port (txtorcon).
+the agent dials C{.onion} addresses through a tor SOCKS port (our SOCKS5 client).
 
 A device on a network that blocks everything but Tor (or an operator who wants the server's
 location hidden) still gets a link. The onion service's key is kept in a file so the
@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import txtorcon
 from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import (
     IListeningPort,
@@ -105,6 +104,8 @@ class OnionServerEndpoint:
             protocolFactory
         )
         try:
+            import txtorcon  # groundcontrol only: the agent dials through SOCKS alone
+
             control = endpoints.clientFromString(self._reactor, self.settings.control)
             tor = await txtorcon.connect(self._reactor, control)
             keyFile = self.settings.onionKeyFile
@@ -143,6 +144,11 @@ def _writePrivate(path: Path, text: str) -> None:
 def onionClientEndpoint(
     reactor: Any, host: str, port: int, settings: TorSettings
 ) -> IStreamClientEndpoint:
-    """Reach C{host:port} (usually a C{.onion}) through tor's SOCKS port."""
-    socks = endpoints.clientFromString(reactor, settings.socks)
-    return txtorcon.TorClientEndpoint(host, port, socks_endpoint=socks, reactor=reactor)  # type: ignore[no-any-return]
+    """
+    Reach C{host:port} (usually a C{.onion}) through tor's SOCKS port: our SOCKS5 client
+    (L{accesstunnel.transports.socks}), not txtorcon's, which holds back the server's first
+    bytes when they arrive with tor's reply.
+    """
+    from accesstunnel.transports.socks import SOCKS5Endpoint
+
+    return SOCKS5Endpoint(endpoints.clientFromString(reactor, settings.socks), host, port)
