@@ -125,7 +125,11 @@ def test_agentLinksOverTor(fleet: Fleet, tornet: TorNetwork) -> None:
     try:
         waitFor(pending, LINK_TIMEOUT, "the agent to link over tor", interval=0.5)
     except HarnessError as e:
-        raise HarnessError(f"{e}\n{process.output()[-3000:]}") from None
+        server = fleet.gc.process.output()[-3000:] if fleet.gc.process else ""
+        raise HarnessError(
+            f"{e}\n--- agent\n{process.output()[-3000:]}\n--- groundcontrol\n{server}\n"
+            f"{tornet.logs()}"
+        ) from None
     fleet.gc.cli("device", "approve", "kiln7")
     operator = fleet.operators["alice"]
     fleet.waitRoutable(operator, "kiln7", timeout=LINK_TIMEOUT)

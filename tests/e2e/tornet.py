@@ -190,6 +190,8 @@ class TorNetwork:
         for node in [authority, *relays, client]:
             torrc = COMMON + dirAuthority + f"Nickname {node.name}\n"
             torrc += f"DataDirectory {node.directory}\nLog notice file {node.log}\n"
+            # Onion-service steps (descriptor uploads and fetches, circuits) for failures.
+            torrc += f"Log [rend]info file {node.directory / 'rend.log'}\n"
             if node is client:
                 torrc += CLIENT.format(
                     address=LOOPBACK, socks=self.socksPort, control=self.controlPort
@@ -262,7 +264,16 @@ class TorNetwork:
         return (node.directory / "fingerprint").read_text().split()[1]
 
     def waitBootstrapped(self, timeout: float) -> None:
-        """Wait until the client tor has a consensus and circuits (Bootstrapped 100%)."""
+        """
+        Wait until the client tor has bootstrapped (Bootstrapped 100%) and holds the
+        microdescriptor of every relay of the network.
+
+        Why the second: with C{PathsNeededToBuildCircuits 0.25} tor reports 100% while it
+        still lacks some relays' microdescriptors. An onion connect made then can pick a
+        rendezvous point the service side cannot build its four-hop circuit to ("Failed to
+        find node for hop #3"), and tor keeps the client's stream waiting on that
+        rendezvous circuit, retry after retry: the test's occasional 150 s timeouts.
+        """
 
         def ready() -> bool:
             for node in self.nodes:
@@ -272,15 +283,54 @@ class TorNetwork:
                         f"{node.process and node.process.output()[-2000:]}"
                     )
             assert self.client is not None
-            return "Bootstrapped 100%" in self.client.logText()
+            if "Bootstrapped 100%" not in self.client.logText():
+                return False
+            try:
+                return not self.missingMicrodescriptors()
+            except OSError:  # the control port not answering yet: ask again
+                return False
 
         started = time.monotonic()
         waitFor(ready, timeout, "the tor client to bootstrap", interval=0.2)
         self.bootstrapSeconds = time.monotonic() - started
 
+    def missingMicrodescriptors(self) -> list[str]:
+        """The relays whose microdescriptor the client tor does not have (control port)."""
+        relays = [n.name for n in self.nodes if n is not self.client]
+        answers = self.control(*(f"GETINFO md/name/{name}" for name in relays))
+        return [name for name, answer in zip(relays, answers, strict=True) if answer != "250"]
+
+    def control(self, *commands: str) -> list[str]:
+        """Each command's final status code, from the client tor's control port."""
+        assert self.client is not None
+        cookie = (self.client.directory / "control_auth_cookie").read_bytes().hex()
+        codes: list[str] = []
+        with socket.create_connection((LOOPBACK, self.controlPort), timeout=10) as s:
+            reader = s.makefile("rb")
+            for command in (f"AUTHENTICATE {cookie}", *commands, "QUIT"):
+                s.sendall(command.encode() + b"\r\n")
+                while True:  # "250-"/"250+" continue a reply; "NNN " ends it
+                    line = reader.readline()
+                    if not line:
+                        raise HarnessError(f"tor's control port closed after {command!r}")
+                    if line[3:4] == b"+":  # a data block, ended by a lone "."
+                        while reader.readline().rstrip(b"\r\n") != b".":
+                            pass
+                    elif line[3:4] == b" ":
+                        codes.append(line[:3].decode())
+                        break
+        if codes[0] != "250":
+            raise HarnessError(f"tor refused the control cookie: {codes[0]}")
+        return codes[1:-1]
+
     def logs(self) -> str:
-        """The tail of every node's log, for a failure message."""
-        return "\n".join(f"--- {n.name}\n{n.logText()[-1500:]}" for n in self.nodes)
+        """The tail of every node's log, and of the client's onion-service log, for a failure."""
+        tails = [f"--- {n.name}\n{n.logText()[-1500:]}" for n in self.nodes]
+        if self.client is not None:
+            rend = self.client.directory / "rend.log"
+            if rend.exists():
+                tails.append(f"--- client (rend)\n{rend.read_text(errors='replace')[-4000:]}")
+        return "\n".join(tails)
 
     def stop(self) -> None:
         """Kill every tor of the network (each by its own process group)."""
