@@ -606,6 +606,39 @@ class VersionLineTests(ClassTestCase):
         self.assertFalse(conn.started)
         self.assertEqual((limiter.agents.waiting, limiter.operators.pending), (2, 0))
 
+    def test_silentConnectionStartsWhenASlotFrees(self) -> None:
+        """
+        A connection held for its version line starts, unread, as soon as it could start as
+        a new connection would (an agents' slot free for its source, no agent waiting); a
+        client that waits for the server's line first (ssh-keyscan, ssh-audit) does not sit
+        out versionTimeout next to a free slot. Others still held keep waiting for theirs.
+        """
+        limiter = self.limiter(maxPerSource=2)
+        first, _ = self.agents(limiter, 2, host="192.0.2.7")
+        quiet = self.connect(limiter, "192.0.2.7", hello=b"")
+        self.assertFalse(quiet.started)
+        self.assertEqual(limiter.waiting, 1)
+        first.login()
+        self.assertTrue(quiet.started)
+        self.assertFalse(quiet.paused)
+        self.assertEqual((limiter.agents.pending, limiter.waiting), (2, 0))
+        self.assertEqual((limiter._hello, dict(limiter._helloing)), ({}, {}))
+        self.clock.advance(limiter.versionTimeout)  # its version timer went with it
+        self.assertEqual(limiter.agents.pending, 2)
+
+    def test_silentConnectionWaitsWhileAgentsWait(self) -> None:
+        """
+        While agents wait for a slot, a freed slot goes to them: a connection that has not
+        said what it is does not jump their queue.
+        """
+        limiter = self.limiter()
+        *started, waiting = self.busy(limiter)
+        quiet = self.connect(limiter, hello=b"")
+        started[0].login()
+        self.assertTrue(waiting.started)
+        self.assertFalse(quiet.started)
+        self.assertEqual(limiter.waiting, 1)
+
     def test_overlongLineCountsAsAnAgent(self) -> None:
         """255 bytes without a line end is no SSH version line: the agents' pool, at once."""
         limiter = self.limiter()

@@ -18,7 +18,8 @@ no complete version line within C{versionTimeout}
 seconds (a client waiting for the server's line first, a stalled one) or a line longer than
 SSH allows goes to the agents' pool: only a connection that says it is not our agent is
 served from the reserve. While no agent waits, a new connection that could start in the
-agents' pool starts there at once, unread: its pool would make no one wait.
+agents' pool starts there at once, unread: its pool would make no one wait; so does one
+still awaiting its line once a slot frees for it.
 The source address cannot tell them apart when every device sits behind its own NAT, and
 an operator may share an address with a crowd of agents; the version line can. Nothing is
 gained by lying: a connection that claims to be an operator is counted in the operators'
@@ -590,8 +591,9 @@ class HandshakeLimiter(WrappingFactory):
         )
         self.pools = {AGENTS: self.agents, OPERATORS: self.operators}
         self.waiting = 0
-        #: Connections awaiting their version line, by source.
+        #: Connections awaiting their version line, by source, and all of them in arrival order.
         self._hello: Counter[str] = Counter()
+        self._helloing: OrderedDict[_Limited, None] = OrderedDict()
         self._ports: set[Any] = set()
         self.paused = False
         #: Times the listening ports were paused (for tests and logs).
@@ -647,6 +649,7 @@ class HandshakeLimiter(WrappingFactory):
             self._refuse(conn)
         else:
             self._hello[conn.source] += 1
+            self._helloing[conn] = None
             self._held(+1)
             conn._hello()
         self._updatePorts()
@@ -658,6 +661,7 @@ class HandshakeLimiter(WrappingFactory):
         self._pump()
 
     def _unhello(self, conn: _Limited) -> None:
+        self._helloing.pop(conn, None)
         source = conn.source
         self._hello[source] -= 1
         if self._hello[source] <= 0:
@@ -734,6 +738,7 @@ class HandshakeLimiter(WrappingFactory):
                         self._held(-1)
                         self._longestWait = max(self._longestWait, self._now() - conn.waitingSince)
                         self._start(conn)
+                self._startUnread()
                 again = self._pumpAgain
         finally:
             self._pumping = False
@@ -750,6 +755,22 @@ class HandshakeLimiter(WrappingFactory):
             self._episode = False
             self.refused = self.queued = self._mostWaiting = 0
             self._longestWait = 0.0
+
+    def _startUnread(self) -> None:
+        """
+        Start, unread, connections still awaiting their version line that could now start
+        as agents with no agent waiting: the rule L{_arrived} applies to a new connection.
+        Without it a client that waits for the server's line before it sends its own (as
+        ssh-keyscan does) sat out its C{versionTimeout} next to a free slot.
+        """
+        if not self._helloing or self.agents.waiting:
+            return
+        for conn in list(self._helloing):
+            if self.agents.waiting or not self.agents.hasRoom:
+                return
+            if conn.state == _HELLO and self.agents.canStart(conn.source):
+                conn._cancelTimer()
+                self._classified(conn, AGENTS)
 
     def _full(self) -> bool:
         """No new connection could start: every pool is at its bound."""
