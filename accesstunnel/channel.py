@@ -144,30 +144,9 @@ class FlowChannel(channel.SSHChannel):
         self._drain()
 
     def write(self, data: bytes) -> None:
-        """
-        Send C{data} as channel data, after anything already queued: at once, as one packet,
-        when nothing is queued and the window, the packet size and the link allow it (a
-        keystroke's path), else through the queue.
-        """
-        n = len(data)
-        if not n:
-            return
-        conn = self.conn
-        if (
-            not self._queue
-            and n <= self.remoteWindowLeft
-            and n <= self.remoteMaxPacket
-            and conn is not None
-            and not self.localClosed
-            and self in conn.channelsToRemoteChannel
-        ):
-            link = getattr(conn, "linkFlow", None)
-            if link is None or not link.paused:
-                conn.sendData(self, data)
-                self.remoteWindowLeft -= n
-                self.sent(n)
-                return
-        self._enqueue((_DATA, data), n)
+        """Send C{data} as channel data, after anything already queued."""
+        if data:
+            self._enqueue((_DATA, data), len(data))
 
     def writeExtended(self, dataType: int, data: bytes) -> None:
         """Send C{data} as extended data (stderr), in order with the rest."""
