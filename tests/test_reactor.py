@@ -13,13 +13,13 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.reactors import IReactorInstaller
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.main import CONNECTION_DONE
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.plugin import getPlugins
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -86,11 +86,12 @@ def scenario(test: SynchronousTestCase, reactorType: type, steps: Any) -> dict[s
             logged.append((event.get("log_system"), event["failure"].type))
 
     recorder = Recorder(reactor, ours)
-    globalLogPublisher.addObserver(observe)
+    observer = cast(ILogObserver, observe)
+    globalLogPublisher.addObserver(observer)
     try:
         steps(reactor, recorder, peer)
     finally:
-        globalLogPublisher.removeObserver(observe)
+        globalLogPublisher.removeObserver(observer)
     return {
         "events": recorder.events,
         "logged": logged,
