@@ -13,39 +13,19 @@ the link held during the exchange).
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from twisted.conch.ssh import connection
 from twisted.trial.unittest import SynchronousTestCase
 
-from accesstunnel.keys import fingerprint
-from accesstunnel.rekey import RekeyingTransportMixin, RekeyLimit
-from agent.identity import ServerKeyPin
-from agent.link import AgentLinkFactory, LinkSettings
-from groundcontrol.sshserver import ServerSettings
-from groundcontrol.testing import (
-    FakeOperator,
-    InMemoryFleet,
-    OperatorSession,
-    Script,
-    ScriptedSession,
-    echoScript,
-    publicLine,
-    refuseForwards,
-    scriptedSessions,
-)
+from accesstunnel.rekey import RekeyLimit
+from groundcontrol.testing import FakeOperator, InMemoryFleet, OperatorSession
+from tests import test_rekey  # its TestCase is not imported by name: pytest would run it again
+from tests.test_rekey import NEVER, MiB
 
-MiB = 1 << 20
-NEVER = RekeyLimit(bytes=0, seconds=0)
 SESSIONS = 4
-STREAM = 8 * MiB
-
-
-def script(command: bytes | None) -> Script | None:
-    if command == b"stream":
-        return Script(stream=STREAM)
-    return echoScript(command)
+STREAM = 8 * MiB  # what test_rekey's "stream" command sends
 
 
 def blockedDataBytes(sshTransport: Any) -> int:
@@ -66,34 +46,15 @@ class KeyExchangeHoldsChannelsTests(SynchronousTestCase):
     streaming from SESSIONS sessions at once.
     """
 
+    # Set by test_rekey's connect.
+    fleet: InMemoryFleet
+    operator: FakeOperator
+    agentSide: Any
+
     def setUp(self) -> None:
-        self.fleet = InMemoryFleet(settings=ServerSettings(rekeyLimit=NEVER))
-        deviceKey = self.fleet.enrollDevice("kiln7")
-        aliceKey = self.fleet.addOperator("alice")
-        self.fleet.grant("alice", "kiln7")
-        self.sessions: list[ScriptedSession] = []
-        settings = LinkSettings(
-            name="kiln7",
-            deviceKey=deviceKey,
-            serverKey=ServerKeyPin(fingerprint(publicLine(self.fleet.hostKey))),
-            rekeyLimit=RekeyLimit(bytes=2 * MiB, seconds=0),
-        )
-        factory = AgentLinkFactory(
-            settings, self.fleet.clock, scriptedSessions(script, self.sessions), refuseForwards
-        )
-        pump = self.fleet.connect(factory)
-        self.agentSide: Any = pump.client
-        operator = FakeOperator("dev_kiln7", aliceKey, hostKey=self.fleet.hostKey)
-        operator.protocol = cast(
-            Any,
-            type(
-                "RekeyableOperatorTransport",
-                (RekeyingTransportMixin, FakeOperator.protocol),
-                {"rekeySettings": lambda self: (NEVER, None)},
-            ),
-        )
-        self.fleet.connect(operator)
-        self.operator = operator
+        # test_rekey's fleet: the real agent link and groundcontrol over iosim.
+        agent = RekeyLimit(bytes=2 * MiB, seconds=0)
+        test_rekey.LinkRekeyTests.connect(self, server=NEVER, agent=agent)  # type: ignore[arg-type]
         # The most channel data the agent's transport held back during a key exchange.
         self.peakBlocked = 0
         original = self.agentSide.sendPacket
