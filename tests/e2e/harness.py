@@ -27,6 +27,8 @@ import attrs
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 TWISTD = str(Path(sys.executable).parent / "twistd")
+#: The reactor production runs (docs/systemd/*.service): the suite tests what is deployed.
+REACTOR = "accesstunnel-epoll"
 TUNNEL_AGENT = str(Path(sys.executable).parent / "tunnel-agent")
 LOOPBACK = "127.0.0.1"
 
@@ -154,6 +156,8 @@ class GroundControl:
                 TWISTD,
                 "-n",
                 "--pidfile=",
+                "--reactor",
+                REACTOR,
                 "-l",
                 "-",
                 "groundcontrol",
@@ -212,6 +216,8 @@ class Agent:
             TWISTD,
             "-n",
             "--pidfile=",
+            "--reactor",
+            REACTOR,
             "-l",
             "-",
             "tunnel-agent",
