@@ -15,9 +15,11 @@ legacy C{log.msg} inside a successful C{doRead}/C{doWrite} is logged with system
 of the selectable's prefix, and a C{logPrefix()} that raises is only reported when that
 selectable fails.
 
-Installed by C{twistd --reactor accesstunnel-epoll} (the plugin in
-C{twisted/plugins/accesstunnel_reactor.py}) and by the agent's own launcher
-(L{agent.launcher}); plain C{twistd} keeps Twisted's default reactor.
+Installed by C{python -m accesstunnel.twistd} (twistd with this reactor installed first: the
+systemd unit of groundcontrol, the end-to-end tests, bench/run) and by the agent's own launcher
+(L{agent.launcher}); plain C{twistd} keeps Twisted's default reactor. C{twistd --reactor
+accesstunnel-epoll} (the plugin in C{twisted/plugins/accesstunnel_reactor.py}) works only while
+Twisted's plugin cache is current: L{accesstunnel.twistd} says why.
 """
 
 from __future__ import annotations

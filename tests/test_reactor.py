@@ -246,3 +246,37 @@ class InstallTests(SynchronousTestCase):
         """A process that asks for no reactor still gets Twisted's own epoll reactor."""
         code = "from twisted.internet import reactor"
         self.assertEqual(self.installed(code), "EPollReactor")
+
+    def test_accesstunnelTwistdInstallsItFirst(self) -> None:
+        """
+        C{python -m accesstunnel.twistd} installs ours before twistd runs, so a plugin that
+        imports the reactor while Twisted rebuilds its plugin cache (txtorcon's does) gets
+        ours instead of installing the default. twistd's C{run} is replaced here by that
+        import.
+        """
+        code = (
+            "import twisted.scripts.twistd as twistd\n"
+            "twistd.run = lambda: __import__('twisted.plugins.txtorcon_endpoint_parser')\n"
+            "from accesstunnel.twistd import main\n"
+            "main()\n"
+            "from twisted.internet import reactor"
+        )
+        self.assertEqual(self.installed(code), "TunnelEPollReactor")
+
+    def test_reactorOptionFailsAfterAPluginScan(self) -> None:
+        """
+        Why the units do not use C{twistd --reactor accesstunnel-epoll}: once a plugin-cache
+        rebuild has imported txtorcon's plugin, the default reactor is installed and naming
+        ours fails.
+        """
+        code = (
+            "import twisted.plugins.txtorcon_endpoint_parser\n"
+            "from twisted.application.reactors import installReactor\n"
+            "from twisted.internet.error import ReactorAlreadyInstalledError\n"
+            "try:\n"
+            f"    installReactor({REACTOR_NAME!r})\n"
+            "except ReactorAlreadyInstalledError:\n"
+            "    pass\n"
+            "from twisted.internet import reactor"
+        )
+        self.assertEqual(self.installed(code), "EPollReactor")

@@ -27,8 +27,9 @@ import attrs
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 TWISTD = str(Path(sys.executable).parent / "twistd")
-#: The reactor production runs (docs/systemd/*.service): the suite tests what is deployed.
-REACTOR = "accesstunnel-epoll"
+#: twistd as groundcontrol's systemd unit runs it: on accesstunnel.reactor's reactor,
+#: installed before twistd starts (accesstunnel/twistd.py); the suite tests what is deployed.
+TWISTD_ON_OUR_REACTOR = [sys.executable, "-m", "accesstunnel.twistd"]
 TUNNEL_AGENT = str(Path(sys.executable).parent / "tunnel-agent")
 LOOPBACK = "127.0.0.1"
 
@@ -153,11 +154,9 @@ class GroundControl:
             listening.unlink()
         self.process = Process(
             [
-                TWISTD,
+                *TWISTD_ON_OUR_REACTOR,
                 "-n",
                 "--pidfile=",
-                "--reactor",
-                REACTOR,
                 "-l",
                 "-",
                 "groundcontrol",
@@ -213,11 +212,9 @@ class Agent:
     def argv(self, server: str, serverKey: str, *extra: str) -> list[str]:
         """The twistd command line of this agent."""
         return [
-            TWISTD,
+            *TWISTD_ON_OUR_REACTOR,
             "-n",
             "--pidfile=",
-            "--reactor",
-            REACTOR,
             "-l",
             "-",
             "tunnel-agent",
