@@ -18,6 +18,11 @@ window credit of the hop feeding it; so the backlog stays bounded end to end.
 When the socket has drained, the channels that stopped for it are served in
 the order they stopped, and one stopped again goes to the back of the line,
 so that no channel can keep the others waiting.
+
+The link is also held from our KEXINIT to the new keys: meanwhile Conch keeps
+every channel message in a list nothing bounds (C{_blockedByKeyExchange}), and
+the socket, being idle, would pause nothing, so each channel would pour its
+whole window into that list at every key re-exchange.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ class LinkFlow:
     def __init__(self, transport: Any) -> None:
         #: True while the transport under the link has more than it wants queued.
         self.paused = False
+        self._socketPaused = False
+        self._keyExchange = False
+        self._stopped = False
         self._transport = transport
         # Channels that stopped for the link, oldest first: served in that
         # order, and one that is stopped again goes to the back.
@@ -66,6 +74,7 @@ class LinkFlow:
 
     def pauseProducing(self) -> None:
         """The transport's buffer is full: channels stop sending data."""
+        self._socketPaused = True
         self.paused = True
 
     def resumeProducing(self) -> None:
@@ -73,6 +82,9 @@ class LinkFlow:
         The buffer has drained: let the channels that stopped for the link send
         again, oldest first, until the buffer fills up again.
         """
+        self._socketPaused = False
+        if self._keyExchange and not getattr(self._transport, "disconnecting", False):
+            return  # keyExchangeFinished serves the channels
         self.paused = False
         if getattr(self._transport, "disconnecting", False):
             # Closing: Twisted resumes a paused producer instead of finishing
@@ -87,12 +99,28 @@ class LinkFlow:
             del waiting[channel]
             channel.drainQueue()
 
+    def keyExchangeStarted(self) -> None:
+        """
+        The SSH transport holds every channel message until the new keys are in
+        use (Conch's C{_blockedByKeyExchange}, which nothing bounds): channels
+        keep their output in their own queues meanwhile.
+        """
+        self._keyExchange = True
+        self.paused = True
+
+    def keyExchangeFinished(self) -> None:
+        """New keys are in use: serve the waiting channels if the socket has room."""
+        self._keyExchange = False
+        if not self._socketPaused and not self._stopped:
+            self.resumeProducing()
+
     def waitForRoom(self, channel: Any) -> None:
         """C{channel} has output it could not send because the link is paused."""
         self._waiting.setdefault(channel, None)
 
     def stopProducing(self) -> None:
         """The connection is gone: nothing more is sent."""
+        self._stopped = True
         self.paused = True
 
 

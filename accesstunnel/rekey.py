@@ -157,6 +157,9 @@ class RekeyingTransportMixin:
         limit, clock = self.rekeySettings()
         self._rekeyBytesLimit = limit.bytes
         super()._newKeys()  # type: ignore[misc]
+        flow = self._linkFlow()
+        if flow is not None:
+            flow.keyExchangeFinished()
         if self.keyExchanges > 1:
             self._rekeyLog.info(
                 "session keys renewed (key exchange {number} on this connection, started by "
@@ -170,6 +173,18 @@ class RekeyingTransportMixin:
                 self._rekeyTimer.reset(limit.seconds)
             else:
                 self._rekeyTimer = clock.callLater(limit.seconds, self._rekeyTimeUp)
+
+    def _linkFlow(self) -> Any:
+        """The running connection service's L{accesstunnel.linkflow.LinkFlow}, if any."""
+        return getattr(getattr(self, "service", None), "linkFlow", None)
+
+    def sendKexInit(self) -> None:
+        # Ours or in answer to the peer's KEXINIT: from here to NEWKEYS, Conch
+        # holds back every channel message, so let the channels hold them instead.
+        super().sendKexInit()  # type: ignore[misc]
+        flow = self._linkFlow()
+        if flow is not None:
+            flow.keyExchangeStarted()
 
     def _rekeyTimeUp(self) -> None:
         self._rekeyTimer = None
