@@ -28,6 +28,19 @@ from accesstunnel.channel import FlowChannel
 #: ended the session (the same value ssh uses for its own failures).
 RELAY_FAILURE_STATUS = 255
 
+
+class _Ended:
+    """The type of L{ENDED}."""
+
+    def __repr__(self) -> str:
+        return "ENDED"
+
+
+#: What an observer's C{relayRequest} returns when it ended the session itself (said why
+#: to the operator and closed both sides, L{RelayChannel.endWithMessage}): the request is
+#: neither passed on nor answered.
+ENDED = _Ended()
+
 _EXIT_REQUESTS = (b"exit-status", b"exit-signal")
 
 #: Session requests after which the device may open channels back to the
@@ -167,7 +180,17 @@ class RelayChannel(FlowChannel):
             return False
         if requestType in self.refusedRequests:
             return self._refuseInOrder()
-        if self.observer is not None and not self.observer.relayRequest(self, requestType, data):
+        verdict = (
+            True if self.observer is None else self.observer.relayRequest(self, requestType, data)
+        )
+        if verdict is ENDED:
+            # Not refused: OpenSSH's client exits at a refused shell or exec without
+            # writing the stderr it already holds, so the operator would not learn why
+            # whenever the message and the refusal arrive in one read. The observer has
+            # written its message and closed the channel; the client drops the request's
+            # reply when the channel closes, so none is ever sent.
+            return defer.Deferred()
+        if not verdict:
             return self._refuseInOrder()
         back = _OPENS_BACK.get(requestType)
         if back is not None:
@@ -243,4 +266,4 @@ def refusal(text: str, code: int = connection.OPEN_ADMINISTRATIVELY_PROHIBITED) 
     return error.ConchError(text, code)
 
 
-__all__ = ["RELAY_FAILURE_STATUS", "RelayChannel", "refusal", "splice"]
+__all__ = ["ENDED", "RELAY_FAILURE_STATUS", "RelayChannel", "refusal", "splice"]

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import attrs
 from twisted.application.service import MultiService
-from twisted.conch.ssh import common, connection
+from twisted.conch.ssh import common
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -42,6 +42,7 @@ from groundcontrol.recording import (
     RetentionService,
 )
 from groundcontrol.registry import Registry
+from groundcontrol.relay import ENDED
 from groundcontrol.store import SESSION_ENDED, SESSION_STARTED, IStore, SessionEvents
 
 #: Session ids: this many characters of a 32-letter alphabet (50 bits).
@@ -232,7 +233,12 @@ class LiveSession:
             newline = screen.find(b"\n", cut)
             del screen[: newline + 1 if 0 <= newline < cut + 4096 else cut]
 
-    def relayRequest(self, side: Any, requestType: bytes, data: bytes) -> bool:
+    def relayRequest(self, side: Any, requestType: bytes, data: bytes) -> Any:
+        """
+        Note what the request says (pty size, command) and let it pass (C{True}); a shell
+        or exec that must be recorded when its recording cannot start ends the session here
+        (C{ENDED}, fail-closed).
+        """
         record = self.record
         if side is self.deviceSide:
             if requestType == b"exit-status" and len(data) >= 4:
@@ -286,7 +292,7 @@ class LiveSession:
 
     # -- recording --------------------------------------------------------------
 
-    def _startRecording(self) -> bool:
+    def _startRecording(self) -> Any:
         recorder = self._sessions.recorder
         if recorder is None or not recorder.enabled:
             return True
@@ -310,11 +316,8 @@ class LiveSession:
                 )
                 return True
             self._log.warn("session {id} refused: {reason}", id=record.id, reason=str(e))
-            self.operatorSide.writeExtended(
-                connection.EXTENDED_DATA_STDERR,
-                f"groundcontrol: session refused: it must be recorded and {e}\r\n".encode(),
-            )
-            return False
+            self.endWithMessage(f"groundcontrol: session refused: it must be recorded and {e}")
+            return ENDED
         directory = recorder.policy.directory
         path = self.recording.path
         record.recording = str(path.relative_to(directory)) if directory else str(path)

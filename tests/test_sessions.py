@@ -255,16 +255,33 @@ class RecordingTests(SessionTestCase):
         self.assertEqual(list(self.directory.rglob("*.cast")), [])
 
     def test_failClosedRefusesUnopenableRecording(self) -> None:
-        """Fail-closed: a recording that cannot be opened refuses the shell, saying why."""
+        """
+        Fail-closed: a recording that cannot be opened ends the session before its shell
+        starts. The operator reads why, gets status 255 and a closed channel; the shell
+        request goes neither to the device nor back refused, because OpenSSH's client exits
+        at a refused shell or exec without writing the stderr it already holds (the e2e
+        full-disk test lost the message that way when both came in one read).
+        """
 
         def full(path: Path) -> IO[bytes]:
             raise OSError(errno.ENOSPC, "No space left on device")
 
         self.useOpener(full)
-        session = self.shell()
+        session = self.fleet.session(self.alice)
+        pty = session.request(b"pty-req", ptyRequest(80, 24))
+        self.shellReply = session.request(b"shell", b"")
+        self.fleet.flush()
+        self.fleet.clock.advance(0)
+        self.fleet.flush()
+        self.failureResultOf(pty)  # its answer from the device came after the close
+        self.assertIn(b"session refused: it must be recorded and", bytes(session.stderr))
         self.assertIn(b"No space left on device", bytes(session.stderr))
-        self.assertIsNotNone(self.failureResultOf(self.shellReply))
+        self.assertTrue(session.isClosed)
+        self.assertEqual(session.exitStatus, RELAY_FAILURE_STATUS)
+        unanswered = self.failureResultOf(self.shellReply)
+        self.assertIn("closed", str(unanswered.value))  # not "channel request failed"
         self.assertNotIn(b"shell", [r[0] for r in self.device[0].requests])
+        self.assertTrue(self.device[0].isClosed)
         (failed,) = self.audit("session.recording-failed")
         self.assertIn("No space left", failed.detail["reason"])
 
