@@ -41,7 +41,8 @@ class LinkFlow:
     _log = Logger()
 
     def __init__(self, transport: Any) -> None:
-        #: True while the transport under the link has more than it wants queued.
+        #: True while channels must keep their output: the transport under the link
+        #: has more than it wants queued, a key exchange runs, or the link is gone.
         self.paused = False
         self._socketPaused = False
         self._keyExchange = False
@@ -83,21 +84,7 @@ class LinkFlow:
         again, oldest first, until the buffer fills up again.
         """
         self._socketPaused = False
-        if self._keyExchange and not getattr(self._transport, "disconnecting", False):
-            return  # keyExchangeFinished serves the channels
-        self.paused = False
-        if getattr(self._transport, "disconnecting", False):
-            # Closing: Twisted resumes a paused producer instead of finishing
-            # the close once the buffer is empty, and waits for it to write.
-            # Let go instead, which lets the close complete.
-            self._waiting.clear()
-            self._transport.unregisterProducer()
-            return
-        waiting = self._waiting
-        while waiting and not self.paused:
-            channel = next(iter(waiting))
-            del waiting[channel]
-            channel.drainQueue()
+        self._serve()
 
     def keyExchangeStarted(self) -> None:
         """
@@ -112,7 +99,24 @@ class LinkFlow:
         """New keys are in use: serve the waiting channels if the socket has room."""
         self._keyExchange = False
         if not self._socketPaused and not self._stopped:
-            self.resumeProducing()
+            self._serve()
+
+    def _serve(self) -> None:
+        """Serve the waiting channels, oldest first, while nothing holds the link."""
+        if getattr(self._transport, "disconnecting", False):
+            # Closing: Twisted resumes a paused producer instead of finishing
+            # the close once the buffer is empty, and waits for it to write.
+            # Let go instead, which lets the close complete.
+            self.paused = False
+            self._waiting.clear()
+            self._transport.unregisterProducer()
+            return
+        self.paused = self._socketPaused or self._keyExchange
+        waiting = self._waiting
+        while waiting and not self.paused:
+            channel = next(iter(waiting))
+            del waiting[channel]
+            channel.drainQueue()
 
     def waitForRoom(self, channel: Any) -> None:
         """C{channel} has output it could not send because the link is paused."""

@@ -3,8 +3,8 @@
 
 It takes the command line of ``twistd -n tunnel-agent`` (the same L{agent.tap.Options},
 plus twistd's C{-l/--logfile}) and runs the same L{agent.tap.makeService} on the reactor of
-``twistd --reactor accesstunnel-epoll`` (L{accesstunnel.reactor}: epoll, each event
-dispatched without the legacy log context), the way ``twistd --nodaemon`` does: log lines in
+``python -m accesstunnel.twistd`` (L{accesstunnel.reactor}: epoll, each event dispatched
+without the legacy log context), the way ``twistd --nodaemon`` does: log lines in
 twistd's format on standard output or in a file (rotated at 1 MB and on SIGUSR1, as twistd
 does), standard output and error redirected into the log, SIGTERM and SIGINT stop the
 services and the reactor, SIGHUP re-reads C{--config} (the agent's own handler).
