@@ -21,6 +21,17 @@ the login grace time or breaking one of these rules counts against its source ad
 (IPv4 address, IPv6 /64). Past L{PenaltyPolicy.freeFailures} such connections the source
 is refused at once, before any key exchange, for a time that doubles with each further
 failure up to L{PenaltyPolicy.maxPenalty} (OpenSSH's C{PerSourcePenalties}, exponential).
+
+A connection that made groundcontrol compute a key exchange and then closed without
+trying to log in (OpenSSH's C{noauth}: ssh-keyscan, ssh-audit, a DHEat-style CPU
+attack) costs its source one unit of a token bucket: L{PenaltyPolicy.noauthAllowance}
+of them at once, refilled at L{PenaltyPolicy.noauthRate} per second; a source with none
+left is refused until one has refilled. So one source makes groundcontrol compute at
+most that many key exchanges nobody logs in with, whatever its concurrency.
+
+Sources inside L{PenaltyPolicy.exempt} networks (known NATs in front of many devices)
+are counted and logged as any other, but never refused.
+
 Sources are remembered in a bounded LRU, so the memory spent is bounded whatever the
 number of attackers.
 
@@ -41,14 +52,25 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 __all__ = [
+    "DEFAULT_NOAUTH_ALLOWANCE",
+    "DEFAULT_NOAUTH_RATE",
+    "ExemptNetwork",
     "PenaltyPolicy",
     "PreauthGuard",
     "PreauthLimits",
     "PreauthMixin",
     "SourcePenalties",
     "guardOf",
+    "parseExemptNetwork",
     "sourceKey",
 ]
+
+ExemptNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: Key exchanges without a login attempt one source may cost at once, and per second
+#: after that (OpenSSH 9.8's noauth:1s is one a second, after 15 s of them).
+DEFAULT_NOAUTH_ALLOWANCE = 30
+DEFAULT_NOAUTH_RATE = 1.0
 
 
 @attrs.frozen
@@ -84,6 +106,13 @@ class PenaltyPolicy:
     forgetAfter: float = 3600.0
     #: Sources remembered at once (least recently failed forgotten first).
     maxSources: int = 65536
+    #: Key exchanges a source may have computed for connections that then closed
+    #: without trying to log in, at once (the bucket's size)...
+    noauthAllowance: int = DEFAULT_NOAUTH_ALLOWANCE
+    #: ...and refilled at this rate (per second); 0 turns the bound off.
+    noauthRate: float = DEFAULT_NOAUTH_RATE
+    #: Networks whose sources are never refused (their failures still count and log).
+    exempt: tuple[ExemptNetwork, ...] = ()
 
     def penalty(self, failures: int) -> float:
         """Seconds a source with C{failures} failed connections is refused."""
@@ -113,15 +142,63 @@ def sourceKey(peer: Any) -> str:
     return str(address)
 
 
+def parseExemptNetwork(text: str) -> ExemptNetwork:
+    """
+    A network given to C{--penalty-exempt}: C{203.0.113.7}, C{198.51.100.0/24},
+    C{2001:db8:5::/48}. An IPv4-mapped IPv6 network is taken as the IPv4 one.
+
+    @raise ValueError: saying what is wrong: not an address or network, host bits set
+        (C{10.1.2.3/8}), or an IPv6 prefix longer than /64 (IPv6 sources are counted
+        per /64, so a longer one could not be told apart from its neighbours).
+    """
+    try:
+        network = ipaddress.ip_network(text.strip(), strict=True)
+    except ValueError as e:
+        if "host bits set" in str(e):
+            loose = ipaddress.ip_network(text.strip(), strict=False)
+            raise ValueError(f"{text!r} has host bits set (the network is {loose})") from None
+        raise ValueError(f"{text!r} is not an IPv4 or IPv6 address or network") from None
+    if isinstance(network, ipaddress.IPv6Network):
+        mapped = network.network_address.ipv4_mapped
+        if mapped is not None and network.prefixlen >= 96:
+            return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+        if network.prefixlen > 64:
+            raise ValueError(
+                f"{text!r}: IPv6 sources are counted per /64, so an exempt IPv6 "
+                "network is a /64 or shorter"
+            )
+    return network
+
+
+def _inside(source: str, networks: tuple[ExemptNetwork, ...]) -> bool:
+    """Whether the source key C{source} (an address or an IPv6 /64) is in C{networks}."""
+    if not networks:
+        return False
+    try:
+        network = ipaddress.ip_network(source)
+    except ValueError:
+        return False
+    return any(
+        network.version == exempt.version and network.subnet_of(exempt)  # type: ignore[arg-type]
+        for exempt in networks
+    )
+
+
 @attrs.define
 class _Record:
     failures: int
     lastFailure: float
     refusedUntil: float
+    #: Key exchanges without a login attempt owed, as of C{noauthAt} (drains at the rate).
+    noauthOwed: float = 0.0
+    noauthAt: float = 0.0
 
 
 class SourcePenalties:
-    """Failed connections per source, in a bounded LRU; who is refused until when."""
+    """
+    Per source, in a bounded LRU: failed connections, and key exchanges computed for
+    connections that closed without trying to log in; who is refused until when.
+    """
 
     _log = Logger()
 
@@ -143,10 +220,39 @@ class SourcePenalties:
         # The clock went back: never refuse (or remember) longer than the policy says.
         record.refusedUntil = min(record.refusedUntil, now + policy.maxPenalty)
         record.lastFailure = min(record.lastFailure, now)
-        if now - record.lastFailure >= policy.forgetAfter:
+        record.noauthAt = min(record.noauthAt, now)
+        if record.failures and now - record.lastFailure >= policy.forgetAfter:
+            record.failures = 0
+        if not record.failures and record.refusedUntil <= now and not self._owed(record, now):
             del self._sources[source]
             return None
         return record
+
+    def _owed(self, record: _Record, now: float) -> float:
+        """Key exchanges without a login attempt not yet paid back by the refill."""
+        return max(0.0, record.noauthOwed - (now - record.noauthAt) * self.policy.noauthRate)
+
+    def _noauthRefusal(self, record: _Record, now: float) -> float:
+        """Seconds until the source has one key exchange of its allowance again."""
+        policy = self.policy
+        if policy.noauthRate <= 0:
+            return 0.0
+        beyond = self._owed(record, now) - (policy.noauthAllowance - 1)
+        return max(0.0, beyond / policy.noauthRate)
+
+    def _remember(self, source: str, now: float) -> _Record:
+        record = self._current(source, now)
+        if record is None:
+            record = _Record(0, now, now, 0.0, now)
+            self._sources[source] = record
+        self._sources.move_to_end(source)
+        while len(self._sources) > self.policy.maxSources:
+            self._sources.popitem(last=False)
+        return record
+
+    def exempt(self, source: str) -> bool:
+        """Whether C{source} is in a network of L{PenaltyPolicy.exempt}."""
+        return _inside(source, self.policy.exempt)
 
     def refusedFor(self, source: str) -> float:
         """Seconds C{source} is still refused for (0: it may connect)."""
@@ -154,23 +260,25 @@ class SourcePenalties:
         record = self._current(source, now)
         if record is None:
             return 0.0
-        return max(0.0, record.refusedUntil - now)
+        refused = max(record.refusedUntil - now, self._noauthRefusal(record, now))
+        if refused <= 0 or self.exempt(source):
+            return 0.0
+        return refused
 
     def failed(self, source: str, why: str) -> float:
         """
-        Count a failed connection from C{source}; return the seconds it is now refused.
+        Count a failed connection from C{source}; return the seconds it is now refused
+        (0 for an exempt source, which is logged as it would have been refused).
         """
         now = self._clock.seconds()
-        record = self._current(source, now)
-        if record is None:
-            record = _Record(0, now, now)
-            self._sources[source] = record
-        self._sources.move_to_end(source)
+        record = self._remember(source, now)
         record.failures += 1
         record.lastFailure = now
         penalty = self.policy.penalty(record.failures)
-        if penalty:
-            record.refusedUntil = max(record.refusedUntil, now + penalty)
+        if not penalty:
+            return 0.0
+        exempt = self.exempt(source)
+        if not exempt:
             self._log.info(
                 "refusing {source} for {penalty:.0f}s after {failures} failed connections "
                 "(last: {why})",
@@ -179,9 +287,49 @@ class SourcePenalties:
                 failures=record.failures,
                 why=why,
             )
-        while len(self._sources) > self.policy.maxSources:
-            self._sources.popitem(last=False)
-        return penalty
+        elif now >= record.refusedUntil:
+            # One line where another source would have been refused: not one per failure.
+            self._log.info(
+                "not refusing {source} (exempt): {failures} failed connections, "
+                "{penalty:.0f}s of penalty (last: {why})",
+                source=source,
+                penalty=penalty,
+                failures=record.failures,
+                why=why,
+            )
+        record.refusedUntil = max(record.refusedUntil, now + penalty)
+        return 0.0 if exempt else penalty
+
+    def noauth(self, source: str) -> float:
+        """
+        Count a connection from C{source} that had groundcontrol compute a key exchange
+        and closed without trying to log in; return the seconds the source is now refused
+        (0 within its allowance, or exempt).
+        """
+        policy = self.policy
+        if policy.noauthRate <= 0:
+            return 0.0
+        now = self._clock.seconds()
+        record = self._remember(source, now)
+        before = self._noauthRefusal(record, now)
+        most = policy.noauthAllowance + policy.noauthRate * policy.maxPenalty
+        record.noauthOwed = min(self._owed(record, now) + 1, most)
+        record.noauthAt = now
+        refused = self._noauthRefusal(record, now)
+        if not refused or before:
+            return 0.0 if self.exempt(source) else refused
+        exempt = self.exempt(source)
+        self._log.info(
+            "{refusing} {source} for {refused:.0f}s: more than {allowance} key exchanges "
+            "without a login attempt (then {rate} a second){exempt}",
+            refusing="not refusing" if exempt else "refusing",
+            source=source,
+            refused=refused,
+            allowance=policy.noauthAllowance,
+            rate=policy.noauthRate,
+            exempt=" (exempt)" if exempt else "",
+        )
+        return 0.0 if exempt else refused
 
     def refused(self) -> None:
         """A connection was refused because its source is penalised."""
@@ -263,6 +411,8 @@ class PreauthMixin:
     _preauthPackets = 0
     _preauthBytes = 0
     _preauthKexInits = 0
+    #: The client had us compute a key exchange (its KEXDH/ECDH/hybrid INIT came).
+    _preauthKeyed = False
 
     # The attributes of the transport this is mixed into.
     factory: Any
@@ -375,6 +525,8 @@ class PreauthMixin:
                 if self._preauthKexInits > limits.maxKexInits:
                     raise PreauthViolation("too many key exchanges before logging in")
                 _checkNameLists(payload, limits)
+            elif messageNum == transport.MSG_KEXDH_INIT:
+                self._preauthKeyed = True
         super().dispatchMessage(messageNum, payload)  # type: ignore[misc]
 
     def _preauthDrop(self, why: str) -> None:
@@ -391,9 +543,13 @@ class PreauthMixin:
 
     def connectionLost(self, reason: Any = None) -> None:
         if not self._preauthRefused and not self._preauthDone():
+            penalties = guardOf(self.factory).penalties
             why = self._failure()
             if why is not None:
-                guardOf(self.factory).penalties.failed(self._preauthSource, why)
+                penalties.failed(self._preauthSource, why)
+            elif self._preauthKeyed:
+                # OpenSSH's noauth: our CPU went into a key exchange nobody logged in with.
+                penalties.noauth(self._preauthSource)
         super().connectionLost(reason)  # type: ignore[misc]
 
     def _failure(self) -> str | None:

@@ -43,6 +43,13 @@ from groundcontrol.logging import (
 from groundcontrol.metrics import Metrics, metricsService
 from groundcontrol.notify import makeNotifier
 from groundcontrol.pki import CA_CERTIFICATE_FILE, CAError
+from groundcontrol.preauth import (
+    DEFAULT_NOAUTH_ALLOWANCE,
+    DEFAULT_NOAUTH_RATE,
+    PenaltyPolicy,
+    PreauthGuard,
+    parseExemptNetwork,
+)
 from groundcontrol.recording import (
     RECORDINGS_DIRECTORY,
     Recorder,
@@ -79,6 +86,8 @@ class ServerConfig:
     maxHandshakesWaitingPerSource: int = DEFAULT_MAX_WAITING_PER_SOURCE
     #: Handshake slots for operators only (None: a quarter of maxHandshakes; 0: no split).
     maxHandshakesOperators: int | None = None
+    #: Per-source penalties: no-auth key exchange bound, networks never refused.
+    penalties: PenaltyPolicy = attrs.field(factory=PenaltyPolicy)
     #: Session recording under DATA/recordings (see groundcontrol.recording).
     recordingFailOpen: bool = False
     recordingMaxAge: float | None = None
@@ -140,6 +149,21 @@ class Options(usage.Options):
             int,
         ],
         [
+            "noauth-allowance",
+            None,
+            DEFAULT_NOAUTH_ALLOWANCE,
+            "Key exchanges one source may have computed for connections that close without "
+            "trying to log in (ssh-keyscan, ssh-audit) before it is refused...",
+            int,
+        ],
+        [
+            "noauth-rate",
+            None,
+            DEFAULT_NOAUTH_RATE,
+            "...and how many more per second it may have after that (0: no bound).",
+            float,
+        ],
+        [
             "recording-failure",
             None,
             "closed",
@@ -174,6 +198,7 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["penalty-exempt"] = []
 
     def opt_listen(self, address: str) -> None:
         """Address to serve operators and agents on (repeatable): ssh://HOST:PORT,
@@ -184,6 +209,13 @@ class Options(usage.Options):
         except AddressError as e:
             raise usage.UsageError(str(e)) from None
         self["listen"].append(address)
+
+    def opt_penalty_exempt(self, network: str) -> None:
+        """A network the penalties never refuse (repeatable): a NAT, 198.51.100.0/24"""
+        try:
+            self["penalty-exempt"].append(parseExemptNetwork(network))
+        except ValueError as e:
+            raise usage.UsageError(f"--penalty-exempt: {e}") from None
 
     def postOptions(self) -> None:
         if not self["data"]:
@@ -209,6 +241,10 @@ class Options(usage.Options):
         if operators is not None and not 0 <= operators < self["max-handshakes"]:
             raise usage.UsageError(
                 "--max-handshakes-operators must be at least 0 and below --max-handshakes"
+            )
+        if self["noauth-allowance"] < 1 or self["noauth-rate"] < 0:
+            raise usage.UsageError(
+                "--noauth-allowance must be at least 1 and --noauth-rate at least 0"
             )
         if self["max-sessions"] < 1 or self["max-channels-per-device"] < 1:
             raise usage.UsageError("session caps must be at least 1")
@@ -266,6 +302,11 @@ class Options(usage.Options):
             maxHandshakesWaiting=self["max-handshakes-waiting"],
             maxHandshakesWaitingPerSource=self["max-handshakes-waiting-per-source"],
             maxHandshakesOperators=self["max-handshakes-operators"],
+            penalties=PenaltyPolicy(
+                noauthAllowance=self["noauth-allowance"],
+                noauthRate=self["noauth-rate"],
+                exempt=tuple(self["penalty-exempt"]),
+            ),
             recordingFailOpen=self["recording-failure"] == "open",
             recordingMaxAge=self["recording-max-age"] or None,
             recordingMaxBytes=self["recording-max-bytes"] or None,
@@ -350,6 +391,7 @@ def buildService(
     factory, registry = buildFrontDoor(
         store, hostKey, reactor, config.settings, certificates=certificates
     )
+    factory.preauthGuard = PreauthGuard(reactor, penalties=config.penalties)  # type: ignore[attr-defined]
     notifier = makeNotifier(reactor, config.webhook)
     top = GroundControlService()
     # One limiter for every listener, innermost: it counts SSH handshakes,
