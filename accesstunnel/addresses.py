@@ -12,7 +12,8 @@ Addresses are URLs for people and Twisted endpoints underneath (DESIGN.md decisi
 Anything without C{://} is a Twisted endpoint string (C{tcp:HOST:PORT} for clients,
 C{tcp:PORT:interface=HOST} for servers). The agent side builds a L{Connector}, the server
 side a L{Listener}: an endpoint plus the factory wrapper (TLS, WebSocket) the URL implies, so
-the SSH code never knows how its bytes travel.
+the SSH code never knows how its bytes travel. Their TCP connections write through (see
+L{accesstunnel.writethrough}) from the start, whatever travels inside them.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from twisted.internet.interfaces import (
 )
 from twisted.protocols.policies import WrappingFactory
 from zope.interface import implementer
+
+from accesstunnel.writethrough import writeThroughTCP
 
 if TYPE_CHECKING:
     from accesstunnel.transports.proxy import ProxySettings
@@ -269,9 +272,10 @@ def serverListener(
     """
     parsed = parseAddress(address)
     scheme = parsed.scheme
+    tcpReactor = writeThroughTCP(reactor)
     if scheme == "endpoint":
         try:
-            endpoint = endpoints.serverFromString(reactor, _withBacklog(address))
+            endpoint = endpoints.serverFromString(tcpReactor, _withBacklog(address))
         except (ValueError, TypeError, KeyError) as e:
             raise AddressError(f"bad endpoint string {address!r}: {e}") from None
         return Listener(endpoint, _identity, address, "tcp")
@@ -280,12 +284,12 @@ def serverListener(
 
         assert parsed.port is not None
         return Listener(
-            OnionServerEndpoint(reactor, parsed.port, tor or TorSettings()),
+            OnionServerEndpoint(tcpReactor, parsed.port, tor or TorSettings()),
             _identity,
             address,
             "tor",
         )
-    tcp = endpoints.serverFromString(reactor, _withBacklog(_tcpServerString(parsed)))
+    tcp = endpoints.serverFromString(tcpReactor, _withBacklog(_tcpServerString(parsed)))
     if scheme == "ssh":
         return Listener(tcp, _identity, address, scheme)
     wrappers: list[FactoryWrapper] = []
@@ -335,9 +339,10 @@ def clientConnector(
     """
     parsed = parseAddress(address)
     scheme = parsed.scheme
+    tcpReactor = writeThroughTCP(reactor)
     if scheme == "endpoint":
         try:
-            endpoint = endpoints.clientFromString(reactor, address)
+            endpoint = endpoints.clientFromString(tcpReactor, address)
         except (ValueError, TypeError, KeyError) as e:
             raise AddressError(f"bad endpoint string {address!r}: {e}") from None
         return Connector(endpoint, _identity, address, "tcp")
@@ -348,17 +353,17 @@ def clientConnector(
     if scheme == "tor":
         from accesstunnel.transports.tor import TorSettings, onionClientEndpoint
 
-        endpoint = onionClientEndpoint(reactor, host, port, tor or TorSettings())
+        endpoint = onionClientEndpoint(tcpReactor, host, port, tor or TorSettings())
         return Connector(endpoint, _identity, address, "tor", TOR_ATTEMPT_TIMEOUT)
     description = address
     proxyURL = proxy.proxyFor(scheme, host, port) if proxy and scheme in ("ws", "wss") else None
     if proxyURL is not None:
         from accesstunnel.transports.proxy import HTTPConnectEndpoint
 
-        endpoint = HTTPConnectEndpoint.create(reactor, proxyURL, host, port)
+        endpoint = HTTPConnectEndpoint.create(tcpReactor, proxyURL, host, port)
         description = f"{address} via proxy {proxyURL.host}:{proxyURL.port}"
     else:
-        endpoint = endpoints.HostnameEndpoint(reactor, host, port)
+        endpoint = endpoints.HostnameEndpoint(tcpReactor, host, port)
     if scheme in ("tls", "wss"):
         endpoint = _LazyTLSEndpoint(host, tls, endpoint)
     wrap: FactoryWrapper = _identity

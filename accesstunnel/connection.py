@@ -24,7 +24,6 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from accesstunnel import writethrough
 from accesstunnel.channel import packOpenFailure
 from accesstunnel.linkflow import LinkFlow
 
@@ -58,13 +57,7 @@ class TunnelConnection(connection.SSHConnection):
         self.linkFlow: LinkFlow | None = None
 
     def serviceStarted(self) -> None:
-        """
-        Authenticated: from now on the link carries sessions, so let the TCP
-        connection under it send small writes at once (see
-        L{accesstunnel.writethrough}) instead of one reactor turn later.
-        """
         super().serviceStarted()
-        writethrough.enable(getattr(self.transport, "transport", None))
         self.linkFlow = LinkFlow.attach(self)
 
     # -- incoming data -------------------------------------------------------

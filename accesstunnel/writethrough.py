@@ -20,6 +20,12 @@ The descriptor must not be in a state where Twisted's next C{doWrite} has
 work besides sending: a half-close or close in progress, or a producer that
 is paused or pull-based (Twisted asks a pull producer for more only from
 C{doWrite}), all keep the buffered path.
+
+TCP connections write through from the moment they are made:
+L{accesstunnel.addresses} builds groundcontrol's listeners and the agent's
+connectors over L{writeThroughTCP}, whose ports accept L{WriteThroughServer}s
+and whose connectors make L{WriteThroughClient}s. The agent mixes
+L{WriteThroughMixin} into its child-process writers as well.
 """
 
 from __future__ import annotations
@@ -27,8 +33,8 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import tcp
-
-from accesstunnel.layers import transportLayers
+from twisted.internet.posixbase import PosixReactorBase
+from zope.interface import directlyProvides, providedBy
 
 #: Writes above this many bytes always go through Twisted's buffer.
 WRITE_THROUGH_LIMIT = 16 * 1024
@@ -108,39 +114,89 @@ class WriteThroughClient(WriteThroughMixin, tcp.Client):
     """A connected TCP client connection that writes through."""
 
 
-_UPGRADES: dict[type, type] = {
-    tcp.Server: WriteThroughServer,
-    tcp.Client: WriteThroughClient,
-}
+class WriteThroughPort(tcp.Port):
+    """A TCP listening port whose accepted connections write through."""
+
+    transport = WriteThroughServer
 
 
-def enable(transport: Any, depth: int = 4) -> bool:
+class WriteThroughConnector(tcp.Connector):
+    """A TCP connector whose connection writes through."""
+
+    def _makeTransport(self) -> WriteThroughClient:
+        return WriteThroughClient(self.host, self.port, self.bindAddress, self, self.reactor)
+
+
+class _WriteThroughTCPReactor:
     """
-    Make the TCP connection under C{transport} write through, in place.
-
-    C{transport} is what a protocol writes to: the TCP connection itself, or
-    a protocol wrapping it (the handshake limiter, TLS, WebSocket) whose own
-    C{transport} leads to it. Write-through changes when bytes reach the
-    socket, never which bytes or in what order, so it is safe under any
-    wrapper. Only Twisted's plain C{tcp.Server} and C{tcp.Client} are
-    upgraded (to the subclass above, which adds nothing but the two write
-    methods); anything else is left alone. Returns whether the connection
-    now writes through.
+    The reactor C{reactor} in every respect but C{listenTCP} and
+    C{connectTCP} (and the C{listenSSL} and C{connectSSL} over them), which
+    build L{WriteThroughPort} and L{WriteThroughConnector} where C{reactor}
+    builds Twisted's own port and connector (what L{PosixReactorBase.listenTCP}
+    and L{PosixReactorBase.connectTCP} do, with the subclasses).
     """
-    for layer in transportLayers(transport, depth):
-        if isinstance(layer, WriteThroughMixin):
-            return True
-        upgrade = _UPGRADES.get(type(layer))
-        if upgrade is not None:
-            layer.__class__ = upgrade
-            return True
-    return False
+
+    def __init__(self, reactor: PosixReactorBase) -> None:
+        self._reactor = reactor
+        # Endpoints ask what a reactor provides (HostnameEndpoint wants its
+        # name resolver): this one provides whatever the real one does.
+        directlyProvides(self, providedBy(reactor))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+    def listenTCP(
+        self, port: int, factory: Any, backlog: int = 50, interface: str = ""
+    ) -> WriteThroughPort:
+        listening = WriteThroughPort(port, factory, backlog, interface, self._reactor)
+        listening.startListening()
+        return listening
+
+    def connectTCP(
+        self,
+        host: str,
+        port: int,
+        factory: Any,
+        timeout: float = 30.0,
+        bindAddress: Any = None,
+    ) -> WriteThroughConnector:
+        connector = WriteThroughConnector(host, port, factory, timeout, bindAddress, self._reactor)
+        connector.connect()
+        return connector
+
+    # Twisted's own TLS over TCP (C{ssl:} endpoint strings): its methods call
+    # C{self.listenTCP} and C{self.connectTCP}, i.e. the two above.
+    listenSSL = PosixReactorBase.listenSSL
+    connectSSL = PosixReactorBase.connectSSL
+
+
+def writeThroughTCP(reactor: Any) -> Any:
+    """
+    The reactor to build TCP endpoints with, so that every connection they
+    make writes through from its first byte.
+
+    Give it to an endpoint instead of C{reactor} (C{serverFromString},
+    C{HostnameEndpoint}, C{TCP4ClientEndpoint}, an HTTP proxy's endpoint):
+    the TCP connections it listens for or connects are L{WriteThroughServer}
+    and L{WriteThroughClient}. Anything the endpoint wraps around TCP (TLS,
+    WebSocket, the handshake limiter) is untouched: write-through changes
+    when bytes reach the socket, never which bytes or in what order, so it
+    is safe under any wrapper. Only a reactor that builds Twisted's own TCP
+    port and connector (a L{PosixReactorBase}) has them swapped for the
+    subclasses, which add nothing but the two write methods; any other (a
+    test's C{MemoryReactor}) is returned as it is.
+    """
+    if isinstance(reactor, PosixReactorBase):
+        return _WriteThroughTCPReactor(reactor)
+    return reactor
 
 
 __all__ = [
     "WRITE_THROUGH_LIMIT",
     "WriteThroughClient",
+    "WriteThroughConnector",
     "WriteThroughMixin",
+    "WriteThroughPort",
     "WriteThroughServer",
-    "enable",
+    "writeThroughTCP",
 ]

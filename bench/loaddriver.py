@@ -58,6 +58,7 @@ from twisted.logger import (
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scale_fleet import loadKeys
 
+from accesstunnel.writethrough import writeThroughTCP
 from agent.identity import ServerKeyPin
 from agent.link import (
     AGENT_VERSION,
@@ -234,8 +235,9 @@ def main() -> int:
             if not a.state:
                 enrollment.status = _NullStatus()  # type: ignore[assignment]
         factory = CountingFactory(settings, reactor, sessionFactory, forwardFactory, enrollment)
+        # TCP connections that write through, as the agent's own connectors make them.
         endpoint = endpoints.TCP4ClientEndpoint(
-            reactor, a.host, a.port, timeout=30, bindAddress=(sources[i], 0)
+            writeThroughTCP(reactor), a.host, a.port, timeout=30, bindAddress=(sources[i], 0)
         )
         services.append(linkService(endpoint, factory, reactor))
 

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import tempfile
 from pathlib import Path
+from typing import Any
 
-from twisted.internet import endpoints
+import txaio
+from twisted.internet import endpoints, tcp
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IHostnameResolver, IHostResolution
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from accesstunnel.addresses import (
     DEFAULT_SERVERS,
@@ -26,7 +32,9 @@ from accesstunnel.transports.proxy import HTTPConnectEndpoint, ProxySettings
 from accesstunnel.transports.tls import ClientTLS, ServerTLS
 from accesstunnel.transports.tor import OnionServerEndpoint, TorSettings
 from accesstunnel.transports.websocket import WebSocketClientFactory, WebSocketServerFactory
+from accesstunnel.writethrough import WriteThroughClient, WriteThroughPort, WriteThroughServer
 from tests.test_transports_tls import Fixture
+from tests.test_writethrough import privateReactor
 
 
 class ParseTests(SynchronousTestCase):
@@ -187,3 +195,106 @@ class ConnectorTests(SynchronousTestCase):
         self.assertIsInstance(connector.endpoint, SOCKS5Endpoint)
         self.assertEqual((connector.endpoint.host, connector.endpoint.port), ("abcdef.onion", 2222))  # type: ignore[attr-defined]
         self.assertEqual(connector.transport, "tor")
+
+
+@implementer(IHostResolution)
+class Resolution:
+    """One finished resolution: nothing to cancel."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def cancel(self) -> None:
+        pass
+
+
+@implementer(IHostnameResolver)
+class LiteralResolver:
+    """Resolves an address literal at once (no thread pool, no DNS)."""
+
+    def resolveHostName(
+        self,
+        resolutionReceiver: Any,
+        hostName: str,
+        portNumber: int = 0,
+        addressTypes: Any = None,
+        transportSemantics: str = "TCP",
+    ) -> Any:
+        resolution = Resolution(hostName)
+        resolutionReceiver.resolutionBegan(resolution)
+        resolutionReceiver.addressResolved(IPv4Address("TCP", hostName, portNumber))
+        resolutionReceiver.resolutionComplete()
+        return resolution
+
+
+class WriteThroughTests(SynchronousTestCase):
+    """
+    Every TCP connection a listener accepts or a connector makes writes through from
+    the start, under whatever travels inside it (TLS, WebSocket, an HTTP proxy's
+    tunnel): proved on a real reactor of the test's own, on loopback, driven by hand.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = privateReactor(self)
+        self.reactor.installNameResolver(LiteralResolver())
+        # autobahn schedules its WebSocket timers through txaio's loop: this reactor's for
+        # the length of the test, so none is left behind on the global reactor.
+        self.patch(txaio.config, "loop", self.reactor)
+        self.directory = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, self.directory)
+        fixture = Fixture(self.directory)
+        self.serverCert, self.serverKey = fixture.serverCert, fixture.serverKey
+        self.serverTLS = ServerTLS(fixture.serverCert, fixture.serverKey, fixture.caFile)
+        self.clientTLS = ClientTLS(caFile=fixture.caFile)
+        self.factory = Factory.forProtocol(Protocol)
+
+    def test_listeners(self) -> None:
+        """ssh://, tls://, wss://, ws:// and tcp: and ssl: endpoint strings listen on a
+        port whose accepted connections are WriteThroughServers."""
+        for address in (
+            "ssh://127.0.0.1:0",
+            "tls://127.0.0.1:0",
+            "wss://127.0.0.1:0/tunnel",
+            "ws://127.0.0.1:0/tunnel",
+            "tcp:0:interface=127.0.0.1",
+            f"ssl:0:interface=127.0.0.1:privateKey={self.serverKey}:certKey={self.serverCert}",
+        ):
+            listener = serverListener(self.reactor, address, self.serverTLS)
+            port = self.successResultOf(
+                listener.endpoint.listen(listener.wrapFactory(self.factory))
+            )
+            self.assertIsInstance(port, WriteThroughPort, address)
+            self.assertIs(port.transport, WriteThroughServer)  # type: ignore[attr-defined]
+            peer = socket.create_connection(("127.0.0.1", port.getHost().port))  # type: ignore[attr-defined]
+            self.addCleanup(peer.close)
+            port.doRead()  # type: ignore[attr-defined]
+            accepted = [r for r in self.reactor.getReaders() if isinstance(r, tcp.Server)]
+            self.assertEqual([type(r) for r in accepted], [WriteThroughServer], address)
+            for selectable in [port, *accepted]:
+                self.reactor.removeReader(selectable)  # type: ignore[arg-type]
+                selectable.socket.close()  # type: ignore[attr-defined]
+
+    def test_connectors(self) -> None:
+        """ssh://, tls://, ws:// and wss:// (direct and through an HTTP proxy) and tcp: and
+        ssl: endpoint strings connect a WriteThroughClient, and nothing else, over TCP."""
+        listening = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listening.close)
+        port = listening.getsockname()[1]
+        proxy = ProxySettings(httpsProxy=f"http://127.0.0.1:{port}")
+        for address, settings in (
+            (f"ssh://127.0.0.1:{port}", None),
+            (f"tls://127.0.0.1:{port}", None),
+            (f"ws://127.0.0.1:{port}/tunnel", None),
+            (f"wss://127.0.0.1:{port}/tunnel", None),
+            ("wss://gc.example/tunnel", proxy),
+            (f"tcp:127.0.0.1:{port}", None),
+            (f"ssl:host=127.0.0.1:port={port}", None),
+        ):
+            connector = clientConnector(self.reactor, address, self.clientTLS, settings)
+            connecting = connector.endpoint.connect(connector.wrapFactory(self.factory))
+            self.reactor.runUntilCurrent()  # the connect attempt, scheduled for "now"
+            clients = [w for w in self.reactor.getWriters() if isinstance(w, tcp.Client)]
+            self.assertEqual([type(w) for w in clients], [WriteThroughClient], address)
+            connecting.cancel()
+            self.failureResultOf(connecting)
+            self.assertEqual(self.reactor.getWriters(), [], address)

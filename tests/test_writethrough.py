@@ -5,7 +5,8 @@ producers, closing) keeps Twisted's buffered path with the bytes in order.
 
 A fake descriptor whose kernel takes a scripted number of bytes per call drives the
 mixin under a MemoryReactor; a socketpair (no network) proves the same for a real
-tcp.Server, and the in-place upgrade through wrapping protocols.
+TCP connection; a private reactor on loopback, driven by hand, proves that the ports
+and connectors writeThroughTCP builds make write-through connections from the start.
 """
 
 from __future__ import annotations
@@ -14,15 +15,21 @@ import socket
 from typing import Any
 
 from twisted.internet import abstract, main, protocol, tcp
-from twisted.internet.interfaces import IPushProducer
-from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.internet.interfaces import IPushProducer, IReactorPluggableNameResolver
+from twisted.internet.selectreactor import SelectReactor
+from twisted.internet.testing import MemoryReactor
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
+from zope.interface import implementer, providedBy
 
-from accesstunnel import writethrough
-from accesstunnel.connection import TunnelConnection
-from accesstunnel.writethrough import WriteThroughMixin, WriteThroughServer
+from accesstunnel.writethrough import (
+    WriteThroughClient,
+    WriteThroughConnector,
+    WriteThroughMixin,
+    WriteThroughPort,
+    WriteThroughServer,
+    writeThroughTCP,
+)
 
 
 class ScriptedDescriptor(WriteThroughMixin, abstract.FileDescriptor):
@@ -203,15 +210,17 @@ class WriteThroughMixinTests(SynchronousTestCase):
         self.assertEqual(producer.events, ["resume", "resume"])
 
 
-def _server(sock: socket.socket, reactor: Any, proto: Any = None) -> tcp.Server:
+def _server(
+    sock: socket.socket, reactor: Any, proto: Any = None, kind: type = WriteThroughServer
+) -> tcp.Server:
     proto = proto or protocol.Protocol()
-    server = tcp.Server(sock, proto, ("127.0.0.1", 1), None, 1, reactor)  # type: ignore[arg-type]
+    server = kind(sock, proto, ("127.0.0.1", 1), None, 1, reactor)
     proto.makeConnection(server)
     return server
 
 
 class RealSocketTests(SynchronousTestCase):
-    """tcp.Server over a socketpair (no network, no global reactor)."""
+    """WriteThroughServer over a socketpair (no network, no global reactor)."""
 
     def setUp(self) -> None:
         self.reactor = MemoryReactor()
@@ -221,20 +230,22 @@ class RealSocketTests(SynchronousTestCase):
         self.addCleanup(self.ours.close)
         self.addCleanup(self.theirs.close)
 
-    def test_upgradedServerSendsInsideWrite(self) -> None:
-        """After enable(), a write is readable on the peer before any reactor turn."""
+    def test_serverSendsInsideWrite(self) -> None:
+        """A WriteThroughServer's write is readable on the peer before any reactor
+        turn; Twisted's own tcp.Server only registers for writability."""
         server = _server(self.ours, self.reactor)
-        self.assertTrue(writethrough.enable(server))
-        self.assertIsInstance(server, WriteThroughServer)
         server.write(b"keystroke")
         self.assertEqual(self.theirs.recv(100), b"keystroke")
         self.assertNotIn(server, self.reactor.getWriters())
+        plain = _server(self.theirs, self.reactor, kind=tcp.Server)
+        plain.write(b"echo")
+        self.assertIn(plain, self.reactor.getWriters())
+        self.assertRaises(BlockingIOError, self.ours.recv, 100)
 
     def test_fullSocketBuffersThenDrains(self) -> None:
         """With the socket buffer full the kernel takes part or nothing: the rest is
         buffered and doWrite delivers every byte, in order, once the peer reads."""
         server = _server(self.ours, self.reactor)
-        writethrough.enable(server)
         sent = bytearray()
         received = bytearray()
         n = 0
@@ -252,27 +263,109 @@ class RealSocketTests(SynchronousTestCase):
         self.assertEqual(bytes(received), bytes(sent))
         self.assertNotIn(server, self.reactor.getWriters())
 
-    def test_enableThroughWrappers(self) -> None:
-        """enable() finds the TCP connection under a wrapping protocol (the handshake
-        limiter's ProtocolWrapper), and leaves transports it does not know alone."""
+    def test_throughWrappers(self) -> None:
+        """A protocol wrapping the SSH protocol (the handshake limiter's
+        ProtocolWrapper) writes through to the socket underneath at once."""
         wrapper = ProtocolWrapper(WrappingFactory(protocol.Factory()), protocol.Protocol())
         server = _server(self.ours, self.reactor, wrapper)
-        self.assertIs(wrapper.transport, server)
-        self.assertTrue(writethrough.enable(wrapper))
-        self.assertIsInstance(server, WriteThroughServer)
-        self.assertTrue(writethrough.enable(server), "enabling twice is harmless")
-        self.assertFalse(writethrough.enable(StringTransport()))
-        self.assertFalse(writethrough.enable(None))
+        wrapper.wrappedProtocol.transport.write(b"through the wrapper")
+        self.assertEqual(self.theirs.recv(100), b"through the wrapper")
+        self.assertNotIn(server, self.reactor.getWriters())
 
-    def test_connectionServiceEnablesItsLink(self) -> None:
-        """The ssh-connection service, once started (authenticated), makes the TCP
-        connection under its SSH transport write through."""
-        server = _server(self.ours, self.reactor)
 
-        class SSHTransport:
-            transport = server
+def privateReactor(case: SynchronousTestCase) -> SelectReactor:
+    """
+    A real reactor of C{case}'s own, never run and never the global one: the test
+    drives its ports and connections by hand (C{doRead}, C{doWrite},
+    C{runUntilCurrent}). Everything registered with it is closed at cleanup.
+    """
+    reactor = SelectReactor()
 
-        conn = TunnelConnection()
-        conn.transport = SSHTransport()
-        conn.serviceStarted()
-        self.assertIsInstance(server, WriteThroughServer)
+    def cleanUp() -> None:
+        for call in reactor.getDelayedCalls():
+            call.cancel()
+        for selectable in reactor.removeAll():
+            sock = getattr(selectable, "socket", None)
+            if sock is not None:
+                sock.close()
+        reactor.waker.connectionLost(None)
+
+    case.addCleanup(cleanUp)
+    return reactor
+
+
+class Recorder(protocol.Protocol):
+    """Keeps what arrives."""
+
+    def __init__(self) -> None:
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+class ConstructionTests(SynchronousTestCase):
+    """writeThroughTCP: listening ports and connectors that make write-through
+    connections from the start, on a real reactor (loopback, driven by hand)."""
+
+    def setUp(self) -> None:
+        self.reactor = privateReactor(self)
+        self.tcp = writeThroughTCP(self.reactor)
+        self.built: list[Recorder] = []
+
+        def build() -> Recorder:
+            proto = Recorder()
+            self.built.append(proto)
+            return proto
+
+        self.factory = protocol.ClientFactory.forProtocol(build)  # type: ignore[arg-type]
+
+    def test_listenAcceptsWriteThroughServers(self) -> None:
+        """listenTCP listens on a WriteThroughPort; the connection it accepts is a
+        WriteThroughServer whose first write reaches the peer inside write()."""
+        port = self.tcp.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.assertIsInstance(port, WriteThroughPort)
+        self.assertIn(port, self.reactor.getReaders())
+        peer = socket.create_connection(("127.0.0.1", port.getHost().port))
+        self.addCleanup(peer.close)
+        port.doRead()
+        [accepted] = self.built
+        self.assertIsInstance(accepted.transport, WriteThroughServer)
+        accepted.transport.write(b"SSH-2.0-first\r\n")
+        self.assertEqual(peer.recv(100), b"SSH-2.0-first\r\n")
+        self.assertNotIn(accepted.transport, self.reactor.getWriters())
+
+    def test_connectMakesWriteThroughClients(self) -> None:
+        """connectTCP's connector makes a WriteThroughClient: once connected its
+        first write reaches the peer inside write()."""
+        listening = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listening.close)
+        connector = self.tcp.connectTCP("127.0.0.1", listening.getsockname()[1], self.factory)
+        self.assertIsInstance(connector, WriteThroughConnector)
+        client = connector.transport
+        self.assertIsInstance(client, WriteThroughClient)
+        self.reactor.runUntilCurrent()  # the connect attempt, scheduled for "now"
+        peer, _ = listening.accept()
+        self.addCleanup(peer.close)
+        client.doWrite()  # connecting: doWrite is doConnect, which finds it done
+        [connected] = self.built
+        self.assertIs(connected.transport, client)
+        client.write(b"SSH-2.0-first\r\n")
+        self.assertEqual(peer.recv(100), b"SSH-2.0-first\r\n")
+        self.assertNotIn(client, self.reactor.getWriters())
+
+    def test_everythingElseIsTheReactor(self) -> None:
+        """Apart from listenTCP and connectTCP it is the reactor: it provides the same
+        interfaces (HostnameEndpoint wants a pluggable name resolver), and time and
+        name resolution are the reactor's own."""
+        self.assertEqual(set(providedBy(self.tcp)), set(providedBy(self.reactor)))
+        self.assertTrue(IReactorPluggableNameResolver.providedBy(self.tcp))
+        self.assertIs(self.tcp.nameResolver, self.reactor.nameResolver)
+        call = self.tcp.callLater(5, lambda: None)
+        self.assertEqual(self.reactor.getDelayedCalls(), [call])
+
+    def test_otherReactorsAreLeftAlone(self) -> None:
+        """A reactor that does not build Twisted's own TCP ports and connectors (a
+        test's MemoryReactor) is returned as it is, so it still records listens."""
+        memory = MemoryReactor()
+        self.assertIs(writeThroughTCP(memory), memory)
