@@ -300,11 +300,11 @@ class SourcePenalties:
         record.refusedUntil = max(record.refusedUntil, now + penalty)
         return 0.0 if exempt else penalty
 
-    def noauth(self, source: str) -> float:
+    def noauth(self, source: str, exchanges: int = 1) -> float:
         """
-        Count a connection from C{source} that had groundcontrol compute a key exchange
-        and closed without trying to log in; return the seconds the source is now refused
-        (0 within its allowance, or exempt).
+        Count a connection from C{source} that had groundcontrol compute C{exchanges} key
+        exchanges and closed without trying to log in; return the seconds the source is
+        now refused (0 within its allowance, or exempt).
         """
         policy = self.policy
         if policy.noauthRate <= 0:
@@ -312,15 +312,16 @@ class SourcePenalties:
         now = self._clock.seconds()
         record = self._remember(source, now)
         before = self._noauthRefusal(record, now)
-        most = policy.noauthAllowance + policy.noauthRate * policy.maxPenalty
-        record.noauthOwed = min(self._owed(record, now) + 1, most)
+        # Never owe more than maxPenalty's worth of refusal.
+        most = policy.noauthAllowance - 1 + policy.noauthRate * policy.maxPenalty
+        record.noauthOwed = min(self._owed(record, now) + exchanges, most)
         record.noauthAt = now
         refused = self._noauthRefusal(record, now)
         if not refused or before:
             return 0.0 if self.exempt(source) else refused
         exempt = self.exempt(source)
         self._log.info(
-            "{refusing} {source} for {refused:.0f}s: more than {allowance} key exchanges "
+            "{refusing} {source} for {refused:.0f}s: it used its {allowance} key exchanges "
             "without a login attempt (then {rate} a second){exempt}",
             refusing="not refusing" if exempt else "refusing",
             source=source,
@@ -411,8 +412,10 @@ class PreauthMixin:
     _preauthPackets = 0
     _preauthBytes = 0
     _preauthKexInits = 0
-    #: The client had us compute a key exchange (its KEXDH/ECDH/hybrid INIT came).
-    _preauthKeyed = False
+    #: Key exchanges the client had us compute (its KEXDH/ECDH/hybrid INITs).
+    _preauthExchanges = 0
+    #: The reason code of the DISCONNECT we sent before a login, if we sent one.
+    _preauthDisconnect: int | None = None
 
     # The attributes of the transport this is mixed into.
     factory: Any
@@ -526,7 +529,7 @@ class PreauthMixin:
                     raise PreauthViolation("too many key exchanges before logging in")
                 _checkNameLists(payload, limits)
             elif messageNum == transport.MSG_KEXDH_INIT:
-                self._preauthKeyed = True
+                self._preauthExchanges += 1
         super().dispatchMessage(messageNum, payload)  # type: ignore[misc]
 
     def _preauthDrop(self, why: str) -> None:
@@ -541,15 +544,25 @@ class PreauthMixin:
             transport.DISCONNECT_PROTOCOL_ERROR, why.encode("ascii", "replace")
         )
 
+    def sendDisconnect(self, reason: int, desc: bytes) -> None:
+        if not self._preauthDone():
+            self._preauthDisconnect = reason
+        super().sendDisconnect(reason, desc)  # type: ignore[misc]
+
     def connectionLost(self, reason: Any = None) -> None:
         if not self._preauthRefused and not self._preauthDone():
             penalties = guardOf(self.factory).penalties
             why = self._failure()
             if why is not None:
                 penalties.failed(self._preauthSource, why)
-            elif self._preauthKeyed:
-                # OpenSSH's noauth: our CPU went into a key exchange nobody logged in with.
-                penalties.noauth(self._preauthSource)
+            elif (
+                self._preauthExchanges
+                and self._preauthDisconnect != transport.DISCONNECT_TOO_MANY_CONNECTIONS
+            ):
+                # OpenSSH's noauth: our CPU went into key exchanges nobody logged in with.
+                # (A new device refused by the pending caps did log in with its key: we
+                # said too many connections, and its agent comes back with its backoff.)
+                penalties.noauth(self._preauthSource, self._preauthExchanges)
         super().connectionLost(reason)  # type: ignore[misc]
 
     def _failure(self) -> str | None:

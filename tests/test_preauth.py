@@ -1,26 +1,35 @@
 """
 Tests for groundcontrol.preauth: bounded pre-authentication input and per-source
-penalties, on the real front door in memory (StringTransport and iosim, task.Clock).
+penalties (failures, key exchanges without a login attempt, exempt networks), on the
+real front door in memory (StringTransport and iosim, task.Clock).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import struct
 
+from cryptography.hazmat.primitives.asymmetric import x25519
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from twisted.conch.ssh import common, transport
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from groundcontrol.preauth import (
     PenaltyPolicy,
+    PreauthGuard,
     PreauthLimits,
     SourcePenalties,
     guardOf,
+    parseExemptNetwork,
     sourceKey,
 )
+from groundcontrol.sshserver import ServerSettings
+from groundcontrol.store import PendingLimits
 from groundcontrol.testing import FakeOperator, InMemoryFleet, newKey
 
 ATTACKER = "127.0.0.2"
@@ -52,6 +61,23 @@ def kexInit(lists: list[bytes] | None = None) -> bytes:
             b"",
         ]
     return os.urandom(16) + b"".join(common.NS(x) for x in lists) + b"\0" + b"\0\0\0\0"
+
+
+def keyExchange(client: RawClient) -> None:
+    """
+    Have the server compute a curve25519 key exchange for C{client}, as ssh-keyscan
+    does before it closes: version line, KEXINIT, the client's ECDH INIT.
+    """
+    public = x25519.X25519PrivateKey.generate().public_key()
+    client.send(CLIENT_VERSION + plainPacket(transport.MSG_KEXINIT, kexInit()))
+    written = len(client.io.value())
+    client.send(
+        plainPacket(
+            transport.MSG_KEXDH_INIT, common.NS(public.public_bytes(Encoding.Raw, PublicFormat.Raw))
+        )
+    )
+    assert len(client.io.value()) > written, "no key exchange reply"
+    assert not client.dropped
 
 
 class RawClient:
@@ -337,3 +363,241 @@ class PenaltyWiringTests(SynchronousTestCase):
         client.send(CLIENT_VERSION)
         client.lose()
         self.assertEqual(len(self.guard.penalties), 0)
+
+
+class NoauthTests(SynchronousTestCase):
+    """
+    Key exchanges that end without a login attempt (OpenSSH's noauth): a token bucket per
+    source, refused when empty until one has refilled; bounded in time and memory.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.policy = PenaltyPolicy(noauthAllowance=3, noauthRate=0.5, maxPenalty=60)
+        self.penalties = SourcePenalties(self.clock, self.policy)
+
+    def test_allowanceThenRate(self) -> None:
+        """
+        Three at once are free; the third empties the bucket, so the source is refused
+        for one refill (2 s at 0.5/s), then has one again; another source is untouched.
+        """
+        self.assertEqual([self.penalties.noauth("10.0.0.1") for _ in range(2)], [0, 0])
+        self.assertEqual(self.penalties.refusedFor("10.0.0.1"), 0)
+        self.assertEqual(self.penalties.noauth("10.0.0.1"), 2)
+        self.assertEqual(self.penalties.refusedFor("10.0.0.1"), 2)
+        self.assertEqual(self.penalties.refusedFor("10.0.0.2"), 0)
+        self.clock.advance(2)
+        self.assertEqual(self.penalties.refusedFor("10.0.0.1"), 0)
+        self.assertEqual(self.penalties.noauth("10.0.0.1"), 2)
+
+    def test_exchangesEachCount(self) -> None:
+        """A connection that had two key exchanges computed costs two of the allowance."""
+        self.penalties.noauth("10.0.0.1", 2)
+        self.assertEqual(self.penalties.refusedFor("10.0.0.1"), 0)
+        self.penalties.noauth("10.0.0.1")
+        self.assertGreater(self.penalties.refusedFor("10.0.0.1"), 0)
+
+    def test_noFailureAndForgotten(self) -> None:
+        """
+        Noauth connections are not failures (no exponential penalty follows); a source
+        whose bucket has refilled is forgotten.
+        """
+        for _ in range(3):
+            self.penalties.noauth("10.0.0.1")
+        self.assertEqual(self.penalties._sources["10.0.0.1"].failures, 0)
+        self.clock.advance(6)
+        self.assertEqual(self.penalties.refusedFor("10.0.0.1"), 0)
+        self.assertEqual(len(self.penalties), 0)
+
+    def test_refusalBounded(self) -> None:
+        """
+        Connections already in their handshake when the bucket ran dry still count, but
+        the refusal never exceeds maxPenalty, even after the clock jumps back a day.
+        """
+        for _ in range(1000):
+            self.penalties.noauth("10.0.0.1")
+        self.assertEqual(self.penalties.refusedFor("10.0.0.1"), 60)
+        self.clock.rightNow -= 86400
+        self.assertLessEqual(self.penalties.refusedFor("10.0.0.1"), 60)
+        self.clock.advance(60)
+        self.assertEqual(self.penalties.refusedFor("10.0.0.1"), 0)
+
+    def test_rateZeroTurnsItOff(self) -> None:
+        """With a rate of 0 nothing is counted and nothing refused."""
+        penalties = SourcePenalties(self.clock, PenaltyPolicy(noauthAllowance=1, noauthRate=0))
+        for _ in range(100):
+            self.assertEqual(penalties.noauth("10.0.0.1"), 0)
+        self.assertEqual((penalties.refusedFor("10.0.0.1"), len(penalties)), (0, 0))
+
+    def test_loggedOncePerRefusal(self) -> None:
+        """One log line when a refusal starts, not one per connection still finishing."""
+        with capturedLogs() as events:
+            for _ in range(10):
+                self.penalties.noauth("10.0.0.1")
+        lines = [e for e in events if "key exchanges" in e["log_format"]]
+        self.assertEqual(len(lines), 1)
+        self.assertEqual(lines[0]["refusing"], "refusing")
+
+
+class ExemptTests(SynchronousTestCase):
+    """Sources in exempt networks (a NAT in front of many devices) are never refused."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.policy = PenaltyPolicy(
+            freeFailures=2,
+            noauthAllowance=2,
+            exempt=(parseExemptNetwork("198.51.100.0/24"), parseExemptNetwork("2001:db8:5::/48")),
+        )
+        self.penalties = SourcePenalties(self.clock, self.policy)
+
+    def test_failuresCountedNeverRefused(self) -> None:
+        """
+        An exempt source's failures are counted as anyone's, but it is never refused, by
+        failures or by key exchanges without a login; a source outside the networks is.
+        """
+        for source in ("198.51.100.7", "192.0.2.7"):
+            for _ in range(5):
+                self.penalties.failed(source, "test")
+        self.assertEqual(self.penalties._sources["198.51.100.7"].failures, 5)
+        self.assertEqual(self.penalties.refusedFor("198.51.100.7"), 0)
+        self.assertGreater(self.penalties.refusedFor("192.0.2.7"), 0)
+        for _ in range(5):
+            self.assertEqual(self.penalties.noauth("198.51.100.8"), 0)
+        self.assertEqual(self.penalties.refusedFor("198.51.100.8"), 0)
+
+    def test_loggedOncePerWouldBePenalty(self) -> None:
+        """
+        An exempt source's penalties are logged where another source would have been
+        refused (saying it is exempt), once per would-be penalty, not once per failure.
+        """
+        with capturedLogs() as events:
+            for _ in range(6):
+                self.penalties.failed("198.51.100.7", "bad key")
+            self.clock.advance(3)  # the first would-be penalties (2 s, 4 s) overlap
+            self.penalties.failed("198.51.100.7", "bad key")
+        exempt = [e for e in events if e["log_format"].startswith("not refusing")]
+        self.assertEqual(len(exempt), 1)
+        self.assertEqual(exempt[0]["source"], "198.51.100.7")
+        self.clock.advance(600)
+        with capturedLogs() as events:
+            self.penalties.failed("198.51.100.7", "bad key")
+        self.assertEqual(len(events), 1)
+
+    def test_networksOfBothFamilies(self) -> None:
+        """
+        IPv6 sources (counted per /64) inside an exempt IPv6 network are exempt, others
+        not; an IPv4-mapped network is taken as IPv4.
+        """
+        source = sourceKey(IPv6Address("TCP", "2001:db8:5:1::7", 1))
+        outside = sourceKey(IPv6Address("TCP", "2001:db8:6:1::7", 1))
+        self.assertTrue(self.penalties.exempt(source))
+        self.assertFalse(self.penalties.exempt(outside))
+        self.assertFalse(self.penalties.exempt("198.51.101.1"))
+        self.assertEqual(
+            parseExemptNetwork("::ffff:198.51.100.0/120"),
+            ipaddress.IPv4Network("198.51.100.0/24"),
+        )
+
+    def test_parse(self) -> None:
+        """
+        A bare address is a /32; a network with host bits set, an IPv6 prefix longer
+        than the /64 sources are counted by, or not an address at all are refused with
+        a message saying which.
+        """
+        self.assertEqual(parseExemptNetwork("203.0.113.7"), ipaddress.ip_network("203.0.113.7/32"))
+        for bad, says in (
+            ("10.1.2.3/8", "host bits set (the network is 10.0.0.0/8)"),
+            ("2001:db8::/96", "per /64"),
+            ("nat.example", "not an IPv4 or IPv6 address or network"),
+            ("10.0.0.0/33", "not an IPv4 or IPv6 address or network"),
+        ):
+            with self.assertRaises(ValueError) as caught:
+                parseExemptNetwork(bad)
+            self.assertIn(says, str(caught.exception))
+
+
+class NoauthWiringTests(SynchronousTestCase):
+    """
+    The front door counts a key exchange that ends without a login attempt, and only
+    that; exempt sources are never refused at the door.
+    """
+
+    def setUp(self) -> None:
+        self.fleet = InMemoryFleet()
+        self.policy = PenaltyPolicy(
+            freeFailures=1, noauthAllowance=2, exempt=(parseExemptNetwork("127.0.0.64/26"),)
+        )
+        self.fleet.factory.preauthGuard = PreauthGuard(self.fleet.clock, penalties=self.policy)
+        self.penalties = guardOf(self.fleet.factory).penalties
+
+    def test_keyExchangesWithoutLoginRefused(self) -> None:
+        """
+        Two ssh-keyscan-like connections (a key exchange, then close) use the allowance;
+        the third connection from that source is closed before our version line, while
+        another source still gets its key exchange.
+        """
+        for _ in range(2):
+            client = RawClient(self.fleet, ATTACKER)
+            keyExchange(client)
+            client.lose()
+        refused = RawClient(self.fleet, ATTACKER)
+        self.assertTrue(refused.dropped)
+        self.assertEqual(refused.io.value(), b"")
+        keyExchange(RawClient(self.fleet, "127.0.0.3"))
+
+    def test_closeBeforeKeyExchangeIsFree(self) -> None:
+        """
+        Connections that close after the version line and KEXINIT, before we compute a
+        key exchange (ssh-audit's rate probe reads only the banner), are not counted.
+        """
+        for _ in range(10):
+            client = RawClient(self.fleet, ATTACKER)
+            client.send(CLIENT_VERSION + plainPacket(transport.MSG_KEXINIT, kexInit()))
+            client.lose()
+        self.assertEqual(len(self.penalties), 0)
+
+    def test_loginIsNoNoauth(self) -> None:
+        """Operators who log in (a key exchange each) are never counted."""
+        key = self.fleet.addOperator("alice")
+        for _ in range(5):
+            self.assertIsNotNone(self.fleet.operator("ctl", key).connection)
+        self.assertEqual(len(self.penalties), 0)
+
+    def test_pendingRefusedDeviceIsNoNoauth(self) -> None:
+        """
+        A new device refused by the pending caps did log in with its key (we disconnect
+        it with too-many-connections): neither a failure nor a noauth exchange.
+        """
+        fleet = InMemoryFleet(
+            settings=ServerSettings(pendingLimits=PendingLimits(total=0, perHost=0))
+        )
+        fleet.factory.preauthGuard = PreauthGuard(fleet.clock, penalties=self.policy)
+        for _ in range(3):
+            agent, _ = fleet.agent("kiln7", newKey())
+            fleet.flush()
+            self.assertIn("waiting for approval", agent.disconnectReason or "")
+        self.assertEqual(len(guardOf(fleet.factory).penalties), 0)
+
+    def test_exemptSourceNotRefused(self) -> None:
+        """
+        From an exempt address, failed logins and key exchanges without a login past
+        every allowance are still counted, and the next connection is served; from a
+        neighbour outside the network it is refused.
+        """
+        for host in ("127.0.0.65", "127.0.0.9"):
+            for _ in range(3):
+                operator = FakeOperator("ctl", newKey(), hostKey=self.fleet.hostKey)
+                self.fleet.network.connect(self.fleet.factory, operator, clientHost=host)
+                self.fleet.flush()
+            for _ in range(3):
+                client = RawClient(self.fleet, host)
+                if client.dropped:
+                    continue
+                keyExchange(client)
+                client.lose()
+        self.assertEqual(self.penalties._sources["127.0.0.65"].failures, 3)
+        self.assertFalse(RawClient(self.fleet, "127.0.0.65").dropped)
+        self.assertTrue(RawClient(self.fleet, "127.0.0.9").dropped)
