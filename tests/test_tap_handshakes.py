@@ -1,10 +1,13 @@
 """
-groundcontrol's handshake limiter options: what `--max-handshakes*` on the command line
-becomes in the one HandshakeLimiter in front of every listener.
+groundcontrol's pre-authentication options: what `--max-handshakes*` on the command line
+becomes in the one HandshakeLimiter in front of every listener, and what
+`--penalty-exempt`, `--noauth-allowance` and `--noauth-rate` become in the front door's
+per-source penalties.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 from twisted.internet.testing import MemoryReactorClock
@@ -16,6 +19,7 @@ from accesstunnel.transports.limiter import (
     DEFAULT_MAX_WAITING_PER_SOURCE,
 )
 from groundcontrol.datadir import DataDir
+from groundcontrol.preauth import PenaltyPolicy, guardOf
 from groundcontrol.tap import Options, buildService
 
 
@@ -102,3 +106,66 @@ class HandshakeOptionsTests(SynchronousTestCase):
                         bad,
                     ]
                 )
+
+
+class PenaltyOptionsTests(SynchronousTestCase):
+    """The front door's penalties get the exempt networks and the noauth bound given."""
+
+    def setUp(self) -> None:
+        self.data = Path(self.mktemp())
+        self.data.mkdir()
+        DataDir(self.data).ensureInitialised()
+
+    def policyFor(self, *extra: str) -> PenaltyPolicy:
+        options = Options()
+        options.parseOptions(
+            ["--data", str(self.data), "--listen", "tcp:0:interface=127.0.0.1", *extra]
+        )
+        top = buildService(options.toConfig(), MemoryReactorClock())
+        return guardOf(top.limiter.wrappedFactory).penalties.policy  # type: ignore[attr-defined]
+
+    def test_defaults(self) -> None:
+        """Without options: 30 key exchanges without a login, then one a second; no exemption."""
+        policy = self.policyFor()
+        self.assertEqual((policy.noauthAllowance, policy.noauthRate, policy.exempt), (30, 1.0, ()))
+
+    def test_given(self) -> None:
+        """--penalty-exempt (repeated, IPv4 and IPv6) and the noauth bound reach the policy."""
+        policy = self.policyFor(
+            "--penalty-exempt",
+            "198.51.100.0/24",
+            "--penalty-exempt",
+            "2001:db8:5::/48",
+            "--noauth-allowance",
+            "5",
+            "--noauth-rate",
+            "0.25",
+        )
+        self.assertEqual(
+            policy.exempt,
+            (ipaddress.ip_network("198.51.100.0/24"), ipaddress.ip_network("2001:db8:5::/48")),
+        )
+        self.assertEqual((policy.noauthAllowance, policy.noauthRate), (5, 0.25))
+
+    def test_malformedRefused(self) -> None:
+        """
+        A malformed exempt network, an allowance below 1 or a negative rate is a usage
+        error at start, naming the option and what is wrong.
+        """
+        for args, says in (
+            (["--penalty-exempt", "10.1.2.3/8"], "--penalty-exempt: '10.1.2.3/8' has host bits"),
+            (["--penalty-exempt", "2001:db8::/96"], "per /64"),
+            (["--penalty-exempt", "nat-gateway"], "not an IPv4 or IPv6 address"),
+            (["--noauth-allowance", "0"], "--noauth-allowance"),
+            (["--noauth-rate", "-1"], "--noauth-rate"),
+        ):
+            options = Options()
+            with self.assertRaises(usage.UsageError) as caught:
+                options.parseOptions(["--data", str(self.data), *args])
+            self.assertIn(says, str(caught.exception))
+
+    def test_help(self) -> None:
+        """`twistd groundcontrol --help` lists the three options."""
+        text = str(Options())
+        for option in ("--penalty-exempt=", "--noauth-allowance=", "--noauth-rate="):
+            self.assertIn(option, text)

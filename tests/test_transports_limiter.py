@@ -1198,6 +1198,30 @@ class RealSSHReserveTests(SynchronousTestCase):
         self.assertEqual((limiter.pending, limiter.waiting, limiter.operators.lent), (0, 0, 0))
 
 
+class PenaltyExemptTests(SynchronousTestCase):
+    """Sources exempt from groundcontrol's penalties (--penalty-exempt) keep the caps here."""
+
+    def test_exemptSourceKeepsItsPerSourceCap(self) -> None:
+        """
+        The per-source cap bounds concurrency, it locks no one out, so an exempt NAT
+        keeps it: of five stalled handshakes from an exempt address two run (the cap)
+        and three wait; when those two go, two waiting ones start.
+        """
+        from groundcontrol.preauth import PenaltyPolicy, PreauthGuard, parseExemptNetwork
+
+        fleet = InMemoryFleet()
+        policy = PenaltyPolicy(exempt=(parseExemptNetwork("192.0.2.0/24"),))
+        fleet.factory.preauthGuard = PreauthGuard(fleet.clock, penalties=policy)
+        limiter = HandshakeLimiter(fleet.factory, maxPending=8, maxPerSource=2, operatorReserve=0)
+        stalled = protocol.ClientFactory.forProtocol(_StalledAgent)
+        pumps = [fleet.network.connect(limiter, stalled, clientHost="192.0.2.9") for _ in range(5)]
+        self.assertTrue(fleet.factory.preauthGuard.penalties.exempt("192.0.2.9"))
+        self.assertEqual((limiter.agents.pending, limiter.agents.waiting), (2, 3))
+        for pump in pumps[:2]:
+            fleet.network.cut(pump)
+        self.assertEqual((limiter.agents.pending, limiter.agents.waiting), (2, 1))
+
+
 class ListenBacklogTests(SynchronousTestCase):
     """The front door's listen backlog: where a storm waits that the server is not accepting."""
 
