@@ -8,7 +8,11 @@ run on its own in L{test_ssh_audit_rate_probe}. It opens 3 sockets at a time for
 1.5 s and counts those that get a banner, stopping at 38; more than 20 banners per second
 give its note. Any server without a per-source connection rate limit gets that note
 (OpenSSH with its defaults too); SECURITY.md says why groundcontrol does not need one: it
-offers no finite-field Diffie-Hellman, and caps concurrent handshakes per source.
+offers no finite-field Diffie-Hellman, caps concurrent handshakes per source, and bounds
+per source the key exchanges that end without a login attempt (the CPU DHEat spends; the
+probe's connections close after the banner, before any key exchange, so the bound does
+not change the note). Both ssh-audit runs here stay within that bound's default
+allowance: a run has groundcontrol compute at most two key exchanges.
 """
 
 from __future__ import annotations
@@ -89,7 +93,11 @@ DHEAT_NOTE = ExplainedNote(
         " groundcontrol does not offer, and the HandshakeLimiter (accesstunnel/transports/"
         "limiter.py) caps handshakes in progress (64 in all; per source 16 in the agents'"
         " pool, 8 in the operators'), while groundcontrol/preauth.py allows 2 KEXINITs per"
-        " connection before login."
+        " connection before login and, per source, 30 key exchanges that end without a"
+        " login attempt, then one a second (--noauth-allowance, --noauth-rate; a no-auth"
+        " curve25519 connection costs groundcontrol about 1.5 ms of CPU). The probe closes"
+        " after the banner, before any key exchange, so that bound leaves the note as it"
+        " was (counting banner-only closes too would silence it; SECURITY.md says why not)."
         " Unsteady: a rate measured over 1.5 s (see test_ssh_audit_rate_probe)."
     ),
     steady=False,
