@@ -26,8 +26,9 @@ A connection that made groundcontrol compute a key exchange and then closed with
 trying to log in (OpenSSH's C{noauth}: ssh-keyscan, ssh-audit, a DHEat-style CPU
 attack) costs its source one unit of a token bucket: L{PenaltyPolicy.noauthAllowance}
 of them at once, refilled at L{PenaltyPolicy.noauthRate} per second; a source with none
-left is refused until one has refilled. So one source makes groundcontrol compute at
-most that many key exchanges nobody logs in with, whatever its concurrency.
+left is refused until one has refilled. So one source makes groundcontrol compute that
+many key exchanges nobody logs in with, whatever its concurrency (plus those of its
+connections already in their handshake when it ran out).
 
 Sources inside L{PenaltyPolicy.exempt} networks (known NATs in front of many devices)
 are counted and logged as any other, but never refused.
