@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import Any
 
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
@@ -23,21 +24,26 @@ from groundcontrol.preauth import PenaltyPolicy, guardOf
 from groundcontrol.tap import Options, buildService
 
 
-class HandshakeOptionsTests(SynchronousTestCase):
-    """The limiter gets the bounds and waiting-room sizes given on the command line."""
+class _OptionsTestCase(SynchronousTestCase):
+    """An initialised data directory, and groundcontrol built from a command line."""
 
     def setUp(self) -> None:
         self.data = Path(self.mktemp())
         self.data.mkdir()
         DataDir(self.data).ensureInitialised()
 
-    def limiterFor(self, *extra: str) -> object:
+    def limiterFor(self, *extra: str) -> Any:
+        """The limiter of groundcontrol built with C{extra} options, on a fake reactor."""
         options = Options()
         options.parseOptions(
             ["--data", str(self.data), "--listen", "tcp:0:interface=127.0.0.1", *extra]
         )
         top = buildService(options.toConfig(), MemoryReactorClock())
         return top.limiter  # type: ignore[attr-defined]
+
+
+class HandshakeOptionsTests(_OptionsTestCase):
+    """The limiter gets the bounds and waiting-room sizes given on the command line."""
 
     def test_defaults(self) -> None:
         """Without options: 64 handshakes, 16 per source, the default waiting room."""
@@ -108,21 +114,12 @@ class HandshakeOptionsTests(SynchronousTestCase):
                 )
 
 
-class PenaltyOptionsTests(SynchronousTestCase):
+class PenaltyOptionsTests(_OptionsTestCase):
     """The front door's penalties get the exempt networks and the noauth bound given."""
 
-    def setUp(self) -> None:
-        self.data = Path(self.mktemp())
-        self.data.mkdir()
-        DataDir(self.data).ensureInitialised()
-
     def policyFor(self, *extra: str) -> PenaltyPolicy:
-        options = Options()
-        options.parseOptions(
-            ["--data", str(self.data), "--listen", "tcp:0:interface=127.0.0.1", *extra]
-        )
-        top = buildService(options.toConfig(), MemoryReactorClock())
-        return guardOf(top.limiter.wrappedFactory).penalties.policy  # type: ignore[attr-defined]
+        # The limiter wraps the front door's SSH factory, which holds the penalties.
+        return guardOf(self.limiterFor(*extra).wrappedFactory).penalties.policy
 
     def test_defaults(self) -> None:
         """Without options: 30 key exchanges without a login, then one a second; no exemption."""

@@ -53,32 +53,19 @@ def stranger(
     groundcontrol) a failed authentication attempt; without one, only the key exchange and
     SSH's 'none' probe (a connection that closes without trying to log in).
     """
-    argv = [
-        "ssh",
-        "-F",
-        "/dev/null",
-        "-p",
-        str(fleet.gc.port),
-        "-b",
-        source,
-        "-o",
+    options = [
         "BatchMode=yes",
-        "-o",
         "StrictHostKeyChecking=no",
-        "-o",
         "UserKnownHostsFile=/dev/null",
-        "-o",
         "GlobalKnownHostsFile=/dev/null",
-        "-o",
         "IdentitiesOnly=yes",
-        "-o",
         "IdentityAgent=none",
-        "-o",
         "ConnectTimeout=10",
-        *(["-i", str(key)] if key else ["-o", "PubkeyAuthentication=no"]),
-        f"ctl@{LOOPBACK}",
-        "whoami",
+        *([] if key else ["PubkeyAuthentication=no"]),
     ]
+    argv = ["ssh", "-F", "/dev/null", "-p", str(fleet.gc.port), "-b", source]
+    argv += [f"-o{option}" for option in options] + (["-i", str(key)] if key else [])
+    argv += [f"ctl@{LOOPBACK}", "whoami"]
     return run(argv, timeout=30)
 
 
