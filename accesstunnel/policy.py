@@ -30,7 +30,8 @@ KEY_EXCHANGES = [
 #: is what is offered: the stock OpenSSH client ranks chacha20-poly1305 first,
 #: then aes128-ctr, and GCM last, so without chacha20-poly1305 it picks CTR +
 #: HMAC, 1.6 times the CPU per 32 KiB packet (bench/RESULTS.md, "Performance
-#: work").
+#: work"). After login groundcontrol moves a client that lists AES-GCM to it
+#: (groundcontrol.cipherchoice): half chacha20-poly1305's cost with AES-NI.
 #: chacha20-poly1305 is the Terrapin-affected cipher: it is only ever offered
 #: by the fast packet layer, whose first KEXINIT always carries strict kex.
 CIPHERS = [

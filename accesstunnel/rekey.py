@@ -129,23 +129,29 @@ class RekeyingTransportMixin:
         ):
             self._startRekey("bytes")
 
-    def _startRekey(self, why: str) -> None:
-        """Send KEXINIT unless a key exchange is running or none has finished yet."""
+    def _startRekey(self, limit: str) -> None:
+        self.renewKeys(f"{limit} limit reached")
+
+    def renewKeys(self, why: str) -> bool:
+        """
+        Send KEXINIT now, for C{why} (logged), unless a key exchange is running, none
+        has finished yet or the connection is closing; whether one was started.
+        """
         if (
             self.keyExchanges == 0
             or self._keyExchangeState != self._KEY_EXCHANGE_NONE
             or getattr(self.transport, "disconnecting", False)
         ):
-            return
+            return False
         self._rekeyLog.info(
-            "renewing the session keys: {why} limit reached ({count} bytes since the last "
-            "key exchange)",
+            "renewing the session keys: {why} ({count} bytes since the last key exchange)",
             why=why,
             count=self._rekeyBytes,
         )
         self._rekeyBytes = 0
         self._rekeyByUs = True
         self.sendKexInit()  # type: ignore[attr-defined]
+        return True
 
     def _newKeys(self) -> None:
         self.keyExchanges += 1

@@ -36,6 +36,7 @@ from accesstunnel.rekey import RekeyingTransportMixin, RekeyLimit
 from accesstunnel.transports.tls import peerCertificate
 from groundcontrol.auth import AgentLogin, FleetKeyChecker, OperatorLogin
 from groundcontrol.avatars import AgentAvatar, OperatorAvatar
+from groundcontrol.cipherchoice import AESGCMAfterLoginMixin
 from groundcontrol.enrollment import AgentRequests, CertificatePolicy
 from groundcontrol.pki import CertificateError, FleetCA, verifyDeviceCertificate
 from groundcontrol.preauth import PreauthMixin
@@ -58,6 +59,8 @@ class ServerSettings:
     pendingLimits: PendingLimits = attrs.field(factory=PendingLimits)
     sessions: SessionPolicy = attrs.field(factory=SessionPolicy)
     rekeyLimit: RekeyLimit = attrs.field(factory=RekeyLimit)
+    #: Renew an operator's keys with AES-GCM after login (L{cipherchoice}).
+    aesGCMAfterLogin: bool = False
 
 
 class PendingRefused(UnauthorizedLogin):
@@ -239,6 +242,8 @@ class GroundControlConnection(TunnelConnection):
             if self.linkFlow is not None:  # a device's link: read and buffer it in larger pieces
                 self.linkFlow.widen()
             linkUp(self)
+        else:
+            self.transport.preferAESGCM()
 
 
 def agentProbeAfter(interval: float, count: int) -> float:
@@ -256,6 +261,7 @@ class GroundControlTransport(
     QuickAckMixin,
     KeepaliveTransportMixin,
     RekeyingTransportMixin,
+    AESGCMAfterLoginMixin,
     PreauthMixin,
     fastpath.FastPathMixin,
     transport.SSHServerTransport,
@@ -275,6 +281,7 @@ class GroundControlTransport(
             if setter is not None:
                 setter(True)
         settings: ServerSettings = self.factory.settings
+        self.aesGCMAfterLogin = settings.aesGCMAfterLogin
         self._graceTimer = self.factory.clock.callLater(settings.loginGraceTime, self._graceExpired)
         super().connectionMade()
 

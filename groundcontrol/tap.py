@@ -28,6 +28,7 @@ from accesstunnel.transports.limiter import (
 )
 from accesstunnel.transports.tls import ServerTLS, TLSConfigError
 from accesstunnel.transports.tor import TorSettings
+from groundcontrol.cipherchoice import cpuHasAES
 from groundcontrol.datadir import DataDir, HostKeyError, NotInitialised
 from groundcontrol.enrollment import CertificatePolicy
 from groundcontrol.fleetwatch import FleetWatcher
@@ -180,6 +181,13 @@ class Options(usage.Options):
             "Renew the session keys after SIZE bytes [and TIME] (like RekeyLimit; 'none').",
         ],
         [
+            "operator-aes-gcm",
+            None,
+            "auto",
+            "After an operator logs in, renew the keys with AES-GCM if the client lists it "
+            "(OpenSSH does, last): yes, no, or auto (when this CPU has AES instructions).",
+        ],
+        [
             "log-level",
             None,
             DEFAULT_LEVEL,
@@ -263,6 +271,10 @@ class Options(usage.Options):
             self["rekey-limit"] = parseRekeyLimit(self["rekey-limit"])
         except ValueError as e:
             raise usage.UsageError(f"--rekey-limit: {e}") from None
+        choice = self["operator-aes-gcm"]
+        if choice not in ("auto", "yes", "no"):
+            raise usage.UsageError("--operator-aes-gcm is 'auto', 'yes' or 'no'")
+        self["operator-aes-gcm"] = choice == "yes" or (choice == "auto" and cpuHasAES())
         try:
             parseLevel(self["log-level"])
         except ValueError as e:
@@ -278,6 +290,7 @@ class Options(usage.Options):
                 keepaliveInterval=self["keepalive-interval"],
                 keepaliveCount=self["keepalive-count"],
                 rekeyLimit=self["rekey-limit"],
+                aesGCMAfterLogin=self["operator-aes-gcm"],
                 pendingLimits=PendingLimits(
                     total=self["max-pending"], perHost=self["max-pending-per-host"]
                 ),

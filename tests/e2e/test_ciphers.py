@@ -1,8 +1,9 @@
 """
 End to end: every cipher and MAC groundcontrol offers works with the real
 OpenSSH client (10 MB each way, sha256 compared), with strict key exchange
-negotiated (the Terrapin fix); the stock client picks chacha20-poly1305 by
-default; the agent link runs AES-128-GCM (accesstunnel.fastpath, issue 7).
+negotiated (the Terrapin fix); the stock client picks chacha20-poly1305 and is
+moved to AES-GCM after login (groundcontrol.cipherchoice); the agent link runs
+AES-128-GCM (accesstunnel.fastpath, issue 7).
 """
 
 from __future__ import annotations
@@ -92,9 +93,11 @@ def test_agent_link_uses_gcm(kiln: Fleet) -> None:
     assert "b'aes128-gcm@openssh.com'" in agent.process.output()
 
 
-def test_openssh_client_picks_chacha20_poly1305_by_default(kiln: Fleet) -> None:
+def test_openssh_client_moves_from_chacha20_poly1305_to_aes_gcm(kiln: Fleet) -> None:
     """With no cipher option, the stock OpenSSH client negotiates chacha20-poly1305 in both
-    directions, with strict kex, and 1 MB comes back byte-exact."""
+    directions, with strict kex; once it has logged in, groundcontrol renews the keys
+    offering AES-GCM only (this CPU has AES instructions, --operator-aes-gcm auto), the
+    client takes aes128-gcm both ways, and 1 MB comes back byte-exact."""
     alice = kiln.operators["alice"]
     data = hashlib.sha256(b"chacha").digest() * (1 << 15)
     result = subprocess.run(
@@ -108,10 +111,18 @@ def test_openssh_client_picks_chacha20_poly1305_by_default(kiln: Fleet) -> None:
     log = result.stderr.decode(errors="replace")
     assert "will use strict KEX ordering" in log
     for direction in ("client->server", "server->client"):
-        assert (
+        first = log.find(
             f"kex: {direction} cipher: chacha20-poly1305@openssh.com MAC: <implicit> "
-            "compression: none" in log
+            "compression: none"
         )
+        renewed = log.find(
+            f"kex: {direction} cipher: aes128-gcm@openssh.com MAC: <implicit> compression: none"
+        )
+        assert 0 <= first < renewed, log[-3000:]
+    assert log.find("Authenticated to") < log.find(
+        "SSH2_MSG_KEXINIT received", log.find("Authenticated to")
+    )
+    assert "switching to AES-GCM" in kiln.gc.process.output()  # type: ignore[union-attr]
 
 
 def test_aead_needs_no_common_mac(kiln: Fleet) -> None:
