@@ -27,9 +27,8 @@ whole window into that list at every key re-exchange.
 A device link's socket is read and buffered L{LINK_BUFFER_SIZE} at a time
 (L{LinkFlow.widen}) rather than Twisted's 64 KiB: a channel served from the
 waiting line then sends up to four link packets in a row before the link
-pauses, the sender writes them in fewer calls, and the receiver reads them in
-one; groundcontrol relays them in one reactor turn, so an operator connection
-gets them in one send.
+pauses, the sender writes them in fewer calls (Twisted sends at most 128 KiB
+per call), and the receiver reads them in one.
 """
 
 from __future__ import annotations
