@@ -11,7 +11,7 @@ is left, so a large backlog is copied again and again.
 
 L{LinkFlow} registers as a streaming producer on the byte transport under the
 SSH transport (TCP, TLS or the WebSocket adapter). While that transport holds
-more than its C{bufferSize} (64 KiB for TCP; see below), the link is paused and every
+more than its C{bufferSize} (64 KiB for TCP), the link is paused and every
 L{accesstunnel.channel.FlowChannel} keeps its output in its own queue, which
 pauses the channel's source at high water and, on a relay, holds back the
 window credit of the hop feeding it; so the backlog stays bounded end to end.
@@ -23,12 +23,6 @@ The link is also held from our KEXINIT to the new keys: meanwhile Conch keeps
 every channel message in a list nothing bounds (C{_blockedByKeyExchange}), and
 the socket, being idle, would pause nothing, so each channel would pour its
 whole window into that list at every key re-exchange.
-
-A device link's socket is read and buffered L{LINK_BUFFER_SIZE} at a time
-(L{LinkFlow.widen}) rather than Twisted's 64 KiB: a channel served from the
-waiting line then sends up to four link packets in a row before the link
-pauses, the sender writes them in fewer calls (Twisted sends at most 128 KiB
-per call), and the receiver reads them in one.
 """
 
 from __future__ import annotations
@@ -37,16 +31,7 @@ from typing import Any
 
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper
 from zope.interface import implementer
-
-#: Bytes a device link's socket is read at once, and buffered before the link
-#: pauses its channels (Twisted's C{bufferSize}, 64 KiB for TCP): four link
-#: packets (L{accesstunnel.channel.LINK_MAX_PACKET}). With 64 KiB each read and
-#: each send carried one packet; 100 busy sessions then cost groundcontrol, the
-#: agent and the operators' ssh clients more per GB than one session did
-#: (bench/RESULTS.md, "100 sessions (session 6)").
-LINK_BUFFER_SIZE = 256 * 1024
 
 
 @implementer(IPushProducer)
@@ -133,19 +118,6 @@ class LinkFlow:
             del waiting[channel]
             channel.drainQueue()
 
-    def widen(self, size: int = LINK_BUFFER_SIZE) -> None:
-        """
-        Read and buffer this link's socket C{size} bytes at a time: set the
-        C{bufferSize} of the descriptor under any protocol wrappers (the
-        handshake limiter, the agent's failover watch, TLS). A transport
-        without one (in memory) is left as it is.
-        """
-        transport = self._transport
-        while isinstance(transport, ProtocolWrapper):
-            transport = transport.transport
-        if hasattr(transport, "bufferSize"):
-            transport.bufferSize = size
-
     def waitForRoom(self, channel: Any) -> None:
         """C{channel} has output it could not send because the link is paused."""
         self._waiting.setdefault(channel, None)
@@ -156,4 +128,4 @@ class LinkFlow:
         self.paused = True
 
 
-__all__ = ["LINK_BUFFER_SIZE", "LinkFlow"]
+__all__ = ["LinkFlow"]

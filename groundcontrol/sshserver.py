@@ -239,8 +239,6 @@ class GroundControlConnection(TunnelConnection):
         self.transport.startKeepalive(self)
         linkUp = getattr(self.transport.avatar, "linkUp", None)
         if linkUp is not None:
-            if self.linkFlow is not None:  # a device's link: read and buffer it in larger pieces
-                self.linkFlow.widen()
             linkUp(self)
         else:
             self.transport.preferAESGCM()
