@@ -18,6 +18,11 @@ has logged in, if it listed AES-GCM in both directions and this CPU has AES
 instructions, groundcontrol renews the keys offering only the AES-GCM ciphers the
 client listed. Renewing keys is ordinary SSH (either side may, at any time); it costs
 one key exchange and one round trip before the session's first channel opens.
+
+Not while connections wait for a handshake slot (a reconnect storm): every round trip
+then waits for a turn of a busy reactor, and the renewal doubled an operator's setup
+time during a storm (bench/RESULTS.md, "AES-GCM on the operator hop after login");
+setting up quickly is what matters then, so the connection keeps what it negotiated.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ class AESGCMAfterLoginMixin:
 
     # Provided by the Conch transport this is mixed into.
     currentEncryptions: Any
+    factory: Any
     supportedCiphers: list[bytes]
     transport: Any
 
@@ -101,6 +107,13 @@ class AESGCMAfterLoginMixin:
             if name in AES_GCM_CIPHERS and name in toServer and name in toClient
         ]
         if not offer:
+            return False
+        waiting = self.factory.handshakesWaiting()
+        if waiting:
+            self._cipherLog.info(
+                "not switching to AES-GCM: {waiting} connections wait for a handshake slot",
+                waiting=waiting,
+            )
             return False
         offered, self.supportedCiphers = self.supportedCiphers, offer
         why = "switching to AES-GCM, which the client can do and this CPU runs fastest"

@@ -8,6 +8,7 @@ apart (see L{groundcontrol.usernames}).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -353,6 +354,8 @@ class GroundControlFactory(factory.SSHFactory):
         self.settings = settings or ServerSettings()
         #: One timer for the agent links' keepalive looks (accesstunnel.keepalive).
         self.sweep = KeepaliveSweep(clock)
+        #: Connections waiting for a handshake slot (the limiter in front sets it).
+        self.handshakesWaiting: Callable[[], int] = lambda: 0
         self.services = {
             b"ssh-userauth": GroundControlUserAuth,
             b"ssh-connection": GroundControlConnection,

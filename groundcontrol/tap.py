@@ -417,6 +417,7 @@ def buildService(
         maxWaitingPerSource=config.maxHandshakesWaitingPerSource,
         operatorReserve=config.maxHandshakesOperators,
     )
+    factory.handshakesWaiting = lambda: limited.waiting
     tls = None
     if config.tlsCertificate and config.tlsKey:
         tls = ServerTLS(

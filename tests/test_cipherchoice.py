@@ -14,14 +14,16 @@ from typing import Any
 import pytest
 from twisted.conch.ssh import transport
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
 from twisted.test import iosim
 
 from accesstunnel import fastpath
 from accesstunnel.rekey import RekeyingTransportMixin, RekeyLimit
 from groundcontrol.cipherchoice import AESGCMAfterLoginMixin, cpuHasAES
+from groundcontrol.datadir import DataDir
 from groundcontrol.sshserver import GroundControlTransport, ServerSettings
-from groundcontrol.tap import Options
+from groundcontrol.tap import Options, buildService
 from tests.test_fastpath import (
     CHACHA,
     OPENSSH_CLIENT_CIPHERS,
@@ -54,6 +56,7 @@ class GCMServer(
 
 def connect(clientCiphers: list[bytes], **serverAttrs: Any) -> tuple[Any, Any, iosim.IOPump]:
     f = RekeyServerFactory()
+    f.handshakesWaiting = lambda: 0
     f.doStart()
     server = GCMServer()
     server.factory = f
@@ -139,6 +142,31 @@ def test_not_during_a_key_exchange() -> None:
     assert server.supportedCiphers == offered
     pump.flush()
     assert running(server) == (CHACHA, CHACHA)
+
+
+def test_not_while_connections_wait_for_a_handshake_slot() -> None:
+    """During a reconnect storm (connections queued at the handshake limiter) the client
+    keeps what it negotiated: a renewal's round trips would each wait for a busy reactor."""
+    server, _client, pump = connect(OPENSSH_CLIENT_CIPHERS)
+    offered = list(server.supportedCiphers)
+    server.factory.handshakesWaiting = lambda: 250
+    assert server.preferAESGCM() is False
+    pump.flush()
+    assert running(server) == (CHACHA, CHACHA)
+    assert server.keyExchanges == 1
+    assert server.supportedCiphers == offered
+
+
+def test_the_front_door_counts_the_limiters_waiting_connections(tmp_path: Path) -> None:
+    """groundcontrol's factory asks the one handshake limiter in front of it."""
+    DataDir(tmp_path).ensureInitialised()
+    options = Options()
+    options.parseOptions(["--data", str(tmp_path), "--listen", "tcp:0:interface=127.0.0.1"])
+    top = buildService(options.toConfig(), MemoryReactorClock())
+    limiter = top.limiter  # type: ignore[attr-defined]
+    assert limiter.wrappedFactory.handshakesWaiting() == 0
+    limiter.waiting = 7
+    assert limiter.wrappedFactory.handshakesWaiting() == 7
 
 
 def test_groundcontrol_uses_it_ahead_of_the_packet_layer() -> None:
