@@ -20,9 +20,9 @@ client listed. Renewing keys is ordinary SSH (either side may, at any time); it 
 one key exchange and one round trip before the session's first channel opens.
 
 Not while connections wait for a handshake slot (a reconnect storm): every round trip
-then waits for a turn of a busy reactor, and the renewal doubled an operator's setup
-time during a storm (bench/RESULTS.md, "AES-GCM on the operator hop after login");
-setting up quickly is what matters then, so the connection keeps what it negotiated.
+then waits for a turn of a busy reactor, and setting up quickly is what matters then,
+so the connection keeps what it negotiated (the runs in bench/RESULTS.md, "Latest", do
+not establish how much the renewal costs during a storm; the gate costs nothing outside).
 """
 
 from __future__ import annotations
