@@ -60,33 +60,28 @@ def cpuHasAES(cpuinfo: Path = _CPUINFO) -> bool:
 
 class AESGCMAfterLoginMixin:
     """
-    Mix into groundcontrol's server transport, ahead of the packet layer (it reads
-    the client's first KEXINIT as sent) and after L{accesstunnel.rekey}'s mixin,
-    whose C{renewKeys} it calls.
-
-    @ivar aesGCMAfterLogin: whether to do it at all (the front door's setting).
+    Mix into groundcontrol's server transport, before Conch's, next to
+    L{accesstunnel.rekey}'s mixin, whose C{renewKeys} it calls. It reads the front
+    door's setting (C{factory.settings.aesGCMAfterLogin}) and the client's ciphers
+    from the KEXINIT Conch keeps for the exchange hash (C{otherKexInitPayload}).
     """
 
     _cipherLog = Logger()
 
-    aesGCMAfterLogin = False
-    #: The client's ciphers, client to server and server to client, from its first KEXINIT.
-    _clientCiphers: tuple[list[bytes], list[bytes]] | None = None
-
     # Provided by the Conch transport this is mixed into.
     currentEncryptions: Any
     factory: Any
+    otherKexInitPayload: bytes
     supportedCiphers: list[bytes]
     transport: Any
 
-    def ssh_KEXINIT(self, packet: bytes) -> Any:
-        if self._clientCiphers is None:
-            try:
-                lists = getNS(packet[16:], 4)
-            except Exception:
-                lists = (b"", b"", b"", b"")  # Conch's own parsing reports it
-            self._clientCiphers = (lists[2].split(b","), lists[3].split(b","))
-        return super().ssh_KEXINIT(packet)  # type: ignore[misc]
+    def _clientCiphers(self) -> tuple[list[bytes], list[bytes]]:
+        """The client's ciphers, client to server and server to client, from its KEXINIT."""
+        try:
+            lists = getNS(self.otherKexInitPayload[17:], 4)
+        except Exception:
+            return [], []
+        return lists[2].split(b","), lists[3].split(b",")
 
     def preferAESGCM(self) -> bool:
         """
@@ -94,13 +89,13 @@ class AESGCMAfterLoginMixin:
         connection does not run AES-GCM already and the client listed an AES-GCM
         cipher both ways. Whether a key exchange was started.
         """
-        if not self.aesGCMAfterLogin or self._clientCiphers is None:
+        if not self.factory.settings.aesGCMAfterLogin:
             return False
         current = self.currentEncryptions
         running = (getattr(current, "outCipType", None), getattr(current, "inCipType", None))
         if all(name in AES_GCM_CIPHERS for name in running):
             return False
-        toServer, toClient = self._clientCiphers
+        toServer, toClient = self._clientCiphers()
         offer = [
             name
             for name in self.supportedCiphers

@@ -280,7 +280,6 @@ class GroundControlTransport(
             if setter is not None:
                 setter(True)
         settings: ServerSettings = self.factory.settings
-        self.aesGCMAfterLogin = settings.aesGCMAfterLogin
         self._graceTimer = self.factory.clock.callLater(settings.loginGraceTime, self._graceExpired)
         super().connectionMade()
 

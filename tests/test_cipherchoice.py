@@ -38,7 +38,6 @@ GCM128 = b"aes128-gcm@openssh.com"
 
 
 class RekeyServerFactory(ServerFactory):
-    settings = ServerSettings(rekeyLimit=RekeyLimit())
     clock = Clock()
 
 
@@ -51,17 +50,14 @@ class GCMServer(
 ):
     """groundcontrol's order of these mixins, on the test transports' hooks."""
 
-    aesGCMAfterLogin = True
 
-
-def connect(clientCiphers: list[bytes], **serverAttrs: Any) -> tuple[Any, Any, iosim.IOPump]:
+def connect(clientCiphers: list[bytes], on: bool = True) -> tuple[Any, Any, iosim.IOPump]:
     f = RekeyServerFactory()
+    f.settings = ServerSettings(rekeyLimit=RekeyLimit(), aesGCMAfterLogin=on)
     f.handshakesWaiting = lambda: 0
     f.doStart()
     server = GCMServer()
     server.factory = f
-    for name, value in serverAttrs.items():
-        setattr(server, name, value)
     client = FastClient()
     client.ciphers = clientCiphers
     pump = iosim.connect(
@@ -117,7 +113,7 @@ def test_a_client_without_aes_gcm_keeps_its_cipher() -> None:
 
 def test_off_means_off() -> None:
     """With the setting off the client's choice stands."""
-    server, _client, pump = connect(OPENSSH_CLIENT_CIPHERS, aesGCMAfterLogin=False)
+    server, _client, pump = connect(OPENSSH_CLIENT_CIPHERS, on=False)
     assert server.preferAESGCM() is False
     pump.flush()
     assert running(server) == (CHACHA, CHACHA)
@@ -170,8 +166,8 @@ def test_the_front_door_counts_the_limiters_waiting_connections(tmp_path: Path) 
 
 
 def test_groundcontrol_uses_it_ahead_of_the_packet_layer() -> None:
-    """groundcontrol's transport reads the client's KEXINIT before the packet layer
-    rewrites it, and renews keys through the rekey mixin; off unless configured."""
+    """groundcontrol's transport has the mixin next to the rekey mixin it renews keys
+    through, above the packet layer and Conch; off unless configured."""
     mro = GroundControlTransport.__mro__
     assert mro.index(RekeyingTransportMixin) < mro.index(AESGCMAfterLoginMixin)
     assert mro.index(AESGCMAfterLoginMixin) < mro.index(fastpath.FastPathMixin)
