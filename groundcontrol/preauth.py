@@ -44,7 +44,8 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -53,8 +54,12 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 __all__ = [
+    "DEFAULT_EARLY_CLOSE_ALLOWANCE",
+    "DEFAULT_EARLY_CLOSE_RATE",
     "DEFAULT_NOAUTH_ALLOWANCE",
     "DEFAULT_NOAUTH_RATE",
+    "REFUSAL_REASONS",
+    "Allowance",
     "ExemptNetwork",
     "PenaltyPolicy",
     "PreauthGuard",
@@ -72,6 +77,20 @@ ExemptNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 #: after that (OpenSSH 9.8's noauth:1s is one a second, after 15 s of them).
 DEFAULT_NOAUTH_ALLOWANCE = 30
 DEFAULT_NOAUTH_RATE = 1.0
+#: Connections one source may close before any key exchange (a banner grab, a TCP health
+#: check, ssh-audit's DHEat rate probe) at once, and per second after that. ssh-audit
+#: wants at most 20 banners a second from one source over its 1.5 s probe: 20 + 2/s
+#: gives it about 16 (SECURITY.md).
+DEFAULT_EARLY_CLOSE_ALLOWANCE = 20
+DEFAULT_EARLY_CLOSE_RATE = 2.0
+
+#: Why a connection is refused at the door: its source's failed connections (the
+#: exponential penalty), its key exchanges without a login attempt, its connections
+#: closed before a key exchange.
+REFUSED_FAILURES = "failures"
+REFUSED_NOAUTH = "noauth"
+REFUSED_EARLY_CLOSE = "early_close"
+REFUSAL_REASONS = (REFUSED_FAILURES, REFUSED_NOAUTH, REFUSED_EARLY_CLOSE)
 
 
 @attrs.frozen
@@ -112,6 +131,10 @@ class PenaltyPolicy:
     noauthAllowance: int = DEFAULT_NOAUTH_ALLOWANCE
     #: ...and refilled at this rate (per second); 0 turns the bound off.
     noauthRate: float = DEFAULT_NOAUTH_RATE
+    #: Connections a source may close before any key exchange (without a failure), at
+    #: once, and refilled at this rate (per second; 0 turns the bound off).
+    earlyCloseAllowance: int = DEFAULT_EARLY_CLOSE_ALLOWANCE
+    earlyCloseRate: float = DEFAULT_EARLY_CLOSE_RATE
     #: Networks whose sources are never refused (their failures still count and log).
     exempt: tuple[ExemptNetwork, ...] = ()
 
@@ -185,30 +208,80 @@ def _inside(source: str, networks: tuple[ExemptNetwork, ...]) -> bool:
     )
 
 
+@attrs.frozen
+class Allowance:
+    """
+    A per-source token bucket: C{size} units at once, refilled at C{rate} per second (0
+    turns it off). A source that has used them all is refused until one has refilled.
+    """
+
+    size: int
+    rate: float
+    #: What a unit is, for the log line of a refusal.
+    what: str
+    #: The refusal reason it gives (L{REFUSAL_REASONS}).
+    reason: str
+
+    def owed(self, bucket: _Bucket, now: float) -> float:
+        """Units not yet paid back by the refill."""
+        return max(0.0, bucket.owed - (now - bucket.at) * self.rate)
+
+    def refusal(self, bucket: _Bucket, now: float) -> float:
+        """Seconds until the source has one unit of its allowance again."""
+        if self.rate <= 0:
+            return 0.0
+        return max(0.0, (self.owed(bucket, now) - (self.size - 1)) / self.rate)
+
+
+@attrs.define
+class _Bucket:
+    """What a source owes one allowance, as of C{at}."""
+
+    owed: float = 0.0
+    at: float = 0.0
+
+
 @attrs.define
 class _Record:
     failures: int
     lastFailure: float
     refusedUntil: float
-    #: Key exchanges without a login attempt owed, as of C{noauthAt} (drains at the rate).
-    noauthOwed: float = 0.0
-    noauthAt: float = 0.0
+    #: Whether the source is in an exempt network (decided once, when first counted).
+    exempt: bool
+    #: Key exchanges computed for connections that closed without trying to log in.
+    noauth: _Bucket = attrs.field(factory=_Bucket)
+    #: Connections that closed before any key exchange.
+    earlyClose: _Bucket = attrs.field(factory=_Bucket)
 
 
 class SourcePenalties:
     """
-    Per source, in a bounded LRU: failed connections, and key exchanges computed for
-    connections that closed without trying to log in; who is refused until when.
+    Per source, in a bounded LRU: failed connections, key exchanges computed for
+    connections that closed without trying to log in, and connections that closed before
+    any key exchange; who is refused until when, and why.
     """
 
     _log = Logger()
 
     def __init__(self, clock: IReactorTime, policy: PenaltyPolicy | None = None) -> None:
         self._clock = clock
-        self.policy = policy or PenaltyPolicy()
+        self.policy = policy = policy or PenaltyPolicy()
         self._sources: OrderedDict[str, _Record] = OrderedDict()
-        #: Connections refused since the server started, for logs and tests.
+        self._noauth = Allowance(
+            policy.noauthAllowance,
+            policy.noauthRate,
+            "key exchanges without a login attempt",
+            REFUSED_NOAUTH,
+        )
+        self._earlyClose = Allowance(
+            policy.earlyCloseAllowance,
+            policy.earlyCloseRate,
+            "connections closed before a key exchange",
+            REFUSED_EARLY_CLOSE,
+        )
+        #: Connections refused since the server started, in all and by reason.
         self.refusedConnections = 0
+        self.refusals: Counter[str] = Counter(dict.fromkeys(REFUSAL_REASONS, 0))
 
     def __len__(self) -> int:
         return len(self._sources)
@@ -221,30 +294,24 @@ class SourcePenalties:
         # The clock went back: never refuse (or remember) longer than the policy says.
         record.refusedUntil = min(record.refusedUntil, now + policy.maxPenalty)
         record.lastFailure = min(record.lastFailure, now)
-        record.noauthAt = min(record.noauthAt, now)
+        record.noauth.at = min(record.noauth.at, now)
+        record.earlyClose.at = min(record.earlyClose.at, now)
         if record.failures and now - record.lastFailure >= policy.forgetAfter:
             record.failures = 0
-        if not record.failures and record.refusedUntil <= now and not self._owed(record, now):
+        if (
+            not record.failures
+            and record.refusedUntil <= now
+            and not self._noauth.owed(record.noauth, now)
+            and not self._earlyClose.owed(record.earlyClose, now)
+        ):
             del self._sources[source]
             return None
         return record
 
-    def _owed(self, record: _Record, now: float) -> float:
-        """Key exchanges without a login attempt not yet paid back by the refill."""
-        return max(0.0, record.noauthOwed - (now - record.noauthAt) * self.policy.noauthRate)
-
-    def _noauthRefusal(self, record: _Record, now: float) -> float:
-        """Seconds until the source has one key exchange of its allowance again."""
-        policy = self.policy
-        if policy.noauthRate <= 0:
-            return 0.0
-        beyond = self._owed(record, now) - (policy.noauthAllowance - 1)
-        return max(0.0, beyond / policy.noauthRate)
-
     def _remember(self, source: str, now: float) -> _Record:
         record = self._current(source, now)
         if record is None:
-            record = _Record(0, now, now, 0.0, now)
+            record = _Record(0, now, now, self.exempt(source), _Bucket(0.0, now), _Bucket(0.0, now))
             self._sources[source] = record
         self._sources.move_to_end(source)
         while len(self._sources) > self.policy.maxSources:
@@ -255,16 +322,48 @@ class SourcePenalties:
         """Whether C{source} is in a network of L{PenaltyPolicy.exempt}."""
         return _inside(source, self.policy.exempt)
 
+    def _refusal(self, record: _Record, now: float) -> tuple[float, str]:
+        """How long C{record}'s source is refused for, and the reason that lasts longest."""
+        return max(
+            (record.refusedUntil - now, REFUSED_FAILURES),
+            (self._noauth.refusal(record.noauth, now), REFUSED_NOAUTH),
+            (self._earlyClose.refusal(record.earlyClose, now), REFUSED_EARLY_CLOSE),
+        )
+
+    def refusal(self, source: str) -> str | None:
+        """
+        Why C{source} is refused now (one of L{REFUSAL_REASONS}, the one that lasts
+        longest), or None if it may connect.
+        """
+        now = self._clock.seconds()
+        record = self._current(source, now)
+        if record is None or record.exempt:
+            return None
+        seconds, reason = self._refusal(record, now)
+        return reason if seconds > 0 else None
+
     def refusedFor(self, source: str) -> float:
         """Seconds C{source} is still refused for (0: it may connect)."""
         now = self._clock.seconds()
         record = self._current(source, now)
-        if record is None:
+        if record is None or record.exempt:
             return 0.0
-        refused = max(record.refusedUntil - now, self._noauthRefusal(record, now))
-        if refused <= 0 or self.exempt(source):
-            return 0.0
-        return refused
+        return max(0.0, self._refusal(record, now)[0])
+
+    def refusedSources(self) -> int:
+        """Sources refused now (exempt ones never are). Reads all of them; changes nothing."""
+        now = self._clock.seconds()
+        policy = self.policy
+        return sum(
+            1
+            for record in self._sources.values()
+            if not record.exempt
+            and (
+                min(record.refusedUntil, now + policy.maxPenalty) > now
+                or self._noauth.refusal(record.noauth, now) > 0
+                or self._earlyClose.refusal(record.earlyClose, now) > 0
+            )
+        )
 
     def failed(self, source: str, why: str) -> float:
         """
@@ -278,8 +377,7 @@ class SourcePenalties:
         penalty = self.policy.penalty(record.failures)
         if not penalty:
             return 0.0
-        exempt = self.exempt(source)
-        if not exempt:
+        if not record.exempt:
             self._log.info(
                 "refusing {source} for {penalty:.0f}s after {failures} failed connections "
                 "(last: {why})",
@@ -299,7 +397,7 @@ class SourcePenalties:
                 why=why,
             )
         record.refusedUntil = max(record.refusedUntil, now + penalty)
-        return 0.0 if exempt else penalty
+        return 0.0 if record.exempt else penalty
 
     def noauth(self, source: str, exchanges: int = 1) -> float:
         """
@@ -307,35 +405,53 @@ class SourcePenalties:
         exchanges and closed without trying to log in; return the seconds the source is
         now refused (0 within its allowance, or exempt).
         """
-        policy = self.policy
-        if policy.noauthRate <= 0:
+        return self._spend(source, self._noauth, exchanges, lambda r: r.noauth)
+
+    def earlyClose(self, source: str) -> float:
+        """
+        Count a connection from C{source} that closed, without a login and without a
+        failure, before groundcontrol computed any key exchange; return the seconds the
+        source is now refused (0 within its allowance, or exempt).
+        """
+        return self._spend(source, self._earlyClose, 1, lambda r: r.earlyClose)
+
+    def _spend(
+        self,
+        source: str,
+        allowance: Allowance,
+        units: int,
+        bucketOf: Callable[[_Record], _Bucket],
+    ) -> float:
+        if allowance.rate <= 0:
             return 0.0
         now = self._clock.seconds()
         record = self._remember(source, now)
-        before = self._noauthRefusal(record, now)
+        bucket = bucketOf(record)
+        before = allowance.refusal(bucket, now)
         # Never owe more than maxPenalty's worth of refusal.
-        most = policy.noauthAllowance - 1 + policy.noauthRate * policy.maxPenalty
-        record.noauthOwed = min(self._owed(record, now) + exchanges, most)
-        record.noauthAt = now
-        refused = self._noauthRefusal(record, now)
-        if not refused or before:
-            return 0.0 if self.exempt(source) else refused
-        exempt = self.exempt(source)
-        self._log.info(
-            "{refusing} {source} for {refused:.0f}s: it used its {allowance} key exchanges "
-            "without a login attempt (then {rate} a second){exempt}",
-            refusing="not refusing" if exempt else "refusing",
-            source=source,
-            refused=refused,
-            allowance=policy.noauthAllowance,
-            rate=policy.noauthRate,
-            exempt=" (exempt)" if exempt else "",
-        )
-        return 0.0 if exempt else refused
+        most = allowance.size - 1 + allowance.rate * self.policy.maxPenalty
+        bucket.owed = min(allowance.owed(bucket, now) + units, most)
+        bucket.at = now
+        refused = allowance.refusal(bucket, now)
+        if refused and not before:
+            self._log.info(
+                "{refusing} {source} for {refused:.0f}s: it used its {allowance} {what} "
+                "(then {rate} a second){exempt}",
+                refusing="not refusing" if record.exempt else "refusing",
+                source=source,
+                refused=refused,
+                allowance=allowance.size,
+                what=allowance.what,
+                rate=allowance.rate,
+                exempt=" (exempt)" if record.exempt else "",
+                reason=allowance.reason,
+            )
+        return 0.0 if record.exempt else refused
 
-    def refused(self) -> None:
-        """A connection was refused because its source is penalised."""
+    def refused(self, reason: str = REFUSED_FAILURES) -> None:
+        """A connection was refused at the door, for C{reason} (see L{refusal})."""
         self.refusedConnections += 1
+        self.refusals[reason] += 1
 
 
 class PreauthGuard:
@@ -365,6 +481,9 @@ def guardOf(factory: Any) -> PreauthGuard:
 
 #: Bytes a MAC (or an AEAD tag) adds to a packet, at most (hmac-sha2-512).
 _MAX_MAC = 64
+#: The failure of a new device refused by the pending caps (sshserver disconnects it with
+#: too-many-connections, the only pre-login disconnect with that reason).
+_PENDING_REFUSED = "a new device refused by the pending caps"
 
 
 class PreauthViolation(Exception):  # noqa: N818 - a reason to drop, not a bug
@@ -432,12 +551,13 @@ class PreauthMixin:
         guard = guardOf(self.factory)
         self._preauthSource = sourceKey(self.transport.getPeer())
         self._preauthStarted = self.factory.clock.seconds()
-        if guard.penalties.refusedFor(self._preauthSource) > 0:
+        refusal = guard.penalties.refusal(self._preauthSource)
+        if refusal is not None:
             # Before our version line and any key exchange: a refused source costs an
             # accept and a close, nothing more. Not logged per connection (a flood
             # would flood the log); the penalty was logged when it started.
             self._preauthRefused = True
-            guard.penalties.refused()
+            guard.penalties.refused(refusal)
             self.transport.loseConnection()
             return
         super().connectionMade()  # type: ignore[misc]
@@ -552,24 +672,36 @@ class PreauthMixin:
 
     def connectionLost(self, reason: Any = None) -> None:
         if not self._preauthRefused and not self._preauthDone():
-            penalties = guardOf(self.factory).penalties
-            why = self._failure()
-            if why is not None:
-                penalties.failed(self._preauthSource, why)
-            elif (
-                self._preauthExchanges
-                and self._preauthDisconnect != transport.DISCONNECT_TOO_MANY_CONNECTIONS
-            ):
-                # OpenSSH's noauth: our CPU went into key exchanges nobody logged in with.
-                # (A new device refused by the pending caps did log in with its key: we
-                # said too many connections, and its agent comes back with its backoff.)
-                penalties.noauth(self._preauthSource, self._preauthExchanges)
+            self._preauthCount(guardOf(self.factory).penalties)
         super().connectionLost(reason)  # type: ignore[misc]
+
+    def _preauthCount(self, penalties: SourcePenalties) -> None:
+        """Count this connection, which ends without a login, against its source."""
+        source = self._preauthSource
+        why = self._failure()
+        if why == _PENDING_REFUSED:
+            # A new device the pending caps refused (we said too many connections): it
+            # logged in with a key, but anyone can make a fresh key per connection and
+            # have us check a signature. Not counted for an exempt source: a NAT in
+            # front of a fleet being rolled out is where it happens honestly.
+            if not penalties.exempt(source):
+                penalties.failed(source, why)
+        elif why is not None:
+            penalties.failed(source, why)
+        elif self._preauthExchanges:
+            # OpenSSH's noauth: our CPU went into key exchanges nobody logged in with.
+            penalties.noauth(source, self._preauthExchanges)
+        else:
+            # Closed before any key exchange: a banner grab, a TCP health check,
+            # ssh-audit's DHEat rate probe.
+            penalties.earlyClose(source)
 
     def _failure(self) -> str | None:
         """Why this connection, ending without a login, counts against its source."""
         if self._preauthViolation is not None:
             return self._preauthViolation
+        if self._preauthDisconnect == transport.DISCONNECT_TOO_MANY_CONNECTIONS:
+            return _PENDING_REFUSED
         attempts = getattr(getattr(self, "service", None), "loginAttempts", 0)
         if attempts:
             return f"{attempts} failed authentication attempts"

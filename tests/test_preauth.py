@@ -30,7 +30,7 @@ from groundcontrol.preauth import (
 )
 from groundcontrol.sshserver import ServerSettings
 from groundcontrol.store import PendingLimits
-from groundcontrol.testing import FakeOperator, InMemoryFleet, newKey
+from groundcontrol.testing import FakeAgentFactory, FakeOperator, InMemoryFleet, newKey
 
 ATTACKER = "127.0.0.2"
 CLIENT_VERSION = b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n"
@@ -358,11 +358,15 @@ class PenaltyWiringTests(SynchronousTestCase):
         self.assertEqual(self.guard.penalties._sources["127.0.0.9"].failures, 2)
 
     def test_quietCloseIsNoFailure(self) -> None:
-        """A client that closes without trying to log in (ssh-keyscan) is not penalised."""
+        """
+        A client that closes without trying to log in is no failure (it only draws on
+        its source's early-close allowance, EarlyCloseWiringTests).
+        """
         client = RawClient(self.fleet, "127.0.0.9")
         client.send(CLIENT_VERSION)
         client.lose()
-        self.assertEqual(len(self.guard.penalties), 0)
+        self.assertEqual(self.guard.penalties._sources["127.0.0.9"].failures, 0)
+        self.assertEqual(self.guard.penalties.refusedFor("127.0.0.9"), 0)
 
 
 class NoauthTests(SynchronousTestCase):
@@ -435,9 +439,10 @@ class NoauthTests(SynchronousTestCase):
         with capturedLogs() as events:
             for _ in range(10):
                 self.penalties.noauth("10.0.0.1")
-        lines = [e for e in events if "key exchanges" in e["log_format"]]
+        lines = [e for e in events if e.get("reason") == "noauth"]
         self.assertEqual(len(lines), 1)
         self.assertEqual(lines[0]["refusing"], "refusing")
+        self.assertIn("key exchanges without a login attempt", lines[0]["what"])
 
 
 class ExemptTests(SynchronousTestCase):
@@ -548,16 +553,19 @@ class NoauthWiringTests(SynchronousTestCase):
         self.assertEqual(refused.io.value(), b"")
         keyExchange(RawClient(self.fleet, "127.0.0.3"))
 
-    def test_closeBeforeKeyExchangeIsFree(self) -> None:
+    def test_closeBeforeKeyExchangeIsNoNoauth(self) -> None:
         """
         Connections that close after the version line and KEXINIT, before we compute a
-        key exchange (ssh-audit's rate probe reads only the banner), are not counted.
+        key exchange (ssh-audit's rate probe reads only the banner), do not draw on the
+        no-auth allowance (only on the early-close one, 20 by default).
         """
         for _ in range(10):
             client = RawClient(self.fleet, ATTACKER)
             client.send(CLIENT_VERSION + plainPacket(transport.MSG_KEXINIT, kexInit()))
             client.lose()
-        self.assertEqual(len(self.penalties), 0)
+        record = self.penalties._sources[ATTACKER]
+        self.assertEqual((record.noauth.owed, record.earlyClose.owed), (0, 10))
+        self.assertEqual(self.penalties.refusedFor(ATTACKER), 0)
 
     def test_loginIsNoNoauth(self) -> None:
         """Operators who log in (a key exchange each) are never counted."""
@@ -566,20 +574,33 @@ class NoauthWiringTests(SynchronousTestCase):
             self.assertIsNotNone(self.fleet.operator("ctl", key).connection)
         self.assertEqual(len(self.penalties), 0)
 
-    def test_pendingRefusedDeviceIsNoNoauth(self) -> None:
+    def test_pendingRefusedDeviceIsAFailure(self) -> None:
         """
-        A new device refused by the pending caps did log in with its key (we disconnect
-        it with too-many-connections): neither a failure nor a noauth exchange.
+        A new device refused by the pending caps (we disconnect it with
+        too-many-connections after its key's signature check) is a failure of its
+        source, not a noauth exchange: past the free failures the next new device from
+        there is refused at the door, before any key exchange. From an exempt source it
+        is not counted at all.
         """
         fleet = InMemoryFleet(
             settings=ServerSettings(pendingLimits=PendingLimits(total=0, perHost=0))
         )
         fleet.factory.preauthGuard = PreauthGuard(fleet.clock, penalties=self.policy)
-        for _ in range(3):
-            agent, _ = fleet.agent("kiln7", newKey())
-            fleet.flush()
-            self.assertIn("waiting for approval", agent.disconnectReason or "")
-        self.assertEqual(len(guardOf(fleet.factory).penalties), 0)
+        penalties = guardOf(fleet.factory).penalties
+        for host in (ATTACKER, "127.0.0.65"):
+            for _ in range(2):
+                agent = FakeAgentFactory(
+                    "kiln7", newKey(), hostKey=fleet.hostKey, clock=fleet.clock
+                )
+                fleet.network.connect(fleet.factory, agent, clientHost=host)
+                self.assertIn("waiting for approval", agent.disconnectReason or "")
+        record = penalties._sources[ATTACKER]
+        self.assertEqual((record.failures, record.noauth.owed), (2, 0))
+        self.assertNotIn("127.0.0.65", penalties._sources)
+        agent = FakeAgentFactory("kiln7", newKey(), hostKey=fleet.hostKey, clock=fleet.clock)
+        fleet.network.connect(fleet.factory, agent, clientHost=ATTACKER)
+        self.assertIsNone(agent.disconnectReason)
+        self.assertEqual(penalties.refusals["failures"], 1)
 
     def test_exemptSourceNotRefused(self) -> None:
         """
@@ -601,3 +622,161 @@ class NoauthWiringTests(SynchronousTestCase):
         self.assertEqual(self.penalties._sources["127.0.0.65"].failures, 3)
         self.assertFalse(RawClient(self.fleet, "127.0.0.65").dropped)
         self.assertTrue(RawClient(self.fleet, "127.0.0.9").dropped)
+
+
+class EarlyCloseTests(SynchronousTestCase):
+    """
+    Connections that close before any key exchange: a second allowance of the no-auth
+    kind (a token bucket per source), refused when empty until one has refilled; exempt
+    sources never; each refusal has its reason, and the refused sources can be counted.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.policy = PenaltyPolicy(
+            earlyCloseAllowance=4,
+            earlyCloseRate=2,
+            maxPenalty=60,
+            exempt=(parseExemptNetwork("198.51.100.0/24"),),
+        )
+        self.penalties = SourcePenalties(self.clock, self.policy)
+
+    def test_allowanceThenRate(self) -> None:
+        """
+        Four at once are free; the fourth empties the bucket, so the source is refused
+        for one refill (0.5 s at 2/s), with early_close as the reason; then it has one
+        again. Another source, and the no-auth allowance, are untouched.
+        """
+        self.assertEqual([self.penalties.earlyClose("10.0.0.1") for _ in range(3)], [0, 0, 0])
+        self.assertIsNone(self.penalties.refusal("10.0.0.1"))
+        self.assertEqual(self.penalties.earlyClose("10.0.0.1"), 0.5)
+        self.assertEqual(self.penalties.refusal("10.0.0.1"), "early_close")
+        self.assertEqual(self.penalties.refusedFor("10.0.0.1"), 0.5)
+        self.assertIsNone(self.penalties.refusal("10.0.0.2"))
+        self.assertEqual(self.penalties._sources["10.0.0.1"].noauth.owed, 0)
+        self.clock.advance(0.5)
+        self.assertIsNone(self.penalties.refusal("10.0.0.1"))
+        self.clock.advance(2)  # all paid back: forgotten when next looked up
+        self.assertIsNone(self.penalties.refusal("10.0.0.1"))
+        self.assertEqual(len(self.penalties), 0)
+
+    def test_exemptNeverRefused(self) -> None:
+        """An exempt source (a load balancer's health checker) is counted, never refused."""
+        for _ in range(100):
+            self.assertEqual(self.penalties.earlyClose("198.51.100.9"), 0)
+        self.assertIsNone(self.penalties.refusal("198.51.100.9"))
+        self.assertEqual(self.penalties.refusedSources(), 0)
+
+    def test_refusalBounded(self) -> None:
+        """However many closes were still finishing, a refusal lasts at most maxPenalty."""
+        for _ in range(10_000):
+            self.penalties.earlyClose("10.0.0.1")
+        self.assertEqual(self.penalties.refusedFor("10.0.0.1"), 60)
+
+    def test_rateZeroTurnsItOff(self) -> None:
+        """With a rate of 0 nothing is counted and nothing refused."""
+        penalties = SourcePenalties(self.clock, PenaltyPolicy(earlyCloseRate=0))
+        for _ in range(100):
+            self.assertEqual(penalties.earlyClose("10.0.0.1"), 0)
+        self.assertEqual((penalties.refusedFor("10.0.0.1"), len(penalties)), (0, 0))
+
+    def test_loggedOncePerRefusal(self) -> None:
+        """One log line when a refusal starts, naming what was used up."""
+        with capturedLogs() as events:
+            for _ in range(10):
+                self.penalties.earlyClose("10.0.0.1")
+        lines = [e for e in events if e.get("reason") == "early_close"]
+        self.assertEqual(len(lines), 1)
+        self.assertEqual(lines[0]["what"], "connections closed before a key exchange")
+
+    def test_reasonThatLastsLongest(self) -> None:
+        """A source refused for several reasons gives the one that lasts longest."""
+        for _ in range(5):
+            self.penalties.earlyClose("10.0.0.1")
+        self.assertEqual(self.penalties.refusal("10.0.0.1"), "early_close")
+        for _ in range(self.policy.freeFailures + 2):
+            self.penalties.failed("10.0.0.1", "test")
+        self.assertEqual(self.penalties.refusal("10.0.0.1"), "failures")
+        for _ in range(self.policy.noauthAllowance + 200):
+            self.penalties.noauth("10.0.0.1")
+        self.assertEqual(self.penalties.refusal("10.0.0.1"), "noauth")
+
+    def test_refusedSources(self) -> None:
+        """
+        refusedSources() counts the sources refused now, whatever the reason, never an
+        exempt one nor one merely remembered; it forgets nobody (a scrape changes nothing).
+        """
+        for _ in range(5):
+            self.penalties.earlyClose("10.0.0.1")
+            self.penalties.earlyClose("198.51.100.1")
+        for _ in range(self.policy.freeFailures + 1):
+            self.penalties.failed("10.0.0.2", "test")
+        self.penalties.failed("10.0.0.3", "test")
+        self.assertEqual((self.penalties.refusedSources(), len(self.penalties)), (2, 4))
+        self.clock.advance(1)
+        self.assertEqual((self.penalties.refusedSources(), len(self.penalties)), (1, 4))
+        self.clock.advance(self.policy.maxPenalty)
+        self.assertEqual(self.penalties.refusedSources(), 0)
+
+
+class EarlyCloseWiringTests(SynchronousTestCase):
+    """
+    The front door counts a connection that closes before any key exchange (and is no
+    failure) against its source's early-close allowance, refuses the source at the door
+    when it is used up, and counts each refusal by its reason.
+    """
+
+    def setUp(self) -> None:
+        self.fleet = InMemoryFleet()
+        self.policy = PenaltyPolicy(
+            earlyCloseAllowance=3, exempt=(parseExemptNetwork("127.0.0.64/26"),)
+        )
+        self.fleet.factory.preauthGuard = PreauthGuard(self.fleet.clock, penalties=self.policy)
+        self.penalties = guardOf(self.fleet.factory).penalties
+
+    def bannerGrab(self, host: str) -> RawClient:
+        """What ssh-audit's rate probe does: read our version line, close."""
+        client = RawClient(self.fleet, host)
+        if not client.dropped:
+            self.assertTrue(client.io.value().startswith(b"SSH-2.0-"))
+        client.lose()
+        return client
+
+    def test_bannerGrabsRefused(self) -> None:
+        """
+        Three banner grabs use the allowance; the fourth connection from that source is
+        closed before our version line (counted as an early_close refusal); a source
+        inside an exempt network is served whatever it does.
+        """
+        for _ in range(3):
+            self.assertFalse(self.bannerGrab(ATTACKER).dropped)
+        refused = self.bannerGrab(ATTACKER)
+        self.assertTrue(refused.dropped)
+        self.assertEqual(refused.io.value(), b"")
+        self.assertEqual(
+            dict(self.penalties.refusals), {"failures": 0, "noauth": 0, "early_close": 1}
+        )
+        for _ in range(10):
+            self.assertFalse(self.bannerGrab("127.0.0.65").dropped)
+        self.fleet.clock.advance(1 / self.policy.earlyCloseRate)
+        self.assertFalse(self.bannerGrab(ATTACKER).dropped)
+
+    def test_onlyCloseBeforeKeyExchange(self) -> None:
+        """
+        A stalled client is a failure (grace time), a key exchange without a login
+        noauth, a login nothing: none of them draws on the early-close allowance.
+        """
+        key = self.fleet.addOperator("alice")
+        slow = RawClient(self.fleet, ATTACKER)
+        slow.send(CLIENT_VERSION)
+        self.fleet.clock.advance(self.fleet.factory.settings.loginGraceTime)
+        slow.lose()
+        client = RawClient(self.fleet, ATTACKER)
+        keyExchange(client)
+        client.lose()
+        operator = FakeOperator("ctl", key, hostKey=self.fleet.hostKey)
+        self.fleet.network.connect(self.fleet.factory, operator, clientHost=ATTACKER)
+        self.assertIsNotNone(operator.connection)
+        record = self.penalties._sources[ATTACKER]
+        self.assertEqual((record.earlyClose.owed, record.noauth.owed, record.failures), (0, 1, 1))
