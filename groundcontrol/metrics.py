@@ -1,20 +1,26 @@
 """
 Prometheus metrics of a groundcontrol, and the HTTP endpoint that serves them.
 
-Gauges are read at scrape time from the live state (registry, sessions);
-counters move on events that are rare compared with packets: a session's
-bytes are added once, when it ends, from the relay's own counts. Handshake
-durations and authentication failures come from front-door subclasses
-(L{MeteredTransport}, L{MeteredUserAuth}) that L{instrumentFactory} installs
-on one factory instance.
+Gauges are read at scrape time from the live state (registry, sessions,
+the handshake limiter, the per-source penalties); counters move on events that
+are rare compared with packets: a session's bytes are added once, when it ends,
+from the relay's own counts. Handshake durations and authentication failures
+come from front-door subclasses (L{MeteredTransport}, L{MeteredUserAuth}) that
+L{instrumentFactory} installs on one factory instance. Connections refused at
+the door are counted where they are refused (the limiter, the penalties) and
+read at scrape time too (L{_RefusalCollector}): counting them costs a refused
+connection one integer increment, metrics or not.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 from prometheus_client.twisted import MetricsResource
 from twisted.conch import error
 from twisted.cred.error import UnauthorizedLogin
@@ -22,13 +28,55 @@ from twisted.internet.endpoints import serverFromString
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from accesstunnel.transports.limiter import AGENTS, OPERATORS, HandshakeLimiter
 from groundcontrol.listening import ListenService, writeListeningFile
+from groundcontrol.preauth import SourcePenalties, guardOf
 from groundcontrol.registry import Registry
 from groundcontrol.sessions import SessionRecord, SessionRegistry
 from groundcontrol.sshserver import GroundControlTransport, GroundControlUserAuth
 
 #: Seconds from TCP accept to a logged-in SSH connection.
 HANDSHAKE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+#: The C{reason} of a connection the handshake limiter closed at accept (its source over
+#: the per-source caps, or every pool and the waiting room full); the penalties' reasons
+#: are L{groundcontrol.preauth.REFUSAL_REASONS}.
+REFUSED_HANDSHAKE_LIMIT = "handshake_limit"
+#: The C{pool} of connections still awaiting their version line (not yet in a pool).
+AWAITING_VERSION = "awaiting_version"
+
+
+class _RefusalCollector(Collector):
+    """
+    C{groundcontrol_connections_refused_total}, by reason, read at scrape time from the
+    counts the limiter and the penalties keep (they count every refusal anyway).
+    """
+
+    def __init__(self) -> None:
+        self.limiter: HandshakeLimiter | None = None
+        self.penalties: SourcePenalties | None = None
+
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(
+            "groundcontrol_connections_refused",
+            "Connections closed at accept, before any SSH work, by reason: handshake_limit "
+            "(the handshake limiter's per-source caps or its full waiting room), failures "
+            "(a penalised source), noauth (its key exchanges without a login used up), "
+            "early_close (its connections closed before a key exchange used up)",
+            labels=["reason"],
+        )
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield self._family()
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = self._family()
+        if self.limiter is not None:
+            family.add_metric([REFUSED_HANDSHAKE_LIMIT], self.limiter.refusedConnections)
+        if self.penalties is not None:
+            for reason, count in self.penalties.refusals.items():
+                family.add_metric([reason], count)
+        yield family
 
 
 class Metrics:
@@ -76,12 +124,50 @@ class Metrics:
         self.recordingFailures = Counter(
             "groundcontrol_recording_failures", "Session recordings that failed", registry=r
         )
+        self.handshakesInProgress = Gauge(
+            "groundcontrol_handshakes_in_progress",
+            "Unauthenticated connections in their SSH handshake now, by the limiter's pool",
+            ["pool"],
+            registry=r,
+        )
+        self.handshakesWaiting = Gauge(
+            "groundcontrol_handshakes_waiting",
+            "Accepted connections waiting for a handshake slot now, by pool "
+            "(awaiting_version: not yet in one, their SSH version line still to come)",
+            ["pool"],
+            registry=r,
+        )
+        self.penalisedSources = Gauge(
+            "groundcontrol_penalised_sources",
+            "Sources (IPv4 addresses, IPv6 /64s) refused at the door now, whatever the reason",
+            registry=r,
+        )
+        self._refusals = _RefusalCollector()
+        r.register(self._refusals)
 
     def watch(self, registry: Registry, sessions: SessionRegistry) -> None:
         """Read the live gauges from C{registry} and C{sessions} at scrape time."""
         self.agentsConnected.set_function(lambda: len(registry))
         self.agentsPending.set_function(registry.pendingCount)
         self.sessionsLive.set_function(lambda: len(sessions.live))
+
+    def watchFrontDoor(
+        self, penalties: SourcePenalties, limiter: HandshakeLimiter | None = None
+    ) -> None:
+        """
+        Read the refusals and penalised sources from C{penalties}, and the handshakes in
+        progress, waiting and refused at accept from C{limiter}, at scrape time.
+        """
+        self._refusals.penalties = penalties
+        self.penalisedSources.set_function(penalties.refusedSources)
+        if limiter is None:
+            return
+        self._refusals.limiter = limiter
+        for name in (AGENTS, OPERATORS):
+            pool = limiter.pools[name]
+            self.handshakesInProgress.labels(pool=name).set_function(lambda p=pool: p.pending)
+            self.handshakesWaiting.labels(pool=name).set_function(lambda p=pool: p.waiting)
+        self.handshakesWaiting.labels(pool=AWAITING_VERSION).set_function(lambda: limiter.helloing)
 
     # -- SessionMetrics -------------------------------------------------------------
 
@@ -151,13 +237,15 @@ def metricsService(
     sessions: SessionRegistry,
     factory: Any,
     runDir: Path,
+    limiter: HandshakeLimiter | None = None,
 ) -> ListenService:
     """
-    Wire C{metrics} to the live state and the front door, and serve them on
-    C{endpoint} (a Twisted endpoint string). The bound address goes to
-    C{runDir/metrics.json} (port 0 picks one).
+    Wire C{metrics} to the live state, the front door and the handshake C{limiter} in
+    front of it, and serve them on C{endpoint} (a Twisted endpoint string). The bound
+    address goes to C{runDir/metrics.json} (port 0 picks one).
     """
     metrics.watch(registry, sessions)
+    metrics.watchFrontDoor(guardOf(factory).penalties, limiter)
     sessions.metrics = metrics
     instrumentFactory(factory, metrics)
     site: Any = metrics.site()

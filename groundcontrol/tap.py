@@ -45,6 +45,8 @@ from groundcontrol.metrics import Metrics, metricsService
 from groundcontrol.notify import makeNotifier
 from groundcontrol.pki import CA_CERTIFICATE_FILE, CAError
 from groundcontrol.preauth import (
+    DEFAULT_EARLY_CLOSE_ALLOWANCE,
+    DEFAULT_EARLY_CLOSE_RATE,
     DEFAULT_NOAUTH_ALLOWANCE,
     DEFAULT_NOAUTH_RATE,
     PenaltyPolicy,
@@ -165,6 +167,21 @@ class Options(usage.Options):
             float,
         ],
         [
+            "early-close-allowance",
+            None,
+            DEFAULT_EARLY_CLOSE_ALLOWANCE,
+            "Connections one source may close before any key exchange (a banner grab, a TCP "
+            "health check: exempt a load balancer's checkers) before it is refused...",
+            int,
+        ],
+        [
+            "early-close-rate",
+            None,
+            DEFAULT_EARLY_CLOSE_RATE,
+            "...and how many more per second it may close after that (0: no bound).",
+            float,
+        ],
+        [
             "recording-failure",
             None,
             "closed",
@@ -250,10 +267,11 @@ class Options(usage.Options):
             raise usage.UsageError(
                 "--max-handshakes-operators must be at least 0 and below --max-handshakes"
             )
-        if self["noauth-allowance"] < 1 or self["noauth-rate"] < 0:
-            raise usage.UsageError(
-                "--noauth-allowance must be at least 1 and --noauth-rate at least 0"
-            )
+        for bound in ("noauth", "early-close"):
+            if self[f"{bound}-allowance"] < 1 or self[f"{bound}-rate"] < 0:
+                raise usage.UsageError(
+                    f"--{bound}-allowance must be at least 1 and --{bound}-rate at least 0"
+                )
         if self["max-sessions"] < 1 or self["max-channels-per-device"] < 1:
             raise usage.UsageError("session caps must be at least 1")
         if self["max-pending"] < 0 or self["max-pending-per-host"] < 0:
@@ -318,6 +336,8 @@ class Options(usage.Options):
             penalties=PenaltyPolicy(
                 noauthAllowance=self["noauth-allowance"],
                 noauthRate=self["noauth-rate"],
+                earlyCloseAllowance=self["early-close-allowance"],
+                earlyCloseRate=self["early-close-rate"],
                 exempt=tuple(self["penalty-exempt"]),
             ),
             recordingFailOpen=self["recording-failure"] == "open",
@@ -459,6 +479,7 @@ def buildService(
             sessions,
             factory,
             config.dataDir.path / "run",
+            limiter=limited,
         ).setServiceParent(top)
     top.registry = registry  # type: ignore[attr-defined]
     top.limiter = limited  # type: ignore[attr-defined]

@@ -1,16 +1,23 @@
 """
 Metrics in memory: an instrumented InMemoryFleet on a Clock; gauges read the live state,
-counters move on sessions, logins and refused keys, and the exposition text says so.
+counters move on sessions, logins and refused keys, the front door's refusals and
+handshakes are read from the limiter and the penalties, and the exposition text says so.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import protocol
 from twisted.trial.unittest import SynchronousTestCase
 
+from accesstunnel.transports.limiter import HandshakeLimiter
 from groundcontrol.metrics import Metrics, instrumentFactory
+from groundcontrol.preauth import PenaltyPolicy, PreauthGuard, guardOf
 from groundcontrol.sessions import SessionRegistry, attachSessions
-from groundcontrol.testing import InMemoryFleet, newKey
+from groundcontrol.testing import FakeOperator, InMemoryFleet, newKey
 
 
 class MetricsTests(SynchronousTestCase):
@@ -79,3 +86,96 @@ class MetricsTests(SynchronousTestCase):
         )
         text = generate_latest(self.metrics.registry).decode()
         self.assertIn('groundcontrol_sessions_total{type="session"} 1.0', text)
+
+
+class _Mute(protocol.Protocol):
+    """A client that connects and says nothing (a banner grab, a TCP health check)."""
+
+
+class _StalledAgent(protocol.Protocol):
+    """A client that sends our agent's version line and then nothing more."""
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"SSH-2.0-AccessTunnelAgent_0.1.0 Twisted_26.10.0\r\n")  # type: ignore[union-attr]
+
+
+class FrontDoorMetricsTests(SynchronousTestCase):
+    """
+    What the handshake limiter and the per-source penalties count, scraped: connections
+    refused (at accept by the limiter; at the door for a penalised source, by reason),
+    handshakes in progress and waiting by pool, and the sources refused now.
+    """
+
+    def setUp(self) -> None:
+        self.fleet = InMemoryFleet()
+        policy = PenaltyPolicy(freeFailures=1, earlyCloseAllowance=2)
+        self.fleet.factory.preauthGuard = PreauthGuard(self.fleet.clock, penalties=policy)
+        # Two agents' slots and one operator's (not lent: its floor is all of it).
+        self.limiter = HandshakeLimiter(
+            self.fleet.factory, maxPending=3, operatorReserve=1, maxWaitingPerSource=2
+        )
+        self.metrics = Metrics()
+        self.metrics.watchFrontDoor(guardOf(self.fleet.factory).penalties, self.limiter)
+
+    def connect(self, client: protocol.Protocol | type[protocol.Protocol], host: str) -> Any:
+        factory = client if isinstance(client, protocol.Factory) else None
+        factory = factory or protocol.ClientFactory.forProtocol(client)  # type: ignore[arg-type]
+        return self.fleet.network.connect(self.limiter, factory, clientHost=host)
+
+    def scrape(self) -> dict[tuple[str, str], float]:
+        """Parse the exposition text as Prometheus would: (name, labels) -> value."""
+        samples = {}
+        for family in text_string_to_metric_families(
+            generate_latest(self.metrics.registry).decode()
+        ):
+            for sample in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                samples[(sample.name, labels)] = sample.value
+        return samples
+
+    def test_scraped(self) -> None:
+        """
+        Two banner grabs from 127.0.0.2 use its early-close allowance, so its third
+        connection is refused at the door; two failed logins from 127.0.0.3 penalise
+        it, so its next is refused too. Then five stalled agents from one address: two
+        in their handshake, two waiting, one closed at accept by the limiter; a silent
+        client from another address (while agents wait) awaits its version line. The
+        scrape says all of it, and the two sources refused now.
+        """
+        for _ in range(3):
+            self.fleet.network.cut(self.connect(_Mute, "127.0.0.2"))
+        for _ in range(3):
+            self.connect(FakeOperator("ctl", newKey(), hostKey=self.fleet.hostKey), "127.0.0.3")
+        for _ in range(5):
+            self.connect(_StalledAgent, "192.0.2.9")
+        self.connect(_Mute, "192.0.2.10")
+        samples = self.scrape()
+        refused = "groundcontrol_connections_refused_total"
+        self.assertEqual(
+            {k[1]: v for k, v in samples.items() if k[0] == refused},
+            {
+                "reason=handshake_limit": 1,
+                "reason=failures": 1,
+                "reason=noauth": 0,
+                "reason=early_close": 1,
+            },
+        )
+        self.assertEqual(samples[("groundcontrol_penalised_sources", "")], 2)
+        progress, waiting = (
+            "groundcontrol_handshakes_in_progress",
+            "groundcontrol_handshakes_waiting",
+        )
+        self.assertEqual(
+            (samples[(progress, "pool=agents")], samples[(progress, "pool=operators")]), (2, 0)
+        )
+        self.assertEqual(
+            (
+                samples[(waiting, "pool=agents")],
+                samples[(waiting, "pool=operators")],
+                samples[(waiting, "pool=awaiting_version")],
+            ),
+            (2, 0, 1),
+        )
+        # The refusals end; the gauge follows at the next scrape.
+        self.fleet.clock.advance(600)
+        self.assertEqual(self.scrape()[("groundcontrol_penalised_sources", "")], 0)

@@ -1,8 +1,8 @@
 """
 groundcontrol's pre-authentication options: what `--max-handshakes*` on the command line
 becomes in the one HandshakeLimiter in front of every listener, and what
-`--penalty-exempt`, `--noauth-allowance` and `--noauth-rate` become in the front door's
-per-source penalties.
+`--penalty-exempt`, `--noauth-allowance`, `--noauth-rate`, `--early-close-allowance` and
+`--early-close-rate` become in the front door's per-source penalties.
 """
 
 from __future__ import annotations
@@ -122,9 +122,13 @@ class PenaltyOptionsTests(_OptionsTestCase):
         return guardOf(self.limiterFor(*extra).wrappedFactory).penalties.policy
 
     def test_defaults(self) -> None:
-        """Without options: 30 key exchanges without a login, then one a second; no exemption."""
+        """
+        Without options: 30 key exchanges without a login, then one a second; 20
+        connections closed before a key exchange, then two a second; no exemption.
+        """
         policy = self.policyFor()
         self.assertEqual((policy.noauthAllowance, policy.noauthRate, policy.exempt), (30, 1.0, ()))
+        self.assertEqual((policy.earlyCloseAllowance, policy.earlyCloseRate), (20, 2.0))
 
     def test_given(self) -> None:
         """--penalty-exempt (repeated, IPv4 and IPv6) and the noauth bound reach the policy."""
@@ -137,12 +141,17 @@ class PenaltyOptionsTests(_OptionsTestCase):
             "5",
             "--noauth-rate",
             "0.25",
+            "--early-close-allowance",
+            "50",
+            "--early-close-rate",
+            "0",
         )
         self.assertEqual(
             policy.exempt,
             (ipaddress.ip_network("198.51.100.0/24"), ipaddress.ip_network("2001:db8:5::/48")),
         )
         self.assertEqual((policy.noauthAllowance, policy.noauthRate), (5, 0.25))
+        self.assertEqual((policy.earlyCloseAllowance, policy.earlyCloseRate), (50, 0))
 
     def test_malformedRefused(self) -> None:
         """
@@ -155,6 +164,8 @@ class PenaltyOptionsTests(_OptionsTestCase):
             (["--penalty-exempt", "nat-gateway"], "not an IPv4 or IPv6 address"),
             (["--noauth-allowance", "0"], "--noauth-allowance"),
             (["--noauth-rate", "-1"], "--noauth-rate"),
+            (["--early-close-allowance", "0"], "--early-close-allowance must be at least 1"),
+            (["--early-close-rate", "-0.5"], "--early-close-rate at least 0"),
         ):
             options = Options()
             with self.assertRaises(usage.UsageError) as caught:
@@ -162,7 +173,13 @@ class PenaltyOptionsTests(_OptionsTestCase):
             self.assertIn(says, str(caught.exception))
 
     def test_help(self) -> None:
-        """`twistd groundcontrol --help` lists the three options."""
+        """`twistd groundcontrol --help` lists the five options."""
         text = str(Options())
-        for option in ("--penalty-exempt=", "--noauth-allowance=", "--noauth-rate="):
+        for option in (
+            "--penalty-exempt=",
+            "--noauth-allowance=",
+            "--noauth-rate=",
+            "--early-close-allowance=",
+            "--early-close-rate=",
+        ):
             self.assertIn(option, text)

@@ -357,6 +357,22 @@ class PerSourceTests(LimiterTestCase):
         self.assertEqual(limiter.waiting, 2)
         self.assertTrue(self.connect(limiter, "192.0.2.2").started)
 
+    def test_refusalsCountedSinceStart(self) -> None:
+        """
+        refusedConnections counts every connection closed at accept since the limiter
+        started (what groundcontrol_connections_refused_total reads), where the episode's
+        count starts again when the limiter has room again.
+        """
+        limiter = self.limiter(maxPending=10, maxPerSource=1, maxWaitingPerSource=1)
+        for _ in range(2):
+            first = self.connect(limiter, "192.0.2.1")
+            held = self.connect(limiter, "192.0.2.1")
+            self.connect(limiter, "192.0.2.1").lose()
+            held.lose()
+            first.lose()
+            self.assertEqual(limiter.refused, 0)  # the episode ended
+        self.assertEqual(limiter.refusedConnections, 2)
+
     def test_ipv6SourceIsItsSlash64(self) -> None:
         """Addresses of one IPv6 /64 count as one source (one host typically holds it)."""
         limiter = self.limiter(maxPending=10, maxPerSource=1)

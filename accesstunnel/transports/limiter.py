@@ -530,6 +530,9 @@ class HandshakeLimiter(WrappingFactory):
     @ivar refused: connections closed since the limiter last had room (one log line per
         episode).
     @ivar queued: connections that had to wait, in the same episode.
+    @ivar refusedConnections: connections closed at accept since the server started (its
+        source over its caps, or the waiting room full), for metrics.
+    @ivar helloing: connections awaiting their version line now.
     """
 
     protocol = _Limited  # type: ignore[assignment]
@@ -603,6 +606,7 @@ class HandshakeLimiter(WrappingFactory):
         # One log line when an episode of waiting or refusing starts, one when it ends.
         self._episode = False
         self.refused = 0
+        self.refusedConnections = 0
         self.queued = 0
         self._mostWaiting = 0
         self._longestWait = 0.0
@@ -610,6 +614,10 @@ class HandshakeLimiter(WrappingFactory):
     @property
     def pending(self) -> int:
         return self.agents.pending + self.operators.pending
+
+    @property
+    def helloing(self) -> int:
+        return len(self._helloing)
 
     # -- time
 
@@ -695,6 +703,7 @@ class HandshakeLimiter(WrappingFactory):
     def _refuse(self, conn: _Limited) -> None:
         self._startEpisode()
         self.refused += 1
+        self.refusedConnections += 1
         conn._refuse()
 
     def _start(self, conn: _Limited) -> None:
