@@ -5,8 +5,11 @@ the summary it prints (no process is started: the tool is loaded as a module).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.machinery
 import importlib.util
+import io
+import json
 from pathlib import Path
 from types import ModuleType
 
@@ -142,3 +145,55 @@ class StatisticsTests(SynchronousTestCase):
         self.assertIn("p99 -50 us (-2.3%), lower in 1 of 2", text)
         self.assertIn("a / openssh: echo_median_ratio 1.10 (per round 1.10)", text)
         self.assertIn("b / openssh: echo_median_ratio 0.95", text)
+
+    def test_summarizeAgainstReferenceMean(self) -> None:
+        """With reference builds (a build and its control), every other build of ours is
+        paired against their mean round by round, in % of that mean's median; the
+        reference builds themselves are not paired."""
+        s = ab.summarize(
+            rounds(
+                {
+                    "a": [(1.0, 2.0), (1.2, 2.4), (1.4, 2.2)],
+                    "ctl": [(1.2, 2.2), (1.0, 2.0), (1.4, 2.6)],
+                    "b": [(1.0, 2.0), (1.0, 2.1), (1.5, 2.3)],
+                },
+                [0.0, 0.0, 0.0],
+            ),
+            ["a", "ctl", "b"],
+            reference=["a", "ctl"],
+        )
+        self.assertEqual(list(s["paired"]), ["b"])
+        pb = s["paired"]["b"]
+        self.assertEqual(pb["against"], "a+ctl")
+        # Reference means 1.1, 1.1, 1.4 (median 1.1); differences -0.1, -0.1, +0.1.
+        self.assertAlmostEqual(pb["median_diff_us"], -100.0)
+        self.assertAlmostEqual(pb["median_diff_pct"], -100.0 / 1100 * 100)
+        self.assertEqual(pb["median_faster"], 2)
+        # p99 means 2.1, 2.2, 2.4; differences -0.1, -0.1, -0.1.
+        self.assertAlmostEqual(pb["p99_diff_us"], -100.0)
+        self.assertEqual(pb["p99_lower"], 3)
+
+    def test_summarizeUnknownReference(self) -> None:
+        """A reference that is not one of our builds (or is OpenSSH's path) is refused."""
+        r = rounds({"a": [(1.0, 2.0)], "openssh": [(1.0, 2.0)]}, [0.0])
+        self.assertRaises(ValueError, ab.summarize, r, ["a", "openssh"], ["b"])
+        self.assertRaises(ValueError, ab.summarize, r, ["a", "openssh"], ["openssh"])
+
+
+class SummarizeOnlyTests(SynchronousTestCase):
+    def test_summarizeRecordedRun(self) -> None:
+        """--summarize OUT prints the summary of OUT/blocks.json without running any build,
+        with --reference as given."""
+        out = Path(self.mktemp())
+        out.mkdir()
+        recorded = {
+            "meta": {"builds": {"a": {}, "ctl": {}, "b": {}}},
+            "rounds": rounds({"a": [(1.0, 2.0)], "ctl": [(1.2, 2.2)], "b": [(0.9, 2.0)]}, [5.0]),
+        }
+        (out / "blocks.json").write_text(json.dumps(recorded))
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            rc = ab.main(["--summarize", str(out), "--reference", "a,ctl"])
+        self.assertEqual(rc, 0)
+        self.assertIn("1 rounds; background busy before the rounds 5-5%", printed.getvalue())
+        self.assertIn("b - a+ctl: median -200 us (-18.2%), faster in 1 of 1", printed.getvalue())
