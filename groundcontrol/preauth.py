@@ -91,6 +91,8 @@ REFUSED_FAILURES = "failures"
 REFUSED_NOAUTH = "noauth"
 REFUSED_EARLY_CLOSE = "early_close"
 REFUSAL_REASONS = (REFUSED_FAILURES, REFUSED_NOAUTH, REFUSED_EARLY_CLOSE)
+#: Seconds between two log lines about one source running out of one allowance.
+_LOG_INTERVAL = 60.0
 
 
 @attrs.frozen
@@ -239,6 +241,8 @@ class _Bucket:
 
     owed: float = 0.0
     at: float = 0.0
+    #: When a refusal by this allowance was last logged.
+    loggedAt: float = float("-inf")
 
 
 @attrs.define
@@ -276,7 +280,7 @@ class SourcePenalties:
         self._earlyClose = Allowance(
             policy.earlyCloseAllowance,
             policy.earlyCloseRate,
-            "connections closed before a key exchange",
+            "connections closed (or silent) before a key exchange",
             REFUSED_EARLY_CLOSE,
         )
         #: Connections refused since the server started, in all and by reason.
@@ -410,10 +414,31 @@ class SourcePenalties:
     def earlyClose(self, source: str) -> float:
         """
         Count a connection from C{source} that closed, without a login and without a
-        failure, before groundcontrol computed any key exchange; return the seconds the
-        source is now refused (0 within its allowance, or exempt).
+        failure, before groundcontrol computed any key exchange (or one accepted that
+        has not yet sent its version line: see L{earlyCloseRefund}); return the seconds
+        the source is now refused (0 within its allowance, or exempt).
         """
         return self._spend(source, self._earlyClose, 1, lambda r: r.earlyClose)
+
+    def earlyCloseRefund(self, source: str) -> None:
+        """
+        Take back one L{earlyClose} counted for a connection from C{source} when it was
+        accepted: it sent its version line (it speaks SSH), or it failed.
+
+        A connection is counted when accepted, not when it closes, so that a client
+        with several connections open at once (ssh-audit's rate probe has 3) cannot
+        have more than the allowance served between two refills; the clients that log
+        in send their version line at once, so they hold a unit for one round trip.
+        """
+        if self._earlyClose.rate <= 0:
+            return
+        now = self._clock.seconds()
+        record = self._current(source, now)
+        if record is not None:
+            bucket = record.earlyClose
+            bucket.owed = max(0.0, self._earlyClose.owed(bucket, now) - 1)
+            bucket.at = now
+            self._current(source, now)  # forgets the source if that was all it owed
 
     def _spend(
         self,
@@ -433,9 +458,12 @@ class SourcePenalties:
         bucket.owed = min(allowance.owed(bucket, now) + units, most)
         bucket.at = now
         refused = allowance.refusal(bucket, now)
-        if refused and not before:
+        # One line when a refusal starts, not one per connection still finishing, nor
+        # one per refill for a source that keeps at it (at most one a minute).
+        if refused and not before and now - bucket.loggedAt >= _LOG_INTERVAL:
+            bucket.loggedAt = now
             self._log.info(
-                "{refusing} {source} for {refused:.0f}s: it used its {allowance} {what} "
+                "{refusing} {source} for {refused:.1f}s: it used its {allowance} {what} "
                 "(then {rate} a second){exempt}",
                 refusing="not refusing" if record.exempt else "refusing",
                 source=source,
@@ -536,6 +564,8 @@ class PreauthMixin:
     _preauthExchanges = 0
     #: The reason code of the DISCONNECT we sent before a login, if we sent one.
     _preauthDisconnect: int | None = None
+    #: This connection is counted as an early close (from its accept to its version line).
+    _preauthEarly = False
 
     # The attributes of the transport this is mixed into.
     factory: Any
@@ -560,7 +590,15 @@ class PreauthMixin:
             guard.penalties.refused(refusal)
             self.transport.loseConnection()
             return
+        guard.penalties.earlyClose(self._preauthSource)
+        self._preauthEarly = True
         super().connectionMade()  # type: ignore[misc]
+
+    def _preauthSpoke(self, penalties: SourcePenalties) -> None:
+        """The client sent its version line, or failed: it is no early close (yet)."""
+        if self._preauthEarly:
+            self._preauthEarly = False
+            penalties.earlyCloseRefund(self._preauthSource)
 
     def dataReceived(self, data: bytes) -> None:
         if self._preauthRefused or self._preauthViolation is not None:
@@ -582,6 +620,7 @@ class PreauthMixin:
                     # included: hand it the version line alone, then the rest.
                     cut = end + 1 - len(self.buf)
                     super().dataReceived(data[:cut])  # type: ignore[misc]
+                    self._preauthSpoke(guardOf(self.factory).penalties)
                     data = data[cut:]
                     if not data or self.transport.disconnecting:
                         return
@@ -679,6 +718,8 @@ class PreauthMixin:
         """Count this connection, which ends without a login, against its source."""
         source = self._preauthSource
         why = self._failure()
+        if why is not None:
+            self._preauthSpoke(penalties)
         if why == _PENDING_REFUSED:
             # A new device the pending caps refused (we said too many connections): it
             # logged in with a key, but anyone can make a fresh key per connection and
@@ -691,9 +732,9 @@ class PreauthMixin:
         elif self._preauthExchanges:
             # OpenSSH's noauth: our CPU went into key exchanges nobody logged in with.
             penalties.noauth(source, self._preauthExchanges)
-        else:
-            # Closed before any key exchange: a banner grab, a TCP health check,
-            # ssh-audit's DHEat rate probe.
+        elif not self._preauthEarly:
+            # Closed before any key exchange, after its version line (one that never
+            # sent it was counted when accepted): a banner grab, a TCP health check.
             penalties.earlyClose(source)
 
     def _failure(self) -> str | None:

@@ -682,13 +682,21 @@ class EarlyCloseTests(SynchronousTestCase):
         self.assertEqual((penalties.refusedFor("10.0.0.1"), len(penalties)), (0, 0))
 
     def test_loggedOncePerRefusal(self) -> None:
-        """One log line when a refusal starts, naming what was used up."""
+        """
+        One log line when a refusal starts, naming what was used up; a source that
+        spends each refill as it comes gets no line per refill (at most one a minute).
+        """
         with capturedLogs() as events:
             for _ in range(10):
                 self.penalties.earlyClose("10.0.0.1")
+            self.clock.advance(0.5)  # one refill, spent at once: no second line
+            self.penalties.earlyClose("10.0.0.1")
+            self.clock.advance(60)
+            for _ in range(10):
+                self.penalties.earlyClose("10.0.0.1")
         lines = [e for e in events if e.get("reason") == "early_close"]
-        self.assertEqual(len(lines), 1)
-        self.assertEqual(lines[0]["what"], "connections closed before a key exchange")
+        self.assertEqual(len(lines), 2)
+        self.assertEqual(lines[0]["what"], "connections closed (or silent) before a key exchange")
 
     def test_reasonThatLastsLongest(self) -> None:
         """A source refused for several reasons gives the one that lasts longest."""
@@ -780,3 +788,22 @@ class EarlyCloseWiringTests(SynchronousTestCase):
         self.assertIsNotNone(operator.connection)
         record = self.penalties._sources[ATTACKER]
         self.assertEqual((record.earlyClose.owed, record.noauth.owed, record.failures), (0, 1, 1))
+
+    def test_countedFromAccept(self) -> None:
+        """
+        A silent connection counts from its accept, not from its close: with three open
+        and silent (ssh-audit's probe keeps 3 open) the fourth is refused at once, so a
+        client with many connections open is served no more than the allowance between
+        refills. Clients that send their version line (every SSH client, at once) are
+        taken off the count: ten open at once from one source are all served.
+        """
+        silent = [RawClient(self.fleet, ATTACKER) for _ in range(3)]
+        self.assertFalse(any(c.dropped for c in silent))
+        self.assertTrue(RawClient(self.fleet, ATTACKER).dropped)
+        speaking = []
+        for _ in range(10):
+            client = RawClient(self.fleet, "127.0.0.4")
+            self.assertFalse(client.dropped)
+            client.send(CLIENT_VERSION)
+            speaking.append(client)
+        self.assertNotIn("127.0.0.4", self.penalties._sources)
