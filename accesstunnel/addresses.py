@@ -19,12 +19,13 @@ L{accesstunnel.writethrough}) from the start, whatever travels inside them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import (
+    IProtocol,
     IProtocolFactory,
     IStreamClientEndpoint,
     IStreamServerEndpoint,
@@ -414,10 +415,13 @@ class _LazyTLSEndpoint:
         # What endpoints.wrapClientTLS does, but with TLSMemoryBIOFactory imported now: the
         # endpoints module decided at import whether it has TLS, and agent/launcher.py
         # imports it before pyOpenSSL so that an agent dialling no TLS never loads it.
-        from twisted.protocols.tls import TLSMemoryBIOFactory
+        from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+
+        def unwrapped(protocol: IProtocol) -> IProtocol:
+            return cast(TLSMemoryBIOProtocol, protocol).wrappedProtocol
 
         connecting = self.inner.connect(TLSMemoryBIOFactory(creator, True, factory))
-        return connecting.addCallback(lambda protocol: protocol.wrappedProtocol)
+        return connecting.addCallback(unwrapped)
 
 
 class _WatchHandshake(WrappingFactory):

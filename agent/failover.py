@@ -28,6 +28,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
     IStreamClientEndpoint,
 )
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
@@ -55,7 +56,7 @@ class _Watch(ProtocolWrapper):
         super().makeConnection(transport)
         self.factory.made(self)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._made:
             super().connectionLost(reason)
         self.factory.lost(reason)

@@ -200,6 +200,8 @@ class LocalFiles:
 
     def __init__(self, root: bytes | None = None) -> None:
         self.root = root
+        #: ISFTPServer's avatar: the user served, which this process (and so this object) is.
+        self.avatar = self
 
     def _path(self, path: bytes) -> bytes:
         if not path:

@@ -256,9 +256,10 @@ def _connectors(
     tor = None
     if "tor" in schemes:
         # txtorcon is imported only by agents that dial tor:// (a few MB of RSS).
-        from accesstunnel.transports.tor import TorSettings
+        from accesstunnel.transports.tor import DEFAULT_SOCKS, TorSettings
 
-        tor = TorSettings(socks=(fileConfig.torSocks if fileConfig else None) or config.torSocks)
+        socks = (fileConfig.torSocks if fileConfig else None) or config.torSocks
+        tor = TorSettings(socks=socks or DEFAULT_SOCKS)
     try:
         return [clientConnector(reactor, s, tls=tls, proxy=proxy, tor=tor) for s in servers]
     except AddressError as e:

@@ -12,16 +12,28 @@ fingerprint, and are never routable.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.logger import Logger
 
+if TYPE_CHECKING:
+    from groundcontrol.forwarding import RemoteForwards
+
 
 class Link(Protocol):
-    """What the registry needs of a device's live connection."""
+    """
+    What the registry, and those who look links up in it, need of a device's
+    live connection (L{groundcontrol.avatars.DeviceLink}).
+    """
 
     deviceName: str
     fingerprint: str
+    #: The agent's avatar: promoted when a pending device is approved.
+    avatar: Any
+    #: The SSH connection to the agent: channels and global requests go over it.
+    conn: Any
+    #: The remote forwards operators hold on the device.
+    remoteForwards: RemoteForwards
 
     def close(self, reason: str) -> None: ...
 

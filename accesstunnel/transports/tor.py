@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import (
+    IAddress,
     IListeningPort,
     IProtocolFactory,
     IStreamClientEndpoint,
@@ -46,6 +47,7 @@ class TorSettings:
     onionKeyFile: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
 
 
+@implementer(IAddress)
 @attrs.frozen
 class OnionAddress:
     """What an onion listener reports as its host: the C{.onion} name and public port."""

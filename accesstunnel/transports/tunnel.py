@@ -13,7 +13,7 @@ through L{accesstunnel.transports.socks} instead.)
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
@@ -88,12 +88,14 @@ class TunnelProtocol(Protocol):
 
     def _open(self) -> None:
         rest, self._buffer = self._buffer, b""
-        inner = self._factory.buildProtocol(self.transport.getPeer())  # type: ignore[union-attr]
+        transport = self.transport
+        assert transport is not None  # called from dataReceived
+        inner = self._factory.buildProtocol(transport.getPeer())  # type: ignore[attr-defined]
         if inner is None:
             self._fail(error.ConnectError("the factory refused the connection"))
             return
         self._inner = inner
-        inner.makeConnection(self.transport)
+        inner.makeConnection(transport)
         self.ready.callback(inner)
         if rest and self._inner is inner:
             inner.dataReceived(rest)
@@ -148,8 +150,8 @@ class TunnelEndpoint:
 
         result: defer.Deferred[IProtocol] = defer.Deferred(cancel)
 
-        def connected(protocol: TunnelProtocol) -> defer.Deferred[IProtocol]:
-            return protocol.ready
+        def connected(protocol: IProtocol) -> defer.Deferred[IProtocol]:
+            return cast(TunnelProtocol, protocol).ready  # built by build() above
 
         connecting.addCallback(connected).chainDeferred(result)
         return result

@@ -79,7 +79,8 @@ class _AdapterFixes:
         return getter() if getter is not None else None
 
 
-class _ServerProtocol(_AdapterFixes, WrappingWebSocketServerProtocol):
+# autobahn's two bases of its wrapping protocols declare peer and _transport_details apart.
+class _ServerProtocol(_AdapterFixes, WrappingWebSocketServerProtocol):  # type: ignore[misc]
     _log = Logger()
 
     def onConnect(self, request: Any) -> Any:
@@ -92,7 +93,7 @@ class _ServerProtocol(_AdapterFixes, WrappingWebSocketServerProtocol):
         return super().onConnect(request)
 
 
-class _ClientProtocol(_AdapterFixes, WrappingWebSocketClientProtocol):
+class _ClientProtocol(_AdapterFixes, WrappingWebSocketClientProtocol):  # type: ignore[misc]
     pass
 
 

@@ -162,7 +162,9 @@ class ControlChannel(FlowChannel):
         if self._terminalSize is not None:
             terminal = insults.ServerProtocol(ControlPrompt, self)
             terminal.makeConnection(_ChannelTerminalTransport(self))
-            terminal.terminalProtocol.terminalSize(*self._terminalSize)
+            prompt = terminal.terminalProtocol
+            assert prompt is not None  # makeConnection built it
+            prompt.terminalSize(*self._terminalSize)
             self._terminal = terminal
         return True
 

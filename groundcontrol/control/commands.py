@@ -129,7 +129,7 @@ async def runCommand(context: ControlContext, argv: list[str]) -> CommandResult:
         return CommandResult(stderr=f"{name}: {e}\n", status=1)
 
 
-def _clean(text: str) -> str:
+def _clean(text: object) -> str:
     """Device- and user-supplied text with control characters removed."""
     return "".join(c if c.isprintable() else "?" for c in str(text))
 
