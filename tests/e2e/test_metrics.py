@@ -1,20 +1,22 @@
 """
 End to end: the Prometheus endpoint of a real groundcontrol (--metrics on a kernel-chosen
-loopback port, found in DATA/run/metrics.json) shows the session that just ran, and
---logger groundcontrol.logging.jsonLogger makes twistd log JSON lines.
+loopback port, found in DATA/run/metrics.json) shows the session that just ran and the
+connections its front door refused, and --logger groundcontrol.logging.jsonLogger makes
+twistd log JSON lines.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import socket
 import urllib.request
 from typing import Any
 
 import pytest
 
 from tests.e2e import harness
-from tests.e2e.harness import Fleet, Operator, run, waitFor
+from tests.e2e.harness import LOOPBACK, Fleet, Operator, run, waitFor
 
 
 def scrape(fleet: Fleet) -> str:
@@ -68,6 +70,54 @@ def test_auth_failure_counted(kiln7: Fleet) -> None:
         10,
         "the failure to be counted",
     )
+
+
+def bannerGrab(fleet: Fleet, source: str) -> bytes:
+    """Connect from C{source}, read what groundcontrol sends first, close (a banner grab)."""
+    with socket.create_connection(
+        (LOOPBACK, fleet.gc.port), timeout=10, source_address=(source, 0)
+    ) as s:
+        try:
+            return s.recv(64)
+        except ConnectionResetError:
+            return b""
+
+
+def test_refused_connections_counted(fleet: Fleet) -> None:
+    """
+    With an early-close allowance of 2 (and a refill every 100 s), two banner grabs from
+    127.0.0.2 get groundcontrol's version line and the third is closed before it; the
+    scrape shows the refusal by its reason, 127.0.0.2 among the sources refused now, the
+    other reasons at 0, and the handshake gauges of the limiter's pools.
+    """
+    fleet.restartServer(
+        "--metrics",
+        "tcp:0:interface=127.0.0.1",
+        "--early-close-allowance",
+        "2",
+        "--early-close-rate",
+        "0.01",
+    )
+    assert [bannerGrab(fleet, "127.0.0.2")[:8] for _ in range(2)] == [b"SSH-2.0-"] * 2
+    # Counted from the accept: the third is refused whether or not the closes are read.
+    assert bannerGrab(fleet, "127.0.0.2") == b""
+    text = waitFor(
+        lambda: (
+            (t := scrape(fleet))
+            and sample(t, "groundcontrol_connections_refused_total", '{reason="early_close"}')
+            and t
+        ),
+        10,
+        "the refusal to be counted",
+    )
+    refused = "groundcontrol_connections_refused_total"
+    assert sample(text, refused, '{reason="early_close"}') == 1
+    for reason in ("handshake_limit", "failures", "noauth"):
+        assert f'{refused}{{reason="{reason}"}} 0.0' in text, text
+    assert sample(text, "groundcontrol_penalised_sources") == 1
+    for pool in ("agents", "operators"):
+        assert f'groundcontrol_handshakes_in_progress{{pool="{pool}"}}' in text
+    assert 'groundcontrol_handshakes_waiting{pool="awaiting_version"} 0.0' in text
 
 
 def test_json_logs(kiln7: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
