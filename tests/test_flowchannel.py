@@ -172,6 +172,76 @@ class SendingTests(FlowChannelTestCase):
         channel.writeExtended(1, b"")
         self.assertEqual(self.transport.take(), [])
 
+    def test_smallWriteIsConchsPacket(self) -> None:
+        """
+        A write that fits the window and a packet with nothing queued (a
+        keystroke) leaves at once as exactly the packet Conch's sendData makes,
+        and is counted against the window and reported as sent.
+        """
+        channel = self.openChannel(remoteWindow=1000, remoteMaxPacket=400)
+        channel.write(b"k")
+        self.assertEqual(
+            self.transport.packets,
+            [(connection.MSG_CHANNEL_DATA, struct.pack(">L", REMOTE) + common.NS(b"k"))],
+        )
+        self.assertEqual(channel.remoteWindowLeft, 999)
+        self.assertEqual(channel.sentCounts, [1])
+        self.assertEqual(channel.queuedBytes, 0)
+
+    def test_smallWriteDoesNotOvertakeTheQueue(self) -> None:
+        """A small write while anything is queued waits behind it, whatever the window."""
+        channel = self.openChannel(remoteWindow=0)
+        channel.write(b"first")
+        channel.remoteWindowLeft = 1000  # room, but the queue is not drained yet
+        channel.write(b"second")
+        self.assertEqual(
+            self.transport.packets,
+            [(connection.MSG_CHANNEL_DATA, struct.pack(">L", REMOTE) + common.NS(b"firstsecond"))],
+        )
+
+    def test_smallWriteWaitsForThePausedLink(self) -> None:
+        """While the link's socket is full, a small write is queued and drained with the rest."""
+
+        class PausedLink:
+            paused = True
+            waiting: list[FlowChannel] = []
+
+            def waitForRoom(self, channel: FlowChannel) -> None:
+                self.waiting.append(channel)
+
+        link = PausedLink()
+        self.conn.linkFlow = link  # type: ignore[attr-defined]
+        channel = self.openChannel()
+        channel.write(b"k")
+        self.assertEqual(self.transport.take(), [])
+        self.assertEqual(link.waiting, [channel])
+        link.paused = False
+        channel.drainQueue()
+        self.assertEqual(self.transport.take(), [("data", 1)])
+
+    def test_smallWriteAfterCloseSendsNothing(self) -> None:
+        """Nothing is written on a channel we closed."""
+        channel = self.openChannel()
+        channel.localClosed = True
+        channel.write(b"k")
+        self.assertEqual(self.transport.take(), [])
+
+    def test_smallWriteThroughAConnectionsOwnSendData(self) -> None:
+        """A connection class with its own sendData still sends every write through it."""
+        calls: list[bytes] = []
+
+        class OwnSendData(TunnelConnection):
+            def sendData(self, channel: Any, data: bytes) -> None:
+                calls.append(data)
+                super().sendData(channel, data)
+
+        self.conn = OwnSendData()
+        self.conn.transport = self.transport
+        channel = self.openChannel()
+        channel.write(b"k")
+        self.assertEqual(calls, [b"k"])
+        self.assertEqual(self.transport.take(), [("data", 1)])
+
     def test_requestReplyInOrder(self) -> None:
         """A request with want-reply gives a Deferred that fires True on the peer's success."""
         channel = self.openChannel(remoteWindow=0)
