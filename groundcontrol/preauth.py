@@ -30,8 +30,19 @@ left is refused until one has refilled. So one source makes groundcontrol comput
 many key exchanges nobody logs in with, whatever its concurrency (plus those of its
 connections already in their handshake when it ran out).
 
-Sources inside L{PenaltyPolicy.exempt} networks (known NATs in front of many devices)
-are counted and logged as any other, but never refused.
+A connection that closed before groundcontrol computed any key exchange, without a
+failure (a banner grab, a TCP health check, ssh-audit's DHEat rate probe), draws on a
+second allowance of the same kind: L{PenaltyPolicy.earlyCloseAllowance} at once, then
+L{PenaltyPolicy.earlyCloseRate} per second. A connection counts against it from its
+accept until it sends its version line (L{SourcePenalties.accepted}), so a source cannot
+be served more than the allowance by holding connections open.
+
+A new device refused by the pending caps (a fresh key per connection is free to make,
+its signature check is not) counts as a failed connection of its source.
+
+Sources inside L{PenaltyPolicy.exempt} networks (known NATs in front of many devices,
+a load balancer's health checkers) are counted and logged as any other, but never
+refused (and a new device the pending caps refuse is not counted against them).
 
 Sources are remembered in a bounded LRU, so the memory spent is bounded whatever the
 number of attackers.
@@ -228,11 +239,14 @@ class Allowance:
         """Units not yet paid back by the refill."""
         return max(0.0, bucket.owed - (now - bucket.at) * self.rate)
 
-    def refusal(self, bucket: _Bucket, now: float) -> float:
-        """Seconds until the source has one unit of its allowance again."""
+    def refusal(self, bucket: _Bucket, now: float, extra: int = 0) -> float:
+        """
+        Seconds until the source has one unit of its allowance again, with C{extra}
+        units counted as spent on top of C{bucket}.
+        """
         if self.rate <= 0:
             return 0.0
-        return max(0.0, (self.owed(bucket, now) - (self.size - 1)) / self.rate)
+        return max(0.0, (self.owed(bucket, now) + extra - (self.size - 1)) / self.rate)
 
 
 @attrs.define
@@ -243,6 +257,10 @@ class _Bucket:
     at: float = 0.0
     #: When a refusal by this allowance was last logged.
     loggedAt: float = float("-inf")
+
+
+#: The bucket of a source that owes nothing.
+_NOTHING_OWED = _Bucket()
 
 
 @attrs.define
@@ -283,6 +301,9 @@ class SourcePenalties:
             "connections closed (or silent) before a key exchange",
             REFUSED_EARLY_CLOSE,
         )
+        #: Connections accepted and not yet heard from (no version line), by source:
+        #: each counts as an early close until it speaks (at most the open connections).
+        self._silent: Counter[str] = Counter()
         #: Connections refused since the server started, in all and by reason.
         self.refusedConnections = 0
         self.refusals: Counter[str] = Counter(dict.fromkeys(REFUSAL_REASONS, 0))
@@ -326,48 +347,58 @@ class SourcePenalties:
         """Whether C{source} is in a network of L{PenaltyPolicy.exempt}."""
         return _inside(source, self.policy.exempt)
 
-    def _refusal(self, record: _Record, now: float) -> tuple[float, str]:
-        """How long C{record}'s source is refused for, and the reason that lasts longest."""
+    def _refusal(self, record: _Record | None, now: float, silent: int) -> tuple[float, str]:
+        """
+        How long a source is refused for, and the reason that lasts longest, from its
+        C{record} (None: nothing owed) and its C{silent} connections.
+        """
+        if record is None:
+            return self._earlyClose.refusal(_NOTHING_OWED, now, silent), REFUSED_EARLY_CLOSE
         return max(
             (record.refusedUntil - now, REFUSED_FAILURES),
             (self._noauth.refusal(record.noauth, now), REFUSED_NOAUTH),
-            (self._earlyClose.refusal(record.earlyClose, now), REFUSED_EARLY_CLOSE),
+            (self._earlyClose.refusal(record.earlyClose, now, silent), REFUSED_EARLY_CLOSE),
         )
+
+    def _refusedNow(self, source: str) -> tuple[float, str]:
+        now = self._clock.seconds()
+        record = self._current(source, now)
+        silent = self._silent.get(source, 0)
+        if record is None and silent < self._earlyClose.size:
+            return 0.0, REFUSED_EARLY_CLOSE  # the common case, on every accept: no lookup more
+        if record.exempt if record is not None else self.exempt(source):
+            return 0.0, REFUSED_EARLY_CLOSE
+        return self._refusal(record, now, silent)
 
     def refusal(self, source: str) -> str | None:
         """
         Why C{source} is refused now (one of L{REFUSAL_REASONS}, the one that lasts
         longest), or None if it may connect.
         """
-        now = self._clock.seconds()
-        record = self._current(source, now)
-        if record is None or record.exempt:
-            return None
-        seconds, reason = self._refusal(record, now)
+        seconds, reason = self._refusedNow(source)
         return reason if seconds > 0 else None
 
     def refusedFor(self, source: str) -> float:
         """Seconds C{source} is still refused for (0: it may connect)."""
-        now = self._clock.seconds()
-        record = self._current(source, now)
-        if record is None or record.exempt:
-            return 0.0
-        return max(0.0, self._refusal(record, now)[0])
+        return max(0.0, self._refusedNow(source)[0])
 
     def refusedSources(self) -> int:
         """Sources refused now (exempt ones never are). Reads all of them; changes nothing."""
         now = self._clock.seconds()
-        policy = self.policy
-        return sum(
+        silent = self._silent
+        remembered = sum(
             1
-            for record in self._sources.values()
-            if not record.exempt
-            and (
-                min(record.refusedUntil, now + policy.maxPenalty) > now
-                or self._noauth.refusal(record.noauth, now) > 0
-                or self._earlyClose.refusal(record.earlyClose, now) > 0
-            )
+            for source, record in self._sources.items()
+            if not record.exempt and self._refusal(record, now, silent.get(source, 0))[0] > 0
         )
+        unremembered = sum(
+            1
+            for source, count in silent.items()
+            if source not in self._sources
+            and self._refusal(None, now, count)[0] > 0
+            and not self.exempt(source)
+        )
+        return remembered + unremembered
 
     def failed(self, source: str, why: str) -> float:
         """
@@ -414,31 +445,28 @@ class SourcePenalties:
     def earlyClose(self, source: str) -> float:
         """
         Count a connection from C{source} that closed, without a login and without a
-        failure, before groundcontrol computed any key exchange (or one accepted that
-        has not yet sent its version line: see L{earlyCloseRefund}); return the seconds
-        the source is now refused (0 within its allowance, or exempt).
+        failure, before groundcontrol computed any key exchange; return the seconds the
+        source is now refused (0 within its allowance, or exempt).
         """
         return self._spend(source, self._earlyClose, 1, lambda r: r.earlyClose)
 
-    def earlyCloseRefund(self, source: str) -> None:
+    def accepted(self, source: str) -> None:
         """
-        Take back one L{earlyClose} counted for a connection from C{source} when it was
-        accepted: it sent its version line (it speaks SSH), or it failed.
+        A connection from C{source} was accepted (not refused). Until L{spoke} it counts
+        against the early-close allowance as if it had closed early, so that a client
+        with several connections open at once (ssh-audit's rate probe keeps 3) cannot
+        have more than the allowance served between two refills. SSH clients send their
+        version line at once, so one that logs in counts for one round trip.
+        """
+        if self._earlyClose.rate > 0:
+            self._silent[source] += 1
 
-        A connection is counted when accepted, not when it closes, so that a client
-        with several connections open at once (ssh-audit's rate probe has 3) cannot
-        have more than the allowance served between two refills; the clients that log
-        in send their version line at once, so they hold a unit for one round trip.
-        """
-        if self._earlyClose.rate <= 0:
-            return
-        now = self._clock.seconds()
-        record = self._current(source, now)
-        if record is not None:
-            bucket = record.earlyClose
-            bucket.owed = max(0.0, self._earlyClose.owed(bucket, now) - 1)
-            bucket.at = now
-            self._current(source, now)  # forgets the source if that was all it owed
+    def spoke(self, source: str) -> None:
+        """A connection L{accepted} from C{source} sent its version line, or ended."""
+        if self._earlyClose.rate > 0:
+            self._silent[source] -= 1
+            if self._silent[source] <= 0:
+                del self._silent[source]
 
     def _spend(
         self,
@@ -564,8 +592,8 @@ class PreauthMixin:
     _preauthExchanges = 0
     #: The reason code of the DISCONNECT we sent before a login, if we sent one.
     _preauthDisconnect: int | None = None
-    #: This connection is counted as an early close (from its accept to its version line).
-    _preauthEarly = False
+    #: Accepted, and no version line from the client yet (see L{SourcePenalties.accepted}).
+    _preauthSilent = False
 
     # The attributes of the transport this is mixed into.
     factory: Any
@@ -590,15 +618,15 @@ class PreauthMixin:
             guard.penalties.refused(refusal)
             self.transport.loseConnection()
             return
-        guard.penalties.earlyClose(self._preauthSource)
-        self._preauthEarly = True
+        guard.penalties.accepted(self._preauthSource)
+        self._preauthSilent = True
         super().connectionMade()  # type: ignore[misc]
 
     def _preauthSpoke(self, penalties: SourcePenalties) -> None:
-        """The client sent its version line, or failed: it is no early close (yet)."""
-        if self._preauthEarly:
-            self._preauthEarly = False
-            penalties.earlyCloseRefund(self._preauthSource)
+        """The client sent its version line, or the connection ended."""
+        if self._preauthSilent:
+            self._preauthSilent = False
+            penalties.spoke(self._preauthSource)
 
     def dataReceived(self, data: bytes) -> None:
         if self._preauthRefused or self._preauthViolation is not None:
@@ -717,9 +745,8 @@ class PreauthMixin:
     def _preauthCount(self, penalties: SourcePenalties) -> None:
         """Count this connection, which ends without a login, against its source."""
         source = self._preauthSource
+        self._preauthSpoke(penalties)
         why = self._failure()
-        if why is not None:
-            self._preauthSpoke(penalties)
         if why == _PENDING_REFUSED:
             # A new device the pending caps refused (we said too many connections): it
             # logged in with a key, but anyone can make a fresh key per connection and
@@ -732,9 +759,9 @@ class PreauthMixin:
         elif self._preauthExchanges:
             # OpenSSH's noauth: our CPU went into key exchanges nobody logged in with.
             penalties.noauth(source, self._preauthExchanges)
-        elif not self._preauthEarly:
-            # Closed before any key exchange, after its version line (one that never
-            # sent it was counted when accepted): a banner grab, a TCP health check.
+        else:
+            # Closed before any key exchange: a banner grab, a TCP health check,
+            # ssh-audit's DHEat rate probe.
             penalties.earlyClose(source)
 
     def _failure(self) -> str | None:

@@ -727,6 +727,23 @@ class EarlyCloseTests(SynchronousTestCase):
         self.clock.advance(self.policy.maxPenalty)
         self.assertEqual(self.penalties.refusedSources(), 0)
 
+    def test_silentConnectionsCount(self) -> None:
+        """
+        Connections accepted and not yet heard from count as early closes until they
+        speak: four open and silent refuse the source (and it is among the refused
+        sources) with nothing remembered for it; when one speaks it may connect again.
+        Silent connections from an exempt source never refuse it.
+        """
+        for _ in range(4):
+            self.penalties.accepted("10.0.0.1")
+            self.penalties.accepted("198.51.100.1")
+        self.assertEqual(self.penalties.refusal("10.0.0.1"), "early_close")
+        self.assertEqual((self.penalties.refusedSources(), len(self.penalties)), (1, 0))
+        self.assertIsNone(self.penalties.refusal("198.51.100.1"))
+        self.penalties.spoke("10.0.0.1")
+        self.assertIsNone(self.penalties.refusal("10.0.0.1"))
+        self.assertEqual(self.penalties.refusedSources(), 0)
+
 
 class EarlyCloseWiringTests(SynchronousTestCase):
     """
