@@ -15,6 +15,7 @@ connection one integer increment, metrics or not.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -165,8 +166,10 @@ class Metrics:
         self._refusals.limiter = limiter
         for name in (AGENTS, OPERATORS):
             pool = limiter.pools[name]
-            self.handshakesInProgress.labels(pool=name).set_function(lambda p=pool: p.pending)
-            self.handshakesWaiting.labels(pool=name).set_function(lambda p=pool: p.waiting)
+            self.handshakesInProgress.labels(pool=name).set_function(
+                partial(getattr, pool, "pending")
+            )
+            self.handshakesWaiting.labels(pool=name).set_function(partial(getattr, pool, "waiting"))
         self.handshakesWaiting.labels(pool=AWAITING_VERSION).set_function(lambda: limiter.helloing)
 
     # -- SessionMetrics -------------------------------------------------------------
