@@ -6,11 +6,10 @@ handshakes are read from the limiter and the penalties, and the exposition text 
 
 from __future__ import annotations
 
-from typing import Any
-
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import protocol
+from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from accesstunnel.transports.limiter import HandshakeLimiter
@@ -117,10 +116,13 @@ class FrontDoorMetricsTests(SynchronousTestCase):
         self.metrics = Metrics()
         self.metrics.watchFrontDoor(guardOf(self.fleet.factory).penalties, self.limiter)
 
-    def connect(self, client: protocol.Protocol | type[protocol.Protocol], host: str) -> Any:
-        factory = client if isinstance(client, protocol.Factory) else None
-        factory = factory or protocol.ClientFactory.forProtocol(client)  # type: ignore[arg-type]
-        return self.fleet.network.connect(self.limiter, factory, clientHost=host)
+    def connect(
+        self, client: protocol.ClientFactory | type[protocol.Protocol], host: str
+    ) -> iosim.IOPump:
+        """Connect C{client} (a factory, or a protocol class) from C{host} through the limiter."""
+        if not isinstance(client, protocol.ClientFactory):
+            client = protocol.ClientFactory.forProtocol(client)
+        return self.fleet.network.connect(self.limiter, client, clientHost=host)
 
     def scrape(self) -> dict[tuple[str, str], float]:
         """Parse the exposition text as Prometheus would: (name, labels) -> value."""
