@@ -91,7 +91,7 @@ DEFAULT_NOAUTH_RATE = 1.0
 #: Connections one source may close before any key exchange (a banner grab, a TCP health
 #: check, ssh-audit's DHEat rate probe) at once, and per second after that. ssh-audit
 #: wants at most 20 banners a second from one source over its 1.5 s probe: 20 + 2/s
-#: gives it about 16 (SECURITY.md).
+#: serves it 22 or 23, about 15 a second (SECURITY.md).
 DEFAULT_EARLY_CLOSE_ALLOWANCE = 20
 DEFAULT_EARLY_CLOSE_RATE = 2.0
 
