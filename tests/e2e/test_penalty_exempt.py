@@ -5,7 +5,8 @@ connections fail or close after the key exchange without trying to log in; a nei
 outside it is refused at the door by the same penalties (SECURITY.md, "Penalties").
 
 127.0.0.2 is the exempt NAT, 127.0.0.3 the neighbour (`ssh -b`); groundcontrol listens on
-127.0.0.1.
+127.0.0.1. And real agents of new devices that the pending caps refuse make their address
+a failing source like any other.
 """
 
 from __future__ import annotations
@@ -118,3 +119,29 @@ def test_exempt_source_served_neighbour_refused(exemptFleet: Fleet, tmp_path: Pa
     )
     assert f"not refusing {EXEMPT}" in log and "(exempt)" in log
     assert f"refusing {EXEMPT}" not in log.replace(f"not refusing {EXEMPT}", "")
+
+
+def test_pending_refusals_penalise_their_source(tmp_path: Path) -> None:
+    """
+    With no room for pending devices (--max-pending 0), three new devices' real agents
+    on 127.0.0.1 are refused at login and retry with their backoff; each refusal is a
+    failed connection of 127.0.0.1, so after the five free ones groundcontrol refuses the
+    address at the door and logs why (SECURITY.md, "Penalties").
+    """
+    fleet = Fleet(tmp_path)
+    try:
+        fleet.startServer("--max-pending", "0")
+        for n in range(3):
+            fleet.addAgent(f"newcomer{n}", approve=False)
+        why = "failed connections (last: a new device refused by the pending caps)"
+        log = waitFor(
+            lambda: (text := fleet.gc.process.output()) and why in text and text,
+            60,
+            "groundcontrol to refuse 127.0.0.1 after the pending caps' refusals",
+            interval=0.2,
+        )
+        line = next(x for x in log.splitlines() if why in x)
+        assert f"refusing {LOOPBACK} for 2s after 6 {why}" in line, line
+        assert "refused new device newcomer" in log
+    finally:
+        fleet.close()
