@@ -156,16 +156,22 @@ class FlowChannel(channel.SSHChannel):
         # packet straight to the transport: what _enqueue, _drain and Conch's
         # sendData would send, without their four frames and a dozen builtin
         # calls (bench/RESULTS.md, "Echo latency (session 7)").
-        if not self._queue and n <= self.remoteWindowLeft and n <= self.remoteMaxPacket:
-            conn = self.conn
-            remote = conn.channelsToRemoteChannel.get(self) if conn is not None else None
+        conn = self.conn
+        if (
+            conn is not None
+            and not self._queue
+            and n <= self.remoteWindowLeft
+            and n <= self.remoteMaxPacket
+        ):
+            remote = conn.channelsToRemoteChannel.get(self)
             if remote is not None and not self.localClosed:
                 link = getattr(conn, "linkFlow", None)
                 if link is None or not link.paused:
                     self.remoteWindowLeft -= n
-                    if type(conn).sendData is _conchSendData:
+                    transport = conn.transport
+                    if type(conn).sendData is _conchSendData and transport is not None:
                         payload = _pack_2uint32(remote, n) + data
-                        conn.transport.sendPacket(connection.MSG_CHANNEL_DATA, payload)
+                        transport.sendPacket(connection.MSG_CHANNEL_DATA, payload)
                     else:
                         conn.sendData(self, data)  # a connection with its own sendData
                     self.sent(n)
