@@ -168,10 +168,9 @@ class FlowChannel(channel.SSHChannel):
                 link = getattr(conn, "linkFlow", None)
                 if link is None or not link.paused:
                     self.remoteWindowLeft -= n
-                    transport = conn.transport
-                    if type(conn).sendData is _conchSendData and transport is not None:
+                    if type(conn).sendData is _conchSendData and conn.transport is not None:
                         payload = _pack_2uint32(remote, n) + data
-                        transport.sendPacket(connection.MSG_CHANNEL_DATA, payload)
+                        conn.transport.sendPacket(connection.MSG_CHANNEL_DATA, payload)
                     else:
                         conn.sendData(self, data)  # a connection with its own sendData
                     self.sent(n)
