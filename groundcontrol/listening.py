@@ -18,8 +18,7 @@ from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 
 
@@ -28,7 +27,9 @@ class ListenService(Service):
 
     _log = Logger()
 
-    def __init__(self, endpoint: IStreamServerEndpoint, factory: Factory, description: str) -> None:
+    def __init__(
+        self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory, description: str
+    ) -> None:
         self._endpoint = endpoint
         self._factory = factory
         self.description = description

@@ -242,6 +242,40 @@ class BoundTests(LimiterTestCase):
         first.lose()
         self.assertEqual(limiter.pending, 0)
 
+    def test_loggedInConnectionBypassesTheWrapper(self) -> None:
+        """
+        Once logged in, reads go straight to the SSH protocol and its writes straight to
+        the socket (the limiter's frames leave a keystroke's path); bytes still flow both
+        ways, and the loss still goes through the limiter to the SSH protocol.
+        """
+        limiter = self.limiter()
+        first = self.connect(limiter)
+        ssh = first.ssh
+        assert ssh is not None
+        first.login()
+        self.assertEqual(first.protocol.dataReceived, ssh.dataReceived)
+        self.assertEqual(first.protocol.write, first.transport.write)
+        self.assertEqual(first.protocol.writeSequence, first.transport.writeSequence)
+        first.protocol.dataReceived(b"after")
+        self.assertEqual(ssh.received, b"loginafter")
+        ssh.transport.write(b"+out")  # type: ignore[union-attr]
+        ssh.transport.writeSequence([b"+seq"])  # type: ignore[union-attr]
+        self.assertTrue(first.transport.value().endswith(b"success+out+seq"))
+        lost: list[Failure] = []
+        ssh.connectionLost = lost.append  # type: ignore[method-assign]
+        first.lose()
+        self.assertEqual(len(lost), 1)
+        self.assertIsNone(first.ssh)
+        self.assertEqual(limiter.pending, 0)
+        self.assertNotIn(first.protocol, limiter.protocols)
+
+    def test_handshakeKeepsTheWrapper(self) -> None:
+        """Before the login, reads and writes go through the limiter (it watches for it)."""
+        limiter = self.limiter()
+        first = self.connect(limiter)
+        self.assertNotIn("dataReceived", vars(first.protocol))
+        self.assertNotIn("write", vars(first.protocol))
+
     def test_dataSentWhileWaitingIsDeliveredInOrder(self) -> None:
         """
         Bytes a waiting connection sends anyway (a transport that cannot pause) are kept

@@ -299,6 +299,20 @@ class _Limited(ProtocolWrapper):
             self.state = _DONE
             self._cancelTimer()
             self.factory._release(self)
+            self._stepAside()
+
+    def _stepAside(self) -> None:
+        """
+        Logged in, this wrapper only passes bytes on, for as long as the connection
+        lasts: let every read and write skip it. Instance attributes shadow the methods,
+        so the socket calls the SSH protocol's C{dataReceived} and the SSH protocol the
+        socket's C{write} directly: on a keystroke's path each frame is paid cold after
+        every pause (bench/RESULTS.md, "Echo latency (session 7)"). The connection's loss,
+        close and addresses still go through the wrapper, and its bookkeeping with them.
+        """
+        self.dataReceived = self.wrappedProtocol.dataReceived  # type: ignore[method-assign]
+        self.write = self.transport.write  # type: ignore[method-assign]
+        self.writeSequence = self.transport.writeSequence  # type: ignore[method-assign]
 
     def _cancelTimer(self) -> None:
         if self._timer is not None and self._timer.active():
