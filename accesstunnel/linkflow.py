@@ -11,7 +11,7 @@ is left, so a large backlog is copied again and again.
 
 L{LinkFlow} registers as a streaming producer on the byte transport under the
 SSH transport (TCP, TLS or the WebSocket adapter). While that transport holds
-more than its C{bufferSize} (64 KiB for TCP), the link is paused and every
+more than its C{bufferSize} (64 KiB for TCP; see below), the link is paused and every
 L{accesstunnel.channel.FlowChannel} keeps its output in its own queue, which
 pauses the channel's source at high water and, on a relay, holds back the
 window credit of the hop feeding it; so the backlog stays bounded end to end.
@@ -23,15 +23,78 @@ The link is also held from our KEXINIT to the new keys: meanwhile Conch keeps
 every channel message in a list nothing bounds (C{_blockedByKeyExchange}), and
 the socket, being idle, would pause nothing, so each channel would pour its
 whole window into that list at every key re-exchange.
+
+Every link's socket, the device links and the operators' connections alike,
+is read and buffered L{LINK_BUFFER_SIZE} at a time (L{LinkFlow.widen}) rather
+than Twisted's 64 KiB: a channel served from the waiting line then sends up to
+four link packets in a row before the link pauses, the sender writes them in
+fewer calls and the receiver reads them in one; groundcontrol relays them in
+one reactor turn, and an operator's connection, widened too, takes them in one
+send instead of pausing after each packet.
+
+A read of 256 KiB is above glibc malloc's threshold for mapping a block of its
+own, and a read that comes back short is shrunk in place, so the threshold
+never adapts: each read was then a fresh mapping faulted in page by page (56
+faults per read; bench/RESULTS.md, "100 sessions (session 7)"). L{LinkFlow.widen}
+therefore also has malloc keep such buffers in its heap (L{keepReadBuffersInHeap}).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
+
+from accesstunnel.layers import transportLayers
+
+#: Bytes a link's socket is read at once, and buffered before the link pauses
+#: its channels (Twisted's C{bufferSize}, 64 KiB for TCP): four link packets
+#: (L{accesstunnel.channel.LINK_MAX_PACKET}). With 64 KiB each read and each
+#: send carried one packet; 100 busy sessions then cost groundcontrol, the
+#: agent and the operators' ssh clients more per GB than one session did
+#: (bench/RESULTS.md, "100 sessions (session 6)" and "(session 7)").
+LINK_BUFFER_SIZE = 256 * 1024
+
+#: glibc malloc's thresholds once a link is widened: blocks up to 1 MiB come
+#: from the heap, and up to 2 MiB of free heap is kept for the next reads
+#: rather than given back and faulted in again (the defaults are 128 KiB each,
+#: and adapt only to blocks freed at their full size).
+MALLOC_MMAP_THRESHOLD = 1024 * 1024
+MALLOC_TRIM_THRESHOLD = 2 * 1024 * 1024
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_heapKept = False
+
+
+def _mallopt() -> Any:
+    """glibc's C{mallopt}, or None with another C library."""
+    try:
+        os.confstr("CS_GNU_LIBC_VERSION")
+    except (ValueError, OSError):
+        return None
+    import ctypes  # only once a link is widened: the agent starts without it (agent.launcher)
+
+    return getattr(ctypes.CDLL(None), "mallopt", None)
+
+
+def keepReadBuffersInHeap() -> None:
+    """
+    Have glibc serve L{LINK_BUFFER_SIZE} reads from its heap and keep freed
+    ones for the next (L{MALLOC_MMAP_THRESHOLD}, L{MALLOC_TRIM_THRESHOLD});
+    once per process, and nothing with another C library.
+    """
+    global _heapKept
+    if _heapKept:
+        return
+    _heapKept = True
+    mallopt = _mallopt()
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
+        mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD)
 
 
 @implementer(IPushProducer)
@@ -118,6 +181,19 @@ class LinkFlow:
             del waiting[channel]
             channel.drainQueue()
 
+    def widen(self, size: int = LINK_BUFFER_SIZE) -> None:
+        """
+        Read and buffer this link's socket C{size} bytes at a time: set the
+        C{bufferSize} of the first descriptor down the transport chain, under
+        any protocol wrappers (the handshake limiter, the agent's failover
+        watch, TLS, WebSocket). A chain without one (in memory) is left as it is.
+        """
+        for layer in transportLayers(self._transport):
+            if isinstance(layer, FileDescriptor):
+                layer.bufferSize = size
+                keepReadBuffersInHeap()
+                return
+
     def waitForRoom(self, channel: Any) -> None:
         """C{channel} has output it could not send because the link is paused."""
         self._waiting.setdefault(channel, None)
@@ -128,4 +204,10 @@ class LinkFlow:
         self.paused = True
 
 
-__all__ = ["LinkFlow"]
+__all__ = [
+    "LINK_BUFFER_SIZE",
+    "MALLOC_MMAP_THRESHOLD",
+    "MALLOC_TRIM_THRESHOLD",
+    "LinkFlow",
+    "keepReadBuffersInHeap",
+]

@@ -114,6 +114,8 @@ class AgentConnection(TunnelConnection):
 
     def serviceStarted(self) -> None:
         super().serviceStarted()
+        if self.linkFlow is not None:  # read and buffer the link in larger pieces
+            self.linkFlow.widen()
         settings = self.factory.settings
         self.transport.startKeepalive(self)
         self._log.info(

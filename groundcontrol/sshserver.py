@@ -237,6 +237,8 @@ class GroundControlConnection(TunnelConnection):
 
     def serviceStarted(self) -> None:
         super().serviceStarted()
+        if self.linkFlow is not None:  # every connection: read and buffer it in larger pieces
+            self.linkFlow.widen()
         self.transport.startKeepalive(self)
         linkUp = getattr(self.transport.avatar, "linkUp", None)
         if linkUp is not None:

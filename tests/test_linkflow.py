@@ -10,17 +10,26 @@ its producer (pause above bufferSize, resume once drained).
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import Any
 
 from twisted.conch.ssh import common, connection
 from twisted.internet import abstract
+from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactor
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.trial.unittest import SynchronousTestCase
 
-from accesstunnel.channel import FlowChannel
+from accesstunnel import linkflow
+from accesstunnel.channel import LINK_MAX_PACKET, FlowChannel
 from accesstunnel.connection import TunnelConnection
-from accesstunnel.linkflow import LinkFlow
+from accesstunnel.linkflow import (
+    LINK_BUFFER_SIZE,
+    MALLOC_MMAP_THRESHOLD,
+    MALLOC_TRIM_THRESHOLD,
+    LinkFlow,
+)
 
 
 class BufferingByteTransport:
@@ -310,3 +319,189 @@ class RealSSH:
         if messageType == connection.MSG_CHANNEL_DATA:
             self.payloadBytes += len(common.getNS(payload[4:])[0])
         self.transport.write(b"\0" * (len(payload) + 20))
+
+
+class WideLinkTests(SynchronousTestCase):
+    """
+    A link's socket is read and buffered LINK_BUFFER_SIZE at a time
+    (LinkFlow.widen), under whatever protocol wrappers sit on it.
+    """
+
+    def setUp(self) -> None:
+        self.heapKept: list[None] = []
+        self.patch(linkflow, "keepReadBuffersInHeap", lambda: self.heapKept.append(None))
+        self.socket = SlowSocket(perCall=1 << 30)
+        # Two wrappers, as on groundcontrol (the handshake limiter) or the agent
+        # (the failover watch) with TLS under it.
+        outer = ProtocolWrapper(WrappingFactory(Protocol()), Protocol())
+        inner = ProtocolWrapper(WrappingFactory(Protocol()), outer)
+        inner.makeConnection(self.socket)
+        outer.makeConnection(inner)
+        self.wrappers = (outer, inner)
+        self.ssh = RealSSH(outer)
+        self.conn = TunnelConnection()
+        self.conn.transport = self.ssh
+        self.conn.linkFlow = LinkFlow.attach(self.conn)
+        assert self.conn.linkFlow is not None
+        self.link = self.conn.linkFlow
+
+    def openChannel(self, number: int) -> HookChannel:
+        channel = HookChannel(remoteWindow=8 << 20, remoteMaxPacket=LINK_MAX_PACKET, conn=self.conn)
+        channel.id = number
+        self.conn.channels[number] = channel
+        self.conn.channelsToRemoteChannel[channel] = 10 + number
+        self.conn.localToRemoteChannel[number] = 10 + number
+        channel.channelOpen(b"")
+        return channel
+
+    def test_widenSetsTheSocketsBufferSize(self) -> None:
+        """
+        widen() sets bufferSize on the descriptor under the wrappers (what
+        Twisted reads per recv and buffers before pausing the producer), and
+        leaves the wrappers alone.
+        """
+        self.assertEqual(self.socket.bufferSize, 64 * 1024)
+        self.link.widen()
+        self.assertEqual(self.socket.bufferSize, LINK_BUFFER_SIZE)
+        for wrapper in self.wrappers:
+            self.assertNotIn("bufferSize", vars(wrapper))
+        # and has malloc keep such reads in its heap
+        self.assertEqual(len(self.heapKept), 1)
+
+    def test_widenLeavesATransportWithoutBufferSize(self) -> None:
+        """An in-memory transport with no bufferSize gets none."""
+        transport = BufferingByteTransport()
+        del BufferingByteTransport.bufferSize
+        try:
+            conn = TunnelConnection()
+            conn.transport = PacketTransport(transport)
+            flow = LinkFlow.attach(conn)
+            assert flow is not None
+            flow.widen()
+            self.assertFalse(hasattr(transport, "bufferSize"))
+            self.assertEqual(self.heapKept, [])
+        finally:
+            BufferingByteTransport.bufferSize = 64 * 1024
+
+    def packetsBeforePause(self) -> int:
+        """Link packets one channel with 1 MiB queued sends before the link pauses."""
+        channel = self.openChannel(0)
+        channel.write(b"x" * (1 << 20))
+        self.assertTrue(self.link.paused)
+        return self.ssh.payloadBytes // LINK_MAX_PACKET
+
+    def test_narrowLinkPausesAfterOnePacket(self) -> None:
+        """Without widen(), a link packet fills Twisted's 64 KiB: one per turn."""
+        self.assertEqual(self.packetsBeforePause(), 1)
+
+    def test_wideLinkSendsFourPacketsInARow(self) -> None:
+        """
+        Widened, a channel sends four link packets in a row before the link
+        pauses, and one doWrite hands all four to the socket (a TCP socket
+        takes them in two sends of Twisted's 128 KiB SEND_LIMIT) instead of
+        four reactor turns of one packet each; then the next four follow.
+        """
+        self.link.widen()
+        self.assertEqual(self.packetsBeforePause(), 4)
+        self.socket.doWrite()
+        self.assertGreater(self.socket.written, 4 * LINK_MAX_PACKET)
+        self.assertLess(self.socket.written, 5 * LINK_MAX_PACKET)
+        self.assertEqual(self.ssh.payloadBytes, 8 * LINK_MAX_PACKET)
+
+    def test_wideLinkStaysBoundedAndFair(self) -> None:
+        """
+        Widened, two channels with 1 MiB each: the buffer never holds more than
+        LINK_BUFFER_SIZE and a packet, both deliver everything, and they take
+        turns: the second, which stopped for the link after the first, gets it
+        once the first has sent two bursts (its first write's, then its turn).
+        """
+        self.link.widen()
+        first, second = self.openChannel(0), self.openChannel(1)
+        first.write(b"x" * (1 << 20))
+        second.write(b"y" * (1 << 20))
+        peak = 0
+        secondStartedAt = None
+        for _ in range(1000):
+            pending = len(self.socket.dataBuffer) - self.socket.offset + self.socket._tempDataLen
+            peak = max(peak, pending)
+            if secondStartedAt is None and second.sentTotal:
+                secondStartedAt = first.sentTotal
+            if not pending:
+                break
+            self.socket.doWrite()
+        self.assertLessEqual(peak, LINK_BUFFER_SIZE + LINK_MAX_PACKET + 64)
+        self.assertEqual((first.sentTotal, second.sentTotal), (1 << 20, 1 << 20))
+        assert secondStartedAt is not None
+        self.assertEqual(secondStartedAt, 2 * LINK_BUFFER_SIZE)
+
+    def test_smallWriteLeavesAtOnce(self) -> None:
+        """On a widened link a lone small write is still sent in the same call."""
+        self.link.widen()
+        channel = self.openChannel(0)
+        channel.write(b"k")
+        self.assertEqual(self.ssh.payloadBytes, 1)
+
+
+class KeepReadBuffersInHeapTests(SynchronousTestCase):
+    """
+    Widened reads are above glibc's mmap threshold: keepReadBuffersInHeap
+    raises its thresholds once per process, and leaves another C library alone.
+    """
+
+    def setUp(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.patch(linkflow, "_heapKept", False)
+
+    def test_raisesBothThresholdsOnce(self) -> None:
+        """
+        mallopt gets M_MMAP_THRESHOLD 1 MiB and M_TRIM_THRESHOLD 2 MiB (glibc's
+        parameter numbers -3 and -1), on the first call only.
+        """
+        self.patch(linkflow, "_mallopt", lambda: lambda *a: self.calls.append(a))
+        linkflow.keepReadBuffersInHeap()
+        linkflow.keepReadBuffersInHeap()
+        self.assertEqual(self.calls, [(-3, MALLOC_MMAP_THRESHOLD), (-1, MALLOC_TRIM_THRESHOLD)])
+        self.assertEqual((MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD), (1 << 20, 2 << 20))
+
+    def test_otherCLibrary(self) -> None:
+        """Without glibc (no mallopt), nothing is called and nothing fails."""
+        self.patch(linkflow, "_mallopt", lambda: None)
+        linkflow.keepReadBuffersInHeap()
+        self.assertEqual(self.calls, [])
+
+    def test_mallopt(self) -> None:
+        """On glibc, _mallopt finds the C library's mallopt; elsewhere None."""
+        try:
+            os.confstr("CS_GNU_LIBC_VERSION")
+        except (ValueError, OSError):
+            self.assertIsNone(linkflow._mallopt())
+        else:
+            self.assertIsNotNone(linkflow._mallopt())
+
+
+class LinksAreWideTests(SynchronousTestCase):
+    """
+    The real agent link, groundcontrol and an operator in memory: both ends of
+    a device's link and groundcontrol's end of an operator's connection are
+    widened.
+    """
+
+    def test_deviceLinksAndOperatorConnectionsAreWidened(self) -> None:
+        """
+        LinkFlow.widen is called for the agent's link, for groundcontrol's end
+        of it and for groundcontrol's end of alice's connection (whose sends
+        then carry several link packets relayed in one turn), and only once each.
+        """
+        from tests import test_rekey
+        from tests.test_rekey import NEVER
+
+        widened: list[LinkFlow] = []
+        self.patch(LinkFlow, "widen", lambda flow: widened.append(flow))
+        test_rekey.LinkRekeyTests.connect(self, server=NEVER, agent=NEVER)  # type: ignore[arg-type]
+        agentFlow = self.agentSide.service.linkFlow  # type: ignore[attr-defined]
+        serverFlow = self.serverSide.service.linkFlow  # type: ignore[attr-defined]
+        operatorSide = self.fleet.network.pumps[-1].server  # type: ignore[attr-defined]
+        operatorFlow = operatorSide.service.linkFlow
+        for flow in (agentFlow, serverFlow, operatorFlow):
+            self.assertIsNotNone(flow)
+        self.assertCountEqual(widened, [agentFlow, serverFlow, operatorFlow])
