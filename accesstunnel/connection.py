@@ -46,6 +46,9 @@ class TunnelConnection(connection.SSHConnection):
     """ssh-connection with end-to-end flow control and asynchronous opens."""
 
     _log = Logger()
+    #: The SSH transport under the service (Conch's is Optional: unset before it
+    #: starts): one of ours, with its mixins' methods (keepalive, renewal, link flow).
+    transport: Any
 
     def __init__(self) -> None:
         super().__init__()

@@ -565,7 +565,9 @@ class FastPathMixin:
     _keyExchangeState: str
     _KEY_EXCHANGE_NONE: str
     otherKexInitPayload: bytes
-    _blockedByKeyExchange: list[tuple[int, bytes]] | None
+    #: None, or during a key exchange the (type, payload) messages held back. Any: Conch
+    #: declares it as a bare None, which a narrower type here would conflict with.
+    _blockedByKeyExchange: Any
     dispatchMessage: Callable[[int, bytes], None]
 
     def connectionMade(self) -> None:

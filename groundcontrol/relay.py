@@ -212,7 +212,12 @@ class RelayChannel(FlowChannel):
             return False
         refused: defer.Deferred[bool] = defer.Deferred()
         self._lastReply = refused
-        last.addBoth(lambda result: (refused.callback(False), result)[1])
+
+        def answerAfter(result: object) -> object:
+            refused.callback(False)
+            return result
+
+        last.addBoth(answerAfter)
         return refused
 
     def closeReceived(self) -> None:
