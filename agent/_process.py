@@ -58,6 +58,11 @@ OUTPUT_PIPE_SIZE = READ_SIZE
 #: channels and OpenSSH's sessions use), so each gathering leaves as one packet.
 PTY_BATCH = 32 * 1024
 
+#: A pty read shorter than this took all there was, most likely (a keystroke's
+#: echo, a prompt): the gathering stops there instead of reading again only to
+#: fail with EAGAIN. Linux's pty gives up to ~4 KiB per read while more waits.
+PTY_SHORT_READ = 1024
+
 #: A pipe child's stdin: the pipe's size (when the agent runs as root) and
 #: what the agent buffers before it holds back window credit. At Linux's
 #: 64 KiB the agent and the child take turns every 64 KiB on a bulk upload
@@ -219,14 +224,18 @@ def _readFrom(fd: int, callback: Any) -> Any:
 
 def _readPty(fd: int, callback: Any) -> Any:
     """
-    Read a pty master until it would block or L{PTY_BATCH} bytes are in hand,
-    and pass what came to C{callback} in one call.
+    Read a pty master until it would block, a read comes back short
+    (L{PTY_SHORT_READ}) or L{PTY_BATCH} bytes are in hand, and pass what came
+    to C{callback} in one call.
 
     Linux's pty returns at most ~4 KiB per read, yet more is usually waiting
     when the child writes fast: taking it now sends one 32 KiB packet instead
-    of eight 4 KiB ones. A lone keystroke's echo costs one more read (which
-    fails with C{EAGAIN}) and goes out at once: nothing here waits. On hang-up
-    or end of file, what was read before it is passed on first.
+    of eight 4 KiB ones. A lone keystroke's echo is one short read and goes out
+    at once: no second read that would only fail with C{EAGAIN} (a system call
+    and a raised exception on every keystroke's path, paid cold after each
+    pause; bench/RESULTS.md, "Echo latency (session 7)"). Output that arrives
+    after a short read is the next event's. On hang-up or end of file, what was
+    read before it is passed on first.
     """
     chunks: list[bytes] = []
     size = 0
@@ -243,6 +252,8 @@ def _readPty(fd: int, callback: Any) -> Any:
             break
         chunks.append(output)
         size += len(output)
+        if len(output) < PTY_SHORT_READ:
+            break
     if chunks:
         callback(chunks[0] if len(chunks) == 1 else b"".join(chunks))
     return result

@@ -23,6 +23,7 @@ from twisted.application.internet import ClientService
 from twisted.conch.ssh import keys, transport, userauth
 from twisted.copyright import version as twisted_version
 from twisted.internet import defer, protocol
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -89,6 +90,35 @@ def backoffPolicy(
     return policy
 
 
+def shortcutPassThroughLayers(sshTransport: Any) -> bool:
+    """
+    Once the link is up over plain TCP, let the socket call the SSH transport's
+    C{dataReceived} directly and the SSH transport write to the socket directly,
+    skipping the layers between them that only pass bytes on: Twisted's endpoint
+    wrapper, the failover watch (L{agent.failover}) and ClientService's proxy
+    (an attribute lookup that fails first, on every read). A keystroke pays
+    each frame cold after every pause (bench/RESULTS.md, "Echo latency
+    (session 7)").
+
+    Instance attributes shadow the methods; the connection's loss still goes
+    through every layer, so the watch and ClientService see it and reconnect
+    as before. Any other chain (TLS, WebSocket, a proxy's tunnel: layers that
+    do work on the bytes) is left as it is. Returns whether it shortcut.
+    """
+    watch: Any = sshTransport.transport
+    socket: Any = getattr(watch, "transport", None)
+    if not isinstance(socket, FileDescriptor):
+        return False
+    outer: Any = getattr(socket, "protocol", None)
+    # Twisted's endpoints._WrappingProtocol over the watch, and nothing else.
+    if not hasattr(outer, "_wrappedProtocol") or outer._wrappedProtocol is not watch:
+        return False
+    outer.dataReceived = sshTransport.dataReceived
+    watch.write = socket.write
+    watch.writeSequence = socket.writeSequence
+    return True
+
+
 class AgentConnection(TunnelConnection):
     """ssh-connection on the agent: answers the channels groundcontrol opens."""
 
@@ -116,6 +146,7 @@ class AgentConnection(TunnelConnection):
         super().serviceStarted()
         if self.linkFlow is not None:  # read and buffer the link in larger pieces
             self.linkFlow.widen()
+        shortcutPassThroughLayers(self.transport)
         settings = self.factory.settings
         self.transport.startKeepalive(self)
         self._log.info(

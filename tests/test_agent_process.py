@@ -102,6 +102,44 @@ class ReadPtyTests(SynchronousTestCase):
         self.assertIsNone(self._event())
         self.assertEqual(self.pieces, [b"x", b"y"])
 
+    def _countReads(self) -> list[int]:
+        """Record the size each os.read in _process returns (or -1 for an error)."""
+        reads: list[int] = []
+        realRead = os.read
+
+        def read(fd: int, n: int) -> bytes:
+            try:
+                data = realRead(fd, n)
+            except OSError:
+                reads.append(-1)
+                raise
+            reads.append(len(data))
+            return data
+
+        self.patch(_process.os, "read", read)
+        return reads
+
+    def test_keystrokeIsOneRead(self) -> None:
+        """
+        A keystroke's echo takes one read: a short read ends the gathering, with
+        no second read failing with EAGAIN before the echo is passed on.
+        """
+        reads = self._countReads()
+        self._write(b"x")
+        self.assertIsNone(self._event())
+        self.assertEqual(self.pieces, [b"x"])
+        self.assertEqual(reads, [1])
+
+    def test_fullReadIsFollowedByAnother(self) -> None:
+        """A read of a full pty chunk reads on: bulk output still gathers into one piece."""
+        reads = self._countReads()
+        burst = os.urandom(64 * 1024)
+        written = self._write(burst)
+        self.assertIsNone(self._event())
+        self.assertEqual(self.pieces, [burst[:written]])
+        self.assertGreater(len(reads), 1)
+        self.assertGreaterEqual(reads[0], _process.PTY_SHORT_READ)
+
     def test_hangUpAfterLastByte(self) -> None:
         """
         When the child's side closes (the child exited), every byte it wrote
