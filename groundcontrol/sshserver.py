@@ -207,12 +207,15 @@ class _PortalWithPeer:
 class GroundControlUserAuth(userauth.SSHUserAuthServer):
     """Public keys only; a bounded number of attempts."""
 
+    #: Our server transport (Conch's is Optional: unset before the service starts).
+    transport: Any
+
     def serviceStarted(self) -> None:
         settings: ServerSettings = self.transport.factory.settings
         # Conch disconnects when attempts exceed this, so N allows N attempts.
         self.attemptsBeforeDisconnect = settings.maxAuthAttempts - 1
         # The transport's grace timer covers authentication as a whole.
-        self.loginTimeout = settings.loginGraceTime + 1
+        self.loginTimeout = int(settings.loginGraceTime) + 1
         self.clock = self.transport.factory.clock
         super().serviceStarted()
         self.portal = _PortalWithPeer(
