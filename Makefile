@@ -4,7 +4,7 @@
 #   make demo        groundcontrol on 127.0.0.1:2222 + a local agent "demo" (foreground)
 #   make demo-stop   stop what an earlier 'make demo' left running
 #   make test        the test suite (PYTEST_ARGS='-k relay -x' to pass options to pytest)
-#   make lint        ruff check + ruff format --check
+#   make lint        ruff check + ruff format --check + mypy (tests/test_static.py runs them too)
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -83,6 +83,7 @@ test: test-sysdeps $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 venv: $(STAMP)
 
