@@ -101,11 +101,25 @@ class TunnelConnection(connection.SSHConnection):
 
     def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
         localChannel, dataLength = _unpack_2uint32(packet[:8])
-        channel = self._channelFor(localChannel)
+        channel = self.channels.get(localChannel)
         if channel is None:
+            self._channelFor(localChannel)  # the disconnect
             return
         data = packet[8 : 8 + dataLength]
-        if self._accept(channel, data, dataLength):
+        # Every keystroke comes this way: _accept's checks and bookkeeping written
+        # out for a packet that passes them, _accept itself (its errors) otherwise.
+        if (
+            len(data) == dataLength
+            and dataLength <= channel.localWindowLeft
+            and dataLength <= channel.localMaxPacket
+        ):
+            channel.localWindowLeft -= dataLength
+            if channel.localWindowLeft < channel.localWindowSize // 2 and not getattr(
+                channel, "managesOwnWindow", False
+            ):
+                self.adjustWindow(channel, channel.localWindowSize - channel.localWindowLeft)
+            channel.dataReceived(data)
+        elif self._accept(channel, data, dataLength):
             channel.dataReceived(data)
 
     def ssh_CHANNEL_EXTENDED_DATA(self, packet: bytes) -> None:

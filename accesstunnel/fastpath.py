@@ -53,6 +53,7 @@ import hmac
 import os
 import struct
 from collections.abc import Callable
+from types import MethodType
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -68,6 +69,7 @@ __all__ = [
     "AEAD_CIPHERS",
     "CHACHA20_POLY1305",
     "ETM_MACS",
+    "FIRST_UPPER_LAYER_MESSAGE",
     "SMALL_WRITE_LIMIT",
     "STRICT_KEX_CLIENT",
     "STRICT_KEX_SERVER",
@@ -108,6 +110,12 @@ _SEQ_MASK = 0xFFFFFFFF
 #: ever sees its sequence number wrap.
 _REKEY_SEQ_MASK = 0x7FFFFFFF
 _MSG_CHANNEL_DATA = 94
+#: Messages of the connection and authentication layers (RFC 4250 4.1.2): sending
+#: one of these may start a key re-exchange (accesstunnel.rekey); sending a
+#: transport or key exchange message never does.
+FIRST_UPPER_LAYER_MESSAGE = 50
+#: AES-GCM's invocation counter is 64 bits.
+_COUNTER_MASK = 0xFFFFFFFFFFFFFFFF
 #: A packet whose parts add up to at most this many bytes is written as one
 #: string: one C{write} down the transport layers instead of a
 #: C{writeSequence} (an interactive keystroke or echo; bulk keeps its parts).
@@ -346,34 +354,54 @@ class _AesGcm(_Codec):
         self._fixed = iv[:4]
         self._counter = int.from_bytes(iv[4:12], "big")
 
-    def _nonce(self) -> bytes:
-        counter = self._counter
-        self._counter = (counter + 1) & 0xFFFFFFFFFFFFFFFF
-        return self._fixed + counter.to_bytes(8, "big")
+    # seal and open run once per packet (AES-GCM carries every hop once logged in):
+    # the padding length, the nonce (the counter, used once, then incremented), the
+    # padding bytes and the checks are written out here rather than called
+    # (_padLength, _padding.take, _checkLength, _checkPadding: the same arithmetic
+    # and checks, the helpers still raising the errors), a frame each fewer per
+    # packet, paid cold after every keystroke's pause (bench/RESULTS.md, "Echo
+    # latency (session 8)").
 
     def seal(self, seq: int, messageType: int, payload: bytes) -> tuple[bytes, ...]:
         n = len(payload) + 2
-        pad = _padLength(n, 16)
+        pad = 16 - n % 16
+        if pad < 4:
+            pad += 16
         length = _uint32.pack(n + pad)
-        plain = b"".join((_padType.pack(pad, messageType), payload, _padding.take(pad)))
-        return length, self._aead.encrypt(self._nonce(), plain, length)
+        pool = _padding
+        start = pool._pos
+        stop = start + pad
+        if stop <= len(pool._buf):
+            pool._pos = stop
+            padding = pool._buf[start:stop]
+        else:
+            padding = pool.take(pad)
+        counter = self._counter
+        self._counter = (counter + 1) & _COUNTER_MASK
+        plain = b"".join((_padType.pack(pad, messageType), payload, padding))
+        return length, self._aead.encrypt(self._fixed + counter.to_bytes(8, "big"), plain, length)
 
     def open(self, buf: bytearray, pos: int, seq: int) -> tuple[int, bytes, int] | None:
         avail = len(buf) - pos
         if avail < 4:
             return None
         (packetLen,) = _uint32.unpack_from(buf, pos)
-        _checkLength(packetLen, packetLen, 16)
+        if packetLen > MAX_PACKET or packetLen < 8 or packetLen % 16:
+            _checkLength(packetLen, packetLen, 16)
         end = pos + 4 + packetLen + 16
         if len(buf) < end:
             return None
+        counter = self._counter
+        self._counter = (counter + 1) & _COUNTER_MASK
+        nonce = self._fixed + counter.to_bytes(8, "big")
         with memoryview(buf) as view:
             try:
-                plain = self._aead.decrypt(self._nonce(), view[pos + 4 : end], view[pos : pos + 4])
+                plain = self._aead.decrypt(nonce, view[pos + 4 : end], view[pos : pos + 4])
             except InvalidTag:
                 raise _badMAC() from None
         padLen = plain[0]
-        _checkPadding(packetLen, padLen)
+        if padLen < 4 or padLen + 2 > packetLen:
+            _checkPadding(packetLen, padLen)
         return plain[1], plain[2 : packetLen - padLen], end
 
 
@@ -550,6 +578,16 @@ class FastPathMixin:
     #: Give channel data straight to the connection service (see the class docstring).
     directChannelData = True
     _fpChannelData: Callable[[bytes], None] | None = None
+    #: The steady path is installed (see L{enterSteadyState}).
+    steady = False
+    #: What this class's own C{dataReceived} and C{sendPacket} do per read and per
+    #: packet once steady is what the steady path does (see L{enterSteadyState}).
+    steadyCovers = frozenset({"dataReceived", "sendPacket"})
+    # What the steady path does for the layers above it, when they are mixed in
+    # (accesstunnel.keepalive's and accesstunnel.rekey's state; inert without them).
+    keepalive: Any = None
+    _rekeyBytes = 0
+    _rekeyBytesLimit = 0
 
     # Conch's attributes this mixin uses (declared for type checkers).
     transport: Any
@@ -736,6 +774,83 @@ class FastPathMixin:
             return False  # a strict peer would disconnect
         return super()._allowedKeyExchangeMessageType(messageType)  # type: ignore[misc,no-any-return]
 
+    # -- the steady state -------------------------------------------------
+
+    def _steadyReady(self) -> bool:
+        """
+        Whether every layer of this transport has nothing left to do per read but
+        what the steady path does; layers above this one that act only for a while
+        (quick ACKs, pre-login limits) add their condition and call this one.
+        """
+        return self._fpIn is not PLAIN and not self._fpClosed
+
+    def enterSteadyState(self) -> bool:
+        """
+        Install the steady path, if this transport is ready for it: whether it runs.
+
+        Between the socket and the packet loop, every read goes down one method per
+        layer (quick ACKs, the keepalive's clock, the rekey byte count, the pre-login
+        limits, this layer's buffer), and every packet sent through two. Once the
+        connection is logged in and on its keys, what they do per read and per packet
+        is fixed, so instance attributes shadow C{dataReceived} with
+        L{_fpSteadyRead}, which does all of it in one frame, and C{sendPacket} with
+        this layer's own, which also counts for the rekey layer. Each of those frames
+        is paid cold by every keystroke after its pause (bench/RESULTS.md, "Echo
+        latency (session 8)").
+
+        Installed only when each class above this one that defines C{dataReceived}
+        or C{sendPacket} lists it in its own C{steadyCovers} (a subclass that adds
+        per-read work keeps the full chain), when L{_steadyReady} says so, and when
+        neither method is already shadowed on the instance. A layer below that
+        already calls this transport's C{dataReceived} directly (a wrapper that
+        stepped aside) is pointed at the steady read too. Nothing needs undoing:
+        none of the conditions can become false again on a connection.
+        """
+        if self.steady:
+            return True
+        if "dataReceived" in vars(self) or "sendPacket" in vars(self):
+            return False
+        for cls in type(self).__mro__:
+            if cls is FastPathMixin:
+                break
+            covers = vars(cls).get("steadyCovers", frozenset())
+            if any(name in vars(cls) and name not in covers for name in self.steadyCovers):
+                return False
+        if not self._steadyReady():
+            return False
+        chain = self.dataReceived
+        self.steady = True
+        self.dataReceived = self._fpSteadyRead  # type: ignore[method-assign]
+        self.sendPacket = MethodType(FastPathMixin.sendPacket, self)  # type: ignore[method-assign]
+        # Layers below that kept a reference to the chain (Twisted's endpoint wrapper,
+        # the handshake limiter once it steps aside) call the steady read instead.
+        layer: Any = self.transport
+        for _ in range(8):
+            if layer is None:
+                break
+            callers: tuple[Any, ...] = (layer, getattr(layer, "protocol", None))
+            for caller in callers:
+                if getattr(caller, "__dict__", {}).get("dataReceived") == chain:
+                    caller.dataReceived = self._fpSteadyRead
+            layer = getattr(layer, "transport", None)
+        return True
+
+    def _fpSteadyRead(self, data: bytes) -> None:
+        """
+        C{dataReceived} once steady: the keepalive's clock (L{Keepalive.received}),
+        the rekey layer's byte count and its limit, this layer's buffer and packet
+        loop, in that order, as the layers' own methods would.
+        """
+        keepalive = self.keepalive
+        if keepalive is not None:
+            keepalive.lastReceived = keepalive.now()
+        self._rekeyBytes += len(data)
+        self._fpBuf += data
+        if not self._fpProcessing:
+            self._fpProcess()
+        if self._rekeyBytesLimit and self._rekeyBytes >= self._rekeyBytesLimit:
+            self._startRekey("bytes")  # type: ignore[attr-defined]
+
     # -- sending ----------------------------------------------------------
 
     def sendPacket(self, messageType: int, payload: bytes) -> None:
@@ -745,20 +860,30 @@ class FastPathMixin:
         ):
             assert self._blockedByKeyExchange is not None
             self._blockedByKeyExchange.append((messageType, payload))
-            return
-        seq = self.outgoingPacketSequence
-        parts = self._fpOut.seal(seq, messageType, payload)
-        if len(parts) == 1:
-            self.transport.write(parts[0])
-        elif len(payload) <= SMALL_WRITE_LIMIT:
-            self.transport.write(b"".join(parts))
         else:
-            self.transport.writeSequence(parts)
-        seq = self.outgoingPacketSequence = (seq + 1) & _SEQ_MASK
-        if messageType == transport.MSG_NEWKEYS:
-            self._sentNewKeys()
-        elif not seq & _REKEY_SEQ_MASK:
-            self._fpRekeyForSequence()
+            seq = self.outgoingPacketSequence
+            parts = self._fpOut.seal(seq, messageType, payload)
+            if len(parts) == 1:
+                self.transport.write(parts[0])
+            elif len(payload) <= SMALL_WRITE_LIMIT:
+                self.transport.write(b"".join(parts))
+            else:
+                self.transport.writeSequence(parts)
+            seq = self.outgoingPacketSequence = (seq + 1) & _SEQ_MASK
+            if messageType == transport.MSG_NEWKEYS:
+                self._sentNewKeys()
+            elif not seq & _REKEY_SEQ_MASK:
+                self._fpRekeyForSequence()
+        if self.steady:
+            # Called directly once steady (L{enterSteadyState}): the rekey layer's
+            # count and limit (accesstunnel.rekey's sendPacket), held packets included.
+            self._rekeyBytes += len(payload)
+            if (
+                self._rekeyBytesLimit
+                and self._rekeyBytes >= self._rekeyBytesLimit
+                and messageType >= FIRST_UPPER_LAYER_MESSAGE
+            ):
+                self._startRekey("bytes")  # type: ignore[attr-defined]
 
     def _fpRekeyForSequence(self) -> None:
         """2^31 packets sent under these keys: renew them before the sequence number wraps."""

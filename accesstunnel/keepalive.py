@@ -147,6 +147,8 @@ class Keepalive:
         if probeAfter is not None and not interval <= probeAfter <= interval * count:
             raise ValueError("keepalive probeAfter must be between interval and interval * count")
         self._clock = clock
+        #: The clock's C{seconds}, for callers that do what L{received} does inline.
+        self.now = clock.seconds
         self._sendPing = sendPing
         self._onDead = onDead
         self.interval = interval
@@ -186,7 +188,7 @@ class Keepalive:
 
     def received(self) -> None:
         """The peer sent something. Called for every read: keep it cheap."""
-        self.lastReceived = self._clock.seconds()
+        self.lastReceived = self.now()
 
     def _schedule(self, delay: float) -> None:
         self._due = self._clock.seconds() + delay
@@ -267,6 +269,9 @@ class KeepaliveTransportMixin:
 
     keepalive: Keepalive | None = None
     _keepaliveLog = Logger()
+    #: The fast packet layer's steady path stores the time of every read for this
+    #: layer (accesstunnel.fastpath.enterSteadyState).
+    steadyCovers = frozenset({"dataReceived"})
 
     def watchPeer(
         self,

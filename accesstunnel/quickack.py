@@ -52,6 +52,9 @@ class QuickAckMixin:
     """For an SSH transport protocol: quick ACKs during the first reads."""
 
     quickAckReads = QUICK_ACK_READS
+    #: Nothing to do per read once the quick ACKs are over: the fast packet layer's
+    #: steady path may skip this layer (accesstunnel.fastpath.enterSteadyState).
+    steadyCovers = frozenset({"dataReceived"})
     _quickAckSocket: socket.socket | None = None
     _quickAcksLeft = 0
     transport: Any
@@ -64,14 +67,27 @@ class QuickAckMixin:
         super().connectionMade()  # type: ignore[misc]
 
     def dataReceived(self, data: bytes) -> None:
-        if self._quickAcksLeft:
-            self._quickAck()
+        if not self._quickAcksLeft:
+            super().dataReceived(data)  # type: ignore[misc]
+            return
+        self._quickAck()
         super().dataReceived(data)  # type: ignore[misc]
+        if not self._quickAcksLeft:
+            self._quickAcksOver()
 
     def stopQuickAcks(self) -> None:
         """No more quick ACKs on this connection (a peer that never waits on them)."""
         self._quickAcksLeft = 0
         self._quickAckSocket = None
+
+    def _steadyReady(self) -> bool:
+        return not self._quickAcksLeft and super()._steadyReady()  # type: ignore[misc, no-any-return]
+
+    def _quickAcksOver(self) -> None:
+        """The last quick ACK went: a transport with a steady path may take it now."""
+        enterSteadyState = getattr(self, "enterSteadyState", None)
+        if enterSteadyState is not None:
+            enterSteadyState()
 
     def _quickAck(self) -> None:
         self._quickAcksLeft -= 1

@@ -26,17 +26,13 @@ import attrs
 from twisted.logger import Logger
 
 from accesstunnel.durations import parseDuration
+from accesstunnel.fastpath import FIRST_UPPER_LAYER_MESSAGE
 
 DEFAULT_REKEY_BYTES = 1 << 30
 DEFAULT_REKEY_SECONDS = 3600.0
 
 _SIZE = re.compile(r"\A(\d{1,15})([kmg]?)\Z")
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
-#: Messages of the connection and authentication layers (RFC 4250 4.1.2):
-#: sending one of these may start a re-exchange; sending a transport or key
-#: exchange message never does.
-_FIRST_UPPER_LAYER_MESSAGE = 50
 
 
 @attrs.frozen
@@ -94,6 +90,9 @@ class RekeyingTransportMixin:
     """
 
     _rekeyLog = Logger()
+    #: The fast packet layer's steady path counts the bytes and applies the limit
+    #: of every read and packet for this layer (accesstunnel.fastpath.enterSteadyState).
+    steadyCovers = frozenset({"dataReceived", "sendPacket"})
 
     keyExchanges = 0
     _rekeyBytes = 0
@@ -125,7 +124,7 @@ class RekeyingTransportMixin:
         if (
             self._rekeyBytesLimit
             and self._rekeyBytes >= self._rekeyBytesLimit
-            and messageType >= _FIRST_UPPER_LAYER_MESSAGE
+            and messageType >= FIRST_UPPER_LAYER_MESSAGE
         ):
             self._startRekey("bytes")
 

@@ -287,6 +287,9 @@ class AgentTransport(
             settings.keepaliveCount,
             align=min(1.0, settings.keepaliveInterval),
         )
+        # Logged in: reads and packets skip the layers with nothing left to do
+        # (fastpath.enterSteadyState).
+        self.enterSteadyState()
 
     def peerSilent(self) -> None:
         self._log.warn("groundcontrol stopped answering; reconnecting")

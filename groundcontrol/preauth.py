@@ -602,8 +602,20 @@ class PreauthMixin:
     gotVersion: bool
     currentEncryptions: Any
 
+    #: Nothing to do per read once logged in: the fast packet layer's steady path may
+    #: skip this layer (accesstunnel.fastpath.enterSteadyState).
+    steadyCovers = frozenset({"dataReceived"})
+
     def _preauthDone(self) -> bool:
         return getattr(self, "avatar", None) is not None
+
+    def _steadyReady(self) -> bool:
+        return (
+            self._preauthDone()
+            and not self._preauthRefused
+            and self._preauthViolation is None
+            and super()._steadyReady()  # type: ignore[misc]
+        )
 
     def connectionMade(self) -> None:
         guard = guardOf(self.factory)

@@ -332,6 +332,9 @@ class GroundControlTransport(
             )
         else:
             self.watchPeer(conn, self.factory.clock, interval, count)
+        # Logged in: once the quick ACKs are over too (at once on an agent link), reads
+        # and packets skip the layers with nothing left to do (fastpath.enterSteadyState).
+        self.enterSteadyState()
 
     def connectionLost(self, reason: Any = None) -> None:
         if self._graceTimer is not None and self._graceTimer.active():

@@ -14,6 +14,7 @@ import struct
 from typing import Any, cast
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from twisted.conch.ssh import connection, factory, service, transport
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
@@ -758,3 +759,92 @@ def test_a_small_packet_is_one_write_a_large_one_its_parts() -> None:
     small, large = b"k", b"L" * (fastpath.SMALL_WRITE_LIMIT + 1)
     echo(client, pump, [small, large])
     assert calls == [("write", 1), ("writeSequence", 2)]
+
+
+GCM = b"aes128-gcm@openssh.com"
+GCM_KEY = bytes(range(16))
+GCM_IV = bytes(range(100, 112))
+
+
+def _gcmPair() -> tuple[Any, Any]:
+    sealer = fastpath.makeCodec(GCM, b"", GCM_IV, GCM_KEY, b"", True)
+    opener = fastpath.makeCodec(GCM, b"", GCM_IV, GCM_KEY, b"", False)
+    return sealer, opener
+
+
+def _gcmPacket(counter: int, packetLen: int, padLen: int, body: bytes) -> bytes:
+    """A packet as a peer would seal it, any fields it likes, with the right tag."""
+    length = struct.pack(">L", packetLen)
+    nonce = GCM_IV[:4] + counter.to_bytes(8, "big")
+    return length + AESGCM(GCM_KEY).encrypt(nonce, bytes([padLen]) + body, length)
+
+
+def test_aes_gcm_packets_match_the_standard() -> None:
+    """
+    A sealed AES-GCM packet is the length in clear, then padding length, message,
+    payload and 4 to 19 bytes of padding to a multiple of 16, sealed under the fixed
+    field and the counter, the counter going up by one per packet; it opens again,
+    across a refill of the padding pool.
+    """
+    sealer, opener = _gcmPair()
+    counter = int.from_bytes(GCM_IV[4:12], "big")
+    buf = bytearray()
+    fastpath._padding._pos = len(fastpath._padding._buf) - 3  # the pool runs out mid-way
+    for n, payload in enumerate([b"", b"k", b"x" * 13, b"y" * 14, b"z" * 100]):
+        length, sealed = sealer.seal(n, 94, payload)
+        (packetLen,) = struct.unpack(">L", length)
+        nonce = GCM_IV[:4] + (counter + n).to_bytes(8, "big")
+        plain = AESGCM(GCM_KEY).decrypt(nonce, sealed, length)
+        padLen = plain[0]
+        assert packetLen == len(plain) and packetLen % 16 == 0
+        assert 4 <= padLen <= 19
+        assert plain[1] == 94 and plain[2 : len(plain) - padLen] == payload
+        buf += length + sealed
+    pos = 0
+    for n, payload in enumerate([b"", b"k", b"x" * 13, b"y" * 14, b"z" * 100]):
+        result = opener.open(buf, pos, n)
+        assert result is not None
+        messageNum, opened, pos = result
+        assert (messageNum, opened) == (94, payload)
+    assert pos == len(buf)
+
+
+def test_aes_gcm_counter_wraps_at_64_bits() -> None:
+    """The invocation counter wraps from 2^64 - 1 to 0 (RFC 5647 7.1), both ways."""
+    sealer, opener = _gcmPair()
+    sealer._counter = opener._counter = (1 << 64) - 1
+    buf = bytearray()
+    for payload in (b"last", b"first"):
+        buf += b"".join(sealer.seal(0, 94, payload))
+    assert sealer._counter == 1
+    first = opener.open(buf, 0, 0)
+    assert first is not None and first[1] == b"last"
+    second = opener.open(buf, first[2], 0)
+    assert second is not None and second[1] == b"first"
+    # The second packet was sealed under counter 0.
+    nonce = GCM_IV[:4] + bytes(8)
+    AESGCM(GCM_KEY).decrypt(nonce, bytes(buf[first[2] + 4 :]), bytes(buf[first[2] : first[2] + 4]))
+
+
+@pytest.mark.parametrize(
+    ("packetLen", "why"),
+    [(20, b"bad packet mod"), (4, b"bad packet length"), ((1 << 20) + 16, b"bad packet length")],
+)
+def test_aes_gcm_bad_length_is_refused(packetLen: int, why: bytes) -> None:
+    """A length that is not a multiple of 16, too small or too large is refused before
+    anything is waited for or decrypted."""
+    _, opener = _gcmPair()
+    with pytest.raises(fastpath.BadPacketError) as caught:
+        opener.open(bytearray(struct.pack(">L", packetLen)), 0, 0)
+    assert caught.value.description.startswith(why)
+
+
+@pytest.mark.parametrize("padLen", [3, 15])
+def test_aes_gcm_bad_padding_is_refused(padLen: int) -> None:
+    """An authentic packet whose padding length is under 4 or leaves no message is refused."""
+    _, opener = _gcmPair()
+    counter = int.from_bytes(GCM_IV[4:12], "big")
+    packet = _gcmPacket(counter, 16, padLen, bytes([94]) + bytes(14))
+    with pytest.raises(fastpath.BadPacketError) as caught:
+        opener.open(bytearray(packet), 0, 0)
+    assert caught.value.description == b"bad padding length %d" % padLen

@@ -11,6 +11,7 @@ and connectors writeThroughTCP builds make write-through connections from the st
 
 from __future__ import annotations
 
+import errno
 import socket
 from typing import Any
 
@@ -271,6 +272,72 @@ class RealSocketTests(SynchronousTestCase):
         wrapper.wrappedProtocol.transport.write(b"through the wrapper")
         self.assertEqual(self.theirs.recv(100), b"through the wrapper")
         self.assertNotIn(server, self.reactor.getWriters())
+
+    def test_tcpSendsItself(self) -> None:
+        """A TCP connection's write through calls the socket's send itself, not
+        writeSomeData and untilConcludes (two frames per keystroke write)."""
+        server = _server(self.ours, self.reactor)
+
+        def notCalled(data: Any) -> Any:
+            raise AssertionError("writeSomeData called for a write through")
+
+        server.writeSomeData = notCalled  # type: ignore[method-assign]
+        server.write(b"keystroke")
+        self.assertEqual(self.theirs.recv(100), b"keystroke")
+
+    def _flakySocket(self, server: tcp.Server, *errors: OSError) -> list[Any]:
+        """Make C{server}'s socket raise C{errors} on its next sends; the calls made."""
+        real = server.socket
+        calls: list[Any] = []
+        pending = list(errors)
+
+        class Flaky:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+            def send(self, data: Any) -> int:
+                calls.append(bytes(data))
+                if pending:
+                    raise pending.pop(0)
+                return real.send(data)
+
+        server.socket = Flaky()  # type: ignore[assignment]
+        return calls
+
+    def test_tcpInterruptedSendIsRetried(self) -> None:
+        """A send interrupted by a signal (EINTR) is retried at once, as untilConcludes
+        would: the bytes leave inside the write."""
+        server = _server(self.ours, self.reactor)
+        calls = self._flakySocket(server, InterruptedError(errno.EINTR, "interrupted"))
+        server.write(b"keystroke")
+        self.assertEqual(calls, [b"keystroke", b"keystroke"])
+        self.assertEqual(self.theirs.recv(100), b"keystroke")
+        self.assertNotIn(server, self.reactor.getWriters())
+
+    def test_tcpFullSocketBuffers(self) -> None:
+        """EAGAIN and ENOBUFS: nothing sent, all of it buffered for doWrite, in order."""
+        for error in (errno.EAGAIN, errno.ENOBUFS):
+            server = _server(self.ours, self.reactor)
+            self._flakySocket(server, OSError(error, "full"))
+            server.write(b"one")
+            server.write(b"two")
+            self.assertIn(server, self.reactor.getWriters())
+            self.assertIsNone(server.doWrite())
+            self.assertEqual(self.theirs.recv(100), b"onetwo")
+            self.reactor.removeWriter(server)
+
+    def test_tcpSendErrorIsMetByDoWrite(self) -> None:
+        """Any other error: the write is buffered, and doWrite meets the error and
+        reports the connection lost, the way the reactor always ends it."""
+        server = _server(self.ours, self.reactor)
+        self._flakySocket(
+            server,
+            ConnectionResetError(errno.ECONNRESET, "reset"),
+            ConnectionResetError(errno.ECONNRESET, "reset"),
+        )
+        server.write(b"keystroke")
+        self.assertIn(server, self.reactor.getWriters())
+        self.assertEqual(server.doWrite(), main.CONNECTION_LOST)
 
 
 def privateReactor(case: SynchronousTestCase) -> SelectReactor:

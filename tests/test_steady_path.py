@@ -1,0 +1,435 @@
+"""
+The steady path of our SSH transports (accesstunnel.fastpath.enterSteadyState): once a
+connection is logged in and past its quick ACKs, every read goes to one method that does
+what the layers above the packet loop did per read, and every packet to the fast layer's
+own C{sendPacket}, which counts for the rekey layer. In memory: the real groundcontrol
+front door and the real agent link over iosim, on a Clock.
+
+Most tests replace the layers' own C{dataReceived} and C{sendPacket} with ones that
+fail, so that what still works is proven to work on the steady path: the keepalive's
+clock, the rekey byte limits both ways, the 2^31-packet limit, strict key exchange's
+sequence numbers over a re-exchange, and the disconnect of a tampered packet. Last, the
+channel data dispatch each keystroke goes through next (accesstunnel.connection).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from twisted.conch.ssh import transport
+from twisted.conch.ssh.channel import SSHChannel
+from twisted.conch.ssh.connection import MSG_CHANNEL_CLOSE, MSG_CHANNEL_WINDOW_ADJUST
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from accesstunnel import fastpath, quickack
+from accesstunnel.connection import TunnelConnection
+from accesstunnel.keys import fingerprint
+from accesstunnel.rekey import RekeyingTransportMixin, RekeyLimit
+from agent.identity import ServerKeyPin
+from agent.link import AgentLinkFactory, AgentTransport, LinkSettings
+from groundcontrol.sshserver import GroundControlTransport, ServerSettings
+from groundcontrol.testing import (
+    FakeOperator,
+    InMemoryFleet,
+    OperatorSession,
+    ScriptedSession,
+    publicLine,
+    refuseForwards,
+    scriptedSessions,
+)
+from tests.test_rekey import NEVER, recordSent, script
+
+
+class SteadyFleet(SynchronousTestCase):
+    """kiln7 on the real agent link, operator alice with a C{cat} session open on it."""
+
+    agentProtocol: type = AgentTransport
+
+    def connect(self, server: RekeyLimit = NEVER, agent: RekeyLimit = NEVER) -> None:
+        self.fleet = InMemoryFleet(settings=ServerSettings(rekeyLimit=server))
+        deviceKey = self.fleet.enrollDevice("kiln7")
+        aliceKey = self.fleet.addOperator("alice")
+        self.fleet.grant("alice", "kiln7")
+        self.sessions: list[ScriptedSession] = []
+        factory = AgentLinkFactory(
+            LinkSettings(
+                name="kiln7",
+                deviceKey=deviceKey,
+                serverKey=ServerKeyPin(fingerprint(publicLine(self.fleet.hostKey))),
+                rekeyLimit=agent,
+            ),
+            self.fleet.clock,  # type: ignore[arg-type]
+            scriptedSessions(script, self.sessions),
+            refuseForwards,
+        )
+        factory.protocol = self.agentProtocol  # type: ignore[assignment]
+        self.linkPump = self.fleet.connect(factory)
+        self.agentSide: Any = self.linkPump.client
+        self.serverSide: Any = self.linkPump.server
+        # The operator's client is Conch's: it needs the rekey mixin's NEWKEYS fix when
+        # groundcontrol renews its keys (as in tests/test_rekey.py), and no limit of its own.
+        self.operator = FakeOperator("dev_kiln7", aliceKey, hostKey=self.fleet.hostKey)
+        self.operator.protocol = type(
+            "RekeyableOperatorTransport",
+            (RekeyingTransportMixin, FakeOperator.protocol),
+            {"rekeySettings": lambda self: (NEVER, None)},
+        )
+        self.fleet.connect(self.operator)
+        (self.operatorPump,) = [p for p in self.fleet.network.pumps if p is not self.linkPump]
+        #: groundcontrol's end of the operator's connection.
+        self.operatorSide: Any = self.operatorPump.server
+
+    def openCat(self) -> OperatorSession:
+        session = self.fleet.session(self.operator)
+        self.assertTrue(session.isOpen, session.openFailure)
+        d = session.exec(b"cat")
+        self.fleet.flush()
+        self.successResultOf(d)  # type: ignore[arg-type]
+        return session
+
+    def keystroke(self, session: OperatorSession, key: bytes = b"k") -> None:
+        """The operator types C{key}; it comes back through the device's C{cat}."""
+        before = len(session.output)
+        session.write(key)
+        self.fleet.flush()
+        self.assertEqual(bytes(session.output[before:]), key)
+
+    def withoutTheChain(self) -> None:
+        """
+        From now on, the chain of our transports' C{dataReceived} and C{sendPacket}
+        (quick ACKs, keepalive, rekey, pre-login limits, packet layer) fails if entered.
+        """
+        for cls in (GroundControlTransport, AgentTransport):
+            for name in ("dataReceived", "sendPacket"):
+
+                def refuse(self: Any, *args: Any, _where: str = f"{cls.__name__}.{name}") -> None:
+                    raise AssertionError(f"{_where} called on the steady path")
+
+                # Not self.patch: its cleanup would leave the inherited method set on
+                # the class itself, which keeps later transports off the steady path.
+                assert name not in vars(cls)
+                setattr(cls, name, refuse)
+                self.addCleanup(delattr, cls, name)
+
+
+class SteadyStateTests(SteadyFleet):
+    """Which transports take the steady path, and when."""
+
+    def test_loggedInTransportsAreSteady(self) -> None:
+        """
+        Both ends of the agent link and groundcontrol's end of an operator's connection
+        (no TCP socket here, so no quick ACKs) are steady once logged in, and a
+        keystroke's round trip then runs without any of the layers' own methods.
+        """
+        self.connect()
+        for side in (self.agentSide, self.serverSide, self.operatorSide):
+            self.assertTrue(side.steady)
+            self.assertEqual(side.dataReceived, side._fpSteadyRead)
+        session = self.openCat()
+        self.withoutTheChain()
+        for key in (b"a", b"b", b"\r"):
+            self.keystroke(session, key)
+        self.assertTrue(self.serverSide.steady)
+
+    def test_notBeforeLogin(self) -> None:
+        """
+        A connection that has not logged in (nor finished its first key exchange) keeps
+        the whole chain: the pre-login limits still see every read.
+        """
+        self.connect()
+        sshTransport: Any = self.fleet.factory.buildProtocol(IPv4Address("TCP", "10.1.2.3", 40000))
+        sshTransport.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "10.1.2.3", 1)))
+        self.assertFalse(sshTransport.enterSteadyState())
+        self.assertFalse(sshTransport.steady)
+        self.assertNotIn("dataReceived", vars(sshTransport))
+        # Keys but no login: still not.
+        sshTransport._fpIn = self.serverSide._fpIn
+        self.assertFalse(sshTransport.enterSteadyState())
+        sshTransport.connectionLost(None)
+
+    def test_aLayerWithItsOwnReadKeepsTheChain(self) -> None:
+        """
+        A transport class that adds its own C{dataReceived} above the packet layer (work
+        the steady path does not know of) is never steady, and its reads reach it.
+        """
+        reads: list[int] = []
+
+        class Watching(AgentTransport):
+            def dataReceived(self, data: bytes) -> None:
+                reads.append(len(data))
+                super().dataReceived(data)
+
+        self.agentProtocol = Watching
+        self.connect()
+        self.assertFalse(self.agentSide.steady)
+        self.assertTrue(self.serverSide.steady)
+        before = len(reads)
+        self.keystroke(self.openCat())
+        self.assertGreater(len(reads), before)
+
+    def test_anInstanceShadowKeepsTheChain(self) -> None:
+        """A C{sendPacket} already shadowed on the instance (a test's recorder) is kept."""
+        self.connect()
+        self.serverSide.steady = False
+        del self.serverSide.dataReceived
+        del self.serverSide.sendPacket
+        sent = recordSent(self.serverSide)
+        self.assertFalse(self.serverSide.enterSteadyState())
+        self.keystroke(self.openCat())
+        self.assertIn(94, sent)
+
+    def test_aLayerBelowThatCallsTheChainIsRepointed(self) -> None:
+        """
+        A layer under the transport that kept the transport's C{dataReceived} (the
+        handshake limiter once it steps aside, Twisted's endpoint wrapper under the
+        agent) calls the steady read once the transport is steady.
+        """
+        enter = fastpath.FastPathMixin.enterSteadyState
+        self.patch(fastpath.FastPathMixin, "enterSteadyState", lambda self: False)
+        self.connect()
+        self.assertFalse(self.serverSide.steady)
+        below: Any = self.serverSide.transport
+        below.dataReceived = self.serverSide.dataReceived
+        self.assertTrue(enter(self.serverSide))
+        self.assertEqual(below.dataReceived, self.serverSide._fpSteadyRead)
+        self.keystroke(self.openCat())
+
+
+class QuickAckThenSteadyTests(SteadyFleet):
+    """An operator's connection turns steady when its quick ACKs are over."""
+
+    def setUp(self) -> None:
+        if quickack.TCP_QUICKACK is None:
+            raise SkipTest("no TCP_QUICKACK on this platform")
+        self.options: list[Any] = []
+
+        class Socket:
+            def __init__(self, options: list[Any]) -> None:
+                self.options = options
+
+            def setsockopt(self, *option: Any) -> None:
+                self.options.append(option)
+
+        self.patch(quickack, "tcpSocketOf", lambda transport: Socket(self.options))
+
+    def test_steadyAfterTheLastQuickAck(self) -> None:
+        """
+        While quick ACKs are left the operator's connection keeps the chain (each read
+        sets the option); after the last one it is steady and sets nothing more.
+        """
+        self.connect()
+        self.assertTrue(self.serverSide.steady)  # an agent link stops them at login
+        session = self.openCat()
+        while self.operatorSide._quickAcksLeft:
+            self.assertFalse(self.operatorSide.steady)
+            self.keystroke(session)
+        self.assertTrue(self.operatorSide.steady)
+        setAtTheEnd = len(self.options)
+        self.withoutTheChain()
+        for _ in range(5):
+            self.keystroke(session)
+        self.assertEqual(len(self.options), setAtTheEnd)
+
+
+class SteadyBehaviourTests(SteadyFleet):
+    """What the layers did per read and per packet still happens on the steady path."""
+
+    def test_keepaliveSeesEveryRead(self) -> None:
+        """Every read stores the time for the keepalive, on both ends of each hop."""
+        self.connect()
+        session = self.openCat()
+        self.withoutTheChain()
+        self.fleet.clock.advance(7)
+        self.keystroke(session)
+        now = self.fleet.clock.seconds()
+        for side in (self.operatorSide, self.serverSide, self.agentSide):
+            self.assertEqual(side.keepalive.lastReceived, now)
+
+    def test_readBytesCountTowardsTheLimit(self) -> None:
+        """
+        The bytes read count towards the rekey limit: one byte short of it, the
+        agent renews the keys when the next keystroke reaches it, and the session
+        goes on.
+        """
+        self.connect()
+        session = self.openCat()
+        self.withoutTheChain()
+        kexinits: list[str] = []
+        for name, side in (("agent", self.agentSide), ("groundcontrol", self.serverSide)):
+            original = side.sendPacket
+
+            def sendPacket(
+                messageType: int, payload: bytes, _n: str = name, _o: Any = original
+            ) -> None:
+                if messageType == transport.MSG_KEXINIT:
+                    kexinits.append(_n)
+                _o(messageType, payload)
+
+            side.sendPacket = sendPacket
+        self.agentSide._rekeyBytesLimit = self.agentSide._rekeyBytes + 1
+        before = self.agentSide.keyExchanges
+        session.write(b"k")
+        self.fleet.flush()
+        self.assertEqual(kexinits, ["agent", "groundcontrol"])
+        self.assertEqual(self.agentSide.keyExchanges, before + 1)
+        self.assertEqual(self.serverSide.keyExchanges, before + 1)
+        self.keystroke(session)
+
+    def test_sentBytesCountTowardsTheLimit(self) -> None:
+        """
+        Packets sent count towards the rekey limit, held ones included: a connection
+        layer packet past it starts a key exchange at once (before any read), a
+        transport message does not.
+        """
+        self.connect()
+        self.openCat()
+        self.withoutTheChain()
+        side = self.serverSide
+        side._rekeyBytesLimit = side._rekeyBytes + 10
+        side.sendPacket(transport.MSG_IGNORE, b"x" * 20)
+        self.assertEqual(side._keyExchangeState, side._KEY_EXCHANGE_NONE)
+        side.service.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=0)
+        self.assertNotEqual(side._keyExchangeState, side._KEY_EXCHANGE_NONE)
+        # Held during the exchange: counted all the same.
+        held = side._rekeyBytes
+        side.service.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=0)
+        self.assertEqual(len(side._blockedByKeyExchange), 1)
+        self.assertGreater(side._rekeyBytes, held)
+        self.fleet.flush()
+        self.assertEqual(side.keyExchanges, 2)
+        self.assertEqual(self.agentSide.keyExchanges, 2)
+
+    def test_streamWithSmallLimits(self) -> None:
+        """
+        With a 1 MiB limit on groundcontrol and the agent, 8 MiB streamed from the
+        device renews the keys of the link and of the operator's connection again and
+        again, every byte arriving, without any layer's own methods.
+        """
+        limit = RekeyLimit(bytes=1 << 20, seconds=0)
+        self.connect(server=limit, agent=limit)
+        session = self.fleet.session(self.operator)
+        session.releaseWindow()
+        self.withoutTheChain()
+        d = session.exec(b"stream")
+        self.fleet.flush()
+        self.successResultOf(d)  # type: ignore[arg-type]
+        self.assertEqual(len(session.output), 8 << 20)
+        self.assertEqual(session.events[-3:], [("exit-status", 0), ("eof",), ("close",)])
+        self.assertGreater(self.agentSide.keyExchanges, 3)
+        self.assertEqual(self.agentSide.keyExchanges, self.serverSide.keyExchanges)
+        self.assertGreater(self.operatorSide.keyExchanges, 3)
+
+    def test_packetLimitAndStrictKexSequenceNumbers(self) -> None:
+        """
+        2^31 packets under one key start a key exchange on the steady path too, and
+        with strict key exchange both sequence numbers start again from zero after it.
+        """
+        self.connect()
+        session = self.openCat()
+        self.withoutTheChain()
+        self.assertTrue(self.agentSide.strictKex)
+        self.agentSide.outgoingPacketSequence = (1 << 31) - 1
+        self.serverSide.incomingPacketSequence = (1 << 31) - 1
+        before = self.agentSide.keyExchanges
+        self.agentSide.service.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=0)
+        self.assertNotEqual(self.agentSide._keyExchangeState, self.agentSide._KEY_EXCHANGE_NONE)
+        self.fleet.flush()
+        self.assertEqual(self.agentSide.keyExchanges, before + 1)
+        self.assertLess(self.agentSide.outgoingPacketSequence, 10)
+        self.assertEqual(
+            self.agentSide.outgoingPacketSequence, self.serverSide.incomingPacketSequence
+        )
+        self.keystroke(session)
+
+    def test_tamperedPacketDisconnects(self) -> None:
+        """A flipped bit in a packet on the steady path ends the link with a MAC error."""
+        self.connect()
+        session = self.openCat()
+        self.withoutTheChain()
+        errors: list[int] = []
+        original = self.serverSide.sendDisconnect
+
+        def sendDisconnect(reason: int, desc: bytes) -> None:
+            errors.append(reason)
+            original(reason, desc)
+
+        self.serverSide.sendDisconnect = sendDisconnect
+        self.agentSide.service.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=0)
+        io = self.linkPump.clientIO
+        wire = bytearray(b"".join(io.stream))
+        wire[10] ^= 0x01
+        io.stream = [bytes(wire)]
+        self.fleet.flush()
+        self.assertEqual(errors, [transport.DISCONNECT_MAC_ERROR])
+        self.assertTrue(self.linkPump.serverIO.disconnected)
+        self.assertTrue(session.isClosed)  # the operator's session ends with the link
+
+
+class _Transport:
+    """What a connection service sends, and its disconnects."""
+
+    def __init__(self) -> None:
+        self.packets: list[tuple[int, bytes]] = []
+        self.disconnects: list[int] = []
+
+    def sendPacket(self, messageType: int, payload: bytes) -> None:
+        self.packets.append((messageType, payload))
+
+    def sendDisconnect(self, reason: int, description: bytes) -> None:
+        self.disconnects.append(reason)
+
+
+class ChannelDataTests(SynchronousTestCase):
+    """
+    The channel data dispatch every keystroke goes through (TunnelConnection's
+    ssh_CHANNEL_DATA, with its window checks written out): each refusal still happens.
+    """
+
+    def setUp(self) -> None:
+        self.conn = TunnelConnection()
+        self.transport = _Transport()
+        self.conn.transport = self.transport
+        self.received: list[bytes] = []
+        channel = SSHChannel(localWindow=1000, localMaxPacket=100, conn=self.conn)
+        channel.dataReceived = self.received.append  # type: ignore[method-assign]
+        channel.id = 0
+        self.conn.channels[0] = channel
+        self.conn.channelsToRemoteChannel[channel] = 5
+        self.channel = channel
+
+    def data(self, claimed: int, data: bytes, channel: int = 0) -> None:
+        self.conn.ssh_CHANNEL_DATA(struct.pack(">2L", channel, claimed) + data)
+
+    def test_accepted(self) -> None:
+        """Data within the window and packet size is delivered and taken off the window."""
+        self.data(3, b"abc")
+        self.assertEqual(self.received, [b"abc"])
+        self.assertEqual(self.channel.localWindowLeft, 997)
+        self.assertEqual(self.transport.packets, [])
+
+    def test_windowReopenedPastHalf(self) -> None:
+        """A channel that does not manage its window gets it re-opened past half, as Conch's."""
+        for _ in range(6):
+            self.data(100, b"x" * 100)
+        self.assertEqual(self.channel.localWindowLeft, 1000)
+        (adjust,) = [p for p in self.transport.packets if p[0] == MSG_CHANNEL_WINDOW_ADJUST]
+        self.assertEqual(adjust[1], struct.pack(">2L", 5, 600))
+
+    def test_refusals(self) -> None:
+        """More than the packet size, more than the window, or less than claimed: the
+        channel is closed and nothing delivered."""
+        for claimed, data, left in ((101, b"x" * 101, 1000), (50, b"x" * 50, 40), (9, b"x", 1000)):
+            self.setUp()
+            self.channel.localWindowLeft = left
+            self.data(claimed, data)
+            self.assertEqual(self.received, [])
+            self.assertEqual([p[0] for p in self.transport.packets], [MSG_CHANNEL_CLOSE])
+
+    def test_unknownChannelDisconnects(self) -> None:
+        """Data for a channel that does not exist ends the connection (protocol error)."""
+        self.data(3, b"abc", channel=7)
+        self.assertEqual(self.received, [])
+        self.assertEqual(self.transport.disconnects, [transport.DISCONNECT_PROTOCOL_ERROR])
