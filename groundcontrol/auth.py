@@ -53,7 +53,9 @@ class FleetKeyChecker:
     _log = Logger()
 
     def __init__(self, store: IStore) -> None:
-        self._store = store
+        # Only operators' logins query the store here, while they wait: their calls
+        # go ahead of the fleet's queued bookkeeping (IStore.interactive).
+        self._store = store.interactive()
 
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[Any]:
         return defer.Deferred.fromCoroutine(self._check(credentials))

@@ -101,7 +101,9 @@ class SessionRouter:
         clock: IReactorTime,
         policy: SessionPolicy | None = None,
     ) -> None:
-        self._store = store
+        # Operators opening sessions and admins in the control shell wait on these
+        # calls: ahead of the fleet's queued bookkeeping (IStore.interactive).
+        self._store = store.interactive()
         self._registry = registry
         self._clock = clock
         self.policy = policy or SessionPolicy()

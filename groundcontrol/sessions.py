@@ -392,7 +392,9 @@ class SessionRegistry:
         newId: Callable[[], str] = newSessionId,
         auditFailOpen: bool | None = None,
     ) -> None:
-        self.store = store
+        # Session start and end are written while an operator waits: ahead of the
+        # fleet's queued bookkeeping (IStore.interactive).
+        self.store = store.interactive()
         self._auditFailOpen = auditFailOpen
         self.clock = clock
         self.recorder = recorder

@@ -108,6 +108,10 @@ class HeldAuditStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
+    def interactive(self) -> HeldAuditStore:
+        """Held too: the sessions' audit goes through the interactive view."""
+        return self
+
     def audit(
         self, event: str, actor: str | None, device: str | None, detail: Any, now: float
     ) -> defer.Deferred[Any]:

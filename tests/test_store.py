@@ -7,7 +7,7 @@ import sqlite3
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -30,6 +30,7 @@ from groundcontrol.store import (
     SQLiteStore,
     SQLStore,
     StoreError,
+    ThreadRunner,
     UnknownAccount,
     UnknownDevice,
     connectPostgreSQL,
@@ -343,8 +344,9 @@ class RunnerTests(SynchronousTestCase):
         """
         events: list[Any] = []
 
-        class FakePool:
+        class FakePool(QueuedPool):
             def __init__(self, **kwargs: Any) -> None:
+                super().__init__()
                 events.append(("pool", kwargs))
 
             def start(self) -> None:
@@ -352,12 +354,6 @@ class RunnerTests(SynchronousTestCase):
 
             def stop(self) -> None:
                 events.append("stop")
-
-            def callInThreadWithCallback(
-                self, onResult: Callable[..., None], f: Callable[..., Any], *a: Any, **kw: Any
-            ) -> None:
-                events.append("inThread")
-                onResult(True, f(*a, **kw))
 
         class FakeReactor:
             def callWhenRunning(self, f: Callable[[], None]) -> None:
@@ -371,17 +367,146 @@ class RunnerTests(SynchronousTestCase):
                 f(*a)
 
         run = threadRunner(FakeReactor(), poolFactory=FakePool)  # type: ignore[arg-type]
-        self.assertEqual(self.successResultOf(run(pow, 2, 10)), 1024)
+        result = run(pow, 2, 10)
+        pool = cast(QueuedPool, run._pool)
+        self.assertNoResult(result)
+        pool.runAll()
+        self.assertEqual(self.successResultOf(result), 1024)
         self.assertEqual(
             events,
             [
                 ("pool", {"minthreads": 1, "maxthreads": 1, "name": "groundcontrol-store"}),
                 ("whenRunning", "start"),
                 ("trigger", "during", "shutdown", "stop"),
-                "inThread",
                 "fromThread",
             ],
         )
+
+    def lanes(self) -> tuple[ThreadRunner, QueuedPool]:
+        """A thread runner on a pool that runs its queued turns only when told."""
+        pool = QueuedPool()
+        return threadRunner(InlineReactor(), poolFactory=lambda **kw: pool), pool
+
+    def test_firstOvertakesQueuedCalls(self) -> None:
+        """
+        A call through C{first} runs before calls queued earlier through the runner
+        itself, which keep their own order; each result reaches its own Deferred.
+        """
+        run, pool = self.lanes()
+        ran: list[str] = []
+        fleet = [run(ran.append, f"fleet-{i}") for i in range(3)]
+        person = run.first(ran.append, "person")
+        later = run(ran.append, "fleet-3")
+        pool.runOne()
+        self.assertEqual(ran, ["person"])
+        self.assertIsNone(self.successResultOf(person))
+        pool.runAll()
+        self.assertEqual(ran, ["person", "fleet-0", "fleet-1", "fleet-2", "fleet-3"])
+        for d in [*fleet, later]:
+            self.assertIsNone(self.successResultOf(d))
+
+    def test_firstCallsKeepTheirOrder(self) -> None:
+        """Calls through C{first} run in the order they were made, ahead of the rest."""
+        run, pool = self.lanes()
+        ran: list[str] = []
+        run(ran.append, "fleet")
+        run.first(ran.append, "a")
+        run.first(ran.append, "b")
+        pool.runAll()
+        self.assertEqual(ran, ["a", "b", "fleet"])
+
+    def test_failureReachesItsCaller(self) -> None:
+        """An exception in a call fails that call's Deferred; the next call still runs."""
+        run, pool = self.lanes()
+        failed = run.first(lambda: 1 / 0)
+        fine = run(pow, 3, 2)
+        pool.runAll()
+        self.failureResultOf(failed, ZeroDivisionError)
+        self.assertEqual(self.successResultOf(fine), 9)
+
+
+class QueuedPool:
+    """A thread pool double: C{callInThread} queues; C{runOne}/C{runAll} run the turns."""
+
+    def __init__(self) -> None:
+        self.turns: list[Callable[[], object]] = []
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def callInThread(self, func: Callable[..., object], *args: Any) -> None:
+        self.turns.append(lambda: func(*args))
+
+    def runOne(self) -> None:
+        self.turns.pop(0)()
+
+    def runAll(self) -> None:
+        while self.turns:
+            self.runOne()
+
+
+class InlineReactor:
+    """Just enough reactor for threadRunner: results handed back at once."""
+
+    def callWhenRunning(self, f: Callable[[], None]) -> None:
+        pass
+
+    def addSystemEventTrigger(self, phase: str, event: str, f: Any) -> None:
+        pass
+
+    def callFromThread(self, f: Callable[..., None], *a: Any) -> None:
+        f(*a)
+
+
+class InteractiveViewTests(SynchronousTestCase):
+    """L{SQLStore.interactive}: the same data, its calls ahead of the fleet's."""
+
+    def setUp(self) -> None:
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+        self.path = str(Path(directory) / "store.sqlite3")
+        self.pool = QueuedPool()
+        runner = threadRunner(InlineReactor(), poolFactory=lambda **kw: self.pool)
+        self.store = openStoreBlocking(self.path, runner)
+        self.addCleanup(self.pool.runAll)
+        self.addCleanup(self.store.close)
+
+    def test_viewReadsWhatTheStoreWrote(self) -> None:
+        """A write through the store is read through the view: one database."""
+        people = self.store.interactive()
+        verifyObject(IStore, people)
+        publicKey = newPublicKey()
+        added = self.store.addAccount("ada", [publicKey], False, T0)
+        self.pool.runAll()
+        self.successResultOf(added)
+        found = people.accountForKey(fingerprint(publicKey))
+        self.pool.runAll()
+        account = self.successResultOf(found)
+        assert account is not None
+        self.assertEqual(account.name, "ada")
+
+    def test_viewCallsGoFirst(self) -> None:
+        """
+        An operator's query through the view is answered before the fleet's queued
+        calls: with three of them queued it is done after one turn of the worker.
+        """
+        people = self.store.interactive()
+        fleet = [self.store.lastAuditId() for _ in range(3)]
+        query = people.listAccounts()
+        self.pool.runOne()
+        self.assertEqual(self.successResultOf(query), [])
+        for d in fleet:
+            self.assertNoResult(d)
+        self.pool.runAll()
+
+    def test_synchronousStoreIsItsOwnView(self) -> None:
+        """With a runner that queues nothing there is nothing to overtake: the same store."""
+        store = openStoreBlocking(self.path, synchronousRunner)
+        self.addCleanup(store.close)
+        self.assertIs(store.interactive(), store)
 
 
 @bothBackends

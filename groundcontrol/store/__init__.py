@@ -44,7 +44,7 @@ from ._records import (
     SessionEvents,
     TokenRecord,
 )
-from ._runner import Runner, synchronousRunner, threadRunner
+from ._runner import Runner, ThreadRunner, synchronousRunner, threadRunner
 from ._sql import (
     SQLStore,
     cleanSerial,
@@ -82,6 +82,7 @@ __all__ = [
     "SQLiteStore",
     "SessionEvents",
     "StoreError",
+    "ThreadRunner",
     "TokenExhausted",
     "TokenExpired",
     "TokenInvalid",

@@ -23,6 +23,15 @@ class IStore(Interface):
     L{groundcontrol.store} (L{StoreError} and its subclasses).
     """
 
+    def interactive():
+        """
+        This store for calls a person waits on (an operator's login and session, the
+        control shell): they run before calls still queued for the fleet's own
+        bookkeeping, such as the logins of a reconnect storm.
+
+        @return: an L{IStore} on the same data.
+        """
+
     # -- accounts ---------------------------------------------------------------
 
     def addAccount(name, publicKeys, isAdmin, now):

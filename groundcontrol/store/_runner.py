@@ -2,17 +2,27 @@
 
 A runner is any callable ``run(f, *args) -> Deferred``. The store is written against that
 shape only, so the server uses a thread, while tests and the one-shot CLI run inline.
+
+The server's runner (L{threadRunner}) has two queues in front of its one database thread.
+Calls made for a person waiting at a prompt (an operator logging in and opening a session,
+an admin in the control shell) go in through L{ThreadRunner.first} and run before any call
+still queued for the fleet's own bookkeeping. In a reconnect storm every agent's login
+queues about five calls, which kept that thread busy ~90% of the time with 50-200 ms of
+backlog; an operator's login and session open wait for six calls in turn, so each setup
+took 0.4-0.8 s there (bench/RESULTS.md, "Operator setup during a reconnect storm").
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-__all__ = ["Runner", "synchronousRunner", "threadRunner"]
+__all__ = ["Runner", "ThreadRunner", "synchronousRunner", "threadRunner"]
 
 _T = TypeVar("_T")
 
@@ -37,7 +47,65 @@ def synchronousRunner(f: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
     return defer.succeed(result)
 
 
-def threadRunner(reactor: Any, poolFactory: Callable[..., ThreadPool] = ThreadPool) -> Runner:
+class WorkerPool(Protocol):
+    """What L{ThreadRunner} needs of a thread pool (Twisted's L{ThreadPool})."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def callInThread(self, func: Callable[..., object], *args: Any) -> None: ...
+
+
+_Call = tuple[defer.Deferred[Any], Callable[..., Any], tuple[Any, ...]]
+
+
+class ThreadRunner:
+    """
+    A L{Runner} on one worker thread, with a queue that goes first (L{first}).
+
+    Each call queued here also queues one turn on the thread pool; a turn runs whichever
+    call is due when the worker gets to it: the oldest of L{first}'s, else the oldest of
+    the rest. So the pool keeps its own lifecycle and the worker never waits on the
+    reactor between calls, and a call for a person overtakes the fleet's backlog.
+    """
+
+    def __init__(self, reactor: Any, pool: WorkerPool) -> None:
+        self._reactor = reactor
+        self._pool = pool
+        # Appended on the reactor thread, taken on the worker: deque's append and
+        # popleft are atomic.
+        self._first: deque[_Call] = deque()
+        self._rest: deque[_Call] = deque()
+
+    def __call__(self, f: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
+        """Queue C{f(*args)} behind every call queued before it."""
+        return self._queue(self._rest, f, args)
+
+    def first(self, f: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
+        """Queue C{f(*args)} ahead of every call queued through L{__call__}."""
+        return self._queue(self._first, f, args)
+
+    def _queue(
+        self, queue: deque[_Call], f: Callable[..., _T], args: tuple[Any, ...]
+    ) -> defer.Deferred[_T]:
+        d: defer.Deferred[_T] = defer.Deferred()
+        queue.append((d, f, args))
+        self._pool.callInThread(self._turn)
+        return d
+
+    def _turn(self) -> None:
+        """On the worker: run the call that is due, hand its outcome to the reactor."""
+        d, f, args = (self._first or self._rest).popleft()
+        try:
+            result = f(*args)
+        except BaseException:
+            self._reactor.callFromThread(d.errback, Failure())
+        else:
+            self._reactor.callFromThread(d.callback, result)
+
+
+def threadRunner(reactor: Any, poolFactory: Callable[..., WorkerPool] = ThreadPool) -> ThreadRunner:
     """
     Return a runner backed by a private single-worker thread pool.
 
@@ -52,8 +120,4 @@ def threadRunner(reactor: Any, poolFactory: Callable[..., ThreadPool] = ThreadPo
     pool = poolFactory(minthreads=1, maxthreads=1, name="groundcontrol-store")
     reactor.callWhenRunning(pool.start)
     reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
-
-    def run(f: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
-        return threads.deferToThreadPool(reactor, pool, f, *args)
-
-    return run
+    return ThreadRunner(reactor, pool)

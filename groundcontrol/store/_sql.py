@@ -14,6 +14,7 @@ one lock is not a bottleneck at fleet sizes groundcontrol is built for.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -410,6 +411,23 @@ class SQLStore:
     def __init__(self, connection: Any, runner: Runner) -> None:
         self._connection = connection
         self._run = runner
+
+    def interactive(self) -> SQLStore:
+        """
+        This store for people waiting at a prompt: with L{threadRunner}, its calls run
+        before those still queued for the fleet's bookkeeping (L{ThreadRunner.first}).
+        With a runner that queues nothing (L{synchronousRunner}), this very store.
+
+        The view shares the connection, so calls through either still run one at a time
+        on the one worker. A PostgreSQL view that finds its connection dropped opens its
+        own; the two then each use theirs, one call at a time, from that same worker.
+        """
+        first = getattr(self._run, "first", None)
+        if first is None:
+            return self
+        view = copy.copy(self)
+        view._run = first
+        return view
 
     def _rawCursor(self) -> Any:
         return self._connection.cursor()
