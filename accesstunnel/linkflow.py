@@ -30,7 +30,11 @@ than Twisted's 64 KiB: a channel served from the waiting line then sends up to
 four link packets in a row before the link pauses, the sender writes them in
 fewer calls and the receiver reads them in one; groundcontrol relays them in
 one reactor turn, and an operator's connection, widened too, takes them in one
-send instead of pausing after each packet.
+send instead of pausing after each packet. The socket is also given a full
+buffer in one send (C{SEND_LIMIT}, Twisted's 128 KiB per call otherwise): a
+burst of eight 32 KiB packets to an operator (262,432 bytes) left in sends of
+131,072 + 131,072 + 288 bytes, and the operator's ssh client woke up for each
+(strace; bench/RESULTS.md, "100 sessions (session 8)").
 
 A read of 256 KiB is above glibc malloc's threshold for mapping a block of its
 own, and a read that comes back short is shrunk in place, so the threshold
@@ -186,11 +190,14 @@ class LinkFlow:
         Read and buffer this link's socket C{size} bytes at a time: set the
         C{bufferSize} of the first descriptor down the transport chain, under
         any protocol wrappers (the handshake limiter, the agent's failover
-        watch, TLS, WebSocket). A chain without one (in memory) is left as it is.
+        watch, TLS, WebSocket), and let one send take all it buffers before the
+        link pauses (C{SEND_LIMIT}: the buffer and the write that filled it). A
+        chain without one (in memory) is left as it is.
         """
         for layer in transportLayers(self._transport):
             if isinstance(layer, FileDescriptor):
                 layer.bufferSize = size
+                layer.SEND_LIMIT = 2 * size
                 keepReadBuffersInHeap()
                 return
 

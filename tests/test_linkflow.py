@@ -240,11 +240,14 @@ class SlowSocket(abstract.FileDescriptor):
         self.connected = 1
         self.perCall = perCall
         self.written = 0
+        self.sends = 0
         self.closed = False
 
     def writeSomeData(self, data: bytes) -> int:
-        taken = min(len(data), self.perCall)
+        # Like Twisted's TCP: at most SEND_LIMIT bytes per call.
+        taken = min(len(data), self.perCall, self.SEND_LIMIT)
         self.written += taken
+        self.sends += 1
         return taken
 
     def _postLoseConnection(self) -> None:
@@ -397,13 +400,16 @@ class WideLinkTests(SynchronousTestCase):
     def test_wideLinkSendsFourPacketsInARow(self) -> None:
         """
         Widened, a channel sends four link packets in a row before the link
-        pauses, and one doWrite hands all four to the socket (a TCP socket
-        takes them in two sends of Twisted's 128 KiB SEND_LIMIT) instead of
-        four reactor turns of one packet each; then the next four follow.
+        pauses, and one doWrite hands all four to the socket in one send
+        (SEND_LIMIT raised from Twisted's 128 KiB, which took two sends and
+        cut the last packet) instead of four reactor turns of one packet
+        each; then the next four follow.
         """
         self.link.widen()
+        self.assertEqual(self.socket.SEND_LIMIT, 2 * LINK_BUFFER_SIZE)
         self.assertEqual(self.packetsBeforePause(), 4)
         self.socket.doWrite()
+        self.assertEqual(self.socket.sends, 1)
         self.assertGreater(self.socket.written, 4 * LINK_MAX_PACKET)
         self.assertLess(self.socket.written, 5 * LINK_MAX_PACKET)
         self.assertEqual(self.ssh.payloadBytes, 8 * LINK_MAX_PACKET)
