@@ -65,6 +65,7 @@ from groundcontrol.router import SessionPolicy
 from groundcontrol.sessions import SessionRegistry, SessionService, attachSessions
 from groundcontrol.sshserver import ServerSettings, buildFrontDoor
 from groundcontrol.store import IStore, PendingLimits, openStoreBlocking, threadRunner
+from groundcontrol.stormgc import StormCollector
 
 DEFAULT_LISTEN = "tcp:2222:interface=127.0.0.1"
 
@@ -438,6 +439,7 @@ def buildService(
         operatorReserve=config.maxHandshakesOperators,
     )
     factory.handshakesWaiting = lambda: limited.waiting
+    StormCollector(reactor, factory.handshakesWaiting).setServiceParent(top)
     tls = None
     if config.tlsCertificate and config.tlsKey:
         tls = ServerTLS(

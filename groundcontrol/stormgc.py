@@ -1,0 +1,127 @@
+"""
+Python's cyclic garbage collector during a reconnect storm.
+
+CPython runs a full collection whenever the objects that survived its young
+collections since the last one outnumber a quarter of the rest. While
+thousands of agents log in at once, that is every one or two seconds, and each
+full pass visits every tracked object of every link already up: with 10,000
+links (about 550,000 objects) one pass held the reactor for 100-330 ms, and
+a storm had some twenty of them (bench/RESULTS.md, "Operator setup during a
+reconnect storm"). Each is a stall for every operator session and login.
+
+While connections wait for a handshake slot (the limiter's queue: a storm is
+the only time it is not empty), L{StormCollector} moves every object
+allocated so far out of the collector's sight once a second (C{gc.freeze}), so
+a full pass only visits what the last second allocated. Young collections go
+on as usual, and reference counting frees everything that is not in a cycle,
+frozen or not. Cycles that became garbage meanwhile are kept until the storm
+is over: when nothing has waited for L{SETTLE_SECONDS}, everything is handed
+back (C{gc.unfreeze}) and one full collection frees them, once.
+
+Outside a storm nothing changes: the collector runs as CPython sets it.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+#: How often the limiter's queue is looked at, and objects frozen during a storm.
+CHECK_SECONDS = 1.0
+
+#: Seconds without any connection waiting before the storm counts as over.
+SETTLE_SECONDS = 5.0
+
+
+class Collector(Protocol):
+    """The parts of the C{gc} module this uses (tests pass a double)."""
+
+    def freeze(self) -> None: ...
+
+    def unfreeze(self) -> None: ...
+
+    def collect(self) -> int: ...
+
+    def get_freeze_count(self) -> int: ...
+
+
+class StormCollector(Service):
+    """Freeze the heap once a second while connections wait; collect once after."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        waiting: Callable[[], int],
+        collector: Collector = gc,
+        timer: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self._clock = clock
+        self._waiting = waiting
+        self._gc = collector
+        self._timer = timer
+        self._loop: LoopingCall | None = None
+        #: True from the first check that finds connections waiting until the
+        #: collection after the storm.
+        self.inStorm = False
+        self._lastWaiting = 0.0
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self.check)
+        self._loop.clock = self._clock
+        self._loop.start(CHECK_SECONDS, now=False)
+
+    def stopService(self) -> Any:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        if self.inStorm:
+            self._gc.unfreeze()  # nothing stays out of the collector's sight
+            self.inStorm = False
+        return super().stopService()
+
+    def check(self) -> None:
+        """Once a second: freeze while connections wait, collect once it has settled."""
+        now = self._clock.seconds()
+        if self._waiting():
+            if not self.inStorm:
+                self.inStorm = True
+                self._log.info(
+                    "connections wait for a handshake slot: full garbage collections "
+                    "deferred until they are all in"
+                )
+            self._lastWaiting = now
+            self._gc.freeze()
+            return
+        if not self.inStorm:
+            return
+        if now - self._lastWaiting < SETTLE_SECONDS:
+            self._gc.freeze()
+            return
+        self._collectAfterStorm()
+
+    def _collectAfterStorm(self) -> None:
+        frozen = self._gc.get_freeze_count()
+        self._gc.unfreeze()
+        started = self._timer()
+        collected = self._gc.collect()
+        self.inStorm = False
+        self._log.info(
+            "handshake queue empty for {settle:.0f} s: one full garbage collection over "
+            "{frozen} objects took {ms:.0f} ms and freed {collected}",
+            settle=SETTLE_SECONDS,
+            frozen=frozen,
+            ms=(self._timer() - started) * 1000,
+            collected=collected,
+        )
+
+
+__all__ = ["CHECK_SECONDS", "SETTLE_SECONDS", "Collector", "StormCollector"]
