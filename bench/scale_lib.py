@@ -30,6 +30,16 @@ VENV_BIN = Path(os.environ.get("BENCH_VENV", str(ROOT / ".venv"))) / "bin"
 HOST = "127.0.0.1"
 CLK = os.sysconf("SC_CLK_TCK")
 
+#: How groundcontrol and the real agent are started: as groundcontrol's unit and the agent's
+#: launcher run them, on the project's reactor (``python -m accesstunnel.twistd``), when the
+#: measured tree has it (since session 5; up to session 8 bench/scale ran plain ``twistd``,
+#: Twisted's stock epoll reactor, while bench/run ran this); older trees run plain twistd.
+TWISTD = (
+    [str(VENV_BIN / "python"), "-m", "accesstunnel.twistd"]
+    if (ROOT / "accesstunnel" / "twistd.py").exists()
+    else [str(VENV_BIN / "twistd")]
+)
+
 _logFile: Any = None
 
 
@@ -363,7 +373,7 @@ class Fleet:
             env["SCALE_GC_LOG"] = str(self.gcLog)
         self.gc = subprocess.Popen(
             [
-                str(VENV_BIN / "twistd"),
+                *TWISTD,
                 "-n",
                 "--pidfile=",
                 "-l",
@@ -415,7 +425,7 @@ class Fleet:
                 f.write(key.toString("OPENSSH"))
         self.agent = subprocess.Popen(
             [
-                str(VENV_BIN / "twistd"),
+                *TWISTD,
                 "-n",
                 "--pidfile=",
                 "-l",
