@@ -178,12 +178,29 @@ class TunnelConnection(connection.SSHConnection):
         if localChannel in self.localToRemoteChannel:
             super()._ebChannelRequest(result, localChannel)
 
+    def _openingChannel(self, localChannel: int) -> Any:
+        """
+        Our channel C{localChannel} that waits for the peer's answer to its open,
+        or None after disconnecting: an answer for a channel that does not exist,
+        or that is open already (Conch would re-point it, or forget it while it is
+        still open), is broken or hostile.
+        """
+        channel = self._channelFor(localChannel)
+        if channel is not None and channel in self.channelsToRemoteChannel:
+            self._log.warn("second answer to the open of channel {channel}", channel=localChannel)
+            self.transport.sendDisconnect(
+                2,
+                b"answer to a channel open that was answered",  # PROTOCOL_ERROR
+            )
+            return None
+        return channel
+
     def ssh_CHANNEL_OPEN_CONFIRMATION(self, packet: bytes) -> None:
-        if self._channelFor(_unpack_uint32(packet[:4])[0]) is not None:
+        if self._openingChannel(_unpack_uint32(packet[:4])[0]) is not None:
             super().ssh_CHANNEL_OPEN_CONFIRMATION(packet)
 
     def ssh_CHANNEL_OPEN_FAILURE(self, packet: bytes) -> None:
-        if self._channelFor(_unpack_uint32(packet[:4])[0]) is not None:
+        if self._openingChannel(_unpack_uint32(packet[:4])[0]) is not None:
             super().ssh_CHANNEL_OPEN_FAILURE(packet)
 
     # -- global requests that may be answered later ----------------------------

@@ -114,6 +114,9 @@ _MSG_CHANNEL_DATA = 94
 #: one of these may start a key re-exchange (accesstunnel.rekey); sending a
 #: transport or key exchange message never does.
 FIRST_UPPER_LAYER_MESSAGE = 50
+#: What a message handler raises on a payload it cannot parse (struct on a short
+#: field, C{ord} or indexing past the end, a decode): the peer's fault, a disconnect.
+_MALFORMED = (struct.error, IndexError, TypeError, ValueError)
 #: AES-GCM's invocation counter is 64 bits.
 _COUNTER_MASK = 0xFFFFFFFFFFFFFFFF
 #: A packet whose parts add up to at most this many bytes is written as one
@@ -952,6 +955,7 @@ class FastPathMixin:
     def _fpProcess(self) -> None:
         buf = self._fpBuf
         pos = 0
+        messageNum = -1
         self._fpProcessing = True
         try:
             while not (self._fpClosed or self._fpAwaitingKeys):
@@ -979,6 +983,17 @@ class FastPathMixin:
                     # A re-exchange whose keys are not ready on our side yet:
                     # read nothing more until they are.
                     self._fpAwaitingKeys = True
+        except _MALFORMED as e:
+            # A message its handler cannot parse (a payload too short for its fields,
+            # a name that is not ASCII: what Conch's and our parsers raise then): the
+            # peer is broken or hostile. End the connection as for a bad packet, with
+            # one line, not an exception out of the read (a traceback per attempt).
+            self._fpLog.info(
+                "malformed message {messageNum} from the peer ({error!r}); disconnecting",
+                messageNum=messageNum,
+                error=e,
+            )
+            self.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR, b"malformed message")
         finally:
             self._fpProcessing = False
             if pos:

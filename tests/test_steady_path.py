@@ -19,7 +19,13 @@ from typing import Any
 
 from twisted.conch.ssh import transport
 from twisted.conch.ssh.channel import SSHChannel
-from twisted.conch.ssh.connection import MSG_CHANNEL_CLOSE, MSG_CHANNEL_WINDOW_ADJUST
+from twisted.conch.ssh.common import NS
+from twisted.conch.ssh.connection import (
+    MSG_CHANNEL_CLOSE,
+    MSG_CHANNEL_OPEN_CONFIRMATION,
+    MSG_CHANNEL_OPEN_FAILURE,
+    MSG_CHANNEL_WINDOW_ADJUST,
+)
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
@@ -72,7 +78,7 @@ class SteadyFleet(SynchronousTestCase):
         # The operator's client is Conch's: it needs the rekey mixin's NEWKEYS fix when
         # groundcontrol renews its keys (as in tests/test_rekey.py), and no limit of its own.
         self.operator = FakeOperator("dev_kiln7", aliceKey, hostKey=self.fleet.hostKey)
-        self.operator.protocol = type(
+        self.operator.protocol = type(  # type: ignore[assignment]
             "RekeyableOperatorTransport",
             (RekeyingTransportMixin, FakeOperator.protocol),
             {"rekeySettings": lambda self: (NEVER, None)},
@@ -368,6 +374,76 @@ class SteadyBehaviourTests(SteadyFleet):
         self.assertTrue(session.isClosed)  # the operator's session ends with the link
 
 
+class MalformedMessageTests(SteadyFleet):
+    """
+    Messages a logged-in peer can send that broke groundcontrol's transport on the
+    steady path (found by tests/test_fuzz_steady.py): each now ends that connection with
+    a protocol error, and nothing else.
+    """
+
+    def disconnectsOf(self, side: Any) -> list[int]:
+        reasons: list[int] = []
+        original = side.sendDisconnect
+
+        def sendDisconnect(reason: int, desc: bytes) -> None:
+            reasons.append(reason)
+            original(reason, desc)
+
+        side.sendDisconnect = sendDisconnect
+        return reasons
+
+    def test_truncatedChannelMessageFromTheDevice(self) -> None:
+        """
+        A CHANNEL_CLOSE two bytes long (its handler unpacks four) from the device drops
+        the link with a protocol error instead of a struct.error out of the read; the
+        operator's connection stays up.
+        """
+        self.connect()
+        session = self.openCat()
+        reasons = self.disconnectsOf(self.serverSide)
+        self.agentSide.sendPacket(MSG_CHANNEL_CLOSE, b"\0\0")
+        self.fleet.flush()
+        self.assertEqual(reasons, [transport.DISCONNECT_PROTOCOL_ERROR])
+        self.assertTrue(self.linkPump.serverIO.disconnected)
+        self.assertTrue(session.isClosed)
+        self.assertFalse(self.operatorPump.serverIO.disconnecting)
+
+    def test_emptyDebugFromAnOperator(self) -> None:
+        """
+        An empty DEBUG message (Conch's handler raises TypeError on it) from a logged-in
+        operator drops that operator with a protocol error; the device link goes on.
+        """
+        self.connect()
+        self.openCat()
+        reasons = self.disconnectsOf(self.operatorSide)
+        self.operatorPump.client.sendPacket(transport.MSG_DEBUG, b"")
+        self.fleet.flush()
+        self.assertEqual(reasons, [transport.DISCONNECT_PROTOCOL_ERROR])
+        self.assertTrue(self.operatorPump.serverIO.disconnected)
+        self.assertFalse(self.linkPump.serverIO.disconnecting)
+
+    def test_answerToAnOpenChannelsOpen(self) -> None:
+        """
+        An OPEN_FAILURE or OPEN_CONFIRMATION naming a channel that is open already is
+        refused with a protocol error: Conch's handlers forgot the open channel (its end
+        then raised KeyError when the connection was lost) or re-pointed it.
+        """
+        for messageType, body in (
+            (MSG_CHANNEL_OPEN_FAILURE, struct.pack(">L", 2) + NS(b"no") + NS(b"")),
+            (MSG_CHANNEL_OPEN_CONFIRMATION, struct.pack(">3L", 77, 1 << 20, 1 << 15)),
+        ):
+            self.connect()
+            session = self.openCat()
+            own = session.conn.channelsToRemoteChannel[session]
+            reasons = self.disconnectsOf(self.operatorSide)
+            self.operatorPump.client.sendPacket(messageType, struct.pack(">L", own) + body)
+            self.fleet.flush()
+            self.assertEqual(reasons, [transport.DISCONNECT_PROTOCOL_ERROR])
+            self.assertTrue(self.operatorPump.serverIO.disconnected)
+            self.assertTrue(session.isClosed)
+            self.assertFalse(self.linkPump.serverIO.disconnecting)
+
+
 class _Transport:
     """What a connection service sends, and its disconnects."""
 
@@ -395,7 +471,7 @@ class ChannelDataTests(SynchronousTestCase):
         self.received: list[bytes] = []
         channel = SSHChannel(localWindow=1000, localMaxPacket=100, conn=self.conn)
         channel.dataReceived = self.received.append  # type: ignore[method-assign]
-        channel.id = 0
+        channel.id = 0  # type: ignore[assignment]
         self.conn.channels[0] = channel
         self.conn.channelsToRemoteChannel[channel] = 5
         self.channel = channel
