@@ -57,6 +57,7 @@ from groundcontrol.testing import (
     scriptedSessions,
 )
 from tests.test_fuzz_transport import noFailuresLogged
+from tests.test_steady_path import recordDisconnects
 
 FUZZ = settings(
     max_examples=120,
@@ -228,19 +229,6 @@ def deaf(peer: Any) -> Any:
             peer._fpChannelData = channelData
 
     return hear
-
-
-def disconnects(sshTransport: Any) -> list[int]:
-    """Record the reason codes of the disconnects C{sshTransport} sends."""
-    reasons: list[int] = []
-    original = sshTransport.sendDisconnect
-
-    def sendDisconnect(reason: int, desc: bytes) -> None:
-        reasons.append(reason)
-        original(reason, desc)
-
-    sshTransport.sendDisconnect = sendDisconnect
-    return reasons
 
 
 # -- what the fuzzing peer sends -----------------------------------------------------------
@@ -456,7 +444,7 @@ class SteadyFuzz(SynchronousTestCase):
         peer, server = pump.client, pump.server
         if windowLeft is not None and ownChannel is not None:
             ownChannel.localWindowLeft = windowLeft
-        reasons = disconnects(server)
+        reasons = recordDisconnects(server)
         hear = deaf(peer)
         for (messageType, recipient, body), cut in packets:
             if dropped(pump):
@@ -576,7 +564,7 @@ class SteadyFuzz(SynchronousTestCase):
         with noFailuresLogged():
             w = self.world(fastOperator)
             pump = w.linkPump if onLink else w.alicePump
-            reasons = disconnects(pump.server)
+            reasons = recordDisconnects(pump.server)
             kind, data = damage
             io = pump.clientIO
             if kind == "garbage":

@@ -49,6 +49,19 @@ from groundcontrol.testing import (
 from tests.test_rekey import NEVER, recordSent, script
 
 
+def recordDisconnects(sshTransport: Any) -> list[int]:
+    """Record the reason code of every disconnect C{sshTransport} sends from now on."""
+    reasons: list[int] = []
+    original = sshTransport.sendDisconnect
+
+    def sendDisconnect(reason: int, desc: bytes) -> None:
+        reasons.append(reason)
+        original(reason, desc)
+
+    sshTransport.sendDisconnect = sendDisconnect
+    return reasons
+
+
 class SteadyFleet(SynchronousTestCase):
     """kiln7 on the real agent link, operator alice with a C{cat} session open on it."""
 
@@ -355,14 +368,7 @@ class SteadyBehaviourTests(SteadyFleet):
         self.connect()
         session = self.openCat()
         self.withoutTheChain()
-        errors: list[int] = []
-        original = self.serverSide.sendDisconnect
-
-        def sendDisconnect(reason: int, desc: bytes) -> None:
-            errors.append(reason)
-            original(reason, desc)
-
-        self.serverSide.sendDisconnect = sendDisconnect
+        errors = recordDisconnects(self.serverSide)
         self.agentSide.service.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=0)
         io = self.linkPump.clientIO
         wire = bytearray(b"".join(io.stream))
@@ -381,17 +387,6 @@ class MalformedMessageTests(SteadyFleet):
     a protocol error, and nothing else.
     """
 
-    def disconnectsOf(self, side: Any) -> list[int]:
-        reasons: list[int] = []
-        original = side.sendDisconnect
-
-        def sendDisconnect(reason: int, desc: bytes) -> None:
-            reasons.append(reason)
-            original(reason, desc)
-
-        side.sendDisconnect = sendDisconnect
-        return reasons
-
     def test_truncatedChannelMessageFromTheDevice(self) -> None:
         """
         A CHANNEL_CLOSE two bytes long (its handler unpacks four) from the device drops
@@ -400,7 +395,7 @@ class MalformedMessageTests(SteadyFleet):
         """
         self.connect()
         session = self.openCat()
-        reasons = self.disconnectsOf(self.serverSide)
+        reasons = recordDisconnects(self.serverSide)
         self.agentSide.sendPacket(MSG_CHANNEL_CLOSE, b"\0\0")
         self.fleet.flush()
         self.assertEqual(reasons, [transport.DISCONNECT_PROTOCOL_ERROR])
@@ -415,7 +410,7 @@ class MalformedMessageTests(SteadyFleet):
         """
         self.connect()
         self.openCat()
-        reasons = self.disconnectsOf(self.operatorSide)
+        reasons = recordDisconnects(self.operatorSide)
         self.operatorPump.client.sendPacket(transport.MSG_DEBUG, b"")
         self.fleet.flush()
         self.assertEqual(reasons, [transport.DISCONNECT_PROTOCOL_ERROR])
@@ -435,7 +430,7 @@ class MalformedMessageTests(SteadyFleet):
             self.connect()
             session = self.openCat()
             own = session.conn.channelsToRemoteChannel[session]
-            reasons = self.disconnectsOf(self.operatorSide)
+            reasons = recordDisconnects(self.operatorSide)
             self.operatorPump.client.sendPacket(messageType, struct.pack(">L", own) + body)
             self.fleet.flush()
             self.assertEqual(reasons, [transport.DISCONNECT_PROTOCOL_ERROR])
