@@ -123,7 +123,12 @@ _COUNTER_MASK = 0xFFFFFFFFFFFFFFFF
 #: string: one C{write} down the transport layers instead of a
 #: C{writeSequence} (an interactive keystroke or echo; bulk keeps its parts).
 SMALL_WRITE_LIMIT = 1024
-_STRICT_ALLOWED = frozenset([transport.MSG_NEWKEYS, *range(30, 50)])
+#: The key exchange method's own messages (RFC 4250 4.1.2).
+_FIRST_KEX_METHOD_MESSAGE = 30
+_LAST_KEX_METHOD_MESSAGE = 49
+_STRICT_ALLOWED = frozenset(
+    [transport.MSG_NEWKEYS, *range(_FIRST_KEX_METHOD_MESSAGE, _LAST_KEX_METHOD_MESSAGE + 1)]
+)
 _HELD_DURING_INITIAL_KEX = frozenset(
     [transport.MSG_IGNORE, transport.MSG_DEBUG, transport.MSG_UNIMPLEMENTED]
 )
@@ -609,7 +614,6 @@ class FastPathMixin:
     #: None, or during a key exchange the (type, payload) messages held back. Any: Conch
     #: declares it as a bare None, which a narrower type here would conflict with.
     _blockedByKeyExchange: Any
-    dispatchMessage: Callable[[int, bytes], None]
 
     def connectionMade(self) -> None:
         self._fpBuf = bytearray()
@@ -648,6 +652,25 @@ class FastPathMixin:
         finally:
             self.supportedKeyExchanges = exchanges
         self._fpOfferedStrict = True
+
+    def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
+        """
+        Conch's dispatch, but a key exchange method's message (30-49) outside a
+        key exchange ends the connection: Conch would answer it from the last
+        exchange's state, send NEWKEYS and switch its own keys alone, which no
+        correct peer asks for (OpenSSH disconnects too). Channel data does not
+        come through here (L{_fpProcess}).
+        """
+        if (
+            _FIRST_KEX_METHOD_MESSAGE <= messageNum <= _LAST_KEX_METHOD_MESSAGE
+            and self._keyExchangeState == self._KEY_EXCHANGE_NONE
+        ):
+            self.sendDisconnect(
+                transport.DISCONNECT_PROTOCOL_ERROR,
+                b"key exchange message %d outside a key exchange" % messageNum,
+            )
+            return
+        super().dispatchMessage(messageNum, payload)  # type: ignore[misc]
 
     def ssh_KEXINIT(self, packet: bytes) -> Any:
         negotiable = self._fpImplicitMACs(packet)

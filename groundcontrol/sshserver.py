@@ -8,6 +8,7 @@ apart (see L{groundcontrol.usernames}).
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -287,6 +288,20 @@ class GroundControlTransport(
         settings: ServerSettings = self.factory.settings
         self._graceTimer = self.factory.clock.callLater(settings.loginGraceTime, self._graceExpired)
         super().connectionMade()
+
+    def ssh_SERVICE_REQUEST(self, packet: bytes) -> None:
+        """
+        Conch's, for the first request only. Conch starts any service asked for
+        at any time: a logged-in client asking for ssh-userauth again would
+        replace its running connection (every channel of it closed) and could
+        start logging in anew. OpenSSH's sshd answers UNIMPLEMENTED to it once a
+        service runs; so does groundcontrol.
+        """
+        if self.service is not None:
+            rejected = (self.incomingPacketSequence - 1) & 0xFFFFFFFF
+            self.sendPacket(transport.MSG_UNIMPLEMENTED, struct.pack(">L", rejected))
+            return
+        super().ssh_SERVICE_REQUEST(packet)
 
     def sendExtInfo(self, extensions: list[tuple[bytes, bytes]]) -> None:
         # Advertise the user-key signature algorithms we accept, not our host

@@ -463,6 +463,8 @@ class FakeAgentConnection(TunnelConnection):
 
 class _FakeAgentTransport(_PinningClientTransport):
     def connectionSecure(self) -> None:
+        if self.service is not None:
+            return  # a key re-exchange: the running service stays (as accesstunnel.rekey's)
         conn = FakeAgentConnection(self.factory)
         user = f"agent+{self.factory.name}".encode()
         self.requestService(_KeyUserAuth(user, conn, self.factory.deviceKey))
@@ -610,6 +612,8 @@ class OperatorConnection(connection.SSHConnection):
 
 class _OperatorTransport(_PinningClientTransport):
     def connectionSecure(self) -> None:
+        if self.service is not None:
+            return  # a key re-exchange: the running service stays (as accesstunnel.rekey's)
         conn = OperatorConnection(self.factory)
         self.requestService(_KeyUserAuth(self.factory.username.encode(), conn, self.factory.key))
 

@@ -389,6 +389,10 @@ _otherPackets = st.one_of(
     # A key re-exchange started by the fuzzing peer behind its own transport's back.
     st.tuples(st.just(transport.MSG_KEXINIT), st.none(), st.builds(_kexInit, st.booleans())),
     st.tuples(st.just(30), st.none(), st.just(common.NS(b"\x01" * 32))),
+    # Asking for authentication again once logged in (answered UNIMPLEMENTED).
+    st.tuples(
+        st.just(transport.MSG_SERVICE_REQUEST), st.none(), st.just(common.NS(b"ssh-userauth"))
+    ),
     st.tuples(st.integers(0, 255), st.none(), st.binary(max_size=64)),
 )
 #: A packet, its payload cut short (its length fields truncated) or whole.

@@ -439,6 +439,53 @@ class MalformedMessageTests(SteadyFleet):
             self.assertFalse(self.linkPump.serverIO.disconnecting)
 
 
+class ProtocolStateTests(SteadyFleet):
+    """
+    Messages that are well formed but out of place after login (found by
+    tests/test_fuzz_steady.py): groundcontrol no longer acts on them.
+    """
+
+    def test_serviceRequestAfterLoginIsUnimplemented(self) -> None:
+        """
+        A logged-in operator asking for ssh-userauth again gets UNIMPLEMENTED (with the
+        request's sequence number), as from OpenSSH's sshd: its connection service and
+        sessions go on, where Conch replaced the service and closed every channel.
+        """
+        self.connect()
+        session = self.openCat()
+        service = self.operatorSide.service
+        unimplemented: list[int] = []
+        client = self.operatorPump.client
+        self.patch(client, "receiveUnimplemented", unimplemented.append)
+        sequence = client.outgoingPacketSequence
+        client.sendPacket(transport.MSG_SERVICE_REQUEST, NS(b"ssh-userauth"))
+        self.fleet.flush()
+        self.assertEqual(unimplemented, [sequence])
+        self.assertIs(self.operatorSide.service, service)
+        self.assertFalse(session.isClosed)
+        self.keystroke(session)
+
+    def test_keyExchangeMessageOutsideAnExchange(self) -> None:
+        """
+        A key exchange method's message with no exchange running ends the connection
+        with a protocol error (Conch answered it from the last exchange, sent NEWKEYS and
+        switched its keys alone): from an operator, and from the device on the link.
+        """
+        self.connect()
+        self.openCat()
+        reasons = recordDisconnects(self.operatorSide)
+        self.operatorPump.client.sendPacket(30, NS(b"\x01" * 32))
+        self.fleet.flush()
+        self.assertEqual(reasons, [transport.DISCONNECT_PROTOCOL_ERROR])
+        self.assertTrue(self.operatorPump.serverIO.disconnected)
+        self.assertFalse(self.linkPump.serverIO.disconnecting)
+        reasons = recordDisconnects(self.serverSide)
+        self.agentSide.sendPacket(31, NS(b"\x01" * 32))
+        self.fleet.flush()
+        self.assertEqual(reasons, [transport.DISCONNECT_PROTOCOL_ERROR])
+        self.assertTrue(self.linkPump.serverIO.disconnected)
+
+
 class _Transport:
     """What a connection service sends, and its disconnects."""
 
