@@ -19,6 +19,12 @@ is over: when nothing has waited for L{SETTLE_SECONDS}, everything is handed
 back (C{gc.unfreeze}) and one full collection frees them, once.
 
 Outside a storm nothing changes: the collector runs as CPython sets it.
+
+What it costs: the cycles a storm leaves (about 17 objects per agent login)
+wait for its end, and not all the memory they held is given back after: the
+RSS per idle agent after 10,000 logins was 1.5-2.3 KiB higher; and the one
+collection at the end is one long stall (751 ms over 730,000 objects) rather
+than twenty short ones.
 """
 
 from __future__ import annotations
