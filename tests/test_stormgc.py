@@ -64,10 +64,13 @@ class StormCollectorTests(SynchronousTestCase):
         self.assertFalse(self.collector.inStorm)
 
     def test_freezesEverySecondWhileConnectionsWait(self) -> None:
-        """While connections wait, the heap is frozen at every check, nothing collected."""
+        """
+        While connections wait, every check collects what is not frozen yet (the last
+        second's objects) and then freezes the heap; nothing is unfrozen.
+        """
         self.waiting = 250
         self.seconds(3)
-        self.assertEqual(self.gc.calls, ["freeze"] * 3)
+        self.assertEqual(self.gc.calls, ["collect", "freeze"] * 3)
         self.assertTrue(self.collector.inStorm)
 
     def test_collectsOnceAfterTheQueueSettles(self) -> None:
@@ -79,10 +82,11 @@ class StormCollectorTests(SynchronousTestCase):
         self.seconds(2)
         self.waiting = 0
         self.seconds(SETTLE_SECONDS - CHECK_SECONDS)
-        self.assertNotIn("collect", self.gc.calls)  # still settling: still frozen
+        self.assertNotIn("unfreeze", self.gc.calls)  # still settling: still frozen
+        self.assertEqual(self.gc.calls[-2:], ["collect", "freeze"])
         self.seconds(CHECK_SECONDS)
         self.assertEqual(self.gc.calls[-2:], ["unfreeze", "collect"])
-        self.assertEqual(self.gc.calls.count("collect"), 1)
+        self.assertEqual(self.gc.calls.count("unfreeze"), 1)
         self.assertFalse(self.collector.inStorm)
         calls = len(self.gc.calls)
         self.seconds(60)
@@ -98,9 +102,9 @@ class StormCollectorTests(SynchronousTestCase):
         self.seconds(1)
         self.waiting = 0
         self.seconds(SETTLE_SECONDS - CHECK_SECONDS)
-        self.assertNotIn("collect", self.gc.calls)
+        self.assertNotIn("unfreeze", self.gc.calls)
         self.seconds(CHECK_SECONDS)
-        self.assertEqual(self.gc.calls.count("collect"), 1)
+        self.assertEqual(self.gc.calls.count("unfreeze"), 1)
 
     def test_stoppingDuringAStormUnfreezes(self) -> None:
         """Stopped mid-storm (shutdown): nothing is left out of the collector's sight."""
@@ -156,6 +160,29 @@ class RealCollectorTests(SynchronousTestCase):
         self.assertFalse(collector.inStorm)
         self.assertIsNone(gone(), "the collection after the storm freed it")
         self.assertEqual(gc.get_freeze_count(), 0)
+
+    def test_cycleThatDiesWithinASecondIsFreedAtOnce(self) -> None:
+        """
+        A cycle that became garbage between two checks of a storm is freed by the
+        next check's collection (it was not frozen yet), not kept to the storm's end.
+        """
+        self.addCleanup(gc.unfreeze)
+        clock = Clock()
+        collector = StormCollector(clock, lambda: 5)
+        collector.startService()
+        self.addCleanup(collector.stopService)
+        clock.advance(CHECK_SECONDS)
+
+        class Node:
+            other: Any = None
+
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        gone = weakref.ref(a)
+        del a, b
+        clock.advance(CHECK_SECONDS)
+        self.assertTrue(collector.inStorm)
+        self.assertIsNone(gone(), "freed by the check's collection of the new objects")
 
 
 class WiringTests(SynchronousTestCase):
