@@ -20,6 +20,7 @@ from typing import Any
 
 from twisted.conch import error
 from twisted.conch.ssh import common, connection
+from twisted.conch.ssh.transport import DISCONNECT_PROTOCOL_ERROR
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -72,8 +73,7 @@ class TunnelConnection(connection.SSHConnection):
             # Conch would raise KeyError from deep in the dispatcher.
             self._log.warn("packet for unknown channel {channel}", channel=localChannel)
             self.transport.sendDisconnect(
-                2,
-                b"packet for a channel that does not exist",  # PROTOCOL_ERROR
+                DISCONNECT_PROTOCOL_ERROR, b"packet for a channel that does not exist"
             )
         return channel
 
@@ -189,8 +189,7 @@ class TunnelConnection(connection.SSHConnection):
         if channel is not None and channel in self.channelsToRemoteChannel:
             self._log.warn("second answer to the open of channel {channel}", channel=localChannel)
             self.transport.sendDisconnect(
-                2,
-                b"answer to a channel open that was answered",  # PROTOCOL_ERROR
+                DISCONNECT_PROTOCOL_ERROR, b"answer to a channel open that was answered"
             )
             return None
         return channel
