@@ -68,6 +68,8 @@ class OperatorAvatar(ConchUser):
         conn = getattr(self, "conn", None)
         if conn is not None:
             self._router.operatorGone(self.login.target, conn)
+        # The connection (Conch set conn) holds its transport, which holds this avatar.
+        self.conn = None
 
 
 class DeviceLink:
@@ -224,6 +226,8 @@ class AgentAvatar(ConchUser):
         return defer.Deferred.fromCoroutine(self._requests.handle(self, requestType, data))
 
     def logout(self) -> None:
+        # The connection (Conch set conn) holds its transport, which holds this avatar.
+        self.conn = None
         link, self.link = self.link, None
         if link is None:
             return

@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from twisted.conch import error
 from twisted.conch.interfaces import IConchUser
 from twisted.conch.ssh import factory, keys, transport, userauth
 from twisted.cred.error import UnauthorizedLogin
@@ -23,6 +24,7 @@ from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from accesstunnel import fastpath, policy
@@ -225,15 +227,53 @@ class GroundControlUserAuth(userauth.SSHUserAuthServer):
         )
         self.supportedAuthentications = [b"publickey"]
 
+    # Conch's two errbacks below re-raise a Failure they do not handle (Failure.trap).
+    # The exception raised that way holds a traceback whose frames hold that Failure,
+    # which holds the exception: a cycle of frames, tracebacks and Failures (about 20
+    # tracked objects, more with the frames of the caller's stack) that only the cyclic
+    # collector frees, made twice by every login (the "none" method tried first, and the
+    # key query answered with PK_OK) and once more by every refused one. These pass the
+    # Failure on instead: the next errback gets the same exception, nothing is raised.
+
+    def _ebCheckKey(self, reason: Any, packet: bytes) -> Any:
+        if not reason.check(error.ValidPublicKey):
+            return reason
+        return super()._ebCheckKey(reason, packet)
+
+    def _ebMaybeBadAuth(self, reason: Any) -> Any:
+        if not reason.check(error.NotEnoughAuthentication):
+            return reason
+        return super()._ebMaybeBadAuth(reason)
+
     def _ebBadAuth(self, reason: Any) -> None:
-        if reason.check(PendingRefused):
-            # Say why, so the device's log shows it, instead of a bare failure.
-            self.transport.sendDisconnect(
-                transport.DISCONNECT_TOO_MANY_CONNECTIONS,
-                str(reason.value).encode("utf-8", "replace"),
-            )
-            return
-        super()._ebBadAuth(reason)
+        try:
+            if reason.check(PendingRefused):
+                # Say why, so the device's log shows it, instead of a bare failure.
+                self.transport.sendDisconnect(
+                    transport.DISCONNECT_TOO_MANY_CONNECTIONS,
+                    str(reason.value).encode("utf-8", "replace"),
+                )
+                return
+            super()._ebBadAuth(reason)
+        finally:
+            _dropTracebacks(reason)
+
+
+def _dropTracebacks(reason: Failure) -> None:
+    """
+    A failed login is answered (and logged): drop the tracebacks of its Failure and of
+    the exceptions it was raised from. Their frames hold the Failure (a refusal raised
+    in a coroutine that Deferred callbacks ran), or the Failure of a store call it
+    awaited (C{Deferred.__await__} re-raises one from C{Failure.raiseException}, whose
+    frame holds it), so each would be a cycle only the cyclic collector frees.
+    """
+    reason.tb = None
+    exception: BaseException | None = reason.value
+    for _ in range(8):  # the chain a refusal can have is short; never loop on a long one
+        if exception is None:
+            break
+        exception.__traceback__ = None
+        exception = exception.__cause__ or exception.__context__
 
 
 class GroundControlConnection(TunnelConnection):
@@ -355,6 +395,24 @@ class GroundControlTransport(
         if self._graceTimer is not None and self._graceTimer.active():
             self._graceTimer.cancel()
         super().connectionLost(reason)
+        self._letGo()
+
+    def _letGo(self) -> None:
+        """
+        The connection is over (its service stopped, its avatar logged out): drop what
+        refers back to this transport, so that it and all it holds (some 30 tracked
+        objects, the ciphers, the buffers) are freed by reference counting at once,
+        not kept until a full pass of the cyclic collector, which in a reconnect storm
+        may be the end of the storm (L{groundcontrol.stormgc}).
+        """
+        # The running service (userauth or the connection) refers back to us.
+        self.service = None
+        # The keepalive (stopped) holds our peerSilent, and its ping the connection.
+        self.keepalive = None
+        # The steady path's shortcuts (fastpath.enterSteadyState): bound methods of
+        # this transport, stored on it.
+        vars(self).pop("dataReceived", None)
+        vars(self).pop("sendPacket", None)
 
 
 class GroundControlFactory(factory.SSHFactory):
