@@ -390,6 +390,10 @@ class _Limited(ProtocolWrapper):
         wrapped, self.wrappedProtocol = self.wrappedProtocol, None
         if wrapped is not None:
             wrapped.connectionLost(reason)
+        # The shortcuts of _stepAside (bound methods of the SSH protocol, which holds
+        # this wrapper as its transport): without them nothing cyclic is left to free.
+        for name in ("dataReceived", "write", "writeSequence"):
+            vars(self).pop(name, None)
 
 
 class _Pool:
