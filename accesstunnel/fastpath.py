@@ -659,7 +659,7 @@ class FastPathMixin:
         key exchange ends the connection: Conch would answer it from the last
         exchange's state, send NEWKEYS and switch its own keys alone, which no
         correct peer asks for (OpenSSH disconnects too). Channel data does not
-        come through here (L{_fpProcess}).
+        come through here (L{_fpSteadyRead}).
         """
         if (
             _FIRST_KEX_METHOD_MESSAGE <= messageNum <= _LAST_KEX_METHOD_MESSAGE
@@ -783,7 +783,7 @@ class FastPathMixin:
         self._fpAwaitingKeys = False
         super()._newKeys()  # type: ignore[misc]
         if resume and not self._fpProcessing:
-            self._fpProcess()
+            self._fpSteadyRead(b"", False)
 
     def _sentNewKeys(self) -> None:
         # Our NEWKEYS is on the wire: switch the outgoing direction.
@@ -861,20 +861,72 @@ class FastPathMixin:
             layer = getattr(layer, "transport", None)
         return True
 
-    def _fpSteadyRead(self, data: bytes) -> None:
+    def _fpSteadyRead(self, data: bytes, account: bool = True) -> None:
         """
         C{dataReceived} once steady: the keepalive's clock (L{Keepalive.received}),
         the rekey layer's byte count and its limit, this layer's buffer and packet
-        loop, in that order, as the layers' own methods would.
+        loop, in that order, as the layers' own methods would, in one frame.
+
+        With C{account} false, the packet layer's own part alone (the buffer and the
+        loop: L{dataReceived} below the layers' chain, and L{_newKeys} resuming with
+        C{b""}). A read that arrives while the loop runs (a handler that reads) is
+        only buffered: the running loop takes it. The loop stops at the end of the
+        buffer without asking the codec, which would only say it needs more.
         """
-        keepalive = self.keepalive
-        if keepalive is not None:
-            keepalive.lastReceived = keepalive.now()
-        self._rekeyBytes += len(data)
-        self._fpBuf += data
+        if account:
+            keepalive = self.keepalive
+            if keepalive is not None:
+                keepalive.lastReceived = keepalive.now()
+            self._rekeyBytes += len(data)
+        buf = self._fpBuf
+        buf += data
         if not self._fpProcessing:
-            self._fpProcess()
-        if self._rekeyBytesLimit and self._rekeyBytes >= self._rekeyBytesLimit:
+            pos = 0
+            messageNum = -1
+            self._fpProcessing = True
+            try:
+                while pos < len(buf) and not (self._fpClosed or self._fpAwaitingKeys):
+                    codec = self._fpIn
+                    try:
+                        result = codec.open(buf, pos, self.incomingPacketSequence)
+                    except BadPacketError as e:
+                        self.sendDisconnect(e.code, e.description)
+                        break
+                    if result is None:
+                        break
+                    messageNum, payload, pos = result
+                    self.incomingPacketSequence = (self.incomingPacketSequence + 1) & _SEQ_MASK
+                    if messageNum == _MSG_CHANNEL_DATA:
+                        channelData = self._fpChannelData
+                        if channelData is not None:
+                            channelData(payload)
+                            continue
+                    self.dispatchMessage(messageNum, payload)
+                    if (
+                        messageNum == transport.MSG_NEWKEYS
+                        and self._fpIn is codec
+                        and not self._fpClosed
+                    ):
+                        # A re-exchange whose keys are not ready on our side yet:
+                        # read nothing more until they are.
+                        self._fpAwaitingKeys = True
+            except _MALFORMED as e:
+                # A message its handler cannot parse (a payload too short for its
+                # fields, a name that is not ASCII: what Conch's and our parsers raise
+                # then): the peer is broken or hostile. End the connection as for a bad
+                # packet, with one line, not an exception out of the read (a traceback
+                # per attempt).
+                self._fpLog.info(
+                    "malformed message {messageNum} from the peer ({error!r}); disconnecting",
+                    messageNum=messageNum,
+                    error=e,
+                )
+                self.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR, b"malformed message")
+            finally:
+                self._fpProcessing = False
+                if pos:
+                    del buf[:pos]
+        if account and self._rekeyBytesLimit and self._rekeyBytes >= self._rekeyBytesLimit:
             self._startRekey("bytes")  # type: ignore[attr-defined]
 
     # -- sending ----------------------------------------------------------
@@ -930,9 +982,7 @@ class FastPathMixin:
             # below, so that wrappers of getPacket see what they expect.
             super().dataReceived(data)  # type: ignore[misc]
             return
-        self._fpBuf += data
-        if not self._fpProcessing:
-            self._fpProcess()
+        self._fpSteadyRead(data, False)
 
     def getPacket(self) -> bytes | None:
         """Conch's API: the next packet (message number and payload), if it is whole."""
@@ -974,50 +1024,3 @@ class FastPathMixin:
         del self._fpBuf[:end]
         self.incomingPacketSequence = (self.incomingPacketSequence + 1) & _SEQ_MASK
         return bytes((messageNum,)) + payload
-
-    def _fpProcess(self) -> None:
-        buf = self._fpBuf
-        pos = 0
-        messageNum = -1
-        self._fpProcessing = True
-        try:
-            while not (self._fpClosed or self._fpAwaitingKeys):
-                codec = self._fpIn
-                try:
-                    result = codec.open(buf, pos, self.incomingPacketSequence)
-                except BadPacketError as e:
-                    self.sendDisconnect(e.code, e.description)
-                    return
-                if result is None:
-                    return
-                messageNum, payload, pos = result
-                self.incomingPacketSequence = (self.incomingPacketSequence + 1) & _SEQ_MASK
-                if messageNum == _MSG_CHANNEL_DATA:
-                    channelData = self._fpChannelData
-                    if channelData is not None:
-                        channelData(payload)
-                        continue
-                self.dispatchMessage(messageNum, payload)
-                if (
-                    messageNum == transport.MSG_NEWKEYS
-                    and self._fpIn is codec
-                    and not self._fpClosed
-                ):
-                    # A re-exchange whose keys are not ready on our side yet:
-                    # read nothing more until they are.
-                    self._fpAwaitingKeys = True
-        except _MALFORMED as e:
-            # A message its handler cannot parse (a payload too short for its fields,
-            # a name that is not ASCII: what Conch's and our parsers raise then): the
-            # peer is broken or hostile. End the connection as for a bad packet, with
-            # one line, not an exception out of the read (a traceback per attempt).
-            self._fpLog.info(
-                "malformed message {messageNum} from the peer ({error!r}); disconnecting",
-                messageNum=messageNum,
-                error=e,
-            )
-            self.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR, b"malformed message")
-        finally:
-            self._fpProcessing = False
-            if pos:
-                del buf[:pos]

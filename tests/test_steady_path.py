@@ -267,6 +267,46 @@ class SteadyBehaviourTests(SteadyFleet):
         for side in (self.operatorSide, self.serverSide, self.agentSide):
             self.assertEqual(side.keepalive.lastReceived, now)
 
+    def test_theCodecIsAskedOncePerPacket(self) -> None:
+        """
+        The steady read stops at the end of its buffer without asking the codec again
+        (it would only say it needs more): reads of whole packets ask it once per
+        packet on every end of both hops. Read a byte at a time, every packet still
+        arrives whole: the codec is asked whenever bytes remain.
+        """
+        self.connect()
+        session = self.openCat()
+        self.withoutTheChain()
+        sides = (self.operatorSide, self.serverSide, self.agentSide)
+        asked = [0, 0, 0]
+        for i, side in enumerate(sides):
+            codec = side._fpIn
+            real = codec.open
+
+            def counted(*args: Any, _i: int = i, _real: Any = real) -> Any:
+                asked[_i] += 1
+                return _real(*args)
+
+            codec.open = counted
+        before = [side.incomingPacketSequence for side in sides]
+        self.keystroke(session)
+        packets = [side.incomingPacketSequence - b for side, b in zip(sides, before, strict=True)]
+        self.assertTrue(all(packets))
+        self.assertEqual(asked, packets)
+        steady = self.agentSide.dataReceived
+        reads: list[int] = []
+
+        def byteByByte(data: bytes) -> None:
+            reads.append(len(data))
+            for i in range(len(data)):
+                steady(data[i : i + 1])
+
+        for holder in (self.agentSide, self.agentSide.transport.protocol):
+            if vars(holder).get("dataReceived") == steady:
+                holder.dataReceived = byteByByte
+        self.keystroke(session, b"split")
+        self.assertTrue(reads)
+
     def test_readBytesCountTowardsTheLimit(self) -> None:
         """
         The bytes read count towards the rekey limit: one byte short of it, the
