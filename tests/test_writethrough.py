@@ -12,10 +12,11 @@ and connectors writeThroughTCP builds make write-through connections from the st
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from typing import Any
 
-from twisted.internet import abstract, main, protocol, tcp
+from twisted.internet import abstract, fdesc, main, protocol, tcp
 from twisted.internet.interfaces import IPushProducer, IReactorPluggableNameResolver
 from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.testing import MemoryReactor
@@ -24,6 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer, providedBy
 
 from accesstunnel.writethrough import (
+    SEND_FD,
     WriteThroughClient,
     WriteThroughConnector,
     WriteThroughMixin,
@@ -301,6 +303,11 @@ class RealSocketTests(SynchronousTestCase):
                     raise pending.pop(0)
                 return real.send(data)
 
+            def recv(self, size: int) -> bytes:
+                if pending:
+                    raise pending.pop(0)
+                return real.recv(size)
+
         server.socket = Flaky()  # type: ignore[assignment]
         return calls
 
@@ -338,6 +345,122 @@ class RealSocketTests(SynchronousTestCase):
         server.write(b"keystroke")
         self.assertIn(server, self.reactor.getWriters())
         self.assertEqual(server.doWrite(), main.CONNECTION_LOST)
+
+    def test_tcpReadsItself(self) -> None:
+        """A TCP connection's doRead hands what it reads to the protocol itself, not
+        through _dataReceived (one frame per read); a read that would block is
+        nothing, the peer's close is ConnectionDone, a reset ConnectionLost."""
+        recorder = Recorder()
+        server = _server(self.ours, self.reactor, recorder)
+
+        def notCalled(data: Any) -> Any:
+            raise AssertionError("_dataReceived called")
+
+        server._dataReceived = notCalled  # type: ignore[method-assign]
+        self.theirs.sendall(b"keystroke")
+        self.assertIsNone(server.doRead())
+        self.assertEqual(recorder.received, b"keystroke")
+        self.assertIsNone(server.doRead())  # EAGAIN: nothing, and no loss
+        self.assertEqual(recorder.received, b"keystroke")
+        self._flakySocket(server, ConnectionResetError(errno.ECONNRESET, "reset"))
+        self.assertIs(server.doRead(), main.CONNECTION_LOST)
+        self.theirs.close()
+        self.assertIs(server.doRead(), main.CONNECTION_DONE)
+        self.assertEqual(recorder.received, b"keystroke")
+
+
+def readAll(fd: int) -> bytes:
+    """Everything a non-blocking descriptor has to read now."""
+    got = bytearray()
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 20)
+        except BlockingIOError:
+            return bytes(got)
+        got += chunk
+
+
+def fillThenDrain(case: SynchronousTestCase, writer: Any, reactor: Any, readEnd: int) -> None:
+    """
+    Write to C{writer} until it buffers (its descriptor full: part or nothing sent),
+    then read C{readEnd} and run C{writer.doWrite} until every byte arrived, in order.
+    """
+    sent = bytearray()
+    n = 0
+    while writer not in reactor.getWriters():
+        chunk = bytes([n % 251]) * 1000
+        n += 1
+        sent += chunk
+        writer.write(chunk)
+        case.assertLess(n, 10_000, "the descriptor never filled")
+    received = bytearray(readAll(readEnd))
+    for _ in range(10_000):
+        if len(received) >= len(sent):
+            break
+        case.assertIsNone(writer.doWrite())
+        received += readAll(readEnd)
+    case.assertEqual(bytes(received), bytes(sent))
+
+
+class PipeWriter(WriteThroughMixin, abstract.FileDescriptor):
+    """The write end of a pipe whose write-through is C{os.write} (SEND_FD, as a pty's)."""
+
+    _wtSend = SEND_FD
+
+    def __init__(self, reactor: Any, fd: int) -> None:
+        super().__init__(reactor)
+        self.fd = fd
+        self.connected = 1
+        self.calls = 0
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def writeSomeData(self, data: Any) -> Any:
+        self.calls += 1
+        return fdesc.writeToFD(self.fd, data)
+
+
+class FdWriteThroughTests(SynchronousTestCase):
+    """Write-through by C{os.write} on the descriptor itself, over a real pipe."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactor()
+        self.readEnd, self.writeEnd = os.pipe()
+        os.set_blocking(self.readEnd, False)
+        os.set_blocking(self.writeEnd, False)
+        self.addCleanup(self._close)
+        self.fd = PipeWriter(self.reactor, self.writeEnd)
+
+    def _close(self) -> None:
+        for end in (self.readEnd, self.writeEnd):
+            if end >= 0:
+                os.close(end)
+
+    def _drain(self) -> bytes:
+        return readAll(self.readEnd)
+
+    def test_writesItself(self) -> None:
+        """A small write is in the pipe when write returns, without writeSomeData."""
+        self.fd.write(b"keystroke")
+        self.assertEqual(os.read(self.readEnd, 100), b"keystroke")
+        self.assertEqual(self.fd.calls, 0)
+        self.assertNotIn(self.fd, self.reactor.getWriters())
+
+    def test_fullPipeBuffersInOrder(self) -> None:
+        """A pipe that takes part (then nothing, EAGAIN) leaves the rest buffered for
+        doWrite, which delivers every byte in order once the reader drains it."""
+        fillThenDrain(self, self.fd, self.reactor, self.readEnd)
+        self.assertEqual(self.fd.calls, 1)  # doWrite's, once the reader drained
+
+    def test_errorIsMetByDoWrite(self) -> None:
+        """A write that fails (the reader gone: EPIPE) is buffered whole, and doWrite
+        meets the error and reports the connection lost."""
+        os.close(self.readEnd)
+        self.readEnd = -1
+        self.fd.write(b"keystroke")
+        self.assertIn(self.fd, self.reactor.getWriters())
+        self.assertEqual(self.fd.doWrite(), main.CONNECTION_LOST)
 
 
 def privateReactor(case: SynchronousTestCase) -> SelectReactor:
