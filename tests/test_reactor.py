@@ -17,7 +17,7 @@ from typing import Any, cast
 
 from twisted.application.reactors import IReactorInstaller
 from twisted.internet.epollreactor import EPollReactor
-from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.error import ConnectionDone, ConnectionFdescWentAway, ConnectionLost
 from twisted.internet.main import CONNECTION_DONE
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.plugin import getPlugins
@@ -43,12 +43,13 @@ class Recorder:
         self.events: list[tuple[Any, ...]] = []
         self.failRead = False
         self.failLost = False
+        self.closed = False
 
     def logPrefix(self) -> str:
         return PREFIX
 
     def fileno(self) -> int:
-        return self.sock.fileno()
+        return -1 if self.closed else self.sock.fileno()
 
     def doRead(self) -> object:
         if self.failRead:
@@ -163,6 +164,45 @@ class DispatchTests(SynchronousTestCase):
         record = both(self, steps)
         self.assertEqual(record["events"], [("lost", ConnectionLost, str(ConnectionLost()))])
         self.assertFalse(record["writing"])
+
+    def test_readableWithoutADescriptor(self) -> None:
+        """
+        A readable event for a selectable whose fileno() is already -1 disconnects it
+        without doRead (connectionLost with the no-descriptor reason): as stock.
+        """
+
+        def steps(reactor: Any, recorder: Recorder, peer: socket.socket) -> None:
+            reactor.addReader(recorder)
+            peer.sendall(b"x")
+            recorder.closed = True
+            reactor.doPoll(0)
+
+        record = both(self, steps)
+        self.assertEqual(len(record["events"]), 1)
+        self.assertEqual(record["events"][0][:2], ("lost", ConnectionFdescWentAway))
+        self.assertEqual(record["logged"], [])
+
+    def test_aReadGoesStraightToDoRead(self) -> None:
+        """
+        An event that is a read and nothing else goes from doPoll to doRead without
+        _doReadOrWrite (one frame fewer before a keystroke's read); a write still goes
+        through it. The records above prove that both branches behave as stock.
+        """
+
+        def steps(reactor: Any, recorder: Recorder, peer: socket.socket) -> None:
+            routed: list[int] = []
+            reactor._doReadOrWrite = lambda selectable, fd, event: routed.append(event)
+            reactor.addReader(recorder)
+            peer.sendall(b"keystroke")
+            reactor.doPoll(0)
+            self.assertEqual(routed, [])
+            reactor.removeReader(recorder)
+            reactor.addWriter(recorder)
+            reactor.doPoll(0)
+            self.assertEqual(len(routed), 1)
+
+        record = scenario(self, TunnelEPollReactor, steps)
+        self.assertEqual(record["events"], [("read", b"keystroke")])
 
 
 class FailureTests(SynchronousTestCase):
