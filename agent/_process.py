@@ -41,7 +41,7 @@ from twisted.conch import ttymodes
 from twisted.internet import main, process
 from twisted.internet.posixbase import PosixReactorBase
 
-from accesstunnel.writethrough import WriteThroughMixin
+from accesstunnel.writethrough import SEND_FD, WriteThroughMixin
 
 #: Bytes read from a child's output per system call (four packets on the link
 #: to groundcontrol, L{accesstunnel.channel.LINK_MAX_PACKET}).
@@ -222,11 +222,11 @@ def _readFrom(fd: int, callback: Any) -> Any:
     return None
 
 
-def _readPty(fd: int, callback: Any) -> Any:
+def _readPty(fd: int, callback: Any, first: bytes = b"") -> Any:
     """
     Read a pty master until it would block, a read comes back short
     (L{PTY_SHORT_READ}) or L{PTY_BATCH} bytes are in hand, and pass what came
-    to C{callback} in one call.
+    to C{callback} in one call; C{first}, a long read already made, comes first.
 
     Linux's pty returns at most ~4 KiB per read, yet more is usually waiting
     when the child writes fast: taking it now sends one 32 KiB packet instead
@@ -237,8 +237,8 @@ def _readPty(fd: int, callback: Any) -> Any:
     after a short read is the next event's. On hang-up or end of file, what was
     read before it is passed on first.
     """
-    chunks: list[bytes] = []
-    size = 0
+    chunks: list[bytes] = [first] if first else []
+    size = len(first)
     result: Any = None
     while size < PTY_BATCH:
         try:
@@ -298,11 +298,31 @@ class _SessionPTYProcess(WriteThroughMixin, process.PTYProcess):
     """
     A pty child (Twisted already makes it a session leader), its output
     gathered up to one packet per event (L{_readPty}); a keystroke is written
-    to the pty at once, not a reactor turn later.
+    to the pty at once, not a reactor turn later, with C{os.write} called from
+    C{write} itself (C{writeSomeData} and C{fdesc.writeToFD} would only call it).
     """
 
+    _wtSend = SEND_FD
+
     def doRead(self) -> Any:
-        return _readPty(self.fd, lambda data: self.proto.childDataReceived(1, data))  # type: ignore[union-attr, call-arg, arg-type, misc]
+        # The first read written out here: a keystroke's echo is one short read,
+        # passed on without L{_readPty}'s frame (two fewer before its send); a
+        # long one goes on gathering there.
+        try:
+            output = os.read(self.fd, PTY_BATCH)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EINTR):
+                return None
+            return main.CONNECTION_LOST  # EIO: the child side is closed
+        if not output:
+            return main.CONNECTION_DONE
+        if len(output) < PTY_SHORT_READ:
+            self.proto.childDataReceived(1, output)  # type: ignore[union-attr]
+            return None
+        return _readPty(self.fd, self._output, output)
+
+    def _output(self, data: bytes) -> None:
+        self.proto.childDataReceived(1, data)  # type: ignore[union-attr]
 
 
 class Spawner(Protocol):

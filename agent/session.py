@@ -349,7 +349,7 @@ class SessionChannel(FlowChannel):
                 else:
                     waiting.callback(result)
             elif item[0] == "data":
-                self._deliver(item[1])
+                self.dataReceived(item[1])  # delivered: nothing is being answered
             else:
                 self._eof()
 
@@ -612,9 +612,6 @@ class SessionChannel(FlowChannel):
             # the one that starts the child. (Uncredited, so bounded by the window.)
             self._waiting.append(("data", data))
             return
-        self._deliver(data)
-
-    def _deliver(self, data: bytes) -> None:
         if self.process is None or not self._stdinOpen:
             self.consumed(len(data))  # nothing will read it: discard, like sshd
             return

@@ -1,0 +1,112 @@
+"""
+A keystroke's way through the agent's pty, written out (agent._process._SessionPTYProcess):
+its write goes to the pty with C{os.write} from C{write} itself (no C{writeSomeData},
+C{fdesc.writeToFD}), and falls back to Twisted's buffer when the pty is full; its echo
+is one short read handed to the protocol from C{doRead} itself, while long output still
+gathers up to a packet. A real pty pair (os.openpty), a MemoryReactor, no child.
+"""
+
+from __future__ import annotations
+
+import os
+import tty
+from typing import Any
+
+from twisted.internet import abstract, main
+from twisted.internet.testing import MemoryReactor
+from twisted.trial.unittest import SynchronousTestCase
+
+from agent import _process
+from tests.test_agent_process import _Recorder
+from tests.test_writethrough import fillThenDrain
+
+
+class PtyFixture(SynchronousTestCase):
+    """A L{_process._SessionPTYProcess} on the master of a raw pty, the slave the child's end."""
+
+    def setUp(self) -> None:
+        self.master, self.slave = os.openpty()
+        tty.setraw(self.slave)  # bytes pass unchanged (no ONLCR, no echo)
+        for fd in (self.master, self.slave):
+            os.set_blocking(fd, False)
+        self.addCleanup(self._close)
+        self.reactor = MemoryReactor()
+        child: Any = _process._SessionPTYProcess.__new__(_process._SessionPTYProcess)
+        abstract.FileDescriptor.__init__(child, self.reactor)
+        child.fd = self.master
+        child.connected = 1
+        self.recorder = _Recorder()
+        child.proto = self.recorder
+        self.child = child
+
+    def _close(self) -> None:
+        for fd in (self.master, self.slave):
+            if fd >= 0:
+                os.close(fd)
+
+
+class PtyWriteTests(PtyFixture):
+    def test_keystrokeLeavesInsideWrite(self) -> None:
+        """A keystroke is on the child's side of the pty when write returns, written
+        by os.write in write itself: writeSomeData is never called."""
+
+        def notCalled(data: Any) -> Any:
+            raise AssertionError("writeSomeData called for a write through")
+
+        self.child.writeSomeData = notCalled
+        self.child.write(b"k")
+        self.assertEqual(os.read(self.slave, 100), b"k")
+        self.assertNotIn(self.child, self.reactor.getWriters())
+
+    def test_fullPtyBuffersInOrder(self) -> None:
+        """When the pty takes part or nothing (EAGAIN), the rest waits in Twisted's
+        buffer and doWrite delivers every byte in order once the child reads."""
+        fillThenDrain(self, self.child, self.reactor, self.slave)
+
+
+class PtyReadTests(PtyFixture):
+    def countReads(self) -> list[int]:
+        """Count the os.read calls made from now on."""
+        sizes: list[int] = []
+        real = os.read
+
+        def read(fd: int, size: int) -> bytes:
+            sizes.append(size)
+            return real(fd, size)
+
+        self.patch(_process.os, "read", read)
+        return sizes
+
+    def test_echoIsOneRead(self) -> None:
+        """A keystroke's echo (a short read) goes to the protocol after one read: no
+        second read to find the pty empty."""
+        os.write(self.slave, b"k")
+        reads = self.countReads()
+        self.assertIsNone(self.child.doRead())
+        self.assertEqual(self.recorder.calls, [(1, b"k")])
+        self.assertEqual(len(reads), 1)
+
+    def test_longOutputGathersUpToAPacket(self) -> None:
+        """Output past a short read is gathered from the first read on, in one call,
+        at most one packet (PTY_BATCH) per event, in order."""
+        data = bytes(range(256)) * 160  # 40,960 bytes: more than one packet
+        written = os.write(self.slave, data)
+        self.assertIsNone(self.child.doRead())
+        self.assertIsNone(self.child.doRead())
+        pieces = [piece for fd, piece in self.recorder.calls]
+        self.assertTrue(all(fd == 1 for fd, _ in self.recorder.calls))
+        self.assertLessEqual(max(map(len, pieces)), _process.PTY_BATCH)
+        self.assertEqual(len(pieces[0]), min(written, _process.PTY_BATCH))
+        self.assertEqual(b"".join(pieces), data[:written])
+
+    def test_nothingToRead(self) -> None:
+        """A read that would block passes nothing on and is no loss."""
+        self.assertIsNone(self.child.doRead())
+        self.assertEqual(self.recorder.calls, [])
+
+    def test_hangUp(self) -> None:
+        """The child's side closed with nothing left: the pty reports the loss (EIO)."""
+        os.close(self.slave)
+        self.slave = -1
+        self.assertIs(self.child.doRead(), main.CONNECTION_LOST)
+        self.assertEqual(self.recorder.calls, [])
