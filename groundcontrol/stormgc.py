@@ -81,6 +81,14 @@ class StormCollector(Service):
         #: collection after the storm.
         self.inStorm = False
         self._lastWaiting = 0.0
+        #: Whether the last check found connections waiting.
+        self._wasWaiting = False
+        #: The collections of the newest objects in this storm: how many, their time
+        #: in all and the longest (seconds), and the objects they freed.
+        self._collections = 0
+        self._collectTime = 0.0
+        self._longest = 0.0
+        self._freed = 0
 
     def startService(self) -> None:
         super().startService()
@@ -107,10 +115,22 @@ class StormCollector(Service):
                     "deferred until they are all in"
                 )
             self._lastWaiting = now
+            self._wasWaiting = True
             self._collectNewAndFreeze()
             return
         if not self.inStorm:
             return
+        if self._wasWaiting:
+            self._wasWaiting = False
+            self._log.info(
+                "no connection waits for a handshake slot: so far in this storm "
+                "{collections} collections of the newest objects took {ms:.0f} ms in all "
+                "(the longest {longest:.0f} ms) and freed {freed}",
+                collections=self._collections,
+                ms=self._collectTime * 1000,
+                longest=self._longest * 1000,
+                freed=self._freed,
+            )
         if now - self._lastWaiting < SETTLE_SECONDS:
             self._collectNewAndFreeze()
             return
@@ -118,7 +138,12 @@ class StormCollector(Service):
 
     def _collectNewAndFreeze(self) -> None:
         """Free the last second's dead cycles (a pass over it alone), then freeze all."""
-        self._gc.collect()
+        started = self._timer()
+        self._freed += self._gc.collect()
+        took = self._timer() - started
+        self._collections += 1
+        self._collectTime += took
+        self._longest = max(self._longest, took)
         self._gc.freeze()
 
     def _collectAfterStorm(self) -> None:
@@ -127,6 +152,8 @@ class StormCollector(Service):
         started = self._timer()
         collected = self._gc.collect()
         self.inStorm = False
+        self._collections = self._freed = 0
+        self._collectTime = self._longest = 0.0
         self._log.info(
             "handshake queue empty for {settle:.0f} s: one full garbage collection over "
             "{frozen} objects took {ms:.0f} ms and freed {collected}",

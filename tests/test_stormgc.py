@@ -115,17 +115,23 @@ class StormCollectorTests(SynchronousTestCase):
         self.assertFalse(self.collector.inStorm)
 
     def test_logsTheStormAndTheCollection(self) -> None:
-        """The storm's start and the collection after it (its size and time) are logged."""
+        """
+        The storm's start, the end of its queue (the collections of the newest objects
+        so far: how many, how long, what they freed) and the collection after it (its
+        size and time) are logged.
+        """
         events: list[dict[str, Any]] = []
         self.collector._log = Logger(observer=cast(ILogObserver, events.append))
         self.waiting = 10
         self.seconds(2)
         self.waiting = 0
         self.seconds(SETTLE_SECONDS)
-        self.assertEqual(len(events), 2)
+        self.assertEqual(len(events), 3)
         self.assertTrue(all(e["log_level"] == LogLevel.info for e in events))
-        # Two checks in the storm and four while it settled froze; the fifth collected.
-        self.assertEqual((events[1]["frozen"], events[1]["collected"]), (6000, 42))
+        # Two checks in the storm collected and froze (42 freed each)...
+        self.assertEqual((events[1]["collections"], events[1]["freed"]), (2, 84))
+        # ...and four more while it settled; the fifth collected all.
+        self.assertEqual((events[2]["frozen"], events[2]["collected"]), (6000, 42))
 
 
 class RealCollectorTests(SynchronousTestCase):
