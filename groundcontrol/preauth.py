@@ -53,6 +53,7 @@ L{accesstunnel.transports.limiter.HandshakeLimiter}'s; the grace time is the tra
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import struct
 from collections import Counter, OrderedDict
@@ -72,6 +73,7 @@ __all__ = [
     "REFUSAL_REASONS",
     "Allowance",
     "ExemptNetwork",
+    "FailureKind",
     "PenaltyPolicy",
     "PreauthGuard",
     "PreauthLimits",
@@ -537,9 +539,30 @@ def guardOf(factory: Any) -> PreauthGuard:
 
 #: Bytes a MAC (or an AEAD tag) adds to a packet, at most (hmac-sha2-512).
 _MAX_MAC = 64
-#: The failure of a new device refused by the pending caps (sshserver disconnects it with
-#: too-many-connections, the only pre-login disconnect with that reason).
-_PENDING_REFUSED = "a new device refused by the pending caps"
+
+
+class FailureKind(enum.Enum):
+    """What a connection that ends without a login did that counts against its source."""
+
+    #: It broke a pre-login rule (L{PreauthViolation}).
+    VIOLATION = enum.auto()
+    #: A new device refused by the pending caps (sshserver disconnects it with
+    #: too-many-connections, the only pre-login disconnect with that reason): not
+    #: counted for an exempt source.
+    PENDING_REFUSED = enum.auto()
+    #: It failed authentication.
+    BAD_AUTH = enum.auto()
+    #: It ran out the login grace time.
+    GRACE_TIME = enum.auto()
+
+
+@attrs.frozen
+class _Failure:
+    """Why a connection that ends without a login counts against its source."""
+
+    kind: FailureKind
+    #: What the log line says (L{SourcePenalties.failed}'s "last: ...").
+    why: str
 
 
 class PreauthViolation(Exception):  # noqa: N818 - a reason to drop, not a bug
@@ -758,34 +781,35 @@ class PreauthMixin:
         """Count this connection, which ends without a login, against its source."""
         source = self._preauthSource
         self._preauthSpoke(penalties)
-        why = self._failure()
-        if why == _PENDING_REFUSED:
-            # A new device the pending caps refused (we said too many connections): it
-            # logged in with a key, but anyone can make a fresh key per connection and
-            # have us check a signature. Not counted for an exempt source: a NAT in
-            # front of a fleet being rolled out is where it happens honestly.
-            if not penalties.exempt(source):
-                penalties.failed(source, why)
-        elif why is not None:
-            penalties.failed(source, why)
-        elif self._preauthExchanges:
-            # OpenSSH's noauth: our CPU went into key exchanges nobody logged in with.
-            penalties.noauth(source, self._preauthExchanges)
+        failure = self._failure()
+        if failure is None:
+            if self._preauthExchanges:
+                # OpenSSH's noauth: our CPU went into key exchanges nobody logged in with.
+                penalties.noauth(source, self._preauthExchanges)
+            else:
+                # Closed before any key exchange: a banner grab, a TCP health check,
+                # ssh-audit's DHEat rate probe.
+                penalties.earlyClose(source)
+        elif failure.kind is FailureKind.PENDING_REFUSED and penalties.exempt(source):
+            # A new device the pending caps refused (we said too many connections)
+            # counts as a failure: it logged in with a key, but anyone can make a fresh
+            # key per connection and have us check a signature. Not for an exempt
+            # source: a NAT in front of a fleet being rolled out is where it happens
+            # honestly.
+            pass
         else:
-            # Closed before any key exchange: a banner grab, a TCP health check,
-            # ssh-audit's DHEat rate probe.
-            penalties.earlyClose(source)
+            penalties.failed(source, failure.why)
 
-    def _failure(self) -> str | None:
+    def _failure(self) -> _Failure | None:
         """Why this connection, ending without a login, counts against its source."""
         if self._preauthViolation is not None:
-            return self._preauthViolation
+            return _Failure(FailureKind.VIOLATION, self._preauthViolation)
         if self._preauthDisconnect == transport.DISCONNECT_TOO_MANY_CONNECTIONS:
-            return _PENDING_REFUSED
+            return _Failure(FailureKind.PENDING_REFUSED, "a new device refused by the pending caps")
         attempts = getattr(getattr(self, "service", None), "loginAttempts", 0)
         if attempts:
-            return f"{attempts} failed authentication attempts"
+            return _Failure(FailureKind.BAD_AUTH, f"{attempts} failed authentication attempts")
         grace = getattr(getattr(self.factory, "settings", None), "loginGraceTime", None)
         if grace is not None and self.factory.clock.seconds() - self._preauthStarted >= grace:
-            return "login grace time exceeded"
+            return _Failure(FailureKind.GRACE_TIME, "login grace time exceeded")
         return None
