@@ -317,7 +317,13 @@ class _SessionPTYProcess(WriteThroughMixin, process.PTYProcess):
         if not output:
             return main.CONNECTION_DONE
         if len(output) < PTY_SHORT_READ:
-            self.proto.childDataReceived(1, output)  # type: ignore[union-attr]
+            # A protocol that names where its pty output goes (the session's: the
+            # channel's write) is given it there, a frame fewer than childDataReceived.
+            direct = getattr(self.proto, "ptyOutput", None)
+            if direct is None:
+                self.proto.childDataReceived(1, output)  # type: ignore[union-attr]
+            else:
+                direct(output)
             return None
         return _readPty(self.fd, self._output, output)
 

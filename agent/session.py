@@ -207,6 +207,9 @@ class _ChildProtocol(ProcessProtocol):
 
     def __init__(self, channel: SessionChannel) -> None:
         self._channel = channel
+        #: Where a pty child's output goes, what childDataReceived(1, ...) does
+        #: (agent._process hands a keystroke's echo straight to it).
+        self.ptyOutput = channel.write
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == 2:
