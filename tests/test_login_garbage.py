@@ -188,7 +188,7 @@ class LoginGarbageTests(SynchronousTestCase):
             return server
 
         fleet.factory.buildProtocol = buildProtocol  # type: ignore[method-assign]
-        self.door = HandshakeLimiter(fleet.factory)
+        self.door: Any = HandshakeLimiter(fleet.factory)
         self.bystander = self.fakeAgent("bystander", fleet.enrollDevice("bystander"))
         return fleet
 
