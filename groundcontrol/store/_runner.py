@@ -14,6 +14,7 @@ took 0.4-0.8 s there (bench/RESULTS.md, "Operator setup during a reconnect storm
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
@@ -64,19 +65,28 @@ class ThreadRunner:
     """
     A L{Runner} on one worker thread, with a queue that goes first (L{first}).
 
-    Each call queued here also queues one turn on the thread pool; a turn runs whichever
-    call is due when the worker gets to it: the oldest of L{first}'s, else the oldest of
-    the rest. So the pool keeps its own lifecycle and the worker never waits on the
-    reactor between calls, and a call for a person overtakes the fleet's backlog.
+    The worker drains both queues: it runs whichever call is due (the oldest of
+    L{first}'s, else the oldest of the rest) until none is left. A call queued while a
+    drain is pending or running joins it; only a call into empty queues hands the pool a
+    new drain. So the pool keeps its own lifecycle, the worker never waits on the reactor
+    between calls, and a call for a person overtakes the fleet's backlog.
+
+    One drain per burst rather than one pool job per call: each job Twisted's pool runs
+    is a closure that refers to itself, garbage for the cyclic collector, about eight
+    per agent login in a reconnect storm (bench/RESULTS.md, "Storm garbage at its
+    source").
     """
 
     def __init__(self, reactor: Any, pool: WorkerPool) -> None:
         self._reactor = reactor
         self._pool = pool
-        # Appended on the reactor thread, taken on the worker: deque's append and
-        # popleft are atomic.
+        # Appended on the reactor thread, taken on the worker, both under the lock,
+        # which also guards whether a drain is pending or running: a call never waits
+        # in the queues with no drain to come.
+        self._lock = threading.Lock()
         self._first: deque[_Call] = deque()
         self._rest: deque[_Call] = deque()
+        self._draining = False
 
     def __call__(self, f: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
         """Queue C{f(*args)} behind every call queued before it."""
@@ -90,19 +100,28 @@ class ThreadRunner:
         self, queue: deque[_Call], f: Callable[..., _T], args: tuple[Any, ...]
     ) -> defer.Deferred[_T]:
         d: defer.Deferred[_T] = defer.Deferred()
-        queue.append((d, f, args))
-        self._pool.callInThread(self._turn)
+        with self._lock:
+            queue.append((d, f, args))
+            if self._draining:
+                return d
+            self._draining = True
+        self._pool.callInThread(self._drain)
         return d
 
-    def _turn(self) -> None:
-        """On the worker: run the call that is due, hand its outcome to the reactor."""
-        d, f, args = (self._first or self._rest).popleft()
-        try:
-            result = f(*args)
-        except BaseException:
-            self._reactor.callFromThread(d.errback, Failure())
-        else:
-            self._reactor.callFromThread(d.callback, result)
+    def _drain(self) -> None:
+        """On the worker: run the calls that are due, one by one, until none is left."""
+        while True:
+            with self._lock:
+                if not (self._first or self._rest):
+                    self._draining = False
+                    return
+                d, f, args = (self._first or self._rest).popleft()
+            try:
+                result = f(*args)
+            except BaseException:
+                self._reactor.callFromThread(d.errback, Failure())
+            else:
+                self._reactor.callFromThread(d.callback, result)
 
 
 def threadRunner(reactor: Any, poolFactory: Callable[..., WorkerPool] = ThreadPool) -> ThreadRunner:
