@@ -73,7 +73,8 @@ class RelayChannel(FlowChannel):
         self.label = label
         self.exitReported = False
         self.bytesReceived = 0
-        self.opened: defer.Deferred[RelayChannel] = defer.Deferred(self._cancelOpen)
+        #: Fires (with None) when the channel is open, fails if the open is refused.
+        self.opened: defer.Deferred[None] = defer.Deferred(self._cancelOpen)
         self._abandoned = False
         #: The answer to the latest request passed on, until it comes.
         self._lastReply: defer.Deferred[Any] | None = None
@@ -95,7 +96,7 @@ class RelayChannel(FlowChannel):
         if self.observer is not None:
             self.observer.relayOpened(self)
         if not self.opened.called:
-            self.opened.callback(self)
+            self.opened.callback(None)
 
     def openFailed(self, reason: Any) -> None:
         if not self.opened.called:
@@ -228,8 +229,14 @@ class RelayChannel(FlowChannel):
 
     def closed(self) -> None:
         super().closed()
-        if self.observer is not None:
-            self.observer.relayClosed(self)
+        observer, self.observer = self.observer, None
+        if observer is not None:
+            observer.relayClosed(self)
+        if self.opened.called:
+            # Done with: it holds this channel (its result, and the canceller bound to
+            # it), a cycle that would keep the channel, its session and the operator's
+            # whole connection for the cyclic collector.
+            self.opened = defer.succeed(None)
         peer, self.peer = self.peer, None
         if peer is None:
             return
