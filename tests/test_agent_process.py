@@ -2,12 +2,24 @@
 agent._process reads a pty child's output: a burst in packet-sized pieces, a
 keystroke at once, hang-up after the last byte. A real pty pair (os.openpty),
 no reactor: each L{_readPty} call is what one readable event does.
+
+The kernel moves bytes across a pty asynchronously (the slave's writes land in a
+flip buffer that a worker thread pushes to the master, about 4 KiB at a time), so
+these tests wait until what they need is readable (L{waitReadable}) and never
+assume how much one read finds; how reads are gathered is tested with scripted
+reads (L{ScriptedReads}).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import select
+import struct
+import termios
 import tty
+from collections.abc import Iterable
 from typing import Any
 
 from twisted.internet import main
@@ -24,6 +36,19 @@ class _Recorder:
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         self.calls.append((childFD, data))
+
+
+def waitReadable(testCase: SynchronousTestCase, fd: int, n: int) -> None:
+    """
+    Wait until at least C{n} bytes are readable on the pty master C{fd} (its input
+    queue, at most about 4 KiB), failing C{testCase} after about a second.
+    """
+    for _ in range(1000):
+        waiting = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+        if waiting >= n:
+            return
+        select.select([fd], [], [], 0.001)
+    testCase.fail(f"the pty never had {n} bytes to read")
 
 
 class ReadPtyTests(SynchronousTestCase):
@@ -56,20 +81,33 @@ class ReadPtyTests(SynchronousTestCase):
         """One readable event: what _readPty returns; pieces land in self.pieces."""
         return _process._readPty(self.master, self.pieces.append)
 
-    def test_burstInOnePiece(self) -> None:
+    def test_burstInPacketSizedPieces(self) -> None:
         """
-        A burst the child wrote at once (as much as the pty holds: ~11.5 KiB
-        here, which plain reads return in 3-4 pieces of at most 4 KiB) comes
-        out of one event as one piece.
+        A burst the child wrote at once (as much as the pty holds) comes out whole
+        and in order, the first event's piece a full read or more, no piece above
+        L{PTY_BATCH}. (How much one event gathers depends on how fast the kernel
+        refills the master: L{GatherTests} checks the gathering itself.)
         """
         burst = os.urandom(64 * 1024)
         written = self._write(burst)
         self.assertGreater(written, 4096)
-        self.assertIsNone(self._event())
-        self.assertEqual(self.pieces, [burst[:written]])
+        self._drain(written)
+        self.assertGreaterEqual(len(self.pieces[0]), _process.PTY_SHORT_READ)
+        self.assertTrue(all(len(p) <= _process.PTY_BATCH for p in self.pieces))
+        self.assertEqual(b"".join(self.pieces), burst[:written])
         # Nothing more: the next event reads nothing and passes nothing on.
+        pieces = len(self.pieces)
         self.assertIsNone(self._event())
-        self.assertEqual(len(self.pieces), 1)
+        self.assertEqual(len(self.pieces), pieces)
+
+    def _drain(self, written: int) -> None:
+        """Run events, each once something is readable, until C{written} bytes came out."""
+        for _ in range(1000):
+            if sum(map(len, self.pieces)) >= written:
+                return
+            waitReadable(self, self.master, 1)
+            self.assertIsNone(self._event())
+        self.fail("the pty's bytes never all came out")
 
     def test_pieceBoundedByBatch(self) -> None:
         """
@@ -81,12 +119,7 @@ class ReadPtyTests(SynchronousTestCase):
         burst = os.urandom(64 * 1024)
         written = self._write(burst)
         self.assertGreater(written, 10_000)
-        while True:
-            before = len(self.pieces)
-            self.assertIsNone(self._event())
-            if len(self.pieces) == before:
-                break
-        self.assertEqual(self.pieces[0], burst[:5000])
+        self._drain(written)
         self.assertTrue(all(len(p) <= 5000 for p in self.pieces))
         self.assertEqual(b"".join(self.pieces), burst[:written])
 
@@ -96,9 +129,11 @@ class ReadPtyTests(SynchronousTestCase):
         alone: the gathering stops when the pty would block, without waiting.
         """
         self._write(b"x")
+        waitReadable(self, self.master, 1)
         self.assertIsNone(self._event())
         self.assertEqual(self.pieces, [b"x"])
         self._write(b"y")
+        waitReadable(self, self.master, 1)
         self.assertIsNone(self._event())
         self.assertEqual(self.pieces, [b"x", b"y"])
 
@@ -124,21 +159,25 @@ class ReadPtyTests(SynchronousTestCase):
         A keystroke's echo takes one read: a short read ends the gathering, with
         no second read failing with EAGAIN before the echo is passed on.
         """
-        reads = self._countReads()
         self._write(b"x")
+        waitReadable(self, self.master, 1)
+        reads = self._countReads()
         self.assertIsNone(self._event())
         self.assertEqual(self.pieces, [b"x"])
         self.assertEqual(reads, [1])
 
     def test_fullReadIsFollowedByAnother(self) -> None:
-        """A read of a full pty chunk reads on: bulk output still gathers into one piece."""
-        reads = self._countReads()
+        """A read of a full pty chunk reads on: bulk output gathers past one read."""
         burst = os.urandom(64 * 1024)
         written = self._write(burst)
+        waitReadable(self, self.master, _process.PTY_SHORT_READ)
+        reads = self._countReads()
         self.assertIsNone(self._event())
-        self.assertEqual(self.pieces, [burst[:written]])
         self.assertGreater(len(reads), 1)
         self.assertGreaterEqual(reads[0], _process.PTY_SHORT_READ)
+        [piece] = self.pieces
+        self.assertEqual(piece, burst[: len(piece)])
+        self.assertLessEqual(len(piece), written)
 
     def test_hangUpAfterLastByte(self) -> None:
         """
@@ -174,9 +213,9 @@ class SessionPTYProcessReadTests(SynchronousTestCase):
 
     def test_doReadGathers(self) -> None:
         """
-        One readable event delivers an 8,000-byte burst as one
-        C{childDataReceived(1, ...)} call, the way the session channel then
-        sends it as one packet.
+        One readable event delivers an 8,000-byte burst (read as 4,096 and 3,904
+        bytes) as one C{childDataReceived(1, ...)} call, the way the session channel
+        then sends it as one packet.
         """
         master, slave = os.openpty()
         self.addCleanup(os.close, master)
@@ -185,9 +224,64 @@ class SessionPTYProcessReadTests(SynchronousTestCase):
         os.set_blocking(master, False)
         os.set_blocking(slave, False)
         self.assertEqual(os.write(slave, b"q" * 8_000), 8_000)
+        reads = ScriptedReads(self, [b"q" * 4096, b"q" * 3904, errno.EAGAIN])
         child = _process._SessionPTYProcess.__new__(_process._SessionPTYProcess)
         recorder = _Recorder()
         child.fd = master
         child.proto = recorder  # type: ignore[assignment]
         self.assertIsNone(child.doRead())
         self.assertEqual(recorder.calls, [(1, b"q" * 8_000)])
+        self.assertEqual(reads.left, [])
+
+
+class ScriptedReads:
+    """C{os.read} in L{_process} replaced: each call returns the next bytes or raises."""
+
+    def __init__(self, testCase: SynchronousTestCase, script: Iterable[bytes | int]) -> None:
+        self.left = list(script)
+        testCase.patch(_process.os, "read", self.read)
+
+    def read(self, fd: int, n: int) -> bytes:
+        step = self.left.pop(0)
+        if isinstance(step, int):
+            raise OSError(step, os.strerror(step))
+        assert len(step) <= n, (len(step), n)
+        return step
+
+
+class GatherTests(SynchronousTestCase):
+    """How L{_process._readPty} gathers one event's reads, with the reads scripted."""
+
+    def gather(self, script: list[bytes | int]) -> tuple[list[bytes], Any, ScriptedReads]:
+        reads = ScriptedReads(self, script)
+        pieces: list[bytes] = []
+        return pieces, _process._readPty(-1, pieces.append), reads
+
+    def test_fullReadsGatherIntoOnePiece(self) -> None:
+        """Full reads go on until the pty would block: one piece for the event."""
+        pieces, result, reads = self.gather([b"a" * 4096, b"b" * 4096, b"c" * 3000, errno.EAGAIN])
+        self.assertIsNone(result)
+        self.assertEqual(pieces, [b"a" * 4096 + b"b" * 4096 + b"c" * 3000])
+        self.assertEqual(reads.left, [])
+
+    def test_shortReadEndsTheGathering(self) -> None:
+        """A read under L{PTY_SHORT_READ} ends the event: no read that would only block."""
+        pieces, result, reads = self.gather([b"a" * 4096, b"b" * 10, b"never read"])
+        self.assertIsNone(result)
+        self.assertEqual(pieces, [b"a" * 4096 + b"b" * 10])
+        self.assertEqual(reads.left, [b"never read"])
+
+    def test_batchBoundsThePiece(self) -> None:
+        """The reads ask for what is left of L{PTY_BATCH}, and stop when it is in hand."""
+        self.patch(_process, "PTY_BATCH", 6000)
+        pieces, result, reads = self.gather([b"a" * 4096, b"b" * 1904, b"never read"])
+        self.assertIsNone(result)
+        self.assertEqual(pieces, [b"a" * 4096 + b"b" * 1904])
+        self.assertEqual(reads.left, [b"never read"])
+
+    def test_hangUpAfterWhatWasRead(self) -> None:
+        """EIO (the child side closed) passes on what was read first, then reports the loss."""
+        pieces, result, reads = self.gather([b"a" * 4096, errno.EIO, b"never read"])
+        self.assertIs(result, main.CONNECTION_LOST)
+        self.assertEqual(pieces, [b"a" * 4096])
+        self.assertEqual(reads.left, [b"never read"])

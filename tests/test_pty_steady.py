@@ -8,11 +8,7 @@ gathers up to a packet. A real pty pair (os.openpty), a MemoryReactor, no child.
 
 from __future__ import annotations
 
-import fcntl
 import os
-import select
-import struct
-import termios
 import tty
 from typing import Any
 
@@ -22,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from agent import _process
 from agent.session import _ChildProtocol
-from tests.test_agent_process import _Recorder
+from tests.test_agent_process import _Recorder, waitReadable
 from tests.test_writethrough import fillThenDrain
 
 
@@ -45,17 +41,8 @@ class PtyFixture(SynchronousTestCase):
         self.child = child
 
     def settle(self, n: int) -> None:
-        """
-        Wait until C{n} bytes written to the slave are readable on the master: the
-        kernel moves them across a pty asynchronously (its flip buffer, a worker
-        thread), so a read right after the write may find none or part of them yet.
-        """
-        for _ in range(1000):
-            waiting = struct.unpack("i", fcntl.ioctl(self.master, termios.FIONREAD, b"\0" * 4))
-            if waiting[0] >= n:
-                return
-            select.select([self.master], [], [], 0.001)
-        self.fail(f"the pty never had {n} bytes to read")
+        """Wait until C{n} bytes written to the slave are readable on the master."""
+        waitReadable(self, self.master, n)
 
     def _close(self) -> None:
         for fd in (self.master, self.slave):
