@@ -888,36 +888,7 @@ class FastPathMixin:
                 while pos < len(buf) and not (self._fpClosed or self._fpAwaitingKeys):
                     codec = self._fpIn
                     try:
-                        if type(codec) is not _AesGcm:
-                            result = codec.open(buf, pos, self.incomingPacketSequence)
-                        elif len(buf) - pos < 4:
-                            result = None
-                        else:
-                            # _AesGcm.open written out (a frame fewer per packet once
-                            # logged in): the same checks, nonce and errors, held to
-                            # each other by tests/test_fastpath_inline.py.
-                            (packetLen,) = _uint32.unpack_from(buf, pos)
-                            if packetLen > MAX_PACKET or packetLen < 8 or packetLen % 16:
-                                _checkLength(packetLen, packetLen, 16)
-                            end = pos + 20 + packetLen
-                            if len(buf) < end:
-                                result = None
-                            else:
-                                counter = codec._counter
-                                codec._counter = (counter + 1) & _COUNTER_MASK
-                                with memoryview(buf) as view:
-                                    try:
-                                        plain = codec._aead.decrypt(
-                                            codec._fixed + counter.to_bytes(8, "big"),
-                                            view[pos + 4 : end],
-                                            view[pos : pos + 4],
-                                        )
-                                    except InvalidTag:
-                                        raise _badMAC() from None
-                                padLen = plain[0]
-                                if padLen < 4 or padLen + 2 > packetLen:
-                                    _checkPadding(packetLen, padLen)
-                                result = plain[1], plain[2 : packetLen - padLen], end
+                        result = codec.open(buf, pos, self.incomingPacketSequence)
                     except BadPacketError as e:
                         self.sendDisconnect(e.code, e.description)
                         break
@@ -969,42 +940,13 @@ class FastPathMixin:
             self._blockedByKeyExchange.append((messageType, payload))
         else:
             seq = self.outgoingPacketSequence
-            codec = self._fpOut
-            if type(codec) is _AesGcm:
-                # _AesGcm.seal written out (AES-GCM carries every hop once logged in:
-                # a frame fewer before each keystroke's send); the same fields, padding
-                # and nonce, tests/test_fastpath_inline.py holds the two to each other.
-                n = len(payload) + 2
-                pad = 16 - n % 16
-                if pad < 4:
-                    pad += 16
-                length = _uint32.pack(n + pad)
-                pool = _padding
-                start = pool._pos
-                stop = start + pad
-                if stop <= len(pool._buf):
-                    pool._pos = stop
-                    padding = pool._buf[start:stop]
-                else:
-                    padding = pool.take(pad)
-                counter = codec._counter
-                codec._counter = (counter + 1) & _COUNTER_MASK
-                plain = b"".join((_padType.pack(pad, messageType), payload, padding))
-                sealed = codec._aead.encrypt(
-                    codec._fixed + counter.to_bytes(8, "big"), plain, length
-                )
-                if len(payload) <= SMALL_WRITE_LIMIT:
-                    self.transport.write(length + sealed)
-                else:
-                    self.transport.writeSequence((length, sealed))
+            parts = self._fpOut.seal(seq, messageType, payload)
+            if len(parts) == 1:
+                self.transport.write(parts[0])
+            elif len(payload) <= SMALL_WRITE_LIMIT:
+                self.transport.write(b"".join(parts))
             else:
-                parts = codec.seal(seq, messageType, payload)
-                if len(parts) == 1:
-                    self.transport.write(parts[0])
-                elif len(payload) <= SMALL_WRITE_LIMIT:
-                    self.transport.write(b"".join(parts))
-                else:
-                    self.transport.writeSequence(parts)
+                self.transport.writeSequence(parts)
             seq = self.outgoingPacketSequence = (seq + 1) & _SEQ_MASK
             if messageType == transport.MSG_NEWKEYS:
                 self._sentNewKeys()
