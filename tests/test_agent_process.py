@@ -51,8 +51,11 @@ def waitReadable(testCase: SynchronousTestCase, fd: int, n: int) -> None:
     testCase.fail(f"the pty never had {n} bytes to read")
 
 
-class ReadPtyTests(SynchronousTestCase):
-    """L{_process._readPty} on a raw pty whose slave end the test writes."""
+class RawPtyCase(SynchronousTestCase):
+    """
+    A raw, non-blocking pty pair: C{master} the agent's end, C{slave} the child's; a
+    test that closes the slave itself sets it to -1.
+    """
 
     def setUp(self) -> None:
         self.master, self.slave = os.openpty()
@@ -60,12 +63,19 @@ class ReadPtyTests(SynchronousTestCase):
         for fd in (self.master, self.slave):
             os.set_blocking(fd, False)
         self.addCleanup(self._close)
-        self.pieces: list[bytes] = []
 
     def _close(self) -> None:
         for fd in (self.master, self.slave):
             if fd >= 0:
                 os.close(fd)
+
+
+class ReadPtyTests(RawPtyCase):
+    """L{_process._readPty} on a raw pty whose slave end the test writes."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.pieces: list[bytes] = []
 
     def _write(self, data: bytes) -> int:
         """Write C{data} to the slave as far as the pty takes it now."""

@@ -9,28 +9,22 @@ gathers up to a packet. A real pty pair (os.openpty), a MemoryReactor, no child.
 from __future__ import annotations
 
 import os
-import tty
 from typing import Any
 
 from twisted.internet import abstract, main
 from twisted.internet.testing import MemoryReactor
-from twisted.trial.unittest import SynchronousTestCase
 
 from agent import _process
 from agent.session import _ChildProtocol
-from tests.test_agent_process import _Recorder, waitReadable
+from tests.test_agent_process import RawPtyCase, _Recorder, waitReadable
 from tests.test_writethrough import fillThenDrain
 
 
-class PtyFixture(SynchronousTestCase):
+class PtyFixture(RawPtyCase):
     """A L{_process._SessionPTYProcess} on the master of a raw pty, the slave the child's end."""
 
     def setUp(self) -> None:
-        self.master, self.slave = os.openpty()
-        tty.setraw(self.slave)  # bytes pass unchanged (no ONLCR, no echo)
-        for fd in (self.master, self.slave):
-            os.set_blocking(fd, False)
-        self.addCleanup(self._close)
+        super().setUp()
         self.reactor = MemoryReactor()
         child: Any = _process._SessionPTYProcess.__new__(_process._SessionPTYProcess)
         abstract.FileDescriptor.__init__(child, self.reactor)
@@ -43,11 +37,6 @@ class PtyFixture(SynchronousTestCase):
     def settle(self, n: int) -> None:
         """Wait until C{n} bytes written to the slave are readable on the master."""
         waitReadable(self, self.master, n)
-
-    def _close(self) -> None:
-        for fd in (self.master, self.slave):
-            if fd >= 0:
-                os.close(fd)
 
 
 class PtyWriteTests(PtyFixture):
