@@ -254,53 +254,43 @@ def _lengthOf(claim: int | None, data: bytes) -> bytes:
     return struct.pack(">L", len(data) if claim is None else claim) + data
 
 
-_requestNames = st.one_of(
-    st.sampled_from(
-        [
-            b"exec",
-            b"shell",
-            b"subsystem",
-            b"pty-req",
-            b"env",
-            b"window-change",
-            b"signal",
-            b"break",
-            b"exit-status",
-            b"exit-signal",
-            b"eow@openssh.com",
-            b"auth-agent-req@openssh.com",
-            b"x11-req",
-            b"",
-        ]
-    ),
-    st.binary(max_size=20),
+def _namesOr(*known: bytes) -> st.SearchStrategy[bytes]:
+    """A name the protocol knows, or any short bytes."""
+    return st.one_of(st.sampled_from(known), st.binary(max_size=20))
+
+
+_requestNames = _namesOr(
+    b"exec",
+    b"shell",
+    b"subsystem",
+    b"pty-req",
+    b"env",
+    b"window-change",
+    b"signal",
+    b"break",
+    b"exit-status",
+    b"exit-signal",
+    b"eow@openssh.com",
+    b"auth-agent-req@openssh.com",
+    b"x11-req",
+    b"",
 )
-_globalNames = st.one_of(
-    st.sampled_from(
-        [
-            b"keepalive@openssh.com",
-            b"tcpip-forward",
-            b"cancel-tcpip-forward",
-            b"streamlocal-forward@openssh.com",
-            b"no-more-sessions@openssh.com",
-            b"hostkeys-00@openssh.com",
-            b"hostkeys-prove-00@openssh.com",
-        ]
-    ),
-    st.binary(max_size=20),
+_globalNames = _namesOr(
+    b"keepalive@openssh.com",
+    b"tcpip-forward",
+    b"cancel-tcpip-forward",
+    b"streamlocal-forward@openssh.com",
+    b"no-more-sessions@openssh.com",
+    b"hostkeys-00@openssh.com",
+    b"hostkeys-prove-00@openssh.com",
 )
-_openTypes = st.one_of(
-    st.sampled_from(
-        [
-            b"session",
-            b"direct-tcpip",
-            b"forwarded-tcpip",
-            b"direct-streamlocal@openssh.com",
-            b"x11",
-            b"auth-agent@openssh.com",
-        ]
-    ),
-    st.binary(max_size=20),
+_openTypes = _namesOr(
+    b"session",
+    b"direct-tcpip",
+    b"forwarded-tcpip",
+    b"direct-streamlocal@openssh.com",
+    b"x11",
+    b"auth-agent@openssh.com",
 )
 
 
