@@ -65,6 +65,8 @@ from twisted.conch.ssh import transport
 from twisted.conch.ssh.common import NS, ffs, getNS
 from twisted.logger import Logger
 
+from accesstunnel.handlerfault import MALFORMED, classify
+
 __all__ = [
     "AEAD_CIPHERS",
     "CHACHA20_POLY1305",
@@ -114,9 +116,6 @@ _MSG_CHANNEL_DATA = 94
 #: one of these may start a key re-exchange (accesstunnel.rekey); sending a
 #: transport or key exchange message never does.
 FIRST_UPPER_LAYER_MESSAGE = 50
-#: What a message handler raises on a payload it cannot parse (struct on a short
-#: field, C{ord} or indexing past the end, a decode): the peer's fault, a disconnect.
-_MALFORMED = (struct.error, IndexError, TypeError, ValueError)
 #: AES-GCM's invocation counter is 64 bits.
 _COUNTER_MASK = 0xFFFFFFFFFFFFFFFF
 #: A packet whose parts add up to at most this many bytes is written as one
@@ -910,18 +909,36 @@ class FastPathMixin:
                         # A re-exchange whose keys are not ready on our side yet:
                         # read nothing more until they are.
                         self._fpAwaitingKeys = True
-            except _MALFORMED as e:
+            except MALFORMED as e:
                 # A message its handler cannot parse (a payload too short for its
                 # fields, a name that is not ASCII: what Conch's and our parsers raise
                 # then): the peer is broken or hostile. End the connection as for a bad
                 # packet, with one line, not an exception out of the read (a traceback
-                # per attempt).
-                self._fpLog.info(
-                    "malformed message {messageNum} from the peer ({error!r}); disconnecting",
-                    messageNum=messageNum,
-                    error=e,
-                )
-                self.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR, b"malformed message")
+                # per attempt). The same types raised in our own code are a bug of ours:
+                # a failure, traceback and all (accesstunnel.handlerfault). Either way
+                # the line says where.
+                fault = classify(e)
+                if fault.ours:
+                    self._fpLog.failure(
+                        "message {messageNum} failed in our handler at {module}.{function}"
+                        " line {line}; disconnecting",
+                        messageNum=messageNum,
+                        module=fault.module,
+                        function=fault.function,
+                        line=fault.line,
+                    )
+                    self.sendDisconnect(transport.DISCONNECT_BY_APPLICATION, b"internal error")
+                else:
+                    self._fpLog.info(
+                        "malformed message {messageNum} from the peer ({error!r} in"
+                        " {module}.{function} line {line}); disconnecting",
+                        messageNum=messageNum,
+                        error=e,
+                        module=fault.module,
+                        function=fault.function,
+                        line=fault.line,
+                    )
+                    self.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR, b"malformed message")
             finally:
                 self._fpProcessing = False
                 if pos:

@@ -15,19 +15,21 @@ channel data dispatch each keystroke goes through next (accesstunnel.connection)
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, cast
 
 from twisted.conch.ssh import transport
 from twisted.conch.ssh.channel import SSHChannel
 from twisted.conch.ssh.common import NS
 from twisted.conch.ssh.connection import (
     MSG_CHANNEL_CLOSE,
+    MSG_CHANNEL_DATA,
     MSG_CHANNEL_OPEN_CONFIRMATION,
     MSG_CHANNEL_OPEN_FAILURE,
     MSG_CHANNEL_WINDOW_ADJUST,
 )
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
+from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from accesstunnel import fastpath, quickack
@@ -424,8 +426,17 @@ class MalformedMessageTests(SteadyFleet):
     """
     Messages a logged-in peer can send that broke groundcontrol's transport on the
     steady path (found by tests/test_fuzz_steady.py): each now ends that connection with
-    a protocol error, and nothing else.
+    a protocol error, and nothing else. And the same exception raised by a bug of ours
+    instead, which is logged as the failure it is.
     """
+
+    def steadyLogEvents(self) -> list[dict[str, Any]]:
+        """What the steady read logs from now on, kept here instead of logged."""
+        events: list[dict[str, Any]] = []
+        self.patch(
+            fastpath.FastPathMixin, "_fpLog", Logger(observer=cast(ILogObserver, events.append))
+        )
+        return events
 
     def test_truncatedChannelMessageFromTheDevice(self) -> None:
         """
@@ -446,16 +457,52 @@ class MalformedMessageTests(SteadyFleet):
     def test_emptyDebugFromAnOperator(self) -> None:
         """
         An empty DEBUG message (Conch's handler raises TypeError on it) from a logged-in
-        operator drops that operator with a protocol error; the device link goes on.
+        operator drops that operator with a protocol error; the device link goes on. The
+        one log line (an info, no failure) names the message and where Conch raised.
         """
         self.connect()
         self.openCat()
+        events = self.steadyLogEvents()
         reasons = recordDisconnects(self.operatorSide)
         self.operatorPump.client.sendPacket(transport.MSG_DEBUG, b"")
         self.fleet.flush()
         self.assertEqual(reasons, [transport.DISCONNECT_PROTOCOL_ERROR])
         self.assertTrue(self.operatorPump.serverIO.disconnected)
         self.assertFalse(self.linkPump.serverIO.disconnecting)
+        [event] = events
+        self.assertNotIn("log_failure", event)
+        self.assertEqual(event["log_level"], LogLevel.info)
+        self.assertEqual(
+            (event["messageNum"], event["module"], event["function"]),
+            (transport.MSG_DEBUG, "twisted.conch.ssh.transport", "ssh_DEBUG"),
+        )
+
+    def test_aBugOfOursIsAFailure(self) -> None:
+        """
+        A TypeError raised in our own handler code (here accesstunnel.connection's
+        CHANNEL_DATA handler calling a channel's C{dataReceived} with the wrong
+        arguments) is no malformed message: it is logged as a failure, traceback and
+        all, naming the message and the function, and the connection ends as the
+        application's doing, not the peer's protocol error. The device link goes on.
+        """
+        self.connect()
+        session = self.openCat()
+        events = self.steadyLogEvents()
+        own = session.conn.channelsToRemoteChannel[session]
+        relay = self.operatorSide.service.channels[own]
+        relay.dataReceived = lambda: None  # the bug: takes no data
+        reasons = recordDisconnects(self.operatorSide)
+        session.write(b"k")
+        self.fleet.flush()
+        self.assertEqual(reasons, [transport.DISCONNECT_BY_APPLICATION])
+        self.assertTrue(self.operatorPump.serverIO.disconnected)
+        self.assertFalse(self.linkPump.serverIO.disconnecting)
+        [event] = events
+        self.assertEqual(event["log_failure"].type, TypeError)
+        self.assertEqual(
+            (event["messageNum"], event["module"], event["function"]),
+            (MSG_CHANNEL_DATA, "accesstunnel.connection", "ssh_CHANNEL_DATA"),
+        )
 
     def test_answerToAnOpenChannelsOpen(self) -> None:
         """
