@@ -32,6 +32,7 @@ from accesstunnel import fastpath, policy
 from accesstunnel.connection import TunnelConnection
 from accesstunnel.enrollmessages import APPROVED
 from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL, KeepaliveTransportMixin
+from accesstunnel.letgo import letGo
 from accesstunnel.rekey import RekeyingTransportMixin, RekeyLimit
 from agent.enrollment import Enrollment
 from agent.identity import ServerKeyPin
@@ -226,7 +227,9 @@ class AgentTransport(
             setter = getattr(tcp, option, None)
             if setter is not None:
                 setter(True)
-        self.ready: defer.Deferred[AgentTransport] = defer.Deferred()
+        #: Fires (with None: the transport as its result would be a cycle) once the
+        #: link is authenticated; fails if it is lost before.
+        self.ready: defer.Deferred[None] = defer.Deferred()
         self._answered = False
         self._handshakeTimer = self.factory.clock.callLater(
             self.factory.settings.answerTimeout, self._unansweredTimedOut
@@ -266,7 +269,7 @@ class AgentTransport(
         if self._handshakeTimer.active():
             self._handshakeTimer.cancel()
         if not self.ready.called:
-            self.ready.callback(self)
+            self.ready.callback(None)
 
     def _unansweredTimedOut(self) -> None:
         self._log.warn("groundcontrol did not start the key exchange in time; dropping the link")
@@ -310,6 +313,9 @@ class AgentTransport(
             self.ready.errback(Failure(ConnectionError("link closed before it was up")))
             self.ready.addErrback(lambda f: None)
         super().connectionLost(reason)
+        # An agent that re-dials its link many times a day frees each old one by
+        # reference counting, at once.
+        letGo(self)
 
 
 class AgentLinkFactory(protocol.ClientFactory):

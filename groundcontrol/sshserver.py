@@ -35,6 +35,7 @@ from accesstunnel.keepalive import (
     KeepaliveSweep,
     KeepaliveTransportMixin,
 )
+from accesstunnel.letgo import letGo
 from accesstunnel.quickack import QuickAckMixin
 from accesstunnel.rekey import RekeyingTransportMixin, RekeyLimit
 from accesstunnel.transports.tls import peerCertificate
@@ -395,24 +396,9 @@ class GroundControlTransport(
         if self._graceTimer is not None and self._graceTimer.active():
             self._graceTimer.cancel()
         super().connectionLost(reason)
-        self._letGo()
-
-    def _letGo(self) -> None:
-        """
-        The connection is over (its service stopped, its avatar logged out): drop what
-        refers back to this transport, so that it and all it holds (some 30 tracked
-        objects, the ciphers, the buffers) are freed by reference counting at once,
-        not kept until a full pass of the cyclic collector, which in a reconnect storm
-        may be the end of the storm (L{groundcontrol.stormgc}).
-        """
-        # The running service (userauth or the connection) refers back to us.
-        self.service = None
-        # The keepalive (stopped) holds our peerSilent, and its ping the connection.
-        self.keepalive = None
-        # The steady path's shortcuts (fastpath.enterSteadyState): bound methods of
-        # this transport, stored on it.
-        vars(self).pop("dataReceived", None)
-        vars(self).pop("sendPacket", None)
+        # Freed by reference counting at once, not at a full pass of the cyclic
+        # collector, which in a reconnect storm may be the storm's end (stormgc).
+        letGo(self)
 
 
 class GroundControlFactory(factory.SSHFactory):

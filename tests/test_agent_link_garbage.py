@@ -1,0 +1,165 @@
+"""
+A lost link leaves the agent no cyclic garbage.
+
+An agent on a small device may lose and re-dial its one link many times a day. Each old
+link (its transport, the connection service, the keepalive, the steady path's
+shortcuts, the ciphers and buffers) must be freed by reference counting the moment it
+is lost, not kept in reference cycles until the cyclic collector runs. The same
+property for groundcontrol's side is tests/test_login_garbage.py; its helpers and its
+rules for the in-memory doubles (which must let go as TCP does) apply here too.
+
+Each test runs the real agent link (L{agent.link.AgentLinkFactory}) against an in-memory
+groundcontrol with scripted sessions on the device, warms up once, then runs its
+connection N times with the collector off: every agent transport is freed before the
+collection, and the collection finds nothing. What each lost link used to leave in
+cycles: what groundcontrol's transport lets go of (accesstunnel.letgo), Conch's
+C{instance} (the client's requested service, kept for good), and the link's C{ready}
+Deferred, whose result was the transport itself.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.logger import globalLogBeginner, globalLogPublisher
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+
+from accesstunnel.keys import fingerprint
+from agent.identity import ServerKeyPin
+from agent.link import AgentLinkFactory, LinkSettings
+from groundcontrol.testing import (
+    FakeOperator,
+    InMemoryFleet,
+    publicLine,
+    refuseForwards,
+    scriptedSessions,
+)
+from tests.test_login_garbage import AFTER_THE_SWEEP, N, collectorOff, describe, lose
+
+
+class AgentLinkGarbageTests(SynchronousTestCase):
+    """The agent's links, logged in, used and lost, are freed by reference counting."""
+
+    def setUp(self) -> None:
+        # Twisted's buffer of log events for a logging system not begun yet: its events
+        # hold their sources (the agent's transports) alive.
+        buffer = getattr(globalLogBeginner, "_temporaryObserver", None)
+        if buffer is not None:
+            globalLogPublisher.removeObserver(buffer)
+            self.addCleanup(globalLogPublisher.addObserver, buffer)
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.fleet = InMemoryFleet(clock=self.clock)
+        deviceKey = self.fleet.enrollDevice("kiln7")
+        self.operatorKey = self.fleet.addOperator("ada")
+        self.fleet.grant("ada", "kiln7")
+        settings = LinkSettings(
+            name="kiln7",
+            deviceKey=deviceKey,
+            serverKey=ServerKeyPin(fingerprint(publicLine(self.fleet.hostKey))),
+        )
+        self.factory = AgentLinkFactory(settings, self.clock, scriptedSessions(), refuseForwards)
+        build = self.factory.buildProtocol
+        #: Every agent transport built, weakly.
+        self.agents: list[weakref.ref[Any]] = []
+
+        def buildProtocol(addr: Any) -> Any:
+            agentTransport = build(addr)
+            self.agents.append(weakref.ref(agentTransport))
+            return agentTransport
+
+        self.factory.buildProtocol = buildProtocol  # type: ignore[method-assign]
+        #: The operators' clients, kept: their garbage is not the agent's.
+        self.operators: list[Any] = []
+
+    def link(self) -> iosim.IOPump:
+        pump = self.fleet.connect(self.factory)
+        self.assertIsNotNone(self.fleet.registry.lookup("kiln7"))
+        self.assertTrue(pump.client.steady)
+        return pump
+
+    def drop(self, pump: iosim.IOPump) -> None:
+        """The link dies; the agent's in-memory transport lets go as TCP's does."""
+        lose(self.fleet, pump)
+        pump.clientIO.protocol = None
+        pump.clientIO.producer = None
+        self.fleet.flush()
+        self.assertIsNone(self.fleet.registry.lookup("kiln7"))
+
+    def settle(self) -> None:
+        """Let the keepalives' timers pass, a second at a time."""
+        for _ in range(int(AFTER_THE_SWEEP)):
+            self.clock.advance(1)
+            self.fleet.flush()
+
+    def assertNoGarbage(self, connection: Callable[[], None]) -> None:
+        """
+        C{connection} (one link, from dial to loss) run once to warm up, then N times with
+        the collector off: every agent transport of those N is freed by reference
+        counting, and the collection after finds nothing.
+        """
+        connection()
+        self.settle()
+        with collectorOff() as garbage:
+            # The collector's snapshot holds the network's list of pumps as it is, and
+            # the next connection would be added to that list: flushing makes a new one.
+            self.fleet.flush()
+            del self.agents[:]
+            for _ in range(N):
+                connection()
+            self.settle()
+            alive = [a for a in self.agents if a() is not None]
+            self.assertEqual(len(self.agents), N)
+            self.assertEqual(alive, [], "agent transports not freed by reference counting")
+        self.assertEqual(garbage, [], describe(garbage))
+
+    def test_linkUpAndLost(self) -> None:
+        """The link logs in (routable, on the steady path), then is lost."""
+
+        def connection() -> None:
+            self.drop(self.link())
+
+        self.assertNoGarbage(connection)
+
+    def test_linkWithASessionThenLost(self) -> None:
+        """
+        An operator runs a command on the device over the link, the session ends, then
+        the link is lost (the operator's connection with it).
+        """
+
+        def connection() -> None:
+            pump = self.link()
+            operator = FakeOperator("dev_kiln7", self.operatorKey, hostKey=self.fleet.hostKey)
+            self.operators.append(operator)
+            self.fleet.connect(operator)
+            session = self.fleet.session(operator)
+            self.assertTrue(session.isOpen, session.openFailure)
+            session.exec(b"hello")
+            self.fleet.flush()
+            self.clock.advance(0)
+            self.fleet.flush()
+            self.assertEqual(bytes(session.output), b"hello\n")
+            self.drop(pump)
+
+        self.assertNoGarbage(connection)
+
+    def test_linkLostWithASessionOpen(self) -> None:
+        """The link is lost while an operator's session on the device is still open."""
+
+        def connection() -> None:
+            pump = self.link()
+            operator = FakeOperator("dev_kiln7", self.operatorKey, hostKey=self.fleet.hostKey)
+            self.operators.append(operator)
+            self.fleet.connect(operator)
+            session = self.fleet.session(operator)
+            self.assertTrue(session.isOpen, session.openFailure)
+            session.exec(b"cat")
+            self.fleet.flush()
+            self.drop(pump)
+            self.assertTrue(session.isClosed)
+
+        self.assertNoGarbage(connection)
