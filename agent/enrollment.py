@@ -148,6 +148,20 @@ def _writeAtomically(path: Path, data: bytes, mode: int = 0o644) -> None:
     temporary.replace(path)
 
 
+def _statusJSON(status: dict[str, Any]) -> str:
+    """
+    C{status} as JSON with one field per line, as C{json.dumps(status, indent=2,
+    sort_keys=True)} writes it, without its cost: with C{indent} the json module
+    encodes in Python, with closures that refer to each other, a reference cycle left
+    for the cyclic collector at every write (each link's hello writes the file). The
+    status is a flat record: each value is encoded alone, by the C encoder.
+    """
+    if not status:
+        return "{}"
+    fields = (f"  {json.dumps(key)}: {json.dumps(status[key])}" for key in sorted(status))
+    return "{\n" + ",\n".join(fields) + "\n}"
+
+
 class StatusFile:
     """``STATE/status.json``: what the agent knows about its standing."""
 
@@ -158,7 +172,7 @@ class StatusFile:
     def update(self, **fields: Any) -> None:
         self._status.update(fields)
         self._status["updatedAt"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        _writeAtomically(self.path, json.dumps(self._status, indent=2, sort_keys=True).encode())
+        _writeAtomically(self.path, _statusJSON(self._status).encode())
 
     @staticmethod
     def read(stateDir: Path) -> dict[str, Any]:

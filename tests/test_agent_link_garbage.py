@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.task import Clock
@@ -29,8 +31,11 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from accesstunnel.keys import fingerprint
+from agent.enrollment import CERTIFICATE_FILE, Enrollment
 from agent.identity import ServerKeyPin
 from agent.link import AgentLinkFactory, LinkSettings
+from groundcontrol.enrollment import CertificatePolicy
+from groundcontrol.pki import FleetCA
 from groundcontrol.testing import (
     FakeOperator,
     InMemoryFleet,
@@ -53,7 +58,10 @@ class AgentLinkGarbageTests(SynchronousTestCase):
             self.addCleanup(globalLogPublisher.addObserver, buffer)
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
-        self.fleet = InMemoryFleet(clock=self.clock)
+        directory = Path(self.mktemp())
+        directory.mkdir(parents=True)
+        ca = FleetCA.create(directory / "ca", datetime.fromtimestamp(self.clock.seconds(), UTC))
+        self.fleet = InMemoryFleet(clock=self.clock, certificates=CertificatePolicy(ca))
         deviceKey = self.fleet.enrollDevice("kiln7")
         self.operatorKey = self.fleet.addOperator("ada")
         self.fleet.grant("ada", "kiln7")
@@ -124,6 +132,26 @@ class AgentLinkGarbageTests(SynchronousTestCase):
             self.drop(self.link())
 
         self.assertNoGarbage(connection)
+
+    def test_enrolledAgent(self) -> None:
+        """
+        The agent as it runs, with its enrollment: the hello on every link (the status
+        file written each time), a fleet certificate issued over the first one, then
+        links with it.
+        """
+        stateDir = Path(self.mktemp())
+        stateDir.mkdir(parents=True)
+        self.factory.enrollment = Enrollment(
+            stateDir, self.clock, requestedName="kiln7", serial="SN-1", version="0.1.0"
+        )
+
+        def connection() -> None:
+            pump = self.link()
+            self.assertEqual(self.factory.enrollment.state, "approved")
+            self.drop(pump)
+
+        self.assertNoGarbage(connection)
+        self.assertTrue((stateDir / CERTIFICATE_FILE).exists())
 
     def test_linkWithASessionThenLost(self) -> None:
         """

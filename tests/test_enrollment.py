@@ -1023,3 +1023,18 @@ def test_statusPrintsJSON(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     status = json.loads(capsys.readouterr().out)
     assert (status["state"], status["name"]) == ("approved", "kiln7")
     assert status["certificateExpires"] > time.time()
+
+
+def test_statusFileOneFieldPerLine(tmp_path: Path) -> None:
+    """The status file reads as json.dumps(indent=2, sort_keys=True) writes it (one field
+    a line, for people who look), though written without the json module's indenting
+    encoder, whose closures leave a reference cycle per write
+    (tests/test_agent_link_garbage.py)."""
+    status = StatusFile(tmp_path)
+    status.update(state="pending", name="kiln7", pairingCode="ABCD-1234", pairingCodeExpires=1.5)
+    status.update(pairingCode=None, note='quotes " and ünïcode')
+    text = (tmp_path / "status.json").read_text()
+    written = json.loads(text)
+    assert text == json.dumps(written, indent=2, sort_keys=True)
+    assert written["note"] == 'quotes " and ünïcode'
+    assert StatusFile.read(tmp_path) == written

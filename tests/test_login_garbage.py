@@ -30,7 +30,6 @@ not have, the test does what the real thing does:
 from __future__ import annotations
 
 import gc
-import json
 import shutil
 import tempfile
 import weakref
@@ -236,21 +235,7 @@ class LoginGarbageTests(SynchronousTestCase):
         """
         The product's agent link with its enrollment: the hello on every link, and a
         certificate issued over the first one, then reconnections (with it).
-
-        The agent writes its status file with C{json.dumps(indent=2)}, whose encoder is
-        made of closures that refer to each other (a cycle per write, in the agent
-        process): it writes compact JSON here, so that what is counted is groundcontrol's.
         """
-
-        class CompactJSON:
-            loads = staticmethod(json.loads)
-
-            @staticmethod
-            def dumps(value: Any, **options: Any) -> str:
-                options.pop("indent", None)
-                return json.dumps(value, **options)
-
-        self.patch(agent.enrollment, "json", CompactJSON)
         stateDir = self.directory / "agent"
         stateDir.mkdir()
         enrollment = Enrollment(
