@@ -141,13 +141,14 @@ class AgentLinkGarbageTests(SynchronousTestCase):
         """
         stateDir = Path(self.mktemp())
         stateDir.mkdir(parents=True)
-        self.factory.enrollment = Enrollment(
+        enrollment = Enrollment(
             stateDir, self.clock, requestedName="kiln7", serial="SN-1", version="0.1.0"
         )
+        self.factory.enrollment = enrollment
 
         def connection() -> None:
             pump = self.link()
-            self.assertEqual(self.factory.enrollment.state, "approved")
+            self.assertEqual(enrollment.state, "approved")
             self.drop(pump)
 
         self.assertNoGarbage(connection)
