@@ -235,6 +235,8 @@ class GroundControlUserAuth(userauth.SSHUserAuthServer):
     # collector frees, made twice by every login (the "none" method tried first, and the
     # key query answered with PK_OK) and once more by every refused one. These pass the
     # Failure on instead: the next errback gets the same exception, nothing is raised.
+    # They override private methods: tests/test_conch_overrides.py fails if Conch renames,
+    # rewires or fixes them.
 
     def _ebCheckKey(self, reason: Any, packet: bytes) -> Any:
         if not reason.check(error.ValidPublicKey):
