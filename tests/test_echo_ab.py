@@ -52,6 +52,19 @@ class ArgumentsTests(SynchronousTestCase):
         for bad in ("HEAD", "=HEAD", "a=", "openssh=HEAD"):
             self.assertRaises(ValueError, ab.parse_build, bad)
 
+    def test_parseBuildEnv(self) -> None:
+        """LABEL:NAME=VALUE gathers per build; a value may hold '=' and ':' and be empty."""
+        self.assertEqual(
+            ab.parse_build_env(["n:A=1", "n:B=x=y:z", "m:C="], ["n", "m"]),
+            {"n": {"A": "1", "B": "x=y:z"}, "m": {"C": ""}},
+        )
+        self.assertEqual(ab.parse_build_env([], ["n"]), {})
+
+    def test_parseBuildEnvRefused(self) -> None:
+        """No label, no name, no '=', or a label that is not a build of ours: refused."""
+        for bad in ("A=1", "n:=1", "n:A", "x:A=1"):
+            self.assertRaises(ValueError, ab.parse_build_env, [bad], ["n"])
+
     def test_blockOrder(self) -> None:
         """Even rounds run the builds as given, odd rounds in reverse."""
         self.assertEqual(ab.block_order(["a", "b", "c"], 0), ["a", "b", "c"])
