@@ -538,6 +538,39 @@ class InteractiveViewTests(SynchronousTestCase):
         self.assertIs(store.interactive(), store)
 
 
+class TwoLaneSynchronousRunner:
+    """A runner with the interactive lane (C{first}), both inline: its store makes views."""
+
+    def __call__(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        return synchronousRunner(f, *args)
+
+    first = staticmethod(synchronousRunner)
+
+
+def backendPid(store: SQLStore) -> int:
+    """The PostgreSQL server process serving C{store}'s next call."""
+    return int(store._read("SELECT pg_backend_pid() AS pid")[0]["pid"])
+
+
+@bothBackends
+class InteractiveViewConnectionTests(StoreTestCase):
+    """A store and its interactive views are one connection: closing the store closes it."""
+
+    def test_closingTheStoreClosesItsViews(self) -> None:
+        """
+        After the store is closed, a call through a view it made fails, as one through
+        the store does: a PostgreSQL view does not take the closed connection for a
+        dropped one and open another, which nothing would ever close.
+        """
+        store = self.successResultOf(openStore(self.url, TwoLaneSynchronousRunner()))
+        view = store.interactive()
+        self.assertIsNot(view, store)
+        self.successResultOf(view.addAccount("ada", [newPublicKey()], False, T0))
+        self.successResultOf(store.close())
+        self.failureResultOf(view.listAccounts())
+        self.failureResultOf(store.listAccounts())
+
+
 @bothBackends
 class ContactTests(StoreTestCase):
     """recordContact: the key decides the device; names are only requests."""
@@ -835,9 +868,27 @@ class PostgreSQLConnectionTests(StoreTestCase):
 
         assert isinstance(self.store, PostgreSQLStore)
         self.successResultOf(self.store.addAccount("alice", [newPublicKey()], False, T0))
-        pid = self.store._connection.info.backend_pid
+        pid = backendPid(self.store)
         self.rawQuery("SELECT pg_terminate_backend(?)", (pid,))
         self.failureResultOf(self.store.listAccounts(), psycopg.OperationalError)
         accounts = self.successResultOf(self.store.listAccounts())
         self.assertEqual([a.name for a in accounts], ["alice"])
         self.successResultOf(self.store.addAccount("bob", [newPublicKey()], False, T0))
+
+    def test_viewsReconnectWithTheStore(self) -> None:
+        """
+        After the server dropped the connection, the store and its interactive views go
+        on over one new connection, whichever of them found the drop: not one each (a
+        node's three views would hold four connections, and the views' would outlive
+        the store's close).
+        """
+        import psycopg
+
+        store = self.successResultOf(openStore(self.url, TwoLaneSynchronousRunner()))
+        self.addCleanup(store.close)
+        views = [store.interactive() for _ in range(3)]
+        self.assertEqual({backendPid(s) for s in [store, *views]}, {backendPid(store)})
+        self.rawQuery("SELECT pg_terminate_backend(?)", (backendPid(store),))
+        self.failureResultOf(views[0].listAccounts(), psycopg.OperationalError)
+        self.successResultOf(views[0].listAccounts())
+        self.assertEqual({backendPid(s) for s in [store, *views]}, {backendPid(store)})

@@ -29,7 +29,8 @@ class IStore(Interface):
         control shell): they run before calls still queued for the fleet's own
         bookkeeping, such as the logins of a reconnect storm.
 
-        @return: an L{IStore} on the same data.
+        @return: an L{IStore} on the same data, through the same connection: closing
+            this store closes it too.
         """
 
     # -- accounts ---------------------------------------------------------------
@@ -381,4 +382,7 @@ class IStore(Interface):
         """
 
     def close():
-        """Release the database connection. @return: Deferred firing with None."""
+        """
+        Release the database connection, for this store and its interactive views, for
+        good. @return: Deferred firing with None.
+        """

@@ -64,8 +64,9 @@ class PostgreSQLStore(SQLStore):
     L{IStore} on one PostgreSQL connection, reconnecting if the server dropped it.
 
     A dropped connection fails the call that finds it (the caller sees the driver's
-    C{OperationalError}); the next call opens a new one, so a server restart costs one
-    failed request, not a groundcontrol restart.
+    C{OperationalError}); the next call, through the store or any of its interactive
+    views, opens a new one for them all, so a server restart costs one failed request,
+    not a groundcontrol restart. A store we closed stays closed.
     """
 
     dialect = POSTGRESQL
@@ -75,12 +76,14 @@ class PostgreSQLStore(SQLStore):
         self._url = url
 
     def _rawCursor(self) -> Any:
-        if self._connection.closed or self._connection.broken:
-            self._connection = connectPostgreSQL(self._url)
-        return self._connection.cursor()
+        db = self._db
+        # Closed by the server (or the network), not by us: the store was not closed.
+        if not db.closed and (db.connection.closed or db.connection.broken):
+            db.connection = connectPostgreSQL(self._url)
+        return db.connection.cursor()
 
     def _rollback(self, c: Cursor) -> None:
-        if not self._connection.broken:
+        if not self._db.connection.broken:
             c.execute("ROLLBACK")
 
 

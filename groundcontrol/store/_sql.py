@@ -394,6 +394,23 @@ def _grant(row: Row) -> Grant:
 # -- the store ----------------------------------------------------------------------
 
 
+class SharedConnection:
+    """
+    The database connection of a store and of its interactive views (L{SQLStore.interactive}),
+    held in one place: whichever of them replaces it (a PostgreSQL reconnect) replaces it
+    for all, and closing the store closes it for all, for good.
+    """
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+        #: The store was closed: nothing may open a new connection.
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        self.connection.close()
+
+
 @implementer(IStore)
 class SQLStore:
     """
@@ -409,7 +426,7 @@ class SQLStore:
     dialect: Dialect
 
     def __init__(self, connection: Any, runner: Runner) -> None:
-        self._connection = connection
+        self._db = SharedConnection(connection)
         self._run = runner
 
     def interactive(self) -> SQLStore:
@@ -418,9 +435,9 @@ class SQLStore:
         before those still queued for the fleet's bookkeeping (L{ThreadRunner.first}).
         With a runner that queues nothing (L{synchronousRunner}), this very store.
 
-        The view shares the connection, so calls through either still run one at a time
-        on the one worker. A PostgreSQL view that finds its connection dropped opens its
-        own; the two then each use theirs, one call at a time, from that same worker.
+        The view shares the store's connection (L{SharedConnection}), so calls through
+        either still run one at a time on the one worker, over one connection: a PostgreSQL
+        reconnect by either serves both, and closing the store closes the view too.
         """
         first = getattr(self._run, "first", None)
         if first is None:
@@ -430,7 +447,7 @@ class SQLStore:
         return view
 
     def _rawCursor(self) -> Any:
-        return self._connection.cursor()
+        return self._db.connection.cursor()
 
     def _cursor(self) -> Cursor:
         return Cursor(self._rawCursor(), self.dialect)
@@ -1849,4 +1866,4 @@ class SQLStore:
         return int(row["m"]) if row["m"] is not None else 0
 
     def close(self) -> Deferred[None]:
-        return self._run(self._connection.close)
+        return self._run(self._db.close)

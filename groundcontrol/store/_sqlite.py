@@ -82,7 +82,7 @@ class SQLiteStore(SQLStore):
                 yield c
         except sqlite3.OperationalError as e:
             with contextlib.suppress(sqlite3.Error):
-                self._connection.execute("ROLLBACK")
+                self._db.connection.execute("ROLLBACK")
             raise StoreError(f"the database cannot be written ({e}); nothing was changed") from None
 
 
