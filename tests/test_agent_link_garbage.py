@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.task import Clock
-from twisted.logger import globalLogBeginner, globalLogPublisher
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -39,23 +38,24 @@ from groundcontrol.pki import FleetCA
 from groundcontrol.testing import (
     FakeOperator,
     InMemoryFleet,
+    OperatorSession,
     publicLine,
     refuseForwards,
     scriptedSessions,
 )
-from tests.test_login_garbage import AFTER_THE_SWEEP, N, collectorOff, describe, lose
+from tests.test_login_garbage import (
+    AFTER_THE_SWEEP,
+    assertLeavesNoGarbage,
+    lose,
+    withoutTheLogBuffer,
+)
 
 
 class AgentLinkGarbageTests(SynchronousTestCase):
     """The agent's links, logged in, used and lost, are freed by reference counting."""
 
     def setUp(self) -> None:
-        # Twisted's buffer of log events for a logging system not begun yet: its events
-        # hold their sources (the agent's transports) alive.
-        buffer = getattr(globalLogBeginner, "_temporaryObserver", None)
-        if buffer is not None:
-            globalLogPublisher.removeObserver(buffer)
-            self.addCleanup(globalLogPublisher.addObserver, buffer)
+        withoutTheLogBuffer(self)
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         directory = Path(self.mktemp())
@@ -104,26 +104,21 @@ class AgentLinkGarbageTests(SynchronousTestCase):
             self.clock.advance(1)
             self.fleet.flush()
 
+    def openSession(self, command: bytes) -> OperatorSession:
+        """An operator logs in and runs C{command} on the device (their client is kept)."""
+        operator = FakeOperator("dev_kiln7", self.operatorKey, hostKey=self.fleet.hostKey)
+        self.operators.append(operator)
+        self.fleet.connect(operator)
+        session = self.fleet.session(operator)
+        self.assertTrue(session.isOpen, session.openFailure)
+        session.exec(command)
+        self.fleet.flush()
+        return session
+
     def assertNoGarbage(self, connection: Callable[[], None]) -> None:
-        """
-        C{connection} (one link, from dial to loss) run once to warm up, then N times with
-        the collector off: every agent transport of those N is freed by reference
-        counting, and the collection after finds nothing.
-        """
-        connection()
-        self.settle()
-        with collectorOff() as garbage:
-            # The collector's snapshot holds the network's list of pumps as it is, and
-            # the next connection would be added to that list: flushing makes a new one.
-            self.fleet.flush()
-            del self.agents[:]
-            for _ in range(N):
-                connection()
-            self.settle()
-            alive = [a for a in self.agents if a() is not None]
-            self.assertEqual(len(self.agents), N)
-            self.assertEqual(alive, [], "agent transports not freed by reference counting")
-        self.assertEqual(garbage, [], describe(garbage))
+        """Each run of C{connection} (one link, from dial to loss) leaves nothing, its
+        agent transport included."""
+        assertLeavesNoGarbage(self, self.fleet, connection, self.settle, self.agents)
 
     def test_linkUpAndLost(self) -> None:
         """The link logs in (routable, on the steady path), then is lost."""
@@ -162,13 +157,7 @@ class AgentLinkGarbageTests(SynchronousTestCase):
 
         def connection() -> None:
             pump = self.link()
-            operator = FakeOperator("dev_kiln7", self.operatorKey, hostKey=self.fleet.hostKey)
-            self.operators.append(operator)
-            self.fleet.connect(operator)
-            session = self.fleet.session(operator)
-            self.assertTrue(session.isOpen, session.openFailure)
-            session.exec(b"hello")
-            self.fleet.flush()
+            session = self.openSession(b"hello")
             self.clock.advance(0)
             self.fleet.flush()
             self.assertEqual(bytes(session.output), b"hello\n")
@@ -181,13 +170,7 @@ class AgentLinkGarbageTests(SynchronousTestCase):
 
         def connection() -> None:
             pump = self.link()
-            operator = FakeOperator("dev_kiln7", self.operatorKey, hostKey=self.fleet.hostKey)
-            self.operators.append(operator)
-            self.fleet.connect(operator)
-            session = self.fleet.session(operator)
-            self.assertTrue(session.isOpen, session.openFailure)
-            session.exec(b"cat")
-            self.fleet.flush()
+            session = self.openSession(b"cat")
             self.drop(pump)
             self.assertTrue(session.isClosed)
 
