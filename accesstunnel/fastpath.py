@@ -923,9 +923,7 @@ class FastPathMixin:
                         "message {messageNum} failed in our handler at {module}.{function}"
                         " line {line}; disconnecting",
                         messageNum=messageNum,
-                        module=fault.module,
-                        function=fault.function,
-                        line=fault.line,
+                        **fault.where(),
                     )
                     self.sendDisconnect(transport.DISCONNECT_BY_APPLICATION, b"internal error")
                 else:
@@ -934,9 +932,7 @@ class FastPathMixin:
                         " {module}.{function} line {line}); disconnecting",
                         messageNum=messageNum,
                         error=e,
-                        module=fault.module,
-                        function=fault.function,
-                        line=fault.line,
+                        **fault.where(),
                     )
                     self.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR, b"malformed message")
             finally:

@@ -13,6 +13,7 @@ both cases.
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import attrs
 
@@ -40,6 +41,10 @@ class HandlerFault:
     line: int
     #: A bug of ours (log a failure), rather than the peer's malformed payload.
     ours: bool
+
+    def where(self) -> dict[str, Any]:
+        """C{module}, C{function} and C{line}, as a log event's fields."""
+        return {"module": self.module, "function": self.function, "line": self.line}
 
 
 def classify(error: BaseException) -> HandlerFault:
