@@ -257,6 +257,29 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def roundRatios(singles: list[float], aggregates: list[float]) -> dict[str, Any]:
+    """
+    The 100 sessions' aggregate against the single session, round by round (bench/scale
+    --session-rounds): each round's ratio divides its own 100-session run by the single run just
+    before it, so a drift of the machine's speed between rounds (up to 25% minutes apart,
+    bench/RESULTS.md "100 sessions (session 9)") moves both sides of a ratio alike; the median
+    of the rounds' ratios is the figure to compare builds by, the spread says how far to trust it.
+    """
+    if len(singles) != len(aggregates) or not singles:
+        raise ValueError("one single-session and one n-session figure per round")
+    ratios = [a / s for s, a in zip(singles, aggregates, strict=True)]
+    return {
+        "rounds": len(ratios),
+        "ratios": [round(r, 3) for r in ratios],
+        "ratio_median": round(median(ratios), 3),
+        "ratio_min": round(min(ratios), 3),
+        "ratio_max": round(max(ratios), 3),
+        "single_MBps_median": round(median(singles), 1),
+        "aggregate_MBps_median": round(median(aggregates), 1),
+        "ratio_of_medians": round(median(aggregates) / median(singles), 3),
+    }
+
+
 # ------------------------------------------------------------------ the fleet
 class Fleet:
     """A groundcontrol data dir, an operator key, approved devices, the processes."""
