@@ -250,8 +250,9 @@ class FailoverEndpoint:
             self._stateFile.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             temporary = self._stateFile.with_name(self._stateFile.name + ".tmp")
             with temporary.open("w") as f:
-                json.dump({"address": description}, f)
-                f.write("\n")
+                # json.dumps, not json.dump: dump encodes in Python, with closures that
+                # refer to each other, a reference cycle per link that came up.
+                f.write(json.dumps({"address": description}) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
             temporary.replace(self._stateFile)

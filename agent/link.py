@@ -164,8 +164,10 @@ class AgentConnection(TunnelConnection):
 
     def serviceStopped(self) -> None:
         super().serviceStopped()
-        if self._remoteForwards is not None:
-            self._remoteForwards.stopAll()
+        # The forwarder refers back to this connection: let go of it with its listeners.
+        forwards, self._remoteForwards = self._remoteForwards, None
+        if forwards is not None:
+            forwards.stopAll()
         if self.factory.enrollment is not None:
             self.factory.enrollment.linkDown()
 

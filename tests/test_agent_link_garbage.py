@@ -23,16 +23,22 @@ import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from twisted.internet.task import Clock
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer, providedBy
 
+from accesstunnel.addresses import Connector
 from accesstunnel.keys import fingerprint
 from agent.enrollment import CERTIFICATE_FILE, Enrollment
+from agent.failover import FailoverEndpoint
 from agent.identity import ServerKeyPin
-from agent.link import AgentLinkFactory, LinkSettings
+from agent.link import AgentLinkFactory, LinkSettings, linkService
+from agent.remoteforward import TCPIP_FORWARD
 from groundcontrol.enrollment import CertificatePolicy
 from groundcontrol.pki import FleetCA
 from groundcontrol.testing import (
@@ -43,6 +49,7 @@ from groundcontrol.testing import (
     refuseForwards,
     scriptedSessions,
 )
+from tests.test_agent_forwarding import ListeningReactor, forwardRequest
 from tests.test_login_garbage import (
     AFTER_THE_SWEEP,
     assertLeavesNoGarbage,
@@ -50,13 +57,17 @@ from tests.test_login_garbage import (
     withoutTheLogBuffer,
 )
 
+#: ClientService's delay before it dials a lost link again: longer than C{settle} runs.
+REDIAL = 2 * AFTER_THE_SWEEP
+
 
 class AgentLinkGarbageTests(SynchronousTestCase):
     """The agent's links, logged in, used and lost, are freed by reference counting."""
 
     def setUp(self) -> None:
         withoutTheLogBuffer(self)
-        self.clock = Clock()
+        #: The clock, and a reactor that listens in memory (for ssh -R on the device).
+        self.clock = ListeningReactor()
         self.clock.advance(1_700_000_000)
         directory = Path(self.mktemp())
         directory.mkdir(parents=True)
@@ -104,12 +115,16 @@ class AgentLinkGarbageTests(SynchronousTestCase):
             self.clock.advance(1)
             self.fleet.flush()
 
-    def openSession(self, command: bytes) -> OperatorSession:
-        """An operator logs in and runs C{command} on the device (their client is kept)."""
+    def operator(self) -> FakeOperator:
+        """An operator logged in for the device (their client is kept)."""
         operator = FakeOperator("dev_kiln7", self.operatorKey, hostKey=self.fleet.hostKey)
         self.operators.append(operator)
         self.fleet.connect(operator)
-        session = self.fleet.session(operator)
+        return operator
+
+    def openSession(self, command: bytes) -> OperatorSession:
+        """An operator logs in and runs C{command} on the device."""
+        session = self.fleet.session(self.operator())
         self.assertTrue(session.isOpen, session.openFailure)
         session.exec(command)
         self.fleet.flush()
@@ -175,3 +190,66 @@ class AgentLinkGarbageTests(SynchronousTestCase):
             self.assertTrue(session.isClosed)
 
         self.assertNoGarbage(connection)
+
+    def test_linkWithARemoteForwardThenLost(self) -> None:
+        """
+        An operator's C{ssh -R}: the agent listens on the device (in memory) for the
+        link, then the link is lost, and the listener with it.
+        """
+
+        def connection() -> None:
+            pump = self.link()
+            operatorConnection = self.operator().connection
+            assert operatorConnection is not None
+            forward = operatorConnection.sendGlobalRequest(
+                TCPIP_FORWARD, forwardRequest(b"localhost", 0), wantReply=1
+            )
+            self.fleet.flush()
+            self.successResultOf(forward)
+            [listening] = self.clock.ports
+            self.drop(pump)
+            self.assertTrue(listening.stopped)
+            # A reactor forgets a port that stopped listening; the in-memory one lists all.
+            del self.clock.ports[:], self.clock.tcpServers[:]
+
+        self.assertNoGarbage(connection)
+
+    def test_theAgentsServiceRedials(self) -> None:
+        """
+        The link as the agent keeps it: L{linkService} (Twisted's ClientService) through
+        the failover endpoint, which records the address that worked each time a link
+        comes up. Each lost link is dialled again (after a delay longer than C{settle}
+        lets pass), and each is freed.
+        """
+        fleet, links = self.fleet, []
+
+        @implementer(IStreamClientEndpoint)
+        class InMemoryEndpoint:
+            def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+                pump = fleet.connect(cast(protocol.ClientFactory, factory))
+                links.append(pump)
+                return succeed(pump.client)
+
+        addresses = [Connector(InMemoryEndpoint(), lambda f: f, "memory:gc", "memory")]
+        stateFile = Path(self.mktemp()) / "last-server.json"
+        endpoint = FailoverEndpoint(self.clock, addresses, stateFile)
+        service = linkService(endpoint, self.factory, self.clock, lambda attempt: REDIAL)
+        service.startService()
+        self.addCleanup(service.stopService)
+        # The failover's watch provides its transport's interfaces (directlyProvides), and
+        # zope.interface keeps one declaration per set of them, itself a cycle (not ours),
+        # that the next link reuses until the collector frees it. Held here, as
+        # test_login_garbage's bystander link holds the handshake limiter's.
+        self.watchDeclaration = providedBy(links[-1].client)
+        self.drop(links.pop())
+        lost: list[weakref.ref[Any]] = []
+
+        def connection() -> None:
+            self.clock.advance(REDIAL)
+            fleet.flush()
+            self.assertIsNotNone(fleet.registry.lookup("kiln7"))
+            lost.append(self.agents[-1])
+            self.drop(links.pop())
+
+        assertLeavesNoGarbage(self, fleet, connection, self.settle, lost)
+        self.assertTrue(stateFile.exists())
