@@ -13,8 +13,14 @@ groundcontrol with scripted sessions on the device, warms up once, then runs its
 connection N times with the collector off: every agent transport is freed before the
 collection, and the collection finds nothing. What each lost link used to leave in
 cycles: what groundcontrol's transport lets go of (accesstunnel.letgo), Conch's
-C{instance} (the client's requested service, kept for good), and the link's C{ready}
-Deferred, whose result was the transport itself.
+C{instance} (the client's requested service, kept for good), the link's C{ready}
+Deferred, whose result was the transport itself, the ssh -R forwarder (it and the
+connection referred to each other), and the JSON the agent writes when a link comes up
+(its status file, the failover's working address: the json module's Python encoder,
+used for C{indent} and by C{json.dump}, is closures that refer to each other).
+
+Not covered: the device side of real sessions and of ssh -L forwards (agent.session,
+agent.forward), which run processes and sockets; the sessions here are scripted.
 """
 
 from __future__ import annotations
