@@ -1,7 +1,8 @@
 """
 Tests for accesstunnel.writethrough: small writes leave at once when nothing is
 buffered, and every other case (partial writes, EAGAIN, errors, large writes,
-producers, closing) keeps Twisted's buffered path with the bytes in order.
+producers, closing) keeps Twisted's buffered path with the bytes in order; a small
+write sent at once then gives up the CPU, a larger or buffered one does not.
 
 A fake descriptor whose kernel takes a scripted number of bytes per call drives the
 mixin under a MemoryReactor; a socketpair (no network) proves the same for a real
@@ -24,8 +25,10 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer, providedBy
 
+from accesstunnel import writethrough
 from accesstunnel.writethrough import (
     SEND_FD,
+    YIELD_AFTER_SEND_LIMIT,
     WriteThroughClient,
     WriteThroughConnector,
     WriteThroughMixin,
@@ -333,6 +336,42 @@ class RealSocketTests(SynchronousTestCase):
             self.assertEqual(self.theirs.recv(100), b"onetwo")
             self.reactor.removeWriter(server)
 
+    def _yields(self, peerReads: Any = None) -> list[Any]:
+        """Record each yield of the CPU after a send (and what the peer can read then)."""
+        yields: list[Any] = []
+        self.patch(writethrough, "yieldAfterSend", lambda: yields.append(peerReads and peerReads()))
+        return yields
+
+    def test_smallSendYieldsAfterTheBytesLeft(self) -> None:
+        """
+        A keystroke-sized write through gives up the CPU once, after the bytes are on the
+        socket: the process it woke may run before this one finishes its turn.
+        """
+        server = _server(self.ours, self.reactor)
+        yields = self._yields(lambda: self.theirs.recv(100))
+        server.write(b"keystroke")
+        self.assertEqual(yields, [b"keystroke"])
+        server.write(b"x" * YIELD_AFTER_SEND_LIMIT)
+        self.assertEqual(len(yields), 2)
+
+    def test_largerSendDoesNotYield(self) -> None:
+        """A write through above the limit (a packet of bulk) is sent without yielding."""
+        server = _server(self.ours, self.reactor)
+        yields = self._yields()
+        server.write(b"x" * (YIELD_AFTER_SEND_LIMIT + 1))
+        self.assertEqual(len(self.theirs.recv(1 << 16)), YIELD_AFTER_SEND_LIMIT + 1)
+        self.assertEqual(yields, [])
+
+    def test_bufferedWriteDoesNotYield(self) -> None:
+        """Nothing sent (EAGAIN, buffered for doWrite) or part sent: no yield."""
+        server = _server(self.ours, self.reactor)
+        yields = self._yields()
+        self._flakySocket(server, OSError(errno.EAGAIN, "full"))
+        server.write(b"one")
+        self.assertIn(server, self.reactor.getWriters())
+        self.assertIsNone(server.doWrite())
+        self.assertEqual(yields, [])
+
     def test_tcpSendErrorIsMetByDoWrite(self) -> None:
         """Any other error: the write is buffered, and doWrite meets the error and
         reports the connection lost, the way the reactor always ends it."""
@@ -446,6 +485,13 @@ class FdWriteThroughTests(SynchronousTestCase):
         self.assertEqual(os.read(self.readEnd, 100), b"keystroke")
         self.assertEqual(self.fd.calls, 0)
         self.assertNotIn(self.fd, self.reactor.getWriters())
+
+    def test_writeYields(self) -> None:
+        """A keystroke written to the pipe (a pty's write) gives up the CPU once, after."""
+        yields: list[bytes] = []
+        self.patch(writethrough, "yieldAfterSend", lambda: yields.append(self._drain()))
+        self.fd.write(b"keystroke")
+        self.assertEqual(yields, [b"keystroke"])
 
     def test_fullPipeBuffersInOrder(self) -> None:
         """A pipe that takes part (then nothing, EAGAIN) leaves the rest buffered for
