@@ -62,10 +62,31 @@ class InputCredit:
         self.paused = False
         self._release()
 
+    def detach(self) -> None:
+        """
+        The channel closed: forget it. It holds this credit, so holding it back would
+        be a reference cycle, keeping the channel, its connection and the link's
+        transport for the cyclic collector. Whatever the consumer says from now on
+        gives credit to nobody.
+        """
+        self.stopped = True
+        self._held = 0
+        self._channel = _NOBODY
+
     def _release(self) -> None:
         count, self._held = self._held, 0
         if count:
             self._channel.consumed(count)
+
+
+class _Nobody:
+    """What a detached credit gives back to."""
+
+    def consumed(self, count: int) -> None:
+        pass
+
+
+_NOBODY = _Nobody()
 
 
 __all__ = ["InputCredit"]

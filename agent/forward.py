@@ -178,6 +178,7 @@ class SpliceChannel(FlowChannel):
         if transport is not None:
             transport.unregisterProducer()
             transport.loseConnection()
+        self._credit.detach()
 
 
 class ForwardChannel(SpliceChannel):

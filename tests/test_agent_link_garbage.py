@@ -19,21 +19,30 @@ connection referred to each other), and the JSON the agent writes when a link co
 (its status file, the failover's working address: the json module's Python encoder,
 used for C{indent} and by C{json.dump}, is closures that refer to each other).
 
-Not covered: the device side of real sessions and of ssh -L forwards (agent.session,
-agent.forward), which run processes and sockets; the sessions here are scripted.
+An ssh -L forward's channel and its window credit (agent._flow.InputCredit) referred to
+each other: the closed channel now detaches its credit.
+
+Not covered: the device side of real sessions (agent.session), which run processes; the
+sessions here are scripted. Its channel holds an InputCredit the same way.
 """
 
 from __future__ import annotations
 
+import struct
 import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
+from twisted.conch.ssh.common import NS
 from twisted.internet import protocol
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer, providedBy
@@ -42,6 +51,7 @@ from accesstunnel.addresses import Connector
 from accesstunnel.keys import fingerprint
 from agent.enrollment import CERTIFICATE_FILE, Enrollment
 from agent.failover import FailoverEndpoint
+from agent.forward import ForwardChannel
 from agent.identity import ServerKeyPin
 from agent.link import AgentLinkFactory, LinkSettings, linkService
 from agent.remoteforward import TCPIP_FORWARD
@@ -217,6 +227,50 @@ class AgentLinkGarbageTests(SynchronousTestCase):
             self.assertTrue(listening.stopped)
             # A reactor forgets a port that stopped listening; the in-memory one lists all.
             del self.clock.ports[:], self.clock.tcpServers[:]
+
+        self.assertNoGarbage(connection)
+
+    def test_linkWithALocalForwardThenLost(self) -> None:
+        """
+        An operator's C{ssh -L} through the device: the agent connects out (in memory)
+        and splices the socket to the channel; then the link is lost, and the socket
+        closes with it.
+        """
+
+        def forwardFactory(conn: Any, windowSize: int, maxPacket: int, data: bytes) -> Any:
+            return ForwardChannel.open(
+                self.clock, data, remoteWindow=windowSize, remoteMaxPacket=maxPacket, conn=conn
+            )
+
+        self.factory.forwardFactory = forwardFactory
+        destination = NS(b"127.0.0.1") + struct.pack(">L", 8080)
+        origin = NS(b"192.0.2.1") + struct.pack(">L", 5555)
+        # The endpoint's wrapper provides its transport's interfaces: zope.interface's
+        # declaration for them, a cycle (not ours), is held from the first connection on,
+        # as in test_theAgentsServiceRedials.
+        declarations: list[Any] = []
+
+        def connection() -> None:
+            pump = self.link()
+            operatorConnection = self.operator().connection
+            assert operatorConnection is not None
+            forward = OperatorSession(conn=operatorConnection)
+            forward.name = b"direct-tcpip"
+            operatorConnection.openChannel(forward, destination + origin)
+            self.fleet.flush()
+            host, port, factory, _, _ = self.clock.tcpClients.pop()
+            splice: Any = factory.buildProtocol(IPv4Address("TCP", host, port))
+            socket = StringTransport()
+            splice.makeConnection(socket)
+            declarations[:] = declarations or [providedBy(splice)]
+            self.fleet.flush()
+            forward.write(b"GET /\n")
+            self.fleet.flush()
+            self.assertEqual(socket.value(), b"GET /\n")
+            self.drop(pump)
+            self.assertTrue(socket.disconnecting)
+            splice.connectionLost(Failure(ConnectionDone()))  # as TCP's, once closed
+            del self.clock.connectors[:]
 
         self.assertNoGarbage(connection)
 
