@@ -23,7 +23,7 @@ operator's ssh), and on a machine with few cores the scheduler often queues it o
 this very CPU, behind the rest of this process's turn (the return through the
 layers, the reactor's timers and its next poll: 30-70 us when the code is cold after
 a pause). Yielding lets the next hop run first; the rest of the turn runs while that
-process waits in its turn (bench/RESULTS.md, "Echo latency (session 10)": 6.8-7% off
+process waits in its turn (bench/RESULTS.md, "Echo latency (session 10)": 4-8.5% off
 the echo's median). When nothing else is runnable here it costs one system call.
 
 The descriptor must not be in a state where Twisted's next C{doWrite} has
