@@ -701,6 +701,10 @@ class SessionChannel(FlowChannel):
         """
         super().closed()
         self._gone = True
+        # The credit refers back to this channel, which holds it: let it go, or the
+        # cycle keeps the channel, its connection and a lost link's transport for the
+        # cyclic collector (tests/test_agent_link_garbage.py has the same for forwards).
+        self._stdin.detach()
         self._stopForwarding()
         child = self.process
         if child is None:

@@ -23,7 +23,8 @@ An ssh -L forward's channel and its window credit (agent._flow.InputCredit) refe
 each other: the closed channel now detaches its credit.
 
 Not covered: the device side of real sessions (agent.session), which run processes; the
-sessions here are scripted. Its channel holds an InputCredit the same way.
+sessions here are scripted. Its channel holds an InputCredit the same way and detaches it
+when closed (tests/test_agent_session.py checks that).
 """
 
 from __future__ import annotations

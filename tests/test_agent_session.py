@@ -294,6 +294,19 @@ class SessionInMemoryTests(SynchronousTestCase):
         self.assertEqual(self.conn.kinds(), ["data", "ext", b"exit-status", "eof", "close"])
         self.assertEqual(self.conn.events[2][2], uint32(3))
 
+    def test_closedChannelLetsGoOfItsInputCredit(self) -> None:
+        """
+        Once the channel is closed, its stdin credit no longer refers back to it: the
+        two would otherwise be a reference cycle that keeps the channel, its connection
+        and a lost link's transport until the cyclic collector runs.
+        """
+        self.request(b"exec", NS(b"x"))
+        credit = self.channel._stdin
+        self.assertIn(self.channel, vars(credit).values())
+        self.spawner.protocol.processEnded(exitStatus(0))
+        peerClosed(self.channel)
+        self.assertNotIn(self.channel, vars(credit).values())
+
     def test_exitSignalPayload(self) -> None:
         """A killed child gives exit-signal: name without SIG, core flag, message, language."""
         self.request(b"exec", NS(b"x"))
