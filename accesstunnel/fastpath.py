@@ -65,6 +65,7 @@ from twisted.conch.ssh import transport
 from twisted.conch.ssh.common import NS, ffs, getNS
 from twisted.logger import Logger
 
+from accesstunnel import writethrough
 from accesstunnel.handlerfault import MALFORMED, classify
 
 __all__ = [
@@ -112,10 +113,14 @@ _SEQ_MASK = 0xFFFFFFFF
 #: ever sees its sequence number wrap.
 _REKEY_SEQ_MASK = 0x7FFFFFFF
 _MSG_CHANNEL_DATA = 94
+_MSG_CHANNEL_EXTENDED_DATA = 95
 #: Messages of the connection and authentication layers (RFC 4250 4.1.2): sending
 #: one of these may start a key re-exchange (accesstunnel.rekey); sending a
 #: transport or key exchange message never does.
 FIRST_UPPER_LAYER_MESSAGE = 50
+#: The messages whose small packets give up the CPU once written: a session's bytes,
+#: not the transport's or the connection's bookkeeping (accesstunnel.writethrough).
+_INTERACTIVE_DATA = frozenset([_MSG_CHANNEL_DATA, _MSG_CHANNEL_EXTENDED_DATA])
 #: AES-GCM's invocation counter is 64 bits.
 _COUNTER_MASK = 0xFFFFFFFFFFFFFFFF
 #: A packet whose parts add up to at most this many bytes is written as one
@@ -965,6 +970,13 @@ class FastPathMixin:
                 self._sentNewKeys()
             elif not seq & _REKEY_SEQ_MASK:
                 self._fpRekeyForSequence()
+            elif (
+                messageType in _INTERACTIVE_DATA
+                and len(payload) <= writethrough.YIELD_AFTER_SEND_LIMIT
+            ):
+                # A keystroke or its echo, just written: the process it woke may run
+                # ahead of the rest of this turn (accesstunnel.writethrough).
+                writethrough.yieldAfterSend()
         if self.steady:
             # Called directly once steady (L{enterSteadyState}): the rekey layer's
             # count and limit (accesstunnel.rekey's sendPacket), held packets included.

@@ -16,15 +16,19 @@ connection is lost the usual way. Writes larger than
 L{WriteThroughMixin.writeThroughLimit} are always buffered, so bulk transfers
 keep coalescing a reactor turn's packets into one large send.
 
-A small write through (at most L{YIELD_AFTER_SEND_LIMIT} bytes: a keystroke, its
-echo) gives up the CPU once the bytes are sent (C{sched_yield}). The write has just
-woken the next hop's process (the agent, C{cat} behind the pty, groundcontrol, the
-operator's ssh), and on a machine with few cores the scheduler often queues it on
-this very CPU, behind the rest of this process's turn (the return through the
-layers, the reactor's timers and its next poll: 30-70 us when the code is cold after
-a pause). Yielding lets the next hop run first; the rest of the turn runs while that
-process waits in its turn (bench/RESULTS.md, "Echo latency (session 10)": 4-8.5% off
-the echo's median). When nothing else is runnable here it costs one system call.
+Interactive data gives up the CPU once it is sent (C{sched_yield}): a keystroke or
+its echo has just woken the next hop's process (the agent, C{cat} behind the pty,
+groundcontrol, the operator's ssh), and on a machine with few cores the scheduler
+often queues it on this very CPU, behind the rest of this process's turn (the return
+through the layers, the reactor's timers and its next poll: 30-70 us when the code is
+cold after a pause). Yielding lets the next hop run first; the rest of the turn runs
+while that process waits in its turn (bench/RESULTS.md, "Echo latency (session 10)":
+4-8% off the echo's median). Only interactive data yields, so that a busy server's
+other small writes (handshakes, keepalive answers) do not hand its CPU away: a small
+write to a child (L{SEND_FD}: its terminal or stdin) yields here, after the bytes are
+in; on an SSH connection the packet layer decides (a small channel-data packet yields,
+L{accesstunnel.fastpath}), since only it knows what a write carries. When nothing
+else is runnable here a yield costs one system call.
 
 The descriptor must not be in a state where Twisted's next C{doWrite} has
 work besides sending: a half-close or close in progress, or a producer that
@@ -51,9 +55,9 @@ from zope.interface import directlyProvides, providedBy
 #: Writes above this many bytes always go through Twisted's buffer.
 WRITE_THROUGH_LIMIT = 16 * 1024
 
-#: A write through of at most this many bytes (a keystroke, its echo, a line of a
+#: Interactive data of at most this many bytes (a keystroke, its echo, a line of a
 #: shell's output; not bulk, whose packets are larger) gives up the CPU once it is sent
-#: (L{yieldAfterSend}).
+#: (L{yieldAfterSend}): a write to a child here, a channel-data packet in the packet layer.
 YIELD_AFTER_SEND_LIMIT = 1024
 
 #: The call that gives up the CPU (C{sched_yield}); tests replace it.
@@ -137,10 +141,10 @@ class WriteThroughMixin:
                         # it always does.
                         break
                     if sent == len(data):
-                        if sent <= YIELD_AFTER_SEND_LIMIT:
-                            # The write woke the process that reads it (the next hop
-                            # of a keystroke), often onto this CPU: let it run now,
-                            # ahead of what this process does before its next poll.
+                        if how == SEND_FD and sent <= YIELD_AFTER_SEND_LIMIT:
+                            # A keystroke into a child's terminal or stdin woke the
+                            # child, often onto this CPU: let it run now, ahead of what
+                            # this process does before its next poll.
                             yieldAfterSend()
                         return
                     data = data[sent:]

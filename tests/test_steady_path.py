@@ -32,7 +32,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from accesstunnel import fastpath, quickack
+from accesstunnel import fastpath, quickack, writethrough
 from accesstunnel.connection import TunnelConnection
 from accesstunnel.keys import fingerprint
 from accesstunnel.rekey import RekeyingTransportMixin, RekeyLimit
@@ -420,6 +420,68 @@ class SteadyBehaviourTests(SteadyFleet):
         self.assertEqual(errors, [transport.DISCONNECT_MAC_ERROR])
         self.assertTrue(self.linkPump.serverIO.disconnected)
         self.assertTrue(session.isClosed)  # the operator's session ends with the link
+
+
+class InteractiveYieldTests(SteadyFleet):
+    """
+    A small channel-data packet (a keystroke, its echo) gives up the CPU once written, on
+    every hop, so that the process it woke runs ahead of the rest of this turn; nothing
+    else does (accesstunnel.writethrough).
+    """
+
+    def yields(self) -> list[Any]:
+        """From now on, who gives up the CPU (the transport sending), in order."""
+        sending: list[Any] = []
+        for side in (self.serverSide, self.agentSide, self.operatorSide):
+            # The steady path's sendPacket is the packet layer's, bound on the instance.
+            send = side.sendPacket
+
+            def sendPacket(
+                messageType: int, payload: bytes, _side: Any = side, _send: Any = send
+            ) -> None:
+                sending.append(_side)
+                try:
+                    _send(messageType, payload)
+                finally:
+                    sending.pop()
+
+            side.sendPacket = sendPacket
+        yields: list[Any] = []
+        self.patch(writethrough, "yieldAfterSend", lambda: yields.append(sending[-1]))
+        return yields
+
+    def test_aKeystrokeYieldsOnEveryHop(self) -> None:
+        """
+        groundcontrol sending the keystroke on the link, the agent sending its echo
+        back, groundcontrol sending the echo to the operator: each yields once.
+        """
+        self.connect()
+        session = self.openCat()
+        yields = self.yields()
+        self.keystroke(session)
+        self.assertEqual(yields, [self.serverSide, self.agentSide, self.operatorSide])
+
+    def test_nothingElseYields(self) -> None:
+        """
+        A keepalive and its answer, a window adjustment, channel data above the limit and
+        a packet held during a key exchange give nothing away: a busy server's
+        bookkeeping and bulk keep their CPU.
+        """
+        self.connect()
+        self.openCat()
+        yields = self.yields()
+        side = self.serverSide
+        answered = side.service.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=1)
+        self.fleet.flush()
+        self.failureResultOf(answered)  # the agent's answer: REQUEST_FAILURE, as OpenSSH's
+        side.sendPacket(MSG_CHANNEL_WINDOW_ADJUST, struct.pack(">2L", 0, 1))
+        big = b"x" * (writethrough.YIELD_AFTER_SEND_LIMIT + 1)
+        side.sendPacket(MSG_CHANNEL_DATA, struct.pack(">L", 0) + NS(big))
+        self.assertEqual(yields, [])
+        side.sendKexInit()
+        side.sendPacket(MSG_CHANNEL_DATA, struct.pack(">L", 0) + NS(b"k"))
+        self.assertEqual(len(side._blockedByKeyExchange), 1)
+        self.assertEqual(yields, [])
 
 
 class MalformedMessageTests(SteadyFleet):
