@@ -970,7 +970,7 @@ class FastPathMixin:
                 self._sentNewKeys()
             elif not seq & _REKEY_SEQ_MASK:
                 self._fpRekeyForSequence()
-            elif (
+            if (
                 messageType in _INTERACTIVE_DATA
                 and len(payload) <= writethrough.YIELD_AFTER_SEND_LIMIT
             ):
