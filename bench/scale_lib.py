@@ -202,6 +202,81 @@ def minorFaults(pid: int) -> int:
         return 0
 
 
+def _taskCpu(pid: int) -> float:
+    """CPU seconds, to the nanosecond, of every thread of a live (or unreaped) process."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with (
+                contextlib.suppress(OSError, ValueError, IndexError),
+                open(f"/proc/{pid}/task/{tid}/schedstat") as f,
+            ):
+                total += int(f.read().split()[0])
+    return total / 1e9
+
+
+def processTrees(roots: list[int]) -> dict[int, tuple[int, str, float, float]]:
+    """
+    Every process in the trees under `roots` (the roots included): PID -> (parent PID,
+    command name, its own CPU seconds (all threads, L{_taskCpu}), the CPU seconds of the
+    children it reaped (cutime + cstime)), for L{treeCpu}.
+    """
+    stats: dict[int, tuple[int, str, float]] = {}
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                with open(f"/proc/{entry}/stat") as f:
+                    head, _, tail = f.read().rpartition(")")
+                v = tail.split()
+                stats[int(entry)] = (
+                    int(v[1]),
+                    head.partition("(")[2],
+                    (int(v[13]) + int(v[14])) / CLK,
+                )
+                children.setdefault(int(v[1]), []).append(int(entry))
+    out: dict[int, tuple[int, str, float, float]] = {}
+    todo = [r for r in roots if r in stats]
+    while todo:
+        pid = todo.pop()
+        if pid not in out:
+            ppid, comm, reaped = stats[pid]
+            out[pid] = (ppid, comm, _taskCpu(pid), reaped)
+            todo.extend(children.get(pid, []))
+    return out
+
+
+def treeCpu(nodes: dict[int, tuple[int, str, float, float]], root: int) -> dict[str, float]:
+    """
+    The CPU seconds of the tree under `root` in a L{processTrees} table, split in two: "own",
+    the processes running the root's program (an sshd and its per-connection sshds; an ssh
+    ControlMaster and its ProxyJump ``ssh -W``; groundcontrol; the agent), and "commands",
+    the other processes (the sessions' shells and ``head``s) with every child reaped in the
+    tree (a session's command is reaped by the process that started it; the daemons' own
+    children outlive a run). Both grow monotonically while the tree lives: a process that
+    exits moves its CPU into its parent's reaped figure.
+    """
+    tree = treeMembers(nodes, root)
+    program = nodes[root][1] if tree else ""
+    own = sum(nodes[p][2] for p in tree if nodes[p][1] == program)
+    commands = sum(nodes[p][2] for p in tree if nodes[p][1] != program)
+    return {"own": own, "commands": commands + sum(nodes[p][3] for p in tree)}
+
+
+def treeMembers(nodes: dict[int, tuple[int, str, float, float]], root: int) -> set[int]:
+    """`root` and its descendants in a L{processTrees} table (nothing if `root` is gone)."""
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, *_) in nodes.items():
+        children.setdefault(ppid, []).append(pid)
+    tree: set[int] = set()
+    todo = [root] if root in nodes else []
+    while todo:
+        pid = todo.pop()
+        tree.add(pid)
+        todo.extend(c for c in children.get(pid, []) if c not in tree)
+    return tree
+
+
 def machineBusy() -> tuple[int, int]:
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
@@ -277,6 +352,23 @@ def roundRatios(singles: list[float], aggregates: list[float]) -> dict[str, Any]
         "single_MBps_median": round(median(singles), 1),
         "aggregate_MBps_median": round(median(aggregates), 1),
         "ratio_of_medians": round(median(aggregates) / median(singles), 3),
+    }
+
+
+def pairedRatios(first: list[float], second: list[float]) -> dict[str, Any]:
+    """
+    One route against another round by round (bench/scale --openssh: ours against OpenSSH's
+    path, each round running both): each round's figure divided by the other route's in the
+    same round, so that the machine's drift between rounds cancels, and their median and range.
+    """
+    if len(first) != len(second) or not first:
+        raise ValueError("one figure of each route per round")
+    ratios = [a / b for a, b in zip(first, second, strict=True)]
+    return {
+        "per_round": [round(r, 3) for r in ratios],
+        "median": round(median(ratios), 3),
+        "min": round(min(ratios), 3),
+        "max": round(max(ratios), 3),
     }
 
 

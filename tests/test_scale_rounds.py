@@ -1,6 +1,8 @@
 """
 bench/scale's interleaved rounds (--session-rounds): the per-round ratios and their median
-(bench/scale_lib.roundRatios; the module is loaded from its file, no process is started).
+(bench/scale_lib.roundRatios), one route against another round by round (pairedRatios, for
+--openssh), and how a route's process trees split their CPU (treeCpu). The module is loaded
+from its file; no process is started.
 """
 
 from __future__ import annotations
@@ -22,7 +24,11 @@ def loadScaleLib() -> ModuleType:
     return module
 
 
-roundRatios = loadScaleLib().roundRatios
+scaleLib = loadScaleLib()
+roundRatios = scaleLib.roundRatios
+pairedRatios = scaleLib.pairedRatios
+treeCpu = scaleLib.treeCpu
+treeMembers = scaleLib.treeMembers
 
 
 class RoundRatiosTests(SynchronousTestCase):
@@ -59,3 +65,66 @@ class RoundRatiosTests(SynchronousTestCase):
         """Each round has one figure of each kind: anything else is refused."""
         self.assertRaises(ValueError, roundRatios, [1.0, 2.0], [1.0])
         self.assertRaises(ValueError, roundRatios, [], [])
+
+
+class PairedRatiosTests(SynchronousTestCase):
+    def test_eachRoundAgainstTheOtherRouteInTheSameRound(self) -> None:
+        """
+        Ours against OpenSSH's path divides the figures of the same round: a round in which
+        the machine was slower for both gives the same ratio as the others.
+        """
+        result = pairedRatios([400.0, 200.0, 450.0], [100.0, 50.0, 100.0])
+        self.assertEqual(result["per_round"], [4.0, 4.0, 4.5])
+        self.assertEqual(result["median"], 4.0)
+        self.assertEqual((result["min"], result["max"]), (4.0, 4.5))
+
+    def test_mismatchedRounds(self) -> None:
+        """One figure of each route per round: anything else is refused."""
+        self.assertRaises(ValueError, pairedRatios, [1.0, 2.0], [1.0])
+        self.assertRaises(ValueError, pairedRatios, [], [])
+
+
+#: An OpenSSH device sshd (PID 10) with two connections (11, 12: sshd, the program of the
+#: root), sessions' commands under them (bash 20, head 21), a command already reaped by 12
+#: (its 0.5 s in 12's reaped figure), and another sshd elsewhere on the machine (30 under 1).
+#: PID -> (parent, command name, own CPU seconds, reaped children's CPU seconds).
+DEVICE_SSHD = {
+    10: (1, "sshd", 0.25, 0.0),
+    11: (10, "sshd", 1.0, 0.0),
+    12: (10, "sshd", 2.0, 0.5),
+    20: (11, "bash", 0.125, 0.0),
+    21: (12, "head", 0.375, 0.0),
+    30: (1, "sshd", 7.0, 3.0),
+}
+
+
+class TreeCpuTests(SynchronousTestCase):
+    def test_ownProgramAndCommands(self) -> None:
+        """
+        The processes running the root's program count as its own CPU; every other process
+        under it (the sessions' commands) and every child reaped in the tree count as commands.
+        """
+        self.assertEqual(treeCpu(DEVICE_SSHD, 10), {"own": 3.25, "commands": 1.0})
+
+    def test_onlyTheTree(self) -> None:
+        """
+        The same program outside the tree (another benchmark's sshd) counts for nothing, and a
+        subtree stands for itself.
+        """
+        self.assertEqual(treeMembers(DEVICE_SSHD, 10), {10, 11, 12, 20, 21})
+        self.assertEqual(treeCpu(DEVICE_SSHD, 12), {"own": 2.0, "commands": 0.875})
+
+    def test_aCommandThatExitsStaysCounted(self) -> None:
+        """
+        When a command exits and its parent reaps it, its CPU moves into the parent's reaped
+        figure: the tree's commands do not fall (a run's difference stays what was spent).
+        """
+        after = dict(DEVICE_SSHD)
+        del after[21]
+        after[12] = (10, "sshd", 2.0, 0.5 + 0.375)
+        self.assertEqual(treeCpu(after, 10), treeCpu(DEVICE_SSHD, 10))
+
+    def test_goneRoot(self) -> None:
+        """A root no longer there has no tree and no CPU."""
+        self.assertEqual(treeMembers(DEVICE_SSHD, 99), set())
+        self.assertEqual(treeCpu(DEVICE_SSHD, 99), {"own": 0.0, "commands": 0.0})
