@@ -206,9 +206,14 @@ class LinkFlow:
         self._waiting.setdefault(channel, None)
 
     def stopProducing(self) -> None:
-        """The connection is gone: nothing more is sent."""
+        """
+        The connection is gone: nothing more is sent, and no waiting channel
+        will be served. Let go of them: each refers to its connection, which
+        refers to this, a cycle that would keep a lost link for the collector.
+        """
         self._stopped = True
         self.paused = True
+        self._waiting.clear()
 
 
 __all__ = [

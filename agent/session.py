@@ -32,7 +32,7 @@ import sys
 import termios
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from attrs import evolve, field, frozen
 from twisted.conch.ssh import common, connection
@@ -242,6 +242,24 @@ class SessionChannel(FlowChannel):
     name = b"session"
     log = Logger()
 
+    #: The channel requests a session answers, each with the method that does.
+    #: By name, looked up per request: a table of bound methods on the instance
+    #: would be a reference cycle, and with it the channel, its connection and
+    #: a lost link's transport would wait for the cyclic collector.
+    _requestHandlers: ClassVar[dict[bytes, str]] = {
+        b"pty-req": "_ptyRequest",
+        b"env": "_envRequest",
+        b"shell": "_shellRequest",
+        b"exec": "_execRequest",
+        b"subsystem": "_subsystemRequest",
+        b"window-change": "_windowChangeRequest",
+        b"signal": "_signalRequest",
+        b"break": "_breakRequest",
+        b"auth-agent-req@openssh.com": "_agentRequest",
+        b"x11-req": "_x11Request",
+        b"login-user@accesstunnel": "request_login_user_accesstunnel",
+    }
+
     def __init__(
         self,
         environment: SessionEnvironment,
@@ -272,19 +290,6 @@ class SessionChannel(FlowChannel):
         #: An earlier request is still being answered; what came after waits here.
         self._answering = False
         self._waiting: deque[tuple[Any, ...]] = deque()
-        self._requests: dict[bytes, Callable[[_Payload], Any]] = {
-            b"pty-req": self._ptyRequest,
-            b"env": self._envRequest,
-            b"shell": self._shellRequest,
-            b"exec": self._execRequest,
-            b"subsystem": self._subsystemRequest,
-            b"window-change": self._windowChangeRequest,
-            b"signal": self._signalRequest,
-            b"break": self._breakRequest,
-            b"auth-agent-req@openssh.com": self._agentRequest,
-            b"x11-req": self._x11Request,
-            b"login-user@accesstunnel": self.request_login_user_accesstunnel,
-        }
 
     # -- requests ----------------------------------------------------------
 
@@ -306,10 +311,11 @@ class SessionChannel(FlowChannel):
         return self._answer(requestType, data)
 
     def _answer(self, requestType: bytes, data: bytes) -> bool | defer.Deferred[bool]:
-        handler = self._requests.get(requestType)
-        if handler is None:
+        handlerName = self._requestHandlers.get(requestType)
+        if handlerName is None:
             self.log.info("refused channel request {type!r}", type=requestType)
             return False
+        handler: Callable[[_Payload], Any] = getattr(self, handlerName)
         try:
             result = handler(_Payload(data))
         except ValueError as e:

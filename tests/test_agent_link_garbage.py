@@ -22,13 +22,19 @@ used for C{indent} and by C{json.dump}, is closures that refer to each other).
 An ssh -L forward's channel and its window credit (agent._flow.InputCredit) referred to
 each other: the closed channel now detaches its credit.
 
-Not covered: the device side of real sessions (agent.session), which run processes; the
-sessions here are scripted. Its channel holds an InputCredit the same way and detaches it
-when closed (tests/test_agent_session.py checks that).
+The device side of real sessions (agent.session) runs processes: their tests give the
+channels an in-memory child (tests.test_agent_session.FakeChild) that ends when the test
+says, after the channel has hung it up. Two cycles kept a lost link's session channels: their
+table of request handlers, bound methods (now looked up by name), and, for a channel waiting
+for the link when it was lost (its output queued),
+the link's line of waiting channels (accesstunnel.linkflow now lets go of it when the link
+stops). The channel holds an InputCredit as a forward does and detaches it when closed
+(tests/test_agent_session.py checks that).
 """
 
 from __future__ import annotations
 
+import signal
 import struct
 import weakref
 from collections.abc import Callable
@@ -40,7 +46,7 @@ from twisted.conch.ssh.common import NS
 from twisted.internet import protocol
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, ProcessTerminated
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -50,12 +56,14 @@ from zope.interface import implementer, providedBy
 
 from accesstunnel.addresses import Connector
 from accesstunnel.keys import fingerprint
+from agent._process import READ_SIZE
 from agent.enrollment import CERTIFICATE_FILE, Enrollment
 from agent.failover import FailoverEndpoint
 from agent.forward import ForwardChannel
 from agent.identity import ServerKeyPin
 from agent.link import AgentLinkFactory, LinkSettings, linkService
 from agent.remoteforward import TCPIP_FORWARD
+from agent.session import SessionChannel, SessionEnvironment
 from groundcontrol.enrollment import CertificatePolicy
 from groundcontrol.pki import FleetCA
 from groundcontrol.testing import (
@@ -67,6 +75,7 @@ from groundcontrol.testing import (
     scriptedSessions,
 )
 from tests.test_agent_forwarding import ListeningReactor, forwardRequest
+from tests.test_agent_session import FakeChild, FakeSpawner
 from tests.test_login_garbage import (
     AFTER_THE_SWEEP,
     assertLeavesNoGarbage,
@@ -120,6 +129,8 @@ class AgentLinkGarbageTests(SynchronousTestCase):
 
     def drop(self, pump: iosim.IOPump) -> None:
         """The link dies; the agent's in-memory transport lets go as TCP's does."""
+        if pump.clientIO.producer is not None:
+            pump.clientIO.producer.stopProducing()  # before the protocol hears, as TCP does
         lose(self.fleet, pump)
         pump.clientIO.protocol = None
         pump.clientIO.producer = None
@@ -207,6 +218,64 @@ class AgentLinkGarbageTests(SynchronousTestCase):
             self.assertTrue(session.isClosed)
 
         self.assertNoGarbage(connection)
+
+    def agentSessions(self) -> list[FakeSpawner]:
+        """
+        Sessions on the device are the agent's own (L{SessionChannel}), each running an
+        in-memory child; the list returned gets each one's spawner (its child and the
+        child's process protocol) as it starts.
+        """
+        started: list[FakeSpawner] = []
+
+        def sessionFactory(conn: Any, windowSize: int, maxPacket: int, data: bytes) -> Any:
+            spawner = FakeSpawner()
+            spawner.child = FakeChild()
+            spawner.child.pid = None  # type: ignore[assignment]  # nothing to signal
+            started.append(spawner)
+            return SessionChannel(
+                SessionEnvironment(home="/nonexistent-home"),
+                self.clock,
+                spawn=spawner,
+                remoteWindow=windowSize,
+                remoteMaxPacket=maxPacket,
+                conn=conn,
+            )
+
+        self.factory.sessionFactory = sessionFactory
+        return started
+
+    def agentSessionThenLost(self, waitsForTheLink: bool) -> None:
+        """
+        The agent runs C{cat} for an operator; with C{waitsForTheLink}, the link's socket
+        is full when the child writes, so its output is queued and its channel waits in the
+        link's line. Then the link is lost: the channel is closed and hangs its child up,
+        and the child ends (as the reactor reports it).
+        """
+        started = self.agentSessions()
+
+        def connection() -> None:
+            pump = self.link()
+            self.openSession(b"cat")
+            spawner = started.pop()
+            child = spawner.child
+            if waitsForTheLink:
+                pump.client.service.linkFlow.pauseProducing()  # the socket's buffer is full
+                spawner.protocol.childDataReceived(1, b"a" * READ_SIZE)
+            self.drop(pump)
+            self.assertTrue(child.lost)
+            # The child ends; the process transport tells its protocol and lets go of it.
+            protocol, spawner.protocol = spawner.protocol, None
+            protocol.processEnded(Failure(ProcessTerminated(signal=signal.SIGTERM)))
+
+        self.assertNoGarbage(connection)
+
+    def test_linkLostWithAnAgentSessionOpen(self) -> None:
+        """The link is lost while the agent's own session channel runs its child."""
+        self.agentSessionThenLost(waitsForTheLink=False)
+
+    def test_linkLostWhileASessionWaitsForIt(self) -> None:
+        """The link is lost while a session's output waits for it."""
+        self.agentSessionThenLost(waitsForTheLink=True)
 
     def test_linkWithARemoteForwardThenLost(self) -> None:
         """
