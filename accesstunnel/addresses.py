@@ -62,12 +62,9 @@ __all__ = [
     "serverListener",
 ]
 
-DEFAULT_SSH_PORT = 22
-
+#: The URL schemes understood here, each with its port when the URL names none; anything
+#: else containing "://" is an error.
 DEFAULT_PORTS = {"ssh": 22, "tls": 443, "wss": 443, "ws": 80, "tor": 22}
-
-#: Schemes understood here; anything else containing "://" is an error.
-URL_SCHEMES = tuple(DEFAULT_PORTS)
 
 #: Where an agent looks when it is given no server at all: every transport, most direct
 #: first, so a device on a locked-down network still gets out.
@@ -121,7 +118,7 @@ class Address:
     """
     A parsed address.
 
-    @ivar scheme: a URL scheme from L{URL_SCHEMES}, or C{"endpoint"} for an endpoint string.
+    @ivar scheme: a URL scheme from L{DEFAULT_PORTS}, or C{"endpoint"} for an endpoint string.
     @ivar host: the host (C{None} for endpoint strings; C{""} for a server on all interfaces).
     @ivar path: the WebSocket path (C{"/"} if none was given); C{""} for other schemes.
     """

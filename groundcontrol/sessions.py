@@ -550,17 +550,6 @@ class SessionRegistry:
 
         session._audited = session._audited.addCallback(write).addCallbacks(done, failed)
 
-    def whenAudited(self, session: LiveSession) -> defer.Deferred[None]:
-        """Fires once the session's audit events so far are in the store."""
-        d: defer.Deferred[None] = defer.Deferred()
-
-        def fire(result: Any) -> Any:
-            d.callback(None)
-            return result
-
-        session._audited.addBoth(fire)
-        return d
-
 
 def attachSessions(registry: Registry, sessions: SessionRegistry) -> SessionRegistry:
     """Make C{sessions} the session registry of the groundcontrol owning C{registry}."""

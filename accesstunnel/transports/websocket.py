@@ -21,7 +21,6 @@ from autobahn.twisted.websocket import (
 )
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.interfaces import IProtocolFactory
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -145,8 +144,3 @@ class WebSocketClientFactory(WrappingWebSocketClientFactory):  # type: ignore[mi
         _commonOptions(self)
 
     buildProtocol = _buildWrapping
-
-
-def identity(factory: Factory) -> Factory:
-    """The wrapper of transports that need none."""
-    return factory
