@@ -1,7 +1,7 @@
 """
 The ssh-connection service both ends of Access Tunnel run.
 
-It differs from Conch's L{SSHConnection} in three ways, each needed by a relay:
+It differs from Conch's L{SSHConnection} in these ways, the first three needed by a relay:
 
   - channels that manage their own window (L{FlowChannel}) are not given
     window back on receipt: they give it back as the data is passed on;
@@ -9,7 +9,12 @@ It differs from Conch's L{SSHConnection} in three ways, each needed by a relay:
     so groundcontrol can open the device's side first and confirm or refuse
     the operator's channel with the device's real answer;
   - channel requests reach L{FlowChannel.requestReceivedWithReply} with the
-    want-reply flag, so they can be passed on unchanged.
+    want-reply flag, so they can be passed on unchanged;
+  - a global request may be answered later (C{gotGlobalRequest} may return a
+    Deferred), its reply still sent in the order the requests came;
+  - a packet for a channel that does not exist, or a second answer to a
+    channel open, ends the connection (Conch would raise or re-point the channel);
+  - the service attaches the link's back-pressure (L{LinkFlow}) when it starts.
 """
 
 from __future__ import annotations

@@ -662,8 +662,9 @@ class FastPathMixin:
         Conch's dispatch, but a key exchange method's message (30-49) outside a
         key exchange ends the connection: Conch would answer it from the last
         exchange's state, send NEWKEYS and switch its own keys alone, which no
-        correct peer asks for (OpenSSH disconnects too). Channel data does not
-        come through here (L{_fpSteadyRead}).
+        correct peer asks for (OpenSSH disconnects too). Channel data comes
+        through here only until the connection service runs, or when
+        L{directChannelData} is off (L{_fpSteadyRead}).
         """
         if (
             _FIRST_KEX_METHOD_MESSAGE <= messageNum <= _LAST_KEX_METHOD_MESSAGE

@@ -272,8 +272,9 @@ def writeThroughTCP(reactor: Any) -> Any:
     when bytes reach the socket, never which bytes or in what order, so it
     is safe under any wrapper. Only a reactor that builds Twisted's own TCP
     port and connector (a L{PosixReactorBase}) has them swapped for the
-    subclasses, which add nothing but the two write methods; any other (a
-    test's C{MemoryReactor}) is returned as it is.
+    subclasses, which add nothing but the two write methods and a C{doRead}
+    one frame shorter (L{_TCPWriteThroughMixin}); any other (a test's
+    C{MemoryReactor}) is returned as it is.
     """
     if isinstance(reactor, PosixReactorBase):
         return _WriteThroughTCPReactor(reactor)

@@ -21,8 +21,9 @@ one key exchange and one round trip before the session's first channel opens.
 
 Not while connections wait for a handshake slot (a reconnect storm): every round trip
 then waits for a turn of a busy reactor, and setting up quickly is what matters then,
-so the connection keeps what it negotiated (the runs in bench/RESULTS.md, "Latest", do
-not establish how much the renewal costs during a storm; the gate costs nothing outside).
+so the connection keeps what it negotiated (the storm runs with and without the renewal,
+bench/RESULTS.md, "Session 6 end runs at `ee88b83`", do not establish how much it costs
+during a storm; the gate costs nothing outside).
 """
 
 from __future__ import annotations
