@@ -2,7 +2,9 @@
 The two kinds of logged-in peer: operators and device agents.
 
 An operator's channels are routed to devices. An agent's connection is the
-device's link: groundcontrol opens channels on it and the agent opens none.
+device's link: groundcontrol opens channels on it, and the agent opens channels
+back only for what an operator's session set up (remote forwards, agent and X11
+forwarding; L{AgentAvatar.lookupChannel}).
 """
 
 from __future__ import annotations

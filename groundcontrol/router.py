@@ -69,7 +69,7 @@ class SessionPolicy:
 
 
 def describeLastSeen(lastSeen: float | None, now: float) -> str:
-    """'last seen 2026-11-25 13:02 UTC, 5 minutes ago', for offline errors."""
+    """'last seen 2026-11-25 13:02:07 UTC, 5 minutes ago', for offline errors."""
     if lastSeen is None:
         return "it has never connected"
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(lastSeen))

@@ -497,7 +497,9 @@ class SessionRegistry:
             device=record.device,
             client=record.client,
         )
-        if not session.announced:  # spliced without the router (tests, older callers)
+        # The router announces every session before its operator side opens; this
+        # writes session.started for a caller that tracks one without announcing it.
+        if not session.announced:
             session.announced = True
             self._audit(session, SESSION_STARTED, record.toJSON())
         if self.metrics is not None:
