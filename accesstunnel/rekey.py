@@ -5,9 +5,9 @@ Conch answers a peer's key re-exchange but never starts one itself, and the
 agent link lives for weeks and carries every session of a device. OpenSSH
 rekeys by default (after an amount of data that depends on the cipher, and
 optionally after a time, its ``RekeyLimit``); L{RekeyingTransportMixin} gives
-both of our transports the same habit: after C{limit.bytes} bytes in either
-direction, or C{limit.seconds} since the last key exchange, send a KEXINIT if
-no key exchange is already under way.
+both of our transports the same habit: after C{limit.bytes} bytes both ways
+together (read from the socket, and payload sent), or C{limit.seconds} since the
+last key exchange, send a KEXINIT if no key exchange is already under way.
 
 Counting is one addition per read and per packet; the time limit is one
 timer per connection, moved after every key exchange.
@@ -37,7 +37,7 @@ _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 @attrs.frozen
 class RekeyLimit:
-    """When to renew the keys: bytes either way, or seconds; 0 means never."""
+    """When to renew the keys: bytes both ways together, or seconds; 0 means never."""
 
     bytes: int = DEFAULT_REKEY_BYTES
     seconds: float = DEFAULT_REKEY_SECONDS
