@@ -4,8 +4,9 @@
 ``tunnel-agent pair --state DIR`` prints the pairing code the running agent
 shows while it waits for approval; an operator claims the device with
 ``ssh ctl@groundcontrol claim CODE --for 7d``. ``tunnel-agent status``
-prints what the agent knows of its standing. The daemon itself runs under
-twistd: ``twistd -n tunnel-agent --state DIR ...``.
+prints what the agent knows of its standing. The daemon itself is
+``tunnel-agentd --state DIR ...`` (L{agent.launcher}: the agent without twistd,
+as its systemd unit runs it) or ``twistd -n tunnel-agent --state DIR ...``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 What a connection may cost groundcontrol before it has authenticated.
 
 groundcontrol faces the internet: anyone may connect and start a handshake. Until a
-connection has logged in, L{PreauthGuard} (mixed into the server transport) holds it to:
+connection has logged in, L{PreauthMixin} (mixed into the server transport, with the
+limits of the factory's L{PreauthGuard}) holds it to:
 
   - a version line of at most 255 bytes that is the first thing the client sends
     (RFC 4253 section 4.2; Conch alone accepts 4 KiB of anything first);
