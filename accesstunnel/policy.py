@@ -3,7 +3,7 @@ The SSH algorithm policy of every Access Tunnel endpoint.
 
 One list per algorithm kind, applied to transport subclasses as instance
 attributes (never by mutating Conch's class-level lists, which other code in
-the process may rely on). DESIGN.md lists what is allowed and why: modern key
+the process may rely on). The project's DESIGN.md lists what is allowed and why: modern key
 exchange only, ChaCha20-Poly1305, AES-GCM and CTR ciphers with SHA-2 MACs
 (encrypt-then-MAC first), Ed25519/RSA-SHA2 host keys, no compression.
 

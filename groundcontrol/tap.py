@@ -108,7 +108,15 @@ class Options(usage.Options):
         ["data", "d", None, "Data directory made by 'groundcontrol --data DIR init'."],
         ["login-grace-time", None, 30.0, "Seconds a client has to log in.", float],
         ["max-auth-tries", None, 6, "Authentication attempts per connection.", int],
-        ["keepalive-interval", None, DEFAULT_INTERVAL, "Seconds of silence before a ping.", float],
+        [
+            "keepalive-interval",
+            None,
+            DEFAULT_INTERVAL,
+            "Seconds of silence before a ping to an operator; agents ping every other "
+            "interval themselves and are asked only after longer silence. Either is "
+            "dropped after interval x count seconds of silence.",
+            float,
+        ],
         [
             "keepalive-count",
             None,
