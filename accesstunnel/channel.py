@@ -112,7 +112,8 @@ class FlowChannel(channel.SSHChannel):
         """
         C{count} received bytes have been passed on: let the peer send as many
         again. Adjustments are batched to a quarter window so that a bulk
-        transfer costs one WINDOW_ADJUST per 512 KiB, not one per packet.
+        transfer costs one WINDOW_ADJUST per quarter window (512 KiB on a relay
+        hop, 2 MiB where the bytes end on the device), not one per packet.
         """
         self._unacknowledged += count
         if self._unacknowledged >= self.localWindowSize // 4 or (
