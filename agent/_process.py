@@ -1,7 +1,7 @@
 """
 Spawning a session's child the way sshd does, on top of Twisted's process support.
 
-Three things Twisted's C{reactor.spawnProcess} does not do for us:
+Four things Twisted's C{reactor.spawnProcess} does not do for us:
 
   - B{Own session for pipe children.} sshd calls C{setsid()} for every child,
     with or without a pty, so a C{signal} request or a hang-up reaches the whole
@@ -13,6 +13,11 @@ Three things Twisted's C{reactor.spawnProcess} does not do for us:
     ~4 KiB per read (Linux's line discipline buffer), so a pty child's output
     is read until the pty would block or one packet's worth is in hand, and
     passed on as one piece: one SSH packet instead of eight.
+  - B{Output read when the link can take it.} While the device link is
+    backlogged, a pipe child's stdout can be left out of the reactor
+    (L{_SessionProcess.holdOutput}) and read by its channel when the link
+    serves it (L{_SessionProcess.pullOutput}), so the bytes are sealed and
+    sent as soon as they are read (L{agent.session}).
   - B{The pty is set up before the child runs.} The terminal modes and window
     size from C{pty-req} are applied to the pty before C{exec}, so a child that
     asks at once (C{stty size}) sees them.
@@ -285,6 +290,38 @@ class _SessionProcess(process.Process):
                 if pipe is not None:
                     with contextlib.suppress(OSError):
                         fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, size)
+
+    def holdOutput(self) -> bool:
+        """
+        Stop the reactor reading the child's stdout: its channel reads it with
+        L{pullOutput} when the link has room. False if there is no stdout to hold.
+        """
+        reader = self.pipes.get(1)
+        if reader is None or reader.disconnecting:
+            return False
+        reader.stopReading()
+        return True
+
+    def pullOutput(self) -> bytes | None:
+        """
+        One L{READ_SIZE} read of the held stdout, now: what came, or None if
+        nothing waits or the pipe has ended or failed (the caller then gives
+        the pipe back to the reactor with L{releaseOutput}, whose next read
+        sees the end or the error and closes it the usual way).
+        """
+        reader = self.pipes.get(1)
+        if reader is None or reader.disconnecting:
+            return None
+        try:
+            return os.read(reader.fd, READ_SIZE) or None
+        except OSError:
+            return None
+
+    def releaseOutput(self) -> None:
+        """The reactor reads the child's stdout again (after L{holdOutput})."""
+        reader = self.pipes.get(1)
+        if reader is not None and not reader.disconnecting:
+            reader.startReading()
 
     def _trySpawnInsteadOfFork(self, *args: Any, **kwargs: Any) -> bool:
         return False  # posix_spawn here cannot setsid

@@ -23,10 +23,10 @@ An ssh -L forward's channel and its window credit (agent._flow.InputCredit) refe
 each other: the closed channel now detaches its credit.
 
 The device side of real sessions (agent.session) runs processes: their tests give the
-channels an in-memory child (tests.test_agent_session.FakeChild) that ends when the test
+channels an in-memory pipe child (tests.test_agent_pull.PipeChild) that ends when the test
 says, after the channel has hung it up. Two cycles kept a lost link's session channels: their
 table of request handlers, bound methods (now looked up by name), and, for a channel waiting
-for the link when it was lost (its output queued),
+for the link when it was lost (its pipe held by agent.session's pull, or its output queued),
 the link's line of waiting channels (accesstunnel.linkflow now lets go of it when the link
 stops). The channel holds an InputCredit as a forward does and detaches it when closed
 (tests/test_agent_session.py checks that).
@@ -75,7 +75,8 @@ from groundcontrol.testing import (
     scriptedSessions,
 )
 from tests.test_agent_forwarding import ListeningReactor, forwardRequest
-from tests.test_agent_session import FakeChild, FakeSpawner
+from tests.test_agent_pull import PipeChild
+from tests.test_agent_session import FakeSpawner
 from tests.test_login_garbage import (
     AFTER_THE_SWEEP,
     assertLeavesNoGarbage,
@@ -222,14 +223,14 @@ class AgentLinkGarbageTests(SynchronousTestCase):
     def agentSessions(self) -> list[FakeSpawner]:
         """
         Sessions on the device are the agent's own (L{SessionChannel}), each running an
-        in-memory child; the list returned gets each one's spawner (its child and the
+        in-memory pipe child; the list returned gets each one's spawner (its child and the
         child's process protocol) as it starts.
         """
         started: list[FakeSpawner] = []
 
         def sessionFactory(conn: Any, windowSize: int, maxPacket: int, data: bytes) -> Any:
             spawner = FakeSpawner()
-            spawner.child = FakeChild()
+            spawner.child = PipeChild()
             spawner.child.pid = None  # type: ignore[assignment]  # nothing to signal
             started.append(spawner)
             return SessionChannel(
@@ -247,9 +248,9 @@ class AgentLinkGarbageTests(SynchronousTestCase):
     def agentSessionThenLost(self, waitsForTheLink: bool) -> None:
         """
         The agent runs C{cat} for an operator; with C{waitsForTheLink}, the link's socket
-        is full when the child writes, so its output is queued and its channel waits in the
-        link's line. Then the link is lost: the channel is closed and hangs its child up,
-        and the child ends (as the reactor reports it).
+        is full when the child writes, so its pipe is held (agent.session's pull) and its
+        channel waits in the link's line. Then the link is lost: the channel is closed and
+        hangs its child up, and the child ends (as the reactor reports it).
         """
         started = self.agentSessions()
 
@@ -257,10 +258,11 @@ class AgentLinkGarbageTests(SynchronousTestCase):
             pump = self.link()
             self.openSession(b"cat")
             spawner = started.pop()
-            child = spawner.child
+            child = cast(PipeChild, spawner.child)
             if waitsForTheLink:
                 pump.client.service.linkFlow.pauseProducing()  # the socket's buffer is full
                 spawner.protocol.childDataReceived(1, b"a" * READ_SIZE)
+                self.assertFalse(child.inReactor)  # held
             self.drop(pump)
             self.assertTrue(child.lost)
             # The child ends; the process transport tells its protocol and lets go of it.

@@ -99,6 +99,10 @@ class PtyReadTests(PtyFixture):
             def write(self, data: bytes) -> None:
                 self.written.append(data)
 
+            def childOutput(self, data: bytes) -> None:
+                # The session's, for a pty child: write (no pipe to hold, test_agent_pull).
+                self.write(data)
+
         channel = Channel()
         protocol = _ChildProtocol(channel)  # type: ignore[arg-type]
         protocol.childDataReceived(1, b"through the protocol")
