@@ -40,6 +40,12 @@ TWISTD = (
     else [str(VENV_BIN / "twistd")]
 )
 
+#: The directory groundcontrol and the agent start in: the measured tree. ``python -m`` puts
+#: the working directory ahead of PYTHONPATH, so a snapshot's tool run from another checkout
+#: (``PYTHONPATH=SNAP SNAP/bench/scale`` from /work/main) would otherwise measure that
+#: checkout's code, not the snapshot's (bench/RESULTS.md, "100 sessions (session 11)").
+MEASURED_CWD = str(ROOT)
+
 _logFile: Any = None
 
 
@@ -503,6 +509,7 @@ class Fleet:
             ],
             env=env,
             stdin=subprocess.DEVNULL,
+            cwd=MEASURED_CWD,
             stdout=open(self.out / "gc.stdout", "ab"),  # noqa: SIM115
             stderr=subprocess.STDOUT,
             preexec_fn=self._limits,
@@ -560,6 +567,7 @@ class Fleet:
             ],
             env=self.env,
             stdin=subprocess.DEVNULL,
+            cwd=MEASURED_CWD,
             stdout=open(self.out / "agent.stdout", "ab"),  # noqa: SIM115
             stderr=subprocess.STDOUT,
             start_new_session=True,
