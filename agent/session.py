@@ -269,7 +269,7 @@ class SessionChannel(FlowChannel):
         b"break": "_breakRequest",
         b"auth-agent-req@openssh.com": "_agentRequest",
         b"x11-req": "_x11Request",
-        b"login-user@accesstunnel": "request_login_user_accesstunnel",
+        b"login-user@accesstunnel": "_loginUserRequest",
     }
 
     def __init__(
@@ -504,7 +504,7 @@ class SessionChannel(FlowChannel):
 
         return installed.addCallback(done)
 
-    def request_login_user_accesstunnel(self, payload: _Payload) -> bool:
+    def _loginUserRequest(self, payload: _Payload) -> bool:
         """
         groundcontrol says whom this session runs as (the operator's grant names a login
         user); it asks before passing on any of the operator's requests. Only an agent
