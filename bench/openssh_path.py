@@ -24,17 +24,22 @@ from scale_lib import HOST, BenchError, freePort, log
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT.parent / "shared" / "bench" / "openssh_baseline.sh"
 
-#: Sources the baseline script without its last line (``main "$@"``), starts the path with
-#: its functions, says READY and waits for stdin to close; the EXIT trap tears it down.
+#: Sources the baseline script without its last line (``main "$@"``) and writes its files
+#: (keys, client configs, its ``sshbench.py``); with START_PATH=1 also starts the path with its
+#: functions, says READY and waits for stdin to close; the EXIT trap tears it down.
 _START = """
 set -euo pipefail
 source <(sed '$d' "$BASELINE_SCRIPT")
 ensure_tools
 mkdir -p "$WORK/pids"
 WORK=$(cd "$WORK" && pwd)
-teardown
-trap teardown EXIT
+if [ "$START_PATH" = 1 ]; then
+    teardown
+    trap teardown EXIT
+fi
 write_files
+write_helper
+[ "$START_PATH" = 1 ] || exit 0
 start_sshd jump "$JUMP_PORT"
 start_sshd dev "$DEV_PORT"
 start_tunnel default
@@ -49,11 +54,13 @@ PROCESSES = ("jump_sshd", "dev_sshd", "tunnel")
 class OpensshPath:
     """
     The jump sshd, device sshd and reverse tunnel, on ports picked free, with the
-    baseline's files (keys, configs) in `work`.
+    baseline's files (keys, configs, ``sshbench.py``) in `work`; with `startPath` false,
+    only the files (bench/echo_ab without --openssh uses the client key and sshbench.py).
     """
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, startPath: bool = True) -> None:
         self.work = work
+        self.startPath = startPath
         self.ports = {"JUMP_PORT": freePort(), "DEV_PORT": freePort(), "TUN_PORT": freePort()}
         self.proc: subprocess.Popen[str] | None = None
 
@@ -64,6 +71,7 @@ class OpensshPath:
         env = dict(os.environ, BASELINE_SCRIPT=str(BASELINE), WORK=str(self.work))
         env.pop("SSH_AUTH_SOCK", None)
         env.update({k: str(v) for k, v in self.ports.items()})
+        env["START_PATH"] = "1" if self.startPath else "0"
         self.proc = subprocess.Popen(
             ["bash", "-c", _START],
             env=env,
@@ -73,6 +81,10 @@ class OpensshPath:
             text=True,
             start_new_session=True,
         )
+        if not self.startPath:
+            if self.proc.wait(60) != 0:
+                raise BenchError(f"the baseline's files were not written; see {self.work}")
+            return
         assert self.proc.stdout is not None
         if self.proc.stdout.readline().strip() != "READY":
             raise BenchError(f"the OpenSSH path did not start; see {self.work}/baseline.log")
