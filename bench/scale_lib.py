@@ -43,7 +43,8 @@ TWISTD = (
 #: The directory groundcontrol and the agent start in: the measured tree. ``python -m`` puts
 #: the working directory ahead of PYTHONPATH, so a snapshot's tool run from another checkout
 #: (``PYTHONPATH=SNAP SNAP/bench/scale`` from /work/main) would otherwise measure that
-#: checkout's code, not the snapshot's (bench/RESULTS.md, "100 sessions (session 11)").
+#: checkout's code, not the snapshot's (bench/RESULTS.md, "Scale runs that measured the
+#: caller's tree").
 MEASURED_CWD = str(ROOT)
 
 _logFile: Any = None
