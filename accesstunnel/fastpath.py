@@ -972,9 +972,9 @@ class FastPathMixin:
             elif not seq & _REKEY_SEQ_MASK:
                 self._fpRekeyForSequence()
             if (
-                messageType in _INTERACTIVE_DATA
-                and len(payload) <= writethrough.YIELD_AFTER_SEND_LIMIT
-            ):
+                len(payload) <= writethrough.YIELD_AFTER_SEND_LIMIT
+                and messageType in _INTERACTIVE_DATA
+            ):  # the size first: a bulk packet stops at the cheaper test
                 # A keystroke or its echo, just written: the process it woke may run
                 # ahead of the rest of this turn (accesstunnel.writethrough).
                 writethrough.yieldAfterSend()
