@@ -21,8 +21,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
@@ -81,31 +82,13 @@ def becomeSubreaper() -> None:
 
 
 def descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-    out: list[int] = []
-    todo = [root]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
+    """Every descendant of `root` now (not `root`), from one L{procTable} reading."""
+    return _below(_childrenOf(procTable()), root)
 
 
 def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
+    stat = readStat(pid)
+    return stat is None or stat.state == "Z"
 
 
 def reap() -> None:
@@ -163,6 +146,85 @@ def raiseFileLimit(need: int) -> int:
 
 
 # ------------------------------------------------------------------ /proc
+class ProcStat(NamedTuple):
+    """
+    The fields of one /proc/PID/stat line (proc(5)) the tools read, CPU in seconds: read in
+    one place (L{readStat}, L{procTable}) for the sweep, the CPU counters and the process trees.
+    """
+
+    ppid: int
+    #: The command name (up to 15 characters, between the first "(" and the last ")").
+    comm: str
+    #: R, S, D, Z, ...
+    state: str
+    minflt: int
+    utime: float
+    stime: float
+    #: The CPU of the children it reaped (cutime + cstime).
+    reaped: float
+
+    @property
+    def cpu(self) -> float:
+        """utime + stime: all its threads, not its children."""
+        return self.utime + self.stime
+
+
+def _parseStat(line: str) -> ProcStat:
+    head, _, tail = line.rpartition(")")
+    v = tail.split()
+    return ProcStat(
+        ppid=int(v[1]),
+        comm=head.partition("(")[2],
+        state=v[0],
+        minflt=int(v[7]),
+        utime=int(v[11]) / CLK,
+        stime=int(v[12]) / CLK,
+        reaped=(int(v[13]) + int(v[14])) / CLK,
+    )
+
+
+def readStat(pid: int) -> ProcStat | None:
+    """One process's /proc/PID/stat (None once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return _parseStat(f.read())
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def procTable() -> dict[int, ProcStat]:
+    """Every process on the machine, PID -> its L{ProcStat} (those that exit meanwhile left out)."""
+    table: dict[int, ProcStat] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = readStat(int(entry))
+            if stat is not None:
+                table[int(entry)] = stat
+    return table
+
+
+def _childrenOf(table: Mapping[int, tuple[Any, ...]]) -> dict[int, list[int]]:
+    """Parent PID -> its children's PIDs, in a table whose rows start with the parent's PID."""
+    children: dict[int, list[int]] = {}
+    for pid, row in table.items():
+        children.setdefault(row[0], []).append(pid)
+    return children
+
+
+def _below(children: Mapping[int, list[int]], root: int) -> list[int]:
+    """The descendants of `root` in a L{_childrenOf} map, each once (not `root`)."""
+    out: list[int] = []
+    seen = {root}
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in seen:
+                seen.add(child)
+                out.append(child)
+                todo.append(child)
+    return out
+
+
 _STATUS_KEYS = (
     "VmRSS",
     "VmHWM",
@@ -192,21 +254,14 @@ def rssKiB(pid: int) -> int:
 
 def cpuSeconds(pid: int) -> float:
     """utime + stime of one process (all its threads, not its children)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            v = f.read().rsplit(")", 1)[1].split()
-        return (int(v[11]) + int(v[12])) / CLK
-    except OSError:
-        return float("nan")
+    stat = readStat(pid)
+    return float("nan") if stat is None else stat.cpu
 
 
 def minorFaults(pid: int) -> int:
     """Minor page faults of one process (all its threads, not its children)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[7])
-    except OSError:
-        return 0
+    stat = readStat(pid)
+    return 0 if stat is None else stat.minflt
 
 
 def _taskCpu(pid: int) -> float:
@@ -228,28 +283,15 @@ def processTrees(roots: list[int]) -> dict[int, tuple[int, str, float, float]]:
     command name, its own CPU seconds (all threads, L{_taskCpu}), the CPU seconds of the
     children it reaped (cutime + cstime)), for L{treeCpu}.
     """
-    stats: dict[int, tuple[int, str, float]] = {}
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                with open(f"/proc/{entry}/stat") as f:
-                    head, _, tail = f.read().rpartition(")")
-                v = tail.split()
-                stats[int(entry)] = (
-                    int(v[1]),
-                    head.partition("(")[2],
-                    (int(v[13]) + int(v[14])) / CLK,
-                )
-                children.setdefault(int(v[1]), []).append(int(entry))
+    table = procTable()
+    children = _childrenOf(table)
     out: dict[int, tuple[int, str, float, float]] = {}
-    todo = [r for r in roots if r in stats]
-    while todo:
-        pid = todo.pop()
-        if pid not in out:
-            ppid, comm, reaped = stats[pid]
-            out[pid] = (ppid, comm, _taskCpu(pid), reaped)
-            todo.extend(children.get(pid, []))
+    for root in roots:
+        if root in table:
+            for pid in [root, *_below(children, root)]:
+                if pid not in out:
+                    stat = table[pid]
+                    out[pid] = (stat.ppid, stat.comm, _taskCpu(pid), stat.reaped)
     return out
 
 
@@ -272,16 +314,7 @@ def treeCpu(nodes: dict[int, tuple[int, str, float, float]], root: int) -> dict[
 
 def treeMembers(nodes: dict[int, tuple[int, str, float, float]], root: int) -> set[int]:
     """`root` and its descendants in a L{processTrees} table (nothing if `root` is gone)."""
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, *_) in nodes.items():
-        children.setdefault(ppid, []).append(pid)
-    tree: set[int] = set()
-    todo = [root] if root in nodes else []
-    while todo:
-        pid = todo.pop()
-        tree.add(pid)
-        todo.extend(c for c in children.get(pid, []) if c not in tree)
-    return tree
+    return {root, *_below(_childrenOf(nodes), root)} if root in nodes else set()
 
 
 def machineBusy() -> tuple[int, int]:
@@ -347,15 +380,13 @@ def roundRatios(singles: list[float], aggregates: list[float]) -> dict[str, Any]
     bench/RESULTS.md "100 sessions (session 9)") moves both sides of a ratio alike; the median
     of the rounds' ratios is the figure to compare builds by, the spread says how far to trust it.
     """
-    if len(singles) != len(aggregates) or not singles:
-        raise ValueError("one single-session and one n-session figure per round")
-    ratios = [a / s for s, a in zip(singles, aggregates, strict=True)]
+    paired = pairedRatios(aggregates, singles)
     return {
-        "rounds": len(ratios),
-        "ratios": [round(r, 3) for r in ratios],
-        "ratio_median": round(median(ratios), 3),
-        "ratio_min": round(min(ratios), 3),
-        "ratio_max": round(max(ratios), 3),
+        "rounds": len(paired["per_round"]),
+        "ratios": paired["per_round"],
+        "ratio_median": paired["median"],
+        "ratio_min": paired["min"],
+        "ratio_max": paired["max"],
         "single_MBps_median": round(median(singles), 1),
         "aggregate_MBps_median": round(median(aggregates), 1),
         "ratio_of_medians": round(median(aggregates) / median(singles), 3),
@@ -364,12 +395,13 @@ def roundRatios(singles: list[float], aggregates: list[float]) -> dict[str, Any]
 
 def pairedRatios(first: list[float], second: list[float]) -> dict[str, Any]:
     """
-    One route against another round by round (bench/scale --openssh: ours against OpenSSH's
-    path, each round running both): each round's figure divided by the other route's in the
-    same round, so that the machine's drift between rounds cancels, and their median and range.
+    `first` against `second` round by round: each round's figure divided by the other side's
+    in the same round, so that the machine's drift between rounds cancels, and their median
+    and range. Ours against OpenSSH's path (bench/scale --openssh, each round running both),
+    and a round's n sessions against its single session (L{roundRatios}).
     """
     if len(first) != len(second) or not first:
-        raise ValueError("one figure of each route per round")
+        raise ValueError("one figure of each side per round")
     ratios = [a / b for a, b in zip(first, second, strict=True)]
     return {
         "per_round": [round(r, 3) for r in ratios],

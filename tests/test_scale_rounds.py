@@ -1,13 +1,16 @@
 """
 bench/scale's interleaved rounds (--session-rounds): the per-round ratios and their median
 (bench/scale_lib.roundRatios), one route against another round by round (pairedRatios, for
---openssh), and how a route's process trees split their CPU (treeCpu). The module is loaded
-from its file; no process is started.
+--openssh), how a route's process trees split their CPU (treeCpu), and the one reading of
+/proc/PID/stat behind them (ProcStat). The module is loaded from its file; no process is
+started.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
+import os
 from pathlib import Path
 from types import ModuleType
 
@@ -128,3 +131,50 @@ class TreeCpuTests(SynchronousTestCase):
         """A root no longer there has no tree and no CPU."""
         self.assertEqual(treeMembers(DEVICE_SSHD, 99), set())
         self.assertEqual(treeCpu(DEVICE_SSHD, 99), {"own": 0.0, "commands": 0.0})
+
+
+class ProcStatTests(SynchronousTestCase):
+    """
+    The one reading of /proc/PID/stat (scale_lib.readStat, procTable) that the sweep, the CPU
+    counters and the process trees share.
+    """
+
+    def test_commWithParenthesesAndSpaces(self) -> None:
+        """
+        The command name is everything between the first "(" and the last ")", so a name with
+        spaces or parentheses in it does not shift the numeric fields after it.
+        """
+        clk = scaleLib.CLK
+        fields = ["S", "7", *["0"] * 5, "42", "0", "0", "0", str(3 * clk), str(clk), "0", "0"]
+        stat = scaleLib._parseStat(f"123 (a) (b c) {' '.join(fields)} 20 0 1\n")
+        self.assertEqual(
+            stat,
+            scaleLib.ProcStat(
+                ppid=7, comm="a) (b c", state="S", minflt=42, utime=3.0, stime=1.0, reaped=0.0
+            ),
+        )
+        self.assertEqual(stat.cpu, 4.0)
+
+    def test_thisProcess(self) -> None:
+        """This process is in the machine's table, under its parent, as L{readStat} reads it."""
+        table = scaleLib.procTable()
+        me = table[os.getpid()]
+        self.assertEqual(me.ppid, os.getppid())
+        self.assertEqual(scaleLib.readStat(os.getpid()).comm, me.comm)
+        self.assertIn(os.getpid(), scaleLib.descendants(os.getppid()))
+
+    def test_gone(self) -> None:
+        """A PID no process has reads as nothing: no CPU, no faults, counted as a zombie."""
+        gone = 2**22 + 1  # above the kernel's largest PID
+        self.assertIsNone(scaleLib.readStat(gone))
+        self.assertTrue(math.isnan(scaleLib.cpuSeconds(gone)))
+        self.assertEqual(scaleLib.minorFaults(gone), 0)
+        self.assertTrue(scaleLib._zombie(gone))
+
+    def test_eachProcessOnce(self) -> None:
+        """
+        A table read while PIDs were reused can hold a loop of parents; the walk still ends and
+        names each process once.
+        """
+        loop = {**DEVICE_SSHD, 11: (21, "sshd", 1.0, 0.0)}
+        self.assertEqual(treeMembers(loop, 21), {21, 11, 20})
