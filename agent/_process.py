@@ -17,7 +17,8 @@ Four things Twisted's C{reactor.spawnProcess} does not do for us:
     backlogged, a pipe child's stdout can be left out of the reactor
     (L{_SessionProcess.holdOutput}) and read by its channel when the link
     serves it (L{_SessionProcess.pullOutput}), so the bytes are sealed and
-    sent as soon as they are read (L{agent.session}).
+    sent as soon as they are read (L{agent.session}). A pty child's output is
+    never held (L{OutputPull}).
   - B{The pty is set up before the child runs.} The terminal modes and window
     size from C{pty-req} are applied to the pty before C{exec}, so a child that
     asks at once (C{stty size}) sees them.
@@ -39,7 +40,7 @@ import signal
 import struct
 import termios
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from attrs import define
 from twisted.conch import ttymodes
@@ -264,6 +265,29 @@ def _readPty(fd: int, callback: Any, first: bytes = b"") -> Any:
     return result
 
 
+@runtime_checkable
+class OutputPull(Protocol):
+    """
+    A child whose stdout its session's channel may take out of the reactor while the link
+    is backlogged, and read itself when the link serves it (the pull, L{agent.session}).
+    Each kind of child the agent spawns says whether it can be held: a pipe child can
+    (L{_SessionProcess}), a pty child never is (L{_SessionPTYProcess}). A child that is
+    not an C{OutputPull} at all (another reactor's) is never held either.
+    """
+
+    def holdOutput(self) -> bool:
+        """Stop the reactor reading stdout; False if it was not held."""
+        ...
+
+    def pullOutput(self) -> bytes | None:
+        """One read of the held stdout; None when nothing waits or it ended."""
+        ...
+
+    def releaseOutput(self) -> None:
+        """The reactor reads stdout again."""
+        ...
+
+
 class _LargeReader(process.ProcessReader):
     def doRead(self) -> Any:
         return _readFrom(self.fd, self.dataReceived)
@@ -274,7 +298,10 @@ class _WriteThroughWriter(WriteThroughMixin, process.ProcessWriter):
 
 
 class _SessionProcess(process.Process):
-    """A pipe child in its own session, read L{READ_SIZE} at a time, stdin written through."""
+    """
+    A pipe child in its own session, read L{READ_SIZE} at a time, stdin written through,
+    its stdout held for the pull while the link is backlogged (L{OutputPull}).
+    """
 
     processReaderFactory = _LargeReader
     processWriterFactory = _WriteThroughWriter
@@ -367,6 +394,21 @@ class _SessionPTYProcess(WriteThroughMixin, process.PTYProcess):
     def _output(self, data: bytes) -> None:
         self.proto.childDataReceived(1, data)  # type: ignore[union-attr]
 
+    # -- never held (L{OutputPull}) ---------------------------------------------
+
+    def holdOutput(self) -> bool:
+        """
+        Never: a pty child's output is a person's session (a keystroke's echo, a
+        prompt), gathered up to a packet per event and sent as it comes.
+        """
+        return False
+
+    def pullOutput(self) -> bytes | None:
+        return None  # never held, so never pulled
+
+    def releaseOutput(self) -> None:
+        pass  # never held, so never released
+
 
 class Spawner(Protocol):
     """How a session starts its child; tests substitute a fake."""
@@ -425,6 +467,7 @@ __all__ = [
     "READ_SIZE",
     "SIGNALS",
     "STDIN_PIPE_SIZE",
+    "OutputPull",
     "Spawner",
     "Terminal",
     "applyModes",

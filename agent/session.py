@@ -44,7 +44,7 @@ import sys
 import termios
 from collections import deque
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from attrs import evolve, field, frozen
 from twisted.conch.ssh import common, connection
@@ -62,6 +62,9 @@ from accesstunnel.channel import (
 )
 from agent import _process
 from agent._flow import InputCredit
+
+if TYPE_CHECKING:
+    from accesstunnel.connection import TunnelConnection
 
 DEFAULT_SFTP_SERVER_PATHS = (
     "/usr/lib/openssh/sftp-server",
@@ -254,6 +257,9 @@ class SessionChannel(FlowChannel):
     name = b"session"
     log = Logger()
 
+    #: The agent's connection (C{conn=}), whose C{linkFlow} is the link's back-pressure.
+    conn: TunnelConnection
+
     #: The channel requests a session answers, each with the method that does.
     #: By name, looked up per request: a table of bound methods on the instance
     #: would be a reference cycle, and with it the channel, its connection and
@@ -288,6 +294,9 @@ class SessionChannel(FlowChannel):
         self._terminal: _process.Terminal | None = None
         #: The child's L{IProcessTransport} while it runs.
         self.process: Any = None
+        #: The child is an L{_process.OutputPull}: its own C{holdOutput} says whether
+        #: its stdout is held while the link is backlogged (a pipe's is, a pty's never).
+        self._childPull = False
         self._started = False
         self._stdinOpen = False
         self._eofPending = False
@@ -618,6 +627,7 @@ class SessionChannel(FlowChannel):
         self._started = True
         self._stdinOpen = True
         self.process = child
+        self._childPull = isinstance(child, _process.OutputPull)
         self.log.info(
             "started {kind} pid {pid} pty={pty}",
             kind=kind,
@@ -682,11 +692,10 @@ class SessionChannel(FlowChannel):
         self.write(data)
         if self._outputHeld or self._paused or self.remoteWindowLeft <= 0:
             return
-        link = getattr(self.conn, "linkFlow", None)
+        link = self.conn.linkFlow
         if link is None or not link.paused:
             return
-        hold = getattr(self.process, "holdOutput", None)  # pipe children only
-        if hold is not None and hold():
+        if self._childPull and self.process.holdOutput():
             self._outputHeld = True
             link.waitForRoom(self)
 
@@ -700,7 +709,7 @@ class SessionChannel(FlowChannel):
         super().drainQueue()
         if not self._outputHeld:
             return
-        link = getattr(self.conn, "linkFlow", None)
+        link = self.conn.linkFlow
         if link is not None and link.paused:
             link.waitForRoom(self)  # what was queued filled the link: next time
             return
@@ -741,6 +750,7 @@ class SessionChannel(FlowChannel):
         ended after that output, then EOF and close (sshd's order).
         """
         self.process = None
+        self._childPull = False
         self._terminal = None
         if self._killTimer is not None and self._killTimer.active():
             self._killTimer.cancel()

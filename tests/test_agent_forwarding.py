@@ -115,6 +115,8 @@ class FakeLink:
 
     stopped = False
     transport: Any = object()
+    #: No link's back-pressure under it (TunnelConnection.linkFlow): output is never held.
+    linkFlow = None
 
     def __init__(self) -> None:
         self.opened: list[tuple[Any, bytes]] = []

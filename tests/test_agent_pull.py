@@ -6,8 +6,9 @@ caught up with it.
 
 A real TunnelConnection, LinkFlow and SessionChannel over an in-memory socket that pauses the
 link above LINK_BUFFER_SIZE (tests.test_linkflow), and a fake pipe child; the process's hold,
-pull and release on a real pipe under a MemoryReactor. A link lost while a pipe is held leaves
-no garbage: tests/test_agent_link_garbage.py, with L{PipeChild}.
+pull and release on a real pipe under a MemoryReactor; the agent's pty child, on a real pty,
+never held. A link lost while a pipe is held leaves no garbage:
+tests/test_agent_link_garbage.py, with L{PipeChild}.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections import deque
 from typing import Any, cast
 
 from twisted.conch.ssh import common
+from twisted.internet import abstract
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
@@ -69,8 +71,28 @@ class PipeChild(FakeChild):
         self.inReactor = True
 
 
-class PtyChild(FakeChild):
-    """A pty child: no hold, its output is always the reactor's to read."""
+class PlainChild(FakeChild):
+    """
+    A child that is no L{_process.OutputPull} (another reactor's): never held, its output is
+    always the reactor's to read.
+    """
+
+
+def realPtyChild(case: SynchronousTestCase, reactor: MemoryReactor) -> Any:
+    """
+    The agent's own pty child (L{_process._SessionPTYProcess}) on the master of a real pty
+    (no process behind it), read by C{reactor}.
+    """
+    master, slave = os.openpty()
+    case.addCleanup(os.close, slave)
+    case.addCleanup(os.close, master)
+    child: Any = _process._SessionPTYProcess.__new__(_process._SessionPTYProcess)
+    abstract.FileDescriptor.__init__(child, reactor)
+    child.fd = master
+    child.connected = 1
+    child.pid = None
+    child.startReading()
+    return child
 
 
 def spawnerOf(child: Any) -> _process.Spawner:
@@ -277,8 +299,24 @@ class PullTests(SynchronousTestCase):
         self.assertTrue(channel.child.inReactor)
 
     def test_ptyOutputIsNeverHeld(self) -> None:
-        """A pty child (no hold): its output is read by the reactor as before."""
-        channel = self.openSession(0, child=PtyChild())
+        """
+        The agent's pty child says its output is never held: with the link backlogged, what
+        it writes is queued and the reactor goes on reading the pty.
+        """
+        reactor = MemoryReactor()
+        child = realPtyChild(self, reactor)
+        self.assertIsInstance(child, _process.OutputPull)
+        channel = self.openSession(0, child=child)
+        channel.process.proto.childDataReceived(1, b"a" * READ)
+        self.assertTrue(self.link.paused)
+        channel.process.proto.childDataReceived(1, b"b" * 100)
+        self.assertEqual(channel.queuedBytes, 100)
+        self.assertFalse(channel._outputHeld)
+        self.assertIn(child, reactor.readers)
+
+    def test_childWithoutThePullIsNeverHeld(self) -> None:
+        """A child that is no OutputPull (another reactor's): its output is read by the reactor."""
+        channel = self.openSession(0, child=PlainChild())
         channel.process.proto.childDataReceived(1, b"a" * READ)
         self.assertTrue(self.link.paused)
         channel.process.proto.childDataReceived(1, b"b" * 100)
@@ -316,6 +354,14 @@ class ProcessHoldTests(SynchronousTestCase):
         if self.write is not None:
             os.close(self.write)
             self.write = None
+
+    def test_pipeChildIsAnOutputPull(self) -> None:
+        """The pipe child says its output can be held; so does the pty child, which never is."""
+        self.assertIsInstance(self.process, _process.OutputPull)
+        pty = realPtyChild(self, self.reactor)
+        self.assertFalse(pty.holdOutput())
+        self.assertIn(pty, self.reactor.readers)
+        self.assertIsNone(pty.pullOutput())
 
     def test_holdTakesThePipeFromTheReactor(self) -> None:
         """Held, the reactor no longer reads the pipe; released, it does again."""

@@ -51,6 +51,9 @@ class RecordingConnection:
     channel sends, and gives window credit back the way Conch does.
     """
 
+    #: No link's back-pressure under it (TunnelConnection.linkFlow): output is never held.
+    linkFlow = None
+
     def __init__(self) -> None:
         self.channelsToRemoteChannel: dict[Any, int] = {}
         self.events: list[tuple[Any, ...]] = []
