@@ -32,13 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from accesstunnel.channel import (
-    ENDPOINT_HIGH_WATER,
-    ENDPOINT_WINDOW,
-    LINK_MAX_PACKET,
-    FlowChannel,
-)
-from agent._flow import InputCredit
+from agent._flow import EndpointChannel
 from agent.session import _Payload
 
 #: Seconds to wait for the device-side TCP connection.
@@ -103,7 +97,7 @@ class _Splice(Protocol):
         self._channel.tcpLost()
 
 
-class SpliceChannel(FlowChannel):
+class SpliceChannel(EndpointChannel):
     """
     A channel spliced to a socket on the device, with end-to-end flow
     control: the socket is not read while the channel's output is paused,
@@ -111,16 +105,11 @@ class SpliceChannel(FlowChannel):
     a half-close each way; the socket's close closes the channel.
     """
 
-    receiveWindow = ENDPOINT_WINDOW  # the bytes end here (accesstunnel.channel)
-    receiveMaxPacket = LINK_MAX_PACKET  # a channel on the link to groundcontrol
-    highWater = ENDPOINT_HIGH_WATER
-
     log = Logger()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._transport: Any = None
-        self._credit = InputCredit(self)
 
     # -- socket side ------------------------------------------------------------
 
@@ -170,15 +159,15 @@ class SpliceChannel(FlowChannel):
         self._close()
 
     def abandoned(self) -> None:
-        """The link went away before the open could be confirmed."""
+        """The channel never opens: its socket goes, and the credit is let go."""
         self._close()
+        super().abandoned()
 
     def _close(self) -> None:
         transport, self._transport = self._transport, None
         if transport is not None:
             transport.unregisterProducer()
             transport.loseConnection()
-        self._credit.detach()
 
 
 class ForwardChannel(SpliceChannel):
@@ -252,7 +241,7 @@ class AcceptedChannel(SpliceChannel):
         transport.pauseProducing()
         conn = self.conn
         if conn is None or getattr(conn, "stopped", False) or conn.transport is None:
-            self._close()
+            self.abandoned()  # the link went before the open was even sent
             return
         conn.openChannel(self, self.payload)
 
@@ -267,7 +256,7 @@ class AcceptedChannel(SpliceChannel):
             type=self.name.decode("ascii", "replace"),
             why=str(getattr(reason, "value", reason)),
         )
-        self._close()
+        self.abandoned()  # it never opens: no close will come
 
 
 class AcceptingFactory(Factory):

@@ -7,8 +7,8 @@ same environment, argv, exit-status/exit-signal, EOF and hang-up rules, so
 that ssh, scp, sftp and rsync all work as they do against sshd.
 
 Flow control runs end to end: the receive window re-opens only as the child's
-stdin accepts bytes (L{InputCredit}), and the child is no longer read while the
-channel's output queue is over its high-water mark.
+stdin accepts bytes (L{agent._flow.EndpointChannel}), and the child is no longer
+read while the channel's output queue is over its high-water mark.
 
 While the link to groundcontrol is backlogged, a pipe child's output is read
 when the link serves its channel, not when the pipe turns readable (the pull,
@@ -54,14 +54,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from accesstunnel.channel import (
-    ENDPOINT_HIGH_WATER,
-    ENDPOINT_WINDOW,
-    LINK_MAX_PACKET,
-    FlowChannel,
-)
 from agent import _process
-from agent._flow import InputCredit
+from agent._flow import EndpointChannel
 
 if TYPE_CHECKING:
     from accesstunnel.connection import TunnelConnection
@@ -240,7 +234,7 @@ class _ChildProtocol(ProcessProtocol):
         self._channel.childEnded(reason)
 
 
-class SessionChannel(FlowChannel):
+class SessionChannel(EndpointChannel):
     """
     An SSH session served by a child process on the device.
 
@@ -249,10 +243,6 @@ class SessionChannel(FlowChannel):
         SessionChannel(environment, reactor, remoteWindow=windowSize,
                        remoteMaxPacket=maxPacket, conn=self)
     """
-
-    receiveWindow = ENDPOINT_WINDOW  # the bytes end here (accesstunnel.channel)
-    receiveMaxPacket = LINK_MAX_PACKET  # a channel on the link to groundcontrol
-    highWater = ENDPOINT_HIGH_WATER
 
     name = b"session"
     log = Logger()
@@ -300,7 +290,6 @@ class SessionChannel(FlowChannel):
         self._started = False
         self._stdinOpen = False
         self._eofPending = False
-        self._stdin = InputCredit(self)
         self._killTimer: Any = None  # IDelayedCall
         self._gone = False
         #: The child's stdout is out of the reactor (held), read by this channel
@@ -634,7 +623,7 @@ class SessionChannel(FlowChannel):
             pid=child.pid,
             pty=self._terminal is not None,
         )
-        child.registerProducer(self._stdin, True)
+        child.registerProducer(self._credit, True)
         if self._eofPending:
             self._closeStdin()
         return True
@@ -650,7 +639,7 @@ class SessionChannel(FlowChannel):
             self.consumed(len(data))  # nothing will read it: discard, like sshd
             return
         self.process.write(data)
-        self._stdin.received(len(data))
+        self._credit.received(len(data))
 
     def eofReceived(self) -> None:
         """Close the child's stdin; with a pty, ignore it like sshd does."""
@@ -679,7 +668,7 @@ class SessionChannel(FlowChannel):
     def stdinLost(self) -> None:
         """The child closed its stdin: credit whatever still arrives."""
         self._stdinOpen = False
-        self._stdin.stopProducing()
+        self._credit.stopProducing()
 
     def childOutput(self, data: bytes) -> None:
         """
@@ -785,12 +774,8 @@ class SessionChannel(FlowChannel):
         The channel is gone (operator left, link lost) while the child may
         live on: hang it up like sshd, and kill it if it does not go.
         """
-        super().closed()
+        super().closed()  # lets go of the stdin credit (EndpointChannel)
         self._gone = True
-        # The credit refers back to this channel, which holds it: let it go, or the
-        # cycle keeps the channel, its connection and a lost link's transport for the
-        # cyclic collector (tests/test_agent_link_garbage.py has the same for forwards).
-        self._stdin.detach()
         self._stopForwarding()
         child = self.process
         if child is None:

@@ -304,7 +304,7 @@ class SessionInMemoryTests(SynchronousTestCase):
         and a lost link's transport until the cyclic collector runs.
         """
         self.request(b"exec", NS(b"x"))
-        credit = self.channel._stdin
+        credit = self.channel._credit
         self.assertIn(self.channel, vars(credit).values())
         self.spawner.protocol.processEnded(exitStatus(0))
         peerClosed(self.channel)
