@@ -3,7 +3,8 @@ A keystroke's way through the agent's pty, written out (agent._process._SessionP
 its write goes to the pty with C{os.write} from C{write} itself (no C{writeSomeData},
 C{fdesc.writeToFD}), and falls back to Twisted's buffer when the pty is full; its echo
 is one short read handed to the protocol from C{doRead} itself, while long output still
-gathers up to a packet. A real pty pair (os.openpty), a MemoryReactor, no child.
+gathers up to a packet. A real pty pair (os.openpty), a MemoryReactor, no child; where
+the session's side is needed, the real SessionChannel over a recording connection.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import os
 from typing import Any
 
 from twisted.internet import abstract, main
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
 
 from agent import _process
-from agent.session import _ChildProtocol
+from agent.session import SessionChannel, SessionEnvironment, _ChildProtocol
 from tests.test_agent_process import RawPtyCase, _Recorder, waitReadable
+from tests.test_agent_session import WINDOW, RecordingConnection
 from tests.test_writethrough import fillThenDrain
 
 
@@ -92,22 +95,15 @@ class PtyReadTests(PtyFixture):
         self.assertEqual(direct, [b"k"])
         self.assertEqual(self.recorder.calls, [])
 
-        class Channel:
-            def __init__(self) -> None:
-                self.written: list[bytes] = []
-
-            def write(self, data: bytes) -> None:
-                self.written.append(data)
-
-            def childOutput(self, data: bytes) -> None:
-                # The session's, for a pty child: write (no pipe to hold, test_agent_pull).
-                self.write(data)
-
-        channel = Channel()
-        protocol = _ChildProtocol(channel)  # type: ignore[arg-type]
+        # The real session channel, so the two ways in cannot drift from its interface.
+        conn = RecordingConnection()
+        channel = conn.attach(
+            SessionChannel(SessionEnvironment(home="/nonexistent"), Clock(), **WINDOW)
+        )
+        protocol = _ChildProtocol(channel)
         protocol.childDataReceived(1, b"through the protocol")
         protocol.ptyOutput(b"straight")
-        self.assertEqual(channel.written, [b"through the protocol", b"straight"])
+        self.assertEqual(conn.events, [("data", b"through the protocol"), ("data", b"straight")])
 
     def test_longOutputGathersUpToAPacket(self) -> None:
         """
