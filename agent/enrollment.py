@@ -150,11 +150,20 @@ def _writeAtomically(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 def _statusJSON(status: dict[str, Any]) -> str:
     """
-    C{status} as JSON with one field per line, as C{json.dumps(status, indent=2,
-    sort_keys=True)} writes it, without its cost: with C{indent} the json module
-    encodes in Python, with closures that refer to each other, a reference cycle left
-    for the cyclic collector at every write (each link's hello writes the file). The
-    status is a flat record: each value is encoded alone, by the C encoder.
+    C{status} as C{json.dumps(status, indent=2, sort_keys=True)} writes it: one
+    field a line, for people who read the file on the device (test_enrollment pins
+    the text; C{tunnel-agent} and the agent read it with C{json.loads}, any layout).
+
+    Written by hand because no C{json.dumps} options give both that text and no
+    garbage. Before Python 3.13, C{indent} makes the json module encode in Python
+    (its C encoder runs only when C{indent} is None), with closures that refer to
+    each other: a reference cycle for the cyclic collector at every write, and each
+    link's hello writes the file (tests/test_agent_link_garbage.py). Without
+    C{indent}, C{separators=(",\\n  ", ": ")} breaks the lines in C, but the braces
+    still need framing here, and any list value would be broken over lines too. The
+    status is a flat record, so each key and value is encoded alone, by the C
+    encoder. From Python 3.13 the C encoder indents (CPython gh-95382), and this can
+    become C{json.dumps(status, indent=2, sort_keys=True)}.
     """
     if not status:
         return "{}"

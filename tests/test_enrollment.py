@@ -50,6 +50,7 @@ from groundcontrol.testing import (
     resultNow,
     scriptedSessions,
 )
+from tests.test_login_garbage import collectorOff
 
 #: A plausible "now" (Nov 2023): certificates are dated from the shared clock.
 T0 = 1_700_000_000
@@ -1038,3 +1039,13 @@ def test_statusFileOneFieldPerLine(tmp_path: Path) -> None:
     assert text == json.dumps(written, indent=2, sort_keys=True)
     assert written["note"] == 'quotes " and ünïcode'
     assert StatusFile.read(tmp_path) == written
+
+
+def test_statusFileLeavesNoGarbage(tmp_path: Path) -> None:
+    """Writing the status file (each link's hello does) leaves nothing for the cyclic
+    collector: why it is not written with json.dumps(indent=2) (agent.enrollment._statusJSON)."""
+    status = StatusFile(tmp_path)
+    status.update(state="pending", name="kiln7")
+    with collectorOff() as garbage:
+        status.update(pairingCode="ABCD-1234", pairingCodeExpires=1.5)
+    assert garbage == []
