@@ -1,26 +1,47 @@
 """
 accesstunnel.handlerfault: whether an exception out of a message handler is the peer's
-malformed payload or a bug of ours, told by the innermost frame it was raised in.
+malformed payload or a bug of ours, told by the innermost of our frames it passed
+through and what that frame called; and what groundcontrol's steady read does with
+each (a failure, or one info line).
 """
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable
+from typing import Any, cast
 
+from twisted.conch.ssh import common, transport
+from twisted.conch.ssh.connection import MSG_CHANNEL_DATA
+from twisted.conch.ssh.transport import SSHTransportBase
+from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
 from accesstunnel.handlerfault import HandlerFault, classify
+from tests import test_steady_path as steady
+from tests.test_steady_path import SteadyFleet, recordDisconnects
 
 
 def raisedIn(module: str, body: str) -> BaseException:
     """The exception C{body} raises in a function C{handle} of a module named C{module}."""
-    namespace: dict[str, object] = {"__name__": module, "struct": struct}
-    code = compile(f"def handle(packet):\n    {body}\n", f"<{module}>", "exec")
-    exec(code, namespace)
-    handle = namespace["handle"]
-    assert callable(handle)
-    return _caught(handle)
+    return raisedThrough([(module, "handle")], body)
+
+
+def raisedThrough(calls: list[tuple[str, str]], body: str) -> BaseException:
+    """
+    The exception C{body} raises in the last of C{calls}, (module, function) pairs each
+    calling the next with the packet: the body on line 2 of the last, each call on line 2
+    of the others.
+    """
+    callee: object = None
+    for module, function in reversed(calls):
+        namespace: dict[str, object] = {"__name__": module, "struct": struct, "callee": callee}
+        line = body if callee is None else "return callee(packet)"
+        exec(compile(f"def {function}(packet):\n    {line}\n", f"<{module}>", "exec"), namespace)
+        callee = namespace[function]
+    assert callable(callee)
+    return _caught(callee)
 
 
 def _caught(handler: Callable[[bytes], object]) -> BaseException:
@@ -53,11 +74,163 @@ class ClassifyTests(SynchronousTestCase):
 
     def test_otherModulesArePeers(self) -> None:
         """A TypeError raised in Conch's own parser (C{ord} of an empty slice, as its
-        C{ssh_DEBUG} does on an empty message) is the peer's malformed payload; so is
-        one in a module merely named like ours."""
+        C{ssh_DEBUG} does on an empty message) with none of our code on the way is the
+        peer's malformed payload; so is one in a module merely named like ours."""
         for module in ("twisted.conch.ssh.transport", "agentsmith", "tests.accesstunnel"):
             self.assertFalse(classify(raisedIn(module, "ord(packet[0:1])")).ours, module)
 
     def test_noTraceback(self) -> None:
         """An exception never raised (no traceback) is taken for the peer's, unplaced."""
         self.assertEqual(classify(TypeError()), HandlerFault("?", "?", 0, ours=False))
+
+
+class CalledFromOursTests(SynchronousTestCase):
+    """
+    An exception raised below our code, in what our innermost frame called: Conch's
+    dispatch of the peer's message is the peer's payload; anything else we called with
+    a value of ours is our bug, placed at our call.
+    """
+
+    def test_ourBadValueInConchIsOurs(self) -> None:
+        """
+        Our handler passing Conch's C{NS} something that is not bytes (a TypeError raised
+        in twisted.conch.ssh.common) is a bug of ours, placed at our line that called it:
+        the innermost frame alone (Conch's) called it the peer's.
+        """
+        namespace: dict[str, object] = {"__name__": "groundcontrol.relay", "common": common}
+        exec(
+            compile("def handle(packet):\n    common.NS(len(packet))\n", "<gc>", "exec"), namespace
+        )
+        handle = namespace["handle"]
+        assert callable(handle)
+        fault = classify(_caught(handle))
+        self.assertEqual(fault, HandlerFault("groundcontrol.relay", "handle", 2, ours=True))
+
+    def test_ourBadValueInAnyLibraryIsOurs(self) -> None:
+        """
+        The same for a ValueError out of a library function (a Conch channel's C{write},
+        the standard library's C{ipaddress}) our code called: whoever's value it was, our
+        code passed it on unchecked (our parsers catch their own ValueError).
+        """
+        for module, function in (
+            ("twisted.conch.ssh.channel", "write"),
+            ("ipaddress", "ip_address"),
+        ):
+            error = raisedThrough([("agent.session", "handle"), (module, function)], "int('x')")
+            self.assertEqual(
+                classify(error), HandlerFault("agent.session", "handle", 2, ours=True), module
+            )
+
+    def test_conchsParserReachedFromOursIsThePeers(self) -> None:
+        """
+        A TypeError that Conch's message handler raises on the peer's short payload is
+        the peer's even when our code called that handler (our C{ssh_KEXINIT} calls
+        Conch's through C{super()}; our C{dispatchMessage} calls Conch's, which calls
+        C{ssh_DEBUG}): placed where Conch raised it. The innermost of our frames alone
+        called it ours.
+        """
+        for calls in (
+            [
+                ("accesstunnel.fastpath", "ssh_KEXINIT"),
+                ("twisted.conch.ssh.transport", "ssh_KEXINIT"),
+            ],
+            [
+                ("accesstunnel.fastpath", "dispatchMessage"),
+                ("twisted.conch.ssh.transport", "dispatchMessage"),
+                ("twisted.conch.ssh.transport", "ssh_DEBUG"),
+            ],
+            [
+                ("accesstunnel.connection", "ssh_CHANNEL_OPEN_FAILURE"),
+                ("twisted.conch.ssh.connection", "ssh_CHANNEL_OPEN_FAILURE"),
+            ],
+            [
+                ("accesstunnel.fastpath", "dispatchMessage"),
+                ("twisted.conch.ssh.service", "packetReceived"),
+                ("twisted.conch.ssh.connection", "ssh_CHANNEL_REQUEST"),
+            ],
+        ):
+            module, function = calls[-1]
+            fault = classify(raisedThrough(calls, "ord(packet[0:1])"))
+            self.assertEqual(fault, HandlerFault(module, function, 2, ours=False), calls)
+
+    def test_conchsRealHandler(self) -> None:
+        """
+        Conch's real C{ssh_DEBUG}, called from a frame of ours with an empty payload (its
+        C{ord} of an empty slice): the peer's, placed in Conch's handler.
+        """
+        namespace: dict[str, object] = {
+            "__name__": "accesstunnel.fastpath",
+            "debug": functools.partial(SSHTransportBase.ssh_DEBUG, cast(Any, None)),
+        }
+        exec(compile("def handle(packet):\n    debug(packet)\n", "<ours>", "exec"), namespace)
+        handle = namespace["handle"]
+        assert callable(handle)
+        error = _caught(handle)
+        self.assertIsInstance(error, TypeError)
+        fault = classify(error)
+        self.assertFalse(fault.ours)
+        self.assertEqual(
+            (fault.module, fault.function), ("twisted.conch.ssh.transport", "ssh_DEBUG")
+        )
+
+
+class SteadyReadTests(SteadyFleet):
+    """
+    What groundcontrol's steady read does with both kinds, on the real transports
+    (tests/test_steady_path.py's fleet: kiln7's link, alice with a C{cat} session).
+    """
+
+    def steadyLogEvents(self) -> list[dict[str, Any]]:
+        """What the steady read logs from now on (as tests/test_steady_path.py keeps it)."""
+        return steady.MalformedMessageTests.steadyLogEvents(cast(Any, self))
+
+    def test_truncatedKexinitFromAnOperator(self) -> None:
+        """
+        A re-exchange's KEXINIT cut after its name-lists (Conch's server handler, which
+        our C{ssh_KEXINIT} calls, raises TypeError on the missing flag) from a logged-in
+        operator drops that operator with a protocol error and one info line naming
+        Conch's handler; no failure, though our code called it. The link goes on.
+        """
+        self.connect()
+        self.openCat()
+        events = self.steadyLogEvents()
+        reasons = recordDisconnects(self.operatorSide)
+        client = self.operatorPump.client
+        client.sendPacket(transport.MSG_KEXINIT, client.ourKexInitPayload[1:-5])
+        self.fleet.flush()
+        self.assertEqual(reasons, [transport.DISCONNECT_PROTOCOL_ERROR])
+        self.assertTrue(self.operatorPump.serverIO.disconnected)
+        self.assertFalse(self.linkPump.serverIO.disconnecting)
+        [event] = events
+        self.assertNotIn("log_failure", event)
+        self.assertEqual(event["log_level"], LogLevel.info)
+        self.assertEqual(
+            (event["messageNum"], event["module"], event["function"]),
+            (transport.MSG_KEXINIT, "twisted.conch.ssh.transport", "ssh_KEXINIT"),
+        )
+
+    def test_ourWrongValueIntoConchIsAFailure(self) -> None:
+        """
+        Our CHANNEL_DATA handler handing the data to a Conch function that wants
+        something else (C{common.MP}, which raises TypeError on bytes) is our bug: a
+        failure with its traceback, placed at our call, and the operator's connection
+        ends as the application's doing. The innermost frame (Conch's) alone made it
+        the operator's malformed message.
+        """
+        self.connect()
+        session = self.openCat()
+        events = self.steadyLogEvents()
+        own = session.conn.channelsToRemoteChannel[session]
+        relay = self.operatorSide.service.channels[own]
+        relay.dataReceived = common.MP  # the bug: a Conch helper given the wrong type
+        reasons = recordDisconnects(self.operatorSide)
+        session.write(b"k")
+        self.fleet.flush()
+        self.assertEqual(reasons, [transport.DISCONNECT_BY_APPLICATION])
+        self.assertFalse(self.linkPump.serverIO.disconnecting)
+        [event] = events
+        self.assertEqual(event["log_failure"].type, TypeError)
+        self.assertEqual(
+            (event["messageNum"], event["module"], event["function"]),
+            (MSG_CHANNEL_DATA, "accesstunnel.connection", "ssh_CHANNEL_DATA"),
+        )
