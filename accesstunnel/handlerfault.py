@@ -16,8 +16,11 @@ C{NS}, or to the standard library), unless what our frame called is Conch's disp
 the peer's message (C{dispatchMessage}, C{packetReceived}, an C{ssh_*} handler): then it
 is Conch's parser refusing the peer's payload (C{ord} of an empty slice in C{ssh_DEBUG},
 or in C{ssh_KEXINIT}, which our C{ssh_KEXINIT} reaches through C{super()}). The innermost
-frame alone called both of the first kind the peer's; the innermost of our frames alone
-would call the last kind ours.
+frame alone would call a wrong value of ours that Conch or the standard library refused
+the peer's; the innermost of our frames alone would call Conch's parser refusing the
+peer's payload ours. A peer's value that our code passes on unchecked to a library that
+refuses it is ours too: our parsers check what they take (or catch their own ValueError),
+so that is a check missing, worth its traceback.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """
 accesstunnel.handlerfault: whether an exception out of a message handler is the peer's
 malformed payload or a bug of ours, told by the innermost of our frames it passed
-through and what that frame called; and what groundcontrol's steady read does with
-each (a failure, or one info line).
+through and what that frame called. What groundcontrol's steady read does with each (a
+failure, or one info line) is tested in tests/test_steady_path.py (MalformedMessageTests).
 """
 
 from __future__ import annotations
@@ -12,15 +12,11 @@ import struct
 from collections.abc import Callable
 from typing import Any, cast
 
-from twisted.conch.ssh import common, transport
-from twisted.conch.ssh.connection import MSG_CHANNEL_DATA
+from twisted.conch.ssh import common
 from twisted.conch.ssh.transport import SSHTransportBase
-from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
 from accesstunnel.handlerfault import HandlerFault, classify
-from tests import test_steady_path as steady
-from tests.test_steady_path import SteadyFleet, recordDisconnects
 
 
 def raisedIn(module: str, body: str) -> BaseException:
@@ -171,66 +167,4 @@ class CalledFromOursTests(SynchronousTestCase):
         self.assertFalse(fault.ours)
         self.assertEqual(
             (fault.module, fault.function), ("twisted.conch.ssh.transport", "ssh_DEBUG")
-        )
-
-
-class SteadyReadTests(SteadyFleet):
-    """
-    What groundcontrol's steady read does with both kinds, on the real transports
-    (tests/test_steady_path.py's fleet: kiln7's link, alice with a C{cat} session).
-    """
-
-    def steadyLogEvents(self) -> list[dict[str, Any]]:
-        """What the steady read logs from now on (as tests/test_steady_path.py keeps it)."""
-        return steady.MalformedMessageTests.steadyLogEvents(cast(Any, self))
-
-    def test_truncatedKexinitFromAnOperator(self) -> None:
-        """
-        A re-exchange's KEXINIT cut after its name-lists (Conch's server handler, which
-        our C{ssh_KEXINIT} calls, raises TypeError on the missing flag) from a logged-in
-        operator drops that operator with a protocol error and one info line naming
-        Conch's handler; no failure, though our code called it. The link goes on.
-        """
-        self.connect()
-        self.openCat()
-        events = self.steadyLogEvents()
-        reasons = recordDisconnects(self.operatorSide)
-        client = self.operatorPump.client
-        client.sendPacket(transport.MSG_KEXINIT, client.ourKexInitPayload[1:-5])
-        self.fleet.flush()
-        self.assertEqual(reasons, [transport.DISCONNECT_PROTOCOL_ERROR])
-        self.assertTrue(self.operatorPump.serverIO.disconnected)
-        self.assertFalse(self.linkPump.serverIO.disconnecting)
-        [event] = events
-        self.assertNotIn("log_failure", event)
-        self.assertEqual(event["log_level"], LogLevel.info)
-        self.assertEqual(
-            (event["messageNum"], event["module"], event["function"]),
-            (transport.MSG_KEXINIT, "twisted.conch.ssh.transport", "ssh_KEXINIT"),
-        )
-
-    def test_ourWrongValueIntoConchIsAFailure(self) -> None:
-        """
-        Our CHANNEL_DATA handler handing the data to a Conch function that wants
-        something else (C{common.MP}, which raises TypeError on bytes) is our bug: a
-        failure with its traceback, placed at our call, and the operator's connection
-        ends as the application's doing. The innermost frame (Conch's) alone made it
-        the operator's malformed message.
-        """
-        self.connect()
-        session = self.openCat()
-        events = self.steadyLogEvents()
-        own = session.conn.channelsToRemoteChannel[session]
-        relay = self.operatorSide.service.channels[own]
-        relay.dataReceived = common.MP  # the bug: a Conch helper given the wrong type
-        reasons = recordDisconnects(self.operatorSide)
-        session.write(b"k")
-        self.fleet.flush()
-        self.assertEqual(reasons, [transport.DISCONNECT_BY_APPLICATION])
-        self.assertFalse(self.linkPump.serverIO.disconnecting)
-        [event] = events
-        self.assertEqual(event["log_failure"].type, TypeError)
-        self.assertEqual(
-            (event["messageNum"], event["module"], event["function"]),
-            (MSG_CHANNEL_DATA, "accesstunnel.connection", "ssh_CHANNEL_DATA"),
         )

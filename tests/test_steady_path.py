@@ -17,7 +17,7 @@ from __future__ import annotations
 import struct
 from typing import Any, cast
 
-from twisted.conch.ssh import transport
+from twisted.conch.ssh import common, transport
 from twisted.conch.ssh.channel import SSHChannel
 from twisted.conch.ssh.common import NS
 from twisted.conch.ssh.connection import (
@@ -520,24 +520,32 @@ class MalformedMessageTests(SteadyFleet):
         """
         An empty DEBUG message (Conch's handler raises TypeError on it) from a logged-in
         operator drops that operator with a protocol error; the device link goes on. The
-        one log line (an info, no failure) names the message and where Conch raised.
+        one log line (an info, no failure) names the message and where Conch raised. The
+        same for a re-exchange's KEXINIT cut after its name-lists (Conch's server
+        handler raises TypeError on the missing flag), though our C{ssh_KEXINIT} called
+        Conch's (accesstunnel.handlerfault).
         """
-        self.connect()
-        self.openCat()
-        events = self.steadyLogEvents()
-        reasons = recordDisconnects(self.operatorSide)
-        self.operatorPump.client.sendPacket(transport.MSG_DEBUG, b"")
-        self.fleet.flush()
-        self.assertEqual(reasons, [transport.DISCONNECT_PROTOCOL_ERROR])
-        self.assertTrue(self.operatorPump.serverIO.disconnected)
-        self.assertFalse(self.linkPump.serverIO.disconnecting)
-        [event] = events
-        self.assertNotIn("log_failure", event)
-        self.assertEqual(event["log_level"], LogLevel.info)
-        self.assertEqual(
-            (event["messageNum"], event["module"], event["function"]),
-            (transport.MSG_DEBUG, "twisted.conch.ssh.transport", "ssh_DEBUG"),
-        )
+        for messageType, cut, function in (
+            (transport.MSG_DEBUG, lambda client: b"", "ssh_DEBUG"),
+            (transport.MSG_KEXINIT, lambda client: client.ourKexInitPayload[1:-5], "ssh_KEXINIT"),
+        ):
+            self.connect()
+            self.openCat()
+            events = self.steadyLogEvents()
+            reasons = recordDisconnects(self.operatorSide)
+            client = self.operatorPump.client
+            client.sendPacket(messageType, cut(client))
+            self.fleet.flush()
+            self.assertEqual(reasons, [transport.DISCONNECT_PROTOCOL_ERROR])
+            self.assertTrue(self.operatorPump.serverIO.disconnected)
+            self.assertFalse(self.linkPump.serverIO.disconnecting)
+            [event] = events
+            self.assertNotIn("log_failure", event)
+            self.assertEqual(event["log_level"], LogLevel.info)
+            self.assertEqual(
+                (event["messageNum"], event["module"], event["function"]),
+                (messageType, "twisted.conch.ssh.transport", function),
+            )
 
     def test_aBugOfOursIsAFailure(self) -> None:
         """
@@ -546,25 +554,29 @@ class MalformedMessageTests(SteadyFleet):
         arguments) is no malformed message: it is logged as a failure, traceback and
         all, naming the message and the function, and the connection ends as the
         application's doing, not the peer's protocol error. The device link goes on.
+        The same when our handler hands the data to a Conch function that wants
+        something else (C{common.MP}, which raises TypeError on bytes): placed at our
+        call, though Conch raised it (accesstunnel.handlerfault).
         """
-        self.connect()
-        session = self.openCat()
-        events = self.steadyLogEvents()
-        own = session.conn.channelsToRemoteChannel[session]
-        relay = self.operatorSide.service.channels[own]
-        relay.dataReceived = lambda: None  # the bug: takes no data
-        reasons = recordDisconnects(self.operatorSide)
-        session.write(b"k")
-        self.fleet.flush()
-        self.assertEqual(reasons, [transport.DISCONNECT_BY_APPLICATION])
-        self.assertTrue(self.operatorPump.serverIO.disconnected)
-        self.assertFalse(self.linkPump.serverIO.disconnecting)
-        [event] = events
-        self.assertEqual(event["log_failure"].type, TypeError)
-        self.assertEqual(
-            (event["messageNum"], event["module"], event["function"]),
-            (MSG_CHANNEL_DATA, "accesstunnel.connection", "ssh_CHANNEL_DATA"),
-        )
+        for bug in (lambda: None, common.MP):
+            self.connect()
+            session = self.openCat()
+            events = self.steadyLogEvents()
+            own = session.conn.channelsToRemoteChannel[session]
+            relay = self.operatorSide.service.channels[own]
+            relay.dataReceived = bug
+            reasons = recordDisconnects(self.operatorSide)
+            session.write(b"k")
+            self.fleet.flush()
+            self.assertEqual(reasons, [transport.DISCONNECT_BY_APPLICATION])
+            self.assertTrue(self.operatorPump.serverIO.disconnected)
+            self.assertFalse(self.linkPump.serverIO.disconnecting)
+            [event] = events
+            self.assertEqual(event["log_failure"].type, TypeError)
+            self.assertEqual(
+                (event["messageNum"], event["module"], event["function"]),
+                (MSG_CHANNEL_DATA, "accesstunnel.connection", "ssh_CHANNEL_DATA"),
+            )
 
     def test_answerToAnOpenChannelsOpen(self) -> None:
         """
