@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -76,14 +76,30 @@ class BenchError(Exception):
 
 
 # ------------------------------------------------------------------ processes
-def becomeSubreaper() -> None:
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+def becomeSubreaper() -> bool:
+    """
+    Have orphaned descendants (sshd session children, shells of dead agents) re-parented to
+    this process, so that L{sweep} finds and stops every one. False where the kernel would
+    not (not Linux): the sweep then reaches only what is still below its parents.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
 
 
 def descendants(root: int) -> list[int]:
     """Every descendant of `root` now (not `root`), from one L{procTable} reading."""
     return _below(_childrenOf(procTable()), root)
+
+
+def liveDescendants(root: int) -> list[int]:
+    """
+    The descendants of `root` that have not exited: a zombie (exited, its parent has not
+    reaped it yet) does not count, nor does one gone meanwhile.
+    """
+    return [pid for pid in descendants(root) if not _zombie(pid)]
 
 
 def _zombie(pid: int) -> bool:
@@ -110,7 +126,7 @@ def sweep(grace: float = 5.0) -> None:
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         reap()
-        if not [p for p in descendants(me) if not _zombie(p)]:
+        if not liveDescendants(me):
             return
         time.sleep(0.1)
     for p in descendants(me):
@@ -235,13 +251,14 @@ _STATUS_KEYS = (
 )
 
 
-def procStatus(pid: int) -> dict[str, int]:
+def procStatus(pid: int, keys: Collection[str] = _STATUS_KEYS) -> dict[str, int]:
+    """The fields `keys` of /proc/PID/status (kB or counts), those it has; {} once it is gone."""
     out = {}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 key, _, rest = line.partition(":")
-                if key in _STATUS_KEYS:
+                if key in keys:
                     out[key] = int(rest.split()[0])
     except OSError:
         pass

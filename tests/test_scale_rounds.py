@@ -178,3 +178,51 @@ class ProcStatTests(SynchronousTestCase):
         """
         loop = {**DEVICE_SSHD, 11: (21, "sshd", 1.0, 0.0)}
         self.assertEqual(treeMembers(loop, 21), {21, 11, 20})
+
+
+def _stat(ppid: int, state: str) -> object:
+    return scaleLib.ProcStat(
+        ppid=ppid, comm="sh", state=state, minflt=0, utime=0.0, stime=0.0, reaped=0.0
+    )
+
+
+class SweepTargetTests(SynchronousTestCase):
+    """
+    What the tools' final sweep and its "processes left" warning count as still running
+    (scale_lib.liveDescendants; bench/run and bench/echo_ab warn with it), on a table in memory.
+    """
+
+    def test_exitedDescendantsDoNotCount(self) -> None:
+        """
+        A zombie (exited, not reaped yet) and a process gone since the table was read are
+        descendants but not left running; a live grandchild under a live child is left running,
+        a process outside the tree is not counted.
+        """
+        table = {
+            10: _stat(1000, "S"),
+            11: _stat(1000, "Z"),
+            12: _stat(10, "R"),
+            14: _stat(1000, "S"),
+            20: _stat(1, "S"),
+        }
+        now = {pid: stat for pid, stat in table.items() if pid != 14}
+        self.patch(scaleLib, "procTable", lambda: table)
+        self.patch(scaleLib, "readStat", now.get)
+        self.assertEqual(sorted(scaleLib.descendants(1000)), [10, 11, 12, 14])
+        self.assertEqual(sorted(scaleLib.liveDescendants(1000)), [10, 12])
+
+
+class ProcStatusTests(SynchronousTestCase):
+    def test_onlyTheKeysAsked(self) -> None:
+        """
+        Given keys, L{procStatus} returns those fields alone (bench/run records only VmRSS and
+        VmHWM per result); by default every field the tools read.
+        """
+        status = scaleLib.procStatus(os.getpid(), ("VmRSS", "VmHWM"))
+        self.assertEqual(set(status), {"VmRSS", "VmHWM"})
+        self.assertLessEqual(status["VmRSS"], status["VmHWM"])
+        self.assertIn("voluntary_ctxt_switches", scaleLib.procStatus(os.getpid()))
+
+    def test_gone(self) -> None:
+        """A PID no process has has no status."""
+        self.assertEqual(scaleLib.procStatus(2**22 + 1, ("VmRSS",)), {})
