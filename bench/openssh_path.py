@@ -11,6 +11,10 @@ measured, and bench/run's and bench/echo_ab's figures for the same path stay com
 A bash process sources the script, starts the path and holds it until its stdin closes;
 its EXIT trap (the script's ``teardown``) stops the three processes by PID, and a tool's
 own sweep of its descendants catches them on any other exit.
+
+bench/tools asks for two things the others do not: an sftp subsystem on the device sshd
+(the baseline has none; scp in its SFTP mode and sftp need one) and OpenSSH's default key
+exchange whatever KEX the caller's environment holds.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT.parent / "shared" / "bench" / "openssh_baseline.sh"
 
 #: Sources the baseline script without its last line (``main "$@"``) and writes its files
-#: (keys, client configs, its ``sshbench.py``); with START_PATH=1 also starts the path with its
+#: (keys, client configs, its ``sshbench.py``; with SFTP_SERVER set, an sftp subsystem line
+#: added to the device sshd's config); with START_PATH=1 also starts the path with its
 #: functions, says READY and waits for stdin to close; the EXIT trap tears it down.
 _START = """
 set -euo pipefail
@@ -38,6 +43,7 @@ if [ "$START_PATH" = 1 ]; then
     trap teardown EXIT
 fi
 write_files
+[ -z "$SFTP_SERVER" ] || echo "Subsystem sftp $SFTP_SERVER" >>"$WORK/sshd_dev.conf"
 write_helper
 [ "$START_PATH" = 1 ] || exit 0
 start_sshd jump "$JUMP_PORT"
@@ -56,11 +62,24 @@ class OpensshPath:
     The jump sshd, device sshd and reverse tunnel, on ports picked free, with the
     baseline's files (keys, configs, ``sshbench.py``) in `work`; with `startPath` false,
     only the files (bench/echo_ab without --openssh uses the client key and sshbench.py).
+
+    `sftpServer`: the sftp-server program the device sshd runs for the sftp subsystem (None:
+    no subsystem, as in the baseline). `kex`: the client's KexAlgorithms for every hop, as
+    the baseline script's KEX ("" = OpenSSH's default); None leaves the caller's KEX, if any,
+    to the script, as bench/run's baseline run does.
     """
 
-    def __init__(self, work: Path, startPath: bool = True) -> None:
+    def __init__(
+        self,
+        work: Path,
+        startPath: bool = True,
+        sftpServer: str | None = None,
+        kex: str | None = None,
+    ) -> None:
         self.work = work
         self.startPath = startPath
+        self.sftpServer = sftpServer
+        self.kex = kex
         self.ports = {"JUMP_PORT": freePort(), "DEV_PORT": freePort(), "TUN_PORT": freePort()}
         self.proc: subprocess.Popen[str] | None = None
 
@@ -72,6 +91,9 @@ class OpensshPath:
         env.pop("SSH_AUTH_SOCK", None)
         env.update({k: str(v) for k, v in self.ports.items()})
         env["START_PATH"] = "1" if self.startPath else "0"
+        env["SFTP_SERVER"] = self.sftpServer or ""
+        if self.kex is not None:
+            env["KEX"] = self.kex
         self.proc = subprocess.Popen(
             ["bash", "-c", _START],
             env=env,
@@ -98,13 +120,31 @@ class OpensshPath:
         """The jump sshd's, the device sshd's and the tunnel ssh's PIDs."""
         return {name: int((self.work / "pids" / f"{name}.pid").read_text()) for name in PROCESSES}
 
+    @property
+    def config(self) -> Path:
+        """The baseline's client config (OpenSSH's default cipher policy)."""
+        return self.work / "ssh_config.default"
+
+    @property
+    def destination(self) -> str:
+        """The device's user and host, behind the reverse tunnel."""
+        return f"root@{HOST}"
+
+    def options(self, portFlag: str = "-p") -> list[str]:
+        """
+        The client options that reach the device through the jump host (``-F``, ``-J``, the
+        tunnel's port), without the destination: for ``rsync -e`` and, with ``portFlag``
+        ``-P``, for scp and sftp.
+        """
+        return [
+            *("-F", str(self.config)),
+            *("-J", f"root@{HOST}:{self.ports['JUMP_PORT']}"),
+            *(portFlag, str(self.ports["TUN_PORT"])),
+        ]
+
     def ssh(self, *extra: str) -> list[str]:
         """The operator's command to the device, as bench/run measures the path (``-J``)."""
-        return [
-            *("ssh", "-F", str(self.work / "ssh_config.default")),
-            *("-J", f"root@{HOST}:{self.ports['JUMP_PORT']}"),
-            *("-p", str(self.ports["TUN_PORT"]), *extra, f"root@{HOST}"),
-        ]
+        return ["ssh", *self.options(), *extra, self.destination]
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
