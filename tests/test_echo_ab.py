@@ -193,6 +193,83 @@ class StatisticsTests(SynchronousTestCase):
         self.assertRaises(ValueError, ab.summarize, r, ["a", "openssh"], ["openssh"])
 
 
+def withBulk(recorded: list[dict], rates: dict[str, list[float]], sessions: int) -> list[dict]:
+    """`recorded` with a bulk load's figures in each block, as --bulk records them."""
+    for i, r in enumerate(recorded):
+        for lb, mbs in rates.items():
+            r["blocks"][lb]["bulk"] = ab.bulk_figures(sessions, int(mbs[i] * 2e6), 2.0)
+    return recorded
+
+
+class BulkTests(SynchronousTestCase):
+    def test_bulkFigures(self) -> None:
+        """A block's bulk rate is the bytes delivered during it over its length, in decimal
+        MB/s; a block of no length has no rate rather than a division by zero."""
+        self.assertEqual(
+            ab.bulk_figures(10, 3_000_000, 1.5),
+            {"sessions": 10, "bytes": 3_000_000, "seconds": 1.5, "mb_s": 2.0},
+        )
+        self.assertEqual(ab.bulk_figures(2, 0, 0.0)["mb_s"], 0.0)
+
+    def test_bulkCommand(self) -> None:
+        """Each bulk session is the build's own ssh command (same path, same device as the
+        echo) running an endless download."""
+        load = ab.BulkLoad(["ssh", "-p", "2222", "dev_x@127.0.0.1"], 3, Path("unused"))
+        self.assertEqual(load.argv, ["ssh", "-p", "2222", "dev_x@127.0.0.1", "cat /dev/zero"])
+        self.assertEqual(load.count, 3)
+
+    def test_summarizeBulk(self) -> None:
+        """With bulk figures in the blocks, each build gets its session count and the
+        median and range of its blocks' aggregate MB/s; the echo figures are unchanged."""
+        plain = rounds(
+            {"a": [(1.0, 2.0), (1.2, 2.4), (1.4, 2.2)], "openssh": [(1.0, 2.0)] * 3}, [0.0] * 3
+        )
+        loaded = withBulk(
+            rounds(
+                {"a": [(1.0, 2.0), (1.2, 2.4), (1.4, 2.2)], "openssh": [(1.0, 2.0)] * 3}, [0.0] * 3
+            ),
+            {"a": [300.0, 400.0, 350.0], "openssh": [120.0, 140.0, 100.0]},
+            10,
+        )
+        s = ab.summarize(loaded, ["a", "openssh"])
+        self.assertEqual(s["builds"]["a"]["bulk"]["sessions"], 10)
+        self.assertAlmostEqual(s["builds"]["a"]["bulk"]["mb_s_median"], 350.0)
+        self.assertAlmostEqual(s["builds"]["a"]["bulk"]["mb_s_min"], 300.0)
+        self.assertAlmostEqual(s["builds"]["openssh"]["bulk"]["mb_s_max"], 140.0)
+        for lb in ("a", "openssh"):
+            del s["builds"][lb]["bulk"]
+        self.assertEqual(s, ab.summarize(plain, ["a", "openssh"]))
+
+    def test_formatSummaryBulk(self) -> None:
+        """The summary prints each build's bulk line after its echo line, and keeps the
+        ratio lines; without bulk figures it prints no bulk line at all (--bulk 0 output
+        stays as it was)."""
+        loaded = withBulk(
+            rounds(
+                {"a": [(1.0, 2.0), (1.2, 2.4)], "openssh": [(1.0, 2.0), (1.0, 2.0)]}, [1.0, 1.0]
+            ),
+            {"a": [380.0, 390.0], "openssh": [130.0, 150.0]},
+            2,
+        )
+        text = ab.format_summary(ab.summarize(loaded, ["a", "openssh"]))
+        lines = text.splitlines()
+        self.assertEqual(
+            lines[2],
+            "a: bulk 2 sessions during the blocks, aggregate 385.0 MB/s median of blocks "
+            "(380.0-390.0)",
+        )
+        self.assertIn("openssh: bulk 2 sessions during the blocks, aggregate 140.0 MB/s", lines[4])
+        self.assertIn("a / openssh: echo_median_ratio 1.10 (per round 1.10)", lines[5])
+        plain = ab.format_summary(
+            ab.summarize(
+                rounds({"a": [(1.0, 2.0), (1.2, 2.4)], "openssh": [(1.0, 2.0)] * 2}, [1.0, 1.0]),
+                ["a", "openssh"],
+            )
+        )
+        self.assertNotIn("bulk", plain)
+        self.assertEqual([line for line in lines if " bulk " not in line], plain.splitlines())
+
+
 class SummarizeOnlyTests(SynchronousTestCase):
     def test_summarizeRecordedRun(self) -> None:
         """--summarize OUT prints the summary of OUT/blocks.json without running any build,
