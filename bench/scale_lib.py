@@ -1,10 +1,11 @@
 """
-bench/scale_lib.py: what bench/scale and bench/footprint share.
+bench/scale_lib.py: what the bench tools share (bench/scale and bench/footprint; bench/run,
+and through it bench/echo_ab, bench/echo_timeline and bench/tools).
 
 Process control (subreaper, sweep of every descendant by PID), /proc readings
 (RSS, CPU seconds, context switches, machine busy), a groundcontrol data directory
 with an operator key and pre-approved devices, and starting groundcontrol and a real
-``twistd tunnel-agent`` on 127.0.0.1.
+``twistd tunnel-agent`` on 127.0.0.1 (L{Fleet}).
 """
 
 from __future__ import annotations
@@ -31,15 +32,34 @@ VENV_BIN = Path(os.environ.get("BENCH_VENV", str(ROOT / ".venv"))) / "bin"
 HOST = "127.0.0.1"
 CLK = os.sysconf("SC_CLK_TCK")
 
-#: How groundcontrol and the real agent are started: as groundcontrol's unit and the agent's
-#: launcher run them, on the project's reactor (``python -m accesstunnel.twistd``), when the
-#: measured tree has it (since session 5; up to session 8 bench/scale ran plain ``twistd``,
-#: Twisted's stock epoll reactor, while bench/run ran this); older trees run plain twistd.
-TWISTD = (
-    [str(VENV_BIN / "python"), "-m", "accesstunnel.twistd"]
-    if (ROOT / "accesstunnel" / "twistd.py").exists()
-    else [str(VENV_BIN / "twistd")]
-)
+#: The reactor groundcontrol's unit and the agent's launcher run (``python -m
+#: accesstunnel.twistd`` installs it before twistd starts), in trees that have it
+#: (accesstunnel/twistd.py, since session 5).
+OUR_REACTOR = "accesstunnel-epoll"
+
+
+def defaultReactor(src: Path) -> str:
+    """OUR_REACTOR if the source tree `src` provides it, else "default" (Twisted's)."""
+    return OUR_REACTOR if (src / "accesstunnel" / "twistd.py").exists() else "default"
+
+
+def twistdCommand(reactor: str) -> list[str]:
+    """
+    How to start twistd with `reactor`: OUR_REACTOR as groundcontrol's unit runs it (``python
+    -m accesstunnel.twistd``), "default" as plain ``twistd`` (Twisted's default reactor), any
+    other with ``--reactor NAME``.
+    """
+    if reactor == "default":
+        return [str(VENV_BIN / "twistd")]
+    if reactor == OUR_REACTOR:
+        return [str(VENV_BIN / "python"), "-m", "accesstunnel.twistd"]
+    return [str(VENV_BIN / "twistd"), "--reactor", reactor]
+
+
+#: How L{Fleet} starts groundcontrol and the real agent unless told otherwise: on the
+#: measured tree's default reactor (up to session 8 bench/scale ran plain ``twistd``,
+#: Twisted's stock epoll reactor, while bench/run ran ours).
+TWISTD = twistdCommand(defaultReactor(ROOT))
 
 #: The directory groundcontrol and the agent start in: the measured tree. ``python -m`` puts
 #: the working directory ahead of PYTHONPATH, so a snapshot's tool run from another checkout
@@ -430,48 +450,86 @@ def pairedRatios(first: list[float], second: list[float]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ the fleet
 class Fleet:
-    """A groundcontrol data dir, an operator key, approved devices, the processes."""
+    """
+    groundcontrol and a real ``twistd tunnel-agent`` on 127.0.0.1, run from the measured tree,
+    with their data, keys and logs under `out`; L{stop} ends both. bench/scale and
+    bench/footprint use it as it is: devices approved in the store beforehand (L{prepare}),
+    a key seeded for each, a client config of its own. bench/run's ``Ours`` is the one-device
+    variant bench/run, echo_ab, echo_timeline and tools start (the agent enrols itself, the
+    client config is the OpenSSH baseline's).
 
-    def __init__(self, out: Path, fileLimit: int = 1024) -> None:
+    @param src: the source tree to run groundcontrol, its CLI and the agent from (a ``git
+        archive`` snapshot, say), ahead of the editable install on their PYTHONPATH; None:
+        this file's tree.
+    @param twistd: how to start twistd (L{twistdCommand}); None: L{TWISTD}.
+    @param port: where groundcontrol listens; None: a free port picked now (the client config
+        and a restarted groundcontrol need it before it listens); 0: the port the kernel
+        gives it, known once it listens (L{waitListening}).
+    """
+
+    #: Groundcontrol's log, by how many times it was started (bench/scale's storm restarts it).
+    gcLogName = "gc-{starts}.log"
+
+    def __init__(
+        self,
+        out: Path,
+        fileLimit: int = 1024,
+        *,
+        src: Path | None = None,
+        twistd: list[str] | None = None,
+        port: int | None = None,
+    ) -> None:
         self.out = out
         self.data = out / "gc"
         self.keys = out / "agents.keys"
+        self.agentState = out / "agent-state"
+        self.agentHome = out / "agent-home"
         self.fileLimit = fileLimit
+        self.twistd = TWISTD if twistd is None else twistd
+        #: The working directory of every process it starts: ``python -m`` puts it ahead of
+        #: PYTHONPATH (L{MEASURED_CWD}).
+        self.cwd = MEASURED_CWD if src is None else str(src)
         self.env = dict(os.environ)
         self.env.pop("SSH_AUTH_SOCK", None)
+        if src is not None:
+            self.env["PYTHONPATH"] = str(src) + os.pathsep + self.env.get("PYTHONPATH", "")
         self.gc: subprocess.Popen[bytes] | None = None
         self.agent: subprocess.Popen[bytes] | None = None
-        self.port = freePort()
+        self.port = freePort() if port is None else port
         self.gcStarts = 0
         self.extraGcArgs: list[str] = []
         #: Run groundcontrol with infoLogger (debug events dropped) instead of twistd's -l.
         self.infoLog = False
 
     def cli(self, *args: str) -> str:
+        """The ``groundcontrol`` command on this data directory; its stdout (failure raises)."""
         p = subprocess.run(
             [str(VENV_BIN / "groundcontrol"), "--data", str(self.data), *args],
             capture_output=True,
             text=True,
             timeout=120,
+            cwd=self.cwd,
             env=self.env,
         )
         if p.returncode != 0:
             raise BenchError("groundcontrol {} failed: {}".format(" ".join(args), p.stderr))
         return p.stdout
 
+    def initStore(self, operatorKey: Path) -> None:
+        """A new store with the operator 'bench' (admin) holding the public key `operatorKey`."""
+        self.cli("init")
+        self.cli("user", "add", "bench", "--key", str(operatorKey), "--admin")
+
     def prepare(self, devices: int) -> None:
         """init, operator 'bench' (admin), `devices` approved devices with keys."""
-        for d in (self.data, self.keys):
-            if d.exists():
-                shutil.rmtree(d) if d.is_dir() else d.unlink()
+        removeAll(self.data, self.keys)
         self.out.mkdir(parents=True, exist_ok=True)
         key = self.out / "id_ed25519"
         if not key.exists():
             subprocess.run(
                 ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True
             )
-        self.cli("init")
-        self.cli("user", "add", "bench", "--key", str(key) + ".pub", "--admin")
+        self.initStore(Path(str(key) + ".pub"))
         t0 = time.monotonic()
         p = subprocess.run(
             [
@@ -493,10 +551,15 @@ class Fleet:
     def deviceNames(self) -> list[str]:
         return [line.split()[0] for line in self.keys.read_text().splitlines()]
 
-    def writeClientConfig(self) -> None:
+    def pinHostKey(self) -> Path:
+        """A known_hosts file with groundcontrol's host key for its address and port."""
         known = self.out / "known_hosts"
         key = (self.data / "ssh_host_ed25519_key.pub").read_text().split()
         known.write_text(f"[{HOST}]:{self.port} {key[0]} {key[1]}\n")
+        return known
+
+    def writeClientConfig(self) -> None:
+        known = self.pinHostKey()
         self.sshConfig = self.out / "ssh_config"
         self.sshConfig.write_text(
             "Host *\n"
@@ -514,11 +577,12 @@ class Fleet:
             "  RequestTTY no\n"
         )
 
-    def ssh(self, device: str, *extra: str) -> list[str]:
+    def ssh(self, device: str, *extra: str, config: Path | None = None) -> list[str]:
+        """ssh to `device` through groundcontrol, with `config` (default: L{sshConfig})."""
         return [
             "ssh",
             "-F",
-            str(self.sshConfig),
+            str(self.sshConfig if config is None else config),
             "-p",
             str(self.port),
             *extra,
@@ -534,7 +598,7 @@ class Fleet:
         with contextlib.suppress(FileNotFoundError):
             listening.unlink()
         self.gcStarts += 1
-        self.gcLog = self.out / f"gc-{self.gcStarts}.log"
+        self.gcLog = self.out / self.gcLogName.format(starts=self.gcStarts)
         env = dict(self.env)
         loggerArgs: list[str] = []
         if self.infoLog:
@@ -544,7 +608,7 @@ class Fleet:
             env["SCALE_GC_LOG"] = str(self.gcLog)
         self.gc = subprocess.Popen(
             [
-                *TWISTD,
+                *self.twistd,
                 "-n",
                 "--pidfile=",
                 "-l",
@@ -559,7 +623,7 @@ class Fleet:
             ],
             env=env,
             stdin=subprocess.DEVNULL,
-            cwd=MEASURED_CWD,
+            cwd=self.cwd,
             stdout=open(self.out / "gc.stdout", "ab"),  # noqa: SIM115
             stderr=subprocess.STDOUT,
             preexec_fn=self._limits,
@@ -567,6 +631,7 @@ class Fleet:
         return self.gc
 
     def waitListening(self, timeout: float = 60.0) -> None:
+        """Until groundcontrol listens on L{port} (on any, when that is 0: then it is that)."""
         listening = self.data / "run" / "listening.json"
         deadline = time.monotonic() + timeout
         while True:
@@ -574,37 +639,49 @@ class Fleet:
             if self.gc.poll() is not None:
                 raise BenchError(f"groundcontrol exited; see {self.gcLog}")
             with contextlib.suppress(FileNotFoundError, ValueError, KeyError, IndexError):
-                if json.loads(listening.read_text())["listening"][0]["port"] == self.port:
+                port = json.loads(listening.read_text())["listening"][0]["port"]
+                if self.port in (0, port):
+                    self.port = port
                     return
             if time.monotonic() > deadline:
                 raise BenchError("groundcontrol did not listen in time")
             time.sleep(0.02)
 
-    def startAgent(self, name: str, seedHex: str, *extra: str) -> subprocess.Popen[bytes]:
-        """A real `twistd tunnel-agent` for device `name`, its key put in its state dir."""
+    def seedAgentKey(self, seedHex: str) -> Path:
+        """The device key of Ed25519 seed `seedHex` in L{agentState} (kept if there); the file."""
         from cryptography.hazmat.primitives.asymmetric import ed25519
         from twisted.conch.ssh import keys
 
-        state = self.out / "agent-state"
-        home = self.out / "agent-home"
-        state.mkdir(mode=0o700, exist_ok=True)
-        home.mkdir(exist_ok=True)
-        keyFile = state / "device_ed25519_key"
+        self.agentState.mkdir(mode=0o700, exist_ok=True)
+        keyFile = self.agentState / "device_ed25519_key"
         if not keyFile.exists():
             key = keys.Key(ed25519.Ed25519PrivateKey.from_private_bytes(bytes.fromhex(seedHex)))
             fd = os.open(keyFile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(key.toString("OPENSSH"))
+        return keyFile
+
+    def startAgent(
+        self, name: str, seedHex: str | None = None, *extra: str
+    ) -> subprocess.Popen[bytes]:
+        """
+        A real `twistd tunnel-agent` for device `name`: with the key of seed `seedHex` put in
+        its state dir (a device approved in the store), or, with None, a key it makes itself
+        (a new device: it shows up pending).
+        """
+        if seedHex is not None:
+            self.seedAgentKey(seedHex)
+        self.agentHome.mkdir(parents=True, exist_ok=True)
         self.agent = subprocess.Popen(
             [
-                *TWISTD,
+                *self.twistd,
                 "-n",
                 "--pidfile=",
                 "-l",
                 str(self.out / "agent.log"),
                 "tunnel-agent",
                 "--state",
-                str(state),
+                str(self.agentState),
                 "--server",
                 f"tcp:{HOST}:{self.port}",
                 "--name",
@@ -612,12 +689,12 @@ class Fleet:
                 "--server-key",
                 str(self.data / "ssh_host_ed25519_key.pub"),
                 "--home",
-                str(home),
+                str(self.agentHome),
                 *extra,
             ],
             env=self.env,
             stdin=subprocess.DEVNULL,
-            cwd=MEASURED_CWD,
+            cwd=self.cwd,
             stdout=open(self.out / "agent.stdout", "ab"),  # noqa: SIM115
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -633,28 +710,10 @@ class Fleet:
         return "".join(p.read_text(errors="replace") for p in [*parts, self.gcLog] if p.exists())
 
     def sshTrue(self, device: str, timeout: float = 30.0) -> tuple[bool, float, str]:
-        t0 = time.perf_counter()
-        try:
-            p = subprocess.run(
-                [*self.ssh(device), "true"],
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-            )
-        except subprocess.TimeoutExpired:
-            return False, time.perf_counter() - t0, "timeout"
-        return p.returncode == 0, time.perf_counter() - t0, p.stderr.strip()[-200:]
+        return runTrue(self.ssh(device), timeout)
 
     def waitRoutable(self, device: str, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            ok, _, err = self.sshTrue(device)
-            if ok:
-                return
-            if time.monotonic() > deadline:
-                raise BenchError(f"{device} not routable: {err}")
-            time.sleep(0.2)
+        waitTrue(self.ssh(device), device, timeout)
 
     def setupTimes(self, device: str, n: int) -> list[float]:
         """n sequential `ssh dev_x@gc true`, seconds each (failures raise)."""
@@ -677,6 +736,43 @@ class Fleet:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+
+
+def removeAll(*paths: Path) -> None:
+    """Remove each of `paths` that exists, file or directory tree (a re-used --out)."""
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def runTrue(ssh: list[str], timeout: float = 30.0) -> tuple[bool, float, str]:
+    """Run `ssh` with the command ``true``: (it succeeded, seconds it took, its stderr's end)."""
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(
+            [*ssh, "true"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return False, time.perf_counter() - t0, "timeout"
+    return p.returncode == 0, time.perf_counter() - t0, p.stderr.strip()[-200:]
+
+
+def waitTrue(ssh: list[str], device: str, timeout: float = 60.0) -> None:
+    """Until `ssh` (to `device`) runs ``true``: the device is connected and routable."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ok, _, err = runTrue(ssh)
+        if ok:
+            return
+        if time.monotonic() > deadline:
+            raise BenchError(f"{device} not routable: {err}")
+        time.sleep(0.2)
 
 
 def infoLogger() -> Any:
