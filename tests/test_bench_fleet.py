@@ -8,49 +8,16 @@ are loaded from their files (bench/run with this tree's scale_lib); no process i
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.test_bench_modules import ROOT, loadBench
 
-
-def loadScaleLib() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("scale_lib", ROOT / "bench" / "scale_lib.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def loadBenchRun(scaleLib: ModuleType) -> ModuleType:
-    """bench/run as a module, importing `scaleLib` as its ``scale_lib``; sys.path and
-    sys.modules as they were afterwards."""
-    savedPath, savedModule = list(sys.path), sys.modules.get("scale_lib")
-    sys.modules["scale_lib"] = scaleLib
-    try:
-        loader = importlib.machinery.SourceFileLoader("bench_run", str(ROOT / "bench" / "run"))
-        spec = importlib.util.spec_from_loader("bench_run", loader)
-        assert spec is not None
-        module = importlib.util.module_from_spec(spec)
-        loader.exec_module(module)
-        return module
-    finally:
-        sys.path[:] = savedPath
-        if savedModule is None:
-            del sys.modules["scale_lib"]
-        else:
-            sys.modules["scale_lib"] = savedModule
-
-
-scaleLib = loadScaleLib()
-benchRun = loadBenchRun(scaleLib)
+scaleLib = loadBench("scale_lib", "scale_lib.py")
+benchRun = loadBench("bench_run", "run", scaleLib)
 VENV_BIN = scaleLib.VENV_BIN
 
 

@@ -7,42 +7,18 @@ environment it hands the baseline script's functions. The module is loaded from 
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import itertools
 import os
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.test_bench_modules import loadBench
 
-
-def loadModule(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def loadOpensshPath() -> ModuleType:
-    """openssh_path, importing this tree's bench/scale_lib.py as ``scale_lib``."""
-    saved = sys.modules.get("scale_lib")
-    sys.modules["scale_lib"] = loadModule("scale_lib")
-    try:
-        return loadModule("openssh_path")
-    finally:
-        if saved is None:
-            del sys.modules["scale_lib"]
-        else:
-            sys.modules["scale_lib"] = saved
-
-
-opensshPath = loadOpensshPath()
+#: openssh_path, importing this tree's bench/scale_lib.py as ``scale_lib``.
+opensshPath = loadBench("openssh_path", "openssh_path.py", loadBench("scale_lib", "scale_lib.py"))
 
 
 class FakeBash:

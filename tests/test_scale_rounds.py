@@ -8,26 +8,14 @@ started.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
-from pathlib import Path
-from types import ModuleType
 
 from twisted.trial.unittest import SynchronousTestCase
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.test_bench_modules import loadBench
 
-
-def loadScaleLib() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("scale_lib", ROOT / "bench" / "scale_lib.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-scaleLib = loadScaleLib()
+scaleLib = loadBench("scale_lib", "scale_lib.py")
 roundRatios = scaleLib.roundRatios
 pairedRatios = scaleLib.pairedRatios
 treeCpu = scaleLib.treeCpu
