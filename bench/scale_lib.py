@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -589,9 +589,17 @@ class Fleet:
             f"dev_{device}@{HOST}",
         ]
 
-    def _limits(self) -> None:
-        os.setsid()
+    def _raiseFileLimit(self) -> None:
         raiseFileLimit(self.fileLimit)
+
+    def _childHook(self) -> Callable[[], None] | None:
+        """
+        What groundcontrol's child runs between fork and exec: raise its file limit to
+        L{fileLimit} where ours is lower; else nothing, as Python code there can deadlock a
+        caller with threads (echo_ab's bulk readers, bench/scale's driver reader).
+        """
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return self._raiseFileLimit if self.fileLimit > soft else None
 
     def startGc(self) -> subprocess.Popen[bytes]:
         listening = self.data / "run" / "listening.json"
@@ -626,7 +634,8 @@ class Fleet:
             cwd=self.cwd,
             stdout=open(self.out / "gc.stdout", "ab"),  # noqa: SIM115
             stderr=subprocess.STDOUT,
-            preexec_fn=self._limits,
+            start_new_session=True,
+            preexec_fn=self._childHook(),
         )
         return self.gc
 

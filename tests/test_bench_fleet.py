@@ -101,6 +101,14 @@ class FleetTests(SynchronousTestCase):
         self.assertRaises(scaleLib.BenchError, fleet.waitListening, timeout=0)
         self.assertEqual(fleet.port, 2222)
 
+    def test_fileLimitRaisedOnlyWhereLower(self) -> None:
+        """groundcontrol's child runs Python code before exec only to raise a file limit lower
+        than the fleet needs (a caller with threads could deadlock in it)."""
+        soft, _ = scaleLib.resource.getrlimit(scaleLib.resource.RLIMIT_NOFILE)
+        self.assertIsNone(scaleLib.Fleet(self.out, fileLimit=soft, port=2222)._childHook())
+        fleet = scaleLib.Fleet(self.out, fileLimit=soft + 1, port=2222)
+        self.assertEqual(fleet._childHook(), fleet._raiseFileLimit)
+
     def test_sshToADevice(self) -> None:
         fleet = scaleLib.Fleet(self.out, port=2222)
         fleet.sshConfig = self.out / "ssh_config"
