@@ -686,7 +686,7 @@ class SessionChannel(EndpointChannel):
             return
         if self._childPull and self.process.holdOutput():
             self._outputHeld = True
-            link.waitForRoom(self)
+            link.waitForRoom(self, bulk=True)
 
     def drainQueue(self) -> None:
         """
@@ -700,7 +700,7 @@ class SessionChannel(EndpointChannel):
             return
         link = self.conn.linkFlow
         if link is not None and link.paused:
-            link.waitForRoom(self)  # what was queued filled the link: next time
+            link.waitForRoom(self, bulk=True)  # what was queued filled the link: next time
             return
         if (
             link is None
@@ -717,9 +717,9 @@ class SessionChannel(EndpointChannel):
                 self.process.releaseOutput()
             return
         self.write(data)
-        # Back of the link's line: served again after the other waiting
-        # channels, or at once in the same turn if the link still has room.
-        link.waitForRoom(self)
+        # Into the link's line: its next turn in a row, or the back of the line
+        # (LinkFlow); or at once in the same turn if the link still has room.
+        link.waitForRoom(self, bulk=True)
 
     def outputPaused(self) -> None:
         """The operator is not reading: stop reading the child."""

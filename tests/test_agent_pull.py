@@ -25,7 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from accesstunnel.channel import LINK_MAX_PACKET
 from accesstunnel.connection import TunnelConnection
-from accesstunnel.linkflow import LINK_BUFFER_SIZE, LinkFlow
+from accesstunnel.linkflow import LINK_BUFFER_SIZE, SERVE_TURNS, LinkFlow
 from agent import _process
 from agent.session import SessionChannel, SessionEnvironment
 from tests.test_agent_session import FakeChild
@@ -224,20 +224,42 @@ class PullTests(SynchronousTestCase):
 
     def test_servedInTurn(self) -> None:
         """
-        Three held channels: each drain of the link serves one read of the next channel in
-        line, oldest first, so every channel moves at the same rate.
+        Three held channels: each drain of the link serves one read of the channel at the
+        front of the line, which keeps the front for SERVE_TURNS reads in a row (read
+        just after its child refilled the pipe) and then goes to the back: every channel
+        moves at the same rate, a run of reads at a time.
         """
+        self.assertEqual(SERVE_TURNS, 4)
         channels = [self.openSession(n) for n in range(3)]
         for channel in channels:
-            channel.child.pipe.extend([bytes([65 + channel.id]) * READ] * 4)
+            channel.child.pipe.extend([bytes([65 + channel.id]) * READ] * 9)
             self.reactorReads(channel)
         self.assertEqual(self.sentBy(self.ssh.take()), {0: READ})
         self.assertTrue(all(not c.child.inReactor for c in channels[1:]))
         order: list[int] = []
-        for _ in range(6):
+        for _ in range(16):
             self.socket.drain()
             order.extend(self.sentBy(self.ssh.take()))
-        self.assertEqual(order, [0, 1, 2, 0, 1, 2])
+        self.assertEqual(order, [0] * 4 + [1] * 4 + [2] * 4 + [0] * 4)
+
+    def test_replyGoesAheadOfHeldChannels(self) -> None:
+        """
+        A session's small output (an echo, a prompt) while held bulk channels fill the link
+        goes out at the next drain, before their reads; a held channel, even with nothing
+        queued, never takes that place.
+        """
+        bulk = [self.openSession(n) for n in range(3)]
+        for channel in bulk:
+            channel.child.pipe.extend([b"x" * READ] * 9)
+            self.reactorReads(channel)
+        self.assertTrue(all(channel.queuedBytes == 0 for channel in bulk[:1]))
+        shell = self.openSession(3, child=PlainChild())
+        shell.process.proto.childDataReceived(1, b"prompt$ ")
+        self.ssh.take()
+        self.socket.drain()
+        packets = [p for p in self.ssh.take() if p[0] == "data"]
+        self.assertEqual(packets[0], ("data", 103, 8))
+        self.assertEqual({remote for _, remote, _ in packets[1:]}, {100})
 
     def test_nothingHeldWhileTheLinkHasRoom(self) -> None:
         """A child's output while the link has room is sent at once and the pipe stays read."""
