@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.machinery
+import importlib.util
 import json
 import os
 import resource
@@ -69,6 +71,19 @@ TWISTD = twistdCommand(defaultReactor(ROOT))
 MEASURED_CWD = str(ROOT)
 
 _logFile: Any = None
+
+
+def loadBenchRun() -> Any:
+    """
+    bench/run as a module (it has no .py suffix): its ``Ours``, ``sshbench``, logging and
+    helpers, for the tools that measure the same way (bench/echo_ab, bench/tools).
+    """
+    loader = importlib.machinery.SourceFileLoader("bench_run", str(BENCH / "run"))
+    spec = importlib.util.spec_from_loader("bench_run", loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
 
 
 def reexecInVenv() -> None:
