@@ -445,6 +445,49 @@ def roundRatios(singles: list[float], aggregates: list[float]) -> dict[str, Any]
     }
 
 
+def bytesWritten(pids: list[int]) -> int:
+    """
+    Bytes the processes `pids` have written so far, to anything (``wchar`` of
+    /proc/PID/io: files, pipes, sockets, /dev/null alike).
+    """
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/io") as f:
+            for line in f:
+                if line.startswith("wchar:"):
+                    total += int(line.split()[1])
+                    break
+    return total
+
+
+#: The steady window of a session run starts once this share of its bytes has arrived (the
+#: sessions' commands are exec'ed after the common start, L{steadyRate}).
+STEADY_FROM = 0.1
+
+
+def steadyRate(
+    samples: list[tuple[float, int]], total: int, fromShare: float = STEADY_FROM
+) -> tuple[float, float] | None:
+    """
+    MB/s delivered while every session of a run was moving bytes, and the window's seconds:
+    from the first of `samples` (seconds, bytes delivered so far) at which `fromShare` of the
+    run's `total` bytes had arrived, to the last sample, which the caller takes before the
+    first session ends; None when fewer than two samples fall in that window.
+
+    The aggregate from the common start to the last end (L{roundRatios}) also counts what
+    happens around the bytes: each of the n commands is exec'ed after the start, each of the
+    n sessions ends (exit status, channel closes, the ssh client's exit) while others still
+    move bytes, and the last ones finish alone. One session pays that once for all its bytes;
+    100 sessions of 16 MiB pay it 100 times in about 3 s, some 4 ms of the machine's CPU each
+    (bench/RESULTS.md, "100 sessions: what the session ends cost (session 14, lead)").
+    """
+    start = next((i for i, (_, got) in enumerate(samples) if got >= fromShare * total), None)
+    if start is None or start >= len(samples) - 1:
+        return None
+    (t0, b0), (t1, b1) = samples[start], samples[-1]
+    return (b1 - b0) / (t1 - t0) / 1e6, t1 - t0
+
+
 def pairedRatios(first: list[float], second: list[float]) -> dict[str, Any]:
     """
     `first` against `second` round by round: each round's figure divided by the other side's

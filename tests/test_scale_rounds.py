@@ -214,3 +214,44 @@ class ProcStatusTests(SynchronousTestCase):
     def test_gone(self) -> None:
         """A PID no process has has no status."""
         self.assertEqual(scaleLib.procStatus(2**22 + 1, ("VmRSS",)), {})
+
+
+class SteadyRateTests(SynchronousTestCase):
+    """
+    A session run's rate while every session moved bytes (scale_lib.steadyRate): what the
+    operators' clients delivered between the sample at which a tenth of the run's bytes had
+    arrived and the last sample, taken before the first session ended.
+    """
+
+    MB = 1_000_000
+
+    def test_fromATenthToTheLastSample(self) -> None:
+        """The commands' start (the first tenth) is left out; the window's rate and length."""
+        samples = [(0.0, 0), (1.0, 5 * self.MB), (2.0, 105 * self.MB), (4.0, 505 * self.MB)]
+        rate, window = scaleLib.steadyRate(samples, 1000 * self.MB)
+        self.assertEqual((rate, window), (200.0, 2.0))
+
+    def test_slowStartDoesNotCount(self) -> None:
+        """Two runs alike but for how slowly their commands started have the same rate."""
+        fast = [(0.0, 0), (0.5, 100 * self.MB), (1.5, 300 * self.MB), (2.5, 500 * self.MB)]
+        slow = [(0.0, 0), (1.0, 10 * self.MB), (1.5, 100 * self.MB), (2.5, 300 * self.MB)]
+        slow.append((3.5, 500 * self.MB))
+        self.assertEqual(
+            scaleLib.steadyRate(fast, 1000 * self.MB)[0],
+            scaleLib.steadyRate(slow, 1000 * self.MB)[0],
+        )
+
+    def test_tooFewSamples(self) -> None:
+        """No rate without two samples past the first tenth (a run too short to sample)."""
+        self.assertIsNone(scaleLib.steadyRate([(0.0, 0), (1.0, 500 * self.MB)], 1000 * self.MB))
+        self.assertIsNone(scaleLib.steadyRate([(0.0, 0), (1.0, 50 * self.MB)], 1000 * self.MB))
+        self.assertIsNone(scaleLib.steadyRate([], 1000 * self.MB))
+
+
+class BytesWrittenTests(SynchronousTestCase):
+    def test_countsWritesToDevNull(self) -> None:
+        """What a process writes to /dev/null counts, as a ControlMaster's sessions' output does."""
+        before = scaleLib.bytesWritten([os.getpid()])
+        with open(os.devnull, "wb") as sink:
+            sink.write(b"x" * 100_000)
+        self.assertGreaterEqual(scaleLib.bytesWritten([os.getpid()]) - before, 100_000)
