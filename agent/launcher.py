@@ -193,9 +193,14 @@ def importReactor() -> Any:
     return reactor
 
 
-def _startLogging(logfile: str, reactor: Any) -> Any:
-    """Log as C{twistd --nodaemon} does: text lines to standard output or a rotated file."""
+def _startLogging(logfile: str, reactor: Any, level: Any) -> Any:
+    """
+    Log as C{twistd --nodaemon} does: text lines to standard output or a rotated file;
+    only events of C{level} (C{--log-level}) and above.
+    """
     from twisted.logger import ILogObserver, globalLogBeginner, textFileLogObserver
+
+    from accesstunnel.logfilter import filtered
 
     output: Any = sys.stdout
     if logfile != "-":
@@ -206,7 +211,7 @@ def _startLogging(logfile: str, reactor: Any) -> Any:
         output = LogFile.fromFullPath(logfile)
         signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(output.rotate))
     observer = cast(ILogObserver, textFileLogObserver(output))
-    globalLogBeginner.beginLoggingTo([observer])
+    globalLogBeginner.beginLoggingTo([filtered(observer, level)])
     return output
 
 
@@ -236,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     except usage.UsageError as e:
         print(f"{options}\ntunnel-agent: {e}", file=sys.stderr)
         return 1
-    output = _startLogging(options["logfile"], reactor)
+    output = _startLogging(options["logfile"], reactor, options["log-level"])
     log = Logger(namespace="agent.launcher")
     log.info(
         "tunnel-agent {version} (Twisted {twisted}, {python} {pythonVersion}) starting up.",

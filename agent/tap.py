@@ -22,6 +22,13 @@ from accesstunnel.addresses import (
     parseAddress,
 )
 from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL
+from accesstunnel.logfilter import (
+    DEFAULT_LEVEL,
+    LEVELS,
+    LogObserverService,
+    parseLevel,
+    useFilteredTwistdObserver,
+)
 from accesstunnel.names import isValidDeviceName
 from accesstunnel.rekey import RekeyLimit, parseRekeyLimit
 from agent.config import AgentFileConfig, ConfigError, installReloadOnSIGHUP, loadConfig
@@ -99,6 +106,13 @@ class Options(usage.Options):
             "1G 1h",
             "Renew the session keys after SIZE bytes [and TIME] (like RekeyLimit; 'none').",
         ],
+        [
+            "log-level",
+            None,
+            DEFAULT_LEVEL,
+            f"Lowest level of log events written ({', '.join(LEVELS)}); debug adds Conch's "
+            "per-packet and per-request events.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -143,6 +157,10 @@ class Options(usage.Options):
             self["rekey-limit"] = parseRekeyLimit(self["rekey-limit"])
         except ValueError as e:
             raise usage.UsageError(f"--rekey-limit: {e}") from None
+        try:
+            self["log-level"] = parseLevel(self["log-level"])
+        except ValueError as e:
+            raise usage.UsageError(f"--log-level: {e}") from None
 
     def toConfig(self) -> AgentConfig:
         return AgentConfig(
@@ -165,7 +183,7 @@ class Options(usage.Options):
         )
 
 
-def buildService(config: AgentConfig, reactor: Any) -> service.Service:
+def buildService(config: AgentConfig, reactor: Any) -> LogObserverService:
     """Assemble the agent: the device key, and the service keeping the link."""
     from agent.session import SessionChannel, SessionEnvironment
 
@@ -217,7 +235,7 @@ def buildService(config: AgentConfig, reactor: Any) -> service.Service:
         config.stateDir / LAST_SERVER_FILE,
     )
     enrollment.transportName = lambda: endpoint.transport
-    top = service.MultiService()
+    top = LogObserverService()
     linkService(endpoint, factory, reactor).setServiceParent(top)
     if config.configFile is not None:
         _ReloadOnSIGHUP(reactor, config, endpoint, fileConfig).setServiceParent(top)
@@ -302,10 +320,22 @@ class _ReloadOnSIGHUP(service.Service):
         return super().stopService()
 
 
+def configureLogging(top: LogObserverService, options: Options) -> None:
+    """
+    Under twistd, write through twistd's own observer (C{-l}, C{--syslog}, standard
+    output) only events of C{--log-level} and above, as groundcontrol does: Conch's
+    debug events (every keepalive, every channel request) are not written to the
+    device's storage by default. C{python -m agent} filters its own observer.
+    """
+    useFilteredTwistdObserver(top, options, options["log-level"])
+
+
 def makeService(options: Options) -> service.Service:
     from twisted.internet import reactor
 
     try:
-        return buildService(options.toConfig(), reactor)
+        top = buildService(options.toConfig(), reactor)
     except usage.UsageError as e:
         raise SystemExit(f"tunnel-agent: {e}") from None
+    configureLogging(top, options)
+    return top

@@ -13,13 +13,12 @@ from typing import Any
 
 import attrs
 from twisted.application import service
-from twisted.logger import ILogObserver
 from twisted.python import usage
-from twisted.python.components import Componentized
 
 from accesstunnel.addresses import AddressError, parseAddress, serverListener
 from accesstunnel.durations import parseDuration
 from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL
+from accesstunnel.logfilter import LogObserverService, useFilteredTwistdObserver
 from accesstunnel.rekey import parseRekeyLimit
 from accesstunnel.transports.limiter import (
     DEFAULT_MAX_WAITING,
@@ -33,14 +32,7 @@ from groundcontrol.datadir import DataDir, HostKeyError, NotInitialised
 from groundcontrol.enrollment import CertificatePolicy
 from groundcontrol.fleetwatch import FleetWatcher
 from groundcontrol.listening import ListenService, listenAll
-from groundcontrol.logging import (
-    DEFAULT_LEVEL,
-    LEVELS,
-    filtered,
-    parseLevel,
-    setLevel,
-    twistdObserver,
-)
+from groundcontrol.logging import DEFAULT_LEVEL, LEVELS, parseLevel, setLevel
 from groundcontrol.metrics import Metrics, metricsService
 from groundcontrol.notify import makeNotifier
 from groundcontrol.pki import CA_CERTIFICATE_FILE, CAError
@@ -376,23 +368,11 @@ def _redacted(url: str) -> str:
     return url
 
 
-class GroundControlService(service.MultiService):
+class GroundControlService(LogObserverService):
     """
-    groundcontrol's top service. When twistd attaches it to its application it
-    gives the application L{logObserver} (if set) as its log observer, which
-    twistd uses when no ``--logger`` is given (see L{groundcontrol.logging}).
+    groundcontrol's top service: gives twistd's application the filtered log
+    observer (see L{accesstunnel.logfilter} and L{groundcontrol.logging}).
     """
-
-    logObserver: Any = None
-
-    def setServiceParent(self, parent: Any) -> None:
-        if (
-            self.logObserver is not None
-            and isinstance(parent, Componentized)
-            and parent.getComponent(ILogObserver, None) is None
-        ):
-            parent.setComponent(ILogObserver, self.logObserver)
-        super().setServiceParent(parent)
 
 
 def configureLogging(top: GroundControlService, options: Options) -> None:
@@ -403,9 +383,7 @@ def configureLogging(top: GroundControlService, options: Options) -> None:
     """
     level = parseLevel(options["log-level"])
     setLevel(level)
-    twistd = getattr(options, "parent", None)
-    if twistd is not None and not twistd.get("logger"):
-        top.logObserver = filtered(twistdObserver(twistd), level)
+    useFilteredTwistdObserver(top, options, level)
 
 
 def buildService(
