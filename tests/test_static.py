@@ -14,6 +14,39 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+BENCH = ROOT / "bench"
+
+
+def _isPythonScript(path: Path) -> bool:
+    """A file without a .py ending whose shebang line runs Python."""
+    if not path.is_file() or path.suffix:
+        return False
+    with path.open("rb") as script:
+        shebang = script.readline()
+    return shebang.startswith(b"#!") and b"python" in shebang
+
+
+def _benchScripts() -> list[str]:
+    """bench/'s tools without a .py ending (bench/run, bench/scale, ...)."""
+    return sorted(path.name for path in BENCH.iterdir() if _isPythonScript(path))
+
+
+def _benchTypeChecks() -> list[object]:
+    """
+    mypy over bench/, which is not among [tool.mypy]'s files: its modules in one run, and
+    each tool without a .py ending in a run of its own, since mypy calls every such script
+    module __main__ and two of them in one run clash. Naming bench/openssh_path.py beside a
+    script puts bench/ on mypy's search path, so the script's imports of its neighbours
+    resolve (and are checked too).
+    """
+    modules = sorted(f"bench/{path.name}" for path in BENCH.glob("*.py"))
+    return [
+        pytest.param(("mypy", *modules), id="mypy-bench-modules"),
+        *(
+            pytest.param(("mypy", f"bench/{script}", "bench/openssh_path.py"), id=f"mypy-{script}")
+            for script in _benchScripts()
+        ),
+    ]
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -26,12 +59,7 @@ def _run(*argv: str) -> subprocess.CompletedProcess[str]:
         pytest.param(("ruff", "check", "."), id="ruff-check"),
         pytest.param(("ruff", "format", "--check", "."), id="ruff-format"),
         pytest.param(("mypy",), id="mypy"),
-        # bench/ is not among [tool.mypy]'s files. Its tools are scripts without a .py ending:
-        # each is module __main__ to mypy, so one a run; naming the neighbour a tool imports
-        # (openssh_path.py) puts bench/ on mypy's search path.
-        pytest.param(
-            ("mypy", "bench/echo_timeline", "bench/openssh_path.py"), id="mypy-echo_timeline"
-        ),
+        *_benchTypeChecks(),
     ],
 )
 def test_static_check_passes(argv: tuple[str, ...]) -> None:
