@@ -7,6 +7,14 @@ idle CPU with 10,000 agent links and a device SD-card writes and CPU for each
 session. By default groundcontrol and tunnel-agent write events of level info
 and above; ``--log-level debug`` writes them all again.
 
+Conch also logs "sending close {id}" at info for every channel it closes
+(groundcontrol closes two per session: the operator's side and the device's);
+our own "session ... ended" and "session child exited" lines say more. The
+filter treats that event as debug (L{DEBUG_ONLY_CONCH_EVENTS}) rather than each
+connection class overriding Conch's C{sendClose} or its logger: the filter
+applies to every SSH connection in either process, whatever logger its class
+declares, and Conch's close logic is not copied.
+
 Under twistd, L{twistdObserver} makes the observer twistd would make from its
 options (``-l FILE``, ``--syslog``, standard output with ``-n``), and
 L{LogObserverService}, the program's top service, gives it, filtered, to
@@ -16,6 +24,7 @@ C{AppLogger} uses when no ``--logger`` is given (L{useFilteredTwistdObserver}).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,6 +46,10 @@ from zope.interface import implementer
 LEVELS = ("debug", "info", "warn", "error", "critical")
 DEFAULT_LEVEL = "info"
 
+#: Formats of events Conch's SSHConnection logs at info that the filter treats as
+#: debug: one per channel, with nothing our own session lines lack.
+DEBUG_ONLY_CONCH_EVENTS = frozenset({"sending close {id}"})
+
 
 def parseLevel(name: str) -> NamedConstant:
     """The L{LogLevel} called C{name}; ValueError for anything else."""
@@ -45,11 +58,19 @@ def parseLevel(name: str) -> NamedConstant:
     return LogLevel.levelWithName(name)
 
 
+def _fromSSHConnection(event: LogEvent) -> bool:
+    """Whether C{event} was logged by an SSH connection (Conch's, or a subclass)."""
+    connection = sys.modules.get("twisted.conch.ssh.connection")
+    # Not imported: no SSH connection exists to have logged it.
+    return connection is not None and isinstance(event.get("log_source"), connection.SSHConnection)
+
+
 @implementer(ILogFilterPredicate)
 class MinimumLevel:
     """
-    Drop events below C{level}. Events without a level (text written to
-    standard output or error, legacy log.msg without one) are kept.
+    Drop events below C{level}, counting L{DEBUG_ONLY_CONCH_EVENTS} as debug.
+    Events without a level (text written to standard output or error, legacy
+    log.msg without one) are kept.
     """
 
     def __init__(self, level: NamedConstant = LogLevel.info) -> None:
@@ -60,6 +81,12 @@ class MinimumLevel:
         if level is None:
             return PredicateResult.maybe
         if level < self.level:
+            return PredicateResult.no
+        if (
+            self.level > LogLevel.debug
+            and event.get("log_format") in DEBUG_ONLY_CONCH_EVENTS
+            and _fromSSHConnection(event)
+        ):
             return PredicateResult.no
         return PredicateResult.maybe
 
@@ -118,6 +145,7 @@ def useFilteredTwistdObserver(
 
 
 __all__ = [
+    "DEBUG_ONLY_CONCH_EVENTS",
     "DEFAULT_LEVEL",
     "LEVELS",
     "LogObserverService",
