@@ -12,10 +12,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import twisted.logger
-from twisted.application import service
 from twisted.logger import LogBeginner, LogLevel, LogPublisher
 from twisted.python import usage
-from twisted.scripts.twistd import ServerOptions, _SomeApplicationRunner
 from twisted.trial.unittest import SynchronousTestCase
 
 import tests.test_logging as gclogging
@@ -55,21 +53,16 @@ class AgentTwistdPlumbingTests(gclogging.TwistdPlumbingTests):
     """
     groundcontrol's twistd plumbing tests, run on ``twistd tunnel-agent``: parse a twistd
     command line, what the agent's makeService does with its top service, the application,
-    twistd's AppLogger. The filter applies to what -l writes.
+    twistd's AppLogger. The filter applies to what -l writes; with --logger, twistd's
+    choice is left alone.
     """
 
-    def runTwistd(self, *agentArgs: str, twistdArgs: tuple[str, ...] = ()) -> Any:
-        config = ServerOptions()
-        config.parseOptions(
-            ["-n", "-l", str(self.logFile), *twistdArgs, "tunnel-agent", *REQUIRED, *agentArgs]
-        )
+    program = ("tunnel-agent", *REQUIRED)
+
+    def topService(self, options: Any) -> Any:
         top = LogObserverService()  # the class of buildService's top service
-        configureLogging(top, config.subOptions)  # what makeService does
-        application = service.Application("tunnel-agent")
-        top.setServiceParent(application)
-        appLogger = _SomeApplicationRunner.loggerFactory(config)
-        appLogger.start(application)  # begins logging to self.publisher only
-        return application, appLogger
+        configureLogging(top, options)  # what makeService does
+        return top
 
 
 class LauncherLoggingTests(SynchronousTestCase):

@@ -15,16 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from accesstunnel.logfilter import filtered
 from agent.link import AgentConnection
 from groundcontrol.sshserver import GroundControlConnection
-
-
-class _PacketTransport:
-    """Records the packets a connection sends."""
-
-    def __init__(self) -> None:
-        self.packets: list[tuple[int, bytes]] = []
-
-    def sendPacket(self, messageType: int, payload: bytes) -> None:
-        self.packets.append((messageType, payload))
+from tests.test_keepalive import _Recorder
 
 
 class SendingCloseTests(SynchronousTestCase):
@@ -39,7 +30,7 @@ class SendingCloseTests(SynchronousTestCase):
         observer = filtered(seen.append, level)
         globalLogPublisher.addObserver(observer)
         self.addCleanup(globalLogPublisher.removeObserver, observer)
-        conn.transport = _PacketTransport()
+        conn.transport = _Recorder()
         channel: Any = SSHChannel(conn=conn)
         channel.id = 3
         conn.channels[3] = channel

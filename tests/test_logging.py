@@ -121,26 +121,24 @@ class TwistdPlumbingTests(SynchronousTestCase):
         self.patch(twisted.logger, "globalLogBeginner", beginner)
         self.logFile = Path(self.mktemp())
 
-    def runTwistd(self, *groundcontrolArgs: str, twistdArgs: tuple[str, ...] = ()) -> Any:
+    #: The twistd plugin run, with the options it cannot parse without.
+    program: tuple[str, ...] = ("groundcontrol", "--data", "/nonexistent")
+
+    def topService(self, options: Any) -> Any:
+        """The program's top service, given the logging its makeService gives it."""
+        top = GroundControlService()
+        configureLogging(top, options)  # what makeService does
+        return top
+
+    def runTwistd(self, *programArgs: str, twistdArgs: tuple[str, ...] = ()) -> Any:
         """Parse a twistd command line, attach our service, start twistd's logger."""
         config = ServerOptions()
         config.parseOptions(
-            [
-                "-n",
-                "-l",
-                str(self.logFile),
-                *twistdArgs,
-                "groundcontrol",
-                "--data",
-                "/nonexistent",
-                *groundcontrolArgs,
-            ]
+            ["-n", "-l", str(self.logFile), *twistdArgs, *self.program, *programArgs]
         )
         self.assertIs(config.subOptions.parent, config)
-        top = GroundControlService()
-        configureLogging(top, config.subOptions)  # what makeService does
-        application = service.Application("groundcontrol")
-        top.setServiceParent(application)
+        application = service.Application(self.program[0])
+        self.topService(config.subOptions).setServiceParent(application)
         appLogger = _SomeApplicationRunner.loggerFactory(config)
         appLogger.start(application)  # begins logging to self.publisher only
         return application, appLogger
