@@ -27,6 +27,7 @@ from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
+    IReactorTime,
     IStreamClientEndpoint,
     IStreamServerEndpoint,
 )
@@ -363,7 +364,7 @@ def clientConnector(
     else:
         endpoint = endpoints.HostnameEndpoint(tcpReactor, host, port)
     if scheme in ("tls", "wss"):
-        endpoint = _LazyTLSEndpoint(host, tls, endpoint)
+        endpoint = _LazyTLSEndpoint(host, tls, endpoint, reactor)
     wrap: FactoryWrapper = _identity
     if scheme in ("ws", "wss"):
         url = f"{scheme}://{_urlHost(host)}:{port}{parsed.path}"
@@ -389,10 +390,17 @@ class _LazyTLSEndpoint:
     record says.
     """
 
-    def __init__(self, hostname: str, settings: ClientTLS | None, inner: IStreamClientEndpoint):
+    def __init__(
+        self,
+        hostname: str,
+        settings: ClientTLS | None,
+        inner: IStreamClientEndpoint,
+        clock: IReactorTime | None = None,
+    ):
         self.hostname = hostname
         self.settings = settings
         self.inner = inner
+        self.clock = clock  # TLS schedules its write flushes here (None: the global reactor)
         self.withoutCertificateNext = False
 
     def connect(self, protocolFactory: IProtocolFactory) -> Any:
@@ -417,34 +425,47 @@ class _LazyTLSEndpoint:
         def unwrapped(protocol: IProtocol) -> IProtocol:
             return cast(TLSMemoryBIOProtocol, protocol).wrappedProtocol
 
-        connecting = self.inner.connect(TLSMemoryBIOFactory(creator, True, factory))
+        connecting = self.inner.connect(
+            TLSMemoryBIOFactory(creator, True, factory, clock=self.clock)
+        )
         return connecting.addCallback(unwrapped)
 
 
 class _WatchHandshake(WrappingFactory):
-    """Notice a TLS connection that closed before any data reached the link protocol."""
+    """
+    Notice a TLS connection that closed before any data reached the link protocol.
+
+    It watches the protocol C{wrappedFactory} builds in place instead of putting a
+    ProtocolWrapper under it: that protocol's transport must be the TLSMemoryBIOProtocol
+    itself. A wrapper there claims every interface of the TLS transport (ISSLTransport
+    too) without being one, and autobahn's WebSocket client asks such a transport for its
+    TLS channel binding in connectionMade and raises: every wss:// attempt that presented
+    the device certificate died without a word on the wire (the attempt timed out), and
+    the next one went without the certificate.
+    """
 
     def __init__(self, wrappedFactory: IProtocolFactory, endpoint: _LazyTLSEndpoint) -> None:
         super().__init__(wrappedFactory)
         self._endpoint = endpoint
 
     def buildProtocol(self, addr: Any) -> Any:
-        protocol = super().buildProtocol(addr)
-        if protocol is not None:
-            protocol.gotData = False  # type: ignore[attr-defined]
-            received = protocol.dataReceived
+        protocol = self.wrappedFactory.buildProtocol(addr)
+        if protocol is None:
+            return None
+        gotData = False
+        received, lost = protocol.dataReceived, protocol.connectionLost
 
-            def dataReceived(data: bytes) -> None:
-                protocol.gotData = True  # type: ignore[attr-defined]
-                received(data)
+        def dataReceived(data: bytes) -> None:
+            nonlocal gotData
+            gotData = True
+            protocol.dataReceived = received  # seen: later reads go straight in
+            received(data)
 
-            lost = protocol.connectionLost
+        def connectionLost(reason: Any) -> None:
+            if not gotData:
+                self._endpoint.withoutCertificateNext = True
+            lost(reason)
 
-            def connectionLost(reason: Any) -> None:
-                if not protocol.gotData:  # type: ignore[attr-defined]
-                    self._endpoint.withoutCertificateNext = True
-                lost(reason)
-
-            protocol.dataReceived = dataReceived  # type: ignore[method-assign]
-            protocol.connectionLost = connectionLost  # type: ignore[method-assign]
+        protocol.dataReceived = dataReceived  # type: ignore[method-assign]
+        protocol.connectionLost = connectionLost  # type: ignore[method-assign]
         return protocol
