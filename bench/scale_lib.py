@@ -478,8 +478,9 @@ def steadyRate(
     happens around the bytes: each of the n commands is exec'ed after the start, each of the
     n sessions ends (exit status, channel closes, the ssh client's exit) while others still
     move bytes, and the last ones finish alone. One session pays that once for all its bytes;
-    100 sessions of 16 MiB pay it 100 times in about 3 s, some 4 ms of the machine's CPU each
-    (bench/RESULTS.md, "100 sessions: what the session ends cost (session 14, lead)").
+    100 sessions of 16 MiB pay it 100 times in about 3 s, some 3 ms of the machine's CPU each
+    (bench/RESULTS.md, "100 sessions: what the session ends cost, and the rate while all of
+    them run (session 14, lead)").
     """
     start = next((i for i, (_, got) in enumerate(samples) if got >= fromShare * total), None)
     if start is None or start >= len(samples) - 1:
