@@ -475,9 +475,10 @@ def steadyRate(
     first session ends; None when fewer than two samples fall in that window.
 
     The aggregate from the common start to the last end (L{roundRatios}) also counts what
-    happens around the bytes: each of the n commands is exec'ed after the start, each of the
-    n sessions ends (exit status, channel closes, the ssh client's exit) while others still
-    move bytes, and the last ones finish alone. One session pays that once for all its bytes;
+    happens around the bytes: the n commands waking up one after another at the start (the
+    first tenth left out here), each of the n sessions' ends (exit status, channel closes,
+    the ssh client's exit) while others still move bytes, and the last ones finishing
+    alone. One session pays that once for all its bytes;
     100 sessions of 16 MiB pay it 100 times in about 3 s, some 3 ms of the machine's CPU each
     (bench/RESULTS.md, "100 sessions: what the session ends cost, and the rate while all of
     them run (session 14, lead)").
