@@ -77,9 +77,16 @@ def startAgent(fleet: Fleet, name: str, servers: list[str], *extra: str) -> Agen
 
 
 def issueDeviceCertificate(
-    fleet: Fleet, agent: Agent, ca: pki.FleetCA | None = None, expired: bool = False
+    fleet: Fleet,
+    agent: Agent,
+    ca: pki.FleetCA | None = None,
+    expired: bool = False,
+    name: str | None = None,
 ) -> pki.IssuedCertificate:
-    """Write a certificate for the agent's key where the agent looks for it (STATE/device.crt)."""
+    """
+    Write a certificate for the agent's key where the agent looks for it (STATE/device.crt),
+    naming the agent's device or C{name}.
+    """
     publicKey = waitFor(
         lambda: (
             (agent.state / "device_ed25519_key.pub").exists()
@@ -91,7 +98,7 @@ def issueDeviceCertificate(
     now = datetime.now(UTC)
     issued = pki.issueDeviceCertificate(
         ca or pki.FleetCA.load(fleet.gc.data / "ca"),
-        agent.name,
+        name or agent.name,
         None,
         publicKey.strip(),
         now - timedelta(days=10) if expired else now,
@@ -281,12 +288,68 @@ def test_configReloadOnSIGHUP(fleet: Fleet) -> None:
     agent = startAgent(
         fleet, "kiln7", [f"ssh://{LOOPBACK}:{closedPort()}"], "--config", str(config)
     )
-    assert agent.process is not None
+    process = agent.process
+    assert process is not None
     # The handler is installed once the agent runs; a SIGHUP before that would kill it.
-    waitFor(lambda: "SIGHUP re-reads" in agent.process.output(), 30, "the SIGHUP handler")
+    waitFor(lambda: "SIGHUP re-reads" in process.output(), 30, "the SIGHUP handler")
     config.write_text(f'servers = ["tls://{LOOPBACK}:{ports["tls"]}"]\n')
-    pid = agent.process.pid
-    agent.process.signal(signal.SIGHUP)
+    pid = process.pid
+    process.signal(signal.SIGHUP)
     issueDeviceCertificate(fleet, agent)
     approveAndReach(fleet, "kiln7")
-    assert agent.process.pid == pid and agent.process.running()
+    assert agent.process is process and process.pid == pid and process.running()
+
+
+@pytest.mark.parametrize("route", ["direct", "proxy"])
+def test_wssLinkPresentsDeviceCertificate(fleet: Fleet, route: str) -> None:
+    """
+    An approved agent that holds its fleet certificate links over wss:// with it on its
+    first attempt, directly or through a real HTTP proxy, and groundcontrol checks that
+    certificate at the agent's login.
+
+    The certificate-presenting wss:// attempt once died in autobahn's connectionMade; the
+    agent waited out the attempt (15 s), logged that it could not reach the address and
+    came back without the certificate, by its key alone, so the device still became
+    reachable. Hence the agent's own record of its attempts is asserted (one attempt, no
+    failure). groundcontrol records nothing about a certificate it accepts; it records
+    one it refuses: a certificate naming another device, for this agent's key, is refused
+    at the SSH login with a log line, which only a certificate that got through the
+    WebSocket to the login can cause (the key-only fallback logs in).
+    """
+    ports = startServer(fleet, f"wss://{LOOPBACK}:0/tunnel")
+    server = f"wss://{LOOPBACK}:{ports['wss']}/tunnel"
+    proxy = TinyProxy(fleet.base) if route == "proxy" else None
+    extra = ("--proxy", proxy.url) if proxy is not None else ()
+    try:
+        # Approved by its key over wss://, the agent fetches its certificate over the link.
+        first = startAgent(fleet, "kiln7", [server], *extra)
+        approveAndReach(fleet, "kiln7")
+        waitFor((first.state / "device.crt").exists, 30, "the device certificate")
+        first.stop()
+        fleet.agents.remove(first)
+
+        withCertificate = startAgent(fleet, "kiln7", [server], *extra)
+        fleet.waitRoutable(fleet.operators["alice"], "kiln7")
+        assert withCertificate.process is not None
+        log = withCertificate.process.output()
+        assert f"link up over wss via {server}" in log, log
+        assert "could not reach" not in log and "Unhandled Error" not in log, log
+        result = fleet.operators["alice"].ssh("dev_kiln7", "echo", "over-wss")
+        assert result.stdout.strip() == "over-wss"
+        withCertificate.stop()
+        fleet.agents.remove(withCertificate)
+
+        issueDeviceCertificate(fleet, withCertificate, name="kiln8")
+        startAgent(fleet, "kiln7", [server], *extra)
+        assert fleet.gc.process is not None
+        gcLog = fleet.gc.process
+        waitFor(
+            lambda: "device kiln7 presented the certificate of kiln8; refused" in gcLog.output(),
+            30,
+            "groundcontrol to refuse the certificate naming kiln8",
+        )
+        if proxy is not None:
+            assert proxy.connects(), "the links should have gone through the proxy"
+    finally:
+        if proxy is not None:
+            proxy.stop()
