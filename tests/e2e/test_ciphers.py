@@ -36,7 +36,8 @@ def kiln(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     try:
         fleet.addOperator("alice", admin=True)
         fleet.startServer()
-        fleet.addAgent("kiln7")
+        # Debug events: test_agent_link_uses_gcm reads the algorithms Conch logs at debug.
+        fleet.addAgent("kiln7", extraArgs=("--log-level", "debug"))
         fleet.waitRoutable(fleet.operators["alice"], "kiln7")
         yield fleet
     finally:
@@ -87,7 +88,10 @@ def test_cipher_and_mac_round_trip(
 
 
 def test_agent_link_uses_gcm(kiln: Fleet) -> None:
-    """The agent (client of its link) picks AES-128-GCM from groundcontrol's offer."""
+    """
+    The agent (client of its link) picks AES-128-GCM from groundcontrol's offer (Conch's
+    debug event naming the outgoing cipher: the module's agent runs with --log-level debug).
+    """
     agent = kiln.agents[0]
     assert agent.process is not None
     assert "b'aes128-gcm@openssh.com'" in agent.process.output()
