@@ -10,6 +10,7 @@ here before anything else happens.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import attrs
@@ -23,6 +24,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from accesstunnel.keys import fingerprint
+from groundcontrol.pki import DeviceCertificate, shouldRenew
 from groundcontrol.store import Account, IStore
 from groundcontrol.usernames import AgentTarget, Target, parseUsername
 
@@ -43,6 +45,59 @@ class AgentLogin:
     publicKey: str
     keyFingerprint: str
     requestedName: str
+    #: The fleet certificate its link presented (TLS), verified for this key and device by
+    #: the realm; None when it logged in by its enrolled key alone.
+    certificate: DeviceCertificate | None = None
+
+
+def logLinkAccepted(
+    log: Logger, deviceName: str, login: AgentLogin, source: str, now: float
+) -> None:
+    """
+    Say, in the one line a device's accepted link gets, how it authenticated and with which
+    certificate: what an operator reviewing the fleet (or a compromised key) looks for.
+
+    At warn when the certificate is due for renewal (L{shouldRenew}: a third of its life or
+    less left): the agent renews over its link as soon as it is, so a link that still comes
+    with such a certificate means renewals are failing or the device was away for long, and
+    at its expiry it comes back pending.
+    """
+    certificate = login.certificate
+    if certificate is None:
+        log.info(
+            "device {device} connected from {source} by its key {fingerprint} (no certificate)",
+            device=deviceName,
+            source=source,
+            auth="key",
+            fingerprint=login.keyFingerprint,
+        )
+        return
+    at = datetime.fromtimestamp(now, UTC)
+    fields = {
+        "device": deviceName,
+        "source": source,
+        "auth": "certificate",
+        "fingerprint": login.keyFingerprint,
+        "certificateSerial": certificate.serialNumber,
+        "certificateFingerprint": certificate.certificateFingerprint,
+        "certificateSubject": certificate.deviceName,
+        "certificateNotAfter": certificate.notAfter.isoformat(),
+    }
+    text = (
+        "device {device} connected from {source} by certificate {certificateSerial} "
+        "(CN={certificateSubject}, SHA-256 {certificateFingerprint}, "
+        "valid until {certificateNotAfter})"
+    )
+    if not shouldRenew(certificate.notBefore, certificate.notAfter, at):
+        log.info(text, **fields)
+        return
+    daysLeft = (certificate.notAfter - at).total_seconds() / 86400
+    log.warn(
+        text + ", due for renewal: expires in {daysLeft} days",
+        daysLeft=f"{daysLeft:.1f}",
+        nearExpiry=True,
+        **fields,
+    )
 
 
 @implementer(ICredentialsChecker)

@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from accesstunnel.enrollmessages import APPROVED, encodeMessage
-from groundcontrol.auth import AgentLogin, OperatorLogin
+from groundcontrol.auth import AgentLogin, OperatorLogin, logLinkAccepted
 from groundcontrol.enrollment import AgentRequests
 from groundcontrol.flapping import limiterFor
 from groundcontrol.forwarding import RemoteForwards, relayFromDevice
@@ -172,7 +172,9 @@ class AgentAvatar(ConchUser):
             )
             self._registry.attachPending(self.link)
         else:
-            self._log.info("device {device} connected", device=self.deviceName)
+            logLinkAccepted(
+                self._log, self.deviceName, self.login, self.source, self._clock.seconds()
+            )
             self._attachRoutable(self.link)
 
     def _attachRoutable(self, link: DeviceLink) -> None:

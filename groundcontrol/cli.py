@@ -93,6 +93,11 @@ def _buildParser() -> _Parser:
     )
     deviceList = device.add_parser("list", help="devices and pending requests")
     deviceList.add_argument("--json", action="store_true", help="machine-readable output")
+    show = device.add_parser(
+        "show", help="one device in detail: how it last linked, and with which certificate"
+    )
+    show.add_argument("name")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
     approve = device.add_parser("approve", help="approve a pending request or revoked device")
     approve.add_argument("name")
     approve.add_argument(
@@ -255,6 +260,8 @@ def _storeCommand(store: SQLStore, args: argparse.Namespace, now: Callable[[], f
     elif args.command == "device":
         if args.deviceCommand == "list":
             _listDevices(store, args.json)
+        elif args.deviceCommand == "show":
+            _showDevice(store, args.name, args.json)
         elif args.deviceCommand == "approve":
             device = _result(store.approveDevice(args.name, actor, now(), fingerprint=args.key))
             print(f"approved {device.name} ({device.fingerprint})")
@@ -498,6 +505,73 @@ def _listDevices(store: SQLStore, asJSON: bool) -> None:
             for row in rows
         ],
     )
+
+
+def _showDevice(store: SQLStore, name: str, asJSON: bool) -> None:
+    """One device's record, with how its latest link authenticated and its last certificate."""
+    d = _result(store.deviceByName(name))
+    if d is None:
+        raise _CommandError(f"no device named {name!r} (pending requests: device list)")
+    last = d.lastCertificate
+    if asJSON:
+        detail = {
+            "name": d.name,
+            "state": d.state,
+            "fingerprint": d.fingerprint,
+            "serial": d.serial,
+            "approvedAt": d.approvedAt,
+            "approvedBy": d.approvedBy,
+            "lastSeen": d.lastSeen,
+            "owner": d.owner,
+            "leaseUntil": d.leaseUntil,
+            "certificateExpiresAt": d.certificateExpiresAt,
+            "tags": list(d.tags),
+            "reportedTags": list(d.reportedTags),
+            "groups": list(d.groups),
+            "lastLinkAuth": d.lastLinkAuth,
+            "lastCertificate": None
+            if last is None
+            else {
+                "serialNumber": last.serialNumber,
+                "fingerprint": last.fingerprint,
+                "notAfter": last.notAfter,
+                "presentedAt": d.lastCertificateAt,
+            },
+        }
+        print(json.dumps(detail, indent=2))
+        return
+    lines = [
+        ("name", _clean(d.name)),
+        ("state", d.state),
+        ("key", d.fingerprint),
+        ("serial", _clean(d.serial or "-")),
+        ("approved", f"{_formatTime(d.approvedAt)} by {_clean(d.approvedBy)}"),
+        ("last seen", _formatTime(d.lastSeen)),
+        (
+            "owner",
+            "-" if d.owner is None else f"{_clean(d.owner)} until {_formatTime(d.leaseUntil)}",
+        ),
+        (
+            "certificate expires",
+            "-" if d.certificateExpiresAt is None else _formatTime(d.certificateExpiresAt),
+        ),
+        ("tags", " ".join(d.tags) or "-"),
+        ("reported tags", _clean(" ".join(d.reportedTags)) or "-"),
+        ("groups", " ".join(d.groups) or "-"),
+        ("last link by", d.lastLinkAuth or "not recorded"),
+    ]
+    if last is None:
+        lines.append(("last certificate", "none presented"))
+    else:
+        lines += [
+            ("last certificate", last.serialNumber),
+            ("  SHA-256", last.fingerprint),
+            ("  valid until", _formatTime(last.notAfter)),
+            ("  presented", _formatTime(d.lastCertificateAt)),
+        ]
+    width = max(len(label) for label, _ in lines)
+    for label, value in lines:
+        print(f"{label.ljust(width)}  {value}")
 
 
 def _printTable(header: tuple[str, ...], body: list[tuple[str, ...]]) -> None:

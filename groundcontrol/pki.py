@@ -52,6 +52,7 @@ __all__ = [
     "MalformedCertificate",
     "NotADeviceCertificate",
     "WrongIssuer",
+    "certificateFingerprint",
     "deviceDNSName",
     "issueDeviceCertificate",
     "issueServerCertificate",
@@ -175,6 +176,9 @@ class DeviceCertificate:
     @ivar publicKeyFingerprint: the OpenSSH fingerprint of the certified key; the caller must
         check that the peer proved possession of this key (TLS does, for a client certificate).
     @ivar serialNumber: the certificate's serial number in lower-case hex.
+    @ivar certificateFingerprint: the SHA-256 fingerprint of the certificate itself, as
+        L{certificateFingerprint} writes it: what an operator compares with the file on the
+        device, since one key may be certified many times (every renewal).
     """
 
     deviceName: str
@@ -183,6 +187,7 @@ class DeviceCertificate:
     notBefore: datetime
     notAfter: datetime
     serialNumber: str
+    certificateFingerprint: str
 
 
 # --- the CA ---------------------------------------------------------------------------------
@@ -472,7 +477,17 @@ def verifyDeviceCertificate(ca: FleetCA, pem: bytes | str, now: datetime) -> Dev
         notBefore=notBefore,
         notAfter=notAfter,
         serialNumber=_hexSerial(certificate.serial_number),
+        certificateFingerprint=certificateFingerprint(certificate),
     )
+
+
+def certificateFingerprint(certificate: x509.Certificate) -> str:
+    """
+    The SHA-256 fingerprint of C{certificate}'s DER encoding in upper-case hex pairs joined by
+    colons: what C{openssl x509 -noout -fingerprint -sha256 -in device.crt} prints after
+    C{sha256 Fingerprint=}, so an operator can match a logged certificate to a file.
+    """
+    return certificate.fingerprint(hashes.SHA256()).hex(":").upper()
 
 
 # --- renewal --------------------------------------------------------------------------------

@@ -43,11 +43,22 @@ from groundcontrol.auth import AgentLogin, FleetKeyChecker, OperatorLogin
 from groundcontrol.avatars import AgentAvatar, OperatorAvatar
 from groundcontrol.cipherchoice import AESGCMAfterLoginMixin
 from groundcontrol.enrollment import AgentRequests, CertificatePolicy
-from groundcontrol.pki import CertificateError, FleetCA, verifyDeviceCertificate
+from groundcontrol.pki import (
+    CertificateError,
+    DeviceCertificate,
+    FleetCA,
+    verifyDeviceCertificate,
+)
 from groundcontrol.preauth import PreauthMixin
 from groundcontrol.registry import Registry
 from groundcontrol.router import SessionPolicy, SessionRouter
-from groundcontrol.store import Device, IStore, PendingLimitReached, PendingLimits
+from groundcontrol.store import (
+    Device,
+    IStore,
+    LinkCertificate,
+    PendingLimitReached,
+    PendingLimits,
+)
 
 #: What the agent's key may be used for in signatures we accept (RFC 8308).
 USER_KEY_ALGORITHMS = [b"ssh-ed25519", b"rsa-sha2-512", b"rsa-sha2-256"]
@@ -117,6 +128,8 @@ class GroundControlRealm:
 
     async def _agentAvatar(self, login: AgentLogin, mind: Any) -> Any:
         source = _describePeer(mind.peer) if isinstance(mind, PeerMind) else "unknown"
+        certificate = mind.certificate if isinstance(mind, PeerMind) else None
+        verified = self._verifyCertificate(certificate)
         try:
             contact = await self._store.recordContact(
                 login.requestedName,
@@ -126,6 +139,7 @@ class GroundControlRealm:
                 source,
                 self._clock.seconds(),
                 limits=self._pendingLimits,
+                certificate=_linkCertificate(verified, login),
             )
         except PendingLimitReached as e:
             self._log.warn(
@@ -137,7 +151,6 @@ class GroundControlRealm:
             raise PendingRefused(str(e)) from None
         deviceName = None
         pendingKind = None
-        certificate = mind.certificate if isinstance(mind, PeerMind) else None
         if isinstance(contact, Device):
             if contact.state != "approved":
                 self._log.warn(
@@ -149,7 +162,7 @@ class GroundControlRealm:
                 raise UnauthorizedLogin(f"device {contact.name} is {contact.state}")
             deviceName = contact.name
             if certificate is not None:
-                self._checkCertificate(certificate, login, contact.name)
+                login = self._checkCertificate(verified, login, contact.name)
         else:
             pendingKind = contact.kind
         avatar = AgentAvatar(
@@ -164,21 +177,34 @@ class GroundControlRealm:
         )
         return IConchUser, avatar, avatar.logout
 
-    def _checkCertificate(
-        self, certificate: x509.Certificate, login: AgentLogin, name: str
-    ) -> None:
+    def _verifyCertificate(
+        self, certificate: x509.Certificate | None
+    ) -> DeviceCertificate | CertificateError | None:
         """
-        A TLS client certificate must be the fleet's, for this very key and
-        device: one device's certificate never vouches for another's SSH key.
+        What a TLS client certificate says, if the fleet CA vouches for it (or why not):
+        read before the contact is recorded, so the store can keep it in the same write.
         """
-        if self._ca is None:
-            return
+        if certificate is None or self._ca is None:
+            return None
         pem = certificate.public_bytes(serialization.Encoding.PEM)
         now = datetime.fromtimestamp(self._clock.seconds(), UTC)
         try:
-            verified = verifyDeviceCertificate(self._ca, pem, now)
+            return verifyDeviceCertificate(self._ca, pem, now)
         except CertificateError as e:
-            raise UnauthorizedLogin(f"bad device certificate: {e}") from None
+            return e
+
+    def _checkCertificate(
+        self, verified: DeviceCertificate | CertificateError | None, login: AgentLogin, name: str
+    ) -> AgentLogin:
+        """
+        A TLS client certificate must be the fleet's, for this very key and
+        device: one device's certificate never vouches for another's SSH key.
+        The login returned carries it, for the link's log line.
+        """
+        if verified is None:
+            return login
+        if isinstance(verified, CertificateError):
+            raise UnauthorizedLogin(f"bad device certificate: {verified}")
         if verified.publicKeyFingerprint != login.keyFingerprint or verified.deviceName != name:
             self._log.warn(
                 "device {device} presented the certificate of {other}; refused",
@@ -186,6 +212,23 @@ class GroundControlRealm:
                 other=verified.deviceName,
             )
             raise UnauthorizedLogin("the TLS certificate is not this device's")
+        return attrs.evolve(login, certificate=verified)
+
+
+def _linkCertificate(
+    verified: DeviceCertificate | CertificateError | None, login: AgentLogin
+) -> LinkCertificate | None:
+    """What the store keeps of a genuine certificate for the login's key, if there is one."""
+    if not isinstance(verified, DeviceCertificate):
+        return None
+    if verified.publicKeyFingerprint != login.keyFingerprint:
+        return None
+    return LinkCertificate(
+        serialNumber=verified.serialNumber,
+        fingerprint=verified.certificateFingerprint,
+        notAfter=verified.notAfter.timestamp(),
+        deviceName=verified.deviceName,
+    )
 
 
 def _describePeer(peer: IAddress) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from accesstunnel.keys import fingerprint
 from groundcontrol.cli import main
 from groundcontrol.datadir import DataDir
 from groundcontrol.store import (
+    LinkCertificate,
     SQLiteStore,
     SQLStore,
     hashSecret,
@@ -332,6 +334,61 @@ def test_deviceListOwnerLeaseAndCertificate(
         T0 + 86400,
         T0 + 3600,
     )
+
+
+def test_deviceShowLastLink(
+    data: Path, store: SQLiteStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """
+    device show gives one device's record with how its latest link authenticated and the
+    certificate it last linked with (serial, SHA-256 fingerprint, expiry, when), as text and
+    JSON; before any link it says none was recorded; a pending-only or unknown name is an
+    error.
+    """
+    line = contact(store, "kiln7", serial="SN-1")
+    assert run(capsys, "--data", str(data), "device", "approve", "kiln7")[0] == 0
+    status, out, _ = run(capsys, "--data", str(data), "device", "show", "kiln7")
+    assert status == 0
+    assert fingerprint(line) in out and "SN-1" in out
+    assert re.search(r"(?m)^last link by +not recorded$", out), out
+    assert re.search(r"(?m)^last certificate +none presented$", out), out
+
+    certificateFingerprint = ":".join(["5E"] * 32)
+    certificate = LinkCertificate("0a1b2c3d", certificateFingerprint, T0 + 86400, "kiln7")
+    linked = store.recordContact(
+        "kiln7",
+        line,
+        fingerprint(line),
+        None,
+        "198.51.100.7:40000",
+        T0 + 60,
+        certificate=certificate,
+    )
+    assert result(linked).lastLinkAuth == "certificate"
+    status, out, _ = run(capsys, "--data", str(data), "device", "show", "kiln7")
+    assert status == 0
+    assert re.search(r"(?m)^last link by +certificate$", out), out
+    assert re.search(r"(?m)^last certificate +0a1b2c3d$", out), out
+    assert re.search(rf"(?m)^  SHA-256 +{certificateFingerprint}$", out), out
+    assert re.search(r"(?m)^  valid until +2023-11-15T22:13:20Z$", out), out
+    assert re.search(r"(?m)^  presented +2023-11-14T22:14:20Z$", out), out
+
+    result(store.recordContact("kiln7", line, fingerprint(line), None, "x", T0 + 120))
+    status, out, _ = run(capsys, "--data", str(data), "device", "show", "kiln7", "--json")
+    assert status == 0
+    shown = json.loads(out)
+    assert (shown["name"], shown["state"], shown["lastLinkAuth"]) == ("kiln7", "approved", "key")
+    assert shown["lastCertificate"] == {
+        "serialNumber": "0a1b2c3d",
+        "fingerprint": certificateFingerprint,
+        "notAfter": T0 + 86400,
+        "presentedAt": T0 + 60,
+    }
+
+    contact(store, "oven3")
+    for name in ("oven3", "ghost"):
+        status, _, err = run(capsys, "--data", str(data), "device", "show", name)
+        assert status == 1 and f"no device named '{name}'" in err
 
 
 def test_storeURL(

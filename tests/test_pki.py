@@ -38,6 +38,11 @@ def openSSHLine(key: keys.Key) -> str:
     return key.public().toString("OPENSSH").decode("ascii")
 
 
+def openSSLFingerprint(pem: bytes) -> str:
+    """The certificate's SHA-256 fingerprint as OpenSSL computes and prints it."""
+    return crypto.load_certificate(crypto.FILETYPE_PEM, pem).digest("sha256").decode("ascii")
+
+
 class CATestCase(SynchronousTestCase):
     """Gives each test a fresh CA in a temporary directory."""
 
@@ -180,11 +185,25 @@ class DeviceCertificateTests(CATestCase):
                 notBefore=issued.notBefore,
                 notAfter=issued.notAfter,
                 serialNumber=issued.serialNumber,
+                certificateFingerprint=openSSLFingerprint(issued.pem),
             ),
         )
         self.assertEqual(issued.fingerprint, fingerprint(key))
         self.assertEqual(issued.notAfter, NOW + timedelta(days=30))
         self.assertLessEqual(issued.notBefore, NOW)
+
+    def test_certificateFingerprint(self) -> None:
+        """
+        The certificate's own fingerprint is OpenSSL's SHA-256 one (what ``openssl x509
+        -fingerprint -sha256`` prints for device.crt), and tells a renewal apart: the same
+        key certified again has another.
+        """
+        key = newDeviceKey()
+        first, renewed = self.issue(key), self.issue(key)
+        verified = [pki.verifyDeviceCertificate(self.ca, c.pem, NOW) for c in (first, renewed)]
+        self.assertEqual(verified[0].certificateFingerprint, openSSLFingerprint(first.pem))
+        self.assertRegex(verified[0].certificateFingerprint, r"\A([0-9A-F]{2}:){31}[0-9A-F]{2}\Z")
+        self.assertNotEqual(verified[0].certificateFingerprint, verified[1].certificateFingerprint)
 
     def test_certificateContents(self) -> None:
         """

@@ -172,7 +172,7 @@ class UpgradeTo005Tests(SessionIndexTestCase):
                 (T0 + n, event, "alice", "kiln7", json.dumps(detail)),
             )
         self.assertEqual(self.rawMigrate(), schemaUpgraders()[-1][0])
-        self.assertEqual(schemaUpgraders()[-1][0], 5)
+        self.assertGreaterEqual(schemaUpgraders()[-1][0], 5)
         store = self.openAnother()
         log = self.successResultOf(store.auditSince(0, limit=10_000))
         for limit in (2, 0):

@@ -70,7 +70,9 @@ class IStore(Interface):
     def listEnrollmentRequests():
         """@return: Deferred firing with all pending L{EnrollmentRequest}s, by name, first seen."""
 
-    def recordContact(requestedName, publicKey, fingerprint, serial, source, now, limits=None):
+    def recordContact(
+        requestedName, publicKey, fingerprint, serial, source, now, limits=None, certificate=None
+    ):
         """
         Record that an agent authenticated with C{publicKey} and asked to be C{requestedName}.
 
@@ -85,6 +87,12 @@ class IStore(Interface):
         shadows a device's name. The first appearance of a request is audited as
         C{device.rekey-requested} (kind rekey) or C{device.pending} (new, reapprove).
         A C{serial} of None keeps the one already known (see L{updateSerial}).
+
+        For the L{Device} it yields, the same statement that sets C{lastSeen} records how the
+        link authenticated (C{lastLinkAuth}): by C{certificate}, a L{LinkCertificate} the
+        caller verified for this key, which becomes the device's C{lastCertificate} (seen at
+        C{now}); or by the key alone when C{certificate} is None. A certificate naming
+        another device changes neither: the caller refuses that login.
 
         @param source: C{host:port} of the peer; the host is kept apart for the per-host cap.
         @param limits: a L{PendingLimits}: refuse a contact that would add a new (or

@@ -16,6 +16,8 @@ __all__ = [
     "Device",
     "EnrollmentRequest",
     "Grant",
+    "LinkAuth",
+    "LinkCertificate",
     "PendingLimits",
     "SessionEvents",
     "TokenRecord",
@@ -29,6 +31,8 @@ SESSION_ENDED = "session.ended"
 DeviceState = Literal["approved", "revoked"]
 RequestKind = Literal["new", "rekey", "reapprove"]
 CertificateState = Literal["valid", "revoked", "expired", "unknown"]
+#: How a device's link authenticated: its fleet certificate (TLS, then its key), or its key.
+LinkAuth = Literal["certificate", "key"]
 
 
 @frozen
@@ -74,6 +78,12 @@ class Device:
     """Tags the agent reported from its own config in its hello, sorted."""
     groups: tuple[str, ...] = ()
     """The groups the device is a member of, sorted."""
+    lastLinkAuth: LinkAuth | None = None
+    """How the device's latest accepted link authenticated; None if none was since schema 006."""
+    lastCertificate: LinkCertificate | None = None
+    """The certificate of the latest link that presented one (None if none did)."""
+    lastCertificateAt: float | None = None
+    """When a link last presented C{lastCertificate}."""
 
     @property
     def allTags(self) -> tuple[str, ...]:
@@ -142,6 +152,23 @@ class Certificate:
     notAfter: float
     issuedAt: float
     revokedAt: float | None
+
+
+@frozen
+class LinkCertificate:
+    """
+    The fleet certificate a device's link presented, as an operator audits it.
+
+    Unlike L{Certificate} (what the CA issued) this is what a device used: the certificate's
+    serial number (lower-case hex), its own SHA-256 fingerprint (upper-case hex pairs joined by
+    colons, as C{openssl x509 -fingerprint -sha256} prints it), its expiry and the device it
+    names.
+    """
+
+    serialNumber: str
+    fingerprint: str
+    notAfter: float
+    deviceName: str
 
 
 @frozen

@@ -59,6 +59,7 @@ from ._records import (
     Device,
     EnrollmentRequest,
     Grant,
+    LinkCertificate,
     PendingLimits,
     SessionEvents,
     TokenRecord,
@@ -146,6 +147,8 @@ def migrateWith(
 _DEVICE_SELECT = (
     "SELECT d.name, d.state, d.fingerprint, d.public_key, d.serial, d.approved_at, "
     "d.approved_by, d.last_seen, d.created_at, d.lease_until, a.name AS owner, "
+    "d.last_link_auth, d.last_certificate_serial, d.last_certificate_fingerprint, "
+    "d.last_certificate_not_after, d.last_certificate_at, "
     "(SELECT MAX(c.not_after) FROM certificates c WHERE c.device_name = d.name "
     "AND c.fingerprint = d.fingerprint AND c.revoked_at IS NULL) AS certificate_expires_at "
     "FROM devices d LEFT JOIN accounts a ON a.id = d.owner_account_id"
@@ -177,6 +180,16 @@ def _device(row: Row) -> Device:
         owner=row["owner"],
         leaseUntil=row["lease_until"],
         certificateExpiresAt=row["certificate_expires_at"],
+        lastLinkAuth=row["last_link_auth"],
+        lastCertificate=None
+        if row["last_certificate_serial"] is None
+        else LinkCertificate(
+            serialNumber=row["last_certificate_serial"],
+            fingerprint=row["last_certificate_fingerprint"],
+            notAfter=row["last_certificate_not_after"],
+            deviceName=row["name"],
+        ),
+        lastCertificateAt=row["last_certificate_at"],
     )
 
 
@@ -697,9 +710,18 @@ class SQLStore:
         source: str,
         now: float,
         limits: PendingLimits | None = None,
+        certificate: LinkCertificate | None = None,
     ) -> Deferred[Device | EnrollmentRequest]:
         return self._run(
-            self._recordContact, requestedName, publicKey, fingerprint, serial, source, now, limits
+            self._recordContact,
+            requestedName,
+            publicKey,
+            fingerprint,
+            serial,
+            source,
+            now,
+            limits,
+            certificate,
         )
 
     def _recordContact(
@@ -711,6 +733,7 @@ class SQLStore:
         source: str,
         now: float,
         limits: PendingLimits | None,
+        certificate: LinkCertificate | None,
     ) -> Device | EnrollmentRequest:
         serial = cleanSerial(serial)
         with self._write() as c:
@@ -719,8 +742,8 @@ class SQLStore:
                 # The key decides; requestedName is only a claim and is ignored here.
                 if device.state != "approved":
                     return device
-                c.execute("UPDATE devices SET last_seen = ? WHERE name = ?", (now, device.name))
                 if self._needsReapproval(device, now):
+                    c.execute("UPDATE devices SET last_seen = ? WHERE name = ?", (now, device.name))
                     return self._upsertRequest(
                         c,
                         device.name,
@@ -732,6 +755,7 @@ class SQLStore:
                         "reapprove",
                         None,
                     )
+                self._recordLink(c, device.name, now, certificate)
                 return self._deviceNamed(c, device.name)
 
             # Unknown key: only now is the claimed name worth validating and storing.
@@ -740,6 +764,37 @@ class SQLStore:
             kind = "rekey" if self._deviceExists(c, requestedName) else "new"
             return self._upsertRequest(
                 c, requestedName, line, fingerprint, serial, source, now, kind, limits
+            )
+
+    @staticmethod
+    def _recordLink(c: Cursor, name: str, now: float, certificate: LinkCertificate | None) -> None:
+        """
+        An approved device's link is accepted: its last contact, how it authenticated and
+        the certificate it presented, in the one statement a contact always cost.
+
+        A certificate naming another device leaves the link columns alone: the caller
+        refuses that login (L{groundcontrol.sshserver}).
+        """
+        if certificate is None:
+            c.execute(
+                "UPDATE devices SET last_seen = ?, last_link_auth = 'key' WHERE name = ?",
+                (now, name),
+            )
+        elif certificate.deviceName != name:
+            c.execute("UPDATE devices SET last_seen = ? WHERE name = ?", (now, name))
+        else:
+            c.execute(
+                "UPDATE devices SET last_seen = ?, last_link_auth = 'certificate', "
+                "last_certificate_serial = ?, last_certificate_fingerprint = ?, "
+                "last_certificate_not_after = ?, last_certificate_at = ? WHERE name = ?",
+                (
+                    now,
+                    certificate.serialNumber,
+                    certificate.fingerprint,
+                    certificate.notAfter,
+                    now,
+                    name,
+                ),
             )
 
     @staticmethod

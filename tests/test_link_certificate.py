@@ -1,0 +1,226 @@
+"""
+Tests that groundcontrol makes an accepted device link auditable: the link's one log line
+says how the device authenticated (its fleet certificate or its key) and, for a certificate,
+which one (serial, SHA-256 fingerprint, subject, expiry), at warn when it is due for renewal;
+the store keeps the last certificate a device linked with, in the write the login already
+made.
+
+The links are real groundcontrol logins in memory (L{InMemoryFleet}); the TLS layer's
+verified client certificate, which L{accesstunnel.transports.tls.peerCertificate} reads from
+a real TLS connection (tests/test_transports_tls.py), is handed to the front door directly.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
+
+from cryptography import x509
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs
+from twisted.trial.unittest import SynchronousTestCase
+
+from groundcontrol import pki, sshserver
+from groundcontrol.enrollment import CertificatePolicy
+from groundcontrol.store import IStore, LinkCertificate
+from groundcontrol.testing import InMemoryFleet, openMemoryStore, publicLine, resultNow
+from tests.test_pki import openSSLFingerprint
+
+T0 = 1_900_000_000.0
+DAY = 86400.0
+
+
+class CountingStore:
+    """The store, with the name of every method groundcontrol calls on it, in order."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.calls: list[str] = []
+
+    def interactive(self) -> CountingStore:
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._store, name)
+        if not callable(method):
+            return method
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            return method(*args, **kwargs)
+
+        return counted
+
+
+class LinkCertificateTests(SynchronousTestCase):
+    """What groundcontrol logs and stores about the credential of an accepted link."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(T0)
+        base = Path(self.mktemp())
+        base.mkdir()
+        self.ca = pki.FleetCA.create(base / "ca", self.utc(T0 - 400 * DAY))
+        #: The certificate the next link presents over TLS (None: no TLS certificate).
+        self.presented: x509.Certificate | None = None
+        self.patch(sshserver, "peerCertificate", lambda transport: self.presented)
+        self.newFleet()
+
+    def newFleet(self) -> None:
+        """A groundcontrol with a fresh store in which kiln7 is approved, not yet linked."""
+        self.store = CountingStore(openMemoryStore())
+        self.fleet = InMemoryFleet(
+            store=cast(IStore, self.store),
+            clock=self.clock,
+            certificates=CertificatePolicy(self.ca),
+        )
+        self.key = self.fleet.enrollDevice("kiln7")
+
+    def utc(self, t: float) -> datetime:
+        return datetime.fromtimestamp(t, UTC)
+
+    def issue(self, name: str = "kiln7", age: float = 0.0) -> pki.IssuedCertificate:
+        """A 30-day certificate for kiln7's key naming C{name}, issued C{age} seconds ago."""
+        return pki.issueDeviceCertificate(
+            self.ca, name, None, publicLine(self.key), self.utc(self.clock.seconds() - age)
+        )
+
+    def link(self, certificate: pki.IssuedCertificate | None) -> list[dict[str, Any]]:
+        """Link kiln7 presenting C{certificate}; return what groundcontrol logged meanwhile."""
+        self.presented = (
+            None if certificate is None else x509.load_pem_x509_certificate(certificate.pem)
+        )
+        with capturedLogs() as events:
+            self.agent, self.pump = self.fleet.agent("kiln7", self.key)
+        return list(events)
+
+    def connected(self, events: list[dict[str, Any]]) -> dict[str, Any]:
+        """The one line groundcontrol logged for the accepted link."""
+        lines = [e for e in events if e.get("log_format", "").startswith("device {device} conn")]
+        self.assertEqual(len(lines), 1, [e.get("log_format") for e in events])
+        return lines[0]
+
+    def test_certificateLinkLogged(self) -> None:
+        """
+        A link that presents kiln7's certificate is accepted with one info line naming how
+        it authenticated and which certificate: serial, SHA-256 fingerprint (OpenSSL's),
+        subject and expiry.
+        """
+        issued = self.issue()
+        line = self.connected(self.link(issued))
+        self.assertEqual(line["log_level"], LogLevel.info)
+        self.assertEqual(line["device"], "kiln7")
+        self.assertEqual(line["auth"], "certificate")
+        self.assertEqual(line["certificateSerial"], issued.serialNumber)
+        self.assertEqual(line["certificateFingerprint"], openSSLFingerprint(issued.pem))
+        self.assertEqual(line["certificateSubject"], "kiln7")
+        self.assertEqual(line["certificateNotAfter"], issued.notAfter.isoformat())
+        self.assertEqual(line["fingerprint"], issued.fingerprint)
+        self.assertNotIn("nearExpiry", line)
+        self.assertIsNotNone(self.agent.connection, "the link was not accepted")
+
+    def test_keyLinkLogged(self) -> None:
+        """A link with no certificate is accepted with one info line saying: by its key."""
+        line = self.connected(self.link(None))
+        self.assertEqual(line["log_level"], LogLevel.info)
+        self.assertEqual(line["auth"], "key")
+        self.assertEqual(line["fingerprint"], self.issue().fingerprint)
+        self.assertNotIn("certificateSerial", line)
+
+    def test_certificateDueForRenewalWarned(self) -> None:
+        """
+        A certificate past its renewal time (pki.shouldRenew: a third of its life left; an
+        agent renews over its link then) makes the line a warning with the days left; one
+        just short of it does not.
+        """
+        line = self.connected(self.link(self.issue(age=21 * DAY)))
+        self.assertEqual(line["log_level"], LogLevel.warn)
+        self.assertTrue(line["nearExpiry"])
+        self.assertEqual(line["daysLeft"], "9.0")
+        self.assertEqual(line["auth"], "certificate")
+        self.pump.clientIO.loseConnection()
+        self.fleet.flush()
+        line = self.connected(self.link(self.issue(age=19 * DAY)))
+        self.assertEqual(line["log_level"], LogLevel.info)
+
+    def test_storeKeepsTheLastCertificate(self) -> None:
+        """
+        After a certificate link the store shows how kiln7 linked and with which
+        certificate; a later key-only link says "key" and keeps that certificate.
+        """
+        issued = self.issue()
+        self.link(issued)
+        device = resultNow(self.fleet.store.deviceByName("kiln7"))
+        self.assertEqual(device.lastLinkAuth, "certificate")
+        self.assertEqual(
+            device.lastCertificate,
+            LinkCertificate(
+                serialNumber=issued.serialNumber,
+                fingerprint=openSSLFingerprint(issued.pem),
+                notAfter=issued.notAfter.timestamp(),
+                deviceName="kiln7",
+            ),
+        )
+        self.assertEqual(device.lastCertificateAt, T0)
+        self.pump.clientIO.loseConnection()
+        self.fleet.flush()
+        self.clock.advance(60)
+        self.link(None)
+        later = resultNow(self.fleet.store.deviceByName("kiln7"))
+        self.assertEqual(later.lastLinkAuth, "key")
+        self.assertEqual(later.lastCertificate, device.lastCertificate)
+        self.assertEqual(later.lastCertificateAt, T0)
+
+    def test_noExtraStoreCall(self) -> None:
+        """
+        A certificate link makes exactly the store calls a key-only link makes (the
+        certificate rides in recordContact), and still gets its certificate recorded. Each
+        is the first link of a fresh fleet, so the fleet's own bookkeeping is the same.
+        """
+        self.store.calls.clear()
+        self.link(None)
+        keyOnly = list(self.store.calls)
+        self.assertIn("recordContact", keyOnly)
+        self.newFleet()
+        self.store.calls.clear()
+        self.link(self.issue())
+        self.assertEqual(self.store.calls, keyOnly)
+        device = resultNow(self.fleet.store.deviceByName("kiln7"))
+        self.assertEqual(device.lastLinkAuth, "certificate")
+
+    def test_otherDevicesCertificateRefusedAndNotRecorded(self) -> None:
+        """
+        A certificate for kiln7's key naming kiln8 is refused at the login, as before, with
+        no "connected" line, and the store's record of kiln7's last link is left alone.
+        """
+        self.link(self.issue())
+        before = resultNow(self.fleet.store.deviceByName("kiln7"))
+        self.assertEqual(before.lastLinkAuth, "certificate")
+        self.pump.clientIO.loseConnection()
+        self.fleet.flush()
+        events = self.link(self.issue(name="kiln8"))
+        formats = [e.get("log_format", "") for e in events]
+        self.assertIn("device {device} presented the certificate of {other}; refused", formats)
+        self.assertFalse([f for f in formats if f.startswith("device {device} connected")])
+        self.assertIsNone(self.agent.connection)
+        after = resultNow(self.fleet.store.deviceByName("kiln7"))
+        self.assertEqual(
+            (after.lastLinkAuth, after.lastCertificate, after.lastCertificateAt),
+            (before.lastLinkAuth, before.lastCertificate, before.lastCertificateAt),
+        )
+
+    def test_expiredCertificateRefused(self) -> None:
+        """
+        A certificate that is not valid now (one that got past TLS, whose clock may differ)
+        is still refused at the login, and not recorded. (A guard: the certificate is now
+        checked before the contact is recorded, the refusal still comes after.)
+        """
+        issued = self.issue(age=31 * DAY)
+        events = self.link(issued)
+        self.assertIsNone(self.agent.connection)
+        self.assertFalse(
+            [e for e in events if e.get("log_format", "").startswith("device {device} connected")]
+        )
+        device = resultNow(self.fleet.store.deviceByName("kiln7"))
+        self.assertIsNone(device.lastCertificate)

@@ -1,0 +1,136 @@
+"""
+Tests for the store's record of device links (schema 006): how an approved device's latest
+link authenticated and the last certificate it linked with, written by recordContact in the
+statement that sets last_seen, on SQLite and PostgreSQL, and the upgrade of a version 5
+database that already holds devices.
+"""
+
+from __future__ import annotations
+
+from accesstunnel.keys import fingerprint
+from groundcontrol.store import Device, EnrollmentRequest, LinkCertificate, schemaUpgraders
+from tests.test_store import T0, StoreTestCase, bothBackends, newPublicKey
+
+FINGERPRINT = ":".join(["AB"] * 32)
+
+
+def presented(deviceName: str = "kiln7", serialNumber: str = "0a1b2c") -> LinkCertificate:
+    """A certificate a link presented, as the realm hands it to the store."""
+    return LinkCertificate(
+        serialNumber=serialNumber,
+        fingerprint=FINGERPRINT,
+        notAfter=T0 + 30 * 86400,
+        deviceName=deviceName,
+    )
+
+
+@bothBackends
+class LinkRecordTests(StoreTestCase):
+    """recordContact keeps how a device linked, and the certificate it linked with."""
+
+    def test_certificateLink(self) -> None:
+        """
+        A contact with a certificate for the device records it (serial, fingerprint, expiry,
+        when) and says the link came by certificate, in the answer and for other readers.
+        """
+        publicKey, _ = self.enroll("kiln7")
+        device = self.contact("kiln7", publicKey, T0 + 60, certificate=presented())
+        self.assertIsInstance(device, Device)
+        self.assertEqual(device.lastLinkAuth, "certificate")
+        self.assertEqual(device.lastCertificate, presented())
+        self.assertEqual(device.lastCertificateAt, T0 + 60)
+        self.assertEqual(device.lastSeen, T0 + 60)
+        again = self.successResultOf(self.openAnother().deviceByName("kiln7"))
+        self.assertEqual(again, device)
+
+    def test_keyLinkKeepsTheLastCertificate(self) -> None:
+        """
+        A later link by the key alone says so, and keeps the certificate the device last
+        linked with (and when); a newer certificate replaces it.
+        """
+        publicKey, enrolled = self.enroll("kiln7")
+        self.assertIsNone(enrolled.lastLinkAuth)
+        self.assertIsNone(enrolled.lastCertificate)
+        self.contact("kiln7", publicKey, T0 + 60, certificate=presented())
+        device = self.contact("kiln7", publicKey, T0 + 120)
+        self.assertEqual(device.lastLinkAuth, "key")
+        self.assertEqual(device.lastCertificate, presented())
+        self.assertEqual(device.lastCertificateAt, T0 + 60)
+        self.assertEqual(device.lastSeen, T0 + 120)
+        renewed = self.contact(
+            "kiln7", publicKey, T0 + 180, certificate=presented(serialNumber="ff")
+        )
+        self.assertEqual(renewed.lastLinkAuth, "certificate")
+        self.assertEqual(renewed.lastCertificate.serialNumber, "ff")
+        self.assertEqual(renewed.lastCertificateAt, T0 + 180)
+
+    def test_anotherDevicesCertificateLeavesTheRecord(self) -> None:
+        """
+        A certificate naming another device (the realm refuses that login) changes neither
+        how the device last linked nor its last certificate; the contact is still seen.
+        """
+        publicKey, _ = self.enroll("kiln7")
+        self.contact("kiln7", publicKey, T0 + 60, certificate=presented())
+        device = self.contact("kiln7", publicKey, T0 + 120, certificate=presented("kiln8", "99"))
+        self.assertEqual(device.lastLinkAuth, "certificate")
+        self.assertEqual(device.lastCertificate, presented())
+        self.assertEqual(device.lastCertificateAt, T0 + 60)
+        self.assertEqual(device.lastSeen, T0 + 120)
+
+    def test_pendingAndReapprovalRecordNoLink(self) -> None:
+        """
+        A contact that is not an accepted link records none: an unknown key (pending) and an
+        approved device whose certificate expired (pending re-approval); once re-approved,
+        its next link is recorded.
+        """
+        request = self.contact("oven3", newPublicKey(), T0, certificate=presented("oven3"))
+        self.assertIsInstance(request, EnrollmentRequest)
+        publicKey, device = self.enroll("kiln7")
+        self.successResultOf(
+            self.store.recordCertificate("kiln7", "01", device.fingerprint, T0, T0 + 10, T0)
+        )
+        answer = self.contact("kiln7", publicKey, T0 + 20, certificate=presented())
+        self.assertIsInstance(answer, EnrollmentRequest)
+        kiln7 = self.successResultOf(self.store.deviceByName("kiln7"))
+        assert kiln7 is not None
+        self.assertEqual((kiln7.lastLinkAuth, kiln7.lastCertificate), (None, None))
+        self.assertEqual(kiln7.lastSeen, T0 + 20)
+        self.successResultOf(self.store.approveDevice("kiln7", "admin", T0 + 30))
+        again = self.contact("kiln7", publicKey, T0 + 40, certificate=presented())
+        self.assertEqual((again.lastLinkAuth, again.lastCertificateAt), ("certificate", T0 + 40))
+
+
+@bothBackends
+class UpgradeTo006Tests(StoreTestCase):
+    """A version 5 database's devices gain empty link records, then fill them as they link."""
+
+    def test_existingDevicesUpgraded(self) -> None:
+        """
+        A device approved under version 5 is read after the upgrade with no link recorded
+        (not guessed), keeps everything else, and records its next link.
+        """
+        tables = ["session_index", "device_tags", "group_members", "audit", "grants"]
+        tables += ["account_keys", "devices", "accounts", "enrollment_requests"]
+        tables += ["certificates", "token_redemptions", "tokens", "claim_codes", "version"]
+        for table in tables:
+            self.rawQuery(f"DROP TABLE {table}")
+        self.assertEqual(self.rawMigrate(upTo=5), 5)
+        publicKey = newPublicKey()
+        self.rawQuery(
+            "INSERT INTO devices (name, state, fingerprint, public_key, serial, approved_at, "
+            "approved_by, last_seen, created_at) VALUES (?, 'approved', ?, ?, NULL, ?, 'admin', "
+            "?, ?)",
+            ("kiln7", fingerprint(publicKey), publicKey, T0, T0, T0),
+        )
+        self.assertEqual(self.rawMigrate(), schemaUpgraders()[-1][0])
+        self.assertEqual(schemaUpgraders()[-1][0], 6)
+        self.store = self.openAnother()
+        device = self.successResultOf(self.store.deviceByName("kiln7"))
+        assert device is not None
+        self.assertEqual(
+            (device.state, device.approvedBy, device.lastSeen), ("approved", "admin", T0)
+        )
+        self.assertEqual((device.lastLinkAuth, device.lastCertificate), (None, None))
+        linked = self.contact("kiln7", publicKey, T0 + 5, certificate=presented())
+        self.assertEqual(linked.lastLinkAuth, "certificate")
+        self.assertEqual(linked.lastCertificate, presented())
