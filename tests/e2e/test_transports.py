@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from OpenSSL import crypto
 
 from groundcontrol import pki
 from tests.e2e.harness import LOOPBACK, Agent, Fleet, HarnessError, Process, waitFor
@@ -300,6 +301,30 @@ def test_configReloadOnSIGHUP(fleet: Fleet) -> None:
     assert agent.process is process and process.pid == pid and process.running()
 
 
+def assertLinkedByCertificate(fleet: Fleet, agent: Agent) -> None:
+    """
+    groundcontrol logged the agent's link as made by the certificate the agent holds, and
+    `groundcontrol device show` names that certificate (serial, OpenSSL's SHA-256
+    fingerprint, expiry) as the one the device last linked with.
+    """
+    pem = (agent.state / "device.crt").read_bytes()
+    held = pki.verifyDeviceCertificate(
+        pki.FleetCA.load(fleet.gc.data / "ca"), pem, datetime.now(UTC)
+    )
+    sha256 = crypto.load_certificate(crypto.FILETYPE_PEM, pem).digest("sha256").decode()
+    assert fleet.gc.process is not None
+    gcLog = fleet.gc.process.output()
+    assert f"device {agent.name} connected from " in gcLog, gcLog
+    assert f"by certificate {held.serialNumber} (CN={agent.name}, SHA-256 {sha256}," in gcLog
+    shown = json.loads(fleet.gc.cli("device", "show", agent.name, "--json").stdout)
+    assert shown["lastLinkAuth"] == "certificate", shown
+    last = shown["lastCertificate"]
+    assert (last["serialNumber"], last["fingerprint"]) == (held.serialNumber, sha256), shown
+    assert last["notAfter"] == held.notAfter.timestamp(), shown
+    text = fleet.gc.cli("device", "show", agent.name).stdout
+    assert held.serialNumber in text and sha256 in text, text
+
+
 @pytest.mark.parametrize("route", ["direct", "proxy"])
 def test_wssLinkPresentsDeviceCertificate(fleet: Fleet, route: str) -> None:
     """
@@ -311,10 +336,11 @@ def test_wssLinkPresentsDeviceCertificate(fleet: Fleet, route: str) -> None:
     agent waited out the attempt (15 s), logged that it could not reach the address and
     came back without the certificate, by its key alone, so the device still became
     reachable. Hence the agent's own record of its attempts is asserted (one attempt, no
-    failure). groundcontrol records nothing about a certificate it accepts; it records
-    one it refuses: a certificate naming another device, for this agent's key, is refused
-    at the SSH login with a log line, which only a certificate that got through the
-    WebSocket to the login can cause (the key-only fallback logs in).
+    failure). groundcontrol logs the accepted link as made by that certificate and
+    `groundcontrol device show` names it (serial, fingerprint, expiry); a certificate
+    naming another device, for this agent's key, is refused at the SSH login with a log
+    line, which only a certificate that got through the WebSocket to the login can cause
+    (the key-only fallback logs in).
     """
     ports = startServer(fleet, f"wss://{LOOPBACK}:0/tunnel")
     server = f"wss://{LOOPBACK}:{ports['wss']}/tunnel"
@@ -336,6 +362,7 @@ def test_wssLinkPresentsDeviceCertificate(fleet: Fleet, route: str) -> None:
         assert "could not reach" not in log and "Unhandled Error" not in log, log
         result = fleet.operators["alice"].ssh("dev_kiln7", "echo", "over-wss")
         assert result.stdout.strip() == "over-wss"
+        assertLinkedByCertificate(fleet, withCertificate)
         withCertificate.stop()
         fleet.agents.remove(withCertificate)
 
