@@ -15,6 +15,11 @@ connection class overriding Conch's C{sendClose} or its logger: the filter
 applies to every SSH connection in either process, whatever logger its class
 declares, and Conch's close logic is not copied.
 
+A class whose own line says what one of Conch's info events says, and more, names
+that event's format in its C{conchEventsSaidOtherwise}, and the filter treats the
+event as debug when that class logged it: the agent's link says when it ended, after
+how long and why (agent.linklog), in place of Conch's bare "connection lost".
+
 Under twistd, L{twistdObserver} makes the observer twistd would make from its
 options (``-l FILE``, ``--syslog``, standard output with ``-n``), and
 L{LogObserverService}, the program's top service, gives it, filtered, to
@@ -58,6 +63,12 @@ def parseLevel(name: str) -> NamedConstant:
     return LogLevel.levelWithName(name)
 
 
+def _saidOtherwise(event: LogEvent) -> bool:
+    """Whether C{event}'s source writes a fuller line of its own in its place."""
+    said = getattr(event.get("log_source"), "conchEventsSaidOtherwise", None)
+    return said is not None and event.get("log_format") in said
+
+
 def _fromSSHConnection(event: LogEvent) -> bool:
     """Whether C{event} was logged by an SSH connection (Conch's, or a subclass)."""
     connection = sys.modules.get("twisted.conch.ssh.connection")
@@ -68,7 +79,8 @@ def _fromSSHConnection(event: LogEvent) -> bool:
 @implementer(ILogFilterPredicate)
 class MinimumLevel:
     """
-    Drop events below C{level}, counting L{DEBUG_ONLY_CONCH_EVENTS} as debug.
+    Drop events below C{level}, counting L{DEBUG_ONLY_CONCH_EVENTS} and the
+    events their source says otherwise (C{conchEventsSaidOtherwise}) as debug.
     Events without a level (text written to standard output or error, legacy
     log.msg without one) are kept.
     """
@@ -82,10 +94,9 @@ class MinimumLevel:
             return PredicateResult.maybe
         if level < self.level:
             return PredicateResult.no
-        if (
-            self.level > LogLevel.debug
-            and event.get("log_format") in DEBUG_ONLY_CONCH_EVENTS
-            and _fromSSHConnection(event)
+        if self.level > LogLevel.debug and (
+            (event.get("log_format") in DEBUG_ONLY_CONCH_EVENTS and _fromSSHConnection(event))
+            or _saidOtherwise(event)
         ):
             return PredicateResult.no
         return PredicateResult.maybe

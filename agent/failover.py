@@ -11,6 +11,9 @@ An address counts as working only once the link on it is up (the link protocol's
 Deferred fires, i.e. the agent authenticated), not merely when TCP connected: a TLS-intercepting
 middlebox accepts every connection. A link that closes before it was up sends the next
 connect to the next address.
+
+The link protocol is told where and when it was dialled (its C{dialed} method, given a
+L{Dial}): the line it writes once it is up names the address and the time from the dial.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 from twisted.internet import defer
 from twisted.internet.interfaces import (
     IProtocol,
@@ -36,13 +40,25 @@ from zope.interface import implementer
 
 from accesstunnel.addresses import Connector
 
-__all__ = ["AllAddressesFailed", "FailoverEndpoint"]
+__all__ = ["AllAddressesFailed", "Dial", "FailoverEndpoint"]
 
 DEFAULT_ATTEMPT_TIMEOUT = 15.0
 
 
 class AllAddressesFailed(ConnectionError):  # noqa: N818 - reads as a state
     """Every address in the list failed this round; ClientService backs off and retries."""
+
+
+@attrs.frozen
+class Dial:
+    """
+    Where a link's connection was dialled, and when (the clock's seconds): the address
+    as given (a proxy named by host), its transport (C{"tcp"}, C{"tls"}, C{"wss"}...).
+    """
+
+    address: str
+    transport: str
+    started: float
 
 
 class _Watch(ProtocolWrapper):
@@ -66,14 +82,18 @@ class _WatchFactory(WrappingFactory):
     protocol = _Watch
     noisy = False  # one per attempt: "Starting factory" lines would drown the useful ones
 
-    def __init__(self, wrappedFactory: IProtocolFactory) -> None:
+    def __init__(self, wrappedFactory: IProtocolFactory, dial: Dial | None = None) -> None:
         super().__init__(wrappedFactory)
+        self.dial = dial
         self.started: defer.Deferred[_Watch] = defer.Deferred()
         self.up: defer.Deferred[None] = defer.Deferred()
 
     def made(self, watch: _Watch) -> None:
         if not self.started.called:
             self.started.callback(watch)
+        dialed = getattr(watch.wrappedProtocol, "dialed", None)
+        if dialed is not None and self.dial is not None:
+            dialed(self.dial)
         ready = getattr(watch.wrappedProtocol, "ready", None)
         if isinstance(ready, defer.Deferred):
             ready.addCallbacks(self._up, self._notUp)
@@ -179,7 +199,8 @@ class FailoverEndpoint:
         raise AllAddressesFailed("; ".join(failures))
 
     async def _attempt(self, connector: Connector, protocolFactory: IProtocolFactory) -> IProtocol:
-        watch = _WatchFactory(protocolFactory)
+        dial = Dial(connector.description, connector.transport, self._clock.seconds())
+        watch = _WatchFactory(protocolFactory, dial)
         self._log.debug("trying {address}", address=connector.description)
         connecting = connector.endpoint.connect(connector.wrapFactory(watch))
         outer: list[Any] = []
@@ -215,11 +236,7 @@ class FailoverEndpoint:
         return connector.attemptTimeout or self.attemptTimeout
 
     def _worked(self, connector: Connector) -> None:
-        self._log.info(
-            "link up over {transport} via {address}",
-            transport=connector.transport,
-            address=connector.description,
-        )
+        # The link itself says it is up, and how (agent.linklog), once per link.
         if connector in self._connectors:
             self.preferred = self._connectors.index(connector)
         self._remember(connector.description)

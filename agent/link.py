@@ -16,7 +16,7 @@ import os
 import random
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application.internet import ClientService
@@ -34,9 +34,13 @@ from accesstunnel.enrollmessages import APPROVED
 from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL, KeepaliveTransportMixin
 from accesstunnel.letgo import letGo
 from accesstunnel.rekey import RekeyingTransportMixin, RekeyLimit
+from agent import linklog
 from agent.enrollment import Enrollment
 from agent.identity import ServerKeyPin
 from agent.remoteforward import CANCEL_TCPIP_FORWARD, TCPIP_FORWARD, RemoteForwarder
+
+if TYPE_CHECKING:
+    from agent.failover import Dial
 
 AGENT_VERSION = "0.1.0"
 
@@ -148,13 +152,7 @@ class AgentConnection(TunnelConnection):
         if self.linkFlow is not None:  # read and buffer the link in larger pieces
             self.linkFlow.widen()
         shortcutPassThroughLayers(self.transport)
-        settings = self.factory.settings
         self.transport.startKeepalive(self)
-        self._log.info(
-            "link to groundcontrol is up (this device asks to be called {name}; "
-            "groundcontrol routes it by its key)",
-            name=settings.name,
-        )
         self.transport.linkUp()
         enrollment = self.factory.enrollment
         if enrollment is not None:
@@ -221,9 +219,23 @@ class AgentTransport(
 
     _log = Logger()
     ourVersionString = versionLine()
+    #: Conch's "connection lost" says less than our line about the link's end
+    #: (accesstunnel.logfilter counts it as debug; agent.linklog).
+    conchEventsSaidOtherwise = frozenset({"connection lost"})
+    #: Where and when this connection was dialled (the failover endpoint says, L{dialed}).
+    _dial: Dial | None = None
+    #: When the link came up (the clock's seconds); None until it is.
+    _upAt: float | None = None
+    #: Why the link is ending, as noted when it happened (None: the loss will say).
+    _endingBecause: str | None = None
+
+    def dialed(self, dial: Dial) -> None:
+        """The failover endpoint names the address this connection was dialled to, and when."""
+        self._dial = dial
 
     def connectionMade(self) -> None:
         policy.applyClientPolicy(self)
+        self._connectedAt = self.factory.clock.seconds()
         tcp = self.transport
         for option in ("setTcpNoDelay", "setTcpKeepAlive"):
             setter = getattr(tcp, option, None)
@@ -270,8 +282,32 @@ class AgentTransport(
         self.factory.failedLinks = 0
         if self._handshakeTimer.active():
             self._handshakeTimer.cancel()
+        self._upAt = self.factory.clock.seconds()
+        transport, address, dialedAt = self._where()
+        settings = self.factory.settings
+        linklog.logLinkUp(
+            self._log,
+            self,
+            transport=transport,
+            address=address,
+            seconds=self._upAt - dialedAt,
+            name=settings.name,
+            deviceKey=settings.deviceKey,
+        )
         if not self.ready.called:
             self.ready.callback(None)
+
+    def _where(self) -> tuple[str, str, float]:
+        """
+        The link's transport, address and dial time: as the failover endpoint dialled
+        it, else (a link made by any other endpoint) its peer, from the TCP connect.
+        """
+        if self._dial is not None:
+            return self._dial.transport, self._dial.address, self._dial.started
+        peer = self.transport.getPeer()
+        address = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}".rstrip(":")
+        transport = "tcp" if linklog.tlsConnection(self.transport) is None else "tls"
+        return transport, address, self._connectedAt
 
     def _unansweredTimedOut(self) -> None:
         self._log.warn("groundcontrol did not start the key exchange in time; dropping the link")
@@ -297,15 +333,25 @@ class AgentTransport(
         self.enterSteadyState()
 
     def peerSilent(self) -> None:
-        self._log.warn("groundcontrol stopped answering; reconnecting")
+        # Said by the line about the link's end (agent.linklog), written as it closes.
+        settings = self.factory.settings
+        self._endingBecause = (
+            "groundcontrol stopped answering "
+            f"({settings.keepaliveCount} keepalives {settings.keepaliveInterval:g} s apart)"
+        )
         self.transport.abortConnection()
 
     def receiveError(self, reasonCode: int, description: bytes) -> None:
-        self._log.warn(
-            "groundcontrol closed the link: {reason}",
-            reason=description.decode("utf-8", "replace"),
-        )
+        reason = description.decode("utf-8", "replace")
+        self._endingBecause = f"groundcontrol closed the link: {reason}"
+        if self._upAt is None:  # a link that was up says it in its end's line
+            self._log.warn("groundcontrol closed the link: {reason}", reason=reason)
         super().receiveError(reasonCode, description)
+
+    def sendDisconnect(self, reason: int, desc: bytes) -> None:
+        if self._endingBecause is None:
+            self._endingBecause = f"the agent disconnected: {desc.decode('utf-8', 'replace')}"
+        super().sendDisconnect(reason, desc)
 
     def connectionLost(self, reason: Any = None) -> None:
         if self._handshakeTimer.active():
@@ -315,6 +361,15 @@ class AgentTransport(
             self.ready.errback(Failure(ConnectionError("link closed before it was up")))
             self.ready.addErrback(lambda f: None)
         super().connectionLost(reason)
+        if self._upAt is not None:
+            transport, address, _ = self._where()
+            linklog.logLinkDown(
+                self._log,
+                transport=transport,
+                address=address,
+                lasted=self.factory.clock.seconds() - self._upAt,
+                why=linklog.endReason(self._endingBecause, reason, self.factory.stopping),
+            )
         # An agent that re-dials its link many times a day frees each old one by
         # reference counting, at once.
         letGo(self)
@@ -324,6 +379,10 @@ class AgentLinkFactory(protocol.ClientFactory):
     """Builds agent transports; holds settings and the channel factories."""
 
     protocol = AgentTransport
+    #: Twisted's "Starting factory <...AgentLinkFactory object at 0x...>" and "Stopping
+    #: factory" come with every attempt and every link's end and tell an operator
+    #: nothing: the link's own lines say what happened (agent.linklog).
+    noisy = False
 
     def __init__(
         self,
@@ -340,6 +399,24 @@ class AgentLinkFactory(protocol.ClientFactory):
         self.forwardFactory = forwardFactory
         #: Links in a row that closed before they were authenticated.
         self.failedLinks = 0
+        #: Whether the link service is stopping (the agent is): the link's end says so.
+        self.stopping = False
+
+
+class _LinkService(ClientService):
+    """L{ClientService} that tells the factory it is stopping, so the link's end says why."""
+
+    def __init__(self, endpoint: Any, factory: AgentLinkFactory, **kwargs: Any) -> None:
+        super().__init__(endpoint, factory, **kwargs)
+        self._linkFactory = factory
+
+    def startService(self) -> None:
+        self._linkFactory.stopping = False
+        super().startService()
+
+    def stopService(self) -> Any:
+        self._linkFactory.stopping = True
+        return super().stopService()
 
 
 def linkService(
@@ -359,7 +436,7 @@ def linkService(
     lost while it is pending raises NoTransition inside ClientService.)
     """
     policy = retryPolicy or backoffPolicy()
-    return ClientService(
+    return _LinkService(
         endpoint,
         factory,
         retryPolicy=lambda attempt: policy(attempt + factory.failedLinks),

@@ -59,7 +59,7 @@ def test_approve_over_ctl_makes_waiting_device_routable(fleet: Fleet) -> None:
     assert "unknown device" in alice.ssh("dev_oven2", "true").stderr
     assert alice.ssh("ctl", "approve", "oven2").returncode == 0
     fleet.waitRoutable(alice, "oven2", timeout=10)
-    assert fleet.agents[0].process.output().count("link to groundcontrol is up") == 1
+    assert fleet.agents[0].process.output().count("link up over") == 1
 
 
 def test_revoke_closes_live_session_within_a_second(kiln7: Fleet) -> None:

@@ -245,7 +245,7 @@ def test_rekey_on_both_links_mid_transfer(fleet: Fleet, streamDigest: str) -> No
     assert agentRenewals() - before >= 3
 
     log = agent.process.output()
-    assert log.count("link to groundcontrol is up") == 1
+    assert log.count("link up over") == 1
     assert "renewing the session keys: bytes limit reached" in log  # the agent started them
 
 

@@ -59,7 +59,7 @@ def test_many_operators_many_sessions_over_one_link(kiln7: Fleet, tmp_path) -> N
         err for _, _, err in results
     ]
     # All of it went over the one agent connection: the agent dialled once.
-    assert kiln7.agents[0].process.output().count("link to groundcontrol is up") == 1
+    assert kiln7.agents[0].process.output().count("link up over") == 1
 
 
 def test_wrong_server_key_is_refused(fleet: Fleet, tmp_path) -> None:
@@ -96,7 +96,7 @@ def test_reconnect_replaces_half_open_link(kiln7: Fleet) -> None:
         new = Agent(kiln7.base, "kiln7")  # same state dir: same device key
         kiln7.agents.append(new)
         new.start(kiln7.serverAddress, str(kiln7.gc.data / "ssh_host_ed25519_key.pub"))
-        waitFor(lambda: "link to groundcontrol is up" in new.process.output(), 30, "new link")
+        waitFor(lambda: "link up over" in new.process.output(), 30, "new link")
         result = alice.ssh("dev_kiln7", "echo via-new-link", timeout=30)
         assert result.stdout == "via-new-link\n", result.stderr
     finally:
