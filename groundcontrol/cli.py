@@ -510,9 +510,10 @@ def _listDevices(store: SQLStore, asJSON: bool) -> None:
 def _showDevice(store: SQLStore, name: str, asJSON: bool) -> None:
     """One device's record, with how its latest link authenticated and its last certificate."""
     d = _result(store.deviceByName(name))
-    if d is None:
+    link = _result(store.lastLink(name))
+    if d is None or link is None:
         raise _CommandError(f"no device named {name!r} (pending requests: device list)")
-    last = d.lastCertificate
+    last = link.certificate
     if asJSON:
         detail = {
             "name": d.name,
@@ -528,14 +529,14 @@ def _showDevice(store: SQLStore, name: str, asJSON: bool) -> None:
             "tags": list(d.tags),
             "reportedTags": list(d.reportedTags),
             "groups": list(d.groups),
-            "lastLinkAuth": d.lastLinkAuth,
+            "lastLinkAuth": link.auth,
             "lastCertificate": None
             if last is None
             else {
                 "serialNumber": last.serialNumber,
                 "fingerprint": last.fingerprint,
                 "notAfter": last.notAfter,
-                "presentedAt": d.lastCertificateAt,
+                "presentedAt": link.certificateAt,
             },
         }
         print(json.dumps(detail, indent=2))
@@ -558,7 +559,7 @@ def _showDevice(store: SQLStore, name: str, asJSON: bool) -> None:
         ("tags", " ".join(d.tags) or "-"),
         ("reported tags", _clean(" ".join(d.reportedTags)) or "-"),
         ("groups", " ".join(d.groups) or "-"),
-        ("last link by", d.lastLinkAuth or "not recorded"),
+        ("last link by", link.auth or "not recorded"),
     ]
     if last is None:
         lines.append(("last certificate", "none presented"))
@@ -567,7 +568,7 @@ def _showDevice(store: SQLStore, name: str, asJSON: bool) -> None:
             ("last certificate", last.serialNumber),
             ("  SHA-256", last.fingerprint),
             ("  valid until", _formatTime(last.notAfter)),
-            ("  presented", _formatTime(d.lastCertificateAt)),
+            ("  presented", _formatTime(link.certificateAt)),
         ]
     width = max(len(label) for label, _ in lines)
     for label, value in lines:

@@ -364,7 +364,7 @@ def test_deviceShowLastLink(
         T0 + 60,
         certificate=certificate,
     )
-    assert result(linked).lastLinkAuth == "certificate"
+    assert result(linked).lastSeen == T0 + 60
     status, out, _ = run(capsys, "--data", str(data), "device", "show", "kiln7")
     assert status == 0
     assert re.search(r"(?m)^last link by +certificate$", out), out

@@ -23,7 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from groundcontrol import pki, sshserver
 from groundcontrol.enrollment import CertificatePolicy
-from groundcontrol.store import IStore, LinkCertificate
+from groundcontrol.store import IStore, LastLink, LinkCertificate
 from groundcontrol.testing import InMemoryFleet, openMemoryStore, publicLine, resultNow
 from tests.test_pki import openSSLFingerprint
 
@@ -151,10 +151,10 @@ class LinkCertificateTests(SynchronousTestCase):
         """
         issued = self.issue()
         self.link(issued)
-        device = resultNow(self.fleet.store.deviceByName("kiln7"))
-        self.assertEqual(device.lastLinkAuth, "certificate")
+        device = resultNow(self.fleet.store.lastLink("kiln7"))
+        self.assertEqual(device.auth, "certificate")
         self.assertEqual(
-            device.lastCertificate,
+            device.certificate,
             LinkCertificate(
                 serialNumber=issued.serialNumber,
                 fingerprint=openSSLFingerprint(issued.pem),
@@ -162,15 +162,13 @@ class LinkCertificateTests(SynchronousTestCase):
                 deviceName="kiln7",
             ),
         )
-        self.assertEqual(device.lastCertificateAt, T0)
+        self.assertEqual(device.certificateAt, T0)
         self.pump.clientIO.loseConnection()
         self.fleet.flush()
         self.clock.advance(60)
         self.link(None)
-        later = resultNow(self.fleet.store.deviceByName("kiln7"))
-        self.assertEqual(later.lastLinkAuth, "key")
-        self.assertEqual(later.lastCertificate, device.lastCertificate)
-        self.assertEqual(later.lastCertificateAt, T0)
+        later = resultNow(self.fleet.store.lastLink("kiln7"))
+        self.assertEqual(later, LastLink("key", device.certificate, T0))
 
     def test_noExtraStoreCall(self) -> None:
         """
@@ -186,8 +184,7 @@ class LinkCertificateTests(SynchronousTestCase):
         self.store.calls.clear()
         self.link(self.issue())
         self.assertEqual(self.store.calls, keyOnly)
-        device = resultNow(self.fleet.store.deviceByName("kiln7"))
-        self.assertEqual(device.lastLinkAuth, "certificate")
+        self.assertEqual(resultNow(self.fleet.store.lastLink("kiln7")).auth, "certificate")
 
     def test_otherDevicesCertificateRefusedAndNotRecorded(self) -> None:
         """
@@ -195,8 +192,8 @@ class LinkCertificateTests(SynchronousTestCase):
         no "connected" line, and the store's record of kiln7's last link is left alone.
         """
         self.link(self.issue())
-        before = resultNow(self.fleet.store.deviceByName("kiln7"))
-        self.assertEqual(before.lastLinkAuth, "certificate")
+        before = resultNow(self.fleet.store.lastLink("kiln7"))
+        self.assertEqual(before.auth, "certificate")
         self.pump.clientIO.loseConnection()
         self.fleet.flush()
         events = self.link(self.issue(name="kiln8"))
@@ -204,11 +201,7 @@ class LinkCertificateTests(SynchronousTestCase):
         self.assertIn("device {device} presented the certificate of {other}; refused", formats)
         self.assertFalse([f for f in formats if f.startswith("device {device} connected")])
         self.assertIsNone(self.agent.connection)
-        after = resultNow(self.fleet.store.deviceByName("kiln7"))
-        self.assertEqual(
-            (after.lastLinkAuth, after.lastCertificate, after.lastCertificateAt),
-            (before.lastLinkAuth, before.lastCertificate, before.lastCertificateAt),
-        )
+        self.assertEqual(resultNow(self.fleet.store.lastLink("kiln7")), before)
 
     def test_expiredCertificateRefused(self) -> None:
         """
@@ -222,5 +215,4 @@ class LinkCertificateTests(SynchronousTestCase):
         self.assertFalse(
             [e for e in events if e.get("log_format", "").startswith("device {device} connected")]
         )
-        device = resultNow(self.fleet.store.deviceByName("kiln7"))
-        self.assertIsNone(device.lastCertificate)
+        self.assertIsNone(resultNow(self.fleet.store.lastLink("kiln7")).certificate)

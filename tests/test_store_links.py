@@ -1,14 +1,20 @@
 """
 Tests for the store's record of device links (schema 006): how an approved device's latest
 link authenticated and the last certificate it linked with, written by recordContact in the
-statement that sets last_seen, on SQLite and PostgreSQL, and the upgrade of a version 5
-database that already holds devices.
+statement that sets last_seen and read by lastLink, on SQLite and PostgreSQL, and the
+upgrade of a version 5 database that already holds devices.
 """
 
 from __future__ import annotations
 
 from accesstunnel.keys import fingerprint
-from groundcontrol.store import Device, EnrollmentRequest, LinkCertificate, schemaUpgraders
+from groundcontrol.store import (
+    Device,
+    EnrollmentRequest,
+    LastLink,
+    LinkCertificate,
+    schemaUpgraders,
+)
 from tests.test_store import T0, StoreTestCase, bothBackends, newPublicKey
 
 FINGERPRINT = ":".join(["AB"] * 32)
@@ -28,41 +34,35 @@ def presented(deviceName: str = "kiln7", serialNumber: str = "0a1b2c") -> LinkCe
 class LinkRecordTests(StoreTestCase):
     """recordContact keeps how a device linked, and the certificate it linked with."""
 
+    def lastLink(self, name: str = "kiln7") -> LastLink | None:
+        """What another reader (the CLI, another node) sees of the device's last link."""
+        return self.successResultOf(self.openAnother().lastLink(name))
+
     def test_certificateLink(self) -> None:
         """
         A contact with a certificate for the device records it (serial, fingerprint, expiry,
-        when) and says the link came by certificate, in the answer and for other readers.
+        when) and says the link came by certificate; the contact is seen as before.
         """
         publicKey, _ = self.enroll("kiln7")
+        self.assertEqual(self.lastLink(), LastLink(None, None, None))
         device = self.contact("kiln7", publicKey, T0 + 60, certificate=presented())
         self.assertIsInstance(device, Device)
-        self.assertEqual(device.lastLinkAuth, "certificate")
-        self.assertEqual(device.lastCertificate, presented())
-        self.assertEqual(device.lastCertificateAt, T0 + 60)
         self.assertEqual(device.lastSeen, T0 + 60)
-        again = self.successResultOf(self.openAnother().deviceByName("kiln7"))
-        self.assertEqual(again, device)
+        self.assertEqual(self.lastLink(), LastLink("certificate", presented(), T0 + 60))
 
     def test_keyLinkKeepsTheLastCertificate(self) -> None:
         """
         A later link by the key alone says so, and keeps the certificate the device last
         linked with (and when); a newer certificate replaces it.
         """
-        publicKey, enrolled = self.enroll("kiln7")
-        self.assertIsNone(enrolled.lastLinkAuth)
-        self.assertIsNone(enrolled.lastCertificate)
+        publicKey, _ = self.enroll("kiln7")
         self.contact("kiln7", publicKey, T0 + 60, certificate=presented())
         device = self.contact("kiln7", publicKey, T0 + 120)
-        self.assertEqual(device.lastLinkAuth, "key")
-        self.assertEqual(device.lastCertificate, presented())
-        self.assertEqual(device.lastCertificateAt, T0 + 60)
         self.assertEqual(device.lastSeen, T0 + 120)
-        renewed = self.contact(
-            "kiln7", publicKey, T0 + 180, certificate=presented(serialNumber="ff")
-        )
-        self.assertEqual(renewed.lastLinkAuth, "certificate")
-        self.assertEqual(renewed.lastCertificate.serialNumber, "ff")
-        self.assertEqual(renewed.lastCertificateAt, T0 + 180)
+        self.assertEqual(self.lastLink(), LastLink("key", presented(), T0 + 60))
+        renewed = presented(serialNumber="ff")
+        self.contact("kiln7", publicKey, T0 + 180, certificate=renewed)
+        self.assertEqual(self.lastLink(), LastLink("certificate", renewed, T0 + 180))
 
     def test_anotherDevicesCertificateLeavesTheRecord(self) -> None:
         """
@@ -72,32 +72,28 @@ class LinkRecordTests(StoreTestCase):
         publicKey, _ = self.enroll("kiln7")
         self.contact("kiln7", publicKey, T0 + 60, certificate=presented())
         device = self.contact("kiln7", publicKey, T0 + 120, certificate=presented("kiln8", "99"))
-        self.assertEqual(device.lastLinkAuth, "certificate")
-        self.assertEqual(device.lastCertificate, presented())
-        self.assertEqual(device.lastCertificateAt, T0 + 60)
         self.assertEqual(device.lastSeen, T0 + 120)
+        self.assertEqual(self.lastLink(), LastLink("certificate", presented(), T0 + 60))
 
     def test_pendingAndReapprovalRecordNoLink(self) -> None:
         """
         A contact that is not an accepted link records none: an unknown key (pending) and an
         approved device whose certificate expired (pending re-approval); once re-approved,
-        its next link is recorded.
+        its next link is recorded. An unknown name has no last link.
         """
         request = self.contact("oven3", newPublicKey(), T0, certificate=presented("oven3"))
         self.assertIsInstance(request, EnrollmentRequest)
+        self.assertIsNone(self.lastLink("oven3"))
         publicKey, device = self.enroll("kiln7")
         self.successResultOf(
             self.store.recordCertificate("kiln7", "01", device.fingerprint, T0, T0 + 10, T0)
         )
         answer = self.contact("kiln7", publicKey, T0 + 20, certificate=presented())
         self.assertIsInstance(answer, EnrollmentRequest)
-        kiln7 = self.successResultOf(self.store.deviceByName("kiln7"))
-        assert kiln7 is not None
-        self.assertEqual((kiln7.lastLinkAuth, kiln7.lastCertificate), (None, None))
-        self.assertEqual(kiln7.lastSeen, T0 + 20)
+        self.assertEqual(self.lastLink(), LastLink(None, None, None))
         self.successResultOf(self.store.approveDevice("kiln7", "admin", T0 + 30))
-        again = self.contact("kiln7", publicKey, T0 + 40, certificate=presented())
-        self.assertEqual((again.lastLinkAuth, again.lastCertificateAt), ("certificate", T0 + 40))
+        self.contact("kiln7", publicKey, T0 + 40, certificate=presented())
+        self.assertEqual(self.lastLink(), LastLink("certificate", presented(), T0 + 40))
 
 
 @bothBackends
@@ -130,7 +126,11 @@ class UpgradeTo006Tests(StoreTestCase):
         self.assertEqual(
             (device.state, device.approvedBy, device.lastSeen), ("approved", "admin", T0)
         )
-        self.assertEqual((device.lastLinkAuth, device.lastCertificate), (None, None))
-        linked = self.contact("kiln7", publicKey, T0 + 5, certificate=presented())
-        self.assertEqual(linked.lastLinkAuth, "certificate")
-        self.assertEqual(linked.lastCertificate, presented())
+        self.assertEqual(
+            self.successResultOf(self.store.lastLink("kiln7")), LastLink(None, None, None)
+        )
+        self.contact("kiln7", publicKey, T0 + 5, certificate=presented())
+        self.assertEqual(
+            self.successResultOf(self.store.lastLink("kiln7")),
+            LastLink("certificate", presented(), T0 + 5),
+        )

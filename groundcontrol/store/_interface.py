@@ -61,6 +61,13 @@ class IStore(Interface):
     def deviceByName(name):
         """@return: Deferred firing with the L{Device} of that name (any state), or None."""
 
+    def lastLink(name):
+        """
+        @return: Deferred firing with the L{LastLink} of the device of that name (how its
+            latest accepted link authenticated, the last certificate it linked with), or
+            None if there is no such device.
+        """
+
     def deviceForKey(fingerprint):
         """@return: Deferred firing with the L{Device} bound to that key fingerprint, or None."""
 
@@ -89,9 +96,9 @@ class IStore(Interface):
         A C{serial} of None keeps the one already known (see L{updateSerial}).
 
         For the L{Device} it yields, the same statement that sets C{lastSeen} records how the
-        link authenticated (C{lastLinkAuth}): by C{certificate}, a L{LinkCertificate} the
-        caller verified for this key, which becomes the device's C{lastCertificate} (seen at
-        C{now}); or by the key alone when C{certificate} is None. A certificate naming
+        link authenticated (its L{lastLink}): by C{certificate}, a L{LinkCertificate} the
+        caller verified for this key, which becomes the device's last certificate (presented
+        at C{now}); or by the key alone when C{certificate} is None. A certificate naming
         another device changes neither: the caller refuses that login.
 
         @param source: C{host:port} of the peer; the host is kept apart for the per-host cap.

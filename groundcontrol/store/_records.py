@@ -16,6 +16,7 @@ __all__ = [
     "Device",
     "EnrollmentRequest",
     "Grant",
+    "LastLink",
     "LinkAuth",
     "LinkCertificate",
     "PendingLimits",
@@ -78,12 +79,6 @@ class Device:
     """Tags the agent reported from its own config in its hello, sorted."""
     groups: tuple[str, ...] = ()
     """The groups the device is a member of, sorted."""
-    lastLinkAuth: LinkAuth | None = None
-    """How the device's latest accepted link authenticated; None if none was since schema 006."""
-    lastCertificate: LinkCertificate | None = None
-    """The certificate of the latest link that presented one (None if none did)."""
-    lastCertificateAt: float | None = None
-    """When a link last presented C{lastCertificate}."""
 
     @property
     def allTags(self) -> tuple[str, ...]:
@@ -169,6 +164,22 @@ class LinkCertificate:
     fingerprint: str
     notAfter: float
     deviceName: str
+
+
+@frozen
+class LastLink:
+    """
+    How a device's latest accepted link authenticated, and the last certificate it linked
+    with: kept apart from L{Device}, which every session open reads, since only an operator
+    auditing the device asks for it.
+    """
+
+    #: None until the device links (or has not since schema 006).
+    auth: LinkAuth | None
+    #: The certificate of the latest link that presented one; None if none did.
+    certificate: LinkCertificate | None
+    #: When a link last presented C{certificate}.
+    certificateAt: float | None
 
 
 @frozen

@@ -59,6 +59,7 @@ from ._records import (
     Device,
     EnrollmentRequest,
     Grant,
+    LastLink,
     LinkCertificate,
     PendingLimits,
     SessionEvents,
@@ -147,8 +148,6 @@ def migrateWith(
 _DEVICE_SELECT = (
     "SELECT d.name, d.state, d.fingerprint, d.public_key, d.serial, d.approved_at, "
     "d.approved_by, d.last_seen, d.created_at, d.lease_until, a.name AS owner, "
-    "d.last_link_auth, d.last_certificate_serial, d.last_certificate_fingerprint, "
-    "d.last_certificate_not_after, d.last_certificate_at, "
     "(SELECT MAX(c.not_after) FROM certificates c WHERE c.device_name = d.name "
     "AND c.fingerprint = d.fingerprint AND c.revoked_at IS NULL) AS certificate_expires_at "
     "FROM devices d LEFT JOIN accounts a ON a.id = d.owner_account_id"
@@ -180,16 +179,6 @@ def _device(row: Row) -> Device:
         owner=row["owner"],
         leaseUntil=row["lease_until"],
         certificateExpiresAt=row["certificate_expires_at"],
-        lastLinkAuth=row["last_link_auth"],
-        lastCertificate=None
-        if row["last_certificate_serial"] is None
-        else LinkCertificate(
-            serialNumber=row["last_certificate_serial"],
-            fingerprint=row["last_certificate_fingerprint"],
-            notAfter=row["last_certificate_not_after"],
-            deviceName=row["name"],
-        ),
-        lastCertificateAt=row["last_certificate_at"],
     )
 
 
@@ -652,6 +641,28 @@ class SQLStore:
 
     def _deviceByName(self, name: str) -> Device | None:
         return self._deviceRow(self._cursor(), "d.name = ?", name)
+
+    def lastLink(self, name: str) -> Deferred[LastLink | None]:
+        return self._run(self._lastLink, name)
+
+    def _lastLink(self, name: str) -> LastLink | None:
+        c = self._cursor()
+        row = c.execute(
+            "SELECT last_link_auth, last_certificate_serial, last_certificate_fingerprint, "
+            "last_certificate_not_after, last_certificate_at FROM devices WHERE name = ?",
+            (name,),
+        ).fetchone()
+        if row is None:
+            return None
+        certificate = None
+        if row["last_certificate_serial"] is not None:
+            certificate = LinkCertificate(
+                serialNumber=row["last_certificate_serial"],
+                fingerprint=row["last_certificate_fingerprint"],
+                notAfter=row["last_certificate_not_after"],
+                deviceName=name,
+            )
+        return LastLink(row["last_link_auth"], certificate, row["last_certificate_at"])
 
     def deviceForKey(self, fingerprint: str) -> Deferred[Device | None]:
         return self._run(self._deviceForKey, fingerprint)
