@@ -21,7 +21,7 @@ from typing import Any, cast
 import txaio
 from twisted.conch.ssh import keys
 from twisted.internet import defer, error, protocol
-from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.interfaces import IProtocol, IProtocolFactory
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import (
     ILogObserver,
@@ -34,7 +34,6 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 
 from accesstunnel import policy
 from accesstunnel.addresses import Connector, clientConnector, serverListener
@@ -47,36 +46,27 @@ from agent.failover import FailoverEndpoint
 from agent.identity import ServerKeyPin
 from agent.link import AgentLinkFactory, AgentTransport, LinkSettings, linkService
 from groundcontrol.testing import InMemoryFleet, publicLine, refuseForwards, scriptedSessions
+from tests.test_addresses_certificate_watch import MemoryEndpoint
 from tests.test_transports_tls import Fixture
 
 
-@implementer(IStreamClientEndpoint)
-class FleetEndpoint:
+class FleetEndpoint(MemoryEndpoint):
     """
     Connects to groundcontrol's C{serverFactory} over the fleet's in-memory network,
     as TCP would: the bytes move when the test flushes the fleet, not at the connect.
     """
 
     def __init__(self, fleet: InMemoryFleet, serverFactory: IProtocolFactory) -> None:
+        super().__init__(serverFactory, fleet.clock)
         self.fleet = fleet
-        self.serverFactory = serverFactory
         self.pumps: list[iosim.IOPump] = []
 
     def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[IProtocol]:
-        client = protocolFactory.buildProtocol(iosim.FakeAddress())
-        server = self.serverFactory.buildProtocol(iosim.FakeAddress())
-        assert client is not None and server is not None
-        pump = iosim.connect(
-            server,
-            iosim.makeFakeServer(server),
-            client,
-            iosim.makeFakeClient(client),
-            greet=False,
-            clock=self.fleet.clock,
-        )
-        self.fleet.network.pumps.append(pump)
-        self.pumps.append(pump)
-        return defer.succeed(client)
+        connected = super().connect(protocolFactory)
+        assert self.pump is not None
+        self.fleet.network.pumps.append(self.pump)
+        self.pumps.append(self.pump)
+        return connected
 
 
 class LinkLogCase(SynchronousTestCase):

@@ -36,8 +36,7 @@ def kiln(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     try:
         fleet.addOperator("alice", admin=True)
         fleet.startServer()
-        # Debug events: test_agent_link_uses_gcm reads the algorithms Conch logs at debug.
-        fleet.addAgent("kiln7", extraArgs=("--log-level", "debug"))
+        fleet.addAgent("kiln7")
         fleet.waitRoutable(fleet.operators["alice"], "kiln7")
         yield fleet
     finally:
@@ -89,12 +88,17 @@ def test_cipher_and_mac_round_trip(
 
 def test_agent_link_uses_gcm(kiln: Fleet) -> None:
     """
-    The agent (client of its link) picks AES-128-GCM from groundcontrol's offer (Conch's
-    debug event naming the outgoing cipher: the module's agent runs with --log-level debug).
+    The agent (client of its link) picks AES-128-GCM both ways from groundcontrol's offer,
+    with strict kex: what its line about the link, at the default log level, tells an
+    operator (agent.linklog).
     """
     agent = kiln.agents[0]
     assert agent.process is not None
-    assert "b'aes128-gcm@openssh.com'" in agent.process.output()
+    lines = [line for line in agent.process.output().splitlines() if "link up over" in line]
+    assert lines
+    for line in lines:
+        assert "strict kex on; out aes128-gcm@openssh.com MAC <implicit>, " in line, line
+        assert "in aes128-gcm@openssh.com MAC <implicit>, compression none" in line, line
 
 
 def test_openssh_client_moves_from_chacha20_poly1305_to_aes_gcm(kiln: Fleet) -> None:
