@@ -19,7 +19,6 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from accesstunnel.fastpath import AEAD_CIPHERS
-from accesstunnel.keys import fingerprint
 from accesstunnel.layers import transportLayers
 
 #: The line a link that came up gets (L{logLinkUp}). It starts as the failover
@@ -113,11 +112,11 @@ def logLinkUp(
     address: str,
     seconds: float,
     name: str,
-    deviceKey: Any,
+    keyFingerprint: str,
 ) -> None:
     """
     Write L{LINK_UP} for C{sshTransport}, just authenticated: C{seconds} since the
-    dial of C{address}, the device's own name and key.
+    dial of C{address}, the device's own name and its key's fingerprint.
     """
     certificate, tlsFields = certificateText(tlsConnection(sshTransport.transport))
     log.info(
@@ -126,7 +125,7 @@ def logLinkUp(
         address=address,
         seconds=seconds,
         name=name,
-        keyFingerprint=fingerprint(deviceKey),
+        keyFingerprint=keyFingerprint,
         certificate=certificate,
         **tlsFields,
         **negotiated(sshTransport),
