@@ -31,6 +31,7 @@ from accesstunnel.keys import fingerprint
 from accesstunnel.names import isValidDeviceName
 from groundcontrol.datadir import DataDir, HostKeyError, NotInitialised
 from groundcontrol.store import (
+    Device,
     InvalidName,
     SQLStore,
     StoreError,
@@ -438,29 +439,30 @@ def _init(dataDir: DataDir, storeURL: str | None) -> int:
     return 0
 
 
+def _deviceJSON(d: Device) -> dict[str, Any]:
+    """A device as C{device list --json} gives it (with the keys a pending entry has)."""
+    return {
+        "name": d.name,
+        "state": d.state,
+        "fingerprint": d.fingerprint,
+        "serial": d.serial,
+        "lastSeen": d.lastSeen,
+        "source": None,
+        "kind": None,
+        "approvedAt": d.approvedAt,
+        "approvedBy": d.approvedBy,
+        "firstSeen": None,
+        "owner": d.owner,
+        "leaseUntil": d.leaseUntil,
+        "certificateExpiresAt": d.certificateExpiresAt,
+        "tags": list(d.tags),
+        "reportedTags": list(d.reportedTags),
+        "groups": list(d.groups),
+    }
+
+
 def _listDevices(store: SQLStore, asJSON: bool) -> None:
-    rows: list[dict[str, Any]] = []
-    for d in _result(store.listDevices()):
-        rows.append(
-            {
-                "name": d.name,
-                "state": d.state,
-                "fingerprint": d.fingerprint,
-                "serial": d.serial,
-                "lastSeen": d.lastSeen,
-                "source": None,
-                "kind": None,
-                "approvedAt": d.approvedAt,
-                "approvedBy": d.approvedBy,
-                "firstSeen": None,
-                "owner": d.owner,
-                "leaseUntil": d.leaseUntil,
-                "certificateExpiresAt": d.certificateExpiresAt,
-                "tags": list(d.tags),
-                "reportedTags": list(d.reportedTags),
-                "groups": list(d.groups),
-            }
-        )
+    rows = [_deviceJSON(d) for d in _result(store.listDevices())]
     for r in _result(store.listEnrollmentRequests()):
         rows.append(
             {
@@ -516,19 +518,7 @@ def _showDevice(store: SQLStore, name: str, asJSON: bool) -> None:
     last = link.certificate
     if asJSON:
         detail = {
-            "name": d.name,
-            "state": d.state,
-            "fingerprint": d.fingerprint,
-            "serial": d.serial,
-            "approvedAt": d.approvedAt,
-            "approvedBy": d.approvedBy,
-            "lastSeen": d.lastSeen,
-            "owner": d.owner,
-            "leaseUntil": d.leaseUntil,
-            "certificateExpiresAt": d.certificateExpiresAt,
-            "tags": list(d.tags),
-            "reportedTags": list(d.reportedTags),
-            "groups": list(d.groups),
+            **_deviceJSON(d),
             "lastLinkAuth": link.auth,
             "lastCertificate": None
             if last is None

@@ -7,6 +7,8 @@ upgrade of a version 5 database that already holds devices.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from accesstunnel.keys import fingerprint
 from groundcontrol.store import (
     Device,
@@ -105,11 +107,11 @@ class UpgradeTo006Tests(StoreTestCase):
         A device approved under version 5 is read after the upgrade with no link recorded
         (not guessed), keeps everything else, and records its next link.
         """
-        tables = ["session_index", "device_tags", "group_members", "audit", "grants"]
-        tables += ["account_keys", "devices", "accounts", "enrollment_requests"]
-        tables += ["certificates", "token_redemptions", "tokens", "claim_codes", "version"]
-        for table in tables:
-            self.rawQuery(f"DROP TABLE {table}")
+        if self.backend == "postgresql":
+            assert self.postgresql is not None
+            self.url = self.postgresql.newDatabase()
+        else:
+            self.path = self.url = str(Path(self.mktemp() + ".sqlite3").absolute())
         self.assertEqual(self.rawMigrate(upTo=5), 5)
         publicKey = newPublicKey()
         self.rawQuery(
