@@ -130,6 +130,7 @@ class GroundControlRealm:
         source = _describePeer(mind.peer) if isinstance(mind, PeerMind) else "unknown"
         certificate = mind.certificate if isinstance(mind, PeerMind) else None
         verified = self._verifyCertificate(certificate)
+        linkCertificate = _linkCertificate(verified, login)
         try:
             contact = await self._store.recordContact(
                 login.requestedName,
@@ -139,7 +140,8 @@ class GroundControlRealm:
                 source,
                 self._clock.seconds(),
                 limits=self._pendingLimits,
-                certificate=_linkCertificate(verified, login),
+                certificate=linkCertificate,
+                certificateRefused=verified is not None and linkCertificate is None,
             )
         except PendingLimitReached as e:
             self._log.warn(

@@ -24,7 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from groundcontrol import pki, sshserver
 from groundcontrol.enrollment import CertificatePolicy
 from groundcontrol.store import IStore, LastLink, LinkCertificate
-from groundcontrol.testing import InMemoryFleet, openMemoryStore, publicLine, resultNow
+from groundcontrol.testing import InMemoryFleet, newKey, openMemoryStore, publicLine, resultNow
 from tests.test_pki import openSSLFingerprint
 
 T0 = 1_900_000_000.0
@@ -186,33 +186,32 @@ class LinkCertificateTests(SynchronousTestCase):
         self.assertEqual(self.store.calls, keyOnly)
         self.assertEqual(resultNow(self.fleet.store.lastLink("kiln7")).auth, "certificate")
 
-    def test_otherDevicesCertificateRefusedAndNotRecorded(self) -> None:
+    def test_certificatesThatDoNotVouchRefusedAndNotRecorded(self) -> None:
         """
-        A certificate for kiln7's key naming kiln8 is refused at the login, as before, with
-        no "connected" line, and the store's record of kiln7's last link is left alone.
+        A certificate that does not vouch for kiln7's key is refused at the login, as before,
+        with no "connected" line, and leaves the store's record of kiln7's last link alone
+        (neither "certificate" nor "key"): one naming kiln8, one naming kiln7 for another
+        key, one that is not valid now (TLS let it through on a clock that differs).
         """
         self.link(self.issue())
         before = resultNow(self.fleet.store.lastLink("kiln7"))
         self.assertEqual(before.auth, "certificate")
-        self.pump.clientIO.loseConnection()
-        self.fleet.flush()
-        events = self.link(self.issue(name="kiln8"))
-        formats = [e.get("log_format", "") for e in events]
-        self.assertIn("device {device} presented the certificate of {other}; refused", formats)
-        self.assertFalse([f for f in formats if f.startswith("device {device} connected")])
-        self.assertIsNone(self.agent.connection)
-        self.assertEqual(resultNow(self.fleet.store.lastLink("kiln7")), before)
-
-    def test_expiredCertificateRefused(self) -> None:
-        """
-        A certificate that is not valid now (one that got past TLS, whose clock may differ)
-        is still refused at the login, and not recorded. (A guard: the certificate is now
-        checked before the contact is recorded, the refusal still comes after.)
-        """
-        issued = self.issue(age=31 * DAY)
-        events = self.link(issued)
-        self.assertIsNone(self.agent.connection)
-        self.assertFalse(
-            [e for e in events if e.get("log_format", "").startswith("device {device} connected")]
+        otherKey = pki.issueDeviceCertificate(
+            self.ca, "kiln7", None, publicLine(newKey()), self.utc(self.clock.seconds())
         )
-        self.assertIsNone(resultNow(self.fleet.store.lastLink("kiln7")).certificate)
+        refusals = {
+            "kiln8's": (self.issue(name="kiln8"), "presented the certificate of {other}"),
+            "another key's": (otherKey, None),
+            "expired": (self.issue(age=31 * DAY), None),
+        }
+        for case, (certificate, warning) in refusals.items():
+            self.pump.clientIO.loseConnection()
+            self.fleet.flush()
+            self.clock.advance(60)
+            events = self.link(certificate)
+            formats = [e.get("log_format", "") for e in events]
+            if warning is not None:
+                self.assertTrue([f for f in formats if warning in f], case)
+            self.assertFalse([f for f in formats if f.startswith("device {device} conn")], case)
+            self.assertIsNone(self.agent.connection, case)
+            self.assertEqual(resultNow(self.fleet.store.lastLink("kiln7")), before, case)

@@ -66,15 +66,19 @@ class LinkRecordTests(StoreTestCase):
         self.contact("kiln7", publicKey, T0 + 180, certificate=renewed)
         self.assertEqual(self.lastLink(), LastLink("certificate", renewed, T0 + 180))
 
-    def test_anotherDevicesCertificateLeavesTheRecord(self) -> None:
+    def test_refusedCertificateLeavesTheRecord(self) -> None:
         """
-        A certificate naming another device (the realm refuses that login) changes neither
-        how the device last linked nor its last certificate; the contact is still seen.
+        A certificate naming another device, or one the caller says does not vouch for the
+        key (certificateRefused: the realm refuses those logins), changes neither how the
+        device last linked nor its last certificate; the contact is still seen.
         """
         publicKey, _ = self.enroll("kiln7")
         self.contact("kiln7", publicKey, T0 + 60, certificate=presented())
         device = self.contact("kiln7", publicKey, T0 + 120, certificate=presented("kiln8", "99"))
         self.assertEqual(device.lastSeen, T0 + 120)
+        self.assertEqual(self.lastLink(), LastLink("certificate", presented(), T0 + 60))
+        device = self.contact("kiln7", publicKey, T0 + 180, certificateRefused=True)
+        self.assertEqual(device.lastSeen, T0 + 180)
         self.assertEqual(self.lastLink(), LastLink("certificate", presented(), T0 + 60))
 
     def test_pendingAndReapprovalRecordNoLink(self) -> None:

@@ -78,7 +78,15 @@ class IStore(Interface):
         """@return: Deferred firing with all pending L{EnrollmentRequest}s, by name, first seen."""
 
     def recordContact(
-        requestedName, publicKey, fingerprint, serial, source, now, limits=None, certificate=None
+        requestedName,
+        publicKey,
+        fingerprint,
+        serial,
+        source,
+        now,
+        limits=None,
+        certificate=None,
+        certificateRefused=False,
     ):
         """
         Record that an agent authenticated with C{publicKey} and asked to be C{requestedName}.
@@ -99,7 +107,9 @@ class IStore(Interface):
         link authenticated (its L{lastLink}): by C{certificate}, a L{LinkCertificate} the
         caller verified for this key, which becomes the device's last certificate (presented
         at C{now}); or by the key alone when C{certificate} is None. A certificate naming
-        another device changes neither: the caller refuses that login.
+        another device, or C{certificateRefused} (one was presented that does not vouch for
+        this key: invalid, or for another key), records no link: the caller refuses that
+        login.
 
         @param source: C{host:port} of the peer; the host is kept apart for the per-host cap.
         @param limits: a L{PendingLimits}: refuse a contact that would add a new (or

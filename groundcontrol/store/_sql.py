@@ -722,6 +722,7 @@ class SQLStore:
         now: float,
         limits: PendingLimits | None = None,
         certificate: LinkCertificate | None = None,
+        certificateRefused: bool = False,
     ) -> Deferred[Device | EnrollmentRequest]:
         return self._run(
             self._recordContact,
@@ -733,6 +734,7 @@ class SQLStore:
             now,
             limits,
             certificate,
+            certificateRefused,
         )
 
     def _recordContact(
@@ -745,6 +747,7 @@ class SQLStore:
         now: float,
         limits: PendingLimits | None,
         certificate: LinkCertificate | None,
+        certificateRefused: bool,
     ) -> Device | EnrollmentRequest:
         serial = cleanSerial(serial)
         with self._write() as c:
@@ -766,7 +769,13 @@ class SQLStore:
                         "reapprove",
                         None,
                     )
-                self._recordLink(c, device.name, now, certificate)
+                if certificateRefused or (
+                    certificate is not None and certificate.deviceName != device.name
+                ):
+                    # The caller refuses this login: seen, but no link to record.
+                    c.execute("UPDATE devices SET last_seen = ? WHERE name = ?", (now, device.name))
+                else:
+                    self._recordLink(c, device.name, now, certificate)
                 return self._deviceNamed(c, device.name)
 
             # Unknown key: only now is the claimed name worth validating and storing.
@@ -782,17 +791,12 @@ class SQLStore:
         """
         An approved device's link is accepted: its last contact, how it authenticated and
         the certificate it presented, in the one statement a contact always cost.
-
-        A certificate naming another device leaves the link columns alone: the caller
-        refuses that login (L{groundcontrol.sshserver}).
         """
         if certificate is None:
             c.execute(
                 "UPDATE devices SET last_seen = ?, last_link_auth = 'key' WHERE name = ?",
                 (now, name),
             )
-        elif certificate.deviceName != name:
-            c.execute("UPDATE devices SET last_seen = ? WHERE name = ?", (now, name))
         else:
             c.execute(
                 "UPDATE devices SET last_seen = ?, last_link_auth = 'certificate', "
