@@ -2,7 +2,8 @@
 Durations as people write them: ``30s``, ``15m``, ``8h``, ``7d``, ``2w``.
 
 Used wherever a lifetime is given on a command line (grants, claims, tokens),
-so that every command spells them the same way.
+so that every command spells them the same way; and how long something lasted,
+as the logs say it (L{spokenDuration}).
 """
 
 from __future__ import annotations
@@ -24,3 +25,17 @@ def parseDuration(text: str) -> int:
     if seconds <= 0:
         raise ValueError(f"duration {text!r} must be longer than zero")
     return seconds
+
+
+def spokenDuration(seconds: float) -> str:
+    """C{41.3 s}, C{12m05s}, C{3h02m07s}, C{9d04h13m}: how long, as people read it."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, s = divmod(int(seconds), 60)
+    hours, m = divmod(minutes, 60)
+    days, h = divmod(hours, 24)
+    if days:
+        return f"{days}d{h:02d}h{m:02d}m"
+    if hours:
+        return f"{hours}h{m:02d}m{s:02d}s"
+    return f"{minutes}m{s:02d}s"

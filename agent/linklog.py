@@ -18,6 +18,7 @@ from twisted.internet import error
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from accesstunnel.durations import spokenDuration
 from accesstunnel.fastpath import AEAD_CIPHERS
 from accesstunnel.layers import transportLayers
 
@@ -130,20 +131,6 @@ def logLinkUp(
         **tlsFields,
         **negotiated(sshTransport),
     )
-
-
-def spokenDuration(seconds: float) -> str:
-    """C{41.3 s}, C{12m05s}, C{3h02m07s}, C{9d04h13m}: how long, as people read it."""
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, s = divmod(int(seconds), 60)
-    hours, m = divmod(minutes, 60)
-    days, h = divmod(hours, 24)
-    if days:
-        return f"{days}d{h:02d}h{m:02d}m"
-    if hours:
-        return f"{hours}h{m:02d}m{s:02d}s"
-    return f"{minutes}m{s:02d}s"
 
 
 def endReason(said: str | None, reason: Failure | None, stopping: bool) -> str:

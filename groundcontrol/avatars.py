@@ -17,6 +17,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from accesstunnel.durations import spokenDuration
 from accesstunnel.enrollmessages import APPROVED, encodeMessage
 from groundcontrol.auth import AgentLogin, OperatorLogin, logLinkAccepted
 from groundcontrol.enrollment import AgentRequests
@@ -238,10 +239,16 @@ class AgentAvatar(ConchUser):
         wasRoute = self.deviceName is not None and self._registry.lookup(self.deviceName) is link
         self._registry.detach(link)
         if self.deviceName is not None:
-            self._log.info("device {device} disconnected", device=self.deviceName)
+            connectedFor = self._clock.seconds() - link.connectedAt
+            self._log.info(
+                "device {device} disconnected after {lasted}",
+                device=self.deviceName,
+                lasted=spokenDuration(connectedFor),
+                connectedFor=connectedFor,
+            )
             if wasRoute:  # not replaced by a newer link of the same device
                 limiterFor(self._registry, self._store, self._clock).offline(
-                    self.deviceName, {"connectedFor": self._clock.seconds() - link.connectedAt}
+                    self.deviceName, {"connectedFor": connectedFor}
                 )
             self._store.touchDevice(self.deviceName, self._clock.seconds()).addErrback(
                 lambda f: self._log.failure("could not record last seen", f)

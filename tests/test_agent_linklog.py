@@ -37,6 +37,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from accesstunnel import policy
 from accesstunnel.addresses import Connector, clientConnector, serverListener
+from accesstunnel.durations import spokenDuration
 from accesstunnel.keys import fingerprint
 from accesstunnel.logfilter import MinimumLevel
 from accesstunnel.transports.proxy import ProxySettings
@@ -176,7 +177,8 @@ class TCPLinkTests(LinkLogCase):
     def test_linkLostFromUnderIt(self) -> None:
         """
         A link cut after an hour and a bit says, at warn, how long it was up and what
-        the loss said; the next link, once up, gets its own line.
+        the loss said (and groundcontrol's line of the device's disconnection says how
+        long too); the next link, once up, gets its own line.
         """
         for _ in range(373):
             self.fleet.clock.advance(10)
@@ -192,6 +194,9 @@ class TCPLinkTests(LinkLogCase):
             "link over ssh via ssh://gc.test down after 1h02m10s: Connection to the other "
             "side was lost in a non-clean fashion: Connection reset by peer.",
         )
+        [gc] = self.lines("device {device} disconnected after {lasted}")
+        self.assertEqual(formatEvent(gc), "device kiln7 disconnected after 1h02m10s")
+        self.assertEqual(gc["connectedFor"], 3730.0)
         self.fleet.clock.advance(60)  # the reconnect's backoff
         self.fleet.flush()
         self.assertEqual(len(self.lines(linklog.LINK_UP)), 2)
@@ -277,6 +282,20 @@ class ConnectProxy(protocol.Protocol):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if self.inner is not None:
             self.inner.connectionLost(reason)
+
+
+class SpokenDurationTests(SynchronousTestCase):
+    def test_forms(self) -> None:
+        """Seconds to a tenth under a minute, then minutes, hours and days, each unit padded."""
+        cases = {
+            0.04: "0.0 s",
+            41.26: "41.3 s",
+            60: "1m00s",
+            725: "12m05s",
+            10927: "3h02m07s",
+            86400 * 9 + 4 * 3600 + 13 * 60 + 59: "9d04h13m",
+        }
+        self.assertEqual({s: spokenDuration(s) for s in cases}, cases)
 
 
 class TLSLinkTests(LinkLogCase):
