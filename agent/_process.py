@@ -1,13 +1,18 @@
 """
 Spawning a session's child the way sshd does, on top of Twisted's process support.
 
-Four things Twisted's C{reactor.spawnProcess} does not do for us:
+Five things Twisted's C{reactor.spawnProcess} does not do for us:
 
   - B{Own session for pipe children.} sshd calls C{setsid()} for every child,
     with or without a pty, so a C{signal} request or a hang-up reaches the whole
     process group (C{sh -c 'a | b'}) and never the agent's own group.
-    L{_SessionProcess} does the same (and so never takes the C{posix_spawn}
-    path, which cannot call C{setsid} here).
+    L{_SessionProcess} does the same.
+  - B{No C{fork()}.} A child that runs as the agent's own user is started
+    with glibc's C{posix_spawn} (L{agent._spawn}), pty or pipes: Twisted's
+    own C{posix_spawnp} path takes no pty, no other working directory and no
+    C{setsid}, and forking the agent's ~37 MB process was 30% of its CPU to
+    open a session. Anything else (another user, another platform, a program
+    that cannot be run) forks as before.
   - B{Large reads.} Twisted reads child output 8 KiB at a time; 64 KiB reads
     roughly double bulk throughput (scp, tar over ssh). A pty gives at most
     ~4 KiB per read (Linux's line discipline buffer), so a pty child's output
@@ -27,7 +32,7 @@ We still use Twisted's L{process.Process} and L{process.PTYProcess} (rather
 than ptyprocess, which blocks): they integrate with the reactor's SIGCHLD
 handling, so every child is reaped and no zombie is left. This relies on two
 overridable hooks of those classes (C{processReaderFactory}, C{_setupChild},
-C{doRead}); the version is pinned with the project.
+C{doRead}, C{_trySpawnInsteadOfFork}); the version is pinned with the project.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import fcntl
 import os
 import signal
 import struct
+import sys
 import termios
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -48,6 +54,7 @@ from twisted.internet import main, process
 from twisted.internet.posixbase import PosixReactorBase
 
 from accesstunnel.writethrough import SEND_FD, WriteThroughMixin
+from agent import _spawn
 
 #: Bytes read from a child's output per system call (four packets on the link
 #: to groundcontrol, L{accesstunnel.channel.LINK_MAX_PACKET}).
@@ -297,7 +304,48 @@ class _WriteThroughWriter(WriteThroughMixin, process.ProcessWriter):
     """A child's stdin pipe: small writes go to the pipe at once."""
 
 
-class _SessionProcess(process.Process):
+class _SpawnedNotForked:
+    """
+    Twisted's C{_trySpawnInsteadOfFork} for a session child: spawned by
+    L{agent._spawn} when it runs as the agent's own user on Linux with glibc,
+    its descriptors set up by the class's L{_spawnActions}; else (C{False})
+    forked as before: a uid or gid to switch to needs C{fork} (C{setuid} in
+    the child), and so does anything L{agent._spawn.spawn} declines, including
+    a program it could not run (the fork path then tells the operator why, on
+    the child's standard error, as it always did).
+    """
+
+    pid: Any
+    status: Any
+
+    def _spawnActions(self, kwargs: dict[str, Any]) -> list[_spawn.FileAction] | None:
+        """The file actions for the child's descriptors 0-2, from C{_setupChild}'s C{kwargs}."""
+        raise NotImplementedError
+
+    def _trySpawnInsteadOfFork(
+        self,
+        path: str,
+        uid: int | None,
+        gid: int | None,
+        executable: bytes,
+        args: list[bytes],
+        environment: dict[str, str],
+        kwargs: dict[str, Any],
+    ) -> bool:
+        if uid is not None or gid is not None or not sys.platform.startswith("linux"):
+            return False
+        actions = self._spawnActions(kwargs)
+        if actions is None:
+            return False
+        pid = _spawn.spawn(executable, args, environment, path, actions)
+        if pid is None:
+            return False
+        self.pid = pid
+        self.status = -1
+        return True
+
+
+class _SessionProcess(_SpawnedNotForked, process.Process):
     """
     A pipe child in its own session, read L{READ_SIZE} at a time, stdin written through,
     its stdout held for the pull while the link is backlogged (L{OutputPull}).
@@ -350,15 +398,27 @@ class _SessionProcess(process.Process):
         if reader is not None and not reader.disconnecting:
             reader.startReading()
 
-    def _trySpawnInsteadOfFork(self, *args: Any, **kwargs: Any) -> bool:
-        return False  # posix_spawn here cannot setsid
+    def _spawnActions(self, kwargs: dict[str, Any]) -> list[_spawn.FileAction]:
+        """
+        Its three pipes (C{fdmap}: the child's descriptor to the agent's), in
+        Twisted's own order of C{dup2}s, safe when a pipe's end is itself 0, 1
+        or 2; each end is close-on-exec (C{os.pipe}), and L{agent._spawn}
+        closes everything above 2 after these.
+        """
+        fdmap: dict[int, int] = kwargs["fdmap"]
+        return process._getFileActions(
+            [(fd, True) for fd in set(fdmap.values())],
+            fdmap,
+            doClose=os.POSIX_SPAWN_CLOSE,
+            doDup2=os.POSIX_SPAWN_DUP2,
+        )
 
     def _setupChild(self, *args: Any, **kwargs: Any) -> None:
-        os.setsid()
+        os.setsid()  # the fork path, when the child cannot be spawned
         super()._setupChild(*args, **kwargs)
 
 
-class _SessionPTYProcess(WriteThroughMixin, process.PTYProcess):
+class _SessionPTYProcess(WriteThroughMixin, _SpawnedNotForked, process.PTYProcess):
     """
     A pty child (Twisted already makes it a session leader), its output
     gathered up to one packet per event (L{_readPty}); a keystroke is written
@@ -367,6 +427,39 @@ class _SessionPTYProcess(WriteThroughMixin, process.PTYProcess):
     """
 
     _wtSend = SEND_FD
+
+    def __init__(
+        self,
+        reactor: Any,
+        executable: bytes,
+        args: list[bytes],
+        environment: dict[str, str],
+        path: str,
+        proto: Any,
+        uid: int | None = None,
+        gid: int | None = None,
+        usePTY: Any = None,
+    ) -> None:
+        # The pty's name (usePTY: master, slave, name), which Twisted's own
+        # __init__ drops, for the child to open (_trySpawnInsteadOfFork).
+        self._terminalName: str | None = (
+            usePTY[2] if isinstance(usePTY, (tuple, list)) and usePTY[2] else None
+        )
+        super().__init__(reactor, executable, args, environment, path, proto, uid, gid, usePTY)
+
+    def _spawnActions(self, kwargs: dict[str, Any]) -> list[_spawn.FileAction] | None:
+        """
+        The pty, which the child opens by name as a new session's leader and
+        so has as its controlling terminal (what C{TIOCSCTTY} does on the fork
+        path), as its standard input, output and error.
+        """
+        if self._terminalName is None:
+            return None
+        return [
+            (os.POSIX_SPAWN_OPEN, 0, self._terminalName, os.O_RDWR, 0),
+            (os.POSIX_SPAWN_DUP2, 0, 1),
+            (os.POSIX_SPAWN_DUP2, 0, 2),
+        ]
 
     def doRead(self) -> Any:
         # The first read written out here: a keystroke's echo is one short read,

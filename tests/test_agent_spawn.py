@@ -1,0 +1,218 @@
+"""
+agent._process starts a session's child without fork() (agent._spawn), and the child
+gets what the fork path gives it: its own session, the pty as its controlling terminal
+(Ctrl-C reaches it), the working directory, exactly the environment, only descriptors
+0-2, no ignored signals. A program that cannot be run, or a uid to switch to, forks as
+before. Real children (C{cat}, which waits on its stdin), inspected through C{/proc}
+while they run; the parent side on a memory reactor.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+from twisted.internet import process
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.testing import MemoryReactor
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from agent import _process, _spawn
+
+CAT = b"/bin/cat"
+ENVIRONMENT = {"HOME": "/home/operator", "LANG": "C.UTF-8", "TERM": "xterm"}
+
+
+def processStat(pid: int) -> dict[str, int]:
+    """The fields of C{/proc/PID/stat} after the command name that these tests read."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return {
+        "pgrp": int(fields[2]),
+        "session": int(fields[3]),
+        "tty": int(fields[4]),
+        "foreground": int(fields[5]),
+    }
+
+
+def ignoredSignals(pid: int) -> set[int]:
+    """The signals C{pid} ignores (C{SigIgn} in C{/proc/PID/status})."""
+    with open(f"/proc/{pid}/status") as f:
+        line = next(line for line in f if line.startswith("SigIgn:"))
+    mask = int(line.split()[1], 16)
+    return {n + 1 for n in range(64) if mask & (1 << n)}
+
+
+def environmentOf(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        entries = f.read().split(b"\0")
+    return dict(e.decode().split("=", 1) for e in entries if e)
+
+
+class SpawnCase(SynchronousTestCase):
+    """Children started on a memory reactor, killed and reaped by the test."""
+
+    def setUp(self) -> None:
+        if not sys.platform.startswith("linux") or _spawn._bound() is None:
+            raise SkipTest("spawning without fork needs Linux with glibc 2.34 or later")
+        self.reactor = MemoryReactor()
+        self.directory = os.path.realpath(self.mktemp())
+        os.mkdir(self.directory)
+
+    def noFork(self) -> None:
+        """Make C{os.fork} fail the test: the child must be spawned."""
+
+        def fork() -> int:
+            raise AssertionError("os.fork() called")
+
+        self.patch(os, "fork", fork)
+
+    def started(self, child: Any) -> Any:
+        """Kill and reap C{child} at the end (Twisted's reaping is left out of it)."""
+        process.unregisterReapProcessHandler(child.pid, child)
+
+        def end() -> None:
+            try:
+                if os.waitpid(child.pid, os.WNOHANG)[0]:
+                    return
+            except ChildProcessError:
+                return  # the test reaped it
+            os.kill(child.pid, signal.SIGKILL)
+            os.waitpid(child.pid, 0)
+
+        self.addCleanup(end)
+        return child
+
+    def pipeChild(self, executable: bytes = CAT, args: tuple[bytes, ...] = (b"cat",)) -> Any:
+        child = _process._SessionProcess(
+            self.reactor, executable, list(args), ENVIRONMENT, self.directory, ProcessProtocol()
+        )
+        for pipe in child.pipes.values():
+            self.addCleanup(os.close, pipe.fileno())
+        return self.started(child)
+
+    def ptyChild(self) -> tuple[Any, _process.Terminal]:
+        terminal = _process.Terminal.open("xterm", (24, 80, 0, 0), [])
+        self.addCleanup(os.close, terminal.master)
+        child = _process._SessionPTYProcess(
+            self.reactor,
+            CAT,
+            [b"cat"],
+            ENVIRONMENT,
+            self.directory,
+            ProcessProtocol(),
+            None,
+            None,
+            (terminal.master, terminal.slave, terminal.name),
+        )
+        return self.started(child), terminal
+
+
+class PipeChildTests(SpawnCase):
+    """A pipe child (C{exec}, a subsystem) started without fork."""
+
+    def test_spawnedNotForked(self) -> None:
+        """
+        With C{os.fork} failing, a pipe child starts: it is spawned. It leads
+        its own session and process group, and has no controlling terminal.
+        """
+        self.noFork()
+        child = self.pipeChild()
+        stat = processStat(child.pid)
+        self.assertEqual((stat["session"], stat["pgrp"]), (child.pid, child.pid))
+        self.assertEqual(stat["tty"], 0)
+
+    def test_whatTheChildGets(self) -> None:
+        """
+        The child runs in the directory it was given, with exactly the given
+        environment, descriptors 0, 1 and 2 only (the agent's ends of its three
+        pipes, nothing else the agent has open), and ignores no signal the agent
+        ignores (SIGUSR1 here) nor glibc's own (32, 33).
+        """
+        self.noFork()
+        previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        self.addCleanup(signal.signal, signal.SIGUSR1, previous)
+        child = self.pipeChild()
+        self.assertEqual(os.readlink(f"/proc/{child.pid}/cwd"), self.directory)
+        self.assertEqual(environmentOf(child.pid), ENVIRONMENT)
+        self.assertEqual(sorted(os.listdir(f"/proc/{child.pid}/fd")), ["0", "1", "2"])
+        for fd in (0, 1, 2):
+            self.assertEqual(
+                os.stat(f"/proc/{child.pid}/fd/{fd}").st_ino,
+                os.fstat(child.pipes[fd].fileno()).st_ino,
+            )
+        self.assertEqual(ignoredSignals(child.pid), set())
+
+    def test_missingProgramForks(self) -> None:
+        """
+        A program that does not exist: the spawn fails and the child is forked,
+        which tells the operator why on its stderr, and exits 1, as before.
+        """
+        child = self.pipeChild(b"/nonexistent/sh", (b"-sh",))
+        stderr = child.pipes[2].fileno()
+        os.set_blocking(stderr, True)
+        output = b""
+        while chunk := os.read(stderr, 65536):
+            output += chunk
+        self.assertIn(b"FileNotFoundError", output)
+        self.assertIn(b"/nonexistent/sh", output)
+        _, status = os.waitpid(child.pid, 0)
+        self.assertEqual(os.waitstatus_to_exitcode(status), 1)
+
+    def test_otherUserForks(self) -> None:
+        """A uid or gid to switch to needs fork: no spawn is tried."""
+        tried: list[bytes] = []
+        self.patch(_spawn, "spawn", lambda executable, *a: tried.append(executable))
+        child = _process._SessionProcess.__new__(_process._SessionProcess)
+        for uid, gid in ((1000, None), (None, 1000)):
+            self.assertFalse(
+                child._trySpawnInsteadOfFork(
+                    "/", uid, gid, CAT, [b"cat"], {}, {"fdmap": {0: 5, 1: 6, 2: 7}}
+                )
+            )
+        self.assertEqual(tried, [])
+
+    def test_nulBytesDeclined(self) -> None:
+        """
+        An argument, a variable or a directory with a NUL byte, which C would
+        cut short, is left to the fork path (whose exec refuses it).
+        """
+        for args, environment, path in (
+            ([b"cat", b"a\0b"], {}, "/"),
+            ([b"cat"], {"A": "a\0b"}, "/"),
+            ([b"cat"], {}, "/\0tmp"),
+        ):
+            self.assertIsNone(_spawn.spawn(CAT, args, environment, path, []))
+
+
+class PtyChildTests(SpawnCase):
+    """A pty child (a shell) started without fork."""
+
+    def test_ptyIsTheControllingTerminal(self) -> None:
+        """
+        With C{os.fork} failing, a pty child starts: it leads its own session,
+        the pty is its controlling terminal, with the child's group in the
+        foreground, and descriptors 0-2 are the pty and nothing else is open.
+        """
+        self.noFork()
+        child, terminal = self.ptyChild()
+        stat = processStat(child.pid)
+        self.assertEqual((stat["session"], stat["pgrp"]), (child.pid, child.pid))
+        self.assertEqual(stat["tty"], os.stat(terminal.name).st_rdev)
+        self.assertEqual(stat["foreground"], child.pid)
+        self.assertEqual(sorted(os.listdir(f"/proc/{child.pid}/fd")), ["0", "1", "2"])
+        for fd in (0, 1, 2):
+            self.assertEqual(os.readlink(f"/proc/{child.pid}/fd/{fd}"), terminal.name)
+        self.assertEqual(os.readlink(f"/proc/{child.pid}/cwd"), self.directory)
+        self.assertEqual(environmentOf(child.pid), ENVIRONMENT)
+        self.assertEqual(ignoredSignals(child.pid), set())
+
+    def test_interruptReachesTheChild(self) -> None:
+        """Ctrl-C typed on the pty interrupts the child (the terminal's foreground group)."""
+        self.noFork()
+        child, terminal = self.ptyChild()
+        os.write(terminal.master, b"\x03")
+        _, status = os.waitpid(child.pid, 0)
+        self.assertEqual(os.waitstatus_to_exitcode(status), -signal.SIGINT)
