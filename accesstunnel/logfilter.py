@@ -8,12 +8,15 @@ session. By default groundcontrol and tunnel-agent write events of level info
 and above; ``--log-level debug`` writes them all again.
 
 Conch also logs "sending close {id}" at info for every channel it closes
-(groundcontrol closes two per session: the operator's side and the device's);
-our own "session ... ended" and "session child exited" lines say more. The
-filter treats that event as debug (L{DEBUG_ONLY_CONCH_EVENTS}) rather than each
-connection class overriding Conch's C{sendClose} or its logger: the filter
-applies to every SSH connection in either process, whatever logger its class
-declares, and Conch's close logic is not copied.
+(groundcontrol closes two per session: the operator's side and the device's),
+and "opening channel {id} with {localWindowSize} {localMaxPacket}" for every
+channel it opens (groundcontrol opens one per session on the device's link);
+our own "session ..." lines at its start and end and "session child exited"
+say more. The filter treats those events as debug (L{DEBUG_ONLY_CONCH_EVENTS})
+rather than each connection class overriding Conch's C{sendClose} and
+C{openChannel} or its logger: the filter applies to every SSH connection in
+either process, whatever logger its class declares, and Conch's logic is not
+copied.
 
 A class whose own line says what one of Conch's info events says, and more, names
 that event's format in its C{conchEventsSaidOtherwise}, and the filter treats the
@@ -53,7 +56,9 @@ DEFAULT_LEVEL = "info"
 
 #: Formats of events Conch's SSHConnection logs at info that the filter treats as
 #: debug: one per channel, with nothing our own session lines lack.
-DEBUG_ONLY_CONCH_EVENTS = frozenset({"sending close {id}"})
+DEBUG_ONLY_CONCH_EVENTS = frozenset(
+    {"sending close {id}", "opening channel {id} with {localWindowSize} {localMaxPacket}"}
+)
 
 
 def parseLevel(name: str) -> NamedConstant:

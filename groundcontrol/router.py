@@ -248,12 +248,7 @@ class SessionRouter:
         if session.ended:  # the device closed its side while the store wrote
             raise refusal(f"device {link.deviceName!r} closed the channel")
         splice(operatorSide, deviceSide)
-        self._log.info(
-            "{account} opened {channelType} on device {device}",
-            account=account.name,
-            channelType=channelType.decode("ascii", "replace"),
-            device=link.deviceName,
-        )
+        # Its log lines (what it runs, and how it ended) are the session registry's.
         return operatorSide
 
     async def _proxyJump(

@@ -42,7 +42,7 @@ from groundcontrol.recording import (
     RetentionService,
 )
 from groundcontrol.registry import Registry
-from groundcontrol.relay import ENDED
+from groundcontrol.relay import ENDED, inertText
 from groundcontrol.store import SESSION_ENDED, SESSION_STARTED, IStore, SessionEvents
 
 #: Session ids: this many characters of a 32-letter alphabet (50 bits).
@@ -265,9 +265,10 @@ class LiveSession:
             elif requestType in (b"shell", b"exec", b"subsystem"):
                 if record.mode is not None:
                     return True  # the device refuses a second one
-                record.mode = requestType.decode()
                 if requestType != b"shell":
                     record.command = common.getNS(data)[0].decode("utf-8", "replace")
+                record.mode = requestType.decode()
+                self._sessions._logOpened(record)
                 if record.pty and requestType != b"subsystem":
                     return self._startRecording()
         except (struct.error, ValueError):
@@ -489,14 +490,8 @@ class SessionRegistry:
     def _started(self, session: LiveSession) -> None:
         self.total += 1
         record = session.record
-        self._log.info(
-            "session {id}: {account} opened {type} on {device} from {client}",
-            id=record.id,
-            account=record.account,
-            type=record.channelType,
-            device=record.device,
-            client=record.client,
-        )
+        if record.channelType != "session":
+            self._logOpened(record)  # a forward: no request will say more
         # The router announces every session before its operator side opens; this
         # writes session.started for a caller that tracks one without announcing it.
         if not session.announced:
@@ -510,16 +505,37 @@ class SessionRegistry:
         if not session.announced:
             return  # refused, or the operator went away before anything was written
         record = session.record
+        assert record.endedAt is not None
         self._log.info(
-            "session {id} ended: {bytesIn} bytes in, {bytesOut} out, status {status}",
+            "session {id} ended: {account} {what} on {device}, status {status},"
+            " {bytesIn} bytes in, {bytesOut} out, {duration:.3f} s",
             id=record.id,
+            account=record.account,
+            what=_what(record),
+            device=record.device,
+            status=_status(record),
             bytesIn=record.bytesIn,
             bytesOut=record.bytesOut,
-            status=record.exitStatus if record.exitSignal is None else record.exitSignal,
+            duration=record.endedAt - record.startedAt,
         )
         self._audit(session, SESSION_ENDED, record.toJSON())
         if self.metrics is not None and session.started:
             self.metrics.sessionEnded(record)
+
+    def _logOpened(self, record: SessionRecord) -> None:
+        """
+        The session's one line at its start, once it is known what it runs: a session
+        channel's shell, exec or subsystem request, or a forward's open. (A session
+        channel that ends before any of them has only its end line.)
+        """
+        self._log.info(
+            "session {id}: {account} opened {what} on {device} from {client}",
+            id=record.id,
+            account=record.account,
+            what=_what(record),
+            device=record.device,
+            client=record.client,
+        )
 
     def _audit(
         self,
@@ -551,6 +567,22 @@ class SessionRegistry:
             self._log.failure("could not audit {event} of {id}", failure, event=event, id=record.id)
 
         session._audited = session._audited.addCallback(write).addCallbacks(done, failed)
+
+
+def _what(record: SessionRecord) -> str:
+    """What a session runs, for its log lines: exec, shell, subsystem sftp, direct-tcpip."""
+    if record.mode is None:
+        return record.channelType
+    if record.mode == "subsystem":  # the name is the operator's: inert in the log
+        return f"subsystem {inertText(record.command or '', 64)}"
+    return record.mode
+
+
+def _status(record: SessionRecord) -> str:
+    """How a session's command ended, for its end line: 0, 7, signal TERM, none."""
+    if record.exitSignal is not None:
+        return f"signal {record.exitSignal}"
+    return "none" if record.exitStatus is None else str(record.exitStatus)
 
 
 def attachSessions(registry: Registry, sessions: SessionRegistry) -> SessionRegistry:
