@@ -490,6 +490,46 @@ def steadyRate(
     return (b1 - b0) / (t1 - t0) / 1e6, t1 - t0
 
 
+def tailPhase(
+    samples: list[tuple[float, int]], start: float, ends: list[float], total: int
+) -> dict[str, float] | None:
+    """
+    What the sessions' ends cost a run over the wall: from the first session's end to the
+    last, how long it took, the share of the run's `total` bytes still to come at the first
+    end, the MB/s meanwhile, and the seconds lost against the run's own rate while every
+    session moved bytes (L{steadyRate} over the `samples` taken before the first end): the
+    tail's bytes at that rate would have taken `lost_s` less. None without a steady rate
+    (a single session has no tail: its one end is the run's end).
+
+    With 100 sessions of 16 MiB the ends come in the last second of a ~4 s run, while the
+    last sixth of the bytes moves: each end (exit status, EOF, close on both hops, the
+    operator's ssh exiting) takes the CPU those bytes would have had, on a machine the
+    bytes already keep busy (bench/RESULTS.md, "100 sessions: where the wall goes (session
+    15, lead)").
+    """
+    if len(ends) < 2:
+        return None
+    first, last = min(ends), max(ends)
+    before = [(t, got) for t, got in samples if t < first]
+    steady = steadyRate(before, total)
+    if steady is None or not before:
+        return None
+    atFirst = before[-1][1]
+    remaining = total - atFirst
+    tail = last - before[-1][0]
+    rate = remaining / tail / 1e6 if tail > 0 else 0.0
+    lost = tail - remaining / 1e6 / steady[0]
+    return {
+        "first_end_s": round(first - start, 3),
+        "tail_s": round(tail, 3),
+        "tail_bytes_share": round(remaining / total, 3),
+        "tail_MBps": round(rate, 1),
+        "steady_MBps": round(steady[0], 1),
+        "lost_s": round(lost, 3),
+        "lost_share_of_wall": round(lost / (last - start), 3),
+    }
+
+
 def pairedRatios(first: list[float], second: list[float]) -> dict[str, Any]:
     """
     `first` against `second` round by round: each round's figure divided by the other side's

@@ -248,6 +248,54 @@ class SteadyRateTests(SynchronousTestCase):
         self.assertIsNone(scaleLib.steadyRate([], 1000 * self.MB))
 
 
+class TailPhaseTests(SynchronousTestCase):
+    """
+    What a run's sessions' ends cost over the wall (scale_lib.tailPhase): from the last
+    sample before the first end to the last end, against the run's steady rate.
+    """
+
+    MB = 1_000_000
+    # 100 MB/s steady from 1 s on; at the last sample before the first end (4 s) 400 of the
+    # run's 500 MB have arrived.
+    SAMPLES = [(0.0, 0), (1.0, 100 * MB), (2.0, 200 * MB), (3.0, 300 * MB), (4.0, 400 * MB)]
+
+    def test_tailSlowerThanSteady(self) -> None:
+        """
+        The last 100 MB take 2 s (50 MB/s) instead of the 1 s the steady rate gives: 1 s of
+        the 6 s wall is lost.
+        """
+        tail = scaleLib.tailPhase(self.SAMPLES, 0.0, [4.2, 5.0, 6.0], 500 * self.MB)
+        self.assertEqual(
+            tail,
+            {
+                "first_end_s": 4.2,
+                "tail_s": 2.0,
+                "tail_bytes_share": 0.2,
+                "tail_MBps": 50.0,
+                "steady_MBps": 100.0,
+                "lost_s": 1.0,
+                "lost_share_of_wall": round(1 / 6, 3),
+            },
+        )
+
+    def test_tailAtTheSteadyRate(self) -> None:
+        """Ends that cost nothing lose nothing."""
+        tail = scaleLib.tailPhase(self.SAMPLES, 0.0, [4.5, 5.0], 500 * self.MB)
+        self.assertEqual((tail["lost_s"], tail["tail_MBps"]), (0.0, 100.0))
+
+    def test_onlySamplesBeforeTheFirstEnd(self) -> None:
+        """A sample after the first end is not part of the steady window."""
+        late = [*self.SAMPLES, (5.5, 480 * self.MB)]
+        self.assertEqual(
+            scaleLib.tailPhase(late, 0.0, [4.2, 6.0], 500 * self.MB),
+            scaleLib.tailPhase(self.SAMPLES, 0.0, [4.2, 6.0], 500 * self.MB),
+        )
+
+    def test_noTailForOneSession(self) -> None:
+        """A single session's one end is its run's end: no tail."""
+        self.assertIsNone(scaleLib.tailPhase(self.SAMPLES, 0.0, [5.0], 500 * self.MB))
+
+
 class BytesWrittenTests(SynchronousTestCase):
     def test_countsWritesToDevNull(self) -> None:
         """What a process writes to /dev/null counts, as a ControlMaster's sessions' output does."""
