@@ -18,37 +18,20 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from accesstunnel.logfilter import filtered
 from agent.link import AgentConnection
-from groundcontrol.sessions import SessionRegistry, attachSessions
 from groundcontrol.sshserver import GroundControlConnection
-from groundcontrol.testing import InMemoryFleet, Script, echoScript, scriptedSessions
 from tests.test_keepalive import _Recorder
+from tests.test_sessions import SessionTestCase
 
 
-def _script(command: bytes | None) -> Script | None:
-    """'die' prints a line and exits 7; 'hold' runs until killed; the rest as echoScript."""
-    if command == b"die":
-        return Script(stdout=b"dying\n", status=7)
-    if command == b"hold":
-        return Script(hold=True)
-    return echoScript(command)
-
-
-class SessionLinesTests(SynchronousTestCase):
-    """Device kiln7 with a scripted agent and alice, granted; the log read at info."""
+class SessionLinesTests(SessionTestCase):
+    """
+    Device kiln7 with a scripted agent (a shell echoes until EOF, 'die' prints a line and
+    exits 7, 'cat' echoes) and alice, granted; the log read at info from her first session.
+    """
 
     def setUp(self) -> None:
-        self.fleet = InMemoryFleet()
-        self.sessions = attachSessions(
-            self.fleet.registry, SessionRegistry(self.fleet.store, self.fleet.clock)
-        )
-        deviceKey = self.fleet.enrollDevice("kiln7")
-        aliceKey = self.fleet.addOperator("alice")
-        self.fleet.grant("alice", "kiln7")
-        self.device: list[Any] = []
-        self.fleet.agent("kiln7", deviceKey, scriptedSessions(_script, record=self.device))
-        self.alice = self.fleet.operator("dev_kiln7", aliceKey)
-        self.fleet.flush()
-        # From here on: what a session adds to the log.
+        super().setUp()
+        self.fleet.flush()  # alice logged in
         self.events: list[Any] = []
         observer = filtered(self.events.append, LogLevel.info)
         globalLogPublisher.addObserver(observer)
@@ -107,10 +90,12 @@ class SessionLinesTests(SynchronousTestCase):
 
     def test_shell(self) -> None:
         """A shell says so."""
-        self.runRequest(b"shell", b"")
+        session = self.runRequest(b"shell", b"")
+        session.sendEOF()
+        self.fleet.flush()
         opened, ended = self.lines()
         self.assertIn(" alice opened shell on kiln7 from ", opened)
-        self.assertIn(" alice shell on kiln7, status 0, 0 bytes in, 6 out, ", ended)
+        self.assertIn(" alice shell on kiln7, status 0, 0 bytes in, 2 out, ", ended)
 
     def test_bytesEachWay(self) -> None:
         """Bytes each way are those the relay counted."""
@@ -130,7 +115,7 @@ class SessionLinesTests(SynchronousTestCase):
 
     def test_signal(self) -> None:
         """A session whose command was killed by a signal says which."""
-        session = self.runRequest(b"exec", common.NS(b"hold"))
+        session = self.runRequest(b"exec", common.NS(b"cat"))
         (device,) = self.device
         device.sendRequestInOrder(b"exit-signal", common.NS(b"TERM") + b"\x00" + common.NS(b""))
         device.loseConnection()
