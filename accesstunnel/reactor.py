@@ -15,6 +15,9 @@ legacy C{log.msg} inside a successful C{doRead}/C{doWrite} is logged with system
 of the selectable's prefix, and a C{logPrefix()} that raises is only reported when that
 selectable fails.
 
+On C{SIGCHLD} it reaps only the children that exited (L{accesstunnel.reaping}), not every
+child Twisted knows.
+
 Installed by C{python -m accesstunnel.twistd} (twistd with this reactor installed first: the
 systemd unit of groundcontrol, the end-to-end tests, bench/run) and by the agent's own launcher
 (L{agent.launcher}); plain C{twistd} keeps Twisted's default reactor. C{twistd --reactor
@@ -28,11 +31,14 @@ import errno
 import sys
 from typing import Any
 
+from twisted.internet._signals import SignalHandling, _MultiSignalHandling
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
-from twisted.internet.posixbase import _NO_FILEDESC
+from twisted.internet.posixbase import _NO_FILEDESC, PosixReactorBase
 from twisted.python import log
 from twisted.python.failure import Failure
+
+from accesstunnel.reaping import ExitedChildHandling
 
 #: The short name twistd's C{--reactor} takes (the plugin's).
 REACTOR_NAME = "accesstunnel-epoll"
@@ -82,6 +88,18 @@ class TunnelEPollReactor(EPollReactor):
                 log.callWithLogger(selectable, self._disconnectSelectable, selectable, why, inRead)
 
     doIteration = doPoll
+
+    def _signalsFactory(self) -> SignalHandling:
+        """
+        C{PosixReactorBase}'s signal handling (stop on SIGINT/SIGTERM, reap on
+        SIGCHLD), reaping only the children that exited (L{accesstunnel.reaping}).
+        """
+        return _MultiSignalHandling(
+            (
+                super(PosixReactorBase, self)._signalsFactory(),
+                ExitedChildHandling(self._addInternalReader, self._removeInternalReader),
+            )
+        )
 
     def _doReadOrWrite(self, selectable: Any, fd: int, event: int) -> None:
         """
