@@ -31,14 +31,16 @@ import errno
 import sys
 from typing import Any
 
-from twisted.internet._signals import SignalHandling, _MultiSignalHandling
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
-from twisted.internet.posixbase import _NO_FILEDESC, PosixReactorBase
+from twisted.internet.posixbase import _NO_FILEDESC
 from twisted.python import log
 from twisted.python.failure import Failure
 
-from accesstunnel.reaping import ExitedChildHandling
+try:
+    from accesstunnel.reaping import reapingSignals
+except ImportError:  # Twisted's private signal classes moved (accesstunnel.reaping)
+    reapingSignals = None  # type: ignore[assignment]
 
 #: The short name twistd's C{--reactor} takes (the plugin's).
 REACTOR_NAME = "accesstunnel-epoll"
@@ -89,17 +91,15 @@ class TunnelEPollReactor(EPollReactor):
 
     doIteration = doPoll
 
-    def _signalsFactory(self) -> SignalHandling:
+    def _signalsFactory(self) -> Any:
         """
         C{PosixReactorBase}'s signal handling (stop on SIGINT/SIGTERM, reap on
-        SIGCHLD), reaping only the children that exited (L{accesstunnel.reaping}).
+        SIGCHLD), reaping only the children that exited (L{accesstunnel.reaping});
+        Twisted's own if that module could not be imported.
         """
-        return _MultiSignalHandling(
-            (
-                super(PosixReactorBase, self)._signalsFactory(),
-                ExitedChildHandling(self._addInternalReader, self._removeInternalReader),
-            )
-        )
+        if reapingSignals is None:
+            return super()._signalsFactory()
+        return reapingSignals(self)
 
     def _doReadOrWrite(self, selectable: Any, fd: int, event: int) -> None:
         """

@@ -13,7 +13,18 @@ from __future__ import annotations
 import os
 
 from twisted.internet import process
-from twisted.internet._signals import _ChildSignalHandling, _FDWaker, _SIGCHLDWaker
+
+# Twisted's private signal classes (Twisted is pinned, constraints.txt). If a Twisted release
+# moves them, this import fails and L{accesstunnel.reactor} falls back to Twisted's own
+# reaping: the agent still starts, and reaps as stock Twisted does.
+from twisted.internet._signals import (
+    SignalHandling,
+    _ChildSignalHandling,
+    _FDWaker,
+    _MultiSignalHandling,
+    _SIGCHLDWaker,
+)
+from twisted.internet.posixbase import PosixReactorBase
 
 
 def reapExited() -> None:
@@ -63,4 +74,20 @@ class ExitedChildHandling(_ChildSignalHandling):
         process.reapAllProcesses()  # children that ended before the handler was there
 
 
-__all__ = ["ExitedChildHandling", "ExitedChildWaker", "reapExited"]
+def reapingSignals(reactor: PosixReactorBase) -> SignalHandling:
+    """
+    C{PosixReactorBase}'s signal handling (stop on SIGINT/SIGTERM, reap on SIGCHLD), reaping
+    only the children that exited: the reactor's C{_signalsFactory}.
+    """
+    return _MultiSignalHandling(
+        (
+            super(PosixReactorBase, reactor)._signalsFactory(),
+            ExitedChildHandling(
+                reactor._addInternalReader,  # type: ignore[attr-defined]
+                reactor._removeInternalReader,  # type: ignore[attr-defined]
+            ),
+        )
+    )
+
+
+__all__ = ["ExitedChildHandling", "ExitedChildWaker", "reapExited", "reapingSignals"]

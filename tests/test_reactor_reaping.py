@@ -13,8 +13,10 @@ import signal
 from typing import Any
 
 from twisted.internet import process
+from twisted.internet._signals import _ChildSignalHandling
 from twisted.trial.unittest import SynchronousTestCase
 
+import accesstunnel.reactor
 from accesstunnel import reaping
 from accesstunnel.reactor import TunnelEPollReactor
 from accesstunnel.reaping import ExitedChildHandling, ExitedChildWaker, reapExited
@@ -142,3 +144,15 @@ class SignalHandlingTests(SynchronousTestCase):
         os.write(waker.o, b"x")
         waker.doRead()
         self.assertEqual(calls, [1])
+
+    def test_stockWithoutTwistedsPrivateClasses(self) -> None:
+        """
+        If L{accesstunnel.reaping} could not be imported (a Twisted release moved its private
+        signal classes), the reactor handles signals as Twisted's own does.
+        """
+        self.patch(accesstunnel.reactor, "reapingSignals", None)
+        reactor = TunnelEPollReactor()
+        self.addCleanup(reactor._poller.close)
+        handlings: Any = reactor._signalsFactory()._signalHandlings  # type: ignore[attr-defined]
+        self.assertFalse(any(isinstance(h, ExitedChildHandling) for h in handlings))
+        self.assertTrue(any(isinstance(h, _ChildSignalHandling) for h in handlings))
