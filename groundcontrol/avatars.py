@@ -202,11 +202,34 @@ class AgentAvatar(ConchUser):
         link.deviceName = deviceName
         self._log.info("device {device} approved and routable", device=deviceName)
         self._attachRoutable(link)
+        self._recordPromotedLink(deviceName)
         defer.Deferred.fromCoroutine(self._requests.reportTags(self)).addErrback(
             lambda f: self._log.failure("could not store the reported tags", f)
         )
         if notify:
             link.conn.sendGlobalRequest(APPROVED, encodeMessage({"name": deviceName}))
+
+    def _recordPromotedLink(self, deviceName: str) -> None:
+        """
+        Record this link as the device's last (C{device show}): it was accepted while the
+        key was pending, when no device record held it. Approved on it, it is a link by
+        the device's key (a certificate, if one came, was not for an approved device
+        then). The same store call a link of an approved device makes at its login, once
+        per approval.
+        """
+        login = self.login
+        self._store.recordContact(
+            login.requestedName,
+            login.publicKey,
+            login.keyFingerprint,
+            None,
+            self.source,
+            self._clock.seconds(),
+        ).addErrback(
+            lambda f: self._log.failure(
+                "could not record the link of approved device {device}", f, device=deviceName
+            )
+        )
 
     def lookupChannel(
         self, channelType: bytes, windowSize: int, maxPacket: int, data: bytes

@@ -311,6 +311,15 @@ class EnrollmentTestCase(SynchronousTestCase):
         assert link is not None
         self.assertEqual(link.fingerprint, agent.fingerprint)
 
+    def assertLinkRecordedByKey(self, name: str) -> None:
+        """
+        The device's last link (C{device show}) is recorded as one by its key, at the
+        world's time: the link it was approved on, with no reconnect.
+        """
+        last = resultNow(self.fleet.store.lastLink(name))
+        self.assertEqual(last.auth, "key")
+        self.assertEqual(self.world.device(name).lastSeen, self.world.now)
+
     def assertPending(self, agent: AgentUnderTest, kind: str = "new") -> None:
         self.assertTrue(agent.connected, "the pending agent was disconnected")
         self.assertIsNotNone(self.fleet.registry.pendingFor(agent.fingerprint))
@@ -584,6 +593,7 @@ class CertificateTests(EnrollmentTestCase):
         self.assertTrue(self.world.reaches(self.admin, "kiln7", agent))
         second = self.assertCertificate(agent, "kiln7")
         self.assertGreater(second.notAfter, first.notAfter)
+        self.assertLinkRecordedByKey("kiln7")
         # And it stays approved across a reconnect.
         self.world.disconnect(agent)
         self.world.connect(agent)
@@ -613,6 +623,7 @@ class TokenTests(EnrollmentTestCase):
         self.assertNotIn(agent.fingerprint, self.world.requests())
         self.assertEqual(self.world.usesLeft(), [1])
         self.assertEqual(self.world.device("oven2").approvedBy, "token:1")
+        self.assertLinkRecordedByKey("oven2")
 
     def test_tokenDeviceCertificateBindsSerial(self) -> None:
         """A device enrolled with a token keeps the serial it reported: its record and
@@ -758,6 +769,7 @@ class ClaimTests(EnrollmentTestCase):
         verifyDeviceCertificate(self.world.ca, agent.certificatePEM, self.world.utcNow)
         _, listing, _ = self.world.ctl(self.bob, "ls --json")
         self.assertEqual([(d["name"], d["owner"]) for d in json.loads(listing)], [("oven2", "bob")])
+        self.assertLinkRecordedByKey("oven2")
 
     def test_codeIsCaseAndSeparatorInsensitive(self) -> None:
         """A code typed in lower case without the dash is the same code."""
