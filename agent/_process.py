@@ -56,6 +56,10 @@ from twisted.internet.posixbase import PosixReactorBase
 from accesstunnel.writethrough import SEND_FD, WriteThroughMixin
 from agent import _spawn
 
+#: Twisted's own file actions for a child's descriptors (private: Twisted is pinned); a
+#: Twisted without it leaves pipe children to fork, as before.
+_getFileActions: Any = getattr(process, "_getFileActions", None)
+
 #: Bytes read from a child's output per system call (four packets on the link
 #: to groundcontrol, L{accesstunnel.channel.LINK_MAX_PACKET}).
 READ_SIZE = 256 * 1024
@@ -398,15 +402,17 @@ class _SessionProcess(_SpawnedNotForked, process.Process):
         if reader is not None and not reader.disconnecting:
             reader.startReading()
 
-    def _spawnActions(self, kwargs: dict[str, Any]) -> list[_spawn.FileAction]:
+    def _spawnActions(self, kwargs: dict[str, Any]) -> list[_spawn.FileAction] | None:
         """
         Its three pipes (C{fdmap}: the child's descriptor to the agent's), in
         Twisted's own order of C{dup2}s, safe when a pipe's end is itself 0, 1
         or 2; each end is close-on-exec (C{os.pipe}), and L{agent._spawn}
         closes everything above 2 after these.
         """
+        if _getFileActions is None:
+            return None  # fork, as before
         fdmap: dict[int, int] = kwargs["fdmap"]
-        return process._getFileActions(
+        return _getFileActions(
             [(fd, True) for fd in set(fdmap.values())],
             fdmap,
             doClose=os.POSIX_SPAWN_CLOSE,

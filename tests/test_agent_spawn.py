@@ -174,6 +174,22 @@ class PipeChildTests(SpawnCase):
             )
         self.assertEqual(tried, [])
 
+    def test_withoutTwistedsFileActionsForks(self) -> None:
+        """
+        A Twisted without its private C{_getFileActions} (a release that moved it): pipe
+        children fork as before rather than fail to start.
+        """
+        tried: list[bytes] = []
+        self.patch(_spawn, "spawn", lambda executable, *a: tried.append(executable))
+        self.patch(_process, "_getFileActions", None)
+        child = _process._SessionProcess.__new__(_process._SessionProcess)
+        self.assertFalse(
+            child._trySpawnInsteadOfFork(
+                "/", None, None, CAT, [b"cat"], {}, {"fdmap": {0: 5, 1: 6, 2: 7}}
+            )
+        )
+        self.assertEqual(tried, [])
+
     def test_nulBytesDeclined(self) -> None:
         """
         An argument, a variable or a directory with a NUL byte, which C would
