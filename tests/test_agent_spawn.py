@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import termios
 from typing import Any
 
 from twisted.internet import process
@@ -85,6 +86,27 @@ class SpawnCase(SynchronousTestCase):
         self.addCleanup(end)
         return child
 
+    def untilRunning(self, child: Any, terminal: _process.Terminal | None = None) -> None:
+        """
+        Wait until C{child} (a C{cat}) runs: C{posix_spawn} returns once the child's exec
+        has replaced its memory, a moment before the kernel has put the new program's
+        environment in place (C{/proc/PID/environ} reads empty until then). A byte that
+        came back through C{cat} was read by the program itself, past that.
+        """
+        if terminal is None:
+            os.write(child.pipes[0].fileno(), b"x")
+            stdout = child.pipes[1].fileno()
+            os.set_blocking(stdout, True)
+            self.assertEqual(os.read(stdout, 1), b"x")
+            return
+        # The terminal echoes the line (if it echoes), then cat writes it.
+        copies = 2 if termios.tcgetattr(terminal.master)[3] & termios.ECHO else 1
+        os.set_blocking(terminal.master, True)
+        os.write(terminal.master, b"x\n")
+        seen = b""
+        while seen.count(b"x") < copies:
+            seen += os.read(terminal.master, 64)
+
     def pipeChild(self, executable: bytes = CAT, args: tuple[bytes, ...] = (b"cat",)) -> Any:
         child = _process._SessionProcess(
             self.reactor, executable, list(args), ENVIRONMENT, self.directory, ProcessProtocol()
@@ -135,6 +157,7 @@ class PipeChildTests(SpawnCase):
         previous = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         self.addCleanup(signal.signal, signal.SIGUSR1, previous)
         child = self.pipeChild()
+        self.untilRunning(child)
         self.assertEqual(os.readlink(f"/proc/{child.pid}/cwd"), self.directory)
         self.assertEqual(environmentOf(child.pid), ENVIRONMENT)
         self.assertEqual(sorted(os.listdir(f"/proc/{child.pid}/fd")), ["0", "1", "2"])
@@ -214,6 +237,7 @@ class PtyChildTests(SpawnCase):
         """
         self.noFork()
         child, terminal = self.ptyChild()
+        self.untilRunning(child, terminal)
         stat = processStat(child.pid)
         self.assertEqual((stat["session"], stat["pgrp"]), (child.pid, child.pid))
         self.assertEqual(stat["tty"], os.stat(terminal.name).st_rdev)
