@@ -1,14 +1,16 @@
-"""SSH key fingerprints, spelled the way OpenSSH prints them.
+"""SSH key fingerprints, spelled the way OpenSSH prints them, and certificate serials.
 
 Both ends name keys by fingerprint (the store keys devices and accounts by it, operators
-compare it with ``ssh-keygen -lf``), so there must be exactly one way to compute it.
+compare it with ``ssh-keygen -lf``), so there must be exactly one way to compute it. The
+same goes for a device certificate's serial, which groundcontrol's store, its revocation
+check and its link line, and the agent's link line, all name.
 """
 
 from __future__ import annotations
 
 from twisted.conch.ssh import keys
 
-__all__ = ["fingerprint"]
+__all__ = ["certificateSerial", "fingerprint"]
 
 
 def fingerprint(key: str | bytes | keys.Key) -> str:
@@ -27,3 +29,8 @@ def fingerprint(key: str | bytes | keys.Key) -> str:
         parsed = keys.Key.fromString(key.encode("ascii") if isinstance(key, str) else key)
     digest = parsed.fingerprint(keys.FingerprintFormats.SHA256_BASE64)
     return "SHA256:" + digest.rstrip("=")
+
+
+def certificateSerial(serial: int) -> str:
+    """A certificate's serial number as the fleet names it: 32 lowercase hex digits."""
+    return f"{serial:032x}"

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 
 from accesstunnel.durations import spokenDuration
 from accesstunnel.fastpath import AEAD_CIPHERS
+from accesstunnel.keys import certificateSerial
 from accesstunnel.layers import transportLayers
 
 #: The line a link that came up gets (L{logLinkUp}). It starts as the failover
@@ -73,7 +74,7 @@ def certificateText(connection: Any) -> tuple[str, dict[str, Any]]:
             "certificateSerial": None,
         }
     certificate = own.to_cryptography()
-    serial = f"{certificate.serial_number:032x}"
+    serial = certificateSerial(certificate.serial_number)
     notAfter = certificate.not_valid_after_utc.isoformat()
     return f"{version} with device certificate {serial} (valid until {notAfter})", {
         "tls": version,

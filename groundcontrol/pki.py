@@ -31,7 +31,7 @@ from cryptography.x509.name import _ASN1Type  # NameAttribute's only string-type
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.conch.ssh import keys
 
-from accesstunnel.keys import fingerprint
+from accesstunnel.keys import certificateSerial, fingerprint
 from accesstunnel.names import isValidDeviceName
 
 __all__ = [
@@ -476,7 +476,7 @@ def verifyDeviceCertificate(ca: FleetCA, pem: bytes | str, now: datetime) -> Dev
         publicKeyFingerprint=fingerprint(keys.Key(publicKey)),
         notBefore=notBefore,
         notAfter=notAfter,
-        serialNumber=_hexSerial(certificate.serial_number),
+        serialNumber=certificateSerial(certificate.serial_number),
         certificateFingerprint=certificateFingerprint(certificate),
     )
 
@@ -531,10 +531,6 @@ def _randomSerial() -> int:
         serial = int.from_bytes(os.urandom(16), "big")
         if serial:
             return serial
-
-
-def _hexSerial(serial: int) -> str:
-    return f"{serial:032x}"
 
 
 def _writeExclusive(path: Path, data: bytes, mode: int) -> None:
@@ -698,7 +694,7 @@ def _sign(
     certificate = builder.sign(ca.privateKey, _signatureHash(ca.privateKey))
     return IssuedCertificate(
         pem=certificate.public_bytes(serialization.Encoding.PEM),
-        serialNumber=_hexSerial(certificate.serial_number),
+        serialNumber=certificateSerial(certificate.serial_number),
         notBefore=certificate.not_valid_before_utc,
         notAfter=certificate.not_valid_after_utc,
         fingerprint=fingerprint(keys.Key(publicKey)),

@@ -24,6 +24,7 @@ from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
 
+from accesstunnel.keys import certificateSerial
 from accesstunnel.layers import transportLayers
 
 __all__ = [
@@ -159,7 +160,7 @@ class _OptionalClientCertificateOptions(ssl.CertificateOptions):
             )
             return False
         if depth == 0 and self._isRevoked is not None:
-            serial = f"{certificate.get_serial_number():032x}"
+            serial = certificateSerial(certificate.get_serial_number())
             if self._isRevoked(serial):
                 _log.warn("refused revoked client certificate {serial}", serial=serial)
                 return False
