@@ -203,7 +203,11 @@ def test_disk_full(tmp_path: Path) -> None:
     """
     if shutil.which("ssh") is None:
         pytest.fail("the OpenSSH client is required")
-    with smallDisk(tmp_path / "disk") as disk:
+    # 16 MiB: the fleet's start-up writes (the store and its write-ahead log, which SQLite
+    # lets grow to ~4 MiB before a checkpoint, keys, logs) must fit with room to spare, so
+    # that the disk is full only once the filler below fills it (4 MiB was full before it
+    # in one fresh-clone run: the filler's open failed).
+    with smallDisk(tmp_path / "disk", size="16m") as disk:
         base = disk / "fleet"
         base.mkdir()
         fleet = Fleet(base)
