@@ -17,9 +17,7 @@ import secrets
 import signal
 import sys
 import time
-import unicodedata
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from typing import Any, NoReturn, TypeVar
 
 from twisted.conch.ssh import keys
@@ -30,8 +28,18 @@ from accesstunnel.durations import parseDuration
 from accesstunnel.keys import fingerprint
 from accesstunnel.names import isValidDeviceName
 from groundcontrol.datadir import DataDir, HostKeyError, NotInitialised
+from groundcontrol.devicedetail import (
+    DeviceDetail,
+    clean,
+    detailJSON,
+    detailText,
+    deviceJSON,
+    formatTime,
+    grantsCovering,
+    requestJSON,
+    requestsFor,
+)
 from groundcontrol.store import (
-    Device,
     InvalidName,
     SQLStore,
     StoreError,
@@ -262,7 +270,7 @@ def _storeCommand(store: SQLStore, args: argparse.Namespace, now: Callable[[], f
         if args.deviceCommand == "list":
             _listDevices(store, args.json)
         elif args.deviceCommand == "show":
-            _showDevice(store, args.name, args.json)
+            _showDevice(store, args.name, args.json, now())
         elif args.deviceCommand == "approve":
             device = _result(store.approveDevice(args.name, actor, now(), fingerprint=args.key))
             print(f"approved {device.name} ({device.fingerprint})")
@@ -284,7 +292,7 @@ def _storeCommand(store: SQLStore, args: argparse.Namespace, now: Callable[[], f
                 agentForwarding=args.agent_forwarding,
             )
         )
-        until = "" if expiresAt is None else f" until {_formatTime(expiresAt)}"
+        until = "" if expiresAt is None else f" until {formatTime(expiresAt)}"
         login = "" if grant.loginUser is None else f" as {grant.loginUser}"
         print(f"granted {args.user} access to {args.selector}{login}{until}")
     elif args.command == "ungrant":
@@ -304,7 +312,7 @@ def _storeCommand(store: SQLStore, args: argparse.Namespace, now: Callable[[], f
             device = found
         print(
             f"{device.name}: tags {' '.join(device.tags) or '-'}; "
-            f"reported by the agent {_clean(' '.join(device.reportedTags)) or '-'}"
+            f"reported by the agent {clean(' '.join(device.reportedTags)) or '-'}"
         )
     elif args.command == "group":
         _groupCommand(store, args, actor, now())
@@ -324,7 +332,7 @@ def _tagChanges(changes: list[str]) -> tuple[list[str], list[str]]:
         elif change[:1] == "-" and len(change) > 1:
             remove.append(change[1:])
         else:
-            raise _UsageError(f"expected +TAG or -TAG, not {_clean(change)!r}")
+            raise _UsageError(f"expected +TAG or -TAG, not {clean(change)!r}")
     return add, remove
 
 
@@ -351,8 +359,8 @@ def _listGrants(store: SQLStore, user: str | None, asJSON: bool, t: float) -> No
                 r["user"],
                 r["selector"],
                 r["loginUser"] or "-",
-                ("expired " if r["expired"] else "") + _formatTime(r["expiresAt"]),
-                _clean(r["createdBy"]),
+                ("expired " if r["expired"] else "") + formatTime(r["expiresAt"]),
+                clean(r["createdBy"]),
             )
             for r in rows
         ],
@@ -386,7 +394,7 @@ def _createToken(store: SQLStore, uses: int, lifetime: int, actor: str, t: float
     print(token)
     print(
         f"enrollment token {record.id}: {record.uses} use(s), expires "
-        f"{_formatTime(record.expiresAt)}; shown only now, agents take it with --token",
+        f"{formatTime(record.expiresAt)}; shown only now, agents take it with --token",
         file=sys.stderr,
     )
 
@@ -414,9 +422,9 @@ def _listTokens(store: SQLStore, asJSON: bool, t: float) -> None:
                 str(r["id"]),
                 r["state"],
                 f"{r['usesLeft']}/{r['uses']}",
-                _formatTime(r["expiresAt"]),
-                _formatTime(r["createdAt"]),
-                _clean(r["createdBy"]),
+                formatTime(r["expiresAt"]),
+                formatTime(r["createdAt"]),
+                clean(r["createdBy"]),
             )
             for r in rows
         ],
@@ -439,51 +447,9 @@ def _init(dataDir: DataDir, storeURL: str | None) -> int:
     return 0
 
 
-def _deviceJSON(d: Device) -> dict[str, Any]:
-    """A device as C{device list --json} gives it (with the keys a pending entry has)."""
-    return {
-        "name": d.name,
-        "state": d.state,
-        "fingerprint": d.fingerprint,
-        "serial": d.serial,
-        "lastSeen": d.lastSeen,
-        "source": None,
-        "kind": None,
-        "approvedAt": d.approvedAt,
-        "approvedBy": d.approvedBy,
-        "firstSeen": None,
-        "owner": d.owner,
-        "leaseUntil": d.leaseUntil,
-        "certificateExpiresAt": d.certificateExpiresAt,
-        "tags": list(d.tags),
-        "reportedTags": list(d.reportedTags),
-        "groups": list(d.groups),
-    }
-
-
 def _listDevices(store: SQLStore, asJSON: bool) -> None:
-    rows = [_deviceJSON(d) for d in _result(store.listDevices())]
-    for r in _result(store.listEnrollmentRequests()):
-        rows.append(
-            {
-                "name": r.requestedName,
-                "state": "pending",
-                "fingerprint": r.fingerprint,
-                "serial": r.serial,
-                "lastSeen": r.lastSeen,
-                "source": r.source,
-                "kind": r.kind,
-                "approvedAt": None,
-                "approvedBy": None,
-                "firstSeen": r.firstSeen,
-                "owner": None,
-                "leaseUntil": None,
-                "certificateExpiresAt": None,
-                "tags": [],
-                "reportedTags": [],
-                "groups": [],
-            }
-        )
+    rows = [deviceJSON(d) for d in _result(store.listDevices())]
+    rows += [requestJSON(r) for r in _result(store.listEnrollmentRequests())]
     if asJSON:
         print(json.dumps(rows, indent=2))
         return
@@ -491,78 +457,47 @@ def _listDevices(store: SQLStore, asJSON: bool) -> None:
         ("NAME", "STATE", "FINGERPRINT", "SERIAL", "LAST SEEN", "SOURCE", "OWNER", "CERT EXPIRES"),
         [
             (
-                _clean(row["name"]),
+                clean(row["name"]),
                 f"pending-{row['kind']}" if row["kind"] in ("rekey", "reapprove") else row["state"],
                 row["fingerprint"],
-                _clean(row["serial"] or "-"),
-                _formatTime(row["lastSeen"]),
-                _clean(row["source"] or "-"),
+                clean(row["serial"] or "-"),
+                formatTime(row["lastSeen"]),
+                clean(row["source"] or "-"),
                 "-"
                 if row["owner"] is None
-                else f"{_clean(row['owner'])} until {_formatTime(row['leaseUntil'])}",
+                else f"{clean(row['owner'])} until {formatTime(row['leaseUntil'])}",
                 "-"
                 if row["certificateExpiresAt"] is None
-                else _formatTime(row["certificateExpiresAt"]),
+                else formatTime(row["certificateExpiresAt"]),
             )
             for row in rows
         ],
     )
 
 
-def _showDevice(store: SQLStore, name: str, asJSON: bool) -> None:
-    """One device's record, with how its latest link authenticated and its last certificate."""
+def _showDevice(store: SQLStore, name: str, asJSON: bool, now: float) -> None:
+    """
+    One device's record, with how its latest link authenticated, its last certificate, the
+    requests for its name and the grants that cover it (the control shell's C{show}, less
+    the live link: the CLI has no registry).
+    """
     d = _result(store.deviceByName(name))
     link = _result(store.lastLink(name))
     if d is None or link is None:
         raise _CommandError(f"no device named {name!r} (pending requests: device list)")
-    last = link.certificate
+    requests = _result(store.listEnrollmentRequests())
+    grants = _result(store.listGrants())
+    detail = DeviceDetail(
+        name,
+        d,
+        link,
+        requests=requestsFor(requests, name),
+        grants=grantsCovering(grants, d, now),
+    )
     if asJSON:
-        detail = {
-            **_deviceJSON(d),
-            "lastLinkAuth": link.auth,
-            "lastCertificate": None
-            if last is None
-            else {
-                "serialNumber": last.serialNumber,
-                "fingerprint": last.fingerprint,
-                "notAfter": last.notAfter,
-                "presentedAt": link.certificateAt,
-            },
-        }
-        print(json.dumps(detail, indent=2))
-        return
-    lines = [
-        ("name", _clean(d.name)),
-        ("state", d.state),
-        ("key", d.fingerprint),
-        ("serial", _clean(d.serial or "-")),
-        ("approved", f"{_formatTime(d.approvedAt)} by {_clean(d.approvedBy)}"),
-        ("last seen", _formatTime(d.lastSeen)),
-        (
-            "owner",
-            "-" if d.owner is None else f"{_clean(d.owner)} until {_formatTime(d.leaseUntil)}",
-        ),
-        (
-            "certificate expires",
-            "-" if d.certificateExpiresAt is None else _formatTime(d.certificateExpiresAt),
-        ),
-        ("tags", " ".join(d.tags) or "-"),
-        ("reported tags", _clean(" ".join(d.reportedTags)) or "-"),
-        ("groups", " ".join(d.groups) or "-"),
-        ("last link by", link.auth or "not recorded"),
-    ]
-    if last is None:
-        lines.append(("last certificate", "none presented"))
+        print(json.dumps(detailJSON(detail), indent=2))
     else:
-        lines += [
-            ("last certificate", last.serialNumber),
-            ("  SHA-256", last.fingerprint),
-            ("  valid until", _formatTime(last.notAfter)),
-            ("  presented", _formatTime(link.certificateAt)),
-        ]
-    width = max(len(label) for label, _ in lines)
-    for label, value in lines:
-        print(f"{label.ljust(width)}  {value}")
+        print(detailText(detail), end="")
 
 
 def _printTable(header: tuple[str, ...], body: list[tuple[str, ...]]) -> None:
@@ -621,7 +556,7 @@ def _call(f: Callable[[], _T]) -> _T:
 def _checkDeviceNameArg(name: str | None) -> None:
     if name is not None and not isValidDeviceName(name):
         raise _UsageError(
-            f"invalid device name {_clean(name)!r}: use a-z, 0-9 and '-', "
+            f"invalid device name {clean(name)!r}: use a-z, 0-9 and '-', "
             "not starting with '-', at most 63 characters"
         )
 
@@ -651,17 +586,6 @@ def _actor() -> str:
         return f"cli:{getpass.getuser()}"
     except (KeyError, OSError):
         return "cli"
-
-
-def _formatTime(t: float | None) -> str:
-    if t is None:
-        return "never"
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _clean(text: str) -> str:
-    """Replace control and format characters: device-supplied text must not drive the tty."""
-    return "".join("?" if unicodedata.category(c).startswith("C") else c for c in text)
 
 
 def run() -> None:

@@ -391,6 +391,44 @@ def test_deviceShowLastLink(
         assert status == 1 and f"no device named '{name}'" in err
 
 
+def test_deviceShowRequestsAndGrants(
+    data: Path, store: SQLiteStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """
+    device show (the renderer the control shell's show shares) lists a new key asking for
+    the device's name and the grants that cover the device (by name and group; not a tag it
+    lacks).
+    """
+    contact(store, "kiln7")
+    assert run(capsys, "--data", str(data), "device", "approve", "kiln7")[0] == 0
+    status, out, _ = run(capsys, "--data", str(data), "device", "show", "kiln7")
+    assert re.search(r"(?m)^grants +none$", out), out
+    keyFile = data.parent / "alice.pub"
+    keyFile.write_text(publicLine(newKey()))
+    assert run(capsys, "--data", str(data), "user", "add", "alice", "--key", str(keyFile))[0] == 0
+    assert run(capsys, "--data", str(data), "group", "add", "ovens", "kiln7")[0] == 0
+    for selector in ("group:ovens", "kiln7", "tag:lab"):
+        assert run(capsys, "--data", str(data), "grant", "alice", selector, "--as", "pi")[0] == 0
+    rekey = contact(store, "kiln7", serial="SN-2")
+
+    status, out, _ = run(capsys, "--data", str(data), "device", "show", "kiln7")
+    assert status == 0
+    assert re.findall(r"(?m)^grant +(.*)$", out) == [
+        "alice by device:kiln7 as pi",
+        "alice by group:ovens as pi",
+    ]
+    assert re.search(
+        rf"(?m)^pending request +pending-rekey key {re.escape(fingerprint(rekey))}, "
+        r"serial SN-2, from 198\.51\.100\.7:40000, last seen 2023-11-14T22:13:20Z$",
+        out,
+    ), out
+    status, out, _ = run(capsys, "--data", str(data), "device", "show", "kiln7", "--json")
+    shown = json.loads(out)
+    assert [g["selector"] for g in shown["grants"]] == ["device:kiln7", "group:ovens"]
+    assert [(r["kind"], r["serial"]) for r in shown["pendingRequests"]] == [("rekey", "SN-2")]
+    assert "online" not in shown  # the CLI has no registry to ask
+
+
 def test_storeURL(
     tmp_path: Path, postgresql: ThrowawayPostgreSQL, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -23,6 +23,14 @@ from twisted.internet.interfaces import IReactorTime
 
 from accesstunnel.durations import parseDuration
 from accesstunnel.names import isValidDeviceName
+from groundcontrol.devicedetail import (
+    DeviceDetail,
+    detailJSON,
+    detailText,
+    grantsCovering,
+    liveLink,
+    requestsFor,
+)
 from groundcontrol.enrollment import hashSecret, normaliseCode
 from groundcontrol.registry import Registry
 from groundcontrol.store import Account, Device, IStore, StoreError, parseSelector
@@ -246,6 +254,58 @@ def _ls(parser: _Parser) -> Handler:
         )
 
     return run
+
+
+@command(
+    "show",
+    "one device in detail: state, online, last link and certificate, owner, tags, groups",
+)
+def _show(parser: _Parser) -> Handler:
+    parser.add_argument("device")
+
+    async def run(context: ControlContext, options: argparse.Namespace) -> CommandResult:
+        name = _deviceName(options.device)
+        detail = await _deviceDetail(context, name)
+        if detail is None:
+            # A device an operator may not reach reads as one that does not exist (as in ls).
+            return CommandResult(stderr=f"show: no device named {name!r}\n", status=1)
+        if options.json:
+            document = detailJSON(detail)
+            return CommandResult(stdout=json.dumps(document, indent=2, sort_keys=True) + "\n")
+        return CommandResult(stdout=detailText(detail))
+
+    return run
+
+
+async def _deviceDetail(context: ControlContext, name: str) -> DeviceDetail | None:
+    """
+    What C{show} may tell the caller about device C{name}, or None if nothing: admins see
+    any device and the requests for its name and the grants that cover it; operators only an
+    approved device they may reach, the rule C{ls} applies.
+    """
+    store, now, isAdmin = context.store, context.clock.seconds(), context.account.isAdmin
+    device = await store.deviceByName(name)
+    if not isAdmin and (
+        device is None
+        or device.state != "approved"
+        or not await store.mayReach(context.account, name, now)
+    ):
+        return None
+    requests = requestsFor(await store.listEnrollmentRequests(), name) if isAdmin else ()
+    if device is None and not requests:
+        return None
+    grants = None
+    if isAdmin and device is not None:
+        grants = grantsCovering(await store.listGrants(), device, now)
+    return DeviceDetail(
+        name,
+        device,
+        None if device is None else await store.lastLink(name),
+        requests=requests,
+        linksKnown=True,
+        online=liveLink(context.registry.lookup(name)),
+        grants=grants,
+    )
 
 
 @command("pending", "devices waiting for approval", adminOnly=True)
