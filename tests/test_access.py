@@ -232,6 +232,18 @@ class ControlCommandTests(SynchronousTestCase):
         status, out, _ = self.world.ctl(self.world.root, "group add g lab1 --json")
         self.assertEqual(json.loads(out), {"devices": ["lab1"], "group": "g"})
 
+    def test_everyCommandExplainsItself(self) -> None:
+        """
+        CMD --help prints the command's help (status 0), for operators too, even when the
+        command's required arguments are missing.
+        """
+        for name in sorted(COMMANDS):
+            status, out, err = self.world.ctl(self.world.bob, f"{name} --help")
+            self.assertEqual((status, err), (0, ""), name)
+            self.assertTrue(out.startswith(f"usage: {name} "), (name, out))
+        status, out, _ = self.world.ctl(self.world.bob, "show -h lab1")
+        self.assertTrue(out.startswith("usage: show "), out)
+
     def test_badArguments(self) -> None:
         """Malformed selectors, tags and durations are usage errors (status 2)."""
         for line in ["grant bob host:x", "grant bob tag:Lab", "grant bob lab1 --for soon"]:

@@ -124,6 +124,9 @@ async def runCommand(context: ControlContext, argv: list[str]) -> CommandResult:
     try:
         options = entry.parser.parse_args(args)
     except UsageError as e:
+        if "-h" in args or "--help" in args:
+            # "approve --help" asks how, before the arguments it would complain are missing.
+            return CommandResult(stdout=entry.parser.format_help())
         return CommandResult(stderr=f"{e}\n{entry.parser.format_usage()}", status=2)
     if options.help:
         return CommandResult(stdout=entry.parser.format_help())
