@@ -48,6 +48,16 @@ NOTIFIED_EVENTS = frozenset(
     }
 )
 
+#: Audit events that change a live link (L{FleetWatcher._apply}).
+APPLIED_EVENTS = frozenset({"device.revoked", "device.approved", "device.claimed"})
+
+#: What the watcher reads of the feed. The rest (two rows per relayed session, among
+#: others) stays in the database: the store passes over it without handing it back.
+WATCHED_EVENTS = NOTIFIED_EVENTS | APPLIED_EVENTS
+
+#: Events read from the feed at a time.
+FEED_PAGE = 100
+
 
 class FleetWatcher(Service):
     """Poll the audit feed and apply approvals and revocations."""
@@ -103,10 +113,8 @@ class FleetWatcher(Service):
                 # Its audit event comes back through the feed and is notified.
                 await self._store.endLease(device.name, now)
         while True:
-            events = await self._store.auditSince(self._lastId)
-            if not events:
-                return
-            for event in events:
+            page = await self._store.auditFeed(self._lastId, WATCHED_EVENTS, FEED_PAGE)
+            for event in page.events:
                 self._lastId = event.id
                 if event.event in NOTIFIED_EVENTS:
                     self._notifier.notify(
@@ -119,6 +127,9 @@ class FleetWatcher(Service):
                         )
                     )
                 await self._apply(event)
+            self._lastId = page.readTo
+            if len(page.events) < FEED_PAGE:
+                return  # read up to the newest row
 
     def poll(self) -> Any:
         """One look at the feed (what the loop calls every interval)."""

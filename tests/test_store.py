@@ -22,6 +22,7 @@ from groundcontrol.store import (
     Account,
     AlreadyExists,
     AmbiguousRequest,
+    AuditPage,
     Device,
     EnrollmentRequest,
     InvalidName,
@@ -842,6 +843,64 @@ class AuditTests(StoreTestCase):
         self.assertEqual([e.event for e in rest], ["e3", "e4"])
         self.assertEqual(rest[0].detail, {"i": 3})
         self.assertEqual(self.successResultOf(self.store.auditSince(written[-1].id)), [])
+
+    def test_auditFeedKinds(self) -> None:
+        """
+        The feed read for some kinds hands back those only, and reads to the newest row,
+        whatever its kind: the next read starts after the rows passed over.
+        """
+        start = self.successResultOf(self.store.lastAuditId())
+        for i, event in enumerate(["session.started", "device.revoked", "session.ended"] * 2):
+            self.successResultOf(self.store.audit(event, "me", "kiln7", {"i": i}, T0 + i))
+        newest = self.successResultOf(self.store.lastAuditId())
+        page = self.successResultOf(self.store.auditFeed(start, {"device.revoked", "x"}))
+        self.assertEqual(
+            [(e.event, e.detail) for e in page.events],
+            [
+                ("device.revoked", {"i": 1}),
+                ("device.revoked", {"i": 4}),
+            ],
+        )
+        self.assertEqual(page.readTo, newest)
+        self.assertEqual(
+            self.successResultOf(self.store.auditFeed(newest, {"device.revoked"})),
+            AuditPage((), newest),
+        )
+
+    def test_auditFeedPages(self) -> None:
+        """A full page reads to its last event; the pages together hold every event once."""
+        start = self.successResultOf(self.store.lastAuditId())
+        wanted = []
+        for i in range(5):
+            self.successResultOf(self.store.audit("session.ended", "me", None, {}, T0 + i))
+            wanted.append(self.successResultOf(self.store.audit("e", "me", None, {"i": i}, T0)))
+        self.successResultOf(self.store.audit("session.ended", "me", None, {}, T0))
+        newest = self.successResultOf(self.store.lastAuditId())
+        first = self.successResultOf(self.store.auditFeed(start, ["e"], limit=2))
+        self.assertEqual(first, AuditPage(tuple(wanted[:2]), wanted[1].id))
+        second = self.successResultOf(self.store.auditFeed(first.readTo, ["e"], limit=2))
+        self.assertEqual(second, AuditPage(tuple(wanted[2:4]), wanted[3].id))
+        last = self.successResultOf(self.store.auditFeed(second.readTo, ["e"], limit=2))
+        self.assertEqual(last, AuditPage(tuple(wanted[4:]), newest))
+
+    def test_auditFeedOfNoKinds(self) -> None:
+        """Asked for no kind at all, the read finds nothing and still moves to the newest."""
+        self.successResultOf(self.store.audit("e", "me", None, {}, T0))
+        newest = self.successResultOf(self.store.lastAuditId())
+        self.assertEqual(self.successResultOf(self.store.auditFeed(0, [])), AuditPage((), newest))
+
+    def test_auditWritesTheDetailGiven(self) -> None:
+        """
+        The stored event carries the caller's detail as it is, not a copy decoded from the
+        row just encoded; the row reads back equal to it.
+        """
+        detail = {"session": "abcdefghij", "id": "abcdefghij", "started_at": T0, "n": [1, 2]}
+        written = self.successResultOf(
+            self.store.audit("session.started", "me", "kiln7", detail, T0)
+        )
+        self.assertIs(written.detail, detail)
+        (read,) = self.successResultOf(self.store.auditSince(written.id - 1))
+        self.assertEqual(read, written)
 
     def test_otherConnectionSeesChanges(self) -> None:
         """A change made through a second connection (the CLI, a node) shows in this feed."""

@@ -373,7 +373,8 @@ class IStore(Interface):
         """
         Append an event to the audit log. C{detail} is a JSON-serialisable dict.
 
-        @return: Deferred firing with the stored L{AuditEvent}.
+        @return: Deferred firing with the stored L{AuditEvent}; its detail is C{detail}
+            itself, not a copy read back.
         """
 
     def auditSince(afterId, limit=100):
@@ -383,6 +384,18 @@ class IStore(Interface):
         a primary-key range scan.
 
         @return: Deferred firing with a list of at most C{limit} L{AuditEvent}s.
+        """
+
+    def auditFeed(afterId, events, limit=100):
+        """
+        L{auditSince} for a reader that acts on some kinds of event only (the fleet watcher):
+        the rows of other kinds (the sessions' two each, most of the log) are passed over
+        in the database, never decoded. The page says how far the read went, past the rows
+        it passed over, so the next read starts there and reads none of them again.
+
+        @param events: the event names wanted (C{device.revoked}, ...).
+        @return: Deferred firing with an L{AuditPage}: at most C{limit} events, and
+            C{readTo}, the id to read after next time.
         """
 
     def recentSessions(limit):

@@ -11,6 +11,7 @@ __all__ = [
     "SESSION_STARTED",
     "Account",
     "AuditEvent",
+    "AuditPage",
     "Certificate",
     "CertificateState",
     "Device",
@@ -117,6 +118,17 @@ class AuditEvent:
     actor: str | None
     device: str | None
     detail: dict[str, Any] = field(factory=dict, eq=True, hash=False)
+
+
+@frozen
+class AuditPage:
+    """
+    One read of the change feed for some kinds of event: those events, oldest first, and
+    the id the read covered up to (rows of other kinds included), where the next one starts.
+    """
+
+    events: tuple[AuditEvent, ...]
+    readTo: int
 
 
 @frozen

@@ -19,7 +19,7 @@ import hashlib
 import json
 import re
 import unicodedata
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -54,6 +54,7 @@ from ._records import (
     SESSION_STARTED,
     Account,
     AuditEvent,
+    AuditPage,
     Certificate,
     CertificateState,
     Device,
@@ -480,34 +481,37 @@ class SQLStore:
         device: str | None,
         detail: dict[str, Any],
         now: float,
-    ) -> AuditEvent:
-        encoded = json.dumps(detail, sort_keys=True)
+    ) -> int:
+        """
+        Append an event in the caller's write transaction; return its id. The detail is
+        encoded once, for the row: nothing here reads it back.
+        """
         row = c.execute(
             "INSERT INTO audit (at, event, actor, device, detail) VALUES (?, ?, ?, ?, ?) "
             "RETURNING id",
-            (now, event, actor, device, encoded),
+            (now, event, actor, device, json.dumps(detail, sort_keys=True)),
         ).fetchone()
-        stored = AuditEvent(int(row["id"]), now, event, actor, device, json.loads(encoded))
+        eventId = int(row["id"])
         if event in _SESSION_EVENT_COLUMNS:
-            SQLStore._indexSession(c, stored)
-        return stored
+            SQLStore._indexSession(c, eventId, event, detail)
+        return eventId
 
     @staticmethod
-    def _indexSession(c: Cursor, event: AuditEvent) -> None:
+    def _indexSession(c: Cursor, eventId: int, event: str, detail: dict[str, Any]) -> None:
         """Point the session index (schema 005) at a session's newest event of this kind."""
-        sessionId = _sessionId(event.detail)
+        sessionId = _sessionId(detail)
         if sessionId is None:
             return
-        startedAt = event.detail.get("started_at")
+        startedAt = detail.get("started_at")
         if not isinstance(startedAt, (int, float)) or isinstance(startedAt, bool):
             startedAt = 0
-        column = _SESSION_EVENT_COLUMNS[event.event]
+        column = _SESSION_EVENT_COLUMNS[event]
         c.execute(
             f"INSERT INTO session_index (id, started_at, {column}) VALUES (?, ?, ?) "
             f"ON CONFLICT (id) DO UPDATE SET {column} = excluded.{column}, "
             "started_at = CASE WHEN excluded.started_at <> 0 THEN excluded.started_at "
             "ELSE session_index.started_at END",
-            (sessionId, startedAt, event.id),
+            (sessionId, startedAt, eventId),
         )
 
     @staticmethod
@@ -1897,7 +1901,8 @@ class SQLStore:
         now: float,
     ) -> AuditEvent:
         with self._write() as c:
-            return self._insertAudit(c, event, actor, device, detail, now)
+            eventId = self._insertAudit(c, event, actor, device, detail, now)
+        return AuditEvent(eventId, now, event, actor, device, detail)
 
     def auditSince(self, afterId: int, limit: int = 100) -> Deferred[list[AuditEvent]]:
         return self._run(self._auditSince, afterId, limit)
@@ -1909,6 +1914,27 @@ class SQLStore:
             (afterId, limit),
         )
         return [_auditEvent(r) for r in rows]
+
+    def auditFeed(
+        self, afterId: int, events: Collection[str], limit: int = 100
+    ) -> Deferred[AuditPage]:
+        return self._run(self._auditFeed, afterId, frozenset(events), limit)
+
+    def _auditFeed(self, afterId: int, events: frozenset[str], limit: int) -> AuditPage:
+        # The newest id first, then the rows up to it: audit ids become visible in commit
+        # order (one writer at a time, on every node: the module docstring), so every row
+        # up to that id is already readable and none can appear below it later.
+        newest = self._lastAuditId()
+        if newest <= afterId or not events:
+            return AuditPage((), max(afterId, newest))
+        kinds = sorted(events)
+        rows = self._read(
+            "SELECT id, at, event, actor, device, detail FROM audit WHERE id > ? AND id <= ? "
+            f"AND event IN ({', '.join('?' * len(kinds))}) ORDER BY id LIMIT ?",
+            (afterId, newest, *kinds, limit),
+        )
+        found = tuple(_auditEvent(r) for r in rows)
+        return AuditPage(found, found[-1].id if found and len(found) == limit else newest)
 
     def recentSessions(self, limit: int) -> Deferred[list[SessionEvents]]:
         return self._run(self._recentSessions, limit)
