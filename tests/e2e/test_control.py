@@ -16,7 +16,10 @@ from tests.e2e.harness import Fleet, waitFor
 
 
 def test_ls_json_and_roles(kiln7: Fleet) -> None:
-    """ls --json lists the device online; an operator is refused admin commands."""
+    """
+    ls --json lists the device online, show --json its live link's transport and agent
+    version; an operator is refused admin commands and shown no device without a grant.
+    """
     alice = kiln7.operators["alice"]
     listing = json.loads(alice.ssh("ctl", "ls", "--json").stdout)
     assert [(d["name"], d["online"]) for d in listing] == [("kiln7", True)]
@@ -25,6 +28,11 @@ def test_ls_json_and_roles(kiln7: Fleet) -> None:
     refused = bob.ssh("ctl", "pending")
     assert refused.returncode == 1
     assert "only admins" in refused.stderr
+    shown = json.loads(alice.ssh("ctl", "show", "kiln7", "--json").stdout)
+    assert (shown["name"], shown["state"]) == ("kiln7", "approved")
+    assert shown["online"]["transport"] and shown["online"]["version"], shown["online"]
+    hidden = bob.ssh("ctl", "show", "kiln7")  # no grant: answered like a name no device has
+    assert (hidden.returncode, hidden.stderr) == (1, "show: no device named 'kiln7'\n")
 
 
 def test_script_on_stdin(kiln7: Fleet) -> None:
