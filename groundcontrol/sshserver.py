@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import attrs
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from twisted.conch import error
 from twisted.conch.interfaces import IConchUser
 from twisted.conch.ssh import factory, keys, transport, userauth
@@ -41,21 +39,16 @@ from accesstunnel.rekey import RekeyingTransportMixin, RekeyLimit
 from accesstunnel.transports.tls import peerCertificate
 from groundcontrol.auth import AgentLogin, FleetKeyChecker, OperatorLogin
 from groundcontrol.avatars import AgentAvatar, OperatorAvatar
+from groundcontrol.certverdict import CertificateVerdict, PresentedCertificate
 from groundcontrol.cipherchoice import AESGCMAfterLoginMixin
 from groundcontrol.enrollment import AgentRequests, CertificatePolicy
-from groundcontrol.pki import (
-    CertificateError,
-    DeviceCertificate,
-    FleetCA,
-    verifyDeviceCertificate,
-)
+from groundcontrol.pki import FleetCA
 from groundcontrol.preauth import PreauthMixin
 from groundcontrol.registry import Registry
 from groundcontrol.router import SessionPolicy, SessionRouter
 from groundcontrol.store import (
     Device,
     IStore,
-    LinkCertificate,
     PendingLimitReached,
     PendingLimits,
 )
@@ -128,9 +121,12 @@ class GroundControlRealm:
 
     async def _agentAvatar(self, login: AgentLogin, mind: Any) -> Any:
         source = _describePeer(mind.peer) if isinstance(mind, PeerMind) else "unknown"
-        certificate = mind.certificate if isinstance(mind, PeerMind) else None
-        verified = self._verifyCertificate(certificate)
-        linkCertificate = _linkCertificate(verified, login)
+        presented = PresentedCertificate.check(
+            mind.certificate if isinstance(mind, PeerMind) else None,
+            self._ca,
+            self._clock.seconds(),
+            login.keyFingerprint,
+        )
         try:
             contact = await self._store.recordContact(
                 login.requestedName,
@@ -140,8 +136,7 @@ class GroundControlRealm:
                 source,
                 self._clock.seconds(),
                 limits=self._pendingLimits,
-                certificate=linkCertificate,
-                certificateRefused=verified is not None and linkCertificate is None,
+                link=presented.linkRecordFor,
             )
         except PendingLimitReached as e:
             self._log.warn(
@@ -163,8 +158,7 @@ class GroundControlRealm:
                 )
                 raise UnauthorizedLogin(f"device {contact.name} is {contact.state}")
             deviceName = contact.name
-            if certificate is not None:
-                login = self._checkCertificate(verified, login, contact.name)
+            login = self._admitCertificate(presented.verdictFor(contact.name), login, contact.name)
         else:
             pendingKind = contact.kind
         avatar = AgentAvatar(
@@ -179,58 +173,27 @@ class GroundControlRealm:
         )
         return IConchUser, avatar, avatar.logout
 
-    def _verifyCertificate(
-        self, certificate: x509.Certificate | None
-    ) -> DeviceCertificate | CertificateError | None:
-        """
-        What a TLS client certificate says, if the fleet CA vouches for it (or why not):
-        read before the contact is recorded, so the store can keep it in the same write.
-        """
-        if certificate is None or self._ca is None:
-            return None
-        pem = certificate.public_bytes(serialization.Encoding.PEM)
-        now = datetime.fromtimestamp(self._clock.seconds(), UTC)
-        try:
-            return verifyDeviceCertificate(self._ca, pem, now)
-        except CertificateError as e:
-            return e
-
-    def _checkCertificate(
-        self, verified: DeviceCertificate | CertificateError | None, login: AgentLogin, name: str
+    def _admitCertificate(
+        self, verdict: CertificateVerdict, login: AgentLogin, name: str
     ) -> AgentLogin:
         """
-        A TLS client certificate must be the fleet's, for this very key and
-        device: one device's certificate never vouches for another's SSH key.
-        The login returned carries it, for the link's log line.
+        Refuse the login of device C{name} if its certificate's verdict says so (the store
+        has recorded no link for it, by the same verdict); otherwise return the login with
+        the certificate that vouches for it, if one does, for the link's log line.
         """
-        if verified is None:
+        refusal = verdict.refusal
+        if refusal is not None:
+            if verdict.certificate is not None:
+                self._log.warn(
+                    "device {device} presented the certificate of {other}; refused",
+                    device=name,
+                    other=verdict.certificate.deviceName,
+                    finding=verdict.finding.value,
+                )
+            raise UnauthorizedLogin(refusal)
+        if verdict.vouching is None:
             return login
-        if isinstance(verified, CertificateError):
-            raise UnauthorizedLogin(f"bad device certificate: {verified}")
-        if verified.publicKeyFingerprint != login.keyFingerprint or verified.deviceName != name:
-            self._log.warn(
-                "device {device} presented the certificate of {other}; refused",
-                device=name,
-                other=verified.deviceName,
-            )
-            raise UnauthorizedLogin("the TLS certificate is not this device's")
-        return attrs.evolve(login, certificate=verified)
-
-
-def _linkCertificate(
-    verified: DeviceCertificate | CertificateError | None, login: AgentLogin
-) -> LinkCertificate | None:
-    """What the store keeps of a genuine certificate for the login's key, if there is one."""
-    if not isinstance(verified, DeviceCertificate):
-        return None
-    if verified.publicKeyFingerprint != login.keyFingerprint:
-        return None
-    return LinkCertificate(
-        serialNumber=verified.serialNumber,
-        fingerprint=verified.certificateFingerprint,
-        notAfter=verified.notAfter.timestamp(),
-        deviceName=verified.deviceName,
-    )
+        return attrs.evolve(login, certificate=verdict.vouching)
 
 
 def _describePeer(peer: IAddress) -> str:

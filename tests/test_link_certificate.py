@@ -22,6 +22,7 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from groundcontrol import pki, sshserver
+from groundcontrol.certverdict import CertificateVerdict, Finding, PresentedCertificate
 from groundcontrol.enrollment import CertificatePolicy
 from groundcontrol.store import IStore, LastLink, LinkCertificate
 from groundcontrol.testing import InMemoryFleet, newKey, openMemoryStore, publicLine, resultNow
@@ -215,3 +216,45 @@ class LinkCertificateTests(SynchronousTestCase):
             self.assertFalse([f for f in formats if f.startswith("device {device} conn")], case)
             self.assertIsNone(self.agent.connection, case)
             self.assertEqual(resultNow(self.fleet.store.lastLink("kiln7")), before, case)
+
+    def test_refusalAndRecordReadOneVerdict(self) -> None:
+        """
+        The login's refusal and the store's record of its link follow one verdict
+        (L{groundcontrol.certverdict}), not a rule each. Were the rule to let kiln7's key in
+        with its certificate naming kiln8, the login would be accepted and recorded with that
+        certificate; were it to refuse kiln7's own certificate, the login would be refused
+        and its link left unrecorded. (While the store kept its own copy of the name rule,
+        the first link was accepted and its certificate silently not recorded.)
+        """
+        judge = PresentedCertificate.verdictFor
+
+        def lenient(presented: PresentedCertificate, deviceName: str) -> CertificateVerdict:
+            verdict = judge(presented, deviceName)
+            if verdict.finding is Finding.OTHER_DEVICE:
+                return CertificateVerdict(Finding.VOUCHES, verdict.certificate)
+            return verdict
+
+        self.patch(PresentedCertificate, "verdictFor", lenient)
+        kiln8s = self.issue(name="kiln8")
+        line = self.connected(self.link(kiln8s))
+        self.assertEqual((line["device"], line["certificateSubject"]), ("kiln7", "kiln8"))
+        self.assertIsNotNone(self.agent.connection)
+        recorded = resultNow(self.fleet.store.lastLink("kiln7"))
+        self.assertEqual(recorded.auth, "certificate")
+        self.assertEqual(recorded.certificate.serialNumber, kiln8s.serialNumber)
+
+        def strict(presented: PresentedCertificate, deviceName: str) -> CertificateVerdict:
+            verdict = judge(presented, deviceName)
+            if verdict.finding is Finding.VOUCHES:
+                return CertificateVerdict(Finding.OTHER_DEVICE, verdict.certificate)
+            return verdict
+
+        self.patch(PresentedCertificate, "verdictFor", strict)
+        self.pump.clientIO.loseConnection()
+        self.fleet.flush()
+        self.clock.advance(60)
+        events = self.link(self.issue())
+        formats = [e.get("log_format", "") for e in events]
+        self.assertFalse([f for f in formats if f.startswith("device {device} conn")])
+        self.assertIsNone(self.agent.connection)
+        self.assertEqual(resultNow(self.fleet.store.lastLink("kiln7")), recorded)

@@ -7,6 +7,7 @@ upgrade of a version 5 database that already holds devices.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from accesstunnel.keys import fingerprint
@@ -15,11 +16,26 @@ from groundcontrol.store import (
     EnrollmentRequest,
     LastLink,
     LinkCertificate,
+    LinkRecord,
     schemaUpgraders,
 )
 from tests.test_store import T0, StoreTestCase, bothBackends, newPublicKey
 
 FINGERPRINT = ":".join(["AB"] * 32)
+
+
+def certificateOf(deviceName: str) -> Callable[[str], LinkRecord]:
+    """
+    The realm's decision for a certificate naming C{deviceName} that vouches for the key:
+    recorded for that device, refused for any other (as L{groundcontrol.certverdict} decides).
+    """
+
+    def decide(name: str) -> LinkRecord:
+        if name != deviceName:
+            return LinkRecord.refusedLink()
+        return LinkRecord.byCertificate(presented(deviceName, "99"))
+
+    return decide
 
 
 def presented(deviceName: str = "kiln7", serialNumber: str = "0a1b2c") -> LinkCertificate:
@@ -68,18 +84,85 @@ class LinkRecordTests(StoreTestCase):
 
     def test_refusedCertificateLeavesTheRecord(self) -> None:
         """
-        A certificate naming another device, or one the caller says does not vouch for the
-        key (certificateRefused: the realm refuses those logins), changes neither how the
-        device last linked nor its last certificate; the contact is still seen.
+        A link the caller refuses (its certificate names another device, or does not vouch
+        for the key: the realm refuses those logins), told as a link refused for the key's
+        device or as certificateRefused, changes neither how the device last linked nor its
+        last certificate; the contact is still seen.
         """
         publicKey, _ = self.enroll("kiln7")
         self.contact("kiln7", publicKey, T0 + 60, certificate=presented())
-        device = self.contact("kiln7", publicKey, T0 + 120, certificate=presented("kiln8", "99"))
+        device = self.contact("kiln7", publicKey, T0 + 120, link=certificateOf("kiln8"))
         self.assertEqual(device.lastSeen, T0 + 120)
         self.assertEqual(self.lastLink(), LastLink("certificate", presented(), T0 + 60))
         device = self.contact("kiln7", publicKey, T0 + 180, certificateRefused=True)
         self.assertEqual(device.lastSeen, T0 + 180)
         self.assertEqual(self.lastLink(), LastLink("certificate", presented(), T0 + 60))
+
+    def test_storeAppliesTheCallersDecision(self) -> None:
+        """
+        The store asks the caller's decision once, for the device the key belongs to (not
+        the name the agent asked for), and records what it says as it is: it judges no
+        certificate itself, so a certificate naming another device is recorded if the caller
+        says so. Whether a certificate vouches for a device is decided in one place, the
+        realm's verdict (L{groundcontrol.certverdict}), which the refusal reads too.
+        """
+        publicKey, _ = self.enroll("kiln7")
+        asked: list[str] = []
+
+        def decide(deviceName: str) -> LinkRecord:
+            asked.append(deviceName)
+            return LinkRecord.byCertificate(presented("kiln8", "99"))
+
+        device = self.contact("oven3", publicKey, T0 + 60, link=decide)
+        self.assertEqual((device.name, device.lastSeen), ("kiln7", T0 + 60))
+        self.assertEqual(asked, ["kiln7"])
+        self.assertEqual(
+            self.lastLink(), LastLink("certificate", presented("kiln7", "99"), T0 + 60)
+        )
+        self.contact("kiln7", publicKey, T0 + 120, link=lambda deviceName: LinkRecord.byKey())
+        self.assertEqual(self.lastLink(), LastLink("key", presented("kiln7", "99"), T0 + 60))
+
+    def test_noDecisionAskedWithoutALink(self) -> None:
+        """
+        A contact that records no link asks for no decision: an unknown key (pending), a
+        revoked device's key, an expired certificate's device (pending re-approval).
+        """
+        asked: list[str] = []
+
+        def decide(deviceName: str) -> LinkRecord:
+            asked.append(deviceName)
+            return LinkRecord.byKey()
+
+        self.assertIsInstance(
+            self.contact("oven3", newPublicKey(), T0, link=decide), EnrollmentRequest
+        )
+        publicKey, device = self.enroll("kiln7")
+        self.successResultOf(
+            self.store.recordCertificate("kiln7", "01", device.fingerprint, T0, T0 + 10, T0)
+        )
+        answer = self.contact("kiln7", publicKey, T0 + 20, link=decide)
+        self.assertIsInstance(answer, EnrollmentRequest)
+        revokedKey, _ = self.enroll("kiln8")
+        self.successResultOf(self.store.revokeDevice("kiln8", "admin", T0 + 30))
+        revoked = self.contact("kiln8", revokedKey, T0 + 40, link=decide)
+        self.assertEqual((revoked.name, revoked.state), ("kiln8", "revoked"))
+        self.assertEqual(asked, [])
+
+    def test_decisionGivenOnce(self) -> None:
+        """A decision for the key's device and a device-independent one together are refused."""
+        publicKey, _ = self.enroll("kiln7")
+        for legacy in ({"certificate": presented()}, {"certificateRefused": True}):
+            with self.assertRaises(TypeError):
+                self.store.recordContact(
+                    "kiln7",
+                    publicKey,
+                    fingerprint(publicKey),
+                    None,
+                    "192.0.2.1:5000",
+                    T0,
+                    link=certificateOf("kiln8"),
+                    **legacy,
+                )
 
     def test_pendingAndReapprovalRecordNoLink(self) -> None:
         """

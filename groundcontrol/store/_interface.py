@@ -87,6 +87,7 @@ class IStore(Interface):
         limits=None,
         certificate=None,
         certificateRefused=False,
+        link=None,
     ):
         """
         Record that an agent authenticated with C{publicKey} and asked to be C{requestedName}.
@@ -103,13 +104,18 @@ class IStore(Interface):
         C{device.rekey-requested} (kind rekey) or C{device.pending} (new, reapprove).
         A C{serial} of None keeps the one already known (see L{updateSerial}).
 
-        For the L{Device} it yields, the same statement that sets C{lastSeen} records how the
-        link authenticated (its L{lastLink}): by C{certificate}, a L{LinkCertificate} the
-        caller verified for this key, which becomes the device's last certificate (presented
-        at C{now}); or by the key alone when C{certificate} is None. A certificate naming
-        another device, or C{certificateRefused} (one was presented that does not vouch for
-        this key: invalid, or for another key), records no link: the caller refuses that
-        login.
+        For an approved L{Device} it yields, the same statement that sets C{lastSeen} records
+        how the link authenticated (its L{lastLink}), as the caller decided: C{link}, called
+        with the name of the device the key belongs to (known only here: once, inside the
+        write and on the store's thread, so it must be pure and quick), returns the
+        L{LinkRecord} to apply, and the store applies it as it is, judging nothing. By
+        certificate, that L{LinkCertificate} becomes the device's last certificate (presented
+        at C{now}); by key, the last certificate is kept; refused (the caller refuses the
+        login), the device is only seen and how it last linked is left alone. Callers whose
+        decision does not depend on the device may give it as C{certificate} (by that
+        certificate; by key when None) or C{certificateRefused} instead of C{link}, not both.
+        No link is recorded for a contact that yields anything else, and C{link} is not
+        called then.
 
         @param source: C{host:port} of the peer; the host is kept apart for the per-host cap.
         @param limits: a L{PendingLimits}: refuse a contact that would add a new (or

@@ -20,6 +20,7 @@ __all__ = [
     "LastLink",
     "LinkAuth",
     "LinkCertificate",
+    "LinkRecord",
     "PendingLimits",
     "SessionEvents",
     "TokenRecord",
@@ -176,6 +177,38 @@ class LinkCertificate:
     fingerprint: str
     notAfter: float
     deviceName: str
+
+
+@frozen
+class LinkRecord:
+    """
+    What the store records of an approved device's contact, as the caller decided it (the
+    realm: L{groundcontrol.certverdict}); the store applies it and judges nothing.
+
+    The link came by C{certificate} (a L{LinkCertificate} that vouches for this device's
+    key), or by the key alone when that is None; or, C{refused}, the caller refuses the login
+    (its certificate does not vouch for it): the device is only seen, and how it last linked
+    is left as it was. Build one with L{byKey}, L{byCertificate} or L{refusedLink}.
+    """
+
+    certificate: LinkCertificate | None = None
+    refused: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if self.refused and self.certificate is not None:
+            raise ValueError("a refused link records no certificate")
+
+    @classmethod
+    def byKey(cls) -> LinkRecord:
+        return cls()
+
+    @classmethod
+    def byCertificate(cls, certificate: LinkCertificate) -> LinkRecord:
+        return cls(certificate=certificate)
+
+    @classmethod
+    def refusedLink(cls) -> LinkRecord:
+        return cls(refused=True)
 
 
 @frozen

@@ -62,6 +62,7 @@ from ._records import (
     Grant,
     LastLink,
     LinkCertificate,
+    LinkRecord,
     PendingLimits,
     SessionEvents,
     TokenRecord,
@@ -300,6 +301,11 @@ def _checkKey(publicKey: str, fingerprint: str) -> str:
 def _checkDeviceName(name: str) -> None:
     if not isValidDeviceName(name):
         raise InvalidName(f"invalid device name {name!r}: must match [a-z0-9][a-z0-9-]{{0,62}}")
+
+
+def _sameForAnyDevice(record: LinkRecord) -> Callable[[str], LinkRecord]:
+    """A caller's decision that does not depend on which device the key turns out to be."""
+    return lambda deviceName: record
 
 
 def hashSecret(secret: str) -> str:
@@ -727,7 +733,14 @@ class SQLStore:
         limits: PendingLimits | None = None,
         certificate: LinkCertificate | None = None,
         certificateRefused: bool = False,
+        link: Callable[[str], LinkRecord] | None = None,
     ) -> Deferred[Device | EnrollmentRequest]:
+        if link is None:
+            link = _sameForAnyDevice(
+                LinkRecord.refusedLink() if certificateRefused else LinkRecord(certificate)
+            )
+        elif certificate is not None or certificateRefused:
+            raise TypeError("recordContact takes a link, or a certificate decision, not both")
         return self._run(
             self._recordContact,
             requestedName,
@@ -737,8 +750,7 @@ class SQLStore:
             source,
             now,
             limits,
-            certificate,
-            certificateRefused,
+            link,
         )
 
     def _recordContact(
@@ -750,8 +762,7 @@ class SQLStore:
         source: str,
         now: float,
         limits: PendingLimits | None,
-        certificate: LinkCertificate | None,
-        certificateRefused: bool,
+        link: Callable[[str], LinkRecord],
     ) -> Device | EnrollmentRequest:
         serial = cleanSerial(serial)
         with self._write() as c:
@@ -773,13 +784,14 @@ class SQLStore:
                         "reapprove",
                         None,
                     )
-                if certificateRefused or (
-                    certificate is not None and certificate.deviceName != device.name
-                ):
+                # Only here is it known which device the key is: the caller says what its
+                # link records for that device (its certificate's verdict), as it is.
+                record = link(device.name)
+                if record.refused:
                     # The caller refuses this login: seen, but no link to record.
                     c.execute("UPDATE devices SET last_seen = ? WHERE name = ?", (now, device.name))
                 else:
-                    self._recordLink(c, device.name, now, certificate)
+                    self._recordLink(c, device.name, now, record.certificate)
                 return self._deviceNamed(c, device.name)
 
             # Unknown key: only now is the claimed name worth validating and storing.
