@@ -66,6 +66,8 @@ class LinkCertificateTests(SynchronousTestCase):
         #: The certificate the next link presents over TLS (None: no TLS certificate).
         self.presented: x509.Certificate | None = None
         self.patch(sshserver, "peerCertificate", lambda transport: self.presented)
+        #: The certificate rule as shipped (L{ruleReads} changes it).
+        self.judge = PresentedCertificate.verdictFor
         self.newFleet()
 
     def newFleet(self) -> None:
@@ -217,6 +219,18 @@ class LinkCertificateTests(SynchronousTestCase):
             self.assertIsNone(self.agent.connection, case)
             self.assertEqual(resultNow(self.fleet.store.lastLink("kiln7")), before, case)
 
+    def ruleReads(self, finding: Finding, instead: Finding) -> None:
+        """Change the certificate rule, for this test: what it finds as C{finding} is C{instead}."""
+        judge = self.judge
+
+        def changed(presented: PresentedCertificate, deviceName: str) -> CertificateVerdict:
+            verdict = judge(presented, deviceName)
+            if verdict.finding is finding:
+                return CertificateVerdict(instead, verdict.certificate)
+            return verdict
+
+        self.patch(PresentedCertificate, "verdictFor", changed)
+
     def test_refusalAndRecordReadOneVerdict(self) -> None:
         """
         The login's refusal and the store's record of its link follow one verdict
@@ -226,15 +240,7 @@ class LinkCertificateTests(SynchronousTestCase):
         and its link left unrecorded. (While the store kept its own copy of the name rule,
         the first link was accepted and its certificate silently not recorded.)
         """
-        judge = PresentedCertificate.verdictFor
-
-        def lenient(presented: PresentedCertificate, deviceName: str) -> CertificateVerdict:
-            verdict = judge(presented, deviceName)
-            if verdict.finding is Finding.OTHER_DEVICE:
-                return CertificateVerdict(Finding.VOUCHES, verdict.certificate)
-            return verdict
-
-        self.patch(PresentedCertificate, "verdictFor", lenient)
+        self.ruleReads(Finding.OTHER_DEVICE, Finding.VOUCHES)
         kiln8s = self.issue(name="kiln8")
         line = self.connected(self.link(kiln8s))
         self.assertEqual((line["device"], line["certificateSubject"]), ("kiln7", "kiln8"))
@@ -243,13 +249,7 @@ class LinkCertificateTests(SynchronousTestCase):
         self.assertEqual(recorded.auth, "certificate")
         self.assertEqual(recorded.certificate.serialNumber, kiln8s.serialNumber)
 
-        def strict(presented: PresentedCertificate, deviceName: str) -> CertificateVerdict:
-            verdict = judge(presented, deviceName)
-            if verdict.finding is Finding.VOUCHES:
-                return CertificateVerdict(Finding.OTHER_DEVICE, verdict.certificate)
-            return verdict
-
-        self.patch(PresentedCertificate, "verdictFor", strict)
+        self.ruleReads(Finding.VOUCHES, Finding.OTHER_DEVICE)
         self.pump.clientIO.loseConnection()
         self.fleet.flush()
         self.clock.advance(60)
