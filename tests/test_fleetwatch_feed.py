@@ -12,20 +12,12 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from groundcontrol.fleetwatch import FEED_PAGE, FleetWatcher
-from groundcontrol.notify import FleetEvent
 from groundcontrol.registry import Registry
 from groundcontrol.store import SESSION_ENDED, SESSION_STARTED, AuditPage, SQLiteStore
 from groundcontrol.testing import openMemoryStore, resultNow
+from tests.test_enrollment import RecordingNotifier
 
 T0 = 1_700_000_000.0
-
-
-class RecordingNotifier:
-    def __init__(self) -> None:
-        self.events: list[FleetEvent] = []
-
-    def notify(self, event: FleetEvent) -> None:
-        self.events.append(event)
 
 
 class FeedRecorder:
