@@ -19,6 +19,10 @@ from pathlib import Path
 
 from agent.enrollment import StatusFile
 
+#: What --help says; not the docstring, which python -OO (PYTHONOPTIMIZE=2, as the agent's
+#: systemd unit runs) strips.
+DESCRIPTION = "tunnel-agent: commands for people on the device, next to the daemon."
+
 
 def _pair(stateDir: Path) -> int:
     status = StatusFile.read(stateDir)
@@ -44,7 +48,7 @@ def _pair(stateDir: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tunnel-agent", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="tunnel-agent", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, summary in (
         ("pair", "print the pairing code to claim this device"),

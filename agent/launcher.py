@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     from agent.tap import Options, makeService
 
     class LauncherOptions(Options):
-        synopsis = "[-l LOGFILE] " + Options.synopsis
+        synopsis = "Usage: tunnel-agentd [-l LOGFILE] " + Options.synopsis
         optParameters = [
             ["logfile", "l", "-", "Log to this file (rotated at 1 MB), - for standard output."],
             *Options.optParameters,

@@ -178,7 +178,7 @@ class LauncherTests(SynchronousTestCase):
         self.assertIn("refused", probe["reason"])
 
     def test_usageError(self) -> None:
-        """Bad options: the usage and the error on stderr, exit status 1, as twistd does."""
+        """Bad options: the usage (naming the program), the error on stderr, exit 1, as twistd."""
         result = subprocess.run(
             [sys.executable, "-m", "agent", "--name", "kiln7"],
             cwd=ROOT,
@@ -189,6 +189,7 @@ class LauncherTests(SynchronousTestCase):
         self.assertEqual(result.returncode, 1)
         self.assertIn("--state is required", result.stderr)
         self.assertIn("--logfile", result.stderr)
+        self.assertTrue(result.stderr.startswith("Usage: tunnel-agentd [-l LOGFILE] --state DIR"))
 
     def test_asyncioStandInTellsCoroutines(self) -> None:
         """
