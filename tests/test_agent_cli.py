@@ -4,13 +4,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 from twisted.trial.unittest import SynchronousTestCase
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.test_agent_launcher import runPython
 
 
 class HelpTests(SynchronousTestCase):
@@ -20,13 +16,7 @@ class HelpTests(SynchronousTestCase):
         PYTHONOPTIMIZE=2, and a shell on the device that copies its environment must still be
         able to run ``tunnel-agent status``. It says what the program is, without markup.
         """
-        result = subprocess.run(
-            [sys.executable, "-OO", "-m", "agent.cli", "--help"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = runPython("-OO", "-m", "agent.cli", "--help")
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("tunnel-agent: commands for people on the device", result.stdout)
         self.assertNotIn("``", result.stdout)

@@ -21,6 +21,14 @@ from twisted.trial.unittest import SynchronousTestCase
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
+def runPython(*arguments: str) -> subprocess.CompletedProcess[str]:
+    """Run this Python with C{arguments} in the repository, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, *arguments], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+
+
 #: The launcher with an observer that, at the first failed connection attempt, writes what
 #: the process has loaded to argv[1] and stops the reactor.
 _PROBE = """
@@ -179,13 +187,7 @@ class LauncherTests(SynchronousTestCase):
 
     def test_usageError(self) -> None:
         """Bad options: the usage (naming the program), the error on stderr, exit 1, as twistd."""
-        result = subprocess.run(
-            [sys.executable, "-m", "agent", "--name", "kiln7"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = runPython("-m", "agent", "--name", "kiln7")
         self.assertEqual(result.returncode, 1)
         self.assertIn("--state is required", result.stderr)
         self.assertIn("--logfile", result.stderr)
