@@ -10,7 +10,8 @@ pending writes into one string whenever less than 128 KiB of the current one
 is left, so a large backlog is copied again and again.
 
 L{LinkFlow} registers as a streaming producer on the byte transport under the
-SSH transport (TCP, TLS or the WebSocket adapter). While that transport holds
+SSH transport: the socket itself, under TLS and the WebSocket adapter (see
+L{_socketLayer} for why not those). While that transport holds
 more than its C{bufferSize} (64 KiB for TCP; see below), the link is paused and every
 L{accesstunnel.channel.FlowChannel} keeps its output in its own queue, which
 pauses the channel's source at high water and, on a relay, holds back the
@@ -151,6 +152,27 @@ def limitUnsent(descriptor: Any, limit: int = NOTSENT_LOWAT) -> None:
         _log.debug("no unsent limit on {descriptor}: {error}", descriptor=descriptor, error=error)
 
 
+def _socketLayer(transport: Any) -> Any:
+    """
+    The layer L{LinkFlow} registers with: the lowest down the transport chain that
+    takes a producer (the socket's descriptor, under TLS, the WebSocket adapter and
+    any protocol wrapper), or C{transport} itself if none below it does.
+
+    Not a layer that encrypts or frames on the way: Twisted's TLS
+    (C{TLSMemoryBIOProtocol.loseConnection}) does not send its close alert, and so
+    never closes, while a producer is registered with it; it waits for the producer
+    to let go, which nothing on an idle link asks this one to do. A stopping agent
+    linked over tls:// then never finished its stop. The socket's descriptor instead
+    resumes a paused producer when it is closing (L{LinkFlow._serve} then lets go),
+    and its buffer is the same back-pressure: the layers above it write through.
+    """
+    lowest = transport
+    for layer in transportLayers(transport):
+        if getattr(layer, "registerProducer", None) is not None:
+            lowest = layer
+    return lowest
+
+
 @implementer(IPushProducer)
 class LinkFlow:
     """Whether the link's socket will take more now, and who sends when it will."""
@@ -181,7 +203,7 @@ class LinkFlow:
         it cannot report back-pressure (or already reports to someone else),
         in which case channels send as before, bounded by their windows only.
         """
-        transport = getattr(connection.transport, "transport", None)
+        transport = _socketLayer(getattr(connection.transport, "transport", None))
         register = getattr(transport, "registerProducer", None)
         if register is None:
             return None

@@ -46,6 +46,12 @@ if TYPE_CHECKING:
 
 AGENT_VERSION = "0.1.0"
 
+#: Seconds a stopping agent gives its link to close before it aborts it. Over TCP the
+#: close is at once; TLS's close alerts and WebSocket's closing handshake wait for
+#: groundcontrol's answer, which a frozen or unreachable server never gives: the stop
+#: must end anyway, well inside systemd's 90 s before SIGKILL.
+STOP_GRACE = 5.0
+
 
 def versionLine(agentVersion: str = AGENT_VERSION, twistedVersion: str = twisted_version) -> bytes:
     """
@@ -250,6 +256,7 @@ class AgentTransport(
         self._handshakeTimer = self.factory.clock.callLater(
             self.factory.settings.answerTimeout, self._unansweredTimedOut
         )
+        self.factory.currentLink = self
         super().connectionMade()
 
     def ssh_KEXINIT(self, packet: bytes) -> None:
@@ -358,6 +365,8 @@ class AgentTransport(
     def connectionLost(self, reason: Any = None) -> None:
         if self._handshakeTimer.active():
             self._handshakeTimer.cancel()
+        if self.factory.currentLink is self:
+            self.factory.currentLink = None
         if not self.ready.called:
             self.factory.failedLinks += 1
             self.ready.errback(Failure(ConnectionError("link closed before it was up")))
@@ -403,6 +412,8 @@ class AgentLinkFactory(protocol.ClientFactory):
         self.failedLinks = 0
         #: Whether the link service is stopping (the agent is): the link's end says so.
         self.stopping = False
+        #: The link connected now, if one is (from its TCP connection to its loss).
+        self.currentLink: Any = None
 
     @functools.cached_property
     def deviceKeyFingerprint(self) -> str:
@@ -414,7 +425,10 @@ class AgentLinkFactory(protocol.ClientFactory):
 
 
 class _LinkService(ClientService):
-    """L{ClientService} that tells the factory it is stopping, so the link's end says why."""
+    """
+    L{ClientService} that tells the factory it is stopping, so the link's end says why,
+    and whose stop ends within L{STOP_GRACE} whatever groundcontrol does.
+    """
 
     def __init__(self, endpoint: Any, factory: AgentLinkFactory, **kwargs: Any) -> None:
         super().__init__(endpoint, factory, **kwargs)
@@ -426,7 +440,19 @@ class _LinkService(ClientService):
 
     def stopService(self) -> Any:
         self._linkFactory.stopping = True
-        return super().stopService()
+        stopped = super().stopService()
+        link = self._linkFactory.currentLink
+        transport = getattr(link, "transport", None)
+        if transport is None or stopped.called:
+            return stopped
+        abort = self._linkFactory.clock.callLater(STOP_GRACE, transport.abortConnection)
+
+        def closed(result: Any) -> Any:
+            if abort.active():
+                abort.cancel()
+            return result
+
+        return stopped.addBoth(closed)
 
 
 def linkService(

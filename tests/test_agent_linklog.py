@@ -45,7 +45,7 @@ from accesstunnel.transports.tls import ServerTLS
 from agent import linklog
 from agent.failover import FailoverEndpoint
 from agent.identity import ServerKeyPin
-from agent.link import AgentLinkFactory, AgentTransport, LinkSettings, linkService
+from agent.link import STOP_GRACE, AgentLinkFactory, AgentTransport, LinkSettings, linkService
 from groundcontrol.testing import InMemoryFleet, publicLine, refuseForwards, scriptedSessions
 from tests.test_addresses_certificate_watch import MemoryEndpoint
 from tests.test_transports_tls import Fixture
@@ -332,14 +332,17 @@ class TLSLinkTests(LinkLogCase):
             formatEvent(event),
         )
 
-    def test_tls(self) -> None:
-        """Over tls:// directly."""
+    def startTLS(self) -> Any:
+        """The agent's link service over tls://, dialled; its link not up yet."""
         listener = serverListener(self.fleet.clock, "tls://127.0.0.1:0", self.serverTLS)
         connector = clientConnector(self.fleet.clock, "tls://127.0.0.1:443", self.clientTLS)
-        connector.endpoint.inner = FleetEndpoint(  # type: ignore[attr-defined]
-            self.fleet, listener.wrapFactory(self.fleet.factory)
-        )
-        self.startLink(connector, self.deviceKey)
+        self.endpoint = FleetEndpoint(self.fleet, listener.wrapFactory(self.fleet.factory))
+        connector.endpoint.inner = self.endpoint  # type: ignore[attr-defined]
+        return self.startLink(connector, self.deviceKey)
+
+    def test_tls(self) -> None:
+        """Over tls:// directly."""
+        self.startTLS()
         self.fleet.clock.advance(1.5)
         self.settle()
         event = self.linkUp()
@@ -347,6 +350,44 @@ class TLSLinkTests(LinkLogCase):
         self.assertEqual(event["address"], "tls://127.0.0.1:443")
         self.assertEqual(event["seconds"], 1.5)
         self.assertCertificateNamed(event)
+
+    def test_tlsStop(self) -> None:
+        """
+        The agent stopping closes its link over tls:// at once: TLS sends its close alert
+        with the link's back-pressure attached (Twisted's TLS waits for a producer
+        registered with it to let go; accesstunnel.linkflow registers under it), and the
+        line of the link's end says the agent stopped.
+        """
+        service = self.startTLS()
+        self.fleet.clock.advance(1.5)
+        self.settle()
+        self.assertIsNotNone(self.fleet.registry.lookup("kiln7"))
+        stopped = service.stopService()
+        self.settle()
+        self.assertTrue(stopped.called)
+        [event] = self.lines(linklog.LINK_DOWN)
+        self.assertEqual(event["why"], linklog.AGENT_STOPPING)
+        self.assertIsNone(self.fleet.registry.lookup("kiln7"))
+
+    def test_stopWithGroundcontrolSilent(self) -> None:
+        """
+        Stopping while groundcontrol does not answer (frozen, or the network gone): TLS's
+        close waits for an answer that never comes, so the link is aborted after
+        STOP_GRACE and the stop ends.
+        """
+        service = self.startTLS()
+        self.fleet.clock.advance(1.5)
+        self.settle()
+        [pump] = self.endpoint.pumps
+        self.fleet.network.pumps.remove(pump)  # nothing moves on it any more
+        stopped = service.stopService()
+        self.fleet.clock.advance(STOP_GRACE - 0.1)
+        self.assertFalse(pump.clientIO.disconnecting)  # TLS waits for the server's alert
+        self.fleet.clock.advance(0.1)
+        self.assertTrue(pump.clientIO.disconnecting)  # aborted
+        self.assertFalse(stopped.called)
+        pump.clientIO.reportDisconnect()  # the socket's close, once aborted
+        self.assertTrue(stopped.called)
 
     def test_wssThroughProxy(self) -> None:
         """Over wss:// through an HTTP CONNECT proxy, which the line names by host."""

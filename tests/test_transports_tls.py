@@ -114,6 +114,19 @@ def handshake(
     serverSettings: ServerTLS, hostname: str, client: ClientTLS | None, **creatorOptions: Any
 ) -> Any:
     """Run the handshake in memory; return (client TLS protocol, server TLS protocol)."""
+    clientProtocol, serverProtocol, _ = connectedPair(
+        serverSettings, hostname, client, **creatorOptions
+    )
+    return clientProtocol, serverProtocol
+
+
+def connectedPair(
+    serverSettings: ServerTLS, hostname: str, client: ClientTLS | None, **creatorOptions: Any
+) -> tuple[Any, Any, iosim.IOPump]:
+    """
+    Run the handshake in memory; return the client and server TLS protocols and the
+    pump that moves their bytes, for a test that goes on using the connection.
+    """
     Receiver.instances = []
     clock = Clock()
     serverFactory = TLSMemoryBIOFactory(
@@ -139,7 +152,7 @@ def handshake(
         clock=clock,
     )
     pump.flush()
-    return clientProtocol, serverProtocol
+    return clientProtocol, serverProtocol, pump
 
 
 class MutualTLSTests(SynchronousTestCase):

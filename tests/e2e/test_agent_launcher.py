@@ -96,3 +96,8 @@ def test_tlsTransports(fleet: Fleet, scheme: str, path: str) -> None:
     approveAndReach(fleet, "kiln7")
     result = fleet.operators["alice"].ssh("dev_kiln7", "echo", f"over-{scheme}")
     assert result.stdout.strip() == f"over-{scheme}"
+    process = agent.process
+    assert process is not None
+    process.signal(signal.SIGTERM)
+    assert process.popen.wait(10) == 0
+    assert "Server Shut Down." in process.output()
