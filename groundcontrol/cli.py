@@ -54,6 +54,9 @@ from groundcontrol.store import (
 __all__ = ["main"]
 
 _T = TypeVar("_T")
+#: What --help says first; not the module docstring, which python -OO (PYTHONOPTIMIZE=2, as
+#: the systemd units may run) strips, and which carries epytext markup.
+DESCRIPTION = "groundcontrol: set up a data directory and edit the store offline."
 _FINGERPRINT_RE = re.compile(r"\ASHA256:[A-Za-z0-9+/]{43}\Z")
 
 
@@ -73,7 +76,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _buildParser() -> _Parser:
-    parser = _Parser(prog="groundcontrol", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="groundcontrol", description=DESCRIPTION)
     parser.add_argument("--data", required=True, metavar="DIR", help="the data directory")
     parser.add_argument(
         "--store",

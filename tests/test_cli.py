@@ -101,6 +101,23 @@ def test_initCreatesPrivateFilesAndIsIdempotent(
     assert dataDir.hostKeyPath.read_bytes() == before
 
 
+def test_helpWithoutDocstrings(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """
+    --help does not read the module docstring, which python -OO strips (the systemd units
+    may run with PYTHONOPTIMIZE=2), and says what the program is in plain text, without
+    the docstring's markup.
+    """
+    import groundcontrol.cli
+
+    monkeypatch.setattr(groundcontrol.cli, "__doc__", None)
+    status, out, err = run(capsys, "--help")
+    assert (status, err) == (0, "")
+    assert "groundcontrol: set up a data directory and edit the store offline." in out
+    assert "``" not in out and "C{" not in out
+
+
 def test_serverKey(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """server-key prints the one-line public key matching the private host key and the .pub."""
     status, out, _ = run(capsys, "--data", str(data), "server-key")
