@@ -435,16 +435,13 @@ def _listTokens(store: SQLStore, asJSON: bool, t: float) -> None:
 
 
 def _init(dataDir: DataDir, storeURL: str | None) -> int:
-    result = _call(dataDir.ensureInitialised)
+    result = _call(lambda: dataDir.ensureInitialised(storeURL))
     if result.createdHostKey:
         print(f"created host key {dataDir.hostKeyPath}")
     else:
         print(f"kept existing host key {dataDir.hostKeyPath} (never overwritten)")
-    print(f"store {dataDir.databasePath} at schema version {result.schemaVersion}")
-    if storeURL is not None:
-        # Opening migrates it; the schema version is the same in every dialect.
-        _result(_result(openStore(storeURL, synchronousRunner)).close())
-        print(f"store {_redact(storeURL)} at schema version {result.schemaVersion}")
+    store = dataDir.databasePath if storeURL is None else _redact(storeURL)
+    print(f"store {store} at schema version {result.schemaVersion}")
     (key,) = _call(dataDir.loadHostKeys).values()
     print(f"server key fingerprint {fingerprint(key)}")
     return 0

@@ -15,7 +15,14 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh import keys
 
 from groundcontrol.pki import CAExists, FleetCA
-from groundcontrol.store import connect, migrate
+from groundcontrol.store import (
+    connect,
+    connectPostgreSQL,
+    migrate,
+    migratePostgreSQL,
+    sqlitePath,
+    storeKind,
+)
 
 __all__ = ["DataDir", "HostKeyError", "InitResult", "NotInitialised"]
 
@@ -43,8 +50,12 @@ class DataDir:
     A groundcontrol data directory.
 
     Layout: C{ssh_host_ed25519_key} (+ C{.pub}) is the server's SSH host key, which agents
-    pin; C{groundcontrol.sqlite3} is the store. The directory is private (0700) and the
-    private key 0600, as OpenSSH expects of its own host keys.
+    pin; C{groundcontrol.sqlite3} is the store, unless C{--store} names one elsewhere (the
+    PostgreSQL database several nodes share): then there is no SQLite file here at all. The
+    directory is private (0700) and the private key 0600, as OpenSSH expects of its own
+    host keys.
+
+    The methods taking C{store} take the C{--store} URL, or None for the SQLite file here.
     """
 
     path: Path = field(converter=Path)
@@ -61,13 +72,17 @@ class DataDir:
     def databasePath(self) -> Path:
         return self.path / "groundcontrol.sqlite3"
 
-    def isInitialised(self) -> bool:
-        """Whether C{init} has run: the host key and the database both exist."""
-        return self.hostKeyPath.is_file() and self.databasePath.is_file()
-
-    def ensureInitialised(self) -> InitResult:
+    def isInitialised(self, store: str | None = None) -> bool:
         """
-        Create whatever is missing: the directory, the host key, the migrated database.
+        Whether C{init} has run: the host key exists, and so does the SQLite file here when
+        it is the store (a store elsewhere is checked by opening it).
+        """
+        return self.hostKeyPath.is_file() and (store is not None or self.databasePath.is_file())
+
+    def ensureInitialised(self, store: str | None = None) -> InitResult:
+        """
+        Create whatever is missing: the directory, the host key, the migrated store (the
+        SQLite file here, or C{store}).
 
         Blocking; meant for C{init} and for start-up before the reactor runs. An existing
         host key is never replaced: agents have pinned it, and a new one would lock out the
@@ -82,15 +97,8 @@ class DataDir:
             self._writeNewHostKey()
         if not self.hostPublicKeyPath.exists():
             self.hostPublicKeyPath.write_text(self.hostPublicKeyLine() + "\n")
-        if not self.databasePath.exists():
-            # Create it private before SQLite does (its -wal/-shm files copy these bits).
-            os.close(os.open(self.databasePath, os.O_WRONLY | os.O_CREAT, 0o600))
         self._ensureFleetCA()
-        connection = connect(str(self.databasePath))
-        try:
-            version = migrate(connection)
-        finally:
-            connection.close()
+        version = _migrate(str(self.databasePath) if store is None else store)
         return InitResult(createdDirectory, createdHostKey, version)
 
     def _writeNewHostKey(self) -> None:
@@ -143,3 +151,22 @@ class DataDir:
         """The host public key as one OpenSSH line: what agents pin with C{--server-key}."""
         (key,) = self.loadHostKeys().values()
         return key.public().toString("OPENSSH").decode("ascii")
+
+
+def _migrate(url: str) -> int:
+    """Create (if SQLite: private) and migrate the store at C{url}; return its schema version."""
+    if storeKind(url) == "postgresql":
+        pg = connectPostgreSQL(url)
+        try:
+            return migratePostgreSQL(pg)
+        finally:
+            pg.close()
+    path = sqlitePath(url)
+    if not os.path.exists(path):
+        # Create it private before SQLite does (its -wal/-shm files copy these bits).
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    connection = connect(path)
+    try:
+        return migrate(connection)
+    finally:
+        connection.close()

@@ -390,10 +390,11 @@ def buildService(
     config: ServerConfig, reactor: Any, store: IStore | None = None
 ) -> GroundControlService:
     """Assemble groundcontrol: front door on every listen address, fleet watcher."""
-    if not config.dataDir.isInitialised():
+    if not config.dataDir.isInitialised(config.store):
+        storeOption = "" if config.store is None else " --store URL"
         raise usage.UsageError(
             f"{config.dataDir.path} is not initialised: run 'groundcontrol --data "
-            f"{config.dataDir.path} init' first"
+            f"{config.dataDir.path}{storeOption} init' first"
         )
     try:
         (hostKey,) = config.dataDir.loadHostKeys().values()

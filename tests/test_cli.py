@@ -457,6 +457,8 @@ def test_storeURL(
     data = tmp_path / "gc"
     status, out, _ = run(capsys, "--data", str(data), "--store", url, "init")
     assert status == 0
+    assert not DataDir(data).databasePath.exists()  # no unused SQLite file
+    assert "sqlite3" not in out
     node: SQLStore = result(openStore(url, synchronousRunner))
     try:
         line = contact(node, "kiln7")  # type: ignore[arg-type]
@@ -471,6 +473,25 @@ def test_storeURL(
         assert result(node.listTokens())[0].usesLeft == 1
     finally:
         node.close()
+
+
+def test_initWithSQLiteStoreElsewhere(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """
+    init with --store makes no SQLite file in the data directory (the store is elsewhere):
+    it migrates the named store, created private like the data directory's own.
+    """
+    data = tmp_path / "gc"
+    elsewhere = tmp_path / "shared.sqlite3"
+    url = f"sqlite://{elsewhere}"
+    status, out, _ = run(capsys, "--data", str(data), "--store", url, "init")
+    assert status == 0
+    dataDir = DataDir(data)
+    assert not dataDir.databasePath.exists()
+    assert dataDir.isInitialised(url) and not dataDir.isInitialised()
+    assert stat.S_IMODE(elsewhere.stat().st_mode) == 0o600
+    assert f"store {url} at schema version" in out
+    assert run(capsys, "--data", str(data), "--store", url, "device", "list")[0] == 0
+    assert not dataDir.databasePath.exists()
 
 
 def test_badStoreURL(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
