@@ -214,11 +214,18 @@ def acceptedVariable(name: str) -> bool:
 class _ChildProtocol(ProcessProtocol):
     """Passes a child's output and end to its L{SessionChannel}."""
 
+    #: The child's pid as spawned: Twisted sets the process's own C{pid} to None when it
+    #: reaps it, which for a very short-lived child is before the spawn has returned.
+    pid: int | None = None
+
     def __init__(self, channel: SessionChannel) -> None:
         self._channel = channel
         #: Where a pty child's output goes, what childDataReceived(1, ...) does
         #: (agent._process hands a keystroke's echo straight to it).
         self.ptyOutput = channel.write
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid  # type: ignore[union-attr]
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == 2:
@@ -595,10 +602,11 @@ class SessionChannel(EndpointChannel):
         argv = [os.fsencode(a) if isinstance(a, str) else a for a in args]
         environment = self._environmentFor()
         environment.update(extraVariables or {})
+        protocol = _ChildProtocol(self)
         try:
             child = self._spawn(
                 self.reactor,
-                _ChildProtocol(self),
+                protocol,
                 os.fsencode(executable),
                 argv,
                 environment,
@@ -620,7 +628,7 @@ class SessionChannel(EndpointChannel):
         self.log.info(
             "started {kind} pid {pid} pty={pty}",
             kind=kind,
-            pid=child.pid,
+            pid=protocol.pid,
             pty=self._terminal is not None,
         )
         child.registerProducer(self._credit, True)

@@ -24,6 +24,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.error import ConnectionRefusedError, ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -296,6 +297,25 @@ class SessionInMemoryTests(SynchronousTestCase):
         self.assertEqual(self.conn.stderr(), b"err")
         self.assertEqual(self.conn.kinds(), ["data", "ext", b"exit-status", "eof", "close"])
         self.assertEqual(self.conn.events[2][2], uint32(3))
+
+    def test_startedLineNamesReapedChild(self) -> None:
+        """
+        A child that exits at once is reaped while its transport is being made (Twisted's
+        registerReapProcessHandler), which sets the transport's pid to None before the
+        spawn returns: the "started" line still names the pid it was spawned with.
+        """
+        spawn = self.spawner
+
+        def spawnReaped(*args: Any) -> FakeChild:
+            child = spawn(*args)
+            child.pid = None  # type: ignore[assignment]
+            return child
+
+        self.channel._spawn = spawnReaped
+        with capturedLogs() as events:
+            self.request(b"exec", NS(b"true"))
+        [started] = [e for e in events if e.get("log_format", "").startswith("started")]
+        self.assertEqual((started["kind"], started["pid"]), ("exec", 4242))
 
     def test_closedChannelLetsGoOfItsInputCredit(self) -> None:
         """
