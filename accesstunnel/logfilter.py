@@ -23,6 +23,18 @@ that event's format in its C{conchEventsSaidOtherwise}, and the filter treats th
 event as debug when that class logged it: the agent's link says when it ended, after
 how long and why (agent.linklog), in place of Conch's bare "connection lost".
 
+Twisted itself logs at info, on a device at every retry of its link, lines that name
+objects by their repr and that our own lines say better (L{DEBUG_ONLY_TWISTED_EVENTS},
+L{TWISTED_PORT_LINES}), so the filter treats them as debug too, from any source:
+"Starting factory <...object at 0x...>" and "Stopping factory" for each connection a
+client factory makes (the TLS handshake watch, the WebSocket client; the failover
+endpoint says what each attempt came to), ClientService's "Scheduling retry N to connect
+<...> in 1.4793110889045264 seconds." (the agent's link says its retries in
+agent.linklog.LINK_RETRY, with the address tried first; no other ClientService logs),
+and a listening port's "AcceptingFactory starting on 6010" and "(TCP Port 6010 Closed)"
+(both programs say where they listen: groundcontrol "listening on ADDRESS", the agent
+its X11 display, remote forward and agent socket).
+
 Under twistd, L{twistdObserver} makes the observer twistd would make from its
 options (``-l FILE``, ``--syslog``, standard output with ``-n``), and
 L{LogObserverService}, the program's top service, gives it, filtered, to
@@ -32,6 +44,7 @@ C{AppLogger} uses when no ``--logger`` is given (L{useFilteredTwistdObserver}).
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -60,6 +73,19 @@ DEBUG_ONLY_CONCH_EVENTS = frozenset(
     {"sending close {id}", "opening channel {id} with {localWindowSize} {localMaxPacket}"}
 )
 
+#: Formats of events Twisted logs at info that the filter treats as debug, from any source.
+DEBUG_ONLY_TWISTED_EVENTS = frozenset(
+    {
+        "Starting factory {factory!r}",
+        "Stopping factory {factory!r}",
+        "Scheduling retry {attempt} to connect {endpoint} in {delay} seconds.",
+    }
+)
+
+#: The text of the legacy (log.msg) lines of a Twisted listening port starting and
+#: closing, which the filter treats as debug.
+TWISTED_PORT_LINES = re.compile(r".+ starting on .+|\((?:TCP|UDP|UNIX|SSL)\b.* Port .+ Closed\)")
+
 
 def parseLevel(name: str) -> NamedConstant:
     """The L{LogLevel} called C{name}; ValueError for anything else."""
@@ -74,6 +100,18 @@ def _saidOtherwise(event: LogEvent) -> bool:
     return said is not None and event.get("log_format") in said
 
 
+def _twistedNoise(event: LogEvent) -> bool:
+    """Whether C{event} is one of Twisted's info lines that the filter writes at debug."""
+    form = event.get("log_format")
+    if form in DEBUG_ONLY_TWISTED_EVENTS:
+        return True
+    return (
+        form == "{log_text}"
+        and event.get("log_namespace") == "log_legacy"
+        and TWISTED_PORT_LINES.fullmatch(event.get("log_text", "")) is not None
+    )
+
+
 def _fromSSHConnection(event: LogEvent) -> bool:
     """Whether C{event} was logged by an SSH connection (Conch's, or a subclass)."""
     connection = sys.modules.get("twisted.conch.ssh.connection")
@@ -84,8 +122,9 @@ def _fromSSHConnection(event: LogEvent) -> bool:
 @implementer(ILogFilterPredicate)
 class MinimumLevel:
     """
-    Drop events below C{level}, counting L{DEBUG_ONLY_CONCH_EVENTS} and the
-    events their source says otherwise (C{conchEventsSaidOtherwise}) as debug.
+    Drop events below C{level}, counting L{DEBUG_ONLY_CONCH_EVENTS}, the events
+    their source says otherwise (C{conchEventsSaidOtherwise}) and Twisted's
+    L{DEBUG_ONLY_TWISTED_EVENTS} and L{TWISTED_PORT_LINES} as debug.
     Events without a level (text written to standard output or error, legacy
     log.msg without one) are kept.
     """
@@ -102,6 +141,7 @@ class MinimumLevel:
         if self.level > LogLevel.debug and (
             (event.get("log_format") in DEBUG_ONLY_CONCH_EVENTS and _fromSSHConnection(event))
             or _saidOtherwise(event)
+            or _twistedNoise(event)
         ):
             return PredicateResult.no
         return PredicateResult.maybe
@@ -162,8 +202,10 @@ def useFilteredTwistdObserver(
 
 __all__ = [
     "DEBUG_ONLY_CONCH_EVENTS",
+    "DEBUG_ONLY_TWISTED_EVENTS",
     "DEFAULT_LEVEL",
     "LEVELS",
+    "TWISTED_PORT_LINES",
     "LogObserverService",
     "MinimumLevel",
     "filtered",

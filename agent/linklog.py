@@ -1,5 +1,5 @@
 """
-The agent's two lines about each link: how it came up, and how it ended.
+The agent's lines about each link: how it came up, how it ended, and when it is retried.
 
 The agent writes info and up by default, and Conch says what a key exchange chose
 only at debug. An operator debugging a device in the field needs, per link, where
@@ -8,11 +8,18 @@ fleet certificate it presented over TLS), what the key exchange chose (strict ke
 too) and how long the link took from the dial; and when it ends, how long it lasted
 and why. One line each, written once per link (never per session), so a device's
 log shows its links at a glance and stays small on its storage.
+
+Between links, the failover endpoint says why each address could not be reached, and
+L{AnnouncedRetries} when the next try is and where it starts, in place of Twisted's
+ClientService line, which names the endpoint by its repr (C{<agent.failover.FailoverEndpoint
+object at 0x...>}) and the delay to sixteen digits (accesstunnel.logfilter writes that one at
+debug only).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import error
 from twisted.logger import Logger, LogLevel
@@ -22,6 +29,9 @@ from accesstunnel.durations import spokenDuration
 from accesstunnel.fastpath import AEAD_CIPHERS
 from accesstunnel.keys import certificateSerial
 from accesstunnel.layers import transportLayers
+
+if TYPE_CHECKING:
+    from agent.failover import FailoverEndpoint
 
 #: The line a link that came up gets (L{logLinkUp}). It starts as the failover
 #: endpoint's line did ("link up over TRANSPORT via ADDRESS"), so what looked for that
@@ -38,6 +48,9 @@ LINK_DOWN = "link over {transport} via {address} down after {lasted}: {why}"
 
 #: Why a link ended when the agent itself is stopping (its link service stopped).
 AGENT_STOPPING = "the agent is stopping"
+
+#: The line before each retry of the link (L{AnnouncedRetries}).
+LINK_RETRY = "link retry {attempt} in {delay:.1f} s, trying {address} first"
 
 
 def _name(value: bytes | str | None) -> str:
@@ -171,3 +184,33 @@ def logLinkDown(
         lastedSeconds=lasted,
         why=why,
     )
+
+
+class AnnouncedRetries:
+    """
+    The link service's retry policy, saying each retry in L{LINK_RETRY}: the attempt it
+    is (what the backoff counts), the delay, and the address tried first, with the whole
+    list in the event's C{addresses}.
+
+    ClientService asks its policy for the delay exactly once per retry it schedules,
+    after a failed round of addresses and after a link that was up is lost, so the line
+    comes where Twisted's own "Scheduling retry" would.
+    """
+
+    log = Logger()
+
+    def __init__(self, policy: Callable[[int], float], endpoint: FailoverEndpoint) -> None:
+        self._policy = policy
+        self._endpoint = endpoint
+
+    def __call__(self, attempt: int) -> float:
+        delay = self._policy(attempt)
+        addresses = [c.description for c in self._endpoint.connectors]
+        self.log.info(
+            LINK_RETRY,
+            attempt=attempt,
+            delay=delay,
+            address=addresses[self._endpoint.preferred],
+            addresses=addresses,
+        )
+        return delay

@@ -35,7 +35,8 @@ from agent.config import AgentFileConfig, ConfigError, installReloadOnSIGHUP, lo
 from agent.enrollment import CERTIFICATE_FILE, Enrollment
 from agent.failover import FailoverEndpoint
 from agent.identity import DEVICE_KEY_FILE, IdentityError, ServerKeyPin, loadOrCreateDeviceKey
-from agent.link import AGENT_VERSION, AgentLinkFactory, LinkSettings, linkService
+from agent.link import AGENT_VERSION, AgentLinkFactory, LinkSettings, backoffPolicy, linkService
+from agent.linklog import AnnouncedRetries
 from agent.serial import readSerial
 
 if TYPE_CHECKING:
@@ -236,7 +237,8 @@ def buildService(config: AgentConfig, reactor: Any) -> LogObserverService:
     )
     enrollment.transportName = lambda: endpoint.transport
     top = LogObserverService()
-    linkService(endpoint, factory, reactor).setServiceParent(top)
+    retries = AnnouncedRetries(backoffPolicy(), endpoint)  # says each retry (agent.linklog)
+    linkService(endpoint, factory, reactor, retries).setServiceParent(top)
     if config.configFile is not None:
         _ReloadOnSIGHUP(reactor, config, endpoint, fileConfig).setServiceParent(top)
     return top
