@@ -92,6 +92,18 @@ class ServerConfig:
     metrics: str | None = None
 
 
+#: --help's text for the options a method handles. Twisted would take it from the method's
+#: docstring, which python -OO (PYTHONOPTIMIZE=2, as the systemd units may run) strips.
+HANDLED_OPTIONS_HELP = {
+    "listen": "Address to serve operators and agents on (repeatable): ssh://HOST:PORT, "
+    "tls://HOST:PORT, wss://HOST:PORT/PATH, ws://HOST:PORT/PATH, tor://:PORT, or an "
+    "endpoint string such as tcp:2222:interface=127.0.0.1",
+    "penalty-exempt": "A network the penalties never refuse (repeatable): a NAT, 198.51.100.0/24",
+    "help": "Display this help and exit.",
+    "version": "Display Twisted version and exit.",
+}
+
+
 class Options(usage.Options):
     """Command line of ``twistd groundcontrol``."""
 
@@ -223,13 +235,12 @@ class Options(usage.Options):
 
     def __init__(self) -> None:
         super().__init__()
+        self.docs.update(HANDLED_OPTIONS_HELP)
         self["listen"] = []
         self["penalty-exempt"] = []
 
     def opt_listen(self, address: str) -> None:
-        """Address to serve operators and agents on (repeatable): ssh://HOST:PORT,
-        tls://HOST:PORT, wss://HOST:PORT/PATH, ws://HOST:PORT/PATH, tor://:PORT, or an
-        endpoint string such as tcp:2222:interface=127.0.0.1"""
+        """One --listen (help: HANDLED_OPTIONS_HELP), checked now: a typo is a usage error."""
         try:
             parseAddress(address)
         except AddressError as e:
@@ -237,7 +248,7 @@ class Options(usage.Options):
         self["listen"].append(address)
 
     def opt_penalty_exempt(self, network: str) -> None:
-        """A network the penalties never refuse (repeatable): a NAT, 198.51.100.0/24"""
+        """One --penalty-exempt (help: HANDLED_OPTIONS_HELP), checked now."""
         try:
             self["penalty-exempt"].append(parseExemptNetwork(network))
         except ValueError as e:
