@@ -447,6 +447,50 @@ class ControlCommandTests(SessionTestCase):
         self.send(other, b"data")
         self.assertIsNone(exec_.screen)
 
+    def watchOverSSH(self, sessionId: str, pty: tuple[int, int] | None) -> OperatorSession:
+        """root runs C{ssh [-t] ctl@gc watch SESSIONID}: a control channel, with a pty or not."""
+        watcher = self.fleet.session(self.fleet.operator("ctl", self.rootKey))
+        if pty is not None:
+            watcher.request(b"pty-req", ptyRequest(*pty))
+        watcher.exec(b"watch " + sessionId.encode())
+        self.fleet.flush()
+        self.fleet.clock.advance(0)
+        self.fleet.flush()
+        return watcher
+
+    def test_watchHeaderAfterTheReplayedScreenInATerminal(self) -> None:
+        """
+        In a terminal, the replayed screen begins with a clear that wipes the header line
+        written before it, so the header comes again after the screen, on the watcher's
+        bottom row in reverse video with the cursor put back; without a terminal, the
+        header is one line on stderr before the output and nothing follows it.
+        """
+        self.shell()
+        sessionId = next(iter(self.sessions.live))
+        header = (
+            f"watching session {sessionId}: alice on kiln7, 80x24 (read-only; Ctrl-C stops)"
+        ).encode()
+        watcher = self.watchOverSSH(sessionId, pty=(100, 30))
+        self.assertEqual(watcher.output, b"\x1b[H\x1b[2J$ ")
+        self.assertEqual(
+            bytes(watcher.stderr),
+            header + b"\r\n\x1b7\x1b[30;1H\x1b[7m" + header + b"\x1b[0m\x1b[K\x1b8",
+        )
+        self.assertEqual([e[0] for e in watcher.events], ["stderr", "data", "stderr"])
+
+        plain = self.watchOverSSH(sessionId, pty=None)
+        self.assertEqual(bytes(plain.stderr), header + b"\n")
+        self.assertEqual(plain.output, b"\x1b[H\x1b[2J$ ")
+        self.assertEqual([e[0] for e in plain.events], ["stderr", "data"])
+
+    def test_watchStatusLineFitsTheTerminal(self) -> None:
+        """A narrow terminal gets the header cut one column short of its width."""
+        self.shell()
+        sessionId = next(iter(self.sessions.live))
+        watcher = self.watchOverSSH(sessionId, pty=(20, 10))
+        status = bytes(watcher.stderr).split(b"\x1b[7m", 1)[1].split(b"\x1b[0m")[0]
+        self.assertEqual(status, f"watching session {sessionId}"[:19].encode())
+
     def test_watchRefusedForOthers(self) -> None:
         """bob cannot watch alice's session; exec sessions without a pty cannot be watched."""
         self.shell()

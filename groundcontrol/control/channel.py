@@ -143,6 +143,11 @@ class ControlChannel(FlowChannel):
         self._terminalSize = (cols or 80, rows or 24)
         return True
 
+    @property
+    def terminalSize(self) -> tuple[int, int] | None:
+        """The caller's terminal (columns, rows), or None without one (no pty-req)."""
+        return self._terminalSize
+
     def request_env(self, data: bytes) -> bool:
         return False  # nothing here reads the environment
 
@@ -151,6 +156,8 @@ class ControlChannel(FlowChannel):
             cols, rows = struct.unpack(">2L", data[:8])
         except struct.error:
             return False
+        if self._terminalSize is not None:
+            self._terminalSize = (cols or 80, rows or 24)
         if self._terminal is not None and self._terminal.terminalProtocol is not None:
             self._terminal.terminalProtocol.terminalSize(cols, rows)
         return True

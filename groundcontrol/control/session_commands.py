@@ -202,6 +202,17 @@ class _Watch:
         self._session.removeWatcher(self)
 
 
+def _statusLine(text: str, cols: int, rows: int) -> bytes:
+    """
+    C{text} in reverse video on the terminal's bottom row, the cursor put back where it
+    was: the replayed screen starts with a clear, which wipes the header line written
+    before it, so a watcher in a terminal sees the header again here, as tmux shows its
+    status line, until the session's own output draws over that row.
+    """
+    shown = text[: max(0, cols - 1)]  # the last column would leave the cursor wrapping
+    return f"\x1b7\x1b[{rows};1H\x1b[7m{shown}\x1b[0m\x1b[K\x1b8".encode()
+
+
 @command("watch", "follow a live terminal session read-only (Ctrl-C stops)")
 def _watch(parser: Any) -> Any:
     parser.add_argument("session")
@@ -214,16 +225,23 @@ def _watch(parser: Any) -> Any:
         if not record.pty:
             return CommandResult(stderr=f"watch: session {record.id} has no terminal\n", status=1)
 
+        header = (
+            f"watching session {record.id}: {record.account} on {record.device}, "
+            f"{record.cols}x{record.rows} (read-only; Ctrl-C stops)"
+        )
+
         def stream(channel: Any) -> defer.Deferred[int]:
+            size = getattr(channel, "terminalSize", None)
+            newline = "\n" if size is None else "\r\n"  # a terminal is in raw mode
+            channel.writeExtended(connection.EXTENDED_DATA_STDERR, (header + newline).encode())
             watch = _Watch(session, channel)
+            replayed = bool(session.screen)
             session.addWatcher(watch)
+            if replayed and size is not None:
+                channel.writeExtended(connection.EXTENDED_DATA_STDERR, _statusLine(header, *size))
             return watch.done
 
-        return StreamingResult(
-            stderr=f"watching session {record.id}: {record.account} on {record.device}, "
-            f"{record.cols}x{record.rows} (read-only; Ctrl-C stops)\n",
-            stream=stream,
-        )
+        return StreamingResult(stream=stream)
 
     return run
 
