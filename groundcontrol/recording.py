@@ -4,7 +4,9 @@ reading them back with dangerous terminal escapes neutralised.
 
 A recording lives at C{DATA/recordings/YYYY/MM/DD/SESSIONID.cast} (UTC date of
 the session's start). The header carries the terminal size, C{TERM} and the
-start time; each piece of device output becomes an C{"o"} event with its time
+start time (a pty given no size, 0x0, is recorded as the 80x24 programs then assume,
+with C{"pty_size": "0x0"} saying what was negotiated: asciicast v2 has no 0-column
+terminal); each piece of device output becomes an C{"o"} event with its time
 relative to the start, each window change an C{"r"} event. Operator input is
 not recorded.
 
@@ -58,6 +60,33 @@ RECORDINGS_DIRECTORY = "recordings"
 
 #: What a recording file's name looks like: the session id and this suffix.
 CAST_SUFFIX = ".cast"
+
+
+#: What programs assume when the pty was given no size (0 columns or rows): the
+#: kernel's window size is 0x0 and curses and readline fall back to terminfo's
+#: 80 columns and 24 lines.
+ASSUMED_SIZE = (80, 24)
+
+
+def playableSize(cols: int, rows: int) -> tuple[int, int]:
+    """
+    The size a recording says for a pty of C{cols}x{rows}: asciicast v2 wants the
+    terminal's width and height, and no player draws 0 columns, so a 0 (ssh -tt without
+    a terminal asks for 0x0) is what programs then assume (L{ASSUMED_SIZE}).
+    """
+    return (cols or ASSUMED_SIZE[0], rows or ASSUMED_SIZE[1])
+
+
+def describeSize(cols: int, rows: int) -> str:
+    """
+    A pty's size as negotiated, and what it is recorded as when that differs: the one
+    wording that C{watch} shows and the recording's C{pty_size} header key explains.
+    """
+    size = f"{cols}x{rows}"
+    width, height = playableSize(cols, rows)
+    if (width, height) == (cols, rows):
+        return size
+    return f"{size} (no size given; programs and the recording assume {width}x{height})"
 
 
 class RecordingError(Exception):
@@ -237,13 +266,13 @@ class Recording:
         session before it starts. Raises L{RecordingError}.
         """
         startedAt = clock.seconds()
-        header: dict[str, Any] = {
-            "version": 2,
-            "width": max(1, int(width)),
-            "height": max(1, int(height)),
-            "timestamp": int(startedAt),
-            "env": {"TERM": term},
-        }
+        cols, rows = max(0, int(width)), max(0, int(height))
+        header: dict[str, Any] = {"version": 2}
+        header["width"], header["height"] = playableSize(cols, rows)
+        header["timestamp"] = int(startedAt)
+        header["env"] = {"TERM": term}
+        if (header["width"], header["height"]) != (cols, rows):
+            header["pty_size"] = f"{cols}x{rows}"  # what was negotiated (describeSize)
         if title:
             header["title"] = title
         line = (json.dumps(header, ensure_ascii=False) + "\n").encode("utf-8")
@@ -269,8 +298,9 @@ class Recording:
             self._event("o", text)
 
     def resize(self, cols: int, rows: int) -> None:
-        """A window change: an C{"r"} event (C{COLSxROWS})."""
-        self._event("r", f"{cols}x{rows}")
+        """A window change: an C{"r"} event (C{COLSxROWS}, a 0 as L{playableSize} says)."""
+        width, height = playableSize(cols, rows)
+        self._event("r", f"{width}x{height}")
 
     def _event(self, code: str, text: str) -> None:
         if self.failed is not None or self._closing is not None:
@@ -787,6 +817,7 @@ def neutralise(text: str) -> str:
 
 
 __all__ = [
+    "ASSUMED_SIZE",
     "CAST_SUFFIX",
     "RECORDINGS_DIRECTORY",
     "Cast",
@@ -797,10 +828,12 @@ __all__ = [
     "RecordingPolicy",
     "RetentionService",
     "TerminalSanitizer",
+    "describeSize",
     "neutralise",
     "openRecordingFile",
     "parseCast",
     "parseSize",
+    "playableSize",
     "pruneRecordings",
     "recordingPath",
     "synchronousRunner",

@@ -306,8 +306,8 @@ class LiveSession:
         try:
             self.recording = recorder.begin(
                 record.id,
-                record.cols or 80,
-                record.rows or 24,
+                record.cols or 0,
+                record.rows or 0,
                 record.term or "xterm",
                 title=f"{record.account} on {record.device}",
                 onFailure=self._recordingFailed,

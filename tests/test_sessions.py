@@ -245,6 +245,42 @@ class RecordingTests(SessionTestCase):
         self.assertIn((0.5, "r", "120x40"), cast.events)
         self.assertEqual(ended.detail["bytes_out"], len("$ ls\r\n\u00e9\r\n".encode()))
 
+    def test_sizelessPtyRecordedAsWatchSaysIt(self) -> None:
+        """
+        A pty asked for at 0x0 (ssh -tt without a terminal) is recorded at the 80x24 that
+        programs then assume (asciicast v2 has no 0-column terminal), with C{pty_size}
+        saying what was negotiated; watch says both in the same words; a window change to
+        0x0 is recorded the same way.
+        """
+        session = self.shell(cols=0, rows=0)
+        sessionId = next(iter(self.sessions.live))
+        session.request(b"window-change", struct.pack(">4L", 0, 0, 0, 0))
+        self.fleet.flush()
+        sink = FakeChannel()
+        self.ctl(self.rootKey, "root", "watch", sessionId).stream(sink)
+        self.assertIn(
+            b", 0x0 (no size given; programs and the recording assume 80x24) (read-only", sink.err
+        )
+        session.sendEOF()
+        self.fleet.flush()
+        (ended,) = self.audit("session.ended")
+        cast = parseCast((self.directory / ended.detail["recording"]).read_bytes())
+        self.assertEqual(
+            (cast.header["width"], cast.header["height"], cast.header["pty_size"]), (80, 24, "0x0")
+        )
+        self.assertEqual([text for _, code, text in cast.events if code == "r"], ["80x24"])
+
+    def test_sizedPtyHeaderPlain(self) -> None:
+        """A pty with a size is recorded and watched at that size, nothing added."""
+        self.shell(cols=100, rows=30)
+        sink = FakeChannel()
+        self.ctl(self.rootKey, "root", "watch", next(iter(self.sessions.live))).stream(sink)
+        self.assertIn(b", 100x30 (read-only", sink.err)
+        recording = next(iter(self.sessions.live.values())).recording
+        assert recording is not None
+        header = json.loads(recording.path.read_bytes().split(b"\n")[0])
+        self.assertNotIn("pty_size", header)
+
     def test_execNotRecorded(self) -> None:
         """Exec without a pty is not recorded (its command and status are audited)."""
         session = self.fleet.session(self.alice)

@@ -25,7 +25,7 @@ from groundcontrol.control.commands import (
     UsageError,
     command,
 )
-from groundcontrol.recording import CastFormatError, TerminalSanitizer, parseCast
+from groundcontrol.recording import CastFormatError, TerminalSanitizer, describeSize, parseCast
 from groundcontrol.sessions import (
     LiveSession,
     SessionRegistry,
@@ -227,7 +227,7 @@ def _watch(parser: Any) -> Any:
 
         header = (
             f"watching session {record.id}: {record.account} on {record.device}, "
-            f"{record.cols}x{record.rows} (read-only; Ctrl-C stops)"
+            f"{describeSize(record.cols or 0, record.rows or 0)} (read-only; Ctrl-C stops)"
         )
 
         def stream(channel: Any) -> defer.Deferred[int]:
