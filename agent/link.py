@@ -236,6 +236,8 @@ class AgentTransport(
     _upAt: float | None = None
     #: Why the link is ending, as noted when it happened (None: the loss will say).
     _endingBecause: str | None = None
+    #: The link's transport, address and dial time, once it is up (L{_where}).
+    _upWhere: tuple[str, str, float] = ("", "", 0.0)
 
     def dialed(self, dial: Dial) -> None:
         """The failover endpoint names the address this connection was dialled to, and when."""
@@ -292,7 +294,10 @@ class AgentTransport(
         if self._handshakeTimer.active():
             self._handshakeTimer.cancel()
         self._upAt = self.factory.clock.seconds()
-        transport, address, dialedAt = self._where()
+        # Kept for the line of the link's end: by then TCP has let go of its socket,
+        # which the TLS check below reads.
+        self._upWhere = self._where()
+        transport, address, dialedAt = self._upWhere
         settings = self.factory.settings
         linklog.logLinkUp(
             self._log,
@@ -373,7 +378,7 @@ class AgentTransport(
             self.ready.addErrback(lambda f: None)
         super().connectionLost(reason)
         if self._upAt is not None:
-            transport, address, _ = self._where()
+            transport, address, _ = self._upWhere
             linklog.logLinkDown(
                 self._log,
                 transport=transport,

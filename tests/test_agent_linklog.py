@@ -201,6 +201,26 @@ class TCPLinkTests(LinkLogCase):
         self.fleet.flush()
         self.assertEqual(len(self.lines(linklog.LINK_UP)), 2)
 
+    def test_endLineWithoutTheSocket(self) -> None:
+        """
+        The line of a link's end says what its line when up said, without reading the
+        socket again: by then Twisted's TCP has let go of it (C{getHandle} raises
+        AttributeError), and a link not dialled through the failover endpoint (as
+        bench/transports dials) looked for TLS there and raised instead of logging.
+        """
+        link = self.factory.currentLink
+        link._dial = None  # as if dialled by another endpoint: no Dial to name it
+        [pump] = self.endpoint.pumps
+
+        def socketGone() -> None:
+            raise AttributeError("'WriteThroughClient' object has no attribute 'socket'")
+
+        pump.clientIO.getHandle = socketGone  # type: ignore[attr-defined]
+        self.fleet.network.cut(pump)
+        [event] = self.lines(linklog.LINK_DOWN)
+        self.assertEqual(event["transport"], "ssh")
+        self.assertEqual(event["address"], "ssh://gc.test")
+
     def test_groundcontrolSilent(self) -> None:
         """A link whose keepalives go unanswered ends saying groundcontrol stopped answering."""
         [pump] = self.endpoint.pumps
