@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from accesstunnel.durations import parseDuration
 from accesstunnel.keys import fingerprint
 from accesstunnel.names import isValidDeviceName
+from groundcontrol.accesslists import grantsTable, grantState, table, tokensTable, tokenState
 from groundcontrol.datadir import DataDir, HostKeyError, NotInitialised
 from groundcontrol.devicedetail import (
     DeviceDetail,
@@ -340,34 +341,23 @@ def _tagChanges(changes: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _listGrants(store: SQLStore, user: str | None, asJSON: bool, t: float) -> None:
+    grants = _result(store.listGrants(user))
+    if not asJSON:
+        print(grantsTable(grants, t), end="")
+        return
     rows: list[dict[str, Any]] = [
         {
             "user": g.account,
             "selector": g.selector,
             "loginUser": g.loginUser,
             "expiresAt": g.expiresAt,
-            "expired": g.expiresAt is not None and g.expiresAt <= t,
+            "expired": grantState(g, t) == "expired",
             "createdAt": g.createdAt,
             "createdBy": g.createdBy,
         }
-        for g in _result(store.listGrants(user))
+        for g in grants
     ]
-    if asJSON:
-        print(json.dumps(rows, indent=2))
-        return
-    _printTable(
-        ("USER", "SELECTOR", "LOGIN", "EXPIRES", "BY"),
-        [
-            (
-                r["user"],
-                r["selector"],
-                r["loginUser"] or "-",
-                ("expired " if r["expired"] else "") + formatTime(r["expiresAt"]),
-                clean(r["createdBy"]),
-            )
-            for r in rows
-        ],
-    )
+    print(json.dumps(rows, indent=2))
 
 
 def _groupCommand(store: SQLStore, args: argparse.Namespace, actor: str, t: float) -> None:
@@ -403,6 +393,10 @@ def _createToken(store: SQLStore, uses: int, lifetime: int, actor: str, t: float
 
 
 def _listTokens(store: SQLStore, asJSON: bool, t: float) -> None:
+    tokens = _result(store.listTokens())
+    if not asJSON:
+        print(tokensTable(tokens, t), end="")
+        return
     rows: list[dict[str, Any]] = [
         {
             "id": r.id,
@@ -411,27 +405,11 @@ def _listTokens(store: SQLStore, asJSON: bool, t: float) -> None:
             "expiresAt": r.expiresAt,
             "createdAt": r.createdAt,
             "createdBy": r.createdBy,
-            "state": "expired" if r.expiresAt <= t else "used up" if r.usesLeft == 0 else "active",
+            "state": tokenState(r, t),
         }
-        for r in _result(store.listTokens())
+        for r in tokens
     ]
-    if asJSON:
-        print(json.dumps(rows, indent=2))
-        return
-    _printTable(
-        ("ID", "STATE", "USES LEFT", "EXPIRES", "CREATED", "BY"),
-        [
-            (
-                str(r["id"]),
-                r["state"],
-                f"{r['usesLeft']}/{r['uses']}",
-                formatTime(r["expiresAt"]),
-                formatTime(r["createdAt"]),
-                clean(r["createdBy"]),
-            )
-            for r in rows
-        ],
-    )
+    print(json.dumps(rows, indent=2))
 
 
 def _init(dataDir: DataDir, storeURL: str | None) -> int:
@@ -501,12 +479,7 @@ def _showDevice(store: SQLStore, name: str, asJSON: bool, now: float) -> None:
 
 
 def _printTable(header: tuple[str, ...], body: list[tuple[str, ...]]) -> None:
-    table = [header, *body]
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    for line in table:
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
-        )
+    print(table(header, body), end="")
 
 
 # -- helpers -----------------------------------------------------------------------

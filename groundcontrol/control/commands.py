@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from accesstunnel.durations import parseDuration
 from accesstunnel.names import isValidDeviceName
+from groundcontrol.accesslists import grantsTable, grantState, tokensTable
 from groundcontrol.devicedetail import (
     DeviceDetail,
     detailJSON,
@@ -166,8 +167,12 @@ def _output(
     options: argparse.Namespace, rows: list[dict[str, Any]], columns: list[str]
 ) -> CommandResult:
     if options.json:
-        return CommandResult(stdout=json.dumps(rows, indent=2, sort_keys=True) + "\n")
+        return _jsonRows(rows)
     return CommandResult(stdout=_table(rows, columns))
+
+
+def _jsonRows(rows: list[dict[str, Any]]) -> CommandResult:
+    return CommandResult(stdout=json.dumps(rows, indent=2, sort_keys=True) + "\n")
 
 
 def _deviceName(name: str) -> str:
@@ -461,11 +466,11 @@ def _grants(parser: _Parser) -> Handler:
         else:
             account = context.account.name
         now = context.clock.seconds()
-        rows = [
-            {**_grantRow(g), "expired": g.expiresAt is not None and g.expiresAt <= now}
-            for g in await context.store.listGrants(account)
-        ]
-        return _output(options, rows, ["user", "selector", "login_user", "expires", "expired"])
+        grants = await context.store.listGrants(account)
+        if not options.json:
+            return CommandResult(stdout=grantsTable(grants, now))
+        rows = [{**_grantRow(g), "expired": grantState(g, now) == "expired"} for g in grants]
+        return _jsonRows(rows)
 
     return run
 
@@ -674,6 +679,9 @@ def _tokens(parser: _Parser) -> Handler:
                 stderr=f"token {record.id}: {record.uses} use(s), expires "
                 f"{_when(record.expiresAt)} UTC; shown once, pass it to agents with --token\n",
             )
+        tokens = await context.store.listTokens()
+        if not options.json:
+            return CommandResult(stdout=tokensTable(tokens, now))
         rows = [
             {
                 "id": t.id,
@@ -683,10 +691,8 @@ def _tokens(parser: _Parser) -> Handler:
                 "expired": t.expiresAt <= now,
                 "created_by": t.createdBy,
             }
-            for t in await context.store.listTokens()
+            for t in tokens
         ]
-        return _output(
-            options, rows, ["id", "uses", "uses_left", "expires", "expired", "created_by"]
-        )
+        return _jsonRows(rows)
 
     return run
