@@ -66,6 +66,20 @@ class AgentConfig:
     rekeyLimit: RekeyLimit = attrs.field(factory=RekeyLimit)
 
 
+#: --help's text for the options a method handles. Twisted would take it from the method's
+#: docstring, which python -OO strips (docs/systemd/tunnel-agent.service sets
+#: PYTHONOPTIMIZE=2), as groundcontrol.tap does for its own.
+HANDLED_OPTIONS_HELP = {
+    "server": "groundcontrol address, tried in order (repeatable): ssh://HOST:PORT, "
+    "tls://HOST:PORT, wss://HOST:PORT/PATH, ws://..., tor://ONION:PORT or an endpoint "
+    "string such as tcp:HOST:PORT. Default: the ssh, tls and wss forms of "
+    "groundcontrol.osoximeter.com",
+    "tag": "A tag this device reports (repeatable), e.g. site-berlin; grants may name tag:TAG",
+    "help": "Display this help and exit.",
+    "version": "Display Twisted version and exit.",
+}
+
+
 class Options(usage.Options):
     """Command line of ``twistd tunnel-agent``."""
 
@@ -118,18 +132,16 @@ class Options(usage.Options):
 
     def __init__(self) -> None:
         super().__init__()
+        self.docs.update(HANDLED_OPTIONS_HELP)
         self["server"] = []
         self["tags"] = []
 
     def opt_tag(self, tag: str) -> None:
-        """A tag this device reports (repeatable), e.g. site-berlin; grants may name tag:TAG"""
+        """One --tag (help: HANDLED_OPTIONS_HELP)."""
         self["tags"].append(tag)
 
     def opt_server(self, address: str) -> None:
-        """groundcontrol address, tried in order (repeatable): ssh://HOST:PORT,
-        tls://HOST:PORT, wss://HOST:PORT/PATH, ws://..., tor://ONION:PORT or an endpoint
-        string such as tcp:HOST:PORT. Default: the ssh, tls and wss forms of
-        groundcontrol.osoximeter.com"""
+        """One --server (help: HANDLED_OPTIONS_HELP), checked now: a typo is a usage error."""
         try:
             parseAddress(address)
         except AddressError as e:
