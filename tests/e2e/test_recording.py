@@ -9,6 +9,7 @@ over DATA/recordings) refuses sessions fail-closed and lets them run fail-open.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -167,6 +168,35 @@ def test_watch_follows_and_kill_ends(kiln7: Fleet) -> None:
         watcher.close(force=True)
     ended = next(s for s in sessions(kiln7, "--all") if s["id"] == sessionId)
     assert ended["killed_by"] == "alice"
+
+
+def test_watch_in_a_terminal_shows_its_header(kiln7: Fleet) -> None:
+    """
+    ssh -tt ctl@gc watch: the replayed screen's clear would wipe the header line, so the
+    header comes again on the watcher's bottom row; the screen a terminal draws from it
+    (pyte) shows the session's prompt and the header both.
+    """
+    child, _ = spawnShell(kiln7)
+    sessionId = livePty(kiln7)["id"]
+    watcher = pexpect.spawn(
+        "ssh",
+        kiln7.operators["alice"].argv("ctl", "watch", sessionId, tty=True, options=QUIET)[1:],
+        dimensions=(ROWS, COLS),
+        encoding="utf-8",
+        timeout=20,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(kiln7.base)},
+    )
+    seen = io.StringIO()
+    watcher.logfile_read = seen
+    try:
+        watcher.expect_exact(f"\x1b[{ROWS};1H\x1b[7mwatching session {sessionId}")
+        watcher.expect_exact("\x1b8")
+        screen = render(seen.getvalue())
+        assert screen[-1].startswith(f"watching session {sessionId}: alice on kiln7"), screen
+        assert any(PROMPT in line for line in screen[:-1]), screen
+    finally:
+        watcher.close(force=True)
+        child.close(force=True)
 
 
 @contextlib.contextmanager
