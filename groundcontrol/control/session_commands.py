@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import codecs
 import json
-import time
 from typing import Any
 
 import attrs
@@ -23,6 +22,9 @@ from groundcontrol.control.commands import (
     CommandResult,
     ControlContext,
     UsageError,
+    _clean,
+    _table,
+    _when,
     command,
 )
 from groundcontrol.recording import CastFormatError, TerminalSanitizer, describeSize, parseCast
@@ -54,27 +56,6 @@ def _sessions(context: ControlContext) -> SessionRegistry:
     return sessionsFor(context.registry, context.store, context.clock)
 
 
-def _clean(value: Any) -> str:
-    return "".join(c if c.isprintable() else "?" for c in str(value))
-
-
-def _when(epoch: float | None) -> str:
-    if not epoch:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch))
-
-
-def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    cells = [[c.upper() for c in columns]] + [
-        [_clean(row[c]) if row.get(c) is not None else "-" for c in columns] for row in rows
-    ]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
-    return "".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() + "\n"
-        for r in cells
-    )
-
-
 def _maySee(context: ControlContext, account: str | None) -> bool:
     return context.account.isAdmin or account == context.account.name
 
@@ -101,8 +82,9 @@ def _row(record: dict[str, Any], state: str) -> dict[str, Any]:
     if row.get("killed_by"):
         status = f"killed by {row['killed_by']}"
     row["status"] = status
-    row["started"] = _when(row.get("started_at"))
-    row["ended"] = _when(row.get("ended_at"))
+    # None until known; a 0 reads as unknown too, as this module always showed it.
+    row["started"] = _when(row.get("started_at") or None)
+    row["ended"] = _when(row.get("ended_at") or None)
     row["what"] = row.get("command") or row.get("mode") or row.get("channel_type")
     return row
 
