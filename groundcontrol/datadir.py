@@ -15,14 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh import keys
 
 from groundcontrol.pki import CAExists, FleetCA
-from groundcontrol.store import (
-    connect,
-    connectPostgreSQL,
-    migrate,
-    migratePostgreSQL,
-    sqlitePath,
-    storeKind,
-)
+from groundcontrol.store import migrateStore
 
 __all__ = ["DataDir", "HostKeyError", "InitResult", "NotInitialised"]
 
@@ -98,7 +91,7 @@ class DataDir:
         if not self.hostPublicKeyPath.exists():
             self.hostPublicKeyPath.write_text(self.hostPublicKeyLine() + "\n")
         self._ensureFleetCA()
-        version = _migrate(str(self.databasePath) if store is None else store)
+        version = migrateStore(str(self.databasePath) if store is None else store)
         return InitResult(createdDirectory, createdHostKey, version)
 
     def _writeNewHostKey(self) -> None:
@@ -151,22 +144,3 @@ class DataDir:
         """The host public key as one OpenSSH line: what agents pin with C{--server-key}."""
         (key,) = self.loadHostKeys().values()
         return key.public().toString("OPENSSH").decode("ascii")
-
-
-def _migrate(url: str) -> int:
-    """Create (if SQLite: private) and migrate the store at C{url}; return its schema version."""
-    if storeKind(url) == "postgresql":
-        pg = connectPostgreSQL(url)
-        try:
-            return migratePostgreSQL(pg)
-        finally:
-            pg.close()
-    path = sqlitePath(url)
-    if not os.path.exists(path):
-        # Create it private before SQLite does (its -wal/-shm files copy these bits).
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-    connection = connect(path)
-    try:
-        return migrate(connection)
-    finally:
-        connection.close()

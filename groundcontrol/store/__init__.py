@@ -23,7 +23,14 @@ from ._errors import (
     UnknownDevice,
 )
 from ._interface import IStore
-from ._open import databaseErrors, openStore, openStoreBlocking, sqlitePath, storeKind
+from ._open import (
+    databaseErrors,
+    migrateStore,
+    openStore,
+    openStoreBlocking,
+    sqlitePath,
+    storeKind,
+)
 from ._postgresql import (
     PostgreSQLStore,
     connectPostgreSQL,
@@ -108,6 +115,7 @@ __all__ = [
     "isValidTag",
     "migrate",
     "migratePostgreSQL",
+    "migrateStore",
     "openPostgreSQLStore",
     "openSQLiteStore",
     "openStore",

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from typing import Any
+
 from twisted.internet.defer import Deferred, fail
 
 from ._errors import StoreError
@@ -15,7 +19,14 @@ from ._runner import Runner
 from ._sql import SQLStore
 from ._sqlite import SQLiteStore, connect, migrate, openSQLiteStore
 
-__all__ = ["databaseErrors", "openStore", "openStoreBlocking", "sqlitePath", "storeKind"]
+__all__ = [
+    "databaseErrors",
+    "migrateStore",
+    "openStore",
+    "openStoreBlocking",
+    "sqlitePath",
+    "storeKind",
+]
 
 
 def storeKind(url: str) -> str:
@@ -62,21 +73,38 @@ def openStoreBlocking(url: str, runner: Runner) -> SQLStore:
     For start-up before the reactor runs (C{makeService}), where a Deferred would have
     nothing to fire it and failing fast with the real error is what an operator wants.
     """
+    connection, _ = _connectMigrated(url)
     if storeKind(url) == "postgresql":
-        pg = connectPostgreSQL(url)
-        try:
-            migratePostgreSQL(pg)
-        except BaseException:
-            pg.close()
-            raise
-        return PostgreSQLStore(pg, runner, url)
-    connection = connect(sqlitePath(url))
+        return PostgreSQLStore(connection, runner, url)
+    return SQLiteStore(connection, runner)
+
+
+def migrateStore(url: str) -> int:
+    """
+    Create and migrate the store at C{url} now, blocking, and return its schema version:
+    what C{init} does. A new SQLite file is created private (0600) before SQLite creates
+    it, since its -wal and -shm files copy those bits.
+    """
+    if storeKind(url) == "sqlite" and not os.path.exists(sqlitePath(url)):
+        os.close(os.open(sqlitePath(url), os.O_WRONLY | os.O_CREAT, 0o600))
+    connection, version = _connectMigrated(url)
+    connection.close()
+    return version
+
+
+def _connectMigrated(url: str) -> tuple[Any, int]:
+    """A connection to the store at C{url}, migrated, and its schema version."""
+    if storeKind(url) == "postgresql":
+        connection: Any = connectPostgreSQL(url)
+        migrateConnection: Callable[[Any], int] = migratePostgreSQL
+    else:
+        connection = connect(sqlitePath(url))
+        migrateConnection = migrate
     try:
-        migrate(connection)
+        return connection, migrateConnection(connection)
     except BaseException:
         connection.close()
         raise
-    return SQLiteStore(connection, runner)
 
 
 def databaseErrors() -> tuple[type[BaseException], ...]:
