@@ -167,12 +167,13 @@ def _output(
     options: argparse.Namespace, rows: list[dict[str, Any]], columns: list[str]
 ) -> CommandResult:
     if options.json:
-        return _jsonRows(rows)
+        return _jsonDocument(rows)
     return CommandResult(stdout=_table(rows, columns))
 
 
-def _jsonRows(rows: list[dict[str, Any]]) -> CommandResult:
-    return CommandResult(stdout=json.dumps(rows, indent=2, sort_keys=True) + "\n")
+def _jsonDocument(document: Any) -> CommandResult:
+    """What --json prints: the document indented, its keys sorted."""
+    return CommandResult(stdout=json.dumps(document, indent=2, sort_keys=True) + "\n")
 
 
 def _deviceName(name: str) -> str:
@@ -278,8 +279,7 @@ def _show(parser: _Parser) -> Handler:
             # A device an operator may not reach reads as one that does not exist (as in ls).
             return CommandResult(stderr=f"show: no device named {name!r}\n", status=1)
         if options.json:
-            document = detailJSON(detail)
-            return CommandResult(stdout=json.dumps(document, indent=2, sort_keys=True) + "\n")
+            return _jsonDocument(detailJSON(detail))
         return CommandResult(stdout=detailText(detail))
 
     return run
@@ -470,7 +470,7 @@ def _grants(parser: _Parser) -> Handler:
         if not options.json:
             return CommandResult(stdout=grantsTable(grants, now))
         rows = [{**_grantRow(g), "expired": grantState(g, now) == "expired"} for g in grants]
-        return _jsonRows(rows)
+        return _jsonDocument(rows)
 
     return run
 
@@ -693,6 +693,6 @@ def _tokens(parser: _Parser) -> Handler:
             }
             for t in tokens
         ]
-        return _jsonRows(rows)
+        return _jsonDocument(rows)
 
     return run
