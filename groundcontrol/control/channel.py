@@ -24,6 +24,7 @@ from twisted.logger import Logger
 
 from accesstunnel.channel import FlowChannel
 from groundcontrol.control.commands import CommandResult, ControlContext, runCommandLine
+from groundcontrol.recording import playableSize
 
 PROMPT = b"ctl> "
 _EXIT_WORDS = {"exit", "quit", "logout"}
@@ -140,7 +141,7 @@ class ControlChannel(FlowChannel):
             cols, rows = struct.unpack(">2L", rest[:8])
         except (struct.error, ValueError):
             return False
-        self._terminalSize = (cols or 80, rows or 24)
+        self._terminalSize = playableSize(cols, rows)
         return True
 
     @property
@@ -157,7 +158,7 @@ class ControlChannel(FlowChannel):
         except struct.error:
             return False
         if self._terminalSize is not None:
-            self._terminalSize = (cols or 80, rows or 24)
+            self._terminalSize = playableSize(cols, rows)
         if self._terminal is not None and self._terminal.terminalProtocol is not None:
             self._terminal.terminalProtocol.terminalSize(cols, rows)
         return True
