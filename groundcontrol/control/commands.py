@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from accesstunnel.durations import parseDuration
 from accesstunnel.names import isValidDeviceName
-from groundcontrol.accesslists import grantsTable, grantState, tokensTable
+from groundcontrol.accesslists import grantsTable, grantState, table, tokensTable
 from groundcontrol.devicedetail import (
     DeviceDetail,
     detailJSON,
@@ -153,13 +153,10 @@ def _when(epoch: float | None) -> str:
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    cells = [[c.upper() for c in columns]] + [
-        [_clean(row.get(c) if row.get(c) is not None else "-") for c in columns] for row in rows
-    ]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
-    return "".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() + "\n"
-        for r in cells
+    """C{rows}' C{columns} as L{accesslists.table} lays them out; a None cell reads C{-}."""
+    return table(
+        [c.upper() for c in columns],
+        [[_clean(row.get(c) if row.get(c) is not None else "-") for c in columns] for row in rows],
     )
 
 
