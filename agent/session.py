@@ -302,6 +302,9 @@ class SessionChannel(EndpointChannel):
         #: The child's stdout is out of the reactor (held), read by this channel
         #: when the link serves it (L{drainQueue}) until the pipe is empty.
         self._outputHeld = False
+        #: A login user was set (L{_loginUserRequest}): groundcontrol asks once, first; a
+        #: second request is never groundcontrol's and is refused.
+        self._loginUserChosen = False
         #: Variables the forwardings add to the child's environment.
         self._forwardVariables: dict[str, str] = {}
         self._agentForwarding: Any = None  # agentforward.AgentForwarding
@@ -513,12 +516,19 @@ class SessionChannel(EndpointChannel):
         """
         groundcontrol says whom this session runs as (the operator's grant names a login
         user); it asks before passing on any of the operator's requests. Only an agent
-        running as root can become another user; an unknown user, or a session already
-        set up, is refused (and groundcontrol then refuses the operator's session).
+        running as root can become another user; an unknown user, a session already set
+        up, or a second login user (never groundcontrol's: it refuses the operator's own
+        requests in its namespace, L{groundcontrol.relay}) is refused (and groundcontrol
+        then refuses the operator's session).
         """
         user = payload.text()
         payload.end()
-        if self._started or self._terminal is not None or self._forwardVariables:
+        if (
+            self._started
+            or self._terminal is not None
+            or self._forwardVariables
+            or self._loginUserChosen
+        ):
             return False
         try:
             pw = pwd.getpwnam(user)
@@ -529,6 +539,7 @@ class SessionChannel(EndpointChannel):
             self.log.warn("refused login user {user!r}: the agent is not root", user=user)
             return False
         self.environment = evolve(self.environment, pw=pw, home=None)
+        self._loginUserChosen = True
         self.log.info("session runs as {user}", user=user)
         return True
 

@@ -47,6 +47,11 @@ _EXIT_REQUESTS = (b"exit-status", b"exit-signal")
 #: operator, and the channel type each allows.
 _OPENS_BACK = {b"auth-agent-req@openssh.com": b"auth-agent@openssh.com", b"x11-req": b"x11"}
 
+#: Channel requests named in the project's own namespace (``login-user@accesstunnel``:
+#: the user a grant's ``--as`` runs a session as) are groundcontrol's word to the agent.
+#: From an operator they are refused: passed on, one would choose its own login user.
+_PRIVATE_REQUEST_SUFFIX = b"@accesstunnel"
+
 
 class RelayChannel(FlowChannel):
     """
@@ -179,7 +184,9 @@ class RelayChannel(FlowChannel):
         peer = self.peer
         if peer is None:
             return False
-        if requestType in self.refusedRequests:
+        if requestType in self.refusedRequests or (
+            self.towardsOperator and requestType.endswith(_PRIVATE_REQUEST_SUFFIX)
+        ):
             return self._refuseInOrder()
         verdict = (
             True if self.observer is None else self.observer.relayRequest(self, requestType, data)

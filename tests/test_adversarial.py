@@ -1,0 +1,81 @@
+"""
+Attacks found by the session-17 security review, each kept as a test of its fix.
+
+Each test plays the hostile party on a whole in-memory groundcontrol (or on the one
+piece it attacks) and checks that the attack no longer works.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+from typing import Any
+
+from twisted.conch.ssh import common
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from agent.session import SessionChannel, SessionEnvironment
+from tests.test_access import LOGIN_USER, AccessFleet
+
+
+class OperatorChoosesLoginUserTests(SynchronousTestCase):
+    """
+    ``login-user@accesstunnel`` is groundcontrol's word to the agent (a grant's ``--as``).
+    An operator who sent it on their own session channel would pick the user the device
+    runs their session as: root, on an agent running as root, whatever their grant says.
+    """
+
+    def setUp(self) -> None:
+        self.world = AccessFleet()
+
+    def test_operatorLoginUserRequestRefused(self) -> None:
+        """groundcontrol refuses the request from an operator; the device never sees it."""
+        self.world.ctl(self.world.root, "grant bob lab1 --as pi")
+        session = self.world.session(self.world.bob, "lab1")
+        self.assertTrue(session.isOpen)
+        answer = session.request(LOGIN_USER, common.NS(b"root"))
+        self.world.fleet.flush()
+        assert answer is not None
+        self.failureResultOf(answer)
+        device = self.world.sessions[-1]
+        self.assertEqual(
+            [r for r in device.requests if r[0] == LOGIN_USER],
+            [(LOGIN_USER, common.NS(b"pi"), True)],
+        )
+
+    def test_operatorLoginUserRefusedWithoutAGrantUser(self) -> None:
+        """Nor may an operator whose grant names no user send one first."""
+        self.world.ctl(self.world.root, "grant bob lab1")
+        session = self.world.session(self.world.bob, "lab1")
+        answer = session.request(LOGIN_USER, common.NS(b"root"))
+        self.world.fleet.flush()
+        assert answer is not None
+        self.failureResultOf(answer)
+        self.assertNotIn(LOGIN_USER, [r[0] for r in self.world.sessions[-1].requests])
+
+    def test_otherPrivateRequestsRefused(self) -> None:
+        """Any request in the project's own namespace is groundcontrol's, not an operator's."""
+        self.world.ctl(self.world.root, "grant bob lab1")
+        session = self.world.session(self.world.bob, "lab1")
+        answer = session.request(b"anything@accesstunnel", b"")
+        self.world.fleet.flush()
+        assert answer is not None
+        self.failureResultOf(answer)
+        self.assertNotIn(b"anything@accesstunnel", [r[0] for r in self.world.sessions[-1].requests])
+
+
+class AgentTakesOneLoginUserTests(SynchronousTestCase):
+    """The agent's side: a session's user is decided once, by the first login-user request."""
+
+    def ask(self, channel: SessionChannel, user: bytes) -> Any:
+        return channel.requestReceivedWithReply(LOGIN_USER, common.NS(user), True)
+
+    def test_secondLoginUserRefused(self) -> None:
+        """After one login user, another is refused and the first stays."""
+        me = pwd.getpwuid(os.geteuid()).pw_name.encode()
+        channel = SessionChannel(SessionEnvironment(), Clock())
+        self.assertTrue(self.ask(channel, me))
+        chosen = channel.environment.pw
+        self.assertFalse(self.ask(channel, me))
+        self.assertEqual(channel.environment.pw, chosen)
