@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import os
 import pwd
+import struct
 from typing import Any
 
+import pytest
 from twisted.conch.ssh import common
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from agent.remoteforward import RemoteForwarder
 from agent.session import SessionChannel, SessionEnvironment
 from tests.test_access import LOGIN_USER, AccessFleet
+from tests.test_agent_forwarding import ListeningReactor
 
 
 class OperatorChoosesLoginUserTests(SynchronousTestCase):
@@ -79,3 +83,64 @@ class AgentTakesOneLoginUserTests(SynchronousTestCase):
         chosen = channel.environment.pw
         self.assertFalse(self.ask(channel, me))
         self.assertEqual(channel.environment.pw, chosen)
+
+
+def _forwardRequest(address: bytes, port: int) -> bytes:
+    return common.NS(address) + struct.pack(">L", port)
+
+
+class OtherOperatorsForwardsTests(SynchronousTestCase):
+    """
+    Two operators granted the same device: one's ``ssh -R`` is theirs alone. A
+    ``cancel-tcpip-forward`` naming another operator's forward went to the device, which
+    closed the listener; the same operator could then ask for that port and receive the
+    connections meant for the first. The fix belongs in groundcontrol/router.py
+    (C{SessionRouter.forwardRequest}: pass a cancel on only for a forward the connection
+    owns), the lead's file: strict xfail until it lands.
+    """
+
+    def setUp(self) -> None:
+        self.world = AccessFleet()
+        self.carol = self.world.fleet.addOperator("carol")
+        self.world.ctl(self.world.root, "grant bob lab1")
+        self.world.ctl(self.world.root, "grant carol lab1")
+        self.reactor = ListeningReactor()
+        agentConn = self.world.fleet.registry.lookup("lab1")
+        assert agentConn is not None
+        # The fake agent answers remote forwards as the real one does, listening in memory.
+        agentFactory = next(
+            pump.client.factory
+            for pump in self.world.fleet.network.pumps
+            if getattr(pump.client.factory, "name", None) == "lab1"
+        )
+        forwarder = RemoteForwarder(self.reactor, agentFactory.connection)
+
+        def answer(requestType: bytes, data: bytes) -> Any:
+            if requestType == b"tcpip-forward":
+                return forwarder.forward(data)
+            if requestType == b"cancel-tcpip-forward":
+                return forwarder.cancel(data)
+            return 0
+
+        agentFactory.connection.gotGlobalRequest = answer
+
+    def ask(self, key: Any, requestType: bytes, data: bytes) -> Any:
+        """Send a global request on a new connection of C{key} to dev_lab1 (kept open)."""
+        operator = self.world.fleet.operator("dev_lab1", key)
+        self.world.fleet.flush()
+        assert operator.connection is not None
+        d = operator.connection.sendGlobalRequest(requestType, data, wantReply=1)
+        self.world.fleet.flush()
+        return d
+
+    @pytest.mark.xfail(strict=True, reason="fix in groundcontrol/router.py (the lead's)")
+    def test_cannotCancelAnotherOperatorsForward(self) -> None:
+        """carol's cancel of bob's forward is refused, and bob's listener stays."""
+        asked = self.ask(self.world.bob, b"tcpip-forward", _forwardRequest(b"localhost", 8080))
+        self.successResultOf(asked)
+        (listening,) = self.reactor.ports
+        cancelled = self.ask(
+            self.carol, b"cancel-tcpip-forward", _forwardRequest(b"localhost", 8080)
+        )
+        self.failureResultOf(cancelled)
+        self.assertFalse(listening.stopped)
