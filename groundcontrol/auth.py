@@ -10,12 +10,13 @@ here before anything else happens.
 
 from __future__ import annotations
 
+import struct
 from datetime import UTC, datetime
 from typing import Any
 
 import attrs
 from twisted.conch import error
-from twisted.conch.ssh import keys
+from twisted.conch.ssh import common, keys
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import ISSHPrivateKey
 from twisted.cred.error import UnauthorizedLogin
@@ -27,6 +28,24 @@ from accesstunnel.keys import fingerprint
 from groundcontrol.pki import DeviceCertificate, shouldRenew
 from groundcontrol.store import Account, IStore
 from groundcontrol.usernames import AgentTarget, Target, parseUsername
+
+#: Signature algorithms refused whatever the key: SHA-1 RSA and DSA (DESIGN.md, "Modern
+#: algorithms only"). Conch's key check accepts both, and it verifies with the algorithm
+#: named inside the signature, which need not be the one the request names.
+WEAK_SIGNATURE_ALGORITHMS = frozenset({b"ssh-rsa", b"ssh-dss"})
+
+
+def weakSignature(key: keys.Key, algorithm: bytes, signature: bytes | None) -> bool:
+    """Whether a login by C{key} signing with C{algorithm} (and C{signature}) is refused."""
+    if key.type() == "DSA" or algorithm in WEAK_SIGNATURE_ALGORITHMS:
+        return True
+    if not signature:
+        return False
+    try:
+        inner, _ = common.getNS(signature)
+    except (ValueError, struct.error):
+        return True
+    return inner in WEAK_SIGNATURE_ALGORITHMS
 
 
 @attrs.frozen
@@ -120,6 +139,8 @@ class FleetKeyChecker:
             key = keys.Key.fromString(credentials.blob)
         except (keys.BadKeyError, ValueError) as e:
             raise UnauthorizedLogin("unsupported or malformed key") from e
+        if weakSignature(key, credentials.algName, credentials.signature):
+            raise UnauthorizedLogin("signature algorithm refused: SHA-1 and DSA are not accepted")
         keyFingerprint = fingerprint(key)
         target = parseUsername(credentials.username)
 

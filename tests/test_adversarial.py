@@ -13,12 +13,17 @@ import struct
 from typing import Any
 
 import pytest
-from twisted.conch.ssh import common
+from cryptography.hazmat.primitives.asymmetric import dsa, rsa
+from twisted.conch.ssh import common, keys
+from twisted.cred.credentials import SSHPrivateKey
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from agent.remoteforward import RemoteForwarder
 from agent.session import SessionChannel, SessionEnvironment
+from groundcontrol.auth import FleetKeyChecker
+from groundcontrol.testing import openMemoryStore, publicLine, resultNow
 from tests.test_access import LOGIN_USER, AccessFleet
 from tests.test_agent_forwarding import ListeningReactor
 
@@ -144,3 +149,54 @@ class OtherOperatorsForwardsTests(SynchronousTestCase):
         )
         self.failureResultOf(cancelled)
         self.assertFalse(listening.stopped)
+
+
+class WeakSignatureTests(SynchronousTestCase):
+    """
+    Logins are signed with ssh-ed25519 or rsa-sha2-256/512 only, as groundcontrol
+    advertises (server-sig-algs): not with SHA-1 (``ssh-rsa``) or DSA (``ssh-dss``), which
+    Conch's key check accepts. The signature's own algorithm counts, not only the one the
+    request names (Conch verifies with the one inside the signature).
+    """
+
+    def setUp(self) -> None:
+        self.store = openMemoryStore()
+        self.rsa = keys.Key(rsa.generate_private_key(65537, 2048))
+        resultNow(self.store.addAccount("ada", [publicLine(self.rsa)], False, 1_700_000_000.0))
+        self.checker = FleetKeyChecker(self.store)
+
+    def login(self, user: bytes, key: keys.Key, algName: bytes, signatureType: bytes | None) -> Any:
+        sigData = b"session id and request"
+        signature = None if signatureType is None else key.sign(sigData, signatureType)
+        return self.checker.requestAvatarId(
+            SSHPrivateKey(user, algName, key.public().blob(), sigData, signature)
+        )
+
+    def test_rsaSHA2Accepted(self) -> None:
+        """The control: rsa-sha2-256 and -512 log in."""
+        for algorithm in (b"rsa-sha2-256", b"rsa-sha2-512"):
+            login = self.successResultOf(self.login(b"ctl", self.rsa, algorithm, algorithm))
+            self.assertEqual(login.account.name, "ada")
+
+    def test_sha1Refused(self) -> None:
+        """ssh-rsa (SHA-1) is refused, named as such or inside an rsa-sha2 request."""
+        self.failureResultOf(self.login(b"ctl", self.rsa, b"ssh-rsa", None), UnauthorizedLogin)
+        self.failureResultOf(
+            self.login(b"ctl", self.rsa, b"ssh-rsa", b"ssh-rsa"), UnauthorizedLogin
+        )
+        self.failureResultOf(
+            self.login(b"ctl", self.rsa, b"rsa-sha2-256", b"ssh-rsa"), UnauthorizedLogin
+        )
+        self.failureResultOf(
+            self.login(b"agent+kiln7", self.rsa, b"rsa-sha2-512", b"ssh-rsa"), UnauthorizedLogin
+        )
+
+    def test_dsaRefused(self) -> None:
+        """A DSA key is refused, even as a new device's."""
+        dsaKey = keys.Key(dsa.generate_private_key(1024))
+        self.failureResultOf(
+            self.login(b"agent+kiln7", dsaKey, b"ssh-dss", b"ssh-dss"), UnauthorizedLogin
+        )
+        self.failureResultOf(
+            self.login(b"agent+kiln7", dsaKey, b"ssh-dss", None), UnauthorizedLogin
+        )
