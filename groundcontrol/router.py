@@ -2,8 +2,9 @@
 Routing an operator's channels and forwarding requests to a device: the
 checks, in order, and the words an operator sees when one fails.
 
-A malformed name is refused before any lookup. Then the device must exist,
-not be revoked, be reachable by this account, and be connected now; only then
+A malformed name is refused before any lookup. Then the device must exist and
+be reachable by this account (an operator is not told which of the two failed),
+not be revoked, and be connected now; only then
 is a channel opened on its link, and the operator's channel is confirmed with
 the device's own answer.
 
@@ -109,15 +110,32 @@ class SessionRouter:
         self.policy = policy or SessionPolicy()
 
     async def reachableLink(self, account: Account, name: str) -> Any:
-        """The live link of device C{name} if C{account} may reach it, else a refusal."""
+        """
+        The live link of device C{name} if C{account} may reach it, else a refusal.
+
+        An operator may not learn which devices exist beyond those they may reach (C{ctl ls}
+        and C{show} hide the rest): a name that is unknown and one they hold no grant for get
+        the same words, after the same two lookups. Admins, and operators whose grant names
+        the device, are told exactly what is wrong; the log always says it.
+        """
         now = self._clock.seconds()
         device = await self._store.deviceByName(name)
-        if device is None:
-            raise refusal(f"unknown device {name!r}")
+        allowed = await self._store.mayReach(account, name, now)
+        if device is None or not allowed:
+            reason = "unknown device" if device is None else "no grant"
+            self._log.info(
+                "refused {account} a channel to {device}: {reason}",
+                account=account.name,
+                device=name,
+                reason=reason,
+            )
+            if allowed:
+                raise refusal(f"unknown device {name!r}")
+            raise refusal(
+                f"unknown device {name!r}, or account {account.name!r} has no grant for it"
+            )
         if device.state != "approved":
             raise refusal(f"device {name!r} is {device.state}")
-        if not await self._store.mayReach(account, name, now):
-            raise refusal(f"account {account.name!r} has no grant for device {name!r}")
         link = self._registry.lookup(name)
         if link is None:
             raise refusal(

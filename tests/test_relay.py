@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.conch.error import ConchError
 from twisted.conch.ssh import common, connection
+from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
 from accesstunnel.channel import DEFAULT_MAX_PACKET, DEFAULT_WINDOW
@@ -19,6 +20,7 @@ from accesstunnel.keys import fingerprint
 from agent.identity import ServerKeyPin
 from agent.link import AgentLinkFactory, LinkSettings
 from groundcontrol.relay import RELAY_FAILURE_STATUS
+from groundcontrol.router import SessionRouter
 from groundcontrol.testing import (
     FakeOperator,
     InMemoryFleet,
@@ -207,11 +209,54 @@ class RefusalTests(RelayTestCase):
         return session
 
     def test_unknownDevice(self) -> None:
-        """A device that does not exist is refused by name."""
+        """A device that does not exist is refused by name, with both possible causes."""
         self.connectAgent()
         session = self.refusal("dev_nosuch")
-        self.assertEqual(session.openFailureText, "unknown device 'nosuch'")
+        self.assertEqual(
+            session.openFailureText,
+            "unknown device 'nosuch', or account 'alice' has no grant for it",
+        )
         self.assertEqual(session.openFailure.args[1], connection.OPEN_ADMINISTRATIVELY_PROHIBITED)  # type: ignore[union-attr]
+
+    def test_unknownDeviceToAnAdmin(self) -> None:
+        """An admin reaches every device, so is told plainly that the name is unknown."""
+        adminKey = self.fleet.addOperator("root2", admin=True)
+        session = self.refusal("dev_nosuch", adminKey)
+        self.assertEqual(session.openFailureText, "unknown device 'nosuch'")
+
+    def test_existenceNotRevealed(self) -> None:
+        """
+        An operator cannot tell a device that exists (approved, revoked or pending) from a
+        name that does not, unless a grant of theirs reaches it: the words are the same.
+        """
+        self.connectAgent()
+        self.fleet.enrollDevice("mill4")
+        resultNow(self.fleet.store.revokeDevice("mill4", "admin", self.fleet.now))
+        self.connectAgent(name="oven2", key=newKey())
+        texts = {
+            name: self.refusal(f"dev_{name}", self.bobKey).openFailureText.replace(name, "NAME")
+            for name in ("kiln7", "mill4", "oven2", "nosuch")
+        }
+        self.assertEqual(
+            set(texts.values()), {"unknown device 'NAME', or account 'bob' has no grant for it"}
+        )
+        self.assertEqual(self.sessions, [])
+
+    def test_refusalLoggedWithItsCause(self) -> None:
+        """The log tells an admin what the operator is not told: which check failed."""
+        events: list[dict[str, Any]] = []
+        self.patch(SessionRouter, "_log", Logger(observer=events.append))
+        self.connectAgent()
+        self.refusal("dev_kiln7", self.bobKey)
+        self.refusal("dev_nosuch", self.bobKey)
+        refused = [
+            (e["account"], e["device"], e["reason"])
+            for e in events
+            if e.get("log_format", "").startswith("refused {account}")
+        ]
+        self.assertEqual(
+            refused, [("bob", "kiln7", "no grant"), ("bob", "nosuch", "unknown device")]
+        )
 
     def test_malformedName(self) -> None:
         """A malformed device name is refused with the naming rule."""
@@ -224,7 +269,9 @@ class RefusalTests(RelayTestCase):
         """An operator without a grant is refused even though the device is online."""
         self.connectAgent()
         session = self.refusal("dev_kiln7", self.bobKey)
-        self.assertEqual(session.openFailureText, "account 'bob' has no grant for device 'kiln7'")
+        self.assertEqual(
+            session.openFailureText, "unknown device 'kiln7', or account 'bob' has no grant for it"
+        )
         self.assertEqual(self.sessions, [])
 
     def test_offline(self) -> None:
@@ -372,7 +419,10 @@ class LinkLifecycleTests(RelayTestCase):
         self.assertIsNone(self.fleet.registry.lookup("oven2"))
         self.assertIsNotNone(self.fleet.registry.pendingFor(fingerprint(publicLine(newDeviceKey))))
         refused = self.fleet.session(self.operator("dev_oven2"))
-        self.assertEqual(refused.openFailureText, "unknown device 'oven2'")
+        self.assertEqual(
+            refused.openFailureText,
+            "unknown device 'oven2', or account 'alice' has no grant for it",
+        )
 
         resultNow(self.fleet.store.approveDevice("oven2", "admin", self.fleet.now))
         self.fleet.grant("alice", "oven2")

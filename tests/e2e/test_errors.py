@@ -48,7 +48,7 @@ def test_not_granted(kiln7: Fleet) -> None:
     bob = kiln7.addOperator("bob")
     result = bob.ssh("dev_kiln7", "true")
     assert result.returncode == 255
-    assert "no grant for device 'kiln7'" in result.stderr
+    assert "unknown device 'kiln7', or account 'bob' has no grant for it" in result.stderr
     kiln7.gc.cli("grant", "bob", "kiln7")
     assert bob.ssh("dev_kiln7", "echo in").stdout == "in\n"
 
