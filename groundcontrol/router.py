@@ -304,7 +304,8 @@ class SessionRouter:
     ) -> Any:
         """
         ``ssh -R``: pass ``tcpip-forward`` / ``cancel-tcpip-forward`` on to the
-        device, and remember which operator owns the forward.
+        device, and remember which operator connection owns the forward: only that
+        connection may cancel it.
         """
         if requestType not in _FORWARD_REQUESTS or not isinstance(target, DeviceTarget):
             return 0
@@ -318,11 +319,23 @@ class SessionRouter:
             link = await self.reachableLink(account, target.name)
         except Exception:
             return 0
+        cancel = requestType == b"cancel-tcpip-forward"
+        if cancel and link.remoteForwards.owner(address, port) is not operatorConn:
+            # Only the connection that made a forward may take it down: another operator's
+            # cancel would free the device's port for the canceller to listen on instead.
+            self._log.info(
+                "refused {account} cancelling {address}:{port} on device {device}: not theirs",
+                account=account.name,
+                address=address.decode("ascii", "replace"),
+                port=port,
+                device=link.deviceName,
+            )
+            return 0
         try:
             reply = await link.conn.sendGlobalRequest(requestType, data, wantReply=1)
         except Exception:
             return 0
-        if requestType == b"cancel-tcpip-forward":
+        if cancel:
             link.remoteForwards.remove(address, port)
             return 1
         if port == 0 and len(reply) >= 4:

@@ -122,12 +122,12 @@ class OperatorVisibilityTests(SynchronousTestCase):
         self.world = AccessFleet()
 
     def test_noGrantSeesAndReachesNothing(self) -> None:
-        """Without grants, ls is empty and every device refuses with 'no grant'."""
+        """Without grants, ls is empty and every device refuses as if unknown."""
         self.assertEqual(self.world.ls(self.world.bob), [])
         for name in ("lab1", "lab2", "plain3"):
             session = self.world.session(self.world.bob, name)
             self.assertFalse(session.isOpen)
-            self.assertIn("no grant for device", session.openFailureText)
+            self.assertIn("has no grant for it", session.openFailureText)
         self.assertEqual(self.world.ls(self.world.root), ["lab1", "lab2", "plain3"])
 
     def test_tagGrantByCtl(self) -> None:

@@ -12,7 +12,6 @@ import pwd
 import struct
 from typing import Any
 
-import pytest
 from cryptography.hazmat.primitives.asymmetric import dsa, rsa
 from twisted.conch.ssh import common, keys
 from twisted.cred.credentials import SSHPrivateKey
@@ -20,10 +19,12 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from accesstunnel.enrollmessages import HELLO, encodeMessage
 from agent.remoteforward import RemoteForwarder
 from agent.session import SessionChannel, SessionEnvironment
 from groundcontrol.auth import FleetKeyChecker
-from groundcontrol.testing import openMemoryStore, publicLine, resultNow
+from groundcontrol.sshserver import ENROLLMENT_REQUEST_BURST, ENROLLMENT_REQUEST_INTERVAL
+from groundcontrol.testing import InMemoryFleet, newKey, openMemoryStore, publicLine, resultNow
 from tests.test_access import LOGIN_USER, AccessFleet
 from tests.test_agent_forwarding import ListeningReactor
 
@@ -99,9 +100,8 @@ class OtherOperatorsForwardsTests(SynchronousTestCase):
     Two operators granted the same device: one's ``ssh -R`` is theirs alone. A
     ``cancel-tcpip-forward`` naming another operator's forward went to the device, which
     closed the listener; the same operator could then ask for that port and receive the
-    connections meant for the first. The fix belongs in groundcontrol/router.py
-    (C{SessionRouter.forwardRequest}: pass a cancel on only for a forward the connection
-    owns), the lead's file: strict xfail until it lands.
+    connections meant for the first. C{SessionRouter.forwardRequest} passes a cancel on
+    only for a forward the same connection owns.
     """
 
     def setUp(self) -> None:
@@ -138,7 +138,6 @@ class OtherOperatorsForwardsTests(SynchronousTestCase):
         self.world.fleet.flush()
         return d
 
-    @pytest.mark.xfail(strict=True, reason="fix in groundcontrol/router.py (the lead's)")
     def test_cannotCancelAnotherOperatorsForward(self) -> None:
         """carol's cancel of bob's forward is refused, and bob's listener stays."""
         asked = self.ask(self.world.bob, b"tcpip-forward", _forwardRequest(b"localhost", 8080))
@@ -149,6 +148,23 @@ class OtherOperatorsForwardsTests(SynchronousTestCase):
         )
         self.failureResultOf(cancelled)
         self.assertFalse(listening.stopped)
+
+    def test_ownerCancelsOwnForward(self) -> None:
+        """The connection that made a forward cancels it (``~C -KR``): the listener stops."""
+        operator = self.world.fleet.operator("dev_lab1", self.world.bob)
+        self.world.fleet.flush()
+        assert operator.connection is not None
+        request = _forwardRequest(b"localhost", 8080)
+        asked = operator.connection.sendGlobalRequest(b"tcpip-forward", request, wantReply=1)
+        self.world.fleet.flush()
+        self.successResultOf(asked)
+        (listening,) = self.reactor.ports
+        cancelled = operator.connection.sendGlobalRequest(
+            b"cancel-tcpip-forward", request, wantReply=1
+        )
+        self.world.fleet.flush()
+        self.successResultOf(cancelled)
+        self.assertTrue(listening.stopped)
 
 
 class WeakSignatureTests(SynchronousTestCase):
@@ -200,3 +216,60 @@ class WeakSignatureTests(SynchronousTestCase):
         self.failureResultOf(
             self.login(b"agent+kiln7", dsaKey, b"ssh-dss", None), UnauthorizedLogin
         )
+
+
+class EnrollmentRequestFloodTests(SynchronousTestCase):
+    """
+    A device's enrollment requests (hello, enroll, claim-code, certificate) each cost
+    groundcontrol a store call, most a write with an audit event (a hello whose serial
+    changed), a certificate a signature. Any key may connect as a pending device, and it
+    could send them back to back, without end: the store and the audit log flooded by one
+    link. The agent makes a few per link (at most 4 at its start, then one every ten
+    minutes or hours); a link gets a burst of them, then one per interval.
+    """
+
+    def setUp(self) -> None:
+        self.fleet = InMemoryFleet()
+
+    def hellos(self, count: int) -> list[Any]:
+        factory, _ = self.fleet.agent("oven2", newKey())
+        self.fleet.flush()
+        assert factory.connection is not None
+        answers = [
+            factory.connection.sendGlobalRequest(
+                HELLO, encodeMessage({"serial": f"serial-{i % 2}"}), wantReply=1
+            )
+            for i in range(count)
+        ]
+        self.fleet.flush()
+        return answers
+
+    def test_pendingDeviceCannotFloodTheStore(self) -> None:
+        """200 hellos with changing serials: a burst is answered, the rest refused."""
+        before = resultNow(self.fleet.store.lastAuditId())
+        answers = self.hellos(200)
+        answered = [d for d in answers if not isinstance(self.successOrFailure(d), Exception)]
+        self.assertLessEqual(len(answered), ENROLLMENT_REQUEST_BURST)
+        self.assertGreaterEqual(len(answered), 4)  # the agent's own start is never refused
+        self.assertLessEqual(
+            resultNow(self.fleet.store.lastAuditId()) - before, ENROLLMENT_REQUEST_BURST + 2
+        )
+
+    def test_refilled(self) -> None:
+        """After the interval, one more is answered."""
+        self.hellos(ENROLLMENT_REQUEST_BURST + 1)
+        factory = self.fleet.network.pumps[-1].client.factory
+        self.fleet.clock.advance(ENROLLMENT_REQUEST_INTERVAL)
+        again = factory.connection.sendGlobalRequest(
+            HELLO, encodeMessage({"serial": "x"}), wantReply=1
+        )
+        self.fleet.flush()
+        self.successResultOf(again)
+
+    def successOrFailure(self, d: Any) -> Any:
+        results: list[Any] = []
+        d.addBoth(results.append)
+        (result,) = results
+        if hasattr(result, "value"):
+            return result.value
+        return result
