@@ -40,7 +40,6 @@ import argparse
 import gc
 import ipaddress
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -57,6 +56,7 @@ from twisted.logger import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scale_fleet import loadKeys
+from scale_lib import raiseFileLimit
 
 from accesstunnel.writethrough import writeThroughTCP
 from agent.identity import ServerKeyPin
@@ -132,19 +132,6 @@ class _NullStatus:
 
     def update(self, **fields: Any) -> None:
         pass
-
-
-def raiseFileLimit(need: int) -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = max(soft, need)
-    if want > hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
-            return want
-        except (ValueError, OSError):
-            want = hard
-    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    return want
 
 
 def main() -> int:
