@@ -18,6 +18,7 @@ L{accesstunnel.writethrough}) from the start, whatever travels inside them.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
@@ -58,6 +59,8 @@ __all__ = [
     "TorSettings",
     "clientConnector",
     "clientEndpointString",
+    "describePeer",
+    "hostPort",
     "parseAddress",
     "serverEndpointString",
     "serverListener",
@@ -177,6 +180,33 @@ def _escape(host: str) -> str:
 
 def _urlHost(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def hostPort(host: str, port: int | str) -> str:
+    """
+    C{host:port} as people and URLs write it: an IPv6 literal in brackets (C{[::1]:22}),
+    so the port cannot be read as part of the address.
+    """
+    return f"{_urlHost(host)}:{port}"
+
+
+def describePeer(peer: Any) -> str:
+    """
+    A connection's address for logs and records: C{host:port} by L{hostPort}, an
+    IPv4-mapped IPv6 address (an IPv4 peer of a dual-stack C{[::]} listener) as the IPv4
+    address it is, anything without a host (a UNIX socket) as it prints.
+    """
+    peer = getattr(peer, "address", peer)  # Conch wraps it in SSHTransportAddress
+    host, port = getattr(peer, "host", None), getattr(peer, "port", None)
+    if host is None:
+        return str(peer)
+    if host.startswith("::ffff:"):
+        try:
+            mapped = ipaddress.IPv6Address(host).ipv4_mapped
+        except ValueError:
+            mapped = None
+        host = str(mapped) if mapped is not None else host
+    return hostPort(host, port) if port is not None else str(host)
 
 
 def clientEndpointString(address: str) -> str:
@@ -352,15 +382,21 @@ def clientConnector(
     if scheme == "tor":
         from accesstunnel.transports.tor import TorSettings, onionClientEndpoint
 
-        endpoint = onionClientEndpoint(tcpReactor, host, port, tor or TorSettings())
+        try:
+            endpoint = onionClientEndpoint(tcpReactor, host, port, tor or TorSettings())
+        except ValueError as e:  # a name SOCKS cannot carry, or a bad --tor-socks
+            raise AddressError(f"{address!r}: {e}") from None
         return Connector(endpoint, _identity, address, "tor", TOR_ATTEMPT_TIMEOUT)
     description = address
-    proxyURL = proxy.proxyFor(scheme, host, port) if proxy and scheme in ("ws", "wss") else None
+    try:
+        proxyURL = proxy.proxyFor(scheme, host, port) if proxy and scheme in ("ws", "wss") else None
+    except ValueError as e:  # an unusable HTTPS_PROXY or --proxy: say which, not a traceback
+        raise AddressError(f"{address!r}: {e}") from None
     if proxyURL is not None:
         from accesstunnel.transports.proxy import HTTPConnectEndpoint
 
         endpoint = HTTPConnectEndpoint.create(tcpReactor, proxyURL, host, port)
-        description = f"{address} via proxy {proxyURL.host}:{proxyURL.port}"
+        description = f"{address} via proxy {hostPort(proxyURL.host, proxyURL.port)}"
     else:
         endpoint = endpoints.HostnameEndpoint(tcpReactor, host, port)
     if scheme in ("tls", "wss"):

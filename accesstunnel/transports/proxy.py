@@ -21,6 +21,7 @@ from twisted.internet import endpoints
 from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from twisted.logger import Logger
 
+from accesstunnel.addresses import hostPort
 from accesstunnel.transports.tunnel import ProxyError, TunnelEndpoint, TunnelProtocol
 
 __all__ = [
@@ -45,17 +46,25 @@ class ProxyURL:
 
     @classmethod
     def parse(cls, url: str) -> ProxyURL:
+        """
+        Parse a proxy URL; credentials are percent-decoded (C{p%40ss} is C{p@ss}).
+
+        @raise ValueError: not an C{http://} URL, or no host or a bad port; the message
+            shows the URL without its password (it goes to the log).
+        """
         if "://" not in url:
             url = "http://" + url  # curl's habit; people write HTTPS_PROXY=host:3128
         parts = urlsplit(url)
+        shown = _withoutPassword(url)
         if parts.scheme.lower() != "http":
-            raise ValueError(f"proxy {url!r}: only http:// proxies are supported")
+            raise ValueError(f"proxy {shown!r}: only http:// proxies are supported")
         if not parts.hostname:
-            raise ValueError(f"proxy {url!r} has no host")
+            raise ValueError(f"proxy {shown!r} has no host")
         try:
             port = parts.port or 80
         except ValueError:
-            raise ValueError(f"proxy {url!r} has a bad port") from None
+            hint = " (percent-escape @ : / ? # in a password)" if "@" in url else ""
+            raise ValueError(f"proxy {shown!r} has a bad port{hint}") from None
         username = unquote(parts.username) if parts.username is not None else None
         password = unquote(parts.password) if parts.password is not None else None
         return cls(parts.hostname, port, username, password)
@@ -68,6 +77,16 @@ class ProxyURL:
         return b"Basic " + base64.b64encode(raw)
 
 
+def _withoutPassword(url: str) -> str:
+    """C{url} with everything between the scheme and the last C{@} but the user name hidden."""
+    scheme, separator, rest = url.partition("://")
+    credentials, at, hostPart = rest.rpartition("@")
+    if not at:
+        return url
+    user = credentials.split(":", 1)[0].split("/", 1)[0]
+    return f"{scheme}{separator}{user}:***@{hostPart}"
+
+
 @attrs.frozen
 class ProxySettings:
     """
@@ -76,11 +95,15 @@ class ProxySettings:
     @ivar httpsProxy: proxy for C{wss://} (C{HTTPS_PROXY}).
     @ivar httpProxy: proxy for C{ws://} (C{HTTP_PROXY}).
     @ivar noProxy: C{NO_PROXY} as written.
+    @ivar httpsSource: where C{httpsProxy} came from (C{--proxy}, C{https_proxy}, ...), for
+        the message when it cannot be used; C{httpSource} the same for C{httpProxy}.
     """
 
     httpsProxy: str | None = None
     httpProxy: str | None = None
     noProxy: str = ""
+    httpsSource: str = "the HTTPS proxy"
+    httpSource: str = "the HTTP proxy"
 
     @classmethod
     def fromEnvironment(
@@ -92,21 +115,39 @@ class ProxySettings:
         """
         env = os.environ if environ is None else environ
 
-        def pick(name: str) -> str | None:
-            return env.get(name.lower()) or env.get(name.upper()) or None
+        def pick(name: str) -> tuple[str | None, str]:
+            if override:
+                return override, "--proxy"
+            for variable in (name.lower(), name.upper()):
+                if env.get(variable):
+                    return env[variable], variable
+            return None, name.upper()
 
+        httpsProxy, httpsSource = pick("https_proxy")
+        httpProxy, httpSource = pick("http_proxy")
         return cls(
-            httpsProxy=override or pick("https_proxy"),
-            httpProxy=override or pick("http_proxy"),
-            noProxy=pick("no_proxy") or "",
+            httpsProxy=httpsProxy,
+            httpProxy=httpProxy,
+            noProxy=env.get("no_proxy") or env.get("NO_PROXY") or "",
+            httpsSource=httpsSource,
+            httpSource=httpSource,
         )
 
     def proxyFor(self, scheme: str, host: str, port: int) -> ProxyURL | None:
-        """The proxy to reach C{host:port} with C{scheme} (C{ws}/C{wss}), or C{None}."""
-        url = self.httpsProxy if scheme in ("wss", "https", "tls") else self.httpProxy
+        """
+        The proxy to reach C{host:port} with C{scheme} (C{ws}/C{wss}), or C{None}.
+
+        @raise ValueError: the proxy that applies is unusable; the message names the
+            setting it came from (C{HTTPS_PROXY}, C{--proxy}...).
+        """
+        secure = scheme in ("wss", "https", "tls")
+        url = self.httpsProxy if secure else self.httpProxy
         if not url or matchesNoProxy(self.noProxy, host, port):
             return None
-        return ProxyURL.parse(url)
+        try:
+            return ProxyURL.parse(url)
+        except ValueError as e:
+            raise ValueError(f"{self.httpsSource if secure else self.httpSource}: {e}") from None
 
 
 def matchesNoProxy(noProxy: str, host: str, port: int) -> bool:
@@ -185,7 +226,7 @@ class _ConnectProtocol(TunnelProtocol):
             raise ProxyError(f"the proxy refused CONNECT: {reason}")
         self._log.debug(
             "proxy {proxy} opened a tunnel to {host}:{port}",
-            proxy=f"{self._endpoint.proxy.host}:{self._endpoint.proxy.port}",
+            proxy=hostPort(self._endpoint.proxy.host, self._endpoint.proxy.port),
             host=self._endpoint.host,
             port=self._endpoint.port,
         )
@@ -196,7 +237,7 @@ class HTTPConnectEndpoint(TunnelEndpoint):
     """Connect to C{host:port} through an HTTP proxy's CONNECT tunnel."""
 
     def __init__(self, proxyEndpoint: IStreamClientEndpoint, proxy: ProxyURL, host: str, port: int):
-        super().__init__(proxyEndpoint)
+        super().__init__(proxyEndpoint, f"the proxy {hostPort(proxy.host, proxy.port)}")
         self.proxy = proxy
         self.host = host
         self.port = port
@@ -209,5 +250,5 @@ class HTTPConnectEndpoint(TunnelEndpoint):
         return _ConnectProtocol(self, factory)
 
     def __repr__(self) -> str:
-        via = f"{self.proxy.host}:{self.proxy.port}"
-        return f"<HTTPConnectEndpoint {self.host}:{self.port} via {via}>"
+        via = hostPort(self.proxy.host, self.proxy.port)
+        return f"<HTTPConnectEndpoint {hostPort(self.host, self.port)} via {via}>"

@@ -111,8 +111,14 @@ class _SOCKS5Protocol(TunnelProtocol):
 class SOCKS5Endpoint(TunnelEndpoint):
     """Connect to C{host:port} through the SOCKS5 server at C{proxyEndpoint}."""
 
-    def __init__(self, proxyEndpoint: IStreamClientEndpoint, host: str, port: int) -> None:
-        super().__init__(proxyEndpoint)
+    def __init__(
+        self,
+        proxyEndpoint: IStreamClientEndpoint,
+        host: str,
+        port: int,
+        proxyName: str = "the SOCKS server",
+    ) -> None:
+        super().__init__(proxyEndpoint, proxyName)
         name = host.encode("idna")
         if not 0 < len(name) <= 255:
             raise ValueError(f"host name {host!r} cannot be sent over SOCKS5")

@@ -153,4 +153,9 @@ def onionClientEndpoint(
     """
     from accesstunnel.transports.socks import SOCKS5Endpoint
 
-    return SOCKS5Endpoint(endpoints.clientFromString(reactor, settings.socks), host, port)
+    return SOCKS5Endpoint(
+        endpoints.clientFromString(reactor, settings.socks),
+        host,
+        port,
+        f"tor's SOCKS port {settings.socks} (is tor running?)",
+    )

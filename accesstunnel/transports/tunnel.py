@@ -123,10 +123,16 @@ class TunnelEndpoint:
     The protocol the caller's factory builds gets the proxy connection's own transport, so
     C{abortConnection}, TCP options and TLS wrapping above all work as on a direct link.
     Cancelling the connect aborts it wherever it is, the handshake included.
+
+    A proxy that cannot be reached fails the connect with a L{ProxyError} naming it
+    (C{proxyName}): the agent's log then says "cannot reach tor's SOCKS port ...:
+    connection refused", not a bare "connection refused" next to the server's address,
+    which points at the server when it is the local tor or proxy that is down.
     """
 
-    def __init__(self, proxyEndpoint: IStreamClientEndpoint) -> None:
+    def __init__(self, proxyEndpoint: IStreamClientEndpoint, proxyName: str = "the proxy") -> None:
         self.proxyEndpoint = proxyEndpoint
+        self.proxyName = proxyName
 
     def buildTunnel(self, factory: IProtocolFactory) -> TunnelProtocol:
         raise NotImplementedError
@@ -153,5 +159,10 @@ class TunnelEndpoint:
         def connected(protocol: IProtocol) -> defer.Deferred[IProtocol]:
             return cast(TunnelProtocol, protocol).ready  # built by build() above
 
-        connecting.addCallback(connected).chainDeferred(result)
+        def unreachable(reason: Failure) -> Failure:  # the connect to the proxy only
+            if reason.check(defer.CancelledError, error.ConnectingCancelledError):
+                return reason  # the caller gave up (a timeout): not the proxy's fault
+            return Failure(ProxyError(f"cannot reach {self.proxyName}: {reason.value}"))
+
+        connecting.addErrback(unreachable).addCallback(connected).chainDeferred(result)
         return result

@@ -1,0 +1,190 @@
+"""
+What a fleet operator meets when configuring the transports, as found by walking them
+(session 17): IPv6 addresses written sanely in logs and records, an unusable proxy
+setting refused with a message that names it (and never shows its password), and a
+proxy or tor that cannot be reached named as the culprit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.conch.ssh.address import SSHTransportAddress
+from twisted.internet import defer, error
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from accesstunnel.addresses import AddressError, clientConnector, describePeer, hostPort
+from accesstunnel.transports.proxy import HTTPConnectEndpoint, ProxySettings, ProxyURL
+from accesstunnel.transports.socks import SOCKS5Endpoint
+from accesstunnel.transports.tor import TorSettings
+from accesstunnel.transports.tunnel import ProxyError
+from tests.test_transports_proxy import FakeProxyEndpoint, Recorder
+
+
+class AddressTextTests(SynchronousTestCase):
+    """host:port as people read it, whatever the family."""
+
+    def test_hostPort(self) -> None:
+        """An IPv6 literal is bracketed; names and IPv4 are not."""
+        self.assertEqual(hostPort("::1", 22), "[::1]:22")
+        self.assertEqual(hostPort("2001:db8::7", "443"), "[2001:db8::7]:443")
+        self.assertEqual(hostPort("127.0.0.1", 22), "127.0.0.1:22")
+        self.assertEqual(hostPort("gc.example", 22), "gc.example:22")
+
+    def test_describePeer(self) -> None:
+        """
+        A peer of either family, wrapped by Conch or not; an IPv4 client of a dual-stack
+        [::] listener shows as its IPv4 address; an address without a host prints as is.
+        """
+        v6 = IPv6Address("TCP", "::1", 5555)
+        self.assertEqual(describePeer(v6), "[::1]:5555")
+        self.assertEqual(describePeer(SSHTransportAddress(v6)), "[::1]:5555")
+        self.assertEqual(describePeer(IPv4Address("TCP", "10.0.0.2", 22)), "10.0.0.2:22")
+        mapped = IPv6Address("TCP", "::ffff:192.0.2.9", 40000)
+        self.assertEqual(describePeer(mapped), "192.0.2.9:40000")
+        unix = UNIXAddress(b"/run/gc.sock")
+        self.assertEqual(describePeer(unix), str(unix))
+
+    def test_proxyInTheDescription(self) -> None:
+        """
+        The connector's description (the agent's log lines, last-server.json) brackets an
+        IPv6 proxy: 'via proxy ::1:3128' read as a port of the address.
+        """
+        proxy = ProxySettings(httpsProxy="http://[::1]:3128")
+        connector = clientConnector(MemoryReactorClock(), "wss://[2001:db8::7]/t", None, proxy)
+        self.assertEqual(connector.description, "wss://[2001:db8::7]/t via proxy [::1]:3128")
+        inner = connector.endpoint.inner  # type: ignore[attr-defined]
+        self.assertIsInstance(inner, HTTPConnectEndpoint)
+        self.assertIn("[2001:db8::7]:443 via [::1]:3128", repr(inner))
+
+
+class ProxySettingTests(SynchronousTestCase):
+    """An unusable proxy setting is a clear error naming it, with no password in it."""
+
+    def connector(self, environ: dict[str, str], override: str | None = None) -> Any:
+        settings = ProxySettings.fromEnvironment(environ, override)
+        return clientConnector(MemoryReactorClock(), "wss://gc.example/t", None, settings)
+
+    def test_unsupportedScheme(self) -> None:
+        """
+        HTTPS_PROXY=socks5h://... (curl's) is an AddressError naming the variable (the agent
+        prints it as a usage error), not a ValueError traceback from deep in the parser.
+        """
+        with self.assertRaises(AddressError) as caught:
+            self.connector({"HTTPS_PROXY": "socks5h://127.0.0.1:1080"})
+        self.assertIn("HTTPS_PROXY", str(caught.exception))
+        self.assertIn("only http:// proxies", str(caught.exception))
+
+    def test_whichSettingIsNamed(self) -> None:
+        """Lower case wins, as in curl, and is the one named; --proxy wins over both."""
+        with self.assertRaises(AddressError) as caught:
+            self.connector({"https_proxy": "https://p:1", "HTTPS_PROXY": "http://ok:1"})
+        self.assertIn("https_proxy", str(caught.exception))
+        with self.assertRaises(AddressError) as caught:
+            self.connector({"https_proxy": "http://ok:1"}, override="ftp://p:1")
+        self.assertIn("--proxy", str(caught.exception))
+
+    def test_passwordNotShown(self) -> None:
+        """
+        A password with an unescaped '#' splits the URL; the error says so without the
+        password (the message goes to the log and the terminal).
+        """
+        with self.assertRaises(AddressError) as caught:
+            self.connector({"HTTPS_PROXY": "http://agent:pa#ss@proxy:3128"})
+        message = str(caught.exception)
+        self.assertNotIn("pa#ss", message)
+        self.assertNotIn("ss@proxy", message)
+        self.assertIn("percent-escape", message)
+        with self.assertRaises(ValueError) as parsed:
+            ProxyURL.parse("https://agent:s3cret@proxy:3128")
+        self.assertNotIn("s3cret", str(parsed.exception))
+        self.assertIn("agent:***@proxy:3128", str(parsed.exception))
+
+    def test_percentEncodedPasswordWorks(self) -> None:
+        """The fix for the above: every special character percent-encoded comes through."""
+        url = ProxyURL.parse("http://agent:p%40ss%3Aw%2Frd%25%23%3F%26%C3%A9%20%2B@[::1]:3128")
+        self.assertEqual((url.host, url.port, url.password), ("::1", 3128, "p@ss:w/rd%#?&é +"))
+
+    def test_unusableProxyOnlyMattersWhereUsed(self) -> None:
+        """A bad HTTP_PROXY does not stop wss:// (HTTPS_PROXY) or a NO_PROXY host."""
+        settings = ProxySettings.fromEnvironment(
+            {"HTTP_PROXY": "socks5://x:1", "HTTPS_PROXY": "http://p:3128", "NO_PROXY": "direct"}
+        )
+        self.assertIsNotNone(settings.proxyFor("wss", "gc.example", 443))
+        self.assertIsNone(settings.proxyFor("ws", "gc.direct", 80))
+        self.assertRaises(ValueError, settings.proxyFor, "ws", "gc.example", 80)
+
+    def test_badTorName(self) -> None:
+        """A name SOCKS cannot carry is an AddressError, not a ValueError traceback."""
+        self.assertRaises(
+            AddressError,
+            clientConnector,
+            MemoryReactorClock(),
+            "tor://" + "a" * 300 + ".onion",
+            tor=TorSettings(),
+        )
+
+
+@implementer(IStreamClientEndpoint)
+class RefusingEndpoint:
+    """Nothing listens there."""
+
+    def connect(self, factory: IProtocolFactory) -> defer.Deferred[Any]:
+        return defer.fail(error.ConnectionRefusedError("111: Connection refused"))
+
+
+class UnreachableProxyTests(SynchronousTestCase):
+    """The proxy itself not answering is reported as the proxy's problem."""
+
+    def test_torNotRunning(self) -> None:
+        """
+        tor not running: 'cannot reach tor's SOCKS port tcp:...: connection refused'
+        instead of a bare 'Connection refused' after the onion's address.
+        """
+        connector = clientConnector(
+            MemoryReactorClock(), "tor://abcdef.onion", tor=TorSettings(socks="tcp:127.0.0.1:9")
+        )
+        endpoint = connector.endpoint
+        assert isinstance(endpoint, SOCKS5Endpoint)
+        endpoint.proxyEndpoint = RefusingEndpoint()
+        failure = self.failureResultOf(endpoint.connect(Factory.forProtocol(Recorder)), ProxyError)
+        message = str(failure.value)
+        self.assertIn("tor's SOCKS port tcp:127.0.0.1:9", message)
+        self.assertIn("is tor running", message)
+        self.assertIn("Connection refused", message)
+
+    def test_httpProxyDown(self) -> None:
+        """The HTTP proxy's address, bracketed, is in the message."""
+        endpoint = HTTPConnectEndpoint(
+            RefusingEndpoint(), ProxyURL.parse("http://[::1]:3128"), "gc.example", 443
+        )
+        failure = self.failureResultOf(endpoint.connect(Factory.forProtocol(Recorder)), ProxyError)
+        self.assertIn("cannot reach the proxy [::1]:3128", str(failure.value))
+
+    def test_cancelStaysACancel(self) -> None:
+        """A connect given up on (the failover's timeout) is still a cancel, not a ProxyError."""
+        waiting: defer.Deferred[Any] = defer.Deferred()
+
+        @implementer(IStreamClientEndpoint)
+        class Hanging:
+            def connect(self, factory: IProtocolFactory) -> defer.Deferred[Any]:
+                return waiting
+
+        endpoint = SOCKS5Endpoint(Hanging(), "abcdef.onion", 22)
+        d = endpoint.connect(Factory.forProtocol(Recorder))
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+
+    def test_connectedProxyUnchanged(self) -> None:
+        """Once the proxy answers, its own refusals read as before."""
+        proxy = FakeProxyEndpoint()
+        endpoint = HTTPConnectEndpoint(proxy, ProxyURL.parse("http://p:1"), "gc.example", 443)
+        d = endpoint.connect(Factory.forProtocol(Recorder))
+        proxy.protocols[0].dataReceived(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
+        failure = self.failureResultOf(d, ProxyError)
+        self.assertIn("the proxy refused CONNECT: HTTP/1.1 407", str(failure.value))
