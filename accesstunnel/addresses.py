@@ -59,7 +59,7 @@ __all__ = [
     "TorSettings",
     "clientConnector",
     "clientEndpointString",
-    "describePeer",
+    "describeAddress",
     "hostPort",
     "parseAddress",
     "serverEndpointString",
@@ -190,7 +190,7 @@ def hostPort(host: str, port: int | str) -> str:
     return f"{_urlHost(host)}:{port}"
 
 
-def describePeer(peer: Any) -> str:
+def describeAddress(peer: Any) -> str:
     """
     A connection's address for logs and records: C{host:port} by L{hostPort}, an
     IPv4-mapped IPv6 address (an IPv4 peer of a dual-stack C{[::]} listener) as the IPv4

@@ -21,6 +21,8 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
 from twisted.logger import Logger
 
+from accesstunnel.addresses import describeAddress
+
 
 class ListenService(Service):
     """Listen on one endpoint for as long as the service runs."""
@@ -45,7 +47,7 @@ class ListenService(Service):
             host = port.getHost()
             self._log.info(
                 "listening on {address} ({description})",
-                address=f"{getattr(host, 'host', host)}:{getattr(host, 'port', '')}",
+                address=describeAddress(host),
                 description=self.description,
             )
             return port

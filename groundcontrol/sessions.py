@@ -34,6 +34,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from accesstunnel.addresses import describeAddress
 from groundcontrol.recording import (
     Recorder,
     Recording,
@@ -155,12 +156,6 @@ class SessionMetrics(Protocol):
     def sessionEnded(self, record: SessionRecord) -> None: ...
 
 
-def _describePeer(peer: Any) -> str:
-    peer = getattr(peer, "address", peer)  # Conch wraps it in SSHTransportAddress
-    host, port = getattr(peer, "host", None), getattr(peer, "port", None)
-    return f"{host}:{port}" if host is not None else str(peer)
-
-
 class LiveSession:
     """One relayed channel while it is open: the observer of both relay sides."""
 
@@ -199,7 +194,7 @@ class LiveSession:
         transport = getattr(conn, "transport", None)
         if transport is None or self.record.client is not None:
             return
-        self.record.client = _describePeer(transport.getPeer())
+        self.record.client = describeAddress(transport.getPeer())
         login = getattr(getattr(transport, "avatar", None), "login", None)
         self.record.keyFingerprint = getattr(login, "keyFingerprint", None)
 

@@ -37,7 +37,7 @@ from twisted.conch import error
 from twisted.conch.ssh import common, connection, keys, transport, userauth
 from twisted.conch.ssh.channel import SSHChannel
 from twisted.internet import defer, protocol
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -156,7 +156,8 @@ class Network:
         if not serverFactory.numPorts:
             serverFactory.doStart()  # what a listening port does first
         serverAddress = IPv4Address("TCP", "127.0.0.1", 22)
-        clientAddress = IPv4Address("TCP", clientHost, next(self._ports))
+        family = IPv6Address if ":" in clientHost else IPv4Address
+        clientAddress = family("TCP", clientHost, next(self._ports))
         server = serverFactory.buildProtocol(cast(IAddress, clientAddress))
         client = clientFactory.buildProtocol(cast(IAddress, serverAddress))
         serverIO = iosim.FakeTransport(

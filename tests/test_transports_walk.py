@@ -12,13 +12,17 @@ from typing import Any
 from twisted.conch.ssh.address import SSHTransportAddress
 from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IProtocolFactory,
+    IStreamClientEndpoint,
+    IStreamServerEndpoint,
+)
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from accesstunnel.addresses import AddressError, clientConnector, describePeer, hostPort
+from accesstunnel.addresses import AddressError, clientConnector, describeAddress, hostPort
 from accesstunnel.transports.proxy import HTTPConnectEndpoint, ProxySettings, ProxyURL
 from accesstunnel.transports.socks import SOCKS5Endpoint
 from accesstunnel.transports.tor import TorSettings
@@ -36,19 +40,19 @@ class AddressTextTests(SynchronousTestCase):
         self.assertEqual(hostPort("127.0.0.1", 22), "127.0.0.1:22")
         self.assertEqual(hostPort("gc.example", 22), "gc.example:22")
 
-    def test_describePeer(self) -> None:
+    def test_describeAddress(self) -> None:
         """
         A peer of either family, wrapped by Conch or not; an IPv4 client of a dual-stack
         [::] listener shows as its IPv4 address; an address without a host prints as is.
         """
         v6 = IPv6Address("TCP", "::1", 5555)
-        self.assertEqual(describePeer(v6), "[::1]:5555")
-        self.assertEqual(describePeer(SSHTransportAddress(v6)), "[::1]:5555")
-        self.assertEqual(describePeer(IPv4Address("TCP", "10.0.0.2", 22)), "10.0.0.2:22")
+        self.assertEqual(describeAddress(v6), "[::1]:5555")
+        self.assertEqual(describeAddress(SSHTransportAddress(v6)), "[::1]:5555")
+        self.assertEqual(describeAddress(IPv4Address("TCP", "10.0.0.2", 22)), "10.0.0.2:22")
         mapped = IPv6Address("TCP", "::ffff:192.0.2.9", 40000)
-        self.assertEqual(describePeer(mapped), "192.0.2.9:40000")
+        self.assertEqual(describeAddress(mapped), "192.0.2.9:40000")
         unix = UNIXAddress(b"/run/gc.sock")
-        self.assertEqual(describePeer(unix), str(unix))
+        self.assertEqual(describeAddress(unix), str(unix))
 
     def test_proxyInTheDescription(self) -> None:
         """
@@ -188,3 +192,56 @@ class UnreachableProxyTests(SynchronousTestCase):
         proxy.protocols[0].dataReceived(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
         failure = self.failureResultOf(d, ProxyError)
         self.assertIn("the proxy refused CONNECT: HTTP/1.1 407", str(failure.value))
+
+
+class IPv6PeerRecordTests(SynchronousTestCase):
+    """groundcontrol's records and logs of an IPv6 peer (an operator on ssh -6)."""
+
+    def test_sessionClient(self) -> None:
+        """A session's client (ctl sessions, the audit) is '[2001:db8::5]:PORT'."""
+        from groundcontrol.sessions import SessionRegistry, attachSessions
+        from groundcontrol.testing import (
+            FakeOperator,
+            InMemoryFleet,
+            echoScript,
+            resultNow,
+            scriptedSessions,
+        )
+
+        fleet = InMemoryFleet()
+        attachSessions(fleet.registry, SessionRegistry(fleet.store, fleet.clock))
+        deviceKey = fleet.enrollDevice("kiln7")
+        operatorKey = fleet.addOperator("alice")
+        fleet.grant("alice", "kiln7")
+        fleet.agent("kiln7", deviceKey, scriptedSessions(echoScript))
+        operator = FakeOperator("dev_kiln7", operatorKey, hostKey=fleet.hostKey)
+        fleet.network.connect(fleet.factory, operator, clientHost="2001:db8::5")
+        session = fleet.session(operator)
+        session.exec(b"hello")
+        fleet.flush()
+        fleet.clock.advance(0)
+        fleet.flush()
+        ended = [e for e in resultNow(fleet.store.auditSince(0, 100)) if e.event == "session.ended"]
+        self.assertEqual(len(ended), 1)
+        self.assertRegex(ended[0].detail["client"], r"^\[2001:db8::5\]:\d+$")
+
+    def test_listeningLine(self) -> None:
+        """groundcontrol's 'listening on' line brackets an IPv6 address."""
+        from twisted.logger import capturedLogs, formatEvent
+
+        from groundcontrol.listening import ListenService
+
+        class Port:
+            def getHost(self) -> IPv6Address:
+                return IPv6Address("TCP", "::1", 2222)
+
+        @implementer(IStreamServerEndpoint)
+        class Endpoint:
+            def listen(self, factory: IProtocolFactory) -> defer.Deferred[Any]:
+                return defer.succeed(Port())
+
+        service = ListenService(Endpoint(), Factory(), "ssh://[::1]:2222")
+        with capturedLogs() as seen:
+            service.startService()
+        lines = [formatEvent(e) for e in seen if "listening on" in e.get("log_format", "")]
+        self.assertEqual(lines, ["listening on [::1]:2222 (ssh://[::1]:2222)"])
