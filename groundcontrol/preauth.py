@@ -251,6 +251,17 @@ class Allowance:
             return 0.0
         return max(0.0, (self.owed(bucket, now) + extra - (self.size - 1)) / self.rate)
 
+    def emptyBucket(self, now: float) -> _Bucket:
+        """A bucket owing nothing as of C{now}, for one holder's own allowance."""
+        return _Bucket(at=now)
+
+    def spend(self, bucket: _Bucket, now: float) -> bool:
+        """Take one unit from C{bucket} if it has one now; whether it had."""
+        if self.refusal(bucket, now):
+            return False
+        bucket.owed, bucket.at = self.owed(bucket, now) + 1, now
+        return True
+
 
 @attrs.define
 class _Bucket:

@@ -43,7 +43,7 @@ from groundcontrol.certverdict import CertificateVerdict, PresentedCertificate
 from groundcontrol.cipherchoice import AESGCMAfterLoginMixin
 from groundcontrol.enrollment import AgentRequests, CertificatePolicy
 from groundcontrol.pki import FleetCA
-from groundcontrol.preauth import PreauthMixin
+from groundcontrol.preauth import Allowance, PreauthMixin
 from groundcontrol.registry import Registry
 from groundcontrol.router import SessionPolicy, SessionRouter
 from groundcontrol.store import (
@@ -51,6 +51,21 @@ from groundcontrol.store import (
     IStore,
     PendingLimitReached,
     PendingLimits,
+)
+
+#: Enrollment requests (L{AgentRequests.handled}) one link may make at once, then one per
+#: L{ENROLLMENT_REQUEST_INTERVAL} seconds. Each costs a store call, most a write with an
+#: audit event, a certificate a signature; any key may log in as a pending device, so
+#: without a bound one link could flood the store and the audit log. Our agent makes at
+#: most 4 at a link's start (hello, enroll, claim-code, certificate), then one every ten
+#: minutes (a pending device's new pairing code) or hours (a certificate's renewal).
+ENROLLMENT_REQUEST_BURST = 8
+ENROLLMENT_REQUEST_INTERVAL = 10.0
+_ENROLLMENT_ALLOWANCE = Allowance(
+    size=ENROLLMENT_REQUEST_BURST,
+    rate=1 / ENROLLMENT_REQUEST_INTERVAL,
+    what="enrollment requests",
+    reason="enrollment_requests",
 )
 
 #: What the agent's key may be used for in signatures we accept (RFC 8308).
@@ -289,6 +304,34 @@ def _dropTracebacks(reason: Failure) -> None:
 
 class GroundControlConnection(TunnelConnection):
     """The ssh-connection service; for agents, the device's link."""
+
+    _log = Logger()
+    #: What this link owes of L{_ENROLLMENT_ALLOWANCE} (None: nothing asked yet).
+    _enrollmentBucket: Any = None
+
+    def gotGlobalRequest(self, requestType: bytes, data: bytes) -> Any:
+        """Enrollment requests beyond the link's allowance are refused unanswered."""
+        if requestType in AgentRequests.handled and not self._spendEnrollmentRequest():
+            return 0
+        return super().gotGlobalRequest(requestType, data)
+
+    def _spendEnrollmentRequest(self) -> bool:
+        now = self.transport.factory.clock.seconds()
+        bucket = self._enrollmentBucket
+        if bucket is None:
+            bucket = self._enrollmentBucket = _ENROLLMENT_ALLOWANCE.emptyBucket(now)
+        if _ENROLLMENT_ALLOWANCE.spend(bucket, now):
+            return True
+        if now - bucket.loggedAt >= ENROLLMENT_REQUEST_INTERVAL * ENROLLMENT_REQUEST_BURST:
+            bucket.loggedAt = now
+            self._log.warn(
+                "refusing enrollment requests from {peer}: more than {burst} at once "
+                "(then one per {interval:.0f} s)",
+                peer=_describePeer(self.transport.getPeer()),
+                burst=ENROLLMENT_REQUEST_BURST,
+                interval=ENROLLMENT_REQUEST_INTERVAL,
+            )
+        return False
 
     def serviceStarted(self) -> None:
         super().serviceStarted()
