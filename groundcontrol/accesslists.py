@@ -1,35 +1,26 @@
 """
-Grants and enrollment tokens as tables: one rendering for ``groundcontrol grants`` /
-``groundcontrol token list`` and the control shell's ``grants`` / ``tokens``.
+Grants and enrollment tokens for people: one table and one confirmation line each for
+``groundcontrol grants`` / ``token list`` / ``grant`` / ``token create`` and the control
+shell's ``grants`` / ``tokens`` / ``grant`` / ``tokens create``.
 
 The two used to list the same records with different columns (the control shell had
 no creator, the CLI no agent forwarding) and different times (``2026-11-25 22:36:31``
-against ``2026-11-25T22:36:31Z``). Both now print these tables, with the times as
-``show`` / ``device show`` print theirs (L{groundcontrol.devicedetail.formatTime}).
-Their C{--json} stays each its own: scripts read those keys.
+against ``2026-11-25T22:36:31Z``), and to confirm a grant in different words. Both now
+print these, with times from L{groundcontrol.timetext}; their C{--json} is
+L{groundcontrol.documents}'.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from groundcontrol.devicedetail import clean, formatTime
+from groundcontrol.devicedetail import clean
+from groundcontrol.documents import grantState, tokenState
 from groundcontrol.store import Grant, TokenRecord
+from groundcontrol.timetext import absoluteTime, whenText
 
 GRANT_COLUMNS = ("USER", "SELECTOR", "LOGIN", "AGENT_FWD", "EXPIRES", "STATE", "BY")
 TOKEN_COLUMNS = ("ID", "STATE", "USES_LEFT", "EXPIRES", "CREATED", "BY")
-
-
-def grantState(grant: Grant, now: float) -> str:
-    """C{expired} once its expiry has passed, else C{active}."""
-    return "expired" if grant.expiresAt is not None and grant.expiresAt <= now else "active"
-
-
-def tokenState(token: TokenRecord, now: float) -> str:
-    """C{expired}, C{used up} (no uses left) or C{active}."""
-    if token.expiresAt <= now:
-        return "expired"
-    return "used up" if token.usesLeft == 0 else "active"
 
 
 def grantsTable(grants: Iterable[Grant], now: float) -> str:
@@ -42,7 +33,7 @@ def grantsTable(grants: Iterable[Grant], now: float) -> str:
                 g.selector,
                 g.loginUser or "-",
                 "yes" if g.agentForwarding else "no",
-                formatTime(g.expiresAt),
+                absoluteTime(g.expiresAt, "never"),
                 grantState(g, now),
                 g.createdBy,
             )
@@ -60,12 +51,42 @@ def tokensTable(tokens: Iterable[TokenRecord], now: float) -> str:
                 str(t.id),
                 tokenState(t, now),
                 f"{t.usesLeft}/{t.uses}",
-                formatTime(t.expiresAt),
-                formatTime(t.createdAt),
+                absoluteTime(t.expiresAt),
+                absoluteTime(t.createdAt),
                 t.createdBy,
             )
             for t in tokens
         ],
+    )
+
+
+def grantedText(grant: Grant, now: float) -> str:
+    """
+    What C{grant} says it did: C{granted alice access to tag:lab as pi with agent
+    forwarding until 2026-11-25T22:36:31Z (in 8 h)}.
+    """
+    text = f"granted {clean(grant.account)} access to {grant.selector}"
+    if grant.loginUser:
+        text += f" as {clean(grant.loginUser)}"
+    if grant.agentForwarding:
+        text += " with agent forwarding"
+    if grant.expiresAt is not None:
+        text += f" until {whenText(grant.expiresAt, now)}"
+    return text
+
+
+def ungrantedText(user: str, selector: str, removed: bool) -> str:
+    """What C{ungrant} says: the grant it removed, or (an error) that there was none."""
+    if removed:
+        return f"removed {clean(user)}'s grant for {selector}"
+    return f"{clean(user)} has no grant for {selector}"
+
+
+def tokenCreatedText(token: TokenRecord, now: float) -> str:
+    """What C{token create} says beside the token (on stderr: the token alone is stdout)."""
+    return (
+        f"enrollment token {token.id}: {token.uses} use(s), expires "
+        f"{whenText(token.expiresAt, now)}; shown only now, agents take it with --token"
     )
 
 
@@ -86,9 +107,10 @@ def table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 __all__ = [
     "GRANT_COLUMNS",
     "TOKEN_COLUMNS",
-    "grantState",
+    "grantedText",
     "grantsTable",
     "table",
-    "tokenState",
+    "tokenCreatedText",
     "tokensTable",
+    "ungrantedText",
 ]

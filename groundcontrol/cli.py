@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import json
 import re
 import secrets
 import signal
@@ -27,20 +26,37 @@ from twisted.python.failure import Failure
 from accesstunnel.durations import parseDuration
 from accesstunnel.keys import fingerprint
 from accesstunnel.names import isValidDeviceName
-from groundcontrol.accesslists import grantsTable, grantState, table, tokensTable, tokenState
+from groundcontrol.accesslists import (
+    grantedText,
+    grantsTable,
+    table,
+    tokenCreatedText,
+    tokensTable,
+    ungrantedText,
+)
 from groundcontrol.datadir import DataDir, HostKeyError, NotInitialised
 from groundcontrol.devicedetail import (
     DeviceDetail,
     clean,
     detailJSON,
     detailText,
-    deviceJSON,
-    formatTime,
     grantsCovering,
-    requestJSON,
+    pendingState,
     requestsFor,
+    tagsText,
+)
+from groundcontrol.documents import (
+    accountJSON,
+    deviceJSON,
+    grantJSON,
+    groupJSON,
+    jsonText,
+    requestJSON,
+    tokenJSON,
 )
 from groundcontrol.store import (
+    Device,
+    EnrollmentRequest,
     InvalidName,
     SQLStore,
     StoreError,
@@ -51,6 +67,7 @@ from groundcontrol.store import (
     storeKind,
     synchronousRunner,
 )
+from groundcontrol.timetext import absoluteTime, relativeTime
 
 __all__ = ["main"]
 
@@ -99,7 +116,9 @@ def _buildParser() -> _Parser:
         "--key", required=True, action="append", metavar="FILE", help="public key file"
     )
     userAdd.add_argument("--admin", action="store_true", help="may reach and manage everything")
-    user.add_parser("list", help="list operator accounts")
+    user.add_parser("list", help="list operator accounts").add_argument(
+        "--json", action="store_true", help="machine-readable output"
+    )
 
     device = commands.add_parser("device", help="devices and enrollment").add_subparsers(
         dest="deviceCommand", required=True, parser_class=_Parser
@@ -267,12 +286,14 @@ def _storeCommand(store: SQLStore, args: argparse.Namespace, now: Callable[[], f
             account = _result(store.addAccount(args.name, publicKeys, args.admin, now()))
             role = "admin" if account.isAdmin else "operator"
             print(f"added {role} {account.name} with {len(publicKeys)} key(s)")
+        elif args.json:
+            print(jsonText([accountJSON(a) for a in _result(store.listAccounts())]), end="")
         else:
             for account in _result(store.listAccounts()):
                 print(f"{account.name}\t{'admin' if account.isAdmin else 'operator'}")
     elif args.command == "device":
         if args.deviceCommand == "list":
-            _listDevices(store, args.json)
+            _listDevices(store, args.json, now())
         elif args.deviceCommand == "show":
             _showDevice(store, args.name, args.json, now())
         elif args.deviceCommand == "approve":
@@ -296,14 +317,12 @@ def _storeCommand(store: SQLStore, args: argparse.Namespace, now: Callable[[], f
                 agentForwarding=args.agent_forwarding,
             )
         )
-        until = "" if expiresAt is None else f" until {formatTime(expiresAt)}"
-        login = "" if grant.loginUser is None else f" as {grant.loginUser}"
-        print(f"granted {args.user} access to {args.selector}{login}{until}")
+        print(grantedText(grant, t))
     elif args.command == "ungrant":
         removed = _result(store.ungrant(args.user, args.selector, actor, now()))
         if not removed:
-            raise _CommandError(f"{args.user} has no grant on {args.selector}")
-        print(f"removed {args.user}'s grant on {args.selector}")
+            raise _CommandError(ungrantedText(args.user, args.selector, removed))
+        print(ungrantedText(args.user, args.selector, removed))
     elif args.command == "grants":
         _listGrants(store, args.user, args.json, now())
     elif args.command == "tag":
@@ -314,10 +333,7 @@ def _storeCommand(store: SQLStore, args: argparse.Namespace, now: Callable[[], f
             if found is None:
                 raise _CommandError(f"no device named {args.device!r}")
             device = found
-        print(
-            f"{device.name}: tags {' '.join(device.tags) or '-'}; "
-            f"reported by the agent {clean(' '.join(device.reportedTags)) or '-'}"
-        )
+        print(tagsText(device))
     elif args.command == "group":
         _groupCommand(store, args, actor, now())
     elif args.command == "token":
@@ -345,19 +361,7 @@ def _listGrants(store: SQLStore, user: str | None, asJSON: bool, t: float) -> No
     if not asJSON:
         print(grantsTable(grants, t), end="")
         return
-    rows: list[dict[str, Any]] = [
-        {
-            "user": g.account,
-            "selector": g.selector,
-            "loginUser": g.loginUser,
-            "expiresAt": g.expiresAt,
-            "expired": grantState(g, t) == "expired",
-            "createdAt": g.createdAt,
-            "createdBy": g.createdBy,
-        }
-        for g in grants
-    ]
-    print(json.dumps(rows, indent=2))
+    print(jsonText([grantJSON(g, t) for g in grants]), end="")
 
 
 def _groupCommand(store: SQLStore, args: argparse.Namespace, actor: str, t: float) -> None:
@@ -372,7 +376,7 @@ def _groupCommand(store: SQLStore, args: argparse.Namespace, actor: str, t: floa
     else:
         groups = _result(store.listGroups())
         if args.json:
-            print(json.dumps(groups, indent=2))
+            print(jsonText([groupJSON(g, m) for g, m in groups.items()]), end="")
             return
         _printTable(("GROUP", "DEVICES"), [(g, " ".join(m)) for g, m in groups.items()])
 
@@ -385,11 +389,7 @@ def _createToken(store: SQLStore, uses: int, lifetime: int, actor: str, t: float
     token = secrets.token_urlsafe(32)
     record = _result(store.createToken(hashSecret(token), uses, t + lifetime, actor, t))
     print(token)
-    print(
-        f"enrollment token {record.id}: {record.uses} use(s), expires "
-        f"{formatTime(record.expiresAt)}; shown only now, agents take it with --token",
-        file=sys.stderr,
-    )
+    print(tokenCreatedText(record, t), file=sys.stderr)
 
 
 def _listTokens(store: SQLStore, asJSON: bool, t: float) -> None:
@@ -397,19 +397,7 @@ def _listTokens(store: SQLStore, asJSON: bool, t: float) -> None:
     if not asJSON:
         print(tokensTable(tokens, t), end="")
         return
-    rows: list[dict[str, Any]] = [
-        {
-            "id": r.id,
-            "uses": r.uses,
-            "usesLeft": r.usesLeft,
-            "expiresAt": r.expiresAt,
-            "createdAt": r.createdAt,
-            "createdBy": r.createdBy,
-            "state": tokenState(r, t),
-        }
-        for r in tokens
-    ]
-    print(json.dumps(rows, indent=2))
+    print(jsonText([tokenJSON(r, t) for r in tokens]), end="")
 
 
 def _init(dataDir: DataDir, storeURL: str | None) -> int:
@@ -425,31 +413,44 @@ def _init(dataDir: DataDir, storeURL: str | None) -> int:
     return 0
 
 
-def _listDevices(store: SQLStore, asJSON: bool) -> None:
-    rows = [deviceJSON(d) for d in _result(store.listDevices())]
-    rows += [requestJSON(r) for r in _result(store.listEnrollmentRequests())]
+def _listDevices(store: SQLStore, asJSON: bool, now: float) -> None:
+    """The devices, then the pending requests: one list, as documents or as a table."""
+    devices = _result(store.listDevices())
+    requests = _result(store.listEnrollmentRequests())
     if asJSON:
-        print(json.dumps(rows, indent=2))
+        rows = [deviceJSON(d) for d in devices] + [requestJSON(r) for r in requests]
+        print(jsonText(rows), end="")
         return
     _printTable(
         ("NAME", "STATE", "FINGERPRINT", "SERIAL", "LAST SEEN", "SOURCE", "OWNER", "CERT EXPIRES"),
-        [
-            (
-                clean(row["name"]),
-                f"pending-{row['kind']}" if row["kind"] in ("rekey", "reapprove") else row["state"],
-                row["fingerprint"],
-                clean(row["serial"] or "-"),
-                formatTime(row["lastSeen"]),
-                clean(row["source"] or "-"),
-                "-"
-                if row["owner"] is None
-                else f"{clean(row['owner'])} until {formatTime(row['leaseUntil'])}",
-                "-"
-                if row["certificateExpiresAt"] is None
-                else formatTime(row["certificateExpiresAt"]),
-            )
-            for row in rows
-        ],
+        [_deviceCells(d, now) for d in devices] + [_requestCells(r, now) for r in requests],
+    )
+
+
+def _deviceCells(d: Device, now: float) -> tuple[str, ...]:
+    owner = "-" if d.owner is None else f"{clean(d.owner)} until {absoluteTime(d.leaseUntil)}"
+    return (
+        clean(d.name),
+        d.state,
+        d.fingerprint,
+        clean(d.serial or "-"),
+        relativeTime(d.lastSeen, now),
+        "-",
+        owner,
+        absoluteTime(d.certificateExpiresAt),
+    )
+
+
+def _requestCells(r: EnrollmentRequest, now: float) -> tuple[str, ...]:
+    return (
+        clean(r.requestedName),
+        pendingState(r.kind),
+        r.fingerprint,
+        clean(r.serial or "-"),
+        relativeTime(r.lastSeen, now),
+        clean(r.source),
+        "-",
+        "-",
     )
 
 
@@ -467,13 +468,14 @@ def _showDevice(store: SQLStore, name: str, asJSON: bool, now: float) -> None:
     grants = _result(store.listGrants())
     detail = DeviceDetail(
         name,
-        d,
-        link,
+        now=now,
+        device=d,
+        lastLink=link,
         requests=requestsFor(requests, name),
         grants=grantsCovering(grants, d, now),
     )
     if asJSON:
-        print(json.dumps(detailJSON(detail), indent=2))
+        print(jsonText(detailJSON(detail)), end="")
     else:
         print(detailText(detail), end="")
 

@@ -12,25 +12,27 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from typing import Any
 
 import attrs
 
+from groundcontrol.documents import deviceJSON, grantJSON, requestJSON
 from groundcontrol.store import Device, EnrollmentRequest, Grant, LastLink
+from groundcontrol.timetext import absoluteTime, isoTime, whenText
 
 __all__ = [
+    "ONLINE_KEYS",
     "DeviceDetail",
     "LiveLink",
     "clean",
     "detailJSON",
     "detailText",
-    "deviceJSON",
-    "formatTime",
     "grantsCovering",
     "liveLink",
-    "requestJSON",
+    "onlineJSON",
+    "pendingState",
     "requestsFor",
+    "tagsText",
 ]
 
 
@@ -49,6 +51,8 @@ class DeviceDetail:
     """Everything one device's detail shows; what a caller cannot know it leaves out."""
 
     name: str
+    #: The clock's reading the times are shown against (C{3 min ago}, C{in 6 d}).
+    now: float = attrs.field(kw_only=True)
     #: The device record; None for a name only pending requests ask for.
     device: Device | None
     lastLink: LastLink | None
@@ -101,55 +105,31 @@ def grantsCovering(grants: Iterable[Grant], device: Device, now: float) -> tuple
 # -- JSON ----------------------------------------------------------------------------
 
 
-def deviceJSON(d: Device) -> dict[str, Any]:
-    """A device as C{device list --json} gives it (with the keys a pending entry has)."""
-    return {
-        "name": d.name,
-        "state": d.state,
-        "fingerprint": d.fingerprint,
-        "serial": d.serial,
-        "lastSeen": d.lastSeen,
-        "source": None,
-        "kind": None,
-        "approvedAt": d.approvedAt,
-        "approvedBy": d.approvedBy,
-        "firstSeen": None,
-        "owner": d.owner,
-        "leaseUntil": d.leaseUntil,
-        "certificateExpiresAt": d.certificateExpiresAt,
-        "tags": list(d.tags),
-        "reportedTags": list(d.reportedTags),
-        "groups": list(d.groups),
-    }
+#: The keys only the running server can fill in (L{onlineJSON}): the admin CLI's
+#: documents leave them out.
+ONLINE_KEYS = ("online", "online_since", "online_from", "transport", "agent_version")
 
 
-def requestJSON(r: EnrollmentRequest) -> dict[str, Any]:
-    """A pending request as C{device list --json} gives it: the keys a device has."""
+def onlineJSON(online: LiveLink | None) -> dict[str, Any]:
+    """
+    A device's live link as the keys of its document (C{ls}, C{show}): C{online}, and
+    since when, from which address, over which transport, with which agent version (null
+    while offline). Flat, so C{jq 'select(.online) | .transport'} reads it.
+    """
     return {
-        "name": r.requestedName,
-        "state": "pending",
-        "fingerprint": r.fingerprint,
-        "serial": r.serial,
-        "lastSeen": r.lastSeen,
-        "source": r.source,
-        "kind": r.kind,
-        "approvedAt": None,
-        "approvedBy": None,
-        "firstSeen": r.firstSeen,
-        "owner": None,
-        "leaseUntil": None,
-        "certificateExpiresAt": None,
-        "tags": [],
-        "reportedTags": [],
-        "groups": [],
+        "online": online is not None,
+        "online_since": None if online is None else isoTime(online.since),
+        "online_from": None if online is None else online.source,
+        "transport": None if online is None else online.transport,
+        "agent_version": None if online is None else online.version,
     }
 
 
 def detailJSON(detail: DeviceDetail) -> dict[str, Any]:
     """
-    The document C{--json} prints: the device's C{device list} entry (a name only requests
-    ask for: its latest request's), how it last linked, the requests for its name, and,
-    where known, its live link and the grants that cover it.
+    The document C{--json} prints: the device's document (a name only requests ask for:
+    its latest request's), how it last linked, the requests for its name, and, where known,
+    its live link (L{ONLINE_KEYS}) and the grants that cover it (C{grants}).
     """
     base = (
         deviceJSON(detail.device) if detail.device is not None else requestJSON(detail.requests[0])
@@ -158,32 +138,21 @@ def detailJSON(detail: DeviceDetail) -> dict[str, Any]:
     last = None if link is None else link.certificate
     document: dict[str, Any] = {
         **base,
-        "lastLinkAuth": None if link is None else link.auth,
-        "lastCertificate": None
+        "last_link_auth": None if link is None else link.auth,
+        "last_certificate": None
         if last is None or link is None
         else {
-            "serialNumber": last.serialNumber,
+            "serial_number": last.serialNumber,
             "fingerprint": last.fingerprint,
-            "notAfter": last.notAfter,
-            "presentedAt": link.certificateAt,
+            "not_after": isoTime(last.notAfter),
+            "presented_at": isoTime(link.certificateAt),
         },
-        "pendingRequests": [requestJSON(r) for r in detail.requests],
+        "pending_requests": [requestJSON(r) for r in detail.requests],
     }
     if detail.linksKnown:
-        online = detail.online
-        document["online"] = None if online is None else attrs.asdict(online)
+        document.update(onlineJSON(detail.online))
     if detail.grants is not None:
-        document["grants"] = [
-            {
-                "account": g.account,
-                "selector": g.selector,
-                "loginUser": g.loginUser,
-                "agentForwarding": g.agentForwarding,
-                "expiresAt": g.expiresAt,
-                "createdBy": g.createdBy,
-            }
-            for g in detail.grants
-        ]
+        document["grants"] = [grantJSON(g, detail.now) for g in detail.grants]
     return document
 
 
@@ -198,19 +167,19 @@ def detailText(detail: DeviceDetail) -> str:
 
 
 def _lines(detail: DeviceDetail) -> list[tuple[str, str]]:
-    d = detail.device
+    d, now = detail.device, detail.now
     if d is None:
         kind = detail.requests[0].kind
-        lines = [("name", clean(detail.name)), ("state", _pendingState(kind))]
+        lines = [("name", clean(detail.name)), ("state", pendingState(kind))]
     else:
         lines = [("name", clean(d.name)), ("state", d.state)]
     lines += _onlineLines(detail)
     if d is not None:
-        lines += _deviceLines(d)
-        lines += _lastLinkLines(detail.lastLink)
-    lines += [("pending request", _requestLine(r)) for r in detail.requests]
+        lines += _deviceLines(d, now)
+        lines += _lastLinkLines(detail.lastLink, now)
+    lines += [("pending request", _requestLine(r, now)) for r in detail.requests]
     if detail.grants is not None:
-        lines += [("grant", _grantLine(g)) for g in detail.grants] or [("grants", "none")]
+        lines += [("grant", _grantLine(g, now)) for g in detail.grants] or [("grants", "none")]
     return lines
 
 
@@ -220,33 +189,30 @@ def _onlineLines(detail: DeviceDetail) -> list[tuple[str, str]]:
     online = detail.online
     if online is None:
         return [("online", "no")]
-    where = f"since {formatTime(online.since)} from {clean(online.source or '?')}"
+    where = f"since {whenText(online.since, detail.now)} from {clean(online.source or '?')}"
     if online.transport:
         where += f" over {clean(online.transport)}"
     return [("online", where), ("agent version", clean(online.version or "-"))]
 
 
-def _deviceLines(d: Device) -> list[tuple[str, str]]:
+def _deviceLines(d: Device, now: float) -> list[tuple[str, str]]:
     return [
         ("key", d.fingerprint),
         ("serial", clean(d.serial or "-")),
-        ("approved", f"{formatTime(d.approvedAt)} by {clean(d.approvedBy)}"),
-        ("last seen", formatTime(d.lastSeen)),
+        ("approved", f"{absoluteTime(d.approvedAt)} by {clean(d.approvedBy)}"),
+        ("last seen", whenText(d.lastSeen, now, absent="never")),
         (
             "owner",
-            "-" if d.owner is None else f"{clean(d.owner)} until {formatTime(d.leaseUntil)}",
+            "-" if d.owner is None else f"{clean(d.owner)} until {whenText(d.leaseUntil, now)}",
         ),
-        (
-            "certificate expires",
-            "-" if d.certificateExpiresAt is None else formatTime(d.certificateExpiresAt),
-        ),
+        ("certificate expires", whenText(d.certificateExpiresAt, now)),
         ("tags", " ".join(d.tags) or "-"),
         ("reported tags", clean(" ".join(d.reportedTags)) or "-"),
         ("groups", " ".join(d.groups) or "-"),
     ]
 
 
-def _lastLinkLines(link: LastLink | None) -> list[tuple[str, str]]:
+def _lastLinkLines(link: LastLink | None, now: float) -> list[tuple[str, str]]:
     auth = None if link is None else link.auth
     lines = [("last link by", auth or "not recorded")]
     last = None if link is None else link.certificate
@@ -256,35 +222,38 @@ def _lastLinkLines(link: LastLink | None) -> list[tuple[str, str]]:
         *lines,
         ("last certificate", last.serialNumber),
         ("  SHA-256", last.fingerprint),
-        ("  valid until", formatTime(last.notAfter)),
-        ("  presented", formatTime(link.certificateAt)),
+        ("  valid until", whenText(last.notAfter, now)),
+        ("  presented", whenText(link.certificateAt, now)),
     ]
 
 
-def _pendingState(kind: str) -> str:
+def pendingState(kind: str) -> str:
+    """How a request of C{kind} reads in a table: C{pending}, C{pending-rekey}, ..."""
     return f"pending-{kind}" if kind in ("rekey", "reapprove") else "pending"
 
 
-def _requestLine(r: EnrollmentRequest) -> str:
+def _requestLine(r: EnrollmentRequest, now: float) -> str:
     return (
-        f"{_pendingState(r.kind)} key {r.fingerprint}, serial {clean(r.serial or '-')}, "
-        f"from {clean(r.source)}, last seen {formatTime(r.lastSeen)}"
+        f"{pendingState(r.kind)} key {r.fingerprint}, serial {clean(r.serial or '-')}, "
+        f"from {clean(r.source)}, last seen {whenText(r.lastSeen, now)}"
     )
 
 
-def _grantLine(g: Grant) -> str:
+def _grantLine(g: Grant, now: float) -> str:
     text = f"{clean(g.account)} by {g.selector}"
     if g.loginUser:
         text += f" as {clean(g.loginUser)}"
     if g.expiresAt is not None:
-        text += f" until {formatTime(g.expiresAt)}"
+        text += f" until {whenText(g.expiresAt, now)}"
     return text
 
 
-def formatTime(t: float | None) -> str:
-    if t is None:
-        return "never"
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def tagsText(device: Device) -> str:
+    """What C{tag} says: C{kiln7: tags lab site-berlin; reported by the agent -}."""
+    return (
+        f"{clean(device.name)}: tags {' '.join(device.tags) or '-'}; "
+        f"reported by the agent {clean(' '.join(device.reportedTags)) or '-'}"
+    )
 
 
 def clean(text: str) -> str:

@@ -6,7 +6,6 @@ shell's ``grants`` / ``tokens`` print the same table for the same records, in th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -92,26 +91,3 @@ def test_tokensTheSameInBoth(store: Any, capsys: pytest.CaptureFixture[str]) -> 
     later = T0 + 2 * HOUR  # past the second token's expiry
     assert cli(capsys, store.data, "token", "list", now=later) == TOKENS
     assert ctl(store, "tokens", now=later) == TOKENS
-
-
-def test_jsonKeysUnchanged(store: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    """--json keeps each its own keys (scripts read them); only the tables changed."""
-    rows = json.loads(cli(capsys, store.data, "grants", "--json"))
-    assert {r["selector"]: r["expired"] for r in rows} == {
-        "tag:old": True,
-        "group:field": False,
-        "tag:lab": False,
-    }
-    assert set(rows[0]) == {
-        "user",
-        "selector",
-        "loginUser",
-        "expiresAt",
-        "expired",
-        "createdAt",
-        "createdBy",
-    }
-    shell = json.loads(ctl(store, "grants", "--json"))
-    assert {"login_user", "agent_forwarding", "expires_at", "expired"} <= set(shell[0])
-    tokens = json.loads(ctl(store, "tokens", "--json"))
-    assert [t["uses_left"] for t in tokens] == [3, 1]

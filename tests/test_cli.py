@@ -15,6 +15,7 @@ from twisted.conch.ssh import keys
 from accesstunnel.keys import fingerprint
 from groundcontrol.cli import main
 from groundcontrol.datadir import DataDir
+from groundcontrol.devicedetail import ONLINE_KEYS
 from groundcontrol.store import (
     LinkCertificate,
     SQLiteStore,
@@ -197,7 +198,11 @@ def test_deviceListApproveRevoke(
 
 
 def test_deviceListJSON(data: Path, store: SQLiteStore, capsys: pytest.CaptureFixture[str]) -> None:
-    """--json lists approved, revoked and pending entries with the same keys on each."""
+    """
+    --json lists approved and revoked devices, then the pending requests: each with every
+    key of its kind, the keys they share (name, state, fingerprint, serial, last_seen)
+    meaning the same.
+    """
     for name in ("a", "b"):
         contact(store, name)
         assert run(capsys, "--data", str(data), "device", "approve", name)[0] == 0
@@ -208,14 +213,17 @@ def test_deviceListJSON(data: Path, store: SQLiteStore, capsys: pytest.CaptureFi
     status, out, _ = run(capsys, "--data", str(data), "device", "list", "--json")
     assert status == 0
     rows = json.loads(out)
-    assert [(r["name"], r["state"], r["kind"]) for r in rows] == [
+    assert [(r["name"], r["state"], r.get("kind")) for r in rows] == [
         ("a", "approved", None),
         ("b", "revoked", None),
         ("a", "pending", "rekey"),
         ("c", "pending", "new"),
     ]
-    assert len({frozenset(r) for r in rows}) == 1
-    assert rows[3]["serial"] == "S3"
+    deviceKeys, requestKeys = {frozenset(r) for r in rows[:2]}, {frozenset(r) for r in rows[2:]}
+    assert len(deviceKeys) == len(requestKeys) == 1
+    shared = {"name", "state", "fingerprint", "serial", "last_seen"}
+    assert shared <= deviceKeys.pop() & requestKeys.pop()
+    assert (rows[3]["serial"], rows[3]["last_seen"]) == ("S3", "2023-11-14T22:13:20Z")
     assert rows[3]["source"] == "198.51.100.7:40000"
 
 
@@ -311,7 +319,8 @@ def test_tokenCreateAndList(
     assert "active" in out and "1/2" in out and token not in out
     status, out, _ = run(capsys, "--data", str(data), "token", "list", "--json")
     (row,) = json.loads(out)
-    assert (row["id"], row["usesLeft"], row["state"]) == (record.id, 1, "active")
+    assert (row["id"], row["uses_left"], row["state"]) == (record.id, 1, "active")
+    assert row["expires_at"] == "2023-11-21T22:13:20Z"  # T0 + 7 d
 
 
 def test_tokenBadArguments(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -346,10 +355,10 @@ def test_deviceListOwnerLeaseAndCertificate(
     assert "2023-11-14T23:13:20Z" in out
     status, out, _ = run(capsys, "--data", str(data), "device", "list", "--json")
     (row,) = json.loads(out)
-    assert (row["owner"], row["leaseUntil"], row["certificateExpiresAt"]) == (
+    assert (row["owner"], row["lease_until"], row["certificate_expires_at"]) == (
         "alice",
-        T0 + 86400,
-        T0 + 3600,
+        "2023-11-15T22:13:20Z",
+        "2023-11-14T23:13:20Z",
     )
 
 
@@ -387,19 +396,19 @@ def test_deviceShowLastLink(
     assert re.search(r"(?m)^last link by +certificate$", out), out
     assert re.search(r"(?m)^last certificate +0a1b2c3d$", out), out
     assert re.search(rf"(?m)^  SHA-256 +{certificateFingerprint}$", out), out
-    assert re.search(r"(?m)^  valid until +2023-11-15T22:13:20Z$", out), out
-    assert re.search(r"(?m)^  presented +2023-11-14T22:14:20Z$", out), out
+    assert re.search(r"(?m)^  valid until +2023-11-15T22:13:20Z \(in 24 h\)$", out), out
+    assert re.search(r"(?m)^  presented +2023-11-14T22:14:20Z \(in 60 s\)$", out), out
 
     result(store.recordContact("kiln7", line, fingerprint(line), None, "x", T0 + 120))
     status, out, _ = run(capsys, "--data", str(data), "device", "show", "kiln7", "--json")
     assert status == 0
     shown = json.loads(out)
-    assert (shown["name"], shown["state"], shown["lastLinkAuth"]) == ("kiln7", "approved", "key")
-    assert shown["lastCertificate"] == {
-        "serialNumber": "0a1b2c3d",
+    assert (shown["name"], shown["state"], shown["last_link_auth"]) == ("kiln7", "approved", "key")
+    assert shown["last_certificate"] == {
+        "serial_number": "0a1b2c3d",
         "fingerprint": certificateFingerprint,
-        "notAfter": T0 + 86400,
-        "presentedAt": T0 + 60,
+        "not_after": "2023-11-15T22:13:20Z",
+        "presented_at": "2023-11-14T22:14:20Z",
     }
 
     contact(store, "oven3")
@@ -436,14 +445,14 @@ def test_deviceShowRequestsAndGrants(
     ]
     assert re.search(
         rf"(?m)^pending request +pending-rekey key {re.escape(fingerprint(rekey))}, "
-        r"serial SN-2, from 198\.51\.100\.7:40000, last seen 2023-11-14T22:13:20Z$",
+        r"serial SN-2, from 198\.51\.100\.7:40000, last seen 2023-11-14T22:13:20Z \(now\)$",
         out,
     ), out
     status, out, _ = run(capsys, "--data", str(data), "device", "show", "kiln7", "--json")
     shown = json.loads(out)
     assert [g["selector"] for g in shown["grants"]] == ["device:kiln7", "group:ovens"]
-    assert [(r["kind"], r["serial"]) for r in shown["pendingRequests"]] == [("rekey", "SN-2")]
-    assert "online" not in shown  # the CLI has no registry to ask
+    assert [(r["kind"], r["serial"]) for r in shown["pending_requests"]] == [("rekey", "SN-2")]
+    assert not set(ONLINE_KEYS) & set(shown)  # the CLI has no registry to ask
 
 
 def test_storeURL(
@@ -542,10 +551,10 @@ def test_grantSelectorsTagsAndGroups(
     assert run(capsys, "--data", str(data), "grant", "op", "group:ovens")[0] == 0
     assert result(store.mayReach(op, "oven2", T0)) is True
     status, out, _ = run(capsys, "--data", str(data), "group", "list", "--json")
-    assert json.loads(out) == {"ovens": ["oven2"]}
+    assert json.loads(out) == [{"group": "ovens", "devices": ["oven2"]}]
 
     status, out, _ = run(capsys, "--data", str(data), "grants", "--json")
-    assert [(g["selector"], g["loginUser"]) for g in json.loads(out)] == [
+    assert [(g["selector"], g["login_user"]) for g in json.loads(out)] == [
         ("group:ovens", None),
         ("tag:lab", "pi"),
     ]

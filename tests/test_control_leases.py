@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 from groundcontrol.testing import resultNow
+from groundcontrol.timetext import isoTime
 from tests.test_enrollment import HOUR, AgentUnderTest, EnrollmentTestCase
 
 DAY = 24 * HOUR
@@ -53,21 +54,25 @@ class LeaseCommandTests(EnrollmentTestCase):
         self.assertIsNone(self.world.device("oven2").owner)  # claim.lapsed
 
     def test_renewAndReleaseJson(self) -> None:
-        """--json gives the renewed lease's owner and end, and the released device."""
+        """
+        --json gives the device's document as it stands after the change (as ls would): the
+        renewed lease's owner and end, then no owner and no lease once released.
+        """
         now = self.world.now
         status, out, err = self.world.ctl(self.bob, "claim renew dev_oven2 --for 2h --json")
         self.assertEqual(status, 0, err)
+        renewed = json.loads(out)
         self.assertEqual(
-            json.loads(out),
-            {
-                "renewed": "oven2",
-                "owner": "bob",
-                "lease_until": now + 2 * HOUR,
-                "until": json.loads(out)["until"],
-            },
+            (renewed["name"], renewed["owner"], renewed["lease_until"]),
+            ("oven2", "bob", isoTime(now + 2 * HOUR)),
         )
+        self.assertIsNotNone(renewed["online"])
         status, out, err = self.world.ctl(self.bob, "claim release oven2 --json")
-        self.assertEqual((status, json.loads(out)), (0, {"released": "oven2"}))
+        released = json.loads(out)
+        self.assertEqual(
+            (status, released["name"], released["owner"], released["lease_until"]),
+            (0, "oven2", None, None),
+        )
 
     def test_releaseEndsAccessNow(self) -> None:
         """

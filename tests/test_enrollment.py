@@ -613,7 +613,7 @@ class TokenTests(EnrollmentTestCase):
         self.assertEqual(status, 0, err)
         token = out.strip()
         self.assertGreater(len(token), 30)
-        self.assertIn("shown once", err)
+        self.assertIn("shown only now", err)
         agent = self.world.start("oven2", token=token)
         self.assertRoutable(agent, "oven2")
         self.assertTrue(agent.connected)

@@ -20,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from accesstunnel.keys import fingerprint
 from groundcontrol.control import ControlContext, runCommand
+from groundcontrol.documents import SESSION_KEYS
 from groundcontrol.recording import Recorder, RecordingPolicy, parseCast
 from groundcontrol.relay import RELAY_FAILURE_STATUS
 from groundcontrol.sessions import (
@@ -40,6 +41,7 @@ from groundcontrol.testing import (
     resultNow,
     scriptedSessions,
 )
+from groundcontrol.timetext import isoTime
 
 
 def script(command: bytes | None) -> Script | None:
@@ -372,7 +374,12 @@ class FailOpenTests(SessionTestCase):
 
 class ControlCommandTests(SessionTestCase):
     def test_sessionsListsLiveAndPast(self) -> None:
-        """sessions --json shows live sessions; --all adds ended ones with bytes and status."""
+        """
+        sessions --json shows live sessions; --all adds ended ones with bytes and status:
+        every session document has the same keys, its times in ISO 8601 (no end: null).
+        """
+        self.fleet.clock.advance(100)  # a start at 0 reads as unrecorded
+        self.fleet.flush()
         session = self.fleet.session(self.alice)
         session.exec(b"die")
         self.fleet.flush()
@@ -388,6 +395,10 @@ class ControlCommandTests(SessionTestCase):
         self.assertEqual([r["state"] for r in rows], ["ended", "live"])
         self.assertEqual(rows[0]["exit_status"], 7)
         self.assertEqual(rows[0]["bytes_out"], 6)
+        self.assertEqual([set(r) for r in rows], [set(SESSION_KEYS)] * 2)
+        started = isoTime(self.fleet.clock.seconds())
+        self.assertEqual([r["started_at"] for r in rows], [started, started])
+        self.assertEqual([r["ended_at"] for r in rows], [started, None])
         self.assertFalse(live.isClosed)
 
     def test_operatorsSeeOnlyTheirOwn(self) -> None:

@@ -11,10 +11,8 @@ change goes through the store, which writes the audit event.
 from __future__ import annotations
 
 import argparse
-import json
 import secrets
 import shlex
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,18 +21,37 @@ from twisted.internet.interfaces import IReactorTime
 
 from accesstunnel.durations import parseDuration
 from accesstunnel.names import isValidDeviceName
-from groundcontrol.accesslists import grantsTable, grantState, table, tokensTable
+from groundcontrol.accesslists import (
+    grantedText,
+    grantsTable,
+    table,
+    tokenCreatedText,
+    tokensTable,
+    ungrantedText,
+)
 from groundcontrol.devicedetail import (
     DeviceDetail,
     detailJSON,
     detailText,
     grantsCovering,
     liveLink,
+    onlineJSON,
     requestsFor,
+    tagsText,
+)
+from groundcontrol.documents import (
+    accountJSON,
+    deviceJSON,
+    grantJSON,
+    groupJSON,
+    jsonText,
+    requestJSON,
+    tokenJSON,
 )
 from groundcontrol.enrollment import hashSecret, normaliseCode
 from groundcontrol.registry import Registry
 from groundcontrol.store import Account, Device, IStore, StoreError, parseSelector
+from groundcontrol.timetext import relativeTime, whenText
 
 
 @attrs.frozen
@@ -146,12 +163,6 @@ def _clean(text: object) -> str:
     return "".join(c if c.isprintable() else "?" for c in str(text))
 
 
-def _when(epoch: float | None) -> str:
-    if epoch is None:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch))
-
-
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     """C{rows}' C{columns} as L{accesslists.table} lays them out; a None cell reads C{-}."""
     return table(
@@ -169,8 +180,8 @@ def _output(
 
 
 def _jsonDocument(document: Any) -> CommandResult:
-    """What --json prints: the document indented, its keys sorted."""
-    return CommandResult(stdout=json.dumps(document, indent=2, sort_keys=True) + "\n")
+    """What --json prints: L{groundcontrol.documents.jsonText}, as the admin CLI's."""
+    return CommandResult(stdout=jsonText(document))
 
 
 def _deviceName(name: str) -> str:
@@ -189,28 +200,35 @@ def _selector(text: str) -> str:
         raise UsageError(str(e)) from None
 
 
-def _done(options: argparse.Namespace, text: str, row: dict[str, Any]) -> CommandResult:
-    """What a command that changed something prints: a line, or C{row} as JSON."""
+def _done(options: argparse.Namespace, text: str, document: Any) -> CommandResult:
+    """
+    What a command that changed something prints: a line, or with --json the document of
+    what it changed (the device, the grant, ...), as listing it would show it.
+    """
     if options.json:
-        return CommandResult(stdout=json.dumps(row, sort_keys=True) + "\n")
+        return _jsonDocument(document)
     return CommandResult(stdout=text + "\n")
 
 
-def _deviceRow(context: ControlContext, device: Device) -> dict[str, Any]:
-    """One device as C{ls} shows it: store record plus what its live link reported."""
-    link: Any = context.registry.lookup(device.name)
-    details = getattr(link, "details", {}) if link is not None else {}
+def _deviceDocument(context: ControlContext, device: Device) -> dict[str, Any]:
+    """
+    A device's document (as the admin CLI's C{device list} gives it) with what only the
+    server knows: whether it is online, and its live link (L{onlineJSON}).
+    """
+    return {**deviceJSON(device), **onlineJSON(liveLink(context.registry.lookup(device.name)))}
+
+
+def _lsCells(document: dict[str, Any], device: Device, now: float) -> dict[str, Any]:
+    """C{ls}'s table row: last seen C{now} while online, else how long ago."""
+    online = document["online"]
     return {
         "name": device.name,
-        "online": link is not None,
-        "last_seen": "now" if link is not None else _when(device.lastSeen),
+        "online": "yes" if online else "no",
+        "last_seen": "now" if online else relativeTime(device.lastSeen, now),
         "owner": device.owner,
         "tags": ",".join(device.allTags) or None,
-        "admin_tags": list(device.tags),
-        "reported_tags": list(device.reportedTags),
-        "groups": list(device.groups),
-        "transport": details.get("transport") or None,
-        "version": details.get("version") or None,
+        "transport": document["transport"],
+        "version": document["agent_version"],
     }
 
 
@@ -233,11 +251,9 @@ def _help(parser: _Parser) -> Handler:
 @command("whoami", "the account this key belongs to")
 def _whoami(parser: _Parser) -> Handler:
     async def run(context: ControlContext, options: argparse.Namespace) -> CommandResult:
-        row = {
-            "account": context.account.name,
-            "role": "admin" if context.account.isAdmin else "operator",
-        }
-        return _output(options, [row], ["account", "role"])
+        if options.json:
+            return _jsonDocument(accountJSON(context.account))
+        return _output(options, [accountJSON(context.account)], ["name", "role"])
 
     return run
 
@@ -246,17 +262,21 @@ def _whoami(parser: _Parser) -> Handler:
 def _ls(parser: _Parser) -> Handler:
     async def run(context: ControlContext, options: argparse.Namespace) -> CommandResult:
         now = context.clock.seconds()
-        rows = []
+        documents, cells = [], []
         for device in await context.store.listDevices():
             if device.state != "approved":
                 continue
             if not await context.store.mayReach(context.account, device.name, now):
                 continue
-            rows.append(_deviceRow(context, device))
-        return _output(
-            options,
-            rows,
-            ["name", "online", "last_seen", "owner", "tags", "transport", "version"],
+            document = _deviceDocument(context, device)
+            documents.append(document)
+            cells.append(_lsCells(document, device, now))
+        if options.json:
+            return _jsonDocument(documents)
+        return CommandResult(
+            stdout=_table(
+                cells, ["name", "online", "last_seen", "owner", "tags", "transport", "version"]
+            )
         )
 
     return run
@@ -304,8 +324,9 @@ async def _deviceDetail(context: ControlContext, name: str) -> DeviceDetail | No
         grants = grantsCovering(await store.listGrants(), device, now)
     return DeviceDetail(
         name,
-        device,
-        None if device is None else await store.lastLink(name),
+        now=now,
+        device=device,
+        lastLink=None if device is None else await store.lastLink(name),
         requests=requests,
         linksKnown=True,
         online=liveLink(context.registry.lookup(name)),
@@ -316,23 +337,29 @@ async def _deviceDetail(context: ControlContext, name: str) -> DeviceDetail | No
 @command("pending", "devices waiting for approval", adminOnly=True)
 def _pending(parser: _Parser) -> Handler:
     async def run(context: ControlContext, options: argparse.Namespace) -> CommandResult:
-        rows = [
+        now = context.clock.seconds()
+        requests = await context.store.listEnrollmentRequests()
+        documents = [
             {
-                "name": r.requestedName,
-                "kind": r.kind,
-                "fingerprint": r.fingerprint,
-                "serial": r.serial,
-                "source": r.source,
-                "first_seen": _when(r.firstSeen),
-                "last_seen": _when(r.lastSeen),
+                **requestJSON(r),
                 "connected": context.registry.pendingFor(r.fingerprint) is not None,
             }
-            for r in await context.store.listEnrollmentRequests()
+            for r in requests
         ]
-        return _output(
-            options,
-            rows,
-            ["name", "kind", "fingerprint", "serial", "source", "last_seen", "connected"],
+        if options.json:
+            return _jsonDocument(documents)
+        cells = [
+            {
+                **document,
+                "last_seen": relativeTime(r.lastSeen, now),
+                "connected": "yes" if document["connected"] else "no",
+            }
+            for document, r in zip(documents, requests, strict=True)
+        ]
+        return CommandResult(
+            stdout=_table(
+                cells, ["name", "kind", "fingerprint", "serial", "source", "last_seen", "connected"]
+            )
         )
 
     return run
@@ -351,7 +378,7 @@ def _approve(parser: _Parser) -> Handler:
         return _done(
             options,
             f"approved {device.name} ({device.fingerprint})",
-            {"approved": device.name, "fingerprint": device.fingerprint},
+            _deviceDocument(context, device),
         )
 
     return run
@@ -363,9 +390,9 @@ def _revoke(parser: _Parser) -> Handler:
 
     async def run(context: ControlContext, options: argparse.Namespace) -> CommandResult:
         name = _deviceName(options.name)
-        await context.store.revokeDevice(name, context.actor, context.clock.seconds())
+        device = await context.store.revokeDevice(name, context.actor, context.clock.seconds())
         context.registry.drop(name, "device revoked")
-        return _done(options, f"revoked {name}", {"revoked": name})
+        return _done(options, f"revoked {name}", _deviceDocument(context, device))
 
     return run
 
@@ -406,28 +433,9 @@ def _grant(parser: _Parser) -> Handler:
             loginUser=options.loginUser,
             agentForwarding=options.agent_forwarding,
         )
-        until = f" until {_when(expiresAt)} UTC" if expiresAt else ""
-        login = f" as {grant.loginUser}" if grant.loginUser else ""
-        login += " with agent forwarding" if grant.agentForwarding else ""
-        return _done(
-            options,
-            f"granted {options.user} access to {selector}{login}{until}",
-            _grantRow(grant),
-        )
+        return _done(options, grantedText(grant, now), grantJSON(grant, now))
 
     return run
-
-
-def _grantRow(grant: Any) -> dict[str, Any]:
-    return {
-        "user": grant.account,
-        "selector": grant.selector,
-        "login_user": grant.loginUser,
-        "agent_forwarding": grant.agentForwarding,
-        "expires": _when(grant.expiresAt) if grant.expiresAt is not None else None,
-        "expires_at": grant.expiresAt,
-        "created_by": grant.createdBy,
-    }
 
 
 @command("ungrant", "take a grant away: ungrant USER SELECTOR", adminOnly=True)
@@ -440,13 +448,10 @@ def _ungrant(parser: _Parser) -> Handler:
         removed = await context.store.ungrant(
             options.user, selector, context.actor, context.clock.seconds()
         )
+        text = ungrantedText(options.user, selector, removed)
         if not removed:
-            return CommandResult(stderr=f"{options.user} had no grant for {selector}\n", status=1)
-        return _done(
-            options,
-            f"removed {options.user}'s grant for {selector}",
-            {"user": options.user, "selector": selector, "removed": True},
-        )
+            return CommandResult(stderr=f"ungrant: {text}\n", status=1)
+        return _done(options, text, {"user": options.user, "selector": selector, "removed": True})
 
     return run
 
@@ -466,8 +471,7 @@ def _grants(parser: _Parser) -> Handler:
         grants = await context.store.listGrants(account)
         if not options.json:
             return CommandResult(stdout=grantsTable(grants, now))
-        rows = [{**_grantRow(g), "expired": grantState(g, now) == "expired"} for g in grants]
-        return _jsonDocument(rows)
+        return _jsonDocument([grantJSON(g, now) for g in grants])
 
     return run
 
@@ -499,17 +503,7 @@ def _tag(parser: _Parser) -> Handler:
             if found is None:
                 return CommandResult(stderr=f"tag: no device named {name!r}\n", status=1)
             device = found
-        row = {
-            "name": device.name,
-            "admin_tags": list(device.tags),
-            "reported_tags": list(device.reportedTags),
-        }
-        if options.json:
-            return CommandResult(stdout=json.dumps(row, sort_keys=True) + "\n")
-        return CommandResult(
-            stdout=f"{device.name}: tags {' '.join(device.tags) or '-'}; "
-            f"reported by the agent {' '.join(device.reportedTags) or '-'}\n"
-        )
+        return _done(options, tagsText(device), _deviceDocument(context, device))
 
     return run
 
@@ -530,13 +524,10 @@ def _group(parser: _Parser) -> Handler:
             groups = await context.store.listGroups()
             if options.group is not None:
                 groups = {options.group: groups.get(options.group, [])}
-            rows = [
-                {"group": name, "devices": members, "members": " ".join(members)}
-                for name, members in groups.items()
-            ]
             if options.json:
-                rows = [{"group": r["group"], "devices": r["devices"]} for r in rows]
-            return _output(options, rows, ["group", "members"])
+                return _jsonDocument([groupJSON(name, m) for name, m in groups.items()])
+            rows = [{"group": name, "devices": " ".join(m)} for name, m in groups.items()]
+            return CommandResult(stdout=_table(rows, ["group", "devices"]))
         if options.group is None:
             raise UsageError(f"group {options.action} needs a group name")
         devices = [_deviceName(d) for d in options.devices]
@@ -547,7 +538,7 @@ def _group(parser: _Parser) -> Handler:
             return _done(
                 options,
                 f"group {options.group}: {' '.join(members)}",
-                {"group": options.group, "devices": members},
+                groupJSON(options.group, members),
             )
         removed = await context.store.removeFromGroup(options.group, devices, context.actor, now)
         if not removed:
@@ -567,10 +558,7 @@ def _group(parser: _Parser) -> Handler:
 @command("users", "accounts and their roles", adminOnly=True)
 def _users(parser: _Parser) -> Handler:
     async def run(context: ControlContext, options: argparse.Namespace) -> CommandResult:
-        rows = [
-            {"name": a.name, "role": "admin" if a.isAdmin else "operator"}
-            for a in await context.store.listAccounts()
-        ]
+        rows = [accountJSON(a) for a in await context.store.listAccounts()]
         return _output(options, rows, ["name", "role"])
 
     return run
@@ -598,23 +586,18 @@ def _claim(parser: _Parser) -> Handler:
                 raise UsageError(f"claim {action} DEVICE: name the claimed device")
             name = _deviceName(options.device)
             if action == "release":
-                await context.store.releaseLease(name, context.account, now)
+                device = await context.store.releaseLease(name, context.account, now)
                 return _done(
                     options,
                     f"released {name}: its lease ended now; only grants reach it from now on",
-                    {"released": name},
+                    _deviceDocument(context, device),
                 )
             until = now + _lease(options.duration)
             device = await context.store.renewLease(name, context.account, until, now)
             return _done(
                 options,
-                f"renewed {name}: {device.owner}'s until {_when(until)} UTC",
-                {
-                    "renewed": name,
-                    "owner": device.owner,
-                    "lease_until": until,
-                    "until": _when(until),
-                },
+                f"renewed {name}: {device.owner}'s until {whenText(until, now)}",
+                _deviceDocument(context, device),
             )
         if options.device is not None:
             raise UsageError("claim CODE takes no device name (claim renew|release DEVICE does)")
@@ -624,9 +607,9 @@ def _claim(parser: _Parser) -> Handler:
         )
         return _done(
             options,
-            f"claimed {device.name}: yours until {_when(until)} UTC; "
+            f"claimed {device.name}: yours until {whenText(until, now)}; "
             f"ssh dev_{device.name}@ to reach it",
-            {"claimed": device.name, "lease_until": until, "until": _when(until)},
+            _deviceDocument(context, device),
         )
 
     return run
@@ -664,32 +647,11 @@ def _tokens(parser: _Parser) -> Handler:
                 hashSecret(token), options.uses, now + lifetime, context.actor, now
             )
             if options.json:
-                row = {
-                    "id": record.id,
-                    "token": token,
-                    "uses": record.uses,
-                    "expires": _when(record.expiresAt),
-                }
-                return CommandResult(stdout=json.dumps(row, sort_keys=True) + "\n")
-            return CommandResult(
-                stdout=f"{token}\n",
-                stderr=f"token {record.id}: {record.uses} use(s), expires "
-                f"{_when(record.expiresAt)} UTC; shown once, pass it to agents with --token\n",
-            )
+                return _jsonDocument({**tokenJSON(record, now), "token": token})
+            return CommandResult(stdout=f"{token}\n", stderr=tokenCreatedText(record, now) + "\n")
         tokens = await context.store.listTokens()
         if not options.json:
             return CommandResult(stdout=tokensTable(tokens, now))
-        rows = [
-            {
-                "id": t.id,
-                "uses": t.uses,
-                "uses_left": t.usesLeft,
-                "expires": _when(t.expiresAt),
-                "expired": t.expiresAt <= now,
-                "created_by": t.createdBy,
-            }
-            for t in tokens
-        ]
-        return _jsonDocument(rows)
+        return _jsonDocument([tokenJSON(t, now) for t in tokens])
 
     return run

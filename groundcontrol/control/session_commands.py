@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import json
 from typing import Any
 
 import attrs
@@ -23,10 +22,12 @@ from groundcontrol.control.commands import (
     ControlContext,
     UsageError,
     _clean,
+    _done,
+    _jsonDocument,
     _table,
-    _when,
     command,
 )
+from groundcontrol.documents import sessionJSON
 from groundcontrol.recording import CastFormatError, TerminalSanitizer, describeSize, parseCast
 from groundcontrol.sessions import (
     LiveSession,
@@ -37,6 +38,7 @@ from groundcontrol.sessions import (
     recordingFile,
     sessionsFor,
 )
+from groundcontrol.timetext import absoluteTime
 
 #: A watcher whose channel holds more than this much unsent output is dropped.
 WATCH_BACKLOG = 1024 * 1024
@@ -82,11 +84,18 @@ def _row(record: dict[str, Any], state: str) -> dict[str, Any]:
     if row.get("killed_by"):
         status = f"killed by {row['killed_by']}"
     row["status"] = status
-    # None until known; a 0 reads as unknown too, as this module always showed it.
-    row["started"] = _when(row.get("started_at") or None)
-    row["ended"] = _when(row.get("ended_at") or None)
-    row["what"] = row.get("command") or row.get("mode") or row.get("channel_type")
     return row
+
+
+def _cells(row: dict[str, Any]) -> dict[str, Any]:
+    """The table's view of a session row: its times for people, what it ran."""
+    # None until known; a 0 reads as unknown too, as this module always showed it.
+    return {
+        **row,
+        "started": absoluteTime(row.get("started_at") or None),
+        "ended": absoluteTime(row.get("ended_at") or None),
+        "what": row.get("command") or row.get("mode") or row.get("channel_type"),
+    }
 
 
 _COLUMNS = [
@@ -126,11 +135,8 @@ def _sessionsCommand(parser: Any) -> Any:
                 record["bytes_out"] = session.deviceSide.bytesReceived
                 rows.append(_row(record, "live"))
         if options.json:
-            keep = [c for c in rows[0] if c not in ("started", "ended", "what")] if rows else []
-            return CommandResult(
-                stdout=json.dumps([{k: r.get(k) for k in keep} for r in rows], indent=2) + "\n"
-            )
-        return CommandResult(stdout=_table(rows, _COLUMNS))
+            return _jsonDocument([sessionJSON(r) for r in rows])
+        return CommandResult(stdout=_table([_cells(r) for r in rows], _COLUMNS))
 
     return run
 
@@ -144,9 +150,7 @@ def _kill(parser: Any) -> Any:
         if session is None:
             return CommandResult(stderr=f"kill: no live session {options.session}\n", status=1)
         session.kill(context.actor)
-        if options.json:
-            return CommandResult(stdout=json.dumps({"killed": session.id}) + "\n")
-        return CommandResult(stdout=f"killed session {session.id}\n")
+        return _done(options, f"killed session {session.id}", {"killed": session.id})
 
     return run
 

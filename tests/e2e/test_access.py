@@ -52,11 +52,13 @@ def test_tag_grant_reaches_tagged_device_only(lab: Fleet) -> None:
     assert "unknown device 'plain2', or account 'bob' has no grant for it" in refused.stderr
 
     listing = json.loads(bob.ssh("ctl", "ls", "--json").stdout)
-    assert [(d["name"], d["online"], d["tags"]) for d in listing] == [("lab1", True, "lab")]
-    assert listing[0]["version"]  # reported by the agent's hello
+    assert [(d["name"], d["online"], d["tags"]) for d in listing] == [("lab1", True, ["lab"])]
+    assert listing[0]["agent_version"]  # reported by the agent's hello
 
     grants = json.loads(bob.ssh("ctl", "grants", "--json").stdout)
-    assert [(g["user"], g["selector"], g["expired"]) for g in grants] == [("bob", "tag:lab", False)]
+    assert [(g["user"], g["selector"], g["state"]) for g in grants] == [
+        ("bob", "tag:lab", "active")
+    ]
     refusedAdmin = bob.ssh("ctl", "grant", "bob", "tag:other")
     assert refusedAdmin.returncode == 1
     assert "only admins" in refusedAdmin.stderr

@@ -21,6 +21,7 @@ from cryptography.x509.oid import NameOID
 
 from accesstunnel.keys import fingerprint
 from groundcontrol.pki import FleetCA, verifyDeviceCertificate
+from groundcontrol.timetext import isoTime
 from tests.e2e.harness import (
     LOOPBACK,
     TUNNEL_AGENT,
@@ -56,12 +57,12 @@ def test_token_enrollment(fleet: Fleet) -> None:
     assert created.returncode == 0, created.stderr
     token = created.stdout.strip()
     assert len(token) > 30 and "\n" not in token
-    assert "shown once" in created.stderr
+    assert "shown only now" in created.stderr
 
     first = _startAgent(fleet, "tok1", "--token", token)
     fleet.waitRoutable(alice, "tok1", timeout=20)
     (device,) = [d for d in fleet.gc.devices() if d["name"] == "tok1"]
-    assert (device["state"], device["approvedBy"]) == ("approved", "token:1"), device
+    assert (device["state"], device["approved_by"]) == ("approved", "token:1"), device
     assert "enrolled with a token as tok1" in _agentLog(first)
 
     second = _startAgent(fleet, "tok2", "--token", token)
@@ -133,7 +134,7 @@ def test_certificate_in_state_dir(kiln7: Fleet) -> None:
     assert verified.publicKeyFingerprint == fingerprint(publicLine)
     device = next(d for d in kiln7.gc.devices() if d["name"] == "kiln7")
     assert device["fingerprint"] == fingerprint(publicLine)
-    assert device["certificateExpiresAt"] == verified.notAfter.timestamp()
+    assert device["certificate_expires_at"] == isoTime(verified.notAfter.timestamp())
     assert (agent.state / "fleet-ca.crt").read_bytes() == (
         kiln7.gc.data / "ca" / "ca.crt"
     ).read_bytes()

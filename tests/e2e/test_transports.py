@@ -21,6 +21,7 @@ import pytest
 from OpenSSL import crypto
 
 from groundcontrol import pki
+from groundcontrol.timetext import isoTime
 from tests.e2e.harness import LOOPBACK, Agent, Fleet, HarnessError, Process, waitFor
 
 
@@ -317,10 +318,10 @@ def assertLinkedByCertificate(fleet: Fleet, agent: Agent) -> None:
     assert f"device {agent.name} connected from " in gcLog, gcLog
     assert f"by certificate {held.serialNumber} (CN={agent.name}, SHA-256 {sha256}," in gcLog
     shown = json.loads(fleet.gc.cli("device", "show", agent.name, "--json").stdout)
-    assert shown["lastLinkAuth"] == "certificate", shown
-    last = shown["lastCertificate"]
-    assert (last["serialNumber"], last["fingerprint"]) == (held.serialNumber, sha256), shown
-    assert last["notAfter"] == held.notAfter.timestamp(), shown
+    assert shown["last_link_auth"] == "certificate", shown
+    last = shown["last_certificate"]
+    assert (last["serial_number"], last["fingerprint"]) == (held.serialNumber, sha256), shown
+    assert last["not_after"] == isoTime(held.notAfter.timestamp()), shown
     text = fleet.gc.cli("device", "show", agent.name).stdout
     assert held.serialNumber in text and sha256 in text, text
 

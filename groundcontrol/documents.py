@@ -1,0 +1,166 @@
+"""
+The JSON documents the admin CLI and the control shell print: one function per kind of
+object, so the same device, grant or token reads the same from both.
+
+The vocabulary: keys in snake_case; instants as ISO 8601 UTC strings with a C{Z}
+(L{groundcontrol.timetext.isoTime}), null when absent; durations in seconds as numbers;
+every key present in every document of its kind (null, not left out). What only the
+running server knows (whether a device is online, whether a pending agent is connected)
+is added by the control shell under its own key; the CLI, which has no registry, leaves
+that key out rather than guess. L{jsonText} is the one writer both use.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from groundcontrol.store import Account, Device, EnrollmentRequest, Grant, TokenRecord
+from groundcontrol.timetext import isoTime
+
+__all__ = [
+    "SESSION_KEYS",
+    "accountJSON",
+    "deviceJSON",
+    "grantJSON",
+    "grantState",
+    "groupJSON",
+    "jsonText",
+    "requestJSON",
+    "sessionJSON",
+    "tokenJSON",
+    "tokenState",
+]
+
+
+def jsonText(document: Any) -> str:
+    """What C{--json} prints: the document indented, its keys sorted, a newline after."""
+    return json.dumps(document, indent=2, sort_keys=True) + "\n"
+
+
+def deviceJSON(d: Device) -> dict[str, Any]:
+    """A device: C{device list}, C{ls}, and what C{approve}, C{revoke}, C{tag}, C{claim} print."""
+    return {
+        "name": d.name,
+        "state": d.state,
+        "fingerprint": d.fingerprint,
+        "serial": d.serial,
+        "last_seen": isoTime(d.lastSeen),
+        "approved_at": isoTime(d.approvedAt),
+        "approved_by": d.approvedBy,
+        "owner": d.owner,
+        "lease_until": isoTime(d.leaseUntil),
+        "certificate_expires_at": isoTime(d.certificateExpiresAt),
+        "tags": list(d.tags),
+        "reported_tags": list(d.reportedTags),
+        "groups": list(d.groups),
+    }
+
+
+def requestJSON(r: EnrollmentRequest) -> dict[str, Any]:
+    """
+    A pending enrollment request: C{pending}, and C{device list} after the devices. Its
+    C{name}, C{state} (C{pending}), C{fingerprint}, C{serial} and C{last_seen} mean what a
+    device's do, so a script can read both from one list.
+    """
+    return {
+        "name": r.requestedName,
+        "state": "pending",
+        "kind": r.kind,
+        "fingerprint": r.fingerprint,
+        "serial": r.serial,
+        "source": r.source,
+        "first_seen": isoTime(r.firstSeen),
+        "last_seen": isoTime(r.lastSeen),
+    }
+
+
+def grantState(grant: Grant, now: float) -> str:
+    """C{expired} once its expiry has passed, else C{active}."""
+    return "expired" if grant.expiresAt is not None and grant.expiresAt <= now else "active"
+
+
+def grantJSON(g: Grant, now: float) -> dict[str, Any]:
+    """A grant: C{grants}, the grants in a device's detail, and what C{grant} prints."""
+    return {
+        "user": g.account,
+        "selector": g.selector,
+        "login_user": g.loginUser,
+        "agent_forwarding": g.agentForwarding,
+        "expires_at": isoTime(g.expiresAt),
+        "state": grantState(g, now),
+        "created_at": isoTime(g.createdAt),
+        "created_by": g.createdBy,
+    }
+
+
+def tokenState(token: TokenRecord, now: float) -> str:
+    """C{expired}, C{used up} (no uses left) or C{active}."""
+    if token.expiresAt <= now:
+        return "expired"
+    return "used up" if token.usesLeft == 0 else "active"
+
+
+def tokenJSON(t: TokenRecord, now: float) -> dict[str, Any]:
+    """An enrollment token's record (never the secret: the store keeps only its hash)."""
+    return {
+        "id": t.id,
+        "state": tokenState(t, now),
+        "uses": t.uses,
+        "uses_left": t.usesLeft,
+        "expires_at": isoTime(t.expiresAt),
+        "created_at": isoTime(t.createdAt),
+        "created_by": t.createdBy,
+    }
+
+
+def groupJSON(name: str, devices: Iterable[str]) -> dict[str, Any]:
+    """A device group and its members."""
+    return {"group": name, "devices": list(devices)}
+
+
+def accountJSON(account: Account) -> dict[str, Any]:
+    """An operator account and its role (C{admin} or C{operator})."""
+    return {"name": account.name, "role": "admin" if account.isAdmin else "operator"}
+
+
+#: A session document's keys: the audit record's (L{groundcontrol.sessions.SessionRecord})
+#: with C{state} (C{live}, C{ended}, C{unknown}) and C{status} (how it ended, in words).
+SESSION_KEYS = (
+    "id",
+    "account",
+    "device",
+    "channel_type",
+    "client",
+    "key_fingerprint",
+    "started_at",
+    "ended_at",
+    "pty",
+    "term",
+    "cols",
+    "rows",
+    "mode",
+    "command",
+    "bytes_in",
+    "bytes_out",
+    "exit_status",
+    "exit_signal",
+    "killed_by",
+    "recording",
+    "recording_error",
+    "audit_error",
+    "state",
+    "status",
+)
+
+
+def sessionJSON(record: dict[str, Any]) -> dict[str, Any]:
+    """
+    A session from its audit record (epoch times, as the log keeps them): every key of
+    L{SESSION_KEYS}, the times as ISO (a 0, an unrecorded time, as null).
+    """
+    document = {key: record.get(key) for key in SESSION_KEYS}
+    for key in ("started_at", "ended_at"):
+        document[key] = isoTime(record.get(key) or None)
+    return document
