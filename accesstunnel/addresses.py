@@ -19,9 +19,9 @@ L{accesstunnel.writethrough}) from the start, whatever travels inside them.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import attrs
 from twisted.internet import defer, endpoints
@@ -163,6 +163,8 @@ def parseAddress(address: str) -> Address:
     except ValueError:
         raise AddressError(f"{address!r} has a bad port") from None
     host = parts.hostname or ""
+    if "%" in host:  # an IPv6 zone, escaped in URLs (RFC 6874): [fe80::1%25eth0]
+        host = unquote(host)
     if not host and not parts.netloc.startswith(":"):
         raise AddressError(f"{address!r} has no host")
     path = ""
@@ -245,6 +247,25 @@ def _withBacklog(endpoint: str) -> str:
     return endpoint
 
 
+def _isIPv6Wildcard(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host) == ipaddress.IPv6Address("::")
+    except ValueError:
+        return False
+
+
+def _tcpServerEndpoint(reactor: Any, parsed: Address, alongside: Iterable[str]) -> Any:
+    """The TCP listener under a URL address (IPv6-only for C{[::]} next to C{0.0.0.0})."""
+    if _isIPv6Wildcard(parsed.host or ""):
+        from accesstunnel.transports.dualstack import IPv6OnlyEndpoint, ipv4WildcardPorts
+
+        assert parsed.port is not None
+        if parsed.port in ipv4WildcardPorts(alongside):
+            return IPv6OnlyEndpoint(reactor, parsed.port, LISTEN_BACKLOG)
+    tcpReactor = writeThroughTCP(reactor)
+    return endpoints.serverFromString(tcpReactor, _withBacklog(_tcpServerString(parsed)))
+
+
 def _identity(factory: IProtocolFactory) -> IProtocolFactory:
     return factory
 
@@ -288,13 +309,16 @@ def serverListener(
     address: str,
     tls: ServerTLS | None = None,
     tor: TorSettings | None = None,
+    alongside: Iterable[str] = (),
 ) -> Listener:
     """
     Build groundcontrol's listener for C{address}.
 
     C{tls://} and C{wss://} need C{tls} (certificate, key, fleet CA); C{tor://[:PORT]}
     publishes an onion service through C{tor}'s control port (its host part is ignored: the
-    onion address comes from the key).
+    onion address comes from the key). C{alongside} is the whole C{--listen} list: an
+    C{[::]} listener is IPv6-only when it also has the IPv4 wildcard on that port
+    (L{accesstunnel.transports.dualstack}).
 
     @raise AddressError: the address is malformed or needs settings that were not given.
     @raise accesstunnel.transports.tls.TLSConfigError: a certificate or key is unusable.
@@ -318,7 +342,7 @@ def serverListener(
             address,
             "tor",
         )
-    tcp = endpoints.serverFromString(tcpReactor, _withBacklog(_tcpServerString(parsed)))
+    tcp = _tcpServerEndpoint(reactor, parsed, alongside)
     if scheme == "ssh":
         return Listener(tcp, _identity, address, scheme)
     wrappers: list[FactoryWrapper] = []

@@ -453,7 +453,7 @@ def buildService(
     listeners = []
     for address in config.listen:
         try:
-            listener = serverListener(reactor, address, tls=tls, tor=tor)
+            listener = serverListener(reactor, address, tls=tls, tor=tor, alongside=config.listen)
         except (AddressError, TLSConfigError) as e:
             raise usage.UsageError(str(e)) from None
         listeners.append(ListenService(listener.endpoint, listener.wrapFactory(limited), address))

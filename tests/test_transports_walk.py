@@ -7,7 +7,9 @@ proxy or tor that cannot be reached named as the culprit.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
+from unittest import SkipTest
 
 from twisted.conch.ssh.address import SSHTransportAddress
 from twisted.internet import defer, error
@@ -22,7 +24,15 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from accesstunnel.addresses import AddressError, clientConnector, describeAddress, hostPort
+from accesstunnel.addresses import (
+    AddressError,
+    clientConnector,
+    describeAddress,
+    hostPort,
+    parseAddress,
+    serverListener,
+)
+from accesstunnel.transports.dualstack import IPv6OnlyEndpoint, _IPv6OnlyPort, ipv4WildcardPorts
 from accesstunnel.transports.proxy import HTTPConnectEndpoint, ProxySettings, ProxyURL
 from accesstunnel.transports.socks import SOCKS5Endpoint
 from accesstunnel.transports.tor import TorSettings
@@ -32,6 +42,10 @@ from tests.test_transports_proxy import FakeProxyEndpoint, Recorder
 
 class AddressTextTests(SynchronousTestCase):
     """host:port as people read it, whatever the family."""
+
+    def test_zoneInURL(self) -> None:
+        """An IPv6 zone is written %25 in a URL (RFC 6874) and means '%'."""
+        self.assertEqual(parseAddress("ssh://[fe80::1%25eth0]:22").host, "fe80::1%eth0")
 
     def test_hostPort(self) -> None:
         """An IPv6 literal is bracketed; names and IPv4 are not."""
@@ -245,3 +259,74 @@ class IPv6PeerRecordTests(SynchronousTestCase):
             service.startService()
         lines = [formatEvent(e) for e in seen if "listening on" in e.get("log_format", "")]
         self.assertEqual(lines, ["listening on [::1]:2222 (ssh://[::1]:2222)"])
+
+
+def _ipv6Available() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+class BothFamiliesTests(SynchronousTestCase):
+    """--listen ssh://0.0.0.0:P --listen ssh://[::]:P, as in sshd_config, both listen."""
+
+    both = ("ssh://0.0.0.0:2222", "ssh://[::]:2222")
+
+    def test_ipv4WildcardPorts(self) -> None:
+        """The forms of 'every IPv4 interface' a --listen list can hold."""
+        self.assertEqual(
+            ipv4WildcardPorts(
+                [
+                    "ssh://0.0.0.0:22",
+                    "tls://:443",
+                    "wss://0.0.0.0:8443/t",
+                    "tcp:2222",
+                    "tcp:2223:interface=0.0.0.0",
+                    "tcp:2224:interface=127.0.0.1",
+                    "ssh://127.0.0.1:2225",
+                    "ssh://[::]:2226",
+                    "tor://:22",
+                    "not a url://x",
+                ]
+            ),
+            {22, 443, 8443, 2222, 2223},
+        )
+
+    def test_ipv6OnlyBesideIPv4(self) -> None:
+        """[::] is IPv6-only next to 0.0.0.0 on its port; alone, or on another port, not."""
+        reactor = MemoryReactorClock()
+        listener = serverListener(reactor, "ssh://[::]:2222", alongside=self.both)
+        self.assertIsInstance(listener.endpoint, IPv6OnlyEndpoint)
+        self.assertEqual(listener.endpoint.port, 2222)  # type: ignore[attr-defined]
+        for alongside in ((), ("ssh://[::]:2222",), ("ssh://0.0.0.0:22", "ssh://[::]:2222")):
+            listener = serverListener(reactor, "ssh://[::]:2222", alongside=alongside)
+            self.assertFalse(isinstance(listener.endpoint, IPv6OnlyEndpoint), alongside)
+        listener = serverListener(reactor, "ssh://0.0.0.0:2222", alongside=self.both)
+        self.assertNotIsInstance(listener.endpoint, IPv6OnlyEndpoint)
+
+    def test_webSocketToo(self) -> None:
+        """The WebSocket (and TLS) listeners sit on the same kind of TCP endpoint."""
+        listener = serverListener(
+            MemoryReactorClock(),
+            "ws://[::]:8080/t",
+            alongside=("ws://0.0.0.0:8080/t", "ws://[::]:8080/t"),
+        )
+        self.assertIsInstance(listener.endpoint, IPv6OnlyEndpoint)
+
+    def test_bothBind(self) -> None:
+        """
+        The IPv6-only socket leaves the IPv4 wildcard free on the same port: without
+        IPV6_V6ONLY the second bind failed with EADDRINUSE (Linux, bindv6only=0).
+        """
+        if not _ipv6Available():
+            raise SkipTest("no IPv6 on this host")
+        port = _IPv6OnlyPort(0, Factory(), 5, "::", MemoryReactorClock())
+        with port.createInternetSocket() as v6:
+            v6.bind(("::", 0))
+            v6.listen(1)
+            with socket.socket(socket.AF_INET) as v4:
+                v4.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                v4.bind(("0.0.0.0", v6.getsockname()[1]))
