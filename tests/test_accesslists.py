@@ -57,22 +57,30 @@ def ctl(store: SQLiteStore, *argv: str, now: float = T0) -> str:
     return str(result.stdout)
 
 
-@pytest.fixture
-def store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Any:
-    """An initialised data directory with root (admin), alice, three grants, two tokens."""
-    data = tmp_path / "gc"
+def storeWithAccounts(data: Path) -> SQLiteStore:
+    """
+    A data directory initialised at C{data}, its store opened with accounts root (admin)
+    and alice; C{store.data} is the directory, for the CLI.
+    """
     assert main(["--data", str(data), "init"], now=lambda: T0) == 0
     s: SQLiteStore = resultNow(openSQLiteStore(str(DataDir(data).databasePath), synchronousRunner))
     for name, admin in (("root", True), ("alice", False)):
         key = keys.Key(ed25519.Ed25519PrivateKey.generate())
         resultNow(s.addAccount(name, [publicLine(key)], admin, T0))
+    s.data = data  # type: ignore[attr-defined]
+    return s
+
+
+@pytest.fixture
+def store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Any:
+    """An initialised data directory with root (admin), alice, three grants, two tokens."""
+    s = storeWithAccounts(tmp_path / "gc")
     resultNow(s.grant("alice", "tag:lab", "root", T0, expiresAt=T0 + 8 * HOUR))
     resultNow(s.grant("alice", "group:field", "root", T0, loginUser="pi", agentForwarding=True))
     resultNow(s.grant("alice", "tag:old", "root", T0 - 2 * HOUR, expiresAt=T0 - HOUR))
     resultNow(s.createToken("a" * 64, 3, T0 + 24 * HOUR, "root", T0))
     resultNow(s.createToken("b" * 64, 1, T0 + HOUR, "ci\x1bbot", T0 - HOUR))
     capsys.readouterr()
-    s.data = data  # type: ignore[attr-defined]
     yield s
     s.close()
 

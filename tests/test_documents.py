@@ -14,15 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ed25519
-from twisted.conch.ssh import keys
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from accesstunnel.keys import fingerprint
 from groundcontrol.cli import main
 from groundcontrol.control import ControlContext, runCommand
-from groundcontrol.datadir import DataDir
 from groundcontrol.devicedetail import ONLINE_KEYS
 from groundcontrol.documents import SESSION_KEYS
 from groundcontrol.enrollment import hashSecret
@@ -31,11 +28,10 @@ from groundcontrol.sessions import SessionRecord
 from groundcontrol.store import (
     LinkCertificate,
     SQLiteStore,
-    openSQLiteStore,
-    synchronousRunner,
 )
 from groundcontrol.testing import newKey, publicLine, resultNow
 from groundcontrol.timetext import absoluteTime, isoTime, relativeTime, whenText
+from tests.test_accesslists import storeWithAccounts
 
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 HOUR = 3600.0
@@ -83,12 +79,7 @@ def fleet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Iterator[Any]:
     root (admin) and alice; kiln7 approved, tagged, in a group, claimed by alice, with a
     certificate it last linked with; oven3 pending; two grants, two tokens.
     """
-    data = tmp_path / "gc"
-    assert main(["--data", str(data), "init"], now=lambda: T0) == 0
-    s: SQLiteStore = resultNow(openSQLiteStore(str(DataDir(data).databasePath), synchronousRunner))
-    for name, admin in (("root", True), ("alice", False)):
-        key = keys.Key(ed25519.Ed25519PrivateKey.generate())
-        resultNow(s.addAccount(name, [publicLine(key)], admin, T0))
+    s = storeWithAccounts(tmp_path / "gc")
     kiln = publicLine(newKey())
     resultNow(s.recordContact("kiln7", kiln, fingerprint(kiln), "SN-1", "192.0.2.7:4000", T0))
     code = hashSecret("ABCD-EFGH")
@@ -118,7 +109,6 @@ def fleet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Iterator[Any]:
     resultNow(s.createToken("a" * 64, 3, T0 + DAY, "root", T0))
     resultNow(s.createToken("b" * 64, 1, T0 + HOUR / 2, "root", T0))
     capsys.readouterr()
-    s.data = data  # type: ignore[attr-defined]
     yield s
     s.close()
 
