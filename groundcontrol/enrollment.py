@@ -129,7 +129,11 @@ class AgentRequests:
                     "needsCertificate": needsCertificate,
                 }
             )
-        return encodeReply({"ok": True, "state": avatar.pendingKind or "pending"})
+        # Not the request's kind: "rekey" (the name asked for is another key's device)
+        # would tell anyone with a fresh key which device names exist. The kind is the
+        # admins' to see (ctl pending); its own key's expiry ("reapprove") it may know.
+        state = "reapprove" if avatar.pendingKind == "reapprove" else "pending"
+        return encodeReply({"ok": True, "state": state})
 
     async def reportTags(self, avatar: Any) -> None:
         """Store the tags the agent reported in its hello, for an approved device."""

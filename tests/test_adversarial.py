@@ -20,7 +20,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from accesstunnel.enrollmessages import HELLO, encodeMessage
+from accesstunnel.enrollmessages import HELLO, decodeMessage, encodeMessage
 from agent.remoteforward import RemoteForwarder
 from agent.session import SessionChannel, SessionEnvironment
 from groundcontrol.auth import FleetKeyChecker
@@ -285,3 +285,34 @@ class ClaimCodeGuessingTests(EnrollmentTestCase):
             self.assertNotEqual(status, 0)
         status, _, _ = self.world.ctl(mallory, f"claim {code}")
         self.assertNotEqual(status, 0)
+
+
+class PendingHelloRevealsNamesTests(SynchronousTestCase):
+    """
+    A stranger may log in as ``agent+NAME`` with a fresh key and wait as a pending device;
+    the hello answer said ``rekey`` when NAME was an existing device and ``new`` when not.
+    One pending key, reconnecting under one name after another (its request is updated,
+    no new one made, no cap spent), enumerated the fleet's device names. The answer now
+    says ``pending`` for both; the store keeps the kind for the admins.
+    """
+
+    def setUp(self) -> None:
+        self.fleet = InMemoryFleet()
+        self.fleet.enrollDevice("kiln7")
+
+    def hello(self, name: str, key: keys.Key) -> Any:
+        agent, pump = self.fleet.agent(name, key)
+        self.fleet.flush()
+        assert agent.connection is not None
+        asked = agent.connection.sendGlobalRequest(HELLO, encodeMessage({}), wantReply=1)
+        self.fleet.flush()
+        answer = decodeMessage(self.successResultOf(asked))
+        pump.client.transport.loseConnection()
+        self.fleet.flush()
+        return answer["state"]
+
+    def test_sameAnswerWhetherTheNameExists(self) -> None:
+        """One stranger's key, asking for an existing and a free name: the same answer."""
+        stranger = newKey()
+        self.assertEqual(self.hello("kiln7", stranger), self.hello("no-such-device", stranger))
+        self.assertEqual(self.hello("kiln7", newKey()), "pending")
