@@ -286,11 +286,12 @@ def _storeCommand(store: SQLStore, args: argparse.Namespace, now: Callable[[], f
             account = _result(store.addAccount(args.name, publicKeys, args.admin, now()))
             role = "admin" if account.isAdmin else "operator"
             print(f"added {role} {account.name} with {len(publicKeys)} key(s)")
-        elif args.json:
-            print(jsonText([accountJSON(a) for a in _result(store.listAccounts())]), end="")
         else:
-            for account in _result(store.listAccounts()):
-                print(f"{account.name}\t{'admin' if account.isAdmin else 'operator'}")
+            accounts = [accountJSON(a) for a in _result(store.listAccounts())]
+            if args.json:
+                print(jsonText(accounts), end="")
+            else:  # NAME<tab>ROLE lines: scripts/demo cuts the names out
+                print("".join(f"{a['name']}\t{a['role']}\n" for a in accounts), end="")
     elif args.command == "device":
         if args.deviceCommand == "list":
             _listDevices(store, args.json, now())

@@ -145,6 +145,13 @@ def test_sameDocumentsInBoth(fleet: Any, capsys: pytest.CaptureFixture[str]) -> 
     assert cliJSON(capsys, data, "user", "list") == ctlJSON(fleet, "users")
 
 
+def test_tablesTheSameInBoth(fleet: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """The groups are one table in the CLI and the control shell."""
+    data = fleet.data
+    groups = cli(capsys, data, "group", "list")[0]
+    assert groups == ctl(fleet, "group", "list")[0] == "GROUP  DEVICES\novens  kiln7\n"
+
+
 def test_changesPrintTheDocumentOfWhatChanged(
     fleet: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
