@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
@@ -119,6 +119,20 @@ class _WatchFactory(WrappingFactory):
         """The transport ended before the link protocol started (WebSocket refused...)."""
         if not self.started.called:
             self.started.errback(reason)
+
+
+def _timedOut(result: Any, timeout: float) -> Any:
+    """
+    An attempt cut short by its timeout is a timeout, however the endpoint reports the
+    cancel: HostnameEndpoint (every ssh://, tls://, wss://) fails with
+    ConnectingCancelledError, not CancelledError, and the log said "could not reach
+    ssh://A: HostnameAddress(hostname=b'A', port=22)" for a silently dropped address.
+    """
+    if isinstance(result, Failure) and result.check(
+        defer.CancelledError, error.ConnectingCancelledError
+    ):
+        raise defer.TimeoutError(timeout, "connect")
+    return result
 
 
 @implementer(IStreamClientEndpoint)
@@ -219,7 +233,7 @@ class FailoverEndpoint:
             return started
 
         attempt = connecting.addCallback(connected)
-        attempt.addTimeout(self._timeoutFor(connector), self._clock)
+        attempt.addTimeout(self._timeoutFor(connector), self._clock, _timedOut)
         try:
             watched = await attempt
         except BaseException:

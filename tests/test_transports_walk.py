@@ -8,6 +8,7 @@ proxy or tor that cannot be reached named as the culprit.
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 from typing import Any
 from unittest import SkipTest
 
@@ -330,3 +331,40 @@ class BothFamiliesTests(SynchronousTestCase):
             with socket.socket(socket.AF_INET) as v4:
                 v4.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 v4.bind(("0.0.0.0", v6.getsockname()[1]))
+
+
+class SilentAddressTests(SynchronousTestCase):
+    """A server address whose packets vanish (a firewall dropping SYNs)."""
+
+    def test_timeoutSaysSo(self) -> None:
+        """
+        HostnameEndpoint fails a cancelled connect with ConnectingCancelledError: the
+        failover's line reads 'no connection in 15 s', and the next address is tried.
+        """
+        from twisted.internet.address import HostnameAddress
+        from twisted.internet.task import Clock
+        from twisted.logger import capturedLogs, formatEvent
+
+        from accesstunnel.addresses import Connector
+        from agent.failover import FailoverEndpoint
+        from tests.test_failover import LinkFactory, ScriptedEndpoint
+
+        @implementer(IStreamClientEndpoint)
+        class Silent:
+            def connect(self, factory: IProtocolFactory) -> defer.Deferred[Any]:
+                def cancel(d: defer.Deferred[Any]) -> None:
+                    d.errback(error.ConnectingCancelledError(HostnameAddress(b"10.0.0.9", 22)))
+
+                return defer.Deferred(cancel)
+
+        clock = Clock()
+        silent = Connector(Silent(), lambda f: f, "ssh://10.0.0.9", "ssh")
+        working = Connector(ScriptedEndpoint("ok"), lambda f: f, "ssh://10.0.0.10", "ssh")
+        state = self.mktemp()
+        endpoint = FailoverEndpoint(clock, [silent, working], Path(state) / "last.json")
+        with capturedLogs() as events:
+            d = endpoint.connect(LinkFactory())
+            clock.advance(15.1)
+        self.successResultOf(d)
+        lines = [formatEvent(e) for e in events if "could not reach" in e.get("log_format", "")]
+        self.assertEqual(lines, ["could not reach ssh://10.0.0.9: no connection in 15 s"])
