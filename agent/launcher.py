@@ -7,7 +7,9 @@ plus twistd's C{-l/--logfile}) and runs the same L{agent.tap.makeService} on the
 without the legacy log context), the way ``twistd --nodaemon`` does: log lines in
 twistd's format on standard output or in a file (rotated at 1 MB and on SIGUSR1, as twistd
 does), standard output and error redirected into the log, SIGTERM and SIGINT stop the
-services and the reactor, SIGHUP re-reads C{--config} (the agent's own handler).
+services and the reactor, SIGHUP re-reads C{--config} (the agent's own handler). A stopping
+agent exits once its sessions' children have ended (L{stopThenOutliveSessions}), so it leaves
+none behind: its systemd unit signals the agent alone (C{KillMode=process}).
 ``twistd -n tunnel-agent`` keeps working as before; this is an addition for devices where
 memory counts.
 
@@ -51,7 +53,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from typing import Any, cast
 
 #: Optional imports refused while the reactor is imported (see the module docstring).
@@ -215,6 +217,62 @@ def _startLogging(logfile: str, reactor: Any, level: Any) -> Any:
     return output
 
 
+#: How often a stopping agent looks whether its sessions' children have ended.
+SESSION_END_POLL = 0.1
+
+
+def stopThenOutliveSessions(
+    top: Any, clock: Any, children: Mapping[int, Any] | None = None, grace: float | None = None
+) -> Any:
+    """
+    Stop the agent's services, then wait, at most C{grace} seconds (by default the sessions'
+    own L{agent.session.KILL_GRACE} and 2 s more), until no child process of the agent is
+    left (C{children}: Twisted's registry of the processes the reactor reaps).
+
+    Why: stopping the services closes the link, and each session hangs its child up as its
+    channel closes (SIGHUP to a terminal's process group, SIGTERM to a command's) and kills it
+    L{agent.session.KILL_GRACE} later if it is still there. Without this wait the reactor
+    stopped at once and that kill never came: a child that ignored the hang-up outlived the
+    agent, an orphan holding whatever it held (found under the systemd unit's
+    C{KillMode=process}, docs/systemd/tunnel-agent.service, where systemd signals only the
+    agent). Processes a session detached on purpose (C{nohup}, C{setsid}, C{tmux}) are not the
+    agent's children and live on, as they do when sshd restarts.
+    """
+    from twisted.internet import defer, task
+    from twisted.logger import Logger
+
+    if children is None:
+        from twisted.internet import process
+
+        children = process.reapProcessHandlers
+    if grace is None:
+        from agent.session import KILL_GRACE
+
+        grace = KILL_GRACE + 2.0
+    log = Logger(namespace="agent.launcher")
+
+    @defer.inlineCallbacks
+    def childrenEnded() -> Any:
+        if children:
+            log.info(
+                "waiting for {count} session children to end (at most {grace:.0f} s)",
+                count=len(children),
+                grace=grace,
+            )
+        deadline = clock.seconds() + grace
+        while children and clock.seconds() < deadline:
+            yield task.deferLater(clock, SESSION_END_POLL, lambda: None)
+        if children:
+            log.warn(
+                "session children {pids} still running after {grace:.0f} s; exiting anyway",
+                pids=sorted(children),
+                grace=grace,
+            )
+
+    stopped = defer.maybeDeferred(top.stopService)
+    return stopped.addBoth(lambda result: childrenEnded().addCallback(lambda _: result))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the agent's options, start logging and the agent's services, run the reactor."""
     reactor = importReactor()
@@ -254,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     top = makeService(options)
     top.privilegedStartService()
     reactor.callWhenRunning(top.startService)
-    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    reactor.addSystemEventTrigger("before", "shutdown", stopThenOutliveSessions, top, reactor)
     reactor.run()
     log.info("Server Shut Down.")
     if output is not sys.stdout:

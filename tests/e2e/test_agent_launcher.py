@@ -9,11 +9,15 @@ SIGTERM as under twistd.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
+import subprocess
+from pathlib import Path
 
 import pytest
 
+from agent.session import KILL_GRACE
 from tests.e2e.harness import LOOPBACK, PYTHON, Agent, Fleet, waitFor
 from tests.e2e.test_transports import (
     approveAndReach,
@@ -101,3 +105,45 @@ def test_tlsTransports(fleet: Fleet, scheme: str, path: str) -> None:
     process.signal(signal.SIGTERM)
     assert process.popen.wait(10) == 0
     assert "Server Shut Down." in process.output()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_stopOutlivesSessionChildren(fleet: Fleet, tmp_path: Path) -> None:
+    """
+    SIGTERM (systemd's stop: docs/systemd/tunnel-agent.service signals the agent alone,
+    KillMode=process) while a session's shell ignores its hang-up: the agent exits only once
+    it has killed that shell (KILL_GRACE after the hang-up), leaving no session child behind.
+    Before agent.launcher.stopThenOutliveSessions it exited at once and the shell lived on.
+    """
+    agent = startLauncherAgent(fleet, "kiln7", f"ssh://{LOOPBACK}:{fleet.gc.port}")
+    approveAndReach(fleet, "kiln7")
+    process = agent.process
+    assert process is not None
+    marker = tmp_path / "shell.pid"
+    command = f"trap '' HUP TERM; echo $$ > {marker}; sleep 300"
+    session = subprocess.Popen(
+        fleet.operators["alice"].argv("dev_kiln7", command, tty=True),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    shell = int(waitFor(lambda: marker.exists() and marker.read_text().strip(), 30, "the shell"))
+    try:
+        process.signal(signal.SIGTERM)
+        assert process.popen.wait(KILL_GRACE + 10) == 0
+        assert not _alive(shell)
+        assert "ignored its hang-up; killing it" in process.output()
+        session.wait(10)
+    finally:
+        if _alive(shell):
+            os.killpg(shell, signal.SIGKILL)
+        if session.poll() is None:
+            session.kill()
