@@ -29,6 +29,7 @@ from groundcontrol.accesslists import (
     tokensTable,
     ungrantedText,
 )
+from groundcontrol.control.claimguesses import claimWait, wrongCode
 from groundcontrol.devicedetail import (
     DeviceDetail,
     detailJSON,
@@ -50,7 +51,15 @@ from groundcontrol.documents import (
 )
 from groundcontrol.enrollment import hashSecret, normaliseCode
 from groundcontrol.registry import Registry
-from groundcontrol.store import Account, Device, IStore, StoreError, parseSelector
+from groundcontrol.store import (
+    Account,
+    ClaimCodeExpired,
+    ClaimCodeInvalid,
+    Device,
+    IStore,
+    StoreError,
+    parseSelector,
+)
 from groundcontrol.timetext import relativeTime, whenText
 
 
@@ -602,9 +611,20 @@ def _claim(parser: _Parser) -> Handler:
         if options.device is not None:
             raise UsageError("claim CODE takes no device name (claim renew|release DEVICE does)")
         until = now + _lease(options.duration)
-        device = await context.store.claimDevice(
-            hashSecret(normaliseCode(options.code)), context.account, until, now
-        )
+        wait = claimWait(context.registry, context.actor, now)
+        if wait:
+            return CommandResult(
+                stderr="claim: too many wrong pairing codes; try again "
+                f"{relativeTime(now + wait, now)}\n",
+                status=1,
+            )
+        try:
+            device = await context.store.claimDevice(
+                hashSecret(normaliseCode(options.code)), context.account, until, now
+            )
+        except (ClaimCodeInvalid, ClaimCodeExpired):
+            wrongCode(context.registry, context.actor, now)
+            raise
         return _done(
             options,
             f"claimed {device.name}: yours until {whenText(until, now)}; "
