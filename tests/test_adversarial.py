@@ -12,7 +12,6 @@ import pwd
 import struct
 from typing import Any
 
-import pytest
 from cryptography.hazmat.primitives.asymmetric import dsa, rsa
 from twisted.conch.ssh import common, keys
 from twisted.cred.credentials import SSHPrivateKey
@@ -269,13 +268,11 @@ class ClaimCodeGuessingTests(EnrollmentTestCase):
     """
     ``ctl claim CODE`` is open to every account, and a pairing code is ~40 bits that live
     ten minutes; with many devices showing codes at once (a rollout) and no bound on wrong
-    guesses, an operator with no grant could guess one and own a device. Nothing bounds
-    them today: after many wrong codes the right one still works. The bound belongs in the
-    control shell's claim (groundcontrol/control/commands.py, H3's) or the store's
-    claimDevice: strict xfail until it lands.
+    guesses, an operator with no grant could guess one and own a device. Bounded since
+    by the control shell's claim (groundcontrol/control/claimguesses.py: ten wrong codes,
+    then one a minute; tests/test_claim_guesses.py).
     """
 
-    @pytest.mark.xfail(strict=True, reason="fix in the control shell's claim (H3's files)")
     def test_wrongGuessesAreBounded(self) -> None:
         """After 100 wrong codes in a row, the account's next claim is refused for a while."""
         mallory = self.world.operator("mallory")
