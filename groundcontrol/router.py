@@ -17,7 +17,6 @@ never sees inside the end-to-end session.
 from __future__ import annotations
 
 import struct
-import time
 from typing import Any
 
 import attrs
@@ -32,6 +31,7 @@ from groundcontrol.forwarding import MalformedPayload, parseForwardRequest
 from groundcontrol.registry import Registry
 from groundcontrol.relay import RelayChannel, refusal, splice
 from groundcontrol.store import Account, IStore
+from groundcontrol.timetext import absoluteTime, relativeTime
 from groundcontrol.usernames import (
     DEVICE_PREFIX,
     ControlTarget,
@@ -70,20 +70,10 @@ class SessionPolicy:
 
 
 def describeLastSeen(lastSeen: float | None, now: float) -> str:
-    """'last seen 2026-11-25 13:02:07 UTC, 5 minutes ago', for offline errors."""
+    """'last seen 2026-11-25T13:02:07Z, 5 min ago' for offline errors, in the shell's spelling."""
     if lastSeen is None:
         return "it has never connected"
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(lastSeen))
-    ago = max(0, int(now - lastSeen))
-    if ago < 120:
-        span = f"{ago} seconds ago"
-    elif ago < 7200:
-        span = f"{ago // 60} minutes ago"
-    elif ago < 172800:
-        span = f"{ago // 3600} hours ago"
-    else:
-        span = f"{ago // 86400} days ago"
-    return f"last seen {stamp}, {span}"
+    return f"last seen {absoluteTime(lastSeen)}, {relativeTime(lastSeen, now)}"
 
 
 def _openChannelCount(conn: Any) -> int:

@@ -277,7 +277,11 @@ class RefusalTests(RelayTestCase):
     def test_offline(self) -> None:
         """A known device with no link is reported offline, with when it was last seen."""
         session = self.refusal("dev_kiln7")
-        self.assertIn("device 'kiln7' is offline", session.openFailureText)
+        self.assertRegex(
+            session.openFailureText,
+            r"^device 'kiln7' is offline \(last seen \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ, "
+            r"(now|\d+ (s|min|h|d) ago)\)$",
+        )
         self.assertEqual(session.openFailure.args[1], connection.OPEN_CONNECT_FAILED)  # type: ignore[union-attr]
 
     def test_revoked(self) -> None:
