@@ -368,3 +368,80 @@ class SilentAddressTests(SynchronousTestCase):
         self.successResultOf(d)
         lines = [formatEvent(e) for e in events if "could not reach" in e.get("log_format", "")]
         self.assertEqual(lines, ["could not reach ssh://10.0.0.9: no connection in 15 s"])
+
+
+class _FakeOnion:
+    def __init__(self, hostname: str, privateKey: str) -> None:
+        self.hostname = hostname
+        self.private_key = privateKey
+        self.removed = False
+
+    def remove(self) -> defer.Deferred[None]:
+        self.removed = True
+        return defer.succeed(None)
+
+
+class _FakeTor:
+    """What txtorcon.connect gives: create_onion_service, and the control protocol."""
+
+    def __init__(self) -> None:
+        self.gone: defer.Deferred[None] = defer.Deferred()
+        self.protocol = self
+        self.added: list[dict[str, Any]] = []
+        self.onion: _FakeOnion | None = None
+
+    def when_disconnected(self) -> defer.Deferred[None]:
+        return self.gone
+
+    def create_onion_service(self, **kwargs: Any) -> defer.Deferred[_FakeOnion]:
+        self.added.append(kwargs)
+        self.onion = _FakeOnion("abcdef.onion", kwargs["private_key"] or "ED25519-V3:KEY")
+        return defer.succeed(self.onion)
+
+
+class OnionRepublishTests(SynchronousTestCase):
+    """groundcontrol's onion service when the tor that hosts it restarts."""
+
+    def setUp(self) -> None:
+        import txtorcon
+
+        self.answers: list[Any] = []
+        self.patch(txtorcon, "connect", lambda reactor, endpoint: self.answers.pop(0))
+        self.reactor = MemoryReactorClock()
+
+    def test_publishedAgainWithTheSameKey(self) -> None:
+        """
+        tor's control connection lost: logged, and once tor answers again (retrying with
+        a growing delay) the service is added again with the same key, on the same local
+        port, so the .onion agents dial works again; a stopped listener retries no more.
+        """
+        from twisted.logger import capturedLogs, formatEvent
+
+        from accesstunnel.transports.tor import OnionServerEndpoint
+
+        first, second = _FakeTor(), _FakeTor()
+        self.answers.append(defer.succeed(first))
+        endpoint = OnionServerEndpoint(self.reactor, 2222, TorSettings())
+        port: Any = self.successResultOf(endpoint.listen(Factory()))
+        self.assertEqual(port.getHost().host, "abcdef.onion")
+        [added] = first.added
+        with capturedLogs() as events:
+            first.gone.errback(error.ConnectionLost("tor restarted"))
+            self.answers.append(defer.fail(error.ConnectionRefusedError("tor starting")))
+            self.reactor.advance(1)
+            self.answers.append(defer.succeed(second))
+            self.reactor.advance(1.9)
+            self.assertEqual(second.added, [])
+            self.reactor.advance(0.1)
+        self.assertEqual(second.added, [{**added, "private_key": "ED25519-V3:KEY"}])
+        self.assertEqual(port.getHost().host, "abcdef.onion")
+        text = "\n".join(formatEvent(e) for e in events)
+        self.assertIn("lost tor's control port tcp:127.0.0.1:9051", text)
+        self.assertIn("cannot publish the onion service yet", text)
+        self.assertIn("onion service abcdef.onion:2222 published", text)
+
+        self.successResultOf(port.stopListening())
+        assert second.onion is not None
+        self.assertTrue(second.onion.removed)
+        second.gone.errback(error.ConnectionLost("tor stopped"))
+        self.assertEqual(self.reactor.getDelayedCalls(), [])

@@ -17,6 +17,7 @@ import attrs
 from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import (
     IAddress,
+    IDelayedCall,
     IListeningPort,
     IProtocolFactory,
     IStreamClientEndpoint,
@@ -57,14 +58,100 @@ class OnionAddress:
     type: str = "ONION"
 
 
+#: Seconds between attempts to publish the onion service again once tor's control port
+#: went away (tor restarted): quick at first, then every 30 s for as long as it takes.
+REPUBLISH_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+
+
 @implementer(IListeningPort)
 class _OnionPort:
-    """The local listening port plus the onion service pointing at it."""
+    """
+    The local listening port plus the onion service pointing at it, published again
+    whenever tor comes back.
 
-    def __init__(self, local: IListeningPort, onion: Any, publicPort: int) -> None:
-        self._local = local
-        self.onion = onion
+    Why again: an ADD_ONION service lives as long as the tor process (and the control
+    connection that added it). When tor restarted (a package upgrade, a crash), the onion
+    address stopped answering for good while groundcontrol went on looking healthy; every
+    tor:// agent was cut off until someone restarted groundcontrol. Now losing the control
+    connection is logged, and the service is published again, with the same key and so
+    the same address, as soon as tor answers.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        settings: TorSettings,
+        publicPort: int,
+        local: IListeningPort,
+        privateKey: str | None,
+    ) -> None:
+        self._reactor = reactor
+        self._settings = settings
         self._publicPort = publicPort
+        self._local = local
+        self._privateKey = privateKey
+        self.onion: Any = None
+        self._retry: IDelayedCall | None = None
+        self._failures = 0
+        self._stopped = False
+
+    async def publish(self) -> None:
+        """Connect to tor's control port and add the onion service (the first, or again)."""
+        import txtorcon  # groundcontrol only: the agent dials through SOCKS alone
+
+        control = endpoints.clientFromString(self._reactor, self._settings.control)
+        tor = await txtorcon.connect(self._reactor, control)
+        localPort = self._local.getHost().port  # type: ignore[attr-defined]
+        onion = await tor.create_onion_service(
+            ports=[(self._publicPort, f"127.0.0.1:{localPort}")],
+            private_key=self._privateKey,
+            version=3,
+        )
+        if self._stopped:  # stopListening came while tor was answering
+            await onion.remove()
+            return
+        self._privateKey = self._privateKey or onion.private_key
+        self.onion = onion
+        tor.protocol.when_disconnected().addBoth(self._torGone)
+        self._log.info(
+            "onion service {onion}:{port} published for 127.0.0.1:{local}",
+            onion=onion.hostname,
+            port=self._publicPort,
+            local=localPort,
+        )
+
+    def _torGone(self, reason: Any) -> None:
+        if self._stopped:
+            return
+        self._log.warn(
+            "lost tor's control port {control}: onion service {onion} is unreachable until "
+            "tor is back; publishing it again",
+            control=self._settings.control,
+            onion=self.onion.hostname if self.onion is not None else "?",
+        )
+        self._failures = 0
+        self._again()
+
+    def _again(self) -> None:
+        delay = REPUBLISH_DELAYS[min(self._failures, len(REPUBLISH_DELAYS) - 1)]
+        self._retry = self._reactor.callLater(delay, self._republish)
+
+    def _republish(self) -> None:
+        self._retry = None
+        publishing = defer.Deferred.fromCoroutine(self.publish())
+
+        def failed(reason: Any) -> None:
+            self._failures += 1
+            self._log.info(
+                "cannot publish the onion service yet ({error}); trying again",
+                error=str(reason.value) or reason.type.__name__,
+            )
+            if not self._stopped:
+                self._again()
+
+        publishing.addErrback(failed)
 
     def getHost(self) -> OnionAddress:
         return OnionAddress(self.onion.hostname, self._publicPort)
@@ -76,8 +163,12 @@ class _OnionPort:
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        self._stopped = True
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
         try:
-            await self.onion.remove()
+            if self.onion is not None:
+                await self.onion.remove()
         finally:
             await defer.maybeDeferred(self._local.stopListening)
 
@@ -88,10 +179,9 @@ class OnionServerEndpoint:
     Listen on a loopback port and publish it as a v3 onion service on C{publicPort}.
 
     C{listen} fires once tor has uploaded the first descriptor, so a server that reports
-    itself listening can be reached.
+    itself listening can be reached; it fails if tor cannot be reached then (groundcontrol
+    does not start). Later losses of tor are repaired by L{_OnionPort}.
     """
-
-    _log = Logger()
 
     def __init__(self, reactor: Any, publicPort: int, settings: TorSettings) -> None:
         self._reactor = reactor
@@ -105,31 +195,17 @@ class OnionServerEndpoint:
         local = await endpoints.TCP4ServerEndpoint(self._reactor, 0, interface="127.0.0.1").listen(
             protocolFactory
         )
+        keyFile = self.settings.onionKeyFile
+        key = keyFile.read_text().strip() if keyFile and keyFile.exists() else None
+        port = _OnionPort(self._reactor, self.settings, self.publicPort, local, key)
         try:
-            import txtorcon  # groundcontrol only: the agent dials through SOCKS alone
-
-            control = endpoints.clientFromString(self._reactor, self.settings.control)
-            tor = await txtorcon.connect(self._reactor, control)
-            keyFile = self.settings.onionKeyFile
-            key = keyFile.read_text().strip() if keyFile and keyFile.exists() else None
-            localPort = local.getHost().port  # type: ignore[attr-defined]
-            onion = await tor.create_onion_service(
-                ports=[(self.publicPort, f"127.0.0.1:{localPort}")],
-                private_key=key,
-                version=3,
-            )
+            await port.publish()
         except BaseException:
             await defer.maybeDeferred(local.stopListening)
             raise
         if keyFile is not None and key is None:
-            _writePrivate(keyFile, onion.private_key + "\n")
-        self._log.info(
-            "onion service {onion}:{port} published for 127.0.0.1:{local}",
-            onion=onion.hostname,
-            port=self.publicPort,
-            local=localPort,
-        )
-        return _OnionPort(local, onion, self.publicPort)
+            _writePrivate(keyFile, port.onion.private_key + "\n")
+        return port
 
 
 def _writePrivate(path: Path, text: str) -> None:
