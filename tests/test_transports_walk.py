@@ -445,3 +445,19 @@ class OnionRepublishTests(SynchronousTestCase):
         self.assertTrue(second.onion.removed)
         second.gone.errback(error.ConnectionLost("tor stopped"))
         self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_torNotRunningAtStart(self) -> None:
+        """
+        tor's control port not answering when groundcontrol starts fails the listener (it
+        does not start) with a message that names the port and what tor needs.
+        """
+        from accesstunnel.transports.tor import OnionServerEndpoint, TorControlError
+
+        self.answers.append(defer.fail(error.ConnectionRefusedError("111: Connection refused")))
+        endpoint = OnionServerEndpoint(self.reactor, 2222, TorSettings())
+        failure = self.failureResultOf(endpoint.listen(Factory()), TorControlError)
+        message = str(failure.value)
+        self.assertIn("cannot reach tor's control port tcp:127.0.0.1:9051", message)
+        self.assertIn("ControlPort", message)
+        self.assertIn("Connection refused", message)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])

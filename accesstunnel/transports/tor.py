@@ -26,7 +26,13 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from zope.interface import implementer
 
-__all__ = ["OnionAddress", "OnionServerEndpoint", "TorSettings", "onionClientEndpoint"]
+__all__ = [
+    "OnionAddress",
+    "OnionServerEndpoint",
+    "TorControlError",
+    "TorSettings",
+    "onionClientEndpoint",
+]
 
 DEFAULT_CONTROL = "tcp:127.0.0.1:9051"
 DEFAULT_SOCKS = "tcp:127.0.0.1:9050"
@@ -46,6 +52,10 @@ class TorSettings:
     control: str = DEFAULT_CONTROL
     socks: str = DEFAULT_SOCKS
     onionKeyFile: Path | None = attrs.field(default=None, converter=attrs.converters.optional(Path))
+
+
+class TorControlError(ConnectionError):
+    """tor's control port did not answer or refused us: no onion service can be published."""
 
 
 @implementer(IAddress)
@@ -102,7 +112,13 @@ class _OnionPort:
         import txtorcon  # groundcontrol only: the agent dials through SOCKS alone
 
         control = endpoints.clientFromString(self._reactor, self._settings.control)
-        tor = await txtorcon.connect(self._reactor, control)
+        try:
+            tor = await txtorcon.connect(self._reactor, control)
+        except Exception as e:
+            raise TorControlError(
+                f"cannot reach tor's control port {self._settings.control} (is tor running, "
+                f"with ControlPort and CookieAuthentication 1?): {e}"
+            ) from e
         localPort = self._local.getHost().port  # type: ignore[attr-defined]
         onion = await tor.create_onion_service(
             ports=[(self._publicPort, f"127.0.0.1:{localPort}")],
