@@ -161,7 +161,7 @@ def parseAddress(address: str) -> Address:
     try:
         port = parts.port if parts.port is not None else DEFAULT_PORTS[scheme]
     except ValueError:
-        raise AddressError(f"{address!r} has a bad port") from None
+        raise AddressError(f"{address!r} has a bad port{bracketsHint(parts.netloc)}") from None
     host = parts.hostname or ""
     if "%" in host:  # an IPv6 zone, escaped in URLs (RFC 6874): [fe80::1%25eth0]
         host = unquote(host)
@@ -173,6 +173,14 @@ def parseAddress(address: str) -> Address:
     elif parts.path not in ("", "/"):
         raise AddressError(f"{address!r}: {scheme}:// addresses have no path")
     return Address(address, scheme, host, port, path)
+
+
+def bracketsHint(netloc: str) -> str:
+    """For a bad-port message: an unbracketed IPv6 address reads as host:port:port."""
+    hostPart = netloc.rpartition("@")[2]
+    if hostPart.count(":") > 1 and not hostPart.startswith("["):
+        return " (write an IPv6 address in brackets: [2001:db8::1]:22)"
+    return ""
 
 
 def _escape(host: str) -> str:

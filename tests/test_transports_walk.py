@@ -44,6 +44,18 @@ from tests.test_transports_proxy import FakeProxyEndpoint, Recorder
 class AddressTextTests(SynchronousTestCase):
     """host:port as people read it, whatever the family."""
 
+    def test_unbracketedIPv6(self) -> None:
+        """ssh://::1:22 or a proxy at http://::1:3128: the error says to use brackets."""
+        with self.assertRaises(AddressError) as caught:
+            parseAddress("ssh://2001:db8::1:22")
+        self.assertIn("in brackets", str(caught.exception))
+        with self.assertRaises(ValueError) as parsed:
+            ProxyURL.parse("http://::1:3128")
+        self.assertIn("in brackets", str(parsed.exception))
+        with self.assertRaises(AddressError) as caught:
+            parseAddress("ssh://gc.example:22x")
+        self.assertNotIn("brackets", str(caught.exception))
+
     def test_zoneInURL(self) -> None:
         """An IPv6 zone is written %25 in a URL (RFC 6874) and means '%'."""
         self.assertEqual(parseAddress("ssh://[fe80::1%25eth0]:22").host, "fe80::1%eth0")

@@ -21,7 +21,7 @@ from twisted.internet import endpoints
 from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from twisted.logger import Logger
 
-from accesstunnel.addresses import hostPort
+from accesstunnel.addresses import bracketsHint, hostPort
 from accesstunnel.transports.tunnel import ProxyError, TunnelEndpoint, TunnelProtocol
 
 __all__ = [
@@ -59,11 +59,13 @@ class ProxyURL:
         if parts.scheme.lower() != "http":
             raise ValueError(f"proxy {shown!r}: only http:// proxies are supported")
         if not parts.hostname:
-            raise ValueError(f"proxy {shown!r} has no host")
+            raise ValueError(f"proxy {shown!r} has no host{bracketsHint(parts.netloc)}")
         try:
             port = parts.port or 80
         except ValueError:
-            hint = " (percent-escape @ : / ? # in a password)" if "@" in url else ""
+            hint = bracketsHint(parts.netloc) or (
+                " (percent-escape @ : / ? # in a password)" if "@" in url else ""
+            )
             raise ValueError(f"proxy {shown!r} has a bad port{hint}") from None
         username = unquote(parts.username) if parts.username is not None else None
         password = unquote(parts.password) if parts.password is not None else None
