@@ -68,6 +68,18 @@ _ENROLLMENT_ALLOWANCE = Allowance(
     reason="enrollment_requests",
 )
 
+#: Key re-exchanges a logged-in peer may start at once, then one per
+#: L{PEER_REKEY_INTERVAL} seconds; beyond that it is disconnected (the defaults of
+#: L{ServerSettings}). Each costs groundcontrol's one process a key exchange and a
+#: signature (about 0.3 ms), and any key may log in as a pending device: unbounded, one
+#: link could keep groundcontrol busy with nothing else (the pre-auth bounds,
+#: L{groundcontrol.preauth}, end at login); bounded, a link costs at most 0.15% of a
+#: core. Our agent renews its keys every 1 GiB or hour (accesstunnel.rekey), OpenSSH
+#: every 1-4 GiB by default: at 1 GB/s, one a second. Four a second leave room for a
+#: RekeyLimit of 64M at 250 MB/s; smaller limits at high rates would be cut off.
+PEER_REKEY_BURST = 10
+PEER_REKEY_INTERVAL = 0.25
+
 #: What the agent's key may be used for in signatures we accept (RFC 8308).
 USER_KEY_ALGORITHMS = [b"ssh-ed25519", b"rsa-sha2-512", b"rsa-sha2-256"]
 
@@ -85,6 +97,10 @@ class ServerSettings:
     rekeyLimit: RekeyLimit = attrs.field(factory=RekeyLimit)
     #: Renew an operator's keys with AES-GCM after login (L{cipherchoice}).
     aesGCMAfterLogin: bool = False
+    #: Key re-exchanges a logged-in peer may start at once, then one per interval
+    #: (L{PEER_REKEY_BURST}); a burst of 0 turns the bound off.
+    peerRekeyBurst: int = PEER_REKEY_BURST
+    peerRekeyInterval: float = PEER_REKEY_INTERVAL
 
 
 class PendingRefused(UnauthorizedLogin):
@@ -369,6 +385,9 @@ class GroundControlTransport(
 
     _log = Logger()
     _graceTimer: Any = None
+    #: The allowance of key re-exchanges a logged-in peer starts and what it owes of it
+    #: (None: none started yet).
+    _peerRekeys: Any = None
 
     def connectionMade(self) -> None:
         hostKeyAlgorithms = self.supportedPublicKeys
@@ -396,6 +415,45 @@ class GroundControlTransport(
             self.sendPacket(transport.MSG_UNIMPLEMENTED, struct.pack(">L", rejected))
             return
         super().ssh_SERVICE_REQUEST(packet)
+
+    def ssh_KEXINIT(self, packet: bytes) -> Any:
+        """
+        A re-exchange the logged-in peer starts (not an answer to ours) spends its
+        allowance (L{ServerSettings.peerRekeyBurst}); with none left the peer is
+        disconnected.
+        """
+        if (
+            hasattr(self, "avatar")
+            and self._keyExchangeState == self._KEY_EXCHANGE_NONE
+            and not self._spendPeerRekey()
+        ):
+            settings: ServerSettings = self.factory.settings
+            self._log.warn(
+                "disconnecting {peer}: more than {burst} key exchanges at once "
+                "(then one per {interval:g} s)",
+                peer=_describePeer(self.transport.getPeer()),
+                burst=settings.peerRekeyBurst,
+                interval=settings.peerRekeyInterval,
+            )
+            self.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR, b"too many key exchanges")
+            return None
+        return super().ssh_KEXINIT(packet)
+
+    def _spendPeerRekey(self) -> bool:
+        settings: ServerSettings = self.factory.settings
+        if settings.peerRekeyBurst <= 0:
+            return True
+        now = self.factory.clock.seconds()
+        if self._peerRekeys is None:
+            allowance = Allowance(
+                size=settings.peerRekeyBurst,
+                rate=1 / settings.peerRekeyInterval,
+                what="key re-exchanges",
+                reason="peer_rekeys",
+            )
+            self._peerRekeys = (allowance, allowance.emptyBucket(now))
+        allowance, bucket = self._peerRekeys
+        return allowance.spend(bucket, now)
 
     def sendExtInfo(self, extensions: list[tuple[bytes, bytes]]) -> None:
         # Advertise the user-key signature algorithms we accept, not our host

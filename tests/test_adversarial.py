@@ -23,7 +23,12 @@ from accesstunnel.enrollmessages import HELLO, decodeMessage, encodeMessage
 from agent.remoteforward import RemoteForwarder
 from agent.session import SessionChannel, SessionEnvironment
 from groundcontrol.auth import FleetKeyChecker
-from groundcontrol.sshserver import ENROLLMENT_REQUEST_BURST, ENROLLMENT_REQUEST_INTERVAL
+from groundcontrol.sshserver import (
+    ENROLLMENT_REQUEST_BURST,
+    ENROLLMENT_REQUEST_INTERVAL,
+    PEER_REKEY_BURST,
+    PEER_REKEY_INTERVAL,
+)
 from groundcontrol.testing import InMemoryFleet, newKey, openMemoryStore, publicLine, resultNow
 from tests.test_access import LOGIN_USER, AccessFleet
 from tests.test_agent_forwarding import ListeningReactor
@@ -313,3 +318,47 @@ class PendingHelloRevealsNamesTests(SynchronousTestCase):
         stranger = newKey()
         self.assertEqual(self.hello("kiln7", stranger), self.hello("no-such-device", stranger))
         self.assertEqual(self.hello("kiln7", newKey()), "pending")
+
+
+class PeerRekeyFloodTests(SynchronousTestCase):
+    """
+    Before login a source gets few key exchanges (two per connection, and the no-auth
+    allowance). After it, nothing bounded the ones a peer starts: any key logs in as a
+    pending device, and could then re-exchange keys back to back, each costing
+    groundcontrol's one process a key exchange and a signature (DHEat, after login). A
+    logged-in peer gets a burst of re-exchanges, then one per interval; beyond that it is
+    disconnected. Ours come every 1 GiB or hour, OpenSSH's every 1-4 GiB.
+    """
+
+    def setUp(self) -> None:
+        self.fleet = InMemoryFleet()
+        self.agent, self.pump = self.fleet.agent("oven2", newKey())
+        self.fleet.flush()
+        assert self.agent.connection is not None
+
+    def rekey(self, times: int) -> int:
+        """Start C{times} re-exchanges one after the other; how many were completed."""
+        client = self.pump.client
+        done = 0
+        for _ in range(times):
+            if self.agent.lost:
+                break
+            client.sendKexInit()
+            self.fleet.flush()
+            if not self.agent.lost:
+                done += 1
+        return done
+
+    def test_backToBackRekeysDisconnected(self) -> None:
+        """200 back to back: a burst is served, then the peer is disconnected."""
+        done = self.rekey(200)
+        self.assertTrue(self.agent.lost)
+        self.assertLessEqual(done, PEER_REKEY_BURST)
+        self.assertIn("key exchanges", self.agent.disconnectReason or "")
+
+    def test_rekeysAtTheIntervalServed(self) -> None:
+        """One per interval goes on for ever."""
+        for _ in range(3 * PEER_REKEY_BURST):
+            self.assertEqual(self.rekey(1), 1)
+            self.fleet.clock.advance(PEER_REKEY_INTERVAL)
+        self.assertFalse(self.agent.lost)
