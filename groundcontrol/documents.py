@@ -13,7 +13,8 @@ that key out rather than guess. L{jsonText} is the one writer both use.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from groundcontrol.store import Account, Device, EnrollmentRequest, Grant, TokenRecord
@@ -22,6 +23,8 @@ from groundcontrol.timetext import isoTime
 __all__ = [
     "SESSION_KEYS",
     "accountJSON",
+    "auditDetailJSON",
+    "auditEventJSON",
     "deviceJSON",
     "grantJSON",
     "grantState",
@@ -164,3 +167,63 @@ def sessionJSON(record: dict[str, Any]) -> dict[str, Any]:
     for key in ("started_at", "ended_at"):
         document[key] = isoTime(record.get(key) or None)
     return document
+
+
+#: Audit detail keys read out under another name than their snake_case spelling: the one
+#: key that did not say what it was (C{claim.renewed}'s lease end before the renewal).
+_RENAMED_DETAIL_KEYS = {"was": "previous_lease_until"}
+
+#: Audit detail keys (as read out) whose values are instants: epoch numbers in the store.
+_DETAIL_TIMES = frozenset(
+    {
+        "expires_at",
+        "lease_until",
+        "previous_lease_until",
+        "not_after",
+        "since",
+        "started_at",
+        "ended_at",
+    }
+)
+
+_CAPITAL = re.compile(r"(?<=[a-z0-9])([A-Z])")
+
+
+def _snakeCase(key: str) -> str:
+    """C{leaseUntil} -> C{lease_until}; a key already in snake_case is kept."""
+    return _RENAMED_DETAIL_KEYS.get(key) or _CAPITAL.sub(lambda m: "_" + m.group(1).lower(), key)
+
+
+def auditDetailJSON(detail: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    An audit event's detail as webhooks and logs give it: keys in snake_case, instants as
+    ISO (a 0, an unrecorded time, as null). The store keeps the rows as they were written
+    (C{leaseUntil}, C{expiresAt}: epoch numbers) and they are converted here, as they are
+    read out, so rows written before the vocabulary read the same as new ones. A time key
+    whose value is not a number (already text) is passed on as it is.
+    """
+    document: dict[str, Any] = {}
+    for key, value in detail.items():
+        name = _snakeCase(key)
+        if name in _DETAIL_TIMES and isinstance(value, int | float):
+            value = isoTime(value or None)
+        document[name] = value
+    return document
+
+
+def auditEventJSON(
+    event: str, device: str | None, actor: str | None, at: float, detail: Mapping[str, Any]
+) -> dict[str, Any]:
+    """
+    An audit event: what a webhook is sent (and the log's fleet event line carries).
+    C{device} is the device's name (for a pending device, the name it asked for); the
+    detail's keys are those of the device or request documents where they mean the same
+    (C{fingerprint}, C{serial}, C{kind}, C{source}, C{owner}, C{lease_until}).
+    """
+    return {
+        "event": event,
+        "device": device,
+        "actor": actor,
+        "at": isoTime(at),
+        "detail": auditDetailJSON(detail),
+    }

@@ -12,7 +12,6 @@ import json
 import random as _random
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 from typing import Protocol as TypingProtocol
@@ -27,6 +26,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from zope.interface import Interface, implementer
+
+from groundcontrol.documents import auditEventJSON
+from groundcontrol.timetext import isoTime
 
 __all__ = [
     "DEVICE_APPROVED",
@@ -81,15 +83,12 @@ class FleetEvent:
     detail: Mapping[str, Any] = field(factory=dict, converter=_frozenDetail, hash=False)
 
     def toJSON(self) -> dict[str, Any]:
-        """The webhook payload: the fields, plus C{time} as ISO 8601 for human readers."""
-        return {
-            "event": self.event,
-            "device": self.device,
-            "actor": self.actor,
-            "at": self.at,
-            "time": datetime.fromtimestamp(self.at, UTC).isoformat().replace("+00:00", "Z"),
-            "detail": dict(self.detail),
-        }
+        """
+        The webhook payload: the audit event's document (L{auditEventJSON}: C{at} as ISO
+        8601 with a C{Z}, the detail's keys in snake_case and its instants as ISO), in the
+        vocabulary of the CLI's and the control shell's JSON.
+        """
+        return auditEventJSON(self.event, self.device, self.actor, self.at, self.detail)
 
 
 class INotifier(Interface):
@@ -123,13 +122,14 @@ class LogNotifier:
 
     def notify(self, event: FleetEvent) -> None:
         try:
+            document = event.toJSON()
             self.log.info(
                 "fleet event {event} for {device}",
                 event=_printable(event.event),
                 device=_printable(event.device),
                 actor=_printable(event.actor),
-                at=event.at,
-                detail=dict(event.detail),
+                at=document["at"],
+                detail=document["detail"],
             )
         except Exception:
             # A broken log observer must not break an approval; there is nowhere left to
@@ -277,7 +277,7 @@ class WebhookNotifier:
                     limit=self.maxPending,
                     event=dropped.event,
                     device=_printable(dropped.device),
-                    at=dropped.at,
+                    at=isoTime(dropped.at),
                 )
             self._pending.append(event)
             while self._active < self.concurrency and self._pending:

@@ -1,70 +1,10 @@
 """
-Times as the admin CLI and the control shell write them: one spelling for scripts, one
-absolute and one relative spelling for people.
-
-Both front ends used to write instants three ways (epoch numbers in some JSON,
-C{2026-11-25 22:36:31} in the shell's tables, C{... UTC} in its confirmations, ISO in the
-CLI's) and a device's last sight as C{now} in one JSON document and a date in the next.
-Every instant now goes through this module: L{isoTime} in JSON (a string with a C{Z}, or
-null), L{absoluteTime} where a person reads a date, L{relativeTime} where they read how
-long ago or how soon, and L{whenText} for both at once.
+Times as the admin CLI and the control shell write them: L{accesstunnel.timetext}, which
+the agent shares (one copy of the formatter; this name is kept for groundcontrol's modules).
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from accesstunnel.timetext import absoluteTime, isoTime, relativeTime, whenText
 
 __all__ = ["absoluteTime", "isoTime", "relativeTime", "whenText"]
-
-#: Below each bound a span is counted in the unit beside it; past the last, in days.
-_SPANS = ((120, 1, "s"), (120 * 60, 60, "min"), (48 * 3600, 3600, "h"))
-
-
-def isoTime(t: float | None) -> str | None:
-    """
-    An instant for JSON: ISO 8601 in UTC to the second with a C{Z}
-    (C{2026-11-27T09:30:00Z}), or None when there is none.
-    """
-    if t is None:
-        return None
-    return datetime.fromtimestamp(int(t), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def absoluteTime(t: float | None, absent: str = "-") -> str:
-    """
-    An instant for people: the same text as in JSON (one spelling to read, grep and paste
-    into C{date -d}), or C{absent} (C{-}; C{never} for an expiry) when there is none.
-    """
-    text = isoTime(t)
-    return absent if text is None else text
-
-
-def relativeTime(t: float | None, now: float, absent: str = "never") -> str:
-    """
-    How far C{t} is from C{now}: C{now}, C{42 s ago}, C{5 min ago}, C{3 h ago}, C{in 7 d};
-    C{absent} when there is no C{t}. Whole units, rounded down, so an 8 h grant reads
-    C{in 8 h} when it is made.
-    """
-    if t is None:
-        return absent
-    offset = int(t - now)
-    span = abs(offset)
-    if span < 1:
-        return "now"
-    for bound, unit, name in _SPANS:
-        if span < bound:
-            amount = f"{span // unit} {name}"
-            break
-    else:
-        amount = f"{span // 86400} d"
-    return f"in {amount}" if offset > 0 else f"{amount} ago"
-
-
-def whenText(t: float | None, now: float, absent: str = "-") -> str:
-    """
-    Both at once for a line a person reads: C{2026-11-25T22:36:31Z (in 8 h)}, or
-    C{absent} when there is no C{t}.
-    """
-    if t is None:
-        return absent
-    return f"{absoluteTime(t)} ({relativeTime(t, now)})"

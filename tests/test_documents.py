@@ -21,7 +21,7 @@ from accesstunnel.keys import fingerprint
 from groundcontrol.cli import main
 from groundcontrol.control import ControlContext, runCommand
 from groundcontrol.devicedetail import ONLINE_KEYS
-from groundcontrol.documents import SESSION_KEYS
+from groundcontrol.documents import SESSION_KEYS, auditEventJSON
 from groundcontrol.enrollment import hashSecret
 from groundcontrol.registry import Registry
 from groundcontrol.sessions import SessionRecord
@@ -41,7 +41,7 @@ NOW = T0 + HOUR  # when the commands run
 ISO_Z = re.compile(r"\A\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\Z")
 SNAKE = re.compile(r"\A[a-z][a-z0-9]*(_[a-z0-9]+)*\Z")
 #: Keys that hold an instant: what this test checks are ISO strings or null.
-TIME_KEY = re.compile(r"(_at|_seen|_since|_until|^not_after)\Z")
+TIME_KEY = re.compile(r"(_at|_seen|_since|_until|^not_after|^since|^at)\Z")
 
 
 def cli(capsys: pytest.CaptureFixture[str], data: Path, *argv: str) -> tuple[str, str]:
@@ -241,6 +241,11 @@ def test_everyJSONKeySnakeCaseAndTimeISO(fleet: Any, capsys: pytest.CaptureFixtu
             ("claim", "release", "kiln7"),
         )
     ]
+    assert _assertVocabulary(documents) > 40  # the walk did see the times
+
+
+def _assertVocabulary(documents: Any) -> int:
+    """Every key snake_case, every time ISO Z or null, no epoch number; how many times."""
     times = 0
     for path, key, value in _walk(documents):
         assert SNAKE.match(key), (path, key)
@@ -249,7 +254,34 @@ def test_everyJSONKeySnakeCaseAndTimeISO(fleet: Any, capsys: pytest.CaptureFixtu
             assert value is None or ISO_Z.match(value), (path, key, value)
         elif isinstance(value, int | float) and not isinstance(value, bool):
             assert value < 1e8, (path, key, value)
-    assert times > 40  # the walk did see the times
+    return times
+
+
+def test_auditEventsInTheVocabulary(fleet: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """
+    Every audit row the store writes (claims, renewals, releases, approvals, revocations,
+    certificates, grants, tokens, tags, groups), kept as written (camelCase, epoch times),
+    reads out through auditEventJSON (what a webhook is sent) with snake_case keys and ISO Z
+    times only.
+    """
+    for argv in (
+        ("claim", "renew", "kiln7", "--for", "1d"),
+        ("claim", "release", "kiln7"),
+        ("revoke", "kiln7"),
+        ("approve", "kiln7"),
+        ("grant", "alice", "kiln7", "--for", "1h", "--as", "pi"),
+        ("ungrant", "alice", "kiln7"),
+        ("tokens", "create"),
+        ("group", "remove", "ovens"),
+    ):
+        ctl(fleet, *argv)
+    rows = resultNow(fleet.auditSince(0, 1000))
+    assert any("leaseUntil" in row.detail for row in rows)  # stored as written
+    documents = [auditEventJSON(r.event, r.device, r.actor, r.at, r.detail) for r in rows]
+    kinds = {d["event"] for d in documents}
+    assert {"device.claimed", "claim.renewed", "claim.released", "certificate.issued"} <= kinds
+    assert {"grant.added", "token.created", "device.revoked", "device.approved"} <= kinds
+    assert _assertVocabulary(documents) > len(documents) + 8  # the details had times too
 
 
 def test_sessionKeysAreTheRecordsKeys() -> None:

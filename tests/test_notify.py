@@ -119,7 +119,7 @@ class FleetEventTests(SynchronousTestCase):
     """The event value."""
 
     def test_json(self) -> None:
-        """The webhook document has the fields, the time in ISO 8601, and the detail."""
+        """The webhook document has the fields, the time in ISO 8601 with a Z, and the detail."""
         event = FleetEvent(DEVICE_APPROVED, "kiln7", "alice", T0, {"by": "token"})
         self.assertEqual(
             event.toJSON(),
@@ -127,11 +127,44 @@ class FleetEventTests(SynchronousTestCase):
                 "event": "device.approved",
                 "device": "kiln7",
                 "actor": "alice",
-                "at": T0,
-                "time": "2023-11-14T22:13:20Z",
+                "at": "2023-11-14T22:13:20Z",
                 "detail": {"by": "token"},
             },
         )
+
+    def test_detailInTheVocabulary(self) -> None:
+        """
+        The detail as audit rows keep it (camelCase keys, epoch times, as every row written
+        so far) is sent with snake_case keys and ISO Z times: a claim's lease end is
+        C{lease_until}, as in the device document; a renewal's previous end is named.
+        """
+        claimed = FleetEvent(
+            "device.claimed",
+            "kiln7",
+            "bob",
+            T0,
+            {"owner": "bob", "leaseUntil": T0 + 3600, "fingerprint": "SHA256:abc", "kind": "new"},
+        )
+        renewed = FleetEvent(
+            "claim.renewed", "kiln7", "bob", T0, {"leaseUntil": T0 + 7200, "was": T0 + 3600}
+        )
+        revoked = FleetEvent(
+            "device.revoked", "kiln7", "alice", T0, {"revokedCertificates": ["0a1b"]}
+        )
+        self.assertEqual(
+            claimed.toJSON()["detail"],
+            {
+                "owner": "bob",
+                "lease_until": "2023-11-14T23:13:20Z",
+                "fingerprint": "SHA256:abc",
+                "kind": "new",
+            },
+        )
+        self.assertEqual(
+            renewed.toJSON()["detail"],
+            {"lease_until": "2023-11-15T00:13:20Z", "previous_lease_until": "2023-11-14T23:13:20Z"},
+        )
+        self.assertEqual(revoked.toJSON()["detail"], {"revoked_certificates": ["0a1b"]})
 
     def test_detailIsACopy(self) -> None:
         """Changing the dict an event was built from does not change the queued event."""
@@ -151,13 +184,16 @@ class LogNotifierTests(SynchronousTestCase):
         notifier = LogNotifier()
         logged = captureLogs(self, notifier)
         self.assertTrue(verifyObject(INotifier, notifier))
-        notifier.notify(FleetEvent(DEVICE_APPROVED, "kiln7", "alice", T0, {"k": "v"}))
+        notifier.notify(
+            FleetEvent(DEVICE_APPROVED, "kiln7", "alice", T0, {"k": "v", "expiresAt": T0})
+        )
         [entry] = logged
         self.assertEqual(entry["log_level"], LogLevel.info)
         self.assertEqual(entry["event"], "device.approved")
         self.assertEqual(entry["device"], "kiln7")
         self.assertEqual(entry["actor"], "alice")
-        self.assertEqual(entry["detail"], {"k": "v"})
+        self.assertEqual(entry["at"], "2023-11-14T22:13:20Z")
+        self.assertEqual(entry["detail"], {"k": "v", "expires_at": "2023-11-14T22:13:20Z"})
         self.assertEqual(formatEvent(entry), "fleet event device.approved for kiln7")
 
     def test_controlCharactersStripped(self) -> None:
