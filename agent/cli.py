@@ -15,8 +15,10 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from accesstunnel.timetext import parseIsoTime, whenText
 from agent.enrollment import StatusFile
 
 #: What --help says; not the docstring, which python -OO (PYTHONOPTIMIZE=2, as the agent's
@@ -24,7 +26,7 @@ from agent.enrollment import StatusFile
 DESCRIPTION = "tunnel-agent: commands for people on the device, next to the daemon."
 
 
-def _pair(stateDir: Path) -> int:
+def _pair(stateDir: Path, now: float) -> int:
     status = StatusFile.read(stateDir)
     if not status:
         print(f"no agent status in {stateDir}: is the agent running?", file=sys.stderr)
@@ -32,22 +34,26 @@ def _pair(stateDir: Path) -> int:
     if status.get("state") == "approved":
         print(f"this device is approved as {status.get('name')}; nothing to pair")
         return 0
-    code = status.get("pairingCode")
-    expires = status.get("pairingCodeExpires")
-    if not code or not isinstance(expires, (int, float)) or expires < time.time():
+    code = status.get("pairing_code")
+    expires = parseIsoTime(status.get("pairing_code_expires_at"))
+    if not code or expires is None or expires < now:
         print("no pairing code yet (the agent shows one once it reaches groundcontrol)")
         return 1
-    left = int(expires - time.time())
     print(code)
     print(
-        f"valid for {left // 60} min {left % 60} s; claim it with: "
+        f"expires {whenText(expires, now)}; claim it with: "
         f"ssh ctl@groundcontrol claim {code} --for 7d",
         file=sys.stderr,
     )
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, now: Callable[[], float] = time.time) -> int:
+    """
+    Run C{tunnel-agent} with C{argv}; return the exit status.
+
+    @param now: the clock, injectable so tests see a known time left on a pairing code.
+    """
     parser = argparse.ArgumentParser(prog="tunnel-agent", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, summary in (
@@ -58,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_argument("--state", required=True, type=Path, help="the agent's state directory")
     options = parser.parse_args(argv)
     if options.command == "pair":
-        return _pair(options.state)
+        return _pair(options.state, now())
     print(json.dumps(StatusFile.read(options.state), indent=2, sort_keys=True))
     return 0
 

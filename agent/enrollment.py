@@ -14,7 +14,8 @@ whether groundcontrol knows it as approved or pending.
     within minutes and are replaced while the device still waits.
 
 Everything it learns goes to ``STATE/status.json`` so that people on the
-device (and ``tunnel-agent pair``) can see it.
+device (and ``tunnel-agent pair``) can see it, in the JSON vocabulary of the
+server's ``--json`` output: snake_case keys, ISO 8601 UTC times with a ``Z``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from accesstunnel.enrollmessages import (
     decodeMessage,
     encodeMessage,
 )
+from accesstunnel.timetext import isoTime
 
 CERTIFICATE_FILE = "device.crt"
 CA_FILE = "fleet-ca.crt"
@@ -171,8 +173,34 @@ def _statusJSON(status: dict[str, Any]) -> str:
     return "{\n" + ",\n".join(fields) + "\n}"
 
 
+#: The status file's keys as agents wrote them before the JSON vocabulary (camelCase, times
+#: as epoch numbers but C{updatedAt}), and their names now. An upgrade replaces the files
+#: while the old agent runs on until it is restarted, so C{tunnel-agent} reads both.
+_OLD_STATUS_KEYS = {
+    "pairingCode": "pairing_code",
+    "pairingCodeExpires": "pairing_code_expires_at",
+    "certificateExpires": "certificate_expires_at",
+    "updatedAt": "updated_at",
+}
+
+
+def _currentSpelling(status: dict[str, Any]) -> dict[str, Any]:
+    """C{status} with an old agent's keys renamed and its epoch times as ISO text."""
+    current = {k: v for k, v in status.items() if k not in _OLD_STATUS_KEYS}
+    for old, new in _OLD_STATUS_KEYS.items():
+        if old in status and new not in current:
+            value = status[old]
+            isEpoch = isinstance(value, int | float) and not isinstance(value, bool)
+            current[new] = isoTime(value) if isEpoch else value
+    return current
+
+
 class StatusFile:
-    """``STATE/status.json``: what the agent knows about its standing."""
+    """
+    ``STATE/status.json``: what the agent knows about its standing (C{state}, C{name},
+    C{pairing_code}, C{pairing_code_expires_at}, C{certificate_expires_at}, C{updated_at};
+    times as L{isoTime} writes them).
+    """
 
     def __init__(self, stateDir: Path) -> None:
         self.path = stateDir / STATUS_FILE
@@ -180,16 +208,17 @@ class StatusFile:
 
     def update(self, **fields: Any) -> None:
         self._status.update(fields)
-        self._status["updatedAt"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self._status["updated_at"] = isoTime(time.time())
         _writeAtomically(self.path, _statusJSON(self._status).encode())
 
     @staticmethod
     def read(stateDir: Path) -> dict[str, Any]:
+        """The status, in today's spelling whichever agent wrote it; empty if none."""
         try:
             value = json.loads((stateDir / STATUS_FILE).read_text())
         except (OSError, ValueError):
             return {}
-        return value if isinstance(value, dict) else {}
+        return _currentSpelling(value) if isinstance(value, dict) else {}
 
 
 class Enrollment:
@@ -286,7 +315,9 @@ class Enrollment:
     def _becameApproved(self, name: str, forceCertificate: bool = False) -> None:
         self.state = "approved"
         self.name = name
-        self.status.update(state="approved", name=name, pairingCode=None, pairingCodeExpires=None)
+        self.status.update(
+            state="approved", name=name, pairing_code=None, pairing_code_expires_at=None
+        )
         self._cancelTimer()
         defer.Deferred.fromCoroutine(self._ensureCertificate(force=forceCertificate))
 
@@ -320,14 +351,13 @@ class Enrollment:
             self._log.warn("pairing code refused: {reason}", reason=str(reply.get("error")))
             self._retryPairingCode()
             return
-        expiresText = time.strftime("%H:%M:%S UTC", time.gmtime(expires))
         self._log.info(
             "pairing code {code} (valid until {expires}): an operator claims this device "
             "with: ssh ctl@groundcontrol claim {code}",
             code=code,
-            expires=expiresText,
+            expires=isoTime(expires),
         )
-        self.status.update(pairingCode=code, pairingCodeExpires=expires)
+        self.status.update(pairing_code=code, pairing_code_expires_at=isoTime(expires))
         self._schedule(PAIRING_CODE_LIFETIME, self._offerPairingCode)
 
     def _retryPairingCode(self) -> None:
@@ -370,9 +400,9 @@ class Enrollment:
         _writeAtomically(certificatePath, pem.encode())
         if isinstance(reply.get("ca"), str):
             _writeAtomically(self.stateDir / CA_FILE, reply["ca"].encode())
-        expires = datetime.fromtimestamp(notAfter, UTC).strftime("%Y-%m-%d %H:%M UTC")
+        expires = isoTime(notAfter)
         self._log.info("fleet certificate stored, valid until {expires}", expires=expires)
-        self.status.update(certificateExpires=notAfter)
+        self.status.update(certificate_expires_at=expires)
         self._scheduleRenewal(notBefore, notAfter)
 
     def _retryCertificate(self) -> None:

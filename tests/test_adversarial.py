@@ -281,7 +281,7 @@ class ClaimCodeGuessingTests(EnrollmentTestCase):
     def test_wrongGuessesAreBounded(self) -> None:
         """After 100 wrong codes in a row, the account's next claim is refused for a while."""
         mallory = self.world.operator("mallory")
-        code = self.world.start("oven2").status["pairingCode"]
+        code = self.world.start("oven2").status["pairing_code"]
         for i in range(100):
             status, _, _ = self.world.ctl(mallory, f"claim AAAA-{i:04d}")
             self.assertNotEqual(status, 0)

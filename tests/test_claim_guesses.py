@@ -28,7 +28,7 @@ class ClaimGuessTests(EnrollmentTestCase):
 
     def claim(self, who: str) -> tuple[int | None, str]:
         key = self.mallory if who == "mallory" else self.bob
-        status, _, err = self.world.ctl(key, f"claim {self.agent.status['pairingCode']}")
+        status, _, err = self.world.ctl(key, f"claim {self.agent.status['pairing_code']}")
         return status, err
 
     def test_wrongCodesUnderTheBoundDoNotBlock(self) -> None:

@@ -24,7 +24,7 @@ class LeaseCommandTests(EnrollmentTestCase):
         self.bob = self.world.operator("bob")
         self.carol = self.world.operator("carol")
         self.agent: AgentUnderTest = self.world.start("oven2")
-        code = self.agent.status["pairingCode"]
+        code = self.agent.status["pairing_code"]
         status, _, err = self.world.ctl(self.bob, f"claim {code} --for 1h")
         self.assertEqual(status, 0, err)
         self.world.poll()
@@ -40,7 +40,7 @@ class LeaseCommandTests(EnrollmentTestCase):
         still reach the device, until the new end; the agent showed no code meanwhile.
         """
         self.lapse(50 * 60)
-        self.assertIsNone(self.agent.status["pairingCode"])  # approved: nothing to pair
+        self.assertIsNone(self.agent.status["pairing_code"])  # approved: nothing to pair
         renewedAt = self.world.now
         status, out, err = self.world.ctl(self.bob, "claim renew oven2 --for 1d")
         self.assertEqual(status, 0, err)

@@ -12,6 +12,7 @@ leases, pending caps, and fleet notifications.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -29,6 +30,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from accesstunnel.keys import fingerprint
+from accesstunnel.timetext import isoTime, parseIsoTime
 from agent import cli as agent_cli
 from agent.enrollment import CA_FILE, CERTIFICATE_FILE, Enrollment, StatusFile, renewalDue
 from agent.identity import ServerKeyPin
@@ -416,7 +418,7 @@ class RoutingByKeyTests(EnrollmentTestCase):
         self.assertTrue(any("device 'bravo' exists" in m for m in newcomer.log), newcomer.log)
         self.assertEqual(self.world.usesLeft(), [3])
         # It shows a pairing code, but claiming it cannot re-key bravo either.
-        code = newcomer.status["pairingCode"]
+        code = newcomer.status["pairing_code"]
         bob = self.world.operator("bob")
         status, _, err = self.world.ctl(bob, f"claim {code} --for 1h")
         self.assertEqual(status, 1)
@@ -493,7 +495,7 @@ class CertificateTests(EnrollmentTestCase):
         self.assertEqual(issued.notAfter.timestamp(), self.world.now + 30 * DAY)
         (record,) = resultNow(self.fleet.store.listCertificates("kiln7"))
         self.assertEqual(record.serialNumber, issued.serialNumber)
-        self.assertEqual(agent.status["certificateExpires"], issued.notAfter.timestamp())
+        self.assertEqual(agent.status["certificate_expires_at"], isoTime(issued.notAfter))
         self.assertEqual(self.world.device("kiln7").certificateExpiresAt, record.notAfter)
 
     def test_pendingAgentGetsNoCertificate(self) -> None:
@@ -671,7 +673,7 @@ class TokenTests(EnrollmentTestCase):
         agent = self.world.start("oven2", token=token)
         self.assertPending(agent)
         self.assertTrue(any("has expired" in m for m in agent.log), agent.log)
-        self.assertTrue(agent.status["pairingCode"])
+        self.assertTrue(agent.status["pairing_code"])
         self.assertEqual(self.world.usesLeft(), [1])
 
     def test_exhaustedTokenRefused(self) -> None:
@@ -739,9 +741,9 @@ class ClaimTests(EnrollmentTestCase):
         status file and its log; the store keeps only its hash.
         """
         agent = self.world.start("oven2")
-        code = agent.status["pairingCode"]
+        code = agent.status["pairing_code"]
         self.assertRegex(code, r"^[A-Z2-9]{4}-[A-Z2-9]{4}$")
-        self.assertEqual(agent.status["pairingCodeExpires"], self.world.now + 600)
+        self.assertEqual(agent.status["pairing_code_expires_at"], isoTime(self.world.now + 600))
         self.assertTrue(any(code in m and "claim" in m for m in agent.log), agent.log)
         events = resultNow(self.fleet.store.auditSince(0, 1000))
         self.assertNotIn(code, json.dumps([attrs.asdict(e) for e in events]))
@@ -753,14 +755,14 @@ class ClaimTests(EnrollmentTestCase):
         'ls' shows the owner.
         """
         agent = self.world.start("oven2")
-        code = agent.status["pairingCode"]
+        code = agent.status["pairing_code"]
         status, out, err = self.world.ctl(self.bob, f"claim {code} --for 1h")
         self.assertEqual(status, 0, err)
         self.assertIn("claimed oven2", out)
         self.world.poll()
         self.assertRoutable(agent, "oven2")
         self.assertEqual(agent.enrollment.state, "approved")
-        self.assertIsNone(agent.status["pairingCode"])
+        self.assertIsNone(agent.status["pairing_code"])
         self.assertTrue(self.world.reaches(self.bob, "oven2", agent))
         self.assertIn("no grant", self.world.refusal(self.carol, "oven2"))
         device = self.world.device("oven2")
@@ -774,13 +776,13 @@ class ClaimTests(EnrollmentTestCase):
     def test_codeIsCaseAndSeparatorInsensitive(self) -> None:
         """A code typed in lower case without the dash is the same code."""
         agent = self.world.start("oven2")
-        code = agent.status["pairingCode"].replace("-", "").lower()
+        code = agent.status["pairing_code"].replace("-", "").lower()
         self.assertEqual(self.world.ctl(self.bob, f"claim {code}")[0], 0)
 
     def test_codeSingleUse(self) -> None:
         """A pairing code claims once; a second claim with it is refused."""
         agent = self.world.start("oven2")
-        code = agent.status["pairingCode"]
+        code = agent.status["pairing_code"]
         self.assertEqual(self.world.ctl(self.bob, f"claim {code} --for 1h")[0], 0)
         status, _, err = self.world.ctl(self.carol, f"claim {code} --for 1h")
         self.assertEqual(status, 1)
@@ -793,11 +795,11 @@ class ClaimTests(EnrollmentTestCase):
         still-waiting agent has shown a new one, which works.
         """
         agent = self.world.start("oven2")
-        old = agent.status["pairingCode"]
+        old = agent.status["pairing_code"]
         self.world.advance(601)
-        new = agent.status["pairingCode"]
+        new = agent.status["pairing_code"]
         self.assertNotEqual(new, old)
-        self.assertEqual(agent.status["pairingCodeExpires"], self.world.now + 600)
+        self.assertEqual(agent.status["pairing_code_expires_at"], isoTime(self.world.now + 600))
         status, _, err = self.world.ctl(self.bob, f"claim {old}")
         self.assertEqual(status, 1)
         self.assertIn("claim code", err)
@@ -814,16 +816,16 @@ class ClaimTests(EnrollmentTestCase):
         store.registerClaimCode = lambda *args: defer.fail(RuntimeError("database is locked"))
         agent = self.world.start("oven2")
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
-        self.assertNotIn("pairingCode", agent.status)
+        self.assertNotIn("pairing_code", agent.status)
         store.registerClaimCode = realRegister
         self.world.advance(60)
-        code = agent.status["pairingCode"]
+        code = agent.status["pairing_code"]
         self.assertEqual(self.world.ctl(self.bob, f"claim {code}")[0], 0)
 
     def test_codeExpiresWhileAgentAway(self) -> None:
         """A code whose agent went away is refused as expired after ten minutes."""
         agent = self.world.start("oven2")
-        code = agent.status["pairingCode"]
+        code = agent.status["pairing_code"]
         self.world.disconnect(agent)
         self.world.advance(601)
         status, _, err = self.world.ctl(self.bob, f"claim {code}")
@@ -837,7 +839,7 @@ class ClaimTests(EnrollmentTestCase):
         and connected) and the lapse is notified as claim.lapsed naming the owner.
         """
         agent = self.world.start("oven2")
-        self.world.ctl(self.bob, f"claim {agent.status['pairingCode']} --for 1h")
+        self.world.ctl(self.bob, f"claim {agent.status['pairing_code']} --for 1h")
         self.world.poll()
         self.assertTrue(self.world.reaches(self.bob, "oven2", agent))
         self.world.advance(HOUR - 1)
@@ -938,7 +940,7 @@ class NotificationTests(EnrollmentTestCase):
 
         bob = self.world.operator("bob")
         fresh = self.world.start("fresh1")
-        self.world.ctl(bob, f"claim {fresh.status['pairingCode']} --for 1h")
+        self.world.ctl(bob, f"claim {fresh.status['pairing_code']} --for 1h")
         self.world.poll()
         claimed = notifier.events[-1]
         self.assertEqual(
@@ -1003,16 +1005,19 @@ class _WithoutPresence:
 def test_pairPrintsTheCode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """
     'tunnel-agent pair --state DIR' prints the code the running agent registered (stdout,
-    alone on its line, how to claim it on stderr), and once the device is claimed says
-    there is nothing to pair.
+    alone on its line; when it expires, as the server's JSON and people read it, and how to
+    claim it on stderr), and once the device is claimed says there is nothing to pair.
     """
     world = World(tmp_path, start=int(time.time()))
     agent = world.start("oven2")
-    code = agent.status["pairingCode"]
-    assert agent_cli.main(["pair", "--state", str(agent.stateDir)]) == 0
+    code = agent.status["pairing_code"]
+    expires = isoTime(world.now + 600)
+    now = world.now + 5
+    assert agent_cli.main(["pair", "--state", str(agent.stateDir)], now=lambda: now) == 0
     out, err = capsys.readouterr()
     assert out == f"{code}\n"
-    assert f"ssh ctl@groundcontrol claim {code}" in err
+    claim = f"ssh ctl@groundcontrol claim {code} --for 7d"
+    assert err == f"expires {expires} (in 9 min); claim it with: {claim}\n"
 
     bob = world.operator("bob")
     status, _, _ = world.ctl(bob, f"claim {code} --for 1h")
@@ -1035,7 +1040,67 @@ def test_statusPrintsJSON(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert agent_cli.main(["status", "--state", str(agent.stateDir)]) == 0
     status = json.loads(capsys.readouterr().out)
     assert (status["state"], status["name"]) == ("approved", "kiln7")
-    assert status["certificateExpires"] > time.time()
+    assert (parseIsoTime(status["certificate_expires_at"]) or 0) > time.time()
+
+
+def test_statusFileInTheVocabulary(tmp_path: Path) -> None:
+    """
+    status.json, as a pending and then an enrolled agent write it, has snake_case keys and
+    its times (pairing code expiry, certificate expiry, last update) as ISO 8601 UTC with a
+    Z, as the server's --json output and webhooks have them; no epoch numbers.
+    """
+    world = World(tmp_path, start=int(time.time()))
+    pending = json.loads((world.start("oven2").stateDir / "status.json").read_text())
+    enrolled = json.loads((world.enrolled("kiln7").stateDir / "status.json").read_text())
+    assert set(pending) == {
+        "state",
+        "name",
+        "pairing_code",
+        "pairing_code_expires_at",
+        "updated_at",
+    }
+    assert set(enrolled) >= {"state", "name", "certificate_expires_at", "updated_at"}
+    for written in (pending, enrolled):
+        for key, value in written.items():
+            assert re.fullmatch(r"[a-z]+(_[a-z]+)*", key), key
+            if key.endswith("_at") and value is not None:
+                assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", value), (key, value)
+            assert not isinstance(value, int | float), (key, value)
+
+
+def test_oldStatusFileStillReads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """
+    A status.json an agent from before the vocabulary wrote (camelCase, epoch times), still
+    there after an upgrade replaced the programs and before the agent restarted: the new
+    'tunnel-agent pair' finds its code and expiry, 'status' prints it in today's spelling.
+    """
+    t0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
+    (tmp_path / "status.json").write_text(
+        json.dumps(
+            {
+                "state": "pending",
+                "name": "oven2",
+                "pairingCode": "K7QP-M2XD",
+                "pairingCodeExpires": t0 + 600.25,
+                "certificateExpires": None,
+                "updatedAt": "2023-11-14T22:13:20Z",
+            }
+        )
+    )
+    assert agent_cli.main(["pair", "--state", str(tmp_path)], now=lambda: t0) == 0
+    out, err = capsys.readouterr()
+    assert out == "K7QP-M2XD\n"
+    assert err.startswith("expires 2023-11-14T22:23:20Z (in 10 min); claim it with:")
+    assert agent_cli.main(["status", "--state", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "state": "pending",
+        "name": "oven2",
+        "pairing_code": "K7QP-M2XD",
+        "pairing_code_expires_at": "2023-11-14T22:23:20Z",
+        "certificate_expires_at": None,
+        "updated_at": "2023-11-14T22:13:20Z",
+    }
+    assert agent_cli.main(["pair", "--state", str(tmp_path)], now=lambda: t0 + 601) == 1
 
 
 def test_statusFileOneFieldPerLine(tmp_path: Path) -> None:
@@ -1044,8 +1109,10 @@ def test_statusFileOneFieldPerLine(tmp_path: Path) -> None:
     encoder, whose closures leave a reference cycle per write
     (tests/test_agent_link_garbage.py)."""
     status = StatusFile(tmp_path)
-    status.update(state="pending", name="kiln7", pairingCode="ABCD-1234", pairingCodeExpires=1.5)
-    status.update(pairingCode=None, note='quotes " and ünïcode')
+    status.update(
+        state="pending", name="kiln7", pairing_code="ABCD-1234", pairing_code_expires_at=None
+    )
+    status.update(pairing_code=None, note='quotes " and ünïcode')
     text = (tmp_path / "status.json").read_text()
     written = json.loads(text)
     assert text == json.dumps(written, indent=2, sort_keys=True)
@@ -1059,5 +1126,5 @@ def test_statusFileLeavesNoGarbage(tmp_path: Path) -> None:
     status = StatusFile(tmp_path)
     status.update(state="pending", name="kiln7")
     with collectorOff() as garbage:
-        status.update(pairingCode="ABCD-1234", pairingCodeExpires=1.5)
+        status.update(pairing_code="ABCD-1234", pairing_code_expires_at="2023-11-14T22:23:20Z")
     assert garbage == []
