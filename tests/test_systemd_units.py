@@ -174,6 +174,16 @@ class GroundControlUnitTests(SynchronousTestCase):
         self.assertEqual(last(self.unit, "SystemCallFilter"), "@system-service")
         self.assertEqual(last(self.unit, "NoNewPrivileges"), "yes")
 
+    def test_torCookieGroup(self) -> None:
+        """
+        tor:// listeners authenticate with tor's control cookie, readable by tor's group only:
+        the unit offers the group (commented out: systemd refuses a unit whose group does not
+        exist) and the README says when to set it.
+        """
+        text = (UNITS / "groundcontrol.service").read_text()
+        self.assertIn("\n#SupplementaryGroups=debian-tor\n", text)
+        self.assertIn("SupplementaryGroups=debian-tor", readmeSection("### systemd"))
+
     def test_type(self) -> None:
         """Type=exec: a start fails when the program cannot be started."""
         self.assertEqual(last(self.unit, "Type"), "exec")
