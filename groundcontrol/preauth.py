@@ -785,9 +785,24 @@ class PreauthMixin:
         super().sendDisconnect(reason, desc)  # type: ignore[misc]
 
     def connectionLost(self, reason: Any = None) -> None:
-        if not self._preauthRefused and not self._preauthDone():
-            self._preauthCount(guardOf(self.factory).penalties)
+        if not self._preauthRefused:
+            if not self._preauthDone():
+                self._preauthCount(guardOf(self.factory).penalties)
+            elif self._loginIsNoauth():
+                # Logged in, but as nobody accountable: the key exchanges count as if
+                # nobody had logged in with them (L{_loginIsNoauth}).
+                penalties = guardOf(self.factory).penalties
+                penalties.noauth(self._preauthSource, max(1, self._preauthExchanges))
         super().connectionLost(reason)  # type: ignore[misc]
+
+    def _loginIsNoauth(self) -> bool:
+        """
+        Whether this connection's login, now that it ends, draws on its source's no-auth
+        allowance like a key exchange nobody logged in with: a login anyone can make with
+        a fresh key (a device still pending), looped, costs us a key exchange and a
+        signature check each time. The transport decides; by default no login does.
+        """
+        return False
 
     def _preauthCount(self, penalties: SourcePenalties) -> None:
         """Count this connection, which ends without a login, against its source."""

@@ -472,6 +472,11 @@ class GroundControlTransport(
                 transport.DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE, b"login grace time exceeded"
             )
 
+    def _loginIsNoauth(self) -> bool:
+        """A device still pending when its link ends: any key can log in as one."""
+        avatar = getattr(self, "avatar", None)
+        return isinstance(avatar, AgentAvatar) and avatar.deviceName is None
+
     def startKeepalive(self, conn: TunnelConnection) -> None:
         """
         Authenticated: stop the grace timer and watch the peer for silence.

@@ -23,6 +23,7 @@ from accesstunnel.enrollmessages import HELLO, decodeMessage, encodeMessage
 from agent.remoteforward import RemoteForwarder
 from agent.session import SessionChannel, SessionEnvironment
 from groundcontrol.auth import FleetKeyChecker
+from groundcontrol.preauth import PenaltyPolicy
 from groundcontrol.sshserver import (
     ENROLLMENT_REQUEST_BURST,
     ENROLLMENT_REQUEST_INTERVAL,
@@ -362,3 +363,40 @@ class PeerRekeyFloodTests(SynchronousTestCase):
             self.assertEqual(self.rekey(1), 1)
             self.fleet.clock.advance(PEER_REKEY_INTERVAL)
         self.assertFalse(self.agent.lost)
+
+
+class PendingLoginLoopTests(SynchronousTestCase):
+    """
+    Connections that end without a login count against their source (failures, key
+    exchanges without a login, early closes); logins never do. But any key logs in as a
+    pending device, so one pending key logging in and out in a loop had groundcontrol
+    compute a key exchange and a signature check each time, unbounded: the DHEat that the
+    no-auth allowance stops, by logging in. A login that ends while its device is still
+    pending now draws on the no-auth allowance (30 at once, then one a second).
+    """
+
+    def setUp(self) -> None:
+        self.fleet = InMemoryFleet()
+
+    def loop(self, key: keys.Key, name: str, times: int) -> int:
+        """Log in as agent+NAME with C{key} and leave, C{times} times; how many logged in."""
+        served = 0
+        for _ in range(times):
+            agent, pump = self.fleet.agent(name, key)
+            self.fleet.flush()
+            if agent.connection is None:
+                break
+            served += 1
+            pump.client.transport.loseConnection()
+            self.fleet.flush()
+        return served
+
+    def test_pendingLoginLoopRefused(self) -> None:
+        """A pending key's 100 logins in a row: past the allowance, refused at the door."""
+        allowance = PenaltyPolicy().noauthAllowance
+        self.assertLessEqual(self.loop(newKey(), "oven2", 100), allowance)
+
+    def test_approvedDeviceNotCounted(self) -> None:
+        """An approved device reconnecting is never counted (its key is accountable)."""
+        key = self.fleet.enrollDevice("kiln7")
+        self.assertEqual(self.loop(key, "kiln7", 40), 40)
