@@ -29,6 +29,7 @@ from accesstunnel.durations import spokenDuration
 from accesstunnel.fastpath import AEAD_CIPHERS
 from accesstunnel.keys import certificateSerial
 from accesstunnel.layers import transportLayers
+from accesstunnel.timetext import isoTime
 
 if TYPE_CHECKING:
     from agent.failover import FailoverEndpoint
@@ -88,7 +89,7 @@ def certificateText(connection: Any) -> tuple[str, dict[str, Any]]:
         }
     certificate = own.to_cryptography()
     serial = certificateSerial(certificate.serial_number)
-    notAfter = certificate.not_valid_after_utc.isoformat()
+    notAfter = isoTime(certificate.not_valid_after_utc)
     return f"{version} with device certificate {serial} (valid until {notAfter})", {
         "tls": version,
         "certificateSerial": serial,

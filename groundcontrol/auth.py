@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from accesstunnel.keys import fingerprint
+from accesstunnel.timetext import isoTime
 from groundcontrol.pki import DeviceCertificate, shouldRenew
 from groundcontrol.store import Account, IStore
 from groundcontrol.usernames import AgentTarget, Target, parseUsername
@@ -100,7 +101,7 @@ def logLinkAccepted(
         "certificateSerial": certificate.serialNumber,
         "certificateFingerprint": certificate.certificateFingerprint,
         "certificateSubject": certificate.deviceName,
-        "certificateNotAfter": certificate.notAfter.isoformat(),
+        "certificateNotAfter": isoTime(certificate.notAfter),
     }
     text = (
         "device {device} connected from {source} by certificate {certificateSerial} "

@@ -31,6 +31,7 @@ from accesstunnel.enrollmessages import (
     decodeMessage,
     encodeMessage,
 )
+from accesstunnel.timetext import isoTime
 from groundcontrol.pki import FleetCA, issueDeviceCertificate
 from groundcontrol.store import IStore, StoreError, hashSecret
 
@@ -210,7 +211,7 @@ class AgentRequests:
             "issued certificate {serial} to {device} until {notAfter}",
             serial=issued.serialNumber,
             device=device.name,
-            notAfter=issued.notAfter.isoformat(),
+            notAfter=isoTime(issued.notAfter),
         )
         return encodeReply(
             {

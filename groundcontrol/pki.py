@@ -33,6 +33,7 @@ from twisted.conch.ssh import keys
 
 from accesstunnel.keys import certificateSerial, fingerprint
 from accesstunnel.names import isValidDeviceName
+from accesstunnel.timetext import isoTime
 
 __all__ = [
     "CA_CERTIFICATE_FILE",
@@ -441,9 +442,9 @@ def verifyDeviceCertificate(ca: FleetCA, pem: bytes | str, now: datetime) -> Dev
     notBefore = certificate.not_valid_before_utc
     notAfter = certificate.not_valid_after_utc
     if now < notBefore:
-        raise CertificateNotYetValid(f"not valid before {notBefore.isoformat()}")
+        raise CertificateNotYetValid(f"not valid before {isoTime(notBefore)}")
     if now > notAfter:
-        raise CertificateExpired(f"expired at {notAfter.isoformat()}")
+        raise CertificateExpired(f"expired at {isoTime(notAfter)}")
 
     try:
         extensions = certificate.extensions

@@ -40,6 +40,7 @@ from accesstunnel.addresses import Connector, clientConnector, serverListener
 from accesstunnel.durations import spokenDuration
 from accesstunnel.keys import fingerprint
 from accesstunnel.logfilter import MinimumLevel
+from accesstunnel.timetext import isoTime
 from accesstunnel.transports.proxy import ProxySettings
 from accesstunnel.transports.tls import ServerTLS
 from agent import linklog
@@ -348,7 +349,7 @@ class TLSLinkTests(LinkLogCase):
         self.assertEqual(event["keyFingerprint"], fingerprint(self.deviceKey))
         self.assertIn(
             f"key {fingerprint(self.deviceKey)}, TLSv1.3 with device certificate "
-            f"{self.issued.serialNumber} (valid until ",
+            f"{self.issued.serialNumber} (valid until {isoTime(self.issued.notAfter)})",
             formatEvent(event),
         )
 

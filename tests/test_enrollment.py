@@ -25,7 +25,7 @@ import pytest
 from twisted.conch.ssh import keys
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent, Logger, formatEvent
+from twisted.logger import LogEvent, Logger, capturedLogs, formatEvent
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -488,14 +488,19 @@ class CertificateTests(EnrollmentTestCase):
         """
         An approved agent is issued a certificate over its link and keeps it in its state
         dir: it verifies with the fleet CA and binds the device name, serial and key, for
-        30 days; the store records it.
+        30 days; the store records it. Both programs log its expiry as ISO Z.
         """
-        agent = self.world.enrolled("kiln7", serial="B0ARD-7")
+        with capturedLogs() as events:
+            agent = self.world.enrolled("kiln7", serial="B0ARD-7")
         issued = self.assertCertificate(agent, "kiln7")
         self.assertEqual(issued.notAfter.timestamp(), self.world.now + 30 * DAY)
         (record,) = resultNow(self.fleet.store.listCertificates("kiln7"))
         self.assertEqual(record.serialNumber, issued.serialNumber)
         self.assertEqual(agent.status["certificate_expires_at"], isoTime(issued.notAfter))
+        until = isoTime(issued.notAfter)
+        lines = [formatEvent(e) for e in events]
+        self.assertIn(f"issued certificate {issued.serialNumber} to kiln7 until {until}", lines)
+        self.assertIn(f"fleet certificate stored, valid until {until}", agent.log)
         self.assertEqual(self.world.device("kiln7").certificateExpiresAt, record.notAfter)
 
     def test_pendingAgentGetsNoCertificate(self) -> None:
@@ -1012,6 +1017,7 @@ def test_pairPrintsTheCode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     agent = world.start("oven2")
     code = agent.status["pairing_code"]
     expires = isoTime(world.now + 600)
+    assert any(f"pairing code {code} (valid until {expires})" in line for line in agent.log)
     now = world.now + 5
     assert agent_cli.main(["pair", "--state", str(agent.stateDir)], now=lambda: now) == 0
     out, err = capsys.readouterr()

@@ -18,9 +18,10 @@ from typing import Any, cast
 
 from cryptography import x509
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, capturedLogs
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
+from accesstunnel.timetext import isoTime
 from groundcontrol import pki, sshserver
 from groundcontrol.certverdict import CertificateVerdict, Finding, PresentedCertificate
 from groundcontrol.enrollment import CertificatePolicy
@@ -118,7 +119,8 @@ class LinkCertificateTests(SynchronousTestCase):
         self.assertEqual(line["certificateSerial"], issued.serialNumber)
         self.assertEqual(line["certificateFingerprint"], openSSLFingerprint(issued.pem))
         self.assertEqual(line["certificateSubject"], "kiln7")
-        self.assertEqual(line["certificateNotAfter"], issued.notAfter.isoformat())
+        self.assertEqual(line["certificateNotAfter"], isoTime(issued.notAfter))
+        self.assertIn(f"valid until {isoTime(issued.notAfter)})", formatEvent(line))
         self.assertEqual(line["fingerprint"], issued.fingerprint)
         self.assertNotIn("nearExpiry", line)
         self.assertIsNotNone(self.agent.connection, "the link was not accepted")

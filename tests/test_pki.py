@@ -23,6 +23,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from accesstunnel.keys import fingerprint
+from accesstunnel.timetext import isoTime
 from groundcontrol import pki
 
 NOW = datetime(2031, 5, 17, 12, 0, tzinfo=UTC)
@@ -299,16 +300,20 @@ class DeviceCertificateTests(CATestCase):
         self.assertRaises(pki.WrongIssuer, pki.verifyDeviceCertificate, self.ca, pem.pem, NOW)
 
     def test_expiredRejected(self) -> None:
-        """A certificate is valid through its notAfter and refused a second later."""
+        """
+        A certificate is valid through its notAfter and refused a second later; the reason
+        (which the refusal's log line gives) writes the time as every log line does.
+        """
         issued = self.issue()
         pki.verifyDeviceCertificate(self.ca, issued.pem, issued.notAfter)
-        self.assertRaises(
+        error = self.assertRaises(
             pki.CertificateExpired,
             pki.verifyDeviceCertificate,
             self.ca,
             issued.pem,
             issued.notAfter + timedelta(seconds=1),
         )
+        self.assertEqual(str(error), f"expired at {isoTime(issued.notAfter)}")
 
     def test_notYetValidRejected(self) -> None:
         """
@@ -317,13 +322,14 @@ class DeviceCertificateTests(CATestCase):
         """
         issued = self.issue()
         pki.verifyDeviceCertificate(self.ca, issued.pem, NOW - timedelta(minutes=1))
-        self.assertRaises(
+        error = self.assertRaises(
             pki.CertificateNotYetValid,
             pki.verifyDeviceCertificate,
             self.ca,
             issued.pem,
             issued.notBefore - timedelta(seconds=1),
         )
+        self.assertEqual(str(error), f"not valid before {isoTime(issued.notBefore)}")
 
     def test_malformedRejected(self) -> None:
         """Garbage, empty input and two concatenated certificates are malformed."""
