@@ -50,9 +50,12 @@ from groundcontrol.documents import (
     deviceJSON,
     grantJSON,
     groupJSON,
+    groupRemovalJSON,
     jsonText,
+    newTokenJSON,
     requestJSON,
     tokenJSON,
+    ungrantJSON,
 )
 from groundcontrol.store import (
     Device,
@@ -116,6 +119,7 @@ def _buildParser() -> _Parser:
         "--key", required=True, action="append", metavar="FILE", help="public key file"
     )
     userAdd.add_argument("--admin", action="store_true", help="may reach and manage everything")
+    _jsonFlag(userAdd)
     user.add_parser("list", help="list operator accounts").add_argument(
         "--json", action="store_true", help="machine-readable output"
     )
@@ -135,7 +139,10 @@ def _buildParser() -> _Parser:
     approve.add_argument(
         "--key", metavar="FINGERPRINT", help="which request, when several ask for NAME"
     )
-    device.add_parser("revoke", help="make a device unreachable").add_argument("name")
+    _jsonFlag(approve)
+    revoke = device.add_parser("revoke", help="make a device unreachable")
+    revoke.add_argument("name")
+    _jsonFlag(revoke)
 
     grant = commands.add_parser(
         "grant", help="let an operator reach a device, a group:NAME or a tag:NAME"
@@ -160,9 +167,11 @@ def _buildParser() -> _Parser:
         action="store_true",
         help="let the user forward their ssh-agent (ssh -A; the server must permit it too)",
     )
+    _jsonFlag(grant)
     ungrant = commands.add_parser("ungrant", help="remove an operator's grant")
     ungrant.add_argument("user")
     ungrant.add_argument("selector", help="NAME (a device), device:NAME, group:NAME or tag:NAME")
+    _jsonFlag(ungrant)
     grants = commands.add_parser("grants", help="list grants")
     grants.add_argument("user", nargs="?", help="only this operator's")
     grants.add_argument("--json", action="store_true", help="machine-readable output")
@@ -170,6 +179,7 @@ def _buildParser() -> _Parser:
     tag = commands.add_parser("tag", help="show or change a device's tags: tag DEVICE +lab -old")
     tag.add_argument("device")
     tag.add_argument("changes", nargs=argparse.REMAINDER, help="+TAG to add, -TAG to remove")
+    _jsonFlag(tag)
 
     group = commands.add_parser("group", help="device groups").add_subparsers(
         dest="groupCommand", required=True, parser_class=_Parser
@@ -177,11 +187,13 @@ def _buildParser() -> _Parser:
     groupAdd = group.add_parser("add", help="put devices into a group (creating it)")
     groupAdd.add_argument("group")
     groupAdd.add_argument("devices", nargs="+", metavar="DEVICE")
+    _jsonFlag(groupAdd)
     groupRemove = group.add_parser(
         "remove", help="take devices out of a group; with no devices, remove the group"
     )
     groupRemove.add_argument("group")
     groupRemove.add_argument("devices", nargs="*", metavar="DEVICE")
+    _jsonFlag(groupRemove)
     groupList = group.add_parser("list", help="groups and their devices")
     groupList.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -201,9 +213,23 @@ def _buildParser() -> _Parser:
         metavar="DURATION",
         help="lifetime, e.g. 30m, 8h, 1d, 7d (default 1d)",
     )
+    _jsonFlag(tokenCreate)
     tokenList = token.add_parser("list", help="tokens with their uses left and expiry")
     tokenList.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
+
+
+def _jsonFlag(parser: argparse.ArgumentParser) -> None:
+    """A change command's --json: print the changed object's document, as the shell's does."""
+    parser.add_argument("--json", action="store_true", help="print what changed as a JSON document")
+
+
+def _printDone(asJSON: bool, text: str, document: Any) -> None:
+    """
+    What a command that changed something prints: a line, or with --json the document of
+    what it changed (L{groundcontrol.documents}), as the control shell's same command does.
+    """
+    print(jsonText(document) if asJSON else text + "\n", end="")
 
 
 def _positiveInt(text: str) -> int:
@@ -263,7 +289,9 @@ def _dispatch(args: argparse.Namespace, now: Callable[[], float]) -> int:
             raise _UsageError(str(e)) from None
     if args.command == "tag":
         _checkDeviceNameArg(args.device)
-        args.add, args.remove = _tagChanges(args.changes)
+        # REMAINDER keeps a --json after the changes among them; read it as the shell's tag does.
+        args.json = args.json or "--json" in args.changes
+        args.add, args.remove = _tagChanges([c for c in args.changes if c != "--json"])
     if args.command == "group":
         for name in args.devices if args.groupCommand != "list" else ():
             _checkDeviceNameArg(name)
@@ -285,7 +313,8 @@ def _storeCommand(store: SQLStore, args: argparse.Namespace, now: Callable[[], f
             publicKeys = [_readPublicKey(path) for path in args.key]
             account = _result(store.addAccount(args.name, publicKeys, args.admin, now()))
             role = "admin" if account.isAdmin else "operator"
-            print(f"added {role} {account.name} with {len(publicKeys)} key(s)")
+            text = f"added {role} {account.name} with {len(publicKeys)} key(s)"
+            _printDone(args.json, text, accountJSON(account))
         else:
             accounts = [accountJSON(a) for a in _result(store.listAccounts())]
             if args.json:
@@ -299,10 +328,11 @@ def _storeCommand(store: SQLStore, args: argparse.Namespace, now: Callable[[], f
             _showDevice(store, args.name, args.json, now())
         elif args.deviceCommand == "approve":
             device = _result(store.approveDevice(args.name, actor, now(), fingerprint=args.key))
-            print(f"approved {device.name} ({device.fingerprint})")
+            text = f"approved {device.name} ({device.fingerprint})"
+            _printDone(args.json, text, deviceJSON(device))
         else:
             device = _result(store.revokeDevice(args.name, actor, now()))
-            print(f"revoked {device.name}")
+            _printDone(args.json, f"revoked {device.name}", deviceJSON(device))
     elif args.command == "grant":
         t = now()
         lifetime = args.expires_in if args.expires_in is not None else args.duration
@@ -318,12 +348,13 @@ def _storeCommand(store: SQLStore, args: argparse.Namespace, now: Callable[[], f
                 agentForwarding=args.agent_forwarding,
             )
         )
-        print(grantedText(grant, t))
+        _printDone(args.json, grantedText(grant, t), grantJSON(grant, t))
     elif args.command == "ungrant":
         removed = _result(store.ungrant(args.user, args.selector, actor, now()))
         if not removed:
             raise _CommandError(ungrantedText(args.user, args.selector, removed))
-        print(ungrantedText(args.user, args.selector, removed))
+        text = ungrantedText(args.user, args.selector, removed)
+        _printDone(args.json, text, ungrantJSON(args.user, args.selector))
     elif args.command == "grants":
         _listGrants(store, args.user, args.json, now())
     elif args.command == "tag":
@@ -334,12 +365,12 @@ def _storeCommand(store: SQLStore, args: argparse.Namespace, now: Callable[[], f
             if found is None:
                 raise _CommandError(f"no device named {args.device!r}")
             device = found
-        print(tagsText(device))
+        _printDone(args.json, tagsText(device), deviceJSON(device))
     elif args.command == "group":
         _groupCommand(store, args, actor, now())
     elif args.command == "token":
         if args.tokenCommand == "create":
-            _createToken(store, args.uses, args.expires, actor, now())
+            _createToken(store, args.uses, args.expires, actor, now(), args.json)
         else:
             _listTokens(store, args.json, now())
     return 0
@@ -368,12 +399,14 @@ def _listGrants(store: SQLStore, user: str | None, asJSON: bool, t: float) -> No
 def _groupCommand(store: SQLStore, args: argparse.Namespace, actor: str, t: float) -> None:
     if args.groupCommand == "add":
         members = _result(store.addToGroup(args.group, args.devices, actor, t))
-        print(f"group {args.group}: {' '.join(members)}")
+        text = f"group {args.group}: {' '.join(members)}"
+        _printDone(args.json, text, groupJSON(args.group, members))
     elif args.groupCommand == "remove":
         removed = _result(store.removeFromGroup(args.group, args.devices, actor, t))
         if not removed:
             raise _CommandError(f"group {args.group} has none of those devices; nothing removed")
-        print(f"removed {' '.join(removed)} from group {args.group}")
+        text = f"removed {' '.join(removed)} from group {args.group}"
+        _printDone(args.json, text, groupRemovalJSON(args.group, removed))
     else:
         groups = _result(store.listGroups())
         if args.json:
@@ -382,13 +415,19 @@ def _groupCommand(store: SQLStore, args: argparse.Namespace, actor: str, t: floa
         _printTable(("GROUP", "DEVICES"), [(g, " ".join(m)) for g, m in groups.items()])
 
 
-def _createToken(store: SQLStore, uses: int, lifetime: int, actor: str, t: float) -> None:
+def _createToken(
+    store: SQLStore, uses: int, lifetime: int, actor: str, t: float, asJSON: bool
+) -> None:
     """
     Make a token: 32 random bytes, URL-safe base64. Only its hash is stored, so this is the
-    one time it is shown: the token alone goes to stdout (for scripts), the rest to stderr.
+    one time it is shown: the token alone goes to stdout (for scripts), the rest to stderr;
+    with --json, its record and the token as one document on stdout.
     """
     token = secrets.token_urlsafe(32)
     record = _result(store.createToken(hashSecret(token), uses, t + lifetime, actor, t))
+    if asJSON:
+        print(jsonText(newTokenJSON(record, token, t)), end="")
+        return
     print(token)
     print(tokenCreatedText(record, t), file=sys.stderr)
 

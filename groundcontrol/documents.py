@@ -29,11 +29,14 @@ __all__ = [
     "grantJSON",
     "grantState",
     "groupJSON",
+    "groupRemovalJSON",
     "jsonText",
+    "newTokenJSON",
     "requestJSON",
     "sessionJSON",
     "tokenJSON",
     "tokenState",
+    "ungrantJSON",
 ]
 
 
@@ -98,6 +101,11 @@ def grantJSON(g: Grant, now: float) -> dict[str, Any]:
     }
 
 
+def ungrantJSON(user: str, selector: str) -> dict[str, Any]:
+    """What C{ungrant} prints: the grant that is gone (there is no record left to show)."""
+    return {"user": user, "selector": selector, "removed": True}
+
+
 def tokenState(token: TokenRecord, now: float) -> str:
     """C{expired}, C{used up} (no uses left) or C{active}."""
     if token.expiresAt <= now:
@@ -118,9 +126,19 @@ def tokenJSON(t: TokenRecord, now: float) -> dict[str, Any]:
     }
 
 
+def newTokenJSON(t: TokenRecord, token: str, now: float) -> dict[str, Any]:
+    """What C{token create} prints: the new token's record and, this once, the token."""
+    return {**tokenJSON(t, now), "token": token}
+
+
 def groupJSON(name: str, devices: Iterable[str]) -> dict[str, Any]:
     """A device group and its members."""
     return {"group": name, "devices": list(devices)}
+
+
+def groupRemovalJSON(name: str, removed: Iterable[str]) -> dict[str, Any]:
+    """What C{group remove} prints: the devices taken out of the group."""
+    return {"group": name, "removed": list(removed)}
 
 
 def accountJSON(account: Account) -> dict[str, Any]:

@@ -167,6 +167,60 @@ def test_changesPrintTheDocumentOfWhatChanged(
     assert tagged["tags"] == ["lab", "old"]
 
 
+def test_cliChangesPrintTheShellsDocuments(
+    fleet: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """
+    The admin CLI's change commands take --json as the control shell's do and print the
+    same document: the changed device, grant, group or token as listing it gives it (the
+    shell adding only its live keys), what ungrant and group remove took away.
+    """
+    data = fleet.data
+    revoked = cliJSON(capsys, data, "device", "revoke", "kiln7")
+    assert revoked["state"] == "revoked"
+    assert revoked in cliJSON(capsys, data, "device", "list")
+    approved = cliJSON(capsys, data, "device", "approve", "kiln7")
+    assert approved["state"] == "approved"
+    assert approved in cliJSON(capsys, data, "device", "list")
+    tagged = cliJSON(capsys, data, "tag", "kiln7", "+old")  # --json after the changes
+    assert tagged["tags"] == ["lab", "old"]
+    assert cliJSON(capsys, data, "tag", "--json", "kiln7") == tagged
+    assert without(ctlJSON(fleet, "tag", "kiln7", "+old"), ONLINE_KEYS) == tagged
+
+    granted = cliJSON(capsys, data, "grant", "alice", "kiln7", "--for", "2h")
+    assert granted in cliJSON(capsys, data, "grants")
+    byShell = ctlJSON(fleet, "grant", "alice", "kiln7", "--for", "2h")
+    assert byShell["created_by"] == "root" and granted["created_by"].startswith("cli:")
+    assert without(byShell, {"created_by"}) == without(granted, {"created_by"})
+    ungranted = cliJSON(capsys, data, "ungrant", "alice", "kiln7")
+    assert ungranted == {"user": "alice", "selector": "device:kiln7", "removed": True}
+    ctl(fleet, "grant", "alice", "kiln7")
+    assert ctlJSON(fleet, "ungrant", "alice", "kiln7") == ungranted
+
+    grouped = cliJSON(capsys, data, "group", "add", "kilns", "kiln7")
+    assert grouped == {"group": "kilns", "devices": ["kiln7"]}
+    assert grouped in cliJSON(capsys, data, "group", "list")
+    assert ctlJSON(fleet, "group", "add", "kilns", "kiln7") == grouped
+    ungrouped = cliJSON(capsys, data, "group", "remove", "kilns", "kiln7")
+    assert ungrouped == {"group": "kilns", "removed": ["kiln7"]}
+    ctl(fleet, "group", "add", "kilns", "kiln7")
+    assert ctlJSON(fleet, "group", "remove", "kilns", "kiln7") == ungrouped
+
+    made = cliJSON(capsys, data, "token", "create", "--uses", "2")
+    assert without(made, {"token"}) in cliJSON(capsys, data, "token", "list")
+    assert len(made["token"]) == 43
+    shellMade = ctlJSON(fleet, "tokens", "create", "--uses", "2")
+    assert without(shellMade, {"id", "token", "created_by"}) == without(
+        made, {"id", "token", "created_by"}
+    )
+
+    keyFile = tmp_path / "carol.pub"
+    keyFile.write_text(publicLine(newKey()) + "\n")
+    added = cliJSON(capsys, data, "user", "add", "carol", "--key", str(keyFile))
+    assert added == {"name": "carol", "role": "operator"}
+    assert added in cliJSON(capsys, data, "user", "list")
+
+
 def test_confirmationsTheSameInBoth(fleet: Any, capsys: pytest.CaptureFixture[str]) -> None:
     """
     The CLI and the control shell confirm a grant, a tag change and a new token in the

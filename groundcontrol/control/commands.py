@@ -45,9 +45,12 @@ from groundcontrol.documents import (
     deviceJSON,
     grantJSON,
     groupJSON,
+    groupRemovalJSON,
     jsonText,
+    newTokenJSON,
     requestJSON,
     tokenJSON,
+    ungrantJSON,
 )
 from groundcontrol.enrollment import hashSecret, normaliseCode
 from groundcontrol.registry import Registry
@@ -460,7 +463,7 @@ def _ungrant(parser: _Parser) -> Handler:
         text = ungrantedText(options.user, selector, removed)
         if not removed:
             return CommandResult(stderr=f"ungrant: {text}\n", status=1)
-        return _done(options, text, {"user": options.user, "selector": selector, "removed": True})
+        return _done(options, text, ungrantJSON(options.user, selector))
 
     return run
 
@@ -558,7 +561,7 @@ def _group(parser: _Parser) -> Handler:
         return _done(
             options,
             f"removed {' '.join(removed)} from group {options.group}",
-            {"group": options.group, "removed": removed},
+            groupRemovalJSON(options.group, removed),
         )
 
     return run
@@ -667,7 +670,7 @@ def _tokens(parser: _Parser) -> Handler:
                 hashSecret(token), options.uses, now + lifetime, context.actor, now
             )
             if options.json:
-                return _jsonDocument({**tokenJSON(record, now), "token": token})
+                return _jsonDocument(newTokenJSON(record, token, now))
             return CommandResult(stdout=f"{token}\n", stderr=tokenCreatedText(record, now) + "\n")
         tokens = await context.store.listTokens()
         if not options.json:
