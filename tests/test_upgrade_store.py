@@ -8,6 +8,8 @@ to an old upgrader or a new reading of old rows shows here.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 import sqlite3
 import tempfile
@@ -16,9 +18,13 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh import keys
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from accesstunnel.keys import fingerprint
+from groundcontrol.cli import main
+from groundcontrol.datadir import DataDir
 from groundcontrol.recording import RecordingPolicy, parseCast
 from groundcontrol.sessions import pastSession, pastSessions, recordingFile
 from groundcontrol.store import (
@@ -30,6 +36,8 @@ from groundcontrol.store import (
     schemaUpgraders,
     synchronousRunner,
 )
+from groundcontrol.tap import Options
+from groundcontrol.tap import openStore as openServerStore
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -323,6 +331,46 @@ class NewerStoreTests(OldStoreTestCase):
         self.assertRaises(StoreError, migrateStore, self.path)
         self.assertEqual(_rows(self.path), before)
         self.assertEqual(rawVersion(self.path), latest + 1)
+
+
+class NewerStoreProgramsTests(SynchronousTestCase):
+    """
+    The programs an admin runs say the same about a newer store: the CLI in one line and
+    exit status 1, the server by refusing to start.
+    """
+
+    def setUp(self) -> None:
+        self.dataDir = DataDir(Path(self.mktemp()))
+        self.dataDir.ensureInitialised()
+        self.path = str(self.dataDir.databasePath)
+        self.latest = schemaUpgraders()[-1][0]
+        connection = sqlite3.connect(self.path)
+        connection.execute("UPDATE version SET version = ?", (self.latest + 1,))
+        connection.commit()
+        connection.close()
+        self.message = (
+            f"database schema version {self.latest + 1} is newer than this groundcontrol "
+            f"(knows up to {self.latest}); upgrade groundcontrol"
+        )
+
+    def test_cli(self) -> None:
+        """C{groundcontrol device list} (and C{init}) fail with the message, nothing else."""
+        for argv in (["device", "list"], ["init"]):
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                status = main(["--data", str(self.dataDir.path), *argv])
+            self.assertEqual(status, 1, argv)
+            self.assertEqual(err.getvalue(), f"groundcontrol: error: {self.message}\n")
+        self.assertEqual(rawVersion(self.path), self.latest + 1)
+
+    def test_server(self) -> None:
+        """C{twistd groundcontrol} stops at start-up with the message, as a usage error."""
+        options = Options()
+        options.parseOptions(["--data", str(self.dataDir.path), "--listen", "tcp:0"])
+        error = self.assertRaises(
+            usage.UsageError, openServerStore, options.toConfig(), MemoryReactorClock()
+        )
+        self.assertEqual(str(error), f"cannot open the store {self.path}: {self.message}")
 
 
 def _rows(path: str) -> dict[str, list[dict[str, Any]]]:
