@@ -184,9 +184,14 @@ class GroundControlUnitTests(SynchronousTestCase):
         self.assertIn("\n#SupplementaryGroups=debian-tor\n", text)
         self.assertIn("SupplementaryGroups=debian-tor", readmeSection("### systemd"))
 
-    def test_type(self) -> None:
-        """Type=exec: a start fails when the program cannot be started."""
+    def test_typeAndRestart(self) -> None:
+        """
+        Type=exec: a start fails when the program cannot be started. Restart=always: when a
+        listener cannot listen groundcontrol stops the reactor and exits with status 0
+        (groundcontrol.listening), which Restart=on-failure would never retry.
+        """
         self.assertEqual(last(self.unit, "Type"), "exec")
+        self.assertEqual(last(self.unit, "Restart"), "always")
 
 
 class AgentUnitTests(SynchronousTestCase):
