@@ -34,6 +34,7 @@ from groundcontrol.accesslists import (
     tokensTable,
     ungrantedText,
 )
+from groundcontrol.auditlog import auditDocuments, auditTable, recentAudit
 from groundcontrol.datadir import DataDir, HostKeyError, NotInitialised
 from groundcontrol.devicedetail import (
     DeviceDetail,
@@ -216,6 +217,20 @@ def _buildParser() -> _Parser:
     _jsonFlag(tokenCreate)
     tokenList = token.add_parser("list", help="tokens with their uses left and expiry")
     tokenList.add_argument("--json", action="store_true", help="machine-readable output")
+
+    audit = commands.add_parser(
+        "audit", help="the audit log, oldest first: the latest events, or those after an id"
+    )
+    audit.add_argument(
+        "--limit", type=_positiveInt, default=50, metavar="N", help="at most N events (50)"
+    )
+    audit.add_argument(
+        "--after",
+        type=_wholeNumber,
+        metavar="ID",
+        help="the events after this id (the last one seen, to read on from there)",
+    )
+    audit.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
@@ -240,6 +255,12 @@ def _positiveInt(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
+
+
+def _wholeNumber(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
+    return int(text)
 
 
 def _duration(text: str) -> int:
@@ -373,6 +394,9 @@ def _storeCommand(store: SQLStore, args: argparse.Namespace, now: Callable[[], f
             _createToken(store, args.uses, args.expires, actor, now(), args.json)
         else:
             _listTokens(store, args.json, now())
+    elif args.command == "audit":
+        events = _result(Deferred.fromCoroutine(recentAudit(store, args.limit, args.after)))
+        print(jsonText(auditDocuments(events)) if args.json else auditTable(events), end="")
     return 0
 
 

@@ -230,15 +230,23 @@ def auditDetailJSON(detail: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def auditEventJSON(
-    event: str, device: str | None, actor: str | None, at: float, detail: Mapping[str, Any]
+    eventId: int | None,
+    event: str,
+    device: str | None,
+    actor: str | None,
+    at: float,
+    detail: Mapping[str, Any],
 ) -> dict[str, Any]:
     """
-    An audit event: what a webhook is sent (and the log's fleet event line carries).
-    C{device} is the device's name (for a pending device, the name it asked for); the
-    detail's keys are those of the device or request documents where they mean the same
-    (C{fingerprint}, C{serial}, C{kind}, C{source}, C{owner}, C{lease_until}).
+    An audit event: what C{audit --json} prints and a webhook is sent (and the log's fleet
+    event line carries). C{eventId} is its row's, increasing (a webhook receiver told the same
+    event twice, a retry after an answer that was lost, sees the same id). C{device} is the
+    device's name (for a pending device, the name it asked for); the detail's keys are those
+    of the device or request documents where they mean the same (C{fingerprint},
+    C{serial}, C{kind}, C{source}, C{owner}, C{lease_until}).
     """
     return {
+        "id": eventId,
         "event": event,
         "device": device,
         "actor": actor,

@@ -124,6 +124,7 @@ class FleetWatcher(Service):
                             actor=event.actor,
                             at=event.at,
                             detail=event.detail,
+                            id=event.id,
                         )
                     )
                 await self._apply(event)

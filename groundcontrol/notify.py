@@ -74,6 +74,8 @@ class FleetEvent:
     @ivar at: when, in seconds since the epoch (from the injected clock).
     @ivar detail: event-specific facts (key fingerprint, serial, source address, ...); values
         should be JSON-serialisable, anything else is sent as its C{str}.
+    @ivar id: the audit event's id, when it came from the audit log (the fleet watcher's
+        events do), so that a receiver can tell a repeated delivery from a new event.
     """
 
     event: str
@@ -81,6 +83,7 @@ class FleetEvent:
     actor: str | None
     at: float
     detail: Mapping[str, Any] = field(factory=dict, converter=_frozenDetail, hash=False)
+    id: int | None = None
 
     def toJSON(self) -> dict[str, Any]:
         """
@@ -88,7 +91,7 @@ class FleetEvent:
         8601 with a C{Z}, the detail's keys in snake_case and its instants as ISO), in the
         vocabulary of the CLI's and the control shell's JSON.
         """
-        return auditEventJSON(self.event, self.device, self.actor, self.at, self.detail)
+        return auditEventJSON(self.id, self.event, self.device, self.actor, self.at, self.detail)
 
 
 class INotifier(Interface):

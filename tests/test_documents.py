@@ -331,7 +331,7 @@ def test_auditEventsInTheVocabulary(fleet: Any, capsys: pytest.CaptureFixture[st
         ctl(fleet, *argv)
     rows = resultNow(fleet.auditSince(0, 1000))
     assert any("leaseUntil" in row.detail for row in rows)  # stored as written
-    documents = [auditEventJSON(r.event, r.device, r.actor, r.at, r.detail) for r in rows]
+    documents = [auditEventJSON(r.id, r.event, r.device, r.actor, r.at, r.detail) for r in rows]
     kinds = {d["event"] for d in documents}
     assert {"device.claimed", "claim.renewed", "claim.released", "certificate.issued"} <= kinds
     assert {"grant.added", "token.created", "device.revoked", "device.approved"} <= kinds

@@ -124,3 +124,14 @@ class FeedTests(SynchronousTestCase):
         self.sessions(3)
         self.poll()
         self.assertEqual([e.device for e in self.notifier.events], [*written, "late"])
+
+    def test_notifiedWithTheAuditId(self) -> None:
+        """
+        A notified event carries its audit row's id, and the webhook payload sends it: a
+        receiver told the same event twice (a retry after a lost answer) can tell.
+        """
+        first = self.fleetEvent("device.pending", "oven1")
+        second = self.fleetEvent("device.pending", "oven1")
+        self.poll()
+        self.assertEqual([e.id for e in self.notifier.events], [first, second])
+        self.assertEqual([e.toJSON()["id"] for e in self.notifier.events], [first, second])

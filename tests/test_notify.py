@@ -124,6 +124,7 @@ class FleetEventTests(SynchronousTestCase):
         self.assertEqual(
             event.toJSON(),
             {
+                "id": None,
                 "event": "device.approved",
                 "device": "kiln7",
                 "actor": "alice",
