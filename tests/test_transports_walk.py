@@ -274,7 +274,8 @@ class IPv6PeerRecordTests(SynchronousTestCase):
         self.assertEqual(lines, ["listening on [::1]:2222 (ssh://[::1]:2222)"])
 
 
-def _ipv6Available() -> bool:
+def ipv6Available() -> bool:
+    """Whether this host can bind ::1 (containers without IPv6 cannot)."""
     try:
         with socket.socket(socket.AF_INET6) as probe:
             probe.bind(("::1", 0))
@@ -334,7 +335,7 @@ class BothFamiliesTests(SynchronousTestCase):
         The IPv6-only socket leaves the IPv4 wildcard free on the same port: without
         IPV6_V6ONLY the second bind failed with EADDRINUSE (Linux, bindv6only=0).
         """
-        if not _ipv6Available():
+        if not ipv6Available():
             raise SkipTest("no IPv6 on this host")
         port = _IPv6OnlyPort(0, Factory(), 5, "::", MemoryReactorClock())
         with port.createInternetSocket() as v6:

@@ -15,18 +15,10 @@ import pytest
 from tests.e2e.harness import Agent, Fleet, Process, run, waitFor
 from tests.e2e.test_tor import LINK_TIMEOUT, ONION_PORT, startOnionServer
 from tests.e2e.tornet import TorNetwork, _tool
+from tests.test_transports_walk import ipv6Available
 
 
-def _ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _ipv6(), reason="needs IPv6 on loopback")
+@pytest.mark.skipif(not ipv6Available(), reason="needs IPv6 on loopback")
 def test_bothFamiliesOnOnePort(fleet: Fleet) -> None:
     """
     --listen ssh://0.0.0.0:P --listen ssh://[::]:P (as sshd_config writes it) starts; an
@@ -97,13 +89,14 @@ def test_onionServiceOutlivesTorRestart(fleet: Fleet) -> None:
     try:
         network.start()
         onion = startOnionServer(fleet, network)["host"]
-        agent = Agent(fleet.base, "kiln7")
-        agent.start(
+        onlyOnion = (
             f"tor://{onion}:{ONION_PORT}",
             str(fleet.gc.data / "ssh_host_ed25519_key.pub"),
             "--tor-socks",
             network.socksEndpoint,
         )
+        agent = Agent(fleet.base, "kiln7")
+        agent.start(*onlyOnion)
         fleet.agents.append(agent)
         waitFor(
             lambda: any(d.get("name") == "kiln7" for d in fleet.gc.devices()),
@@ -143,12 +136,7 @@ def test_onionServiceOutlivesTorRestart(fleet: Fleet) -> None:
         waitFor(lambda: server.output().count(published) >= 2, 60, "the service published again")
         assert "lost tor's control port" in server.output()
         back = time.monotonic()
-        agent.start(
-            f"tor://{onion}:{ONION_PORT}",
-            str(fleet.gc.data / "ssh_host_ed25519_key.pub"),
-            "--tor-socks",
-            network.socksEndpoint,
-        )
+        agent.start(*onlyOnion)
         fleet.waitRoutable(alice, "kiln7", timeout=LINK_TIMEOUT)
         print(f"routable again {time.monotonic() - back:.1f} s after the service was back")
     finally:
