@@ -80,6 +80,13 @@ _ENROLLMENT_ALLOWANCE = Allowance(
 PEER_REKEY_BURST = 10
 PEER_REKEY_INTERVAL = 0.25
 
+#: Bytes groundcontrol may hold unsent for a peer before a request of the peer's that
+#: wants an answer drops the peer instead: one that asks and never reads the answers
+#: would have them kept in memory without end. Channel data never piles up there (the
+#: link's back-pressure holds it in the channels, accesstunnel.linkflow); only answers
+#: do, and a peer that reads has at most a socket buffer's worth (256 KiB) waiting.
+MAX_UNSENT_FOR_PEER = 4 << 20
+
 #: What the agent's key may be used for in signatures we accept (RFC 8308).
 USER_KEY_ALGORITHMS = [b"ssh-ed25519", b"rsa-sha2-512", b"rsa-sha2-256"]
 
@@ -324,6 +331,35 @@ class GroundControlConnection(TunnelConnection):
     _log = Logger()
     #: What this link owes of L{_ENROLLMENT_ALLOWANCE} (None: nothing asked yet).
     _enrollmentBucket: Any = None
+    #: Conch logs every message number this service does not know at info, with the
+    #: payload's repr: a peer's to write into our log without end. Written at debug
+    #: (accesstunnel.logfilter), as OpenSSH does; still answered UNIMPLEMENTED.
+    conchEventsSaidOtherwise = frozenset({"couldn't handle {messageNum} {packet!r}"})
+
+    # -- a peer that asks and does not read the answers ---------------------------
+
+    def ssh_GLOBAL_REQUEST(self, packet: bytes) -> None:
+        if not self.transport.dropPeerNotReading():
+            super().ssh_GLOBAL_REQUEST(packet)
+
+    def ssh_CHANNEL_OPEN(self, packet: bytes) -> None:
+        if not self.transport.dropPeerNotReading():
+            super().ssh_CHANNEL_OPEN(packet)
+
+    def ssh_CHANNEL_REQUEST(self, packet: bytes) -> Any:
+        if not self.transport.dropPeerNotReading():
+            return super().ssh_CHANNEL_REQUEST(packet)
+        return None
+
+    def _unsentToPeer(self) -> int:
+        """
+        Bytes the link's socket holds unsent; 0 while the link takes more (a paused link
+        is the only time there can be much).
+        """
+        flow = self.linkFlow
+        if flow is None or not flow.paused:
+            return 0
+        return unsentBytes(getattr(flow, "_transport", None))
 
     def gotGlobalRequest(self, requestType: bytes, data: bytes) -> Any:
         """Enrollment requests beyond the link's allowance are refused unanswered."""
@@ -359,6 +395,14 @@ class GroundControlConnection(TunnelConnection):
             linkUp(self)
         else:
             self.transport.preferAESGCM()
+
+
+def unsentBytes(socket: Any) -> int:
+    """Bytes a Twisted socket (a C{FileDescriptor}) holds unsent; 0 for anything else."""
+    try:
+        return len(socket.dataBuffer) - socket.offset + socket._tempDataLen
+    except (AttributeError, TypeError):
+        return 0
 
 
 def agentProbeAfter(interval: float, count: int) -> float:
@@ -411,6 +455,8 @@ class GroundControlTransport(
         service runs; so does groundcontrol.
         """
         if self.service is not None:
+            if self.dropPeerNotReading():
+                return
             rejected = (self.incomingPacketSequence - 1) & 0xFFFFFFFF
             self.sendPacket(transport.MSG_UNIMPLEMENTED, struct.pack(">L", rejected))
             return
@@ -454,6 +500,31 @@ class GroundControlTransport(
             self._peerRekeys = (allowance, allowance.emptyBucket(now))
         allowance, bucket = self._peerRekeys
         return allowance.spend(bucket, now)
+
+    def sendUnimplemented(self) -> None:
+        if not self.dropPeerNotReading():
+            super().sendUnimplemented()
+
+    def dropPeerNotReading(self) -> bool:
+        """
+        Whether the peer was dropped, asking for another answer with more than
+        L{MAX_UNSENT_FOR_PEER} of ours unread: aborted, not closed politely, which
+        would wait for it to read them.
+        """
+        unsent = getattr(self.service, "_unsentToPeer", None)
+        if unsent is None or unsent() <= MAX_UNSENT_FOR_PEER:
+            return False
+        self._log.warn(
+            "dropping {peer}: it does not read ({unsent} bytes unsent) and asks for more",
+            peer=_describePeer(self.transport.getPeer()),
+            unsent=unsent(),
+        )
+        tcp = self.transport
+        self.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR, b"not reading")
+        abort = getattr(tcp, "abortConnection", None)
+        if abort is not None:
+            abort()
+        return True
 
     def sendExtInfo(self, extensions: list[tuple[bytes, bytes]]) -> None:
         # Advertise the user-key signature algorithms we accept, not our host

@@ -10,16 +10,18 @@ from __future__ import annotations
 import os
 import pwd
 import struct
-from typing import Any
+from typing import Any, cast
 
 from cryptography.hazmat.primitives.asymmetric import dsa, rsa
-from twisted.conch.ssh import common, keys
+from twisted.conch.ssh import common, connection, keys
 from twisted.cred.credentials import SSHPrivateKey
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, PredicateResult, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from accesstunnel.enrollmessages import HELLO, decodeMessage, encodeMessage
+from accesstunnel.logfilter import MinimumLevel
 from agent.remoteforward import RemoteForwarder
 from agent.session import SessionChannel, SessionEnvironment
 from groundcontrol.auth import FleetKeyChecker
@@ -27,6 +29,7 @@ from groundcontrol.preauth import PenaltyPolicy
 from groundcontrol.sshserver import (
     ENROLLMENT_REQUEST_BURST,
     ENROLLMENT_REQUEST_INTERVAL,
+    MAX_UNSENT_FOR_PEER,
     PEER_REKEY_BURST,
     PEER_REKEY_INTERVAL,
 )
@@ -400,3 +403,74 @@ class PendingLoginLoopTests(SynchronousTestCase):
         """An approved device reconnecting is never counted (its key is accountable)."""
         key = self.fleet.enrollDevice("kiln7")
         self.assertEqual(self.loop(key, "kiln7", 40), 40)
+
+
+class UnknownMessagesTests(SynchronousTestCase):
+    """
+    Conch logs, at info, every message number its connection service does not know,
+    with the payload's repr: a logged-in peer (any key, as a pending device) could write
+    without end into groundcontrol's log, four bytes of log for each byte it sent. They
+    are answered (UNIMPLEMENTED) as before and logged at debug, as OpenSSH does.
+    """
+
+    def test_unknownMessagesNotLoggedAtInfo(self) -> None:
+        fleet = InMemoryFleet()
+        agent, pump = fleet.agent("oven2", newKey())
+        fleet.flush()
+        events: list[Any] = []
+        written = MinimumLevel()
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        for _ in range(50):
+            pump.client.sendPacket(200, b"\x1b]52;c;x\x07" * 100)
+        fleet.flush()
+        fromServer = [e for e in events if e.get("log_source") is pump.server.service]
+        self.assertEqual(len(fromServer), 50)  # still logged, at debug
+        self.assertEqual([e for e in fromServer if written(e) != PredicateResult.no], [])
+        self.assertFalse(agent.lost)
+
+
+class PeerNotReadingTests(SynchronousTestCase):
+    """
+    A peer that sends requests and never reads the answers had groundcontrol keep every
+    answer in memory, without end: a pending device (any key) sending channel opens
+    (each refused with a sentence) and global requests, its socket never read, grew
+    groundcontrol by about 4 MB a second from one slow Python client. With more than
+    MAX_UNSENT_FOR_PEER waiting for it, a request that wants an answer drops the peer.
+    """
+
+    def setUp(self) -> None:
+        self.fleet = InMemoryFleet()
+        self.agent, self.pump = self.fleet.agent("oven2", newKey())
+        self.fleet.flush()
+        assert self.agent.connection is not None
+        self.link = self.agent.connection
+        self.service = self.pump.server.service
+
+    def backlog(self, size: int) -> None:
+        self.service._unsentToPeer = lambda: size
+
+    def test_requestsAnsweredWhileTheBacklogIsSmall(self) -> None:
+        self.backlog(MAX_UNSENT_FOR_PEER)
+        asked = self.link.sendGlobalRequest(b"keepalive@openssh.com", b"", 1)
+        self.fleet.flush()
+        self.failureResultOf(asked)  # refused, as ever: but answered
+        self.assertFalse(self.agent.lost)
+
+    def test_peerDroppedPastTheBacklog(self) -> None:
+        for send in (
+            lambda: self.link.sendGlobalRequest(b"keepalive@openssh.com", b"", 1).addErrback(
+                lambda f: None
+            ),
+            lambda: self.pump.client.sendPacket(
+                connection.MSG_CHANNEL_OPEN,
+                common.NS(b"session") + struct.pack(">3L", 7, 1 << 20, 32768),
+            ),
+            lambda: self.pump.client.sendPacket(200, b"x"),
+        ):
+            self.setUp()
+            self.backlog(MAX_UNSENT_FOR_PEER + 1)
+            send()
+            self.fleet.flush()
+            self.assertTrue(self.agent.lost)
