@@ -55,6 +55,18 @@ class LeastSquaresTests(SynchronousTestCase):
         fit = soak.leastSquares([0.0, 1.0, 2.0], [5.0, 5.0, 5.0])
         self.assertEqual((fit.slope, fit.se), (0.0, 0.0))
 
+    def test_groups(self) -> None:
+        """
+        With groups, one slope common to lines of their own levels: two parallel lines far
+        apart fit with their slope and no error, where one line through both would not.
+        """
+        xs = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+        ys = [100.0, 101.0, 102.0, 10.0, 11.0, 12.0]
+        fit = soak.leastSquares(xs, ys, ["a", "a", "a", "b", "b", "b"])
+        self.assertAlmostEqual(fit.slope, 1.0)
+        self.assertAlmostEqual(fit.se, 0.0)
+        self.assertLess(soak.leastSquares(xs, ys).slope, 0)
+
     def test_tooFewPoints(self) -> None:
         """One point has no slope; two have a slope but no error; none is not an error."""
         self.assertTrue(math.isnan(soak.leastSquares([1.0], [3.0]).slope))
@@ -68,8 +80,9 @@ class LeastSquaresTests(SynchronousTestCase):
         self.assertTrue(math.isnan(soak.leastSquares([1.0, 1.0], [3.0, 5.0]).slope))
 
     def test_lengthsDiffer(self) -> None:
-        """As many values as times, or a ValueError."""
+        """As many values (and groups) as times, or a ValueError."""
         self.assertRaises(ValueError, soak.leastSquares, [0.0, 1.0], [1.0])
+        self.assertRaises(ValueError, soak.leastSquares, [0.0, 1.0], [1.0, 2.0], ["a"])
 
 
 class SecondHalfFitTests(SynchronousTestCase):
@@ -89,16 +102,30 @@ class SecondHalfFitTests(SynchronousTestCase):
         self.assertEqual(fit.slope, 0.0)
         self.assertEqual(fit.n, 5)
 
-    def test_lastProcessOnly(self) -> None:
+    def test_perProcessLevels(self) -> None:
         """
-        With a pid column, only the samples of the process alive at the end count: an
-        agent started again starts from a lower RSS, which is no shrinking.
+        With a pid column, each process has its own level: an agent started again starts
+        from a lower RSS, which is no shrinking; the moves within each life (1 KiB every
+        30 s in both) make the slope.
         """
-        values = [200.0, 210.0, 220.0, 230.0, 240.0, 100.0, 101.0, 102.0, 103.0]
-        pids = [7] * 5 + [9] * 4
-        fit = soak.secondHalfFit(rows(values, agent_pid=pids), "gc_rss_kib", "agent_pid")
-        self.assertEqual(fit.n, 4)
+        values = [200.0, 201.0, 202.0, 203.0, 204.0, 205.0, 206.0, 100.0, 101.0, 102.0]
+        pids = [7] * 7 + [9] * 3
+        fit = soak.secondHalfFit(rows(values, agent_pid=pids), "gc_rss_kib", "agent_pid", 0)
+        self.assertEqual(fit.n, 5)
         self.assertAlmostEqual(fit.slope, 120.0)
+        self.assertAlmostEqual(fit.se, 0.0)
+
+    def test_warmUpLeftOut(self) -> None:
+        """
+        A process's first minutes are left out of its fit (a new agent's first sessions
+        allocate what later ones reuse): the step 60 s after its start does not count.
+        """
+        values = [500.0] * 8 + [100.0, 100.0, 180.0, 180.0, 180.0, 180.0, 180.0, 180.0]
+        pids = [7] * 8 + [9] * 8
+        samples = rows(values, agent_pid=pids)
+        fit = soak.secondHalfFit(samples, "gc_rss_kib", "agent_pid", warmup=90)
+        self.assertEqual((fit.slope, fit.n), (0.0, 5))
+        self.assertGreater(soak.secondHalfFit(samples, "gc_rss_kib", "agent_pid", 0).slope, 0)
 
     def test_emptySamplesLeftOut(self) -> None:
         """A sample taken while the process was being restarted (empty) is left out."""
@@ -189,7 +216,8 @@ class FiguresTests(SynchronousTestCase):
     def test_namesAndValues(self) -> None:
         """
         A run's samples give a growth per hour for groundcontrol's RSS, the store (bytes
-        as KiB) and each table, end values, and the run's load as a share of one core.
+        as KiB) and each table, end values, and the run's load as a share of one core;
+        groundcontrol's first 3 minutes are out of its fit.
         """
         n = 10
         samples = rows(
@@ -213,4 +241,4 @@ class FiguresTests(SynchronousTestCase):
         self.assertEqual(figures["soak_gc_rss_kib_end"], 1018.0)
         self.assertEqual(figures["soak_load_pct_of_core"], round(100 * 0.9 / 270, 2))
         self.assertEqual(figures["soak_agent_ssh_rss_growth_kib_per_hour"], "nan")
-        self.assertEqual(fits["gc_rss"]["n"], 5)
+        self.assertEqual(fits["gc_rss"]["n"], 4)
