@@ -19,6 +19,7 @@ L{accesstunnel.writethrough}) from the start, whatever travels inside them.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote, urlsplit
@@ -58,6 +59,7 @@ __all__ = [
     "ServerTLS",
     "TorSettings",
     "clientConnector",
+    "clientEndpoint",
     "clientEndpointString",
     "describeAddress",
     "hostPort",
@@ -274,6 +276,40 @@ def _tcpServerEndpoint(reactor: Any, parsed: Address, alongside: Iterable[str]) 
     return endpoints.serverFromString(tcpReactor, _withBacklog(_tcpServerString(parsed)))
 
 
+#: An IPv6 literal in brackets inside an endpoint string (tcp:[::1]:9050).
+_BRACKETED_IPV6 = re.compile(r"\[([0-9A-Fa-f:.]+(?:%[^\]]+)?)\]")
+
+
+def _fromString(
+    parse: Callable[[Any, str], Any],
+    reactor: Any,
+    description: str,
+    adjust: Callable[[str], str] = lambda text: text,
+) -> Any:
+    """
+    A Twisted endpoint string parsed, with an IPv6 literal allowed in brackets as in every
+    other address here (Twisted wants C{tcp:\\:\\:1:9050}); a bad string is an
+    L{AddressError} that quotes it, not a TypeError about TCP4ClientEndpoint's arguments.
+    """
+    text = _BRACKETED_IPV6.sub(lambda m: _escape(m.group(1)), description.strip())
+    try:
+        return parse(reactor, adjust(text))
+    except (ValueError, TypeError, KeyError) as e:
+        raise AddressError(f"bad endpoint string {description!r}: {e}") from None
+
+
+def clientEndpoint(reactor: Any, description: str) -> IStreamClientEndpoint:
+    """
+    A client endpoint string (C{--tor-socks}, C{--tor-control}, an agent's C{tcp:} server)
+    as Twisted reads it, but C{tcp:[::1]:9050} works.
+
+    @raise AddressError: the string is not one.
+    """
+    return cast(
+        IStreamClientEndpoint, _fromString(endpoints.clientFromString, reactor, description)
+    )
+
+
 def _identity(factory: IProtocolFactory) -> IProtocolFactory:
     return factory
 
@@ -335,10 +371,7 @@ def serverListener(
     scheme = parsed.scheme
     tcpReactor = writeThroughTCP(reactor)
     if scheme == "endpoint":
-        try:
-            endpoint = endpoints.serverFromString(tcpReactor, _withBacklog(address))
-        except (ValueError, TypeError, KeyError) as e:
-            raise AddressError(f"bad endpoint string {address!r}: {e}") from None
+        endpoint = _fromString(endpoints.serverFromString, tcpReactor, address, _withBacklog)
         return Listener(endpoint, _identity, address, "tcp")
     if scheme == "tor":
         from accesstunnel.transports.tor import OnionServerEndpoint, TorSettings
@@ -402,10 +435,7 @@ def clientConnector(
     scheme = parsed.scheme
     tcpReactor = writeThroughTCP(reactor)
     if scheme == "endpoint":
-        try:
-            endpoint = endpoints.clientFromString(tcpReactor, address)
-        except (ValueError, TypeError, KeyError) as e:
-            raise AddressError(f"bad endpoint string {address!r}: {e}") from None
+        endpoint = clientEndpoint(tcpReactor, address)
         return Connector(endpoint, _identity, address, "tcp")
     host, port = parsed.host, parsed.port
     if not host:

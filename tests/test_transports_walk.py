@@ -56,6 +56,23 @@ class AddressTextTests(SynchronousTestCase):
             parseAddress("ssh://gc.example:22x")
         self.assertNotIn("brackets", str(caught.exception))
 
+    def test_bracketsInEndpointStrings(self) -> None:
+        """
+        --tor-socks tcp:[::1]:9050 (and --listen/--server endpoint strings) take an IPv6
+        literal in brackets like every other address; before, Twisted's parser failed with
+        a TypeError about TCP4ClientEndpoint's arguments, a traceback at start.
+        """
+        reactor = MemoryReactorClock()
+        tor = TorSettings(socks="tcp:[::1]:9050")
+        endpoint = clientConnector(reactor, "tor://abcdef.onion", tor=tor).endpoint
+        socks: Any = endpoint.proxyEndpoint  # type: ignore[attr-defined]
+        self.assertEqual((socks._host, socks._port), ("::1", 9050))
+        listener: Any = serverListener(reactor, "tcp:2222:interface=[::1]").endpoint
+        self.assertEqual(listener._interface, "::1")
+        with self.assertRaises(AddressError) as caught:
+            clientConnector(reactor, "tor://abcdef.onion", tor=TorSettings(socks="tcp:[::1]"))
+        self.assertIn("bad endpoint string 'tcp:[::1]'", str(caught.exception))
+
     def test_zoneInURL(self) -> None:
         """An IPv6 zone is written %25 in a URL (RFC 6874) and means '%'."""
         self.assertEqual(parseAddress("ssh://[fe80::1%25eth0]:22").host, "fe80::1%eth0")

@@ -26,6 +26,8 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from accesstunnel.addresses import clientEndpoint
+
 __all__ = [
     "OnionAddress",
     "OnionServerEndpoint",
@@ -111,7 +113,7 @@ class _OnionPort:
         """Connect to tor's control port and add the onion service (the first, or again)."""
         import txtorcon  # groundcontrol only: the agent dials through SOCKS alone
 
-        control = endpoints.clientFromString(self._reactor, self._settings.control)
+        control = clientEndpoint(self._reactor, self._settings.control)
         try:
             tor = await txtorcon.connect(self._reactor, control)
         except Exception as e:
@@ -246,7 +248,7 @@ def onionClientEndpoint(
     from accesstunnel.transports.socks import SOCKS5Endpoint
 
     return SOCKS5Endpoint(
-        endpoints.clientFromString(reactor, settings.socks),
+        clientEndpoint(reactor, settings.socks),
         host,
         port,
         f"tor's SOCKS port {settings.socks} (is tor running?)",
