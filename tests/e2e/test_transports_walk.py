@@ -13,9 +13,13 @@ import time
 import pytest
 
 from tests.e2e.harness import Agent, Fleet, Process, run, waitFor
+from tests.e2e.netns import Namespace
+from tests.e2e.test_blackhole import NamespacedAgent, listeningPorts, namespace, startAgent
 from tests.e2e.test_tor import LINK_TIMEOUT, ONION_PORT, startOnionServer
 from tests.e2e.tornet import TorNetwork, _tool
 from tests.test_transports_walk import ipv6Available
+
+__all__ = ["namespace"]  # the fixture, from test_blackhole
 
 
 @pytest.mark.skipif(not ipv6Available(), reason="needs IPv6 on loopback")
@@ -141,3 +145,47 @@ def test_onionServiceOutlivesTorRestart(fleet: Fleet) -> None:
         print(f"routable again {time.monotonic() - back:.1f} s after the service was back")
     finally:
         network.stop()
+
+
+@pytest.mark.slow
+def test_silentFirstAddress(fleet: Fleet, namespace: Namespace) -> None:
+    """
+    An agent (in a network namespace) whose first server address is silent (the server's
+    answers go to a blackhole route: no RST, no ICMP) links over the second after the 15 s
+    attempt timeout, says so in plain words, and after a restart goes to the remembered
+    second address at once.
+    """
+    first, second = namespace.addLink(), namespace.addLink()
+    specs = [f"ssh://{first.hostAddress}:0", f"ssh://{second.hostAddress}:0"]
+    fleet.gc.stop()
+    fleet.startServer("--listen", specs[0], "--listen", specs[1])
+    ports = listeningPorts(fleet)
+    servers = [
+        f"ssh://{first.hostAddress}:{ports[specs[0]]}",
+        f"ssh://{second.hostAddress}:{ports[specs[1]]}",
+    ]
+    blackhole = ["blackhole", f"{first.namespaceAddress}/32"]
+    run(["ip", "route", "add", *blackhole], check=True)
+    try:
+        started = time.monotonic()
+        agent = startAgent(fleet, namespace, servers)
+        took = time.monotonic() - started
+        assert agent.process is not None
+        output = agent.process.output()
+        assert f"could not reach {servers[0]}: no connection in 15 s" in output
+        assert took >= 15
+        agent.stop()
+        fleet.agents.remove(agent)
+        again = NamespacedAgent(fleet.base, "kiln7", namespace)
+        again.start(
+            servers[0], str(fleet.gc.data / "ssh_host_ed25519_key.pub"), "--server", servers[1]
+        )
+        fleet.agents.append(again)
+        namespace.beforeDestroy.append(again.stop)
+        process = again.process
+        assert process is not None
+        waitFor(lambda: "link up" in process.output(), 10, "the agent on the remembered address")
+        assert f"trying {servers[1]} first" in process.output()
+        assert "could not reach" not in process.output()
+    finally:
+        run(["ip", "route", "del", *blackhole])
