@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from accesstunnel import fastpath, policy
+from accesstunnel.addresses import describeAddress
 from accesstunnel.connection import TunnelConnection
 from accesstunnel.keepalive import (
     DEFAULT_COUNT,
@@ -158,7 +159,7 @@ class GroundControlRealm:
         raise NotImplementedError(f"unknown login {avatarId!r}")
 
     async def _agentAvatar(self, login: AgentLogin, mind: Any) -> Any:
-        source = _describePeer(mind.peer) if isinstance(mind, PeerMind) else "unknown"
+        source = describeAddress(mind.peer) if isinstance(mind, PeerMind) else "unknown"
         presented = PresentedCertificate.check(
             mind.certificate if isinstance(mind, PeerMind) else None,
             self._ca,
@@ -232,12 +233,6 @@ class GroundControlRealm:
         if verdict.vouching is None:
             return login
         return attrs.evolve(login, certificate=verdict.vouching)
-
-
-def _describePeer(peer: IAddress) -> str:
-    peer = getattr(peer, "address", peer)  # Conch wraps it in SSHTransportAddress
-    host, port = getattr(peer, "host", None), getattr(peer, "port", None)
-    return f"{host}:{port}" if host is not None else str(peer)
 
 
 class _PortalWithPeer:
@@ -379,7 +374,7 @@ class GroundControlConnection(TunnelConnection):
             self._log.warn(
                 "refusing enrollment requests from {peer}: more than {burst} at once "
                 "(then one per {interval:.0f} s)",
-                peer=_describePeer(self.transport.getPeer()),
+                peer=describeAddress(self.transport.getPeer()),
                 burst=ENROLLMENT_REQUEST_BURST,
                 interval=ENROLLMENT_REQUEST_INTERVAL,
             )
@@ -477,7 +472,7 @@ class GroundControlTransport(
             self._log.warn(
                 "disconnecting {peer}: more than {burst} key exchanges at once "
                 "(then one per {interval:g} s)",
-                peer=_describePeer(self.transport.getPeer()),
+                peer=describeAddress(self.transport.getPeer()),
                 burst=settings.peerRekeyBurst,
                 interval=settings.peerRekeyInterval,
             )
@@ -516,7 +511,7 @@ class GroundControlTransport(
             return False
         self._log.warn(
             "dropping {peer}: it does not read ({unsent} bytes unsent) and asks for more",
-            peer=_describePeer(self.transport.getPeer()),
+            peer=describeAddress(self.transport.getPeer()),
             unsent=unsent(),
         )
         tcp = self.transport

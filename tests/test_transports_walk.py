@@ -491,3 +491,17 @@ class OnionRepublishTests(SynchronousTestCase):
         self.assertIn("ControlPort", message)
         self.assertIn("Connection refused", message)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_deviceSource(self) -> None:
+        """
+        A device linked over IPv6: the source device show prints ('online since ... from')
+        and a pending request records is '[2001:db8::7]:PORT', as sshserver writes it.
+        """
+        from groundcontrol.testing import FakeAgentFactory, InMemoryFleet
+
+        fleet = InMemoryFleet()
+        deviceKey = fleet.enrollDevice("kiln7")
+        agent = FakeAgentFactory("kiln7", deviceKey, None, fleet.hostKey, fleet.clock)
+        fleet.network.connect(fleet.factory, agent, clientHost="2001:db8::7")
+        link: Any = fleet.registry.lookup("kiln7")
+        self.assertRegex(link.avatar.source, r"^\[2001:db8::7\]:\d+$")
