@@ -30,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from accesstunnel import fastpath, policy
+from accesstunnel.addresses import describeAddress
 from accesstunnel.connection import TunnelConnection
 from accesstunnel.enrollmessages import APPROVED
 from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL, KeepaliveTransportMixin
@@ -318,8 +319,7 @@ class AgentTransport(
         """
         if self._dial is not None:
             return self._dial.transport, self._dial.address, self._dial.started
-        peer = self.transport.getPeer()
-        address = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}".rstrip(":")
+        address = describeAddress(self.transport.getPeer())
         transport = "tcp" if linklog.tlsConnection(self.transport) is None else "tls"
         return transport, address, self._connectedAt
 

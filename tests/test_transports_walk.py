@@ -228,6 +228,15 @@ class UnreachableProxyTests(SynchronousTestCase):
         d.cancel()
         self.failureResultOf(d, defer.CancelledError)
 
+    def test_connectToIPv6(self) -> None:
+        """CONNECT names an IPv6 server in brackets, in the request line and Host."""
+        proxy = FakeProxyEndpoint()
+        endpoint = HTTPConnectEndpoint(proxy, ProxyURL.parse("http://p:1"), "2001:db8::7", 443)
+        endpoint.connect(Factory.forProtocol(Recorder))
+        request = proxy.transports[0].value()
+        self.assertTrue(request.startswith(b"CONNECT [2001:db8::7]:443 HTTP/1.1\r\n"))
+        self.assertIn(b"\r\nHost: [2001:db8::7]:443\r\n", request)
+
     def test_connectedProxyUnchanged(self) -> None:
         """Once the proxy answers, its own refusals read as before."""
         proxy = FakeProxyEndpoint()

@@ -204,9 +204,8 @@ class _ConnectProtocol(TunnelProtocol):
         self._endpoint = endpoint
 
     def opening(self) -> bytes:
-        target = f"{self._endpoint.host}:{self._endpoint.port}".encode("idna")
-        if ":" in self._endpoint.host:
-            target = f"[{self._endpoint.host}]:{self._endpoint.port}".encode()
+        host, port = self._endpoint.host, self._endpoint.port
+        target = hostPort(host, port).encode("ascii" if ":" in host else "idna")
         lines = [b"CONNECT " + target + b" HTTP/1.1", b"Host: " + target]
         authorization = self._endpoint.proxy.authorization()
         if authorization is not None:
@@ -227,10 +226,9 @@ class _ConnectProtocol(TunnelProtocol):
             reason = statusLine.decode("latin-1", "replace")[:120]
             raise ProxyError(f"the proxy refused CONNECT: {reason}")
         self._log.debug(
-            "proxy {proxy} opened a tunnel to {host}:{port}",
+            "proxy {proxy} opened a tunnel to {target}",
             proxy=hostPort(self._endpoint.proxy.host, self._endpoint.proxy.port),
-            host=self._endpoint.host,
-            port=self._endpoint.port,
+            target=hostPort(self._endpoint.host, self._endpoint.port),
         )
         return len(head) + len(separator), True
 
