@@ -339,6 +339,8 @@ class Connector:
     @ivar transport: the scheme, shown by the server's C{ctl ls} and the agent's status.
     @ivar attemptTimeout: seconds one connect on this address may take before the next
         address is tried; C{None}: the failover endpoint's own (15 s).
+    @ivar address: the server address alone, without the proxy the description names
+        (what the agent remembers as the address that worked); C{None}: the description.
     """
 
     endpoint: IStreamClientEndpoint
@@ -346,6 +348,7 @@ class Connector:
     description: str
     transport: str
     attemptTimeout: float | None = None
+    address: str | None = None
 
 
 def serverListener(
@@ -471,7 +474,7 @@ def clientConnector(
         def wrap(factory: IProtocolFactory) -> IProtocolFactory:
             return WebSocketClientFactory(factory, url, reactor=reactor)
 
-    return Connector(endpoint, wrap, description, scheme)
+    return Connector(endpoint, wrap, description, scheme, address=address)
 
 
 @implementer(IStreamClientEndpoint)

@@ -183,7 +183,13 @@ class FailoverEndpoint:
         self._connectors = list(connectors)
         remembered = self._readRemembered()
         descriptions = [c.description for c in self._connectors]
-        self.preferred = descriptions.index(remembered) if remembered in descriptions else 0
+        # By the address alone: the proxy it went through may have changed since (a device
+        # moved to another network); older files hold the whole description.
+        known = [c.address or c.description for c in self._connectors]
+        if remembered in known:
+            self.preferred = known.index(remembered)
+        else:
+            self.preferred = descriptions.index(remembered) if remembered in descriptions else 0
         self._log.info(
             "server addresses: {addresses}, trying {first} first",
             addresses=descriptions,
@@ -253,7 +259,7 @@ class FailoverEndpoint:
         # The link itself says it is up, and how (agent.linklog), once per link.
         if connector in self._connectors:
             self.preferred = self._connectors.index(connector)
-        self._remember(connector.description)
+        self._remember(connector.address or connector.description)
 
     def _failedEarly(self, connector: Connector, reason: Failure) -> None:
         # Reached, but no link came of it: start with the next address next time, so an
@@ -275,7 +281,7 @@ class FailoverEndpoint:
         except (OSError, ValueError, AttributeError):
             return None
 
-    def _remember(self, description: str) -> None:
+    def _remember(self, address: str) -> None:
         """Write the winner atomically: a power cut leaves the old file or the new one."""
         try:
             self._stateFile.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -283,7 +289,7 @@ class FailoverEndpoint:
             with temporary.open("w") as f:
                 # json.dumps, not json.dump: dump encodes in Python, with closures that
                 # refer to each other, a reference cycle per link that came up.
-                f.write(json.dumps({"address": description}) + "\n")
+                f.write(json.dumps({"address": address}) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
             temporary.replace(self._stateFile)

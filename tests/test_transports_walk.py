@@ -7,6 +7,7 @@ proxy or tor that cannot be reached named as the culprit.
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 from typing import Any
@@ -100,8 +101,8 @@ class AddressTextTests(SynchronousTestCase):
 
     def test_proxyInTheDescription(self) -> None:
         """
-        The connector's description (the agent's log lines, last-server.json) brackets an
-        IPv6 proxy: 'via proxy ::1:3128' read as a port of the address.
+        The connector's description (the agent's log lines) brackets an IPv6 proxy: 'via
+        proxy ::1:3128' read as a port of the address.
         """
         proxy = ProxySettings(httpsProxy="http://[::1]:3128")
         connector = clientConnector(MemoryReactorClock(), "wss://[2001:db8::7]/t", None, proxy)
@@ -370,6 +371,39 @@ class BothFamiliesTests(SynchronousTestCase):
             with socket.socket(socket.AF_INET) as v4:
                 v4.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 v4.bind(("0.0.0.0", v6.getsockname()[1]))
+
+
+class RememberedAddressTests(SynchronousTestCase):
+    """The address that worked last, across restarts, whatever proxy it went through."""
+
+    def test_proxyChanged(self) -> None:
+        """
+        An agent that linked over wss:// through one proxy and restarts with another (the
+        device moved; HTTPS_PROXY changed) still tries that wss:// address first. Before,
+        the remembered text included 'via proxy HOST:PORT' and no longer matched, so the
+        walk began again at the first address (15 s per silent one). Files written before
+        (the whole description) are still understood.
+        """
+        from agent.failover import FailoverEndpoint
+
+        state = Path(self.mktemp()) / "last-server.json"
+        reactor = MemoryReactorClock()
+
+        def connectors(proxy: str) -> list[Any]:
+            settings = ProxySettings(httpsProxy=proxy)
+            return [
+                clientConnector(reactor, "ssh://gc.example", None, settings),
+                clientConnector(reactor, "wss://gc.example/t", None, settings),
+            ]
+
+        first = connectors("http://proxy-a:3128")
+        endpoint = FailoverEndpoint(reactor, first, state)
+        endpoint._worked(first[1])
+        self.assertEqual(json.loads(state.read_text()), {"address": "wss://gc.example/t"})
+        moved = FailoverEndpoint(reactor, connectors("http://proxy-b:8080"), state)
+        self.assertEqual(moved.preferred, 1)
+        state.write_text(json.dumps({"address": first[1].description}))
+        self.assertEqual(FailoverEndpoint(reactor, first, state).preferred, 1)
 
 
 class SilentAddressTests(SynchronousTestCase):
