@@ -238,6 +238,20 @@ class UnreachableProxyTests(SynchronousTestCase):
         self.assertTrue(request.startswith(b"CONNECT [2001:db8::7]:443 HTTP/1.1\r\n"))
         self.assertIn(b"\r\nHost: [2001:db8::7]:443\r\n", request)
 
+    def test_authenticationHint(self) -> None:
+        """A 407 says whether credentials are missing or were refused (never the password)."""
+        for url, expected in (
+            ("http://p:1", "the proxy wants credentials"),
+            ("http://agent:s3cret@p:1", "it refused the credentials of 'agent'"),
+        ):
+            proxy = FakeProxyEndpoint()
+            endpoint = HTTPConnectEndpoint(proxy, ProxyURL.parse(url), "gc.example", 443)
+            d = endpoint.connect(Factory.forProtocol(Recorder))
+            proxy.protocols[0].dataReceived(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
+            message = str(self.failureResultOf(d, ProxyError).value)
+            self.assertIn(expected, message)
+            self.assertNotIn("s3cret", message)
+
     def test_connectedProxyUnchanged(self) -> None:
         """Once the proxy answers, its own refusals read as before."""
         proxy = FakeProxyEndpoint()

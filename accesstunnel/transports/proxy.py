@@ -224,13 +224,21 @@ class _ConnectProtocol(TunnelProtocol):
             raise ProxyError(f"not an HTTP response from the proxy: {statusLine[:80]!r}")
         if not (parts[1].isdigit() and 200 <= int(parts[1]) < 300):
             reason = statusLine.decode("latin-1", "replace")[:120]
-            raise ProxyError(f"the proxy refused CONNECT: {reason}")
+            raise ProxyError(f"the proxy refused CONNECT: {reason}{self._hint(parts[1])}")
         self._log.debug(
             "proxy {proxy} opened a tunnel to {target}",
             proxy=hostPort(self._endpoint.proxy.host, self._endpoint.proxy.port),
             target=hostPort(self._endpoint.host, self._endpoint.port),
         )
         return len(head) + len(separator), True
+
+    def _hint(self, status: bytes) -> str:
+        """What to do about a 407: the refusal alone does not say whose fault it is."""
+        if status != b"407":
+            return ""
+        if self._endpoint.proxy.username is None:
+            return " (the proxy wants credentials: http://USER:PASSWORD@HOST:PORT)"
+        return f" (it refused the credentials of {self._endpoint.proxy.username!r})"
 
 
 class HTTPConnectEndpoint(TunnelEndpoint):
