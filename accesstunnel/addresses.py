@@ -289,7 +289,7 @@ def _fromString(
     """
     A Twisted endpoint string parsed, with an IPv6 literal allowed in brackets as in every
     other address here (Twisted wants C{tcp:\\:\\:1:9050}); a bad string is an
-    L{AddressError} that quotes it, not a TypeError about TCP4ClientEndpoint's arguments.
+    L{AddressError} that quotes it (a usage error), not a TypeError traceback.
     """
     text = _BRACKETED_IPV6.sub(lambda m: _escape(m.group(1)), description.strip())
     try:
