@@ -152,6 +152,24 @@ class GroundControlUnitTests(SynchronousTestCase):
         self.assertEqual(last(self.unit, "WorkingDirectory"), data[0])
         self.assertEqual(last(self.unit, "StateDirectoryMode"), "0700")
 
+    def test_listensOnBothFamilies(self) -> None:
+        """
+        Every IPv4 wildcard listener of the unit, and of the README's production example, has
+        its IPv6 twin ([::], same scheme, port and path), which then takes IPv6 only and so
+        binds beside it (accesstunnel.transports.dualstack): operators and agents on IPv6 reach
+        groundcontrol.
+        """
+        from accesstunnel.transports.dualstack import ipv4WildcardPorts
+
+        readme = " ".join(readmeCommands("### groundcontrol")).replace("\\", " ")
+        for listens in (option(self.argv, "--listen"), option(shlex.split(readme), "--listen")):
+            ipv4 = [a for a in listens if "//0.0.0.0:" in a]
+            self.assertEqual(len(ipv4), 3)
+            for address in ipv4:
+                self.assertIn(address.replace("//0.0.0.0:", "//[::]:"), listens)
+            ipv6Ports = {urlsplit(a).port for a in listens if "//[::]:" in a}
+            self.assertLessEqual(ipv6Ports, ipv4WildcardPorts(listens))
+
     def test_addressFamilies(self) -> None:
         """IPv4 and IPv6 listeners and peers; Unix sockets (PostgreSQL's, tor's control port)."""
         self.assertLessEqual(
