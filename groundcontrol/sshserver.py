@@ -16,7 +16,7 @@ import attrs
 from cryptography import x509
 from twisted.conch import error
 from twisted.conch.interfaces import IConchUser
-from twisted.conch.ssh import factory, keys, transport, userauth
+from twisted.conch.ssh import common, connection, factory, keys, transport, userauth
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer, protocol
@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from accesstunnel import fastpath, policy
 from accesstunnel.addresses import describeAddress
+from accesstunnel.channel import packOpenFailure
 from accesstunnel.connection import TunnelConnection
 from accesstunnel.keepalive import (
     DEFAULT_COUNT,
@@ -87,6 +88,15 @@ PEER_REKEY_INTERVAL = 0.25
 #: link's back-pressure holds it in the channels, accesstunnel.linkflow); only answers
 #: do, and a peer that reads has at most a socket buffer's worth (256 KiB) waiting.
 MAX_UNSENT_FOR_PEER = 4 << 20
+
+#: The smallest maximum packet size a channel's peer may offer. groundcontrol relays in
+#: packets no larger than the receiving peer takes: at 1 byte, each byte relayed would
+#: cost a packet of its own (64 KiB of a device's output: 65,540 packets instead of 6),
+#: and one operator with any grant, or one device, could keep groundcontrol busy. Every
+#: SSH implementation takes 32768 (RFC 4253 6.1); OpenSSH, Go, Conch and paramiko offer
+#: 32768, PuTTY 16384: 4096 refuses none of them and bounds a channel's cost to about
+#: eight times that of a full-sized one.
+MIN_PEER_MAX_PACKET = 4096
 
 #: What the agent's key may be used for in signatures we accept (RFC 8308).
 USER_KEY_ALGORITHMS = [b"ssh-ed25519", b"rsa-sha2-512", b"rsa-sha2-256"]
@@ -338,8 +348,38 @@ class GroundControlConnection(TunnelConnection):
             super().ssh_GLOBAL_REQUEST(packet)
 
     def ssh_CHANNEL_OPEN(self, packet: bytes) -> None:
-        if not self.transport.dropPeerNotReading():
-            super().ssh_CHANNEL_OPEN(packet)
+        if self.transport.dropPeerNotReading():
+            return
+        _, rest = common.getNS(packet)
+        senderChannel, _, maxPacket = struct.unpack(">3L", rest[:12])
+        if maxPacket < MIN_PEER_MAX_PACKET:
+            # Refused before anything is looked up or opened on its behalf.
+            self.transport.sendPacket(
+                connection.MSG_CHANNEL_OPEN_FAILURE,
+                packOpenFailure(
+                    senderChannel,
+                    connection.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                    f"maximum packet size {maxPacket} too small (at least {MIN_PEER_MAX_PACKET})",
+                ),
+            )
+            return
+        super().ssh_CHANNEL_OPEN(packet)
+
+    def ssh_CHANNEL_OPEN_CONFIRMATION(self, packet: bytes) -> None:
+        """A peer confirming our channel with a tiny maximum packet is dropped."""
+        maxPacket = struct.unpack(">L", packet[12:16])[0]
+        if maxPacket < MIN_PEER_MAX_PACKET:
+            self._log.warn(
+                "disconnecting {peer}: it confirmed a channel with a maximum packet "
+                "size of {maxPacket}",
+                peer=describeAddress(self.transport.getPeer()),
+                maxPacket=maxPacket,
+            )
+            self.transport.sendDisconnect(
+                transport.DISCONNECT_PROTOCOL_ERROR, b"maximum packet size too small"
+            )
+            return
+        super().ssh_CHANNEL_OPEN_CONFIRMATION(packet)
 
     def ssh_CHANNEL_REQUEST(self, packet: bytes) -> Any:
         if not self.transport.dropPeerNotReading():

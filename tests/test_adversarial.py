@@ -32,11 +32,21 @@ from groundcontrol.sshserver import (
     ENROLLMENT_REQUEST_BURST,
     ENROLLMENT_REQUEST_INTERVAL,
     MAX_UNSENT_FOR_PEER,
+    MIN_PEER_MAX_PACKET,
     PEER_REKEY_BURST,
     PEER_REKEY_INTERVAL,
 )
 from groundcontrol.store import PendingLimitReached, PendingLimits
-from groundcontrol.testing import InMemoryFleet, newKey, openMemoryStore, publicLine, resultNow
+from groundcontrol.testing import (
+    InMemoryFleet,
+    OperatorSession,
+    ScriptedSession,
+    echoScript,
+    newKey,
+    openMemoryStore,
+    publicLine,
+    resultNow,
+)
 from tests.test_access import LOGIN_USER, AccessFleet
 from tests.test_agent_forwarding import ListeningReactor
 from tests.test_enrollment import EnrollmentTestCase
@@ -568,3 +578,54 @@ class ClaimRenewRevealsDevicesTests(SynchronousTestCase):
             self.assertEqual(
                 existing.replace("lab2", "NAME"), missing.replace("no-such-device", "NAME")
             )
+
+
+class TinyMaxPacketTests(SynchronousTestCase):
+    """
+    A channel's peer says how large a packet it takes, and groundcontrol relays in
+    packets no larger: an operator opening a session with a maximum packet of 1 byte had
+    each byte of the device's output cost groundcontrol a packet of its own (64 KiB of
+    output: 65,540 packets instead of 6), so one operator with any grant could keep its
+    one process busy; a device confirming groundcontrol's channels so could do the same
+    with what operators send it. A peer offering less than MIN_PEER_MAX_PACKET is
+    refused: its channel open, or, a device confirming ours so, its link.
+    """
+
+    def setUp(self) -> None:
+        self.fleet = InMemoryFleet()
+        self.deviceKey = self.fleet.enrollDevice("kiln7")
+        self.alice = self.fleet.addOperator("alice")
+        self.fleet.grant("alice", "kiln7")
+
+    def openSession(self, maxPacket: int) -> OperatorSession:
+        operator = self.fleet.operator("dev_kiln7", self.alice)
+        self.fleet.flush()
+        assert operator.connection is not None
+        session = OperatorSession(localMaxPacket=maxPacket, conn=operator.connection)
+        session.name = b"session"
+        operator.connection.openChannel(session)
+        self.fleet.flush()
+        return session
+
+    def test_operatorsTinyMaxPacketRefused(self) -> None:
+        self.fleet.agent("kiln7", self.deviceKey)
+        self.assertFalse(self.openSession(1).isOpen)
+        self.assertIn("packet", self.openSession(MIN_PEER_MAX_PACKET - 1).openFailureText)
+        self.assertTrue(self.openSession(MIN_PEER_MAX_PACKET).isOpen)
+
+    def test_deviceConfirmingWithTinyMaxPacketDropped(self) -> None:
+        def tiny(conn: Any, windowSize: int, maxPacket: int, data: bytes) -> Any:
+            return ScriptedSession(
+                echoScript,
+                conn.factory.clock,
+                localMaxPacket=1,
+                remoteWindow=windowSize,
+                remoteMaxPacket=maxPacket,
+                conn=conn,
+            )
+
+        agent, _ = self.fleet.agent("kiln7", self.deviceKey, tiny)
+        self.fleet.flush()
+        session = self.openSession(32768)
+        self.assertFalse(session.isOpen)
+        self.assertTrue(agent.lost)
