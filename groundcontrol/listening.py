@@ -4,14 +4,17 @@ Listening on endpoints, and saying where.
 A listen address may ask for port 0 (the kernel picks one); tests and the
 demo need to learn which port that was. Each L{ListenService} records its
 bound address, and groundcontrol writes all of them to
-C{DATA/run/listening.json} once every listener is up.
+C{DATA/run/listening.json} once every listener is up. A listener that cannot listen
+stops groundcontrol with exit status L{LISTEN_FAILED_STATUS} (L{stopWithStatus}).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,10 @@ from twisted.logger import Logger
 
 from accesstunnel.addresses import describeAddress
 
+#: groundcontrol's exit status when a listener cannot listen: not 0, which a service manager
+#: takes for a stop that was wanted (systemd's Restart=on-failure would not start it again).
+LISTEN_FAILED_STATUS = 1
+
 
 class ListenService(Service):
     """Listen on one endpoint for as long as the service runs."""
@@ -30,11 +37,17 @@ class ListenService(Service):
     _log = Logger()
 
     def __init__(
-        self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory, description: str
+        self,
+        endpoint: IStreamServerEndpoint,
+        factory: IProtocolFactory,
+        description: str,
+        stop: Callable[[int], None] | None = None,
     ) -> None:
+        """C{stop(status)}: what a failure to listen does (by default L{stopWithStatus})."""
         self._endpoint = endpoint
         self._factory = factory
         self.description = description
+        self._stop = stop or stopWithStatus
         self.port: IListeningPort | None = None
         self.listening: defer.Deferred[IListeningPort] = defer.Deferred()
 
@@ -53,14 +66,16 @@ class ListenService(Service):
             return port
 
         def failed(reason: Any) -> None:
-            self._log.failure(
-                "cannot listen on {description}", reason, description=self.description
+            # A server that cannot listen where it was told to must not sit there looking
+            # healthy, nor stop looking like a wanted stop. One line: the cause is the
+            # host's (a port taken, an address missing), not a bug to trace.
+            self._log.critical(
+                "cannot listen on {description}: {why}; stopping (exit status {status})",
+                description=self.description,
+                why=_cause(reason.value),
+                status=LISTEN_FAILED_STATUS,
             )
-            from twisted.internet import reactor
-
-            # A server that cannot listen where it was told to must not sit
-            # there looking healthy.
-            reactor.callLater(0, _stopReactor, reactor)  # type: ignore[attr-defined]
+            self._stop(LISTEN_FAILED_STATUS)
             return reason
 
         d.addCallbacks(listening, failed)
@@ -73,6 +88,43 @@ class ListenService(Service):
             port, self.port = self.port, None
             return port.stopListening()
         return None
+
+
+def _cause(error: BaseException) -> str:
+    """Why a listen failed, in a few words: the system's error when there is one."""
+    socketError = getattr(error, "socketError", None)  # CannotListenError's
+    if isinstance(socketError, OSError) and socketError.strerror:
+        return socketError.strerror
+    return str(error) or type(error).__name__
+
+
+def stopWithStatus(status: int) -> None:
+    """
+    Stop the reactor, and end the process with C{status} once twistd has shut down.
+
+    twistd has no way to set its exit status (Twisted issue 11335): after the reactor stops
+    it cleans up and returns, and the process exits 0. So the status is set at the very end,
+    from an exit handler (L{_exitWith}), registered once the reactor has shut down: the last.
+    """
+    from twisted.internet import reactor
+
+    reactor.addSystemEventTrigger(  # type: ignore[attr-defined]
+        "after", "shutdown", atexit.register, _exitWith, status
+    )
+    reactor.callLater(0, _stopReactor, reactor)  # type: ignore[attr-defined]
+
+
+def _exitWith(status: int) -> None:
+    """
+    The last exit handler: run the others (registered before this one, which would
+    otherwise run after it), flush standard output and error, and end with C{status}.
+    """
+    atexit.unregister(_exitWith)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
 
 
 def _stopReactor(reactor: Any) -> None:

@@ -204,12 +204,16 @@ class GroundControlUnitTests(SynchronousTestCase):
 
     def test_typeAndRestart(self) -> None:
         """
-        Type=exec: a start fails when the program cannot be started. Restart=always: when a
-        listener cannot listen groundcontrol stops the reactor and exits with status 0
-        (groundcontrol.listening), which Restart=on-failure would never retry.
+        Type=exec: a start fails when the program cannot be started. Restart=on-failure: when
+        a listener cannot listen groundcontrol exits with a status that is not 0
+        (groundcontrol.listening, tests/e2e/test_listen_failure.py), which on-failure retries.
         """
+        from groundcontrol.listening import LISTEN_FAILED_STATUS
+
         self.assertEqual(last(self.unit, "Type"), "exec")
-        self.assertEqual(last(self.unit, "Restart"), "always")
+        self.assertEqual(last(self.unit, "Restart"), "on-failure")
+        self.assertNotEqual(LISTEN_FAILED_STATUS, 0)
+        self.assertIn("stops with exit status 1", readmeSection("### systemd"))
 
 
 class AgentUnitTests(SynchronousTestCase):
