@@ -245,7 +245,8 @@ class LiveSession:
                 (record.exitStatus,) = struct.unpack(">L", data[:4])
             elif requestType == b"exit-signal":
                 try:
-                    record.exitSignal = common.getNS(data)[0].decode("ascii", "replace")
+                    # The device's text, for the end line and ctl sessions: inert, short.
+                    record.exitSignal = inertText(common.getNS(data)[0], 32)
                 except ValueError:
                     record.exitSignal = "?"
             return True

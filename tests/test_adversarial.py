@@ -18,7 +18,7 @@ from twisted.conch.ssh import common, connection, keys
 from twisted.cred.credentials import SSHPrivateKey
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, PredicateResult, globalLogPublisher
+from twisted.logger import ILogObserver, PredicateResult, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from accesstunnel.enrollmessages import HELLO, decodeMessage, encodeMessage
@@ -40,12 +40,14 @@ from groundcontrol.store import PendingLimitReached, PendingLimits
 from groundcontrol.testing import (
     InMemoryFleet,
     OperatorSession,
+    Script,
     ScriptedSession,
     echoScript,
     newKey,
     openMemoryStore,
     publicLine,
     resultNow,
+    scriptedSessions,
 )
 from tests.test_access import LOGIN_USER, AccessFleet
 from tests.test_agent_forwarding import ListeningReactor
@@ -629,3 +631,40 @@ class TinyMaxPacketTests(SynchronousTestCase):
         session = self.openSession(32768)
         self.assertFalse(session.isOpen)
         self.assertTrue(agent.lost)
+
+
+class ExitSignalTextTests(SynchronousTestCase):
+    """
+    The name in a device's exit-signal went as it came into the session's end line in
+    groundcontrol's log ("status signal NAME"): a hostile device wrote new lines (forged
+    log lines) and escape sequences into the log an admin reads in a terminal. It is
+    made inert (relay.inertText) and short, as the device's other text is.
+    """
+
+    def test_exitSignalNameInert(self) -> None:
+        fleet = InMemoryFleet()
+        key = fleet.enrollDevice("kiln7")
+        alice = fleet.addOperator("alice")
+        fleet.grant("alice", "kiln7")
+        sessions: list[ScriptedSession] = []
+        fleet.agent("kiln7", key, scriptedSessions(lambda c: Script(hold=True), sessions))
+        events: list[Any] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        session = fleet.session(fleet.operator("dev_kiln7", alice))
+        session.exec(b"sleep")
+        fleet.flush()
+        fleet.clock.advance(0)
+        device = sessions[-1]
+        evil = b"KILL\n2026-11-27T10:00:00+0000 [groundcontrol] forged\x1b]52;c;eA==\x07" * 20
+        device.sendRequestInOrder(
+            b"exit-signal", common.NS(evil) + b"\x00" + common.NS(b"") + common.NS(b"")
+        )
+        device.writeEOF()
+        device.loseConnection()
+        fleet.flush()
+        (ended,) = [formatEvent(e) for e in events if "ended" in (e.get("log_format") or "")]
+        self.assertIn("status signal KILL", ended)
+        self.assertTrue(ended.isprintable(), ended)
+        self.assertLess(len(ended), 400)
