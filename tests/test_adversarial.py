@@ -120,14 +120,8 @@ def _forwardRequest(address: bytes, port: int) -> bytes:
     return common.NS(address) + struct.pack(">L", port)
 
 
-class OtherOperatorsForwardsTests(SynchronousTestCase):
-    """
-    Two operators granted the same device: one's ``ssh -R`` is theirs alone. A
-    ``cancel-tcpip-forward`` naming another operator's forward went to the device, which
-    closed the listener; the same operator could then ask for that port and receive the
-    connections meant for the first. C{SessionRouter.forwardRequest} passes a cancel on
-    only for a forward the same connection owns.
-    """
+class _ForwardsWorld(SynchronousTestCase):
+    """lab1 granted to bob and carol; its fake agent answers remote forwards in memory."""
 
     #: Whether the fake agent takes ports below 1024 (as the real one does, running as root).
     agentIsRoot = False
@@ -170,6 +164,16 @@ class OtherOperatorsForwardsTests(SynchronousTestCase):
         self.world.fleet.flush()
         return d
 
+
+class OtherOperatorsForwardsTests(_ForwardsWorld):
+    """
+    Two operators granted the same device: one's ``ssh -R`` is theirs alone. A
+    ``cancel-tcpip-forward`` naming another operator's forward went to the device, which
+    closed the listener; the same operator could then ask for that port and receive the
+    connections meant for the first. C{SessionRouter.forwardRequest} passes a cancel on
+    only for a forward the same connection owns.
+    """
+
     def test_cannotCancelAnotherOperatorsForward(self) -> None:
         """carol's cancel of bob's forward is refused, and bob's listener stays."""
         asked = self.ask(self.world.bob, b"tcpip-forward", _forwardRequest(b"localhost", 8080))
@@ -199,7 +203,30 @@ class OtherOperatorsForwardsTests(SynchronousTestCase):
         self.assertTrue(listening.stopped)
 
 
-class PrivilegedRemoteForwardTests(OtherOperatorsForwardsTests):
+class ForwardAddressInLogTests(_ForwardsWorld):
+    """
+    The address an operator names in ``ssh -R ADDRESS:PORT:...`` is theirs to spell, and
+    groundcontrol's log line for the forward ("bob forwards ADDRESS:PORT on device lab1")
+    printed it as it came: new lines (forged log lines) and escape sequences. The fix
+    belongs in groundcontrol/router.py (forwardRequest's log line: relay.inertText), the
+    lead's: strict xfail.
+    """
+
+    @pytest.mark.xfail(strict=True, reason="fix in groundcontrol/router.py (the lead's)")
+    def test_forwardAddressInertInTheLog(self) -> None:
+        events: list[Any] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        evil = b"x\n2026-11-27T10:00:00+0000 [groundcontrol] forged\x1b[2J"
+        self.successResultOf(
+            self.ask(self.world.bob, b"tcpip-forward", _forwardRequest(evil, 8080))
+        )
+        (line,) = [formatEvent(e) for e in events if "forwards" in (e.get("log_format") or "")]
+        self.assertTrue(line.isprintable(), line)
+
+
+class PrivilegedRemoteForwardTests(_ForwardsWorld):
     """
     The agent, running as root, takes a remote forward on a port below 1024 for anyone
     (agent/link.py: allowPrivilegedPorts when root), like sshd for a root login. But an
