@@ -396,7 +396,7 @@ class SessionChannel(EndpointChannel):
             return False
         self._terminal = _process.Terminal.open(term, (rows, cols, xpixel, ypixel), modes)
         self.log.info(
-            "pty {tty} {cols}x{rows} {term}",
+            "pty {tty} {cols}x{rows} {term!r}",
             tty=self._terminal.name,
             cols=cols,
             rows=rows,

@@ -695,3 +695,24 @@ class ExitSignalTextTests(SynchronousTestCase):
         self.assertIn("status signal KILL", ended)
         self.assertTrue(ended.isprintable(), ended)
         self.assertLess(len(ended), 400)
+
+
+class TerminalTypeInAgentLogTests(SynchronousTestCase):
+    """
+    The terminal type in an operator's pty-req is theirs to spell, and the agent's log
+    line for the pty ("pty /dev/pts/3 80x24 TERM") printed it as it came: new lines and
+    escape sequences into the device's log. It is printed as a quoted literal.
+    """
+
+    def test_termInertInTheLog(self) -> None:
+        events: list[Any] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        channel = SessionChannel(SessionEnvironment(), Clock())
+        term = b"xterm\n2026-11-27T10:00:00+0000 [agent] forged\x1b[2J"
+        request = common.NS(term) + struct.pack(">4L", 80, 24, 0, 0) + common.NS(b"\x00")
+        self.assertTrue(channel.requestReceivedWithReply(b"pty-req", request, True))
+        self.addCleanup(channel.closed)
+        (line,) = [formatEvent(e) for e in events if "pty" in (e.get("log_format") or "")]
+        self.assertTrue(line.isprintable(), line)
