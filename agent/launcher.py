@@ -8,8 +8,9 @@ without the legacy log context), the way ``twistd --nodaemon`` does: log lines i
 twistd's format on standard output or in a file (rotated at 1 MB and on SIGUSR1, as twistd
 does), standard output and error redirected into the log, SIGTERM and SIGINT stop the
 services and the reactor, SIGHUP re-reads C{--config} (the agent's own handler). A stopping
-agent exits once its sessions' children have ended (L{stopThenOutliveSessions}), so it leaves
-none behind: its systemd unit signals the agent alone (C{KillMode=process}).
+agent exits once its sessions' children have ended (L{stopThenOutliveSessions}, as under
+twistd), so it leaves none behind: its systemd unit signals the agent alone
+(C{KillMode=process}).
 ``twistd -n tunnel-agent`` keeps working as before; this is an addition for devices where
 memory counts.
 
@@ -53,7 +54,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, cast
 
 #: Optional imports refused while the reactor is imported (see the module docstring).
@@ -222,12 +223,17 @@ SESSION_END_POLL = 0.1
 
 
 def stopThenOutliveSessions(
-    top: Any, clock: Any, children: Mapping[int, Any] | None = None, grace: float | None = None
+    stopServices: Callable[[], Any],
+    clock: Any,
+    children: Mapping[int, Any] | None = None,
+    grace: float | None = None,
 ) -> Any:
     """
-    Stop the agent's services, then wait, at most C{grace} seconds (by default the sessions'
-    own L{agent.session.KILL_GRACE} and 2 s more), until no child process of the agent is
-    left (C{children}: Twisted's registry of the processes the reactor reaps).
+    Stop the agent's services (C{stopServices}), then wait, at most C{grace} seconds (by
+    default the sessions' own L{agent.session.KILL_GRACE} and 2 s more), until no child process
+    of the agent is left (C{children}: Twisted's registry of the processes the reactor reaps).
+    The agent's top service does this when it stops (L{agent.tap.AgentService}), under
+    C{twistd} and C{tunnel-agentd} alike.
 
     Why: stopping the services closes the link, and each session hangs its child up as its
     channel closes (SIGHUP to a terminal's process group, SIGTERM to a command's) and kills it
@@ -269,7 +275,7 @@ def stopThenOutliveSessions(
                 grace=grace,
             )
 
-    stopped = defer.maybeDeferred(top.stopService)
+    stopped = defer.maybeDeferred(stopServices)
     return stopped.addBoth(lambda result: childrenEnded().addCallback(lambda _: result))
 
 
@@ -312,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     top = makeService(options)
     top.privilegedStartService()
     reactor.callWhenRunning(top.startService)
-    reactor.addSystemEventTrigger("before", "shutdown", stopThenOutliveSessions, top, reactor)
+    # The top service's stop outlives the sessions' children (agent.tap.AgentService).
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()
     log.info("Server Shut Down.")
     if output is not sys.stdout:

@@ -35,6 +35,7 @@ from agent.config import AgentFileConfig, ConfigError, installReloadOnSIGHUP, lo
 from agent.enrollment import CERTIFICATE_FILE, Enrollment
 from agent.failover import FailoverEndpoint
 from agent.identity import DEVICE_KEY_FILE, IdentityError, ServerKeyPin, loadOrCreateDeviceKey
+from agent.launcher import stopThenOutliveSessions
 from agent.link import AGENT_VERSION, AgentLinkFactory, LinkSettings, backoffPolicy, linkService
 from agent.linklog import AnnouncedRetries
 from agent.serial import readSerial
@@ -196,6 +197,23 @@ class Options(usage.Options):
         )
 
 
+class AgentService(LogObserverService):
+    """
+    The agent's top service. Its stop outlives the sessions' children
+    (L{agent.launcher.stopThenOutliveSessions}): closing the link hangs each session's child
+    up and kills it L{agent.session.KILL_GRACE} later, and twistd and C{tunnel-agentd} both
+    wait for this stop before they stop the reactor. Without the wait a child that ignored the
+    hang-up outlived the agent (its systemd unit signals the agent alone).
+    """
+
+    def __init__(self, clock: Any) -> None:
+        super().__init__()
+        self._clock = clock
+
+    def stopService(self) -> Any:
+        return stopThenOutliveSessions(super().stopService, self._clock)
+
+
 def buildService(config: AgentConfig, reactor: Any) -> LogObserverService:
     """Assemble the agent: the device key, and the service keeping the link."""
     from agent.session import SessionChannel, SessionEnvironment
@@ -248,7 +266,7 @@ def buildService(config: AgentConfig, reactor: Any) -> LogObserverService:
         config.stateDir / LAST_SERVER_FILE,
     )
     enrollment.transportName = lambda: endpoint.transport
-    top = LogObserverService()
+    top = AgentService(reactor)
     retries = AnnouncedRetries(backoffPolicy(), endpoint)  # says each retry (agent.linklog)
     linkService(endpoint, factory, reactor, retries).setServiceParent(top)
     if config.configFile is not None:

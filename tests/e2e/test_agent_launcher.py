@@ -115,14 +115,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def test_stopOutlivesSessionChildren(fleet: Fleet, tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["tunnel-agentd", "twistd"])
+def test_stopOutlivesSessionChildren(fleet: Fleet, tmp_path: Path, how: str) -> None:
     """
     SIGTERM (systemd's stop: docs/systemd/tunnel-agent.service signals the agent alone,
     KillMode=process) while a session's shell ignores its hang-up: the agent exits only once
     it has killed that shell (KILL_GRACE after the hang-up), leaving no session child behind.
-    Before agent.launcher.stopThenOutliveSessions it exited at once and the shell lived on.
+    Before agent.launcher.stopThenOutliveSessions it exited at once and the shell lived on;
+    under twistd (python -m accesstunnel.twistd -n tunnel-agent) until agent.tap.AgentService.
+    twistd ends by re-raising the SIGTERM it stopped for; tunnel-agentd exits 0.
     """
-    agent = startLauncherAgent(fleet, "kiln7", f"ssh://{LOOPBACK}:{fleet.gc.port}")
+    server = f"ssh://{LOOPBACK}:{fleet.gc.port}"
+    if how == "twistd":
+        agent: Agent = fleet.addAgent("kiln7", approve=False)
+        expectedStatus = -signal.SIGTERM
+    else:
+        agent = startLauncherAgent(fleet, "kiln7", server)
+        expectedStatus = 0
     approveAndReach(fleet, "kiln7")
     process = agent.process
     assert process is not None
@@ -138,7 +147,7 @@ def test_stopOutlivesSessionChildren(fleet: Fleet, tmp_path: Path) -> None:
     shell = int(waitFor(lambda: marker.exists() and marker.read_text().strip(), 30, "the shell"))
     try:
         process.signal(signal.SIGTERM)
-        assert process.popen.wait(KILL_GRACE + 10) == 0
+        assert process.popen.wait(KILL_GRACE + 10) == expectedStatus
         assert not _alive(shell)
         assert "ignored its hang-up; killing it" in process.output()
         session.wait(10)
