@@ -199,7 +199,7 @@ class ForwardChannel(SpliceChannel):
             )
         channel = cls(**channelArgs)
         cls.log.info(
-            "forward from {originator}:{oport} to {host}:{port}",
+            "forward from {originator!r}:{oport} to {host!r}:{port}",
             originator=originator,
             oport=originatorPort,
             host=host,
@@ -211,7 +211,7 @@ class ForwardChannel(SpliceChannel):
             if reason.check(defer.CancelledError):
                 return reason
             cls.log.info(
-                "forward to {host}:{port} failed: {why}",
+                "forward to {host!r}:{port} failed: {why!r}",
                 host=host,
                 port=port,
                 why=reason.getErrorMessage(),

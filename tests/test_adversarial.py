@@ -18,12 +18,14 @@ from twisted.conch.ssh import common, connection, keys
 from twisted.cred.credentials import SSHPrivateKey
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, PredicateResult, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from accesstunnel.enrollmessages import HELLO, decodeMessage, encodeMessage
 from accesstunnel.keys import fingerprint
 from accesstunnel.logfilter import MinimumLevel
+from agent.forward import ForwardChannel
 from agent.remoteforward import RemoteForwarder
 from agent.session import SessionChannel, SessionEnvironment
 from groundcontrol.auth import FleetKeyChecker
@@ -715,4 +717,25 @@ class TerminalTypeInAgentLogTests(SynchronousTestCase):
         self.assertTrue(channel.requestReceivedWithReply(b"pty-req", request, True))
         self.addCleanup(channel.closed)
         (line,) = [formatEvent(e) for e in events if "pty" in (e.get("log_format") or "")]
+        self.assertTrue(line.isprintable(), line)
+
+
+class ForwardTargetInAgentLogTests(SynchronousTestCase):
+    """
+    The host and originator of an operator's ``direct-tcpip`` (``ssh -L``, ``-D``, ``-W``)
+    are the operator's to spell, and the agent's line for the forward printed them as
+    they came: new lines and escape sequences into the device's log. They are printed
+    as quoted literals.
+    """
+
+    def test_forwardTargetInertInTheLog(self) -> None:
+        events: list[Any] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        evil = b"x\n2026-11-27T10:00:00+0000 [agent] forged\x1b[2J"
+        payload = common.NS(evil) + struct.pack(">L", 80) + common.NS(evil) + struct.pack(">L", 1)
+        opened = ForwardChannel.open(MemoryReactorClock(), payload)
+        opened.addErrback(lambda f: None)
+        (line,) = [formatEvent(e) for e in events if "forward from" in (e.get("log_format") or "")]
         self.assertTrue(line.isprintable(), line)
