@@ -56,6 +56,15 @@ from tests.test_agent_forwarding import ListeningReactor
 from tests.test_enrollment import EnrollmentTestCase
 
 
+def captureLog(case: SynchronousTestCase) -> list[Any]:
+    """Every log event from now to the end of C{case}'s test."""
+    events: list[Any] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    case.addCleanup(globalLogPublisher.removeObserver, observer)
+    return events
+
+
 class OperatorChoosesLoginUserTests(SynchronousTestCase):
     """
     ``login-user@accesstunnel`` is groundcontrol's word to the agent (a grant's ``--as``).
@@ -216,10 +225,7 @@ class ForwardAddressInLogTests(_ForwardsWorld):
 
     @pytest.mark.xfail(strict=True, reason="fix in groundcontrol/router.py (the lead's)")
     def test_forwardAddressInertInTheLog(self) -> None:
-        events: list[Any] = []
-        observer = cast(ILogObserver, events.append)
-        globalLogPublisher.addObserver(observer)
-        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        events = captureLog(self)
         evil = b"x\n2026-11-27T10:00:00+0000 [groundcontrol] forged\x1b[2J"
         self.successResultOf(
             self.ask(self.world.bob, b"tcpip-forward", _forwardRequest(evil, 8080))
@@ -493,11 +499,8 @@ class UnknownMessagesTests(SynchronousTestCase):
         fleet = InMemoryFleet()
         agent, pump = fleet.agent("oven2", newKey())
         fleet.flush()
-        events: list[Any] = []
+        events = captureLog(self)
         written = MinimumLevel()
-        observer = cast(ILogObserver, events.append)
-        globalLogPublisher.addObserver(observer)
-        self.addCleanup(globalLogPublisher.removeObserver, observer)
         for _ in range(50):
             pump.client.sendPacket(200, b"\x1b]52;c;x\x07" * 100)
         fleet.flush()
@@ -677,10 +680,7 @@ class ExitSignalTextTests(SynchronousTestCase):
         fleet.grant("alice", "kiln7")
         sessions: list[ScriptedSession] = []
         fleet.agent("kiln7", key, scriptedSessions(lambda c: Script(hold=True), sessions))
-        events: list[Any] = []
-        observer = cast(ILogObserver, events.append)
-        globalLogPublisher.addObserver(observer)
-        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        events = captureLog(self)
         session = fleet.session(fleet.operator("dev_kiln7", alice))
         session.exec(b"sleep")
         fleet.flush()
@@ -707,10 +707,7 @@ class TerminalTypeInAgentLogTests(SynchronousTestCase):
     """
 
     def test_termInertInTheLog(self) -> None:
-        events: list[Any] = []
-        observer = cast(ILogObserver, events.append)
-        globalLogPublisher.addObserver(observer)
-        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        events = captureLog(self)
         channel = SessionChannel(SessionEnvironment(), Clock())
         term = b"xterm\n2026-11-27T10:00:00+0000 [agent] forged\x1b[2J"
         request = common.NS(term) + struct.pack(">4L", 80, 24, 0, 0) + common.NS(b"\x00")
@@ -729,10 +726,7 @@ class ForwardTargetInAgentLogTests(SynchronousTestCase):
     """
 
     def test_forwardTargetInertInTheLog(self) -> None:
-        events: list[Any] = []
-        observer = cast(ILogObserver, events.append)
-        globalLogPublisher.addObserver(observer)
-        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        events = captureLog(self)
         evil = b"x\n2026-11-27T10:00:00+0000 [agent] forged\x1b[2J"
         payload = common.NS(evil) + struct.pack(">L", 80) + common.NS(evil) + struct.pack(">L", 1)
         opened = ForwardChannel.open(MemoryReactorClock(), payload)
