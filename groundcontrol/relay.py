@@ -43,6 +43,9 @@ ENDED = _Ended()
 
 _EXIT_REQUESTS = (b"exit-status", b"exit-signal")
 
+#: What a side keeps while it has no peer yet (L{RelayChannel.passOnEarly}).
+_EARLY_DATA, _EARLY_EXTENDED, _EARLY_EOF = "data", "extended", "eof"
+
 #: Session requests after which the device may open channels back to the
 #: operator, and the channel type each allows.
 _OPENS_BACK = {b"auth-agent-req@openssh.com": b"auth-agent@openssh.com", b"x11-req": b"x11"}
@@ -85,6 +88,10 @@ class RelayChannel(FlowChannel):
         self._lastReply: defer.Deferred[Any] | None = None
         #: Credit withheld by L{holdCredit} (None: credit flows).
         self._heldCredit: int | None = None
+        #: What the peer said before L{splice} joined this side to the other (a service
+        #: that speaks first: an sshd's version line, an SMTP greeting), passed on at the
+        #: splice; None once joined or done with, when there is nothing more to keep.
+        self._early: list[tuple[Any, ...]] | None = []
 
     # -- opening (device side) ------------------------------------------------
 
@@ -155,7 +162,7 @@ class RelayChannel(FlowChannel):
         self.bytesReceived += len(data)
         peer = self.peer
         if peer is None:
-            self.consumed(len(data))  # nobody to give it to: keep the peer unblocked
+            self._beforeSplice((_EARLY_DATA, data), len(data))
         else:
             peer.write(data)
         if self.observer is not None:
@@ -165,11 +172,39 @@ class RelayChannel(FlowChannel):
         self.bytesReceived += len(data)
         peer = self.peer
         if peer is None:
-            self.consumed(len(data))
+            self._beforeSplice((_EARLY_EXTENDED, data, dataType), len(data))
         else:
             peer.writeExtended(dataType, data)
         if self.observer is not None:
             self.observer.relayData(self, data)
+
+    def _beforeSplice(self, item: tuple[Any, ...], size: int) -> None:
+        """
+        Something arrived with no peer to pass it to. Before the splice, keep it for the
+        peer to come, without re-opening the window: what is kept is bounded by the
+        window this side gave. After (the peer closed), let it go and re-open the window,
+        so the sender is not blocked.
+        """
+        early = self._early
+        if early is not None:
+            early.append(item)
+        elif size:
+            self.consumed(size)
+
+    def passOnEarly(self) -> None:
+        """Joined to a peer (L{splice}): hand it what arrived before, in order."""
+        early, self._early = self._early, None
+        peer = self.peer
+        if not early or peer is None:
+            return
+        for item in early:
+            kind = item[0]
+            if kind == _EARLY_DATA:
+                peer.write(item[1])
+            elif kind == _EARLY_EXTENDED:
+                peer.writeExtended(item[2], item[1])
+            else:
+                peer.writeEOF()
 
     def sent(self, count: int) -> None:
         peer = self.peer
@@ -179,6 +214,8 @@ class RelayChannel(FlowChannel):
     def eofReceived(self) -> None:
         if self.peer is not None:
             self.peer.writeEOF()
+        else:
+            self._beforeSplice((_EARLY_EOF,), 0)
 
     def requestReceivedWithReply(self, requestType: bytes, data: bytes, wantReply: bool) -> Any:
         peer = self.peer
@@ -236,6 +273,7 @@ class RelayChannel(FlowChannel):
 
     def closed(self) -> None:
         super().closed()
+        self._early = None
         observer, self.observer = self.observer, None
         if observer is not None:
             observer.relayClosed(self)
@@ -275,9 +313,15 @@ def inertText(text: Any, limit: int = 512) -> str:
 
 
 def splice(operatorSide: RelayChannel, deviceSide: RelayChannel) -> None:
-    """Join two channels so that each passes on what the other receives."""
+    """
+    Join two channels so that each passes on what the other receives, starting with what
+    each received while it waited for the other (the device's channel is open while the
+    session's start is written to the store, before the operator's is confirmed).
+    """
     operatorSide.peer = deviceSide
     deviceSide.peer = operatorSide
+    deviceSide.passOnEarly()
+    operatorSide.passOnEarly()
 
 
 def refusal(text: str, code: int = connection.OPEN_ADMINISTRATIVELY_PROHIBITED) -> error.ConchError:

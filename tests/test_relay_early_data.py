@@ -12,13 +12,12 @@ with the real programs: C{ssh -L} to a server that sends a banner on connect del
 
 from __future__ import annotations
 
-import pytest
+from twisted.conch.ssh import connection
 
 from tests.test_sessions_audit import AuditBeforeAccessTestCase
 
 
 class EarlyDeviceDataTests(AuditBeforeAccessTestCase):
-    @pytest.mark.xfail(strict=True, reason="dropped before the splice (22c9860)")
     def test_deviceSpeaksFirst(self) -> None:
         """
         The device's first bytes, sent while session.started is written, reach the
@@ -32,3 +31,32 @@ class EarlyDeviceDataTests(AuditBeforeAccessTestCase):
         self.fleet.flush()
         self.assertTrue(session.isOpen)
         self.assertEqual(bytes(session.output), b"SSH-2.0-banner\r\n")
+
+    def test_earlyStderrAndEOFInOrder(self) -> None:
+        """Output, stderr and EOF sent before the splice reach the operator in that order."""
+        session = self.fleet.session(self.alice)
+        device = self.device[0]
+        device.write(b"220 ready\r\n")
+        device.writeExtended(connection.EXTENDED_DATA_STDERR, b"warming up\n")
+        device.conn.sendEOF(device)
+        self.fleet.flush()
+        self.assertEqual(session.events, [])
+        self.store.release()
+        self.fleet.flush()
+        self.assertEqual(session.events[:3], [("data", 11), ("stderr", 11), ("eof",)])
+        self.assertEqual(bytes(session.output), b"220 ready\r\n")
+
+    def test_earlyBytesHeldWithinTheWindow(self) -> None:
+        """
+        Kept bytes are not credited back to the device until the operator's side has
+        sent them on: what groundcontrol keeps is bounded by the window it gave.
+        """
+        self.fleet.session(self.alice)
+        device = self.device[0]
+        window = device.remoteWindowLeft
+        device.write(b"x" * (window // 2 + 1))  # past half: a window adjust would be due
+        self.fleet.flush()
+        self.assertEqual(device.remoteWindowLeft, window - (window // 2 + 1))
+        self.store.release()
+        self.fleet.flush()
+        self.assertEqual(device.remoteWindowLeft, window)
