@@ -29,7 +29,7 @@ from accesstunnel.channel import DEFAULT_MAX_PACKET, DEFAULT_WINDOW, LINK_MAX_PA
 from groundcontrol.control import ControlChannel, ControlContext
 from groundcontrol.forwarding import MalformedPayload, parseForwardRequest
 from groundcontrol.registry import Registry
-from groundcontrol.relay import RelayChannel, refusal, splice
+from groundcontrol.relay import RelayChannel, inertText, refusal, splice
 from groundcontrol.store import Account, IStore
 from groundcontrol.timetext import absoluteTime, relativeTime
 from groundcontrol.usernames import (
@@ -45,6 +45,9 @@ from groundcontrol.usernames import (
 RELAYED_CHANNEL_TYPES = frozenset({b"session", b"direct-tcpip"})
 
 _FORWARD_REQUESTS = (b"tcpip-forward", b"cancel-tcpip-forward")
+
+#: Ports below this only root may listen on (sshd: IPPORT_RESERVED).
+_PRIVILEGED_PORTS = 1024
 
 
 @attrs.frozen
@@ -310,13 +313,29 @@ class SessionRouter:
         except Exception:
             return 0
         cancel = requestType == b"cancel-tcpip-forward"
+        if not cancel and 0 < port < _PRIVILEGED_PORTS:
+            # The agent, as root, takes such a port for anyone: not for an operator whose
+            # grant runs their sessions as another user, who could not take it there.
+            loginUser = await self._store.loginUserFor(
+                account, link.deviceName, self._clock.seconds()
+            )
+            if loginUser not in (None, "root"):
+                self._log.info(
+                    "refused {account} a remote forward on port {port} of device {device}: "
+                    "below 1024, and their sessions run as {user}",
+                    account=account.name,
+                    port=port,
+                    device=link.deviceName,
+                    user=loginUser,
+                )
+                return 0
         if cancel and link.remoteForwards.owner(address, port) is not operatorConn:
             # Only the connection that made a forward may take it down: another operator's
             # cancel would free the device's port for the canceller to listen on instead.
             self._log.info(
                 "refused {account} cancelling {address}:{port} on device {device}: not theirs",
                 account=account.name,
-                address=address.decode("ascii", "replace"),
+                address=inertText(address, 64),
                 port=port,
                 device=link.deviceName,
             )
@@ -334,7 +353,7 @@ class SessionRouter:
         self._log.info(
             "{account} forwards {address}:{port} on device {device}",
             account=account.name,
-            address=address.decode("ascii", "replace"),
+            address=inertText(address, 64),
             port=port,
             device=link.deviceName,
         )

@@ -218,12 +218,10 @@ class ForwardAddressInLogTests(_ForwardsWorld):
     """
     The address an operator names in ``ssh -R ADDRESS:PORT:...`` is theirs to spell, and
     groundcontrol's log line for the forward ("bob forwards ADDRESS:PORT on device lab1")
-    printed it as it came: new lines (forged log lines) and escape sequences. The fix
-    belongs in groundcontrol/router.py (forwardRequest's log line: relay.inertText), the
-    lead's: strict xfail.
+    printed it as it came: new lines (forged log lines) and escape sequences. It is now
+    made inert (relay.inertText) and cut to 64 characters.
     """
 
-    @pytest.mark.xfail(strict=True, reason="fix in groundcontrol/router.py (the lead's)")
     def test_forwardAddressInertInTheLog(self) -> None:
         events = captureLog(self)
         evil = b"x\n2026-11-27T10:00:00+0000 [groundcontrol] forged\x1b[2J"
@@ -240,14 +238,13 @@ class PrivilegedRemoteForwardTests(_ForwardsWorld):
     (agent/link.py: allowPrivilegedPorts when root), like sshd for a root login. But an
     operator whose grant runs their sessions as pi (``--as pi``) may not do as root what
     pi cannot: listen on 127.0.0.1:25 or :53 of the device, where local programs expect
-    a root service. The fix belongs in groundcontrol/router.py (forwardRequest: a port
-    below 1024 only for a grant without a login user, or as root): strict xfail.
+    a root service. groundcontrol's forwardRequest passes a port below 1024 on only for
+    a grant without a login user, or as root.
     """
 
     agentIsRoot = True
     bobGrant = "--as pi"
 
-    @pytest.mark.xfail(strict=True, reason="fix in groundcontrol/router.py (the lead's)")
     def test_loginUserCannotTakePrivilegedPort(self) -> None:
         asked = self.ask(self.world.bob, b"tcpip-forward", _forwardRequest(b"localhost", 25))
         self.failureResultOf(asked)
