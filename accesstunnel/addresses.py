@@ -221,6 +221,24 @@ def describeAddress(peer: Any) -> str:
     return hostPort(host, port) if port is not None else str(host)
 
 
+def sourceNetwork(host: str) -> str:
+    """
+    The source that limits count as one: an IPv4 address, an IPv4-mapped IPv6 address as
+    that IPv4 address, an IPv6 address as its /64 (one host, or one customer, typically
+    holds a whole /64 and can rotate through it), anything else as it is given. The
+    handshake limiter, the login penalties and the pending-device cap all count by it.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
 def clientEndpointString(address: str) -> str:
     """
     The Twisted client endpoint string of a plain-TCP address (C{ssh://} or an endpoint

@@ -66,6 +66,8 @@ from twisted.conch.ssh import transport
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from accesstunnel.addresses import sourceNetwork
+
 __all__ = [
     "DEFAULT_EARLY_CLOSE_ALLOWANCE",
     "DEFAULT_EARLY_CLOSE_RATE",
@@ -164,22 +166,14 @@ class PenaltyPolicy:
 
 def sourceKey(peer: Any) -> str:
     """
-    The source a penalty is kept for: the IPv4 address, or the /64 of an IPv6 address
-    (one host typically holds a whole /64). Anything else is taken as it prints.
+    The source a penalty is kept for (L{sourceNetwork}: the IPv4 address, or the /64 of an
+    IPv6 address). Anything without a host is taken as it prints.
     """
     peer = getattr(peer, "address", peer)  # Conch's SSHTransportAddress
     host = getattr(peer, "host", None)
     if host is None:
         return str(peer)
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return str(host)
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return str(address)
+    return sourceNetwork(str(host))
 
 
 def parseExemptNetwork(text: str) -> ExemptNetwork:

@@ -559,12 +559,10 @@ class PendingCapPerIPv6HostTests(SynchronousTestCase):
     enrolls one either, until an admin removes pending ones). An IPv6 host was counted by
     its whole address, but one host holds a whole /64 (the penalties count it so,
     groundcontrol.preauth.sourceKey): rotating addresses in its /64, anyone filled the
-    queue in seconds. The cap should count an IPv6 source by its /64. The fix belongs in
-    the store (groundcontrol/store/_sql.py sourceHost, and the source_host it stores, an
-    upgrade concern): strict xfail until it lands.
+    queue in seconds. The cap counts an IPv6 source by its /64 (store.sourceHost, by
+    accesstunnel.addresses.sourceNetwork, the rule of the penalties and the limiter).
     """
 
-    @pytest.mark.xfail(strict=True, reason="fix in groundcontrol/store (sourceHost per /64)")
     def test_oneIPv6HostCappedByItsSlash64(self) -> None:
         store = openMemoryStore()
         limits = PendingLimits(total=100, perHost=10, window=3600)

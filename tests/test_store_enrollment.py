@@ -187,11 +187,12 @@ class PendingCapTests(StoreTestCase):
         self.contact("a", newPublicKey(), T0, source="192.0.2.1:1000")
         self.contact("b", newPublicKey(), T0 + 10, source="192.0.2.1:1001")
         self.contact("c", newPublicKey(), T0 + 20, source="[2001:db8::1]:22")
-        self.assertEqual(self.successResultOf(self.store.countPending()), 3)
+        self.contact("d", newPublicKey(), T0 + 30, source="[2001:db8::2:3]:22")  # same /64
+        self.assertEqual(self.successResultOf(self.store.countPending()), 4)
         countFrom = self.store.countPendingFrom
         self.assertEqual(self.successResultOf(countFrom("192.0.2.1", T0)), 2)
         self.assertEqual(self.successResultOf(countFrom("192.0.2.1", T0 + 5)), 1)
-        self.assertEqual(self.successResultOf(countFrom("2001:db8::1", T0)), 1)
+        self.assertEqual(self.successResultOf(countFrom("2001:db8::/64", T0)), 2)
         self.assertEqual(self.successResultOf(countFrom("192.0.2.2", T0)), 0)
 
     def test_limits(self) -> None:
@@ -228,10 +229,14 @@ class PendingCapTests(StoreTestCase):
         self.contact("f", newPublicKey(), T0 + 3601, source="192.0.2.1:5", limits=roomy)
 
     def test_sourceHost(self) -> None:
-        """sourceHost drops the port of host:port and [v6]:port, and keeps anything else."""
+        """
+        sourceHost drops the port of host:port and [v6]:port, counts an IPv6 host by its
+        /64 and an IPv4-mapped one as IPv4, and keeps anything else.
+        """
         self.assertEqual(sourceHost("192.0.2.1:5000"), "192.0.2.1")
-        self.assertEqual(sourceHost("[::1]:22"), "::1")
-        self.assertEqual(sourceHost("::1"), "::1")
+        self.assertEqual(sourceHost("[2001:db8::1:2]:22"), "2001:db8::/64")
+        self.assertEqual(sourceHost("2001:db8::1"), "2001:db8::/64")
+        self.assertEqual(sourceHost("[::ffff:192.0.2.7]:22"), "192.0.2.7")
         self.assertEqual(sourceHost("unknown"), "unknown")
 
 

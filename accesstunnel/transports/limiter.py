@@ -75,7 +75,6 @@ completes, e.g. one stalled inside a TLS handshake).
 
 from __future__ import annotations
 
-import ipaddress
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
@@ -88,6 +87,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
+from accesstunnel.addresses import sourceNetwork
 from accesstunnel.layers import transportLayers
 
 __all__ = ["AGENTS", "OPERATORS", "HandshakeLimiter", "isAgentVersion"]
@@ -158,19 +158,10 @@ def _hasAvatar(protocol: Any) -> bool:
 
 
 def _source(transport: Any) -> str:
-    """The source whose handshakes are counted together: an IPv4 address or an IPv6 /64."""
+    """The source whose handshakes are counted together (L{sourceNetwork})."""
     peer = transport.getPeer()
     peer = getattr(peer, "address", peer)
-    host = str(getattr(peer, "host", peer))
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return host
+    return sourceNetwork(str(getattr(peer, "host", peer)))
 
 
 def _listeningPort(transport: Any) -> Any:

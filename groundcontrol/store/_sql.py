@@ -29,6 +29,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 import accesstunnel.keys
+from accesstunnel.addresses import sourceNetwork
 from accesstunnel.names import isValidDeviceName
 
 from ._dialect import Cursor, Dialect, Row, splitStatements
@@ -342,16 +343,18 @@ def cleanSerial(serial: str | None) -> str | None:
 
 def sourceHost(source: str) -> str:
     """
-    The host part of a C{host:port} source: C{[v6]:port} and C{v4:port} lose the port;
-    anything else (a bare IPv6 address, a description) is taken whole.
+    The host a C{host:port} source is counted as: C{[v6]:port} and C{v4:port} lose the
+    port, and the host is taken as the limits take it (L{sourceNetwork}: an IPv6 address
+    as its /64); anything else (a description) is taken whole.
 
-    The per-host pending cap counts by host because one attacker has one host and many ports.
+    The per-host pending cap counts by host because one attacker has one host and many
+    ports, and, on IPv6, many addresses in one /64.
     """
     if source.startswith("[") and "]" in source:
-        return source[1 : source.index("]")]
+        return sourceNetwork(source[1 : source.index("]")])
     if source.count(":") == 1:
-        return source.split(":", 1)[0]
-    return source
+        return sourceNetwork(source.split(":", 1)[0])
+    return sourceNetwork(source)
 
 
 def isValidTag(tag: object) -> bool:
