@@ -12,7 +12,6 @@ import pwd
 import struct
 from typing import Any, cast
 
-import pytest
 from cryptography.hazmat.primitives.asymmetric import dsa, rsa
 from twisted.conch.ssh import common, connection, keys
 from twisted.cred.credentials import SSHPrivateKey
@@ -593,12 +592,10 @@ class ClaimRenewRevealsDevicesTests(SynchronousTestCase):
     ``ctl show NAME`` tells an operator without a grant on NAME nothing (``no device
     named``), but ``ctl claim renew|release NAME`` said whether NAME exists, whether it is
     claimed, and by whom ("is claimed by carol, not by you"). To an operator who may not
-    reach the device it should read as for a device that does not exist. The fix belongs
-    in the control shell's claim (groundcontrol/control/commands.py, H3's) or the store's
-    claim refusals: strict xfail until it lands.
+    reach the device (nor holds its claim) it now reads as for a device that does not
+    exist (groundcontrol/control/commands.py, _leaseVisible).
     """
 
-    @pytest.mark.xfail(strict=True, reason="fix in the control shell's claim (H3's files)")
     def test_claimRenewSaysNothingOfOthersDevices(self) -> None:
         world = AccessFleet()
         for line in ("claim renew {}", "claim release {}"):

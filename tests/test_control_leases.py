@@ -90,7 +90,16 @@ class LeaseCommandTests(EnrollmentTestCase):
         self.assertEqual(events.count("claim.released"), 1)
 
     def test_othersRefusedAdminsMay(self) -> None:
-        """Another operator may neither renew nor release; an admin may do both."""
+        """
+        Another operator may neither renew nor release: one who may not reach the device is
+        told what an unknown name gets (who holds it is not theirs to learn), one granted
+        it whose claim it is; an admin may do both.
+        """
+        for line in ("claim renew oven2 --for 1d", "claim release oven2"):
+            status, _, err = self.world.ctl(self.carol, line)
+            self.assertEqual(status, 1, line)
+            self.assertIn("unknown device 'oven2', or you hold no claim on it or grant", err)
+        self.world.ctl(self.admin, "grant carol oven2")
         for line in ("claim renew oven2 --for 1d", "claim release oven2"):
             status, _, err = self.world.ctl(self.carol, line)
             self.assertEqual(status, 1, line)
@@ -120,7 +129,7 @@ class LeaseCommandTests(EnrollmentTestCase):
             self.assertEqual(status, 2, (line, err))
         status, _, err = self.world.ctl(self.bob, "claim renew nosuch")
         self.assertEqual(status, 1)
-        self.assertIn("no device named 'nosuch'", err)
+        self.assertIn("unknown device 'nosuch', or you hold no claim on it or grant for it", err)
 
     def test_renewAndReleaseNotified(self) -> None:
         """

@@ -61,6 +61,7 @@ from groundcontrol.store import (
     Device,
     IStore,
     StoreError,
+    UnknownDevice,
     parseSelector,
 )
 from groundcontrol.timetext import relativeTime, whenText
@@ -597,6 +598,7 @@ def _claim(parser: _Parser) -> Handler:
             if options.device is None:
                 raise UsageError(f"claim {action} DEVICE: name the claimed device")
             name = _deviceName(options.device)
+            await _leaseVisible(context, name, now)
             if action == "release":
                 device = await context.store.releaseLease(name, context.account, now)
                 return _done(
@@ -641,6 +643,25 @@ def _claim(parser: _Parser) -> Handler:
 #: Words after C{claim} that act on a claimed device's lease (never a code: those are 8
 #: letters and digits).
 _LEASE_ACTIONS = ("renew", "release")
+
+
+async def _leaseVisible(context: ControlContext, name: str, now: float) -> None:
+    """
+    Refuse a lease change on C{name} in the same words as for a device that does not
+    exist, unless the caller may know of it: an admin, the lease's owner (until the fleet
+    watcher clears a lapsed lease), or an account that may reach the device. The store's
+    own refusals ("claimed by carol, not by you") would otherwise tell anyone which names
+    exist and who holds them, which C{ls} and C{show} hide.
+    """
+    account = context.account
+    if account.isAdmin:
+        return
+    device = await context.store.deviceByName(name)
+    if device is not None and (
+        device.owner == account.name or await context.store.mayReach(account, name, now)
+    ):
+        return
+    raise UnknownDevice(f"unknown device {name!r}, or you hold no claim on it or grant for it")
 
 
 def _lease(duration: str) -> float:

@@ -127,4 +127,4 @@ def test_claim_renew_and_release(fleet: Fleet) -> None:
     assert "no grant" in refused.stderr
     again = bob.ssh("ctl", "claim", "renew", "lse1")
     assert again.returncode == 1
-    assert "not claimed by anyone" in again.stderr
+    assert "you hold no claim on it or grant for it" in again.stderr
