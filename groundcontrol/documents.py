@@ -32,6 +32,7 @@ __all__ = [
     "groupRemovalJSON",
     "jsonText",
     "newTokenJSON",
+    "rejectedRequestJSON",
     "requestJSON",
     "sessionJSON",
     "tokenJSON",
@@ -80,6 +81,11 @@ def requestJSON(r: EnrollmentRequest) -> dict[str, Any]:
         "first_seen": isoTime(r.firstSeen),
         "last_seen": isoTime(r.lastSeen),
     }
+
+
+def rejectedRequestJSON(r: EnrollmentRequest) -> dict[str, Any]:
+    """What C{reject} prints: the request's document as it was, in C{state} C{rejected}."""
+    return {**requestJSON(r), "state": "rejected"}
 
 
 def grantState(grant: Grant, now: float) -> str:
@@ -198,6 +204,7 @@ _DETAIL_TIMES = frozenset(
         "lease_until",
         "previous_lease_until",
         "not_after",
+        "last_seen",
         "since",
         "started_at",
         "ended_at",

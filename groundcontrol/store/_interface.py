@@ -171,6 +171,43 @@ class IStore(Interface):
     def touchDevice(name, now):
         """Set a device's C{lastSeen}. @return: Deferred firing with None; L{UnknownDevice}."""
 
+    def rejectRequest(name, actor, now, fingerprint=None):
+        """
+        Remove the pending request for C{name} (only the one with C{fingerprint}, if given)
+        and its key's claim code, audited as C{enrollment.rejected} (detail: the request's
+        C{fingerprint}, C{kind}, C{serial}, C{source}, C{lastSeen}). The key is not barred:
+        its agent, disconnected by the fleet watcher, may come back as a new request.
+
+        @return: Deferred firing with the removed L{EnrollmentRequest}; fails with
+            L{AmbiguousRequest} (several requests, no fingerprint), L{UnknownDevice} (none).
+        """
+
+    def staleRequests(seenBefore):
+        """
+        @return: Deferred firing with the pending L{EnrollmentRequest}s last seen before
+            C{seenBefore}, oldest first (a filter in SQL: the fleet watcher asks every
+            sweep, and almost always gets nothing).
+        """
+
+    def touchRequests(fingerprints, now):
+        """
+        Set the C{lastSeen} of the pending requests of these key fingerprints to C{now}:
+        their agents are connected, so they are being seen.
+
+        @return: Deferred firing with how many requests were updated.
+        """
+
+    def expireRequest(fingerprint, seenBefore, now):
+        """
+        Remove the pending request of key C{fingerprint} if it was last seen before
+        C{seenBefore} (checked again here: its agent may have connected since
+        L{staleRequests} listed it), with its claim code; audited as C{enrollment.expired},
+        with the detail of C{enrollment.rejected} and no actor.
+
+        @return: Deferred firing with the removed L{EnrollmentRequest}, or None if it was
+            not removed (seen since, approved, or gone).
+        """
+
     # -- certificates -----------------------------------------------------------
 
     def recordCertificate(deviceName, serialNumber, fingerprint, notBefore, notAfter, now):

@@ -1135,6 +1135,90 @@ class SQLStore:
             if c.rowcount == 0:
                 raise UnknownDevice(f"no device named {name!r}")
 
+    # -- pending requests: rejected by an admin, expired when not seen ------------------
+
+    def rejectRequest(
+        self, name: str, actor: str, now: float, fingerprint: str | None = None
+    ) -> Deferred[EnrollmentRequest]:
+        return self._run(self._rejectRequest, name, actor, now, fingerprint)
+
+    def _rejectRequest(
+        self, name: str, actor: str, now: float, fingerprint: str | None
+    ) -> EnrollmentRequest:
+        with self._write() as c:
+            sql = f"SELECT {_REQUEST_COLUMNS} FROM enrollment_requests WHERE requested_name = ?"
+            args: tuple[str, ...] = (name,)
+            if fingerprint is not None:
+                sql += " AND fingerprint = ?"
+                args += (fingerprint,)
+            requests = [_request(r) for r in c.execute(sql + " ORDER BY first_seen", args)]
+            if len(requests) > 1:
+                raise AmbiguousRequest(name, [r.fingerprint for r in requests])
+            if not requests:
+                withKey = "" if fingerprint is None else f" with key {fingerprint}"
+                raise UnknownDevice(f"no pending request for {name!r}{withKey}")
+            (request,) = requests
+            self._dropRequest(c, request, "enrollment.rejected", actor, now)
+            return request
+
+    def staleRequests(self, seenBefore: float) -> Deferred[list[EnrollmentRequest]]:
+        return self._run(self._staleRequests, seenBefore)
+
+    def _staleRequests(self, seenBefore: float) -> list[EnrollmentRequest]:
+        rows = self._read(
+            f"SELECT {_REQUEST_COLUMNS} FROM enrollment_requests WHERE last_seen < ? "
+            "ORDER BY last_seen, fingerprint",
+            (seenBefore,),
+        )
+        return [_request(r) for r in rows]
+
+    def touchRequests(self, fingerprints: Sequence[str], now: float) -> Deferred[int]:
+        return self._run(self._touchRequests, list(fingerprints), now)
+
+    def _touchRequests(self, fingerprints: list[str], now: float) -> int:
+        if not fingerprints:
+            return 0
+        with self._write() as c:
+            c.execute(
+                "UPDATE enrollment_requests SET last_seen = ? "
+                f"WHERE fingerprint IN ({', '.join('?' * len(fingerprints))})",
+                (now, *fingerprints),
+            )
+            return int(c.rowcount)
+
+    def expireRequest(
+        self, fingerprint: str, seenBefore: float, now: float
+    ) -> Deferred[EnrollmentRequest | None]:
+        return self._run(self._expireRequest, fingerprint, seenBefore, now)
+
+    def _expireRequest(
+        self, fingerprint: str, seenBefore: float, now: float
+    ) -> EnrollmentRequest | None:
+        with self._write() as c:
+            request = self._requestFor(c, fingerprint)
+            if request is None or request.lastSeen >= seenBefore:
+                return None  # approved, rejected or seen since staleRequests listed it
+            self._dropRequest(c, request, "enrollment.expired", None, now)
+            return request
+
+    def _dropRequest(
+        self, c: Cursor, request: EnrollmentRequest, event: str, actor: str | None, now: float
+    ) -> None:
+        """
+        Remove a pending request and its key's claim code, audited as C{event}: the
+        request as it was (the fleet watcher closes its agent's link if one is connected).
+        """
+        c.execute("DELETE FROM enrollment_requests WHERE fingerprint = ?", (request.fingerprint,))
+        c.execute("DELETE FROM claim_codes WHERE fingerprint = ?", (request.fingerprint,))
+        detail = {
+            "fingerprint": request.fingerprint,
+            "kind": request.kind,
+            "serial": request.serial,
+            "source": request.source,
+            "lastSeen": request.lastSeen,
+        }
+        self._insertAudit(c, event, actor, request.requestedName, detail, now)
+
     # -- certificates ---------------------------------------------------------------
 
     def recordCertificate(
