@@ -54,7 +54,7 @@ from twisted.internet import main, process
 from twisted.internet.posixbase import PosixReactorBase
 
 from accesstunnel.writethrough import SEND_FD, WriteThroughMixin
-from agent import _spawn
+from agent import _spawn, openfiles
 
 #: Twisted's own file actions for a child's descriptors (private: Twisted is pinned); a
 #: Twisted without it leaves pipe children to fork, as before.
@@ -344,9 +344,15 @@ class _SpawnedNotForked:
         pid = _spawn.spawn(executable, args, environment, path, actions)
         if pid is None:
             return False
+        openfiles.spawnedChild(pid)  # the agent's open-file limit at start
         self.pid = pid
         self.status = -1
         return True
+
+    def _setupChild(self, *args: Any, **kwargs: Any) -> None:
+        # The fork path, in the child: the agent's open-file limit at start (agent.openfiles).
+        openfiles.forkedChild()
+        super()._setupChild(*args, **kwargs)  # type: ignore[misc]
 
 
 class _SessionProcess(_SpawnedNotForked, process.Process):

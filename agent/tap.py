@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application import service
+from twisted.conch.error import ConchError
+from twisted.conch.ssh.connection import OPEN_RESOURCE_SHORTAGE
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -31,6 +33,7 @@ from accesstunnel.logfilter import (
 )
 from accesstunnel.names import isValidDeviceName
 from accesstunnel.rekey import RekeyLimit, parseRekeyLimit
+from agent import openfiles
 from agent.config import AgentFileConfig, ConfigError, installReloadOnSIGHUP, loadConfig
 from agent.enrollment import CERTIFICATE_FILE, Enrollment
 from agent.failover import FailoverEndpoint
@@ -228,6 +231,8 @@ def buildService(config: AgentConfig, reactor: Any) -> LogObserverService:
         environment = attrs.evolve(environment, sftpServerPaths=paths)
 
     def sessionFactory(conn: Any, windowSize: int, maxPacket: int, data: bytes) -> Any:
+        if not openfiles.haveRoom(openfiles.SESSION_DESCRIPTORS):
+            raise ConchError(openfiles.outOfDescriptors("session"), OPEN_RESOURCE_SHORTAGE)
         return SessionChannel(
             environment, reactor, remoteWindow=windowSize, remoteMaxPacket=maxPacket, conn=conn
         )
@@ -235,6 +240,8 @@ def buildService(config: AgentConfig, reactor: Any) -> LogObserverService:
     def forwardFactory(conn: Any, windowSize: int, maxPacket: int, data: bytes) -> Any:
         from agent.forward import ForwardChannel
 
+        if not openfiles.haveRoom(1):
+            raise ConchError(openfiles.outOfDescriptors("forward"), OPEN_RESOURCE_SHORTAGE)
         return ForwardChannel.open(
             reactor, data, remoteWindow=windowSize, remoteMaxPacket=maxPacket, conn=conn
         )
@@ -365,6 +372,7 @@ def configureLogging(top: LogObserverService, options: Options) -> None:
 def makeService(options: Options) -> service.Service:
     from twisted.internet import reactor
 
+    openfiles.raiseForTheAgent()  # one line; the sessions' children keep today's limit
     try:
         top = buildService(options.toConfig(), reactor)
     except usage.UsageError as e:
