@@ -54,6 +54,7 @@ from groundcontrol.documents import (
     groupRemovalJSON,
     jsonText,
     newTokenJSON,
+    rejectedRequestJSON,
     requestJSON,
     tokenJSON,
     ungrantJSON,
@@ -141,6 +142,14 @@ def _buildParser() -> _Parser:
         "--key", metavar="FINGERPRINT", help="which request, when several ask for NAME"
     )
     _jsonFlag(approve)
+    reject = device.add_parser(
+        "reject", help="turn a pending request away (its agent may ask again)"
+    )
+    reject.add_argument("name")
+    reject.add_argument(
+        "--key", metavar="FINGERPRINT", help="which request, when several ask for NAME"
+    )
+    _jsonFlag(reject)
     revoke = device.add_parser("revoke", help="make a device unreachable")
     revoke.add_argument("name")
     _jsonFlag(revoke)
@@ -351,6 +360,10 @@ def _storeCommand(store: SQLStore, args: argparse.Namespace, now: Callable[[], f
             device = _result(store.approveDevice(args.name, actor, now(), fingerprint=args.key))
             text = f"approved {device.name} ({device.fingerprint})"
             _printDone(args.json, text, deviceJSON(device))
+        elif args.deviceCommand == "reject":
+            request = _result(store.rejectRequest(args.name, actor, now(), fingerprint=args.key))
+            text = f"rejected the request for {args.name} ({request.fingerprint})"
+            _printDone(args.json, text, rejectedRequestJSON(request))
         else:
             device = _result(store.revokeDevice(args.name, actor, now()))
             _printDone(args.json, f"revoked {device.name}", deviceJSON(device))

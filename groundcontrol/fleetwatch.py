@@ -8,6 +8,13 @@ this watcher polls it and acts on the events that concern connected devices.
 A revoked device's link is closed within one poll interval; a pending device
 that was just approved becomes routable without reconnecting, and the link of a
 key that an approved re-key replaced is closed.
+
+It also sweeps, every lease check: leases that have ended, and pending requests nobody
+has seen for the pending expiry (a week by default). Without that a queue filled by
+requests that will never be approved (an attacker's, a rollout gone wrong) stayed full,
+and no device could enroll, by token or claim either, until an admin cleared it. A
+request whose agent is connected is being seen: this node marks its connected pending
+agents as seen every hour, so neither it nor another node sharing the store expires them.
 """
 
 from __future__ import annotations
@@ -27,8 +34,19 @@ from groundcontrol.store import IStore
 
 DEFAULT_POLL_INTERVAL = 0.25
 
-#: How often owned devices are checked for leases that have ended.
+#: How often owned devices are checked for leases that have ended (and pending requests
+#: for expiry).
 DEFAULT_LEASE_CHECK_INTERVAL = 30.0
+
+#: How long a pending request may go unseen before the sweep removes it (--pending-expiry).
+DEFAULT_PENDING_EXPIRY = 7 * 86400.0
+
+#: How often the pending requests of the agents connected to this node are marked as seen
+#: (at most half the expiry): well before any node's sweep would find them stale.
+PENDING_REFRESH_INTERVAL = 3600.0
+
+#: Audit events that remove a pending request: its agent, if connected, is disconnected.
+REQUEST_REMOVED_EVENTS = frozenset({"enrollment.rejected", "enrollment.expired"})
 
 #: Audit events someone is told about (log always, webhook when configured).
 NOTIFIED_EVENTS = frozenset(
@@ -41,6 +59,7 @@ NOTIFIED_EVENTS = frozenset(
         "claim.lapsed",
         "claim.renewed",
         "claim.released",
+        *REQUEST_REMOVED_EVENTS,
         # Rate limited per device by groundcontrol.flapping before they reach the feed.
         "device.online",
         "device.offline",
@@ -49,7 +68,9 @@ NOTIFIED_EVENTS = frozenset(
 )
 
 #: Audit events that change a live link (L{FleetWatcher._apply}).
-APPLIED_EVENTS = frozenset({"device.revoked", "device.approved", "device.claimed"})
+APPLIED_EVENTS = frozenset(
+    {"device.revoked", "device.approved", "device.claimed", *REQUEST_REMOVED_EVENTS}
+)
 
 #: What the watcher reads of the feed. The rest (two rows per relayed session, among
 #: others) stays in the database: the store passes over it without handing it back.
@@ -73,7 +94,12 @@ class FleetWatcher(Service):
         notifier: Notifier | None = None,
         leaseCheckInterval: float = DEFAULT_LEASE_CHECK_INTERVAL,
         revocations: RevokedCertificates | None = None,
+        pendingExpiry: float | None = DEFAULT_PENDING_EXPIRY,
     ) -> None:
+        """
+        @param pendingExpiry: seconds a pending request may go unseen before it is
+            removed; None keeps them until an admin approves or rejects them.
+        """
         self._revocations = revocations
         self._store = store
         self._registry = registry
@@ -82,6 +108,8 @@ class FleetWatcher(Service):
         self._notifier = notifier or LogNotifier()
         self._leaseCheckInterval = leaseCheckInterval
         self._nextLeaseCheck = 0.0
+        self._pendingExpiry = pendingExpiry
+        self._nextPendingRefresh = 0.0
         self._lastId: int | None = None
         self._loop: LoopingCall | None = None
 
@@ -112,6 +140,8 @@ class FleetWatcher(Service):
             for device in await self._store.lapsedLeases(now):
                 # Its audit event comes back through the feed and is notified.
                 await self._store.endLease(device.name, now)
+            if self._pendingExpiry is not None:
+                await self._sweepPending(now, self._pendingExpiry)
         while True:
             page = await self._store.auditFeed(self._lastId, WATCHED_EVENTS, FEED_PAGE)
             for event in page.events:
@@ -132,6 +162,19 @@ class FleetWatcher(Service):
             if len(page.events) < FEED_PAGE:
                 return  # read up to the newest row
 
+    async def _sweepPending(self, now: float, expiry: float) -> None:
+        """
+        Mark this node's connected pending agents as seen (hourly, and at most every half
+        expiry, so none of them is ever stale here), then remove the requests not seen for
+        C{expiry}; each removal's audit event comes back through the feed and is notified.
+        """
+        connected = self._registry.pendingFingerprints()
+        if connected and now >= self._nextPendingRefresh:
+            self._nextPendingRefresh = now + min(PENDING_REFRESH_INTERVAL, expiry / 2)
+            await self._store.touchRequests(connected, now)
+        for request in await self._store.staleRequests(now - expiry):
+            await self._store.expireRequest(request.fingerprint, now - expiry, now)
+
     def poll(self) -> Any:
         """One look at the feed (what the loop calls every interval)."""
         d = Deferred.fromCoroutine(self._poll())
@@ -144,7 +187,9 @@ class FleetWatcher(Service):
         if revokesCertificates and event.device and self._revocations is not None:
             # A revocation, or a re-key approval, revokes certificates.
             await self._revocations.refresh(event.device)
-        if event.event == "device.revoked" and event.device:
+        if event.event in REQUEST_REMOVED_EVENTS:
+            self._disconnectRemovedRequest(event)
+        elif event.event == "device.revoked" and event.device:
             if self._registry.drop(event.device, "device revoked"):
                 self._log.info("closed the link of revoked device {device}", device=event.device)
         elif event.event in ("device.approved", "device.claimed") and event.device:
@@ -159,3 +204,16 @@ class FleetWatcher(Service):
             link = self._registry.pendingFor(device.fingerprint)
             if link is not None:
                 link.avatar.promote(device.name)
+
+    def _disconnectRemovedRequest(self, event: Any) -> None:
+        """
+        Close the link of an agent whose pending request was rejected or expired: it may
+        connect again, as a new request. A link that connected after the removal already
+        made that new request, and is left alone.
+        """
+        fingerprint = event.detail.get("fingerprint")
+        link = self._registry.pendingFor(fingerprint) if isinstance(fingerprint, str) else None
+        if link is None or link.connectedAt > event.at:
+            return
+        why = "rejected by an admin" if event.event == "enrollment.rejected" else "expired"
+        link.close(f"enrollment request {why}; connect again to ask again")

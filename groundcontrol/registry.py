@@ -34,6 +34,8 @@ class Link(Protocol):
     conn: Any
     #: The remote forwards operators hold on the device.
     remoteForwards: RemoteForwards
+    #: When it connected (the clock's seconds).
+    connectedAt: float
 
     def close(self, reason: str) -> None: ...
 
@@ -90,6 +92,10 @@ class Registry:
             return False
         link.close(reason)
         return True
+
+    def pendingFingerprints(self) -> list[str]:
+        """The key fingerprints of the devices waiting for approval that are connected now."""
+        return list(self._pending)
 
     def pendingCount(self) -> int:
         """How many devices waiting for approval are connected now."""

@@ -30,7 +30,7 @@ from accesstunnel.transports.tor import TorSettings
 from groundcontrol.cipherchoice import cpuHasAES
 from groundcontrol.datadir import DataDir, HostKeyError, NotInitialised
 from groundcontrol.enrollment import CertificatePolicy
-from groundcontrol.fleetwatch import FleetWatcher
+from groundcontrol.fleetwatch import DEFAULT_PENDING_EXPIRY, FleetWatcher
 from groundcontrol.listening import ListenService, listenAll
 from groundcontrol.logging import DEFAULT_LEVEL, LEVELS, parseLevel, setLevel
 from groundcontrol.metrics import Metrics, metricsService
@@ -90,6 +90,8 @@ class ServerConfig:
     recordingMaxBytes: int | None = None
     #: Endpoint of the Prometheus metrics listener, if any.
     metrics: str | None = None
+    #: Seconds a pending request may go unseen before it is removed (None: never).
+    pendingExpiry: float | None = DEFAULT_PENDING_EXPIRY
 
 
 #: --help's text for the options a method handles. Twisted would take it from the method's
@@ -131,6 +133,12 @@ class Options(usage.Options):
         ["certificate-lifetime", None, "30d", "Lifetime of device certificates (e.g. 30d)."],
         ["max-pending", None, 100, "Devices that may wait for approval at once.", int],
         ["max-pending-per-host", None, 10, "New pending devices per source host per hour.", int],
+        [
+            "pending-expiry",
+            None,
+            "7d",
+            "Remove a pending request not seen for this long (e.g. 7d; 'never').",
+        ],
         ["webhook", None, None, "URL to POST fleet events to (JSON), retried with backoff."],
         ["max-sessions", None, 10, "Channels per operator connection (like MaxSessions).", int],
         ["max-channels-per-device", None, 1000, "Channels one device link may carry.", int],
@@ -288,6 +296,13 @@ class Options(usage.Options):
             raise usage.UsageError("session caps must be at least 1")
         if self["max-pending"] < 0 or self["max-pending-per-host"] < 0:
             raise usage.UsageError("pending caps cannot be negative")
+        if self["pending-expiry"] == "never":
+            self["pending-expiry"] = None
+        else:
+            try:
+                self["pending-expiry"] = float(parseDuration(self["pending-expiry"]))
+            except ValueError as e:
+                raise usage.UsageError(f"--pending-expiry: {e}") from None
         if self["recording-failure"] not in ("closed", "open"):
             raise usage.UsageError("--recording-failure is 'closed' or 'open'")
         try:
@@ -356,6 +371,7 @@ class Options(usage.Options):
             recordingMaxAge=self["recording-max-age"] or None,
             recordingMaxBytes=self["recording-max-bytes"] or None,
             metrics=self["metrics"],
+            pendingExpiry=self["pending-expiry"],
         )
 
 
@@ -458,9 +474,14 @@ def buildService(
             raise usage.UsageError(str(e)) from None
         listeners.append(ListenService(listener.endpoint, listener.wrapFactory(limited), address))
     listenAll(top, config.dataDir.path / "run", listeners)
-    FleetWatcher(store, registry, reactor, notifier=notifier, revocations=revoked).setServiceParent(
-        top
-    )
+    FleetWatcher(
+        store,
+        registry,
+        reactor,
+        notifier=notifier,
+        revocations=revoked,
+        pendingExpiry=config.pendingExpiry,
+    ).setServiceParent(top)
     recordings = RecordingPolicy(
         config.dataDir.path / RECORDINGS_DIRECTORY,
         failOpen=config.recordingFailOpen,

@@ -2,6 +2,7 @@
 
 from groundcontrol.control import (
     audit_commands,  # noqa: F401  (registers its command)
+    request_commands,  # noqa: F401  (registers its command)
     session_commands,  # noqa: F401  (registers its commands)
 )
 from groundcontrol.control.channel import ControlChannel
