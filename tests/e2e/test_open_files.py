@@ -12,8 +12,12 @@ import subprocess
 from pathlib import Path
 
 from agent import openfiles
+from tests.e2e import test_access
 from tests.e2e.harness import PYTHON, Agent, Fleet, waitFor
 from tests.e2e.test_transports import approveAndReach
+
+#: A throwaway login for a grant's --as (the fixture of tests/e2e/test_access.py).
+loginUser = test_access.loginUser
 
 #: Runs a command under an open-file limit (soft, hard), as systemd's LimitNOFILE= does.
 UNDER_LIMIT = (
@@ -142,3 +146,16 @@ def test_outOfDescriptorsRefusesASession(fleet: Fleet) -> None:
 
     waitFor(opens, 30, "a session to open again")
     assert process.running()
+
+
+def test_forkedSessionChild(fleet: Fleet, loginUser: str) -> None:
+    """
+    A session run as another login (a grant's --as: forked, to switch users) has the
+    agent's limit at start from its first instruction: set in the child before the exec.
+    """
+    startLimitedAgent(fleet, "kiln7", 256, 4096)
+    alice = fleet.operators["alice"]
+    bob = fleet.addOperator("bob")
+    assert alice.ssh("ctl", "grant", "bob", "kiln7", "--as", loginUser).returncode == 0
+    result = bob.ssh("dev_kiln7", "id -un; ulimit -Sn; ulimit -Hn", timeout=30)
+    assert result.stdout.split() == [loginUser, "256", "4096"], result.stderr
