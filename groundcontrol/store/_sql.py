@@ -960,12 +960,7 @@ class SQLStore:
 
     def _approveDevice(self, name: str, actor: str, now: float, fingerprint: str | None) -> Device:
         with self._write() as c:
-            sql = f"SELECT {_REQUEST_COLUMNS} FROM enrollment_requests WHERE requested_name = ?"
-            args: tuple[str, ...] = (name,)
-            if fingerprint is not None:
-                sql += " AND fingerprint = ?"
-                args += (fingerprint,)
-            requests = [_request(r) for r in c.execute(sql + " ORDER BY first_seen", args)]
+            requests = self._requestsNamed(c, name, fingerprint)
             device = self._deviceRow(c, "d.name = ?", name)
 
             if len(requests) > 1:
@@ -992,6 +987,16 @@ class SQLStore:
                 now,
             )
             return self._deviceNamed(c, name)
+
+    @staticmethod
+    def _requestsNamed(c: Cursor, name: str, fingerprint: str | None) -> list[EnrollmentRequest]:
+        """The requests asking for C{name} (only the one of key C{fingerprint}, if given)."""
+        sql = f"SELECT {_REQUEST_COLUMNS} FROM enrollment_requests WHERE requested_name = ?"
+        args: tuple[str, ...] = (name,)
+        if fingerprint is not None:
+            sql += " AND fingerprint = ?"
+            args += (fingerprint,)
+        return [_request(r) for r in c.execute(sql + " ORDER BY first_seen", args)]
 
     def _approveRequest(
         self,
@@ -1146,12 +1151,7 @@ class SQLStore:
         self, name: str, actor: str, now: float, fingerprint: str | None
     ) -> EnrollmentRequest:
         with self._write() as c:
-            sql = f"SELECT {_REQUEST_COLUMNS} FROM enrollment_requests WHERE requested_name = ?"
-            args: tuple[str, ...] = (name,)
-            if fingerprint is not None:
-                sql += " AND fingerprint = ?"
-                args += (fingerprint,)
-            requests = [_request(r) for r in c.execute(sql + " ORDER BY first_seen", args)]
+            requests = self._requestsNamed(c, name, fingerprint)
             if len(requests) > 1:
                 raise AmbiguousRequest(name, [r.fingerprint for r in requests])
             if not requests:
