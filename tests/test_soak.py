@@ -2,12 +2,17 @@
 bench/soak's arithmetic and readings: the least-squares growth per hour over the second
 half of a run (of the process alive at the end, for an agent restarted meanwhile), the
 texts it parses (/proc/PID/smaps_rollup, a Prometheus exposition), which scheduled action
-is due, the store's rows per table and the figures a run's samples give. The tool is loaded
+is due, the store's rows per table, the figures a run's samples give, and those of an
+earlier run again (--summarize). The tool is loaded
 from its file; no process is started.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import io
+import json
 import math
 import sqlite3
 from collections.abc import Sequence
@@ -242,3 +247,40 @@ class FiguresTests(SynchronousTestCase):
         self.assertEqual(figures["soak_load_pct_of_core"], round(100 * 0.9 / 270, 2))
         self.assertEqual(figures["soak_agent_ssh_rss_growth_kib_per_hour"], "nan")
         self.assertEqual(fits["gc_rss"]["n"], 4)
+
+    def test_summarizeAnEarlierRun(self) -> None:
+        """
+        --summarize reads a run's samples.csv (strings, as csv gives them) and actions.jsonl,
+        and gives the same figures with the action counts; a failed action makes it exit 1.
+        """
+        out = Path(self.mktemp())
+        out.mkdir()
+        n = 10
+        samples = rows(
+            [1000 + 2 * i for i in range(n)],
+            gc_pid=[5] * n,
+            store_bytes=[4096] * n,
+            store_wal_bytes=[0] * n,
+            recordings_bytes=[0] * n,
+            recordings_files=[0] * n,
+            gc_log_bytes=[0] * n,
+            load_cpu_s=[0.1 * i for i in range(n)],
+            machine_busy_pct=[50.0] * n,
+        )
+        with (out / "samples.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, list(samples[0]))
+            writer.writeheader()
+            writer.writerows(samples)
+        actions = [("pty", True), ("exec", True), ("exec", False)]
+        (out / "actions.jsonl").write_text(
+            "".join(json.dumps({"action": a, "ok": ok}) + "\n" for a, ok in actions)
+        )
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            status = soak.summarize(out)
+        self.assertEqual(status, 1)
+        figures = dict(line.split(" ", 1) for line in printed.getvalue().splitlines())
+        self.assertAlmostEqual(float(figures["soak_gc_rss_growth_kib_per_hour"]), 240.0)
+        self.assertEqual((figures["soak_actions_ok"], figures["soak_actions_failed"]), ("2", "1"))
+        results = json.loads((out / "results.json").read_text())
+        self.assertEqual(results["actions"], {"pty": [1, 0], "exec": [1, 1]})
