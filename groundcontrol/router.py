@@ -313,31 +313,16 @@ class SessionRouter:
         except Exception:
             return 0
         cancel = requestType == b"cancel-tcpip-forward"
-        if not cancel and 0 < port < _PRIVILEGED_PORTS:
-            # The agent, as root, takes such a port for anyone: not for an operator whose
-            # grant runs their sessions as another user, who could not take it there.
-            loginUser = await self._store.loginUserFor(
-                account, link.deviceName, self._clock.seconds()
-            )
-            if loginUser not in (None, "root"):
-                self._log.info(
-                    "refused {account} a remote forward on port {port} of device {device}: "
-                    "below 1024, and their sessions run as {user}",
-                    account=account.name,
-                    port=port,
-                    device=link.deviceName,
-                    user=loginUser,
-                )
-                return 0
-        if cancel and link.remoteForwards.owner(address, port) is not operatorConn:
-            # Only the connection that made a forward may take it down: another operator's
-            # cancel would free the device's port for the canceller to listen on instead.
+        refused = await self._forwardRefused(account, link, address, port, cancel, operatorConn)
+        if refused is not None:
             self._log.info(
-                "refused {account} cancelling {address}:{port} on device {device}: not theirs",
+                "refused {account} {what} {address}:{port} on device {device}: {reason}",
                 account=account.name,
+                what="cancelling" if cancel else "a remote forward on",
                 address=inertText(address, 64),
                 port=port,
                 device=link.deviceName,
+                reason=refused,
             )
             return 0
         try:
@@ -358,6 +343,26 @@ class SessionRouter:
             device=link.deviceName,
         )
         return (1, reply) if reply else 1
+
+    async def _forwardRefused(
+        self, account: Account, link: Any, address: bytes, port: int, cancel: bool, conn: Any
+    ) -> str | None:
+        """Why this remote forward (or its cancel) is not passed on to the device, if not."""
+        if cancel:
+            # Only the connection that made a forward may take it down: another operator's
+            # cancel would free the device's port for the canceller to listen on instead.
+            if link.remoteForwards.owner(address, port) is not conn:
+                return "not theirs"
+            return None
+        if 0 < port < _PRIVILEGED_PORTS:
+            # The agent, as root, takes such a port for anyone: not for an operator whose
+            # grant runs their sessions as another user, who could not take it there.
+            loginUser = await self._store.loginUserFor(
+                account, link.deviceName, self._clock.seconds()
+            )
+            if loginUser not in (None, "root"):
+                return f"below {_PRIVILEGED_PORTS}, and their sessions run as {loginUser}"
+        return None
 
     def operatorGone(self, target: Target, operatorConn: Any) -> None:
         """An operator's connection ended: take down the remote forwards it owned."""
