@@ -50,7 +50,8 @@ def test_token_enrollment(fleet: Fleet) -> None:
     """
     'tokens create --uses 1 --expires 1h' over ctl prints a token; an agent started with
     it is reachable at once, no approval needed; a second agent with the same token is
-    refused (no uses left) and stays pending, unreachable.
+    refused (no uses left) and stays pending, unreachable, until an admin rejects its
+    request (ctl reject): the server disconnects it, saying why.
     """
     alice = fleet.operators["alice"]
     created = alice.ssh("ctl", "tokens", "create", "--uses", "1", "--expires", "1h")
@@ -76,6 +77,9 @@ def test_token_enrollment(fleet: Fleet) -> None:
     assert [(p["name"], p["connected"]) for p in pending] == [("tok2", True)]
     listed = json.loads(alice.ssh("ctl", "tokens", "--json").stdout)
     assert [t["uses_left"] for t in listed] == [0]
+    # An admin rejects the pending request: the running server disconnects the agent.
+    assert alice.ssh("ctl", "reject", "tok2").returncode == 0
+    waitFor(lambda: "rejected by an admin" in _agentLog(second), 20, "the rejection")
 
 
 def test_claim_with_pairing_code(fleet: Fleet) -> None:
