@@ -78,8 +78,14 @@ def loadBenchRun() -> Any:
     bench/run as a module (it has no .py suffix): its ``Ours``, ``sshbench``, logging and
     helpers, for the tools that measure the same way (bench/echo_ab, bench/tools).
     """
-    loader = importlib.machinery.SourceFileLoader("bench_run", str(BENCH / "run"))
-    spec = importlib.util.spec_from_loader("bench_run", loader)
+    return loadBenchTool("run")
+
+
+def loadBenchTool(tool: str) -> Any:
+    """bench/`tool` as module ``bench_TOOL`` (the tools have no .py suffix)."""
+    name = f"bench_{tool}"
+    loader = importlib.machinery.SourceFileLoader(name, str(BENCH / tool))
+    spec = importlib.util.spec_from_loader(name, loader)
     assert spec is not None
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
