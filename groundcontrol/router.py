@@ -76,7 +76,9 @@ def describeLastSeen(lastSeen: float | None, now: float) -> str:
     """'last seen 2026-11-25T13:02:07Z, 5 min ago' for offline errors, in the shell's spelling."""
     if lastSeen is None:
         return "it has never connected"
-    return f"last seen {absoluteTime(lastSeen)}, {relativeTime(lastSeen, now)}"
+    ago = relativeTime(lastSeen, now)
+    # "now" is for a moment that is still going on: an offline device was seen before it.
+    return f"last seen {absoluteTime(lastSeen)}, {'0 s ago' if ago == 'now' else ago}"
 
 
 def _openChannelCount(conn: Any) -> int:

@@ -1,10 +1,10 @@
 """
 A stopping agent (``tunnel-agentd`` and ``twistd -n tunnel-agent``) outlives its sessions'
-children (L{agent.launcher.stopThenOutliveSessions}): the services stop (the link closes; each session
-hangs its child up and kills it L{agent.session.KILL_GRACE} later), then the agent waits until
-no child is left, at most a grace, before the reactor stops. Without it a child that ignored
-the hang-up outlived the agent (docs/systemd/tunnel-agent.service signals the agent alone,
-KillMode=process).
+children (L{agent.launcher.stopThenOutliveSessions}): the services stop (the link closes;
+each session hangs its child up and kills it L{agent.session.KILL_GRACE} later), then the
+agent waits until no child is left, at most a grace, before the reactor stops. Without it
+a child that ignored the hang-up outlived the agent (docs/systemd/tunnel-agent.service
+signals the agent alone, KillMode=process).
 
 In memory: a L{task.Clock}, a stand-in for the top service, a dict for Twisted's registry of
 reaped processes.

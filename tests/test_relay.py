@@ -20,7 +20,7 @@ from accesstunnel.keys import fingerprint
 from agent.identity import ServerKeyPin
 from agent.link import AgentLinkFactory, LinkSettings
 from groundcontrol.relay import RELAY_FAILURE_STATUS
-from groundcontrol.router import SessionRouter
+from groundcontrol.router import SessionRouter, describeLastSeen
 from groundcontrol.testing import (
     FakeOperator,
     InMemoryFleet,
@@ -280,9 +280,17 @@ class RefusalTests(RelayTestCase):
         self.assertRegex(
             session.openFailureText,
             r"^device 'kiln7' is offline \(last seen \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ, "
-            r"(now|\d+ (s|min|h|d) ago)\)$",
+            r"\d+ (s|min|h|d) ago\)$",
         )
         self.assertEqual(session.openFailure.args[1], connection.OPEN_CONNECT_FAILED)  # type: ignore[union-attr]
+
+    def test_lastSeenWords(self) -> None:
+        """When an offline device was last seen: always a time ago, never 'now'."""
+        t = 1_795_000_000.0
+        self.assertEqual(describeLastSeen(t, t), "last seen 2026-11-18T11:06:40Z, 0 s ago")
+        self.assertEqual(describeLastSeen(t, t + 0.4), "last seen 2026-11-18T11:06:40Z, 0 s ago")
+        self.assertEqual(describeLastSeen(t, t + 300), "last seen 2026-11-18T11:06:40Z, 5 min ago")
+        self.assertEqual(describeLastSeen(None, t), "it has never connected")
 
     def test_revoked(self) -> None:
         """A revoked device is refused as revoked."""
