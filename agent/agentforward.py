@@ -77,11 +77,15 @@ class AgentForwarding:
             self.conn, AUTH_AGENT_CHANNEL, lambda peer: authAgentPayload(self.sessionID)
         )
         try:
-            if self.uid is not None:
-                os.chown(directory, self.uid, self.gid if self.gid is not None else -1)
             self._port = self.reactor.listenUNIX(path, factory, mode=0o600)
-            if self.uid is not None and os.path.exists(path):
-                os.chown(path, self.uid, self.gid if self.gid is not None else -1)
+            if self.uid is not None:
+                # The socket first, while only we may enter its directory, then the directory,
+                # never following a link: once the user owns the directory they could put a
+                # symlink where the socket was, and a chown by path would follow it as root.
+                gid = self.gid if self.gid is not None else -1
+                if os.path.lexists(path):
+                    os.chown(path, self.uid, gid, follow_symlinks=False)
+                os.chown(directory, self.uid, gid, follow_symlinks=False)
         except BaseException:
             self.directory = directory
             self.path = path
@@ -101,18 +105,35 @@ class AgentForwarding:
         )
 
         def remove(_: Any) -> None:
-            if path is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-            if directory is not None:
-                try:
-                    os.rmdir(directory)
-                except FileNotFoundError:
-                    pass
-                except OSError as e:
-                    self.log.warn("could not remove {dir}: {why}", dir=directory, why=e)
+            if directory is None:
+                return
+            try:
+                self._removeSocket(directory, path)
+                os.rmdir(directory)  # a symlink put in its place is not followed: ENOTDIR
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                self.log.warn("could not remove {dir}: {why}", dir=directory, why=e)
 
         return stopped.addBoth(remove)
+
+    def _removeSocket(self, directory: str, path: str | None) -> None:
+        """
+        Remove the socket from the directory we made, as root too: by a descriptor of that
+        directory opened without following a link, and only while it is still ours or the
+        session user's. The user owns it, so they may have moved it away and put a link (or
+        a directory of theirs) in its place; a removal by path would act wherever it led.
+        """
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            owner = os.fstat(fd).st_uid
+            if owner not in (os.geteuid(), self.uid):
+                raise PermissionError(f"{directory} is no longer ours (owner uid {owner})")
+            if path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.basename(path), dir_fd=fd)
+        finally:
+            os.close(fd)
 
 
 __all__ = [

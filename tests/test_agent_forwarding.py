@@ -28,11 +28,13 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from accesstunnel.channel import ENDPOINT_WINDOW
-from agent import x11
+from agent import agentforward, x11
+from agent.agentforward import AgentForwarding
 from agent.link import AgentConnection
 from agent.remoteforward import RemoteForwarder, loopbackFor
 from agent.session import SessionChannel, SessionEnvironment
@@ -532,6 +534,75 @@ class AgentForwardingTests(_Session):
         other = self.newSession(self.environment)
         self.assertTrue(self.request(b"exec", NS(b"true"), session=other))
         self.assertFalse(self.request(b"auth-agent-req@openssh.com", session=other))
+
+
+class AgentSocketAsRootTests(SynchronousTestCase):
+    """
+    The agent runs as root and gives the socket and its directory to the session's user:
+    nothing it does by path may follow what that user can put there.
+    """
+
+    def setUp(self) -> None:
+        self.root = self.mktemp()
+        os.mkdir(self.root)
+        self.reactor = SocketFileReactor()
+
+    def forwarding(self, uid: int | None = None) -> AgentForwarding:
+        return AgentForwarding(self.reactor, FakeLink(), 7, uid=uid, gid=uid, tempRoot=self.root)
+
+    def test_socketGivenAwayBeforeItsDirectory(self) -> None:
+        """
+        The socket is chowned while the directory is still only ours, then the directory,
+        neither following a link (the other order let the user swap the socket for a link
+        to any file, which root's chown by path then gave them).
+        """
+        calls: list[tuple[str, int, bool]] = []
+        self.patch(
+            agentforward.os,
+            "chown",
+            lambda p, uid, gid, follow_symlinks=True: calls.append((p, uid, follow_symlinks)),
+        )
+        forwarding = self.forwarding(uid=4242)
+        path = forwarding.start()
+        self.assertEqual(calls, [(path, 4242, False), (os.path.dirname(path), 4242, False)])
+
+    def test_swappedDirectoryNotFollowed(self) -> None:
+        """
+        The user moved the directory away and put a link to another directory there: the
+        session's end removes nothing through it, and says so.
+        """
+        forwarding = self.forwarding()
+        path = forwarding.start()
+        directory = os.path.dirname(path)
+        victim = os.path.join(self.root, "victim")
+        os.mkdir(victim)
+        precious = os.path.join(victim, os.path.basename(path))
+        open(precious, "w").close()
+        os.rename(directory, directory + ".moved")
+        os.symlink(victim, directory)
+        events: list[dict[str, Any]] = []
+        self.patch(AgentForwarding, "log", Logger(observer=events.append))
+        self.successResultOf(forwarding.stop())
+        self.assertTrue(os.path.exists(precious))
+        self.assertTrue(os.path.islink(directory))
+        self.assertEqual([e["log_format"] for e in events], ["could not remove {dir}: {why}"])
+
+    def test_removedAsBefore(self) -> None:
+        """Left alone, the socket and its directory go at the session's end."""
+        forwarding = self.forwarding()
+        directory = os.path.dirname(forwarding.start())
+        self.successResultOf(forwarding.stop())
+        self.assertFalse(os.path.exists(directory))
+
+
+class SocketFileReactor(ListeningReactor):
+    """Listens in memory, leaving a file where the socket would be (as a real bind does)."""
+
+    def listenUNIX(
+        self, address: str, factory: Any, backlog: int = 50, mode: int = 0o666, wantPID: int = 0
+    ) -> Any:
+        open(address, "w").close()
+        return super().listenUNIX(address, factory, backlog, mode, wantPID)
 
 
 class X11ForwardingTests(_Session):
