@@ -13,6 +13,7 @@ import argparse
 import getpass
 import re
 import secrets
+import shlex
 import signal
 import sys
 import time
@@ -56,13 +57,16 @@ from groundcontrol.documents import (
     newTokenJSON,
     rejectedRequestJSON,
     requestJSON,
+    serialMatches,
     tokenJSON,
     ungrantJSON,
 )
+from groundcontrol.rekeyreview import rekeyRefusal
 from groundcontrol.store import (
     Device,
     EnrollmentRequest,
     InvalidName,
+    RekeyNeedsKey,
     SQLStore,
     StoreError,
     databaseErrors,
@@ -136,10 +140,16 @@ def _buildParser() -> _Parser:
     )
     show.add_argument("name")
     show.add_argument("--json", action="store_true", help="machine-readable output")
-    approve = device.add_parser("approve", help="approve a pending request or revoked device")
+    approve = device.add_parser(
+        "approve",
+        help="approve a pending request or revoked device (an approved device's new key "
+        "only with --key)",
+    )
     approve.add_argument("name")
     approve.add_argument(
-        "--key", metavar="FINGERPRINT", help="which request, when several ask for NAME"
+        "--key",
+        metavar="FINGERPRINT",
+        help="which request: needed for an approved device's new key, or when several ask for NAME",
     )
     _jsonFlag(approve)
     reject = device.add_parser(
@@ -357,7 +367,7 @@ def _storeCommand(store: SQLStore, args: argparse.Namespace, now: Callable[[], f
         elif args.deviceCommand == "show":
             _showDevice(store, args.name, args.json, now())
         elif args.deviceCommand == "approve":
-            device = _result(store.approveDevice(args.name, actor, now(), fingerprint=args.key))
+            device = _approveDevice(store, args, actor, now())
             text = f"approved {device.name} ({device.fingerprint})"
             _printDone(args.json, text, deviceJSON(device))
         elif args.deviceCommand == "reject":
@@ -490,17 +500,46 @@ def _init(dataDir: DataDir, storeURL: str | None) -> int:
     return 0
 
 
+def _approveDevice(store: SQLStore, args: argparse.Namespace, actor: str, now: float) -> Device:
+    """
+    C{device approve}; a re-key asked for by name alone is refused with what to compare
+    and the commands to type, these options included (L{rekeyRefusal}).
+    """
+    d = store.approveDevice(args.name, actor, now, fingerprint=args.key)
+
+    def refused(failure: Failure) -> NoReturn:
+        failure.trap(RekeyNeedsKey)
+        options = ["--data", args.data] + (["--store", args.store] if args.store else [])
+        command = f"groundcontrol {shlex.join(options)} device "
+        raise _CommandError(rekeyRefusal(failure.value, now, command))
+
+    return _result(d.addErrback(refused))  # type: ignore[no-any-return]
+
+
 def _listDevices(store: SQLStore, asJSON: bool, now: float) -> None:
     """The devices, then the pending requests: one list, as documents or as a table."""
     devices = _result(store.listDevices())
     requests = _result(store.listEnrollmentRequests())
+    named = {d.name: d for d in devices}
     if asJSON:
-        rows = [deviceJSON(d) for d in devices] + [requestJSON(r) for r in requests]
+        rows = [deviceJSON(d) for d in devices]
+        rows += [requestJSON(r, named.get(r.requestedName)) for r in requests]
         print(jsonText(rows), end="")
         return
     _printTable(
-        ("NAME", "STATE", "FINGERPRINT", "SERIAL", "LAST SEEN", "SOURCE", "OWNER", "CERT EXPIRES"),
-        [_deviceCells(d, now) for d in devices] + [_requestCells(r, now) for r in requests],
+        (
+            "NAME",
+            "STATE",
+            "FINGERPRINT",
+            "SERIAL",
+            "SERIAL MATCHES",
+            "LAST SEEN",
+            "SOURCE",
+            "OWNER",
+            "CERT EXPIRES",
+        ),
+        [_deviceCells(d, now) for d in devices]
+        + [_requestCells(r, named.get(r.requestedName), now) for r in requests],
     )
 
 
@@ -511,6 +550,7 @@ def _deviceCells(d: Device, now: float) -> tuple[str, ...]:
         d.state,
         d.fingerprint,
         clean(d.serial or "-"),
+        "-",
         relativeTime(d.lastSeen, now),
         "-",
         owner,
@@ -518,12 +558,13 @@ def _deviceCells(d: Device, now: float) -> tuple[str, ...]:
     )
 
 
-def _requestCells(r: EnrollmentRequest, now: float) -> tuple[str, ...]:
+def _requestCells(r: EnrollmentRequest, device: Device | None, now: float) -> tuple[str, ...]:
     return (
         clean(r.requestedName),
         pendingState(r.kind),
         r.fingerprint,
         clean(r.serial or "-"),
+        serialMatches(r, device) or "-",
         relativeTime(r.lastSeen, now),
         clean(r.source),
         "-",

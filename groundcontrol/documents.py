@@ -34,6 +34,7 @@ __all__ = [
     "newTokenJSON",
     "rejectedRequestJSON",
     "requestJSON",
+    "serialMatches",
     "sessionJSON",
     "tokenJSON",
     "tokenState",
@@ -65,11 +66,27 @@ def deviceJSON(d: Device) -> dict[str, Any]:
     }
 
 
-def requestJSON(r: EnrollmentRequest) -> dict[str, Any]:
+def serialMatches(r: EnrollmentRequest, device: Device | None) -> str | None:
+    """
+    For a request asking for C{device}'s name with another key (a re-key, or a stranger):
+    whether the board serial it reported is the device's, C{yes} or C{no}; C{unknown} when
+    either has none. None for a request that asks for no device's name, or for its own
+    key's. A hint, not proof: the serial is what the agent says.
+    """
+    if device is None or device.fingerprint == r.fingerprint:
+        return None
+    if r.serial is None or device.serial is None:
+        return "unknown"
+    return "yes" if r.serial == device.serial else "no"
+
+
+def requestJSON(r: EnrollmentRequest, device: Device | None = None) -> dict[str, Any]:
     """
     A pending enrollment request: C{pending}, and C{device list} after the devices. Its
     C{name}, C{state} (C{pending}), C{fingerprint}, C{serial} and C{last_seen} mean what a
-    device's do, so a script can read both from one list.
+    device's do, so a script can read both from one list. C{serial_matches} compares its
+    serial with that of C{device}, the device of the name it asks for (L{serialMatches}):
+    a re-key request whose serial does not match stands out.
     """
     return {
         "name": r.requestedName,
@@ -77,6 +94,7 @@ def requestJSON(r: EnrollmentRequest) -> dict[str, Any]:
         "kind": r.kind,
         "fingerprint": r.fingerprint,
         "serial": r.serial,
+        "serial_matches": serialMatches(r, device),
         "source": r.source,
         "first_seen": isoTime(r.firstSeen),
         "last_seen": isoTime(r.lastSeen),

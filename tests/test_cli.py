@@ -225,6 +225,8 @@ def test_deviceListJSON(data: Path, store: SQLiteStore, capsys: pytest.CaptureFi
     assert shared <= deviceKeys.pop() & requestKeys.pop()
     assert (rows[3]["serial"], rows[3]["last_seen"]) == ("S3", "2023-11-14T22:13:20Z")
     assert rows[3]["source"] == "198.51.100.7:40000"
+    # Neither a's device nor the request for it has a serial; c asks for no device's name.
+    assert (rows[2]["serial_matches"], rows[3]["serial_matches"]) == ("unknown", None)
 
 
 def test_approveAmbiguousThenByKey(
@@ -240,6 +242,54 @@ def test_approveAmbiguousThenByKey(
     )
     assert status == 0
     assert result(store.deviceByName("kiln7")).fingerprint == fingerprint(second)
+
+
+def test_approveRekeyNeedsKey(
+    data: Path, store: SQLiteStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """
+    A new key asking for approved kiln7: 'device approve kiln7' refuses (status 1) with
+    both keys, serials, times and source, and the exact command (these options included)
+    that approves it; kiln7 keeps its key. 'device list' shows whether the serials match.
+    The command given does approve it.
+    """
+    old = contact(store, "kiln7", serial="SN-1")
+    assert run(capsys, "--data", str(data), "device", "approve", "kiln7")[0] == 0
+    new = contact(store, "kiln7", serial="SN-1")
+
+    status, out, err = run(capsys, "--data", str(data), "device", "approve", "kiln7")
+    assert (status, out) == (1, "")
+    lines = err.splitlines()
+    assert lines[0] == (
+        "groundcontrol: error: kiln7 is an approved device with another key: not approved."
+    )
+    assert re.match(
+        rf"  device's key +{re.escape(fingerprint(old))} +serial SN-1 +"
+        r"last seen 2023-11-14T22:13:20Z \(now\)$",
+        lines[1],
+    ), lines
+    assert re.match(
+        rf"  request's key +{re.escape(fingerprint(new))} +serial SN-1 \(matches: yes\) +"
+        r"from 198\.51\.100\.7:40000 +first seen 2023-11-14T22:13:20Z \(now\)$",
+        lines[2],
+    ), lines
+    command = f"  groundcontrol --data {data} device approve kiln7 --key {fingerprint(new)}"
+    assert command in lines
+    assert result(store.deviceByName("kiln7")).fingerprint == fingerprint(old)
+
+    status, out, _ = run(capsys, "--data", str(data), "device", "list")
+    header, *rows = out.splitlines()
+    column = header.index("SERIAL MATCHES")
+    assert [row[column:].split()[0] for row in rows] == ["-", "yes"]
+    assert (
+        json.loads(run(capsys, "--data", str(data), "device", "list", "--json")[1])[1][
+            "serial_matches"
+        ]
+        == "yes"
+    )
+
+    assert run(capsys, *command.split()[1:])[0] == 0
+    assert result(store.deviceByName("kiln7")).fingerprint == fingerprint(new)
 
 
 def test_deviceErrors(data: Path, capsys: pytest.CaptureFixture[str]) -> None:

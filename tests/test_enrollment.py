@@ -442,7 +442,7 @@ class RoutingByKeyTests(EnrollmentTestCase):
         self.assertRoutable(old, "kiln7")
         self.assertTrue(self.world.reaches(self.admin, "kiln7", old))
 
-        status, _, err = self.world.ctl(self.admin, "approve kiln7")
+        status, _, err = self.world.ctl(self.admin, f"approve kiln7 --key {new.fingerprint}")
         self.assertEqual(status, 0, err)
         self.world.poll()
         self.assertRoutable(new, "kiln7")
@@ -463,13 +463,63 @@ class RoutingByKeyTests(EnrollmentTestCase):
         old = self.world.enrolled("kiln7")
         new = self.world.start("kiln7")
         self.world.disconnect(new)
-        self.assertEqual(self.world.ctl(self.admin, "approve kiln7")[0], 0)
+        approve = f"approve kiln7 --key {new.fingerprint}"
+        self.assertEqual(self.world.ctl(self.admin, approve)[0], 0)
         self.world.poll()
         self.assertFalse(old.connected, "the replaced key's link is still open")
         self.assertIsNone(self.fleet.registry.lookup("kiln7"))
         self.assertIn("offline", self.world.refusal(self.admin, "kiln7"))
         self.world.connect(new)
         self.assertRoutable(new, "kiln7")
+
+    def test_rekeyByNameRefused(self) -> None:
+        """
+        A stranger's key asking for approved kiln7 (another board serial, another address)
+        is not approved by 'ctl approve kiln7': the refusal sets the device's key, serial
+        and last seen against the request's key, serial (does not match), source and first
+        seen, and gives the command that would approve it; kiln7's sessions still go to the
+        real kiln7 and the request stays pending. 'ctl pending' says the serial does not
+        match (table and --json). The command it gives does approve the new key.
+        """
+        real = self.world.enrolled("kiln7", serial="SN-1")
+        self.world.advance(60)
+        stranger = self.world.start("kiln7", serial="EVIL-9", host="127.0.0.9")
+
+        status, out, err = self.world.ctl(self.admin, "approve kiln7")
+        self.assertEqual((status, out), (1, ""))
+        lines = err.splitlines()
+        self.assertEqual(
+            lines[0], "approve: kiln7 is an approved device with another key: not approved."
+        )
+        self.assertRegex(
+            lines[1],
+            rf"^  device's key +{re.escape(real.fingerprint)} +serial SN-1 +last seen "
+            r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ \(",
+        )
+        self.assertRegex(
+            lines[2],
+            rf"^  request's key +{re.escape(stranger.fingerprint)} +serial EVIL-9 "
+            r"\(matches: no\) +from 127\.0\.0\.9:\d+ +first seen \d{4}-.*Z \(now\)$",
+        )
+        self.assertIn(f"  approve kiln7 --key {stranger.fingerprint}", lines)
+        self.assertIn(f"  reject kiln7 --key {stranger.fingerprint}", lines)
+        self.world.poll()
+        self.assertRoutable(real, "kiln7")
+        self.assertTrue(self.world.reaches(self.admin, "kiln7", real))
+        self.assertPending(stranger, kind="rekey")
+        self.assertEqual(self.world.device("kiln7").fingerprint, real.fingerprint)
+
+        status, out, _ = self.world.ctl(self.admin, "pending --json")
+        (request,) = json.loads(out)
+        self.assertEqual((request["kind"], request["serial_matches"]), ("rekey", "no"))
+        status, out, _ = self.world.ctl(self.admin, "pending")
+        header, row = out.splitlines()
+        self.assertEqual(row.split()[header.split().index("SERIAL_MATCHES")], "no")
+
+        status, _, err = self.world.ctl(self.admin, f"approve kiln7 --key {stranger.fingerprint}")
+        self.assertEqual(status, 0, err)
+        self.world.poll()
+        self.assertRoutable(stranger, "kiln7")
 
 
 class CertificateTests(EnrollmentTestCase):
@@ -661,7 +711,10 @@ class TokenTests(EnrollmentTestCase):
         token = self.world.token(uses=5)
         first = self.world.start("oven2", token=token)
         replacement = self.world.start("oven2")
-        resultNow(self.fleet.store.approveDevice("oven2", "root", self.world.now))
+        approval = self.fleet.store.approveDevice(
+            "oven2", "root", self.world.now, fingerprint=replacement.fingerprint
+        )
+        resultNow(approval)
         self.world.poll()
         self.world.disconnect(replacement)
         again = self.world.agent("oven3", key=first.key, token=token)

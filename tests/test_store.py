@@ -679,11 +679,16 @@ class ApprovalTests(StoreTestCase):
         self.assertEqual(approved.detail["kind"], "new")
 
     def test_approveRekey(self) -> None:
-        """Approving a 'rekey' request replaces the key: the new key routes, the old does not."""
+        """
+        Approving a 'rekey' request by its key replaces the key: the new key routes, the old
+        does not.
+        """
         oldKey, _ = self.enroll("kiln7", T0)
         newKey = newPublicKey()
         self.contact("kiln7", newKey, T0 + 5)
-        device = self.successResultOf(self.store.approveDevice("kiln7", "root", T0 + 6))
+        device = self.successResultOf(
+            self.store.approveDevice("kiln7", "root", T0 + 6, fingerprint=fingerprint(newKey))
+        )
         self.assertEqual((device.fingerprint, device.createdAt), (fingerprint(newKey), T0))
         self.assertIsNone(self.successResultOf(self.store.deviceForKey(fingerprint(oldKey))))
         event = self.successResultOf(self.store.auditSince(0))[-1]

@@ -110,8 +110,11 @@ class CertificateTests(StoreTestCase):
         self.successResultOf(
             self.store.recordCertificate("kiln7", "old", fingerprint(key), T0, T0 + DAY, T0)
         )
-        self.contact("kiln7", newPublicKey(), T0 + 1)
-        device = self.successResultOf(self.store.approveDevice("kiln7", "root", T0 + 2))
+        newKey = newPublicKey()
+        self.contact("kiln7", newKey, T0 + 1)
+        device = self.successResultOf(
+            self.store.approveDevice("kiln7", "root", T0 + 2, fingerprint=fingerprint(newKey))
+        )
         self.assertIsNone(device.certificateExpiresAt)
         self.assertEqual(
             self.successResultOf(self.store.certificateState("old", T0 + 3)), "revoked"
@@ -359,8 +362,11 @@ class TokenTests(StoreTestCase):
         self.failureResultOf(self.redeem(tokenHash, "other", key), TokenInvalid)
         otherToken, _ = self.newToken()
         self.failureResultOf(self.redeem(otherToken, "other", key), AlreadyExists)
-        self.contact("kiln7", newPublicKey(), T0 + 2)
-        self.successResultOf(self.store.approveDevice("kiln7", "root", T0 + 3))
+        newKey = newPublicKey()
+        self.contact("kiln7", newKey, T0 + 2)
+        self.successResultOf(
+            self.store.approveDevice("kiln7", "root", T0 + 3, fingerprint=fingerprint(newKey))
+        )
         error = self.failureOf(self.redeem(tokenHash, "again", key, T0 + 4), TokenInvalid)
         self.assertIn("already redeemed", str(error))
         self.assertEqual(self.usesLeft(tokenId), 4)

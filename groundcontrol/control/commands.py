@@ -54,12 +54,14 @@ from groundcontrol.documents import (
 )
 from groundcontrol.enrollment import hashSecret, normaliseCode
 from groundcontrol.registry import Registry
+from groundcontrol.rekeyreview import rekeyRefusal
 from groundcontrol.store import (
     Account,
     ClaimCodeExpired,
     ClaimCodeInvalid,
     Device,
     IStore,
+    RekeyNeedsKey,
     StoreError,
     UnknownDevice,
     parseSelector,
@@ -352,9 +354,15 @@ def _pending(parser: _Parser) -> Handler:
     async def run(context: ControlContext, options: argparse.Namespace) -> CommandResult:
         now = context.clock.seconds()
         requests = await context.store.listEnrollmentRequests()
+        # Only a re-key request's device is looked up (a few, not the fleet).
+        devices = {
+            r.requestedName: await context.store.deviceByName(r.requestedName)
+            for r in requests
+            if r.kind == "rekey"
+        }
         documents = [
             {
-                **requestJSON(r),
+                **requestJSON(r, devices.get(r.requestedName)),
                 "connected": context.registry.pendingFor(r.fingerprint) is not None,
             }
             for r in requests
@@ -371,23 +379,45 @@ def _pending(parser: _Parser) -> Handler:
         ]
         return CommandResult(
             stdout=_table(
-                cells, ["name", "kind", "fingerprint", "serial", "source", "last_seen", "connected"]
+                cells,
+                [
+                    "name",
+                    "kind",
+                    "fingerprint",
+                    "serial",
+                    "serial_matches",
+                    "source",
+                    "last_seen",
+                    "connected",
+                ],
             )
         )
 
     return run
 
 
-@command("approve", "approve a pending device (or a new key of a known one)", adminOnly=True)
+@command(
+    "approve",
+    "approve a pending device (an approved device's new key only with --key SHA256:...)",
+    adminOnly=True,
+)
 def _approve(parser: _Parser) -> Handler:
     parser.add_argument("name")
-    parser.add_argument("--key", help="the fingerprint to approve when several ask for the name")
+    parser.add_argument(
+        "--key",
+        help="the fingerprint to approve: needed for a new key of an approved device, "
+        "or when several ask for the name",
+    )
 
     async def run(context: ControlContext, options: argparse.Namespace) -> CommandResult:
         name = _deviceName(options.name)
-        device = await context.store.approveDevice(
-            name, context.actor, context.clock.seconds(), fingerprint=options.key
-        )
+        now = context.clock.seconds()
+        try:
+            device = await context.store.approveDevice(
+                name, context.actor, now, fingerprint=options.key
+            )
+        except RekeyNeedsKey as e:
+            return CommandResult(stderr=f"approve: {rekeyRefusal(e, now)}\n", status=1)
         return _done(
             options,
             f"approved {device.name} ({device.fingerprint})",

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ._records import Device, EnrollmentRequest
+
 __all__ = [
     "AlreadyExists",
     "AmbiguousRequest",
@@ -16,6 +18,7 @@ __all__ = [
     "InvalidName",
     "NameTaken",
     "PendingLimitReached",
+    "RekeyNeedsKey",
     "StoreError",
     "TokenExhausted",
     "TokenExpired",
@@ -59,6 +62,28 @@ class AmbiguousRequest(StoreError):
         super().__init__(
             f"{len(self.fingerprints)} pending requests ask for {name!r}; "
             f"choose one by fingerprint: {', '.join(self.fingerprints)}"
+        )
+
+
+class RekeyNeedsKey(StoreError):
+    """
+    A request asks for an approved device's name with another key, and the approval named
+    no key.
+
+    Anyone can connect with a fresh key and ask for any name, so approving by name alone
+    would let an admin's habit hand the device's identity (its operators' sessions, their
+    forwarded agents, their files) to a stranger. Replacing an approved device's key is
+    done by naming the new key: C{approve NAME --key SHA256:...}. L{device} and L{request}
+    are what the admin needs to decide (L{groundcontrol.rekeyreview} lays them out).
+    """
+
+    def __init__(self, device: Device, request: EnrollmentRequest) -> None:
+        self.device = device
+        self.request = request
+        super().__init__(
+            f"device {device.name!r} is approved with key {device.fingerprint}; a request "
+            f"asks to replace it with {request.fingerprint}. If that is the device's new "
+            f"key, approve it by fingerprint: approve {device.name} --key {request.fingerprint}"
         )
 
 

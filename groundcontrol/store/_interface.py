@@ -150,13 +150,18 @@ class IStore(Interface):
 
         A request for a new name creates the device; a request for an existing device's
         name replaces that device's key (and re-approves it; the old key's certificates are
-        revoked); a C{"reapprove"} request re-approves the device with its own key in one
-        step. With no pending request, a revoked device is re-approved with its known key.
-        Audited as C{device.approved} (detail C{kind}: new, rekey, reapprove, reinstate).
+        revoked), but for an approved device only when the request is chosen by
+        C{fingerprint}: anyone can ask for any name with a fresh key. A C{"reapprove"}
+        request re-approves the device with its own key in one step. With no pending
+        request, a revoked device is re-approved with its known key. Audited as
+        C{device.approved} (detail C{kind}: new, rekey, reapprove, reinstate; a rekey's
+        C{previousFingerprint} is the replaced key).
 
         @return: Deferred firing with the approved L{Device}; fails with
-            L{AmbiguousRequest} (several requests, no fingerprint), L{UnknownDevice} (no
-            such request or device), L{AlreadyExists} (already approved, nothing pending).
+            L{AmbiguousRequest} (several requests, no fingerprint), L{RekeyNeedsKey} (the
+            one request would replace an approved device's key and no fingerprint was
+            given), L{UnknownDevice} (no such request or device), L{AlreadyExists} (already
+            approved, nothing pending).
         """
 
     def revokeDevice(name, actor, now):

@@ -21,7 +21,7 @@ import re
 import unicodedata
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 import attrs
 from twisted.conch.ssh import keys
@@ -42,6 +42,7 @@ from ._errors import (
     InvalidName,
     NameTaken,
     PendingLimitReached,
+    RekeyNeedsKey,
     StoreError,
     TokenExhausted,
     TokenExpired,
@@ -324,6 +325,19 @@ def _checkHash(value: str, what: str) -> None:
     """Refuse anything but SHA-256 hex, so a raw token or code is never stored by mistake."""
     if not isinstance(value, str) or _SHA256_HEX_RE.match(value) is None:
         raise StoreError(f"{what} must be the SHA-256 of the secret as 64 lower-case hex digits")
+
+
+def _replacesApprovedKey(device: Device | None, request: EnrollmentRequest) -> TypeGuard[Device]:
+    """
+    Whether approving C{request} takes an approved device's name from its key: a re-key,
+    which L{SQLStore.approveDevice} does only for a request chosen by its fingerprint. A
+    revoked device coming back with a new key, or a new name, is not.
+    """
+    return (
+        device is not None
+        and device.state == "approved"
+        and device.fingerprint != request.fingerprint
+    )
 
 
 def cleanSerial(serial: str | None) -> str | None:
@@ -966,7 +980,10 @@ class SQLStore:
             if len(requests) > 1:
                 raise AmbiguousRequest(name, [r.fingerprint for r in requests])
             if requests:
-                return self._approveRequest(c, requests[0], device, actor, now)
+                request = requests[0]
+                if fingerprint is None and _replacesApprovedKey(device, request):
+                    raise RekeyNeedsKey(device, request)
+                return self._approveRequest(c, request, device, actor, now)
             if device is None:
                 raise UnknownDevice(f"no device or pending request named {name!r}")
             if fingerprint is not None and fingerprint != device.fingerprint:

@@ -1,0 +1,94 @@
+"""
+What an admin is shown to decide a re-key: whether a request's serial matches the device's
+(documents.serialMatches, the C{serial_matches} of C{pending} and C{device list}) and the
+refusal of an approve by name alone (rekeyreview.rekeyRefusal).
+"""
+
+from __future__ import annotations
+
+import attrs
+from twisted.trial.unittest import SynchronousTestCase
+
+from groundcontrol.documents import requestJSON, serialMatches
+from groundcontrol.rekeyreview import rekeyRefusal
+from groundcontrol.store import Device, EnrollmentRequest, RekeyNeedsKey
+
+T0 = 1_700_000_000.0
+
+DEVICE = Device(
+    name="kiln7",
+    state="approved",
+    fingerprint="SHA256:old",
+    publicKey="ssh-ed25519 AAAA",
+    serial="SN-1",
+    approvedAt=T0,
+    approvedBy="root",
+    lastSeen=T0 + 60,
+    createdAt=T0,
+)
+
+REQUEST = EnrollmentRequest(
+    fingerprint="SHA256:new",
+    requestedName="kiln7",
+    publicKey="ssh-ed25519 BBBB",
+    serial="SN-1",
+    source="203.0.113.9:4000",
+    firstSeen=T0 + 3600,
+    lastSeen=T0 + 3600,
+    kind="rekey",
+)
+
+
+class SerialMatchesTests(SynchronousTestCase):
+    """yes, no, unknown for another key's request for a device; None otherwise."""
+
+    def test_values(self) -> None:
+        self.assertEqual(serialMatches(REQUEST, DEVICE), "yes")
+        self.assertEqual(serialMatches(attrs.evolve(REQUEST, serial="SN-2"), DEVICE), "no")
+        self.assertEqual(serialMatches(attrs.evolve(REQUEST, serial=None), DEVICE), "unknown")
+        self.assertEqual(serialMatches(REQUEST, attrs.evolve(DEVICE, serial=None)), "unknown")
+
+    def test_noneWithoutAnotherKeysDevice(self) -> None:
+        """A new name's request, and a device's own key back (reapprove): no comparison."""
+        self.assertIsNone(serialMatches(attrs.evolve(REQUEST, kind="new"), None))
+        own = attrs.evolve(REQUEST, fingerprint=DEVICE.fingerprint, kind="reapprove")
+        self.assertIsNone(serialMatches(own, DEVICE))
+
+    def test_requestDocument(self) -> None:
+        """The request document carries it: null when no device is given."""
+        self.assertEqual(requestJSON(REQUEST, DEVICE)["serial_matches"], "yes")
+        self.assertIsNone(requestJSON(REQUEST)["serial_matches"])
+
+
+class RekeyRefusalTests(SynchronousTestCase):
+    """The text C{approve} and C{device approve} print for a re-key asked by name."""
+
+    def test_text(self) -> None:
+        """Both keys side by side, the risk in words, and the two commands that decide."""
+        refusal = RekeyNeedsKey(DEVICE, attrs.evolve(REQUEST, serial="SN-2"))
+        text = rekeyRefusal(refusal, T0 + 3660, "groundcontrol --data /d device ")
+        self.assertEqual(
+            text.splitlines(),
+            [
+                "kiln7 is an approved device with another key: not approved.",
+                "  device's key   SHA256:old  serial SN-1  "
+                "last seen 2023-11-14T22:14:20Z (60 min ago)",
+                "  request's key  SHA256:new  serial SN-2 (matches: no)  "
+                "from 203.0.113.9:4000  first seen 2023-11-14T23:13:20Z (60 s ago)",
+                "Approving it gives kiln7's name, its operators' sessions and their forwarded "
+                "agents to the machine",
+                "holding the request's key. Anyone can ask for any name with a new key, and a "
+                "serial is what the agent says.",
+                "If kiln7 was re-installed or its board replaced, approve its new key:",
+                "  groundcontrol --data /d device approve kiln7 --key SHA256:new",
+                "If not, turn the request away:",
+                "  groundcontrol --data /d device reject kiln7 --key SHA256:new",
+            ],
+        )
+
+    def test_deviceTextInert(self) -> None:
+        """A serial and a source are the device's to spell: no control character is printed."""
+        request = attrs.evolve(REQUEST, serial="\x1b]52;c;eA==\x07\n", source="x\x9b2J")
+        text = rekeyRefusal(RekeyNeedsKey(DEVICE, request), T0, "")
+        self.assertFalse([c for c in text if c != "\n" and not c.isprintable()], text)
+        self.assertEqual(len(text.splitlines()), 9)
