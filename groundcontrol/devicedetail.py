@@ -147,7 +147,7 @@ def detailJSON(detail: DeviceDetail) -> dict[str, Any]:
             "not_after": isoTime(last.notAfter),
             "presented_at": isoTime(link.certificateAt),
         },
-        "pending_requests": [requestJSON(r) for r in detail.requests],
+        "pending_requests": [requestJSON(r, detail.device) for r in detail.requests],
     }
     if detail.linksKnown:
         document.update(onlineJSON(detail.online))

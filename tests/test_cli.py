@@ -501,7 +501,9 @@ def test_deviceShowRequestsAndGrants(
     status, out, _ = run(capsys, "--data", str(data), "device", "show", "kiln7", "--json")
     shown = json.loads(out)
     assert [g["selector"] for g in shown["grants"]] == ["device:kiln7", "group:ovens"]
-    assert [(r["kind"], r["serial"]) for r in shown["pending_requests"]] == [("rekey", "SN-2")]
+    assert [(r["kind"], r["serial"], r["serial_matches"]) for r in shown["pending_requests"]] == [
+        ("rekey", "SN-2", "unknown")  # kiln7's agent reported no serial
+    ]
     assert not set(ONLINE_KEYS) & set(shown)  # the CLI has no registry to ask
 
 
