@@ -401,6 +401,20 @@ class ControlCommandTests(SessionTestCase):
         self.assertEqual([r["ended_at"] for r in rows], [started, None])
         self.assertFalse(live.isClosed)
 
+    def test_sessionsTableSaysPtyYesOrNo(self) -> None:
+        """The table's PTY column says yes/no, as every table says a flag (not True/False)."""
+        self.fleet.clock.advance(100)
+        self.fleet.flush()
+        session = self.fleet.session(self.alice)
+        session.exec(b"die")
+        self.fleet.flush()
+        self.fleet.clock.advance(0)
+        self.fleet.flush()
+        self.shell()
+        header, *rows = self.ctl(self.aliceKey, "alice", "sessions", "--all").stdout.splitlines()
+        column = header.split().index("PTY")
+        self.assertEqual([row.split()[column] for row in rows], ["no", "yes"])
+
     def test_operatorsSeeOnlyTheirOwn(self) -> None:
         """bob sees none of alice's sessions and cannot kill them; an admin can."""
         session = self.shell()

@@ -88,10 +88,15 @@ def _row(record: dict[str, Any], state: str) -> dict[str, Any]:
 
 
 def _cells(row: dict[str, Any]) -> dict[str, Any]:
-    """The table's view of a session row: its times for people, what it ran."""
+    """
+    The table's view of a session row: its times for people, what it ran, whether it has
+    a pty as C{yes}/C{no} (as every table says a flag; C{-} when the audit did not say).
+    """
+    pty = row.get("pty")
     # None until known; a 0 reads as unknown too, as this module always showed it.
     return {
         **row,
+        "pty": None if pty is None else "yes" if pty else "no",
         "started": absoluteTime(row.get("started_at") or None),
         "ended": absoluteTime(row.get("ended_at") or None),
         "what": row.get("command") or row.get("mode") or row.get("channel_type"),
