@@ -197,6 +197,24 @@ def test_deviceListApproveRevoke(
     assert result(store.auditSince(0))[-1].actor.startswith("cli")
 
 
+def test_tableHeadersOneWordEach(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """
+    Every table's header names each column in one word, spelled with underscores as the
+    control shell's are (LAST_SEEN, SERIAL_MATCHES), so awk and cut count columns by it.
+    """
+    headers = {
+        ("device", "list"): "NAME STATE FINGERPRINT SERIAL SERIAL_MATCHES LAST_SEEN SOURCE "
+        "OWNER CERT_EXPIRES",
+        ("grants",): "USER SELECTOR LOGIN AGENT_FWD EXPIRES STATE BY",
+        ("token", "list"): "ID STATE USES_LEFT EXPIRES CREATED BY",
+        ("group", "list"): "GROUP DEVICES",
+        ("audit",): "ID AT EVENT DEVICE ACTOR DETAIL",
+    }
+    for argv, header in headers.items():
+        status, out, _ = run(capsys, "--data", str(data), *argv)
+        assert (status, out.splitlines()[0].split("  ")) == (0, header.split()), argv
+
+
 def test_deviceListJSON(data: Path, store: SQLiteStore, capsys: pytest.CaptureFixture[str]) -> None:
     """
     --json lists approved and revoked devices, then the pending requests: each with every
@@ -279,7 +297,7 @@ def test_approveRekeyNeedsKey(
 
     status, out, _ = run(capsys, "--data", str(data), "device", "list")
     header, *rows = out.splitlines()
-    column = header.index("SERIAL MATCHES")
+    column = header.index("SERIAL_MATCHES")
     assert [row[column:].split()[0] for row in rows] == ["-", "yes"]
     assert (
         json.loads(run(capsys, "--data", str(data), "device", "list", "--json")[1])[1][
