@@ -47,6 +47,7 @@ from groundcontrol.enrollment import AgentRequests, CertificatePolicy
 from groundcontrol.pki import FleetCA
 from groundcontrol.preauth import Allowance, PreauthMixin
 from groundcontrol.registry import Registry
+from groundcontrol.relay import inertText
 from groundcontrol.router import SessionPolicy, SessionRouter
 from groundcontrol.store import (
     Device,
@@ -480,6 +481,23 @@ class GroundControlTransport(
         settings: ServerSettings = self.factory.settings
         self._graceTimer = self.factory.clock.callLater(settings.loginGraceTime, self._graceExpired)
         super().connectionMade()
+
+    def receiveError(self, reasonCode: int, description: bytes) -> None:
+        """
+        The peer said why it disconnects. Conch logs every one at error level, over two
+        lines, with the peer's words as sent: an operator's ssh leaving (by application,
+        11) is how every session ends, and the words are the peer's to write (new lines,
+        escape sequences). That one is debug; any other is one info line, the words inert.
+        """
+        fields = {
+            "peer": describeAddress(self.transport.getPeer()),
+            "code": reasonCode,
+            "reason": inertText(description, 200),
+        }
+        if reasonCode == transport.DISCONNECT_BY_APPLICATION:
+            self._log.debug("{peer} disconnected: {reason}", **fields)
+        else:
+            self._log.info("{peer} disconnected with code {code}: {reason}", **fields)
 
     def ssh_SERVICE_REQUEST(self, packet: bytes) -> None:
         """

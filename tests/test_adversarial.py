@@ -18,7 +18,13 @@ from twisted.cred.credentials import SSHPrivateKey
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import ILogObserver, PredicateResult, formatEvent, globalLogPublisher
+from twisted.logger import (
+    ILogObserver,
+    LogLevel,
+    PredicateResult,
+    formatEvent,
+    globalLogPublisher,
+)
 from twisted.trial.unittest import SynchronousTestCase
 
 from accesstunnel.enrollmessages import HELLO, decodeMessage, encodeMessage
@@ -725,3 +731,39 @@ class ForwardTargetInAgentLogTests(SynchronousTestCase):
         opened.addErrback(lambda f: None)
         (line,) = [formatEvent(e) for e in events if "forward from" in (e.get("log_format") or "")]
         self.assertTrue(line.isprintable(), line)
+
+
+class PeerDisconnectReasonTests(SynchronousTestCase):
+    """
+    A peer's disconnect says why, in words of its own. Conch logged every one at error
+    level over two lines with the words as sent: each operator's ssh leaving (code 11) was
+    an error line, and any peer could write new lines and escape sequences into the log.
+    """
+
+    def disconnect(self, code: int, reason: bytes) -> list[Any]:
+        fleet = InMemoryFleet()
+        _, pump = fleet.agent("oven2", newKey())
+        fleet.flush()
+        events = captureLog(self)
+        pump.client.sendDisconnect(code, reason)
+        fleet.flush()
+        return [
+            e
+            for e in events
+            if e.get("log_source") is pump.server and "disconnected" in e.get("log_format", "")
+        ]
+
+    def test_ordinaryLeavingIsDebug(self) -> None:
+        """ssh's own 'disconnected by user' (11) is written at debug only."""
+        (event,) = self.disconnect(11, b"disconnected by user")
+        self.assertEqual(event["log_level"], LogLevel.debug)
+        self.assertEqual(event["reason"], "disconnected by user")
+
+    def test_otherReasonsOneInertLine(self) -> None:
+        """Another code is one info line; the peer's words are inert and bounded."""
+        (event,) = self.disconnect(2, b"x\n2026-11-27T10:00:00+0000 [groundcontrol] forged\x1b[2J")
+        self.assertEqual(event["log_level"], LogLevel.info)
+        line = formatEvent(event)
+        self.assertNotIn("\n", line)
+        self.assertNotIn("\x1b", line)
+        self.assertIn("disconnected with code 2", line)
