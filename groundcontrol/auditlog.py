@@ -10,6 +10,7 @@ as it is read out (L{groundcontrol.documents.auditEventJSON}), so old rows read 
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,9 +19,38 @@ from groundcontrol.documents import auditDetailJSON, auditEventJSON
 from groundcontrol.store import AuditEvent, IStore
 from groundcontrol.timetext import absoluteTime
 
-__all__ = ["AUDIT_COLUMNS", "auditDocuments", "auditTable", "recentAudit"]
+__all__ = ["AUDIT_COLUMNS", "addAuditOptions", "auditDocuments", "auditTable", "recentAudit"]
 
 AUDIT_COLUMNS = ("ID", "AT", "EVENT", "DEVICE", "ACTOR", "DETAIL")
+
+
+def addAuditOptions(parser: argparse.ArgumentParser) -> None:
+    """
+    C{--limit N} and C{--after ID}, for both front ends' C{audit}: one spelling of their
+    synopsis, help and refusals (C{ctl audit --help} once read C{--limit LIMIT}).
+    """
+    parser.add_argument(
+        "--limit", type=_positiveInt, default=50, metavar="N", help="at most N events (50)"
+    )
+    parser.add_argument(
+        "--after",
+        type=_wholeNumber,
+        metavar="ID",
+        help="the events after this id (the last one seen, to read on from there)",
+    )
+
+
+def _wholeNumber(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
+    return int(text)
+
+
+def _positiveInt(text: str) -> int:
+    value = _wholeNumber(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 async def recentAudit(store: IStore, limit: int, after: int | None = None) -> list[AuditEvent]:

@@ -35,7 +35,7 @@ from groundcontrol.accesslists import (
     tokensTable,
     ungrantedText,
 )
-from groundcontrol.auditlog import auditDocuments, auditTable, recentAudit
+from groundcontrol.auditlog import addAuditOptions, auditDocuments, auditTable, recentAudit
 from groundcontrol.datadir import DataDir, HostKeyError, NotInitialised
 from groundcontrol.devicedetail import (
     DeviceDetail,
@@ -240,15 +240,7 @@ def _buildParser() -> _Parser:
     audit = commands.add_parser(
         "audit", help="the audit log, oldest first: the latest events, or those after an id"
     )
-    audit.add_argument(
-        "--limit", type=_positiveInt, default=50, metavar="N", help="at most N events (50)"
-    )
-    audit.add_argument(
-        "--after",
-        type=_wholeNumber,
-        metavar="ID",
-        help="the events after this id (the last one seen, to read on from there)",
-    )
+    addAuditOptions(audit)
     audit.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
@@ -274,12 +266,6 @@ def _positiveInt(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
-
-
-def _wholeNumber(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
-    return int(text)
 
 
 def _duration(text: str) -> int:

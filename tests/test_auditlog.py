@@ -127,3 +127,25 @@ def test_shellGivesTheSame(store: Any, capsys: pytest.CaptureFixture[str]) -> No
     assert (status, out) == (0, cli(capsys, store, "--json"))
     status, _, err = ctl(store, "alice")
     assert status == 1 and "only admins" in err
+
+
+def test_sameOptionsInBothHelps(store: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """
+    ctl audit --help names and explains --limit and --after as the CLI's does (it once
+    read --limit LIMIT --after AFTER), and refuses a bad value in the same words.
+    """
+    assert main(["--data", str(store.data), "audit", "--help"]) == 0
+    cliHelp = capsys.readouterr().out
+    _, shellHelp, _ = ctl(store, "root", "--help")
+    for text in (cliHelp, shellHelp):
+        assert "[--limit N] [--after ID]" in text
+        assert "  --limit N   at most N events (50)\n" in text
+        assert "  --after ID  the events after this id (the last one seen, to read on" in text
+    for argv, words in (
+        (["--limit", "0"], "must be at least 1, not 0"),
+        (["--after", "-1"], "not a whole number: '-1'"),
+    ):
+        assert main(["--data", str(store.data), "audit", *argv]) == 2
+        assert f"argument {argv[0]}: {words}" in capsys.readouterr().err
+        status, _, err = ctl(store, "root", *argv)
+        assert status == 2 and f"argument {argv[0]}: {words}" in err, err

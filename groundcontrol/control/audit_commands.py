@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import argparse
 
-from groundcontrol.auditlog import auditDocuments, auditTable, recentAudit
+from groundcontrol.auditlog import addAuditOptions, auditDocuments, auditTable, recentAudit
 from groundcontrol.control.commands import (
     CommandResult,
     ControlContext,
     Handler,
-    UsageError,
     _jsonDocument,
     _Parser,
     command,
@@ -27,12 +26,9 @@ __all__: list[str] = []
     adminOnly=True,
 )
 def _audit(parser: _Parser) -> Handler:
-    parser.add_argument("--limit", type=int, default=50, help="at most N events (50)")
-    parser.add_argument("--after", type=int, help="the events after this id")
+    addAuditOptions(parser)
 
     async def run(context: ControlContext, options: argparse.Namespace) -> CommandResult:
-        if options.limit < 1 or (options.after is not None and options.after < 0):
-            raise UsageError("--limit must be at least 1 and --after a whole number")
         events = await recentAudit(context.store, options.limit, options.after)
         if options.json:
             return _jsonDocument(auditDocuments(events))
