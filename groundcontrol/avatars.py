@@ -262,7 +262,9 @@ class AgentAvatar(ConchUser):
         wasRoute = self.deviceName is not None and self._registry.lookup(self.deviceName) is link
         self._registry.detach(link)
         if self.deviceName is not None:
-            connectedFor = self._clock.seconds() - link.connectedAt
+            # To 0.1 s, as every duration in the documents: a webhook's 23.138279676437378
+            # claimed a precision the clock does not have and nobody reads.
+            connectedFor = round(self._clock.seconds() - link.connectedAt, 1)
             self._log.info(
                 "device {device} disconnected after {lasted}",
                 device=self.deviceName,

@@ -158,6 +158,15 @@ class FleetOnlineOfflineTests(SynchronousTestCase):
         self.assertEqual(online[0].detail["fingerprint"].split(":")[0], "SHA256")
         self.assertEqual(offline[0].detail["connectedFor"], 5)
 
+    def test_offlineConnectedForToATenthOfASecond(self) -> None:
+        """device.offline's connected_for is seconds to 0.1 s, not the clock's every digit."""
+        _, pump = self.online()
+        self.clock.advance(23.138279676437378)
+        self.fleet.network.cut(pump)
+        self.fleet.pollFleet()
+        (offline,) = [e for e in self.notifier.events if e.event == "device.offline"]
+        self.assertEqual(offline.detail["connectedFor"], 23.1)
+
     def test_deviceApprovedWhileConnectedGoesOnline(self) -> None:
         """
         A pending device approved while its link is up is online from that
