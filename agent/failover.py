@@ -39,6 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from accesstunnel.addresses import Connector
+from accesstunnel.reasontext import reasonText
 
 __all__ = ["AllAddressesFailed", "Dial", "FailoverEndpoint"]
 
@@ -271,7 +272,7 @@ class FailoverEndpoint:
             "{address} connected but the link did not come up ({reason}); "
             "trying {next} first next time",
             address=connector.description,
-            reason=str(reason.value),
+            reason=reasonText(reason.value),
             next=self._connectors[self.preferred].description,
         )
 

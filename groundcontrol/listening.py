@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStrea
 from twisted.logger import Logger
 
 from accesstunnel.addresses import describeAddress
+from accesstunnel.reasontext import reasonText
 
 #: groundcontrol's exit status when a listener cannot listen: not 0, which a service manager
 #: takes for a stop that was wanted (systemd's Restart=on-failure would not start it again).
@@ -93,9 +94,7 @@ class ListenService(Service):
 def _cause(error: BaseException) -> str:
     """Why a listen failed, in a few words: the system's error when there is one."""
     socketError = getattr(error, "socketError", None)  # CannotListenError's
-    if isinstance(socketError, OSError) and socketError.strerror:
-        return socketError.strerror
-    return str(error) or type(error).__name__
+    return reasonText(socketError if isinstance(socketError, OSError) else error)
 
 
 def stopWithStatus(status: int) -> None:

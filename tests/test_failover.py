@@ -171,6 +171,22 @@ class FailoverTests(SynchronousTestCase):
         self.assertEqual(b.endpoint.attempts, 1)  # type: ignore[attr-defined]
         self.assertEqual(endpoint.current, b)
 
+    def test_connectedButNeverUpLine(self) -> None:
+        """The line says why without the error's own closing period before more words."""
+        from twisted.logger import capturedLogs, formatEvent
+
+        endpoint = self.endpoint(connector("tls:a", "ok"), connector("wss:b", "ok"))
+        self.successResultOf(endpoint.connect(self.factory))
+        ready = self.factory.links[-1].ready
+        with capturedLogs() as events:
+            ready.errback(Failure(error.ConnectionLost("Connection lost.")))
+        self.failureResultOf(ready, error.ConnectionLost)
+        self.assertIn(
+            "tls:a connected but the link did not come up (Connection to the other side was "
+            "lost in a non-clean fashion: Connection lost); trying wss:b first next time",
+            [formatEvent(e) for e in events],
+        )
+
     def test_lossBeforeStartTriesNext(self) -> None:
         """A transport that ends before the link protocol starts counts as a failed attempt."""
 

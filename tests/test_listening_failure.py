@@ -54,6 +54,28 @@ class ListenFailureTests(SynchronousTestCase):
         self.assertEqual([e["log_level"].name for e in seen], ["critical"])
         self.assertFalse([e for e in seen if "log_failure" in e])
 
+    def test_reasonWithAPeriodReadsCleanly(self) -> None:
+        """
+        A reason that ends in a period (tor's control port refused, as Twisted says it) is
+        followed by '; stopping' without the period: once '...Connection refused.; stopping'.
+        """
+
+        @implementer(IStreamServerEndpoint)
+        class RefusedTor:
+            def listen(self, factory: Any) -> defer.Deferred[Any]:
+                return defer.fail(error.ConnectionRefusedError("111: Connection refused"))
+
+        service = ListenService(RefusedTor(), Factory(), "tor://:22", lambda status: None)
+        with capturedLogs() as seen:
+            service.startService()
+        self.assertEqual(
+            [formatEvent(e) for e in seen],
+            [
+                "cannot listen on tor://:22: Connection was refused by other side: 111: "
+                "Connection refused; stopping (exit status 1)"
+            ],
+        )
+
 
 class ExitStatusTests(SynchronousTestCase):
     def test_exitHandlerSetsTheStatusAfterTheOthers(self) -> None:

@@ -549,6 +549,40 @@ class OnionRepublishTests(SynchronousTestCase):
         self.assertIn("Connection refused", message)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
+    def test_torNotRunningMessageEndsWithoutAPeriod(self) -> None:
+        """
+        The refusal ends without Twisted's period, so groundcontrol's line after it reads
+        '...: Connection refused; stopping', and the retry's '(...refused); trying again'.
+        """
+        from twisted.logger import capturedLogs, formatEvent
+
+        from accesstunnel.transports.tor import OnionServerEndpoint, TorControlError
+
+        self.answers.append(defer.fail(error.ConnectionRefusedError("111: Connection refused")))
+        endpoint = OnionServerEndpoint(self.reactor, 2222, TorSettings())
+        failure = self.failureResultOf(endpoint.listen(Factory()), TorControlError)
+        self.assertEqual(
+            str(failure.value),
+            "cannot reach tor's control port tcp:127.0.0.1:9051 (is tor running, with "
+            "ControlPort and CookieAuthentication 1?): Connection was refused by other side: "
+            "111: Connection refused",
+        )
+
+        first = _FakeTor()
+        self.answers.append(defer.succeed(first))
+        port: Any = self.successResultOf(endpoint.listen(Factory()))
+        with capturedLogs() as events:
+            first.gone.errback(error.ConnectionLost("tor restarted"))
+            self.answers.append(defer.fail(error.ConnectionRefusedError("111: Connection refused")))
+            self.reactor.advance(1)
+        self.assertIn(
+            "cannot publish the onion service yet (cannot reach tor's control port "
+            "tcp:127.0.0.1:9051 (is tor running, with ControlPort and CookieAuthentication 1?): "
+            "Connection was refused by other side: 111: Connection refused); trying again",
+            [formatEvent(e) for e in events],
+        )
+        self.successResultOf(port.stopListening())
+
     def test_deviceSource(self) -> None:
         """
         A device linked over IPv6: the source device show prints ('online since ... from')

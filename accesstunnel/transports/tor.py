@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from accesstunnel.addresses import clientEndpoint
+from accesstunnel.reasontext import reasonText
 
 __all__ = [
     "OnionAddress",
@@ -119,7 +120,7 @@ class _OnionPort:
         except Exception as e:
             raise TorControlError(
                 f"cannot reach tor's control port {self._settings.control} (is tor running, "
-                f"with ControlPort and CookieAuthentication 1?): {e}"
+                f"with ControlPort and CookieAuthentication 1?): {reasonText(e)}"
             ) from e
         localPort = self._local.getHost().port  # type: ignore[attr-defined]
         onion = await tor.create_onion_service(
@@ -164,7 +165,7 @@ class _OnionPort:
             self._failures += 1
             self._log.info(
                 "cannot publish the onion service yet ({error}); trying again",
-                error=str(reason.value) or reason.type.__name__,
+                error=reasonText(reason.value),
             )
             if not self._stopped:
                 self._again()
