@@ -99,7 +99,8 @@ class ServerConfig:
 HANDLED_OPTIONS_HELP = {
     "listen": "Address to serve operators and agents on (repeatable): ssh://HOST:PORT, "
     "tls://HOST:PORT, wss://HOST:PORT/PATH, ws://HOST:PORT/PATH, tor://:PORT, or an "
-    "endpoint string such as tcp:2222:interface=127.0.0.1",
+    "endpoint string such as tcp:2222:interface=127.0.0.1; an IPv6 HOST in brackets, "
+    "ssh://[::]:22",
     "penalty-exempt": "A network the penalties never refuse (repeatable): a NAT, 198.51.100.0/24",
     "help": "Display this help and exit.",
     "version": "Display Twisted version and exit.",
@@ -296,13 +297,13 @@ class Options(usage.Options):
             raise usage.UsageError("session caps must be at least 1")
         if self["max-pending"] < 0 or self["max-pending-per-host"] < 0:
             raise usage.UsageError("pending caps cannot be negative")
-        if self["pending-expiry"] == "never":
+        if self["pending-expiry"].strip().lower() == "never":
             self["pending-expiry"] = None
         else:
             try:
                 self["pending-expiry"] = float(parseDuration(self["pending-expiry"]))
             except ValueError as e:
-                raise usage.UsageError(f"--pending-expiry: {e}") from None
+                raise usage.UsageError(f"--pending-expiry: {e}, or 'never'") from None
         if self["recording-failure"] not in ("closed", "open"):
             raise usage.UsageError("--recording-failure is 'closed' or 'open'")
         try:

@@ -247,3 +247,14 @@ def test_pendingExpiryOption() -> None:
     assert parse("--pending-expiry", "never").toConfig().pendingExpiry is None
     with pytest.raises(UsageError, match="--pending-expiry"):
         parse("--pending-expiry", "soon")
+    assert parse("--pending-expiry", "Never").toConfig().pendingExpiry is None
+
+
+def test_pendingExpiryRefusalSaysNever() -> None:
+    """A bad --pending-expiry is refused with every form it takes, 'never' among them."""
+    with pytest.raises(UsageError) as refused:
+        Options().parseOptions(["--data", "/nonexistent", "--pending-expiry", "soon"])
+    assert str(refused.value) == (
+        "--pending-expiry: bad duration 'soon': use a whole number and a unit, "
+        "e.g. 30m, 8h, 7d, 2w, or 'never'"
+    )

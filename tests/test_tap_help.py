@@ -36,6 +36,14 @@ class HelpTests(SynchronousTestCase):
         ):
             self.assertIn(says, text)
 
+    def test_listenShowsBracketedIPv6(self) -> None:
+        """--listen's help shows how an IPv6 address is written: in brackets."""
+        self.assertIn(
+            "or an endpoint string such as tcp:2222:interface=127.0.0.1; an IPv6 HOST in "
+            "brackets, ssh://[::]:22 ",
+            self.helpWithoutDocstrings(ServerOptions),
+        )
+
     def test_tunnelAgent(self) -> None:
         text = self.helpWithoutDocstrings(AgentOptions)
         for says in (
