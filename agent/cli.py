@@ -26,11 +26,16 @@ from agent.enrollment import StatusFile
 DESCRIPTION = "tunnel-agent: commands for people on the device, next to the daemon."
 
 
+def _noStatus(stateDir: Path) -> int:
+    """What C{pair} and C{status} say (and their exit status) when the agent wrote none."""
+    print(f"no agent status in {stateDir}: is the agent running?", file=sys.stderr)
+    return 1
+
+
 def _pair(stateDir: Path, now: float) -> int:
     status = StatusFile.read(stateDir)
     if not status:
-        print(f"no agent status in {stateDir}: is the agent running?", file=sys.stderr)
-        return 1
+        return _noStatus(stateDir)
     if status.get("state") == "approved":
         print(f"this device is approved as {status.get('name')}; nothing to pair")
         return 0
@@ -65,7 +70,10 @@ def main(argv: list[str] | None = None, *, now: Callable[[], float] = time.time)
     options = parser.parse_args(argv)
     if options.command == "pair":
         return _pair(options.state, now())
-    print(json.dumps(StatusFile.read(options.state), indent=2, sort_keys=True))
+    status = StatusFile.read(options.state)
+    if not status:  # not '{}' and exit 0, which a script took for an agent with no news
+        return _noStatus(options.state)
+    print(json.dumps(status, indent=2, sort_keys=True))
     return 0
 
 
