@@ -373,11 +373,8 @@ class FailOpenTests(SessionTestCase):
 
 
 class ControlCommandTests(SessionTestCase):
-    def test_sessionsListsLiveAndPast(self) -> None:
-        """
-        sessions --json shows live sessions; --all adds ended ones with bytes and status:
-        every session document has the same keys, its times in ISO 8601 (no end: null).
-        """
+    def endedExecThenShell(self) -> OperatorSession:
+        """alice's exec that ended (status 7), then her shell, live: a past and a live one."""
         self.fleet.clock.advance(100)  # a start at 0 reads as unrecorded
         self.fleet.flush()
         session = self.fleet.session(self.alice)
@@ -385,7 +382,14 @@ class ControlCommandTests(SessionTestCase):
         self.fleet.flush()
         self.fleet.clock.advance(0)
         self.fleet.flush()
-        live = self.shell()
+        return self.shell()
+
+    def test_sessionsListsLiveAndPast(self) -> None:
+        """
+        sessions --json shows live sessions; --all adds ended ones with bytes and status:
+        every session document has the same keys, its times in ISO 8601 (no end: null).
+        """
+        live = self.endedExecThenShell()
         result = self.ctl(self.aliceKey, "alice", "sessions", "--json")
         rows = json.loads(result.stdout)
         self.assertEqual([r["state"] for r in rows], ["live"])
@@ -403,14 +407,7 @@ class ControlCommandTests(SessionTestCase):
 
     def test_sessionsTableSaysPtyYesOrNo(self) -> None:
         """The table's PTY column says yes/no, as every table says a flag (not True/False)."""
-        self.fleet.clock.advance(100)
-        self.fleet.flush()
-        session = self.fleet.session(self.alice)
-        session.exec(b"die")
-        self.fleet.flush()
-        self.fleet.clock.advance(0)
-        self.fleet.flush()
-        self.shell()
+        self.endedExecThenShell()
         header, *rows = self.ctl(self.aliceKey, "alice", "sessions", "--all").stdout.splitlines()
         column = header.split().index("PTY")
         self.assertEqual([row.split()[column] for row in rows], ["no", "yes"])
