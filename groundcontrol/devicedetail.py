@@ -16,7 +16,7 @@ from typing import Any
 
 import attrs
 
-from groundcontrol.documents import deviceJSON, grantJSON, requestJSON
+from groundcontrol.documents import deviceJSON, grantJSON, requestJSON, serialMatches
 from groundcontrol.store import Device, EnrollmentRequest, Grant, LastLink
 from groundcontrol.timetext import absoluteTime, isoTime, whenText
 
@@ -177,7 +177,7 @@ def _lines(detail: DeviceDetail) -> list[tuple[str, str]]:
     if d is not None:
         lines += _deviceLines(d, now)
         lines += _lastLinkLines(detail.lastLink, now)
-    lines += [("pending request", _requestLine(r, now)) for r in detail.requests]
+    lines += [("pending request", _requestLine(r, d, now)) for r in detail.requests]
     if detail.grants is not None:
         lines += [("grant", _grantLine(g, now)) for g in detail.grants] or [("grants", "none")]
     return lines
@@ -232,9 +232,13 @@ def pendingState(kind: str) -> str:
     return f"pending-{kind}" if kind in ("rekey", "reapprove") else "pending"
 
 
-def _requestLine(r: EnrollmentRequest, now: float) -> str:
+def _requestLine(r: EnrollmentRequest, device: Device | None, now: float) -> str:
+    # Whether the serial is the device's, as --json's serial_matches says: a re-key whose
+    # serial does not match stands out without asking for JSON.
+    matches = serialMatches(r, device)
+    serial = clean(r.serial or "-") + ("" if matches is None else f" (matches: {matches})")
     return (
-        f"{pendingState(r.kind)} key {r.fingerprint}, serial {clean(r.serial or '-')}, "
+        f"{pendingState(r.kind)} key {r.fingerprint}, serial {serial}, "
         f"from {clean(r.source)}, last seen {whenText(r.lastSeen, now)}"
     )
 

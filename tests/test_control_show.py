@@ -183,6 +183,9 @@ class ShowTests(SynchronousTestCase):
         self.assertShows(out, {"state": "revoked"})
 
         store = self.world.fleet.store
+        lab1 = resultNow(store.deviceByName("lab1"))
+        assert lab1 is not None
+        resultNow(store.updateSerial(lab1.fingerprint, "SN-1", T0))
         for name in ("oven3", "lab1"):
             line = publicLine(newKey())
             resultNow(store.recordContact(name, line, fingerprint(line), "SN-9", "203.0.113.5", T0))
@@ -194,7 +197,10 @@ class ShowTests(SynchronousTestCase):
         )
         status, out, _ = self.show("root", "lab1")
         self.assertEqual(fields(out)["state"], "approved")
-        self.assertTrue(fields(out)["pending request"].startswith("pending-rekey key "))
+        self.assertRegex(
+            fields(out)["pending request"],
+            r"^pending-rekey key SHA256:\S+, serial SN-9 \(matches: no\), from 203",
+        )
         shown = json.loads(self.show("root", "oven3 --json")[1])
         self.assertEqual(
             (shown["state"], shown["kind"], shown["serial"]), ("pending", "new", "SN-9")
