@@ -229,6 +229,10 @@ _DETAIL_TIMES = frozenset(
     }
 )
 
+#: Audit detail keys (as read out) whose values are durations in seconds, read out to 0.1 s
+#: as new rows are written: rows stored before kept C{connected_for} as 23.138279676437378.
+_DETAIL_DURATIONS = frozenset({"connected_for", "window"})
+
 _CAPITAL = re.compile(r"(?<=[a-z0-9])([A-Z])")
 
 
@@ -242,14 +246,17 @@ def auditDetailJSON(detail: Mapping[str, Any]) -> dict[str, Any]:
     An audit event's detail as webhooks and logs give it: keys in snake_case, instants as
     ISO (a 0, an unrecorded time, as null). The store keeps the rows as they were written
     (C{leaseUntil}, C{expiresAt}: epoch numbers) and they are converted here, as they are
-    read out, so rows written before the vocabulary read the same as new ones. A time key
-    whose value is not a number (already text) is passed on as it is.
+    read out, so rows written before the vocabulary read the same as new ones. Durations
+    are seconds to 0.1 s. A time key whose value is not a number (already text) is passed
+    on as it is.
     """
     document: dict[str, Any] = {}
     for key, value in detail.items():
         name = _snakeCase(key)
         if name in _DETAIL_TIMES and isinstance(value, int | float):
             value = isoTime(value or None)
+        elif name in _DETAIL_DURATIONS and isinstance(value, int | float):
+            value = round(value, 1)
         document[name] = value
     return document
 

@@ -338,6 +338,19 @@ def test_auditEventsInTheVocabulary(fleet: Any, capsys: pytest.CaptureFixture[st
     assert _assertVocabulary(documents) > len(documents) + 8  # the details had times too
 
 
+def test_oldRowsDurationsToATenthOfASecond() -> None:
+    """
+    A device.offline row stored before durations were rounded (connectedFor
+    23.138279676437378) reads out as 23.1, as new rows are written; device.flapping's
+    window reads as it was stored.
+    """
+    offline = auditEventJSON(
+        1, "device.offline", "kiln7", None, T0, {"connectedFor": 23.138279676437378}
+    )
+    flapping = auditEventJSON(2, "device.flapping", "kiln7", None, T0, {"window": 60.0})
+    assert (offline["detail"], flapping["detail"]) == ({"connected_for": 23.1}, {"window": 60.0})
+
+
 def test_sessionKeysAreTheRecordsKeys() -> None:
     """A session document has every key its audit record has, and its state and status."""
     record = SessionRecord(id="s", account="a", device="d", channelType="session", startedAt=T0)
