@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from zope.interface import Interface, implementer
 
+from accesstunnel.reasontext import reasonText
 from groundcontrol.documents import auditEventJSON
 from groundcontrol.timetext import isoTime
 
@@ -442,8 +443,10 @@ def _describe(error: BaseException) -> str:
     reasons = getattr(error, "reasons", None)
     if reasons:
         return "; ".join(_describe(r.value) for r in reasons)
-    text = str(error)
-    return type(error).__name__ + (f": {text}" if text else "")
+    # Without Twisted's closing period: the retry line goes on after it ("...refused);
+    # retrying in 1.0s", not "...refused.); retrying").
+    name, text = type(error).__name__, reasonText(error)
+    return name if text == name else f"{name}: {text}"
 
 
 def makeNotifier(reactor: Any, webhookURL: str | None = None, **webhookOptions: Any) -> Notifier:

@@ -288,17 +288,25 @@ class WebhookDeliveryTests(WebhookTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_retryOnConnectionRefused(self) -> None:
-        """A refused connection is retried, and the retry that gets through ends it."""
+        """
+        A refused connection is retried, and the retry that gets through ends it. The
+        warning reads '(...: Connection refused); retrying', without Twisted's closing
+        period before the ')'.
+        """
         client = FakeClient()
         notifier = self.webhook(client)
         notifier.notify(anEvent())
-        client.fail(0, ConnectionRefusedError("127.0.0.1", 9))
+        client.fail(0, ConnectionRefusedError(111, "Connection refused"))
         self.assertNoResult(notifier.whenIdle())
         self.clock.advance(1.0)
         client.answer(1, 204)
         self.successResultOf(notifier.whenIdle())
         self.assertEqual(len(client.requests), 2)
-        self.assertIn("Connection was refused", self.messages(LogLevel.warn)[0])
+        self.assertIn(
+            "to https://hooks.example.test failed (ConnectionRefusedError: Connection was "
+            "refused by other side: 111: Connection refused); retrying in 1.0s",
+            self.messages(LogLevel.warn)[0],
+        )
 
     def test_timeoutIsRetried(self) -> None:
         """A receiver that never answers is given up on after C{timeout} and retried."""
