@@ -208,7 +208,7 @@ class UpgradeTo006Tests(StoreTestCase):
             ("kiln7", fingerprint(publicKey), publicKey, T0, T0, T0),
         )
         self.assertEqual(self.rawMigrate(), schemaUpgraders()[-1][0])
-        self.assertEqual(schemaUpgraders()[-1][0], 6)
+        self.assertGreaterEqual(schemaUpgraders()[-1][0], 6)
         self.store = self.openAnother()
         device = self.successResultOf(self.store.deviceByName("kiln7"))
         assert device is not None

@@ -39,11 +39,13 @@ from ._postgresql import (
     openPostgreSQLStore,
 )
 from ._records import (
+    AUDIT_PRUNED,
     SESSION_ENDED,
     SESSION_STARTED,
     Account,
     AuditEvent,
     AuditPage,
+    AuditPruned,
     Certificate,
     CertificateState,
     Device,
@@ -70,6 +72,7 @@ from ._sql import (
 from ._sqlite import SQLiteStore, connect, migrate, openSQLiteStore, schemaUpgraders
 
 __all__ = [
+    "AUDIT_PRUNED",
     "SESSION_ENDED",
     "SESSION_STARTED",
     "Account",
@@ -77,6 +80,7 @@ __all__ = [
     "AmbiguousRequest",
     "AuditEvent",
     "AuditPage",
+    "AuditPruned",
     "Certificate",
     "CertificateState",
     "ClaimCodeExpired",

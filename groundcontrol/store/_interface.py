@@ -461,6 +461,23 @@ class IStore(Interface):
             the audit log has none.
         """
 
+    def pruneAudit(before, limit, now):
+        """
+        Remove up to C{limit} of the oldest audit rows, those written before C{before}, in
+        one short write transaction (a retention sweep calls it again for the rest).
+
+        Only a run of the oldest ids goes, up to the first row that is not old enough: the
+        log keeps no holes, and the change feed, read by id after the newest id a reader
+        saw, never skips or repeats a row it has not read (ids are never reused). A session
+        index row whose events all went goes too; one whose started event went keeps its
+        ended event. Certificates whose not-after is before C{before} go as well: a
+        certificate past its not-after is refused whether or not it was revoked
+        (L{groundcontrol.pki}), so the revocation list does not need it. When something
+        went, one C{audit.pruned} row says how much and up to when.
+
+        @return: Deferred firing with an L{AuditPruned}.
+        """
+
     def lastAuditId():
         """
         @return: Deferred firing with the id of the newest audit event (0 if none), so a

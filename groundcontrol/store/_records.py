@@ -7,11 +7,13 @@ from typing import Any, Literal
 from attrs import field, frozen
 
 __all__ = [
+    "AUDIT_PRUNED",
     "SESSION_ENDED",
     "SESSION_STARTED",
     "Account",
     "AuditEvent",
     "AuditPage",
+    "AuditPruned",
     "Certificate",
     "CertificateState",
     "Device",
@@ -30,6 +32,8 @@ __all__ = [
 #: "session". The store keeps its session index (schema 005) from them.
 SESSION_STARTED = "session.started"
 SESSION_ENDED = "session.ended"
+#: The audit row a retention sweep writes when it removed something (L{AuditPruned}).
+AUDIT_PRUNED = "audit.pruned"
 
 DeviceState = Literal["approved", "revoked"]
 RequestKind = Literal["new", "rekey", "reapprove"]
@@ -130,6 +134,20 @@ class AuditPage:
 
     events: tuple[AuditEvent, ...]
     readTo: int
+
+
+@frozen
+class AuditPruned:
+    """
+    What one retention sweep (L{IStore.pruneAudit}) removed: audit rows up to C{throughId}
+    (all older than the age), the session index rows that pointed only at them, and the
+    certificates that expired before the cut-off. All zero: nothing was old enough.
+    """
+
+    auditRows: int
+    sessions: int
+    certificates: int
+    throughId: int
 
 
 @frozen

@@ -52,11 +52,13 @@ from ._errors import (
 )
 from ._interface import IStore
 from ._records import (
+    AUDIT_PRUNED,
     SESSION_ENDED,
     SESSION_STARTED,
     Account,
     AuditEvent,
     AuditPage,
+    AuditPruned,
     Certificate,
     CertificateState,
     Device,
@@ -2069,6 +2071,67 @@ class SQLStore:
     def _sessionEvents(self, sessionId: str) -> SessionEvents | None:
         rows = self._read(_SESSION_SELECT + " WHERE s.id = ?", (sessionId,))
         return _sessionEvents(rows[0]) if rows else None
+
+    def pruneAudit(self, before: float, limit: int, now: float) -> Deferred[AuditPruned]:
+        return self._run(self._pruneAudit, before, limit, now)
+
+    def _pruneAudit(self, before: float, limit: int, now: float) -> AuditPruned:
+        with self._write() as c:
+            # The oldest ids by the primary key, stopping at the first row that is too new:
+            # no scan of the log by time, and no hole in it.
+            rows = c.execute(
+                "SELECT id, at FROM audit ORDER BY id LIMIT ?", (max(limit, 0),)
+            ).fetchall()
+            throughId = 0
+            for row in rows:
+                if row["at"] >= before:
+                    break
+                throughId = int(row["id"])
+            sessions = self._pruneSessionIndex(c, throughId) if throughId else 0
+            auditRows = c.execute("DELETE FROM audit WHERE id <= ?", (throughId,)).rowcount
+            # Each device key's newest unrevoked certificate stays, however old: the
+            # device's certificate expiry is derived from it, and a device whose
+            # certificate ran out must be approved again (_needsReapproval).
+            certificates = c.execute(
+                "DELETE FROM certificates WHERE serial_number IN (SELECT c.serial_number "
+                "FROM certificates c WHERE c.not_after < ? AND c.not_after < "
+                "(SELECT MAX(n.not_after) FROM certificates n WHERE n.device_name = "
+                "c.device_name AND n.fingerprint = c.fingerprint AND n.revoked_at IS NULL) "
+                "ORDER BY c.not_after LIMIT ?)",
+                (before, max(limit, 0)),
+            ).rowcount
+            pruned = AuditPruned(auditRows, sessions, certificates, throughId)
+            if auditRows or certificates:
+                detail = {
+                    "audit_rows": auditRows,
+                    "sessions": sessions,
+                    "certificates": certificates,
+                    "through_id": throughId,
+                    "before": before,
+                }
+                self._insertAudit(c, AUDIT_PRUNED, None, None, detail, now)
+        return pruned
+
+    @staticmethod
+    def _pruneSessionIndex(c: Cursor, throughId: int) -> int:
+        """
+        Before the audit rows up to C{throughId} go: drop the sessions whose every event is
+        among them, and the pointers of the others to those rows (a session started before
+        the cut-off and still open, or ended after it). Return the sessions dropped.
+        """
+        # Two statements, so that each is a range of one index (schema 007).
+        dropped = c.execute(
+            "DELETE FROM session_index WHERE started_event <= ? "
+            "AND (ended_event IS NULL OR ended_event <= ?)",
+            (throughId, throughId),
+        ).rowcount
+        dropped += c.execute(
+            "DELETE FROM session_index WHERE ended_event <= ? AND started_event IS NULL",
+            (throughId,),
+        ).rowcount
+        for column in _SESSION_EVENT_COLUMNS.values():
+            c.execute(f"UPDATE session_index SET {column} = NULL WHERE {column} <= ?", (throughId,))
+        return int(dropped)
 
     def lastAuditId(self) -> Deferred[int]:
         return self._run(self._lastAuditId)
