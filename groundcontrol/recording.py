@@ -53,6 +53,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from accesstunnel.reasontext import reasonText
+
 _T = TypeVar("_T")
 
 #: The directory under DATA that holds recordings.
@@ -284,7 +286,9 @@ class Recording:
             if handle is not None:
                 with contextlib.suppress(OSError):
                     handle.close()
-            raise RecordingError(f"cannot start the recording {path.name}: {_why(e)}") from None
+            raise RecordingError(
+                f"cannot start the recording {path.name}: {reasonText(e)}"
+            ) from None
         recording = cls(path, handle, startedAt, clock, runner, policy, onFailure, onThrottle)
         recording.written = len(line)
         return recording
@@ -358,7 +362,7 @@ class Recording:
 
     def _writeFailed(self, failure: Any) -> None:
         self._writing = False
-        self._fail(_why(failure.value))
+        self._fail(reasonText(failure.value))
 
     def _throttle(self, hold: bool) -> None:
         if self.throttled == hold:
@@ -423,12 +427,6 @@ class Recording:
         d.addErrback(self._writeFailed)
         if closing is not None:
             d.addBoth(lambda _: None if closing.called else closing.callback(None))
-
-
-def _why(error: BaseException) -> str:
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    return str(error) or error.__class__.__name__
 
 
 class Recorder:

@@ -340,6 +340,30 @@ class RecordingTests(SessionTestCase):
         (ended,) = self.audit("session.ended")
         self.assertEqual(ended.detail["recording_error"], "No space left on device")
 
+    def test_recordingFailureLineReadsCleanly(self) -> None:
+        """
+        A write failing with text that ends in a period (Python's 'I/O operation on closed
+        file.') reads '(I/O operation on closed file); the session is ended', not
+        '...file.); the session ...'.
+        """
+
+        class ClosedFile(FullDiskFile):
+            def write(self, data: Any) -> int:
+                if len(data) > self.room:
+                    raise ValueError("I/O operation on closed file.")
+                return super().write(data)
+
+        self.useOpener(lambda path: ClosedFile(room=300))
+        session = self.shell()
+        self.send(session, b"x" * 1000)
+        self.fleet.clock.advance(1.0)
+        self.fleet.flush()
+        self.assertIn(
+            b"groundcontrol: the session recording failed (I/O operation on closed file); "
+            b"the session is ended",
+            bytes(session.stderr),
+        )
+
 
 class FailOpenTests(SessionTestCase):
     failOpen = True
