@@ -15,6 +15,11 @@ requests that will never be approved (an attacker's, a rollout gone wrong) staye
 and no device could enroll, by token or claim either, until an admin cleared it. A
 request whose agent is connected is being seen: this node marks its connected pending
 agents as seen every hour, so neither it nor another node sharing the store expires them.
+
+With an audit retention (--audit-max-age) the same sweep removes the oldest audit rows
+and the sessions and expired certificates that go with them (L{IStore.pruneAudit}), a
+batch at a time so the store's one write lock is never held for long: a backlog goes over
+a few sweeps, each of which leaves one audit row and one log line saying what it removed.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from accesstunnel.timetext import isoTime
 from groundcontrol.notify import FleetEvent, LogNotifier, Notifier
 from groundcontrol.registry import Registry
 from groundcontrol.revocations import RevokedCertificates
@@ -44,6 +50,10 @@ DEFAULT_PENDING_EXPIRY = 7 * 86400.0
 #: How often the pending requests of the agents connected to this node are marked as seen
 #: (at most half the expiry): well before any node's sweep would find them stale.
 PENDING_REFRESH_INTERVAL = 3600.0
+
+#: Audit rows (and certificates) one retention sweep removes at most: a short write
+#: transaction; 1,000 every lease check is far more than a fleet writes in that time.
+AUDIT_PRUNE_BATCH = 1000
 
 #: Audit events that remove a pending request: its agent, if connected, is disconnected.
 REQUEST_REMOVED_EVENTS = frozenset({"enrollment.rejected", "enrollment.expired"})
@@ -95,11 +105,15 @@ class FleetWatcher(Service):
         leaseCheckInterval: float = DEFAULT_LEASE_CHECK_INTERVAL,
         revocations: RevokedCertificates | None = None,
         pendingExpiry: float | None = DEFAULT_PENDING_EXPIRY,
+        auditMaxAge: float | None = None,
     ) -> None:
         """
         @param pendingExpiry: seconds a pending request may go unseen before it is
             removed; None keeps them until an admin approves or rejects them.
+        @param auditMaxAge: seconds audit rows (and expired certificates) are kept;
+            None keeps everything.
         """
+        self._auditMaxAge = auditMaxAge
         self._revocations = revocations
         self._store = store
         self._registry = registry
@@ -142,6 +156,8 @@ class FleetWatcher(Service):
                 await self._store.endLease(device.name, now)
             if self._pendingExpiry is not None:
                 await self._sweepPending(now, self._pendingExpiry)
+            if self._auditMaxAge is not None:
+                await self._pruneAudit(now, self._auditMaxAge)
         while True:
             page = await self._store.auditFeed(self._lastId, WATCHED_EVENTS, FEED_PAGE)
             for event in page.events:
@@ -174,6 +190,21 @@ class FleetWatcher(Service):
             await self._store.touchRequests(connected, now)
         for request in await self._store.staleRequests(now - expiry):
             await self._store.expireRequest(request.fingerprint, now - expiry, now)
+
+    async def _pruneAudit(self, now: float, maxAge: float) -> None:
+        """Remove one batch of audit rows older than C{maxAge} (the store audits it)."""
+        pruned = await self._store.pruneAudit(now - maxAge, AUDIT_PRUNE_BATCH, now)
+        if pruned.auditRows or pruned.certificates:
+            self._log.info(
+                "audit retention: removed {auditRows} audit rows up to id {throughId} "
+                "({sessions} sessions) and {certificates} expired certificates, "
+                "older than {before}",
+                auditRows=pruned.auditRows,
+                throughId=pruned.throughId,
+                sessions=pruned.sessions,
+                certificates=pruned.certificates,
+                before=isoTime(now - maxAge),
+            )
 
     def poll(self) -> Any:
         """One look at the feed (what the loop calls every interval)."""

@@ -92,6 +92,8 @@ class ServerConfig:
     metrics: str | None = None
     #: Seconds a pending request may go unseen before it is removed (None: never).
     pendingExpiry: float | None = DEFAULT_PENDING_EXPIRY
+    #: Seconds audit rows, sessions and expired certificates are kept (None: forever).
+    auditMaxAge: float | None = None
 
 
 #: --help's text for the options a method handles. Twisted would take it from the method's
@@ -211,6 +213,13 @@ class Options(usage.Options):
             "recording fails; open: let it go on unrecorded (audited).",
         ],
         ["recording-max-age", None, None, "Delete recordings older than this (e.g. 90d)."],
+        [
+            "audit-max-age",
+            None,
+            "never",
+            "Delete audit rows, sessions and expired certificates older than this "
+            "(e.g. 365d, at least 1d; 'never'). Caps --recording-max-age.",
+        ],
         ["recording-max-bytes", None, None, "Keep all recordings under this size (e.g. 10G)."],
         ["metrics", None, None, "Serve Prometheus metrics: tcp:9100:interface=127.0.0.1."],
         [
@@ -313,6 +322,13 @@ class Options(usage.Options):
                 self["recording-max-bytes"] = parseSize(self["recording-max-bytes"])
         except ValueError as e:
             raise usage.UsageError(f"recording retention: {e}") from None
+        self["audit-max-age"] = auditMaxAge(self["audit-max-age"])
+        if self["audit-max-age"] is not None:
+            # A recording is found through its session's audit rows (replay ID): it must
+            # not outlive them.
+            if (self["recording-max-age"] or 0) > self["audit-max-age"]:
+                raise usage.UsageError("--recording-max-age cannot be longer than --audit-max-age")
+            self["recording-max-age"] = self["recording-max-age"] or self["audit-max-age"]
         try:
             self["rekey-limit"] = parseRekeyLimit(self["rekey-limit"])
         except ValueError as e:
@@ -373,7 +389,26 @@ class Options(usage.Options):
             recordingMaxBytes=self["recording-max-bytes"] or None,
             metrics=self["metrics"],
             pendingExpiry=self["pending-expiry"],
+            auditMaxAge=self["audit-max-age"],
         )
+
+
+#: The shortest --audit-max-age: the fleet watchers of every node read the audit log as a
+#: change feed, and must never find unread rows gone because they lagged.
+MIN_AUDIT_MAX_AGE = 86400.0
+
+
+def auditMaxAge(text: str) -> float | None:
+    """Parse --audit-max-age: a duration of at least a day, or 'never' (None)."""
+    if text.strip().lower() == "never":
+        return None
+    try:
+        age = float(parseDuration(text))
+    except ValueError as e:
+        raise usage.UsageError(f"--audit-max-age: {e}, or 'never'") from None
+    if age < MIN_AUDIT_MAX_AGE:
+        raise usage.UsageError("--audit-max-age must be at least 1d (or 'never')")
+    return age
 
 
 def openStore(config: ServerConfig, reactor: Any) -> IStore:
@@ -482,6 +517,7 @@ def buildService(
         notifier=notifier,
         revocations=revoked,
         pendingExpiry=config.pendingExpiry,
+        auditMaxAge=config.auditMaxAge,
     ).setServiceParent(top)
     recordings = RecordingPolicy(
         config.dataDir.path / RECORDINGS_DIRECTORY,
