@@ -6,6 +6,12 @@ demo need to learn which port that was. Each L{ListenService} records its
 bound address, and groundcontrol writes all of them to
 C{DATA/run/listening.json} once every listener is up. A listener that cannot listen
 stops groundcontrol with exit status L{LISTEN_FAILED_STATUS} (L{stopWithStatus}).
+
+A port may be up but not yet reachable where it was asked for: a C{tor://} listener whose
+onion service waits for tor (L{accesstunnel.transports.tor}). Such a port has a
+C{notReadyBecause} (why, or C{None} once reachable) and C{whenChanged(callback)}; the
+"listening on" line and listening.json (C{"ready": false, "waiting": why}) say so, and
+listening.json is written again when it changes.
 """
 
 from __future__ import annotations
@@ -58,12 +64,21 @@ class ListenService(Service):
 
         def listening(port: IListeningPort) -> IListeningPort:
             self.port = port
-            host = port.getHost()
-            self._log.info(
-                "listening on {address} ({description})",
-                address=describeAddress(host),
-                description=self.description,
-            )
+            waiting = notReadyBecause(port)
+            if waiting is None:
+                self._log.info(
+                    "listening on {address} ({description})",
+                    address=describeAddress(port.getHost()),
+                    description=self.description,
+                )
+            else:
+                local = getattr(port, "getLocalHost", port.getHost)()
+                self._log.warn(
+                    "listening on {address} ({description}), not reachable there yet: {why}",
+                    address=describeAddress(local),
+                    description=self.description,
+                    why=waiting,
+                )
             return port
 
         def failed(reason: Any) -> None:
@@ -89,6 +104,11 @@ class ListenService(Service):
             port, self.port = self.port, None
             return port.stopListening()
         return None
+
+
+def notReadyBecause(port: IListeningPort) -> str | None:
+    """Why C{port} is up but not reachable where it was asked for; C{None}: it is."""
+    return getattr(port, "notReadyBecause", None)
 
 
 def _cause(error: BaseException) -> str:
@@ -140,13 +160,16 @@ def writeListeningFile(path: Path, services: list[ListenService]) -> Callable[[A
             if service.port is None:
                 continue
             host = service.port.getHost()
-            addresses.append(
-                {
-                    "spec": service.description,
-                    "host": getattr(host, "host", None),
-                    "port": getattr(host, "port", None),
-                }
-            )
+            entry: dict[str, Any] = {
+                "spec": service.description,
+                "host": getattr(host, "host", None),
+                "port": getattr(host, "port", None),
+                "ready": True,
+            }
+            waiting = notReadyBecause(service.port)
+            if waiting is not None:
+                entry.update(ready=False, waiting=waiting)
+            addresses.append(entry)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         temporary = path.with_suffix(".tmp")
         temporary.write_text(json.dumps({"pid": os.getpid(), "listening": addresses}) + "\n")
@@ -163,11 +186,18 @@ def listenAll(parent: MultiService, runDir: Path, listeners: list[ListenService]
     with contextlib.suppress(FileNotFoundError):
         statusFile.unlink()
 
+    write = writeListeningFile(statusFile, listeners)
+
+    def writeAndWatch(ports: list[IListeningPort]) -> None:
+        write(None)
+        for port in ports:  # a port that becomes reachable later (or stops being)
+            whenChanged = getattr(port, "whenChanged", None)
+            if whenChanged is not None:
+                whenChanged(lambda: write(None))
+
     class _Recorder(Service):
         def startService(self) -> None:
             super().startService()
-            defer.gatherResults([s.listening for s in listeners]).addCallback(
-                writeListeningFile(statusFile, listeners)
-            )
+            defer.gatherResults([s.listening for s in listeners]).addCallback(writeAndWatch)
 
     _Recorder().setServiceParent(parent)

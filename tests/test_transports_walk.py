@@ -535,34 +535,42 @@ class OnionRepublishTests(SynchronousTestCase):
 
     def test_torNotRunningAtStart(self) -> None:
         """
-        tor's control port not answering when groundcontrol starts fails the listener (it
-        does not start) with a message that names the port and what tor needs.
+        tor's control port not answering when groundcontrol starts leaves the listener up
+        but unpublished (groundcontrol's other listeners serve; tests/test_tor_startup.py),
+        with a reason that names the port and what tor needs.
         """
-        from accesstunnel.transports.tor import OnionServerEndpoint, TorControlError
+        from twisted.logger import capturedLogs
+
+        from accesstunnel.transports.tor import OnionServerEndpoint
 
         self.answers.append(defer.fail(error.ConnectionRefusedError("111: Connection refused")))
         endpoint = OnionServerEndpoint(self.reactor, 2222, TorSettings())
-        failure = self.failureResultOf(endpoint.listen(Factory()), TorControlError)
-        message = str(failure.value)
+        with capturedLogs():
+            port: Any = self.successResultOf(endpoint.listen(Factory()))
+        message = port.notReadyBecause
         self.assertIn("cannot reach tor's control port tcp:127.0.0.1:9051", message)
         self.assertIn("ControlPort", message)
         self.assertIn("Connection refused", message)
+        self.successResultOf(port.stopListening())
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
     def test_torNotRunningMessageEndsWithoutAPeriod(self) -> None:
         """
         The refusal ends without Twisted's period, so groundcontrol's line after it reads
-        '...: Connection refused; stopping', and the retry's '(...refused); trying again'.
+        '...: Connection refused; listening on ...', and the retry's '(...refused); trying
+        again'.
         """
         from twisted.logger import capturedLogs, formatEvent
 
-        from accesstunnel.transports.tor import OnionServerEndpoint, TorControlError
+        from accesstunnel.transports.tor import OnionServerEndpoint
 
         self.answers.append(defer.fail(error.ConnectionRefusedError("111: Connection refused")))
         endpoint = OnionServerEndpoint(self.reactor, 2222, TorSettings())
-        failure = self.failureResultOf(endpoint.listen(Factory()), TorControlError)
+        with capturedLogs():
+            waiting: Any = self.successResultOf(endpoint.listen(Factory()))
+        self.successResultOf(waiting.stopListening())
         self.assertEqual(
-            str(failure.value),
+            waiting.notReadyBecause,
             "cannot reach tor's control port tcp:127.0.0.1:9051 (is tor running, with "
             "ControlPort and CookieAuthentication 1?): Connection was refused by other side: "
             "111: Connection refused",

@@ -10,6 +10,7 @@ address survives restarts; agents have it in their server list.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +67,14 @@ class TorControlError(ConnectionError):
 class OnionAddress:
     """What an onion listener reports as its host: the C{.onion} name and public port."""
 
-    host: str
+    host: str | None
     port: int
     type: str = "ONION"
 
 
-#: Seconds between attempts to publish the onion service again once tor's control port
-#: went away (tor restarted): quick at first, then every 30 s for as long as it takes.
+#: Seconds between attempts to publish the onion service (again) while tor's control port
+#: does not answer (tor restarted, or not started yet): quick at first, then every 30 s for
+#: as long as it takes.
 REPUBLISH_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 
 
@@ -88,6 +90,11 @@ class _OnionPort:
     tor:// agent was cut off until someone restarted groundcontrol. Now losing the control
     connection is logged, and the service is published again, with the same key and so
     the same address, as soon as tor answers.
+
+    The same goes for a tor that does not answer when groundcontrol starts (booted before
+    tor, or tor broken): the port is up unpublished (L{notReadyBecause} says why) and the
+    service is published once tor answers, so groundcontrol's other listeners serve
+    meanwhile rather than the whole server stopping with tor.
     """
 
     _log = Logger()
@@ -106,9 +113,23 @@ class _OnionPort:
         self._local = local
         self._privateKey = privateKey
         self.onion: Any = None
+        #: Why the onion service is not published now (C{None} while it is): for the
+        #: "listening on" line and listening.json.
+        self.notReadyBecause: str | None = None
+        self._changed: list[Callable[[], None]] = []
+        self._lastError: str | None = None
         self._retry: IDelayedCall | None = None
         self._failures = 0
         self._stopped = False
+
+    def whenChanged(self, callback: Callable[[], None]) -> None:
+        """Call C{callback()} whenever the service is published or lost (listening.json)."""
+        self._changed.append(callback)
+
+    def _setNotReady(self, why: str | None) -> None:
+        self.notReadyBecause = why
+        for callback in self._changed:
+            callback()
 
     async def publish(self) -> None:
         """Connect to tor's control port and add the onion service (the first, or again)."""
@@ -131,8 +152,12 @@ class _OnionPort:
         if self._stopped:  # stopListening came while tor was answering
             await onion.remove()
             return
+        keyFile = self._settings.onionKeyFile
+        if keyFile is not None and self._privateKey is None:
+            _writePrivate(keyFile, onion.private_key + "\n")
         self._privateKey = self._privateKey or onion.private_key
         self.onion = onion
+        self._lastError = None
         tor.protocol.when_disconnected().addBoth(self._torGone)
         self._log.info(
             "onion service {onion}:{port} published for 127.0.0.1:{local}",
@@ -140,6 +165,22 @@ class _OnionPort:
             port=self._publicPort,
             local=localPort,
         )
+        self._setNotReady(None)
+
+    def waitForTor(self, error: TorControlError) -> None:
+        """
+        tor did not answer at start: stay up unpublished, say so once, and keep trying
+        with the republish delays.
+        """
+        self._lastError = reasonText(error)
+        self._log.warn(
+            "onion service for tor://:{port} not published yet: {error}; listening on the "
+            "other addresses meanwhile, and publishing it as soon as tor answers",
+            port=self._publicPort,
+            error=self._lastError,
+        )
+        self._setNotReady(self._lastError)
+        self._again()
 
     def _torGone(self, reason: Any) -> None:
         if self._stopped:
@@ -151,6 +192,7 @@ class _OnionPort:
             onion=self.onion.hostname if self.onion is not None else "?",
         )
         self._failures = 0
+        self._setNotReady(f"lost tor's control port {self._settings.control}")
         self._again()
 
     def _again(self) -> None:
@@ -162,18 +204,28 @@ class _OnionPort:
         publishing = defer.Deferred.fromCoroutine(self.publish())
 
         def failed(reason: Any) -> None:
+            if self._stopped:
+                return
             self._failures += 1
-            self._log.info(
-                "cannot publish the onion service yet ({error}); trying again",
-                error=reasonText(reason.value),
-            )
-            if not self._stopped:
-                self._again()
+            error = reasonText(reason.value)
+            if error != self._lastError:  # one line per cause, not one per attempt
+                self._lastError = error
+                self._log.warn(
+                    "cannot publish the onion service yet ({error}); trying again",
+                    error=error,
+                )
+                self._setNotReady(error)
+            self._again()
 
         publishing.addErrback(failed)
 
     def getHost(self) -> OnionAddress:
-        return OnionAddress(self.onion.hostname, self._publicPort)
+        """The C{.onion} name and public port; no name until first published."""
+        return OnionAddress(self.onion.hostname if self.onion else None, self._publicPort)
+
+    def getLocalHost(self) -> IAddress:
+        """The loopback address tor forwards the onion service to."""
+        return self._local.getHost()
 
     def startListening(self) -> None:
         pass
@@ -198,8 +250,11 @@ class OnionServerEndpoint:
     Listen on a loopback port and publish it as a v3 onion service on C{publicPort}.
 
     C{listen} fires once tor has uploaded the first descriptor, so a server that reports
-    itself listening can be reached; it fails if tor cannot be reached then (groundcontrol
-    does not start). Later losses of tor are repaired by L{_OnionPort}.
+    itself listening can be reached. If tor's control port does not answer then
+    (L{TorControlError}), it fires with the port unpublished (its C{notReadyBecause} says
+    why) and L{_OnionPort} publishes it once tor answers, as it does after later losses:
+    groundcontrol's other listeners should not wait for tor. Anything else (an unreadable
+    key file, tor refusing the service) fails it: that needs an administrator.
     """
 
     def __init__(self, reactor: Any, publicPort: int, settings: TorSettings) -> None:
@@ -219,11 +274,11 @@ class OnionServerEndpoint:
         port = _OnionPort(self._reactor, self.settings, self.publicPort, local, key)
         try:
             await port.publish()
+        except TorControlError as e:
+            port.waitForTor(e)
         except BaseException:
             await defer.maybeDeferred(local.stopListening)
             raise
-        if keyFile is not None and key is None:
-            _writePrivate(keyFile, port.onion.private_key + "\n")
         return port
 
 

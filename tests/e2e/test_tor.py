@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -48,43 +49,68 @@ def tornet(tmp_path: Path) -> Iterator[TorNetwork]:
         network.stop()
 
 
-def onionListener(fleet: Fleet) -> dict[str, Any] | None:
-    """The tor:// entry of DATA/run/listening.json, once groundcontrol has written it."""
+def onionListener(fleet: Fleet, published: bool = True) -> dict[str, Any] | None:
+    """
+    The tor:// entry of DATA/run/listening.json once groundcontrol has written it; with
+    C{published}, only once its onion service is published (C{"ready": true}).
+    """
     try:
         data = json.loads((fleet.gc.data / "run" / "listening.json").read_text())
     except (FileNotFoundError, ValueError):
         return None
-    return next((e for e in data["listening"] if e["spec"].startswith("tor://")), None)
+    entry = next((e for e in data["listening"] if e["spec"].startswith("tor://")), None)
+    if entry is None or (published and not entry.get("ready", True)):
+        return None
+    return entry
 
 
 def startOnionServer(fleet: Fleet, network: TorNetwork) -> dict[str, Any]:
     """
     Restart groundcontrol with a tor:// listener and wait until its onion service is
-    published (groundcontrol writes listening.json only after the first descriptor upload).
-    A groundcontrol that gave up because tor was not ready yet is started again.
+    published (listening.json's tor:// entry turns C{"ready": true} after the first
+    descriptor upload; groundcontrol keeps trying while tor is not ready).
     """
     extra = ("--listen", f"tor://:{ONION_PORT}", "--tor-control", network.controlEndpoint)
-    deadline = time.monotonic() + PUBLISH_TIMEOUT
-    while True:
-        fleet.gc.stop()
-        try:
-            fleet.startServer(*extra)
-        except HarnessError:
-            # Not published within the harness's 30 s, or exited: keep waiting while it
-            # runs, start it again if it gave up.
-            process = fleet.gc.process
-            while process is not None and process.running() and time.monotonic() < deadline:
-                if onionListener(fleet) is not None:
-                    break
-                time.sleep(0.2)
-        entry = onionListener(fleet)
-        if entry is not None:
-            return entry
-        if time.monotonic() > deadline:
-            raise HarnessError(
-                f"no onion service in {PUBLISH_TIMEOUT:g} s:\n"
-                f"{fleet.gc.process and fleet.gc.process.output()[-3000:]}\n{network.logs()}"
-            )
+    fleet.gc.stop()
+    fleet.startServer(*extra)
+
+    def published() -> dict[str, Any] | None:
+        process = fleet.gc.process
+        if process is None or not process.running():
+            raise HarnessError(f"groundcontrol exited:\n{process and process.output()[-3000:]}")
+        return onionListener(fleet)
+
+    try:
+        return cast(dict[str, Any], waitFor(published, PUBLISH_TIMEOUT, "the onion service"))
+    except HarnessError as e:
+        output = fleet.gc.process and fleet.gc.process.output()[-3000:]
+        raise HarnessError(f"{e}\n{output}\n{network.logs()}") from None
+
+
+def test_startsWithoutTor(fleet: Fleet) -> None:
+    """
+    tor's control port not answering (nothing listens there): groundcontrol starts anyway,
+    serves its other listener (an operator's ssh reaches ctl), and says in listening.json
+    and one warning line that the onion service is not published yet; retrying adds no
+    lines.
+    """
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        control = f"tcp:127.0.0.1:{unused.getsockname()[1]}"
+    fleet.gc.stop()
+    fleet.startServer("--listen", f"tor://:{ONION_PORT}", "--tor-control", control)
+    entry = waitFor(lambda: onionListener(fleet, published=False), 30, "listening.json")
+    assert entry["ready"] is False and entry["host"] is None and entry["port"] == ONION_PORT
+    assert f"cannot reach tor's control port {control}" in entry["waiting"]
+    result = fleet.operators["alice"].ssh("ctl", "ls", "--json", timeout=30)
+    assert result.returncode == 0, result.stderr
+    time.sleep(3.5)  # two retries (after 1 and 2 s), both refused
+    process = fleet.gc.process
+    assert process is not None and process.running(), process and process.output()
+    output = process.output()
+    assert output.count("not published yet") == 1, output
+    assert "cannot publish the onion service yet" not in output, output
+    assert "listening on 127.0.0.1:" in output and "not reachable there yet" in output, output
 
 
 def ctlList(fleet: Fleet) -> list[dict[str, Any]]:

@@ -1,0 +1,218 @@
+"""
+groundcontrol with a tor:// listener starts while tor's control port does not answer (the
+host booted before tor, or tor is broken): its other listeners serve, the onion service is
+published once tor answers, and listening.json says what is listening meanwhile. A usage
+error (a --tor-control that is no endpoint) still stops it at once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet import defer, error
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs, formatEvent
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from accesstunnel.addresses import AddressError
+from accesstunnel.transports.tor import OnionAddress, OnionServerEndpoint, TorSettings
+from groundcontrol.listening import ListenService, listenAll
+from tests.test_transports_walk import _FakeTor
+
+REFUSED = "Connection was refused by other side: 111: Connection refused"
+
+
+class TorNotUpAtStartTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        import txtorcon
+
+        self.answers: list[Any] = []
+        self.patch(txtorcon, "connect", lambda reactor, endpoint: self.answers.pop(0))
+        self.reactor = MemoryReactorClock()
+        self.keyFile = Path(self.mktemp()) / "onion_key"
+
+    def refuse(self, times: int = 1) -> None:
+        for _ in range(times):
+            self.answers.append(defer.fail(error.ConnectionRefusedError("111: Connection refused")))
+
+    def listen(self) -> Any:
+        endpoint = OnionServerEndpoint(self.reactor, 2222, TorSettings(onionKeyFile=self.keyFile))
+        return self.successResultOf(endpoint.listen(Factory()))
+
+    def test_upUnpublishedThenPublished(self) -> None:
+        """
+        The listener is up at once, unpublished (no .onion yet, and why); one warning,
+        then silence while tor keeps refusing (retries after 1, 2, 4 s); when tor answers
+        the service is published, the key file written, and watchers told each change.
+        """
+        self.refuse()
+        changes: list[str | None] = []
+        with capturedLogs() as events:
+            port = self.listen()
+            port.whenChanged(lambda: changes.append(port.notReadyBecause))
+            self.assertIsNone(port.getHost().host)
+            self.assertEqual(port.getHost().port, 2222)
+            self.assertIn(
+                "cannot reach tor's control port tcp:127.0.0.1:9051", port.notReadyBecause
+            )
+            self.refuse(2)
+            self.reactor.advance(1)
+            self.reactor.advance(2)
+            tor = _FakeTor()
+            self.answers.append(defer.succeed(tor))
+            self.reactor.advance(3.9)
+            self.assertEqual(tor.added, [])
+            self.reactor.advance(0.1)
+        self.assertEqual(len(tor.added), 1)
+        self.assertEqual(port.getHost().host, "abcdef.onion")
+        self.assertIsNone(port.notReadyBecause)
+        self.assertEqual(changes, [None])
+        self.assertEqual(self.keyFile.read_text(), "ED25519-V3:KEY\n")
+        lines = [formatEvent(e) for e in events]
+        self.assertEqual(len(lines), 2, lines)
+        self.assertTrue(
+            lines[0].startswith(
+                "onion service for tor://:2222 not published yet: cannot reach tor's "
+                "control port tcp:127.0.0.1:9051"
+            ),
+            lines[0],
+        )
+        self.assertIn(REFUSED, lines[0])
+        self.assertEqual(events[0]["log_level"].name, "warn")
+        self.assertIn("onion service abcdef.onion:2222 published", lines[1])
+        self.successResultOf(port.stopListening())
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_newCauseIsLoggedAgain(self) -> None:
+        """A different failure while waiting is one more line; the same one is not."""
+        self.refuse()
+        with capturedLogs() as events:
+            port = self.listen()
+            self.answers.append(defer.fail(OSError(13, "Permission denied")))
+            self.reactor.advance(1)
+            self.answers.append(defer.fail(OSError(13, "Permission denied")))
+            self.reactor.advance(2)
+        lines = [formatEvent(e) for e in events]
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn("Permission denied", lines[1])
+        self.assertIn("Permission denied", port.notReadyBecause)
+        self.successResultOf(port.stopListening())
+
+    def test_stoppedWhileWaiting(self) -> None:
+        """Stopping an unpublished listener stops its retries and its local port."""
+        self.refuse()
+        with capturedLogs():
+            port = self.listen()
+        stopped: list[bool] = []
+        port._local.stopListening = lambda: stopped.append(True)
+        self.successResultOf(port.stopListening())
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertEqual(stopped, [True])
+        self.assertFalse(self.keyFile.exists())
+
+    def test_badControlEndpointStillFails(self) -> None:
+        """A --tor-control that is no endpoint string is a usage error: listen fails."""
+        endpoint = OnionServerEndpoint(self.reactor, 2222, TorSettings(control="nonsense:x"))
+        self.failureResultOf(endpoint.listen(Factory()), AddressError)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+
+@implementer(IListeningPort)
+class _WaitingPort:
+    """A port that is up on loopback but not yet reachable at its public address."""
+
+    def __init__(self) -> None:
+        self.notReadyBecause: str | None = "tor is not answering"
+        self._changed: list[Any] = []
+
+    def whenChanged(self, callback: Any) -> None:
+        self._changed.append(callback)
+
+    def ready(self) -> None:
+        self.notReadyBecause = None
+        for callback in self._changed:
+            callback()
+
+    def getHost(self) -> Any:
+        return OnionAddress("x.onion" if self.notReadyBecause is None else None, 22)
+
+    def getLocalHost(self) -> Any:
+        return IPv4Address("TCP", "127.0.0.1", 40123)
+
+    def startListening(self) -> None:
+        pass
+
+    def stopListening(self) -> None:
+        pass
+
+
+@implementer(IListeningPort)
+class _ReadyPort:
+    def getHost(self) -> Any:
+        return IPv4Address("TCP", "0.0.0.0", 22)
+
+    def startListening(self) -> None:
+        pass
+
+    def stopListening(self) -> None:
+        pass
+
+
+@implementer(IStreamServerEndpoint)
+class _Given:
+    def __init__(self, port: Any) -> None:
+        self.port = port
+
+    def listen(self, factory: Any) -> defer.Deferred[Any]:
+        return defer.succeed(self.port)
+
+
+class ListeningFileTests(SynchronousTestCase):
+    def test_notReadyListenerInFileAndLine(self) -> None:
+        """
+        A listener up but unpublished: a warning 'listening on' line with its loopback
+        address and why; listening.json lists it with ready false and why, and is written
+        again (ready true, its public host) once it is published. Others are ready.
+        """
+        waiting = _WaitingPort()
+        runDir = Path(self.mktemp())
+        services = [
+            ListenService(_Given(_ReadyPort()), Factory(), "ssh://:22"),
+            ListenService(_Given(waiting), Factory(), "tor://:22"),
+        ]
+        parent = MultiService()
+        listenAll(parent, runDir, services)
+        with capturedLogs() as events:
+            parent.startService()
+        lines = [formatEvent(e) for e in events]
+        self.assertIn(
+            "listening on 127.0.0.1:40123 (tor://:22), not reachable there yet: "
+            "tor is not answering",
+            lines,
+        )
+        data = json.loads((runDir / "listening.json").read_text())["listening"]
+        self.assertEqual(
+            data,
+            [
+                {"spec": "ssh://:22", "host": "0.0.0.0", "port": 22, "ready": True},
+                {
+                    "spec": "tor://:22",
+                    "host": None,
+                    "port": 22,
+                    "ready": False,
+                    "waiting": "tor is not answering",
+                },
+            ],
+        )
+        waiting.ready()
+        data = json.loads((runDir / "listening.json").read_text())["listening"]
+        self.assertEqual(
+            data[1], {"spec": "tor://:22", "host": "x.onion", "port": 22, "ready": True}
+        )
