@@ -117,6 +117,13 @@ class TorNotUpAtStartTests(SynchronousTestCase):
         self.assertEqual(stopped, [True])
         self.assertFalse(self.keyFile.exists())
 
+    def test_unreadableKeyFileStillFails(self) -> None:
+        """An --onion-key that cannot be read needs an administrator: listen fails."""
+        self.keyFile.mkdir(parents=True)
+        endpoint = OnionServerEndpoint(self.reactor, 2222, TorSettings(onionKeyFile=self.keyFile))
+        self.failureResultOf(endpoint.listen(Factory()), IsADirectoryError)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
     def test_badControlEndpointStillFails(self) -> None:
         """A --tor-control that is no endpoint string is a usage error: listen fails."""
         endpoint = OnionServerEndpoint(self.reactor, 2222, TorSettings(control="nonsense:x"))
