@@ -132,7 +132,20 @@ class TorNotUpAtStartTests(SynchronousTestCase):
 
 
 @implementer(IListeningPort)
-class _WaitingPort:
+class _ReadyPort:
+    """A port reachable where it listens (ssh://)."""
+
+    def getHost(self) -> Any:
+        return IPv4Address("TCP", "0.0.0.0", 22)
+
+    def startListening(self) -> None:
+        pass
+
+    def stopListening(self) -> None:
+        pass
+
+
+class _WaitingPort(_ReadyPort):
     """A port that is up on loopback but not yet reachable at its public address."""
 
     def __init__(self) -> None:
@@ -152,24 +165,6 @@ class _WaitingPort:
 
     def getLocalHost(self) -> Any:
         return IPv4Address("TCP", "127.0.0.1", 40123)
-
-    def startListening(self) -> None:
-        pass
-
-    def stopListening(self) -> None:
-        pass
-
-
-@implementer(IListeningPort)
-class _ReadyPort:
-    def getHost(self) -> Any:
-        return IPv4Address("TCP", "0.0.0.0", 22)
-
-    def startListening(self) -> None:
-        pass
-
-    def stopListening(self) -> None:
-        pass
 
 
 @implementer(IStreamServerEndpoint)
