@@ -233,14 +233,20 @@ def pendingState(kind: str) -> str:
 
 
 def _requestLine(r: EnrollmentRequest, device: Device | None, now: float) -> str:
-    # Whether the serial is the device's, as --json's serial_matches says: a re-key whose
-    # serial does not match stands out without asking for JSON.
-    matches = serialMatches(r, device)
-    serial = clean(r.serial or "-") + ("" if matches is None else f" (matches: {matches})")
     return (
-        f"{pendingState(r.kind)} key {r.fingerprint}, serial {serial}, "
+        f"{pendingState(r.kind)} key {r.fingerprint}, serial {serialText(r, device)}, "
         f"from {clean(r.source)}, last seen {whenText(r.lastSeen, now)}"
     )
+
+
+def serialText(r: EnrollmentRequest, device: Device | None) -> str:
+    """
+    A request's serial and, when it asks for C{device}'s name with another key, whether it
+    is the device's (C{SN-2 (matches: no)}), as --json's C{serial_matches} says: a re-key
+    whose serial does not match stands out without asking for JSON.
+    """
+    matches = serialMatches(r, device)
+    return clean(r.serial or "-") + ("" if matches is None else f" (matches: {matches})")
 
 
 def _grantLine(g: Grant, now: float) -> str:

@@ -14,12 +14,13 @@ serials match (L{groundcontrol.documents.serialMatches}).
 
 from __future__ import annotations
 
-from groundcontrol.devicedetail import clean
-from groundcontrol.documents import serialMatches
-from groundcontrol.store import RekeyNeedsKey
+from collections.abc import Sequence
+
+from groundcontrol.devicedetail import clean, serialText
+from groundcontrol.store import Device, EnrollmentRequest, RekeyNeedsKey
 from groundcontrol.timetext import whenText
 
-__all__ = ["rekeyRefusal"]
+__all__ = ["keysSideBySide", "rekeyRefusal"]
 
 
 def rekeyRefusal(refusal: RekeyNeedsKey, now: float, command: str = "") -> str:
@@ -31,15 +32,10 @@ def rekeyRefusal(refusal: RekeyNeedsKey, now: float, command: str = "") -> str:
     """
     device, request = refusal.device, refusal.request
     name, key = device.name, request.fingerprint
-    lastSeen = whenText(device.lastSeen, now, absent="never")
     return "\n".join(
         (
             f"{name} is an approved device with another key: not approved.",
-            f"  device's key   {device.fingerprint}  serial {clean(device.serial or '-')}  "
-            f"last seen {lastSeen}",
-            f"  request's key  {key}  serial {clean(request.serial or '-')} "
-            f"(matches: {serialMatches(request, device)})  from {clean(request.source)}  "
-            f"first seen {whenText(request.firstSeen, now)}",
+            *keysSideBySide(device, [request], now),
             f"Approving it gives {name}'s name, its operators' sessions and their forwarded "
             "agents to the machine",
             "holding the request's key. Anyone can ask for any name with a new key, and a "
@@ -50,3 +46,27 @@ def rekeyRefusal(refusal: RekeyNeedsKey, now: float, command: str = "") -> str:
             f"  {command}reject {name} --key {key}",
         )
     )
+
+
+def keysSideBySide(
+    device: Device | None, requests: Sequence[EnrollmentRequest], now: float
+) -> list[str]:
+    """
+    The key C{device} has (when the name is an approved device's) above each key that asks
+    for its name: fingerprints, serials (whether each is the device's), when each was
+    seen, where each request came from. What L{rekeyRefusal} and the store's
+    L{AmbiguousRequest} show, so an admin compares the same facts in both.
+    """
+    lines = []
+    if device is not None:
+        lastSeen = whenText(device.lastSeen, now, absent="never")
+        lines.append(
+            f"  device's key   {device.fingerprint}  serial {clean(device.serial or '-')}  "
+            f"last seen {lastSeen}"
+        )
+    lines += [
+        f"  request's key  {r.fingerprint}  serial {serialText(r, device)}  "
+        f"from {clean(r.source)}  first seen {whenText(r.firstSeen, now)}"
+        for r in requests
+    ]
+    return lines

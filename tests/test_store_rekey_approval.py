@@ -105,8 +105,28 @@ class RekeyApprovalTests(StoreTestCase):
         self.assertEqual((device.fingerprint, device.approvedAt), (fingerprint(key), T0 + 201))
 
     def test_severalRequestsStillAmbiguous(self) -> None:
-        """Two keys asking for an approved name: approve by name lists both, as before."""
-        self.approvedWithSerial("kiln7", "SN-1")
-        self.contact("kiln7", newPublicKey(), T0 + 1)
-        self.contact("kiln7", newPublicKey(), T0 + 2)
-        self.failureOf(self.store.approveDevice("kiln7", "root", T0 + 3), AmbiguousRequest)
+        """
+        Two keys asking for an approved name: approve (and reject) by name is refused,
+        with the device's key and both requests' side by side, as the re-key refusal
+        shows one: serials (whether each matches), sources, when each was seen.
+        """
+        device = fingerprint(self.approvedWithSerial("kiln7", "SN-1"))
+        first, second = newPublicKey(), newPublicKey()
+        self.contact("kiln7", first, T0 + 1, serial="SN-1")
+        self.contact("kiln7", second, T0 + 2, source="203.0.113.9:40000")
+        expected = "\n".join(
+            (
+                "2 pending requests ask for 'kiln7'; choose one by fingerprint (--key SHA256:...):",
+                f"  device's key   {device}  serial SN-1  last seen 2023-11-14T22:13:20Z "
+                "(60 s ago)",
+                f"  request's key  {fingerprint(first)}  serial SN-1 (matches: yes)  "
+                "from 192.0.2.1:5000  first seen 2023-11-14T22:13:21Z (59 s ago)",
+                f"  request's key  {fingerprint(second)}  serial - (matches: unknown)  "
+                "from 203.0.113.9:40000  first seen 2023-11-14T22:13:22Z (58 s ago)",
+            )
+        )
+        for refused in (
+            self.store.approveDevice("kiln7", "root", T0 + 60),
+            self.store.rejectRequest("kiln7", "root", T0 + 60),
+        ):
+            self.assertEqual(str(self.failureOf(refused, AmbiguousRequest)), expected)

@@ -53,16 +53,31 @@ class AmbiguousRequest(StoreError):
     Several pending requests ask for the same device name and none was chosen.
 
     Approving one of them by name alone would let whichever agent asked first (or last)
-    win, so the operator has to pick a fingerprint.
+    win, so the operator has to pick a fingerprint. The message lays the keys out side by
+    side, as the re-key refusal does (L{groundcontrol.rekeyreview.keysSideBySide}): the
+    device's key, if C{device} is the name's approved device, and each request's, with
+    serials, sources and when each was seen (relative to C{now}).
     """
 
-    def __init__(self, name: str, fingerprints: Sequence[str]) -> None:
+    def __init__(
+        self,
+        name: str,
+        requests: Sequence[EnrollmentRequest],
+        device: Device | None,
+        now: float,
+    ) -> None:
+        # Imported here: the presentation module imports the store.
+        from groundcontrol.rekeyreview import keysSideBySide
+
         self.name = name
-        self.fingerprints = tuple(fingerprints)
-        super().__init__(
+        self.requests = tuple(requests)
+        self.fingerprints = tuple(r.fingerprint for r in self.requests)
+        self.device = device
+        heading = (
             f"{len(self.fingerprints)} pending requests ask for {name!r}; "
-            f"choose one by fingerprint: {', '.join(self.fingerprints)}"
+            "choose one by fingerprint (--key SHA256:...):"
         )
+        super().__init__("\n".join([heading, *keysSideBySide(device, self.requests, now)]))
 
 
 class RekeyNeedsKey(StoreError):

@@ -980,7 +980,7 @@ class SQLStore:
             device = self._deviceRow(c, "d.name = ?", name)
 
             if len(requests) > 1:
-                raise AmbiguousRequest(name, [r.fingerprint for r in requests])
+                raise AmbiguousRequest(name, requests, device, now)
             if requests:
                 request = requests[0]
                 if fingerprint is None and _replacesApprovedKey(device, request):
@@ -1172,7 +1172,8 @@ class SQLStore:
         with self._write() as c:
             requests = self._requestsNamed(c, name, fingerprint)
             if len(requests) > 1:
-                raise AmbiguousRequest(name, [r.fingerprint for r in requests])
+                device = self._deviceRow(c, "d.name = ?", name)
+                raise AmbiguousRequest(name, requests, device, now)
             if not requests:
                 withKey = "" if fingerprint is None else f" with key {fingerprint}"
                 raise UnknownDevice(f"no pending request for {name!r}{withKey}")
