@@ -32,6 +32,7 @@ __all__ = [
     "onlineJSON",
     "pendingState",
     "requestsFor",
+    "serialText",
     "tagsText",
 ]
 
