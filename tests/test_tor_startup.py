@@ -50,7 +50,8 @@ class TorNotUpAtStartTests(SynchronousTestCase):
         """
         The listener is up at once, unpublished (no .onion yet, and why); one warning,
         then silence while tor keeps refusing (retries after 1, 2, 4 s); when tor answers
-        the service is published, the key file written, and watchers told each change.
+        the service is published, the key file written, and watchers told each change
+        (published, then lost when tor goes).
         """
         self.refuse()
         changes: list[str | None] = []
@@ -87,6 +88,9 @@ class TorNotUpAtStartTests(SynchronousTestCase):
         self.assertIn(REFUSED, lines[0])
         self.assertEqual(events[0]["log_level"].name, "warn")
         self.assertIn("onion service abcdef.onion:2222 published", lines[1])
+        with capturedLogs():
+            tor.gone.errback(error.ConnectionLost("tor restarted"))
+        self.assertEqual(changes, [None, "lost tor's control port tcp:127.0.0.1:9051"])
         self.successResultOf(port.stopListening())
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
