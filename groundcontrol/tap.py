@@ -306,13 +306,7 @@ class Options(usage.Options):
             raise usage.UsageError("session caps must be at least 1")
         if self["max-pending"] < 0 or self["max-pending-per-host"] < 0:
             raise usage.UsageError("pending caps cannot be negative")
-        if self["pending-expiry"].strip().lower() == "never":
-            self["pending-expiry"] = None
-        else:
-            try:
-                self["pending-expiry"] = float(parseDuration(self["pending-expiry"]))
-            except ValueError as e:
-                raise usage.UsageError(f"--pending-expiry: {e}, or 'never'") from None
+        self["pending-expiry"] = durationOrNever("pending-expiry", self["pending-expiry"])
         if self["recording-failure"] not in ("closed", "open"):
             raise usage.UsageError("--recording-failure is 'closed' or 'open'")
         try:
@@ -322,7 +316,9 @@ class Options(usage.Options):
                 self["recording-max-bytes"] = parseSize(self["recording-max-bytes"])
         except ValueError as e:
             raise usage.UsageError(f"recording retention: {e}") from None
-        self["audit-max-age"] = auditMaxAge(self["audit-max-age"])
+        self["audit-max-age"] = durationOrNever("audit-max-age", self["audit-max-age"])
+        if (self["audit-max-age"] or MIN_AUDIT_MAX_AGE) < MIN_AUDIT_MAX_AGE:
+            raise usage.UsageError("--audit-max-age must be at least 1d (or 'never')")
         if self["audit-max-age"] is not None:
             # A recording is found through its session's audit rows (replay ID): it must
             # not outlive them.
@@ -398,17 +394,14 @@ class Options(usage.Options):
 MIN_AUDIT_MAX_AGE = 86400.0
 
 
-def auditMaxAge(text: str) -> float | None:
-    """Parse --audit-max-age: a duration of at least a day, or 'never' (None)."""
+def durationOrNever(option: str, text: str) -> float | None:
+    """Parse a C{--OPTION} that is a duration (C{30m}, C{7d}) or C{never} (None)."""
     if text.strip().lower() == "never":
         return None
     try:
-        age = float(parseDuration(text))
+        return float(parseDuration(text))
     except ValueError as e:
-        raise usage.UsageError(f"--audit-max-age: {e}, or 'never'") from None
-    if age < MIN_AUDIT_MAX_AGE:
-        raise usage.UsageError("--audit-max-age must be at least 1d (or 'never')")
-    return age
+        raise usage.UsageError(f"--{option}: {e}, or 'never'") from None
 
 
 def openStore(config: ServerConfig, reactor: Any) -> IStore:
