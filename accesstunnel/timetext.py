@@ -9,7 +9,7 @@ module: L{isoTime} in JSON and log lines (a string with a C{Z}, or null), L{abso
 where a person reads a date, L{relativeTime} where they read how long ago or how soon, and
 L{whenText} for both at once; L{parseIsoTime} reads L{isoTime}'s text back. It lives here,
 not in groundcontrol, because the agent writes the same times and must not import the
-server (L{groundcontrol.timetext} is this module under its old name).
+server.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ shell's ``grants`` / ``tokens`` / ``grant`` / ``tokens create``.
 The two used to list the same records with different columns (the control shell had
 no creator, the CLI no agent forwarding) and different times (``2026-11-25 22:36:31``
 against ``2026-11-25T22:36:31Z``), and to confirm a grant in different words. Both now
-print these, with times from L{groundcontrol.timetext}; their C{--json} is
+print these, with times from L{accesstunnel.timetext}; their C{--json} is
 L{groundcontrol.documents}'.
 """
 
@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from accesstunnel.timetext import absoluteTime, whenText
 from groundcontrol.devicedetail import clean
 from groundcontrol.documents import grantState, tokenState
 from groundcontrol.store import Grant, TokenRecord
-from groundcontrol.timetext import absoluteTime, whenText
 
 GRANT_COLUMNS = ("USER", "SELECTOR", "LOGIN", "AGENT_FWD", "EXPIRES", "STATE", "BY")
 TOKEN_COLUMNS = ("ID", "STATE", "USES_LEFT", "EXPIRES", "CREATED", "BY")

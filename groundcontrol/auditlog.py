@@ -14,10 +14,10 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
+from accesstunnel.timetext import absoluteTime
 from groundcontrol.accesslists import table
 from groundcontrol.documents import auditDetailJSON, auditEventJSON
 from groundcontrol.store import AuditEvent, IStore
-from groundcontrol.timetext import absoluteTime
 
 __all__ = ["AUDIT_COLUMNS", "addAuditOptions", "auditDocuments", "auditTable", "recentAudit"]
 

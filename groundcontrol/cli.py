@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from accesstunnel.durations import parseDuration
 from accesstunnel.keys import fingerprint
 from accesstunnel.names import isValidDeviceName
+from accesstunnel.timetext import absoluteTime, relativeTime
 from groundcontrol.accesslists import (
     grantedText,
     grantsTable,
@@ -76,7 +77,6 @@ from groundcontrol.store import (
     storeKind,
     synchronousRunner,
 )
-from groundcontrol.timetext import absoluteTime, relativeTime
 
 __all__ = ["main"]
 

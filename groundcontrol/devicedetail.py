@@ -16,9 +16,9 @@ from typing import Any
 
 import attrs
 
+from accesstunnel.timetext import absoluteTime, isoTime, whenText
 from groundcontrol.documents import deviceJSON, grantJSON, requestJSON, serialMatches
 from groundcontrol.store import Device, EnrollmentRequest, Grant, LastLink
-from groundcontrol.timetext import absoluteTime, isoTime, whenText
 
 __all__ = [
     "ONLINE_KEYS",

@@ -3,7 +3,7 @@ The JSON documents the admin CLI and the control shell print: one function per k
 object, so the same device, grant or token reads the same from both.
 
 The vocabulary: keys in snake_case; instants as ISO 8601 UTC strings with a C{Z}
-(L{groundcontrol.timetext.isoTime}), null when absent; durations in seconds as numbers;
+(L{accesstunnel.timetext.isoTime}), null when absent; durations in seconds as numbers;
 every key present in every document of its kind (null, not left out). What only the
 running server knows (whether a device is online, whether a pending agent is connected)
 is added by the control shell under its own key; the CLI, which has no registry, leaves
@@ -17,8 +17,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from accesstunnel.timetext import isoTime
 from groundcontrol.store import Account, Device, EnrollmentRequest, Grant, TokenRecord
-from groundcontrol.timetext import isoTime
 
 __all__ = [
     "SESSION_KEYS",

@@ -28,8 +28,8 @@ from twisted.web.http_headers import Headers
 from zope.interface import Interface, implementer
 
 from accesstunnel.reasontext import reasonText
+from accesstunnel.timetext import isoTime
 from groundcontrol.documents import auditEventJSON
-from groundcontrol.timetext import isoTime
 
 __all__ = [
     "DEVICE_APPROVED",

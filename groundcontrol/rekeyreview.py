@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from accesstunnel.timetext import whenText
 from groundcontrol.devicedetail import clean, serialText
 from groundcontrol.store import Device, EnrollmentRequest, RekeyNeedsKey
-from groundcontrol.timetext import whenText
 
 __all__ = ["keysSideBySide", "rekeyRefusal"]
 

@@ -26,12 +26,12 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from accesstunnel.channel import DEFAULT_MAX_PACKET, DEFAULT_WINDOW, LINK_MAX_PACKET
+from accesstunnel.timetext import absoluteTime, relativeTime
 from groundcontrol.control import ControlChannel, ControlContext
 from groundcontrol.forwarding import MalformedPayload, parseForwardRequest
 from groundcontrol.registry import Registry
 from groundcontrol.relay import RelayChannel, inertText, refusal, splice
 from groundcontrol.store import Account, IStore
-from groundcontrol.timetext import absoluteTime, relativeTime
 from groundcontrol.usernames import (
     DEVICE_PREFIX,
     ControlTarget,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 
+from accesstunnel.timetext import isoTime
 from groundcontrol.testing import resultNow
-from groundcontrol.timetext import isoTime
 from tests.test_enrollment import HOUR, AgentUnderTest, EnrollmentTestCase
 
 DAY = 24 * HOUR

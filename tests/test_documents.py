@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from accesstunnel.keys import fingerprint
+from accesstunnel.timetext import absoluteTime, isoTime, relativeTime, whenText
 from groundcontrol.cli import main
 from groundcontrol.control import ControlContext, runCommand
 from groundcontrol.devicedetail import ONLINE_KEYS
@@ -30,7 +31,6 @@ from groundcontrol.store import (
     SQLiteStore,
 )
 from groundcontrol.testing import newKey, publicLine, resultNow
-from groundcontrol.timetext import absoluteTime, isoTime, relativeTime, whenText
 from tests.test_accesslists import storeWithAccounts
 
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z

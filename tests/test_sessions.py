@@ -19,6 +19,7 @@ from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
 from accesstunnel.keys import fingerprint
+from accesstunnel.timetext import isoTime
 from groundcontrol.control import ControlContext, runCommand
 from groundcontrol.documents import SESSION_KEYS
 from groundcontrol.recording import Recorder, RecordingPolicy, parseCast
@@ -41,7 +42,6 @@ from groundcontrol.testing import (
     resultNow,
     scriptedSessions,
 )
-from groundcontrol.timetext import isoTime
 
 
 def script(command: bytes | None) -> Script | None:

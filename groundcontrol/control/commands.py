@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from accesstunnel.durations import parseDuration
 from accesstunnel.names import isValidDeviceName
+from accesstunnel.timetext import relativeTime, whenText
 from groundcontrol.accesslists import (
     grantedText,
     grantsTable,
@@ -66,7 +67,6 @@ from groundcontrol.store import (
     UnknownDevice,
     parseSelector,
 )
-from groundcontrol.timetext import relativeTime, whenText
 
 
 @attrs.frozen

@@ -17,6 +17,7 @@ import attrs
 from twisted.conch.ssh import connection
 from twisted.internet import defer, task
 
+from accesstunnel.timetext import absoluteTime
 from groundcontrol.control.commands import (
     CommandResult,
     ControlContext,
@@ -38,7 +39,6 @@ from groundcontrol.sessions import (
     recordingFile,
     sessionsFor,
 )
-from groundcontrol.timetext import absoluteTime
 
 #: A watcher whose channel holds more than this much unsent output is dropped.
 WATCH_BACKLOG = 1024 * 1024

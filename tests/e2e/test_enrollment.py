@@ -20,8 +20,8 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from accesstunnel.keys import fingerprint
+from accesstunnel.timetext import isoTime
 from groundcontrol.pki import FleetCA, verifyDeviceCertificate
-from groundcontrol.timetext import isoTime
 from tests.e2e.harness import (
     LOOPBACK,
     TUNNEL_AGENT,

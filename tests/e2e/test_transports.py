@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from OpenSSL import crypto
 
+from accesstunnel.timetext import isoTime
 from groundcontrol import pki
-from groundcontrol.timetext import isoTime
 from tests.e2e.harness import LOOPBACK, Agent, Fleet, HarnessError, Process, waitFor
 
 
