@@ -75,6 +75,7 @@ __all__ = [
     "DEFAULT_NOAUTH_RATE",
     "REFUSAL_REASONS",
     "Allowance",
+    "ConnectionAllowance",
     "ExemptNetwork",
     "FailureKind",
     "PenaltyPolicy",
@@ -269,6 +270,38 @@ class _Bucket:
 
 #: The bucket of a source that owes nothing.
 _NOTHING_OWED = _Bucket()
+
+
+class ConnectionAllowance:
+    """
+    One connection's own allowance (a link's enrollment requests, the key re-exchanges
+    its peer starts), where L{SourcePenalties} keeps a source's: the L{Allowance} and what
+    the connection owes it. What it owes is kept from its first spend on: most
+    connections never spend.
+    """
+
+    __slots__ = ("_bucket", "allowance")
+
+    def __init__(self, allowance: Allowance) -> None:
+        self.allowance = allowance
+        self._bucket: _Bucket | None = None
+
+    def spend(self, now: float) -> bool:
+        """Take one unit if the connection has one now; whether it had."""
+        if self._bucket is None:
+            self._bucket = self.allowance.emptyBucket(now)
+        return self.allowance.spend(self._bucket, now)
+
+    def logRefusal(self, now: float, interval: float) -> bool:
+        """
+        Whether a refusal now is one to log: the first, then at most one per C{interval}
+        seconds (a peer that keeps asking would otherwise write a line per request).
+        """
+        bucket = self._bucket
+        if bucket is None or now - bucket.loggedAt < interval:
+            return False
+        bucket.loggedAt = now
+        return True
 
 
 @attrs.define

@@ -8,6 +8,7 @@ apart (see L{groundcontrol.usernames}).
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -45,7 +46,7 @@ from groundcontrol.certverdict import CertificateVerdict, PresentedCertificate
 from groundcontrol.cipherchoice import AESGCMAfterLoginMixin
 from groundcontrol.enrollment import AgentRequests, CertificatePolicy
 from groundcontrol.pki import FleetCA
-from groundcontrol.preauth import Allowance, PreauthMixin
+from groundcontrol.preauth import Allowance, ConnectionAllowance, PreauthMixin
 from groundcontrol.registry import Registry
 from groundcontrol.relay import inertText
 from groundcontrol.router import SessionPolicy, SessionRouter
@@ -120,6 +121,21 @@ class ServerSettings:
     #: (L{PEER_REKEY_BURST}); a burst of 0 turns the bound off.
     peerRekeyBurst: int = PEER_REKEY_BURST
     peerRekeyInterval: float = PEER_REKEY_INTERVAL
+
+    @functools.cached_property
+    def peerRekeyAllowance(self) -> Allowance | None:
+        """
+        What L{peerRekeyBurst} and L{peerRekeyInterval} allow each connection (None:
+        unbounded), made once for all of them.
+        """
+        if self.peerRekeyBurst <= 0:
+            return None
+        return Allowance(
+            size=self.peerRekeyBurst,
+            rate=1 / self.peerRekeyInterval,
+            what="key re-exchanges",
+            reason="peer_rekeys",
+        )
 
 
 class PendingRefused(UnauthorizedLogin):
@@ -335,12 +351,15 @@ class GroundControlConnection(TunnelConnection):
     """The ssh-connection service; for agents, the device's link."""
 
     _log = Logger()
-    #: What this link owes of L{_ENROLLMENT_ALLOWANCE} (None: nothing asked yet).
-    _enrollmentBucket: Any = None
     #: Conch logs every message number this service does not know at info, with the
     #: payload's repr: a peer's to write into our log without end. Written at debug
     #: (accesstunnel.logfilter), as OpenSSH does; still answered UNIMPLEMENTED.
     conchEventsSaidOtherwise = frozenset({"couldn't handle {messageNum} {packet!r}"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: The enrollment requests this link makes (L{gotGlobalRequest}).
+        self._enrollmentRequests = ConnectionAllowance(_ENROLLMENT_ALLOWANCE)
 
     # -- a peer that asks and does not read the answers ---------------------------
 
@@ -405,13 +424,11 @@ class GroundControlConnection(TunnelConnection):
 
     def _spendEnrollmentRequest(self) -> bool:
         now = self.transport.factory.clock.seconds()
-        bucket = self._enrollmentBucket
-        if bucket is None:
-            bucket = self._enrollmentBucket = _ENROLLMENT_ALLOWANCE.emptyBucket(now)
-        if _ENROLLMENT_ALLOWANCE.spend(bucket, now):
+        if self._enrollmentRequests.spend(now):
             return True
-        if now - bucket.loggedAt >= ENROLLMENT_REQUEST_INTERVAL * ENROLLMENT_REQUEST_BURST:
-            bucket.loggedAt = now
+        if self._enrollmentRequests.logRefusal(
+            now, ENROLLMENT_REQUEST_INTERVAL * ENROLLMENT_REQUEST_BURST
+        ):
             self._log.warn(
                 "refusing enrollment requests from {peer}: more than {burst} at once "
                 "(then one per {interval:.0f} s)",
@@ -465,9 +482,9 @@ class GroundControlTransport(
 
     _log = Logger()
     _graceTimer: Any = None
-    #: The allowance of key re-exchanges a logged-in peer starts and what it owes of it
-    #: (None: none started yet).
-    _peerRekeys: Any = None
+    #: The key re-exchanges a logged-in peer starts (L{ssh_KEXINIT}); None: unbounded
+    #: (L{ServerSettings.peerRekeyBurst} 0).
+    _peerRekeys: ConnectionAllowance | None = None
 
     def connectionMade(self) -> None:
         hostKeyAlgorithms = self.supportedPublicKeys
@@ -480,6 +497,8 @@ class GroundControlTransport(
                 setter(True)
         settings: ServerSettings = self.factory.settings
         self._graceTimer = self.factory.clock.callLater(settings.loginGraceTime, self._graceExpired)
+        if settings.peerRekeyAllowance is not None:
+            self._peerRekeys = ConnectionAllowance(settings.peerRekeyAllowance)
         super().connectionMade()
 
     def receiveError(self, reasonCode: int, description: bytes) -> None:
@@ -539,20 +558,8 @@ class GroundControlTransport(
         return super().ssh_KEXINIT(packet)
 
     def _spendPeerRekey(self) -> bool:
-        settings: ServerSettings = self.factory.settings
-        if settings.peerRekeyBurst <= 0:
-            return True
-        now = self.factory.clock.seconds()
-        if self._peerRekeys is None:
-            allowance = Allowance(
-                size=settings.peerRekeyBurst,
-                rate=1 / settings.peerRekeyInterval,
-                what="key re-exchanges",
-                reason="peer_rekeys",
-            )
-            self._peerRekeys = (allowance, allowance.emptyBucket(now))
-        allowance, bucket = self._peerRekeys
-        return allowance.spend(bucket, now)
+        peerRekeys = self._peerRekeys
+        return peerRekeys is None or peerRekeys.spend(self.factory.clock.seconds())
 
     def sendUnimplemented(self) -> None:
         if not self.dropPeerNotReading():

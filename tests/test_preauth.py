@@ -20,6 +20,8 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from groundcontrol.preauth import (
+    Allowance,
+    ConnectionAllowance,
     PenaltyPolicy,
     PreauthGuard,
     PreauthLimits,
@@ -443,6 +445,51 @@ class NoauthTests(SynchronousTestCase):
         self.assertEqual(len(lines), 1)
         self.assertEqual(lines[0]["refusing"], "refusing")
         self.assertIn("key exchanges without a login attempt", lines[0]["what"])
+
+
+class ConnectionAllowanceTests(SynchronousTestCase):
+    """
+    One connection's own allowance (a link's enrollment requests, its peer's key
+    re-exchanges): a burst, then one per refill; refusals logged once per interval.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.own = ConnectionAllowance(Allowance(3, 0.5, "requests", "requests"))
+
+    def spend(self, times: int) -> list[bool]:
+        return [self.own.spend(self.clock.seconds()) for _ in range(times)]
+
+    def test_burstThenRefill(self) -> None:
+        """Three at once, then one per 2 s, counted from the first spend."""
+        self.assertEqual(self.spend(4), [True, True, True, False])
+        self.clock.advance(2)
+        self.assertEqual(self.spend(2), [True, False])
+
+    def test_eachConnectionItsOwn(self) -> None:
+        """Another connection with the same allowance has all of it."""
+        self.spend(4)
+        other = ConnectionAllowance(self.own.allowance)
+        self.assertTrue(other.spend(self.clock.seconds()))
+
+    def test_refusalLoggedOncePerInterval(self) -> None:
+        """The first refusal is logged, the next only after the interval."""
+        now = self.clock.seconds()
+        self.assertFalse(self.own.logRefusal(now, 30))  # nothing spent: nothing refused
+        self.spend(4)
+        self.assertEqual([self.own.logRefusal(now, 30) for _ in range(3)], [True, False, False])
+        self.assertFalse(self.own.logRefusal(now + 29, 30))
+        self.assertTrue(self.own.logRefusal(now + 30, 30))
+
+    def test_peerRekeySettings(self) -> None:
+        """The server's settings make one re-key allowance for all connections; 0 is none."""
+        settings = ServerSettings(peerRekeyBurst=4, peerRekeyInterval=0.5)
+        allowance = settings.peerRekeyAllowance
+        assert allowance is not None
+        self.assertEqual((allowance.size, allowance.rate), (4, 2.0))
+        self.assertIs(settings.peerRekeyAllowance, allowance)
+        self.assertIsNone(ServerSettings(peerRekeyBurst=0).peerRekeyAllowance)
 
 
 class ExemptTests(SynchronousTestCase):
