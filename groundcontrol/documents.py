@@ -35,6 +35,7 @@ __all__ = [
     "rejectedRequestJSON",
     "requestJSON",
     "serialMatches",
+    "serialsMatch",
     "sessionJSON",
     "tokenJSON",
     "tokenState",
@@ -75,9 +76,18 @@ def serialMatches(r: EnrollmentRequest, device: Device | None) -> str | None:
     """
     if device is None or device.fingerprint == r.fingerprint:
         return None
-    if r.serial is None or device.serial is None:
+    return serialsMatch(r.serial, device.serial)
+
+
+def serialsMatch(serial: str | None, deviceSerial: str | None) -> str:
+    """
+    Whether a key's reported board C{serial} is C{deviceSerial}: C{yes} or C{no};
+    C{unknown} when either has none (not reported, or never). What C{serial_matches}
+    says wherever it appears: requests' documents and re-key notifications.
+    """
+    if serial is None or deviceSerial is None:
         return "unknown"
-    return "yes" if r.serial == device.serial else "no"
+    return "yes" if serial == deviceSerial else "no"
 
 
 def requestJSON(r: EnrollmentRequest, device: Device | None = None) -> dict[str, Any]:

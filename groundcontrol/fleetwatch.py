@@ -20,6 +20,9 @@ With an audit retention (--audit-max-age) the same sweep removes the oldest audi
 and the sessions and expired certificates that go with them (L{IStore.pruneAudit}), a
 batch at a time so the store's one write lock is never held for long: a backlog goes over
 a few sweeps, each of which leaves one audit row and one log line saying what it removed.
+
+A re-key request's notification waits (up to ten seconds) for the serial its agent's hello
+reports, so it can say whether the board is the device's (L{groundcontrol.rekeynotice}).
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from accesstunnel.timetext import isoTime
-from groundcontrol.notify import FleetEvent, LogNotifier, Notifier
+from groundcontrol.notify import DEVICE_REKEY_REQUESTED, FleetEvent, LogNotifier, Notifier
 from groundcontrol.registry import Registry
+from groundcontrol.rekeynotice import SERIAL_CHANGED, HeldRekeys
 from groundcontrol.revocations import RevokedCertificates
 from groundcontrol.store import IStore
 
@@ -84,7 +88,8 @@ APPLIED_EVENTS = frozenset(
 
 #: What the watcher reads of the feed. The rest (two rows per relayed session, among
 #: others) stays in the database: the store passes over it without handing it back.
-WATCHED_EVENTS = NOTIFIED_EVENTS | APPLIED_EVENTS
+#: Serial changes complete a held re-key notification (L{HeldRekeys}).
+WATCHED_EVENTS = NOTIFIED_EVENTS | APPLIED_EVENTS | {SERIAL_CHANGED}
 
 #: Events read from the feed at a time.
 FEED_PAGE = 100
@@ -126,6 +131,7 @@ class FleetWatcher(Service):
         self._nextPendingRefresh = 0.0
         self._lastId: int | None = None
         self._loop: LoopingCall | None = None
+        self._heldRekeys = HeldRekeys()
 
     def startService(self) -> None:
         super().startService()
@@ -138,7 +144,13 @@ class FleetWatcher(Service):
     def stopService(self) -> Any:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+        # Sent without the serial they waited for, rather than not at all.
+        self._send(self._heldRekeys.drain())
         return super().stopService()
+
+    def _send(self, events: list[FleetEvent]) -> None:
+        for event in events:
+            self._notifier.notify(event)
 
     async def _poll(self) -> None:
         if self._lastId is None:
@@ -158,21 +170,30 @@ class FleetWatcher(Service):
                 await self._sweepPending(now, self._pendingExpiry)
             if self._auditMaxAge is not None:
                 await self._pruneAudit(now, self._auditMaxAge)
+        await self._readFeed(now)
+        self._send(self._heldRekeys.due(self._clock.seconds()))
+
+    async def _readFeed(self, now: float) -> None:
+        """Notify and apply the watched events written since the last read."""
+        assert self._lastId is not None
         while True:
             page = await self._store.auditFeed(self._lastId, WATCHED_EVENTS, FEED_PAGE)
             for event in page.events:
                 self._lastId = event.id
-                if event.event in NOTIFIED_EVENTS:
-                    self._notifier.notify(
-                        FleetEvent(
-                            event=event.event,
-                            device=event.device or "",
-                            actor=event.actor,
-                            at=event.at,
-                            detail=event.detail,
-                            id=event.id,
-                        )
-                    )
+                fleetEvent = FleetEvent(
+                    event=event.event,
+                    device=event.device or "",
+                    actor=event.actor,
+                    at=event.at,
+                    detail=event.detail,
+                    id=event.id,
+                )
+                # A held re-key notification goes before any later event of its key.
+                self._send(self._heldRekeys.read(fleetEvent))
+                if event.event == DEVICE_REKEY_REQUESTED:
+                    self._send(self._heldRekeys.hold(fleetEvent, now))
+                elif event.event in NOTIFIED_EVENTS:
+                    self._notifier.notify(fleetEvent)
                 await self._apply(event)
             self._lastId = page.readTo
             if len(page.events) < FEED_PAGE:

@@ -882,12 +882,19 @@ class SQLStore:
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (fingerprint, requestedName, line, serial, source, now, now, kind, host),
             )
+            detail = {"fingerprint": fingerprint, "kind": kind, "serial": serial, "source": source}
+            if kind == "rekey":
+                # The serial the request's must match to be the same board: its notification
+                # says whether it does once the agent's hello reports one (fleetwatch).
+                detail["deviceSerial"] = c.execute(
+                    "SELECT serial FROM devices WHERE name = ?", (requestedName,)
+                ).fetchone()["serial"]
             self._insertAudit(
                 c,
                 "device.rekey-requested" if kind == "rekey" else "device.pending",
                 None,
                 requestedName,
-                {"fingerprint": fingerprint, "kind": kind, "serial": serial, "source": source},
+                detail,
                 now,
             )
         else:

@@ -1,0 +1,208 @@
+"""
+A re-key request's notification says whether the board serial its agent reports is the
+device's (C{serial_matches}): the fleet watcher holds C{device.rekey-requested} until the
+hello's serial comes through the feed, and sends it without one after the wait (an agent
+with no serial, or one that drops before its hello), before an event that ends the
+request, or when it stops. The store's row carries the device's serial to compare with.
+On SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from groundcontrol.fleetwatch import FleetWatcher
+from groundcontrol.notify import FleetEvent
+from groundcontrol.registry import Registry
+from groundcontrol.rekeynotice import REKEY_SERIAL_WAIT, HeldRekeys
+from tests.test_enrollment import RecordingNotifier
+from tests.test_store import T0, StoreTestCase, bothBackends, fingerprint, newPublicKey
+
+REKEY = "device.rekey-requested"
+
+
+def rekeyEvent(key: str = "SHA256:new", deviceSerial: str | None = "SN-1") -> FleetEvent:
+    detail = {"fingerprint": key, "kind": "rekey", "serial": None, "deviceSerial": deviceSerial}
+    return FleetEvent(REKEY, "kiln7", None, T0, detail, id=7)
+
+
+def serialChanged(key: str, serial: str | None) -> FleetEvent:
+    detail = {"fingerprint": key, "serial": serial, "previous": None}
+    return FleetEvent("device.serial-changed", "kiln7", None, T0 + 1, detail, id=8)
+
+
+def said(event: FleetEvent) -> tuple[Any, ...]:
+    """What a receiver reads of a re-key notification: its id, serial and whether it matches."""
+    detail = event.toJSON()["detail"]
+    return event.id, detail["serial"], detail["serial_matches"]
+
+
+class HeldRekeysTests(SynchronousTestCase):
+    """The notifications held for their serials, by key."""
+
+    def test_serialCompletesIt(self) -> None:
+        """The key's serial change releases its notification, matching or not."""
+        held = HeldRekeys()
+        self.assertEqual(held.hold(rekeyEvent("k1"), T0), [])
+        self.assertEqual(held.hold(rekeyEvent("k2"), T0), [])
+        self.assertEqual(
+            [said(e) for e in held.read(serialChanged("k1", "SN-1"))], [(7, "SN-1", "yes")]
+        )
+        self.assertEqual(
+            [said(e) for e in held.read(serialChanged("k2", "SN-9"))], [(7, "SN-9", "no")]
+        )
+        self.assertEqual(len(held), 0)
+        self.assertEqual(held.read(serialChanged("k1", "SN-1")), [])  # sent once
+
+    def test_deviceWithoutSerial(self) -> None:
+        """A device that never reported a serial cannot be compared: unknown."""
+        held = HeldRekeys()
+        held.hold(rekeyEvent("k1", deviceSerial=None), T0)
+        self.assertEqual(
+            [said(e) for e in held.read(serialChanged("k1", "SN-1"))], [(7, "SN-1", "unknown")]
+        )
+
+    def test_dueAfterTheWait(self) -> None:
+        """Without a serial it is sent once the wait is over: serial null, unknown."""
+        held = HeldRekeys()
+        held.hold(rekeyEvent("k1"), T0)
+        self.assertEqual(held.due(T0 + REKEY_SERIAL_WAIT - 0.1), [])
+        self.assertEqual(
+            [said(e) for e in held.due(T0 + REKEY_SERIAL_WAIT)], [(7, None, "unknown")]
+        )
+        self.assertEqual(held.due(T0 + 2 * REKEY_SERIAL_WAIT), [])
+
+    def test_laterEventOfTheKeyReleasesIt(self) -> None:
+        """An approval (or rejection, expiry) of the key sends it first; other keys wait."""
+        held = HeldRekeys()
+        held.hold(rekeyEvent("k1"), T0)
+        held.hold(rekeyEvent("k2"), T0)
+        approved = FleetEvent("device.approved", "kiln7", "root", T0 + 2, {"fingerprint": "k1"})
+        self.assertEqual([said(e) for e in held.read(approved)], [(7, None, "unknown")])
+        online = FleetEvent("device.online", "kiln7", None, T0 + 2, {"fingerprint": "k0"})
+        self.assertEqual(held.read(online), [])
+        self.assertEqual(len(held), 1)
+
+    def test_drain(self) -> None:
+        """Stopping sends every held notification, without serials."""
+        held = HeldRekeys()
+        held.hold(rekeyEvent("k1"), T0)
+        held.hold(rekeyEvent("k2"), T0)
+        self.assertEqual([said(e) for e in held.drain()], [(7, None, "unknown")] * 2)
+        self.assertEqual(held.drain(), [])
+
+    def test_eventWithoutKeyNotHeld(self) -> None:
+        """A row naming no key (written by hand, say) has nothing to wait for."""
+        event = FleetEvent(REKEY, "kiln7", None, T0, {})
+        self.assertEqual(HeldRekeys().hold(event, T0), [event])
+
+
+@bothBackends
+class RekeyNotificationTests(StoreTestCase):
+    """The fleet watcher's notification of a re-key request, from the store's rows."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.notifier = RecordingNotifier()
+        self.contact("kiln7", newPublicKey(), T0, serial="SN-1")
+        self.successResultOf(self.store.approveDevice("kiln7", "root", T0))
+        self.watcher = self.newWatcher()
+
+    def newWatcher(self) -> FleetWatcher:
+        watcher = FleetWatcher(self.store, Registry(), self.clock, notifier=self.notifier)
+        self.poll(watcher)  # the first poll starts at the newest id
+        return watcher
+
+    def poll(self, watcher: FleetWatcher | None = None) -> None:
+        self.successResultOf((watcher or self.watcher).poll())
+
+    def stranger(self, now: float = T0 + 5) -> str:
+        """A new key logs in asking for kiln7 (no serial yet, as at a login); its key."""
+        key = newPublicKey()
+        self.contact("kiln7", key, now)
+        return fingerprint(key)
+
+    def hello(self, key: str, serial: str) -> None:
+        """The agent's hello reports C{serial} (what enrollment's _hello stores)."""
+        self.assertTrue(self.successResultOf(self.store.updateSerial(key, serial, T0 + 6)))
+
+    def rekeys(self) -> list[tuple[Any, ...]]:
+        return [said(e) for e in self.notifier.events if e.event == REKEY]
+
+    def test_rowCarriesTheDeviceSerial(self) -> None:
+        """The re-key row names the device's serial (C{device_serial} as read out)."""
+        key = self.stranger()
+        row = self.events()[-1]
+        self.assertEqual((row.event, row.detail["fingerprint"]), (REKEY, key))
+        self.assertEqual(row.detail["deviceSerial"], "SN-1")
+
+    def test_sameBoard(self) -> None:
+        """
+        Nothing is sent at the login; the hello's serial, the device's, sends it: the
+        re-key row's id, the serial, serial_matches yes, the device's serial.
+        """
+        key = self.stranger()
+        rowId = self.events()[-1].id
+        self.poll()
+        self.assertEqual(self.notifier.events, [])
+        self.hello(key, "SN-1")
+        self.poll()
+        self.assertEqual(self.rekeys(), [(rowId, "SN-1", "yes")])
+        document = self.notifier.events[-1].toJSON()
+        self.assertEqual(document["detail"]["device_serial"], "SN-1")
+        self.assertEqual(document["detail"]["fingerprint"], key)
+        self.assertEqual([e.event for e in self.notifier.events], [REKEY])  # not the serial's
+
+    def test_anotherBoard(self) -> None:
+        """Another serial: serial_matches no."""
+        key = self.stranger()
+        self.poll()
+        self.hello(key, "SN-2")
+        self.poll()
+        self.assertEqual([r[1:] for r in self.rekeys()], [("SN-2", "no")])
+
+    def test_noHello(self) -> None:
+        """
+        An agent that never reports a serial (an old one, a board without one, one that
+        dropped at once) is notified after the wait: serial null, serial_matches unknown.
+        """
+        self.stranger()
+        self.poll()
+        self.clock.advance(REKEY_SERIAL_WAIT - 1)
+        self.poll()
+        self.assertEqual(self.rekeys(), [])
+        self.clock.advance(1)
+        self.poll()
+        self.assertEqual([r[1:] for r in self.rekeys()], [(None, "unknown")])
+        self.clock.advance(REKEY_SERIAL_WAIT)
+        self.poll()
+        self.assertEqual(len(self.rekeys()), 1)
+
+    def test_approvedBeforeTheSerial(self) -> None:
+        """An approval read before any serial sends the request's notification first."""
+        key = self.stranger()
+        self.poll()
+        self.successResultOf(self.store.approveDevice("kiln7", "root", T0 + 6, fingerprint=key))
+        self.poll()
+        self.assertEqual([e.event for e in self.notifier.events], [REKEY, "device.approved"])
+        self.assertEqual([r[1:] for r in self.rekeys()], [(None, "unknown")])
+
+    def test_stopSendsItOnce(self) -> None:
+        """
+        A watcher that stops sends what it holds; the next one (a restart) starts after it
+        and does not send it again when the serial comes.
+        """
+        key = self.stranger()
+        self.watcher.startService()
+        self.poll()
+        self.watcher.stopService()
+        self.assertEqual([r[1:] for r in self.rekeys()], [(None, "unknown")])
+        again = self.newWatcher()
+        self.hello(key, "SN-1")
+        self.poll(again)
+        self.assertEqual(len(self.rekeys()), 1)
