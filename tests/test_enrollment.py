@@ -39,6 +39,7 @@ from groundcontrol.enrollment import CertificatePolicy, hashSecret
 from groundcontrol.fleetwatch import DEFAULT_LEASE_CHECK_INTERVAL
 from groundcontrol.notify import FleetEvent
 from groundcontrol.pki import FleetCA, verifyDeviceCertificate
+from groundcontrol.rekeynotice import REKEY_SERIAL_WAIT
 from groundcontrol.sshserver import ServerSettings
 from groundcontrol.store import PendingLimits
 from groundcontrol.testing import (
@@ -1027,6 +1028,35 @@ class NotificationTests(EnrollmentTestCase):
                 "device.revoked",
             ],
         )
+
+    def test_rekeyNotifiedWithSerialMatch(self) -> None:
+        """
+        A new key asking for approved kiln7 is notified once its agent's hello has reported
+        a serial, saying whether it is kiln7's (serial_matches, in the webhook's document):
+        yes for kiln7's board, no for another; an agent that reports none is notified
+        after the wait, unknown.
+        """
+        notifier = _WithoutPresence(self.world.notifier)
+        self.world.enrolled("kiln7", serial="SN-1")
+        self.world.poll()
+        for serial in ("SN-1", "SN-9"):
+            self.world.start("kiln7", serial=serial)
+            self.world.poll()
+        self.world.start("kiln7", serial="")
+        self.world.poll()
+        self.assertEqual([e for e, _ in notifier.kinds()].count("device.rekey-requested"), 2)
+        self.world.advance(REKEY_SERIAL_WAIT)
+        self.world.poll()
+        documents = [e.toJSON() for e in notifier.events if e.event == "device.rekey-requested"]
+        self.assertEqual(
+            [(d["event"], d["detail"]["serial"], d["detail"]["serial_matches"]) for d in documents],
+            [
+                ("device.rekey-requested", "SN-1", "yes"),
+                ("device.rekey-requested", "SN-9", "no"),
+                ("device.rekey-requested", None, "unknown"),
+            ],
+        )
+        self.assertEqual({d["detail"]["device_serial"] for d in documents}, {"SN-1"})
 
     def test_tokenEnrollmentNotified(self) -> None:
         """
