@@ -185,8 +185,25 @@ def applyModes(fd: int, modes: Sequence[tuple[int, int]]) -> None:
         else:
             index = getattr(termios, mode, None)
             if index is not None and index < len(attr[6]) and value <= 0xFF:
-                attr[6][index] = bytes((value,))
+                attr[6][index] = bytes((_specialCharacter(value),))
     termios.tcsetattr(fd, termios.TCSANOW, attr)
+
+
+#: What OpenSSH's client sends for a special character its terminal has switched
+#: off (its C{_POSIX_VDISABLE} is 0 on Linux, but goes over the wire as 255).
+_DISABLED_ON_THE_WIRE = 0xFF
+
+#: What switches a special character off on this system's ptys (Linux: 0).
+_POSIX_VDISABLE = 0
+
+
+def _specialCharacter(value: int) -> int:
+    """
+    A special character (VEOL, VEOL2...) as the pty is to hold it: one switched
+    off at the client's terminal is switched off here too, as sshd does, not
+    made byte 255, which would then end a line (VEOL) wherever it is typed.
+    """
+    return _POSIX_VDISABLE if value == _DISABLED_ON_THE_WIRE else value
 
 
 def packWinsize(rows: int, cols: int, xpixel: int, ypixel: int) -> bytes:
