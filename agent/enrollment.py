@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import binascii
 import json
-import os
 import secrets
 import time
 from datetime import UTC, datetime
@@ -42,6 +41,7 @@ from accesstunnel.enrollmessages import (
     encodeMessage,
 )
 from accesstunnel.timetext import isoTime
+from agent.statefiles import writeAtomically
 
 CERTIFICATE_FILE = "device.crt"
 CA_FILE = "fleet-ca.crt"
@@ -55,6 +55,9 @@ CERTIFICATE_RETRY_DELAY = 3600.0
 
 #: After a pairing code could not be registered, when to offer another.
 PAIRING_CODE_RETRY_DELAY = 60.0
+
+#: After the status file could not be written (a full disk), when to try again.
+STATUS_RETRY_DELAY = 60.0
 
 #: Unambiguous letters and digits (no 0/O, 1/I/L).
 _CODE_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"
@@ -140,16 +143,6 @@ def renewalDue(notBefore: float, notAfter: float) -> float:
     return notAfter - (notAfter - notBefore) / 3
 
 
-def _writeAtomically(path: Path, data: bytes, mode: int = 0o644) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    temporary.replace(path)
-
-
 def _statusJSON(status: dict[str, Any]) -> str:
     """
     C{status} as C{json.dumps(status, indent=2, sort_keys=True)} writes it: one
@@ -200,16 +193,50 @@ class StatusFile:
     ``STATE/status.json``: what the agent knows about its standing (C{state}, C{name},
     C{pairing_code}, C{pairing_code_expires_at}, C{certificate_expires_at}, C{updated_at};
     times as L{isoTime} writes them).
+
+    The file is for people on the device; the agent keeps its standing in memory. So a
+    write that fails (the disk is full) stops nothing: it is logged once, the file keeps
+    its last whole content, and the agent writes it again every L{STATUS_RETRY_DELAY}
+    seconds until it can (given a clock) and at each update.
     """
 
-    def __init__(self, stateDir: Path) -> None:
+    _log = Logger()
+
+    def __init__(self, stateDir: Path, clock: IReactorTime | None = None) -> None:
         self.path = stateDir / STATUS_FILE
         self._status: dict[str, Any] = {}
+        self._clock = clock
+        self._retry: IDelayedCall | None = None
+        self._failing = False
 
     def update(self, **fields: Any) -> None:
         self._status.update(fields)
         self._status["updated_at"] = isoTime(time.time())
-        _writeAtomically(self.path, _statusJSON(self._status).encode())
+        self._write()
+
+    def _write(self) -> None:
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        try:
+            writeAtomically(self.path, _statusJSON(self._status).encode())
+        except OSError as e:
+            self._writeFailed(e)
+            return
+        if self._failing:
+            self._failing = False
+            self._log.info("{path} written again", path=str(self.path))
+
+    def _writeFailed(self, error: OSError) -> None:
+        if not self._failing:
+            self._failing = True
+            self._log.warn(
+                "cannot write {path}: {error}; the agent goes on, and writes it when it can",
+                path=str(self.path),
+                error=error.strerror or str(error),
+            )
+        if self._clock is not None:
+            self._retry = self._clock.callLater(STATUS_RETRY_DELAY, self._write)
 
     @staticmethod
     def read(stateDir: Path) -> dict[str, Any]:
@@ -245,7 +272,7 @@ class Enrollment:
         self._version = version
         self._token = token
         self._newCode = newCode
-        self.status = StatusFile(stateDir)
+        self.status = StatusFile(stateDir, clock)
         self._conn: Any = None
         self._timer: IDelayedCall | None = None
         self.state = "unknown"
@@ -397,9 +424,21 @@ class Enrollment:
             self._log.error("groundcontrol sent a malformed certificate")
             self._retryCertificate()
             return
-        _writeAtomically(certificatePath, pem.encode())
-        if isinstance(reply.get("ca"), str):
-            _writeAtomically(self.stateDir / CA_FILE, reply["ca"].encode())
+        try:
+            # The certificate last: a failure on either leaves the one in use as it was.
+            if isinstance(reply.get("ca"), str):
+                writeAtomically(self.stateDir / CA_FILE, reply["ca"].encode())
+            writeAtomically(certificatePath, pem.encode())
+        except OSError as e:
+            self._log.error(
+                "cannot store the new fleet certificate in {path}: {error}; the one there "
+                "(if any) is kept, and the agent asks again in {delay:.0f} s",
+                path=str(certificatePath),
+                error=e.strerror or str(e),
+                delay=CERTIFICATE_RETRY_DELAY,
+            )
+            self._retryCertificate()
+            return
         expires = isoTime(notAfter)
         self._log.info("fleet certificate stored, valid until {expires}", expires=expires)
         self.status.update(certificate_expires_at=expires)

@@ -19,7 +19,6 @@ L{Dial}): the line it writes once it is up names the address and the time from t
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from zope.interface import implementer
 
 from accesstunnel.addresses import Connector
 from accesstunnel.reasontext import reasonText
+from agent.statefiles import writeAtomically
 
 __all__ = ["AllAddressesFailed", "Dial", "FailoverEndpoint"]
 
@@ -286,14 +286,9 @@ class FailoverEndpoint:
         """Write the winner atomically: a power cut leaves the old file or the new one."""
         try:
             self._stateFile.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            temporary = self._stateFile.with_name(self._stateFile.name + ".tmp")
-            with temporary.open("w") as f:
-                # json.dumps, not json.dump: dump encodes in Python, with closures that
-                # refer to each other, a reference cycle per link that came up.
-                f.write(json.dumps({"address": address}) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            temporary.replace(self._stateFile)
+            # json.dumps, not json.dump: dump encodes in Python, with closures that refer to
+            # each other, a reference cycle per link that came up.
+            writeAtomically(self._stateFile, (json.dumps({"address": address}) + "\n").encode())
         except OSError as e:
             self._log.warn(
                 "cannot record the working address in {path}: {error}",

@@ -16,10 +16,14 @@ from pathlib import Path
 import attrs
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh import keys
+from twisted.logger import Logger
 
 from accesstunnel.keys import fingerprint
+from agent.statefiles import createAtomically, writeAtomically
 
 DEVICE_KEY_FILE = "device_ed25519_key"
+
+_log = Logger()
 
 
 class IdentityError(Exception):
@@ -27,27 +31,77 @@ class IdentityError(Exception):
 
 
 def loadOrCreateDeviceKey(stateDir: Path) -> keys.Key:
-    """Return the device key from C{stateDir}, creating both if missing."""
-    stateDir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = stateDir / DEVICE_KEY_FILE
+    """
+    Return the device key from C{stateDir}, creating both if missing.
+
+    @raise IdentityError: the key cannot be read, or a new one cannot be written (a full
+        disk): nothing half-written is left, so a start with room makes the key.
+    """
     try:
-        return keys.Key.fromString(path.read_bytes())
+        stateDir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise IdentityError(f"cannot make the state directory {stateDir}: {e.strerror}") from None
+    path = stateDir / DEVICE_KEY_FILE
+    key = _readDeviceKey(path)
+    if key is None:
+        key = _createDeviceKey(path)
+    _writePublicKeyIfMissing(stateDir / (DEVICE_KEY_FILE + ".pub"), key)
+    return key
+
+
+def _readDeviceKey(path: Path) -> keys.Key | None:
+    """The key at C{path}; None if there is none yet."""
+    try:
+        data = path.read_bytes()
     except FileNotFoundError:
-        pass
-    except (OSError, keys.BadKeyError, ValueError) as e:
+        return None
+    except OSError as e:
         raise IdentityError(f"cannot use device key {path}: {e}") from None
+    if not data:
+        # An empty file is a key that was never written: agents before statefiles created
+        # the file and then wrote it, so a full disk left it empty and every start after
+        # failed here. No link was ever made with it; make the key now.
+        _log.warn("device key {path} is empty (never written); making a new one", path=str(path))
+        try:
+            path.unlink()
+        except OSError as e:
+            raise IdentityError(f"cannot remove the empty device key {path}: {e}") from None
+        return None
+    try:
+        return keys.Key.fromString(data)
+    except (keys.BadKeyError, ValueError) as e:
+        raise IdentityError(f"cannot use device key {path}: {e}") from None
+
+
+def _createDeviceKey(path: Path) -> keys.Key:
     key = keys.Key(ed25519.Ed25519PrivateKey.generate())
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
+        created = createAtomically(path, key.toString("OPENSSH"), mode=0o600)
+    except OSError as e:
+        raise IdentityError(
+            f"cannot write a new device key to {path}: {e.strerror} (nothing was left "
+            "half-written; the agent makes its key when it starts with room on that disk)"
+        ) from None
+    if not created:
         # Another start raced us; its key wins.
         return keys.Key.fromString(path.read_bytes())
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.toString("OPENSSH"))
-    (stateDir / (DEVICE_KEY_FILE + ".pub")).write_text(
-        key.public().toString("OPENSSH").decode("ascii") + "\n"
-    )
     return key
+
+
+def _writePublicKeyIfMissing(path: Path, key: keys.Key) -> None:
+    """The public half, for people on the device; the agent itself never reads it."""
+    if path.exists():
+        return
+    line = key.public().toString("OPENSSH") + b"\n"
+    try:
+        writeAtomically(path, line)
+    except OSError as e:
+        _log.warn(
+            "cannot write {path}: {error}; the agent runs without it and writes it at its "
+            "next start",
+            path=str(path),
+            error=e.strerror,
+        )
 
 
 @attrs.frozen

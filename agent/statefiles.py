@@ -1,0 +1,103 @@
+"""
+Writing the agent's state files so that a full disk or a power cut leaves the old file.
+
+Devices run on SD cards that fill up (logs, a runaway process) and lose power. Each state
+file (the device key, the fleet certificate, C{status.json}, C{last-server.json}) is written
+to a temporary file next to it, flushed to the card, and renamed over the old one: a write
+that fails part way (C{ENOSPC}) or is cut short leaves the previous file whole and no
+temporary file taking space. The directory is flushed too, so the rename itself survives
+a power cut.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from pathlib import Path
+
+__all__ = ["createAtomically", "writeAtomically"]
+
+
+#: What C{link} fails with where the filesystem has no hard links (FAT, some FUSE).
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
+
+
+def _writeTemporary(path: Path, data: bytes, mode: int, suffix: str = ".tmp") -> Path:
+    """
+    C{data} in a new file next to C{path}, flushed to the disk; the temporary file's path.
+    A failure removes what was written and raises the C{OSError}.
+    """
+    temporary = path.with_name(path.name + suffix)
+    # One a power cut left behind goes first: the new file is made here, with C{mode}.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    return temporary
+
+
+def _syncDirectory(directory: Path) -> None:
+    """Flush a rename in C{directory} to the disk (best effort: not every filesystem can)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def writeAtomically(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """
+    Replace C{path} with C{data}: afterwards the file holds the old bytes or the new, whole.
+
+    @raise OSError: the disk is full, or the directory cannot be written; C{path} is as it
+        was and no temporary file is left.
+    """
+    temporary = _writeTemporary(path, data, mode)
+    try:
+        os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    _syncDirectory(path.parent)
+
+
+def createAtomically(path: Path, data: bytes, mode: int = 0o600) -> bool:
+    """
+    Create C{path} holding C{data}, whole, unless it exists: False if another process made
+    it first (its file is left as it is). A hard link of the flushed temporary file creates
+    the name only if it is free, and only once the data is on the disk.
+
+    @raise OSError: as L{writeAtomically}; nothing is left at C{path}.
+    """
+    # A temporary file of this process's own: two starts racing must not write one file.
+    temporary = _writeTemporary(path, data, mode, suffix=f".{os.getpid()}.tmp")
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if e.errno not in _NO_HARD_LINKS or os.path.lexists(path):
+            raise
+        os.replace(temporary, path)  # no hard links here: a race window, but whole files
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+    _syncDirectory(path.parent)
+    return True

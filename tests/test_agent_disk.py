@@ -1,0 +1,312 @@
+"""
+The agent with its state directory on a full disk, in memory: every state file write goes
+through L{agent.statefiles}, whose C{os} is replaced here by a disk with a set number of
+bytes of room, so a write fails part way with C{ENOSPC} as it does on a full SD card.
+
+What is promised (tests/e2e/test_agent_disk_full.py runs the real programs on a full tmpfs):
+a failed write leaves the previous file whole and no temporary file; key generation fails
+with a clear error and leaves nothing; the status file, the remembered address and the
+fleet certificate are written again once there is room, without a restart; the link, its
+sessions and enrollment go on meanwhile.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.conch.ssh import keys
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
+
+from agent import cli as agent_cli
+from agent import statefiles
+from agent.enrollment import (
+    CA_FILE,
+    CERTIFICATE_FILE,
+    CERTIFICATE_RETRY_DELAY,
+    STATUS_FILE,
+    STATUS_RETRY_DELAY,
+    StatusFile,
+    certificateLifetime,
+    renewalDue,
+)
+from agent.failover import FailoverEndpoint
+from agent.identity import DEVICE_KEY_FILE, IdentityError, loadOrCreateDeviceKey
+from tests.test_enrollment import DAY, EnrollmentTestCase
+from tests.test_failover import LinkFactory, connector
+
+NO_SPACE = os.strerror(errno.ENOSPC)
+
+
+class FullDisk:
+    """
+    C{os} as L{agent.statefiles} sees it, on a disk with C{room} bytes left (C{None}: as
+    much as the real one). A write past the room writes what fits and then fails with
+    C{ENOSPC}, as the kernel does.
+    """
+
+    def __init__(self, room: int | None = 0) -> None:
+        self.room = room
+        self.refused = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    def write(self, fd: int, data: Any) -> int:
+        if self.room is None:
+            return os.write(fd, data)
+        if self.room == 0:
+            self.refused += 1
+            raise OSError(errno.ENOSPC, NO_SPACE)
+        written = os.write(fd, bytes(data[: self.room]))
+        self.room -= written
+        return written
+
+
+@pytest.fixture
+def disk(monkeypatch: pytest.MonkeyPatch) -> FullDisk:
+    """A full disk under the agent's state files; set C{room = None} to free it."""
+    full = FullDisk()
+    monkeypatch.setattr(statefiles, "os", full)
+    return full
+
+
+def names(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+# -- agent.statefiles ------------------------------------------------------------------
+
+
+def test_failedReplaceKeepsTheOldFile(tmp_path: Path, disk: FullDisk) -> None:
+    """A write that runs out of room part way leaves the old file whole and no temporary."""
+    path = tmp_path / "status.json"
+    path.write_bytes(b"old, whole\n")
+    disk.room = 10
+    with pytest.raises(OSError) as raised:
+        statefiles.writeAtomically(path, b"new content, longer than the room left\n")
+    assert raised.value.errno == errno.ENOSPC
+    assert path.read_bytes() == b"old, whole\n"
+    assert names(tmp_path) == ["status.json"]
+    disk.room = None
+    statefiles.writeAtomically(path, b"new\n", mode=0o600)
+    assert path.read_bytes() == b"new\n"
+    assert names(tmp_path) == ["status.json"]
+
+
+def test_createAtomicallyLeavesNothingOrAWholeFile(tmp_path: Path, disk: FullDisk) -> None:
+    """
+    Creating a file on a full disk leaves no file (not an empty one); with room it is made
+    whole with its mode; an existing file is left alone (another process made it first).
+    """
+    path = tmp_path / "key"
+    with pytest.raises(OSError):
+        statefiles.createAtomically(path, b"secret\n")
+    assert names(tmp_path) == []
+    disk.room = None
+    assert statefiles.createAtomically(path, b"secret\n", mode=0o600)
+    assert path.read_bytes() == b"secret\n"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert not statefiles.createAtomically(path, b"another\n")
+    assert path.read_bytes() == b"secret\n"
+    assert names(tmp_path) == ["key"]
+
+
+# -- the device key ----------------------------------------------------------------------
+
+
+def test_firstStartOnAFullDisk(tmp_path: Path, disk: FullDisk) -> None:
+    """
+    A first start that cannot write the new key fails with an error that says why and
+    leaves nothing in the state directory; the next start with room makes the key, which
+    every later start loads.
+    """
+    state = tmp_path / "state"
+    with pytest.raises(IdentityError) as raised:
+        loadOrCreateDeviceKey(state)
+    assert NO_SPACE in str(raised.value)
+    assert str(state / DEVICE_KEY_FILE) in str(raised.value)
+    assert names(state) == []
+    disk.room = None
+    key = loadOrCreateDeviceKey(state)
+    assert names(state) == [DEVICE_KEY_FILE, DEVICE_KEY_FILE + ".pub"]
+    assert loadOrCreateDeviceKey(state) == key
+    assert (state / (DEVICE_KEY_FILE + ".pub")).read_text() == (
+        key.public().toString("OPENSSH").decode() + "\n"
+    )
+
+
+def test_keyCutShortLeavesNoKey(tmp_path: Path, disk: FullDisk) -> None:
+    """A key whose write runs out of room half way is not left behind, half a key."""
+    disk.room = 100
+    with pytest.raises(IdentityError):
+        loadOrCreateDeviceKey(tmp_path)
+    assert names(tmp_path) == []
+
+
+def test_emptyKeyFromAnOlderAgentIsReplaced(tmp_path: Path) -> None:
+    """
+    An empty key file (an agent before statefiles made the file, then found the disk full)
+    is a key never written: it is replaced by a new key, with a warning, instead of every
+    start failing with "cannot use device key" until someone removes it.
+    """
+    (tmp_path / DEVICE_KEY_FILE).write_bytes(b"")
+    with capturedLogs() as events:
+        key = loadOrCreateDeviceKey(tmp_path)
+    assert keys.Key.fromString((tmp_path / DEVICE_KEY_FILE).read_bytes()) == key
+    assert any("is empty (never written)" in formatEvent(e) for e in events)
+
+
+def test_truncatedKeyIsAnError(tmp_path: Path) -> None:
+    """A key file with something in it that is not a key is not replaced: it may be one."""
+    (tmp_path / DEVICE_KEY_FILE).write_bytes(b"-----BEGIN OPENSSH PRIVATE KEY-----\nb3Bl")
+    with pytest.raises(IdentityError, match="cannot use device key"):
+        loadOrCreateDeviceKey(tmp_path)
+
+
+def test_publicKeyWrittenWhenThereIsRoom(tmp_path: Path, disk: FullDisk) -> None:
+    """
+    The key fits but its public half does not: the agent starts with its key (it never
+    reads the .pub), says so, and the next start writes the .pub.
+    """
+    disk.room = 400  # an ed25519 key in OpenSSH form is 387 bytes, its .pub 81
+    with capturedLogs() as events:
+        key = loadOrCreateDeviceKey(tmp_path)
+    assert names(tmp_path) == [DEVICE_KEY_FILE]
+    assert any(e["log_level"] == LogLevel.warn and NO_SPACE in formatEvent(e) for e in events)
+    disk.room = None
+    assert loadOrCreateDeviceKey(tmp_path) == key
+    assert names(tmp_path) == [DEVICE_KEY_FILE, DEVICE_KEY_FILE + ".pub"]
+
+
+# -- status.json -------------------------------------------------------------------------
+
+
+def test_statusWriteFailureIsLoggedOnceAndRetried(tmp_path: Path, disk: FullDisk) -> None:
+    """
+    An update on a full disk does not raise; the file keeps its last whole content; one
+    warning says why, not one a minute; once there is room the agent writes it again by
+    itself (no update needed) and says so.
+    """
+    clock = Clock()
+    status = StatusFile(tmp_path, clock)
+    disk.room = None
+    status.update(state="pending", name="kiln7")
+    disk.room = 0
+    with capturedLogs() as events:
+        status.update(state="approved")
+        for _ in range(5):
+            clock.advance(STATUS_RETRY_DELAY)
+    assert StatusFile.read(tmp_path)["state"] == "pending"
+    assert names(tmp_path) == [STATUS_FILE]
+    warnings = [formatEvent(e) for e in events if e["log_level"] == LogLevel.warn]
+    assert len(warnings) == 1 and NO_SPACE in warnings[0], warnings
+    assert disk.refused == 6
+    disk.room = None
+    with capturedLogs() as events:
+        clock.advance(STATUS_RETRY_DELAY)
+    assert StatusFile.read(tmp_path)["state"] == "approved"
+    assert [formatEvent(e) for e in events] == [f"{tmp_path / STATUS_FILE} written again"]
+    assert clock.getDelayedCalls() == []
+
+
+# -- the remembered address --------------------------------------------------------------
+
+
+def test_rememberedAddressOnAFullDisk(tmp_path: Path, disk: FullDisk) -> None:
+    """
+    A link that comes up on a full disk keeps the address remembered before and leaves no
+    temporary file; the next link up with room records the new one.
+    """
+    stateFile = tmp_path / "last-server.json"
+    stateFile.write_text(json.dumps({"address": "ssh:a"}) + "\n")
+    endpoint = FailoverEndpoint(Clock(), [connector("tls:b", "ok")], stateFile)
+    factory = LinkFactory()
+    endpoint.connect(factory)
+    with capturedLogs() as events:
+        factory.links[-1].ready.callback(None)
+    assert json.loads(stateFile.read_text()) == {"address": "ssh:a"}
+    assert names(tmp_path) == ["last-server.json"]
+    assert any(NO_SPACE in formatEvent(e) for e in events)
+    disk.room = None
+    endpoint.connect(factory)
+    factory.links[-1].ready.callback(None)
+    assert json.loads(stateFile.read_text()) == {"address": "tls:b"}
+
+
+# -- enrollment and the certificate, over an in-memory link ----------------------------
+
+
+class FullDiskEnrollmentTests(EnrollmentTestCase):
+    """The agent's enrollment with its state directory full (tests.test_enrollment.World)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.disk = FullDisk(room=None)
+        self.patch(statefiles, "os", self.disk)
+
+    def test_approvedOnAFullDiskServesAndStoresLater(self) -> None:
+        """
+        An approved device whose disk is full serves sessions; the certificate it is issued
+        cannot be stored, which one error line says, and it asks again an hour later: with
+        room by then it stores it, and the status file catches up, without a reconnect.
+        """
+        self.disk.room = 0
+        agent = self.world.agent("kiln7")
+        self.fleet.enrollDevice("kiln7", agent.key)
+        self.world.connect(agent)
+        self.assertTrue(self.world.reaches(self.admin, "kiln7", agent))
+        self.assertEqual(agent.enrollment.state, "approved")
+        self.assertEqual(names(agent.stateDir), [])
+        stored = [line for line in agent.log if "cannot store the new fleet certificate" in line]
+        self.assertEqual(len(stored), 1, agent.log)
+        self.assertIn(NO_SPACE, stored[0])
+        self.assertIn("asks again in 3600 s", stored[0])
+
+        self.disk.room = None
+        self.world.advance(CERTIFICATE_RETRY_DELAY)
+        self.assertEqual(names(agent.stateDir), sorted([CA_FILE, CERTIFICATE_FILE, STATUS_FILE]))
+        self.assertEqual(agent.status["state"], "approved")
+        self.assertIn("certificate_expires_at", agent.status)
+        self.assertTrue(agent.connected)
+
+    def test_renewalOnAFullDiskKeepsTheOldCertificate(self) -> None:
+        """
+        A renewal whose certificate cannot be written leaves the old one byte for byte (the
+        TLS transports present it), and the agent renews an hour later once there is room.
+        """
+        agent = self.world.enrolled("kiln7")
+        old = agent.certificatePEM
+        notBefore, notAfter = certificateLifetime(old)
+        self.disk.room = 0
+        self.world.advance(renewalDue(notBefore, notAfter) - self.world.now)
+        self.assertEqual(agent.certificatePEM, old)
+        self.assertEqual(names(agent.stateDir), sorted([CA_FILE, CERTIFICATE_FILE, STATUS_FILE]))
+        self.assertTrue(any("cannot store the new fleet certificate" in m for m in agent.log))
+        self.disk.room = None
+        self.world.advance(CERTIFICATE_RETRY_DELAY)
+        self.assertNotEqual(agent.certificatePEM, old)
+        self.assertGreater(certificateLifetime(agent.certificatePEM)[1], notAfter + DAY)
+
+    def test_pendingOnAFullDiskShowsItsCodeOnceThereIsRoom(self) -> None:
+        """
+        A pending device whose disk is full still registers a pairing code and logs it
+        (the status file cannot hold it); once there is room the status file is written
+        within a minute and C{tunnel-agent pair} prints the code.
+        """
+        self.disk.room = 0
+        agent = self.world.start("oven2")
+        self.assertEqual(agent.enrollment.state, "pending")
+        self.assertIsNotNone(self.fleet.registry.pendingFor(agent.fingerprint))
+        (line,) = [m for m in agent.log if m.startswith("pairing code ")]
+        code = line.split()[2]
+        self.assertEqual(agent_cli.main(["pair", "--state", str(agent.stateDir)]), 1)
+        self.disk.room = None
+        self.world.advance(STATUS_RETRY_DELAY)
+        self.assertEqual(agent.status["pairing_code"], code)
+        self.assertEqual(agent.status["state"], "pending")
