@@ -62,7 +62,7 @@ from groundcontrol.documents import (
     tokenJSON,
     ungrantJSON,
 )
-from groundcontrol.rekeyreview import rekeyRefusal
+from groundcontrol.rekeyreview import refusalText, rekeyRefusal
 from groundcontrol.store import (
     Device,
     EnrollmentRequest,
@@ -621,7 +621,7 @@ def _result(d: Deferred[_T]) -> _T:
             raise _UsageError(result.getErrorMessage())
         if result.check(StoreError, OSError, NotInitialised, HostKeyError, *databaseErrors()):
             # One line, even for a driver's multi-line message (libpq's hints).
-            lines = [line.strip() for line in result.getErrorMessage().splitlines()]
+            lines = [line.strip() for line in refusalText(result.value).splitlines()]
             raise _CommandError("; ".join(line for line in lines if line))
         result.raiseException()
     return result  # type: ignore[no-any-return]

@@ -9,7 +9,12 @@ new key (the store refuses one by name alone: L{RekeyNeedsKey}), and the refusal
 side by side, the key the device has and the key that asks: fingerprints, serials, when
 each was seen, where the request came from. The control shell's C{approve} and the admin
 CLI's C{device approve} print it; C{pending} and C{device list} show whether the
-serials match (L{groundcontrol.documents.serialMatches}).
+serials match (L{groundcontrol.documents.serialMatches}). Several keys asking for one
+name, approved or rejected by name alone, are refused with the same facts
+(L{AmbiguousRequest}, through L{refusalText}).
+
+The store's errors carry the facts; laying them out for people is done here, for both
+front ends.
 """
 
 from __future__ import annotations
@@ -18,9 +23,9 @@ from collections.abc import Sequence
 
 from accesstunnel.timetext import whenText
 from groundcontrol.devicedetail import clean, serialText
-from groundcontrol.store import Device, EnrollmentRequest, RekeyNeedsKey
+from groundcontrol.store import AmbiguousRequest, Device, EnrollmentRequest, RekeyNeedsKey
 
-__all__ = ["keysSideBySide", "rekeyRefusal"]
+__all__ = ["keysSideBySide", "refusalText", "rekeyRefusal"]
 
 
 def rekeyRefusal(refusal: RekeyNeedsKey, now: float, command: str = "") -> str:
@@ -48,14 +53,29 @@ def rekeyRefusal(refusal: RekeyNeedsKey, now: float, command: str = "") -> str:
     )
 
 
+def refusalText(error: BaseException) -> str:
+    """
+    What a front end prints for a store's refusal: for several keys asking for one name
+    (L{AmbiguousRequest}), what to do and the keys side by side, in lines; for any other
+    error, its own text.
+    """
+    if not isinstance(error, AmbiguousRequest):
+        return str(error)
+    heading = (
+        f"{len(error.requests)} pending requests ask for {error.name!r}; "
+        "choose one by fingerprint (--key SHA256:...):"
+    )
+    return "\n".join([heading, *keysSideBySide(error.device, error.requests, error.now)])
+
+
 def keysSideBySide(
     device: Device | None, requests: Sequence[EnrollmentRequest], now: float
 ) -> list[str]:
     """
     The key C{device} has (when the name is an approved device's) above each key that asks
     for its name: fingerprints, serials (whether each is the device's), when each was
-    seen, where each request came from. What L{rekeyRefusal} and the store's
-    L{AmbiguousRequest} show, so an admin compares the same facts in both.
+    seen, where each request came from. What L{rekeyRefusal} and L{refusalText} (for
+    L{AmbiguousRequest}) show, so an admin compares the same facts in both.
     """
     lines = []
     if device is not None:

@@ -1,7 +1,8 @@
 """
 What an admin is shown to decide a re-key: whether a request's serial matches the device's
 (documents.serialMatches, the C{serial_matches} of C{pending} and C{device list}) and the
-refusal of an approve by name alone (rekeyreview.rekeyRefusal).
+refusal of an approve by name alone (rekeyreview.rekeyRefusal), and of an approve or
+reject by name alone when several keys ask for it (rekeyreview.refusalText).
 """
 
 from __future__ import annotations
@@ -10,8 +11,14 @@ import attrs
 from twisted.trial.unittest import SynchronousTestCase
 
 from groundcontrol.documents import requestJSON, serialMatches
-from groundcontrol.rekeyreview import rekeyRefusal
-from groundcontrol.store import Device, EnrollmentRequest, RekeyNeedsKey
+from groundcontrol.rekeyreview import refusalText, rekeyRefusal
+from groundcontrol.store import (
+    AmbiguousRequest,
+    Device,
+    EnrollmentRequest,
+    RekeyNeedsKey,
+    UnknownDevice,
+)
 
 T0 = 1_700_000_000.0
 
@@ -92,3 +99,51 @@ class RekeyRefusalTests(SynchronousTestCase):
         text = rekeyRefusal(RekeyNeedsKey(DEVICE, request), T0, "")
         self.assertFalse([c for c in text if c != "\n" and not c.isprintable()], text)
         self.assertEqual(len(text.splitlines()), 9)
+
+
+class AmbiguousRefusalTests(SynchronousTestCase):
+    """
+    The text C{approve} and C{reject} print (control shell and CLI) when several keys ask
+    for a name: the store's error carries the facts, refusalText lays them out.
+    """
+
+    def test_newName(self) -> None:
+        """
+        No device yet: the requests' keys, one a line, under what to do. The store's own
+        text (for a log) is one line.
+        """
+        other = attrs.evolve(REQUEST, fingerprint="SHA256:other", serial=None, kind="new")
+        refusal = AmbiguousRequest(
+            "kiln7", [attrs.evolve(REQUEST, kind="new"), other], None, T0 + 3660
+        )
+        self.assertEqual(
+            str(refusal),
+            "2 pending requests ask for 'kiln7'; choose one by fingerprint: SHA256:new, "
+            "SHA256:other",
+        )
+        self.assertEqual(
+            refusalText(refusal).splitlines(),
+            [
+                "2 pending requests ask for 'kiln7'; choose one by fingerprint (--key SHA256:...):",
+                "  request's key  SHA256:new  serial SN-1  from 203.0.113.9:4000  "
+                "first seen 2023-11-14T23:13:20Z (60 s ago)",
+                "  request's key  SHA256:other  serial -  from 203.0.113.9:4000  "
+                "first seen 2023-11-14T23:13:20Z (60 s ago)",
+            ],
+        )
+
+    def test_approvedName(self) -> None:
+        """An approved device's name: its key first, as the re-key refusal shows it."""
+        refusal = AmbiguousRequest("kiln7", [REQUEST, REQUEST], DEVICE, T0 + 3660)
+        lines = refusalText(refusal).splitlines()
+        self.assertEqual(
+            lines[1],
+            "  device's key   SHA256:old  serial SN-1  last seen 2023-11-14T22:14:20Z (60 min ago)",
+        )
+        self.assertEqual(
+            rekeyRefusal(RekeyNeedsKey(DEVICE, REQUEST), T0 + 3660).splitlines()[1:3], lines[1:3]
+        )
+
+    def test_otherErrors(self) -> None:
+        """Any other error is printed as its own text."""
+        self.assertEqual(refusalText(UnknownDevice("no device 'x'")), "no device 'x'")

@@ -9,6 +9,7 @@ before. On SQLite and PostgreSQL.
 from __future__ import annotations
 
 from groundcontrol.documents import auditEventJSON
+from groundcontrol.rekeyreview import refusalText
 from groundcontrol.store import AmbiguousRequest, RekeyNeedsKey
 from tests.test_store import T0, StoreTestCase, bothBackends, fingerprint, newPublicKey
 
@@ -108,7 +109,8 @@ class RekeyApprovalTests(StoreTestCase):
         """
         Two keys asking for an approved name: approve (and reject) by name is refused,
         with the device's key and both requests' side by side, as the re-key refusal
-        shows one: serials (whether each matches), sources, when each was seen.
+        shows one: serials (whether each matches), sources, when each was seen. The
+        store's error carries those facts; the front ends' words for it are refusalText's.
         """
         device = fingerprint(self.approvedWithSerial("kiln7", "SN-1"))
         first, second = newPublicKey(), newPublicKey()
@@ -129,4 +131,11 @@ class RekeyApprovalTests(StoreTestCase):
             self.store.approveDevice("kiln7", "root", T0 + 60),
             self.store.rejectRequest("kiln7", "root", T0 + 60),
         ):
-            self.assertEqual(str(self.failureOf(refused, AmbiguousRequest)), expected)
+            error = self.failureOf(refused, AmbiguousRequest)
+            assert isinstance(error, AmbiguousRequest)
+            self.assertEqual(refusalText(error), expected)
+            assert error.device is not None
+            self.assertEqual(
+                (error.device.fingerprint, error.fingerprints, error.now),
+                (device, (fingerprint(first), fingerprint(second)), T0 + 60),
+            )

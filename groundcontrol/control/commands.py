@@ -55,7 +55,7 @@ from groundcontrol.documents import (
 )
 from groundcontrol.enrollment import hashSecret, normaliseCode
 from groundcontrol.registry import Registry
-from groundcontrol.rekeyreview import rekeyRefusal
+from groundcontrol.rekeyreview import refusalText, rekeyRefusal
 from groundcontrol.store import (
     Account,
     ClaimCodeExpired,
@@ -170,7 +170,7 @@ async def runCommand(context: ControlContext, argv: list[str]) -> CommandResult:
     except UsageError as e:
         return CommandResult(stderr=f"{name}: {e}\n", status=2)
     except StoreError as e:
-        return CommandResult(stderr=f"{name}: {e}\n", status=1)
+        return CommandResult(stderr=f"{name}: {refusalText(e)}\n", status=1)
 
 
 def _clean(text: object) -> str:

@@ -53,10 +53,10 @@ class AmbiguousRequest(StoreError):
     Several pending requests ask for the same device name and none was chosen.
 
     Approving one of them by name alone would let whichever agent asked first (or last)
-    win, so the operator has to pick a fingerprint. The message lays the keys out side by
-    side, as the re-key refusal does (L{groundcontrol.rekeyreview.keysSideBySide}): the
-    device's key, if C{device} is the name's approved device, and each request's, with
-    serials, sources and when each was seen (relative to C{now}).
+    win, so the operator has to pick a fingerprint. The error carries what the pick needs:
+    each request, the name's approved device if there is one (C{device}), and when the
+    store refused (C{now}); the front ends lay the keys out side by side
+    (L{groundcontrol.rekeyreview.refusalText}).
     """
 
     def __init__(
@@ -66,18 +66,15 @@ class AmbiguousRequest(StoreError):
         device: Device | None,
         now: float,
     ) -> None:
-        # Imported here: the presentation module imports the store.
-        from groundcontrol.rekeyreview import keysSideBySide
-
         self.name = name
         self.requests = tuple(requests)
         self.fingerprints = tuple(r.fingerprint for r in self.requests)
         self.device = device
-        heading = (
+        self.now = now
+        super().__init__(
             f"{len(self.fingerprints)} pending requests ask for {name!r}; "
-            "choose one by fingerprint (--key SHA256:...):"
+            f"choose one by fingerprint: {', '.join(self.fingerprints)}"
         )
-        super().__init__("\n".join([heading, *keysSideBySide(device, self.requests, now)]))
 
 
 class RekeyNeedsKey(StoreError):
@@ -89,7 +86,8 @@ class RekeyNeedsKey(StoreError):
     would let an admin's habit hand the device's identity (its operators' sessions, their
     forwarded agents, their files) to a stranger. Replacing an approved device's key is
     done by naming the new key: C{approve NAME --key SHA256:...}. L{device} and L{request}
-    are what the admin needs to decide (L{groundcontrol.rekeyreview} lays them out).
+    are what the admin needs to decide (L{groundcontrol.rekeyreview.rekeyRefusal} lays
+    them out).
     """
 
     def __init__(self, device: Device, request: EnrollmentRequest) -> None:
