@@ -197,11 +197,12 @@ def test_webhook_retried_until_delivered(fleet: Fleet, hook: _Hook) -> None:
     """
     With --webhook, a new pending device is POSTed as JSON (event device.pending) to a
     real local HTTP server; the two 503 answers are retried, and the third attempt
-    delivers it.
+    delivers it. Once it is approved, another board's new key asking for its name is
+    POSTed as device.rekey-requested saying its serial does not match (serial_matches).
     """
     fleet.gc.stop()
     fleet.startServer("--webhook", hook.url)
-    _startAgent(fleet, "hooked1")
+    _startAgent(fleet, "hooked1", "--serial", "SN-1")
     fleet.waitPending("hooked1")
     posts = waitFor(lambda: len(p := hook.snapshot()) >= 3 and p, 30, "three webhook attempts")
     assert [p["body"]["event"] for p in posts[:3]] == ["device.pending"] * 3
@@ -211,6 +212,18 @@ def test_webhook_retried_until_delivered(fleet: Fleet, hook: _Hook) -> None:
     assert len({json.dumps(p["body"], sort_keys=True) for p in posts[:3]}) == 1
     log = fleet.gc.process.output() if fleet.gc.process else ""
     assert "webhook attempt 1/" in log and "HTTP 503" in log
+
+    fleet.gc.cli("device", "approve", "hooked1")
+    fleet.addAgent("hooked1", approve=False, stateName="hooked1-b", extraArgs=("--serial", "SN-2"))
+    rekey = waitFor(
+        lambda: next(
+            (p for p in hook.snapshot() if p["body"]["event"] == "device.rekey-requested"), None
+        ),
+        30,
+        "the re-key request's webhook",
+    )
+    assert (rekey["body"]["device"], rekey["body"]["detail"]["serial"]) == ("hooked1", "SN-2")
+    assert rekey["body"]["detail"]["serial_matches"] == "no"
 
 
 def test_init_keeps_existing_keys(tmp_path: Path) -> None:
