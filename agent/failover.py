@@ -212,7 +212,8 @@ class FailoverEndpoint:
             except (defer.CancelledError, defer.TimeoutError):
                 reason = f"no connection in {self._timeoutFor(connector):g} s"
             except Exception as e:  # every failure is a reason to try the next one
-                reason = str(e) or type(e).__name__
+                # Without Twisted's closing period: the reasons are joined with "; ".
+                reason = reasonText(e)
             failures.append(f"{connector.description}: {reason}")
             self._log.info(
                 "could not reach {address}: {reason}", address=connector.description, reason=reason

@@ -67,7 +67,7 @@ class RetryLineTests(SynchronousTestCase):
         """
         lines = [formatEvent(e) for e in self.written(LogLevel.info)]
         self.assertIn(
-            f"could not reach {ADDRESSES[1]}: Connection was refused by other side.", lines
+            f"could not reach {ADDRESSES[1]}: Connection was refused by other side", lines
         )
         [retry] = [line for line in lines if "retry" in line]
         self.assertRegex(
