@@ -209,6 +209,10 @@ class StatusFile:
         self._retry: IDelayedCall | None = None
         self._failing = False
 
+    def get(self, key: str) -> Any:
+        """What the agent last said for C{key} (None if nothing)."""
+        return self._status.get(key)
+
     def update(self, **fields: Any) -> None:
         self._status.update(fields)
         self._status["updated_at"] = isoTime(time.time())
@@ -405,6 +409,11 @@ class Enrollment:
             notBefore = notAfter = 0.0
         now = self._clock.seconds()
         if not force and notAfter and now < renewalDue(notBefore, notAfter):
+            # A new agent process knows its certificate's expiry only from the file: say it
+            # in the status, or a restart leaves it out until the next renewal.
+            expires = isoTime(notAfter)
+            if self.status.get("certificate_expires_at") != expires:
+                self.status.update(certificate_expires_at=expires)
             self._scheduleRenewal(notBefore, notAfter)
             return
         try:

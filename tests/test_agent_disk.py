@@ -37,6 +37,7 @@ from agent.enrollment import (
 )
 from agent.failover import FailoverEndpoint
 from agent.identity import DEVICE_KEY_FILE, IdentityError, loadOrCreateDeviceKey
+from groundcontrol.testing import resultNow
 from tests.test_enrollment import DAY, EnrollmentTestCase
 from tests.test_failover import LinkFactory, connector
 
@@ -310,3 +311,20 @@ class FullDiskEnrollmentTests(EnrollmentTestCase):
         self.world.advance(STATUS_RETRY_DELAY)
         self.assertEqual(agent.status["pairing_code"], code)
         self.assertEqual(agent.status["state"], "pending")
+
+    def test_restartKeepsTheCertificateExpiryInStatus(self) -> None:
+        """
+        A restarted agent (a new process: a new Enrollment on a copy of the state directory)
+        whose certificate is still good says its expiry in the status file, as the one
+        that stored it did (before, the hello's write dropped it until the next renewal).
+        """
+        agent = self.world.enrolled("kiln7")
+        expires = agent.status["certificate_expires_at"]
+        self.world.disconnect(agent)
+        restarted = self.world.agent("kiln7", key=agent.key)
+        for name in (CERTIFICATE_FILE, CA_FILE, STATUS_FILE):
+            (restarted.stateDir / name).write_bytes((agent.stateDir / name).read_bytes())
+        self.world.connect(restarted)
+        self.assertEqual(restarted.status["state"], "approved")
+        self.assertEqual(restarted.status["certificate_expires_at"], expires)
+        self.assertEqual(len(resultNow(self.fleet.store.listCertificates("kiln7"))), 1)
