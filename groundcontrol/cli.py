@@ -64,6 +64,7 @@ from groundcontrol.documents import (
 )
 from groundcontrol.rekeyreview import refusalText, rekeyRefusal
 from groundcontrol.store import (
+    AmbiguousRequest,
     Device,
     EnrollmentRequest,
     InvalidName,
@@ -619,9 +620,13 @@ def _result(d: Deferred[_T]) -> _T:
     if isinstance(result, Failure):
         if result.check(InvalidName):
             raise _UsageError(result.getErrorMessage())
+        if result.check(AmbiguousRequest):
+            # The keys side by side, one a line, as the control shell and the re-key
+            # refusal print them (not run together on the line below).
+            raise _CommandError(refusalText(result.value))
         if result.check(StoreError, OSError, NotInitialised, HostKeyError, *databaseErrors()):
             # One line, even for a driver's multi-line message (libpq's hints).
-            lines = [line.strip() for line in refusalText(result.value).splitlines()]
+            lines = [line.strip() for line in result.getErrorMessage().splitlines()]
             raise _CommandError("; ".join(line for line in lines if line))
         result.raiseException()
     return result  # type: ignore[no-any-return]

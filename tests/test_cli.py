@@ -250,11 +250,21 @@ def test_deviceListJSON(data: Path, store: SQLiteStore, capsys: pytest.CaptureFi
 def test_approveAmbiguousThenByKey(
     data: Path, store: SQLiteStore, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Two requests for one name: approve alone fails listing both; --key picks one."""
+    """
+    Two requests for one name: approve alone fails listing both, one a line, as ctl
+    prints them; --key picks one.
+    """
     first, second = contact(store, "kiln7"), contact(store, "kiln7")
     status, _, err = run(capsys, "--data", str(data), "device", "approve", "kiln7")
     assert status == 1
-    assert fingerprint(first) in err and fingerprint(second) in err
+    lines = err.splitlines()
+    assert lines[0] == (
+        "groundcontrol: error: 2 pending requests ask for 'kiln7'; choose one by fingerprint "
+        "(--key SHA256:...):"
+    ), lines
+    assert len(lines) == 3, lines
+    for line, key in zip(lines[1:], (first, second), strict=True):
+        assert line.startswith(f"  request's key  {fingerprint(key)}  serial "), lines
     status, _, _ = run(
         capsys, "--data", str(data), "device", "approve", "kiln7", "--key", fingerprint(second)
     )
