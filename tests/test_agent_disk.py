@@ -142,6 +142,16 @@ def test_firstStartOnAFullDisk(tmp_path: Path, disk: FullDisk) -> None:
     )
 
 
+def test_stateDirectoryThatCannotBeMade(tmp_path: Path) -> None:
+    """
+    A state directory that cannot be made (here its parent is a file; on a full ext4 card,
+    ENOSPC) is a clear error, not a traceback from twistd.
+    """
+    (tmp_path / "var").write_bytes(b"")
+    with pytest.raises(IdentityError, match=r"cannot make the state directory .*var/state"):
+        loadOrCreateDeviceKey(tmp_path / "var" / "state")
+
+
 def test_keyCutShortLeavesNoKey(tmp_path: Path, disk: FullDisk) -> None:
     """A key whose write runs out of room half way is not left behind, half a key."""
     disk.room = 100
