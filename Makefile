@@ -26,7 +26,7 @@ DEMO_SYSDEPS := ssh=openssh-client ssh-keygen=openssh-client
 TEST_SYSDEPS := $(DEMO_SYSDEPS) scp=openssh-client sftp=openssh-client sshd=openssh-server \
 	rsync=rsync tmux=tmux initdb=postgresql pg_ctl=postgresql tinyproxy=tinyproxy tor=tor \
 	ip=iproute2 sshfs=sshfs Xvfb=xvfb xdpyinfo=x11-utils xauth=xauth curl=curl vim=vim \
-	openssl=openssl
+	openssl=openssl faketime=faketime
 
 # $(call sysdeps,PAIRS): install the Debian packages for missing commands (and python3-venv if
 # the venv cannot be made yet) with one apt-get update; without root, name them and fail.

@@ -27,6 +27,13 @@ do but look again later) then waits in a one-second bucket instead of a timer
 of its own. On groundcontrol with 10,000 agent links that is ~333 looks a
 second without a DelayedCall each (one heap push and pop in the reactor,
 ~14 Python comparisons each), and at most one wake-up a second for all of them.
+
+Silence is measured on a clock that does not step (L{accesstunnel.clocks.elapsedClock}):
+the monotonic clock under a reactor that times with the wall clock (groundcontrol's), the
+reactor's own under one that does not (the agent's). Measured on the wall clock, a step
+forward by less than the deadline (NTP stepping groundcontrol's clock by half a minute)
+added the step to every link's silence and dropped most agent links at once: a reconnect
+storm of the whole fleet.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+
+from accesstunnel.clocks import elapsedClock, wallClock
 
 DEFAULT_INTERVAL = 15.0
 DEFAULT_COUNT = 3
@@ -80,6 +89,10 @@ class KeepaliveSweep:
         bucket.append(keepalive)
         return slot
 
+    def fileIn(self, keepalive: Keepalive, delay: float) -> int:
+        """L{file} C{keepalive}'s look C{delay} seconds from now (of the sweep's clock)."""
+        return self.file(keepalive, self._clock.seconds() + delay)
+
     def __len__(self) -> int:
         """Looks filed and not yet run (stopped keepalives' included)."""
         return sum(len(b) for b in self._buckets.values())
@@ -108,7 +121,7 @@ class Keepalive:
     """
     Watch one connection for silence.
 
-    @ivar lastReceived: when the peer last sent anything (clock seconds).
+    @ivar lastReceived: when the peer last sent anything (seconds of L{now}).
     """
 
     _log = Logger()
@@ -123,6 +136,7 @@ class Keepalive:
         probeAfter: float | None = None,
         sweep: KeepaliveSweep | None = None,
         align: float | None = None,
+        elapsed: Callable[[], float] | None = None,
     ) -> None:
         """
         @param probeAfter: seconds of silence before the first ping (default:
@@ -138,6 +152,10 @@ class Keepalive:
             C{align} seconds of the clock at or after each interval (so the
             pings of a whole fleet on synchronised clocks arrive together and
             the server answers many in one wake-up); the deadline stays exact.
+            The seconds are the wall clock's (L{accesstunnel.clocks.wallClock}),
+            which is what fleets synchronise, whatever C{clock} times with.
+        @param elapsed: the clock silence is measured on (default:
+            L{accesstunnel.clocks.elapsedClock} of C{clock}, one that does not step).
         """
         if interval <= 0 or count < 1:
             raise ValueError("keepalive interval must be positive and count at least 1")
@@ -147,8 +165,10 @@ class Keepalive:
         if probeAfter is not None and not interval <= probeAfter <= interval * count:
             raise ValueError("keepalive probeAfter must be between interval and interval * count")
         self._clock = clock
-        #: The clock's C{seconds}, for callers that do what L{received} does inline.
-        self.now = clock.seconds
+        #: The clock silence is measured on, for callers that do what L{received} does
+        #: inline. Timers still run on C{clock}: only the delays given it come from here.
+        self.now = elapsedClock(clock) if elapsed is None else elapsed
+        self._wall = wallClock(clock)
         self._sendPing = sendPing
         self._onDead = onDead
         self.interval = interval
@@ -161,7 +181,7 @@ class Keepalive:
         self._sweep = sweep if self._passive and fits else None
         #: The sweep slot this keepalive's next look is filed in, if any.
         self._filed: int | None = None
-        self.lastReceived = clock.seconds()
+        self.lastReceived = self.now()
         self._timer: IDelayedCall | None = None
         self._due = self.lastReceived
         self._lastCheck = self.lastReceived
@@ -173,7 +193,7 @@ class Keepalive:
 
     def start(self) -> None:
         """Begin watching; silence is counted from now."""
-        self.lastReceived = self._lastCheck = self._clock.seconds()
+        self.lastReceived = self._lastCheck = self.now()
         if self._passive:
             self._look(self.probeAfter)
         else:
@@ -191,14 +211,14 @@ class Keepalive:
         self.lastReceived = self.now()
 
     def _schedule(self, delay: float) -> None:
-        self._due = self._clock.seconds() + delay
+        self._due = self.now() + delay
         self._timer = self._clock.callLater(delay, self._check)
 
     def _nextInterval(self) -> float:
         """Seconds to the next interval check: one interval, or to the aligned time after it."""
         if self._align is None:
             return self.interval
-        now = self._clock.seconds()
+        now = self._wall()
         return math.ceil((now + self.interval) / self._align) * self._align - now
 
     def _look(self, delay: float) -> None:
@@ -206,8 +226,8 @@ class Keepalive:
         if self._sweep is None:
             self._schedule(delay)
             return
-        self._due = self._clock.seconds() + delay
-        self._filed = self._sweep.file(self, self._due)
+        self._due = self.now() + delay
+        self._filed = self._sweep.fileIn(self, delay)
 
     def _sweepLook(self, slot: int) -> None:
         """The sweep runs the look filed in C{slot} (unless stopped or refiled since)."""
@@ -218,15 +238,16 @@ class Keepalive:
 
     def _check(self) -> None:
         self._timer = None
-        now = self._clock.seconds()
+        now = self.now()
         previousCheck, self._lastCheck = self._lastCheck, now
         if now < self.lastReceived:
-            # The clock went back: count silence from now, not from the future.
+            # The clock went back (a test's clock, or an elapsed clock given that steps):
+            # count silence from now, not from the future.
             self.lastReceived = now
         if now - self._due >= self.deadline:
-            # The check ran a whole deadline late: the clock jumped forward or the process
-            # was stopped. Silence we did not watch is no verdict: ask now, and judge from
-            # the answer (dead after count - 1 more intervals without one).
+            # The check ran a whole deadline late: the process was stopped (or a test's
+            # clock jumped forward). Silence we did not watch is no verdict: ask now, and
+            # judge from the answer (dead after count - 1 more intervals without one).
             self.lastReceived = max(self.lastReceived, now - self.interval)
             previousCheck = self.lastReceived
         silence = now - self.lastReceived

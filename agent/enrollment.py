@@ -13,6 +13,12 @@ whether groundcontrol knows it as approved or pending.
     operator claims with ``ssh ctl@groundcontrol claim CODE``. Codes expire
     within minutes and are replaced while the device still waits.
 
+The agent's timers run on the monotonic clock (L{accesstunnel.clocks}); certificate
+dates are the wall clock's, which may be stepped while a renewal waits (NTP's first
+sync on a board that booted in 1970). So the dates are looked at again at least every
+L{WALL_CLOCK_RECHECK} seconds and at every link-up, and a certificate that looks
+not yet valid or already due the moment it is issued says the device's clock is off.
+
 Everything it learns goes to ``STATE/status.json`` so that people on the
 device (and ``tunnel-agent pair``) can see it, in the JSON vocabulary of the
 server's ``--json`` output: snake_case keys, ISO 8601 UTC times with a ``Z``.
@@ -32,6 +38,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from accesstunnel.clocks import wallClock
 from accesstunnel.enrollmessages import (
     CERTIFICATE,
     CLAIM_CODE,
@@ -55,6 +62,10 @@ CERTIFICATE_RETRY_DELAY = 3600.0
 
 #: After a pairing code could not be registered, when to offer another.
 PAIRING_CODE_RETRY_DELAY = 60.0
+
+#: The longest the agent waits before it compares its certificate's dates with the wall
+#: clock again (timers run on the monotonic clock: a step of the wall clock moves no timer).
+WALL_CLOCK_RECHECK = 3600.0
 
 #: After the status file could not be written (a full disk), when to try again.
 STATUS_RETRY_DELAY = 60.0
@@ -271,6 +282,7 @@ class Enrollment:
         self._tags = tags
         self.stateDir = stateDir
         self._clock = clock
+        self._wall = wallClock(clock)
         self._requestedName = requestedName
         self._serial = serial
         self._version = version
@@ -371,7 +383,7 @@ class Enrollment:
         if self.state != "pending" or self._conn is None:
             return
         code = self._newCode()
-        expires = self._clock.seconds() + PAIRING_CODE_LIFETIME
+        expires = self._wall() + PAIRING_CODE_LIFETIME
         try:
             reply = await self._request(CLAIM_CODE, {"code": code})
         except Exception as e:
@@ -407,7 +419,7 @@ class Enrollment:
             notBefore, notAfter = certificateLifetime(certificatePath.read_bytes())
         except (OSError, ValueError):
             notBefore = notAfter = 0.0
-        now = self._clock.seconds()
+        now = self._wall()
         if not force and notAfter and now < renewalDue(notBefore, notAfter):
             # A new agent process knows its certificate's expiry only from the file: say it
             # in the status, or a restart leaves it out until the next renewal.
@@ -451,6 +463,16 @@ class Enrollment:
         expires = isoTime(notAfter)
         self._log.info("fleet certificate stored, valid until {expires}", expires=expires)
         self.status.update(certificate_expires_at=expires)
+        now = self._wall()
+        if not notBefore <= now < renewalDue(notBefore, notAfter):
+            self._log.warn(
+                "this device's clock says {now}, but the fleet certificate just issued is "
+                "valid from {notBefore} until {notAfter}: is the clock set? (its dates are "
+                "looked at again in an hour)",
+                now=isoTime(now),
+                notBefore=isoTime(notBefore),
+                notAfter=expires,
+            )
         self._scheduleRenewal(notBefore, notAfter)
 
     def _retryCertificate(self) -> None:
@@ -461,7 +483,13 @@ class Enrollment:
             self._schedule(CERTIFICATE_RETRY_DELAY, self._ensureCertificate)
 
     def _scheduleRenewal(self, notBefore: float, notAfter: float) -> None:
-        delay = max(renewalDue(notBefore, notAfter) - self._clock.seconds(), 1.0)
+        """
+        Look at the certificate again when it is due, or in L{WALL_CLOCK_RECHECK} if
+        that is sooner (the wall clock may step meanwhile) or if it is due already (only
+        a certificate just issued, to a device whose clock is off: not every second).
+        """
+        untilDue = renewalDue(notBefore, notAfter) - self._wall()
+        delay = untilDue if 0 < untilDue < WALL_CLOCK_RECHECK else WALL_CLOCK_RECHECK
         self._schedule(delay, self._ensureCertificate)
 
     # -- the one timer -----------------------------------------------------------

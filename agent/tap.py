@@ -23,6 +23,7 @@ from accesstunnel.addresses import (
     clientConnector,
     parseAddress,
 )
+from accesstunnel.clocks import useMonotonicTimers
 from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL
 from accesstunnel.logfilter import (
     DEFAULT_LEVEL,
@@ -372,6 +373,10 @@ def configureLogging(top: LogObserverService, options: Options) -> None:
 def makeService(options: Options) -> service.Service:
     from twisted.internet import reactor
 
+    # Timers on the monotonic clock, the wall clock kept for dates (accesstunnel.clocks):
+    # a device's clock steps (NTP's first sync, date -s), and a step must move no timer.
+    # Here, not in buildService, so twistd's reactor and tunnel-agentd's both get it.
+    useMonotonicTimers(reactor)
     openfiles.raiseForTheAgent()  # one line; the sessions' children keep today's limit
     try:
         top = buildService(options.toConfig(), reactor)
