@@ -36,6 +36,7 @@ that it has the session user's file access.
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import os
 import pwd
 import signal
@@ -121,6 +122,15 @@ class _Payload:
         """Refuse trailing bytes."""
         if self._data:
             raise BadRequestError("trailing bytes")
+
+
+def _hostAndPort(payload: _Payload) -> tuple[str, int]:
+    """An IP address and a port: what goes into SSH_CONNECTION must be nothing else."""
+    host = ipaddress.ip_address(payload.text())  # ValueError: refused
+    port = payload.uint32()
+    if port > 0xFFFF:
+        raise BadRequestError("port out of range")
+    return str(host), port
 
 
 def _defaultUser() -> pwd.struct_passwd:
@@ -273,6 +283,7 @@ class SessionChannel(EndpointChannel):
         b"auth-agent-req@openssh.com": "_agentRequest",
         b"x11-req": "_x11Request",
         b"login-user@accesstunnel": "_loginUserRequest",
+        b"client-address@accesstunnel": "_clientAddressRequest",
     }
 
     def __init__(
@@ -307,6 +318,8 @@ class SessionChannel(EndpointChannel):
         self._loginUserChosen = False
         #: Variables the forwardings add to the child's environment.
         self._forwardVariables: dict[str, str] = {}
+        #: SSH_CLIENT and SSH_CONNECTION, as groundcontrol saw the operator's connection.
+        self._connectionVariables: dict[str, str] = {}
         self._agentForwarding: Any = None  # agentforward.AgentForwarding
         self._x11: Any = None  # x11.X11Forwarding
         self.forwardingStopped: defer.Deferred[Any] = defer.succeed(None)
@@ -512,6 +525,24 @@ class SessionChannel(EndpointChannel):
 
         return installed.addCallback(done)
 
+    def _clientAddressRequest(self, payload: _Payload) -> bool:
+        """
+        groundcontrol says where the operator's connection came from and where it
+        arrived (address and port of each), before any of the operator's requests:
+        the child gets SSH_CLIENT and SSH_CONNECTION as under sshd. Scripts read them,
+        and bash reads ~/.bashrc for a command run over ssh only when SSH_CLIENT is set.
+        """
+        clientHost, clientPort = _hostAndPort(payload)
+        serverHost, serverPort = _hostAndPort(payload)
+        payload.end()
+        if self._started:
+            return False
+        self._connectionVariables = {
+            "SSH_CLIENT": f"{clientHost} {clientPort} {serverPort}",
+            "SSH_CONNECTION": f"{clientHost} {clientPort} {serverHost} {serverPort}",
+        }
+        return True
+
     def _loginUserRequest(self, payload: _Payload) -> bool:
         """
         groundcontrol says whom this session runs as (the operator's grant names a login
@@ -595,6 +626,7 @@ class SessionChannel(EndpointChannel):
         if self._terminal is not None:
             variables["TERM"] = self._terminal.term
             variables["SSH_TTY"] = self._terminal.name
+        variables.update(self._connectionVariables)
         variables.update(self._forwardVariables)
         variables.update(self._variables)
         return variables

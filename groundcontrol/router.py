@@ -27,6 +27,7 @@ from twisted.logger import Logger
 
 from accesstunnel.channel import DEFAULT_MAX_PACKET, DEFAULT_WINDOW, LINK_MAX_PACKET
 from accesstunnel.timetext import absoluteTime, relativeTime
+from groundcontrol.clientaddress import CLIENT_ADDRESS_REQUEST, clientAddressPayload
 from groundcontrol.control import ControlChannel, ControlContext
 from groundcontrol.forwarding import MalformedPayload, parseForwardRequest
 from groundcontrol.registry import Registry
@@ -235,6 +236,10 @@ class SessionRouter:
                     f"device {link.deviceName!r} cannot run sessions as {loginUser!r} "
                     "(its agent must run as root, and the user exist there)"
                 ) from None
+        addresses = clientAddressPayload(operatorConn) if channelType == b"session" else None
+        if addresses is not None:
+            # No reply wanted: an older agent refuses it and the session goes on without.
+            deviceSide.sendRequestInOrder(CLIENT_ADDRESS_REQUEST, addresses, wantReply=False)
         operatorSide = RelayChannel(
             localWindow=DEFAULT_WINDOW,
             localMaxPacket=DEFAULT_MAX_PACKET,
