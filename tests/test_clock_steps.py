@@ -1,0 +1,350 @@
+"""
+The wall clock steps (accesstunnel/clocks.py): the agent times on the monotonic clock and
+reads the wall clock only for dates; groundcontrol times on the wall clock but measures a
+link's silence on the monotonic one.
+
+Each test has two clocks: a C{task.Clock} that runs the timers, and a wall clock that the
+test steps on its own, as NTP steps a device's C{CLOCK_REALTIME} and leaves
+C{CLOCK_MONOTONIC} alone. tests/e2e/test_clock_steps.py runs a real agent under libfaketime.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.selectreactor import SelectReactor
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from accesstunnel.clocks import elapsedClock, useMonotonicTimers, wallClock
+from accesstunnel.keepalive import Keepalive, KeepaliveSweep
+from agent.enrollment import WALL_CLOCK_RECHECK, certificateLifetime, renewalDue
+from groundcontrol.sshserver import agentProbeAfter
+from groundcontrol.testing import resultNow
+from tests.test_enrollment import DAY, HOUR, AgentUnderTest, World
+
+INTERVAL = 15.0
+COUNT = 3
+
+#: Where the device's clock is before NTP's first sync: 12 seconds after the epoch.
+BOOTED_IN_1970 = 12.0
+
+
+class SteppingWallClock:
+    """A wall clock that follows a timer clock, offset by steps the test makes."""
+
+    def __init__(self, timers: Clock, offset: float = 0.0) -> None:
+        self._timers = timers
+        self.offset = offset
+
+    def __call__(self) -> float:
+        return self._timers.seconds() + self.offset
+
+    def step(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+def deviceClock(start: float = 1_000_000.0) -> tuple[Clock, SteppingWallClock]:
+    """The agent's clocks: timers on a Clock (monotonic), and a wall clock beside it."""
+    clock = Clock()
+    clock.advance(start)
+    wall = SteppingWallClock(clock, offset=1_800_000_000.0 - start)
+    clock.wallSeconds = wall  # type: ignore[attr-defined]
+    return clock, wall
+
+
+class MonotonicTimersTests(SynchronousTestCase):
+    """L{useMonotonicTimers} on one of Twisted's reactors (made here, never run)."""
+
+    def setUp(self) -> None:
+        self.reactor: Any = SelectReactor()
+        self.addCleanup(self.reactor.waker.connectionLost, None)
+        self.wallNow = 1_800_000_000.0
+        self.monotonicNow = 500.0
+        self.reactor.seconds = lambda: self.wallNow  # Twisted's default: the wall clock
+        self.ran: list[str] = []
+
+    def convert(self) -> None:
+        useMonotonicTimers(
+            self.reactor, monotonic=lambda: self.monotonicNow, wall=lambda: self.wallNow
+        )
+
+    def test_pendingCallsKeepTheirDelays(self) -> None:
+        """
+        Calls scheduled before the switch (in the reactor's heap, or still new) are due
+        the same number of seconds later, on the monotonic clock.
+        """
+        first = self.reactor.callLater(10, self.ran.append, "first")
+        self.reactor._insertNewDelayedCalls()  # in the heap, as after a reactor iteration
+        second = self.reactor.callLater(20, self.ran.append, "second")
+        self.convert()
+        self.assertEqual((first.getTime(), second.getTime()), (510.0, 520.0))
+        self.assertEqual(self.reactor.seconds(), 500.0)
+        self.assertEqual(self.reactor.callLater(5, print).getTime(), 505.0)
+        self.assertEqual(wallClock(self.reactor)(), self.wallNow)
+        self.monotonicNow += 10
+        self.reactor.runUntilCurrent()
+        self.assertEqual(self.ran, ["first"])
+
+    def test_wallClockStepsMoveNoTimer(self) -> None:
+        """
+        After the switch a step of the wall clock, either way, changes neither when a
+        timer is due nor how long the reactor may sleep.
+        """
+        self.convert()
+        call = self.reactor.callLater(30, self.ran.append, "check")
+        self.reactor._insertNewDelayedCalls()
+        for step in (+86400.0, -2 * 86400.0, -50 * 365 * 86400.0):
+            self.wallNow += step
+            self.reactor.runUntilCurrent()
+            self.assertEqual(self.ran, [])
+            self.assertEqual(self.reactor.timeout(), 30.0)
+        self.assertEqual(call.getTime(), 530.0)
+
+    def test_onceOnly(self) -> None:
+        """A second switch changes nothing (the monotonic clock is not shifted again)."""
+        self.convert()
+        call = self.reactor.callLater(10, print)
+        self.monotonicNow = 900.0
+        self.convert()
+        self.assertEqual(call.getTime(), 510.0)
+
+
+class ElapsedClockTests(SynchronousTestCase):
+    """Which clock measures durations beside a timer clock."""
+
+    def test_wallClockReactorMeasuresOnMonotonic(self) -> None:
+        """A reactor as Twisted makes it (seconds is time.time): the monotonic clock."""
+        reactor = SelectReactor()
+        self.addCleanup(reactor.waker.connectionLost, None)
+        self.assertIs(elapsedClock(reactor), time.monotonic)
+        self.assertIs(wallClock(reactor), time.time)
+
+    def test_monotonicReactorMeasuresOnItself(self) -> None:
+        """After L{useMonotonicTimers}: the reactor's own seconds, and the wall clock kept."""
+        reactor: Any = SelectReactor()
+        self.addCleanup(reactor.waker.connectionLost, None)
+        useMonotonicTimers(reactor)
+        self.assertIs(elapsedClock(reactor), time.monotonic)
+        self.assertIs(wallClock(reactor), time.time)
+
+    def test_testClock(self) -> None:
+        """A task.Clock is both, unless it is given a wall clock of its own."""
+        clock = Clock()
+        self.assertEqual(elapsedClock(clock), clock.seconds)
+        self.assertEqual(wallClock(clock), clock.seconds)
+        clock, wall = deviceClock()
+        self.assertIs(wallClock(clock), wall)
+
+
+class ServerKeepaliveStepTests(SynchronousTestCase):
+    """
+    groundcontrol's passive keepalives on agent links (probe after 37.5 s, one sweep):
+    timers on the wall clock, silence on the monotonic one.
+    """
+
+    def setUp(self) -> None:
+        self.wall = Clock()  # the reactor's timers: the wall clock
+        self.wall.advance(1_800_000_000)
+        self.monotonic = Clock()
+        self.monotonic.advance(1_000)
+        self.sweep = KeepaliveSweep(self.wall)
+        self.deaths: list[int] = []
+        self.probed: set[int] = set()
+        self.links = [self.link(n) for n in range(30)]
+
+    def link(self, n: int) -> Keepalive:
+        keepalive = Keepalive(
+            self.wall,
+            lambda: self.probed.add(n),
+            lambda: self.deaths.append(n),
+            INTERVAL,
+            COUNT,
+            agentProbeAfter(INTERVAL, COUNT),
+            self.sweep,
+            elapsed=self.monotonic.seconds,
+        )
+        keepalive.start()
+        return keepalive
+
+    def elapse(self, seconds: float) -> None:
+        """
+        Real time passes; each agent pings every 30 s, at its own phase (n s), and
+        answers a probe within a second.
+        """
+        for _ in range(int(seconds)):
+            self.monotonic.advance(1)
+            self.wall.advance(1)
+            now = int(self.monotonic.seconds())
+            for n, keepalive in enumerate(self.links):
+                if (now + n) % 30 == 0 or n in self.probed:
+                    keepalive.received()
+            self.probed.clear()
+
+    def test_forwardStepShorterThanTheDeadline(self) -> None:
+        """
+        A forward step of 40 s (less than the 45 s deadline, so not seen as a late check)
+        drops no link: each pending look runs at once and finds the agent heard from
+        lately. (On the wall clock the step was 40 s more silence: the links last heard
+        from over 5 s before it, most of them, were declared dead at once.)
+        """
+        self.elapse(100)
+        self.wall.advance(40)  # NTP steps the server's clock
+        self.elapse(300)
+        self.assertEqual(self.deaths, [])
+
+    def test_silentAgentStillFoundAfterStep(self) -> None:
+        """After the step, an agent that goes silent is found after 45 s of silence."""
+        self.elapse(100)
+        self.wall.advance(40)
+        self.elapse(30)
+        quiet = self.links.pop(7)  # its agent answers once more, then never again
+        quiet.received()
+        self.elapse(INTERVAL * COUNT - 1)
+        self.assertEqual(self.deaths, [])
+        self.elapse(2)
+        self.assertEqual(self.deaths, [7])
+
+
+class AgentKeepaliveStepTests(SynchronousTestCase):
+    """The agent's active keepalive: timers on the monotonic clock, aligned on the wall's."""
+
+    def setUp(self) -> None:
+        # Whole seconds of the wall clock are at .37 of the monotonic one.
+        self.clock, self.wall = deviceClock(start=1_000_000.37)
+        self.pings: list[float] = []
+        self.deaths: list[float] = []
+        self.keepalive = Keepalive(
+            self.clock,
+            lambda: self.pings.append(self.wall()),
+            lambda: self.deaths.append(self.clock.seconds()),
+            INTERVAL,
+            COUNT,
+            align=1.0,
+        )
+        self.keepalive.start()
+
+    def test_checksOnWholeWallSeconds(self) -> None:
+        """
+        The pings of a fleet fall on whole seconds of the wall clock, which fleets
+        synchronise, not of each device's monotonic clock (since its boot).
+        """
+        answered = 0
+        for _ in range(int(200 / 0.01)):
+            self.clock.advance(0.01)
+            if len(self.pings) > answered:  # the server answers each ping at once
+                answered = len(self.pings)
+                self.keepalive.received()
+        self.assertGreater(len(self.pings), 5)
+        self.assertEqual(self.deaths, [])
+        fractions = [p - math.floor(p) for p in self.pings]
+        self.assertTrue(all(f < 0.011 for f in fractions), fractions)
+
+    def test_backwardStepDelaysNothing(self) -> None:
+        """
+        An hour back, then the server stops answering: dead at the deadline after the
+        last answer, not an hour later.
+        """
+        self.clock.advance(5)
+        self.keepalive.received()
+        last = self.clock.seconds()
+        self.wall.step(-HOUR)
+        self.clock.advance(INTERVAL * COUNT - 0.01)
+        self.assertEqual(self.deaths, [])
+        self.clock.advance(0.01)
+        self.assertEqual(len(self.deaths), 1)
+        self.assertAlmostEqual(self.deaths[0], last + INTERVAL * COUNT, delta=1e-6)
+
+    def test_forwardStepDropsNothing(self) -> None:
+        """A day forward: no timer fires early, and an answering server keeps the link."""
+        self.clock.advance(5)
+        self.wall.step(DAY)
+        for _ in range(40):
+            self.clock.advance(INTERVAL / 2)
+            if self.pings:
+                self.keepalive.received()
+        self.assertEqual(self.deaths, [])
+
+
+class DeviceClock:
+    """
+    A device's clocks over a shared Clock: its timers (the monotonic clock) are the
+    Clock's, its wall clock is L{SteppingWallClock} over it.
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        self.seconds = clock.seconds
+        self.callLater = clock.callLater
+        self.getDelayedCalls = clock.getDelayedCalls
+        self.wallSeconds = SteppingWallClock(clock)
+
+
+class SteppedWorld(World):
+    """The enrollment tests' fleet, with agents whose wall clock the test steps."""
+
+    def __init__(self, base: Path) -> None:
+        super().__init__(base)
+        self.deviceClock = DeviceClock(self.clock)
+        self.deviceWall = self.deviceClock.wallSeconds
+
+    def agent(self, *args: Any, **kwargs: Any) -> AgentUnderTest:
+        """An agent (link and enrollment) on L{deviceClock}'s clocks."""
+        worldClock, self.clock = self.clock, self.deviceClock  # type: ignore[assignment]
+        try:
+            return super().agent(*args, **kwargs)
+        finally:
+            self.clock = worldClock
+
+
+class RenewalStepTests(SynchronousTestCase):
+    """The fleet certificate when the device's wall clock is wrong, then stepped."""
+
+    def setUp(self) -> None:
+        base = Path(tempfile.mkdtemp(prefix="clock-steps-"))
+        self.addCleanup(shutil.rmtree, base, ignore_errors=True)
+        self.world = SteppedWorld(base)
+        self.fleet = self.world.fleet
+
+    def issued(self) -> int:
+        return len(resultNow(self.fleet.store.listCertificates("kiln7")))
+
+    def test_renewedAfterNTPFixesA1970Clock(self) -> None:
+        """
+        A device that enrolled while its clock said 1970 renews its certificate on time
+        once NTP has set the clock: within an hour of the renewal date, over the same
+        link. (The renewal used to wait for 1970 plus the certificate's age: ~56 years.)
+        """
+        self.world.deviceWall.offset = BOOTED_IN_1970 - self.world.now
+        agent = self.world.enrolled("kiln7")
+        self.assertEqual(self.issued(), 1)
+        self.assertTrue(any("is the clock set?" in line for line in agent.log), agent.log)
+        self.world.advance(HOUR)
+        self.world.deviceWall.offset = 0.0  # NTP's first sync
+        due = renewalDue(*certificateLifetime(agent.certificatePEM))
+        self.world.advance(due - self.world.now - 1)
+        self.assertEqual(self.issued(), 1)
+        self.world.advance(WALL_CLOCK_RECHECK)
+        self.assertEqual(self.issued(), 2)
+        self.assertTrue(agent.connected)
+
+    def test_clockYearsAheadAsksHourlyNotEverySecond(self) -> None:
+        """
+        A device whose clock is years ahead sees every certificate as due when it is
+        issued: it says its clock looks wrong and asks again hourly, not every second.
+        """
+        self.world.deviceWall.offset = 10 * 365 * DAY
+        agent = self.world.enrolled("kiln7")
+        self.world.advance(60)
+        self.assertEqual(self.issued(), 1)
+        self.world.advance(WALL_CLOCK_RECHECK)
+        self.assertEqual(self.issued(), 2)
+        (warning, *_) = [line for line in agent.log if "is the clock set?" in line]
+        self.assertIn("this device's clock says 2033-", warning)
+        self.world.deviceWall.offset = 0.0
+        self.world.advance(DAY)
+        self.assertEqual(self.issued(), 2)
