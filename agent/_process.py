@@ -333,7 +333,10 @@ class _SpawnedNotForked:
     forked as before: a uid or gid to switch to needs C{fork} (C{setuid} in
     the child), and so does anything L{agent._spawn.spawn} declines, including
     a program it could not run (the fork path then tells the operator why, on
-    the child's standard error, as it always did).
+    the child's standard error, as it always did), and an agent with too many
+    descriptors open to lower its open-file limit for the spawn
+    (L{openfiles.spawnUnderSessionLimit}). Either way the child starts with the
+    same process state (tests/test_agent_spawn_parity.py).
     """
 
     pid: Any
@@ -358,10 +361,12 @@ class _SpawnedNotForked:
         actions = self._spawnActions(kwargs)
         if actions is None:
             return False
-        pid = _spawn.spawn(executable, args, environment, path, actions)
+        # The child starts under the agent's open-file limit at start (agent.openfiles).
+        pid = openfiles.spawnUnderSessionLimit(
+            lambda: _spawn.spawn(executable, args, environment, path, actions)
+        )
         if pid is None:
             return False
-        openfiles.spawnedChild(pid)  # the agent's open-file limit at start
         self.pid = pid
         self.status = -1
         return True

@@ -32,7 +32,10 @@ actions), the signals the agent ignores, and glibc's own (L{_GLIBC_SIGNALS}),
 reset to their default (C{POSIX_SPAWN_SETSIGDEF}; the others' handlers end at
 C{exec} anyway), the
 caller's signal mask, the file descriptors the caller's file actions set up
-and none other above 2, the working directory, the environment. A pty child
+and none other above 2, the working directory, the environment, and (from
+the caller, L{agent.openfiles.spawnUnderSessionLimit}) the sessions'
+open-file limit; the rest of its state it inherits on both paths alike
+(tests/test_agent_spawn_parity.py compares them). A pty child
 opens its terminal by name in a file action: a session leader with no
 controlling terminal that opens a terminal without C{O_NOCTTY} acquires it
 (Linux), as C{TIOCSCTTY} gives it on the fork path.

@@ -6,9 +6,10 @@ service), while groundcontrol lets one device link carry 1000 channels
 (C{--max-channels-per-device}): a pty session holds one descriptor in the agent, an exec three
 (its pipes), a forward one (its socket), besides the agent's own. So the agent raises its soft
 limit at start to L{WANTED}, up to the hard limit (L{raiseForTheAgent}, one log line), and gives
-its sessions' children the soft limit it started with (L{forkedChild}, L{spawnedChild}), as
-sshd's sessions have it: programs that use C{select()}, or close every descriptor up to the
-limit before they run another, expect the usual one.
+its sessions' children the soft limit it started with from their first instruction
+(L{forkedChild}, L{spawnUnderSessionLimit}), as sshd's sessions have it: programs that use
+C{select()}, or close every descriptor up to the limit before they run another, expect the
+usual one.
 
 When the descriptors run out anyway, a session or forward is refused at its open with a
 message the operator reads (L{haveRoom}, L{outOfDescriptors}), rather than failing later in a
@@ -17,10 +18,10 @@ request with no reason given.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import resource
+from collections.abc import Callable
 from typing import Any
 
 from twisted.logger import Logger
@@ -84,27 +85,60 @@ def forkedChild(setrlimit: Any = resource.setrlimit) -> None:
         setrlimit(resource.RLIMIT_NOFILE, _sessionLimit)
 
 
-#: C{prlimit(2)}: Linux's (the spawn path, L{agent._spawn}, is Linux's only).
-_PRLIMIT = getattr(resource, "prlimit", None)
-
-
-def spawnedChild(pid: int, prlimit: Any = _PRLIMIT) -> None:
+def spawnUnderSessionLimit(
+    start: Callable[[], int | None],
+    getrlimit: Any = resource.getrlimit,
+    setrlimit: Any = resource.setrlimit,
+    roomBelow: Callable[[int, int], bool] | None = None,
+) -> int | None:
     """
-    Give a session child started with C{posix_spawn} (L{agent._spawn}) the agent's soft limit
-    at start: one C{prlimit} system call, made only if the agent raised its own.
+    Call C{start} (a C{posix_spawn}, L{agent._spawn}) with this process's open-file limit
+    lowered to the sessions' (L{forkedChild}'s) for the call and raised back after it, so the
+    child it starts has the sessions' limit from its first instruction. Returns what C{start}
+    returns (the child's pid, or None), or None without calling it when lowering the limit
+    could starve the agent's other threads: the caller then forks, and the forked child sets
+    the limit before it runs (L{forkedChild}).
 
-    Not before it runs: C{posix_spawn} has no attribute for limits, and it returns once the
-    child has exec'd its program, so that program's first steps (in practice the dynamic
-    loader's; the call follows within microseconds) may run under the agent's raised soft
-    limit, never above the hard one. The one way to have the child start with it, lowering
-    the agent's own limit around the call, would make the agent's other threads (name
-    resolution) fail to open descriptors meanwhile. The child cannot have been reaped (and its
-    pid reused): the reactor, which reaps, is the caller.
+    Why lower the agent's own: C{posix_spawn} has no attribute for limits (nor one to start
+    the child stopped) and returns once the child has exec'd, so a C{prlimit(pid)} after it
+    (session 17's way) let the program's first steps run under the agent's raised limit: a
+    program that sizes a table by it, closes every descriptor up to it, or forks at once, saw
+    8192, and its children kept it. The race-free alternatives cost more: a helper program
+    that sets the limit and execs the session's (C{prlimit(1)}, C{sh -c 'ulimit -n ...'}) is
+    a second exec per session, and forking is the cost L{agent._spawn} removed. Lowering the
+    limit for the call costs 9 us per session child (bench/RESULTS.md, "The sessions'
+    open-file limit before the first instruction (session 18, H4)").
+
+    What it risks, and why it does not: the limit is the process's, so while it is lowered
+    (the length of the C{posix_spawn} call; the reactor's thread, the only one that spawns, is
+    in it) another thread's open (the resolver's C{getaddrinfo}: a socket, a file of C{/etc})
+    fails with C{EMFILE} unless a descriptor below the sessions' limit is free. Descriptors are
+    given lowest-first, so the limit is lowered only when the L{RESERVE} lowest free ones are
+    below it (L{_roomBelow}, 7 of the 9 us): an agent with more open than that (hundreds of
+    sessions at once) forks its next children instead, until sessions end.
     """
-    if _sessionLimit is None or prlimit is None:
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        prlimit(pid, resource.RLIMIT_NOFILE, _sessionLimit)
+    if _sessionLimit is None:
+        return start()
+    roomBelow = roomBelow or _roomBelow
+    if not roomBelow(_sessionLimit[0], RESERVE):
+        return None
+    agentLimit = getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        setrlimit(resource.RLIMIT_NOFILE, _sessionLimit)
+    except (OSError, ValueError):
+        return None
+    try:
+        return start()
+    finally:
+        try:
+            setrlimit(resource.RLIMIT_NOFILE, agentLimit)
+        except (OSError, ValueError) as e:
+            _log.warn(
+                "open-file limit stays {soft}: cannot raise it back to {agent}: {why}",
+                soft=_sessionLimit[0],
+                agent=agentLimit[0],
+                why=e,
+            )
 
 
 def haveRoom(count: int) -> bool:
@@ -112,12 +146,25 @@ def haveRoom(count: int) -> bool:
     Whether C{count} more descriptors, and L{RESERVE} beside them, can be opened now: found
     by opening that many (duplicates of one kept open) and closing them again.
     """
+    return _canOpen(count + RESERVE)
+
+
+def _roomBelow(limit: int, count: int) -> bool:
+    """Whether the C{count} lowest free descriptors are all below C{limit}."""
+    return _canOpen(count, below=limit)
+
+
+def _canOpen(count: int, below: int | None = None) -> bool:
+    """
+    Whether C{count} descriptors can be opened now (numbered below C{below}, if given),
+    found by opening them (duplicates of one kept open) and closing them again.
+    """
     global _probe
     if _probe is None:
         _probe = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     taken: list[int] = []
     try:
-        for _ in range(count + RESERVE):
+        for _ in range(count):
             taken.append(os.dup(_probe))
     except OSError as e:
         if e.errno in (errno.EMFILE, errno.ENFILE):
@@ -126,7 +173,7 @@ def haveRoom(count: int) -> bool:
     finally:
         for fd in taken:
             os.close(fd)
-    return True
+    return below is None or not taken or max(taken) < below
 
 
 def outOfDescriptors(what: str) -> str:
@@ -148,5 +195,5 @@ __all__ = [
     "haveRoom",
     "outOfDescriptors",
     "raiseForTheAgent",
-    "spawnedChild",
+    "spawnUnderSessionLimit",
 ]

@@ -64,9 +64,9 @@ def openFilesLimit(pid: int) -> list[str]:
 def test_raisedForTheAgentNotItsSessions(fleet: Fleet, tmp_path: Path) -> None:
     """
     Started with 256 of a hard 4096, the agent runs with 4096 and says so once; a pty
-    session's shell and an exec's command (both started with posix_spawn) get 256. Read
-    from /proc once each has started (agent.openfiles.spawnedChild sets it just after the
-    exec, not before: its docstring says why).
+    session's shell and an exec's command (both started with posix_spawn) get 256, read
+    from /proc once each has started (that they have it from their first instruction needs
+    the child's steps ordered before the agent's: tests/test_agent_spawn_parity.py).
     """
     agent = startLimitedAgent(fleet, "kiln7", 256, 4096)
     process = agent.process
