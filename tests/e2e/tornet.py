@@ -11,7 +11,12 @@ session (L{tests.e2e.harness.Process}) and L{TorNetwork.stop} kills each one by 
 group. Ports are taken at random below the kernel's ephemeral range (so they cannot collide
 with the port-0 listeners of tests running next to us), each checked free by binding it; a
 tor that still loses its port to a race exits, and L{TorNetwork.start} then builds the whole
-network again.
+network again (the client tor keeps its SOCKS and control ports: they are known from the
+start, so groundcontrol can be pointed at a tor that is not running yet).
+
+The client tor can be stopped and started on its own (L{TorNetwork.stopClient},
+L{TorNetwork.startClient}): the tor a server runs next to it, booted late or restarted,
+while the network (the relays) stays up.
 
 Tor's first consensus is late by design (the authority votes on a 10 s schedule): callers
 wait for L{TorNetwork.waitBootstrapped} and still retry onion connections.
@@ -141,8 +146,12 @@ class TorNetwork:
         self.relayCount = relays
         self.nodes: list[_Node] = []
         self.client: _Node | None = None
-        self.socksPort = 0
-        self.controlPort = 0
+        self._taken: set[int] = set()
+        self.socksPort = freePort(self._taken)
+        self.controlPort = freePort(self._taken)
+        self._attempts = 0
+        #: Where the client tor's current run starts in its log (it appends on restart).
+        self._clientLogStart = 0
 
     @property
     def socksEndpoint(self) -> str:
@@ -154,15 +163,17 @@ class TorNetwork:
 
     def start(self, timeout: float = 120.0, attempts: int = 3) -> None:
         """
-        Build and start the network and wait until the client tor has bootstrapped.
+        Start whatever of the network is not running (all of it, the first time) and wait
+        until the client tor has bootstrapped.
 
         A network that does not bootstrap in time (a port lost to a race, a tor that died)
         is torn down and built again, up to C{attempts} times.
         """
         last: Exception | None = None
-        for attempt in range(attempts):
+        for _ in range(attempts):
             try:
-                self._build(self.base / f"net{attempt}")
+                self.startRelays()
+                self.startClient()
                 self.waitBootstrapped(timeout)
                 return
             except HarnessError as e:
@@ -170,9 +181,45 @@ class TorNetwork:
                 self.stop()
         raise HarnessError(f"the tor test network did not come up: {last}")
 
+    def startRelays(self) -> None:
+        """
+        Start the authority and the relays (building the network first if needed), not
+        the client tor; return at once (L{waitBootstrapped} waits).
+        """
+        if not self.nodes:
+            self._build(self.base / f"net{self._attempts}")
+            self._attempts += 1
+        for node in self.nodes:
+            if node is not self.client:
+                self._launch(node)
+
+    def startClient(self) -> None:
+        """Start the client-and-service tor (on its ports, known from the start)."""
+        if not self.nodes:
+            self.startRelays()
+        client = self.client
+        assert client is not None
+        if client.process is None or not client.process.running():
+            self._clientLogStart = len(client.logText())
+            self._launch(client)
+
+    def stopClient(self) -> None:
+        """Stop the client-and-service tor, if it runs; the relays stay up."""
+        if self.client is not None and self.client.process is not None:
+            self.client.process.stop(timeout=5)
+            self.client.process = None
+
+    def _launch(self, node: _Node) -> None:
+        if node.process is None or not node.process.running():
+            node.process = Process(
+                [_tool("tor"), "-f", str(node.directory / "torrc")],
+                node.directory / "stdout.log",
+                node.directory,
+            )
+
     def _build(self, root: Path) -> None:
         root.mkdir(parents=True)
-        taken: set[int] = set()
+        taken = {self.socksPort, self.controlPort}
         authority = _Node("auth0", root / "auth0")
         relays = [_Node(f"relay{i}", root / f"relay{i}") for i in range(self.relayCount)]
         for node in [authority, *relays]:
@@ -186,7 +233,6 @@ class TorNetwork:
         )
         client = _Node("client", root / "client")
         client.directory.mkdir(mode=0o700)
-        self.socksPort, self.controlPort = freePort(taken), freePort(taken)
         for node in [authority, *relays, client]:
             torrc = COMMON + dirAuthority + f"Nickname {node.name}\n"
             torrc += f"DataDirectory {node.directory}\nLog notice file {node.log}\n"
@@ -203,12 +249,6 @@ class TorNetwork:
             (node.directory / "torrc").write_text(torrc)
         self.nodes = [authority, *relays, client]
         self.client = client
-        for node in self.nodes:
-            node.process = Process(
-                [_tool("tor"), "-f", str(node.directory / "torrc")],
-                node.directory / "stdout.log",
-                node.directory,
-            )
 
     def _authorityKeys(self, node: _Node) -> str:
         """Make the authority's v3 identity and signing keys; return the v3 identity."""
@@ -265,8 +305,8 @@ class TorNetwork:
 
     def waitBootstrapped(self, timeout: float) -> None:
         """
-        Wait until the client tor has bootstrapped (Bootstrapped 100%) and holds the
-        microdescriptor of every relay of the network.
+        Wait until the client tor has bootstrapped (Bootstrapped 100%, in this run of it)
+        and holds the microdescriptor of every relay of the network.
 
         Why the second: with C{PathsNeededToBuildCircuits 0.25} tor reports 100% while it
         still lacks some relays' microdescriptors. An onion connect made then can pick a
@@ -283,7 +323,7 @@ class TorNetwork:
                         f"{node.process and node.process.output()[-2000:]}"
                     )
             assert self.client is not None
-            if "Bootstrapped 100%" not in self.client.logText():
+            if "Bootstrapped 100%" not in self.client.logText()[self._clientLogStart :]:
                 return False
             try:
                 return not self.missingMicrodescriptors()
@@ -340,3 +380,4 @@ class TorNetwork:
                     node.process.stop(timeout=5)
         self.nodes = []
         self.client = None
+        self._clientLogStart = 0
