@@ -38,7 +38,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from accesstunnel.addresses import Connector
+from accesstunnel.clocks import wallClock
 from accesstunnel.reasontext import reasonText
+from agent.clocksense import certificateClockNote
 from agent.statefiles import writeAtomically
 
 __all__ = ["AllAddressesFailed", "Dial", "FailoverEndpoint"]
@@ -157,6 +159,7 @@ class FailoverEndpoint:
         if not connectors:
             raise ValueError("at least one server address is needed")
         self._clock = clock
+        self._wall = wallClock(clock)
         self._stateFile = Path(stateFile)
         self.attemptTimeout = attemptTimeout
         self.current: Connector | None = None
@@ -214,6 +217,7 @@ class FailoverEndpoint:
             except Exception as e:  # every failure is a reason to try the next one
                 # Without Twisted's closing period: the reasons are joined with "; ".
                 reason = reasonText(e)
+            reason += self._clockNote(reason)
             failures.append(f"{connector.description}: {reason}")
             self._log.info(
                 "could not reach {address}: {reason}", address=connector.description, reason=reason
@@ -269,13 +273,18 @@ class FailoverEndpoint:
         if connector not in self._connectors:
             return
         self.preferred = (self._connectors.index(connector) + 1) % len(self._connectors)
+        text = reasonText(reason.value)
         self._log.info(
             "{address} connected but the link did not come up ({reason}); "
             "trying {next} first next time",
             address=connector.description,
-            reason=reasonText(reason.value),
+            reason=text + self._clockNote(text),
             next=self._connectors[self.preferred].description,
         )
+
+    def _clockNote(self, reason: str) -> str:
+        """After a failed certificate check: what this device's clock says (L{agent.clocksense})."""
+        return certificateClockNote(reason, self._wall(), self._stateFile.parent)
 
     def _readRemembered(self) -> str | None:
         try:

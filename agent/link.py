@@ -23,7 +23,7 @@ import attrs
 from twisted.application.internet import ClientService
 from twisted.conch.ssh import keys, transport, userauth
 from twisted.copyright import version as twisted_version
-from twisted.internet import defer, protocol
+from twisted.internet import defer, error, protocol
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
@@ -36,6 +36,7 @@ from accesstunnel.enrollmessages import APPROVED
 from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL, KeepaliveTransportMixin
 from accesstunnel.keys import fingerprint
 from accesstunnel.letgo import letGo
+from accesstunnel.reasontext import reasonText
 from accesstunnel.rekey import RekeyingTransportMixin, RekeyLimit
 from agent import linklog
 from agent.enrollment import Enrollment
@@ -374,7 +375,12 @@ class AgentTransport(
             self.factory.currentLink = None
         if not self.ready.called:
             self.factory.failedLinks += 1
-            self.ready.errback(Failure(ConnectionError("link closed before it was up")))
+            why = "link closed before it was up"
+            if isinstance(reason, Failure) and not reason.check(error.ConnectionDone):
+                # Why TLS gave up (a certificate that did not verify, perhaps for the
+                # device's clock: agent.clocksense) reaches the failover endpoint's line.
+                why += f": {reasonText(reason.value)}"
+            self.ready.errback(Failure(ConnectionError(why)))
             self.ready.addErrback(lambda f: None)
         super().connectionLost(reason)
         if self._upAt is not None:

@@ -14,18 +14,44 @@ import math
 import shutil
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from OpenSSL import SSL
+from twisted.internet import defer, error, protocol
+from twisted.internet.address import IPv4Address
 from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from accesstunnel.addresses import Connector
 from accesstunnel.clocks import elapsedClock, useMonotonicTimers, wallClock
 from accesstunnel.keepalive import Keepalive, KeepaliveSweep
-from agent.enrollment import WALL_CLOCK_RECHECK, certificateLifetime, renewalDue
+from accesstunnel.keys import fingerprint
+from accesstunnel.timetext import isoTime
+from agent.clocksense import TIME_EPOCH, certificateClockNote
+from agent.enrollment import (
+    CERTIFICATE_FILE,
+    WALL_CLOCK_RECHECK,
+    certificateLifetime,
+    renewalDue,
+)
+from agent.failover import AllAddressesFailed, FailoverEndpoint
+from agent.identity import ServerKeyPin
+from agent.link import AgentLinkFactory, LinkSettings
+from groundcontrol.pki import FleetCA
 from groundcontrol.sshserver import agentProbeAfter
-from groundcontrol.testing import resultNow
+from groundcontrol.testing import (
+    InMemoryFleet,
+    publicLine,
+    refuseForwards,
+    resultNow,
+    scriptedSessions,
+)
 from tests.test_enrollment import DAY, HOUR, AgentUnderTest, World
 
 INTERVAL = 15.0
@@ -348,3 +374,130 @@ class RenewalStepTests(SynchronousTestCase):
         self.world.deviceWall.offset = 0.0
         self.world.advance(DAY)
         self.assertEqual(self.issued(), 2)
+
+
+#: How a wss:// attempt ends when the server's certificate does not verify (agent log).
+CHECK_FAILED = (
+    "WebSocket did not open: connection was closed uncleanly "
+    '("SSL error: certificate verify failed (in )")'
+)
+
+
+class CertificateClockNoteTests(SynchronousTestCase):
+    """What the agent says about its clock when a server certificate did not verify."""
+
+    def temporaryDirectory(self) -> Path:
+        path = Path(tempfile.mkdtemp(prefix="clock-note-"))
+        self.addCleanup(shutil.rmtree, path, ignore_errors=True)
+        return path
+
+    def test_otherFailuresSayNothing(self) -> None:
+        """A refused connection, a timeout: nothing about the clock."""
+        for reason in ("Connection was refused by other side", "no connection in 15 s"):
+            self.assertEqual(certificateClockNote(reason, BOOTED_IN_1970), "")
+
+    def test_clockNotSet(self) -> None:
+        """A clock in 1970 is named as the likely cause."""
+        self.assertEqual(
+            certificateClockNote(CHECK_FAILED, BOOTED_IN_1970),
+            "; this device's clock says 1970-01-01T00:00:12Z, before this agent was written "
+            "(2026-01-01T00:00:00Z): is the clock set? No server certificate can be checked "
+            "until it is",
+        )
+
+    def test_beforeItsOwnCertificate(self) -> None:
+        """A clock before the device's own fleet certificate was issued is not set either."""
+        issued = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+        state = self.temporaryDirectory()
+        pem = FleetCA.create(state / "ca", issued).certificatePEM
+        (state / CERTIFICATE_FILE).write_bytes(pem)
+        notBefore, _ = certificateLifetime(pem)
+        note = certificateClockNote(CHECK_FAILED, notBefore - DAY, state)
+        self.assertIn(
+            f"before this device's fleet certificate was issued ({isoTime(notBefore)}): "
+            "is the clock set?",
+            note,
+        )
+        self.assertNotIn("is the clock set?", certificateClockNote(CHECK_FAILED, notBefore, state))
+
+    def test_clockThatMayBeRight(self) -> None:
+        """A plausible clock is still said: a server certificate may be wrong for it."""
+        note = certificateClockNote(CHECK_FAILED, TIME_EPOCH + 30 * DAY)
+        self.assertEqual(
+            note,
+            "; this device's clock says 2026-01-31T00:00:00Z (a server certificate not valid "
+            "at that time fails this check too)",
+        )
+
+
+class _FailingEndpoint:
+    """Every connect fails as a wss:// attempt does when the certificate does not verify."""
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        return defer.fail(ConnectionError(CHECK_FAILED))
+
+
+class FailoverClockNoteTests(SynchronousTestCase):
+    """The line about an address that could not be reached says what the clock says."""
+
+    def test_couldNotReachSaysTheClock(self) -> None:
+        state = Path(tempfile.mkdtemp(prefix="clock-failover-"))
+        self.addCleanup(shutil.rmtree, state, ignore_errors=True)
+        clock, wall = deviceClock()
+        wall.offset = BOOTED_IN_1970 - clock.seconds()
+        address = "wss://gc.example.com/tunnel"
+        endpoint = FailoverEndpoint(
+            clock,
+            [Connector(_FailingEndpoint(), lambda f: f, address, "wss")],  # type: ignore[arg-type]
+            state / "last-server.json",
+        )
+        with capturedLogs() as events:
+            d = endpoint.connect(protocol.Factory())
+        failure = self.failureResultOf(d, AllAddressesFailed)
+        lines = [formatEvent(e) for e in events if "could not reach" in formatEvent(e)]
+        self.assertEqual(len(lines), 1)
+        self.assertIn(f"could not reach {address}: {CHECK_FAILED}; this device's", lines[0])
+        self.assertIn("1970-01-01T00:00:12Z", lines[0])
+        self.assertIn("is the clock set?", str(failure.value))
+
+
+class LinkEndReasonTests(SynchronousTestCase):
+    """
+    A link that ends before it is up says why TLS gave up, so the failover endpoint's
+    line (and L{certificateClockNote}) sees a certificate check that failed over tls://.
+    """
+
+    def setUp(self) -> None:
+        self.fleet = InMemoryFleet()
+        settings = LinkSettings(
+            name="kiln7",
+            deviceKey=self.fleet.enrollDevice("kiln7"),
+            serverKey=ServerKeyPin(fingerprint(publicLine(self.fleet.hostKey))),
+        )
+        self.factory = AgentLinkFactory(
+            settings, self.fleet.clock, scriptedSessions(), refuseForwards
+        )
+
+    def endedBy(self, reason: Failure) -> str:
+        link: Any = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 443))
+        link.makeConnection(StringTransport())
+        ended: list[Failure] = []
+        link.ready.addErrback(ended.append)
+        link.connectionLost(reason)
+        (failure,) = ended
+        self.assertIsInstance(failure.value, ConnectionError)
+        return str(failure.value)
+
+    def test_certificateCheckFailed(self) -> None:
+        """pyOpenSSL's words for a server certificate that did not verify are kept."""
+        failed = SSL.Error([("SSL routines", "", "certificate verify failed")])
+        self.assertEqual(
+            self.endedBy(Failure(failed)),
+            "link closed before it was up: [('SSL routines', '', 'certificate verify failed')]",
+        )
+
+    def test_cleanClose(self) -> None:
+        """groundcontrol closed the connection: nothing more to say."""
+        self.assertEqual(
+            self.endedBy(Failure(error.ConnectionDone())), "link closed before it was up"
+        )

@@ -1,0 +1,62 @@
+"""
+Whether this device's clock looks set, said where a certificate check failed.
+
+A board without a real-time clock boots in 1970 (or at fake-hwclock's last saved time) and
+keeps that time until NTP reaches a server; over C{tls://} and C{wss://} the agent then sees
+every server certificate as not yet valid, and OpenSSL says only "certificate verify failed".
+The agent's line about the failed address adds what the device's clock says and, when that is
+before any time a clock can really read, that the clock is the likely cause. (The fix is the
+clock: C{ssh://} addresses need no certificate dates and keep working; list one too.)
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from accesstunnel.timetext import isoTime
+from agent.enrollment import CERTIFICATE_FILE, certificateLifetime
+
+#: No set clock reads earlier: this code was written later. systemd keeps the same kind of
+#: floor (its build time, TIME_EPOCH) as the earliest time it lets the clock say at boot.
+TIME_EPOCH = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
+
+#: What OpenSSL says when the peer's certificate did not verify (dates, issuer, signature).
+CERTIFICATE_CHECK_FAILED = "certificate verify failed"
+
+
+def _earliestTrueTime(stateDir: Path | None) -> tuple[float, str]:
+    """The latest time known to have passed, and what says so."""
+    floor, source = TIME_EPOCH, "this agent was written"
+    if stateDir is not None:
+        try:
+            notBefore, _ = certificateLifetime((stateDir / CERTIFICATE_FILE).read_bytes())
+        except (OSError, ValueError):
+            return floor, source
+        if notBefore > floor:
+            floor, source = notBefore, "this device's fleet certificate was issued"
+    return floor, source
+
+
+def certificateClockNote(reason: str, now: float, stateDir: Path | None = None) -> str:
+    """
+    What to add to C{reason} (why an address could not be reached) about this device's
+    clock, which reads C{now}: nothing unless a certificate failed its check. Before the
+    latest time known to have passed (L{TIME_EPOCH}, or the issue of the device's fleet
+    certificate in C{stateDir}), it says the clock is not set.
+    """
+    if CERTIFICATE_CHECK_FAILED not in reason:
+        return ""
+    floor, source = _earliestTrueTime(stateDir)
+    if now < floor:
+        return (
+            f"; this device's clock says {isoTime(now)}, before {source} ({isoTime(floor)}): "
+            "is the clock set? No server certificate can be checked until it is"
+        )
+    return (
+        f"; this device's clock says {isoTime(now)} "
+        "(a server certificate not valid at that time fails this check too)"
+    )
+
+
+__all__ = ["CERTIFICATE_CHECK_FAILED", "TIME_EPOCH", "certificateClockNote"]
