@@ -1,7 +1,8 @@
 """
 TCP (and UNIX socket) splices: "direct-tcpip" channels and channels the agent opens itself.
 
-A "direct-tcpip" channel (ssh -L, ssh -W, ssh -J) is opened by groundcontrol.
+A "direct-tcpip" channel (ssh -L, ssh -W, ssh -J) is opened by groundcontrol, and so
+is a "direct-streamlocal@openssh.com" channel (ssh -L to a UNIX socket path).
 Like sshd, the agent connects first and answers the channel open only then, so
 the operator's client gets a real "open failed: connect failed" instead of a
 channel that opens and dies; the agent's connection supports opens answered
@@ -20,7 +21,7 @@ the channel, and closes it if the open is refused or the link goes.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.conch.error import ConchError
 from twisted.conch.ssh import connection
@@ -38,6 +39,8 @@ from agent.session import _Payload
 #: Seconds to wait for the device-side TCP connection.
 CONNECT_TIMEOUT = 30.0
 
+_Channel = TypeVar("_Channel", bound="SpliceChannel")
+
 
 def parseDirectTCPIP(data: bytes) -> tuple[str, int, str, int]:
     """
@@ -52,6 +55,18 @@ def parseDirectTCPIP(data: bytes) -> tuple[str, int, str, int]:
     if not host or not 0 < port < 65536:
         raise ValueError(f"bad destination {host!r}:{port}")
     return host, port, originator, originatorPort
+
+
+def parseDirectStreamLocal(data: bytes) -> str:
+    """
+    OpenSSH's C{direct-streamlocal@openssh.com} open payload (its PROTOCOL file,
+    2.4): the socket's path, then fields reserved for later that are not read.
+    Raises L{ValueError} when it does not parse.
+    """
+    path = _Payload(data).text()
+    if not path:
+        raise ValueError("empty socket path")
+    return path
 
 
 def endpointFor(reactor: Any, host: str, port: int, timeout: float) -> Any:
@@ -205,21 +220,54 @@ class ForwardChannel(SpliceChannel):
             host=host,
             port=port,
         )
-        d = endpointFor(reactor, host, port, timeout).connect(_SpliceFactory(channel))
+        return _connected(channel, endpointFor(reactor, host, port, timeout), f"{host} port {port}")
 
-        def refused(reason: Failure) -> Failure:
-            if reason.check(defer.CancelledError):
-                return reason
-            cls.log.info(
-                "forward to {host!r}:{port} failed: {why!r}",
-                host=host,
-                port=port,
-                why=reason.getErrorMessage(),
+
+class StreamLocalChannel(SpliceChannel):
+    """
+    A "direct-streamlocal@openssh.com" channel (ssh -L to a UNIX socket path, such
+    as a database's or a container engine's) spliced to that socket on the device.
+    Opened like L{ForwardChannel}: connected first, answered then.
+    """
+
+    name = b"direct-streamlocal@openssh.com"
+
+    @classmethod
+    def open(
+        cls, reactor: Any, data: bytes, *, timeout: float = CONNECT_TIMEOUT, **channelArgs: Any
+    ) -> defer.Deferred[StreamLocalChannel]:
+        """Connect to the payload's socket, then give the channel."""
+        try:
+            path = parseDirectStreamLocal(data)
+        except ValueError as e:
+            cls.log.warn("malformed direct-streamlocal open: {why}", why=str(e))
+            return defer.fail(
+                ConchError("malformed direct-streamlocal request", connection.OPEN_CONNECT_FAILED)
             )
-            text = f"connect to {host} port {port} failed: {reason.getErrorMessage()}"
-            return Failure(ConchError(text, connection.OPEN_CONNECT_FAILED))
+        channel = cls(**channelArgs)
+        cls.log.info("forward to UNIX socket {path!r}", path=path)
+        endpoint = endpoints.UNIXClientEndpoint(reactor, path, timeout=timeout)
+        return _connected(channel, endpoint, path)
 
-        return d.addCallbacks(lambda _: channel, refused)
+
+def _connected(channel: _Channel, endpoint: Any, destination: str) -> defer.Deferred[_Channel]:
+    """
+    Connect C{channel}'s socket by C{endpoint}; the channel once connected, or the
+    open failure the operator's ssh prints ("connect to DESTINATION failed: why").
+    """
+    d = endpoint.connect(_SpliceFactory(channel))
+
+    def refused(reason: Failure) -> Failure:
+        if reason.check(defer.CancelledError):
+            return reason
+        why = reason.getErrorMessage()
+        channel.log.info(
+            "forward to {destination} failed: {why!r}", destination=destination, why=why
+        )
+        text = f"connect to {destination} failed: {why}"
+        return Failure(ConchError(text, connection.OPEN_CONNECT_FAILED))
+
+    return d.addCallbacks(lambda _: channel, refused)
 
 
 class AcceptedChannel(SpliceChannel):
@@ -307,6 +355,8 @@ __all__ = [
     "AcceptingFactory",
     "ForwardChannel",
     "SpliceChannel",
+    "StreamLocalChannel",
     "endpointFor",
+    "parseDirectStreamLocal",
     "parseDirectTCPIP",
 ]

@@ -185,6 +185,15 @@ class AgentConnection(TunnelConnection):
     def channel_direct_tcpip(self, windowSize: int, maxPacket: int, data: bytes) -> Any:
         return self.factory.forwardFactory(self, windowSize, maxPacket, data)
 
+    def channel_direct_streamlocal_openssh_com(
+        self, windowSize: int, maxPacket: int, data: bytes
+    ) -> Any:
+        """ssh -L to a UNIX socket on the device (Conch names it with _ for @ and .)."""
+        streamLocal = self.factory.streamLocalFactory
+        if streamLocal is None:
+            return None  # Conch refuses it as an unknown channel type
+        return streamLocal(self, windowSize, maxPacket, data)
+
     def gotGlobalRequest(self, requestType: bytes, data: bytes) -> Any:
         if requestType == APPROVED and self.factory.enrollment is not None:
             return self.factory.enrollment.approved(data)
@@ -413,12 +422,15 @@ class AgentLinkFactory(protocol.ClientFactory):
         sessionFactory: Callable[..., Any],
         forwardFactory: Callable[..., Any],
         enrollment: Enrollment | None = None,
+        streamLocalFactory: Callable[..., Any] | None = None,
     ) -> None:
         self.settings = settings
         self.enrollment = enrollment
         self.clock = clock
         self.sessionFactory = sessionFactory
         self.forwardFactory = forwardFactory
+        #: Opens ssh -L's channels to UNIX sockets; None: refused as unknown.
+        self.streamLocalFactory = streamLocalFactory
         #: Links in a row that closed before they were authenticated.
         self.failedLinks = 0
         #: Whether the link service is stopping (the agent is): the link's end says so.

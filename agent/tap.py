@@ -241,9 +241,20 @@ def buildService(config: AgentConfig, reactor: Any) -> LogObserverService:
     def forwardFactory(conn: Any, windowSize: int, maxPacket: int, data: bytes) -> Any:
         from agent.forward import ForwardChannel
 
+        return openForward(ForwardChannel, conn, windowSize, maxPacket, data)
+
+    def streamLocalFactory(conn: Any, windowSize: int, maxPacket: int, data: bytes) -> Any:
+        from agent.forward import StreamLocalChannel
+
+        return openForward(StreamLocalChannel, conn, windowSize, maxPacket, data)
+
+    def openForward(
+        channelType: Any, conn: Any, windowSize: int, maxPacket: int, data: bytes
+    ) -> Any:
+        """ssh -L's channel (to a port or a UNIX socket), if a descriptor is free."""
         if not openfiles.haveRoom(1):
             raise ConchError(openfiles.outOfDescriptors("forward"), OPEN_RESOURCE_SHORTAGE)
-        return ForwardChannel.open(
+        return channelType.open(
             reactor, data, remoteWindow=windowSize, remoteMaxPacket=maxPacket, conn=conn
         )
 
@@ -266,7 +277,9 @@ def buildService(config: AgentConfig, reactor: Any) -> LogObserverService:
         keepaliveCount=config.keepaliveCount,
         rekeyLimit=config.rekeyLimit,
     )
-    factory = AgentLinkFactory(settings, reactor, sessionFactory, forwardFactory, enrollment)
+    factory = AgentLinkFactory(
+        settings, reactor, sessionFactory, forwardFactory, enrollment, streamLocalFactory
+    )
     fileConfig = loadConfig(config.configFile) if config.configFile else None
     endpoint = FailoverEndpoint(
         reactor,

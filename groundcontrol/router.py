@@ -42,8 +42,14 @@ from groundcontrol.usernames import (
     parseUsername,
 )
 
+#: ssh -L to a UNIX socket path on the device (OpenSSH's name for it).
+DIRECT_STREAMLOCAL = b"direct-streamlocal@openssh.com"
+
+#: Channel types that forward a connection (ssh -L, -W, -D), under --no-port-forwarding.
+_LOCAL_FORWARDS = frozenset({b"direct-tcpip", DIRECT_STREAMLOCAL})
+
 #: Channel types an operator may open on a device.
-RELAYED_CHANNEL_TYPES = frozenset({b"session", b"direct-tcpip"})
+RELAYED_CHANNEL_TYPES = frozenset({b"session"}) | _LOCAL_FORWARDS
 
 _FORWARD_REQUESTS = (b"tcpip-forward", b"cancel-tcpip-forward")
 
@@ -178,9 +184,11 @@ class SessionRouter:
                 f"channel type {channelType.decode('ascii', 'replace')!r} is not relayed",
                 connection.OPEN_UNKNOWN_CHANNEL_TYPE,
             )
-        if channelType == b"direct-tcpip" and not self.policy.permitLocalForwarding:
+        if channelType in _LOCAL_FORWARDS and not self.policy.permitLocalForwarding:
             raise refusal("port forwarding is not permitted on this server")
         link = await self.reachableLink(account, target.name)
+        if channelType == DIRECT_STREAMLOCAL:
+            await self._refuseSocketsAsAnotherUser(account, link)
         return await self._relay(
             account, link, channelType, windowSize, maxPacket, data, operatorConn
         )
@@ -268,6 +276,19 @@ class SessionRouter:
         splice(operatorSide, deviceSide)
         # Its log lines (what it runs, and how it ended) are the session registry's.
         return operatorSide
+
+    async def _refuseSocketsAsAnotherUser(self, account: Account, link: Any) -> None:
+        """
+        The agent, as root, connects to any UNIX socket, where a socket's file mode is
+        its access control: not for an operator whose grant runs their sessions as
+        another user, who could not connect to it there (sshd connects as the user).
+        """
+        loginUser = await self._store.loginUserFor(account, link.deviceName, self._clock.seconds())
+        if loginUser not in (None, "root"):
+            raise refusal(
+                f"UNIX sockets on device {link.deviceName!r} are reached as its agent's "
+                f"user, and your sessions there run as {loginUser!r}"
+            )
 
     async def _proxyJump(
         self,

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import socketserver
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import pexpect
 import pytest
 
 from tests.e2e.harness import LOOPBACK, Fleet, Operator, run, waitFor
-from tests.e2e.test_forwarding import echoServer, freePort, roundTrip
+from tests.e2e.test_forwarding import Background, _Echo, echoServer, freePort, roundTrip
 
 __all__ = ["echoServer"]  # a fixture, used by name
 
@@ -226,6 +228,29 @@ def test_escape_command_line_forwards_then_drop(alice: Operator, echoServer: int
     finally:
         session.close(force=True)
     assert session.exitstatus == 255
+
+
+def test_local_forward_to_a_unix_socket_on_the_device(alice: Operator, tmp_path: Path) -> None:
+    """ssh -L PORT:/path/to/socket: bytes reach a UNIX socket service on the device and back."""
+    path = tmp_path / "service.sock"
+    server = socketserver.ThreadingUnixStreamServer(str(path), _Echo)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    local = freePort()
+    ssh = Background(
+        alice.argv(
+            "dev_kiln7",
+            options=["-N", "-o", "ExitOnForwardFailure=yes", "-L", f"{LOOPBACK}:{local}:{path}"],
+        )
+    )
+    try:
+        waitFor(lambda: listening(local), 20, "the local end of the forward")
+        connect = lambda: socket.create_connection((LOOPBACK, local), timeout=10)  # noqa: E731
+        assert roundTrip(connect) == b"echo:ping"
+    finally:
+        ssh.close()
+        server.shutdown()
+        server.server_close()
 
 
 def test_scp_3_between_two_devices(devices: Fleet, alice: Operator) -> None:
