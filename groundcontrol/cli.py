@@ -71,10 +71,12 @@ from groundcontrol.store import (
     RekeyNeedsKey,
     SQLStore,
     StoreError,
+    compactSQLite,
     databaseErrors,
     hashSecret,
     openStore,
     parseSelector,
+    sqlitePath,
     storeKind,
     synchronousRunner,
 )
@@ -243,6 +245,15 @@ def _buildParser() -> _Parser:
     )
     addAuditOptions(audit)
     audit.add_argument("--json", action="store_true", help="machine-readable output")
+
+    store = commands.add_parser("store", help="the store itself").add_subparsers(
+        dest="storeCommand", required=True, parser_class=_Parser
+    )
+    store.add_parser(
+        "compact",
+        help="give the SQLite store's free space back to the disk (with groundcontrol "
+        "stopped); from then on pruning gives it back as it goes",
+    )
     return parser
 
 
@@ -307,6 +318,8 @@ def _dispatch(args: argparse.Namespace, now: Callable[[], float]) -> int:
     if args.command == "server-key":
         print(_call(dataDir.hostPublicKeyLine))
         return 0
+    if args.command == "store":
+        return _compactStore(dataDir, args.store)
     if args.command == "device":
         _checkDeviceNameArg(getattr(args, "name", None))
     if args.command in ("grant", "ungrant"):
@@ -487,6 +500,29 @@ def _init(dataDir: DataDir, storeURL: str | None) -> int:
     return 0
 
 
+def _compactStore(dataDir: DataDir, storeURL: str | None) -> int:
+    """
+    C{store compact}: rewrite the SQLite store without its free pages, alone (it refuses
+    while groundcontrol or another command has the store open). PostgreSQL needs nothing.
+    """
+    if storeURL is not None and storeKind(storeURL) == "postgresql":
+        print(
+            "the store is PostgreSQL: its autovacuum makes the space of deleted rows "
+            "reusable; nothing to compact"
+        )
+        return 0
+    if storeURL is None:
+        _requireInitialised(dataDir)
+    path = str(dataDir.databasePath) if storeURL is None else sqlitePath(storeURL)
+    done = _call(lambda: compactSQLite(path))
+    print(
+        f"compacted {path}: {done.bytesBefore:,} bytes before, {done.bytesAfter:,} after, "
+        f"{done.bytesGivenBack:,} given back; pruning (--audit-max-age) now gives space "
+        "back as it goes"
+    )
+    return 0
+
+
 def _approveDevice(store: SQLStore, args: argparse.Namespace, actor: str, now: float) -> Device:
     """
     C{device approve}; a re-key asked for by name alone is refused with what to compare
@@ -596,11 +632,15 @@ def _openStore(dataDir: DataDir, storeURL: str | None) -> SQLStore:
     """The data directory's SQLite store, or the one C{--store} names (migrated on open)."""
     if storeURL is not None:
         return _result(openStore(storeURL, synchronousRunner))
+    _requireInitialised(dataDir)
+    return _result(openStore(str(dataDir.databasePath), synchronousRunner))
+
+
+def _requireInitialised(dataDir: DataDir) -> None:
     if not dataDir.isInitialised():
         raise _CommandError(
             f"{dataDir.path} is not initialised; run: groundcontrol --data {dataDir.path} init"
         )
-    return _result(openStore(str(dataDir.databasePath), synchronousRunner))
 
 
 def _redact(url: str) -> str:

@@ -60,6 +60,7 @@ from ._records import (
     TokenRecord,
 )
 from ._runner import Runner, ThreadRunner, synchronousRunner, threadRunner
+from ._space import Compacted, compactSQLite
 from ._sql import (
     SQLStore,
     cleanSerial,
@@ -86,6 +87,7 @@ __all__ = [
     "ClaimCodeExpired",
     "ClaimCodeInvalid",
     "ClaimRefused",
+    "Compacted",
     "Device",
     "EnrollmentRequest",
     "Grant",
@@ -113,6 +115,7 @@ __all__ = [
     "UnknownAccount",
     "UnknownDevice",
     "cleanSerial",
+    "compactSQLite",
     "connect",
     "connectPostgreSQL",
     "databaseErrors",
