@@ -48,6 +48,8 @@ def useMonotonicTimers(
     if getattr(reactor, WALL_CLOCK_ATTRIBUTE, None) is not None:
         return
     shift = monotonic() - reactor.seconds()
+    # ReactorBase's lists of timed calls: every reactor of Twisted's keeps them (asyncio's
+    # too: it asks its loop to wake it when the first of them is due).
     for call in [*reactor._pendingTimedCalls, *reactor._newTimedCalls]:
         call.time += shift  # the same shift for all: the heap's order holds
         call.seconds = monotonic
