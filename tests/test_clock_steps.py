@@ -75,6 +75,13 @@ class SteppingWallClock:
         self.offset += seconds
 
 
+def temporaryDirectory(case: SynchronousTestCase) -> Path:
+    """A directory of C{case}'s own, removed after it (not under the cwd)."""
+    path = Path(tempfile.mkdtemp(prefix="clock-steps-"))
+    case.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def deviceClock(start: float = 1_000_000.0) -> tuple[Clock, SteppingWallClock]:
     """The agent's clocks: timers on a Clock (monotonic), and a wall clock beside it."""
     clock = Clock()
@@ -331,9 +338,7 @@ class RenewalStepTests(SynchronousTestCase):
     """The fleet certificate when the device's wall clock is wrong, then stepped."""
 
     def setUp(self) -> None:
-        base = Path(tempfile.mkdtemp(prefix="clock-steps-"))
-        self.addCleanup(shutil.rmtree, base, ignore_errors=True)
-        self.world = SteppedWorld(base)
+        self.world = SteppedWorld(temporaryDirectory(self))
         self.fleet = self.world.fleet
 
     def issued(self) -> int:
@@ -386,11 +391,6 @@ CHECK_FAILED = (
 class CertificateClockNoteTests(SynchronousTestCase):
     """What the agent says about its clock when a server certificate did not verify."""
 
-    def temporaryDirectory(self) -> Path:
-        path = Path(tempfile.mkdtemp(prefix="clock-note-"))
-        self.addCleanup(shutil.rmtree, path, ignore_errors=True)
-        return path
-
     def test_otherFailuresSayNothing(self) -> None:
         """A refused connection, a timeout: nothing about the clock."""
         for reason in ("Connection was refused by other side", "no connection in 15 s"):
@@ -408,7 +408,7 @@ class CertificateClockNoteTests(SynchronousTestCase):
     def test_beforeItsOwnCertificate(self) -> None:
         """A clock before the device's own fleet certificate was issued is not set either."""
         issued = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
-        state = self.temporaryDirectory()
+        state = temporaryDirectory(self)
         pem = FleetCA.create(state / "ca", issued).certificatePEM
         (state / CERTIFICATE_FILE).write_bytes(pem)
         notBefore, _ = certificateLifetime(pem)
@@ -441,8 +441,7 @@ class FailoverClockNoteTests(SynchronousTestCase):
     """The line about an address that could not be reached says what the clock says."""
 
     def test_couldNotReachSaysTheClock(self) -> None:
-        state = Path(tempfile.mkdtemp(prefix="clock-failover-"))
-        self.addCleanup(shutil.rmtree, state, ignore_errors=True)
+        state = temporaryDirectory(self)
         clock, wall = deviceClock()
         wall.offset = BOOTED_IN_1970 - clock.seconds()
         address = "wss://gc.example.com/tunnel"

@@ -6,7 +6,8 @@ alone, as a real step does. groundcontrol's clock is not moved.
 
 - A step forward by a day does not drop the link, nor an operator's open session over it.
 - After a step back by an hour, a groundcontrol that stops answering (SIGSTOP) is still
-  found within the keepalive's deadline (interval x count, here 1 s x 3), not an hour late.
+  found within the keepalive's deadline (interval x count, here 1 s x 3 as in
+  test_blackhole), not an hour late.
 
 The agent schedules its timers on the monotonic clock (accesstunnel/clocks.py); the unit
 tests in tests/test_clock_steps.py cover each part, this the whole on a real agent.
@@ -27,18 +28,10 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.harness import Agent, Fleet, Process, _uniqueLog, waitFor
+from tests.e2e.test_blackhole import DEAD_LINK_DEADLINE, KEEPALIVE, KEEPALIVE_INTERVAL
 
 pytestmark = pytest.mark.slow
 
-KEEPALIVE_INTERVAL = 1
-KEEPALIVE_COUNT = 3
-KEEPALIVE = (
-    "--keepalive-interval",
-    str(KEEPALIVE_INTERVAL),
-    "--keepalive-count",
-    str(KEEPALIVE_COUNT),
-)
-DEAD_LINK_DEADLINE = KEEPALIVE_INTERVAL * KEEPALIVE_COUNT
 #: Room for a loaded machine (process scheduling, polling the agent's log).
 SLACK = 5.0
 DAY = 86400
