@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import select
 import signal
 import subprocess
@@ -132,6 +133,8 @@ def test_wallClockSteps(fleet: Fleet, stepped: SteppedAgent) -> None:
         time.sleep(2 * DEAD_LINK_DEADLINE)  # every keepalive timer had its chance to misfire
         assert session.echo("a day later") == "a day later", "the session survived the step"
         assert "down after" not in process.output(), "the link survived the step"
+        # Every timer pending at the step used to fire at once: the hourly rekey among them.
+        assert "time limit reached" not in process.output(), "no timer fired early"
     finally:
         session.close()
 
@@ -146,3 +149,5 @@ def test_wallClockSteps(fleet: Fleet, stepped: SteppedAgent) -> None:
         interval=0.1,
     )
     print(f"clock stepped back: frozen groundcontrol found in {time.monotonic() - frozen:.1f} s")
+    # The link's length is measured on the monotonic clock too (not "23h02m09s").
+    assert re.search(r"down after [0-9.]+ s: groundcontrol stopped answering", process.output())
