@@ -5,6 +5,8 @@ SECURITY.md ("Faults: the clock jumps") states the expected behaviour asserted h
 
 The reactor's clock is the wall clock (twisted.python.runtime.seconds is time.time), so
 a step of the system clock is a jump of the injected clock; task.Clock stands in for it.
+That is groundcontrol's reactor; its keepalives measure silence on the monotonic clock, and
+the agent times everything on it: tests/test_clock_steps.py steps a wall clock of its own.
 """
 
 from __future__ import annotations
