@@ -72,6 +72,8 @@ class SpawnCase(SynchronousTestCase):
 
     def started(self, child: Any) -> Any:
         """Kill and reap C{child} at the end (Twisted's reaping is left out of it)."""
+        if child.pid not in process.reapProcessHandlers:
+            return child  # it had exited already: Twisted reaped it as it registered it
         process.unregisterReapProcessHandler(child.pid, child)
 
         def end() -> None:
@@ -115,13 +117,13 @@ class SpawnCase(SynchronousTestCase):
             self.addCleanup(os.close, pipe.fileno())
         return self.started(child)
 
-    def ptyChild(self) -> tuple[Any, _process.Terminal]:
+    def ptyChild(self, args: tuple[bytes, ...] = (b"cat",)) -> tuple[Any, _process.Terminal]:
         terminal = _process.Terminal.open("xterm", (24, 80, 0, 0), [])
         self.addCleanup(os.close, terminal.master)
         child = _process._SessionPTYProcess(
             self.reactor,
             CAT,
-            [b"cat"],
+            list(args),
             ENVIRONMENT,
             self.directory,
             ProcessProtocol(),

@@ -19,7 +19,6 @@ import signal
 from typing import Any
 
 from twisted.internet import process
-from twisted.internet.protocol import ProcessProtocol
 
 from agent import _process, _spawn, openfiles
 from tests.test_agent_spawn import CAT, ENVIRONMENT, SpawnCase
@@ -74,6 +73,9 @@ DESCRIPTOR_FLAGS = (
     os.O_ACCMODE | os.O_APPEND | os.O_NONBLOCK | os.O_CLOEXEC | os.O_SYNC | os.O_DSYNC | os.O_ASYNC
 )
 
+#: A child that reads its limits as it starts, and exits.
+READ_LIMITS = (b"cat", b"/proc/self/limits")
+
 #: The umask the test gives the "agent": children of both paths must have it.
 UMASK = 0o027
 
@@ -85,8 +87,13 @@ def read(path: str) -> str:
 
 def limitsOf(pid: int) -> dict[str, tuple[str, str]]:
     """Every limit's (soft, hard), by name, from /proc/PID/limits."""
+    return parseLimits(read(f"/proc/{pid}/limits"))
+
+
+def parseLimits(text: str) -> dict[str, tuple[str, str]]:
+    """Every limit's (soft, hard), by name, from a /proc/PID/limits text."""
     limits = {}
-    for line in read(f"/proc/{pid}/limits").splitlines()[1:]:
+    for line in text.splitlines()[1:]:
         name = line[:26].strip()
         soft, hard = line[26:].split()[:2]
         limits[name] = (soft, hard)
@@ -282,60 +289,32 @@ class FirstInstructionTests(ParityCase):
         self.patch(_spawn, "spawn", spawnAndLetItRun)
         self.patch(os, "fork", self.noForkCalled)
 
-    def readLimit(self, output: bytes) -> tuple[int, int]:
-        line = next(
-            line for line in output.decode().splitlines() if line.startswith("Max open files")
-        )
-        soft, hard = line[26:].split()[:2]
-        return int(soft), int(hard)
-
     def test_pipeChild(self) -> None:
         """C{cat /proc/self/limits} on pipes reads the sessions' limit."""
-        child = _process._SessionProcess(
-            self.reactor,
-            CAT,
-            [b"cat", b"/proc/self/limits"],
-            ENVIRONMENT,
-            self.directory,
-            ProcessProtocol(),
-        )
-        self.assertNotIn(child.pid, process.reapProcessHandlers)  # reaped, exited
-        stdout = child.pipes[1].fileno()
-        os.set_blocking(stdout, True)
-        output = b""
-        while chunk := os.read(stdout, 65536):
-            output += chunk
-        for pipe in child.pipes.values():
-            os.close(pipe.fileno())
-        self.assertEqual(self.readLimit(output), self.sessionLimit)
+        child = self.pipeChild(CAT, READ_LIMITS)
+        self.assertReadTheSessionsLimit(child, child.pipes[1].fileno())
 
     def test_ptyChild(self) -> None:
         """C{cat /proc/self/limits} on a pty reads the sessions' limit."""
-        terminal = _process.Terminal.open("xterm", (24, 80, 0, 0), [])
-        self.addCleanup(os.close, terminal.master)
-        child = _process._SessionPTYProcess(
-            self.reactor,
-            CAT,
-            [b"cat", b"/proc/self/limits"],
-            ENVIRONMENT,
-            self.directory,
-            ProcessProtocol(),
-            None,
-            None,
-            (terminal.master, terminal.slave, terminal.name),
-        )
-        self.assertNotIn(child.pid, process.reapProcessHandlers)  # reaped, exited
-        os.set_blocking(terminal.master, True)
-        output = b""
+        child, terminal = self.ptyChild(READ_LIMITS)
+        self.assertReadTheSessionsLimit(child, terminal.master)
+
+    def assertReadTheSessionsLimit(self, child: Any, output: int) -> None:
+        """C{child} has exited; what it wrote to C{output} says the sessions' open-file limit."""
+        self.assertNotIn(child.pid, process.reapProcessHandlers)  # reaped as it registered
+        os.set_blocking(output, True)
+        written = b""
         while True:
             try:
-                chunk = os.read(terminal.master, 65536)
-            except OSError:  # EIO: the child side is closed, all read
+                chunk = os.read(output, 65536)
+            except OSError:  # EIO: a pty whose child side is closed, all read
                 break
             if not chunk:
                 break
-            output += chunk
-        self.assertEqual(self.readLimit(output), self.sessionLimit)
+            written += chunk
+        self.assertEqual(
+            parseLimits(written.decode())["Max open files"], tuple(map(str, self.sessionLimit))
+        )
 
 
 class NoRoomBelowTests(ParityCase):
