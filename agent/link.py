@@ -41,7 +41,13 @@ from accesstunnel.rekey import RekeyingTransportMixin, RekeyLimit
 from agent import linklog
 from agent.enrollment import Enrollment
 from agent.identity import ServerKeyPin
-from agent.remoteforward import CANCEL_TCPIP_FORWARD, TCPIP_FORWARD, RemoteForwarder
+from agent.remoteforward import (
+    CANCEL_SOCKET_FORWARD,
+    CANCEL_TCPIP_FORWARD,
+    SOCKET_FORWARD,
+    TCPIP_FORWARD,
+    RemoteForwarder,
+)
 
 if TYPE_CHECKING:
     from agent.failover import Dial
@@ -201,6 +207,10 @@ class AgentConnection(TunnelConnection):
             return self.remoteForwards.forward(data)
         if requestType == CANCEL_TCPIP_FORWARD:
             return self.remoteForwards.cancel(data)
+        if requestType == SOCKET_FORWARD:
+            return self.remoteForwards.forwardSocket(data)
+        if requestType == CANCEL_SOCKET_FORWARD:
+            return self.remoteForwards.cancelSocket(data)
         return 0  # keepalives: a failure reply is the answer
 
 

@@ -16,6 +16,11 @@ C{forwarded-tcpip} channel to groundcontrol with the standard payload::
 which groundcontrol routes to the operator who asked, by (address, port).
 Listeners live as long as the link (or until cancelled); connections already
 accepted live on after a cancel, as with sshd.
+
+ssh -R from a UNIX socket path on the device is the same with OpenSSH's names
+(C{streamlocal-forward@openssh.com} and its cancel, C{forwarded-streamlocal@openssh.com}
+channels with the path and a reserved string): a socket only its owner may use (sshd's
+C{StreamLocalBindMask 0177}), never over a file that exists (C{StreamLocalBindUnlink no}).
 """
 
 from __future__ import annotations
@@ -35,6 +40,12 @@ from agent.session import _Payload
 TCPIP_FORWARD = b"tcpip-forward"
 CANCEL_TCPIP_FORWARD = b"cancel-tcpip-forward"
 FORWARDED_TCPIP = b"forwarded-tcpip"
+SOCKET_FORWARD = b"streamlocal-forward@openssh.com"
+CANCEL_SOCKET_FORWARD = b"cancel-streamlocal-forward@openssh.com"
+FORWARDED_SOCKET = b"forwarded-streamlocal@openssh.com"
+
+#: The mode of a socket made for ssh -R (sshd: StreamLocalBindMask 0177).
+SOCKET_MODE = 0o600
 
 #: Listeners one link may hold at once.
 MAX_LISTENERS = 64
@@ -69,6 +80,17 @@ def parseForwardRequest(data: bytes) -> tuple[bytes, int]:
     if port > 0xFFFF:
         raise ValueError(f"bad port {port}")
     return address, port
+
+
+def parseSocketForwardRequest(data: bytes) -> str:
+    """
+    The C{streamlocal-forward@openssh.com} / C{cancel-...} payload: the socket's path.
+    Raises L{ValueError} when it does not parse.
+    """
+    path = _Payload(data).text()
+    if not path:
+        raise ValueError("empty socket path")
+    return path
 
 
 def forwardedTCPIPPayload(address: bytes, port: int, peer: IAddress) -> bytes:
@@ -111,6 +133,8 @@ class RemoteForwarder:
         self.maxListeners = maxListeners
         #: (address as named, port bound) -> listening port
         self.listeners: dict[tuple[bytes, int], Any] = {}
+        #: socket path -> listening port
+        self.socketListeners: dict[str, Any] = {}
 
     def forward(self, data: bytes) -> bool | tuple[bool, bytes]:
         """
@@ -126,8 +150,7 @@ class RemoteForwarder:
         if 0 < port < RESERVED_PORTS and not self.allowPrivilegedPorts:
             self.log.info("refused remote forward to privileged port {port}", port=port)
             return False
-        if len(self.listeners) >= self.maxListeners:
-            self.log.warn("refused remote forward: {count} already", count=len(self.listeners))
+        if self._full():
             return False
         interface = loopbackFor(name)
         bound: list[int] = []
@@ -160,6 +183,50 @@ class RemoteForwarder:
             return True, struct.pack(">L", actual)
         return True
 
+    def _full(self) -> bool:
+        count = len(self.listeners) + len(self.socketListeners)
+        if count >= self.maxListeners:
+            self.log.warn("refused remote forward: {count} already", count=count)
+            return True
+        return False
+
+    def forwardSocket(self, data: bytes) -> bool:
+        """Answer a C{streamlocal-forward@openssh.com}: listen on the socket path it names."""
+        try:
+            path = parseSocketForwardRequest(data)
+        except ValueError as e:
+            self.log.warn("malformed streamlocal-forward request: {why}", why=str(e))
+            return False
+        if self._full():
+            return False
+        factory = AcceptingFactory(
+            self.conn, FORWARDED_SOCKET, lambda peer: common.NS(path.encode()) + common.NS(b"")
+        )
+        try:
+            listening = self.reactor.listenUNIX(path, factory, mode=SOCKET_MODE, wantPID=False)
+        except CannotListenError as e:
+            self.log.info(
+                "remote forward {path!r} cannot listen: {why}", path=path, why=str(e.socketError)
+            )
+            return False
+        self.socketListeners[path] = listening
+        self.log.info("remote forward listening on UNIX socket {path!r}", path=path)
+        return True
+
+    def cancelSocket(self, data: bytes) -> bool:
+        """Answer a C{cancel-streamlocal-forward@openssh.com}: stop listening, remove the socket."""
+        try:
+            path = parseSocketForwardRequest(data)
+        except ValueError as e:
+            self.log.warn("malformed cancel-streamlocal-forward request: {why}", why=str(e))
+            return False
+        listening = self.socketListeners.pop(path, None)
+        if listening is None:
+            return False
+        self.log.info("remote forward on UNIX socket {path!r} cancelled", path=path)
+        self._stop(listening)
+        return True
+
     def cancel(self, data: bytes) -> bool:
         """Answer a C{cancel-tcpip-forward}: stop the listener it names."""
         try:
@@ -175,26 +242,34 @@ class RemoteForwarder:
             address=key[0].decode("utf-8"),
             port=key[1],
         )
+        self._stop(listening)
+        return True
+
+    def _stop(self, listening: Any) -> None:
         defer.maybeDeferred(listening.stopListening).addErrback(
             lambda f: self.log.failure("could not stop a remote forward", f)
         )
-        return True
 
     def stopAll(self) -> defer.Deferred[Any]:
         """The link went: close every listener."""
-        listeners, self.listeners = self.listeners, {}
+        listeners = [*self.listeners.values(), *self.socketListeners.values()]
+        self.listeners, self.socketListeners = {}, {}
         return defer.gatherResults(
-            [defer.maybeDeferred(listening.stopListening) for listening in listeners.values()]
+            [defer.maybeDeferred(listening.stopListening) for listening in listeners]
         )
 
 
 __all__ = [
+    "CANCEL_SOCKET_FORWARD",
     "CANCEL_TCPIP_FORWARD",
+    "FORWARDED_SOCKET",
     "FORWARDED_TCPIP",
     "MAX_LISTENERS",
+    "SOCKET_FORWARD",
     "TCPIP_FORWARD",
     "RemoteForwarder",
     "forwardedTCPIPPayload",
     "loopbackFor",
     "parseForwardRequest",
+    "parseSocketForwardRequest",
 ]

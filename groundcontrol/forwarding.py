@@ -7,7 +7,10 @@ Three kinds, each tied to one operator:
     remote forward; groundcontrol passed the ``tcpip-forward`` request on to
     the device's agent and remembers which operator connection owns that
     (address, port) on that link. Connections the agent accepts come back as
-    ``forwarded-tcpip`` channels and go to that operator.
+    ``forwarded-tcpip`` channels and go to that operator. ``ssh -R`` from a
+    UNIX socket path on the device is the same with OpenSSH's names
+    (``streamlocal-forward@openssh.com``, ``forwarded-streamlocal@openssh.com``),
+    kept as (path, L{SOCKET}).
   - ``auth-agent@openssh.com`` (``ssh -A``) and ``x11`` (``ssh -X``): the
     agent says which session they belong to (its own channel id of the
     session, appended to the payload, since one link carries many
@@ -23,7 +26,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from twisted.conch.ssh import connection
+from twisted.conch.ssh import common, connection
 from twisted.logger import Logger
 
 from accesstunnel.channel import DEFAULT_MAX_PACKET, DEFAULT_WINDOW, LINK_MAX_PACKET
@@ -32,6 +35,12 @@ from groundcontrol.relay import RelayChannel, refusal, splice
 FORWARDED_TCPIP = b"forwarded-tcpip"
 AUTH_AGENT = b"auth-agent@openssh.com"
 X11 = b"x11"
+SOCKET_FORWARD = b"streamlocal-forward@openssh.com"
+CANCEL_SOCKET_FORWARD = b"cancel-streamlocal-forward@openssh.com"
+FORWARDED_SOCKET = b"forwarded-streamlocal@openssh.com"
+
+#: The port a remote forward from a UNIX socket path is kept under (TCP's are 0-65535).
+SOCKET = -1
 
 
 class MalformedPayload(ValueError):  # noqa: N818 - reads as a state, like the others
@@ -59,6 +68,21 @@ def parseForwardRequest(data: bytes) -> tuple[bytes, int]:
     address, offset = _takeString(data, 0)
     port, _ = _takeUint32(data, offset)
     return address, port
+
+
+def parseSocketForwardRequest(data: bytes) -> tuple[bytes, int]:
+    """(path, L{SOCKET}) of a streamlocal-forward / cancel-streamlocal-forward request."""
+    path, _ = _takeString(data, 0)
+    if not path:
+        raise MalformedPayload("empty socket path")
+    return path, SOCKET
+
+
+def cancelRequest(address: bytes, port: int) -> tuple[bytes, bytes]:
+    """The request, and its payload, that takes down the remote forward (address, port)."""
+    if port == SOCKET:
+        return CANCEL_SOCKET_FORWARD, common.NS(address)
+    return b"cancel-tcpip-forward", common.NS(address) + struct.pack(">L", port)
 
 
 def parseForwardedChannel(data: bytes) -> tuple[bytes, int]:
@@ -125,6 +149,11 @@ async def relayFromDevice(
             operatorConn = link.remoteForwards.owner(address, port)
             payload = data
             label = f"remote forward {address.decode('ascii', 'replace')}:{port}"
+        elif channelType == FORWARDED_SOCKET:
+            address, _ = _takeString(data, 0)
+            operatorConn = link.remoteForwards.owner(address, SOCKET)
+            payload = data
+            label = f"remote forward {address.decode('ascii', 'replace')}"
         elif channelType in (AUTH_AGENT, X11):
             payload, sessionId = splitSessionId(data)
             operatorChannel = _operatorSideOf(link.conn, sessionId)
@@ -165,9 +194,15 @@ def _operatorSideOf(deviceConn: Any, sessionId: int) -> Any:
 
 __all__ = [
     "AUTH_AGENT",
+    "CANCEL_SOCKET_FORWARD",
+    "FORWARDED_SOCKET",
     "FORWARDED_TCPIP",
+    "SOCKET",
+    "SOCKET_FORWARD",
     "X11",
     "RemoteForwards",
+    "cancelRequest",
     "parseForwardRequest",
+    "parseSocketForwardRequest",
     "relayFromDevice",
 ]

@@ -29,7 +29,15 @@ from accesstunnel.channel import DEFAULT_MAX_PACKET, DEFAULT_WINDOW, LINK_MAX_PA
 from accesstunnel.timetext import absoluteTime, relativeTime
 from groundcontrol.clientaddress import CLIENT_ADDRESS_REQUEST, clientAddressPayload
 from groundcontrol.control import ControlChannel, ControlContext
-from groundcontrol.forwarding import MalformedPayload, parseForwardRequest
+from groundcontrol.forwarding import (
+    CANCEL_SOCKET_FORWARD,
+    SOCKET,
+    SOCKET_FORWARD,
+    MalformedPayload,
+    cancelRequest,
+    parseForwardRequest,
+    parseSocketForwardRequest,
+)
 from groundcontrol.registry import Registry
 from groundcontrol.relay import RelayChannel, inertText, refusal, splice
 from groundcontrol.store import Account, IStore
@@ -52,6 +60,8 @@ _LOCAL_FORWARDS = frozenset({b"direct-tcpip", DIRECT_STREAMLOCAL})
 RELAYED_CHANNEL_TYPES = frozenset({b"session"}) | _LOCAL_FORWARDS
 
 _FORWARD_REQUESTS = (b"tcpip-forward", b"cancel-tcpip-forward")
+_SOCKET_FORWARD_REQUESTS = (SOCKET_FORWARD, CANCEL_SOCKET_FORWARD)
+_CANCELS = (b"cancel-tcpip-forward", CANCEL_SOCKET_FORWARD)
 
 #: Ports below this only root may listen on (sshd: IPPORT_RESERVED).
 _PRIVILEGED_PORTS = 1024
@@ -324,23 +334,25 @@ class SessionRouter:
         self, account: Account, target: Target, operatorConn: Any, requestType: bytes, data: bytes
     ) -> Any:
         """
-        ``ssh -R``: pass ``tcpip-forward`` / ``cancel-tcpip-forward`` on to the
-        device, and remember which operator connection owns the forward: only that
-        connection may cancel it.
+        ``ssh -R``: pass ``tcpip-forward`` / ``cancel-tcpip-forward`` (and their
+        UNIX socket forms) on to the device, and remember which operator connection
+        owns the forward: only that connection may cancel it.
         """
-        if requestType not in _FORWARD_REQUESTS or not isinstance(target, DeviceTarget):
+        sockets = requestType in _SOCKET_FORWARD_REQUESTS
+        if not (sockets or requestType in _FORWARD_REQUESTS):
             return 0
-        if not self.policy.permitRemoteForwarding:
+        if not isinstance(target, DeviceTarget) or not self.policy.permitRemoteForwarding:
             return 0
         try:
-            address, port = parseForwardRequest(data)
+            parse = parseSocketForwardRequest if sockets else parseForwardRequest
+            address, port = parse(data)
         except MalformedPayload:
             return 0
         try:
             link = await self.reachableLink(account, target.name)
         except Exception:
             return 0
-        cancel = requestType == b"cancel-tcpip-forward"
+        cancel = requestType in _CANCELS
         refused = await self._forwardRefused(account, link, address, port, cancel, operatorConn)
         if refused is not None:
             self._log.info(
@@ -382,14 +394,16 @@ class SessionRouter:
             if link.remoteForwards.owner(address, port) is not conn:
                 return "not theirs"
             return None
-        if 0 < port < _PRIVILEGED_PORTS:
-            # The agent, as root, takes such a port for anyone: not for an operator whose
-            # grant runs their sessions as another user, who could not take it there.
+        if 0 < port < _PRIVILEGED_PORTS or port == SOCKET:
+            # The agent, as root, takes such a port, or makes a socket anywhere, for anyone:
+            # not for an operator whose grant runs their sessions as another user, who
+            # could not do it there.
             loginUser = await self._store.loginUserFor(
                 account, link.deviceName, self._clock.seconds()
             )
             if loginUser not in (None, "root"):
-                return f"below {_PRIVILEGED_PORTS}, and their sessions run as {loginUser}"
+                what = "a UNIX socket" if port == SOCKET else f"below {_PRIVILEGED_PORTS}"
+                return f"{what}, and their sessions run as {loginUser}"
         return None
 
     def operatorGone(self, target: Target, operatorConn: Any) -> None:
@@ -401,8 +415,6 @@ class SessionRouter:
             return
         for address, port in link.remoteForwards.ownedBy(operatorConn):
             link.remoteForwards.remove(address, port)
-            d = link.conn.sendGlobalRequest(
-                b"cancel-tcpip-forward", common.NS(address) + struct.pack(">L", port), wantReply=1
-            )
+            d = link.conn.sendGlobalRequest(*cancelRequest(address, port), wantReply=1)
             if d is not None:
                 d.addErrback(lambda f: None)

@@ -253,6 +253,42 @@ def test_local_forward_to_a_unix_socket_on_the_device(alice: Operator, tmp_path:
         server.server_close()
 
 
+def test_remote_forward_from_a_unix_socket_on_the_device(
+    alice: Operator, echoServer: int, tmp_path: Path
+) -> None:
+    """
+    ssh -R /path/on/device.sock:HOST:PORT: the device gets a socket only its owner may use
+    (mode 0600, as sshd makes it) whose connections reach the operator's service; it goes
+    when the operator leaves.
+    """
+    path = tmp_path / "from-device.sock"
+    ssh = Background(
+        alice.argv(
+            "dev_kiln7",
+            options=[
+                "-N",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-R",
+                f"{path}:{LOOPBACK}:{echoServer}",
+            ],
+        )
+    )
+    try:
+        waitFor(path.exists, 20, "the socket on the device")
+        assert path.stat().st_mode & 0o777 == 0o600
+
+        def connect() -> socket.socket:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(path))
+            return s
+
+        assert roundTrip(connect) == b"echo:ping"
+    finally:
+        ssh.close()
+    waitFor(lambda: not path.exists(), 10, "the socket to go with the operator")
+
+
 def test_scp_3_between_two_devices(devices: Fleet, alice: Operator) -> None:
     """scp -3 copies a file from one device to another through the operator's machine."""
     payload = hashlib.sha256(b"scp-3").digest() * 40_000  # 1.25 MB
