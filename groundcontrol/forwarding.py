@@ -30,7 +30,7 @@ from twisted.conch.ssh import common, connection
 from twisted.logger import Logger
 
 from accesstunnel.channel import DEFAULT_MAX_PACKET, DEFAULT_WINDOW, LINK_MAX_PACKET
-from groundcontrol.relay import RelayChannel, refusal, splice
+from groundcontrol.relay import RelayChannel, inertText, refusal, splice
 
 FORWARDED_TCPIP = b"forwarded-tcpip"
 AUTH_AGENT = b"auth-agent@openssh.com"
@@ -83,6 +83,12 @@ def cancelRequest(address: bytes, port: int) -> tuple[bytes, bytes]:
     if port == SOCKET:
         return CANCEL_SOCKET_FORWARD, common.NS(address)
     return b"cancel-tcpip-forward", common.NS(address) + struct.pack(">L", port)
+
+
+def forwardName(address: bytes, port: int) -> str:
+    """A remote forward for the log: C{ADDRESS:PORT}, or a socket's path (inert, cut)."""
+    name = inertText(address, 64)
+    return name if port == SOCKET else f"{name}:{port}"
 
 
 def parseForwardedChannel(data: bytes) -> tuple[bytes, int]:
@@ -202,6 +208,7 @@ __all__ = [
     "X11",
     "RemoteForwards",
     "cancelRequest",
+    "forwardName",
     "parseForwardRequest",
     "parseSocketForwardRequest",
     "relayFromDevice",

@@ -35,11 +35,12 @@ from groundcontrol.forwarding import (
     SOCKET_FORWARD,
     MalformedPayload,
     cancelRequest,
+    forwardName,
     parseForwardRequest,
     parseSocketForwardRequest,
 )
 from groundcontrol.registry import Registry
-from groundcontrol.relay import RelayChannel, inertText, refusal, splice
+from groundcontrol.relay import RelayChannel, refusal, splice
 from groundcontrol.store import Account, IStore
 from groundcontrol.usernames import (
     DEVICE_PREFIX,
@@ -356,11 +357,10 @@ class SessionRouter:
         refused = await self._forwardRefused(account, link, address, port, cancel, operatorConn)
         if refused is not None:
             self._log.info(
-                "refused {account} {what} {address}:{port} on device {device}: {reason}",
+                "refused {account} {what} {forward} on device {device}: {reason}",
                 account=account.name,
                 what="cancelling" if cancel else "a remote forward on",
-                address=inertText(address, 64),
-                port=port,
+                forward=forwardName(address, port),
                 device=link.deviceName,
                 reason=refused,
             )
@@ -376,10 +376,9 @@ class SessionRouter:
             (port,) = struct.unpack(">L", reply[:4])
         link.remoteForwards.add(address, port, operatorConn)
         self._log.info(
-            "{account} forwards {address}:{port} on device {device}",
+            "{account} forwards {forward} on device {device}",
             account=account.name,
-            address=inertText(address, 64),
-            port=port,
+            forward=forwardName(address, port),
             device=link.deviceName,
         )
         return (1, reply) if reply else 1

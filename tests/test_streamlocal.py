@@ -22,6 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from agent.forward import StreamLocalChannel
 from agent.remoteforward import CANCEL_SOCKET_FORWARD, SOCKET_FORWARD, RemoteForwarder
+from groundcontrol.forwarding import SOCKET, forwardName
 from groundcontrol.router import DIRECT_STREAMLOCAL, SessionPolicy
 from groundcontrol.sshserver import ServerSettings
 from groundcontrol.testing import FakeOperator, InMemoryFleet, resultNow
@@ -234,3 +235,8 @@ class RoutedSocketForwardTests(_ForwardsWorld):
             self.ask(self.world.bob, SOCKET_FORWARD, socketRequest(b"/run/b.sock"))
         )
         self.assertEqual(self.reactor.ports, [])
+
+    def test_namedInTheLogByItsPath(self) -> None:
+        """The log names a socket forward by its path, a port forward as ADDRESS:PORT."""
+        self.assertEqual(forwardName(b"/run/c.sock", SOCKET), "/run/c.sock")
+        self.assertEqual(forwardName(b"localhost", 8080), "localhost:8080")
