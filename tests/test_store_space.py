@@ -11,12 +11,9 @@ import contextlib
 import os
 import shutil
 import sqlite3
-import subprocess
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from unittest import SkipTest
 
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
@@ -35,6 +32,7 @@ from groundcontrol.store import (
     synchronousRunner,
 )
 from groundcontrol.store._space import giveBackFreePages, sizeOnDisk
+from tests.e2e.test_faults import smallDisk
 from tests.test_store import T0, StoreTestCase
 from tests.test_upgrade_store import loadFixture
 
@@ -46,17 +44,18 @@ SESSION_DETAIL = {"client": "SSH-2.0-OpenSSH_9.6p1 Ubuntu-3ubuntu13.5", "padding
 
 def pragma(path: str, name: str) -> Any:
     """One PRAGMA's value, read on a connection of its own."""
-    connection = sqlite3.connect(path)
-    try:
-        return connection.execute(f"PRAGMA {name}").fetchone()[0]
-    finally:
-        connection.close()
+    return scalar(path, f"PRAGMA {name}")
 
 
 def auditRows(path: str) -> int:
+    return int(scalar(path, "SELECT COUNT(*) FROM audit"))
+
+
+def scalar(path: str, query: str) -> Any:
+    """The first column of C{query}'s first row, on a connection of its own."""
     connection = sqlite3.connect(path)
     try:
-        return int(connection.execute("SELECT COUNT(*) FROM audit").fetchone()[0])
+        return connection.execute(query).fetchone()[0]
     finally:
         connection.close()
 
@@ -78,25 +77,6 @@ def makeOldStore(path: str) -> None:
     finally:
         connection.close()
     migrateStore(path)
-
-
-@contextlib.contextmanager
-def smallDisk(where: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of C{size} at C{where}, to fill up (needs root; the test is skipped without)."""
-    if os.geteuid() != 0:
-        raise SkipTest("mounting a tmpfs needs root")
-    where.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "accesstunnel-test", str(where)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        raise SkipTest(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 class NewStoreTests(StoreTestCase):
