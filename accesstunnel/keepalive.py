@@ -269,13 +269,21 @@ class Keepalive:
         # all since the last check (OpenSSH's ClientAliveInterval rule). The answer
         # to our own ping arrives after the check that sent it and spares the next
         # one: a peer that only answers is pinged every other interval, however
-        # late the timer runs or slow the answer is.
-        if self._passive or self.lastReceived <= previousCheck:
+        # late the timer runs or slow the answer is. Unless the next check is too
+        # late for that: its ping must leave half an interval for the answer before
+        # the deadline (count 2, or a 1 s interval whose aligned checks are up to
+        # 2 s apart against a 3 s deadline, declared a live peer dead).
+        nextCheck = self._nextInterval()
+        if (
+            self._passive
+            or self.lastReceived <= previousCheck
+            or silence + nextCheck + self.interval / 2 > self.deadline
+        ):
             self._sendPing()
         # Wake at the next interval, or exactly at the deadline if that is
         # sooner, so a dead peer is found within interval * count.
         untilDeadline = self.lastReceived + self.deadline - now
-        self._schedule(min(self._nextInterval(), max(untilDeadline, 0.0)))
+        self._schedule(min(nextCheck, max(untilDeadline, 0.0)))
 
 
 class KeepaliveTransportMixin:

@@ -855,3 +855,61 @@ class ServerDispatchTests(SynchronousTestCase):
             conn.transport.packets,  # type: ignore[attr-defined]
             [(connection.MSG_REQUEST_SUCCESS, b"payload"), FAILURE],
         )
+
+
+class AnsweringPeerTests(SynchronousTestCase):
+    """
+    An active keepalive whose peer sends nothing but the answers to its pings, each
+    C{delay} seconds after the ping: the link is alive and must never be declared dead,
+    whatever the interval, count and alignment the agent's options allow.
+
+    Pinging only when nothing came since the previous check (every other check for such
+    a peer) is safe only while two checks fit well inside the deadline; with a short
+    interval against the alignment (1 s and align 1 s: checks up to 2 s apart against a
+    3 s deadline) or a count of 2, the ping the next check would send comes too late.
+    """
+
+    def answered(
+        self, interval: float, count: int, delay: float, align: float | None
+    ) -> tuple[int, int]:
+        """Pings sent and deaths over 200 intervals; the clock starts at an odd fraction."""
+        clock = Clock()
+        clock.advance(1_000_000.37)
+        pings: list[float] = []
+        deaths: list[float] = []
+        keepalive = Keepalive(
+            clock,
+            lambda: pings.append(clock.seconds()),
+            lambda: deaths.append(0.0),
+            interval,
+            count,
+            align=align,
+        )
+        keepalive.start()
+        answered = 0
+        step = min(delay, interval) / 10
+        end = clock.seconds() + 200 * interval
+        while clock.seconds() < end and not deaths:
+            clock.advance(step)
+            while answered < len(pings) and pings[answered] + delay <= clock.seconds():
+                answered += 1
+                keepalive.received()
+        return len(pings), len(deaths)
+
+    def test_shortIntervalAligned(self) -> None:
+        """The agent with --keepalive-interval 1 (align 1 s), a peer answering in 10 ms."""
+        pings, deaths = self.answered(1.0, 3, 0.01, align=1.0)
+        self.assertEqual(deaths, 0)
+        self.assertGreater(pings, 60)
+
+    def test_countOfTwo(self) -> None:
+        """--keepalive-count 2, a peer answering in 2 s (a slow path): alive throughout."""
+        for align in (None, 1.0):
+            _, deaths = self.answered(15.0, 2, 2.0, align=align)
+            self.assertEqual(deaths, 0, f"align={align}")
+
+    def test_defaultsStillEveryOtherInterval(self) -> None:
+        """With the defaults (15 s x 3, align 1 s) an answering peer is pinged every other check."""
+        pings, deaths = self.answered(DEFAULT_INTERVAL, DEFAULT_COUNT, 0.05, align=1.0)
+        self.assertEqual(deaths, 0)
+        self.assertLess(pings, 200 / 2 + 2)
