@@ -31,6 +31,10 @@ from typing import Any
 #: when its C{seconds} is not the wall clock.
 WALL_CLOCK_ATTRIBUTE = "wallSeconds"
 
+#: The attribute of a timer clock that times with the wall clock (groundcontrol's reactor,
+#: or a C{task.Clock} standing in for it in a test) that holds a clock that does not step.
+ELAPSED_CLOCK_ATTRIBUTE = "elapsedSeconds"
+
 
 def useMonotonicTimers(
     reactor: Any,
@@ -68,12 +72,22 @@ def wallClock(clock: Any) -> Callable[[], float]:
 
 def elapsedClock(clock: Any) -> Callable[[], float]:
     """
-    A clock for durations that goes with the timer clock C{clock}: the monotonic clock if
-    C{clock} times with the wall clock (a reactor left as Twisted makes it), else C{clock}'s
-    own C{seconds} (a reactor after L{useMonotonicTimers}; a C{task.Clock} in tests).
+    A clock for durations that goes with the timer clock C{clock}: the one it names
+    (L{ELAPSED_CLOCK_ATTRIBUTE}, a test's), the monotonic clock if C{clock} times with the
+    wall clock (a reactor left as Twisted makes it), else C{clock}'s own C{seconds} (a
+    reactor after L{useMonotonicTimers}; a C{task.Clock} in tests).
     """
+    elapsed: Callable[[], float] | None = getattr(clock, ELAPSED_CLOCK_ATTRIBUTE, None)
+    if elapsed is not None:
+        return elapsed
     seconds: Callable[[], float] = clock.seconds
     return time.monotonic if seconds is time.time else seconds
 
 
-__all__ = ["WALL_CLOCK_ATTRIBUTE", "elapsedClock", "useMonotonicTimers", "wallClock"]
+__all__ = [
+    "ELAPSED_CLOCK_ATTRIBUTE",
+    "WALL_CLOCK_ATTRIBUTE",
+    "elapsedClock",
+    "useMonotonicTimers",
+    "wallClock",
+]

@@ -25,6 +25,7 @@ from typing import Any
 import attrs
 from twisted.logger import Logger
 
+from accesstunnel.clocks import elapsedClock
 from accesstunnel.durations import parseDuration
 from accesstunnel.fastpath import FIRST_UPPER_LAYER_MESSAGE
 
@@ -98,6 +99,8 @@ class RekeyingTransportMixin:
     _rekeyBytes = 0
     _rekeyBytesLimit = 0
     _rekeyTimer: Any = None  # IDelayedCall
+    #: When the keys were last renewed, on a clock that does not step (L{_rekeyTimeUp}).
+    _keysRenewedAt = 0.0
     _rekeyByUs = False
 
     # Provided by the Conch transport this is mixed into.
@@ -174,6 +177,7 @@ class RekeyingTransportMixin:
             )
         self._rekeyByUs = False
         if limit.seconds > 0:
+            self._keysRenewedAt = elapsedClock(clock)()
             if self._rekeyTimer is not None and self._rekeyTimer.active():
                 self._rekeyTimer.reset(limit.seconds)
             else:
@@ -193,6 +197,14 @@ class RekeyingTransportMixin:
 
     def _rekeyTimeUp(self) -> None:
         self._rekeyTimer = None
+        # groundcontrol's timers run on the wall clock: a step forward fires every
+        # connection's timer at once, 10,000 key exchanges in one burst. The time limit
+        # is counted on a clock that does not step; a timer that ran early waits again.
+        limit, clock = self.rekeySettings()
+        early = limit.seconds - (elapsedClock(clock)() - self._keysRenewedAt)
+        if early > max(1.0, limit.seconds / 100):
+            self._rekeyTimer = clock.callLater(early, self._rekeyTimeUp)
+            return
         # A running exchange reschedules the timer when it ends.
         self._startRekey("time")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 from twisted.conch.ssh import transport
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from accesstunnel.keys import fingerprint
@@ -216,6 +217,35 @@ class LinkRekeyTests(SynchronousTestCase):
         self.agentSide.transport.loseConnection()
         self.fleet.flush()
         self.assertEqual(timers(), [])
+
+    def test_timeLimitThroughWallClockStep(self) -> None:
+        """
+        groundcontrol times with the wall clock: a step forward past its time limit fires
+        the link's timer early, and the keys are not renewed then (10,000 links would
+        renew at once) but when the limit has passed on a clock that does not step.
+        """
+        self.connect(server=RekeyLimit(bytes=0, seconds=600), agent=NEVER)
+        clock = self.fleet.clock
+        # A clock that does not step, in step with the fleet's so far (the keys' time).
+        monotonic = Clock()
+        monotonic.advance(clock.seconds())
+        clock.elapsedSeconds = monotonic.seconds  # type: ignore[attr-defined]
+
+        def advance(seconds: int, step: bool = False) -> None:
+            for _ in range(seconds):
+                clock.advance(1)
+                if not step:
+                    monotonic.advance(1)
+                self.fleet.flush()
+
+        advance(100)
+        advance(3600, step=True)  # NTP steps groundcontrol's clock an hour forward
+        self.assertEqual(self.serverSide.keyExchanges, 1)
+        advance(499)
+        self.assertEqual(self.serverSide.keyExchanges, 1)
+        advance(2)
+        self.assertEqual(self.serverSide.keyExchanges, 2)
+        self.assertIs(self.agentSide.service, self.linkService)
 
     def test_noSecondKexinitWhileExchanging(self) -> None:
         """
