@@ -11,8 +11,11 @@ import contextlib
 import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from twisted.logger import LogLevel, capturedLogs
@@ -211,12 +214,12 @@ class CompactTests(SynchronousTestCase):
         self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
         self.path = str(Path(directory) / "groundcontrol.sqlite3")
 
-    def oldPrunedStore(self, path: str) -> None:
+    def oldPrunedStore(self, path: str, sessions: int = 1000) -> None:
         """An old store (no auto-vacuum) whose prune left free pages in the file."""
         makeOldStore(path)
         store = self.successResultOf(openStore(path, synchronousRunner))
         assert isinstance(store, SQLiteStore)
-        writeSessions(store, 1000)
+        writeSessions(store, sessions)
         self.successResultOf(store.pruneAudit(T0 + DAY, 1000, T0 + 400 * DAY))
         self.successResultOf(store.close())
 
@@ -287,11 +290,16 @@ class CompactTests(SynchronousTestCase):
         self.assertEqual(pragma(self.path, "auto_vacuum"), NONE)
         self.assertEqual(auditRows(self.path), rows)
 
-    def test_diskFull(self) -> None:
+    def assertIntact(self, path: str, rows: int) -> None:
+        """The store after a refused compaction: sound, every row, auto-vacuum still off."""
+        self.assertEqual(pragma(path, "integrity_check"), "ok")
+        self.assertEqual(pragma(path, "auto_vacuum"), NONE)
+        self.assertEqual(auditRows(path), rows)
+
+    def test_noRoomBeside(self) -> None:
         """
-        The disk fills during the rewrite: refused with a clear message; the store is
-        intact (same rows, integrity check passes, still usable), and the space the
-        failed rewrite took in its write-ahead log is given back.
+        Less free space beside the store than the rewrite needs: refused before anything
+        is written, saying how much; with room again, it compacts.
         """
         directory = Path(tempfile.mkdtemp())
         self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
@@ -300,19 +308,70 @@ class CompactTests(SynchronousTestCase):
             self.oldPrunedStore(path)
             rows = auditRows(path)
             size = sizeOnDisk(path)
-            filler = disk / "filler"
-            with filler.open("wb", buffering=0) as f, contextlib.suppress(OSError):
-                while True:
-                    f.write(b"\0" * 4096)
+            filler = fill(disk)
             with self.assertRaises(StoreError) as raised:
                 compactSQLite(path)
-            self.assertIn("the disk is full", str(raised.exception))
-            self.assertIn("the store is unchanged", str(raised.exception))
+            self.assertRegex(
+                str(raised.exception),
+                rf"\Anot enough free space to compact {path}: it needs about [\d,]+ bytes "
+                r"free beside it, and [\d,]+ are; the store is unchanged\Z",
+            )
             self.assertEqual(sizeOnDisk(path), size)
             filler.unlink()
-            self.assertEqual(pragma(path, "integrity_check"), "ok")
-            self.assertEqual(pragma(path, "auto_vacuum"), NONE)
-            self.assertEqual(auditRows(path), rows)
+            self.assertIntact(path, rows)
             self.assertEqual(compactSQLite(path).bytesAfter, sizeOnDisk(path))
             self.assertEqual(pragma(path, "auto_vacuum"), INCREMENTAL)
             self.assertEqual(auditRows(path), rows)
+
+    def test_noRoomSaysHowMuch(self) -> None:
+        """The refusal names the bytes needed (the pages in use) and those free."""
+        self.oldPrunedStore(self.path)
+        rows = auditRows(self.path)
+        used = pragma(self.path, "page_count") - pragma(self.path, "freelist_count")
+        self.patch(_space, "disk_usage", lambda directory: SimpleNamespace(free=4096))
+        with self.assertRaises(StoreError) as raised:
+            compactSQLite(self.path)
+        self.assertEqual(
+            str(raised.exception),
+            f"not enough free space to compact {self.path}: it needs about {used * 4096:,} "
+            "bytes free beside it, and 4,096 are; the store is unchanged",
+        )
+        self.assertIntact(self.path, rows)
+
+    def test_temporaryDirectoryFills(self) -> None:
+        """
+        The temporary directory, where SQLite writes its copy, fills during the rewrite: the
+        command fails with a clear message (exit status 1) and the store is intact.
+        """
+        self.oldPrunedStore(self.path, sessions=4000)  # beyond SQLite's 2 MB page cache
+        rows = auditRows(self.path)
+        directory = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+        with smallDisk(directory / "tmp", "1m") as temporary:
+            fill(temporary)
+            command = ["--data", str(directory), "--store", f"sqlite://{self.path}"]
+            done = subprocess.run(
+                [sys.executable, "-m", "groundcontrol.cli", *command, "store", "compact"],
+                env=dict(os.environ, SQLITE_TMPDIR=str(temporary)),
+                capture_output=True,
+                text=True,
+            )
+        self.assertEqual((done.returncode, done.stdout), (1, ""))
+        self.assertRegex(
+            done.stderr,
+            rf"\Agroundcontrol: error: the disk is full: compacting {self.path} needs about "
+            r"[\d,]+ bytes free beside it, and as much again in the temporary directory "
+            r"\(SQLITE_TMPDIR or TMPDIR, else /var/tmp\) for SQLite's copy; the store is "
+            r"unchanged\n\Z",
+        )
+        self.assertFalse(os.path.exists(self.path + "-wal"))
+        self.assertIntact(self.path, rows)
+
+
+def fill(disk: Path) -> Path:
+    """Fill C{disk} up with one file; return it (unlink it to make room again)."""
+    filler = disk / "filler"
+    with filler.open("wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 4096)
+    return filler

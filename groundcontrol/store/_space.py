@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+from shutil import disk_usage
 
 from attrs import frozen
 
@@ -31,6 +32,7 @@ RECLAIM_PAGES = 1024
 _COMPACT_BUSY_TIMEOUT_MS = 1000
 
 _AUTO_VACUUM_INCREMENTAL = 2
+_WAL_FRAME_HEADER = 24
 
 
 def giveBackFreePages(connection: sqlite3.Connection, limit: int = RECLAIM_PAGES) -> int:
@@ -91,11 +93,14 @@ def compactSQLite(path: str) -> Compacted:
     open refuses; once taken, nothing else opens the store until the rewrite is done.
 
     C{VACUUM} needs free space about the size of the rewritten store, twice: for the copy
-    (in the temporary directory) and for the write-ahead log beside the store. If either
-    fills, SQLite rolls the rewrite back and the store is as it was.
+    (in the temporary directory) and for the write-ahead log beside the store. Without that
+    much beside the store it refuses before writing anything: filling the disk would upset
+    whatever else runs on the machine. If a disk fills all the same (the temporary
+    directory's), SQLite rolls the rewrite back and the store is as it was.
 
-    @raise StoreError: no store at C{path}, another process has it open, or it could not
-        be rewritten (the disk is full); the message says which, and the store is unchanged.
+    @raise StoreError: no store at C{path}, another process has it open, too little room
+        beside it, or it could not be rewritten (a disk filled); the message says which, and
+        the store is unchanged.
     """
     if not os.path.isfile(path):
         raise StoreError(f"there is no SQLite store at {path}")
@@ -116,6 +121,13 @@ def compactSQLite(path: str) -> Compacted:
             raise
         used = _pragma(connection, "page_count") - _pragma(connection, "freelist_count")
         needed = used * _pragma(connection, "page_size")
+        # The log holds every page of the rewrite, each with a frame header.
+        free = disk_usage(os.path.dirname(os.path.abspath(path))).free
+        if free < needed + used * _WAL_FRAME_HEADER:
+            raise StoreError(
+                f"not enough free space to compact {path}: it needs about {needed:,} bytes "
+                f"free beside it, and {free:,} are; the store is unchanged"
+            )
         connection.execute(f"PRAGMA auto_vacuum = {_AUTO_VACUUM_INCREMENTAL}")
         try:
             _rewrite(connection)
