@@ -4,8 +4,8 @@ SQLite keeps the pages of deleted rows inside the file and reuses them, so a sto
 C{--audit-max-age} stops growing but never shrinks. A store created with C{auto_vacuum =
 INCREMENTAL} (every store made since session 18, see L{_sqlite.connect}) can hand its free
 pages back a bounded number at a time, after each prune batch (L{giveBackFreePages}). An
-older store cannot switch without being rewritten whole: L{compactSQLite} does that, once, while
-nothing else has the store open, and leaves it incremental.
+older store cannot switch without being rewritten whole: L{compactSQLite} does that, once,
+while nothing else has the store open, and leaves it incremental.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ __all__ = ["RECLAIM_PAGES", "Compacted", "compactSQLite", "giveBackFreePages", "
 #: after pruning").
 RECLAIM_PAGES = 1024
 
-#: How long L{compactSQLite} waits for the store to be free before it says another process has it.
+#: How long L{compactSQLite} waits for the store before it says another process has it.
 _COMPACT_BUSY_TIMEOUT_MS = 1000
 
 _AUTO_VACUUM_INCREMENTAL = 2
