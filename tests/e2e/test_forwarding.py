@@ -11,6 +11,7 @@ import socketserver
 import subprocess
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -172,15 +173,15 @@ def test_remote_forward_back_to_operator(kiln7: Fleet, echoServer: int) -> None:
     waitFor(lambda: not _listening(devicePort), 10, "the remote forward to close")
 
 
-@pytest.fixture
-def deviceSshd(kiln7: Fleet, tmp_path: Path) -> Iterator[int]:
-    """The device's own sshd, on 127.0.0.1, accepting alice's key."""
+@contextmanager
+def plainSshd(base: Path, operatorKey: Path) -> Iterator[tuple[int, str]]:
+    """A stock sshd on 127.0.0.1 that accepts C{operatorKey}: its port and host key line."""
     port = freePort()
-    hostKey = tmp_path / "device_host_key"
+    hostKey = base / "device_host_key"
     run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(hostKey)], check=True)
-    authorized = tmp_path / "authorized_keys"
-    authorized.write_text(Path(f"{kiln7.operators['alice'].keyPath}.pub").read_text())
-    config = tmp_path / "sshd_config"
+    authorized = base / "authorized_keys"
+    authorized.write_text(Path(f"{operatorKey}.pub").read_text())
+    config = base / "sshd_config"
     config.write_text(
         f"Port {port}\nListenAddress {LOOPBACK}\nHostKey {hostKey}\nPidFile none\nUsePAM no\n"
         f"AuthorizedKeysFile {authorized}\nStrictModes no\nPasswordAuthentication no\n"
@@ -192,13 +193,19 @@ def deviceSshd(kiln7: Fleet, tmp_path: Path) -> Iterator[int]:
     )
     try:
         waitFor(lambda: _listening(port), 20, "the device's sshd")
-        knownHosts = kiln7.base / "known_hosts"
-        with knownHosts.open("a") as f:
-            f.write(f"[dev_kiln7]:{port} {Path(f'{hostKey}.pub').read_text().split(' #')[0]}")
-        yield port
+        yield port, Path(f"{hostKey}.pub").read_text().split(" #")[0].strip()
     finally:
         sshd.terminate()
         sshd.wait(10)
+
+
+@pytest.fixture
+def deviceSshd(kiln7: Fleet, tmp_path: Path) -> Iterator[int]:
+    """The device's own sshd, on 127.0.0.1, accepting alice's key."""
+    with plainSshd(tmp_path, kiln7.operators["alice"].keyPath) as (port, hostLine):
+        with (kiln7.base / "known_hosts").open("a") as f:
+            f.write(f"[dev_kiln7]:{port} {hostLine}\n")
+        yield port
 
 
 def test_proxyjump_reaches_device_sshd_end_to_end(kiln7: Fleet, deviceSshd: int) -> None:

@@ -22,7 +22,15 @@ import pexpect
 import pytest
 
 from tests.e2e.harness import LOOPBACK, Fleet, Operator, run, waitFor
-from tests.e2e.test_forwarding import Background, _Echo, echoServer, freePort, roundTrip
+from tests.e2e.test_forwarding import (
+    Background,
+    _Echo,
+    _listening,
+    echoServer,
+    freePort,
+    plainSshd,
+    roundTrip,
+)
 
 __all__ = ["echoServer"]  # a fixture, used by name
 
@@ -117,7 +125,9 @@ def test_requested_terminal_or_none(alice: Operator) -> None:
     assert (without.returncode, without.stdout) == (1, "not a tty\n")
     forced = alice.ssh("dev_kiln7", 'tty; echo "$SSH_TTY"', options=["-tt"])
     assert forced.returncode == 0, forced.stderr
-    ttyName, sshTty = forced.stdout.split()
+    lines = forced.stdout.split()
+    assert len(lines) == 2, forced
+    ttyName, sshTty = lines
     assert ttyName.startswith("/dev/pts/") and sshTty == ttyName
 
 
@@ -168,7 +178,7 @@ def test_control_master_forwards_added_and_cancelled(
             options=[*mux, "-O", "cancel", "-R", f"0:{LOOPBACK}:{echoServer}"],
         )
         assert cancel.returncode == 0, cancel.stderr
-        waitFor(lambda: not listening(devicePort), 10, "the cancelled forward to close")
+        waitFor(lambda: not _listening(devicePort), 10, "the cancelled forward to close")
         assert alice.ssh("dev_kiln7", options=[*mux, "-O", "exit"]).returncode == 0
         master.wait(10)
     finally:
@@ -185,14 +195,6 @@ def socks5(port: int, target: int) -> socket.socket:
     s.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(LOOPBACK) + target.to_bytes(2, "big"))
     assert s.recv(10)[:2] == b"\x05\x00"
     return s
-
-
-def listening(port: int) -> bool:
-    try:
-        socket.create_connection((LOOPBACK, port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def test_escape_command_line_forwards_then_drop(alice: Operator, echoServer: int) -> None:
@@ -215,12 +217,12 @@ def test_escape_command_line_forwards_then_drop(alice: Operator, echoServer: int
         session.sendline(f"-R {LOOPBACK}:{devicePort}:{LOOPBACK}:{echoServer}")
         session.expect("Forwarding port")
         connect = lambda: socket.create_connection((LOOPBACK, devicePort), timeout=10)  # noqa: E731
-        waitFor(lambda: listening(devicePort), 10, "the forward added by ~C")
+        waitFor(lambda: _listening(devicePort), 10, "the forward added by ~C")
         assert roundTrip(connect) == b"echo:ping"
         session.send("\r~C")
         session.expect("ssh>")
         session.sendline(f"-KR {LOOPBACK}:{devicePort}")
-        waitFor(lambda: not listening(devicePort), 10, "the forward cancelled by ~C -KR")
+        waitFor(lambda: not _listening(devicePort), 10, "the forward cancelled by ~C -KR")
         session.send("\r~#")
         session.expect("The following connections are open:")
         session.send("\r~.")
@@ -244,7 +246,7 @@ def test_local_forward_to_a_unix_socket_on_the_device(alice: Operator, tmp_path:
         )
     )
     try:
-        waitFor(lambda: listening(local), 20, "the local end of the forward")
+        waitFor(lambda: _listening(local), 20, "the local end of the forward")
         connect = lambda: socket.create_connection((LOOPBACK, local), timeout=10)  # noqa: E731
         assert roundTrip(connect) == b"echo:ping"
     finally:
@@ -328,39 +330,22 @@ def test_sftp_resumes_with_reget_and_reput(devices: Fleet, alice: Operator, tmp_
 
 
 @pytest.fixture(scope="module")
-def sshdBehindDevice(devices: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+def sshdBehindDevice(
+    devices: Fleet, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[int, Path]]:
     """An sshd on the device's network (here its loopback) that accepts alice's key."""
     base = tmp_path_factory.mktemp("behind")
-    port = freePort()
-    hostKey = base / "host_key"
-    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(hostKey)], check=True)
-    authorized = base / "authorized_keys"
-    authorized.write_text(Path(f"{devices.operators['alice'].keyPath}.pub").read_text())
-    config = base / "sshd_config"
-    config.write_text(
-        f"Port {port}\nListenAddress {LOOPBACK}\nHostKey {hostKey}\nPidFile none\nUsePAM no\n"
-        f"AuthorizedKeysFile {authorized}\nStrictModes no\nPasswordAuthentication no\n"
-        "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
-    )
-    Path("/run/sshd").mkdir(exist_ok=True)
-    sshd = subprocess.Popen(
-        ["/usr/sbin/sshd", "-D", "-e", "-f", str(config)], stderr=subprocess.DEVNULL
-    )
-    try:
-        waitFor(lambda: listening(port), 20, "the sshd behind the device")
-        hostLine = Path(f"{hostKey}.pub").read_text().split(" #")[0].strip()
-        (base / "known_hosts").write_text(f"[{LOOPBACK}]:{port} {hostLine}\n")
-        yield port
-    finally:
-        sshd.terminate()
-        sshd.wait(10)
+    with plainSshd(base, devices.operators["alice"].keyPath) as (port, hostLine):
+        knownHosts = base / "known_hosts"
+        knownHosts.write_text(f"[{LOOPBACK}]:{port} {hostLine}\n")
+        yield port, knownHosts
 
 
 def test_proxyjump_through_a_device_to_a_host_behind_it(
-    alice: Operator, sshdBehindDevice: int, tmp_path_factory: pytest.TempPathFactory
+    alice: Operator, sshdBehindDevice: tuple[int, Path]
 ) -> None:
     """ssh -J dev_kiln7@gc root@HOST: a host only the device reaches, through the device."""
-    knownHosts = next(Path(tmp_path_factory.getbasetemp()).glob("behind*/known_hosts"))
+    port, knownHosts = sshdBehindDevice
     result = run(
         [
             "ssh",
@@ -369,7 +354,7 @@ def test_proxyjump_through_a_device_to_a_host_behind_it(
             "-J",
             "dev_kiln7@groundcontrol",
             "-p",
-            str(sshdBehindDevice),
+            str(port),
             "-o",
             f"UserKnownHostsFile={knownHosts}",
             "-i",
