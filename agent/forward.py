@@ -208,10 +208,7 @@ class ForwardChannel(SpliceChannel):
         try:
             host, port, originator, originatorPort = parseDirectTCPIP(data)
         except ValueError as e:
-            cls.log.warn("malformed direct-tcpip open: {why}", why=str(e))
-            return defer.fail(
-                ConchError("malformed direct-tcpip request", connection.OPEN_CONNECT_FAILED)
-            )
+            return _malformed(cls, e)
         channel = cls(**channelArgs)
         cls.log.info(
             "forward from {originator!r}:{oport} to {host!r}:{port}",
@@ -240,14 +237,18 @@ class StreamLocalChannel(SpliceChannel):
         try:
             path = parseDirectStreamLocal(data)
         except ValueError as e:
-            cls.log.warn("malformed direct-streamlocal open: {why}", why=str(e))
-            return defer.fail(
-                ConchError("malformed direct-streamlocal request", connection.OPEN_CONNECT_FAILED)
-            )
+            return _malformed(cls, e)
         channel = cls(**channelArgs)
         cls.log.info("forward to UNIX socket {path!r}", path=path)
         endpoint = endpoints.UNIXClientEndpoint(reactor, path, timeout=timeout)
         return _connected(channel, endpoint, path)
+
+
+def _malformed(channelType: type[SpliceChannel], why: ValueError) -> defer.Deferred[Any]:
+    """An open whose payload does not parse: refused, and said in the log."""
+    kind = channelType.name.decode("ascii")
+    channelType.log.warn("malformed {kind} open: {why}", kind=kind, why=str(why))
+    return defer.fail(ConchError(f"malformed {kind} request", connection.OPEN_CONNECT_FAILED))
 
 
 def _connected(channel: _Channel, endpoint: Any, destination: str) -> defer.Deferred[_Channel]:
