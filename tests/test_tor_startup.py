@@ -22,11 +22,34 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from accesstunnel.addresses import AddressError
-from accesstunnel.transports.tor import OnionAddress, OnionServerEndpoint, TorSettings
+from accesstunnel.transports.tor import (
+    UPLOAD_WAIT,
+    OnionAddress,
+    OnionServerEndpoint,
+    TorSettings,
+)
 from groundcontrol.listening import ListenService, listenAll
 from tests.test_transports_walk import _FakeTor
 
 REFUSED = "Connection was refused by other side: 111: Connection refused"
+LOST_BEFORE_UPLOAD = (
+    "lost tor's control port tcp:127.0.0.1:9051 before the onion service was published"
+)
+
+
+class _StalledTor(_FakeTor):
+    """A tor that takes the service and has not reported the descriptor uploaded yet."""
+
+    def create_onion_service(self, **kwargs: Any) -> defer.Deferred[Any]:
+        self.added.append(kwargs)
+        return defer.Deferred()
+
+
+class _RefusingTor(_FakeTor):
+    """A tor that answers and refuses the service."""
+
+    def create_onion_service(self, **kwargs: Any) -> defer.Deferred[Any]:
+        return defer.fail(RuntimeError("tor refused the onion service"))
 
 
 class TorNotUpAtStartTests(SynchronousTestCase):
@@ -51,7 +74,7 @@ class TorNotUpAtStartTests(SynchronousTestCase):
         The listener is up at once, unpublished (no .onion yet, and why); one warning,
         then silence while tor keeps refusing (retries after 1, 2, 4 s); when tor answers
         the service is published, the key file written, and watchers told each change
-        (published, then lost when tor goes).
+        (tor answered: waiting for the upload; published; then lost when tor goes).
         """
         self.refuse()
         changes: list[str | None] = []
@@ -74,7 +97,7 @@ class TorNotUpAtStartTests(SynchronousTestCase):
         self.assertEqual(len(tor.added), 1)
         self.assertEqual(port.getHost().host, "abcdef.onion")
         self.assertIsNone(port.notReadyBecause)
-        self.assertEqual(changes, [None])
+        self.assertEqual(changes, [UPLOAD_WAIT, None])
         self.assertEqual(self.keyFile.read_text(), "ED25519-V3:KEY\n")
         lines = [formatEvent(e) for e in events]
         self.assertEqual(len(lines), 2, lines)
@@ -90,7 +113,7 @@ class TorNotUpAtStartTests(SynchronousTestCase):
         self.assertIn("onion service abcdef.onion:2222 published", lines[1])
         with capturedLogs():
             tor.gone.errback(error.ConnectionLost("tor restarted"))
-        self.assertEqual(changes, [None, "lost tor's control port tcp:127.0.0.1:9051"])
+        self.assertEqual(changes, [UPLOAD_WAIT, None, "lost tor's control port tcp:127.0.0.1:9051"])
         self.successResultOf(port.stopListening())
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
@@ -107,6 +130,76 @@ class TorNotUpAtStartTests(SynchronousTestCase):
         self.assertEqual(len(lines), 2, lines)
         self.assertIn("Permission denied", lines[1])
         self.assertIn("Permission denied", port.notReadyBecause)
+        self.successResultOf(port.stopListening())
+
+    def test_torLostBeforeUpload(self) -> None:
+        """
+        tor answers but goes away before it reports the descriptor uploaded (restarted
+        while bootstrapping), which txtorcon would wait for for ever: listening.json says
+        tor is being waited for, then that it was lost (one line), and the service is
+        published once tor answers again, 2 s later (tor answering restarted the delays).
+        """
+        self.refuse(3)
+        changes: list[str | None] = []
+        with capturedLogs() as events:
+            port = self.listen()
+            port.whenChanged(lambda: changes.append(port.notReadyBecause))
+            self.reactor.advance(1)
+            self.reactor.advance(2)
+            stalled = _StalledTor()
+            self.answers.append(defer.succeed(stalled))
+            self.reactor.advance(4)
+            self.assertEqual(changes, [UPLOAD_WAIT])
+            stalled.gone.errback(error.ConnectionLost("tor restarted"))
+            self.assertEqual(changes, [UPLOAD_WAIT, LOST_BEFORE_UPLOAD])
+            tor = _FakeTor()
+            self.answers.append(defer.succeed(tor))
+            self.reactor.advance(2)
+        self.assertEqual(port.getHost().host, "abcdef.onion")
+        self.assertEqual(changes, [UPLOAD_WAIT, LOST_BEFORE_UPLOAD, UPLOAD_WAIT, None])
+        lines = [formatEvent(e) for e in events]
+        self.assertEqual(len(lines), 3, lines)
+        self.assertIn(f"cannot publish the onion service yet ({LOST_BEFORE_UPLOAD})", lines[1])
+        self.successResultOf(port.stopListening())
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_torLostBeforeFirstUpload(self) -> None:
+        """
+        The same at start: tor answers, then goes before the upload; the listener is up
+        unpublished (not waiting for ever: groundcontrol's listening.json would never be
+        written) and publishes 1 s later when tor answers again.
+        """
+        stalled = _StalledTor()
+        self.answers.append(defer.succeed(stalled))
+        endpoint = OnionServerEndpoint(self.reactor, 2222, TorSettings(onionKeyFile=self.keyFile))
+        listening = endpoint.listen(Factory())
+        self.assertNoResult(listening)
+        with capturedLogs():
+            stalled.gone.errback(error.ConnectionLost("tor restarted"))
+            port: Any = self.successResultOf(listening)
+            self.assertEqual(port.notReadyBecause, LOST_BEFORE_UPLOAD)
+            self.answers.append(defer.succeed(_FakeTor()))
+            self.reactor.advance(1)
+        self.assertIsNone(port.notReadyBecause)
+        self.assertEqual(port.getHost().host, "abcdef.onion")
+        self.successResultOf(port.stopListening())
+
+    def test_sameCauseAfterTorAnswered(self) -> None:
+        """
+        tor answers but refuses the service, twice: one line, and listening.json says the
+        refusal each time, not the wait for an upload that the second answer began.
+        """
+        self.refuse()
+        changes: list[str | None] = []
+        with capturedLogs() as events:
+            port = self.listen()
+            port.whenChanged(lambda: changes.append(port.notReadyBecause))
+            for delay in (1, 2):
+                self.answers.append(defer.succeed(_RefusingTor()))
+                self.reactor.advance(delay)
+        refused = "tor refused the onion service"
+        self.assertEqual(changes, [UPLOAD_WAIT, refused, UPLOAD_WAIT, refused])
+        self.assertEqual(len(events), 2, [formatEvent(e) for e in events])
         self.successResultOf(port.stopListening())
 
     def test_stoppedWhileWaiting(self) -> None:

@@ -25,6 +25,7 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from accesstunnel.addresses import clientEndpoint
@@ -78,6 +79,40 @@ class OnionAddress:
 REPUBLISH_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 
 
+#: Why the service is not published while tor, answering, has not uploaded its descriptor
+#: yet (a tor still bootstrapping, or cut off from the Tor network).
+UPLOAD_WAIT = (
+    "tor's control port answers; waiting for tor to upload the onion service's descriptor "
+    "(is tor connected to the Tor network?)"
+)
+
+
+def _unlessLost(
+    work: defer.Deferred[Any], lost: defer.Deferred[Any], why: str
+) -> defer.Deferred[Any]:
+    """
+    C{work}'s outcome, or L{TorControlError}C{(why)} if tor's control connection is
+    C{lost} first.
+
+    Why: txtorcon's create_onion_service waits for tor's report of the first descriptor
+    upload, and a tor that goes away (restarted while bootstrapping) never sends it: the
+    wait never ended, and the service stayed unpublished, with no log line, until
+    groundcontrol was restarted.
+    """
+    outcome: defer.Deferred[Any] = defer.Deferred()
+
+    def settle(result: Any) -> None:
+        if not outcome.called:
+            if isinstance(result, Failure):
+                outcome.errback(result)
+            else:
+                outcome.callback(result)
+
+    work.addBoth(settle)
+    lost.addBoth(lambda _: settle(Failure(TorControlError(why))))
+    return outcome
+
+
 @implementer(IListeningPort)
 class _OnionPort:
     """
@@ -94,7 +129,8 @@ class _OnionPort:
     The same goes for a tor that does not answer when groundcontrol starts (booted before
     tor, or tor broken): the port is up unpublished (L{notReadyBecause} says why) and the
     service is published once tor answers, so groundcontrol's other listeners serve
-    meanwhile rather than the whole server stopping with tor.
+    meanwhile rather than the whole server stopping with tor. A tor that answers and then
+    goes before its first descriptor upload is one more such failure (L{_unlessLost}).
     """
 
     _log = Logger()
@@ -123,7 +159,10 @@ class _OnionPort:
         self._stopped = False
 
     def whenChanged(self, callback: Callable[[], None]) -> None:
-        """Call C{callback()} whenever the service is published or lost (listening.json)."""
+        """
+        Call C{callback()} whenever the service is published or lost, or why it is not
+        published changes (listening.json).
+        """
         self._changed.append(callback)
 
     def _setNotReady(self, why: str | None) -> None:
@@ -143,11 +182,20 @@ class _OnionPort:
                 f"cannot reach tor's control port {self._settings.control} (is tor running, "
                 f"with ControlPort and CookieAuthentication 1?): {reasonText(e)}"
             ) from e
+        # tor answers: a later silence is a new episode, retried quickly again.
+        self._failures = 0
+        if self.notReadyBecause is not None:  # not the first listen: say what we wait for now
+            self._setNotReady(UPLOAD_WAIT)
         localPort = self._local.getHost().port  # type: ignore[attr-defined]
-        onion = await tor.create_onion_service(
-            ports=[(self._publicPort, f"127.0.0.1:{localPort}")],
-            private_key=self._privateKey,
-            version=3,
+        onion = await _unlessLost(
+            tor.create_onion_service(
+                ports=[(self._publicPort, f"127.0.0.1:{localPort}")],
+                private_key=self._privateKey,
+                version=3,
+            ),
+            tor.protocol.when_disconnected(),
+            f"lost tor's control port {self._settings.control} before the onion service "
+            "was published",
         )
         if self._stopped:  # stopListening came while tor was answering
             await onion.remove()
@@ -214,6 +262,7 @@ class _OnionPort:
                     "cannot publish the onion service yet ({error}); trying again",
                     error=error,
                 )
+            if error != self.notReadyBecause:  # after UPLOAD_WAIT, even for a cause logged
                 self._setNotReady(error)
             self._again()
 
