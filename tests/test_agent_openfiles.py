@@ -215,6 +215,41 @@ class SpawnUnderSessionLimitTests(SynchronousTestCase):
         self.assertTrue(openfiles._roomBelow(lowest + 1, 1))
         self.assertEqual(os.listdir("/proc/self/fd"), before)
 
+    def test_roomBelowAtOnceWhenTheTopIsFree(self) -> None:
+        """
+        The usual case: the RESERVE descriptors just below the limit are free, which one poll
+        tells, and nothing is opened. One of them open (a pipe whose other end has closed,
+        which poll marks as hung up, not as no descriptor): the lowest free are opened.
+        """
+        reader, writer = os.pipe()
+        self.addCleanup(os.close, reader)
+        os.close(writer)
+        limit = reader + 2 * openfiles.RESERVE
+        top = range(limit - openfiles.RESERVE, limit)
+        if any(_isOpen(fd) for fd in top):
+            self.skipTest("descriptors above this test's pipe are open")
+        opened: list[int] = []
+        dup = os.dup
+
+        def countedDup(fd: int) -> int:
+            opened.append(fd)
+            return dup(fd)
+
+        self.patch(os, "dup", countedDup)
+        self.assertTrue(openfiles._roomBelow(limit, openfiles.RESERVE))
+        self.assertEqual(opened, [])
+        self.assertFalse(openfiles._noneOpen(reader, reader + 1))
+        openfiles._roomBelow(reader + 1, 1)
+        self.assertNotEqual(opened, [])
+
+
+def _isOpen(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
 
 class SessionChildTests(SynchronousTestCase):
     def test_bothPathsSetTheLimit(self) -> None:
