@@ -23,13 +23,14 @@ from zope.interface import implementer
 
 from accesstunnel.addresses import AddressError
 from accesstunnel.transports.tor import (
+    FIRST_UPLOAD_PATIENCE,
     UPLOAD_WAIT,
     OnionAddress,
     OnionServerEndpoint,
     TorSettings,
 )
 from groundcontrol.listening import ListenService, listenAll
-from tests.test_transports_walk import _FakeTor
+from tests.test_transports_walk import _FakeOnion, _FakeTor
 
 REFUSED = "Connection was refused by other side: 111: Connection refused"
 LOST_BEFORE_UPLOAD = (
@@ -40,9 +41,13 @@ LOST_BEFORE_UPLOAD = (
 class _StalledTor(_FakeTor):
     """A tor that takes the service and has not reported the descriptor uploaded yet."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.creating: defer.Deferred[Any] = defer.Deferred()
+
     def create_onion_service(self, **kwargs: Any) -> defer.Deferred[Any]:
         self.added.append(kwargs)
-        return defer.Deferred()
+        return self.creating
 
 
 class _RefusingTor(_FakeTor):
@@ -65,9 +70,12 @@ class TorNotUpAtStartTests(SynchronousTestCase):
         for _ in range(times):
             self.answers.append(defer.fail(error.ConnectionRefusedError("111: Connection refused")))
 
-    def listen(self) -> Any:
+    def startListening(self) -> defer.Deferred[Any]:
         endpoint = OnionServerEndpoint(self.reactor, 2222, TorSettings(onionKeyFile=self.keyFile))
-        return self.successResultOf(endpoint.listen(Factory()))
+        return endpoint.listen(Factory())
+
+    def listen(self) -> Any:
+        return self.successResultOf(self.startListening())
 
     def test_upUnpublishedThenPublished(self) -> None:
         """
@@ -166,13 +174,12 @@ class TorNotUpAtStartTests(SynchronousTestCase):
     def test_torLostBeforeFirstUpload(self) -> None:
         """
         The same at start: tor answers, then goes before the upload; the listener is up
-        unpublished (not waiting for ever: groundcontrol's listening.json would never be
-        written) and publishes 1 s later when tor answers again.
+        at once, unpublished because tor was lost (not waiting for an upload that cannot
+        come), and publishes 1 s later when tor answers again.
         """
         stalled = _StalledTor()
         self.answers.append(defer.succeed(stalled))
-        endpoint = OnionServerEndpoint(self.reactor, 2222, TorSettings(onionKeyFile=self.keyFile))
-        listening = endpoint.listen(Factory())
+        listening = self.startListening()
         self.assertNoResult(listening)
         with capturedLogs():
             stalled.gone.errback(error.ConnectionLost("tor restarted"))
@@ -182,6 +189,67 @@ class TorNotUpAtStartTests(SynchronousTestCase):
             self.reactor.advance(1)
         self.assertIsNone(port.notReadyBecause)
         self.assertEqual(port.getHost().host, "abcdef.onion")
+        self.successResultOf(port.stopListening())
+
+    def test_firstUploadLate(self) -> None:
+        """
+        tor answers but has not uploaded the descriptor after FIRST_UPLOAD_PATIENCE (still
+        bootstrapping, or cut off from the Tor network): the listener is up unpublished,
+        saying so, instead of holding back listening.json until then; the upload, when it
+        comes, publishes it.
+        """
+        stalled = _StalledTor()
+        self.answers.append(defer.succeed(stalled))
+        listening = self.startListening()
+        self.reactor.advance(FIRST_UPLOAD_PATIENCE - 0.5)
+        self.assertNoResult(listening)
+        self.reactor.advance(0.5)
+        port: Any = self.successResultOf(listening)
+        self.assertEqual(port.notReadyBecause, UPLOAD_WAIT)
+        self.assertIsNone(port.getHost().host)
+        changes: list[str | None] = []
+        port.whenChanged(lambda: changes.append(port.notReadyBecause))
+        with capturedLogs() as events:
+            stalled.creating.callback(_FakeOnion("abcdef.onion", "ED25519-V3:KEY"))
+        self.assertEqual(changes, [None])
+        self.assertEqual(port.getHost().host, "abcdef.onion")
+        self.assertIn("onion service abcdef.onion:2222 published", formatEvent(events[0]))
+        self.successResultOf(port.stopListening())
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_lostAfterListenStoppedWaiting(self) -> None:
+        """
+        The same, and then tor goes before the upload: one line, and the service is
+        published when tor answers again.
+        """
+        stalled = _StalledTor()
+        self.answers.append(defer.succeed(stalled))
+        listening = self.startListening()
+        self.reactor.advance(FIRST_UPLOAD_PATIENCE)
+        port: Any = self.successResultOf(listening)
+        with capturedLogs() as events:
+            stalled.gone.errback(error.ConnectionLost("tor restarted"))
+            self.assertEqual(port.notReadyBecause, LOST_BEFORE_UPLOAD)
+            self.answers.append(defer.succeed(_FakeTor()))
+            self.reactor.advance(2)
+        self.assertEqual(port.getHost().host, "abcdef.onion")
+        lines = [formatEvent(e) for e in events]
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn(f"cannot publish the onion service yet ({LOST_BEFORE_UPLOAD})", lines[0])
+        self.successResultOf(port.stopListening())
+
+    def test_controlPortSilent(self) -> None:
+        """
+        tor's control port neither answers nor refuses (a firewall drops it): after
+        FIRST_UPLOAD_PATIENCE the listener is up unpublished, saying it waits for tor.
+        """
+        self.answers.append(defer.Deferred())
+        listening = self.startListening()
+        self.reactor.advance(FIRST_UPLOAD_PATIENCE)
+        port: Any = self.successResultOf(listening)
+        self.assertEqual(
+            port.notReadyBecause, "waiting for tor's control port tcp:127.0.0.1:9051 to answer"
+        )
         self.successResultOf(port.stopListening())
 
     def test_sameCauseAfterTorAnswered(self) -> None:

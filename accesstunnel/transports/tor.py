@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from twisted.internet import defer, endpoints
+from twisted.internet import defer, endpoints, task
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -87,29 +87,41 @@ UPLOAD_WAIT = (
 )
 
 
-def _unlessLost(
-    work: defer.Deferred[Any], lost: defer.Deferred[Any], why: str
+#: How long C{listen} waits for tor's first descriptor upload before it reports the port up
+#: but unpublished and lets the publishing go on: a running tor uploads in about 2 s, and
+#: listening.json (every listener's) is not held back while tor bootstraps, or for ever
+#: while it cannot reach the Tor network.
+FIRST_UPLOAD_PATIENCE = 10.0
+
+
+class _StillPublishingError(Exception):
+    """C{listen}'s patience ran out before tor published the service."""
+
+
+def _firstOf(
+    work: defer.Deferred[Any], other: defer.Deferred[Any], otherwise: Callable[[], Exception]
 ) -> defer.Deferred[Any]:
     """
-    C{work}'s outcome, or L{TorControlError}C{(why)} if tor's control connection is
-    C{lost} first.
-
-    Why: txtorcon's create_onion_service waits for tor's report of the first descriptor
-    upload, and a tor that goes away (restarted while bootstrapping) never sends it: the
-    wait never ended, and the service stayed unpublished, with no log line, until
-    groundcontrol was restarted.
+    C{work}'s outcome, or a failure with C{otherwise()} if C{other} fires first; what
+    C{work} gives after that goes on down its own chain, to callbacks added meanwhile.
     """
     outcome: defer.Deferred[Any] = defer.Deferred()
 
-    def settle(result: Any) -> None:
+    def settle(result: Any) -> Any:
+        if outcome.called:
+            return result
+        if isinstance(result, Failure):
+            outcome.errback(result)
+        else:
+            outcome.callback(result)
+        return None
+
+    def beaten(_: Any) -> None:
         if not outcome.called:
-            if isinstance(result, Failure):
-                outcome.errback(result)
-            else:
-                outcome.callback(result)
+            outcome.errback(Failure(otherwise()))
 
     work.addBoth(settle)
-    lost.addBoth(lambda _: settle(Failure(TorControlError(why))))
+    other.addBoth(beaten)
     return outcome
 
 
@@ -130,7 +142,7 @@ class _OnionPort:
     tor, or tor broken): the port is up unpublished (L{notReadyBecause} says why) and the
     service is published once tor answers, so groundcontrol's other listeners serve
     meanwhile rather than the whole server stopping with tor. A tor that answers and then
-    goes before its first descriptor upload is one more such failure (L{_unlessLost}).
+    goes before its first descriptor upload is one more such failure.
     """
 
     _log = Logger()
@@ -184,19 +196,26 @@ class _OnionPort:
             ) from e
         # tor answers: a later silence is a new episode, retried quickly again.
         self._failures = 0
-        if self.notReadyBecause is not None:  # not the first listen: say what we wait for now
-            self._setNotReady(UPLOAD_WAIT)
+        self._setNotReady(UPLOAD_WAIT)
         localPort = self._local.getHost().port  # type: ignore[attr-defined]
-        onion = await _unlessLost(
-            tor.create_onion_service(
-                ports=[(self._publicPort, f"127.0.0.1:{localPort}")],
-                private_key=self._privateKey,
-                version=3,
-            ),
-            tor.protocol.when_disconnected(),
-            f"lost tor's control port {self._settings.control} before the onion service "
-            "was published",
+        creating = tor.create_onion_service(
+            ports=[(self._publicPort, f"127.0.0.1:{localPort}")],
+            private_key=self._privateKey,
+            version=3,
         )
+        # txtorcon waits for tor's report of the first descriptor upload, which a tor that
+        # goes (restarted while bootstrapping) never sends: that wait never ended, and the
+        # service stayed unpublished, with no log line, until groundcontrol was restarted.
+        lost = f"lost tor's control port {self._settings.control} before the onion service was"
+        try:
+            onion = await _firstOf(
+                creating,
+                tor.protocol.when_disconnected(),
+                lambda: TorControlError(f"{lost} published"),
+            )
+        except TorControlError:
+            creating.addErrback(lambda _: None)  # its own failure, if any, is no news now
+            raise
         if self._stopped:  # stopListening came while tor was answering
             await onion.remove()
             return
@@ -249,24 +268,35 @@ class _OnionPort:
 
     def _republish(self) -> None:
         self._retry = None
-        publishing = defer.Deferred.fromCoroutine(self.publish())
+        defer.Deferred.fromCoroutine(self.publish()).addErrback(self._failed)
 
-        def failed(reason: Any) -> None:
-            if self._stopped:
-                return
-            self._failures += 1
-            error = reasonText(reason.value)
-            if error != self._lastError:  # one line per cause, not one per attempt
-                self._lastError = error
-                self._log.warn(
-                    "cannot publish the onion service yet ({error}); trying again",
-                    error=error,
-                )
-            if error != self.notReadyBecause:  # after UPLOAD_WAIT, even for a cause logged
-                self._setNotReady(error)
-            self._again()
+    def _failed(self, reason: Any) -> None:
+        """A publish failed: say so (once per cause) and try again."""
+        if self._stopped:
+            return
+        self._failures += 1
+        error = reasonText(reason.value)
+        if error != self._lastError:  # one line per cause, not one per attempt
+            self._lastError = error
+            self._log.warn(
+                "cannot publish the onion service yet ({error}); trying again",
+                error=error,
+            )
+        if error != self.notReadyBecause:  # after UPLOAD_WAIT, even for a cause logged
+            self._setNotReady(error)
+        self._again()
 
-        publishing.addErrback(failed)
+    def stillPublishing(self, publishing: defer.Deferred[None]) -> None:
+        """
+        C{listen} stopped waiting for the first publish (L{FIRST_UPLOAD_PATIENCE}): the
+        port is up unpublished, L{notReadyBecause} says what it waits for, and the publish
+        goes on; should it fail, it is retried as after any other failure.
+        """
+        if self.notReadyBecause is None:  # still connecting: tor's control port is silent
+            self.notReadyBecause = (
+                f"waiting for tor's control port {self._settings.control} to answer"
+            )
+        publishing.addErrback(self._failed)
 
     def getHost(self) -> OnionAddress:
         """The C{.onion} name and public port; no name until first published."""
@@ -302,8 +332,10 @@ class OnionServerEndpoint:
     itself listening can be reached. If tor's control port does not answer then
     (L{TorControlError}), it fires with the port unpublished (its C{notReadyBecause} says
     why) and L{_OnionPort} publishes it once tor answers, as it does after later losses:
-    groundcontrol's other listeners should not wait for tor. Anything else (an unreadable
-    key file, tor refusing the service) fails it: that needs an administrator.
+    groundcontrol's other listeners should not wait for tor. So does a tor that has not
+    uploaded within L{FIRST_UPLOAD_PATIENCE} (still bootstrapping, or offline): the
+    publishing goes on. Anything else (an unreadable key file, tor refusing the service)
+    fails it: that needs an administrator.
     """
 
     def __init__(self, reactor: Any, publicPort: int, settings: TorSettings) -> None:
@@ -321,13 +353,19 @@ class OnionServerEndpoint:
         keyFile = self.settings.onionKeyFile
         key = keyFile.read_text().strip() if keyFile and keyFile.exists() else None
         port = _OnionPort(self._reactor, self.settings, self.publicPort, local, key)
+        publishing = defer.Deferred.fromCoroutine(port.publish())
+        patience = task.deferLater(self._reactor, FIRST_UPLOAD_PATIENCE, lambda: None)
         try:
-            await port.publish()
+            await _firstOf(publishing, patience, _StillPublishingError)
         except TorControlError as e:
             port.waitForTor(e)
+        except _StillPublishingError:
+            port.stillPublishing(publishing)
         except BaseException:
             await defer.maybeDeferred(local.stopListening)
             raise
+        finally:
+            patience.cancel()
         return port
 
 
