@@ -206,13 +206,12 @@ class _OnionPort:
         # txtorcon waits for tor's report of the first descriptor upload, which a tor that
         # goes (restarted while bootstrapping) never sends: that wait never ended, and the
         # service stayed unpublished, with no log line, until groundcontrol was restarted.
-        lost = f"lost tor's control port {self._settings.control} before the onion service was"
+        lost = TorControlError(
+            f"lost tor's control port {self._settings.control} before the onion service was "
+            "published"
+        )
         try:
-            onion = await _firstOf(
-                creating,
-                tor.protocol.when_disconnected(),
-                lambda: TorControlError(f"{lost} published"),
-            )
+            onion = await _firstOf(creating, tor.protocol.when_disconnected(), lambda: lost)
         except TorControlError:
             creating.addErrback(lambda _: None)  # its own failure, if any, is no news now
             raise
