@@ -85,6 +85,17 @@ def read(path: str) -> str:
         return f.read()
 
 
+def readSetting(pid: int, name: str) -> str:
+    """
+    /proc/PID/NAME, or that it cannot be read: C{timerslack_ns} and C{personality} need
+    ptrace's leave, which a hardened kernel (Yama's ptrace_scope 2 or 3) refuses the parent.
+    """
+    try:
+        return read(f"/proc/{pid}/{name}")
+    except PermissionError:
+        return "(not readable)"
+
+
 def limitsOf(pid: int) -> dict[str, tuple[str, str]]:
     """Every limit's (soft, hard), by name, from /proc/PID/limits."""
     return parseLimits(read(f"/proc/{pid}/limits"))
@@ -147,7 +158,7 @@ def stateOf(child: Any, terminal: _process.Terminal | None) -> dict[str, Any]:
     return {
         "limits": limitsOf(pid),
         "status": status,
-        "settings": {name: read(f"/proc/{pid}/{name}") for name in SETTING_FILES},
+        "settings": {name: readSetting(pid, name) for name in SETTING_FILES},
         "autogroup nice": read(f"/proc/{pid}/autogroup").split()[-1],
         "namespaces": {
             n: os.readlink(f"/proc/{pid}/ns/{n}") for n in os.listdir(f"/proc/{pid}/ns")
