@@ -280,6 +280,7 @@ class SessionChannel(EndpointChannel):
         b"window-change": "_windowChangeRequest",
         b"signal": "_signalRequest",
         b"break": "_breakRequest",
+        b"eow@openssh.com": "_endOfWriteRequest",
         b"auth-agent-req@openssh.com": "_agentRequest",
         b"x11-req": "_x11Request",
         b"login-user@accesstunnel": "_loginUserRequest",
@@ -606,6 +607,24 @@ class SessionChannel(EndpointChannel):
         if iflag & termios.BRKINT:
             return _process.signalGroup(os.tcgetpgrp(fd), signal.SIGINT)
         os.write(fd, b"\0")
+        return True
+
+    def _endOfWriteRequest(self, payload: _Payload) -> bool:
+        """
+        The operator's ssh takes no more output: its own standard output closed
+        (C{ssh dev_x@gc yes | head -1}), and it drops what still comes. As sshd does
+        (nchan.c, C{chan_rcvd_eow}), a pipe child's stdout is closed here, so that its
+        next write ends it with SIGPIPE (EPIPE where it ignores the signal) instead of
+        its output crossing the link for nothing until the operator presses ^C. A pty
+        child's output is still read and sent: the pty is its stdin too, and reading it
+        is how the child's end is seen. (sshd stops reading it, and such a child blocks
+        instead; either way it lives until the operator's ssh ends the session.)
+        """
+        payload.end()
+        if self.process is None or self._terminal is not None:
+            return False
+        self.log.info("the operator takes no more output: closing the session child's stdout")
+        self.process.closeStdout()
         return True
 
     def _terminalFD(self) -> int | None:

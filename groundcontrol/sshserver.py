@@ -103,6 +103,25 @@ MIN_PEER_MAX_PACKET = 4096
 #: What the agent's key may be used for in signatures we accept (RFC 8308).
 USER_KEY_ALGORITHMS = [b"ssh-ed25519", b"rsa-sha2-512", b"rsa-sha2-256"]
 
+#: The version line groundcontrol sends (without CR LF), to operators and agents alike.
+#: OpenSSH's client picks what it sends by the server's software version (compat.c): to
+#: one whose version starts "OpenSSH" and matches none of its old releases' patterns it
+#: sends C{eow@openssh.com} when its standard output closes (C{ssh dev_x@gc yes | head -1}
+#: then ends as it does against sshd; with Conch's C{Twisted_26.10.0} it ran until ^C,
+#: and C{yes} with it) and C{no-more-sessions@openssh.com} after its one session opens.
+#: Nothing else in OpenSSH 9's client turns on it. "OpenSSH_compatible" says that much
+#: and no more: no release number, so scanners (ssh-audit, Nmap) match no OpenSSH release
+#: and list none of its CVEs against us, now or when a named release grows old; the
+#: comment says who we are, as the RFC 4253 4.2 comment is for. PuTTY's bug detection
+#: matches OpenSSH release numbers, which this line has none of; Go's and paramiko's
+#: clients, and Conch (our agent), ignore it. The agent's own line
+#: (L{agent.link.versionLine}) stays: groundcontrol's handshake limiter tells agents by it.
+SERVER_VERSION_LINE = b"SSH-2.0-OpenSSH_compatible AccessTunnel"
+
+#: The global request OpenSSH's client sends (without a reply wanted) once it has opened
+#: the one session it will use; a session opened after it ends the connection (sshd's rule).
+NO_MORE_SESSIONS = b"no-more-sessions@openssh.com"
+
 
 @attrs.frozen
 class ServerSettings:
@@ -360,6 +379,8 @@ class GroundControlConnection(TunnelConnection):
         super().__init__()
         #: The enrollment requests this link makes (L{gotGlobalRequest}).
         self._enrollmentRequests = ConnectionAllowance(_ENROLLMENT_ALLOWANCE)
+        #: The peer said it opens no more sessions (L{NO_MORE_SESSIONS}).
+        self._noMoreSessions = False
 
     # -- a peer that asks and does not read the answers ---------------------------
 
@@ -370,7 +391,10 @@ class GroundControlConnection(TunnelConnection):
     def ssh_CHANNEL_OPEN(self, packet: bytes) -> None:
         if self.transport.dropPeerNotReading():
             return
-        _, rest = common.getNS(packet)
+        channelType, rest = common.getNS(packet)
+        if channelType == b"session" and self._noMoreSessions:
+            self._sessionAfterNoMore()
+            return
         senderChannel, _, maxPacket = struct.unpack(">3L", rest[:12])
         if maxPacket < MIN_PEER_MAX_PACKET:
             # Refused before anything is looked up or opened on its behalf.
@@ -417,10 +441,31 @@ class GroundControlConnection(TunnelConnection):
         return unsentBytes(getattr(flow, "_transport", None))
 
     def gotGlobalRequest(self, requestType: bytes, data: bytes) -> Any:
-        """Enrollment requests beyond the link's allowance are refused unanswered."""
+        """
+        Enrollment requests beyond the link's allowance are refused unanswered;
+        L{NO_MORE_SESSIONS} is noted and granted.
+        """
+        if requestType == NO_MORE_SESSIONS:
+            self._noMoreSessions = True
+            return 1
         if requestType in AgentRequests.handled and not self._spendEnrollmentRequest():
             return 0
         return super().gotGlobalRequest(requestType, data)
+
+    def _sessionAfterNoMore(self) -> None:
+        """
+        A session opened after L{NO_MORE_SESSIONS}: disconnected, as sshd does. OpenSSH's
+        client asks for it when it will open no other (it is not a ControlMaster), so
+        that whoever takes over the connection afterwards (a hijacked client) gets no
+        session of their own on the operator's grant.
+        """
+        self._log.warn(
+            "disconnecting {peer}: a session opened after no-more-sessions",
+            peer=describeAddress(self.transport.getPeer()),
+        )
+        self.transport.sendDisconnect(
+            transport.DISCONNECT_PROTOCOL_ERROR, b"session opened after no-more-sessions"
+        )
 
     def _spendEnrollmentRequest(self) -> bool:
         now = self.transport.factory.clock.seconds()
@@ -481,6 +526,7 @@ class GroundControlTransport(
     """Server transport with the algorithm policy, a grace time, keepalives and rekeying."""
 
     _log = Logger()
+    ourVersionString = SERVER_VERSION_LINE
     _graceTimer: Any = None
     #: The key re-exchanges a logged-in peer starts (L{ssh_KEXINIT}); None: unbounded
     #: (L{ServerSettings.peerRekeyBurst} 0).
