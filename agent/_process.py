@@ -362,8 +362,8 @@ class _SpawnedNotForked:
         if actions is None:
             return False
         # The child starts under the agent's open-file limit at start (agent.openfiles).
-        pid = openfiles.spawnUnderSessionLimit(
-            lambda: _spawn.spawn(executable, args, environment, path, actions)
+        pid = _spawn.spawn(
+            executable, args, environment, path, actions, around=openfiles.spawnUnderSessionLimit
         )
         if pid is None:
             return False

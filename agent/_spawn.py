@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 #: glibc's flags (spawn.h); musl has the same values.
@@ -135,12 +135,17 @@ def _cStrings(ctypes: Any, items: Sequence[bytes]) -> Any:
     return (ctypes.c_char_p * (len(items) + 1))(*items, None)
 
 
+def _callNow(posixSpawn: Callable[[], int | None]) -> int | None:
+    return posixSpawn()
+
+
 def spawn(
     executable: bytes,
     args: Sequence[bytes],
     environment: dict[str, str],
     path: str,
     fileActions: Sequence[FileAction],
+    around: Callable[[Callable[[], int | None]], int | None] = _callNow,
 ) -> int | None:
     """
     Start C{executable} (a path: no C{PATH} search) with C{args} and exactly
@@ -148,6 +153,11 @@ def spawn(
     set up by C{fileActions} and every other one above 2 closed. Returns the
     child's pid, or None if it could not be started this way (module docstring):
     the caller then forks.
+
+    C{around} makes the C{posix_spawn} call itself, everything else ready: what
+    the child should start with that no attribute gives it is set there, for as
+    short a time as can be (L{agent.openfiles.spawnUnderSessionLimit}); it may
+    decline (None) and the caller forks.
     """
     libc = _bound()
     if libc is None or b"/" not in executable or not args:
@@ -175,17 +185,15 @@ def spawn(
             _setAttributes(libc, attributes)
             _addActions(libc, actions, fileActions, directory)
             pid = ctypes.c_int(0)
-            _ok(
-                libc.posix_spawn(
-                    ctypes.byref(pid),
-                    executable,
-                    actions,
-                    attributes,
-                    _cStrings(ctypes, args),
-                    _cStrings(ctypes, variables),
+            argv, envp = _cStrings(ctypes, args), _cStrings(ctypes, variables)
+
+            def posixSpawn() -> int:
+                _ok(
+                    libc.posix_spawn(ctypes.byref(pid), executable, actions, attributes, argv, envp)
                 )
-            )  # on failure glibc has reaped the child that could not exec
-            return pid.value
+                return pid.value  # on failure glibc has reaped the child that could not exec
+
+            return around(posixSpawn)
         finally:
             libc.posix_spawn_file_actions_destroy(actions)
     except _SpawnError:

@@ -268,9 +268,12 @@ class SessionChildTests(SynchronousTestCase):
 
         self.patch(openfiles, "spawnUnderSessionLimit", underLimit)
 
-        def spawn(*args: Any) -> int:
-            calls.append("spawn")
-            return 4242
+        def spawn(*args: Any, around: Any) -> int:
+            def posixSpawn() -> int:
+                calls.append("spawn")
+                return 4242
+
+            return around(posixSpawn)
 
         self.patch(_process._spawn, "spawn", spawn)
         child: Any = object.__new__(_process._SessionPTYProcess)

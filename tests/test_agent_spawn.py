@@ -215,6 +215,31 @@ class PipeChildTests(SpawnCase):
         )
         self.assertEqual(tried, [])
 
+    def test_aroundMakesTheCall(self) -> None:
+        """
+        C{around} makes the posix_spawn call, everything else ready, and sees it end, also
+        when it fails (a missing program: None, the caller forks); declining (None), no child.
+        """
+        seen: list[str] = []
+
+        def around(posixSpawn: Any) -> Any:
+            seen.append("before")
+            try:
+                return posixSpawn()
+            finally:
+                seen.append("after")
+
+        pid = _spawn.spawn(b"/bin/true", [b"true"], {}, self.directory, [], around=around)
+        assert pid is not None
+        self.assertEqual(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), 0)
+        self.assertEqual(seen, ["before", "after"])
+        seen.clear()
+        missing = _spawn.spawn(b"/nonexistent/x", [b"x"], {}, self.directory, [], around=around)
+        self.assertIsNone(missing)
+        self.assertEqual(seen, ["before", "after"])
+        declined = _spawn.spawn(CAT, [b"cat"], {}, self.directory, [], around=lambda call: None)
+        self.assertIsNone(declined)
+
     def test_nulBytesDeclined(self) -> None:
         """
         An argument, a variable or a directory with a NUL byte, which C would

@@ -197,7 +197,7 @@ class ParityCase(SpawnCase):
     def start(self, forked: bool, terminal: bool) -> tuple[Any, _process.Terminal | None]:
         """A C{cat} started one way or the other, running (its program's own code reached)."""
         if forked:
-            patched = self.patch(_spawn, "spawn", lambda *args: None)
+            patched = self.patch(_spawn, "spawn", lambda *args, **kwargs: None)
         else:
             patched = self.patch(os, "fork", self.noForkCalled)
         try:
@@ -291,8 +291,8 @@ class FirstInstructionTests(ParityCase):
         super().setUp()
         spawn = _spawn.spawn
 
-        def spawnAndLetItRun(*args: Any) -> int | None:
-            pid = spawn(*args)
+        def spawnAndLetItRun(*args: Any, **kwargs: Any) -> int | None:
+            pid = spawn(*args, **kwargs)
             if pid is not None:
                 os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
             return pid
