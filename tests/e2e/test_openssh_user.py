@@ -11,6 +11,8 @@ One fleet (devices kiln7 and kiln8) serves the whole module: each test takes sec
 from __future__ import annotations
 
 import hashlib
+import os
+import shlex
 import socket
 import socketserver
 import subprocess
@@ -380,3 +382,19 @@ def test_detached_background_child_does_not_hold_the_session(alice: Operator) ->
     pid, started = result.stdout.split()
     assert started == "started"
     alice.ssh("dev_kiln7", f"kill {pid}")
+
+
+def test_reader_that_stops_ends_the_command(alice: Operator, tmp_path: Path) -> None:
+    """
+    ssh dev_x@gc yes | head -1 returns, as against sshd, and the device's yes is gone:
+    OpenSSH's client sends eow@openssh.com when its stdout closes (only to a server that
+    calls itself OpenSSH), and the agent closes the command's stdout, so yes dies of
+    SIGPIPE. Before, both ran until ^C.
+    """
+    marker = tmp_path / "yes.pid"
+    command = alice.argv("dev_kiln7", f"sh -c 'echo $$ > {marker}; exec yes'")
+    result = run(["bash", "-c", f"{shlex.join(command)} | head -1"], timeout=30)
+    assert (result.returncode, result.stdout) == (0, "y\n"), result.stderr
+    # The session ends only after the agent reaped its child, so it is gone by now.
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(marker.read_text()), 0)
