@@ -9,6 +9,11 @@ controlling terminal, nice value and scheduling policy, working directory, progr
 arguments, environment, descriptors and their flags, and the rest of /proc's per-process
 settings. And a child that reads its open-file limit as its very first act, before the agent
 has run another instruction, reads the sessions' (agent.openfiles.spawnUnderSessionLimit).
+
+Not here: a session run as another login (a grant's --as, the agent as root) is only ever
+forked, to switch users, so it has no second path to compare with; its credentials and limit
+are tested end to end (tests/e2e/test_access.py, tests/e2e/test_open_files.py). Nor the I/O
+priority, which /proc does not show (both paths inherit it, as they do the nice value).
 """
 
 from __future__ import annotations
