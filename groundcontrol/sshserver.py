@@ -110,8 +110,8 @@ USER_KEY_ALGORITHMS = [b"ssh-ed25519", b"rsa-sha2-512", b"rsa-sha2-256"]
 #: then ends as it does against sshd; with Conch's C{Twisted_26.10.0} it ran until ^C,
 #: and C{yes} with it) and C{no-more-sessions@openssh.com} after its one session opens.
 #: Nothing else in OpenSSH 9's client turns on it. "OpenSSH_compatible" says that much
-#: and no more: no release number, so scanners (ssh-audit, Nmap) match no OpenSSH release
-#: and list none of its CVEs against us, now or when a named release grows old; the
+#: and no more: no release number, so scanners (ssh-audit) match no OpenSSH release and
+#: list none of its CVEs against us, now or when a named release grows old; the
 #: comment says who we are, as the RFC 4253 4.2 comment is for. PuTTY's bug detection
 #: matches OpenSSH release numbers, which this line has none of; Go's and paramiko's
 #: clients, and Conch (our agent), ignore it. The agent's own line
