@@ -247,6 +247,9 @@ class _ChildProtocol(ProcessProtocol):
         if childFD == 0:
             self._channel.stdinLost()
 
+    def processExited(self, reason: Failure) -> None:
+        self._channel.childExited()
+
     def processEnded(self, reason: Failure) -> None:
         self._channel.childEnded(reason)
 
@@ -314,6 +317,9 @@ class SessionChannel(EndpointChannel):
         #: The child's stdout is out of the reactor (held), read by this channel
         #: when the link serves it (L{drainQueue}) until the pipe is empty.
         self._outputHeld = False
+        #: A pty child's output is no longer read: the operator takes no more
+        #: (L{_endOfWriteRequest}), until the child exits (L{childExited}).
+        self._ptyOutputStopped = False
         #: A login user was set (L{_loginUserRequest}): groundcontrol asks once, first; a
         #: second request is never groundcontrol's and is refused.
         self._loginUserChosen = False
@@ -616,15 +622,22 @@ class SessionChannel(EndpointChannel):
         (nchan.c, C{chan_rcvd_eow}), a pipe child's stdout is closed here, so that its
         next write ends it with SIGPIPE (EPIPE where it ignores the signal) instead of
         its output crossing the link for nothing until the operator presses ^C. A pty
-        child's output is still read and sent: the pty is its stdin too, and reading it
-        is how the child's end is seen. (sshd stops reading it, and such a child blocks
-        instead; either way it lives until the operator's ssh ends the session.)
+        is the child's stdin too, so it is not closed, only no longer read (sshd closes
+        its own copy of it): the child blocks once the pty's buffer is full, as under
+        sshd, until the operator's ^C or leaving ends it; once it has exited the pty is
+        read again to its end (L{childExited}), which is how that end is seen.
         """
         payload.end()
-        if self.process is None or self._terminal is not None:
-            return False
-        self.log.info("the operator takes no more output: closing the session child's stdout")
-        self.process.closeStdout()
+        child = self.process
+        if child is None or child.pid is None:
+            return False  # no child, or it has exited and its output is read to its end
+        if self._terminal is None:
+            self.log.info("the operator takes no more output: closing the session child's stdout")
+            child.closeStdout()
+        else:
+            self.log.info("the operator takes no more output: no longer reading the session's pty")
+            self._ptyOutputStopped = True
+            child.pauseProducing()
         return True
 
     def _terminalFD(self) -> int | None:
@@ -800,8 +813,19 @@ class SessionChannel(EndpointChannel):
             self.process.pauseProducing()  # type: ignore[attr-defined]
 
     def outputResumed(self) -> None:
-        if self.process is not None:
+        if self.process is not None and not self._ptyOutputStopped:
             self.process.resumeProducing()  # type: ignore[attr-defined]
+
+    def childExited(self) -> None:
+        """
+        The child has exited (its output may still be in the pty or pipes): a pty no
+        longer read since the operator took no more output is read again, to its end,
+        which is what ends the session (L{childEnded}).
+        """
+        if self._ptyOutputStopped and self.process is not None:
+            self._ptyOutputStopped = False
+            if not self._paused:
+                self.process.resumeProducing()
 
     def childEnded(self, reason: Failure) -> None:
         """

@@ -147,20 +147,35 @@ class AgentEndOfWriteTests(SynchronousTestCase):
         self.assertTrue(self.child.stdoutClosed)
         self.assertFalse(self.child.stdinClosed)  # stdin is the operator's still
 
-    def test_ptyChildKeepsItsOutput(self) -> None:
-        """With a pty (its stdin too, and how its end is seen) eow closes nothing."""
+    def test_ptyNoLongerRead(self) -> None:
+        """
+        With a pty (its stdin too) eow closes nothing but stops reading it, as sshd
+        does; the window re-opening does not start it again, the child's exit does (its
+        end is seen by reading the pty).
+        """
         self.assertTrue(self.request(b"pty-req", ptyReq()))
         self.addCleanup(self.channel._terminal.close)
         self.assertTrue(self.request(b"exec", NS(b"yes")))
-        self.assertFalse(self.request(EOW))
+        self.assertTrue(self.request(EOW))
         self.assertFalse(self.child.stdoutClosed)
+        self.assertTrue(self.child.paused)
+        self.channel.outputResumed()
+        self.assertTrue(self.child.paused)
+        self.spawner.protocol.processExited(None)
+        self.assertFalse(self.child.paused)
 
-    def test_beforeTheChildOrMalformed(self) -> None:
-        """eow with no child, or with data after it, is refused and closes nothing."""
+    def test_beforeTheChildAfterItOrMalformed(self) -> None:
+        """
+        eow with no child, with data after it, or after the child exited (its output is
+        read to its end) is refused and closes nothing.
+        """
         self.assertFalse(self.request(EOW))
         self.assertTrue(self.request(b"exec", NS(b"yes")))
         self.assertFalse(self.request(EOW, b"junk"))
+        self.child.pid = None  # what Twisted sets once it reaped the child
+        self.assertFalse(self.request(EOW))
         self.assertFalse(self.child.stdoutClosed)
+        self.assertFalse(self.child.paused)
 
 
 class AgentEndOfWriteProcessTests(TestCase):
@@ -192,6 +207,33 @@ class AgentEndOfWriteProcessTests(TestCase):
         )
 
     test_nextWriteEndsTheChild.timeout = 20  # type: ignore[attr-defined]
+
+    async def test_ptyChildEndsWhenSignalled(self) -> None:
+        """
+        On a pty, after eow, a child that keeps writing (blocked once the pty is full)
+        still ends the session when signalled (the operator's ^C): its exit has the pty
+        read again to its end, and exit-signal, EOF and close follow.
+        """
+        home = self.mktemp()
+        os.mkdir(home)
+        conn = RecordingConnection()
+        channel = conn.attach(
+            SessionChannel(
+                SessionEnvironment(home=home), reactor, remoteWindow=1 << 20, remoteMaxPacket=32768
+            )
+        )
+        self.addCleanup(lambda: peerClosed(channel) if channel.process is not None else None)
+        for name, data in ((b"pty-req", ptyReq()), (b"exec", NS(b"echo started; exec yes"))):
+            self.assertTrue(channel.requestReceivedWithReply(name, data, True), name)
+        await conn.when(lambda: b"started" in conn.stdout())
+        self.assertTrue(channel.requestReceivedWithReply(EOW, b"", False))
+        self.assertTrue(channel.requestReceivedWithReply(b"signal", NS(b"TERM"), True))
+        await conn.when(conn.isClosed)
+        self.assertIn(
+            ("request", b"exit-signal", NS(b"TERM") + b"\x00" + NS(b"") + NS(b"")), conn.events
+        )
+
+    test_ptyChildEndsWhenSignalled.timeout = 20  # type: ignore[attr-defined]
 
 
 class RelayTests(RelayTestCase):
