@@ -178,14 +178,16 @@ class AgentEndOfWriteTests(SynchronousTestCase):
         self.assertFalse(self.child.paused)
 
 
-class AgentEndOfWriteProcessTests(TestCase):
-    """A real pipe child, on the real reactor: after eow its next write ends it."""
+def exitSignal(name: bytes) -> tuple[Any, ...]:
+    """The exit-signal request a session sends for a child killed by C{name}."""
+    return ("request", b"exit-signal", NS(name) + b"\x00" + NS(b"") + NS(b""))
 
-    async def test_nextWriteEndsTheChild(self) -> None:
-        """
-        The child writes, eow comes, then the child writes again: it dies of SIGPIPE
-        (exit-signal PIPE, as under sshd), and nothing of its second write is sent.
-        """
+
+class AgentEndOfWriteProcessTests(TestCase):
+    """Real children on the real reactor: what eow does to a pipe child and a pty child."""
+
+    def start(self, *requests: tuple[bytes, bytes]) -> tuple[SessionChannel, RecordingConnection]:
+        """A session channel on a recording connection, given C{requests} in turn."""
         home = self.mktemp()
         os.mkdir(home)
         conn = RecordingConnection()
@@ -195,16 +197,22 @@ class AgentEndOfWriteProcessTests(TestCase):
             )
         )
         self.addCleanup(lambda: peerClosed(channel) if channel.process is not None else None)
-        script = b"echo started; read line; exec yes"
-        self.assertTrue(channel.requestReceivedWithReply(b"exec", NS(script), True))
+        for name, data in requests:
+            self.assertTrue(channel.requestReceivedWithReply(name, data, True), name)
+        return channel, conn
+
+    async def test_nextWriteEndsTheChild(self) -> None:
+        """
+        The child writes, eow comes, then the child writes again: it dies of SIGPIPE
+        (exit-signal PIPE, as under sshd), and nothing of its second write is sent.
+        """
+        channel, conn = self.start((b"exec", NS(b"echo started; read line; exec yes")))
         await conn.when(lambda: b"started\n" in conn.stdout())
         self.assertTrue(channel.requestReceivedWithReply(EOW, b"", False))
         deliver(channel, b"go\n")
         await conn.when(conn.isClosed)
         self.assertEqual(conn.stdout(), b"started\n")
-        self.assertIn(
-            ("request", b"exit-signal", NS(b"PIPE") + b"\x00" + NS(b"") + NS(b"")), conn.events
-        )
+        self.assertIn(exitSignal(b"PIPE"), conn.events)
 
     test_nextWriteEndsTheChild.timeout = 20  # type: ignore[attr-defined]
 
@@ -214,24 +222,12 @@ class AgentEndOfWriteProcessTests(TestCase):
         still ends the session when signalled (the operator's ^C): its exit has the pty
         read again to its end, and exit-signal, EOF and close follow.
         """
-        home = self.mktemp()
-        os.mkdir(home)
-        conn = RecordingConnection()
-        channel = conn.attach(
-            SessionChannel(
-                SessionEnvironment(home=home), reactor, remoteWindow=1 << 20, remoteMaxPacket=32768
-            )
-        )
-        self.addCleanup(lambda: peerClosed(channel) if channel.process is not None else None)
-        for name, data in ((b"pty-req", ptyReq()), (b"exec", NS(b"echo started; exec yes"))):
-            self.assertTrue(channel.requestReceivedWithReply(name, data, True), name)
+        channel, conn = self.start((b"pty-req", ptyReq()), (b"exec", NS(b"echo started; exec yes")))
         await conn.when(lambda: b"started" in conn.stdout())
         self.assertTrue(channel.requestReceivedWithReply(EOW, b"", False))
         self.assertTrue(channel.requestReceivedWithReply(b"signal", NS(b"TERM"), True))
         await conn.when(conn.isClosed)
-        self.assertIn(
-            ("request", b"exit-signal", NS(b"TERM") + b"\x00" + NS(b"") + NS(b"")), conn.events
-        )
+        self.assertIn(exitSignal(b"TERM"), conn.events)
 
     test_ptyChildEndsWhenSignalled.timeout = 20  # type: ignore[attr-defined]
 
