@@ -47,8 +47,8 @@ from accesstunnel.enrollmessages import (
     decodeMessage,
     encodeMessage,
 )
+from accesstunnel.statefiles import writeAtomically
 from accesstunnel.timetext import isoTime
-from agent.statefiles import writeAtomically
 
 CERTIFICATE_FILE = "device.crt"
 CA_FILE = "fleet-ca.crt"

@@ -40,8 +40,8 @@ from zope.interface import implementer
 from accesstunnel.addresses import Connector
 from accesstunnel.clocks import wallClock
 from accesstunnel.reasontext import reasonText
+from accesstunnel.statefiles import writeAtomically
 from agent.clocksense import certificateClockNote
-from agent.statefiles import writeAtomically
 
 __all__ = ["AllAddressesFailed", "Dial", "FailoverEndpoint"]
 

@@ -19,7 +19,7 @@ from twisted.conch.ssh import keys
 from twisted.logger import Logger
 
 from accesstunnel.keys import fingerprint
-from agent.statefiles import createAtomically, writeAtomically
+from accesstunnel.statefiles import createAtomically, writeAtomically
 
 DEVICE_KEY_FILE = "device_ed25519_key"
 

@@ -14,6 +14,7 @@ from attrs import field, frozen
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh import keys
 
+from accesstunnel.statefiles import createAtomically, writeAtomically
 from groundcontrol.pki import CAExists, FleetCA
 from groundcontrol.store import migrateStore
 
@@ -85,22 +86,19 @@ class DataDir:
         if createdDirectory:
             self.path.mkdir(mode=0o700, parents=True)
             os.chmod(self.path, 0o700)  # mkdir's mode is filtered by the umask
-        createdHostKey = not self.hostKeyPath.exists()
-        if createdHostKey:
-            self._writeNewHostKey()
+        createdHostKey = not self.hostKeyPath.exists() and self._writeNewHostKey()
         if not self.hostPublicKeyPath.exists():
-            self.hostPublicKeyPath.write_text(self.hostPublicKeyLine() + "\n")
+            line = self.hostPublicKeyLine() + "\n"
+            writeAtomically(self.hostPublicKeyPath, line.encode(), mode=0o666)  # umask decides
         self._ensureFleetCA()
         version = migrateStore(str(self.databasePath) if store is None else store)
         return InitResult(createdDirectory, createdHostKey, version)
 
-    def _writeNewHostKey(self) -> None:
+    def _writeNewHostKey(self) -> bool:
         key = keys.Key(ed25519.Ed25519PrivateKey.generate())
-        # O_EXCL: if another init raced us, keep its key rather than overwrite it.
-        fd = os.open(self.hostKeyPath, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(key.toString("OPENSSH"))
+        # Created whole or not at all (a full disk or a power cut leaves no empty key to be
+        # pinned); if another init raced us, its key is kept rather than overwritten.
+        return createAtomically(self.hostKeyPath, key.toString("OPENSSH"), mode=0o600)
 
     @property
     def caDirectory(self) -> Path:

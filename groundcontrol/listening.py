@@ -32,6 +32,7 @@ from twisted.logger import Logger
 
 from accesstunnel.addresses import describeAddress
 from accesstunnel.reasontext import reasonText
+from accesstunnel.statefiles import writeAtomically
 
 #: groundcontrol's exit status when a listener cannot listen: not 0, which a service manager
 #: takes for a stop that was wanted (systemd's Restart=on-failure would not start it again).
@@ -171,9 +172,8 @@ def writeListeningFile(path: Path, services: list[ListenService]) -> Callable[[A
                 entry.update(ready=False, waiting=waiting)
             addresses.append(entry)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps({"pid": os.getpid(), "listening": addresses}) + "\n")
-        temporary.replace(path)
+        document = json.dumps({"pid": os.getpid(), "listening": addresses}) + "\n"
+        writeAtomically(path, document.encode(), mode=0o666)  # as write_text: the umask decides
 
     return write
 

@@ -14,6 +14,7 @@ against it after L{verifyDeviceCertificate} has said the certificate itself is g
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import re
@@ -33,6 +34,7 @@ from twisted.conch.ssh import keys
 
 from accesstunnel.keys import certificateSerial, fingerprint
 from accesstunnel.names import isValidDeviceName
+from accesstunnel.statefiles import createAtomically
 from accesstunnel.timetext import isoTime
 
 __all__ = [
@@ -535,16 +537,12 @@ def _randomSerial() -> int:
 
 
 def _writeExclusive(path: Path, data: bytes, mode: int) -> None:
-    """Write a new file with C{mode}; C{FileExistsError} if it exists, never a replacement."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
+    """
+    Write a new file with C{mode}, whole or not at all; C{FileExistsError} if it exists,
+    never a replacement.
+    """
+    if not createAtomically(path, data, mode):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path))
 
 
 def _publicBytes(key: object) -> bytes:

@@ -1,7 +1,7 @@
 """
 The agent with its state directory on a full disk, in memory: every state file write goes
-through L{agent.statefiles}, whose C{os} is replaced here by a disk with a set number of
-bytes of room, so a write fails part way with C{ENOSPC} as it does on a full SD card.
+through L{accesstunnel.statefiles}, whose C{os} is replaced here by a disk with a set number
+of bytes of room, so a write fails part way with C{ENOSPC} as it does on a full SD card.
 
 What is promised (tests/e2e/test_agent_disk_full.py runs the real programs on a full tmpfs):
 a failed write leaves the previous file whole and no temporary file; key generation fails
@@ -23,8 +23,8 @@ from twisted.conch.ssh import keys
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
+from accesstunnel import statefiles
 from agent import cli as agent_cli
-from agent import statefiles
 from agent.enrollment import (
     CA_FILE,
     CERTIFICATE_FILE,
@@ -46,8 +46,8 @@ NO_SPACE = os.strerror(errno.ENOSPC)
 
 class FullDisk:
     """
-    C{os} as L{agent.statefiles} sees it, on a disk with C{room} bytes left (C{None}: as
-    much as the real one). A write past the room writes what fits and then fails with
+    C{os} as L{accesstunnel.statefiles} sees it, on a disk with C{room} bytes left (C{None}:
+    as much as the real one). A write past the room writes what fits and then fails with
     C{ENOSPC}, as the kernel does.
     """
 
@@ -81,7 +81,7 @@ def names(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
 
 
-# -- agent.statefiles ------------------------------------------------------------------
+# -- accesstunnel.statefiles ------------------------------------------------------------
 
 
 def test_failedReplaceKeepsTheOldFile(tmp_path: Path, disk: FullDisk) -> None:

@@ -9,7 +9,6 @@ address survives restarts; agents have it in their server list.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from zope.interface import implementer
 
 from accesstunnel.addresses import clientEndpoint
 from accesstunnel.reasontext import reasonText
+from accesstunnel.statefiles import writeAtomically
 
 __all__ = [
     "OnionAddress",
@@ -369,14 +369,12 @@ class OnionServerEndpoint:
 
 
 def _writePrivate(path: Path, text: str) -> None:
+    """
+    Store the onion service's key (0600) through the one state-file writer: a full disk
+    leaves no key and no C{.tmp} beside it, and a power cut leaves the key whole or absent.
+    """
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    temporary.replace(path)
+    writeAtomically(path, text.encode(), mode=0o600)
 
 
 def onionClientEndpoint(

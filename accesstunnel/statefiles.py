@@ -1,12 +1,15 @@
 """
-Writing the agent's state files so that a full disk or a power cut leaves the old file.
+Writing state files so that a full disk or a power cut leaves the old file: one writer, one
+rule, for the agent and for groundcontrol.
 
-Devices run on SD cards that fill up (logs, a runaway process) and lose power. Each state
-file (the device key, the fleet certificate, C{status.json}, C{last-server.json}) is written
-to a temporary file next to it, flushed to the card, and renamed over the old one: a write
-that fails part way (C{ENOSPC}) or is cut short leaves the previous file whole and no
-temporary file taking space. The directory is flushed too, so the rename itself survives
-a power cut.
+Devices run on SD cards that fill up (logs, a runaway process) and lose power; a server's
+disk fills too. Each state file (the agent's device key, fleet certificate, C{status.json},
+C{last-server.json}; groundcontrol's host key, fleet CA, onion service key and
+C{listening.json}) is written to a temporary file next to it, flushed to the disk, and
+renamed over the old one (or, for a file that must never be replaced, hard-linked into a
+free name): a write that fails part way (C{ENOSPC}) or is cut short leaves the previous
+file whole, or no file, and no temporary file taking space. The directory is flushed too,
+so the rename itself survives a power cut.
 """
 
 from __future__ import annotations
