@@ -21,8 +21,9 @@ and the sessions and expired certificates that go with them (L{IStore.pruneAudit
 batch at a time so the store's one write lock is never held for long: a backlog goes over
 a few sweeps, each of which leaves one audit row and one log line saying what it removed.
 
-A re-key request's notification waits (up to ten seconds) for the serial its agent's hello
-reports, so it can say whether the board is the device's (L{groundcontrol.rekeynotice}).
+A new device's or a re-key request's notification waits (up to ten seconds) for the serial
+its agent's hello reports, so it can say the board's serial and, for a re-key, whether it is
+the device's (L{groundcontrol.requestnotice}).
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from accesstunnel.timetext import isoTime
-from groundcontrol.notify import DEVICE_REKEY_REQUESTED, FleetEvent, LogNotifier, Notifier
+from groundcontrol.notify import FleetEvent, LogNotifier, Notifier
 from groundcontrol.registry import Registry
-from groundcontrol.rekeynotice import SERIAL_CHANGED, HeldRekeys
+from groundcontrol.requestnotice import HELD_EVENTS, SERIAL_CHANGED, HeldRequests
 from groundcontrol.revocations import RevokedCertificates
 from groundcontrol.store import IStore
 
@@ -88,7 +89,7 @@ APPLIED_EVENTS = frozenset(
 
 #: What the watcher reads of the feed. The rest (two rows per relayed session, among
 #: others) stays in the database: the store passes over it without handing it back.
-#: Serial changes complete a held re-key notification (L{HeldRekeys}).
+#: Serial changes complete a held request's notification (L{HeldRequests}).
 WATCHED_EVENTS = NOTIFIED_EVENTS | APPLIED_EVENTS | {SERIAL_CHANGED}
 
 #: Events read from the feed at a time.
@@ -131,7 +132,7 @@ class FleetWatcher(Service):
         self._nextPendingRefresh = 0.0
         self._lastId: int | None = None
         self._loop: LoopingCall | None = None
-        self._heldRekeys = HeldRekeys()
+        self._heldRequests = HeldRequests()
 
     def startService(self) -> None:
         super().startService()
@@ -145,7 +146,7 @@ class FleetWatcher(Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         # Sent without the serial they waited for, rather than not at all.
-        self._send(self._heldRekeys.drain())
+        self._send(self._heldRequests.drain())
         return super().stopService()
 
     def _send(self, events: list[FleetEvent]) -> None:
@@ -171,7 +172,7 @@ class FleetWatcher(Service):
             if self._auditMaxAge is not None:
                 await self._pruneAudit(now, self._auditMaxAge)
         await self._readFeed(now)
-        self._send(self._heldRekeys.due(self._clock.seconds()))
+        self._send(self._heldRequests.due(self._clock.seconds()))
 
     async def _readFeed(self, now: float) -> None:
         """Notify and apply the watched events written since the last read."""
@@ -188,10 +189,10 @@ class FleetWatcher(Service):
                     detail=event.detail,
                     id=event.id,
                 )
-                # A held re-key notification goes before any later event of its key.
-                self._send(self._heldRekeys.read(fleetEvent))
-                if event.event == DEVICE_REKEY_REQUESTED:
-                    self._send(self._heldRekeys.hold(fleetEvent, now))
+                # A held request's notification goes before any later event of its key.
+                self._send(self._heldRequests.read(fleetEvent))
+                if event.event in HELD_EVENTS:
+                    self._send(self._heldRequests.hold(fleetEvent, now))
                 elif event.event in NOTIFIED_EVENTS:
                     self._notifier.notify(fleetEvent)
                 await self._apply(event)

@@ -39,7 +39,7 @@ from groundcontrol.enrollment import CertificatePolicy, hashSecret
 from groundcontrol.fleetwatch import DEFAULT_LEASE_CHECK_INTERVAL
 from groundcontrol.notify import FleetEvent
 from groundcontrol.pki import FleetCA, verifyDeviceCertificate
-from groundcontrol.rekeynotice import REKEY_SERIAL_WAIT
+from groundcontrol.requestnotice import SERIAL_WAIT
 from groundcontrol.sshserver import ServerSettings
 from groundcontrol.store import PendingLimits
 from groundcontrol.testing import (
@@ -1045,7 +1045,7 @@ class NotificationTests(EnrollmentTestCase):
         self.world.start("kiln7", serial="")
         self.world.poll()
         self.assertEqual([e for e, _ in notifier.kinds()].count("device.rekey-requested"), 2)
-        self.world.advance(REKEY_SERIAL_WAIT)
+        self.world.advance(SERIAL_WAIT)
         self.world.poll()
         documents = [e.toJSON() for e in notifier.events if e.event == "device.rekey-requested"]
         self.assertEqual(

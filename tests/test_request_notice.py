@@ -1,10 +1,10 @@
 """
-A re-key request's notification says whether the board serial its agent reports is the
-device's (C{serial_matches}): the fleet watcher holds C{device.rekey-requested} until the
-hello's serial comes through the feed, and sends it without one after the wait (an agent
-with no serial, or one that drops before its hello), before an event that ends the
-request, or when it stops. The store's row carries the device's serial to compare with.
-On SQLite and PostgreSQL.
+An enrollment request's notification says the board serial its agent reports: the fleet
+watcher holds C{device.pending} and C{device.rekey-requested} until the hello's serial
+comes through the feed, and sends it without one after the wait (an agent with no serial,
+or one that drops before its hello), before an event that ends the request, or when it
+stops. A re-key's also says whether that serial is the device's (C{serial_matches}); the
+store's row carries the device's serial to compare with. On SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
@@ -17,16 +17,22 @@ from twisted.trial.unittest import SynchronousTestCase
 from groundcontrol.fleetwatch import FleetWatcher
 from groundcontrol.notify import FleetEvent
 from groundcontrol.registry import Registry
-from groundcontrol.rekeynotice import REKEY_SERIAL_WAIT, HeldRekeys
+from groundcontrol.requestnotice import SERIAL_WAIT, HeldRequests
 from tests.test_enrollment import RecordingNotifier
 from tests.test_store import T0, StoreTestCase, bothBackends, fingerprint, newPublicKey
 
 REKEY = "device.rekey-requested"
+PENDING = "device.pending"
 
 
 def rekeyEvent(key: str = "SHA256:new", deviceSerial: str | None = "SN-1") -> FleetEvent:
     detail = {"fingerprint": key, "kind": "rekey", "serial": None, "deviceSerial": deviceSerial}
     return FleetEvent(REKEY, "kiln7", None, T0, detail, id=7)
+
+
+def pendingEvent(key: str = "SHA256:new", kind: str = "new") -> FleetEvent:
+    detail = {"fingerprint": key, "kind": kind, "serial": None, "source": "192.0.2.1:5000"}
+    return FleetEvent(PENDING, "oven2", None, T0, detail, id=5)
 
 
 def serialChanged(key: str, serial: str | None) -> FleetEvent:
@@ -40,12 +46,12 @@ def said(event: FleetEvent) -> tuple[Any, ...]:
     return event.id, detail["serial"], detail["serial_matches"]
 
 
-class HeldRekeysTests(SynchronousTestCase):
+class HeldRequestsTests(SynchronousTestCase):
     """The notifications held for their serials, by key."""
 
     def test_serialCompletesIt(self) -> None:
         """The key's serial change releases its notification, matching or not."""
-        held = HeldRekeys()
+        held = HeldRequests()
         self.assertEqual(held.hold(rekeyEvent("k1"), T0), [])
         self.assertEqual(held.hold(rekeyEvent("k2"), T0), [])
         self.assertEqual(
@@ -59,7 +65,7 @@ class HeldRekeysTests(SynchronousTestCase):
 
     def test_deviceWithoutSerial(self) -> None:
         """A device that never reported a serial cannot be compared: unknown."""
-        held = HeldRekeys()
+        held = HeldRequests()
         held.hold(rekeyEvent("k1", deviceSerial=None), T0)
         self.assertEqual(
             [said(e) for e in held.read(serialChanged("k1", "SN-1"))], [(7, "SN-1", "unknown")]
@@ -67,17 +73,15 @@ class HeldRekeysTests(SynchronousTestCase):
 
     def test_dueAfterTheWait(self) -> None:
         """Without a serial it is sent once the wait is over: serial null, unknown."""
-        held = HeldRekeys()
+        held = HeldRequests()
         held.hold(rekeyEvent("k1"), T0)
-        self.assertEqual(held.due(T0 + REKEY_SERIAL_WAIT - 0.1), [])
-        self.assertEqual(
-            [said(e) for e in held.due(T0 + REKEY_SERIAL_WAIT)], [(7, None, "unknown")]
-        )
-        self.assertEqual(held.due(T0 + 2 * REKEY_SERIAL_WAIT), [])
+        self.assertEqual(held.due(T0 + SERIAL_WAIT - 0.1), [])
+        self.assertEqual([said(e) for e in held.due(T0 + SERIAL_WAIT)], [(7, None, "unknown")])
+        self.assertEqual(held.due(T0 + 2 * SERIAL_WAIT), [])
 
     def test_laterEventOfTheKeyReleasesIt(self) -> None:
         """An approval (or rejection, expiry) of the key sends it first; other keys wait."""
-        held = HeldRekeys()
+        held = HeldRequests()
         held.hold(rekeyEvent("k1"), T0)
         held.hold(rekeyEvent("k2"), T0)
         approved = FleetEvent("device.approved", "kiln7", "root", T0 + 2, {"fingerprint": "k1"})
@@ -88,16 +92,49 @@ class HeldRekeysTests(SynchronousTestCase):
 
     def test_drain(self) -> None:
         """Stopping sends every held notification, without serials."""
-        held = HeldRekeys()
+        held = HeldRequests()
         held.hold(rekeyEvent("k1"), T0)
         held.hold(rekeyEvent("k2"), T0)
         self.assertEqual([said(e) for e in held.drain()], [(7, None, "unknown")] * 2)
         self.assertEqual(held.drain(), [])
 
+    def test_newDeviceSaysItsSerial(self) -> None:
+        """
+        A new device's request is held like a re-key's and sent with its serial: the same
+        row id and detail, no C{serial_matches} (there is no device to compare with).
+        """
+        held = HeldRequests()
+        self.assertEqual(held.hold(pendingEvent("k1"), T0), [])
+        [sent] = held.read(serialChanged("k1", "SN-7"))
+        self.assertEqual(
+            (sent.id, sent.event, sent.toJSON()["detail"]),
+            (
+                5,
+                PENDING,
+                {"fingerprint": "k1", "kind": "new", "serial": "SN-7", "source": "192.0.2.1:5000"},
+            ),
+        )
+
+    def test_newDeviceDueAfterTheWait(self) -> None:
+        """A new device whose serial does not come is sent after the wait, serial null."""
+        held = HeldRequests()
+        held.hold(pendingEvent("k1"), T0)
+        self.assertEqual(held.due(T0 + SERIAL_WAIT - 0.1), [])
+        [sent] = held.due(T0 + SERIAL_WAIT)
+        self.assertEqual((sent.id, sent.detail["serial"]), (5, None))
+
+    def test_reapprovalNotHeld(self) -> None:
+        """
+        A device asking again with its own key (its certificate ran out) reports its known
+        serial, which writes no serial change: nothing to wait for, sent at once.
+        """
+        event = pendingEvent("k1", kind="reapprove")
+        self.assertEqual(HeldRequests().hold(event, T0), [event])
+
     def test_eventWithoutKeyNotHeld(self) -> None:
         """A row naming no key (written by hand, say) has nothing to wait for."""
         event = FleetEvent(REKEY, "kiln7", None, T0, {})
-        self.assertEqual(HeldRekeys().hold(event, T0), [event])
+        self.assertEqual(HeldRequests().hold(event, T0), [event])
 
 
 @bothBackends
@@ -173,13 +210,13 @@ class RekeyNotificationTests(StoreTestCase):
         """
         self.stranger()
         self.poll()
-        self.clock.advance(REKEY_SERIAL_WAIT - 1)
+        self.clock.advance(SERIAL_WAIT - 1)
         self.poll()
         self.assertEqual(self.rekeys(), [])
         self.clock.advance(1)
         self.poll()
         self.assertEqual([r[1:] for r in self.rekeys()], [(None, "unknown")])
-        self.clock.advance(REKEY_SERIAL_WAIT)
+        self.clock.advance(SERIAL_WAIT)
         self.poll()
         self.assertEqual(len(self.rekeys()), 1)
 
@@ -206,3 +243,64 @@ class RekeyNotificationTests(StoreTestCase):
         self.hello(key, "SN-1")
         self.poll(again)
         self.assertEqual(len(self.rekeys()), 1)
+
+
+@bothBackends
+class NewDeviceNotificationTests(StoreTestCase):
+    """The fleet watcher's notification of a new device's request, from the store's rows."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.notifier = RecordingNotifier()
+        self.watcher = FleetWatcher(self.store, Registry(), self.clock, notifier=self.notifier)
+        self.poll()  # the first poll starts at the newest id
+
+    def poll(self) -> None:
+        self.successResultOf(self.watcher.poll())
+
+    def newDevice(self) -> str:
+        """A new key logs in asking for oven2 (no serial yet, as at a login); its key."""
+        key = newPublicKey()
+        self.contact("oven2", key, T0 + 5)
+        return fingerprint(key)
+
+    def sent(self) -> list[tuple[Any, ...]]:
+        return [(e.event, e.id, e.detail.get("serial")) for e in self.notifier.events]
+
+    def test_sentWithItsSerial(self) -> None:
+        """
+        Nothing is sent at the login; the hello's serial sends the pending row's
+        notification, under its id, saying the serial; the serial's row is not sent.
+        """
+        key = self.newDevice()
+        rowId = self.events()[-1].id
+        self.poll()
+        self.assertEqual(self.notifier.events, [])
+        self.assertTrue(self.successResultOf(self.store.updateSerial(key, "SN-7", T0 + 6)))
+        self.poll()
+        self.assertEqual(self.sent(), [(PENDING, rowId, "SN-7")])
+        self.assertEqual(self.notifier.events[0].detail["fingerprint"], key)
+        self.assertNotIn("serial_matches", self.notifier.events[0].toJSON()["detail"])
+
+    def test_noHello(self) -> None:
+        """Without a serial it is sent once, after the wait, serial null."""
+        self.newDevice()
+        self.poll()
+        self.clock.advance(SERIAL_WAIT - 1)
+        self.poll()
+        self.assertEqual(self.notifier.events, [])
+        self.clock.advance(1)
+        self.poll()
+        self.clock.advance(SERIAL_WAIT)
+        self.poll()
+        self.assertEqual([(e, s) for e, _, s in self.sent()], [(PENDING, None)])
+
+    def test_approvedBeforeTheSerial(self) -> None:
+        """An approval read before any serial sends the pending notification first."""
+        key = self.newDevice()
+        self.poll()
+        self.successResultOf(self.store.approveDevice("oven2", "root", T0 + 6, fingerprint=key))
+        self.poll()
+        self.assertEqual([e.event for e in self.notifier.events], [PENDING, "device.approved"])

@@ -1,0 +1,132 @@
+"""
+An enrollment request's notification waits for the board serial its agent reports.
+
+C{device.pending} (a new device asking to be enrolled) and C{device.rekey-requested} (a
+new key asking for an existing device's name) are written at the login, before the
+agent's hello reports its board serial. So their rows cannot say it: the person approving
+a new device wants the serial to match it with the sticker on the board, and for a re-key
+whether it is the device's serial (C{serial_matches}) tells "same board, reflashed" from
+"another board". The rows stay as they are, written in the transaction that creates the
+request (no restart can part the two); a re-key's carries the device's serial as
+C{deviceSerial}. The fleet watcher holds their notifications until the serial arrives
+through the same feed: the hello's C{device.serial-changed} row for the request's key,
+written by whichever node the agent is linked to. A notification is then sent with
+C{serial} (and, for a re-key, C{serial_matches} by L{groundcontrol.documents.serialsMatch})
+in its detail, under the row's id and time.
+
+A device whose certificate ran out asks again with its own key (a C{device.pending} of
+kind C{reapprove}): its hello reports the device's serial, which is no change and writes
+no row, so its notification is not held.
+
+A notification is held at most L{SERIAL_WAIT}: an agent whose board has no serial, an old
+agent, or one that drops before its hello is notified then, with C{serial} null (and
+C{serial_matches} C{unknown}). A feed event that names the key first (its approval, claim,
+rejection or expiry) sends the held notification before its own, so a receiver hears of a
+request before its end. Every held notification is sent exactly once: with its serial,
+before such an event, at the deadline, or when the watcher stops.
+
+Why not write the event at the hello instead: a restart between the login and the hello
+would lose it, unless each request remembered whether it had been announced (a schema
+change on both backends, and a sweep for requests whose node died). Why not a second
+event: two notifications for one request, the first without the answer. The cost here: a
+held notification lives in the watcher's memory, so a crash within the wait loses it (a
+stop sends it); as an event written while no watcher runs is not notified either (the
+watcher starts from the newest row), and the row is in the audit log either way.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from groundcontrol.documents import serialsMatch
+from groundcontrol.notify import DEVICE_PENDING, DEVICE_REKEY_REQUESTED, FleetEvent
+
+__all__ = ["HELD_EVENTS", "SERIAL_CHANGED", "SERIAL_WAIT", "HeldRequests"]
+
+#: Seconds a request's notification waits for its agent's serial. An agent says hello as
+#: soon as its login is accepted: one round trip, a few seconds over tor at worst.
+SERIAL_WAIT = 10.0
+
+#: The audit event a hello's serial is stored with (L{groundcontrol.store.IStore.updateSerial}).
+SERIAL_CHANGED = "device.serial-changed"
+
+#: The events whose notifications wait for the serial (L{HeldRequests.hold}).
+HELD_EVENTS = frozenset({DEVICE_PENDING, DEVICE_REKEY_REQUESTED})
+
+
+@attrs.frozen
+class _Held:
+    event: FleetEvent
+    until: float
+
+
+def _keyOf(event: FleetEvent) -> str | None:
+    fingerprint = event.detail.get("fingerprint")
+    return fingerprint if isinstance(fingerprint, str) else None
+
+
+def _waitsForSerial(event: FleetEvent) -> bool:
+    """A request whose hello writes a serial change: not a re-approval (the device's key)."""
+    return event.event in HELD_EVENTS and event.detail.get("kind") != "reapprove"
+
+
+def withSerial(event: FleetEvent, serial: str | None) -> FleetEvent:
+    """
+    C{event} (a request's) saying which serial its key reported; a re-key's also whether
+    it is the device's.
+    """
+    detail = {**event.detail, "serial": serial}
+    if event.event == DEVICE_REKEY_REQUESTED:
+        detail["serialMatches"] = serialsMatch(serial, event.detail.get("deviceSerial"))
+    return attrs.evolve(event, detail=detail)
+
+
+class HeldRequests:
+    """The request notifications waiting for their serials, by key fingerprint."""
+
+    def __init__(self, wait: float = SERIAL_WAIT) -> None:
+        self._wait = wait
+        self._held: dict[str, _Held] = {}
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def hold(self, event: FleetEvent, now: float) -> list[FleetEvent]:
+        """
+        Hold C{event}, one of L{HELD_EVENTS}, until its serial comes or C{now} plus the
+        wait. Returns what is to be sent now: nothing, or C{event} itself if it has no
+        serial to wait for (no key named, or a re-approval).
+        """
+        key = _keyOf(event)
+        if key is None or not _waitsForSerial(event):
+            return [event]
+        released = self.release(key)
+        self._held[key] = _Held(event, now + self._wait)
+        return released
+
+    def read(self, event: FleetEvent) -> list[FleetEvent]:
+        """
+        The held notifications that a later feed C{event} completes or ends: its key's
+        serial (C{device.serial-changed}), or any other event naming its key.
+        """
+        key = _keyOf(event)
+        if key is None or key not in self._held:
+            return []
+        if event.event == SERIAL_CHANGED:
+            serial = event.detail.get("serial")
+            return self.release(key, serial if isinstance(serial, str) else None)
+        return self.release(key)
+
+    def release(self, key: str, serial: str | None = None) -> list[FleetEvent]:
+        """The notification held for C{key}, if any, with C{serial}; no longer held."""
+        held = self._held.pop(key, None)
+        return [] if held is None else [withSerial(held.event, serial)]
+
+    def due(self, now: float) -> list[FleetEvent]:
+        """The notifications whose wait is over at C{now}, without serials, oldest first."""
+        keys = [key for key, held in self._held.items() if held.until <= now]
+        return [event for key in keys for event in self.release(key)]
+
+    def drain(self) -> list[FleetEvent]:
+        """Every held notification, without serials (the watcher stops)."""
+        return [event for key in list(self._held) for event in self.release(key)]
