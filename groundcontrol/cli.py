@@ -59,6 +59,7 @@ from groundcontrol.documents import (
     rejectedRequestJSON,
     requestJSON,
     serialMatches,
+    storeCompactJSON,
     tokenJSON,
     ungrantJSON,
 )
@@ -249,11 +250,12 @@ def _buildParser() -> _Parser:
     store = commands.add_parser("store", help="the store itself").add_subparsers(
         dest="storeCommand", required=True, parser_class=_Parser
     )
-    store.add_parser(
+    compact = store.add_parser(
         "compact",
         help="give the SQLite store's free space back to the disk (with groundcontrol "
         "stopped); from then on pruning gives it back as it goes",
     )
+    _jsonFlag(compact)
     return parser
 
 
@@ -319,7 +321,7 @@ def _dispatch(args: argparse.Namespace, now: Callable[[], float]) -> int:
         print(_call(dataDir.hostPublicKeyLine))
         return 0
     if args.command == "store":
-        return _compactStore(dataDir, args.store)
+        return _compactStore(dataDir, args.store, args.json)
     if args.command == "device":
         _checkDeviceNameArg(getattr(args, "name", None))
     if args.command in ("grant", "ungrant"):
@@ -500,26 +502,28 @@ def _init(dataDir: DataDir, storeURL: str | None) -> int:
     return 0
 
 
-def _compactStore(dataDir: DataDir, storeURL: str | None) -> int:
+def _compactStore(dataDir: DataDir, storeURL: str | None, asJSON: bool) -> int:
     """
     C{store compact}: rewrite the SQLite store without its free pages, alone (it refuses
     while groundcontrol or another command has the store open). PostgreSQL needs nothing.
     """
     if storeURL is not None and storeKind(storeURL) == "postgresql":
-        print(
+        text = (
             "the store is PostgreSQL: its autovacuum makes the space of deleted rows "
             "reusable; nothing to compact"
         )
+        _printDone(asJSON, text, storeCompactJSON("postgresql", _redact(storeURL), None))
         return 0
     if storeURL is None:
         _requireInitialised(dataDir)
     path = str(dataDir.databasePath) if storeURL is None else sqlitePath(storeURL)
     done = _call(lambda: compactSQLite(path))
-    print(
+    text = (
         f"compacted {path}: {done.bytesBefore:,} bytes before, {done.bytesAfter:,} after, "
         f"{done.bytesGivenBack:,} given back; pruning (--audit-max-age) now gives space "
         "back as it goes"
     )
+    _printDone(asJSON, text, storeCompactJSON("sqlite", path, done))
     return 0
 
 

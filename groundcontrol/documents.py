@@ -18,7 +18,14 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from accesstunnel.timetext import isoTime
-from groundcontrol.store import Account, Device, EnrollmentRequest, Grant, TokenRecord
+from groundcontrol.store import (
+    Account,
+    Compacted,
+    Device,
+    EnrollmentRequest,
+    Grant,
+    TokenRecord,
+)
 
 __all__ = [
     "SESSION_KEYS",
@@ -37,6 +44,7 @@ __all__ = [
     "serialMatches",
     "serialsMatch",
     "sessionJSON",
+    "storeCompactJSON",
     "tokenJSON",
     "tokenState",
     "ungrantJSON",
@@ -173,6 +181,22 @@ def groupJSON(name: str, devices: Iterable[str]) -> dict[str, Any]:
 def groupRemovalJSON(name: str, removed: Iterable[str]) -> dict[str, Any]:
     """What C{group remove} prints: the devices taken out of the group."""
     return {"group": name, "removed": list(removed)}
+
+
+def storeCompactJSON(backend: str, store: str, done: Compacted | None) -> dict[str, Any]:
+    """
+    What C{store compact} prints: the store (its file, or its URL with any password
+    hidden), whether it was compacted (C{done}; a PostgreSQL store has nothing to compact)
+    and its size on disk in bytes before and after, null when it was not.
+    """
+    return {
+        "backend": backend,
+        "store": store,
+        "compacted": done is not None,
+        "bytes_before": None if done is None else done.bytesBefore,
+        "bytes_after": None if done is None else done.bytesAfter,
+        "bytes_given_back": None if done is None else done.bytesGivenBack,
+    }
 
 
 def accountJSON(account: Account) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 from pathlib import Path
@@ -60,6 +61,44 @@ def test_compact(oldData: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert status == 0 and "audit.pruned" in out
 
 
+def test_compactJSON(oldData: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """
+    C{--json}: one document, in the CLI's vocabulary (snake_case keys, every key present):
+    the store's file, compacted, its bytes before and after, and what was given back.
+    """
+    database = str(DataDir(oldData).databasePath)
+    before = Path(database).stat().st_size
+    status, out, err = run(capsys, "--data", str(oldData), "store", "compact", "--json")
+    assert (status, err) == (0, "")
+    after = Path(database).stat().st_size
+    document = json.loads(out)
+    assert out == json.dumps(document, indent=2, sort_keys=True) + "\n"
+    assert document == {
+        "backend": "sqlite",
+        "store": database,
+        "compacted": True,
+        "bytes_before": before,
+        "bytes_after": after,
+        "bytes_given_back": before - after,
+    }
+    assert before - after > 50 * 4096
+    assert pragma(database, "auto_vacuum") == INCREMENTAL
+
+
+def test_refusedWhileOpenJSON(
+    oldData: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With C{--json} a refusal is the same: nothing on stdout, the reason on stderr, 1."""
+    monkeypatch.setattr(_space, "_COMPACT_BUSY_TIMEOUT_MS", 0)
+    server = result(openStore(str(DataDir(oldData).databasePath), synchronousRunner))
+    try:
+        status, out, err = run(capsys, "--data", str(oldData), "store", "compact", "--json")
+    finally:
+        server.close()
+    assert (status, out) == (1, "")
+    assert "is in use by another process" in err
+
+
 def test_refusedWhileOpen(
     oldData: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -102,6 +141,26 @@ def test_postgreSQL(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         "the store is PostgreSQL: its autovacuum makes the space of deleted rows reusable; "
         "nothing to compact\n"
     )
+
+
+def test_postgreSQLJSON(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """
+    PostgreSQL with C{--json}: not compacted, the sizes null, the URL without its password
+    (as C{init} prints it); the database is not reached.
+    """
+    url = "postgresql://gc:secret@db.invalid/groundcontrol"
+    status, out, err = run(
+        capsys, "--data", str(tmp_path / "gc"), "--store", url, "store", "compact", "--json"
+    )
+    assert (status, err) == (0, "")
+    assert json.loads(out) == {
+        "backend": "postgresql",
+        "store": "postgresql://gc:***@db.invalid/groundcontrol",
+        "compacted": False,
+        "bytes_before": None,
+        "bytes_after": None,
+        "bytes_given_back": None,
+    }
 
 
 def test_notInitialised(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
