@@ -195,10 +195,11 @@ def hook() -> Iterator[_Hook]:
 
 def test_webhook_retried_until_delivered(fleet: Fleet, hook: _Hook) -> None:
     """
-    With --webhook, a new pending device is POSTed as JSON (event device.pending) to a
-    real local HTTP server; the two 503 answers are retried, and the third attempt
-    delivers it. Once it is approved, another board's new key asking for its name is
-    POSTed as device.rekey-requested saying its serial does not match (serial_matches).
+    With --webhook, a new pending device is POSTed as JSON (event device.pending, with the
+    serial its agent reported) to a real local HTTP server; the two 503 answers are
+    retried, and the third attempt delivers it. Once it is approved, another board's new
+    key asking for its name is POSTed as device.rekey-requested saying its serial does
+    not match (serial_matches).
     """
     fleet.gc.stop()
     fleet.startServer("--webhook", hook.url)
@@ -209,6 +210,7 @@ def test_webhook_retried_until_delivered(fleet: Fleet, hook: _Hook) -> None:
     assert all(p["body"]["device"] == "hooked1" for p in posts[:3])
     assert all(p["path"] == "/hook" and p["type"] == "application/json" for p in posts)
     assert posts[0]["body"]["detail"]["kind"] == "new"
+    assert posts[0]["body"]["detail"]["serial"] == "SN-1"  # its agent's hello's
     assert len({json.dumps(p["body"], sort_keys=True) for p in posts[:3]}) == 1
     log = fleet.gc.process.output() if fleet.gc.process else ""
     assert "webhook attempt 1/" in log and "HTTP 503" in log
