@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import binascii
 import json
+import os
 import secrets
 import time
 from datetime import UTC, datetime
@@ -147,6 +148,14 @@ def certificateLifetime(pem: bytes) -> tuple[float, float]:
     if offset != validityEnd:
         raise ValueError("bad certificate validity")
     return notBefore, notAfter
+
+
+def onReadOnlyFileSystem(path: Path) -> bool:
+    """Whether C{path} is on a file system mounted read-only (False when it cannot be told)."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def renewalDue(notBefore: float, notAfter: float) -> float:
@@ -291,6 +300,8 @@ class Enrollment:
         self.status = StatusFile(stateDir, clock)
         self._conn: Any = None
         self._timer: IDelayedCall | None = None
+        #: Whether the log said that the certificate waits for a writable state directory.
+        self._readOnlySaid = False
         self.state = "unknown"
         self.name: str | None = None
         #: Which transport the link runs over (set by the assembly), for hello.
@@ -428,6 +439,9 @@ class Enrollment:
                 self.status.update(certificate_expires_at=expires)
             self._scheduleRenewal(notBefore, notAfter)
             return
+        if onReadOnlyFileSystem(self.stateDir):
+            self._waitForWritableState(certificatePath, notAfter)
+            return
         try:
             reply = await self._request(CERTIFICATE, {})
         except Exception as e:
@@ -461,6 +475,7 @@ class Enrollment:
             self._retryCertificate()
             return
         expires = isoTime(notAfter)
+        self._readOnlySaid = False
         self._log.info("fleet certificate stored, valid until {expires}", expires=expires)
         self.status.update(certificate_expires_at=expires)
         now = self._wall()
@@ -474,6 +489,25 @@ class Enrollment:
                 notAfter=expires,
             )
         self._scheduleRenewal(notBefore, notAfter)
+
+    def _waitForWritableState(self, certificatePath: Path, notAfter: float) -> None:
+        """
+        Do not ask for a certificate that cannot be stored (a card the kernel remounted
+        read-only): groundcontrol would sign one an hour for nothing, and the log would say
+        so each time. Said once; looked at again every L{CERTIFICATE_RETRY_DELAY} seconds.
+        """
+        if not self._readOnlySaid:
+            self._readOnlySaid = True
+            kept = f"keeps the one valid until {isoTime(notAfter)}" if notAfter else "has none"
+            self._log.warn(
+                "the fleet certificate is due, but {path} is on a read-only file system: the "
+                "agent {kept} and asks for a new one once it can store it (it looks "
+                "every {delay:.0f} s)",
+                path=str(certificatePath),
+                kept=kept,
+                delay=CERTIFICATE_RETRY_DELAY,
+            )
+        self._retryCertificate()
 
     def _retryCertificate(self) -> None:
         # Without this a renewal that fails once (a store hiccup) is not tried again

@@ -292,16 +292,30 @@ class FailoverEndpoint:
         except (OSError, ValueError, AttributeError):
             return None
 
+    #: Whether the last write of the remembered address failed (said once, not per link).
+    _rememberFailed = False
+
     def _remember(self, address: str) -> None:
-        """Write the winner atomically: a power cut leaves the old file or the new one."""
+        """
+        Write the winner atomically: a power cut leaves the old file or the new one. Not
+        written again when it is the address remembered: each link up wrote the card (wear),
+        and on a read-only card warned at every reconnect.
+        """
+        if address == self._readRemembered():
+            return
         try:
             self._stateFile.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             # json.dumps, not json.dump: dump encodes in Python, with closures that refer to
             # each other, a reference cycle per link that came up.
             writeAtomically(self._stateFile, (json.dumps({"address": address}) + "\n").encode())
         except OSError as e:
-            self._log.warn(
-                "cannot record the working address in {path}: {error}",
-                path=str(self._stateFile),
-                error=str(e),
-            )
+            if not self._rememberFailed:
+                self._log.warn(
+                    "cannot record the working address in {path}: {error}; the agent tries "
+                    "again at each link up and says nothing more until it can",
+                    path=str(self._stateFile),
+                    error=e.strerror or str(e),
+                )
+            self._rememberFailed = True
+            return
+        self._rememberFailed = False

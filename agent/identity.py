@@ -10,6 +10,7 @@ prints it), never by trust-on-first-use.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -26,8 +27,22 @@ DEVICE_KEY_FILE = "device_ed25519_key"
 _log = Logger()
 
 
+#: The agent's exit status when its state directory is read-only and it has no key: the
+#: systemd unit does not restart it on this status (RestartPreventExitStatus=), since a card
+#: the kernel remounted read-only stays so until someone remounts it or reboots the device;
+#: with C{Restart=always} the agent was started again every 5 s, for nothing, for ever.
+READ_ONLY_EXIT_STATUS = 73  # EX_CANTCREAT, sysexits.h
+
+
 class IdentityError(Exception):
     """The state directory or a key in it is unusable."""
+
+
+class ReadOnlyStateError(IdentityError):
+    """
+    The device has no key yet, and its state directory is on a read-only file system: the
+    agent exits with L{READ_ONLY_EXIT_STATUS}.
+    """
 
 
 def loadOrCreateDeviceKey(stateDir: Path) -> keys.Key:
@@ -40,6 +55,9 @@ def loadOrCreateDeviceKey(stateDir: Path) -> keys.Key:
     try:
         stateDir.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as e:
+        if e.errno == errno.EROFS:
+            what = f"cannot make the state directory {stateDir}"
+            raise ReadOnlyStateError(_readOnlyText(what)) from None
         raise IdentityError(f"cannot make the state directory {stateDir}: {e.strerror}") from None
     path = stateDir / DEVICE_KEY_FILE
     key = _readDeviceKey(path)
@@ -73,11 +91,23 @@ def _readDeviceKey(path: Path) -> keys.Key | None:
         raise IdentityError(f"cannot use device key {path}: {e}") from None
 
 
+def _readOnlyText(what: str) -> str:
+    return (
+        f"{what}: read-only file system (a card the kernel remounted read-only after errors, "
+        "or a read-only root); the agent has no key and cannot link. Once the directory is "
+        "writable, start the agent again (systemctl restart tunnel-agent): systemd does not "
+        "restart it until then"
+    )
+
+
 def _createDeviceKey(path: Path) -> keys.Key:
     key = keys.Key(ed25519.Ed25519PrivateKey.generate())
     try:
         created = createAtomically(path, key.toString("OPENSSH"), mode=0o600)
     except OSError as e:
+        if e.errno == errno.EROFS:
+            what = f"cannot write a new device key to {path}"
+            raise ReadOnlyStateError(_readOnlyText(what)) from None
         raise IdentityError(
             f"cannot write a new device key to {path}: {e.strerror} (nothing was left "
             "half-written; the agent makes its key when it starts with room on that disk)"

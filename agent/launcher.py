@@ -196,25 +196,46 @@ def importReactor() -> Any:
     return reactor
 
 
+def _openLogFile(logfile: str, reactor: Any) -> tuple[Any, OSError | None]:
+    """
+    Where the agent's lines go: standard output for C{-}, else the rotated file (SIGUSR1
+    rotates it), or standard output and why, when the file cannot be opened: on a
+    read-only or full card the agent still links, so the operator gets in to mend it (it
+    stopped here, with a traceback).
+    """
+    if logfile == "-":
+        return sys.stdout, None
+    import signal
+
+    from twisted.python.logfile import LogFile
+
+    try:
+        output = LogFile.fromFullPath(logfile)
+    except OSError as e:
+        return sys.stdout, e
+    signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(output.rotate))
+    return output, None
+
+
 def _startLogging(logfile: str, reactor: Any, level: Any) -> Any:
     """
     Log as C{twistd --nodaemon} does: text lines to standard output or a rotated file;
     only events of C{level} (C{--log-level}) and above.
     """
-    from twisted.logger import ILogObserver, globalLogBeginner, textFileLogObserver
+    from twisted.logger import ILogObserver, Logger, globalLogBeginner, textFileLogObserver
 
     from accesstunnel.logfilter import filtered
 
-    output: Any = sys.stdout
-    if logfile != "-":
-        import signal
-
-        from twisted.python.logfile import LogFile
-
-        output = LogFile.fromFullPath(logfile)
-        signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(output.rotate))
+    output, unopened = _openLogFile(logfile, reactor)
     observer = cast(ILogObserver, textFileLogObserver(output))
     globalLogBeginner.beginLoggingTo([filtered(observer, level)])
+    if unopened is not None:
+        Logger(namespace="agent.launcher").warn(
+            "cannot open the log file {path}: {error}; logging to standard output instead "
+            "(the journal, under systemd)",
+            path=logfile,
+            error=unopened.strerror or str(unopened),
+        )
     return output
 
 

@@ -6,6 +6,7 @@ Options become a L{AgentConfig}; L{buildService} is what tests call.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +39,14 @@ from agent import openfiles
 from agent.config import AgentFileConfig, ConfigError, installReloadOnSIGHUP, loadConfig
 from agent.enrollment import CERTIFICATE_FILE, Enrollment
 from agent.failover import FailoverEndpoint
-from agent.identity import DEVICE_KEY_FILE, IdentityError, ServerKeyPin, loadOrCreateDeviceKey
+from agent.identity import (
+    DEVICE_KEY_FILE,
+    READ_ONLY_EXIT_STATUS,
+    IdentityError,
+    ReadOnlyStateError,
+    ServerKeyPin,
+    loadOrCreateDeviceKey,
+)
 from agent.launcher import stopThenOutliveSessions
 from agent.link import AGENT_VERSION, AgentLinkFactory, LinkSettings, backoffPolicy, linkService
 from agent.linklog import AnnouncedRetries
@@ -224,6 +232,10 @@ def buildService(config: AgentConfig, reactor: Any) -> LogObserverService:
 
     try:
         deviceKey = loadOrCreateDeviceKey(config.stateDir)
+    except ReadOnlyStateError as e:
+        # A status the systemd unit does not restart on: nothing changes until someone acts.
+        print(f"tunnel-agent: {e}", file=sys.stderr)
+        raise SystemExit(READ_ONLY_EXIT_STATUS) from None
     except IdentityError as e:
         raise usage.UsageError(str(e)) from None
     environment = SessionEnvironment(home=config.home)
