@@ -137,18 +137,17 @@ class HeldRequestsTests(SynchronousTestCase):
         self.assertEqual(HeldRequests().hold(event, T0), [event])
 
 
-@bothBackends
-class RekeyNotificationTests(StoreTestCase):
-    """The fleet watcher's notification of a re-key request, from the store's rows."""
+class WatcherTestCase(StoreTestCase):
+    """A fleet watcher on the store, on a clock, telling a recording notifier."""
+
+    #: Made by each subclass's setUp once the store holds what comes before the test.
+    watcher: FleetWatcher
 
     def setUp(self) -> None:
         super().setUp()
         self.clock = Clock()
         self.clock.advance(T0)
         self.notifier = RecordingNotifier()
-        self.contact("kiln7", newPublicKey(), T0, serial="SN-1")
-        self.successResultOf(self.store.approveDevice("kiln7", "root", T0))
-        self.watcher = self.newWatcher()
 
     def newWatcher(self) -> FleetWatcher:
         watcher = FleetWatcher(self.store, Registry(), self.clock, notifier=self.notifier)
@@ -158,15 +157,30 @@ class RekeyNotificationTests(StoreTestCase):
     def poll(self, watcher: FleetWatcher | None = None) -> None:
         self.successResultOf((watcher or self.watcher).poll())
 
-    def stranger(self, now: float = T0 + 5) -> str:
-        """A new key logs in asking for kiln7 (no serial yet, as at a login); its key."""
+    def newKey(self, name: str, now: float = T0 + 5) -> str:
+        """A new key logs in asking for C{name} (no serial yet, as at a login); its key."""
         key = newPublicKey()
-        self.contact("kiln7", key, now)
+        self.contact(name, key, now)
         return fingerprint(key)
 
     def hello(self, key: str, serial: str) -> None:
         """The agent's hello reports C{serial} (what enrollment's _hello stores)."""
         self.assertTrue(self.successResultOf(self.store.updateSerial(key, serial, T0 + 6)))
+
+
+@bothBackends
+class RekeyNotificationTests(WatcherTestCase):
+    """The fleet watcher's notification of a re-key request, from the store's rows."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.contact("kiln7", newPublicKey(), T0, serial="SN-1")
+        self.successResultOf(self.store.approveDevice("kiln7", "root", T0))
+        self.watcher = self.newWatcher()
+
+    def stranger(self) -> str:
+        """A new key asking for kiln7."""
+        return self.newKey("kiln7")
 
     def rekeys(self) -> list[tuple[Any, ...]]:
         return [said(e) for e in self.notifier.events if e.event == REKEY]
@@ -246,25 +260,16 @@ class RekeyNotificationTests(StoreTestCase):
 
 
 @bothBackends
-class NewDeviceNotificationTests(StoreTestCase):
+class NewDeviceNotificationTests(WatcherTestCase):
     """The fleet watcher's notification of a new device's request, from the store's rows."""
 
     def setUp(self) -> None:
         super().setUp()
-        self.clock = Clock()
-        self.clock.advance(T0)
-        self.notifier = RecordingNotifier()
-        self.watcher = FleetWatcher(self.store, Registry(), self.clock, notifier=self.notifier)
-        self.poll()  # the first poll starts at the newest id
-
-    def poll(self) -> None:
-        self.successResultOf(self.watcher.poll())
+        self.watcher = self.newWatcher()
 
     def newDevice(self) -> str:
-        """A new key logs in asking for oven2 (no serial yet, as at a login); its key."""
-        key = newPublicKey()
-        self.contact("oven2", key, T0 + 5)
-        return fingerprint(key)
+        """A new key asking for oven2, a name no device has."""
+        return self.newKey("oven2")
 
     def sent(self) -> list[tuple[Any, ...]]:
         return [(e.event, e.id, e.detail.get("serial")) for e in self.notifier.events]
@@ -278,7 +283,7 @@ class NewDeviceNotificationTests(StoreTestCase):
         rowId = self.events()[-1].id
         self.poll()
         self.assertEqual(self.notifier.events, [])
-        self.assertTrue(self.successResultOf(self.store.updateSerial(key, "SN-7", T0 + 6)))
+        self.hello(key, "SN-7")
         self.poll()
         self.assertEqual(self.sent(), [(PENDING, rowId, "SN-7")])
         self.assertEqual(self.notifier.events[0].detail["fingerprint"], key)
