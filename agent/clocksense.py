@@ -5,8 +5,11 @@ A board without a real-time clock boots in 1970 (or at fake-hwclock's last saved
 keeps that time until NTP reaches a server; over C{tls://} and C{wss://} the agent then sees
 every server certificate as not yet valid, and OpenSSL says only "certificate verify failed".
 The agent's line about the failed address adds what the device's clock says and, when that is
-before any time a clock can really read, that the clock is the likely cause. (The fix is the
-clock: C{ssh://} addresses need no certificate dates and keep working; list one too.)
+before any time a clock can really read, that the clock is the likely cause. A server
+certificate that is not valid now has its own dates named before that
+(L{accesstunnel.transports.tlsdates}), so the line shows whether the clock or the certificate
+is wrong. (The fix for the clock: C{ssh://} addresses need no certificate dates and keep
+working; list one too.)
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ TIME_EPOCH = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
 
 #: What OpenSSL says when the peer's certificate did not verify (dates, issuer, signature).
 CERTIFICATE_CHECK_FAILED = "certificate verify failed"
+
+#: What follows it when the server certificate's own dates are named
+#: (accesstunnel.transports.tlsdates, not imported: an ssh:// agent loads no TLS code).
+CERTIFICATE_DATES = "is valid from"
 
 
 def _earliestTrueTime(stateDir: Path | None) -> tuple[float, str]:
@@ -53,10 +60,12 @@ def certificateClockNote(reason: str, now: float, stateDir: Path | None = None) 
             f"; this device's clock says {isoTime(now)}, before {source} ({isoTime(floor)}): "
             "is the clock set? No server certificate can be checked until it is"
         )
+    if CERTIFICATE_DATES in reason:  # the certificate's own dates are beside it
+        return f"; this device's clock says {isoTime(now)}"
     return (
         f"; this device's clock says {isoTime(now)} "
         "(a server certificate not valid at that time fails this check too)"
     )
 
 
-__all__ = ["CERTIFICATE_CHECK_FAILED", "TIME_EPOCH", "certificateClockNote"]
+__all__ = ["CERTIFICATE_CHECK_FAILED", "CERTIFICATE_DATES", "TIME_EPOCH", "certificateClockNote"]

@@ -14,10 +14,13 @@ import math
 import shutil
 import tempfile
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from OpenSSL import SSL
 from twisted.internet import defer, error, protocol
 from twisted.internet.address import IPv4Address
@@ -33,6 +36,8 @@ from accesstunnel.clocks import elapsedClock, useMonotonicTimers, wallClock
 from accesstunnel.keepalive import Keepalive, KeepaliveSweep
 from accesstunnel.keys import fingerprint
 from accesstunnel.timetext import isoTime
+from accesstunnel.transports.tls import ClientTLS, ServerTLS
+from accesstunnel.transports.tlsdates import CertificateDatesError, datesNamed
 from agent.clocksense import TIME_EPOCH, certificateClockNote
 from agent.enrollment import (
     CERTIFICATE_FILE,
@@ -43,7 +48,7 @@ from agent.enrollment import (
 from agent.failover import AllAddressesFailed, FailoverEndpoint
 from agent.identity import ServerKeyPin
 from agent.link import AgentLinkFactory, LinkSettings
-from groundcontrol.pki import FleetCA
+from groundcontrol.pki import DEFAULT_SERVER_LIFETIME, FleetCA, issueServerCertificate
 from groundcontrol.sshserver import agentProbeAfter
 from groundcontrol.testing import (
     InMemoryFleet,
@@ -53,6 +58,7 @@ from groundcontrol.testing import (
     scriptedSessions,
 )
 from tests.test_enrollment import DAY, HOUR, AgentUnderTest, World
+from tests.test_transports_tls import Fixture, Sender, connectedPair
 
 INTERVAL = 15.0
 COUNT = 3
@@ -495,8 +501,110 @@ class LinkEndReasonTests(SynchronousTestCase):
             "link closed before it was up: [('SSL routines', '', 'certificate verify failed')]",
         )
 
+    def test_certificateDatesNamed(self) -> None:
+        """The text that names a server certificate's dates is kept whole."""
+        text = "certificate verify failed: the server's certificate is valid from X to Y"
+        self.assertEqual(
+            self.endedBy(Failure(CertificateDatesError(text))),
+            f"link closed before it was up: {text}",
+        )
+
     def test_cleanClose(self) -> None:
         """groundcontrol closed the connection: nothing more to say."""
         self.assertEqual(
             self.endedBy(Failure(error.ConnectionDone())), "link closed before it was up"
+        )
+
+
+class ServerCertificateDatesTests(SynchronousTestCase):
+    """
+    A server certificate that is not valid at the time the device's clock reads fails the
+    agent's check (in memory, real OpenSSL, which reads the real clock) with its own dates
+    named, and the clock note beside them says only what the clock says.
+    """
+
+    def setUp(self) -> None:
+        self.directory = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, self.directory)
+        self.fixture = Fixture(self.directory)
+
+    def refusedWith(self, server: ServerTLS) -> Failure:
+        """Dial C{server} as the agent does; how the agent's side of TLS ended."""
+        connectedPair(server, "gc.test", ClientTLS(self.fixture.caFile))
+        [reason] = Sender.lost
+        return reason
+
+    def datedServer(self, now: datetime, lifetime: timedelta = DEFAULT_SERVER_LIFETIME) -> Any:
+        """groundcontrol's TLS settings with a server certificate issued at C{now}."""
+        key = ed25519.Ed25519PrivateKey.generate()
+        keyFile, certFile = self.directory / "dated.key", self.directory / "dated.crt"
+        keyFile.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        issued = issueServerCertificate(self.fixture.ca, ["gc.test"], key, now, lifetime)
+        certFile.write_bytes(issued.pem)
+        return ServerTLS(certFile, keyFile, None), x509.load_pem_x509_certificate(issued.pem)
+
+    def expectedText(self, certificate: x509.Certificate) -> str:
+        return (
+            "certificate verify failed: the server's certificate is valid from "
+            f"{isoTime(certificate.not_valid_before_utc.timestamp())} to "
+            f"{isoTime(certificate.not_valid_after_utc.timestamp())}"
+        )
+
+    def test_notYetValidNamesItsDates(self) -> None:
+        """
+        A certificate issued for next month: the failure names its dates, in pyOpenSSL's
+        shape too (autobahn's wss:// line reads it), and the clock note adds the clock.
+        """
+        server, certificate = self.datedServer(datetime.now(UTC) + timedelta(days=30))
+        reason = self.refusedWith(server)
+        reason.trap(CertificateDatesError)
+        text = self.expectedText(certificate)
+        self.assertEqual(str(reason.value), text)
+        self.assertEqual(reason.value.args[0][0][2], text)
+        plausible = TIME_EPOCH + 30 * DAY
+        self.assertEqual(
+            certificateClockNote(text, plausible),
+            f"; this device's clock says {isoTime(plausible)}",
+        )
+        self.assertIn("is the clock set?", certificateClockNote(text, BOOTED_IN_1970))
+
+    def test_expiredNamesItsDates(self) -> None:
+        """A certificate that expired yesterday names its dates the same way."""
+        lifetime = timedelta(days=10)
+        server, certificate = self.datedServer(
+            datetime.now(UTC) - lifetime - timedelta(days=1), lifetime
+        )
+        reason = self.refusedWith(server)
+        reason.trap(CertificateDatesError)
+        self.assertEqual(str(reason.value), self.expectedText(certificate))
+
+    def test_otherFailuresKeepOpenSSLsWords(self) -> None:
+        """A certificate valid now but from another CA: OpenSSL's own error, no dates."""
+        other = FleetCA.create(self.directory / "other", datetime.now(UTC), "Other CA")
+        self.fixture.ca = other
+        server, _ = self.datedServer(datetime.now(UTC))
+        reason = self.refusedWith(server)
+        reason.trap(SSL.Error)
+        self.assertNotIsInstance(reason.value, CertificateDatesError)
+        self.assertIn("certificate verify failed", str(reason.value))
+        self.assertNotIn("is valid from", str(reason.value))
+
+    def test_chainCertificateNamed(self) -> None:
+        """A certificate further up the chain the server sent is named by its subject."""
+        now = datetime.now(UTC)
+        good = x509.load_pem_x509_certificate(self.fixture.serverCert.read_bytes())
+        future = FleetCA.create(self.directory / "future", now + timedelta(days=30), "Later CA")
+        later = x509.load_pem_x509_certificate(future.certificatePEM)
+        self.assertIsNone(datesNamed([good], now))
+        self.assertEqual(
+            datesNamed([good, later], now),
+            "certificate verify failed: the certificate CN=Later CA in the server's chain is "
+            f"valid from {isoTime(later.not_valid_before_utc.timestamp())} to "
+            f"{isoTime(later.not_valid_after_utc.timestamp())}",
         )

@@ -26,6 +26,7 @@ from twisted.logger import Logger
 
 from accesstunnel.keys import certificateSerial
 from accesstunnel.layers import transportLayers
+from accesstunnel.transports.tlsdates import NamingCertificateDates
 
 __all__ = [
     "ClientTLS",
@@ -232,11 +233,14 @@ def clientCreator(
         clientCertificate = ssl.PrivateCertificate.fromCertificateAndKeyPair(
             _openSSLCertificate(certificate), ssl.KeyPair(loadPrivateKey(settings.clientKeyFile))
         )
-    return ssl.optionsForClientTLS(
-        hostname,
-        trustRoot=trustRoot,
-        clientCertificate=clientCertificate,
-        extraCertificateOptions={"raiseMinimumTo": MINIMUM_TLS},
+    # A server certificate that fails the check for its dates says them (tlsdates).
+    return NamingCertificateDates(
+        ssl.optionsForClientTLS(
+            hostname,
+            trustRoot=trustRoot,
+            clientCertificate=clientCertificate,
+            extraCertificateOptions={"raiseMinimumTo": MINIMUM_TLS},
+        )
     )
 
 
