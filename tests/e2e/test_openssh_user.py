@@ -398,3 +398,42 @@ def test_reader_that_stops_ends_the_command(alice: Operator, tmp_path: Path) -> 
     # The session ends only after the agent reaped its child, so it is gone by now.
     with pytest.raises(ProcessLookupError):
         os.kill(int(marker.read_text()), 0)
+
+
+def _bytesWritten(pid: int) -> int:
+    """What process C{pid} has written so far (C{wchar} in /proc/PID/io)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no wchar in /proc/{pid}/io")
+
+
+def test_reader_that_stops_stops_a_terminal_session(alice: Operator, tmp_path: Path) -> None:
+    """
+    ssh -tt dev_x@gc yes | head -1: once the operator's ssh takes no more output
+    (eow@openssh.com), the agent no longer reads the device's pty, so yes blocks on
+    the full pty instead of its output crossing the link for ssh to drop; the pty
+    is not closed (it is the child's stdin too), so yes lives, as under sshd, until
+    the operator leaves, which hangs it up.
+    """
+    marker = tmp_path / "yes.pid"
+    ssh = Background(
+        alice.argv("dev_kiln7", f"sh -c 'echo $$ > {marker}; exec yes'", options=["-tt"])
+    )
+    try:
+        assert ssh.popen.stdout is not None
+        assert ssh.popen.stdout.readline() == "y\n"
+        ssh.popen.stdout.close()  # as head -1 exits: ssh's next write fails, it sends eow
+        pid = int(marker.read_text())
+        samples = [-2, -1]  # three equal samples in a row: it writes no more
+
+        def stalled() -> bool:
+            samples.append(_bytesWritten(pid))
+            return samples[-1] == samples[-2] == samples[-3]
+
+        # Before the agent stopped reading a pty at eow, yes never stopped writing.
+        waitFor(stalled, 10, "the device's yes to block on its unread pty", interval=0.2)
+        os.kill(pid, 0)  # blocked, not gone
+    finally:
+        ssh.close()
+    waitFor(lambda: not Path(f"/proc/{pid}").exists(), 20, "yes to end with the session")
