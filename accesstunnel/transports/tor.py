@@ -9,6 +9,7 @@ address survives restarts; agents have it in their server list.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -220,7 +221,15 @@ class _OnionPort:
             return
         keyFile = self._settings.onionKeyFile
         if keyFile is not None and self._privateKey is None:
-            _writePrivate(keyFile, onion.private_key + "\n")
+            try:
+                _writePrivate(keyFile, onion.private_key + "\n")
+            except OSError:
+                # Its key lost, the service would have another address at the next start;
+                # a retry would add another service beside it. Taken back (a tor gone has
+                # taken it already); tried again.
+                with contextlib.suppress(Exception):
+                    await onion.remove()
+                raise
         self._privateKey = self._privateKey or onion.private_key
         self.onion = onion
         self._lastError = None
