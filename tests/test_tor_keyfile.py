@@ -64,3 +64,17 @@ class OnionKeyOnAFullDiskTests(SynchronousTestCase):
         self.assertEqual(
             lines, [f"cannot publish the onion service yet ({NO_SPACE}); trying again"]
         )
+
+    def test_atStartTheListenerFails(self) -> None:
+        """
+        tor answers at start and the key cannot be stored: the listener fails with the
+        disk's error (groundcontrol stops, as for any listener), the service taken back.
+        """
+        tor = _FakeTor()
+        self.answers.append(defer.succeed(tor))
+        endpoint = OnionServerEndpoint(self.reactor, 2222, TorSettings(onionKeyFile=self.keyFile))
+        failure = self.failureResultOf(endpoint.listen(Factory()), OSError)
+        self.assertEqual(failure.value.strerror, NO_SPACE)
+        assert tor.onion is not None
+        self.assertTrue(tor.onion.removed)
+        self.assertFalse(self.keyFile.parent.exists() and any(self.keyFile.parent.iterdir()))
