@@ -27,8 +27,8 @@ server's ``--json`` output: snake_case keys, ISO 8601 UTC times with a ``Z``.
 from __future__ import annotations
 
 import binascii
+import errno
 import json
-import os
 import secrets
 import time
 from datetime import UTC, datetime
@@ -150,14 +150,6 @@ def certificateLifetime(pem: bytes) -> tuple[float, float]:
     return notBefore, notAfter
 
 
-def onReadOnlyFileSystem(path: Path) -> bool:
-    """Whether C{path} is on a file system mounted read-only (False when it cannot be told)."""
-    try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False
-
-
 def renewalDue(notBefore: float, notAfter: float) -> float:
     """When a third of the certificate's life is left."""
     return notAfter - (notAfter - notBefore) / 3
@@ -228,6 +220,10 @@ class StatusFile:
         self._clock = clock
         self._retry: IDelayedCall | None = None
         self._failing = False
+        #: Whether the last write found the state directory read-only (C{EROFS}): a card
+        #: the kernel remounted after errors. Asked before anything else is written there;
+        #: C{statvfs} cannot tell (ext4's emergency read-only does not set C{ST_RDONLY}).
+        self.readOnly = False
 
     def get(self, key: str) -> Any:
         """What the agent last said for C{key} (None if nothing)."""
@@ -247,11 +243,13 @@ class StatusFile:
         except OSError as e:
             self._writeFailed(e)
             return
+        self.readOnly = False
         if self._failing:
             self._failing = False
             self._log.info("{path} written again", path=str(self.path))
 
     def _writeFailed(self, error: OSError) -> None:
+        self.readOnly = error.errno == errno.EROFS
         if not self._failing:
             self._failing = True
             self._log.warn(
@@ -439,7 +437,8 @@ class Enrollment:
                 self.status.update(certificate_expires_at=expires)
             self._scheduleRenewal(notBefore, notAfter)
             return
-        if onReadOnlyFileSystem(self.stateDir):
+        self.status.update()  # which also finds out whether the state directory is writable
+        if self.status.readOnly:
             self._waitForWritableState(certificatePath, notAfter)
             return
         try:

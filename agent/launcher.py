@@ -210,11 +210,72 @@ def _openLogFile(logfile: str, reactor: Any) -> tuple[Any, OSError | None]:
     from twisted.python.logfile import LogFile
 
     try:
-        output = LogFile.fromFullPath(logfile)
+        output = FallbackLogFile(LogFile.fromFullPath(logfile), logfile)
     except OSError as e:
         return sys.stdout, e
     signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(output.rotate))
     return output, None
+
+
+class FallbackLogFile:
+    """
+    The log file, until a write to it fails: then standard output (the journal, under
+    systemd), which says why once. A card the kernel remounts read-only while the agent
+    runs (ext4's errors=remount-ro) made every line after it vanish, unsaid anywhere.
+    """
+
+    def __init__(self, logFile: Any, path: str, fallback: Any = None) -> None:
+        self._logFile: Any = logFile
+        self._path = path
+        self._fallback = fallback if fallback is not None else sys.stdout
+
+    def write(self, text: str) -> None:
+        if self._logFile is not None:
+            try:
+                self._logFile.write(text)
+                return
+            except OSError as e:
+                self._gaveUp(e)
+        self._fallback.write(text)
+
+    def flush(self) -> None:
+        if self._logFile is not None:
+            try:
+                self._logFile.flush()
+                return
+            except OSError as e:
+                self._gaveUp(e)
+        self._fallback.flush()
+
+    def rotate(self) -> None:
+        if self._logFile is not None:
+            try:
+                self._logFile.rotate()
+            except OSError as e:
+                self._gaveUp(e)
+
+    def _gaveUp(self, error: OSError) -> None:
+        import time
+
+        from twisted.logger import LogLevel, formatEventAsClassicLogText
+
+        self._logFile = None
+        line = formatEventAsClassicLogText(
+            {
+                "log_format": "cannot write the log file {path}: {error}; logging to standard "
+                "output from here (the journal, under systemd)",
+                "log_namespace": "agent.launcher",
+                "log_level": LogLevel.warn,
+                "log_time": time.time(),
+                "path": self._path,
+                "error": error.strerror or str(error),
+            }
+        )
+        self._fallback.write(line or "")
+
+    def close(self) -> None:
+        if self._logFile is not None:
+            self._logFile.close()
 
 
 def _startLogging(logfile: str, reactor: Any, level: Any) -> Any:

@@ -16,6 +16,7 @@ without a restart.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import sys
@@ -30,7 +31,6 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python import usage
 
 from accesstunnel import statefiles
-from agent import enrollment as agent_enrollment
 from agent import launcher, tap
 from agent.enrollment import (
     CERTIFICATE_FILE,
@@ -207,6 +207,46 @@ def test_logFileThatCannotBeOpenedFallsBackToStandardOutput(tmp_path: Path) -> N
     assert launcher._openLogFile("-", Clock()) == (sys.stdout, None)
 
 
+class CardLogFile:
+    """A log file on a card that the kernel remounts read-only while the agent runs."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.readOnly = False
+
+    def write(self, text: str) -> None:
+        if self.readOnly:
+            raise OSError(errno.EROFS, READ_ONLY)
+        self.lines.append(text)
+
+    def flush(self) -> None:
+        pass
+
+    def rotate(self) -> None:
+        if self.readOnly:
+            raise OSError(errno.EROFS, READ_ONLY)
+
+
+def test_logFileThatTurnsReadOnlyFallsBackToStandardOutput() -> None:
+    """
+    Once a write to the log file fails (the card went read-only), the lines go to standard
+    output, the first of them saying why, once; before, every line after it vanished.
+    """
+    card, stdout = CardLogFile(), io.StringIO()
+    output = launcher.FallbackLogFile(card, "/var/log/tunnel-agent.log", stdout)
+    output.write("one\n")
+    card.readOnly = True
+    output.write("two\n")
+    output.rotate()
+    output.write("three\n")
+    output.flush()
+    assert card.lines == ["one\n"]
+    said, *rest = stdout.getvalue().splitlines()
+    assert "cannot write the log file /var/log/tunnel-agent.log: " + READ_ONLY in said
+    assert "[agent.launcher#warn]" in said
+    assert rest == ["two", "three"]
+
+
 # -- status.json -------------------------------------------------------------------------
 
 
@@ -283,7 +323,6 @@ class ReadOnlyEnrollmentTests(EnrollmentTestCase):
         self.disk = ReadOnlyDisk()
         self.disk.readOnly = False
         self.patch(statefiles, "os", self.disk)
-        self.patch(agent_enrollment, "onReadOnlyFileSystem", lambda path: self.disk.readOnly)
 
     def issued(self) -> int:
         return len(resultNow(self.fleet.store.listCertificates("kiln7")))
