@@ -19,15 +19,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from accesstunnel import statefiles
 from accesstunnel.transports.tor import OnionServerEndpoint, TorSettings
 from tests.test_agent_disk import NO_SPACE, FullDisk
+from tests.test_tor_startup import answeringTor
 from tests.test_transports_walk import _FakeTor
 
 
 class OnionKeyOnAFullDiskTests(SynchronousTestCase):
     def setUp(self) -> None:
-        import txtorcon
-
-        self.answers: list[Any] = []
-        self.patch(txtorcon, "connect", lambda reactor, endpoint: self.answers.pop(0))
+        self.answers = answeringTor(self)
         self.reactor = MemoryReactorClock()
         self.keyFile = Path(self.mktemp()) / "onion_key"
         self.disk = FullDisk(room=0)

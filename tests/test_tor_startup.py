@@ -57,12 +57,18 @@ class _RefusingTor(_FakeTor):
         return defer.fail(RuntimeError("tor refused the onion service"))
 
 
+def answeringTor(case: SynchronousTestCase) -> list[Any]:
+    """txtorcon.connect faked for C{case}: each call takes the next answer off the list."""
+    import txtorcon
+
+    answers: list[Any] = []
+    case.patch(txtorcon, "connect", lambda reactor, endpoint: answers.pop(0))
+    return answers
+
+
 class TorNotUpAtStartTests(SynchronousTestCase):
     def setUp(self) -> None:
-        import txtorcon
-
-        self.answers: list[Any] = []
-        self.patch(txtorcon, "connect", lambda reactor, endpoint: self.answers.pop(0))
+        self.answers = answeringTor(self)
         self.reactor = MemoryReactorClock()
         self.keyFile = Path(self.mktemp()) / "onion_key"
 
