@@ -12,8 +12,10 @@ as its systemd unit runs it) or ``twistd -n tunnel-agent --state DIR ...``.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,9 +28,32 @@ from agent.enrollment import StatusFile
 DESCRIPTION = "tunnel-agent: commands for people on the device, next to the daemon."
 
 
+def _readOnly(stateDir: Path) -> bool:
+    """
+    Whether C{stateDir} is on a read-only file system (a card the kernel remounted after
+    errors): tried with a nameless file made there and gone at once, since C{statvfs} does
+    not tell ext4's emergency read-only.
+    """
+    try:
+        with tempfile.TemporaryFile(dir=stateDir):
+            return False
+    except OSError as e:
+        return e.errno == errno.EROFS
+
+
+def _readOnlyNote(stateDir: Path) -> str:
+    return (
+        f"{stateDir} is on a read-only file system: the agent cannot write its status there; "
+        "its log has its pairing code and standing (journalctl -u tunnel-agent)"
+    )
+
+
 def _noStatus(stateDir: Path) -> int:
     """What C{pair} and C{status} say (and their exit status) when the agent wrote none."""
-    print(f"no agent status in {stateDir}: is the agent running?", file=sys.stderr)
+    if _readOnly(stateDir):
+        print(f"no agent status: {_readOnlyNote(stateDir)}", file=sys.stderr)
+    else:
+        print(f"no agent status in {stateDir}: is the agent running?", file=sys.stderr)
     return 1
 
 
@@ -41,10 +66,15 @@ def _pair(stateDir: Path, now: float) -> int:
         return 0
     code = status.get("pairing_code")
     expires = parseIsoTime(status.get("pairing_code_expires_at"))
+    readOnly = _readOnly(stateDir)
     if not code or expires is None or expires < now:
         print("no pairing code yet (the agent shows one once it reaches groundcontrol)")
+        if readOnly:
+            print(_readOnlyNote(stateDir), file=sys.stderr)
         return 1
     print(code)
+    if readOnly:  # the file is as it was when the card turned read-only
+        print(f"this code may be out of date: {_readOnlyNote(stateDir)}", file=sys.stderr)
     print(
         f"expires {whenText(expires, now)}; claim it with: "
         f"ssh ctl@groundcontrol claim {code} --for 7d",

@@ -83,6 +83,9 @@ def _readDeviceKey(path: Path) -> keys.Key | None:
         try:
             path.unlink()
         except OSError as e:
+            if e.errno == errno.EROFS:
+                what = f"cannot replace the empty device key {path}"
+                raise ReadOnlyStateError(_readOnlyText(what)) from None
             raise IdentityError(f"cannot remove the empty device key {path}: {e}") from None
         return None
     try:

@@ -21,6 +21,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python import usage
 
 from accesstunnel import statefiles
+from agent import cli as agent_cli
 from agent import launcher, tap
 from agent.enrollment import (
     CERTIFICATE_FILE,
@@ -138,6 +140,23 @@ def test_stateDirectoryOnAReadOnlyFileSystem(
     monkeypatch.setattr(Path, "mkdir", readOnlyMkdir)
     with pytest.raises(ReadOnlyStateError, match=r"cannot make the state directory .*read-only"):
         loadOrCreateDeviceKey(tmp_path / "state")
+
+
+def test_emptyKeyOnAReadOnlyFileSystem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    An empty key (never written, by an agent before statefiles) that cannot be removed from
+    a read-only card is the same read-only error: its exit status is not restarted.
+    """
+    (tmp_path / DEVICE_KEY_FILE).write_bytes(b"")
+
+    def readOnlyUnlink(self: Path, *args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.EROFS, READ_ONLY)
+
+    monkeypatch.setattr(Path, "unlink", readOnlyUnlink)
+    with pytest.raises(
+        ReadOnlyStateError, match=r"cannot replace the empty device key .*read-only"
+    ):
+        loadOrCreateDeviceKey(tmp_path)
 
 
 def test_keyInPlaceOnAReadOnlyFileSystem(tmp_path: Path, disk: ReadOnlyDisk) -> None:
@@ -267,6 +286,58 @@ def test_statusOnAReadOnlyFileSystem(tmp_path: Path, disk: ReadOnlyDisk) -> None
     disk.readOnly = False
     clock.advance(STATUS_RETRY_DELAY)
     assert StatusFile.read(tmp_path)["state"] == "approved"
+
+
+# -- tunnel-agent pair and status ---------------------------------------------------------
+
+
+@pytest.fixture
+def readOnlyState(monkeypatch: pytest.MonkeyPatch) -> None:
+    """C{tunnel-agent}'s try at a file in the state directory finds it read-only."""
+
+    def readOnly(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.EROFS, READ_ONLY)
+
+    monkeypatch.setattr(agent_cli.tempfile, "TemporaryFile", readOnly)
+
+
+@pytest.mark.usefixtures("readOnlyState")
+@pytest.mark.parametrize("command", ["status", "pair"])
+def test_noStatusOnAReadOnlyCard(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """
+    No status file on a read-only card: not "is the agent running?" (it is, and it logs
+    its pairing code) but where to look.
+    """
+    assert agent_cli.main([command, "--state", str(tmp_path)]) == 1
+    said = capsys.readouterr().err
+    assert "read-only file system" in said and "journalctl -u tunnel-agent" in said, said
+    assert "is the agent running" not in said
+
+
+@pytest.mark.usefixtures("readOnlyState")
+def test_pairingCodeOnAReadOnlyCardMayBeOld(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """
+    A code in a status file on a read-only card is what was there when it turned so: the
+    agent has offered new codes since, in its log. C{pair} prints it and says so.
+    """
+    (tmp_path / STATUS_FILE).write_text(
+        json.dumps(
+            {
+                "state": "pending",
+                "pairing_code": "K7QP-M2XD",
+                "pairing_code_expires_at": "2026-11-27T12:10:00Z",
+            }
+        )
+    )
+    now = datetime(2026, 11, 27, 12, 5, tzinfo=UTC).timestamp()
+    assert agent_cli.main(["pair", "--state", str(tmp_path)], now=lambda: now) == 0
+    out, err = capsys.readouterr()
+    assert out == "K7QP-M2XD\n"
+    assert "this code may be out of date" in err and "journalctl" in err, err
 
 
 # -- the remembered address --------------------------------------------------------------
