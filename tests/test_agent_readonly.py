@@ -53,6 +53,7 @@ from agent.identity import (
 )
 from agent.tap import AgentConfig
 from groundcontrol.testing import resultNow
+from tests.test_agent_disk import names
 from tests.test_enrollment import EnrollmentTestCase
 from tests.test_failover import LinkFactory, connector
 
@@ -101,10 +102,6 @@ def disk(monkeypatch: pytest.MonkeyPatch) -> ReadOnlyDisk:
     readOnly = ReadOnlyDisk()
     monkeypatch.setattr(statefiles, "os", readOnly)
     return readOnly
-
-
-def names(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir())
 
 
 def warnings(events: Sequence[Any]) -> list[str]:
@@ -343,20 +340,32 @@ def test_pairingCodeOnAReadOnlyCardMayBeOld(
 # -- the remembered address --------------------------------------------------------------
 
 
+def linksUp(stateFile: Path, remembered: str, count: int) -> tuple[Any, list[str]]:
+    """
+    C{count} links up over C{tls:b}, with C{remembered} the address in C{stateFile} before:
+    a function that brings one more up, and the warnings said.
+    """
+    stateFile.write_text(json.dumps({"address": remembered}) + "\n")
+    endpoint = FailoverEndpoint(Clock(), [connector("tls:b", "ok")], stateFile)
+    factory = LinkFactory()
+
+    def linkUp() -> None:
+        endpoint.connect(factory)
+        factory.links[-1].ready.callback(None)
+
+    with capturedLogs() as events:
+        for _ in range(count):
+            linkUp()
+    return linkUp, warnings(events)
+
+
 def test_rememberedAddressNotWrittenAgain(tmp_path: Path, disk: ReadOnlyDisk) -> None:
     """
     A link up over the address already remembered writes nothing (before: a write at each
     link up, and on a read-only card a warning at each reconnect).
     """
-    stateFile = tmp_path / "last-server.json"
-    stateFile.write_text(json.dumps({"address": "tls:b"}) + "\n")
-    endpoint = FailoverEndpoint(Clock(), [connector("tls:b", "ok")], stateFile)
-    factory = LinkFactory()
-    with capturedLogs() as events:
-        for _ in range(3):
-            endpoint.connect(factory)
-            factory.links[-1].ready.callback(None)
-    assert warnings(events) == []
+    _, said = linksUp(tmp_path / "last-server.json", "tls:b", 3)
+    assert said == []
     assert disk.refused == 0
 
 
@@ -366,20 +375,12 @@ def test_newAddressOnAReadOnlyFileSystem(tmp_path: Path, disk: ReadOnlyDisk) -> 
     number of links; it is recorded at the first link up once the file system is writable.
     """
     stateFile = tmp_path / "last-server.json"
-    stateFile.write_text(json.dumps({"address": "ssh:a"}) + "\n")
-    endpoint = FailoverEndpoint(Clock(), [connector("tls:b", "ok")], stateFile)
-    factory = LinkFactory()
-    with capturedLogs() as events:
-        for _ in range(3):
-            endpoint.connect(factory)
-            factory.links[-1].ready.callback(None)
-    said = warnings(events)
+    linkUp, said = linksUp(stateFile, "ssh:a", 3)
     assert len(said) == 1 and said[0].count(READ_ONLY) == 1, said
     assert "[Errno" not in said[0]
     assert json.loads(stateFile.read_text()) == {"address": "ssh:a"}
     disk.readOnly = False
-    endpoint.connect(factory)
-    factory.links[-1].ready.callback(None)
+    linkUp()
     assert json.loads(stateFile.read_text()) == {"address": "tls:b"}
 
 

@@ -11,14 +11,14 @@ start) is tested in memory in tests/test_agent_disk.py.
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 
-from agent.enrollment import CERTIFICATE_FILE, STATUS_FILE
-from tests.e2e.harness import Agent, Fleet, run, waitFor
+from agent.enrollment import CERTIFICATE_FILE
+from tests.e2e.harness import Agent, Fleet, run
+from tests.e2e.test_agent_readonly import startApproved
 from tests.e2e.test_faults import smallDisk
 
 pytestmark = pytest.mark.slow
@@ -53,19 +53,7 @@ def test_operatorGetsInToAFullDevice(tmp_path: Path) -> None:
             fleet.startServer()
             agent = Agent(disk, "kiln7")  # state, HOME and log on the small disk
             fleet.agents.append(agent)
-            serverKey = str(fleet.gc.data / "ssh_host_ed25519_key.pub")
-            agent.start(fleet.serverAddress, serverKey)
-            fleet.waitPending("kiln7")
-            fleet.gc.cli("device", "approve", "kiln7")
-            fleet.waitRoutable(alice, "kiln7")
-            waitFor(
-                lambda: (
-                    "certificate_expires_at"
-                    in json.loads((agent.state / STATUS_FILE).read_text() or "{}")
-                ),
-                20,
-                "the agent to store its certificate",
-            )
+            serverKey = startApproved(fleet, alice, agent)
             before = {p.name: p.read_bytes() for p in agent.state.iterdir()}
 
             fill(disk)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from agent.enrollment import CERTIFICATE_FILE, STATUS_FILE
-from tests.e2e.harness import TUNNEL_AGENT, Agent, Fleet, run, waitFor
+from tests.e2e.harness import TUNNEL_AGENT, Agent, Fleet, Operator, run, waitFor
 from tests.e2e.test_faults import smallDisk
 
 pytestmark = pytest.mark.slow
@@ -27,6 +27,26 @@ pytestmark = pytest.mark.slow
 
 def remount(disk: Path, mode: str) -> None:
     subprocess.run(["mount", "-o", f"remount,{mode}", str(disk)], check=True)
+
+
+def startApproved(fleet: Fleet, operator: Operator, agent: Agent) -> str:
+    """
+    Start C{agent}, approve its device and wait until C{operator} reaches it and it holds
+    its certificate; the server key it pins (for its restarts).
+    """
+    serverKey = str(fleet.gc.data / "ssh_host_ed25519_key.pub")
+    agent.start(fleet.serverAddress, serverKey)
+    fleet.waitPending(agent.name)
+    fleet.gc.cli("device", "approve", agent.name)
+    fleet.waitRoutable(operator, agent.name)
+    waitFor(
+        lambda: (
+            "certificate_expires_at" in json.loads((agent.state / STATUS_FILE).read_text() or "{}")
+        ),
+        20,
+        "the agent to store its certificate",
+    )
+    return serverKey
 
 
 def test_operatorGetsInToAReadOnlyDevice(tmp_path: Path) -> None:
@@ -48,19 +68,7 @@ def test_operatorGetsInToAReadOnlyDevice(tmp_path: Path) -> None:
             fleet.startServer()
             agent = Agent(disk, "kiln7")
             fleet.agents.append(agent)
-            serverKey = str(fleet.gc.data / "ssh_host_ed25519_key.pub")
-            agent.start(fleet.serverAddress, serverKey)
-            fleet.waitPending("kiln7")
-            fleet.gc.cli("device", "approve", "kiln7")
-            fleet.waitRoutable(alice, "kiln7")
-            waitFor(
-                lambda: (
-                    "certificate_expires_at"
-                    in json.loads((agent.state / STATUS_FILE).read_text() or "{}")
-                ),
-                20,
-                "the agent to store its certificate",
-            )
+            serverKey = startApproved(fleet, alice, agent)
             agent.stop()
             before = {p.name: p.read_bytes() for p in agent.state.iterdir()}
             unkeyed = disk / "agent-oven2"  # a device first started once the card is read-only
