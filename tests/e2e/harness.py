@@ -118,6 +118,14 @@ class Process:
 
 
 def run(argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """
+    C{subprocess.run} for the tests: output captured as text, a timeout, the harness's
+    environment, and standard input empty unless given (C{input} or C{stdin}). Never the
+    test runner's own: under C{pytest -s} that is a terminal or a pipe, which ssh reads and
+    sends on, and with C{-tt} the device's pty echoes what came into the command's output.
+    """
+    if "input" not in kwargs:
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
     kwargs.setdefault("capture_output", True)
     kwargs.setdefault("text", True)
     kwargs.setdefault("timeout", 60)
