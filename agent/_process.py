@@ -127,15 +127,20 @@ def signalName(number: int) -> str:
         return f"SIG{number}@openssh.com"
 
 
-def signalGroup(pid: int | None, number: int) -> bool:
+def signalGroup(pid: int | None, number: int, orLeader: bool = True) -> bool:
     """
     Send C{number} to the process group led by C{pid} (every session child
     leads its own), or to C{pid} alone if it has not called C{setsid} yet.
     Returns whether anything was signalled.
+
+    @param orLeader: whether C{pid} alone may be signalled when it leads no group.
+        False once the child has been reaped: its number may be another process's
+        by then, while a group's number is not given out as long as the group has
+        a member (the kernel keeps it taken).
     """
     if pid is None:
         return False
-    for kill in (os.killpg, os.kill):
+    for kill in (os.killpg, os.kill) if orLeader else (os.killpg,):
         try:
             kill(pid, number)
         except ProcessLookupError:

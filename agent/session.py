@@ -909,7 +909,11 @@ class SessionChannel(EndpointChannel):
         self._killTimer = None
         if self.process is not None:
             self.log.warn("session child {pid} ignored its hang-up; killing it", pid=pid)
-            _process.signalGroup(pid, signal.SIGKILL)
+            # Reaped already (Twisted sets pid to None) while another process of its
+            # group holds its output open: only the group, whose number stays taken;
+            # the child's own may belong to an unrelated process by now.
+            reaped = self.process.pid is None
+            _process.signalGroup(pid, signal.SIGKILL, orLeader=not reaped)
 
 
 __all__ = [

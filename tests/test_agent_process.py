@@ -16,6 +16,7 @@ import errno
 import fcntl
 import os
 import select
+import signal
 import struct
 import termios
 import tty
@@ -295,3 +296,32 @@ class GatherTests(SynchronousTestCase):
         self.assertIs(result, main.CONNECTION_LOST)
         self.assertEqual(pieces, [b"a" * 4096])
         self.assertEqual(reads.left, [b"never read"])
+
+
+class SignalGroupTests(SynchronousTestCase):
+    """L{_process.signalGroup}: the group first, the process alone only while it may be."""
+
+    def setUp(self) -> None:
+        self.sent: list[tuple[str, int, int]] = []
+
+        def killpg(pid: int, number: int) -> None:
+            self.sent.append(("group", pid, number))
+            raise ProcessLookupError(pid)
+
+        def kill(pid: int, number: int) -> None:
+            self.sent.append(("process", pid, number))
+
+        self.patch(os, "killpg", killpg)
+        self.patch(os, "kill", kill)
+
+    def test_noGroupThenTheProcess(self) -> None:
+        """A child that has not called setsid yet leads no group: it is signalled alone."""
+        self.assertTrue(_process.signalGroup(4242, signal.SIGTERM))
+        self.assertEqual(
+            self.sent, [("group", 4242, signal.SIGTERM), ("process", 4242, signal.SIGTERM)]
+        )
+
+    def test_reapedLeaderNeverAlone(self) -> None:
+        """With orLeader=False (a reaped child) nothing but the group is ever signalled."""
+        self.assertFalse(_process.signalGroup(4242, signal.SIGKILL, orLeader=False))
+        self.assertEqual(self.sent, [("group", 4242, signal.SIGKILL)])

@@ -223,9 +223,14 @@ class SessionInMemoryTests(SynchronousTestCase):
             )
         )
         self.signals: list[tuple[int | None, int]] = []
-        self.patch(
-            _process, "signalGroup", lambda pid, sig: self.signals.append((pid, sig)) or True
-        )
+        self.leaderSignalled: list[bool] = []
+
+        def signalGroup(pid: int | None, sig: int, orLeader: bool = True) -> bool:
+            self.signals.append((pid, sig))
+            self.leaderSignalled.append(orLeader)
+            return True
+
+        self.patch(_process, "signalGroup", signalGroup)
 
     def request(self, name: bytes, data: bytes = b"") -> bool:
         return self.channel.requestReceivedWithReply(name, data, True)
@@ -420,6 +425,19 @@ class SessionInMemoryTests(SynchronousTestCase):
         self.assertEqual(self.signals, [(4242, signal.SIGTERM)])
         self.clock.advance(session.KILL_GRACE)
         self.assertEqual(self.signals[-1], (4242, signal.SIGKILL))
+
+    def test_reapedLeaderNotKilledByNumber(self) -> None:
+        """
+        A child reaped while another process of its group still holds its output open
+        (a background job): the kill after the grace period goes to the group only, not
+        to the child's own number, which may be an unrelated process's by then.
+        """
+        self.request(b"exec", NS(b"sleep 9 & exit 0"))
+        peerClosed(self.channel)
+        self.spawner.child.pid = None  # type: ignore[assignment]  # reaped by Twisted
+        self.clock.advance(session.KILL_GRACE)
+        self.assertEqual(self.signals[-1], (4242, signal.SIGKILL))
+        self.assertEqual(self.leaderSignalled[-1], False)
 
     def test_childGoneNoKill(self) -> None:
         """A child that ends after its hang-up is not killed, and nothing more is sent."""
