@@ -20,6 +20,7 @@ from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
     IListeningPort,
+    IProtocol,
     IProtocolFactory,
     IStreamClientEndpoint,
     IStreamServerEndpoint,
@@ -126,6 +127,36 @@ def _firstOf(
     return outcome
 
 
+@implementer(IStreamClientEndpoint)
+class _HangUpEndpoint:
+    """
+    tor's control endpoint for one publish attempt, keeping the connection it made so the
+    attempt can hang it up: C{txtorcon.connect} does not when it fails after tor answered
+    (authentication, its first queries), and gives nothing to close then.
+    """
+
+    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+        self._endpoint = endpoint
+        self._connected: list[IProtocol] = []
+
+    def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[IProtocol]:
+        connecting = self._endpoint.connect(protocolFactory)
+        connecting.addCallback(self._keep)
+        return connecting
+
+    def _keep(self, protocol: IProtocol) -> IProtocol:
+        self._connected.append(protocol)
+        return protocol
+
+    def hangUp(self) -> None:
+        """Close the connection made, if any (one already closed is left as it is)."""
+        for protocol in self._connected:
+            transport = getattr(protocol, "transport", None)
+            if transport is not None:
+                transport.loseConnection()
+        self._connected.clear()
+
+
 @implementer(IListeningPort)
 class _OnionPort:
     """
@@ -168,6 +199,8 @@ class _OnionPort:
         self._changed: list[Callable[[], None]] = []
         self._lastError: str | None = None
         self._retry: IDelayedCall | None = None
+        #: The control connection the published service lives on (hung up at stop).
+        self._control: _HangUpEndpoint | None = None
         self._failures = 0
         self._stopped = False
 
@@ -184,10 +217,29 @@ class _OnionPort:
             callback()
 
     async def publish(self) -> None:
-        """Connect to tor's control port and add the onion service (the first, or again)."""
+        """
+        Connect to tor's control port and add the onion service (the first, or again).
+
+        A failed attempt hangs up the control connection it opened: each retry (every
+        30 s at length) opens a new one, and tor keeps one that was left open, with its
+        file descriptors in both programs, for as long as both run. That was every attempt
+        tor answered and then refused (a cookie file groundcontrol cannot read, the
+        service refused, a key that cannot be stored).
+        """
+        control = _HangUpEndpoint(clientEndpoint(self._reactor, self._settings.control))
+        try:
+            await self._publishThrough(control)
+        except BaseException:
+            control.hangUp()
+            raise
+        if self._stopped:  # stopListening came while tor was answering
+            control.hangUp()
+        else:
+            self._control = control
+
+    async def _publishThrough(self, control: IStreamClientEndpoint) -> None:
         import txtorcon  # groundcontrol only: the agent dials through SOCKS alone
 
-        control = clientEndpoint(self._reactor, self._settings.control)
         try:
             tor = await txtorcon.connect(self._reactor, control)
         except Exception as e:
@@ -328,6 +380,8 @@ class _OnionPort:
             if self.onion is not None:
                 await self.onion.remove()
         finally:
+            if self._control is not None:
+                self._control.hangUp()
             await defer.maybeDeferred(self._local.stopListening)
 
 
