@@ -39,7 +39,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from accesstunnel.clocks import wallClock
+from accesstunnel.clocks import elapsedClock, wallClock
 from accesstunnel.enrollmessages import (
     CERTIFICATE,
     CLAIM_CODE,
@@ -70,6 +70,19 @@ WALL_CLOCK_RECHECK = 3600.0
 
 #: After the status file could not be written (a full disk), when to try again.
 STATUS_RETRY_DELAY = 60.0
+
+#: A certificate that cannot be renewed (its state directory is full or read-only) with
+#: less than this left is warned about every L{RUNNING_OUT_REPEAT} seconds: a person must
+#: make room before it runs out, or the device's tls:// and wss:// links are refused and it
+#: comes back as pending.
+RUNNING_OUT_WARNING = 86400.0
+
+#: How often the warning about a certificate running out is repeated.
+RUNNING_OUT_REPEAT = 3600.0
+
+#: Why a write to the state directory can store nothing there until a person acts: the
+#: card was remounted read-only after errors, or the disk (or the agent's quota) is full.
+_CANNOT_STORE = (errno.EROFS, errno.ENOSPC, errno.EDQUOT)
 
 #: Unambiguous letters and digits (no 0/O, 1/I/L).
 _CODE_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"
@@ -220,10 +233,10 @@ class StatusFile:
         self._clock = clock
         self._retry: IDelayedCall | None = None
         self._failing = False
-        #: Whether the last write found the state directory read-only (C{EROFS}): a card
-        #: the kernel remounted after errors. Asked before anything else is written there;
-        #: C{statvfs} cannot tell (ext4's emergency read-only does not set C{ST_RDONLY}).
-        self.readOnly = False
+        #: Why the last write failed (None once one works). Asked before anything else is
+        #: written there: C{statvfs} cannot tell a read-only card (ext4's emergency
+        #: read-only does not set C{ST_RDONLY}) nor a full one (out of inodes, over quota).
+        self.writeError: OSError | None = None
 
     def get(self, key: str) -> Any:
         """What the agent last said for C{key} (None if nothing)."""
@@ -243,13 +256,13 @@ class StatusFile:
         except OSError as e:
             self._writeFailed(e)
             return
-        self.readOnly = False
+        self.writeError = None
         if self._failing:
             self._failing = False
             self._log.info("{path} written again", path=str(self.path))
 
     def _writeFailed(self, error: OSError) -> None:
-        self.readOnly = error.errno == errno.EROFS
+        self.writeError = error
         if not self._failing:
             self._failing = True
             self._log.warn(
@@ -290,6 +303,7 @@ class Enrollment:
         self.stateDir = stateDir
         self._clock = clock
         self._wall = wallClock(clock)
+        self._elapsed = elapsedClock(clock)
         self._requestedName = requestedName
         self._serial = serial
         self._version = version
@@ -298,8 +312,11 @@ class Enrollment:
         self.status = StatusFile(stateDir, clock)
         self._conn: Any = None
         self._timer: IDelayedCall | None = None
-        #: Whether the log said that the certificate waits for a writable state directory.
-        self._readOnlySaid = False
+        #: Whether the log said that the certificate waits for a state directory that can
+        #: store it (not read-only, not full).
+        self._waitSaid = False
+        #: When (L{_elapsed}) the log last warned that the certificate runs out unrenewed.
+        self._runningOutSaidAt: float | None = None
         self.state = "unknown"
         self.name: str | None = None
         #: Which transport the link runs over (set by the assembly), for hello.
@@ -438,9 +455,11 @@ class Enrollment:
             self._scheduleRenewal(notBefore, notAfter)
             return
         self.status.update()  # which also finds out whether the state directory is writable
-        if self.status.readOnly:
-            self._waitForWritableState(certificatePath, notAfter)
+        writeError = self.status.writeError
+        if writeError is not None and writeError.errno in _CANNOT_STORE:
+            self._waitForRoom(certificatePath, notAfter, writeError)
             return
+        heldUntil = notAfter
         try:
             reply = await self._request(CERTIFICATE, {})
         except Exception as e:
@@ -471,10 +490,12 @@ class Enrollment:
                 error=e.strerror or str(e),
                 delay=CERTIFICATE_RETRY_DELAY,
             )
+            self._warnIfRunningOut(certificatePath, heldUntil)
             self._retryCertificate()
             return
         expires = isoTime(notAfter)
-        self._readOnlySaid = False
+        self._waitSaid = False
+        self._runningOutSaidAt = None
         self._log.info("fleet certificate stored, valid until {expires}", expires=expires)
         self.status.update(certificate_expires_at=expires)
         now = self._wall()
@@ -489,24 +510,60 @@ class Enrollment:
             )
         self._scheduleRenewal(notBefore, notAfter)
 
-    def _waitForWritableState(self, certificatePath: Path, notAfter: float) -> None:
+    def _waitForRoom(self, certificatePath: Path, notAfter: float, error: OSError) -> None:
         """
         Do not ask for a certificate that cannot be stored (a card the kernel remounted
-        read-only): groundcontrol would sign one an hour for nothing, and the log would say
-        so each time. Said once; looked at again every L{CERTIFICATE_RETRY_DELAY} seconds.
+        read-only, a full disk): groundcontrol would sign one an hour for nothing, and the
+        log would say so each time. Said once; looked at again every
+        L{CERTIFICATE_RETRY_DELAY} seconds, and warned about hourly near its end.
         """
-        if not self._readOnlySaid:
-            self._readOnlySaid = True
+        if not self._waitSaid:
+            self._waitSaid = True
             kept = f"keeps the one valid until {isoTime(notAfter)}" if notAfter else "has none"
+            where = (
+                "a read-only file system"
+                if error.errno == errno.EROFS
+                else f"a full disk ({error.strerror or error})"
+            )
             self._log.warn(
-                "the fleet certificate is due, but {path} is on a read-only file system: the "
-                "agent {kept} and asks for a new one once it can store it (it looks "
-                "every {delay:.0f} s)",
+                "the fleet certificate is due, but {path} is on {where}: the agent {kept} "
+                "and asks for a new one once it can store it (it looks every {delay:.0f} s)",
                 path=str(certificatePath),
+                where=where,
                 kept=kept,
                 delay=CERTIFICATE_RETRY_DELAY,
             )
+        self._warnIfRunningOut(certificatePath, notAfter)
         self._retryCertificate()
+
+    def _warnIfRunningOut(self, certificatePath: Path, notAfter: float) -> None:
+        """
+        A certificate held with less than L{RUNNING_OUT_WARNING} left that could not be
+        renewed: warned about every L{RUNNING_OUT_REPEAT} seconds (not at every link-up),
+        since only a person freeing the disk keeps the device in the fleet.
+        """
+        left = notAfter - self._wall()
+        if not notAfter or left >= RUNNING_OUT_WARNING:
+            return
+        now = self._elapsed()
+        if self._runningOutSaidAt is not None and now - self._runningOutSaidAt < RUNNING_OUT_REPEAT:
+            return
+        self._runningOutSaidAt = now
+        if left <= 0:
+            when = "has run out"
+        elif left < 3600:
+            when = f"runs out in {left / 60:.0f} min"
+        else:
+            when = f"runs out in {left / 3600:.0f} h"
+        self._log.warn(
+            "the fleet certificate in {path} {when} ({expires}) and cannot be renewed until "
+            "that directory can be written: free space on that disk (or remount it writable); "
+            "once it has run out, tls:// and wss:// links are refused and the device comes "
+            "back as pending",
+            path=str(certificatePath),
+            when=when,
+            expires=isoTime(notAfter),
+        )
 
     def _retryCertificate(self) -> None:
         # Without this a renewal that fails once (a store hiccup) is not tried again

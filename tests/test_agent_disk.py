@@ -13,18 +13,20 @@ sessions and enrollment go on meanwhile.
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from twisted.conch.ssh import keys
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, capturedLogs, formatEvent
 
 from accesstunnel import statefiles
 from agent import cli as agent_cli
+from agent import enrollment
 from agent.enrollment import (
     CA_FILE,
     CERTIFICATE_FILE,
@@ -42,17 +44,19 @@ from tests.test_enrollment import DAY, EnrollmentTestCase
 from tests.test_failover import LinkFactory, connector
 
 NO_SPACE = os.strerror(errno.ENOSPC)
+QUOTA = os.strerror(errno.EDQUOT)
 
 
 class FullDisk:
     """
     C{os} as L{accesstunnel.statefiles} sees it, on a disk with C{room} bytes left (C{None}:
     as much as the real one). A write past the room writes what fits and then fails with
-    C{ENOSPC}, as the kernel does.
+    C{ENOSPC} (or C{error}: C{EDQUOT} for a quota), as the kernel does.
     """
 
-    def __init__(self, room: int | None = 0) -> None:
+    def __init__(self, room: int | None = 0, error: int = errno.ENOSPC) -> None:
         self.room = room
+        self.error = error
         self.refused = 0
 
     def __getattr__(self, name: str) -> Any:
@@ -63,7 +67,7 @@ class FullDisk:
             return os.write(fd, data)
         if self.room == 0:
             self.refused += 1
-            raise OSError(errno.ENOSPC, NO_SPACE)
+            raise OSError(self.error, os.strerror(self.error))
         written = os.write(fd, bytes(data[: self.room]))
         self.room -= written
         return written
@@ -79,6 +83,11 @@ def disk(monkeypatch: pytest.MonkeyPatch) -> FullDisk:
 
 def names(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
+
+
+def certificatesIssued(fleet: Any, device: str = "kiln7") -> int:
+    """How many fleet certificates groundcontrol has signed for C{device}."""
+    return len(resultNow(fleet.store.listCertificates(device)))
 
 
 # -- accesstunnel.statefiles ------------------------------------------------------------
@@ -261,11 +270,12 @@ class FullDiskEnrollmentTests(EnrollmentTestCase):
         self.disk = FullDisk(room=None)
         self.patch(statefiles, "os", self.disk)
 
-    def test_approvedOnAFullDiskServesAndStoresLater(self) -> None:
+    def test_approvedOnAFullDiskServesAndAsksOnceThereIsRoom(self) -> None:
         """
-        An approved device whose disk is full serves sessions; the certificate it is issued
-        cannot be stored, which one error line says, and it asks again an hour later: with
-        room by then it stores it, and the status file catches up, without a reconnect.
+        An approved device whose disk is full serves sessions, and does not ask for a
+        certificate it could not store (groundcontrol signed one an hour for nothing, an
+        error line each time): one line says why; within the hour after there is room it
+        asks, stores it, and the status file catches up, without a reconnect.
         """
         self.disk.room = 0
         agent = self.world.agent("kiln7")
@@ -273,36 +283,134 @@ class FullDiskEnrollmentTests(EnrollmentTestCase):
         self.world.connect(agent)
         self.assertTrue(self.world.reaches(self.admin, "kiln7", agent))
         self.assertEqual(agent.enrollment.state, "approved")
+        for _ in range(5):
+            self.world.advance(CERTIFICATE_RETRY_DELAY)
         self.assertEqual(names(agent.stateDir), [])
-        stored = [line for line in agent.log if "cannot store the new fleet certificate" in line]
-        self.assertEqual(len(stored), 1, agent.log)
-        self.assertIn(NO_SPACE, stored[0])
-        self.assertIn("asks again in 3600 s", stored[0])
+        self.assertEqual(certificatesIssued(self.fleet), 0)
+        said = [line for line in agent.log if "is on a full disk" in line]
+        self.assertEqual(len(said), 1, agent.log)
+        self.assertIn(
+            f"{agent.stateDir / CERTIFICATE_FILE} is on a full disk ({NO_SPACE})", said[0]
+        )
+        self.assertIn("the agent has none and asks for a new one once it can store it", said[0])
+        self.assertFalse(any("cannot store the new fleet certificate" in m for m in agent.log))
 
         self.disk.room = None
         self.world.advance(CERTIFICATE_RETRY_DELAY)
         self.assertEqual(names(agent.stateDir), sorted([CA_FILE, CERTIFICATE_FILE, STATUS_FILE]))
+        self.assertEqual(certificatesIssued(self.fleet), 1)
         self.assertEqual(agent.status["state"], "approved")
         self.assertIn("certificate_expires_at", agent.status)
         self.assertTrue(agent.connected)
 
     def test_renewalOnAFullDiskKeepsTheOldCertificate(self) -> None:
         """
-        A renewal whose certificate cannot be written leaves the old one byte for byte (the
-        TLS transports present it), and the agent renews an hour later once there is room.
+        A renewal that falls due on a full disk leaves the old certificate byte for byte
+        (the TLS transports present it) and asks groundcontrol for none; once there is room
+        the agent renews within the hour.
         """
         agent = self.world.enrolled("kiln7")
         old = agent.certificatePEM
         notBefore, notAfter = certificateLifetime(old)
         self.disk.room = 0
         self.world.advance(renewalDue(notBefore, notAfter) - self.world.now)
+        for _ in range(3):
+            self.world.advance(CERTIFICATE_RETRY_DELAY)
         self.assertEqual(agent.certificatePEM, old)
+        self.assertEqual(certificatesIssued(self.fleet), 1)
         self.assertEqual(names(agent.stateDir), sorted([CA_FILE, CERTIFICATE_FILE, STATUS_FILE]))
-        self.assertTrue(any("cannot store the new fleet certificate" in m for m in agent.log))
+        said = [line for line in agent.log if "is on a full disk" in line]
+        self.assertEqual(len(said), 1, agent.log)
+        self.assertIn("keeps the one valid until", said[0])
         self.disk.room = None
         self.world.advance(CERTIFICATE_RETRY_DELAY)
         self.assertNotEqual(agent.certificatePEM, old)
+        self.assertEqual(certificatesIssued(self.fleet), 2)
         self.assertGreater(certificateLifetime(agent.certificatePEM)[1], notAfter + DAY)
+
+    def test_overQuotaIsAFullDisk(self) -> None:
+        """A state directory over the agent's quota (EDQUOT) holds the request back too."""
+        self.disk.error = errno.EDQUOT
+        agent = self.world.enrolled("kiln7")
+        notBefore, notAfter = certificateLifetime(agent.certificatePEM)
+        self.disk.room = 0
+        self.world.advance(renewalDue(notBefore, notAfter) - self.world.now)
+        self.world.advance(CERTIFICATE_RETRY_DELAY)
+        self.assertEqual(certificatesIssued(self.fleet), 1)
+        self.assertTrue(any(f"on a full disk ({QUOTA})" in m for m in agent.log), agent.log)
+
+    def runningOutWarnings(self, agent: Any) -> list[tuple[float, str]]:
+        """(wall time, text) of each warning the agent's enrollment logs from now on."""
+        said: list[tuple[float, str]] = []
+
+        def observer(event: LogEvent) -> None:
+            text = formatEvent(event)
+            if event["log_level"] == LogLevel.warn and "cannot be renewed" in text:
+                said.append((self.world.now, text))
+
+        agent.enrollment._log = Logger(namespace="test", observer=cast(ILogObserver, observer))
+        return said
+
+    def test_certificateRunningOutOnAFullDiskIsWarnedHourly(self) -> None:
+        """
+        A certificate that cannot be renewed for lack of room is warned about at warning
+        level every hour of its last day (a person must free space before the device drops
+        off the fleet), not before, and not again at a reconnect within the hour; once it
+        has run out the warning says so. With room the renewal stops the warnings.
+        """
+        agent = self.world.enrolled("kiln7")
+        notBefore, notAfter = certificateLifetime(agent.certificatePEM)
+        said = self.runningOutWarnings(agent)
+        self.disk.room = 0
+        self.world.advance(renewalDue(notBefore, notAfter) - self.world.now)
+        while self.world.now < notAfter - DAY - CERTIFICATE_RETRY_DELAY:
+            self.world.advance(CERTIFICATE_RETRY_DELAY)
+        self.assertEqual(said, [])
+        while self.world.now + CERTIFICATE_RETRY_DELAY < notAfter:
+            self.world.advance(CERTIFICATE_RETRY_DELAY)
+        self.assertEqual(len(said), 24, said)
+        self.assertTrue(all(0 < notAfter - when < DAY for when, _ in said))
+        gaps = {later - earlier for (earlier, _), (later, _) in itertools.pairwise(said)}
+        self.assertEqual(gaps, {CERTIFICATE_RETRY_DELAY})
+        first = said[0][1]
+        self.assertIn(f"{agent.stateDir / CERTIFICATE_FILE} runs out in 23 h", first)
+        self.assertIn("free space on that disk", first)
+        self.assertIn("the device comes back as pending", first)
+        self.assertIn(" min (", said[-1][1])
+
+        self.world.disconnect(agent)
+        self.world.connect(agent)
+        self.assertEqual(len(said), 24, said)
+        self.world.advance(CERTIFICATE_RETRY_DELAY)
+        self.assertEqual(len(said), 25)
+        self.assertIn("has run out", said[-1][1])
+
+        self.disk.room = None
+        self.world.advance(CERTIFICATE_RETRY_DELAY)
+        self.assertEqual(certificatesIssued(self.fleet), 2)
+        self.world.advance(DAY)
+        self.assertEqual(len(said), 25)
+
+    def test_certificateThatDoesNotFitIsWarnedNearItsEnd(self) -> None:
+        """
+        status.json fits but the certificate does not (a few blocks free): the request is
+        made and its failure logged as an error each hour as before, and in the
+        certificate's last day the warning that it runs out goes with it.
+        """
+        agent = self.world.enrolled("kiln7")
+        notAfter = certificateLifetime(agent.certificatePEM)[1]
+        said = self.runningOutWarnings(agent)
+        write = statefiles.writeAtomically
+
+        def noRoomForCertificates(path: Path, data: bytes, **kwargs: Any) -> None:
+            if path.name in (CERTIFICATE_FILE, CA_FILE):
+                raise OSError(errno.ENOSPC, NO_SPACE)
+            write(path, data, **kwargs)
+
+        self.patch(enrollment, "writeAtomically", noRoomForCertificates)
+        self.world.advance(notAfter - DAY / 2 - self.world.now)
+        self.assertEqual(len(said), 1, said)
+        self.assertIn("runs out in 12 h", said[0][1])
 
     def test_pendingOnAFullDiskShowsItsCodeOnceThereIsRoom(self) -> None:
         """

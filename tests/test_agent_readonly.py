@@ -52,8 +52,7 @@ from agent.identity import (
     loadOrCreateDeviceKey,
 )
 from agent.tap import AgentConfig
-from groundcontrol.testing import resultNow
-from tests.test_agent_disk import names
+from tests.test_agent_disk import certificatesIssued, names
 from tests.test_enrollment import EnrollmentTestCase
 from tests.test_failover import LinkFactory, connector
 
@@ -396,9 +395,6 @@ class ReadOnlyEnrollmentTests(EnrollmentTestCase):
         self.disk.readOnly = False
         self.patch(statefiles, "os", self.disk)
 
-    def issued(self) -> int:
-        return len(resultNow(self.fleet.store.listCertificates("kiln7")))
-
     def test_renewalWaitsForAWritableCard(self) -> None:
         """
         A renewal falls due with the card read-only: the agent keeps its certificate byte
@@ -408,13 +404,13 @@ class ReadOnlyEnrollmentTests(EnrollmentTestCase):
         agent = self.world.enrolled("kiln7")
         old = agent.certificatePEM
         notBefore, notAfter = certificateLifetime(old)
-        self.assertEqual(self.issued(), 1)
+        self.assertEqual(certificatesIssued(self.fleet), 1)
         self.disk.readOnly = True
         self.world.advance(renewalDue(notBefore, notAfter) - self.world.now)
         for _ in range(5):
             self.world.advance(CERTIFICATE_RETRY_DELAY)
         self.assertEqual(agent.certificatePEM, old)
-        self.assertEqual(self.issued(), 1)
+        self.assertEqual(certificatesIssued(self.fleet), 1)
         said = [line for line in agent.log if "read-only file system" in line]
         self.assertEqual(len(said), 1, agent.log)
         self.assertIn(str(agent.stateDir / CERTIFICATE_FILE), said[0])
@@ -424,7 +420,7 @@ class ReadOnlyEnrollmentTests(EnrollmentTestCase):
         self.disk.readOnly = False
         self.world.advance(CERTIFICATE_RETRY_DELAY)
         self.assertNotEqual(agent.certificatePEM, old)
-        self.assertEqual(self.issued(), 2)
+        self.assertEqual(certificatesIssued(self.fleet), 2)
         self.assertTrue(agent.connected)
 
     def test_pendingOnAReadOnlyCardLogsItsCode(self) -> None:
