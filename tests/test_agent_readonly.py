@@ -53,7 +53,7 @@ from agent.identity import (
 )
 from agent.tap import AgentConfig
 from tests.test_agent_disk import certificatesIssued, names
-from tests.test_enrollment import EnrollmentTestCase
+from tests.test_enrollment import DAY, EnrollmentTestCase
 from tests.test_failover import LinkFactory, connector
 
 READ_ONLY = os.strerror(errno.EROFS)  # "Read-only file system"
@@ -422,6 +422,24 @@ class ReadOnlyEnrollmentTests(EnrollmentTestCase):
         self.assertNotEqual(agent.certificatePEM, old)
         self.assertEqual(certificatesIssued(self.fleet), 2)
         self.assertTrue(agent.connected)
+
+    def test_certificateRunningOutOnAReadOnlyCardIsWarned(self) -> None:
+        """
+        In its last day a certificate that cannot be renewed because the card is read-only
+        is warned about hourly (as on a full disk), saying what a person must do.
+        """
+        agent = self.world.enrolled("kiln7")
+        notBefore, notAfter = certificateLifetime(agent.certificatePEM)
+        self.disk.readOnly = True
+        self.world.advance(renewalDue(notBefore, notAfter) - self.world.now)
+        self.assertFalse(any("cannot be renewed" in m for m in agent.log))
+        self.world.advance(notAfter - DAY / 2 - self.world.now)
+        self.world.advance(CERTIFICATE_RETRY_DELAY)
+        said = [line for line in agent.log if "cannot be renewed" in line]
+        self.assertEqual(len(said), 2, agent.log)
+        self.assertIn("runs out in 12 h", said[0])
+        self.assertIn("remount it writable", said[0])
+        self.assertEqual(certificatesIssued(self.fleet), 1)
 
     def test_pendingOnAReadOnlyCardLogsItsCode(self) -> None:
         """
