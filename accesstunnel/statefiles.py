@@ -44,9 +44,11 @@ def _writeTemporary(path: Path, data: bytes, mode: int, suffix: str = ".tmp") ->
             os.fsync(fd)
         finally:
             os.close(fd)
-    except OSError:
+    except OSError as e:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
+        if e.filename is None:  # write() and fsync() name no file: say which was meant
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     return temporary
 

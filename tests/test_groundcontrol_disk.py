@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import stat
 from datetime import UTC, datetime
 from pathlib import Path
@@ -83,6 +84,21 @@ def test_hostKeyOnAFullDiskLeavesNoKey(tmp_path: Path, disk: FullDisk) -> None:
     assert dataDir.ensureInitialised().createdHostKey
     assert mode(dataDir.hostKeyPath) == 0o600
     assert dataDir.hostPublicKeyLine().startswith("ssh-ed25519 ")
+
+
+def test_fullDiskErrorNamesTheFile(tmp_path: Path, disk: FullDisk) -> None:
+    """
+    The error of a write that found the disk full names the file it was for, as an open
+    that fails does: C{groundcontrol init} printed C{[Errno 28] No space left on device}
+    and nothing more, leaving the user to guess which disk.
+    """
+    dataDir = DataDir(tmp_path / "gc")
+    with pytest.raises(OSError) as raised:
+        dataDir.ensureInitialised()
+    assert raised.value.filename == str(dataDir.hostKeyPath)
+    assert str(raised.value) == (
+        f"[Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)}: '{dataDir.hostKeyPath}'"
+    )
 
 
 def test_hostKeyMadeByAnotherInitIsKept(tmp_path: Path) -> None:
