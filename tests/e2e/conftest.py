@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.harness import Fleet
+from tests.e2e.tornet import TorNetwork
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -37,3 +38,24 @@ def kiln7(fleet: Fleet) -> Fleet:
     fleet.addAgent("kiln7")
     fleet.waitRoutable(fleet.operators["alice"], "kiln7")
     return fleet
+
+
+@pytest.fixture(scope="session")
+def torNetwork(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorNetwork]:
+    """
+    The private Tor network every tor test of the run shares, not started: bringing one up
+    takes 15-40 s of a CI run, once is enough. Each test starts what it needs of it (and
+    may stop and start the client tor); every tor is killed at the end of the run.
+    """
+    network = TorNetwork(tmp_path_factory.mktemp("tor"))
+    try:
+        yield network
+    finally:
+        network.stop()
+
+
+@pytest.fixture
+def tornet(torNetwork: TorNetwork) -> TorNetwork:
+    """The shared private Tor network, bootstrapped (its client tor started if stopped)."""
+    torNetwork.start()
+    return torNetwork

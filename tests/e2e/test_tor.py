@@ -5,6 +5,8 @@ address through tor's SOCKS port, and the real OpenSSH client reaching the devic
 
 Tor is slow to start by design (the first consensus comes after a vote), so every wait
 here is long but bounded, and the agent's own reconnect-with-backoff does the retrying.
+The network is started once for the run (conftest's C{torNetwork}, C{tornet}), shared
+with L{tests.e2e.test_transports_walk}.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Iterator
 from typing import Any, cast
 
 import pytest
@@ -35,27 +36,6 @@ ONION_PORT = 2222
 #: From a bootstrapped network to a published onion service, and from there to a link.
 PUBLISH_TIMEOUT = 120.0
 LINK_TIMEOUT = 150.0
-
-
-@pytest.fixture(scope="module")
-def torNetwork(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorNetwork]:
-    """
-    The private Tor network this module's tests share, not started: bringing one up takes
-    15-40 s of a CI run, once is enough. Each test starts what it needs of it; every tor is
-    killed after the module.
-    """
-    network = TorNetwork(tmp_path_factory.mktemp("tor"))
-    try:
-        yield network
-    finally:
-        network.stop()
-
-
-@pytest.fixture
-def tornet(torNetwork: TorNetwork) -> TorNetwork:
-    """The shared private Tor network, bootstrapped."""
-    torNetwork.start()
-    return torNetwork
 
 
 def onionListener(fleet: Fleet, published: bool = True) -> dict[str, Any] | None:
