@@ -7,6 +7,7 @@ error (a --tor-control that is no endpoint) still stops it at once.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -274,6 +275,38 @@ class TorNotUpAtStartTests(SynchronousTestCase):
         refused = "tor refused the onion service"
         self.assertEqual(changes, [UPLOAD_WAIT, refused, UPLOAD_WAIT, refused])
         self.assertEqual(len(events), 2, [formatEvent(e) for e in events])
+        self.successResultOf(port.stopListening())
+
+    def test_refusalsBackOff(self) -> None:
+        """
+        tor answers and refuses every time: the attempts back off to one every 30 s as
+        for a silent tor (tor answering restarted the delays: it was asked every 2 s for
+        as long as it refused). A silence (30 s more) and an answer after it restart them.
+        """
+        attempts: list[float] = []
+        clock = self.reactor
+
+        class Refusing(_RefusingTor):
+            def create_onion_service(self, **kwargs: Any) -> defer.Deferred[Any]:
+                attempts.append(clock.seconds())
+                return super().create_onion_service(**kwargs)
+
+        def nextAttempt() -> None:
+            clock.advance(clock.getDelayedCalls()[0].getTime() - clock.seconds())
+
+        self.refuse()
+        with capturedLogs():
+            port = self.listen()
+            self.answers.extend(defer.succeed(Refusing()) for _ in range(8))
+            for _ in range(8):
+                nextAttempt()
+            self.refuse()
+            nextAttempt()
+            self.answers.extend(defer.succeed(Refusing()) for _ in range(2))
+            nextAttempt()
+            nextAttempt()
+        gaps = [later - earlier for earlier, later in itertools.pairwise(attempts)]
+        self.assertEqual(gaps, [2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0, 60.0, 2.0])
         self.successResultOf(port.stopListening())
 
     def test_stoppedWhileWaiting(self) -> None:

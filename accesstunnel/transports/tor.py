@@ -202,6 +202,8 @@ class _OnionPort:
         #: The control connection the published service lives on (hung up at stop).
         self._control: _HangUpEndpoint | None = None
         self._failures = 0
+        #: The last attempt failed after tor answered (not a silence): the delays go on.
+        self._refused = False
         self._stopped = False
 
     def whenChanged(self, callback: Callable[[], None]) -> None:
@@ -247,8 +249,11 @@ class _OnionPort:
                 f"cannot reach tor's control port {self._settings.control} (is tor running, "
                 f"with ControlPort and CookieAuthentication 1?): {reasonText(e)}"
             ) from e
-        # tor answers: a later silence is a new episode, retried quickly again.
-        self._failures = 0
+        # tor answers after a silence: a later silence is a new episode, retried quickly
+        # again. Not after a refusal: a tor that answers and refuses every time (the service,
+        # or a key that cannot be stored) was asked again every 2 s for as long as it lasted.
+        if not self._refused:
+            self._failures = 0
         self._setNotReady(UPLOAD_WAIT)
         localPort = self._local.getHost().port  # type: ignore[attr-defined]
         creating = tor.create_onion_service(
@@ -285,6 +290,7 @@ class _OnionPort:
         self._privateKey = self._privateKey or onion.private_key
         self.onion = onion
         self._lastError = None
+        self._refused = False
         tor.protocol.when_disconnected().addBoth(self._torGone)
         self._log.info(
             "onion service {onion}:{port} published for 127.0.0.1:{local}",
@@ -335,6 +341,7 @@ class _OnionPort:
         if self._stopped:
             return
         self._failures += 1
+        self._refused = not isinstance(reason.value, TorControlError)
         error = reasonText(reason.value)
         if error != self._lastError:  # one line per cause, not one per attempt
             self._lastError = error
