@@ -232,7 +232,6 @@ class StatusFile:
         self._status: dict[str, Any] = {}
         self._clock = clock
         self._retry: IDelayedCall | None = None
-        self._failing = False
         #: Why the last write failed (None once one works). Asked before anything else is
         #: written there: C{statvfs} cannot tell a read-only card (ext4's emergency
         #: read-only does not set C{ST_RDONLY}) nor a full one (out of inodes, over quota).
@@ -256,15 +255,13 @@ class StatusFile:
         except OSError as e:
             self._writeFailed(e)
             return
-        self.writeError = None
-        if self._failing:
-            self._failing = False
+        if self.writeError is not None:
+            self.writeError = None
             self._log.info("{path} written again", path=str(self.path))
 
     def _writeFailed(self, error: OSError) -> None:
-        self.writeError = error
-        if not self._failing:
-            self._failing = True
+        failing, self.writeError = self.writeError is not None, error
+        if not failing:
             self._log.warn(
                 "cannot write {path}: {error}; the agent goes on, and writes it when it can",
                 path=str(self.path),
