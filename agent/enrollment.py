@@ -48,6 +48,7 @@ from accesstunnel.enrollmessages import (
     decodeMessage,
     encodeMessage,
 )
+from accesstunnel.reasontext import reasonText
 from accesstunnel.statefiles import writeAtomically
 from accesstunnel.timetext import isoTime
 
@@ -265,7 +266,7 @@ class StatusFile:
             self._log.warn(
                 "cannot write {path}: {error}; the agent goes on, and writes it when it can",
                 path=str(self.path),
-                error=error.strerror or str(error),
+                error=reasonText(error),
             )
         if self._clock is not None:
             self._retry = self._clock.callLater(STATUS_RETRY_DELAY, self._write)
@@ -484,7 +485,7 @@ class Enrollment:
                 "cannot store the new fleet certificate in {path}: {error}; the one there "
                 "(if any) is kept, and the agent asks again in {delay:.0f} s",
                 path=str(certificatePath),
-                error=e.strerror or str(e),
+                error=reasonText(e),
                 delay=CERTIFICATE_RETRY_DELAY,
             )
             self._warnIfRunningOut(certificatePath, heldUntil)

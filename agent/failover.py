@@ -314,7 +314,7 @@ class FailoverEndpoint:
                     "cannot record the working address in {path}: {error}; the agent tries "
                     "again at each link up and says nothing more until it can",
                     path=str(self._stateFile),
-                    error=e.strerror or str(e),
+                    error=reasonText(e),
                 )
             self._rememberFailed = True
             return

@@ -259,6 +259,8 @@ class FallbackLogFile:
 
         from twisted.logger import LogLevel, formatEventAsClassicLogText
 
+        from accesstunnel.reasontext import reasonText
+
         self._logFile = None
         line = formatEventAsClassicLogText(
             {
@@ -268,7 +270,7 @@ class FallbackLogFile:
                 "log_level": LogLevel.warn,
                 "log_time": time.time(),
                 "path": self._path,
-                "error": error.strerror or str(error),
+                "error": reasonText(error),
             }
         )
         self._fallback.write(line or "")
@@ -286,6 +288,7 @@ def _startLogging(logfile: str, reactor: Any, level: Any) -> Any:
     from twisted.logger import ILogObserver, Logger, globalLogBeginner, textFileLogObserver
 
     from accesstunnel.logfilter import filtered
+    from accesstunnel.reasontext import reasonText
 
     output, unopened = _openLogFile(logfile, reactor)
     observer = cast(ILogObserver, textFileLogObserver(output))
@@ -295,7 +298,7 @@ def _startLogging(logfile: str, reactor: Any, level: Any) -> Any:
             "cannot open the log file {path}: {error}; logging to standard output instead "
             "(the journal, under systemd)",
             path=logfile,
-            error=unopened.strerror or str(unopened),
+            error=reasonText(unopened),
         )
     return output
 
