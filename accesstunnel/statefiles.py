@@ -10,6 +10,10 @@ renamed over the old one (or, for a file that must never be replaced, hard-linke
 free name): a write that fails part way (C{ENOSPC}) or is cut short leaves the previous
 file whole, or no file, and no temporary file taking space. The directory is flushed too,
 so the rename itself survives a power cut.
+
+A power cut (or a kill) between writing the temporary file and renaming or linking it
+leaves that file behind: L{removeStaleTemporaries}, run by a program at its start, removes
+those of its own state files whose writer is gone.
 """
 
 from __future__ import annotations
@@ -17,9 +21,20 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
+import stat
+from collections.abc import Collection
 from pathlib import Path
 
-__all__ = ["createAtomically", "writeAtomically"]
+from twisted.logger import Logger
+
+__all__ = ["createAtomically", "removeStaleTemporaries", "writeAtomically"]
+
+_log = Logger()
+
+#: A temporary file of this module's writers: C{NAME.tmp} (L{writeAtomically}'s) or
+#: C{NAME.PID.tmp} (L{createAtomically}'s, named by the process that writes it).
+_TEMPORARY_NAME = re.compile(r"(?P<name>.+?)(?:\.(?P<pid>[0-9]+))?\.tmp")
 
 
 #: What C{link} fails with where the filesystem has no hard links (FAT, some FUSE).
@@ -105,4 +120,67 @@ def createAtomically(path: Path, data: bytes, mode: int = 0o600) -> bool:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
     _syncDirectory(path.parent)
+    return True
+
+
+def removeStaleTemporaries(directory: Path, names: Collection[str]) -> list[str]:
+    """
+    Remove the temporary files this module's writers left in C{directory} for the state
+    files C{names} (a power cut between the write and the rename or link), and say once
+    which; return their names. Call it at start, before this process writes a state file.
+
+    Only this module's names for them, and only those no live writer holds:
+      - C{NAME.PID.tmp} (L{createAtomically}) when no process PID runs, or PID is this
+        process (a boot before this one gave it the same number: a device boots the same
+        way each time, so its agent's PID repeats). One of another running process is left:
+        a second start racing this one may be writing it;
+      - C{NAME.tmp} (L{writeAtomically}), which the next write of C{NAME} removes anyway
+        without asking: one writer per file, but a file may not be written again for weeks
+        (C{device.crt}) or ever (C{last-server.json} while the address stays the same).
+    Anything else (other names, directories, links) is left alone. A file that cannot be
+    removed (a read-only card) is left for a later start, unsaid: its directory's other
+    writes say what is wrong.
+    """
+    try:
+        entries = sorted(os.listdir(directory))
+    except OSError:
+        return []  # none yet (a first start), or unreadable: the key's load says so
+    removed = []
+    for entry in entries:
+        match = _TEMPORARY_NAME.fullmatch(entry)
+        if match is None or match["name"] not in names:
+            continue
+        if match["pid"] is not None and _mayBeWritten(int(match["pid"])):
+            continue
+        path = directory / entry
+        try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                continue
+            os.unlink(path)
+        except OSError:
+            continue
+        removed.append(entry)
+    if removed:
+        _log.info(
+            "removed {count} temporary file(s) that a write cut short (a power cut, a kill) "
+            "left in {directory}: {removed}",
+            count=len(removed),
+            directory=str(directory),
+            removed=", ".join(removed),
+        )
+    return removed
+
+
+def _mayBeWritten(pid: int) -> bool:
+    """Whether a temporary file named by process C{pid} may be being written now."""
+    if pid == os.getpid():
+        return False  # this process writes none before it has looked
+    if pid <= 0:
+        return True  # no process has that number: not a name this module made
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process; a number too big for one: not ours either
     return True

@@ -35,9 +35,10 @@ from accesstunnel.logfilter import (
 )
 from accesstunnel.names import isValidDeviceName
 from accesstunnel.rekey import RekeyLimit, parseRekeyLimit
+from accesstunnel.statefiles import removeStaleTemporaries
 from agent import openfiles
 from agent.config import AgentFileConfig, ConfigError, installReloadOnSIGHUP, loadConfig
-from agent.enrollment import CERTIFICATE_FILE, Enrollment
+from agent.enrollment import CA_FILE, CERTIFICATE_FILE, STATUS_FILE, Enrollment
 from agent.failover import FailoverEndpoint
 from agent.identity import (
     DEVICE_KEY_FILE,
@@ -230,6 +231,8 @@ def buildService(config: AgentConfig, reactor: Any) -> LogObserverService:
     """Assemble the agent: the device key, and the service keeping the link."""
     from agent.session import SessionChannel, SessionEnvironment
 
+    # What a power cut left half-written last time, before this process writes anything.
+    removeStaleTemporaries(config.stateDir, STATE_FILES)
     try:
         deviceKey = loadOrCreateDeviceKey(config.stateDir)
     except ReadOnlyStateError as e:
@@ -309,6 +312,16 @@ def buildService(config: AgentConfig, reactor: Any) -> LogObserverService:
 
 #: Where the agent remembers the address that last worked.
 LAST_SERVER_FILE = "last-server.json"
+
+#: The files the agent writes in its state directory (README, "Where state lives").
+STATE_FILES = (
+    DEVICE_KEY_FILE,
+    DEVICE_KEY_FILE + ".pub",
+    CERTIFICATE_FILE,
+    CA_FILE,
+    STATUS_FILE,
+    LAST_SERVER_FILE,
+)
 
 
 def _connectors(
