@@ -51,8 +51,10 @@ What it saves (bench/RESULTS.md, "Agent footprint"):
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
+import time
 import types
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, cast
@@ -209,12 +211,21 @@ def _openLogFile(logfile: str, reactor: Any) -> tuple[Any, OSError | None]:
 
     from twisted.python.logfile import LogFile
 
+    from accesstunnel.clocks import elapsedClock, wallClock
+
     try:
-        output = FallbackLogFile(LogFile.fromFullPath(logfile), logfile)
+        logFile = LogFile.fromFullPath(logfile)
     except OSError as e:
         return sys.stdout, e
+    output = FallbackLogFile(
+        logFile, logfile, elapsed=elapsedClock(reactor), wall=wallClock(reactor)
+    )
     signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(output.rotate))
     return output, None
+
+
+#: After a write to the log file failed, how often (elapsed seconds) a line tries it again.
+LOG_FILE_RETRY = 60.0
 
 
 class FallbackLogFile:
@@ -222,24 +233,45 @@ class FallbackLogFile:
     The log file, until a write to it fails: then standard output (the journal, under
     systemd), which says why once. A card the kernel remounts read-only while the agent
     runs (ext4's errors=remount-ro) made every line after it vanish, unsaid anywhere.
+
+    The log file is tried again by the first line at least L{LOG_FILE_RETRY} seconds after
+    the last try (on the agent's monotonic clock: a step of the wall clock neither hurries
+    nor holds it back): once someone frees space or remounts the card, the lines go back to
+    the file, the first of them saying there which span went to standard output, and standard
+    output says they went back. While the file works a line costs one test more than before.
     """
 
-    def __init__(self, logFile: Any, path: str, fallback: Any = None) -> None:
+    def __init__(
+        self,
+        logFile: Any,
+        path: str,
+        fallback: Any = None,
+        elapsed: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
         self._logFile: Any = logFile
         self._path = path
         self._fallback = fallback if fallback is not None else sys.stdout
+        self._elapsed = elapsed
+        self._wall = wall
+        #: While lines go to standard output: since when (wall clock, said in the log file
+        #: once it works again) and when the log file was last tried (elapsed clock).
+        self._since: float | None = None
+        self._triedAt = 0.0
 
     def write(self, text: str) -> None:
-        if self._logFile is not None:
+        if self._since is None:
             try:
                 self._logFile.write(text)
                 return
             except OSError as e:
                 self._gaveUp(e)
+        elif self._elapsed() - self._triedAt >= LOG_FILE_RETRY and self._wroteAgain(text):
+            return
         self._fallback.write(text)
 
     def flush(self) -> None:
-        if self._logFile is not None:
+        if self._since is None:
             try:
                 self._logFile.flush()
                 return
@@ -248,35 +280,85 @@ class FallbackLogFile:
         self._fallback.flush()
 
     def rotate(self) -> None:
-        if self._logFile is not None:
+        if self._since is None:
             try:
                 self._logFile.rotate()
             except OSError as e:
                 self._gaveUp(e)
 
-    def _gaveUp(self, error: OSError) -> None:
-        import time
+    def _line(self, level: Any, logFormat: str, **fields: Any) -> str:
+        """A line of the agent's own, as the log observer writes one."""
+        from twisted.logger import formatEventAsClassicLogText
 
-        from twisted.logger import LogLevel, formatEventAsClassicLogText
+        event = {
+            "log_format": logFormat,
+            "log_namespace": "agent.launcher",
+            "log_level": level,
+            "log_time": self._wall(),
+            "path": self._path,
+            **fields,
+        }
+        return formatEventAsClassicLogText(event) or ""
+
+    def _gaveUp(self, error: OSError) -> None:
+        from twisted.logger import LogLevel
 
         from accesstunnel.reasontext import reasonText
 
-        self._logFile = None
-        line = formatEventAsClassicLogText(
-            {
-                "log_format": "cannot write the log file {path}: {error}; logging to standard "
-                "output from here (the journal, under systemd)",
-                "log_namespace": "agent.launcher",
-                "log_level": LogLevel.warn,
-                "log_time": time.time(),
-                "path": self._path,
-                "error": reasonText(error),
-            }
+        self._since, self._triedAt = self._wall(), self._elapsed()
+        line = self._line(
+            LogLevel.warn,
+            "cannot write the log file {path}: {error}; logging to standard output from "
+            "here (the journal, under systemd), and trying the file again every "
+            "{retry:.0f} s",
+            error=reasonText(error),
+            retry=LOG_FILE_RETRY,
         )
-        self._fallback.write(line or "")
+        self._fallback.write(line)
+
+    def _wroteAgain(self, text: str) -> bool:
+        """
+        Whether C{text} went to the log file, after a line there saying which span of lines
+        went to standard output; if the file still cannot be written, nothing is said.
+        """
+        from twisted.logger import LogLevel
+
+        from accesstunnel.timetext import isoTime
+
+        self._triedAt = self._elapsed()
+        until = self._wall()
+        span = {"since": isoTime(self._since), "until": isoTime(until)}
+        note = self._line(
+            LogLevel.warn,
+            "the log lines from {since} to {until} went to standard output (the journal, "
+            "under systemd): this file could not be written",
+            **span,
+        )
+        try:
+            self._logFile.write(self._lineBreak() + note + text)
+        except OSError:
+            return False
+        self._since = None
+        self._fallback.write(
+            self._line(LogLevel.info, "logging to {path} again from {until}", **span)
+        )
+        return True
+
+    def _lineBreak(self) -> str:
+        """
+        A line break if the log file ends inside a line: the kernel writes what fits of the
+        line that fills the disk, and the note would go on from its middle.
+        """
+        try:
+            with open(self._logFile.path, "rb") as written:
+                written.seek(-1, 2)
+                last = written.read(1)
+        except (AttributeError, OSError):
+            return ""  # not a file, or empty
+        return "" if last == b"\n" else "\n"
 
     def close(self) -> None:
-        if self._logFile is not None:
+        with contextlib.suppress(OSError):
             self._logFile.close()
 
 

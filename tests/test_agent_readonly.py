@@ -30,6 +30,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python import usage
+from twisted.python.logfile import LogFile
 
 from accesstunnel import statefiles
 from agent import cli as agent_cli
@@ -228,8 +229,10 @@ class CardLogFile:
     def __init__(self) -> None:
         self.lines: list[str] = []
         self.readOnly = False
+        self.tries = 0
 
     def write(self, text: str) -> None:
+        self.tries += 1
         if self.readOnly:
             raise OSError(errno.EROFS, READ_ONLY)
         self.lines.append(text)
@@ -260,6 +263,105 @@ def test_logFileThatTurnsReadOnlyFallsBackToStandardOutput() -> None:
     assert "cannot write the log file /var/log/tunnel-agent.log: " + READ_ONLY in said
     assert "[agent.launcher#warn]" in said
     assert rest == ["two", "three"]
+
+
+NOON = datetime(2026, 11, 27, 12, 0, tzinfo=UTC).timestamp()
+
+
+def test_logFileTriedAgainOnceAMinute() -> None:
+    """
+    After a failed write the lines go to standard output until the first line a minute
+    (elapsed clock) after the last try, which tries the log file again: once the card is
+    writable it goes there, after a line saying from when to when lines went to standard
+    output, and standard output says they went back. A step of the wall clock moves no try.
+    """
+    card, stdout, clock = CardLogFile(), io.StringIO(), Clock()
+    wall = [NOON]
+    output = launcher.FallbackLogFile(
+        card, "/var/log/tunnel-agent.log", stdout, elapsed=clock.seconds, wall=lambda: wall[0]
+    )
+    output.write("one\n")
+    card.readOnly = True
+    output.write("two\n")
+    card.readOnly = False
+    clock.advance(launcher.LOG_FILE_RETRY - 1)
+    wall[0] += 365 * 86400  # NTP sets a clock that was a year behind
+    output.write("three\n")
+    assert card.tries == 2
+    wall[0] = NOON + launcher.LOG_FILE_RETRY
+    clock.advance(1)
+    output.write("four\n")
+    output.write("five\n")
+    assert card.tries == 4
+    first, back, *rest = card.lines
+    assert (first, rest) == ("one\n", ["five\n"])
+    note, line = back.splitlines()
+    assert "[agent.launcher#warn] the log lines from 2026-11-27T12:00:00Z to " in note
+    assert "2026-11-27T12:01:00Z went to standard output (the journal, under systemd)" in note
+    assert line == "four"
+    said, two, three, again = stdout.getvalue().splitlines()
+    assert "trying the file again every 60 s" in said
+    assert (two, three) == ("two", "three")
+    assert again.endswith(
+        "[agent.launcher#info] logging to /var/log/tunnel-agent.log again from 2026-11-27T12:01:00Z"
+    )
+
+
+def test_logFileStillUnwritableIsTriedOnceAMinuteUnsaid() -> None:
+    """
+    A try that fails again says nothing more (one line said why) and the next try is a
+    minute after it; while the file works, no line looks at the clock (the hot path).
+    """
+    card, stdout, clock = CardLogFile(), io.StringIO(), Clock()
+    looked = []
+
+    def elapsed() -> float:
+        looked.append(clock.seconds())
+        return clock.seconds()
+
+    output = launcher.FallbackLogFile(card, "/var/log/a.log", stdout, elapsed=elapsed)
+    for _ in range(100):
+        output.write("fine\n")
+    assert looked == []
+    card.readOnly = True
+    output.write("lost\n")
+    for _ in range(3 * 60):
+        clock.advance(1)
+        output.write("tick\n")
+    assert card.tries == 100 + 1 + 3
+    assert len(stdout.getvalue().splitlines()) == 1 + 1 + 3 * 60
+    assert stdout.getvalue().count("cannot write the log file") == 1
+
+
+def test_logFileNoteStartsOnALineOfItsOwn(tmp_path: Path) -> None:
+    """
+    The line that filled the disk was written in part (the kernel writes what fits): the
+    note about the span on standard output starts on a line of its own after it.
+    """
+
+    class FillingLogFile(LogFile):
+        room: int | None = None
+
+        def write(self, data: Any) -> None:
+            if self.room is not None:
+                LogFile.write(self, data[: self.room])
+                self.room = 0
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            LogFile.write(self, data)
+
+    path = tmp_path / "agent.log"
+    card, clock = FillingLogFile.fromFullPath(str(path)), Clock()
+    output = launcher.FallbackLogFile(card, str(path), io.StringIO(), elapsed=clock.seconds)
+    output.write("one\n")
+    card.room = 3
+    output.write("two and more\n")
+    card.room = None
+    clock.advance(launcher.LOG_FILE_RETRY)
+    output.write("three\n")
+    output.close()
+    one, cut, note, three = path.read_text().splitlines()
+    assert (one, cut, three) == ("one", "two", "three")
+    assert "went to standard output" in note
 
 
 # -- status.json -------------------------------------------------------------------------
