@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from accesstunnel.addresses import AddressError
 from accesstunnel.transports.tor import (
+    CONTROL_ANSWER_PATIENCE,
     FIRST_UPLOAD_PATIENCE,
     UPLOAD_WAIT,
     OnionAddress,
@@ -248,15 +249,24 @@ class TorNotUpAtStartTests(SynchronousTestCase):
     def test_controlPortSilent(self) -> None:
         """
         tor's control port neither answers nor refuses (a firewall drops it): after
-        FIRST_UPLOAD_PATIENCE the listener is up unpublished, saying it waits for tor.
+        CONTROL_ANSWER_PATIENCE the attempt gives up, saying so, and the listener is up
+        unpublished and tries again (it waited for ever: no retry, no line).
         """
         self.answers.append(defer.Deferred())
-        listening = self.startListening()
-        self.reactor.advance(FIRST_UPLOAD_PATIENCE)
-        port: Any = self.successResultOf(listening)
-        self.assertEqual(
-            port.notReadyBecause, "waiting for tor's control port tcp:127.0.0.1:9051 to answer"
+        with capturedLogs() as events:
+            listening = self.startListening()
+            self.reactor.advance(CONTROL_ANSWER_PATIENCE)
+            port: Any = self.successResultOf(listening)
+            self.answers.append(defer.Deferred())
+            self.reactor.advance(1)
+            self.assertEqual(self.answers, [])  # asked again
+        silent = (
+            "tor's control port tcp:127.0.0.1:9051 did not take the connection in 5 s (is a "
+            "firewall dropping it?)"
         )
+        self.assertEqual(port.notReadyBecause, silent)
+        [line] = [formatEvent(e) for e in events]
+        self.assertIn(f"not published yet: {silent}", line)
         self.successResultOf(port.stopListening())
 
     def test_sameCauseAfterTorAnswered(self) -> None:

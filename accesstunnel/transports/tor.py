@@ -10,6 +10,7 @@ address survives restarts; agents have it in their server list.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,22 @@ UPLOAD_WAIT = (
 FIRST_UPLOAD_PATIENCE = 10.0
 
 
+#: Seconds tor's control port has to answer each thing groundcontrol asks it: the connection,
+#: authentication and the configuration txtorcon reads first, and each question while it waits
+#: for the upload. A running tor answers in milliseconds, bootstrapping or not; one silent this
+#: long is hung, or is not tor (a wrong port that takes the connection and says nothing), and
+#: waiting on it was waiting for ever: no retry, and no log line after the first. Shorter than
+#: L{FIRST_UPLOAD_PATIENCE}, so a start with such a port says so.
+CONTROL_ANSWER_PATIENCE = 5.0
+
+
+#: Seconds between the questions groundcontrol asks tor (how far it has bootstrapped) while tor
+#: has not reported the descriptor uploaded, or not answered the service's ADD_ONION: one
+#: unanswered is a hung tor, hung up and tried again; an answer is logged once per change, and
+#: the wait goes on (tor uploads once it is on the Tor network; asking it again would not help).
+UPLOAD_CHECK_INTERVAL = 60.0
+
+
 class _StillPublishingError(Exception):
     """C{listen}'s patience ran out before tor published the service."""
 
@@ -127,6 +144,120 @@ def _firstOf(
     return outcome
 
 
+def _within(
+    reactor: Any, work: defer.Deferred[Any], seconds: float, otherwise: Callable[[], Exception]
+) -> defer.Deferred[Any]:
+    """
+    C{work}'s outcome, or a failure with C{otherwise()} if it has none after C{seconds}; what
+    it gives later is dropped (the caller hangs up the connection it waited on). Cancelling
+    the result stops the timer.
+    """
+
+    def giveUp() -> None:
+        work.addErrback(lambda _: None)
+        outcome.errback(Failure(otherwise()))
+
+    def stopTimer(_: defer.Deferred[Any]) -> None:
+        if timer.active():
+            timer.cancel()
+            work.addErrback(lambda _: None)
+
+    outcome: defer.Deferred[Any] = defer.Deferred(stopTimer)
+    timer = reactor.callLater(seconds, giveUp)
+
+    def settle(result: Any) -> Any:
+        if outcome.called:
+            return result
+        timer.cancel()
+        if isinstance(result, Failure):
+            outcome.errback(result)
+        else:
+            outcome.callback(result)
+        return None
+
+    work.addBoth(settle)
+    return outcome
+
+
+def _bootstrapText(answer: Any) -> str:
+    """tor's answer to C{GETINFO status/bootstrap-phase} in words: C{bootstrapped 45%: ...}."""
+    phase = str(answer.get("status/bootstrap-phase", "")) if isinstance(answer, dict) else ""
+    progress = re.search(r"PROGRESS=(\d+)", phase)
+    summary = re.search(r'SUMMARY="([^"]*)"', phase)
+    if progress is None or summary is None:
+        return f"its bootstrap status is {phase.strip()!r}"
+    return f"it has bootstrapped {progress[1]}%: {summary[1]}"
+
+
+class _UploadWatch:
+    """
+    Ask tor every L{UPLOAD_CHECK_INTERVAL} how far it has bootstrapped, while an onion service
+    waits for its first descriptor upload: tor's answer is logged once per change, and a tor
+    that does not answer within L{CONTROL_ANSWER_PATIENCE} ends the wait (C{silence} says
+    why). txtorcon sends one command at a time, so a tor that never answered ADD_ONION leaves
+    the question unanswered too.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        protocol: Any,
+        describe: str,
+        silent: Callable[[TorControlError], None],
+    ) -> None:
+        self._reactor = reactor
+        self._protocol = protocol
+        self._describe = describe
+        self._silent = silent
+        self._started = reactor.seconds()
+        self._said: str | None = None
+        self._asking: defer.Deferred[Any] | None = None
+        self._loop = task.LoopingCall(self._check)
+        self._loop.clock = reactor
+        self._loop.start(UPLOAD_CHECK_INTERVAL, now=False)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+        if self._asking is not None:
+            self._asking.cancel()
+
+    def _check(self) -> defer.Deferred[None]:
+        asking = defer.maybeDeferred(self._protocol.get_info, "status/bootstrap-phase")
+        self._asking = _within(
+            self._reactor,
+            asking,
+            CONTROL_ANSWER_PATIENCE,
+            lambda: TorControlError(
+                f"{self._describe} stopped answering while the onion service was being "
+                f"published (no answer in {CONTROL_ANSWER_PATIENCE:g} s: is tor hung?)"
+            ),
+        )
+        return self._asking.addCallbacks(self._answered, self._unanswered)
+
+    def _answered(self, answer: Any) -> None:
+        self._asking = None
+        said = _bootstrapText(answer)
+        if said != self._said:  # one line per change, not one a minute
+            self._said = said
+            self._log.warn(
+                "tor has not uploaded the onion service's descriptor after {seconds:.0f} s "
+                "({said}); still waiting (is tor connected to the Tor network?)",
+                seconds=self._reactor.seconds() - self._started,
+                said=said,
+            )
+
+    def _unanswered(self, reason: Failure) -> None:
+        self._asking = None
+        if reason.check(TorControlError):
+            self.stop()
+            self._silent(reason.value)
+        # Anything else is an answer (an error reply) or the connection lost, which the
+        # publish sees by itself.
+
+
 @implementer(IStreamClientEndpoint)
 class _HangUpEndpoint:
     """
@@ -143,6 +274,11 @@ class _HangUpEndpoint:
         connecting = self._endpoint.connect(protocolFactory)
         connecting.addCallback(self._keep)
         return connecting
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection was made (tor, or something, took it)."""
+        return bool(self._connected)
 
     def _keep(self, protocol: IProtocol) -> IProtocol:
         self._connected.append(protocol)
@@ -239,11 +375,32 @@ class _OnionPort:
         else:
             self._control = control
 
-    async def _publishThrough(self, control: IStreamClientEndpoint) -> None:
+    def _unanswered(self, control: _HangUpEndpoint) -> TorControlError:
+        """Why an attempt gave up on a control port silent for L{CONTROL_ANSWER_PATIENCE}."""
+        where, patience = self._settings.control, f"{CONTROL_ANSWER_PATIENCE:g} s"
+        if control.connected:
+            return TorControlError(
+                f"tor's control port {where} took the connection but did not answer in "
+                f"{patience} (is tor hung, or is something other than tor listening there?)"
+            )
+        return TorControlError(
+            f"tor's control port {where} did not take the connection in {patience} (is a "
+            "firewall dropping it?)"
+        )
+
+    async def _publishThrough(self, control: _HangUpEndpoint) -> None:
         import txtorcon  # groundcontrol only: the agent dials through SOCKS alone
 
+        connecting = txtorcon.connect(self._reactor, control)
         try:
-            tor = await txtorcon.connect(self._reactor, control)
+            tor = await _within(
+                self._reactor,
+                connecting,
+                CONTROL_ANSWER_PATIENCE,
+                lambda: self._unanswered(control),
+            )
+        except TorControlError:
+            raise
         except Exception as e:
             raise TorControlError(
                 f"cannot reach tor's control port {self._settings.control} (is tor running, "
@@ -268,11 +425,28 @@ class _OnionPort:
             f"lost tor's control port {self._settings.control} before the onion service was "
             "published"
         )
+        # A tor that hangs (after it took the service, or before it answered ADD_ONION) would
+        # leave that wait for ever too: the watch asks it a question now and then.
+        ended: defer.Deferred[None] = defer.Deferred()
+        silence: list[TorControlError] = []
+
+        def end(why: Any) -> None:
+            if isinstance(why, TorControlError):
+                silence.append(why)
+            if not ended.called:
+                ended.callback(None)
+
+        tor.protocol.when_disconnected().addBoth(end)
+        watch = _UploadWatch(
+            self._reactor, tor.protocol, f"tor's control port {self._settings.control}", end
+        )
         try:
-            onion = await _firstOf(creating, tor.protocol.when_disconnected(), lambda: lost)
+            onion = await _firstOf(creating, ended, lambda: silence[0] if silence else lost)
         except TorControlError:
             creating.addErrback(lambda _: None)  # its own failure, if any, is no news now
             raise
+        finally:
+            watch.stop()
         if self._stopped:  # stopListening came while tor was answering
             await onion.remove()
             return
@@ -357,12 +531,9 @@ class _OnionPort:
         """
         C{listen} stopped waiting for the first publish (L{FIRST_UPLOAD_PATIENCE}): the
         port is up unpublished, L{notReadyBecause} says what it waits for, and the publish
-        goes on; should it fail, it is retried as after any other failure.
+        goes on; should it fail, it is retried as after any other failure. (tor answered
+        by then, or the attempt gave up on it: L{CONTROL_ANSWER_PATIENCE} is shorter.)
         """
-        if self.notReadyBecause is None:  # still connecting: tor's control port is silent
-            self.notReadyBecause = (
-                f"waiting for tor's control port {self._settings.control} to answer"
-            )
         publishing.addErrback(self._failed)
 
     def getHost(self) -> OnionAddress:
