@@ -21,9 +21,9 @@ and the sessions and expired certificates that go with them (L{IStore.pruneAudit
 batch at a time so the store's one write lock is never held for long: a backlog goes over
 a few sweeps, each of which leaves one audit row and one log line saying what it removed.
 
-A new device's or a re-key request's notification waits (up to ten seconds) for the serial
-its agent's hello reports, so it can say the board's serial and, for a re-key, whether it is
-the device's (L{groundcontrol.requestnotice}).
+A new device's, a re-key request's or a re-approval's notification waits (up to ten seconds)
+for the serial its agent's hello reports, so it can say the board's serial and, for a re-key
+or a re-approval, whether it is the device's (L{groundcontrol.requestnotice}).
 """
 
 from __future__ import annotations
@@ -172,7 +172,17 @@ class FleetWatcher(Service):
             if self._auditMaxAge is not None:
                 await self._pruneAudit(now, self._auditMaxAge)
         await self._readFeed(now)
+        await self._readStoredSerials()
         self._send(self._heldRequests.due(self._clock.seconds()))
+
+    async def _readStoredSerials(self) -> None:
+        """Send the held re-approvals whose agents' serials are stored on their requests."""
+        keys = self._heldRequests.awaitingStoredSerial()
+        if not keys:
+            return
+        for request in await self._store.listEnrollmentRequests():
+            if request.fingerprint in keys and request.serial is not None:
+                self._send(self._heldRequests.release(request.fingerprint, request.serial))
 
     async def _readFeed(self, now: float) -> None:
         """Notify and apply the watched events written since the last read."""

@@ -15,8 +15,11 @@ C{serial} (and, for a re-key, C{serial_matches} by L{groundcontrol.documents.ser
 in its detail, under the row's id and time.
 
 A device whose certificate ran out asks again with its own key (a C{device.pending} of
-kind C{reapprove}): its hello reports the device's serial, which is no change and writes
-no row, so its notification is not held.
+kind C{reapprove}, whose row carries the device's serial as C{deviceSerial}, as a re-key's
+does): its hello stores the serial on the request too, but writes a row only if the serial
+changed (another board with the device's key), so the watcher also reads the request's
+stored serial while it holds one (L{HeldRequests.awaitingStoredSerial}). It is then sent
+with C{serial} and C{serial_matches}, as a re-key's: C{no} tells a copied state directory.
 
 A notification is held at most L{SERIAL_WAIT}: an agent whose board has no serial, an old
 agent, or one that drops before its hello is notified then, with C{serial} null (and
@@ -53,6 +56,11 @@ SERIAL_CHANGED = "device.serial-changed"
 #: The events whose notifications wait for the serial (L{HeldRequests.hold}).
 HELD_EVENTS = frozenset({DEVICE_PENDING, DEVICE_REKEY_REQUESTED})
 
+#: Feed events whose detail's C{serial} is the one the request's agent reported.
+_SAYS_THE_REQUESTS_SERIAL = frozenset(
+    {SERIAL_CHANGED, "device.approved", "enrollment.rejected", "enrollment.expired"}
+)
+
 
 @attrs.frozen
 class _Held:
@@ -65,18 +73,18 @@ def _keyOf(event: FleetEvent) -> str | None:
     return fingerprint if isinstance(fingerprint, str) else None
 
 
-def _waitsForSerial(event: FleetEvent) -> bool:
-    """A request whose hello writes a serial change: not a re-approval (the device's key)."""
-    return event.event in HELD_EVENTS and event.detail.get("kind") != "reapprove"
+def _isReapproval(event: FleetEvent) -> bool:
+    """A device's own key asking again after its certificate ran out."""
+    return event.event == DEVICE_PENDING and event.detail.get("kind") == "reapprove"
 
 
 def withSerial(event: FleetEvent, serial: str | None) -> FleetEvent:
     """
-    C{event} (a request's) saying which serial its key reported; a re-key's also whether
-    it is the device's.
+    C{event} (a request's) saying which serial its key reported; a re-key's or a
+    re-approval's also whether it is the device's.
     """
     detail = {**event.detail, "serial": serial}
-    if event.event == DEVICE_REKEY_REQUESTED:
+    if event.event == DEVICE_REKEY_REQUESTED or _isReapproval(event):
         detail["serialMatches"] = serialsMatch(serial, event.detail.get("deviceSerial"))
     return attrs.evolve(event, detail=detail)
 
@@ -94,11 +102,11 @@ class HeldRequests:
     def hold(self, event: FleetEvent, now: float) -> list[FleetEvent]:
         """
         Hold C{event}, one of L{HELD_EVENTS}, until its serial comes or C{now} plus the
-        wait. Returns what is to be sent now: nothing, or C{event} itself if it has no
-        serial to wait for (no key named, or a re-approval).
+        wait. Returns what is to be sent now: nothing, or C{event} itself if it names no
+        key whose serial could come.
         """
         key = _keyOf(event)
-        if key is None or not _waitsForSerial(event):
+        if key is None or event.event not in HELD_EVENTS:
             return [event]
         released = self.release(key)
         self._held[key] = _Held(event, now + self._wait)
@@ -107,15 +115,24 @@ class HeldRequests:
     def read(self, event: FleetEvent) -> list[FleetEvent]:
         """
         The held notifications that a later feed C{event} completes or ends: its key's
-        serial (C{device.serial-changed}), or any other event naming its key.
+        serial (C{device.serial-changed}), or any other event naming its key; one that
+        ends the request says the serial the request had (a re-approval's, which no serial
+        change may have said, when the approval is read in the same poll as the request).
         """
         key = _keyOf(event)
         if key is None or key not in self._held:
             return []
-        if event.event == SERIAL_CHANGED:
+        if event.event in _SAYS_THE_REQUESTS_SERIAL:
             serial = event.detail.get("serial")
             return self.release(key, serial if isinstance(serial, str) else None)
         return self.release(key)
+
+    def awaitingStoredSerial(self) -> frozenset[str]:
+        """
+        The keys of the held re-approvals: their hello's serial, unless it changed, is only
+        in the store's request row (L{release} them with it).
+        """
+        return frozenset(key for key, held in self._held.items() if _isReapproval(held.event))
 
     def release(self, key: str, serial: str | None = None) -> list[FleetEvent]:
         """The notification held for C{key}, if any, with C{serial}; no longer held."""

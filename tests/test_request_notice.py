@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -123,13 +124,22 @@ class HeldRequestsTests(SynchronousTestCase):
         [sent] = held.due(T0 + SERIAL_WAIT)
         self.assertEqual((sent.id, sent.detail["serial"]), (5, None))
 
-    def test_reapprovalNotHeld(self) -> None:
+    def test_reapprovalHeldAndCompared(self) -> None:
         """
-        A device asking again with its own key (its certificate ran out) reports its known
-        serial, which writes no serial change: nothing to wait for, sent at once.
+        A device asking again with its own key (its certificate ran out) is held like a
+        re-key, its key among those whose serial is read from the store (its hello writes
+        no row when the serial is the device's), and sent saying whether it matches.
         """
-        event = pendingEvent("k1", kind="reapprove")
-        self.assertEqual(HeldRequests().hold(event, T0), [event])
+        held = HeldRequests()
+        reapproval = attrs.evolve(
+            pendingEvent("k1", kind="reapprove"),
+            detail={**pendingEvent("k1").detail, "kind": "reapprove", "deviceSerial": "SN-1"},
+        )
+        self.assertEqual(held.hold(reapproval, T0), [])
+        held.hold(pendingEvent("k2"), T0)
+        self.assertEqual(held.awaitingStoredSerial(), {"k1"})
+        self.assertEqual([said(e) for e in held.release("k1", "SN-1")], [(5, "SN-1", "yes")])
+        self.assertEqual(held.awaitingStoredSerial(), set())
 
     def test_eventWithoutKeyNotHeld(self) -> None:
         """A row naming no key (written by hand, say) has nothing to wait for."""
@@ -309,3 +319,95 @@ class NewDeviceNotificationTests(WatcherTestCase):
         self.successResultOf(self.store.approveDevice("oven2", "root", T0 + 6, fingerprint=key))
         self.poll()
         self.assertEqual([e.event for e in self.notifier.events], [PENDING, "device.approved"])
+
+
+@bothBackends
+class ReapprovalNotificationTests(WatcherTestCase):
+    """
+    A device back after its certificate ran out (C{device.pending} kind reapprove, its own
+    key): its notification says the serial its agent reports and whether it is the
+    device's, as a re-key's does, and so does its approval (C{device.approved}).
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        publicKey = newPublicKey()
+        self.key = fingerprint(publicKey)
+        self.publicKey = publicKey
+        self.contact("kiln7", publicKey, T0, serial="SN-1")
+        self.successResultOf(self.store.approveDevice("kiln7", "root", T0))
+        self.successResultOf(self.store.recordCertificate("kiln7", "1", self.key, T0, T0 + 1, T0))
+        self.watcher = self.newWatcher()
+
+    def comesBack(self) -> int:
+        """The device's key logs in after its certificate ran out; the pending row's id."""
+        self.contact("kiln7", self.publicKey, T0 + 5)
+        row = self.events()[-1]
+        self.assertEqual((row.event, row.detail["kind"]), (PENDING, "reapprove"))
+        return int(row.id)
+
+    def pending(self) -> list[tuple[Any, ...]]:
+        return [said(e) for e in self.notifier.events if e.event == PENDING]
+
+    def test_rowCarriesTheDeviceSerial(self) -> None:
+        """The re-approval row names the device's serial (C{device_serial} as read out)."""
+        self.comesBack()
+        self.assertEqual(self.events()[-1].detail["deviceSerial"], "SN-1")
+
+    def test_sameBoard(self) -> None:
+        """
+        Nothing is sent at the login; the hello's serial, the device's (which writes no
+        serial change), sends it: the row's id, the serial, serial_matches yes.
+        """
+        rowId = self.comesBack()
+        self.poll()
+        self.assertEqual(self.notifier.events, [])
+        before = self.successResultOf(self.store.lastAuditId())
+        self.hello(self.key, "SN-1")
+        self.assertEqual(self.events(before), [])  # no serial change
+        self.poll()
+        self.assertEqual(self.pending(), [(rowId, "SN-1", "yes")])
+        self.assertEqual(self.notifier.events[-1].toJSON()["detail"]["device_serial"], "SN-1")
+
+    def test_anotherBoard(self) -> None:
+        """The device's key on another board (its state copied): serial_matches no."""
+        rowId = self.comesBack()
+        self.poll()
+        self.hello(self.key, "SN-2")
+        self.poll()
+        self.assertEqual(self.pending(), [(rowId, "SN-2", "no")])
+        self.assertEqual([e.event for e in self.notifier.events], [PENDING])
+
+    def test_noHello(self) -> None:
+        """No serial reported within the wait: serial null, unknown, once."""
+        self.comesBack()
+        self.poll()
+        self.clock.advance(SERIAL_WAIT)
+        self.poll()
+        self.clock.advance(SERIAL_WAIT)
+        self.poll()
+        self.assertEqual([r[1:] for r in self.pending()], [(None, "unknown")])
+
+    def test_approvalSaysTheSerial(self) -> None:
+        """The re-approval's C{device.approved} says the serial its agent reported."""
+        self.comesBack()
+        self.hello(self.key, "SN-1")
+        self.successResultOf(self.store.approveDevice("kiln7", "root", T0 + 7))
+        self.poll()
+        approved = self.notifier.events[-1]
+        self.assertEqual(
+            (approved.event, approved.detail["kind"], approved.detail["serial"]),
+            ("device.approved", "reapprove", "SN-1"),
+        )
+        self.assertEqual([r[1:] for r in self.pending()], [("SN-1", "yes")])
+
+    def test_reinstatedSaysTheSerial(self) -> None:
+        """A revoked device approved again (kind reinstate) says the device's serial."""
+        self.successResultOf(self.store.revokeDevice("kiln7", "root", T0 + 1))
+        self.successResultOf(self.store.approveDevice("kiln7", "root", T0 + 2))
+        self.poll()
+        approved = self.notifier.events[-1]
+        self.assertEqual(
+            (approved.event, approved.detail["kind"], approved.detail["serial"]),
+            ("device.approved", "reinstate", "SN-1"),
+        )

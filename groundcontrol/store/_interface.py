@@ -101,10 +101,10 @@ class IStore(Interface):
         Any other key becomes (or refreshes) an L{EnrollmentRequest}: C{kind="rekey"} if
         the name belongs to an existing device, else C{"new"}. A request never takes or
         shadows a device's name. The first appearance of a request is audited as
-        C{device.rekey-requested} (kind rekey; its detail's C{deviceSerial} is the
-        device's serial, which the request's is compared with when its agent reports one)
-        or C{device.pending} (new, reapprove). A C{serial} of None keeps the one already
-        known (see L{updateSerial}).
+        C{device.rekey-requested} (kind rekey) or C{device.pending} (new, reapprove); a
+        rekey's or reapprove's detail's C{deviceSerial} is the device's serial, which the
+        request's is compared with when its agent reports one. A C{serial} of None keeps
+        the one already known (see L{updateSerial}).
 
         For an approved L{Device} it yields, the same statement that sets C{lastSeen} records
         how the link authenticated (its L{lastLink}), as the caller decided: C{link}, called
@@ -139,7 +139,8 @@ class IStore(Interface):
     def updateSerial(fingerprint, serial, now=None):
         """
         Store the board serial the agent reported after login, on the device or pending
-        request with that key. Control characters are stripped, at most 128 characters kept.
+        request with that key (on both for a device's own key asking to be re-approved).
+        Control characters are stripped, at most 128 characters kept.
         A change is audited as C{device.serial-changed} (at C{now}, else at the key's last
         contact).
 

@@ -883,7 +883,7 @@ class SQLStore:
                 (fingerprint, requestedName, line, serial, source, now, now, kind, host),
             )
             detail = {"fingerprint": fingerprint, "kind": kind, "serial": serial, "source": source}
-            if kind == "rekey":
+            if kind in ("rekey", "reapprove"):
                 # The serial the request's must match to be the same board: its notification
                 # says whether it does once the agent's hello reports one (fleetwatch).
                 detail["deviceSerial"] = c.execute(
@@ -947,6 +947,13 @@ class SQLStore:
                 table = "enrollment_requests"
             if row is None:
                 return False
+            if table == "devices":
+                # A device asking to be re-approved with its own key: its request says the
+                # serial it reports now, as a new key's does (its notification, the approval).
+                c.execute(
+                    "UPDATE enrollment_requests SET serial = ? WHERE fingerprint = ?",
+                    (serial, fingerprint),
+                )
             if row["serial"] != serial:
                 c.execute(
                     f"UPDATE {table} SET serial = ? WHERE fingerprint = ?", (serial, fingerprint)
@@ -1009,7 +1016,7 @@ class SQLStore:
                 "device.approved",
                 actor,
                 name,
-                {"fingerprint": device.fingerprint, "kind": "reinstate"},
+                {"fingerprint": device.fingerprint, "kind": "reinstate", "serial": device.serial},
                 now,
             )
             return self._deviceNamed(c, name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -247,3 +248,51 @@ def test_init_keeps_existing_keys(tmp_path: Path) -> None:
     for path, data in kept.items():
         assert path.read_bytes() == data, path
     assert (gc.data / "ca" / "ca.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_reapproval_webhook_says_the_serial(fleet: Fleet) -> None:
+    """
+    A device offline past its certificate's end comes back pending with its own key
+    (device.pending, kind reapprove): the POST says the serial its agent reported and that
+    it is the device's (serial_matches yes, device_serial), and its re-approval's
+    device.approved says the serial too (both were null).
+    """
+    receiver = _Hook(failures=0)
+    receiver.thread.start()
+    try:
+        fleet.gc.stop()
+        fleet.startServer("--webhook", receiver.url, "--certificate-lifetime", "6s")
+        agent = fleet.addAgent("again1", extraArgs=("--serial", "SN-1"))
+        waitFor((agent.state / "device.crt").exists, 30, "the device certificate")
+        agent.stop()
+        fleet.agents.remove(agent)
+        certificate = x509.load_pem_x509_certificate((agent.state / "device.crt").read_bytes())
+        # Away until its last certificate has run out.
+        time.sleep(max(0.0, certificate.not_valid_after_utc.timestamp() - time.time()) + 1)
+        fleet.addAgent("again1", approve=False, extraArgs=("--serial", "SN-1"))
+
+        def posted(event: str, kind: str) -> dict[str, Any] | None:
+            return next(
+                (
+                    p["body"]
+                    for p in receiver.snapshot()
+                    if (p["body"]["event"], p["body"]["detail"].get("kind")) == (event, kind)
+                ),
+                None,
+            )
+
+        pending = waitFor(lambda: posted("device.pending", "reapprove"), 30, "the POST")
+        assert pending["device"] == "again1"
+        detail = pending["detail"]
+        assert (detail["serial"], detail["device_serial"], detail["serial_matches"]) == (
+            "SN-1",
+            "SN-1",
+            "yes",
+        )
+        fleet.gc.cli("device", "approve", "again1")
+        approved = waitFor(lambda: posted("device.approved", "reapprove"), 30, "the approval")
+        assert approved["detail"]["serial"] == "SN-1"
+    finally:
+        receiver.server.shutdown()
+        receiver.server.server_close()
+        receiver.thread.join(5)
