@@ -85,14 +85,20 @@ def applyServerPolicy(transport: Any) -> None:
     transport.supportedCompressions = list(COMPRESSIONS)
 
 
-#: Conch's client does not implement the ML-KEM hybrid yet (Twisted issue
-#: 12624), so the agent offers the classical exchanges only.
-AGENT_KEY_EXCHANGES = [k for k in KEY_EXCHANGES if not k.startswith(b"mlkem")]
+#: The agent's link offers the post-quantum hybrid first, as operators get it: it
+#: carries a device's sessions for months, the recording "store now, decrypt later"
+#: is about. Conch's client cannot do it (Twisted issue 12624); the agent's transport
+#: can (accesstunnel.hybridkex). curve25519 follows, for a server that does not offer
+#: the hybrid. A plain Conch client transport under this policy (a test's) offers
+#: curve25519 alone.
+AGENT_KEY_EXCHANGES = list(KEY_EXCHANGES)
 
 
 def applyClientPolicy(transport: Any) -> None:
     """Restrict a client transport instance to the policy, fastest first."""
-    transport.supportedKeyExchanges = list(AGENT_KEY_EXCHANGES)
+    transport.supportedKeyExchanges = _implemented(
+        transport.supportedKeyExchanges, AGENT_KEY_EXCHANGES
+    )
     transport.supportedCiphers = _implemented(transport.supportedCiphers, AGENT_CIPHERS)
     transport.supportedMACs = _implemented(transport.supportedMACs, AGENT_MACS)
     transport.supportedPublicKeys = list(HOST_KEY_ALGORITHMS)

@@ -33,6 +33,7 @@ from accesstunnel import fastpath, policy
 from accesstunnel.addresses import describeAddress
 from accesstunnel.connection import TunnelConnection
 from accesstunnel.enrollmessages import APPROVED
+from accesstunnel.hybridkex import HybridKexClientMixin
 from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL, KeepaliveTransportMixin
 from accesstunnel.keys import fingerprint
 from accesstunnel.letgo import letGo
@@ -242,9 +243,13 @@ class AgentTransport(
     KeepaliveTransportMixin,
     RekeyingTransportMixin,
     fastpath.FastPathMixin,
+    HybridKexClientMixin,
     transport.SSHClientTransport,
 ):
-    """Client transport: policy, pinned host key, keepalives, rekeying, link readiness."""
+    """
+    Client transport: policy, pinned host key, keepalives, rekeying, link readiness,
+    and the post-quantum key exchange (accesstunnel.hybridkex).
+    """
 
     _log = Logger()
     ourVersionString = versionLine()
