@@ -130,8 +130,15 @@ SMALL_WRITE_LIMIT = 1024
 #: The key exchange method's own messages (RFC 4250 4.1.2).
 _FIRST_KEX_METHOD_MESSAGE = 30
 _LAST_KEX_METHOD_MESSAGE = 49
+#: What a strict peer may send before the first NEWKEYS: the exchange's messages, and
+#: DISCONNECT, whose words say why a peer gave up the exchange (a reply it could not
+#: use); OpenSSH reads it before its own strict check, so does this layer.
 _STRICT_ALLOWED = frozenset(
-    [transport.MSG_NEWKEYS, *range(_FIRST_KEX_METHOD_MESSAGE, _LAST_KEX_METHOD_MESSAGE + 1)]
+    [
+        transport.MSG_DISCONNECT,
+        transport.MSG_NEWKEYS,
+        *range(_FIRST_KEX_METHOD_MESSAGE, _LAST_KEX_METHOD_MESSAGE + 1),
+    ]
 )
 _HELD_DURING_INITIAL_KEX = frozenset(
     [transport.MSG_IGNORE, transport.MSG_DEBUG, transport.MSG_UNIMPLEMENTED]

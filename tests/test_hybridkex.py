@@ -299,3 +299,19 @@ def test_agent_link_to_groundcontrol_is_post_quantum() -> None:
     assert pump.client.kexAlg == pump.server.kexAlg == MLKEM
     [up] = [e for e in events if e.get("log_format") == linklog.LINK_UP]
     assert up["kex"] == "mlkem768x25519-sha256"
+
+
+def test_server_reads_why_the_client_gave_up() -> None:
+    """
+    The client's DISCONNECT during the first, strict, key exchange reaches the server with
+    its words (groundcontrol logs 'disconnected with code 3: ...'), as OpenSSH reads a
+    DISCONNECT before its strict-kex check; our packet layer called it a strict KEX
+    violation (unexpected packet type 1) and the agent's reason was lost.
+    """
+    lowOrder = _withSReply(lambda s: s[:1088] + b"\0" * 32)
+    server, client, pump = connect(_forging(lowOrder), HybridClient)
+    [said] = client.disconnects
+    assert said[0] == transport.DISCONNECT_KEY_EXCHANGE_FAILED
+    assert server.peerDisconnects == [said]
+    assert server.disconnects == []
+    assert pump.serverIO.disconnected
