@@ -28,7 +28,7 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
-__all__ = ["createAtomically", "removeStaleTemporaries", "writeAtomically"]
+__all__ = ["createAtomically", "removeStaleTemporaries", "roomFor", "writeAtomically"]
 
 _log = Logger()
 
@@ -121,6 +121,24 @@ def createAtomically(path: Path, data: bytes, mode: int = 0o600) -> bool:
             os.unlink(temporary)
     _syncDirectory(path.parent)
     return True
+
+
+def roomFor(path: Path, size: int) -> OSError | None:
+    """
+    Why a file of C{size} bytes could not be written at C{path} now (the disk is full, over
+    quota, read-only), or None if it could: a temporary file that size is written next to
+    it, flushed, and removed, as L{writeAtomically} would write one. Cheaper than asking
+    for something to store and failing: C{statvfs} tells neither a quota nor ext4's
+    emergency read-only. A power cut meanwhile leaves C{NAME.PID.tmp}, which
+    L{removeStaleTemporaries} removes at the next start.
+    """
+    try:
+        temporary = _writeTemporary(path, bytes(size), 0o600, suffix=f".{os.getpid()}.tmp")
+    except OSError as e:
+        return e
+    with contextlib.suppress(OSError):
+        os.unlink(temporary)
+    return None
 
 
 def removeStaleTemporaries(directory: Path, names: Collection[str]) -> list[str]:

@@ -49,7 +49,7 @@ from accesstunnel.enrollmessages import (
     encodeMessage,
 )
 from accesstunnel.reasontext import reasonText
-from accesstunnel.statefiles import writeAtomically
+from accesstunnel.statefiles import roomFor, writeAtomically
 from accesstunnel.timetext import isoTime
 
 CERTIFICATE_FILE = "device.crt"
@@ -315,6 +315,9 @@ class Enrollment:
         self._waitSaid = False
         #: When (L{_elapsed}) the log last warned that the certificate runs out unrenewed.
         self._runningOutSaidAt: float | None = None
+        #: The size of the largest file of the last certificate that did not fit (None once
+        #: one is stored): no new one is asked for until a file that size can be written.
+        self._refusedSize: int | None = None
         self.state = "unknown"
         self.name: str | None = None
         #: Which transport the link runs over (set by the assembly), for hello.
@@ -454,6 +457,9 @@ class Enrollment:
             return
         self.status.update()  # which also finds out whether the state directory is writable
         writeError = self.status.writeError
+        if writeError is None and self._refusedSize is not None:
+            # status.json fits, the last certificate did not: would one fit now?
+            writeError = roomFor(certificatePath, self._refusedSize)
         if writeError is not None and writeError.errno in _CANNOT_STORE:
             self._waitForRoom(certificatePath, notAfter, writeError)
             return
@@ -475,25 +481,20 @@ class Enrollment:
             self._log.error("groundcontrol sent a malformed certificate")
             self._retryCertificate()
             return
+        # The certificate last: a failure on either leaves the one in use as it was.
+        files = [(certificatePath, pem.encode())]
+        if isinstance(reply.get("ca"), str):
+            files.insert(0, (self.stateDir / CA_FILE, reply["ca"].encode()))
         try:
-            # The certificate last: a failure on either leaves the one in use as it was.
-            if isinstance(reply.get("ca"), str):
-                writeAtomically(self.stateDir / CA_FILE, reply["ca"].encode())
-            writeAtomically(certificatePath, pem.encode())
+            for path, data in files:
+                writeAtomically(path, data)
         except OSError as e:
-            self._log.error(
-                "cannot store the new fleet certificate in {path}: {error}; the one there "
-                "(if any) is kept, and the agent asks again in {delay:.0f} s",
-                path=str(certificatePath),
-                error=reasonText(e),
-                delay=CERTIFICATE_RETRY_DELAY,
-            )
-            self._warnIfRunningOut(certificatePath, heldUntil)
-            self._retryCertificate()
+            self._storeFailed(certificatePath, heldUntil, e, max(len(d) for _, d in files))
             return
         expires = isoTime(notAfter)
         self._waitSaid = False
         self._runningOutSaidAt = None
+        self._refusedSize = None
         self._log.info("fleet certificate stored, valid until {expires}", expires=expires)
         self.status.update(certificate_expires_at=expires)
         now = self._wall()
@@ -507,6 +508,33 @@ class Enrollment:
                 notAfter=expires,
             )
         self._scheduleRenewal(notBefore, notAfter)
+
+    def _storeFailed(
+        self, certificatePath: Path, heldUntil: float, error: OSError, size: int
+    ) -> None:
+        """
+        A certificate was issued but could not be stored. If for lack of room (status.json
+        fitted, the certificate did not), none is asked for until a file of its C{size} can
+        be written (L{roomFor}, looked at hourly): groundcontrol signed one an hour for
+        nothing, and the log said so each time.
+        """
+        if error.errno in _CANNOT_STORE:
+            self._refusedSize, self._waitSaid = size, True
+            then = (
+                f"asks for a new one once a file of {size} bytes can be written there (it "
+                f"looks every {CERTIFICATE_RETRY_DELAY:.0f} s)"
+            )
+        else:
+            then = f"asks again in {CERTIFICATE_RETRY_DELAY:.0f} s"
+        self._log.error(
+            "cannot store the new fleet certificate in {path}: {error}; the one there (if "
+            "any) is kept, and the agent {then}",
+            path=str(certificatePath),
+            error=reasonText(error),
+            then=then,
+        )
+        self._warnIfRunningOut(certificatePath, heldUntil)
+        self._retryCertificate()
 
     def _waitForRoom(self, certificatePath: Path, notAfter: float, error: OSError) -> None:
         """

@@ -26,7 +26,6 @@ from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, capturedLog
 
 from accesstunnel import statefiles
 from agent import cli as agent_cli
-from agent import enrollment
 from agent.enrollment import (
     CA_FILE,
     CERTIFICATE_FILE,
@@ -58,11 +57,17 @@ class FullDisk:
         self.room = room
         self.error = error
         self.refused = 0
+        #: The largest file there is room for, if set: a few blocks free, any number of
+        #: times (a file replaced gives its blocks back). A larger write fails, writing none.
+        self.largest: int | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(os, name)
 
     def write(self, fd: int, data: Any) -> int:
+        if self.largest is not None and len(data) > self.largest:
+            self.refused += 1
+            raise OSError(self.error, os.strerror(self.error))
         if self.room is None:
             return os.write(fd, data)
         if self.room == 0:
@@ -340,11 +345,15 @@ class FullDiskEnrollmentTests(EnrollmentTestCase):
         self.assertTrue(any(f"on a full disk ({QUOTA})" in m for m in agent.log), agent.log)
 
     def runningOutWarnings(self, agent: Any) -> list[tuple[float, str]]:
-        """(wall time, text) of each warning the agent's enrollment logs from now on."""
+        """
+        (wall time, text) of each warning the agent's enrollment logs from now on, which
+        goes on to the agent's log too.
+        """
         said: list[tuple[float, str]] = []
 
         def observer(event: LogEvent) -> None:
             text = formatEvent(event)
+            agent.log.append(text)
             if event["log_level"] == LogLevel.warn and "cannot be renewed" in text:
                 said.append((self.world.now, text))
 
@@ -391,26 +400,40 @@ class FullDiskEnrollmentTests(EnrollmentTestCase):
         self.world.advance(DAY)
         self.assertEqual(len(said), 25)
 
-    def test_certificateThatDoesNotFitIsWarnedNearItsEnd(self) -> None:
+    def test_certificateThatDoesNotFitIsNotAskedForAgain(self) -> None:
         """
-        status.json fits but the certificate does not (a few blocks free): the request is
-        made and its failure logged as an error each hour as before, and in the
-        certificate's last day the warning that it runs out goes with it.
+        status.json fits but the certificate does not (a few blocks free): one is issued
+        and cannot be stored, and no other is asked for (groundcontrol signed one an hour
+        for nothing) until a file its size can be written, looked at hourly; one error line
+        says so, and in the certificate's last day the warning that it runs out is hourly.
+        Once there is room the agent asks within the hour and stores it.
         """
         agent = self.world.enrolled("kiln7")
-        notAfter = certificateLifetime(agent.certificatePEM)[1]
+        old = agent.certificatePEM
+        notBefore, notAfter = certificateLifetime(old)
         said = self.runningOutWarnings(agent)
-        write = statefiles.writeAtomically
+        self.disk.largest = 600  # status.json is about 200 bytes, a certificate 700-1000
+        self.world.advance(renewalDue(notBefore, notAfter) - self.world.now)
+        self.assertEqual(certificatesIssued(self.fleet), 2)
+        while self.world.now + CERTIFICATE_RETRY_DELAY < notAfter - DAY / 2:
+            self.world.advance(CERTIFICATE_RETRY_DELAY)
+        self.assertEqual(certificatesIssued(self.fleet), 2)
+        errors = [m for m in agent.log if "cannot store the new fleet certificate" in m]
+        self.assertEqual(len(errors), 1, errors)
+        self.assertIn(f"in {agent.stateDir / CERTIFICATE_FILE}: {NO_SPACE}", errors[0])
+        self.assertIn("asks for a new one once a file of", errors[0])
+        self.assertFalse(any("is on a full disk" in m for m in agent.log), agent.log)
+        self.assertEqual(len(said), 12, said)
+        self.assertIn("runs out in 23 h", said[0][1])
+        self.assertEqual(agent.certificatePEM, old)
+        self.assertEqual(names(agent.stateDir), sorted([CA_FILE, CERTIFICATE_FILE, STATUS_FILE]))
 
-        def noRoomForCertificates(path: Path, data: bytes, **kwargs: Any) -> None:
-            if path.name in (CERTIFICATE_FILE, CA_FILE):
-                raise OSError(errno.ENOSPC, NO_SPACE)
-            write(path, data, **kwargs)
-
-        self.patch(enrollment, "writeAtomically", noRoomForCertificates)
-        self.world.advance(notAfter - DAY / 2 - self.world.now)
-        self.assertEqual(len(said), 1, said)
-        self.assertIn("runs out in 12 h", said[0][1])
+        self.disk.largest = None
+        self.world.advance(CERTIFICATE_RETRY_DELAY)
+        self.assertEqual(certificatesIssued(self.fleet), 3)
+        self.assertGreater(certificateLifetime(agent.certificatePEM)[1], notAfter + DAY)
+        self.world.advance(DAY)
+        self.assertEqual(len(said), 12)
 
     def test_pendingOnAFullDiskShowsItsCodeOnceThereIsRoom(self) -> None:
         """
