@@ -51,6 +51,9 @@ class Registry:
         #: The sessions over these links (a L{groundcontrol.sessions.SessionRegistry}),
         #: set by L{groundcontrol.sessions.attachSessions}.
         self.sessions: Any = None
+        #: Channel opens waiting for devices to reconnect (a
+        #: L{groundcontrol.devicewait.DeviceWaits}), told of every link that attaches.
+        self.waits: Any = None
 
     def attach(self, link: Link) -> None:
         """Make C{link} the route to its device, replacing any older link."""
@@ -62,6 +65,8 @@ class Registry:
                 "device {device} reconnected; closing its previous link", device=link.deviceName
             )
             old.close("replaced by a newer connection from the same device")
+        if self.waits is not None:
+            self.waits.linkAttached(link.deviceName)
 
     def attachPending(self, link: Link) -> None:
         """Hold C{link} until its key is approved; it is not routable."""

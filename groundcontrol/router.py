@@ -4,7 +4,8 @@ checks, in order, and the words an operator sees when one fails.
 
 A malformed name is refused before any lookup. Then the device must exist and
 be reachable by this account (an operator is not told which of the two failed),
-not be revoked, and be connected now; only then
+not be revoked, and be connected now, or reconnect within the device wait if it was
+online recently (L{groundcontrol.devicewait}); only then
 is a channel opened on its link, and the operator's channel is confirmed with
 the device's own answer.
 
@@ -26,9 +27,16 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from accesstunnel.channel import DEFAULT_MAX_PACKET, DEFAULT_WINDOW, LINK_MAX_PACKET
+from accesstunnel.durations import spokenDuration
 from accesstunnel.timetext import absoluteTime, relativeTime
 from groundcontrol.clientaddress import CLIENT_ADDRESS_REQUEST, clientAddressPayload
 from groundcontrol.control import ControlChannel, ControlContext
+from groundcontrol.devicewait import (
+    DeviceElsewhereError,
+    DeviceNotBackError,
+    DeviceWaits,
+    WaitRefusedError,
+)
 from groundcontrol.forwarding import (
     CANCEL_SOCKET_FORWARD,
     SOCKET,
@@ -41,7 +49,7 @@ from groundcontrol.forwarding import (
 )
 from groundcontrol.registry import Registry
 from groundcontrol.relay import RelayChannel, refusal, splice
-from groundcontrol.store import Account, IStore
+from groundcontrol.store import Account, Device, IStore
 from groundcontrol.usernames import (
     DEVICE_PREFIX,
     ControlTarget,
@@ -114,6 +122,7 @@ class SessionRouter:
         registry: Registry,
         clock: IReactorTime,
         policy: SessionPolicy | None = None,
+        waits: DeviceWaits | None = None,
     ) -> None:
         # Operators opening sessions and admins in the control shell wait on these
         # calls: ahead of the fleet's queued bookkeeping (IStore.interactive).
@@ -121,8 +130,10 @@ class SessionRouter:
         self._registry = registry
         self._clock = clock
         self.policy = policy or SessionPolicy()
+        #: Channel opens waiting for recently seen devices to reconnect (None: never wait).
+        self.waits = waits
 
-    async def reachableLink(self, account: Account, name: str) -> Any:
+    async def reachableLink(self, account: Account, name: str, wait: bool = False) -> Any:
         """
         The live link of device C{name} if C{account} may reach it, else a refusal.
 
@@ -130,6 +141,8 @@ class SessionRouter:
         and C{show} hide the rest): a name that is unknown and one they hold no grant for get
         the same words, after the same two lookups. Admins, and operators whose grant names
         the device, are told exactly what is wrong; the log always says it.
+
+        With C{wait}, an offline device seen recently is waited for (L{_waitForLink}).
         """
         now = self._clock.seconds()
         device = await self._store.deviceByName(name)
@@ -151,11 +164,75 @@ class SessionRouter:
             raise refusal(f"device {name!r} is {device.state}")
         link = self._registry.lookup(name)
         if link is None:
+            if wait and self.waits is not None and self.waits.worthWaiting(device, now):
+                return await self._waitForLink(account, device)
             raise refusal(
                 f"device {name!r} is offline ({describeLastSeen(device.lastSeen, now)})",
                 connection.OPEN_CONNECT_FAILED,
             )
         return link
+
+    async def _waitForLink(self, account: Account, device: Device) -> Any:
+        """
+        Hold the channel open, unanswered, until the recently seen C{device} reconnects
+        (its link), or refuse it: not back within the wait, back on another node, too many
+        waiting already. One log line says how long it waited and how it ended.
+        """
+        assert self.waits is not None
+        name = device.name
+        try:
+            waiting = self.waits.wait(name)
+        except WaitRefusedError as e:
+            self._log.info(
+                "refused {account} a wait for device {device} to reconnect: {reason}",
+                account=account.name,
+                device=name,
+                reason=str(e),
+            )
+            raise refusal(
+                f"device {name!r} is offline "
+                f"({describeLastSeen(device.lastSeen, self._clock.seconds())}); "
+                f"not waiting for it to reconnect: {e}",
+                connection.OPEN_RESOURCE_SHORTAGE,
+            ) from None
+        startedAt = self._clock.seconds()
+        outcome = "it did"
+        try:
+            return await waiting
+        except defer.CancelledError:
+            outcome = "the operator left"
+            raise
+        except DeviceNotBackError:
+            outcome = "it did not"
+            raise await self._offlineAfterWait(name, startedAt, "") from None
+        except DeviceElsewhereError:
+            outcome = "it linked to another node"
+            raise await self._offlineAfterWait(
+                name, startedAt, ": it linked to another groundcontrol node, which routes it"
+            ) from None
+        finally:
+            waited = round(self._clock.seconds() - startedAt, 1)
+            self._log.info(
+                "{account} waited {waited} for device {device} to reconnect: {outcome}",
+                account=account.name,
+                waited=spokenDuration(waited),
+                device=name,
+                outcome=outcome,
+                waitedFor=waited,
+            )
+
+    async def _offlineAfterWait(self, name: str, startedAt: float, why: str) -> Exception:
+        """The refusal of a wait that ended without the link: the device as it is now."""
+        now = self._clock.seconds()
+        device = await self._store.deviceByName(name)
+        if device is not None and device.state != "approved":
+            return refusal(f"device {name!r} is {device.state}")
+        lastSeen = describeLastSeen(device.lastSeen if device else None, now)
+        return refusal(
+            f"device {name!r} is offline ({lastSeen}); waited "
+            f"{spokenDuration(round(now - startedAt, 1))} for it to reconnect{why}",
+            connection.OPEN_CONNECT_FAILED,
+        )
 
     async def openChannel(
         self,
@@ -197,7 +274,7 @@ class SessionRouter:
             )
         if channelType in _LOCAL_FORWARDS and not self.policy.permitLocalForwarding:
             raise refusal("port forwarding is not permitted on this server")
-        link = await self.reachableLink(account, target.name)
+        link = await self.reachableLink(account, target.name, wait=True)
         if channelType == DIRECT_STREAMLOCAL:
             await self._refuseSocketsAsAnotherUser(account, link)
         return await self._relay(
@@ -324,7 +401,7 @@ class SessionRouter:
             )
         if not self.policy.permitLocalForwarding:
             raise refusal("port forwarding is not permitted on this server")
-        link = await self.reachableLink(account, target.name)
+        link = await self.reachableLink(account, target.name, wait=True)
         # The device's own sshd, on the device's loopback.
         payload = common.NS(b"127.0.0.1") + struct.pack(">L", port) + rest[4:]
         return await self._relay(

@@ -44,6 +44,7 @@ from groundcontrol.auth import AgentLogin, FleetKeyChecker, OperatorLogin
 from groundcontrol.avatars import AgentAvatar, OperatorAvatar
 from groundcontrol.certverdict import CertificateVerdict, PresentedCertificate
 from groundcontrol.cipherchoice import AESGCMAfterLoginMixin
+from groundcontrol.devicewait import DeviceWaitPolicy, DeviceWaits
 from groundcontrol.enrollment import AgentRequests, CertificatePolicy
 from groundcontrol.pki import FleetCA
 from groundcontrol.preauth import Allowance, ConnectionAllowance, PreauthMixin
@@ -140,6 +141,9 @@ class ServerSettings:
     #: (L{PEER_REKEY_BURST}); a burst of 0 turns the bound off.
     peerRekeyBurst: int = PEER_REKEY_BURST
     peerRekeyInterval: float = PEER_REKEY_INTERVAL
+    #: Wait for recently seen devices to reconnect (L{groundcontrol.devicewait}); None, or
+    #: a wait of 0: an offline device's channel fails at once.
+    deviceWait: DeviceWaitPolicy | None = None
 
     @functools.cached_property
     def peerRekeyAllowance(self) -> Allowance | None:
@@ -749,7 +753,13 @@ def buildFrontDoor(
 ) -> tuple[GroundControlFactory, Registry]:
     """Assemble checker, realm, portal and factory around a store."""
     registry = registry if registry is not None else Registry()
-    router = SessionRouter(store, registry, clock, settings.sessions if settings else None)
+    waitPolicy = settings.deviceWait if settings else None
+    waits = None
+    if waitPolicy is not None and waitPolicy.maxWait > 0:
+        waits = DeviceWaits(waitPolicy, registry, clock, store.interactive())
+    router = SessionRouter(
+        store, registry, clock, settings.sessions if settings else None, waits=waits
+    )
     agentRequests = AgentRequests(store, clock, certificates)
     realm = GroundControlRealm(
         store,

@@ -29,12 +29,19 @@ from accesstunnel.transports.tls import ServerTLS, TLSConfigError
 from accesstunnel.transports.tor import TorSettings
 from groundcontrol.cipherchoice import cpuHasAES
 from groundcontrol.datadir import DataDir, HostKeyError, NotInitialised
+from groundcontrol.devicewait import (
+    DEFAULT_DEVICE_WAIT,
+    DEFAULT_MAX_WAITERS,
+    DEFAULT_MAX_WAITERS_PER_DEVICE,
+    DEFAULT_SHARED_STORE_POLL,
+    DeviceWaitPolicy,
+)
 from groundcontrol.enrollment import CertificatePolicy
 from groundcontrol.fleetwatch import DEFAULT_PENDING_EXPIRY, FleetWatcher
 from groundcontrol.listening import ListenService, listenAll
 from groundcontrol.logging import DEFAULT_LEVEL, LEVELS, parseLevel, setLevel
 from groundcontrol.metrics import Metrics, metricsService
-from groundcontrol.notify import makeNotifier
+from groundcontrol.notify import NotifierService, makeNotifier
 from groundcontrol.pki import CA_CERTIFICATE_FILE, CAError
 from groundcontrol.preauth import (
     DEFAULT_EARLY_CLOSE_ALLOWANCE,
@@ -56,7 +63,14 @@ from groundcontrol.revocations import RevokedCertificates
 from groundcontrol.router import SessionPolicy
 from groundcontrol.sessions import SessionRegistry, SessionService, attachSessions
 from groundcontrol.sshserver import ServerSettings, buildFrontDoor
-from groundcontrol.store import IStore, PendingLimits, openStoreBlocking, threadRunner
+from groundcontrol.store import (
+    IStore,
+    PendingLimits,
+    StoreError,
+    openStoreBlocking,
+    storeKind,
+    threadRunner,
+)
 from groundcontrol.stormgc import StormCollector
 
 DEFAULT_LISTEN = "tcp:2222:interface=127.0.0.1"
@@ -145,6 +159,35 @@ class Options(usage.Options):
         ["webhook", None, None, "URL to POST fleet events to (JSON), retried with backoff."],
         ["max-sessions", None, 10, "Channels per operator connection (like MaxSessions).", int],
         ["max-channels-per-device", None, 1000, "Channels one device link may carry.", int],
+        [
+            "device-wait",
+            None,
+            DEFAULT_DEVICE_WAIT,
+            "Seconds a channel to an offline device seen recently waits for it to reconnect "
+            "(0: refuse at once).",
+            float,
+        ],
+        [
+            "device-wait-recent",
+            None,
+            "5m",
+            "Wait only for devices seen within this long (e.g. 5m), or seen within it before "
+            "groundcontrol started, while it has run less than that.",
+        ],
+        [
+            "max-device-waits",
+            None,
+            DEFAULT_MAX_WAITERS,
+            "Channels that may wait for devices to reconnect, in all.",
+            int,
+        ],
+        [
+            "max-device-waits-per-device",
+            None,
+            DEFAULT_MAX_WAITERS_PER_DEVICE,
+            "Of those, for one device.",
+            int,
+        ],
         ["store", None, None, "Store URL: postgresql://... for several nodes (default: SQLite)."],
         ["tls-cert", None, None, "PEM certificate (and chain) for tls:// and wss:// listeners."],
         ["tls-key", None, None, "PEM private key of --tls-cert."],
@@ -304,6 +347,14 @@ class Options(usage.Options):
                 )
         if self["max-sessions"] < 1 or self["max-channels-per-device"] < 1:
             raise usage.UsageError("session caps must be at least 1")
+        if self["device-wait"] < 0:
+            raise usage.UsageError("--device-wait cannot be negative (0: do not wait)")
+        try:
+            self["device-wait-recent"] = float(parseDuration(self["device-wait-recent"]))
+        except ValueError as e:
+            raise usage.UsageError(f"--device-wait-recent: {e}") from None
+        if self["max-device-waits"] < 1 or self["max-device-waits-per-device"] < 1:
+            raise usage.UsageError("device wait caps must be at least 1")
         if self["max-pending"] < 0 or self["max-pending-per-host"] < 0:
             raise usage.UsageError("pending caps cannot be negative")
         self["pending-expiry"] = durationOrNever("pending-expiry", self["pending-expiry"])
@@ -360,6 +411,15 @@ class Options(usage.Options):
                     permitAgentForwarding=bool(self["permit-agent-forwarding"]),
                     permitX11Forwarding=not self["no-x11-forwarding"],
                 ),
+                deviceWait=DeviceWaitPolicy(
+                    maxWait=self["device-wait"],
+                    recentWindow=self["device-wait-recent"],
+                    maxWaiters=self["max-device-waits"],
+                    maxWaitersPerDevice=self["max-device-waits-per-device"],
+                    sharedStorePoll=(
+                        DEFAULT_SHARED_STORE_POLL if _sharedStore(self["store"]) else None
+                    ),
+                ),
             ),
             certificateLifetime=self["certificate-lifetime"],
             webhook=self["webhook"],
@@ -392,6 +452,14 @@ class Options(usage.Options):
 #: The shortest --audit-max-age: the fleet watchers of every node read the audit log as a
 #: change feed, and must never find unread rows gone because they lagged.
 MIN_AUDIT_MAX_AGE = 86400.0
+
+
+def _sharedStore(url: str | None) -> bool:
+    """Whether the store URL is one several nodes may share (PostgreSQL)."""
+    try:
+        return url is not None and storeKind(url) == "postgresql"
+    except StoreError:
+        return False  # openStore says what is wrong with it
 
 
 def durationOrNever(option: str, text: str) -> float | None:
@@ -471,6 +539,8 @@ def buildService(
     factory.preauthGuard = PreauthGuard(reactor, penalties=config.penalties)  # type: ignore[attr-defined]
     notifier = makeNotifier(reactor, config.webhook)
     top = GroundControlService()
+    # First, so that it stops last: after the fleet watcher has handed over what it holds.
+    NotifierService(notifier).setServiceParent(top)
     # One limiter for every listener, innermost: it counts SSH handshakes,
     # whatever transport carries them.
     limited = HandshakeLimiter(

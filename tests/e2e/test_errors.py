@@ -30,8 +30,12 @@ def test_malformed_name_refused_without_lookup(fleet: Fleet) -> None:
 
 
 def test_offline_device_says_when_last_seen(kiln7: Fleet) -> None:
-    """A known device whose agent is gone is 'offline', with when it was last seen."""
+    """
+    A known device whose agent is gone is 'offline', with when it was last seen: at once
+    with --device-wait 0 (the wait for a device seen recently: test_device_wait.py).
+    """
     kiln7.agents[0].stop()
+    kiln7.restartServer("--device-wait", "0")
     alice = kiln7.operators["alice"]
 
     def offline() -> str | None:

@@ -20,6 +20,7 @@ tested in memory (tests/test_keepalive.py, tests/test_clock_jumps.py).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -116,8 +117,10 @@ def test_agent_kill9(kiln7: Fleet) -> None:
     agent.process.kill()
 
     def offline() -> bool:
-        result = alice.ssh("dev_kiln7", "true", timeout=20)
-        return result.returncode != 0 and "offline" in result.stderr
+        # ctl ls: an ssh to the device would wait for it (--device-wait).
+        result = alice.ssh("ctl", "ls", "--json", timeout=20)
+        rows = json.loads(result.stdout) if result.returncode == 0 else []
+        return any(row["name"] == "kiln7" and row["online"] is False for row in rows)
 
     waitFor(offline, 10, "kiln7 to be offline", interval=0.2)
     agent.start(kiln7.serverAddress, str(kiln7.gc.data / "ssh_host_ed25519_key.pub"))

@@ -1,0 +1,262 @@
+"""
+Holding an operator's channel open while its device reconnects.
+
+A device's link drops and comes back within seconds all the time: a Wi-Fi roam, a
+carrier's NAT timeout, the agent restarting after an upgrade, the device rebooting,
+groundcontrol itself restarting (then the whole fleet reconnects within minutes). An
+operator's ssh opened in that gap would fail at once and be retried by hand. Instead a
+channel to a device that was online recently is left unanswered for up to
+C{--device-wait} seconds and opened over the device's link the moment it attaches.
+
+Only recently seen devices are waited for: one gone for a week fails at once, as before.
+Waiters are bounded, per device and in all, so holding channels is no memory lever; one
+whose operator leaves is forgotten (its Deferred is cancelled). The registry tells
+L{DeviceWaits} when a device's link attaches; an online device's channel never reaches
+this module.
+
+With several nodes sharing a store, a device may come back on another node, which this
+one never sees: the store's C{lastSeen}, which every node sets when an agent logs in, is
+read while someone waits, and the waiters are told where it went instead of waiting for
+nothing.
+"""
+
+from __future__ import annotations
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from groundcontrol.registry import Link, Registry
+from groundcontrol.store import Device, IStore
+
+#: --device-wait's default: a roam or an agent restart is back within it.
+DEFAULT_DEVICE_WAIT = 15.0
+#: --device-wait-recent's default: how recently a device must have been seen to be waited for.
+DEFAULT_RECENT_WINDOW = 300.0
+#: --max-device-waits and --max-device-waits-per-device.
+DEFAULT_MAX_WAITERS = 1000
+DEFAULT_MAX_WAITERS_PER_DEVICE = 20
+#: With a shared store, how often it is read for a device that came back elsewhere.
+DEFAULT_SHARED_STORE_POLL = 2.0
+
+
+@attrs.frozen
+class DeviceWaitPolicy:
+    """How long, for which devices and for how many channels groundcontrol waits."""
+
+    #: Seconds a channel open waits for its device's link (0: never wait).
+    maxWait: float = DEFAULT_DEVICE_WAIT
+    #: Wait only for a device seen within this many seconds, or one seen within it before
+    #: groundcontrol started, while groundcontrol has run less than it.
+    recentWindow: float = DEFAULT_RECENT_WINDOW
+    maxWaiters: int = DEFAULT_MAX_WAITERS
+    maxWaitersPerDevice: int = DEFAULT_MAX_WAITERS_PER_DEVICE
+    #: Seconds between reads of a shared store for a device back on another node; None
+    #: with a store of this node's own (SQLite), where only this node links devices.
+    sharedStorePoll: float | None = None
+
+
+class WaitRefusedError(Exception):
+    """Too many channels wait already; the text says which cap."""
+
+
+class DeviceNotBackError(Exception):
+    """The device did not reconnect within the wait; C{args[0]} is how long it was."""
+
+
+class DeviceElsewhereError(Exception):
+    """The device linked to another node sharing the store; C{args[0]}: how long it was."""
+
+
+@attrs.define(eq=False)
+class _Waiter:
+    deferred: defer.Deferred[Link]
+    startedAt: float
+    timer: IDelayedCall | None = None
+
+
+@attrs.define(eq=False)
+class _Device:
+    """The channels waiting for one device, and the shared-store watch over it."""
+
+    since: float
+    waiters: list[_Waiter] = attrs.field(factory=list)
+    poll: IDelayedCall | None = None
+    #: A poll saw a login newer than C{since} that has not attached here (yet).
+    contactSeen: bool = False
+
+
+class DeviceWaits:
+    """Channel opens waiting for devices to reconnect, by device name."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        policy: DeviceWaitPolicy,
+        registry: Registry,
+        clock: IReactorTime,
+        store: IStore | None = None,
+    ) -> None:
+        self.policy = policy
+        self._registry = registry
+        self._clock = clock
+        self._store = store
+        #: When this groundcontrol started: its own restart is a reason to wait.
+        self.startedAt = clock.seconds()
+        self._devices: dict[str, _Device] = {}
+        self._count = 0
+        registry.waits = self
+
+    def __len__(self) -> int:
+        """How many channel opens are waiting, for all devices."""
+        return self._count
+
+    def waitingFor(self, name: str) -> int:
+        """How many channel opens are waiting for device C{name}."""
+        device = self._devices.get(name)
+        return 0 if device is None else len(device.waiters)
+
+    def worthWaiting(self, device: Device, now: float) -> bool:
+        """
+        Whether C{device} (approved, offline) was online recently enough to wait for: seen
+        within the recent window, or, while groundcontrol started less than that ago, seen
+        within it before the start (it was online when groundcontrol stopped).
+        """
+        if self.policy.maxWait <= 0 or device.lastSeen is None:
+            return False
+        window = self.policy.recentWindow
+        if now - device.lastSeen <= window:
+            return True
+        return now - self.startedAt <= window and self.startedAt - device.lastSeen <= window
+
+    def wait(self, name: str) -> defer.Deferred[Link]:
+        """
+        A Deferred firing with device C{name}'s link once it attaches; failing with
+        L{DeviceNotBackError} after the policy's wait, L{DeviceElsewhereError} if it linked to
+        another node. Cancelling it forgets the waiter. Raises L{WaitRefusedError} past a cap.
+        """
+        policy = self.policy
+        device = self._devices.get(name)
+        if self._count >= policy.maxWaiters:
+            raise WaitRefusedError(
+                f"{self._count} channels wait for devices already (at most {policy.maxWaiters})"
+            )
+        if device is not None and len(device.waiters) >= policy.maxWaitersPerDevice:
+            raise WaitRefusedError(
+                f"{len(device.waiters)} channels wait for it already "
+                f"(at most {policy.maxWaitersPerDevice})"
+            )
+        now = self._clock.seconds()
+        if device is None:
+            device = self._devices[name] = _Device(since=now)
+            self._schedulePoll(name, device)
+        waiter = _Waiter(
+            defer.Deferred(lambda d: self._forget(name, waiter)),
+            startedAt=now,
+        )
+        waiter.timer = self._clock.callLater(policy.maxWait, self._timedOut, name, waiter)
+        device.waiters.append(waiter)
+        self._count += 1
+        return waiter.deferred
+
+    def linkAttached(self, name: str) -> None:
+        """
+        Device C{name}'s link attached (the registry calls this): its waiters get it,
+        once the attach has finished (the agent's login is still going on).
+        """
+        if name in self._devices:
+            self._clock.callLater(0, self._deliver, name)
+
+    def _deliver(self, name: str) -> None:
+        link = self._registry.lookup(name)
+        device = self._devices.get(name)
+        if link is None or device is None:
+            return  # gone again already: the waiters go on waiting
+        self._dropDevice(name, device)
+        for waiter in device.waiters:
+            self._stopTimer(waiter)
+            waiter.deferred.callback(link)
+
+    def _timedOut(self, name: str, waiter: _Waiter) -> None:
+        waiter.timer = None
+        self._forget(name, waiter)
+        waiter.deferred.errback(DeviceNotBackError(self._clock.seconds() - waiter.startedAt))
+
+    def _forget(self, name: str, waiter: _Waiter) -> None:
+        """Take C{waiter} out (timed out, or cancelled: its operator left)."""
+        self._stopTimer(waiter)
+        device = self._devices.get(name)
+        if device is None or waiter not in device.waiters:
+            return
+        device.waiters.remove(waiter)
+        self._count -= 1
+        if not device.waiters:
+            self._dropDevice(name, device)
+
+    def _dropDevice(self, name: str, device: _Device) -> None:
+        if self._devices.get(name) is device:
+            del self._devices[name]
+            self._count -= len(device.waiters)
+        if device.poll is not None and device.poll.active():
+            device.poll.cancel()
+        device.poll = None
+
+    @staticmethod
+    def _stopTimer(waiter: _Waiter) -> None:
+        if waiter.timer is not None and waiter.timer.active():
+            waiter.timer.cancel()
+        waiter.timer = None
+
+    # -- several nodes ---------------------------------------------------------------
+
+    def _schedulePoll(self, name: str, device: _Device) -> None:
+        interval = self.policy.sharedStorePoll
+        if interval is None or self._store is None:
+            return
+        device.poll = self._clock.callLater(interval, self._poll, name, device)
+
+    def _poll(self, name: str, device: _Device) -> None:
+        device.poll = None
+        d = defer.Deferred.fromCoroutine(self._checkElsewhere(name, device))
+        d.addErrback(lambda f: self._log.failure("could not read device {device}", f, device=name))
+        d.addBoth(lambda _: self._pollAgain(name, device))
+
+    def _pollAgain(self, name: str, device: _Device) -> None:
+        if self._devices.get(name) is device and device.poll is None:
+            self._schedulePoll(name, device)
+
+    async def _checkElsewhere(self, name: str, device: _Device) -> None:
+        """
+        A login newer than the first waiter that has not attached here by the next poll
+        (a login here attaches within milliseconds of recording itself) went elsewhere.
+        """
+        assert self._store is not None
+        record = await self._store.deviceByName(name)
+        if self._devices.get(name) is not device:
+            return
+        if record is None or record.lastSeen is None or record.lastSeen <= device.since:
+            return
+        if not device.contactSeen:
+            device.contactSeen = True
+            return
+        self._dropDevice(name, device)
+        now = self._clock.seconds()
+        for waiter in device.waiters:
+            self._stopTimer(waiter)
+            waiter.deferred.errback(DeviceElsewhereError(now - waiter.startedAt))
+
+
+__all__ = [
+    "DEFAULT_DEVICE_WAIT",
+    "DEFAULT_MAX_WAITERS",
+    "DEFAULT_MAX_WAITERS_PER_DEVICE",
+    "DEFAULT_RECENT_WINDOW",
+    "DEFAULT_SHARED_STORE_POLL",
+    "DeviceElsewhereError",
+    "DeviceNotBackError",
+    "DeviceWaitPolicy",
+    "DeviceWaits",
+    "WaitRefusedError",
+]

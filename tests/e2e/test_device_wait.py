@@ -1,0 +1,104 @@
+"""
+End to end: an operator's ssh to a device whose link just dropped waits for it to come
+back (groundcontrol --device-wait) instead of failing at once, and fails saying how long
+it waited when the device is not back in time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+from tests.e2e.harness import Fleet, Operator, waitFor
+
+
+def offlineInLs(fleet: Fleet) -> bool:
+    """C{ctl ls} shows kiln7 offline (the agent's link is gone from groundcontrol)."""
+    result = fleet.operators["alice"].ssh("ctl", "ls", "--json", timeout=20)
+    rows = json.loads(result.stdout) if result.returncode == 0 else []
+    return any(row["name"] == "kiln7" and row["online"] is False for row in rows)
+
+
+def sshInBackground(operator: Operator, stderr: Path, *command: str) -> subprocess.Popen[str]:
+    """ssh -v to kiln7 running C{command}; its debug lines go to C{stderr}."""
+    with stderr.open("w") as errors:
+        return subprocess.Popen(
+            operator.argv("dev_kiln7", *command, options=["-v"]),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            text=True,
+        )
+
+
+def waitLines(fleet: Fleet) -> list[str]:
+    """groundcontrol's log lines saying how a wait for a device ended."""
+    assert fleet.gc.process is not None
+    return re.findall(
+        r"alice waited [\d.]+ s for device kiln7 to reconnect: [a-z ]+", fleet.gc.process.output()
+    )
+
+
+def runsOnceTheAgentIsBack(fleet: Fleet, tmp_path: Path) -> None:
+    """
+    With kiln7's agent stopped: an ssh started now logs in, asks for its session and
+    waits; the agent started again, the command runs and ssh exits 0.
+    """
+    alice = fleet.operators["alice"]
+    (agent,) = fleet.agents
+    stderr = tmp_path / "ssh.stderr"
+    earlier = len(waitLines(fleet))  # getting kiln7 routable may have waited too
+    ssh = sshInBackground(alice, stderr, "echo", "back")
+    try:
+        waitFor(
+            lambda: "Entering interactive session" in stderr.read_text(),
+            20,
+            "ssh to ask for its session",
+            interval=0.1,
+        )
+        assert ssh.poll() is None, stderr.read_text()  # waiting, not refused
+        agent.start(fleet.serverAddress, str(fleet.gc.data / "ssh_host_ed25519_key.pub"))
+        stdout, _ = ssh.communicate(timeout=30)
+    finally:
+        ssh.kill()
+        ssh.wait()
+    assert (ssh.returncode, stdout) == (0, "back\n"), stderr.read_text()
+    (line,) = waitLines(fleet)[earlier:]
+    assert line.endswith(": it did"), line
+
+
+def test_ssh_runs_once_the_agent_is_back(kiln7: Fleet, tmp_path: Path) -> None:
+    """An ssh started while the agent is away runs once it is back (the default wait)."""
+    kiln7.agents[0].stop()
+    waitFor(lambda: offlineInLs(kiln7), 10, "kiln7 to be offline", interval=0.2)
+    runsOnceTheAgentIsBack(kiln7, tmp_path)
+
+
+def test_not_back_in_time(kiln7: Fleet) -> None:
+    """
+    A device not back within --device-wait is refused as offline, saying how long the
+    channel waited; ssh exits 255.
+    """
+    alice = kiln7.operators["alice"]
+    kiln7.agents[0].stop()
+    kiln7.restartServer("--device-wait", "2")
+    result = alice.ssh("dev_kiln7", "true", timeout=30)
+    assert result.returncode == 255
+    assert re.search(
+        r"open failed: connect failed: device 'kiln7' is offline \(last seen \S+Z, \d+ s ago\); "
+        r"waited 2\.0 s for it to reconnect",
+        result.stderr,
+    ), result.stderr
+    assert waitLines(kiln7) == ["alice waited 2.0 s for device kiln7 to reconnect: it did not"]
+
+
+def test_ssh_right_after_groundcontrol_restarts(kiln7: Fleet, tmp_path: Path) -> None:
+    """
+    Just after groundcontrol restarts, before the device's agent is back, an ssh to it
+    waits for it and runs.
+    """
+    kiln7.agents[0].stop()
+    kiln7.restartServer()
+    runsOnceTheAgentIsBack(kiln7, tmp_path)

@@ -1,0 +1,464 @@
+"""
+A channel opened to a device that dropped its link moments ago waits for it to
+reconnect (groundcontrol.devicewait), in memory: the real front door, router and
+registry, the real agent link classes, iosim pumps on a Clock.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.conch.ssh import connection
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogEvent, globalLogPublisher
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from accesstunnel.keys import fingerprint
+from agent.identity import ServerKeyPin
+from agent.link import AgentLinkFactory, LinkSettings
+from groundcontrol.datadir import DataDir
+from groundcontrol.devicewait import DeviceWaitPolicy, DeviceWaits
+from groundcontrol.registry import Registry
+from groundcontrol.sshserver import ServerSettings
+from groundcontrol.store import Device
+from groundcontrol.tap import Options, buildService
+from groundcontrol.testing import (
+    FakeOperator,
+    InMemoryFleet,
+    OperatorSession,
+    ScriptedSession,
+    echoScript,
+    publicLine,
+    refuseForwards,
+    resultNow,
+    scriptedSessions,
+)
+
+WAIT = 15.0
+RECENT = 300.0
+
+
+class DeviceWaitTestCase(SynchronousTestCase):
+    """Device kiln7 enrolled and linked, alice granted it, bob not; waits of 15 s."""
+
+    policy = DeviceWaitPolicy(maxWait=WAIT, recentWindow=RECENT)
+
+    def setUp(self) -> None:
+        self.fleet = InMemoryFleet(settings=ServerSettings(deviceWait=self.policy))
+        self.deviceKey = self.fleet.enrollDevice("kiln7")
+        self.aliceKey = self.fleet.addOperator("alice")
+        self.bobKey = self.fleet.addOperator("bob")
+        self.fleet.grant("alice", "kiln7")
+        self.sessions: list[ScriptedSession] = []
+        self.agentPump = self.connectAgent()
+        self.events: list[LogEvent] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    @property
+    def waits(self) -> DeviceWaits:
+        waits = self.fleet.registry.waits
+        assert isinstance(waits, DeviceWaits)
+        return waits
+
+    def connectAgent(self, name: str = "kiln7") -> Any:
+        """The real agent link, pinned to groundcontrol's host key; its pump."""
+        settings = LinkSettings(
+            name=name,
+            deviceKey=self.deviceKey,
+            serverKey=ServerKeyPin(fingerprint(publicLine(self.fleet.hostKey))),
+        )
+        factory = AgentLinkFactory(
+            settings,
+            self.fleet.clock,  # type: ignore[arg-type]
+            scriptedSessions(echoScript, self.sessions),
+            refuseForwards,
+        )
+        return self.fleet.connect(factory)
+
+    def dropAgent(self) -> None:
+        self.fleet.network.cut(self.agentPump)
+        self.fleet.flush()
+        self.assertIsNone(self.fleet.registry.lookup("kiln7"))
+
+    def advance(self, seconds: float) -> None:
+        self.fleet.clock.advance(seconds)
+        self.fleet.flush()
+
+    def operator(self, key: Any = None) -> tuple[FakeOperator, Any]:
+        operator = FakeOperator("dev_kiln7", key or self.aliceKey, hostKey=self.fleet.hostKey)
+        pump = self.fleet.connect(operator)
+        self.assertIsNotNone(operator.connection, "operator did not log in")
+        return operator, pump
+
+    def open(self, key: Any = None) -> tuple[OperatorSession, Any]:
+        operator, pump = self.operator(key)
+        return self.fleet.session(operator), pump
+
+    def assertUnanswered(self, session: OperatorSession) -> None:
+        self.assertFalse(session.isOpen)
+        self.assertIsNone(session.openFailure)
+
+    def waitLines(self) -> list[tuple[str, str, str]]:
+        return [
+            (e["account"], e["waited"], e["outcome"])
+            for e in self.events
+            if e.get("log_format", "").startswith("{account} waited {waited}")
+        ]
+
+
+class WaitTests(DeviceWaitTestCase):
+    """Waiting, and what ends a wait."""
+
+    def test_reconnectWithinTheWaitOpensTheChannel(self) -> None:
+        """
+        A session opened 2 s after the link dropped gets no answer until the agent is
+        back (5 s later); then it opens over the new link and runs, and one log line
+        says how long it waited.
+        """
+        self.dropAgent()
+        self.advance(2)
+        session, _ = self.open()
+        self.assertUnanswered(session)
+        self.assertEqual(self.waits.waitingFor("kiln7"), 1)
+        self.advance(5)
+        self.assertUnanswered(session)
+        self.agentPump = self.connectAgent()
+        self.advance(0)  # the waiters get the link once its login has finished
+        self.assertTrue(session.isOpen, session.openFailure)
+        d = session.exec(b"hello")
+        self.fleet.flush()
+        self.successResultOf(d)
+        self.assertEqual(bytes(session.output), b"hello\n")
+        self.assertEqual(session.exitStatus, 0)
+        self.assertEqual(len(self.waits), 0)
+        self.assertEqual(self.waitLines(), [("alice", "5.0 s", "it did")])
+
+    def test_notBackInTime(self) -> None:
+        """
+        A device not back within the wait is refused as offline, saying how long the
+        channel waited, with the usual reason code; nothing is left waiting.
+        """
+        self.dropAgent()
+        self.advance(3)
+        session, _ = self.open()
+        self.advance(WAIT - 0.1)
+        self.assertUnanswered(session)
+        self.advance(0.1)
+        self.assertRegex(
+            session.openFailureText,
+            r"^device 'kiln7' is offline \(last seen \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ, "
+            r"18 s ago\); waited 15.0 s for it to reconnect$",
+        )
+        self.assertEqual(session.openFailure.args[1], connection.OPEN_CONNECT_FAILED)  # type: ignore[union-attr]
+        self.assertEqual(len(self.waits), 0)
+        self.assertEqual(self.waitLines(), [("alice", "15.0 s", "it did not")])
+        # The device coming back later opens nothing for the refused channel.
+        self.agentPump = self.connectAgent()
+        self.advance(0)
+        self.assertEqual(self.sessions, [])
+
+    def test_operatorLeavingForgetsTheWaiter(self) -> None:
+        """
+        An operator whose connection closes while waiting is forgotten at once: no
+        waiter, no timer left, and the device's return opens nothing.
+        """
+        self.dropAgent()
+        _, pump = self.open()
+        self.assertEqual(len(self.waits), 1)
+        self.fleet.network.cut(pump)
+        self.fleet.flush()
+        self.assertEqual(len(self.waits), 0)
+        self.assertEqual(self.waits.waitingFor("kiln7"), 0)
+        self.assertEqual(
+            [c for c in self.fleet.clock.getDelayedCalls() if c.getTime() == self.fleet.now + WAIT],
+            [],
+        )
+        self.agentPump = self.connectAgent()
+        self.advance(0)
+        self.assertEqual(self.sessions, [])
+        self.assertEqual(self.fleet.relayChannels(), [])
+        self.assertEqual(self.waitLines(), [("alice", "0.0 s", "the operator left")])
+
+    def test_severalChannelsAllGetTheLink(self) -> None:
+        """Two operators waiting for the same device both get their sessions when it is back."""
+        self.dropAgent()
+        first, _ = self.open()
+        self.advance(1)
+        second, _ = self.open()
+        self.assertEqual(self.waits.waitingFor("kiln7"), 2)
+        self.agentPump = self.connectAgent()
+        self.advance(0)
+        self.assertTrue(first.isOpen, first.openFailure)
+        self.assertTrue(second.isOpen, second.openFailure)
+        self.assertEqual(len(self.sessions), 2)
+
+    def test_revokedWhileWaiting(self) -> None:
+        """A device revoked while a channel waits for it is refused as revoked at the end."""
+        self.dropAgent()
+        session, _ = self.open()
+        resultNow(self.fleet.store.revokeDevice("kiln7", "admin", self.fleet.now))
+        self.advance(WAIT)
+        self.assertEqual(session.openFailureText, "device 'kiln7' is revoked")
+
+
+class NotWaitedForTests(DeviceWaitTestCase):
+    """What fails at once, as before."""
+
+    def test_longGoneFailsAtOnce(self) -> None:
+        """A device offline for longer than the recent window is refused at once."""
+        self.dropAgent()
+        self.advance(RECENT + 1)
+        session, _ = self.open()
+        self.assertRegex(
+            session.openFailureText, r"^device 'kiln7' is offline \(last seen .*, 5 min ago\)$"
+        )
+        self.assertEqual(len(self.waits), 0)
+        self.assertEqual(self.waitLines(), [])
+
+    def test_revokedUnknownAndNoGrantFailAtOnce(self) -> None:
+        """Revoked, unknown and ungranted devices are refused at once, recent or not."""
+        self.dropAgent()
+        session, _ = self.open(self.bobKey)
+        self.assertEqual(
+            session.openFailureText, "unknown device 'kiln7', or account 'bob' has no grant for it"
+        )
+        resultNow(self.fleet.store.revokeDevice("kiln7", "admin", self.fleet.now))
+        session, _ = self.open()
+        self.assertEqual(session.openFailureText, "device 'kiln7' is revoked")
+        self.assertEqual(len(self.waits), 0)
+
+    def test_onlineDeviceNeverReachesTheWaits(self) -> None:
+        """A channel to an online device opens without touching the waiting code."""
+
+        class Untouchable:
+            def __getattr__(self, name: str) -> Any:
+                raise AssertionError(f"the waiting code was used: {name}")
+
+        router = self.fleet.factory.portal.realm._router
+        router.waits = Untouchable()
+        session, _ = self.open()
+        self.assertTrue(session.isOpen, session.openFailure)
+
+    def test_noWaitWhenTurnedOff(self) -> None:
+        """--device-wait 0 makes no waits: an offline device fails at once, as before."""
+        fleet = InMemoryFleet(settings=ServerSettings(deviceWait=DeviceWaitPolicy(maxWait=0)))
+        self.assertIsNone(fleet.registry.waits)
+
+
+class CapTests(DeviceWaitTestCase):
+    """Waiters are bounded per device and in all, with a clear refusal."""
+
+    policy = DeviceWaitPolicy(
+        maxWait=WAIT, recentWindow=RECENT, maxWaiters=3, maxWaitersPerDevice=2
+    )
+
+    def test_perDeviceCap(self) -> None:
+        """The third channel waiting for one device is refused at once, naming the cap."""
+        self.dropAgent()
+        self.open()
+        self.open()
+        third, _ = self.open()
+        self.assertRegex(
+            third.openFailureText,
+            r"^device 'kiln7' is offline \(last seen .*\); not waiting for it to reconnect: "
+            r"2 channels wait for it already \(at most 2\)$",
+        )
+        self.assertEqual(third.openFailure.args[1], connection.OPEN_RESOURCE_SHORTAGE)  # type: ignore[union-attr]
+        self.assertEqual(self.waits.waitingFor("kiln7"), 2)
+
+    def test_overallCap(self) -> None:
+        """Past the cap for all devices, a channel to another device is refused at once."""
+        self.fleet.enrollDevice("oven2")
+        self.fleet.grant("alice", "oven2")
+        self.dropAgent()
+        self.open()
+        self.open()
+        operator = FakeOperator("dev_oven2", self.aliceKey, hostKey=self.fleet.hostKey)
+        self.fleet.connect(operator)
+        self.assertEqual(self.fleet.session(operator).openFailure, None)
+        self.assertEqual(len(self.waits), 3)
+        operator = FakeOperator("dev_oven2", self.aliceKey, hostKey=self.fleet.hostKey)
+        self.fleet.connect(operator)
+        fourth = self.fleet.session(operator)
+        self.assertIn(
+            "not waiting for it to reconnect: 3 channels wait for devices already (at most 3)",
+            fourth.openFailureText,
+        )
+
+    def test_capFreedWhenWaitsEnd(self) -> None:
+        """A wait that ended (timed out) frees its place."""
+        self.dropAgent()
+        self.open()
+        self.open()
+        self.advance(WAIT)
+        self.assertEqual(len(self.waits), 0)
+        session, _ = self.open()
+        self.assertUnanswered(session)
+
+
+class SharedStoreTests(DeviceWaitTestCase):
+    """With a store shared by several nodes, a device back on another node is no reason to wait."""
+
+    policy = DeviceWaitPolicy(maxWait=WAIT, recentWindow=RECENT, sharedStorePoll=2.0)
+
+    def test_backOnAnotherNode(self) -> None:
+        """
+        The device logging in to another node (its lastSeen moves past the wait's start,
+        and no link attaches here by the next read) ends the wait within two reads.
+        """
+        self.dropAgent()
+        session, _ = self.open()
+        self.advance(1)
+        # Another node records the agent's login in the shared store.
+        line = publicLine(self.deviceKey)
+        resultNow(
+            self.fleet.store.recordContact(
+                "kiln7", line, fingerprint(line), None, "other-node", self.fleet.now
+            )
+        )
+        self.advance(1)  # first read: a newer login; this node may be about to attach it
+        self.assertUnanswered(session)
+        self.advance(2)  # second read: still not here
+        self.assertRegex(
+            session.openFailureText,
+            r"^device 'kiln7' is offline \(last seen .*, 3 s ago\); waited 4.0 s for it to "
+            r"reconnect: it linked to another groundcontrol node, which routes it$",
+        )
+        self.assertEqual(len(self.waits), 0)
+        self.assertEqual(self.waitLines(), [("alice", "4.0 s", "it linked to another node")])
+
+    def test_backHereBetweenReads(self) -> None:
+        """A login recorded here attaches here: the channel opens, however the reads fall."""
+        self.dropAgent()
+        session, _ = self.open()
+        self.advance(1.5)
+        self.agentPump = self.connectAgent()
+        self.advance(0)
+        self.assertTrue(session.isOpen, session.openFailure)
+        self.advance(10)
+        self.assertTrue(session.isOpen)
+        self.assertEqual(len(self.waits), 0)
+
+    def test_noReadsWithoutWaiters(self) -> None:
+        """The store is read only while a channel waits."""
+        self.dropAgent()
+        _, pump = self.open()
+        self.fleet.network.cut(pump)
+        self.fleet.flush()
+        reads: list[str] = []
+        store = self.waits._store
+        assert store is not None
+        original = store.deviceByName
+        store.deviceByName = lambda name: reads.append(name) or original(name)  # type: ignore[method-assign]
+        self.advance(10)
+        self.assertEqual(reads, [])
+
+
+class WorthWaitingTests(SynchronousTestCase):
+    """Which offline devices are waited for: seen recently, or groundcontrol restarted."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_795_000_000)
+        self.waits = DeviceWaits(
+            DeviceWaitPolicy(maxWait=WAIT, recentWindow=RECENT), Registry(), self.clock
+        )
+
+    def device(self, lastSeen: float | None) -> Device:
+        return Device("kiln7", "approved", "fp", "key", None, 0.0, "test", lastSeen, 0.0)
+
+    def test_seenRecently(self) -> None:
+        """Seen within the window: waited for; longer ago, or never: not."""
+        now = self.clock.seconds() + 1000  # groundcontrol has run longer than the window
+        self.assertTrue(self.waits.worthWaiting(self.device(now - RECENT), now))
+        self.assertFalse(self.waits.worthWaiting(self.device(now - RECENT - 1), now))
+        self.assertFalse(self.waits.worthWaiting(self.device(None), now))
+
+    def test_groundcontrolRestarted(self) -> None:
+        """
+        While groundcontrol has run less than the window, a device seen within the window
+        before it started (online when it stopped) is waited for, though seen longer ago
+        than the window; once it has run longer, no more.
+        """
+        started = self.clock.seconds()
+        seen = started - 200  # groundcontrol was down for 200 s
+        self.assertTrue(self.waits.worthWaiting(self.device(seen), started + 250))
+        self.assertTrue(self.waits.worthWaiting(self.device(seen), started + RECENT))
+        self.assertFalse(self.waits.worthWaiting(self.device(seen), started + RECENT + 1))
+        self.assertFalse(self.waits.worthWaiting(self.device(started - RECENT - 1), started + 10))
+
+
+class OptionsTests(SynchronousTestCase):
+    """What --device-wait and its neighbours on the command line become."""
+
+    def setUp(self) -> None:
+        self.data = Path(self.mktemp())
+        self.data.mkdir()
+        DataDir(self.data).ensureInitialised()
+
+    def options(self, *extra: str) -> Options:
+        options = Options()
+        options.parseOptions(["--data", str(self.data), *extra])
+        return options
+
+    def waitsOf(self, *extra: str) -> DeviceWaits | None:
+        """The waits of groundcontrol built with C{extra} options, on a fake reactor."""
+        top = buildService(self.options(*extra).toConfig(), MemoryReactorClock())
+        waits = top.registry.waits  # type: ignore[attr-defined]
+        assert waits is None or isinstance(waits, DeviceWaits)
+        return waits
+
+    def test_defaults(self) -> None:
+        """By default: 15 s for devices seen within 5 min, 1000 waits, 20 per device."""
+        waits = self.waitsOf()
+        assert waits is not None
+        self.assertEqual(
+            waits.policy,
+            DeviceWaitPolicy(
+                maxWait=15.0,
+                recentWindow=300.0,
+                maxWaiters=1000,
+                maxWaitersPerDevice=20,
+                sharedStorePoll=None,
+            ),
+        )
+
+    def test_given(self) -> None:
+        """Every option reaches the policy."""
+        waits = self.waitsOf(
+            "--device-wait",
+            "40",
+            "--device-wait-recent",
+            "1h",
+            "--max-device-waits",
+            "50",
+            "--max-device-waits-per-device",
+            "5",
+        )
+        assert waits is not None
+        self.assertEqual(waits.policy, DeviceWaitPolicy(40.0, 3600.0, 50, 5, None))
+
+    def test_offByZero(self) -> None:
+        """--device-wait 0: nothing waits, an offline device is refused at once."""
+        self.assertIsNone(self.waitsOf("--device-wait", "0"))
+
+    def test_sharedStoreIsRead(self) -> None:
+        """With a PostgreSQL store (several nodes), the store is read while channels wait."""
+        config = self.options("--store", "postgresql://gc@db.invalid/gc").toConfig()
+        assert config.settings.deviceWait is not None
+        self.assertEqual(config.settings.deviceWait.sharedStorePoll, 2.0)
+
+    def test_refused(self) -> None:
+        """A negative wait, a bad window and caps below 1 are usage errors."""
+        for extra in (
+            ("--device-wait", "-1"),
+            ("--device-wait-recent", "soon"),
+            ("--max-device-waits", "0"),
+            ("--max-device-waits-per-device", "0"),
+        ):
+            with self.assertRaises(usage.UsageError, msg=extra):
+                self.options(*extra)
