@@ -18,7 +18,8 @@ from typing import Protocol as TypingProtocol
 from urllib.parse import urlsplit
 
 from attrs import field, frozen
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
@@ -37,6 +38,7 @@ __all__ = [
     "DEVICE_PENDING",
     "DEVICE_REKEY_REQUESTED",
     "DEVICE_REVOKED",
+    "STOP_DELIVERY_WAIT",
     "USER_AGENT",
     "FleetEvent",
     "HTTPPoster",
@@ -44,6 +46,7 @@ __all__ = [
     "LogNotifier",
     "MultiNotifier",
     "Notifier",
+    "NotifierService",
     "WebhookNotifier",
     "makeNotifier",
 ]
@@ -56,6 +59,10 @@ DEVICE_REVOKED = "device.revoked"
 DEVICE_LEASE_ENDED = "device.lease-ended"
 
 USER_AGENT = "access-tunnel-groundcontrol"
+
+#: Seconds a stopping groundcontrol goes on delivering queued notifications (a few: a
+#: systemd stop waits for it, and a receiver that hangs must not hold a restart for long).
+STOP_DELIVERY_WAIT = 5.0
 
 
 def _frozenDetail(detail: Mapping[str, Any] | None) -> Mapping[str, Any]:
@@ -157,6 +164,33 @@ class MultiNotifier:
             except Exception:
                 self.log.failure("notifier {notifier!r} failed", notifier=notifier)
 
+    def drain(self, within: float) -> Deferred[Any]:
+        """
+        Let each notifier that queues (L{WebhookNotifier.drain}) deliver what it holds for at
+        most C{within} seconds; fires when all of them have finished.
+        """
+        drains = [n.drain(within) for n in self.notifiers if isinstance(n, WebhookNotifier)]
+        return gatherResults(drains, consumeErrors=True)
+
+
+class NotifierService(Service):
+    """
+    Delivers the queued notifications when groundcontrol stops, for at most
+    L{STOP_DELIVERY_WAIT} seconds: without it a SIGTERM lost every event still queued or
+    waiting to retry, and nothing said which. twistd waits for the Deferred C{stopService}
+    returns before it stops the reactor. Its parent must stop it after the fleet watcher,
+    whose stop hands over the notifications it holds: MultiService stops its children in
+    reverse order, so it is added before the watcher.
+    """
+
+    def __init__(self, notifier: MultiNotifier, within: float = STOP_DELIVERY_WAIT) -> None:
+        self.notifier = notifier
+        self.within = within
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        return self.notifier.drain(self.within)
+
 
 class HTTPPoster(TypingProtocol):
     """The part of L{treq.client.HTTPClient} (and L{treq.testing.StubTreq}) used here."""
@@ -214,6 +248,9 @@ class WebhookNotifier:
     Memory is bounded: at most C{concurrency} events are in delivery and at most
     C{maxPending} wait; when the queue is full the oldest waiting event is dropped with a
     warning, since under a flood the newest events are the most useful. Order is not kept.
+
+    At shutdown L{drain} goes on delivering for a bounded time, then L{stop} logs one line
+    for each event not delivered: the audit row stays, the line says which were not sent.
     """
 
     log = Logger()
@@ -257,6 +294,8 @@ class WebhookNotifier:
         self.random = random
         self._origin = _origin(url)
         self._pending: deque[FleetEvent] = deque()
+        #: The events the workers are delivering (attempting or waiting to retry).
+        self._delivering: list[FleetEvent] = []
         self._active = 0
         self._inFlight: set[Deferred[Any]] = set()
         self._idleWaiters: list[Deferred[None]] = []
@@ -307,17 +346,43 @@ class WebhookNotifier:
         self._idleWaiters.append(waiter)
         return waiter
 
+    def drain(self, within: float) -> Deferred[None]:
+        """
+        Deliver what is queued, and what is notified meanwhile, for at most C{within} seconds
+        on the clock (groundcontrol's stop waits for it), then L{stop}. A receiver that hangs
+        costs the bound, not the attempt's timeout or the retries' backoff. Fires when every
+        event was delivered or given up, or when the bound's L{stop} has finished.
+        """
+        if self._stopped:
+            return self.stop()
+        bound = self.clock.callLater(within, self.stop)
+
+        def drained(result: None) -> None:
+            if bound.active():
+                bound.cancel()
+            self._stopped = True  # anything notified after this would outlive the reactor
+            return result
+
+        return self.whenIdle().addCallback(drained)
+
     def stop(self) -> Deferred[None]:
         """
-        Stop sending (at service shutdown): drop what waits, cancel requests and retry timers,
-        so no timer outlives the service. Fires when the workers have finished.
+        Stop sending: drop what waits, cancel requests and retry timers, so no timer outlives
+        the service, and log each event not delivered, one line each (the audit log has them
+        all). Fires when the workers have finished.
         """
         self._stopped = True
-        if self._pending:
+        for event in [*self._delivering, *self._pending]:
             self.log.warn(
-                "webhook stopping with {count} fleet events unsent", count=len(self._pending)
+                "webhook stopping: fleet event {event} for {device} at {at} not delivered "
+                "to {webhook}",
+                event=event.event,
+                device=_printable(event.device),
+                at=isoTime(event.at),
+                webhook=self._origin,
             )
-            self._pending.clear()
+        self._delivering.clear()
+        self._pending.clear()
         for d in list(self._inFlight):
             d.cancel()
         return self.whenIdle()
@@ -336,7 +401,13 @@ class WebhookNotifier:
     async def _work(self) -> None:
         try:
             while self._pending and not self._stopped:
-                await self._deliver(self._pending.popleft())
+                event = self._pending.popleft()
+                self._delivering.append(event)
+                try:
+                    await self._deliver(event)
+                finally:
+                    if event in self._delivering:
+                        self._delivering.remove(event)
         finally:
             self._active -= 1
             if not self._active and not self._pending:
@@ -449,7 +520,9 @@ def _describe(error: BaseException) -> str:
     return name if text == name else f"{name}: {text}"
 
 
-def makeNotifier(reactor: Any, webhookURL: str | None = None, **webhookOptions: Any) -> Notifier:
+def makeNotifier(
+    reactor: Any, webhookURL: str | None = None, **webhookOptions: Any
+) -> MultiNotifier:
     """
     The notifier groundcontrol runs with: the log always, plus a webhook if a URL is given.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from treq.client import HTTPClient
@@ -11,6 +12,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -21,17 +23,22 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from groundcontrol.datadir import DataDir
+from groundcontrol.fleetwatch import FleetWatcher
 from groundcontrol.notify import (
     DEVICE_APPROVED,
     DEVICE_PENDING,
+    STOP_DELIVERY_WAIT,
     USER_AGENT,
     FleetEvent,
     INotifier,
     LogNotifier,
     MultiNotifier,
+    NotifierService,
     WebhookNotifier,
     makeNotifier,
 )
+from groundcontrol.tap import Options, buildService
 
 T0 = 1_700_000_000.0
 URL = "https://hooks.example.test/T0KEN-s3cret/fleet"
@@ -430,6 +437,163 @@ class WebhookQueueTests(WebhookTestCase):
         self.assertEqual(client.cancelled, [1])
         notifier.notify(anEvent())
         self.assertEqual(len(client.requests), 2)
+
+
+class WebhookDrainTests(WebhookTestCase):
+    """At groundcontrol's stop: what is queued goes out for a bounded time, the rest is named."""
+
+    def notLogged(self) -> list[str]:
+        return [m for m in self.messages(LogLevel.warn) if "not delivered" in m]
+
+    def test_deliversWhatIsQueued(self) -> None:
+        """
+        Every queued event, and one notified while draining, is posted before it fires;
+        then it is stopped: a later event is not posted, no timer is left.
+        """
+        client = FakeClient()
+        notifier = self.webhook(client, concurrency=1)
+        notifier.notify(anEvent(n=0))
+        notifier.notify(anEvent(n=1))
+        drained = notifier.drain(5.0)
+        notifier.notify(anEvent(n=2))
+        for index in range(3):
+            self.assertNoResult(drained)
+            client.answer(index)
+        self.successResultOf(drained)
+        self.assertEqual([json.loads(r[1])["detail"]["n"] for r in client.requests], [0, 1, 2])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.notLogged(), [])
+        notifier.notify(anEvent(n=3))
+        self.assertEqual(len(client.requests), 3)
+
+    def test_retriesWithinTheBound(self) -> None:
+        """A refused attempt is retried while draining, if the retry falls within the bound."""
+        client = FakeClient()
+        notifier = self.webhook(client, initialDelay=1.0)
+        notifier.notify(anEvent())
+        drained = notifier.drain(5.0)
+        client.fail(0, ConnectionRefusedError())
+        self.clock.advance(1.0)
+        client.answer(1)
+        self.successResultOf(drained)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_boundedWhenTheReceiverHangs(self) -> None:
+        """
+        A receiver that never answers holds the stop for the bound, not the attempt's
+        timeout: then the request is cancelled, and each event not delivered (the one being
+        attempted, the one waiting) is logged, one line each, with its device.
+        """
+        client = FakeClient()
+        notifier = self.webhook(client, concurrency=1, timeout=10.0)
+        notifier.notify(anEvent("kiln7", n=0))
+        notifier.notify(anEvent("oven2", n=1))
+        drained = notifier.drain(3.0)
+        self.clock.advance(2.9)
+        self.assertNoResult(drained)
+        self.clock.advance(0.1)
+        self.successResultOf(drained)
+        self.assertEqual(client.cancelled, [0])
+        self.assertEqual(len(client.requests), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(
+            self.notLogged(),
+            [
+                "webhook stopping: fleet event device.pending for kiln7 at "
+                "2023-11-14T22:13:20Z not delivered to https://hooks.example.test",
+                "webhook stopping: fleet event device.pending for oven2 at "
+                "2023-11-14T22:13:21Z not delivered to https://hooks.example.test",
+            ],
+        )
+
+    def test_waitingToRetryAtTheBound(self) -> None:
+        """An event whose retry falls after the bound is not delivered, and is named."""
+        client = FakeClient()
+        notifier = self.webhook(client, initialDelay=10.0)
+        notifier.notify(anEvent())
+        drained = notifier.drain(5.0)
+        client.answer(0, 503)
+        self.clock.advance(5.0)
+        self.successResultOf(drained)
+        self.assertEqual(len(client.requests), 1)
+        self.assertEqual(len(self.notLogged()), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_idleAtOnce(self) -> None:
+        """Nothing queued: it fires at once and leaves no timer."""
+        notifier = self.webhook(FakeClient())
+        self.successResultOf(notifier.drain(5.0))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class NotifierServiceTests(WebhookTestCase):
+    """The service whose stop drains the notifiers groundcontrol runs with."""
+
+    def test_stopWaitsForTheDrain(self) -> None:
+        """Its stop fires once the webhook has delivered what it holds (the log has none)."""
+        client = FakeClient()
+        webhook = self.webhook(client)
+        service = NotifierService(MultiNotifier([LogNotifier(), webhook]), within=5.0)
+        service.startService()
+        webhook.notify(anEvent())
+        stopped = service.stopService()
+        self.assertNoResult(stopped)
+        client.answer(0)
+        self.successResultOf(stopped)
+        self.assertFalse(service.running)
+
+    def test_stopBounded(self) -> None:
+        """A receiver that hangs holds the stop for C{within} seconds, no longer."""
+        client = FakeClient()
+        webhook = self.webhook(client)
+        service = NotifierService(MultiNotifier([webhook]), within=STOP_DELIVERY_WAIT)
+        service.startService()
+        webhook.notify(anEvent())
+        stopped = service.stopService()
+        self.clock.advance(STOP_DELIVERY_WAIT - 0.1)
+        self.assertNoResult(stopped)
+        self.clock.advance(0.1)
+        self.successResultOf(stopped)
+
+
+class GroundcontrolStopTests(SynchronousTestCase):
+    """groundcontrol's services (L{buildService}) drain the webhook when they stop."""
+
+    def test_heldNotificationPostedAtStop(self) -> None:
+        """
+        A request's notification the fleet watcher holds for its serial is handed to the
+        webhook when groundcontrol stops, and posted then (the watcher stops first): the stop
+        waits for it, at most L{STOP_DELIVERY_WAIT}, and names it if it is not delivered.
+        """
+        data = Path(self.mktemp())
+        data.mkdir()
+        DataDir(data).ensureInitialised()
+        options = Options()
+        listen = "tcp:0:interface=127.0.0.1"
+        options.parseOptions(
+            ["--data", str(data), "--listen", listen, "--webhook", "http://127.0.0.1:9/hook"]
+        )
+        reactor = MemoryReactorClock()
+        top = buildService(options.toConfig(), reactor)
+        (service,) = [s for s in top if isinstance(s, NotifierService)]
+        (webhook,) = [n for n in service.notifier.notifiers if isinstance(n, WebhookNotifier)]
+        logged = captureLogs(self, webhook)
+        (watcher,) = [s for s in top if isinstance(s, FleetWatcher)]
+        held = FleetEvent(DEVICE_PENDING, "kiln7", None, T0, {"fingerprint": "SHA256:k1"})
+        self.assertEqual(watcher._heldRequests.hold(held, T0), [])
+        stopped = top.stopService()
+        self.assertEqual([c[:2] for c in reactor.tcpClients], [("127.0.0.1", 9)])
+        reactor.advance(STOP_DELIVERY_WAIT - 0.1)
+        self.assertNoResult(stopped)
+        reactor.advance(0.1)
+        self.successResultOf(stopped)
+        self.assertEqual(
+            [formatEvent(e) for e in logged if "not delivered" in formatEvent(e)],
+            [
+                "webhook stopping: fleet event device.pending for kiln7 at "
+                "2023-11-14T22:13:20Z not delivered to http://127.0.0.1:9"
+            ],
+        )
 
 
 class MakeNotifierTests(SynchronousTestCase):
