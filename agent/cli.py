@@ -20,8 +20,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from accesstunnel.timetext import parseIsoTime, whenText
-from agent.enrollment import StatusFile
+from accesstunnel.timetext import absoluteTime, parseIsoTime, relativeTime, whenText
+from agent.clocksense import clockLooksUnset, unsetClockNote
+from agent.enrollment import PAIRING_CODE_LIFETIME, StatusFile
 
 #: What --help says; not the docstring, which python -OO (PYTHONOPTIMIZE=2, as the agent's
 #: systemd unit runs) strips.
@@ -67,7 +68,7 @@ def _pair(stateDir: Path, now: float) -> int:
     code = status.get("pairing_code")
     expires = parseIsoTime(status.get("pairing_code_expires_at"))
     readOnly = _readOnly(stateDir)
-    if not code or expires is None or expires < now:
+    if not code or expires is None or not _mayBeValid(expires, now, stateDir):
         print("no pairing code yet (the agent shows one once it reaches groundcontrol)")
         if readOnly:
             print(_readOnlyNote(stateDir), file=sys.stderr)
@@ -76,11 +77,44 @@ def _pair(stateDir: Path, now: float) -> int:
     if readOnly:  # the file is as it was when the card turned read-only
         print(f"this code may be out of date: {_readOnlyNote(stateDir)}", file=sys.stderr)
     print(
-        f"expires {whenText(expires, now)}; claim it with: "
+        f"expires {_expiryText(expires, now, stateDir)}; claim it with: "
         f"ssh ctl@groundcontrol claim {code} --for 7d",
         file=sys.stderr,
     )
     return 0
+
+
+def _mayBeValid(expires: float, now: float, stateDir: Path) -> bool:
+    """
+    Whether a pairing code may still be claimed: its expiry is ahead, or it was offered
+    while the device's clock was unset and the clock has been set since (its expiry says
+    1970; the agent offers a new code within the lifetime of this one).
+    """
+    return expires >= now or (
+        clockLooksUnset(expires, stateDir) and not clockLooksUnset(now, stateDir)
+    )
+
+
+def _expiryText(expires: float, now: float, stateDir: Path) -> str:
+    """
+    When the pairing code expires, as far as the device's clock can tell: its date and how
+    soon; how soon alone when the clock looks unset and was so when the code was offered (a
+    board without a real-time clock before NTP: the date says 1970); within the code's
+    lifetime when it was offered before the clock was set; its date alone when it was
+    offered with the clock set and the clock looks unset now.
+    """
+    unset = unsetClockNote(now, stateDir)
+    offeredUnset = clockLooksUnset(expires, stateDir)
+    if unset is None and not offeredUnset:
+        return whenText(expires, now)
+    if unset is None:
+        return (
+            f"within {PAIRING_CODE_LIFETIME / 60:.0f} min (it was offered before this "
+            "device's clock was set; the agent offers a new code when it runs out)"
+        )
+    if offeredUnset:
+        return f"{relativeTime(expires, now)} ({unset})"
+    return f"{absoluteTime(expires)} ({unset})"
 
 
 def main(argv: list[str] | None = None, *, now: Callable[[], float] = time.time) -> int:

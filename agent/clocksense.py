@@ -1,5 +1,6 @@
 """
-Whether this device's clock looks set, said where a certificate check failed.
+Whether this device's clock looks set, said where a certificate check failed and where a
+time it gave is shown to a person (the pairing code's expiry: L{unsetClockNote}).
 
 A board without a real-time clock boots in 1970 (or at fake-hwclock's last saved time) and
 keeps that time until NTP reaches a server; over C{tls://} and C{wss://} the agent then sees
@@ -18,7 +19,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from accesstunnel.timetext import isoTime
-from agent.enrollment import CERTIFICATE_FILE, certificateLifetime
 
 #: No set clock reads earlier: this code was written later. systemd keeps the same kind of
 #: floor (its build time, TIME_EPOCH) as the earliest time it lets the clock say at boot.
@@ -34,6 +34,9 @@ CERTIFICATE_DATES = "is valid from"
 
 def _earliestTrueTime(stateDir: Path | None) -> tuple[float, str]:
     """The latest time known to have passed, and what says so."""
+    # Here, not at the top: agent.enrollment says the pairing code's expiry with this module.
+    from agent.enrollment import CERTIFICATE_FILE, certificateLifetime
+
     floor, source = TIME_EPOCH, "this agent was written"
     if stateDir is not None:
         try:
@@ -43,6 +46,30 @@ def _earliestTrueTime(stateDir: Path | None) -> tuple[float, str]:
         if notBefore > floor:
             floor, source = notBefore, "this device's fleet certificate was issued"
     return floor, source
+
+
+def clockLooksUnset(t: float, stateDir: Path | None = None) -> bool:
+    """
+    Whether C{t}, a time this device's clock read, is before the latest time known to have
+    passed (L{TIME_EPOCH}, or the issue of the fleet certificate in C{stateDir}).
+    """
+    return t < _earliestTrueTime(stateDir)[0]
+
+
+def unsetClockNote(now: float, stateDir: Path | None = None) -> str | None:
+    """
+    What to say beside a time this device's clock gave, which reads C{now}: None if it
+    looks set; else that it looks unset (a board without a real-time clock, before NTP), so
+    that only a span from now means anything: C{in 9 min} is right, C{1970-01-01T00:10:12Z}
+    is not when it ends.
+    """
+    floor, source = _earliestTrueTime(stateDir)
+    if now >= floor:
+        return None
+    return (
+        f"this device's clock looks unset: it says {isoTime(now)}, before {source} "
+        f"({isoTime(floor)})"
+    )
 
 
 def certificateClockNote(reason: str, now: float, stateDir: Path | None = None) -> str:
@@ -68,4 +95,11 @@ def certificateClockNote(reason: str, now: float, stateDir: Path | None = None) 
     )
 
 
-__all__ = ["CERTIFICATE_CHECK_FAILED", "CERTIFICATE_DATES", "TIME_EPOCH", "certificateClockNote"]
+__all__ = [
+    "CERTIFICATE_CHECK_FAILED",
+    "CERTIFICATE_DATES",
+    "TIME_EPOCH",
+    "certificateClockNote",
+    "clockLooksUnset",
+    "unsetClockNote",
+]

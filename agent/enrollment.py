@@ -51,6 +51,7 @@ from accesstunnel.enrollmessages import (
 from accesstunnel.reasontext import reasonText
 from accesstunnel.statefiles import roomFor, writeAtomically
 from accesstunnel.timetext import isoTime
+from agent.clocksense import unsetClockNote
 
 CERTIFICATE_FILE = "device.crt"
 CA_FILE = "fleet-ca.crt"
@@ -410,7 +411,8 @@ class Enrollment:
         if self.state != "pending" or self._conn is None:
             return
         code = self._newCode()
-        expires = self._wall() + PAIRING_CODE_LIFETIME
+        offered = self._wall()
+        expires = offered + PAIRING_CODE_LIFETIME
         try:
             reply = await self._request(CLAIM_CODE, {"code": code})
         except Exception as e:
@@ -421,10 +423,16 @@ class Enrollment:
             self._log.warn("pairing code refused: {reason}", reason=str(reply.get("error")))
             self._retryPairingCode()
             return
+        unset = unsetClockNote(offered, self.stateDir)
         self._log.info(
-            "pairing code {code} (valid until {expires}): an operator claims this device "
-            "with: ssh ctl@groundcontrol claim {code}",
+            "pairing code {code} ({valid}): an operator claims this device with: ssh "
+            "ctl@groundcontrol claim {code}",
             code=code,
+            valid=(
+                f"valid until {isoTime(expires)}"
+                if unset is None  # else a date in 1970: how long is all that is known
+                else f"valid for {PAIRING_CODE_LIFETIME / 60:.0f} min; {unset}"
+            ),
             expires=isoTime(expires),
         )
         self.status.update(pairing_code=code, pairing_code_expires_at=isoTime(expires))

@@ -32,7 +32,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from accesstunnel.keys import fingerprint
 from accesstunnel.timetext import isoTime, parseIsoTime
 from agent import cli as agent_cli
-from agent.enrollment import CA_FILE, CERTIFICATE_FILE, Enrollment, StatusFile, renewalDue
+from agent.enrollment import (
+    CA_FILE,
+    CERTIFICATE_FILE,
+    STATUS_FILE,
+    Enrollment,
+    StatusFile,
+    renewalDue,
+)
 from agent.identity import ServerKeyPin
 from agent.link import AgentLinkFactory, AgentTransport, LinkSettings
 from groundcontrol.enrollment import CertificatePolicy, hashSecret
@@ -1116,6 +1123,67 @@ def test_pairPrintsTheCode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "approved as oven2" in capsys.readouterr().out
 
 
+def test_pairingCodeWithTheClockUnset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """
+    A device whose clock looks unset (a board without a real-time clock before NTP: 1970)
+    gives its pairing code's lifetime, not a date in 1970, and says the clock looks unset,
+    in its log and in 'tunnel-agent pair'. Once NTP has set the clock, 'pair' still prints
+    the code, offered before, as running out within its lifetime (its expiry says 1970).
+    """
+    world = World(tmp_path, start=12)
+    agent = world.start("oven2")
+    code = agent.status["pairing_code"]
+    unset = (
+        "this device's clock looks unset: it says {now}, before this agent was written "
+        "(2026-01-01T00:00:00Z)"
+    )
+    (line,) = [m for m in agent.log if m.startswith(f"pairing code {code} ")]
+    assert line.startswith(
+        f"pairing code {code} (valid for 10 min; {unset.format(now='1970-01-01T00:00:12Z')}): "
+    ), line
+    assert "1970-01-01T00:10:12Z" not in line
+    now = world.now + 60
+    assert agent_cli.main(["pair", "--state", str(agent.stateDir)], now=lambda: now) == 0
+    out, err = capsys.readouterr()
+    assert out == f"{code}\n"
+    claim = f"ssh ctl@groundcontrol claim {code} --for 7d"
+    said = unset.format(now="1970-01-01T00:01:12Z")
+    assert err == f"expires in 9 min ({said}); claim it with: {claim}\n"
+
+    ntp = datetime(2026, 11, 27, 9, 31, tzinfo=UTC).timestamp()
+    assert agent_cli.main(["pair", "--state", str(agent.stateDir)], now=lambda: ntp) == 0
+    out, err = capsys.readouterr()
+    assert out == f"{code}\n"
+    assert err == (
+        "expires within 10 min (it was offered before this device's clock was set; the "
+        f"agent offers a new code when it runs out); claim it with: {claim}\n"
+    )
+
+
+def test_pairingCodeOfferedBeforeTheClockWentBack(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """
+    A code offered with the clock set, read after the clock went back to 1970 (a reboot
+    without a real-time clock, before the agent offered a new one): its date, and that the
+    clock looks unset, not 'in 20784 d'.
+    """
+    (tmp_path / STATUS_FILE).write_text(
+        json.dumps(
+            {
+                "state": "pending",
+                "pairing_code": "K7QP-M2XD",
+                "pairing_code_expires_at": "2026-11-27T09:40:00Z",
+            }
+        )
+    )
+    assert agent_cli.main(["pair", "--state", str(tmp_path)], now=lambda: 30.0) == 0
+    assert capsys.readouterr().err.startswith(
+        "expires 2026-11-27T09:40:00Z (this device's clock looks unset: it says "
+        "1970-01-01T00:00:30Z, before this agent was written (2026-01-01T00:00:00Z)); "
+    )
+
+
 def test_pairWithoutAgent(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """'tunnel-agent pair' on a state dir with no agent status says so and fails."""
     assert agent_cli.main(["pair", "--state", str(tmp_path)]) == 1
@@ -1163,7 +1231,7 @@ def test_oldStatusFileStillReads(tmp_path: Path, capsys: pytest.CaptureFixture[s
     there after an upgrade replaced the programs and before the agent restarted: the new
     'tunnel-agent pair' finds its code and expiry, 'status' prints it in today's spelling.
     """
-    t0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
+    t0 = 1_790_000_000.0  # 2026-09-21T14:13:20Z (a set clock: after TIME_EPOCH)
     (tmp_path / "status.json").write_text(
         json.dumps(
             {
@@ -1172,22 +1240,22 @@ def test_oldStatusFileStillReads(tmp_path: Path, capsys: pytest.CaptureFixture[s
                 "pairingCode": "K7QP-M2XD",
                 "pairingCodeExpires": t0 + 600.25,
                 "certificateExpires": None,
-                "updatedAt": "2023-11-14T22:13:20Z",
+                "updatedAt": "2026-09-21T14:13:20Z",
             }
         )
     )
     assert agent_cli.main(["pair", "--state", str(tmp_path)], now=lambda: t0) == 0
     out, err = capsys.readouterr()
     assert out == "K7QP-M2XD\n"
-    assert err.startswith("expires 2023-11-14T22:23:20Z (in 10 min); claim it with:")
+    assert err.startswith("expires 2026-09-21T14:23:20Z (in 10 min); claim it with:")
     assert agent_cli.main(["status", "--state", str(tmp_path)]) == 0
     assert json.loads(capsys.readouterr().out) == {
         "state": "pending",
         "name": "oven2",
         "pairing_code": "K7QP-M2XD",
-        "pairing_code_expires_at": "2023-11-14T22:23:20Z",
+        "pairing_code_expires_at": "2026-09-21T14:23:20Z",
         "certificate_expires_at": None,
-        "updated_at": "2023-11-14T22:13:20Z",
+        "updated_at": "2026-09-21T14:13:20Z",
     }
     assert agent_cli.main(["pair", "--state", str(tmp_path)], now=lambda: t0 + 601) == 1
 
