@@ -392,6 +392,21 @@ class AgentTransport(
             self._endingBecause = f"the agent disconnected: {desc.decode('utf-8', 'replace')}"
         super().sendDisconnect(reason, desc)
 
+    def _whyLost(self, e: BaseException) -> str | None:
+        """
+        Why the connection ended before the link was up: over TLS in an operator's words
+        (accesstunnel.transports.tlsreasons: OpenSSL's at the end, in brackets); nothing
+        for a plain close that TLS has nothing to say about.
+        """
+        connection = linklog.tlsConnection(self.transport)
+        if connection is not None:
+            from accesstunnel.transports.tlsreasons import tlsFailureText  # TLS links only
+
+            text = tlsFailureText(e, connection)
+            if text is not None:
+                return text
+        return None if isinstance(e, error.ConnectionDone) else reasonText(e)
+
     def connectionLost(self, reason: Any = None) -> None:
         if self._handshakeTimer.active():
             self._handshakeTimer.cancel()
@@ -400,10 +415,10 @@ class AgentTransport(
         if not self.ready.called:
             self.factory.failedLinks += 1
             why = "link closed before it was up"
-            if isinstance(reason, Failure) and not reason.check(error.ConnectionDone):
+            if isinstance(reason, Failure) and (said := self._whyLost(reason.value)):
                 # Why TLS gave up (a certificate that did not verify, perhaps for the
                 # device's clock: agent.clocksense) reaches the failover endpoint's line.
-                why += f": {reasonText(reason.value)}"
+                why += f": {said}"
             self.ready.errback(Failure(ConnectionError(why)))
             self.ready.addErrback(lambda f: None)
         super().connectionLost(reason)

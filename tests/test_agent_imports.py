@@ -28,6 +28,7 @@ LAZY = (
     "accesstunnel.transports.proxy",
     "accesstunnel.transports.socks",
     "accesstunnel.transports.tunnel",
+    "accesstunnel.transports.tlsreasons",
     "accesstunnel.transports.tor",
     "accesstunnel.transports.websocket",
     "txtorcon",

@@ -38,6 +38,7 @@ from accesstunnel.keys import fingerprint
 from accesstunnel.timetext import isoTime
 from accesstunnel.transports.tls import ClientTLS, ServerTLS
 from accesstunnel.transports.tlsdates import CertificateDatesError, datesNamed
+from accesstunnel.transports.tlsreasons import CertificateTrustError
 from agent.clocksense import TIME_EPOCH, certificateClockNote
 from agent.enrollment import (
     CERTIFICATE_FILE,
@@ -387,10 +388,11 @@ class RenewalStepTests(SynchronousTestCase):
         self.assertEqual(self.issued(), 2)
 
 
-#: How a wss:// attempt ends when the server's certificate does not verify (agent log).
+#: How a wss:// attempt ends when the server's certificate does not verify and
+#: accesstunnel.transports.tlsreasons cannot say why (agent log).
 CHECK_FAILED = (
-    "WebSocket did not open: connection was closed uncleanly "
-    '("SSL error: certificate verify failed (in )")'
+    "certificate verify failed: the server's certificate did not verify "
+    "[OpenSSL: certificate verify failed]"
 )
 
 
@@ -584,16 +586,20 @@ class ServerCertificateDatesTests(SynchronousTestCase):
         reason.trap(CertificateDatesError)
         self.assertEqual(str(reason.value), self.expectedText(certificate))
 
-    def test_otherFailuresKeepOpenSSLsWords(self) -> None:
-        """A certificate valid now but from another CA: OpenSSL's own error, no dates."""
+    def test_otherCANamedNotTheDates(self) -> None:
+        """
+        A certificate valid now but from another CA: its issuer is named (tlsreasons), not
+        its dates, and the clock note says nothing (the clock is not the cause).
+        """
         other = FleetCA.create(self.directory / "other", datetime.now(UTC), "Other CA")
         self.fixture.ca = other
         server, _ = self.datedServer(datetime.now(UTC))
         reason = self.refusedWith(server)
-        reason.trap(SSL.Error)
-        self.assertNotIsInstance(reason.value, CertificateDatesError)
-        self.assertIn("certificate verify failed", str(reason.value))
-        self.assertNotIn("is valid from", str(reason.value))
+        reason.trap(CertificateTrustError)
+        text = str(reason.value)
+        self.assertIn("was issued by CN=Other CA, a CA this device does not trust", text)
+        self.assertNotIn("is valid from", text)
+        self.assertEqual(certificateClockNote(text, TIME_EPOCH + 30 * DAY), "")
 
     def test_chainCertificateNamed(self) -> None:
         """A certificate further up the chain the server sent is named by its subject."""

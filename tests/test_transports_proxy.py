@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
@@ -192,10 +192,45 @@ class ConnectTests(SynchronousTestCase):
         self.connectProtocol.dataReceived(b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 4000)
         self.failureResultOf(self.d, ProxyError)
 
+    def test_refusalsSayWhatTheyMean(self) -> None:
+        """
+        A 403 and a 502 say whose side the refusal is on (they were the status line alone,
+        'the proxy refused CONNECT: HTTP/1.1 403 Forbidden').
+        """
+        hints = {
+            b"403 Forbidden": "(the proxy does not let this device reach gc.example.com:443: "
+            "ask its admin)",
+            b"502 Bad Gateway": "(the proxy could not reach gc.example.com:443: is the server "
+            "up, and the address right?)",
+        }
+        for status, hint in hints.items():
+            endpoint = HTTPConnectEndpoint(
+                self.proxyEndpoint, ProxyURL.parse("http://proxy:3128"), "gc.example.com", 443
+            )
+            connecting = endpoint.connect(Factory.forProtocol(Recorder))
+            self.proxyEndpoint.protocols[-1].dataReceived(b"HTTP/1.1 " + status + b"\r\n\r\n")
+            failure = self.failureResultOf(connecting, ProxyError)
+            self.assertEqual(
+                str(failure.value),
+                f"the proxy refused CONNECT: HTTP/1.1 {status.decode()} {hint}",
+            )
+
     def test_closedBeforeAnswer(self) -> None:
         """The proxy hanging up before answering fails the connect."""
         self.connectProtocol.connectionLost(Failure(ConnectionError("reset")))
-        self.failureResultOf(self.d, ProxyError)
+        failure = self.failureResultOf(self.d, ProxyError)
+        self.assertEqual(
+            str(failure.value), "the proxy closed the connection before it answered: reset"
+        )
+
+    def test_closedCleanlyBeforeAnswer(self) -> None:
+        """
+        A proxy that hangs up on CONNECT without a word: it was 'the proxy closed the
+        connection: Connection was closed cleanly'.
+        """
+        self.connectProtocol.connectionLost(Failure(error.ConnectionDone()))
+        failure = self.failureResultOf(self.d, ProxyError)
+        self.assertEqual(str(failure.value), "the proxy closed the connection before it answered")
 
     def test_cancel(self) -> None:
         """Cancelling a connect that waits for the proxy aborts the proxy connection."""

@@ -233,7 +233,14 @@ class _ConnectProtocol(TunnelProtocol):
         return len(head) + len(separator), True
 
     def _hint(self, status: bytes) -> str:
-        """What to do about a 407: the refusal alone does not say whose fault it is."""
+        """What the refusal means: the status alone does not say whose fault it is."""
+        target = hostPort(self._endpoint.host, self._endpoint.port)
+        if status == b"403":
+            return f" (the proxy does not let this device reach {target}: ask its admin)"
+        if status in (b"502", b"503", b"504"):
+            return (
+                f" (the proxy could not reach {target}: is the server up, and the address right?)"
+            )
         if status != b"407":
             return ""
         if self._endpoint.proxy.username is None:

@@ -10,7 +10,9 @@ whether the clock or the certificate is wrong.
 OpenSSL sends a fatal alert when the check fails; at that moment the chain the server sent
 is known, and if a certificate in it is not valid now, the connection fails with
 L{CertificateDatesError} (through the TLS protocol's C{failVerification}, as Twisted's own
-host-name check does) instead of the bare OpenSSL error.
+host-name check does) instead of the bare OpenSSL error; if its dates are right and its issuer
+is not trusted (self-signed, or a CA this device does not know), with
+L{tlsreasons.CertificateTrustError} saying which.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from accesstunnel.timetext import isoTime
+from accesstunnel.transports.tlsreasons import CertificateTrustError, trustNamed
 
 __all__ = [
     "CERTIFICATE_DATES",
@@ -104,10 +107,15 @@ class NamingCertificateDates:
                 return
             try:
                 chain = connection.get_peer_cert_chain(as_cryptography=True) or []
+                failure: SSL.Error | None = None
                 text = datesNamed(chain, datetime.now(UTC))
+                if text is not None:
+                    failure = CertificateDatesError(text)
+                elif (trust := trustNamed(connection, chain)) is not None:
+                    failure = CertificateTrustError(trust)  # self-signed, or an unknown CA
                 tlsProtocol = protocolRef()
-                if text is not None and tlsProtocol is not None:
-                    tlsProtocol.failVerification(Failure(CertificateDatesError(text)))
+                if failure is not None and tlsProtocol is not None:
+                    tlsProtocol.failVerification(Failure(failure))
             except Exception:  # an exception in an OpenSSL callback would be lost
                 _log.failure("while naming the server certificate's dates")
 

@@ -21,6 +21,8 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from accesstunnel.reasontext import reasonText
+
 __all__ = ["ProxyError", "TunnelEndpoint", "TunnelProtocol"]
 
 
@@ -109,8 +111,11 @@ class TunnelProtocol(Protocol):
         if self._inner is not None:
             self._inner.connectionLost(reason)
         elif not self.ready.called:
+            # Not "...: Connection was closed cleanly": a proxy that hangs up on CONNECT
+            # (or SOCKS) without a word says nothing more.
+            how = "" if reason.check(error.ConnectionDone) else f": {reasonText(reason.value)}"
             self.ready.errback(
-                Failure(ProxyError(f"the proxy closed the connection: {reason.value}"))
+                Failure(ProxyError(f"the proxy closed the connection before it answered{how}"))
             )
 
 

@@ -20,11 +20,22 @@ from autobahn.twisted.websocket import (
     WrappingWebSocketServerProtocol,
 )
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from OpenSSL import SSL
 from twisted.internet.interfaces import IProtocolFactory
-from twisted.logger import Logger
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from accesstunnel.transports.tlsreasons import (
+    connectionUnder,
+    openSSLWords,
+    tlsFailureText,
+    webSocketRefusalText,
+)
+
 __all__ = ["SUBPROTOCOL", "WebSocketClientFactory", "WebSocketServerFactory"]
+
+_log = Logger()
 
 #: Offered and required: SSH bytes ride as binary messages, never base64 text.
 SUBPROTOCOL = "binary"
@@ -42,10 +53,46 @@ class _AdapterFixes:
     _proto: Any
     transport: Any
     _opened = False
+    _connectionLost: Any  # autobahn's: what its connectionLost does after its line
 
     def onOpen(self) -> None:
         self._opened = True
         self._proto.makeConnection(self)
+
+    #: Why the connection under the WebSocket ended (the TLS failure, if any), kept for
+    #: L{onClose}: autobahn hands it only a text, C{SSL error: WORDS (in )} (pyOpenSSL names
+    #: no function) or, for a certificate made out to another name, none of the reason.
+    _lostBecause: Failure | None = None
+
+    #: The level of the line about a TLS failure below the WebSocket (autobahn's was an
+    #: error, with "(in )"): info at groundcontrol, one per client that failed TLS.
+    _tlsFailureLevel = LogLevel.info
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lostBecause = reason
+        if not isinstance(reason.value, SSL.Error):
+            super().connectionLost(reason)  # type: ignore[misc]  # autobahn's, beside this
+            return
+        _log.emit(
+            self._tlsFailureLevel,
+            "TLS under the WebSocket with {peer} failed: {why}",
+            peer=getattr(self, "peer", "?"),
+            why=self._saidOfTLS(reason.value),
+        )
+        self._connectionLost(reason)  # what autobahn's connectionLost does after its line
+
+    def _saidOfTLS(self, e: SSL.Error) -> str:
+        """A TLS failure as this end says it: groundcontrol in OpenSSL's words."""
+        return openSSLWords(e)
+
+    def _whyNotOpened(self, code: int | None, reason: str | None) -> str:
+        """Why the WebSocket did not open, in words (accesstunnel.transports.tlsreasons)."""
+        if self._lostBecause is not None:
+            tls = tlsFailureText(self._lostBecause.value, connectionUnder(self.transport))
+            if tls is not None:
+                return tls
+        refused = webSocketRefusalText(reason or "")
+        return f"WebSocket did not open: {refused or reason or code}"
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self._opened:
@@ -56,7 +103,7 @@ class _AdapterFixes:
         # agent's failover moves on to the next address at once instead of timing out).
         failed = getattr(self.factory._factory, "transportFailed", None)  # type: ignore[attr-defined]
         if failed is not None:
-            failed(Failure(ConnectionError(f"WebSocket did not open: {reason or code}")))
+            failed(Failure(ConnectionError(self._whyNotOpened(code, reason))))
 
     def abortConnection(self) -> None:
         self.transport.abortConnection()
@@ -93,7 +140,11 @@ class _ServerProtocol(_AdapterFixes, WrappingWebSocketServerProtocol):  # type: 
 
 
 class _ClientProtocol(_AdapterFixes, WrappingWebSocketClientProtocol):  # type: ignore[misc]
-    pass
+    # The agent's line about the address it could not reach says it already.
+    _tlsFailureLevel = LogLevel.debug
+
+    def _saidOfTLS(self, e: SSL.Error) -> str:
+        return tlsFailureText(e, connectionUnder(self.transport)) or openSSLWords(e)
 
 
 def _commonOptions(factory: Any) -> None:
