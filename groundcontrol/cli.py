@@ -641,7 +641,11 @@ def _openStore(dataDir: DataDir, storeURL: str | None) -> SQLStore:
 
 
 def _requireInitialised(dataDir: DataDir) -> None:
-    if not dataDir.isInitialised():
+    try:
+        initialised = dataDir.isInitialised()
+    except HostKeyError as e:
+        raise _CommandError(str(e)) from None
+    if not initialised:
         raise _CommandError(
             f"{dataDir.path} is not initialised; run: groundcontrol --data {dataDir.path} init"
         )

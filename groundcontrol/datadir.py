@@ -7,6 +7,7 @@ runs from it) cannot disagree about paths or permissions.
 from __future__ import annotations
 
 import os
+import stat
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,6 +20,19 @@ from groundcontrol.pki import CAExists, FleetCA
 from groundcontrol.store import migrateStore
 
 __all__ = ["DataDir", "HostKeyError", "InitResult", "NotInitialised"]
+
+
+def _isFile(path: Path) -> bool:
+    """
+    Whether C{path} is a regular file, as C{Path.is_file}, except that a file that cannot be
+    looked at (its directory not searchable: C{EACCES}) raises L{HostKeyError} naming it.
+    """
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as e:
+        raise HostKeyError(f"cannot read {path}: {e.strerror}") from None
 
 
 class NotInitialised(Exception):  # noqa: N818 - reads as a state, like the store's errors
@@ -70,8 +84,12 @@ class DataDir:
         """
         Whether C{init} has run: the host key exists, and so does the SQLite file here when
         it is the store (a store elsewhere is checked by opening it).
+
+        @raise HostKeyError: the directory cannot be searched (a data directory made by
+            C{init} as root, run as the service's user before the C{chown -R}): whether the
+            key is there cannot be told, and the reader is told that, not shown a traceback.
         """
-        return self.hostKeyPath.is_file() and (store is not None or self.databasePath.is_file())
+        return _isFile(self.hostKeyPath) and (store is not None or _isFile(self.databasePath))
 
     def ensureInitialised(self, store: str | None = None) -> InitResult:
         """

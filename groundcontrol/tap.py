@@ -514,7 +514,11 @@ def buildService(
     config: ServerConfig, reactor: Any, store: IStore | None = None
 ) -> GroundControlService:
     """Assemble groundcontrol: front door on every listen address, fleet watcher."""
-    if not config.dataDir.isInitialised(config.store):
+    try:
+        initialised = config.dataDir.isInitialised(config.store)
+    except HostKeyError as e:
+        raise usage.UsageError(str(e)) from None
+    if not initialised:
         storeOption = "" if config.store is None else " --store URL"
         raise usage.UsageError(
             f"{config.dataDir.path} is not initialised: run 'groundcontrol --data "
