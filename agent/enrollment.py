@@ -27,6 +27,7 @@ server's ``--json`` output: snake_case keys, ISO 8601 UTC times with a ``Z``.
 from __future__ import annotations
 
 import binascii
+import contextlib
 import errno
 import json
 import secrets
@@ -465,9 +466,10 @@ class Enrollment:
             return
         self.status.update()  # which also finds out whether the state directory is writable
         writeError = self.status.writeError
-        if writeError is None and self._refusedSize is not None:
-            # status.json fits, the last certificate did not: would one fit now?
-            writeError = roomFor(certificatePath, self._refusedSize)
+        size = self._sizeToStore(certificatePath)
+        if writeError is None and size:
+            # status.json fits (a few hundred bytes): would a certificate?
+            writeError = roomFor(certificatePath, size)
         if writeError is not None and writeError.errno in _CANNOT_STORE:
             self._waitForRoom(certificatePath, notAfter, writeError)
             return
@@ -517,14 +519,28 @@ class Enrollment:
             )
         self._scheduleRenewal(notBefore, notAfter)
 
+    def _sizeToStore(self, certificatePath: Path) -> int:
+        """
+        How large a file a new certificate needs (0: not known): the largest of the last
+        one that did not fit and the certificate and CA held, which a new one resembles
+        (the same names and key). Known from the files, a restarted agent asks for none
+        that cannot be stored either.
+        """
+        sizes = [self._refusedSize or 0]
+        for path in (certificatePath, self.stateDir / CA_FILE):
+            with contextlib.suppress(OSError):
+                sizes.append(path.stat().st_size)
+        return max(sizes)
+
     def _storeFailed(
         self, certificatePath: Path, heldUntil: float, error: OSError, size: int
     ) -> None:
         """
         A certificate was issued but could not be stored. If for lack of room (status.json
-        fitted, the certificate did not), none is asked for until a file of its C{size} can
-        be written (L{roomFor}, looked at hourly): groundcontrol signed one an hour for
-        nothing, and the log said so each time.
+        fitted, the certificate did not, nor a file the size of the one held, if any), none
+        is asked for until a file of its C{size} can be written (L{roomFor}, looked at
+        hourly): groundcontrol signed one an hour for nothing, and the log said so each
+        time.
         """
         if error.errno in _CANNOT_STORE:
             self._refusedSize, self._waitSaid = size, True

@@ -400,13 +400,13 @@ class FullDiskEnrollmentTests(EnrollmentTestCase):
         self.world.advance(DAY)
         self.assertEqual(len(said), 25)
 
-    def test_certificateThatDoesNotFitIsNotAskedForAgain(self) -> None:
+    def test_renewalThatDoesNotFitIsNotAskedFor(self) -> None:
         """
-        status.json fits but the certificate does not (a few blocks free): one is issued
-        and cannot be stored, and no other is asked for (groundcontrol signed one an hour
-        for nothing) until a file its size can be written, looked at hourly; one error line
-        says so, and in the certificate's last day the warning that it runs out is hourly.
-        Once there is room the agent asks within the hour and stores it.
+        status.json fits but a certificate does not (a few blocks free): a renewal is not
+        asked for (groundcontrol signed one an hour for nothing, an error line each time)
+        until a file the size of the certificate held can be written, looked at hourly, nor
+        by a restarted agent; one line says so, and in the certificate's last day the
+        warning that it runs out is hourly. Once there is room it renews within the hour.
         """
         agent = self.world.enrolled("kiln7")
         old = agent.certificatePEM
@@ -414,15 +414,17 @@ class FullDiskEnrollmentTests(EnrollmentTestCase):
         said = self.runningOutWarnings(agent)
         self.disk.largest = 600  # status.json is about 200 bytes, a certificate 700-1000
         self.world.advance(renewalDue(notBefore, notAfter) - self.world.now)
-        self.assertEqual(certificatesIssued(self.fleet), 2)
+        self.world.disconnect(agent)
+        self.world.connect(agent)  # a restart asks again: enrollment remembers nothing
         while self.world.now + CERTIFICATE_RETRY_DELAY < notAfter - DAY / 2:
             self.world.advance(CERTIFICATE_RETRY_DELAY)
-        self.assertEqual(certificatesIssued(self.fleet), 2)
-        errors = [m for m in agent.log if "cannot store the new fleet certificate" in m]
-        self.assertEqual(len(errors), 1, errors)
-        self.assertIn(f"in {agent.stateDir / CERTIFICATE_FILE}: {NO_SPACE}", errors[0])
-        self.assertIn("asks for a new one once a file of", errors[0])
-        self.assertFalse(any("is on a full disk" in m for m in agent.log), agent.log)
+        self.assertEqual(certificatesIssued(self.fleet), 1)
+        waits = [m for m in agent.log if "is on a full disk" in m]
+        self.assertEqual(len(waits), 1, agent.log)
+        self.assertIn(
+            f"{agent.stateDir / CERTIFICATE_FILE} is on a full disk ({NO_SPACE})", waits[0]
+        )
+        self.assertIn("keeps the one valid until", waits[0])
         self.assertEqual(len(said), 12, said)
         self.assertIn("runs out in 23 h", said[0][1])
         self.assertEqual(agent.certificatePEM, old)
@@ -430,10 +432,34 @@ class FullDiskEnrollmentTests(EnrollmentTestCase):
 
         self.disk.largest = None
         self.world.advance(CERTIFICATE_RETRY_DELAY)
-        self.assertEqual(certificatesIssued(self.fleet), 3)
+        self.assertEqual(certificatesIssued(self.fleet), 2)
         self.assertGreater(certificateLifetime(agent.certificatePEM)[1], notAfter + DAY)
         self.world.advance(DAY)
         self.assertEqual(len(said), 12)
+
+    def test_firstCertificateThatDoesNotFitIsAskedForOnce(self) -> None:
+        """
+        With no certificate held, its size is not known: the first is asked for, does not
+        fit, and no other is asked for until a file its size can be written; one error line
+        says so. Once there is room the agent asks within the hour and stores it.
+        """
+        self.disk.largest = 600
+        agent = self.world.agent("kiln7")
+        self.fleet.enrollDevice("kiln7", agent.key)
+        self.world.connect(agent)
+        for _ in range(5):
+            self.world.advance(CERTIFICATE_RETRY_DELAY)
+        self.assertEqual(certificatesIssued(self.fleet), 1)
+        (error,) = [m for m in agent.log if "cannot store the new fleet certificate" in m]
+        self.assertIn(f"in {agent.stateDir / CERTIFICATE_FILE}: {NO_SPACE}", error)
+        self.assertRegex(error, r"asks for a new one once a file of \d+ bytes can be written")
+        self.assertFalse(any("is on a full disk" in m for m in agent.log), agent.log)
+        self.assertEqual(names(agent.stateDir), [CA_FILE, STATUS_FILE])  # the CA is smaller
+
+        self.disk.largest = None
+        self.world.advance(CERTIFICATE_RETRY_DELAY)
+        self.assertEqual(certificatesIssued(self.fleet), 2)
+        self.assertEqual(names(agent.stateDir), sorted([CA_FILE, CERTIFICATE_FILE, STATUS_FILE]))
 
     def test_pendingOnAFullDiskShowsItsCodeOnceThereIsRoom(self) -> None:
         """
