@@ -404,27 +404,32 @@ class FullDiskEnrollmentTests(EnrollmentTestCase):
         """
         status.json fits but a certificate does not (a few blocks free): a renewal is not
         asked for (groundcontrol signed one an hour for nothing, an error line each time)
-        until a file the size of the certificate held can be written, looked at hourly, nor
-        by a restarted agent; one line says so, and in the certificate's last day the
+        until a file the size of the certificate held can be written, looked at hourly, by
+        a restarted agent either; one line says so, and in the certificate's last day the
         warning that it runs out is hourly. Once there is room it renews within the hour.
         """
-        agent = self.world.enrolled("kiln7")
-        old = agent.certificatePEM
+        first = self.world.enrolled("kiln7")
+        old = first.certificatePEM
         notBefore, notAfter = certificateLifetime(old)
-        said = self.runningOutWarnings(agent)
         self.disk.largest = 600  # status.json is about 200 bytes, a certificate 700-1000
         self.world.advance(renewalDue(notBefore, notAfter) - self.world.now)
-        self.world.disconnect(agent)
-        self.world.connect(agent)  # a restart asks again: enrollment remembers nothing
+        self.world.advance(2 * CERTIFICATE_RETRY_DELAY)
+        self.assertEqual(certificatesIssued(self.fleet), 1)
+        self.world.disconnect(first)
+        agent = self.world.agent("kiln7", key=first.key)  # the agent restarted
+        for name in (CERTIFICATE_FILE, CA_FILE, STATUS_FILE):
+            (agent.stateDir / name).write_bytes((first.stateDir / name).read_bytes())
+        said = self.runningOutWarnings(agent)
+        self.world.connect(agent)
         while self.world.now + CERTIFICATE_RETRY_DELAY < notAfter - DAY / 2:
             self.world.advance(CERTIFICATE_RETRY_DELAY)
         self.assertEqual(certificatesIssued(self.fleet), 1)
-        waits = [m for m in agent.log if "is on a full disk" in m]
-        self.assertEqual(len(waits), 1, agent.log)
-        self.assertIn(
-            f"{agent.stateDir / CERTIFICATE_FILE} is on a full disk ({NO_SPACE})", waits[0]
-        )
-        self.assertIn("keeps the one valid until", waits[0])
+        for each in (first, agent):
+            (wait,) = [m for m in each.log if "is on a full disk" in m]
+            self.assertIn(
+                f"{each.stateDir / CERTIFICATE_FILE} is on a full disk ({NO_SPACE})", wait
+            )
+            self.assertIn("keeps the one valid until", wait)
         self.assertEqual(len(said), 12, said)
         self.assertIn("runs out in 23 h", said[0][1])
         self.assertEqual(agent.certificatePEM, old)
