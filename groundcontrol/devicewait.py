@@ -22,11 +22,18 @@ nothing.
 
 from __future__ import annotations
 
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
 import attrs
+from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from accesstunnel.statefiles import writeAtomically
 from groundcontrol.registry import Link, Registry
 from groundcontrol.store import Device, IStore
 
@@ -39,6 +46,8 @@ DEFAULT_MAX_WAITERS = 1000
 DEFAULT_MAX_WAITERS_PER_DEVICE = 20
 #: With a shared store, how often it is read for a device that came back elsewhere.
 DEFAULT_SHARED_STORE_POLL = 2.0
+#: In DATA/run: when groundcontrol last stopped, written as it stops, read as it starts.
+STOPPED_FILE = "stopped.json"
 
 
 @attrs.frozen
@@ -105,6 +114,8 @@ class DeviceWaits:
         self._store = store
         #: When this groundcontrol started: its own restart is a reason to wait.
         self.startedAt = clock.seconds()
+        #: When the one before it stopped cleanly, if it did (L{StopRecord}).
+        self.lastStop: float | None = None
         self._devices: dict[str, _Device] = {}
         self._count = 0
         registry.waits = self
@@ -122,14 +133,17 @@ class DeviceWaits:
         """
         Whether C{device} (approved, offline) was online recently enough to wait for: seen
         within the recent window, or, while groundcontrol started less than that ago, seen
-        within it before the start (it was online when groundcontrol stopped).
+        within it before groundcontrol last stopped (its links' ends set C{lastSeen} as it
+        stops: a device online then was seen then), or before it started if that stop was
+        not recorded (killed).
         """
         if self.policy.maxWait <= 0 or device.lastSeen is None:
             return False
         window = self.policy.recentWindow
         if now - device.lastSeen <= window:
             return True
-        return now - self.startedAt <= window and self.startedAt - device.lastSeen <= window
+        stopped = self.startedAt if self.lastStop is None else min(self.lastStop, self.startedAt)
+        return now - self.startedAt <= window and stopped - device.lastSeen <= window
 
     def wait(self, name: str) -> defer.Deferred[Link]:
         """
@@ -248,6 +262,47 @@ class DeviceWaits:
             waiter.deferred.errback(DeviceElsewhereError(now - waiter.startedAt))
 
 
+class StopRecord(Service):
+    """
+    C{DATA/run/stopped.json}: when groundcontrol stopped, so that once it starts again the
+    devices online then are waited for however long it was down. Read (and removed) as it
+    starts, so a later kill leaves no stale record behind; written as it stops.
+    """
+
+    _log = Logger()
+
+    def __init__(self, waits: DeviceWaits, runDirectory: Path, clock: IReactorTime) -> None:
+        self._waits = waits
+        self._path = runDirectory / STOPPED_FILE
+        self._clock = clock
+        waits.lastStop = self._readAndRemove()
+
+    def _readAndRemove(self) -> float | None:
+        try:
+            stoppedAt = json.loads(self._path.read_text())["stoppedAt"]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            self._log.warn("ignoring {path}: {error}", path=str(self._path), error=str(e))
+            stoppedAt = None
+        with contextlib.suppress(OSError):
+            self._path.unlink()
+        if isinstance(stoppedAt, bool) or not isinstance(stoppedAt, (int, float)):
+            return None
+        return float(stoppedAt)
+
+    def stopService(self) -> Any:
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            document = json.dumps({"stoppedAt": self._clock.seconds()})
+            writeAtomically(self._path, document.encode() + b"\n")
+        except OSError as e:
+            self._log.warn(
+                "could not record the stop in {path}: {error}", path=str(self._path), error=e
+            )
+        return super().stopService()
+
+
 __all__ = [
     "DEFAULT_DEVICE_WAIT",
     "DEFAULT_MAX_WAITERS",
@@ -258,5 +313,6 @@ __all__ = [
     "DeviceNotBackError",
     "DeviceWaitPolicy",
     "DeviceWaits",
+    "StopRecord",
     "WaitRefusedError",
 ]

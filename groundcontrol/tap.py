@@ -35,6 +35,7 @@ from groundcontrol.devicewait import (
     DEFAULT_MAX_WAITERS_PER_DEVICE,
     DEFAULT_SHARED_STORE_POLL,
     DeviceWaitPolicy,
+    StopRecord,
 )
 from groundcontrol.enrollment import CertificatePolicy
 from groundcontrol.fleetwatch import DEFAULT_PENDING_EXPIRY, FleetWatcher
@@ -543,6 +544,9 @@ def buildService(
     factory.preauthGuard = PreauthGuard(reactor, penalties=config.penalties)  # type: ignore[attr-defined]
     notifier = makeNotifier(reactor, config.webhook)
     top = GroundControlService()
+    if registry.waits is not None:
+        # After a restart, the devices online when groundcontrol stopped are waited for.
+        StopRecord(registry.waits, config.dataDir.path / "run", reactor).setServiceParent(top)
     # First, so that it stops last: after the fleet watcher has handed over what it holds.
     NotifierService(notifier).setServiceParent(top)
     # One limiter for every listener, innermost: it counts SSH handshakes,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import attrs
 from twisted.conch.ssh import connection
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
@@ -20,7 +21,7 @@ from accesstunnel.keys import fingerprint
 from agent.identity import ServerKeyPin
 from agent.link import AgentLinkFactory, LinkSettings
 from groundcontrol.datadir import DataDir
-from groundcontrol.devicewait import DeviceWaitPolicy, DeviceWaits
+from groundcontrol.devicewait import STOPPED_FILE, DeviceWaitPolicy, DeviceWaits, StopRecord
 from groundcontrol.registry import Registry
 from groundcontrol.sshserver import ServerSettings
 from groundcontrol.store import Device
@@ -462,3 +463,67 @@ class OptionsTests(SynchronousTestCase):
         ):
             with self.assertRaises(usage.UsageError, msg=extra):
                 self.options(*extra)
+
+
+class StopRecordTests(SynchronousTestCase):
+    """DATA/run/stopped.json: when groundcontrol stopped, for the waits after its restart."""
+
+    def setUp(self) -> None:
+        self.run = Path(self.mktemp()) / "run"
+        self.clock = Clock()
+        self.clock.advance(1_795_000_000)
+
+    def waits(self) -> DeviceWaits:
+        return DeviceWaits(
+            DeviceWaitPolicy(maxWait=WAIT, recentWindow=RECENT), Registry(), self.clock
+        )
+
+    def test_stopThenStart(self) -> None:
+        """The stop's time is written as groundcontrol stops, read (and removed) as it starts."""
+        record = StopRecord(self.waits(), self.run, self.clock)
+        record.startService()
+        self.clock.advance(60)
+        record.stopService()
+        stoppedAt = self.clock.seconds()
+        self.clock.advance(3600)  # down for an hour
+        waits = self.waits()
+        StopRecord(waits, self.run, self.clock)
+        self.assertEqual(waits.lastStop, stoppedAt)
+        self.assertFalse((self.run / STOPPED_FILE).exists())
+        self.assertIsNone(self.waits().lastStop)  # killed next time: no stale record
+
+    def test_unreadableRecordIgnored(self) -> None:
+        """A record that is not what it should be is ignored and removed."""
+        self.run.mkdir(parents=True)
+        for text in ("{", '{"stoppedAt": "soon"}', "[]", '{"stoppedAt": true}'):
+            (self.run / STOPPED_FILE).write_text(text)
+            waits = self.waits()
+            StopRecord(waits, self.run, self.clock)
+            self.assertIsNone(waits.lastStop, text)
+            self.assertFalse((self.run / STOPPED_FILE).exists())
+
+    def test_devicesOnlineAtTheStopAreWaitedFor(self) -> None:
+        """
+        After an hour's stop, while groundcontrol has run less than the window, a device
+        seen as it stopped (its link ended then) is waited for; one gone before is not.
+        """
+        waits = self.waits()
+        started = self.clock.seconds()
+        waits.lastStop = started - 3600
+        online = Device("kiln7", "approved", "fp", "key", None, 0.0, "test", started - 3599, 0.0)
+        gone = attrs.evolve(online, lastSeen=started - 3600 - RECENT - 1)
+        self.assertTrue(waits.worthWaiting(online, started + 60))
+        self.assertFalse(waits.worthWaiting(gone, started + 60))
+        self.assertFalse(waits.worthWaiting(online, started + RECENT + 1))
+
+    def test_builtByTheTap(self) -> None:
+        """groundcontrol's service reads the record of its data directory as it is built."""
+        data = Path(self.mktemp())
+        data.mkdir()
+        DataDir(data).ensureInitialised()
+        (data / "run").mkdir(exist_ok=True)
+        (data / "run" / STOPPED_FILE).write_text('{"stoppedAt": 1795000000.5}\n')
+        options = Options()
+        options.parseOptions(["--data", str(data)])
+        top = buildService(options.toConfig(), MemoryReactorClock())
+        self.assertEqual(top.registry.waits.lastStop, 1795000000.5)  # type: ignore[attr-defined]

@@ -96,9 +96,13 @@ def test_not_back_in_time(kiln7: Fleet) -> None:
 
 def test_ssh_right_after_groundcontrol_restarts(kiln7: Fleet, tmp_path: Path) -> None:
     """
-    Just after groundcontrol restarts, before the device's agent is back, an ssh to it
-    waits for it and runs.
+    Just after groundcontrol restarts, before the device's agent (online when it stopped)
+    is back, an ssh to it waits for it and runs.
     """
+    port = kiln7.gc.port
+    kiln7.gc.stop()  # the agent is online as groundcontrol stops: its stop is recorded
+    stopped = json.loads((kiln7.gc.data / "run" / "stopped.json").read_text())
+    assert stopped["stoppedAt"] > 0
     kiln7.agents[0].stop()
-    kiln7.restartServer()
+    kiln7.gc.start(port=port or 0)
     runsOnceTheAgentIsBack(kiln7, tmp_path)
