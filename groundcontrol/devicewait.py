@@ -75,7 +75,10 @@ class DeviceNotBackError(Exception):
 
 
 class DeviceElsewhereError(Exception):
-    """The device linked to another node sharing the store; C{args[0]}: how long it was."""
+    """
+    The device's agent logged in, but not here (another node sharing the store, or its
+    login was refused); C{args[0]}: how long the channel waited.
+    """
 
 
 @attrs.define(eq=False)

@@ -206,9 +206,12 @@ class SessionRouter:
             outcome = "it did not"
             raise await self._offlineAfterWait(name, startedAt, "") from None
         except DeviceElsewhereError:
-            outcome = "it linked to another node"
+            outcome = "it logged in elsewhere"
             raise await self._offlineAfterWait(
-                name, startedAt, ": it linked to another groundcontrol node, which routes it"
+                name,
+                startedAt,
+                ": its agent logged in elsewhere (another groundcontrol node routes it) or was "
+                "refused",
             ) from None
         finally:
             waited = round(self._clock.seconds() - startedAt, 1)

@@ -327,10 +327,11 @@ class SharedStoreTests(DeviceWaitTestCase):
         self.assertRegex(
             session.openFailureText,
             r"^device 'kiln7' is offline \(last seen .*, 3 s ago\); waited 4.0 s for it to "
-            r"reconnect: it linked to another groundcontrol node, which routes it$",
+            r"reconnect: its agent logged in elsewhere \(another groundcontrol node routes it\) "
+            r"or was refused$",
         )
         self.assertEqual(len(self.waits), 0)
-        self.assertEqual(self.waitLines(), [("alice", "4.0 s", "it linked to another node")])
+        self.assertEqual(self.waitLines(), [("alice", "4.0 s", "it logged in elsewhere")])
 
     def test_backHereBetweenReads(self) -> None:
         """A login recorded here attaches here: the channel opens, however the reads fall."""
