@@ -8,18 +8,20 @@ agent (C{agent+NAME}): it never says hello, so no serial comes. All on 127.0.0.1
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 
 from groundcontrol.notify import STOP_DELIVERY_WAIT
 from tests.e2e.harness import LOOPBACK, Fleet, Process, run, waitFor
-from tests.e2e.test_enrollment import _Hook
 
 
 class _HangingHook:
@@ -64,6 +66,42 @@ class _HangingHook:
             connection.close()
 
 
+class _RefusesOnce:
+    """A webhook receiver answering 503 to the first POST about C{device}, 200 otherwise."""
+
+    def __init__(self, device: str) -> None:
+        self.posts: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                with receiver.lock:
+                    first = all(p["device"] != body["device"] for p in receiver.posts)
+                    receiver.posts.append(body)
+                self.send_response(503 if first and body["device"] == device else 200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self.url = f"http://{LOOPBACK}:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return list(self.posts)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
 @pytest.fixture
 def hangingHook() -> Iterator[_HangingHook]:
     receiver = _HangingHook()
@@ -81,6 +119,19 @@ def _loginWithoutHello(fleet: Fleet, name: str) -> Process:
     argv += ["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=no"]
     argv += ["-o", "UserKnownHostsFile=/dev/null", f"agent+{name}@{LOOPBACK}"]
     return Process(argv, fleet.base / f"ssh-{name}.log", fleet.base)
+
+
+def _heldBehindAnApproval(
+    fleet: Fleet, held: str, other: str, approvalPosted: Callable[[], bool]
+) -> None:
+    """
+    Once C{held} is pending, approve C{other} and wait for its POST: its row comes after
+    C{held}'s in the feed, so C{held}'s row has been read and its notification is held
+    (for 10 s from then; an approval's is sent at once).
+    """
+    fleet.waitPending(held)
+    fleet.gc.cli("device", "approve", other)
+    waitFor(approvalPosted, 30, f"the POST of {other}'s approval")
 
 
 def _terminate(fleet: Fleet) -> tuple[float, str]:
@@ -107,28 +158,28 @@ def _notDelivered(log: str) -> list[str]:
 def test_stop_with_a_hanging_webhook(fleet: Fleet, hangingHook: _HangingHook) -> None:
     """
     A receiver that never answers (its attempts' timeout is 10 s) holds the stop for the
-    bound only; the notification being attempted and the one held for a serial, sent at
-    stop, are each named in the log as not delivered.
+    bound only; the notifications being attempted (sent1's request, its approval) and the
+    one held for a serial, sent at stop, are each named in the log as not delivered.
     """
     fleet.gc.stop()
     fleet.startServer("--webhook", hangingHook.url)
+    fleet.addAgent("sent1", approve=False, extraArgs=("--serial", "SN-1"))
+    waitFor(lambda: hangingHook.saw('"sent1"'), 30, "the POST for sent1")
     silent = _loginWithoutHello(fleet, "held1")
     try:
-        fleet.waitPending("held1")
-        # Its serial's row comes after held1's in the feed: once it is POSTed, held1's row
-        # has been read, and its notification is held (for 10 s).
-        fleet.addAgent("sent1", approve=False, extraArgs=("--serial", "SN-1"))
-        waitFor(lambda: hangingHook.saw('"sent1"'), 30, "the POST for sent1")
+        _heldBehindAnApproval(fleet, "held1", "sent1", lambda: hangingHook.saw("device.approved"))
         assert not hangingHook.saw('"held1"')
         took, log = _terminate(fleet)
     finally:
         silent.stop()
     assert hangingHook.saw('"held1"'), "the held notification is sent at stop"
     assert took < STOP_DELIVERY_WAIT + 5, f"stop took {took:.1f} s"
-    assert [line.split(" at ")[0] for line in _notDelivered(log)] == [
+    named = {line.split(" at ")[0] for line in _notDelivered(log)}
+    assert {
+        "fleet event device.approved for sent1",
         "fleet event device.pending for held1",
         "fleet event device.pending for sent1",
-    ], log
+    } <= named, log
 
 
 def test_stop_delivers_what_is_queued(fleet: Fleet) -> None:
@@ -136,28 +187,27 @@ def test_stop_delivers_what_is_queued(fleet: Fleet) -> None:
     A notification held for a serial when SIGTERM comes is POSTed at stop, serial null,
     and its retry after a 503 (within 1 s) still goes out before groundcontrol exits.
     """
-    receiver = _Hook(failures=0)
-    receiver.thread.start()
+    receiver = _RefusesOnce("held2")
     try:
         fleet.gc.stop()
         fleet.startServer("--webhook", receiver.url)
+        fleet.addAgent("sent2", approve=False, extraArgs=("--serial", "SN-2"))
+        waitFor(receiver.snapshot, 30, "the POST for sent2")
         silent = _loginWithoutHello(fleet, "held2")
         try:
-            fleet.waitPending("held2")
-            # Once sent2's notification (after held2's row in the feed) is POSTed, held2's
-            # is held; the next POST, held2's at stop, is answered 503.
-            fleet.addAgent("sent2", approve=False, extraArgs=("--serial", "SN-2"))
-            waitFor(receiver.snapshot, 30, "the POST for sent2")
-            with receiver.lock:
-                receiver.failures = len(receiver.posts) + 1
+            _heldBehindAnApproval(
+                fleet,
+                "held2",
+                "sent2",
+                lambda: any(p["event"] == "device.approved" for p in receiver.snapshot()),
+            )
+            assert all(p["device"] != "held2" for p in receiver.snapshot())
             _, log = _terminate(fleet)
         finally:
             silent.stop()
-        posts = [p["body"] for p in receiver.snapshot() if p["body"]["device"] == "held2"]
+        posts = [p for p in receiver.snapshot() if p["device"] == "held2"]
     finally:
-        receiver.server.shutdown()
-        receiver.server.server_close()
-        receiver.thread.join(5)
+        receiver.close()
     assert [(p["event"], p["device"], p["detail"]["serial"]) for p in posts] == [
         ("device.pending", "held2", None)
     ] * 2, posts
