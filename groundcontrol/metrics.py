@@ -95,6 +95,11 @@ class Metrics:
         self.sessionsLive = Gauge(
             "groundcontrol_sessions_live", "Relayed channels open now", registry=r
         )
+        self.channelsWaiting = Gauge(
+            "groundcontrol_channels_waiting",
+            "Channel opens held for a device that is reconnecting now (--device-wait)",
+            registry=r,
+        )
         self.sessionsTotal = Counter(
             "groundcontrol_sessions",
             "Relayed channels opened, by channel type",
@@ -151,6 +156,9 @@ class Metrics:
         self.agentsConnected.set_function(lambda: len(registry))
         self.agentsPending.set_function(registry.pendingCount)
         self.sessionsLive.set_function(lambda: len(sessions.live))
+        self.channelsWaiting.set_function(
+            lambda: 0 if registry.waits is None else len(registry.waits)
+        )
 
     def watchFrontDoor(
         self, penalties: SourcePenalties, limiter: HandshakeLimiter | None = None

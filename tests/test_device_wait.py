@@ -22,7 +22,9 @@ from agent.identity import ServerKeyPin
 from agent.link import AgentLinkFactory, LinkSettings
 from groundcontrol.datadir import DataDir
 from groundcontrol.devicewait import STOPPED_FILE, DeviceWaitPolicy, DeviceWaits, StopRecord
+from groundcontrol.metrics import Metrics
 from groundcontrol.registry import Registry
+from groundcontrol.sessions import SessionRegistry
 from groundcontrol.sshserver import ServerSettings
 from groundcontrol.store import Device
 from groundcontrol.tap import Options, buildService
@@ -528,3 +530,26 @@ class StopRecordTests(SynchronousTestCase):
         options.parseOptions(["--data", str(data)])
         top = buildService(options.toConfig(), MemoryReactorClock())
         self.assertEqual(top.registry.waits.lastStop, 1795000000.5)  # type: ignore[attr-defined]
+
+
+class MetricsTests(DeviceWaitTestCase):
+    """groundcontrol_channels_waiting: the channels held for devices now."""
+
+    def test_gauge(self) -> None:
+        """The gauge counts the waiting channels at scrape time, and drops as they end."""
+        metrics = Metrics()
+        metrics.watch(self.fleet.registry, SessionRegistry(self.fleet.store, self.fleet.clock))
+
+        def waiting() -> float | None:
+            return metrics.registry.get_sample_value("groundcontrol_channels_waiting")
+
+        self.assertEqual(waiting(), 0)
+        self.dropAgent()
+        self.open()
+        self.open()
+        self.assertEqual(waiting(), 2)
+        self.advance(WAIT)
+        self.assertEqual(waiting(), 0)
+        off = Metrics()  # --device-wait 0: no waits, the gauge stays 0
+        off.watch(Registry(), SessionRegistry(self.fleet.store, self.fleet.clock))
+        self.assertEqual(off.registry.get_sample_value("groundcontrol_channels_waiting"), 0)
