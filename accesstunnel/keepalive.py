@@ -71,6 +71,9 @@ class KeepaliveSweep:
         if granularity <= 0:
             raise ValueError("sweep granularity must be positive")
         self._clock = clock
+        # Slots on a clock that does not step: a look filed before a step of the wall clock
+        # still runs its delay later (the timer is moved by the step, the slots need not be).
+        self._now = elapsedClock(clock)
         self.granularity = granularity
         self._buckets: dict[int, list[Keepalive]] = {}
         self._slots: list[int] = []  # heap of the buckets' slot numbers
@@ -78,7 +81,10 @@ class KeepaliveSweep:
         self._timerSlot: int | None = None
 
     def file(self, keepalive: Keepalive, when: float) -> int:
-        """Run C{keepalive}'s look at C{when} or at most a granule later; return its slot."""
+        """
+        Run C{keepalive}'s look at C{when} (seconds of L{accesstunnel.clocks.elapsedClock} of
+        the sweep's clock) or at most a granule later; return its slot.
+        """
         slot = math.ceil(when / self.granularity)
         bucket = self._buckets.get(slot)
         if bucket is None:
@@ -91,7 +97,7 @@ class KeepaliveSweep:
 
     def fileIn(self, keepalive: Keepalive, delay: float) -> int:
         """L{file} C{keepalive}'s look C{delay} seconds from now (of the sweep's clock)."""
-        return self.file(keepalive, self._clock.seconds() + delay)
+        return self.file(keepalive, self._now() + delay)
 
     def __len__(self) -> int:
         """Looks filed and not yet run (stopped keepalives' included)."""
@@ -101,12 +107,12 @@ class KeepaliveSweep:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timerSlot = slot
-        delay = max(slot * self.granularity - self._clock.seconds(), 0.0)
+        delay = max(slot * self.granularity - self._now(), 0.0)
         self._timer = self._clock.callLater(delay, self._run)
 
     def _run(self) -> None:
         self._timer = self._timerSlot = None
-        now = self._clock.seconds()
+        now = self._now()
         slots = self._slots
         # Everything due by now (a timer that ran late runs the buckets it passed).
         while slots and slots[0] * self.granularity <= now:

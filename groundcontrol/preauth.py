@@ -67,6 +67,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from accesstunnel.addresses import sourceNetwork
+from accesstunnel.clocks import elapsedClock
 
 __all__ = [
     "DEFAULT_EARLY_CLOSE_ALLOWANCE",
@@ -327,7 +328,8 @@ class SourcePenalties:
     _log = Logger()
 
     def __init__(self, clock: IReactorTime, policy: PenaltyPolicy | None = None) -> None:
-        self._clock = clock
+        # Penalties and allowances are durations: measured on a clock that does not step.
+        self._now = elapsedClock(clock)
         self.policy = policy = policy or PenaltyPolicy()
         self._sources: OrderedDict[str, _Record] = OrderedDict()
         self._noauth = Allowance(
@@ -402,7 +404,7 @@ class SourcePenalties:
         )
 
     def _refusedNow(self, source: str) -> tuple[float, str]:
-        now = self._clock.seconds()
+        now = self._now()
         record = self._current(source, now)
         silent = self._silent.get(source, 0)
         if record is None and silent < self._earlyClose.size:
@@ -425,7 +427,7 @@ class SourcePenalties:
 
     def refusedSources(self) -> int:
         """Sources refused now (exempt ones never are). Reads all of them; changes nothing."""
-        now = self._clock.seconds()
+        now = self._now()
         silent = self._silent
         remembered = sum(
             1
@@ -446,7 +448,7 @@ class SourcePenalties:
         Count a failed connection from C{source}; return the seconds it is now refused
         (0 for an exempt source, which is logged as it would have been refused).
         """
-        now = self._clock.seconds()
+        now = self._now()
         record = self._remember(source, now)
         record.failures += 1
         record.lastFailure = now
@@ -518,7 +520,7 @@ class SourcePenalties:
     ) -> float:
         if allowance.rate <= 0:
             return 0.0
-        now = self._clock.seconds()
+        now = self._now()
         record = self._remember(source, now)
         bucket = bucketOf(record)
         before = allowance.refusal(bucket, now)
@@ -682,7 +684,7 @@ class PreauthMixin:
     def connectionMade(self) -> None:
         guard = guardOf(self.factory)
         self._preauthSource = sourceKey(self.transport.getPeer())
-        self._preauthStarted = self.factory.clock.seconds()
+        self._preauthStarted = elapsedClock(self.factory.clock)()  # a wall step moves none
         refusal = guard.penalties.refusal(self._preauthSource)
         if refusal is not None:
             # Before our version line and any key exchange: a refused source costs an
@@ -864,6 +866,7 @@ class PreauthMixin:
         if attempts:
             return _Failure(FailureKind.BAD_AUTH, f"{attempts} failed authentication attempts")
         grace = getattr(getattr(self.factory, "settings", None), "loginGraceTime", None)
-        if grace is not None and self.factory.clock.seconds() - self._preauthStarted >= grace:
+        elapsed = elapsedClock(self.factory.clock)() - self._preauthStarted
+        if grace is not None and elapsed >= grace:
             return _Failure(FailureKind.GRACE_TIME, "login grace time exceeded")
         return None

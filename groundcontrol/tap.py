@@ -20,6 +20,7 @@ from accesstunnel.durations import parseDuration
 from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL
 from accesstunnel.logfilter import LogObserverService, useFilteredTwistdObserver
 from accesstunnel.rekey import parseRekeyLimit
+from accesstunnel.stepwatch import watchClockSteps
 from accesstunnel.transports.limiter import (
     DEFAULT_MAX_WAITING,
     DEFAULT_MAX_WAITING_PER_SOURCE,
@@ -618,6 +619,9 @@ def buildService(
 def makeService(options: Options) -> service.MultiService:
     from twisted.internet import reactor
 
+    # Its timers keep their delays through a step of the wall clock, which stays the
+    # reactor's clock for the dates it stores (accesstunnel.stepwatch).
+    watchClockSteps(reactor)
     try:
         top = buildService(options.toConfig(), reactor)
     except usage.UsageError as e:

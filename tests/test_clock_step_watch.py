@@ -1,0 +1,315 @@
+"""
+groundcontrol's timers keep their delays through a step of its machine's wall clock
+(accesstunnel/stepwatch.py), while the dates it stores stay the wall clock's.
+
+Two kinds of clock stand in for the reactor: one of Twisted's reactors, made here and never
+run (its own heap of timed calls, driven with C{runUntilCurrent} and C{timeout}), and a
+L{SteppingClock}: a C{task.Clock} whose C{rightNow} is the monotonic clock and whose timers
+are on a wall clock offset from it by the steps the test makes, on which the whole in-memory
+groundcontrol (L{InMemoryFleet}) runs with a real agent link.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.selectreactor import SelectReactor
+from twisted.internet.task import Clock
+from twisted.logger import capturedLogs
+from twisted.trial.unittest import SynchronousTestCase
+
+from accesstunnel.clocks import elapsedClock, wallClock
+from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL
+from accesstunnel.keys import fingerprint
+from accesstunnel.stepwatch import ClockStepWatch, watchClockSteps
+from agent.identity import ServerKeyPin
+from agent.link import AgentLinkFactory, LinkSettings
+from groundcontrol.preauth import guardOf
+from groundcontrol.testing import (
+    InMemoryFleet,
+    publicLine,
+    refuseForwards,
+    resultNow,
+    scriptedSessions,
+)
+from tests.test_preauth import CLIENT_VERSION, RawClient
+
+HOUR = 3600.0
+DAY = 86400.0
+
+#: The wall clock's date when the tests start (2027-01-15), far from the monotonic clock.
+WALL_START = 1_800_000_000.0
+MONOTONIC_START = 500.0
+
+
+class ReactorStepTests(SynchronousTestCase):
+    """L{watchClockSteps} on one of Twisted's reactors (made here, never run)."""
+
+    def setUp(self) -> None:
+        self.reactor: Any = SelectReactor()
+        self.addCleanup(self.reactor.waker.connectionLost, None)
+        self.wallNow = WALL_START
+        self.monotonicNow = MONOTONIC_START
+        self.reactor.seconds = lambda: self.wallNow  # Twisted's default: the wall clock
+        self.ran: list[str] = []
+
+    def watch(self) -> ClockStepWatch:
+        return watchClockSteps(
+            self.reactor, wall=lambda: self.wallNow, monotonic=lambda: self.monotonicNow
+        )
+
+    def elapse(self, seconds: float) -> None:
+        """Real time passes: both clocks move on, and the reactor runs what is due."""
+        self.wallNow += seconds
+        self.monotonicNow += seconds
+        self.reactor.runUntilCurrent()
+
+    def test_stepBackKeepsDelays(self) -> None:
+        """
+        A keepalive look due in 10 s, in the heap or still new, runs 10 s later after the
+        clock stepped back an hour, not an hour and 10 s later.
+        """
+        self.watch()
+        self.reactor.callLater(10, self.ran.append, "look")
+        self.reactor._insertNewDelayedCalls()  # in the heap, as after a reactor iteration
+        self.reactor.callLater(12, self.ran.append, "new")
+        self.wallNow -= HOUR
+        self.elapse(9.5)
+        self.assertEqual(self.ran, [])
+        self.elapse(0.5)
+        self.assertEqual(self.ran, ["look"])
+        self.elapse(2)
+        self.assertEqual(self.ran, ["look", "new"])
+
+    def test_stepForwardFiresNothingEarly(self) -> None:
+        """
+        After a step forward of an hour, the reactor's run of due calls fires neither a
+        30 s grace timer nor an hourly one (the run's own reading of the clock moves them
+        first), and it may sleep the grace timer's remaining delay.
+        """
+        self.watch()
+        self.reactor.callLater(30, self.ran.append, "grace")
+        self.reactor.callLater(HOUR, self.ran.append, "hourly")
+        self.reactor._insertNewDelayedCalls()
+        self.elapse(10)
+        self.wallNow += HOUR
+        self.reactor.runUntilCurrent()
+        self.assertEqual(self.ran, [])
+        self.assertAlmostEqual(self.reactor.timeout(), 20.0)
+        self.elapse(20)
+        self.assertEqual(self.ran, ["grace"])
+        self.elapse(HOUR - 30 - 1)
+        self.assertEqual(self.ran, ["grace"])
+        self.elapse(1)
+        self.assertEqual(self.ran, ["grace", "hourly"])
+
+    def test_callMadeAfterTheStepIsNotMoved(self) -> None:
+        """
+        A call made after the step and before the reactor's next run (an I/O event's, as
+        the reactor wakes up) is on the new clock already: it keeps its delay too.
+        """
+        self.watch()
+        self.reactor.callLater(30, self.ran.append, "before")
+        self.reactor._insertNewDelayedCalls()
+        self.wallNow -= HOUR
+        self.reactor.callLater(5, self.ran.append, "after")  # from a packet that woke it
+        self.elapse(5)
+        self.assertEqual(self.ran, ["after"])
+        self.elapse(25)
+        self.assertEqual(self.ran, ["after", "before"])
+
+    def test_resetAfterTheStep(self) -> None:
+        """
+        A call made before the watch was installed and reset after a step is due its new
+        delay after the reset (its clock is the watch's).
+        """
+        call = self.reactor.callLater(30, self.ran.append, "timeout")
+        self.watch()
+        self.wallNow -= HOUR
+        call.reset(10)
+        self.elapse(9.5)
+        self.assertEqual(self.ran, [])
+        self.elapse(0.5)
+        self.assertEqual(self.ran, ["timeout"])
+
+    def test_smallDifferenceMovesNothing(self) -> None:
+        """
+        Readings apart by less than the threshold move no timer, and add up: a second
+        small step that makes the difference pass it moves them by the whole of it.
+        """
+        watch = self.watch()
+        call = self.reactor.callLater(30, print)
+        self.wallNow += 0.6
+        self.reactor.runUntilCurrent()
+        self.assertEqual((call.getTime(), watch.steps), (WALL_START + 30, 0))
+        self.wallNow += 0.6
+        self.reactor.runUntilCurrent()
+        self.assertEqual(watch.steps, 1)
+        self.assertAlmostEqual(call.getTime(), WALL_START + 31.2, places=5)
+
+    def test_oneLineSaysTheStep(self) -> None:
+        """One warning line says which way, how far, and how many timers (cancelled not)."""
+        self.watch()
+        self.reactor.callLater(10, print)
+        self.reactor.callLater(20, print)
+        self.reactor.callLater(30, print).cancel()
+        with capturedLogs() as events:
+            self.wallNow -= HOUR
+            self.reactor.runUntilCurrent()
+            self.wallNow += DAY
+            self.reactor.runUntilCurrent()
+            self.reactor.runUntilCurrent()
+        lines = [e["log_format"].format(**e) for e in events if "stepped" in e["log_format"]]
+        self.assertEqual(
+            lines,
+            [
+                "the clock stepped back 1h00m00s; 2 timers keep their delays",
+                "the clock stepped forward 1d00h00m; 2 timers keep their delays",
+            ],
+        )
+
+    def test_datesStayTheWallClock(self) -> None:
+        """
+        The reactor's seconds (every date groundcontrol stores) is the wall clock, before
+        and after a step; durations are measured on the monotonic clock.
+        """
+        self.watch()
+        self.assertEqual(self.reactor.seconds(), WALL_START)
+        self.wallNow -= HOUR
+        self.assertEqual(self.reactor.seconds(), WALL_START - HOUR)
+        self.assertEqual(wallClock(self.reactor)(), WALL_START - HOUR)
+        self.assertEqual(elapsedClock(self.reactor)(), MONOTONIC_START)
+
+    def test_onceOnly(self) -> None:
+        """A second call returns the first watch; timers are moved once per step."""
+        first = self.watch()
+        self.assertIs(self.watch(), first)
+        call = self.reactor.callLater(10, print)
+        self.wallNow -= HOUR
+        self.reactor.runUntilCurrent()
+        self.assertEqual(call.getTime(), WALL_START - HOUR + 10)
+
+
+class SteppingClock(Clock):
+    """
+    A C{task.Clock} that times on a wall clock: C{rightNow} (what C{advance} moves) is the
+    monotonic clock, the wall clock is it plus an offset that L{step} changes.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rightNow = MONOTONIC_START
+        self.offset = WALL_START - MONOTONIC_START
+        self.watch = watchClockSteps(self, wall=self.wall, monotonic=self.monotonic)
+
+    def wall(self) -> float:
+        return self.rightNow + self.offset
+
+    def monotonic(self) -> float:
+        return self.rightNow
+
+    def step(self, seconds: float) -> None:
+        """Step the wall clock (C{date -s}, chrony's makestep) by C{seconds}."""
+        self.offset += seconds
+
+
+class FleetStepTests(SynchronousTestCase):
+    """The in-memory groundcontrol, with a real agent link, through steps of its clock."""
+
+    def setUp(self) -> None:
+        self.clock = SteppingClock()
+        self.fleet = InMemoryFleet(clock=self.clock)
+        self.deviceKey = self.fleet.enrollDevice("kiln7")
+
+    def connectAgent(self) -> Any:
+        settings = LinkSettings(
+            name="kiln7",
+            deviceKey=self.deviceKey,
+            serverKey=ServerKeyPin(fingerprint(publicLine(self.fleet.hostKey))),
+        )
+        factory = AgentLinkFactory(settings, self.clock, scriptedSessions(), refuseForwards)  # type: ignore[arg-type]
+        pump = self.fleet.connect(factory)
+        self.assertIsNotNone(self.fleet.registry.lookup("kiln7"))
+        return pump
+
+    def elapse(self, seconds: float, step: float = 1.0) -> None:
+        for _ in range(int(seconds / step)):
+            self.clock.advance(step)
+            self.fleet.flush()
+
+    def remainingDelays(self) -> list[float]:
+        now = self.clock.seconds()
+        return sorted(round(call.getTime() - now, 6) for call in self.clock.getDelayedCalls())
+
+    def test_frozenAgentFoundAfterStepBack(self) -> None:
+        """
+        After the clock stepped back an hour, an agent that freezes (nothing arrives any
+        more) is dropped within the keepalive deadline (interval x count, 45 s) of its
+        last packet, plus the sweep's one-second granule: not an hour late.
+        """
+        pump = self.connectAgent()
+        self.elapse(100)
+        self.clock.step(-HOUR)
+        self.elapse(5)
+        self.fleet.network.pumps.remove(pump)  # frozen: nothing moves any more
+        lastHeard = pump.server.keepalive.lastReceived  # on the monotonic clock
+        deadline = DEFAULT_INTERVAL * DEFAULT_COUNT
+        self.clock.advance(lastHeard + deadline - 0.5 - self.clock.monotonic())
+        self.assertFalse(pump.serverIO.disconnecting)
+        self.elapse(2)
+        self.assertTrue(pump.serverIO.disconnecting, "the frozen agent's link was dropped")
+
+    def test_stepForwardFiresNoTimerEarly(self) -> None:
+        """
+        A step forward of an hour leaves every pending timer (the link's keepalive and
+        rekey timers, a client's login grace timer, the fleet's hourly ones) its remaining
+        delay, and the link and a client still logging in both stay.
+        """
+        pump = self.connectAgent()
+        self.elapse(10)
+        client = RawClient(self.fleet, "127.0.0.5")
+        client.send(CLIENT_VERSION)
+        before = self.remainingDelays()
+        self.clock.step(+HOUR)
+        self.assertEqual(self.remainingDelays(), before)
+        self.clock.advance(0)
+        self.fleet.flush()
+        self.assertFalse(client.dropped, "the login grace timer did not fire at the step")
+        self.assertFalse(pump.serverIO.disconnecting or pump.clientIO.disconnecting)
+        self.elapse(self.fleet.factory.settings.loginGraceTime)
+        self.assertTrue(client.dropped, "the grace timer fired after its own delay")
+        self.assertIsNotNone(self.fleet.registry.lookup("kiln7"))
+
+    def test_graceVerdictAfterStepForward(self) -> None:
+        """
+        A client that gives up after 2 s, an hour's step forward in between, is not counted
+        as having run out the login grace time (30 s): the verdict's duration is measured on
+        the monotonic clock.
+        """
+        penalties = guardOf(self.fleet.factory).penalties
+        counted: list[str] = []
+        self.patch(penalties, "failed", lambda source, why: counted.append(why))
+        client = RawClient(self.fleet, "127.0.0.6")
+        client.send(CLIENT_VERSION)
+        self.clock.advance(1)
+        self.clock.step(+HOUR)
+        self.clock.advance(1)
+        client.lose()
+        self.assertEqual(counted, [])
+
+    def test_storedDatesAreTheNewWallDates(self) -> None:
+        """
+        After a step back of a day, what groundcontrol stores (an agent's login: the
+        device's last-seen date; the audit's rows) carries the stepped wall clock's date,
+        not the monotonic clock's (1970) nor the date before the step.
+        """
+        self.elapse(10)
+        self.clock.step(-DAY)
+        self.connectAgent()
+        now = self.clock.wall()
+        (device,) = resultNow(self.fleet.store.listDevices())
+        self.assertIsNotNone(device.lastSeen)
+        self.assertLess(abs(device.lastSeen - now), 1.0)
+        resultNow(self.fleet.store.revokeDevice("kiln7", "alice", self.fleet.now))
+        rows = resultNow(self.fleet.store.auditSince(0, limit=1000))
+        self.assertLess(abs(rows[-1].at - now), 1.0)
