@@ -137,6 +137,14 @@ def _writePublicKeyIfMissing(path: Path, key: keys.Key) -> None:
         )
 
 
+def _namesAFile(text: str) -> bool:
+    """
+    Whether C{--server-key}'s value can only mean a file (a path, or a C{.pub} name), so that
+    a missing one is said to be missing, not "cannot guess the type" of its name.
+    """
+    return text.startswith(("/", "./", "../", "~")) or text.endswith(".pub")
+
+
 @attrs.frozen
 class ServerKeyPin:
     """The one host key groundcontrol must present, by fingerprint."""
@@ -153,8 +161,18 @@ class ServerKeyPin:
         if text.startswith("SHA256:"):
             return cls(text.rstrip("="))
         candidate = text
-        if not text.startswith(("ssh-", "rsa-", "ecdsa-")) and os.path.exists(text):
-            candidate = Path(text).read_text().strip()
+        if not text.startswith(("ssh-", "rsa-", "ecdsa-")) and (
+            os.path.exists(text) or _namesAFile(text)
+        ):
+            try:
+                candidate = Path(text).read_text().strip()
+            except (OSError, UnicodeDecodeError) as e:
+                reason = e.strerror if isinstance(e, OSError) else "not text"
+                raise IdentityError(
+                    f"--server-key {text}: cannot read it: {reason} (give groundcontrol's key "
+                    "line, a file holding it: groundcontrol server-key > FILE, or its SHA256: "
+                    "fingerprint)"
+                ) from None
         try:
             return cls(fingerprint(candidate))
         except (keys.BadKeyError, ValueError, UnicodeEncodeError) as e:
