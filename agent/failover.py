@@ -238,7 +238,20 @@ class FailoverEndpoint:
                     transport.abortConnection()
 
         started: defer.Deferred[_Watch] = defer.Deferred(abort)
-        watch.started.chainDeferred(started)
+
+        def relay(result: Any) -> None:
+            # Not chainDeferred: after the attempt's timeout cancelled started, the
+            # connection it aborted still ends (a wss:// one whose WebSocket never
+            # opened, through autobahn's onClose), and chaining that into started was an
+            # AlreadyCalledError, logged as a critical "Unhandled error in Deferred".
+            if started.called:
+                return
+            if isinstance(result, Failure):
+                started.errback(result)
+            else:
+                started.callback(result)
+
+        watch.started.addBoth(relay)
 
         def connected(protocol: Any) -> defer.Deferred[_Watch]:
             outer.append(protocol)

@@ -281,6 +281,8 @@ class AgentTransport(
         #: link is authenticated; fails if it is lost before.
         self.ready: defer.Deferred[None] = defer.Deferred()
         self._answered = False
+        #: Why the agent dropped the connection itself before the link was up (a timer).
+        self._gaveUp: str | None = None
         self._handshakeTimer = self.factory.clock.callLater(
             self.factory.settings.answerTimeout, self._unansweredTimedOut
         )
@@ -350,10 +352,26 @@ class AgentTransport(
 
     def _unansweredTimedOut(self) -> None:
         self._log.warn("groundcontrol did not start the key exchange in time; dropping the link")
+        self._gaveUp = (
+            f"groundcontrol did not start the key exchange in "
+            f"{self.factory.settings.answerTimeout:g} s"
+        )
+        connection = linklog.tlsConnection(self.transport)
+        if connection is not None:
+            from accesstunnel.transports.tlsreasons import handshakeUnfinished  # TLS only
+
+            if handshakeUnfinished(connection):
+                self._gaveUp = (
+                    "the server took the connection but did not finish the TLS handshake in "
+                    f"{self.factory.settings.answerTimeout:g} s (is it a TLS port?)"
+                )
         self.transport.abortConnection()
 
     def _handshakeTimedOut(self) -> None:
         self._log.warn("link not authenticated in time; dropping it")
+        self._gaveUp = (
+            f"the link was not authenticated in {self.factory.settings.handshakeTimeout:g} s"
+        )
         self.transport.abortConnection()
 
     def startKeepalive(self, conn: TunnelConnection) -> None:
@@ -396,8 +414,13 @@ class AgentTransport(
         """
         Why the connection ended before the link was up: over TLS in an operator's words
         (accesstunnel.transports.tlsreasons: OpenSSL's at the end, in brackets); nothing
-        for a plain close that TLS has nothing to say about.
+        for a plain close that TLS has nothing to say about. The agent's own doing (a
+        timer, its stop) is said as such, not as the server's.
         """
+        if self._gaveUp is not None:
+            return self._gaveUp
+        if self.factory.stopping:
+            return linklog.AGENT_STOPPING
         connection = linklog.tlsConnection(self.transport)
         if connection is not None:
             from accesstunnel.transports.tlsreasons import tlsFailureText  # TLS links only

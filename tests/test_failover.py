@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import tempfile
@@ -212,6 +213,32 @@ class FailoverTests(SynchronousTestCase):
         endpoint = self.endpoint(ws, connector("tls:b", "ok"))
         self.successResultOf(endpoint.connect(self.factory))
         self.assertEqual(endpoint.transport, "tls")
+
+    def test_transportEndsAfterTheTimeout(self) -> None:
+        """
+        A wss:// attempt whose WebSocket never opens is cut off by its timeout, and its
+        connection then ends (autobahn's onClose tells the factory): no AlreadyCalledError
+        (it was logged as a critical "Unhandled error in Deferred" each time).
+        """
+        factories: list[Any] = []
+
+        @implementer(IStreamClientEndpoint)
+        class NeverOpens:
+            def connect(self, factory: Any) -> defer.Deferred[Any]:
+                factories.append(factory)
+                outer = protocol.Protocol()
+                outer.makeConnection(StringTransport())  # TLS up, WebSocket never opens
+                return defer.succeed(outer)
+
+        ws = Connector(NeverOpens(), lambda f: f, "wss:a", "wss")
+        endpoint = self.endpoint(ws, connector("tls:b", "ok"))
+        connecting = endpoint.connect(self.factory)
+        self.clock.advance(15)
+        self.successResultOf(connecting)
+        factories[0].transportFailed(Failure(ConnectionError("WebSocket did not open")))
+        del factories[:]
+        gc.collect()
+        self.assertEqual(self.flushLoggedErrors(defer.AlreadyCalledError), [])
 
     def test_replace(self) -> None:
         """

@@ -345,32 +345,70 @@ class WebSocketOverTLSTests(SynchronousTestCase):
         self.assertFalse([e for e in events if "(in )" in str(e.get("log_format"))])
 
 
+class TLSTransport(StringTransport):
+    """A link's transport over TLS whose handshake has not got as far as a certificate."""
+
+    def getHandle(self) -> SSL.Connection:
+        return SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+
+
 class LinkEndTests(SynchronousTestCase):
     """The agent's link that ends before it is up over TLS says why in words."""
 
-    def test_wordsOverTLS(self) -> None:
-        """It was "link closed before it was up: [('SSL routines', '', 'wrong version ...')]"."""
-
-        class TLSTransport(StringTransport):
-            def getHandle(self) -> SSL.Connection:
-                return SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
-
+    def setUp(self) -> None:
         fleet = InMemoryFleet()
         settings = LinkSettings(
             name="kiln7",
             deviceKey=fleet.enrollDevice("kiln7"),
             serverKey=ServerKeyPin(fingerprint(publicLine(fleet.hostKey))),
         )
-        factory = AgentLinkFactory(settings, fleet.clock, scriptedSessions(), refuseForwards)
-        link: Any = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 443))
-        link.makeConnection(TLSTransport())
-        ended: list[Failure] = []
-        link.ready.addErrback(ended.append)
-        link.connectionLost(Failure(SSL.Error([("SSL routines", "", "wrong version number")])))
-        [failure] = ended
+        self.clock = fleet.clock
+        self.factory = AgentLinkFactory(settings, fleet.clock, scriptedSessions(), refuseForwards)
+        self.link: Any = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 443))
+        self.link.makeConnection(TLSTransport())
+        self.ended: list[Failure] = []
+        self.link.ready.addErrback(self.ended.append)
+
+    def endedWith(self, reason: Failure) -> str:
+        self.link.connectionLost(reason)
+        [failure] = self.ended
+        return str(failure.value)
+
+    def test_wordsOverTLS(self) -> None:
+        """It was "link closed before it was up: [('SSL routines', '', 'wrong version ...')]"."""
         self.assertEqual(
-            str(failure.value),
+            self.endedWith(Failure(SSL.Error([("SSL routines", "", "wrong version number")]))),
             "link closed before it was up: the server does not speak TLS on that port (a "
             "plain TCP or HTTP server? ssh:// and ws:// ports are not TLS ones) [OpenSSL: "
             "wrong version number]",
+        )
+
+    def test_serverHungUp(self) -> None:
+        """It was "... lost in a non-clean fashion: Connection lost"."""
+        self.assertEqual(
+            self.endedWith(Failure(error.ConnectionLost())),
+            "link closed before it was up: the server closed the connection during the TLS "
+            "handshake (is it a TLS port? a proxy or firewall that cuts TLS does this too)",
+        )
+
+    def test_silentServer(self) -> None:
+        """
+        A port that takes the connection and says nothing: the agent gives up on it, and
+        says so, rather than blaming the server for the close it made itself.
+        """
+        with capturedLogs():
+            self.clock.advance(self.factory.settings.answerTimeout)
+        self.assertTrue(self.link.transport.disconnecting)
+        self.assertEqual(
+            self.endedWith(Failure(error.ConnectionLost())),
+            "link closed before it was up: the server took the connection but did not finish "
+            "the TLS handshake in 120 s (is it a TLS port?)",
+        )
+
+    def test_agentStopping(self) -> None:
+        """The agent's own stop during the handshake is not the server's hang-up."""
+        self.factory.stopping = True
+        self.assertEqual(
+            self.endedWith(Failure(error.ConnectionLost())),
+            "link closed before it was up: the agent is stopping",
         )

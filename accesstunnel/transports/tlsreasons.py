@@ -241,8 +241,10 @@ def tlsFailureText(e: BaseException, connection: Any = None) -> str | None:
         if "certificate verify failed" in lower:  # not named by tlsdates or trustNamed
             return f"certificate verify failed: the server's certificate did not verify {end}"
         return f"the TLS handshake failed {end}"
-    if isinstance(e, error.ConnectionLost | error.ConnectionDone) and handshakeUnfinished(
-        connection
+    if (
+        isinstance(e, error.ConnectionLost | error.ConnectionDone)
+        and not isinstance(e, error.ConnectionAborted)  # this end's own doing
+        and handshakeUnfinished(connection)
     ):
         return (
             "the server closed the connection during the TLS handshake (is it a TLS port? a "
