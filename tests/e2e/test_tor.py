@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import threading
 import time
 from typing import Any, cast
 
@@ -210,3 +212,67 @@ def test_agentLinksOverTor(fleet: Fleet, tornet: TorNetwork) -> None:
     assert (fleet.gc.data / "onion_key").exists()
     agent = linkOverTor(fleet, tornet, onion)
     echoOverTor(fleet, agent)
+
+
+class SilentPort:
+    """
+    A loopback port that takes every connection and never says a word (a hung tor, or a
+    wrong --tor-control port): it records each connection and when the other side hung up.
+    """
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.accepted = 0
+        self.hungUp = 0
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            with self._lock:
+                self.accepted += 1
+            threading.Thread(target=self._hold, args=(connection,), daemon=True).start()
+
+    def _hold(self, connection: socket.socket) -> None:
+        with connection:
+            while connection.recv(4096):  # what txtorcon asks goes unanswered
+                pass
+        with self._lock:
+            self.hungUp += 1
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_silentControlPort(fleet: Fleet) -> None:
+    """
+    --tor-control names a port that takes the connection and never answers: groundcontrol
+    says so within 5 s (listening.json and one warning), hangs each attempt up and tries
+    again with the usual delays. It used to wait on the first connection for ever, with no
+    line after the first and no retry. (No Tor network needed.)
+    """
+    silent = SilentPort()
+    try:
+        fleet.gc.stop()
+        control = f"tcp:127.0.0.1:{silent.port}"
+        fleet.startServer("--listen", f"tor://:{ONION_PORT}", "--tor-control", control)
+        why = (
+            f"tor's control port {control} took the connection but did not answer in 5 s "
+            "(is tor hung, or is something other than tor listening there?)"
+        )
+        entry = waitFor(lambda: onionListener(fleet, published=False), 30, "listening.json")
+        assert entry["ready"] is False and entry["waiting"] == why, entry
+        waitFor(lambda: silent.hungUp >= 2 and silent.accepted >= 3, 30, "two attempts hung up")
+        process = fleet.gc.process
+        assert process is not None and process.running(), process and process.output()
+        output = process.output()
+        assert output.count(f"not published yet: {why}") == 1, output
+        assert "cannot publish the onion service yet" not in output, output  # same cause
+        assert silent.accepted - silent.hungUp <= 1  # only the attempt in progress is open
+    finally:
+        silent.close()
