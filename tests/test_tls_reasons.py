@@ -23,7 +23,7 @@ from twisted.internet import error, protocol
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import LogLevel, capturedLogs
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test import iosim
@@ -36,7 +36,7 @@ from accesstunnel.transports.tlsreasons import (
     tlsFailureText,
     webSocketRefusalText,
 )
-from accesstunnel.transports.websocket import WebSocketClientFactory
+from accesstunnel.transports.websocket import WebSocketClientFactory, WebSocketServerFactory
 from agent.identity import ServerKeyPin
 from agent.link import AgentLinkFactory, LinkSettings
 from groundcontrol import pki
@@ -304,7 +304,8 @@ class WebSocketOverTLSTests(SynchronousTestCase):
     """
     wss:// against a self-signed server, in memory: the agent's factory hears the TLS reason
     in words (it heard 'WebSocket did not open: connection was closed uncleanly ("SSL error:
-    certificate verify failed (in )")'), and autobahn's error line with "(in )" is gone.
+    certificate verify failed (in )")'), and autobahn's error lines with "(in )" are gone
+    from both ends.
     """
 
     def test_selfSigned(self) -> None:
@@ -317,10 +318,11 @@ class WebSocketOverTLSTests(SynchronousTestCase):
         clientFactory = TLSMemoryBIOFactory(
             clientCreator("gc.test", ClientTLS(fixture.caFile)), True, webSocket, clock=clock
         )
+        serverInner = PeerFactory(b"SSH-2.0-server\r\n")
         serverFactory = TLSMemoryBIOFactory(
             serverContextFactory(selfSigned(directory)),
             False,
-            protocol.Factory.forProtocol(protocol.Protocol),
+            WebSocketServerFactory(serverInner, "wss://gc.test:443/tunnel", "/tunnel"),
             clock=clock,
         )
         clientProtocol = clientFactory.buildProtocol(iosim.FakeAddress())
@@ -340,9 +342,14 @@ class WebSocketOverTLSTests(SynchronousTestCase):
             f"the server's certificate (CN=gc.test) is self-signed {TRUST} "
             "[OpenSSL: self-signed certificate]",
         )
-        said = [e for e in events if e["log_level"] >= LogLevel.info]
-        self.assertEqual(said, [])  # the agent's line about the address says it, once
-        self.assertFalse([e for e in events if "(in )" in str(e.get("log_format"))])
+        # The agent's line about the address says it, once; groundcontrol's side says the
+        # client's alert at info in OpenSSL's words (autobahn's was an error, with "(in )").
+        said = [formatEvent(e) for e in events if e["log_level"] >= LogLevel.info]
+        self.assertEqual(len(said), 1, said)
+        self.assertTrue(said[0].startswith("TLS under the WebSocket with "), said)
+        self.assertTrue(said[0].endswith(" failed: tlsv1 alert unknown ca"), said)
+        self.assertEqual([e for e in events if e["log_level"] > LogLevel.info], [])
+        self.assertFalse([e for e in events if "(in )" in formatEvent(e)])
 
 
 class TLSTransport(StringTransport):
