@@ -46,6 +46,7 @@ from groundcontrol.certverdict import CertificateVerdict, PresentedCertificate
 from groundcontrol.cipherchoice import AESGCMAfterLoginMixin
 from groundcontrol.devicewait import DeviceWaitPolicy, DeviceWaits
 from groundcontrol.enrollment import AgentRequests, CertificatePolicy
+from groundcontrol.pingreply import PingReplyMixin
 from groundcontrol.pki import FleetCA
 from groundcontrol.preauth import Allowance, ConnectionAllowance, PreauthMixin
 from groundcontrol.registry import Registry
@@ -524,10 +525,15 @@ class GroundControlTransport(
     RekeyingTransportMixin,
     AESGCMAfterLoginMixin,
     PreauthMixin,
+    PingReplyMixin,
     fastpath.FastPathMixin,
     transport.SSHServerTransport,
 ):
-    """Server transport with the algorithm policy, a grace time, keepalives and rekeying."""
+    """
+    Server transport with the algorithm policy, a grace time, keepalives and rekeying,
+    and OpenSSH's ping answered (groundcontrol.pingreply; after PreauthMixin, whose
+    bounds count a ping before login as any other packet).
+    """
 
     _log = Logger()
     ourVersionString = SERVER_VERSION_LINE
