@@ -77,12 +77,13 @@ def deviceJSON(d: Device) -> dict[str, Any]:
 
 def serialMatches(r: EnrollmentRequest, device: Device | None) -> str | None:
     """
-    For a request asking for C{device}'s name with another key (a re-key, or a stranger):
-    whether the board serial it reported is the device's, C{yes} or C{no}; C{unknown} when
-    either has none. None for a request that asks for no device's name, or for its own
-    key's. A hint, not proof: the serial is what the agent says.
+    For a request asking for C{device}'s name, with another key (a re-key, or a stranger)
+    or with its own after its certificate ran out (a re-approval: C{no} is the device's
+    key on another board, a copied state directory): whether the board serial it reported
+    is the device's, C{yes} or C{no}; C{unknown} when either has none. None for a request
+    that asks for no device's name. A hint, not proof: the serial is what the agent says.
     """
-    if device is None or device.fingerprint == r.fingerprint:
+    if device is None:
         return None
     return serialsMatch(r.serial, device.serial)
 
@@ -91,7 +92,7 @@ def serialsMatch(serial: str | None, deviceSerial: str | None) -> str:
     """
     Whether a key's reported board C{serial} is C{deviceSerial}: C{yes} or C{no};
     C{unknown} when either has none (not reported, or never). What C{serial_matches}
-    says wherever it appears: requests' documents and re-key notifications.
+    says wherever it appears: requests' documents, re-key and re-approval notifications.
     """
     if serial is None or deviceSerial is None:
         return "unknown"

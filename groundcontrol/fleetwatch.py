@@ -23,7 +23,10 @@ a few sweeps, each of which leaves one audit row and one log line saying what it
 
 A new device's, a re-key request's or a re-approval's notification waits (up to ten seconds)
 for the serial its agent's hello reports, so it can say the board's serial and, for a re-key
-or a re-approval, whether it is the device's (L{groundcontrol.requestnotice}).
+or a re-approval, whether it is the device's (L{groundcontrol.requestnotice}). A stopping
+watcher sends what it holds, after one last read of the serials stored on their requests (a
+hello since the last poll), within L{STOP_SERIAL_READ_WAIT}; groundcontrol's webhook waits
+for that hand-over (L{MultiNotifier.handOverAtStop}) within its own stop bound.
 """
 
 from __future__ import annotations
@@ -31,15 +34,20 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from accesstunnel.timetext import isoTime
-from groundcontrol.notify import FleetEvent, LogNotifier, Notifier
+from groundcontrol.notify import FleetEvent, LogNotifier, MultiNotifier, Notifier
 from groundcontrol.registry import Registry
-from groundcontrol.requestnotice import HELD_EVENTS, SERIAL_CHANGED, HeldRequests
+from groundcontrol.requestnotice import (
+    HELD_EVENTS,
+    SERIAL_CHANGED,
+    HeldRequests,
+    withSerialsCompared,
+)
 from groundcontrol.revocations import RevokedCertificates
 from groundcontrol.store import IStore
 
@@ -95,6 +103,11 @@ WATCHED_EVENTS = NOTIFIED_EVENTS | APPLIED_EVENTS | {SERIAL_CHANGED}
 #: Events read from the feed at a time.
 FEED_PAGE = 100
 
+#: Seconds a stopping watcher waits for its last poll and one read of the held requests'
+#: stored serials before it sends them without: a store answers in milliseconds, and this
+#: counts against the webhook's STOP_DELIVERY_WAIT (5 s), which must leave time to POST.
+STOP_SERIAL_READ_WAIT = 1.0
+
 
 class FleetWatcher(Service):
     """Poll the audit feed and apply approvals and revocations."""
@@ -132,22 +145,75 @@ class FleetWatcher(Service):
         self._nextPendingRefresh = 0.0
         self._lastId: int | None = None
         self._loop: LoopingCall | None = None
+        #: Fires when the loop has stopped: at once, or when the poll in progress ends.
+        self._loopEnded: Deferred[Any] | None = None
+        self._stopping = False
         self._heldRequests = HeldRequests()
 
     def startService(self) -> None:
         super().startService()
         self._loop = LoopingCall(self.poll)
         self._loop.clock = self._clock
-        self._loop.start(self._interval, now=True).addErrback(
+        self._stopping = False
+        self._loopEnded = self._loop.start(self._interval, now=True).addErrback(
             lambda f: self._log.failure("fleet watcher stopped", f)
         )
 
     def stopService(self) -> Any:
+        """
+        Stop polling and send the held notifications, with the serials their requests
+        have stored by now: a hello that landed since the last poll is not lost. Fires when
+        they are sent, within L{STOP_SERIAL_READ_WAIT}; groundcontrol's webhook, which stops
+        after this service, waits for that (L{MultiNotifier.handOverAtStop}).
+        """
+        self._stopping = True
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        # Sent without the serial they waited for, rather than not at all.
-        self._send(self._heldRequests.drain())
-        return super().stopService()
+        super().stopService()
+        # Asked before the webhook's stop begins (it stops after this service).
+        handedOver: Deferred[None] = (
+            self._notifier.handOverAtStop()
+            if isinstance(self._notifier, MultiNotifier)
+            else Deferred()
+        )
+        sent = Deferred.fromCoroutine(self._sendHeldAtStop())
+        sent.addTimeout(STOP_SERIAL_READ_WAIT, self._clock)
+        sent.addErrback(self._heldSentWithoutSerials)
+        sent.addCallback(lambda _: handedOver.callback(None))
+        return sent
+
+    async def _sendHeldAtStop(self) -> None:
+        """After the poll in progress, read the held requests' stored serials; send them all."""
+        try:
+            await self._pollEnded()
+            keys = self._heldRequests.keys()
+            if keys:
+                await self._readStoredSerials(keys)
+        finally:
+            # The rest (cut short too) without the serial they waited for, not at all.
+            self._send(self._heldRequests.drain())
+
+    def _pollEnded(self) -> Deferred[None]:
+        """Fires when the loop's poll in progress, if any, has ended; the loop's is kept."""
+        ended: Deferred[None] = Deferred()
+
+        def fire(result: object) -> object:
+            if not ended.called:
+                ended.callback(None)
+            return result
+
+        (self._loopEnded or succeed(None)).addBoth(fire)
+        return ended
+
+    def _heldSentWithoutSerials(self, failure: Any) -> None:
+        if failure.check(TimeoutError):
+            self._log.warn(
+                "fleet watcher stopping: the store did not answer within {wait} s; the "
+                "notifications held for serials were sent without them",
+                wait=STOP_SERIAL_READ_WAIT,
+            )
+        else:
+            self._log.failure("could not read the held requests' serials at stop", failure)
 
     def _send(self, events: list[FleetEvent]) -> None:
         for event in events:
@@ -172,12 +238,14 @@ class FleetWatcher(Service):
             if self._auditMaxAge is not None:
                 await self._pruneAudit(now, self._auditMaxAge)
         await self._readFeed(now)
-        await self._readStoredSerials()
+        await self._readStoredSerials(self._heldRequests.awaitingStoredSerial())
         self._send(self._heldRequests.due(self._clock.seconds()))
+        if self._stopping:
+            # A poll that outlived the stop's wait: what it held goes now, not never.
+            self._send(self._heldRequests.drain())
 
-    async def _readStoredSerials(self) -> None:
-        """Send the held re-approvals whose agents' serials are stored on their requests."""
-        keys = self._heldRequests.awaitingStoredSerial()
+    async def _readStoredSerials(self, keys: frozenset[str]) -> None:
+        """Send the held notifications of C{keys} whose serials are stored on their requests."""
         if not keys:
             return
         for request in await self._store.listEnrollmentRequests():
@@ -204,7 +272,7 @@ class FleetWatcher(Service):
                 if event.event in HELD_EVENTS:
                     self._send(self._heldRequests.hold(fleetEvent, now))
                 elif event.event in NOTIFIED_EVENTS:
-                    self._notifier.notify(fleetEvent)
+                    self._notifier.notify(withSerialsCompared(fleetEvent))
                 await self._apply(event)
             self._lastId = page.readTo
             if len(page.events) < FEED_PAGE:

@@ -156,6 +156,7 @@ class MultiNotifier:
 
     def __init__(self, notifiers: Iterable[Notifier]) -> None:
         self.notifiers = tuple(notifiers)
+        self._handOvers: list[Deferred[None]] = []
 
     def notify(self, event: FleetEvent) -> None:
         for notifier in self.notifiers:
@@ -164,12 +165,30 @@ class MultiNotifier:
             except Exception:
                 self.log.failure("notifier {notifier!r} failed", notifier=notifier)
 
+    def handOverAtStop(self) -> Deferred[None]:
+        """
+        For a source that notifies what it holds when groundcontrol stops, and may take a
+        moment to (the fleet watcher reads its held requests' serials): it fires the
+        Deferred returned once it has. A L{drain} begun before then waits for it, within its
+        bound, before it calls a webhook idle and stops it; what comes after the bound is
+        refused and named (C{webhook stopped; not sending ...}).
+        """
+        handOver: Deferred[None] = Deferred()
+        self._handOvers.append(handOver)
+        return handOver
+
     def drain(self, within: float) -> Deferred[Any]:
         """
-        Let each notifier that queues (L{WebhookNotifier.drain}) deliver what it holds for at
-        most C{within} seconds; fires when all of them have finished.
+        Let each notifier that queues (L{WebhookNotifier.drain}) deliver what it holds, and
+        what the hand-overs (L{handOverAtStop}) bring, for at most C{within} seconds; fires
+        when all of them have finished.
         """
-        drains = [n.drain(within) for n in self.notifiers if isinstance(n, WebhookNotifier)]
+        handOvers, self._handOvers = self._handOvers, []
+        drains = [
+            n.drain(within, after=gatherResults(handOvers, consumeErrors=True))
+            for n in self.notifiers
+            if isinstance(n, WebhookNotifier)
+        ]
         return gatherResults(drains, consumeErrors=True)
 
 
@@ -300,6 +319,8 @@ class WebhookNotifier:
         self._inFlight: set[Deferred[Any]] = set()
         self._idleWaiters: list[Deferred[None]] = []
         self._stopped = False
+        #: When a L{drain} stops it at the latest (on the clock), once one has begun.
+        self._stopsAt: float | None = None
 
     # -- INotifier --------------------------------------------------------------------------
 
@@ -346,24 +367,32 @@ class WebhookNotifier:
         self._idleWaiters.append(waiter)
         return waiter
 
-    def drain(self, within: float) -> Deferred[None]:
+    def drain(self, within: float, after: Deferred[Any] | None = None) -> Deferred[None]:
         """
         Deliver what is queued, and what is notified meanwhile, for at most C{within} seconds
         on the clock (groundcontrol's stop waits for it), then L{stop}. A receiver that hangs
-        costs the bound, not the attempt's timeout or the retries' backoff. Fires when every
-        event was delivered or given up, or when the bound's L{stop} has finished.
+        costs the bound, not the attempt's timeout or the retries' backoff; an attempt that
+        fails when its retry would fall after the bound is given up at once, and named.
+        Fires when every event was delivered or given up, once C{after} (what is handed
+        over at the stop, L{MultiNotifier.handOverAtStop}) has fired, or when the bound's
+        L{stop} has finished, whichever comes first.
         """
         if self._stopped:
             return self.stop()
-        bound = self.clock.callLater(within, self.stop)
+        self._stopsAt = self.clock.seconds() + within
+        finished: Deferred[None] = Deferred()
 
-        def drained(result: None) -> None:
+        def finish(result: object = None) -> None:
             if bound.active():
                 bound.cancel()
             self._stopped = True  # anything notified after this would outlive the reactor
-            return result
+            if not finished.called:
+                finished.callback(None)
 
-        return self.whenIdle().addCallback(drained)
+        bound = self.clock.callLater(within, lambda: self.stop().addBoth(finish))
+        handedOver = after if after is not None else succeed(None)
+        handedOver.addBoth(lambda _: self.whenIdle()).addCallback(finish)
+        return finished
 
     def stop(self) -> Deferred[None]:
         """
@@ -444,6 +473,21 @@ class WebhookNotifier:
                 )
                 return
             delay = self.retryDelay(attempt)
+            if self._stopsAt is not None and self.clock.seconds() + delay >= self._stopsAt:
+                # Waiting would only hold the stop until its bound cancels the retry.
+                self.log.warn(
+                    "webhook stopping: fleet event {event} for {device} at {at} not delivered "
+                    "to {webhook}: attempt {attempt}/{maxAttempts} failed ({reason}), and "
+                    "groundcontrol stops within {left:.1f}s, before a retry would be due "
+                    "(in {delay:.1f}s)",
+                    at=isoTime(event.at),
+                    attempt=attempt,
+                    reason=failure,
+                    left=max(0.0, self._stopsAt - self.clock.seconds()),
+                    delay=delay,
+                    **fields,
+                )
+                return
             self.log.warn(
                 "webhook attempt {attempt}/{maxAttempts} for fleet event {event} for "
                 "{device} to {webhook} failed ({reason}); retrying in {delay:.1f}s",

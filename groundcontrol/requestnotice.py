@@ -16,17 +16,24 @@ in its detail, under the row's id and time.
 
 A device whose certificate ran out asks again with its own key (a C{device.pending} of
 kind C{reapprove}, whose row carries the device's serial as C{deviceSerial}, as a re-key's
-does): its hello stores the serial on the request too, but writes a row only if the serial
-changed (another board with the device's key), so the watcher also reads the request's
-stored serial while it holds one (L{HeldRequests.awaitingStoredSerial}). It is then sent
-with C{serial} and C{serial_matches}, as a re-key's: C{no} tells a copied state directory.
+does): its hello stores the serial on the request (the device keeps its own until the
+approval), but writes a row only if it is not the device's (another board with the
+device's key), so the watcher also reads the request's stored serial while it holds one
+(L{HeldRequests.awaitingStoredSerial}). It is then sent with C{serial} and
+C{serial_matches}, as a re-key's: C{no} tells a copied state directory.
 
 A notification is held at most L{SERIAL_WAIT}: an agent whose board has no serial, an old
 agent, or one that drops before its hello is notified then, with C{serial} null (and
 C{serial_matches} C{unknown}). A feed event that names the key first (its approval, claim,
 rejection or expiry) sends the held notification before its own, so a receiver hears of a
 request before its end. Every held notification is sent exactly once: with its serial,
-before such an event, at the deadline, or when the watcher stops.
+before such an event, at the deadline, or when the watcher stops (with the serial stored
+on its request by then, if any: a hello since the last poll).
+
+A re-approval's approval or claim (C{device.approved}, C{device.claimed}, kind
+C{reapprove}) says the same: its row carries the request's C{serial} and the device's
+C{deviceSerial} (the device keeps the serial it was approved with until then), and its
+notification C{serial_matches} (L{withSerialsCompared}).
 
 Why not write the event at the hello instead: a restart between the login and the hello
 would lose it, unless each request remembered whether it had been announced (a schema
@@ -44,7 +51,7 @@ import attrs
 from groundcontrol.documents import serialsMatch
 from groundcontrol.notify import DEVICE_PENDING, DEVICE_REKEY_REQUESTED, FleetEvent
 
-__all__ = ["HELD_EVENTS", "SERIAL_CHANGED", "SERIAL_WAIT", "HeldRequests"]
+__all__ = ["HELD_EVENTS", "SERIAL_CHANGED", "SERIAL_WAIT", "HeldRequests", "withSerialsCompared"]
 
 #: Seconds a request's notification waits for its agent's serial. An agent says hello as
 #: soon as its login is accepted: one round trip, a few seconds over tor at worst.
@@ -89,6 +96,23 @@ def withSerial(event: FleetEvent, serial: str | None) -> FleetEvent:
     return attrs.evolve(event, detail=detail)
 
 
+def withSerialsCompared(event: FleetEvent) -> FleetEvent:
+    """
+    C{event}, one not held, saying whether the serial its key reported is the device's
+    (C{serialMatches}) when its row says both (C{serial}, C{deviceSerial}): a re-approval's
+    approval or claim, as its request's notification did.
+    """
+    detail = event.detail
+    if "deviceSerial" not in detail or "serialMatches" in detail:
+        return event
+    serial, deviceSerial = detail.get("serial"), detail["deviceSerial"]
+    matches = serialsMatch(
+        serial if isinstance(serial, str) else None,
+        deviceSerial if isinstance(deviceSerial, str) else None,
+    )
+    return attrs.evolve(event, detail={**detail, "serialMatches": matches})
+
+
 class HeldRequests:
     """The request notifications waiting for their serials, by key fingerprint."""
 
@@ -126,6 +150,10 @@ class HeldRequests:
             serial = event.detail.get("serial")
             return self.release(key, serial if isinstance(serial, str) else None)
         return self.release(key)
+
+    def keys(self) -> frozenset[str]:
+        """The keys of every held notification (the watcher stops: their stored serials)."""
+        return frozenset(self._held)
 
     def awaitingStoredSerial(self) -> frozenset[str]:
         """

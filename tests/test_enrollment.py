@@ -664,6 +664,49 @@ class CertificateTests(EnrollmentTestCase):
         self.world.connect(agent)
         self.assertRoutable(agent, "kiln7")
 
+    def test_reapprovalShowsWhetherTheSerialMatches(self) -> None:
+        """
+        'ctl pending' (table and --json) says whether a re-approval's serial is the
+        device's, as for a re-key: yes from its board; no from another one with its key
+        (its state directory copied), where it said nothing (null, '-'). The approval's
+        notification says so too, and the device keeps its serial until then.
+        """
+        agent = self.world.enrolled("kiln7", serial="SN-1")
+        first = self.assertCertificate(agent, "kiln7")
+        self.world.disconnect(agent)
+        self.world.advance(first.notAfter.timestamp() - self.world.now + 1)
+        self.world.poll()
+        self.world.connect(agent)
+        self.assertPending(agent, kind="reapprove")
+        self.assertEqual(self.pendingSerials(), [("reapprove", "SN-1", "yes")])
+
+        self.world.disconnect(agent)
+        agent.enrollment._serial = "SN-2"
+        self.world.connect(agent)
+        self.assertEqual(self.pendingSerials(), [("reapprove", "SN-2", "no")])
+        status, out, err = self.world.ctl(self.admin, "pending")
+        self.assertEqual(status, 0, err)
+        header, row = (line.split() for line in out.splitlines())
+        self.assertEqual(header[3:5], ["SERIAL", "SERIAL_MATCHES"], out)
+        self.assertEqual(row[3:5], ["SN-2", "no"], out)
+        self.assertEqual(self.world.device("kiln7").serial, "SN-1")
+
+        resultNow(self.fleet.store.approveDevice("kiln7", "root", self.world.now))
+        self.world.poll()
+        (approved,) = [e for e in self.world.notifier.events if e.event == "device.approved"][-1:]
+        detail = approved.toJSON()["detail"]
+        self.assertEqual(
+            (detail["kind"], detail["serial"], detail["device_serial"], detail["serial_matches"]),
+            ("reapprove", "SN-2", "SN-1", "no"),
+        )
+        self.assertEqual(self.world.device("kiln7").serial, "SN-2")
+
+    def pendingSerials(self) -> list[tuple[str, str, str]]:
+        """C{ctl pending --json}: each request's kind, serial and serial_matches."""
+        status, out, err = self.world.ctl(self.admin, "pending --json")
+        self.assertEqual(status, 0, err)
+        return [(r["kind"], r["serial"], r["serial_matches"]) for r in json.loads(out)]
+
 
 class TokenTests(EnrollmentTestCase):
     """Enrollment tokens: single use per device, use count and expiry enforced."""

@@ -24,7 +24,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from groundcontrol.datadir import DataDir
-from groundcontrol.fleetwatch import FleetWatcher
+from groundcontrol.fleetwatch import STOP_SERIAL_READ_WAIT, FleetWatcher
 from groundcontrol.notify import (
     DEVICE_APPROVED,
     DEVICE_PENDING,
@@ -507,16 +507,83 @@ class WebhookDrainTests(WebhookTestCase):
         )
 
     def test_waitingToRetryAtTheBound(self) -> None:
-        """An event whose retry falls after the bound is not delivered, and is named."""
+        """
+        An attempt that fails while draining, when its retry would fall after the bound, is
+        given up at once: one line names it as not delivered, says why and when the retry
+        would have been (not 'retrying in 10.0s', which the stop would cut short), and the
+        drain does not wait for the bound.
+        """
         client = FakeClient()
         notifier = self.webhook(client, initialDelay=10.0)
         notifier.notify(anEvent())
         drained = notifier.drain(5.0)
+        self.clock.advance(1.5)
         client.answer(0, 503)
-        self.clock.advance(5.0)
         self.successResultOf(drained)
         self.assertEqual(len(client.requests), 1)
-        self.assertEqual(len(self.notLogged()), 1)
+        self.assertEqual(
+            self.messages(LogLevel.warn),
+            [
+                "webhook stopping: fleet event device.pending for kiln7 at 2023-11-14T22:13:20Z "
+                "not delivered to https://hooks.example.test: attempt 1/8 failed (HTTP 503), "
+                "and groundcontrol stops within 3.5s, before a retry would be due (in 10.0s)"
+            ],
+        )
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_retryWithinTheBoundSaysSo(self) -> None:
+        """A retry that falls within the bound is announced as before, and made."""
+        client = FakeClient()
+        notifier = self.webhook(client, initialDelay=2.0)
+        notifier.notify(anEvent())
+        drained = notifier.drain(5.0)
+        client.answer(0, 503)
+        self.assertEqual(len(self.messages(LogLevel.warn)), 1)
+        self.assertTrue(self.messages(LogLevel.warn)[0].endswith("(HTTP 503); retrying in 2.0s"))
+        self.clock.advance(2.0)
+        client.answer(1)
+        self.successResultOf(drained)
+        self.assertEqual(self.notLogged(), [])
+
+    def test_waitsForTheHandOver(self) -> None:
+        """
+        What a source hands over at the stop (the fleet watcher's held notifications, after
+        its store read) is delivered: the drain of an idle webhook waits for the hand-over
+        instead of stopping it at once, which refused them ('webhook stopped; not sending').
+        """
+        client = FakeClient()
+        webhook = self.webhook(client)
+        notifier = MultiNotifier([webhook])
+        handOver = notifier.handOverAtStop()
+        drained = notifier.drain(5.0)
+        self.clock.advance(0.5)
+        self.assertNoResult(drained)
+        notifier.notify(anEvent())
+        handOver.callback(None)
+        self.assertNoResult(drained)
+        client.answer(0)
+        self.successResultOf(drained)
+        self.assertEqual(len(client.requests), 1)
+        self.assertEqual(self.messages(LogLevel.warn), [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_handOverBounded(self) -> None:
+        """
+        A hand-over that does not come within the bound does not hold the stop: the drain
+        fires at the bound, and what comes later is refused and named.
+        """
+        webhook = self.webhook(FakeClient())
+        notifier = MultiNotifier([webhook])
+        handOver = notifier.handOverAtStop()
+        drained = notifier.drain(5.0)
+        self.clock.advance(5.0)
+        self.successResultOf(drained)
+        notifier.notify(anEvent())
+        handOver.callback(None)
+        self.assertEqual(
+            self.messages(LogLevel.warn),
+            ["webhook stopped; not sending fleet event device.pending for kiln7"],
+        )
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_idleAtOnce(self) -> None:
@@ -582,8 +649,12 @@ class GroundcontrolStopTests(SynchronousTestCase):
         held = FleetEvent(DEVICE_PENDING, "kiln7", None, T0, {"fingerprint": "SHA256:k1"})
         self.assertEqual(watcher._heldRequests.hold(held, T0), [])
         stopped = top.stopService()
+        # The watcher reads its requests' serials first: the in-memory reactor runs no store
+        # thread, so the read goes unanswered and it sends what it holds at its bound.
+        self.assertEqual(reactor.tcpClients, [])
+        reactor.advance(STOP_SERIAL_READ_WAIT)
         self.assertEqual([c[:2] for c in reactor.tcpClients], [("127.0.0.1", 9)])
-        reactor.advance(STOP_DELIVERY_WAIT - 0.1)
+        reactor.advance(STOP_DELIVERY_WAIT - STOP_SERIAL_READ_WAIT - 0.1)
         self.assertNoResult(stopped)
         reactor.advance(0.1)
         self.successResultOf(stopped)

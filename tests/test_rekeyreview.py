@@ -55,11 +55,19 @@ class SerialMatchesTests(SynchronousTestCase):
         self.assertEqual(serialMatches(attrs.evolve(REQUEST, serial=None), DEVICE), "unknown")
         self.assertEqual(serialMatches(REQUEST, attrs.evolve(DEVICE, serial=None)), "unknown")
 
-    def test_noneWithoutAnotherKeysDevice(self) -> None:
-        """A new name's request, and a device's own key back (reapprove): no comparison."""
+    def test_noneWithoutADevice(self) -> None:
+        """A new name's request: no comparison."""
         self.assertIsNone(serialMatches(attrs.evolve(REQUEST, kind="new"), None))
+
+    def test_reapprovalCompared(self) -> None:
+        """
+        A device's own key back after its certificate ran out (reapprove) is compared too:
+        no is its key on another board (a copied state directory).
+        """
         own = attrs.evolve(REQUEST, fingerprint=DEVICE.fingerprint, kind="reapprove")
-        self.assertIsNone(serialMatches(own, DEVICE))
+        self.assertEqual(serialMatches(own, DEVICE), "yes")
+        self.assertEqual(serialMatches(attrs.evolve(own, serial="SN-2"), DEVICE), "no")
+        self.assertEqual(serialMatches(attrs.evolve(own, serial=None), DEVICE), "unknown")
 
     def test_requestDocument(self) -> None:
         """The request document carries it: null when no device is given."""

@@ -9,17 +9,23 @@ store's row carries the device's serial to compare with. On SQLite and PostgreSQ
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import attrs
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from groundcontrol.fleetwatch import FleetWatcher
-from groundcontrol.notify import FleetEvent
+from groundcontrol.fleetwatch import STOP_SERIAL_READ_WAIT, FleetWatcher
+from groundcontrol.notify import FleetEvent, MultiNotifier, NotifierService, WebhookNotifier
 from groundcontrol.registry import Registry
 from groundcontrol.requestnotice import SERIAL_WAIT, HeldRequests
-from tests.test_enrollment import RecordingNotifier
+from groundcontrol.store import IStore
+from tests.test_enrollment import RecordingNotifier, captureLog
+from tests.test_notify import FakeClient
 from tests.test_store import T0, StoreTestCase, bothBackends, fingerprint, newPublicKey
 
 REKEY = "device.rekey-requested"
@@ -253,6 +259,19 @@ class RekeyNotificationTests(WatcherTestCase):
         self.assertEqual([e.event for e in self.notifier.events], [REKEY, "device.approved"])
         self.assertEqual([r[1:] for r in self.rekeys()], [(None, "unknown")])
 
+    def test_stopSendsTheStoredSerial(self) -> None:
+        """
+        A hello that landed after the last poll is not lost at the stop: the watcher reads
+        the request's stored serial once more before it sends what it holds (it sent serial
+        null, unknown).
+        """
+        key = self.stranger()
+        rowId = self.events()[-1].id
+        self.poll()
+        self.hello(key, "SN-2")
+        self.successResultOf(self.watcher.stopService())
+        self.assertEqual(self.rekeys(), [(rowId, "SN-2", "no")])
+
     def test_stopSendsItOnce(self) -> None:
         """
         A watcher that stops sends what it holds; the next one (a restart) starts after it
@@ -312,6 +331,15 @@ class NewDeviceNotificationTests(WatcherTestCase):
         self.poll()
         self.assertEqual([(e, s) for e, _, s in self.sent()], [(PENDING, None)])
 
+    def test_stopSendsTheStoredSerial(self) -> None:
+        """A hello since the last poll: the stop sends the serial its request stored."""
+        key = self.newDevice()
+        rowId = self.events()[-1].id
+        self.poll()
+        self.hello(key, "SN-7")
+        self.successResultOf(self.watcher.stopService())
+        self.assertEqual(self.sent(), [(PENDING, rowId, "SN-7")])
+
     def test_approvedBeforeTheSerial(self) -> None:
         """An approval read before any serial sends the pending notification first."""
         key = self.newDevice()
@@ -370,13 +398,30 @@ class ReapprovalNotificationTests(WatcherTestCase):
         self.assertEqual(self.notifier.events[-1].toJSON()["detail"]["device_serial"], "SN-1")
 
     def test_anotherBoard(self) -> None:
-        """The device's key on another board (its state copied): serial_matches no."""
+        """
+        The device's key on another board (its state copied): serial_matches no. The
+        serial is the request's: the device keeps the one it was approved with (the hello
+        overwrote it, so nothing after could tell the two apart).
+        """
         rowId = self.comesBack()
         self.poll()
         self.hello(self.key, "SN-2")
         self.poll()
         self.assertEqual(self.pending(), [(rowId, "SN-2", "no")])
         self.assertEqual([e.event for e in self.notifier.events], [PENDING])
+        device = self.successResultOf(self.store.deviceByName("kiln7"))
+        (request,) = self.successResultOf(self.store.listEnrollmentRequests())
+        self.assertEqual((device.serial, request.serial), ("SN-1", "SN-2"))
+        (changed,) = [e for e in self.events() if e.event == "device.serial-changed"]
+        self.assertEqual((changed.detail["serial"], changed.detail["previous"]), ("SN-2", "SN-1"))
+
+    def test_stopSendsTheStoredSerial(self) -> None:
+        """A hello since the last poll: the stop sends the serial its request stored."""
+        rowId = self.comesBack()
+        self.poll()
+        self.hello(self.key, "SN-1")
+        self.successResultOf(self.watcher.stopService())
+        self.assertEqual(self.pending(), [(rowId, "SN-1", "yes")])
 
     def test_noHello(self) -> None:
         """No serial reported within the wait: serial null, unknown, once."""
@@ -399,7 +444,49 @@ class ReapprovalNotificationTests(WatcherTestCase):
             (approved.event, approved.detail["kind"], approved.detail["serial"]),
             ("device.approved", "reapprove", "SN-1"),
         )
+        self.assertEqual(said(approved), (approved.id, "SN-1", "yes"))
         self.assertEqual([r[1:] for r in self.pending()], [("SN-1", "yes")])
+
+    def test_approvalOfAnotherBoard(self) -> None:
+        """
+        Approved from another board: C{device.approved} says its serial, the device's before
+        (C{device_serial}, in the audit row too) and C{serial_matches} no; the device then
+        has the serial the approval took.
+        """
+        self.comesBack()
+        self.hello(self.key, "SN-2")
+        self.successResultOf(self.store.approveDevice("kiln7", "root", T0 + 7))
+        self.poll()
+        approved = self.notifier.events[-1]
+        self.assertEqual(approved.event, "device.approved")
+        self.assertEqual(said(approved), (approved.id, "SN-2", "no"))
+        self.assertEqual(approved.toJSON()["detail"]["device_serial"], "SN-1")
+        row = self.events()[-1]
+        self.assertEqual((row.detail["serial"], row.detail["deviceSerial"]), ("SN-2", "SN-1"))
+        device = self.successResultOf(self.store.deviceByName("kiln7"))
+        self.assertEqual(device.serial, "SN-2")
+
+    def test_claimSaysTheSerial(self) -> None:
+        """
+        Claimed with a pairing code instead (C{device.claimed}, kind reapprove): the same
+        three as an approval (it said none), in the audit row the serial and the device's.
+        """
+        self.comesBack()
+        self.hello(self.key, "SN-2")
+        alice = self.successResultOf(self.store.addAccount("alice", [newPublicKey()], False, T0))
+        codeHash = hashlib.sha256(b"1234-5678").hexdigest()
+        self.successResultOf(
+            self.store.registerClaimCode(codeHash, self.key, "kiln7", T0 + 300, T0 + 6)
+        )
+        self.successResultOf(self.store.claimDevice(codeHash, alice, T0 + 3600, T0 + 7))
+        self.poll()
+        claimed = self.notifier.events[-1]
+        self.assertEqual((claimed.event, claimed.detail["kind"]), ("device.claimed", "reapprove"))
+        self.assertEqual(said(claimed), (claimed.id, "SN-2", "no"))
+        self.assertEqual(claimed.toJSON()["detail"]["device_serial"], "SN-1")
+        row = self.events()[-1]
+        self.assertEqual((row.detail["serial"], row.detail["deviceSerial"]), ("SN-2", "SN-1"))
+        self.assertEqual([r[1:] for r in self.pending()], [("SN-2", "no")])
 
     def test_reinstatedSaysTheSerial(self) -> None:
         """A revoked device approved again (kind reinstate) says the device's serial."""
@@ -411,3 +498,103 @@ class ReapprovalNotificationTests(WatcherTestCase):
             (approved.event, approved.detail["kind"], approved.detail["serial"]),
             ("device.approved", "reinstate", "SN-1"),
         )
+
+
+class _SlowRequestList:
+    """A store whose request list answers when the test says (a read at the stop)."""
+
+    def __init__(self, store: IStore) -> None:
+        self._store = store
+        self.reads: list[Deferred[Any]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def listEnrollmentRequests(self) -> Deferred[Any]:
+        read: Deferred[Any] = Deferred()
+        self.reads.append(read)
+        return read
+
+    def answer(self) -> None:
+        """Answer the last read with what the store holds."""
+        self.reads[-1].callback(self.successResultOf(self._store.listEnrollmentRequests()))
+
+    def successResultOf(self, d: Deferred[Any]) -> Any:
+        results: list[Any] = []
+        d.addBoth(results.append)
+        return results[0]
+
+
+@bothBackends
+class StopTests(WatcherTestCase):
+    """
+    What a stopping watcher does with what it holds: one read of the stored serials,
+    bounded, and groundcontrol's webhook waits for what it then sends.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.slow = _SlowRequestList(self.store)
+
+    def slowWatcher(self, notifier: Any) -> FleetWatcher:
+        """A started watcher on the slow store, holding oven2's new key's notification."""
+        store: Any = self.slow
+        watcher = FleetWatcher(store, Registry(), self.clock, notifier=notifier)
+        self.poll(watcher)
+        self.key = self.newKey("oven2")
+        self.rowId = self.events()[-1].id
+        watcher.startService()  # its first poll reads the feed: the notification is held
+        self.assertEqual(len(watcher._heldRequests), 1)
+        return watcher
+
+    def test_storeThatDoesNotAnswer(self) -> None:
+        """
+        A store that does not answer holds the stop for L{STOP_SERIAL_READ_WAIT}, no longer;
+        then the notification goes without its serial, and a line says why.
+        """
+        watcher = self.slowWatcher(self.notifier)
+        logged = captureLog(watcher)
+        self.hello(self.key, "SN-7")
+        stopped = watcher.stopService()
+        self.clock.advance(STOP_SERIAL_READ_WAIT - 0.1)
+        self.assertNoResult(stopped)
+        self.assertEqual(self.notifier.events, [])
+        self.clock.advance(0.1)
+        self.successResultOf(stopped)
+        self.assertEqual(
+            [(e.id, e.detail["serial"]) for e in self.notifier.events], [(self.rowId, None)]
+        )
+        self.assertEqual(
+            logged,
+            [
+                "fleet watcher stopping: the store did not answer within 1.0 s; the "
+                "notifications held for serials were sent without them"
+            ],
+        )
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_webhookWaitsForTheHandOver(self) -> None:
+        """
+        groundcontrol's services: the webhook (stopped after the watcher) posts what the
+        watcher sends once its read has answered, with the serial; before, its drain found
+        it idle and stopped it at once, and the notification was refused at the webhook.
+        """
+        client = FakeClient()
+        clock: Any = self.clock
+        webhook = WebhookNotifier("http://127.0.0.1:9/hook", clock, client)
+        notifier = MultiNotifier([webhook])
+        top = MultiService()
+        NotifierService(notifier).setServiceParent(top)
+        watcher = self.slowWatcher(notifier)
+        watcher.setServiceParent(top)
+        self.hello(self.key, "SN-7")
+        stopped = top.stopService()
+        self.clock.advance(0.5)
+        self.assertEqual(client.requests, [])
+        self.slow.answer()
+        (request,) = client.requests
+        self.assertEqual(json.loads(request[1])["detail"]["serial"], "SN-7")
+        self.assertNoResult(stopped)
+        client.answer(0)
+        self.successResultOf(stopped)
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -354,11 +354,12 @@ def _pending(parser: _Parser) -> Handler:
     async def run(context: ControlContext, options: argparse.Namespace) -> CommandResult:
         now = context.clock.seconds()
         requests = await context.store.listEnrollmentRequests()
-        # Only a re-key request's device is looked up (a few, not the fleet).
+        # Only the device of a re-key or a re-approval is looked up (a few, not the fleet):
+        # serial_matches compares the request's serial with the device's.
         devices = {
             r.requestedName: await context.store.deviceByName(r.requestedName)
             for r in requests
-            if r.kind == "rekey"
+            if r.kind in ("rekey", "reapprove")
         }
         documents = [
             {

@@ -139,10 +139,12 @@ class IStore(Interface):
     def updateSerial(fingerprint, serial, now=None):
         """
         Store the board serial the agent reported after login, on the device or pending
-        request with that key (on both for a device's own key asking to be re-approved).
-        Control characters are stripped, at most 128 characters kept.
+        request with that key (on the request only for a device's own key asking to be
+        re-approved: the device keeps its approved serial until the approval takes the
+        request's). Control characters are stripped, at most 128 characters kept.
         A change is audited as C{device.serial-changed} (at C{now}, else at the key's last
-        contact).
+        contact; a re-approval's is a change from the serial its request last reported, else
+        the device's).
 
         @return: Deferred firing with True, or False if no device or request has that key.
         """
@@ -158,7 +160,8 @@ class IStore(Interface):
         request re-approves the device with its own key in one step. With no pending
         request, a revoked device is re-approved with its known key. Audited as
         C{device.approved} (detail C{kind}: new, rekey, reapprove, reinstate; a rekey's
-        C{previousFingerprint} is the replaced key).
+        C{previousFingerprint} is the replaced key; a reapprove's C{deviceSerial} is the
+        device's serial before, to compare with the request's C{serial}).
 
         @return: Deferred firing with the approved L{Device}; fails with
             L{AmbiguousRequest} (several requests, no fingerprint), L{RekeyNeedsKey} (the
@@ -281,7 +284,9 @@ class IStore(Interface):
         C{leaseUntil}, atomically; the code is used up. Works for a new device, a
         C{"reapprove"} of the same key, a renewal by the owner, or re-claiming a device
         that an earlier claim approved and whose lease lapsed. Audited as
-        C{device.claimed} (detail: owner, leaseUntil, kind); this is also an approval.
+        C{device.claimed} (detail: owner, leaseUntil, kind, serial as an approval's; a
+        reapprove's also deviceSerial, the device's before the claim); this is also an
+        approval.
 
         @return: Deferred firing with the L{Device}; L{ClaimCodeInvalid},
             L{ClaimCodeExpired}, L{NameTaken}, L{ClaimRefused} (revoked, admin-approved or

@@ -947,14 +947,24 @@ class SQLStore:
                 table = "enrollment_requests"
             if row is None:
                 return False
+            previous = row["serial"]
             if table == "devices":
-                # A device asking to be re-approved with its own key: its request says the
-                # serial it reports now, as a new key's does (its notification, the approval).
-                c.execute(
-                    "UPDATE enrollment_requests SET serial = ? WHERE fingerprint = ?",
-                    (serial, fingerprint),
-                )
-            if row["serial"] != serial:
+                reapproval = c.execute(
+                    "SELECT serial FROM enrollment_requests WHERE fingerprint = ?", (fingerprint,)
+                ).fetchone()
+                if reapproval is not None:
+                    # A device asking to be re-approved with its own key: the serial goes on
+                    # its request only, as a new key's does (its notification, the approval
+                    # take it there). The device keeps the serial it was approved with until
+                    # the request is approved, so the two can be compared (serial_matches).
+                    table = "enrollment_requests"
+                    c.execute(
+                        "UPDATE enrollment_requests SET serial = ? WHERE fingerprint = ?",
+                        (serial, fingerprint),
+                    )
+                    if reapproval["serial"] is not None:
+                        previous = reapproval["serial"]
+            if previous != serial:
                 c.execute(
                     f"UPDATE {table} SET serial = ? WHERE fingerprint = ?", (serial, fingerprint)
                 )
@@ -978,7 +988,7 @@ class SQLStore:
                     "device.serial-changed",
                     None,
                     row["name"],
-                    {"fingerprint": fingerprint, "serial": serial, "previous": row["serial"]},
+                    {"fingerprint": fingerprint, "serial": serial, "previous": previous},
                     when,
                 )
             return True
@@ -1070,6 +1080,9 @@ class SQLStore:
                 (request.serial, now, actor, request.lastSeen, name),
             )
             detail["kind"] = "reapprove"
+            # The serial the device was approved with, for the one its key reports now
+            # (serial_matches in the notification: no, the key on another board).
+            detail["deviceSerial"] = device.serial
         else:
             c.execute(
                 "UPDATE devices SET state = 'approved', fingerprint = ?, public_key = ?, "
@@ -1567,19 +1580,17 @@ class SQLStore:
                         (account.id, leaseUntil, device.name),
                     )
                     claimed = self._deviceNamed(c, device.name)
-            self._insertAudit(
-                c,
-                "device.claimed",
-                account.name,
-                claimed.name,
-                {
-                    "owner": account.name,
-                    "leaseUntil": leaseUntil,
-                    "fingerprint": fingerprint,
-                    "kind": kind,
-                },
-                now,
-            )
+            detail: dict[str, Any] = {
+                "owner": account.name,
+                "leaseUntil": leaseUntil,
+                "fingerprint": fingerprint,
+                "kind": kind,
+                # As an approval's: what the request's agent reported, else the device's.
+                "serial": claimed.serial if request is None else request.serial,
+            }
+            if kind == "reapprove" and device is not None:
+                detail["deviceSerial"] = device.serial
+            self._insertAudit(c, "device.claimed", account.name, claimed.name, detail, now)
             return claimed
 
     @staticmethod
