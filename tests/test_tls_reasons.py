@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.internet import error, protocol
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -34,6 +34,7 @@ from accesstunnel.transports.tls import ClientTLS, ServerTLS, clientCreator, ser
 from accesstunnel.transports.tlsreasons import (
     connectionUnder,
     tlsFailureText,
+    trustNamed,
     webSocketRefusalText,
 )
 from accesstunnel.transports.websocket import WebSocketClientFactory, WebSocketServerFactory
@@ -155,12 +156,10 @@ class TLSFailureTests(SynchronousTestCase):
             "[OpenSSL: self-signed certificate]",
         )
 
-    def test_anotherCA(self) -> None:
-        """A certificate from a CA the device does not trust names that CA."""
-        other = pki.FleetCA.create(self.directory / "other", datetime.now(UTC), "Other CA")
-        self.fixture.ca = other
+    def serverFrom(self, ca: pki.FleetCA) -> ServerTLS:
+        """groundcontrol's TLS settings with a certificate for gc.test issued by C{ca}."""
         key = ec.generate_private_key(ec.SECP256R1())
-        issued = pki.issueServerCertificate(other, ["gc.test"], key, datetime.now(UTC))
+        issued = pki.issueServerCertificate(ca, ["gc.test"], key, datetime.now(UTC))
         certFile, keyFile = self.directory / "o.crt", self.directory / "o.key"
         certFile.write_bytes(issued.pem)
         keyFile.write_bytes(
@@ -170,10 +169,47 @@ class TLSFailureTests(SynchronousTestCase):
                 serialization.NoEncryption(),
             )
         )
+        return ServerTLS(certFile, keyFile, None)
+
+    def test_anotherCA(self) -> None:
+        """A certificate from a CA the device does not trust names that CA."""
+        other = pki.FleetCA.create(self.directory / "other", datetime.now(UTC), "Other CA")
         self.assertEqual(
-            self.said(ServerTLS(certFile, keyFile, None)),
+            self.said(self.serverFrom(other)),
             "the server's certificate (CN=gc.test) was issued by CN=Other CA, a CA this "
             f"device does not trust {TRUST} [OpenSSL: unable to get local issuer certificate]",
+        )
+
+    def test_otherChainFaults(self) -> None:
+        """
+        A chain a trusted CA vouches for that fails OpenSSL's check for another reason (here
+        an intermediate that is no CA): not called untrusted, but what the check found.
+        """
+        now = datetime.now(UTC)
+
+        def certificate(subject: str, issuer: str, key: Any, signer: Any, ca: bool) -> Any:
+            return (
+                x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                .public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - timedelta(days=1))
+                .not_valid_after(now + timedelta(days=30))
+                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+                .sign(signer, hashes.SHA256())
+            )
+
+        rootKey, middleKey, leafKey = (ec.generate_private_key(ec.SECP256R1()) for _ in "abc")
+        root = certificate("Root", "Root", rootKey, rootKey, ca=True)
+        middle = certificate("Not a CA", "Root", middleKey, rootKey, ca=False)
+        leaf = certificate("gc.test", "Not a CA", leafKey, middleKey, ca=False)
+        context = SSL.Context(SSL.TLS_METHOD)
+        context.get_cert_store().add_cert(crypto.X509.from_cryptography(root))  # type: ignore[union-attr]
+        self.assertEqual(
+            trustNamed(SSL.Connection(context, None), [leaf, middle]),
+            "the server's certificate (CN=gc.test) did not pass OpenSSL's check [OpenSSL: "
+            "invalid CA certificate]",
         )
 
     def test_anotherName(self) -> None:
@@ -371,10 +407,11 @@ class LinkEndTests(SynchronousTestCase):
         )
         self.clock = fleet.clock
         self.factory = AgentLinkFactory(settings, fleet.clock, scriptedSessions(), refuseForwards)
-        self.link: Any = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 443))
-        self.link.makeConnection(TLSTransport())
+        link: Any = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 443))
+        link.makeConnection(TLSTransport())
         self.ended: list[Failure] = []
-        self.link.ready.addErrback(self.ended.append)
+        link.ready.addErrback(self.ended.append)
+        self.link = link
 
     def endedWith(self, reason: Failure) -> str:
         self.link.connectionLost(reason)

@@ -81,6 +81,11 @@ _CLIENT_CERTIFICATE_ALERTS = {
 }
 
 
+#: OpenSSL's verify errors that mean no trusted CA vouches for the chain: unable to get the
+#: issuer (2, 20), self-signed leaf (18) or root (19), unable to verify the leaf (21).
+_ISSUER_NOT_TRUSTED = frozenset({2, 18, 19, 20, 21})
+
+
 class CertificateTrustError(SSL.Error):
     """
     The server's certificate failed its check for its issuer (self-signed, or from a CA the
@@ -119,10 +124,13 @@ def trustNamed(connection: SSL.Connection, chain: list[x509.Certificate]) -> str
             [crypto.X509.from_cryptography(c) for c in rest],
         ).verify_certificate()
     except crypto.X509StoreContextError as e:
-        words = str(e)
+        words, code = str(e), e.errors[0] if e.errors else None
     else:
         return None
     top = chain[-1]
+    if code not in _ISSUER_NOT_TRUSTED:  # a check of the chain itself (a signature, ...)
+        what = f"the server's certificate ({_name(leaf)}) did not pass OpenSSL's check"
+        return f"{what} {OPENSSL_WORDS.format(words=words)}"
     if len(chain) == 1 and leaf.issuer == leaf.subject:
         what = f"the server's certificate ({_name(leaf)}) is self-signed"
     else:
