@@ -321,6 +321,8 @@ class WebhookNotifier:
         self._stopped = False
         #: When a L{drain} stops it at the latest (on the clock), once one has begun.
         self._stopsAt: float | None = None
+        #: The retries waited for: each timer's event, when it is due, the failed attempt.
+        self._retries: dict[Deferred[None], _Retry] = {}
 
     # -- INotifier --------------------------------------------------------------------------
 
@@ -371,8 +373,9 @@ class WebhookNotifier:
         """
         Deliver what is queued, and what is notified meanwhile, for at most C{within} seconds
         on the clock (groundcontrol's stop waits for it), then L{stop}. A receiver that hangs
-        costs the bound, not the attempt's timeout or the retries' backoff; an attempt that
-        fails when its retry would fall after the bound is given up at once, and named.
+        costs the bound, not the attempt's timeout or the retries' backoff; an event whose
+        retry would fall after the bound (waiting for it when the drain begins, or failing
+        meanwhile) is given up at once, and named.
         Fires when every event was delivered or given up, once C{after} (what is handed
         over at the stop, L{MultiNotifier.handOverAtStop}) has fired, or when the bound's
         L{stop} has finished, whichever comes first.
@@ -380,6 +383,11 @@ class WebhookNotifier:
         if self._stopped:
             return self.stop()
         self._stopsAt = self.clock.seconds() + within
+        for timer, retry in list(self._retries.items()):
+            if retry.due >= self._stopsAt:
+                # Waiting would only hold the stop until its bound cancels the retry.
+                self._notRetriedBeforeStop(retry)
+                timer.cancel()
         finished: Deferred[None] = Deferred()
 
         def finish(result: object = None) -> None:
@@ -473,20 +481,10 @@ class WebhookNotifier:
                 )
                 return
             delay = self.retryDelay(attempt)
-            if self._stopsAt is not None and self.clock.seconds() + delay >= self._stopsAt:
+            retry = _Retry(event, self.clock.seconds() + delay, attempt, failure)
+            if self._stopsAt is not None and retry.due >= self._stopsAt:
                 # Waiting would only hold the stop until its bound cancels the retry.
-                self.log.warn(
-                    "webhook stopping: fleet event {event} for {device} at {at} not delivered "
-                    "to {webhook}: attempt {attempt}/{maxAttempts} failed ({reason}), and "
-                    "groundcontrol stops within {left:.1f}s, before a retry would be due "
-                    "(in {delay:.1f}s)",
-                    at=isoTime(event.at),
-                    attempt=attempt,
-                    reason=failure,
-                    left=max(0.0, self._stopsAt - self.clock.seconds()),
-                    delay=delay,
-                    **fields,
-                )
+                self._notRetriedBeforeStop(retry)
                 return
             self.log.warn(
                 "webhook attempt {attempt}/{maxAttempts} for fleet event {event} for "
@@ -496,20 +494,44 @@ class WebhookNotifier:
                 delay=delay,
                 **fields,
             )
-            if not await self._sleep(delay):
+            if not await self._sleep(delay, retry):
                 return
 
-    async def _sleep(self, delay: float) -> bool:
-        """Wait C{delay} on the clock; False if L{stop} interrupted the wait."""
+    async def _sleep(self, delay: float, retry: _Retry) -> bool:
+        """
+        Wait C{delay} on the clock, until C{retry} is due; False if L{stop} interrupted the
+        wait, or a L{drain} that ends before it is due.
+        """
         timer: Deferred[None] = deferLater(self.clock, delay)
         self._inFlight.add(timer)
+        self._retries[timer] = retry
         try:
             await timer
         except CancelledError:
             return False
         finally:
             self._inFlight.discard(timer)
+            del self._retries[timer]
         return True
+
+    def _notRetriedBeforeStop(self, retry: _Retry) -> None:
+        """One line for an event not delivered because its retry would come after the stop."""
+        assert self._stopsAt is not None
+        now = self.clock.seconds()
+        self.log.warn(
+            "webhook stopping: fleet event {event} for {device} at {at} not delivered to "
+            "{webhook}: attempt {attempt}/{maxAttempts} failed ({reason}), and groundcontrol "
+            "stops within {left:.1f}s, before a retry would be due (in {delay:.1f}s)",
+            event=retry.event.event,
+            device=_printable(retry.event.device),
+            at=isoTime(retry.event.at),
+            webhook=self._origin,
+            attempt=retry.attempt,
+            maxAttempts=self.maxAttempts,
+            reason=retry.failure,
+            left=max(0.0, self._stopsAt - now),
+            delay=retry.due - now,
+        )
 
     async def _attempt(self, body: bytes) -> str | None:
         """One POST; C{None} on a 2xx answer, otherwise why it failed, for the log."""
@@ -551,6 +573,16 @@ class WebhookNotifier:
         response.deliverBody(discard)
         await discard.done
         return int(response.code)
+
+
+@frozen
+class _Retry:
+    """A retry waited for: of C{event}, due on the clock at C{due}, after C{attempt} failed."""
+
+    event: FleetEvent
+    due: float
+    attempt: int
+    failure: str
 
 
 def _describe(error: BaseException) -> str:

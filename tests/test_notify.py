@@ -531,6 +531,42 @@ class WebhookDrainTests(WebhookTestCase):
         )
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_retryWaitedForPastTheBound(self) -> None:
+        """
+        An event waiting for a retry that falls after the bound when the drain begins is
+        given up then, and named, with the attempt that failed and when the retry was due:
+        the stop does not wait for the bound to cancel it.
+        """
+        client = FakeClient()
+        notifier = self.webhook(client, initialDelay=10.0)
+        notifier.notify(anEvent())
+        client.answer(0, 503)
+        self.clock.advance(2.0)
+        drained = notifier.drain(5.0)
+        self.successResultOf(drained)
+        self.assertEqual(
+            self.messages(LogLevel.warn)[1:],
+            [
+                "webhook stopping: fleet event device.pending for kiln7 at 2023-11-14T22:13:20Z "
+                "not delivered to https://hooks.example.test: attempt 1/8 failed (HTTP 503), "
+                "and groundcontrol stops within 5.0s, before a retry would be due (in 8.0s)"
+            ],
+        )
+        self.assertEqual(len(client.requests), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_retryWaitedForWithinTheBound(self) -> None:
+        """A retry waited for when the drain begins, due within the bound, is made."""
+        client = FakeClient()
+        notifier = self.webhook(client, initialDelay=2.0)
+        notifier.notify(anEvent())
+        client.answer(0, 503)
+        drained = notifier.drain(5.0)
+        self.clock.advance(2.0)
+        client.answer(1)
+        self.successResultOf(drained)
+        self.assertEqual(self.notLogged(), [])
+
     def test_retryWithinTheBoundSaysSo(self) -> None:
         """A retry that falls within the bound is announced as before, and made."""
         client = FakeClient()
