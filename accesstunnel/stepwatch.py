@@ -36,7 +36,9 @@ on the new clock and is not moved. A step seen in the middle of a run (a callbac
 C{callLater} after the clock stepped within that run, microseconds) lets the rest of that
 run compare with the reading it took before.
 
-The cost when the clock does not step: one C{time.monotonic} call and a subtraction per
+Only the reactor's thread moves timers (the heap is the reactor thread's); a thread that
+reads the reactor's clock gets the wall clock and moves nothing. The cost when the clock
+does not step: one C{time.monotonic} call and a subtraction per
 reading (bench/RESULTS.md, "Clock step watch"). The monotonic clock stops while the machine
 is suspended and the wall clock does not: after a resume, timers keep the delays they had
 when it was suspended, as the agent's do. The threshold leaves alone the wall clock's
@@ -46,6 +48,7 @@ slews both clocks alike).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -87,13 +90,18 @@ class ClockStepWatch:
         self._monotonic = monotonic
         self._threshold = threshold
         self._offset = wall() - monotonic()
+        #: The reactor's thread (the one that installs the watch): only its readings move
+        #: timers; a reading from another thread (a store's, a writer's) is only a reading.
+        self._thread = threading.get_ident()
         self.steps = 0
 
     def seconds(self) -> float:
         """The wall clock; when it has stepped, the reactor's timers are moved first."""
         wall = self._wall()
         step = wall - self._monotonic() - self._offset
-        if step > self._threshold or step < -self._threshold:
+        if (step > self._threshold or step < -self._threshold) and (
+            threading.get_ident() == self._thread
+        ):
             self._moveTimers(step)
         return wall
 
@@ -107,7 +115,7 @@ class ClockStepWatch:
         self._log.warn(
             "the clock stepped {direction} {size}; {count} timers keep their delays",
             direction="forward" if step > 0 else "back",
-            size=spokenDuration(abs(step)),
+            size=spokenDuration(round(abs(step), 1)),  # 3599.99999 s is 1h00m00s
             count=kept,
             step=step,
         )

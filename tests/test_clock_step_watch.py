@@ -11,6 +11,7 @@ groundcontrol (L{InMemoryFleet}) runs with a real agent link.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from twisted.internet.selectreactor import SelectReactor
@@ -154,9 +155,9 @@ class ReactorStepTests(SynchronousTestCase):
         self.reactor.callLater(20, print)
         self.reactor.callLater(30, print).cancel()
         with capturedLogs() as events:
-            self.wallNow -= HOUR
+            self.wallNow -= HOUR - 1e-6  # the monotonic clock read a moment later
             self.reactor.runUntilCurrent()
-            self.wallNow += DAY
+            self.wallNow += DAY - 1e-6
             self.reactor.runUntilCurrent()
             self.reactor.runUntilCurrent()
         lines = [e["log_format"].format(**e) for e in events if "stepped" in e["log_format"]]
@@ -179,6 +180,25 @@ class ReactorStepTests(SynchronousTestCase):
         self.assertEqual(self.reactor.seconds(), WALL_START - HOUR)
         self.assertEqual(wallClock(self.reactor)(), WALL_START - HOUR)
         self.assertEqual(elapsedClock(self.reactor)(), MONOTONIC_START)
+
+    def test_otherThreadsMoveNothing(self) -> None:
+        """
+        A reading of the reactor's clock from another thread (a store's) after a step is
+        the wall clock and moves no timer (the heap is the reactor thread's); the reactor
+        thread's next reading does.
+        """
+        watch = self.watch()
+        call = self.reactor.callLater(10, print)
+        self.wallNow -= HOUR
+        readings: list[float] = []
+        reader = threading.Thread(target=lambda: readings.append(self.reactor.seconds()))
+        reader.start()
+        reader.join()
+        self.assertEqual(
+            (readings, call.getTime(), watch.steps), ([WALL_START - HOUR], WALL_START + 10, 0)
+        )
+        self.reactor.runUntilCurrent()
+        self.assertEqual((call.getTime(), watch.steps), (WALL_START - HOUR + 10, 1))
 
     def test_onceOnly(self) -> None:
         """A second call returns the first watch; timers are moved once per step."""

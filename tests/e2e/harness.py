@@ -155,13 +155,17 @@ class GroundControl:
     def serverKeyLine(self) -> str:
         return (self.data / "ssh_host_ed25519_key.pub").read_text().strip()
 
-    def start(self, *extra: str, port: int = 0) -> None:
-        """Start twistd groundcontrol and wait until it listens."""
+    def start(self, *extra: str, port: int = 0, wrapper: Sequence[str] = ()) -> None:
+        """
+        Start twistd groundcontrol and wait until it listens; under C{wrapper} (a command
+        that runs the rest, e.g. C{env LD_PRELOAD=...}) if given.
+        """
         listening = self.data / "run" / "listening.json"
         if listening.exists():
             listening.unlink()
         self.process = Process(
             [
+                *wrapper,
                 *TWISTD_ON_OUR_REACTOR,
                 "-n",
                 "--pidfile=",
