@@ -178,11 +178,15 @@ def writeListeningFile(path: Path, services: list[ListenService]) -> Callable[[A
     return write
 
 
+#: What the listeners are (DATA/run/LISTENING_FILE), once they all are bound.
+LISTENING_FILE = "listening.json"
+
+
 def listenAll(parent: MultiService, runDir: Path, listeners: list[ListenService]) -> None:
     """Attach C{listeners} to C{parent}; record them when all are bound."""
     for listener in listeners:
         listener.setServiceParent(parent)
-    statusFile = runDir / "listening.json"
+    statusFile = runDir / LISTENING_FILE
     with contextlib.suppress(FileNotFoundError):
         statusFile.unlink()
 

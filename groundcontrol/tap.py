@@ -20,6 +20,7 @@ from accesstunnel.durations import parseDuration
 from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL
 from accesstunnel.logfilter import LogObserverService, useFilteredTwistdObserver
 from accesstunnel.rekey import parseRekeyLimit
+from accesstunnel.statefiles import removeStaleTemporaries
 from accesstunnel.stepwatch import watchClockSteps
 from accesstunnel.transports.limiter import (
     DEFAULT_MAX_WAITING,
@@ -35,16 +36,17 @@ from groundcontrol.devicewait import (
     DEFAULT_MAX_WAITERS,
     DEFAULT_MAX_WAITERS_PER_DEVICE,
     DEFAULT_SHARED_STORE_POLL,
+    STOPPED_FILE,
     DeviceWaitPolicy,
     StopRecord,
 )
 from groundcontrol.enrollment import CertificatePolicy
 from groundcontrol.fleetwatch import DEFAULT_PENDING_EXPIRY, FleetWatcher
-from groundcontrol.listening import ListenService, listenAll
+from groundcontrol.listening import LISTENING_FILE, ListenService, listenAll
 from groundcontrol.logging import DEFAULT_LEVEL, LEVELS, parseLevel, setLevel
 from groundcontrol.metrics import Metrics, metricsService
 from groundcontrol.notify import NotifierService, makeNotifier
-from groundcontrol.pki import CA_CERTIFICATE_FILE, CAError
+from groundcontrol.pki import CA_CERTIFICATE_FILE, CA_KEY_FILE, CAError
 from groundcontrol.preauth import (
     DEFAULT_EARLY_CLOSE_ALLOWANCE,
     DEFAULT_EARLY_CLOSE_RATE,
@@ -512,6 +514,23 @@ def configureLogging(top: GroundControlService, options: Options) -> None:
     useFilteredTwistdObserver(top, options, level)
 
 
+def removeTemporariesLeft(dataDir: DataDir, onionKeyFile: Path) -> None:
+    """
+    Remove the temporary files a power cut (or a kill) between a write and its rename or
+    link left beside the state files groundcontrol writes through L{accesstunnel.statefiles}
+    (its host key, fleet CA, run/listening.json and run/stopped.json, the onion service's
+    key), as the agent does at its start. Before any of them is written again.
+    """
+    stateFiles: dict[Path, set[str]] = {
+        dataDir.path: {dataDir.hostKeyPath.name, dataDir.hostPublicKeyPath.name},
+        dataDir.caDirectory: {CA_KEY_FILE, CA_CERTIFICATE_FILE},
+        dataDir.path / "run": {LISTENING_FILE, STOPPED_FILE},
+    }
+    stateFiles.setdefault(onionKeyFile.parent, set()).add(onionKeyFile.name)
+    for directory, names in stateFiles.items():
+        removeStaleTemporaries(directory, names)
+
+
 def buildService(
     config: ServerConfig, reactor: Any, store: IStore | None = None
 ) -> GroundControlService:
@@ -526,6 +545,8 @@ def buildService(
             f"{config.dataDir.path} is not initialised: run 'groundcontrol --data "
             f"{config.dataDir.path}{storeOption} init' first"
         )
+    onionKeyFile = Path(config.onionKey or config.dataDir.path / "onion_key")
+    removeTemporariesLeft(config.dataDir, onionKeyFile)
     try:
         (hostKey,) = config.dataDir.loadHostKeys().values()
     except (NotInitialised, HostKeyError) as e:
@@ -572,7 +593,7 @@ def buildService(
         )
     tor = TorSettings(
         control=config.torControl,
-        onionKeyFile=Path(config.onionKey or config.dataDir.path / "onion_key"),
+        onionKeyFile=onionKeyFile,
     )
     listeners = []
     for address in config.listen:
