@@ -16,9 +16,11 @@ L{wallClock} for the date and L{elapsedClock} for durations; with a C{task.Clock
 both are the Clock unless the test gives it a wall clock of its own
 (C{clock.wallSeconds = ...}).
 
-groundcontrol keeps Twisted's wall-clock timers (its store's times are the reactor's
-seconds); only its keepalives measure silence on the monotonic clock (L{elapsedClock}), so
-a step of its machine's clock does not drop every agent link at once.
+groundcontrol keeps the wall clock as its reactor's clock (its store's times are the
+reactor's seconds: dates) and has every pending timer moved by a step of that clock
+(L{accesstunnel.stepwatch.watchClockSteps}, which says why this and not the agent's way);
+what it measures in memory (keepalive silence, key renewal ages, pre-auth ages, penalties)
+it measures on L{elapsedClock}, the monotonic clock there.
 """
 
 from __future__ import annotations

@@ -4,9 +4,11 @@ penalties and expiries all read the injected clock; what each does when it jumps
 SECURITY.md ("Faults: the clock jumps") states the expected behaviour asserted here.
 
 The reactor's clock is the wall clock (twisted.python.runtime.seconds is time.time), so
-a step of the system clock is a jump of the injected clock; task.Clock stands in for it.
-That is groundcontrol's reactor; its keepalives measure silence on the monotonic clock, and
-the agent times everything on it: tests/test_clock_steps.py steps a wall clock of its own.
+a step of the system clock is a jump of the injected clock; task.Clock stands in for it,
+its timers jumping with it: what each piece does when a jump reaches it unmoved (a reactor
+without the step watch). groundcontrol's reactor moves its pending timers by a step
+(accesstunnel/stepwatch.py, tests/test_clock_step_watch.py), and the agent times everything
+on the monotonic clock: tests/test_clock_steps.py steps a wall clock of its own.
 """
 
 from __future__ import annotations
@@ -88,7 +90,11 @@ class ExpiryJumpTests(SynchronousTestCase):
         self.assertFalse(resultNow(fleet.store.mayReach(bob, "kiln7", fleet.now)))
 
     def test_graceTimerOnForwardJump(self) -> None:
-        """The login grace timer fires at once after a forward jump: the client is dropped."""
+        """
+        Where the grace timer jumps with the clock (no step watch), it fires at once after a
+        forward jump: the client is dropped. groundcontrol's does not
+        (tests/test_clock_step_watch.py test_stepForwardFiresNoTimerEarly).
+        """
         from tests.test_preauth import CLIENT_VERSION, RawClient
 
         fleet = InMemoryFleet()
