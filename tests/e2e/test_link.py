@@ -62,6 +62,19 @@ def test_many_operators_many_sessions_over_one_link(kiln7: Fleet, tmp_path) -> N
     assert kiln7.agents[0].process.output().count("link up over") == 1
 
 
+def test_link_key_exchange_is_post_quantum(kiln7: Fleet) -> None:
+    """
+    The real agent's link to the real groundcontrol negotiates mlkem768x25519-sha256 (the
+    agent offers it first, accesstunnel.hybridkex), with the host key pinned and strict
+    kex, as its line about the link says at the default log level (agent.linklog).
+    """
+    agent = kiln7.agents[0]
+    [line] = [line for line in agent.process.output().splitlines() if "link up over" in line]
+    assert "kex mlkem768x25519-sha256, host key ssh-ed25519, strict kex on;" in line, line
+    alice = kiln7.operators["alice"]
+    assert alice.ssh("dev_kiln7", "echo over-pq-link").stdout == "over-pq-link\n"
+
+
 def test_wrong_server_key_is_refused(fleet: Fleet, tmp_path) -> None:
     """An agent pinned to another key never logs in: no enrollment request appears."""
     other = tmp_path / "other_key"
