@@ -41,6 +41,7 @@ from accesstunnel.addresses import Connector
 from accesstunnel.clocks import wallClock
 from accesstunnel.reasontext import reasonText
 from accesstunnel.statefiles import writeAtomically
+from agent import linklog
 from agent.clocksense import certificateClockNote
 
 __all__ = ["AllAddressesFailed", "Dial", "FailoverEndpoint"]
@@ -138,6 +139,33 @@ def _timedOut(result: Any, timeout: float) -> Any:
     return result
 
 
+class _StalledError(Exception):
+    """An attempt that connected and then heard nothing until its timeout."""
+
+
+def _stalledText(outer: Any, transport: str, timeout: float) -> str:
+    """
+    What an attempt that connected (TCP, and a proxy's tunnel if any) waited for when its
+    timeout ran out: the TLS handshake, or the WebSocket's HTTP upgrade. It said "no
+    connection in 15 s", as for an address that never answered at all.
+    """
+    connection = linklog.tlsConnection(outer)
+    if connection is not None:
+        from accesstunnel.transports.tlsreasons import handshakeUnfinished  # TLS only
+
+        if handshakeUnfinished(connection):
+            return (
+                f"connected, but the TLS handshake did not finish in {timeout:g} s (is it a "
+                "TLS port?)"
+            )
+    if transport in ("ws", "wss"):
+        return (
+            f"connected, but the WebSocket did not open in {timeout:g} s (its HTTP request "
+            "got no answer)"
+        )
+    return f"connected, but the link did not start in {timeout:g} s"
+
+
 @implementer(IStreamClientEndpoint)
 class FailoverEndpoint:
     """
@@ -212,7 +240,12 @@ class FailoverEndpoint:
         for connector in self._order():
             try:
                 return await self._attempt(connector, protocolFactory)
-            except (defer.CancelledError, defer.TimeoutError):
+            except defer.CancelledError:
+                # Not a timeout (that is a TimeoutError, _timedOut): the connect itself was
+                # cancelled, the agent stopping. It said "could not reach A: no connection
+                # in 15 s" then, and went on to dial the next address.
+                raise
+            except defer.TimeoutError:
                 reason = f"no connection in {self._timeoutFor(connector):g} s"
             except Exception as e:  # every failure is a reason to try the next one
                 # Without Twisted's closing period: the reasons are joined with "; ".
@@ -261,8 +294,14 @@ class FailoverEndpoint:
         attempt.addTimeout(self._timeoutFor(connector), self._clock, _timedOut)
         try:
             watched = await attempt
-        except BaseException:
+        except defer.TimeoutError:
             watch.up.addErrback(lambda f: None)  # nobody waits for "up" of a failed attempt
+            if outer:  # connected, then silence: say what it waited for
+                timeout = self._timeoutFor(connector)
+                raise _StalledError(_stalledText(outer[0], connector.transport, timeout)) from None
+            raise
+        except BaseException:
+            watch.up.addErrback(lambda f: None)
             raise
         self.current = connector
         watch.up.addCallbacks(

@@ -9,10 +9,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -239,6 +241,59 @@ class FailoverTests(SynchronousTestCase):
         del factories[:]
         gc.collect()
         self.assertEqual(self.flushLoggedErrors(defer.AlreadyCalledError), [])
+
+    def test_stoppedWhileConnecting(self) -> None:
+        """
+        The agent stopping cancels the connect: no "could not reach A: no connection in
+        15 s" line (it was not a timeout), and the next address is not dialled.
+        """
+        a, b = connector("ssh:a", "hang"), connector("tls:b", "ok")
+        endpoint = self.endpoint(a, b)
+        with capturedLogs() as events:
+            connecting = endpoint.connect(self.factory)
+            connecting.cancel()
+        self.failureResultOf(connecting, defer.CancelledError)
+        self.assertEqual(b.endpoint.attempts, 0)  # type: ignore[attr-defined]
+        self.assertFalse([e for e in events if "could not reach" in formatEvent(e)])
+
+    def test_connectedThenSilent(self) -> None:
+        """
+        A wss:// address that connects and then says nothing: the line says what it waited
+        for (it said "no connection in 15 s", as for an address that never answered).
+        """
+
+        class TLSUnder(protocol.Protocol):
+            def getHandle(self) -> SSL.Connection:  # a handshake that got nowhere
+                return SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+
+        @implementer(IStreamClientEndpoint)
+        class Silent:
+            def __init__(self, outer: protocol.Protocol) -> None:
+                self.outer = outer
+
+            def connect(self, factory: Any) -> defer.Deferred[Any]:
+                self.outer.makeConnection(StringTransport())
+                return defer.succeed(self.outer)
+
+        endpoint = self.endpoint(
+            Connector(Silent(TLSUnder()), lambda f: f, "wss://a/t", "wss"),
+            Connector(Silent(protocol.Protocol()), lambda f: f, "ws://b/t", "ws"),
+        )
+        with capturedLogs() as events:
+            connecting = endpoint.connect(self.factory)
+            self.clock.advance(15)
+            self.clock.advance(15)
+        self.failureResultOf(connecting, AllAddressesFailed)
+        lines = [formatEvent(e) for e in events if "could not reach" in formatEvent(e)]
+        self.assertEqual(
+            lines,
+            [
+                "could not reach wss://a/t: connected, but the TLS handshake did not finish in "
+                "15 s (is it a TLS port?)",
+                "could not reach ws://b/t: connected, but the WebSocket did not open in 15 s "
+                "(its HTTP request got no answer)",
+            ],
+        )
 
     def test_replace(self) -> None:
         """
