@@ -131,7 +131,7 @@ class SessionIndexTests(SessionIndexTestCase):
         discouraged, so that the plan shows what the indexes allow, not what a table of
         a few rows makes cheapest).
         """
-        from groundcontrol.store._sql import _SESSION_SELECT
+        from groundcontrol.store._sqlaudit import _SESSION_SELECT
 
         query = _SESSION_SELECT + " ORDER BY s.started_at DESC, s.id DESC LIMIT 100"
         byId = _SESSION_SELECT + " WHERE s.id = 'bbbbbbbbbb'"
