@@ -39,6 +39,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from accesstunnel.clocks import elapsedClock
 from accesstunnel.timetext import isoTime
 from groundcontrol.notify import FleetEvent, LogNotifier, MultiNotifier, Notifier
 from groundcontrol.registry import Registry
@@ -137,6 +138,9 @@ class FleetWatcher(Service):
         self._store = store
         self._registry = registry
         self._clock = clock
+        # When the next check is due and how long a notification is held: durations, on a
+        # clock that does not step (the store's dates stay the reactor's wall clock).
+        self._elapsed = elapsedClock(clock)
         self._interval = interval
         self._notifier = notifier or LogNotifier()
         self._leaseCheckInterval = leaseCheckInterval
@@ -228,8 +232,8 @@ class FleetWatcher(Service):
                 await self._revocations.load()
             return
         now = self._clock.seconds()
-        if now >= self._nextLeaseCheck:
-            self._nextLeaseCheck = now + self._leaseCheckInterval
+        if self._elapsed() >= self._nextLeaseCheck:
+            self._nextLeaseCheck = self._elapsed() + self._leaseCheckInterval
             for device in await self._store.lapsedLeases(now):
                 # Its audit event comes back through the feed and is notified.
                 await self._store.endLease(device.name, now)
@@ -239,7 +243,7 @@ class FleetWatcher(Service):
                 await self._pruneAudit(now, self._auditMaxAge)
         await self._readFeed(now)
         await self._readStoredSerials(self._heldRequests.awaitingStoredSerial())
-        self._send(self._heldRequests.due(self._clock.seconds()))
+        self._send(self._heldRequests.due(self._elapsed()))
         if self._stopping:
             # A poll that outlived the stop's wait: what it held goes now, not never.
             self._send(self._heldRequests.drain())
@@ -270,7 +274,7 @@ class FleetWatcher(Service):
                 # A held request's notification goes before any later event of its key.
                 self._send(self._heldRequests.read(fleetEvent))
                 if event.event in HELD_EVENTS:
-                    self._send(self._heldRequests.hold(fleetEvent, now))
+                    self._send(self._heldRequests.hold(fleetEvent, self._elapsed()))
                 elif event.event in NOTIFIED_EVENTS:
                     self._notifier.notify(withSerialsCompared(fleetEvent))
                 await self._apply(event)

@@ -25,9 +25,11 @@ from accesstunnel.keys import fingerprint
 from accesstunnel.stepwatch import ClockStepWatch, watchClockSteps
 from agent.identity import ServerKeyPin
 from agent.link import AgentLinkFactory, LinkSettings
+from groundcontrol.notify import FleetEvent
 from groundcontrol.preauth import guardOf
 from groundcontrol.testing import (
     InMemoryFleet,
+    newKey,
     publicLine,
     refuseForwards,
     resultNow,
@@ -333,3 +335,83 @@ class FleetStepTests(SynchronousTestCase):
         resultNow(self.fleet.store.revokeDevice("kiln7", "alice", self.fleet.now))
         rows = resultNow(self.fleet.store.auditSince(0, limit=1000))
         self.assertLess(abs(rows[-1].at - now), 1.0)
+
+
+class Notifications:
+    """A notifier that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.events: list[FleetEvent] = []
+
+    def notify(self, event: FleetEvent) -> None:
+        self.events.append(event)
+
+
+class FleetWatcherStepTests(SynchronousTestCase):
+    """
+    The fleet watcher's own deadlines (the next lease check, a held notification's wait)
+    are durations: a step of the clock neither holds them back nor brings them forward.
+    """
+
+    def setUp(self) -> None:
+        self.clock = SteppingClock()
+        self.notifications = Notifications()
+        self.fleet = InMemoryFleet(clock=self.clock, notifier=self.notifications)
+        self.store = self.fleet.store
+
+    def pollFor(self, seconds: int) -> None:
+        """The watcher polls every second for C{seconds} (as its loop does)."""
+        for _ in range(seconds):
+            self.clock.advance(1)
+            self.fleet.pollFleet()
+
+    def pendingKey(self, name: str) -> str:
+        """A new key asks for C{name} (as its agent's login does); its fingerprint."""
+        line = publicLine(newKey())
+        resultNow(
+            self.store.recordContact(name, line, fingerprint(line), None, "test", self.fleet.now)
+        )
+        return fingerprint(line)
+
+    def test_leaseLapsesAfterStepBack(self) -> None:
+        """
+        After the clock stepped back an hour, a claim whose lease ends a minute later (on
+        the new clock) is ended within the lease check's 30 s after that: the checks go on
+        every 30 s, not an hour later.
+        """
+        self.pollFor(5)  # a lease check ran: the next is due in 30 s
+        self.clock.step(-HOUR)
+        self.fleet.addOperator("bob")
+        code = "ab" * 32
+        resultNow(
+            self.store.registerClaimCode(
+                code, self.pendingKey("kiln8"), "kiln8", self.fleet.now + 600, self.fleet.now
+            )
+        )
+        bob = next(a for a in resultNow(self.store.listAccounts()) if a.name == "bob")
+        resultNow(self.store.claimDevice(code, bob, self.fleet.now + 60, self.fleet.now))
+        self.pollFor(60 + 31)
+        (device,) = resultNow(self.store.listDevices())
+        self.assertIsNone(device.owner, "the lapsed lease was ended")
+
+    def test_heldNotificationAfterStepBack(self) -> None:
+        """
+        A new device's notification, held for its serial (10 s) when its agent says no
+        hello, goes out 10 s later even though the clock stepped back an hour meanwhile.
+        """
+        self.pendingKey("kiln9")
+        self.fleet.pollFleet()
+        self.assertEqual(self.notifications.events, [])
+        self.clock.step(-HOUR)
+        self.pollFor(10)
+        self.assertEqual([e.event for e in self.notifications.events], ["device.pending"])
+
+    def test_heldNotificationAfterStepForward(self) -> None:
+        """... and is not sent at once when the clock steps forward an hour."""
+        self.pendingKey("kiln9")
+        self.fleet.pollFleet()
+        self.clock.step(+HOUR)
+        self.pollFor(1)
+        self.assertEqual(self.notifications.events, [])
+        self.pollFor(9)
+        self.assertEqual([e.event for e in self.notifications.events], ["device.pending"])
