@@ -29,6 +29,7 @@ import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from accesstunnel.clocks import elapsedClock
 from groundcontrol.store import IStore
 
 __all__ = ["DEFAULT_WINDOW", "FlapLimiter", "limiterFor"]
@@ -48,7 +49,8 @@ FLAPPING = "device.flapping"
 class _Window:
     """One device's current window: what was recorded, what was only counted."""
 
-    start: float
+    start: float  #: on the elapsed clock: windows are durations, a clock step moves none
+    since: float  #: the date it started (the audit's)
     recorded: set[str] = attrs.field(factory=set)
     suppressed: int = 0
     online: bool = False
@@ -64,6 +66,7 @@ class FlapLimiter:
     def __init__(self, store: IStore, clock: IReactorTime, window: float = DEFAULT_WINDOW) -> None:
         self._store = store
         self._clock = clock
+        self._elapsed = elapsedClock(clock)
         self.window = window
         self._windows: dict[str, _Window] = {}
         self._up: set[str] = set()
@@ -82,10 +85,10 @@ class FlapLimiter:
         self._transition(device, OFFLINE, False, detail)
 
     def _transition(self, device: str, event: str, online: bool, detail: dict[str, Any]) -> None:
-        now = self._clock.seconds()
+        now = self._elapsed()
         window = self._windows.get(device)
         if window is None or now >= window.start + self.window:
-            window = self._windows[device] = _Window(start=now)
+            window = self._windows[device] = _Window(start=now, since=self._clock.seconds())
             self._forgetQuiet(now)
         window.online = online
         source = detail.get("source")
@@ -93,7 +96,7 @@ class FlapLimiter:
             window.sources.append(str(source))
         if event not in window.recorded:
             window.recorded.add(event)
-            self._audit(event, device, detail, now)
+            self._audit(event, device, detail, self._clock.seconds())
             return
         window.suppressed += 1
         if window.timer is None:
@@ -117,7 +120,7 @@ class FlapLimiter:
             device,
             {
                 "flaps": window.suppressed,
-                "since": window.start,
+                "since": window.since,
                 "window": self.window,
                 "online": window.online,
                 "sources": window.sources,

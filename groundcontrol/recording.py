@@ -53,6 +53,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from accesstunnel.clocks import elapsedClock
 from accesstunnel.reasontext import reasonText
 
 _T = TypeVar("_T")
@@ -223,6 +224,10 @@ class Recording:
         self._handle: IO[bytes] | None = handle
         self.startedAt = startedAt
         self._clock = clock
+        # Event times are a duration since the start, on a clock a step does not move (a
+        # step back froze them for as long, a step forward put a gap of its size in the cast).
+        self._elapsed = elapsedClock(clock)
+        self._elapsedStart = self._elapsed()
         self._runner = runner
         self._policy = policy
         self._onFailure = onFailure
@@ -309,7 +314,7 @@ class Recording:
     def _event(self, code: str, text: str) -> None:
         if self.failed is not None or self._closing is not None:
             return
-        now = max(self._last, self._clock.seconds() - self.startedAt)
+        now = max(self._last, self._elapsed() - self._elapsedStart)
         self._last = now
         line = json.dumps([round(now, 6), code, text], ensure_ascii=False) + "\n"
         encoded = line.encode("utf-8")

@@ -11,7 +11,10 @@ groundcontrol (L{InMemoryFleet}) runs with a real agent link.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import threading
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.selectreactor import SelectReactor
@@ -25,11 +28,20 @@ from accesstunnel.keys import fingerprint
 from accesstunnel.stepwatch import ClockStepWatch, watchClockSteps
 from agent.identity import ServerKeyPin
 from agent.link import AgentLinkFactory, LinkSettings
+from groundcontrol.flapping import FlapLimiter
 from groundcontrol.notify import FleetEvent
 from groundcontrol.preauth import guardOf
+from groundcontrol.recording import (
+    Recording,
+    RecordingPolicy,
+    parseCast,
+    recordingPath,
+    synchronousRunner,
+)
 from groundcontrol.testing import (
     InMemoryFleet,
     newKey,
+    openMemoryStore,
     publicLine,
     refuseForwards,
     resultNow,
@@ -415,3 +427,79 @@ class FleetWatcherStepTests(SynchronousTestCase):
         self.assertEqual(self.notifications.events, [])
         self.pollFor(9)
         self.assertEqual([e.event for e in self.notifications.events], ["device.pending"])
+
+
+class FlapLimiterStepTests(SynchronousTestCase):
+    """A device's flap window (60 s) is a duration: a step of the clock does not stretch it."""
+
+    def setUp(self) -> None:
+        self.clock = SteppingClock()
+        self.store = openMemoryStore()
+        self.limiter = FlapLimiter(self.store, self.clock, window=60.0)
+
+    def kinds(self) -> list[str]:
+        return [e.event for e in resultNow(self.store.auditSince(0, 1000))]
+
+    def test_windowEndsAfterStepBack(self) -> None:
+        """
+        A device that flaps across a step back of an hour is summarised when its minute
+        ends, with the window's start date as the clock said it then, and its transitions
+        are recorded again in the next minute (not an hour of them counted as flaps).
+        """
+        started = self.clock.wall()
+        self.limiter.online("kiln7", {})
+        self.clock.advance(1)
+        self.limiter.offline("kiln7", {})
+        self.clock.advance(1)
+        self.limiter.online("kiln7", {})  # suppressed: the summary is due at the minute's end
+        self.clock.step(-HOUR)
+        self.clock.advance(57.9)
+        self.assertEqual(self.kinds(), ["device.online", "device.offline"])
+        self.clock.advance(0.2)  # the minute is over (the dates' floats are not exact)
+        self.assertEqual(self.kinds(), ["device.online", "device.offline", "device.flapping"])
+        (summary,) = [e for e in resultNow(self.store.auditSince(0, 1000)) if e.detail]
+        self.assertEqual((summary.detail["since"], summary.at), (started, self.clock.wall()))
+        self.clock.advance(1)
+        self.limiter.offline("kiln7", {})
+        self.assertEqual(self.kinds()[-1], "device.offline")
+
+    def test_quietDeviceAfterStepBack(self) -> None:
+        """
+        A device online before a step back of an hour, offline and online again a minute
+        after it, has both transitions recorded: its window was over, not an hour long.
+        """
+        self.limiter.online("kiln7", {})
+        self.clock.step(-HOUR)
+        self.clock.advance(61)
+        self.limiter.offline("kiln7", {})
+        self.clock.advance(1)
+        self.limiter.online("kiln7", {})
+        self.assertEqual(self.kinds(), ["device.online", "device.offline", "device.online"])
+
+
+class RecordingStepTests(SynchronousTestCase):
+    """A session recording's event times are seconds since its start, whatever the clock did."""
+
+    def test_eventTimesThroughSteps(self) -> None:
+        """
+        Output 1 s, 2 s and 3 s into the session, a step back of an hour and a step forward
+        of a day in between, is at 1, 2 and 3 s in the cast (not 1, 1, 1 for an hour of
+        steps back, nor a day's gap); the header's date is the wall clock's at the start.
+        """
+        clock = SteppingClock()
+        directory = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = recordingPath(directory, "abcdefghij", clock.seconds())
+        recording = Recording.start(
+            path, 80, 24, "xterm", clock, synchronousRunner, RecordingPolicy(directory=directory)
+        )
+        for text, step in (("a", -HOUR), ("b", +DAY), ("c", 0.0)):
+            clock.advance(1)
+            recording.output(text.encode())
+            clock.step(step)
+        self.successResultOf(recording.close())
+        cast = parseCast(path.read_bytes())
+        self.assertEqual(
+            [(t, text) for t, _, text in cast.events], [(1.0, "a"), (2.0, "b"), (3.0, "c")]
+        )
+        self.assertEqual(cast.header["timestamp"], int(WALL_START))
