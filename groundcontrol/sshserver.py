@@ -29,6 +29,7 @@ from zope.interface import implementer
 from accesstunnel import fastpath, policy
 from accesstunnel.addresses import describeAddress
 from accesstunnel.channel import packOpenFailure
+from accesstunnel.clocks import elapsedClock
 from accesstunnel.connection import TunnelConnection
 from accesstunnel.keepalive import (
     DEFAULT_COUNT,
@@ -473,7 +474,8 @@ class GroundControlConnection(TunnelConnection):
         )
 
     def _spendEnrollmentRequest(self) -> bool:
-        now = self.transport.factory.clock.seconds()
+        # A rate: measured on a clock that does not step (a step back was owed as requests).
+        now = elapsedClock(self.transport.factory.clock)()
         if self._enrollmentRequests.spend(now):
             return True
         if self._enrollmentRequests.logRefusal(
@@ -615,7 +617,9 @@ class GroundControlTransport(
 
     def _spendPeerRekey(self) -> bool:
         peerRekeys = self._peerRekeys
-        return peerRekeys is None or peerRekeys.spend(self.factory.clock.seconds())
+        # A rate: on a clock that does not step (a step back of an hour was owed as 14,400
+        # re-exchanges, and the agent's next one dropped its link).
+        return peerRekeys is None or peerRekeys.spend(elapsedClock(self.factory.clock)())
 
     def sendUnimplemented(self) -> None:
         if not self.dropPeerNotReading():

@@ -25,6 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from accesstunnel.clocks import elapsedClock, wallClock
 from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL
 from accesstunnel.keys import fingerprint
+from accesstunnel.rekey import RekeyLimit
 from accesstunnel.stepwatch import ClockStepWatch, watchClockSteps
 from agent.identity import ServerKeyPin
 from agent.link import AgentLinkFactory, LinkSettings
@@ -255,11 +256,12 @@ class FleetStepTests(SynchronousTestCase):
         self.fleet = InMemoryFleet(clock=self.clock)
         self.deviceKey = self.fleet.enrollDevice("kiln7")
 
-    def connectAgent(self) -> Any:
+    def connectAgent(self, rekeyLimit: RekeyLimit | None = None) -> Any:
         settings = LinkSettings(
             name="kiln7",
             deviceKey=self.deviceKey,
             serverKey=ServerKeyPin(fingerprint(publicLine(self.fleet.hostKey))),
+            **({} if rekeyLimit is None else {"rekeyLimit": rekeyLimit}),
         )
         factory = AgentLinkFactory(settings, self.clock, scriptedSessions(), refuseForwards)  # type: ignore[arg-type]
         pump = self.fleet.connect(factory)
@@ -313,6 +315,20 @@ class FleetStepTests(SynchronousTestCase):
         self.elapse(self.fleet.factory.settings.loginGraceTime)
         self.assertTrue(client.dropped, "the grace timer fired after its own delay")
         self.assertIsNotNone(self.fleet.registry.lookup("kiln7"))
+
+    def test_agentRekeysAfterStepBack(self) -> None:
+        """
+        An agent that renews its link's keys (every 10 min here) after the clock stepped
+        back an hour is not taken for one renewing too often (10 at once, then one per
+        0.25 s): its link stays. Counted on the wall clock, the step was an hour owed.
+        """
+        pump = self.connectAgent(rekeyLimit=RekeyLimit(bytes=0, seconds=600))
+        self.elapse(601)
+        self.assertEqual(pump.client.keyExchanges, 2)
+        self.clock.step(-HOUR)
+        self.elapse(600)
+        self.assertFalse(pump.serverIO.disconnecting, "the link stayed")
+        self.assertEqual(pump.client.keyExchanges, 3)
 
     def test_graceVerdictAfterStepForward(self) -> None:
         """
