@@ -48,6 +48,7 @@ from groundcontrol.testing import (
     resultNow,
     scriptedSessions,
 )
+from tests.test_enrollment import EnrollmentTestCase
 from tests.test_preauth import CLIENT_VERSION, RawClient
 
 HOUR = 3600.0
@@ -519,3 +520,38 @@ class RecordingStepTests(SynchronousTestCase):
             [(t, text) for t, _, text in cast.events], [(1.0, "a"), (2.0, "b"), (3.0, "c")]
         )
         self.assertEqual(cast.header["timestamp"], int(WALL_START))
+
+
+class ClaimGuessStepTests(EnrollmentTestCase):
+    """
+    ``ctl claim``'s bound on wrong pairing codes (10 at once, then one a minute) is a rate:
+    a step of groundcontrol's clock back does not count as codes owed.
+    """
+
+    def test_claimAfterStepBack(self) -> None:
+        """
+        An operator who mistyped a code, then claims with the right one after the clock
+        stepped back an hour, claims the device (counted on the wall clock, the hour was
+        60 wrong codes owed: refused for an hour).
+        """
+        clock = self.world.clock
+        wall = SteppingWall(clock)
+        watchClockSteps(clock, wall=wall, monotonic=lambda: clock.rightNow)
+        mallory = self.world.operator("mallory")
+        agent = self.world.start("oven2")
+        status, _, err = self.world.ctl(mallory, "claim AAAA-0000")
+        self.assertEqual(status, 1, err)
+        wall.offset -= HOUR
+        status, _, err = self.world.ctl(mallory, f"claim {agent.status['pairing_code']}")
+        self.assertEqual((status, err), (0, ""))
+
+
+class SteppingWall:
+    """A wall clock: a Clock's C{rightNow} (the monotonic clock) plus steps."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return self._clock.rightNow + self.offset

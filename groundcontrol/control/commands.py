@@ -19,6 +19,7 @@ from typing import Any
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
+from accesstunnel.clocks import elapsedClock
 from accesstunnel.durations import parseDuration
 from accesstunnel.names import isValidDeviceName
 from accesstunnel.timetext import relativeTime, whenText
@@ -647,7 +648,8 @@ def _claim(parser: _Parser) -> Handler:
         if options.device is not None:
             raise UsageError("claim CODE takes no device name (claim renew|release DEVICE does)")
         until = now + _lease(options.duration)
-        wait = claimWait(context.registry, context.actor, now)
+        elapsed = elapsedClock(context.clock)()  # a rate: a clock step must not owe codes
+        wait = claimWait(context.registry, context.actor, elapsed)
         if wait:
             return CommandResult(
                 stderr="claim: too many wrong pairing codes; try again "
@@ -659,7 +661,7 @@ def _claim(parser: _Parser) -> Handler:
                 hashSecret(normaliseCode(options.code)), context.account, until, now
             )
         except (ClaimCodeInvalid, ClaimCodeExpired):
-            wrongCode(context.registry, context.actor, now)
+            wrongCode(context.registry, context.actor, elapsed)
             raise
         return _done(
             options,
