@@ -41,6 +41,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from accesstunnel.clocks import elapsedClock
+
 #: How often the limiter's queue is looked at, and objects frozen during a storm.
 CHECK_SECONDS = 1.0
 
@@ -73,6 +75,9 @@ class StormCollector(Service):
         timer: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._clock = clock
+        # The quiet period is a duration: a step of the wall clock back must not stretch it
+        # (the heap stayed frozen for as long), nor a step forward end it.
+        self._elapsed = elapsedClock(clock)
         self._waiting = waiting
         self._gc = collector
         self._timer = timer
@@ -106,7 +111,7 @@ class StormCollector(Service):
 
     def check(self) -> None:
         """Once a second: collect the new and freeze while connections wait; all once settled."""
-        now = self._clock.seconds()
+        now = self._elapsed()
         if self._waiting():
             if not self.inStorm:
                 self.inStorm = True

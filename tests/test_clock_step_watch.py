@@ -39,6 +39,7 @@ from groundcontrol.recording import (
     recordingPath,
     synchronousRunner,
 )
+from groundcontrol.stormgc import CHECK_SECONDS, SETTLE_SECONDS, StormCollector
 from groundcontrol.testing import (
     InMemoryFleet,
     newKey,
@@ -50,6 +51,7 @@ from groundcontrol.testing import (
 )
 from tests.test_enrollment import EnrollmentTestCase
 from tests.test_preauth import CLIENT_VERSION, RawClient
+from tests.test_stormgc import FakeCollector
 
 HOUR = 3600.0
 DAY = 86400.0
@@ -555,3 +557,26 @@ class SteppingWall:
 
     def __call__(self) -> float:
         return self._clock.rightNow + self.offset
+
+
+class StormCollectorStepTests(SynchronousTestCase):
+    """The storm collector's quiet period (5 s with no connection waiting) is a duration."""
+
+    def test_quietPeriodThroughStepBack(self) -> None:
+        """
+        A storm that ends just before the clock steps back an hour gets its full collection
+        5 s later, not an hour later (the heap frozen all that time).
+        """
+        clock = SteppingClock()
+        waiting = [10]
+        collector = FakeCollector()
+        storm = StormCollector(clock, lambda: waiting[0], collector)
+        storm.startService()
+        self.addCleanup(storm.stopService)
+        clock.advance(CHECK_SECONDS * 2)
+        waiting[0] = 0
+        clock.step(-HOUR)
+        for _ in range(round(SETTLE_SECONDS / CHECK_SECONDS)):
+            clock.advance(CHECK_SECONDS)
+        self.assertEqual(collector.calls[-2:], ["unfreeze", "collect"])
+        self.assertFalse(storm.inStorm)
