@@ -47,6 +47,7 @@ from groundcontrol.certverdict import CertificateVerdict, PresentedCertificate
 from groundcontrol.cipherchoice import AESGCMAfterLoginMixin
 from groundcontrol.devicewait import DeviceWaitPolicy, DeviceWaits
 from groundcontrol.enrollment import AgentRequests, CertificatePolicy
+from groundcontrol.hostbound import HOSTBOUND_EXTENSION, HostboundUserAuthMixin
 from groundcontrol.pingreply import PingReplyMixin
 from groundcontrol.pki import FleetCA
 from groundcontrol.preauth import Allowance, ConnectionAllowance, PreauthMixin
@@ -301,8 +302,8 @@ class _PortalWithPeer:
         return self._portal.login(credentials, self._mind, *interfaces)
 
 
-class GroundControlUserAuth(userauth.SSHUserAuthServer):
-    """Public keys only; a bounded number of attempts."""
+class GroundControlUserAuth(HostboundUserAuthMixin, userauth.SSHUserAuthServer):
+    """Public keys only (OpenSSH's host-bound form too); a bounded number of attempts."""
 
     #: Our server transport (Conch's is Optional: unset before the service starts).
     transport: Any
@@ -648,12 +649,13 @@ class GroundControlTransport(
 
     def sendExtInfo(self, extensions: list[tuple[bytes, bytes]]) -> None:
         # Advertise the user-key signature algorithms we accept, not our host
-        # key types: clients pick rsa-sha2-* over ssh-rsa from this list.
+        # key types: clients pick rsa-sha2-* over ssh-rsa from this list. And the
+        # host-bound login GroundControlUserAuth takes (groundcontrol.hostbound).
         extensions = [
             (name, b",".join(USER_KEY_ALGORITHMS) if name == b"server-sig-algs" else value)
             for name, value in extensions
         ]
-        super().sendExtInfo(extensions)
+        super().sendExtInfo([*extensions, HOSTBOUND_EXTENSION])
 
     def _graceExpired(self) -> None:
         self._graceTimer = None
