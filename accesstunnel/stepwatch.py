@@ -22,28 +22,32 @@ the step; those use L{accesstunnel.clocks.elapsedClock}, which this module point
 monotonic clock (the keepalive sweep, the pre-auth grace verdict, ...).
 
 L{watchClockSteps} replaces the reactor's C{seconds} with L{ClockStepWatch.seconds}: the
-wall clock, read together with the monotonic clock. When the wall clock has moved more
-than L{STEP_THRESHOLD} apart from the monotonic clock since the last step, every pending
+wall clock, read together with the monotonic clock. When the wall clock has moved more than
+L{STEP_THRESHOLD} apart from the monotonic clock since the last step, every pending
 C{DelayedCall} of the reactor (the heap C{_pendingTimedCalls} and the new C{_newTimedCalls},
 as C{useMonotonicTimers} moves them) is moved by the step, before the reading is returned,
 so each keeps its remaining delay; one line says so ("the clock stepped back 1h00m00s; 412
 timers keep their delays"). The same shift for all keeps the heap's order. Every reader of
 the reactor's time consults it: the reactor's own timed-call run (C{runUntilCurrent} reads
-C{seconds} before it pops a due call) and C{timeout}, C{callLater} and C{DelayedCall.reset}.
-So a step forward fires nothing early (the run's first reading sees the step and moves the
-calls first), and a call made after the step, from an I/O event before the run, is already
-on the new clock and is not moved. A step seen in the middle of a run (a callback's
-C{callLater} after the clock stepped within that run, microseconds) lets the rest of that
-run compare with the reading it took before.
+C{seconds} before it pops a due call), C{callLater}, C{DelayedCall.reset}, and C{timeout}
+(how long the reactor may sleep), which reads the clock once more first: Twisted's reads the
+first call's time before the clock, and would take a time from before a step its own reading
+saw (a step back: a sleep of an hour). So a step forward fires nothing early (the run's
+first reading sees the step and moves the calls first), and a call made after the step, from
+an I/O event before the run, is already on the new clock and is not moved. Not covered: a
+step that happens within a run of due calls and is seen by one of them (a C{callLater}): the
+rest of that run compares with the run's own reading, so after a step back the calls due
+within the step's length after that reading run in it, early. The window is the run's
+length, microseconds against the seconds the reactor sleeps.
 
 Only the reactor's thread moves timers (the heap is the reactor thread's); a thread that
 reads the reactor's clock gets the wall clock and moves nothing. The cost when the clock
-does not step: one C{time.monotonic} call and a subtraction per
-reading (bench/RESULTS.md, "Clock step watch"). The monotonic clock stops while the machine
-is suspended and the wall clock does not: after a resume, timers keep the delays they had
-when it was suspended, as the agent's do. The threshold leaves alone the wall clock's
-readings taken a moment apart from the monotonic one's, and slewing (NTP's C{adjtime}
-slews both clocks alike).
+does not step: one C{time.monotonic} call and a subtraction per reading, and one reading
+more per reactor wake-up (bench/RESULTS.md, "Clock step watch"). The monotonic clock stops
+while the machine is suspended and the wall clock does not: after a resume, timers keep the
+delays they had when it was suspended, as the agent's do. The threshold leaves alone the
+wall clock's readings taken a moment apart from the monotonic one's, and slewing (NTP's
+C{adjtime} slews both clocks alike).
 """
 
 from __future__ import annotations
@@ -132,6 +136,20 @@ def pendingCalls(reactor: Any) -> list[Any]:
     return list(reactor.calls)
 
 
+def _readingFirst(watch: ClockStepWatch, timeout: Callable[[], float | None]) -> Any:
+    """
+    The reactor's C{timeout} (how long it may sleep), after a reading of the clock: Twisted's
+    reads the first call's time before the clock, so a step its own reading saw would leave
+    it that call's time from before the step (a step back: a sleep of an hour).
+    """
+
+    def timeoutAfterAReading() -> float | None:
+        watch.seconds()
+        return timeout()
+
+    return timeoutAfterAReading
+
+
 def watchClockSteps(
     reactor: Any,
     wall: Callable[[], float] = time.time,
@@ -151,6 +169,8 @@ def watchClockSteps(
     for call in pendingCalls(reactor):
         call.seconds = watch.seconds  # a reset() of a call made before sees steps too
     reactor.seconds = watch.seconds
+    if hasattr(reactor, "timeout"):
+        reactor.timeout = _readingFirst(watch, reactor.timeout)
     setattr(reactor, ELAPSED_CLOCK_ATTRIBUTE, monotonic)
     setattr(reactor, WATCH_ATTRIBUTE, watch)
     return watch

@@ -17,6 +17,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from accesstunnel.clocks import elapsedClock
 from accesstunnel.durations import spokenDuration
 from accesstunnel.enrollmessages import APPROVED, encodeMessage
 from groundcontrol.auth import AgentLogin, OperatorLogin, logLinkAccepted
@@ -91,7 +92,9 @@ class DeviceLink:
         self.fingerprint = fingerprint
         self.conn = conn
         self._clock = clock
-        self.connectedAt = clock.seconds()
+        self.connectedAt = clock.seconds()  # a date (ctl show's online since)
+        #: When it connected on the elapsed clock: how long it was connected.
+        self.connectedElapsed = elapsedClock(clock)()
         self.details: dict[str, Any] = {}
         self.avatar: Any = None
         self.remoteForwards = RemoteForwards()
@@ -264,7 +267,7 @@ class AgentAvatar(ConchUser):
         if self.deviceName is not None:
             # To 0.1 s, as every duration in the documents: a webhook's 23.138279676437378
             # claimed a precision the clock does not have and nobody reads.
-            connectedFor = round(self._clock.seconds() - link.connectedAt, 1)
+            connectedFor = round(elapsedClock(self._clock)() - link.connectedElapsed, 1)
             self._log.info(
                 "device {device} disconnected after {lasted}",
                 device=self.deviceName,

@@ -33,6 +33,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from accesstunnel.clocks import elapsedClock
 from accesstunnel.statefiles import writeAtomically
 from groundcontrol.registry import Link, Registry
 from groundcontrol.store import Device, IStore
@@ -84,7 +85,7 @@ class DeviceElsewhereError(Exception):
 @attrs.define(eq=False)
 class _Waiter:
     deferred: defer.Deferred[Link]
-    startedAt: float
+    startedAt: float  #: on the elapsed clock: how long it waited, whatever the clock did
     timer: IDelayedCall | None = None
 
 
@@ -171,7 +172,7 @@ class DeviceWaits:
             self._schedulePoll(name, device)
         waiter = _Waiter(
             defer.Deferred(lambda d: self._forget(name, waiter)),
-            startedAt=now,
+            startedAt=elapsedClock(self._clock)(),
         )
         waiter.timer = self._clock.callLater(policy.maxWait, self._timedOut, name, waiter)
         device.waiters.append(waiter)
@@ -199,7 +200,8 @@ class DeviceWaits:
     def _timedOut(self, name: str, waiter: _Waiter) -> None:
         waiter.timer = None
         self._forget(name, waiter)
-        waiter.deferred.errback(DeviceNotBackError(self._clock.seconds() - waiter.startedAt))
+        waited = elapsedClock(self._clock)() - waiter.startedAt
+        waiter.deferred.errback(DeviceNotBackError(waited))
 
     def _forget(self, name: str, waiter: _Waiter) -> None:
         """Take C{waiter} out (timed out, or cancelled: its operator left)."""
@@ -259,7 +261,7 @@ class DeviceWaits:
             device.contactSeen = True
             return
         self._dropDevice(name, device)
-        now = self._clock.seconds()
+        now = elapsedClock(self._clock)()
         for waiter in device.waiters:
             self._stopTimer(waiter)
             waiter.deferred.errback(DeviceElsewhereError(now - waiter.startedAt))

@@ -27,6 +27,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from accesstunnel.channel import DEFAULT_MAX_PACKET, DEFAULT_WINDOW, LINK_MAX_PACKET
+from accesstunnel.clocks import elapsedClock
 from accesstunnel.durations import spokenDuration
 from accesstunnel.timetext import absoluteTime, relativeTime
 from groundcontrol.clientaddress import CLIENT_ADDRESS_REQUEST, clientAddressPayload
@@ -195,7 +196,7 @@ class SessionRouter:
                 f"not waiting for it to reconnect: {e}",
                 connection.OPEN_RESOURCE_SHORTAGE,
             ) from None
-        startedAt = self._clock.seconds()
+        startedAt = elapsedClock(self._clock)()  # how long it waited: a clock step moves none
         outcome = "it did"
         try:
             return await waiting
@@ -214,7 +215,7 @@ class SessionRouter:
                 "refused",
             ) from None
         finally:
-            waited = round(self._clock.seconds() - startedAt, 1)
+            waited = round(elapsedClock(self._clock)() - startedAt, 1)
             self._log.info(
                 "{account} waited {waited} for device {device} to reconnect: {outcome}",
                 account=account.name,
@@ -233,7 +234,8 @@ class SessionRouter:
         lastSeen = describeLastSeen(device.lastSeen if device else None, now)
         return refusal(
             f"device {name!r} is offline ({lastSeen}); waited "
-            f"{spokenDuration(round(now - startedAt, 1))} for it to reconnect{why}",
+            f"{spokenDuration(round(elapsedClock(self._clock)() - startedAt, 1))} for it to "
+            f"reconnect{why}",
             connection.OPEN_CONNECT_FAILED,
         )
 

@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from accesstunnel.addresses import describeAddress
+from accesstunnel.clocks import elapsedClock
 from groundcontrol.recording import (
     Recorder,
     Recording,
@@ -169,6 +170,8 @@ class LiveSession:
         deviceSide: Any,
     ) -> None:
         self.record = record
+        #: When it started on the elapsed clock (the record's dates are wall dates).
+        self.startedElapsed = elapsedClock(sessions.clock)()
         self.operatorSide = operatorSide
         self.deviceSide = deviceSide
         self._sessions = sessions
@@ -517,7 +520,7 @@ class SessionRegistry:
             status=_status(record),
             bytesIn=record.bytesIn,
             bytesOut=record.bytesOut,
-            duration=record.endedAt - record.startedAt,
+            duration=elapsedClock(self.clock)() - session.startedElapsed,
         )
         self._audit(session, SESSION_ENDED, record.toJSON())
         if self.metrics is not None and session.started:

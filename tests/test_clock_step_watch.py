@@ -29,6 +29,7 @@ from accesstunnel.rekey import RekeyLimit
 from accesstunnel.stepwatch import ClockStepWatch, watchClockSteps
 from agent.identity import ServerKeyPin
 from agent.link import AgentLinkFactory, LinkSettings
+from groundcontrol.devicewait import DeviceNotBackError, DeviceWaitPolicy, DeviceWaits
 from groundcontrol.flapping import FlapLimiter
 from groundcontrol.notify import FleetEvent
 from groundcontrol.preauth import guardOf
@@ -39,6 +40,7 @@ from groundcontrol.recording import (
     recordingPath,
     synchronousRunner,
 )
+from groundcontrol.sessions import SessionRegistry, attachSessions
 from groundcontrol.stormgc import CHECK_SECONDS, SETTLE_SECONDS, StormCollector
 from groundcontrol.testing import (
     InMemoryFleet,
@@ -121,6 +123,18 @@ class ReactorStepTests(SynchronousTestCase):
         self.assertEqual(self.ran, ["grace"])
         self.elapse(1)
         self.assertEqual(self.ran, ["grace", "hourly"])
+
+    def test_sleepAfterStepBack(self) -> None:
+        """
+        A step back seen first by the reactor's question of how long it may sleep (the
+        step came between its run of due calls and that question) is a sleep of the
+        first timer's remaining delay, not of an hour more.
+        """
+        self.watch()
+        self.reactor.callLater(10, self.ran.append, "look")
+        self.reactor._insertNewDelayedCalls()
+        self.wallNow -= HOUR
+        self.assertAlmostEqual(self.reactor.timeout(), 10.0, places=5)
 
     def test_callMadeAfterTheStepIsNotMoved(self) -> None:
         """
@@ -250,6 +264,16 @@ class SteppingClock(Clock):
         """Step the wall clock (C{date -s}, chrony's makestep) by C{seconds}."""
         self.offset += seconds
 
+    def advance(self, amount: float) -> None:
+        """
+        Time passes, then the due calls run, as a reactor's run does: the clock is read
+        (a step seen, the calls moved) before any call's time (C{Clock.advance} reads the
+        first call's time first).
+        """
+        self.rightNow += amount
+        self.seconds()
+        super().advance(0)
+
 
 class FleetStepTests(SynchronousTestCase):
     """The in-memory groundcontrol, with a real agent link, through steps of its clock."""
@@ -332,6 +356,54 @@ class FleetStepTests(SynchronousTestCase):
         self.elapse(600)
         self.assertFalse(pump.serverIO.disconnecting, "the link stayed")
         self.assertEqual(pump.client.keyExchanges, 3)
+
+    def test_durationsThroughStepForward(self) -> None:
+        """
+        How long the link and an operator's session lasted (the log lines, the offline
+        event's connectedFor, which webhooks get) is 10 s and 8 s through a step forward
+        of an hour, not an hour more; the session's row keeps its wall dates.
+        """
+        attachSessions(self.fleet.registry, SessionRegistry(self.fleet.store, self.clock))
+        key = self.fleet.addOperator("alice")
+        self.fleet.grant("alice", "kiln7")
+        pump = self.connectAgent()
+        alice = self.fleet.operator("dev_kiln7", key)
+        with capturedLogs() as events:
+            session = self.fleet.session(alice)
+            session.exec(b"cat")  # echoes until its end: open as long as the operator
+            self.elapse(2)
+            self.clock.step(+HOUR)
+            self.elapse(6)
+            session.loseConnection()
+            self.fleet.flush()
+            self.elapse(2)
+            self.fleet.network.cut(pump)
+        said = [e for e in events if "log_format" in e]
+        (ended,) = [e for e in said if "duration" in e]
+        self.assertAlmostEqual(ended["duration"], 8.0, places=3)
+        (gone,) = [e for e in said if "connectedFor" in e and "lasted" in e]
+        self.assertEqual(gone["connectedFor"], 10.0)
+        (offline,) = [
+            e
+            for e in resultNow(self.fleet.store.auditSince(0, 1000))
+            if e.event == "device.offline"
+        ]
+        self.assertEqual(offline.detail["connectedFor"], 10.0)
+
+    def test_deviceWaitThroughStepForward(self) -> None:
+        """
+        A channel waiting 15 s for its device, an hour's step forward in the middle, ends
+        15 s after it began and says it waited 15 s (the timer and the text alike).
+        """
+        waits = DeviceWaits(DeviceWaitPolicy(maxWait=15.0), self.fleet.registry, self.clock)
+        waiting = waits.wait("kiln7")
+        self.clock.advance(5)
+        self.clock.step(+HOUR)
+        self.clock.advance(9.9)
+        self.assertNoResult(waiting)
+        self.clock.advance(0.1)
+        failure = self.failureResultOf(waiting, DeviceNotBackError)
+        self.assertAlmostEqual(failure.value.args[0], 15.0, places=3)
 
     def test_graceVerdictAfterStepForward(self) -> None:
         """
