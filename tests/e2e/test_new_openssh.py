@@ -13,10 +13,11 @@ What 10.x does differently and these tests pin: the post-quantum key exchange ch
 warning), keystroke-timing chaff (sent only to a server that answers ping@openssh.com,
 groundcontrol.pingreply), and the everyday paths with the new client and its own tools: exec
 with stdin and status, eow, scp both ways in both protocols, sftp, rsync, -A with its agent.
-The rest of the e2e suite also passes with the new client first on PATH (forwards, unix
-sockets, ControlMaster, -J, sshfs), except test_x11_forwarding: an upstream build defaults
-to ForwardX11Trusted no, and this Xvfb refuses the untrusted cookie xauth generates for it
-even without ssh in between (Debian's 9.2 defaults to yes), so that test is not run here.
+The operator-facing e2e files also pass with the new client first on PATH
+(PATH=DEST/bin:$PATH: openssh_user, tools, forwarding, forwarding_more, session_features,
+exec, shell, access, control, recording, agent_constraints, ciphers, errors, front_door):
+forwards, unix sockets, ControlMaster, -J, sshfs, X11 (whose test names ForwardX11Trusted,
+since upstream's default differs from Debian's), so they are not repeated here.
 """
 
 from __future__ import annotations

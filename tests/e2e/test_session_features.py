@@ -131,10 +131,21 @@ def xServer(tmp_path: Path) -> Iterator[dict[str, str]]:
 
 
 def test_x11_forwarding(kiln7: Fleet, xServer: dict[str, str]) -> None:
-    """ssh -X: an X client on the device reaches the operator's X server on its display."""
+    """
+    ssh -X: an X client on the device reaches the operator's X server on its display.
+    ForwardX11Trusted is named, not left to the client's default: Debian's ssh defaults to
+    yes, upstream's (10.x built by scripts/build-openssh-client, macOS) to no, and for no
+    ssh asks the X server for an untrusted cookie (xauth generate), which this Xvfb
+    refuses even with no ssh in between ("Invalid MIT-MAGIC-COOKIE-1 key"). The cookie
+    is the client's business either way; groundcontrol relays the same bytes.
+    """
     alice = kiln7.operators["alice"]
     result = run(
-        alice.argv("dev_kiln7", "echo display=$DISPLAY; xdpyinfo", options=["-X"]),
+        alice.argv(
+            "dev_kiln7",
+            "echo display=$DISPLAY; xdpyinfo",
+            options=["-X", "-o", "ForwardX11Trusted=yes"],
+        ),
         env=xServer,
     )
     assert result.returncode == 0, result.stderr
