@@ -6,11 +6,12 @@ registry, the real agent link classes, iosim pumps on a Clock.
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 from typing import Any
 
 import attrs
-from twisted.conch.ssh import connection
+from twisted.conch.ssh import common, connection
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogEvent, globalLogPublisher
@@ -198,6 +199,37 @@ class WaitTests(DeviceWaitTestCase):
         self.assertTrue(first.isOpen, first.openFailure)
         self.assertTrue(second.isOpen, second.openFailure)
         self.assertEqual(len(self.sessions), 2)
+
+    def test_forwardsAndProxyJumpWait(self) -> None:
+        """
+        A forward (-L: direct-tcpip as dev_kiln7) and a ProxyJump through ctl wait too:
+        unanswered while the device is away, then answered by the device itself (whose
+        scripted agent refuses forwards with its own words).
+        """
+        self.dropAgent()
+        forward = FakeOperator("dev_kiln7", self.aliceKey, hostKey=self.fleet.hostKey)
+        self.fleet.connect(forward)
+        local = forward.openSession(channelType=b"direct-tcpip")
+        jumper = FakeOperator("ctl", self.aliceKey, hostKey=self.fleet.hostKey)
+        self.fleet.connect(jumper)
+        assert jumper.connection is not None
+        jump = OperatorSession(conn=jumper.connection)
+        jump.name = b"direct-tcpip"
+        jumper.connection.openChannel(
+            jump,
+            common.NS(b"dev_kiln7")
+            + struct.pack(">L", 22)
+            + common.NS(b"127.0.0.1")
+            + struct.pack(">L", 50000),
+        )
+        self.fleet.flush()
+        self.assertUnanswered(local)
+        self.assertUnanswered(jump)
+        self.assertEqual(self.waits.waitingFor("kiln7"), 2)
+        self.agentPump = self.connectAgent()
+        self.advance(0)
+        self.assertEqual(local.openFailureText, "forwarding is not scripted")
+        self.assertEqual(jump.openFailureText, "forwarding is not scripted")
 
     def test_revokedWhileWaiting(self) -> None:
         """A device revoked while a channel waits for it is refused as revoked at the end."""
