@@ -9,9 +9,26 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import urllib.request
 from pathlib import Path
 
 from tests.e2e.harness import Fleet, Operator, waitFor
+
+#: groundcontrol's metrics, where the tests see a channel held for the device.
+METRICS = ("--metrics", "tcp:0:interface=127.0.0.1")
+
+
+def channelsWaiting(fleet: Fleet) -> float | None:
+    """groundcontrol_channels_waiting, scraped now (None before the metrics listen)."""
+    try:
+        listening = json.loads((fleet.gc.data / "run" / "metrics.json").read_text())
+        port = listening["listening"][0]["port"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+    found = re.search(r"^groundcontrol_channels_waiting (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else None
 
 
 def offlineInLs(fleet: Fleet) -> bool:
@@ -43,8 +60,9 @@ def waitLines(fleet: Fleet) -> list[str]:
 
 def runsOnceTheAgentIsBack(fleet: Fleet, tmp_path: Path) -> None:
     """
-    With kiln7's agent stopped: an ssh started now logs in, asks for its session and
-    waits; the agent started again, the command runs and ssh exits 0.
+    With kiln7's agent stopped and groundcontrol's metrics on: an ssh started now is
+    held (the metrics count its channel); the agent started again, the command runs and
+    ssh exits 0.
     """
     alice = fleet.operators["alice"]
     (agent,) = fleet.agents
@@ -53,9 +71,9 @@ def runsOnceTheAgentIsBack(fleet: Fleet, tmp_path: Path) -> None:
     ssh = sshInBackground(alice, stderr, "echo", "back")
     try:
         waitFor(
-            lambda: "Entering interactive session" in stderr.read_text(),
+            lambda: channelsWaiting(fleet) == 1,
             20,
-            "ssh to ask for its session",
+            "groundcontrol to hold the ssh's session for kiln7",
             interval=0.1,
         )
         assert ssh.poll() is None, stderr.read_text()  # waiting, not refused
@@ -71,6 +89,8 @@ def runsOnceTheAgentIsBack(fleet: Fleet, tmp_path: Path) -> None:
 
 def test_ssh_runs_once_the_agent_is_back(kiln7: Fleet, tmp_path: Path) -> None:
     """An ssh started while the agent is away runs once it is back (the default wait)."""
+    kiln7.restartServer(*METRICS)
+    kiln7.waitRoutable(kiln7.operators["alice"], "kiln7")
     kiln7.agents[0].stop()
     waitFor(lambda: offlineInLs(kiln7), 10, "kiln7 to be offline", interval=0.2)
     runsOnceTheAgentIsBack(kiln7, tmp_path)
@@ -104,5 +124,5 @@ def test_ssh_right_after_groundcontrol_restarts(kiln7: Fleet, tmp_path: Path) ->
     stopped = json.loads((kiln7.gc.data / "run" / "stopped.json").read_text())
     assert stopped["stoppedAt"] > 0
     kiln7.agents[0].stop()
-    kiln7.gc.start(port=port or 0)
+    kiln7.gc.start(*METRICS, port=port or 0)
     runsOnceTheAgentIsBack(kiln7, tmp_path)
