@@ -66,6 +66,7 @@ from twisted.conch.ssh.common import NS, ffs, getNS
 from twisted.logger import Logger
 
 from accesstunnel import writethrough
+from accesstunnel.addresses import describeAddress
 from accesstunnel.handlerfault import MALFORMED, classify
 
 __all__ = [
@@ -590,6 +591,8 @@ class FastPathMixin:
     _fpAwaitingKeys = False
     _fpOfferedStrict = False
     _fpKexinitReceived = False
+    #: The peer's KEXINIT of the key exchange now running was read (until its NEWKEYS).
+    _fpPeerKexinitRead = False
     #: Strict key exchange negotiated (both sides offered it in their first KEXINIT).
     strictKex = False
     #: Until our first NEWKEYS is sent.
@@ -666,14 +669,31 @@ class FastPathMixin:
 
     def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
         """
-        Conch's dispatch, but a key exchange method's message (30-49) outside a
-        key exchange ends the connection: Conch would answer it from the last
-        exchange's state, send NEWKEYS and switch its own keys alone, which no
-        correct peer asks for (OpenSSH disconnects too). Channel data comes
-        through here only until the connection service runs, or when
-        L{directChannelData} is off (L{_fpSteadyRead}).
+        Conch's dispatch, but two key exchange messages out of place end the
+        connection with a protocol error, which no correct peer sends:
+
+          - a key exchange method's message (30-49) outside a key exchange:
+            Conch would answer it from the last exchange's state, send NEWKEYS
+            and switch its own keys alone;
+          - the peer's KEXINIT again before its NEWKEYS ended the exchange its
+            first one began: Conch negotiates again from the second (and the
+            client sends a second key exchange init), and raises RuntimeError
+            out of the read at the third ("Cannot send KEXINIT while key
+            exchange state is '_KEY_EXCHANGE_PROGRESSING'").
+
+        OpenSSH's kex_protocol_error logs either, answers UNIMPLEMENTED and
+        goes on, but for a strict first exchange, which it ends ("strict KEX
+        violation: unexpected packet type 20"), as L{getPacket} does here for
+        a second KEXINIT before this sees it. Channel data comes through here
+        only until the connection service runs, or when L{directChannelData}
+        is off (L{_fpSteadyRead}).
         """
-        if (
+        if messageNum == transport.MSG_KEXINIT:
+            if self._fpPeerKexinitRead:
+                self._fpRefuseKexinitAgain()
+                return
+            self._fpPeerKexinitRead = True
+        elif (
             _FIRST_KEX_METHOD_MESSAGE <= messageNum <= _LAST_KEX_METHOD_MESSAGE
             and self._keyExchangeState == self._KEY_EXCHANGE_NONE
         ):
@@ -683,6 +703,14 @@ class FastPathMixin:
             )
             return
         super().dispatchMessage(messageNum, payload)  # type: ignore[misc]
+
+    def _fpRefuseKexinitAgain(self) -> None:
+        """The peer sent KEXINIT twice in one key exchange: say so, and disconnect."""
+        self._fpLog.info(
+            "{peer} sent KEXINIT again during a key exchange; disconnecting",
+            peer=describeAddress(getattr(self.transport, "getPeer", lambda: None)()),
+        )
+        self.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR, b"KEXINIT during a key exchange")
 
     def ssh_KEXINIT(self, packet: bytes) -> Any:
         negotiable = self._fpImplicitMACs(packet)
@@ -784,6 +812,8 @@ class FastPathMixin:
             return
         self.nextEncryptions.inCodec = None
         self._fpIn = codec
+        # The peer's exchange is over: its next KEXINIT starts another.
+        self._fpPeerKexinitRead = False
         if self.strictKex:
             self.incomingPacketSequence = 0
         self._fpNewKeysRead = False

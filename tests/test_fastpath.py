@@ -327,6 +327,67 @@ def test_without_strict_kex_an_early_ignore_is_tolerated() -> None:
     assert server.disconnects == []
 
 
+class KexinitTwiceClient(FastClient):
+    """Sends its first KEXINIT twice (the second behind its own transport's back)."""
+
+    def sendKexInit(self) -> None:
+        super().sendKexInit()
+        if self.sessionID is None:
+            payload = self.ourKexInitPayload[1:]
+            sealed = self._fpOut.seal(self.outgoingPacketSequence, transport.MSG_KEXINIT, payload)
+            self.transport.write(b"".join(sealed))
+            self.outgoingPacketSequence += 1
+
+
+class NonStrictKexinitTwiceClient(KexinitTwiceClient):
+    """The same, without offering strict kex."""
+
+    _fpOfferedStrict = True  # as if offered already: Conch's plain KEXINIT
+
+
+@pytest.mark.parametrize(
+    ("clientClass", "description"),
+    [
+        (KexinitTwiceClient, b"strict KEX violation: unexpected packet type 20"),
+        (NonStrictKexinitTwiceClient, b"KEXINIT during a key exchange"),
+    ],
+)
+def test_second_kexinit_in_the_initial_kex_disconnects(
+    clientClass: type, description: bytes
+) -> None:
+    """
+    A client's second KEXINIT before its NEWKEYS ends the initial key exchange with a
+    protocol error: under strict kex as the Terrapin rules say (any message the exchange
+    does not need), without it as a KEXINIT out of place. Conch's server took the second
+    as the exchange's (negotiating again) and raised RuntimeError out of the read at a
+    third; without strict kex here, at the second (its own KEXINIT was sent first).
+    """
+    server, client, pump = connect(FastServer, clientClass)
+    assert server.strictKex == (clientClass is KexinitTwiceClient)
+    assert server.disconnects == [(transport.DISCONNECT_PROTOCOL_ERROR, description)]
+    assert client.secured == 0
+    assert pump.serverIO.disconnected
+
+
+def test_crossing_kexinits_then_another_rekey() -> None:
+    """
+    Both sides start a re-exchange at once (each reads the other's KEXINIT after
+    sending its own): one exchange, not a KEXINIT out of place; the next one, after
+    both NEWKEYS, is a new exchange on either side.
+    """
+    server, client, pump = connect()
+    for first, second in ((client, server), (server, client)):
+        first.sendKexInit()
+        second.sendKexInit()
+        pump.flush()
+        echo(client, pump, [b"after crossing"])
+        first.sendKexInit()
+        pump.flush()
+        echo(client, pump, [b"after another"])
+    assert client.secured == 5  # the client's count of NEWKEYS
+    assert server.disconnects == client.disconnects == []
+
+
 def test_we_hold_ignore_during_initial_kex() -> None:
     """Our side never sends IGNORE/DEBUG during the initial key exchange: it waits for NEWKEYS."""
     f = ServerFactory()

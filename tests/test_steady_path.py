@@ -33,6 +33,7 @@ from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from accesstunnel import fastpath, quickack, writethrough
+from accesstunnel.addresses import describeAddress
 from accesstunnel.connection import TunnelConnection
 from accesstunnel.keys import fingerprint
 from accesstunnel.rekey import RekeyingTransportMixin, RekeyLimit
@@ -645,6 +646,97 @@ class ProtocolStateTests(SteadyFleet):
         self.fleet.flush()
         self.assertEqual(reasons, [transport.DISCONNECT_PROTOCOL_ERROR])
         self.assertTrue(self.linkPump.serverIO.disconnected)
+
+    def kexinitThrice(self, sender: Any, receiver: Any) -> tuple[list[int], list[dict[str, Any]]]:
+        """
+        C{sender} sends its last KEXINIT three times in a row behind its own transport's
+        back, hearing nothing of the answers but a disconnect (as a hostile peer would,
+        and as tests/test_fuzz_steady.py's fuzzing peer does): C{receiver}'s disconnect
+        reasons, and what the packet layer logged.
+        """
+        events: list[dict[str, Any]] = []
+        self.patch(
+            fastpath.FastPathMixin, "_fpLog", Logger(observer=cast(ILogObserver, events.append))
+        )
+        hear = sender.dispatchMessage
+
+        def hearOnlyDisconnect(messageNum: int, payload: bytes) -> None:
+            if messageNum == transport.MSG_DISCONNECT:
+                hear(messageNum, payload)
+
+        sender.dispatchMessage = hearOnlyDisconnect
+        reasons = recordDisconnects(receiver)
+        for _ in range(3):
+            sender.sendPacket(transport.MSG_KEXINIT, sender.ourKexInitPayload[1:])
+        self.fleet.flush()
+        return reasons, events
+
+    def assertKexinitAgainLogged(self, events: list[dict[str, Any]], receiver: Any) -> None:
+        [event] = events
+        self.assertEqual(event["log_level"], LogLevel.info)
+        self.assertIn("sent KEXINIT again during a key exchange", event["log_format"])
+        self.assertEqual(event["peer"], describeAddress(receiver.transport.getPeer()))
+
+    def test_kexinitAgainDuringAnExchange(self) -> None:
+        """
+        A peer's KEXINIT while the exchange its previous one began runs (before its
+        NEWKEYS) ends the connection with a protocol error and one info line: from an
+        operator (found by tests/test_fuzz_steady.py: Conch negotiated again at the
+        second and raised RuntimeError out of groundcontrol's read at the third, 'Cannot
+        send KEXINIT while key exchange state is _KEY_EXCHANGE_PROGRESSING'), and from the
+        device on the link. Either way the other connection goes on.
+        """
+        self.connect()
+        self.openCat()
+        reasons, events = self.kexinitThrice(self.operatorPump.client, self.operatorSide)
+        self.assertEqual(reasons, [transport.DISCONNECT_PROTOCOL_ERROR])
+        self.assertTrue(self.operatorPump.serverIO.disconnected)
+        self.assertKexinitAgainLogged(events, self.operatorSide)
+        self.assertFalse(self.linkPump.serverIO.disconnecting)
+
+        self.connect()
+        session = self.openCat()
+        reasons, events = self.kexinitThrice(self.agentSide, self.serverSide)
+        self.assertEqual(reasons, [transport.DISCONNECT_PROTOCOL_ERROR])
+        self.assertTrue(self.linkPump.serverIO.disconnected)
+        self.assertKexinitAgainLogged(events, self.serverSide)
+        self.assertTrue(session.isClosed)
+        self.assertFalse(self.operatorPump.serverIO.disconnecting)
+
+    def test_agentRefusesKexinitAgain(self) -> None:
+        """
+        The agent's end of the link, a client: groundcontrol's KEXINIT again during the
+        exchange its previous one began ends the link with a protocol error and one info
+        line, where Conch's client sent a second key exchange init at the second and
+        raised RuntimeError out of the agent's read at the third.
+        """
+        self.connect()
+        session = self.openCat()
+        reasons, events = self.kexinitThrice(self.serverSide, self.agentSide)
+        self.assertEqual(reasons, [transport.DISCONNECT_PROTOCOL_ERROR])
+        self.assertTrue(self.linkPump.clientIO.disconnected)
+        self.assertKexinitAgainLogged(events, self.agentSide)
+        self.assertEqual(
+            self.agentSide._endingBecause, "the agent disconnected: KEXINIT during a key exchange"
+        )
+        self.assertTrue(session.isClosed)
+
+    def test_renewalsGoOn(self) -> None:
+        """
+        Key exchanges one after the other, started by either end (and both at once) are
+        not KEXINITs out of place: each NEWKEYS ends one, the next KEXINIT starts another.
+        """
+        self.connect()
+        session = self.openCat()
+        sides = (self.agentSide, self.serverSide)
+        for starters in ([self.agentSide], [self.serverSide], sides, [self.agentSide]):
+            before = [side.keyExchanges for side in sides]
+            for starter in starters:
+                self.assertTrue(starter.renewKeys("test"))
+            self.fleet.flush()
+            self.assertEqual([side.keyExchanges for side in sides], [n + 1 for n in before])
+            self.keystroke(session)
+        self.assertFalse(self.linkPump.serverIO.disconnecting)
 
 
 class _Transport:
