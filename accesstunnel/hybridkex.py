@@ -31,11 +31,17 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import attrs
-from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import x25519
 from twisted.conch.ssh import keys, transport
 from twisted.conch.ssh.common import NS, ffs, getNS
 from twisted.internet import defer
 from twisted.python.failure import Failure
+
+try:
+    from cryptography.hazmat.primitives.asymmetric import mlkem
+except ImportError:  # cryptography before 47 (a distribution's, say)
+    mlkem = None  # type: ignore[assignment]
 
 #: The algorithm's name in KEXINIT.
 MLKEM768X25519_SHA256 = b"mlkem768x25519-sha256"
@@ -49,6 +55,26 @@ S_REPLY_LENGTH = MLKEM768_CIPHERTEXT_LENGTH + X25519_KEY_LENGTH
 #: The messages share their numbers with KEXDH_INIT and KEXDH_REPLY (as ECDH's do).
 MSG_KEX_HYBRID_INIT = 30
 MSG_KEX_HYBRID_REPLY = 31
+
+
+def canDoMLKEM() -> bool:
+    """
+    Whether this cryptography can do ML-KEM-768: one before 47 has no ML-KEM, one built
+    on an OpenSSL without it raises UnsupportedAlgorithm at key generation. A process
+    that cannot would fail every handshake that chose the hybrid, on either side: the
+    policy (accesstunnel.policy) then offers curve25519 alone, as before the hybrid.
+    """
+    if mlkem is None:
+        return False
+    try:
+        mlkem.MLKEM768PrivateKey.generate()
+    except UnsupportedAlgorithm:
+        return False
+    return True
+
+
+#: This process can do the hybrid (L{canDoMLKEM}).
+AVAILABLE = canDoMLKEM()
 
 
 class HybridReplyError(ValueError):

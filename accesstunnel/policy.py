@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from accesstunnel import hybridkex
+
 #: Key exchange, strongest first. The post-quantum hybrid leads; the
 #: libssh.org alias of curve25519 is the same algorithm under its older name.
 KEY_EXCHANGES = [
@@ -76,9 +78,19 @@ def _implemented(available: list[bytes], wanted: list[bytes]) -> list[bytes]:
     return [name for name in wanted if name in available]
 
 
+def _computable(exchanges: list[bytes]) -> list[bytes]:
+    """
+    C{exchanges} without the hybrid where this process's cryptography has no ML-KEM
+    (hybridkex.canDoMLKEM): offered, it would fail every handshake that chose it.
+    """
+    if hybridkex.AVAILABLE:
+        return list(exchanges)
+    return [name for name in exchanges if name != hybridkex.MLKEM768X25519_SHA256]
+
+
 def applyServerPolicy(transport: Any) -> None:
     """Restrict a server transport instance to the policy."""
-    transport.supportedKeyExchanges = list(KEY_EXCHANGES)
+    transport.supportedKeyExchanges = _computable(KEY_EXCHANGES)
     transport.supportedCiphers = _implemented(transport.supportedCiphers, CIPHERS)
     transport.supportedMACs = _implemented(transport.supportedMACs, MACS)
     transport.supportedPublicKeys = list(HOST_KEY_ALGORITHMS)
@@ -97,7 +109,7 @@ AGENT_KEY_EXCHANGES = list(KEY_EXCHANGES)
 def applyClientPolicy(transport: Any) -> None:
     """Restrict a client transport instance to the policy, fastest first."""
     transport.supportedKeyExchanges = _implemented(
-        transport.supportedKeyExchanges, AGENT_KEY_EXCHANGES
+        transport.supportedKeyExchanges, _computable(AGENT_KEY_EXCHANGES)
     )
     transport.supportedCiphers = _implemented(transport.supportedCiphers, AGENT_CIPHERS)
     transport.supportedMACs = _implemented(transport.supportedMACs, AGENT_MACS)

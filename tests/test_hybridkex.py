@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import pytest
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 from twisted.conch.ssh import transport
 from twisted.conch.ssh.common import NS, getNS
@@ -315,3 +316,38 @@ def test_server_reads_why_the_client_gave_up() -> None:
     assert server.peerDisconnects == [said]
     assert server.disconnects == []
     assert pump.serverIO.disconnected
+
+
+class _MLKEMUnsupported:
+    """cryptography's mlkem module where its OpenSSL has no ML-KEM."""
+
+    class MLKEM768PrivateKey:
+        @staticmethod
+        def generate() -> None:
+            raise UnsupportedAlgorithm("ML-KEM-768 is not supported by this backend")
+
+
+def test_can_do_mlkem_says_when_cryptography_cannot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    ML-KEM is usable here; not with a cryptography before 47 (no mlkem module) or one
+    whose OpenSSL lacks it (UnsupportedAlgorithm at key generation).
+    """
+    assert hybridkex.canDoMLKEM() and hybridkex.AVAILABLE
+    monkeypatch.setattr(hybridkex, "mlkem", _MLKEMUnsupported)
+    assert not hybridkex.canDoMLKEM()
+    monkeypatch.setattr(hybridkex, "mlkem", None)
+    assert not hybridkex.canDoMLKEM()
+
+
+def test_without_mlkem_both_sides_offer_curve25519(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    Where cryptography cannot do ML-KEM, neither the server policy nor the client policy
+    offers the hybrid, and the two link with curve25519: offered, every handshake that
+    chose it would fail (the server policy offered it whatever cryptography could do).
+    """
+    monkeypatch.setattr(hybridkex, "AVAILABLE", False)
+    server, client, pump = connect(RecordedFastServer, HybridClient)
+    assert MLKEM not in server.supportedKeyExchanges
+    assert MLKEM not in client.supportedKeyExchanges
+    assert client.kexAlg == server.kexAlg == b"curve25519-sha256"
+    echo(client, pump, [b"classical"])
