@@ -7,6 +7,7 @@ L{buildService} is what tests call.
 
 from __future__ import annotations
 
+import math
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -351,8 +352,12 @@ class Options(usage.Options):
                 )
         if self["max-sessions"] < 1 or self["max-channels-per-device"] < 1:
             raise usage.UsageError("session caps must be at least 1")
-        if self["device-wait"] < 0:
-            raise usage.UsageError("--device-wait cannot be negative (0: do not wait)")
+        if not (math.isfinite(self["device-wait"]) and self["device-wait"] >= 0):
+            # nan would pass a "< 0" test and put a timer the heap cannot order; inf holds
+            # a channel for ever.
+            raise usage.UsageError(
+                "--device-wait takes a number of seconds, 0 or more (0: do not wait)"
+            )
         try:
             self["device-wait-recent"] = float(parseDuration(self["device-wait-recent"]))
         except ValueError as e:

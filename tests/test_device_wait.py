@@ -489,9 +489,11 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(config.settings.deviceWait.sharedStorePoll, 2.0)
 
     def test_refused(self) -> None:
-        """A negative wait, a bad window and caps below 1 are usage errors."""
+        """A negative or not finite wait, a bad window and caps below 1 are usage errors."""
         for extra in (
             ("--device-wait", "-1"),
+            ("--device-wait", "nan"),
+            ("--device-wait", "inf"),
             ("--device-wait-recent", "soon"),
             ("--max-device-waits", "0"),
             ("--max-device-waits-per-device", "0"),
