@@ -125,6 +125,12 @@ class _WatchFactory(WrappingFactory):
             self.started.errback(reason)
 
 
+#: accesstunnel.transports.tunnel's error for a proxy that took the connection and did not
+#: answer, named (Failure.check takes the name) so that an agent without a proxy does not
+#: import the tunnel module.
+_PROXY_UNANSWERED = "accesstunnel.transports.tunnel.ProxyUnansweredError"
+
+
 def _timedOut(result: Any, timeout: float) -> Any:
     """
     An attempt cut short by its timeout is a timeout, however the endpoint reports the
@@ -132,6 +138,10 @@ def _timedOut(result: Any, timeout: float) -> Any:
     ConnectingCancelledError, not CancelledError, and the log said "could not reach
     ssh://A: HostnameAddress(hostname=b'A', port=22)" for a silently dropped address.
     """
+    if isinstance(result, Failure) and result.check(_PROXY_UNANSWERED):
+        # Connected to an HTTP proxy that never answered the CONNECT: say so, not "no
+        # connection", which points at the server.
+        raise _StalledError(f"{reasonText(result.value)} in {timeout:g} s")
     if isinstance(result, Failure) and result.check(
         defer.CancelledError, error.ConnectingCancelledError
     ):

@@ -20,7 +20,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from accesstunnel.addresses import Connector
+from accesstunnel.transports.proxy import HTTPConnectEndpoint, ProxyURL
 from agent.failover import AllAddressesFailed, FailoverEndpoint
+from tests.test_transports_proxy import FakeProxyEndpoint
 
 
 @implementer(IStreamClientEndpoint)
@@ -294,6 +296,37 @@ class FailoverTests(SynchronousTestCase):
                 "(its HTTP request got no answer)",
             ],
         )
+
+    def test_proxyTookTheConnectionAndSaidNothing(self) -> None:
+        """
+        A wss:// address through an HTTP proxy that takes the connection and never answers
+        the CONNECT: the line names the proxy and what it left unanswered (it said "no
+        connection in 15 s", which blames the server); the proxy connection is aborted.
+        An agent stopped meanwhile logs nothing, as for any attempt it cancels.
+        """
+        proxy = FakeProxyEndpoint()
+        tunnel = HTTPConnectEndpoint(proxy, ProxyURL.parse("http://proxy:3128"), "gc", 443)
+        description = "wss://gc/t via proxy proxy:3128"
+        endpoint = self.endpoint(Connector(tunnel, lambda f: f, description, "wss"))
+        with capturedLogs() as events:
+            connecting = endpoint.connect(self.factory)
+            self.clock.advance(15)
+        self.failureResultOf(connecting, AllAddressesFailed)
+        self.assertTrue(proxy.transports[0].value().startswith(b"CONNECT gc:443 HTTP/1.1"))
+        self.assertTrue(proxy.transports[0].disconnecting)
+        lines = [formatEvent(e) for e in events if "could not reach" in formatEvent(e)]
+        self.assertEqual(
+            lines,
+            [
+                f"could not reach {description}: the proxy proxy:3128 took the connection but "
+                "did not answer the CONNECT in 15 s"
+            ],
+        )
+        with capturedLogs() as events:
+            connecting = endpoint.connect(self.factory)
+            connecting.cancel()
+        self.failureResultOf(connecting, defer.CancelledError)
+        self.assertFalse([e for e in events if "could not reach" in formatEvent(e)])
 
     def test_replace(self) -> None:
         """

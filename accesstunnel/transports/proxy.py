@@ -212,6 +212,9 @@ class _ConnectProtocol(TunnelProtocol):
             lines.append(b"Proxy-Authorization: " + authorization)
         return b"\r\n".join(lines) + b"\r\n\r\n"
 
+    def unanswered(self) -> str:
+        return f"{self._endpoint.proxyName} took the connection but did not answer the CONNECT"
+
     def step(self, buffer: bytes) -> tuple[int, bool]:
         head, separator, _ = buffer.partition(b"\r\n\r\n")
         if not separator:

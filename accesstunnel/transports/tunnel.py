@@ -23,11 +23,19 @@ from zope.interface import implementer
 
 from accesstunnel.reasontext import reasonText
 
-__all__ = ["ProxyError", "TunnelEndpoint", "TunnelProtocol"]
+__all__ = ["ProxyError", "ProxyUnansweredError", "TunnelEndpoint", "TunnelProtocol"]
 
 
 class ProxyError(ConnectionError):
     """The proxy refused the tunnel or answered something that is not its protocol."""
+
+
+class ProxyUnansweredError(defer.CancelledError):
+    """
+    The connect was given up (its timeout) while the proxy, connected, had not answered:
+    a cancel like any other (the agent's failover makes it a timeout), whose words say
+    what the proxy left unanswered, since "no connection in 15 s" blamed the server.
+    """
 
 
 class TunnelProtocol(Protocol):
@@ -61,9 +69,20 @@ class TunnelProtocol(Protocol):
         """
         raise NotImplementedError
 
+    def unanswered(self) -> str | None:
+        """
+        What the proxy, connected, has left unanswered, in words (C{the proxy P took the
+        connection but did not answer the CONNECT}); C{None} to be a plain cancel.
+        """
+        return None
+
     def _cancel(self, d: defer.Deferred[IProtocol]) -> None:
-        if self.transport is not None:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+        if self.transport is None:
+            return
+        unanswered = self.unanswered()
+        if unanswered is not None:
+            d.errback(Failure(ProxyUnansweredError(unanswered)))
+        self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def connectionMade(self) -> None:
         self.transport.write(self.opening())  # type: ignore[union-attr]
