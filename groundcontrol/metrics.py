@@ -29,6 +29,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from accesstunnel.clocks import elapsedClock
 from accesstunnel.transports.limiter import AGENTS, OPERATORS, HandshakeLimiter
 from groundcontrol.listening import ListenService, writeListeningFile
 from groundcontrol.preauth import SourcePenalties, guardOf
@@ -215,7 +216,8 @@ class MeteredTransport(GroundControlTransport):
     _acceptedAt: float | None = None
 
     def connectionMade(self) -> None:
-        self._acceptedAt = self.factory.clock.seconds()
+        # A duration: on the monotonic clock, whatever a step of the wall clock does.
+        self._acceptedAt = elapsedClock(self.factory.clock)()
         super().connectionMade()
 
     def setService(self, service: Any) -> None:
@@ -225,7 +227,7 @@ class MeteredTransport(GroundControlTransport):
             return
         avatar = getattr(self, "avatar", None)
         peer = "agent" if hasattr(avatar, "linkUp") else "operator"
-        metrics.handshakeDone(self.factory.clock.seconds() - self._acceptedAt, peer)
+        metrics.handshakeDone(elapsedClock(self.factory.clock)() - self._acceptedAt, peer)
         self._acceptedAt = None
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.task import Clock
-from twisted.logger import capturedLogs
+from twisted.logger import Logger, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from accesstunnel.clocks import elapsedClock, wallClock
@@ -27,10 +27,13 @@ from accesstunnel.keepalive import DEFAULT_COUNT, DEFAULT_INTERVAL
 from accesstunnel.keys import fingerprint
 from accesstunnel.rekey import RekeyLimit
 from accesstunnel.stepwatch import ClockStepWatch, watchClockSteps
+from accesstunnel.transports.limiter import HandshakeLimiter
+from accesstunnel.transports.tor import UPLOAD_CHECK_INTERVAL, _UploadWatch
 from agent.identity import ServerKeyPin
 from agent.link import AgentLinkFactory, LinkSettings
 from groundcontrol.devicewait import DeviceNotBackError, DeviceWaitPolicy, DeviceWaits
 from groundcontrol.flapping import FlapLimiter
+from groundcontrol.metrics import Metrics, instrumentFactory
 from groundcontrol.notify import FleetEvent
 from groundcontrol.preauth import guardOf
 from groundcontrol.recording import (
@@ -54,6 +57,8 @@ from groundcontrol.testing import (
 from tests.test_enrollment import EnrollmentTestCase
 from tests.test_preauth import CLIENT_VERSION, RawClient
 from tests.test_stormgc import FakeCollector
+from tests.test_transports_limiter import Conn as LimiterConn
+from tests.test_transports_limiter import FakePort, FakeSSHFactory
 
 HOUR = 3600.0
 DAY = 86400.0
@@ -652,3 +657,85 @@ class StormCollectorStepTests(SynchronousTestCase):
             clock.advance(CHECK_SECONDS)
         self.assertEqual(collector.calls[-2:], ["unfreeze", "collect"])
         self.assertFalse(storm.inStorm)
+
+
+class HandshakeWaitStepTests(SynchronousTestCase):
+    """The handshake limiter's longest wait (its end-of-episode line) is a duration."""
+
+    def test_longestWaitThroughStepForward(self) -> None:
+        """
+        A connection that waited 2 s for a handshake slot, the clock stepped forward an hour
+        meanwhile, is said to have waited 2.0 s, not 3602.
+        """
+        clock = SteppingClock()
+        limiter = HandshakeLimiter(
+            FakeSSHFactory(), maxPending=1, maxPerSource=1, clock=clock, operatorReserve=0
+        )
+        events: list[dict[str, Any]] = []
+        limiter._log = Logger(observer=events.append)  # type: ignore[misc]
+        port = FakePort()
+        first = LimiterConn(limiter, "192.0.2.1", port)
+        second = LimiterConn(limiter, "192.0.2.2", port)
+        clock.advance(1)
+        clock.step(+HOUR)
+        clock.advance(1)
+        first.login()
+        second.login()
+        (end,) = [e for e in events if "below the limit again" in e["log_format"]]
+        self.assertEqual(end["longest"], 2.0)
+
+
+class HandshakeDurationStepTests(SynchronousTestCase):
+    """groundcontrol_handshake_seconds measures a login on the monotonic clock."""
+
+    def test_handshakeThroughStepForward(self) -> None:
+        """
+        An operator's login that took 2 s, the clock stepped forward an hour while its key
+        was checked, is observed as 2 s (it was 3602 s: the histogram's top bucket).
+        """
+        clock = SteppingClock()
+        fleet = InMemoryFleet(clock=clock)
+        metrics = Metrics()
+        instrumentFactory(fleet.factory, metrics)
+        key = fleet.addOperator("alice")
+        login = fleet.factory.portal.login
+        steps = [+HOUR]
+
+        def slowLogin(*args: Any, **kwargs: Any) -> Any:
+            while steps:  # once: the key is asked about, then signed with
+                clock.advance(1)
+                clock.step(steps.pop())
+                clock.advance(1)
+            return login(*args, **kwargs)
+
+        fleet.factory.portal.login = slowLogin
+        fleet.operator("alice", key)
+        sample = metrics.registry.get_sample_value
+        self.assertEqual(sample("groundcontrol_handshake_seconds_count", {"peer": "operator"}), 1)
+        self.assertEqual(sample("groundcontrol_handshake_seconds_sum", {"peer": "operator"}), 2)
+
+
+class _BootstrappingTor:
+    """A tor control protocol still bootstrapping: every question gets the same answer."""
+
+    def get_info(self, *keys: str) -> dict[str, str]:
+        return {"status/bootstrap-phase": 'NOTICE BOOTSTRAP PROGRESS=45 TAG=x SUMMARY="Asking"'}
+
+
+class TorUploadWaitStepTests(SynchronousTestCase):
+    """How long tor has had to upload an onion service's descriptor is a duration."""
+
+    def test_uploadWaitThroughStepForward(self) -> None:
+        """
+        A minute after the publish began, the clock stepped forward an hour in between,
+        the line says 60 s (it said 3660 s).
+        """
+        clock = SteppingClock()
+        with capturedLogs() as events:
+            watch = _UploadWatch(clock, _BootstrappingTor(), "tor", lambda _: None)
+            self.addCleanup(watch.stop)
+            clock.advance(1)
+            clock.step(+HOUR)
+            clock.advance(UPLOAD_CHECK_INTERVAL - 1)
+        (line,) = [e for e in events if "descriptor after" in e.get("log_format", "")]
+        self.assertEqual(round(line["seconds"]), 60)

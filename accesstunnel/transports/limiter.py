@@ -88,6 +88,7 @@ from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
 from accesstunnel.addresses import sourceNetwork
+from accesstunnel.clocks import elapsedClock
 from accesstunnel.layers import transportLayers
 
 __all__ = ["AGENTS", "OPERATORS", "HandshakeLimiter", "isAgentVersion"]
@@ -640,7 +641,11 @@ class HandshakeLimiter(WrappingFactory):
         return clock
 
     def _now(self) -> float:
-        return self._clock().seconds()
+        """
+        The time to measure waits with: the monotonic clock beside a reactor that times with
+        the wall clock (groundcontrol's), so a step of the clock is not a wait of its size.
+        """
+        return elapsedClock(self._clock())()
 
     # -- protocol building
 

@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from accesstunnel.addresses import clientEndpoint
+from accesstunnel.clocks import elapsedClock
 from accesstunnel.reasontext import reasonText
 from accesstunnel.statefiles import writeAtomically
 
@@ -211,7 +212,10 @@ class _UploadWatch:
         self._protocol = protocol
         self._describe = describe
         self._silent = silent
-        self._started = reactor.seconds()
+        # How long tor has had: a duration, on the monotonic clock (groundcontrol's reactor
+        # times with the wall clock, which may step while tor bootstraps).
+        self._elapsed = elapsedClock(reactor)
+        self._started = self._elapsed()
         self._said: str | None = None
         self._asking: defer.Deferred[Any] | None = None
         self._loop = task.LoopingCall(self._check)
@@ -245,7 +249,7 @@ class _UploadWatch:
             self._log.warn(
                 "tor has not uploaded the onion service's descriptor after {seconds:.0f} s "
                 "({said}); still waiting (is tor connected to the Tor network?)",
-                seconds=self._reactor.seconds() - self._started,
+                seconds=self._elapsed() - self._started,
                 said=said,
             )
 
