@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -131,6 +131,29 @@ def run(argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     kwargs.setdefault("timeout", 60)
     kwargs.setdefault("env", _environment())
     return subprocess.run(list(argv), **kwargs)
+
+
+@contextlib.contextmanager
+def sshAgentRunning(directory: Path, program: str = "ssh-agent") -> Iterator[dict[str, str]]:
+    """
+    An ssh-agent of the test's own (C{program}: another OpenSSH's, say) on
+    C{directory}/agent.sock, stopped afterwards; yields the environment that reaches it
+    (C{SSH_AUTH_SOCK}), for ssh-add and ssh.
+    """
+    sock = directory / "agent.sock"
+    agent = subprocess.Popen(
+        [program, "-D", "-a", str(sock)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        waitFor(sock.exists, 10, "ssh-agent's socket")
+        yield dict(os.environ, SSH_AUTH_SOCK=str(sock))
+    finally:
+        agent.terminate()
+        try:
+            agent.wait(10)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait()
 
 
 class GroundControl:

@@ -13,13 +13,12 @@ destination-constrained key: no hostkey recorded in signature for forwarded conn
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import LOOPBACK, Fleet, run, waitFor
+from tests.e2e.harness import LOOPBACK, Fleet, run, sshAgentRunning
 from tests.e2e.test_forwarding import plainSshd
 
 
@@ -39,15 +38,7 @@ def constrainedAgent(fleet: Fleet, tmp_path: Path) -> Iterator[tuple[dict[str, s
             f"[{LOOPBACK}]:{fleet.gc.port} {fleet.gc.serverKeyLine}\n"
             f"[{LOOPBACK}]:{bastionPort} {bastionHostLine}\n"
         )
-        sock = tmp_path / "agent.sock"
-        agent = subprocess.Popen(
-            ["ssh-agent", "-D", "-a", str(sock)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            waitFor(sock.exists, 10, "ssh-agent's socket")
-            env = dict(os.environ, SSH_AUTH_SOCK=str(sock))
+        with sshAgentRunning(tmp_path) as env:
             bastion = f"[{LOOPBACK}]:{bastionPort}"
             server = f"[{LOOPBACK}]:{fleet.gc.port}"
             added = run(
@@ -65,9 +56,6 @@ def constrainedAgent(fleet: Fleet, tmp_path: Path) -> Iterator[tuple[dict[str, s
             )
             assert added.returncode == 0, added.stderr
             yield env, bastionPort, knownHosts
-        finally:
-            agent.terminate()
-            agent.wait(10)
 
 
 def sshCommand(port: int, knownHosts: Path, *rest: str) -> list[str]:

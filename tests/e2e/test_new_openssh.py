@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Fleet, Operator, run, waitFor
+from tests.e2e.harness import Fleet, Operator, run, sshAgentRunning
 from tests.e2e.test_tools import makeTree, sha256
 
 NEW_SSH = os.environ.get("ACCESS_TUNNEL_NEW_SSH", "")
@@ -177,15 +177,7 @@ def test_agent_forwarding_with_the_new_agent(alice: Operator, tmp_path: Path) ->
     -A with the new ssh-agent: the device lists the key and has it sign (ssh-add -T, the
     new client's session-bind of the forwarded socket included).
     """
-    sock = tmp_path / "agent.sock"
-    agent = subprocess.Popen(
-        [tool("ssh-agent"), "-D", "-a", str(sock)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        waitFor(sock.exists, 10, "ssh-agent's socket")
-        env = dict(os.environ, SSH_AUTH_SOCK=str(sock))
+    with sshAgentRunning(tmp_path, tool("ssh-agent")) as env:
         key = tmp_path / "forwarded_key"
         run(
             [tool("ssh-keygen"), "-q", "-t", "ed25519", "-N", "", "-C", "forwarded", "-f", str(key)]
@@ -196,6 +188,3 @@ def test_agent_forwarding_with_the_new_agent(alice: Operator, tmp_path: Path) ->
         assert result.returncode == 0, result.stderr
         assert "forwarded (ED25519)" in result.stdout
         assert result.stdout.endswith("signed\n"), result.stdout
-    finally:
-        agent.terminate()
-        agent.wait(10)

@@ -22,7 +22,7 @@ import pexpect
 import pyte
 import pytest
 
-from tests.e2e.harness import LOOPBACK, PYTHON, Fleet, run, waitFor
+from tests.e2e.harness import LOOPBACK, PYTHON, Fleet, run, sshAgentRunning, waitFor
 
 
 def needs(*programs: str) -> None:
@@ -39,21 +39,12 @@ def needs(*programs: str) -> None:
 def sshAgent(tmp_path: Path) -> Iterator[dict[str, str]]:
     """An ssh-agent of the test's own with one key loaded; yields the client environment."""
     needs("ssh-agent", "ssh-add")
-    sock = tmp_path / "agent.sock"
-    agent = subprocess.Popen(
-        ["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        waitFor(sock.exists, 10, "ssh-agent's socket")
-        env = dict(os.environ, SSH_AUTH_SOCK=str(sock))
+    with sshAgentRunning(tmp_path) as env:
         key = tmp_path / "forwarded_key"
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "forwarded-key", "-f", str(key)])
         added = run(["ssh-add", str(key)], env=env)
         assert added.returncode == 0, added.stderr
         yield env
-    finally:
-        agent.terminate()
-        agent.wait(10)
 
 
 def test_agent_forwarding_when_permitted(
