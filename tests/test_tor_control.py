@@ -81,7 +81,9 @@ class ControlPort:
         return sum(not transport.disconnecting for transport in self.transports)
 
 
-class ControlConnectionTests(SynchronousTestCase):
+class _ControlPortCase(SynchronousTestCase):
+    """groundcontrol's onion listener on a fake reactor, tor's control port a L{ControlPort}."""
+
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
         self.tor = ControlPort(self.reactor)
@@ -103,6 +105,8 @@ class ControlConnectionTests(SynchronousTestCase):
 
         self.patch(txtorcon, "connect", connect)
 
+
+class ControlConnectionTests(_ControlPortCase):
     def retryFailing(self, answer: bytes = b"") -> None:
         """Let the listener try C{ATTEMPTS} times, tor answering each, none published."""
         before = len(self.tor.transports)
@@ -207,21 +211,12 @@ def bootstrap(progress: int, summary: str) -> str:
     return f'NOTICE BOOTSTRAP PROGRESS={progress} TAG=x SUMMARY="{summary}"'
 
 
-class SilentControlPortTests(SynchronousTestCase):
+class SilentControlPortTests(_ControlPortCase):
     """
     A tor (or something else) that takes the control connection and then says nothing: each
     step has CONTROL_ANSWER_PATIENCE to answer, and one that does not ends the attempt,
     logged, hung up and retried. It waited for ever: no retry, no line after the first.
     """
-
-    def setUp(self) -> None:
-        self.reactor = MemoryReactorClock()
-        self.tor = ControlPort(self.reactor)
-        self.keyFile = Path(self.mktemp()) / "onion_key"
-
-    def listen(self) -> defer.Deferred[Any]:
-        endpoint = OnionServerEndpoint(self.reactor, 2222, TorSettings(onionKeyFile=self.keyFile))
-        return endpoint.listen(Factory())
 
     def test_silentFromTheStart(self) -> None:
         """
@@ -251,9 +246,6 @@ class SilentControlPortTests(SynchronousTestCase):
         self.assertEqual(len(lines), 1, lines)
         self.assertIn(f"onion service for tor://:2222 not published yet: {silent}", lines[0])
         self.successResultOf(port.stopListening())
-
-    def fakeTxtorcon(self, *tors: Any) -> None:
-        ControlConnectionTests.fakeTxtorcon(self, *tors)  # type: ignore[arg-type]
 
     def test_hungAfterTakingTheService(self) -> None:
         """
