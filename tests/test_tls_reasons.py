@@ -64,8 +64,15 @@ def selfSigned(directory: Path, name: str = "gc.test") -> ServerTLS:
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
         .sign(key, hashes.SHA256())
     )
-    certFile, keyFile = directory / "self.crt", directory / "self.key"
-    certFile.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return serverFiles(directory, "self", certificate.public_bytes(serialization.Encoding.PEM), key)
+
+
+def serverFiles(
+    directory: Path, stem: str, certificatePEM: bytes, key: ec.EllipticCurvePrivateKey
+) -> ServerTLS:
+    """groundcontrol's TLS settings: C{certificatePEM} and C{key} in STEM.crt and STEM.key."""
+    certFile, keyFile = directory / f"{stem}.crt", directory / f"{stem}.key"
+    certFile.write_bytes(certificatePEM)
     keyFile.write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM,
@@ -160,16 +167,7 @@ class TLSFailureTests(SynchronousTestCase):
         """groundcontrol's TLS settings with a certificate for gc.test issued by C{ca}."""
         key = ec.generate_private_key(ec.SECP256R1())
         issued = pki.issueServerCertificate(ca, ["gc.test"], key, datetime.now(UTC))
-        certFile, keyFile = self.directory / "o.crt", self.directory / "o.key"
-        certFile.write_bytes(issued.pem)
-        keyFile.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        return ServerTLS(certFile, keyFile, None)
+        return serverFiles(self.directory, "o", issued.pem, key)
 
     def test_anotherCA(self) -> None:
         """A certificate from a CA the device does not trust names that CA."""
