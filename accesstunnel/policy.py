@@ -28,6 +28,25 @@ KEY_EXCHANGES = [
     b"curve25519-sha256@libssh.org",
 ]
 
+#: Key exchanges that hold against a quantum computer (a post-quantum KEM in a hybrid): a
+#: link made with another could be decrypted from a recording once one exists. Agents link
+#: with mlkem768x25519-sha256 since dfa74d6; older agents with curve25519-sha256.
+POST_QUANTUM_KEY_EXCHANGES = frozenset(
+    {"mlkem768x25519-sha256", "sntrup761x25519-sha512", "sntrup761x25519-sha512@openssh.com"}
+)
+
+
+def isPostQuantum(kex: str) -> bool:
+    """Whether the key exchange named C{kex} (C{mlkem768x25519-sha256}) is post-quantum."""
+    return kex in POST_QUANTUM_KEY_EXCHANGES
+
+
+def negotiatedKex(transport: Any) -> str | None:
+    """The key exchange an SSH transport negotiated (its C{kexAlg}), or None before one."""
+    kex = getattr(transport, "kexAlg", None)
+    return kex.decode("ascii", "replace") if isinstance(kex, bytes) else None
+
+
 #: Server preference. The client's order decides in SSH, so what matters here
 #: is what is offered: the stock OpenSSH client ranks chacha20-poly1305 first,
 #: then aes128-ctr, and GCM last, so without chacha20-poly1305 it picks CTR +

@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from accesstunnel.keys import fingerprint
+from accesstunnel.policy import isPostQuantum
 from accesstunnel.timetext import isoTime
 from groundcontrol.pki import DeviceCertificate, shouldRenew
 from groundcontrol.store import Account, IStore
@@ -71,25 +72,39 @@ class AgentLogin:
 
 
 def logLinkAccepted(
-    log: Logger, deviceName: str, login: AgentLogin, source: str, now: float
+    log: Logger,
+    deviceName: str,
+    login: AgentLogin,
+    source: str,
+    now: float,
+    kex: str | None = None,
 ) -> None:
     """
-    Say, in the one line a device's accepted link gets, how it authenticated and with which
-    certificate: what an operator reviewing the fleet (or a compromised key) looks for.
+    Say, in the one line a device's accepted link gets, how it authenticated, with which
+    certificate and over which key exchange: what an operator reviewing the fleet (or a
+    compromised key) looks for. A key exchange that is not post-quantum (C{curve25519-sha256}:
+    an agent from before the hybrid, dfa74d6) says so, so such devices can be found in the log.
 
     At warn when the certificate is due for renewal (L{shouldRenew}: a third of its life or
     less left): the agent renews over its link as soon as it is, so a link that still comes
     with such a certificate means renewals are failing or the device was away for long, and
     at its expiry it comes back pending.
     """
+    kexFields: dict[str, Any] = {}
+    kexText = ""
+    if kex is not None:
+        kexFields = {"kex": kex, "postQuantum": isPostQuantum(kex)}
+        kexText = ", key exchange {kex}" + ("" if isPostQuantum(kex) else " (not post-quantum)")
     certificate = login.certificate
     if certificate is None:
         log.info(
-            "device {device} connected from {source} by its key {fingerprint} (no certificate)",
+            "device {device} connected from {source} by its key {fingerprint} (no certificate)"
+            + kexText,
             device=deviceName,
             source=source,
             auth="key",
             fingerprint=login.keyFingerprint,
+            **kexFields,
         )
         return
     at = datetime.fromtimestamp(now, UTC)
@@ -102,11 +117,12 @@ def logLinkAccepted(
         "certificateFingerprint": certificate.certificateFingerprint,
         "certificateSubject": certificate.deviceName,
         "certificateNotAfter": isoTime(certificate.notAfter),
+        **kexFields,
     }
     text = (
         "device {device} connected from {source} by certificate {certificateSerial} "
         "(CN={certificateSubject}, SHA-256 {certificateFingerprint}, "
-        "valid until {certificateNotAfter})"
+        "valid until {certificateNotAfter})" + kexText
     )
     if not shouldRenew(certificate.notBefore, certificate.notAfter, at):
         log.info(text, **fields)

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from accesstunnel.clocks import elapsedClock
 from accesstunnel.durations import spokenDuration
 from accesstunnel.enrollmessages import APPROVED, encodeMessage
+from accesstunnel.policy import negotiatedKex
 from groundcontrol.auth import AgentLogin, OperatorLogin, logLinkAccepted
 from groundcontrol.enrollment import AgentRequests
 from groundcontrol.flapping import limiterFor
@@ -27,7 +28,7 @@ from groundcontrol.forwarding import RemoteForwards, relayFromDevice
 from groundcontrol.registry import Registry
 from groundcontrol.relay import refusal
 from groundcontrol.router import SessionRouter
-from groundcontrol.store import IStore
+from groundcontrol.store import IStore, LinkRecord
 
 
 class OperatorAvatar(ConchUser):
@@ -177,7 +178,12 @@ class AgentAvatar(ConchUser):
             self._registry.attachPending(self.link)
         else:
             logLinkAccepted(
-                self._log, self.deviceName, self.login, self.source, self._clock.seconds()
+                self._log,
+                self.deviceName,
+                self.login,
+                self.source,
+                self._clock.seconds(),
+                negotiatedKex(conn.transport),
             )
             self._attachRoutable(self.link)
 
@@ -217,10 +223,11 @@ class AgentAvatar(ConchUser):
         Record this link as the device's last (C{device show}): it was accepted while the
         key was pending, when no device record held it. Approved on it, it is a link by
         the device's key (a certificate, if one came, was not for an approved device
-        then). The same store call a link of an approved device makes at its login, once
-        per approval.
+        then), over the key exchange it negotiated. The same store call a link of an
+        approved device makes at its login, once per approval.
         """
         login = self.login
+        kex = None if self.link is None else negotiatedKex(self.link.conn.transport)
         self._store.recordContact(
             login.requestedName,
             login.publicKey,
@@ -228,6 +235,7 @@ class AgentAvatar(ConchUser):
             None,
             self.source,
             self._clock.seconds(),
+            link=lambda name: LinkRecord(kex=kex),
         ).addErrback(
             lambda f: self._log.failure(
                 "could not record the link of approved device {device}", f, device=deviceName

@@ -16,6 +16,7 @@ from typing import Any
 
 import attrs
 
+from accesstunnel.policy import isPostQuantum
 from accesstunnel.timetext import absoluteTime, isoTime, whenText
 from groundcontrol.documents import deviceJSON, grantJSON, requestJSON, serialMatches
 from groundcontrol.store import Device, EnrollmentRequest, Grant, LastLink
@@ -140,6 +141,10 @@ def detailJSON(detail: DeviceDetail) -> dict[str, Any]:
     document: dict[str, Any] = {
         **base,
         "last_link_auth": None if link is None else link.auth,
+        "last_link_kex": None if link is None else link.kex,
+        "last_link_post_quantum": None
+        if link is None or link.kex is None
+        else isPostQuantum(link.kex),
         "last_certificate": None
         if last is None or link is None
         else {
@@ -215,7 +220,7 @@ def _deviceLines(d: Device, now: float) -> list[tuple[str, str]]:
 
 def _lastLinkLines(link: LastLink | None, now: float) -> list[tuple[str, str]]:
     auth = None if link is None else link.auth
-    lines = [("last link by", auth or "not recorded")]
+    lines = [("last link by", auth or "not recorded"), ("last link kex", _kexText(link))]
     last = None if link is None else link.certificate
     if link is None or last is None:
         return [*lines, ("last certificate", "none presented")]
@@ -226,6 +231,16 @@ def _lastLinkLines(link: LastLink | None, now: float) -> list[tuple[str, str]]:
         ("  valid until", whenText(last.notAfter, now)),
         ("  presented", whenText(link.certificateAt, now)),
     ]
+
+
+def _kexText(link: LastLink | None) -> str:
+    """The last link's key exchange, and whether it is post-quantum (older agents' is not)."""
+    kex = None if link is None else link.kex
+    if kex is None:
+        return "not recorded"
+    if isPostQuantum(kex):
+        return f"{clean(kex)} (post-quantum)"
+    return f"{clean(kex)} (not post-quantum: an agent from before the hybrid key exchange?)"
 
 
 def pendingState(kind: str) -> str:

@@ -175,6 +175,8 @@ class PeerMind:
     peer: IAddress
     #: The TLS client certificate the connection presented, if any.
     certificate: x509.Certificate | None = None
+    #: The key exchange the connection negotiated (C{mlkem768x25519-sha256}), if known.
+    kex: str | None = None
 
 
 @implementer(IRealm)
@@ -213,6 +215,7 @@ class GroundControlRealm:
 
     async def _agentAvatar(self, login: AgentLogin, mind: Any) -> Any:
         source = describeAddress(mind.peer) if isinstance(mind, PeerMind) else "unknown"
+        kex = mind.kex if isinstance(mind, PeerMind) else None
         presented = PresentedCertificate.check(
             mind.certificate if isinstance(mind, PeerMind) else None,
             self._ca,
@@ -228,7 +231,7 @@ class GroundControlRealm:
                 source,
                 self._clock.seconds(),
                 limits=self._pendingLimits,
-                link=presented.linkRecordFor,
+                link=lambda name: attrs.evolve(presented.linkRecordFor(name), kex=kex),
             )
         except PendingLimitReached as e:
             self._log.warn(
@@ -318,7 +321,11 @@ class GroundControlUserAuth(HostboundUserAuthMixin, userauth.SSHUserAuthServer):
         super().serviceStarted()
         self.portal = _PortalWithPeer(
             self.portal,
-            PeerMind(self.transport.getPeer(), peerCertificate(self.transport.transport)),
+            PeerMind(
+                self.transport.getPeer(),
+                peerCertificate(self.transport.transport),
+                policy.negotiatedKex(self.transport),
+            ),
         )
         self.supportedAuthentications = [b"publickey"]
 

@@ -18,6 +18,7 @@ from groundcontrol.datadir import DataDir
 from groundcontrol.devicedetail import ONLINE_KEYS
 from groundcontrol.store import (
     LinkCertificate,
+    LinkRecord,
     SQLiteStore,
     SQLStore,
     hashSecret,
@@ -466,22 +467,31 @@ def test_deviceShowLastLink(
         None,
         "198.51.100.7:40000",
         T0 + 60,
-        certificate=certificate,
+        link=lambda _: LinkRecord(certificate, kex="mlkem768x25519-sha256"),
     )
     assert result(linked).lastSeen == T0 + 60
     status, out, _ = run(capsys, "--data", str(data), "device", "show", "kiln7")
     assert status == 0
     assert re.search(r"(?m)^last link by +certificate$", out), out
+    assert re.search(r"(?m)^last link kex +mlkem768x25519-sha256 \(post-quantum\)$", out), out
     assert re.search(r"(?m)^last certificate +0a1b2c3d$", out), out
     assert re.search(rf"(?m)^  SHA-256 +{certificateFingerprint}$", out), out
     assert re.search(r"(?m)^  valid until +2023-11-15T22:13:20Z \(in 24 h\)$", out), out
     assert re.search(r"(?m)^  presented +2023-11-14T22:14:20Z \(in 60 s\)$", out), out
 
-    result(store.recordContact("kiln7", line, fingerprint(line), None, "x", T0 + 120))
+    classical = LinkRecord(kex="curve25519-sha256")
+    result(
+        store.recordContact(
+            "kiln7", line, fingerprint(line), None, "x", T0 + 120, link=lambda _: classical
+        )
+    )
+    status, out, _ = run(capsys, "--data", str(data), "device", "show", "kiln7")
+    assert re.search(r"(?m)^last link kex +curve25519-sha256 \(not post-quantum: ", out), out
     status, out, _ = run(capsys, "--data", str(data), "device", "show", "kiln7", "--json")
     assert status == 0
     shown = json.loads(out)
     assert (shown["name"], shown["state"], shown["last_link_auth"]) == ("kiln7", "approved", "key")
+    assert (shown["last_link_kex"], shown["last_link_post_quantum"]) == ("curve25519-sha256", False)
     assert shown["last_certificate"] == {
         "serial_number": "0a1b2c3d",
         "fingerprint": certificateFingerprint,

@@ -19,14 +19,26 @@ from typing import Any, cast
 from cryptography import x509
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from accesstunnel import hybridkex
+from accesstunnel.keys import fingerprint
 from accesstunnel.timetext import isoTime
+from agent.identity import ServerKeyPin
+from agent.link import AgentLinkFactory, LinkSettings
 from groundcontrol import pki, sshserver
 from groundcontrol.certverdict import CertificateVerdict, Finding, PresentedCertificate
 from groundcontrol.enrollment import CertificatePolicy
 from groundcontrol.store import IStore, LastLink, LinkCertificate
-from groundcontrol.testing import InMemoryFleet, newKey, openMemoryStore, publicLine, resultNow
+from groundcontrol.testing import (
+    InMemoryFleet,
+    newKey,
+    openMemoryStore,
+    publicLine,
+    refuseForwards,
+    resultNow,
+    scriptedSessions,
+)
 from tests.test_pki import openSSLFingerprint
 
 T0 = 1_900_000_000.0
@@ -173,7 +185,48 @@ class LinkCertificateTests(SynchronousTestCase):
         self.clock.advance(60)
         self.link(None)
         later = resultNow(self.fleet.store.lastLink("kiln7"))
-        self.assertEqual(later, LastLink("key", device.certificate, T0))
+        self.assertEqual(later, LastLink("key", device.certificate, T0, "curve25519-sha256"))
+
+    def test_classicalKeyExchangeSaid(self) -> None:
+        """
+        A link over curve25519-sha256 (Conch's client, as agents older than the hybrid link)
+        says its key exchange in its one line, not post-quantum, and the store keeps it
+        with the link (device show); so devices still running such agents can be found.
+        """
+        line = self.connected(self.link(None))
+        self.assertEqual((line["kex"], line["postQuantum"]), ("curve25519-sha256", False))
+        self.assertTrue(
+            formatEvent(line).endswith(
+                "(no certificate), key exchange curve25519-sha256 (not post-quantum)"
+            ),
+            formatEvent(line),
+        )
+        self.assertEqual(resultNow(self.fleet.store.lastLink("kiln7")).kex, "curve25519-sha256")
+
+    def test_postQuantumKeyExchangeSaid(self) -> None:
+        """
+        Today's agent (its real link, mlkem768x25519-sha256 where cryptography can) is said
+        and stored as post-quantum, in the certificate link's line too.
+        """
+        if not hybridkex.AVAILABLE:
+            raise SkipTest("this cryptography cannot do ML-KEM: the agent offers curve25519")
+        issued = self.issue()
+        self.presented = x509.load_pem_x509_certificate(issued.pem)
+        settings = LinkSettings(
+            name="kiln7",
+            deviceKey=self.key,
+            serverKey=ServerKeyPin(fingerprint(publicLine(self.fleet.hostKey))),
+        )
+        factory = AgentLinkFactory(settings, self.clock, scriptedSessions(), refuseForwards)  # type: ignore[arg-type]
+        with capturedLogs() as events:
+            self.fleet.connect(factory)
+        line = self.connected(list(events))
+        self.assertEqual((line["auth"], line["kex"]), ("certificate", "mlkem768x25519-sha256"))
+        self.assertTrue(line["postQuantum"])
+        self.assertIn(", key exchange mlkem768x25519-sha256", formatEvent(line))
+        self.assertNotIn("not post-quantum", formatEvent(line))
+        last = resultNow(self.fleet.store.lastLink("kiln7"))
+        self.assertEqual((last.auth, last.kex), ("certificate", "mlkem768x25519-sha256"))
 
     def test_noExtraStoreCall(self) -> None:
         """

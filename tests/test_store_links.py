@@ -1,8 +1,8 @@
 """
-Tests for the store's record of device links (schema 006): how an approved device's latest
-link authenticated and the last certificate it linked with, written by recordContact in the
-statement that sets last_seen and read by lastLink, on SQLite and PostgreSQL, and the
-upgrade of a version 5 database that already holds devices.
+Tests for the store's record of device links (schemas 006, 008): how an approved device's
+latest link authenticated, the last certificate it linked with and the key exchange it used,
+written by recordContact in the statement that sets last_seen and read by lastLink, on SQLite
+and PostgreSQL, and the upgrade of a version 5 (and 7) database that already holds devices.
 """
 
 from __future__ import annotations
@@ -81,6 +81,28 @@ class LinkRecordTests(StoreTestCase):
         renewed = presented(serialNumber="ff")
         self.contact("kiln7", publicKey, T0 + 180, certificate=renewed)
         self.assertEqual(self.lastLink(), LastLink("certificate", renewed, T0 + 180))
+
+    def test_keyExchangeRecordedWithTheLink(self) -> None:
+        """
+        The key exchange the caller says a link negotiated is recorded with it, by key or by
+        certificate, and replaced by the next link's (None: not known); a refused link leaves
+        it as it was.
+        """
+        publicKey, _ = self.enroll("kiln7")
+        self.contact(
+            "kiln7", publicKey, T0 + 60, link=lambda _: LinkRecord(kex="curve25519-sha256")
+        )
+        self.assertEqual(self.lastLink(), LastLink("key", None, None, "curve25519-sha256"))
+        pq = LinkRecord(presented(), kex="mlkem768x25519-sha256")
+        self.contact("kiln7", publicKey, T0 + 120, link=lambda _: pq)
+        self.assertEqual(
+            self.lastLink(), LastLink("certificate", presented(), T0 + 120, "mlkem768x25519-sha256")
+        )
+        refused = LinkRecord(refused=True, kex="curve25519-sha256")
+        self.contact("kiln7", publicKey, T0 + 180, link=lambda _: refused)
+        self.assertEqual(self.lastLink().kex, "mlkem768x25519-sha256")  # type: ignore[union-attr]
+        self.contact("kiln7", publicKey, T0 + 240)
+        self.assertEqual(self.lastLink(), LastLink("key", presented(), T0 + 120, None))
 
     def test_refusedCertificateLeavesTheRecord(self) -> None:
         """
@@ -222,4 +244,52 @@ class UpgradeTo006Tests(StoreTestCase):
         self.assertEqual(
             self.successResultOf(self.store.lastLink("kiln7")),
             LastLink("certificate", presented(), T0 + 5),
+        )
+
+
+@bothBackends
+class UpgradeTo008Tests(StoreTestCase):
+    """A version 7 database's link records gain an empty key exchange, filled at the next link."""
+
+    def test_linkRecordsUpgraded(self) -> None:
+        """
+        A device that linked by certificate under version 7 keeps its record after the
+        upgrade, with no key exchange (not guessed), and its next link records one.
+        """
+        if self.backend == "postgresql":
+            assert self.postgresql is not None
+            self.url = self.postgresql.newDatabase()
+        else:
+            self.path = self.url = str(Path(self.mktemp() + ".sqlite3").absolute())
+        self.assertEqual(self.rawMigrate(upTo=7), 7)
+        publicKey = newPublicKey()
+        self.rawQuery(
+            "INSERT INTO devices (name, state, fingerprint, public_key, serial, approved_at, "
+            "approved_by, last_seen, created_at, last_link_auth, last_certificate_serial, "
+            "last_certificate_fingerprint, last_certificate_not_after, last_certificate_at) "
+            "VALUES (?, 'approved', ?, ?, NULL, ?, 'admin', ?, ?, 'certificate', ?, ?, ?, ?)",
+            (
+                "kiln7",
+                fingerprint(publicKey),
+                publicKey,
+                T0,
+                T0,
+                T0,
+                "0a1b2c",
+                FINGERPRINT,
+                T0 + 30 * 86400,
+                T0,
+            ),
+        )
+        self.assertEqual(self.rawMigrate(), schemaUpgraders()[-1][0])
+        self.assertGreaterEqual(schemaUpgraders()[-1][0], 8)
+        self.store = self.openAnother()
+        self.assertEqual(
+            self.successResultOf(self.store.lastLink("kiln7")),
+            LastLink("certificate", presented(), T0, None),
+        )
+        self.contact("kiln7", publicKey, T0 + 5, link=lambda _: LinkRecord(kex="curve25519-sha256"))
+        self.assertEqual(
+            self.successResultOf(self.openAnother().lastLink("kiln7")),
+            LastLink("key", presented(), T0, "curve25519-sha256"),
         )

@@ -206,11 +206,14 @@ class LinkRecord:
     The link came by C{certificate} (a L{LinkCertificate} that vouches for this device's
     key), or by the key alone when that is None; or, C{refused}, the caller refuses the login
     (its certificate does not vouch for it): the device is only seen, and how it last linked
-    is left as it was. Build one with L{byKey}, L{byCertificate} or L{refusedLink}.
+    is left as it was. Build one with L{byKey}, L{byCertificate} or L{refusedLink}; C{kex}
+    (the key exchange the link negotiated, C{mlkem768x25519-sha256}) is recorded with it,
+    or None if the caller does not know it.
     """
 
     certificate: LinkCertificate | None = None
     refused: bool = False
+    kex: str | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.refused and self.certificate is not None:
@@ -243,6 +246,9 @@ class LastLink:
     certificate: LinkCertificate | None
     #: When a link last presented C{certificate}.
     certificateAt: float | None
+    #: The key exchange the latest link negotiated (C{mlkem768x25519-sha256}); None until
+    #: the device links (or has not since schema 008).
+    kex: str | None = None
 
 
 @frozen

@@ -107,7 +107,8 @@ class DeviceRows(StoreCore):
         c = self._cursor()
         row = c.execute(
             "SELECT last_link_auth, last_certificate_serial, last_certificate_fingerprint, "
-            "last_certificate_not_after, last_certificate_at FROM devices WHERE name = ?",
+            "last_certificate_not_after, last_certificate_at, last_link_kex "
+            "FROM devices WHERE name = ?",
             (name,),
         ).fetchone()
         if row is None:
@@ -120,7 +121,9 @@ class DeviceRows(StoreCore):
                 notAfter=row["last_certificate_not_after"],
                 deviceName=name,
             )
-        return LastLink(row["last_link_auth"], certificate, row["last_certificate_at"])
+        return LastLink(
+            row["last_link_auth"], certificate, row["last_certificate_at"], row["last_link_kex"]
+        )
 
     def deviceForKey(self, fingerprint: str) -> Deferred[Device | None]:
         return self._run(self._deviceForKey, fingerprint)
@@ -239,7 +242,7 @@ class DeviceRows(StoreCore):
                     # The caller refuses this login: seen, but no link to record.
                     c.execute("UPDATE devices SET last_seen = ? WHERE name = ?", (now, device.name))
                 else:
-                    self._recordLink(c, device.name, now, record.certificate)
+                    self._recordLink(c, device.name, now, record)
                 return self._deviceNamed(c, device.name)
 
             # Unknown key: only now is the claimed name worth validating and storing.
@@ -251,27 +254,32 @@ class DeviceRows(StoreCore):
             )
 
     @staticmethod
-    def _recordLink(c: Cursor, name: str, now: float, certificate: LinkCertificate | None) -> None:
+    def _recordLink(c: Cursor, name: str, now: float, record: LinkRecord) -> None:
         """
-        An approved device's link is accepted: its last contact, how it authenticated and
-        the certificate it presented, in the one statement a contact always cost.
+        An approved device's link is accepted: its last contact, how it authenticated, the
+        certificate it presented and the key exchange it negotiated, in the one statement a
+        contact always cost.
         """
+        certificate = record.certificate
         if certificate is None:
             c.execute(
-                "UPDATE devices SET last_seen = ?, last_link_auth = 'key' WHERE name = ?",
-                (now, name),
+                "UPDATE devices SET last_seen = ?, last_link_auth = 'key', last_link_kex = ? "
+                "WHERE name = ?",
+                (now, record.kex, name),
             )
         else:
             c.execute(
                 "UPDATE devices SET last_seen = ?, last_link_auth = 'certificate', "
                 "last_certificate_serial = ?, last_certificate_fingerprint = ?, "
-                "last_certificate_not_after = ?, last_certificate_at = ? WHERE name = ?",
+                "last_certificate_not_after = ?, last_certificate_at = ?, last_link_kex = ? "
+                "WHERE name = ?",
                 (
                     now,
                     certificate.serialNumber,
                     certificate.fingerprint,
                     certificate.notAfter,
                     now,
+                    record.kex,
                     name,
                 ),
             )
