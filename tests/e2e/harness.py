@@ -16,9 +16,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +156,58 @@ def sshAgentRunning(directory: Path, program: str = "ssh-agent") -> Iterator[dic
         except subprocess.TimeoutExpired:
             agent.kill()
             agent.wait()
+
+
+class WebhookReceiver:
+    """
+    groundcontrol's --webhook receiver, on loopback in a thread of its own: it keeps each POST
+    (its path, content type and JSON body) and answers it C{status(body, earlier)}, C{earlier}
+    being the bodies POSTed before it (200 to all by default). L{start} it; L{close} it.
+    """
+
+    def __init__(
+        self, status: Callable[[dict[str, Any], list[dict[str, Any]]], int] | None = None
+    ) -> None:
+        self.posts: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        receiver = self
+        answer = status or (lambda body, earlier: 200)
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                with receiver.lock:
+                    earlier = [p["body"] for p in receiver.posts]
+                    receiver.posts.append(
+                        {"path": self.path, "type": self.headers.get("Content-Type"), "body": body}
+                    )
+                self.send_response(answer(body, earlier))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self.url = f"http://{LOOPBACK}:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """The POSTs so far: C{path}, C{type} (Content-Type) and C{body} of each."""
+        with self.lock:
+            return list(self.posts)
+
+    def bodies(self) -> list[dict[str, Any]]:
+        """The JSON bodies POSTed so far."""
+        return [p["body"] for p in self.snapshot()]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
 
 
 class GroundControl:

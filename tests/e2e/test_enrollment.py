@@ -8,11 +8,9 @@ state dir, the webhook reaching a real local HTTP server with retries, and
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +22,11 @@ from accesstunnel.keys import fingerprint
 from accesstunnel.timetext import isoTime
 from groundcontrol.pki import FleetCA, verifyDeviceCertificate
 from tests.e2e.harness import (
-    LOOPBACK,
     TUNNEL_AGENT,
     Agent,
     Fleet,
     GroundControl,
+    WebhookReceiver,
     run,
     waitFor,
 )
@@ -145,56 +143,18 @@ def test_certificate_in_state_dir(kiln7: Fleet) -> None:
     ).read_bytes()
 
 
-class _Hook:
-    """A tiny webhook receiver: answers 503 to the first C{failures} POSTs, then 200."""
-
-    def __init__(self, failures: int) -> None:
-        self.failures = failures
-        self.posts: list[dict[str, Any]] = []
-        self.lock = threading.Lock()
-        hook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                with hook.lock:
-                    hook.posts.append(
-                        {
-                            "path": self.path,
-                            "type": self.headers.get("Content-Type"),
-                            "body": json.loads(body),
-                        }
-                    )
-                    failing = len(hook.posts) <= hook.failures
-                self.send_response(503 if failing else 200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
-        self.url = f"http://{LOOPBACK}:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def snapshot(self) -> list[dict[str, Any]]:
-        with self.lock:
-            return list(self.posts)
-
-
 @pytest.fixture
-def hook() -> Iterator[_Hook]:
-    receiver = _Hook(failures=2)
-    receiver.thread.start()
+def hook() -> Iterator[WebhookReceiver]:
+    """A receiver answering 503 to the first two POSTs, then 200."""
+    receiver = WebhookReceiver(lambda body, earlier: 503 if len(earlier) < 2 else 200)
+    receiver.start()
     try:
         yield receiver
     finally:
-        receiver.server.shutdown()
-        receiver.server.server_close()
-        receiver.thread.join(5)
+        receiver.close()
 
 
-def test_webhook_retried_until_delivered(fleet: Fleet, hook: _Hook) -> None:
+def test_webhook_retried_until_delivered(fleet: Fleet, hook: WebhookReceiver) -> None:
     """
     With --webhook, a new pending device is POSTed as JSON (event device.pending, with the
     serial its agent reported) to a real local HTTP server; the two 503 answers are
@@ -257,8 +217,8 @@ def test_reapproval_webhook_says_the_serial(fleet: Fleet) -> None:
     it is the device's (serial_matches yes, device_serial), and its re-approval's
     device.approved says the serial too (both were null).
     """
-    receiver = _Hook(failures=0)
-    receiver.thread.start()
+    receiver = WebhookReceiver()
+    receiver.start()
     try:
         fleet.gc.stop()
         fleet.startServer("--webhook", receiver.url, "--certificate-lifetime", "6s")
@@ -293,6 +253,4 @@ def test_reapproval_webhook_says_the_serial(fleet: Fleet) -> None:
         approved = waitFor(lambda: posted("device.approved", "reapprove"), 30, "the approval")
         assert approved["detail"]["serial"] == "SN-1"
     finally:
-        receiver.server.shutdown()
-        receiver.server.server_close()
-        receiver.thread.join(5)
+        receiver.close()

@@ -8,20 +8,18 @@ agent (C{agent+NAME}): it never says hello, so no serial comes. All on 127.0.0.1
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
 from groundcontrol.notify import STOP_DELIVERY_WAIT
-from tests.e2e.harness import LOOPBACK, Fleet, Process, run, waitFor
+from tests.e2e.harness import LOOPBACK, Fleet, Process, WebhookReceiver, run, waitFor
 
 
 class _HangingHook:
@@ -66,40 +64,14 @@ class _HangingHook:
             connection.close()
 
 
-class _RefusesOnce:
-    """A webhook receiver answering 503 to the first POST about C{device}, 200 otherwise."""
+def _refusesFirstAbout(device: str) -> Callable[[dict[str, Any], list[dict[str, Any]]], int]:
+    """A webhook's answers: 503 to the first POST about C{device}, 200 otherwise."""
 
-    def __init__(self, device: str) -> None:
-        self.posts: list[dict[str, Any]] = []
-        self.lock = threading.Lock()
-        receiver = self
+    def status(body: dict[str, Any], earlier: list[dict[str, Any]]) -> int:
+        first = all(p["device"] != body["device"] for p in earlier)
+        return 503 if first and body["device"] == device else 200
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                with receiver.lock:
-                    first = all(p["device"] != body["device"] for p in receiver.posts)
-                    receiver.posts.append(body)
-                self.send_response(503 if first and body["device"] == device else 200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
-        self.url = f"http://{LOOPBACK}:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def snapshot(self) -> list[dict[str, Any]]:
-        with self.lock:
-            return list(self.posts)
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
+    return status
 
 
 @pytest.fixture
@@ -187,25 +159,26 @@ def test_stop_delivers_what_is_queued(fleet: Fleet) -> None:
     A notification held for a serial when SIGTERM comes is POSTed at stop, serial null,
     and its retry after a 503 (within 1 s) still goes out before groundcontrol exits.
     """
-    receiver = _RefusesOnce("held2")
+    receiver = WebhookReceiver(_refusesFirstAbout("held2"))
+    receiver.start()
     try:
         fleet.gc.stop()
         fleet.startServer("--webhook", receiver.url)
         fleet.addAgent("sent2", approve=False, extraArgs=("--serial", "SN-2"))
-        waitFor(receiver.snapshot, 30, "the POST for sent2")
+        waitFor(receiver.bodies, 30, "the POST for sent2")
         silent = _loginWithoutHello(fleet, "held2")
         try:
             _heldBehindAnApproval(
                 fleet,
                 "held2",
                 "sent2",
-                lambda: any(p["event"] == "device.approved" for p in receiver.snapshot()),
+                lambda: any(p["event"] == "device.approved" for p in receiver.bodies()),
             )
-            assert all(p["device"] != "held2" for p in receiver.snapshot())
+            assert all(p["device"] != "held2" for p in receiver.bodies())
             _, log = _terminate(fleet)
         finally:
             silent.stop()
-        posts = [p for p in receiver.snapshot() if p["device"] == "held2"]
+        posts = [p for p in receiver.bodies() if p["device"] == "held2"]
     finally:
         receiver.close()
     assert [(p["event"], p["device"], p["detail"]["serial"]) for p in posts] == [
