@@ -46,6 +46,8 @@ HANDSHAKE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.
 REFUSED_HANDSHAKE_LIMIT = "handshake_limit"
 #: The C{pool} of connections still awaiting their version line (not yet in a pool).
 AWAITING_VERSION = "awaiting_version"
+#: In DATA/run: the metrics listener's bound address, once it is bound.
+METRICS_FILE = "metrics.json"
 
 
 class _RefusalCollector(Collector):
@@ -264,7 +266,7 @@ def metricsService(
     site: Any = metrics.site()
     listener = ListenService(serverFromString(reactor, endpoint), site, "metrics")
     listener.listening.addCallback(
-        lambda _: writeListeningFile(runDir / "metrics.json", [listener])(None)
+        lambda _: writeListeningFile(runDir / METRICS_FILE, [listener])(None)
     )
     return listener
 
@@ -277,4 +279,11 @@ def instrumentFactory(factory: Any, metrics: Metrics) -> None:
     factory.services[b"ssh-userauth"] = MeteredUserAuth
 
 
-__all__ = ["MeteredTransport", "MeteredUserAuth", "Metrics", "instrumentFactory", "metricsService"]
+__all__ = [
+    "METRICS_FILE",
+    "MeteredTransport",
+    "MeteredUserAuth",
+    "Metrics",
+    "instrumentFactory",
+    "metricsService",
+]

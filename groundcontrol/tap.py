@@ -45,7 +45,7 @@ from groundcontrol.enrollment import CertificatePolicy
 from groundcontrol.fleetwatch import DEFAULT_PENDING_EXPIRY, FleetWatcher
 from groundcontrol.listening import LISTENING_FILE, ListenService, listenAll
 from groundcontrol.logging import DEFAULT_LEVEL, LEVELS, parseLevel, setLevel
-from groundcontrol.metrics import Metrics, metricsService
+from groundcontrol.metrics import METRICS_FILE, Metrics, metricsService
 from groundcontrol.notify import NotifierService, makeNotifier
 from groundcontrol.pki import CA_CERTIFICATE_FILE, CA_KEY_FILE, CAError
 from groundcontrol.preauth import (
@@ -523,13 +523,13 @@ def removeTemporariesLeft(dataDir: DataDir, onionKeyFile: Path) -> None:
     """
     Remove the temporary files a power cut (or a kill) between a write and its rename or
     link left beside the state files groundcontrol writes through L{accesstunnel.statefiles}
-    (its host key, fleet CA, run/listening.json and run/stopped.json, the onion service's
-    key), as the agent does at its start. Before any of them is written again.
+    (its host key, fleet CA, run/listening.json, run/metrics.json and run/stopped.json, the
+    onion service's key), as the agent does at its start. Before any of them is written again.
     """
     stateFiles: dict[Path, set[str]] = {
         dataDir.path: {dataDir.hostKeyPath.name, dataDir.hostPublicKeyPath.name},
         dataDir.caDirectory: {CA_KEY_FILE, CA_CERTIFICATE_FILE},
-        dataDir.path / "run": {LISTENING_FILE, STOPPED_FILE},
+        dataDir.path / "run": {LISTENING_FILE, METRICS_FILE, STOPPED_FILE},
     }
     stateFiles.setdefault(onionKeyFile.parent, set()).add(onionKeyFile.name)
     for directory, names in stateFiles.items():
