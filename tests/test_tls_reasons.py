@@ -45,7 +45,10 @@ from groundcontrol.testing import InMemoryFleet, publicLine, refuseForwards, scr
 from tests.test_transports_tls import Fixture, Sender
 from tests.test_transports_websocket import PeerFactory
 
-TRUST = "(the agent trusts its --tls-ca file, or the system's CAs when it has none)"
+TRUST = (
+    "(the agent trusts the CA file set by tls-ca in its config file or by "
+    "--tls-ca, or the system's CAs when neither is set)"
+)
 
 
 def selfSigned(directory: Path, name: str = "gc.test") -> ServerTLS:

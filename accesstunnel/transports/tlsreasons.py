@@ -41,8 +41,12 @@ __all__ = [
 #: The end of every text here that carries OpenSSL's own words.
 OPENSSL_WORDS = "[OpenSSL: {words}]"
 
-#: Where the agent's trust comes from, said after a certificate it does not trust.
-TRUST_SOURCE = "the agent trusts its --tls-ca file, or the system's CAs when it has none"
+#: Where the agent's trust comes from (agent/tap.py: the config file's tls-ca wins over
+#: --tls-ca), said after a certificate it does not trust.
+TRUST_SOURCE = (
+    "the agent trusts the CA file set by tls-ca in its config file or by "
+    "--tls-ca, or the system's CAs when neither is set"
+)
 
 #: OpenSSL's reasons (lower case) for bytes that are not TLS where a TLS record was due.
 _NOT_TLS = (
