@@ -40,6 +40,8 @@ class OperatorAvatar(ConchUser):
         super().__init__()
         self.login = login
         self._router = router
+        #: Remote forwards not answered yet (one may wait for its device to reconnect).
+        self._forwardsAsked: set[defer.Deferred[Any]] = set()
 
     def lookupChannel(
         self, channelType: bytes, windowSize: int, maxPacket: int, data: bytes
@@ -58,7 +60,7 @@ class OperatorAvatar(ConchUser):
 
     def gotGlobalRequest(self, requestType: bytes, data: bytes) -> Any:
         """Remote forwards go to the device; anything else (keepalives) is refused."""
-        return defer.Deferred.fromCoroutine(
+        asked = defer.Deferred.fromCoroutine(
             self._router.forwardRequest(
                 self.login.account,
                 self.login.target,
@@ -67,9 +69,22 @@ class OperatorAvatar(ConchUser):
                 data,
             )
         )
+        if not asked.called:
+            self._forwardsAsked.add(asked)
+            asked.addBoth(self._answered, asked)
+        return asked
+
+    def _answered(self, result: Any, asked: defer.Deferred[Any]) -> Any:
+        self._forwardsAsked.discard(asked)
+        return result
 
     def logout(self) -> None:
-        """Channels close with the connection; remote forwards are taken down."""
+        """
+        Channels close with the connection; remote forwards are taken down, and those
+        still waiting for their device to reconnect are given up (no waiter left behind).
+        """
+        for asked in list(self._forwardsAsked):
+            asked.cancel()
         conn = getattr(self, "conn", None)
         if conn is not None:
             self._router.operatorGone(self.login.target, conn)

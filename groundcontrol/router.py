@@ -420,6 +420,15 @@ class SessionRouter:
         ``ssh -R``: pass ``tcpip-forward`` / ``cancel-tcpip-forward`` (and their
         UNIX socket forms) on to the device, and remember which operator connection
         owns the forward: only that connection may cancel it.
+
+        A forward to a device that is reconnecting waits for it as a channel does
+        (L{reachableLink}'s wait): ssh sends its ``-R`` requests just before it opens the
+        session, which waited while the forward was refused at once ("remote port
+        forwarding failed"). Replies go out in the order of the requests, so the replies
+        behind it on this connection (ssh's ServerAliveInterval keepalives) wait too, for
+        --device-wait at most; OpenSSH's client waits for the forward's reply as long as it
+        takes (no timeout of its own). A cancel does not wait: nothing is forwarded to take
+        down. A forward whose operator left during the wait is not made.
         """
         sockets = requestType in _SOCKET_FORWARD_REQUESTS
         if not (sockets or requestType in _FORWARD_REQUESTS):
@@ -431,11 +440,13 @@ class SessionRouter:
             address, port = parse(data)
         except MalformedPayload:
             return 0
+        cancel = requestType in _CANCELS
         try:
-            link = await self.reachableLink(account, target.name)
+            link = await self.reachableLink(account, target.name, wait=not cancel)
         except Exception:
             return 0
-        cancel = requestType in _CANCELS
+        if getattr(operatorConn, "stopped", False):
+            return 0  # the operator left while it waited: nobody to forward to
         refused = await self._forwardRefused(account, link, address, port, cancel, operatorConn)
         if refused is not None:
             self._log.info(

@@ -19,8 +19,10 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from accesstunnel.keys import fingerprint
+from agent import link as agentlink
 from agent.identity import ServerKeyPin
 from agent.link import AgentLinkFactory, LinkSettings
+from agent.remoteforward import RemoteForwarder
 from groundcontrol.datadir import DataDir
 from groundcontrol.devicewait import STOPPED_FILE, DeviceWaitPolicy, DeviceWaits, StopRecord
 from groundcontrol.metrics import Metrics
@@ -230,6 +232,69 @@ class WaitTests(DeviceWaitTestCase):
         self.advance(0)
         self.assertEqual(local.openFailureText, "forwarding is not scripted")
         self.assertEqual(jump.openFailureText, "forwarding is not scripted")
+
+    def forwarder(self) -> MemoryReactorClock:
+        """The agent's ssh -R listeners go to an in-memory reactor; it is returned."""
+        listening = MemoryReactorClock()
+
+        def onMemory(reactor: Any, conn: Any, **kwargs: Any) -> RemoteForwarder:
+            return RemoteForwarder(listening, conn, **kwargs)
+
+        self.patch(agentlink, "RemoteForwarder", onMemory)
+        return listening
+
+    def askForward(self, operator: FakeOperator, name: bytes = b"tcpip-forward") -> Any:
+        assert operator.connection is not None
+        request = common.NS(b"localhost") + struct.pack(">L", 8080)
+        asked = operator.connection.sendGlobalRequest(name, request, wantReply=1)
+        self.fleet.flush()
+        return asked
+
+    def test_remoteForwardWaits(self) -> None:
+        """
+        ssh -R (tcpip-forward) to a device that is reconnecting is held unanswered like
+        a channel, then made on the device once it is back: it was refused at once ("remote
+        port forwarding failed") while the session beside it waited and opened.
+        """
+        listening = self.forwarder()
+        self.dropAgent()
+        operator, _ = self.operator()
+        asked = self.askForward(operator)
+        self.assertNoResult(asked)
+        self.assertEqual(self.waits.waitingFor("kiln7"), 1)
+        self.agentPump = self.connectAgent()
+        self.advance(0)
+        self.successResultOf(asked)
+        self.assertEqual([port for port, *_ in listening.tcpServers], [8080])
+        link = self.fleet.registry.lookup("kiln7")
+        self.assertIsNotNone(link.remoteForwards.owner(b"localhost", 8080))
+        self.assertEqual(self.waitLines(), [("alice", "0.0 s", "it did")])
+
+    def test_remoteForwardOfAnOperatorWhoLeft(self) -> None:
+        """
+        An operator who leaves while their -R waits leaves no waiter, and gets no forward on
+        the device when it is back (nobody would own it or take it down); a device not back
+        in time is refused; a cancel never waits.
+        """
+        listening = self.forwarder()
+        self.dropAgent()
+        operator, pump = self.operator()
+        left = self.askForward(operator)
+        self.fleet.network.cut(pump)
+        self.failureResultOf(left)  # the operator's own ssh: its connection is gone
+        self.assertEqual(self.waits.waitingFor("kiln7"), 0)  # given up when they left
+        self.assertEqual(self.waitLines(), [("alice", "0.0 s", "the operator left")])
+        self.agentPump = self.connectAgent()
+        self.advance(0)
+        self.assertEqual(listening.tcpServers, [])
+        self.dropAgent()
+        operator, _ = self.operator()
+        asked = self.askForward(operator)
+        self.advance(WAIT)
+        self.failureResultOf(asked)
+        cancel = self.askForward(operator, b"cancel-tcpip-forward")  # never waits
+        self.failureResultOf(cancel)
+        self.assertEqual(self.waits.waitingFor("kiln7"), 0)
 
     def test_revokedWhileWaiting(self) -> None:
         """A device revoked while a channel waits for it is refused as revoked at the end."""
