@@ -1,18 +1,23 @@
 """
-End to end: an operator's ssh to a device whose link just dropped waits for it to come
-back (groundcontrol --device-wait) instead of failing at once, and fails saying how long
-it waited when the device is not back in time.
+End to end: an operator's ssh (a session, or an -R forward) to a device whose link just
+dropped waits for it to come back (groundcontrol --device-wait) instead of failing at once,
+and fails saying how long it waited when the device is not back in time.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import urllib.request
 from pathlib import Path
 
-from tests.e2e.harness import Fleet, Operator, waitFor
+from groundcontrol.metrics import METRICS_FILE
+from tests.e2e.harness import LOOPBACK, Fleet, Operator, waitFor
+from tests.e2e.test_forwarding import Background, echoServer, roundTrip
+
+__all__ = ["echoServer"]  # the fixture, used here by name
 
 #: groundcontrol's metrics, where the tests see a channel held for the device.
 METRICS = ("--metrics", "tcp:0:interface=127.0.0.1")
@@ -21,7 +26,7 @@ METRICS = ("--metrics", "tcp:0:interface=127.0.0.1")
 def channelsWaiting(fleet: Fleet) -> float | None:
     """groundcontrol_channels_waiting, scraped now (None before the metrics listen)."""
     try:
-        listening = json.loads((fleet.gc.data / "run" / "metrics.json").read_text())
+        listening = json.loads((fleet.gc.data / "run" / METRICS_FILE).read_text())
         port = listening["listening"][0]["port"]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
             text = response.read().decode()
@@ -99,7 +104,8 @@ def test_ssh_runs_once_the_agent_is_back(kiln7: Fleet, tmp_path: Path) -> None:
 def test_not_back_in_time(kiln7: Fleet) -> None:
     """
     A device not back within --device-wait is refused as offline, saying how long the
-    channel waited; ssh exits 255.
+    channel waited (2 s and what the timer and the store's read of the device took after:
+    a tenth more on a loaded machine, so no exact figure is asserted); ssh exits 255.
     """
     alice = kiln7.operators["alice"]
     kiln7.agents[0].stop()
@@ -108,10 +114,11 @@ def test_not_back_in_time(kiln7: Fleet) -> None:
     assert result.returncode == 255
     assert re.search(
         r"open failed: connect failed: device 'kiln7' is offline \(last seen \S+Z, \d+ s ago\); "
-        r"waited 2\.0 s for it to reconnect",
+        r"waited 2\.\d s for it to reconnect",
         result.stderr,
     ), result.stderr
-    assert waitLines(kiln7) == ["alice waited 2.0 s for device kiln7 to reconnect: it did not"]
+    (line,) = waitLines(kiln7)
+    assert re.fullmatch(r"alice waited 2\.\d s for device kiln7 to reconnect: it did not", line)
 
 
 def test_ssh_right_after_groundcontrol_restarts(kiln7: Fleet, tmp_path: Path) -> None:
@@ -126,3 +133,45 @@ def test_ssh_right_after_groundcontrol_restarts(kiln7: Fleet, tmp_path: Path) ->
     kiln7.agents[0].stop()
     kiln7.gc.start(*METRICS, port=port or 0)
     runsOnceTheAgentIsBack(kiln7, tmp_path)
+
+
+def test_remote_forward_made_once_the_agent_is_back(kiln7: Fleet, echoServer: int) -> None:
+    """
+    ssh -N -R with ExitOnForwardFailure, started while the agent is away: the forward is
+    held (it was refused at once: 'Error: remote port forwarding failed', ssh exiting
+    255), then made on the device once the agent is back, and reaches the operator's
+    service.
+    """
+    kiln7.restartServer(*METRICS)
+    kiln7.waitRoutable(kiln7.operators["alice"], "kiln7")
+    (agent,) = kiln7.agents
+    agent.stop()
+    waitFor(lambda: offlineInLs(kiln7), 10, "kiln7 to be offline", interval=0.2)
+    earlier = len(waitLines(kiln7))
+    ssh = Background(
+        kiln7.operators["alice"].argv(
+            "dev_kiln7",
+            options=["-N", "-o", "ExitOnForwardFailure=yes", "-R", f"0:127.0.0.1:{echoServer}"],
+        )
+    )
+    try:
+        waitFor(
+            lambda: channelsWaiting(kiln7) == 1 or ssh.popen.poll() is not None,
+            20,
+            "groundcontrol to hold the ssh's remote forward for kiln7",
+            interval=0.1,
+        )
+        assert ssh.popen.poll() is None, ssh.close()  # waiting, not refused
+        agent.start(kiln7.serverAddress, str(kiln7.gc.data / "ssh_host_ed25519_key.pub"))
+        assert ssh.popen.stderr is not None
+        line = ssh.popen.stderr.readline()
+        match = re.search(r"Allocated port (\d+) for remote forward", line)
+        assert match, line
+        devicePort = int(match.group(1))
+        assert roundTrip(lambda: socket.create_connection((LOOPBACK, devicePort), timeout=10)) == (
+            b"echo:ping"
+        )
+    finally:
+        ssh.close()
+    (ended,) = waitLines(kiln7)[earlier:]
+    assert ended.endswith(": it did"), ended
