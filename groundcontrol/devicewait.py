@@ -272,6 +272,11 @@ class StopRecord(Service):
     C{DATA/run/stopped.json}: when groundcontrol stopped, so that once it starts again the
     devices online then are waited for however long it was down. Read (and removed) as it
     starts, so a later kill leaves no stale record behind; written as it stops.
+
+    Read at L{startService}, not when the service is built: a start that fails on its
+    options after the build (a --tls-cert that cannot be read) consumed the record, and
+    the start that followed the fix did not wait for the devices online at the stop. Its
+    parent starts it before the listeners, so no channel is opened before it is read.
     """
 
     _log = Logger()
@@ -280,7 +285,10 @@ class StopRecord(Service):
         self._waits = waits
         self._path = runDirectory / STOPPED_FILE
         self._clock = clock
-        waits.lastStop = self._readAndRemove()
+
+    def startService(self) -> None:
+        self._waits.lastStop = self._readAndRemove()
+        super().startService()
 
     def _readAndRemove(self) -> float | None:
         try:

@@ -589,10 +589,12 @@ class StopRecordTests(SynchronousTestCase):
         stoppedAt = self.clock.seconds()
         self.clock.advance(3600)  # down for an hour
         waits = self.waits()
-        StopRecord(waits, self.run, self.clock)
+        StopRecord(waits, self.run, self.clock).startService()
         self.assertEqual(waits.lastStop, stoppedAt)
         self.assertFalse((self.run / STOPPED_FILE).exists())
-        self.assertIsNone(self.waits().lastStop)  # killed next time: no stale record
+        again = self.waits()
+        StopRecord(again, self.run, self.clock).startService()
+        self.assertIsNone(again.lastStop)  # killed next time: no stale record
 
     def test_unreadableRecordIgnored(self) -> None:
         """A record that is not what it should be is ignored and removed."""
@@ -600,7 +602,7 @@ class StopRecordTests(SynchronousTestCase):
         for text in ("{", '{"stoppedAt": "soon"}', "[]", '{"stoppedAt": true}'):
             (self.run / STOPPED_FILE).write_text(text)
             waits = self.waits()
-            StopRecord(waits, self.run, self.clock)
+            StopRecord(waits, self.run, self.clock).startService()
             self.assertIsNone(waits.lastStop, text)
             self.assertFalse((self.run / STOPPED_FILE).exists())
 
@@ -618,17 +620,49 @@ class StopRecordTests(SynchronousTestCase):
         self.assertFalse(waits.worthWaiting(gone, started + 60))
         self.assertFalse(waits.worthWaiting(online, started + RECENT + 1))
 
-    def test_builtByTheTap(self) -> None:
-        """groundcontrol's service reads the record of its data directory as it is built."""
+    def recorded(self) -> Path:
+        """A data directory whose run/stopped.json says groundcontrol stopped at 1795000000.5."""
         data = Path(self.mktemp())
         data.mkdir()
         DataDir(data).ensureInitialised()
         (data / "run").mkdir(exist_ok=True)
         (data / "run" / STOPPED_FILE).write_text('{"stoppedAt": 1795000000.5}\n')
+        return data
+
+    def test_builtByTheTap(self) -> None:
+        """
+        groundcontrol's service reads the record of its data directory as it starts (its
+        first child, started before the listeners), not as it is built.
+        """
+        data = self.recorded()
         options = Options()
         options.parseOptions(["--data", str(data)])
         top = buildService(options.toConfig(), MemoryReactorClock())
-        self.assertEqual(top.registry.waits.lastStop, 1795000000.5)  # type: ignore[attr-defined]
+        waits = top.registry.waits  # type: ignore[attr-defined]
+        self.assertIsNone(waits.lastStop)
+        first = next(iter(top))
+        self.assertIsInstance(first, StopRecord)
+        first.startService()
+        self.assertEqual(waits.lastStop, 1795000000.5)
+
+    def test_startThatFailsKeepsTheRecord(self) -> None:
+        """
+        A start refused after the service was built (a --tls-cert that cannot be read)
+        leaves the record for the start after the fix: the record was read as the service
+        was built, and that next start did not wait for the devices online at the stop.
+        """
+        data = self.recorded()
+        options = Options()
+        missing = data / "missing"
+        options.parseOptions(
+            [
+                *("--data", str(data), "--listen", "tls://127.0.0.1:0"),
+                *("--tls-cert", str(missing / "gc.crt"), "--tls-key", str(missing / "gc.key")),
+            ]
+        )
+        with self.assertRaises(usage.UsageError):
+            buildService(options.toConfig(), MemoryReactorClock())
+        self.assertTrue((data / "run" / STOPPED_FILE).exists())
 
 
 class MetricsTests(DeviceWaitTestCase):
