@@ -100,7 +100,8 @@ class Metrics:
         )
         self.channelsWaiting = Gauge(
             "groundcontrol_channels_waiting",
-            "Channel opens held for a device that is reconnecting now (--device-wait)",
+            "Channel opens and -R forwards held for a device that is reconnecting now "
+            "(--device-wait)",
             registry=r,
         )
         self.sessionsTotal = Counter(
