@@ -178,6 +178,11 @@ class SessionRouter:
         Hold the channel open, unanswered, until the recently seen C{device} reconnects
         (its link), or refuse it: not back within the wait, back on another node, too many
         waiting already. One log line says how long it waited and how it ended.
+
+        Once it is back, the account and the device are checked again, as for a channel
+        opened now: the grant (or lease) and the device's state were read as the wait began,
+        up to the wait's length before, and a grant removed, a lease ended or the device
+        revoked meanwhile must not let the channel open.
         """
         assert self.waits is not None
         name = device.name
@@ -199,7 +204,7 @@ class SessionRouter:
         startedAt = elapsedClock(self._clock)()  # how long it waited: a clock step moves none
         outcome = "it did"
         try:
-            return await waiting
+            await waiting
         except defer.CancelledError:
             outcome = "the operator left"
             raise
@@ -224,6 +229,7 @@ class SessionRouter:
                 outcome=outcome,
                 waitedFor=waited,
             )
+        return await self.reachableLink(account, name)
 
     async def _offlineAfterWait(self, name: str, startedAt: float, why: str) -> Exception:
         """The refusal of a wait that ended without the link: the device as it is now."""

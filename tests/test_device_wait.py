@@ -189,6 +189,28 @@ class WaitTests(DeviceWaitTestCase):
         self.assertEqual(self.fleet.relayChannels(), [])
         self.assertEqual(self.waitLines(), [("alice", "0.0 s", "the operator left")])
 
+    def test_grantRemovedDuringTheWait(self) -> None:
+        """
+        An operator whose grant is removed while the channel waits is refused once the
+        device is back, as a channel opened then would be, and the device opens nothing:
+        the grant was read as the wait began, and the channel opened on that.
+        """
+        self.dropAgent()
+        session, _ = self.open()
+        self.assertUnanswered(session)
+        self.assertTrue(
+            resultNow(self.fleet.store.ungrant("alice", "kiln7", "root", self.fleet.now))
+        )
+        self.agentPump = self.connectAgent()
+        self.advance(0)
+        self.assertFalse(session.isOpen)
+        self.assertEqual(
+            session.openFailureText,
+            "unknown device 'kiln7', or account 'alice' has no grant for it",
+        )
+        self.assertEqual(self.sessions, [])
+        self.assertEqual(self.waitLines(), [("alice", "0.0 s", "it did")])
+
     def test_severalChannelsAllGetTheLink(self) -> None:
         """Two operators waiting for the same device both get their sessions when it is back."""
         self.dropAgent()
