@@ -262,6 +262,31 @@ def test_wssThroughProxyWhileDirectIsClosed(fleet: Fleet) -> None:
         proxy.stop()
 
 
+def test_silentProxy(fleet: Fleet) -> None:
+    """
+    An HTTP proxy that takes the connection (a listening socket's backlog) and never
+    answers the CONNECT: the agent says so after the 15 s attempt timeout, naming the proxy
+    (it said "no connection in 15 s", which blamed the server), and links over its next
+    address, ssh:// direct.
+    """
+    ports = startServer(fleet, f"wss://{LOOPBACK}:0/tunnel")
+    with socket.socket() as silent:
+        silent.bind((LOOPBACK, 0))
+        silent.listen(8)
+        proxy = f"{LOOPBACK}:{silent.getsockname()[1]}"
+        wss = f"wss://{LOOPBACK}:{ports['wss']}/tunnel"
+        direct = f"ssh://{fleet.serverAddress.removeprefix('tcp:')}"
+        agent = startAgent(fleet, "kiln7", [wss, direct], "--proxy", f"http://{proxy}")
+        process = agent.process
+        assert process is not None
+        said = (
+            f"could not reach {wss} via proxy {proxy}: the proxy {proxy} took the connection "
+            "but did not answer the CONNECT in 15 s"
+        )
+        waitFor(lambda: said in process.output(), 40, "the agent to give up on the proxy")
+        approveAndReach(fleet, "kiln7")
+
+
 def test_fallbackOrderAndMemory(fleet: Fleet) -> None:
     """
     With a closed address first, the agent links over the next one, remembers it in its
