@@ -432,9 +432,11 @@ class SessionRouter:
         session, which waited while the forward was refused at once ("remote port
         forwarding failed"). Replies go out in the order of the requests, so the replies
         behind it on this connection (ssh's ServerAliveInterval keepalives) wait too, for
-        --device-wait at most; OpenSSH's client waits for the forward's reply as long as it
-        takes (no timeout of its own). A cancel does not wait: nothing is forwarded to take
-        down. A forward whose operator left during the wait is not made.
+        --device-wait at most, each met at once with an SSH_MSG_IGNORE
+        (L{OperatorAvatar._aliveWhileForwardsWait}); OpenSSH's client waits for the
+        forward's reply as long as it takes (no timeout of its own). A cancel does not
+        wait: nothing is forwarded to take down. A forward whose operator left during the
+        wait is not made.
         """
         sockets = requestType in _SOCKET_FORWARD_REQUESTS
         if not (sockets or requestType in _FORWARD_REQUESTS):

@@ -292,6 +292,31 @@ class WaitTests(DeviceWaitTestCase):
         self.assertIsNotNone(link.remoteForwards.owner(b"localhost", 8080))
         self.assertEqual(self.waitLines(), [("alice", "0.0 s", "it did")])
 
+    def test_keepaliveBehindAWaitingForwardIsMetAtOnce(self) -> None:
+        """
+        ssh's keepalive behind a -R that waits: its answer waits in line (answers go in
+        order), and an SSH_MSG_IGNORE goes at once, which OpenSSH counts as an answer; both
+        answers come once the device is back, the forward's first.
+        """
+        self.forwarder()
+        self.dropAgent()
+        operator, _ = self.operator()
+        assert operator.connection is not None
+        ignored: list[bytes] = []
+        operator.connection.transport.ssh_IGNORE = ignored.append
+        forward = self.askForward(operator)
+        self.assertEqual(ignored, [])
+        alive = operator.connection.sendGlobalRequest(b"keepalive@openssh.com", b"", wantReply=1)
+        self.fleet.flush()
+        self.assertEqual(len(ignored), 1)
+        self.assertNoResult(alive)
+        answered: list[str] = []
+        forward.addCallback(lambda _: answered.append("forward"))
+        alive.addErrback(lambda _: answered.append("keepalive"))  # refused, as always
+        self.agentPump = self.connectAgent()
+        self.advance(0)
+        self.assertEqual(answered, ["forward", "keepalive"])
+
     def test_remoteForwardOfAnOperatorWhoLeft(self) -> None:
         """
         An operator who leaves while their -R waits leaves no waiter, and gets no forward on

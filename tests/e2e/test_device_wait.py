@@ -10,6 +10,7 @@ import json
 import re
 import socket
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -151,7 +152,19 @@ def test_remote_forward_made_once_the_agent_is_back(kiln7: Fleet, echoServer: in
     ssh = Background(
         kiln7.operators["alice"].argv(
             "dev_kiln7",
-            options=["-N", "-o", "ExitOnForwardFailure=yes", "-R", f"0:127.0.0.1:{echoServer}"],
+            options=[
+                "-N",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                # Keepalives of 1 s x 1: ssh gives up after 2 s with no packet from groundcontrol
+                # (the forward's answer, and theirs behind it, wait for the agent).
+                "-o",
+                "ServerAliveInterval=1",
+                "-o",
+                "ServerAliveCountMax=1",
+                "-R",
+                f"0:127.0.0.1:{echoServer}",
+            ],
         )
     )
     try:
@@ -162,6 +175,15 @@ def test_remote_forward_made_once_the_agent_is_back(kiln7: Fleet, echoServer: in
             interval=0.1,
         )
         assert ssh.popen.poll() is None, ssh.close()  # waiting, not refused
+        # 4 s of ssh's keepalives (two deadlines) while the forward waits: ssh stays.
+        quietUntil = time.monotonic() + 4
+        waitFor(
+            lambda: ssh.popen.poll() is not None or time.monotonic() > quietUntil,
+            10,
+            "4 s of keepalives",
+            interval=0.1,
+        )
+        assert ssh.popen.poll() is None, ssh.close()
         agent.start(kiln7.serverAddress, str(kiln7.gc.data / "ssh_host_ed25519_key.pub"))
         assert ssh.popen.stderr is not None
         line = ssh.popen.stderr.readline()
