@@ -50,6 +50,9 @@ from accesstunnel.clocks import elapsedClock, wallClock
 
 DEFAULT_INTERVAL = 15.0
 DEFAULT_COUNT = 3
+#: The share of an alignment slot an aligned check's due time may be past its slot
+#: and still count as on it (L{Keepalive._nextInterval}).
+ALIGN_TOLERANCE = 0.001
 
 
 class KeepaliveSweep:
@@ -199,7 +202,7 @@ class Keepalive:
 
     def start(self) -> None:
         """Begin watching; silence is counted from now."""
-        self.lastReceived = self._lastCheck = self.now()
+        self.lastReceived = self._lastCheck = self._due = self.now()
         if self._passive:
             self._look(self.probeAfter)
         else:
@@ -221,11 +224,29 @@ class Keepalive:
         self._timer = self._clock.callLater(delay, self._check)
 
     def _nextInterval(self) -> float:
-        """Seconds to the next interval check: one interval, or to the aligned time after it."""
+        """
+        Seconds to the next interval check: one interval, or to the aligned time one
+        interval after this check was due.
+
+        From when it was due, not from when it ran: a timer runs a little after its time,
+        and the aligned time one interval after that is the one after next when the
+        interval is the alignment. With the agent's 1 s on 1 s alignment the checks were
+        2 s apart, so a check that found the peer heard from 0.5 s before let the next
+        ping go at 2.5 s of silence, half a second before the 3 s deadline: a live
+        groundcontrol whose answer took 0.55 s (a loaded machine) was declared dead.
+        """
         if self._align is None:
             return self.interval
         now = self._wall()
-        return math.ceil((now + self.interval) / self._align) * self._align - now
+        late = max(self.now() - self._due, 0.0)
+        # Less a millisecond a slot: when it was due is read on the clock silence is
+        # measured on, which the wall clock may drift from (NTP slews by up to 0.5 ms a
+        # second), and its float may land a hair after the slot it was set for.
+        nextSlot = max(
+            math.ceil((now - late + self.interval) / self._align - ALIGN_TOLERANCE),
+            math.floor(now / self._align) + 1,  # a check that ran very late: the next slot
+        )
+        return nextSlot * self._align - now
 
     def _look(self, delay: float) -> None:
         """Look again in C{delay} seconds: through the sweep if any (perhaps a little later)."""
@@ -277,8 +298,8 @@ class Keepalive:
         # one: a peer that only answers is pinged every other interval, however
         # late the timer runs or slow the answer is. Unless the next check is too
         # late for that: its ping must leave half an interval for the answer before
-        # the deadline (count 2, or a 1 s interval whose aligned checks are up to
-        # 2 s apart against a 3 s deadline, declared a live peer dead).
+        # the deadline (count 2, or a 1 s interval whose aligned check ran late
+        # against a 3 s deadline, declared a live peer dead).
         nextCheck = self._nextInterval()
         if (
             self._passive
