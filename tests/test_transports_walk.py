@@ -8,7 +8,10 @@ proxy or tor that cannot be reached named as the culprit.
 from __future__ import annotations
 
 import json
+import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 from unittest import SkipTest
@@ -34,7 +37,7 @@ from accesstunnel.addresses import (
     parseAddress,
     serverListener,
 )
-from accesstunnel.transports.dualstack import IPv6OnlyEndpoint, _IPv6OnlyPort, ipv4WildcardPorts
+from accesstunnel.transports.dualstack import IPv6OnlyEndpoint, ipv4WildcardPorts
 from accesstunnel.transports.proxy import HTTPConnectEndpoint, ProxySettings, ProxyURL
 from accesstunnel.transports.socks import SOCKS5Endpoint
 from accesstunnel.transports.tor import TorSettings
@@ -375,16 +378,45 @@ class BothFamiliesTests(SynchronousTestCase):
         """
         The IPv6-only socket leaves the IPv4 wildcard free on the same port: without
         IPV6_V6ONLY the second bind failed with EADDRINUSE (Linux, bindv6only=0).
+
+        The wildcards are bound in a network namespace of the test's own (C{unshare
+        --net}: only its own loopback, down), never on the host's interfaces, where they
+        would listen on every address and a port picked for IPv6 may already be another
+        program's on IPv4 (the test failed so, now and then, with EADDRINUSE).
         """
         if not ipv6Available():
             raise SkipTest("no IPv6 on this host")
-        port = _IPv6OnlyPort(0, Factory(), 5, "::", MemoryReactorClock())
-        with port.createInternetSocket() as v6:
-            v6.bind(("::", 0))
-            v6.listen(1)
-            with socket.socket(socket.AF_INET) as v4:
-                v4.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                v4.bind(("0.0.0.0", v6.getsockname()[1]))
+        if shutil.which("unshare") is None:
+            raise SkipTest("no unshare(1) to make a network namespace")
+        bothBind = (
+            "import socket\n"
+            "from twisted.internet.protocol import Factory\n"
+            "from twisted.internet.testing import MemoryReactorClock\n"
+            "from accesstunnel.transports.dualstack import _IPv6OnlyPort\n"
+            "port = _IPv6OnlyPort(0, Factory(), 5, '::', MemoryReactorClock())\n"
+            "with port.createInternetSocket() as v6:\n"
+            "    v6.bind(('::', 0))\n"
+            "    v6.listen(1)\n"
+            "    with socket.socket(socket.AF_INET) as v4:\n"
+            "        v4.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+            "        v4.bind(('0.0.0.0', v6.getsockname()[1]))\n"
+            "print('both bound')\n"
+        )
+        try:
+            result = subprocess.run(
+                ["unshare", "--net", "--", sys.executable, "-c", bothBind],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=Path(__file__).resolve().parent.parent,
+            )
+        except subprocess.TimeoutExpired:
+            self.fail("the binds in a namespace of their own did not finish in 60 s")
+        if result.returncode != 0 and "unshare failed" in result.stderr:
+            raise SkipTest(f"cannot make a network namespace here: {result.stderr.strip()}")
+        self.assertEqual(
+            (result.returncode, result.stdout.strip()), (0, "both bound"), result.stderr
+        )
 
 
 class RememberedAddressTests(SynchronousTestCase):
