@@ -25,7 +25,7 @@ from typing import Any
 
 from twisted.conch import error
 from twisted.conch.ssh import common, connection
-from twisted.conch.ssh.transport import DISCONNECT_PROTOCOL_ERROR
+from twisted.conch.ssh.transport import DISCONNECT_PROTOCOL_ERROR, MSG_IGNORE
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -36,6 +36,10 @@ from accesstunnel.linkflow import LinkFlow
 _unpack_2uint32 = struct.Struct(">2L").unpack
 _unpack_3uint32 = struct.Struct(">3L").unpack
 _unpack_uint32 = struct.Struct(">L").unpack
+
+#: The request OpenSSH (ServerAliveInterval, ClientAliveInterval) and L{accesstunnel.keepalive}
+#: ping with.
+KEEPALIVE_REQUEST = b"keepalive@openssh.com"
 
 
 class _Reply:
@@ -231,6 +235,10 @@ class TunnelConnection(connection.SSHConnection):
         plain value, or a Deferred that has already fired: a keepalive, any
         unknown request) goes out at once when nothing is pending before it,
         with no Deferred of ours; behind a pending reply it waits its turn.
+
+        A keepalive whose answer has to wait is met at once with an C{SSH_MSG_IGNORE}
+        (L{_aliveWhileRepliesWait}): the peer pinged to learn whether we are alive, and
+        its deadline runs while the answer waits behind a reply that waits for the store.
         """
         requestType, rest = common.getNS(packet)
         wantReply, data = rest[0:1] not in (b"", b"\x00"), rest[1:]
@@ -248,15 +256,32 @@ class TunnelConnection(connection.SSHConnection):
                 self._pendingReplies.append(_Reply(True, result))
             else:
                 self._sendGlobalReply(result)
-            return
-        reply = _Reply()
-        self._pendingReplies.append(reply)
-        result.addCallbacks(
-            self._settleGlobalReply,
-            self._failGlobalReply,
-            callbackArgs=(reply,),
-            errbackArgs=(reply, requestType),
-        )
+        else:
+            reply = _Reply()
+            self._pendingReplies.append(reply)
+            result.addCallbacks(
+                self._settleGlobalReply,
+                self._failGlobalReply,
+                callbackArgs=(reply,),
+                errbackArgs=(reply, requestType),
+            )
+        if self._pendingReplies and requestType == KEEPALIVE_REQUEST:
+            self._aliveWhileRepliesWait()
+
+    def _aliveWhileRepliesWait(self) -> None:
+        """
+        Say we are alive to a peer whose keepalive's answer waits in line (an agent's
+        hello, pairing code or certificate request before it waits for the store).
+
+        The peer counts any packet as proof of life (OpenSSH and L{Keepalive} alike), and
+        an C{SSH_MSG_IGNORE} is one every implementation takes and drops, at any time,
+        key exchanges included. Without it the peer's deadline ran as long as the store
+        took: with keepalives of 1 s x 3 the agent has one second for the answer to a
+        ping, and declared a live groundcontrol dead when the store (a write under load,
+        another process holding the database) took longer.
+        """
+        if not self.stopped:
+            self.transport.sendPacket(MSG_IGNORE, common.NS(b""))
 
     def _globalRequestFailed(self, reason: Failure, requestType: bytes) -> int:
         self._log.failure("global request {request} failed", reason, request=requestType)

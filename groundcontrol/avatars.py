@@ -60,8 +60,6 @@ class OperatorAvatar(ConchUser):
 
     def gotGlobalRequest(self, requestType: bytes, data: bytes) -> Any:
         """Remote forwards go to the device; anything else (keepalives) is refused."""
-        if self._forwardsAsked:
-            self._aliveWhileForwardsWait()
         asked = defer.Deferred.fromCoroutine(
             self._router.forwardRequest(
                 self.login.account,
@@ -75,19 +73,6 @@ class OperatorAvatar(ConchUser):
             self._forwardsAsked.add(asked)
             asked.addBoth(self._answered, asked)
         return asked
-
-    def _aliveWhileForwardsWait(self) -> None:
-        """
-        A request (ssh's ServerAliveInterval keepalive) came while a forward waits for its
-        device: its answer waits behind the forward's (answers go in order), so say we are
-        alive at once with an C{SSH_MSG_IGNORE}. OpenSSH's client counts any packet as an
-        answer (packet.c resets its keepalive count); without one, an ssh whose
-        ServerAliveInterval x (ServerAliveCountMax + 1) is shorter than --device-wait gave
-        up ("Timeout, server not responding") while its -R waited.
-        """
-        transport = getattr(getattr(self, "conn", None), "transport", None)
-        if transport is not None:
-            transport.sendIgnore(b"")
 
     def _answered(self, result: Any, asked: defer.Deferred[Any]) -> Any:
         self._forwardsAsked.discard(asked)

@@ -433,8 +433,9 @@ class SessionRouter:
         forwarding failed"). Replies go out in the order of the requests, so the replies
         behind it on this connection (ssh's ServerAliveInterval keepalives) wait too, for
         --device-wait at most, each met at once with an SSH_MSG_IGNORE
-        (L{OperatorAvatar._aliveWhileForwardsWait}); OpenSSH's client waits for the
-        forward's reply as long as it takes (no timeout of its own). A cancel does not
+        (L{accesstunnel.connection.TunnelConnection._aliveWhileRepliesWait}); OpenSSH's
+        client waits for the forward's reply as long as it takes (no timeout of its own).
+        A cancel does not
         wait: nothing is forwarded to take down. A forward whose operator left during the
         wait is not made.
         """

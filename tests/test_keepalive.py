@@ -6,7 +6,7 @@ import itertools
 import math
 from typing import Any
 
-from twisted.conch.ssh import common, connection
+from twisted.conch.ssh import common, connection, transport
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
@@ -710,6 +710,7 @@ def globalRequest(name: bytes, wantReply: bool = True) -> bytes:
 
 KEEPALIVE_REQUEST = globalRequest(b"keepalive@openssh.com")
 FAILURE = (connection.MSG_REQUEST_FAILURE, b"")
+IGNORE = (transport.MSG_IGNORE, common.NS(b""))
 
 
 class KeepaliveReplyTests(SynchronousTestCase):
@@ -761,18 +762,19 @@ class KeepaliveReplyTests(SynchronousTestCase):
         self.conn.ssh_GLOBAL_REQUEST(globalRequest(b"slow"))
         self.conn.ssh_GLOBAL_REQUEST(KEEPALIVE_REQUEST)
         self.conn.ssh_GLOBAL_REQUEST(globalRequest(b"fired"))
-        self.assertEqual(self.transport.packets, [])
+        self.assertEqual(self.transport.packets, [IGNORE])
         self.conn.slow[0].callback((1, b"late"))
         self.assertEqual(
             self.transport.packets,
             [
+                IGNORE,
                 (connection.MSG_REQUEST_SUCCESS, b"late"),
                 FAILURE,
                 (connection.MSG_REQUEST_SUCCESS, b"ready"),
             ],
         )
         self.conn.ssh_GLOBAL_REQUEST(KEEPALIVE_REQUEST)
-        self.assertEqual(len(self.transport.packets), 4)
+        self.assertEqual(len(self.transport.packets), 5)
         self.assertEqual(len(self.conn._pendingReplies), 0)
 
     def test_orderAmongSeveral(self) -> None:
@@ -782,11 +784,13 @@ class KeepaliveReplyTests(SynchronousTestCase):
         self.conn.ssh_GLOBAL_REQUEST(globalRequest(b"slow"))
         self.conn.ssh_GLOBAL_REQUEST(KEEPALIVE_REQUEST)
         self.conn.slow[1].callback((1, b"second"))
-        self.assertEqual(self.transport.packets, [])
+        self.assertEqual(self.transport.packets, [IGNORE, IGNORE])
         self.conn.slow[0].callback((1, b"first"))
         self.assertEqual(
             self.transport.packets,
             [
+                IGNORE,
+                IGNORE,
                 (connection.MSG_REQUEST_SUCCESS, b"first"),
                 FAILURE,
                 (connection.MSG_REQUEST_SUCCESS, b"second"),
@@ -806,7 +810,35 @@ class KeepaliveReplyTests(SynchronousTestCase):
         self.conn.ssh_GLOBAL_REQUEST(KEEPALIVE_REQUEST)
         self.conn.stopped = True
         self.conn.slow[0].callback(1)
-        self.assertEqual(self.transport.packets, [])
+        self.conn.ssh_GLOBAL_REQUEST(KEEPALIVE_REQUEST)
+        self.assertEqual(self.transport.packets, [IGNORE])  # the one before the stop
+
+    def test_keepaliveBehindPendingReplyGetsIgnoreAtOnce(self) -> None:
+        """
+        A keepalive whose answer waits behind a pending reply is met at once with an
+        SSH_MSG_IGNORE, proof of life for the peer's deadline; its answer keeps its place.
+        """
+        self.conn.ssh_GLOBAL_REQUEST(globalRequest(b"slow"))
+        self.conn.ssh_GLOBAL_REQUEST(KEEPALIVE_REQUEST)
+        self.assertEqual(self.transport.packets, [IGNORE])
+        self.conn.ssh_GLOBAL_REQUEST(KEEPALIVE_REQUEST)
+        self.assertEqual(self.transport.packets, [IGNORE, IGNORE])  # one for each
+        self.conn.slow[0].callback(1)
+        self.assertEqual(
+            self.transport.packets,
+            [IGNORE, IGNORE, (connection.MSG_REQUEST_SUCCESS, b""), FAILURE, FAILURE],
+        )
+
+    def test_onlyKeepalivesGetIgnore(self) -> None:
+        """
+        Other requests behind a pending reply wait in silence, and a keepalive whose
+        answer goes out at once, or that wants none, gets no SSH_MSG_IGNORE.
+        """
+        self.conn.ssh_GLOBAL_REQUEST(KEEPALIVE_REQUEST)
+        self.conn.ssh_GLOBAL_REQUEST(globalRequest(b"slow"))
+        self.conn.ssh_GLOBAL_REQUEST(globalRequest(b"fired"))
+        self.conn.ssh_GLOBAL_REQUEST(globalRequest(b"keepalive@openssh.com", wantReply=False))
+        self.assertEqual(self.transport.packets, [FAILURE])
 
 
 class _Avatar:
@@ -926,3 +958,50 @@ class AnsweringPeerTests(SynchronousTestCase):
         pings, deaths = self.answered(DEFAULT_INTERVAL, DEFAULT_COUNT, 0.05, align=1.0)
         self.assertEqual(deaths, 0)
         self.assertLess(pings, 200 / 2 + 2)
+
+
+class PingBehindSlowReplyTests(SynchronousTestCase):
+    """
+    The agent's keepalive (1 s x 3, as the e2e tests run it) pings a groundcontrol that is
+    alive but whose answers wait behind a reply that waits for its store (an agent's hello,
+    pairing code or certificate request). Every packet groundcontrol sends reaches the agent
+    at once. Without SSH_MSG_IGNORE for the waiting pings the agent had only its own
+    request's pending answer to go by, and declared the live link dead after 3 s.
+    """
+
+    def test_liveServerNotDeclaredDead(self) -> None:
+        clock = Clock()
+        clock.advance(1_000_000.37)
+        server = _Connection()
+        recorder = _Recorder()
+        server.transport = recorder  # type: ignore[assignment]
+        deaths: list[float] = []
+        agent = Keepalive(
+            clock,
+            lambda: server.ssh_GLOBAL_REQUEST(KEEPALIVE_REQUEST),
+            lambda: deaths.append(clock.seconds()),
+            1.0,
+            3,
+            align=1.0,
+        )
+        delivered = 0
+
+        def deliver() -> None:
+            nonlocal delivered
+            if len(recorder.packets) > delivered:
+                delivered = len(recorder.packets)
+                agent.received()
+
+        agent.start()
+        server.ssh_GLOBAL_REQUEST(globalRequest(b"slow"))  # the store takes 10 s
+        for _ in range(1000):
+            clock.advance(0.01)
+            deliver()
+        self.assertEqual(deaths, [])
+        server.slow[0].callback(1)
+        deliver()
+        ignores = recorder.packets.count(IGNORE)
+        self.assertGreater(ignores, 0)
+        # Every ping answered in order once the store answered, after the IGNOREs.
+        self.assertEqual(recorder.packets[ignores], (connection.MSG_REQUEST_SUCCESS, b""))
+        self.assertEqual(recorder.packets.count(FAILURE), ignores)
