@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from accesstunnel.timetext import isoTime
+from agent.certificatefile import CERTIFICATE_FILE, certificateLifetime
 
 #: No set clock reads earlier: this code was written later. systemd keeps the same kind of
 #: floor (its build time, TIME_EPOCH) as the earliest time it lets the clock say at boot.
@@ -34,9 +35,6 @@ CERTIFICATE_DATES = "is valid from"
 
 def _earliestTrueTime(stateDir: Path | None) -> tuple[float, str]:
     """The latest time known to have passed, and what says so."""
-    # Here, not at the top: agent.enrollment says the pairing code's expiry with this module.
-    from agent.enrollment import CERTIFICATE_FILE, certificateLifetime
-
     floor, source = TIME_EPOCH, "this agent was written"
     if stateDir is not None:
         try:

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from agent.enrollment import _derItem
+from agent.certificatefile import _derItem
 
 ROOT = Path(__file__).resolve().parent.parent
 
