@@ -539,7 +539,10 @@ class WebhookNotifier:
             exchange = Deferred.fromCoroutine(self._exchange(body))
         except Exception as e:
             return _describe(e)
-        exchange.addTimeout(self.timeout, self.clock)
+        # The timeout cancels the request: treq's agent then fails with its own wrapper of
+        # the CancelledError (ResponseNeverReceived), which the default conversion to
+        # TimeoutError does not recognise; any result of a timed-out attempt is a timeout.
+        exchange.addTimeout(self.timeout, self.clock, onTimeoutCancel=_timedOut)
         self._inFlight.add(exchange)
         try:
             code = await exchange
@@ -585,6 +588,11 @@ class _Retry:
     failure: str
 
 
+def _timedOut(result: object, timeout: float) -> None:
+    """C{Deferred.addTimeout}'s C{onTimeoutCancel}: the attempt timed out, whatever it raised."""
+    raise TimeoutError(f"no complete answer within {timeout}s")
+
+
 def _describe(error: BaseException) -> str:
     """A one-line reason for a failed request; treq wraps the interesting part."""
     reasons = getattr(error, "reasons", None)
@@ -610,10 +618,11 @@ def makeNotifier(
     notifiers: list[Notifier] = [LogNotifier()]
     if webhookURL:
         from treq.client import HTTPClient
-        from twisted.web.client import Agent, HTTPConnectionPool
+        from twisted.web.client import Agent
 
-        pool = HTTPConnectionPool(reactor, persistent=True)
-        pool.maxPersistentPerHost = webhookOptions.get("concurrency", 4)
+        from groundcontrol.webhookpool import WebhookConnectionPool
+
+        pool = WebhookConnectionPool(reactor, webhookOptions.get("concurrency", 4))
         agent: Any = Agent(reactor, pool=pool)  # an IAgent; mypy cannot see zope declarations
         client = HTTPClient(agent)
         notifiers.append(WebhookNotifier(webhookURL, reactor, client, **webhookOptions))

@@ -8,7 +8,7 @@ from typing import Any
 
 from treq.client import HTTPClient
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
@@ -16,7 +16,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.client import Agent, ResponseDone
+from twisted.web.client import Agent, ResponseDone, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -327,6 +327,29 @@ class WebhookDeliveryTests(WebhookTestCase):
         self.assertIn("no complete answer within 10.0s", self.messages(LogLevel.warn)[0])
         self.clock.advance(1.0)
         self.assertEqual(len(client.requests), 2)
+
+    def test_timeoutReportedWhateverTheClientRaises(self) -> None:
+        """
+        treq's agent fails a request the timeout cancels with its own wrapper of the
+        CancelledError (ResponseNeverReceived): the attempt is still reported as timed out,
+        not as C{CancelledError}.
+        """
+
+        class WrappingClient(FakeClient):
+            def post(self, url: str, /, **kwargs: Any) -> Deferred[Any]:
+                def wrapped(d: Deferred[Any]) -> None:
+                    d.errback(ResponseNeverReceived([Failure(CancelledError())]))
+
+                d: Deferred[Any] = Deferred(wrapped)
+                self.requests.append((url, kwargs["data"], d))
+                return d
+
+        client = WrappingClient()
+        notifier = self.webhook(client, timeout=10.0)
+        notifier.notify(anEvent())
+        self.clock.advance(10.0)
+        (line,) = self.messages(LogLevel.warn)
+        self.assertIn("failed (no complete answer within 10.0s); retrying", line)
 
     def test_givesUpAfterMaxAttempts(self) -> None:
         """After C{maxAttempts} failures the event is dropped with one error log line."""
