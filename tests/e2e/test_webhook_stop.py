@@ -8,6 +8,7 @@ agent (C{agent+NAME}): it never says hello, so no serial comes. All on 127.0.0.1
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
@@ -23,7 +24,14 @@ from tests.e2e.harness import LOOPBACK, Fleet, Process, WebhookReceiver, run, wa
 
 
 class _HangingHook:
-    """A webhook receiver that reads each request and never answers."""
+    """
+    A webhook receiver that reads each request and never answers.
+
+    L{close} shuts each socket down, joins the threads using it and only then closes it: a
+    socket closed while another thread is about to call C{accept} or C{recv} on it frees its
+    descriptor number, and that thread's call lands on whatever socket is opened next with
+    the number, such as the next test's webhook receiver, whose POST it would swallow.
+    """
 
     def __init__(self) -> None:
         self.listener = socket.create_server((LOOPBACK, 0))
@@ -31,6 +39,7 @@ class _HangingHook:
         self.received = b""
         self.lock = threading.Lock()
         self.connections: list[socket.socket] = []
+        self.readers: list[threading.Thread] = []
         self.thread = threading.Thread(target=self._accept, daemon=True)
         self.thread.start()
 
@@ -39,9 +48,12 @@ class _HangingHook:
             try:
                 connection, _ = self.listener.accept()
             except OSError:
-                return  # closed
-            self.connections.append(connection)
-            threading.Thread(target=self._read, args=(connection,), daemon=True).start()
+                return  # shut down
+            reader = threading.Thread(target=self._read, args=(connection,), daemon=True)
+            with self.lock:
+                self.connections.append(connection)
+                self.readers.append(reader)
+            reader.start()
 
     def _read(self, connection: socket.socket) -> None:
         while True:
@@ -59,8 +71,19 @@ class _HangingHook:
             return text.encode() in self.received
 
     def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept() (EINVAL on Linux)
+        self.thread.join(5)
+        assert not self.thread.is_alive(), "the accepting thread did not end"
         self.listener.close()
-        for connection in self.connections:
+        with self.lock:
+            connections, readers = list(self.connections), list(self.readers)
+        for connection in connections:
+            with contextlib.suppress(OSError):  # ENOTCONN once the peer reset it
+                connection.shutdown(socket.SHUT_RDWR)  # wakes recv()
+        for reader in readers:
+            reader.join(5)
+            assert not reader.is_alive(), "a reading thread did not end"
+        for connection in connections:
             connection.close()
 
 
