@@ -63,6 +63,7 @@ from groundcontrol.documents import (
     tokenJSON,
     ungrantJSON,
 )
+from groundcontrol.kexfilter import addKexFilter, withKex
 from groundcontrol.rekeyreview import refusalText, rekeyRefusal
 from groundcontrol.store import (
     AmbiguousRequest,
@@ -137,8 +138,11 @@ def _buildParser() -> _Parser:
     device = commands.add_parser("device", help="devices and enrollment").add_subparsers(
         dest="deviceCommand", required=True, parser_class=_Parser
     )
-    deviceList = device.add_parser("list", help="devices and pending requests")
+    deviceList = device.add_parser(
+        "list", help="devices and pending requests (with --kex: only the devices of that kind)"
+    )
     deviceList.add_argument("--json", action="store_true", help="machine-readable output")
+    addKexFilter(deviceList)
     show = device.add_parser(
         "show", help="one device in detail: how it last linked, and with which certificate"
     )
@@ -365,7 +369,7 @@ def _storeCommand(store: SQLStore, args: argparse.Namespace, now: Callable[[], f
                 print("".join(f"{a['name']}\t{a['role']}\n" for a in accounts), end="")
     elif args.command == "device":
         if args.deviceCommand == "list":
-            _listDevices(store, args.json, now())
+            _listDevices(store, args.json, now(), args.kex)
         elif args.deviceCommand == "show":
             _showDevice(store, args.name, args.json, now())
         elif args.deviceCommand == "approve":
@@ -543,11 +547,18 @@ def _approveDevice(store: SQLStore, args: argparse.Namespace, actor: str, now: f
     return _result(d.addErrback(refused))  # type: ignore[no-any-return]
 
 
-def _listDevices(store: SQLStore, asJSON: bool, now: float) -> None:
-    """The devices, then the pending requests: one list, as documents or as a table."""
-    devices = _result(store.listDevices())
-    requests = _result(store.listEnrollmentRequests())
-    named = {d.name: d for d in devices}
+def _listDevices(
+    store: SQLStore, asJSON: bool, now: float, kexKinds: list[str] | None = None
+) -> None:
+    """
+    The devices, then the pending requests: one list, as documents or as a table. With
+    C{kexKinds} (C{--kex}) only the devices whose last link's key exchange is of one of
+    those kinds, and no requests: a request has no link recorded.
+    """
+    allDevices = _result(store.listDevices())
+    named = {d.name: d for d in allDevices}
+    devices = withKex(allDevices, kexKinds)
+    requests = [] if kexKinds is not None else _result(store.listEnrollmentRequests())
     if asJSON:
         rows = [deviceJSON(d) for d in devices]
         rows += [requestJSON(r, named.get(r.requestedName)) for r in requests]

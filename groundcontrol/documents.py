@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from accesstunnel.policy import isPostQuantum
 from accesstunnel.timetext import isoTime
 from groundcontrol.store import (
     Account,
@@ -72,6 +73,8 @@ def deviceJSON(d: Device) -> dict[str, Any]:
         "tags": list(d.tags),
         "reported_tags": list(d.reportedTags),
         "groups": list(d.groups),
+        "last_link_kex": d.lastLinkKex,
+        "last_link_post_quantum": None if d.lastLinkKex is None else isPostQuantum(d.lastLinkKex),
     }
 
 

@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from agent.session import SessionChannel, SessionEnvironment
 from groundcontrol.control.commands import COMMANDS
+from groundcontrol.store import LinkRecord
 from groundcontrol.testing import (
     InMemoryFleet,
     OperatorSession,
@@ -199,6 +200,53 @@ class OperatorVisibilityTests(SynchronousTestCase):
         lab2 = next(r for r in rows if r["name"] == "lab2")
         self.assertEqual((lab2["tags"], lab2["reported_tags"]), ([], ["lab"]))
         self.assertEqual(lab2["online_since"], "2023-11-14T22:13:20Z")  # T0
+
+    def test_lsByKex(self) -> None:
+        """
+        ls --kex KIND (the CLI's device list filter, same name and meaning) keeps the
+        devices the caller may reach whose latest link's key exchange is of that kind:
+        classical (the fake agents' curve25519: lab1), post-quantum (lab2's, recorded with
+        the hybrid), unknown (plain3's last link recorded none); repeated, any of them.
+        Each document carries the key exchange; an unknown kind is a usage error.
+        """
+        store = self.world.fleet.store
+        for name, kex in (("lab2", "mlkem768x25519-sha256"), ("plain3", None)):
+            device = resultNow(store.deviceByName(name))
+            resultNow(
+                store.recordContact(
+                    name,
+                    device.publicKey,
+                    device.fingerprint,
+                    None,
+                    "test",
+                    T0,
+                    link=lambda _, kex=kex: LinkRecord(kex=kex),
+                )
+            )
+        root, bob = self.world.root, self.world.bob
+
+        def ls(key: keys.Key, line: str) -> list[str]:
+            status, out, err = self.world.ctl(key, f"ls --json {line}")
+            self.assertEqual(status, 0, err)
+            return [d["name"] for d in json.loads(out)]
+
+        self.assertEqual(ls(root, "--kex classical"), ["lab1"])
+        self.assertEqual(ls(root, "--kex post-quantum"), ["lab2"])
+        self.assertEqual(ls(root, "--kex unknown"), ["plain3"])
+        self.assertEqual(ls(root, "--kex classical --kex unknown"), ["lab1", "plain3"])
+        self.assertEqual(ls(root, ""), ["lab1", "lab2", "plain3"])
+        self.world.ctl(root, "grant bob tag:lab")
+        self.assertEqual(ls(bob, "--kex unknown"), [])  # plain3: not bob's to see
+        self.assertEqual(ls(bob, "--kex classical --kex post-quantum"), ["lab1", "lab2"])
+
+        rows = json.loads(self.world.ctl(root, "ls --json")[1])
+        self.assertEqual(
+            [(r["last_link_kex"], r["last_link_post_quantum"]) for r in rows],
+            [("curve25519-sha256", False), ("mlkem768x25519-sha256", True), (None, None)],
+        )
+        status, out, err = self.world.ctl(root, "ls --kex pq")
+        self.assertEqual((status, out), (2, ""))
+        self.assertIn("invalid choice: 'pq'", err)
 
 
 class ControlCommandTests(SynchronousTestCase):

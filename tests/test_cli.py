@@ -441,6 +441,61 @@ def test_deviceListOwnerLeaseAndCertificate(
     )
 
 
+def test_deviceListByKex(
+    data: Path, store: SQLiteStore, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """
+    device list --kex KIND keeps the devices whose latest link's key exchange is of that
+    kind: classical (curve25519, an old agent), post-quantum (the hybrid) or unknown (never
+    linked since the store recorded it: not the same as classical); repeated, any of them;
+    the pending requests, which have no link, are left out. Each device's document carries
+    the key exchange; an unknown kind is a usage error.
+    """
+    kexes = {"old1": "curve25519-sha256", "new2": "mlkem768x25519-sha256", "idle3": None}
+    for name, kex in kexes.items():
+        line = contact(store, name)
+        assert run(capsys, "--data", str(data), "device", "approve", name)[0] == 0
+        if kex is not None:
+            linked = store.recordContact(
+                name,
+                line,
+                fingerprint(line),
+                None,
+                "x",
+                T0 + 60,
+                link=lambda _, kex=kex: LinkRecord(kex=kex),
+            )
+            assert result(linked).lastLinkKex == kex
+    contact(store, "asking4")  # pending
+
+    def listed(*argv: str) -> list[str]:
+        status, out, err = run(capsys, "--data", str(data), "device", "list", *argv)
+        assert status == 0, err
+        return [row.split()[0] for row in out.splitlines()[1:]]
+
+    assert listed() == ["idle3", "new2", "old1", "asking4"]
+    assert listed("--kex", "classical") == ["old1"]
+    assert listed("--kex", "post-quantum") == ["new2"]
+    assert listed("--kex", "unknown") == ["idle3"]
+    assert listed("--kex", "classical", "--kex", "unknown") == ["idle3", "old1"]
+
+    status, out, _ = run(capsys, "--data", str(data), "device", "list", "--json")
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert {n: (rows[n]["last_link_kex"], rows[n]["last_link_post_quantum"]) for n in kexes} == {
+        "old1": ("curve25519-sha256", False),
+        "new2": ("mlkem768x25519-sha256", True),
+        "idle3": (None, None),
+    }
+    status, out, _ = run(
+        capsys, "--data", str(data), "device", "list", "--kex", "unknown", "--json"
+    )
+    assert [r["name"] for r in json.loads(out)] == ["idle3"]
+
+    status, out, err = run(capsys, "--data", str(data), "device", "list", "--kex", "pq")
+    assert (status, out) == (2, "")
+    assert "invalid choice: 'pq'" in err and "classical" in err
+
+
 def test_deviceShowLastLink(
     data: Path, store: SQLiteStore, capsys: pytest.CaptureFixture[str]
 ) -> None:

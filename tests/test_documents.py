@@ -28,6 +28,7 @@ from groundcontrol.registry import Registry
 from groundcontrol.sessions import SessionRecord
 from groundcontrol.store import (
     LinkCertificate,
+    LinkRecord,
     SQLiteStore,
 )
 from groundcontrol.testing import newKey, publicLine, resultNow
@@ -77,7 +78,8 @@ def without(document: dict[str, Any], keys: Any) -> dict[str, Any]:
 def fleet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Iterator[Any]:
     """
     root (admin) and alice; kiln7 approved, tagged, in a group, claimed by alice, with a
-    certificate it last linked with; oven3 pending; two grants, two tokens.
+    certificate it last linked with (by the hybrid key exchange); oven3 pending; two grants,
+    two tokens.
     """
     s = storeWithAccounts(tmp_path / "gc")
     kiln = publicLine(newKey())
@@ -96,7 +98,7 @@ def fleet(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Iterator[Any]:
             "SN-1",
             "192.0.2.7:4000",
             T0 + 60,
-            certificate=certificate,
+            link=lambda _: LinkRecord(certificate, kex="mlkem768x25519-sha256"),
         )
     )
     resultNow(s.tagDevice("kiln7", ["lab"], [], "root", T0))
@@ -124,6 +126,10 @@ def test_sameDocumentsInBoth(fleet: Any, capsys: pytest.CaptureFixture[str]) -> 
     devices = [d for d in listed if d["state"] != "pending"]
     requests = [d for d in listed if d["state"] == "pending"]
     assert [d["name"] for d in devices] == ["kiln7"] and [r["name"] for r in requests] == ["oven3"]
+    assert (devices[0]["last_link_kex"], devices[0]["last_link_post_quantum"]) == (
+        "mlkem768x25519-sha256",
+        True,
+    )
     ls = ctlJSON(fleet, "ls")
     assert [without(d, ONLINE_KEYS) for d in ls] == devices
     assert [d["online"] for d in ls] == [False]  # the registry is empty
@@ -137,8 +143,6 @@ def test_sameDocumentsInBoth(fleet: Any, capsys: pytest.CaptureFixture[str]) -> 
             shown,
             {
                 "last_link_auth",
-                "last_link_kex",
-                "last_link_post_quantum",
                 "last_certificate",
                 "pending_requests",
                 "grants",
@@ -153,6 +157,41 @@ def test_sameDocumentsInBoth(fleet: Any, capsys: pytest.CaptureFixture[str]) -> 
     assert cliJSON(capsys, data, "token", "list") == ctlJSON(fleet, "tokens")
     assert cliJSON(capsys, data, "group", "list") == ctlJSON(fleet, "group", "list")
     assert cliJSON(capsys, data, "user", "list") == ctlJSON(fleet, "users")
+
+
+def test_kexFilterTheSameInBoth(fleet: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """
+    --kex means the same in device list and ls: kiln7 linked by the hybrid, old1 by
+    curve25519 (an old agent), new2 approved and never linked; each kind, and two together,
+    select the same devices in both, the CLI leaving the pending requests out.
+    """
+    for name, kex in (("old1", "curve25519-sha256"), ("new2", None)):
+        line = publicLine(newKey())
+        resultNow(fleet.recordContact(name, line, fingerprint(line), None, "192.0.2.8:1", T0))
+        resultNow(fleet.approveDevice(name, "root", T0))
+        if kex is not None:
+            resultNow(
+                fleet.recordContact(
+                    name,
+                    line,
+                    fingerprint(line),
+                    None,
+                    "192.0.2.8:1",
+                    T0,
+                    link=lambda _, kex=kex: LinkRecord(kex=kex),
+                )
+            )
+    expected = {
+        ("post-quantum",): ["kiln7"],
+        ("classical",): ["old1"],
+        ("unknown",): ["new2"],
+        ("classical", "unknown"): ["new2", "old1"],
+    }
+    for kinds, names in expected.items():
+        flags = [word for kind in kinds for word in ("--kex", kind)]
+        listed = cliJSON(capsys, fleet.data, "device", "list", *flags)
+        assert [d["name"] for d in listed] == names, kinds
+        assert [without(d, ONLINE_KEYS) for d in ctlJSON(fleet, "ls", *flags)] == listed, kinds
 
 
 def test_tablesTheSameInBoth(fleet: Any, capsys: pytest.CaptureFixture[str]) -> None:

@@ -104,6 +104,36 @@ class LinkRecordTests(StoreTestCase):
         self.contact("kiln7", publicKey, T0 + 240)
         self.assertEqual(self.lastLink(), LastLink("key", presented(), T0 + 120, None))
 
+    def test_keyExchangeListedWithTheDevice(self) -> None:
+        """
+        The device record carries its last link's key exchange (what device list --kex and
+        ls --kex filter on) as lastLink has it: None before any link and after a link that
+        did not say, kept by a refused link; in listDevices and deviceByName alike.
+        """
+        publicKey, _ = self.enroll("kiln7")
+        self.enroll("oven3")
+        reader = self.openAnother()
+
+        def listed() -> dict[str, str | None]:
+            return {d.name: d.lastLinkKex for d in self.successResultOf(reader.listDevices())}
+
+        self.assertEqual(listed(), {"kiln7": None, "oven3": None})
+        linked = self.contact(
+            "kiln7", publicKey, T0 + 60, link=lambda _: LinkRecord(kex="curve25519-sha256")
+        )
+        self.assertEqual(linked.lastLinkKex, "curve25519-sha256")
+        self.assertEqual(listed(), {"kiln7": "curve25519-sha256", "oven3": None})
+        self.contact(
+            "kiln7", publicKey, T0 + 120, link=lambda _: LinkRecord(kex="mlkem768x25519-sha256")
+        )
+        refused = LinkRecord(refused=True, kex="curve25519-sha256")
+        self.contact("kiln7", publicKey, T0 + 180, link=lambda _: refused)
+        device = self.successResultOf(reader.deviceByName("kiln7"))
+        self.assertEqual(device.lastLinkKex, "mlkem768x25519-sha256")
+        self.assertEqual(listed()["kiln7"], self.lastLink().kex)  # type: ignore[union-attr]
+        self.contact("kiln7", publicKey, T0 + 240)
+        self.assertEqual(listed(), {"kiln7": None, "oven3": None})
+
     def test_refusedCertificateLeavesTheRecord(self) -> None:
         """
         A link the caller refuses (its certificate names another device, or does not vouch

@@ -55,6 +55,7 @@ from groundcontrol.documents import (
     ungrantJSON,
 )
 from groundcontrol.enrollment import hashSecret, normaliseCode
+from groundcontrol.kexfilter import addKexFilter, withKex
 from groundcontrol.registry import Registry
 from groundcontrol.rekeyreview import refusalText, rekeyRefusal
 from groundcontrol.store import (
@@ -276,10 +277,12 @@ def _whoami(parser: _Parser) -> Handler:
 
 @command("ls", "devices you may reach: online, last seen, owner, tags, transport, version")
 def _ls(parser: _Parser) -> Handler:
+    addKexFilter(parser)
+
     async def run(context: ControlContext, options: argparse.Namespace) -> CommandResult:
         now = context.clock.seconds()
         documents, cells = [], []
-        for device in await context.store.listDevices():
+        for device in withKex(await context.store.listDevices(), options.kex):
             if device.state != "approved":
                 continue
             if not await context.store.mayReach(context.account, device.name, now):

@@ -85,6 +85,12 @@ class Device:
     """Tags the agent reported from its own config in its hello, sorted."""
     groups: tuple[str, ...] = ()
     """The groups the device is a member of, sorted."""
+    lastLinkKex: str | None = None
+    """
+    The key exchange its latest link negotiated (C{mlkem768x25519-sha256}); None until the
+    device links (or has not since schema 008). The one part of L{LastLink} a device carries:
+    listings filter the fleet by it (C{device list --kex}, C{ls --kex}) and print it.
+    """
 
     @property
     def allTags(self) -> tuple[str, ...]:
@@ -237,7 +243,7 @@ class LastLink:
     """
     How a device's latest accepted link authenticated, and the last certificate it linked
     with: kept apart from L{Device}, which every session open reads, since only an operator
-    auditing the device asks for it.
+    auditing the device asks for it (all but the key exchange, which L{Device} carries too).
     """
 
     #: None until the device links (or has not since schema 006).

@@ -27,7 +27,8 @@ from ._runner import Runner
 # this one SELECT; callers append a WHERE on d.* columns.
 _DEVICE_SELECT = (
     "SELECT d.name, d.state, d.fingerprint, d.public_key, d.serial, d.approved_at, "
-    "d.approved_by, d.last_seen, d.created_at, d.lease_until, a.name AS owner, "
+    "d.approved_by, d.last_seen, d.created_at, d.lease_until, d.last_link_kex, "
+    "a.name AS owner, "
     "(SELECT MAX(c.not_after) FROM certificates c WHERE c.device_name = d.name "
     "AND c.fingerprint = d.fingerprint AND c.revoked_at IS NULL) AS certificate_expires_at "
     "FROM devices d LEFT JOIN accounts a ON a.id = d.owner_account_id"
@@ -48,6 +49,7 @@ def _device(row: Row) -> Device:
         owner=row["owner"],
         leaseUntil=row["lease_until"],
         certificateExpiresAt=row["certificate_expires_at"],
+        lastLinkKex=row["last_link_kex"],
     )
 
 
