@@ -19,11 +19,18 @@ from tests.e2e.harness import Fleet, waitFor
 def test_ls_json_and_roles(kiln7: Fleet) -> None:
     """
     ls --json lists the device online, show --json its live link's transport and agent
-    version; an operator is refused admin commands and shown no device without a grant.
+    version; ls --kex post-quantum lists it by the hybrid key exchange its real agent linked
+    with, --kex classical not; an operator is refused admin commands and shown no device
+    without a grant.
     """
     alice = kiln7.operators["alice"]
     listing = json.loads(alice.ssh("ctl", "ls", "--json").stdout)
     assert [(d["name"], d["online"]) for d in listing] == [("kiln7", True)]
+    quantumSafe = json.loads(alice.ssh("ctl", "ls", "--kex", "post-quantum", "--json").stdout)
+    assert [(d["name"], d["last_link_kex"]) for d in quantumSafe] == [
+        ("kiln7", "mlkem768x25519-sha256")
+    ]
+    assert json.loads(alice.ssh("ctl", "ls", "--kex", "classical", "--json").stdout) == []
     bob = kiln7.addOperator("bob")
     assert json.loads(bob.ssh("ctl", "ls", "--json").stdout) == []  # no grant, sees nothing
     refused = bob.ssh("ctl", "pending")
