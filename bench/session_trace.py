@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,7 @@ class SessionTrace:
             {
                 "t": now,
                 "heads": {i: wchar(pid) for i, pid in self.heads.items() if i not in self.headEnds},
-                "delivered": sum(wchar(m) or 0 for m in self.masters),
+                "masters": [wchar(m) or 0 for m in self.masters],
                 "cpu": {name: cpuTicks(pid) for name, pid in self.daemons.items()},
                 "machine": machineBusy(),
             }
@@ -119,10 +120,13 @@ class SessionTrace:
             "ends": ends,
             "head_ends": self.headEnds,
             "samples": self.samples,
+            "masters": len(self.masters),
             "cpus": os.cpu_count() or 1,
             "clk": CLK,
         }
         trace = json.loads(json.dumps(trace))  # the keys as a file gives them back
+        for s in trace["samples"]:
+            s["delivered"] = sum(s["masters"])
         summary = summarize(trace)
         out.mkdir(parents=True, exist_ok=True)
         k = len(list(out.glob("run-*.json")))
@@ -196,6 +200,10 @@ def summarize(trace: dict[str, Any]) -> dict[str, Any]:
       client); `rank_head_ssh`: whether the sessions end in the order their commands did;
     - `written_at_first_head_end_MiB`: how far each session's command had got when the
       first one finished (an equal share would have them all there);
+    - `master_median_ssh_end`, `master_ssh_end_spread`: per ControlMaster (session i is
+      on master i mod `masters`), the median of its sessions' ssh ends and the spread
+      (last - first) of its own sessions' ends: whether the ends spread between the
+      clients or within each;
     - `steady` (from a tenth of the bytes to the first end), `tail` (first end to last) and
       the tail's parts by how many sessions had ended (`tail_by_ends`: to the n/2-th end,
       to the 9n/10-th, to the last), each a L{phase};
@@ -220,6 +228,11 @@ def summarize(trace: dict[str, Any]) -> dict[str, Any]:
         if full:
             written = [v for v in full[-1]["heads"].values() if v is not None]
             out["written_at_first_head_end_MiB"] = _quantiles(written, 1 / MiB, 2)
+    masters = trace.get("masters") or 0
+    if masters > 1 and n >= 2 * masters:
+        byMaster = [[t for k, t in ends.items() if int(k) % masters == m] for m in range(masters)]
+        out["master_median_ssh_end"] = _quantiles([statistics.median(e) for e in byMaster])
+        out["master_ssh_end_spread"] = _quantiles([max(e) - min(e) for e in byMaster])
     if n < 2 or len(trace["samples"]) < 3:
         return out
     samples = trace["samples"]

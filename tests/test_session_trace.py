@@ -87,6 +87,17 @@ class SummarizeTests(SynchronousTestCase):
         self.assertEqual((summary["tail_lost_s"], summary["tail_lost_by_cpu_s"]), (1.0, 1.0))
         self.assertEqual([p and p["s"] for p in summary["tail_by_ends"]], [None, 1.0, 1.0])
 
+    def test_byControlMaster(self) -> None:
+        """
+        Session i is on ControlMaster i mod 2: the median of each master's ssh ends and the
+        spread within each.
+        """
+        trace = _trace([4.0, 5.0, 4.2, 6.0], [3.5, 4.8, 4.0, 5.5])
+        trace["masters"] = 2
+        summary = sessionTrace.summarize(trace)
+        self.assertEqual(summary["master_median_ssh_end"], [4.1, 4.1, 4.1, 5.5, 5.5])
+        self.assertEqual(summary["master_ssh_end_spread"], [0.2, 0.2, 0.2, 1.0, 1.0])
+
     def test_oneSession(self) -> None:
         """A single session has ends but no tail."""
         trace = _trace([4.0], [3.5])
