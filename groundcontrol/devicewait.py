@@ -18,12 +18,25 @@ With several nodes sharing a store, a device may come back on another node, whic
 one never sees: the store's C{lastSeen}, which every node sets when an agent logs in, is
 read while someone waits, and the waiters are told where it went instead of waiting for
 nothing.
+
+After groundcontrol restarts, the whole fleet reconnects over minutes, and the devices
+online when it went away are waited for however long it was down. A clean stop writes
+C{run/stopped.json}, and its links' ends set the devices' C{lastSeen} as it stops. A kill
+(OOM, power loss, a host reboot, a crash loop) writes neither, and C{lastSeen} cannot stand
+in: it is set as a link begins and as it ends, so a device online for a day before the kill
+was last seen a day before it. Hence L{StopRecord}'s C{run/alive.json}, written every minute
+while groundcontrol runs: when it last ran and which devices were online then. A file of
+this node's own, not the store: the store's times are the fleet's (several nodes may share
+it) and none of them says which devices were linked to this node; and a write a minute (a
+few hundred kilobytes for 10,000 devices, on this node's disk) costs less than one more
+write per link event, which a reconnect storm would double.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +44,7 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from accesstunnel.clocks import elapsedClock
@@ -49,6 +63,10 @@ DEFAULT_MAX_WAITERS_PER_DEVICE = 20
 DEFAULT_SHARED_STORE_POLL = 2.0
 #: In DATA/run: when groundcontrol last stopped, written as it stops, read as it starts.
 STOPPED_FILE = "stopped.json"
+#: In DATA/run: when groundcontrol last ran and the devices online then, every minute.
+ALIVE_FILE = "alive.json"
+#: How often ALIVE_FILE is written: a kill loses at most this much of what it says.
+ALIVE_INTERVAL = 60.0
 
 
 @attrs.frozen
@@ -118,8 +136,12 @@ class DeviceWaits:
         self._store = store
         #: When this groundcontrol started: its own restart is a reason to wait.
         self.startedAt = clock.seconds()
-        #: When the one before it stopped cleanly, if it did (L{StopRecord}).
+        #: When the one before it was last known to run (L{StopRecord}): its clean stop,
+        #: or its last alive.json after a kill; None if neither was found.
         self.lastStop: float | None = None
+        #: The devices online then, by that alive.json: after a kill their C{lastSeen} is
+        #: when their links began, which may be long before.
+        self.onlineAtStop: frozenset[str] = frozenset()
         self._devices: dict[str, _Device] = {}
         self._count = 0
         registry.waits = self
@@ -136,18 +158,33 @@ class DeviceWaits:
     def worthWaiting(self, device: Device, now: float) -> bool:
         """
         Whether C{device} (approved, offline) was online recently enough to wait for: seen
-        within the recent window, or, while groundcontrol started less than that ago, seen
-        within it before groundcontrol last stopped (its links' ends set C{lastSeen} as it
-        stops: a device online then was seen then), or before it started if that stop was
-        not recorded (killed).
+        within the recent window, or, while groundcontrol started less than that ago, online
+        when the groundcontrol before it was last known to run (L{onlineAtStop}), or seen
+        within the window before then (a clean stop's links' ends set C{lastSeen} as it
+        stops), or before this one started if nothing was recorded.
         """
         if self.policy.maxWait <= 0 or device.lastSeen is None:
             return False
         window = self.policy.recentWindow
         if now - device.lastSeen <= window:
             return True
+        if now - self.startedAt > window:
+            return False
+        if device.name in self.onlineAtStop:
+            return True
         stopped = self.startedAt if self.lastStop is None else min(self.lastStop, self.startedAt)
-        return now - self.startedAt <= window and stopped - device.lastSeen <= window
+        return stopped - device.lastSeen <= window
+
+    def onlineNow(self) -> list[str]:
+        """
+        The devices alive.json names now: those online, and, while groundcontrol started
+        less than the window ago, those online before it, still waited for: a crash loop
+        must not forget the devices that have not reconnected yet.
+        """
+        online = set(self._registry.connectedNames())
+        if self._clock.seconds() - self.startedAt <= self.policy.recentWindow:
+            online |= self.onlineAtStop
+        return sorted(online)
 
     def wait(self, name: str) -> defer.Deferred[Link]:
         """
@@ -269,14 +306,21 @@ class DeviceWaits:
 
 class StopRecord(Service):
     """
-    C{DATA/run/stopped.json}: when groundcontrol stopped, so that once it starts again the
-    devices online then are waited for however long it was down. Read (and removed) as it
-    starts, so a later kill leaves no stale record behind; written as it stops.
+    When groundcontrol was last known to run, so that once it starts again the devices
+    online then are waited for however long it was down: C{DATA/run/stopped.json}, written
+    as it stops (its links' ends set the devices' C{lastSeen} then), read and removed as it
+    starts, so a later kill leaves no stale record behind; and C{DATA/run/alive.json},
+    written every L{aliveInterval} while it runs with the devices online, which after a kill
+    is all there is (the module docstring says why a file). The later of the two counts.
 
     Read at L{startService}, not when the service is built: a start that fails on its
     options after the build (a --tls-cert that cannot be read) consumed the record, and
     the start that followed the fix did not wait for the devices online at the stop. Its
     parent starts it before the listeners, so no channel is opened before it is read.
+
+    A record that cannot be read or makes no sense is ignored with a log line (the start
+    is then the only restart there is to go by); one from the future (the clock stepped
+    back since it was written) is taken as written at this start, its devices still named.
     """
 
     _log = Logger()
@@ -284,10 +328,33 @@ class StopRecord(Service):
     def __init__(self, waits: DeviceWaits, runDirectory: Path, clock: IReactorTime) -> None:
         self._waits = waits
         self._path = runDirectory / STOPPED_FILE
+        self._alivePath = runDirectory / ALIVE_FILE
         self._clock = clock
+        self._beat: LoopingCall | None = None
+        #: A fifth of the recent window at most: a kill loses that much of the devices
+        #: that went offline within the window before it.
+        self.aliveInterval = min(ALIVE_INTERVAL, waits.policy.recentWindow / 5)
 
     def startService(self) -> None:
-        self._waits.lastStop = self._readAndRemove()
+        stoppedAt = self._readAndRemove()
+        aliveAt, online = self._readAlive()
+        times = [t for t in (stoppedAt, aliveAt) if t is not None]
+        lastStop = max(times) if times else None
+        now = self._clock.seconds()
+        if lastStop is not None and lastStop > now:
+            # worthWaiting counts no record later than the start: say why here.
+            self._log.warn(
+                "groundcontrol's last record in {path} is later than now ({when} > {now}): "
+                "the clock stepped back since; taken as written at this start",
+                path=str(self._path.parent),
+                when=lastStop,
+                now=now,
+            )
+        self._waits.lastStop = lastStop
+        self._waits.onlineAtStop = online
+        beat = self._beat = LoopingCall(self._recordAlive)
+        beat.clock = self._clock
+        beat.start(self.aliveInterval, now=False)
         super().startService()
 
     def _readAndRemove(self) -> float | None:
@@ -300,11 +367,44 @@ class StopRecord(Service):
             stoppedAt = None
         with contextlib.suppress(OSError):
             self._path.unlink()
-        if isinstance(stoppedAt, bool) or not isinstance(stoppedAt, (int, float)):
+        if not _isTime(stoppedAt):
             return None
         return float(stoppedAt)
 
+    def _readAlive(self) -> tuple[float | None, frozenset[str]]:
+        """alive.json's time and devices; kept, as the next write replaces it."""
+        path = self._alivePath
+        try:
+            document = json.loads(path.read_text())
+            aliveAt, online = document["aliveAt"], document["online"]
+        except FileNotFoundError:
+            return None, frozenset()
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            self._log.warn("ignoring {path}: {error}", path=str(path), error=str(e))
+            return None, frozenset()
+        if not _isTime(aliveAt) or not (
+            isinstance(online, list) and all(isinstance(name, str) for name in online)
+        ):
+            self._log.warn("ignoring {path}: not a time and a list of device names", path=str(path))
+            return None, frozenset()
+        return float(aliveAt), frozenset(online)
+
+    def _recordAlive(self) -> None:
+        document = {"aliveAt": self._clock.seconds(), "online": self._waits.onlineNow()}
+        try:
+            self._alivePath.parent.mkdir(parents=True, exist_ok=True)
+            writeAtomically(self._alivePath, json.dumps(document).encode() + b"\n")
+        except OSError as e:
+            self._log.warn(
+                "could not record the devices online in {path}: {error}",
+                path=str(self._alivePath),
+                error=e,
+            )
+
     def stopService(self) -> Any:
+        if self._beat is not None and self._beat.running:
+            self._beat.stop()
+        self._beat = None
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             document = json.dumps({"stoppedAt": self._clock.seconds()})
@@ -316,7 +416,14 @@ class StopRecord(Service):
         return super().stopService()
 
 
+def _isTime(value: object) -> bool:
+    """A finite number of seconds (JSON's true is no time, nor are NaN and infinities)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 __all__ = [
+    "ALIVE_FILE",
+    "ALIVE_INTERVAL",
     "DEFAULT_DEVICE_WAIT",
     "DEFAULT_MAX_WAITERS",
     "DEFAULT_MAX_WAITERS_PER_DEVICE",

@@ -6,6 +6,7 @@ registry, the real agent link classes, iosim pumps on a Clock.
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,13 @@ from agent.identity import ServerKeyPin
 from agent.link import AgentLinkFactory, LinkSettings
 from agent.remoteforward import RemoteForwarder
 from groundcontrol.datadir import DataDir
-from groundcontrol.devicewait import STOPPED_FILE, DeviceWaitPolicy, DeviceWaits, StopRecord
+from groundcontrol.devicewait import (
+    ALIVE_FILE,
+    STOPPED_FILE,
+    DeviceWaitPolicy,
+    DeviceWaits,
+    StopRecord,
+)
 from groundcontrol.metrics import Metrics
 from groundcontrol.registry import Registry
 from groundcontrol.sessions import SessionRegistry
@@ -632,6 +639,8 @@ class StopRecordTests(SynchronousTestCase):
         record = StopRecord(self.waits(), self.run, self.clock)
         record.startService()
         self.clock.advance(60)
+        aliveAt = self.clock.seconds()  # its alive.json: a minute in
+        self.clock.advance(30)
         record.stopService()
         stoppedAt = self.clock.seconds()
         self.clock.advance(3600)  # down for an hour
@@ -641,7 +650,8 @@ class StopRecordTests(SynchronousTestCase):
         self.assertFalse((self.run / STOPPED_FILE).exists())
         again = self.waits()
         StopRecord(again, self.run, self.clock).startService()
-        self.assertIsNone(again.lastStop)  # killed next time: no stale record
+        # Killed at once next time: no stale stop record, the older alive.json instead.
+        self.assertEqual(again.lastStop, aliveAt)
 
     def test_unreadableRecordIgnored(self) -> None:
         """A record that is not what it should be is ignored and removed."""
@@ -710,6 +720,198 @@ class StopRecordTests(SynchronousTestCase):
         with self.assertRaises(usage.UsageError):
             buildService(options.toConfig(), MemoryReactorClock())
         self.assertTrue((data / "run" / STOPPED_FILE).exists())
+
+
+@attrs.define(eq=False)
+class _FakeLink:
+    """What the registry needs of a device's link to route to it."""
+
+    deviceName: str
+    fingerprint: str = "fp"
+    avatar: Any = None
+    conn: Any = None
+    remoteForwards: Any = None
+    connectedAt: float = 0.0
+
+    def close(self, reason: str) -> None:
+        pass
+
+
+class AliveRecordTests(SynchronousTestCase):
+    """
+    DATA/run/alive.json: when groundcontrol last ran and the devices online then, so that
+    after a kill (no stop record, no lastSeen set as the links ended) the devices online
+    when it died are waited for as after a clean stop.
+    """
+
+    DAY = 86400.0
+
+    def setUp(self) -> None:
+        self.runDirectory = Path(self.mktemp()) / "run"
+        self.clock = Clock()
+        self.advance(1_795_000_000)
+        self.now = self.clock.seconds()
+        self.events: list[LogEvent] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def start(self, *online: str, window: float = RECENT) -> tuple[DeviceWaits, StopRecord]:
+        """A groundcontrol's waits and records, started, with devices C{online} linked."""
+        registry = Registry()
+        waits = DeviceWaits(
+            DeviceWaitPolicy(maxWait=WAIT, recentWindow=window), registry, self.clock
+        )
+        for name in online:
+            registry.attach(_FakeLink(name))
+        record = StopRecord(waits, self.runDirectory, self.clock)
+        record.startService()
+        return waits, record
+
+    def kill(self) -> None:
+        """The running groundcontrol is killed: its timers never run again."""
+        self.clock = Clock()
+        self.advance(self.now)
+
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+        self.now = self.clock.seconds()
+
+    def device(self, name: str, lastSeen: float) -> Device:
+        return Device(name, "approved", "fp", "key", None, 0.0, "test", lastSeen, 0.0)
+
+    def warnings(self) -> list[str]:
+        return [
+            e["log_format"]
+            for e in self.events
+            if e.get("log_level") is not None and e["log_level"].name == "warn"
+        ]
+
+    def test_killedAfterADayOnline(self) -> None:
+        """
+        kiln7, linked for a day (last seen as its link began), is online when groundcontrol
+        is killed; groundcontrol starts again ten minutes later: kiln7 is waited for while
+        it has run less than the window, as after a clean stop. mill4, gone a day before,
+        is not. Without alive.json nothing says kiln7 was online at the kill.
+        """
+        linkedAt = self.clock.seconds()
+        _, record = self.start("kiln7")
+        self.advance(self.DAY)
+        self.assertEqual(record.aliveInterval, 60.0)
+        self.advance(60)  # one more write, then a kill: no stopService
+        lastAlive = self.now
+        self.kill()
+        self.advance(600)
+        waits, _ = self.start()
+        self.assertEqual(waits.lastStop, lastAlive)
+        self.assertEqual(waits.onlineAtStop, frozenset({"kiln7"}))
+        now = waits.startedAt + 10
+        self.assertTrue(waits.worthWaiting(self.device("kiln7", linkedAt), now))
+        self.assertFalse(waits.worthWaiting(self.device("mill4", linkedAt), now))
+        self.assertFalse(
+            waits.worthWaiting(self.device("kiln7", linkedAt), waits.startedAt + RECENT + 1)
+        )
+        # Seen within the window before the last record (it went offline then): waited for.
+        self.assertTrue(waits.worthWaiting(self.device("mill4", lastAlive - RECENT), now))
+
+    def test_crashLoopRemembersTheDevicesNotBackYet(self) -> None:
+        """
+        A groundcontrol started after a kill names in its own record the devices it still
+        waits for, not only those back: killed again, the next start waits for them too.
+        Once it has run longer than the window, its record names only the devices online.
+        """
+        self.start("kiln7", "mill4")
+        self.advance(60)
+        self.kill()
+        self.advance(600)  # down ten minutes
+        self.start("mill4")  # mill4 is back, kiln7 not yet
+        self.advance(60)
+        self.kill()
+        self.advance(5)
+        third, _ = self.start()
+        self.assertEqual(third.onlineAtStop, frozenset({"kiln7", "mill4"}))
+        self.assertEqual(
+            json.loads((self.runDirectory / ALIVE_FILE).read_text())["online"], ["kiln7", "mill4"]
+        )
+        self.advance(RECENT + 60)
+        self.assertEqual(json.loads((self.runDirectory / ALIVE_FILE).read_text())["online"], [])
+
+    def test_cleanStopAfterwardsCounts(self) -> None:
+        """A clean stop, later than the last alive.json, is the time the next start goes by."""
+        _, record = self.start("kiln7")
+        self.advance(90)
+        record.stopService()
+        stoppedAt = self.clock.seconds()
+        self.advance(3600)
+        waits, _ = self.start()
+        self.assertEqual(waits.lastStop, stoppedAt)
+        self.assertEqual(waits.onlineAtStop, frozenset({"kiln7"}))
+
+    def test_intervalAFifthOfTheWindow(self) -> None:
+        """With a window shorter than five minutes the record is written a fifth of it apart."""
+        _, record = self.start("kiln7", window=10.0)
+        self.assertEqual(record.aliveInterval, 2.0)
+        self.advance(2)
+        self.assertEqual(
+            json.loads((self.runDirectory / ALIVE_FILE).read_text()),
+            {"aliveAt": self.clock.seconds(), "online": ["kiln7"]},
+        )
+
+    def test_recordFromTheFuture(self) -> None:
+        """
+        A record later than now (the clock stepped back since it was written) is taken as
+        written at this start, with a log line; the devices it names are still waited for.
+        """
+        self.runDirectory.mkdir(parents=True)
+        later = self.clock.seconds() + 3600
+        (self.runDirectory / ALIVE_FILE).write_text(
+            json.dumps({"aliveAt": later, "online": ["kiln7"]})
+        )
+        waits, _ = self.start()
+        self.assertEqual(waits.onlineAtStop, frozenset({"kiln7"}))
+        now = waits.startedAt + 10
+        self.assertTrue(waits.worthWaiting(self.device("kiln7", later - self.DAY), now))
+        # Seen within the window before this start, not before the record's time.
+        self.assertTrue(waits.worthWaiting(self.device("mill4", waits.startedAt - RECENT), now))
+        self.assertFalse(
+            waits.worthWaiting(self.device("mill4", waits.startedAt - RECENT - 1), now)
+        )
+        (warning,) = self.warnings()
+        self.assertIn("clock stepped back", warning)
+
+    def test_unreadableRecordIgnored(self) -> None:
+        """
+        A record that is not what it should be is ignored with a log line, as if there
+        were none (the start is all there is to go by), and replaced by the next write.
+        """
+        self.runDirectory.mkdir(parents=True)
+        for text in (
+            "{",
+            "[]",
+            '{"aliveAt": "soon", "online": []}',
+            '{"aliveAt": true, "online": []}',
+            '{"aliveAt": NaN, "online": []}',
+            '{"aliveAt": 1795000000, "online": "kiln7"}',
+            '{"aliveAt": 1795000000, "online": [7]}',
+            '{"aliveAt": 1795000000}',
+        ):
+            self.events.clear()
+            (self.runDirectory / ALIVE_FILE).write_text(text)
+            waits, _ = self.start()
+            self.assertIsNone(waits.lastStop, text)
+            self.assertEqual(waits.onlineAtStop, frozenset(), text)
+            self.assertEqual(len(self.warnings()), 1, text)
+        self.advance(60)
+        self.assertEqual(json.loads((self.runDirectory / ALIVE_FILE).read_text())["online"], [])
+
+    def test_writeThatFailsIsLogged(self) -> None:
+        """A record that cannot be written (run/ is not a directory) is a log line, each time."""
+        self.runDirectory.parent.mkdir(parents=True)
+        self.runDirectory.write_text("not a directory")
+        self.start("kiln7")
+        self.advance(60)
+        self.advance(60)
+        written = [w for w in self.warnings() if w.startswith("could not record the devices")]
+        self.assertEqual(len(written), 2, self.warnings())
 
 
 class MetricsTests(DeviceWaitTestCase):

@@ -13,7 +13,9 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
+from groundcontrol.devicewait import ALIVE_FILE
 from groundcontrol.metrics import METRICS_FILE
 from tests.e2e.harness import LOOPBACK, Fleet, Operator, waitFor
 from tests.e2e.test_forwarding import Background, echoServer, roundTrip
@@ -133,6 +135,45 @@ def test_ssh_right_after_groundcontrol_restarts(kiln7: Fleet, tmp_path: Path) ->
     assert stopped["stoppedAt"] > 0
     kiln7.agents[0].stop()
     kiln7.gc.start(*METRICS, port=port or 0)
+    runsOnceTheAgentIsBack(kiln7, tmp_path)
+
+
+def aliveRecord(fleet: Fleet) -> dict[str, Any]:
+    """groundcontrol's run/alive.json now ({} before its first write)."""
+    try:
+        document = json.loads((fleet.gc.data / "run" / ALIVE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
+def test_ssh_after_groundcontrol_was_killed(kiln7: Fleet, tmp_path: Path) -> None:
+    """
+    groundcontrol is killed (kill -9: no stop record, and no last-seen time set as the
+    links end) while kiln7 has been online longer than --device-wait-recent (15 s here),
+    and started again: an ssh to kiln7 before its agent is back waits for it and runs.
+    Its run/alive.json (every 3 s, a fifth of the window) named kiln7; without it, kiln7,
+    last seen as its link began, was refused at once as offline.
+    """
+    recent = ("--device-wait-recent", "15s")
+    kiln7.restartServer(*METRICS, *recent)
+    kiln7.waitRoutable(kiln7.operators["alice"], "kiln7")
+    linked = time.time()  # kiln7's last seen is no later than this: its login
+    waitFor(
+        lambda: (
+            aliveRecord(kiln7).get("aliveAt", 0) > linked + 16
+            and "kiln7" in aliveRecord(kiln7).get("online", [])
+        ),
+        30,
+        "groundcontrol to record kiln7 online 16 s after its login",
+        interval=0.5,
+    )
+    port = kiln7.gc.port
+    assert kiln7.gc.process is not None
+    kiln7.gc.process.kill()
+    assert not (kiln7.gc.data / "run" / "stopped.json").exists()
+    kiln7.agents[0].stop()
+    kiln7.gc.start(*METRICS, *recent, port=port or 0)
     runsOnceTheAgentIsBack(kiln7, tmp_path)
 
 
