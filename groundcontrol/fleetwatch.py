@@ -23,14 +23,28 @@ a few sweeps, each of which leaves one audit row and one log line saying what it
 
 A new device's, a re-key request's or a re-approval's notification waits (up to ten seconds)
 for the serial its agent's hello reports, so it can say the board's serial and, for a re-key
-or a re-approval, whether it is the device's (L{groundcontrol.requestnotice}). A stopping
-watcher sends what it holds, after one last read of the serials stored on their requests (a
-hello since the last poll), within L{STOP_SERIAL_READ_WAIT}; groundcontrol's webhook waits
-for that hand-over (L{MultiNotifier.handOverAtStop}) within its own stop bound.
+or a re-approval, whether it is the device's (L{groundcontrol.requestnotice}).
+
+A stopping watcher reads the feed once more (the rows written since the last poll) and the
+serials stored on the requests it holds (a hello since the last poll), and sends what it
+holds, within L{STOP_SERIAL_READ_WAIT}; groundcontrol's webhook waits for that hand-over
+(L{MultiNotifier.handOverAtStop}) within its own stop bound. Then it leaves the audit id it
+read up to in run/feed.json (L{groundcontrol.feedhandover}), and the next start reads on
+from there: a row written later (a connection still open while groundcontrol stops, the
+admin CLI or another node while it is down) is notified by that start, once, where a start
+used to begin at the newest row and it never was. A store that does not answer the stop in
+time leaves the rest of the feed, and the notifications held for serials, to the next start
+in the same file: sent then, with the serial the hello stored meanwhile and within what was
+left of their wait, rather than now without it (the webhook would never hear the serial).
+The cost: a stop not followed by a start leaves them unsent (the audit log has the rows), as
+a kill or a crash leaves no file and the start after it begins at the newest row. A
+notification whose agent has not said hello when the store answers the stop goes at the
+stop, without a serial, as before: the stop's bound stays the store's answer, not the hello.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
@@ -38,9 +52,11 @@ from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from accesstunnel.clocks import elapsedClock
 from accesstunnel.timetext import isoTime
+from groundcontrol.feedhandover import FeedHandOver, readHandOver, removeHandOver, writeHandOver
 from groundcontrol.notify import FleetEvent, LogNotifier, MultiNotifier, Notifier
 from groundcontrol.registry import Registry
 from groundcontrol.requestnotice import (
@@ -104,9 +120,10 @@ WATCHED_EVENTS = NOTIFIED_EVENTS | APPLIED_EVENTS | {SERIAL_CHANGED}
 #: Events read from the feed at a time.
 FEED_PAGE = 100
 
-#: Seconds a stopping watcher waits for its last poll and one read of the held requests'
-#: stored serials before it sends them without: a store answers in milliseconds, and this
-#: counts against the webhook's STOP_DELIVERY_WAIT (5 s), which must leave time to POST.
+#: Seconds a stopping watcher waits for its last poll, one more read of the feed and one read
+#: of the held requests' stored serials before it leaves the rest to the next start (or, with
+#: nowhere to leave it, sends them without): a store answers in milliseconds, and this counts
+#: against the webhook's STOP_DELIVERY_WAIT (5 s), which must leave time to POST.
 STOP_SERIAL_READ_WAIT = 1.0
 
 
@@ -126,13 +143,22 @@ class FleetWatcher(Service):
         revocations: RevokedCertificates | None = None,
         pendingExpiry: float | None = DEFAULT_PENDING_EXPIRY,
         auditMaxAge: float | None = None,
+        handOverFile: Path | None = None,
     ) -> None:
         """
         @param pendingExpiry: seconds a pending request may go unseen before it is
             removed; None keeps them until an admin approves or rejects them.
         @param auditMaxAge: seconds audit rows (and expired certificates) are kept;
             None keeps everything.
+        @param handOverFile: where a stop leaves the feed's position (and what it could not
+            send) for the next start (L{groundcontrol.feedhandover}); None: a start begins
+            at the newest row, and a stop sends what it holds whatever happens.
         """
+        self._handOverFile = handOverFile
+        #: What the last stop left, read at the start, until the first poll takes it.
+        self._resume: FeedHandOver | None = None
+        #: Set once a stop has left the rest to the next start: nothing more is notified.
+        self._leftToNextStart = False
         self._auditMaxAge = auditMaxAge
         self._revocations = revocations
         self._store = store
@@ -155,6 +181,13 @@ class FleetWatcher(Service):
         self._heldRequests = HeldRequests()
 
     def startService(self) -> None:
+        self._leftToNextStart = False
+        if self._handOverFile is not None:
+            # Read here, not when built: a start refused after the build leaves it in place.
+            resume = readHandOver(self._handOverFile)
+            if resume is not None:
+                # The first poll takes it (a watcher started again: what its stop left).
+                self._resume, self._lastId = resume, None
         super().startService()
         self._loop = LoopingCall(self.poll)
         self._loop.clock = self._clock
@@ -165,10 +198,14 @@ class FleetWatcher(Service):
 
     def stopService(self) -> Any:
         """
-        Stop polling and send the held notifications, with the serials their requests
-        have stored by now: a hello that landed since the last poll is not lost. Fires when
-        they are sent, within L{STOP_SERIAL_READ_WAIT}; groundcontrol's webhook, which stops
-        after this service, waits for that (L{MultiNotifier.handOverAtStop}).
+        Stop polling, notify the rows written since the last poll, and send the held
+        notifications with the serials their requests have stored by now: a hello that
+        landed since the last poll is not lost. Fires when they are sent, within
+        L{STOP_SERIAL_READ_WAIT}; groundcontrol's webhook, which stops after this service,
+        waits for that (L{MultiNotifier.handOverAtStop}). Then the position reached, and
+        what the store did not answer for in time, are left to the next start
+        (L{groundcontrol.feedhandover}): rows written later, or not read in time, are
+        notified by it, and a held notification keeps its chance of a serial.
         """
         self._stopping = True
         if self._loop is not None and self._loop.running:
@@ -180,22 +217,68 @@ class FleetWatcher(Service):
             if isinstance(self._notifier, MultiNotifier)
             else Deferred()
         )
-        sent = Deferred.fromCoroutine(self._sendHeldAtStop())
+        sent = Deferred.fromCoroutine(self._lastReadAtStop())
         sent.addTimeout(STOP_SERIAL_READ_WAIT, self._clock)
-        sent.addErrback(self._heldSentWithoutSerials)
+        sent.addBoth(self._endAtStop)
         sent.addCallback(lambda _: handedOver.callback(None))
         return sent
 
-    async def _sendHeldAtStop(self) -> None:
-        """After the poll in progress, read the held requests' stored serials; send them all."""
-        try:
-            await self._pollEnded()
-            keys = self._heldRequests.keys()
-            if keys:
-                await self._readStoredSerials(keys)
-        finally:
-            # The rest (cut short too) without the serial they waited for, not at all.
-            self._send(self._heldRequests.drain())
+    async def _lastReadAtStop(self) -> None:
+        """
+        After the poll in progress, read the feed once more and the held requests' stored
+        serials; send them all (a request whose agent has not said hello by now without).
+        """
+        await self._pollEnded()
+        if self._lastId is not None:
+            await self._readFeed(self._clock.seconds())
+        keys = self._heldRequests.keys()
+        if keys:
+            await self._readStoredSerials(keys)
+        self._send(self._heldRequests.drain())
+
+    def _endAtStop(self, result: object) -> None:
+        """
+        The stop's reads have ended, or been cut short at their bound (C{result} a
+        L{Failure}): leave the position, and what is still held, to the next start; without
+        a hand-over file (or if it cannot be written), send what is held now, not never.
+        """
+        failure = result if isinstance(result, Failure) else None
+        cutShort = failure is not None
+        if failure is not None and not failure.check(TimeoutError):
+            self._log.failure("could not read the audit feed at stop", failure)
+        held = self._heldRequests.handOver(self._elapsed())
+        if self._handOverFile is not None and self._lastId is not None:
+            try:
+                writeHandOver(self._handOverFile, FeedHandOver(self._lastId, held))
+            except OSError as e:
+                self._log.warn(
+                    "fleet watcher stopping: could not write {path} ({error}); the next "
+                    "start begins at the newest audit row, not after id {readTo}",
+                    path=str(self._handOverFile),
+                    error=str(e),
+                    readTo=self._lastId,
+                )
+            else:
+                self._leftToNextStart = True
+                if cutShort:
+                    self._log.warn(
+                        "fleet watcher stopping: the store did not answer within {wait} s; "
+                        "the audit rows after id {readTo} and {held} notification(s) held "
+                        "for serials are left to the next start ({path})",
+                        wait=STOP_SERIAL_READ_WAIT,
+                        readTo=self._lastId,
+                        held=len(held),
+                        path=str(self._handOverFile),
+                    )
+                return
+        if cutShort and held:
+            self._log.warn(
+                "fleet watcher stopping: the store did not answer within {wait} s; the "
+                "notifications held for serials were sent without them",
+                wait=STOP_SERIAL_READ_WAIT,
+            )
+        # Without the serial they waited for, not at all.
+        self._send([event for event, _ in held])
 
     def _pollEnded(self) -> Deferred[None]:
         """Fires when the loop's poll in progress, if any, has ended; the loop's is kept."""
@@ -209,25 +292,18 @@ class FleetWatcher(Service):
         (self._loopEnded or succeed(None)).addBoth(fire)
         return ended
 
-    def _heldSentWithoutSerials(self, failure: Any) -> None:
-        if failure.check(TimeoutError):
-            self._log.warn(
-                "fleet watcher stopping: the store did not answer within {wait} s; the "
-                "notifications held for serials were sent without them",
-                wait=STOP_SERIAL_READ_WAIT,
-            )
-        else:
-            self._log.failure("could not read the held requests' serials at stop", failure)
-
     def _send(self, events: list[FleetEvent]) -> None:
+        if self._leftToNextStart:
+            return  # a poll that outlived the stop: the next start notifies from its position
         for event in events:
             self._notifier.notify(event)
 
     async def _poll(self) -> None:
         if self._lastId is None:
-            # Start from now: what happened before start-up is already in the
-            # store, and agents connecting now are checked against it.
-            self._lastId = await self._store.lastAuditId()
+            newest = await self._store.lastAuditId()
+            if self._stopping:
+                return  # a stop came first: what the last stop left stays for the next start
+            self._lastId = self._startingPosition(newest)
             if self._revocations is not None:
                 await self._revocations.load()
             return
@@ -244,9 +320,40 @@ class FleetWatcher(Service):
         await self._readFeed(now)
         await self._readStoredSerials(self._heldRequests.awaitingStoredSerial())
         self._send(self._heldRequests.due(self._elapsed()))
-        if self._stopping:
+        if self._stopping and not self._leftToNextStart:
             # A poll that outlived the stop's wait: what it held goes now, not never.
             self._send(self._heldRequests.drain())
+
+    def _startingPosition(self, newest: int) -> int:
+        """
+        The audit id the feed is read after: where the last stop left it, if it did
+        (what it held is held again), else the newest row's. What happened before that is
+        already in the store, and agents connecting now are checked against it.
+        """
+        resume, self._resume = self._resume, None
+        if resume is None or self._handOverFile is None:
+            return newest
+        removeHandOver(self._handOverFile)
+        if resume.readTo > newest:
+            self._log.warn(
+                "ignoring {path}: the last stop read the audit log up to id {readTo}, past "
+                "its newest row ({newest}): another store? starting at the newest row",
+                path=str(self._handOverFile),
+                readTo=resume.readTo,
+                newest=newest,
+            )
+            return newest
+        for event, wait in resume.held:
+            self._send(self._heldRequests.hold(event, self._elapsed(), wait))
+        self._log.info(
+            "fleet watcher: notifying the audit rows after id {readTo} (the newest is "
+            "{newest}), where the last stop left them, and the {held} notification(s) it "
+            "held for serials",
+            readTo=resume.readTo,
+            newest=newest,
+            held=len(resume.held),
+        )
+        return resume.readTo
 
     async def _readStoredSerials(self, keys: frozenset[str]) -> None:
         """Send the held notifications of C{keys} whose serials are stored on their requests."""
@@ -261,6 +368,8 @@ class FleetWatcher(Service):
         assert self._lastId is not None
         while True:
             page = await self._store.auditFeed(self._lastId, WATCHED_EVENTS, FEED_PAGE)
+            if self._leftToNextStart:
+                return  # a poll that outlived the stop: the next start reads these
             for event in page.events:
                 self._lastId = event.id
                 fleetEvent = FleetEvent(
@@ -276,7 +385,7 @@ class FleetWatcher(Service):
                 if event.event in HELD_EVENTS:
                     self._send(self._heldRequests.hold(fleetEvent, self._elapsed()))
                 elif event.event in NOTIFIED_EVENTS:
-                    self._notifier.notify(withSerialsCompared(fleetEvent))
+                    self._send([withSerialsCompared(fleetEvent)])
                 await self._apply(event)
             self._lastId = page.readTo
             if len(page.events) < FEED_PAGE:

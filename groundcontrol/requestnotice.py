@@ -28,7 +28,9 @@ C{serial_matches} C{unknown}). A feed event that names the key first (its approv
 rejection or expiry) sends the held notification before its own, so a receiver hears of a
 request before its end. Every held notification is sent exactly once: with its serial,
 before such an event, at the deadline, or when the watcher stops (with the serial stored
-on its request by then, if any: a hello since the last poll).
+on its request by then, if any: a hello since the last poll); or, if the store does not
+answer the stop in time, by the next start, which holds it for what was left of its wait
+(L{HeldRequests.handOver}, L{groundcontrol.feedhandover}).
 
 A re-approval's approval or claim (C{device.approved}, C{device.claimed}, kind
 C{reapprove}) says the same: its row carries the request's C{serial} and the device's
@@ -40,8 +42,9 @@ would lose it, unless each request remembered whether it had been announced (a s
 change on both backends, and a sweep for requests whose node died). Why not a second
 event: two notifications for one request, the first without the answer. The cost here: a
 held notification lives in the watcher's memory, so a crash within the wait loses it (a
-stop sends it); as an event written while no watcher runs is not notified either (the
-watcher starts from the newest row), and the row is in the audit log either way.
+stop sends it or leaves it to the next start); as an event written after the last poll
+before a crash is not notified either (the start after a crash begins at the newest row),
+and the row is in the audit log either way.
 """
 
 from __future__ import annotations
@@ -123,17 +126,17 @@ class HeldRequests:
     def __len__(self) -> int:
         return len(self._held)
 
-    def hold(self, event: FleetEvent, now: float) -> list[FleetEvent]:
+    def hold(self, event: FleetEvent, now: float, wait: float | None = None) -> list[FleetEvent]:
         """
         Hold C{event}, one of L{HELD_EVENTS}, until its serial comes or C{now} plus the
-        wait. Returns what is to be sent now: nothing, or C{event} itself if it names no
-        key whose serial could come.
+        wait (C{wait}: what a stop left of it, L{handOver}). Returns what is to be sent
+        now: nothing, or C{event} itself if it names no key whose serial could come.
         """
         key = _keyOf(event)
         if key is None or event.event not in HELD_EVENTS:
             return [event]
         released = self.release(key)
-        self._held[key] = _Held(event, now + self._wait)
+        self._held[key] = _Held(event, now + (self._wait if wait is None else wait))
         return released
 
     def read(self, event: FleetEvent) -> list[FleetEvent]:
@@ -171,6 +174,15 @@ class HeldRequests:
         """The notifications whose wait is over at C{now}, without serials, oldest first."""
         keys = [key for key, held in self._held.items() if held.until <= now]
         return [event for key in keys for event in self.release(key)]
+
+    def handOver(self, now: float) -> list[tuple[FleetEvent, float]]:
+        """
+        Every held notification, as held (without a serial), with what is left of its wait
+        at C{now}: for the next start, when a stopping watcher could not read the serials
+        (L{groundcontrol.feedhandover}). No longer held.
+        """
+        held, self._held = self._held, {}
+        return [(h.event, max(0.0, h.until - now)) for h in held.values()]
 
     def drain(self) -> list[FleetEvent]:
         """Every held notification, without serials (the watcher stops)."""

@@ -42,6 +42,7 @@ from groundcontrol.devicewait import (
     StopRecord,
 )
 from groundcontrol.enrollment import CertificatePolicy
+from groundcontrol.feedhandover import FEED_HANDOVER_FILE
 from groundcontrol.fleetwatch import DEFAULT_PENDING_EXPIRY, FleetWatcher
 from groundcontrol.listening import LISTENING_FILE, ListenService, listenAll
 from groundcontrol.logging import DEFAULT_LEVEL, LEVELS, parseLevel, setLevel
@@ -523,13 +524,14 @@ def removeTemporariesLeft(dataDir: DataDir, onionKeyFile: Path) -> None:
     """
     Remove the temporary files a power cut (or a kill) between a write and its rename or
     link left beside the state files groundcontrol writes through L{accesstunnel.statefiles}
-    (its host key, fleet CA, run/listening.json, run/metrics.json and run/stopped.json, the
-    onion service's key), as the agent does at its start. Before any of them is written again.
+    (its host key, fleet CA, run/listening.json, run/metrics.json, run/stopped.json and
+    run/feed.json, the onion service's key), as the agent does at its start. Before any of
+    them is written again.
     """
     stateFiles: dict[Path, set[str]] = {
         dataDir.path: {dataDir.hostKeyPath.name, dataDir.hostPublicKeyPath.name},
         dataDir.caDirectory: {CA_KEY_FILE, CA_CERTIFICATE_FILE},
-        dataDir.path / "run": {LISTENING_FILE, METRICS_FILE, STOPPED_FILE},
+        dataDir.path / "run": {LISTENING_FILE, METRICS_FILE, STOPPED_FILE, FEED_HANDOVER_FILE},
     }
     stateFiles.setdefault(onionKeyFile.parent, set()).add(onionKeyFile.name)
     for directory, names in stateFiles.items():
@@ -616,6 +618,7 @@ def buildService(
         revocations=revoked,
         pendingExpiry=config.pendingExpiry,
         auditMaxAge=config.auditMaxAge,
+        handOverFile=config.dataDir.path / "run" / FEED_HANDOVER_FILE,
     ).setServiceParent(top)
     recordings = RecordingPolicy(
         config.dataDir.path / RECORDINGS_DIRECTORY,

@@ -1,7 +1,8 @@
 """
 groundcontrol's data directory after a power cut (or a kill) between writing a state file's
 temporary file and renaming or linking it (L{accesstunnel.statefiles}): the host key, the
-fleet CA, run/listening.json, run/metrics.json, run/stopped.json, the onion service's key.
+fleet CA, run/listening.json, run/metrics.json, run/stopped.json, run/feed.json, the onion
+service's key.
 The temporary file stayed there for ever; groundcontrol removes those of its own writer
 when it starts, as the agent does (tests/test_agent_powercut.py), and says which, once per
 directory.
@@ -17,6 +18,7 @@ from twisted.logger import capturedLogs, formatEvent
 
 from groundcontrol.datadir import DataDir
 from groundcontrol.devicewait import STOPPED_FILE
+from groundcontrol.feedhandover import FEED_HANDOVER_FILE
 from groundcontrol.listening import LISTENING_FILE
 from groundcontrol.metrics import METRICS_FILE
 from groundcontrol.pki import CA_CERTIFICATE_FILE, CA_KEY_FILE
@@ -50,14 +52,20 @@ def removedLines(said: list[str]) -> list[str]:
 def test_startRemovesWhatAPowerCutLeft(tmp_path: Path) -> None:
     """
     A host key and a CA cut off before their link (C{NAME.PID.tmp} of a process that is
-    gone), a public key, listening.json, metrics.json, stopped.json and an onion key cut off
-    before their rename (C{NAME.tmp}) are removed at start, each directory's in one line.
+    gone), a public key, listening.json, metrics.json, stopped.json, feed.json and an onion
+    key cut off before their rename (C{NAME.tmp}) are removed at start, each directory's in
+    one line.
     """
     data = initialised(tmp_path)
     leftovers = {
         data: [f"{HOST_KEY}.{deadPID()}.tmp", f"{HOST_KEY}.pub.tmp", "onion_key.tmp"],
         data / "ca": [f"{CA_KEY_FILE}.{deadPID()}.tmp", f"{CA_CERTIFICATE_FILE}.{os.getpid()}.tmp"],
-        data / "run": [f"{LISTENING_FILE}.tmp", f"{METRICS_FILE}.tmp", f"{STOPPED_FILE}.tmp"],
+        data / "run": [
+            f"{LISTENING_FILE}.tmp",
+            f"{METRICS_FILE}.tmp",
+            f"{STOPPED_FILE}.tmp",
+            f"{FEED_HANDOVER_FILE}.tmp",
+        ],
     }
     for directory, names in leftovers.items():
         for name in names:

@@ -501,23 +501,38 @@ class ReapprovalNotificationTests(WatcherTestCase):
 
 
 class _SlowRequestList:
-    """A store whose request list answers when the test says (a read at the stop)."""
+    """
+    A store whose request list answers when the test says (a read at the stop), and its
+    audit feed too once C{feedToo} is set (the stop's last read of the feed).
+    """
 
     def __init__(self, store: IStore) -> None:
         self._store = store
-        self.reads: list[Deferred[Any]] = []
+        self.feedToo = False
+        self.reads: list[tuple[Deferred[Any], Any]] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
+    def _held(self, read: Any) -> Deferred[Any]:
+        held: Deferred[Any] = Deferred()
+        self.reads.append((held, read))
+        return held
+
     def listEnrollmentRequests(self) -> Deferred[Any]:
-        read: Deferred[Any] = Deferred()
-        self.reads.append(read)
-        return read
+        return self._held(self._store.listEnrollmentRequests)
+
+    def auditFeed(self, *args: Any) -> Deferred[Any]:
+        if not self.feedToo:
+            return self._store.auditFeed(*args)  # type: ignore[no-any-return]
+        return self._held(lambda: self._store.auditFeed(*args))
 
     def answer(self) -> None:
-        """Answer the last read with what the store holds."""
-        self.reads[-1].callback(self.successResultOf(self._store.listEnrollmentRequests()))
+        """Answer the reads held, and those they lead to, with what the store holds."""
+        self.feedToo = False
+        while self.reads:
+            held, read = self.reads.pop(0)
+            held.callback(self.successResultOf(read()))
 
     def successResultOf(self, d: Deferred[Any]) -> Any:
         results: list[Any] = []
@@ -550,11 +565,14 @@ class StopTests(WatcherTestCase):
     def test_storeThatDoesNotAnswer(self) -> None:
         """
         A store that does not answer holds the stop for L{STOP_SERIAL_READ_WAIT}, no longer;
-        then the notification goes without its serial, and a line says why.
+        then, for a watcher with no hand-over file to leave it in (groundcontrol's has one:
+        tests/test_fleetwatch_stop.py), the notification goes without its serial, and a line
+        says why.
         """
         watcher = self.slowWatcher(self.notifier)
         logged = captureLog(watcher)
         self.hello(self.key, "SN-7")
+        self.slow.feedToo = True
         stopped = watcher.stopService()
         self.clock.advance(STOP_SERIAL_READ_WAIT - 0.1)
         self.assertNoResult(stopped)
@@ -588,6 +606,7 @@ class StopTests(WatcherTestCase):
         watcher = self.slowWatcher(notifier)
         watcher.setServiceParent(top)
         self.hello(self.key, "SN-7")
+        self.slow.feedToo = True
         stopped = top.stopService()
         self.clock.advance(0.5)
         self.assertEqual(client.requests, [])
