@@ -17,7 +17,10 @@ this module.
 With several nodes sharing a store, a device may come back on another node, which this
 one never sees: the store's C{lastSeen}, which every node sets when an agent logs in, is
 read while someone waits, and the waiters are told where it went instead of waiting for
-nothing.
+nothing. One already linked to another node as the wait begins is not waited for at all:
+the audit log's online and offline events, which every node writes, say so at once
+(L{DeviceWaits._checkLinkedElsewhere}), and the channel is answered as when it logs in
+elsewhere during the wait.
 
 After groundcontrol restarts, the whole fleet reconnects over minutes, and the devices
 online when it went away are waited for however long it was down. A clean stop writes
@@ -49,8 +52,9 @@ from twisted.logger import Logger
 
 from accesstunnel.clocks import elapsedClock
 from accesstunnel.statefiles import writeAtomically
+from groundcontrol.flapping import FLAPPING, OFFLINE, ONLINE, transitionsRecorded
 from groundcontrol.registry import Link, Registry
-from groundcontrol.store import Device, IStore
+from groundcontrol.store import AuditEvent, Device, IStore
 
 #: --device-wait's default: a roam or an agent restart is back within it.
 DEFAULT_DEVICE_WAIT = 15.0
@@ -214,6 +218,8 @@ class DeviceWaits:
         waiter.timer = self._clock.callLater(policy.maxWait, self._timedOut, name, waiter)
         device.waiters.append(waiter)
         self._count += 1
+        if len(device.waiters) == 1:
+            self._checkAtStart(name, device)
         return waiter.deferred
 
     def linkAttached(self, name: str) -> None:
@@ -297,11 +303,57 @@ class DeviceWaits:
         if not device.contactSeen:
             device.contactSeen = True
             return
+        self._elsewhere(name, device)
+
+    def _elsewhere(self, name: str, device: _Device) -> None:
+        """The device is linked to another node: its waiters are told so, now."""
         self._dropDevice(name, device)
         now = elapsedClock(self._clock)()
         for waiter in device.waiters:
             self._stopTimer(waiter)
             waiter.deferred.errback(DeviceElsewhereError(now - waiter.startedAt))
+
+    def _checkAtStart(self, name: str, device: _Device) -> None:
+        if self.policy.sharedStorePoll is None or self._store is None:
+            return
+        d = defer.Deferred.fromCoroutine(self._checkLinkedElsewhere(name, device))
+        d.addErrback(
+            lambda f: self._log.failure("could not read device {device}'s links", f, device=name)
+        )
+
+    async def _checkLinkedElsewhere(self, name: str, device: _Device) -> None:
+        """
+        A device linked to another node as the wait begins is not waited for: the audit
+        log's latest of its online, offline and flapping events (every node writes them,
+        L{groundcontrol.flapping}) says it is online, and it is not linked here. Its waiters
+        are answered as when it logs in elsewhere during the wait (L{_elsewhere}).
+
+        Not trusted, so waited for as before: an online event older than this node's start
+        while it has run less than the window (its own, maybe, from before a kill, which
+        wrote no offline event), and the log of a device whose transitions here were only
+        counted (the flap limiter's window, until its summary). Another node's kill leaves
+        its devices' online events too: until they link again, a channel to one is answered
+        at once (the refusal's "or was refused" and the agent's retry cover it).
+        """
+        assert self._store is not None
+        event = await self._store.latestDeviceEvent(name, (ONLINE, OFFLINE, FLAPPING))
+        if self._devices.get(name) is not device or self._registry.lookup(name) is not None:
+            return
+        if event is None or not _saysOnline(event):
+            return
+        restarting = self._clock.seconds() - self.startedAt <= self.policy.recentWindow
+        if restarting and event.at < self.startedAt:
+            return
+        if not transitionsRecorded(self._registry, name):
+            return
+        self._elsewhere(name, device)
+
+
+def _saysOnline(event: AuditEvent) -> bool:
+    """Whether a device's online, offline or flapping event leaves it online."""
+    if event.event == FLAPPING:
+        return event.detail.get("online") is True
+    return event.event == ONLINE
 
 
 class StopRecord(Service):

@@ -32,7 +32,15 @@ from twisted.logger import Logger
 from accesstunnel.clocks import elapsedClock
 from groundcontrol.store import IStore
 
-__all__ = ["DEFAULT_WINDOW", "FlapLimiter", "limiterFor"]
+__all__ = [
+    "DEFAULT_WINDOW",
+    "FLAPPING",
+    "OFFLINE",
+    "ONLINE",
+    "FlapLimiter",
+    "limiterFor",
+    "transitionsRecorded",
+]
 
 #: Seconds in which at most one online/offline pair per device is recorded.
 DEFAULT_WINDOW = 60.0
@@ -104,6 +112,14 @@ class FlapLimiter:
                 window.start + self.window - now, self._summarise, device, window
             )
 
+    def recorded(self, device: str) -> bool:
+        """
+        Whether the audit log has C{device}'s latest transition here: not while some of
+        its window's were only counted (its C{device.flapping} summary still to come).
+        """
+        window = self._windows.get(device)
+        return window is None or window.suppressed == 0
+
     def _summarise(self, device: str, window: _Window) -> None:
         """The window with suppressed transitions ended: say how many, and where it stands."""
         window.timer = None
@@ -165,3 +181,12 @@ def limiterFor(registry: Any, store: IStore, clock: IReactorTime) -> FlapLimiter
     if limiter is None:
         limiter = _BY_REGISTRY[registry] = FlapLimiter(store, clock)
     return limiter
+
+
+def transitionsRecorded(registry: Any, device: str) -> bool:
+    """
+    Whether the audit log has C{device}'s latest transition on the groundcontrol owning
+    C{registry} (L{FlapLimiter.recorded}; True before its limiter is made: none yet).
+    """
+    limiter = _BY_REGISTRY.get(registry)
+    return limiter is None or limiter.recorded(device)

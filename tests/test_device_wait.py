@@ -49,6 +49,7 @@ from groundcontrol.testing import (
     resultNow,
     scriptedSessions,
 )
+from tests.test_store import T0, StoreTestCase, bothBackends
 
 WAIT = 15.0
 RECENT = 300.0
@@ -511,6 +512,116 @@ class SharedStoreTests(DeviceWaitTestCase):
         store.deviceByName = lambda name: reads.append(name) or original(name)  # type: ignore[method-assign]
         self.advance(10)
         self.assertEqual(reads, [])
+
+
+class LinkedElsewhereTests(DeviceWaitTestCase):
+    """
+    With a store shared by several nodes, a device linked to another node as the wait
+    begins is not waited for: the audit log's online and offline events say so at once.
+    """
+
+    policy = DeviceWaitPolicy(maxWait=WAIT, recentWindow=RECENT, sharedStorePoll=2.0)
+
+    def otherNodeLinks(self, event: str = "device.online", **detail: Any) -> None:
+        """Another node records kiln7's login and its online (or other) event."""
+        line = publicLine(self.deviceKey)
+        now = self.fleet.now
+        resultNow(
+            self.fleet.store.recordContact("kiln7", line, fingerprint(line), None, "other", now)
+        )
+        resultNow(self.fleet.store.audit(event, None, "kiln7", {"source": "other", **detail}, now))
+
+    def assertAnsweredAsElsewhere(self, session: OperatorSession) -> None:
+        self.assertRegex(
+            session.openFailureText or "",
+            r"^device 'kiln7' is offline \(last seen .*\); waited 0.0 s for it to reconnect: "
+            r"its agent logged in elsewhere \(another groundcontrol node routes it\) or was "
+            r"refused$",
+        )
+        self.assertEqual(len(self.waits), 0)
+
+    def test_alreadyOnAnotherNode(self) -> None:
+        """
+        kiln7 dropped here and linked to another node before the channel: it is answered
+        at once, as when it logs in elsewhere during the wait (same refusal, same log line),
+        where it was waited for in vain (15 s: its login, before the wait, moved no poll).
+        """
+        self.dropAgent()
+        self.advance(1)
+        self.otherNodeLinks()
+        self.advance(1)
+        session, _ = self.open()
+        self.assertAnsweredAsElsewhere(session)
+        self.assertEqual(self.waitLines(), [("alice", "0.0 s", "it logged in elsewhere")])
+
+    def test_flappingSummaryOnline(self) -> None:
+        """Another node's flapping summary that ends online says the same; offline does not."""
+        self.dropAgent()
+        self.otherNodeLinks("device.flapping", online=False)
+        session, _ = self.open()
+        self.assertUnanswered(session)
+        self.advance(WAIT)
+        self.otherNodeLinks("device.flapping", online=True)
+        session, _ = self.open()
+        self.assertAnsweredAsElsewhere(session)
+
+    def test_onlineEventFromBeforeARestart(self) -> None:
+        """
+        While groundcontrol has run less than the window, an online event older than its
+        start may be its own, from before a kill (no offline event): the device is waited
+        for. Once it has run longer, that event is believed.
+        """
+        self.dropAgent()
+        self.otherNodeLinks()
+        self.advance(1)
+        self.waits.startedAt = self.fleet.now  # started (again) after that event
+        session, _ = self.open()
+        self.assertUnanswered(session)
+        self.advance(RECENT + 1)
+        resultNow(self.fleet.store.touchDevice("kiln7", self.fleet.now))  # seen recently
+        session, _ = self.open()
+        self.assertAnsweredAsElsewhere(session)
+
+    def test_flappingHereIsWaitedFor(self) -> None:
+        """
+        kiln7 flaps here: offline and online recorded, the next offline only counted, so
+        the log's latest is this node's online while kiln7 is away. It is waited for, and
+        the channel opens when it is back.
+        """
+        self.advance(61)  # past the window of the setUp's online event
+        self.dropAgent()  # recorded: a new window
+        self.agentPump = self.connectAgent()
+        self.advance(0)  # recorded
+        self.dropAgent()  # counted
+        session, _ = self.open()
+        self.assertUnanswered(session)
+        self.agentPump = self.connectAgent()
+        self.advance(0)
+        self.assertTrue(session.isOpen, session.openFailure)
+
+
+@bothBackends
+class LatestDeviceEventTests(StoreTestCase):
+    """IStore.latestDeviceEvent, which the device wait reads, on SQLite and PostgreSQL."""
+
+    def test_newestOfTheKinds(self) -> None:
+        """The newest event of the device among the kinds asked; None when it has none."""
+        for event, device in (
+            ("device.online", "kiln7"),
+            ("device.offline", "kiln7"),
+            ("session.started", "kiln7"),
+            ("device.online", "mill4"),
+        ):
+            self.successResultOf(self.store.audit(event, None, device, {"n": 1}, T0))
+        kinds = ("device.online", "device.offline", "device.flapping")
+        other = self.openAnother()  # another node
+        latest = self.successResultOf(other.latestDeviceEvent("kiln7", kinds))
+        assert latest is not None
+        self.assertEqual(
+            (latest.event, latest.device, latest.detail), ("device.offline", "kiln7", {"n": 1})
+        )
+        self.assertIsNone(self.successResultOf(other.latestDeviceEvent("oven2", kinds)))
+        self.assertIsNone(self.successResultOf(other.latestDeviceEvent("kiln7", ())))
 
 
 class WorthWaitingTests(SynchronousTestCase):

@@ -454,6 +454,16 @@ class IStore(Interface):
             C{readTo}, the id to read after next time.
         """
 
+    def latestDeviceEvent(device, events):
+        """
+        The newest audit event of device C{device} among the kinds C{events}, or None: for
+        the device wait, whether its C{device.online}, C{device.offline} or
+        C{device.flapping} says it is linked to some node now. A read of the audit log's
+        device index from its newest row back.
+
+        @return: Deferred firing with an L{AuditEvent}, or None.
+        """
+
     def recentSessions(limit):
         """
         The latest C{limit} relayed sessions (all with C{limit} 0) by their start, newest

@@ -114,6 +114,22 @@ class AuditRows(StoreCore):
         found = tuple(_auditEvent(r) for r in rows)
         return AuditPage(found, found[-1].id if found and len(found) == limit else newest)
 
+    def latestDeviceEvent(
+        self, device: str, events: Collection[str]
+    ) -> Deferred[AuditEvent | None]:
+        return self._run(self._latestDeviceEvent, device, frozenset(events))
+
+    def _latestDeviceEvent(self, device: str, events: frozenset[str]) -> AuditEvent | None:
+        if not events:
+            return None
+        kinds = sorted(events)
+        rows = self._read(
+            "SELECT id, at, event, actor, device, detail FROM audit WHERE device = ? "
+            f"AND event IN ({', '.join('?' * len(kinds))}) ORDER BY id DESC LIMIT 1",
+            (device, *kinds),
+        )
+        return _auditEvent(rows[0]) if rows else None
+
     def recentSessions(self, limit: int) -> Deferred[list[SessionEvents]]:
         return self._run(self._recentSessions, limit)
 
