@@ -33,6 +33,7 @@ from accesstunnel.transports.tor import TorSettings
 from groundcontrol.cipherchoice import cpuHasAES
 from groundcontrol.datadir import DataDir, HostKeyError, NotInitialised
 from groundcontrol.devicewait import (
+    ALIVE_FILE,
     DEFAULT_DEVICE_WAIT,
     DEFAULT_MAX_WAITERS,
     DEFAULT_MAX_WAITERS_PER_DEVICE,
@@ -524,14 +525,20 @@ def removeTemporariesLeft(dataDir: DataDir, onionKeyFile: Path) -> None:
     """
     Remove the temporary files a power cut (or a kill) between a write and its rename or
     link left beside the state files groundcontrol writes through L{accesstunnel.statefiles}
-    (its host key, fleet CA, run/listening.json, run/metrics.json, run/stopped.json and
-    run/feed.json, the onion service's key), as the agent does at its start. Before any of
-    them is written again.
+    (its host key, fleet CA, run/listening.json, run/metrics.json, run/stopped.json,
+    run/alive.json and run/feed.json, the onion service's key), as the agent does at its
+    start. Before any of them is written again.
     """
     stateFiles: dict[Path, set[str]] = {
         dataDir.path: {dataDir.hostKeyPath.name, dataDir.hostPublicKeyPath.name},
         dataDir.caDirectory: {CA_KEY_FILE, CA_CERTIFICATE_FILE},
-        dataDir.path / "run": {LISTENING_FILE, METRICS_FILE, STOPPED_FILE, FEED_HANDOVER_FILE},
+        dataDir.path / "run": {
+            LISTENING_FILE,
+            METRICS_FILE,
+            STOPPED_FILE,
+            ALIVE_FILE,
+            FEED_HANDOVER_FILE,
+        },
     }
     stateFiles.setdefault(onionKeyFile.parent, set()).add(onionKeyFile.name)
     for directory, names in stateFiles.items():

@@ -1,8 +1,8 @@
 """
 groundcontrol's data directory after a power cut (or a kill) between writing a state file's
 temporary file and renaming or linking it (L{accesstunnel.statefiles}): the host key, the
-fleet CA, run/listening.json, run/metrics.json, run/stopped.json, run/feed.json, the onion
-service's key.
+fleet CA, run/listening.json, run/metrics.json, run/stopped.json, run/alive.json,
+run/feed.json, the onion service's key.
 The temporary file stayed there for ever; groundcontrol removes those of its own writer
 when it starts, as the agent does (tests/test_agent_powercut.py), and says which, once per
 directory.
@@ -17,7 +17,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
 
 from groundcontrol.datadir import DataDir
-from groundcontrol.devicewait import STOPPED_FILE
+from groundcontrol.devicewait import ALIVE_FILE, STOPPED_FILE
 from groundcontrol.feedhandover import FEED_HANDOVER_FILE
 from groundcontrol.listening import LISTENING_FILE
 from groundcontrol.metrics import METRICS_FILE
@@ -64,6 +64,7 @@ def test_startRemovesWhatAPowerCutLeft(tmp_path: Path) -> None:
             f"{LISTENING_FILE}.tmp",
             f"{METRICS_FILE}.tmp",
             f"{STOPPED_FILE}.tmp",
+            f"{ALIVE_FILE}.tmp",
             f"{FEED_HANDOVER_FILE}.tmp",
         ],
     }
