@@ -11,6 +11,7 @@ with L{tests.e2e.test_transports_walk}.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -218,6 +219,13 @@ class SilentPort:
     """
     A loopback port that takes every connection and never says a word (a hung tor, or a
     wrong --tor-control port): it records each connection and when the other side hung up.
+
+    L{close} shuts each socket down, joins the threads using it and only then closes it:
+    groundcontrol keeps retrying the port until the fleet stops, after the test's
+    C{close}, so the accepting thread is in C{accept} then, and a socket closed under it
+    frees its descriptor number for the next socket opened (the next test's), which that
+    thread's call could land on (as 2e497e3's webhook receiver did); a socket only closed
+    also kept listening, its thread blocked in C{accept} for the rest of the run.
     """
 
     def __init__(self) -> None:
@@ -226,27 +234,50 @@ class SilentPort:
         self.accepted = 0
         self.hungUp = 0
         self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._connections: list[socket.socket] = []
+        self._holders: list[threading.Thread] = []
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
 
     def _accept(self) -> None:
         while True:
             try:
                 connection, _ = self.listener.accept()
-            except OSError:  # closed: the test is over
+            except OSError:  # shut down: the test is over
                 return
+            holder = threading.Thread(target=self._hold, args=(connection,), daemon=True)
             with self._lock:
                 self.accepted += 1
-            threading.Thread(target=self._hold, args=(connection,), daemon=True).start()
+                self._connections.append(connection)
+                self._holders.append(holder)
+            holder.start()
 
     def _hold(self, connection: socket.socket) -> None:
-        with connection:
-            while connection.recv(4096):  # what txtorcon asks goes unanswered
-                pass
+        while connection.recv(4096):  # what txtorcon asks goes unanswered
+            pass
         with self._lock:
             self.hungUp += 1
 
+    def counts(self) -> tuple[int, int]:
+        """Connections accepted and hung up so far, read together."""
+        with self._lock:
+            return self.accepted, self.hungUp
+
     def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept() (EINVAL on Linux)
+        self._acceptor.join(5)
+        assert not self._acceptor.is_alive(), "the accepting thread did not end"
         self.listener.close()
+        with self._lock:
+            connections, holders = list(self._connections), list(self._holders)
+        for connection in connections:
+            with contextlib.suppress(OSError):  # ENOTCONN once the peer reset it
+                connection.shutdown(socket.SHUT_RDWR)  # wakes recv()
+        for holder in holders:
+            holder.join(5)
+            assert not holder.is_alive(), "a holding thread did not end"
+        for connection in connections:
+            connection.close()
 
 
 def test_silentControlPort(fleet: Fleet) -> None:
@@ -267,12 +298,18 @@ def test_silentControlPort(fleet: Fleet) -> None:
         )
         entry = waitFor(lambda: onionListener(fleet, published=False), 30, "listening.json")
         assert entry["ready"] is False and entry["waiting"] == why, entry
-        waitFor(lambda: silent.hungUp >= 2 and silent.accepted >= 3, 30, "two attempts hung up")
+
+        def twoHungUp() -> bool:
+            accepted, hungUp = silent.counts()
+            return hungUp >= 2 and accepted >= 3
+
+        waitFor(twoHungUp, 30, "two attempts hung up")
         process = fleet.gc.process
         assert process is not None and process.running(), process and process.output()
         output = process.output()
         assert output.count(f"not published yet: {why}") == 1, output
         assert "cannot publish the onion service yet" not in output, output  # same cause
-        assert silent.accepted - silent.hungUp <= 1  # only the attempt in progress is open
+        accepted, hungUp = silent.counts()
+        assert accepted - hungUp <= 1  # only the attempt in progress is open
     finally:
         silent.close()
