@@ -40,6 +40,12 @@ The cost: a stop not followed by a start leaves them unsent (the audit log has t
 a kill or a crash leaves no file and the start after it begins at the newest row. A
 notification whose agent has not said hello when the store answers the stop goes at the
 stop, without a serial, as before: the stop's bound stays the store's answer, not the hello.
+
+With several nodes on a PostgreSQL store (a L{NotifierTurn} given), every node applies each
+row to its own links, and only the node holding the fleet's notifier turn notifies them, on a
+cursor of its own that starts at the fleet's position in the store and writes it as it goes
+(L{groundcontrol.fleetturn} says why): a webhook hears of each row once per fleet, and a stop
+or a crash leaves the rest to whichever node takes the turn next. run/feed.json is not used.
 """
 
 from __future__ import annotations
@@ -57,7 +63,13 @@ from twisted.python.failure import Failure
 from accesstunnel.clocks import elapsedClock
 from accesstunnel.timetext import isoTime
 from groundcontrol.feedhandover import FeedHandOver, readHandOver, removeHandOver, writeHandOver
-from groundcontrol.notify import FleetEvent, LogNotifier, MultiNotifier, Notifier
+from groundcontrol.fleetturn import (
+    IDLE_RECORD_INTERVAL,
+    NOTIFY_BACKLOG,
+    NOTIFY_PAGES_PER_POLL,
+    NotifierTurn,
+)
+from groundcontrol.notify import FleetEvent, LogNotifier, MultiNotifier, Notifier, WebhookNotifier
 from groundcontrol.registry import Registry
 from groundcontrol.requestnotice import (
     HELD_EVENTS,
@@ -144,6 +156,7 @@ class FleetWatcher(Service):
         pendingExpiry: float | None = DEFAULT_PENDING_EXPIRY,
         auditMaxAge: float | None = None,
         handOverFile: Path | None = None,
+        turn: NotifierTurn | None = None,
     ) -> None:
         """
         @param pendingExpiry: seconds a pending request may go unseen before it is
@@ -152,8 +165,20 @@ class FleetWatcher(Service):
             None keeps everything.
         @param handOverFile: where a stop leaves the feed's position (and what it could not
             send) for the next start (L{groundcontrol.feedhandover}); None: a start begins
-            at the newest row, and a stop sends what it holds whatever happens.
+            at the newest row, and a stop sends what it holds whatever happens. Not used
+            with a C{turn}.
+        @param turn: with several nodes sharing the store, the fleet notifier's turn: this
+            watcher notifies only while it holds it (L{groundcontrol.fleetturn}); None: one
+            node, which notifies every row it reads.
         """
+        self._turn = turn
+        #: With a turn held: the audit id notified up to (the applying cursor is _lastId).
+        self._notifyAt: int | None = None
+        #: The ids of the rows held for their serials, not yet sent (with a turn).
+        self._heldIds: set[int] = set()
+        #: The ids sent since the position was last written (with a turn).
+        self._unrecorded: list[int] = []
+        self._nextIdleRecord = 0.0
         self._handOverFile = handOverFile
         #: What the last stop left, read at the start, until the first poll takes it.
         self._resume: FeedHandOver | None = None
@@ -182,7 +207,8 @@ class FleetWatcher(Service):
 
     def startService(self) -> None:
         self._leftToNextStart = False
-        if self._handOverFile is not None:
+        self._notifyAt = None
+        if self._handOverFile is not None and self._turn is None:
             # Read here, not when built: a start refused after the build leaves it in place.
             resume = readHandOver(self._handOverFile)
             if resume is not None:
@@ -229,12 +255,18 @@ class FleetWatcher(Service):
         serials; send them all (a request whose agent has not said hello by now without).
         """
         await self._pollEnded()
-        if self._lastId is not None:
+        if self._turn is not None:
+            if self._turn.holding and self._notifyAt is not None:
+                await self._readForNotification()
+        elif self._lastId is not None:
             await self._readFeed(self._clock.seconds())
         keys = self._heldRequests.keys()
         if keys:
             await self._readStoredSerials(keys)
         self._send(self._heldRequests.drain())
+        if self._turn is not None:
+            await self._recordPosition(atStop=True)
+            await self._turn.leave()
 
     def _endAtStop(self, result: object) -> None:
         """
@@ -246,6 +278,9 @@ class FleetWatcher(Service):
         cutShort = failure is not None
         if failure is not None and not failure.check(TimeoutError):
             self._log.failure("could not read the audit feed at stop", failure)
+        if self._turn is not None:
+            self._endTurnAtStop(cutShort)
+            return
         held = self._heldRequests.handOver(self._elapsed())
         if self._handOverFile is not None and self._lastId is not None:
             try:
@@ -280,6 +315,25 @@ class FleetWatcher(Service):
         # Without the serial they waited for, not at all.
         self._send([event for event, _ in held])
 
+    def _endTurnAtStop(self, cutShort: bool) -> None:
+        """
+        With a turn: what the stop did not send (the store did not answer in time) is the
+        next notifying node's, from the fleet's position, which is before it; none is sent
+        from here after this.
+        """
+        self._leftToNextStart = True
+        held = self._heldRequests.handOver(self._elapsed())
+        self._heldIds.clear()
+        if cutShort and self._notifyAt is not None:
+            self._log.warn(
+                "fleet watcher stopping: the store did not answer within {wait} s; the audit "
+                "rows after the fleet's notified position {recorded} ({held} held for "
+                "serials) are left to the node that notifies next",
+                wait=STOP_SERIAL_READ_WAIT,
+                recorded=self._turn.recorded if self._turn is not None else None,
+                held=len(held),
+            )
+
     def _pollEnded(self) -> Deferred[None]:
         """Fires when the loop's poll in progress, if any, has ended; the loop's is kept."""
         ended: Deferred[None] = Deferred()
@@ -296,6 +350,9 @@ class FleetWatcher(Service):
         if self._leftToNextStart:
             return  # a poll that outlived the stop: the next start notifies from its position
         for event in events:
+            if self._turn is not None and event.id is not None:
+                self._heldIds.discard(event.id)
+                self._unrecorded.append(event.id)
             self._notifier.notify(event)
 
     async def _poll(self) -> None:
@@ -318,11 +375,83 @@ class FleetWatcher(Service):
             if self._auditMaxAge is not None:
                 await self._pruneAudit(now, self._auditMaxAge)
         await self._readFeed(now)
+        if self._turn is not None:
+            await self._notifyWithTheTurn()
         await self._readStoredSerials(self._heldRequests.awaitingStoredSerial())
         self._send(self._heldRequests.due(self._elapsed()))
         if self._stopping and not self._leftToNextStart:
             # A poll that outlived the stop's wait: what it held goes now, not never.
             self._send(self._heldRequests.drain())
+        if self._turn is not None and not self._stopping:
+            await self._recordPosition()
+
+    async def _notifyWithTheTurn(self) -> None:
+        """
+        If this node holds the fleet notifier's turn (taking it if free), notify on from
+        where the fleet's notifications got to; one that lost it drops what it held (the
+        node holding it now reads those rows from the fleet's position).
+        """
+        assert self._turn is not None
+        if self._stopping:
+            return  # the stop's last read notifies, and gives the turn up: not taken again
+        if not await self._turn.take():
+            if self._notifyAt is not None:
+                self._notifyAt = None
+                self._heldRequests = HeldRequests()
+                self._heldIds.clear()
+                self._unrecorded.clear()
+            return
+        if self._notifyAt is None:
+            position = await self._turn.startingPosition()
+            if self._stopping:
+                return  # the stop leaves it to the next notifying node
+            self._notifyAt = position
+        await self._readForNotification()
+
+    async def _readForNotification(self) -> None:
+        """
+        Notify the watched rows after the notifying cursor: a few pages a poll, and none
+        while the webhook is behind, so that catching up on a backlog stays bounded.
+        """
+        for _ in range(NOTIFY_PAGES_PER_POLL):
+            if len(self._unfinishedIds()) >= NOTIFY_BACKLOG or self._notifyAt is None:
+                return
+            page = await self._store.auditFeed(self._notifyAt, WATCHED_EVENTS, FEED_PAGE)
+            if self._leftToNextStart:
+                return  # a poll that outlived the stop: the next notifying node reads these
+            for event in page.events:
+                self._notifyAt = event.id
+                self._notifyRow(_fleetEvent(event))
+            self._notifyAt = page.readTo
+            if len(page.events) < FEED_PAGE:
+                return
+
+    def _unfinishedIds(self) -> list[int]:
+        """The audit ids the webhook has not delivered or given up yet."""
+        if isinstance(self._notifier, (MultiNotifier, WebhookNotifier)):
+            return self._notifier.unfinishedIds()
+        return []
+
+    async def _recordPosition(self, atStop: bool = False) -> None:
+        """
+        Write the fleet's notified position: the notifying cursor, or just below the lowest
+        row still held for its serial or unfinished in the webhook. Written when it passes a
+        row sent since the last write (or at the stop), else every L{IDLE_RECORD_INTERVAL}.
+        """
+        assert self._turn is not None
+        if self._notifyAt is None or not self._turn.holding:
+            return
+        unfinished = [*self._heldIds, *self._unfinishedIds()]
+        position = min(self._notifyAt, min(unfinished) - 1) if unfinished else self._notifyAt
+        recorded = self._turn.recorded
+        if recorded is not None and position <= recorded:
+            return
+        passesASentRow = any(sent <= position for sent in self._unrecorded)
+        if not (atStop or passesASentRow or self._elapsed() >= self._nextIdleRecord):
+            return
+        self._nextIdleRecord = self._elapsed() + IDLE_RECORD_INTERVAL
+        await self._turn.record(position, self._clock.seconds())
+        self._unrecorded = [sent for sent in self._unrecorded if sent > position]
 
     def _startingPosition(self, newest: int) -> int:
         """
@@ -372,24 +501,23 @@ class FleetWatcher(Service):
                 return  # a poll that outlived the stop: the next start reads these
             for event in page.events:
                 self._lastId = event.id
-                fleetEvent = FleetEvent(
-                    event=event.event,
-                    device=event.device or "",
-                    actor=event.actor,
-                    at=event.at,
-                    detail=event.detail,
-                    id=event.id,
-                )
-                # A held request's notification goes before any later event of its key.
-                self._send(self._heldRequests.read(fleetEvent))
-                if event.event in HELD_EVENTS:
-                    self._send(self._heldRequests.hold(fleetEvent, self._elapsed()))
-                elif event.event in NOTIFIED_EVENTS:
-                    self._send([withSerialsCompared(fleetEvent)])
+                if self._turn is None:  # one node; with several, the turn's holder notifies
+                    self._notifyRow(_fleetEvent(event))
                 await self._apply(event)
             self._lastId = page.readTo
             if len(page.events) < FEED_PAGE:
                 return  # read up to the newest row
+
+    def _notifyRow(self, fleetEvent: FleetEvent) -> None:
+        """Notify one watched row, or hold it for its serial."""
+        # A held request's notification goes before any later event of its key.
+        self._send(self._heldRequests.read(fleetEvent))
+        if fleetEvent.event in HELD_EVENTS:
+            if self._turn is not None and fleetEvent.id is not None:
+                self._heldIds.add(fleetEvent.id)
+            self._send(self._heldRequests.hold(fleetEvent, self._elapsed()))
+        elif fleetEvent.event in NOTIFIED_EVENTS:
+            self._send([withSerialsCompared(fleetEvent)])
 
     async def _sweepPending(self, now: float, expiry: float) -> None:
         """
@@ -461,3 +589,15 @@ class FleetWatcher(Service):
             return
         why = "rejected by an admin" if event.event == "enrollment.rejected" else "expired"
         link.close(f"enrollment request {why}; connect again to ask again")
+
+
+def _fleetEvent(event: Any) -> FleetEvent:
+    """The notification of an audit row (L{groundcontrol.store.AuditEvent})."""
+    return FleetEvent(
+        event=event.event,
+        device=event.device or "",
+        actor=event.actor,
+        at=event.at,
+        detail=event.detail,
+        id=event.id,
+    )

@@ -177,6 +177,15 @@ class MultiNotifier:
         self._handOvers.append(handOver)
         return handOver
 
+    def unfinishedIds(self) -> list[int]:
+        """The audit ids of the events its webhooks have not delivered or given up yet."""
+        return [
+            eventId
+            for notifier in self.notifiers
+            if isinstance(notifier, WebhookNotifier)
+            for eventId in notifier.unfinishedIds()
+        ]
+
     def drain(self, within: float) -> Deferred[Any]:
         """
         Let each notifier that queues (L{WebhookNotifier.drain}) deliver what it holds, and
@@ -360,6 +369,13 @@ class WebhookNotifier:
     def pending(self) -> int:
         """Events waiting for a worker (not counting those being delivered)."""
         return len(self._pending)
+
+    def unfinishedIds(self) -> list[int]:
+        """
+        The audit ids of the events queued or being delivered (attempting, or waiting to
+        retry): what a crash now would leave unsent (L{groundcontrol.fleetturn}).
+        """
+        return [e.id for e in (*self._delivering, *self._pending) if e.id is not None]
 
     def whenIdle(self) -> Deferred[None]:
         """Fires once every queued event has been delivered or given up."""

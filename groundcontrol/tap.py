@@ -44,6 +44,7 @@ from groundcontrol.devicewait import (
 )
 from groundcontrol.enrollment import CertificatePolicy
 from groundcontrol.feedhandover import FEED_HANDOVER_FILE
+from groundcontrol.fleetturn import NotifierTurn
 from groundcontrol.fleetwatch import DEFAULT_PENDING_EXPIRY, FleetWatcher
 from groundcontrol.listening import LISTENING_FILE, ListenService, listenAll
 from groundcontrol.logging import DEFAULT_LEVEL, LEVELS, parseLevel, setLevel
@@ -626,6 +627,8 @@ def buildService(
         pendingExpiry=config.pendingExpiry,
         auditMaxAge=config.auditMaxAge,
         handOverFile=config.dataDir.path / "run" / FEED_HANDOVER_FILE,
+        # Several nodes may share it: one at a time notifies (groundcontrol.fleetturn).
+        turn=NotifierTurn(store) if _sharedStore(config.store) else None,
     ).setServiceParent(top)
     recordings = RecordingPolicy(
         config.dataDir.path / RECORDINGS_DIRECTORY,

@@ -279,6 +279,7 @@ class MigrationTests(StoreTestCase):
             "claim_codes",
             "device_tags",
             "group_members",
+            "notify_position",
         ]:
             self.rawQuery(f"DROP TABLE {table}")
         self.assertEqual(self.rawMigrate(upTo=1), 1)

@@ -502,6 +502,34 @@ class IStore(Interface):
             poller can start at "now" instead of replaying history.
         """
 
+    def takeNotifierTurn():
+        """
+        Whether this node holds the fleet notifier's turn (L{groundcontrol.fleetturn}),
+        taking it if no node does. PostgreSQL: a session-level advisory lock on this store's
+        connection, released when the connection ends (a reconnect loses it; this says so);
+        SQLite: always True, one node.
+
+        @return: Deferred firing with a bool.
+        """
+
+    def leaveNotifierTurn():
+        """Give the notifier's turn up, if held. @return: Deferred firing with None."""
+
+    def notifiedTo():
+        """
+        @return: Deferred firing with the audit id up to which the fleet's notifications
+            have gone (schema 009), or None if no node has written one.
+        """
+
+    def recordNotifiedTo(position, node, now):
+        """
+        Write the fleet's notified-up-to audit id, forward only: a lower C{position} than
+        the one stored changes nothing (a node that lost its turn unknowingly cannot take
+        it back). C{node} names the writer, for people reading the row.
+
+        @return: Deferred firing with whether the row changed.
+        """
+
     def close():
         """
         Release the database connection, for this store and its interactive views, for

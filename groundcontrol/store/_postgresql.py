@@ -6,7 +6,8 @@ install does not need it), the PostgreSQL DDL files, reconnecting after the serv
 away, and the write lock: every write transaction first takes one transaction-scoped
 advisory lock, shared by all nodes, which gives the same serialised writers as SQLite's
 C{BEGIN IMMEDIATE} and keeps audit ids visible in commit order (the change feed each node
-polls must never skip an id that commits late).
+polls must never skip an id that commits late). And the fleet notifier's turn: a
+session-level advisory lock of its own (L{PostgreSQLStore._takeNotifierTurn}).
 """
 
 from __future__ import annotations
@@ -25,6 +26,32 @@ __all__ = ["PostgreSQLStore", "connectPostgreSQL", "migratePostgreSQL", "openPos
 # How long a writer waits for the store's write lock (or any row lock) before failing, like
 # SQLite's busy timeout: a node stuck holding it must not hang every other node for good.
 _LOCK_TIMEOUT = "5s"
+
+# The fleet notifier's turn (groundcontrol.fleetturn): a session-level advisory lock whose
+# key is "gcnt" in its high half, so it is never the store's write lock, and the store's
+# schema's oid in its low half: advisory locks are per database, and several fleets may each
+# keep their store in a schema of one database (a lock of one key would let one fleet's node
+# hold every fleet's turn).
+_TURN_KEY = (
+    "((1734569588::bigint << 32) + "
+    "(SELECT oid::bigint FROM pg_namespace WHERE nspname = current_schema()))"
+)
+_TURN_HELD = (
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' "
+    "AND pid = pg_backend_pid() AND objsubid = 1 AND granted "
+    f"AND (classid::bigint << 32) + objid::bigint = {_TURN_KEY}) AS held"
+)
+# While a node holds the turn, how soon PostgreSQL ends its session when the node is gone:
+# its machine dead or cut off (TCP keepalives: 10 s idle, then 3 probes 5 s apart; the
+# default is two hours) or its process hung (no statement for 30 s, PostgreSQL 14 on; the
+# watcher polls every 0.25 s). The lock goes with the session, and another node takes it.
+_TURN_SESSION_SETTINGS = (
+    "SELECT set_config('tcp_keepalives_idle', '10', false), "
+    "set_config('tcp_keepalives_interval', '5', false), "
+    "set_config('tcp_keepalives_count', '3', false)",
+    "SELECT set_config('idle_session_timeout', '30s', false) "
+    "WHERE current_setting('server_version_num')::integer >= 140000",
+)
 
 
 def connectPostgreSQL(url: str) -> Any:
@@ -81,6 +108,30 @@ class PostgreSQLStore(SQLStore):
         if not db.closed and (db.connection.closed or db.connection.broken):
             db.connection = connectPostgreSQL(self._url)
         return db.connection.cursor()
+
+    def _takeNotifierTurn(self) -> bool:
+        """
+        Whether this connection holds the fleet notifier's lock, taking it if it is free.
+        Asked of the server every time: a reconnect (L{_rawCursor}) is a new session, which
+        holds nothing, and the node must learn that it lost the turn.
+        """
+        c = self._cursor()
+        if c.execute(_TURN_HELD).fetchone()["held"]:
+            return True
+        taken = c.execute(f"SELECT pg_try_advisory_lock({_TURN_KEY}) AS taken").fetchone()["taken"]
+        if taken:
+            for statement in _TURN_SESSION_SETTINGS:
+                c.execute(statement)
+        return bool(taken)
+
+    def _leaveNotifierTurn(self) -> None:
+        c = self._cursor()
+        if c.execute(_TURN_HELD).fetchone()["held"]:
+            c.execute(f"SELECT pg_advisory_unlock({_TURN_KEY})")
+            c.execute(
+                "SELECT set_config('idle_session_timeout', '0', false) "
+                "WHERE current_setting('server_version_num')::integer >= 140000"
+            )
 
     def _rollback(self, c: Cursor) -> None:
         if not self._db.connection.broken:

@@ -15,8 +15,8 @@ L{SQLStore} is put together from one part a kind of record, each a mixin in a mo
 own over L{StoreCore} (C{_sqlcore}: connection, transactions, audit appends, device reads):
 accounts (C{_sqlaccounts}), devices and pending requests (C{_sqldevices}), certificates
 (C{_sqlcertificates}), enrollment tokens and claims (C{_sqlenrollment}), grants, tags and
-groups (C{_sqlgrants}), the audit log and sessions (C{_sqlaudit}). This module keeps the
-schema's migration and the composed store.
+groups (C{_sqlgrants}), the audit log and sessions (C{_sqlaudit}), the fleet notifier's turn
+(C{_sqlnotifyturn}). This module keeps the schema's migration and the composed store.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from ._sqlcertificates import CertificateRows
 from ._sqldevices import DeviceRows, sourceHost
 from ._sqlenrollment import EnrollmentRows, hashSecret
 from ._sqlgrants import GrantRows, isValidLoginUser, isValidTag, parseSelector
+from ._sqlnotifyturn import NotifyTurnRows
 from ._sqlvalidation import cleanSerial
 
 __all__ = [
@@ -99,7 +100,15 @@ def migrateWith(
 
 
 @implementer(IStore)
-class SQLStore(AccountRows, EnrollmentRows, DeviceRows, CertificateRows, GrantRows, AuditRows):
+class SQLStore(
+    AccountRows,
+    EnrollmentRows,
+    DeviceRows,
+    CertificateRows,
+    GrantRows,
+    AuditRows,
+    NotifyTurnRows,
+):
     """
     L{IStore} on one database connection, used only through the runner.
 
