@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import configparser
 import json
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
+
+from tests.ports import closedPort
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,12 +112,6 @@ NOT_UNTIL_USED = (
 )
 
 
-def _closedPort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _loaded(modules: list[str], name: str) -> bool:
     return any(m == name or m.startswith(name + ".") for m in modules)
 
@@ -146,7 +141,7 @@ class LauncherTests(SynchronousTestCase):
         system's libcrypto and libssl loaded; the optional imports refused while the reactor
         was imported are importable again; only _hashlib stays refused, and hashlib works.
         """
-        probe, log = self.launch(f"ssh://127.0.0.1:{_closedPort()}")
+        probe, log = self.launch(f"ssh://127.0.0.1:{closedPort()}")
         self.assertIn("agent.link", probe["modules"])
         self.assertIn("refused", probe["reason"])
         self.assertEqual([m for m in NOT_WITHOUT_TLS if _loaded(probe["modules"], m)], [])
@@ -165,7 +160,7 @@ class LauncherTests(SynchronousTestCase):
         asFuture work with its loop; Twisted's compat.escape is html.escape; compat.cookielib
         is http.cookiejar, loaded at its first use.
         """
-        probe, _ = self.launch(f"ssh://127.0.0.1:{_closedPort()}")
+        probe, _ = self.launch(f"ssh://127.0.0.1:{closedPort()}")
         later = probe["later"]
         self.assertTrue(later["asyncio"])
         self.assertEqual(later["deferred"], ["from a future", "to a future"])
@@ -179,7 +174,7 @@ class LauncherTests(SynchronousTestCase):
         not Twisted's "no TLS support" error. TLS comes from cryptography's OpenSSL: the
         system's libcrypto is still not loaded.
         """
-        probe, _ = self.launch(f"tls://127.0.0.1:{_closedPort()}")
+        probe, _ = self.launch(f"tls://127.0.0.1:{closedPort()}")
         self.assertTrue(_loaded(probe["modules"], "OpenSSL"))
         self.assertNotIn("libcrypto", probe["libraries"])  # cryptography has its own
         self.assertIn("twisted.protocols.tls", probe["modules"])

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import struct
 import sys
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from agent import _process, session
 from agent.forward import ForwardChannel
 from agent.session import SessionChannel, SessionEnvironment
+from tests.ports import closedPort
 
 NS = common.NS
 
@@ -632,9 +632,5 @@ class ForwardLoopbackTests(TestCase):
 
     async def test_refusedPort(self) -> None:
         """Connecting to a closed loopback port refuses the open."""
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        closedPort = s.getsockname()[1]
-        s.close()
         with self.assertRaises(ConchError):
-            await ForwardChannel.open(reactor, directTCPIP(b"127.0.0.1", closedPort))
+            await ForwardChannel.open(reactor, directTCPIP(b"127.0.0.1", closedPort()))

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.harness import LOOPBACK, Fleet, run, waitFor
+from tests.ports import closedPort, reservedPort
 
 
 class _Echo(socketserver.BaseRequestHandler):
@@ -35,12 +36,6 @@ def echoServer() -> Iterator[int]:
     yield server.server_address[1]
     server.shutdown()
     server.server_close()
-
-
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 def roundTrip(connect: object, payload: bytes = b"ping") -> bytes:
@@ -105,7 +100,7 @@ def test_local_forward_reaches_service_on_device(
 
 def test_local_forward_to_closed_port_is_refused_clearly(kiln7: Fleet) -> None:
     """A forward to a port nothing listens on fails with 'connect failed', not a hang."""
-    port = freePort()
+    port = closedPort()
     result = run(
         kiln7.operators["alice"].argv("dev_kiln7", options=["-W", f"127.0.0.1:{port}"]),
         timeout=30,
@@ -116,7 +111,7 @@ def test_local_forward_to_closed_port_is_refused_clearly(kiln7: Fleet) -> None:
 
 def test_dynamic_forward_socks(kiln7: Fleet, echoServer: int) -> None:
     """ssh -D: a SOCKS5 client reaches a service on the device through it."""
-    port = freePort()
+    port = reservedPort()
     ssh = Background(
         kiln7.operators["alice"].argv(
             "dev_kiln7",
@@ -176,7 +171,7 @@ def test_remote_forward_back_to_operator(kiln7: Fleet, echoServer: int) -> None:
 @contextmanager
 def plainSshd(base: Path, operatorKey: Path) -> Iterator[tuple[int, str]]:
     """A stock sshd on 127.0.0.1 that accepts C{operatorKey}: its port and host key line."""
-    port = freePort()
+    port = reservedPort()
     hostKey = base / "device_host_key"
     run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(hostKey)], check=True)
     authorized = base / "authorized_keys"

@@ -29,10 +29,10 @@ from tests.e2e.test_forwarding import (
     _Echo,
     _listening,
     echoServer,
-    freePort,
     plainSshd,
     roundTrip,
 )
+from tests.ports import reservedPort
 
 __all__ = ["echoServer"]  # a fixture, used by name
 
@@ -156,7 +156,7 @@ def test_control_master_forwards_added_and_cancelled(
     try:
         waitFor((tmp_path / "cm").exists, 20, "the shared connection")
         assert alice.ssh("dev_kiln7", options=[*mux, "-O", "check"]).returncode == 0
-        local = freePort()
+        local = reservedPort()
         forward = f"{LOOPBACK}:{local}:{LOOPBACK}:{echoServer}"
         added = alice.ssh("dev_kiln7", options=[*mux, "-O", "forward", "-L", forward])
         assert added.returncode == 0, added.stderr
@@ -213,7 +213,7 @@ def test_escape_command_line_forwards_then_drop(alice: Operator, echoServer: int
     try:
         session.sendline("echo READ''Y")
         session.expect("READY")
-        devicePort = freePort()
+        devicePort = reservedPort()
         session.send("\r~C")
         session.expect("ssh>")
         session.sendline(f"-R {LOOPBACK}:{devicePort}:{LOOPBACK}:{echoServer}")
@@ -240,7 +240,7 @@ def test_local_forward_to_a_unix_socket_on_the_device(alice: Operator, tmp_path:
     server = socketserver.ThreadingUnixStreamServer(str(path), _Echo)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    local = freePort()
+    local = reservedPort()
     ssh = Background(
         alice.argv(
             "dev_kiln7",

@@ -34,6 +34,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.harness import LOOPBACK, Fleet, Process, run, waitFor
+from tests.ports import reservedPort
 
 pytestmark = pytest.mark.slow
 
@@ -172,12 +173,6 @@ def test_operator_logs_in_during_a_flood(kiln7: Fleet) -> None:
 # -- the OpenSSH baseline (documenting) -----------------------------------------------
 
 
-def _freePort() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
-
-
 def _sshd(tmp_path: Path) -> tuple[Process, int, Path]:
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
     if not os.path.exists(sshd):
@@ -191,7 +186,7 @@ def _sshd(tmp_path: Path) -> tuple[Process, int, Path]:
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     authorized = tmp_path / "authorized_keys"
     authorized.write_text(Path(f"{userKey}.pub").read_text())
-    port = _freePort()
+    port = reservedPort()
     config = tmp_path / "sshd_config"
     # OpenSSH's defaults, except what running it here needs. MaxStartups stays 10:30:100.
     config.write_text(

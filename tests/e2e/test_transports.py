@@ -23,6 +23,7 @@ from OpenSSL import crypto
 from accesstunnel.timetext import isoTime
 from groundcontrol import pki
 from tests.e2e.harness import LOOPBACK, Agent, Fleet, HarnessError, Process, waitFor
+from tests.ports import closedPort, reservedPort
 
 
 def _wired() -> bool:
@@ -110,13 +111,6 @@ def issueDeviceCertificate(
     return issued
 
 
-def closedPort() -> int:
-    """A loopback port with nothing listening (the "direct route is closed")."""
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
-
-
 class TinyProxy:
     """tinyproxy on 127.0.0.1 with Basic auth, its own config, no daemonising."""
 
@@ -124,7 +118,7 @@ class TinyProxy:
         binary = shutil.which("tinyproxy")
         if binary is None:
             pytest.fail("tinyproxy is required (apt-get install tinyproxy)")
-        self.port = closedPort()
+        self.port = reservedPort()
         self.log = base / "tinyproxy.log"
         config = base / "tinyproxy.conf"
         config.write_text(
