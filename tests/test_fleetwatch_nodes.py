@@ -14,14 +14,17 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
+from twisted.trial.unittest import SynchronousTestCase
 
 from groundcontrol.datadir import DataDir
+from groundcontrol.feedhandover import FEED_HANDOVER_FILE
 from groundcontrol.fleetturn import NOTIFY_PAGES_PER_POLL, NotifierTurn
 from groundcontrol.fleetwatch import FEED_PAGE, FleetWatcher
 from groundcontrol.notify import MultiNotifier, WebhookNotifier
 from groundcontrol.registry import Registry
 from groundcontrol.store import SQLStore
 from groundcontrol.tap import Options, buildService
+from groundcontrol.testing import openMemoryStore, resultNow
 from tests.test_enrollment import RecordingNotifier
 from tests.test_notify import FakeClient
 from tests.test_store import T0, StoreTestCase, backendPid, bothBackends, newPublicKey
@@ -327,3 +330,30 @@ class GroundcontrolNodesTests(StoreTestCase):
                 self.successResultOf(watcher.poll())
         said = [formatEvent(e) for e in events]
         self.assertEqual(said.count("fleet event device.revoked for kiln7"), 1)
+
+
+class SoleSQLiteNodeTests(SynchronousTestCase):
+    """groundcontrol on SQLite (one node) has no turn: it notifies, and hands over, as before."""
+
+    def test_noTurnOnSQLite(self) -> None:
+        """
+        Its rows are notified without the store's notified position (left unwritten), and
+        its stop leaves run/feed.json for its next start (L{groundcontrol.feedhandover}).
+        """
+        data = Path(self.mktemp())
+        DataDir(data).ensureInitialised()
+        store = openMemoryStore()
+        options = Options()
+        options.parseOptions(["--data", str(data), "--listen", "tcp:0:interface=127.0.0.1"])
+        node = buildService(options.toConfig(), MemoryReactorClock(), store=store)
+        node.startService()
+        (watcher,) = [s for s in node if isinstance(s, FleetWatcher)]
+        with capturedLogs() as events:
+            resultNow(watcher.poll())
+            resultNow(store.audit(REVOKED, "root", "kiln7", {}, T0))
+            resultNow(watcher.poll())
+        said = [formatEvent(e) for e in events]
+        self.assertEqual(said.count("fleet event device.revoked for kiln7"), 1)
+        self.successResultOf(node.stopService())
+        self.assertIsNone(resultNow(store.notifiedTo()))
+        self.assertTrue((data / "run" / FEED_HANDOVER_FILE).exists())
