@@ -7,7 +7,6 @@ onion service outliving a restart of tor.
 from __future__ import annotations
 
 import shutil
-import socket
 import time
 
 import pytest
@@ -17,6 +16,7 @@ from tests.e2e.netns import Namespace
 from tests.e2e.test_blackhole import NamespacedAgent, listeningPorts, namespace, startAgent
 from tests.e2e.test_tor import LINK_TIMEOUT, ONION_PORT, startOnionServer
 from tests.e2e.tornet import TorNetwork
+from tests.ports import reservedPort
 from tests.test_transports_walk import ipv6Available
 
 __all__ = ["namespace"]  # the fixture, from test_blackhole
@@ -28,9 +28,8 @@ def test_bothFamiliesOnOnePort(fleet: Fleet) -> None:
     --listen ssh://0.0.0.0:P --listen ssh://[::]:P (as sshd_config writes it) starts; an
     agent links over each family and ssh -4 and ssh -6 both reach both devices.
     """
-    with socket.socket(socket.AF_INET6) as probe:
-        probe.bind(("::", 0))
-        port = probe.getsockname()[1]
+    # Not a port bound to 0 and freed (the next bind to port 0 on the machine may get it).
+    port = reservedPort()
     fleet.gc.stop()
     fleet.startServer("--listen", f"ssh://0.0.0.0:{port}", "--listen", f"ssh://[::]:{port}")
     serverKey = str(fleet.gc.data / "ssh_host_ed25519_key.pub")
