@@ -281,6 +281,22 @@ class NotifierTurnPostgreSQLTests(StoreTestCase):
         self.rawQuery("SELECT pg_terminate_backend(?)", (backendPid(a),))
         self.assertTrue(self.successResultOf(b.takeNotifierTurn()))
 
+    def test_heldTurnsSessionEndsSoonWhenTheNodeIsGone(self) -> None:
+        """
+        While it holds the turn, the node's session is ended by PostgreSQL after 30 s without
+        a statement (a hung process) and its dead peer found within about 25 s (TCP), not
+        the defaults' hours: the lock goes with it. Given up, the idle limit goes too.
+        """
+
+        def setting(name: str) -> str:
+            return str(self.store._read(f"SHOW {name}")[0][name])
+
+        self.assertTrue(self.successResultOf(self.store.takeNotifierTurn()))
+        self.assertEqual(setting("idle_session_timeout"), "30s")
+        self.assertIn(setting("tcp_user_timeout"), ("25000", "25s"))  # ms, as the server spells it
+        self.successResultOf(self.store.leaveNotifierTurn())
+        self.assertEqual(setting("idle_session_timeout"), "0")
+
     def test_oneTurnPerSchema(self) -> None:
         """Two fleets' stores in two schemas of one database each have a turn of their own."""
         assert self.postgresql is not None

@@ -42,13 +42,17 @@ _TURN_HELD = (
     f"AND (classid::bigint << 32) + objid::bigint = {_TURN_KEY}) AS held"
 )
 # While a node holds the turn, how soon PostgreSQL ends its session when the node is gone:
-# its machine dead or cut off (TCP keepalives: 10 s idle, then 3 probes 5 s apart; the
-# default is two hours) or its process hung (no statement for 30 s, PostgreSQL 14 on; the
-# watcher polls every 0.25 s). The lock goes with the session, and another node takes it.
+# its machine dead or cut off (TCP keepalives: 10 s idle, then 3 probes 5 s apart, where the
+# default is two hours; and 25 s for data the server sends that goes unacknowledged, where
+# the default retransmits for about 15 minutes) or its process hung (no statement for 30 s,
+# PostgreSQL 14 on; the watcher polls every 0.25 s). The lock goes with the session, and
+# another node takes it.
 _TURN_SESSION_SETTINGS = (
     "SELECT set_config('tcp_keepalives_idle', '10', false), "
     "set_config('tcp_keepalives_interval', '5', false), "
     "set_config('tcp_keepalives_count', '3', false)",
+    "SELECT set_config('tcp_user_timeout', '25000', false) "
+    "WHERE current_setting('server_version_num')::integer >= 120000",
     "SELECT set_config('idle_session_timeout', '30s', false) "
     "WHERE current_setting('server_version_num')::integer >= 140000",
 )
