@@ -17,6 +17,7 @@ ssh exit. L{summarize} turns one run's trace into the figures bench/RESULTS.md g
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import statistics
@@ -210,7 +211,8 @@ def summarize(trace: dict[str, Any]) -> dict[str, Any]:
     - `tail_extra_cpu_ms_per_end`: the tail's CPU beyond what its bytes cost at the steady
       CPU per GB, per session; `tail_lost_s`: the tail's seconds beyond its bytes at the
       steady rate; `tail_lost_by_cpu_s`: the extra CPU over the steady busy cores, which
-      equals `tail_lost_s` when the tail is slower only because it does more work.
+      equals `tail_lost_s` when the tail is slower only because it does more work; per
+      part of the tail, `extra_cpu_ms_per_end` over the ends in that part.
     """
     start = trace["start"]
     ends = {k: v - start for k, v in trace["ends"].items()}
@@ -243,18 +245,22 @@ def summarize(trace: dict[str, Any]) -> dict[str, Any]:
     order = sorted(ends.values())
     out["steady"] = steady = phase(trace, tenth, order[0])
     out["tail"] = tail = phase(trace, order[0], order[-1])
-    out["tail_by_ends"] = [
-        phase(trace, a, b)
-        for a, b in (
-            (order[0], order[n // 2 - 1]),
-            (order[n // 2 - 1], order[(9 * n) // 10 - 1]),
-            (order[(9 * n) // 10 - 1], order[-1]),
-        )
-    ]
-    if steady and tail and steady["cpu_s_per_GB"] and steady["MBps"]:
-        tailBytes = tail["bytes_share"] * total
-        extra = tail["cpu_s"] - steady["cpu_s_per_GB"] * tailBytes / 1e9
-        out["tail_extra_cpu_ms_per_end"] = round(1000 * extra / n, 2)
-        out["tail_lost_s"] = round(tail["s"] - tailBytes / 1e6 / steady["MBps"], 3)
-        out["tail_lost_by_cpu_s"] = round(extra / (steady["machine_busy_pct"] / 100), 3)
+    parts = list(itertools.pairwise((0, n // 2 - 1, (9 * n) // 10 - 1, n - 1)))
+    out["tail_by_ends"] = [phase(trace, order[a], order[b]) for a, b in parts]
+    if not (steady and tail and steady["cpu_s_per_GB"] and steady["MBps"]):
+        return out
+
+    def extraCpu(part: dict[str, Any]) -> float:
+        """The part's CPU-s beyond what its bytes cost at the steady CPU per GB."""
+        return float(part["cpu_s"] - steady["cpu_s_per_GB"] * part["bytes_share"] * total / 1e9)
+
+    extra = extraCpu(tail)
+    out["tail_extra_cpu_ms_per_end"] = round(1000 * extra / n, 2)
+    out["tail_lost_s"] = round(tail["s"] - tail["bytes_share"] * total / 1e6 / steady["MBps"], 3)
+    out["tail_lost_by_cpu_s"] = round(extra / (steady["machine_busy_pct"] / 100), 3)
+    # Per part, per end in it: level if the ends cost the same however many sessions still
+    # move bytes; rising if the last sessions, fewer, move their bytes at a higher cost.
+    for (a, b), part in zip(parts, out["tail_by_ends"], strict=True):
+        if part is not None:
+            part["extra_cpu_ms_per_end"] = round(1000 * extraCpu(part) / (b - a), 2)
     return out

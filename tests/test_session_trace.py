@@ -86,6 +86,9 @@ class SummarizeTests(SynchronousTestCase):
         self.assertEqual(summary["tail_extra_cpu_ms_per_end"], round(2000 / 3, 2))
         self.assertEqual((summary["tail_lost_s"], summary["tail_lost_by_cpu_s"]), (1.0, 1.0))
         self.assertEqual([p and p["s"] for p in summary["tail_by_ends"]], [None, 1.0, 1.0])
+        # 4 to 5 s and 5 to 6 s: 50 MB each, 2 CPU-s of which 1 for the bytes; one end each.
+        perEnd = [p and p["extra_cpu_ms_per_end"] for p in summary["tail_by_ends"]]
+        self.assertEqual(perEnd, [None, 1000.0, 1000.0])
 
     def test_byControlMaster(self) -> None:
         """
