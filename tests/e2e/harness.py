@@ -4,8 +4,8 @@ twistd, and the real OpenSSH client, all on 127.0.0.1.
 
 Every process is started in its own session and killed with its whole
 process group at teardown, so a failing test leaves nothing behind. Ports are
-chosen by the kernel (groundcontrol listens on port 0 and writes the bound
-port to its data directory), never guessed.
+never guessed: groundcontrol listens on a port reserved for it (L{tests.ports}),
+so a restart can bind it again, and writes the port to its data directory.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+
+from tests.ports import reservedPort
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -235,8 +237,11 @@ class GroundControl:
     def start(self, *extra: str, port: int = 0, wrapper: Sequence[str] = ()) -> None:
         """
         Start twistd groundcontrol and wait until it listens; under C{wrapper} (a command
-        that runs the rest, e.g. C{env LD_PRELOAD=...}) if given.
+        that runs the rest, e.g. C{env LD_PRELOAD=...}) if given. On C{port}, as a restart
+        does, or else on a port reserved now: not on port 0, whose port, freed by the stop
+        before a restart, the next bind to port 0 on the machine may get.
         """
+        port = port or reservedPort()
         listening = self.data / "run" / "listening.json"
         if listening.exists():
             listening.unlink()

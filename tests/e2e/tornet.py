@@ -9,7 +9,8 @@ reaches a v3 onion service in about 12-18 s on an idle machine.
 Everything lives in one temporary directory; every tor runs in the foreground in its own
 session (L{tests.e2e.harness.Process}) and L{TorNetwork.stop} kills each one by its process
 group. Ports are taken at random below the kernel's ephemeral range (so they cannot collide
-with the port-0 listeners of tests running next to us), each checked free by binding it; a
+with the port-0 listeners of tests running next to us), each checked free by binding it and
+reserved for this run against the other test processes (L{tests.ports}); a
 tor that still loses its port to a race exits, and L{TorNetwork.start} then builds the whole
 network again (the client tor keeps its SOCKS and control ports: they are known from the
 start, so groundcontrol can be pointed at a tor that is not running yet).
@@ -25,7 +26,6 @@ wait for L{TorNetwork.waitBootstrapped} and still retry onion connections.
 from __future__ import annotations
 
 import contextlib
-import random
 import re
 import shutil
 import socket
@@ -36,9 +36,7 @@ from pathlib import Path
 import attrs
 
 from tests.e2e.harness import LOOPBACK, HarnessError, Process, waitFor
-
-#: Ports are drawn from here: below Linux's default ephemeral range (32768-60999).
-PORT_RANGE = (20000, 32000)
+from tests.ports import reservedPort
 
 #: Settings every node of the test network shares.
 COMMON = """\
@@ -101,19 +99,14 @@ def _tool(name: str) -> str:
 
 
 def freePort(taken: set[int]) -> int:
-    """A loopback port below the ephemeral range that nobody listens on right now."""
-    for _ in range(200):
-        port = random.randint(*PORT_RANGE)
-        if port in taken:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind((LOOPBACK, port))
-            except OSError:
-                continue
-        taken.add(port)
-        return port
-    raise HarnessError("no free loopback port for tor")
+    """
+    A loopback port below the ephemeral range that nobody listens on right now, reserved
+    as the test harness reserves groundcontrol's (L{tests.ports.reservedPort}): a port
+    only checked free could be one reserved for a groundcontrol stopped for a restart.
+    """
+    port = reservedPort()
+    taken.add(port)
+    return port
 
 
 @attrs.define
