@@ -57,10 +57,10 @@ def reservedPort() -> int:
     top = ephemeralRange()[0]
     if top - RESERVED_LOW < 1000:
         raise RuntimeError(f"the ephemeral range starts at {top}: too few ports below it")
-    RESERVATIONS.mkdir(exist_ok=True)
+    _makeReservations()
     for _ in range(200):
         port = random.randrange(RESERVED_LOW, top)
-        lock = os.open(RESERVATIONS / str(port), os.O_RDWR | os.O_CREAT, 0o666)
+        lock = os.open(RESERVATIONS / str(port), os.O_RDONLY | os.O_CREAT, 0o644)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:  # another test process holds it
@@ -71,6 +71,15 @@ def reservedPort() -> int:
             return port
         os.close(lock)  # a program outside the tests has it
     raise RuntimeError(f"no loopback port free between {RESERVED_LOW} and {top}")
+
+
+def _makeReservations() -> None:
+    """The lock files' directory, shared by every user's test runs as /tmp is."""
+    try:
+        RESERVATIONS.mkdir()
+    except FileExistsError:
+        return
+    RESERVATIONS.chmod(0o1777)
 
 
 def _bindable(port: int) -> bool:
