@@ -16,27 +16,50 @@ from tests.e2e.netns import Namespace
 from tests.e2e.test_blackhole import NamespacedAgent, listeningPorts, namespace, startAgent
 from tests.e2e.test_tor import LINK_TIMEOUT, ONION_PORT, startOnionServer
 from tests.e2e.tornet import TorNetwork
-from tests.ports import reservedPort
 from tests.test_transports_walk import ipv6Available
 
 __all__ = ["namespace"]  # the fixture, from test_blackhole
 
 
+#: Any port: the namespace is the test's own, so nothing else can hold it there.
+PORT_IN_NAMESPACE = 2222
+
+
+def namespaceHasIPv6Loopback(namespace: Namespace) -> bool:
+    """Whether ::1 is on the namespace's loopback (IPv6 may be disabled for new ones)."""
+    shown = run(["ip", "-n", namespace.name, "-6", "addr", "show", "dev", "lo"], timeout=30)
+    return "inet6 ::1/128" in shown.stdout
+
+
 @pytest.mark.skipif(not ipv6Available(), reason="needs IPv6 on loopback")
-def test_bothFamiliesOnOnePort(fleet: Fleet) -> None:
+def test_bothFamiliesOnOnePort(fleet: Fleet, namespace: Namespace) -> None:
     """
     --listen ssh://0.0.0.0:P --listen ssh://[::]:P (as sshd_config writes it) starts; an
     agent links over each family and ssh -4 and ssh -6 both reach both devices.
+
+    groundcontrol, the agents and the ssh clients run in a network namespace of the test's
+    own (its loopback only): the wildcards are bound there, never on the host's interfaces,
+    where they would listen on every address (against the tests' loopback-only rule) and
+    P might be another program's on either family.
     """
-    # Not a port bound to 0 and freed (the next bind to port 0 on the machine may get it).
-    port = reservedPort()
+    if not namespaceHasIPv6Loopback(namespace):
+        pytest.skip("no ::1 in a new network namespace here (IPv6 disabled for them)")
+    port = PORT_IN_NAMESPACE
     fleet.gc.stop()
-    fleet.startServer("--listen", f"ssh://0.0.0.0:{port}", "--listen", f"ssh://[::]:{port}")
+    namespace.beforeDestroy.append(fleet.gc.stop)
+    fleet.gc.start(
+        "--listen",
+        f"ssh://0.0.0.0:{port}",
+        "--listen",
+        f"ssh://[::]:{port}",
+        wrapper=namespace.argv([]),
+    )
     serverKey = str(fleet.gc.data / "ssh_host_ed25519_key.pub")
     for name, url in (("four", f"ssh://127.0.0.1:{port}"), ("six", f"ssh://[::1]:{port}")):
-        agent = Agent(fleet.base, name)
+        agent = NamespacedAgent(fleet.base, name, namespace)
         agent.start(url, serverKey)
         fleet.agents.append(agent)
+        namespace.beforeDestroy.append(agent.stop)
         fleet.waitPending(name)
         fleet.gc.cli("device", "approve", name)
     alice = fleet.operators["alice"]
@@ -46,23 +69,25 @@ def test_bothFamiliesOnOnePort(fleet: Fleet) -> None:
     )
     for flag, host in (("-4", "127.0.0.1"), ("-6", "::1")):
         for device in ("four", "six"):
-            argv = [
-                "ssh",
-                flag,
-                "-p",
-                str(port),
-                "-i",
-                str(alice.keyPath),
-                "-o",
-                "IdentitiesOnly=yes",
-                "-o",
-                f"UserKnownHostsFile={knownHosts}",
-                "-o",
-                "BatchMode=yes",
-                f"dev_{device}@{host}",
-                "echo",
-                "reached",
-            ]
+            argv = namespace.argv(
+                [
+                    "ssh",
+                    flag,
+                    "-p",
+                    str(port),
+                    "-i",
+                    str(alice.keyPath),
+                    "-o",
+                    "IdentitiesOnly=yes",
+                    "-o",
+                    f"UserKnownHostsFile={knownHosts}",
+                    "-o",
+                    "BatchMode=yes",
+                    f"dev_{device}@{host}",
+                    "echo",
+                    "reached",
+                ]
+            )
 
             def reached(argv: list[str] = argv) -> bool:
                 return run(argv, timeout=20).stdout.strip() == "reached"
@@ -74,7 +99,9 @@ def test_bothFamiliesOnOnePort(fleet: Fleet) -> None:
                 interval=0.3,
             )
     assert fleet.gc.process is not None
-    assert f"listening on [::]:{port}" in fleet.gc.process.output()
+    output = fleet.gc.process.output()
+    assert f"listening on 0.0.0.0:{port}" in output
+    assert f"listening on [::]:{port}" in output
 
 
 @pytest.mark.slow
