@@ -323,7 +323,14 @@ class UpgradeTo003Tests(StoreTestCase):
 
     def test_duplicateGrantsCollapse(self) -> None:
         """Duplicate (account, selector) grants from version 2 collapse to the newest one."""
-        tables = ["session_index", "device_tags", "group_members", "audit", "grants"]
+        tables = [
+            "notify_position",
+            "session_index",
+            "device_tags",
+            "group_members",
+            "audit",
+            "grants",
+        ]
         tables += ["account_keys", "devices"]
         tables += ["accounts", "enrollment_requests", "certificates", "token_redemptions"]
         tables += ["tokens", "claim_codes", "version"]

@@ -160,7 +160,14 @@ class UpgradeTo005Tests(SessionIndexTestCase):
         Sessions audited under version 4 (no index) are listed after the upgrade exactly as
         the scan of the log listed them, and found by id; new ones are indexed as written.
         """
-        tables = ["session_index", "device_tags", "group_members", "audit", "grants"]
+        tables = [
+            "notify_position",
+            "session_index",
+            "device_tags",
+            "group_members",
+            "audit",
+            "grants",
+        ]
         tables += ["account_keys", "devices", "accounts", "enrollment_requests"]
         tables += ["certificates", "token_redemptions", "tokens", "claim_codes", "version"]
         for table in tables:
