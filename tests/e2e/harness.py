@@ -11,8 +11,10 @@ so a restart can bind it again, and writes the port to its data directory.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -22,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import attrs
 
@@ -52,6 +54,57 @@ def waitFor(condition: Callable[[], Any], timeout: float, what: str, interval: f
         if time.monotonic() > deadline:
             raise HarnessError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+#: How long a child's next line (or chunk) may take before the test fails: a hang detector,
+#: so that a regression fails one test with what it read instead of stalling the whole
+#: suite on a read that never returns; not a timing assertion, hence generous.
+READ_TIMEOUT = 30.0
+
+
+def _readable(fd: int, deadline: float) -> bool:
+    """Whether C{fd} has bytes (or its end) before C{deadline}."""
+    poller = select.poll()  # not select.select: a descriptor number may be above 1023
+    poller.register(fd, select.POLLIN)
+    remaining = deadline - time.monotonic()
+    return remaining > 0 and bool(poller.poll(remaining * 1000))
+
+
+def readLine(stream: IO[Any], what: str, timeout: float = READ_TIMEOUT) -> str:
+    """
+    The next line from a child's output pipe, newline included (shorter at its end, as
+    C{readline} gives; a text stream's CRLF, a pty's, read as LF as it reads them), or
+    fail the test if it has not come in C{timeout} seconds.
+
+    It reads the descriptor a byte at a time, never past the line, so the stream's own
+    reads and C{communicate} after it see the rest; read the stream only with this until
+    then (a line already in the stream's buffer is not seen here).
+    """
+    fd = stream.fileno()
+    deadline = time.monotonic() + timeout
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        if not _readable(fd, deadline):
+            raise HarnessError(
+                f"no line from {what} in {timeout:g} s; read so far: {bytes(line)!r}"
+            )
+        byte = os.read(fd, 1)
+        if not byte:
+            break
+        line += byte
+    text = line.decode("utf-8", "replace")
+    return text.replace("\r\n", "\n") if isinstance(stream, io.TextIOBase) else text
+
+
+def readChunk(stream: IO[Any], what: str, size: int, timeout: float = READ_TIMEOUT) -> bytes:
+    """
+    Up to C{size} bytes from a child's output pipe (empty at its end), failing the test if
+    none come in C{timeout} seconds: a bulk reader's loop, bounded while nothing moves.
+    """
+    fd = stream.fileno()
+    if not _readable(fd, time.monotonic() + timeout):
+        raise HarnessError(f"nothing more from {what} in {timeout:g} s")
+    return os.read(fd, size)
 
 
 def _environment(extra: dict[str, str] | None = None) -> dict[str, str]:

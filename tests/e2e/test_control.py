@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 import pexpect
 
-from tests.e2e.harness import Fleet, waitFor
+from tests.e2e.harness import Fleet, readLine, waitFor
 
 
 def test_ls_json_and_roles(kiln7: Fleet) -> None:
@@ -87,11 +87,11 @@ def test_revoke_closes_live_session_within_a_second(kiln7: Fleet) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert session.stdout is not None
-    assert session.stdout.readline() == "started\n"
-    kiln7.gc.cli("device", "revoke", "kiln7")
-    started = time.monotonic()  # the revocation is in the store from here on
     try:
+        assert session.stdout is not None
+        assert readLine(session.stdout, "the session on kiln7") == "started\n"
+        kiln7.gc.cli("device", "revoke", "kiln7")
+        started = time.monotonic()  # the revocation is in the store from here on
         session.wait(10)
     finally:
         session.kill()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import signal
 import subprocess
 
-from tests.e2e.harness import Fleet, waitFor
+from tests.e2e.harness import Fleet, readLine, waitFor
 
 
 def test_unknown_device(fleet: Fleet) -> None:
@@ -84,10 +84,10 @@ def test_link_lost_mid_session_ends_it_with_a_message(kiln7: Fleet) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert session.stdout is not None
-    assert session.stdout.readline() == "started\n"
-    kiln7.agents[0].process.signal(signal.SIGKILL)
     try:
+        assert session.stdout is not None
+        assert readLine(session.stdout, "the session on kiln7") == "started\n"
+        kiln7.agents[0].process.signal(signal.SIGKILL)
         _, stderr = session.communicate(timeout=30)
     finally:
         session.kill()

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Fleet, waitFor
+from tests.e2e.harness import Fleet, readLine, waitFor
 
 pytestmark = pytest.mark.slow
 
@@ -144,7 +144,7 @@ def exclusiveLock(path: Path) -> Iterator[subprocess.Popen[str]]:
     )
     try:
         assert holder.stdout is not None
-        assert holder.stdout.readline().strip() == "locked"
+        assert readLine(holder.stdout, "the lock holder").strip() == "locked"
         yield holder
     finally:
         holder.kill()

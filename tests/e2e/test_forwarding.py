@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import LOOPBACK, Fleet, run, waitFor
+from tests.e2e.harness import LOOPBACK, Fleet, readLine, run, waitFor
 from tests.ports import closedPort, reservedPort
 
 
@@ -155,7 +155,7 @@ def test_remote_forward_back_to_operator(kiln7: Fleet, echoServer: int) -> None:
     )
     try:
         assert ssh.popen.stderr is not None
-        line = ssh.popen.stderr.readline()
+        line = readLine(ssh.popen.stderr, "ssh -R's 'Allocated port' line")
         match = re.search(r"Allocated port (\d+) for remote forward", line)
         assert match, line
         devicePort = int(match.group(1))

@@ -280,7 +280,7 @@ def sshfsMount(kiln7: Fleet, tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     try:
         waitFor(lambda: os.path.ismount(mount) or sshfs.poll() is not None, 30, "sshfs to mount")
         if not os.path.ismount(mount):
-            error = (sshfs.stderr.read() if sshfs.stderr else "").strip()
+            error = (sshfs.communicate(timeout=30)[1] or "").strip()
             if any(refusal in error for refusal in _FUSE_REFUSALS):
                 pytest.skip(f"FUSE is refused in this sandbox: {error}")
             pytest.fail(f"sshfs exited {sshfs.returncode}: {error}")

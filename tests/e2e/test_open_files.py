@@ -13,7 +13,7 @@ from pathlib import Path
 
 from agent import openfiles
 from tests.e2e import test_access
-from tests.e2e.harness import PYTHON, Agent, Fleet, waitFor
+from tests.e2e.harness import PYTHON, Agent, Fleet, readLine, waitFor
 from tests.e2e.test_transports import approveAndReach
 
 #: A throwaway login for a grant's --as (the fixture of tests/e2e/test_access.py).
@@ -122,9 +122,10 @@ def test_outOfDescriptorsRefusesASession(fleet: Fleet) -> None:
                 text=True,
             )
             assert session.stdout is not None
-            if session.stdout.readline() == "started\n":
-                held.append(session)
+            held.append(session)  # ended below even if its first line never comes
+            if readLine(session.stdout, "a session's 'started'") == "started\n":
                 continue
+            held.pop()
             refused = session.communicate(timeout=30)[1]
             assert session.returncode == 255
             break

@@ -23,7 +23,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from tests.e2e.harness import LOOPBACK, Fleet, Operator, run, waitFor
+from tests.e2e.harness import LOOPBACK, Fleet, Operator, readLine, run, waitFor
 from tests.e2e.test_forwarding import (
     Background,
     _Echo,
@@ -422,7 +422,7 @@ def test_reader_that_stops_stops_a_terminal_session(alice: Operator, tmp_path: P
     )
     try:
         assert ssh.popen.stdout is not None
-        assert ssh.popen.stdout.readline() == "y\n"
+        assert readLine(ssh.popen.stdout, "yes on kiln7's pty") == "y\n"
         ssh.popen.stdout.close()  # as head -1 exits: ssh's next write fails, it sends eow
         pid = int(marker.read_text())
         samples = [-2, -1]  # three equal samples in a row: it writes no more

@@ -23,7 +23,7 @@ import pexpect
 import pyte
 import pytest
 
-from tests.e2e.harness import Fleet, waitFor
+from tests.e2e.harness import Fleet, readChunk, waitFor
 
 PROMPT = "PROMPT>"
 ROWS, COLS = 24, 80
@@ -276,12 +276,19 @@ def test_fast_output_is_recorded_not_ended(kiln7: Fleet) -> None:
         stderr=subprocess.PIPE,
         env={"PATH": "/usr/bin:/bin", "HOME": str(kiln7.base)},
     )
-    assert ssh.stdout is not None and ssh.stderr is not None
-    received = 0
-    while chunk := ssh.stdout.read(1 << 20):
-        received += len(chunk)
-    stderr = ssh.stderr.read().decode("utf-8", "replace")
-    assert ssh.wait(timeout=30) == 0, stderr
+    assert ssh.stdout is not None
+    try:
+        received = 0
+        # Bounded only while no byte comes (a stalled session fails, not hangs the run);
+        # generous, as the recorder may slow the session while the disk catches up.
+        while chunk := readChunk(ssh.stdout, "the bulk session's output", 1 << 20, timeout=120):
+            received += len(chunk)
+        stderr = ssh.communicate(timeout=30)[1].decode("utf-8", "replace")
+    finally:
+        if ssh.poll() is None:
+            ssh.kill()
+            ssh.communicate(timeout=30)
+    assert ssh.returncode == 0, stderr
     assert received == BULK, stderr
 
     ended = waitFor(
