@@ -19,10 +19,16 @@ window credit of the hop feeding it; so the backlog stays bounded end to end.
 When the socket has drained, the channels that stopped for it are served in
 the order they stopped. One that stops again keeps the front of the line for
 L{SERVE_TURNS} turns in a row, then goes to the back, so that no channel can
-keep the others waiting. Turns in a row send bytes while they are in cache:
-the agent reads a session's pipe just after its command refilled it, and the
-operator's ssh client gets one channel's bytes in one run instead of a piece
-between everyone else's. One turn each left every byte waiting in a pipe or a
+keep the others waiting. One that leaves the line during its run, having sent
+all it had (a session's command had not refilled its pipe yet), rejoins the
+back once it has more, and its next run makes up the turns it missed: without
+that, each such miss cost a channel up to three turns of its share, at random
+(how a hundred commands are scheduled), and a hundred equal downloads drifted
+apart by 2-2.5 MiB of 16 and ended over 0.4 s (bench/RESULTS.md, "100
+sessions: the tail (session 20, H4)"). Turns in a row send bytes while they
+are in cache: the agent reads a session's pipe just after its command refilled
+it, and the operator's ssh client gets one channel's bytes in one run instead
+of a piece between everyone else's. One turn each left every byte waiting in a pipe or a
 socket behind 99 others' (25 MiB with 100 sessions) and cold when copied
 (bench/RESULTS.md, "100 sessions: turns in a row and an express line
 (session 13, lead)").
@@ -61,6 +67,7 @@ from __future__ import annotations
 
 import os
 import socket
+import weakref
 from collections import OrderedDict
 from typing import Any
 
@@ -195,6 +202,9 @@ class LinkFlow:
         self._waiting: OrderedDict[Any, int] = OrderedDict()
         # The channel being served, during its turn only (no reference kept).
         self._serving: Any = None
+        # Bulk channels that left the line before their run's last turn, with
+        # the turns they missed: their next run is that much longer.
+        self._owed: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
     @classmethod
     def attach(cls, connection: Any) -> LinkFlow | None:
@@ -259,6 +269,7 @@ class LinkFlow:
         self.paused = self._socketPaused or self._keyExchange
         express, waiting = self._express, self._waiting
         while (express or waiting) and not self.paused:
+            bulk = not express
             if express:
                 channel = next(iter(express))
                 del express[channel]
@@ -275,6 +286,9 @@ class LinkFlow:
                 # It stopped again during its turn: its next turn comes first.
                 waiting[channel] = turns
                 waiting.move_to_end(channel, last=False)
+            elif bulk and channel not in waiting and turns < SERVE_TURNS:
+                # It left the line during its run: the turns it missed, once back.
+                self._owed[channel] = min(SERVE_TURNS - turns, SERVE_TURNS)
 
     def widen(self, size: int = LINK_BUFFER_SIZE) -> None:
         """
@@ -303,7 +317,7 @@ class LinkFlow:
         if channel in self._waiting or channel in self._express:
             return
         if bulk or channel is self._serving or channel.queuedBytes > EXPRESS_BYTES:
-            self._waiting[channel] = 0
+            self._waiting[channel] = -self._owed.pop(channel, 0)
         else:
             self._express[channel] = None
 
@@ -317,6 +331,7 @@ class LinkFlow:
         self.paused = True
         self._express.clear()
         self._waiting.clear()
+        self._owed.clear()
 
 
 __all__ = [

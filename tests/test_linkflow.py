@@ -283,6 +283,108 @@ class LinkFlowTests(SynchronousTestCase):
         self.assertEqual(channel.queuedBytes, 100)
 
 
+class PulledSource:
+    """
+    A bulk channel as L{LinkFlow} sees the agent's session pulling a pipe: each turn
+    it sends one read that fills the link and waits for its next turn, or, if its
+    command has not refilled the pipe (`misses`: the turns, counted from 1, that
+    find it empty), sends nothing and leaves the line until the test brings it
+    back (the reactor seeing the pipe readable again).
+    """
+
+    def __init__(self, name: str, flow: LinkFlow, socket: BufferingByteTransport) -> None:
+        self.name = name
+        self.flow = flow
+        self.socket = socket
+        self.misses: set[int] = set()
+        self.turns = 0
+        self.served: list[str] = []
+        self.queuedBytes = 0
+
+    def drainQueue(self) -> None:
+        self.turns += 1
+        if self.turns in self.misses:
+            return
+        self.served.append(self.name)
+        self.socket.write(self.socket.bufferSize + 1)
+        self.flow.waitForRoom(self, bulk=True)
+
+
+class MissedTurnsTests(SynchronousTestCase):
+    """
+    A bulk channel that leaves the line during its run because its source had
+    nothing ready makes up the turns it missed in its next run.
+    """
+
+    def setUp(self) -> None:
+        self.socket = BufferingByteTransport()
+        self.flow = LinkFlow(self.socket)
+        self.socket.registerProducer(self.flow, True)
+        self.socket.write(self.socket.bufferSize + 1)  # the link is full
+        self.served: list[str] = []
+
+    def sources(self, *names: str) -> list[PulledSource]:
+        made = [PulledSource(name, self.flow, self.socket) for name in names]
+        for source in made:
+            source.served = self.served
+            self.flow.waitForRoom(source, bulk=True)
+        return made
+
+    def drains(self, count: int) -> list[str]:
+        for _ in range(count):
+            self.socket.drain()
+        return self.served
+
+    def test_missedTurnsMadeUp(self) -> None:
+        """
+        A finds its pipe empty on the second turn of its run and leaves; back at
+        the end of the line, its next run is SERVE_TURNS + 2 turns: the two of
+        the four it missed (the empty one counts as taken).
+        """
+        self.assertEqual(SERVE_TURNS, 4)
+        a = self.sources("A", "B", "C")[0]
+        a.misses = {2}
+        self.drains(2)  # A's turn, then its empty one and B's first in the same drain
+        self.flow.waitForRoom(a, bulk=True)  # the pipe is readable again
+        self.drains(14)
+        self.assertEqual(self.served, ["A"] + ["B"] * 4 + ["C"] * 4 + ["A"] * 6 + ["B"])
+
+    def test_noMissNoExtraTurns(self) -> None:
+        """Channels that never find their source empty take SERVE_TURNS each, in turn."""
+        self.sources("A", "B")
+        self.assertEqual(self.drains(12), ["A"] * 4 + ["B"] * 4 + ["A"] * 4)
+
+    def test_expressChannelOwesNothing(self) -> None:
+        """
+        A channel served from the express line (an echo) that then sends nothing owes no
+        turns: when it later joins the bulk line, its run is SERVE_TURNS.
+        """
+        self.sources("A")
+        echo = PulledSource("E", self.flow, self.socket)
+        echo.served = self.served
+        echo.misses = {1}
+        self.flow.waitForRoom(echo)  # nothing queued: the express line
+        self.drains(1)
+        self.flow.waitForRoom(echo, bulk=True)
+        self.drains(12)
+        self.assertEqual(self.served, ["A"] * 4 + ["E"] * 4 + ["A"] * 4 + ["E"])
+
+    def test_atMostARunMadeUp(self) -> None:
+        """
+        However many turns a channel misses, its next run is at most two runs long: A
+        empty at once (3 owed: a run of 7), back, and empty again at once (4 owed, not 6).
+        """
+        self.assertEqual(SERVE_TURNS, 4)
+        a = self.sources("A", "B")[0]
+        a.misses = {1, 2}
+        self.drains(1)  # A empty, B's first turn
+        self.flow.waitForRoom(a, bulk=True)
+        self.drains(4)  # B's run; A empty again, B's next first turn
+        self.flow.waitForRoom(a, bulk=True)
+        self.drains(12)
+        self.assertEqual("".join(self.served), "B" * 8 + "A" * 8 + "B")
+
+
 class SlowSocket(abstract.FileDescriptor):
     """
     Twisted's own write buffering over a fake socket that takes C{perCall}
