@@ -19,7 +19,6 @@ import contextlib
 import glob
 import os
 import re
-import select
 import signal
 import subprocess
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Agent, Fleet, Process, _uniqueLog, waitFor
+from tests.e2e.harness import Agent, Fleet, Process, _uniqueLog, readLine, waitFor
 from tests.e2e.test_blackhole import DEAD_LINK_DEADLINE, KEEPALIVE, KEEPALIVE_INTERVAL
 
 pytestmark = pytest.mark.slow
@@ -79,16 +78,15 @@ class Session:
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
 
-    def echo(self, line: str, timeout: float = 10.0) -> str:
-        """Send C{line}; what came back (empty if the session ended or stayed silent)."""
+    def echo(self, line: str) -> str:
+        """Send C{line}; what came back (empty if the session ended; fails if it is silent)."""
         assert self.popen.stdin is not None and self.popen.stdout is not None
         try:
             self.popen.stdin.write(line.encode() + b"\n")
             self.popen.stdin.flush()
         except BrokenPipeError:
             return ""
-        ready, _, _ = select.select([self.popen.stdout], [], [], timeout)
-        return self.popen.stdout.readline().decode().strip() if ready else ""
+        return readLine(self.popen.stdout, f"the session's echo of {line!r}").strip()
 
     def close(self) -> None:
         if self.popen.poll() is None:
