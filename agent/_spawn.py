@@ -49,6 +49,7 @@ before when the program cannot be run.
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # signal's own, without the enum lookups
 import os
 import signal
 from collections.abc import Callable, Sequence
@@ -208,10 +209,22 @@ def _setAttributes(libc: Any, attributes: Any) -> None:
     glibc's own (L{_GLIBC_SIGNALS}), which its C{posix_spawn} leaves ignored in
     the child otherwise.
     """
-    ignored = [n for n in range(1, signal.NSIG) if signal.getsignal(n) == signal.SIG_IGN]
-    defaults = _signalSet(libc.ctypes, [*ignored, *_GLIBC_SIGNALS])
+    defaults = _signalSet(libc.ctypes, [*_ignoredSignals(), *_GLIBC_SIGNALS])
     _ok(libc.posix_spawnattr_setsigdefault(attributes, defaults))
     _ok(libc.posix_spawnattr_setflags(attributes, _POSIX_SPAWN_SETSID | _POSIX_SPAWN_SETSIGDEF))
+
+
+def _ignoredSignals() -> list[int]:
+    """
+    The signals the agent ignores now, read at each spawn (a handler may change
+    at any time). Through C{_signal}, the C module under L{signal}: its
+    C{getsignal} returns the same handler without L{signal.getsignal}'s
+    conversion of every answer to an enum, which made this 23 us of each
+    session's start for 64 signals, against 1.5 us (bench/RESULTS.md, "Session
+    open and end CPU (session 20, H8)").
+    """
+    ignore = _signal.SIG_IGN
+    return [n for n in range(1, signal.NSIG) if _signal.getsignal(n) == ignore]
 
 
 def _signalSet(ctypes: Any, numbers: Sequence[int]) -> Any:

@@ -283,3 +283,28 @@ class PtyChildTests(SpawnCase):
         os.write(terminal.master, b"\x03")
         _, status = os.waitpid(child.pid, 0)
         self.assertEqual(os.waitstatus_to_exitcode(status), -signal.SIGINT)
+
+
+class IgnoredSignalsTests(SynchronousTestCase):
+    """
+    The signals a spawn sets back to their default are read through C{_signal}
+    (bench/RESULTS.md, "Session open and end CPU (session 20, H8)"): the same
+    answer L{signal.getsignal} gives, handler changes included.
+    """
+
+    def test_sameAsGetsignal(self) -> None:
+        """
+        A signal ignored now is in the list, and gone from it once handled again;
+        the list is exactly the signals L{signal.getsignal} says are C{SIG_IGN}.
+        """
+        previous = signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        self.addCleanup(signal.signal, signal.SIGUSR2, previous)
+
+        def expected() -> list[int]:
+            return [n for n in range(1, signal.NSIG) if signal.getsignal(n) == signal.SIG_IGN]
+
+        self.assertIn(signal.SIGUSR2, _spawn._ignoredSignals())
+        self.assertEqual(_spawn._ignoredSignals(), expected())
+        signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+        self.assertNotIn(signal.SIGUSR2, _spawn._ignoredSignals())
+        self.assertEqual(_spawn._ignoredSignals(), expected())
