@@ -18,7 +18,7 @@ never sees inside the end-to-end session.
 from __future__ import annotations
 
 import struct
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 from twisted.conch.ssh import common, connection
@@ -76,9 +76,6 @@ _CANCELS = (b"cancel-tcpip-forward", CANCEL_SOCKET_FORWARD)
 #: Ports below this only root may listen on (sshd: IPPORT_RESERVED).
 _PRIVILEGED_PORTS = 1024
 
-_A = TypeVar("_A")
-_B = TypeVar("_B")
-
 
 @attrs.frozen
 class SessionPolicy:
@@ -115,19 +112,6 @@ def _openChannelCount(conn: Any) -> int:
     return len(getattr(conn, "channels", ())) + len(getattr(conn, "_pendingOpens", ()))
 
 
-async def _bothAnswers(first: defer.Deferred[_A], second: defer.Deferred[_B]) -> tuple[_A, _B]:
-    """
-    The results of two calls already made, in order: C{first}'s error if it failed (the
-    second's outcome then handled, never left unhandled), else C{second}'s if it did.
-    """
-    try:
-        a = await first
-    except BaseException:
-        second.addErrback(lambda _: None)
-        raise
-    return a, await second
-
-
 class SessionRouter:
     """Open the device side of an operator's channels and forwards."""
 
@@ -162,13 +146,8 @@ class SessionRouter:
         With C{wait}, an offline device seen recently is waited for (L{_waitForLink}).
         """
         now = self._clock.seconds()
-        # Both lookups asked at once: the store's thread is handed them together and
-        # answers the second without waiting for the reactor to take the first and ask
-        # again (one thread wake fewer per session: bench/RESULTS.md, "Session open and
-        # end CPU (session 20, H8)"). Both are always made and both answers checked.
-        device, allowed = await _bothAnswers(
-            self._store.deviceByName(name), self._store.mayReach(account, name, now)
-        )
+        device = await self._store.deviceByName(name)
+        allowed = await self._store.mayReach(account, name, now)
         if device is None or not allowed:
             reason = "unknown device" if device is None else "no grant"
             self._log.info(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from groundcontrol.auth import FleetKeyChecker
 from groundcontrol.registry import Registry
-from groundcontrol.router import SessionRouter, _bothAnswers
+from groundcontrol.router import SessionRouter
 from groundcontrol.sessions import SessionRegistry
 from groundcontrol.store import SQLStore, openStoreBlocking, synchronousRunner, threadRunner
 from tests.test_store import T0, InlineReactor, QueuedPool, newPublicKey
@@ -111,72 +110,3 @@ class LaneTests(SynchronousTestCase):
         self.assertEqual(self.answered, ["fleet", "fleet", "later"])
         for d in backlog:
             self.successResultOf(d)
-
-
-class QueuedReactor(InlineReactor):
-    """threadRunner's reactor double that keeps the worker's answers until told."""
-
-    def __init__(self) -> None:
-        self.answers: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
-
-    def callFromThread(self, f: Callable[..., None], *a: Any) -> None:
-        self.answers.append((f, a))
-
-    def handBack(self) -> None:
-        while self.answers:
-            f, a = self.answers.pop(0)
-            f(*a)
-
-
-class RoutingLookupsTests(SynchronousTestCase):
-    """
-    A session open's device and grant lookups reach the store's thread together
-    (bench/RESULTS.md, "Session open and end CPU (session 20, H8)").
-    """
-
-    def test_deviceAndGrantInOneHandOff(self) -> None:
-        """
-        One run of the worker answers both lookups, before the reactor has taken
-        either answer; the refusal is the same as when they ran one after the other.
-        """
-        directory = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
-        path = str(Path(directory) / "store.sqlite3")
-        setup = openStoreBlocking(path, synchronousRunner)
-        self.addCleanup(setup.close)
-        account = self.successResultOf(setup.addAccount("ada", [newPublicKey()], False, T0))
-        pool, reactor = QueuedPool(), QueuedReactor()
-        store = openStoreBlocking(path, threadRunner(reactor, poolFactory=lambda **kw: pool))
-        self.addCleanup(store.close)
-        router = SessionRouter(store, Registry(), Clock())
-        routed = Deferred.fromCoroutine(router.reachableLink(account, "kiln7"))
-        self.assertEqual(len(pool.turns), 1)
-        pool.runAll()
-        self.assertEqual(len(reactor.answers), 2)
-        reactor.handBack()
-        self.assertEqual(pool.turns, [])
-        failure = self.failureResultOf(routed)
-        self.assertIn("unknown device", str(failure.value))
-
-    def test_firstErrorWinsSecondHandled(self) -> None:
-        """
-        If the first lookup fails, its error is the caller's and the second's failure
-        is handled (no unhandled error in a Deferred); else the second's error is raised.
-        """
-        first: Deferred[int] = Deferred()
-        second: Deferred[int] = Deferred()
-        both = Deferred.fromCoroutine(_bothAnswers(first, second))
-        second.errback(ValueError("second"))
-        first.errback(KeyError("first"))
-        self.failureResultOf(both, KeyError)
-        self.assertIsNone(self.successResultOf(second))
-        first, second = Deferred(), Deferred()
-        both = Deferred.fromCoroutine(_bothAnswers(first, second))
-        first.callback(1)
-        second.errback(ValueError("second"))
-        self.failureResultOf(both, ValueError)
-        first, second = Deferred(), Deferred()
-        both = Deferred.fromCoroutine(_bothAnswers(first, second))
-        second.callback(2)
-        first.callback(1)
-        self.assertEqual(self.successResultOf(both), (1, 2))
