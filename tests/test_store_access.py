@@ -13,7 +13,7 @@ from groundcontrol.store import (
     parseSelector,
     schemaUpgraders,
 )
-from tests.test_store import T0, StoreTestCase, bothBackends, newPublicKey
+from tests.test_store import EVERY_TABLE, T0, StoreTestCase, bothBackends, newPublicKey
 
 
 class SelectorTests(StoreTestCase):
@@ -323,18 +323,7 @@ class UpgradeTo003Tests(StoreTestCase):
 
     def test_duplicateGrantsCollapse(self) -> None:
         """Duplicate (account, selector) grants from version 2 collapse to the newest one."""
-        tables = [
-            "notify_position",
-            "session_index",
-            "device_tags",
-            "group_members",
-            "audit",
-            "grants",
-        ]
-        tables += ["account_keys", "devices"]
-        tables += ["accounts", "enrollment_requests", "certificates", "token_redemptions"]
-        tables += ["tokens", "claim_codes", "version"]
-        for table in tables:
+        for table in EVERY_TABLE:
             self.rawQuery(f"DROP TABLE {table}")
         self.assertEqual(self.rawMigrate(upTo=2), 2)
         self.rawQuery(

@@ -18,7 +18,7 @@ from groundcontrol.store import (
     schemaUpgraders,
 )
 from groundcontrol.store._dialect import POSTGRESQL
-from tests.test_store import T0, StoreTestCase, bothBackends
+from tests.test_store import EVERY_TABLE, T0, StoreTestCase, bothBackends
 
 
 def scanned(events: list[AuditEvent], limit: int) -> list[dict[str, Any]]:
@@ -160,17 +160,7 @@ class UpgradeTo005Tests(SessionIndexTestCase):
         Sessions audited under version 4 (no index) are listed after the upgrade exactly as
         the scan of the log listed them, and found by id; new ones are indexed as written.
         """
-        tables = [
-            "notify_position",
-            "session_index",
-            "device_tags",
-            "group_members",
-            "audit",
-            "grants",
-        ]
-        tables += ["account_keys", "devices", "accounts", "enrollment_requests"]
-        tables += ["certificates", "token_redemptions", "tokens", "claim_codes", "version"]
-        for table in tables:
+        for table in EVERY_TABLE:
             self.rawQuery(f"DROP TABLE {table}")
         self.assertEqual(self.rawMigrate(upTo=4), 4)
         for n, (event, detail) in enumerate(self.history()):
