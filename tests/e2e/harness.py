@@ -16,6 +16,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -68,6 +69,34 @@ def _readable(fd: int, deadline: float) -> bool:
     poller.register(fd, select.POLLIN)
     remaining = deadline - time.monotonic()
     return remaining > 0 and bool(poller.poll(remaining * 1000))
+
+
+def closeServer(
+    listener: socket.socket,
+    acceptor: threading.Thread,
+    connections: Sequence[socket.socket],
+    workers: Sequence[threading.Thread],
+) -> None:
+    """
+    Close a threaded test server: shut each socket down, join the threads using it, and only
+    then close it. A socket closed while another thread is about to call C{accept} or C{recv}
+    on it frees its descriptor number, and that thread's call lands on whatever socket is
+    opened next with the number (another test's server, whose connections it would swallow).
+    C{connections} and C{workers} are read after C{acceptor} has ended, so none is missed.
+    """
+    listener.shutdown(socket.SHUT_RDWR)  # wakes accept() (EINVAL on Linux)
+    acceptor.join(5)
+    assert not acceptor.is_alive(), "the accepting thread did not end"
+    listener.close()
+    connections, workers = list(connections), list(workers)
+    for connection in connections:
+        with contextlib.suppress(OSError):  # ENOTCONN once the peer reset it
+            connection.shutdown(socket.SHUT_RDWR)  # wakes recv()
+    for worker in workers:
+        worker.join(5)
+        assert not worker.is_alive(), "a thread serving a connection did not end"
+    for connection in connections:
+        connection.close()
 
 
 def readLine(stream: IO[Any], what: str, timeout: float = READ_TIMEOUT) -> str:

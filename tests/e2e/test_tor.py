@@ -11,7 +11,6 @@ with L{tests.e2e.test_transports_walk}.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import socket
@@ -22,7 +21,7 @@ from typing import Any, cast
 import pytest
 
 from accesstunnel.transports.tor import UPLOAD_WAIT
-from tests.e2e.harness import Agent, Fleet, HarnessError, waitFor
+from tests.e2e.harness import Agent, Fleet, HarnessError, closeServer, waitFor
 from tests.e2e.tornet import TorNetwork
 
 pytestmark = [
@@ -264,20 +263,7 @@ class SilentPort:
             return self.accepted, self.hungUp
 
     def close(self) -> None:
-        self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept() (EINVAL on Linux)
-        self._acceptor.join(5)
-        assert not self._acceptor.is_alive(), "the accepting thread did not end"
-        self.listener.close()
-        with self._lock:
-            connections, holders = list(self._connections), list(self._holders)
-        for connection in connections:
-            with contextlib.suppress(OSError):  # ENOTCONN once the peer reset it
-                connection.shutdown(socket.SHUT_RDWR)  # wakes recv()
-        for holder in holders:
-            holder.join(5)
-            assert not holder.is_alive(), "a holding thread did not end"
-        for connection in connections:
-            connection.close()
+        closeServer(self.listener, self._acceptor, self._connections, self._holders)
 
 
 def test_silentControlPort(fleet: Fleet) -> None:

@@ -8,7 +8,6 @@ agent (C{agent+NAME}): it never says hello, so no serial comes. All on 127.0.0.1
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import socket
 import subprocess
@@ -20,7 +19,7 @@ from typing import Any
 import pytest
 
 from groundcontrol.notify import STOP_DELIVERY_WAIT
-from tests.e2e.harness import LOOPBACK, Fleet, Process, WebhookReceiver, run, waitFor
+from tests.e2e.harness import LOOPBACK, Fleet, Process, WebhookReceiver, closeServer, run, waitFor
 
 
 class _HangingHook:
@@ -71,20 +70,7 @@ class _HangingHook:
             return text.encode() in self.received
 
     def close(self) -> None:
-        self.listener.shutdown(socket.SHUT_RDWR)  # wakes accept() (EINVAL on Linux)
-        self.thread.join(5)
-        assert not self.thread.is_alive(), "the accepting thread did not end"
-        self.listener.close()
-        with self.lock:
-            connections, readers = list(self.connections), list(self.readers)
-        for connection in connections:
-            with contextlib.suppress(OSError):  # ENOTCONN once the peer reset it
-                connection.shutdown(socket.SHUT_RDWR)  # wakes recv()
-        for reader in readers:
-            reader.join(5)
-            assert not reader.is_alive(), "a reading thread did not end"
-        for connection in connections:
-            connection.close()
+        closeServer(self.listener, self.thread, self.connections, self.readers)
 
 
 def _refusesFirstAbout(device: str) -> Callable[[dict[str, Any], list[dict[str, Any]]], int]:
