@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -69,6 +70,15 @@ def _readable(fd: int, deadline: float) -> bool:
     poller.register(fd, select.POLLIN)
     remaining = deadline - time.monotonic()
     return remaining > 0 and bool(poller.poll(remaining * 1000))
+
+
+def allocatedRemotePort(stderr: IO[Any] | None) -> int:
+    """The port an C{ssh -R 0:...} says the server allocated (its first stderr line)."""
+    assert stderr is not None
+    line = readLine(stderr, "ssh -R's 'Allocated port' line")
+    match = re.search(r"Allocated port (\d+) for remote forward", line)
+    assert match, line
+    return int(match.group(1))
 
 
 def closeServer(

@@ -17,7 +17,7 @@ from typing import Any
 
 from groundcontrol.devicewait import ALIVE_FILE
 from groundcontrol.metrics import METRICS_FILE
-from tests.e2e.harness import LOOPBACK, Fleet, Operator, readLine, waitFor
+from tests.e2e.harness import LOOPBACK, Fleet, Operator, allocatedRemotePort, waitFor
 from tests.e2e.test_forwarding import Background, echoServer, roundTrip
 
 __all__ = ["echoServer"]  # the fixture, used here by name
@@ -226,11 +226,7 @@ def test_remote_forward_made_once_the_agent_is_back(kiln7: Fleet, echoServer: in
         )
         assert ssh.popen.poll() is None, ssh.close()
         agent.start(kiln7.serverAddress, str(kiln7.gc.data / "ssh_host_ed25519_key.pub"))
-        assert ssh.popen.stderr is not None
-        line = readLine(ssh.popen.stderr, "ssh -R's 'Allocated port' line")
-        match = re.search(r"Allocated port (\d+) for remote forward", line)
-        assert match, line
-        devicePort = int(match.group(1))
+        devicePort = allocatedRemotePort(ssh.popen.stderr)
         assert roundTrip(lambda: socket.create_connection((LOOPBACK, devicePort), timeout=10)) == (
             b"echo:ping"
         )

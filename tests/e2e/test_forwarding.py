@@ -5,7 +5,6 @@ it: -L, -D, -N, -R, and ProxyJump to the device's own sshd (issue 5).
 
 from __future__ import annotations
 
-import re
 import socket
 import socketserver
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import LOOPBACK, Fleet, readLine, run, waitFor
+from tests.e2e.harness import LOOPBACK, Fleet, allocatedRemotePort, run, waitFor
 from tests.ports import closedPort, reservedPort
 
 
@@ -154,11 +153,7 @@ def test_remote_forward_back_to_operator(kiln7: Fleet, echoServer: int) -> None:
         )
     )
     try:
-        assert ssh.popen.stderr is not None
-        line = readLine(ssh.popen.stderr, "ssh -R's 'Allocated port' line")
-        match = re.search(r"Allocated port (\d+) for remote forward", line)
-        assert match, line
-        devicePort = int(match.group(1))
+        devicePort = allocatedRemotePort(ssh.popen.stderr)
         assert roundTrip(lambda: socket.create_connection((LOOPBACK, devicePort), timeout=10)) == (
             b"echo:ping"
         )
